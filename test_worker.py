@@ -1,0 +1,500 @@
+"""Tests of worker.py: vectors from the real JS code, codecs, the sans-I/O cores,
+real sockets on 127.0.0.1, real JS bugout peers (interop/), real subprocesses.
+
+Run: python -m unittest -v test_worker
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+from pathlib import Path
+
+import worker as w
+
+HERE = Path(__file__).resolve().parent
+VECTORS = json.loads((HERE.parent / "shared/protocol/bugout-vectors.json").read_text())
+IDENT = VECTORS["identifier"]
+IN_CI = os.environ.get("CI") == "true"
+
+
+def prng(labels):
+    """The vectors' PRNG: draw k of n bytes = sha512("anchor-prng-<k>")[:n]."""
+    it = iter(labels)
+    return lambda n: hashlib.sha512(next(it).encode()).digest()[:n]
+
+
+def identity(role):
+    keys = VECTORS["keys"][role]
+    return w.Identity(keys["seed_bs58check"], bytes.fromhex(keys["ek_secret_key_hex"]))
+
+
+def need(condition, why):
+    """Skip outside CI; in CI a missing prerequisite is a failure, not a skip."""
+    if condition:
+        return
+    if IN_CI:
+        raise AssertionError("prerequisite missing in CI: " + why)
+    raise unittest.SkipTest(why)
+
+
+def run(coro, timeout=60):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+# Vectors made by the real JS code ##########################################
+
+class TestVectors(unittest.TestCase):
+    def test_torrent_and_handshake(self):
+        infohash, info = w.infohash_of(IDENT)
+        self.assertEqual(info.hex(), VECTORS["torrent"]["info_bencoded_hex"])
+        self.assertEqual(len(info), VECTORS["torrent"]["info_bencoded_len"])
+        self.assertEqual(infohash.hex(), VECTORS["torrent"]["infoHash_hex"])
+        bt = VECTORS["bittorrent"]
+        peer_id = b"-WW0109-AAAAAAAAAAAA"
+        self.assertEqual(w.handshake_bytes(infohash, peer_id, dht=True).hex(),
+                         bt["example_handshake_with_dht_hex"])
+        self.assertEqual(w.handshake_bytes(infohash, peer_id).hex(),
+                         bt["example_handshake_without_dht_hex"])
+
+    def test_captured_handshakes_parse(self):
+        infohash, _ = w.infohash_of(IDENT)
+        for msg in VECTORS["bittorrent"]["captured_first_messages"]:
+            if msg["type"] == "handshake":
+                wire = w.PeerWire(infohash, b"-QP0100-xxxxxxxxxxxx", {}, initiator=True)
+                wire.receive_data(bytes.fromhex(msg["hex"]))
+                [event] = wire.events_received()
+                self.assertEqual(event.peer_id, bytes.fromhex(msg["hex"])[48:])
+            if msg["type"] == "extended" and "dict" in msg:
+                self.assertEqual(w.bencode(msg["dict"]).decode(), msg["dict_bencoded"])
+
+    def test_keys_and_addresses(self):
+        for role in ("master", "worker"):
+            keys = VECTORS["keys"][role]
+            seed = w.make_seed(bytes.fromhex(keys["seed_material_hex"]))
+            self.assertEqual(seed, keys["seed_bs58check"])
+            self.assertEqual(w.b58check_decode(seed).hex(), keys["seed_decoded_hex"])
+            ident = identity(role)
+            self.assertEqual(ident.sign_public.hex(), keys["sign_public_key_hex"])
+            self.assertEqual(ident.sign_secret.hex(), keys["sign_secret_key_hex"])
+            self.assertEqual(ident.pk, keys["pk_bs58"])
+            self.assertEqual(ident.ek, keys["ek_bs58"])
+            self.assertEqual(ident.box_public.hex(), keys["ek_public_key_hex"])
+            self.assertEqual(ident.address, keys["address"])
+            digest = hashlib.sha512(ident.sign_public).digest()
+            self.assertEqual(digest.hex(), keys["sha512_of_pk_hex"])
+            self.assertEqual(w.ripemd160(digest).hex(), keys["ripemd160_of_sha512_hex"])
+            self.assertEqual(w._ripemd160_py(digest).hex(), keys["ripemd160_of_sha512_hex"])
+            self.assertEqual(w.b58check_decode(ident.address).hex(), keys["address_payload_hex"])
+        for extra in VECTORS["extra_seed_vectors"]:
+            ident = w.Identity(w.make_seed(bytes.fromhex(extra["seed_material_hex"])))
+            self.assertEqual(ident.seed, extra["seed_bs58check"])
+            self.assertEqual(ident.pk, extra["pk_bs58"])
+            self.assertEqual(ident.sign_public.hex(), extra["sign_public_key_hex"])
+            self.assertEqual(ident.address, extra["address"])
+
+    def test_extended_handshake(self):
+        for role in ("master", "worker"):
+            keys = VECTORS["keys"][role]
+            node = w.Bugout(IDENT, seed=keys["seed_bs58check"], lsd=False)
+            node.identity = identity(role)
+            node._extended.update(pk=node.identity.pk, ek=node.identity.ek)
+            self.assertEqual(w.bencode(node._extended).hex(),
+                             keys["full_extended_handshake_bencoded_hex"])
+            wire = node._new_wire(initiator=False)
+            infohash, _ = w.infohash_of(IDENT)
+            wire.receive_data(w.handshake_bytes(infohash, b"-WW0109-AAAAAAAAAAAA", dht=True))
+            out = wire.data_to_send()
+            self.assertEqual(out[:68], w.handshake_bytes(infohash, node.peer_id))
+            framed = bytes.fromhex(keys["full_extended_handshake_message_hex"])
+            self.assertEqual(out[68:68 + len(framed)], framed)
+            self.assertEqual(out[68 + len(framed):], bytes.fromhex("000000010e"))
+
+    def test_rpc_call_envelope_and_frame(self):
+        vec = VECTORS["rpc_isMaster"]
+        master, worker = identity("master"), identity("worker")
+        t = VECTORS["fixed"]["t_ms"]
+        core = w.BugoutCore(IDENT, worker,
+                            random=prng(d["label"] for d in vec["random_draws_in_order"]))
+        core.peers[master.address] = w.PeerKeys(master.pk, master.ek, t)
+        nonce = core.send_call(master.address, "isMaster", {}, t)
+        self.assertEqual(nonce.hex(), vec["inner_packet_fields"]["rn"]["hex"])
+        [(payload, origin)] = core.data_to_send()
+        self.assertIsNone(origin)
+        self.assertEqual(payload.hex(), vec["envelope_hex"])
+        self.assertEqual(hashlib.sha512(payload).digest()[16:].hex(), vec["seen_hash_hex"])
+        wire = self._open_wire({"bo_channel": 4})
+        wire.send_extension(payload)
+        self.assertEqual(wire.data_to_send().hex(), vec["framed_message_hex"])
+        # the signed packet inside, and the master opening it
+        self.assertIn(vec["signed_packet_hex"], w.bencode({"s": bytes.fromhex(vec["signature_hex"]),
+                                                           "p": bytes.fromhex(vec["p_bencoded_hex"])}).hex())
+        mcore = w.BugoutCore(IDENT, master)
+        events = mcore.receive_payload(payload, t + 1)
+        self.assertEqual(events, [w.Seen(worker.address),
+                                  w.Call(worker.address, "isMaster", {}, nonce)])
+
+    def test_rpc_response_opens(self):
+        vec = VECTORS["rpc_isMaster"]
+        master, worker = identity("master"), identity("worker")
+        t = VECTORS["fixed"]["t_ms"]
+        core = w.BugoutCore(IDENT, worker)
+        events = core.receive_payload(bytes.fromhex(vec["response"]["payload_hex"]), t + 5)
+        self.assertEqual(events[-1], w.Response(master.address, bytes.fromhex("59594df1817116e3"),
+                                                vec["callback_result"]))
+        wire = self._open_wire({"bo_channel": 4})
+        wire.send_extension(bytes.fromhex(vec["response"]["payload_hex"]))
+        self.assertEqual(wire.data_to_send().hex(), vec["response"]["framed_hex"])
+
+    def test_exchange_log_opens_and_pings_reproduce(self):
+        t = VECTORS["fixed"]["t_ms"]
+        ids = {"master": identity("master"), "worker": identity("worker")}
+        for entry in VECTORS["exchange_log"]:
+            payload = bytes.fromhex(entry["payload_hex"])
+            self.assertEqual(hashlib.sha512(payload).digest()[16:].hex(), entry["seen_hash_hex"])
+            core = w.BugoutCore(IDENT, ids[entry["to"]])
+            events = core.receive_payload(payload, t + 10)
+            decoded = entry["decoded_by_receiver"]
+            sender = ids[entry["from"]] if decoded.get("packet") else None
+            if sender is None:
+                continue
+            if decoded["packet"]["pk"] == ids[entry["to"]].pk:
+                self.assertEqual(events, [])  # our own packet echoed back
+            else:
+                self.assertTrue(events, entry["step"])
+            if decoded["packet"]["y"] == "p" and decoded["packet"]["pk"] == sender.pk:
+                label = {d["hex"]: d["label"] for d in VECTORS["handshake_phase_random_draws"]}[
+                    decoded["packet"]["n"]["hex"]]
+                again = w.BugoutCore(IDENT, sender, random=prng([label]))
+                again.send_ping(t)
+                [(mine, _)] = again.data_to_send()
+                self.assertEqual(mine, payload)
+                self.assertEqual(bytes.fromhex(entry["framed_hex"])[6:], payload)
+
+    @staticmethod
+    def _open_wire(remote_m):
+        infohash, _ = w.infohash_of(IDENT)
+        wire = w.PeerWire(infohash, b"-QP0100-xxxxxxxxxxxx", {}, initiator=True)
+        wire.receive_data(w.handshake_bytes(infohash, b"-WW0109-AAAAAAAAAAAA"))
+        ext = w.bencode({"m": remote_m})
+        wire.receive_data(w.frame(20, b"\0" + ext))
+        wire.data_to_send()
+        wire.events_received()
+        return wire
+
+
+# Codecs, Crypt, .env ########################################################
+
+class TestCodecs(unittest.TestCase):
+    def test_bencode_js_rules(self):
+        self.assertEqual(w.bencode({"b": True, "a": False, "c": None, "d": 2.9, "e": [1, None]}),
+                         b"d1:ai0e1:bi1e1:di2e1:eli1eee")
+        self.assertEqual(w.bencode("é"), b"2:\xc3\xa9")
+        self.assertEqual(w.bdecode(b"d1:ai-3e1:bl1:xee"), {"a": -3, "b": [b"x"]})
+
+    def test_bdecode_rejects_with_decode_error_only(self):
+        for bad in [b"", b"i", b"ie", b"i1", b"5:abc", b"d1:ae", b"di1ei2ee", b"l",
+                    b"x", b"i1ei2e", b"99999999999:x", b"d" * 1000 + b"e" * 1000, b"i--1e"]:
+            with self.assertRaises(w.DecodeError, msg=bad):
+                w.bdecode(bad)
+
+    def test_base58(self):
+        for raw in [b"", b"\0", b"\0\0\1", os.urandom(32)]:
+            self.assertEqual(w.b58decode(w.b58encode(raw)), raw)
+        with self.assertRaises(w.DecodeError):
+            w.b58decode("0OIl")
+        seed = w.make_seed()
+        broken = seed[:-1] + ("2" if seed[-1] != "2" else "3")
+        with self.assertRaises(w.DecodeError):
+            w.b58check_decode(broken)
+
+    def test_ripemd160_fallback_matches(self):
+        for n in (0, 1, 55, 56, 64, 119, 1000):
+            data = os.urandom(n)
+            self.assertEqual(w._ripemd160_py(data), w.ripemd160(data))
+        self.assertEqual(w._ripemd160_py(b"abc").hex(), "8eb208f7e05d987a9b044a8e98c6b087f15a0bfc")
+
+
+class TestCrypt(unittest.TestCase):
+    KEY = "0123456789abcdef0123456789abcdef"
+
+    def test_roundtrip_fresh_iv(self):
+        crypt = w.Crypt(self.KEY)
+        one, two = crypt.encrypt("hello é"), crypt.encrypt("hello é")
+        self.assertNotEqual(one["iv"], two["iv"])
+        self.assertEqual(len(one["iv"]), 32)
+        self.assertEqual(crypt.decrypt(one), "hello é")
+        self.assertEqual(crypt.decrypt_json(crypt.encrypt_json({"a": [1]})), {"a": [1]})
+
+    def test_matches_openssl_cbc(self):
+        need(shutil.which("node"), "node is needed to cross-check AES with Node's crypto")
+        crypt = w.Crypt(self.KEY)
+        box = crypt.encrypt('{"id":1}')
+        script = ("const c=require('crypto');const d=c.createDecipheriv('aes-256-cbc',"
+                  "Buffer.from(process.argv[1]),Buffer.from(process.argv[2],'hex'));"
+                  "process.stdout.write(Buffer.concat([d.update(Buffer.from(process.argv[3],'hex')),"
+                  "d.final()]).toString())")
+        out = subprocess.run(["node", "-e", script, self.KEY, box["iv"], box["encryptedData"]],
+                             capture_output=True, text=True, check=True).stdout
+        self.assertEqual(out, '{"id":1}')
+
+    def test_bad_key_length(self):
+        with self.assertRaisesRegex(w.CryptError, "exactly 32"):
+            w.Crypt("short")
+
+    def test_wrong_key_says_so(self):
+        box = w.Crypt(self.KEY).encrypt("x" * 40)
+        with self.assertRaisesRegex(w.CryptError, "transferEncryptToken probably differs"):
+            w.Crypt("f" * 32).decrypt(box)
+        with self.assertRaises(w.CryptError):
+            w.Crypt(self.KEY).decrypt({"iv": "zz", "encryptedData": ""})
+
+
+class TestEnvFile(unittest.TestCase):
+    def test_parse(self):
+        text = ('# comment\n\nexport token=abc\nname = "my worker" # c\n'
+                "quoted='a # b'\nbare=x # tail\nempty=\nLOG_LEVEL=debug\n  # indented\n")
+        self.assertEqual(w.parse_env(text), {"token": "abc", "name": "my worker",
+                                             "quoted": "a # b", "bare": "x", "empty": "",
+                                             "LOG_LEVEL": "debug"})
+
+    def test_environment_wins_and_writer_keeps_keys(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / ".env"
+            path.write_text("# keep me\ntoken=old\nother=1\n")
+            w.write_env_file(path, {"token": "new value", "transferEncryptToken": "k" * 32})
+            self.assertEqual(path.stat().st_mode & 0o777, 0o600)
+            text = path.read_text()
+            self.assertIn("# keep me", text)
+            self.assertEqual(w.read_env_file(path),
+                             {"token": "new value", "other": "1", "transferEncryptToken": "k" * 32})
+            os.environ["other"] = "from-env"
+            try:
+                self.assertEqual(w.load_env(path)["other"], "from-env")
+            finally:
+                del os.environ["other"]
+
+
+# Sans-I/O cores #############################################################
+
+def wire_pair(max_message=w.DEFAULT_MAX_MESSAGE):
+    """Two PeerWires joined in memory (a dialer and a listener)."""
+    infohash, info = w.infohash_of(IDENT)
+    ext = {"ek": "e", "id": IDENT, "m": w.OUR_EXT_IDS, "metadata_size": len(info), "pk": "p"}
+    a = w.PeerWire(infohash, b"-QP0100-aaaaaaaaaaaa", ext, initiator=True,
+                   metadata=info, max_message=max_message)
+    b = w.PeerWire(infohash, b"-QP0100-bbbbbbbbbbbb", ext, initiator=False,
+                   metadata=info, max_message=max_message)
+    pump(a, b)
+    return a, b
+
+
+def pump(a, b):
+    for _ in range(5):
+        b.receive_data(a.data_to_send())
+        a.receive_data(b.data_to_send())
+
+
+class TestPeerWire(unittest.TestCase):
+    def test_pair_handshakes_and_payloads(self):
+        a, b = wire_pair()
+        self.assertTrue(a.ready and b.ready)
+        kinds = [type(e).__name__ for e in b.events_received()]
+        self.assertEqual(kinds, ["Handshake", "ExtendedHandshake"])
+        a.events_received()
+        a.send_extension(b"hello")
+        a.send_keepalive()
+        a.send_extension(b"x" * 100_000)
+        data = a.data_to_send()
+        for i in range(0, len(data), 7):  # byte-dribbled
+            b.receive_data(data[i:i + 7])
+        self.assertEqual(b.events_received(), [w.ExtensionPayload(b"hello"),
+                                               w.ExtensionPayload(b"x" * 100_000)])
+
+    def test_metadata_served_and_requests_refused(self):
+        a, b = wire_pair()
+        b.events_received()
+        _, info = w.infohash_of(IDENT)
+        b.receive_data(w.frame(20, bytes([1]) + w.bencode({"msg_type": 0, "piece": 0})))
+        out = b.data_to_send()
+        self.assertTrue(out.endswith(info))
+        self.assertEqual(w.bdecode(out[6:-len(info)]), {"msg_type": 1, "piece": 0, "total_size": 88})
+        b.receive_data(w.frame(20, bytes([1]) + w.bencode({"msg_type": 0, "piece": 3})))
+        self.assertEqual(w.bdecode(b.data_to_send()[6:]), {"msg_type": 2, "piece": 3})
+        request = struct.pack(">III", 0, 0, 12)
+        b.receive_data(w.frame(6, request))
+        self.assertEqual(b.data_to_send(), w.frame(16, request))
+        for unknown in (w.frame(2), w.frame(5, b"\xff"), w.frame(99, b"abc"), w.frame(20, b"\x07zz")):
+            b.receive_data(unknown)
+        self.assertEqual(b.state, w.WireState.OPEN)
+        self.assertEqual(b.events_received(), [])
+
+    def test_huge_length_prefix_allocates_nothing(self):
+        a, b = wire_pair(max_message=1 << 20)
+        b.receive_data(struct.pack(">I", 0xFFFFFFF0) + b"\x14\x04")
+        self.assertEqual(b.state, w.WireState.ERROR)
+        self.assertIn("over the limit", b.error)
+        self.assertEqual(len(b._buffer), 0)
+
+    def test_garbage_handshake_is_an_error(self):
+        infohash, _ = w.infohash_of(IDENT)
+        for garbage in (b"GET / HTTP/1.1\r\n", b"\x13BitTorrent protocoX" + b"\0" * 48,
+                        w.handshake_bytes(b"\1" * 20, b"-WW0109-AAAAAAAAAAAA")):
+            wire = w.PeerWire(infohash, b"-QP0100-aaaaaaaaaaaa", {}, initiator=False)
+            wire.receive_data(garbage)
+            self.assertEqual(wire.state, w.WireState.ERROR, garbage)
+            self.assertEqual(wire.data_to_send(), b"")
+
+
+class TestBugoutCore(unittest.TestCase):
+    def setUp(self):
+        self.a = w.BugoutCore(IDENT, w.Identity())
+        self.b = w.BugoutCore(IDENT, w.Identity())
+        self.now = w._now()
+        self.a.saw_peer(self.b.identity.pk, self.b.identity.ek, self.now)
+        self.b.saw_peer(self.a.identity.pk, self.a.identity.ek, self.now)
+        self.a.data_to_send(), self.b.data_to_send()
+
+    def deliver(self, src, dst):
+        events = []
+        for payload, _ in src.data_to_send():
+            events += dst.receive_payload(payload, self.now, origin="wire")
+        return events
+
+    def test_call_response_and_messages(self):
+        nonce = self.a.send_call(self.b.identity.address, "f", {"x": "é"}, self.now)
+        [call] = self.deliver(self.a, self.b)
+        self.assertEqual(call, w.Call(self.a.identity.address, "f", {"x": "é"}, nonce))
+        self.assertEqual(self.b.data_to_send(), [])  # boxed for b: not relayed
+        self.b.send_response(call.address, nonce, [1, 2], self.now)
+        self.assertEqual(self.deliver(self.b, self.a), [w.Response(self.b.identity.address, nonce, [1, 2])])
+        self.a.send_message({"hi": 1}, self.now)
+        self.assertEqual(self.deliver(self.a, self.b), [w.Message(self.a.identity.address, {"hi": 1}, False)])
+        [(relayed, origin)] = self.b.data_to_send()  # plain: relayed to the other wires
+        self.assertEqual(origin, "wire")
+        self.a.send_message("secret", self.now, address=self.b.identity.address)
+        self.assertEqual(self.deliver(self.a, self.b), [w.Message(self.a.identity.address, "secret", True)])
+
+    def test_duplicates_bad_signature_old_and_foreign_dropped(self):
+        self.a.send_ping(self.now)
+        [(payload, _)] = self.a.data_to_send()
+        self.assertEqual(self.b.receive_payload(payload, self.now), [w.Ping(self.a.identity.address)])
+        self.assertEqual(self.b.receive_payload(payload, self.now), [])
+        self.assertEqual(self.b.stats["duplicate"], 1)
+        signed = w.bdecode(payload)
+        forged = w.bencode({"s": bytes(64), "p": signed["p"]})
+        self.assertEqual(self.b.receive_payload(forged, self.now), [])
+        self.assertEqual(self.b.stats["dropped: bad signature"], 1)
+        old = self.a.make_packet({"y": "p"}, self.now - w.PEER_TIMEOUT_MS)
+        self.assertEqual(self.b.receive_payload(old, self.now), [])
+        other = w.BugoutCore("another swarm", self.a.identity)
+        self.assertEqual(self.b.receive_payload(other.make_packet({"y": "p"}, self.now), self.now), [])
+        self.assertEqual(self.b.stats["dropped: too old"], 1)
+        self.assertEqual(self.b.stats["dropped: other identifier"], 1)
+
+    def test_leave_and_expiry(self):
+        self.a.send_leave(self.now)
+        self.assertEqual(self.deliver(self.a, self.b), [w.Left(self.a.identity.address, "left")])
+        self.assertNotIn(self.a.identity.address, self.b.peers)
+        self.assertEqual(self.a.expire(self.now + w.PEER_TIMEOUT_MS + 1),
+                         [w.Left(self.b.identity.address, "timeout")])
+
+    def test_seen_cache_is_bounded(self):
+        core = w.BugoutCore(IDENT, w.Identity(), seen_limit=100)
+        for i in range(1000):
+            core.receive_payload(b"junk %d" % i, self.now)
+        self.assertLessEqual(len(core._seen), 100)
+        self.assertEqual(core.stats["dropped"], 1000)
+
+
+# Bad input: generated and mutated ###########################################
+
+def mutations(seed_inputs, count, rng):
+    """Mutated copies of valid inputs: flips, cuts, splices, random bytes."""
+    for i in range(count):
+        data = bytearray(rng.choice(seed_inputs))
+        for _ in range(rng.randint(1, 4)):
+            op = rng.randrange(5)
+            pos = rng.randrange(len(data) + 1)
+            if op == 0 and data:
+                data[pos % len(data)] ^= 1 << rng.randrange(8)
+            elif op == 1:
+                del data[pos:pos + rng.randint(1, 16)]
+            elif op == 2:
+                data[pos:pos] = rng.choice(seed_inputs)[:rng.randint(0, 32)]
+            elif op == 3:
+                data[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+            else:
+                data[pos:pos] = rng.choice([b"i", b"e", b"l", b"d", b"0:", b"99999999:", b"-"])
+        yield bytes(data)
+
+
+def valid_payloads():
+    core = w.BugoutCore(IDENT, identity("worker"))
+    peer = identity("master")
+    now = w._now()
+    core.peers[peer.address] = w.PeerKeys(peer.pk, peer.ek, now)
+    core.send_ping(now)
+    core.send_message({"a": [1, "b"]}, now)
+    core.send_call(peer.address, "isMaster", {}, now)
+    out = [p for p, _ in core.data_to_send()]
+    return out + [bytes.fromhex(e["payload_hex"]) for e in VECTORS["exchange_log"]]
+
+
+def fuzz_inputs(count, seed=1234):
+    """``count`` generated and mutated inputs, deterministic for a seed."""
+    rng = random.Random(seed)
+    seeds = valid_payloads() + [b"d1:ai1e1:bl1:xi-2eee", b"le", b"0:"]
+    return mutations(seeds, count, rng)
+
+
+class TestBadInput(unittest.TestCase):
+    def test_bdecode_and_packet_opener(self):
+        core = w.BugoutCore(IDENT, identity("master"))
+        count = 0
+        for data in fuzz_inputs(12_000):
+            try:
+                w.bdecode(data)
+            except w.DecodeError:
+                pass
+            core.receive_payload(data, w._now())  # never raises
+            count += 1
+        self.assertEqual(count, 12_000)
+        self.assertGreater(core.stats["dropped"], 5_000)
+
+    def test_wire_parser(self):
+        rng = random.Random(99)
+        infohash, info = w.infohash_of(IDENT)
+        good = (w.handshake_bytes(infohash, b"-WW0109-AAAAAAAAAAAA", dht=True)
+                + bytes.fromhex(VECTORS["keys"]["master"]["full_extended_handshake_message_hex"])
+                + bytes.fromhex(VECTORS["rpc_isMaster"]["framed_message_hex"]) + b"\0\0\0\0"
+                + bytes.fromhex("000000010e"))
+        states = collections_counter()
+        for data in mutations([good], 10_000, rng):
+            wire = w.PeerWire(infohash, b"-QP0100-aaaaaaaaaaaa", {"m": {}}, initiator=False,
+                              metadata=info, max_message=1 << 16)
+            cut = rng.randrange(len(data) + 1)
+            wire.receive_data(data[:cut])
+            wire.receive_data(data[cut:])
+            wire.events_received()
+            wire.data_to_send()
+            states[wire.state] += 1
+            self.assertLessEqual(len(wire._buffer), (1 << 16) + 4)
+        self.assertGreater(states[w.WireState.ERROR], 100)
+        self.assertGreater(states[w.WireState.OPEN], 100)
+
+
+def collections_counter():
+    import collections
+    return collections.Counter()

@@ -1,0 +1,1630 @@
+#!/usr/bin/env python3
+"""queue-xec Worker in Python: one file, the same wire as the JS peers.
+
+A Worker joins the peer-to-peer swarm named by a shared ``token``, finds the
+Master, fetches the task files, installs their dependencies, asks for jobs,
+runs them and sends back results. Everything on the wire is what JS bugout
+0.0.13 on WebTorrent 1.9 speaks (BitTorrent wire + BEP 10 extension
+``bo_channel`` carrying signed, box-encrypted bugout packets), so a Python
+worker sits in the very same swarm as the JS Master and JS Workers.
+
+Usage::
+
+    python worker.py --setup     # write .env (tokens) by prompting
+    python worker.py             # wait for jobs
+    python worker.py --demo      # a local master, demo jobs, loopback only
+
+Layout (read it top to bottom): errors, the seed classes (Helper, Logger,
+Crypt, .env file), codecs (bencode, base58, RIPEMD-160), bugout identity and
+packets, the sans-I/O bugout core, the sans-I/O peer wire, transports (TCP,
+LSD), the asyncio Bugout node, the Worker, the command line.
+
+Exceptions::
+
+    WorkerError
+     +-- ProtocolError
+     |    +-- LocalProtocolError
+     |    +-- RemoteProtocolError
+     |    +-- DecodeError (also ValueError)
+     +-- CryptError (also ValueError): wrong key or corrupt data
+     +-- TransportError (also ConnectionError)
+     +-- InvalidState (also RuntimeError)
+     +-- RpcTimeout (also TimeoutError)
+     +-- UnsafeAsset (also ValueError): a path or dependency refused
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import contextlib
+import dataclasses
+import datetime
+import enum
+import hashlib
+import importlib.util
+import inspect
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterable, Iterator, Optional, Union
+
+from cryptography.hazmat.primitives import padding as _padding
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from nacl import bindings as _nacl
+from nacl.exceptions import BadSignatureError, CryptoError
+
+__version__ = "0.1.0"
+
+#: The bugout extension name on the BitTorrent wire (BEP 10).
+EXT = "bo_channel"
+#: bugout's seed and address prefixes (PROTOCOL.md section 3).
+SEED_PREFIX = b"\x49\x0a"
+ADDRESS_PREFIX = b"\x55"
+#: A packet older than this is dropped; a peer silent this long is forgotten.
+PEER_TIMEOUT_MS = 5 * 60 * 1000
+#: Our BEP 10 message ids, as WebTorrent advertises them.
+OUR_EXT_IDS = {"bo_channel": 4, "lt_donthave": 3, "ut_metadata": 1, "ut_pex": 2}
+#: Peer id prefix: this client is "QP" (queue-xec Python) version 0.1.
+PEER_ID_PREFIX = b"-QP0100-"
+KEEPALIVE_SECONDS = 55.0
+DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
+LSD_HOST = "239.192.152.143"
+LSD_PORT = 6771
+LSD_INTERVAL = 5 * 60.0
+IDLE_REQUEST_SECONDS = 30.0
+DEFAULT_BATCH_SIZE = 5
+
+log = logging.getLogger("worker")
+
+
+# Errors #####################################################################
+
+class WorkerError(Exception):
+    """Root of every error this module raises on purpose."""
+
+
+class ProtocolError(WorkerError):
+    """The wire was not spoken as agreed."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to send something the protocol forbids."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """A peer sent something the protocol forbids."""
+
+
+class DecodeError(ProtocolError, ValueError):
+    """Bytes that do not decode (bencode, base58, packets)."""
+
+
+class CryptError(WorkerError, ValueError):
+    """AES key of the wrong size, or data that does not decrypt with it."""
+
+
+class TransportError(WorkerError, ConnectionError):
+    """A socket could not be opened or was lost."""
+
+
+class InvalidState(WorkerError, RuntimeError):
+    """An operation that the current state does not allow."""
+
+
+class RpcTimeout(WorkerError, TimeoutError):
+    """An RPC call got no answer in time."""
+
+
+class UnsafeAsset(WorkerError, ValueError):
+    """An asset path or dependency name that the worker refuses."""
+
+
+# Helper #####################################################################
+
+class Helper:
+    """Small utilities of the JS Helper class, same behaviour."""
+
+    @staticmethod
+    def local_time(when: Optional[float] = None) -> str:
+        """Local time as ``DD-MM HH:mm:ss``, the JS logger's format."""
+        return time.strftime("%d-%m %H:%M:%S", time.localtime(when))
+
+    @staticmethod
+    async def sleep(ms: float) -> None:
+        """Sleep ``ms`` milliseconds without blocking the loop."""
+        await asyncio.sleep(ms / 1000.0)
+
+    @staticmethod
+    def get_timestamp() -> int:
+        """Milliseconds since the epoch, as JS ``Date.now()``."""
+        return int(time.time() * 1000)
+
+    @staticmethod
+    def measure_perf(start: float, end: Optional[float] = None) -> float:
+        """Milliseconds between two ``time.perf_counter()`` readings."""
+        return ((time.perf_counter() if end is None else end) - start) * 1000.0
+
+    @staticmethod
+    def get_sha256(path: Union[str, Path]) -> str:
+        """Hex SHA-256 of a file's bytes, read in chunks."""
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    @staticmethod
+    def populate_sha256_on_assets(assets: list[dict]) -> list[dict]:
+        """Set ``sha256`` on each ``{masterPath, ...}`` asset from its file."""
+        for asset in assets:
+            asset["sha256"] = Helper.get_sha256(asset["masterPath"])
+        return assets
+
+
+# Logger #####################################################################
+
+_LEVELS = {"off": logging.CRITICAL + 10, "fatal": logging.CRITICAL,
+           "error": logging.ERROR, "warn": logging.WARNING,
+           "warning": logging.WARNING, "info": logging.INFO,
+           "debug": logging.DEBUG}
+_COLOURS = {logging.DEBUG: "\x1b[36m", logging.INFO: "\x1b[32m",
+            logging.WARNING: "\x1b[33m", logging.ERROR: "\x1b[31m",
+            logging.CRITICAL: "\x1b[35m"}
+
+
+class _Formatter(logging.Formatter):
+    """``[DD-MM HH:mm:ss] LEVEL message``, coloured only on a terminal."""
+
+    def __init__(self, colour: bool) -> None:
+        super().__init__()
+        self.colour = colour
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = "[%s] %-5s %s" % (Helper.local_time(record.created),
+                                 record.levelname.lower()[:5],
+                                 record.getMessage())
+        if record.exc_info and log.isEnabledFor(logging.DEBUG):
+            text += "\n" + self.formatException(record.exc_info)
+        if self.colour:
+            return _COLOURS.get(record.levelno, "") + text + "\x1b[0m"
+        return text
+
+
+class Logger:
+    """The JS Logger on stdlib logging: off, info, warn, error, debug."""
+
+    def __init__(self, level: str = "info", file: Optional[str] = None,
+                 stream: Any = None) -> None:
+        self.logger = logging.getLogger("worker")
+        self.set_level(level)
+        stream = stream or sys.stderr
+        self.logger.handlers.clear()
+        self.logger.propagate = False
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(_Formatter(hasattr(stream, "isatty") and stream.isatty()))
+        self.logger.addHandler(handler)
+        if file:
+            file_handler = logging.FileHandler(file, encoding="utf-8")
+            file_handler.setFormatter(_Formatter(False))
+            self.logger.addHandler(file_handler)
+
+    def set_level(self, level: str) -> None:
+        """Change the level; an unknown word is an error."""
+        key = str(level or "info").strip().lower()
+        if key not in _LEVELS:
+            raise WorkerError("unknown LOG_LEVEL %r (use off, error, warn, info, debug)" % level)
+        self.logger.setLevel(_LEVELS[key])
+
+    def info(self, *args: Any) -> None:
+        self.logger.info(" ".join(map(str, args)))
+
+    def warn(self, *args: Any) -> None:
+        self.logger.warning(" ".join(map(str, args)))
+
+    def error(self, *args: Any) -> None:
+        self.logger.error(" ".join(map(str, args)))
+
+    def debug(self, *args: Any) -> None:
+        self.logger.debug(" ".join(map(str, args)))
+
+    def fatal(self, *args: Any, code: int = 1) -> None:
+        """Log at the highest level and exit the process non-zero."""
+        self.logger.critical(" ".join(map(str, args)))
+        raise SystemExit(code)
+
+
+# Crypt ######################################################################
+
+class Crypt:
+    """AES-256-CBC as the JS Crypt: ``{iv, encryptedData}`` in hex."""
+
+    def __init__(self, key: Union[str, bytes]) -> None:
+        raw = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+        if len(raw) != 32:
+            raise CryptError("transferEncryptToken must be exactly 32 bytes, got %d" % len(raw))
+        self._algorithm = algorithms.AES(raw)
+
+    def encrypt(self, text: Union[str, bytes]) -> dict:
+        """Encrypt with a fresh IV; returns ``{"iv", "encryptedData"}``."""
+        data = text.encode("utf-8") if isinstance(text, str) else text
+        iv = os.urandom(16)
+        padder = _padding.PKCS7(128).padder()
+        padded = padder.update(data) + padder.finalize()
+        enc = Cipher(self._algorithm, modes.CBC(iv)).encryptor()
+        body = enc.update(padded) + enc.finalize()
+        return {"iv": iv.hex(), "encryptedData": body.hex()}
+
+    def decrypt(self, obj: Union[dict, str]) -> str:
+        """Decrypt ``{"iv", "encryptedData"}`` (or its JSON text) to text."""
+        try:
+            if isinstance(obj, str):
+                obj = json.loads(obj)
+            iv = bytes.fromhex(obj["iv"])
+            body = bytes.fromhex(obj["encryptedData"])
+            dec = Cipher(self._algorithm, modes.CBC(iv)).decryptor()
+            padded = dec.update(body) + dec.finalize()
+            unpadder = _padding.PKCS7(128).unpadder()
+            return (unpadder.update(padded) + unpadder.finalize()).decode("utf-8")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CryptError(
+                "cannot decrypt (%s): the transferEncryptToken probably differs "
+                "from the master's" % (exc.__class__.__name__,)) from None
+
+    def encrypt_json(self, value: Any) -> str:
+        """JSON text of the encrypted JSON text of ``value`` (the job format)."""
+        return json_dumps(self.encrypt(json_dumps(value)))
+
+    def decrypt_json(self, text: Union[dict, str]) -> Any:
+        """Inverse of :meth:`encrypt_json`."""
+        plain = self.decrypt(text)
+        try:
+            return json.loads(plain)
+        except ValueError:
+            raise CryptError("decrypted data is not JSON") from None
+
+
+def json_dumps(value: Any) -> str:
+    """``JSON.stringify`` output: no spaces, non-ASCII kept."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+# .env file ##################################################################
+
+_ENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_.-]*)\s*=\s*(.*?)\s*$")
+
+
+def parse_env(text: str) -> dict[str, str]:
+    """Parse ``.env`` text: comments, quotes, ``export``, blank lines."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = _ENV_LINE.match(line)
+        if match:
+            values[match.group(1)] = _env_value(match.group(2))
+    return values
+
+
+def _env_value(raw: str) -> str:
+    """One value: quoted (escapes in double quotes) or bare (``#`` comment)."""
+    if raw[:1] in ("'", '"') and raw.rfind(raw[0]) > 0:
+        inner = raw[1:raw.rfind(raw[0])]
+        if raw[0] == '"':
+            inner = inner.replace("\\n", "\n").replace('\\"', '"')
+        return inner
+    return re.split(r"\s+#", raw, maxsplit=1)[0].strip()
+
+
+def read_env_file(path: Union[str, Path]) -> dict[str, str]:
+    """The file's values, or ``{}`` when it does not exist."""
+    try:
+        return parse_env(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+
+
+def load_env(path: Union[str, Path] = ".env") -> dict[str, str]:
+    """File values overlaid by variables already in the environment (dotenv rule)."""
+    values = read_env_file(path)
+    for key in values:
+        if key in os.environ:
+            values[key] = os.environ[key]
+    return values
+
+
+def write_env_file(path: Union[str, Path], updates: dict[str, str]) -> None:
+    """Set keys in a ``.env`` file, keeping its other lines; mode 0600."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    pending = dict(updates)
+    for i, line in enumerate(lines):
+        match = _ENV_LINE.match(line)
+        if match and match.group(1) in pending and not line.lstrip().startswith("#"):
+            key = match.group(1)
+            lines[i] = "%s=%s" % (key, _env_quote(pending.pop(key)))
+    lines += ["%s=%s" % (k, _env_quote(v)) for k, v in pending.items()]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    os.chmod(path, 0o600)
+
+
+def _env_quote(value: str) -> str:
+    """Quote a value when a bare one would not read back the same."""
+    if value and re.fullmatch(r"[A-Za-z0-9_.,:/@+=-]+", value):
+        return value
+    return '"%s"' % value.replace('"', '\\"').replace("\n", "\\n")
+
+
+# Bencode ####################################################################
+
+def bencode(value: Any) -> bytes:
+    """Encode as JS ``bencode`` does: sorted keys, bools as ints, None dropped."""
+    out: list[bytes] = []
+    _bencode_into(value, out)
+    return b"".join(out)
+
+
+def _bencode_into(value: Any, out: list[bytes]) -> None:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        out += (b"%d:" % len(value), bytes(value))
+    elif isinstance(value, str):
+        raw = value.encode("utf-8")
+        out += (b"%d:" % len(raw), raw)
+    elif isinstance(value, bool) or isinstance(value, int):
+        out.append(b"i%de" % int(value))
+    elif isinstance(value, float):
+        out.append(b"i%de" % int(value))
+    elif isinstance(value, dict):
+        out.append(b"d")
+        items = [(k.encode("utf-8") if isinstance(k, str) else bytes(k), v)
+                 for k, v in value.items() if v is not None]
+        for key, item in sorted(items, key=lambda kv: kv[0]):
+            out += (b"%d:" % len(key), key)
+            _bencode_into(item, out)
+        out.append(b"e")
+    elif isinstance(value, (list, tuple)):
+        out.append(b"l")
+        for item in value:
+            if item is not None:
+                _bencode_into(item, out)
+        out.append(b"e")
+    else:
+        raise LocalProtocolError("cannot bencode %s" % type(value).__name__)
+
+
+_BDECODE_DEPTH = 64
+
+
+def bdecode(data: bytes) -> Any:
+    """Decode bencode strictly; strings stay bytes, dict keys become str.
+
+    Anything malformed raises :class:`DecodeError` and nothing else.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DecodeError("bencode input must be bytes")
+    data = bytes(data)
+    try:
+        value, end = _bdecode_at(data, 0, 0)
+    except (IndexError, ValueError, RecursionError) as exc:
+        if isinstance(exc, DecodeError):
+            raise
+        raise DecodeError("malformed bencode: %s" % exc.__class__.__name__) from None
+    if end != len(data):
+        raise DecodeError("trailing bytes after bencode value")
+    return value
+
+
+def _bdecode_at(data: bytes, pos: int, depth: int) -> tuple[Any, int]:
+    if depth > _BDECODE_DEPTH:
+        raise DecodeError("bencode nested too deeply")
+    lead = data[pos]
+    if lead == 0x69:  # i<digits>e
+        end = data.index(b"e", pos + 1)
+        digits = data[pos + 1:end]
+        if not re.fullmatch(rb"-?\d{1,20}", digits):
+            raise DecodeError("bad bencode integer")
+        return int(digits), end + 1
+    if 0x30 <= lead <= 0x39:  # <len>:<bytes>
+        colon = data.index(b":", pos)
+        if colon - pos > 10:
+            raise DecodeError("bencode string length too long")
+        size = int(data[pos:colon])
+        start = colon + 1
+        if start + size > len(data):
+            raise DecodeError("bencode string past end of data")
+        return data[start:start + size], start + size
+    if lead == 0x6C:  # l ... e
+        items, pos = [], pos + 1
+        while data[pos] != 0x65:
+            item, pos = _bdecode_at(data, pos, depth + 1)
+            items.append(item)
+        return items, pos + 1
+    if lead == 0x64:  # d ... e
+        result, pos = {}, pos + 1
+        while data[pos] != 0x65:
+            key, pos = _bdecode_at(data, pos, depth + 1)
+            if not isinstance(key, bytes):
+                raise DecodeError("bencode dict key is not a string")
+            result[key.decode("latin-1")], pos = _bdecode_at(data, pos, depth + 1)
+        return result, pos + 1
+    raise DecodeError("bad bencode lead byte 0x%02x" % lead)
+
+
+# Base58 #####################################################################
+
+_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+_B58_INDEX = {c: i for i, c in enumerate(_B58)}
+
+
+def b58encode(data: bytes) -> str:
+    """Base58 (Bitcoin alphabet), leading zero bytes as ``1``."""
+    zeros = len(data) - len(data.lstrip(b"\0"))
+    number = int.from_bytes(data, "big")
+    chars = []
+    while number:
+        number, rem = divmod(number, 58)
+        chars.append(_B58[rem])
+    return "1" * zeros + "".join(reversed(chars))
+
+
+def b58decode(text: Union[str, bytes]) -> bytes:
+    """Inverse of :func:`b58encode`; a bad character is a :class:`DecodeError`."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("latin-1")
+    if len(text) > 200:
+        raise DecodeError("base58 text too long")
+    number = 0
+    for char in text:
+        if char not in _B58_INDEX:
+            raise DecodeError("bad base58 character %r" % char)
+        number = number * 58 + _B58_INDEX[char]
+    zeros = len(text) - len(text.lstrip("1"))
+    body = number.to_bytes((number.bit_length() + 7) // 8, "big") if number else b""
+    return b"\0" * zeros + body
+
+
+def b58check_encode(payload: bytes) -> str:
+    """Base58 of payload plus the first 4 bytes of its double SHA-256."""
+    check = hashlib.sha256(hashlib.sha256(payload).digest()).digest()[:4]
+    return b58encode(payload + check)
+
+
+def b58check_decode(text: str) -> bytes:
+    """Inverse of :func:`b58check_encode`; checks the checksum."""
+    raw = b58decode(text)
+    payload, check = raw[:-4], raw[-4:]
+    if len(raw) < 5 or hashlib.sha256(hashlib.sha256(payload).digest()).digest()[:4] != check:
+        raise DecodeError("bad base58check checksum")
+    return payload
+
+
+# RIPEMD-160 #################################################################
+
+def ripemd160(data: bytes) -> bytes:
+    """RIPEMD-160 from hashlib, or the pure-Python version where it is missing."""
+    try:
+        return hashlib.new("ripemd160", data).digest()
+    except ValueError:  # OpenSSL 3.0.7+ moves it to the legacy provider
+        return _ripemd160_py(data)
+
+
+_RMD_R = [int(c, 16) for c in (
+    "0123456789abcdef" "74d1a6f3c0952eb8" "3ae49f812706db5c" "19ba08c4d37fe562" "40597c2ae138b6fd")]
+_RMD_RR = [int(c, 16) for c in (
+    "5e7092b4d6f81a3c" "6b370d5aef8c4912" "f5137e69b8c2a04d" "86413bf05c2d97ae" "cfa4158762de039b")]
+_RMD_S = [int(n) for n in (
+    "11 14 15 12 5 8 7 9 11 13 14 15 6 7 9 8 7 6 8 13 11 9 7 15 7 12 15 9 11 7 13 12 "
+    "11 13 6 7 14 9 13 15 14 8 13 6 5 12 7 5 11 12 14 15 14 15 9 8 9 14 5 6 8 6 5 12 "
+    "9 15 5 11 6 8 13 12 5 12 13 14 11 8 5 6").split()]
+_RMD_SS = [int(n) for n in (
+    "8 9 9 11 13 15 15 5 7 7 8 11 14 14 12 6 9 13 15 7 12 8 9 11 7 7 12 7 6 15 13 11 "
+    "9 7 15 11 8 6 6 14 12 13 5 14 13 13 7 5 15 5 8 11 14 14 6 14 6 9 12 9 12 5 15 8 "
+    "8 5 12 9 12 5 14 6 8 13 6 5 15 13 11 11").split()]
+_RMD_K = (0x00000000, 0x5A827999, 0x6ED9EBA1, 0x8F1BBCDC, 0xA953FD4E)
+_RMD_KK = (0x50A28BE6, 0x5C4DD124, 0x6D703EF3, 0x7A6D76E9, 0x00000000)
+_M32 = 0xFFFFFFFF
+
+
+def _rmd_f(j: int, x: int, y: int, z: int) -> int:
+    if j < 16:
+        return x ^ y ^ z
+    if j < 32:
+        return (x & y) | (~x & z)
+    if j < 48:
+        return (x | ~y) ^ z
+    if j < 64:
+        return (x & z) | (y & ~z)
+    return x ^ (y | ~z)
+
+
+def _rol(x: int, n: int) -> int:
+    x &= _M32
+    return ((x << n) | (x >> (32 - n))) & _M32
+
+
+def _ripemd160_py(data: bytes) -> bytes:
+    """RIPEMD-160 in pure Python (Dobbertin, Bosselaers, Preneel 1996)."""
+    h = [0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0]
+    msg = data + b"\x80" + b"\0" * ((55 - len(data)) % 64) + struct.pack("<Q", 8 * len(data))
+    for block in range(0, len(msg), 64):
+        x = struct.unpack("<16I", msg[block:block + 64])
+        a, b, c, d, e = h
+        aa, bb, cc, dd, ee = h
+        for j in range(80):
+            t = _rol(a + _rmd_f(j, b, c, d) + x[_RMD_R[j]] + _RMD_K[j // 16], _RMD_S[j]) + e
+            a, e, d, c, b = e, d, _rol(c, 10), b, t & _M32
+            t = _rol(aa + _rmd_f(79 - j, bb, cc, dd) + x[_RMD_RR[j]] + _RMD_KK[j // 16],
+                     _RMD_SS[j]) + ee
+            aa, ee, dd, cc, bb = ee, dd, _rol(cc, 10), bb, t & _M32
+        h = [(h[1] + c + dd) & _M32, (h[2] + d + ee) & _M32, (h[3] + e + aa) & _M32,
+             (h[4] + a + bb) & _M32, (h[0] + b + cc) & _M32]
+    return struct.pack("<5I", *h)
+
+
+# bugout identity ############################################################
+
+@dataclasses.dataclass(frozen=True)
+class PeerKeys:
+    """What the swarm knows of a peer: its keys and when it last spoke."""
+    pk: str
+    ek: str
+    last: int
+
+
+_address_cache: dict[bytes, str] = {}
+
+
+def address_of(public_key: bytes) -> str:
+    """bugout address: bs58check(0x55 || ripemd160(sha512(public key)))."""
+    found = _address_cache.get(public_key)
+    if found is None:
+        if len(_address_cache) > 4096:
+            _address_cache.clear()
+        digest = ripemd160(hashlib.sha512(public_key).digest())
+        found = _address_cache[public_key] = b58check_encode(ADDRESS_PREFIX + digest)
+    return found
+
+
+def make_seed(material: Optional[bytes] = None) -> str:
+    """A new bugout seed: bs58check(0x49 0x0a || 32 random bytes)."""
+    material = os.urandom(32) if material is None else material
+    if len(material) != 32:
+        raise WorkerError("seed material must be 32 bytes")
+    return b58check_encode(SEED_PREFIX + material)
+
+
+class Identity:
+    """Ed25519 keys from the seed, plus a box key pair for this process."""
+
+    def __init__(self, seed: Optional[str] = None, box_secret: Optional[bytes] = None) -> None:
+        self.seed = seed or make_seed()
+        try:
+            raw = b58check_decode(self.seed)
+        except DecodeError:
+            raise WorkerError("seed is not a bugout seed (bad base58check)") from None
+        if len(raw) != 34 or raw[:2] != SEED_PREFIX:
+            raise WorkerError("seed is not a bugout seed (wrong prefix or length)")
+        self.sign_public, self.sign_secret = _nacl.crypto_sign_seed_keypair(raw[2:])
+        if box_secret is None:
+            self.box_public, self.box_secret = _nacl.crypto_box_keypair()
+        else:
+            self.box_secret = bytes(box_secret)
+            self.box_public = _nacl.crypto_scalarmult_base(self.box_secret)
+        #: base58 keys as they travel in packets and handshakes
+        self.pk = b58encode(self.sign_public)
+        self.ek = b58encode(self.box_public)
+        self.address = address_of(self.sign_public)
+
+    def sign(self, message: bytes) -> bytes:
+        """Detached Ed25519 signature (64 bytes)."""
+        return _nacl.crypto_sign(message, self.sign_secret)[:64]
+
+
+def infohash_of(identifier: str) -> tuple[bytes, bytes]:
+    """The swarm's torrent: (infohash, bencoded info) for an identifier."""
+    raw = identifier.encode("utf-8")
+    info = bencode({"length": len(raw), "name": raw, "piece length": 16384,
+                    "pieces": hashlib.sha1(raw).digest()})
+    return hashlib.sha1(info).digest(), info
+
+
+# bugout packets #############################################################
+
+@dataclasses.dataclass(frozen=True)
+class Seen:
+    """A peer was seen for the first time (or again after a timeout)."""
+    address: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Left:
+    """A peer said goodbye (``x``) or was silent too long."""
+    address: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """A ``m`` packet: a JSON message, broadcast or addressed to us."""
+    address: str
+    value: Any
+    encrypted: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """An RPC call (``r``) addressed to us."""
+    address: str
+    name: str
+    args: Any
+    nonce: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Response:
+    """An RPC response (``rr``) to one of our calls."""
+    address: str
+    nonce: bytes
+    result: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Ping:
+    """A ``p`` packet."""
+    address: str
+
+
+def _text(value: Any) -> str:
+    """A bencoded string field as text (JS ``Buffer.toString()``)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, int):
+        return str(value)
+    raise DecodeError("expected a string field")
+
+
+class BugoutCore:
+    """bugout's packet logic without I/O: payloads in, events and payloads out.
+
+    ``receive_payload`` takes one ``bo_channel`` payload and returns events;
+    everything to send goes to :meth:`data_to_send` as ``(payload, origin)``
+    pairs, meaning "send to every wire except ``origin``" (``None``: all).
+    Time comes in as ``now`` (ms); randomness from ``random`` (``os.urandom``).
+    """
+
+    def __init__(self, identifier: str, identity: Identity, *,
+                 timeout_ms: int = PEER_TIMEOUT_MS, seen_limit: int = 100_000,
+                 random: Callable[[int], bytes] = os.urandom) -> None:
+        self.identifier = identifier
+        self.identity = identity
+        self.timeout_ms = timeout_ms
+        #: address -> PeerKeys of every peer seen recently
+        self.peers: dict[str, PeerKeys] = {}
+        #: counters: dropped packets by reason, duplicates, relayed
+        self.stats: collections.Counter = collections.Counter()
+        # private
+        self._random = random
+        self._seen: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        self._seen_limit = seen_limit
+        self._outgoing: list[tuple[bytes, Any]] = []
+        self._shared_keys: dict[str, bytes] = {}
+        self._identifier_bytes = identifier.encode("utf-8")
+
+    # outgoing
+    def data_to_send(self) -> list[tuple[bytes, Any]]:
+        """Payloads queued since the last call, with the wire they skip."""
+        out, self._outgoing = self._outgoing, []
+        return out
+
+    def make_packet(self, fields: dict, now: int) -> bytes:
+        """Signed packet: bencode({s: sig(p), p}) with p = bencode(header + fields)."""
+        packet = {"t": now, "i": self.identifier, "pk": self.identity.pk,
+                  "ek": self.identity.ek, "n": self._random(8)}
+        packet.update(fields)
+        p = bencode(packet)
+        return bencode({"s": self.identity.sign(p), "p": p})
+
+    def seal(self, address: str, signed: bytes) -> bytes:
+        """Box a signed packet for one seen peer (the bugout envelope)."""
+        peer = self.peers.get(address)
+        if peer is None:
+            raise InvalidState("%s not seen - no encryption key" % address)
+        nonce = self._random(24)
+        key = self._shared_key(peer.ek)
+        boxed = _nacl.crypto_box_afternm(signed, nonce, key)
+        return bencode({"n": nonce, "ek": self.identity.ek, "e": boxed})
+
+    def _shared_key(self, ek: str) -> bytes:
+        key = self._shared_keys.get(ek)
+        if key is None:
+            if len(self._shared_keys) > 4096:
+                self._shared_keys.clear()
+            key = _nacl.crypto_box_beforenm(b58decode(ek), self.identity.box_secret)
+            self._shared_keys[ek] = key
+        return key
+
+    def _emit(self, payload: bytes, origin: Any = None) -> None:
+        self._remember(hashlib.sha512(payload).digest()[16:], 0)
+        self._outgoing.append((payload, origin))
+
+    def send_ping(self, now: int) -> None:
+        """Broadcast a ``p`` packet."""
+        self._emit(self.make_packet({"y": "p"}, now))
+
+    def send_leave(self, now: int) -> None:
+        """Broadcast an ``x`` packet (we are leaving)."""
+        self._emit(self.make_packet({"y": "x"}, now))
+
+    def send_message(self, value: Any, now: int, address: Optional[str] = None) -> None:
+        """A JSON message, to everyone or (encrypted) to one address."""
+        signed = self.make_packet({"y": "m", "v": json_dumps(value)}, now)
+        self._emit(self.seal(address, signed) if address else signed)
+
+    def send_call(self, address: str, name: str, args: Any, now: int) -> bytes:
+        """An encrypted RPC call; returns its 8-byte nonce."""
+        if address not in self.peers:
+            raise InvalidState("%s not seen - no public key" % address)
+        nonce = self._random(8)
+        fields = {"y": "r", "c": name, "a": json_dumps({} if args is None else args),
+                  "rn": nonce}
+        self._emit(self.seal(address, self.make_packet(fields, now)))
+        return nonce
+
+    def send_response(self, address: str, nonce: bytes, result: Any, now: int) -> None:
+        """The encrypted answer to a call."""
+        fields = {"y": "rr", "rn": nonce, "rr": json_dumps(result)}
+        self._emit(self.seal(address, self.make_packet(fields, now)))
+
+    # incoming
+    def saw_peer(self, pk: str, ek: str, now: int) -> list:
+        """Record a peer's keys; on first sight emit Seen and broadcast a ping."""
+        try:
+            address = address_of(b58decode(pk))
+        except DecodeError:
+            self.stats["bad_pk"] += 1
+            return []
+        if address == self.identity.address:
+            return []
+        known = self.peers.get(address)
+        self.peers[address] = PeerKeys(pk, ek, now)
+        if known is not None and known.last + self.timeout_ms >= now:
+            return []
+        self.send_ping(now)
+        return [Seen(address)]
+
+    def receive_payload(self, payload: bytes, now: int, origin: Any = None) -> list:
+        """Handle one payload from the wire ``origin``; returns events."""
+        digest = hashlib.sha512(payload).digest()[16:]
+        if digest in self._seen:
+            self.stats["duplicate"] += 1
+            return []
+        self._remember(digest, now)
+        try:
+            packet, signed, for_us = self._open(payload)
+            events = self._verify(packet, signed, for_us, now)
+        except DecodeError as exc:
+            self.stats["dropped"] += 1
+            self.stats["dropped: %s" % exc] += 1
+            events, for_us = [], False
+        if not for_us:  # an envelope we opened was for us alone: no relay
+            self.stats["relayed"] += 1
+            self._outgoing.append((payload, origin))
+        return events
+
+    def _remember(self, digest: bytes, now: int) -> None:
+        seen = self._seen
+        seen[digest] = now
+        while len(seen) > self._seen_limit:
+            seen.popitem(last=False)
+
+    def _open(self, payload: bytes) -> tuple[dict, dict, bool]:
+        """Decode (and unbox) a payload into (packet fields, outer dict, was boxed)."""
+        outer = bdecode(payload)
+        if not isinstance(outer, dict):
+            raise DecodeError("payload is not a dict")
+        boxed = "e" in outer and "n" in outer and "ek" in outer
+        if boxed:
+            outer = self._unbox(outer)
+        p, s = outer.get("p"), outer.get("s")
+        if not isinstance(p, bytes) or not isinstance(s, bytes):
+            raise DecodeError("no signed packet")
+        packet = bdecode(p)
+        if not isinstance(packet, dict):
+            raise DecodeError("packet is not a dict")
+        return packet, outer, boxed
+
+    def _unbox(self, outer: dict) -> dict:
+        e, n, ek = outer["e"], outer["n"], outer["ek"]
+        if not (isinstance(e, bytes) and isinstance(n, bytes) and isinstance(ek, bytes)):
+            raise DecodeError("bad envelope")
+        if len(n) != 24 or len(e) < 16:
+            raise DecodeError("bad envelope")
+        try:
+            key = self._shared_key(ek.decode("latin-1"))
+            plain = _nacl.crypto_box_open_afternm(e, n, key)
+        except (CryptoError, ValueError, TypeError):
+            raise DecodeError("not for us") from None
+        inner = bdecode(plain)
+        if not isinstance(inner, dict):
+            raise DecodeError("envelope holds no dict")
+        return inner
+
+    def _verify(self, packet: dict, outer: dict, boxed: bool, now: int) -> list:
+        """Check signature, identifier and age; then turn the packet into events."""
+        pk, ek = _text(packet.get("pk", b"")), _text(packet.get("ek", b""))
+        t = packet.get("t")
+        try:
+            _nacl.crypto_sign_open(outer["s"] + outer["p"], b58decode(pk))
+        except (BadSignatureError, ValueError, TypeError):
+            raise DecodeError("bad signature") from None
+        if packet.get("i") != self._identifier_bytes:
+            raise DecodeError("other identifier")
+        if not isinstance(t, int) or t + self.timeout_ms <= now:
+            raise DecodeError("too old")
+        if pk == self.identity.pk:
+            self.stats["own packet"] += 1
+            return []
+        events = self.saw_peer(pk, ek, now)
+        address = address_of(b58decode(pk))
+        return events + self._dispatch(_text(packet.get("y", b"")), packet, address, boxed)
+
+    def _dispatch(self, kind: str, packet: dict, address: str, boxed: bool) -> list:
+        if kind == "m":
+            value = _json_field(packet, "v")
+            return [] if value is None else [Message(address, value, boxed)]
+        if kind == "r":
+            return [Call(address, _text(packet.get("c", b"")), _json_field(packet, "a"),
+                         _nonce(packet))]
+        if kind == "rr":
+            return [Response(address, _nonce(packet), _json_field(packet, "rr"))]
+        if kind == "p":
+            return [Ping(address)]
+        if kind == "x":
+            self.peers.pop(address, None)
+            return [Left(address, "left")]
+        self.stats["unknown type"] += 1
+        return []
+
+    def expire(self, now: int) -> list:
+        """Forget peers silent longer than the timeout; returns Left events."""
+        gone = [a for a, p in self.peers.items() if p.last + self.timeout_ms < now]
+        for address in gone:
+            del self.peers[address]
+        return [Left(address, "timeout") for address in gone]
+
+
+def _json_field(packet: dict, key: str) -> Any:
+    """A JSON text field; malformed JSON is None, as bugout treats it."""
+    try:
+        return json.loads(_text(packet.get(key, b"")))
+    except ValueError:
+        return None
+
+
+def _nonce(packet: dict) -> bytes:
+    value = packet.get("rn")
+    if not isinstance(value, bytes):
+        raise DecodeError("rpc packet without nonce")
+    return value
+
+
+# Peer wire (BEP 3, 6, 10) ###################################################
+
+PROTOCOL_NAME = b"\x13BitTorrent protocol"
+MSG_PORT, MSG_REQUEST, MSG_HAVE_ALL, MSG_REJECT, MSG_EXTENDED = 9, 6, 14, 16, 20
+
+
+def make_peer_id() -> bytes:
+    """20-byte peer id: our client prefix and 12 base64 characters."""
+    return PEER_ID_PREFIX + base64.b64encode(os.urandom(9), b"-_")
+
+
+def handshake_bytes(infohash: bytes, peer_id: bytes, dht: bool = False) -> bytes:
+    """The 68-byte handshake: extensions (BEP 10), fast (BEP 6), DHT bit if on."""
+    reserved = b"\0\0\0\0\0\x10\0" + (b"\x05" if dht else b"\x04")
+    return PROTOCOL_NAME + reserved + infohash + peer_id
+
+
+def frame(message_id: int, body: bytes = b"") -> bytes:
+    """One length-prefixed wire message, header and body in one buffer."""
+    return struct.pack(">IB", len(body) + 1, message_id) + body
+
+
+@dataclasses.dataclass(frozen=True)
+class Handshake:
+    """The remote handshake arrived."""
+    peer_id: bytes
+    reserved: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtendedHandshake:
+    """The remote BEP 10 handshake (the dict as decoded)."""
+    fields: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtensionPayload:
+    """A ``bo_channel`` message body."""
+    payload: bytes
+
+
+class WireState(enum.Enum):
+    HANDSHAKE = 1
+    OPEN = 2
+    CLOSED = 3
+    ERROR = 4
+
+
+class PeerWire:
+    """One BitTorrent connection without I/O: bytes in, events and bytes out."""
+
+    def __init__(self, infohash: bytes, peer_id: bytes, extended: dict, *,
+                 initiator: bool, metadata: bytes = b"",
+                 max_message: int = DEFAULT_MAX_MESSAGE, dht_port: Optional[int] = None) -> None:
+        self.infohash = infohash
+        self.peer_id = peer_id
+        self.initiator = initiator
+        self.max_message = max_message
+        self.state = WireState.HANDSHAKE
+        #: the remote peer id, reserved bytes and BEP 10 handshake, once known
+        self.remote_peer_id: Optional[bytes] = None
+        self.remote_reserved = b""
+        self.remote_extended: Optional[dict] = None
+        #: reason of the protocol error that closed this wire
+        self.error: Optional[str] = None
+        # private
+        self._extended = extended
+        self._metadata = metadata
+        self._dht_port = dht_port
+        self._buffer = bytearray()
+        self._events: list = []
+        self._out: list[bytes] = []
+        self._remote_ids: dict[str, int] = {}
+        if initiator:
+            self._out.append(handshake_bytes(infohash, peer_id, dht_port is not None))
+
+    def _set_state(self, state: WireState) -> None:
+        log.debug("- wire %s -> %s", self.state.name, state.name)
+        self.state = state
+
+    # sans-I/O interface
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the socket; protocol errors close the wire (ERROR)."""
+        if self.state in (WireState.CLOSED, WireState.ERROR):
+            return
+        self._buffer += data
+        try:
+            while self._step():
+                pass
+        except RemoteProtocolError as exc:
+            self.error = str(exc)
+            self._buffer.clear()
+            self._set_state(WireState.ERROR)
+
+    def receive_eof(self) -> None:
+        """The remote closed the connection."""
+        if self.state is not WireState.ERROR:
+            self._set_state(WireState.CLOSED)
+
+    def events_received(self) -> list:
+        """Events parsed since the last call."""
+        events, self._events = self._events, []
+        return events
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the socket, all at once."""
+        out, self._out = self._out, []
+        return b"".join(out)
+
+    @property
+    def ready(self) -> bool:
+        """True once the peer advertised ``bo_channel``: payloads can be sent."""
+        return self.state is WireState.OPEN and EXT in self._remote_ids
+
+    def send_extension(self, payload: bytes) -> None:
+        """Queue a ``bo_channel`` payload under the id the peer advertised."""
+        if not self.ready:
+            raise LocalProtocolError("peer has not advertised %s" % EXT)
+        self._out.append(struct.pack(">IBB", len(payload) + 2, MSG_EXTENDED,
+                                     self._remote_ids[EXT]) + payload)
+
+    def send_keepalive(self) -> None:
+        """Queue a keep-alive (a zero length prefix)."""
+        if self.state is WireState.OPEN:
+            self._out.append(b"\0\0\0\0")
+
+    # parsing
+    def _step(self) -> bool:
+        """Parse one unit from the buffer; False when more bytes are needed."""
+        buf = self._buffer
+        if self.state is WireState.HANDSHAKE:
+            return self._parse_handshake(buf)
+        if len(buf) < 4:
+            return False
+        (length,) = struct.unpack_from(">I", buf)
+        if length > self.max_message:
+            raise RemoteProtocolError("message of %d bytes over the limit" % length)
+        if len(buf) < 4 + length:
+            return False
+        body = bytes(buf[4:4 + length])
+        del buf[:4 + length]
+        if length:
+            self._on_message(body[0], body[1:])
+        return True
+
+    def _parse_handshake(self, buf: bytearray) -> bool:
+        if len(buf) < 68:
+            if buf[:len(PROTOCOL_NAME)] != PROTOCOL_NAME[:len(buf)]:
+                raise RemoteProtocolError("not a BitTorrent handshake")
+            return False
+        if buf[:20] != PROTOCOL_NAME:
+            raise RemoteProtocolError("not a BitTorrent handshake")
+        if bytes(buf[28:48]) != self.infohash:
+            raise RemoteProtocolError("handshake for another infohash")
+        self.remote_reserved = bytes(buf[20:28])
+        self.remote_peer_id = bytes(buf[48:68])
+        del buf[:68]
+        if not self.initiator:
+            self._out.append(handshake_bytes(self.infohash, self.peer_id,
+                                             self._dht_port is not None))
+        self._set_state(WireState.OPEN)
+        self._events.append(Handshake(self.remote_peer_id, self.remote_reserved))
+        self._send_greeting()
+        return True
+
+    def _send_greeting(self) -> None:
+        """After handshakes: our BEP 10 handshake, have_all, DHT port."""
+        if self.remote_reserved[5] & 0x10:
+            self._out.append(frame(MSG_EXTENDED, b"\0" + bencode(self._extended)))
+        if self.remote_reserved[7] & 0x04:
+            self._out.append(frame(MSG_HAVE_ALL))
+        if self._dht_port is not None and self.remote_reserved[7] & 0x01:
+            self._out.append(frame(MSG_PORT, struct.pack(">H", self._dht_port)))
+
+    def _on_message(self, message_id: int, body: bytes) -> None:
+        if message_id == MSG_EXTENDED and body:
+            self._on_extended(body[0], body[1:])
+        elif message_id == MSG_REQUEST and len(body) == 12:
+            # We never unchoke: a request is refused (BEP 6) rather than served.
+            if self.remote_reserved[7] & 0x04:
+                self._out.append(frame(MSG_REJECT, body))
+        # Everything else (have_all, bitfield, port, choke, ...) needs nothing.
+
+    def _on_extended(self, ext_id: int, body: bytes) -> None:
+        if ext_id == 0:
+            self._on_extended_handshake(body)
+        elif ext_id == OUR_EXT_IDS[EXT]:
+            self._events.append(ExtensionPayload(body))
+        elif ext_id == OUR_EXT_IDS["ut_metadata"]:
+            self._on_metadata(body)
+
+    def _on_extended_handshake(self, body: bytes) -> None:
+        try:
+            fields = bdecode(body)
+        except DecodeError as exc:
+            raise RemoteProtocolError("bad extended handshake: %s" % exc) from None
+        if not isinstance(fields, dict) or not isinstance(fields.get("m", {}), dict):
+            raise RemoteProtocolError("extended handshake is not a dict")
+        self._remote_ids = {k: v for k, v in fields.get("m", {}).items()
+                            if isinstance(v, int) and 0 < v < 256}
+        self.remote_extended = fields
+        self._events.append(ExtendedHandshake(fields))
+
+    def _on_metadata(self, body: bytes) -> None:
+        """BEP 9: serve the info dict (piece 0), reject anything else."""
+        remote_id = self._remote_ids.get("ut_metadata")
+        try:
+            request, end = _bdecode_at(body, 0, 0)
+        except (IndexError, ValueError):
+            return
+        if not remote_id or not isinstance(request, dict) or request.get("msg_type") != 0:
+            return
+        piece = request.get("piece")
+        if piece == 0 and self._metadata:
+            head = bencode({"msg_type": 1, "piece": 0, "total_size": len(self._metadata)})
+            data = head + self._metadata
+        else:
+            data = bencode({"msg_type": 2, "piece": piece if isinstance(piece, int) else 0})
+        self._out.append(frame(MSG_EXTENDED, bytes([remote_id]) + data))
+
+
+# TCP transport ##############################################################
+
+def _tune_socket(transport: asyncio.BaseTransport) -> None:
+    """No Nagle on our side; quick ACKs so the JS side's Nagle does not stall."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _quickack(sock)
+
+
+def _quickack(sock: Any) -> None:
+    # Linux clears TCP_QUICKACK after a while, so it is set again on each read.
+    if hasattr(socket, "TCP_QUICKACK"):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+
+class WireConnection(asyncio.Protocol):
+    """Moves bytes between one TCP socket and its :class:`PeerWire`."""
+
+    def __init__(self, node: "Bugout", initiator: bool, dialed: Optional[tuple] = None) -> None:
+        self.node = node
+        self.initiator = initiator
+        #: (host, port) we dialed, for outgoing connections
+        self.dialed = dialed
+        self.wire = node._new_wire(initiator)
+        #: the bugout address of the peer, once its extended handshake came
+        self.address: Optional[str] = None
+        self.transport: Optional[asyncio.Transport] = None
+        self.last_keepalive = time.monotonic()
+        self._sock: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._sock = transport.get_extra_info("socket")
+        _tune_socket(transport)
+        self.node._connections.add(self)
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        if self._sock is not None:
+            _quickack(self._sock)
+        wire = self.wire
+        wire.receive_data(data)
+        events = wire.events_received()
+        self._flush()
+        if events:
+            self.node._on_wire_events(self, events)
+        if wire.state is WireState.ERROR:
+            self.node.stats["peers dropped for bad input"] += 1
+            log.info("dropping peer %s: %s", self.peer_name, wire.error)
+            self.close()
+
+    def eof_received(self) -> None:
+        self.wire.receive_eof()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.node._connection_lost(self)
+
+    @property
+    def peer_name(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return "%s:%s" % tuple(peer[:2]) if peer else "?"
+
+    def send_payload(self, payload: bytes) -> None:
+        """Send one ``bo_channel`` payload if the peer can take it."""
+        if self.wire.ready and self.transport is not None:
+            self.wire.send_extension(payload)
+            self._flush()
+
+    def _flush(self) -> None:
+        data = self.wire.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+# LSD (BEP 14) ###############################################################
+
+def lsd_announcement(infohash: bytes, port: int, cookie: str) -> bytes:
+    """A BT-SEARCH datagram as bittorrent-lsd sends it."""
+    return ("BT-SEARCH * HTTP/1.1\r\nHost: %s:%d\r\nPort: %d\r\nInfohash: %s\r\n"
+            "cookie: %s\r\n\r\n\r\n" % (LSD_HOST, LSD_PORT, port, infohash.hex(), cookie)
+            ).encode("ascii")
+
+
+def parse_lsd(data: bytes) -> Optional[tuple[int, list[bytes], Optional[str]]]:
+    """(port, infohashes, cookie) of a BT-SEARCH datagram, or None."""
+    try:
+        lines = data.decode("ascii").split("\r\n")
+    except UnicodeDecodeError:
+        return None
+    if not lines or lines[0] != "BT-SEARCH * HTTP/1.1":
+        return None
+    headers: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers.setdefault(name.strip().lower(), []).append(value.strip())
+    port = (headers.get("port") or [""])[0]
+    hashes = [bytes.fromhex(h) for h in headers.get("infohash", [])
+              if re.fullmatch(r"[0-9a-fA-F]{40}", h)]
+    if not port.isdigit() or not 0 < int(port) < 65536 or not hashes:
+        return None
+    return int(port), hashes, (headers.get("cookie") or [None])[-1]
+
+
+class _LsdProtocol(asyncio.DatagramProtocol):
+    def __init__(self, node: "Bugout") -> None:
+        self.node = node
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        parsed = parse_lsd(data)
+        if parsed is None:
+            self.node.stats["lsd ignored"] += 1
+            return
+        port, hashes, cookie = parsed
+        if cookie != self.node._lsd_cookie and self.node.infohash in hashes:
+            self.node.add_peer(addr[0], port)
+
+
+def _lsd_socket() -> socket.socket:
+    """UDP socket on 6771, in the LSD multicast group, shareable with others."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("", LSD_PORT))
+    group = socket.inet_aton(LSD_HOST) + socket.inet_aton("0.0.0.0")
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, group)
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+    sock.setblocking(False)
+    return sock
+
+
+# The bugout node ############################################################
+
+Handler = Callable[[str, Any], Any]
+
+
+class Bugout:
+    """A bugout peer on asyncio: the JS Bugout's API over TCP and LSD.
+
+    Events (``on(name, fn)``): ``seen(address)``, ``left(address)``,
+    ``message(address, value)``, ``ping(address)``, ``wireseen(address)``,
+    ``connections(count)``, ``rpc(address, name, args)``.
+    """
+
+    def __init__(self, identifier: str, *, seed: Optional[str] = None,
+                 host: str = "0.0.0.0", port: int = 0, peers: Iterable[str] = (),
+                 lsd: bool = True, heartbeat: float = 30.0,
+                 max_message: int = DEFAULT_MAX_MESSAGE,
+                 timeout_ms: int = PEER_TIMEOUT_MS, listen: bool = True) -> None:
+        self.identifier = identifier
+        self.identity = Identity(seed)
+        self.core = BugoutCore(identifier, self.identity, timeout_ms=timeout_ms)
+        self.infohash, self.metadata = infohash_of(identifier)
+        self.peer_id = make_peer_id()
+        self.host, self.port, self.listen = host, port, listen
+        self.lsd, self.heartbeat, self.max_message = lsd, heartbeat, max_message
+        self.static_peers = [_split_hostport(p) for p in peers]
+        #: counters: connections refused, peers dropped, ... (with core.stats)
+        self.stats: collections.Counter = collections.Counter()
+        # private
+        self._api: dict[str, Handler] = {}
+        self._listeners: dict[str, list[Callable]] = collections.defaultdict(list)
+        self._pending: dict[bytes, asyncio.Future] = {}
+        self._connections: set[WireConnection] = set()
+        self._dialing: set[tuple] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._server: Optional[asyncio.AbstractServer] = None
+        self._lsd_transport: Optional[asyncio.DatagramTransport] = None
+        self._lsd_cookie = "bittorrent-lsd-" + self.peer_id.hex()
+        self._extended = {"ek": self.identity.ek, "id": identifier, "m": OUR_EXT_IDS,
+                          "metadata_size": len(self.metadata), "pk": self.identity.pk}
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        """Our bugout address."""
+        return self.identity.address
+
+    @property
+    def seed(self) -> str:
+        return self.identity.seed
+
+    @property
+    def peers(self) -> dict[str, PeerKeys]:
+        return self.core.peers
+
+    def connections(self) -> int:
+        """Number of open wires that speak bugout."""
+        return sum(1 for c in self._connections if c.wire.ready)
+
+    # lifecycle
+    async def start(self) -> "Bugout":
+        """Listen, start discovery and the timers."""
+        loop = asyncio.get_running_loop()
+        if self.listen:
+            self._server = await loop.create_server(
+                lambda: WireConnection(self, False), self.host, self.port,
+                reuse_address=True)
+            self.port = self._server.sockets[0].getsockname()[1]
+            log.info("listening on %s:%d", self.host, self.port)
+        for host, port in self.static_peers:
+            self._spawn(self._keep_peer(host, port))
+        if self.lsd:
+            await self._start_lsd()
+        self._spawn(self._timers())
+        return self
+
+    async def close(self) -> None:
+        """Say goodbye (``x``), close wires and tasks. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.core.send_leave(_now())
+        self._flush_core()
+        if self._server is not None:
+            self._server.close()
+        if self._lsd_transport is not None:
+            self._lsd_transport.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # let transports write the goodbye
+        for conn in list(self._connections):
+            conn.close()
+        for future in self._pending.values():
+            future.cancel()
+
+    def _spawn(self, coro: Awaitable) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("internal task failed: %r", task.exception(),
+                      exc_info=task.exception())
+
+    # API as in JS bugout
+    def on(self, event: str, callback: Callable) -> None:
+        """Subscribe to an event (see the class docstring)."""
+        self._listeners[event].append(callback)
+
+    def emit(self, event: str, *args: Any) -> None:
+        for callback in list(self._listeners.get(event, ())):
+            try:
+                result = callback(*args)
+                if inspect.isawaitable(result):
+                    self._spawn(result)
+            except Exception:  # a listener's bug must not break the wire
+                log.exception("listener for %s failed", event)
+
+    def register(self, name: str, handler: Handler) -> None:
+        """Serve RPC ``name``: ``handler(address, args)`` returns (or awaits) the answer."""
+        self._api[name] = handler
+
+    async def rpc(self, address: str, call: str, args: Any = None,
+                  timeout: Optional[float] = 30.0) -> Any:
+        """Call ``call`` on ``address`` and await its JSON answer."""
+        nonce = self.core.send_call(address, call, {} if args is None else args, _now())
+        future = asyncio.get_running_loop().create_future()
+        self._pending[nonce] = future
+        self._flush_core()
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise RpcTimeout("%s on %s: no answer in %ss" % (call, address, timeout)) from None
+        finally:
+            self._pending.pop(nonce, None)
+
+    def rpc_nowait(self, address: str, call: str, args: Any = None) -> None:
+        """Call ``call`` on ``address`` without waiting for an answer."""
+        self.core.send_call(address, call, {} if args is None else args, _now())
+        self._flush_core()
+
+    def send(self, message: Any, address: Optional[str] = None) -> None:
+        """Broadcast a JSON message, or send it encrypted to one address."""
+        self.core.send_message(message, _now(), address)
+        self._flush_core()
+
+    def ping(self) -> None:
+        """Broadcast a ping."""
+        self.core.send_ping(_now())
+        self._flush_core()
+
+    # connections
+    def add_peer(self, host: str, port: int) -> None:
+        """Dial ``host:port`` once, in the background."""
+        if (host, port) in self._dialing or self._closed:
+            return
+        if port == self.port and host in ("127.0.0.1", "localhost", self.host):
+            return  # ourselves
+        if any(c.dialed == (host, port) for c in self._connections):
+            return
+        self._spawn(self._dial(host, port))
+
+    async def _dial(self, host: str, port: int) -> Optional[WireConnection]:
+        self._dialing.add((host, port))
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(loop.create_connection(
+                lambda: WireConnection(self, True, (host, port)), host, port), 5.0)
+            return conn  # type: ignore[return-value]
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.debug("dial %s:%s failed: %s", host, port, exc)
+            return None
+        finally:
+            self._dialing.discard((host, port))
+
+    async def _keep_peer(self, host: str, port: int) -> None:
+        """Stay connected to a configured peer; back off while it is away."""
+        delay = 0.5
+        while not self._closed:
+            if not any(c.dialed == (host, port) for c in self._connections):
+                conn = await self._dial(host, port)
+                delay = 0.5 if conn else min(delay * 2, 30.0)
+            await asyncio.sleep(delay)
+
+    def _new_wire(self, initiator: bool) -> PeerWire:
+        return PeerWire(self.infohash, self.peer_id, self._extended, initiator=initiator,
+                        metadata=self.metadata, max_message=self.max_message)
+
+    def _connection_lost(self, conn: WireConnection) -> None:
+        if conn in self._connections:
+            self._connections.discard(conn)
+            self.emit("connections", self.connections())
+            if conn.address:
+                self.emit("wireleft", conn.address)
+
+    def _on_wire_events(self, conn: WireConnection, events: list) -> None:
+        for event in events:
+            if isinstance(event, ExtensionPayload):
+                self._dispatch(self.core.receive_payload(event.payload, _now(), conn))
+            elif isinstance(event, Handshake):
+                self._check_duplicate(conn, event.peer_id)
+            elif isinstance(event, ExtendedHandshake):
+                self._on_extended(conn, event.fields)
+        self._flush_core()
+
+    def _check_duplicate(self, conn: WireConnection, peer_id: bytes) -> None:
+        """One wire per peer: keep the one dialed by the lower peer id."""
+        if peer_id == self.peer_id:
+            conn.close()
+            return
+        for other in list(self._connections):
+            if other is conn or other.wire.remote_peer_id != peer_id:
+                continue
+            dialer = self.peer_id if conn.initiator else peer_id
+            other_dialer = self.peer_id if other.initiator else peer_id
+            loser = conn if dialer == other_dialer or other_dialer < dialer else other
+            log.debug("duplicate wire to %s, closing one", peer_id)
+            self.stats["duplicate wires"] += 1
+            loser.close()
+            if loser is conn:
+                return
+
+    def _on_extended(self, conn: WireConnection, fields: dict) -> None:
+        pk, ek = fields.get("pk"), fields.get("ek")
+        if not isinstance(pk, bytes) or not isinstance(ek, bytes):
+            return  # not a bugout peer: nothing to learn
+        if fields.get("id") not in (None, self.identifier.encode("utf-8")):
+            return
+        now = _now()
+        events = self.core.saw_peer(pk.decode("latin-1"), ek.decode("latin-1"), now)
+        with contextlib.suppress(DecodeError):
+            conn.address = address_of(b58decode(pk))
+        self.emit("connections", self.connections())
+        self._dispatch(events)
+        if conn.address and conn.address != self.address:
+            self.emit("wireseen", conn.address)
+
+    def _flush_core(self) -> None:
+        for payload, origin in self.core.data_to_send():
+            for conn in self._connections:
+                if conn is not origin:
+                    conn.send_payload(payload)
+
+    def _dispatch(self, events: list) -> None:
+        for event in events:
+            if isinstance(event, Response):
+                future = self._pending.get(event.nonce)
+                if future is not None and not future.done():
+                    future.set_result(event.result)
+            elif isinstance(event, Call):
+                self._serve(event)
+            elif isinstance(event, Seen):
+                self.emit("seen", event.address)
+            elif isinstance(event, Message):
+                self.emit("message", event.address, event.value)
+            elif isinstance(event, Ping):
+                self.emit("ping", event.address)
+            elif isinstance(event, Left):
+                self.emit("left", event.address)
+
+    def _serve(self, call: Call) -> None:
+        """Answer a call: its handler's result, or bugout's error for unknown names."""
+        self.emit("rpc", call.address, call.name, call.args)
+        handler = self._api.get(call.name)
+        if handler is None:
+            self._answer(call, {"error": "No such API call."})
+            return
+        try:
+            result = handler(call.address, call.args)
+        except Exception as exc:
+            log.exception("rpc %s failed", call.name)
+            result = {"error": "%s: %s" % (exc.__class__.__name__, exc)}
+        if inspect.isawaitable(result):
+            self._spawn(self._answer_later(call, result))
+        elif result is not NO_ANSWER:
+            self._answer(call, result)
+
+    async def _answer_later(self, call: Call, pending: Awaitable) -> None:
+        try:
+            result = await pending
+        except Exception as exc:
+            log.exception("rpc %s failed", call.name)
+            result = {"error": "%s: %s" % (exc.__class__.__name__, exc)}
+        if result is not NO_ANSWER:
+            self._answer(call, result)
+            self._flush_core()
+
+    def _answer(self, call: Call, result: Any) -> None:
+        if call.address in self.core.peers:
+            self.core.send_response(call.address, call.nonce, result, _now())
+
+    # discovery and timers
+    async def _start_lsd(self) -> None:
+        try:
+            sock = _lsd_socket()
+        except OSError as exc:
+            log.warning("LSD is off: %s", exc)
+            return
+        loop = asyncio.get_running_loop()
+        self._lsd_transport, _ = await loop.create_datagram_endpoint(
+            lambda: _LsdProtocol(self), sock=sock)
+        self._spawn(self._lsd_announce())
+
+    async def _lsd_announce(self) -> None:
+        datagram = lsd_announcement(self.infohash, self.port, self._lsd_cookie)
+        while self._lsd_transport is not None and not self._closed:
+            with contextlib.suppress(OSError):
+                self._lsd_transport.sendto(datagram, (LSD_HOST, LSD_PORT))
+            await asyncio.sleep(LSD_INTERVAL)
+
+    async def _timers(self) -> None:
+        """Heartbeat pings, peer expiry and keep-alives."""
+        next_ping = time.monotonic() + self.heartbeat
+        while not self._closed:
+            await asyncio.sleep(min(self.heartbeat, KEEPALIVE_SECONDS, 5.0))
+            now = time.monotonic()
+            if now >= next_ping:
+                next_ping = now + self.heartbeat
+                self.core.send_ping(_now())
+                self._dispatch(self.core.expire(_now()))
+                self._flush_core()
+            for conn in list(self._connections):
+                if conn.wire.state is WireState.OPEN and now - conn.last_keepalive >= KEEPALIVE_SECONDS:
+                    conn.last_keepalive = now
+                    conn.wire.send_keepalive()
+                    conn._flush()
+
+
+#: A handler returns this to send no answer (as the JS master for shareResults).
+NO_ANSWER = object()
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
+
+
+def _split_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit():
+        raise WorkerError("peer %r is not host:port" % text)
+    return host.strip("[]"), int(port)
