@@ -270,6 +270,13 @@ class Crypt:
     def decrypt(self, obj: Union[dict, str]) -> str:
         """Decrypt ``{"iv", "encryptedData"}`` (or its JSON text) to text."""
         try:
+            return self._decrypt(obj).decode("utf-8")
+        except UnicodeDecodeError:
+            raise CryptError("decrypted data is not UTF-8 text: the transferEncryptToken "
+                             "probably differs from the master's") from None
+
+    def _decrypt(self, obj: Union[dict, str]) -> bytes:
+        try:
             if isinstance(obj, str):
                 obj = json.loads(obj)
             iv = bytes.fromhex(obj["iv"])
@@ -277,11 +284,15 @@ class Crypt:
             dec = Cipher(self._algorithm, modes.CBC(iv)).decryptor()
             padded = dec.update(body) + dec.finalize()
             unpadder = _padding.PKCS7(128).unpadder()
-            return (unpadder.update(padded) + unpadder.finalize()).decode("utf-8")
+            return unpadder.update(padded) + unpadder.finalize()
         except (ValueError, KeyError, TypeError) as exc:
             raise CryptError(
                 "cannot decrypt (%s): the transferEncryptToken probably differs "
                 "from the master's" % (exc.__class__.__name__,)) from None
+
+    def decrypt_bytes(self, obj: Union[dict, str]) -> bytes:
+        """Decrypt to raw bytes (assets may be binary)."""
+        return self._decrypt(obj)
 
     def encrypt_json(self, value: Any) -> str:
         """JSON text of the encrypted JSON text of ``value`` (the job format)."""
@@ -1479,7 +1490,7 @@ class Bugout:
         if conn in self._connections:
             self._connections.discard(conn)
             self.emit("connections", self.connections())
-            if conn.address:
+            if conn.address and not any(c.address == conn.address for c in self._connections):
                 self.emit("wireleft", conn.address)
 
     def _on_wire_events(self, conn: WireConnection, events: list) -> None:
@@ -1628,3 +1639,685 @@ def _split_hostport(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise WorkerError("peer %r is not host:port" % text)
     return host.strip("[]"), int(port)
+
+
+# Worker: assets and dependencies ############################################
+
+_REQUIREMENT = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"            # name
+    r"(?:\[\s*[A-Za-z0-9._-]+(?:\s*,\s*[A-Za-z0-9._-]+)*\s*\])?"  # extras
+    r"(?:\s*(?:===|==|~=|!=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+"  # version
+    r"(?:\s*,\s*(?:===|==|~=|!=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+)*)?")
+_PROTECTED_NAMES = {".env", ".deps", ".assets.json", ".results.json"}
+
+
+def check_requirement(text: Any) -> str:
+    """A plain PEP 508 requirement (name, extras, version) or UnsafeAsset."""
+    if not isinstance(text, str) or not _REQUIREMENT.fullmatch(text.strip()):
+        raise UnsafeAsset("dependency %r refused: only a plain requirement "
+                          "(name, extras, version) is allowed" % (text,))
+    return text.strip()
+
+
+def safe_asset_path(folder: Path, worker_path: Any) -> Path:
+    """Where an asset may be written: inside ``folder``, or UnsafeAsset.
+
+    ``workerPath`` is relative to the worker folder and starts with ``/`` as the
+    JS master sends it. ``..``, other absolute forms, links that lead out, and
+    the worker's own files (``.env``, ``worker.py``) are refused.
+    """
+    if not isinstance(worker_path, str) or not worker_path.strip("/"):
+        raise UnsafeAsset("asset path %r refused: empty or not text" % (worker_path,))
+    relative = worker_path[1:] if worker_path.startswith("/") else worker_path
+    parts = relative.split("/")
+    if ("\0" in relative or "\\" in relative or relative.startswith("/")
+            or re.match(r"^[A-Za-z]:", relative) or any(p in ("..", "") for p in parts)):
+        raise UnsafeAsset("asset path %r refused: it leaves the worker folder" % worker_path)
+    root = folder.resolve()
+    target = (root / relative).resolve()
+    if target == root or root not in target.parents:
+        raise UnsafeAsset("asset path %r refused: it leads out of the worker folder" % worker_path)
+    if target == Path(__file__).resolve() or target.relative_to(root).parts[0] in _PROTECTED_NAMES:
+        raise UnsafeAsset("asset path %r refused: it would overwrite the worker's own files"
+                          % worker_path)
+    return target
+
+
+def _version_tuple(text: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"[.+-]", text))
+
+
+def requirement_satisfied(requirement: str, paths: list[str]) -> bool:
+    """True when a distribution meeting ``requirement`` is importable from ``paths``."""
+    import importlib.metadata as metadata
+    name = re.match(r"[A-Za-z0-9._-]+", requirement).group(0)  # type: ignore[union-attr]
+    wanted = re.sub(r"[-_.]+", "-", name).lower()
+    for dist in metadata.distributions(path=paths):
+        if re.sub(r"[-_.]+", "-", dist.metadata["Name"] or "").lower() == wanted:
+            return _version_ok(dist.version, requirement[len(name):])
+    return False
+
+
+def _version_ok(version: str, spec: str) -> bool:
+    """Compare numeric versions for ==, !=, >=, <=, >, <; anything else: ask pip."""
+    checks = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, ">=": lambda a, b: a >= b,
+              "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
+    spec = re.sub(r"\[.*?\]", "", spec)
+    for clause in filter(None, (c.strip() for c in spec.split(","))):
+        op = re.match(r"(===|==|~=|!=|<=|>=|<|>)", clause)
+        if not op or op.group(1) not in checks or "*" in clause:
+            return False
+        try:
+            if not checks[op.group(1)](_version_tuple(version), _version_tuple(clause[len(op.group(1)):].strip())):
+                return False
+        except TypeError:
+            return False
+    return True
+
+
+# Worker: running tasks ######################################################
+
+class TaskRunner:
+    """Runs ``Task.run(job)`` off the event loop, one job at a time.
+
+    Plain ``run`` goes to a worker thread; ``async def run`` to a private event
+    loop in that thread, so a slow or blocking task never stalls the wire.
+    """
+
+    def __init__(self, task: Any, timeout: Optional[float] = None) -> None:
+        self.task = task
+        self.timeout = timeout
+        self._executor = self._new_executor()
+
+    @staticmethod
+    def _new_executor() -> Any:
+        import concurrent.futures
+        return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="task")
+
+    async def run(self, job: Any) -> Any:
+        """The task's return value; its exception propagates."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self._call, job)
+        try:
+            return await asyncio.wait_for(future, self.timeout)
+        except asyncio.TimeoutError:
+            # The thread cannot be killed: leave it behind and start afresh.
+            self._executor.shutdown(wait=False)
+            self._executor = self._new_executor()
+            raise TimeoutError("task ran longer than %ss" % self.timeout) from None
+
+    def _call(self, job: Any) -> Any:
+        result = self.task.run(job)
+        if inspect.isawaitable(result):
+            return asyncio.run(_await(result))
+        return result
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
+
+
+async def _await(awaitable: Awaitable) -> Any:
+    return await awaitable
+
+
+def load_task(path: Path) -> Any:
+    """Import ``task.py`` afresh and return a new ``Task()``."""
+    name = "qx_task_%d" % time.monotonic_ns()
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise WorkerError("cannot import %s" % path)
+    module = importlib.util.module_from_spec(spec)
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec.loader.exec_module(module)
+    if not hasattr(module, "Task"):
+        raise WorkerError("%s defines no class Task" % path)
+    return module.Task()
+
+
+def error_result(exc: BaseException) -> dict:
+    """The ``error`` field of a failed job's result."""
+    return {"type": exc.__class__.__name__, "message": str(exc),
+            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
+
+
+# Worker #####################################################################
+
+def _word(value: Any, default: bool) -> bool:
+    """An env word as a bool: ``false``, ``0``, ``no``, ``off``, empty are false."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() not in ("false", "0", "no", "off", "")
+
+
+def _config(env: dict, key: str, value: Any, default: Any = None) -> Any:
+    """An explicit argument, else the env key, else the default."""
+    if value is not None:
+        return value
+    found = env.get(key)
+    return default if found in (None, "") else found
+
+
+class Worker:
+    """The JS queue-xec Worker's API in Python.
+
+    ``Worker(token, name, loglevel, transfer_encrypt_token)``; each option falls
+    back to the JS env keys (``token``, ``name``, ``LOG_LEVEL``,
+    ``transferEncryptToken``, ``getBatch``, ``batchSize``) and the transport
+    keys (``port``, ``host``, ``peers``, ``lsd``, ``seed``, ``maxMessage``).
+    """
+
+    def __init__(self, token: Optional[str] = None, name: Optional[str] = None,
+                 loglevel: Optional[str] = None, transfer_encrypt_token: Optional[str] = None,
+                 *, get_batch: Optional[bool] = None, batch_size: Optional[int] = None,
+                 folder: Union[str, Path, None] = None, env: Optional[dict] = None,
+                 port: Optional[int] = None, host: Optional[str] = None,
+                 peers: Optional[Iterable[str]] = None, lsd: Optional[bool] = None,
+                 seed: Optional[str] = None, job_timeout: Optional[float] = None) -> None:
+        env = load_env(".env") if env is None else env
+        self.token = _config(env, "token", token)
+        if not self.token:
+            raise WorkerError("no token: set token in .env (python worker.py --setup)")
+        key = _config(env, "transferEncryptToken", transfer_encrypt_token)
+        if not key:
+            raise WorkerError("no transferEncryptToken: set it in .env (python worker.py --setup)")
+        self.crypt = Crypt(key)
+        self.name = _config(env, "name", name, socket.gethostname())
+        Logger(_config(env, "LOG_LEVEL", loglevel, "info"), env.get("logFile") or None)
+        self.get_batch = _word(_config(env, "getBatch", get_batch), False)
+        self.batch_size = int(_config(env, "batchSize", batch_size, DEFAULT_BATCH_SIZE))
+        self.folder = Path(_config(env, "folder", folder, os.getcwd())).resolve()
+        self.job_timeout = float(_config(env, "jobTimeout", job_timeout, 0)) or None
+        peer_list = _config(env, "peers", peers, "")
+        if isinstance(peer_list, str):
+            peer_list = [p for p in peer_list.split(",") if p.strip()]
+        self.node = Bugout(
+            self.token, seed=_config(env, "seed", seed), host=_config(env, "host", host, "0.0.0.0"),
+            port=int(_config(env, "port", port, 0)), peers=peer_list,
+            lsd=_word(_config(env, "lsd", lsd), True),
+            max_message=int(_config(env, "maxMessage", None, DEFAULT_MAX_MESSAGE)))
+        #: the master's address once one answered isMaster
+        self.master: Optional[str] = None
+        #: jobs held locally (a batch), results not yet delivered
+        self.jobs: collections.deque = collections.deque()
+        self.undelivered: collections.deque = collections.deque()
+        #: jobs done, failed, results delivered, ...
+        self.stats: collections.Counter = collections.Counter()
+        # private
+        self._manifest: list[dict] = []
+        self._runner: Optional[TaskRunner] = None
+        self._master_acks = False
+        self._assets_ok = False
+        self._busy = False
+        self._sync_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._tasks: set[asyncio.Task] = set()
+        self._done = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        return self.node.address
+
+    @property
+    def deps_folder(self) -> Path:
+        return self.folder / ".deps"
+
+    # lifecycle
+    async def start(self) -> "Worker":
+        """Join the swarm and start the job loop."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._load_state()
+        self.node.register("ping", lambda address, args: {**_as_dict(args), "pong": True})
+        self.node.on("seen", self._on_peer)
+        self.node.on("wireseen", self._on_peer)
+        self.node.on("left", self._on_left)
+        await self.node.start()
+        log.info("worker %s (%s) in swarm, address %s", self.name, self.folder, self.address)
+        self._spawn(self._drive())
+        return self
+
+    async def run_until_stopped(self) -> None:
+        """Wait until :meth:`stop` has finished its work."""
+        await self._done.wait()
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Finish the jobs held, deliver their results, then leave."""
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("stopping: finishing %d held job(s)", len(self.jobs))
+        self._wake.set()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._drained(), timeout)
+        self._save_state()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._runner:
+            self._runner.close()
+        await self.node.close()
+        self._done.set()
+
+    async def _drained(self) -> None:
+        while self.jobs or self._busy or self.undelivered:
+            if self.undelivered and not self._busy:
+                await self._deliver_results()
+                if self.undelivered:
+                    await asyncio.sleep(0.5)
+            else:
+                await asyncio.sleep(0.05)
+
+    def _spawn(self, coro: Awaitable) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # finding the master
+    def _on_peer(self, address: str) -> None:
+        self._spawn(self.check_master(address))
+
+    def _on_left(self, address: str) -> None:
+        if address == self.master:
+            log.warning("master %s left; results are kept until a master is back", address)
+            self.master = None
+
+    async def check_master(self, address: str) -> bool:
+        """Ask a peer ``isMaster``; on yes, sync the assets and ask for work."""
+        try:
+            answer = await self.node.rpc(address, "isMaster", {}, timeout=15.0)
+        except (RpcTimeout, InvalidState):
+            return False
+        if not isinstance(answer, dict) or answer.get("isMaster") != "yes":
+            return False
+        if address != self.master:
+            log.info("master found: %s", address)
+        self.master = address
+        self._master_acks = bool(answer.get("resultAcks"))
+        await self.sync_assets()
+        await self._deliver_results()
+        self._wake.set()
+        return True
+
+    # assets
+    def current_hash(self) -> str:
+        """Concatenated SHA-256 of the assets on disk, in the master's order."""
+        try:
+            return "".join(Helper.get_sha256(self.folder / a["workerPath"].lstrip("/"))
+                           for a in self._manifest)
+        except OSError:
+            return ""
+
+    async def sync_assets(self) -> bool:
+        """``requestExecAssets``; on ``changed`` replace files, deps and task."""
+        async with self._sync_lock:
+            master = self.master
+            if master is None:
+                return False
+            try:
+                answer = await self.node.rpc(master, "requestExecAssets",
+                                             {"currentHash": self.current_hash()}, timeout=120.0)
+            except (RpcTimeout, InvalidState) as exc:
+                log.warning("requestExecAssets: %s", exc)
+                return False
+            if not isinstance(answer, dict):
+                return False
+            if answer.get("status") == "changed":
+                self._assets_ok = await self._install_assets(answer)
+            elif answer.get("status") == "same" and self._runner is None:
+                self._assets_ok = await self._load_task()
+            return self._assets_ok
+
+    async def _install_assets(self, answer: dict) -> bool:
+        files, deps = answer.get("files") or [], answer.get("dependencies") or []
+        log.info("assets changed: %d file(s), %d dependency(ies)", len(files), len(deps))
+        try:
+            plan = [(safe_asset_path(self.folder, f.get("workerPath")), f) for f in files]
+            deps = [check_requirement(d) for d in deps] if self._has_py_task(files) else []
+            contents = [self.crypt.decrypt_bytes(f["content"]) for _, f in plan]
+        except (UnsafeAsset, CryptError) as exc:
+            log.error("%s; nothing was written", exc)
+            return False
+        except (KeyError, TypeError, AttributeError):
+            log.error("master sent malformed assets; nothing was written")
+            return False
+        self._remove_assets()
+        for (target, asset), content in zip(plan, contents):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+            if asset.get("sha256") and hashlib.sha256(content).hexdigest() != asset["sha256"]:
+                log.warning("%s: content differs from the master's sha256", asset.get("workerPath"))
+        self._manifest = [{"name": f.get("name"), "workerPath": f["workerPath"]} for _, f in plan]
+        self._save_state()
+        if not await self.install_dependencies(deps):
+            return False
+        return await self._load_task()
+
+    @staticmethod
+    def _has_py_task(files: list) -> bool:
+        return any(isinstance(f, dict) and f.get("name") == "task.py" for f in files)
+
+    def _remove_assets(self) -> None:
+        """Delete the files we wrote before, and folders they leave empty."""
+        for asset in self._manifest:
+            try:
+                path = safe_asset_path(self.folder, asset["workerPath"])
+            except UnsafeAsset:
+                continue
+            with contextlib.suppress(OSError):
+                path.unlink()
+            for parent in path.parents:
+                if parent == self.folder or not parent.is_relative_to(self.folder):
+                    break
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
+        self._manifest = []
+
+    async def install_dependencies(self, deps: list[str]) -> bool:
+        """``pip install --target .deps`` what does not import yet; off the loop."""
+        paths = [str(self.deps_folder)] + sys.path
+        missing = [d for d in deps if not requirement_satisfied(d, paths)]
+        if str(self.deps_folder) not in sys.path:
+            sys.path.insert(0, str(self.deps_folder))
+        if not missing:
+            return True
+        log.info("installing %s into %s", ", ".join(missing), self.deps_folder)
+        command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check",
+                   "--no-input", "--upgrade", "--target", str(self.deps_folder), *missing]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        except OSError as exc:
+            log.error("cannot run pip: %s", exc)
+            return False
+        assert proc.stdout is not None
+        async for line in proc.stdout:
+            log.debug("pip: %s", line.decode(errors="replace").rstrip())
+        if await proc.wait() != 0:
+            log.error("pip could not install %s (no pip, no network or no such "
+                      "package?); run with LOG_LEVEL=debug to see pip's output",
+                      ", ".join(missing))
+            return False
+        importlib.invalidate_caches()
+        log.info("installed %s", ", ".join(missing))
+        return True
+
+    async def _load_task(self) -> bool:
+        names = {a.get("name"): a for a in self._manifest}
+        if "task.py" not in names:
+            if "task.js" in names:
+                log.error("the master sent only task.js; this worker runs task.py "
+                          "(running task.js through Node is not supported yet)")
+            else:
+                log.error("the master's assets hold no task.py")
+            return False
+        path = safe_asset_path(self.folder, names["task.py"]["workerPath"])
+        try:
+            task = load_task(path)
+        except Exception as exc:  # the task's own import-time errors
+            log.error("cannot load %s: %s: %s", path, exc.__class__.__name__, exc)
+            return False
+        if self._runner:
+            self._runner.close()
+        self._runner = TaskRunner(task, self.job_timeout)
+        log.info("task loaded from %s", path)
+        return True
+
+    # jobs
+    async def _drive(self) -> None:
+        """The job loop: ask, run, deliver; one request in flight at most."""
+        while True:
+            if self._stopping and not self.jobs:
+                return
+            if not self.jobs and (self._stopping or not self._ready_for_work()):
+                await self._idle()
+                continue
+            if not self.jobs and not await self.request_work():
+                await self._idle()
+                continue
+            self._busy = True
+            try:
+                result = await self.do_job(self.jobs.popleft())
+                self.undelivered.append(result)
+            finally:
+                self._busy = False
+            await self._deliver_results()
+
+    def _ready_for_work(self) -> bool:
+        return self.master is not None and self._assets_ok and self._runner is not None
+
+    async def _idle(self) -> None:
+        """Wait for a wake-up or the 30 s idle timer; then re-check assets."""
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), IDLE_REQUEST_SECONDS)
+        except asyncio.TimeoutError:
+            if self.master and not self._stopping:
+                await self.sync_assets()
+
+    async def request_work(self) -> bool:
+        """``requestWork``; queue the job or batch. False when none came."""
+        master = self.master
+        if master is None:
+            return False
+        args = {"getBatch": self.get_batch, "batchSize": self.batch_size}
+        try:
+            answer = await self.node.rpc(master, "requestWork", args, timeout=30.0)
+        except (RpcTimeout, InvalidState) as exc:
+            log.warning("requestWork: %s", exc)
+            return False
+        encrypted = []
+        if isinstance(answer, dict):
+            if answer.get("task"):
+                encrypted = [answer["task"]]
+            elif isinstance(answer.get("batchTasks"), list):
+                encrypted = answer["batchTasks"]
+        for item in encrypted:
+            try:
+                self.jobs.append(self.crypt.decrypt_json(item))
+            except CryptError as exc:
+                self.stats["jobs undecryptable"] += 1
+                log.error("job dropped: %s", exc)
+        return bool(self.jobs)
+
+    async def do_job(self, job: Any) -> dict:
+        """Run one job; a failing task becomes an error result."""
+        job_id = job.get("id") if isinstance(job, dict) else None
+        result = {"jobID": job_id, "worker": {"id": self.address, "name": self.name}}
+        try:
+            result["data"] = await self._runner.run(job)  # type: ignore[union-attr]
+            json_dumps(result["data"])
+            self.stats["jobs done"] += 1
+        except Exception as exc:
+            self.stats["jobs failed"] += 1
+            log.warning("job %s failed: %s: %s", job_id, exc.__class__.__name__, exc)
+            result["data"] = None
+            result["error"] = error_result(exc)
+        return result
+
+    async def _deliver_results(self) -> None:
+        """``shareResults`` for each held result while a master is reachable."""
+        while self.undelivered and self.master is not None:
+            master, result = self.master, self.undelivered[0]
+            payload = self.crypt.encrypt_json(result)
+            try:
+                if self._master_acks:
+                    await self.node.rpc(master, "shareResults", payload, timeout=15.0)
+                elif self._has_wire(master):
+                    self.node.rpc_nowait(master, "shareResults", payload)
+                else:
+                    return
+            except (RpcTimeout, InvalidState) as exc:
+                log.warning("result of job %s kept: %s", result.get("jobID"), exc)
+                return
+            self.undelivered.popleft()
+            self.stats["results delivered"] += 1
+
+    def _has_wire(self, address: str) -> bool:
+        return any(c.address == address and c.wire.ready for c in self.node._connections)
+
+    # state kept on disk
+    def _load_state(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._manifest = json.loads((self.folder / ".assets.json").read_text())
+        with contextlib.suppress(OSError, ValueError):
+            held = json.loads((self.folder / ".results.json").read_text())
+            self.undelivered.extend(held)
+            log.info("%d result(s) from the last run will be delivered", len(held))
+            (self.folder / ".results.json").unlink()
+
+    def _save_state(self) -> None:
+        (self.folder / ".assets.json").write_text(json_dumps(self._manifest))
+        if self.undelivered:
+            (self.folder / ".results.json").write_text(json_dumps(list(self.undelivered)))
+            log.warning("%d result(s) could not be delivered; kept for the next run",
+                        len(self.undelivered))
+
+
+def _as_dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+# Command line ###############################################################
+
+def setup(env_path: Path, ask: Callable[[str], str] = input) -> None:
+    """Prompt for the two tokens and write them into ``.env`` (mode 0600)."""
+    current = read_env_file(env_path)
+    print("Setting up %s (empty answer: keep the current value or generate one)" % env_path)
+    key = _prompt(ask, "transferEncryptToken (exactly 32 characters)",
+                  current.get("transferEncryptToken"), lambda v: len(v.encode()) == 32,
+                  lambda: secrets.token_hex(16))
+    token = _prompt(ask, "token (at least 20 characters)", current.get("token"),
+                    lambda v: len(v) >= 20, lambda: secrets.token_urlsafe(24))
+    write_env_file(env_path, {"transferEncryptToken": key, "token": token})
+    print("Wrote %s. Give the master the same two values." % env_path)
+
+
+def _prompt(ask: Callable[[str], str], label: str, current: Optional[str],
+            valid: Callable[[str], bool], generate: Callable[[], str]) -> str:
+    while True:
+        try:
+            answer = ask("%s: " % label).strip()
+        except EOFError:
+            answer = ""
+        if not answer:
+            answer = current if current and valid(current) else generate()
+            print("  using %s" % answer)
+        if valid(answer):
+            return answer
+        print("  %s is not valid: %s" % (answer, label))
+
+
+async def run_worker(worker: Worker) -> int:
+    """Run until SIGINT/SIGTERM; the first finishes held jobs, a second exits at once."""
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            log.warning("second signal: exiting now")
+            os._exit(130)
+        loop.create_task(worker.stop())
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal)
+    await worker.start()
+    await worker.run_until_stopped()
+    log.info("stopped: %d job(s) done, %d failed, %d result(s) delivered",
+             worker.stats["jobs done"], worker.stats["jobs failed"],
+             worker.stats["results delivered"])
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="worker.py", description="queue-xec worker: joins the swarm named by token, "
+        "runs the master's jobs and sends back results.")
+    parser.add_argument("--setup", action="store_true", help="prompt for the tokens, write .env")
+    parser.add_argument("--demo", action="store_true",
+                        help="run a local demo master and jobs on loopback only (needs master.py)")
+    parser.add_argument("--env", default=".env", metavar="FILE", help="settings file (default .env)")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    args = parser.parse_args(argv)
+    if args.setup:
+        setup(Path(args.env))
+        return 0
+    if args.demo:
+        return asyncio.run(run_demo())
+    try:
+        worker = Worker(env=load_env(args.env))
+    except WorkerError as exc:
+        print("worker.py: %s" % exc, file=sys.stderr)
+        return 2
+    return asyncio.run(run_worker(worker))
+
+
+# Demo #######################################################################
+
+DEMO_TASK = '''\
+"""Demo task: count the primes below a bound."""
+
+
+class Task:
+    def run(self, job):
+        bound = int(job["data"])
+        sieve = bytearray([1]) * bound
+        sieve[:2] = b"\\0\\0"
+        for i in range(2, int(bound ** 0.5) + 1):
+            if sieve[i]:
+                sieve[i * i::i] = bytes(len(range(i * i, bound, i)))
+        return {"bound": bound, "primes": sum(sieve)}
+'''
+
+
+async def run_demo(jobs: int = 200) -> int:
+    """A master.py and a worker on 127.0.0.1 (no LSD, DHT or trackers)."""
+    import tempfile
+    try:
+        from master import Master
+    except ImportError:
+        print("worker.py --demo needs master.py beside worker.py", file=sys.stderr)
+        return 2
+    Logger("warn")
+    with tempfile.TemporaryDirectory(prefix="qx-demo-") as tmp:
+        root = Path(tmp)
+        (root / "master").mkdir()
+        (root / "master" / "task.py").write_text(DEMO_TASK)
+        token, key = secrets.token_urlsafe(24), secrets.token_hex(16)
+        results: list = []
+        master = Master(token, {"files": [{"masterPath": "/task.py", "name": "task.py",
+                                           "workerPath": "/workplace/task.py"}],
+                                "dependencies": []},
+                        results.append, None, key, folder=root / "master", env={},
+                        host="127.0.0.1", lsd=False)
+        await master.start()
+        for i in range(jobs):
+            master.push_new_job({"id": i, "data": str(10_000 + 100 * i)})
+        worker = Worker(token, "demo-worker", "warn", key, env={}, folder=root / "worker",
+                        host="127.0.0.1", lsd=False, peers=["127.0.0.1:%d" % master.port],
+                        get_batch=True, batch_size=10)
+        started = time.perf_counter()
+        await worker.start()
+        print("demo: master on 127.0.0.1:%d, %d jobs, worker %s" % (master.port, jobs, worker.address))
+        while len(results) < jobs and time.perf_counter() - started < 60:
+            await asyncio.sleep(0.2)
+            print("\rdemo: %d/%d results" % (len(results), jobs), end="", flush=True)
+        elapsed = time.perf_counter() - started
+        await worker.stop()
+        await master.close()
+    ok = len(results) == jobs and all(r and r.get("data") for r in results)
+    print("\ndemo: %d/%d jobs in %.2f s (%.0f jobs/s), %s" % (
+        len(results), jobs, elapsed, len(results) / elapsed, "all results right" if ok else "FAILED"))
+    if ok:
+        last = max(results, key=lambda r: r["jobID"])
+        print("demo: job %s -> %s" % (last["jobID"], last["data"]))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""queue-xec Master in Python: the JS Master's API on worker.py's wire.
+
+It answers the four RPCs (``isMaster``, ``requestExecAssets``, ``requestWork``,
+``shareResults``) exactly as the JS Master does, so JS and Python workers both
+work for it, and adds leases: a job handed to a worker that leaves, or that
+does not answer in time, is queued again, and each job's result is passed to
+``on_results`` once.
+
+    master = Master(token, exec_assets={"files": [...], "dependencies": [...]},
+                    on_results=print, transfer_encrypt_token=key)
+    await master.start()
+    master.push_new_job({"id": 1, "data": "{}"})
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Union
+
+from worker import (
+    Bugout, Crypt, Helper, Logger, WorkerError, _config, _word, json_dumps, load_env,
+)
+
+log = logging.getLogger("worker")
+
+
+@dataclasses.dataclass
+class Lease:
+    """A job out with a worker until its result comes or the lease ends."""
+    job: str
+    worker: str
+    deadline: float
+
+
+class Master:
+    """The JS queue-xec Master's API in Python, plus leases."""
+
+    def __init__(self, token: Optional[str] = None, exec_assets: Optional[dict] = None,
+                 on_results: Optional[Callable[[Any], Any]] = None,
+                 loglevel: Optional[str] = None, transfer_encrypt_token: Optional[str] = None,
+                 *, folder: Union[str, Path, None] = None, env: Optional[dict] = None,
+                 host: Optional[str] = None, port: Optional[int] = None,
+                 peers: Iterable[str] = (), lsd: Optional[bool] = None,
+                 seed: Optional[str] = None, lease_seconds: float = 60.0) -> None:
+        env = load_env(".env") if env is None else env
+        self.token = _config(env, "token", token)
+        if not self.token:
+            raise WorkerError("no token")
+        self.crypt = Crypt(_config(env, "transferEncryptToken", transfer_encrypt_token) or "")
+        if loglevel is not None or env.get("LOG_LEVEL"):
+            Logger(_config(env, "LOG_LEVEL", loglevel, "info"))
+        self.folder = Path(folder or Path.cwd())
+        self.exec_assets = exec_assets or {"files": [], "dependencies": []}
+        self.on_results = on_results or (lambda result: None)
+        self.lease_seconds = lease_seconds
+        self.node = Bugout(self.token, seed=_config(env, "seed", seed),
+                           host=_config(env, "host", host, "0.0.0.0"),
+                           port=int(_config(env, "port", port, 0)), peers=peers,
+                           lsd=_word(_config(env, "lsd", lsd), True))
+        #: encrypted jobs waiting, jobs out on lease, ids already answered
+        self.queue: collections.deque[tuple[Any, str]] = collections.deque()
+        self.leases: dict[Any, Lease] = {}
+        self.done: set = set()
+        self.stats: collections.Counter = collections.Counter()
+        self._encrypted_files: Optional[tuple[str, list]] = None
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def address(self) -> str:
+        return self.node.address
+
+    @property
+    def port(self) -> int:
+        return self.node.port
+
+    async def start(self) -> "Master":
+        node = self.node
+        node.register("isMaster", lambda a, args: {**_obj(args), "isMaster": "yes",
+                                                   "resultAcks": True})
+        node.register("ping", lambda a, args: {**_obj(args), "pong": True})
+        node.register("requestExecAssets", self._request_exec_assets)
+        node.register("requestWork", self._request_work)
+        node.register("shareResults", self._share_results)
+        node.on("left", self._requeue_worker)
+        node.on("wireleft", self._requeue_worker)
+        await node.start()
+        task = asyncio.ensure_future(self._expire_leases())
+        self._tasks.add(task)
+        log.info("master %s listening on %d", self.address, self.port)
+        return self
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.node.close()
+
+    def push_new_job(self, payload: Any) -> None:
+        """Queue a job (a dict is JSON-encoded first, as the JS master does)."""
+        text = payload if isinstance(payload, str) else json_dumps(payload)
+        job_id = payload.get("id") if isinstance(payload, dict) else None
+        self.queue.append((job_id, json_dumps(self.crypt.encrypt(text))))
+
+    def set_exec_assets(self, exec_assets: dict) -> None:
+        """Replace the task files; workers pick them up on their next check."""
+        self.exec_assets = exec_assets
+        self._encrypted_files = None
+
+    # the four RPCs
+    def _request_exec_assets(self, address: str, args: Any) -> dict:
+        unified, files = self._assets()
+        if _obj(args).get("currentHash") == unified:
+            return {"status": "same", "files": []}
+        return {"status": "changed", "dependencies": self.exec_assets.get("dependencies", []),
+                "files": files}
+
+    def _assets(self) -> tuple[str, list]:
+        """(unified hash, encrypted file list), cached until the files change."""
+        listed = self.exec_assets.get("files", [])
+        hashes = [Helper.get_sha256(self._path(f)) for f in listed]
+        unified = "".join(hashes)
+        if self._encrypted_files is None or self._encrypted_files[0] != unified:
+            files = []
+            for asset, sha in zip(listed, hashes):
+                content = self.crypt.encrypt(self._path(asset).read_bytes())
+                files.append({**asset, "sha256": sha, "content": content})
+            self._encrypted_files = (unified, files)
+        return self._encrypted_files
+
+    def _path(self, asset: dict) -> Path:
+        return self.folder / asset["masterPath"].lstrip("/")
+
+    def _request_work(self, address: str, args: Any) -> dict:
+        """JS rule: a batch while more than one job waits and getBatch is truthy."""
+        args = _obj(args)
+        answer = dict(args)
+        size = len(self.queue)
+        if size > 1 and args.get("getBatch"):
+            try:
+                batch = int(args.get("batchSize"))
+            except (TypeError, ValueError):
+                batch = 0
+            count = batch if size > batch else 1
+            answer["batchTasks"] = [self._lease(address) for _ in range(max(count, 0))]
+        elif size:
+            answer["task"] = self._lease(address)
+        else:
+            answer["task"] = None
+        return answer
+
+    def _lease(self, address: str) -> str:
+        job_id, job = self.queue.popleft()
+        if job_id is not None:
+            self.leases[job_id] = Lease(job, address, time.monotonic() + self.lease_seconds)
+        self.stats["jobs handed out"] += 1
+        return job
+
+    def _share_results(self, address: str, args: Any) -> dict:
+        try:
+            result = self.crypt.decrypt_json(args)
+        except WorkerError as exc:
+            log.error("result from %s: %s", address, exc)
+            self.on_results(None)
+            return {"received": False}
+        job_id = result.get("jobID") if isinstance(result, dict) else None
+        self.leases.pop(job_id, None)
+        if job_id is not None and job_id in self.done:
+            self.stats["duplicate results"] += 1
+            return {"received": True}
+        if job_id is not None:
+            self.done.add(job_id)
+        self.stats["results"] += 1
+        self.on_results(result)
+        return {"received": True}
+
+    # leases
+    def _requeue_worker(self, address: str) -> None:
+        """A worker left: its jobs go back to the front of the queue."""
+        gone = [job_id for job_id, lease in self.leases.items() if lease.worker == address]
+        for job_id in gone:
+            self.queue.appendleft((job_id, self.leases.pop(job_id).job))
+        if gone:
+            self.stats["jobs requeued"] += len(gone)
+            log.info("%d job(s) of %s queued again", len(gone), address)
+
+    async def _expire_leases(self) -> None:
+        while True:
+            await asyncio.sleep(min(5.0, self.lease_seconds / 4))
+            now = time.monotonic()
+            late = [job_id for job_id, lease in self.leases.items() if lease.deadline < now]
+            for job_id in late:
+                self.queue.appendleft((job_id, self.leases.pop(job_id).job))
+            self.stats["jobs requeued"] += len(late)
+
+
+def _obj(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
