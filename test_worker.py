@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import shlex
 import shutil
 import socket
 import struct
@@ -498,3 +499,258 @@ class TestBadInput(unittest.TestCase):
 def collections_counter():
     import collections
     return collections.Counter()
+
+
+# Real sockets and real JS peers #############################################
+
+NODE = shutil.which("node")
+INTEROP = HERE / "interop"
+
+
+def js_ready():
+    need(NODE, "node is not installed")
+    need((INTEROP / "node_modules" / "bugout").is_dir(), "run npm ci in interop/")
+
+
+class JsProcess:
+    """A node process from interop/ speaking JSON lines on stdin/stdout."""
+
+    def __init__(self, script, env):
+        self.script, self.env = script, env
+        self.events = []
+        self._changed = asyncio.Event()
+
+    async def start(self, prefix=()):
+        env = dict(os.environ, **self.env)
+        self.proc = await asyncio.create_subprocess_exec(
+            *prefix, NODE, str(INTEROP / self.script), env=env, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self._reader = asyncio.ensure_future(self._read())
+        self.ready = await self.wait_for(lambda e: e["event"] == "ready")
+        return self
+
+    async def _read(self):
+        async for line in self.proc.stdout:
+            try:
+                self.events.append(json.loads(line))
+            except ValueError:
+                continue
+            self._changed.set()
+
+    async def wait_for(self, predicate, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for event in self.events[seen:]:
+                if predicate(event):
+                    return event
+            seen = len(self.events)
+            self._changed.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("%s: no such event; got %s" % (self.script, self.events[-10:]))
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    def send(self, **command):
+        self.proc.stdin.write((json.dumps(command) + "\n").encode())
+
+    async def close(self):
+        if self.proc.returncode is None:
+            with_suppress = self.proc.stdin.close
+            with_suppress()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except asyncio.TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        self._reader.cancel()
+
+
+async def js_peer(ident, **env):
+    return await JsProcess("peer.js", {"BO_ID": ident, "BO_MODE": "loopback", **env}).start()
+
+
+async def py_node(ident, **kw):
+    node = w.Bugout(ident, host="127.0.0.1", lsd=False, **kw)
+    node.register("echo", lambda address, args: {**args, "echoedBy": "py"})
+    node.events = []
+    for name in ("seen", "message", "left"):
+        node.on(name, lambda *a, name=name: node.events.append((name,) + a))
+    return await node.start()
+
+
+async def until(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in %ss" % timeout)
+        await asyncio.sleep(0.02)
+
+
+class TestTcp(unittest.TestCase):
+    def test_python_python_rpc_messages_and_reconnect(self):
+        async def scenario():
+            a = await py_node("tcp-swarm")
+            b = await py_node("tcp-swarm", peers=["127.0.0.1:%d" % a.port])
+            await until(lambda: a.address in b.peers and b.address in a.peers)
+            self.assertEqual(await b.rpc(a.address, "echo", {"x": 1}), {"x": 1, "echoedBy": "py"})
+            self.assertEqual(await a.rpc(b.address, "nope"), {"error": "No such API call."})
+            a.send({"to": "all"})
+            b.send("only a", address=a.address)
+            await until(lambda: ("message", a.address, {"to": "all"}) in b.events
+                        and ("message", b.address, "only a") in a.events)
+            old = set(b._connections)
+            for conn in list(a._connections):  # drop the wire: b dials again
+                conn.close()
+            await until(lambda: b.connections() == 1 and not (b._connections & old))
+            self.assertEqual(await b.rpc(a.address, "echo", {"y": 2}, timeout=5), {"y": 2, "echoedBy": "py"})
+            await b.close()
+            await a.close()
+        run(scenario())
+
+    def test_garbage_peer_dropped_others_go_on(self):
+        async def scenario():
+            a = await py_node("garbage-swarm", max_message=1 << 16)
+            b = await py_node("garbage-swarm", peers=["127.0.0.1:%d" % a.port])
+            await until(lambda: a.address in b.peers)
+            infohash = a.infohash
+            sent = []
+            for garbage in (b"\xff" * 100, w.handshake_bytes(infohash, b"-XX0000-garbagegarba")
+                            + struct.pack(">I", 1 << 30) + b"\x14", w.handshake_bytes(infohash, b"-XX0000-garbagegarbb")
+                            + w.frame(20, b"\0not bencode")):
+                reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
+                writer.write(garbage)
+                await writer.drain()
+                sent.append((reader, writer))
+            for reader, writer in sent:
+                rest = await asyncio.wait_for(reader.read(), 5)  # the server closes it
+                self.assertIsInstance(rest, bytes)
+                writer.close()
+            self.assertGreaterEqual(a.stats["peers dropped for bad input"], 3)
+            self.assertEqual(await b.rpc(a.address, "echo", {"still": "here"}), {"still": "here", "echoedBy": "py"})
+            await b.close()
+            await a.close()
+        run(scenario())
+
+    def test_duplicate_wires_resolve_to_one(self):
+        async def scenario():
+            a = await py_node("dup-swarm")
+            b = await py_node("dup-swarm")
+            for _ in range(3):
+                a.add_peer("127.0.0.1", b.port)
+                b.add_peer("127.0.0.1", a.port)
+            await until(lambda: a.address in b.peers and b.address in a.peers)
+            await asyncio.sleep(0.5)
+            self.assertEqual(len(a._connections), 1)
+            self.assertEqual(len(b._connections), 1)
+            self.assertEqual(await a.rpc(b.address, "echo", {}), {"echoedBy": "py"})
+            await b.close()
+            await a.close()
+        run(scenario())
+
+
+class TestJsInterop(unittest.TestCase):
+    def setUp(self):
+        js_ready()
+
+    def _both_ways(self, python_dials):
+        async def scenario():
+            ident = "interop-%d" % random.randrange(1 << 30)
+            js = await js_peer(ident)
+            py = await py_node(ident, peers=["127.0.0.1:%d" % js.ready["port"]] if python_dials else ())
+            if not python_dials:
+                js.send(cmd="addPeer", addr="127.0.0.1:%d" % py.port)
+            js_address = js.ready["address"]
+            await js.wait_for(lambda e: e["event"] == "seen" and e["address"] == py.address)
+            await until(lambda: js_address in py.peers)
+            # RPC both ways
+            self.assertEqual(await py.rpc(js_address, "echo", {"n": "é"}), {"n": "é", "echoedBy": "js"})
+            self.assertEqual(await py.rpc(js_address, "nope", {}), {"error": "No such API call."})
+            js.send(cmd="rpc", id=1, address=py.address, call="echo", args={"from": "js"})
+            event = await js.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 1)
+            self.assertEqual(event["result"], {"from": "js", "echoedBy": "py"})
+            js.send(cmd="rpc", id=2, address=py.address, call="missing", args={})
+            event = await js.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 2)
+            self.assertEqual(event["result"], {"error": "No such API call."})
+            # broadcast and addressed messages both ways
+            py.send({"hello": "all"})
+            py.send({"hello": "you"}, address=js_address)
+            for message in ({"hello": "all"}, {"hello": "you"}):
+                await js.wait_for(lambda e: e["event"] == "message" and e["message"] == message)
+            js.send(cmd="send", message={"js": "all"})
+            js.send(cmd="send", address=py.address, message={"js": "you"})
+            await until(lambda: ("message", js_address, {"js": "all"}) in py.events
+                        and ("message", js_address, {"js": "you"}) in py.events)
+            await py.close()
+            await js.wait_for(lambda e: e["event"] == "left" and e["address"] == py.address)
+            await js.close()
+        run(scenario())
+
+    def test_python_dials_js(self):
+        self._both_ways(python_dials=True)
+
+    def test_js_dials_python(self):
+        self._both_ways(python_dials=False)
+
+    def test_line_js_python_js_relays(self):
+        async def scenario():
+            ident = "line-%d" % random.randrange(1 << 30)
+            py = await py_node(ident)
+            js1, js2 = await js_peer(ident), await js_peer(ident)
+            for js in (js1, js2):
+                js.send(cmd="addPeer", addr="127.0.0.1:%d" % py.port)
+            a1, a2 = js1.ready["address"], js2.ready["address"]
+            # each JS peer sees the other only through the Python relay
+            await js1.wait_for(lambda e: e["event"] == "seen" and e["address"] == a2)
+            await js2.wait_for(lambda e: e["event"] == "seen" and e["address"] == a1)
+            js1.send(cmd="send", message={"across": 1})
+            await js2.wait_for(lambda e: e["event"] == "message" and e["message"] == {"across": 1})
+            js1.send(cmd="rpc", id=7, address=a2, call="echo", args={"via": "py"})
+            event = await js1.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 7)
+            self.assertEqual(event["result"], {"via": "py", "echoedBy": "js"})
+            self.assertGreater(py.core.stats["relayed"], 3)
+            await js1.close()
+            await js2.close()
+            await py.close()
+        run(scenario())
+
+
+def in_namespace(code, timeout=90):
+    """Run Python ``code`` in a fresh network namespace with LSD on loopback."""
+    need(shutil.which("unshare") and os.geteuid() == 0, "unshare -n needs root")
+    script = ("ip link set lo up && ip route add 224.0.0.0/4 dev lo src 127.0.0.1 && "
+              "exec %s -c %s" % (sys.executable, shlex.quote(code)))
+    done = subprocess.run(["unshare", "-n", "sh", "-c", script], cwd=HERE, capture_output=True,
+                          text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError("namespace run failed:\n%s\n%s" % (done.stdout, done.stderr[-3000:]))
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+LSD_CHILD = """
+import asyncio, json, time, test_worker as t, worker as w
+async def main():
+    ident = "lsd-swarm"
+    js = await t.JsProcess("peer.js", {"BO_ID": ident, "BO_MODE": "lsd"}).start()
+    start = time.monotonic()
+    py = await w.Bugout(ident, host="0.0.0.0", lsd=True).start()
+    py.register("echo", lambda a, args: args)
+    await js.wait_for(lambda e: e["event"] == "seen" and e["address"] == py.address, 30)
+    await t.until(lambda: js.ready["address"] in py.peers, 30)
+    found = time.monotonic() - start
+    echo = await py.rpc(js.ready["address"], "echo", {"lsd": True})
+    await py.close(); await js.close()
+    print(json.dumps({"found_s": found, "echo": echo}))
+asyncio.run(main())
+"""
+
+
+class TestLsd(unittest.TestCase):
+    def test_js_default_and_python_find_each_other(self):
+        js_ready()
+        out = in_namespace(LSD_CHILD)
+        self.assertEqual(out["echo"], {"lsd": True, "echoedBy": "js"})
+        self.assertLess(out["found_s"], 30)

@@ -1220,9 +1220,13 @@ class WireConnection(asyncio.Protocol):
         peer = self.transport.get_extra_info("peername") if self.transport else None
         return "%s:%s" % tuple(peer[:2]) if peer else "?"
 
+    @property
+    def closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
     def send_payload(self, payload: bytes) -> None:
         """Send one ``bo_channel`` payload if the peer can take it."""
-        if self.wire.ready and self.transport is not None:
+        if self.wire.ready and not self.closing:
             self.wire.send_extension(payload)
             self._flush()
 
@@ -1351,7 +1355,7 @@ class Bugout:
 
     def connections(self) -> int:
         """Number of open wires that speak bugout."""
-        return sum(1 for c in self._connections if c.wire.ready)
+        return sum(1 for c in self._connections if c.wire.ready and not c.closing)
 
     # lifecycle
     async def start(self) -> "Bugout":
