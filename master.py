@@ -20,11 +20,20 @@ import collections
 import dataclasses
 import logging
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any
 
 from worker import (
-    Bugout, Crypt, Helper, Logger, WorkerError, _config, _word, json_dumps, load_env,
+    Bugout,
+    Crypt,
+    Helper,
+    Logger,
+    WorkerError,
+    _config,
+    _word,
+    json_dumps,
+    load_env,
 )
 
 log = logging.getLogger("worker")
@@ -41,13 +50,13 @@ class Lease:
 class Master:
     """The JS queue-xec Master's API in Python, plus leases."""
 
-    def __init__(self, token: Optional[str] = None, exec_assets: Optional[dict] = None,
-                 on_results: Optional[Callable[[Any], Any]] = None,
-                 loglevel: Optional[str] = None, transfer_encrypt_token: Optional[str] = None,
-                 *, folder: Union[str, Path, None] = None, env: Optional[dict] = None,
-                 host: Optional[str] = None, port: Optional[int] = None,
-                 peers: Iterable[str] = (), lsd: Optional[bool] = None,
-                 seed: Optional[str] = None, lease_seconds: float = 60.0) -> None:
+    def __init__(self, token: str | None = None, exec_assets: dict | None = None,
+                 on_results: Callable[[Any], Any] | None = None,
+                 loglevel: str | None = None, transfer_encrypt_token: str | None = None,
+                 *, folder: str | Path | None = None, env: dict | None = None,
+                 host: str | None = None, port: int | None = None,
+                 peers: Iterable[str] = (), lsd: bool | None = None,
+                 seed: str | None = None, lease_seconds: float = 60.0) -> None:
         env = load_env(".env") if env is None else env
         self.token = _config(env, "token", token)
         if not self.token:
@@ -68,7 +77,7 @@ class Master:
         self.leases: dict[Any, Lease] = {}
         self.done: set = set()
         self.stats: collections.Counter = collections.Counter()
-        self._encrypted_files: Optional[tuple[str, list]] = None
+        self._encrypted_files: tuple[str, list] | None = None
         self._tasks: set[asyncio.Task] = set()
 
     @property
@@ -79,7 +88,7 @@ class Master:
     def port(self) -> int:
         return self.node.port
 
-    async def start(self) -> "Master":
+    async def start(self) -> Master:
         node = self.node
         node.register("isMaster", lambda a, args: {**_obj(args), "isMaster": "yes",
                                                    "resultAcks": True})

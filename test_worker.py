@@ -13,7 +13,6 @@ import os
 import random
 import shlex
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -324,7 +323,7 @@ class TestPeerWire(unittest.TestCase):
                                                w.ExtensionPayload(b"x" * 100_000)])
 
     def test_metadata_served_and_requests_refused(self):
-        a, b = wire_pair()
+        _a, b = wire_pair()
         b.events_received()
         _, info = w.infohash_of(IDENT)
         b.receive_data(w.frame(20, bytes([1]) + w.bencode({"msg_type": 0, "piece": 0})))
@@ -342,7 +341,7 @@ class TestPeerWire(unittest.TestCase):
         self.assertEqual(b.events_received(), [])
 
     def test_huge_length_prefix_allocates_nothing(self):
-        a, b = wire_pair(max_message=1 << 20)
+        _a, b = wire_pair(max_message=1 << 20)
         b.receive_data(struct.pack(">I", 0xFFFFFFF0) + b"\x14\x04")
         self.assertEqual(b.state, w.WireState.ERROR)
         self.assertIn("over the limit", b.error)
@@ -382,7 +381,7 @@ class TestBugoutCore(unittest.TestCase):
         self.assertEqual(self.deliver(self.b, self.a), [w.Response(self.b.identity.address, nonce, [1, 2])])
         self.a.send_message({"hi": 1}, self.now)
         self.assertEqual(self.deliver(self.a, self.b), [w.Message(self.a.identity.address, {"hi": 1}, False)])
-        [(relayed, origin)] = self.b.data_to_send()  # plain: relayed to the other wires
+        [(_relayed, origin)] = self.b.data_to_send()  # plain: relayed to the other wires
         self.assertEqual(origin, "wire")
         self.a.send_message("secret", self.now, address=self.b.identity.address)
         self.assertEqual(self.deliver(self.a, self.b), [w.Message(self.a.identity.address, "secret", True)])
@@ -548,10 +547,10 @@ class JsProcess:
             self._changed.clear()
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError("%s: no such event; got %s" % (self.script, self.events[-10:]))
+                raise AssertionError(f"{self.script}: no such event; got {self.events[-10:]}")
             try:
                 await asyncio.wait_for(self._changed.wait(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def send(self, **command):
@@ -563,7 +562,7 @@ class JsProcess:
             with_suppress()
             try:
                 await asyncio.wait_for(self.proc.wait(), 5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
         self._reader.cancel()
@@ -586,7 +585,7 @@ async def until(predicate, timeout=20.0):
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not met in %ss" % timeout)
+            raise AssertionError(f"condition not met in {timeout}s")
         await asyncio.sleep(0.02)
 
 
@@ -679,7 +678,7 @@ class TestJsInterop(unittest.TestCase):
             py.send({"hello": "all"})
             py.send({"hello": "you"}, address=js_address)
             for message in ({"hello": "all"}, {"hello": "you"}):
-                await js.wait_for(lambda e: e["event"] == "message" and e["message"] == message)
+                await js.wait_for(lambda e, m=message: e["event"] == "message" and e["message"] == m)
             js.send(cmd="send", message={"js": "all"})
             js.send(cmd="send", address=py.address, message={"js": "you"})
             await until(lambda: ("message", js_address, {"js": "all"}) in py.events
@@ -722,11 +721,11 @@ def in_namespace(code, timeout=90):
     """Run Python ``code`` in a fresh network namespace with LSD on loopback."""
     need(shutil.which("unshare") and os.geteuid() == 0, "unshare -n needs root")
     script = ("ip link set lo up && ip route add 224.0.0.0/4 dev lo src 127.0.0.1 && "
-              "exec %s -c %s" % (sys.executable, shlex.quote(code)))
-    done = subprocess.run(["unshare", "-n", "sh", "-c", script], cwd=HERE, capture_output=True,
+              f"exec {sys.executable} -c {shlex.quote(code)}")
+    done = subprocess.run(["unshare", "-n", "sh", "-c", script], check=False, cwd=HERE, capture_output=True,
                           text=True, timeout=timeout)
     if done.returncode != 0:
-        raise AssertionError("namespace run failed:\n%s\n%s" % (done.stdout, done.stderr[-3000:]))
+        raise AssertionError(f"namespace run failed:\n{done.stdout}\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -754,3 +753,289 @@ class TestLsd(unittest.TestCase):
         out = in_namespace(LSD_CHILD)
         self.assertEqual(out["echo"], {"lsd": True, "echoedBy": "js"})
         self.assertLess(out["found_s"], 30)
+
+
+# The Worker #################################################################
+
+TASK_PY = '''\
+import json
+from pathlib import Path
+
+FACTOR = json.loads((Path(__file__).parent / "data" / "conf" / "factor.json").read_text())["factor"]
+
+
+class Task:
+    def run(self, job):
+        data = json.loads(job["data"]) if isinstance(job["data"], str) else job["data"]
+        if data.get("fail"):
+            raise ValueError("boom %s" % job["id"])
+        if data.get("sleep"):
+            import time
+            time.sleep(data["sleep"])
+        return {"sum": (data["x"] + data.get("y", 0)) * FACTOR}
+'''
+KEY = "k" * 16 + "0123456789abcdef"
+
+
+def write_assets(root, files):
+    """Master-side files; returns the exec_assets dict."""
+    listed = []
+    for worker_path, text in files.items():
+        path = Path(root) / worker_path.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        listed.append({"masterPath": worker_path, "name": Path(worker_path).name,
+                       "workerPath": worker_path})
+    return listed
+
+
+DEFAULT_FILES = {"/workplace/task.py": TASK_PY,
+                 "/workplace/data/conf/factor.json": '{"factor": 2}'}
+
+
+class Cluster:
+    """master.py and Python workers on 127.0.0.1 in one event loop."""
+
+    def __init__(self, tmp, files=DEFAULT_FILES, deps=(), key=KEY):
+        self.tmp = Path(tmp)
+        self.token = "cluster-%d" % random.randrange(1 << 40)
+        self.results = []
+        from master import Master
+        files = write_assets(self.tmp / "master", files)
+        self.master = Master(self.token, {"files": files, "dependencies": list(deps)},
+                             self.results.append, None, key, folder=self.tmp / "master",
+                             env={}, host="127.0.0.1", lsd=False)
+        self.statuses = []
+        serve = self.master._request_exec_assets
+
+        def recording(address, args):
+            answer = serve(address, args)
+            self.statuses.append(answer["status"])
+            return answer
+        self.master._request_exec_assets = recording
+
+    async def start(self):
+        await self.master.start()
+        return self
+
+    def worker(self, name="w1", key=KEY, **kw):
+        kw.setdefault("peers", ["127.0.0.1:%d" % self.master.port])
+        return w.Worker(self.token, name, "warn", key, env={}, folder=self.tmp / name,
+                        host="127.0.0.1", lsd=False, **kw)
+
+    def push(self, count, start=0, **extra):
+        for i in range(start, start + count):
+            self.master.push_new_job({"id": i, "data": json.dumps({"x": i, "y": 1, **extra})})
+
+    async def until_results(self, count, timeout=60):
+        await until(lambda: len(self.results) >= count, timeout)
+
+
+class TestWorkerFlow(unittest.TestCase):
+    def run_jobs(self, get_batch, count=500):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            cluster.push(count)
+            worker = await cluster.worker(get_batch=get_batch, batch_size=10).start()
+            await cluster.until_results(count)
+            await worker.sync_assets()
+            self.assertEqual(cluster.statuses, ["changed", "same"])
+            self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(count)))
+            for r in cluster.results:
+                self.assertEqual(r["data"], {"sum": (r["jobID"] + 1) * 2})
+                self.assertEqual(r["worker"], {"id": worker.address, "name": "w1"})
+            self.assertTrue((Path(tmp) / "w1/workplace/data/conf/factor.json").is_file())
+            await worker.stop()
+            await cluster.master.close()
+            return cluster
+        with tempfile.TemporaryDirectory() as tmp:
+            return run(scenario(tmp), 120)
+
+    def test_500_jobs_unbatched(self):
+        self.run_jobs(False)
+
+    def test_500_jobs_batched(self):
+        cluster = self.run_jobs(True)
+        self.assertGreaterEqual(cluster.master.stats["jobs handed out"], 500)
+
+    def test_failing_task_gives_error_results_and_goes_on(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            cluster.push(3, fail=True)
+            cluster.push(3, start=3)
+            worker = await cluster.worker(get_batch=True, batch_size=2).start()
+            await cluster.until_results(6)
+            by_id = {r["jobID"]: r for r in cluster.results}
+            for i in range(3):
+                self.assertIsNone(by_id[i]["data"])
+                self.assertEqual(by_id[i]["error"]["type"], "ValueError")
+                self.assertEqual(by_id[i]["error"]["message"], "boom %d" % i)
+                self.assertIn("Traceback", by_id[i]["error"]["traceback"])
+            for i in range(3, 6):
+                self.assertEqual(by_id[i]["data"], {"sum": (i + 1) * 2})
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_unsafe_assets_write_nothing(self):
+        cases = [{"/../evil.py": "x", "/workplace/task.py": TASK_PY},
+                 {"/.env": "token=stolen", "/workplace/task.py": TASK_PY},
+                 {"/workplace/task.py": TASK_PY, "/workplace/../../x.py": "x"}]
+        for files in cases:
+            async def scenario(tmp, files=files):
+                cluster = Cluster(tmp, files={"/workplace/task.py": TASK_PY})
+                listed = [{"masterPath": "/workplace/task.py", "name": Path(p).name, "workerPath": p}
+                          for p in files]
+                cluster.master.exec_assets["files"] = listed
+                await cluster.start()
+                worker = cluster.worker()
+                with self.assertLogs("worker", "ERROR") as logs:
+                    await worker.start()
+                    await until(lambda: cluster.statuses)
+                    await asyncio.sleep(0.3)
+                self.assertIn("refused", "\n".join(logs.output))
+                self.assertEqual(sorted(p.name for p in (Path(tmp) / "w1").iterdir()), [])
+                self.assertFalse((Path(tmp) / "evil.py").exists())
+                await worker.stop()
+                await cluster.master.close()
+            with tempfile.TemporaryDirectory() as tmp:
+                run(scenario(tmp))
+
+    def test_bad_dependency_refused(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp, deps=["--index-url=http://evil/ x"]).start()
+            worker = cluster.worker()
+            with self.assertLogs("worker", "ERROR") as logs:
+                await worker.start()
+                await until(lambda: cluster.statuses)
+                await asyncio.sleep(0.3)
+            self.assertIn("refused", "\n".join(logs.output))
+            self.assertFalse((Path(tmp) / "w1/workplace").exists())
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_dependency_from_local_wheel(self):
+        async def scenario(tmp):
+            wheels = Path(tmp) / "wheels"
+            make_wheel(wheels, "qxdemo_dep", "1.2.0", "VALUE = 41\n")
+            files = dict(DEFAULT_FILES)
+            files["/workplace/task.py"] = ("import qxdemo_dep\n\nclass Task:\n    def run(self, job):\n"
+                                           "        return qxdemo_dep.VALUE + 1\n")
+            cluster = await Cluster(tmp, files=files, deps=["qxdemo-dep==1.2.0"]).start()
+            cluster.push(2)
+            worker = await cluster.worker().start()
+            await cluster.until_results(2, timeout=120)
+            self.assertEqual([r["data"] for r in cluster.results], [42, 42])
+            self.assertTrue(any((Path(tmp) / "w1/.deps").glob("qxdemo_dep*")))
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            old = {k: os.environ.get(k) for k in ("PIP_NO_INDEX", "PIP_FIND_LINKS")}
+            os.environ.update(PIP_NO_INDEX="1", PIP_FIND_LINKS=str(Path(tmp) / "wheels"))
+            try:
+                run(scenario(tmp), 180)
+            finally:
+                for k, v in old.items():
+                    os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+    def test_wrong_key_is_reported_no_crash(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            cluster.push(2)
+            worker = cluster.worker(key="z" * 32)
+            with self.assertLogs("worker", "ERROR") as logs:
+                await worker.start()
+                await until(lambda: cluster.statuses)
+                await asyncio.sleep(0.3)
+            self.assertIn("transferEncryptToken probably differs", "\n".join(logs.output))
+            self.assertEqual(cluster.results, [])
+            self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_master_restarts_worker_goes_on(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            cluster.push(20)
+            worker = await cluster.worker().start()
+            await cluster.until_results(20)
+            port = cluster.master.port
+            await cluster.master.close()
+            from master import Master
+            second = []
+            files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
+            master2 = Master(cluster.token, {"files": files, "dependencies": []}, second.append,
+                             None, KEY, folder=Path(tmp) / "master", env={}, host="127.0.0.1",
+                             port=port, lsd=False)
+            await master2.start()
+            for i in range(100, 110):
+                master2.push_new_job({"id": i, "data": json.dumps({"x": i})})
+            await until(lambda: len(second) >= 10, 60)
+            self.assertEqual(sorted(r["jobID"] for r in second), list(range(100, 110)))
+            await worker.stop()
+            await master2.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp), 90)
+
+    def test_restart_with_same_assets_downloads_nothing(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            first = await cluster.worker().start()
+            await until(lambda: first._runner is not None)
+            await first.stop()
+            second = await cluster.worker().start()
+            await until(lambda: second._runner is not None)
+            self.assertEqual(cluster.statuses, ["changed", "same"])
+            await second.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+
+def make_wheel(folder, name, version, code):
+    """A minimal pure-Python wheel, built by hand (no network, no build backend)."""
+    import base64 as b64
+    import zipfile
+    folder.mkdir(parents=True, exist_ok=True)
+    dist = f"{name}-{version}.dist-info"
+    files = {f"{name}/__init__.py": code,
+             dist + "/METADATA": "Metadata-Version: 2.1\nName: {}\nVersion: {}\n".format(name.replace("_", "-"), version),
+             dist + "/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = []
+    for path, text in files.items():
+        digest = b64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append("%s,sha256=%s,%d" % (path, digest, len(text.encode())))
+    record.append(dist + "/RECORD,,")
+    files[dist + "/RECORD"] = "\n".join(record) + "\n"
+    with zipfile.ZipFile(folder / (f"{name}-{version}-py3-none-any.whl"), "w") as zf:
+        for path, text in files.items():
+            zf.writestr(path, text)
+
+
+class TestSafety(unittest.TestCase):
+    def test_asset_paths(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            (root / "out").symlink_to("/tmp")
+            self.assertEqual(w.safe_asset_path(root, "/workplace/a/b.py"), root.resolve() / "workplace/a/b.py")
+            self.assertEqual(w.safe_asset_path(root, "task.py"), root.resolve() / "task.py")
+            for bad in ["/../x", "/a/../../x", "//etc/passwd", "/", "", None, "/a\\..\\x", "/a/\0",
+                        "/.env", "/out/x.py", "/.deps/x.py", "C:/x", "/a//b"]:
+                with self.assertRaises(w.UnsafeAsset, msg=bad):
+                    w.safe_asset_path(root, bad)
+            here = Path(w.__file__).resolve()
+            with self.assertRaises(w.UnsafeAsset):
+                w.safe_asset_path(here.parent, "/" + here.name)
+
+    def test_requirements(self):
+        for good in ["requests", "requests==2.31.0", "Pillow[extra]>=9,<11", "a.b-c_d~=1.0"]:
+            self.assertEqual(w.check_requirement(good), good)
+        for bad in ["-e .", "--index-url=x", "git+https://x/y", "./local", "/abs/path",
+                    "pkg @ https://x", "pkg; os_name=='nt'", "", 3, "a b"]:
+            with self.assertRaises(w.UnsafeAsset, msg=bad):
+                w.check_requirement(bad)

@@ -41,7 +41,6 @@ import base64
 import collections
 import contextlib
 import dataclasses
-import datetime
 import enum
 import hashlib
 import importlib.util
@@ -51,15 +50,15 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import struct
 import sys
 import time
 import traceback
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Iterator, Optional, Union
+from typing import Any
 
 from cryptography.hazmat.primitives import padding as _padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -138,7 +137,7 @@ class Helper:
     """Small utilities of the JS Helper class, same behaviour."""
 
     @staticmethod
-    def local_time(when: Optional[float] = None) -> str:
+    def local_time(when: float | None = None) -> str:
         """Local time as ``DD-MM HH:mm:ss``, the JS logger's format."""
         return time.strftime("%d-%m %H:%M:%S", time.localtime(when))
 
@@ -153,12 +152,12 @@ class Helper:
         return int(time.time() * 1000)
 
     @staticmethod
-    def measure_perf(start: float, end: Optional[float] = None) -> float:
+    def measure_perf(start: float, end: float | None = None) -> float:
         """Milliseconds between two ``time.perf_counter()`` readings."""
         return ((time.perf_counter() if end is None else end) - start) * 1000.0
 
     @staticmethod
-    def get_sha256(path: Union[str, Path]) -> str:
+    def get_sha256(path: str | Path) -> str:
         """Hex SHA-256 of a file's bytes, read in chunks."""
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
@@ -206,7 +205,7 @@ class _Formatter(logging.Formatter):
 class Logger:
     """The JS Logger on stdlib logging: off, info, warn, error, debug."""
 
-    def __init__(self, level: str = "info", file: Optional[str] = None,
+    def __init__(self, level: str = "info", file: str | None = None,
                  stream: Any = None) -> None:
         self.logger = logging.getLogger("worker")
         self.set_level(level)
@@ -225,7 +224,7 @@ class Logger:
         """Change the level; an unknown word is an error."""
         key = str(level or "info").strip().lower()
         if key not in _LEVELS:
-            raise WorkerError("unknown LOG_LEVEL %r (use off, error, warn, info, debug)" % level)
+            raise WorkerError(f"unknown LOG_LEVEL {level!r} (use off, error, warn, info, debug)")
         self.logger.setLevel(_LEVELS[key])
 
     def info(self, *args: Any) -> None:
@@ -251,13 +250,13 @@ class Logger:
 class Crypt:
     """AES-256-CBC as the JS Crypt: ``{iv, encryptedData}`` in hex."""
 
-    def __init__(self, key: Union[str, bytes]) -> None:
+    def __init__(self, key: str | bytes) -> None:
         raw = key.encode("utf-8") if isinstance(key, str) else bytes(key)
         if len(raw) != 32:
             raise CryptError("transferEncryptToken must be exactly 32 bytes, got %d" % len(raw))
         self._algorithm = algorithms.AES(raw)
 
-    def encrypt(self, text: Union[str, bytes]) -> dict:
+    def encrypt(self, text: str | bytes) -> dict:
         """Encrypt with a fresh IV; returns ``{"iv", "encryptedData"}``."""
         data = text.encode("utf-8") if isinstance(text, str) else text
         iv = os.urandom(16)
@@ -267,7 +266,7 @@ class Crypt:
         body = enc.update(padded) + enc.finalize()
         return {"iv": iv.hex(), "encryptedData": body.hex()}
 
-    def decrypt(self, obj: Union[dict, str]) -> str:
+    def decrypt(self, obj: dict | str) -> str:
         """Decrypt ``{"iv", "encryptedData"}`` (or its JSON text) to text."""
         try:
             return self._decrypt(obj).decode("utf-8")
@@ -275,7 +274,7 @@ class Crypt:
             raise CryptError("decrypted data is not UTF-8 text: the transferEncryptToken "
                              "probably differs from the master's") from None
 
-    def _decrypt(self, obj: Union[dict, str]) -> bytes:
+    def _decrypt(self, obj: dict | str) -> bytes:
         try:
             if isinstance(obj, str):
                 obj = json.loads(obj)
@@ -287,10 +286,10 @@ class Crypt:
             return unpadder.update(padded) + unpadder.finalize()
         except (ValueError, KeyError, TypeError) as exc:
             raise CryptError(
-                "cannot decrypt (%s): the transferEncryptToken probably differs "
-                "from the master's" % (exc.__class__.__name__,)) from None
+                f"cannot decrypt ({exc.__class__.__name__}): the transferEncryptToken probably differs "
+                "from the master's") from None
 
-    def decrypt_bytes(self, obj: Union[dict, str]) -> bytes:
+    def decrypt_bytes(self, obj: dict | str) -> bytes:
         """Decrypt to raw bytes (assets may be binary)."""
         return self._decrypt(obj)
 
@@ -298,7 +297,7 @@ class Crypt:
         """JSON text of the encrypted JSON text of ``value`` (the job format)."""
         return json_dumps(self.encrypt(json_dumps(value)))
 
-    def decrypt_json(self, text: Union[dict, str]) -> Any:
+    def decrypt_json(self, text: dict | str) -> Any:
         """Inverse of :meth:`encrypt_json`."""
         plain = self.decrypt(text)
         try:
@@ -339,7 +338,7 @@ def _env_value(raw: str) -> str:
     return re.split(r"\s+#", raw, maxsplit=1)[0].strip()
 
 
-def read_env_file(path: Union[str, Path]) -> dict[str, str]:
+def read_env_file(path: str | Path) -> dict[str, str]:
     """The file's values, or ``{}`` when it does not exist."""
     try:
         return parse_env(Path(path).read_text(encoding="utf-8"))
@@ -347,7 +346,7 @@ def read_env_file(path: Union[str, Path]) -> dict[str, str]:
         return {}
 
 
-def load_env(path: Union[str, Path] = ".env") -> dict[str, str]:
+def load_env(path: str | Path = ".env") -> dict[str, str]:
     """File values overlaid by variables already in the environment (dotenv rule)."""
     values = read_env_file(path)
     for key in values:
@@ -356,7 +355,7 @@ def load_env(path: Union[str, Path] = ".env") -> dict[str, str]:
     return values
 
 
-def write_env_file(path: Union[str, Path], updates: dict[str, str]) -> None:
+def write_env_file(path: str | Path, updates: dict[str, str]) -> None:
     """Set keys in a ``.env`` file, keeping its other lines; mode 0600."""
     path = Path(path)
     lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
@@ -365,8 +364,8 @@ def write_env_file(path: Union[str, Path], updates: dict[str, str]) -> None:
         match = _ENV_LINE.match(line)
         if match and match.group(1) in pending and not line.lstrip().startswith("#"):
             key = match.group(1)
-            lines[i] = "%s=%s" % (key, _env_quote(pending.pop(key)))
-    lines += ["%s=%s" % (k, _env_quote(v)) for k, v in pending.items()]
+            lines[i] = f"{key}={_env_quote(pending.pop(key))}"
+    lines += [f"{k}={_env_quote(v)}" for k, v in pending.items()]
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
@@ -377,7 +376,7 @@ def _env_quote(value: str) -> str:
     """Quote a value when a bare one would not read back the same."""
     if value and re.fullmatch(r"[A-Za-z0-9_.,:/@+=-]+", value):
         return value
-    return '"%s"' % value.replace('"', '\\"').replace("\n", "\\n")
+    return '"{}"'.format(value.replace('"', '\\"').replace("\n", "\\n"))
 
 
 # Bencode ####################################################################
@@ -395,9 +394,7 @@ def _bencode_into(value: Any, out: list[bytes]) -> None:
     elif isinstance(value, str):
         raw = value.encode("utf-8")
         out += (b"%d:" % len(raw), raw)
-    elif isinstance(value, bool) or isinstance(value, int):
-        out.append(b"i%de" % int(value))
-    elif isinstance(value, float):
+    elif isinstance(value, (bool, int, float)):
         out.append(b"i%de" % int(value))
     elif isinstance(value, dict):
         out.append(b"d")
@@ -414,7 +411,7 @@ def _bencode_into(value: Any, out: list[bytes]) -> None:
                 _bencode_into(item, out)
         out.append(b"e")
     else:
-        raise LocalProtocolError("cannot bencode %s" % type(value).__name__)
+        raise LocalProtocolError(f"cannot bencode {type(value).__name__}")
 
 
 _BDECODE_DEPTH = 64
@@ -433,7 +430,7 @@ def bdecode(data: bytes) -> Any:
     except (IndexError, ValueError, RecursionError) as exc:
         if isinstance(exc, DecodeError):
             raise
-        raise DecodeError("malformed bencode: %s" % exc.__class__.__name__) from None
+        raise DecodeError(f"malformed bencode: {exc.__class__.__name__}") from None
     if end != len(data):
         raise DecodeError("trailing bytes after bencode value")
     return value
@@ -472,7 +469,7 @@ def _bdecode_at(data: bytes, pos: int, depth: int) -> tuple[Any, int]:
                 raise DecodeError("bencode dict key is not a string")
             result[key.decode("latin-1")], pos = _bdecode_at(data, pos, depth + 1)
         return result, pos + 1
-    raise DecodeError("bad bencode lead byte 0x%02x" % lead)
+    raise DecodeError(f"bad bencode lead byte 0x{lead:02x}")
 
 
 # Base58 #####################################################################
@@ -492,7 +489,7 @@ def b58encode(data: bytes) -> str:
     return "1" * zeros + "".join(reversed(chars))
 
 
-def b58decode(text: Union[str, bytes]) -> bytes:
+def b58decode(text: str | bytes) -> bytes:
     """Inverse of :func:`b58encode`; a bad character is a :class:`DecodeError`."""
     if isinstance(text, (bytes, bytearray)):
         text = bytes(text).decode("latin-1")
@@ -501,7 +498,7 @@ def b58decode(text: Union[str, bytes]) -> bytes:
     number = 0
     for char in text:
         if char not in _B58_INDEX:
-            raise DecodeError("bad base58 character %r" % char)
+            raise DecodeError(f"bad base58 character {char!r}")
         number = number * 58 + _B58_INDEX[char]
     zeros = len(text) - len(text.lstrip("1"))
     body = number.to_bytes((number.bit_length() + 7) // 8, "big") if number else b""
@@ -537,14 +534,8 @@ _RMD_R = [int(c, 16) for c in (
     "0123456789abcdef" "74d1a6f3c0952eb8" "3ae49f812706db5c" "19ba08c4d37fe562" "40597c2ae138b6fd")]
 _RMD_RR = [int(c, 16) for c in (
     "5e7092b4d6f81a3c" "6b370d5aef8c4912" "f5137e69b8c2a04d" "86413bf05c2d97ae" "cfa4158762de039b")]
-_RMD_S = [int(n) for n in (
-    "11 14 15 12 5 8 7 9 11 13 14 15 6 7 9 8 7 6 8 13 11 9 7 15 7 12 15 9 11 7 13 12 "
-    "11 13 6 7 14 9 13 15 14 8 13 6 5 12 7 5 11 12 14 15 14 15 9 8 9 14 5 6 8 6 5 12 "
-    "9 15 5 11 6 8 13 12 5 12 13 14 11 8 5 6").split()]
-_RMD_SS = [int(n) for n in (
-    "8 9 9 11 13 15 15 5 7 7 8 11 14 14 12 6 9 13 15 7 12 8 9 11 7 7 12 7 6 15 13 11 "
-    "9 7 15 11 8 6 6 14 12 13 5 14 13 13 7 5 15 5 8 11 14 14 6 14 6 9 12 9 12 5 15 8 "
-    "8 5 12 9 12 5 14 6 8 13 6 5 15 13 11 11").split()]
+_RMD_S = [int(n) for n in ["11", "14", "15", "12", "5", "8", "7", "9", "11", "13", "14", "15", "6", "7", "9", "8", "7", "6", "8", "13", "11", "9", "7", "15", "7", "12", "15", "9", "11", "7", "13", "12", "11", "13", "6", "7", "14", "9", "13", "15", "14", "8", "13", "6", "5", "12", "7", "5", "11", "12", "14", "15", "14", "15", "9", "8", "9", "14", "5", "6", "8", "6", "5", "12", "9", "15", "5", "11", "6", "8", "13", "12", "5", "12", "13", "14", "11", "8", "5", "6"]]
+_RMD_SS = [int(n) for n in ["8", "9", "9", "11", "13", "15", "15", "5", "7", "7", "8", "11", "14", "14", "12", "6", "9", "13", "15", "7", "12", "8", "9", "11", "7", "7", "12", "7", "6", "15", "13", "11", "9", "7", "15", "11", "8", "6", "6", "14", "12", "13", "5", "14", "13", "13", "7", "5", "15", "5", "8", "11", "14", "14", "6", "14", "6", "9", "12", "9", "12", "5", "15", "8", "8", "5", "12", "9", "12", "5", "14", "6", "8", "13", "6", "5", "15", "13", "11", "11"]]
 _RMD_K = (0x00000000, 0x5A827999, 0x6ED9EBA1, 0x8F1BBCDC, 0xA953FD4E)
 _RMD_KK = (0x50A28BE6, 0x5C4DD124, 0x6D703EF3, 0x7A6D76E9, 0x00000000)
 _M32 = 0xFFFFFFFF
@@ -610,7 +601,7 @@ def address_of(public_key: bytes) -> str:
     return found
 
 
-def make_seed(material: Optional[bytes] = None) -> str:
+def make_seed(material: bytes | None = None) -> str:
     """A new bugout seed: bs58check(0x49 0x0a || 32 random bytes)."""
     material = os.urandom(32) if material is None else material
     if len(material) != 32:
@@ -621,7 +612,7 @@ def make_seed(material: Optional[bytes] = None) -> str:
 class Identity:
     """Ed25519 keys from the seed, plus a box key pair for this process."""
 
-    def __init__(self, seed: Optional[str] = None, box_secret: Optional[bytes] = None) -> None:
+    def __init__(self, seed: str | None = None, box_secret: bytes | None = None) -> None:
         self.seed = seed or make_seed()
         try:
             raw = b58check_decode(self.seed)
@@ -753,7 +744,7 @@ class BugoutCore:
         """Box a signed packet for one seen peer (the bugout envelope)."""
         peer = self.peers.get(address)
         if peer is None:
-            raise InvalidState("%s not seen - no encryption key" % address)
+            raise InvalidState(f"{address} not seen - no encryption key")
         nonce = self._random(24)
         key = self._shared_key(peer.ek)
         boxed = _nacl.crypto_box_afternm(signed, nonce, key)
@@ -780,7 +771,7 @@ class BugoutCore:
         """Broadcast an ``x`` packet (we are leaving)."""
         self._emit(self.make_packet({"y": "x"}, now))
 
-    def send_message(self, value: Any, now: int, address: Optional[str] = None) -> None:
+    def send_message(self, value: Any, now: int, address: str | None = None) -> None:
         """A JSON message, to everyone or (encrypted) to one address."""
         signed = self.make_packet({"y": "m", "v": json_dumps(value)}, now)
         self._emit(self.seal(address, signed) if address else signed)
@@ -788,7 +779,7 @@ class BugoutCore:
     def send_call(self, address: str, name: str, args: Any, now: int) -> bytes:
         """An encrypted RPC call; returns its 8-byte nonce."""
         if address not in self.peers:
-            raise InvalidState("%s not seen - no public key" % address)
+            raise InvalidState(f"{address} not seen - no public key")
         nonce = self._random(8)
         fields = {"y": "r", "c": name, "a": json_dumps({} if args is None else args),
                   "rn": nonce}
@@ -829,7 +820,7 @@ class BugoutCore:
             events = self._verify(packet, signed, for_us, now)
         except DecodeError as exc:
             self.stats["dropped"] += 1
-            self.stats["dropped: %s" % exc] += 1
+            self.stats[f"dropped: {exc}"] += 1
             events, for_us = [], False
         if not for_us:  # an envelope we opened was for us alone: no relay
             self.stats["relayed"] += 1
@@ -986,18 +977,18 @@ class PeerWire:
 
     def __init__(self, infohash: bytes, peer_id: bytes, extended: dict, *,
                  initiator: bool, metadata: bytes = b"",
-                 max_message: int = DEFAULT_MAX_MESSAGE, dht_port: Optional[int] = None) -> None:
+                 max_message: int = DEFAULT_MAX_MESSAGE, dht_port: int | None = None) -> None:
         self.infohash = infohash
         self.peer_id = peer_id
         self.initiator = initiator
         self.max_message = max_message
         self.state = WireState.HANDSHAKE
         #: the remote peer id, reserved bytes and BEP 10 handshake, once known
-        self.remote_peer_id: Optional[bytes] = None
+        self.remote_peer_id: bytes | None = None
         self.remote_reserved = b""
-        self.remote_extended: Optional[dict] = None
+        self.remote_extended: dict | None = None
         #: reason of the protocol error that closed this wire
-        self.error: Optional[str] = None
+        self.error: str | None = None
         # private
         self._extended = extended
         self._metadata = metadata
@@ -1050,7 +1041,7 @@ class PeerWire:
     def send_extension(self, payload: bytes) -> None:
         """Queue a ``bo_channel`` payload under the id the peer advertised."""
         if not self.ready:
-            raise LocalProtocolError("peer has not advertised %s" % EXT)
+            raise LocalProtocolError(f"peer has not advertised {EXT}")
         self._out.append(struct.pack(">IBB", len(payload) + 2, MSG_EXTENDED,
                                      self._remote_ids[EXT]) + payload)
 
@@ -1110,10 +1101,9 @@ class PeerWire:
     def _on_message(self, message_id: int, body: bytes) -> None:
         if message_id == MSG_EXTENDED and body:
             self._on_extended(body[0], body[1:])
-        elif message_id == MSG_REQUEST and len(body) == 12:
+        elif message_id == MSG_REQUEST and len(body) == 12 and self.remote_reserved[7] & 0x04:
             # We never unchoke: a request is refused (BEP 6) rather than served.
-            if self.remote_reserved[7] & 0x04:
-                self._out.append(frame(MSG_REJECT, body))
+            self._out.append(frame(MSG_REJECT, body))
         # Everything else (have_all, bitfield, port, choke, ...) needs nothing.
 
     def _on_extended(self, ext_id: int, body: bytes) -> None:
@@ -1128,7 +1118,7 @@ class PeerWire:
         try:
             fields = bdecode(body)
         except DecodeError as exc:
-            raise RemoteProtocolError("bad extended handshake: %s" % exc) from None
+            raise RemoteProtocolError(f"bad extended handshake: {exc}") from None
         if not isinstance(fields, dict) or not isinstance(fields.get("m", {}), dict):
             raise RemoteProtocolError("extended handshake is not a dict")
         self._remote_ids = {k: v for k, v in fields.get("m", {}).items()
@@ -1140,7 +1130,7 @@ class PeerWire:
         """BEP 9: serve the info dict (piece 0), reject anything else."""
         remote_id = self._remote_ids.get("ut_metadata")
         try:
-            request, end = _bdecode_at(body, 0, 0)
+            request, _end = _bdecode_at(body, 0, 0)
         except (IndexError, ValueError):
             return
         if not remote_id or not isinstance(request, dict) or request.get("msg_type") != 0:
@@ -1176,15 +1166,15 @@ def _quickack(sock: Any) -> None:
 class WireConnection(asyncio.Protocol):
     """Moves bytes between one TCP socket and its :class:`PeerWire`."""
 
-    def __init__(self, node: "Bugout", initiator: bool, dialed: Optional[tuple] = None) -> None:
+    def __init__(self, node: Bugout, initiator: bool, dialed: tuple | None = None) -> None:
         self.node = node
         self.initiator = initiator
         #: (host, port) we dialed, for outgoing connections
         self.dialed = dialed
         self.wire = node._new_wire(initiator)
         #: the bugout address of the peer, once its extended handshake came
-        self.address: Optional[str] = None
-        self.transport: Optional[asyncio.Transport] = None
+        self.address: str | None = None
+        self.transport: asyncio.Transport | None = None
         self.last_keepalive = time.monotonic()
         self._sock: Any = None
 
@@ -1212,13 +1202,13 @@ class WireConnection(asyncio.Protocol):
     def eof_received(self) -> None:
         self.wire.receive_eof()
 
-    def connection_lost(self, exc: Optional[Exception]) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.node._connection_lost(self)
 
     @property
     def peer_name(self) -> str:
         peer = self.transport.get_extra_info("peername") if self.transport else None
-        return "%s:%s" % tuple(peer[:2]) if peer else "?"
+        return "{}:{}".format(*tuple(peer[:2])) if peer else "?"
 
     @property
     def closing(self) -> bool:
@@ -1249,7 +1239,7 @@ def lsd_announcement(infohash: bytes, port: int, cookie: str) -> bytes:
             ).encode("ascii")
 
 
-def parse_lsd(data: bytes) -> Optional[tuple[int, list[bytes], Optional[str]]]:
+def parse_lsd(data: bytes) -> tuple[int, list[bytes], str | None] | None:
     """(port, infohashes, cookie) of a BT-SEARCH datagram, or None."""
     try:
         lines = data.decode("ascii").split("\r\n")
@@ -1271,7 +1261,7 @@ def parse_lsd(data: bytes) -> Optional[tuple[int, list[bytes], Optional[str]]]:
 
 
 class _LsdProtocol(asyncio.DatagramProtocol):
-    def __init__(self, node: "Bugout") -> None:
+    def __init__(self, node: Bugout) -> None:
         self.node = node
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
@@ -1311,7 +1301,7 @@ class Bugout:
     ``connections(count)``, ``rpc(address, name, args)``.
     """
 
-    def __init__(self, identifier: str, *, seed: Optional[str] = None,
+    def __init__(self, identifier: str, *, seed: str | None = None,
                  host: str = "0.0.0.0", port: int = 0, peers: Iterable[str] = (),
                  lsd: bool = True, heartbeat: float = 30.0,
                  max_message: int = DEFAULT_MAX_MESSAGE,
@@ -1333,8 +1323,8 @@ class Bugout:
         self._connections: set[WireConnection] = set()
         self._dialing: set[tuple] = set()
         self._tasks: set[asyncio.Task] = set()
-        self._server: Optional[asyncio.AbstractServer] = None
-        self._lsd_transport: Optional[asyncio.DatagramTransport] = None
+        self._server: asyncio.AbstractServer | None = None
+        self._lsd_transport: asyncio.DatagramTransport | None = None
         self._lsd_cookie = "bittorrent-lsd-" + self.peer_id.hex()
         self._extended = {"ek": self.identity.ek, "id": identifier, "m": OUR_EXT_IDS,
                           "metadata_size": len(self.metadata), "pk": self.identity.pk}
@@ -1358,7 +1348,7 @@ class Bugout:
         return sum(1 for c in self._connections if c.wire.ready and not c.closing)
 
     # lifecycle
-    async def start(self) -> "Bugout":
+    async def start(self) -> Bugout:
         """Listen, start discovery and the timers."""
         loop = asyncio.get_running_loop()
         if self.listen:
@@ -1425,7 +1415,7 @@ class Bugout:
         self._api[name] = handler
 
     async def rpc(self, address: str, call: str, args: Any = None,
-                  timeout: Optional[float] = 30.0) -> Any:
+                  timeout: float | None = 30.0) -> Any:
         """Call ``call`` on ``address`` and await its JSON answer."""
         nonce = self.core.send_call(address, call, {} if args is None else args, _now())
         future = asyncio.get_running_loop().create_future()
@@ -1433,8 +1423,8 @@ class Bugout:
         self._flush_core()
         try:
             return await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            raise RpcTimeout("%s on %s: no answer in %ss" % (call, address, timeout)) from None
+        except TimeoutError:
+            raise RpcTimeout(f"{call} on {address}: no answer in {timeout}s") from None
         finally:
             self._pending.pop(nonce, None)
 
@@ -1443,7 +1433,7 @@ class Bugout:
         self.core.send_call(address, call, {} if args is None else args, _now())
         self._flush_core()
 
-    def send(self, message: Any, address: Optional[str] = None) -> None:
+    def send(self, message: Any, address: str | None = None) -> None:
         """Broadcast a JSON message, or send it encrypted to one address."""
         self.core.send_message(message, _now(), address)
         self._flush_core()
@@ -1464,14 +1454,14 @@ class Bugout:
             return
         self._spawn(self._dial(host, port))
 
-    async def _dial(self, host: str, port: int) -> Optional[WireConnection]:
+    async def _dial(self, host: str, port: int) -> WireConnection | None:
         self._dialing.add((host, port))
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(loop.create_connection(
                 lambda: WireConnection(self, True, (host, port)), host, port), 5.0)
             return conn  # type: ignore[return-value]
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             log.debug("dial %s:%s failed: %s", host, port, exc)
             return None
         finally:
@@ -1573,7 +1563,7 @@ class Bugout:
             result = handler(call.address, call.args)
         except Exception as exc:
             log.exception("rpc %s failed", call.name)
-            result = {"error": "%s: %s" % (exc.__class__.__name__, exc)}
+            result = {"error": f"{exc.__class__.__name__}: {exc}"}
         if inspect.isawaitable(result):
             self._spawn(self._answer_later(call, result))
         elif result is not NO_ANSWER:
@@ -1584,7 +1574,7 @@ class Bugout:
             result = await pending
         except Exception as exc:
             log.exception("rpc %s failed", call.name)
-            result = {"error": "%s: %s" % (exc.__class__.__name__, exc)}
+            result = {"error": f"{exc.__class__.__name__}: {exc}"}
         if result is not NO_ANSWER:
             self._answer(call, result)
             self._flush_core()
@@ -1641,7 +1631,7 @@ def _now() -> int:
 def _split_hostport(text: str) -> tuple[str, int]:
     host, sep, port = text.strip().rpartition(":")
     if not sep or not port.isdigit():
-        raise WorkerError("peer %r is not host:port" % text)
+        raise WorkerError(f"peer {text!r} is not host:port")
     return host.strip("[]"), int(port)
 
 
@@ -1658,8 +1648,8 @@ _PROTECTED_NAMES = {".env", ".deps", ".assets.json", ".results.json"}
 def check_requirement(text: Any) -> str:
     """A plain PEP 508 requirement (name, extras, version) or UnsafeAsset."""
     if not isinstance(text, str) or not _REQUIREMENT.fullmatch(text.strip()):
-        raise UnsafeAsset("dependency %r refused: only a plain requirement "
-                          "(name, extras, version) is allowed" % (text,))
+        raise UnsafeAsset(f"dependency {text!r} refused: only a plain requirement "
+                          "(name, extras, version) is allowed")
     return text.strip()
 
 
@@ -1671,19 +1661,18 @@ def safe_asset_path(folder: Path, worker_path: Any) -> Path:
     the worker's own files (``.env``, ``worker.py``) are refused.
     """
     if not isinstance(worker_path, str) or not worker_path.strip("/"):
-        raise UnsafeAsset("asset path %r refused: empty or not text" % (worker_path,))
-    relative = worker_path[1:] if worker_path.startswith("/") else worker_path
+        raise UnsafeAsset(f"asset path {worker_path!r} refused: empty or not text")
+    relative = worker_path.removeprefix("/")
     parts = relative.split("/")
     if ("\0" in relative or "\\" in relative or relative.startswith("/")
             or re.match(r"^[A-Za-z]:", relative) or any(p in ("..", "") for p in parts)):
-        raise UnsafeAsset("asset path %r refused: it leaves the worker folder" % worker_path)
+        raise UnsafeAsset(f"asset path {worker_path!r} refused: it leaves the worker folder")
     root = folder.resolve()
     target = (root / relative).resolve()
     if target == root or root not in target.parents:
-        raise UnsafeAsset("asset path %r refused: it leads out of the worker folder" % worker_path)
+        raise UnsafeAsset(f"asset path {worker_path!r} refused: it leads out of the worker folder")
     if target == Path(__file__).resolve() or target.relative_to(root).parts[0] in _PROTECTED_NAMES:
-        raise UnsafeAsset("asset path %r refused: it would overwrite the worker's own files"
-                          % worker_path)
+        raise UnsafeAsset(f"asset path {worker_path!r} refused: it would overwrite the worker's own files")
     return target
 
 
@@ -1693,7 +1682,7 @@ def _version_tuple(text: str) -> tuple:
 
 def requirement_satisfied(requirement: str, paths: list[str]) -> bool:
     """True when a distribution meeting ``requirement`` is importable from ``paths``."""
-    import importlib.metadata as metadata
+    from importlib import metadata
     name = re.match(r"[A-Za-z0-9._-]+", requirement).group(0)  # type: ignore[union-attr]
     wanted = re.sub(r"[-_.]+", "-", name).lower()
     for dist in metadata.distributions(path=paths):
@@ -1728,7 +1717,7 @@ class TaskRunner:
     loop in that thread, so a slow or blocking task never stalls the wire.
     """
 
-    def __init__(self, task: Any, timeout: Optional[float] = None) -> None:
+    def __init__(self, task: Any, timeout: float | None = None) -> None:
         self.task = task
         self.timeout = timeout
         self._executor = self._new_executor()
@@ -1744,11 +1733,11 @@ class TaskRunner:
         future = loop.run_in_executor(self._executor, self._call, job)
         try:
             return await asyncio.wait_for(future, self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             # The thread cannot be killed: leave it behind and start afresh.
             self._executor.shutdown(wait=False)
             self._executor = self._new_executor()
-            raise TimeoutError("task ran longer than %ss" % self.timeout) from None
+            raise TimeoutError(f"task ran longer than {self.timeout}s") from None
 
     def _call(self, job: Any) -> Any:
         result = self.task.run(job)
@@ -1769,13 +1758,13 @@ def load_task(path: Path) -> Any:
     name = "qx_task_%d" % time.monotonic_ns()
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
-        raise WorkerError("cannot import %s" % path)
+        raise WorkerError(f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)
     if str(path.parent) not in sys.path:
         sys.path.insert(0, str(path.parent))
     spec.loader.exec_module(module)
     if not hasattr(module, "Task"):
-        raise WorkerError("%s defines no class Task" % path)
+        raise WorkerError(f"{path} defines no class Task")
     return module.Task()
 
 
@@ -1813,13 +1802,13 @@ class Worker:
     keys (``port``, ``host``, ``peers``, ``lsd``, ``seed``, ``maxMessage``).
     """
 
-    def __init__(self, token: Optional[str] = None, name: Optional[str] = None,
-                 loglevel: Optional[str] = None, transfer_encrypt_token: Optional[str] = None,
-                 *, get_batch: Optional[bool] = None, batch_size: Optional[int] = None,
-                 folder: Union[str, Path, None] = None, env: Optional[dict] = None,
-                 port: Optional[int] = None, host: Optional[str] = None,
-                 peers: Optional[Iterable[str]] = None, lsd: Optional[bool] = None,
-                 seed: Optional[str] = None, job_timeout: Optional[float] = None) -> None:
+    def __init__(self, token: str | None = None, name: str | None = None,
+                 loglevel: str | None = None, transfer_encrypt_token: str | None = None,
+                 *, get_batch: bool | None = None, batch_size: int | None = None,
+                 folder: str | Path | None = None, env: dict | None = None,
+                 port: int | None = None, host: str | None = None,
+                 peers: Iterable[str] | None = None, lsd: bool | None = None,
+                 seed: str | None = None, job_timeout: float | None = None) -> None:
         env = load_env(".env") if env is None else env
         self.token = _config(env, "token", token)
         if not self.token:
@@ -1843,7 +1832,7 @@ class Worker:
             lsd=_word(_config(env, "lsd", lsd), True),
             max_message=int(_config(env, "maxMessage", None, DEFAULT_MAX_MESSAGE)))
         #: the master's address once one answered isMaster
-        self.master: Optional[str] = None
+        self.master: str | None = None
         #: jobs held locally (a batch), results not yet delivered
         self.jobs: collections.deque = collections.deque()
         self.undelivered: collections.deque = collections.deque()
@@ -1851,10 +1840,11 @@ class Worker:
         self.stats: collections.Counter = collections.Counter()
         # private
         self._manifest: list[dict] = []
-        self._runner: Optional[TaskRunner] = None
+        self._runner: TaskRunner | None = None
         self._master_acks = False
         self._assets_ok = False
         self._busy = False
+        self._checking: set[str] = set()
         self._sync_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -1870,7 +1860,7 @@ class Worker:
         return self.folder / ".deps"
 
     # lifecycle
-    async def start(self) -> "Worker":
+    async def start(self) -> Worker:
         """Join the swarm and start the job loop."""
         self.folder.mkdir(parents=True, exist_ok=True)
         self._load_state()
@@ -1921,7 +1911,9 @@ class Worker:
 
     # finding the master
     def _on_peer(self, address: str) -> None:
-        self._spawn(self.check_master(address))
+        if address not in self._checking:
+            self._checking.add(address)
+            self._spawn(self.check_master(address))
 
     def _on_left(self, address: str) -> None:
         if address == self.master:
@@ -1934,13 +1926,17 @@ class Worker:
             answer = await self.node.rpc(address, "isMaster", {}, timeout=15.0)
         except (RpcTimeout, InvalidState):
             return False
+        finally:
+            self._checking.discard(address)
         if not isinstance(answer, dict) or answer.get("isMaster") != "yes":
             return False
-        if address != self.master:
+        known = address == self.master and self._assets_ok
+        if not known:
             log.info("master found: %s", address)
         self.master = address
         self._master_acks = bool(answer.get("resultAcks"))
-        await self.sync_assets()
+        if not known:
+            await self.sync_assets()
         await self._deliver_results()
         self._wake.set()
         return True
@@ -2060,7 +2056,7 @@ class Worker:
         path = safe_asset_path(self.folder, names["task.py"]["workerPath"])
         try:
             task = load_task(path)
-        except Exception as exc:  # the task's own import-time errors
+        except Exception as exc:  # noqa: BLE001 - the task's own import-time errors
             log.error("cannot load %s: %s: %s", path, exc.__class__.__name__, exc)
             return False
         if self._runner:
@@ -2097,7 +2093,7 @@ class Worker:
         self._wake.clear()
         try:
             await asyncio.wait_for(self._wake.wait(), IDLE_REQUEST_SECONDS)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if self.master and not self._stopping:
                 await self.sync_assets()
 
@@ -2134,7 +2130,7 @@ class Worker:
             result["data"] = await self._runner.run(job)  # type: ignore[union-attr]
             json_dumps(result["data"])
             self.stats["jobs done"] += 1
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failing task is an error result
             self.stats["jobs failed"] += 1
             log.warning("job %s failed: %s: %s", job_id, exc.__class__.__name__, exc)
             result["data"] = None
@@ -2189,29 +2185,29 @@ def _as_dict(value: Any) -> dict:
 def setup(env_path: Path, ask: Callable[[str], str] = input) -> None:
     """Prompt for the two tokens and write them into ``.env`` (mode 0600)."""
     current = read_env_file(env_path)
-    print("Setting up %s (empty answer: keep the current value or generate one)" % env_path)
+    print(f"Setting up {env_path} (empty answer: keep the current value or generate one)")
     key = _prompt(ask, "transferEncryptToken (exactly 32 characters)",
                   current.get("transferEncryptToken"), lambda v: len(v.encode()) == 32,
                   lambda: secrets.token_hex(16))
     token = _prompt(ask, "token (at least 20 characters)", current.get("token"),
                     lambda v: len(v) >= 20, lambda: secrets.token_urlsafe(24))
     write_env_file(env_path, {"transferEncryptToken": key, "token": token})
-    print("Wrote %s. Give the master the same two values." % env_path)
+    print(f"Wrote {env_path}. Give the master the same two values.")
 
 
-def _prompt(ask: Callable[[str], str], label: str, current: Optional[str],
+def _prompt(ask: Callable[[str], str], label: str, current: str | None,
             valid: Callable[[str], bool], generate: Callable[[], str]) -> str:
     while True:
         try:
-            answer = ask("%s: " % label).strip()
+            answer = ask(f"{label}: ").strip()
         except EOFError:
             answer = ""
         if not answer:
             answer = current if current and valid(current) else generate()
-            print("  using %s" % answer)
+            print(f"  using {answer}")
         if valid(answer):
             return answer
-        print("  %s is not valid: %s" % (answer, label))
+        print(f"  {answer} is not valid: {label}")
 
 
 async def run_worker(worker: Worker) -> int:
@@ -2238,7 +2234,7 @@ async def run_worker(worker: Worker) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="worker.py", description="queue-xec worker: joins the swarm named by token, "
         "runs the master's jobs and sends back results.")
@@ -2256,7 +2252,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         worker = Worker(env=load_env(args.env))
     except WorkerError as exc:
-        print("worker.py: %s" % exc, file=sys.stderr)
+        print(f"worker.py: {exc}", file=sys.stderr)
         return 2
     return asyncio.run(run_worker(worker))
 
@@ -2319,7 +2315,7 @@ async def run_demo(jobs: int = 200) -> int:
         len(results), jobs, elapsed, len(results) / elapsed, "all results right" if ok else "FAILED"))
     if ok:
         last = max(results, key=lambda r: r["jobID"])
-        print("demo: job %s -> %s" % (last["jobID"], last["data"]))
+        print("demo: job {} -> {}".format(last["jobID"], last["data"]))
     return 0 if ok else 1
 
 

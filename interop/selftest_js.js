@@ -19,20 +19,23 @@ function ok (what) { console.log('OK', what) }
 
 async function main () {
   const t0 = Date.now()
+  // B starts once A is up: an LSD announce (sent once at start, then every
+  // 5 min) is lost if no other peer has joined the multicast group yet.
   const a = new PeerProc('A', { BO_ID: ID, BO_MODE: mode })
-  const b = new PeerProc('B', { BO_ID: ID, BO_MODE: mode })
   const ra = await a.waitFor('ready')
+  await new Promise((resolve) => setTimeout(resolve, 300))
+  const b = new PeerProc('B', { BO_ID: ID, BO_MODE: mode })
   const rb = await b.waitFor('ready')
   assert.strictEqual(ra.identifier, ID)
   assert.ok(ra.port > 0 && rb.port > 0)
   ok(`ready A=${ra.address}:${ra.port} B=${rb.address}:${rb.port} (${Date.now() - t0} ms)`)
 
-  const t1 = Date.now()
+  const t1 = rb.at
   if (mode === 'loopback') b.send({ cmd: 'addPeer', addr: `127.0.0.1:${ra.port}` })
   const sa = await a.waitFor((e) => e.event === 'seen' && e.address === rb.address, 20000)
   const sb = await b.waitFor((e) => e.event === 'seen' && e.address === ra.address, 20000)
-  ok(`both seen; A saw B ${sa.at - t1} ms, B saw A ${sb.at - t1} ms after ${mode === 'loopback' ? 'addPeer' : 'ready'}` +
-     ` (${sa.at - t0} / ${sb.at - t0} ms after spawn)`)
+  ok(`both seen; A saw B ${sa.at - t1} ms, B saw A ${sb.at - t1} ms after B's ready` +
+     `${mode === 'loopback' ? ' (+ addPeer)' : ' (LSD)'}`)
   await a.waitFor((e) => e.event === 'wire' && e.count === 1)
   ok('wire count 1')
 
@@ -93,6 +96,7 @@ async function main () {
   const rc = await c.waitFor('ready')
   if (mode === 'loopback') c.send({ cmd: 'addPeer', addr: `127.0.0.1:${rb.port}` })
   await b.waitFor((e) => e.event === 'seen' && e.address === rc.address, 20000)
+  await c.waitFor((e) => e.event === 'seen' && e.address === rb.address, 20000)
   const tLeave = Date.now()
   c.send({ cmd: 'leave' })
   const left2 = await b.waitFor((e) => e.event === 'left' && e.address === rc.address, 3000)
