@@ -1039,3 +1039,163 @@ class TestSafety(unittest.TestCase):
                     "pkg @ https://x", "pkg; os_name=='nt'", "", 3, "a b"]:
             with self.assertRaises(w.UnsafeAsset, msg=bad):
                 w.check_requirement(bad)
+
+
+class TestAgainstJsMaster(unittest.TestCase):
+    """The Python worker for the JS master harness (npm bugout) over TCP."""
+
+    def setUp(self):
+        js_ready()
+
+    def run_jobs(self, get_batch, count=500):
+        async def scenario(tmp):
+            files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
+            for f in files:
+                f["masterPath"] = str(Path(tmp) / "master" / f["masterPath"].lstrip("/"))
+            (Path(tmp) / "assets.json").write_text(json.dumps({"files": files, "dependencies": []}))
+            token = "jsmaster-%d" % random.randrange(1 << 30)
+            master = await JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY, "QX_JOBS": str(count),
+                                                   "QX_ASSETS": str(Path(tmp) / "assets.json")}).start()
+            worker = await w.Worker(token, "py", "warn", KEY, env={}, folder=Path(tmp) / "w",
+                                    host="127.0.0.1", lsd=False, get_batch=get_batch, batch_size=10,
+                                    peers=["127.0.0.1:%d" % master.ready["port"]]).start()
+            started = time.perf_counter()
+            await until(lambda: sum(e["event"] == "result" for e in master.events) >= count, 120)
+            rate = count / (time.perf_counter() - started)
+            results = [e["result"] for e in master.events if e["event"] == "result"]
+            self.assertEqual(sorted(r["jobID"] for r in results), list(range(count)))
+            for r in results:
+                self.assertEqual(r["data"], {"sum": r["jobID"] * 2})
+                self.assertEqual(r["worker"]["name"], "py")
+            calls = [e for e in master.events if e["event"] == "rpc"]
+            self.assertEqual([c["call"] for c in calls][:2], ["isMaster", "requestExecAssets"])
+            # the JS master listed its own default task.js too: we ran task.py
+            self.assertTrue((Path(tmp) / "w/workplace/task.js").is_file())
+            await worker.sync_assets()
+            self.assertEqual(worker.stats["jobs done"], count)
+            await worker.stop()
+            await master.close()
+            return rate
+        with tempfile.TemporaryDirectory() as tmp:
+            rate = run(scenario(tmp), 180)
+        print("\n  %s: %.0f jobs/s against the JS master" % ("batched (10)" if get_batch else "unbatched", rate),
+              file=sys.stderr)
+
+    def test_500_jobs_unbatched(self):
+        self.run_jobs(False)
+
+    def test_500_jobs_batched(self):
+        self.run_jobs(True)
+
+    def test_js_master_answers_ping_and_same(self):
+        async def scenario(tmp):
+            files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
+            for f in files:
+                f["masterPath"] = str(Path(tmp) / "master" / f["masterPath"].lstrip("/"))
+            (Path(tmp) / "assets.json").write_text(json.dumps({"files": files, "dependencies": []}))
+            master = await JsProcess("master.js", {"QX_TOKEN": "jsm-same", "QX_KEY": KEY,
+                                                   "QX_ASSETS": str(Path(tmp) / "assets.json")}).start()
+            worker = await w.Worker("jsm-same", "py", "warn", KEY, env={}, folder=Path(tmp) / "w",
+                                    host="127.0.0.1", lsd=False,
+                                    peers=["127.0.0.1:%d" % master.ready["port"]]).start()
+            await until(lambda: worker._runner is not None)
+            self.assertTrue(await worker.sync_assets())
+            statuses = [e for e in master.events if e["event"] == "rpc" and e["call"] == "requestExecAssets"]
+            self.assertEqual(len(statuses), 2)
+            self.assertEqual(statuses[1]["args"]["currentHash"], worker.current_hash())
+            await worker.stop()
+            await master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+
+# The command line, as users run it ##########################################
+
+WORKER_PY = str(HERE / "worker.py")
+
+
+class TestCommandLine(unittest.TestCase):
+    def test_setup_through_stdin(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            env = Path(tmp) / ".env"
+            env.write_text("name=pi-1\n")
+            key = "A" * 32
+            done = subprocess.run([sys.executable, WORKER_PY, "--setup", "--env", str(env)],
+                                  input="too short\n%s\n\n" % key, capture_output=True, text=True,
+                                  timeout=30, check=True)
+            self.assertIn("not valid", done.stdout)
+            values = w.read_env_file(env)
+            self.assertEqual(values["transferEncryptToken"], key)
+            self.assertGreaterEqual(len(values["token"]), 20)
+            self.assertEqual(values["name"], "pi-1")
+            self.assertEqual(env.stat().st_mode & 0o777, 0o600)
+
+    def test_missing_token_or_bad_key_exit_2(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            for text, message in (("transferEncryptToken=%s\n" % ("k" * 32), "no token"),
+                                  ("token=%s\ntransferEncryptToken=short\n" % ("t" * 20), "exactly 32")):
+                (Path(tmp) / ".env").write_text(text)
+                done = subprocess.run([sys.executable, WORKER_PY], check=False, cwd=tmp, capture_output=True,
+                                      text=True, timeout=30, env=clean_env())
+                self.assertEqual(done.returncode, 2)
+                self.assertIn(message, done.stderr)
+                self.assertEqual(len(done.stderr.strip().splitlines()), 1)
+
+    def test_help_and_version(self):
+        done = subprocess.run([sys.executable, WORKER_PY, "--version"], capture_output=True, text=True,
+                              check=True, timeout=30)
+        self.assertIn(w.__version__, done.stdout)
+        done = subprocess.run([sys.executable, WORKER_PY, "--help"], capture_output=True, text=True,
+                              check=True, timeout=30)
+        self.assertIn("--setup", done.stdout)
+
+    def test_demo_exits_0(self):
+        done = subprocess.run([sys.executable, WORKER_PY, "--demo"], check=False, capture_output=True, text=True,
+                              timeout=120, cwd=HERE)
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertIn("all results right", done.stdout)
+
+    def test_sigterm_finishes_and_delivers_held_jobs(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            cluster.push(10, sleep=0.3)
+            folder = Path(tmp) / "wp"
+            folder.mkdir()
+            (folder / ".env").write_text(
+                "token=%s\ntransferEncryptToken=%s\nlsd=false\nhost=127.0.0.1\npeers=127.0.0.1:%d\n"
+                "getBatch=true\nbatchSize=10\nLOG_LEVEL=info\n" % (cluster.token, KEY, cluster.master.port))
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            await until(lambda: cluster.master.stats["jobs handed out"] == 10 and len(cluster.results) >= 1, 30)
+            proc.send_signal(15)
+            output, _ = await asyncio.wait_for(proc.communicate(), 30)
+            self.assertEqual(proc.returncode, 0, output.decode())
+            self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(10)))
+            self.assertIn(b"stopping", output)
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+
+def clean_env():
+    """The environment without our own keys, so a test's .env decides."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("token", "transferEncryptToken", "LOG_LEVEL", "peers", "port", "lsd")}
+    env["PYTHONPATH"] = str(HERE)
+    return env
+
+
+def main():
+    """Run every test; end with the plain 'N passed, N failed, N skipped' line."""
+    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
+    result = unittest.TextTestRunner(verbosity=2).run(suite)
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    skipped = len(result.skipped)
+    passed = result.testsRun - failed - skipped
+    print("%d passed, %d failed, %d skipped" % (passed, failed, skipped))
+    return 0 if failed == 0 and not (IN_CI and skipped) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

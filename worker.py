@@ -45,6 +45,7 @@ import enum
 import hashlib
 import importlib.util
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -1224,6 +1225,8 @@ class WireConnection(asyncio.Protocol):
         data = self.wire.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+            if self._sock is not None:  # sending turns delayed ACKs back on
+                _quickack(self._sock)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -1597,10 +1600,14 @@ class Bugout:
 
     async def _lsd_announce(self) -> None:
         datagram = lsd_announcement(self.infohash, self.port, self._lsd_cookie)
-        while self._lsd_transport is not None and not self._closed:
+        # Twice more early on: a peer that started at the same instant may not
+        # have joined the group yet (bittorrent-lsd announces once, then every 5 min).
+        for delay in itertools.chain((1.0, 4.0), itertools.repeat(LSD_INTERVAL)):
+            if self._lsd_transport is None or self._closed:
+                return
             with contextlib.suppress(OSError):
                 self._lsd_transport.sendto(datagram, (LSD_HOST, LSD_PORT))
-            await asyncio.sleep(LSD_INTERVAL)
+            await asyncio.sleep(delay)
 
     async def _timers(self) -> None:
         """Heartbeat pings, peer expiry and keep-alives."""

@@ -170,6 +170,7 @@ function maybeReady () {
     peerId: Buffer.from(wt.peerId, 'hex').toString('latin1'),
     mode
   })
+  flushPending()
 }
 bugout.on('torrent', maybeReady)
 wt.on('listening', maybeReady)
@@ -249,8 +250,19 @@ function shutdown (code) {
   }
 }
 
+// Commands (and EOF) that arrive before 'ready' wait for it: addPeer, for one,
+// throws until the torrent has its infohash.
+const pending = []
+let stdinEnded = false
+function flushPending () {
+  while (pending.length) handleLine(pending.shift())
+  if (stdinEnded) shutdown(0)
+}
 const rl = readline.createInterface({ input: process.stdin, terminal: false })
-rl.on('line', handleLine)
-rl.on('close', () => shutdown(0)) // stdin EOF
+rl.on('line', (line) => (ready ? handleLine(line) : pending.push(line)))
+rl.on('close', () => { // stdin EOF
+  stdinEnded = true
+  if (ready) shutdown(0)
+})
 process.on('SIGTERM', () => shutdown(0))
 process.on('SIGINT', () => shutdown(0))
