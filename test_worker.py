@@ -531,9 +531,11 @@ class JsProcess:
     async def _read(self):
         async for line in self.proc.stdout:
             try:
-                self.events.append(json.loads(line))
+                event = json.loads(line)
             except ValueError:
                 continue
+            event["_t"] = time.perf_counter()
+            self.events.append(event)
             self._changed.set()
 
     async def wait_for(self, predicate, timeout=20.0):

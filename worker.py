@@ -85,6 +85,10 @@ LSD_HOST = "239.192.152.143"
 LSD_PORT = 6771
 LSD_INTERVAL = 5 * 60.0
 IDLE_REQUEST_SECONDS = 30.0
+#: Broadcast by master.py when jobs arrive, so idle workers ask at once.
+JOBS_WAITING = {"queue-xec": "jobs waiting"}
+#: Results per ``shareResultsBatch`` call (master.py only; JS masters get one each).
+RESULT_BATCH = 500
 DEFAULT_BATCH_SIZE = 5
 
 log = logging.getLogger("worker")
@@ -1849,6 +1853,8 @@ class Worker:
         self._manifest: list[dict] = []
         self._runner: TaskRunner | None = None
         self._master_acks = False
+        self._master_batches = False
+        self._delivery_lock = asyncio.Lock()
         self._assets_ok = False
         self._busy = False
         self._checking: set[str] = set()
@@ -1875,6 +1881,7 @@ class Worker:
         self.node.on("seen", self._on_peer)
         self.node.on("wireseen", self._on_peer)
         self.node.on("left", self._on_left)
+        self.node.on("message", self._on_message)
         await self.node.start()
         log.info("worker %s (%s) in swarm, address %s", self.name, self.folder, self.address)
         self._spawn(self._drive())
@@ -1904,12 +1911,8 @@ class Worker:
 
     async def _drained(self) -> None:
         while self.jobs or self._busy or self.undelivered:
-            if self.undelivered and not self._busy:
-                await self._deliver_results()
-                if self.undelivered:
-                    await asyncio.sleep(0.5)
-            else:
-                await asyncio.sleep(0.05)
+            self._kick_delivery()
+            await asyncio.sleep(0.05)
 
     def _spawn(self, coro: Awaitable) -> None:
         task = asyncio.ensure_future(coro)
@@ -1921,6 +1924,10 @@ class Worker:
         if address not in self._checking:
             self._checking.add(address)
             self._spawn(self.check_master(address))
+
+    def _on_message(self, address: str, message: Any) -> None:
+        if address == self.master and message == JOBS_WAITING:
+            self._wake.set()
 
     def _on_left(self, address: str) -> None:
         if address == self.master:
@@ -1942,9 +1949,10 @@ class Worker:
             log.info("master found: %s", address)
         self.master = address
         self._master_acks = bool(answer.get("resultAcks"))
+        self._master_batches = bool(answer.get("resultBatches"))
         if not known:
             await self.sync_assets()
-        await self._deliver_results()
+        self._kick_delivery()
         self._wake.set()
         return True
 
@@ -2090,7 +2098,7 @@ class Worker:
                 self.undelivered.append(result)
             finally:
                 self._busy = False
-            await self._deliver_results()
+            self._kick_delivery()
 
     def _ready_for_work(self) -> bool:
         return self.master is not None and self._assets_ok and self._runner is not None
@@ -2144,23 +2152,42 @@ class Worker:
             result["error"] = error_result(exc)
         return result
 
+    def _kick_delivery(self) -> None:
+        """Deliver held results in the background, next to the job loop."""
+        if self.undelivered and not self._delivery_lock.locked():
+            self._spawn(self._deliver_results())
+
     async def _deliver_results(self) -> None:
-        """``shareResults`` for each held result while a master is reachable."""
-        while self.undelivered and self.master is not None:
-            master, result = self.master, self.undelivered[0]
-            payload = self.crypt.encrypt_json(result)
-            try:
-                if self._master_acks:
-                    await self.node.rpc(master, "shareResults", payload, timeout=15.0)
-                elif self._has_wire(master):
-                    self.node.rpc_nowait(master, "shareResults", payload)
-                else:
+        """Send held results while a master is reachable; one delivery at a time."""
+        if self._delivery_lock.locked():
+            return  # the running delivery takes the new results along
+        async with self._delivery_lock:
+            while self.undelivered and self.master is not None:
+                if not await self._deliver_some(self.master):
                     return
-            except (RpcTimeout, InvalidState) as exc:
-                log.warning("result of job %s kept: %s", result.get("jobID"), exc)
-                return
+
+    async def _deliver_some(self, master: str) -> bool:
+        """One ``shareResults`` (or, for master.py, a batch of them); False if kept."""
+        if self._master_batches:
+            batch = list(itertools.islice(self.undelivered, RESULT_BATCH))
+            call, payload = "shareResultsBatch", self.crypt.encrypt_json(batch)
+        else:
+            batch = [self.undelivered[0]]
+            call, payload = "shareResults", self.crypt.encrypt_json(batch[0])
+        try:
+            if self._master_acks:
+                await self.node.rpc(master, call, payload, timeout=15.0)
+            elif self._has_wire(master):
+                self.node.rpc_nowait(master, call, payload)
+            else:
+                return False
+        except (RpcTimeout, InvalidState) as exc:
+            log.warning("%d result(s) kept for later: %s", len(batch), exc)
+            return False
+        for _ in batch:
             self.undelivered.popleft()
-            self.stats["results delivered"] += 1
+        self.stats["results delivered"] += len(batch)
+        return True
 
     def _has_wire(self, address: str) -> bool:
         return any(c.address == address and c.wire.ready for c in self.node._connections)
