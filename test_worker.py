@@ -1558,8 +1558,9 @@ class TestDhtLoopback(unittest.TestCase):
         async def scenario():
             boot = await w.Dht(hashlib.sha1(b"boot").digest(), host="127.0.0.1", bootstrap=()).start()
             where = ["127.0.0.1:%d" % boot.port]
-            started = time.monotonic()
             a = await py_node("dht-swarm", dht=True, dht_bootstrap=where)
+            await until(lambda: boot.stats["dht announces stored"], 10)
+            started = time.monotonic()
             b = await py_node("dht-swarm", dht=True, dht_bootstrap=where)
             await until(lambda: a.address in b.peers and b.address in a.peers, 20)
             found = time.monotonic() - started
@@ -1650,6 +1651,28 @@ async def main():
 asyncio.run(main())
 """
 
+DHT_LATE_MASTER_CHILD = """
+import asyncio, json, pathlib, tempfile, time, test_worker as t, worker as w
+w.DHT_LOOKUP_AT, w.DHT_LOOKUP_ALONE = (0.0, 1.0), 1.0  # the schedule, shortened for the test
+async def main():
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="qx-dht-"))
+    boot = await t.JsProcess("dht-node.js", {}).start()
+    where = "127.0.0.1:%d" % boot.ready["port"]
+    worker = w.Worker("dht-late-token-0123456789", "late", "warn", t.KEY, env={}, folder=tmp / "w",
+                      host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where])
+    await worker.start()
+    await asyncio.sleep(2.5)
+    assert worker.master is None
+    master = await t.JsProcess("master.js", {"QX_TOKEN": "dht-late-token-0123456789", "QX_KEY": t.KEY,
+                                             "QX_DHT_BOOTSTRAP": where}).start()
+    start = time.monotonic()
+    await t.until(lambda: worker.master is not None, 20)
+    found = time.monotonic() - start
+    await worker.stop(); await master.close(); await boot.close()
+    print(json.dumps({"found_s": found, "master": worker.master, "js": master.ready["address"]}))
+asyncio.run(main())
+"""
+
 
 class TestDhtJs(unittest.TestCase):
     def setUp(self):
@@ -1680,6 +1703,10 @@ class TestDhtJs(unittest.TestCase):
               % (out["found_s"], out["all_s"]), file=sys.stderr)
         self.assertLess(out["found_s"], 30)
 
+    def test_master_started_later_is_found_by_a_later_lookup(self):
+        out = in_namespace(DHT_LATE_MASTER_CHILD)
+        self.assertEqual(out["master"], out["js"])
+        self.assertLess(out["found_s"], 10)
 
 def main():
     """Run every test; end with the plain 'N passed, N failed, N skipped' line."""

@@ -1761,6 +1761,7 @@ class DhtCore:
         except DecodeError:
             self.stats["dht malformed"] += 1
             return
+        log.debug("< dht %s %s:%d", type(message).__name__, *addr)
         if isinstance(message, KrpcQuery):
             self._on_query(message, addr, now)
         else:
@@ -1819,21 +1820,24 @@ class DhtCore:
         if not (self._limit_ip.allow(addr[0], now) and self._limit_in.allow(None, now)):
             self.stats["dht rate limited"] += 1
             return
-        node_id = query.args.get("id")
-        handler = self._handlers.get(query.method)
-        if not _is_id(node_id) or node_id == self.node_id:
-            answer: dict | tuple = (KRPC_PROTOCOL, "bad id")
-        elif handler is None:
-            answer = (KRPC_METHOD, "Method Unknown")
-        else:
-            answer = handler(query.args, addr, now)
+        answer = self._answer(query, addr, now)
         if isinstance(answer, tuple):
             self.stats["dht errors sent"] += 1
             self._send(KrpcError(query.t, *answer), addr)
             return
         self.stats["dht queries answered"] += 1
         self._send(KrpcResponse(query.t, {"id": self.node_id, **answer}), addr)
-        self._noticed(node_id, addr, query.args.get("ro"), now)
+        self._noticed(query.args["id"], addr, query.args.get("ro"), now)
+
+    def _answer(self, query: KrpcQuery, addr: Addr, now: float) -> dict | tuple:
+        """The answer's values, or (code, text) for a KRPC error."""
+        node_id = query.args.get("id")
+        handler = self._handlers.get(query.method)
+        if not _is_id(node_id) or node_id == self.node_id:
+            return (KRPC_PROTOCOL, "bad id")
+        if handler is None:
+            return (KRPC_METHOD, "Method Unknown")
+        return handler(query.args, addr, now)
 
     def _noticed(self, node_id: bytes, addr: Addr, read_only: Any, now: float) -> None:
         """A node queried us: ping it if the table would keep it (BEP 43: not if ``ro``)."""
@@ -1907,13 +1911,12 @@ class DhtCore:
         del self._pending[message.t]
         if isinstance(message, KrpcError):
             self.stats["dht errors received"] += 1
-            if pending.lookup is not None:
+            if pending.lookup is not None:  # alive, but no help for this lookup
                 pending.lookup.set(addr, _Probe.FAILED)
                 self._advance(pending.lookup, now)
             return
         node_id = message.values.get("id")
-        if not _is_id(node_id) or node_id == self.node_id or (
-                pending.node_id is not None and node_id != pending.node_id):
+        if not _is_id(node_id) or node_id == self.node_id or pending.node_id not in (None, node_id):
             self._failed(pending, now)
             return
         stale = self.table.heard(node_id, addr, now)
@@ -2111,7 +2114,7 @@ class Dht:
                 self._transport.sendto(data, addr)
         for event in self.core.events_received():
             if isinstance(event, DhtPeers) and self.on_peers is not None:
-                log.info("dht: %d peer(s) of %s", len(event.peers), event.info_hash.hex()[:8])
+                log.debug("dht: %d peer(s) of %s", len(event.peers), event.info_hash.hex()[:8])
                 self.on_peers(event.info_hash, list(event.peers))
             elif isinstance(event, DhtLookupDone):
                 log.debug("dht %s %s done: %d peers, %d of %d answered", event.method,
@@ -2497,8 +2500,16 @@ class Bugout:
             self._dht.get_peers(self.infohash, port)
 
     def _on_dht_peers(self, info_hash: bytes, peers: list[Addr]) -> None:
-        if info_hash == self.infohash:
-            for host, port in peers[:DHT_MAX_VALUES]:
+        """Dial what a lookup found, but not an address that already dialed us.
+
+        Its listening port is unknown, so the same peer would be dialed again at
+        every lookup and one of the two wires closed as a duplicate."""
+        if info_hash != self.infohash:
+            return
+        callers = {c.transport.get_extra_info("peername")[0] for c in self._connections
+                   if not c.initiator and c.transport is not None}
+        for host, port in peers[:DHT_MAX_VALUES]:
+            if host not in callers:
                 self.add_peer(host, port)
 
     def _on_dht_port(self, conn: WireConnection, port: int) -> None:
