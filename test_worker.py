@@ -1058,7 +1058,7 @@ class TestAgainstJsMaster(unittest.TestCase):
             master = await JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY, "QX_JOBS": str(count),
                                                    "QX_ASSETS": str(Path(tmp) / "assets.json")}).start()
             worker = await w.Worker(token, "py", "warn", KEY, env={}, folder=Path(tmp) / "w",
-                                    host="127.0.0.1", lsd=False, get_batch=get_batch, batch_size=10,
+                                    host="127.0.0.1", lsd=False, dht=False, get_batch=get_batch, batch_size=10,
                                     peers=["127.0.0.1:%d" % master.ready["port"]]).start()
             started = time.perf_counter()
             await until(lambda: sum(e["event"] == "result" for e in master.events) >= count, 120)
@@ -1097,7 +1097,7 @@ class TestAgainstJsMaster(unittest.TestCase):
             master = await JsProcess("master.js", {"QX_TOKEN": "jsm-same", "QX_KEY": KEY,
                                                    "QX_ASSETS": str(Path(tmp) / "assets.json")}).start()
             worker = await w.Worker("jsm-same", "py", "warn", KEY, env={}, folder=Path(tmp) / "w",
-                                    host="127.0.0.1", lsd=False,
+                                    host="127.0.0.1", lsd=False, dht=False,
                                     peers=["127.0.0.1:%d" % master.ready["port"]]).start()
             await until(lambda: worker._runner is not None)
             self.assertTrue(await worker.sync_assets())
@@ -1163,7 +1163,7 @@ class TestCommandLine(unittest.TestCase):
             folder = Path(tmp) / "wp"
             folder.mkdir()
             (folder / ".env").write_text(
-                "token=%s\ntransferEncryptToken=%s\nlsd=false\nhost=127.0.0.1\npeers=127.0.0.1:%d\n"
+                "token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\nhost=127.0.0.1\npeers=127.0.0.1:%d\n"
                 "getBatch=true\nbatchSize=10\nLOG_LEVEL=info\n" % (cluster.token, KEY, cluster.master.port))
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
@@ -1182,7 +1182,8 @@ class TestCommandLine(unittest.TestCase):
 def clean_env():
     """The environment without our own keys, so a test's .env decides."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("token", "transferEncryptToken", "LOG_LEVEL", "peers", "port", "lsd")}
+           if k not in ("token", "transferEncryptToken", "LOG_LEVEL", "peers", "port", "lsd",
+                        "dht", "dhtBootstrap", "dhtPort")}
     env["PYTHONPATH"] = str(HERE)
     return env
 
@@ -1707,6 +1708,7 @@ class TestDhtJs(unittest.TestCase):
         out = in_namespace(DHT_LATE_MASTER_CHILD)
         self.assertEqual(out["master"], out["js"])
         self.assertLess(out["found_s"], 10)
+
 
 def main():
     """Run every test; end with the plain 'N passed, N failed, N skipped' line."""
