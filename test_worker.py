@@ -1383,6 +1383,30 @@ class TestKrpc(unittest.TestCase):
         self.assertEqual(len(core.data_to_send()), w.DHT_QUERIES_PER_SECOND)
         self.assertEqual(core.stats["dht queries deferred"], 500 - w.DHT_QUERIES_PER_SECOND)
 
+    def test_peer_store_bounded_and_expiring(self):
+        core = quiet_core()
+        now = 1.0
+
+        def announce(info_hash, ip, port):
+            nonlocal now
+            now += 0.01
+            args = {"id": ASKER, "info_hash": info_hash, "port": port, "token": core._token(ip)}
+            core.receive_datagram(bytes(w.KrpcQuery(b"a", "announce_peer", args)), (ip, 1), now)
+            core.data_to_send()
+        for i in range(w.DHT_STORE_HASHES + 100):
+            announce(hashlib.sha1(b"%d" % i).digest(), "10.3.%d.%d" % (i // 250, i % 250 + 1), 1000)
+        busy = b"b" * 20
+        for i in range(w.DHT_STORE_PEERS + 50):
+            announce(busy, "10.4.%d.%d" % (i // 250, i % 250 + 1), 2000 + i)
+        self.assertEqual(len(core._store._hashes), w.DHT_STORE_HASHES)
+        self.assertEqual(len(core._store._hashes[busy]), w.DHT_STORE_PEERS)
+        newest = core._store.get(busy, now)
+        self.assertEqual(len(newest), w.DHT_MAX_VALUES)
+        self.assertEqual(newest[0][1], 2000 + w.DHT_STORE_PEERS + 49)  # most recent first
+        self.assertIsNone(core._store._hashes.get(hashlib.sha1(b"0").digest()))  # oldest forgotten
+        core.tick(now + w.DHT_PEER_TTL + 1)
+        self.assertEqual(len(core._store), 0)
+
     def test_routing_table_bounded_ordered_and_spares(self):
         rng = random.Random(5)
         table = w.RoutingTable(OURS)

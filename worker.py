@@ -1503,6 +1503,8 @@ class RoutingTable:
         return self._insert(DhtContact(node_id, addr, now), index, now)
 
     def _insert(self, contact: DhtContact, index: int, now: float) -> DhtContact | None:
+        if contact.addr in self._by_addr:
+            return None  # a spare whose address came back under another id
         bucket = self.buckets[index]
         bad = next((c for c in bucket if c.failures >= 2), None)
         if bad is not None:
@@ -1613,6 +1615,7 @@ class _Lookup:
         candidate = self.nodes.get(addr)
         if candidate is not None:
             candidate.probe, candidate.node_id = _Probe.ANSWERED, node_id
+            candidate.distance = int.from_bytes(node_id, "big") ^ self._key
             candidate.token = token if isinstance(token, bytes) and len(token) <= 64 else None
 
     def count(self, probe: _Probe) -> int:
@@ -2074,9 +2077,11 @@ class Dht:
         self._flush()
 
     def add_node(self, addr: Addr) -> None:
-        """Ping a node a peer told us of (BEP 5 ``port`` message)."""
-        self.core.ping(addr, time.monotonic())
-        self._flush()
+        """Ping a node a peer told us of (BEP 5 ``port`` message); IPv4 only."""
+        with contextlib.suppress(OSError):
+            socket.inet_pton(socket.AF_INET, addr[0])
+            self.core.ping(addr, time.monotonic())
+            self._flush()
 
     async def _run(self) -> None:
         while True:
@@ -2515,7 +2520,8 @@ class Bugout:
     def _on_dht_port(self, conn: WireConnection, port: int) -> None:
         peer = conn.transport.get_extra_info("peername") if conn.transport else None
         if self._dht is not None and peer and 0 < port < 65536:
-            self._dht.add_node((peer[0], port))
+            # A dual-stack socket names IPv4 peers ::ffff:a.b.c.d; our DHT speaks IPv4.
+            self._dht.add_node((peer[0].removeprefix("::ffff:"), port))
 
 
 #: A handler returns this to send no answer (as the JS master for shareResults).
