@@ -33,6 +33,7 @@ from worker import (
     WorkerError,
     _config,
     _word,
+    dht_options,
     json_dumps,
     load_env,
 )
@@ -57,7 +58,9 @@ class Master:
                  *, folder: str | Path | None = None, env: dict | None = None,
                  host: str | None = None, port: int | None = None,
                  peers: Iterable[str] = (), lsd: bool | None = None,
-                 seed: str | None = None, lease_seconds: float = 60.0) -> None:
+                 seed: str | None = None, lease_seconds: float = 60.0,
+                 dht: bool | None = None, dht_bootstrap: Iterable[str] | None = None,
+                 dht_port: int | None = None) -> None:
         env = load_env(".env") if env is None else env
         self.token = _config(env, "token", token)
         if not self.token:
@@ -72,7 +75,8 @@ class Master:
         self.node = Bugout(self.token, seed=_config(env, "seed", seed),
                            host=_config(env, "host", host, "0.0.0.0"),
                            port=int(_config(env, "port", port, 0)), peers=peers,
-                           lsd=_word(_config(env, "lsd", lsd), True))
+                           lsd=_word(_config(env, "lsd", lsd), True),
+                           **dht_options(env, dht, dht_bootstrap, dht_port))
         #: encrypted jobs waiting, jobs out on lease, ids already answered
         self.queue: collections.deque[tuple[Any, str]] = collections.deque()
         self.leases: dict[Any, Lease] = {}

@@ -107,7 +107,7 @@ class TestVectors(unittest.TestCase):
     def test_extended_handshake(self):
         for role in ("master", "worker"):
             keys = VECTORS["keys"][role]
-            node = w.Bugout(IDENT, seed=keys["seed_bs58check"], lsd=False)
+            node = w.Bugout(IDENT, seed=keys["seed_bs58check"], lsd=False, dht=False)
             node.identity = identity(role)
             node._extended.update(pk=node.identity.pk, ek=node.identity.ek)
             self.assertEqual(w.bencode(node._extended).hex(),
@@ -575,6 +575,7 @@ async def js_peer(ident, **env):
 
 
 async def py_node(ident, **kw):
+    kw.setdefault("dht", False)
     node = w.Bugout(ident, host="127.0.0.1", lsd=False, **kw)
     node.register("echo", lambda address, args: {**args, "echoedBy": "py"})
     node.events = []
@@ -737,7 +738,7 @@ async def main():
     ident = "lsd-swarm"
     js = await t.JsProcess("peer.js", {"BO_ID": ident, "BO_MODE": "lsd"}).start()
     start = time.monotonic()
-    py = await w.Bugout(ident, host="0.0.0.0", lsd=True).start()
+    py = await w.Bugout(ident, host="0.0.0.0", lsd=True, dht=False).start()
     py.register("echo", lambda a, args: args)
     await js.wait_for(lambda e: e["event"] == "seen" and e["address"] == py.address, 30)
     await t.until(lambda: js.ready["address"] in py.peers, 30)
@@ -806,7 +807,7 @@ class Cluster:
         files = write_assets(self.tmp / "master", files)
         self.master = Master(self.token, {"files": files, "dependencies": list(deps)},
                              self.results.append, None, key, folder=self.tmp / "master",
-                             env={}, host="127.0.0.1", lsd=False)
+                             env={}, host="127.0.0.1", lsd=False, dht=False)
         self.statuses = []
         serve = self.master._request_exec_assets
 
@@ -823,7 +824,7 @@ class Cluster:
     def worker(self, name="w1", key=KEY, **kw):
         kw.setdefault("peers", ["127.0.0.1:%d" % self.master.port])
         return w.Worker(self.token, name, "warn", key, env={}, folder=self.tmp / name,
-                        host="127.0.0.1", lsd=False, **kw)
+                        host="127.0.0.1", lsd=False, dht=False, **kw)
 
     def push(self, count, start=0, **extra):
         for i in range(start, start + count):
@@ -973,7 +974,7 @@ class TestWorkerFlow(unittest.TestCase):
             files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
             master2 = Master(cluster.token, {"files": files, "dependencies": []}, second.append,
                              None, KEY, folder=Path(tmp) / "master", env={}, host="127.0.0.1",
-                             port=port, lsd=False)
+                             port=port, lsd=False, dht=False)
             await master2.start()
             for i in range(100, 110):
                 master2.push_new_job({"id": i, "data": json.dumps({"x": i})})
@@ -1059,7 +1060,7 @@ class TestAgainstJsMaster(unittest.TestCase):
             master = await JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY, "QX_JOBS": str(count),
                                                    "QX_ASSETS": str(Path(tmp) / "assets.json")}).start()
             worker = await w.Worker(token, "py", "warn", KEY, env={}, folder=Path(tmp) / "w",
-                                    host="127.0.0.1", lsd=False, get_batch=get_batch, batch_size=10,
+                                    host="127.0.0.1", lsd=False, dht=False, get_batch=get_batch, batch_size=10,
                                     peers=["127.0.0.1:%d" % master.ready["port"]]).start()
             started = time.perf_counter()
             await until(lambda: sum(e["event"] == "result" for e in master.events) >= count, 120)
@@ -1098,7 +1099,7 @@ class TestAgainstJsMaster(unittest.TestCase):
             master = await JsProcess("master.js", {"QX_TOKEN": "jsm-same", "QX_KEY": KEY,
                                                    "QX_ASSETS": str(Path(tmp) / "assets.json")}).start()
             worker = await w.Worker("jsm-same", "py", "warn", KEY, env={}, folder=Path(tmp) / "w",
-                                    host="127.0.0.1", lsd=False,
+                                    host="127.0.0.1", lsd=False, dht=False,
                                     peers=["127.0.0.1:%d" % master.ready["port"]]).start()
             await until(lambda: worker._runner is not None)
             self.assertTrue(await worker.sync_assets())
@@ -1164,7 +1165,7 @@ class TestCommandLine(unittest.TestCase):
             folder = Path(tmp) / "wp"
             folder.mkdir()
             (folder / ".env").write_text(
-                "token=%s\ntransferEncryptToken=%s\nlsd=false\nhost=127.0.0.1\npeers=127.0.0.1:%d\n"
+                "token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\nhost=127.0.0.1\npeers=127.0.0.1:%d\n"
                 "getBatch=true\nbatchSize=10\nLOG_LEVEL=info\n" % (cluster.token, KEY, cluster.master.port))
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
@@ -1183,9 +1184,556 @@ class TestCommandLine(unittest.TestCase):
 def clean_env():
     """The environment without our own keys, so a test's .env decides."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("token", "transferEncryptToken", "LOG_LEVEL", "peers", "port", "lsd")}
+           if k not in ("token", "transferEncryptToken", "LOG_LEVEL", "peers", "port", "lsd",
+                        "dht", "dhtBootstrap", "dhtPort")}
     env["PYTHONPATH"] = str(HERE)
     return env
+
+# DHT (BEP 5) ################################################################
+
+_real_dht_start = w.Dht.start
+
+
+async def _local_dht_start(self):
+    """Safety net: no test may bootstrap from anything but loopback."""
+    for host, _port in self.bootstrap:
+        if not host.startswith("127."):
+            raise AssertionError(f"a test tried to bootstrap the DHT from {host}")
+    return await _real_dht_start(self)
+
+
+w.Dht.start = _local_dht_start
+
+ASKER = b"abcdefghij0123456789"
+OURS = b"mnopqrstuvwxyz123456"
+HERE_ADDR = ("10.1.2.3", 6881)
+
+
+def quiet_core(node_id=OURS):
+    """A core whose secrets and transaction ids are fixed (zero bytes)."""
+    return w.DhtCore(node_id, random=lambda n: bytes(n))
+
+
+def sent(core):
+    """What a core sends: [(parsed message, address)]."""
+    return [(w.parse_krpc(data), addr) for data, addr in core.data_to_send()]
+
+
+class DhtNet:
+    """Cores linked in memory: datagrams between them are delivered at once."""
+
+    def __init__(self, count, now=1000.0):
+        self.now = now
+        self.cores = {("127.0.0.%d" % (i + 1), 6881): w.DhtCore(hashlib.sha1(b"node %d" % i).digest())
+                      for i in range(count)}
+        self.events = {addr: [] for addr in self.cores}
+
+    def __getitem__(self, i):
+        return list(self.cores.values())[i]
+
+    def addr(self, i):
+        return list(self.cores)[i]
+
+    def pump(self, seconds=0.0, lost=()):
+        """Deliver until quiet; addresses in ``lost`` never answer; then let time pass."""
+        moving = True
+        while moving:
+            moving = False
+            for src, core in self.cores.items():
+                for data, dst in core.data_to_send():
+                    moving = True
+                    if dst in self.cores and dst not in lost:
+                        self.cores[dst].receive_datagram(data, src, self.now)
+                self.events[src] += core.events_received()
+        if seconds:
+            self.now += seconds
+            for core in self.cores.values():
+                core.tick(self.now)
+            self.pump(lost=lost)
+
+    def peers_found(self, i, info_hash):
+        return {p for e in self.events[self.addr(i)] if isinstance(e, w.DhtPeers)
+                and e.info_hash == info_hash for p in e.peers}
+
+
+class TestKrpc(unittest.TestCase):
+    def test_bep5_examples_byte_for_byte(self):
+        core = quiet_core()
+        core.receive_datagram(b"d1:ad2:id20:abcdefghij0123456789e1:q4:ping1:t2:aa1:y1:qe", HERE_ADDR, 1.0)
+        [(answer, to), (ping, to2)] = core.data_to_send()
+        self.assertEqual(answer, b"d1:rd2:id20:mnopqrstuvwxyz123456e1:t2:aa1:y1:re")
+        self.assertEqual((to, to2), (HERE_ADDR, HERE_ADDR))
+        # good citizen: an unknown asker is pinged, and joins the table when it answers
+        self.assertEqual(ping, b"d1:ad2:id20:mnopqrstuvwxyz123456e1:q4:ping1:t2:\0\x011:y1:qe")
+        core.receive_datagram(b"d1:rd2:id20:abcdefghij0123456789e1:t2:\0\x011:y1:re", HERE_ADDR, 1.1)
+        self.assertEqual([c.id for c in core.table.closest(ASKER)], [ASKER])
+        core.receive_datagram(b"d1:ad2:id20:abcdefghij01234567896:target20:mnopqrstuvwxyz123456e"
+                              b"1:q9:find_node1:t2:aa1:y1:qe", HERE_ADDR, 1.2)
+        node = ASKER + bytes([10, 1, 2, 3]) + struct.pack(">H", 6881)
+        self.assertEqual(core.data_to_send(), [(b"d1:rd2:id20:mnopqrstuvwxyz1234565:nodes26:" + node
+                                                + b"e1:t2:aa1:y1:re", HERE_ADDR)])
+        self.assertEqual(core.stats["dht queries answered"], 2)
+
+    def test_get_peers_tokens_and_announce(self):
+        core = quiet_core()
+        token = hashlib.sha1(bytes(16) + b"10.1.2.3").digest()[:8]
+        get_peers = (b"d1:ad2:id20:abcdefghij01234567899:info_hash20:mnopqrstuvwxyz123456e"
+                     b"1:q9:get_peers1:t2:aa1:y1:qe")
+        core.receive_datagram(get_peers, HERE_ADDR, 1.0)
+        self.assertEqual(core.data_to_send()[0][0], b"d1:rd2:id20:mnopqrstuvwxyz1234565:nodes0:5:token8:"
+                         + token + b"e1:t2:aa1:y1:re")
+        announce = (b"d1:ad2:id20:abcdefghij012345678912:implied_porti1e9:info_hash20:mnopqrstuvwxyz123456"
+                    b"4:porti6881e5:token8:%se1:q13:announce_peer1:t2:aa1:y1:qe")
+        core.receive_datagram(announce % b"aoeusnth", ("10.1.2.3", 7000), 2.0)
+        self.assertEqual(core.data_to_send(), [(b"d1:eli203e9:bad tokene1:t2:aa1:y1:ee", ("10.1.2.3", 7000))])
+        core.receive_datagram(announce % token, ("10.1.2.3", 7000), 3.0)
+        self.assertEqual(core.data_to_send()[0][0], b"d1:rd2:id20:mnopqrstuvwxyz123456e1:t2:aa1:y1:re")
+        core.receive_datagram(get_peers, ("10.9.9.9", 1), 4.0)
+        [(answer, _), *_] = sent(core)
+        self.assertEqual(answer.values["values"], [bytes([10, 1, 2, 3]) + struct.pack(">H", 7000)])  # implied
+        # the token of another address does not work, and secrets rotate every 5 minutes
+        core.receive_datagram(announce % token, ("10.1.2.4", 7000), 5.0)
+        self.assertEqual(sent(core)[0][0].code, 203)
+        core._random = os.urandom  # fresh secrets from now on
+        for now in (5.0, 5.0 + 301, 5.0 + 602):
+            core.tick(now)
+        core.receive_datagram(announce % token, ("10.1.2.3", 7000), 610.0)
+        self.assertEqual(sent(core)[0][0].code, 203)
+        self.assertEqual(core.stats["dht bad tokens"], 3)
+
+    def test_errors_and_unknown_methods(self):
+        core = quiet_core()
+        self.assertEqual(w.parse_krpc(b"d1:eli201e23:A Generic Error Ocurrede1:t2:aa1:y1:ee"),
+                         w.KrpcError(b"aa", 201, "A Generic Error Ocurred"))
+        core.receive_datagram(b"d1:ad2:id20:abcdefghij01234567896:target20:mnopqrstuvwxyz123456e"
+                              b"1:q3:get1:t2:aa1:y1:qe", HERE_ADDR, 1.0)
+        self.assertEqual(core.data_to_send(), [(b"d1:eli204e14:Method Unknowne1:t2:aa1:y1:ee", HERE_ADDR)])
+        core.receive_datagram(b"d1:ad2:id3:abce1:q4:ping1:t2:aa1:y1:qe", HERE_ADDR, 1.0)
+        self.assertEqual(core.data_to_send(), [(b"d1:eli203e6:bad ide1:t2:aa1:y1:ee", HERE_ADDR)])
+        for junk in (b"", b"le", b"d1:t2:aa1:y1:xe", b"d1:y1:qe", b"d1:t2:aa1:y1:q1:q4:pinge"):
+            core.receive_datagram(junk, HERE_ADDR, 1.0)
+        self.assertEqual(core.data_to_send(), [])
+        self.assertEqual(core.stats["dht malformed"], 5)
+        # an answer nobody asked for, or from another address than asked
+        core.receive_datagram(b"d1:rd2:id20:abcdefghij0123456789e1:t2:zz1:y1:re", HERE_ADDR, 1.0)
+        core.ping(("10.0.0.1", 1), 1.0)
+        [(ping, _)] = sent(core)
+        core.receive_datagram(bytes(w.KrpcResponse(ping.t, {"id": ASKER})), ("10.0.0.2", 1), 1.0)
+        self.assertEqual(core.stats["dht unexpected answers"], 2)
+        self.assertEqual(len(core.table), 0)
+
+    def test_lookup_and_announce_in_memory_both_ways(self):
+        for first, second in ((1, 2), (2, 1)):
+            net = DhtNet(3)
+            boot = net.addr(0)
+            for i in (1, 2):
+                net[i].bootstrap([boot], net.now)
+            net.pump()
+            info_hash = hashlib.sha1(b"swarm %d" % first).digest()
+            net[first].get_peers(info_hash, net.now, 5000 + first)
+            net.pump()
+            net[second].get_peers(info_hash, net.now)
+            net.pump()
+            self.assertEqual(net.peers_found(second, info_hash), {(net.addr(first)[0], 5000 + first)})
+            done = [e for e in net.events[net.addr(second)] if isinstance(e, w.DhtLookupDone)
+                    and e.target == info_hash]
+            self.assertEqual(done[0].peers, 1)
+            # every node now knows the two others
+            for i in range(3):
+                self.assertEqual(len(net[i].table), 2)
+
+    def test_lookup_walks_towards_the_target(self):
+        net = DhtNet(40)
+        for i in range(1, 40):
+            net[i].bootstrap([net.addr(0) if i < 20 else net.addr(i - 1)], net.now)
+            net.pump()
+        info_hash = hashlib.sha1(b"far away").digest()
+        net[39].get_peers(info_hash, net.now, 7777)
+        net.pump()
+        net[5].get_peers(info_hash, net.now)
+        net.pump()
+        self.assertEqual(net.peers_found(5, info_hash), {(net.addr(39)[0], 7777)})
+        holders = [i for i in range(40) if net[i]._store.get(info_hash, net.now)]
+        distance = sorted(range(40), key=lambda i: int.from_bytes(net[i].node_id, "big")
+                          ^ int.from_bytes(info_hash, "big"))
+        self.assertLessEqual(len(holders), w.DHT_K)
+        self.assertIn(distance[0], holders)  # the closest node holds the announce
+
+    def test_timeouts_failures_and_rate_limits(self):
+        net = DhtNet(3)
+        net[1].bootstrap([net.addr(0)], net.now)
+        net.pump()
+        self.assertEqual(len(net[1].table), 1)
+        for target in (b"x" * 20, b"y" * 20):  # node 0 stays silent: after two misses it is bad
+            net[1].get_peers(target, net.now)
+            for _ in range(5):
+                net.pump(1.0, lost={net.addr(0)})
+        self.assertEqual(net[1].stats["dht timeouts"], 2)
+        self.assertEqual(net[1].lookups, 0)
+        self.assertEqual(net[1].table.closest(b"x" * 20), [])
+        # a flood of queries from one address: a burst is answered, the rest dropped
+        core = quiet_core()
+        for i in range(1000):
+            core.receive_datagram(bytes(w.KrpcQuery(b"%d" % i, "ping", {"id": ASKER})), HERE_ADDR, 5.0)
+        answers = [m for m, _ in sent(core) if isinstance(m, w.KrpcResponse)]
+        self.assertEqual(len(answers), 2 * w.DHT_ANSWERS_PER_IP)
+        self.assertEqual(core.stats["dht rate limited"], 1000 - len(answers))
+        # our own queries are bounded too: in flight and per second
+        core = quiet_core()
+        for i in range(500):
+            core.ping(("10.0.%d.%d" % (i // 250, i % 250 + 1), 1), 10.0)
+        self.assertEqual(len(core.data_to_send()), w.DHT_QUERIES_PER_SECOND)
+        self.assertEqual(core.stats["dht queries deferred"], 500 - w.DHT_QUERIES_PER_SECOND)
+
+    def test_peer_store_bounded_and_expiring(self):
+        core = quiet_core()
+        now = 1.0
+
+        def announce(info_hash, ip, port):
+            nonlocal now
+            now += 0.01
+            args = {"id": ASKER, "info_hash": info_hash, "port": port, "token": core._token(ip)}
+            core.receive_datagram(bytes(w.KrpcQuery(b"a", "announce_peer", args)), (ip, 1), now)
+            core.data_to_send()
+        for i in range(w.DHT_STORE_HASHES + 100):
+            announce(hashlib.sha1(b"%d" % i).digest(), "10.3.%d.%d" % (i // 250, i % 250 + 1), 1000)
+        busy = b"b" * 20
+        for i in range(w.DHT_STORE_PEERS + 50):
+            announce(busy, "10.4.%d.%d" % (i // 250, i % 250 + 1), 2000 + i)
+        self.assertEqual(len(core._store._hashes), w.DHT_STORE_HASHES)
+        self.assertEqual(len(core._store._hashes[busy]), w.DHT_STORE_PEERS)
+        newest = core._store.get(busy, now)
+        self.assertEqual(len(newest), w.DHT_MAX_VALUES)
+        self.assertEqual(newest[0][1], 2000 + w.DHT_STORE_PEERS + 49)  # most recent first
+        self.assertIsNone(core._store._hashes.get(hashlib.sha1(b"0").digest()))  # oldest forgotten
+        core.tick(now + w.DHT_PEER_TTL + 1)
+        self.assertEqual(len(core._store), 0)
+
+    def test_routing_table_bounded_ordered_and_spares(self):
+        rng = random.Random(5)
+        table = w.RoutingTable(OURS)
+        for i in range(20_000):
+            table.heard(rng.randbytes(20), ("10.%d.%d.%d" % (i >> 16, (i >> 8) & 255, i & 255), 1), 1.0)
+        self.assertLessEqual(len(table), 160 * w.DHT_K)
+        self.assertTrue(all(len(b) <= w.DHT_K for b in table.buckets))
+        self.assertEqual(len(table.buckets[0]), w.DHT_K)
+        target = rng.randbytes(20)
+        found = table.closest(target, 20)
+        key = int.from_bytes(target, "big")
+        distances = [int.from_bytes(c.id, "big") ^ key for c in found]
+        self.assertEqual(distances, sorted(distances))
+        self.assertEqual(found[0].id, min((c for b in table.buckets for c in b),
+                                          key=lambda c: int.from_bytes(c.id, "big") ^ key).id)
+        # a contact that misses twice gives way to a spare of its bucket
+        victim = table.buckets[0][0]
+        table.failed(victim.addr, 2.0)
+        self.assertIn(victim, table.buckets[0])
+        table.failed(victim.addr, 2.0)
+        self.assertNotIn(victim, table.buckets[0])
+        self.assertEqual(len(table.buckets[0]), w.DHT_K)
+        for index in (0, 7, 159):
+            self.assertEqual(table.index(table.random_id(index, rng.randbytes(20))), index)
+        self.assertIsNone(table.heard(OURS, ("10.0.0.1", 1), 1.0))  # never ourselves
+
+    def test_node_id_follows_the_seed_and_config(self):
+        seed = VECTORS["keys"]["worker"]["seed_bs58check"]
+        self.assertEqual(w.dht_node_id(seed), w.dht_node_id(seed))
+        self.assertNotEqual(w.dht_node_id(seed), w.dht_node_id(VECTORS["keys"]["master"]["seed_bs58check"]))
+        self.assertEqual(len(w.dht_node_id(seed)), 20)
+        default = w.Bugout("cfg", lsd=False)
+        self.assertTrue(default.dht)
+        self.assertEqual(default.dht_bootstrap, ["router.bittorrent.com:6881", "router.utorrent.com:6881",
+                                                 "dht.transmissionbt.com:6881"])
+        base = {"token": "t" * 20, "transferEncryptToken": KEY, "LOG_LEVEL": "warn"}
+        env = {**base, "dht": "false",
+               "dhtBootstrap": "127.0.0.1:1, 127.0.0.1:2", "dhtPort": "7001", "seed": seed}
+        worker = w.Worker(env=env, folder=tempfile.gettempdir())
+        self.assertEqual((worker.node.dht, worker.node.dht_bootstrap, worker.node.dht_port),
+                         (False, ["127.0.0.1:1", "127.0.0.1:2"], 7001))
+        self.assertTrue(w.Worker(env=base).node.dht)
+        from master import Master
+        self.assertFalse(Master(env={**base, "dht": "0"}).node.dht)
+        self.assertTrue(Master(env=base).node.dht)
+        with self.assertRaises(w.WorkerError):
+            w.Bugout("cfg", dht_bootstrap=["no-port"])
+
+    def test_wire_dht_bit_and_port_message(self):
+        infohash, _ = w.infohash_of(IDENT)
+        ours = w.PeerWire(infohash, b"-QP0100-aaaaaaaaaaaa", {"m": {}}, initiator=True, dht_port=6881)
+        theirs = w.PeerWire(infohash, b"-WW0109-AAAAAAAAAAAA", {"m": {}}, initiator=False, dht_port=40000)
+        pump(ours, theirs)
+        self.assertEqual(ours.remote_reserved[7] & 1, 1)
+        self.assertIn(w.DhtPort(40000), ours.events_received())
+        self.assertIn(w.DhtPort(6881), theirs.events_received())
+        plain = w.PeerWire(infohash, b"-QP0100-bbbbbbbbbbbb", {"m": {}}, initiator=True)
+        other = w.PeerWire(infohash, b"-WW0109-BBBBBBBBBBBB", {"m": {}}, initiator=False, dht_port=40000)
+        pump(plain, other)
+        self.assertNotIn(w.DhtPort(40000), plain.events_received())  # no DHT bit: no port message
+
+
+# DHT: generated bad input ###################################################
+
+_KRPC_KEYS = ["t", "y", "q", "a", "r", "e", "id", "target", "info_hash", "token", "port",
+              "implied_port", "values", "nodes", "ro", "v"]
+
+
+def krpc_seeds():
+    ids = [hashlib.sha1(b"%d" % i).digest() for i in range(4)]
+    nodes = b"".join(i + bytes([127, 0, 0, n + 1]) + struct.pack(">H", 6000 + n) for n, i in enumerate(ids))
+    values = [bytes([10, 0, 0, n]) + struct.pack(">H", 7000 + n) for n in range(3)]
+    messages = [w.KrpcQuery(b"aa", "ping", {"id": ids[0]}),
+                w.KrpcQuery(b"ab", "find_node", {"id": ids[1], "target": ids[2]}),
+                w.KrpcQuery(b"ac", "get_peers", {"id": ids[1], "info_hash": ids[3]}),
+                w.KrpcQuery(b"ad", "announce_peer", {"id": ids[2], "info_hash": ids[3], "port": 6881,
+                                                     "token": b"12345678", "implied_port": 1}),
+                w.KrpcQuery(b"ae", "get", {"id": ids[2], "target": ids[0]}),
+                w.KrpcResponse(b"\0\1", {"id": ids[0], "nodes": nodes, "values": values, "token": b"tok"}),
+                w.KrpcError(b"aa", 201, "A Generic Error Ocurred")]
+    return [bytes(m) for m in messages]
+
+
+def random_krpc(rng, depth=0):
+    """A random bencodable value shaped like KRPC: its keys, odd types and sizes."""
+    kind = rng.randrange(6 if depth < 3 else 3)
+    if kind == 0:
+        return rng.choice([0, 1, -1, 6881, 65535, 65536, 1 << 40])
+    if kind == 1:
+        return rng.randbytes(rng.choice([0, 1, 2, 6, 8, 19, 20, 21, 26, 52, 300]))
+    if kind == 2:
+        return rng.choice([b"q", b"r", b"e", b"ping", b"find_node", b"get_peers", b"announce_peer"])
+    if kind == 3:
+        return [random_krpc(rng, depth + 1) for _ in range(rng.randrange(5))]
+    return {rng.choice(_KRPC_KEYS): random_krpc(rng, depth + 1) for _ in range(rng.randrange(6))}
+
+
+def random_body(rng):
+    """Arguments or answer values: the right keys, often the right sizes, sometimes not."""
+    body = {k: random_krpc(rng) for k in rng.sample(_KRPC_KEYS[6:], rng.randrange(1, 6))}
+    for key in ("id", "target", "info_hash"):
+        if rng.random() < 0.7:
+            body[key] = rng.randbytes(20)
+    if rng.random() < 0.3:
+        body["nodes"] = rng.randbytes(26 * rng.randrange(12) + rng.choice([0, 0, 1, 25]))
+    return body
+
+
+def random_message(rng, t=None):
+    """A message with a sound envelope (t, y) and random contents."""
+    y = rng.choice([b"q", b"q", b"r", b"e"]) if t is None else rng.choice([b"r", b"r", b"r", b"e"])
+    message = {"t": t or rng.randbytes(rng.randint(1, 4)), "y": y}
+    if y == b"q":
+        message.update(q=rng.choice([b"ping", b"find_node", b"get_peers", b"announce_peer", b"x"]),
+                       a=random_body(rng))
+    elif y == b"r":
+        message["r"] = random_body(rng)
+    else:
+        message["e"] = rng.choice([[201, b"x"], [], [b"x"], random_krpc(rng)])
+    if rng.random() < 0.1:
+        message[rng.choice(_KRPC_KEYS)] = random_krpc(rng)
+    return w.bencode(message)
+
+
+def krpc_inputs(core, count, rng):
+    """Mutated valid messages, random messages, and random answers to our pending queries."""
+    mutated = mutations(krpc_seeds(), count, rng)
+    for i in range(count):
+        addr = ("10.0.%d.%d" % (i % 7, i % 61 + 1), 6881)
+        if i % 3 == 0:
+            yield next(mutated), addr
+        elif i % 3 == 1 or not core._pending:
+            yield random_message(rng), addr
+        else:
+            t, pending = rng.choice(list(core._pending.items()))
+            yield random_message(rng, t), pending.addr
+
+
+class TestKrpcBadInput(unittest.TestCase):
+    def test_12000_generated_inputs(self):
+        rng = random.Random(2024)
+        core = w.DhtCore(OURS)
+        core.bootstrap([("10.2.0.%d" % i, 6881) for i in range(1, 9)], 0.0)
+        now, count, undecodable = 0.0, 0, 0
+        for data, addr in krpc_inputs(core, 12_000, rng):
+            try:
+                w.parse_krpc(data)
+            except w.DecodeError:
+                undecodable += 1
+            core.receive_datagram(data, addr, now)  # never raises
+            core.data_to_send()
+            core.events_received()
+            count += 1
+            now += 0.01
+            if count % 50 == 0:
+                core.tick(now)
+                core.get_peers(rng.randbytes(20), now, 6881)
+        self.assertEqual(count, 12_000)
+        self.assertEqual(core.stats["dht malformed"], undecodable)
+        self.assertGreater(undecodable, 3_000)
+        self.assertGreater(core.stats["dht queries answered"], 500)
+        self.assertGreater(core.stats["dht errors sent"], 500)
+        self.assertGreater(core.stats["dht queries sent"], 500)
+        self.assertLessEqual(len(core._pending), w.DHT_MAX_PENDING)
+        self.assertLessEqual(core.lookups, w.DHT_MAX_LOOKUPS)
+        self.assertLessEqual(len(core.table), 160 * w.DHT_K)
+        self.assertLessEqual(len(core._store), w.DHT_STORE_HASHES * w.DHT_STORE_PEERS)
+
+
+# DHT: real sockets and real JS DHT nodes ####################################
+
+class TestDhtLoopback(unittest.TestCase):
+    def test_two_python_nodes_through_a_python_bootstrap_node(self):
+        async def scenario():
+            boot = await w.Dht(hashlib.sha1(b"boot").digest(), host="127.0.0.1", bootstrap=()).start()
+            where = ["127.0.0.1:%d" % boot.port]
+            a = await py_node("dht-swarm", dht=True, dht_bootstrap=where)
+            await until(lambda: boot.stats["dht announces stored"], 10)
+            started = time.monotonic()
+            b = await py_node("dht-swarm", dht=True, dht_bootstrap=where)
+            await until(lambda: a.address in b.peers and b.address in a.peers, 20)
+            found = time.monotonic() - started
+            self.assertEqual(await b.rpc(a.address, "echo", {"via": "dht"}), {"via": "dht", "echoedBy": "py"})
+            self.assertEqual(await a.rpc(b.address, "echo", {}), {"echoedBy": "py"})
+            self.assertGreaterEqual(boot.stats["dht announces stored"], 2)
+            # the DHT bit and port message: each node's DHT knows the other's
+            await until(lambda: len(a._dht.core.table) == 2 and len(b._dht.core.table) == 2, 10)
+            self.assertEqual(a._dht.port, a.port)  # the TCP port's number, one port to forward
+            await b.close()
+            await a.close()
+            await boot.close()
+            await boot.close()  # idempotent
+            return found
+        found = run(scenario())
+        print("\n  DHT: python found python through a python bootstrap node in %.3f s" % found,
+              file=sys.stderr)
+        self.assertLess(found, 10)
+
+
+DHT_JS_CHILD = """
+import asyncio, hashlib, json, time, test_worker as t, worker as w
+async def main():
+    ident = "dht-js-swarm"
+    boot = await t.JsProcess("dht-node.js", {}).start()
+    where = "127.0.0.1:%d" % boot.ready["port"]
+    js = await t.JsProcess("peer.js", {"BO_ID": ident, "BO_MODE": "dht", "BO_DHT_BOOTSTRAP": where}).start()
+    await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == js.ready["port"], 20)
+    start = time.monotonic()
+    py = await w.Bugout(ident, host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where]).start()
+    py.register("echo", lambda a, args: {**args, "echoedBy": "py"})
+    await t.until(lambda: js.ready["address"] in py.peers, 30)
+    found = time.monotonic() - start
+    echo = await py.rpc(js.ready["address"], "echo", {"dht": True})
+    js.send(cmd="rpc", id=1, address=py.address, call="echo", args={"from": "js"})
+    back = (await js.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 1))["result"]
+    ours = await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == py.port, 20)
+    # a JS DHT client bootstrapped from the Python node: find_node, get_peers, announce_peer
+    client = await t.JsProcess("dht-node.js", {"DHT_BOOTSTRAP": "127.0.0.1:%d" % py._dht.port}).start()
+    topic = hashlib.sha1(b"topic").hexdigest()
+    client.send(cmd="announce", id=1, infoHash=topic, port=4242)
+    announced = await client.wait_for(lambda e: e["event"] == "announced", 20)
+    stored = py._dht.core._store.get(bytes.fromhex(topic), time.monotonic())
+    client.send(cmd="lookup", id=2, infoHash=topic)
+    peer = await client.wait_for(lambda e: e["event"] == "peer" and e["fromPort"] == py._dht.port, 20)
+    stats = dict(py._dht.stats)
+    await py.close(); await js.close(); await client.close(); await boot.close()
+    print(json.dumps({"found_s": found, "echo": echo, "back": back, "ours": ours, "announced": announced,
+                      "stored": stored, "peer": peer, "stats": stats, "js_port": js.ready["port"]}))
+asyncio.run(main())
+"""
+
+MASTER_TASK = '''\
+import json
+
+
+class Task:
+    def run(self, job):
+        return {"double": json.loads(job["data"])["x"] * 2}
+'''
+
+DHT_MASTER_CHILD = """
+import asyncio, json, os, pathlib, tempfile, time, test_worker as t, worker as w
+async def main():
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="qx-dht-"))
+    (tmp / "task.py").write_text(t.MASTER_TASK)
+    (tmp / "assets.json").write_text(json.dumps({"files": [{"masterPath": str(tmp / "task.py"),
+        "name": "task.py", "workerPath": "/workplace/task.py"}], "dependencies": []}))
+    boot = await t.JsProcess("dht-node.js", {}).start()
+    where = "127.0.0.1:%d" % boot.ready["port"]
+    master = await t.JsProcess("master.js", {"QX_TOKEN": "dht-flow-token-0123456789", "QX_KEY": t.KEY,
+        "QX_JOBS": "20", "QX_ASSETS": str(tmp / "assets.json"), "QX_DHT_BOOTSTRAP": where}).start()
+    await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == master.ready["port"], 20)
+    worker = w.Worker("dht-flow-token-0123456789", "dht-worker", "warn", t.KEY, env={}, folder=tmp / "w",
+                      host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], get_batch=True, batch_size=5)
+    start = time.monotonic()
+    await worker.start()
+    await t.until(lambda: worker.master is not None, 30)
+    found = time.monotonic() - start
+    results = []
+    while len(results) < 20:
+        results.append((await master.wait_for(lambda e: e["event"] == "result" and e not in results, 60)))
+    elapsed = time.monotonic() - start
+    await worker.stop(); await master.close(); await boot.close()
+    print(json.dumps({"found_s": found, "all_s": elapsed, "results": [r["result"] for r in results],
+                      "master": master.ready["address"], "worker": worker.address,
+                      "lsd": worker.node.lsd}))
+asyncio.run(main())
+"""
+
+DHT_LATE_MASTER_CHILD = """
+import asyncio, json, pathlib, tempfile, time, test_worker as t, worker as w
+w.DHT_LOOKUP_AT, w.DHT_LOOKUP_ALONE = (0.0, 1.0), 1.0  # the schedule, shortened for the test
+async def main():
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="qx-dht-"))
+    boot = await t.JsProcess("dht-node.js", {}).start()
+    where = "127.0.0.1:%d" % boot.ready["port"]
+    worker = w.Worker("dht-late-token-0123456789", "late", "warn", t.KEY, env={}, folder=tmp / "w",
+                      host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where])
+    await worker.start()
+    await asyncio.sleep(2.5)
+    assert worker.master is None
+    master = await t.JsProcess("master.js", {"QX_TOKEN": "dht-late-token-0123456789", "QX_KEY": t.KEY,
+                                             "QX_DHT_BOOTSTRAP": where}).start()
+    start = time.monotonic()
+    await t.until(lambda: worker.master is not None, 20)
+    found = time.monotonic() - start
+    await worker.stop(); await master.close(); await boot.close()
+    print(json.dumps({"found_s": found, "master": worker.master, "js": master.ready["address"]}))
+asyncio.run(main())
+"""
+
+
+class TestDhtJs(unittest.TestCase):
+    def setUp(self):
+        js_ready()
+        need((INTEROP / "node_modules" / "bittorrent-dht").is_dir(), "run npm ci in interop/")
+
+    def test_python_and_js_peers_meet_through_a_js_dht(self):
+        out = in_namespace(DHT_JS_CHILD)
+        self.assertEqual(out["echo"], {"dht": True, "echoedBy": "js"})
+        self.assertEqual(out["back"], {"from": "js", "echoedBy": "py"})
+        self.assertEqual(out["announced"]["error"], None)  # JS announce_peer to Python: accepted
+        self.assertEqual(out["stored"], [["127.0.0.1", 4242]])
+        self.assertEqual(out["peer"]["port"], 4242)  # JS get_peers answered from our store
+        self.assertGreaterEqual(out["stats"]["dht queries answered"], 3)
+        self.assertNotIn("dht malformed", out["stats"])
+        print("\n  DHT: python found the JS peer through a JS bootstrap node in %.3f s" % out["found_s"],
+              file=sys.stderr)
+        self.assertLess(out["found_s"], 30)
+
+    def test_job_flow_with_a_js_master_found_over_the_dht(self):
+        out = in_namespace(DHT_MASTER_CHILD, timeout=150)
+        self.assertFalse(out["lsd"])
+        self.assertEqual(sorted(r["jobID"] for r in out["results"]), list(range(20)))
+        for r in out["results"]:
+            self.assertEqual(r["data"], {"double": r["jobID"] * 2})
+            self.assertEqual(r["worker"], {"id": out["worker"], "name": "dht-worker"})
+        print("\n  DHT: worker found the JS master in %.3f s, 20 jobs done in %.3f s"
+              % (out["found_s"], out["all_s"]), file=sys.stderr)
+        self.assertLess(out["found_s"], 30)
+
+    def test_master_started_later_is_found_by_a_later_lookup(self):
+        out = in_namespace(DHT_LATE_MASTER_CHILD)
+        self.assertEqual(out["master"], out["js"])
+        self.assertLess(out["found_s"], 10)
 
 
 def main():

@@ -17,7 +17,7 @@ Usage::
 Layout (read it top to bottom): errors, the seed classes (Helper, Logger,
 Crypt, .env file), codecs (bencode, base58, RIPEMD-160), bugout identity and
 packets, the sans-I/O bugout core, the sans-I/O peer wire, transports (TCP,
-LSD), the asyncio Bugout node, the Worker, the command line.
+LSD, DHT), the asyncio Bugout node, the Worker, the command line.
 
 Exceptions::
 
@@ -43,6 +43,7 @@ import contextlib
 import dataclasses
 import enum
 import hashlib
+import heapq
 import importlib.util
 import inspect
 import itertools
@@ -970,6 +971,12 @@ class ExtensionPayload:
     payload: bytes
 
 
+@dataclasses.dataclass(frozen=True)
+class DhtPort:
+    """The peer's DHT node listens on this UDP port (BEP 5 ``port`` message)."""
+    port: int
+
+
 class WireState(enum.Enum):
     HANDSHAKE = 1
     OPEN = 2
@@ -1109,7 +1116,9 @@ class PeerWire:
         elif message_id == MSG_REQUEST and len(body) == 12 and self.remote_reserved[7] & 0x04:
             # We never unchoke: a request is refused (BEP 6) rather than served.
             self._out.append(frame(MSG_REJECT, body))
-        # Everything else (have_all, bitfield, port, choke, ...) needs nothing.
+        elif message_id == MSG_PORT and len(body) == 2 and self.remote_reserved[7] & 0x01:
+            self._events.append(DhtPort(struct.unpack(">H", body)[0]))
+        # Everything else (have_all, bitfield, choke, ...) needs nothing.
 
     def _on_extended(self, ext_id: int, body: bytes) -> None:
         if ext_id == 0:
@@ -1295,13 +1304,839 @@ def _lsd_socket() -> socket.socket:
     return sock
 
 
+# DHT (BEP 5): KRPC messages #################################################
+
+#: Public routers a node starts from when nothing else is configured.
+DHT_BOOTSTRAP = ("router.bittorrent.com:6881", "router.utorrent.com:6881",
+                 "dht.transmissionbt.com:6881")
+#: BEP 5: k contacts per bucket; Kademlia's alpha: queries in flight per lookup.
+DHT_K = 8
+DHT_ALPHA = 3
+DHT_QUERY_TIMEOUT = 3.0
+#: BEP 5: tokens stay valid for 10 minutes (two secrets of 5); nodes unheard of
+#: for 15 minutes are questionable and their bucket is refreshed.
+DHT_TOKEN_ROTATE = 5 * 60.0
+DHT_STALE = 15 * 60.0
+DHT_PEER_TTL = 30 * 60.0
+#: Bounds on memory and on the query rate (a good citizen floods no one).
+DHT_MAX_DATAGRAM = 4096
+DHT_MAX_PENDING = 128
+DHT_MAX_LOOKUPS = 16
+DHT_LOOKUP_QUERIES = 120
+DHT_LOOKUP_SECONDS = 60.0
+DHT_QUERIES_PER_SECOND = 50.0
+DHT_ANSWERS_PER_SECOND = 250.0
+DHT_ANSWERS_PER_IP = 20.0
+DHT_STORE_HASHES = 512
+DHT_STORE_PEERS = 100
+DHT_MAX_VALUES = 50
+#: When Bugout looks its swarm up: seconds after start (WebTorrent 1.9 may drop
+#: the first DHT peer it meets, PROTOCOL.md section 6), then every so often.
+DHT_LOOKUP_AT = (0.0, 5.0, 15.0, 30.0)
+DHT_LOOKUP_ALONE = 60.0
+DHT_LOOKUP_INTERVAL = 5 * 60.0
+#: BEP 5 error codes.
+KRPC_GENERIC, KRPC_PROTOCOL, KRPC_METHOD = 201, 203, 204
+
+Addr = tuple[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class KrpcQuery:
+    """``{t, y: q, q: method, a: args}``."""
+    t: bytes
+    method: str
+    args: dict
+
+    def __bytes__(self) -> bytes:
+        return bencode({"t": self.t, "y": "q", "q": self.method, "a": self.args})
+
+    @classmethod
+    def from_dict(cls, message: dict) -> KrpcQuery:
+        method, args = message.get("q"), message.get("a")
+        if not isinstance(method, bytes) or not isinstance(args, dict):
+            raise DecodeError("KRPC query without q or a")
+        return cls(message["t"], method.decode("latin-1"), args)
+
+
+@dataclasses.dataclass(frozen=True)
+class KrpcResponse:
+    """``{t, y: r, r: values}``."""
+    t: bytes
+    values: dict
+
+    def __bytes__(self) -> bytes:
+        return bencode({"t": self.t, "y": "r", "r": self.values})
+
+    @classmethod
+    def from_dict(cls, message: dict) -> KrpcResponse:
+        if not isinstance(message.get("r"), dict):
+            raise DecodeError("KRPC response without r")
+        return cls(message["t"], message["r"])
+
+
+@dataclasses.dataclass(frozen=True)
+class KrpcError:
+    """``{t, y: e, e: [code, text]}``."""
+    t: bytes
+    code: int
+    text: str
+
+    def __bytes__(self) -> bytes:
+        return bencode({"t": self.t, "y": "e", "e": [self.code, self.text]})
+
+    @classmethod
+    def from_dict(cls, message: dict) -> KrpcError:
+        e = message.get("e")
+        if not isinstance(e, list):
+            raise DecodeError("KRPC error without e")
+        code = e[0] if e and isinstance(e[0], int) else KRPC_GENERIC
+        text = e[1] if len(e) > 1 and isinstance(e[1], bytes) else b""
+        return cls(message["t"], code, text.decode("utf-8", "replace"))
+
+
+KRPC_TYPES: dict[bytes, Any] = {b"q": KrpcQuery, b"r": KrpcResponse, b"e": KrpcError}
+Krpc = KrpcQuery | KrpcResponse | KrpcError
+
+
+def parse_krpc(data: bytes) -> Krpc:
+    """One KRPC datagram as a message; anything malformed raises DecodeError."""
+    message = bdecode(data)
+    if not isinstance(message, dict):
+        raise DecodeError("KRPC message is not a dict")
+    t = message.get("t")
+    if not isinstance(t, bytes) or not 0 < len(t) <= 32:
+        raise DecodeError("KRPC message without a transaction id")
+    y = message.get("y")
+    cls = KRPC_TYPES.get(y) if isinstance(y, bytes) else None
+    if cls is None:
+        raise DecodeError("KRPC message of unknown type")
+    return cls.from_dict(message)
+
+
+def compact_addr(addr: Addr) -> bytes:
+    """BEP 5 compact peer info: 4 bytes of IPv4 address, 2 of port."""
+    return socket.inet_aton(addr[0]) + struct.pack(">H", addr[1])
+
+
+def _parse_addr(data: bytes) -> Addr | None:
+    """A compact address, or None for port 0, 0.0.0.0/8 or multicast and above."""
+    port = int.from_bytes(data[4:6], "big")
+    if port == 0 or data[0] == 0 or data[0] >= 224:
+        return None
+    return socket.inet_ntoa(data[:4]), port
+
+
+def parse_nodes(data: Any, limit: int = 32) -> list[tuple[bytes, Addr]]:
+    """BEP 5 compact node info (20-byte id + address); bad entries are skipped."""
+    if not isinstance(data, bytes):
+        return []
+    found = []
+    for start in range(0, min(len(data) - 25, 26 * limit), 26):
+        addr = _parse_addr(data[start + 20:start + 26])
+        if addr is not None:
+            found.append((data[start:start + 20], addr))
+    return found
+
+
+def parse_peers(values: Any, limit: int = 200) -> list[Addr]:
+    """The ``values`` of a get_peers answer: compact peer addresses."""
+    if not isinstance(values, list):
+        return []
+    found = [_parse_addr(v) for v in values[:limit] if isinstance(v, bytes) and len(v) == 6]
+    return [addr for addr in found if addr is not None]
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, bytes) and len(value) == 20
+
+
+def dht_node_id(seed: str) -> bytes:
+    """Our node id: SHA-1 of the seed's key material, so a fixed ``seed`` keeps it."""
+    raw = b58check_decode(seed)
+    # A label first: the id must not double as a hash of the bare signing seed.
+    return hashlib.sha1(b"queue-xec dht node id\0" + raw[2:]).digest()
+
+
+# DHT (BEP 5): routing table #################################################
+
+@dataclasses.dataclass
+class DhtContact:
+    """A node that answered one of our queries."""
+    id: bytes
+    addr: Addr
+    last_seen: float
+    failures: int = 0
+
+
+class RoutingTable:
+    """BEP 5 k-buckets: bucket ``i`` holds ids sharing exactly ``i`` leading bits with ours."""
+
+    def __init__(self, own_id: bytes, k: int = DHT_K) -> None:
+        self.own_id = own_id
+        self.k = k
+        self.buckets: list[list[DhtContact]] = [[] for _ in range(160)]
+        #: when each bucket last changed; one untouched for 15 minutes is refreshed
+        self.changed: list[float] = [0.0] * 160
+        # private
+        self._own = int.from_bytes(own_id, "big")
+        self._by_addr: dict[Addr, DhtContact] = {}
+        self._spares: dict[int, collections.deque] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_addr)
+
+    def index(self, node_id: bytes) -> int:
+        """The bucket of an id (160 is our own id: no bucket)."""
+        return 160 - (int.from_bytes(node_id, "big") ^ self._own).bit_length()
+
+    def heard(self, node_id: bytes, addr: Addr, now: float) -> DhtContact | None:
+        """A node answered us: add or refresh it. Returns a stale contact to ping, if any."""
+        index = self.index(node_id)
+        known = self._by_addr.get(addr)
+        if index >= 160:
+            return None
+        if known is not None and known.id != node_id:
+            self._remove(known)  # a node restarted under a new id
+        elif known is not None:
+            known.last_seen, known.failures, self.changed[index] = now, 0, now
+            return None
+        bucket = self.buckets[index]
+        if any(c.id == node_id for c in bucket):
+            return None  # keep the address first seen for an id
+        return self._insert(DhtContact(node_id, addr, now), index, now)
+
+    def _insert(self, contact: DhtContact, index: int, now: float) -> DhtContact | None:
+        if contact.addr in self._by_addr:
+            return None  # a spare whose address came back under another id
+        bucket = self.buckets[index]
+        bad = next((c for c in bucket if c.failures >= 2), None)
+        if bad is not None:
+            self._remove(bad)
+        if len(bucket) < self.k:
+            bucket.append(contact)
+            self._by_addr[contact.addr] = contact
+            self.changed[index] = now
+            return None
+        spares = self._spares.setdefault(index, collections.deque(maxlen=self.k))
+        if all(s.id != contact.id for s in spares):
+            spares.append(contact)
+        oldest = min(bucket, key=lambda c: c.last_seen)
+        return oldest if now - oldest.last_seen > DHT_STALE else None
+
+    def _remove(self, contact: DhtContact) -> None:
+        self.buckets[self.index(contact.id)].remove(contact)
+        del self._by_addr[contact.addr]
+
+    def touch(self, node_id: bytes, addr: Addr, now: float) -> bool:
+        """A known node queried us: it is still there. False when unknown."""
+        known = self._by_addr.get(addr)
+        if known is None or known.id != node_id:
+            return False
+        known.last_seen = now
+        return True
+
+    def has_room(self, node_id: bytes) -> bool:
+        """True when a new node with this id would be kept."""
+        index = self.index(node_id)
+        return index < 160 and (len(self.buckets[index]) < self.k
+                                or any(c.failures >= 2 for c in self.buckets[index]))
+
+    def failed(self, addr: Addr, now: float) -> None:
+        """A node did not answer; after two misses in a row a spare takes its place."""
+        contact = self._by_addr.get(addr)
+        if contact is None:
+            return
+        contact.failures += 1
+        spares = self._spares.get(self.index(contact.id))
+        if contact.failures >= 2 and spares:
+            self._remove(contact)
+            self._insert(spares.pop(), self.index(contact.id), now)
+
+    def closest(self, target: bytes, count: int = DHT_K) -> list[DhtContact]:
+        """The ``count`` good contacts nearest to ``target`` (XOR metric)."""
+        key = int.from_bytes(target, "big")
+        good = (c for c in self._by_addr.values() if c.failures < 2)
+        return heapq.nsmallest(count, good, key=lambda c: int.from_bytes(c.id, "big") ^ key)
+
+    def stale_bucket(self, now: float) -> int | None:
+        """A non-empty bucket unchanged for 15 minutes, if any."""
+        return next((i for i, bucket in enumerate(self.buckets)
+                     if bucket and now - self.changed[i] > DHT_STALE), None)
+
+    def random_id(self, index: int, noise: bytes) -> bytes:
+        """A random id that falls in bucket ``index``."""
+        bit = 1 << (159 - index)
+        value = ((self._own ^ bit) & ~(bit - 1)) | (int.from_bytes(noise, "big") & (bit - 1))
+        return value.to_bytes(20, "big")
+
+
+# DHT (BEP 5): lookups, peer store, rate limits ##############################
+
+class _Probe(enum.Enum):
+    NEW = 1
+    ASKED = 2
+    ANSWERED = 3
+    FAILED = 4
+
+
+@dataclasses.dataclass
+class _Candidate:
+    distance: int
+    node_id: bytes | None
+    probe: _Probe = _Probe.NEW
+    token: bytes | None = None
+
+
+class _Lookup:
+    """One iterative lookup (``find_node`` or ``get_peers``) towards a target."""
+
+    def __init__(self, target: bytes, method: str, port: int | None, now: float) -> None:
+        self.target, self.method, self.port, self.started = target, method, port, now
+        self.queries = 0
+        self.nodes: dict[Addr, _Candidate] = {}
+        self.peers: set[Addr] = set()
+        self._key = int.from_bytes(target, "big")
+
+    def add(self, node_id: bytes | None, addr: Addr) -> None:
+        """A candidate; unknown ids (bootstrap routers) rank last."""
+        if addr in self.nodes:
+            return
+        distance = (int.from_bytes(node_id, "big") ^ self._key) if node_id else 1 << 160
+        self.nodes[addr] = _Candidate(distance, node_id)
+        if len(self.nodes) > 8 * DHT_K:  # forget the farthest candidate not yet asked
+            fresh = [a for a, c in self.nodes.items() if c.probe is _Probe.NEW]
+            if fresh:
+                del self.nodes[max(fresh, key=lambda a: self.nodes[a].distance)]
+
+    def set(self, addr: Addr, probe: _Probe) -> None:
+        candidate = self.nodes.get(addr)
+        if candidate is not None:
+            candidate.probe = probe
+
+    def answered(self, addr: Addr, node_id: bytes, token: Any) -> None:
+        """A candidate answered: keep its id (routers had none) and its token."""
+        candidate = self.nodes.get(addr)
+        if candidate is not None:
+            candidate.probe, candidate.node_id = _Probe.ANSWERED, node_id
+            candidate.distance = int.from_bytes(node_id, "big") ^ self._key
+            candidate.token = token if isinstance(token, bytes) and len(token) <= 64 else None
+
+    def count(self, probe: _Probe) -> int:
+        return sum(1 for c in self.nodes.values() if c.probe is probe)
+
+    def next_queries(self) -> list[tuple[Addr, bytes | None]]:
+        """Candidates not asked yet among the k closest, as many as alpha allows."""
+        live = [(c.distance, a) for a, c in self.nodes.items() if c.probe is not _Probe.FAILED]
+        free = min(DHT_ALPHA - self.count(_Probe.ASKED), DHT_LOOKUP_QUERIES - self.queries)
+        fresh = [(a, self.nodes[a].node_id) for _, a in sorted(live)[:DHT_K]
+                 if self.nodes[a].probe is _Probe.NEW]
+        return fresh[:max(free, 0)]
+
+    def finished(self, now: float) -> bool:
+        if now - self.started > DHT_LOOKUP_SECONDS:
+            return True
+        return not self.count(_Probe.ASKED) and not self.next_queries()
+
+    def closest_with_tokens(self) -> list[tuple[Addr, bytes, bytes]]:
+        """(addr, id, token) of the k closest nodes that answered with a token."""
+        ready = sorted((c.distance, a) for a, c in self.nodes.items()
+                       if c.probe is _Probe.ANSWERED and c.token and c.node_id)
+        return [(a, self.nodes[a].node_id, self.nodes[a].token)  # type: ignore[misc]
+                for _, a in ready[:DHT_K]]
+
+
+class _PeerStore:
+    """Peers announced to us: bounded per infohash and in infohashes, expiring."""
+
+    def __init__(self) -> None:
+        self._hashes: collections.OrderedDict[bytes, collections.OrderedDict] = (
+            collections.OrderedDict())
+
+    def add(self, info_hash: bytes, addr: Addr, now: float) -> None:
+        peers = self._hashes.pop(info_hash, None) or collections.OrderedDict()
+        peers.pop(addr, None)
+        peers[addr] = now + DHT_PEER_TTL
+        while len(peers) > DHT_STORE_PEERS:
+            peers.popitem(last=False)
+        self._hashes[info_hash] = peers
+        while len(self._hashes) > DHT_STORE_HASHES:
+            self._hashes.popitem(last=False)
+
+    def get(self, info_hash: bytes, now: float, count: int = DHT_MAX_VALUES) -> list[Addr]:
+        """The most recent live peers of an infohash."""
+        peers = self._hashes.get(info_hash) or {}
+        return [addr for addr, until in reversed(peers.items()) if until > now][:count]
+
+    def expire(self, now: float) -> None:
+        for info_hash in list(self._hashes):
+            peers = self._hashes[info_hash]
+            for addr in [a for a, until in peers.items() if until <= now]:
+                del peers[addr]
+            if not peers:
+                del self._hashes[info_hash]
+
+    def __len__(self) -> int:
+        return sum(len(peers) for peers in self._hashes.values())
+
+
+class _RateLimit:
+    """Token buckets by key (the least recently used key is forgotten first)."""
+
+    def __init__(self, rate: float, burst: float, keys: int = 1024) -> None:
+        self.rate, self.burst, self.keys = rate, burst, keys
+        self._buckets: collections.OrderedDict[Any, tuple[float, float]] = (
+            collections.OrderedDict())
+
+    def allow(self, key: Any, now: float) -> bool:
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + max(now - last, 0.0) * self.rate)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self._buckets) > self.keys:
+            self._buckets.popitem(last=False)
+        return allowed
+
+
+# DHT (BEP 5): the node, sans-I/O ############################################
+
+@dataclasses.dataclass(frozen=True)
+class DhtPeers:
+    """A get_peers lookup found peers of an infohash (new ones only)."""
+    info_hash: bytes
+    peers: tuple[Addr, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class DhtLookupDone:
+    """A lookup ended: how many peers it found, nodes answered, queries sent."""
+    target: bytes
+    method: str
+    peers: int
+    answered: int
+    queries: int
+
+
+@dataclasses.dataclass
+class _Pending:
+    addr: Addr
+    method: str
+    sent: float
+    node_id: bytes | None
+    lookup: _Lookup | None
+
+
+class DhtCore:
+    """A BEP 5 node without I/O: datagrams and ``now`` in; datagrams and events out.
+
+    Answers ``ping``, ``find_node``, ``get_peers`` and ``announce_peer``; runs
+    iterative lookups, announces after a ``get_peers`` lookup when given a port.
+    ``stats`` counts what was dropped (malformed, rate limited, unexpected).
+    """
+
+    def __init__(self, node_id: bytes, *, random: Callable[[int], bytes] = os.urandom) -> None:
+        self.node_id = node_id
+        self.table = RoutingTable(node_id)
+        #: counters: dht malformed, dht queries answered, dht rate limited, ...
+        self.stats: collections.Counter = collections.Counter()
+        # private
+        self._random = random
+        #: None until bootstrap() (lookups started before then wait for it)
+        self._bootstrap: list[Addr] | None = None
+        self._pending: dict[bytes, _Pending] = {}
+        self._lookups: dict[tuple[str, bytes], _Lookup] = {}
+        self._store = _PeerStore()
+        self._secrets = [random(16), random(16)]
+        self._rotated: float | None = None
+        self._housekept = float("-inf")
+        self._tid = int.from_bytes(random(2), "big")
+        self._limit_out = _RateLimit(DHT_QUERIES_PER_SECOND, DHT_QUERIES_PER_SECOND, 1)
+        self._limit_in = _RateLimit(DHT_ANSWERS_PER_SECOND, DHT_ANSWERS_PER_SECOND, 1)
+        self._limit_ip = _RateLimit(DHT_ANSWERS_PER_IP, 2 * DHT_ANSWERS_PER_IP)
+        self._handlers = {"ping": self._on_ping, "find_node": self._on_find_node,
+                          "get_peers": self._on_get_peers, "announce_peer": self._on_announce}
+        self._out: list[tuple[bytes, Addr]] = []
+        self._events: list = []
+
+    # sans-I/O interface
+    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
+        """Handle one datagram from ``addr``; malformed ones are counted and dropped."""
+        try:
+            if len(data) > DHT_MAX_DATAGRAM:
+                raise DecodeError("KRPC datagram too large")
+            message = parse_krpc(data)
+        except DecodeError:
+            self.stats["dht malformed"] += 1
+            return
+        log.debug("< dht %s %s:%d", type(message).__name__, *addr)
+        if isinstance(message, KrpcQuery):
+            self._on_query(message, addr, now)
+        else:
+            self._on_answer(message, addr, now)
+
+    def data_to_send(self) -> list[tuple[bytes, Addr]]:
+        """Datagrams to send, each with its destination."""
+        out, self._out = self._out, []
+        return out
+
+    def events_received(self) -> list:
+        """DhtPeers and DhtLookupDone events since the last call."""
+        events, self._events = self._events, []
+        return events
+
+    def bootstrap(self, addrs: Iterable[Addr], now: float) -> None:
+        """Remember where to start (a few addresses) and look our own id up."""
+        self._bootstrap = list(dict.fromkeys(addrs))[:16]
+        for lookup in list(self._lookups.values()):
+            self._seed_lookup(lookup)
+            self._advance(lookup, now)
+        self.find_node(self.node_id, now)
+
+    def find_node(self, target: bytes, now: float) -> None:
+        """Start an iterative find_node lookup (it fills the routing table)."""
+        self._start_lookup(target, "find_node", None, now)
+
+    def get_peers(self, info_hash: bytes, now: float, announce_port: int | None = None) -> None:
+        """Look peers of ``info_hash`` up; then announce ``announce_port`` if given."""
+        self._start_lookup(info_hash, "get_peers", announce_port, now)
+
+    def ping(self, addr: Addr, now: float) -> None:
+        """Ping a node (as after a BEP 5 ``port`` message); it joins the table if it answers."""
+        if all(p.addr != addr for p in self._pending.values()):
+            self._query(addr, "ping", {}, now)
+
+    def tick(self, now: float) -> None:
+        """Timeouts, lookups waiting for budget, secrets, refreshes, expiry."""
+        late = [t for t, p in self._pending.items() if now - p.sent >= DHT_QUERY_TIMEOUT]
+        for t in late:
+            self.stats["dht timeouts"] += 1
+            self._failed(self._pending.pop(t), now)
+        for lookup in list(self._lookups.values()):
+            self._advance(lookup, now)
+        self._rotate(now)
+        if now - self._housekept >= 60.0:
+            self._housekeeping(now)
+
+    @property
+    def lookups(self) -> int:
+        """Lookups running."""
+        return len(self._lookups)
+
+    # answering queries
+    def _on_query(self, query: KrpcQuery, addr: Addr, now: float) -> None:
+        if not (self._limit_ip.allow(addr[0], now) and self._limit_in.allow(None, now)):
+            self.stats["dht rate limited"] += 1
+            return
+        answer = self._answer(query, addr, now)
+        if isinstance(answer, tuple):
+            self.stats["dht errors sent"] += 1
+            self._send(KrpcError(query.t, *answer), addr)
+            return
+        self.stats["dht queries answered"] += 1
+        self._send(KrpcResponse(query.t, {"id": self.node_id, **answer}), addr)
+        self._noticed(query.args["id"], addr, query.args.get("ro"), now)
+
+    def _answer(self, query: KrpcQuery, addr: Addr, now: float) -> dict | tuple:
+        """The answer's values, or (code, text) for a KRPC error."""
+        node_id = query.args.get("id")
+        handler = self._handlers.get(query.method)
+        if not _is_id(node_id) or node_id == self.node_id:
+            return (KRPC_PROTOCOL, "bad id")
+        if handler is None:
+            return (KRPC_METHOD, "Method Unknown")
+        return handler(query.args, addr, now)
+
+    def _noticed(self, node_id: bytes, addr: Addr, read_only: Any, now: float) -> None:
+        """A node queried us: ping it if the table would keep it (BEP 43: not if ``ro``)."""
+        if not self.table.touch(node_id, addr, now) and read_only != 1 \
+                and self.table.has_room(node_id):
+            self.ping(addr, now)
+
+    def _on_ping(self, args: dict, addr: Addr, now: float) -> dict | tuple:
+        return {}
+
+    def _on_find_node(self, args: dict, addr: Addr, now: float) -> dict | tuple:
+        if not _is_id(args.get("target")):
+            return (KRPC_PROTOCOL, "bad target")
+        return {"nodes": self._nodes_near(args["target"])}
+
+    def _on_get_peers(self, args: dict, addr: Addr, now: float) -> dict | tuple:
+        info_hash = args.get("info_hash")
+        if not _is_id(info_hash):
+            return (KRPC_PROTOCOL, "bad info_hash")
+        answer: dict = {"token": self._token(addr[0]), "nodes": self._nodes_near(info_hash)}
+        peers = self._store.get(info_hash, now)
+        if peers:
+            answer["values"] = [compact_addr(p) for p in peers]
+        return answer
+
+    def _on_announce(self, args: dict, addr: Addr, now: float) -> dict | tuple:
+        info_hash, token, port = args.get("info_hash"), args.get("token"), args.get("port")
+        if args.get("implied_port") not in (None, 0):
+            port = addr[1]
+        if not _is_id(info_hash) or not isinstance(port, int) or not 0 < port < 65536:
+            return (KRPC_PROTOCOL, "bad info_hash or port")
+        if token not in (self._token(addr[0], s) for s in self._secrets):
+            self.stats["dht bad tokens"] += 1
+            return (KRPC_PROTOCOL, "bad token")
+        self._store.add(info_hash, (addr[0], port), now)
+        self.stats["dht announces stored"] += 1
+        return {}
+
+    def _nodes_near(self, target: bytes) -> bytes:
+        return b"".join(c.id + compact_addr(c.addr) for c in self.table.closest(target))
+
+    def _token(self, ip: str, secret: bytes | None = None) -> bytes:
+        """BEP 5 token: a hash of the asker's IP and a secret that rotates."""
+        return hashlib.sha1((secret or self._secrets[0]) + ip.encode()).digest()[:8]
+
+    # our queries and their answers
+    def _query(self, addr: Addr, method: str, args: dict, now: float,
+               node_id: bytes | None = None, lookup: _Lookup | None = None) -> bool:
+        """Send a query if the in-flight and rate bounds allow it."""
+        if len(self._pending) >= DHT_MAX_PENDING or not self._limit_out.allow(None, now):
+            self.stats["dht queries deferred"] += 1
+            return False
+        t = self._next_tid()
+        self._pending[t] = _Pending(addr, method, now, node_id, lookup)
+        self._send(KrpcQuery(t, method, {"id": self.node_id, **args}), addr)
+        self.stats["dht queries sent"] += 1
+        return True
+
+    def _next_tid(self) -> bytes:
+        while True:
+            self._tid = (self._tid + 1) & 0xFFFF
+            t = struct.pack(">H", self._tid)
+            if self._tid and t not in self._pending:
+                return t
+
+    def _on_answer(self, message: KrpcResponse | KrpcError, addr: Addr, now: float) -> None:
+        pending = self._pending.get(message.t)
+        if pending is None or pending.addr != addr:
+            self.stats["dht unexpected answers"] += 1
+            return
+        del self._pending[message.t]
+        if isinstance(message, KrpcError):
+            self.stats["dht errors received"] += 1
+            if pending.lookup is not None:  # alive, but no help for this lookup
+                pending.lookup.set(addr, _Probe.FAILED)
+                self._advance(pending.lookup, now)
+            return
+        node_id = message.values.get("id")
+        if not _is_id(node_id) or node_id == self.node_id or pending.node_id not in (None, node_id):
+            self._failed(pending, now)
+            return
+        stale = self.table.heard(node_id, addr, now)
+        if stale is not None:
+            self._query(stale.addr, "ping", {}, now, stale.id)
+        if pending.lookup is not None:
+            self._lookup_answer(pending.lookup, node_id, addr, message.values, now)
+
+    def _failed(self, pending: _Pending, now: float) -> None:
+        self.table.failed(pending.addr, now)
+        if pending.lookup is not None:
+            pending.lookup.set(pending.addr, _Probe.FAILED)
+            self._advance(pending.lookup, now)
+
+    # lookups
+    def _start_lookup(self, target: bytes, method: str, port: int | None, now: float) -> None:
+        running = self._lookups.get((method, target))
+        if running is not None:
+            running.port = port or running.port
+            return
+        if len(self._lookups) >= DHT_MAX_LOOKUPS:
+            self.stats["dht lookups refused"] += 1
+            return
+        lookup = self._lookups[(method, target)] = _Lookup(target, method, port, now)
+        self._seed_lookup(lookup)
+        self._advance(lookup, now)
+
+    def _seed_lookup(self, lookup: _Lookup) -> None:
+        """First candidates: the closest contacts, and the bootstrap nodes while few."""
+        for contact in self.table.closest(lookup.target):
+            lookup.add(contact.id, contact.addr)
+        if len(self.table) < DHT_K:
+            for addr in self._bootstrap or ():
+                lookup.add(None, addr)
+
+    def _advance(self, lookup: _Lookup, now: float) -> None:
+        """Send the lookup's next queries; finish it when nothing is left to ask."""
+        if (lookup.method, lookup.target) not in self._lookups:
+            return
+        key = "target" if lookup.method == "find_node" else "info_hash"
+        for addr, node_id in lookup.next_queries():
+            if not self._query(addr, lookup.method, {key: lookup.target}, now, node_id, lookup):
+                break
+            lookup.set(addr, _Probe.ASKED)
+            lookup.queries += 1
+        waiting = self._bootstrap is None and not lookup.nodes  # for bootstrap()
+        if lookup.finished(now) and not (waiting and now - lookup.started < DHT_LOOKUP_SECONDS):
+            self._finish(lookup, now)
+
+    def _lookup_answer(self, lookup: _Lookup, node_id: bytes, addr: Addr,
+                       values: dict, now: float) -> None:
+        lookup.answered(addr, node_id, values.get("token"))
+        for found_id, found_addr in parse_nodes(values.get("nodes")):
+            if found_id != self.node_id:
+                lookup.add(found_id, found_addr)
+        if lookup.method == "get_peers":
+            fresh = [p for p in parse_peers(values.get("values")) if p not in lookup.peers]
+            if fresh and len(lookup.peers) < 1000:
+                lookup.peers.update(fresh)
+                self._events.append(DhtPeers(lookup.target, tuple(fresh)))
+        self._advance(lookup, now)
+
+    def _finish(self, lookup: _Lookup, now: float) -> None:
+        del self._lookups[(lookup.method, lookup.target)]
+        closest = lookup.closest_with_tokens()
+        if lookup.method == "get_peers" and lookup.port:
+            for addr, node_id, token in closest:
+                self._query(addr, "announce_peer", {"info_hash": lookup.target, "port": lookup.port,
+                                                    "token": token, "implied_port": 0}, now, node_id)
+        self._events.append(DhtLookupDone(lookup.target, lookup.method, len(lookup.peers),
+                                          lookup.count(_Probe.ANSWERED), lookup.queries))
+
+    # upkeep
+    def _rotate(self, now: float) -> None:
+        if self._rotated is None:
+            self._rotated = now
+        elif now - self._rotated >= DHT_TOKEN_ROTATE:
+            self._secrets = [self._random(16), self._secrets[0]]
+            self._rotated = now
+
+    def _housekeeping(self, now: float) -> None:
+        """Once a minute: expire announced peers, refresh a stale bucket, re-bootstrap."""
+        self._housekept = now
+        self._store.expire(now)
+        stale = self.table.stale_bucket(now)
+        if stale is not None:
+            self.table.changed[stale] = now
+            self.find_node(self.table.random_id(stale, self._random(20)), now)
+        elif not len(self.table) and self._bootstrap is not None:
+            self.find_node(self.node_id, now)
+
+    def _send(self, message: Krpc, addr: Addr) -> None:
+        log.debug("> dht %s %s:%d", type(message).__name__, *addr)
+        self._out.append((bytes(message), addr))
+
+
+# DHT (BEP 5): asyncio adapter ###############################################
+
+class _DhtProtocol(asyncio.DatagramProtocol):
+    def __init__(self, node: Dht) -> None:
+        self.node = node
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.node._received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("dht socket: %s", exc)  # ICMP unreachable from a gone node
+
+
+class Dht:
+    """A BEP 5 node on a UDP socket: :class:`DhtCore` plus a timer task.
+
+    ``on_peers(info_hash, peers)`` is called with the peers lookups find.
+    """
+
+    def __init__(self, node_id: bytes, *, host: str = "0.0.0.0", port: int = 0,
+                 bootstrap: Iterable[str] = DHT_BOOTSTRAP,
+                 on_peers: Callable[[bytes, list[Addr]], Any] | None = None) -> None:
+        self.core = DhtCore(node_id)
+        self.host, self.port = host, port
+        self.bootstrap = [_split_hostport(b) for b in bootstrap]
+        self.on_peers = on_peers
+        # private
+        self._transport: asyncio.DatagramTransport | None = None
+        self._task: asyncio.Task | None = None
+        self._resolved = float("-inf")
+
+    @property
+    def stats(self) -> collections.Counter:
+        return self.core.stats
+
+    async def start(self) -> Dht:
+        """Bind the UDP socket, then bootstrap in the background."""
+        loop = asyncio.get_running_loop()
+        self._transport, _ = await loop.create_datagram_endpoint(
+            lambda: _DhtProtocol(self), local_addr=(self.host, self.port), family=socket.AF_INET)
+        self.port = self._transport.get_extra_info("sockname")[1]
+        log.info("dht node %s on udp %s:%d", self.core.node_id.hex()[:8], self.host, self.port)
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    async def close(self) -> None:
+        """Stop the timer and close the socket. Idempotent."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def get_peers(self, info_hash: bytes, announce_port: int | None = None) -> None:
+        """Look ``info_hash`` up (and announce ``announce_port`` to the closest nodes)."""
+        self.core.get_peers(info_hash, time.monotonic(), announce_port)
+        self._flush()
+
+    def add_node(self, addr: Addr) -> None:
+        """Ping a node a peer told us of (BEP 5 ``port`` message); IPv4 only."""
+        with contextlib.suppress(OSError):
+            socket.inet_pton(socket.AF_INET, addr[0])
+            self.core.ping(addr, time.monotonic())
+            self._flush()
+
+    async def _run(self) -> None:
+        while True:
+            if not len(self.core.table) and time.monotonic() - self._resolved > 60.0:
+                await self._bootstrap()
+            await asyncio.sleep(0.25)
+            self.core.tick(time.monotonic())
+            self._flush()
+
+    async def _bootstrap(self) -> None:
+        """Resolve the bootstrap names (off the core: DNS is I/O) and start there."""
+        self._resolved = time.monotonic()
+        found = await asyncio.gather(*(self._resolve(host, port) for host, port in self.bootstrap))
+        self.core.bootstrap([addr for addrs in found for addr in addrs], time.monotonic())
+        self._flush()
+
+    @staticmethod
+    async def _resolve(host: str, port: int) -> list[Addr]:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(loop.getaddrinfo(
+                host, port, family=socket.AF_INET, type=socket.SOCK_DGRAM), 10.0)
+        except (OSError, TimeoutError) as exc:
+            log.warning("dht bootstrap %s:%d: %s", host, port, exc)
+            return []
+        return [info[4][:2] for info in infos[:2]]
+
+    def _received(self, data: bytes, addr: tuple) -> None:
+        self.core.receive_datagram(data, (addr[0], addr[1]), time.monotonic())
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            for data, addr in self.core.data_to_send():
+                self._transport.sendto(data, addr)
+        for event in self.core.events_received():
+            if isinstance(event, DhtPeers) and self.on_peers is not None:
+                log.debug("dht: %d peer(s) of %s", len(event.peers), event.info_hash.hex()[:8])
+                self.on_peers(event.info_hash, list(event.peers))
+            elif isinstance(event, DhtLookupDone):
+                log.debug("dht %s %s done: %d peers, %d of %d answered", event.method,
+                          event.target.hex()[:8], event.peers, event.answered, event.queries)
+
+
 # The bugout node ############################################################
 
 Handler = Callable[[str, Any], Any]
 
 
 class Bugout:
-    """A bugout peer on asyncio: the JS Bugout's API over TCP and LSD.
+    """A bugout peer on asyncio: the JS Bugout's API over TCP, LSD and the DHT.
 
     Events (``on(name, fn)``): ``seen(address)``, ``left(address)``,
     ``message(address, value)``, ``ping(address)``, ``wireseen(address)``,
@@ -1312,7 +2147,9 @@ class Bugout:
                  host: str = "0.0.0.0", port: int = 0, peers: Iterable[str] = (),
                  lsd: bool = True, heartbeat: float = 30.0,
                  max_message: int = DEFAULT_MAX_MESSAGE,
-                 timeout_ms: int = PEER_TIMEOUT_MS, listen: bool = True) -> None:
+                 timeout_ms: int = PEER_TIMEOUT_MS, listen: bool = True,
+                 dht: bool = True, dht_bootstrap: Iterable[str] = DHT_BOOTSTRAP,
+                 dht_port: int | None = None) -> None:
         self.identifier = identifier
         self.identity = Identity(seed)
         self.core = BugoutCore(identifier, self.identity, timeout_ms=timeout_ms)
@@ -1321,6 +2158,12 @@ class Bugout:
         self.host, self.port, self.listen = host, port, listen
         self.lsd, self.heartbeat, self.max_message = lsd, heartbeat, max_message
         self.static_peers = [_split_hostport(p) for p in peers]
+        #: DHT discovery: on/off, bootstrap host:port list, UDP port (None: the TCP port's number)
+        self.dht, self.dht_port = dht, dht_port
+        self.dht_bootstrap = list(dht_bootstrap)
+        for entry in self.dht_bootstrap:
+            _split_hostport(entry)
+        self._dht: Dht | None = None
         #: counters: connections refused, peers dropped, ... (with core.stats)
         self.stats: collections.Counter = collections.Counter()
         # private
@@ -1364,6 +2207,8 @@ class Bugout:
                 reuse_address=True)
             self.port = self._server.sockets[0].getsockname()[1]
             log.info("listening on %s:%d", self.host, self.port)
+        if self.dht:
+            await self._start_dht()
         for host, port in self.static_peers:
             self._spawn(self._keep_peer(host, port))
         if self.lsd:
@@ -1385,6 +2230,8 @@ class Bugout:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._dht is not None:
+            await self._dht.close()
         await asyncio.sleep(0)  # let transports write the goodbye
         for conn in list(self._connections):
             conn.close()
@@ -1485,7 +2332,8 @@ class Bugout:
 
     def _new_wire(self, initiator: bool) -> PeerWire:
         return PeerWire(self.infohash, self.peer_id, self._extended, initiator=initiator,
-                        metadata=self.metadata, max_message=self.max_message)
+                        metadata=self.metadata, max_message=self.max_message,
+                        dht_port=self._dht.port if self._dht is not None else None)
 
     def _connection_lost(self, conn: WireConnection) -> None:
         if conn in self._connections:
@@ -1502,6 +2350,8 @@ class Bugout:
                 self._check_duplicate(conn, event.peer_id)
             elif isinstance(event, ExtendedHandshake):
                 self._on_extended(conn, event.fields)
+            elif isinstance(event, DhtPort):
+                self._on_dht_port(conn, event.port)
         self._flush_core()
 
     def _check_duplicate(self, conn: WireConnection, peer_id: bytes) -> None:
@@ -1629,6 +2479,53 @@ class Bugout:
                     conn.last_keepalive = now
                     conn.wire.send_keepalive()
                     conn._flush()
+
+    # DHT discovery (BEP 5)
+    async def _start_dht(self) -> None:
+        """A DHT node on the TCP port's number if free (one port to forward), else any."""
+        ports = [self.dht_port] if self.dht_port is not None else [self.port, 0]
+        for port in ports:
+            node = Dht(dht_node_id(self.seed), host=self.host, port=port,
+                       bootstrap=self.dht_bootstrap, on_peers=self._on_dht_peers)
+            try:
+                self._dht = await node.start()
+                break
+            except OSError as exc:
+                log.warning("DHT: udp port %s: %s", port, exc)
+        if self._dht is not None:
+            self._spawn(self._dht_lookups())
+
+    async def _dht_lookups(self) -> None:
+        """Look our swarm up (announcing our TCP port) at start, again soon, then periodically."""
+        assert self._dht is not None
+        port = self.port if self.listen else None
+        waited = 0.0
+        for at in DHT_LOOKUP_AT:
+            await asyncio.sleep(at - waited)
+            waited = at
+            self._dht.get_peers(self.infohash, port)
+        while not self._closed:
+            await asyncio.sleep(DHT_LOOKUP_INTERVAL if self.connections() else DHT_LOOKUP_ALONE)
+            self._dht.get_peers(self.infohash, port)
+
+    def _on_dht_peers(self, info_hash: bytes, peers: list[Addr]) -> None:
+        """Dial what a lookup found, but not an address that already dialed us.
+
+        Its listening port is unknown, so the same peer would be dialed again at
+        every lookup and one of the two wires closed as a duplicate."""
+        if info_hash != self.infohash:
+            return
+        callers = {c.transport.get_extra_info("peername")[0] for c in self._connections
+                   if not c.initiator and c.transport is not None}
+        for host, port in peers[:DHT_MAX_VALUES]:
+            if host not in callers:
+                self.add_peer(host, port)
+
+    def _on_dht_port(self, conn: WireConnection, port: int) -> None:
+        peer = conn.transport.get_extra_info("peername") if conn.transport else None
+        if self._dht is not None and peer and 0 < port < 65536:
+            # A dual-stack socket names IPv4 peers ::ffff:a.b.c.d; our DHT speaks IPv4.
+            self._dht.add_node((peer[0].removeprefix("::ffff:"), port))
 
 
 #: A handler returns this to send no answer (as the JS master for shareResults).
@@ -1804,13 +2701,25 @@ def _config(env: dict, key: str, value: Any, default: Any = None) -> Any:
     return default if found in (None, "") else found
 
 
+def dht_options(env: dict, dht: bool | None = None, bootstrap: Iterable[str] | None = None,
+                port: int | None = None) -> dict:
+    """Bugout's DHT arguments from arguments or the ``dht``, ``dhtBootstrap``, ``dhtPort`` keys."""
+    routers = _config(env, "dhtBootstrap", bootstrap, DHT_BOOTSTRAP)
+    if isinstance(routers, str):
+        routers = [r.strip() for r in routers.split(",") if r.strip()]
+    udp = _config(env, "dhtPort", port)
+    return {"dht": _word(_config(env, "dht", dht), True), "dht_bootstrap": list(routers),
+            "dht_port": None if udp is None else int(udp)}
+
+
 class Worker:
     """The JS queue-xec Worker's API in Python.
 
     ``Worker(token, name, loglevel, transfer_encrypt_token)``; each option falls
     back to the JS env keys (``token``, ``name``, ``LOG_LEVEL``,
     ``transferEncryptToken``, ``getBatch``, ``batchSize``) and the transport
-    keys (``port``, ``host``, ``peers``, ``lsd``, ``seed``, ``maxMessage``).
+    keys (``port``, ``host``, ``peers``, ``lsd``, ``seed``, ``maxMessage``,
+    ``dht``, ``dhtBootstrap``, ``dhtPort``).
     """
 
     def __init__(self, token: str | None = None, name: str | None = None,
@@ -1819,7 +2728,9 @@ class Worker:
                  folder: str | Path | None = None, env: dict | None = None,
                  port: int | None = None, host: str | None = None,
                  peers: Iterable[str] | None = None, lsd: bool | None = None,
-                 seed: str | None = None, job_timeout: float | None = None) -> None:
+                 seed: str | None = None, job_timeout: float | None = None,
+                 dht: bool | None = None, dht_bootstrap: Iterable[str] | None = None,
+                 dht_port: int | None = None) -> None:
         env = load_env(".env") if env is None else env
         self.token = _config(env, "token", token)
         if not self.token:
@@ -1841,7 +2752,8 @@ class Worker:
             self.token, seed=_config(env, "seed", seed), host=_config(env, "host", host, "0.0.0.0"),
             port=int(_config(env, "port", port, 0)), peers=peer_list,
             lsd=_word(_config(env, "lsd", lsd), True),
-            max_message=int(_config(env, "maxMessage", None, DEFAULT_MAX_MESSAGE)))
+            max_message=int(_config(env, "maxMessage", None, DEFAULT_MAX_MESSAGE)),
+            **dht_options(env, dht, dht_bootstrap, dht_port))
         #: the master's address once one answered isMaster
         self.master: str | None = None
         #: jobs held locally (a batch), results not yet delivered
@@ -2328,12 +3240,12 @@ async def run_demo(jobs: int = 200) -> int:
                                            "workerPath": "/workplace/task.py"}],
                                 "dependencies": []},
                         results.append, None, key, folder=root / "master", env={},
-                        host="127.0.0.1", lsd=False)
+                        host="127.0.0.1", lsd=False, dht=False)
         await master.start()
         for i in range(jobs):
             master.push_new_job({"id": i, "data": str(10_000 + 100 * i)})
         worker = Worker(token, "demo-worker", "warn", key, env={}, folder=root / "worker",
-                        host="127.0.0.1", lsd=False, peers=["127.0.0.1:%d" % master.port],
+                        host="127.0.0.1", lsd=False, dht=False, peers=["127.0.0.1:%d" % master.port],
                         get_batch=True, batch_size=10)
         started = time.perf_counter()
         await worker.start()

@@ -18,6 +18,10 @@
  *   QX_REUSE_IV =1: one IV for the whole process, exactly like the real JS Crypt class
  *               (default: a fresh random IV per encrypted message)
  *   QX_NODELAY  =1: TCP_NODELAY on every wire socket (the real master leaves Nagle on)
+ *   QX_DHT_BOOTSTRAP  comma-separated 127.x.x.x:port list: run WebTorrent's DHT (BEP 5)
+ *               bootstrapped from these local nodes only, as the real master finds workers
+ *               on the internet. Refused outside a loopback-only network namespace
+ *               (`unshare -n`). Unset = no DHT (the loopback-only default).
  *
  * stdout: JSON lines only
  *   {"event":"ready","address","port","infoHash","identifier"}
@@ -223,9 +227,22 @@ function answerRequestWork(args) {
 }
 
 // ---------------------------------------------------------------- bugout on a loopback-only WebTorrent
+function dhtOption() {
+  const list = (process.env.QX_DHT_BOOTSTRAP || '').split(',').map((s) => s.trim()).filter(Boolean);
+  if (!list.length) return false;
+  const ifs = Object.values(os.networkInterfaces());
+  if (!ifs.every((addrs) => addrs.every((a) => a.internal))) {
+    fail('QX_DHT_BOOTSTRAP refused: run inside `unshare -n` (non-loopback interface present)');
+  }
+  list.forEach((entry) => {
+    if (!/^127\.\d{1,3}\.\d{1,3}\.\d{1,3}:\d{1,5}$/.test(entry)) fail(`bootstrap ${entry} is not 127.x.x.x:port`);
+  });
+  return { bootstrap: list };
+}
+
 const wt = new WebTorrent({
   torrentPort: PORT,
-  dht: false,
+  dht: dhtOption(),
   lsd: false,
   tracker: false,
   natUpnp: false,
@@ -309,6 +326,7 @@ Promise.all([whenListening, whenTorrent]).then(() => {
     event: 'ready',
     address: peer.address(),
     port: wt.address().port,
+    dhtPort: wt.dht ? wt.dhtPort : null,
     infoHash: peer.torrent.infoHash,
     identifier: peer.identifier,
   });
