@@ -1736,6 +1736,354 @@ class TestDhtJs(unittest.TestCase):
         self.assertLess(out["found_s"], 10)
 
 
+# task.js through Node (issue 6) #############################################
+
+NPM = shutil.which("npm")
+
+DEP_INDEX_JS = "module.exports = { add: (a, b) => a + b, version: require('./package.json').version };\n"
+
+# In the style of the JS Master's examples/basic/task.js, with an npm dependency.
+BASIC_TASK_JS = """\
+const dep = require('qx-demo-dep');
+
+class Task {
+  constructor() {
+    this.data = null;
+  }
+
+  async run(job) {
+    this.data = JSON.parse(job.data);
+    return { sum: dep.add(this.data.x, this.data.y), dep: dep.version };
+  }
+}
+
+module.exports = Task;
+"""
+
+# A plain (not async) run that throws, rejects, logs or exits when the job asks.
+EDGE_TASK_JS = """\
+class Task {
+  run(job) {
+    const data = JSON.parse(job.data);
+    if (data.throw) throw new TypeError(`thrown by job ${job.id}`);
+    if (data.reject) return Promise.reject(new RangeError(`rejected by job ${job.id}`));
+    if (data.log) console.log(`console.log from job ${job.id}`);
+    if (data.exit) {
+      console.error(`job ${job.id} exits`);
+      process.exit(3);
+    }
+    return { sum: data.x + data.y, pid: process.pid };
+  }
+}
+
+module.exports = Task;
+"""
+
+VERSION_TASK_JS = """\
+module.exports = class Task {
+  run(job) {
+    return { version: %d, pid: process.pid };
+  }
+};
+"""
+
+_npm_env: dict = {}
+
+
+def offline_npm():
+    """Environment for an npm that installs ``qx-demo-dep`` offline, from its cache."""
+    need(NODE, "node is not installed")
+    need(NPM, "npm is not installed")
+    if not _npm_env:
+        import atexit
+        root = Path(tempfile.mkdtemp(prefix="qx-npm-"))
+        atexit.register(shutil.rmtree, root, True)
+        _npm_env.update(_prime_npm_cache(root))
+    return dict(_npm_env)
+
+
+def _prime_npm_cache(root):
+    """Pack qx-demo-dep 1.0.0 from a folder and put it in a fresh npm cache.
+
+    A registry on 127.0.0.1 serves it once to ``npm cache add`` and stops; from
+    then on npm runs with ``npm_config_offline=true`` and never asks a registry.
+    """
+    package = root / "qx-demo-dep"
+    package.mkdir()
+    (package / "package.json").write_text(json.dumps({"name": "qx-demo-dep", "version": "1.0.0",
+                                                      "main": "index.js"}))
+    (package / "index.js").write_text(DEP_INDEX_JS)
+    env = {"npm_config_cache": str(root / "cache"), "npm_config_offline": "true",
+           "npm_config_update_notifier": "false", "npm_config_audit": "false",
+           "npm_config_fund": "false"}
+    subprocess.run([NPM, "pack", str(package)], cwd=root, env=dict(os.environ, **env), check=True,
+                   capture_output=True, timeout=120)
+    server = _loopback_registry((root / "qx-demo-dep-1.0.0.tgz").read_bytes())
+    env["npm_config_registry"] = "http://127.0.0.1:%d/" % server.server_address[1]
+    try:
+        subprocess.run([NPM, "cache", "add", "qx-demo-dep@1.0.0"], cwd=root, check=True,
+                       env=dict(os.environ, **{**env, "npm_config_offline": "false"}),
+                       capture_output=True, timeout=120)
+    finally:
+        server.shutdown()
+        server.server_close()
+    return env
+
+
+def _loopback_registry(tarball):
+    """A one-package npm registry on 127.0.0.1, serving in a thread."""
+    import base64
+    import http.server
+    import threading
+
+    class Registry(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            base = "http://127.0.0.1:%d" % self.server.server_address[1]
+            body = tarball if self.path.endswith(".tgz") else json.dumps({
+                "name": "qx-demo-dep", "dist-tags": {"latest": "1.0.0"},
+                "versions": {"1.0.0": {"name": "qx-demo-dep", "version": "1.0.0", "main": "index.js", "dist": {
+                    "tarball": base + "/qx-demo-dep/-/qx-demo-dep-1.0.0.tgz",
+                    "shasum": hashlib.sha1(tarball).hexdigest(),
+                    "integrity": "sha512-" + base64.b64encode(hashlib.sha512(tarball).digest()).decode()}}}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Registry)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def patched_environ(values):
+    from unittest import mock
+    return mock.patch.dict(os.environ, values)
+
+
+class TestTaskJs(unittest.TestCase):
+    """task.js from unchanged JS masters: a node child, npm dependencies."""
+
+    def setUp(self):
+        need(NODE, "node is not installed")
+
+    def test_js_master_basic_example_with_npm_dependency(self):
+        js_ready()
+        count = 100
+
+        async def scenario(tmp):
+            root = Path(tmp)
+            (root / "master").mkdir()
+            (root / "master/task.js").write_text(BASIC_TASK_JS)
+            (root / "assets.json").write_text(json.dumps({"dependencies": ["qx-demo-dep"], "files": [
+                {"masterPath": str(root / "master/task.js"), "name": "task.js", "workerPath": "/workplace/task.js"}]}))
+            token = "jstask-%d" % random.randrange(1 << 30)
+            master = await JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY,
+                                                   "QX_ASSETS": str(root / "assets.json")}).start()
+            for i in range(count):  # as examples/basic/index.js pushes them
+                master.send(cmd="push", job={"id": i, "data": json.dumps({"x": 1, "y": 2})})
+            await master.wait_for(lambda e: e["event"] == "pushed" and e["size"] == count)
+            worker = await w.Worker(token, "py-js", "warn", KEY, env={}, folder=root / "w", host="127.0.0.1",
+                                    lsd=False, dht=False, get_batch=True, batch_size=10,
+                                    peers=["127.0.0.1:%d" % master.ready["port"]]).start()
+            await until(lambda: sum(e["event"] == "result" for e in master.events) >= count, 90)
+            results = [e["result"] for e in master.events if e["event"] == "result"]
+            self.assertEqual(sorted(r["jobID"] for r in results), list(range(count)))
+            for r in results:
+                self.assertEqual(r["data"], {"sum": 3, "dep": "1.0.0"})
+                self.assertEqual(r["worker"], {"id": worker.address, "name": "py-js"})
+            self.assertIsInstance(worker._runner, w.NodeRunner)
+            self.assertEqual(worker._runner.starts, 1)
+            self.assertTrue((root / "w/node_modules/qx-demo-dep/package.json").is_file())
+            self.assertTrue((root / "w" / w.NODE_RUNNER_NAME).is_file())
+            await self._check_resolution(root / "w", root / "bin")
+            await worker.stop()
+            self.assertIsNone(worker._runner.process)
+            await master.close()
+
+        with tempfile.TemporaryDirectory() as tmp, patched_environ(offline_npm()):
+            run(scenario(tmp), 150)
+
+    async def _check_resolution(self, folder, bin_dir):
+        """What resolves is not installed again: no npm needed for it."""
+        missing = await w.missing_npm_packages(
+            folder, ["qx-demo-dep", "qx-demo-dep@1.0.0", "fs", "qx-demo-dep@2.0.0", "qx-absent"])
+        self.assertEqual(missing, ["qx-demo-dep@2.0.0", "qx-absent"])
+        bin_dir.mkdir()
+        (bin_dir / "node").symlink_to(NODE)
+        with patched_environ({"PATH": str(bin_dir)}):
+            self.assertTrue(await w.install_npm_packages(folder, ["qx-demo-dep@1.0.0", "fs"]))
+            with self.assertLogs("worker", "ERROR") as logs:
+                self.assertFalse(await w.install_npm_packages(folder, ["qx-absent"]))
+        self.assertIn("'npm' is not on PATH", "\n".join(logs.output))
+
+    def test_throw_reject_and_console_log(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp, files={"/workplace/task.js": EDGE_TASK_JS}).start()
+            cluster.push(1, 0, throw=True)
+            cluster.push(1, 1, reject=True)
+            cluster.push(1, 2, log=True)
+            cluster.push(2, 3)
+            worker = cluster.worker(get_batch=True, batch_size=2)
+            with self.assertLogs("worker", "INFO") as logs:
+                await worker.start()
+                await cluster.until_results(5)
+            by_id = {r["jobID"]: r for r in cluster.results}
+            for i, kind, text in ((0, "TypeError", "thrown by job 0"), (1, "RangeError", "rejected by job 1")):
+                self.assertIsNone(by_id[i]["data"])
+                self.assertEqual(by_id[i]["error"]["type"], kind)
+                self.assertEqual(by_id[i]["error"]["message"], text)
+                self.assertTrue(by_id[i]["error"]["traceback"].startswith(f"{kind}: {text}\n    at "))
+                self.assertIn("workplace/task.js:", by_id[i]["error"]["traceback"])
+            pids = {by_id[i]["data"].pop("pid") for i in range(2, 5)}
+            self.assertEqual(len(pids), 1)
+            for i in range(2, 5):
+                self.assertEqual(by_id[i], {"jobID": i, "worker": {"id": worker.address, "name": "w1"},
+                                            "data": {"sum": i + 1}})
+            self.assertIn("task.js: console.log from job 2", "\n".join(logs.output))
+            self.assertEqual((worker.stats["jobs done"], worker.stats["jobs failed"]), (3, 2))
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_child_dies_mid_job_next_job_works(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp, files={"/workplace/task.js": EDGE_TASK_JS}).start()
+            cluster.push(1, 0)
+            cluster.push(1, 1, exit=True)
+            cluster.push(2, 2)
+            worker = await cluster.worker(get_batch=True, batch_size=2).start()
+            await cluster.until_results(4)
+            by_id = {r["jobID"]: r for r in cluster.results}
+            error = by_id[1]["error"]
+            self.assertIsNone(by_id[1]["data"])
+            self.assertEqual(error["type"], "TaskProcessError")
+            self.assertIn("exited (code 3)", error["message"])
+            self.assertIn("job 1 exits", error["traceback"])
+            for i in (0, 2, 3):
+                self.assertEqual(by_id[i]["data"]["sum"], i + 1)
+            self.assertNotEqual(by_id[0]["data"]["pid"], by_id[2]["data"]["pid"])
+            self.assertEqual(by_id[2]["data"]["pid"], by_id[3]["data"]["pid"])
+            self.assertEqual(worker._runner.starts, 2)
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_asset_change_restarts_child(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp, files={"/workplace/task.js": VERSION_TASK_JS % 1}).start()
+            cluster.push(2)
+            worker = await cluster.worker().start()
+            await cluster.until_results(2)
+            first = worker._runner
+            write_assets(Path(tmp) / "master", {"/workplace/task.js": VERSION_TASK_JS % 2})
+            self.assertTrue(await worker.sync_assets())
+            self.assertEqual(cluster.statuses, ["changed", "changed"])
+            self.assertIsNot(worker._runner, first)
+            await until(lambda: first.process is None, 10)
+            cluster.push(2, start=2)
+            worker._wake.set()  # as check_master does after a sync; else the 30 s idle timer
+            await cluster.until_results(4)
+            data = [r["data"] for r in sorted(cluster.results, key=lambda r: r["jobID"])]
+            self.assertEqual([d["version"] for d in data], [1, 1, 2, 2])
+            self.assertNotEqual(data[0]["pid"], data[2]["pid"])
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_node_missing_is_a_clear_error_worker_stays_up(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp, files={"/workplace/task.js": EDGE_TASK_JS}).start()
+            cluster.push(2)
+            empty = Path(tmp) / "empty-bin"
+            empty.mkdir()
+            worker = cluster.worker()
+            with patched_environ({"PATH": str(empty)}), self.assertLogs("worker", "ERROR") as logs:
+                await worker.start()
+                await until(lambda: any("not on PATH" in line for line in logs.output))
+                self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
+            text = "\n".join(logs.output)
+            self.assertIn("needs Node.js, but 'node' is not on PATH", text)
+            self.assertIsNone(worker._runner)
+            self.assertEqual(cluster.results, [])
+            self.assertEqual(cluster.master.stats["jobs handed out"], 0)
+            # node is back: the next asset check (every 30 s when idle) loads task.js
+            self.assertTrue(await worker.sync_assets())
+            worker._wake.set()
+            await cluster.until_results(2)
+            self.assertEqual(sorted(r["data"]["sum"] for r in cluster.results), [1, 2])
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_runner_load_errors_results_timeout_close(self):
+        async def runner(folder, source, timeout=None):
+            folder.mkdir()
+            (folder / "task.js").write_text(source)
+            return await w.NodeRunner(folder / "task.js", folder, timeout).start()
+
+        async def scenario(tmp):
+            root = Path(tmp)
+            for name, source, expected in (
+                    ("ctor", "module.exports = class { constructor() { throw new Error('no config'); } };",
+                     "Error: no config"),
+                    ("object", "module.exports = { run() {} };", "must export its Task class"),
+                    ("exit", "process.exit(0);", "exited (code 0)")):
+                with self.assertRaises(w.TaskProcessError, msg=name) as caught:
+                    await runner(root / name, source)
+                self.assertIn("does not load", str(caught.exception))
+                self.assertIn(expected, str(caught.exception))
+            odd = await runner(root / "odd", "module.exports = class { async run(job) { switch (job) {\n"
+                               "  case 1: return undefined; case 2: return 10n; case 3: throw 'text';\n"
+                               "  case 4: for (;;); default: return job; } } };", timeout=1.0)
+            self.assertIsNone(await odd.run(1))
+            with self.assertRaises(w.JsTaskError) as caught:
+                await odd.run(2)
+            self.assertEqual(caught.exception.error["type"], "TypeError")
+            self.assertIn("BigInt", caught.exception.error["message"])
+            with self.assertRaises(w.JsTaskError) as caught:
+                await odd.run(3)
+            self.assertEqual(w.error_result(caught.exception), {"type": "string", "message": "text",
+                                                                "traceback": ""})
+            with self.assertRaises(TimeoutError):
+                await odd.run(4)
+            self.assertEqual(await odd.run({"é": [1, None]}), {"é": [1, None]})
+            self.assertEqual(odd.starts, 2)
+            odd.close()
+            odd.close()
+            await odd.wait_closed()
+            self.assertIsNone(odd.process)
+            with self.assertRaises(w.InvalidState):
+                await odd.run(5)
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+
+class TestTaskJsSafety(unittest.TestCase):
+    def test_npm_package_names(self):
+        for good in ["moment", "big.js", "lodash@4.17.21", "@scope/pkg", "@scope/pkg@^1.2.0", "JSONStream",
+                     "pkg@latest", "pkg@>=1.0.0 <2", "pkg@~1.2.x", "pkg@1.x || 2.x", "pkg@1.2.3 - 2.0.0"]:
+            self.assertEqual(w.check_npm_package(good), good)
+        for bad in ["", None, 3, "-g", "--registry=http://evil", "http://x/y.tgz", "git+https://github.com/a/b",
+                    "github:a/b", "a/b", "./local", "../x", "/abs", "file:../x", "pkg@file:../x", "pkg@npm:other",
+                    "pkg@git+ssh://x", "pkg@http://x/y", ".hidden", "_under", "pkg@", "a b", "pkg@1.0.0#x",
+                    "@scope/", "@/x", "pkg@1 --registry=x", "x" * 300]:
+            with self.assertRaises(w.UnsafeAsset, msg=bad):
+                w.check_npm_package(bad)
+
+    def test_runner_file_is_protected(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            for bad in ["/" + w.NODE_RUNNER_NAME, w.NODE_RUNNER_NAME]:
+                with self.assertRaises(w.UnsafeAsset, msg=bad):
+                    w.safe_asset_path(Path(tmp), bad)
+
+
 def main():
     """Run every test; end with the plain 'N passed, N failed, N skipped' line."""
     suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])

@@ -17,7 +17,8 @@ Usage::
 Layout (read it top to bottom): errors, the seed classes (Helper, Logger,
 Crypt, .env file), codecs (bencode, base58, RIPEMD-160), bugout identity and
 packets, the sans-I/O bugout core, the sans-I/O peer wire, transports (TCP,
-LSD, DHT), the asyncio Bugout node, the Worker, the command line.
+LSD, DHT), the asyncio Bugout node, the Worker (task.py in a thread, or
+task.js in a node child), the command line.
 
 Exceptions::
 
@@ -31,6 +32,9 @@ Exceptions::
      +-- InvalidState (also RuntimeError)
      +-- RpcTimeout (also TimeoutError)
      +-- UnsafeAsset (also ValueError): a path or dependency refused
+     +-- TaskError: a job failed outside Python (``error`` is its error field)
+          +-- JsTaskError: task.js's run threw or rejected
+          +-- TaskProcessError: no node or npm, task.js does not load, its process died
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import struct
@@ -2411,6 +2416,8 @@ class Bugout:
 
     def _serve(self, call: Call) -> None:
         """Answer a call: its handler's result, or bugout's error for unknown names."""
+        if self._closed:  # we said goodbye: an answer now would make us "seen" again
+            return
         self.emit("rpc", call.address, call.name, call.args)
         handler = self._api.get(call.name)
         if handler is None:
@@ -2550,7 +2557,7 @@ _REQUIREMENT = re.compile(
     r"(?:\[\s*[A-Za-z0-9._-]+(?:\s*,\s*[A-Za-z0-9._-]+)*\s*\])?"  # extras
     r"(?:\s*(?:===|==|~=|!=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+"  # version
     r"(?:\s*,\s*(?:===|==|~=|!=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+)*)?")
-_PROTECTED_NAMES = {".env", ".deps", ".assets.json", ".results.json"}
+_PROTECTED_NAMES = {".env", ".deps", ".assets.json", ".results.json", ".qx-runner.js"}
 
 
 def check_requirement(text: Any) -> str:
@@ -2678,8 +2685,453 @@ def load_task(path: Path) -> Any:
 
 def error_result(exc: BaseException) -> dict:
     """The ``error`` field of a failed job's result."""
+    if isinstance(exc, TaskError):  # task.js: the JS error's own name, message and stack
+        return dict(exc.error)
     return {"type": exc.__class__.__name__, "message": str(exc),
             "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
+
+
+# Worker: running task.js with Node ##########################################
+#
+# The JS master always sends a task.js. When no task.py comes with it, a
+# long-lived ``node`` child runs it the way the JS worker does: ``new
+# (require(path))()`` once, then ``await task.run(job)`` per job. Jobs and
+# answers are JSON lines on a socket of their own (its fd is in QX_RUNNER_FD),
+# so whatever the task prints cannot corrupt them; its stdout and stderr go to
+# the worker's log. npm installs the dependencies into the worker folder.
+
+#: The runner that worker.py writes into the worker folder (assets may not overwrite it).
+NODE_RUNNER_NAME = ".qx-runner.js"
+#: Seconds ``node`` may take to load task.js and make its Task.
+NODE_START_TIMEOUT = 60.0
+#: Seconds a child may take to exit once its socket is closed, before SIGKILL.
+NODE_EXIT_TIMEOUT = 2.0
+#: Lines of a child's stderr kept to explain its death.
+STDERR_TAIL = 20
+
+NODE_RUNNER_JS = r"""// Written by worker.py (queue-xec Python worker): runs task.js as the JS worker
+// does. Jobs come in and answers go out as JSON lines on the socket whose fd is
+// QX_RUNNER_FD; stdout and stderr are the task's own (the worker logs them).
+'use strict';
+const net = require('net');
+const path = require('path');
+const readline = require('readline');
+const util = require('util');
+
+const channel = new net.Socket({ fd: Number(process.env.QX_RUNNER_FD), readable: true, writable: true });
+const line = (message) => `${JSON.stringify(message)}\n`;
+
+function describe(error) {
+  if (error instanceof Error || util.types.isNativeError(error)) {
+    return { type: String(error.name || 'Error'), message: String(error.message), traceback: String(error.stack || '') };
+  }
+  // `throw 'text'`, `reject(42)`, `reject()`: not an Error, so no name and no stack
+  return { type: error === null ? 'null' : typeof error,
+           message: typeof error === 'string' ? error : util.inspect(error), traceback: '' };
+}
+
+function answer(id, data) {
+  try {
+    return line({ id, data: data === undefined ? null : data });
+  } catch (error) { // a BigInt or a cycle: JSON cannot hold it
+    return line({ id, error: describe(error) });
+  }
+}
+
+async function runJob(task, text) {
+  const { id, job } = JSON.parse(text);
+  try {
+    channel.write(answer(id, await task.run(job)));
+  } catch (error) {
+    channel.write(line({ id, error: describe(error) }));
+  }
+}
+
+function load(file) {
+  const Task = require(path.resolve(file));
+  if (typeof Task !== 'function') {
+    throw new TypeError(`${file} must export its Task class (module.exports = Task), not ${typeof Task}`);
+  }
+  const task = new Task();
+  if (typeof task.run !== 'function') throw new TypeError(`${file}: its Task has no run(job) method`);
+  return task;
+}
+
+function main() {
+  let task;
+  try {
+    task = load(process.argv[2]);
+  } catch (error) {
+    channel.end(line({ ready: false, error: describe(error) }), () => process.exit(1));
+    return;
+  }
+  channel.write(line({ ready: true, node: process.version }));
+  readline.createInterface({ input: channel, crlfDelay: Infinity }).on('line', (text) => runJob(task, text));
+  channel.on('end', () => process.exit(0));
+  channel.on('error', () => process.exit(1));
+}
+
+main();
+"""
+
+# node -e: print the JSON list of the specs (argv[2:]) that do not resolve from
+# the folder (argv[1]) as task.js would require them. An exact version must
+# match; a range or tag is left to npm.
+_NPM_MISSING_JS = r"""
+const fs = require('fs');
+const path = require('path');
+const { createRequire } = require('module');
+const [folder, ...specs] = process.argv.slice(1);
+const requireFrom = createRequire(path.join(folder, 'noop.js'));
+
+function installedVersion(name) {
+  try {
+    return JSON.parse(fs.readFileSync(requireFrom.resolve(`${name}/package.json`), 'utf8')).version || '';
+  } catch (e) { /* not there, or its "exports" hide package.json */ }
+  let entry;
+  try { entry = requireFrom.resolve(name); } catch (e) { return null; }
+  if (!path.isAbsolute(entry)) return process.versions.node; // a built-in module
+  for (let dir = path.dirname(entry); dir !== path.dirname(dir); dir = path.dirname(dir)) {
+    try {
+      const pkg = JSON.parse(fs.readFileSync(path.join(dir, 'package.json'), 'utf8'));
+      if (pkg.name === name) return pkg.version || '';
+    } catch (e) { /* no package.json here */ }
+  }
+  return '';
+}
+
+process.stdout.write(JSON.stringify(specs.filter((spec) => {
+  const at = spec.indexOf('@', 1);
+  const wanted = at < 0 ? '' : spec.slice(at + 1).trim().replace(/^[v=]+/, '');
+  const version = installedVersion(at < 0 ? spec : spec.slice(0, at));
+  if (version === null) return true;
+  if (!wanted || wanted === '*' || wanted === 'x') return false;
+  return !/^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?$/.test(wanted) || version !== wanted;
+})));
+"""
+
+# npm package name (validate-npm-package-name: URL-safe, no leading . or _,
+# legacy capitals allowed), optional @scope/, optional @version, range or tag.
+# No ``:``, ``/`` or ``#`` after the name: no URLs, paths, git or aliases; no
+# `` -x`` inside a range: nothing that reads like an option.
+_NPM_PACKAGE = re.compile(
+    r"(?!.*\s-\S)"
+    r"(?:@[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*"  # [@scope/]name
+    r"(?:@[A-Za-z0-9.^~<>=*|+ -]*[A-Za-z0-9*])?")                    # @version, range or tag
+
+
+class TaskError(WorkerError):
+    """A job failed outside Python; ``error`` is the result's error field."""
+
+    def __init__(self, kind: str, message: str, traceback: str = "") -> None:
+        super().__init__(message if kind == type(self).__name__ else f"{kind}: {message}")
+        #: ``{"type", "message", "traceback"}`` as in every error result
+        self.error = {"type": kind, "message": message, "traceback": traceback}
+
+
+class JsTaskError(TaskError):
+    """task.js's ``run`` threw or rejected: the JS error's name, message and stack."""
+
+    @classmethod
+    def from_answer(cls, error: Any) -> JsTaskError:
+        error = error if isinstance(error, dict) else {}
+        return cls(str(error.get("type") or "Error"), str(error.get("message", "")),
+                   str(error.get("traceback") or ""))
+
+
+class TaskProcessError(TaskError):
+    """task.js cannot run: no node or npm, a load error, or its process died."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__("TaskProcessError", message, detail)
+
+
+def check_npm_package(text: Any) -> str:
+    """An npm package name with an optional ``@version`` (or range, tag), or UnsafeAsset."""
+    spec = text.strip() if isinstance(text, str) else ""
+    if len(spec) > 256 or not _NPM_PACKAGE.fullmatch(spec):
+        raise UnsafeAsset(f"dependency {text!r} refused: only an npm package name with an "
+                          "optional @version is allowed (no URL, path, git or option)")
+    return spec
+
+
+def find_program(name: str) -> str:
+    """``node`` or ``npm`` on PATH, or TaskProcessError saying what to install."""
+    found = shutil.which(name)
+    if found is None:
+        raise TaskProcessError(
+            f"the master sent a task.js (and no task.py), which needs Node.js, but {name!r} "
+            "is not on PATH: install Node.js 18+ with npm, or have the master send a task.py")
+    return found
+
+
+async def missing_npm_packages(folder: Path, specs: list[str]) -> list[str]:
+    """The specs that node's ``require.resolve`` cannot satisfy from ``folder``."""
+    if not specs:
+        return []
+    proc = await asyncio.create_subprocess_exec(
+        find_program("node"), "-e", _NPM_MISSING_JS, "--", str(folder), *specs,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    try:
+        missing = json.loads(out)
+    except ValueError:
+        raise TaskProcessError("node could not check the dependencies: "
+                               + err.decode(errors="replace").strip()[-500:]) from None
+    return [spec for spec in specs if spec in missing]
+
+
+async def install_npm_packages(folder: Path, specs: list[str]) -> bool:
+    """``npm install --prefix folder`` what does not resolve yet; off the loop."""
+    try:
+        missing = await missing_npm_packages(folder, specs)
+        npm = find_program("npm") if missing else ""
+    except (TaskProcessError, OSError) as exc:
+        log.error("dependencies of task.js: %s", exc)
+        return False
+    if not missing:
+        return True
+    log.info("installing %s into %s with npm", ", ".join(missing), folder)
+    command = [npm, "install", "--prefix", str(folder), "--no-audit", "--no-fund",
+               "--no-update-notifier", *missing]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *command, cwd=folder, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    except OSError as exc:
+        log.error("cannot run npm: %s", exc)
+        return False
+    return await _npm_finished(proc, missing)
+
+
+async def _npm_finished(proc: asyncio.subprocess.Process, missing: list[str]) -> bool:
+    """Log npm's output (debug); on failure say so with its last lines."""
+    tail: collections.deque[str] = collections.deque(maxlen=5)
+    assert proc.stdout is not None
+    async for raw in proc.stdout:
+        tail.append(raw.decode(errors="replace").rstrip())
+        log.debug("npm: %s", tail[-1])
+    if await proc.wait() != 0:
+        log.error("npm could not install %s (no network, no such package?):\n%s",
+                  ", ".join(missing), "\n".join(tail))
+        return False
+    log.info("installed %s", ", ".join(missing))
+    return True
+
+
+class NodeRunner:
+    """Runs ``task.js`` in a long-lived ``node`` child; the interface of TaskRunner.
+
+    One job at a time. A child that dies answers its job with an error and the
+    next job starts a new one; a job running past ``timeout`` kills it.
+    """
+
+    def __init__(self, task_path: Path, folder: Path, timeout: float | None = None) -> None:
+        self.task_path = task_path
+        self.folder = folder
+        self.timeout = timeout
+        #: the running child, or None
+        self.process: asyncio.subprocess.Process | None = None
+        #: children started so far (the first one and restarts)
+        self.starts = 0
+        # private
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._pumps: set[asyncio.Task] = set()
+        self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
+        self._lock = asyncio.Lock()
+        self._sequence = itertools.count(1)
+        self._closing: asyncio.Task | None = None
+
+    async def start(self) -> NodeRunner:
+        """Start the child and load task.js; TaskProcessError if that fails."""
+        async with self._lock:
+            await self._start()
+        return self
+
+    async def run(self, job: Any) -> Any:
+        """The task's return value; JsTaskError, TaskProcessError or TimeoutError."""
+        async with self._lock:
+            if self._closing is not None:
+                raise InvalidState("this task.js runner is closed")
+            if self.process is None or self.process.returncode is not None:
+                await self._restart()
+            try:
+                answer = await asyncio.wait_for(self._exchange(job), self.timeout)
+            except TimeoutError:
+                await self._stop(kill=True)
+                raise TimeoutError(f"task ran longer than {self.timeout}s") from None
+        if "error" in answer:
+            raise JsTaskError.from_answer(answer["error"])
+        return answer.get("data")
+
+    def close(self) -> None:
+        """Stop the child once a job in flight is done; idempotent."""
+        if self._closing is not None:
+            return
+        try:
+            self._closing = asyncio.get_running_loop().create_task(self._close())
+        except RuntimeError:  # no loop left: all we can do is kill
+            if self.process is not None:
+                _kill(self.process)
+
+    async def wait_closed(self) -> None:
+        """Close, and wait until the child and its pipes are gone."""
+        self.close()
+        if self._closing is not None:
+            await self._closing
+
+    # private
+    async def _start(self) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            self.process = await self._launch(theirs)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.starts += 1
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=DEFAULT_MAX_MESSAGE)
+        self._stderr.clear()
+        self._pump(self.process.stdout, logging.INFO)
+        self._pump(self.process.stderr, logging.WARNING)
+        log.debug("- task.js process %d started", self.process.pid)
+        await self._hello()
+
+    async def _launch(self, channel: socket.socket) -> asyncio.subprocess.Process:
+        """``node .qx-runner.js task.js`` in the worker folder, ``channel`` as its fd QX_RUNNER_FD."""
+        node, runner, fd = find_program("node"), self.folder / NODE_RUNNER_NAME, channel.fileno()
+        try:
+            if not runner.is_file() or runner.read_text() != NODE_RUNNER_JS:
+                runner.write_text(NODE_RUNNER_JS)
+            return await asyncio.create_subprocess_exec(
+                node, str(runner), str(self.task_path), cwd=self.folder, pass_fds=(fd,),
+                env={**os.environ, "QX_RUNNER_FD": str(fd)}, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        except OSError as exc:
+            raise TaskProcessError(f"cannot start {node} {runner}: {exc}") from exc
+
+    async def _hello(self) -> None:
+        """Wait for the child's ``ready`` line; its load error becomes TaskProcessError."""
+        try:
+            hello = await asyncio.wait_for(self._receive(), NODE_START_TIMEOUT)
+        except TimeoutError:
+            await self._stop(kill=True)
+            raise TaskProcessError(f"{self.task_path} did not load in {NODE_START_TIMEOUT:.0f}s") from None
+        except TaskProcessError as exc:
+            raise TaskProcessError(f"{self.task_path} does not load: {exc}", exc.error["traceback"]) from None
+        if not hello.get("ready"):
+            await self._stop()
+            error = JsTaskError.from_answer(hello.get("error"))
+            raise TaskProcessError(f"{self.task_path} does not load: {error}", error.error["traceback"])
+
+    async def _restart(self) -> None:
+        if self.process is not None:  # it died between jobs
+            code = await self._stop()
+            log.warning("- task.js process exited (code %s) between jobs", code)
+        log.info("- starting a new task.js process")
+        await self._start()
+
+    async def _exchange(self, job: Any) -> dict:
+        """Send one job, return the child's answer to it."""
+        assert self._writer is not None
+        ident = next(self._sequence)
+        self._writer.write(json_dumps({"id": ident, "job": job}).encode() + b"\n")
+        with contextlib.suppress(ConnectionError):
+            await self._writer.drain()
+        answer = await self._receive()
+        if answer.get("id") != ident:
+            await self._stop()
+            raise TaskProcessError(f"the task.js runner answered {answer.get('id')!r} to job {ident}")
+        return answer
+
+    async def _receive(self) -> dict:
+        """The child's next line; TaskProcessError (with its stderr) when it died."""
+        assert self._reader is not None
+        try:
+            line = await self._reader.readline()
+        except (ValueError, ConnectionError) as exc:  # ValueError: a line over the limit
+            await self._stop()
+            raise TaskProcessError(f"the task.js process sent a bad answer: {exc}") from None
+        if not line:
+            code = await self._stop()
+            raise TaskProcessError(f"the task.js process exited (code {code}) before answering",
+                                   "stderr of the task.js process:\n" + "\n".join(self._stderr))
+        with contextlib.suppress(ValueError):
+            answer = json.loads(line)
+            if isinstance(answer, dict):
+                return answer
+        await self._stop(kill=True)
+        raise TaskProcessError(f"the task.js process sent a bad answer: {line[:200]!r}")
+
+    async def _stop(self, kill: bool = False) -> int | None:
+        """End the child (its socket closed first, SIGKILL if it lingers); its exit code."""
+        proc, self.process = self.process, None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if proc is None:
+            return None
+        try:
+            if kill:
+                _kill(proc)
+            await asyncio.wait_for(proc.wait(), NODE_EXIT_TIMEOUT)
+        except TimeoutError:
+            _kill(proc)
+            await proc.wait()
+        finally:
+            if proc.returncode is None:  # cancelled: leave no child behind
+                _kill(proc)
+        await self._end_pumps()
+        log.debug("- task.js process %d exited (code %s)", proc.pid, proc.returncode)
+        return proc.returncode
+
+    async def _end_pumps(self) -> None:
+        """Let the pumps read the last lines, unless a grandchild holds the pipes."""
+        pumps = list(self._pumps)
+        if pumps:
+            await asyncio.wait(pumps, timeout=1.0)
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+
+    async def _close(self) -> None:
+        async with self._lock:
+            await self._stop()
+
+    def _pump(self, stream: asyncio.StreamReader | None, level: int) -> None:
+        task = asyncio.ensure_future(self._log_lines(stream, level))
+        self._pumps.add(task)
+        task.add_done_callback(self._pumps.discard)
+
+    async def _log_lines(self, stream: asyncio.StreamReader | None, level: int) -> None:
+        """The task's console output, line by line, into the worker's log."""
+        while stream is not None:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line over the limit: dropped
+                continue
+            if not raw:
+                return
+            text = raw.decode(errors="replace").rstrip()
+            if level >= logging.WARNING:
+                self._stderr.append(text)
+            log.log(level, "task.js: %s", text)
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+
+
+async def close_runner(runner: TaskRunner | NodeRunner) -> None:
+    """Close a runner and wait for what it owns (a NodeRunner's child)."""
+    if isinstance(runner, NodeRunner):
+        await runner.wait_closed()
+    else:
+        runner.close()
 
 
 # Worker #####################################################################
@@ -2763,7 +3215,7 @@ class Worker:
         self.stats: collections.Counter = collections.Counter()
         # private
         self._manifest: list[dict] = []
-        self._runner: TaskRunner | None = None
+        self._runner: TaskRunner | NodeRunner | None = None
         self._master_acks = False
         self._master_batches = False
         self._delivery_lock = asyncio.Lock()
@@ -2817,7 +3269,7 @@ class Worker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._runner:
-            self._runner.close()
+            await close_runner(self._runner)
         await self.node.close()
         self._done.set()
 
@@ -2902,7 +3354,8 @@ class Worker:
         log.info("assets changed: %d file(s), %d dependency(ies)", len(files), len(deps))
         try:
             plan = [(safe_asset_path(self.folder, f.get("workerPath")), f) for f in files]
-            deps = [check_requirement(d) for d in deps] if self._has_py_task(files) else []
+            python = self._has_py_task(files)  # else task.js: npm packages
+            deps = [(check_requirement if python else check_npm_package)(d) for d in deps]
             contents = [self.crypt.decrypt_bytes(f["content"]) for _, f in plan]
         except (UnsafeAsset, CryptError) as exc:
             log.error("%s; nothing was written", exc)
@@ -2918,7 +3371,7 @@ class Worker:
                 log.warning("%s: content differs from the master's sha256", asset.get("workerPath"))
         self._manifest = [{"name": f.get("name"), "workerPath": f["workerPath"]} for _, f in plan]
         self._save_state()
-        if not await self.install_dependencies(deps):
+        if not await (self.install_dependencies(deps) if python else install_npm_packages(self.folder, deps)):
             return False
         return await self._load_task()
 
@@ -2973,12 +3426,10 @@ class Worker:
 
     async def _load_task(self) -> bool:
         names = {a.get("name"): a for a in self._manifest}
+        if "task.py" not in names and "task.js" in names:
+            return await self._load_js_task(names["task.js"])
         if "task.py" not in names:
-            if "task.js" in names:
-                log.error("the master sent only task.js; this worker runs task.py "
-                          "(running task.js through Node is not supported yet)")
-            else:
-                log.error("the master's assets hold no task.py")
+            log.error("the master's assets hold no task.py or task.js")
             return False
         path = safe_asset_path(self.folder, names["task.py"]["workerPath"])
         try:
@@ -2986,11 +3437,28 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - the task's own import-time errors
             log.error("cannot load %s: %s: %s", path, exc.__class__.__name__, exc)
             return False
-        if self._runner:
-            self._runner.close()
-        self._runner = TaskRunner(task, self.job_timeout)
+        self._use_runner(TaskRunner(task, self.job_timeout))
         log.info("task loaded from %s", path)
         return True
+
+    async def _load_js_task(self, asset: dict) -> bool:
+        """Start a node child for task.js (no task.py came with it)."""
+        path = safe_asset_path(self.folder, asset["workerPath"])
+        try:
+            runner = await NodeRunner(path, self.folder, self.job_timeout).start()
+        except TaskProcessError as exc:
+            log.error("cannot load %s: %s%s", path, exc, "\n" + exc.error["traceback"] if
+                      exc.error["traceback"] else "")
+            return False
+        self._use_runner(runner)
+        log.info("task loaded from %s (node, pid %s)", path, runner.process and runner.process.pid)
+        return True
+
+    def _use_runner(self, runner: TaskRunner | NodeRunner) -> None:
+        """Swap runners; the old one finishes a job in flight, then closes."""
+        if self._runner:
+            self._spawn(close_runner(self._runner))
+        self._runner = runner
 
     # jobs
     async def _drive(self) -> None:
