@@ -165,7 +165,9 @@ class Master:
     def _request_work(self, address: str, args: Any) -> dict:
         """JS rule: a batch while more than one job waits and getBatch is truthy."""
         args = _obj(args)
-        answer = dict(args)
+        if "results" in args:  # Python workers send held results along
+            self._share_results_batch(address, args["results"])
+        answer = {k: v for k, v in args.items() if k != "results"}
         size = len(self.queue)
         if size > 1 and args.get("getBatch"):
             try:

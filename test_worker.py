@@ -1986,7 +1986,6 @@ class TestTaskJs(unittest.TestCase):
             self.assertIsNot(worker._runner, first)
             await until(lambda: first.process is None, 10)
             cluster.push(2, start=2)
-            worker._wake.set()  # as check_master does after a sync; else the 30 s idle timer
             await cluster.until_results(4)
             data = [r["data"] for r in sorted(cluster.results, key=lambda r: r["jobID"])]
             self.assertEqual([d["version"] for d in data], [1, 1, 2, 2])
@@ -2014,7 +2013,6 @@ class TestTaskJs(unittest.TestCase):
             self.assertEqual(cluster.master.stats["jobs handed out"], 0)
             # node is back: the next asset check (every 30 s when idle) loads task.js
             self.assertTrue(await worker.sync_assets())
-            worker._wake.set()
             await cluster.until_results(2)
             self.assertEqual(sorted(r["data"]["sum"] for r in cluster.results), [1, 2])
             await worker.stop()
