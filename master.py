@@ -11,14 +11,23 @@ does not answer in time, is queued again, and each job's result is passed to
                     on_results=print, transfer_encrypt_token=key)
     await master.start()
     master.push_new_job({"id": 1, "data": "{}"})
+
+From the command line (settings from ``.env`` as for the worker; jobs as JSON
+lines, ``-`` for stdin; results printed as JSON lines)::
+
+    python master.py --task task.py --jobs jobs.jsonl
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
 import dataclasses
+import json
 import logging
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -245,3 +254,70 @@ class Master:
 
 def _obj(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
+
+
+# Command line ###############################################################
+
+def _print_event(**event: Any) -> None:
+    print(json_dumps(event), flush=True)
+
+
+async def _feed_jobs(master: Master, source: str) -> None:
+    """Push each JSON line of a file (or stdin) as a job."""
+    loop = asyncio.get_running_loop()
+    handle = sys.stdin if source == "-" else open(source, encoding="utf-8")  # noqa: SIM115, ASYNC230
+    with handle:
+        while line := await loop.run_in_executor(None, handle.readline):
+            if line.strip():
+                master.push_new_job(json.loads(line))
+
+
+def _worker_path(path: str) -> str:
+    """Where a served file lands on workers: its relative path, else workplace/NAME."""
+    relative = Path(path)
+    if relative.is_absolute() or ".." in relative.parts:
+        return "/workplace/" + relative.name
+    return "/" + relative.as_posix()
+
+
+async def run_master(args: argparse.Namespace) -> int:
+    env = load_env(args.env)
+    files = [{"masterPath": str(Path(path).resolve()), "name": Path(path).name,
+              "workerPath": _worker_path(path)} for path in args.task]
+    deps = [d for d in args.deps.split(",") if d.strip()]
+    master = Master(env=env, exec_assets={"files": files, "dependencies": deps},
+                    on_results=lambda result: _print_event(event="result", result=result),
+                    folder="/", lease_seconds=args.lease)
+    await master.start()
+    _print_event(event="ready", address=master.address, port=master.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    feeder = asyncio.ensure_future(_feed_jobs(master, args.jobs)) if args.jobs else None
+    await stop.wait()
+    if feeder:
+        feeder.cancel()
+    await master.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="master.py", description="A queue-xec master in Python.")
+    parser.add_argument("--env", default=".env", metavar="FILE", help="settings file (default .env)")
+    parser.add_argument("--task", action="append", default=[], metavar="FILE",
+                        help="a file to serve (task.py, task.js, data); a relative path keeps its "
+                        "place on workers; repeat for more")
+    parser.add_argument("--deps", default="", help="comma-separated dependencies")
+    parser.add_argument("--jobs", metavar="FILE", help="JSON lines of jobs; - for stdin")
+    parser.add_argument("--lease", type=float, default=60.0, help="seconds a worker may hold a job")
+    args = parser.parse_args(argv)
+    try:
+        return asyncio.run(run_master(args))
+    except WorkerError as exc:
+        print(f"master.py: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,12 +7,14 @@ Run: python -m unittest -v test_worker
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import random
 import shlex
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -2080,6 +2082,169 @@ class TestTaskJsSafety(unittest.TestCase):
             for bad in ["/" + w.NODE_RUNNER_NAME, w.NODE_RUNNER_NAME]:
                 with self.assertRaises(w.UnsafeAsset, msg=bad):
                     w.safe_asset_path(Path(tmp), bad)
+
+
+
+# Faults: kill -9, floods ####################################################
+
+MASTER_PY = str(HERE / "master.py")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MasterProcess:
+    """``python master.py`` with its settings in a .env; jobs over stdin."""
+
+    def __init__(self, folder, token, port, seed, task_text=TASK_PY):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_assets(self.folder, DEFAULT_FILES)
+        (self.folder / "workplace/task.py").write_text(task_text)
+        (self.folder / ".env").write_text(
+            "token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\nhost=127.0.0.1\nport=%d\n"
+            "seed=%s\nLOG_LEVEL=warn\n" % (token, KEY, port, seed))
+        self.results = []
+
+    async def start(self):
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, MASTER_PY, "--task", "workplace/task.py", "--task",
+            "workplace/data/conf/factor.json", "--jobs", "-", "--lease", "5", cwd=self.folder,
+            env=clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.ready = json.loads(await self.proc.stdout.readline())
+        self._reader = asyncio.ensure_future(self._read())
+        return self
+
+    async def _read(self):
+        async for line in self.proc.stdout:
+            event = json.loads(line)
+            if event["event"] == "result":
+                self.results.append(event["result"])
+
+    def push(self, ids, **extra):
+        for i in ids:
+            job = {"id": i, "data": json.dumps({"x": i, **extra})}
+            self.proc.stdin.write((json.dumps(job) + "\n").encode())
+
+    async def kill(self):
+        self.proc.kill()
+        await self.proc.wait()
+        self._reader.cancel()
+
+
+class TestFaults(unittest.TestCase):
+    def setUp(self):
+        self.procs = []  # killed in tearDown, so a failing test leaves no process behind
+
+    def tearDown(self):
+        for proc in self.procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+
+    def test_worker_killed_mid_batch_jobs_requeued_each_answered_once(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            cluster.master.lease_seconds = 5.0
+            cluster.push(30, sleep=0.05)
+            folder = Path(tmp) / "victim"
+            folder.mkdir()
+            (folder / ".env").write_text(
+                "token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\nhost=127.0.0.1\n"
+                "peers=127.0.0.1:%d\ngetBatch=true\nbatchSize=10\nLOG_LEVEL=warn\n"
+                % (cluster.token, KEY, cluster.master.port))
+            victim = await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=folder,
+                                                          env=clean_env())
+            self.procs.append(victim)
+            await until(lambda: len(cluster.results) >= 3, 30)
+            victim.kill()  # SIGKILL, mid-batch
+            await victim.wait()
+            await until(lambda: cluster.master.stats["jobs requeued"] > 0, 15)
+            rescuer = await cluster.worker("rescuer", get_batch=True, batch_size=10).start()
+            await cluster.until_results(30, 60)
+            ids = [r["jobID"] for r in cluster.results]
+            self.assertEqual(sorted(ids), list(range(30)))  # each job answered once
+            self.assertEqual(cluster.master.leases, {})
+            await rescuer.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp), 120)
+
+    def test_master_killed_worker_keeps_results_for_the_next_master(self):
+        async def scenario(tmp):
+            token, port, seed = "kill-master-%d" % random.randrange(1 << 30), free_port(), w.make_seed()
+            first = await MasterProcess(Path(tmp) / "m1", token, port, seed).start()
+            self.procs.append(first.proc)
+            worker = await w.Worker(token, "survivor", "warn", KEY, env={}, folder=Path(tmp) / "w",
+                                    host="127.0.0.1", lsd=False, dht=False, get_batch=True, batch_size=5,
+                                    peers=["127.0.0.1:%d" % port]).start()
+            first.push(range(6), sleep=0.4)  # JS rule: a batch of 5 while more than 5 wait
+            await until(lambda: len(worker.jobs) >= 3, 30)
+            await first.kill()  # SIGKILL while the worker holds the batch
+            await until(lambda: worker.stats["jobs done"] + worker.stats["jobs failed"] >= 5, 30)
+            self.assertGreaterEqual(len(worker.undelivered), 1)  # kept, nobody to give them to
+            second = await MasterProcess(Path(tmp) / "m2", token, port, seed).start()
+            self.procs.append(second.proc)
+            await until(lambda: len(first.results) + len(second.results) >= 5, 60)
+            self.assertEqual(sorted(r["jobID"] for r in first.results + second.results), list(range(5)))
+            self.assertTrue(second.results)
+            self.assertEqual(len(worker.undelivered), 0)
+            await worker.stop()
+            await second.kill()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp), 120)
+
+    def test_flood_of_garbage_and_replays_others_go_on(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            master = cluster.master
+            master.node.core._seen_limit = 2000
+            worker = await cluster.worker().start()
+            await until(lambda: worker._runner is not None)
+            infohash = master.node.infohash
+            replay_core = w.BugoutCore(master.node.identifier, w.Identity())
+            now = w._now()
+            replay_core.send_ping(now)
+            [(valid, _)] = replay_core.data_to_send()
+            rng = random.Random(5)
+            stop = time.monotonic() + 4.0
+            flooders = []
+
+            async def flood(kind):
+                sent = 0
+                while time.monotonic() < stop:
+                    try:
+                        _, writer = await asyncio.open_connection("127.0.0.1", master.port)
+                        hello = w.handshake_bytes(infohash, b"-FL0000-" + os.urandom(6).hex().encode())
+                        writer.write(hello + w.frame(20, b"\0" + w.bencode({"m": {"bo_channel": 4}})))
+                        while time.monotonic() < stop and not writer.is_closing():
+                            if kind == "replay":
+                                payload = valid
+                            else:
+                                payload = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
+                            writer.write(w.frame(20, b"\4" + payload))
+                            sent += 1
+                            if sent % 50 == 0:
+                                await writer.drain()
+                        writer.close()
+                    except (ConnectionError, OSError):
+                        await asyncio.sleep(0.01)
+                return sent
+            flooders = [asyncio.ensure_future(flood(k)) for k in ("replay", "garbage", "garbage")]
+            cluster.push(200)
+            await cluster.until_results(200, 60)
+            sent = sum(await asyncio.gather(*flooders))
+            self.assertGreater(sent, 1000)
+            self.assertLessEqual(len(master.node.core._seen), 2000)
+            self.assertGreater(master.node.core.stats["duplicate"] + master.node.core.stats["dropped"], 1000)
+            self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(200)))
+            await worker.stop()
+            await master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp), 120)
 
 
 def main():

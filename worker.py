@@ -3284,16 +3284,18 @@ class Worker:
         self._stopping = True
         log.info("stopping: finishing %d held job(s)", len(self.jobs))
         self._wake.set()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._drained(), timeout)
-        self._save_state()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._runner:
-            await close_runner(self._runner)
-        await self.node.close()
-        self._done.set()
+        try:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._drained(), timeout)
+            self._save_state()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._runner:
+                await close_runner(self._runner)
+            await self.node.close()
+        finally:
+            self._done.set()  # whatever failed above, the process may exit
 
     async def _drained(self) -> None:
         while self.jobs or self._busy or self.undelivered:
@@ -3613,11 +3615,15 @@ class Worker:
             (self.folder / ".results.json").unlink()
 
     def _save_state(self) -> None:
-        (self.folder / ".assets.json").write_text(json_dumps(self._manifest))
-        if self.undelivered:
-            (self.folder / ".results.json").write_text(json_dumps(list(self.undelivered)))
-            log.warning("%d result(s) could not be delivered; kept for the next run",
-                        len(self.undelivered))
+        try:
+            (self.folder / ".assets.json").write_text(json_dumps(self._manifest))
+            if self.undelivered:
+                (self.folder / ".results.json").write_text(json_dumps(list(self.undelivered)))
+                log.warning("%d result(s) could not be delivered; kept for the next run",
+                            len(self.undelivered))
+        except OSError as exc:
+            log.error("cannot save state in %s: %s (%d result(s) lost)",
+                      self.folder, exc, len(self.undelivered))
 
 
 def _as_dict(value: Any) -> dict:
