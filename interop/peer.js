@@ -12,7 +12,9 @@
  *   BO_ID         bugout identifier (required)
  *   BO_PORT       TCP listen port for WebTorrent (torrentPort), default 0 = any
  *   BO_SEED       optional bugout seed (bs58check), gives a stable address
- *   BO_MODE       "loopback" (default) or "lsd"
+ *   BO_MODE       "loopback" (default), "lsd" or "webrtc"
+ *   BO_TRACKER    webrtc mode: the local WebSocket tracker, ws://127.0.0.1:PORT
+ *   BO_NUMWANT    webrtc mode: offers per announce (default 5; 0 = only answer others' offers)
  *   BO_HEARTBEAT  optional bugout heartbeat interval in ms
  *   BO_NODELAY    "1": set TCP_NODELAY on every wire's socket (JS peers do not;
  *                 default off, to behave exactly like them)
@@ -28,6 +30,11 @@
  *              multicast is on, so it refuses to start unless the process sits
  *              in a network namespace whose only interface is loopback
  *              (`unshare -n`, lo up, route 224.0.0.0/4 via lo).
+ *   webrtc   - as a browser or a Node peer with @roamhq/wrtc: the one tracker in
+ *              BO_TRACKER (ws://127.0.0.1 only) carries offers and answers, ICE
+ *              uses no STUN/TURN server (iceServers: []), and the wire runs on an
+ *              RTCDataChannel. No DHT, LSD or uTP. Like lsd, it refuses to start
+ *              outside a network namespace whose interfaces are all loopback.
  */
 
 const os = require('os')
@@ -64,6 +71,12 @@ if (!identifier) {
 const mode = process.env.BO_MODE || 'loopback'
 const port = Number(process.env.BO_PORT || 0)
 const heartbeat = process.env.BO_HEARTBEAT ? Number(process.env.BO_HEARTBEAT) : undefined
+const tracker = process.env.BO_TRACKER || ''
+if (mode === 'webrtc' && !/^ws:\/\/127\.0\.0\.1:\d+\/?$/.test(tracker)) {
+  reportError('BO_MODE=webrtc needs BO_TRACKER=ws://127.0.0.1:PORT (a local tracker only)')
+  process.exit(2)
+}
+const announce = mode === 'webrtc' ? [tracker] : []
 
 /** WebTorrent client options for each mode (option names checked in webtorrent 1.9.7 index.js). */
 function webtorrentOpts () {
@@ -83,6 +96,20 @@ function webtorrentOpts () {
   if (mode === 'lsd') {
     return Object.assign(common, { lsd: true }) // uTP left at its default, as real JS peers
   }
+  if (mode === 'webrtc') {
+    return Object.assign(common, {
+      lsd: false,
+      utp: false,
+      // torrent-discovery hands this to bittorrent-tracker's client: its wrtc and
+      // rtcConfig go to every simple-peer it makes (websocket-tracker.js _createPeer)
+      tracker: {
+        wrtc: require('@roamhq/wrtc'),
+        rtcConfig: { iceServers: [] },
+        // merged into every announce (webtorrent torrent.js, bittorrent-tracker client.js)
+        getAnnounceOpts: process.env.BO_NUMWANT ? () => ({ numwant: Number(process.env.BO_NUMWANT) }) : undefined
+      }
+    })
+  }
   throw new Error(`unknown BO_MODE ${mode}`)
 }
 
@@ -92,8 +119,8 @@ function onlyLoopback () {
   return Object.values(ifs).every((addrs) => addrs.every((a) => a.internal))
 }
 
-if (mode === 'lsd' && !onlyLoopback()) {
-  reportError('BO_MODE=lsd refused: run it inside `unshare -n` (non-loopback interface present)')
+if ((mode === 'lsd' || mode === 'webrtc') && !onlyLoopback()) {
+  reportError(`BO_MODE=${mode} refused: run it inside \`unshare -n\` (non-loopback interface present)`)
   process.exit(2)
 }
 
@@ -105,9 +132,10 @@ try {
     wt,
     seed: process.env.BO_SEED || undefined,
     heartbeat,
-    announce: [], // an empty (but truthy) list: bugout's wss defaults are not used and
-    // create-torrent adds no default trackers (it only does when announce is undefined)
-    torrentOpts: { announce: [] }
+    announce, // never undefined: bugout's wss defaults are not used, and create-torrent
+    // adds no default trackers (it only does when announce is undefined)
+    torrentOpts: { announce },
+    iceServers: [] // (bugout only reads it when it makes the WebTorrent client itself)
   })
 } catch (err) {
   reportError(err)
