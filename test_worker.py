@@ -1622,9 +1622,12 @@ async def _rtc_python_python():
     await until(lambda: {a.address, b.address} <= set(c.peers), 30)
     result["newcomer_echo"] = await c.rpc(a.address, "echo", {"via": "restarted tracker"})
     result["dead_tracker_retries"] = a.webrtc.sessions[0].client.retries
+    result["interval"] = a.webrtc.sessions[1].client.interval  # the tracker's: 600 s / 5
+    b_id = b.peer_id.decode("latin-1")
     await b.close()
     await until(lambda: ("left", b.address) in a.events, 10)
     await until(lambda: not any(c.address == b.address for c in a._connections), 10)
+    await until(lambda: not any(c.remote_id == b_id for c in a.webrtc.connections), 10)
     await c.close()
     await a.close()
     await tracker.close()
@@ -1849,8 +1852,8 @@ async def _rtc_peer_cap():
     most = 0
     for _ in range(150):  # 3 s, about ten announces each
         await asyncio.sleep(0.02)
-        most = max(most, len(capped._connections), len(capped.webrtc.connections)
-                   - len(capped.webrtc._offers))
+        rtc = capped.webrtc
+        most = max(most, len(capped._connections), rtc.max_peers - rtc.free_slots())
     result = {"most": most, "capped_wires": capped.connections(), "b_c": [b.connections(), c.connections()],
               "declined": capped.stats["webrtc offers declined"] + capped.stats["webrtc answers declined"]}
     for node in (capped, b, c):
@@ -1878,6 +1881,7 @@ class TestWebRtc(unittest.TestCase):
         self.assertEqual(out["newcomer_echo"], {"via": "restarted tracker", "echoedBy": "py"})
         self.assertGreaterEqual(out["dead_tracker_retries"], 1)
         self.assertEqual(out["after_close"], [0, 0, 0])
+        self.assertEqual(out["interval"], 120.0)
         print("\n  python-python: connected through the tracker in %.2f s" % out["connected_s"], file=sys.stderr)
 
     def _python_js(self, python_offers):

@@ -17,7 +17,8 @@ Usage::
 Layout (read it top to bottom): errors, the seed classes (Helper, Logger,
 Crypt, .env file), codecs (bencode, base58, RIPEMD-160), bugout identity and
 packets, the sans-I/O bugout core, the sans-I/O peer wire, transports (TCP,
-LSD), the asyncio Bugout node, the Worker, the command line.
+LSD), the asyncio Bugout node, trackers and WebRTC (a sans-I/O tracker core,
+aiortc data channels; for peers behind NAT), the Worker, the command line.
 
 Exceptions::
 
@@ -1688,8 +1689,9 @@ RECONNECT_FIRST, RECONNECT_LAST = 5.0, 600.0
 #: WebTorrent's CONNECT_TIMEOUT_WEBRTC: answer to open data channel, then
 #: open channel to BEP 10 handshake (its HANDSHAKE_TIMEOUT)
 RTC_CONNECT_TIMEOUT = 25.0
-#: the largest data-channel message we send: far below SCTP's 256 KiB
-#: max-message-size, and what every WebRTC stack takes (RFC 8831 section 6.6)
+#: the largest data-channel message we send: far below the 256 KiB
+#: max-message-size that aiortc and libwebrtc put in their SDP, and the size
+#: that every WebRTC stack, old browsers included, takes
 RTC_CHUNK = 16 * 1024
 
 
@@ -2276,9 +2278,10 @@ class RtcConnection:
 class WebRtcTransport:
     """WebRTC for one :class:`Bugout`: its trackers, peer connections and data channels.
 
-    Off when there are no trackers or aiortc cannot be imported. At most
-    ``max_peers`` wires (TCP ones included) are open or being set up; on top
-    of those each tracker keeps at most ``2 * numwant`` offers waiting.
+    Off when there are no trackers or aiortc cannot be imported. It makes and
+    answers no more offers once ``max_peers`` wires (TCP ones count) are open
+    or being set up; on top of those each tracker keeps at most
+    ``2 * numwant`` offers waiting, so live peer connections stay bounded.
     """
 
     def __init__(self, node: Bugout, trackers: str | Iterable[str] | None = None,
@@ -2313,6 +2316,9 @@ class WebRtcTransport:
     async def start(self) -> bool:
         """Connect to the trackers; False (and one info line) when WebRTC is off."""
         if not self.trackers:
+            return False
+        if not hasattr(asyncio, "timeout"):
+            log.info("WebRTC is off: it needs Python 3.11+; TCP and LSD go on")
             return False
         try:
             import aiortc
@@ -2390,8 +2396,8 @@ class WebRtcTransport:
     def free_slots(self) -> int:
         """How many more wires may be set up under ``max_peers``."""
         offers = set(self._offers.values())
-        busy = set(self.node._connections) | {c for c in self.connections if c not in offers}
-        return self.max_peers - len(busy)
+        setting_up = {c for c in self.connections if not c._closing and c not in offers}
+        return self.max_peers - len(set(self.node._connections) | setting_up)
 
     def has_peer(self, peer_id: str, wired_only: bool = False) -> bool:
         """True when a wire to this peer is open (or, unless ``wired_only``, being set up)."""
