@@ -1672,33 +1672,42 @@ async def _rtc_python_js(python_offers):
     return result
 
 
+async def _js_master_run(tmp, transport, url, count):
+    """The JS master harness and a Python Worker over WebRTC or TCP: timings and results."""
+    webrtc = transport == "webrtc"
+    master = await JsProcess("master.js", {
+        "QX_TOKEN": "rtc-jsm-" + transport, "QX_KEY": KEY, "QX_JOBS": str(count),
+        "QX_ASSETS": str(Path(tmp) / "assets.json"), **({"QX_TRACKER": url} if webrtc else {})}).start()
+    worker = w.Worker("rtc-jsm-" + transport, "py", "warn", KEY, env={}, folder=Path(tmp) / transport,
+                      host="127.0.0.1", lsd=False, get_batch=True, batch_size=10,
+                      peers=[] if webrtc else ["127.0.0.1:%d" % master.ready["port"]],
+                      trackers=[url] if webrtc else [], ice_servers=[])
+    started = time.monotonic()
+    await worker.start()
+    await until(lambda: worker.master is not None, 30)
+    found = time.monotonic() - started
+    await until(lambda: sum(e["event"] == "result" for e in master.events) >= 1, 30)
+    first = time.monotonic()
+    await until(lambda: sum(e["event"] == "result" for e in master.events) >= count, 120)
+    rate = (count - 1) / (time.monotonic() - first)
+    results = [e["result"] for e in master.events if e["event"] == "result"]
+    result = {"found_s": found, "rate": rate, "only_webrtc": only_webrtc(worker.node),
+              "ids": sorted(r["jobID"] for r in results),
+              "right": all(r["data"] == {"sum": r["jobID"] * 2} for r in results)}
+    await worker.stop()
+    await master.close()
+    return result
+
+
 async def _rtc_js_master_worker(count=200):
     tracker = await local_tracker()
-    url = tracker.ready["url"]
     with tempfile.TemporaryDirectory() as tmp:
         files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
         for f in files:
             f["masterPath"] = str(Path(tmp) / "master" / f["masterPath"].lstrip("/"))
         (Path(tmp) / "assets.json").write_text(json.dumps({"files": files, "dependencies": []}))
-        master = await JsProcess("master.js", {
-            "QX_TOKEN": "rtc-jsm", "QX_KEY": KEY, "QX_JOBS": str(count), "QX_TRACKER": url,
-            "QX_ASSETS": str(Path(tmp) / "assets.json")}).start()
-        worker = w.Worker("rtc-jsm", "py", "warn", KEY, env={}, folder=Path(tmp) / "w", host="127.0.0.1",
-                          lsd=False, get_batch=True, batch_size=10, trackers=[url], ice_servers=[])
-        started = time.monotonic()
-        await worker.start()
-        await until(lambda: worker.master is not None, 30)
-        found = time.monotonic() - started
-        await until(lambda: sum(e["event"] == "result" for e in master.events) >= 1, 30)
-        first = time.monotonic()
-        await until(lambda: sum(e["event"] == "result" for e in master.events) >= count, 120)
-        rate = (count - 1) / (time.monotonic() - first)
-        results = [e["result"] for e in master.events if e["event"] == "result"]
-        result = {"found_s": found, "rate": rate, "only_webrtc": only_webrtc(worker.node),
-                  "ids": sorted(r["jobID"] for r in results),
-                  "right": all(r["data"] == {"sum": r["jobID"] * 2} for r in results)}
-        await worker.stop()
-        await master.close()
+        result = {transport: await _js_master_run(tmp, transport, tracker.ready["url"], count)
+                  for transport in ("webrtc", "tcp")}
     await tracker.close()
     return result
 
@@ -1902,11 +1911,15 @@ class TestWebRtc(unittest.TestCase):
 
     def test_worker_jobs_from_js_master(self):
         out = in_rtc_namespace("js_master_worker")
-        self.assertTrue(out["only_webrtc"])
-        self.assertEqual(out["ids"], list(range(200)))
-        self.assertTrue(out["right"])
-        print("\n  JS master -> worker over WebRTC: master found in %.2f s, %.0f jobs/s (batches of 10)"
-              % (out["found_s"], out["rate"]), file=sys.stderr)
+        self.assertTrue(out["webrtc"]["only_webrtc"])
+        self.assertFalse(out["tcp"]["only_webrtc"])
+        for transport in ("webrtc", "tcp"):
+            self.assertEqual(out[transport]["ids"], list(range(200)))
+            self.assertTrue(out[transport]["right"])
+        print("\n  JS master -> worker: master found in %.2f s over WebRTC (%.2f s over TCP); "
+              "%.0f jobs/s over WebRTC, %.0f over TCP (batches of 10)"
+              % (out["webrtc"]["found_s"], out["tcp"]["found_s"], out["webrtc"]["rate"], out["tcp"]["rate"]),
+              file=sys.stderr)
 
     def test_master_py_5mb_asset_and_rates(self):
         out = in_rtc_namespace("master_py")

@@ -2711,6 +2711,7 @@ class Worker:
         self._busy = False
         self._checking: set[str] = set()
         self._sync_lock = asyncio.Lock()
+        self._deliver_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
@@ -3004,6 +3005,12 @@ class Worker:
 
     async def _deliver_results(self) -> None:
         """``shareResults`` for each held result while a master is reachable."""
+        # One delivery at a time: the job loop and stop() both call this, and two at
+        # once sent a result twice and popped an empty deque (stop() then hung).
+        async with self._deliver_lock:
+            await self._deliver_held()
+
+    async def _deliver_held(self) -> None:
         while self.undelivered and self.master is not None:
             master, result = self.master, self.undelivered[0]
             payload = self.crypt.encrypt_json(result)
