@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from worker import (
+    JOBS_WAITING,
     Bugout,
     Crypt,
     Helper,
@@ -33,6 +34,7 @@ from worker import (
     _config,
     _config_list,
     _word,
+    dht_options,
     json_dumps,
     load_env,
 )
@@ -63,6 +65,8 @@ class Master:
                  host: str | None = None, port: int | None = None,
                  peers: Iterable[str] = (), lsd: bool | None = None,
                  seed: str | None = None, lease_seconds: float = 60.0,
+                 dht: bool | None = None, dht_bootstrap: Iterable[str] | None = None,
+                 dht_port: int | None = None,
                  trackers: str | Iterable[str] | None = None,
                  ice_servers: str | Iterable[str] | None = None,
                  max_peers: int | None = None) -> None:
@@ -83,13 +87,15 @@ class Master:
                            lsd=_word(_config(env, "lsd", lsd), True),
                            trackers=_config_list(env, "trackers", trackers),
                            ice_servers=_config_list(env, "iceServers", ice_servers),
-                           max_peers=_config(env, "maxPeers", max_peers))
+                           max_peers=_config(env, "maxPeers", max_peers),
+                           **dht_options(env, dht, dht_bootstrap, dht_port))
         #: encrypted jobs waiting, jobs out on lease, ids already answered
         self.queue: collections.deque[tuple[Any, str]] = collections.deque()
         self.leases: dict[Any, Lease] = {}
         self.done: set = set()
         self.stats: collections.Counter = collections.Counter()
         self._encrypted_files: tuple[str, list] | None = None
+        self._last_announce = 0.0
         self._tasks: set[asyncio.Task] = set()
 
     @property
@@ -103,11 +109,12 @@ class Master:
     async def start(self) -> Master:
         node = self.node
         node.register("isMaster", lambda a, args: {**_obj(args), "isMaster": "yes",
-                                                   "resultAcks": True})
+                                                   "resultAcks": True, "resultBatches": True})
         node.register("ping", lambda a, args: {**_obj(args), "pong": True})
         node.register("requestExecAssets", self._request_exec_assets)
         node.register("requestWork", self._request_work)
         node.register("shareResults", self._share_results)
+        node.register("shareResultsBatch", self._share_results_batch)
         node.on("left", self._requeue_worker)
         node.on("wireleft", self._requeue_worker)
         await node.start()
@@ -126,7 +133,17 @@ class Master:
         """Queue a job (a dict is JSON-encoded first, as the JS master does)."""
         text = payload if isinstance(payload, str) else json_dumps(payload)
         job_id = payload.get("id") if isinstance(payload, dict) else None
+        was_empty = not self.queue
         self.queue.append((job_id, json_dumps(self.crypt.encrypt(text))))
+        if was_empty:
+            self._announce_jobs()
+
+    def _announce_jobs(self) -> None:
+        """Tell idle workers that jobs wait (JS workers ignore it and poll)."""
+        now = time.monotonic()
+        if now - self._last_announce > 0.05 and self.node.connections():
+            self._last_announce = now
+            self.node.send(JOBS_WAITING)
 
     def set_exec_assets(self, exec_assets: dict) -> None:
         """Replace the task files; workers pick them up on their next check."""
@@ -160,7 +177,9 @@ class Master:
     def _request_work(self, address: str, args: Any) -> dict:
         """JS rule: a batch while more than one job waits and getBatch is truthy."""
         args = _obj(args)
-        answer = dict(args)
+        if "results" in args:  # Python workers send held results along
+            self._share_results_batch(address, args["results"])
+        answer = {k: v for k, v in args.items() if k != "results"}
         size = len(self.queue)
         if size > 1 and args.get("getBatch"):
             try:
@@ -183,22 +202,38 @@ class Master:
         return job
 
     def _share_results(self, address: str, args: Any) -> dict:
+        """One result, as JS workers send it (JS masters never answer; we ack)."""
         try:
             result = self.crypt.decrypt_json(args)
         except WorkerError as exc:
             log.error("result from %s: %s", address, exc)
             self.on_results(None)
             return {"received": False}
+        self._accept(result)
+        return {"received": True}
+
+    def _share_results_batch(self, address: str, args: Any) -> dict:
+        """Many results in one call, from Python workers (fewer signatures)."""
+        try:
+            results = self.crypt.decrypt_json(args)
+        except WorkerError as exc:
+            log.error("results from %s: %s", address, exc)
+            return {"received": False}
+        for result in results if isinstance(results, list) else []:
+            self._accept(result)
+        return {"received": True}
+
+    def _accept(self, result: Any) -> None:
+        """Hand a result to on_results once per jobID; end its lease."""
         job_id = result.get("jobID") if isinstance(result, dict) else None
         self.leases.pop(job_id, None)
         if job_id is not None and job_id in self.done:
             self.stats["duplicate results"] += 1
-            return {"received": True}
+            return
         if job_id is not None:
             self.done.add(job_id)
         self.stats["results"] += 1
         self.on_results(result)
-        return {"received": True}
 
     # leases
     def _requeue_worker(self, address: str) -> None:

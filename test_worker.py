@@ -107,7 +107,7 @@ class TestVectors(unittest.TestCase):
     def test_extended_handshake(self):
         for role in ("master", "worker"):
             keys = VECTORS["keys"][role]
-            node = w.Bugout(IDENT, seed=keys["seed_bs58check"], lsd=False, trackers=[])
+            node = w.Bugout(IDENT, seed=keys["seed_bs58check"], lsd=False, dht=False, trackers=[])
             node.identity = identity(role)
             node._extended.update(pk=node.identity.pk, ek=node.identity.ek)
             self.assertEqual(w.bencode(node._extended).hex(),
@@ -531,9 +531,11 @@ class JsProcess:
     async def _read(self):
         async for line in self.proc.stdout:
             try:
-                self.events.append(json.loads(line))
+                event = json.loads(line)
             except ValueError:
                 continue
+            event["_t"] = time.perf_counter()
+            self.events.append(event)
             self._changed.set()
 
     async def wait_for(self, predicate, timeout=20.0):
@@ -573,6 +575,7 @@ async def js_peer(ident, **env):
 
 
 async def py_node(ident, **kw):
+    kw.setdefault("dht", False)
     kw.setdefault("trackers", [])
     node = w.Bugout(ident, host="127.0.0.1", lsd=False, **kw)
     node.register("echo", lambda address, args: {**args, "echoedBy": "py"})
@@ -736,7 +739,7 @@ async def main():
     ident = "lsd-swarm"
     js = await t.JsProcess("peer.js", {"BO_ID": ident, "BO_MODE": "lsd"}).start()
     start = time.monotonic()
-    py = await w.Bugout(ident, host="0.0.0.0", lsd=True, trackers=[]).start()
+    py = await w.Bugout(ident, host="0.0.0.0", lsd=True, dht=False, trackers=[]).start()
     py.register("echo", lambda a, args: args)
     await js.wait_for(lambda e: e["event"] == "seen" and e["address"] == py.address, 30)
     await t.until(lambda: js.ready["address"] in py.peers, 30)
@@ -805,7 +808,7 @@ class Cluster:
         files = write_assets(self.tmp / "master", files)
         self.master = Master(self.token, {"files": files, "dependencies": list(deps)},
                              self.results.append, None, key, folder=self.tmp / "master",
-                             env={}, host="127.0.0.1", lsd=False, trackers=[])
+                             env={}, host="127.0.0.1", lsd=False, dht=False, trackers=[])
         self.statuses = []
         serve = self.master._request_exec_assets
 
@@ -823,7 +826,7 @@ class Cluster:
         kw.setdefault("peers", ["127.0.0.1:%d" % self.master.port])
         kw.setdefault("trackers", [])
         return w.Worker(self.token, name, "warn", key, env={}, folder=self.tmp / name,
-                        host="127.0.0.1", lsd=False, **kw)
+                        host="127.0.0.1", lsd=False, dht=False, **kw)
 
     def push(self, count, start=0, **extra):
         for i in range(start, start + count):
@@ -973,7 +976,7 @@ class TestWorkerFlow(unittest.TestCase):
             files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
             master2 = Master(cluster.token, {"files": files, "dependencies": []}, second.append,
                              None, KEY, folder=Path(tmp) / "master", env={}, host="127.0.0.1",
-                             port=port, lsd=False, trackers=[])
+                             port=port, lsd=False, dht=False, trackers=[])
             await master2.start()
             for i in range(100, 110):
                 master2.push_new_job({"id": i, "data": json.dumps({"x": i})})
@@ -1059,7 +1062,7 @@ class TestAgainstJsMaster(unittest.TestCase):
             master = await JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY, "QX_JOBS": str(count),
                                                    "QX_ASSETS": str(Path(tmp) / "assets.json")}).start()
             worker = await w.Worker(token, "py", "warn", KEY, env={}, folder=Path(tmp) / "w",
-                                    host="127.0.0.1", lsd=False, get_batch=get_batch, batch_size=10,
+                                    host="127.0.0.1", lsd=False, dht=False, get_batch=get_batch, batch_size=10,
                                     peers=["127.0.0.1:%d" % master.ready["port"]], trackers=[]).start()
             started = time.perf_counter()
             await until(lambda: sum(e["event"] == "result" for e in master.events) >= count, 120)
@@ -1098,7 +1101,7 @@ class TestAgainstJsMaster(unittest.TestCase):
             master = await JsProcess("master.js", {"QX_TOKEN": "jsm-same", "QX_KEY": KEY,
                                                    "QX_ASSETS": str(Path(tmp) / "assets.json")}).start()
             worker = await w.Worker("jsm-same", "py", "warn", KEY, env={}, folder=Path(tmp) / "w",
-                                    host="127.0.0.1", lsd=False,
+                                    host="127.0.0.1", lsd=False, dht=False,
                                     peers=["127.0.0.1:%d" % master.ready["port"]], trackers=[]).start()
             await until(lambda: worker._runner is not None)
             self.assertTrue(await worker.sync_assets())
@@ -1164,7 +1167,7 @@ class TestCommandLine(unittest.TestCase):
             folder = Path(tmp) / "wp"
             folder.mkdir()
             (folder / ".env").write_text(
-                "token=%s\ntransferEncryptToken=%s\nlsd=false\nhost=127.0.0.1\npeers=127.0.0.1:%d\n"
+                "token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\nhost=127.0.0.1\npeers=127.0.0.1:%d\n"
                 "getBatch=true\nbatchSize=10\nLOG_LEVEL=info\ntrackers=\n" % (cluster.token, KEY, cluster.master.port))
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
@@ -1184,9 +1187,902 @@ def clean_env():
     """The environment without our own keys, so a test's .env decides."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("token", "transferEncryptToken", "LOG_LEVEL", "peers", "port", "lsd",
-                        "trackers", "iceServers", "maxPeers")}
+                        "dht", "dhtBootstrap", "dhtPort", "trackers", "iceServers", "maxPeers")}
     env["PYTHONPATH"] = str(HERE)
     return env
+
+# DHT (BEP 5) ################################################################
+
+_real_dht_start = w.Dht.start
+
+
+async def _local_dht_start(self):
+    """Safety net: no test may bootstrap from anything but loopback."""
+    for host, _port in self.bootstrap:
+        if not host.startswith("127."):
+            raise AssertionError(f"a test tried to bootstrap the DHT from {host}")
+    return await _real_dht_start(self)
+
+
+w.Dht.start = _local_dht_start
+
+ASKER = b"abcdefghij0123456789"
+OURS = b"mnopqrstuvwxyz123456"
+HERE_ADDR = ("10.1.2.3", 6881)
+
+
+def quiet_core(node_id=OURS):
+    """A core whose secrets and transaction ids are fixed (zero bytes)."""
+    return w.DhtCore(node_id, random=lambda n: bytes(n))
+
+
+def sent(core):
+    """What a core sends: [(parsed message, address)]."""
+    return [(w.parse_krpc(data), addr) for data, addr in core.data_to_send()]
+
+
+class DhtNet:
+    """Cores linked in memory: datagrams between them are delivered at once."""
+
+    def __init__(self, count, now=1000.0):
+        self.now = now
+        self.cores = {("127.0.0.%d" % (i + 1), 6881): w.DhtCore(hashlib.sha1(b"node %d" % i).digest())
+                      for i in range(count)}
+        self.events = {addr: [] for addr in self.cores}
+
+    def __getitem__(self, i):
+        return list(self.cores.values())[i]
+
+    def addr(self, i):
+        return list(self.cores)[i]
+
+    def pump(self, seconds=0.0, lost=()):
+        """Deliver until quiet; addresses in ``lost`` never answer; then let time pass."""
+        moving = True
+        while moving:
+            moving = False
+            for src, core in self.cores.items():
+                for data, dst in core.data_to_send():
+                    moving = True
+                    if dst in self.cores and dst not in lost:
+                        self.cores[dst].receive_datagram(data, src, self.now)
+                self.events[src] += core.events_received()
+        if seconds:
+            self.now += seconds
+            for core in self.cores.values():
+                core.tick(self.now)
+            self.pump(lost=lost)
+
+    def peers_found(self, i, info_hash):
+        return {p for e in self.events[self.addr(i)] if isinstance(e, w.DhtPeers)
+                and e.info_hash == info_hash for p in e.peers}
+
+
+class TestKrpc(unittest.TestCase):
+    def test_bep5_examples_byte_for_byte(self):
+        core = quiet_core()
+        core.receive_datagram(b"d1:ad2:id20:abcdefghij0123456789e1:q4:ping1:t2:aa1:y1:qe", HERE_ADDR, 1.0)
+        [(answer, to), (ping, to2)] = core.data_to_send()
+        self.assertEqual(answer, b"d1:rd2:id20:mnopqrstuvwxyz123456e1:t2:aa1:y1:re")
+        self.assertEqual((to, to2), (HERE_ADDR, HERE_ADDR))
+        # good citizen: an unknown asker is pinged, and joins the table when it answers
+        self.assertEqual(ping, b"d1:ad2:id20:mnopqrstuvwxyz123456e1:q4:ping1:t2:\0\x011:y1:qe")
+        core.receive_datagram(b"d1:rd2:id20:abcdefghij0123456789e1:t2:\0\x011:y1:re", HERE_ADDR, 1.1)
+        self.assertEqual([c.id for c in core.table.closest(ASKER)], [ASKER])
+        core.receive_datagram(b"d1:ad2:id20:abcdefghij01234567896:target20:mnopqrstuvwxyz123456e"
+                              b"1:q9:find_node1:t2:aa1:y1:qe", HERE_ADDR, 1.2)
+        node = ASKER + bytes([10, 1, 2, 3]) + struct.pack(">H", 6881)
+        self.assertEqual(core.data_to_send(), [(b"d1:rd2:id20:mnopqrstuvwxyz1234565:nodes26:" + node
+                                                + b"e1:t2:aa1:y1:re", HERE_ADDR)])
+        self.assertEqual(core.stats["dht queries answered"], 2)
+
+    def test_get_peers_tokens_and_announce(self):
+        core = quiet_core()
+        token = hashlib.sha1(bytes(16) + b"10.1.2.3").digest()[:8]
+        get_peers = (b"d1:ad2:id20:abcdefghij01234567899:info_hash20:mnopqrstuvwxyz123456e"
+                     b"1:q9:get_peers1:t2:aa1:y1:qe")
+        core.receive_datagram(get_peers, HERE_ADDR, 1.0)
+        self.assertEqual(core.data_to_send()[0][0], b"d1:rd2:id20:mnopqrstuvwxyz1234565:nodes0:5:token8:"
+                         + token + b"e1:t2:aa1:y1:re")
+        announce = (b"d1:ad2:id20:abcdefghij012345678912:implied_porti1e9:info_hash20:mnopqrstuvwxyz123456"
+                    b"4:porti6881e5:token8:%se1:q13:announce_peer1:t2:aa1:y1:qe")
+        core.receive_datagram(announce % b"aoeusnth", ("10.1.2.3", 7000), 2.0)
+        self.assertEqual(core.data_to_send(), [(b"d1:eli203e9:bad tokene1:t2:aa1:y1:ee", ("10.1.2.3", 7000))])
+        core.receive_datagram(announce % token, ("10.1.2.3", 7000), 3.0)
+        self.assertEqual(core.data_to_send()[0][0], b"d1:rd2:id20:mnopqrstuvwxyz123456e1:t2:aa1:y1:re")
+        core.receive_datagram(get_peers, ("10.9.9.9", 1), 4.0)
+        [(answer, _), *_] = sent(core)
+        self.assertEqual(answer.values["values"], [bytes([10, 1, 2, 3]) + struct.pack(">H", 7000)])  # implied
+        # the token of another address does not work, and secrets rotate every 5 minutes
+        core.receive_datagram(announce % token, ("10.1.2.4", 7000), 5.0)
+        self.assertEqual(sent(core)[0][0].code, 203)
+        core._random = os.urandom  # fresh secrets from now on
+        for now in (5.0, 5.0 + 301, 5.0 + 602):
+            core.tick(now)
+        core.receive_datagram(announce % token, ("10.1.2.3", 7000), 610.0)
+        self.assertEqual(sent(core)[0][0].code, 203)
+        self.assertEqual(core.stats["dht bad tokens"], 3)
+
+    def test_errors_and_unknown_methods(self):
+        core = quiet_core()
+        self.assertEqual(w.parse_krpc(b"d1:eli201e23:A Generic Error Ocurrede1:t2:aa1:y1:ee"),
+                         w.KrpcError(b"aa", 201, "A Generic Error Ocurred"))
+        core.receive_datagram(b"d1:ad2:id20:abcdefghij01234567896:target20:mnopqrstuvwxyz123456e"
+                              b"1:q3:get1:t2:aa1:y1:qe", HERE_ADDR, 1.0)
+        self.assertEqual(core.data_to_send(), [(b"d1:eli204e14:Method Unknowne1:t2:aa1:y1:ee", HERE_ADDR)])
+        core.receive_datagram(b"d1:ad2:id3:abce1:q4:ping1:t2:aa1:y1:qe", HERE_ADDR, 1.0)
+        self.assertEqual(core.data_to_send(), [(b"d1:eli203e6:bad ide1:t2:aa1:y1:ee", HERE_ADDR)])
+        for junk in (b"", b"le", b"d1:t2:aa1:y1:xe", b"d1:y1:qe", b"d1:t2:aa1:y1:q1:q4:pinge"):
+            core.receive_datagram(junk, HERE_ADDR, 1.0)
+        self.assertEqual(core.data_to_send(), [])
+        self.assertEqual(core.stats["dht malformed"], 5)
+        # an answer nobody asked for, or from another address than asked
+        core.receive_datagram(b"d1:rd2:id20:abcdefghij0123456789e1:t2:zz1:y1:re", HERE_ADDR, 1.0)
+        core.ping(("10.0.0.1", 1), 1.0)
+        [(ping, _)] = sent(core)
+        core.receive_datagram(bytes(w.KrpcResponse(ping.t, {"id": ASKER})), ("10.0.0.2", 1), 1.0)
+        self.assertEqual(core.stats["dht unexpected answers"], 2)
+        self.assertEqual(len(core.table), 0)
+
+    def test_lookup_and_announce_in_memory_both_ways(self):
+        for first, second in ((1, 2), (2, 1)):
+            net = DhtNet(3)
+            boot = net.addr(0)
+            for i in (1, 2):
+                net[i].bootstrap([boot], net.now)
+            net.pump()
+            info_hash = hashlib.sha1(b"swarm %d" % first).digest()
+            net[first].get_peers(info_hash, net.now, 5000 + first)
+            net.pump()
+            net[second].get_peers(info_hash, net.now)
+            net.pump()
+            self.assertEqual(net.peers_found(second, info_hash), {(net.addr(first)[0], 5000 + first)})
+            done = [e for e in net.events[net.addr(second)] if isinstance(e, w.DhtLookupDone)
+                    and e.target == info_hash]
+            self.assertEqual(done[0].peers, 1)
+            # every node now knows the two others
+            for i in range(3):
+                self.assertEqual(len(net[i].table), 2)
+
+    def test_lookup_walks_towards_the_target(self):
+        net = DhtNet(40)
+        for i in range(1, 40):
+            net[i].bootstrap([net.addr(0) if i < 20 else net.addr(i - 1)], net.now)
+            net.pump()
+        info_hash = hashlib.sha1(b"far away").digest()
+        net[39].get_peers(info_hash, net.now, 7777)
+        net.pump()
+        net[5].get_peers(info_hash, net.now)
+        net.pump()
+        self.assertEqual(net.peers_found(5, info_hash), {(net.addr(39)[0], 7777)})
+        holders = [i for i in range(40) if net[i]._store.get(info_hash, net.now)]
+        distance = sorted(range(40), key=lambda i: int.from_bytes(net[i].node_id, "big")
+                          ^ int.from_bytes(info_hash, "big"))
+        self.assertLessEqual(len(holders), w.DHT_K)
+        self.assertIn(distance[0], holders)  # the closest node holds the announce
+
+    def test_timeouts_failures_and_rate_limits(self):
+        net = DhtNet(3)
+        net[1].bootstrap([net.addr(0)], net.now)
+        net.pump()
+        self.assertEqual(len(net[1].table), 1)
+        for target in (b"x" * 20, b"y" * 20):  # node 0 stays silent: after two misses it is bad
+            net[1].get_peers(target, net.now)
+            for _ in range(5):
+                net.pump(1.0, lost={net.addr(0)})
+        self.assertEqual(net[1].stats["dht timeouts"], 2)
+        self.assertEqual(net[1].lookups, 0)
+        self.assertEqual(net[1].table.closest(b"x" * 20), [])
+        # a flood of queries from one address: a burst is answered, the rest dropped
+        core = quiet_core()
+        for i in range(1000):
+            core.receive_datagram(bytes(w.KrpcQuery(b"%d" % i, "ping", {"id": ASKER})), HERE_ADDR, 5.0)
+        answers = [m for m, _ in sent(core) if isinstance(m, w.KrpcResponse)]
+        self.assertEqual(len(answers), 2 * w.DHT_ANSWERS_PER_IP)
+        self.assertEqual(core.stats["dht rate limited"], 1000 - len(answers))
+        # our own queries are bounded too: in flight and per second
+        core = quiet_core()
+        for i in range(500):
+            core.ping(("10.0.%d.%d" % (i // 250, i % 250 + 1), 1), 10.0)
+        self.assertEqual(len(core.data_to_send()), w.DHT_QUERIES_PER_SECOND)
+        self.assertEqual(core.stats["dht queries deferred"], 500 - w.DHT_QUERIES_PER_SECOND)
+
+    def test_peer_store_bounded_and_expiring(self):
+        core = quiet_core()
+        now = 1.0
+
+        def announce(info_hash, ip, port):
+            nonlocal now
+            now += 0.01
+            args = {"id": ASKER, "info_hash": info_hash, "port": port, "token": core._token(ip)}
+            core.receive_datagram(bytes(w.KrpcQuery(b"a", "announce_peer", args)), (ip, 1), now)
+            core.data_to_send()
+        for i in range(w.DHT_STORE_HASHES + 100):
+            announce(hashlib.sha1(b"%d" % i).digest(), "10.3.%d.%d" % (i // 250, i % 250 + 1), 1000)
+        busy = b"b" * 20
+        for i in range(w.DHT_STORE_PEERS + 50):
+            announce(busy, "10.4.%d.%d" % (i // 250, i % 250 + 1), 2000 + i)
+        self.assertEqual(len(core._store._hashes), w.DHT_STORE_HASHES)
+        self.assertEqual(len(core._store._hashes[busy]), w.DHT_STORE_PEERS)
+        newest = core._store.get(busy, now)
+        self.assertEqual(len(newest), w.DHT_MAX_VALUES)
+        self.assertEqual(newest[0][1], 2000 + w.DHT_STORE_PEERS + 49)  # most recent first
+        self.assertIsNone(core._store._hashes.get(hashlib.sha1(b"0").digest()))  # oldest forgotten
+        core.tick(now + w.DHT_PEER_TTL + 1)
+        self.assertEqual(len(core._store), 0)
+
+    def test_routing_table_bounded_ordered_and_spares(self):
+        rng = random.Random(5)
+        table = w.RoutingTable(OURS)
+        for i in range(20_000):
+            table.heard(rng.randbytes(20), ("10.%d.%d.%d" % (i >> 16, (i >> 8) & 255, i & 255), 1), 1.0)
+        self.assertLessEqual(len(table), 160 * w.DHT_K)
+        self.assertTrue(all(len(b) <= w.DHT_K for b in table.buckets))
+        self.assertEqual(len(table.buckets[0]), w.DHT_K)
+        target = rng.randbytes(20)
+        found = table.closest(target, 20)
+        key = int.from_bytes(target, "big")
+        distances = [int.from_bytes(c.id, "big") ^ key for c in found]
+        self.assertEqual(distances, sorted(distances))
+        self.assertEqual(found[0].id, min((c for b in table.buckets for c in b),
+                                          key=lambda c: int.from_bytes(c.id, "big") ^ key).id)
+        # a contact that misses twice gives way to a spare of its bucket
+        victim = table.buckets[0][0]
+        table.failed(victim.addr, 2.0)
+        self.assertIn(victim, table.buckets[0])
+        table.failed(victim.addr, 2.0)
+        self.assertNotIn(victim, table.buckets[0])
+        self.assertEqual(len(table.buckets[0]), w.DHT_K)
+        for index in (0, 7, 159):
+            self.assertEqual(table.index(table.random_id(index, rng.randbytes(20))), index)
+        self.assertIsNone(table.heard(OURS, ("10.0.0.1", 1), 1.0))  # never ourselves
+
+    def test_node_id_follows_the_seed_and_config(self):
+        seed = VECTORS["keys"]["worker"]["seed_bs58check"]
+        self.assertEqual(w.dht_node_id(seed), w.dht_node_id(seed))
+        self.assertNotEqual(w.dht_node_id(seed), w.dht_node_id(VECTORS["keys"]["master"]["seed_bs58check"]))
+        self.assertEqual(len(w.dht_node_id(seed)), 20)
+        default = w.Bugout("cfg", lsd=False)
+        self.assertTrue(default.dht)
+        self.assertEqual(default.dht_bootstrap, ["router.bittorrent.com:6881", "router.utorrent.com:6881",
+                                                 "dht.transmissionbt.com:6881"])
+        base = {"token": "t" * 20, "transferEncryptToken": KEY, "LOG_LEVEL": "warn"}
+        env = {**base, "dht": "false",
+               "dhtBootstrap": "127.0.0.1:1, 127.0.0.1:2", "dhtPort": "7001", "seed": seed}
+        worker = w.Worker(env=env, folder=tempfile.gettempdir())
+        self.assertEqual((worker.node.dht, worker.node.dht_bootstrap, worker.node.dht_port),
+                         (False, ["127.0.0.1:1", "127.0.0.1:2"], 7001))
+        self.assertTrue(w.Worker(env=base).node.dht)
+        from master import Master
+        self.assertFalse(Master(env={**base, "dht": "0"}).node.dht)
+        self.assertTrue(Master(env=base).node.dht)
+        with self.assertRaises(w.WorkerError):
+            w.Bugout("cfg", dht_bootstrap=["no-port"])
+
+    def test_wire_dht_bit_and_port_message(self):
+        infohash, _ = w.infohash_of(IDENT)
+        ours = w.PeerWire(infohash, b"-QP0100-aaaaaaaaaaaa", {"m": {}}, initiator=True, dht_port=6881)
+        theirs = w.PeerWire(infohash, b"-WW0109-AAAAAAAAAAAA", {"m": {}}, initiator=False, dht_port=40000)
+        pump(ours, theirs)
+        self.assertEqual(ours.remote_reserved[7] & 1, 1)
+        self.assertIn(w.DhtPort(40000), ours.events_received())
+        self.assertIn(w.DhtPort(6881), theirs.events_received())
+        plain = w.PeerWire(infohash, b"-QP0100-bbbbbbbbbbbb", {"m": {}}, initiator=True)
+        other = w.PeerWire(infohash, b"-WW0109-BBBBBBBBBBBB", {"m": {}}, initiator=False, dht_port=40000)
+        pump(plain, other)
+        self.assertNotIn(w.DhtPort(40000), plain.events_received())  # no DHT bit: no port message
+
+
+# DHT: generated bad input ###################################################
+
+_KRPC_KEYS = ["t", "y", "q", "a", "r", "e", "id", "target", "info_hash", "token", "port",
+              "implied_port", "values", "nodes", "ro", "v"]
+
+
+def krpc_seeds():
+    ids = [hashlib.sha1(b"%d" % i).digest() for i in range(4)]
+    nodes = b"".join(i + bytes([127, 0, 0, n + 1]) + struct.pack(">H", 6000 + n) for n, i in enumerate(ids))
+    values = [bytes([10, 0, 0, n]) + struct.pack(">H", 7000 + n) for n in range(3)]
+    messages = [w.KrpcQuery(b"aa", "ping", {"id": ids[0]}),
+                w.KrpcQuery(b"ab", "find_node", {"id": ids[1], "target": ids[2]}),
+                w.KrpcQuery(b"ac", "get_peers", {"id": ids[1], "info_hash": ids[3]}),
+                w.KrpcQuery(b"ad", "announce_peer", {"id": ids[2], "info_hash": ids[3], "port": 6881,
+                                                     "token": b"12345678", "implied_port": 1}),
+                w.KrpcQuery(b"ae", "get", {"id": ids[2], "target": ids[0]}),
+                w.KrpcResponse(b"\0\1", {"id": ids[0], "nodes": nodes, "values": values, "token": b"tok"}),
+                w.KrpcError(b"aa", 201, "A Generic Error Ocurred")]
+    return [bytes(m) for m in messages]
+
+
+def random_krpc(rng, depth=0):
+    """A random bencodable value shaped like KRPC: its keys, odd types and sizes."""
+    kind = rng.randrange(6 if depth < 3 else 3)
+    if kind == 0:
+        return rng.choice([0, 1, -1, 6881, 65535, 65536, 1 << 40])
+    if kind == 1:
+        return rng.randbytes(rng.choice([0, 1, 2, 6, 8, 19, 20, 21, 26, 52, 300]))
+    if kind == 2:
+        return rng.choice([b"q", b"r", b"e", b"ping", b"find_node", b"get_peers", b"announce_peer"])
+    if kind == 3:
+        return [random_krpc(rng, depth + 1) for _ in range(rng.randrange(5))]
+    return {rng.choice(_KRPC_KEYS): random_krpc(rng, depth + 1) for _ in range(rng.randrange(6))}
+
+
+def random_body(rng):
+    """Arguments or answer values: the right keys, often the right sizes, sometimes not."""
+    body = {k: random_krpc(rng) for k in rng.sample(_KRPC_KEYS[6:], rng.randrange(1, 6))}
+    for key in ("id", "target", "info_hash"):
+        if rng.random() < 0.7:
+            body[key] = rng.randbytes(20)
+    if rng.random() < 0.3:
+        body["nodes"] = rng.randbytes(26 * rng.randrange(12) + rng.choice([0, 0, 1, 25]))
+    return body
+
+
+def random_message(rng, t=None):
+    """A message with a sound envelope (t, y) and random contents."""
+    y = rng.choice([b"q", b"q", b"r", b"e"]) if t is None else rng.choice([b"r", b"r", b"r", b"e"])
+    message = {"t": t or rng.randbytes(rng.randint(1, 4)), "y": y}
+    if y == b"q":
+        message.update(q=rng.choice([b"ping", b"find_node", b"get_peers", b"announce_peer", b"x"]),
+                       a=random_body(rng))
+    elif y == b"r":
+        message["r"] = random_body(rng)
+    else:
+        message["e"] = rng.choice([[201, b"x"], [], [b"x"], random_krpc(rng)])
+    if rng.random() < 0.1:
+        message[rng.choice(_KRPC_KEYS)] = random_krpc(rng)
+    return w.bencode(message)
+
+
+def krpc_inputs(core, count, rng):
+    """Mutated valid messages, random messages, and random answers to our pending queries."""
+    mutated = mutations(krpc_seeds(), count, rng)
+    for i in range(count):
+        addr = ("10.0.%d.%d" % (i % 7, i % 61 + 1), 6881)
+        if i % 3 == 0:
+            yield next(mutated), addr
+        elif i % 3 == 1 or not core._pending:
+            yield random_message(rng), addr
+        else:
+            t, pending = rng.choice(list(core._pending.items()))
+            yield random_message(rng, t), pending.addr
+
+
+class TestKrpcBadInput(unittest.TestCase):
+    def test_12000_generated_inputs(self):
+        rng = random.Random(2024)
+        core = w.DhtCore(OURS)
+        core.bootstrap([("10.2.0.%d" % i, 6881) for i in range(1, 9)], 0.0)
+        now, count, undecodable = 0.0, 0, 0
+        for data, addr in krpc_inputs(core, 12_000, rng):
+            try:
+                w.parse_krpc(data)
+            except w.DecodeError:
+                undecodable += 1
+            core.receive_datagram(data, addr, now)  # never raises
+            core.data_to_send()
+            core.events_received()
+            count += 1
+            now += 0.01
+            if count % 50 == 0:
+                core.tick(now)
+                core.get_peers(rng.randbytes(20), now, 6881)
+        self.assertEqual(count, 12_000)
+        self.assertEqual(core.stats["dht malformed"], undecodable)
+        self.assertGreater(undecodable, 3_000)
+        self.assertGreater(core.stats["dht queries answered"], 500)
+        self.assertGreater(core.stats["dht errors sent"], 500)
+        self.assertGreater(core.stats["dht queries sent"], 500)
+        self.assertLessEqual(len(core._pending), w.DHT_MAX_PENDING)
+        self.assertLessEqual(core.lookups, w.DHT_MAX_LOOKUPS)
+        self.assertLessEqual(len(core.table), 160 * w.DHT_K)
+        self.assertLessEqual(len(core._store), w.DHT_STORE_HASHES * w.DHT_STORE_PEERS)
+
+
+# DHT: real sockets and real JS DHT nodes ####################################
+
+class TestDhtLoopback(unittest.TestCase):
+    def test_two_python_nodes_through_a_python_bootstrap_node(self):
+        async def scenario():
+            boot = await w.Dht(hashlib.sha1(b"boot").digest(), host="127.0.0.1", bootstrap=()).start()
+            where = ["127.0.0.1:%d" % boot.port]
+            a = await py_node("dht-swarm", dht=True, dht_bootstrap=where)
+            await until(lambda: boot.stats["dht announces stored"], 10)
+            started = time.monotonic()
+            b = await py_node("dht-swarm", dht=True, dht_bootstrap=where)
+            await until(lambda: a.address in b.peers and b.address in a.peers, 20)
+            found = time.monotonic() - started
+            self.assertEqual(await b.rpc(a.address, "echo", {"via": "dht"}), {"via": "dht", "echoedBy": "py"})
+            self.assertEqual(await a.rpc(b.address, "echo", {}), {"echoedBy": "py"})
+            self.assertGreaterEqual(boot.stats["dht announces stored"], 2)
+            # the DHT bit and port message: each node's DHT knows the other's
+            await until(lambda: len(a._dht.core.table) == 2 and len(b._dht.core.table) == 2, 10)
+            self.assertEqual(a._dht.port, a.port)  # the TCP port's number, one port to forward
+            await b.close()
+            await a.close()
+            await boot.close()
+            await boot.close()  # idempotent
+            return found
+        found = run(scenario())
+        print("\n  DHT: python found python through a python bootstrap node in %.3f s" % found,
+              file=sys.stderr)
+        self.assertLess(found, 10)
+
+
+DHT_JS_CHILD = """
+import asyncio, hashlib, json, time, test_worker as t, worker as w
+async def main():
+    ident = "dht-js-swarm"
+    boot = await t.JsProcess("dht-node.js", {}).start()
+    where = "127.0.0.1:%d" % boot.ready["port"]
+    js = await t.JsProcess("peer.js", {"BO_ID": ident, "BO_MODE": "dht", "BO_DHT_BOOTSTRAP": where}).start()
+    await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == js.ready["port"], 20)
+    start = time.monotonic()
+    py = await w.Bugout(ident, host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], trackers=[]).start()
+    py.register("echo", lambda a, args: {**args, "echoedBy": "py"})
+    await t.until(lambda: js.ready["address"] in py.peers, 30)
+    found = time.monotonic() - start
+    echo = await py.rpc(js.ready["address"], "echo", {"dht": True})
+    js.send(cmd="rpc", id=1, address=py.address, call="echo", args={"from": "js"})
+    back = (await js.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 1))["result"]
+    ours = await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == py.port, 20)
+    # a JS DHT client bootstrapped from the Python node: find_node, get_peers, announce_peer
+    client = await t.JsProcess("dht-node.js", {"DHT_BOOTSTRAP": "127.0.0.1:%d" % py._dht.port}).start()
+    topic = hashlib.sha1(b"topic").hexdigest()
+    client.send(cmd="announce", id=1, infoHash=topic, port=4242)
+    announced = await client.wait_for(lambda e: e["event"] == "announced", 20)
+    stored = py._dht.core._store.get(bytes.fromhex(topic), time.monotonic())
+    client.send(cmd="lookup", id=2, infoHash=topic)
+    peer = await client.wait_for(lambda e: e["event"] == "peer" and e["fromPort"] == py._dht.port, 20)
+    stats = dict(py._dht.stats)
+    await py.close(); await js.close(); await client.close(); await boot.close()
+    print(json.dumps({"found_s": found, "echo": echo, "back": back, "ours": ours, "announced": announced,
+                      "stored": stored, "peer": peer, "stats": stats, "js_port": js.ready["port"]}))
+asyncio.run(main())
+"""
+
+MASTER_TASK = '''\
+import json
+
+
+class Task:
+    def run(self, job):
+        return {"double": json.loads(job["data"])["x"] * 2}
+'''
+
+DHT_MASTER_CHILD = """
+import asyncio, json, os, pathlib, tempfile, time, test_worker as t, worker as w
+async def main():
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="qx-dht-"))
+    (tmp / "task.py").write_text(t.MASTER_TASK)
+    (tmp / "assets.json").write_text(json.dumps({"files": [{"masterPath": str(tmp / "task.py"),
+        "name": "task.py", "workerPath": "/workplace/task.py"}], "dependencies": []}))
+    boot = await t.JsProcess("dht-node.js", {}).start()
+    where = "127.0.0.1:%d" % boot.ready["port"]
+    master = await t.JsProcess("master.js", {"QX_TOKEN": "dht-flow-token-0123456789", "QX_KEY": t.KEY,
+        "QX_JOBS": "20", "QX_ASSETS": str(tmp / "assets.json"), "QX_DHT_BOOTSTRAP": where}).start()
+    await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == master.ready["port"], 20)
+    worker = w.Worker("dht-flow-token-0123456789", "dht-worker", "warn", t.KEY, env={}, folder=tmp / "w",
+                      host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], get_batch=True, batch_size=5,
+                      trackers=[])
+    start = time.monotonic()
+    await worker.start()
+    await t.until(lambda: worker.master is not None, 30)
+    found = time.monotonic() - start
+    results = []
+    while len(results) < 20:
+        results.append((await master.wait_for(lambda e: e["event"] == "result" and e not in results, 60)))
+    elapsed = time.monotonic() - start
+    await worker.stop(); await master.close(); await boot.close()
+    print(json.dumps({"found_s": found, "all_s": elapsed, "results": [r["result"] for r in results],
+                      "master": master.ready["address"], "worker": worker.address,
+                      "lsd": worker.node.lsd}))
+asyncio.run(main())
+"""
+
+DHT_LATE_MASTER_CHILD = """
+import asyncio, json, pathlib, tempfile, time, test_worker as t, worker as w
+w.DHT_LOOKUP_AT, w.DHT_LOOKUP_ALONE = (0.0, 1.0), 1.0  # the schedule, shortened for the test
+async def main():
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="qx-dht-"))
+    boot = await t.JsProcess("dht-node.js", {}).start()
+    where = "127.0.0.1:%d" % boot.ready["port"]
+    worker = w.Worker("dht-late-token-0123456789", "late", "warn", t.KEY, env={}, folder=tmp / "w",
+                      host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], trackers=[])
+    await worker.start()
+    await asyncio.sleep(2.5)
+    assert worker.master is None
+    master = await t.JsProcess("master.js", {"QX_TOKEN": "dht-late-token-0123456789", "QX_KEY": t.KEY,
+                                             "QX_DHT_BOOTSTRAP": where}).start()
+    start = time.monotonic()
+    await t.until(lambda: worker.master is not None, 20)
+    found = time.monotonic() - start
+    await worker.stop(); await master.close(); await boot.close()
+    print(json.dumps({"found_s": found, "master": worker.master, "js": master.ready["address"]}))
+asyncio.run(main())
+"""
+
+
+class TestDhtJs(unittest.TestCase):
+    def setUp(self):
+        js_ready()
+        need((INTEROP / "node_modules" / "bittorrent-dht").is_dir(), "run npm ci in interop/")
+
+    def test_python_and_js_peers_meet_through_a_js_dht(self):
+        out = in_namespace(DHT_JS_CHILD)
+        self.assertEqual(out["echo"], {"dht": True, "echoedBy": "js"})
+        self.assertEqual(out["back"], {"from": "js", "echoedBy": "py"})
+        self.assertEqual(out["announced"]["error"], None)  # JS announce_peer to Python: accepted
+        self.assertEqual(out["stored"], [["127.0.0.1", 4242]])
+        self.assertEqual(out["peer"]["port"], 4242)  # JS get_peers answered from our store
+        self.assertGreaterEqual(out["stats"]["dht queries answered"], 3)
+        self.assertNotIn("dht malformed", out["stats"])
+        print("\n  DHT: python found the JS peer through a JS bootstrap node in %.3f s" % out["found_s"],
+              file=sys.stderr)
+        self.assertLess(out["found_s"], 30)
+
+    def test_job_flow_with_a_js_master_found_over_the_dht(self):
+        out = in_namespace(DHT_MASTER_CHILD, timeout=150)
+        self.assertFalse(out["lsd"])
+        self.assertEqual(sorted(r["jobID"] for r in out["results"]), list(range(20)))
+        for r in out["results"]:
+            self.assertEqual(r["data"], {"double": r["jobID"] * 2})
+            self.assertEqual(r["worker"], {"id": out["worker"], "name": "dht-worker"})
+        print("\n  DHT: worker found the JS master in %.3f s, 20 jobs done in %.3f s"
+              % (out["found_s"], out["all_s"]), file=sys.stderr)
+        self.assertLess(out["found_s"], 30)
+
+    def test_master_started_later_is_found_by_a_later_lookup(self):
+        out = in_namespace(DHT_LATE_MASTER_CHILD)
+        self.assertEqual(out["master"], out["js"])
+        self.assertLess(out["found_s"], 10)
+
+
+# task.js through Node (issue 6) #############################################
+
+NPM = shutil.which("npm")
+
+DEP_INDEX_JS = "module.exports = { add: (a, b) => a + b, version: require('./package.json').version };\n"
+
+# In the style of the JS Master's examples/basic/task.js, with an npm dependency.
+BASIC_TASK_JS = """\
+const dep = require('qx-demo-dep');
+
+class Task {
+  constructor() {
+    this.data = null;
+  }
+
+  async run(job) {
+    this.data = JSON.parse(job.data);
+    return { sum: dep.add(this.data.x, this.data.y), dep: dep.version };
+  }
+}
+
+module.exports = Task;
+"""
+
+# A plain (not async) run that throws, rejects, logs or exits when the job asks.
+EDGE_TASK_JS = """\
+class Task {
+  run(job) {
+    const data = JSON.parse(job.data);
+    if (data.throw) throw new TypeError(`thrown by job ${job.id}`);
+    if (data.reject) return Promise.reject(new RangeError(`rejected by job ${job.id}`));
+    if (data.log) console.log(`console.log from job ${job.id}`);
+    if (data.exit) {
+      console.error(`job ${job.id} exits`);
+      process.exit(3);
+    }
+    return { sum: data.x + data.y, pid: process.pid };
+  }
+}
+
+module.exports = Task;
+"""
+
+VERSION_TASK_JS = """\
+module.exports = class Task {
+  run(job) {
+    return { version: %d, pid: process.pid };
+  }
+};
+"""
+
+_npm_env: dict = {}
+
+
+def offline_npm():
+    """Environment for an npm that installs ``qx-demo-dep`` offline, from its cache."""
+    need(NODE, "node is not installed")
+    need(NPM, "npm is not installed")
+    if not _npm_env:
+        import atexit
+        root = Path(tempfile.mkdtemp(prefix="qx-npm-"))
+        atexit.register(shutil.rmtree, root, True)
+        _npm_env.update(_prime_npm_cache(root))
+    return dict(_npm_env)
+
+
+def _prime_npm_cache(root):
+    """Pack qx-demo-dep 1.0.0 from a folder and put it in a fresh npm cache.
+
+    A registry on 127.0.0.1 serves it once to ``npm cache add`` and stops; from
+    then on npm runs with ``npm_config_offline=true`` and never asks a registry.
+    """
+    package = root / "qx-demo-dep"
+    package.mkdir()
+    (package / "package.json").write_text(json.dumps({"name": "qx-demo-dep", "version": "1.0.0",
+                                                      "main": "index.js"}))
+    (package / "index.js").write_text(DEP_INDEX_JS)
+    env = {"npm_config_cache": str(root / "cache"), "npm_config_offline": "true",
+           "npm_config_update_notifier": "false", "npm_config_audit": "false",
+           "npm_config_fund": "false"}
+    subprocess.run([NPM, "pack", str(package)], cwd=root, env=dict(os.environ, **env), check=True,
+                   capture_output=True, timeout=120)
+    server = _loopback_registry((root / "qx-demo-dep-1.0.0.tgz").read_bytes())
+    env["npm_config_registry"] = "http://127.0.0.1:%d/" % server.server_address[1]
+    try:
+        subprocess.run([NPM, "cache", "add", "qx-demo-dep@1.0.0"], cwd=root, check=True,
+                       env=dict(os.environ, **{**env, "npm_config_offline": "false"}),
+                       capture_output=True, timeout=120)
+    finally:
+        server.shutdown()
+        server.server_close()
+    return env
+
+
+def _loopback_registry(tarball):
+    """A one-package npm registry on 127.0.0.1, serving in a thread."""
+    import base64
+    import http.server
+    import threading
+
+    class Registry(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            base = "http://127.0.0.1:%d" % self.server.server_address[1]
+            body = tarball if self.path.endswith(".tgz") else json.dumps({
+                "name": "qx-demo-dep", "dist-tags": {"latest": "1.0.0"},
+                "versions": {"1.0.0": {"name": "qx-demo-dep", "version": "1.0.0", "main": "index.js", "dist": {
+                    "tarball": base + "/qx-demo-dep/-/qx-demo-dep-1.0.0.tgz",
+                    "shasum": hashlib.sha1(tarball).hexdigest(),
+                    "integrity": "sha512-" + base64.b64encode(hashlib.sha512(tarball).digest()).decode()}}}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Registry)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def patched_environ(values):
+    from unittest import mock
+    return mock.patch.dict(os.environ, values)
+
+
+class TestTaskJs(unittest.TestCase):
+    """task.js from unchanged JS masters: a node child, npm dependencies."""
+
+    def setUp(self):
+        need(NODE, "node is not installed")
+
+    def test_js_master_basic_example_with_npm_dependency(self):
+        js_ready()
+        count = 100
+
+        async def scenario(tmp):
+            root = Path(tmp)
+            (root / "master").mkdir()
+            (root / "master/task.js").write_text(BASIC_TASK_JS)
+            (root / "assets.json").write_text(json.dumps({"dependencies": ["qx-demo-dep"], "files": [
+                {"masterPath": str(root / "master/task.js"), "name": "task.js", "workerPath": "/workplace/task.js"}]}))
+            token = "jstask-%d" % random.randrange(1 << 30)
+            master = await JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY,
+                                                   "QX_ASSETS": str(root / "assets.json")}).start()
+            for i in range(count):  # as examples/basic/index.js pushes them
+                master.send(cmd="push", job={"id": i, "data": json.dumps({"x": 1, "y": 2})})
+            await master.wait_for(lambda e: e["event"] == "pushed" and e["size"] == count)
+            worker = await w.Worker(token, "py-js", "warn", KEY, env={}, folder=root / "w", host="127.0.0.1",
+                                    lsd=False, dht=False, get_batch=True, batch_size=10,
+                                    peers=["127.0.0.1:%d" % master.ready["port"]], trackers=[]).start()
+            await until(lambda: sum(e["event"] == "result" for e in master.events) >= count, 90)
+            results = [e["result"] for e in master.events if e["event"] == "result"]
+            self.assertEqual(sorted(r["jobID"] for r in results), list(range(count)))
+            for r in results:
+                self.assertEqual(r["data"], {"sum": 3, "dep": "1.0.0"})
+                self.assertEqual(r["worker"], {"id": worker.address, "name": "py-js"})
+            self.assertIsInstance(worker._runner, w.NodeRunner)
+            self.assertEqual(worker._runner.starts, 1)
+            self.assertTrue((root / "w/node_modules/qx-demo-dep/package.json").is_file())
+            self.assertTrue((root / "w" / w.NODE_RUNNER_NAME).is_file())
+            await self._check_resolution(root / "w", root / "bin")
+            await worker.stop()
+            self.assertIsNone(worker._runner.process)
+            await master.close()
+
+        with tempfile.TemporaryDirectory() as tmp, patched_environ(offline_npm()):
+            run(scenario(tmp), 150)
+
+    async def _check_resolution(self, folder, bin_dir):
+        """What resolves is not installed again: no npm needed for it."""
+        missing = await w.missing_npm_packages(
+            folder, ["qx-demo-dep", "qx-demo-dep@1.0.0", "fs", "qx-demo-dep@2.0.0", "qx-absent"])
+        self.assertEqual(missing, ["qx-demo-dep@2.0.0", "qx-absent"])
+        bin_dir.mkdir()
+        (bin_dir / "node").symlink_to(NODE)
+        with patched_environ({"PATH": str(bin_dir)}):
+            self.assertTrue(await w.install_npm_packages(folder, ["qx-demo-dep@1.0.0", "fs"]))
+            with self.assertLogs("worker", "ERROR") as logs:
+                self.assertFalse(await w.install_npm_packages(folder, ["qx-absent"]))
+        self.assertIn("'npm' is not on PATH", "\n".join(logs.output))
+
+    def test_throw_reject_and_console_log(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp, files={"/workplace/task.js": EDGE_TASK_JS}).start()
+            cluster.push(1, 0, throw=True)
+            cluster.push(1, 1, reject=True)
+            cluster.push(1, 2, log=True)
+            cluster.push(2, 3)
+            worker = cluster.worker(get_batch=True, batch_size=2)
+            with self.assertLogs("worker", "INFO") as logs:
+                await worker.start()
+                await cluster.until_results(5)
+            by_id = {r["jobID"]: r for r in cluster.results}
+            for i, kind, text in ((0, "TypeError", "thrown by job 0"), (1, "RangeError", "rejected by job 1")):
+                self.assertIsNone(by_id[i]["data"])
+                self.assertEqual(by_id[i]["error"]["type"], kind)
+                self.assertEqual(by_id[i]["error"]["message"], text)
+                self.assertTrue(by_id[i]["error"]["traceback"].startswith(f"{kind}: {text}\n    at "))
+                self.assertIn("workplace/task.js:", by_id[i]["error"]["traceback"])
+            pids = {by_id[i]["data"].pop("pid") for i in range(2, 5)}
+            self.assertEqual(len(pids), 1)
+            for i in range(2, 5):
+                self.assertEqual(by_id[i], {"jobID": i, "worker": {"id": worker.address, "name": "w1"},
+                                            "data": {"sum": i + 1}})
+            self.assertIn("task.js: console.log from job 2", "\n".join(logs.output))
+            self.assertEqual((worker.stats["jobs done"], worker.stats["jobs failed"]), (3, 2))
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_child_dies_mid_job_next_job_works(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp, files={"/workplace/task.js": EDGE_TASK_JS}).start()
+            cluster.push(1, 0)
+            cluster.push(1, 1, exit=True)
+            cluster.push(2, 2)
+            worker = await cluster.worker(get_batch=True, batch_size=2).start()
+            await cluster.until_results(4)
+            by_id = {r["jobID"]: r for r in cluster.results}
+            error = by_id[1]["error"]
+            self.assertIsNone(by_id[1]["data"])
+            self.assertEqual(error["type"], "TaskProcessError")
+            self.assertIn("exited (code 3)", error["message"])
+            self.assertIn("job 1 exits", error["traceback"])
+            for i in (0, 2, 3):
+                self.assertEqual(by_id[i]["data"]["sum"], i + 1)
+            self.assertNotEqual(by_id[0]["data"]["pid"], by_id[2]["data"]["pid"])
+            self.assertEqual(by_id[2]["data"]["pid"], by_id[3]["data"]["pid"])
+            self.assertEqual(worker._runner.starts, 2)
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_asset_change_restarts_child(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp, files={"/workplace/task.js": VERSION_TASK_JS % 1}).start()
+            cluster.push(2)
+            worker = await cluster.worker().start()
+            await cluster.until_results(2)
+            first = worker._runner
+            write_assets(Path(tmp) / "master", {"/workplace/task.js": VERSION_TASK_JS % 2})
+            self.assertTrue(await worker.sync_assets())
+            self.assertEqual(cluster.statuses, ["changed", "changed"])
+            self.assertIsNot(worker._runner, first)
+            await until(lambda: first.process is None, 10)
+            cluster.push(2, start=2)
+            await cluster.until_results(4)
+            data = [r["data"] for r in sorted(cluster.results, key=lambda r: r["jobID"])]
+            self.assertEqual([d["version"] for d in data], [1, 1, 2, 2])
+            self.assertNotEqual(data[0]["pid"], data[2]["pid"])
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_node_missing_is_a_clear_error_worker_stays_up(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp, files={"/workplace/task.js": EDGE_TASK_JS}).start()
+            cluster.push(2)
+            empty = Path(tmp) / "empty-bin"
+            empty.mkdir()
+            worker = cluster.worker()
+            with patched_environ({"PATH": str(empty)}), self.assertLogs("worker", "ERROR") as logs:
+                await worker.start()
+                await until(lambda: any("not on PATH" in line for line in logs.output))
+                self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
+            text = "\n".join(logs.output)
+            self.assertIn("needs Node.js, but 'node' is not on PATH", text)
+            self.assertIsNone(worker._runner)
+            self.assertEqual(cluster.results, [])
+            self.assertEqual(cluster.master.stats["jobs handed out"], 0)
+            # node is back: the next asset check (every 30 s when idle) loads task.js
+            self.assertTrue(await worker.sync_assets())
+            await cluster.until_results(2)
+            self.assertEqual(sorted(r["data"]["sum"] for r in cluster.results), [1, 2])
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_runner_load_errors_results_timeout_close(self):
+        async def runner(folder, source, timeout=None):
+            folder.mkdir()
+            (folder / "task.js").write_text(source)
+            return await w.NodeRunner(folder / "task.js", folder, timeout).start()
+
+        async def scenario(tmp):
+            root = Path(tmp)
+            for name, source, expected in (
+                    ("ctor", "module.exports = class { constructor() { throw new Error('no config'); } };",
+                     "Error: no config"),
+                    ("object", "module.exports = { run() {} };", "must export its Task class"),
+                    ("exit", "process.exit(0);", "exited (code 0)")):
+                with self.assertRaises(w.TaskProcessError, msg=name) as caught:
+                    await runner(root / name, source)
+                self.assertIn("does not load", str(caught.exception))
+                self.assertIn(expected, str(caught.exception))
+            odd = await runner(root / "odd", "module.exports = class { async run(job) { switch (job) {\n"
+                               "  case 1: return undefined; case 2: return 10n; case 3: throw 'text';\n"
+                               "  case 4: for (;;); default: return job; } } };", timeout=1.0)
+            self.assertIsNone(await odd.run(1))
+            with self.assertRaises(w.JsTaskError) as caught:
+                await odd.run(2)
+            self.assertEqual(caught.exception.error["type"], "TypeError")
+            self.assertIn("BigInt", caught.exception.error["message"])
+            with self.assertRaises(w.JsTaskError) as caught:
+                await odd.run(3)
+            self.assertEqual(w.error_result(caught.exception), {"type": "string", "message": "text",
+                                                                "traceback": ""})
+            with self.assertRaises(TimeoutError):
+                await odd.run(4)
+            self.assertEqual(await odd.run({"é": [1, None]}), {"é": [1, None]})
+            self.assertEqual(odd.starts, 2)
+            odd.close()
+            odd.close()
+            await odd.wait_closed()
+            self.assertIsNone(odd.process)
+            with self.assertRaises(w.InvalidState):
+                await odd.run(5)
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+
+class TestTaskJsSafety(unittest.TestCase):
+    def test_npm_package_names(self):
+        for good in ["moment", "big.js", "lodash@4.17.21", "@scope/pkg", "@scope/pkg@^1.2.0", "JSONStream",
+                     "pkg@latest", "pkg@>=1.0.0 <2", "pkg@~1.2.x", "pkg@1.x || 2.x", "pkg@1.2.3 - 2.0.0"]:
+            self.assertEqual(w.check_npm_package(good), good)
+        for bad in ["", None, 3, "-g", "--registry=http://evil", "http://x/y.tgz", "git+https://github.com/a/b",
+                    "github:a/b", "a/b", "./local", "../x", "/abs", "file:../x", "pkg@file:../x", "pkg@npm:other",
+                    "pkg@git+ssh://x", "pkg@http://x/y", ".hidden", "_under", "pkg@", "a b", "pkg@1.0.0#x",
+                    "@scope/", "@/x", "pkg@1 --registry=x", "x" * 300]:
+            with self.assertRaises(w.UnsafeAsset, msg=bad):
+                w.check_npm_package(bad)
+
+    def test_runner_file_is_protected(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            for bad in ["/" + w.NODE_RUNNER_NAME, w.NODE_RUNNER_NAME]:
+                with self.assertRaises(w.UnsafeAsset, msg=bad):
+                    w.safe_asset_path(Path(tmp), bad)
 
 
 def main():
@@ -1452,7 +2348,7 @@ class TestWebRtcSettings(unittest.TestCase):
         base = {"token": "t" * 20, "transferEncryptToken": KEY}
         with tempfile.TemporaryDirectory() as tmp:
             def node(**env):
-                return w.Worker(env={**base, **env}, folder=tmp, loglevel="warn").node
+                return w.Worker(env={**base, "dht": "false", **env}, folder=tmp, loglevel="warn").node
             rtc = node(trackers="ws://127.0.0.1:1,wss://t.example", iceServers="stun:s.example:3478",
                        maxPeers="7").webrtc
             self.assertEqual((rtc.trackers, rtc.ice_servers, rtc.max_peers),
@@ -1464,7 +2360,8 @@ class TestWebRtcSettings(unittest.TestCase):
                 self.assertEqual(node().webrtc.trackers, ["wss://default.example"])
                 self.assertEqual(node(trackers="").webrtc.trackers, [])
             from master import Master
-            m = Master("t" * 20, transfer_encrypt_token=KEY, env={"trackers": "ws://127.0.0.1:2", "maxPeers": "3"})
+            m = Master("t" * 20, transfer_encrypt_token=KEY,
+                       env={"trackers": "ws://127.0.0.1:2", "maxPeers": "3", "dht": "false"})
             self.assertEqual((m.node.webrtc.trackers, m.node.webrtc.max_peers), (["ws://127.0.0.1:2"], 3))
 
     def test_without_aiortc_one_info_line_and_tcp_goes_on(self):
@@ -1524,7 +2421,7 @@ class TestRtcConnection(unittest.TestCase):
     def test_wire_over_data_channel_pair_in_memory(self):
         """Two Bugouts joined by RtcConnections over fake channels: chunks of 16 KiB at most."""
         async def scenario():
-            a, b = (w.Bugout("rtc-mem", lsd=False, listen=False, trackers=[]) for _ in range(2))
+            a, b = (w.Bugout("rtc-mem", lsd=False, dht=False, listen=False, trackers=[]) for _ in range(2))
             for node in (a, b):
                 node.register("echo", lambda address, args: args)
             conns = [w.RtcConnection(n.webrtc, FakePeerConnection(), offerer=n is a) for n in (a, b)]
@@ -1583,7 +2480,7 @@ async def local_tracker(**env):
 
 async def rtc_node(ident, trackers, numwant=w.TRACKER_NUMWANT, **kw):
     """A Python node reachable only through WebRTC (no TCP listener, no LSD), as py_node."""
-    node = w.Bugout(ident, lsd=False, listen=False, trackers=trackers, ice_servers=[], **kw)
+    node = w.Bugout(ident, lsd=False, dht=False, listen=False, trackers=trackers, ice_servers=[], **kw)
     node.webrtc.numwant = numwant
     node.register("echo", lambda address, args: {**args, "echoedBy": "py"})
     node.events = []
@@ -1679,7 +2576,7 @@ async def _js_master_run(tmp, transport, url, count):
         "QX_TOKEN": "rtc-jsm-" + transport, "QX_KEY": KEY, "QX_JOBS": str(count),
         "QX_ASSETS": str(Path(tmp) / "assets.json"), **({"QX_TRACKER": url} if webrtc else {})}).start()
     worker = w.Worker("rtc-jsm-" + transport, "py", "warn", KEY, env={}, folder=Path(tmp) / transport,
-                      host="127.0.0.1", lsd=False, get_batch=True, batch_size=10,
+                      host="127.0.0.1", lsd=False, dht=False, get_batch=True, batch_size=10,
                       peers=[] if webrtc else ["127.0.0.1:%d" % master.ready["port"]],
                       trackers=[url] if webrtc else [], ice_servers=[])
     started = time.monotonic()
@@ -1741,12 +2638,12 @@ async def _rtc_master_py():
             token = "rtc-mpy-" + transport
             rtc = {"trackers": [url], "ice_servers": []} if transport == "webrtc" else {"trackers": []}
             master = Master(token, {"files": files, "dependencies": []}, None, None, KEY,
-                            folder=Path(tmp) / "master", env={}, host="127.0.0.1", lsd=False, **rtc)
+                            folder=Path(tmp) / "master", env={}, host="127.0.0.1", lsd=False, dht=False, **rtc)
             await master.start()
             peers = [] if transport == "webrtc" else ["127.0.0.1:%d" % master.port]
             folder = Path(tmp) / ("w-" + transport)
             worker = w.Worker(token, "w", "warn", KEY, env={}, folder=folder, host="127.0.0.1", lsd=False,
-                              peers=peers, batch_size=10, **rtc)
+                              dht=False, peers=peers, batch_size=10, **rtc)
             started = time.monotonic()
             await worker.start()
             await until(lambda worker=worker: worker._runner is not None, 120)
@@ -1813,7 +2710,7 @@ async def _rtc_hygiene(seconds=15.0, interval=0.05, max_peers=6):
     url = tracker.ready["url"]
     nodes = []
     for _ in range(2):
-        node = w.Bugout("rtc-hygiene", lsd=False, listen=False, trackers=[url], ice_servers=[],
+        node = w.Bugout("rtc-hygiene", lsd=False, dht=False, listen=False, trackers=[url], ice_servers=[],
                         max_peers=max_peers, announce_interval=interval)
         node.register("echo", lambda address, args: args)
         node.webrtc.connect_timeout = 1.0

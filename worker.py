@@ -17,8 +17,9 @@ Usage::
 Layout (read it top to bottom): errors, the seed classes (Helper, Logger,
 Crypt, .env file), codecs (bencode, base58, RIPEMD-160), bugout identity and
 packets, the sans-I/O bugout core, the sans-I/O peer wire, transports (TCP,
-LSD), the asyncio Bugout node, trackers and WebRTC (a sans-I/O tracker core,
-aiortc data channels; for peers behind NAT), the Worker, the command line.
+LSD, DHT), the asyncio Bugout node, trackers and WebRTC (a sans-I/O tracker
+core, aiortc data channels; for peers behind NAT), the Worker (task.py in a
+thread, or task.js in a node child), the command line.
 
 Exceptions::
 
@@ -32,6 +33,9 @@ Exceptions::
      +-- InvalidState (also RuntimeError)
      +-- RpcTimeout (also TimeoutError)
      +-- UnsafeAsset (also ValueError): a path or dependency refused
+     +-- TaskError: a job failed outside Python (``error`` is its error field)
+          +-- JsTaskError: task.js's run threw or rejected
+          +-- TaskProcessError: no node or npm, task.js does not load, its process died
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import contextlib
 import dataclasses
 import enum
 import hashlib
+import heapq
 import importlib.util
 import inspect
 import itertools
@@ -52,6 +57,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import struct
@@ -86,6 +92,10 @@ LSD_HOST = "239.192.152.143"
 LSD_PORT = 6771
 LSD_INTERVAL = 5 * 60.0
 IDLE_REQUEST_SECONDS = 30.0
+#: Broadcast by master.py when jobs arrive, so idle workers ask at once.
+JOBS_WAITING = {"queue-xec": "jobs waiting"}
+#: Results per ``shareResultsBatch`` call (master.py only; JS masters get one each).
+RESULT_BATCH = 500
 DEFAULT_BATCH_SIZE = 5
 
 log = logging.getLogger("worker")
@@ -726,6 +736,7 @@ class BugoutCore:
         self._seen_limit = seen_limit
         self._outgoing: list[tuple[bytes, Any]] = []
         self._shared_keys: dict[str, bytes] = {}
+        self._pk_cache: dict[str, bytes] = {}
         self._identifier_bytes = identifier.encode("utf-8")
 
     # outgoing
@@ -760,6 +771,15 @@ class BugoutCore:
             key = _nacl.crypto_box_beforenm(b58decode(ek), self.identity.box_secret)
             self._shared_keys[ek] = key
         return key
+
+    def _pk_bytes(self, pk: str) -> bytes:
+        """A base58 public key as bytes (cached: every packet carries one)."""
+        raw = self._pk_cache.get(pk)
+        if raw is None:
+            if len(self._pk_cache) > 4096:
+                self._pk_cache.clear()
+            raw = self._pk_cache[pk] = b58decode(pk)
+        return raw
 
     def _emit(self, payload: bytes, origin: Any = None) -> None:
         self._remember(hashlib.sha512(payload).digest()[16:], 0)
@@ -797,7 +817,7 @@ class BugoutCore:
     def saw_peer(self, pk: str, ek: str, now: int) -> list:
         """Record a peer's keys; on first sight emit Seen and broadcast a ping."""
         try:
-            address = address_of(b58decode(pk))
+            address = address_of(self._pk_bytes(pk))
         except DecodeError:
             self.stats["bad_pk"] += 1
             return []
@@ -872,7 +892,7 @@ class BugoutCore:
         pk, ek = _text(packet.get("pk", b"")), _text(packet.get("ek", b""))
         t = packet.get("t")
         try:
-            _nacl.crypto_sign_open(outer["s"] + outer["p"], b58decode(pk))
+            _nacl.crypto_sign_open(outer["s"] + outer["p"], self._pk_bytes(pk))
         except (BadSignatureError, ValueError, TypeError):
             raise DecodeError("bad signature") from None
         if packet.get("i") != self._identifier_bytes:
@@ -883,7 +903,7 @@ class BugoutCore:
             self.stats["own packet"] += 1
             return []
         events = self.saw_peer(pk, ek, now)
-        address = address_of(b58decode(pk))
+        address = address_of(self._pk_bytes(pk))
         return events + self._dispatch(_text(packet.get("y", b"")), packet, address, boxed)
 
     def _dispatch(self, kind: str, packet: dict, address: str, boxed: bool) -> list:
@@ -965,6 +985,12 @@ class ExtendedHandshake:
 class ExtensionPayload:
     """A ``bo_channel`` message body."""
     payload: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class DhtPort:
+    """The peer's DHT node listens on this UDP port (BEP 5 ``port`` message)."""
+    port: int
 
 
 class WireState(enum.Enum):
@@ -1106,7 +1132,9 @@ class PeerWire:
         elif message_id == MSG_REQUEST and len(body) == 12 and self.remote_reserved[7] & 0x04:
             # We never unchoke: a request is refused (BEP 6) rather than served.
             self._out.append(frame(MSG_REJECT, body))
-        # Everything else (have_all, bitfield, port, choke, ...) needs nothing.
+        elif message_id == MSG_PORT and len(body) == 2 and self.remote_reserved[7] & 0x01:
+            self._events.append(DhtPort(struct.unpack(">H", body)[0]))
+        # Everything else (have_all, bitfield, choke, ...) needs nothing.
 
     def _on_extended(self, ext_id: int, body: bytes) -> None:
         if ext_id == 0:
@@ -1179,6 +1207,7 @@ class WireConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.last_keepalive = time.monotonic()
         self._sock: Any = None
+        self._flush_pending = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -1217,10 +1246,20 @@ class WireConnection(asyncio.Protocol):
         return self.transport is None or self.transport.is_closing()
 
     def send_payload(self, payload: bytes) -> None:
-        """Send one ``bo_channel`` payload if the peer can take it."""
+        """Queue one ``bo_channel`` payload if the peer can take it.
+
+        Payloads queued in one loop iteration leave in one ``send``: fewer
+        syscalls and segments when a result and a request go out together.
+        """
         if self.wire.ready and not self.closing:
             self.wire.send_extension(payload)
-            self._flush()
+            if not self._flush_pending:
+                self._flush_pending = True
+                asyncio.get_running_loop().call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._flush_pending = False
+        self._flush()
 
     def _flush(self) -> None:
         data = self.wire.data_to_send()
@@ -1292,13 +1331,839 @@ def _lsd_socket() -> socket.socket:
     return sock
 
 
+# DHT (BEP 5): KRPC messages #################################################
+
+#: Public routers a node starts from when nothing else is configured.
+DHT_BOOTSTRAP = ("router.bittorrent.com:6881", "router.utorrent.com:6881",
+                 "dht.transmissionbt.com:6881")
+#: BEP 5: k contacts per bucket; Kademlia's alpha: queries in flight per lookup.
+DHT_K = 8
+DHT_ALPHA = 3
+DHT_QUERY_TIMEOUT = 3.0
+#: BEP 5: tokens stay valid for 10 minutes (two secrets of 5); nodes unheard of
+#: for 15 minutes are questionable and their bucket is refreshed.
+DHT_TOKEN_ROTATE = 5 * 60.0
+DHT_STALE = 15 * 60.0
+DHT_PEER_TTL = 30 * 60.0
+#: Bounds on memory and on the query rate (a good citizen floods no one).
+DHT_MAX_DATAGRAM = 4096
+DHT_MAX_PENDING = 128
+DHT_MAX_LOOKUPS = 16
+DHT_LOOKUP_QUERIES = 120
+DHT_LOOKUP_SECONDS = 60.0
+DHT_QUERIES_PER_SECOND = 50.0
+DHT_ANSWERS_PER_SECOND = 250.0
+DHT_ANSWERS_PER_IP = 20.0
+DHT_STORE_HASHES = 512
+DHT_STORE_PEERS = 100
+DHT_MAX_VALUES = 50
+#: When Bugout looks its swarm up: seconds after start (WebTorrent 1.9 may drop
+#: the first DHT peer it meets, PROTOCOL.md section 6), then every so often.
+DHT_LOOKUP_AT = (0.0, 5.0, 15.0, 30.0)
+DHT_LOOKUP_ALONE = 60.0
+DHT_LOOKUP_INTERVAL = 5 * 60.0
+#: BEP 5 error codes.
+KRPC_GENERIC, KRPC_PROTOCOL, KRPC_METHOD = 201, 203, 204
+
+Addr = tuple[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class KrpcQuery:
+    """``{t, y: q, q: method, a: args}``."""
+    t: bytes
+    method: str
+    args: dict
+
+    def __bytes__(self) -> bytes:
+        return bencode({"t": self.t, "y": "q", "q": self.method, "a": self.args})
+
+    @classmethod
+    def from_dict(cls, message: dict) -> KrpcQuery:
+        method, args = message.get("q"), message.get("a")
+        if not isinstance(method, bytes) or not isinstance(args, dict):
+            raise DecodeError("KRPC query without q or a")
+        return cls(message["t"], method.decode("latin-1"), args)
+
+
+@dataclasses.dataclass(frozen=True)
+class KrpcResponse:
+    """``{t, y: r, r: values}``."""
+    t: bytes
+    values: dict
+
+    def __bytes__(self) -> bytes:
+        return bencode({"t": self.t, "y": "r", "r": self.values})
+
+    @classmethod
+    def from_dict(cls, message: dict) -> KrpcResponse:
+        if not isinstance(message.get("r"), dict):
+            raise DecodeError("KRPC response without r")
+        return cls(message["t"], message["r"])
+
+
+@dataclasses.dataclass(frozen=True)
+class KrpcError:
+    """``{t, y: e, e: [code, text]}``."""
+    t: bytes
+    code: int
+    text: str
+
+    def __bytes__(self) -> bytes:
+        return bencode({"t": self.t, "y": "e", "e": [self.code, self.text]})
+
+    @classmethod
+    def from_dict(cls, message: dict) -> KrpcError:
+        e = message.get("e")
+        if not isinstance(e, list):
+            raise DecodeError("KRPC error without e")
+        code = e[0] if e and isinstance(e[0], int) else KRPC_GENERIC
+        text = e[1] if len(e) > 1 and isinstance(e[1], bytes) else b""
+        return cls(message["t"], code, text.decode("utf-8", "replace"))
+
+
+KRPC_TYPES: dict[bytes, Any] = {b"q": KrpcQuery, b"r": KrpcResponse, b"e": KrpcError}
+Krpc = KrpcQuery | KrpcResponse | KrpcError
+
+
+def parse_krpc(data: bytes) -> Krpc:
+    """One KRPC datagram as a message; anything malformed raises DecodeError."""
+    message = bdecode(data)
+    if not isinstance(message, dict):
+        raise DecodeError("KRPC message is not a dict")
+    t = message.get("t")
+    if not isinstance(t, bytes) or not 0 < len(t) <= 32:
+        raise DecodeError("KRPC message without a transaction id")
+    y = message.get("y")
+    cls = KRPC_TYPES.get(y) if isinstance(y, bytes) else None
+    if cls is None:
+        raise DecodeError("KRPC message of unknown type")
+    return cls.from_dict(message)
+
+
+def compact_addr(addr: Addr) -> bytes:
+    """BEP 5 compact peer info: 4 bytes of IPv4 address, 2 of port."""
+    return socket.inet_aton(addr[0]) + struct.pack(">H", addr[1])
+
+
+def _parse_addr(data: bytes) -> Addr | None:
+    """A compact address, or None for port 0, 0.0.0.0/8 or multicast and above."""
+    port = int.from_bytes(data[4:6], "big")
+    if port == 0 or data[0] == 0 or data[0] >= 224:
+        return None
+    return socket.inet_ntoa(data[:4]), port
+
+
+def parse_nodes(data: Any, limit: int = 32) -> list[tuple[bytes, Addr]]:
+    """BEP 5 compact node info (20-byte id + address); bad entries are skipped."""
+    if not isinstance(data, bytes):
+        return []
+    found = []
+    for start in range(0, min(len(data) - 25, 26 * limit), 26):
+        addr = _parse_addr(data[start + 20:start + 26])
+        if addr is not None:
+            found.append((data[start:start + 20], addr))
+    return found
+
+
+def parse_peers(values: Any, limit: int = 200) -> list[Addr]:
+    """The ``values`` of a get_peers answer: compact peer addresses."""
+    if not isinstance(values, list):
+        return []
+    found = [_parse_addr(v) for v in values[:limit] if isinstance(v, bytes) and len(v) == 6]
+    return [addr for addr in found if addr is not None]
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, bytes) and len(value) == 20
+
+
+def dht_node_id(seed: str) -> bytes:
+    """Our node id: SHA-1 of the seed's key material, so a fixed ``seed`` keeps it."""
+    raw = b58check_decode(seed)
+    # A label first: the id must not double as a hash of the bare signing seed.
+    return hashlib.sha1(b"queue-xec dht node id\0" + raw[2:]).digest()
+
+
+# DHT (BEP 5): routing table #################################################
+
+@dataclasses.dataclass
+class DhtContact:
+    """A node that answered one of our queries."""
+    id: bytes
+    addr: Addr
+    last_seen: float
+    failures: int = 0
+
+
+class RoutingTable:
+    """BEP 5 k-buckets: bucket ``i`` holds ids sharing exactly ``i`` leading bits with ours."""
+
+    def __init__(self, own_id: bytes, k: int = DHT_K) -> None:
+        self.own_id = own_id
+        self.k = k
+        self.buckets: list[list[DhtContact]] = [[] for _ in range(160)]
+        #: when each bucket last changed; one untouched for 15 minutes is refreshed
+        self.changed: list[float] = [0.0] * 160
+        # private
+        self._own = int.from_bytes(own_id, "big")
+        self._by_addr: dict[Addr, DhtContact] = {}
+        self._spares: dict[int, collections.deque] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_addr)
+
+    def index(self, node_id: bytes) -> int:
+        """The bucket of an id (160 is our own id: no bucket)."""
+        return 160 - (int.from_bytes(node_id, "big") ^ self._own).bit_length()
+
+    def heard(self, node_id: bytes, addr: Addr, now: float) -> DhtContact | None:
+        """A node answered us: add or refresh it. Returns a stale contact to ping, if any."""
+        index = self.index(node_id)
+        known = self._by_addr.get(addr)
+        if index >= 160:
+            return None
+        if known is not None and known.id != node_id:
+            self._remove(known)  # a node restarted under a new id
+        elif known is not None:
+            known.last_seen, known.failures, self.changed[index] = now, 0, now
+            return None
+        bucket = self.buckets[index]
+        if any(c.id == node_id for c in bucket):
+            return None  # keep the address first seen for an id
+        return self._insert(DhtContact(node_id, addr, now), index, now)
+
+    def _insert(self, contact: DhtContact, index: int, now: float) -> DhtContact | None:
+        if contact.addr in self._by_addr:
+            return None  # a spare whose address came back under another id
+        bucket = self.buckets[index]
+        bad = next((c for c in bucket if c.failures >= 2), None)
+        if bad is not None:
+            self._remove(bad)
+        if len(bucket) < self.k:
+            bucket.append(contact)
+            self._by_addr[contact.addr] = contact
+            self.changed[index] = now
+            return None
+        spares = self._spares.setdefault(index, collections.deque(maxlen=self.k))
+        if all(s.id != contact.id for s in spares):
+            spares.append(contact)
+        oldest = min(bucket, key=lambda c: c.last_seen)
+        return oldest if now - oldest.last_seen > DHT_STALE else None
+
+    def _remove(self, contact: DhtContact) -> None:
+        self.buckets[self.index(contact.id)].remove(contact)
+        del self._by_addr[contact.addr]
+
+    def touch(self, node_id: bytes, addr: Addr, now: float) -> bool:
+        """A known node queried us: it is still there. False when unknown."""
+        known = self._by_addr.get(addr)
+        if known is None or known.id != node_id:
+            return False
+        known.last_seen = now
+        return True
+
+    def has_room(self, node_id: bytes) -> bool:
+        """True when a new node with this id would be kept."""
+        index = self.index(node_id)
+        return index < 160 and (len(self.buckets[index]) < self.k
+                                or any(c.failures >= 2 for c in self.buckets[index]))
+
+    def failed(self, addr: Addr, now: float) -> None:
+        """A node did not answer; after two misses in a row a spare takes its place."""
+        contact = self._by_addr.get(addr)
+        if contact is None:
+            return
+        contact.failures += 1
+        spares = self._spares.get(self.index(contact.id))
+        if contact.failures >= 2 and spares:
+            self._remove(contact)
+            self._insert(spares.pop(), self.index(contact.id), now)
+
+    def closest(self, target: bytes, count: int = DHT_K) -> list[DhtContact]:
+        """The ``count`` good contacts nearest to ``target`` (XOR metric)."""
+        key = int.from_bytes(target, "big")
+        good = (c for c in self._by_addr.values() if c.failures < 2)
+        return heapq.nsmallest(count, good, key=lambda c: int.from_bytes(c.id, "big") ^ key)
+
+    def stale_bucket(self, now: float) -> int | None:
+        """A non-empty bucket unchanged for 15 minutes, if any."""
+        return next((i for i, bucket in enumerate(self.buckets)
+                     if bucket and now - self.changed[i] > DHT_STALE), None)
+
+    def random_id(self, index: int, noise: bytes) -> bytes:
+        """A random id that falls in bucket ``index``."""
+        bit = 1 << (159 - index)
+        value = ((self._own ^ bit) & ~(bit - 1)) | (int.from_bytes(noise, "big") & (bit - 1))
+        return value.to_bytes(20, "big")
+
+
+# DHT (BEP 5): lookups, peer store, rate limits ##############################
+
+class _Probe(enum.Enum):
+    NEW = 1
+    ASKED = 2
+    ANSWERED = 3
+    FAILED = 4
+
+
+@dataclasses.dataclass
+class _Candidate:
+    distance: int
+    node_id: bytes | None
+    probe: _Probe = _Probe.NEW
+    token: bytes | None = None
+
+
+class _Lookup:
+    """One iterative lookup (``find_node`` or ``get_peers``) towards a target."""
+
+    def __init__(self, target: bytes, method: str, port: int | None, now: float) -> None:
+        self.target, self.method, self.port, self.started = target, method, port, now
+        self.queries = 0
+        self.nodes: dict[Addr, _Candidate] = {}
+        self.peers: set[Addr] = set()
+        self._key = int.from_bytes(target, "big")
+
+    def add(self, node_id: bytes | None, addr: Addr) -> None:
+        """A candidate; unknown ids (bootstrap routers) rank last."""
+        if addr in self.nodes:
+            return
+        distance = (int.from_bytes(node_id, "big") ^ self._key) if node_id else 1 << 160
+        self.nodes[addr] = _Candidate(distance, node_id)
+        if len(self.nodes) > 8 * DHT_K:  # forget the farthest candidate not yet asked
+            fresh = [a for a, c in self.nodes.items() if c.probe is _Probe.NEW]
+            if fresh:
+                del self.nodes[max(fresh, key=lambda a: self.nodes[a].distance)]
+
+    def set(self, addr: Addr, probe: _Probe) -> None:
+        candidate = self.nodes.get(addr)
+        if candidate is not None:
+            candidate.probe = probe
+
+    def answered(self, addr: Addr, node_id: bytes, token: Any) -> None:
+        """A candidate answered: keep its id (routers had none) and its token."""
+        candidate = self.nodes.get(addr)
+        if candidate is not None:
+            candidate.probe, candidate.node_id = _Probe.ANSWERED, node_id
+            candidate.distance = int.from_bytes(node_id, "big") ^ self._key
+            candidate.token = token if isinstance(token, bytes) and len(token) <= 64 else None
+
+    def count(self, probe: _Probe) -> int:
+        return sum(1 for c in self.nodes.values() if c.probe is probe)
+
+    def next_queries(self) -> list[tuple[Addr, bytes | None]]:
+        """Candidates not asked yet among the k closest, as many as alpha allows."""
+        live = [(c.distance, a) for a, c in self.nodes.items() if c.probe is not _Probe.FAILED]
+        free = min(DHT_ALPHA - self.count(_Probe.ASKED), DHT_LOOKUP_QUERIES - self.queries)
+        fresh = [(a, self.nodes[a].node_id) for _, a in sorted(live)[:DHT_K]
+                 if self.nodes[a].probe is _Probe.NEW]
+        return fresh[:max(free, 0)]
+
+    def finished(self, now: float) -> bool:
+        if now - self.started > DHT_LOOKUP_SECONDS:
+            return True
+        return not self.count(_Probe.ASKED) and not self.next_queries()
+
+    def closest_with_tokens(self) -> list[tuple[Addr, bytes, bytes]]:
+        """(addr, id, token) of the k closest nodes that answered with a token."""
+        ready = sorted((c.distance, a) for a, c in self.nodes.items()
+                       if c.probe is _Probe.ANSWERED and c.token and c.node_id)
+        return [(a, self.nodes[a].node_id, self.nodes[a].token)  # type: ignore[misc]
+                for _, a in ready[:DHT_K]]
+
+
+class _PeerStore:
+    """Peers announced to us: bounded per infohash and in infohashes, expiring."""
+
+    def __init__(self) -> None:
+        self._hashes: collections.OrderedDict[bytes, collections.OrderedDict] = (
+            collections.OrderedDict())
+
+    def add(self, info_hash: bytes, addr: Addr, now: float) -> None:
+        peers = self._hashes.pop(info_hash, None) or collections.OrderedDict()
+        peers.pop(addr, None)
+        peers[addr] = now + DHT_PEER_TTL
+        while len(peers) > DHT_STORE_PEERS:
+            peers.popitem(last=False)
+        self._hashes[info_hash] = peers
+        while len(self._hashes) > DHT_STORE_HASHES:
+            self._hashes.popitem(last=False)
+
+    def get(self, info_hash: bytes, now: float, count: int = DHT_MAX_VALUES) -> list[Addr]:
+        """The most recent live peers of an infohash."""
+        peers = self._hashes.get(info_hash) or {}
+        return [addr for addr, until in reversed(peers.items()) if until > now][:count]
+
+    def expire(self, now: float) -> None:
+        for info_hash in list(self._hashes):
+            peers = self._hashes[info_hash]
+            for addr in [a for a, until in peers.items() if until <= now]:
+                del peers[addr]
+            if not peers:
+                del self._hashes[info_hash]
+
+    def __len__(self) -> int:
+        return sum(len(peers) for peers in self._hashes.values())
+
+
+class _RateLimit:
+    """Token buckets by key (the least recently used key is forgotten first)."""
+
+    def __init__(self, rate: float, burst: float, keys: int = 1024) -> None:
+        self.rate, self.burst, self.keys = rate, burst, keys
+        self._buckets: collections.OrderedDict[Any, tuple[float, float]] = (
+            collections.OrderedDict())
+
+    def allow(self, key: Any, now: float) -> bool:
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + max(now - last, 0.0) * self.rate)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self._buckets) > self.keys:
+            self._buckets.popitem(last=False)
+        return allowed
+
+
+# DHT (BEP 5): the node, sans-I/O ############################################
+
+@dataclasses.dataclass(frozen=True)
+class DhtPeers:
+    """A get_peers lookup found peers of an infohash (new ones only)."""
+    info_hash: bytes
+    peers: tuple[Addr, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class DhtLookupDone:
+    """A lookup ended: how many peers it found, nodes answered, queries sent."""
+    target: bytes
+    method: str
+    peers: int
+    answered: int
+    queries: int
+
+
+@dataclasses.dataclass
+class _Pending:
+    addr: Addr
+    method: str
+    sent: float
+    node_id: bytes | None
+    lookup: _Lookup | None
+
+
+class DhtCore:
+    """A BEP 5 node without I/O: datagrams and ``now`` in; datagrams and events out.
+
+    Answers ``ping``, ``find_node``, ``get_peers`` and ``announce_peer``; runs
+    iterative lookups, announces after a ``get_peers`` lookup when given a port.
+    ``stats`` counts what was dropped (malformed, rate limited, unexpected).
+    """
+
+    def __init__(self, node_id: bytes, *, random: Callable[[int], bytes] = os.urandom) -> None:
+        self.node_id = node_id
+        self.table = RoutingTable(node_id)
+        #: counters: dht malformed, dht queries answered, dht rate limited, ...
+        self.stats: collections.Counter = collections.Counter()
+        # private
+        self._random = random
+        #: None until bootstrap() (lookups started before then wait for it)
+        self._bootstrap: list[Addr] | None = None
+        self._pending: dict[bytes, _Pending] = {}
+        self._lookups: dict[tuple[str, bytes], _Lookup] = {}
+        self._store = _PeerStore()
+        self._secrets = [random(16), random(16)]
+        self._rotated: float | None = None
+        self._housekept = float("-inf")
+        self._tid = int.from_bytes(random(2), "big")
+        self._limit_out = _RateLimit(DHT_QUERIES_PER_SECOND, DHT_QUERIES_PER_SECOND, 1)
+        self._limit_in = _RateLimit(DHT_ANSWERS_PER_SECOND, DHT_ANSWERS_PER_SECOND, 1)
+        self._limit_ip = _RateLimit(DHT_ANSWERS_PER_IP, 2 * DHT_ANSWERS_PER_IP)
+        self._handlers = {"ping": self._on_ping, "find_node": self._on_find_node,
+                          "get_peers": self._on_get_peers, "announce_peer": self._on_announce}
+        self._out: list[tuple[bytes, Addr]] = []
+        self._events: list = []
+
+    # sans-I/O interface
+    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
+        """Handle one datagram from ``addr``; malformed ones are counted and dropped."""
+        try:
+            if len(data) > DHT_MAX_DATAGRAM:
+                raise DecodeError("KRPC datagram too large")
+            message = parse_krpc(data)
+        except DecodeError:
+            self.stats["dht malformed"] += 1
+            return
+        log.debug("< dht %s %s:%d", type(message).__name__, *addr)
+        if isinstance(message, KrpcQuery):
+            self._on_query(message, addr, now)
+        else:
+            self._on_answer(message, addr, now)
+
+    def data_to_send(self) -> list[tuple[bytes, Addr]]:
+        """Datagrams to send, each with its destination."""
+        out, self._out = self._out, []
+        return out
+
+    def events_received(self) -> list:
+        """DhtPeers and DhtLookupDone events since the last call."""
+        events, self._events = self._events, []
+        return events
+
+    def bootstrap(self, addrs: Iterable[Addr], now: float) -> None:
+        """Remember where to start (a few addresses) and look our own id up."""
+        self._bootstrap = list(dict.fromkeys(addrs))[:16]
+        for lookup in list(self._lookups.values()):
+            self._seed_lookup(lookup)
+            self._advance(lookup, now)
+        self.find_node(self.node_id, now)
+
+    def find_node(self, target: bytes, now: float) -> None:
+        """Start an iterative find_node lookup (it fills the routing table)."""
+        self._start_lookup(target, "find_node", None, now)
+
+    def get_peers(self, info_hash: bytes, now: float, announce_port: int | None = None) -> None:
+        """Look peers of ``info_hash`` up; then announce ``announce_port`` if given."""
+        self._start_lookup(info_hash, "get_peers", announce_port, now)
+
+    def ping(self, addr: Addr, now: float) -> None:
+        """Ping a node (as after a BEP 5 ``port`` message); it joins the table if it answers."""
+        if all(p.addr != addr for p in self._pending.values()):
+            self._query(addr, "ping", {}, now)
+
+    def tick(self, now: float) -> None:
+        """Timeouts, lookups waiting for budget, secrets, refreshes, expiry."""
+        late = [t for t, p in self._pending.items() if now - p.sent >= DHT_QUERY_TIMEOUT]
+        for t in late:
+            self.stats["dht timeouts"] += 1
+            self._failed(self._pending.pop(t), now)
+        for lookup in list(self._lookups.values()):
+            self._advance(lookup, now)
+        self._rotate(now)
+        if now - self._housekept >= 60.0:
+            self._housekeeping(now)
+
+    @property
+    def lookups(self) -> int:
+        """Lookups running."""
+        return len(self._lookups)
+
+    # answering queries
+    def _on_query(self, query: KrpcQuery, addr: Addr, now: float) -> None:
+        if not (self._limit_ip.allow(addr[0], now) and self._limit_in.allow(None, now)):
+            self.stats["dht rate limited"] += 1
+            return
+        answer = self._answer(query, addr, now)
+        if isinstance(answer, tuple):
+            self.stats["dht errors sent"] += 1
+            self._send(KrpcError(query.t, *answer), addr)
+            return
+        self.stats["dht queries answered"] += 1
+        self._send(KrpcResponse(query.t, {"id": self.node_id, **answer}), addr)
+        self._noticed(query.args["id"], addr, query.args.get("ro"), now)
+
+    def _answer(self, query: KrpcQuery, addr: Addr, now: float) -> dict | tuple:
+        """The answer's values, or (code, text) for a KRPC error."""
+        node_id = query.args.get("id")
+        handler = self._handlers.get(query.method)
+        if not _is_id(node_id) or node_id == self.node_id:
+            return (KRPC_PROTOCOL, "bad id")
+        if handler is None:
+            return (KRPC_METHOD, "Method Unknown")
+        return handler(query.args, addr, now)
+
+    def _noticed(self, node_id: bytes, addr: Addr, read_only: Any, now: float) -> None:
+        """A node queried us: ping it if the table would keep it (BEP 43: not if ``ro``)."""
+        if not self.table.touch(node_id, addr, now) and read_only != 1 \
+                and self.table.has_room(node_id):
+            self.ping(addr, now)
+
+    def _on_ping(self, args: dict, addr: Addr, now: float) -> dict | tuple:
+        return {}
+
+    def _on_find_node(self, args: dict, addr: Addr, now: float) -> dict | tuple:
+        if not _is_id(args.get("target")):
+            return (KRPC_PROTOCOL, "bad target")
+        return {"nodes": self._nodes_near(args["target"])}
+
+    def _on_get_peers(self, args: dict, addr: Addr, now: float) -> dict | tuple:
+        info_hash = args.get("info_hash")
+        if not _is_id(info_hash):
+            return (KRPC_PROTOCOL, "bad info_hash")
+        answer: dict = {"token": self._token(addr[0]), "nodes": self._nodes_near(info_hash)}
+        peers = self._store.get(info_hash, now)
+        if peers:
+            answer["values"] = [compact_addr(p) for p in peers]
+        return answer
+
+    def _on_announce(self, args: dict, addr: Addr, now: float) -> dict | tuple:
+        info_hash, token, port = args.get("info_hash"), args.get("token"), args.get("port")
+        if args.get("implied_port") not in (None, 0):
+            port = addr[1]
+        if not _is_id(info_hash) or not isinstance(port, int) or not 0 < port < 65536:
+            return (KRPC_PROTOCOL, "bad info_hash or port")
+        if token not in (self._token(addr[0], s) for s in self._secrets):
+            self.stats["dht bad tokens"] += 1
+            return (KRPC_PROTOCOL, "bad token")
+        self._store.add(info_hash, (addr[0], port), now)
+        self.stats["dht announces stored"] += 1
+        return {}
+
+    def _nodes_near(self, target: bytes) -> bytes:
+        return b"".join(c.id + compact_addr(c.addr) for c in self.table.closest(target))
+
+    def _token(self, ip: str, secret: bytes | None = None) -> bytes:
+        """BEP 5 token: a hash of the asker's IP and a secret that rotates."""
+        return hashlib.sha1((secret or self._secrets[0]) + ip.encode()).digest()[:8]
+
+    # our queries and their answers
+    def _query(self, addr: Addr, method: str, args: dict, now: float,
+               node_id: bytes | None = None, lookup: _Lookup | None = None) -> bool:
+        """Send a query if the in-flight and rate bounds allow it."""
+        if len(self._pending) >= DHT_MAX_PENDING or not self._limit_out.allow(None, now):
+            self.stats["dht queries deferred"] += 1
+            return False
+        t = self._next_tid()
+        self._pending[t] = _Pending(addr, method, now, node_id, lookup)
+        self._send(KrpcQuery(t, method, {"id": self.node_id, **args}), addr)
+        self.stats["dht queries sent"] += 1
+        return True
+
+    def _next_tid(self) -> bytes:
+        while True:
+            self._tid = (self._tid + 1) & 0xFFFF
+            t = struct.pack(">H", self._tid)
+            if self._tid and t not in self._pending:
+                return t
+
+    def _on_answer(self, message: KrpcResponse | KrpcError, addr: Addr, now: float) -> None:
+        pending = self._pending.get(message.t)
+        if pending is None or pending.addr != addr:
+            self.stats["dht unexpected answers"] += 1
+            return
+        del self._pending[message.t]
+        if isinstance(message, KrpcError):
+            self.stats["dht errors received"] += 1
+            if pending.lookup is not None:  # alive, but no help for this lookup
+                pending.lookup.set(addr, _Probe.FAILED)
+                self._advance(pending.lookup, now)
+            return
+        node_id = message.values.get("id")
+        if not _is_id(node_id) or node_id == self.node_id or pending.node_id not in (None, node_id):
+            self._failed(pending, now)
+            return
+        stale = self.table.heard(node_id, addr, now)
+        if stale is not None:
+            self._query(stale.addr, "ping", {}, now, stale.id)
+        if pending.lookup is not None:
+            self._lookup_answer(pending.lookup, node_id, addr, message.values, now)
+
+    def _failed(self, pending: _Pending, now: float) -> None:
+        self.table.failed(pending.addr, now)
+        if pending.lookup is not None:
+            pending.lookup.set(pending.addr, _Probe.FAILED)
+            self._advance(pending.lookup, now)
+
+    # lookups
+    def _start_lookup(self, target: bytes, method: str, port: int | None, now: float) -> None:
+        running = self._lookups.get((method, target))
+        if running is not None:
+            running.port = port or running.port
+            return
+        if len(self._lookups) >= DHT_MAX_LOOKUPS:
+            self.stats["dht lookups refused"] += 1
+            return
+        lookup = self._lookups[(method, target)] = _Lookup(target, method, port, now)
+        self._seed_lookup(lookup)
+        self._advance(lookup, now)
+
+    def _seed_lookup(self, lookup: _Lookup) -> None:
+        """First candidates: the closest contacts, and the bootstrap nodes while few."""
+        for contact in self.table.closest(lookup.target):
+            lookup.add(contact.id, contact.addr)
+        if len(self.table) < DHT_K:
+            for addr in self._bootstrap or ():
+                lookup.add(None, addr)
+
+    def _advance(self, lookup: _Lookup, now: float) -> None:
+        """Send the lookup's next queries; finish it when nothing is left to ask."""
+        if (lookup.method, lookup.target) not in self._lookups:
+            return
+        key = "target" if lookup.method == "find_node" else "info_hash"
+        for addr, node_id in lookup.next_queries():
+            if not self._query(addr, lookup.method, {key: lookup.target}, now, node_id, lookup):
+                break
+            lookup.set(addr, _Probe.ASKED)
+            lookup.queries += 1
+        waiting = self._bootstrap is None and not lookup.nodes  # for bootstrap()
+        if lookup.finished(now) and not (waiting and now - lookup.started < DHT_LOOKUP_SECONDS):
+            self._finish(lookup, now)
+
+    def _lookup_answer(self, lookup: _Lookup, node_id: bytes, addr: Addr,
+                       values: dict, now: float) -> None:
+        lookup.answered(addr, node_id, values.get("token"))
+        for found_id, found_addr in parse_nodes(values.get("nodes")):
+            if found_id != self.node_id:
+                lookup.add(found_id, found_addr)
+        if lookup.method == "get_peers":
+            fresh = [p for p in parse_peers(values.get("values")) if p not in lookup.peers]
+            if fresh and len(lookup.peers) < 1000:
+                lookup.peers.update(fresh)
+                self._events.append(DhtPeers(lookup.target, tuple(fresh)))
+        self._advance(lookup, now)
+
+    def _finish(self, lookup: _Lookup, now: float) -> None:
+        del self._lookups[(lookup.method, lookup.target)]
+        closest = lookup.closest_with_tokens()
+        if lookup.method == "get_peers" and lookup.port:
+            for addr, node_id, token in closest:
+                self._query(addr, "announce_peer", {"info_hash": lookup.target, "port": lookup.port,
+                                                    "token": token, "implied_port": 0}, now, node_id)
+        self._events.append(DhtLookupDone(lookup.target, lookup.method, len(lookup.peers),
+                                          lookup.count(_Probe.ANSWERED), lookup.queries))
+
+    # upkeep
+    def _rotate(self, now: float) -> None:
+        if self._rotated is None:
+            self._rotated = now
+        elif now - self._rotated >= DHT_TOKEN_ROTATE:
+            self._secrets = [self._random(16), self._secrets[0]]
+            self._rotated = now
+
+    def _housekeeping(self, now: float) -> None:
+        """Once a minute: expire announced peers, refresh a stale bucket, re-bootstrap."""
+        self._housekept = now
+        self._store.expire(now)
+        stale = self.table.stale_bucket(now)
+        if stale is not None:
+            self.table.changed[stale] = now
+            self.find_node(self.table.random_id(stale, self._random(20)), now)
+        elif not len(self.table) and self._bootstrap is not None:
+            self.find_node(self.node_id, now)
+
+    def _send(self, message: Krpc, addr: Addr) -> None:
+        log.debug("> dht %s %s:%d", type(message).__name__, *addr)
+        self._out.append((bytes(message), addr))
+
+
+# DHT (BEP 5): asyncio adapter ###############################################
+
+class _DhtProtocol(asyncio.DatagramProtocol):
+    def __init__(self, node: Dht) -> None:
+        self.node = node
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.node._received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("dht socket: %s", exc)  # ICMP unreachable from a gone node
+
+
+class Dht:
+    """A BEP 5 node on a UDP socket: :class:`DhtCore` plus a timer task.
+
+    ``on_peers(info_hash, peers)`` is called with the peers lookups find.
+    """
+
+    def __init__(self, node_id: bytes, *, host: str = "0.0.0.0", port: int = 0,
+                 bootstrap: Iterable[str] = DHT_BOOTSTRAP,
+                 on_peers: Callable[[bytes, list[Addr]], Any] | None = None) -> None:
+        self.core = DhtCore(node_id)
+        self.host, self.port = host, port
+        self.bootstrap = [_split_hostport(b) for b in bootstrap]
+        self.on_peers = on_peers
+        # private
+        self._transport: asyncio.DatagramTransport | None = None
+        self._task: asyncio.Task | None = None
+        self._resolved = float("-inf")
+
+    @property
+    def stats(self) -> collections.Counter:
+        return self.core.stats
+
+    async def start(self) -> Dht:
+        """Bind the UDP socket, then bootstrap in the background."""
+        loop = asyncio.get_running_loop()
+        self._transport, _ = await loop.create_datagram_endpoint(
+            lambda: _DhtProtocol(self), local_addr=(self.host, self.port), family=socket.AF_INET)
+        self.port = self._transport.get_extra_info("sockname")[1]
+        log.info("dht node %s on udp %s:%d", self.core.node_id.hex()[:8], self.host, self.port)
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    async def close(self) -> None:
+        """Stop the timer and close the socket. Idempotent."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def get_peers(self, info_hash: bytes, announce_port: int | None = None) -> None:
+        """Look ``info_hash`` up (and announce ``announce_port`` to the closest nodes)."""
+        self.core.get_peers(info_hash, time.monotonic(), announce_port)
+        self._flush()
+
+    def add_node(self, addr: Addr) -> None:
+        """Ping a node a peer told us of (BEP 5 ``port`` message); IPv4 only."""
+        with contextlib.suppress(OSError):
+            socket.inet_pton(socket.AF_INET, addr[0])
+            self.core.ping(addr, time.monotonic())
+            self._flush()
+
+    async def _run(self) -> None:
+        while True:
+            if not len(self.core.table) and time.monotonic() - self._resolved > 60.0:
+                await self._bootstrap()
+            await asyncio.sleep(0.25)
+            self.core.tick(time.monotonic())
+            self._flush()
+
+    async def _bootstrap(self) -> None:
+        """Resolve the bootstrap names (off the core: DNS is I/O) and start there."""
+        self._resolved = time.monotonic()
+        found = await asyncio.gather(*(self._resolve(host, port) for host, port in self.bootstrap))
+        self.core.bootstrap([addr for addrs in found for addr in addrs], time.monotonic())
+        self._flush()
+
+    @staticmethod
+    async def _resolve(host: str, port: int) -> list[Addr]:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(loop.getaddrinfo(
+                host, port, family=socket.AF_INET, type=socket.SOCK_DGRAM), 10.0)
+        except (OSError, TimeoutError) as exc:
+            log.warning("dht bootstrap %s:%d: %s", host, port, exc)
+            return []
+        return [info[4][:2] for info in infos[:2]]
+
+    def _received(self, data: bytes, addr: tuple) -> None:
+        self.core.receive_datagram(data, (addr[0], addr[1]), time.monotonic())
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            for data, addr in self.core.data_to_send():
+                self._transport.sendto(data, addr)
+        for event in self.core.events_received():
+            if isinstance(event, DhtPeers) and self.on_peers is not None:
+                log.debug("dht: %d peer(s) of %s", len(event.peers), event.info_hash.hex()[:8])
+                self.on_peers(event.info_hash, list(event.peers))
+            elif isinstance(event, DhtLookupDone):
+                log.debug("dht %s %s done: %d peers, %d of %d answered", event.method,
+                          event.target.hex()[:8], event.peers, event.answered, event.queries)
+
+
 # The bugout node ############################################################
 
 Handler = Callable[[str, Any], Any]
 
 
 class Bugout:
-    """A bugout peer on asyncio: the JS Bugout's API over TCP, LSD and WebRTC.
+    """A bugout peer on asyncio: the JS Bugout's API over TCP, LSD, the DHT and WebRTC.
 
     ``trackers`` (None: bugout's three wss:// trackers; empty: WebRTC off),
     ``ice_servers`` (None: public STUN; empty: host candidates only),
@@ -1314,6 +2179,8 @@ class Bugout:
                  lsd: bool = True, heartbeat: float = 30.0,
                  max_message: int = DEFAULT_MAX_MESSAGE,
                  timeout_ms: int = PEER_TIMEOUT_MS, listen: bool = True,
+                 dht: bool = True, dht_bootstrap: Iterable[str] = DHT_BOOTSTRAP,
+                 dht_port: int | None = None,
                  trackers: str | Iterable[str] | None = None,
                  ice_servers: str | Iterable[str] | None = None,
                  max_peers: int | None = None, announce_interval: float | None = None) -> None:
@@ -1325,6 +2192,12 @@ class Bugout:
         self.host, self.port, self.listen = host, port, listen
         self.lsd, self.heartbeat, self.max_message = lsd, heartbeat, max_message
         self.static_peers = [_split_hostport(p) for p in peers]
+        #: DHT discovery: on/off, bootstrap host:port list, UDP port (None: the TCP port's number)
+        self.dht, self.dht_port = dht, dht_port
+        self.dht_bootstrap = list(dht_bootstrap)
+        for entry in self.dht_bootstrap:
+            _split_hostport(entry)
+        self._dht: Dht | None = None
         #: counters: connections refused, peers dropped, ... (with core.stats)
         self.stats: collections.Counter = collections.Counter()
         # private
@@ -1371,6 +2244,8 @@ class Bugout:
                 reuse_address=True)
             self.port = self._server.sockets[0].getsockname()[1]
             log.info("listening on %s:%d", self.host, self.port)
+        if self.dht:
+            await self._start_dht()
         for host, port in self.static_peers:
             self._spawn(self._keep_peer(host, port))
         if self.lsd:
@@ -1393,6 +2268,8 @@ class Bugout:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._dht is not None:
+            await self._dht.close()
         await asyncio.sleep(0)  # let transports write the goodbye
         await self.webrtc.close()
         for conn in list(self._connections):
@@ -1438,7 +2315,8 @@ class Bugout:
         self._pending[nonce] = future
         self._flush_core()
         try:
-            return await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                return await future
         except TimeoutError:
             raise RpcTimeout(f"{call} on {address}: no answer in {timeout}s") from None
         finally:
@@ -1494,7 +2372,8 @@ class Bugout:
 
     def _new_wire(self, initiator: bool) -> PeerWire:
         return PeerWire(self.infohash, self.peer_id, self._extended, initiator=initiator,
-                        metadata=self.metadata, max_message=self.max_message)
+                        metadata=self.metadata, max_message=self.max_message,
+                        dht_port=self._dht.port if self._dht is not None else None)
 
     def _connection_lost(self, conn: WireConnection) -> None:
         if conn in self._connections:
@@ -1511,6 +2390,8 @@ class Bugout:
                 self._check_duplicate(conn, event.peer_id)
             elif isinstance(event, ExtendedHandshake):
                 self._on_extended(conn, event.fields)
+            elif isinstance(event, DhtPort):
+                self._on_dht_port(conn, event.port)
         self._flush_core()
 
     def _check_duplicate(self, conn: WireConnection, peer_id: bytes) -> None:
@@ -1570,6 +2451,8 @@ class Bugout:
 
     def _serve(self, call: Call) -> None:
         """Answer a call: its handler's result, or bugout's error for unknown names."""
+        if self._closed:  # we said goodbye: an answer now would make us "seen" again
+            return
         self.emit("rpc", call.address, call.name, call.args)
         handler = self._api.get(call.name)
         if handler is None:
@@ -1638,6 +2521,53 @@ class Bugout:
                     conn.last_keepalive = now
                     conn.wire.send_keepalive()
                     conn._flush()
+
+    # DHT discovery (BEP 5)
+    async def _start_dht(self) -> None:
+        """A DHT node on the TCP port's number if free (one port to forward), else any."""
+        ports = [self.dht_port] if self.dht_port is not None else [self.port, 0]
+        for port in ports:
+            node = Dht(dht_node_id(self.seed), host=self.host, port=port,
+                       bootstrap=self.dht_bootstrap, on_peers=self._on_dht_peers)
+            try:
+                self._dht = await node.start()
+                break
+            except OSError as exc:
+                log.warning("DHT: udp port %s: %s", port, exc)
+        if self._dht is not None:
+            self._spawn(self._dht_lookups())
+
+    async def _dht_lookups(self) -> None:
+        """Look our swarm up (announcing our TCP port) at start, again soon, then periodically."""
+        assert self._dht is not None
+        port = self.port if self.listen else None
+        waited = 0.0
+        for at in DHT_LOOKUP_AT:
+            await asyncio.sleep(at - waited)
+            waited = at
+            self._dht.get_peers(self.infohash, port)
+        while not self._closed:
+            await asyncio.sleep(DHT_LOOKUP_INTERVAL if self.connections() else DHT_LOOKUP_ALONE)
+            self._dht.get_peers(self.infohash, port)
+
+    def _on_dht_peers(self, info_hash: bytes, peers: list[Addr]) -> None:
+        """Dial what a lookup found, but not an address that already dialed us.
+
+        Its listening port is unknown, so the same peer would be dialed again at
+        every lookup and one of the two wires closed as a duplicate."""
+        if info_hash != self.infohash:
+            return
+        callers = {c.transport.get_extra_info("peername")[0] for c in self._connections
+                   if not c.initiator and c.transport is not None}
+        for host, port in peers[:DHT_MAX_VALUES]:
+            if host not in callers:
+                self.add_peer(host, port)
+
+    def _on_dht_port(self, conn: WireConnection, port: int) -> None:
+        peer = conn.transport.get_extra_info("peername") if conn.transport else None
+        if self._dht is not None and peer and 0 < port < 65536:
+            # A dual-stack socket names IPv4 peers ::ffff:a.b.c.d; our DHT speaks IPv4.
+            self._dht.add_node((peer[0].removeprefix("::ffff:"), port))
 
 
 #: A handler returns this to send no answer (as the JS master for shareResults).
@@ -2162,6 +3092,8 @@ class RtcConnection:
         #: True when we made the offer: we count as the dialer (Bugout._check_duplicate)
         self.initiator = offerer
         self.dialed: tuple | None = None
+        #: no socket, so no address for the DHT code that asks for one
+        self.transport: Any = None
         #: the other side's tracker peer id (20 latin-1 chars), once known
         self.remote_id = remote_id
         # Both ends of a WebRTC wire send the handshake at once (WebTorrent peer.js).
@@ -2494,7 +3426,7 @@ _REQUIREMENT = re.compile(
     r"(?:\[\s*[A-Za-z0-9._-]+(?:\s*,\s*[A-Za-z0-9._-]+)*\s*\])?"  # extras
     r"(?:\s*(?:===|==|~=|!=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+"  # version
     r"(?:\s*,\s*(?:===|==|~=|!=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+)*)?")
-_PROTECTED_NAMES = {".env", ".deps", ".assets.json", ".results.json"}
+_PROTECTED_NAMES = {".env", ".deps", ".assets.json", ".results.json", ".qx-runner.js"}
 
 
 def check_requirement(text: Any) -> str:
@@ -2622,8 +3554,453 @@ def load_task(path: Path) -> Any:
 
 def error_result(exc: BaseException) -> dict:
     """The ``error`` field of a failed job's result."""
+    if isinstance(exc, TaskError):  # task.js: the JS error's own name, message and stack
+        return dict(exc.error)
     return {"type": exc.__class__.__name__, "message": str(exc),
             "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
+
+
+# Worker: running task.js with Node ##########################################
+#
+# The JS master always sends a task.js. When no task.py comes with it, a
+# long-lived ``node`` child runs it the way the JS worker does: ``new
+# (require(path))()`` once, then ``await task.run(job)`` per job. Jobs and
+# answers are JSON lines on a socket of their own (its fd is in QX_RUNNER_FD),
+# so whatever the task prints cannot corrupt them; its stdout and stderr go to
+# the worker's log. npm installs the dependencies into the worker folder.
+
+#: The runner that worker.py writes into the worker folder (assets may not overwrite it).
+NODE_RUNNER_NAME = ".qx-runner.js"
+#: Seconds ``node`` may take to load task.js and make its Task.
+NODE_START_TIMEOUT = 60.0
+#: Seconds a child may take to exit once its socket is closed, before SIGKILL.
+NODE_EXIT_TIMEOUT = 2.0
+#: Lines of a child's stderr kept to explain its death.
+STDERR_TAIL = 20
+
+NODE_RUNNER_JS = r"""// Written by worker.py (queue-xec Python worker): runs task.js as the JS worker
+// does. Jobs come in and answers go out as JSON lines on the socket whose fd is
+// QX_RUNNER_FD; stdout and stderr are the task's own (the worker logs them).
+'use strict';
+const net = require('net');
+const path = require('path');
+const readline = require('readline');
+const util = require('util');
+
+const channel = new net.Socket({ fd: Number(process.env.QX_RUNNER_FD), readable: true, writable: true });
+const line = (message) => `${JSON.stringify(message)}\n`;
+
+function describe(error) {
+  if (error instanceof Error || util.types.isNativeError(error)) {
+    return { type: String(error.name || 'Error'), message: String(error.message), traceback: String(error.stack || '') };
+  }
+  // `throw 'text'`, `reject(42)`, `reject()`: not an Error, so no name and no stack
+  return { type: error === null ? 'null' : typeof error,
+           message: typeof error === 'string' ? error : util.inspect(error), traceback: '' };
+}
+
+function answer(id, data) {
+  try {
+    return line({ id, data: data === undefined ? null : data });
+  } catch (error) { // a BigInt or a cycle: JSON cannot hold it
+    return line({ id, error: describe(error) });
+  }
+}
+
+async function runJob(task, text) {
+  const { id, job } = JSON.parse(text);
+  try {
+    channel.write(answer(id, await task.run(job)));
+  } catch (error) {
+    channel.write(line({ id, error: describe(error) }));
+  }
+}
+
+function load(file) {
+  const Task = require(path.resolve(file));
+  if (typeof Task !== 'function') {
+    throw new TypeError(`${file} must export its Task class (module.exports = Task), not ${typeof Task}`);
+  }
+  const task = new Task();
+  if (typeof task.run !== 'function') throw new TypeError(`${file}: its Task has no run(job) method`);
+  return task;
+}
+
+function main() {
+  let task;
+  try {
+    task = load(process.argv[2]);
+  } catch (error) {
+    channel.end(line({ ready: false, error: describe(error) }), () => process.exit(1));
+    return;
+  }
+  channel.write(line({ ready: true, node: process.version }));
+  readline.createInterface({ input: channel, crlfDelay: Infinity }).on('line', (text) => runJob(task, text));
+  channel.on('end', () => process.exit(0));
+  channel.on('error', () => process.exit(1));
+}
+
+main();
+"""
+
+# node -e: print the JSON list of the specs (argv[2:]) that do not resolve from
+# the folder (argv[1]) as task.js would require them. An exact version must
+# match; a range or tag is left to npm.
+_NPM_MISSING_JS = r"""
+const fs = require('fs');
+const path = require('path');
+const { createRequire } = require('module');
+const [folder, ...specs] = process.argv.slice(1);
+const requireFrom = createRequire(path.join(folder, 'noop.js'));
+
+function installedVersion(name) {
+  try {
+    return JSON.parse(fs.readFileSync(requireFrom.resolve(`${name}/package.json`), 'utf8')).version || '';
+  } catch (e) { /* not there, or its "exports" hide package.json */ }
+  let entry;
+  try { entry = requireFrom.resolve(name); } catch (e) { return null; }
+  if (!path.isAbsolute(entry)) return process.versions.node; // a built-in module
+  for (let dir = path.dirname(entry); dir !== path.dirname(dir); dir = path.dirname(dir)) {
+    try {
+      const pkg = JSON.parse(fs.readFileSync(path.join(dir, 'package.json'), 'utf8'));
+      if (pkg.name === name) return pkg.version || '';
+    } catch (e) { /* no package.json here */ }
+  }
+  return '';
+}
+
+process.stdout.write(JSON.stringify(specs.filter((spec) => {
+  const at = spec.indexOf('@', 1);
+  const wanted = at < 0 ? '' : spec.slice(at + 1).trim().replace(/^[v=]+/, '');
+  const version = installedVersion(at < 0 ? spec : spec.slice(0, at));
+  if (version === null) return true;
+  if (!wanted || wanted === '*' || wanted === 'x') return false;
+  return !/^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?$/.test(wanted) || version !== wanted;
+})));
+"""
+
+# npm package name (validate-npm-package-name: URL-safe, no leading . or _,
+# legacy capitals allowed), optional @scope/, optional @version, range or tag.
+# No ``:``, ``/`` or ``#`` after the name: no URLs, paths, git or aliases; no
+# `` -x`` inside a range: nothing that reads like an option.
+_NPM_PACKAGE = re.compile(
+    r"(?!.*\s-\S)"
+    r"(?:@[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*"  # [@scope/]name
+    r"(?:@[A-Za-z0-9.^~<>=*|+ -]*[A-Za-z0-9*])?")                    # @version, range or tag
+
+
+class TaskError(WorkerError):
+    """A job failed outside Python; ``error`` is the result's error field."""
+
+    def __init__(self, kind: str, message: str, traceback: str = "") -> None:
+        super().__init__(message if kind == type(self).__name__ else f"{kind}: {message}")
+        #: ``{"type", "message", "traceback"}`` as in every error result
+        self.error = {"type": kind, "message": message, "traceback": traceback}
+
+
+class JsTaskError(TaskError):
+    """task.js's ``run`` threw or rejected: the JS error's name, message and stack."""
+
+    @classmethod
+    def from_answer(cls, error: Any) -> JsTaskError:
+        error = error if isinstance(error, dict) else {}
+        return cls(str(error.get("type") or "Error"), str(error.get("message", "")),
+                   str(error.get("traceback") or ""))
+
+
+class TaskProcessError(TaskError):
+    """task.js cannot run: no node or npm, a load error, or its process died."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__("TaskProcessError", message, detail)
+
+
+def check_npm_package(text: Any) -> str:
+    """An npm package name with an optional ``@version`` (or range, tag), or UnsafeAsset."""
+    spec = text.strip() if isinstance(text, str) else ""
+    if len(spec) > 256 or not _NPM_PACKAGE.fullmatch(spec):
+        raise UnsafeAsset(f"dependency {text!r} refused: only an npm package name with an "
+                          "optional @version is allowed (no URL, path, git or option)")
+    return spec
+
+
+def find_program(name: str) -> str:
+    """``node`` or ``npm`` on PATH, or TaskProcessError saying what to install."""
+    found = shutil.which(name)
+    if found is None:
+        raise TaskProcessError(
+            f"the master sent a task.js (and no task.py), which needs Node.js, but {name!r} "
+            "is not on PATH: install Node.js 18+ with npm, or have the master send a task.py")
+    return found
+
+
+async def missing_npm_packages(folder: Path, specs: list[str]) -> list[str]:
+    """The specs that node's ``require.resolve`` cannot satisfy from ``folder``."""
+    if not specs:
+        return []
+    proc = await asyncio.create_subprocess_exec(
+        find_program("node"), "-e", _NPM_MISSING_JS, "--", str(folder), *specs,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    try:
+        missing = json.loads(out)
+    except ValueError:
+        raise TaskProcessError("node could not check the dependencies: "
+                               + err.decode(errors="replace").strip()[-500:]) from None
+    return [spec for spec in specs if spec in missing]
+
+
+async def install_npm_packages(folder: Path, specs: list[str]) -> bool:
+    """``npm install --prefix folder`` what does not resolve yet; off the loop."""
+    try:
+        missing = await missing_npm_packages(folder, specs)
+        npm = find_program("npm") if missing else ""
+    except (TaskProcessError, OSError) as exc:
+        log.error("dependencies of task.js: %s", exc)
+        return False
+    if not missing:
+        return True
+    log.info("installing %s into %s with npm", ", ".join(missing), folder)
+    command = [npm, "install", "--prefix", str(folder), "--no-audit", "--no-fund",
+               "--no-update-notifier", *missing]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *command, cwd=folder, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    except OSError as exc:
+        log.error("cannot run npm: %s", exc)
+        return False
+    return await _npm_finished(proc, missing)
+
+
+async def _npm_finished(proc: asyncio.subprocess.Process, missing: list[str]) -> bool:
+    """Log npm's output (debug); on failure say so with its last lines."""
+    tail: collections.deque[str] = collections.deque(maxlen=5)
+    assert proc.stdout is not None
+    async for raw in proc.stdout:
+        tail.append(raw.decode(errors="replace").rstrip())
+        log.debug("npm: %s", tail[-1])
+    if await proc.wait() != 0:
+        log.error("npm could not install %s (no network, no such package?):\n%s",
+                  ", ".join(missing), "\n".join(tail))
+        return False
+    log.info("installed %s", ", ".join(missing))
+    return True
+
+
+class NodeRunner:
+    """Runs ``task.js`` in a long-lived ``node`` child; the interface of TaskRunner.
+
+    One job at a time. A child that dies answers its job with an error and the
+    next job starts a new one; a job running past ``timeout`` kills it.
+    """
+
+    def __init__(self, task_path: Path, folder: Path, timeout: float | None = None) -> None:
+        self.task_path = task_path
+        self.folder = folder
+        self.timeout = timeout
+        #: the running child, or None
+        self.process: asyncio.subprocess.Process | None = None
+        #: children started so far (the first one and restarts)
+        self.starts = 0
+        # private
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._pumps: set[asyncio.Task] = set()
+        self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
+        self._lock = asyncio.Lock()
+        self._sequence = itertools.count(1)
+        self._closing: asyncio.Task | None = None
+
+    async def start(self) -> NodeRunner:
+        """Start the child and load task.js; TaskProcessError if that fails."""
+        async with self._lock:
+            await self._start()
+        return self
+
+    async def run(self, job: Any) -> Any:
+        """The task's return value; JsTaskError, TaskProcessError or TimeoutError."""
+        async with self._lock:
+            if self._closing is not None:
+                raise InvalidState("this task.js runner is closed")
+            if self.process is None or self.process.returncode is not None:
+                await self._restart()
+            try:
+                answer = await asyncio.wait_for(self._exchange(job), self.timeout)
+            except TimeoutError:
+                await self._stop(kill=True)
+                raise TimeoutError(f"task ran longer than {self.timeout}s") from None
+        if "error" in answer:
+            raise JsTaskError.from_answer(answer["error"])
+        return answer.get("data")
+
+    def close(self) -> None:
+        """Stop the child once a job in flight is done; idempotent."""
+        if self._closing is not None:
+            return
+        try:
+            self._closing = asyncio.get_running_loop().create_task(self._close())
+        except RuntimeError:  # no loop left: all we can do is kill
+            if self.process is not None:
+                _kill(self.process)
+
+    async def wait_closed(self) -> None:
+        """Close, and wait until the child and its pipes are gone."""
+        self.close()
+        if self._closing is not None:
+            await self._closing
+
+    # private
+    async def _start(self) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            self.process = await self._launch(theirs)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.starts += 1
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=DEFAULT_MAX_MESSAGE)
+        self._stderr.clear()
+        self._pump(self.process.stdout, logging.INFO)
+        self._pump(self.process.stderr, logging.WARNING)
+        log.debug("- task.js process %d started", self.process.pid)
+        await self._hello()
+
+    async def _launch(self, channel: socket.socket) -> asyncio.subprocess.Process:
+        """``node .qx-runner.js task.js`` in the worker folder, ``channel`` as its fd QX_RUNNER_FD."""
+        node, runner, fd = find_program("node"), self.folder / NODE_RUNNER_NAME, channel.fileno()
+        try:
+            if not runner.is_file() or runner.read_text() != NODE_RUNNER_JS:
+                runner.write_text(NODE_RUNNER_JS)
+            return await asyncio.create_subprocess_exec(
+                node, str(runner), str(self.task_path), cwd=self.folder, pass_fds=(fd,),
+                env={**os.environ, "QX_RUNNER_FD": str(fd)}, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        except OSError as exc:
+            raise TaskProcessError(f"cannot start {node} {runner}: {exc}") from exc
+
+    async def _hello(self) -> None:
+        """Wait for the child's ``ready`` line; its load error becomes TaskProcessError."""
+        try:
+            hello = await asyncio.wait_for(self._receive(), NODE_START_TIMEOUT)
+        except TimeoutError:
+            await self._stop(kill=True)
+            raise TaskProcessError(f"{self.task_path} did not load in {NODE_START_TIMEOUT:.0f}s") from None
+        except TaskProcessError as exc:
+            raise TaskProcessError(f"{self.task_path} does not load: {exc}", exc.error["traceback"]) from None
+        if not hello.get("ready"):
+            await self._stop()
+            error = JsTaskError.from_answer(hello.get("error"))
+            raise TaskProcessError(f"{self.task_path} does not load: {error}", error.error["traceback"])
+
+    async def _restart(self) -> None:
+        if self.process is not None:  # it died between jobs
+            code = await self._stop()
+            log.warning("- task.js process exited (code %s) between jobs", code)
+        log.info("- starting a new task.js process")
+        await self._start()
+
+    async def _exchange(self, job: Any) -> dict:
+        """Send one job, return the child's answer to it."""
+        assert self._writer is not None
+        ident = next(self._sequence)
+        self._writer.write(json_dumps({"id": ident, "job": job}).encode() + b"\n")
+        with contextlib.suppress(ConnectionError):
+            await self._writer.drain()
+        answer = await self._receive()
+        if answer.get("id") != ident:
+            await self._stop()
+            raise TaskProcessError(f"the task.js runner answered {answer.get('id')!r} to job {ident}")
+        return answer
+
+    async def _receive(self) -> dict:
+        """The child's next line; TaskProcessError (with its stderr) when it died."""
+        assert self._reader is not None
+        try:
+            line = await self._reader.readline()
+        except (ValueError, ConnectionError) as exc:  # ValueError: a line over the limit
+            await self._stop()
+            raise TaskProcessError(f"the task.js process sent a bad answer: {exc}") from None
+        if not line:
+            code = await self._stop()
+            raise TaskProcessError(f"the task.js process exited (code {code}) before answering",
+                                   "stderr of the task.js process:\n" + "\n".join(self._stderr))
+        with contextlib.suppress(ValueError):
+            answer = json.loads(line)
+            if isinstance(answer, dict):
+                return answer
+        await self._stop(kill=True)
+        raise TaskProcessError(f"the task.js process sent a bad answer: {line[:200]!r}")
+
+    async def _stop(self, kill: bool = False) -> int | None:
+        """End the child (its socket closed first, SIGKILL if it lingers); its exit code."""
+        proc, self.process = self.process, None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if proc is None:
+            return None
+        try:
+            if kill:
+                _kill(proc)
+            await asyncio.wait_for(proc.wait(), NODE_EXIT_TIMEOUT)
+        except TimeoutError:
+            _kill(proc)
+            await proc.wait()
+        finally:
+            if proc.returncode is None:  # cancelled: leave no child behind
+                _kill(proc)
+        await self._end_pumps()
+        log.debug("- task.js process %d exited (code %s)", proc.pid, proc.returncode)
+        return proc.returncode
+
+    async def _end_pumps(self) -> None:
+        """Let the pumps read the last lines, unless a grandchild holds the pipes."""
+        pumps = list(self._pumps)
+        if pumps:
+            await asyncio.wait(pumps, timeout=1.0)
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+
+    async def _close(self) -> None:
+        async with self._lock:
+            await self._stop()
+
+    def _pump(self, stream: asyncio.StreamReader | None, level: int) -> None:
+        task = asyncio.ensure_future(self._log_lines(stream, level))
+        self._pumps.add(task)
+        task.add_done_callback(self._pumps.discard)
+
+    async def _log_lines(self, stream: asyncio.StreamReader | None, level: int) -> None:
+        """The task's console output, line by line, into the worker's log."""
+        while stream is not None:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line over the limit: dropped
+                continue
+            if not raw:
+                return
+            text = raw.decode(errors="replace").rstrip()
+            if level >= logging.WARNING:
+                self._stderr.append(text)
+            log.log(level, "task.js: %s", text)
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+
+
+async def close_runner(runner: TaskRunner | NodeRunner) -> None:
+    """Close a runner and wait for what it owns (a NodeRunner's child)."""
+    if isinstance(runner, NodeRunner):
+        await runner.wait_closed()
+    else:
+        runner.close()
 
 
 # Worker #####################################################################
@@ -2645,6 +4022,17 @@ def _config(env: dict, key: str, value: Any, default: Any = None) -> Any:
     return default if found in (None, "") else found
 
 
+def dht_options(env: dict, dht: bool | None = None, bootstrap: Iterable[str] | None = None,
+                port: int | None = None) -> dict:
+    """Bugout's DHT arguments from arguments or the ``dht``, ``dhtBootstrap``, ``dhtPort`` keys."""
+    routers = _config(env, "dhtBootstrap", bootstrap, DHT_BOOTSTRAP)
+    if isinstance(routers, str):
+        routers = [r.strip() for r in routers.split(",") if r.strip()]
+    udp = _config(env, "dhtPort", port)
+    return {"dht": _word(_config(env, "dht", dht), True), "dht_bootstrap": list(routers),
+            "dht_port": None if udp is None else int(udp)}
+
+
 class Worker:
     """The JS queue-xec Worker's API in Python.
 
@@ -2652,7 +4040,7 @@ class Worker:
     back to the JS env keys (``token``, ``name``, ``LOG_LEVEL``,
     ``transferEncryptToken``, ``getBatch``, ``batchSize``) and the transport
     keys (``port``, ``host``, ``peers``, ``lsd``, ``seed``, ``maxMessage``,
-    ``trackers``, ``iceServers``, ``maxPeers``).
+    ``dht``, ``dhtBootstrap``, ``dhtPort``, ``trackers``, ``iceServers``, ``maxPeers``).
 
     ``trackers``: comma-separated ws:// or wss:// WebSocket trackers, through
     which workers behind NAT meet the master over WebRTC (unset: bugout's three
@@ -2668,6 +4056,8 @@ class Worker:
                  port: int | None = None, host: str | None = None,
                  peers: Iterable[str] | None = None, lsd: bool | None = None,
                  seed: str | None = None, job_timeout: float | None = None,
+                 dht: bool | None = None, dht_bootstrap: Iterable[str] | None = None,
+                 dht_port: int | None = None,
                  trackers: str | Iterable[str] | None = None,
                  ice_servers: str | Iterable[str] | None = None,
                  max_peers: int | None = None) -> None:
@@ -2695,7 +4085,8 @@ class Worker:
             max_message=int(_config(env, "maxMessage", None, DEFAULT_MAX_MESSAGE)),
             trackers=_config_list(env, "trackers", trackers),
             ice_servers=_config_list(env, "iceServers", ice_servers),
-            max_peers=_config(env, "maxPeers", max_peers))
+            max_peers=_config(env, "maxPeers", max_peers),
+            **dht_options(env, dht, dht_bootstrap, dht_port))
         #: the master's address once one answered isMaster
         self.master: str | None = None
         #: jobs held locally (a batch), results not yet delivered
@@ -2705,13 +4096,14 @@ class Worker:
         self.stats: collections.Counter = collections.Counter()
         # private
         self._manifest: list[dict] = []
-        self._runner: TaskRunner | None = None
+        self._runner: TaskRunner | NodeRunner | None = None
         self._master_acks = False
+        self._master_batches = False
+        self._delivery_lock = asyncio.Lock()
         self._assets_ok = False
         self._busy = False
         self._checking: set[str] = set()
         self._sync_lock = asyncio.Lock()
-        self._deliver_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
@@ -2734,6 +4126,7 @@ class Worker:
         self.node.on("seen", self._on_peer)
         self.node.on("wireseen", self._on_peer)
         self.node.on("left", self._on_left)
+        self.node.on("message", self._on_message)
         await self.node.start()
         log.info("worker %s (%s) in swarm, address %s", self.name, self.folder, self.address)
         self._spawn(self._drive())
@@ -2757,18 +4150,14 @@ class Worker:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._runner:
-            self._runner.close()
+            await close_runner(self._runner)
         await self.node.close()
         self._done.set()
 
     async def _drained(self) -> None:
         while self.jobs or self._busy or self.undelivered:
-            if self.undelivered and not self._busy:
-                await self._deliver_results()
-                if self.undelivered:
-                    await asyncio.sleep(0.5)
-            else:
-                await asyncio.sleep(0.05)
+            self._kick_delivery()
+            await asyncio.sleep(0.05)
 
     def _spawn(self, coro: Awaitable) -> None:
         task = asyncio.ensure_future(coro)
@@ -2780,6 +4169,10 @@ class Worker:
         if address not in self._checking:
             self._checking.add(address)
             self._spawn(self.check_master(address))
+
+    def _on_message(self, address: str, message: Any) -> None:
+        if address == self.master and message == JOBS_WAITING:
+            self._wake.set()
 
     def _on_left(self, address: str) -> None:
         if address == self.master:
@@ -2801,9 +4194,10 @@ class Worker:
             log.info("master found: %s", address)
         self.master = address
         self._master_acks = bool(answer.get("resultAcks"))
+        self._master_batches = bool(answer.get("resultBatches"))
         if not known:
             await self.sync_assets()
-        await self._deliver_results()
+        self._kick_delivery()
         self._wake.set()
         return True
 
@@ -2834,6 +4228,8 @@ class Worker:
                 self._assets_ok = await self._install_assets(answer)
             elif answer.get("status") == "same" and self._runner is None:
                 self._assets_ok = await self._load_task()
+            if self._assets_ok:
+                self._wake.set()  # ready: the job loop asks for work now
             return self._assets_ok
 
     async def _install_assets(self, answer: dict) -> bool:
@@ -2841,7 +4237,8 @@ class Worker:
         log.info("assets changed: %d file(s), %d dependency(ies)", len(files), len(deps))
         try:
             plan = [(safe_asset_path(self.folder, f.get("workerPath")), f) for f in files]
-            deps = [check_requirement(d) for d in deps] if self._has_py_task(files) else []
+            python = self._has_py_task(files)  # else task.js: npm packages
+            deps = [(check_requirement if python else check_npm_package)(d) for d in deps]
             contents = [self.crypt.decrypt_bytes(f["content"]) for _, f in plan]
         except (UnsafeAsset, CryptError) as exc:
             log.error("%s; nothing was written", exc)
@@ -2857,7 +4254,7 @@ class Worker:
                 log.warning("%s: content differs from the master's sha256", asset.get("workerPath"))
         self._manifest = [{"name": f.get("name"), "workerPath": f["workerPath"]} for _, f in plan]
         self._save_state()
-        if not await self.install_dependencies(deps):
+        if not await (self.install_dependencies(deps) if python else install_npm_packages(self.folder, deps)):
             return False
         return await self._load_task()
 
@@ -2912,12 +4309,10 @@ class Worker:
 
     async def _load_task(self) -> bool:
         names = {a.get("name"): a for a in self._manifest}
+        if "task.py" not in names and "task.js" in names:
+            return await self._load_js_task(names["task.js"])
         if "task.py" not in names:
-            if "task.js" in names:
-                log.error("the master sent only task.js; this worker runs task.py "
-                          "(running task.js through Node is not supported yet)")
-            else:
-                log.error("the master's assets hold no task.py")
+            log.error("the master's assets hold no task.py or task.js")
             return False
         path = safe_asset_path(self.folder, names["task.py"]["workerPath"])
         try:
@@ -2925,38 +4320,51 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - the task's own import-time errors
             log.error("cannot load %s: %s: %s", path, exc.__class__.__name__, exc)
             return False
-        if self._runner:
-            self._runner.close()
-        self._runner = TaskRunner(task, self.job_timeout)
+        self._use_runner(TaskRunner(task, self.job_timeout))
         log.info("task loaded from %s", path)
         return True
+
+    async def _load_js_task(self, asset: dict) -> bool:
+        """Start a node child for task.js (no task.py came with it)."""
+        path = safe_asset_path(self.folder, asset["workerPath"])
+        try:
+            runner = await NodeRunner(path, self.folder, self.job_timeout).start()
+        except TaskProcessError as exc:
+            log.error("cannot load %s: %s%s", path, exc, "\n" + exc.error["traceback"] if
+                      exc.error["traceback"] else "")
+            return False
+        self._use_runner(runner)
+        log.info("task loaded from %s (node, pid %s)", path, runner.process and runner.process.pid)
+        return True
+
+    def _use_runner(self, runner: TaskRunner | NodeRunner) -> None:
+        """Swap runners; the old one finishes a job in flight, then closes."""
+        if self._runner:
+            self._spawn(close_runner(self._runner))
+        self._runner = runner
 
     # jobs
     async def _drive(self) -> None:
         """The job loop: ask, run, deliver; one request in flight at most."""
-        while True:
-            if self._stopping and not self.jobs:
-                return
-            if not self.jobs and (self._stopping or not self._ready_for_work()):
-                await self._idle()
-                continue
-            if not self.jobs and not await self.request_work():
-                await self._idle()
-                continue
+        while not (self._stopping and not self.jobs):
+            if not self.jobs:
+                self._wake.clear()  # before asking: a nudge during the ask is kept
+                if self._stopping or not self._ready_for_work() or not await self.request_work():
+                    await self._idle()
+                    continue
             self._busy = True
             try:
                 result = await self.do_job(self.jobs.popleft())
                 self.undelivered.append(result)
             finally:
                 self._busy = False
-            await self._deliver_results()
+            self._kick_delivery()
 
     def _ready_for_work(self) -> bool:
         return self.master is not None and self._assets_ok and self._runner is not None
 
     async def _idle(self) -> None:
         """Wait for a wake-up or the 30 s idle timer; then re-check assets."""
-        self._wake.clear()
         try:
             await asyncio.wait_for(self._wake.wait(), IDLE_REQUEST_SECONDS)
         except TimeoutError:
@@ -2968,12 +4376,22 @@ class Worker:
         master = self.master
         if master is None:
             return False
-        args = {"getBatch": self.get_batch, "batchSize": self.batch_size}
-        try:
-            answer = await self.node.rpc(master, "requestWork", args, timeout=30.0)
-        except (RpcTimeout, InvalidState) as exc:
-            log.warning("requestWork: %s", exc)
-            return False
+        args: dict[str, Any] = {"getBatch": self.get_batch, "batchSize": self.batch_size}
+        async with contextlib.AsyncExitStack() as stack:
+            carried: list = []
+            if self._master_batches and self.undelivered and not self._delivery_lock.locked():
+                # master.py takes held results along with the request: one RPC, not two.
+                await stack.enter_async_context(self._delivery_lock)
+                carried = list(itertools.islice(self.undelivered, RESULT_BATCH))
+                args["results"] = self.crypt.encrypt_json(carried)
+            try:
+                answer = await self.node.rpc(master, "requestWork", args, timeout=30.0)
+            except (RpcTimeout, InvalidState) as exc:
+                log.warning("requestWork: %s", exc)
+                return False
+            for _ in carried:
+                self.undelivered.popleft()
+            self.stats["results delivered"] += len(carried)
         encrypted = []
         if isinstance(answer, dict):
             if answer.get("task"):
@@ -3003,29 +4421,42 @@ class Worker:
             result["error"] = error_result(exc)
         return result
 
-    async def _deliver_results(self) -> None:
-        """``shareResults`` for each held result while a master is reachable."""
-        # One delivery at a time: the job loop and stop() both call this, and two at
-        # once sent a result twice and popped an empty deque (stop() then hung).
-        async with self._deliver_lock:
-            await self._deliver_held()
+    def _kick_delivery(self) -> None:
+        """Deliver held results in the background, next to the job loop."""
+        if self.undelivered and not self._delivery_lock.locked():
+            self._spawn(self._deliver_results())
 
-    async def _deliver_held(self) -> None:
-        while self.undelivered and self.master is not None:
-            master, result = self.master, self.undelivered[0]
-            payload = self.crypt.encrypt_json(result)
-            try:
-                if self._master_acks:
-                    await self.node.rpc(master, "shareResults", payload, timeout=15.0)
-                elif self._has_wire(master):
-                    self.node.rpc_nowait(master, "shareResults", payload)
-                else:
+    async def _deliver_results(self) -> None:
+        """Send held results while a master is reachable; one delivery at a time."""
+        if self._delivery_lock.locked():
+            return  # the running delivery takes the new results along
+        async with self._delivery_lock:
+            while self.undelivered and self.master is not None:
+                if not await self._deliver_some(self.master):
                     return
-            except (RpcTimeout, InvalidState) as exc:
-                log.warning("result of job %s kept: %s", result.get("jobID"), exc)
-                return
+
+    async def _deliver_some(self, master: str) -> bool:
+        """One ``shareResults`` (or, for master.py, a batch of them); False if kept."""
+        if self._master_batches:
+            batch = list(itertools.islice(self.undelivered, RESULT_BATCH))
+            call, payload = "shareResultsBatch", self.crypt.encrypt_json(batch)
+        else:
+            batch = [self.undelivered[0]]
+            call, payload = "shareResults", self.crypt.encrypt_json(batch[0])
+        try:
+            if self._master_acks:
+                await self.node.rpc(master, call, payload, timeout=15.0)
+            elif self._has_wire(master):
+                self.node.rpc_nowait(master, call, payload)
+            else:
+                return False
+        except (RpcTimeout, InvalidState) as exc:
+            log.warning("%d result(s) kept for later: %s", len(batch), exc)
+            return False
+        for _ in batch:
             self.undelivered.popleft()
-            self.stats["results delivered"] += 1
+        self.stats["results delivered"] += len(batch)
+        return True
 
     def _has_wire(self, address: str) -> bool:
         return any(c.address == address and c.wire.ready for c in self.node._connections)
@@ -3166,12 +4597,12 @@ async def run_demo(jobs: int = 200) -> int:
                                            "workerPath": "/workplace/task.py"}],
                                 "dependencies": []},
                         results.append, None, key, folder=root / "master", env={},
-                        host="127.0.0.1", lsd=False, trackers=[])
+                        host="127.0.0.1", lsd=False, dht=False, trackers=[])
         await master.start()
         for i in range(jobs):
             master.push_new_job({"id": i, "data": str(10_000 + 100 * i)})
         worker = Worker(token, "demo-worker", "warn", key, env={}, folder=root / "worker",
-                        host="127.0.0.1", lsd=False, peers=["127.0.0.1:%d" % master.port],
+                        host="127.0.0.1", lsd=False, dht=False, peers=["127.0.0.1:%d" % master.port],
                         get_batch=True, batch_size=10, trackers=[])
         started = time.perf_counter()
         await worker.start()

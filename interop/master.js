@@ -19,6 +19,10 @@
  *   QX_REUSE_IV =1: one IV for the whole process, exactly like the real JS Crypt class
  *               (default: a fresh random IV per encrypted message)
  *   QX_NODELAY  =1: TCP_NODELAY on every wire socket (the real master leaves Nagle on)
+ *   QX_DHT_BOOTSTRAP  comma-separated 127.x.x.x:port list: run WebTorrent's DHT (BEP 5)
+ *               bootstrapped from these local nodes only, as the real master finds workers
+ *               on the internet. Refused outside a loopback-only network namespace
+ *               (`unshare -n`). Unset = no DHT (the loopback-only default).
  *   QX_TRACKER  ws://127.0.0.1:PORT: announce there and take WebRTC peers (iceServers
  *               empty); refused outside a network namespace whose interfaces are all
  *               loopback (`unshare -n`)
@@ -235,9 +239,22 @@ function answerRequestWork(args) {
 }
 
 // ---------------------------------------------------------------- bugout on a loopback-only WebTorrent
+function dhtOption() {
+  const list = (process.env.QX_DHT_BOOTSTRAP || '').split(',').map((s) => s.trim()).filter(Boolean);
+  if (!list.length) return false;
+  const ifs = Object.values(os.networkInterfaces());
+  if (!ifs.every((addrs) => addrs.every((a) => a.internal))) {
+    fail('QX_DHT_BOOTSTRAP refused: run inside `unshare -n` (non-loopback interface present)');
+  }
+  list.forEach((entry) => {
+    if (!/^127\.\d{1,3}\.\d{1,3}\.\d{1,3}:\d{1,5}$/.test(entry)) fail(`bootstrap ${entry} is not 127.x.x.x:port`);
+  });
+  return { bootstrap: list };
+}
+
 const wt = new WebTorrent({
   torrentPort: PORT,
-  dht: false,
+  dht: dhtOption(),
   lsd: false,
   // with QX_TRACKER: bittorrent-tracker's client gets wrtc and an empty ICE server list
   tracker: TRACKER ? { wrtc: require('@roamhq/wrtc'), rtcConfig: { iceServers: [] } } : false,
@@ -323,6 +340,7 @@ Promise.all([whenListening, whenTorrent]).then(() => {
     event: 'ready',
     address: peer.address(),
     port: wt.address().port,
+    dhtPort: wt.dht ? wt.dhtPort : null,
     infoHash: peer.torrent.infoHash,
     identifier: peer.identifier,
   });

@@ -12,7 +12,9 @@
  *   BO_ID         bugout identifier (required)
  *   BO_PORT       TCP listen port for WebTorrent (torrentPort), default 0 = any
  *   BO_SEED       optional bugout seed (bs58check), gives a stable address
- *   BO_MODE       "loopback" (default), "lsd" or "webrtc"
+ *   BO_MODE       "loopback" (default), "lsd", "dht" or "webrtc"
+ *   BO_DHT_BOOTSTRAP  for BO_MODE=dht: comma-separated 127.x.x.x:port list of
+ *                 the local DHT bootstrap node(s) (required, never the public routers)
  *   BO_TRACKER    webrtc mode: the local WebSocket tracker, ws://127.0.0.1:PORT
  *   BO_NUMWANT    webrtc mode: offers per announce (default 5; 0 = only answer others' offers)
  *   BO_HEARTBEAT  optional bugout heartbeat interval in ms
@@ -30,6 +32,10 @@
  *              multicast is on, so it refuses to start unless the process sits
  *              in a network namespace whose only interface is loopback
  *              (`unshare -n`, lo up, route 224.0.0.0/4 via lo).
+ *   dht      - as the JS queue-xec peers run on the internet, minus LSD and
+ *              trackers: a BEP 5 DHT node bootstrapped only from
+ *              BO_DHT_BOOTSTRAP (127.x addresses); it too refuses to start
+ *              outside a loopback-only network namespace.
  *   webrtc   - as a browser or a Node peer with @roamhq/wrtc: the one tracker in
  *              BO_TRACKER (ws://127.0.0.1 only) carries offers and answers, ICE
  *              uses no STUN/TURN server (iceServers: []), and the wire runs on an
@@ -96,6 +102,10 @@ function webtorrentOpts () {
   if (mode === 'lsd') {
     return Object.assign(common, { lsd: true }) // uTP left at its default, as real JS peers
   }
+  if (mode === 'dht') {
+    // index.js:123 - new DHT(Object.assign({nodeId}, opts.dht)): our bootstrap list only
+    return Object.assign(common, { lsd: false, dht: { bootstrap: dhtBootstrap() } })
+  }
   if (mode === 'webrtc') {
     return Object.assign(common, {
       lsd: false,
@@ -113,13 +123,23 @@ function webtorrentOpts () {
   throw new Error(`unknown BO_MODE ${mode}`)
 }
 
+/** BO_DHT_BOOTSTRAP as a list; only 127.x.x.x:port entries are accepted. */
+function dhtBootstrap () {
+  const list = (process.env.BO_DHT_BOOTSTRAP || '').split(',').map((s) => s.trim()).filter(Boolean)
+  if (!list.length) throw new Error('BO_MODE=dht needs BO_DHT_BOOTSTRAP (local nodes only)')
+  for (const entry of list) {
+    if (!/^127\.\d{1,3}\.\d{1,3}\.\d{1,3}:\d{1,5}$/.test(entry)) throw new Error(`bootstrap ${entry} is not 127.x.x.x:port`)
+  }
+  return list
+}
+
 /** True when every network interface is a loopback one (i.e. inside `unshare -n`). */
 function onlyLoopback () {
   const ifs = os.networkInterfaces()
   return Object.values(ifs).every((addrs) => addrs.every((a) => a.internal))
 }
 
-if ((mode === 'lsd' || mode === 'webrtc') && !onlyLoopback()) {
+if ((mode === 'lsd' || mode === 'dht' || mode === 'webrtc') && !onlyLoopback()) {
   reportError(`BO_MODE=${mode} refused: run it inside \`unshare -n\` (non-loopback interface present)`)
   process.exit(2)
 }
@@ -196,6 +216,7 @@ function maybeReady () {
     identifier: bugout.identifier,
     infoHash: bugout.torrent.infoHash,
     peerId: Buffer.from(wt.peerId, 'hex').toString('latin1'),
+    dhtPort: wt.dht ? wt.dhtPort : null,
     mode
   })
   flushPending()

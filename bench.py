@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+"""Benchmark the Python worker on loopback; print one table, write JSON.
+
+    python bench.py [--quick] [--json bench-results.json]
+
+Everything runs on 127.0.0.1 with LSD off: master.py (in this process) or the
+JS master harness (interop/master.js) and real ``python worker.py`` processes.
+Compare ratios within one run; absolute figures depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import worker as w
+from master import Master
+
+HERE = Path(__file__).resolve().parent
+KEY = secrets.token_hex(16)
+TRIVIAL_TASK = "class Task:\n    def run(self, job):\n        return job['id']\n"
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM of a live process, in MB."""
+    for line in Path("/proc/%d/status" % pid).read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class WorkerProcess:
+    """``python worker.py`` in a folder of its own, settings in its .env."""
+
+    def __init__(self, root: Path, token: str, port: int, batch: int, name: str) -> None:
+        self.folder = root / name
+        self.folder.mkdir(parents=True)
+        (self.folder / ".env").write_text(
+            "token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\ntrackers=\nhost=127.0.0.1\npeers=127.0.0.1:%d\n"
+            "getBatch=%s\nbatchSize=%d\nLOG_LEVEL=warn\nname=%s\n"
+            % (token, KEY, port, "true" if batch > 1 else "false", max(batch, 1), name))
+
+    async def start(self) -> WorkerProcess:
+        env = {k: v for k, v in os.environ.items() if k not in ("token", "transferEncryptToken")}
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(HERE / "worker.py"), cwd=self.folder, env=env)
+        return self
+
+    async def stop(self) -> float:
+        rss = peak_rss_mb(self.proc.pid)
+        self.proc.terminate()
+        await self.proc.wait()
+        return rss
+
+
+def assets(root: Path, files: dict[str, str]) -> dict:
+    listed = []
+    for worker_path, text in files.items():
+        path = root / worker_path.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        listed.append({"masterPath": worker_path, "name": Path(worker_path).name, "workerPath": worker_path})
+    return {"files": listed, "dependencies": []}
+
+
+async def until(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark step timed out")
+        await asyncio.sleep(0.005)
+
+
+async def against_master_py(jobs: int, batch: int, workers: int = 1) -> dict:
+    """jobs/s of ``workers`` worker processes on one master.py."""
+    with tempfile.TemporaryDirectory(prefix="qx-bench-") as tmp:
+        root = Path(tmp)
+        results: list = []
+        stamps: list = []
+
+        def on_results(result):
+            results.append(result)
+            stamps.append(time.perf_counter())
+        token = "bench-%d" % random.randrange(1 << 40)
+        master = Master(token, assets(root / "m", {"/task.py": TRIVIAL_TASK}), on_results, None, KEY,
+                        folder=root / "m", env={}, host="127.0.0.1", lsd=False, dht=False, trackers=[])
+        await master.start()
+        procs = [await WorkerProcess(root, token, master.port, batch, "w%d" % i).start() for i in range(workers)]
+        try:
+            master.push_new_job({"id": -1, "data": "warm-up"})
+            await until(lambda: len(results) >= 1, 60)  # every worker started, one job through
+            await asyncio.sleep(0.5)
+            for i in range(jobs):
+                master.push_new_job({"id": i, "data": ""})
+            await until(lambda: len(results) >= jobs + 1, 600)
+            elapsed = stamps[-1] - stamps[1]  # first to last result: no idle polling in it
+        finally:
+            rss = [await p.stop() for p in procs]
+            await master.close()
+        ok = sorted(r["data"] for r in results[1:]) == list(range(jobs))
+        return {"jobs": jobs, "seconds": elapsed, "jobs_per_s": jobs / elapsed, "right": ok,
+                "peak_rss_mb": max(rss)}
+
+
+async def against_js_master(jobs: int, batch: int) -> dict:
+    """jobs/s of one worker process for the JS master harness."""
+    sys.path.insert(0, str(HERE))
+    import test_worker as t
+    with tempfile.TemporaryDirectory(prefix="qx-bench-") as tmp:
+        root = Path(tmp)
+        spec = assets(root / "m", {"/task.py": TRIVIAL_TASK})
+        for f in spec["files"]:
+            f["masterPath"] = str(root / "m" / f["masterPath"].lstrip("/"))
+        (root / "assets.json").write_text(json.dumps(spec))
+        token = "bench-js-%d" % random.randrange(1 << 40)
+        js = await t.JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY,
+                                             "QX_ASSETS": str(root / "assets.json")}).start()
+        proc = await WorkerProcess(root, token, js.ready["port"], batch, "w").start()
+        results = lambda: [e for e in js.events if e["event"] == "result"]
+        try:
+            js.send(cmd="push", job={"id": -1, "data": "{}"})
+            await until(lambda: len(results()) >= 1, 60)
+            for i in range(jobs):
+                js.send(cmd="push", job={"id": i, "data": "{}"})
+            # The JS master never tells idle workers about new jobs: they poll every 30 s.
+            await until(lambda: len(results()) >= jobs + 1, 600)
+            got = results()
+            elapsed = got[-1]["_t"] - got[1]["_t"]  # first to last result
+        finally:
+            await proc.stop()
+            await js.close()
+        return {"jobs": jobs, "seconds": elapsed, "jobs_per_s": jobs / elapsed}
+
+
+async def rpc_latency(calls: int, js: bool) -> dict:
+    """Sequential echo round trips from a Python node to a Python or JS peer."""
+    sys.path.insert(0, str(HERE))
+    import test_worker as t
+    ident = "bench-rpc-%d" % random.randrange(1 << 40)
+    if js:
+        peer = await t.js_peer(ident)
+        address, port = peer.ready["address"], peer.ready["port"]
+    else:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", ECHO_PEER, ident, stdout=subprocess.PIPE)
+        address, port = json.loads(await proc.stdout.readline()).values()
+    node = await w.Bugout(ident, host="127.0.0.1", lsd=False, dht=False, trackers=[], peers=["127.0.0.1:%d" % port]).start()
+    await until(lambda: address in node.peers, 30)
+    await asyncio.sleep(0.3)
+    laps = []
+    for i in range(calls):
+        t0 = time.perf_counter()
+        await node.rpc(address, "echo", {"i": i})
+        laps.append((time.perf_counter() - t0) * 1000)
+    await node.close()
+    if js:
+        await peer.close()
+    else:
+        proc.terminate()
+        await proc.wait()
+    laps.sort()
+    return {"calls_per_s": 1000 * calls / sum(laps), "median_ms": statistics.median(laps),
+            "p99_ms": laps[int(len(laps) * 0.99) - 1]}
+
+
+ECHO_PEER = """
+import asyncio, json, sys, worker as w
+async def main():
+    node = await w.Bugout(sys.argv[1], host="127.0.0.1", lsd=False, dht=False, trackers=[]).start()
+    node.register("echo", lambda a, args: args)
+    print(json.dumps({"address": node.address, "port": node.port}), flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+async def asset_sync(megabytes: int) -> dict:
+    """Seconds for a worker to fetch, decrypt and write a large asset."""
+    with tempfile.TemporaryDirectory(prefix="qx-bench-") as tmp:
+        root = Path(tmp)
+        big = "".join(random.choices("abcdefghij\n", k=megabytes * 1024 * 1024))
+        files = {"/task.py": TRIVIAL_TASK, "/data/big.txt": big}
+        token = "bench-sync-%d" % random.randrange(1 << 40)
+        master = Master(token, assets(root / "m", files), None, None, KEY, folder=root / "m",
+                        env={}, host="127.0.0.1", lsd=False, dht=False, trackers=[])
+        await master.start()
+        master._assets()  # the master hashes and encrypts once, before the clock starts
+        worker = w.Worker(token, "sync", "warn", KEY, env={}, folder=root / "w", host="127.0.0.1",
+                          lsd=False, dht=False, trackers=[], peers=["127.0.0.1:%d" % master.port])
+        worker.node.on("seen", lambda a: None)
+        started = time.perf_counter()
+        await worker.start()
+        await until(lambda: worker._runner is not None, 120)
+        elapsed = time.perf_counter() - started
+        size = (root / "w/data/big.txt").stat().st_size
+        await worker.stop()
+        await master.close()
+        return {"megabytes": size / 1e6, "seconds": elapsed, "mb_per_s": size / 1e6 / elapsed}
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer jobs (a smoke run)")
+    parser.add_argument("--json", default="bench-results.json", help="where to write the figures")
+    args = parser.parse_args()
+    scale = 0.1 if args.quick else 1.0
+    n = lambda count: max(20, int(count * scale))
+    w.Logger("error")
+    rows: dict[str, dict] = {}
+    rows["master.py, unbatched"] = await against_master_py(n(5000), 1)
+    rows["master.py, batches of 10"] = await against_master_py(n(20000), 10)
+    rows["master.py, batches of 100"] = await against_master_py(n(50000), 100)
+    for count in (1, 4, 16):
+        rows["master.py, %d worker(s), batches of 100" % count] = await against_master_py(n(40000), 100, count)
+    has_js = shutil.which("node") and (HERE / "interop/node_modules/bugout").is_dir()
+    if has_js:
+        rows["JS master, unbatched"] = await against_js_master(n(300), 1)
+        rows["JS master, batches of 10"] = await against_js_master(n(1000), 10)
+    rows["RPC Python-Python"] = await rpc_latency(n(3000), js=False)
+    if has_js:
+        rows["RPC Python-JS"] = await rpc_latency(n(300), js=True)
+    rows["10 MB asset sync"] = await asset_sync(10)
+    machine = "%s, %s, %d cores, Python %s" % (platform.node(), platform.machine(), os.cpu_count() or 0,
+                                               platform.python_version())
+    print("\nqueue-xec Python worker benchmark (%s)\n" % machine)
+    print("%-42s %12s %10s %10s %10s" % ("case", "jobs/s", "median ms", "p99 ms", "RSS MB"))
+    for name, row in rows.items():
+        rate = row.get("jobs_per_s", row.get("calls_per_s", row.get("mb_per_s")))
+        unit = " MB/s" if "mb_per_s" in row else ""
+        print("%-42s %12s %10s %10s %10s" % (
+            name, "%.0f%s" % (rate, unit), _fmt(row.get("median_ms")), _fmt(row.get("p99_ms")),
+            _fmt(row.get("peak_rss_mb"))))
+    Path(args.json).write_text(json.dumps({"machine": machine, "results": rows}, indent=2))
+    print("\nwritten to %s" % args.json)
+    return 0 if all(r.get("right", True) for r in rows.values()) else 1
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else "%.2f" % value if value < 100 else "%.0f" % value
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
