@@ -54,8 +54,9 @@ class Master:
     """The JS queue-xec Master's API in Python, plus leases.
 
     Transport keys as the Worker's (``port``, ``host``, ``lsd``, ``seed``,
-    ``trackers``, ``iceServers``, ``maxPeers``); unset ``trackers`` means
-    bugout's public wss:// trackers, an empty one none.
+    ``dht``, ``dhtBootstrap``, ``dhtPort``, ``trackers``, ``iceServers``,
+    ``maxPeers``); unset ``trackers`` means bugout's public wss:// trackers,
+    an empty one none.
     """
 
     def __init__(self, token: str | None = None, exec_assets: dict | None = None,
