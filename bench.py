@@ -48,7 +48,7 @@ class WorkerProcess:
         self.folder = root / name
         self.folder.mkdir(parents=True)
         (self.folder / ".env").write_text(
-            "token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\nhost=127.0.0.1\npeers=127.0.0.1:%d\n"
+            "token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\ntrackers=\nhost=127.0.0.1\npeers=127.0.0.1:%d\n"
             "getBatch=%s\nbatchSize=%d\nLOG_LEVEL=warn\nname=%s\n"
             % (token, KEY, port, "true" if batch > 1 else "false", max(batch, 1), name))
 
@@ -95,7 +95,7 @@ async def against_master_py(jobs: int, batch: int, workers: int = 1) -> dict:
             stamps.append(time.perf_counter())
         token = "bench-%d" % random.randrange(1 << 40)
         master = Master(token, assets(root / "m", {"/task.py": TRIVIAL_TASK}), on_results, None, KEY,
-                        folder=root / "m", env={}, host="127.0.0.1", lsd=False, dht=False)
+                        folder=root / "m", env={}, host="127.0.0.1", lsd=False, dht=False, trackers=[])
         await master.start()
         procs = [await WorkerProcess(root, token, master.port, batch, "w%d" % i).start() for i in range(workers)]
         try:
@@ -156,7 +156,7 @@ async def rpc_latency(calls: int, js: bool) -> dict:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", ECHO_PEER, ident, stdout=subprocess.PIPE)
         address, port = json.loads(await proc.stdout.readline()).values()
-    node = await w.Bugout(ident, host="127.0.0.1", lsd=False, dht=False, peers=["127.0.0.1:%d" % port]).start()
+    node = await w.Bugout(ident, host="127.0.0.1", lsd=False, dht=False, trackers=[], peers=["127.0.0.1:%d" % port]).start()
     await until(lambda: address in node.peers, 30)
     await asyncio.sleep(0.3)
     laps = []
@@ -178,7 +178,7 @@ async def rpc_latency(calls: int, js: bool) -> dict:
 ECHO_PEER = """
 import asyncio, json, sys, worker as w
 async def main():
-    node = await w.Bugout(sys.argv[1], host="127.0.0.1", lsd=False, dht=False).start()
+    node = await w.Bugout(sys.argv[1], host="127.0.0.1", lsd=False, dht=False, trackers=[]).start()
     node.register("echo", lambda a, args: args)
     print(json.dumps({"address": node.address, "port": node.port}), flush=True)
     await asyncio.Event().wait()
@@ -194,11 +194,11 @@ async def asset_sync(megabytes: int) -> dict:
         files = {"/task.py": TRIVIAL_TASK, "/data/big.txt": big}
         token = "bench-sync-%d" % random.randrange(1 << 40)
         master = Master(token, assets(root / "m", files), None, None, KEY, folder=root / "m",
-                        env={}, host="127.0.0.1", lsd=False, dht=False)
+                        env={}, host="127.0.0.1", lsd=False, dht=False, trackers=[])
         await master.start()
         master._assets()  # the master hashes and encrypts once, before the clock starts
         worker = w.Worker(token, "sync", "warn", KEY, env={}, folder=root / "w", host="127.0.0.1",
-                          lsd=False, dht=False, peers=["127.0.0.1:%d" % master.port])
+                          lsd=False, dht=False, trackers=[], peers=["127.0.0.1:%d" % master.port])
         worker.node.on("seen", lambda a: None)
         started = time.perf_counter()
         await worker.start()

@@ -41,6 +41,7 @@ from worker import (
     Logger,
     WorkerError,
     _config,
+    _config_list,
     _word,
     dht_options,
     json_dumps,
@@ -59,7 +60,13 @@ class Lease:
 
 
 class Master:
-    """The JS queue-xec Master's API in Python, plus leases."""
+    """The JS queue-xec Master's API in Python, plus leases.
+
+    Transport keys as the Worker's (``port``, ``host``, ``lsd``, ``seed``,
+    ``dht``, ``dhtBootstrap``, ``dhtPort``, ``trackers``, ``iceServers``,
+    ``maxPeers``); unset ``trackers`` means bugout's public wss:// trackers,
+    an empty one none.
+    """
 
     def __init__(self, token: str | None = None, exec_assets: dict | None = None,
                  on_results: Callable[[Any], Any] | None = None,
@@ -69,7 +76,10 @@ class Master:
                  peers: Iterable[str] = (), lsd: bool | None = None,
                  seed: str | None = None, lease_seconds: float = 60.0,
                  dht: bool | None = None, dht_bootstrap: Iterable[str] | None = None,
-                 dht_port: int | None = None) -> None:
+                 dht_port: int | None = None,
+                 trackers: str | Iterable[str] | None = None,
+                 ice_servers: str | Iterable[str] | None = None,
+                 max_peers: int | None = None) -> None:
         env = load_env(".env") if env is None else env
         self.token = _config(env, "token", token)
         if not self.token:
@@ -85,6 +95,9 @@ class Master:
                            host=_config(env, "host", host, "0.0.0.0"),
                            port=int(_config(env, "port", port, 0)), peers=peers,
                            lsd=_word(_config(env, "lsd", lsd), True),
+                           trackers=_config_list(env, "trackers", trackers),
+                           ice_servers=_config_list(env, "iceServers", ice_servers),
+                           max_peers=_config(env, "maxPeers", max_peers),
                            **dht_options(env, dht, dht_bootstrap, dht_port))
         #: encrypted jobs waiting, jobs out on lease, ids already answered
         self.queue: collections.deque[tuple[Any, str]] = collections.deque()

@@ -109,7 +109,7 @@ class TestVectors(unittest.TestCase):
     def test_extended_handshake(self):
         for role in ("master", "worker"):
             keys = VECTORS["keys"][role]
-            node = w.Bugout(IDENT, seed=keys["seed_bs58check"], lsd=False, dht=False)
+            node = w.Bugout(IDENT, seed=keys["seed_bs58check"], lsd=False, dht=False, trackers=[])
             node.identity = identity(role)
             node._extended.update(pk=node.identity.pk, ek=node.identity.ek)
             self.assertEqual(w.bencode(node._extended).hex(),
@@ -578,6 +578,7 @@ async def js_peer(ident, **env):
 
 async def py_node(ident, **kw):
     kw.setdefault("dht", False)
+    kw.setdefault("trackers", [])
     node = w.Bugout(ident, host="127.0.0.1", lsd=False, **kw)
     node.register("echo", lambda address, args: {**args, "echoedBy": "py"})
     node.events = []
@@ -740,7 +741,7 @@ async def main():
     ident = "lsd-swarm"
     js = await t.JsProcess("peer.js", {"BO_ID": ident, "BO_MODE": "lsd"}).start()
     start = time.monotonic()
-    py = await w.Bugout(ident, host="0.0.0.0", lsd=True, dht=False).start()
+    py = await w.Bugout(ident, host="0.0.0.0", lsd=True, dht=False, trackers=[]).start()
     py.register("echo", lambda a, args: args)
     await js.wait_for(lambda e: e["event"] == "seen" and e["address"] == py.address, 30)
     await t.until(lambda: js.ready["address"] in py.peers, 30)
@@ -809,7 +810,7 @@ class Cluster:
         files = write_assets(self.tmp / "master", files)
         self.master = Master(self.token, {"files": files, "dependencies": list(deps)},
                              self.results.append, None, key, folder=self.tmp / "master",
-                             env={}, host="127.0.0.1", lsd=False, dht=False)
+                             env={}, host="127.0.0.1", lsd=False, dht=False, trackers=[])
         self.statuses = []
         serve = self.master._request_exec_assets
 
@@ -825,6 +826,7 @@ class Cluster:
 
     def worker(self, name="w1", key=KEY, **kw):
         kw.setdefault("peers", ["127.0.0.1:%d" % self.master.port])
+        kw.setdefault("trackers", [])
         return w.Worker(self.token, name, "warn", key, env={}, folder=self.tmp / name,
                         host="127.0.0.1", lsd=False, dht=False, **kw)
 
@@ -976,7 +978,7 @@ class TestWorkerFlow(unittest.TestCase):
             files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
             master2 = Master(cluster.token, {"files": files, "dependencies": []}, second.append,
                              None, KEY, folder=Path(tmp) / "master", env={}, host="127.0.0.1",
-                             port=port, lsd=False, dht=False)
+                             port=port, lsd=False, dht=False, trackers=[])
             await master2.start()
             for i in range(100, 110):
                 master2.push_new_job({"id": i, "data": json.dumps({"x": i})})
@@ -1063,7 +1065,7 @@ class TestAgainstJsMaster(unittest.TestCase):
                                                    "QX_ASSETS": str(Path(tmp) / "assets.json")}).start()
             worker = await w.Worker(token, "py", "warn", KEY, env={}, folder=Path(tmp) / "w",
                                     host="127.0.0.1", lsd=False, dht=False, get_batch=get_batch, batch_size=10,
-                                    peers=["127.0.0.1:%d" % master.ready["port"]]).start()
+                                    peers=["127.0.0.1:%d" % master.ready["port"]], trackers=[]).start()
             started = time.perf_counter()
             await until(lambda: sum(e["event"] == "result" for e in master.events) >= count, 120)
             rate = count / (time.perf_counter() - started)
@@ -1102,7 +1104,7 @@ class TestAgainstJsMaster(unittest.TestCase):
                                                    "QX_ASSETS": str(Path(tmp) / "assets.json")}).start()
             worker = await w.Worker("jsm-same", "py", "warn", KEY, env={}, folder=Path(tmp) / "w",
                                     host="127.0.0.1", lsd=False, dht=False,
-                                    peers=["127.0.0.1:%d" % master.ready["port"]]).start()
+                                    peers=["127.0.0.1:%d" % master.ready["port"]], trackers=[]).start()
             await until(lambda: worker._runner is not None)
             self.assertTrue(await worker.sync_assets())
             statuses = [e for e in master.events if e["event"] == "rpc" and e["call"] == "requestExecAssets"]
@@ -1168,7 +1170,7 @@ class TestCommandLine(unittest.TestCase):
             folder.mkdir()
             (folder / ".env").write_text(
                 "token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\nhost=127.0.0.1\npeers=127.0.0.1:%d\n"
-                "getBatch=true\nbatchSize=10\nLOG_LEVEL=info\n" % (cluster.token, KEY, cluster.master.port))
+                "getBatch=true\nbatchSize=10\nLOG_LEVEL=info\ntrackers=\n" % (cluster.token, KEY, cluster.master.port))
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -1187,7 +1189,7 @@ def clean_env():
     """The environment without our own keys, so a test's .env decides."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("token", "transferEncryptToken", "LOG_LEVEL", "peers", "port", "lsd",
-                        "dht", "dhtBootstrap", "dhtPort")}
+                        "dht", "dhtBootstrap", "dhtPort", "trackers", "iceServers", "maxPeers")}
     env["PYTHONPATH"] = str(HERE)
     return env
 
@@ -1619,7 +1621,7 @@ async def main():
     js = await t.JsProcess("peer.js", {"BO_ID": ident, "BO_MODE": "dht", "BO_DHT_BOOTSTRAP": where}).start()
     await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == js.ready["port"], 20)
     start = time.monotonic()
-    py = await w.Bugout(ident, host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where]).start()
+    py = await w.Bugout(ident, host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], trackers=[]).start()
     py.register("echo", lambda a, args: {**args, "echoedBy": "py"})
     await t.until(lambda: js.ready["address"] in py.peers, 30)
     found = time.monotonic() - start
@@ -1664,7 +1666,8 @@ async def main():
         "QX_JOBS": "20", "QX_ASSETS": str(tmp / "assets.json"), "QX_DHT_BOOTSTRAP": where}).start()
     await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == master.ready["port"], 20)
     worker = w.Worker("dht-flow-token-0123456789", "dht-worker", "warn", t.KEY, env={}, folder=tmp / "w",
-                      host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], get_batch=True, batch_size=5)
+                      host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], get_batch=True, batch_size=5,
+                      trackers=[])
     start = time.monotonic()
     await worker.start()
     await t.until(lambda: worker.master is not None, 30)
@@ -1688,7 +1691,7 @@ async def main():
     boot = await t.JsProcess("dht-node.js", {}).start()
     where = "127.0.0.1:%d" % boot.ready["port"]
     worker = w.Worker("dht-late-token-0123456789", "late", "warn", t.KEY, env={}, folder=tmp / "w",
-                      host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where])
+                      host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], trackers=[])
     await worker.start()
     await asyncio.sleep(2.5)
     assert worker.master is None
@@ -1889,7 +1892,7 @@ class TestTaskJs(unittest.TestCase):
             await master.wait_for(lambda e: e["event"] == "pushed" and e["size"] == count)
             worker = await w.Worker(token, "py-js", "warn", KEY, env={}, folder=root / "w", host="127.0.0.1",
                                     lsd=False, dht=False, get_batch=True, batch_size=10,
-                                    peers=["127.0.0.1:%d" % master.ready["port"]]).start()
+                                    peers=["127.0.0.1:%d" % master.ready["port"]], trackers=[]).start()
             await until(lambda: sum(e["event"] == "result" for e in master.events) >= count, 90)
             results = [e["result"] for e in master.events if e["event"] == "result"]
             self.assertEqual(sorted(r["jobID"] for r in results), list(range(count)))
@@ -2256,6 +2259,761 @@ def main():
     passed = result.testsRun - failed - skipped
     print("%d passed, %d failed, %d skipped" % (passed, failed, skipped))
     return 0 if failed == 0 and not (IN_CI and skipped) else 1
+
+
+# WebRTC through WebSocket trackers ##########################################
+
+# No test may reach a public tracker or STUN server: in-process nodes that do not
+# name their trackers get none here (the real defaults are checked as values).
+PUBLIC_TRACKERS, PUBLIC_ICE_SERVERS = w.DEFAULT_TRACKERS, w.DEFAULT_ICE_SERVERS
+w.DEFAULT_TRACKERS = w.DEFAULT_ICE_SERVERS = ()
+
+SAMPLES = json.loads((HERE.parent / "shared/protocol/tracker-samples.json").read_text())["full_examples"]
+SAMPLE_INFOHASH = bytes.fromhex("5d89b217eba4a9f0d27593289ea6439cf875d329")
+SAMPLE_ME, SAMPLE_OTHER = b"-WW0109-TNCsFqWThOzV", b"-WW0109-837K7BSK9zZn"
+
+
+def sample(kind):
+    return json.loads(SAMPLES[kind]["raw_json_text"])
+
+
+def tracker_client(peer_id=SAMPLE_ME, now=0.0, **kw):
+    client = w.TrackerClient("ws://tracker.test", SAMPLE_INFOHASH, peer_id, **kw)
+    assert client.start_connecting(now)
+    client.connection_made(now)
+    return client
+
+
+class FakeTracker:
+    """bittorrent-tracker's relay rules in memory, to pair TrackerClients."""
+
+    def __init__(self, interval=120):
+        self.interval = interval
+        self.clients = {}
+
+    def add(self, client):
+        self.clients[client._peer_id] = client
+        return client
+
+    def pump(self, now):
+        """Deliver frames until every client is quiet."""
+        moved = True
+        while moved:
+            moved = False
+            for sender, client in list(self.clients.items()):
+                for text in client.data_to_send():
+                    moved = True
+                    self._handle(sender, json.loads(text), now)
+
+    def _handle(self, sender, frame, now):
+        relay = {"action": "announce", "peer_id": sender, "info_hash": frame["info_hash"],
+                 "offer_id": frame.get("offer_id")}
+        if "answer" in frame:
+            self.clients[frame["to_peer_id"]].receive_frame({**relay, "answer": frame["answer"]}, now)
+            return
+        self.clients[sender].receive_frame({"complete": len(self.clients), "incomplete": 0,
+                                            "action": "announce", "interval": self.interval,
+                                            "info_hash": frame["info_hash"]}, now)
+        others = [c for peer_id, c in self.clients.items() if peer_id != sender]
+        for other, offer in zip(others, frame.get("offers", [])):
+            other.receive_frame({**relay, "offer": offer["offer"], "offer_id": offer["offer_id"]}, now)
+
+
+class TestTrackerClient(unittest.TestCase):
+    """The sans-I/O tracker core, fed the real frames of tracker-samples.json."""
+
+    def test_real_frames_in_and_out(self):
+        client = tracker_client()
+        client.tick(0.0)
+        [make] = client.events_received()
+        self.assertEqual(len(make.offer_ids), 5)
+        self.assertTrue(all(w._is_binary_id(i) for i in make.offer_ids))
+        real = sample("client->tracker announce (with offers)")
+        offers = [(o["offer_id"], o["offer"]["sdp"]) for o in real["offers"]]
+        client.send_announce(offers, 0.0)
+        [text] = client.data_to_send()
+        self.assertEqual(json.loads(text), {**real, "downloaded": 0})
+        self.assertEqual(list(json.loads(text)), list(real))  # the JS key order too
+        client.receive_frame(SAMPLES["tracker->client announce response"]["raw_json_text"], 0.1)
+        self.assertEqual(client.events_received(), [w.TrackerUpdate(1, 0, 120.0)])
+        self.assertEqual(client.interval, 120.0)
+        # another peer's offer in, our answer out, byte for byte as JS wrote it
+        relayed = sample("tracker->other client: relayed offer")
+        client.receive_frame(SAMPLES["tracker->other client: relayed offer"]["raw_json_text"], 1.0)
+        [offer] = client.events_received()
+        self.assertEqual(offer, w.RelayedOffer(SAMPLE_OTHER.decode(), relayed["offer_id"], relayed["offer"]["sdp"]))
+        answer = sample("client->tracker answer (to_peer_id)")
+        self.assertTrue(client.send_answer(offer.peer_id, offer.offer_id, answer["answer"]["sdp"]))
+        self.assertEqual(client.data_to_send(), [SAMPLES["client->tracker answer (to_peer_id)"]["raw_json_text"]])
+
+    def test_pair_offer_answer_matched_by_offer_id(self):
+        tracker = FakeTracker()
+        a = tracker.add(tracker_client(b"-QP0100-aaaaaaaaaaaa"))
+        b = tracker.add(tracker_client(b"-QP0100-bbbbbbbbbbbb"))
+        for client in (a, b):
+            client.tick(0.0)
+        [make_a], [_] = a.events_received(), b.events_received()
+        b.send_announce([], 0.0)
+        a.send_announce([(make_a.offer_ids[0], "sdp-a0"), (make_a.offer_ids[1], "sdp-a1")], 0.0)
+        tracker.pump(0.0)
+        self.assertEqual([type(e) for e in a.events_received()], [w.TrackerUpdate])
+        events = [e for e in b.events_received() if not isinstance(e, w.TrackerUpdate)]
+        self.assertEqual(events, [w.RelayedOffer(a._peer_id, make_a.offer_ids[0], "sdp-a0")])
+        self.assertEqual(a.pending_offers, 2)
+        b.send_answer(a._peer_id, make_a.offer_ids[0], "sdp-b")
+        b.send_answer(a._peer_id, make_a.offer_ids[0], "sdp-b again")  # a second answer is ignored
+        b.send_answer(a._peer_id, "x" * 20, "sdp-b unknown")
+        tracker.pump(0.5)
+        self.assertEqual(a.events_received(), [w.RelayedAnswer(b._peer_id, make_a.offer_ids[0], "sdp-b")])
+        self.assertEqual(a.stats["answers unexpected"], 2)
+        self.assertEqual(a.pending_offers, 1)
+
+    def test_interval_announces_and_offer_expiry(self):
+        client = tracker_client(offer_timeout=50.0)
+        client.tick(0.0)
+        [make] = client.events_received()
+        client.tick(0.0)
+        self.assertEqual(client.events_received(), [])  # one MakeOffers at a time
+        client.send_announce([(make.offer_ids[0], "sdp")], 0.0)
+        client.receive_frame({"action": "announce", "interval": 1, "info_hash": client._info_hash}, 0.1)
+        client.events_received()
+        self.assertEqual(client.interval, w.TRACKER_MIN_INTERVAL)  # a floor against hot loops
+        self.assertEqual(client.next_deadline(), w.TRACKER_MIN_INTERVAL)
+        client.tick(4.9)
+        self.assertEqual(client.events_received(), [])
+        client.tick(5.0)
+        [make2] = client.events_received()
+        self.assertIsInstance(make2, w.MakeOffers)
+        client.send_announce([], 5.0)
+        self.assertNotIn('"event"', client.data_to_send()[-1])  # "started" only once per socket
+        self.assertEqual(client.next_deadline(), 10.0)
+        client.tick(50.0)
+        self.assertIn(w.DropOffer(make.offer_ids[0], "unanswered"), client.events_received())
+        fixed = tracker_client(interval=0.05)
+        fixed.receive_frame({"action": "announce", "interval": 120, "info_hash": fixed._info_hash}, 0.0)
+        self.assertEqual(fixed.interval, 0.05)
+
+    def test_offers_never_pile_up(self):
+        client = tracker_client(numwant=3, interval=1.0)
+        dropped = 0
+        for now in map(float, range(300)):
+            client.tick(now)
+            events = client.events_received()
+            for event in events:
+                if isinstance(event, w.MakeOffers):
+                    client.send_announce([(i, "sdp") for i in event.offer_ids], now)
+            events += client.events_received()
+            dropped += sum(isinstance(e, w.DropOffer) for e in events)
+            self.assertLessEqual(client.pending_offers, 6)
+        self.assertEqual(client.stats["announces"], 300)
+        self.assertEqual(dropped, 300 * 3 - 6)
+
+    def test_ignored_frames_and_failures(self):
+        client = tracker_client()
+        ih = client._info_hash
+        for frame in ["not json", "[]", "[" * 1_000_000, {"action": "scrape"}, {"action": "announce", "info_hash": "x" * 20},
+                      {"action": "announce", "info_hash": ih, "peer_id": client._peer_id, "offer": {}},
+                      {"action": "announce", "info_hash": ih, "peer_id": "short", "offer_id": "y" * 20,
+                       "offer": {"type": "offer", "sdp": "v=0"}},
+                      {"action": "announce", "info_hash": ih, "peer_id": "p" * 20, "offer_id": "\u0100" * 20,
+                       "offer": {"type": "offer", "sdp": "v=0"}},
+                      {"action": "announce", "info_hash": ih, "peer_id": "p" * 20, "offer_id": "y" * 20,
+                       "offer": {"type": "answer", "sdp": "v=0"}},
+                      {"action": "announce", "info_hash": ih, "interval": True}]:
+            client.receive_frame(frame, 1.0)
+        self.assertEqual(client.events_received(), [])
+        client.receive_frame({"action": "announce", "info_hash": ih, "failure reason": "invalid info_hash"}, 1.0)
+        self.assertEqual(client.events_received(), [w.TrackerWarning("invalid info_hash")])
+
+    def test_reconnect_backoff_and_close(self):
+        client = w.TrackerClient("ws://t", SAMPLE_INFOHASH, SAMPLE_ME, random=lambda n: b"\0" * n)
+        self.assertTrue(client.start_connecting(0.0))
+        self.assertFalse(client.start_connecting(0.0))
+        delays, now = [], 0.0
+        for _ in range(10):
+            client.connection_lost(now)
+            delays.append(client.next_deadline() - now)
+            now = client.next_deadline()
+            self.assertFalse(client.start_connecting(now - 0.01))
+            self.assertTrue(client.start_connecting(now))
+        self.assertEqual(delays[:4], [5.0, 10.0, 20.0, 40.0])
+        self.assertEqual(delays[-1], w.RECONNECT_LAST)
+        client.connection_made(now)
+        client.tick(now)
+        [make] = client.events_received()
+        client.send_announce([(make.offer_ids[0], "sdp")], now)
+        client.receive_frame({"action": "announce", "interval": 120, "info_hash": client._info_hash}, now)
+        self.assertEqual(client.retries, 0)  # a real answer resets the back-off
+        client.data_to_send()
+        client.close(now)
+        [stopped] = client.data_to_send()
+        self.assertEqual(json.loads(stopped)["event"], "stopped")
+        self.assertNotIn("offers", json.loads(stopped))
+        self.assertIn(w.DropOffer(make.offer_ids[0], "closing"), client.events_received())
+        client.close(now)
+        self.assertEqual((client.state, client.data_to_send()), (w.TrackerState.CLOSED, []))
+        with self.assertRaises(w.InvalidState):
+            client.connection_made(now)
+
+    def test_garbage_frames_raise_nothing(self):
+        client = tracker_client()
+        client.tick(0.0)
+        [make] = client.events_received()
+        client.send_announce([(i, "sdp") for i in make.offer_ids], 0.0)
+        frames = [sample(kind) for kind in SAMPLES]
+        for frame in frames:
+            frame.update(info_hash=client._info_hash, offer_id=make.offer_ids[0])
+            for key in list(frame):
+                for value in (None, 1, -1.5, True, "x", "y" * 20, [], {}, {"type": "offer"},
+                              {"type": "answer", "sdp": 1}, {"type": "answer", "sdp": "v=0"}):
+                    client.receive_frame({**frame, key: value}, 1.0)
+        texts = [json.dumps(f).encode("latin-1", "replace") for f in frames]
+        for data in mutations(texts, 3000, random.Random(5)):
+            client.receive_frame(data.decode("latin-1"), 2.0)
+            client.receive_frame(data, 2.0)
+            client.tick(2.0)
+        self.assertEqual({type(e) for e in client.events_received()} - {
+            w.TrackerUpdate, w.TrackerWarning, w.RelayedOffer, w.RelayedAnswer, w.DropOffer, w.MakeOffers}, set())
+        self.assertEqual(client.state, w.TrackerState.OPEN)
+
+    def test_lost_connection_drops_offers(self):
+        client = tracker_client()
+        client.tick(0.0)
+        [make] = client.events_received()
+        client.connection_lost(1.0)
+        client.send_announce([(make.offer_ids[0], "sdp")], 1.0)  # offers made too late
+        self.assertEqual(client.events_received(), [w.DropOffer(make.offer_ids[0], "tracker not connected")])
+        self.assertEqual(client.data_to_send(), [])
+
+
+class TestWebRtcSettings(unittest.TestCase):
+    def test_ice_servers(self):
+        stun, turn, turns = w.parse_ice_servers(
+            "stun:stun.example.org:3478, turn:al%40ice:p%3Ass@turn.example.org:3478?transport=tcp,"
+            "turns:u:p@[2001:db8::1]:5349")
+        self.assertEqual(stun, w.IceServer("stun:stun.example.org:3478"))
+        self.assertEqual(turn, w.IceServer("turn:turn.example.org:3478?transport=tcp", "al@ice", "p:ss"))
+        self.assertEqual(turns, w.IceServer("turns:[2001:db8::1]:5349", "u", "p"))
+        self.assertEqual(w.parse_ice_servers(""), [])
+        self.assertEqual(w.parse_ice_servers([]), [])
+        self.assertEqual(PUBLIC_ICE_SERVERS, ("stun:stun.l.google.com:19302", "stun:global.stun.twilio.com:3478"))
+        for bad in ["stun:", "http://x", "turn:host:3478", "turn::p@h:1", "stun:h:1?transport=sctp",
+                    "stun:h:123456", "stun:a b"]:
+            with self.assertRaises(w.WorkerError, msg=bad):
+                w.parse_ice_servers(bad)
+
+    def test_trackers_and_env_keys(self):
+        self.assertEqual(PUBLIC_TRACKERS, ("wss://hub.bugout.link", "wss://tracker.openwebtorrent.com",
+                                           "wss://tracker.btorrent.xyz"))
+        self.assertEqual(w.parse_trackers(" ws://127.0.0.1:8000 ,wss://t.example/announce,"),
+                         ["ws://127.0.0.1:8000", "wss://t.example/announce"])
+        for bad in ["http://t.example", "udp://t.example:80", "ws://"]:
+            with self.assertRaises(w.WorkerError, msg=bad):
+                w.parse_trackers(bad)
+        base = {"token": "t" * 20, "transferEncryptToken": KEY}
+        with tempfile.TemporaryDirectory() as tmp:
+            def node(**env):
+                return w.Worker(env={**base, "dht": "false", **env}, folder=tmp, loglevel="warn").node
+            rtc = node(trackers="ws://127.0.0.1:1,wss://t.example", iceServers="stun:s.example:3478",
+                       maxPeers="7").webrtc
+            self.assertEqual((rtc.trackers, rtc.ice_servers, rtc.max_peers),
+                             (["ws://127.0.0.1:1", "wss://t.example"], [w.IceServer("stun:s.example:3478")], 7))
+            self.assertEqual((node(trackers="", iceServers="").webrtc.trackers, node().webrtc.max_peers),
+                             ([], w.DEFAULT_MAX_PEERS))
+            from unittest import mock
+            with mock.patch.object(w, "DEFAULT_TRACKERS", ("wss://default.example",)):
+                self.assertEqual(node().webrtc.trackers, ["wss://default.example"])
+                self.assertEqual(node(trackers="").webrtc.trackers, [])
+            from master import Master
+            m = Master("t" * 20, transfer_encrypt_token=KEY,
+                       env={"trackers": "ws://127.0.0.1:2", "maxPeers": "3", "dht": "false"})
+            self.assertEqual((m.node.webrtc.trackers, m.node.webrtc.max_peers), (["ws://127.0.0.1:2"], 3))
+
+    def test_without_aiortc_one_info_line_and_tcp_goes_on(self):
+        saved = {name: sys.modules.get(name) for name in ("aiortc",)}
+        sys.modules["aiortc"] = None  # import aiortc now raises ImportError
+
+        async def scenario():
+            with self.assertLogs("worker", "INFO") as logs:
+                a = await py_node("no-aiortc", trackers=["ws://127.0.0.1:9"])
+            b = await py_node("no-aiortc", peers=["127.0.0.1:%d" % a.port])
+            await until(lambda: a.address in b.peers)
+            self.assertEqual(await b.rpc(a.address, "echo", {}), {"echoedBy": "py"})
+            self.assertFalse(a.webrtc.running)
+            await b.close()
+            await a.close()
+            return logs.output
+        try:
+            output = run(scenario())
+        finally:
+            for name, module in saved.items():
+                sys.modules.pop(name, None) if module is None else sys.modules.__setitem__(name, module)
+        off = [line for line in output if "WebRTC is off" in line]
+        self.assertEqual(len(off), 1, output)
+        self.assertIn("aiortc", off[0])
+
+
+class FakeChannel:
+    """An RTCDataChannel stand-in that delivers to another RtcConnection."""
+
+    def __init__(self):
+        self.readyState, self.bufferedAmount = "open", 0
+        self.sizes, self.peer = [], None
+
+    def on(self, event, handler):
+        pass
+
+    def send(self, data):
+        assert isinstance(data, bytes)
+        self.sizes.append(len(data))
+        asyncio.get_running_loop().call_soon(self.peer._on_message, data)
+
+    def close(self):
+        self.readyState = "closed"
+
+
+class FakePeerConnection:
+    connectionState = "connected"
+
+    def on(self, event, handler):
+        pass
+
+    async def close(self):
+        self.connectionState = "closed"
+
+
+class TestRtcConnection(unittest.TestCase):
+    def test_wire_over_data_channel_pair_in_memory(self):
+        """Two Bugouts joined by RtcConnections over fake channels: chunks of 16 KiB at most."""
+        async def scenario():
+            a, b = (w.Bugout("rtc-mem", lsd=False, dht=False, listen=False, trackers=[]) for _ in range(2))
+            for node in (a, b):
+                node.register("echo", lambda address, args: args)
+            conns = [w.RtcConnection(n.webrtc, FakePeerConnection(), offerer=n is a) for n in (a, b)]
+            channels = [FakeChannel(), FakeChannel()]
+            channels[0].peer, channels[1].peer = conns[1], conns[0]
+            for conn, channel in zip(conns, channels):
+                conn.attach(channel)
+            await until(lambda: a.address in b.peers and b.address in a.peers, 5)
+            big = {"blob": "z" * 1_000_000}
+            self.assertEqual(await b.rpc(a.address, "echo", big, timeout=10), big)
+            self.assertEqual((a.connections(), b.connections()), (1, 1))
+            for node in (a, b):
+                await node.close()
+            return channels
+        channels = run(scenario())
+        for channel in channels:
+            self.assertLessEqual(max(channel.sizes), w.RTC_CHUNK)
+            self.assertGreater(sum(channel.sizes), 1_000_000)
+
+
+# WebRTC for real: aiortc, @roamhq/wrtc and a local tracker in a namespace ######
+
+def in_rtc_namespace(scenario, timeout=300):
+    """Run ``RTC_SCENARIOS[scenario]`` in a fresh network namespace; return its JSON result.
+
+    No STUN/TURN server and a local bittorrent-tracker: nothing leaves the
+    namespace. lo gets 127.0.0.2 too, since aioice gathers every IPv4
+    address except 127.0.0.1 (libwebrtc takes loopback as it is).
+    """
+    need(shutil.which("unshare") and shutil.which("ip") and os.geteuid() == 0, "unshare -n needs root")
+    js_ready()
+    for package in ("@roamhq/wrtc", "bittorrent-tracker"):
+        need((INTEROP / "node_modules" / package).is_dir(), "run npm ci in interop/ (%s)" % package)
+    import importlib.util
+    for module in ("aiortc", "websockets"):
+        need(importlib.util.find_spec(module), "pip install -r requirements.txt (%s)" % module)
+    code = "import test_worker as t; t.rtc_child(%r)" % scenario
+    script = ("ip link set lo up && ip addr add 127.0.0.2/32 dev lo && "
+              f"exec {sys.executable} -c {shlex.quote(code)}")
+    done = subprocess.run(["unshare", "-n", "sh", "-c", script], check=False, cwd=HERE,
+                          capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError(f"namespace run failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def rtc_child(name):
+    """Inside the namespace: run one scenario, print its result as the last line."""
+    w.Logger("warn")
+    print(json.dumps(asyncio.run(asyncio.wait_for(RTC_SCENARIOS[name](), 280))))
+
+
+async def local_tracker(**env):
+    return await JsProcess("tracker.js", {k: str(v) for k, v in env.items()}).start()
+
+
+async def rtc_node(ident, trackers, numwant=w.TRACKER_NUMWANT, **kw):
+    """A Python node reachable only through WebRTC (no TCP listener, no LSD), as py_node."""
+    node = w.Bugout(ident, lsd=False, dht=False, listen=False, trackers=trackers, ice_servers=[], **kw)
+    node.webrtc.numwant = numwant
+    node.register("echo", lambda address, args: {**args, "echoedBy": "py"})
+    node.events = []
+    for name in ("seen", "message", "left"):
+        node.on(name, lambda *a, name=name: node.events.append((name,) + a))
+    return await node.start()
+
+
+def only_webrtc(*nodes):
+    return all(isinstance(c, w.RtcConnection) for node in nodes for c in node._connections)
+
+
+async def _rtc_python_python():
+    w.RECONNECT_FIRST = 0.3  # the tracker restarts below: come back quickly
+    tracker = await local_tracker()
+    url, dead = tracker.ready["url"], "ws://127.0.0.1:9"  # nothing listens on 9
+    a = await rtc_node("rtc-pp", [dead, url])
+    started = time.monotonic()
+    b = await rtc_node("rtc-pp", [url, dead])
+    await until(lambda: a.address in b.peers and b.address in a.peers, 30)
+    connected = time.monotonic() - started
+    result = {"connected_s": connected, "echo": await b.rpc(a.address, "echo", {"x": "é"}),
+              "unknown": await a.rpc(b.address, "nope")}
+    a.send({"to": "all"})
+    b.send("only a", address=a.address)
+    await until(lambda: ("message", a.address, {"to": "all"}) in b.events
+                and ("message", b.address, "only a") in a.events)
+    await asyncio.sleep(0.5)
+    result["wires"] = [len(a._connections), len(b._connections)]
+    result["only_webrtc"] = only_webrtc(a, b)
+    # the tracker goes away and comes back on its port: a newcomer still meets both
+    port = tracker.ready["port"]
+    await tracker.close()
+    tracker = await local_tracker(TR_PORT=port)
+    c = await rtc_node("rtc-pp", [url])
+    await until(lambda: {a.address, b.address} <= set(c.peers), 30)
+    result["newcomer_echo"] = await c.rpc(a.address, "echo", {"via": "restarted tracker"})
+    result["dead_tracker_retries"] = a.webrtc.sessions[0].client.retries
+    result["interval"] = a.webrtc.sessions[1].client.interval  # the tracker's: 600 s / 5
+    b_id = b.peer_id.decode("latin-1")
+    await b.close()
+    await until(lambda: ("left", b.address) in a.events, 10)
+    await until(lambda: not any(c.address == b.address for c in a._connections), 10)
+    await until(lambda: not any(c.remote_id == b_id for c in a.webrtc.connections), 10)
+    await c.close()
+    await a.close()
+    await tracker.close()
+    result["after_close"] = [len(n.webrtc.connections) for n in (a, b, c)]
+    return result
+
+
+async def _rtc_python_js(python_offers):
+    """Python and JS meet through the tracker; only one side makes offers.
+
+    The offering side starts second, so the tracker has someone to relay to.
+    """
+    tracker = await local_tracker()
+    url = tracker.ready["url"]
+    js = JsProcess("peer.js", {"BO_ID": "rtc-js", "BO_MODE": "webrtc", "BO_TRACKER": url,
+                               "BO_NUMWANT": "0" if python_offers else "5"})
+    if python_offers:
+        await js.start()
+    started = time.monotonic()
+    py = await rtc_node("rtc-js", [url], numwant=5 if python_offers else 0)
+    if not python_offers:
+        await js.start()
+    js_address = js.ready["address"]
+    await js.wait_for(lambda e: e["event"] == "seen" and e["address"] == py.address, 30)
+    await until(lambda: js_address in py.peers, 30)
+    result = {"connected_s": time.monotonic() - started, "only_webrtc": only_webrtc(py),
+              "python_offered": [c.initiator for c in py._connections]}
+    result["py_to_js"] = await py.rpc(js_address, "echo", {"n": "é", "pad": "p" * 40_000})
+    result["py_to_js_unknown"] = await py.rpc(js_address, "nope", {})
+    js.send(cmd="rpc", id=1, address=py.address, call="echo", args={"from": "js"})
+    result["js_to_py"] = (await js.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 1))["result"]
+    py.send({"hello": "all"})
+    py.send({"hello": "you"}, address=js_address)
+    for message in ({"hello": "all"}, {"hello": "you"}):
+        await js.wait_for(lambda e, m=message: e["event"] == "message" and e["message"] == m)
+    js.send(cmd="send", address=py.address, message={"js": "you"})
+    await until(lambda: ("message", js_address, {"js": "you"}) in py.events)
+    await py.close()
+    await js.wait_for(lambda e: e["event"] == "left" and e["address"] == py.address, 10)
+    await js.close()
+    await tracker.close()
+    return result
+
+
+async def _js_master_run(tmp, transport, url, count):
+    """The JS master harness and a Python Worker over WebRTC or TCP: timings and results."""
+    webrtc = transport == "webrtc"
+    master = await JsProcess("master.js", {
+        "QX_TOKEN": "rtc-jsm-" + transport, "QX_KEY": KEY, "QX_JOBS": str(count),
+        "QX_ASSETS": str(Path(tmp) / "assets.json"), **({"QX_TRACKER": url} if webrtc else {})}).start()
+    worker = w.Worker("rtc-jsm-" + transport, "py", "warn", KEY, env={}, folder=Path(tmp) / transport,
+                      host="127.0.0.1", lsd=False, dht=False, get_batch=True, batch_size=10,
+                      peers=[] if webrtc else ["127.0.0.1:%d" % master.ready["port"]],
+                      trackers=[url] if webrtc else [], ice_servers=[])
+    started = time.monotonic()
+    await worker.start()
+    await until(lambda: worker.master is not None, 30)
+    found = time.monotonic() - started
+    await until(lambda: sum(e["event"] == "result" for e in master.events) >= 1, 30)
+    first = time.monotonic()
+    await until(lambda: sum(e["event"] == "result" for e in master.events) >= count, 120)
+    rate = (count - 1) / (time.monotonic() - first)
+    results = [e["result"] for e in master.events if e["event"] == "result"]
+    result = {"found_s": found, "rate": rate, "only_webrtc": only_webrtc(worker.node),
+              "ids": sorted(r["jobID"] for r in results),
+              "right": all(r["data"] == {"sum": r["jobID"] * 2} for r in results)}
+    await worker.stop()
+    await master.close()
+    return result
+
+
+async def _rtc_js_master_worker(count=200):
+    tracker = await local_tracker()
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
+        for f in files:
+            f["masterPath"] = str(Path(tmp) / "master" / f["masterPath"].lstrip("/"))
+        (Path(tmp) / "assets.json").write_text(json.dumps({"files": files, "dependencies": []}))
+        result = {transport: await _js_master_run(tmp, transport, tracker.ready["url"], count)
+                  for transport in ("webrtc", "tcp")}
+    await tracker.close()
+    return result
+
+
+async def _flow_rate(master, worker, jobs, get_batch, start=0):
+    """Push jobs, time them from the first result to the last (jobs/s)."""
+    worker.get_batch = get_batch
+    done = len(master.done)
+    for i in range(start, start + jobs):
+        master.push_new_job({"id": i, "data": json.dumps({"x": i})})
+    worker._wake.set()
+    await until(lambda: len(master.done) >= done + 1, 30)
+    first, first_done = time.monotonic(), len(master.done)
+    await until(lambda: len(master.done) >= done + jobs, 120)
+    return (done + jobs - first_done) / (time.monotonic() - first)
+
+
+async def _rtc_master_py():
+    """master.py and a Worker: a 5 MB asset over WebRTC, then jobs/s over WebRTC and TCP."""
+    from master import Master
+    tracker = await local_tracker()
+    url = tracker.ready["url"]
+    result = {}
+    blob = os.urandom(5 * 1024 * 1024)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
+        (Path(tmp) / "master/workplace/data/blob.bin").write_bytes(blob)
+        files.append({"masterPath": "/workplace/data/blob.bin", "name": "blob.bin",
+                      "workerPath": "/workplace/data/blob.bin"})
+        for transport in ("webrtc", "tcp"):
+            token = "rtc-mpy-" + transport
+            rtc = {"trackers": [url], "ice_servers": []} if transport == "webrtc" else {"trackers": []}
+            master = Master(token, {"files": files, "dependencies": []}, None, None, KEY,
+                            folder=Path(tmp) / "master", env={}, host="127.0.0.1", lsd=False, dht=False, **rtc)
+            await master.start()
+            peers = [] if transport == "webrtc" else ["127.0.0.1:%d" % master.port]
+            folder = Path(tmp) / ("w-" + transport)
+            worker = w.Worker(token, "w", "warn", KEY, env={}, folder=folder, host="127.0.0.1", lsd=False,
+                              dht=False, peers=peers, batch_size=10, **rtc)
+            started = time.monotonic()
+            await worker.start()
+            await until(lambda worker=worker: worker._runner is not None, 120)
+            result[transport] = {
+                "assets_s": time.monotonic() - started, "only_webrtc": only_webrtc(worker.node, master.node),
+                "blob_ok": (folder / "workplace/data/blob.bin").read_bytes() == blob,
+                "unbatched": await _flow_rate(master, worker, 300, False),
+                "batched": await _flow_rate(master, worker, 1000, True, start=1000)}
+            await worker.stop()
+            await master.close()
+    await tracker.close()
+    return result
+
+
+async def _dead_answer_sdp():
+    """A well-formed answer whose ICE and DTLS ends are already gone."""
+    import aiortc
+    config = aiortc.RTCConfiguration(iceServers=[])
+    offerer, answerer = aiortc.RTCPeerConnection(config), aiortc.RTCPeerConnection(config)
+    offerer.createDataChannel("x")
+    await offerer.setLocalDescription(await offerer.createOffer())
+    await answerer.setRemoteDescription(offerer.localDescription)
+    await answerer.setLocalDescription(await answerer.createAnswer())
+    sdp = answerer.localDescription.sdp
+    await offerer.close()
+    await answerer.close()
+    return sdp
+
+
+async def _bad_answerer(url, infohash, stop):
+    """A tracker client that answers every offer it is sent with a dead answer."""
+    from websockets.asyncio.client import connect
+    sdp = await _dead_answer_sdp()
+    ih, me = infohash.decode("latin-1"), "-XX0000-deadanswerer"
+    answered = 0
+    async with connect(url, compression=None) as ws:
+        await ws.send(json.dumps({"numwant": 0, "uploaded": 0, "downloaded": 0, "left": 0, "event": "started",
+                                  "action": "announce", "info_hash": ih, "peer_id": me, "offers": []}))
+        while not stop.is_set():
+            try:
+                async with asyncio.timeout(0.2):
+                    frame = json.loads(await ws.recv())
+            except TimeoutError:
+                continue
+            if "offer" in frame:
+                answered += 1
+                await ws.send(json.dumps({"action": "announce", "info_hash": ih, "peer_id": me,
+                                          "to_peer_id": frame["peer_id"], "offer_id": frame["offer_id"],
+                                          "answer": {"type": "answer", "sdp": sdp}}))
+    return answered
+
+
+def _live_peer_connections():
+    import gc
+
+    import aiortc
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, aiortc.RTCPeerConnection)]
+
+
+async def _rtc_hygiene(seconds=15.0, interval=0.05, max_peers=6):
+    """Hundreds of announce cycles with a peer that answers with dead answers."""
+    tracker = await local_tracker()
+    url = tracker.ready["url"]
+    nodes = []
+    for _ in range(2):
+        node = w.Bugout("rtc-hygiene", lsd=False, dht=False, listen=False, trackers=[url], ice_servers=[],
+                        max_peers=max_peers, announce_interval=interval)
+        node.register("echo", lambda address, args: args)
+        node.webrtc.connect_timeout = 1.0
+        nodes.append(await node.start())
+    a, b = nodes
+    await until(lambda: a.address in b.peers and b.address in a.peers, 30)
+    stop = asyncio.Event()
+    answerer = asyncio.ensure_future(_bad_answerer(url, a.infohash, stop))
+    peak = peak_gc = 0
+    wires_max = 0
+    started = time.monotonic()
+    next_gc = started
+    while time.monotonic() - started < seconds:
+        await asyncio.sleep(0.02)
+        peak = max(peak, *(len(n.webrtc.connections) for n in nodes))
+        wires_max = max(wires_max, *(len(n._connections) for n in nodes))
+        if time.monotonic() >= next_gc:
+            next_gc += 1.0
+            peak_gc = max(peak_gc, len(_live_peer_connections()))
+    stop.set()
+    answered = await answerer
+    result = {"announces": [n.webrtc.sessions[0].client.stats["announces"] for n in nodes],
+              "peak_live": peak, "peak_gc": peak_gc, "wires_max": wires_max, "answered": answered,
+              "timeouts": [n.stats["webrtc timeouts"] for n in nodes],
+              "declined": [n.stats["webrtc answers declined"] + n.stats["webrtc offers declined"] for n in nodes],
+              "bound": max_peers + 2 * w.TRACKER_NUMWANT,
+              "echo": await a.rpc(b.address, "echo", {"still": "here"}, timeout=10),
+              "wires": [n.connections() for n in nodes]}
+    for node in nodes:
+        await node.close()
+    await tracker.close()
+    await asyncio.sleep(0.2)
+    result["left_open"] = [pc.connectionState for pc in _live_peer_connections() if pc.connectionState != "closed"]
+    return result
+
+
+async def _rtc_peer_cap():
+    """A node capped at one peer meets one of two others; those two meet each other."""
+    tracker = await local_tracker()
+    url = tracker.ready["url"]
+    capped = await rtc_node("rtc-cap", [url], max_peers=1, announce_interval=0.3)
+    b = await rtc_node("rtc-cap", [url], announce_interval=0.3)
+    c = await rtc_node("rtc-cap", [url], announce_interval=0.3)
+    await until(lambda: b.address in c.peers and c.address in b.peers and capped.connections() == 1, 30)
+    most = 0
+    for _ in range(150):  # 3 s, about ten announces each
+        await asyncio.sleep(0.02)
+        rtc = capped.webrtc
+        most = max(most, len(capped._connections), rtc.max_peers - rtc.free_slots())
+    result = {"most": most, "capped_wires": capped.connections(), "b_c": [b.connections(), c.connections()],
+              "declined": capped.stats["webrtc offers declined"] + capped.stats["webrtc answers declined"]}
+    for node in (capped, b, c):
+        await node.close()
+    await tracker.close()
+    return result
+
+
+RTC_SCENARIOS = {"python_python": _rtc_python_python,
+                 "python_offers_js_answers": lambda: _rtc_python_js(True),
+                 "js_offers_python_answers": lambda: _rtc_python_js(False),
+                 "js_master_worker": _rtc_js_master_worker, "master_py": _rtc_master_py,
+                 "hygiene": _rtc_hygiene, "peer_cap": _rtc_peer_cap}
+
+
+class TestWebRtc(unittest.TestCase):
+    """Real WebRTC (aiortc; @roamhq/wrtc for JS) through a local bittorrent-tracker."""
+
+    def test_python_python_through_tracker(self):
+        out = in_rtc_namespace("python_python")
+        self.assertEqual(out["echo"], {"x": "é", "echoedBy": "py"})
+        self.assertEqual(out["unknown"], {"error": "No such API call."})
+        self.assertEqual(out["wires"], [1, 1])
+        self.assertTrue(out["only_webrtc"])
+        self.assertEqual(out["newcomer_echo"], {"via": "restarted tracker", "echoedBy": "py"})
+        self.assertGreaterEqual(out["dead_tracker_retries"], 1)
+        self.assertEqual(out["after_close"], [0, 0, 0])
+        self.assertEqual(out["interval"], 120.0)
+        print("\n  python-python: connected through the tracker in %.2f s" % out["connected_s"], file=sys.stderr)
+
+    def _python_js(self, python_offers):
+        out = in_rtc_namespace("python_offers_js_answers" if python_offers else "js_offers_python_answers")
+        self.assertTrue(out["only_webrtc"])
+        self.assertEqual(out["python_offered"], [python_offers])
+        self.assertEqual(out["py_to_js"], {"n": "é", "pad": "p" * 40_000, "echoedBy": "js"})
+        self.assertEqual(out["py_to_js_unknown"], {"error": "No such API call."})
+        self.assertEqual(out["js_to_py"], {"from": "js", "echoedBy": "py"})
+        print("\n  python-js (%s offered): connected through the tracker in %.2f s"
+              % ("python" if python_offers else "js", out["connected_s"]), file=sys.stderr)
+
+    def test_python_offers_js_answers(self):
+        self._python_js(python_offers=True)
+
+    def test_js_offers_python_answers(self):
+        self._python_js(python_offers=False)
+
+    def test_worker_jobs_from_js_master(self):
+        out = in_rtc_namespace("js_master_worker")
+        self.assertTrue(out["webrtc"]["only_webrtc"])
+        self.assertFalse(out["tcp"]["only_webrtc"])
+        for transport in ("webrtc", "tcp"):
+            self.assertEqual(out[transport]["ids"], list(range(200)))
+            self.assertTrue(out[transport]["right"])
+        print("\n  JS master -> worker: master found in %.2f s over WebRTC (%.2f s over TCP); "
+              "%.0f jobs/s over WebRTC, %.0f over TCP (batches of 10)"
+              % (out["webrtc"]["found_s"], out["tcp"]["found_s"], out["webrtc"]["rate"], out["tcp"]["rate"]),
+              file=sys.stderr)
+
+    def test_master_py_5mb_asset_and_rates(self):
+        out = in_rtc_namespace("master_py")
+        self.assertTrue(out["webrtc"]["only_webrtc"])
+        for transport in ("webrtc", "tcp"):
+            self.assertTrue(out[transport]["blob_ok"], transport)
+        print("\n  master.py -> worker, 5 MB asset: %.2f s over WebRTC, %.2f s over TCP"
+              % (out["webrtc"]["assets_s"], out["tcp"]["assets_s"]), file=sys.stderr)
+        for mode in ("unbatched", "batched"):
+            print("  %s jobs/s: %.0f over WebRTC, %.0f over TCP" % (mode, out["webrtc"][mode], out["tcp"][mode]),
+                  file=sys.stderr)
+
+    def test_hundreds_of_announces_stay_bounded(self):
+        out = in_rtc_namespace("hygiene")
+        self.assertGreaterEqual(min(out["announces"]), 200)
+        self.assertGreater(out["answered"], 20)  # failed connections were really tried
+        self.assertGreater(sum(out["timeouts"]) + sum(out["declined"]), 10)
+        self.assertLessEqual(out["peak_live"], out["bound"] + 3)
+        self.assertLessEqual(out["peak_gc"], 2 * (out["bound"] + 3) + 2)
+        self.assertLessEqual(out["wires_max"], 6)
+        self.assertEqual(out["echo"], {"still": "here"})
+        self.assertEqual(out["wires"], [1, 1])
+        self.assertEqual(out["left_open"], [])
+        print("\n  %d/%d announces: at most %d live peer connections per node (%d in the process)"
+              % (*out["announces"], out["peak_live"], out["peak_gc"]), file=sys.stderr)
+
+    def test_peer_cap(self):
+        out = in_rtc_namespace("peer_cap")
+        self.assertEqual(out["most"], 1)
+        self.assertEqual(out["capped_wires"], 1)
+        self.assertEqual(out["b_c"][0] + out["b_c"][1], 3)
+        self.assertGreater(out["declined"], 0)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ Usage::
 Layout (read it top to bottom): errors, the seed classes (Helper, Logger,
 Crypt, .env file), codecs (bencode, base58, RIPEMD-160), bugout identity and
 packets, the sans-I/O bugout core, the sans-I/O peer wire, transports (TCP,
-LSD, DHT), the asyncio Bugout node, the Worker (task.py in a thread, or
-task.js in a node child), the command line.
+LSD, DHT), the asyncio Bugout node, trackers and WebRTC (a sans-I/O tracker
+core, aiortc data channels; for peers behind NAT), the Worker (task.py in a
+thread, or task.js in a node child), the command line.
 
 Exceptions::
 
@@ -2162,7 +2163,11 @@ Handler = Callable[[str, Any], Any]
 
 
 class Bugout:
-    """A bugout peer on asyncio: the JS Bugout's API over TCP, LSD and the DHT.
+    """A bugout peer on asyncio: the JS Bugout's API over TCP, LSD, the DHT and WebRTC.
+
+    ``trackers`` (None: bugout's three wss:// trackers; empty: WebRTC off),
+    ``ice_servers`` (None: public STUN; empty: host candidates only),
+    ``max_peers`` and ``announce_interval`` go to :class:`WebRtcTransport`.
 
     Events (``on(name, fn)``): ``seen(address)``, ``left(address)``,
     ``message(address, value)``, ``ping(address)``, ``wireseen(address)``,
@@ -2175,7 +2180,10 @@ class Bugout:
                  max_message: int = DEFAULT_MAX_MESSAGE,
                  timeout_ms: int = PEER_TIMEOUT_MS, listen: bool = True,
                  dht: bool = True, dht_bootstrap: Iterable[str] = DHT_BOOTSTRAP,
-                 dht_port: int | None = None) -> None:
+                 dht_port: int | None = None,
+                 trackers: str | Iterable[str] | None = None,
+                 ice_servers: str | Iterable[str] | None = None,
+                 max_peers: int | None = None, announce_interval: float | None = None) -> None:
         self.identifier = identifier
         self.identity = Identity(seed)
         self.core = BugoutCore(identifier, self.identity, timeout_ms=timeout_ms)
@@ -2205,6 +2213,9 @@ class Bugout:
         self._extended = {"ek": self.identity.ek, "id": identifier, "m": OUR_EXT_IDS,
                           "metadata_size": len(self.metadata), "pk": self.identity.pk}
         self._closed = False
+        #: WebRTC through WebSocket trackers (off without trackers)
+        self.webrtc = WebRtcTransport(self, trackers, ice_servers, max_peers=max_peers,
+                                      announce_interval=announce_interval)
 
     @property
     def address(self) -> str:
@@ -2239,6 +2250,7 @@ class Bugout:
             self._spawn(self._keep_peer(host, port))
         if self.lsd:
             await self._start_lsd()
+        await self.webrtc.start()
         self._spawn(self._timers())
         return self
 
@@ -2259,6 +2271,7 @@ class Bugout:
         if self._dht is not None:
             await self._dht.close()
         await asyncio.sleep(0)  # let transports write the goodbye
+        await self.webrtc.close()
         for conn in list(self._connections):
             conn.close()
         for future in self._pending.values():
@@ -2570,6 +2583,840 @@ def _split_hostport(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise WorkerError(f"peer {text!r} is not host:port")
     return host.strip("[]"), int(port)
+
+
+# Trackers and WebRTC ########################################################
+#
+# Peers that no one can dial (browsers, workers behind NAT) meet the way
+# WebTorrent's do (PROTOCOL.md section 6): each announces the infohash to
+# WebSocket trackers with a few SDP offers, the tracker relays every offer to
+# another peer of the swarm and relays its answer back, and the BitTorrent
+# wire then runs over the RTCDataChannel as a byte stream.
+#
+# TrackerClient is the sans-I/O core of one tracker (frames and time in, frames
+# and events out); TrackerSession moves its frames over a WebSocket;
+# WebRtcTransport makes the peer connections with aiortc; RtcConnection plugs
+# each data channel into Bugout's connection set, as WireConnection does a
+# TCP socket. aiortc and websockets are imported only when trackers are used.
+
+#: bugout's trackers (bugout index.js), used when none are configured.
+DEFAULT_TRACKERS = ("wss://hub.bugout.link", "wss://tracker.openwebtorrent.com",
+                    "wss://tracker.btorrent.xyz")
+#: simple-peer's ICE servers, as the JS peers use (aiortc takes the first STUN one).
+DEFAULT_ICE_SERVERS = ("stun:stun.l.google.com:19302", "stun:global.stun.twilio.com:3478")
+#: WebTorrent's cap on connections per torrent (maxConns).
+DEFAULT_MAX_PEERS = 55
+#: bittorrent-tracker's client sends at most 5 offers per announce.
+TRACKER_NUMWANT = 5
+#: seconds between announces until the tracker says (bittorrent-tracker: 120),
+#: and the least we accept from a tracker
+TRACKER_INTERVAL = 120.0
+TRACKER_MIN_INTERVAL = 5.0
+#: an offer nobody answered is closed after this (bittorrent-tracker OFFER_TIMEOUT)
+OFFER_TIMEOUT = 50.0
+#: reconnect back-off: doubles from the first to the last, plus up to 50 % jitter
+RECONNECT_FIRST, RECONNECT_LAST = 5.0, 600.0
+#: WebTorrent's CONNECT_TIMEOUT_WEBRTC: answer to open data channel, then
+#: open channel to BEP 10 handshake (its HANDSHAKE_TIMEOUT)
+RTC_CONNECT_TIMEOUT = 25.0
+#: the largest data-channel message we send: far below the 256 KiB
+#: max-message-size that aiortc and libwebrtc put in their SDP, and the size
+#: that every WebRTC stack, old browsers included, takes
+RTC_CHUNK = 16 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class MakeOffers:
+    """Time to announce: make an offer for some of these ids, then :meth:`TrackerClient.send_announce`."""
+    offer_ids: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RelayedOffer:
+    """Another peer's offer, relayed by the tracker: answer with :meth:`TrackerClient.send_answer`."""
+    peer_id: str
+    offer_id: str
+    sdp: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RelayedAnswer:
+    """The answer to one of our pending offers."""
+    peer_id: str
+    offer_id: str
+    sdp: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DropOffer:
+    """An offer that will not be answered: close its peer connection."""
+    offer_id: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackerUpdate:
+    """An announce response: the swarm's size and the interval in force."""
+    complete: int | None
+    incomplete: int | None
+    interval: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackerWarning:
+    """A ``failure reason`` or ``warning message`` from the tracker."""
+    message: str
+
+
+class TrackerState(enum.Enum):
+    WAITING = 1      # no socket: connect when the back-off has passed
+    CONNECTING = 2
+    OPEN = 3
+    CLOSED = 4
+
+
+_TRACKER_MOVES = {
+    TrackerState.WAITING: {TrackerState.CONNECTING, TrackerState.CLOSED},
+    TrackerState.CONNECTING: {TrackerState.OPEN, TrackerState.WAITING, TrackerState.CLOSED},
+    TrackerState.OPEN: {TrackerState.WAITING, TrackerState.CLOSED},
+    TrackerState.CLOSED: set(),
+}
+
+
+def _is_binary_id(value: Any) -> bool:
+    """A 20-character latin-1 string: how JSON frames carry 20-byte ids."""
+    return isinstance(value, str) and len(value) == 20 and all(ord(c) < 256 for c in value)
+
+
+def _sdp_of(value: Any, kind: str) -> str | None:
+    """The SDP text of ``{type: kind, sdp}``, or None."""
+    if isinstance(value, dict) and value.get("type") == kind and isinstance(value.get("sdp"), str):
+        return value["sdp"]
+    return None
+
+
+class TrackerClient:
+    """One WebSocket tracker without I/O: JSON frames and ``now`` in; frames and events out.
+
+    The adapter opens the socket when :meth:`start_connecting` says so, reports
+    :meth:`connection_made` / :meth:`connection_lost`, feeds every frame to
+    :meth:`receive_frame`, calls :meth:`tick` by :meth:`next_deadline`, and
+    acts on :meth:`events_received`; :meth:`data_to_send` gives JSON texts.
+    Ids (``info_hash``, ``peer_id``, ``offer_id``) are 20-char latin-1 strings.
+    """
+
+    def __init__(self, url: str, infohash: bytes, peer_id: bytes, *,
+                 numwant: int = TRACKER_NUMWANT, interval: float | None = None,
+                 offer_timeout: float = OFFER_TIMEOUT,
+                 random: Callable[[int], bytes] = os.urandom) -> None:
+        if len(infohash) != 20 or len(peer_id) != 20:
+            raise LocalProtocolError("infohash and peer id must be 20 bytes")
+        self.url = url
+        self.numwant = numwant
+        self.offer_timeout = offer_timeout
+        self.state = TrackerState.WAITING
+        #: seconds between announces: the fixed one if given, else the tracker's
+        self.interval = interval or TRACKER_INTERVAL
+        #: failed connections since the last good announce response
+        self.retries = 0
+        #: counters: frames ignored by reason, offers relayed, answers, ...
+        self.stats: collections.Counter = collections.Counter()
+        # private
+        self._fixed_interval = interval is not None
+        self._info_hash = infohash.decode("latin-1")
+        self._peer_id = peer_id.decode("latin-1")
+        self._random = random
+        self._pending: dict[str, float] = {}  # offer id -> deadline, oldest first
+        self._reconnect_at = 0.0
+        self._last_announce: float | None = None
+        self._next_announce: float | None = None
+        self._offering = False
+        self._started = False
+        self._frames: list[str] = []
+        self._events: list = []
+
+    def _set_state(self, state: TrackerState) -> None:
+        if state not in _TRACKER_MOVES[self.state]:
+            raise InvalidState(f"tracker {self.url}: {self.state.name} -> {state.name}")
+        log.debug("- tracker %s %s -> %s", self.url, self.state.name, state.name)
+        self.state = state
+
+    # sans-I/O interface
+    def events_received(self) -> list:
+        """Events since the last call."""
+        events, self._events = self._events, []
+        return events
+
+    def data_to_send(self) -> list[str]:
+        """JSON texts to send, in order."""
+        frames, self._frames = self._frames, []
+        return frames
+
+    @property
+    def pending_offers(self) -> int:
+        """Offers announced and not yet answered or dropped."""
+        return len(self._pending)
+
+    # the connection
+    def start_connecting(self, now: float) -> bool:
+        """True (and CONNECTING) when the adapter should open the socket now."""
+        if self.state is not TrackerState.WAITING or now < self._reconnect_at:
+            return False
+        self._set_state(TrackerState.CONNECTING)
+        return True
+
+    def connection_made(self, now: float) -> None:
+        """The socket is open: announce at once."""
+        self._set_state(TrackerState.OPEN)
+        self._started = False
+        self._next_announce = now
+
+    def connection_lost(self, now: float) -> None:
+        """The socket failed or closed: drop the offers, back off, reconnect."""
+        if self.state not in (TrackerState.CONNECTING, TrackerState.OPEN):
+            return
+        self._drop_all("tracker connection lost")
+        factor = 1.0 + self._random(1)[0] / 510.0
+        self._reconnect_at = now + min(RECONNECT_LAST, RECONNECT_FIRST * 2 ** min(self.retries, 16)) * factor
+        self.retries += 1
+        self._offering = False
+        self._next_announce = None
+        self._set_state(TrackerState.WAITING)
+
+    def close(self, now: float) -> None:
+        """Leave: a ``stopped`` announce when open, every offer dropped. Idempotent."""
+        if self.state is TrackerState.CLOSED:
+            return
+        if self.state is TrackerState.OPEN and self._started:
+            self._frames.append(json_dumps(self._announce_frame("stopped", [])))
+        self._drop_all("closing")
+        self._set_state(TrackerState.CLOSED)
+
+    def _drop_all(self, reason: str) -> None:
+        self._events += [DropOffer(offer_id, reason) for offer_id in self._pending]
+        self._pending.clear()
+
+    # time
+    def tick(self, now: float) -> None:
+        """Expire unanswered offers; ask for offers when an announce is due."""
+        for offer_id, deadline in list(self._pending.items()):
+            if deadline > now:
+                break
+            del self._pending[offer_id]
+            self.stats["offers unanswered"] += 1
+            self._events.append(DropOffer(offer_id, "unanswered"))
+        due = self._next_announce is not None and now >= self._next_announce
+        if self.state is TrackerState.OPEN and due and not self._offering:
+            self._offering = True
+            self._events.append(MakeOffers(tuple(self._random(20).decode("latin-1")
+                                                 for _ in range(self.numwant))))
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` (or :meth:`start_connecting`) has work next."""
+        times = list(self._pending.values())[:1]
+        if self.state is TrackerState.WAITING:
+            times.append(self._reconnect_at)
+        if self.state is TrackerState.OPEN and not self._offering and self._next_announce is not None:
+            times.append(self._next_announce)
+        return min(times, default=None)
+
+    # outgoing
+    def send_announce(self, offers: Iterable[tuple[str, str]], now: float) -> None:
+        """Announce with ``(offer_id, sdp)`` offers (maybe none), after a MakeOffers."""
+        offers = list(offers)
+        self._offering = False
+        if self.state is not TrackerState.OPEN:
+            self._events += [DropOffer(offer_id, "tracker not connected") for offer_id, _ in offers]
+            return
+        frame = self._announce_frame(None if self._started else "started", offers)
+        self._started = True
+        self._frames.append(json_dumps(frame))
+        for offer_id, _ in offers:
+            self._pending[offer_id] = now + self.offer_timeout
+        while len(self._pending) > 2 * self.numwant:  # a short interval must not pile them up
+            self._events.append(DropOffer(next(iter(self._pending)), "superseded"))
+            del self._pending[next(iter(self._pending))]
+        self._last_announce = now
+        self._next_announce = now + self.interval
+        self.stats["announces"] += 1
+
+    def _announce_frame(self, event: str | None, offers: list[tuple[str, str]]) -> dict:
+        """The announce as bittorrent-tracker's client writes it (same key order)."""
+        frame: dict[str, Any] = {"numwant": len(offers), "uploaded": 0, "downloaded": 0, "left": 0}
+        if event:
+            frame["event"] = event
+        frame.update(action="announce", info_hash=self._info_hash, peer_id=self._peer_id)
+        if event != "stopped":
+            frame["offers"] = [{"offer": {"type": "offer", "sdp": sdp}, "offer_id": offer_id}
+                               for offer_id, sdp in offers]
+        return frame
+
+    def send_answer(self, to_peer_id: str, offer_id: str, sdp: str) -> bool:
+        """Answer a relayed offer; False when the socket is gone."""
+        if self.state is not TrackerState.OPEN:
+            return False
+        self._frames.append(json_dumps({
+            "action": "announce", "info_hash": self._info_hash, "peer_id": self._peer_id,
+            "to_peer_id": to_peer_id, "answer": {"type": "answer", "sdp": sdp},
+            "offer_id": offer_id}))
+        self.stats["answers sent"] += 1
+        return True
+
+    # incoming
+    def receive_frame(self, frame: Any, now: float) -> None:
+        """One frame from the tracker: JSON text or its parsed value."""
+        if self.state is not TrackerState.OPEN:
+            return
+        if isinstance(frame, (str, bytes)):
+            try:
+                frame = json.loads(frame)
+            except (ValueError, RecursionError):  # RecursionError: "[[[[..." a megabyte deep
+                frame = None
+        if not isinstance(frame, dict) or frame.get("action") != "announce":
+            self.stats["frames ignored"] += 1
+        elif frame.get("info_hash") != self._info_hash:
+            self.stats["frames for other torrents"] += 1  # a shared socket (JS socket pool)
+        elif frame.get("peer_id") != self._peer_id:
+            self._on_announce(frame, now)
+
+    def _on_announce(self, frame: dict, now: float) -> None:
+        failure = frame.get("failure reason")
+        if failure is not None:
+            self.stats["failures"] += 1
+            self._events.append(TrackerWarning(str(failure)))
+            return
+        if frame.get("warning message") is not None:
+            self._events.append(TrackerWarning(str(frame["warning message"])))
+        self._on_interval(frame)
+        peer_id, offer_id = frame.get("peer_id"), frame.get("offer_id")
+        if "offer" in frame or "answer" in frame:
+            if not (_is_binary_id(peer_id) and _is_binary_id(offer_id)):
+                self.stats["bad offers or answers"] += 1
+            elif "offer" in frame:
+                self._on_offer(peer_id, offer_id, _sdp_of(frame["offer"], "offer"))
+            else:
+                self._on_answer(peer_id, offer_id, _sdp_of(frame["answer"], "answer"))
+
+    def _on_interval(self, frame: dict) -> None:
+        interval = frame.get("interval", frame.get("min interval"))
+        if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval > 0:
+            self.retries = 0  # a real announce response: the tracker works
+            if not self._fixed_interval:
+                self.interval = max(TRACKER_MIN_INTERVAL, float(interval))
+                if self._last_announce is not None and not self._offering:
+                    self._next_announce = self._last_announce + self.interval
+            self._events.append(TrackerUpdate(_int_or_none(frame.get("complete")),
+                                              _int_or_none(frame.get("incomplete")), self.interval))
+
+    def _on_offer(self, peer_id: str, offer_id: str, sdp: str | None) -> None:
+        if sdp is None:
+            self.stats["bad offers or answers"] += 1
+            return
+        self.stats["offers relayed"] += 1
+        self._events.append(RelayedOffer(peer_id, offer_id, sdp))
+
+    def _on_answer(self, peer_id: str, offer_id: str, sdp: str | None) -> None:
+        if sdp is None or offer_id not in self._pending:
+            self.stats["answers unexpected"] += 1
+            return
+        del self._pending[offer_id]
+        self.stats["answers"] += 1
+        self._events.append(RelayedAnswer(peer_id, offer_id, sdp))
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+# Trackers and WebRTC: configuration #########################################
+
+@dataclasses.dataclass(frozen=True)
+class IceServer:
+    """A STUN or TURN server: ``url`` (``stun:host:port``), TURN user and password."""
+    url: str
+    username: str | None = None
+    credential: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> IceServer:
+        """``stun:host[:port]`` or ``turn[s]:user:pass@host[:port][?transport=udp|tcp]``.
+
+        User and password are percent-decoded, so ``%40``, ``%3A`` and ``%2C``
+        stand for ``@``, ``:`` and ``,`` in them.
+        """
+        from urllib.parse import unquote
+        scheme, sep, rest = text.strip().partition(":")
+        scheme = scheme.lower()
+        if not sep or scheme not in ("stun", "stuns", "turn", "turns"):
+            raise WorkerError(f"ICE server {text!r}: use stun:HOST:PORT or turn:USER:PASS@HOST:PORT")
+        username = credential = None
+        if "@" in rest:
+            login, _, rest = rest.rpartition("@")
+            username, sep, credential = login.partition(":")
+            if not sep or not username:
+                raise WorkerError(f"ICE server {text!r}: credentials are USER:PASS@")
+            username, credential = unquote(username), unquote(credential)
+        if scheme.startswith("turn") and username is None:
+            raise WorkerError(f"ICE server {text!r}: a TURN server needs USER:PASS@")
+        if not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?(\?transport=(udp|tcp))?", rest):
+            raise WorkerError(f"ICE server {text!r}: bad host, port or transport")
+        return cls(f"{scheme}:{rest}", username, credential)
+
+
+def _split_setting(value: str | Iterable[str]) -> list[str]:
+    """A comma-separated setting (or a list) as a list of non-empty items."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [item.strip() for item in items if item and item.strip()]
+
+
+def parse_trackers(value: str | Iterable[str] | None) -> list[str]:
+    """Tracker URLs: None is bugout's defaults, empty is none; only ws:// and wss://."""
+    urls = list(DEFAULT_TRACKERS) if value is None else _split_setting(value)
+    for url in urls:
+        if not re.fullmatch(r"wss?://[^\s/?#]+(/[^\s]*)?", url):
+            raise WorkerError(f"tracker {url!r}: only ws:// and wss:// URLs are WebSocket trackers")
+    return urls
+
+
+def parse_ice_servers(value: str | Iterable[str] | None) -> list[IceServer]:
+    """ICE servers: None is the JS peers' STUN servers, empty is host candidates only."""
+    return [IceServer.parse(s) for s in (DEFAULT_ICE_SERVERS if value is None else _split_setting(value))]
+
+
+def _config_list(env: dict, key: str, value: Any) -> Any:
+    """An explicit value, else the env key (where empty means none), else None (the default)."""
+    return value if value is not None else env.get(key)
+
+
+# Trackers and WebRTC: asyncio ###############################################
+
+def _mono() -> float:
+    return time.monotonic()
+
+
+class TrackerSession:
+    """Moves one tracker's frames between its WebSocket and its :class:`TrackerClient`."""
+
+    def __init__(self, rtc: WebRtcTransport, client: TrackerClient) -> None:
+        self.rtc = rtc
+        self.client = client
+        # private
+        self._ws: Any = None
+
+    async def run(self) -> None:
+        """Connect, read, reconnect with back-off; until the client is CLOSED."""
+        client = self.client
+        while client.state is not TrackerState.CLOSED:
+            if client.start_connecting(_mono()):
+                await self._connect()
+            else:
+                self._handle_events()
+                deadline = client.next_deadline()
+                await asyncio.sleep(1.0 if deadline is None else max(0.0, deadline - _mono()))
+
+    async def _connect(self) -> None:
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import WebSocketException
+        try:
+            ws = await connect(self.client.url, open_timeout=15, close_timeout=2,
+                               compression=None, max_size=1 << 20)
+        except (OSError, TimeoutError, WebSocketException) as exc:
+            log.debug("tracker %s: cannot connect: %s", self.client.url, exc)
+            self.client.connection_lost(_mono())
+            return
+        self._ws = ws
+        self.client.connection_made(_mono())
+        try:
+            await self._read(ws)
+        except (OSError, WebSocketException) as exc:
+            log.debug("tracker %s: connection lost: %s", self.client.url, exc)
+        finally:
+            self._ws = None
+            self.client.connection_lost(_mono())
+            self._handle_events()
+            with contextlib.suppress(OSError, WebSocketException):
+                await ws.close()
+
+    async def _read(self, ws: Any) -> None:
+        client = self.client
+        while True:
+            await self.flush()
+            deadline = client.next_deadline()
+            try:
+                async with asyncio.timeout(None if deadline is None else max(0.0, deadline - _mono())):
+                    text = await ws.recv()
+            except TimeoutError:
+                continue
+            log.debug("< tracker %s %.200s", client.url, text)
+            client.receive_frame(text, _mono())
+
+    def _handle_events(self) -> None:
+        self.client.tick(_mono())
+        for event in self.client.events_received():
+            self.rtc.on_tracker_event(self, event)
+
+    async def flush(self) -> None:
+        """Act on the client's events, then send its frames."""
+        from websockets.exceptions import WebSocketException
+        self._handle_events()
+        frames = self.client.data_to_send()
+        ws = self._ws
+        for frame in frames if ws is not None else ():
+            log.debug("> tracker %s %.200s", self.client.url, frame)
+            with contextlib.suppress(OSError, WebSocketException):
+                await ws.send(frame)
+
+    async def close(self) -> None:
+        """Say ``stopped`` to the tracker and close the socket."""
+        self.client.close(_mono())
+        await self.flush()
+        if self._ws is not None:
+            from websockets.exceptions import WebSocketException
+            with contextlib.suppress(OSError, WebSocketException):
+                await self._ws.close()
+
+
+class RtcConnection:
+    """Moves bytes between one RTCDataChannel and its :class:`PeerWire`.
+
+    It stands in Bugout's connection set like a :class:`WireConnection`, so
+    relay, duplicate wires, peers and RPC work the same over WebRTC. The wire
+    is a byte stream, written in messages of at most :data:`RTC_CHUNK` bytes.
+    """
+
+    def __init__(self, rtc: WebRtcTransport, pc: Any, offerer: bool,
+                 remote_id: str | None = None) -> None:
+        self.rtc = rtc
+        self.node = rtc.node
+        self.pc = pc
+        #: True when we made the offer: we count as the dialer (Bugout._check_duplicate)
+        self.initiator = offerer
+        self.dialed: tuple | None = None
+        #: no socket, so no address for the DHT code that asks for one
+        self.transport: Any = None
+        #: the other side's tracker peer id (20 latin-1 chars), once known
+        self.remote_id = remote_id
+        # Both ends of a WebRTC wire send the handshake at once (WebTorrent peer.js).
+        self.wire = self.node._new_wire(True)
+        self.address: str | None = None
+        self.channel: Any = None
+        self.opened = False
+        self.last_keepalive = time.monotonic()
+        # private
+        self._timer: asyncio.TimerHandle | None = None
+        self._closing = False
+        pc.on("datachannel", self.attach)
+        pc.on("connectionstatechange", self._on_state)
+
+    @property
+    def peer_name(self) -> str:
+        return "webrtc:" + (self.remote_id or "?").encode("latin-1").decode("ascii", "replace")
+
+    @property
+    def closing(self) -> bool:
+        return self._closing or self.channel is None or self.channel.readyState != "open"
+
+    def start_timer(self, seconds: float) -> None:
+        """Close unless the wire speaks bugout within ``seconds``."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._on_timeout)
+
+    def attach(self, channel: Any) -> None:
+        """Use this data channel (ours, or the one the offerer made)."""
+        if self.channel is not None or self._closing:
+            channel.close()
+            return
+        self.channel = channel
+        channel.on("open", self._on_open)
+        channel.on("message", self._on_message)
+        channel.on("close", self.close)
+        if channel.readyState == "open":
+            self._on_open()
+
+    def _on_open(self) -> None:
+        if self.opened or self._closing:
+            return
+        self.opened = True
+        log.debug("- webrtc %s open", self.peer_name)
+        self.start_timer(self.rtc.connect_timeout)
+        self.node._connections.add(self)
+        self.node.stats["webrtc wires"] += 1
+        self._flush()
+
+    def _on_message(self, data: bytes | str) -> None:
+        if self._closing:
+            return
+        wire = self.wire
+        wire.receive_data(data.encode("utf-8") if isinstance(data, str) else data)
+        events = wire.events_received()
+        self._flush()
+        if events:
+            self.node._on_wire_events(self, events)
+        if wire.ready and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if wire.state is WireState.ERROR:
+            self.node.stats["peers dropped for bad input"] += 1
+            log.info("dropping peer %s: %s", self.peer_name, wire.error)
+            self.close()
+
+    def _on_state(self) -> None:
+        if self.pc.connectionState in ("failed", "closed"):
+            self.close()
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        if not self.wire.ready:
+            self.node.stats["webrtc timeouts"] += 1
+            log.debug("webrtc %s: no wire in time", self.peer_name)
+            self.close()
+
+    def send_payload(self, payload: bytes) -> None:
+        """Send one ``bo_channel`` payload if the peer can take it."""
+        if self.wire.ready and not self.closing:
+            self.wire.send_extension(payload)
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.closing:
+            return  # the bytes wait in the wire until the channel opens
+        data = self.wire.data_to_send()
+        for start in range(0, len(data), RTC_CHUNK):
+            self.channel.send(data[start:start + RTC_CHUNK])
+
+    def close(self) -> None:
+        """Close the channel and the peer connection. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.rtc._forget(self)
+        self.rtc._spawn(self._shutdown(), closer=True)
+
+    async def _shutdown(self) -> None:
+        try:
+            async with asyncio.timeout(5.0):
+                await self.pc.close()
+        except TimeoutError:
+            log.warning("webrtc %s: peer connection did not close in 5 s", self.peer_name)
+        finally:
+            self.rtc.connections.discard(self)
+            self.node._connection_lost(self)
+
+
+class WebRtcTransport:
+    """WebRTC for one :class:`Bugout`: its trackers, peer connections and data channels.
+
+    Off when there are no trackers or aiortc cannot be imported. It makes and
+    answers no more offers once ``max_peers`` wires (TCP ones count) are open
+    or being set up; on top of those each tracker keeps at most
+    ``2 * numwant`` offers waiting, so live peer connections stay bounded.
+    """
+
+    def __init__(self, node: Bugout, trackers: str | Iterable[str] | None = None,
+                 ice_servers: str | Iterable[str] | None = None, *,
+                 max_peers: int | None = None, numwant: int = TRACKER_NUMWANT,
+                 announce_interval: float | None = None) -> None:
+        self.node = node
+        self.trackers = parse_trackers(trackers)
+        self.ice_servers = parse_ice_servers(ice_servers)
+        self.max_peers = DEFAULT_MAX_PEERS if max_peers is None else int(max_peers)
+        self.numwant = numwant
+        #: a fixed announce interval (tests); None follows each tracker's
+        self.announce_interval = announce_interval
+        self.connect_timeout = RTC_CONNECT_TIMEOUT
+        self.offer_timeout = OFFER_TIMEOUT
+        #: one session per tracker, once started
+        self.sessions: list[TrackerSession] = []
+        #: every RtcConnection whose RTCPeerConnection is not closed yet
+        self.connections: set[RtcConnection] = set()
+        # private
+        self._offers: dict[str, RtcConnection] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._closers: set[asyncio.Task] = set()
+        self._aiortc: Any = None
+        self._closed = False
+
+    @property
+    def running(self) -> bool:
+        return self._aiortc is not None and not self._closed
+
+    # lifecycle
+    async def start(self) -> bool:
+        """Connect to the trackers; False (and one info line) when WebRTC is off."""
+        if not self.trackers:
+            return False
+        if not hasattr(asyncio, "timeout"):
+            log.info("WebRTC is off: it needs Python 3.11+; TCP and LSD go on")
+            return False
+        try:
+            import aiortc
+            import websockets.asyncio.client  # noqa: F401 - the trackers' sockets (websockets 13+)
+        except ImportError as exc:
+            log.info("WebRTC is off: %s (pip install aiortc 'websockets>=13'); TCP and LSD go on", exc)
+            return False
+        self._aiortc = aiortc
+        for url in self.trackers:
+            client = TrackerClient(url, self.node.infohash, self.node.peer_id, numwant=self.numwant,
+                                   interval=self.announce_interval, offer_timeout=self.offer_timeout)
+            session = TrackerSession(self, client)
+            self.sessions.append(session)
+            self._spawn(session.run())
+        log.info("WebRTC on: trackers %s; ICE servers %s", ", ".join(self.trackers),
+                 ", ".join(s.url for s in self.ice_servers) or "none (host candidates only)")
+        return True
+
+    async def drain(self, timeout: float = 1.0) -> None:
+        """Wait (a little) until the data channels have sent what they hold."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while any(not c.closing and c.channel.bufferedAmount for c in self.connections):
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.05)  # SCTP sends what left the channels
+
+    async def close(self) -> None:
+        """Say ``stopped`` to the trackers, close every peer connection. Idempotent."""
+        if self._closed or self._aiortc is None:
+            self._closed = True
+            return
+        await self.drain()
+        self._closed = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                await asyncio.gather(*(s.close() for s in self.sessions))
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for conn in list(self.connections):
+            conn.close()
+        await asyncio.gather(*self._closers, return_exceptions=True)
+
+    def _spawn(self, coro: Awaitable, closer: bool = False) -> None:
+        tasks = self._closers if closer else self._tasks
+        task = asyncio.ensure_future(coro)
+        tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._closers.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("webrtc task failed: %r", task.exception(), exc_info=task.exception())
+
+    # the tracker's events
+    def on_tracker_event(self, session: TrackerSession, event: Any) -> None:
+        """Act on one event of a tracker client."""
+        if isinstance(event, MakeOffers):
+            self._spawn(self._offer(session, event.offer_ids))
+        elif isinstance(event, RelayedOffer):
+            self._spawn(self._answer(session, event))
+        elif isinstance(event, RelayedAnswer):
+            self._spawn(self._accept(event))
+        elif isinstance(event, DropOffer):
+            conn = self._offers.pop(event.offer_id, None)
+            if conn is not None:
+                conn.close()
+        elif isinstance(event, TrackerWarning):
+            log.info("tracker %s: %s", session.client.url, event.message)
+        elif isinstance(event, TrackerUpdate):
+            log.debug("tracker %s: %s seeders, %s leechers, every %.0f s", session.client.url,
+                      event.complete, event.incomplete, event.interval)
+
+    def free_slots(self) -> int:
+        """How many more wires may be set up under ``max_peers``."""
+        offers = set(self._offers.values())
+        setting_up = {c for c in self.connections if not c._closing and c not in offers}
+        return self.max_peers - len(set(self.node._connections) | setting_up)
+
+    def has_peer(self, peer_id: str, wired_only: bool = False) -> bool:
+        """True when a wire to this peer is open (or, unless ``wired_only``, being set up)."""
+        raw = peer_id.encode("latin-1")
+        if any(c.wire.remote_peer_id == raw and not c.closing for c in self.node._connections):
+            return True
+        return not wired_only and any(c.remote_id == peer_id and not c._closing for c in self.connections)
+
+    def _new_connection(self, offerer: bool, remote_id: str | None = None) -> RtcConnection:
+        aiortc = self._aiortc
+        servers = [aiortc.RTCIceServer(urls=s.url, username=s.username, credential=s.credential)
+                   for s in self.ice_servers]
+        # iceServers=[] must be given: None makes aiortc ask Google's STUN server.
+        pc = aiortc.RTCPeerConnection(aiortc.RTCConfiguration(iceServers=servers))
+        conn = RtcConnection(self, pc, offerer, remote_id)
+        self.connections.add(conn)
+        return conn
+
+    def _forget(self, conn: RtcConnection) -> None:
+        for offer_id in [k for k, v in self._offers.items() if v is conn]:
+            del self._offers[offer_id]
+
+    async def _offer(self, session: TrackerSession, offer_ids: tuple[str, ...]) -> None:
+        """Make offers for the free slots, then announce (with none, when full)."""
+        made: list[tuple[str, str]] = []
+        try:
+            count = max(0, min(len(offer_ids), self.free_slots()))
+            results = await asyncio.gather(*(self._make_offer(i) for i in offer_ids[:count]))
+            made = [r for r in results if r is not None]
+        finally:
+            session.client.send_announce(made, _mono())
+            self.node.stats["webrtc offers"] += len(made)
+        await session.flush()
+
+    async def _make_offer(self, offer_id: str) -> tuple[str, str] | None:
+        conn = self._new_connection(True)
+        self._offers[offer_id] = conn
+        try:
+            conn.attach(conn.pc.createDataChannel("bugout"))
+            await conn.pc.setLocalDescription(await conn.pc.createOffer())
+        except Exception as exc:  # noqa: BLE001 - aiortc's own errors, whatever they are
+            log.debug("webrtc: cannot make an offer: %r", exc)
+            conn.close()
+        if conn._closing or self._closed:
+            conn.close()
+            return None
+        return offer_id, conn.pc.localDescription.sdp
+
+    async def _answer(self, session: TrackerSession, offer: RelayedOffer) -> None:
+        """Answer a relayed offer unless full or already wired to that peer."""
+        if self._closed or self.free_slots() <= 0 or self.has_peer(offer.peer_id):
+            self.node.stats["webrtc offers declined"] += 1
+            return
+        conn = self._new_connection(False, offer.peer_id)
+        conn.start_timer(self.connect_timeout)
+        sdp = await self._describe(conn, offer.sdp, "offer")
+        if sdp is None or not session.client.send_answer(offer.peer_id, offer.offer_id, sdp):
+            conn.close()
+            return
+        self.node.stats["webrtc answers"] += 1
+        await session.flush()
+
+    async def _accept(self, answer: RelayedAnswer) -> None:
+        """Apply the answer to our offer, unless a wire to that peer is already open."""
+        conn = self._offers.pop(answer.offer_id, None)
+        if conn is None or conn._closing:
+            return
+        if self.free_slots() < 0 or self.has_peer(answer.peer_id, wired_only=True):
+            self.node.stats["webrtc answers declined"] += 1
+            conn.close()
+            return
+        conn.remote_id = answer.peer_id
+        conn.start_timer(self.connect_timeout)
+        await self._describe(conn, answer.sdp, "answer")
+
+    async def _describe(self, conn: RtcConnection, sdp: str, kind: str) -> str | None:
+        """Set the remote SDP (and answer an offer); None and closed on failure."""
+        aiortc = self._aiortc
+        try:
+            await conn.pc.setRemoteDescription(aiortc.RTCSessionDescription(sdp=sdp, type=kind))
+            if kind == "offer":
+                await conn.pc.setLocalDescription(await conn.pc.createAnswer())
+                return conn.pc.localDescription.sdp
+        except Exception as exc:  # noqa: BLE001 - a remote SDP aiortc will not take
+            log.debug("webrtc %s: bad %s: %r", conn.peer_name, kind, exc)
+            conn.close()
+        return None
 
 
 # Worker: assets and dependencies ############################################
@@ -3193,7 +4040,13 @@ class Worker:
     back to the JS env keys (``token``, ``name``, ``LOG_LEVEL``,
     ``transferEncryptToken``, ``getBatch``, ``batchSize``) and the transport
     keys (``port``, ``host``, ``peers``, ``lsd``, ``seed``, ``maxMessage``,
-    ``dht``, ``dhtBootstrap``, ``dhtPort``).
+    ``dht``, ``dhtBootstrap``, ``dhtPort``, ``trackers``, ``iceServers``, ``maxPeers``).
+
+    ``trackers``: comma-separated ws:// or wss:// WebSocket trackers, through
+    which workers behind NAT meet the master over WebRTC (unset: bugout's three
+    public trackers; empty: off). ``iceServers``: comma-separated
+    ``stun:HOST:PORT`` and ``turn:USER:PASS@HOST:PORT[?transport=tcp]`` (unset:
+    Google's and Twilio's public STUN; empty: host candidates only).
     """
 
     def __init__(self, token: str | None = None, name: str | None = None,
@@ -3204,7 +4057,10 @@ class Worker:
                  peers: Iterable[str] | None = None, lsd: bool | None = None,
                  seed: str | None = None, job_timeout: float | None = None,
                  dht: bool | None = None, dht_bootstrap: Iterable[str] | None = None,
-                 dht_port: int | None = None) -> None:
+                 dht_port: int | None = None,
+                 trackers: str | Iterable[str] | None = None,
+                 ice_servers: str | Iterable[str] | None = None,
+                 max_peers: int | None = None) -> None:
         env = load_env(".env") if env is None else env
         self.token = _config(env, "token", token)
         if not self.token:
@@ -3227,6 +4083,9 @@ class Worker:
             port=int(_config(env, "port", port, 0)), peers=peer_list,
             lsd=_word(_config(env, "lsd", lsd), True),
             max_message=int(_config(env, "maxMessage", None, DEFAULT_MAX_MESSAGE)),
+            trackers=_config_list(env, "trackers", trackers),
+            ice_servers=_config_list(env, "iceServers", ice_servers),
+            max_peers=_config(env, "maxPeers", max_peers),
             **dht_options(env, dht, dht_bootstrap, dht_port))
         #: the master's address once one answered isMaster
         self.master: str | None = None
@@ -3744,13 +4603,13 @@ async def run_demo(jobs: int = 200) -> int:
                                            "workerPath": "/workplace/task.py"}],
                                 "dependencies": []},
                         results.append, None, key, folder=root / "master", env={},
-                        host="127.0.0.1", lsd=False, dht=False)
+                        host="127.0.0.1", lsd=False, dht=False, trackers=[])
         await master.start()
         for i in range(jobs):
             master.push_new_job({"id": i, "data": str(10_000 + 100 * i)})
         worker = Worker(token, "demo-worker", "warn", key, env={}, folder=root / "worker",
                         host="127.0.0.1", lsd=False, dht=False, peers=["127.0.0.1:%d" % master.port],
-                        get_batch=True, batch_size=10)
+                        get_batch=True, batch_size=10, trackers=[])
         started = time.perf_counter()
         await worker.start()
         print("demo: master on 127.0.0.1:%d, %d jobs, worker %s" % (master.port, jobs, worker.address))

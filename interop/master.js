@@ -2,7 +2,8 @@
 /*
  * Test harness: a queue-xec Master on the real npm `bugout` (0.0.13 / WebTorrent 1.9.7),
  * for the Python worker's interop tests. Loopback only: no trackers, no DHT, no LSD,
- * no uTP, no web seeds; peers are added by hand with {"cmd":"addPeer"}.
+ * no uTP, no web seeds; peers are added by hand with {"cmd":"addPeer"}. With
+ * QX_TRACKER set it also speaks WebRTC (@roamhq/wrtc) through that one local tracker.
  *
  * It answers the four queue-xec RPCs (isMaster, requestExecAssets, requestWork,
  * shareResults) plus `ping` with the same argument/answer shapes and the same rules as
@@ -22,6 +23,9 @@
  *               bootstrapped from these local nodes only, as the real master finds workers
  *               on the internet. Refused outside a loopback-only network namespace
  *               (`unshare -n`). Unset = no DHT (the loopback-only default).
+ *   QX_TRACKER  ws://127.0.0.1:PORT: announce there and take WebRTC peers (iceServers
+ *               empty); refused outside a network namespace whose interfaces are all
+ *               loopback (`unshare -n`)
  *
  * stdout: JSON lines only
  *   {"event":"ready","address","port","infoHash","identifier"}
@@ -68,6 +72,7 @@ const KEY = process.env.QX_KEY;
 const PORT = Number(process.env.QX_PORT || 0) || 0;
 const REUSE_IV = process.env.QX_REUSE_IV === '1';
 const NODELAY = process.env.QX_NODELAY === '1';
+const TRACKER = process.env.QX_TRACKER || '';
 
 function fail(message) {
   emitError(message);
@@ -77,6 +82,13 @@ if (!TOKEN) fail('QX_TOKEN is required');
 if (!KEY) fail('QX_KEY is required');
 const keyBytes = Buffer.from(KEY, 'utf8');
 if (keyBytes.length !== 32) fail(`QX_KEY must be 32 UTF-8 bytes, got ${keyBytes.length}`);
+if (TRACKER) {
+  if (!/^ws:\/\/127\.0\.0\.1:\d+\/?$/.test(TRACKER)) fail('QX_TRACKER must be ws://127.0.0.1:PORT');
+  const ifs = Object.values(os.networkInterfaces());
+  if (!ifs.every((addrs) => addrs.every((a) => a.internal))) {
+    fail('QX_TRACKER refused: run it inside `unshare -n` (non-loopback interface present)');
+  }
+}
 
 // ---------------------------------------------------------------- AES-256-CBC, {iv, encryptedData} hex
 const processIv = crypto.randomBytes(16);
@@ -244,7 +256,8 @@ const wt = new WebTorrent({
   torrentPort: PORT,
   dht: dhtOption(),
   lsd: false,
-  tracker: false,
+  // with QX_TRACKER: bittorrent-tracker's client gets wrtc and an empty ICE server list
+  tracker: TRACKER ? { wrtc: require('@roamhq/wrtc'), rtcConfig: { iceServers: [] } } : false,
   natUpnp: false,
   natPmp: false,
   webSeeds: false,
@@ -252,7 +265,8 @@ const wt = new WebTorrent({
 });
 wt.on('error', (e) => emitError(`webtorrent: ${e && e.message ? e.message : e}`));
 
-const peer = new Bugout(TOKEN, { announce: [], wt });
+const announce = TRACKER ? [TRACKER] : [];
+const peer = new Bugout(TOKEN, { announce, torrentOpts: { announce }, wt });
 
 peer.on('seen', (address) => out({ event: 'seen', address }));
 peer.on('left', (address) => out({ event: 'left', address }));

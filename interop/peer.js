@@ -12,9 +12,11 @@
  *   BO_ID         bugout identifier (required)
  *   BO_PORT       TCP listen port for WebTorrent (torrentPort), default 0 = any
  *   BO_SEED       optional bugout seed (bs58check), gives a stable address
- *   BO_MODE       "loopback" (default), "lsd" or "dht"
+ *   BO_MODE       "loopback" (default), "lsd", "dht" or "webrtc"
  *   BO_DHT_BOOTSTRAP  for BO_MODE=dht: comma-separated 127.x.x.x:port list of
  *                 the local DHT bootstrap node(s) (required, never the public routers)
+ *   BO_TRACKER    webrtc mode: the local WebSocket tracker, ws://127.0.0.1:PORT
+ *   BO_NUMWANT    webrtc mode: offers per announce (default 5; 0 = only answer others' offers)
  *   BO_HEARTBEAT  optional bugout heartbeat interval in ms
  *   BO_NODELAY    "1": set TCP_NODELAY on every wire's socket (JS peers do not;
  *                 default off, to behave exactly like them)
@@ -34,6 +36,11 @@
  *              trackers: a BEP 5 DHT node bootstrapped only from
  *              BO_DHT_BOOTSTRAP (127.x addresses); it too refuses to start
  *              outside a loopback-only network namespace.
+ *   webrtc   - as a browser or a Node peer with @roamhq/wrtc: the one tracker in
+ *              BO_TRACKER (ws://127.0.0.1 only) carries offers and answers, ICE
+ *              uses no STUN/TURN server (iceServers: []), and the wire runs on an
+ *              RTCDataChannel. No DHT, LSD or uTP. Like lsd, it refuses to start
+ *              outside a network namespace whose interfaces are all loopback.
  */
 
 const os = require('os')
@@ -70,6 +77,12 @@ if (!identifier) {
 const mode = process.env.BO_MODE || 'loopback'
 const port = Number(process.env.BO_PORT || 0)
 const heartbeat = process.env.BO_HEARTBEAT ? Number(process.env.BO_HEARTBEAT) : undefined
+const tracker = process.env.BO_TRACKER || ''
+if (mode === 'webrtc' && !/^ws:\/\/127\.0\.0\.1:\d+\/?$/.test(tracker)) {
+  reportError('BO_MODE=webrtc needs BO_TRACKER=ws://127.0.0.1:PORT (a local tracker only)')
+  process.exit(2)
+}
+const announce = mode === 'webrtc' ? [tracker] : []
 
 /** WebTorrent client options for each mode (option names checked in webtorrent 1.9.7 index.js). */
 function webtorrentOpts () {
@@ -93,6 +106,20 @@ function webtorrentOpts () {
     // index.js:123 - new DHT(Object.assign({nodeId}, opts.dht)): our bootstrap list only
     return Object.assign(common, { lsd: false, dht: { bootstrap: dhtBootstrap() } })
   }
+  if (mode === 'webrtc') {
+    return Object.assign(common, {
+      lsd: false,
+      utp: false,
+      // torrent-discovery hands this to bittorrent-tracker's client: its wrtc and
+      // rtcConfig go to every simple-peer it makes (websocket-tracker.js _createPeer)
+      tracker: {
+        wrtc: require('@roamhq/wrtc'),
+        rtcConfig: { iceServers: [] },
+        // merged into every announce (webtorrent torrent.js, bittorrent-tracker client.js)
+        getAnnounceOpts: process.env.BO_NUMWANT ? () => ({ numwant: Number(process.env.BO_NUMWANT) }) : undefined
+      }
+    })
+  }
   throw new Error(`unknown BO_MODE ${mode}`)
 }
 
@@ -112,7 +139,7 @@ function onlyLoopback () {
   return Object.values(ifs).every((addrs) => addrs.every((a) => a.internal))
 }
 
-if ((mode === 'lsd' || mode === 'dht') && !onlyLoopback()) {
+if ((mode === 'lsd' || mode === 'dht' || mode === 'webrtc') && !onlyLoopback()) {
   reportError(`BO_MODE=${mode} refused: run it inside \`unshare -n\` (non-loopback interface present)`)
   process.exit(2)
 }
@@ -125,9 +152,10 @@ try {
     wt,
     seed: process.env.BO_SEED || undefined,
     heartbeat,
-    announce: [], // an empty (but truthy) list: bugout's wss defaults are not used and
-    // create-torrent adds no default trackers (it only does when announce is undefined)
-    torrentOpts: { announce: [] }
+    announce, // never undefined: bugout's wss defaults are not used, and create-torrent
+    // adds no default trackers (it only does when announce is undefined)
+    torrentOpts: { announce },
+    iceServers: [] // (bugout only reads it when it makes the WebTorrent client itself)
   })
 } catch (err) {
   reportError(err)
