@@ -2108,7 +2108,7 @@ class MasterProcess:
         write_assets(self.folder, DEFAULT_FILES)
         (self.folder / "workplace/task.py").write_text(task_text)
         (self.folder / ".env").write_text(
-            "token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\nhost=127.0.0.1\nport=%d\n"
+            "token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\ntrackers=\nhost=127.0.0.1\nport=%d\n"
             "seed=%s\nLOG_LEVEL=warn\n" % (token, KEY, port, seed))
         self.results = []
 
@@ -2156,7 +2156,7 @@ class TestFaults(unittest.TestCase):
             folder = Path(tmp) / "victim"
             folder.mkdir()
             (folder / ".env").write_text(
-                "token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\nhost=127.0.0.1\n"
+                "token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\ntrackers=\nhost=127.0.0.1\n"
                 "peers=127.0.0.1:%d\ngetBatch=true\nbatchSize=10\nLOG_LEVEL=warn\n"
                 % (cluster.token, KEY, cluster.master.port))
             victim = await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=folder,
@@ -2182,8 +2182,8 @@ class TestFaults(unittest.TestCase):
             first = await MasterProcess(Path(tmp) / "m1", token, port, seed).start()
             self.procs.append(first.proc)
             worker = await w.Worker(token, "survivor", "warn", KEY, env={}, folder=Path(tmp) / "w",
-                                    host="127.0.0.1", lsd=False, dht=False, get_batch=True, batch_size=5,
-                                    peers=["127.0.0.1:%d" % port]).start()
+                                    host="127.0.0.1", lsd=False, dht=False, trackers=[], get_batch=True,
+                                    batch_size=5, peers=["127.0.0.1:%d" % port]).start()
             first.push(range(6), sleep=0.4)  # JS rule: a batch of 5 while more than 5 wait
             await until(lambda: len(worker.jobs) >= 3, 30)
             await first.kill()  # SIGKILL while the worker holds the batch
