@@ -2,6 +2,7 @@
 """Benchmark the Python worker on loopback; print one table, write JSON.
 
     python bench.py [--quick] [--json bench-results.json]
+    python bench.py --soak 100000
 
 Everything runs on 127.0.0.1 with LSD off: master.py (in this process) or the
 JS master harness (interop/master.js) and real ``python worker.py`` processes.
@@ -12,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import platform
+import py_compile
 import random
 import secrets
 import shutil
@@ -44,7 +47,9 @@ def peak_rss_mb(pid: int) -> float:
 class WorkerProcess:
     """``python worker.py`` in a folder of its own, settings in its .env."""
 
-    def __init__(self, root: Path, token: str, port: int, batch: int, name: str) -> None:
+    def __init__(self, root: Path, token: str, port: int, batch: int, name: str,
+                 module: bool = False) -> None:
+        self.module = module  # python -m worker: bytecode from __pycache__, no compile
         self.folder = root / name
         self.folder.mkdir(parents=True)
         (self.folder / ".env").write_text(
@@ -54,8 +59,12 @@ class WorkerProcess:
 
     async def start(self) -> WorkerProcess:
         env = {k: v for k, v in os.environ.items() if k not in ("token", "transferEncryptToken")}
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(HERE / "worker.py"), cwd=self.folder, env=env)
+        command = ["-m", "worker"] if self.module else [str(HERE / "worker.py")]
+        if self.module:
+            env["PYTHONPATH"] = str(HERE)
+            py_compile.compile(str(HERE / "worker.py"), cfile=importlib.util.cache_from_source(
+                str(HERE / "worker.py")))
+        self.proc = await asyncio.create_subprocess_exec(sys.executable, *command, cwd=self.folder, env=env)
         return self
 
     async def stop(self) -> float:
@@ -83,7 +92,7 @@ async def until(predicate, timeout: float) -> None:
         await asyncio.sleep(0.005)
 
 
-async def against_master_py(jobs: int, batch: int, workers: int = 1) -> dict:
+async def against_master_py(jobs: int, batch: int, workers: int = 1, module: bool = False) -> dict:
     """jobs/s of ``workers`` worker processes on one master.py."""
     with tempfile.TemporaryDirectory(prefix="qx-bench-") as tmp:
         root = Path(tmp)
@@ -91,13 +100,14 @@ async def against_master_py(jobs: int, batch: int, workers: int = 1) -> dict:
         stamps: list = []
 
         def on_results(result):
-            results.append(result)
+            results.append(result["data"])  # keep little: a big list slows the GC
             stamps.append(time.perf_counter())
         token = "bench-%d" % random.randrange(1 << 40)
         master = Master(token, assets(root / "m", {"/task.py": TRIVIAL_TASK}), on_results, None, KEY,
                         folder=root / "m", env={}, host="127.0.0.1", lsd=False, dht=False, trackers=[])
         await master.start()
-        procs = [await WorkerProcess(root, token, master.port, batch, "w%d" % i).start() for i in range(workers)]
+        procs = [await WorkerProcess(root, token, master.port, batch, "w%d" % i, module).start()
+                 for i in range(workers)]
         try:
             master.push_new_job({"id": -1, "data": "warm-up"})
             await until(lambda: len(results) >= 1, 60)  # every worker started, one job through
@@ -109,7 +119,7 @@ async def against_master_py(jobs: int, batch: int, workers: int = 1) -> dict:
         finally:
             rss = [await p.stop() for p in procs]
             await master.close()
-        ok = sorted(r["data"] for r in results[1:]) == list(range(jobs))
+        ok = sorted(results[1:]) == list(range(jobs))
         return {"jobs": jobs, "seconds": elapsed, "jobs_per_s": jobs / elapsed, "right": ok,
                 "peak_rss_mb": max(rss)}
 
@@ -210,11 +220,63 @@ async def asset_sync(megabytes: int) -> dict:
         return {"megabytes": size / 1e6, "seconds": elapsed, "mb_per_s": size / 1e6 / elapsed}
 
 
+def rss_mb(pid: int) -> float:
+    """VmRSS of a live process, in MB."""
+    for line in Path("/proc/%d/status" % pid).read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def soak(jobs: int) -> int:
+    """``jobs`` jobs through master.py and one worker: nothing lost, RSS flat."""
+    with tempfile.TemporaryDirectory(prefix="qx-soak-") as tmp:
+        root = Path(tmp)
+        seen: set = set()
+        samples: list[tuple[int, float]] = []
+        token = "soak-%d" % random.randrange(1 << 40)
+        master = Master(token, assets(root / "m", {"/task.py": TRIVIAL_TASK}),
+                        lambda r: seen.add(r["data"]), None, KEY, folder=root / "m", env={},
+                        host="127.0.0.1", lsd=False, dht=False, trackers=[])
+        await master.start()
+        proc = await WorkerProcess(root, token, master.port, 100, "w").start()
+        started = time.perf_counter()
+        try:
+            pushed = 0
+            step = max(jobs // 20, 1)
+            while len(seen) < jobs:
+                while pushed < jobs and pushed - len(seen) < 5000:  # keep the queue fed
+                    master.push_new_job({"id": pushed, "data": ""})
+                    pushed += 1
+                await asyncio.sleep(0.01)
+                if len(seen) >= step * (len(samples) + 1):
+                    samples.append((len(seen), rss_mb(proc.proc.pid)))
+                    print("  soak: %7d results, worker RSS %.1f MB" % samples[-1], flush=True)
+                if time.perf_counter() - started > 1800:
+                    break
+        finally:
+            elapsed = time.perf_counter() - started
+            peak = await proc.stop()
+            await master.close()
+    lost = jobs - len(seen & set(range(jobs)))
+    warm = samples[len(samples) // 10][1] if samples else 0.0
+    growth = samples[-1][1] - warm if samples else 0.0
+    print("soak: %d jobs in %.0f s (%.0f jobs/s), %d lost, %d duplicates to master, worker RSS "
+          "%.1f MB after warm-up, %.1f MB at the end (growth %.1f MB), peak %.1f MB" % (
+              jobs, elapsed, jobs / elapsed, lost, master.stats["duplicate results"], warm,
+              samples[-1][1] if samples else 0.0, growth, peak))
+    return 0 if lost == 0 and growth < 5 else 1
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer jobs (a smoke run)")
     parser.add_argument("--json", default="bench-results.json", help="where to write the figures")
+    parser.add_argument("--soak", type=int, metavar="JOBS", help="run only the soak test with JOBS jobs")
     args = parser.parse_args()
+    if args.soak:
+        w.Logger("error")
+        return await soak(args.soak)
     scale = 0.1 if args.quick else 1.0
     n = lambda count: max(20, int(count * scale))
     w.Logger("error")
@@ -222,6 +284,7 @@ async def main() -> int:
     rows["master.py, unbatched"] = await against_master_py(n(5000), 1)
     rows["master.py, batches of 10"] = await against_master_py(n(20000), 10)
     rows["master.py, batches of 100"] = await against_master_py(n(50000), 100)
+    rows["master.py, batches of 100, python -m worker"] = await against_master_py(n(50000), 100, module=True)
     for count in (1, 4, 16):
         rows["master.py, %d worker(s), batches of 100" % count] = await against_master_py(n(40000), 100, count)
     has_js = shutil.which("node") and (HERE / "interop/node_modules/bugout").is_dir()

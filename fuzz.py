@@ -43,6 +43,7 @@ def main(count: int = 1_000_000) -> int:
             print("bdecode raised %r on %r" % (exc, data[:200]))
         try:
             core.receive_payload(data, w._now())
+            core.data_to_send()  # relays would go to the other wires
             wire = w.PeerWire(infohash, b"-QP0100-fuzzfuzzfuzz", {"m": {}}, initiator=False,
                               metadata=info, max_message=1 << 16)
             raw = next(wire_inputs)

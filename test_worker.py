@@ -2146,7 +2146,7 @@ class TestFaults(unittest.TestCase):
         for proc in self.procs:
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+                    os.kill(proc.pid, 9)  # the loop is closed by now: no proc.kill()
 
     def test_worker_killed_mid_batch_jobs_requeued_each_answered_once(self):
         async def scenario(tmp):
@@ -2181,10 +2181,11 @@ class TestFaults(unittest.TestCase):
             token, port, seed = "kill-master-%d" % random.randrange(1 << 30), free_port(), w.make_seed()
             first = await MasterProcess(Path(tmp) / "m1", token, port, seed).start()
             self.procs.append(first.proc)
+            first.push(range(6), sleep=0.4)  # JS rule: a batch of 5 while more than 5 wait
+            await asyncio.sleep(1.0)  # the master has read them all before the worker asks
             worker = await w.Worker(token, "survivor", "warn", KEY, env={}, folder=Path(tmp) / "w",
                                     host="127.0.0.1", lsd=False, dht=False, trackers=[], get_batch=True,
                                     batch_size=5, peers=["127.0.0.1:%d" % port]).start()
-            first.push(range(6), sleep=0.4)  # JS rule: a batch of 5 while more than 5 wait
             await until(lambda: len(worker.jobs) >= 3, 30)
             await first.kill()  # SIGKILL while the worker holds the batch
             await until(lambda: worker.stats["jobs done"] + worker.stats["jobs failed"] >= 5, 30)
@@ -2204,7 +2205,7 @@ class TestFaults(unittest.TestCase):
         async def scenario(tmp):
             cluster = await Cluster(tmp).start()
             master = cluster.master
-            master.node.core._seen_limit = 2000
+            master.node.core._seen.limit = 2000
             worker = await cluster.worker().start()
             await until(lambda: worker._runner is not None)
             infohash = master.node.infohash

@@ -711,6 +711,36 @@ def _text(value: Any) -> str:
     raise DecodeError("expected a string field")
 
 
+class SeenCache:
+    """Payload hashes seen lately: bounded in count and age, small per entry.
+
+    Two generations of 64-bit keys; the older one is dropped when the newer
+    fills half the limit or grows older than ``max_age_ms``. Packets older than
+    that are refused by their timestamp anyway.
+    """
+
+    def __init__(self, limit: int = 32768, max_age_ms: int = PEER_TIMEOUT_MS) -> None:
+        self.limit = limit
+        self.max_age_ms = max_age_ms
+        self._current: set[int] = set()
+        self._previous: set[int] = set()
+        self._started = 0
+
+    def __len__(self) -> int:
+        return len(self._current) + len(self._previous)
+
+    def __contains__(self, digest: bytes) -> bool:
+        key = int.from_bytes(digest[:8], "big")
+        return key in self._current or key in self._previous
+
+    def add(self, digest: bytes, now: int) -> None:
+        """Remember a hash (``now`` in ms; 0 = keep the current generation's age)."""
+        if len(self._current) >= max(self.limit // 2, 1) or (
+                now and now - self._started > self.max_age_ms):
+            self._previous, self._current, self._started = self._current, set(), now
+        self._current.add(int.from_bytes(digest[:8], "big"))
+
+
 class BugoutCore:
     """bugout's packet logic without I/O: payloads in, events and payloads out.
 
@@ -721,7 +751,7 @@ class BugoutCore:
     """
 
     def __init__(self, identifier: str, identity: Identity, *,
-                 timeout_ms: int = PEER_TIMEOUT_MS, seen_limit: int = 100_000,
+                 timeout_ms: int = PEER_TIMEOUT_MS, seen_limit: int = 32768,
                  random: Callable[[int], bytes] = os.urandom) -> None:
         self.identifier = identifier
         self.identity = identity
@@ -732,8 +762,7 @@ class BugoutCore:
         self.stats: collections.Counter = collections.Counter()
         # private
         self._random = random
-        self._seen: collections.OrderedDict[bytes, int] = collections.OrderedDict()
-        self._seen_limit = seen_limit
+        self._seen = SeenCache(seen_limit, timeout_ms)
         self._outgoing: list[tuple[bytes, Any]] = []
         self._shared_keys: dict[str, bytes] = {}
         self._pk_cache: dict[str, bytes] = {}
@@ -842,7 +871,8 @@ class BugoutCore:
             events = self._verify(packet, signed, for_us, now)
         except DecodeError as exc:
             self.stats["dropped"] += 1
-            self.stats[f"dropped: {exc}"] += 1
+            reason = f"dropped: {exc}"  # the counter's keys stay few, whatever peers send
+            self.stats[reason if reason in self.stats or len(self.stats) < 64 else "dropped: other"] += 1
             events, for_us = [], False
         if not for_us:  # an envelope we opened was for us alone: no relay
             self.stats["relayed"] += 1
@@ -850,10 +880,7 @@ class BugoutCore:
         return events
 
     def _remember(self, digest: bytes, now: int) -> None:
-        seen = self._seen
-        seen[digest] = now
-        while len(seen) > self._seen_limit:
-            seen.popitem(last=False)
+        self._seen.add(digest, now)
 
     def _open(self, payload: bytes) -> tuple[dict, dict, bool]:
         """Decode (and unbox) a payload into (packet fields, outer dict, was boxed)."""
@@ -4100,6 +4127,7 @@ class Worker:
         self._master_acks = False
         self._master_batches = False
         self._delivery_lock = asyncio.Lock()
+        self._last_kick = 0.0
         self._assets_ok = False
         self._busy = False
         self._checking: set[str] = set()
@@ -4352,6 +4380,7 @@ class Worker:
             if not self.jobs:
                 self._wake.clear()  # before asking: a nudge during the ask is kept
                 if self._stopping or not self._ready_for_work() or not await self.request_work():
+                    self._kick_delivery()
                     await self._idle()
                     continue
             self._busy = True
@@ -4360,7 +4389,10 @@ class Worker:
                 self.undelivered.append(result)
             finally:
                 self._busy = False
-            self._kick_delivery()
+            # JS masters get each result at once. master.py takes them in bulk: with the
+            # next requestWork, or every second while a long batch runs.
+            if not self._master_batches or time.monotonic() - self._last_kick >= 1.0:
+                self._kick_delivery()
 
     def _ready_for_work(self) -> bool:
         return self.master is not None and self._assets_ok and self._runner is not None
@@ -4426,6 +4458,7 @@ class Worker:
     def _kick_delivery(self) -> None:
         """Deliver held results in the background, next to the job loop."""
         if self.undelivered and not self._delivery_lock.locked():
+            self._last_kick = time.monotonic()
             self._spawn(self._deliver_results())
 
     async def _deliver_results(self) -> None:
