@@ -35,15 +35,12 @@ from typing import Any
 
 from worker import (
     JOBS_WAITING,
-    Bugout,
     Crypt,
     Helper,
     Logger,
     WorkerError,
     _config,
-    _config_list,
-    _word,
-    dht_options,
+    bugout_from_env,
     json_dumps,
     load_env,
 )
@@ -91,14 +88,10 @@ class Master:
         self.exec_assets = exec_assets or {"files": [], "dependencies": []}
         self.on_results = on_results or (lambda result: None)
         self.lease_seconds = lease_seconds
-        self.node = Bugout(self.token, seed=_config(env, "seed", seed),
-                           host=_config(env, "host", host, "0.0.0.0"),
-                           port=int(_config(env, "port", port, 0)), peers=peers,
-                           lsd=_word(_config(env, "lsd", lsd), True),
-                           trackers=_config_list(env, "trackers", trackers),
-                           ice_servers=_config_list(env, "iceServers", ice_servers),
-                           max_peers=_config(env, "maxPeers", max_peers),
-                           **dht_options(env, dht, dht_bootstrap, dht_port))
+        self.node = bugout_from_env(
+            self.token, env, seed=seed, host=host, port=port, peers=peers or None, lsd=lsd, dht=dht,
+            dht_bootstrap=dht_bootstrap, dht_port=dht_port, trackers=trackers,
+            ice_servers=ice_servers, max_peers=max_peers)
         #: encrypted jobs waiting, jobs out on lease, ids already answered
         self.queue: collections.deque[tuple[Any, str]] = collections.deque()
         self.leases: dict[Any, Lease] = {}

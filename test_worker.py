@@ -948,6 +948,23 @@ class TestWorkerFlow(unittest.TestCase):
                 for k, v in old.items():
                     os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
+    def test_dependency_that_cannot_install_is_a_clear_error(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp, deps=["qx-no-such-package==9.9"]).start()
+            cluster.push(1)
+            worker = cluster.worker()
+            with patched_environ({"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(Path(tmp) / "nowhere")}), \
+                    self.assertLogs("worker", "ERROR") as logs:
+                await worker.start()
+                await until(lambda: any("pip could not install" in line for line in logs.output), 120)
+            self.assertIn("qx-no-such-package==9.9", "\n".join(logs.output))
+            self.assertEqual(cluster.results, [])
+            self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp), 180)
+
     def test_wrong_key_is_reported_no_crash(self):
         async def scenario(tmp):
             cluster = await Cluster(tmp).start()
@@ -1180,6 +1197,35 @@ class TestCommandLine(unittest.TestCase):
             self.assertEqual(proc.returncode, 0, output.decode())
             self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(10)))
             self.assertIn(b"stopping", output)
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+
+class TestSecondSignal(unittest.TestCase):
+    def test_second_sigterm_exits_at_once(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            cluster.push(10, sleep=2.0)
+            folder = Path(tmp) / "wp"
+            folder.mkdir()
+            (folder / ".env").write_text(
+                "token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\ntrackers=\nhost=127.0.0.1\n"
+                "peers=127.0.0.1:%d\ngetBatch=true\nbatchSize=5\n" % (cluster.token, KEY, cluster.master.port))
+            proc = await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
+                                                        stderr=subprocess.DEVNULL)
+            try:
+                await until(lambda: cluster.master.stats["jobs handed out"] >= 5, 30)
+                proc.send_signal(15)
+                await asyncio.sleep(0.3)
+                started = time.monotonic()
+                proc.send_signal(15)
+                code = await asyncio.wait_for(proc.wait(), 5)
+                self.assertEqual(code, 130)
+                self.assertLess(time.monotonic() - started, 2.0)  # not the 10 s the batch needs
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
             await cluster.master.close()
         with tempfile.TemporaryDirectory() as tmp:
             run(scenario(tmp))

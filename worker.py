@@ -4060,6 +4060,28 @@ def dht_options(env: dict, dht: bool | None = None, bootstrap: Iterable[str] | N
             "dht_port": None if udp is None else int(udp)}
 
 
+def bugout_from_env(token: str, env: dict, *, seed: str | None = None, host: str | None = None,
+                    port: int | None = None, peers: str | Iterable[str] | None = None,
+                    lsd: bool | None = None, dht: bool | None = None,
+                    dht_bootstrap: Iterable[str] | None = None, dht_port: int | None = None,
+                    trackers: str | Iterable[str] | None = None,
+                    ice_servers: str | Iterable[str] | None = None,
+                    max_peers: int | None = None) -> Bugout:
+    """A Bugout node from explicit arguments, else the transport keys of ``env``."""
+    peer_list = _config(env, "peers", peers, "")
+    if isinstance(peer_list, str):
+        peer_list = [p for p in peer_list.split(",") if p.strip()]
+    return Bugout(
+        token, seed=_config(env, "seed", seed), host=_config(env, "host", host, "0.0.0.0"),
+        port=int(_config(env, "port", port, 0)), peers=peer_list,
+        lsd=_word(_config(env, "lsd", lsd), True),
+        max_message=int(_config(env, "maxMessage", None, DEFAULT_MAX_MESSAGE)),
+        trackers=_config_list(env, "trackers", trackers),
+        ice_servers=_config_list(env, "iceServers", ice_servers),
+        max_peers=_config(env, "maxPeers", max_peers),
+        **dht_options(env, dht, dht_bootstrap, dht_port))
+
+
 class Worker:
     """The JS queue-xec Worker's API in Python.
 
@@ -4102,18 +4124,10 @@ class Worker:
         self.batch_size = int(_config(env, "batchSize", batch_size, DEFAULT_BATCH_SIZE))
         self.folder = Path(_config(env, "folder", folder, os.getcwd())).resolve()
         self.job_timeout = float(_config(env, "jobTimeout", job_timeout, 0)) or None
-        peer_list = _config(env, "peers", peers, "")
-        if isinstance(peer_list, str):
-            peer_list = [p for p in peer_list.split(",") if p.strip()]
-        self.node = Bugout(
-            self.token, seed=_config(env, "seed", seed), host=_config(env, "host", host, "0.0.0.0"),
-            port=int(_config(env, "port", port, 0)), peers=peer_list,
-            lsd=_word(_config(env, "lsd", lsd), True),
-            max_message=int(_config(env, "maxMessage", None, DEFAULT_MAX_MESSAGE)),
-            trackers=_config_list(env, "trackers", trackers),
-            ice_servers=_config_list(env, "iceServers", ice_servers),
-            max_peers=_config(env, "maxPeers", max_peers),
-            **dht_options(env, dht, dht_bootstrap, dht_port))
+        self.node = bugout_from_env(
+            self.token, env, seed=seed, host=host, port=port, peers=peers, lsd=lsd, dht=dht,
+            dht_bootstrap=dht_bootstrap, dht_port=dht_port, trackers=trackers,
+            ice_servers=ice_servers, max_peers=max_peers)
         #: the master's address once one answered isMaster
         self.master: str | None = None
         #: jobs held locally (a batch), results not yet delivered
