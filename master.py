@@ -99,6 +99,7 @@ class Master:
         self.stats: collections.Counter = collections.Counter()
         self._encrypted_files: tuple[str, list] | None = None
         self._last_announce = 0.0
+        self._hashes: dict[tuple, str] = {}
         self._tasks: set[asyncio.Task] = set()
 
     @property
@@ -164,7 +165,7 @@ class Master:
     def _assets(self) -> tuple[str, list]:
         """(unified hash, encrypted file list), cached until the files change."""
         listed = self.exec_assets.get("files", [])
-        hashes = [Helper.get_sha256(self._path(f)) for f in listed]
+        hashes = [self._sha256(self._path(f)) for f in listed]
         unified = "".join(hashes)
         if self._encrypted_files is None or self._encrypted_files[0] != unified:
             files = []
@@ -173,6 +174,15 @@ class Master:
                 files.append({**asset, "sha256": sha, "content": content})
             self._encrypted_files = (unified, files)
         return self._encrypted_files
+
+    def _sha256(self, path: Path) -> str:
+        """A file's SHA-256, read again only when the file changed (inode, size, times)."""
+        stat = path.stat()
+        key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        if key not in self._hashes:
+            self._hashes = {k: v for k, v in self._hashes.items() if k[0] != key[0]}
+            self._hashes[key] = Helper.get_sha256(path)
+        return self._hashes[key]
 
     def _path(self, asset: dict) -> Path:
         return self.folder / asset["masterPath"].lstrip("/")

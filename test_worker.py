@@ -1185,9 +1185,8 @@ class TestCommandLine(unittest.TestCase):
             cluster.push(10, sleep=0.3)
             folder = Path(tmp) / "wp"
             folder.mkdir()
-            (folder / ".env").write_text(
-                "token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\nhost=127.0.0.1\npeers=127.0.0.1:%d\n"
-                "getBatch=true\nbatchSize=10\nLOG_LEVEL=info\ntrackers=\n" % (cluster.token, KEY, cluster.master.port))
+            write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
+                               getBatch="true", batchSize=10, LOG_LEVEL="info")
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -1201,17 +1200,14 @@ class TestCommandLine(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             run(scenario(tmp))
 
-
-class TestSecondSignal(unittest.TestCase):
     def test_second_sigterm_exits_at_once(self):
         async def scenario(tmp):
             cluster = await Cluster(tmp).start()
             cluster.push(10, sleep=2.0)
             folder = Path(tmp) / "wp"
             folder.mkdir()
-            (folder / ".env").write_text(
-                "token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\ntrackers=\nhost=127.0.0.1\n"
-                "peers=127.0.0.1:%d\ngetBatch=true\nbatchSize=5\n" % (cluster.token, KEY, cluster.master.port))
+            write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
+                               getBatch="true", batchSize=5)
             proc = await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
                                                         stderr=subprocess.DEVNULL)
             try:
@@ -1229,6 +1225,13 @@ class TestSecondSignal(unittest.TestCase):
             await cluster.master.close()
         with tempfile.TemporaryDirectory() as tmp:
             run(scenario(tmp))
+
+
+def write_loopback_env(folder, token, **keys):
+    """A .env for a worker.py or master.py subprocess: loopback only, no LSD, DHT or trackers."""
+    settings = {"token": token, "transferEncryptToken": KEY, "lsd": "false", "dht": "false",
+                "trackers": "", "host": "127.0.0.1", **{k: str(v) for k, v in keys.items()}}
+    (Path(folder) / ".env").write_text("".join("%s=%s\n" % kv for kv in settings.items()))
 
 
 def clean_env():
@@ -2153,9 +2156,7 @@ class MasterProcess:
         self.folder.mkdir(parents=True, exist_ok=True)
         write_assets(self.folder, DEFAULT_FILES)
         (self.folder / "workplace/task.py").write_text(task_text)
-        (self.folder / ".env").write_text(
-            "token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\ntrackers=\nhost=127.0.0.1\nport=%d\n"
-            "seed=%s\nLOG_LEVEL=warn\n" % (token, KEY, port, seed))
+        write_loopback_env(self.folder, token, port=port, seed=seed, LOG_LEVEL="warn")
         self.results = []
 
     async def start(self):
@@ -2201,10 +2202,8 @@ class TestFaults(unittest.TestCase):
             cluster.push(30, sleep=0.05)
             folder = Path(tmp) / "victim"
             folder.mkdir()
-            (folder / ".env").write_text(
-                "token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\ntrackers=\nhost=127.0.0.1\n"
-                "peers=127.0.0.1:%d\ngetBatch=true\nbatchSize=10\nLOG_LEVEL=warn\n"
-                % (cluster.token, KEY, cluster.master.port))
+            write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
+                               getBatch="true", batchSize=10, LOG_LEVEL="warn")
             victim = await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=folder,
                                                           env=clean_env())
             self.procs.append(victim)

@@ -4261,8 +4261,9 @@ class Worker:
             if master is None:
                 return False
             try:
+                current = await asyncio.to_thread(self.current_hash)  # reads every file
                 answer = await self.node.rpc(master, "requestExecAssets",
-                                             {"currentHash": self.current_hash()}, timeout=120.0)
+                                             {"currentHash": current}, timeout=120.0)
             except (RpcTimeout, InvalidState) as exc:
                 log.warning("requestExecAssets: %s", exc)
                 return False
@@ -4426,20 +4427,17 @@ class Worker:
             return False
         args: dict[str, Any] = {"getBatch": self.get_batch, "batchSize": self.batch_size}
         async with contextlib.AsyncExitStack() as stack:
-            carried: list = []
+            carried = 0
             if self._master_batches and self.undelivered and not self._delivery_lock.locked():
                 # master.py takes held results along with the request: one RPC, not two.
                 await stack.enter_async_context(self._delivery_lock)
-                carried = list(itertools.islice(self.undelivered, RESULT_BATCH))
-                args["results"] = self.crypt.encrypt_json(carried)
+                carried, args["results"] = self._held_batch()
             try:
                 answer = await self.node.rpc(master, "requestWork", args, timeout=30.0)
             except (RpcTimeout, InvalidState) as exc:
                 log.warning("requestWork: %s", exc)
                 return False
-            for _ in carried:
-                self.undelivered.popleft()
-            self.stats["results delivered"] += len(carried)
+            self._delivered(carried)
         encrypted = []
         if isinstance(answer, dict):
             if answer.get("task"):
@@ -4487,11 +4485,9 @@ class Worker:
     async def _deliver_some(self, master: str) -> bool:
         """One ``shareResults`` (or, for master.py, a batch of them); False if kept."""
         if self._master_batches:
-            batch = list(itertools.islice(self.undelivered, RESULT_BATCH))
-            call, payload = "shareResultsBatch", self.crypt.encrypt_json(batch)
+            call, (count, payload) = "shareResultsBatch", self._held_batch()
         else:
-            batch = [self.undelivered[0]]
-            call, payload = "shareResults", self.crypt.encrypt_json(batch[0])
+            call, count, payload = "shareResults", 1, self.crypt.encrypt_json(self.undelivered[0])
         try:
             if self._master_acks:
                 await self.node.rpc(master, call, payload, timeout=15.0)
@@ -4500,12 +4496,21 @@ class Worker:
             else:
                 return False
         except (RpcTimeout, InvalidState) as exc:
-            log.warning("%d result(s) kept for later: %s", len(batch), exc)
+            log.warning("%d result(s) kept for later: %s", count, exc)
             return False
-        for _ in batch:
-            self.undelivered.popleft()
-        self.stats["results delivered"] += len(batch)
+        self._delivered(count)
         return True
+
+    def _held_batch(self) -> tuple[int, str]:
+        """(count, encrypted list) of the oldest held results, for master.py."""
+        batch = list(itertools.islice(self.undelivered, RESULT_BATCH))
+        return len(batch), self.crypt.encrypt_json(batch)
+
+    def _delivered(self, count: int) -> None:
+        """The oldest ``count`` held results reached the master: forget them."""
+        for _ in range(count):
+            self.undelivered.popleft()
+        self.stats["results delivered"] += count
 
     def _has_wire(self, address: str) -> bool:
         return any(c.address == address and c.wire.ready for c in self.node._connections)
