@@ -616,6 +616,32 @@ class TestTcp(unittest.TestCase):
             await a.close()
         run(scenario())
 
+    def test_rpc_fails_at_once_when_no_wire_is_left(self):
+        async def scenario():
+            a = await py_node("unreachable-swarm")
+            b = await py_node("unreachable-swarm", peers=["127.0.0.1:%d" % a.port])
+            called = asyncio.Event()
+
+            async def hang(address, args):
+                called.set()
+                await asyncio.Event().wait()
+            b.register("hang", hang)
+            await until(lambda: a.address in b.peers and b.address in a.peers)
+            call = asyncio.ensure_future(a.rpc(b.address, "hang", {}, timeout=60))
+            await asyncio.wait_for(called.wait(), 10)
+            for conn in list(a._connections):  # b's process "dies": no goodbye, the wire just closes
+                conn.close()
+            with self.assertRaises(w.RpcUnreachable):  # now, not after 60 s
+                await asyncio.wait_for(call, 10)
+            lonely = await py_node("unreachable-swarm")
+            with self.assertRaises(w.RpcUnreachable):
+                await asyncio.wait_for(lonely.rpc(b.address, "echo", {}), 1)
+            await until(lambda: a.address in b.peers and b.connections() == 1)  # b dials again
+            self.assertEqual(await b.rpc(a.address, "echo", {}, timeout=5), {"echoedBy": "py"})
+            for node in (lonely, b, a):
+                await node.close()
+        run(scenario())
+
     def test_garbage_peer_dropped_others_go_on(self):
         async def scenario():
             a = await py_node("garbage-swarm", max_message=1 << 16)
@@ -648,7 +674,8 @@ class TestTcp(unittest.TestCase):
                 a.add_peer("127.0.0.1", b.port)
                 b.add_peer("127.0.0.1", a.port)
             await until(lambda: a.address in b.peers and b.address in a.peers)
-            await asyncio.sleep(0.5)
+            await until(lambda: len(a._connections) == 1 and len(b._connections) == 1, 10)
+            await asyncio.sleep(0.5)  # and no duplicate comes back
             self.assertEqual(len(a._connections), 1)
             self.assertEqual(len(b._connections), 1)
             self.assertEqual(await a.rpc(b.address, "echo", {}), {"echoedBy": "py"})
@@ -899,9 +926,7 @@ class TestWorkerFlow(unittest.TestCase):
                 worker = cluster.worker()
                 with self.assertLogs("worker", "ERROR") as logs:
                     await worker.start()
-                    await until(lambda: cluster.statuses)
-                    await asyncio.sleep(0.3)
-                self.assertIn("refused", "\n".join(logs.output))
+                    await until(lambda: any("refused" in line for line in logs.output), 10)
                 self.assertEqual(sorted(p.name for p in (Path(tmp) / "w1").iterdir()), [])
                 self.assertFalse((Path(tmp) / "evil.py").exists())
                 await worker.stop()
@@ -915,9 +940,7 @@ class TestWorkerFlow(unittest.TestCase):
             worker = cluster.worker()
             with self.assertLogs("worker", "ERROR") as logs:
                 await worker.start()
-                await until(lambda: cluster.statuses)
-                await asyncio.sleep(0.3)
-            self.assertIn("refused", "\n".join(logs.output))
+                await until(lambda: any("refused" in line for line in logs.output), 10)
             self.assertFalse((Path(tmp) / "w1/workplace").exists())
             await worker.stop()
             await cluster.master.close()
@@ -972,9 +995,8 @@ class TestWorkerFlow(unittest.TestCase):
             worker = cluster.worker(key="z" * 32)
             with self.assertLogs("worker", "ERROR") as logs:
                 await worker.start()
-                await until(lambda: cluster.statuses)
-                await asyncio.sleep(0.3)
-            self.assertIn("transferEncryptToken probably differs", "\n".join(logs.output))
+                await until(lambda: any("transferEncryptToken probably differs" in line
+                                        for line in logs.output), 10)
             self.assertEqual(cluster.results, [])
             self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
             await worker.stop()
@@ -1124,7 +1146,11 @@ class TestAgainstJsMaster(unittest.TestCase):
                                     peers=["127.0.0.1:%d" % master.ready["port"]], trackers=[]).start()
             await until(lambda: worker._runner is not None)
             self.assertTrue(await worker.sync_assets())
-            statuses = [e for e in master.events if e["event"] == "rpc" and e["call"] == "requestExecAssets"]
+
+            def asked():
+                return [e for e in master.events if e["event"] == "rpc" and e["call"] == "requestExecAssets"]
+            await until(lambda: len(asked()) >= 2, 10)  # the harness prints its line as it answers
+            statuses = asked()
             self.assertEqual(len(statuses), 2)
             self.assertEqual(statuses[1]["args"]["currentHash"], worker.current_hash())
             await worker.stop()
@@ -1646,7 +1672,7 @@ class TestDhtLoopback(unittest.TestCase):
             found = time.monotonic() - started
             self.assertEqual(await b.rpc(a.address, "echo", {"via": "dht"}), {"via": "dht", "echoedBy": "py"})
             self.assertEqual(await a.rpc(b.address, "echo", {}), {"echoedBy": "py"})
-            self.assertGreaterEqual(boot.stats["dht announces stored"], 2)
+            await until(lambda: boot.stats["dht announces stored"] >= 2, 10)
             # the DHT bit and port message: each node's DHT knows the other's
             await until(lambda: len(a._dht.core.table) == 2 and len(b._dht.core.table) == 2, 10)
             self.assertEqual(a._dht.port, a.port)  # the TCP port's number, one port to forward
@@ -1787,7 +1813,7 @@ class TestDhtJs(unittest.TestCase):
     def test_master_started_later_is_found_by_a_later_lookup(self):
         out = in_namespace(DHT_LATE_MASTER_CHILD)
         self.assertEqual(out["master"], out["js"])
-        self.assertLess(out["found_s"], 10)
+        self.assertLess(out["found_s"], 20)
 
 
 # task.js through Node (issue 6) #############################################
@@ -1984,6 +2010,7 @@ class TestTaskJs(unittest.TestCase):
             with self.assertLogs("worker", "INFO") as logs:
                 await worker.start()
                 await cluster.until_results(5)
+                await until(lambda: any("console.log from job 2" in line for line in logs.output), 10)
             by_id = {r["jobID"]: r for r in cluster.results}
             for i, kind, text in ((0, "TypeError", "thrown by job 0"), (1, "RangeError", "rejected by job 1")):
                 self.assertIsNone(by_id[i]["data"])
@@ -2093,7 +2120,7 @@ class TestTaskJs(unittest.TestCase):
                 self.assertIn(expected, str(caught.exception))
             odd = await runner(root / "odd", "module.exports = class { async run(job) { switch (job) {\n"
                                "  case 1: return undefined; case 2: return 10n; case 3: throw 'text';\n"
-                               "  case 4: for (;;); default: return job; } } };", timeout=1.0)
+                               "  case 4: for (;;); default: return job; } } };", timeout=3.0)
             self.assertIsNone(await odd.run(1))
             with self.assertRaises(w.JsTaskError) as caught:
                 await odd.run(2)
@@ -2228,7 +2255,7 @@ class TestFaults(unittest.TestCase):
             first = await MasterProcess(Path(tmp) / "m1", token, port, seed).start()
             self.procs.append(first.proc)
             first.push(range(6), sleep=0.4)  # JS rule: a batch of 5 while more than 5 wait
-            await asyncio.sleep(1.0)  # the master has read them all before the worker asks
+            await asyncio.sleep(3.0)  # the master has read them all before the worker asks
             worker = await w.Worker(token, "survivor", "warn", KEY, env={}, folder=Path(tmp) / "w",
                                     host="127.0.0.1", lsd=False, dht=False, trackers=[], get_batch=True,
                                     batch_size=5, peers=["127.0.0.1:%d" % port]).start()
@@ -2936,7 +2963,13 @@ async def _rtc_hygiene(seconds=15.0, interval=0.05, max_peers=6):
     wires_max = 0
     started = time.monotonic()
     next_gc = started
-    while time.monotonic() - started < seconds:
+
+    def fewest_announces():
+        return min(n.webrtc.sessions[0].client.stats["announces"] for n in nodes)
+
+    # at least `seconds`, and on a slow machine on until 200 announces each (60 s at most)
+    while (time.monotonic() - started < seconds or fewest_announces() < 200) \
+            and time.monotonic() - started < 60:
         await asyncio.sleep(0.02)
         peak = max(peak, *(len(n.webrtc.connections) for n in nodes))
         wires_max = max(wires_max, *(len(n._connections) for n in nodes))

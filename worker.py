@@ -32,6 +32,7 @@ Exceptions::
      +-- TransportError (also ConnectionError)
      +-- InvalidState (also RuntimeError)
      +-- RpcTimeout (also TimeoutError)
+     |    +-- RpcUnreachable: no wire open to carry the answer
      +-- UnsafeAsset (also ValueError): a path or dependency refused
      +-- TaskError: a job failed outside Python (``error`` is its error field)
           +-- JsTaskError: task.js's run threw or rejected
@@ -137,6 +138,10 @@ class InvalidState(WorkerError, RuntimeError):
 
 class RpcTimeout(WorkerError, TimeoutError):
     """An RPC call got no answer in time."""
+
+
+class RpcUnreachable(RpcTimeout):
+    """An RPC call can get no answer: every wire closed while it waited."""
 
 
 class UnsafeAsset(WorkerError, ValueError):
@@ -2336,7 +2341,13 @@ class Bugout:
 
     async def rpc(self, address: str, call: str, args: Any = None,
                   timeout: float | None = 30.0) -> Any:
-        """Call ``call`` on ``address`` and await its JSON answer."""
+        """Call ``call`` on ``address`` and await its JSON answer.
+
+        Raises RpcTimeout when no answer comes in ``timeout`` seconds, and its
+        subclass RpcUnreachable at once when no wire is open (or all close).
+        """
+        if not self._connections:
+            raise RpcUnreachable(f"{call} on {address}: no wire is open")
         nonce = self.core.send_call(address, call, {} if args is None else args, _now())
         future = asyncio.get_running_loop().create_future()
         self._pending[nonce] = future
@@ -2344,6 +2355,8 @@ class Bugout:
         try:
             async with asyncio.timeout(timeout):
                 return await future
+        except RpcUnreachable as exc:
+            raise RpcUnreachable(f"{call} on {address}: {exc}") from None
         except TimeoutError:
             raise RpcTimeout(f"{call} on {address}: no answer in {timeout}s") from None
         finally:
@@ -2408,6 +2421,14 @@ class Bugout:
             self.emit("connections", self.connections())
             if conn.address and not any(c.address == conn.address for c in self._connections):
                 self.emit("wireleft", conn.address)
+            if not self._connections:
+                self._fail_pending("every wire closed")
+
+    def _fail_pending(self, why: str) -> None:
+        """No wire is left to bring an answer: waiting RPCs fail now, not at their timeout."""
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(RpcUnreachable(why))
 
     def _on_wire_events(self, conn: WireConnection, events: list) -> None:
         for event in events:
