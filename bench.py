@@ -4,8 +4,10 @@
     python bench.py [--quick] [--json bench-results.json]
     python bench.py --soak 100000
 
-Everything runs on 127.0.0.1 with LSD off: master.py (in this process) or the
-JS master harness (interop/master.js) and real ``python worker.py`` processes.
+Everything runs on 127.0.0.1 with LSD, DHT and trackers off: master.py (in this
+process) or the JS master harness (interop/master.js) and real ``python worker.py``
+processes, whose settings come from their .env only (test_worker's loopback .env
+and an environment without our keys, which would override it).
 Compare ratios within one run; absolute figures depend on the machine.
 """
 
@@ -19,7 +21,6 @@ import os
 import platform
 import py_compile
 import random
-import secrets
 import shutil
 import statistics
 import subprocess
@@ -28,20 +29,33 @@ import tempfile
 import time
 from pathlib import Path
 
+import test_worker as t
 import worker as w
 from master import Master
 
 HERE = Path(__file__).resolve().parent
-KEY = secrets.token_hex(16)
+KEY = t.KEY
 TRIVIAL_TASK = "class Task:\n    def run(self, job):\n        return job['id']\n"
 
 
-def peak_rss_mb(pid: int) -> float:
-    """VmHWM of a live process, in MB."""
+def memory_mb(pid: int, field: str = "VmHWM") -> float:
+    """A /proc/PID/status memory field of a live process (VmHWM: peak RSS, VmRSS: now), in MB."""
     for line in Path("/proc/%d/status" % pid).read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def assets(root: Path, files: dict[str, str]) -> dict:
+    return {"files": t.write_assets(root, files), "dependencies": []}
+
+
+def watch_asks(master: Master) -> dict[str, float]:
+    """Worker address -> when it first called requestWork (it does once its task is loaded)."""
+    asked: dict[str, float] = {}
+    master.node.on("rpc", lambda address, name, args: name == "requestWork"
+                   and asked.setdefault(address, time.perf_counter()))
+    return asked
 
 
 class WorkerProcess:
@@ -52,44 +66,24 @@ class WorkerProcess:
         self.module = module  # python -m worker: bytecode from __pycache__, no compile
         self.folder = root / name
         self.folder.mkdir(parents=True)
-        (self.folder / ".env").write_text(
-            "token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\ntrackers=\nhost=127.0.0.1\npeers=127.0.0.1:%d\n"
-            "getBatch=%s\nbatchSize=%d\nLOG_LEVEL=warn\nname=%s\n"
-            % (token, KEY, port, "true" if batch > 1 else "false", max(batch, 1), name))
+        t.write_loopback_env(self.folder, token, peers="127.0.0.1:%d" % port,  # key: t.KEY
+                             getBatch="true" if batch > 1 else "false", batchSize=max(batch, 1),
+                             LOG_LEVEL="warn", name=name)
 
     async def start(self) -> WorkerProcess:
-        env = {k: v for k, v in os.environ.items() if k not in ("token", "transferEncryptToken")}
         command = ["-m", "worker"] if self.module else [str(HERE / "worker.py")]
-        if self.module:
-            env["PYTHONPATH"] = str(HERE)
+        if self.module:  # clean_env() puts HERE on PYTHONPATH
             py_compile.compile(str(HERE / "worker.py"), cfile=importlib.util.cache_from_source(
                 str(HERE / "worker.py")))
-        self.proc = await asyncio.create_subprocess_exec(sys.executable, *command, cwd=self.folder, env=env)
+        self.proc = await asyncio.create_subprocess_exec(sys.executable, *command, cwd=self.folder,
+                                                         env=t.clean_env())
         return self
 
     async def stop(self) -> float:
-        rss = peak_rss_mb(self.proc.pid)
+        rss = memory_mb(self.proc.pid)
         self.proc.terminate()
         await self.proc.wait()
         return rss
-
-
-def assets(root: Path, files: dict[str, str]) -> dict:
-    listed = []
-    for worker_path, text in files.items():
-        path = root / worker_path.lstrip("/")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        listed.append({"masterPath": worker_path, "name": Path(worker_path).name, "workerPath": worker_path})
-    return {"files": listed, "dependencies": []}
-
-
-async def until(predicate, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark step timed out")
-        await asyncio.sleep(0.005)
 
 
 async def against_master_py(jobs: int, batch: int, workers: int = 1, module: bool = False) -> dict:
@@ -105,29 +99,29 @@ async def against_master_py(jobs: int, batch: int, workers: int = 1, module: boo
         token = "bench-%d" % random.randrange(1 << 40)
         master = Master(token, assets(root / "m", {"/task.py": TRIVIAL_TASK}), on_results, None, KEY,
                         folder=root / "m", env={}, host="127.0.0.1", lsd=False, dht=False, trackers=[])
+        asked = watch_asks(master)
         await master.start()
         procs = [await WorkerProcess(root, token, master.port, batch, "w%d" % i, module).start()
                  for i in range(workers)]
         try:
-            master.push_new_job({"id": -1, "data": "warm-up"})
-            await until(lambda: len(results) >= 1, 60)  # every worker started, one job through
-            await asyncio.sleep(0.5)
+            # every worker has started, synced and asked (no job yet): start-up is not timed
+            await t.until(lambda: len(asked) >= workers, 120)
             for i in range(jobs):
                 master.push_new_job({"id": i, "data": ""})
-            await until(lambda: len(results) >= jobs + 1, 600)
-            elapsed = stamps[-1] - stamps[1]  # first to last result: no idle polling in it
+            # The clock starts once all are queued: no worker gets one before the loop is free.
+            started = time.perf_counter()
+            await t.until(lambda: len(results) >= jobs, 600)
+            elapsed = stamps[-1] - started
         finally:
             rss = [await p.stop() for p in procs]
             await master.close()
-        ok = sorted(results[1:]) == list(range(jobs))
+        ok = sorted(results) == list(range(jobs))
         return {"jobs": jobs, "seconds": elapsed, "jobs_per_s": jobs / elapsed, "right": ok,
                 "peak_rss_mb": max(rss)}
 
 
 async def against_js_master(jobs: int, batch: int) -> dict:
     """jobs/s of one worker process for the JS master harness."""
-    sys.path.insert(0, str(HERE))
-    import test_worker as t
     with tempfile.TemporaryDirectory(prefix="qx-bench-") as tmp:
         root = Path(tmp)
         spec = assets(root / "m", {"/task.py": TRIVIAL_TASK})
@@ -135,17 +129,19 @@ async def against_js_master(jobs: int, batch: int) -> dict:
             f["masterPath"] = str(root / "m" / f["masterPath"].lstrip("/"))
         (root / "assets.json").write_text(json.dumps(spec))
         token = "bench-js-%d" % random.randrange(1 << 40)
-        js = await t.JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY,
+        # JsProcess passes our environment on: no tracker or DHT from it
+        js = await t.JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY, "QX_TRACKER": "",
+                                             "QX_DHT_BOOTSTRAP": "",
                                              "QX_ASSETS": str(root / "assets.json")}).start()
         proc = await WorkerProcess(root, token, js.ready["port"], batch, "w").start()
         results = lambda: [e for e in js.events if e["event"] == "result"]
         try:
             js.send(cmd="push", job={"id": -1, "data": "{}"})
-            await until(lambda: len(results()) >= 1, 60)
+            await t.until(lambda: len(results()) >= 1, 60)
             for i in range(jobs):
                 js.send(cmd="push", job={"id": i, "data": "{}"})
             # The JS master never tells idle workers about new jobs: they poll every 30 s.
-            await until(lambda: len(results()) >= jobs + 1, 600)
+            await t.until(lambda: len(results()) >= jobs + 1, 600)
             got = results()
             elapsed = got[-1]["_t"] - got[1]["_t"]  # first to last result
         finally:
@@ -156,18 +152,16 @@ async def against_js_master(jobs: int, batch: int) -> dict:
 
 async def rpc_latency(calls: int, js: bool) -> dict:
     """Sequential echo round trips from a Python node to a Python or JS peer."""
-    sys.path.insert(0, str(HERE))
-    import test_worker as t
     ident = "bench-rpc-%d" % random.randrange(1 << 40)
     if js:
         peer = await t.js_peer(ident)
         address, port = peer.ready["address"], peer.ready["port"]
     else:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", ECHO_PEER, ident, stdout=subprocess.PIPE)
+            sys.executable, "-c", ECHO_PEER, ident, stdout=subprocess.PIPE, cwd=HERE, env=t.clean_env())
         address, port = json.loads(await proc.stdout.readline()).values()
     node = await w.Bugout(ident, host="127.0.0.1", lsd=False, dht=False, trackers=[], peers=["127.0.0.1:%d" % port]).start()
-    await until(lambda: address in node.peers, 30)
+    await t.until(lambda: address in node.peers, 30)
     await asyncio.sleep(0.3)
     laps = []
     for i in range(calls):
@@ -205,27 +199,19 @@ async def asset_sync(megabytes: int) -> dict:
         token = "bench-sync-%d" % random.randrange(1 << 40)
         master = Master(token, assets(root / "m", files), None, None, KEY, folder=root / "m",
                         env={}, host="127.0.0.1", lsd=False, dht=False, trackers=[])
+        asked = watch_asks(master)
         await master.start()
         master._assets()  # the master hashes and encrypts once, before the clock starts
         worker = w.Worker(token, "sync", "warn", KEY, env={}, folder=root / "w", host="127.0.0.1",
                           lsd=False, dht=False, trackers=[], peers=["127.0.0.1:%d" % master.port])
-        worker.node.on("seen", lambda a: None)
         started = time.perf_counter()
         await worker.start()
-        await until(lambda: worker._runner is not None, 120)
-        elapsed = time.perf_counter() - started
+        await t.until(lambda: asked, 120)  # the worker asks for work once its task is loaded
+        elapsed = asked[worker.address] - started
         size = (root / "w/data/big.txt").stat().st_size
         await worker.stop()
         await master.close()
         return {"megabytes": size / 1e6, "seconds": elapsed, "mb_per_s": size / 1e6 / elapsed}
-
-
-def rss_mb(pid: int) -> float:
-    """VmRSS of a live process, in MB."""
-    for line in Path("/proc/%d/status" % pid).read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 async def soak(jobs: int) -> int:
@@ -250,7 +236,7 @@ async def soak(jobs: int) -> int:
                     pushed += 1
                 await asyncio.sleep(0.01)
                 if len(seen) >= step * (len(samples) + 1):
-                    samples.append((len(seen), rss_mb(proc.proc.pid)))
+                    samples.append((len(seen), memory_mb(proc.proc.pid, "VmRSS")))
                     print("  soak: %7d results, worker RSS %.1f MB" % samples[-1], flush=True)
                 if time.perf_counter() - started > 1800:
                     break

@@ -13,7 +13,8 @@ does not answer in time, is queued again, and each job's result is passed to
     master.push_new_job({"id": 1, "data": "{}"})
 
 From the command line (settings from ``.env`` as for the worker; jobs as JSON
-lines, ``-`` for stdin; results printed as JSON lines)::
+lines, ``-`` for stdin; results printed as JSON lines, and a line that is not
+JSON as an ``error`` event before the next line is read)::
 
     python master.py --task task.py --jobs jobs.jsonl
 """
@@ -23,13 +24,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,7 @@ from worker import (
     Helper,
     Logger,
     WorkerError,
+    _as_dict,
     _config,
     bugout_from_env,
     json_dumps,
@@ -46,6 +51,9 @@ from worker import (
 )
 
 log = logging.getLogger("worker")
+
+#: Seconds between two "jobs waiting" broadcasts; one within it is sent when it ends.
+ANNOUNCE_GAP = 0.05
 
 
 @dataclasses.dataclass
@@ -97,9 +105,14 @@ class Master:
         self.leases: dict[Any, Lease] = {}
         self.done: set = set()
         self.stats: collections.Counter = collections.Counter()
-        self._encrypted_files: tuple[str, list] | None = None
-        self._last_announce = 0.0
+        #: ((listing, unified hash), encrypted files); replaced whole, never changed in place
+        self._encrypted_files: tuple[tuple[str, str], list] | None = None
+        self._last_announce = float("-inf")
+        self._announce_timer: asyncio.TimerHandle | None = None
+        #: SHA-256 by (path, inode, size, times); replaced whole under the lock, read without it
         self._hashes: dict[tuple, str] = {}
+        self._hash_lock = threading.Lock()  # assets are hashed and encrypted in threads:
+        self._assets_lock = threading.Lock()  # one does the work, the others find it done
         self._tasks: set[asyncio.Task] = set()
 
     @property
@@ -112,10 +125,10 @@ class Master:
 
     async def start(self) -> Master:
         node = self.node
-        node.register("isMaster", lambda a, args: {**_obj(args), "isMaster": "yes",
+        node.register("isMaster", lambda a, args: {**_as_dict(args), "isMaster": "yes",
                                                    "resultAcks": True, "resultBatches": True})
-        node.register("ping", lambda a, args: {**_obj(args), "pong": True})
-        node.register("requestExecAssets", self._request_exec_assets)
+        node.register("ping", lambda a, args: {**_as_dict(args), "pong": True})
+        node.register("requestExecAssets", self._serve_exec_assets)
         node.register("requestWork", self._request_work)
         node.register("shareResults", self._share_results)
         node.register("shareResultsBatch", self._share_results_batch)
@@ -128,6 +141,9 @@ class Master:
         return self
 
     async def close(self) -> None:
+        if self._announce_timer is not None:
+            self._announce_timer.cancel()
+            self._announce_timer = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -143,11 +159,24 @@ class Master:
             self._announce_jobs()
 
     def _announce_jobs(self) -> None:
-        """Tell idle workers that jobs wait (JS workers ignore it and poll)."""
-        now = time.monotonic()
-        if now - self._last_announce > 0.05 and self.node.connections():
-            self._last_announce = now
+        """Tell idle workers that jobs wait (JS workers ignore it and poll).
+
+        At most one broadcast per ANNOUNCE_GAP: one asked for sooner is sent when
+        the gap ends (one pending at a time), so no job waits for the idle poll.
+        """
+        if not self.node.connections():
+            return
+        wait = self._last_announce + ANNOUNCE_GAP - time.monotonic()
+        if wait <= 0:
+            self._last_announce = time.monotonic()
             self.node.send(JOBS_WAITING)
+        elif self._announce_timer is None:
+            self._announce_timer = asyncio.get_running_loop().call_later(wait, self._trailing_announce)
+
+    def _trailing_announce(self) -> None:
+        self._announce_timer = None
+        if self.queue:
+            self._announce_jobs()
 
     def set_exec_assets(self, exec_assets: dict) -> None:
         """Replace the task files; workers pick them up on their next check."""
@@ -155,41 +184,56 @@ class Master:
         self._encrypted_files = None
 
     # the four RPCs
+    async def _serve_exec_assets(self, address: str, args: Any) -> dict:
+        """``requestExecAssets``: hashing and encrypting happen in a thread, off the loop."""
+        await asyncio.to_thread(self._assets)
+        return self._request_exec_assets(address, args)  # the files' state is cached now
+
     def _request_exec_assets(self, address: str, args: Any) -> dict:
         unified, files = self._assets()
-        if _obj(args).get("currentHash") == unified:
+        if _as_dict(args).get("currentHash") == unified:
             return {"status": "same", "files": []}
         return {"status": "changed", "dependencies": self.exec_assets.get("dependencies", []),
                 "files": files}
 
     def _assets(self) -> tuple[str, list]:
-        """(unified hash, encrypted file list), cached until the files change."""
-        listed = self.exec_assets.get("files", [])
+        """(unified hash, encrypted file list), cached until the files change; thread-safe."""
+        listed = list(self.exec_assets.get("files", []))
         hashes = [self._sha256(self._path(f)) for f in listed]
-        unified = "".join(hashes)
-        if self._encrypted_files is None or self._encrypted_files[0] != unified:
-            files = []
-            for asset, sha in zip(listed, hashes):
-                content = self.crypt.encrypt(self._path(asset).read_bytes())
-                files.append({**asset, "sha256": sha, "content": content})
-            self._encrypted_files = (unified, files)
-        return self._encrypted_files
+        key = (json_dumps(listed), "".join(hashes))
+        cached = self._encrypted_files
+        if cached is None or cached[0] != key:
+            with self._assets_lock:
+                cached = self._encrypted_files
+                if cached is None or cached[0] != key:
+                    files = []
+                    for asset, sha in zip(listed, hashes):
+                        content = self.crypt.encrypt(self._path(asset).read_bytes())
+                        files.append({**asset, "sha256": sha, "content": content})
+                    cached = self._encrypted_files = (key, files)
+        return key[1], cached[1]
 
     def _sha256(self, path: Path) -> str:
         """A file's SHA-256, read again only when the file changed (inode, size, times)."""
-        stat = path.stat()
-        key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
-        if key not in self._hashes:
-            self._hashes = {k: v for k, v in self._hashes.items() if k[0] != key[0]}
-            self._hashes[key] = Helper.get_sha256(path)
-        return self._hashes[key]
+        info = path.stat()
+        key = (str(path), info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        found = self._hashes.get(key)
+        if found is None:
+            with self._hash_lock:
+                found = self._hashes.get(key)
+                if found is None:
+                    found = Helper.get_sha256(path)
+                    hashes = {k: v for k, v in self._hashes.items() if k[0] != key[0]}
+                    hashes[key] = found
+                    self._hashes = hashes
+        return found
 
     def _path(self, asset: dict) -> Path:
         return self.folder / asset["masterPath"].lstrip("/")
 
     def _request_work(self, address: str, args: Any) -> dict:
         """JS rule: a batch while more than one job waits and getBatch is truthy."""
-        args = _obj(args)
+        args = _as_dict(args)
         if "results" in args:  # Python workers send held results along
             self._share_results_batch(address, args["results"])
         answer = {k: v for k, v in args.items() if k != "results"}
@@ -200,19 +244,29 @@ class Master:
             except (TypeError, ValueError):
                 batch = 0
             count = batch if size > batch else 1
-            answer["batchTasks"] = [self._lease(address) for _ in range(max(count, 0))]
-        elif size:
-            answer["task"] = self._lease(address)
+            tasks = [self._lease(address) for _ in range(max(count, 0))]
+            tasks = [task for task in tasks if task is not None]
+            if tasks or count <= 0:
+                answer["batchTasks"] = tasks
+            else:
+                answer["task"] = None
         else:
-            answer["task"] = None
+            answer["task"] = self._lease(address)
         return answer
 
-    def _lease(self, address: str) -> str:
-        job_id, job = self.queue.popleft()
-        if job_id is not None:
-            self.leases[job_id] = Lease(job, address, time.monotonic() + self.lease_seconds)
-        self.stats["jobs handed out"] += 1
-        return job
+    def _lease(self, address: str) -> str | None:
+        """The next job not answered yet, on lease to ``address``; None when there is none."""
+        while self.queue:
+            job_id, job = self.queue.popleft()
+            if job_id is not None and job_id in self.done:
+                # queued again when its lease ended, then its result came after all
+                self.stats["answered jobs skipped"] += 1
+                continue
+            if job_id is not None:
+                self.leases[job_id] = Lease(job, address, time.monotonic() + self.lease_seconds)
+            self.stats["jobs handed out"] += 1
+            return job
+        return None
 
     def _share_results(self, address: str, args: Any) -> dict:
         """One result, as JS workers send it (JS masters never answer; we ack)."""
@@ -220,7 +274,7 @@ class Master:
             result = self.crypt.decrypt_json(args)
         except WorkerError as exc:
             log.error("result from %s: %s", address, exc)
-            self.on_results(None)
+            self._deliver(None)
             return {"received": False}
         self._accept(result)
         return {"received": True}
@@ -246,30 +300,37 @@ class Master:
         if job_id is not None:
             self.done.add(job_id)
         self.stats["results"] += 1
-        self.on_results(result)
+        self._deliver(result)
+
+    def _deliver(self, result: Any) -> None:
+        """on_results; its failure is logged and does not lose the other results of a batch."""
+        try:
+            self.on_results(result)
+        except Exception:
+            self.stats["on_results failures"] += 1
+            log.exception("on_results failed")
 
     # leases
     def _requeue_worker(self, address: str) -> None:
         """A worker left: its jobs go back to the front of the queue."""
         gone = [job_id for job_id, lease in self.leases.items() if lease.worker == address]
-        for job_id in gone:
-            self.queue.appendleft((job_id, self.leases.pop(job_id).job))
+        self._requeue(gone)
         if gone:
-            self.stats["jobs requeued"] += len(gone)
             log.info("%d job(s) of %s queued again", len(gone), address)
 
     async def _expire_leases(self) -> None:
         while True:
             await asyncio.sleep(min(5.0, self.lease_seconds / 4))
             now = time.monotonic()
-            late = [job_id for job_id, lease in self.leases.items() if lease.deadline < now]
-            for job_id in late:
-                self.queue.appendleft((job_id, self.leases.pop(job_id).job))
-            self.stats["jobs requeued"] += len(late)
+            self._requeue([job_id for job_id, lease in self.leases.items() if lease.deadline < now])
 
-
-def _obj(value: Any) -> dict:
-    return value if isinstance(value, dict) else {}
+    def _requeue(self, job_ids: list) -> None:
+        """Put jobs whose lease ended back at the front of the queue; tell idle workers."""
+        for job_id in job_ids:
+            self.queue.appendleft((job_id, self.leases.pop(job_id).job))
+        if job_ids:
+            self.stats["jobs requeued"] += len(job_ids)
+            self._announce_jobs()
 
 
 # Command line ###############################################################
@@ -278,14 +339,43 @@ def _print_event(**event: Any) -> None:
     print(json_dumps(event), flush=True)
 
 
-async def _feed_jobs(master: Master, source: str) -> None:
-    """Push each JSON line of a file (or stdin) as a job."""
+async def _feed_jobs(master: Master, handle: Any) -> None:
+    """Push each JSON line of a file (or stdin) as a job; report a bad line and go on."""
+    number = 0
+    async for line in _lines(handle):
+        number += 1
+        if not line.strip():
+            continue
+        try:
+            job = json.loads(line)
+        except ValueError as exc:  # not JSON, or not UTF-8: say so, read on
+            message = "jobs line %d skipped: %s" % (number, exc)
+            log.error("%s", message)
+            _print_event(event="error", line=number, message=message)
+            continue
+        master.push_new_job(job)
+
+
+async def _lines(handle: Any) -> AsyncIterator[bytes]:
+    """A file's lines, read from its descriptor by a daemon thread: a signal ends the
+    process even while the writer of a pipe keeps it open (a buffered read would
+    hold the file's lock at exit)."""
     loop = asyncio.get_running_loop()
-    handle = sys.stdin if source == "-" else open(source, encoding="utf-8")  # noqa: SIM115, ASYNC230
-    with handle:
-        while line := await loop.run_in_executor(None, handle.readline):
-            if line.strip():
-                master.push_new_job(json.loads(line))
+    lines: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    def read() -> None:
+        rest = b""
+        with contextlib.suppress(RuntimeError, OSError):  # the loop or the file closed first
+            while chunk := os.read(handle.fileno(), 1 << 16):
+                *complete, rest = (rest + chunk).split(b"\n")
+                for line in complete:
+                    loop.call_soon_threadsafe(lines.put_nowait, line)
+            loop.call_soon_threadsafe(lines.put_nowait, rest)
+            loop.call_soon_threadsafe(lines.put_nowait, None)
+
+    threading.Thread(target=read, name="jobs", daemon=True).start()
+    while (line := await lines.get()) is not None:
+        yield line
 
 
 def _worker_path(path: str) -> str:
@@ -296,7 +386,8 @@ def _worker_path(path: str) -> str:
     return "/" + relative.as_posix()
 
 
-async def run_master(args: argparse.Namespace) -> int:
+async def run_master(args: argparse.Namespace, jobs: Any = None) -> int:
+    """Serve ``args.task`` files and the jobs read from ``jobs`` (a binary file) until a signal."""
     env = load_env(args.env)
     files = [{"masterPath": str(Path(path).resolve()), "name": Path(path).name,
               "workerPath": _worker_path(path)} for path in args.task]
@@ -310,12 +401,22 @@ async def run_master(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    feeder = asyncio.ensure_future(_feed_jobs(master, args.jobs)) if args.jobs else None
+    feeder = asyncio.ensure_future(_feed_jobs(master, jobs)) if jobs is not None else None
+    if feeder:
+        feeder.add_done_callback(_feeder_done)
     await stop.wait()
     if feeder:
         feeder.cancel()
+        await asyncio.gather(feeder, return_exceptions=True)
     await master.close()
     return 0
+
+
+def _feeder_done(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        log.error("reading jobs failed: %r", exc, exc_info=exc)
+        _print_event(event="error", message="reading jobs failed: %s" % exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,10 +430,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lease", type=float, default=60.0, help="seconds a worker may hold a job")
     args = parser.parse_args(argv)
     try:
-        return asyncio.run(run_master(args))
+        jobs = None if not args.jobs else sys.stdin.buffer if args.jobs == "-" else open(args.jobs, "rb")  # noqa: SIM115
+    except OSError as exc:
+        print(f"master.py: cannot read --jobs {args.jobs}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(run_master(args, jobs))
     except WorkerError as exc:
         print(f"master.py: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if jobs is not None and jobs is not sys.stdin.buffer:
+            jobs.close()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Run: python -m unittest -v test_worker
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import json
@@ -22,6 +23,7 @@ import tempfile
 import time
 import unittest
 from pathlib import Path
+from unittest import mock
 
 import worker as w
 
@@ -281,11 +283,11 @@ class TestEnvFile(unittest.TestCase):
             self.assertIn("# keep me", text)
             self.assertEqual(w.read_env_file(path),
                              {"token": "new value", "other": "1", "transferEncryptToken": "k" * 32})
-            os.environ["other"] = "from-env"
-            try:
-                self.assertEqual(w.load_env(path)["other"], "from-env")
-            finally:
-                del os.environ["other"]
+            with patched_environ({"other": "from-env", "batchSize": "7"}):
+                loaded = w.load_env(path)
+            self.assertEqual(loaded["other"], "from-env")
+            self.assertEqual(loaded["batchSize"], "7")  # a setting from the environment alone
+            self.assertNotIn("PATH", loaded)
 
 
 # Sans-I/O cores #############################################################
@@ -419,6 +421,17 @@ class TestBugoutCore(unittest.TestCase):
         self.assertLessEqual(len(core._seen), 100)
         self.assertEqual(core.stats["dropped"], 1000)
 
+    def test_own_sends_do_not_flush_what_was_just_received(self):
+        core = w.BugoutCore(IDENT, w.Identity(), seen_limit=4)  # a generation holds 2
+        self.b.send_message("first", self.now)
+        self.b.send_message("second", self.now)
+        [(first, _), (second, _)] = self.b.data_to_send()
+        self.assertTrue(core.receive_payload(first, self.now))  # and a ping: the generation is full
+        core.send_message("mine", self.now)  # this send starts the next generation
+        core.receive_payload(second, self.now + 1)
+        self.assertEqual(core.receive_payload(first, self.now + 2), [])  # still known
+        self.assertEqual(core.stats["duplicate"], 1)
+
 
 # Bad input: generated and mutated ###########################################
 
@@ -482,7 +495,7 @@ class TestBadInput(unittest.TestCase):
                 + bytes.fromhex(VECTORS["keys"]["master"]["full_extended_handshake_message_hex"])
                 + bytes.fromhex(VECTORS["rpc_isMaster"]["framed_message_hex"]) + b"\0\0\0\0"
                 + bytes.fromhex("000000010e"))
-        states = collections_counter()
+        states = collections.Counter()
         for data in mutations([good], 10_000, rng):
             wire = w.PeerWire(infohash, b"-QP0100-aaaaaaaaaaaa", {"m": {}}, initiator=False,
                               metadata=info, max_message=1 << 16)
@@ -495,11 +508,6 @@ class TestBadInput(unittest.TestCase):
             self.assertLessEqual(len(wire._buffer), (1 << 16) + 4)
         self.assertGreater(states[w.WireState.ERROR], 100)
         self.assertGreater(states[w.WireState.OPEN], 100)
-
-
-def collections_counter():
-    import collections
-    return collections.Counter()
 
 
 # Real sockets and real JS peers #############################################
@@ -595,6 +603,11 @@ async def until(predicate, timeout=20.0):
         await asyncio.sleep(0.02)
 
 
+async def until_logged(logs, text, timeout=10.0):
+    """Wait until a line captured by assertLogs contains ``text``."""
+    await until(lambda: any(text in line for line in logs.output), timeout)
+
+
 class TestTcp(unittest.TestCase):
     def test_python_python_rpc_messages_and_reconnect(self):
         async def scenario():
@@ -640,6 +653,18 @@ class TestTcp(unittest.TestCase):
             self.assertEqual(await b.rpc(a.address, "echo", {}, timeout=5), {"echoedBy": "py"})
             for node in (lonely, b, a):
                 await node.close()
+        run(scenario())
+
+    def test_malformed_host_names_are_unreachable_peers_not_crashes(self):
+        async def scenario():
+            self.assertEqual(await w.Dht._resolve("router..example", 6881), [])
+            with self.assertNoLogs("worker", "ERROR"):  # a failed internal task logs an error
+                a = await py_node("bad-names", peers=["a..b:1"])
+                await asyncio.sleep(1.0)  # two dials, 0.5 s apart
+                b = await py_node("bad-names", peers=["127.0.0.1:%d" % a.port])
+                await until(lambda: a.address in b.peers)
+                await b.close()
+                await a.close()
         run(scenario())
 
     def test_garbage_peer_dropped_others_go_on(self):
@@ -807,6 +832,27 @@ class Task:
             time.sleep(data["sleep"])
         return {"sum": (data["x"] + data.get("y", 0)) * FACTOR}
 '''
+# An async task that notes its event loop; "exit" calls sys.exit, "hang" blocks its thread.
+LOOP_TASK_PY = '''\
+import asyncio
+import json
+import sys
+import time
+
+
+class Task:
+    loop = None
+
+    async def run(self, job):
+        data = json.loads(job["data"])
+        if data.get("exit"):
+            sys.exit(data["exit"])
+        if data.get("hang"):
+            time.sleep(data["hang"])
+        if Task.loop is None:
+            Task.loop = asyncio.get_running_loop()
+        return {"same_loop": Task.loop is asyncio.get_running_loop()}
+'''
 KEY = "k" * 16 + "0123456789abcdef"
 
 
@@ -912,6 +958,57 @@ class TestWorkerFlow(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             run(scenario(tmp))
 
+    def test_timeout_exit_and_an_async_task_keeping_its_loop(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp, files={"/workplace/task.py": LOOP_TASK_PY}).start()
+            cluster.push(2)
+            cluster.push(1, 2, exit=3)
+            cluster.push(1, 3, hang=30)
+            cluster.push(1, 4)
+            worker = await cluster.worker(job_timeout=1.0).start()
+            await cluster.until_results(5, 30)
+            by_id = {r["jobID"]: r for r in cluster.results}
+            self.assertEqual([by_id[i]["data"] for i in (0, 1)], [{"same_loop": True}] * 2)
+            self.assertEqual(by_id[2]["error"]["type"], "SystemExit")
+            self.assertEqual(by_id[2]["error"]["message"], "3")
+            self.assertEqual(by_id[3]["error"]["type"], "TimeoutError")
+            self.assertEqual(by_id[4]["data"], {"same_loop": False})  # ran, in a new thread
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_assets_that_cannot_be_written_are_an_error_not_a_stop(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            (Path(tmp) / "master/x").write_text("a file, and a folder below")
+            cluster.master.exec_assets["files"] += [  # the second cannot be written
+                {"masterPath": "/x", "name": "x", "workerPath": "/workplace/x"},
+                {"masterPath": "/x", "name": "y", "workerPath": "/workplace/x/y"}]
+            worker = cluster.worker()
+            with self.assertLogs("worker", "ERROR") as logs:
+                await worker.start()
+                await until_logged(logs, "cannot write the assets")
+            self.assertFalse((Path(tmp) / "w1/workplace/task.py").exists())
+            self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_results_file_only_while_results_are_held(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            worker = w.Worker("t", "w", "warn", KEY, env={}, folder=tmp, lsd=False, dht=False, trackers=[])
+            held = Path(tmp) / ".results.json"
+            worker.undelivered.append({"jobID": 1})
+            worker._save_manifest()  # as after new assets: the held result is not written
+            self.assertFalse(held.exists())
+            worker._save_state()  # at the end, with the result still held
+            self.assertEqual(json.loads(held.read_text()), [{"jobID": 1}])
+            worker.undelivered.clear()  # delivered after all
+            worker._save_state()
+            self.assertFalse(held.exists())  # or the next run would deliver it again
+
     def test_unsafe_assets_write_nothing(self):
         cases = [{"/../evil.py": "x", "/workplace/task.py": TASK_PY},
                  {"/.env": "token=stolen", "/workplace/task.py": TASK_PY},
@@ -926,7 +1023,7 @@ class TestWorkerFlow(unittest.TestCase):
                 worker = cluster.worker()
                 with self.assertLogs("worker", "ERROR") as logs:
                     await worker.start()
-                    await until(lambda: any("refused" in line for line in logs.output), 10)
+                    await until_logged(logs, "refused")
                 self.assertEqual(sorted(p.name for p in (Path(tmp) / "w1").iterdir()), [])
                 self.assertFalse((Path(tmp) / "evil.py").exists())
                 await worker.stop()
@@ -940,7 +1037,7 @@ class TestWorkerFlow(unittest.TestCase):
             worker = cluster.worker()
             with self.assertLogs("worker", "ERROR") as logs:
                 await worker.start()
-                await until(lambda: any("refused" in line for line in logs.output), 10)
+                await until_logged(logs, "refused")
             self.assertFalse((Path(tmp) / "w1/workplace").exists())
             await worker.stop()
             await cluster.master.close()
@@ -971,7 +1068,7 @@ class TestWorkerFlow(unittest.TestCase):
                 for k, v in old.items():
                     os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
-    def test_dependency_that_cannot_install_is_a_clear_error(self):
+    def test_dependency_that_cannot_install_is_a_clear_error_and_retried(self):
         async def scenario(tmp):
             cluster = await Cluster(tmp, deps=["qx-no-such-package==9.9"]).start()
             cluster.push(1)
@@ -979,10 +1076,16 @@ class TestWorkerFlow(unittest.TestCase):
             with patched_environ({"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(Path(tmp) / "nowhere")}), \
                     self.assertLogs("worker", "ERROR") as logs:
                 await worker.start()
-                await until(lambda: any("pip could not install" in line for line in logs.output), 120)
+                await until_logged(logs, "pip could not install", 120)
             self.assertIn("qx-no-such-package==9.9", "\n".join(logs.output))
             self.assertEqual(cluster.results, [])
             self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
+            # the package appears (the network is back): the next sync installs it, and jobs run
+            make_wheel(Path(tmp) / "wheels", "qx_no_such_package", "9.9", "VALUE = 1\n")
+            with patched_environ({"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(Path(tmp) / "wheels")}):
+                self.assertTrue(await worker.sync_assets())
+            self.assertTrue(any((Path(tmp) / "w1/.deps").glob("qx_no_such_package*")))
+            await cluster.until_results(1)
             await worker.stop()
             await cluster.master.close()
         with tempfile.TemporaryDirectory() as tmp:
@@ -995,8 +1098,7 @@ class TestWorkerFlow(unittest.TestCase):
             worker = cluster.worker(key="z" * 32)
             with self.assertLogs("worker", "ERROR") as logs:
                 await worker.start()
-                await until(lambda: any("transferEncryptToken probably differs" in line
-                                        for line in logs.output), 10)
+                await until_logged(logs, "transferEncryptToken probably differs")
             self.assertEqual(cluster.results, [])
             self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
             await worker.stop()
@@ -1226,6 +1328,28 @@ class TestCommandLine(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             run(scenario(tmp))
 
+    def test_a_timed_out_job_does_not_hold_the_process_at_exit(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp, files={"/workplace/task.py": LOOP_TASK_PY}).start()
+            cluster.push(1, hang=60)
+            folder = Path(tmp) / "wp"
+            folder.mkdir()
+            write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
+                               jobTimeout=1)
+            proc = await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
+                                                        stderr=subprocess.DEVNULL)
+            try:
+                await cluster.until_results(1, 30)
+                self.assertEqual(cluster.results[0]["error"]["type"], "TimeoutError")
+                proc.send_signal(15)
+                self.assertEqual(await asyncio.wait_for(proc.wait(), 15), 0)  # not after the 60 s job
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
     def test_second_sigterm_exits_at_once(self):
         async def scenario(tmp):
             cluster = await Cluster(tmp).start()
@@ -1262,9 +1386,7 @@ def write_loopback_env(folder, token, **keys):
 
 def clean_env():
     """The environment without our own keys, so a test's .env decides."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("token", "transferEncryptToken", "LOG_LEVEL", "peers", "port", "lsd",
-                        "dht", "dhtBootstrap", "dhtPort", "trackers", "iceServers", "maxPeers")}
+    env = {k: v for k, v in os.environ.items() if k not in w.SETTINGS}
     env["PYTHONPATH"] = str(HERE)
     return env
 
@@ -1463,6 +1585,24 @@ class TestKrpc(unittest.TestCase):
             core.ping(("10.0.%d.%d" % (i // 250, i % 250 + 1), 1), 10.0)
         self.assertEqual(len(core.data_to_send()), w.DHT_QUERIES_PER_SECOND)
         self.assertEqual(core.stats["dht queries deferred"], 500 - w.DHT_QUERIES_PER_SECOND)
+
+    def test_late_answer_to_an_ended_lookup_leaves_the_new_one_running(self):
+        net = DhtNet(3)
+        me, target = net[2], b"t" * 20
+        me.bootstrap([net.addr(0), net.addr(1)], net.now)
+        net.pump()
+        me.get_peers(target, net.now)
+        later = net.now + w.DHT_LOOKUP_SECONDS + 1
+        answers = []
+        for data, dst in me.data_to_send():  # answered, but the answers come late
+            net.cores[dst].receive_datagram(data, net.addr(2), later)
+            answers += [(reply, dst) for reply, _ in net.cores[dst].data_to_send()]
+        self.assertEqual(len(answers), 2)
+        me.receive_datagram(*answers[0], later)  # the first ends the lookup: its time is up
+        self.assertEqual(me.lookups, 0)
+        me.get_peers(target, later)  # a new lookup for the same target
+        me.receive_datagram(*answers[1], later)  # the old lookup's last answer
+        self.assertEqual(me.lookups, 1)
 
     def test_peer_store_bounded_and_expiring(self):
         core = quiet_core()
@@ -1939,7 +2079,6 @@ def _loopback_registry(tarball):
 
 
 def patched_environ(values):
-    from unittest import mock
     return mock.patch.dict(os.environ, values)
 
 
@@ -2010,7 +2149,7 @@ class TestTaskJs(unittest.TestCase):
             with self.assertLogs("worker", "INFO") as logs:
                 await worker.start()
                 await cluster.until_results(5)
-                await until(lambda: any("console.log from job 2" in line for line in logs.output), 10)
+                await until_logged(logs, "console.log from job 2")
             by_id = {r["jobID"]: r for r in cluster.results}
             for i, kind, text in ((0, "TypeError", "thrown by job 0"), (1, "RangeError", "rejected by job 1")):
                 self.assertIsNone(by_id[i]["data"])
@@ -2085,7 +2224,7 @@ class TestTaskJs(unittest.TestCase):
             worker = cluster.worker()
             with patched_environ({"PATH": str(empty)}), self.assertLogs("worker", "ERROR") as logs:
                 await worker.start()
-                await until(lambda: any("not on PATH" in line for line in logs.output))
+                await until_logged(logs, "not on PATH", 20)
                 self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
             text = "\n".join(logs.output)
             self.assertIn("needs Node.js, but 'node' is not on PATH", text)
@@ -2323,6 +2462,247 @@ class TestFaults(unittest.TestCase):
             await master.close()
         with tempfile.TemporaryDirectory() as tmp:
             run(scenario(tmp), 120)
+
+
+# master.py: announces, requeues, late results, the --jobs feeder ###############
+
+def watch_requests(master):
+    """(time, caller) of each requestWork the master serves, as it serves it."""
+    times = []
+    master.node.on("rpc", lambda address, name, args: name == "requestWork"
+                   and times.append((time.monotonic(), address)))
+    return times
+
+
+async def thief_of(cluster):
+    """A bare node that leases a job with requestWork and never runs it."""
+    node = await py_node(cluster.token, peers=["127.0.0.1:%d" % cluster.master.port])
+    await until(lambda: cluster.master.address in node.peers)
+    return node
+
+
+class EventsMasterProcess(MasterProcess):
+    """MasterProcess that keeps every event it prints, not only results."""
+
+    async def _read(self):
+        self.events = []
+        async for line in self.proc.stdout:
+            event = json.loads(line)
+            self.events.append(event)
+            if event["event"] == "result":
+                self.results.append(event["result"])
+
+    def write(self, text):
+        self.proc.stdin.write(text.encode())
+
+
+class TestMasterPy(unittest.TestCase):
+    def setUp(self):
+        self.procs = []  # killed in tearDown, so a failing test leaves no process behind
+
+    def tearDown(self):
+        for proc in self.procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, 9)
+
+    async def idle_worker(self, cluster, times, **kw):
+        """A worker that has asked for work, and got none: it waits for a nudge or 30 s."""
+        worker = await cluster.worker(**kw).start()
+        await until(lambda: any(a == worker.address for _, a in times))
+        return worker
+
+    def test_job_pushed_within_the_announce_gap_reaches_an_idle_worker(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            times = watch_requests(cluster.master)
+            worker = await self.idle_worker(cluster, times)
+            asked = len(times)
+            cluster.push(1)  # announced: the worker asks, runs it, asks again and gets none
+            await until(lambda: len(times) >= asked + 2 and cluster.results, 10)
+            cluster.master._last_announce = time.monotonic()  # an announce just went out
+            cluster.push(1, start=1)  # too soon for one more now: it must follow, not be dropped
+            await cluster.until_results(2, 5)  # not the worker's 30 s idle poll
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_jobs_of_a_worker_that_leaves_are_announced(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            times = watch_requests(cluster.master)
+            cluster.push(1)
+            thief = await thief_of(cluster)
+            answer = await thief.rpc(cluster.master.address, "requestWork", {})
+            self.assertTrue(answer["task"])
+            worker = await self.idle_worker(cluster, times)  # asked while the job was out: none
+            self.assertEqual(cluster.results, [])
+            await thief.close()  # leaves: its job is queued again, idle workers are told
+            await cluster.until_results(1, 5)
+            self.assertEqual(cluster.master.stats["jobs requeued"], 1)
+            self.assertEqual(cluster.results[0]["worker"]["id"], worker.address)
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_jobs_whose_lease_ends_are_announced(self):
+        async def scenario(tmp):
+            cluster = Cluster(tmp)
+            cluster.master.lease_seconds = 1.0  # leases are checked every 0.25 s
+            await cluster.start()
+            times = watch_requests(cluster.master)
+            cluster.push(1)
+            thief = await thief_of(cluster)
+            self.assertTrue((await thief.rpc(cluster.master.address, "requestWork", {}))["task"])
+            cluster.master.leases[0].deadline += 3600  # held until the worker idles
+            worker = await self.idle_worker(cluster, times)
+            self.assertEqual(cluster.master.stats["jobs requeued"], 0)
+            cluster.master.leases[0].deadline = time.monotonic()  # the thief's time is up
+            await cluster.until_results(1, 5)
+            self.assertEqual(cluster.master.stats["jobs requeued"], 1)
+            await worker.stop()
+            await thief.close()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_late_result_of_a_requeued_job_means_it_is_not_run_again(self):
+        async def scenario(tmp):
+            cluster = Cluster(tmp)
+            cluster.master.lease_seconds = 1.0
+            await cluster.start()
+            times = watch_requests(cluster.master)
+            cluster.push(1)
+            thief = await thief_of(cluster)
+            self.assertTrue((await thief.rpc(cluster.master.address, "requestWork", {}))["task"])
+            await until(lambda: cluster.master.stats["jobs requeued"] == 1, 10)
+            late = w.Crypt(KEY).encrypt(json.dumps({"jobID": 0, "data": {"sum": 2}}))
+            self.assertEqual(await thief.rpc(cluster.master.address, "shareResults", late),
+                             {"received": True})
+            self.assertEqual([r["jobID"] for r in cluster.results], [0])
+            worker = await self.idle_worker(cluster, times)
+            await asyncio.sleep(0.5)  # a job run again would be answered by now
+            self.assertEqual(cluster.master.stats["jobs handed out"], 1)  # the thief's lease only
+            self.assertEqual(cluster.master.stats["duplicate results"], 0)
+            self.assertEqual(worker.stats["jobs done"], 0)
+            self.assertEqual(len(cluster.master.queue), 0)
+            await worker.stop()
+            await thief.close()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_a_raising_on_results_loses_no_other_result_of_the_batch(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            seen = []
+
+            def on_results(result):
+                seen.append(result["jobID"])
+                if result["jobID"] == 3:
+                    raise RuntimeError("a bug in on_results")
+            cluster.master.on_results = on_results
+            cluster.push(10)
+            worker = cluster.worker(get_batch=True, batch_size=5)  # sets the log level: first
+            with self.assertLogs("worker", "ERROR") as logs:
+                await worker.start()
+                await until(lambda: len(seen) >= 10, 10)
+            self.assertEqual(sorted(seen), list(range(10)))
+            self.assertTrue(any("on_results failed" in line for line in logs.output), logs.output)
+            self.assertEqual(cluster.master.leases, {})
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_assets_hashed_and_encrypted_once_by_concurrent_threads(self):
+        import threading
+        with tempfile.TemporaryDirectory() as tmp:
+            cluster = Cluster(tmp)
+            master = cluster.master
+            real_sha, real_encrypt = w.Helper.get_sha256, master.crypt.encrypt
+            hashed, encrypted = collections.Counter(), collections.Counter()
+
+            def slow_sha(path):
+                hashed.update([str(path)])
+                time.sleep(0.05)  # a big file: the other threads arrive meanwhile
+                return real_sha(path)
+
+            def counting_encrypt(data):
+                encrypted.update([len(data)])
+                time.sleep(0.05)
+                return real_encrypt(data)
+            barrier, answers, errors = threading.Barrier(8), [], []
+
+            def ask():
+                barrier.wait()
+                try:
+                    answers.append(master._assets())
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+            with mock.patch.object(w.Helper, "get_sha256", side_effect=slow_sha), \
+                    mock.patch.object(master.crypt, "encrypt", side_effect=counting_encrypt):
+                threads = [threading.Thread(target=ask) for _ in range(8)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join(30)
+            self.assertEqual(errors, [])
+            self.assertEqual(len(answers), 8)
+            self.assertTrue(all(a == answers[0] for a in answers))
+            self.assertEqual(sorted(hashed.values()), [1, 1])  # two files, each read once
+            self.assertEqual(sum(encrypted.values()), 2)
+
+    def test_cli_stdin_sigterm_exits_promptly_while_stdin_stays_open(self):
+        async def scenario(tmp):
+            token = "cli-sigterm-%d" % random.randrange(1 << 30)
+            master = await MasterProcess(Path(tmp) / "m", token, free_port(), w.make_seed()).start()
+            self.procs.append(master.proc)
+            master.push([0])
+            await asyncio.sleep(0.5)  # read; the feeder waits for the next line
+            master.proc.send_signal(15)
+            try:
+                code = await asyncio.wait_for(master.proc.wait(), 5)
+            finally:
+                master.proc.stdin.close()
+                master._reader.cancel()
+            self.assertEqual(code, 0)  # in 5 s: stdin still open
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_cli_bad_jobs_line_is_reported_and_later_lines_run(self):
+        async def scenario(tmp):
+            token, port = "cli-bad-line-%d" % random.randrange(1 << 30), free_port()
+            master = await EventsMasterProcess(Path(tmp) / "m", token, port, w.make_seed()).start()
+            self.procs.append(master.proc)
+            master.push([0])
+            master.write("{not json\n\n")
+            master.push([1])
+            worker = await w.Worker(token, "w", "warn", KEY, env={}, folder=Path(tmp) / "w",
+                                    host="127.0.0.1", lsd=False, dht=False, trackers=[],
+                                    peers=["127.0.0.1:%d" % port]).start()
+            await until(lambda: len(master.results) >= 2, 15)
+            self.assertEqual(sorted(r["jobID"] for r in master.results), [0, 1])
+            errors = [e for e in master.events if e["event"] == "error"]
+            self.assertEqual(len(errors), 1, master.events)
+            self.assertEqual(errors[0]["line"], 2)
+            self.assertIn("line 2", errors[0]["message"])
+            await worker.stop()
+            await master.kill()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_cli_missing_jobs_file_exits_2_with_a_message(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            write_loopback_env(tmp, "cli-missing-jobs-%d" % random.randrange(1 << 30))
+            done = subprocess.run([sys.executable, MASTER_PY, "--jobs", "no-such-jobs.jsonl"], cwd=tmp,
+                                  env=clean_env(), capture_output=True, text=True, timeout=20,
+                                  check=False)
+            self.assertEqual(done.returncode, 2)
+            self.assertIn("no-such-jobs.jsonl", done.stderr)
+            self.assertEqual(done.stdout, "")  # it never started
 
 
 def main():

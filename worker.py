@@ -48,6 +48,7 @@ import collections
 import contextlib
 import dataclasses
 import enum
+import functools
 import hashlib
 import heapq
 import importlib.util
@@ -56,6 +57,7 @@ import itertools
 import json
 import logging
 import os
+import queue
 import re
 import secrets
 import shutil
@@ -63,6 +65,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterable
@@ -146,6 +149,22 @@ class RpcUnreachable(RpcTimeout):
 
 class UnsafeAsset(WorkerError, ValueError):
     """An asset path or dependency name that the worker refuses."""
+
+
+# Background tasks ###########################################################
+
+def spawn(coro: Awaitable, tasks: set[asyncio.Task], what: str) -> asyncio.Task:
+    """Run ``coro`` in the background, held in ``tasks`` until done; log a failure."""
+    task = asyncio.ensure_future(coro)
+    tasks.add(task)
+    task.add_done_callback(functools.partial(_task_done, tasks, what))
+    return task
+
+
+def _task_done(tasks: set[asyncio.Task], what: str, task: asyncio.Task) -> None:
+    tasks.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s task failed: %r", what, task.exception(), exc_info=task.exception())
 
 
 # Helper #####################################################################
@@ -363,10 +382,20 @@ def read_env_file(path: str | Path) -> dict[str, str]:
         return {}
 
 
+#: Every key the worker and master.py read (README, "Settings").
+SETTINGS = ("token", "transferEncryptToken", "name", "LOG_LEVEL", "logFile", "getBatch", "batchSize",
+            "jobTimeout", "folder", "port", "host", "peers", "lsd", "dht", "dhtBootstrap", "dhtPort",
+            "trackers", "iceServers", "maxPeers", "maxMessage", "seed")
+
+
 def load_env(path: str | Path = ".env") -> dict[str, str]:
-    """File values overlaid by variables already in the environment (dotenv rule)."""
+    """File values overlaid by variables already in the environment (dotenv rule).
+
+    As with JS dotenv and ``process.env``, a setting may come from the
+    environment alone, without a file.
+    """
     values = read_env_file(path)
-    for key in values:
+    for key in (*values, *SETTINGS):
         if key in os.environ:
             values[key] = os.environ[key]
     return values
@@ -551,8 +580,14 @@ _RMD_R = [int(c, 16) for c in (
     "0123456789abcdef" "74d1a6f3c0952eb8" "3ae49f812706db5c" "19ba08c4d37fe562" "40597c2ae138b6fd")]
 _RMD_RR = [int(c, 16) for c in (
     "5e7092b4d6f81a3c" "6b370d5aef8c4912" "f5137e69b8c2a04d" "86413bf05c2d97ae" "cfa4158762de039b")]
-_RMD_S = [int(n) for n in ["11", "14", "15", "12", "5", "8", "7", "9", "11", "13", "14", "15", "6", "7", "9", "8", "7", "6", "8", "13", "11", "9", "7", "15", "7", "12", "15", "9", "11", "7", "13", "12", "11", "13", "6", "7", "14", "9", "13", "15", "14", "8", "13", "6", "5", "12", "7", "5", "11", "12", "14", "15", "14", "15", "9", "8", "9", "14", "5", "6", "8", "6", "5", "12", "9", "15", "5", "11", "6", "8", "13", "12", "5", "12", "13", "14", "11", "8", "5", "6"]]
-_RMD_SS = [int(n) for n in ["8", "9", "9", "11", "13", "15", "15", "5", "7", "7", "8", "11", "14", "14", "12", "6", "9", "13", "15", "7", "12", "8", "9", "11", "7", "7", "12", "7", "6", "15", "13", "11", "9", "7", "15", "11", "8", "6", "6", "14", "12", "13", "5", "14", "13", "13", "7", "5", "15", "5", "8", "11", "14", "14", "6", "14", "6", "9", "12", "9", "12", "5", "15", "8", "8", "5", "12", "9", "12", "5", "14", "6", "8", "13", "6", "5", "15", "13", "11", "11"]]
+_RMD_S = [
+    11, 14, 15, 12, 5, 8, 7, 9, 11, 13, 14, 15, 6, 7, 9, 8, 7, 6, 8, 13, 11, 9, 7, 15, 7, 12, 15, 9,
+    11, 7, 13, 12, 11, 13, 6, 7, 14, 9, 13, 15, 14, 8, 13, 6, 5, 12, 7, 5, 11, 12, 14, 15, 14, 15,
+    9, 8, 9, 14, 5, 6, 8, 6, 5, 12, 9, 15, 5, 11, 6, 8, 13, 12, 5, 12, 13, 14, 11, 8, 5, 6]
+_RMD_SS = [
+    8, 9, 9, 11, 13, 15, 15, 5, 7, 7, 8, 11, 14, 14, 12, 6, 9, 13, 15, 7, 12, 8, 9, 11, 7, 7, 12, 7,
+    6, 15, 13, 11, 9, 7, 15, 11, 8, 6, 6, 14, 12, 13, 5, 14, 13, 13, 7, 5, 15, 5, 8, 11, 14, 14, 6,
+    14, 6, 9, 12, 9, 12, 5, 15, 8, 8, 5, 12, 9, 12, 5, 14, 6, 8, 13, 6, 5, 15, 13, 11, 11]
 _RMD_K = (0x00000000, 0x5A827999, 0x6ED9EBA1, 0x8F1BBCDC, 0xA953FD4E)
 _RMD_KK = (0x50A28BE6, 0x5C4DD124, 0x6D703EF3, 0x7A6D76E9, 0x00000000)
 _M32 = 0xFFFFFFFF
@@ -604,18 +639,14 @@ class PeerKeys:
     last: int
 
 
-_address_cache: dict[bytes, str] = {}
-
-
+@functools.lru_cache(4096)  # every packet names its sender's key
 def address_of(public_key: bytes) -> str:
     """bugout address: bs58check(0x55 || ripemd160(sha512(public key)))."""
-    found = _address_cache.get(public_key)
-    if found is None:
-        if len(_address_cache) > 4096:
-            _address_cache.clear()
-        digest = ripemd160(hashlib.sha512(public_key).digest())
-        found = _address_cache[public_key] = b58check_encode(ADDRESS_PREFIX + digest)
-    return found
+    return b58check_encode(ADDRESS_PREFIX + ripemd160(hashlib.sha512(public_key).digest()))
+
+
+#: A base58 public key as bytes (cached: every packet carries one).
+key_bytes = functools.lru_cache(4096)(b58decode)
 
 
 def make_seed(material: bytes | None = None) -> str:
@@ -739,9 +770,8 @@ class SeenCache:
         return key in self._current or key in self._previous
 
     def add(self, digest: bytes, now: int) -> None:
-        """Remember a hash (``now`` in ms; 0 = keep the current generation's age)."""
-        if len(self._current) >= max(self.limit // 2, 1) or (
-                now and now - self._started > self.max_age_ms):
+        """Remember a hash (``now`` in ms)."""
+        if len(self._current) >= max(self.limit // 2, 1) or now - self._started > self.max_age_ms:
             self._previous, self._current, self._started = self._current, set(), now
         self._current.add(int.from_bytes(digest[:8], "big"))
 
@@ -769,8 +799,7 @@ class BugoutCore:
         self._random = random
         self._seen = SeenCache(seen_limit, timeout_ms)
         self._outgoing: list[tuple[bytes, Any]] = []
-        self._shared_keys: dict[str, bytes] = {}
-        self._pk_cache: dict[str, bytes] = {}
+        self._shared_key = functools.lru_cache(4096)(self._box_key)  # by the peer's ek
         self._identifier_bytes = identifier.encode("utf-8")
 
     # outgoing
@@ -797,40 +826,26 @@ class BugoutCore:
         boxed = _nacl.crypto_box_afternm(signed, nonce, key)
         return bencode({"n": nonce, "ek": self.identity.ek, "e": boxed})
 
-    def _shared_key(self, ek: str) -> bytes:
-        key = self._shared_keys.get(ek)
-        if key is None:
-            if len(self._shared_keys) > 4096:
-                self._shared_keys.clear()
-            key = _nacl.crypto_box_beforenm(b58decode(ek), self.identity.box_secret)
-            self._shared_keys[ek] = key
-        return key
+    def _box_key(self, ek: str) -> bytes:
+        """The NaCl box key shared with the holder of ``ek``."""
+        return _nacl.crypto_box_beforenm(b58decode(ek), self.identity.box_secret)
 
-    def _pk_bytes(self, pk: str) -> bytes:
-        """A base58 public key as bytes (cached: every packet carries one)."""
-        raw = self._pk_cache.get(pk)
-        if raw is None:
-            if len(self._pk_cache) > 4096:
-                self._pk_cache.clear()
-            raw = self._pk_cache[pk] = b58decode(pk)
-        return raw
-
-    def _emit(self, payload: bytes, origin: Any = None) -> None:
-        self._remember(hashlib.sha512(payload).digest()[16:], 0)
-        self._outgoing.append((payload, origin))
+    def _emit(self, payload: bytes, now: int) -> None:
+        self._seen.add(hashlib.sha512(payload).digest()[16:], now)
+        self._outgoing.append((payload, None))
 
     def send_ping(self, now: int) -> None:
         """Broadcast a ``p`` packet."""
-        self._emit(self.make_packet({"y": "p"}, now))
+        self._emit(self.make_packet({"y": "p"}, now), now)
 
     def send_leave(self, now: int) -> None:
         """Broadcast an ``x`` packet (we are leaving)."""
-        self._emit(self.make_packet({"y": "x"}, now))
+        self._emit(self.make_packet({"y": "x"}, now), now)
 
     def send_message(self, value: Any, now: int, address: str | None = None) -> None:
         """A JSON message, to everyone or (encrypted) to one address."""
         signed = self.make_packet({"y": "m", "v": json_dumps(value)}, now)
-        self._emit(self.seal(address, signed) if address else signed)
+        self._emit(self.seal(address, signed) if address else signed, now)
 
     def send_call(self, address: str, name: str, args: Any, now: int) -> bytes:
         """An encrypted RPC call; returns its 8-byte nonce."""
@@ -839,19 +854,19 @@ class BugoutCore:
         nonce = self._random(8)
         fields = {"y": "r", "c": name, "a": json_dumps({} if args is None else args),
                   "rn": nonce}
-        self._emit(self.seal(address, self.make_packet(fields, now)))
+        self._emit(self.seal(address, self.make_packet(fields, now)), now)
         return nonce
 
     def send_response(self, address: str, nonce: bytes, result: Any, now: int) -> None:
         """The encrypted answer to a call."""
         fields = {"y": "rr", "rn": nonce, "rr": json_dumps(result)}
-        self._emit(self.seal(address, self.make_packet(fields, now)))
+        self._emit(self.seal(address, self.make_packet(fields, now)), now)
 
     # incoming
     def saw_peer(self, pk: str, ek: str, now: int) -> list:
         """Record a peer's keys; on first sight emit Seen and broadcast a ping."""
         try:
-            address = address_of(self._pk_bytes(pk))
+            address = address_of(key_bytes(pk))
         except DecodeError:
             self.stats["bad_pk"] += 1
             return []
@@ -870,7 +885,7 @@ class BugoutCore:
         if digest in self._seen:
             self.stats["duplicate"] += 1
             return []
-        self._remember(digest, now)
+        self._seen.add(digest, now)
         try:
             packet, signed, for_us = self._open(payload)
             events = self._verify(packet, signed, for_us, now)
@@ -883,9 +898,6 @@ class BugoutCore:
             self.stats["relayed"] += 1
             self._outgoing.append((payload, origin))
         return events
-
-    def _remember(self, digest: bytes, now: int) -> None:
-        self._seen.add(digest, now)
 
     def _open(self, payload: bytes) -> tuple[dict, dict, bool]:
         """Decode (and unbox) a payload into (packet fields, outer dict, was boxed)."""
@@ -924,7 +936,7 @@ class BugoutCore:
         pk, ek = _text(packet.get("pk", b"")), _text(packet.get("ek", b""))
         t = packet.get("t")
         try:
-            _nacl.crypto_sign_open(outer["s"] + outer["p"], self._pk_bytes(pk))
+            _nacl.crypto_sign_open(outer["s"] + outer["p"], key_bytes(pk))
         except (BadSignatureError, ValueError, TypeError):
             raise DecodeError("bad signature") from None
         if packet.get("i") != self._identifier_bytes:
@@ -935,7 +947,7 @@ class BugoutCore:
             self.stats["own packet"] += 1
             return []
         events = self.saw_peer(pk, ek, now)
-        address = address_of(self._pk_bytes(pk))
+        address = address_of(key_bytes(pk))
         return events + self._dispatch(_text(packet.get("y", b"")), packet, address, boxed)
 
     def _dispatch(self, kind: str, packet: dict, address: str, boxed: bool) -> list:
@@ -2020,8 +2032,8 @@ class DhtCore:
 
     def _advance(self, lookup: _Lookup, now: float) -> None:
         """Send the lookup's next queries; finish it when nothing is left to ask."""
-        if (lookup.method, lookup.target) not in self._lookups:
-            return
+        if self._lookups.get((lookup.method, lookup.target)) is not lookup:
+            return  # it ended; a newer lookup for the same target may run
         key = "target" if lookup.method == "find_node" else "info_hash"
         for addr, node_id in lookup.next_queries():
             if not self._query(addr, lookup.method, {key: lookup.target}, now, node_id, lookup):
@@ -2064,15 +2076,16 @@ class DhtCore:
             self._rotated = now
 
     def _housekeeping(self, now: float) -> None:
-        """Once a minute: expire announced peers, refresh a stale bucket, re-bootstrap."""
+        """Once a minute: expire announced peers, refresh a stale bucket.
+
+        An empty table is the adapter's to mend: it resolves the bootstrap names again.
+        """
         self._housekept = now
         self._store.expire(now)
         stale = self.table.stale_bucket(now)
         if stale is not None:
             self.table.changed[stale] = now
             self.find_node(self.table.random_id(stale, self._random(20)), now)
-        elif not len(self.table) and self._bootstrap is not None:
-            self.find_node(self.node_id, now)
 
     def _send(self, message: Krpc, addr: Addr) -> None:
         log.debug("> dht %s %s:%d", type(message).__name__, *addr)
@@ -2167,7 +2180,7 @@ class Dht:
         try:
             infos = await asyncio.wait_for(loop.getaddrinfo(
                 host, port, family=socket.AF_INET, type=socket.SOCK_DGRAM), 10.0)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, UnicodeError, TimeoutError) as exc:  # UnicodeError: a name like "a..b"
             log.warning("dht bootstrap %s:%d: %s", host, port, exc)
             return []
         return [info[4][:2] for info in infos[:2]]
@@ -2310,16 +2323,7 @@ class Bugout:
             future.cancel()
 
     def _spawn(self, coro: Awaitable) -> asyncio.Task:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("internal task failed: %r", task.exception(),
-                      exc_info=task.exception())
+        return spawn(coro, self._tasks, "internal")
 
     # API as in JS bugout
     def on(self, event: str, callback: Callable) -> None:
@@ -2395,7 +2399,7 @@ class Bugout:
             _, conn = await asyncio.wait_for(loop.create_connection(
                 lambda: WireConnection(self, True, (host, port)), host, port), 5.0)
             return conn  # type: ignore[return-value]
-        except (TimeoutError, OSError) as exc:
+        except (TimeoutError, OSError, UnicodeError) as exc:  # UnicodeError: a name like "a..b"
             log.debug("dial %s:%s failed: %s", host, port, exc)
             return None
         finally:
@@ -3068,7 +3072,7 @@ class TrackerSession:
         try:
             ws = await connect(self.client.url, open_timeout=15, close_timeout=2,
                                compression=None, max_size=1 << 20)
-        except (OSError, TimeoutError, WebSocketException) as exc:
+        except (OSError, UnicodeError, TimeoutError, WebSocketException) as exc:
             log.debug("tracker %s: cannot connect: %s", self.client.url, exc)
             self.client.connection_lost(_mono())
             return
@@ -3343,16 +3347,7 @@ class WebRtcTransport:
         await asyncio.gather(*self._closers, return_exceptions=True)
 
     def _spawn(self, coro: Awaitable, closer: bool = False) -> None:
-        tasks = self._closers if closer else self._tasks
-        task = asyncio.ensure_future(coro)
-        tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        self._closers.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("webrtc task failed: %r", task.exception(), exc_info=task.exception())
+        spawn(coro, self._closers if closer else self._tasks, "webrtc")
 
     # the tracker's events
     def on_tracker_event(self, session: TrackerSession, event: Any) -> None:
@@ -3508,6 +3503,30 @@ def safe_asset_path(folder: Path, worker_path: Any) -> Path:
     return target
 
 
+def _write_assets(plan: list[tuple[Path, dict]], contents: list[bytes]) -> None:
+    """Write each asset where ``plan`` says; warn where its sha256 differs."""
+    for (target, asset), content in zip(plan, contents):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+        if asset.get("sha256") and hashlib.sha256(content).hexdigest() != asset["sha256"]:
+            log.warning("%s: content differs from the master's sha256", asset.get("workerPath"))
+
+
+async def _install_finished(proc: asyncio.subprocess.Process, tool: str, missing: list[str]) -> bool:
+    """Log pip's or npm's output (debug); on failure say so with its last lines."""
+    tail: collections.deque[str] = collections.deque(maxlen=5)
+    assert proc.stdout is not None
+    async for raw in proc.stdout:
+        tail.append(raw.decode(errors="replace").rstrip())
+        log.debug("%s: %s", tool, tail[-1])
+    if await proc.wait() != 0:
+        log.error("%s could not install %s (no network, no such package?):\n%s",
+                  tool, ", ".join(missing), "\n".join(tail))
+        return False
+    log.info("installed %s", ", ".join(missing))
+    return True
+
+
 def _version_tuple(text: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"[.+-]", text))
 
@@ -3545,40 +3564,78 @@ def _version_ok(version: str, spec: str) -> bool:
 class TaskRunner:
     """Runs ``Task.run(job)`` off the event loop, one job at a time.
 
-    Plain ``run`` goes to a worker thread; ``async def run`` to a private event
-    loop in that thread, so a slow or blocking task never stalls the wire.
+    Jobs go to a thread of their own; an ``async def run`` runs on that
+    thread's event loop, kept from job to job as the JS worker keeps its task,
+    so a slow or blocking task never stalls the wire. A job that outlives
+    ``timeout`` is left to its thread (a daemon: it cannot hold the process
+    open) and the next job gets a new thread.
     """
 
     def __init__(self, task: Any, timeout: float | None = None) -> None:
         self.task = task
         self.timeout = timeout
-        self._executor = self._new_executor()
-
-    @staticmethod
-    def _new_executor() -> Any:
-        import concurrent.futures
-        return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="task")
+        self._thread: _TaskThread | None = None
 
     async def run(self, job: Any) -> Any:
         """The task's return value; its exception propagates."""
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self._call, job)
+        if self._thread is None:
+            self._thread = _TaskThread(self.task)
+        future = asyncio.get_running_loop().create_future()
+        self._thread.submit(job, future)
         try:
             return await asyncio.wait_for(future, self.timeout)
         except TimeoutError:
-            # The thread cannot be killed: leave it behind and start afresh.
-            self._executor.shutdown(wait=False)
-            self._executor = self._new_executor()
+            self.close()  # the thread cannot be killed: leave it behind
             raise TimeoutError(f"task ran longer than {self.timeout}s") from None
 
-    def _call(self, job: Any) -> Any:
-        result = self.task.run(job)
-        if inspect.isawaitable(result):
-            return asyncio.run(_await(result))
-        return result
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.close()
+            self._thread = None
+
+
+class _TaskThread:
+    """A daemon thread with an event loop of its own, running jobs in order."""
+
+    def __init__(self, task: Any) -> None:
+        self.task = task
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._main, name="task", daemon=True).start()
+
+    def submit(self, job: Any, future: asyncio.Future) -> None:
+        self._jobs.put((job, future))
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False)
+        self._jobs.put(None)  # ends the thread after its current job
+
+    def _main(self) -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            while (item := self._jobs.get()) is not None:
+                job, future = item
+                try:
+                    result = self.task.run(job)
+                    if inspect.isawaitable(result):
+                        result = loop.run_until_complete(_await(result))
+                    outcome: tuple = (result, None)
+                except Exception as exc:  # noqa: BLE001 - the task's error, for its result
+                    outcome = (None, exc)
+                except BaseException as exc:  # noqa: BLE001 - sys.exit() ends the job, not the worker
+                    outcome = (None, TaskError(exc.__class__.__name__, str(exc), "".join(
+                        traceback.format_exception(type(exc), exc, exc.__traceback__))))
+                with contextlib.suppress(RuntimeError):  # the worker's loop has closed
+                    future.get_loop().call_soon_threadsafe(_settle, future, *outcome)
+        finally:
+            loop.close()
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # timed out meanwhile
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
 
 
 async def _await(awaitable: Awaitable) -> Any:
@@ -3738,7 +3795,7 @@ _NPM_PACKAGE = re.compile(
 
 
 class TaskError(WorkerError):
-    """A job failed outside Python; ``error`` is the result's error field."""
+    """A job failed outside Python (or by SystemExit); ``error`` is the result's error field."""
 
     def __init__(self, kind: str, message: str, traceback: str = "") -> None:
         super().__init__(message if kind == type(self).__name__ else f"{kind}: {message}")
@@ -3818,22 +3875,7 @@ async def install_npm_packages(folder: Path, specs: list[str]) -> bool:
     except OSError as exc:
         log.error("cannot run npm: %s", exc)
         return False
-    return await _npm_finished(proc, missing)
-
-
-async def _npm_finished(proc: asyncio.subprocess.Process, missing: list[str]) -> bool:
-    """Log npm's output (debug); on failure say so with its last lines."""
-    tail: collections.deque[str] = collections.deque(maxlen=5)
-    assert proc.stdout is not None
-    async for raw in proc.stdout:
-        tail.append(raw.decode(errors="replace").rstrip())
-        log.debug("npm: %s", tail[-1])
-    if await proc.wait() != 0:
-        log.error("npm could not install %s (no network, no such package?):\n%s",
-                  ", ".join(missing), "\n".join(tail))
-        return False
-    log.info("installed %s", ", ".join(missing))
-    return True
+    return await _install_finished(proc, "npm", missing)
 
 
 class NodeRunner:
@@ -4018,9 +4060,7 @@ class NodeRunner:
             await self._stop()
 
     def _pump(self, stream: asyncio.StreamReader | None, level: int) -> None:
-        task = asyncio.ensure_future(self._log_lines(stream, level))
-        self._pumps.add(task)
-        task.add_done_callback(self._pumps.discard)
+        spawn(self._log_lines(stream, level), self._pumps, "task.js output")
 
     async def _log_lines(self, stream: asyncio.StreamReader | None, level: int) -> None:
         """The task's console output, line by line, into the worker's log."""
@@ -4074,10 +4114,8 @@ def dht_options(env: dict, dht: bool | None = None, bootstrap: Iterable[str] | N
                 port: int | None = None) -> dict:
     """Bugout's DHT arguments from arguments or the ``dht``, ``dhtBootstrap``, ``dhtPort`` keys."""
     routers = _config(env, "dhtBootstrap", bootstrap, DHT_BOOTSTRAP)
-    if isinstance(routers, str):
-        routers = [r.strip() for r in routers.split(",") if r.strip()]
     udp = _config(env, "dhtPort", port)
-    return {"dht": _word(_config(env, "dht", dht), True), "dht_bootstrap": list(routers),
+    return {"dht": _word(_config(env, "dht", dht), True), "dht_bootstrap": _split_setting(routers),
             "dht_port": None if udp is None else int(udp)}
 
 
@@ -4089,12 +4127,10 @@ def bugout_from_env(token: str, env: dict, *, seed: str | None = None, host: str
                     ice_servers: str | Iterable[str] | None = None,
                     max_peers: int | None = None) -> Bugout:
     """A Bugout node from explicit arguments, else the transport keys of ``env``."""
-    peer_list = _config(env, "peers", peers, "")
-    if isinstance(peer_list, str):
-        peer_list = [p for p in peer_list.split(",") if p.strip()]
     return Bugout(
         token, seed=_config(env, "seed", seed), host=_config(env, "host", host, "0.0.0.0"),
-        port=int(_config(env, "port", port, 0)), peers=peer_list,
+        port=int(_config(env, "port", port, 0)),
+        peers=_split_setting(_config(env, "peers", peers, "")),
         lsd=_word(_config(env, "lsd", lsd), True),
         max_message=int(_config(env, "maxMessage", None, DEFAULT_MAX_MESSAGE)),
         trackers=_config_list(env, "trackers", trackers),
@@ -4225,9 +4261,7 @@ class Worker:
             await asyncio.sleep(0.05)
 
     def _spawn(self, coro: Awaitable) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn(coro, self._tasks, "worker")
 
     # finding the master
     def _on_peer(self, address: str) -> None:
@@ -4305,7 +4339,8 @@ class Worker:
             plan = [(safe_asset_path(self.folder, f.get("workerPath")), f) for f in files]
             python = self._has_py_task(files)  # else task.js: npm packages
             deps = [(check_requirement if python else check_npm_package)(d) for d in deps]
-            contents = [self.crypt.decrypt_bytes(f["content"]) for _, f in plan]
+            contents = await asyncio.to_thread(  # files may be large: off the loop
+                lambda: [self.crypt.decrypt_bytes(f["content"]) for _, f in plan])
         except (UnsafeAsset, CryptError) as exc:
             log.error("%s; nothing was written", exc)
             return False
@@ -4313,16 +4348,20 @@ class Worker:
             log.error("master sent malformed assets; nothing was written")
             return False
         self._remove_assets()
-        for (target, asset), content in zip(plan, contents):
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(content)
-            if asset.get("sha256") and hashlib.sha256(content).hexdigest() != asset["sha256"]:
-                log.warning("%s: content differs from the master's sha256", asset.get("workerPath"))
         self._manifest = [{"name": f.get("name"), "workerPath": f["workerPath"]} for _, f in plan]
-        self._save_state()
-        if not await (self.install_dependencies(deps) if python else install_npm_packages(self.folder, deps)):
-            return False
-        return await self._load_task()
+        try:
+            await asyncio.to_thread(_write_assets, plan, contents)
+        except OSError as exc:
+            log.error("cannot write the assets in %s: %s", self.folder, exc)
+            ready = False
+        else:
+            self._save_manifest()
+            ready = (await (self.install_dependencies(deps) if python else
+                            install_npm_packages(self.folder, deps)) and await self._load_task())
+        if not ready:  # gone: the next sync differs, and the master sends all again (deps too)
+            self._remove_assets()
+            self._save_manifest()
+        return ready
 
     @staticmethod
     def _has_py_task(files: list) -> bool:
@@ -4361,16 +4400,9 @@ class Worker:
         except OSError as exc:
             log.error("cannot run pip: %s", exc)
             return False
-        assert proc.stdout is not None
-        async for line in proc.stdout:
-            log.debug("pip: %s", line.decode(errors="replace").rstrip())
-        if await proc.wait() != 0:
-            log.error("pip could not install %s (no pip, no network or no such "
-                      "package?); run with LOG_LEVEL=debug to see pip's output",
-                      ", ".join(missing))
+        if not await _install_finished(proc, "pip", missing):
             return False
         importlib.invalidate_caches()
-        log.info("installed %s", ", ".join(missing))
         return True
 
     async def _load_task(self) -> bool:
@@ -4413,22 +4445,30 @@ class Worker:
     async def _drive(self) -> None:
         """The job loop: ask, run, deliver; one request in flight at most."""
         while not (self._stopping and not self.jobs):
-            if not self.jobs:
-                self._wake.clear()  # before asking: a nudge during the ask is kept
-                if self._stopping or not self._ready_for_work() or not await self.request_work():
-                    self._kick_delivery()
-                    await self._idle()
-                    continue
-            self._busy = True
             try:
-                result = await self.do_job(self.jobs.popleft())
-                self.undelivered.append(result)
-            finally:
-                self._busy = False
-            # JS masters get each result at once. master.py takes them in bulk: with the
-            # next requestWork, or every second while a long batch runs.
-            if not self._master_batches or time.monotonic() - self._last_kick >= 1.0:
+                await self._step()
+            except Exception:  # a bug of ours must not end the loop: say so and go on
+                log.exception("job loop: unexpected error")
+                await asyncio.sleep(1.0)
+
+    async def _step(self) -> None:
+        """Ask for work when no job is held (else wait), or run the next job."""
+        if not self.jobs:
+            self._wake.clear()  # before asking: a nudge during the ask is kept
+            if self._stopping or not self._ready_for_work() or not await self.request_work():
                 self._kick_delivery()
+                await self._idle()
+                return
+        self._busy = True
+        try:
+            result = await self.do_job(self.jobs.popleft())
+            self.undelivered.append(result)
+        finally:
+            self._busy = False
+        # JS masters get each result at once. master.py takes them in bulk: with the
+        # next requestWork, or every second while a long batch runs.
+        if not self._master_batches or time.monotonic() - self._last_kick >= 1.0:
+            self._kick_delivery()
 
     def _ready_for_work(self) -> bool:
         return self.master is not None and self._assets_ok and self._runner is not None
@@ -4546,13 +4586,23 @@ class Worker:
             log.info("%d result(s) from the last run will be delivered", len(held))
             (self.folder / ".results.json").unlink()
 
-    def _save_state(self) -> None:
+    def _save_manifest(self) -> None:
         try:
             (self.folder / ".assets.json").write_text(json_dumps(self._manifest))
-            if self.undelivered:
-                (self.folder / ".results.json").write_text(json_dumps(list(self.undelivered)))
-                log.warning("%d result(s) could not be delivered; kept for the next run",
-                            len(self.undelivered))
+        except OSError as exc:
+            log.error("cannot save the asset list in %s: %s", self.folder, exc)
+
+    def _save_state(self) -> None:
+        """At the end: the asset list, and the results nobody took (or none)."""
+        self._save_manifest()
+        held = self.folder / ".results.json"
+        try:
+            if not self.undelivered:
+                held.unlink(missing_ok=True)
+                return
+            held.write_text(json_dumps(list(self.undelivered)))
+            log.warning("%d result(s) could not be delivered; kept for the next run",
+                        len(self.undelivered))
         except OSError as exc:
             log.error("cannot save state in %s: %s (%d result(s) lost)",
                       self.folder, exc, len(self.undelivered))
@@ -4594,8 +4644,8 @@ def _prompt(ask: Callable[[str], str], label: str, current: str | None,
 
 async def run_worker(worker: Worker) -> int:
     """Run until SIGINT/SIGTERM; the first finishes held jobs, a second exits at once."""
-    loop = asyncio.get_running_loop()
     signals = 0
+    stopping: set[asyncio.Task] = set()
 
     def on_signal() -> None:
         nonlocal signals
@@ -4603,8 +4653,9 @@ async def run_worker(worker: Worker) -> int:
         if signals > 1:
             log.warning("second signal: exiting now")
             os._exit(130)
-        loop.create_task(worker.stop())
+        spawn(worker.stop(), stopping, "stop")
 
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal)
