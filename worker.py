@@ -4461,8 +4461,7 @@ class Worker:
                 return
         self._busy = True
         try:
-            result = await self.do_job(self.jobs.popleft())
-            self.undelivered.append(result)
+            self._result_ready(await self.do_job(self.jobs.popleft()))
         finally:
             self._busy = False
         # JS masters get each result at once. master.py takes them in bulk: with the
@@ -4527,6 +4526,10 @@ class Worker:
             result["data"] = None
             result["error"] = error_result(exc)
         return result
+
+    def _result_ready(self, result: dict) -> None:
+        """Every result the worker makes comes here to be held until delivered."""
+        self.undelivered.append(result)
 
     def _kick_delivery(self) -> None:
         """Deliver held results in the background, next to the job loop."""
