@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -39,15 +40,19 @@ from typing import Any
 
 from worker import (
     JOBS_WAITING,
+    PROOF_LABEL,
     Crypt,
     Helper,
     Logger,
     WorkerError,
-    _as_dict,
     _config,
+    as_dict,
     bugout_from_env,
     json_dumps,
     load_env,
+    make_seed,
+    master_proof,
+    write_env_file,
 )
 
 log = logging.getLogger("worker")
@@ -90,6 +95,7 @@ class Master:
         if not self.token:
             raise WorkerError("no token")
         self.crypt = Crypt(_config(env, "transferEncryptToken", transfer_encrypt_token) or "")
+        self._proof_key = self.crypt.derive(PROOF_LABEL)
         if loglevel is not None or env.get("LOG_LEVEL"):
             Logger(_config(env, "LOG_LEVEL", loglevel, "info"))
         self.folder = Path(folder or Path.cwd())
@@ -125,9 +131,8 @@ class Master:
 
     async def start(self) -> Master:
         node = self.node
-        node.register("isMaster", lambda a, args: {**_as_dict(args), "isMaster": "yes",
-                                                   "resultAcks": True, "resultBatches": True})
-        node.register("ping", lambda a, args: {**_as_dict(args), "pong": True})
+        node.register("isMaster", self._is_master)
+        node.register("ping", lambda a, args: {**as_dict(args), "pong": True})
         node.register("requestExecAssets", self._serve_exec_assets)
         node.register("requestWork", self._request_work)
         node.register("shareResults", self._share_results)
@@ -184,6 +189,20 @@ class Master:
         self._encrypted_files = None
 
     # the four RPCs
+    def _is_master(self, address: str, args: Any) -> dict:
+        """``isMaster``: yes, what we add to the JS protocol, and the proof a worker asks for.
+
+        A Python worker sends ``{"challenge": 64 hex digits}`` after a first
+        ``isMaster {}``; the ``proof`` binds its nonce to both addresses under
+        the key (worker.py, "Worker: trusting a master").
+        """
+        args = as_dict(args)
+        answer = {**args, "isMaster": "yes", "resultAcks": True, "resultBatches": True, "keyProof": 1}
+        challenge = args.get("challenge")
+        if isinstance(challenge, str) and re.fullmatch(r"[0-9a-f]{64}", challenge):
+            answer["proof"] = master_proof(self._proof_key, bytes.fromhex(challenge), self.address, address)
+        return answer
+
     async def _serve_exec_assets(self, address: str, args: Any) -> dict:
         """``requestExecAssets``: hashing and encrypting happen in a thread, off the loop."""
         await asyncio.to_thread(self._assets)
@@ -191,7 +210,7 @@ class Master:
 
     def _request_exec_assets(self, address: str, args: Any) -> dict:
         unified, files = self._assets()
-        if _as_dict(args).get("currentHash") == unified:
+        if as_dict(args).get("currentHash") == unified:
             return {"status": "same", "files": []}
         return {"status": "changed", "dependencies": self.exec_assets.get("dependencies", []),
                 "files": files}
@@ -233,7 +252,7 @@ class Master:
 
     def _request_work(self, address: str, args: Any) -> dict:
         """JS rule: a batch while more than one job waits and getBatch is truthy."""
-        args = _as_dict(args)
+        args = as_dict(args)
         if "results" in args:  # Python workers send held results along
             self._share_results_batch(address, args["results"])
         answer = {k: v for k, v in args.items() if k != "results"}
@@ -389,6 +408,10 @@ def _worker_path(path: str) -> str:
 async def run_master(args: argparse.Namespace, jobs: Any = None) -> int:
     """Serve ``args.task`` files and the jobs read from ``jobs`` (a binary file) until a signal."""
     env = load_env(args.env)
+    if not env.get("seed"):  # a stable address, which workers may pin (master= in their .env)
+        env["seed"] = make_seed()
+        write_env_file(args.env, {"seed": env["seed"]})
+        log.warning("master.py: a new seed was written into %s: this master keeps its address", args.env)
     files = [{"masterPath": str(Path(path).resolve()), "name": Path(path).name,
               "workerPath": _worker_path(path)} for path in args.task]
     deps = [d for d in args.deps.split(",") if d.strip()]

@@ -10,6 +10,7 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -996,19 +997,6 @@ class TestWorkerFlow(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             run(scenario(tmp))
 
-    def test_results_file_only_while_results_are_held(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            worker = w.Worker("t", "w", "warn", KEY, env={}, folder=tmp, lsd=False, dht=False, trackers=[])
-            held = Path(tmp) / ".results.json"
-            worker.undelivered.append({"jobID": 1})
-            worker._save_manifest()  # as after new assets: the held result is not written
-            self.assertFalse(held.exists())
-            worker._save_state()  # at the end, with the result still held
-            self.assertEqual(json.loads(held.read_text()), [{"jobID": 1}])
-            worker.undelivered.clear()  # delivered after all
-            worker._save_state()
-            self.assertFalse(held.exists())  # or the next run would deliver it again
-
     def test_unsafe_assets_write_nothing(self):
         cases = [{"/../evil.py": "x", "/workplace/task.py": TASK_PY},
                  {"/.env": "token=stolen", "/workplace/task.py": TASK_PY},
@@ -1024,7 +1012,8 @@ class TestWorkerFlow(unittest.TestCase):
                 with self.assertLogs("worker", "ERROR") as logs:
                     await worker.start()
                     await until_logged(logs, "refused")
-                self.assertEqual(sorted(p.name for p in (Path(tmp) / "w1").iterdir()), [])
+                self.assertEqual(sorted(p.name for p in (Path(tmp) / "w1").iterdir()
+                                        if not p.name.startswith(w.JOURNAL_NAME)), [])
                 self.assertFalse((Path(tmp) / "evil.py").exists())
                 await worker.stop()
                 await cluster.master.close()
@@ -1259,6 +1248,454 @@ class TestAgainstJsMaster(unittest.TestCase):
             await master.close()
         with tempfile.TemporaryDirectory() as tmp:
             run(scenario(tmp))
+
+
+# Master trust (issue 10) ####################################################
+
+def asset_answer(files, key=KEY, status="changed", deps=()):
+    """A requestExecAssets answer as a master makes it: {workerPath: bytes} -> files."""
+    crypt = w.Crypt(key)
+    listed = [{"masterPath": p, "name": Path(p).name, "workerPath": p,
+               "sha256": hashlib.sha256(data).hexdigest(), "content": crypt.encrypt(data)}
+              for p, data in files.items()]
+    return {"status": status, "dependencies": list(deps), "files": listed}
+
+
+class TestMasterProof(unittest.TestCase):
+    """The proof rules and the trust table, in memory."""
+
+    def verify(self, answer, text_reads=True, key=KEY):
+        with tempfile.TemporaryDirectory() as tmp:
+            return w.verify_assets(answer, w.Crypt(key), Path(tmp), text_reads=text_reads)
+
+    def test_the_task_file_and_text_files_must_hash_as_the_master_says(self):
+        good = asset_answer({"/workplace/task.py": TASK_PY.encode(), "/workplace/data/x.txt": b"text\n"})
+        verified = self.verify(good)
+        self.assertTrue(verified.python)
+        self.assertEqual(verified.unified, "".join(f["sha256"] for f in good["files"]))
+        self.assertEqual([c for _, _, c in verified.files], [TASK_PY.encode(), b"text\n"])
+        for index in (0, 1):  # a wrong hash on the task or on a text file
+            bad = json.loads(json.dumps(good))
+            bad["files"][index]["sha256"] = "0" * 64
+            with self.assertRaises(w.AssetError):
+                self.verify(bad)
+        with self.assertRaises(w.CryptError):  # another key: nothing decrypts
+            self.verify(good, key="x" * 32)
+
+    def test_a_binary_file_read_as_utf8_by_a_js_master(self):
+        binary = bytes(range(256))
+        answer = asset_answer({"/task.js": b"module.exports = class {}\n", "/blob.bin": binary})
+        mangled = binary.decode("utf-8", "replace").encode()  # what the JS master's read sends
+        answer["files"][1]["content"] = w.Crypt(KEY).encrypt(mangled)
+        with self.assertLogs("worker", "WARNING") as logs:
+            verified = self.verify(answer)  # accepted from a JS master, as received
+        self.assertEqual(verified.files[1][2], mangled)
+        self.assertIn("binary file", logs.output[0])
+        with self.assertRaises(w.AssetError):  # master.py reads bytes: never from it
+            self.verify(answer, text_reads=False)
+        answer["files"][0]["content"] = w.Crypt(KEY).encrypt("\ufffd".encode())  # never the task file
+        with self.assertRaises(w.AssetError):
+            self.verify(answer)
+
+    def test_shapes_and_caps(self):
+        good = asset_answer({"/task.py": b"class Task: pass\n"})
+        cases = [None, [], {"status": "same", "files": []}, {**good, "files": []},
+                 {**good, "files": "task.py"}, {**good, "dependencies": "numpy"},
+                 {**good, "dependencies": ["numpy"] * (w.MAX_DEPENDENCIES + 1)},
+                 {**good, "files": good["files"] * (w.MAX_ASSET_FILES + 1)},
+                 {**good, "files": [{**good["files"][0], "name": 5}]},
+                 {**good, "files": [{**good["files"][0], "sha256": None}]},
+                 {**good, "files": [{**good["files"][0], "content": "x"}]},
+                 asset_answer({"/other.py": b"x"})]
+        for answer in cases:
+            with self.assertRaises(w.AssetError, msg=str(answer)[:200]):
+                self.verify(answer)
+        with self.assertRaises(w.UnsafeAsset):
+            self.verify({**good, "files": [{**good["files"][0], "workerPath": "/../x.py"}]})
+        with self.assertRaises(w.UnsafeAsset):
+            self.verify({**good, "dependencies": ["--index-url=http://evil/"]})
+
+    def test_the_challenge_binds_nonce_and_both_addresses(self):
+        key = w.Crypt(KEY).derive(w.PROOF_LABEL)
+        master, worker, other = (w.Identity().address for _ in range(3))
+        nonce = os.urandom(32)
+        proof = w.master_proof(key, nonce, master, worker)
+        self.assertEqual(proof, w.master_proof(key, nonce, master, worker))
+        for changed in (w.master_proof(key, os.urandom(32), master, worker),
+                        w.master_proof(key, nonce, other, worker),
+                        w.master_proof(key, nonce, master, other),
+                        w.master_proof(w.Crypt("y" * 32).derive(w.PROOF_LABEL), nonce, master, worker)):
+            self.assertNotEqual(changed, proof)
+
+    def test_trust_bans_budget_and_pins(self):
+        trust = w.MasterTrust()
+        peers = [w.Identity().address for _ in range(60)]
+        now = 1000.0
+        self.assertTrue(trust.may_ask(peers[0], now))
+        hour, per_hour = w.PROOF_BUDGET[0]
+        for i in range(per_hour - 1):
+            self.assertFalse(trust.proof_failed(peers[i], now + i))
+            self.assertFalse(trust.may_ask(peers[i], now + i + 1))  # banned
+        self.assertTrue(trust.may_ask(peers[per_hour], now + per_hour))
+        self.assertTrue(trust.proof_failed(peers[per_hour - 1], now + per_hour))  # the budget is spent
+        self.assertFalse(trust.may_ask(peers[per_hour], now + per_hour))
+        self.assertFalse(trust.may_prove(peers[per_hour], now + hour - 1))
+        self.assertTrue(trust.may_prove(peers[per_hour], now + hour + 1))  # an hour later
+        self.assertFalse(trust.may_ask(peers[0], now + w.PROOF_BAN_SECONDS - 1))
+        trust.adopt(peers[50])
+        self.assertEqual(trust.master, peers[50])
+        trust.said_yes(peers[51], w.MasterCaps())
+        self.assertIn(peers[51], trust.candidates)
+        self.assertTrue(trust.lose(peers[50]))
+        self.assertEqual(trust.next_to_ask([peers[52]], now)[:3], [peers[50], peers[51], peers[52]])
+        # a fresh identity every minute for two days: no window holds more failures than allowed
+        day, spent = w.MasterTrust(), []
+        for i in range(2 * 24 * 60):
+            t = now + 60 * i
+            if day.may_prove("peer-%d" % i, t):
+                day.proof_failed("peer-%d" % i, t)
+                spent.append(t)
+        for window, allowed in w.PROOF_BUDGET:
+            self.assertLessEqual(max(sum(1 for u in spent if t - window < u <= t) for t in spent), allowed)
+        self.assertLessEqual(len(spent), 2 * w.PROOF_BUDGET[1][1])
+        pinned = w.MasterTrust(pinned=[peers[0]])
+        self.assertFalse(pinned.may_ask(peers[1], now))
+        self.assertTrue(pinned.may_ask(peers[0], now))
+
+
+class Impostor:
+    """A token-only peer on worker.py's own Bugout: claims to be the master, records every call."""
+
+    def __init__(self, token, assets=None, caps=None, work=None):
+        self.token, self.calls = token, []
+        self.assets = assets  # requestExecAssets answer: a dict, a function of args, or None (no answer)
+        self.caps = caps or {}
+        self.work = work
+
+    async def start(self, **kw):
+        self.node = await py_node(self.token, **kw)
+        self.node.on("rpc", lambda address, name, args: self.calls.append((name, args)))
+        self.node.register("isMaster", lambda a, args: {**args, "isMaster": "yes", **self.caps})
+        self.node.register("requestExecAssets", self._assets)
+        self.node.register("requestWork", lambda a, args: {**args, "task": self.work})
+        for name in ("shareResults", "shareResultsBatch"):
+            self.node.register(name, lambda a, args: w.NO_ANSWER)
+        return self
+
+    def _assets(self, address, args):
+        if self.assets is None:
+            return asyncio.Event().wait()  # never answers
+        return self.assets(args) if callable(self.assets) else self.assets
+
+    def names(self):
+        return [name for name, _ in self.calls]
+
+    async def close(self):
+        await self.node.close()
+
+
+class IdentityFlood:
+    """One TCP wire to a worker carrying packets of many fresh bugout identities.
+
+    Each identity answers isMaster "yes" and requestExecAssets with ``probe()``:
+    the shape of a padding-oracle attack by a peer that knows only the token.
+    """
+
+    def __init__(self, token, port, probe):
+        self.token, self.port, self.probe = token, port, probe
+        self.cores = collections.deque(maxlen=4)  # the newest identities: boxes are opened with these
+        self.calls = collections.Counter()
+        #: envelopes none of the newest identities could open: calls to older ones
+        self.unopened = 0
+        self.worker = None
+
+    async def start(self):
+        infohash, _ = w.infohash_of(self.token)
+        first = w.Identity()
+        self.wire = w.PeerWire(infohash, w.make_peer_id(), {"ek": first.ek, "id": self.token,
+                                                            "m": {"bo_channel": 4}, "pk": first.pk},
+                               initiator=True)
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writer.write(self.wire.data_to_send())
+        self._reading = asyncio.ensure_future(self._read())
+        await until(lambda: self.worker is not None, 10)
+        return self
+
+    async def _read(self):
+        while data := await self.reader.read(1 << 16):
+            self.wire.receive_data(data)
+            for event in self.wire.events_received():
+                if isinstance(event, w.ExtendedHandshake):
+                    self.worker = (event.fields["pk"].decode(), event.fields["ek"].decode())
+                elif isinstance(event, w.ExtensionPayload):
+                    self._payload(event.payload)
+            self._send()
+
+    def _payload(self, payload):
+        envelope = w.bdecode(payload)
+        if isinstance(envelope, dict) and "e" in envelope:
+            self.unopened += 1
+        for core in list(self.cores):
+            events = core.receive_payload(payload, w._now())
+            if any(isinstance(e, (w.Call, w.Response)) for e in events):
+                self.unopened -= 1
+            for event in events:
+                if isinstance(event, w.Call):
+                    self.calls[event.name] += 1
+                    answer = ({**event.args, "isMaster": "yes"} if event.name == "isMaster"
+                              else self.probe() if event.name == "requestExecAssets" else None)
+                    if answer is not None:
+                        core.send_response(event.address, event.nonce, answer, w._now())
+
+    def new_identity(self):
+        core = w.BugoutCore(self.token, w.Identity())
+        core.saw_peer(*self.worker, w._now(), signed=True)  # and pings: the worker sees it
+        self.cores.append(core)
+        self._send()
+
+    def _send(self):
+        for core in self.cores:
+            for payload, _ in core.data_to_send():
+                self.wire.send_extension(payload)
+        if data := self.wire.data_to_send():
+            self.writer.write(data)
+
+    async def close(self):
+        self._reading.cancel()
+        self.writer.close()
+
+
+def padding_probe(rng):
+    """An asset answer whose one file is random ciphertext (a CBC-R step), sometimes malformed."""
+    def probe():
+        content = {"iv": rng.randbytes(16).hex(), "encryptedData": rng.randbytes(32).hex()}
+        name = rng.choice(["task.py", 5, None])
+        return {"status": "changed", "dependencies": [], "files": [
+            {"masterPath": "/task.py", "name": name, "workerPath": "/task.py",
+             "sha256": rng.randbytes(32).hex(), "content": content}]}
+    return probe
+
+
+class TestMasterTrust(unittest.TestCase):
+    """Token-only peers against a real worker over loopback sockets."""
+
+    def test_padding_oracle_loop_gets_the_budget_and_nothing_else(self):
+        async def scenario(tmp):
+            token = "oracle-%d" % random.randrange(1 << 30)
+            worker = w.Worker(token, "w", "warn", KEY, env={}, folder=Path(tmp) / "w", host="127.0.0.1",
+                              lsd=False, dht=False, trackers=[])
+            with self.assertLogs("worker", "ERROR") as logs:
+                await worker.start()
+                flood = await IdentityFlood(token, worker.node.port, padding_probe(random.Random(3))).start()
+                probes = 0
+                while probes < 10_000:  # one identity per probe, each asked as soon as the last is done
+                    flood.new_identity()
+                    probes += 1
+                    try:
+                        await until(lambda n=probes: flood.calls["requestExecAssets"] >= n, 2.0)
+                    except AssertionError:
+                        break  # the worker asks no more: the rest come at once
+                flood.unopened = 0  # the worker asked the handshake's identity too, at the start
+                for _ in range(10_000 - probes):
+                    flood.new_identity()
+                    await flood.writer.drain()
+                await asyncio.sleep(3.0)  # a worker that still asked would have by now
+            budget = w.PROOF_BUDGET[0][1]
+            self.assertEqual(flood.calls["requestExecAssets"], budget)  # the budget, not 10,000
+            self.assertEqual(flood.calls["isMaster"], budget)  # the next identity was not even asked
+            self.assertEqual(flood.unopened, 0)
+            self.assertEqual(sum("did not prove" in line for line in logs.output), budget)
+            self.assertEqual(sum("failed to prove the key lately" in line for line in logs.output), 1)
+            self.assertEqual(worker.current_hash(), "")
+            self.assertIsNone(worker._runner)
+            self.assertIsNone(worker.master)
+            self.assertEqual([p.name for p in (Path(tmp) / "w").iterdir()
+                              if not p.name.startswith(w.JOURNAL_NAME)], [])
+            self.assertFalse(any(name.startswith("qx_task") for name in sys.modules))
+            await flood.close()
+            await worker.stop()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp), 120)
+
+    def test_every_rejection_looks_the_same(self):
+        good_padding = asset_answer({"/task.py": b"import os\nclass Task: pass\n"})
+        good_padding["files"][0]["sha256"] = "1" * 64  # decrypts, but not to that hash
+        bad_padding = asset_answer({"/task.py": b"x"})
+        bad_padding["files"][0]["content"]["encryptedData"] = os.urandom(16).hex()
+        not_a_name = asset_answer({"/task.py": b"x"})
+        not_a_name["files"][0]["name"] = 7
+        wrong_key = asset_answer({"/task.py": b"class Task: pass\n"}, key="q" * 32)
+        variants = {"good padding, wrong hash": good_padding, "bad padding": bad_padding,
+                    "name not a string": not_a_name, "another key": wrong_key}
+
+        async def scenario(tmp):
+            token = "same-%d" % random.randrange(1 << 30)
+            worker = await w.Worker(token, "w", "error", KEY, env={}, folder=Path(tmp) / "w",
+                                    host="127.0.0.1", lsd=False, dht=False, trackers=[]).start()
+            impostors = {name: await Impostor(token, answer).start(peers=["127.0.0.1:%d" % worker.node.port])
+                         for name, answer in variants.items()}
+            await until(lambda: all(i.names()[-1:] == ["requestExecAssets"] for i in impostors.values()), 20)
+            old = {name: set(i.node._connections) for name, i in impostors.items()}
+            for impostor in impostors.values():  # new wires: a worker that re-asked would say so
+                for conn in list(impostor.node._connections):
+                    conn.close()
+            await until(lambda: all(i.node.connections() and not (set(i.node._connections) & old[name])
+                                    for name, i in impostors.items()), 20)
+            await asyncio.sleep(1.5)
+            for name, impostor in impostors.items():
+                self.assertEqual(impostor.names(), ["isMaster", "requestExecAssets"], name)
+                self.assertEqual(impostor.calls[1][1], {"currentHash": ""})
+            self.assertEqual(worker.current_hash(), "")
+            self.assertIsNone(worker._runner)
+            for impostor in impostors.values():
+                await impostor.close()
+            await worker.stop()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def hijack(self, caps):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            results_at = []
+            cluster.master.on_results = lambda r: (cluster.results.append(r), results_at.append(time.monotonic()))
+            cluster.push(3000, sleep=0.001)  # a run of a few seconds, which the rogue joins and leaves
+            worker = await cluster.worker(get_batch=True, batch_size=10).start()
+            await cluster.until_results(500, 60)
+            rogue = await Impostor(cluster.token, asset_answer({"/task.py": b"x"}), caps).start(
+                peers=["127.0.0.1:%d" % worker.node.port])
+            await until(lambda: "isMaster" in rogue.names(), 10)
+            await asyncio.sleep(2.0)
+            await rogue.close()  # it leaves
+            self.assertLess(len(cluster.results), 3000)  # it came and left during the run
+            await cluster.until_results(3000, 60)
+            self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(3000)))
+            self.assertEqual(rogue.names(), ["isMaster"])  # a candidate: never asked more, never given results
+            gaps = [b - a for a, b in itertools.pairwise(results_at)]
+            self.assertLess(max(gaps), 1.0)
+            self.assertEqual(worker.master, cluster.master.address)
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp), 120)
+
+    def test_a_rogue_claiming_master_during_a_run_gets_nothing(self):
+        self.hijack({"resultAcks": True, "resultBatches": True, "keyProof": 1})
+
+    def test_a_js_style_rogue_claiming_master_during_a_run_gets_nothing(self):
+        self.hijack({})
+
+    def test_rogues_up_before_the_master_get_nothing_and_the_master_is_adopted(self):
+        async def scenario(tmp):
+            token = "early-%d" % random.randrange(1 << 30)
+            rogues = [await Impostor(token, None).start(),  # never answers its proof
+                      await Impostor(token, asset_answer({"/task.py": b"class Task: pass\n"}, key="r" * 32)
+                                     ).start(),
+                      await Impostor(token, None, {"keyProof": 1, "resultAcks": True}).start()]
+            worker = await w.Worker(token, "w", "warn", KEY, env={}, folder=Path(tmp) / "w", host="127.0.0.1",
+                                    lsd=False, dht=False, trackers=[], get_batch=True, batch_size=5,
+                                    peers=["127.0.0.1:%d" % r.node.port for r in rogues]).start()
+            await until(lambda: all(r.calls for r in rogues), 20)
+            await asyncio.sleep(1.0)
+            self.assertIsNone(worker.master)
+            from master import Master
+            results = []
+            files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
+            master = Master(token, {"files": files, "dependencies": []}, results.append, None, KEY,
+                            folder=Path(tmp) / "master", env={}, host="127.0.0.1", lsd=False, dht=False,
+                            trackers=[], peers=["127.0.0.1:%d" % worker.node.port])
+            for i in range(20):
+                master.push_new_job({"id": i, "data": json.dumps({"x": i})})
+            started = time.monotonic()
+            await master.start()
+            await until(lambda: worker.master == master.address, 10)
+            adopted = time.monotonic() - started
+            await until(lambda: len(results) >= 20, 30)
+            self.assertLess(adopted, 5.0)
+            for rogue in rogues:
+                self.assertNotIn("requestWork", rogue.names())
+                self.assertFalse({"shareResults", "shareResultsBatch"} & set(rogue.names()))
+            self.assertEqual(rogues[1].names(), ["isMaster", "requestExecAssets"])
+            await worker.stop()
+            await master.close()
+            for rogue in rogues:
+                await rogue.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp), 90)
+
+    def test_pinned_master_only(self):
+        async def scenario(tmp):
+            cluster = Cluster(tmp)
+            await cluster.start()
+            cluster.push(10)
+            rogue = await Impostor(cluster.token, asset_answer({"/task.py": b"x"}), {"keyProof": 1}).start()
+            worker = await cluster.worker(master=cluster.master.address,
+                                          peers=["127.0.0.1:%d" % rogue.node.port,
+                                                 "127.0.0.1:%d" % cluster.master.port]).start()
+            await cluster.until_results(10)
+            await until(lambda: worker.address in rogue.node.peers, 10)
+            await asyncio.sleep(0.5)
+            self.assertEqual(rogue.calls, [])  # never even asked
+            await worker.stop()
+            await rogue.close()
+            await cluster.master.close()
+            with self.assertRaises(w.WorkerError):
+                cluster.worker(master="not-an-address")
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_master_py_keeps_its_address_across_restarts(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            write_loopback_env(tmp, "stable-%d" % random.randrange(1 << 30))
+            addresses = []
+            for _ in range(2):
+                with subprocess.Popen([sys.executable, MASTER_PY], cwd=tmp, env=clean_env(),
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL) as proc:
+                    try:
+                        addresses.append(json.loads(proc.stdout.readline())["address"])
+                    finally:
+                        proc.terminate()
+            self.assertEqual(addresses[0], addresses[1])
+            self.assertIn("seed=", (Path(tmp) / ".env").read_text())
+
+
+class TestMasterTrustJs(unittest.TestCase):
+    """The same attacks with the unchanged JS master (harness on npm bugout) as the real master."""
+
+    def setUp(self):
+        js_ready()
+
+    async def js_master(self, tmp, token, **env):
+        files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
+        for f in files:
+            f["masterPath"] = str(Path(tmp) / "master" / f["masterPath"].lstrip("/"))
+        (Path(tmp) / "assets.json").write_text(json.dumps({"files": files, "dependencies": []}))
+        return await JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY,
+                                             "QX_ASSETS": str(Path(tmp) / "assets.json"), **env}).start()
+
+    def test_rogue_during_a_js_master_run_and_rogue_first(self):
+        async def scenario(tmp):
+            token = "jsrogue-%d" % random.randrange(1 << 30)
+            early = await Impostor(token, None).start()
+            worker = await w.Worker(token, "py", "warn", KEY, env={}, folder=Path(tmp) / "w", host="127.0.0.1",
+                                    lsd=False, dht=False, trackers=[], get_batch=True, batch_size=10,
+                                    peers=["127.0.0.1:%d" % early.node.port]).start()
+            await until(lambda: "requestExecAssets" in early.names(), 20)
+            master = await self.js_master(tmp, token, QX_JOBS="300")
+            master.send(cmd="addPeer", addr="127.0.0.1:%d" % worker.node.port)
+            await until(lambda: worker.master == master.ready["address"], 20)
+            rogue = await Impostor(token, asset_answer({"/task.py": b"x"})).start(
+                peers=["127.0.0.1:%d" % worker.node.port])
+            await until(lambda: sum(e["event"] == "result" for e in master.events) >= 300, 120)
+            for impostor in (early, rogue):
+                self.assertFalse({"requestWork", "shareResults", "shareResultsBatch"} & set(impostor.names()))
+            self.assertEqual(rogue.names(), ["isMaster"])
+            self.assertEqual(worker.master, master.ready["address"])
+            await worker.stop()
+            for node in (rogue, early, master):
+                await node.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp), 180)
 
 
 # The command line, as users run it ##########################################
@@ -2401,14 +2838,14 @@ class TestFaults(unittest.TestCase):
             await until(lambda: len(worker.jobs) >= 3, 30)
             await first.kill()  # SIGKILL while the worker holds the batch
             await until(lambda: worker.stats["jobs done"] + worker.stats["jobs failed"] >= 5, 30)
-            self.assertGreaterEqual(len(worker.undelivered), 1)  # kept, nobody to give them to
+            self.assertGreaterEqual(len(worker.outbox), 1)  # kept, nobody to give them to
             second = await MasterProcess(Path(tmp) / "m2", token, port, seed).start()
             self.procs.append(second.proc)
             await until(lambda: len(first.results) + len(second.results) >= 5, 60)
             self.assertEqual(sorted(r["jobID"] for r in first.results + second.results), list(range(5)))
             self.assertTrue(second.results)
             # the master prints a result before its acknowledgement reaches the worker
-            await until(lambda: not worker.undelivered, 10)
+            await until(lambda: not worker.outbox.held, 10)
             await worker.stop()
             await second.kill()
         with tempfile.TemporaryDirectory() as tmp:

@@ -45,12 +45,14 @@ import argparse
 import asyncio
 import base64
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import enum
 import functools
 import hashlib
 import heapq
+import hmac
 import importlib.util
 import inspect
 import itertools
@@ -63,12 +65,13 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import struct
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -291,6 +294,11 @@ class Crypt:
         if len(raw) != 32:
             raise CryptError("transferEncryptToken must be exactly 32 bytes, got %d" % len(raw))
         self._algorithm = algorithms.AES(raw)
+        self._key = raw
+
+    def derive(self, label: bytes) -> bytes:
+        """A 32-byte key for another use (HMAC-SHA256 of ``label`` under this key)."""
+        return hmac.new(self._key, label, hashlib.sha256).digest()
 
     def encrypt(self, text: str | bytes) -> dict:
         """Encrypt with a fresh IV; returns ``{"iv", "encryptedData"}``."""
@@ -385,7 +393,7 @@ def read_env_file(path: str | Path) -> dict[str, str]:
 #: Every key the worker and master.py read (README, "Settings").
 SETTINGS = ("token", "transferEncryptToken", "name", "LOG_LEVEL", "logFile", "getBatch", "batchSize",
             "jobTimeout", "folder", "port", "host", "peers", "lsd", "dht", "dhtBootstrap", "dhtPort",
-            "trackers", "iceServers", "maxPeers", "maxMessage", "seed")
+            "trackers", "iceServers", "maxPeers", "maxMessage", "seed", "master")
 
 
 def load_env(path: str | Path = ".env") -> dict[str, str]:
@@ -637,6 +645,8 @@ class PeerKeys:
     pk: str
     ek: str
     last: int
+    #: True once ``ek`` came inside a signed packet (a handshake's is unsigned)
+    signed: bool = False
 
 
 @functools.lru_cache(4096)  # every packet names its sender's key
@@ -863,8 +873,13 @@ class BugoutCore:
         self._emit(self.seal(address, self.make_packet(fields, now)), now)
 
     # incoming
-    def saw_peer(self, pk: str, ek: str, now: int) -> list:
-        """Record a peer's keys; on first sight emit Seen and broadcast a ping."""
+    def saw_peer(self, pk: str, ek: str, now: int, signed: bool = False) -> list:
+        """Record a peer's keys; on first sight emit Seen and broadcast a ping.
+
+        ``signed``: the keys came in a signed packet. An unsigned BEP 10
+        handshake may name anyone's pk, so it never replaces a signed ek (a box
+        key of the impostor's) nor counts as the peer being alive.
+        """
         try:
             address = address_of(key_bytes(pk))
         except DecodeError:
@@ -873,8 +888,11 @@ class BugoutCore:
         if address == self.identity.address:
             return []
         known = self.peers.get(address)
-        self.peers[address] = PeerKeys(pk, ek, now)
-        if known is not None and known.last + self.timeout_ms >= now:
+        alive = known is not None and known.last + self.timeout_ms >= now
+        if alive and known.signed and not signed:
+            return []
+        self.peers[address] = PeerKeys(pk, ek, now, signed)
+        if alive:
             return []
         self.send_ping(now)
         return [Seen(address)]
@@ -946,7 +964,7 @@ class BugoutCore:
         if pk == self.identity.pk:
             self.stats["own packet"] += 1
             return []
-        events = self.saw_peer(pk, ek, now)
+        events = self.saw_peer(pk, ek, now, signed=True)
         address = address_of(key_bytes(pk))
         return events + self._dispatch(_text(packet.get("y", b"")), packet, address, boxed)
 
@@ -3469,7 +3487,8 @@ _REQUIREMENT = re.compile(
     r"(?:\[\s*[A-Za-z0-9._-]+(?:\s*,\s*[A-Za-z0-9._-]+)*\s*\])?"  # extras
     r"(?:\s*(?:===|==|~=|!=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+"  # version
     r"(?:\s*,\s*(?:===|==|~=|!=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+)*)?")
-_PROTECTED_NAMES = {".env", ".deps", ".assets.json", ".results.json", ".qx-runner.js"}
+#: The worker's own files; assets may not overwrite them (nor any ``.qx-*`` name).
+_PROTECTED_NAMES = {".env", ".deps", ".assets.json", ".results.json"}
 
 
 def check_requirement(text: Any) -> str:
@@ -3498,18 +3517,17 @@ def safe_asset_path(folder: Path, worker_path: Any) -> Path:
     target = (root / relative).resolve()
     if target == root or root not in target.parents:
         raise UnsafeAsset(f"asset path {worker_path!r} refused: it leads out of the worker folder")
-    if target == Path(__file__).resolve() or target.relative_to(root).parts[0] in _PROTECTED_NAMES:
+    first = target.relative_to(root).parts[0]
+    if target == Path(__file__).resolve() or first in _PROTECTED_NAMES or first.startswith(".qx-"):
         raise UnsafeAsset(f"asset path {worker_path!r} refused: it would overwrite the worker's own files")
     return target
 
 
-def _write_assets(plan: list[tuple[Path, dict]], contents: list[bytes]) -> None:
-    """Write each asset where ``plan`` says; warn where its sha256 differs."""
-    for (target, asset), content in zip(plan, contents):
+def _write_assets(files: list[tuple[Path, dict, bytes]]) -> None:
+    """Write verified assets: (target, manifest entry, content) each."""
+    for target, _, content in files:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(content)
-        if asset.get("sha256") and hashlib.sha256(content).hexdigest() != asset["sha256"]:
-            log.warning("%s: content differs from the master's sha256", asset.get("workerPath"))
 
 
 async def _install_finished(proc: asyncio.subprocess.Process, tool: str, missing: list[str]) -> bool:
@@ -3557,6 +3575,588 @@ def _version_ok(version: str, spec: str) -> bool:
         except TypeError:
             return False
     return True
+
+
+# Worker: trusting a master ##################################################
+#
+# Theory of operation. The swarm's ``token`` is public, so "isMaster: yes" is
+# only a claim. A peer becomes this worker's master once it has *proved* that
+# it holds ``transferEncryptToken``, and until then nothing it sends changes
+# any state: no file, no manifest, no job run, no result handed to it.
+#
+# Two proofs, and the peer chooses which by what it answers to ``isMaster {}``:
+#
+# - master.py answers ``keyProof: 1``. The worker then calls ``isMaster``
+#   again with ``{"challenge": 32 fresh random bytes in hex}``; the answer's
+#   ``proof`` must be HMAC-SHA256(K, label || nonce || master address || 0 ||
+#   worker address), K derived from the key (:func:`master_proof`). It binds
+#   our nonce to both bugout addresses, so it cannot be replayed or relayed.
+#   The failed check decrypts nothing of the peer's, so it is no oracle.
+# - An unchanged JS master cannot answer that, so its proof is its asset
+#   answer: ``requestExecAssets {"currentHash": ""}`` brings every file
+#   encrypted, each with the SHA-256 of its plaintext. Without the key (and
+#   without an oracle) nobody can make a ciphertext that decrypts to a text
+#   with a hash of their choosing (:func:`verify_assets` has the exact rule).
+#   A peer that fetched the real master's files can replay them: it then gets
+#   the real master's task to run, never its own code (README, "What the
+#   tokens protect").
+#
+# Every failed proof looks the same from outside: the worker stops talking to
+# that peer. It is not asked again for PROOF_BAN_SECONDS; failed proofs over
+# all peers have a budget (PROOF_BUDGET), past which unproven peers are
+# ignored until the budget frees, with one error line. A proof that is not
+# answered in time is no failure: that peer is asked again later.
+#
+# A proven master keeps the worker until it leaves (its ``x``, its timeout,
+# or its last wire gone) or fails (requestWork unreachable or unanswered
+# twice). Another peer's "yes" meanwhile only makes it a candidate. When the
+# master is lost, the worker asks the proven addresses it knows, then the
+# candidates and known peers, and adopts the first that proves the key.
+# ``master=`` pins addresses: no other peer is asked or accepted.
+
+#: How long a peer that failed a proof is not asked again (seconds).
+PROOF_BAN_SECONDS = 3600.0
+#: A peer that did not answer a proof in time may be asked again after this.
+PROOF_RETRY_SECONDS = 60.0
+#: Failed proofs allowed over all peers: (window in seconds, count) pairs.
+PROOF_BUDGET = ((3600.0, 10), (86400.0, 40))
+#: isMaster checks in flight at once, and peers waiting for one.
+CHECK_CONCURRENCY = 4
+CHECK_QUEUE = 256
+#: Proofs running at once; one running longer than PROOF_STALLED seconds
+#: makes room for another, up to PROOF_MAX.
+PROOF_CONCURRENCY = 4
+PROOF_STALLED = 10.0
+PROOF_MAX = 16
+#: A peer that said it is no master is asked again after this (or when the master is lost).
+NOT_MASTER_RECHECK = 300.0
+#: Bounds of the trust tables.
+MAX_CANDIDATES = 64
+MAX_PROVEN = 16
+MAX_REMEMBERED = 4096
+#: Caps on what a master may list.
+MAX_ASSET_FILES = 256
+MAX_DEPENDENCIES = 256
+MAX_BATCH_TASKS = 10_000
+PROOF_LABEL = b"queue-xec master proof v1"
+
+
+class ProofFailed(WorkerError):
+    """A peer that claimed to be the master did not prove that it holds the key."""
+
+
+class AssetError(WorkerError, ValueError):
+    """A master's asset answer that does not have the agreed shape or hashes."""
+
+
+def master_proof(proof_key: bytes, nonce: bytes, master: str, worker: str) -> str:
+    """The hex HMAC a master returns for a worker's challenge ``nonce``."""
+    message = PROOF_LABEL + b"\0" + nonce + master.encode() + b"\0" + worker.encode()
+    return hmac.new(proof_key, message, hashlib.sha256).hexdigest()
+
+
+def is_address(text: Any) -> bool:
+    """True for a bugout address (base58check, prefix 0x55, 20-byte hash)."""
+    if not isinstance(text, str) or not 25 <= len(text) <= 40:
+        return False
+    try:
+        raw = b58check_decode(text)
+    except (DecodeError, ValueError):
+        return False
+    return len(raw) == 21 and raw[:1] == ADDRESS_PREFIX
+
+
+@dataclasses.dataclass(frozen=True)
+class MasterCaps:
+    """What a master said it can do in its ``isMaster`` answer."""
+    acks: bool = False
+    batches: bool = False
+    key_proof: bool = False
+
+    @classmethod
+    def of(cls, answer: dict) -> MasterCaps:
+        return cls(bool(answer.get("resultAcks")), bool(answer.get("resultBatches")),
+                   answer.get("keyProof") == 1)
+
+
+@dataclasses.dataclass
+class VerifiedAssets:
+    """A whole asset answer, decrypted and checked in memory, ready to write."""
+    files: list[tuple[Path, dict, bytes]]  # (target, manifest entry, plaintext)
+    dependencies: list[str]
+    python: bool  # task.py (pip dependencies) rather than task.js (npm)
+    unified: str  # the master's hash: its sha256 fields joined
+
+
+def verify_assets(answer: Any, crypt: Crypt, folder: Path, *, text_reads: bool) -> VerifiedAssets:
+    """Check and decrypt a ``changed`` asset answer whole; raise if anything is off.
+
+    The rule (the README's "What the tokens protect"): every file decrypts
+    (PKCS#7), the task file (task.py if listed, else task.js) hashes to its
+    ``sha256``, and so does every other file, except, when ``text_reads``
+    (a JS master, which reads files as UTF-8 text), a file whose plaintext
+    holds U+FFFD: the master's lossy read of a binary file, whose ``sha256``
+    is of the bytes on its disk. Nothing is written here.
+    """
+    files, deps = _asset_lists(answer)
+    plan = [(safe_asset_path(folder, f.get("workerPath")), f) for f in files]
+    contents, undecryptable = [], None
+    for _, f in plan:  # every file, so a bad one does not end the work early
+        try:
+            contents.append(crypt.decrypt_bytes(f["content"]))
+        except CryptError as exc:
+            contents.append(b"")
+            undecryptable = undecryptable or exc
+    if undecryptable is not None:
+        raise undecryptable
+    names = [f["name"] for f in files]
+    task = "task.py" if "task.py" in names else "task.js" if "task.js" in names else None
+    if task is None:
+        raise AssetError("the master's assets hold no task.py or task.js")
+    entries = []
+    for (target, f), content in zip(plan, contents):
+        received = hashlib.sha256(content).hexdigest()
+        if received != f["sha256"] and (f["name"] == task or not text_reads
+                                        or "\ufffd".encode() not in content):
+            raise AssetError(f"{f['workerPath']}: content differs from the master's sha256")
+        if received != f["sha256"]:
+            log.warning("%s: binary file read as UTF-8 text by the JS master; written as received",
+                        f["workerPath"])
+        entries.append((target, {"name": f["name"], "workerPath": f["workerPath"],
+                                 "sha256": f["sha256"], "received": received}, content))
+    python = task == "task.py"
+    checked = [(check_requirement if python else check_npm_package)(d) for d in deps]
+    return VerifiedAssets(entries, checked, python, "".join(f["sha256"] for f in files))
+
+
+def _asset_lists(answer: Any) -> tuple[list[dict], list]:
+    """The ``files`` and ``dependencies`` of an answer, their shapes checked."""
+    if not isinstance(answer, dict) or answer.get("status") != "changed":
+        raise AssetError("the answer is not a changed asset list")
+    files, deps = answer.get("files"), answer.get("dependencies") or []
+    if not isinstance(files, list) or not 0 < len(files) <= MAX_ASSET_FILES:
+        raise AssetError(f"files must be a list of 1 to {MAX_ASSET_FILES} files")
+    if not isinstance(deps, list) or len(deps) > MAX_DEPENDENCIES:
+        raise AssetError(f"dependencies must be a list of at most {MAX_DEPENDENCIES} names")
+    for f in files:
+        content = f.get("content") if isinstance(f, dict) else None
+        if not (isinstance(f, dict) and isinstance(f.get("name"), str) and len(f["name"]) <= 255
+                and isinstance(f.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", f["sha256"])
+                and isinstance(content, dict) and isinstance(content.get("iv"), str)
+                and isinstance(content.get("encryptedData"), str)):
+            raise AssetError("a file of the asset list has not the agreed shape")
+    return files, deps
+
+
+class MasterTrust:
+    """Who may command this worker: the proven master, candidates, bans, budget.
+
+    Without I/O: times (monotonic seconds) come in as ``now``. The theory of
+    operation is at the top of this section.
+    """
+
+    def __init__(self, pinned: Iterable[str] = (), proven: Iterable[str] = ()) -> None:
+        #: addresses from ``master=``: when set, no other peer is asked or accepted
+        self.pinned = frozenset(pinned)
+        #: the proven master, or None
+        self.master: str | None = None
+        #: addresses that proved the key (this run or an earlier one), newest last
+        self.proven: collections.OrderedDict[str, None] = collections.OrderedDict.fromkeys(proven)
+        #: peers that said "yes" and were not proven yet: address -> caps
+        self.candidates: collections.OrderedDict[str, MasterCaps] = collections.OrderedDict()
+        #: failed proofs (monotonic times) inside the longest budget window
+        self.failures: collections.deque[float] = collections.deque()
+        # private
+        self._banned: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._said_no: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._locked_logged = False
+
+    def allowed(self, address: str) -> bool:
+        """False for addresses outside ``master=`` when it is set."""
+        return not self.pinned or address in self.pinned
+
+    def may_ask(self, address: str, now: float, again: bool = False) -> bool:
+        """Whether to ask this peer ``isMaster`` now (``again``: even if it said no lately)."""
+        if not self.allowed(address) or address == self.master:
+            return False
+        if self._banned.get(address, 0.0) > now:
+            return False
+        if address not in self.proven and self.locked_until(now) > now:
+            return False  # nothing to gain: it could not prove the key now
+        return again or self._said_no.get(address, float("-inf")) + NOT_MASTER_RECHECK <= now
+
+    def may_prove(self, address: str, now: float) -> bool:
+        """Whether a proof may start: not banned, and the failure budget not spent."""
+        return (self.allowed(address) and self._banned.get(address, 0.0) <= now
+                and self.locked_until(now) <= now)
+
+    def locked_until(self, now: float) -> float:
+        """When the failure budget frees again (``<= now``: it is free)."""
+        until = now
+        for window, count in PROOF_BUDGET:
+            recent = [t for t in self.failures if t > now - window]
+            if len(recent) >= count:
+                until = max(until, recent[-count] + window)
+        return until
+
+    def said_no(self, address: str, now: float) -> None:
+        self.candidates.pop(address, None)
+        _remember(self._said_no, address, now)
+
+    def said_yes(self, address: str, caps: MasterCaps) -> None:
+        self._said_no.pop(address, None)
+        self.candidates[address] = caps
+        self.candidates.move_to_end(address)
+        while len(self.candidates) > MAX_CANDIDATES:
+            self.candidates.popitem(last=False)
+
+    def proof_failed(self, address: str, now: float) -> bool:
+        """Ban the address and spend budget; True when this failure locks proofs."""
+        self.candidates.pop(address, None)
+        _remember(self._banned, address, now + PROOF_BAN_SECONDS)
+        was_free = self.locked_until(now) <= now
+        self.failures.append(now)
+        longest = max(window for window, _ in PROOF_BUDGET)
+        while self.failures and self.failures[0] <= now - longest:
+            self.failures.popleft()
+        return was_free and self.locked_until(now) > now
+
+    def proof_timed_out(self, address: str, now: float) -> None:
+        _remember(self._banned, address, now + PROOF_RETRY_SECONDS)
+
+    def adopt(self, address: str) -> None:
+        """``address`` proved the key (or had before): it is the master now."""
+        self.master = address
+        self.candidates.pop(address, None)
+        self.proven[address] = None
+        self.proven.move_to_end(address)
+        while len(self.proven) > MAX_PROVEN:
+            self.proven.popitem(last=False)
+
+    def lose(self, address: str) -> bool:
+        """The master left or failed; True if ``address`` was the master."""
+        if address != self.master:
+            return False
+        self.master = None
+        return True
+
+    def next_to_ask(self, known: Iterable[str], now: float) -> list[str]:
+        """Whom to ask when no master is left: proven, then candidates, then known peers."""
+        order = [*reversed(self.proven), *reversed(self.candidates), *known]
+        seen: set[str] = set()
+        picked = []
+        for address in order:
+            if address in seen or not self.allowed(address) or self._banned.get(address, 0.0) > now:
+                continue
+            seen.add(address)
+            picked.append(address)
+        return picked
+
+
+def _remember(table: collections.OrderedDict[str, float], address: str, value: float) -> None:
+    table[address] = value
+    table.move_to_end(address)
+    while len(table) > MAX_REMEMBERED:
+        table.popitem(last=False)
+
+
+# Worker: the journal ########################################################
+#
+# The worker's state lives in one SQLite file in its folder, JOURNAL_NAME, in
+# WAL mode with synchronous=FULL: a commit is on disk before it returns, and a
+# crash (kill -9, power loss) at any instant leaves the last commit whole.
+# It holds the results not yet delivered, the jobs received and not yet done
+# (a JS master keeps no lease: a job lost here would be lost for good), the
+# asset manifest and the addresses of masters that proved the key.
+#
+# The file is ours only if its application_id, schema and integrity check
+# say so, and if it was made with this swarm's token and key (a fingerprint
+# in ``meta``). Each result row carries an HMAC keyed from the key, so a row
+# that this worker did not write is never delivered. Anything else is moved
+# aside with one error line naming it, and the worker starts clean.
+#
+# All SQLite work runs on one thread of its own, so a slow disk (an SD card's
+# fsync) never stalls the event loop; the loop awaits what it must.
+
+JOURNAL_NAME = ".qx-journal.db"
+JOURNAL_APPLICATION_ID = 0x71786A31  # "qxj1"
+JOURNAL_VERSION = 1
+_JOURNAL_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE results (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, mac TEXT NOT NULL);
+CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, mac TEXT NOT NULL);
+"""
+
+
+class JournalError(WorkerError):
+    """The journal file is not ours, or is damaged."""
+
+
+class Journal:
+    """Crash-safe state in one SQLite file; every method runs on the journal's thread.
+
+    Use it through :meth:`call` from the event loop. Result and job bodies are
+    JSON text with an HMAC (``mac``) keyed from the transferEncryptToken.
+    """
+
+    def __init__(self, path: Path, fingerprint: str, mac_key: bytes) -> None:
+        self.path = path
+        self.fingerprint = fingerprint
+        # private
+        self._mac_key = mac_key
+        self._db: Any = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="journal")
+
+    async def call(self, fn: Callable, *args: Any) -> Any:
+        """Run ``fn(*args)`` on the journal's thread and await its result."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def submit(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
+        """Queue ``fn(*args)`` on the journal's thread (in order) without waiting."""
+        return self._executor.submit(fn, *args)
+
+    def close(self) -> None:
+        """Finish queued work, then close the file. Idempotent."""
+        self._executor.submit(self._close).result()
+        self._executor.shutdown(wait=True)
+
+    # opening (journal thread)
+    def open(self) -> None:
+        """Open or create the file; a foreign or damaged one is moved aside (logged)."""
+        try:
+            self._db = self._connect()
+            self._check()
+        except (sqlite3.DatabaseError, JournalError) as exc:
+            self._close()
+            aside = self._move_aside()
+            log.error("%s is not a usable journal (%s): moved aside to %s; starting clean",
+                      self.path, exc, aside.name)
+            self._db = self._connect()
+            self._check()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        return db
+
+    def _check(self) -> None:
+        db = self._db
+        app_id = db.execute("PRAGMA application_id").fetchone()[0]
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if app_id == 0 and not tables:
+            assert re.fullmatch(r"[0-9a-f]+", self.fingerprint)
+            db.executescript("BEGIN;%s PRAGMA application_id=%d; PRAGMA user_version=%d; INSERT INTO "
+                             "meta VALUES ('fingerprint', '%s'); COMMIT;" % (
+                                 _JOURNAL_SCHEMA, JOURNAL_APPLICATION_ID, JOURNAL_VERSION, self.fingerprint))
+            return
+        if app_id != JOURNAL_APPLICATION_ID:
+            raise JournalError("not a worker journal")
+        if db.execute("PRAGMA user_version").fetchone()[0] != JOURNAL_VERSION:
+            raise JournalError("unknown journal version")
+        if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise JournalError("damaged")
+        if not {"meta", "results", "jobs"} <= tables:
+            raise JournalError("tables missing")
+        if self.get_meta("fingerprint") != self.fingerprint:
+            raise JournalError("made with another token or transferEncryptToken")
+
+    def _move_aside(self) -> Path:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.path.with_name(f"{self.path.name}.bad-{stamp}-{os.getpid()}")
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
+        return aside
+
+    def _close(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
+
+    # meta (journal thread)
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def get_json(self, key: str, default: Any) -> Any:
+        """A JSON value of ``meta``; ``default`` when absent or unreadable."""
+        try:
+            return json.loads(self.get_meta(key) or "null") or default
+        except ValueError:
+            return default
+
+    # results and jobs (journal thread)
+    def mac(self, body: str) -> str:
+        return hmac.new(self._mac_key, body.encode(), hashlib.sha256).hexdigest()
+
+    def add_jobs(self, rows: list[tuple[int, str]]) -> None:
+        """Commit received jobs: (sequence number, JSON text) each."""
+        with self._transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?)",
+                           [(seq, body, self.mac(body)) for seq, body in rows])
+
+    def add_results(self, done: list[tuple[int | None, str]]) -> list[int]:
+        """Commit results and drop the jobs they answer, in one transaction."""
+        with self._transaction() as db:
+            seqs = [db.execute("INSERT INTO results (body, mac) VALUES (?, ?)",
+                               (body, self.mac(body))).lastrowid for _, body in done]
+            db.executemany("DELETE FROM jobs WHERE seq=?", [(j,) for j, _ in done if j is not None])
+        return seqs
+
+    def remove_results(self, seqs: list[int]) -> None:
+        with self._transaction() as db:
+            db.executemany("DELETE FROM results WHERE seq=?", [(s,) for s in seqs])
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def read(self, table: str, after: int, limit: int) -> list[tuple[int, str]]:
+        """Rows of ``results`` or ``jobs`` after ``after``, oldest first; forged rows dropped."""
+        assert table in ("results", "jobs")
+        rows = self._db.execute(f"SELECT seq, body, mac FROM {table} WHERE seq>? ORDER BY seq LIMIT ?",
+                                (after, limit)).fetchall()
+        good = [(seq, body) for seq, body, mac in rows if hmac.compare_digest(mac, self.mac(body))]
+        if len(good) < len(rows):
+            kept = {seq for seq, _ in good}
+            with self._transaction() as db:
+                db.executemany(f"DELETE FROM {table} WHERE seq=?", [(r[0],) for r in rows if r[0] not in kept])
+            log.error("%s: %d %s row(s) this worker did not write were dropped",
+                      self.path, len(rows) - len(good), table)
+        return good
+
+    def verify(self, table: str) -> int:
+        """Drop every row whose HMAC is wrong; returns how many rows are left."""
+        after = 0
+        while rows := self.read(table, after, 5000):
+            after = rows[-1][0]
+        return self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+    def last_seq(self, table: str) -> int:
+        assert table in ("results", "jobs")
+        return self._db.execute(f"SELECT coalesce(max(seq), 0) FROM {table}").fetchone()[0]
+
+
+class Outbox:
+    """The results this worker holds, and the rules for handing them over.
+
+    1. A result is committed to the journal before any master may take it.
+    2. Only the current proven master may take held results (``may_take``
+       says who that is), oldest first, one delivery at a time.
+    3. A result leaves the outbox when delivered: acknowledged by master.py,
+       or written to a wire for a JS master, which gives no acknowledgement.
+    4. A failed delivery keeps everything it carried, in order, for the next.
+
+    Results wait in memory while their commit runs (``pending``); committed
+    ones are kept in memory for delivery up to OUTBOX_MEMORY and paged in
+    from the journal beyond that.
+    """
+
+    def __init__(self, journal: Journal, may_take: Callable[[str], bool]) -> None:
+        self.journal = journal
+        #: whether an address may take held results now (the proven master)
+        self.may_take = may_take
+        #: committed, deliverable results in memory: (seq, JSON text), oldest first
+        self.ready: collections.deque[tuple[int, str]] = collections.deque()
+        #: results made and not yet committed: (job seq or None, JSON text)
+        self.pending: list[tuple[int | None, str]] = []
+        #: results held in all: pending, in memory and in the journal only
+        self.held = 0
+        #: True while commits fail (a full disk): no new work is taken then
+        self.failing = False
+        # private
+        self._paged_to = 0  # highest seq read from the journal; more may wait there
+        self._more_in_journal = False
+        self._taken: set[int] = set()
+        self._flushing: asyncio.Task | None = None
+
+    def __len__(self) -> int:
+        return self.held
+
+    async def load(self) -> int:
+        """Read what an earlier run left; returns how many results are held."""
+        self.held = await self.journal.call(self.journal.verify, "results")
+        await self._page_in()
+        return self.held
+
+    def add(self, job_seq: int | None, text: str) -> None:
+        """A new result (JSON text); committed by the next :meth:`flush`."""
+        self.pending.append((job_seq, text))
+        self.held += 1
+
+    async def flush(self) -> None:
+        """Commit the pending results (one transaction); wait for a commit under way."""
+        while self.pending or self._flushing is not None:
+            if self._flushing is None:
+                self._flushing = asyncio.ensure_future(self._commit())
+            flushing = self._flushing
+            try:
+                await asyncio.shield(flushing)
+            finally:
+                if flushing.done() and self._flushing is flushing:
+                    self._flushing = None
+
+    async def _commit(self) -> None:
+        batch, self.pending = self.pending, []
+        try:
+            seqs = await self.journal.call(self.journal.add_results, batch)
+        except BaseException:
+            self.pending[:0] = batch  # kept for the next try
+            raise
+        if self._more_in_journal:  # older ones wait in the journal: these are read after them
+            return
+        self.ready.extend(zip(seqs, (text for _, text in batch)))
+        self._paged_to = seqs[-1] if seqs else self._paged_to
+        if len(self.ready) > OUTBOX_MEMORY:
+            for _ in range(len(self.ready) - OUTBOX_MEMORY):
+                self.ready.pop()
+            self._paged_to = self.ready[-1][0]
+            self._more_in_journal = True
+
+    async def take(self, taker: str, limit: int) -> list[tuple[int, str]]:
+        """The oldest committed results for ``taker``, at most ``limit``; none if it may not."""
+        if not self.may_take(taker) or self._taken:
+            return []
+        if not self.ready and self._more_in_journal:
+            await self._page_in()
+        batch = list(itertools.islice(self.ready, limit))
+        self._taken.update(seq for seq, _ in batch)
+        return batch
+
+    def settle(self, batch: list[tuple[int, str]], delivered: bool) -> None:
+        """A delivery ended: forget the results it carried, or keep them for the next."""
+        seqs = {seq for seq, _ in batch}
+        self._taken -= seqs
+        if not delivered:
+            return
+        while self.ready and self.ready[0][0] in seqs:  # delivery takes the oldest: a prefix
+            self.ready.popleft()
+        if any(seq in seqs for seq, _ in itertools.islice(self.ready, len(seqs))):
+            self.ready = collections.deque(item for item in self.ready if item[0] not in seqs)
+        self.held -= len(seqs)
+        self.journal.submit(self.journal.remove_results, sorted(seqs))
+
+    async def _page_in(self) -> None:
+        rows = await self.journal.call(self.journal.read, "results", self._paged_to, OUTBOX_MEMORY)
+        self.ready.extend(rows)
+        if rows:
+            self._paged_to = rows[-1][0]
+        self._more_in_journal = len(rows) == OUTBOX_MEMORY
+
+
+#: Held results kept in memory for delivery; more stay in the journal until their turn.
+OUTBOX_MEMORY = 10_000
 
 
 # Worker: running tasks ######################################################
@@ -4153,6 +4753,8 @@ class Worker:
     public trackers; empty: off). ``iceServers``: comma-separated
     ``stun:HOST:PORT`` and ``turn:USER:PASS@HOST:PORT[?transport=tcp]`` (unset:
     Google's and Twilio's public STUN; empty: host candidates only).
+    ``master`` (key ``master``): bugout addresses to accept as master, and no
+    other peer (unset: any peer that proves the key).
     """
 
     def __init__(self, token: str | None = None, name: str | None = None,
@@ -4166,7 +4768,7 @@ class Worker:
                  dht_port: int | None = None,
                  trackers: str | Iterable[str] | None = None,
                  ice_servers: str | Iterable[str] | None = None,
-                 max_peers: int | None = None) -> None:
+                 max_peers: int | None = None, master: str | Iterable[str] | None = None) -> None:
         env = load_env(".env") if env is None else env
         self.token = _config(env, "token", token)
         if not self.token:
@@ -4175,6 +4777,10 @@ class Worker:
         if not key:
             raise WorkerError("no transferEncryptToken: set it in .env (python worker.py --setup)")
         self.crypt = Crypt(key)
+        pinned = _split_setting(_config(env, "master", master, ""))
+        for address in pinned:
+            if not is_address(address):
+                raise WorkerError(f"master= holds {address!r}, which is not a bugout address")
         self.name = _config(env, "name", name, socket.gethostname())
         Logger(_config(env, "LOG_LEVEL", loglevel, "info"), env.get("logFile") or None)
         self.get_batch = _word(_config(env, "getBatch", get_batch), False)
@@ -4185,23 +4791,32 @@ class Worker:
             self.token, env, seed=seed, host=host, port=port, peers=peers, lsd=lsd, dht=dht,
             dht_bootstrap=dht_bootstrap, dht_port=dht_port, trackers=trackers,
             ice_servers=ice_servers, max_peers=max_peers)
-        #: the master's address once one answered isMaster
-        self.master: str | None = None
-        #: jobs held locally (a batch), results not yet delivered
-        self.jobs: collections.deque = collections.deque()
-        self.undelivered: collections.deque = collections.deque()
+        #: who may command this worker: the proven master, candidates, bans
+        self.trust = MasterTrust(pinned)
+        #: the crash-safe state in the worker folder, and the results it holds
+        self.journal = Journal(self.folder / JOURNAL_NAME, self.crypt.derive(b"journal fingerprint:"
+                                                                             + self.token.encode()).hex(),
+                               self.crypt.derive(b"journal mac"))
+        self.outbox = Outbox(self.journal, lambda address: address == self.trust.master)
+        #: jobs held locally (a batch): (journal seq, job)
+        self.jobs: collections.deque[tuple[int, Any]] = collections.deque()
         #: jobs done, failed, results delivered, ...
         self.stats: collections.Counter = collections.Counter()
         # private
         self._manifest: list[dict] = []
         self._runner: TaskRunner | NodeRunner | None = None
-        self._master_acks = False
-        self._master_batches = False
+        self._caps = MasterCaps()
+        self._proof_key = self.crypt.derive(PROOF_LABEL)
+        self._master_timeouts = 0
         self._delivery_lock = asyncio.Lock()
         self._last_kick = 0.0
         self._assets_ok = False
         self._busy = False
         self._checking: set[str] = set()
+        self._check_queue: asyncio.Queue[str] = asyncio.Queue(CHECK_QUEUE)
+        self._proofs: dict[str, float] = {}  # address -> when its proof started
+        self._job_seq = 0
+        self._journal_error_at = float("-inf")
         self._sync_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -4213,21 +4828,29 @@ class Worker:
         return self.node.address
 
     @property
+    def master(self) -> str | None:
+        """The proven master's address, or None."""
+        return self.trust.master
+
+    @property
     def deps_folder(self) -> Path:
         return self.folder / ".deps"
 
     # lifecycle
     async def start(self) -> Worker:
-        """Join the swarm and start the job loop."""
+        """Open the journal, join the swarm and start the job loop."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._load_state()
-        self.node.register("ping", lambda address, args: {**_as_dict(args), "pong": True})
+        await self._load_state()
+        self.node.register("ping", lambda address, args: {**as_dict(args), "pong": True})
         self.node.on("seen", self._on_peer)
         self.node.on("wireseen", self._on_peer)
         self.node.on("left", self._on_left)
+        self.node.on("wireleft", self._on_left)
         self.node.on("message", self._on_message)
         await self.node.start()
         log.info("worker %s (%s) in swarm, address %s", self.name, self.folder, self.address)
+        for _ in range(CHECK_CONCURRENCY):
+            self._spawn(self._checker())
         self._spawn(self._drive())
         return self
 
@@ -4245,72 +4868,180 @@ class Worker:
         try:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._drained(), timeout)
-            self._save_state()
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             if self._runner:
                 await close_runner(self._runner)
+            await self._close_journal()
             await self.node.close()
         finally:
             self._done.set()  # whatever failed above, the process may exit
 
     async def _drained(self) -> None:
-        while self.jobs or self._busy or self.undelivered:
+        while self.jobs or self._busy or (self.outbox.held and self.master is not None):
             self._kick_delivery()
             await asyncio.sleep(0.05)
 
     def _spawn(self, coro: Awaitable) -> None:
         spawn(coro, self._tasks, "worker")
 
-    # finding the master
+    # finding the master (theory of operation: "Worker: trusting a master")
     def _on_peer(self, address: str) -> None:
-        if address not in self._checking:
-            self._checking.add(address)
-            self._spawn(self.check_master(address))
+        if self.master is None or address not in self.trust.candidates:
+            self._ask(address)
+
+    def _ask(self, address: str, again: bool = False) -> None:
+        """Queue an ``isMaster`` check of ``address`` (bounded; extra ones are dropped)."""
+        if address in self._checking or address == self.address:
+            return
+        if not self.trust.may_ask(address, time.monotonic(), again):
+            return
+        try:
+            self._check_queue.put_nowait(address)
+        except asyncio.QueueFull:
+            self.stats["isMaster checks dropped"] += 1
+            return
+        self._checking.add(address)
+
+    async def _checker(self) -> None:
+        while True:
+            address = await self._check_queue.get()
+            try:
+                await self.check_master(address)
+            finally:
+                self._checking.discard(address)
 
     def _on_message(self, address: str, message: Any) -> None:
         if address == self.master and message == JOBS_WAITING:
             self._wake.set()
 
     def _on_left(self, address: str) -> None:
-        if address == self.master:
+        self.trust.candidates.pop(address, None)
+        if self.trust.lose(address):
             log.warning("master %s left; results are kept until a master is back", address)
-            self.master = None
+            self._failover()
+
+    def _failover(self) -> None:
+        """The master is gone: ask the proven ones, the candidates and the known peers now."""
+        for address in self.trust.next_to_ask(self.node.peers, time.monotonic()):
+            self._ask(address, again=True)
 
     async def check_master(self, address: str) -> bool:
-        """Ask a peer ``isMaster``; on yes, sync the assets and ask for work."""
+        """Ask a peer ``isMaster``; a yes makes it a candidate, adopted once it proves the key."""
+        if not self.trust.allowed(address):
+            return False
         try:
             answer = await self.node.rpc(address, "isMaster", {}, timeout=15.0)
         except (RpcTimeout, InvalidState):
             return False
-        finally:
-            self._checking.discard(address)
         if not isinstance(answer, dict) or answer.get("isMaster") != "yes":
+            self.trust.said_no(address, time.monotonic())
             return False
-        known = address == self.master and self._assets_ok
-        if not known:
-            log.info("master found: %s", address)
-        self.master = address
-        self._master_acks = bool(answer.get("resultAcks"))
-        self._master_batches = bool(answer.get("resultBatches"))
-        if not known:
+        caps = MasterCaps.of(answer)
+        self.trust.said_yes(address, caps)
+        if self.master is not None:
+            return address == self.master  # a candidate only, while the master serves
+        if address in self.trust.proven:
+            self._adopt(address, caps, "proved it before")
             await self.sync_assets()
+            return True
+        return await self._prove(address, caps)
+
+    async def _prove(self, address: str, caps: MasterCaps) -> bool:
+        """Have ``address`` prove the key; adopt it if no other master came meanwhile."""
+        if not await self._proof_slot(address):
+            return False
+        try:
+            verified = await (self._challenge(address) if caps.key_proof else self._asset_proof(address))
+        except RpcTimeout:
+            self.trust.proof_timed_out(address, time.monotonic())
+            log.debug("%s did not answer its proof in time", address)
+            return False
+        except ProofFailed:
+            self._proof_failed(address)
+            return False
+        finally:
+            self._proofs.pop(address, None)
+        if self.master is not None:
+            self.trust.proven[address] = None  # proven, but the other came first
+            return False
+        self._adopt(address, caps, "key challenge" if caps.key_proof else "asset hashes")
+        await (self.sync_assets() if verified is None else self._use_proof_assets(verified))
+        return True
+
+    async def _proof_slot(self, address: str) -> bool:
+        """Wait for room to run a proof (a stalled one makes room); False if none is allowed."""
+        while True:
+            now = time.monotonic()
+            if self.master is not None or not self.trust.may_prove(address, now):
+                return False
+            running = [t for t in self._proofs.values() if now - t < PROOF_STALLED]
+            if len(running) < PROOF_CONCURRENCY and len(self._proofs) < PROOF_MAX:
+                self._proofs[address] = now
+                return True
+            await asyncio.sleep(0.25)
+
+    async def _challenge(self, address: str) -> None:
+        """master.py's proof: our fresh nonce, HMAC'd with both addresses under the key."""
+        nonce = os.urandom(32)
+        answer = await self.node.rpc(address, "isMaster", {"challenge": nonce.hex()}, timeout=15.0)
+        proof = answer.get("proof") if isinstance(answer, dict) else None
+        expected = master_proof(self._proof_key, nonce, address, self.address)
+        if not isinstance(proof, str) or not hmac.compare_digest(proof, expected):
+            raise ProofFailed(address)
+
+    async def _asset_proof(self, address: str) -> VerifiedAssets:
+        """A JS master's proof: every file, decrypted, hashes to what it says."""
+        answer = await self.node.rpc(address, "requestExecAssets", {"currentHash": ""}, timeout=120.0)
+        try:
+            return await asyncio.to_thread(verify_assets, answer, self.crypt, self.folder, text_reads=True)
+        except (WorkerError, ValueError, TypeError, KeyError) as exc:
+            log.debug("proof of %s: %s", address, exc)
+            raise ProofFailed(address) from None
+
+    def _proof_failed(self, address: str) -> None:
+        """The same for every failure: the peer is not asked again for a long while."""
+        now = time.monotonic()
+        if self.trust.proof_failed(address, now):
+            log.error("%d peers failed to prove the key lately: no unproven peer is asked until %s "
+                      "(pin your master with master= in .env)", len(self.trust.failures),
+                      time.strftime("%H:%M", time.localtime(time.time() + self.trust.locked_until(now) - now)))
+        log.error("%s says it is the master but did not prove that it holds our transferEncryptToken "
+                  "(the transferEncryptToken probably differs from the master's, or it is no master); "
+                  "not asked again for %d min", address, PROOF_BAN_SECONDS // 60)
+
+    def _adopt(self, address: str, caps: MasterCaps, how: str) -> None:
+        self.trust.adopt(address)
+        self._caps = caps
+        self._master_timeouts = 0
+        log.info("master found: %s (%s)", address, how)
+        self.journal.submit(self.journal.set_meta, "proven", json_dumps(list(self.trust.proven)))
         self._kick_delivery()
         self._wake.set()
-        return True
+
+    def _master_failed(self, master: str, exc: Exception) -> None:
+        """An RPC to the master failed: unreachable at once, or unanswered twice, ends it."""
+        self._master_timeouts = 0 if isinstance(exc, RpcUnreachable) else self._master_timeouts + 1
+        if (isinstance(exc, RpcUnreachable) or self._master_timeouts >= 2) and self.trust.lose(master):
+            log.warning("master %s does not answer; results are kept until a master is back", master)
+            self._failover()
 
     # assets
     def current_hash(self) -> str:
-        """Concatenated SHA-256 of the assets on disk, in the master's order."""
+        """Concatenated SHA-256 of the assets, in the master's order, as the master knows them."""
         try:
-            return "".join(Helper.get_sha256(self.folder / a["workerPath"].lstrip("/"))
-                           for a in self._manifest)
+            return "".join(self._asset_hash(a) for a in self._manifest)
         except OSError:
             return ""
 
+    def _asset_hash(self, asset: dict) -> str:
+        """A file's hash; the master's own when the file is as we received it."""
+        digest = Helper.get_sha256(self.folder / asset["workerPath"].lstrip("/"))
+        return asset["sha256"] if asset.get("received") == digest and asset.get("sha256") else digest
+
     async def sync_assets(self) -> bool:
-        """``requestExecAssets``; on ``changed`` replace files, deps and task."""
+        """``requestExecAssets`` from the proven master; on ``changed`` replace files, deps, task."""
         async with self._sync_lock:
             master = self.master
             if master is None:
@@ -4322,50 +5053,52 @@ class Worker:
             except (RpcTimeout, InvalidState) as exc:
                 log.warning("requestExecAssets: %s", exc)
                 return False
-            if not isinstance(answer, dict):
-                return False
-            if answer.get("status") == "changed":
-                self._assets_ok = await self._install_assets(answer)
-            elif answer.get("status") == "same" and self._runner is None:
-                self._assets_ok = await self._load_task()
+            if isinstance(answer, dict) and answer.get("status") == "same":
+                if self._runner is None:
+                    self._assets_ok = await self._load_task()
+            else:
+                self._assets_ok = await self._take_assets(answer)
             if self._assets_ok:
                 self._wake.set()  # ready: the job loop asks for work now
             return self._assets_ok
 
-    async def _install_assets(self, answer: dict) -> bool:
-        files, deps = answer.get("files") or [], answer.get("dependencies") or []
-        log.info("assets changed: %d file(s), %d dependency(ies)", len(files), len(deps))
+    async def _use_proof_assets(self, verified: VerifiedAssets) -> None:
+        """A JS master's proof brought every file: write them unless they are ours already."""
+        async with self._sync_lock:
+            if verified.unified != await asyncio.to_thread(self.current_hash):
+                self._assets_ok = await self._take_assets(None, verified)
+            elif self._runner is None:
+                self._assets_ok = await self._load_task()
+            if self._assets_ok:
+                self._wake.set()
+
+    async def _take_assets(self, answer: Any, verified: VerifiedAssets | None = None) -> bool:
+        """Check a whole answer in memory, then write it: all or nothing."""
         try:
-            plan = [(safe_asset_path(self.folder, f.get("workerPath")), f) for f in files]
-            python = self._has_py_task(files)  # else task.js: npm packages
-            deps = [(check_requirement if python else check_npm_package)(d) for d in deps]
-            contents = await asyncio.to_thread(  # files may be large: off the loop
-                lambda: [self.crypt.decrypt_bytes(f["content"]) for _, f in plan])
-        except (UnsafeAsset, CryptError) as exc:
+            if verified is None:
+                verified = await asyncio.to_thread(verify_assets, answer, self.crypt, self.folder,
+                                                   text_reads=not self._caps.key_proof)
+        except (UnsafeAsset, CryptError, AssetError) as exc:
             log.error("%s; nothing was written", exc)
             return False
-        except (KeyError, TypeError, AttributeError):
-            log.error("master sent malformed assets; nothing was written")
-            return False
+        log.info("assets changed: %d file(s), %d dependency(ies)", len(verified.files),
+                 len(verified.dependencies))
         self._remove_assets()
-        self._manifest = [{"name": f.get("name"), "workerPath": f["workerPath"]} for _, f in plan]
+        self._manifest = [entry for _, entry, _ in verified.files]
         try:
-            await asyncio.to_thread(_write_assets, plan, contents)
+            await asyncio.to_thread(_write_assets, verified.files)
         except OSError as exc:
             log.error("cannot write the assets in %s: %s", self.folder, exc)
             ready = False
         else:
-            self._save_manifest()
-            ready = (await (self.install_dependencies(deps) if python else
+            await self._save_manifest()
+            deps = verified.dependencies
+            ready = (await (self.install_dependencies(deps) if verified.python else
                             install_npm_packages(self.folder, deps)) and await self._load_task())
         if not ready:  # gone: the next sync differs, and the master sends all again (deps too)
             self._remove_assets()
-            self._save_manifest()
+            await self._save_manifest()
         return ready
-
-    @staticmethod
-    def _has_py_task(files: list) -> bool:
-        return any(isinstance(f, dict) and f.get("name") == "task.py" for f in files)
 
     def _remove_assets(self) -> None:
         """Delete the files we wrote before, and folders they leave empty."""
@@ -4386,7 +5119,7 @@ class Worker:
     async def install_dependencies(self, deps: list[str]) -> bool:
         """``pip install --target .deps`` what does not import yet; off the loop."""
         paths = [str(self.deps_folder)] + sys.path
-        missing = [d for d in deps if not requirement_satisfied(d, paths)]
+        missing = await asyncio.to_thread(lambda: [d for d in deps if not requirement_satisfied(d, paths)])
         if str(self.deps_folder) not in sys.path:
             sys.path.insert(0, str(self.deps_folder))
         if not missing:
@@ -4461,24 +5194,31 @@ class Worker:
                 return
         self._busy = True
         try:
-            self._result_ready(await self.do_job(self.jobs.popleft()))
+            seq, job = self.jobs.popleft()
+            self._result_ready(await self.do_job(job), seq)
         finally:
             self._busy = False
         # JS masters get each result at once. master.py takes them in bulk: with the
         # next requestWork, or every second while a long batch runs.
-        if not self._master_batches or time.monotonic() - self._last_kick >= 1.0:
+        if not self._caps.batches or time.monotonic() - self._last_kick >= 1.0:
             self._kick_delivery()
 
     def _ready_for_work(self) -> bool:
-        return self.master is not None and self._assets_ok and self._runner is not None
+        return (self.master is not None and self._assets_ok and self._runner is not None
+                and not self.outbox.failing)
 
     async def _idle(self) -> None:
-        """Wait for a wake-up or the 30 s idle timer; then re-check assets."""
+        """Wait for a wake-up or the 30 s idle timer; then re-check assets, or look for a master."""
         try:
             await asyncio.wait_for(self._wake.wait(), IDLE_REQUEST_SECONDS)
         except TimeoutError:
-            if self.master and not self._stopping:
+            if self._stopping:
+                return
+            if self.master is not None:
                 await self.sync_assets()
+            else:
+                for address in self.trust.next_to_ask(self.node.peers, time.monotonic()):
+                    self._ask(address)
 
     async def request_work(self) -> bool:
         """``requestWork``; queue the job or batch. False when none came."""
@@ -4486,31 +5226,54 @@ class Worker:
         if master is None:
             return False
         args: dict[str, Any] = {"getBatch": self.get_batch, "batchSize": self.batch_size}
+        carried: list[tuple[int, str]] = []
         async with contextlib.AsyncExitStack() as stack:
-            carried = 0
-            if self._master_batches and self.undelivered and not self._delivery_lock.locked():
+            if self._caps.batches and self.outbox.held and not self._delivery_lock.locked():
                 # master.py takes held results along with the request: one RPC, not two.
                 await stack.enter_async_context(self._delivery_lock)
-                carried, args["results"] = self._held_batch()
+                carried = await self._take_held(master, RESULT_BATCH)
+                if carried:
+                    args["results"] = self._encrypt_held(carried)
             try:
                 answer = await self.node.rpc(master, "requestWork", args, timeout=30.0)
             except (RpcTimeout, InvalidState) as exc:
+                self.outbox.settle(carried, False)
                 log.warning("requestWork: %s", exc)
+                self._master_failed(master, exc)
                 return False
+            self._master_timeouts = 0
             self._delivered(carried)
-        encrypted = []
-        if isinstance(answer, dict):
-            if answer.get("task"):
-                encrypted = [answer["task"]]
-            elif isinstance(answer.get("batchTasks"), list):
-                encrypted = answer["batchTasks"]
-        for item in encrypted:
-            try:
-                self.jobs.append(self.crypt.decrypt_json(item))
-            except CryptError as exc:
-                self.stats["jobs undecryptable"] += 1
-                log.error("job dropped: %s", exc)
+        self._queue_jobs(answer)
         return bool(self.jobs)
+
+    def _queue_jobs(self, answer: Any) -> None:
+        """Decrypt the jobs of a requestWork answer, journal them and hold them."""
+        if not isinstance(answer, dict):
+            return
+        items = answer.get("batchTasks") if not answer.get("task") else [answer["task"]]
+        if not isinstance(items, list):
+            return
+        if len(items) > MAX_BATCH_TASKS:
+            log.error("the master sent %d jobs at once; only the first %d are taken",
+                      len(items), MAX_BATCH_TASKS)
+            items = items[:MAX_BATCH_TASKS]
+        jobs, failures = [], []
+        for item in items:
+            try:
+                if not isinstance(item, str):
+                    raise CryptError("a job is not an encrypted string")
+                jobs.append(self.crypt.decrypt_json(item))
+            except CryptError as exc:
+                failures.append(exc)
+        if failures:
+            self.stats["jobs undecryptable"] += len(failures)
+            log.error("%d job(s) dropped: %s", len(failures), failures[0])
+        if jobs:
+            bodies = [json_dumps(job) for job in jobs]
+            seqs = range(self._job_seq + 1, self._job_seq + 1 + len(jobs))
+            self._job_seq += len(jobs)
+            self.journal.submit(self.journal.add_jobs, list(zip(seqs, bodies)))
+            self.jobs.extend(zip(seqs, jobs))
 
     async def do_job(self, job: Any) -> dict:
         """Run one job; a failing task becomes an error result."""
@@ -4527,91 +5290,177 @@ class Worker:
             result["error"] = error_result(exc)
         return result
 
-    def _result_ready(self, result: dict) -> None:
-        """Every result the worker makes comes here to be held until delivered."""
-        self.undelivered.append(result)
+    # results: made, journaled, delivered (rules: class Outbox)
+    def _result_ready(self, result: dict, job_seq: int | None = None) -> None:
+        """Every result the worker makes comes here: held (and journaled) until delivered."""
+        self.outbox.add(job_seq, json_dumps(result))
+        self._spawn(self._flush_outbox())
+
+    async def _flush_outbox(self) -> None:
+        try:
+            await self.outbox.flush()
+        except (OSError, sqlite3.Error) as exc:
+            self.outbox.failing = True
+            if time.monotonic() - self._journal_error_at > 60.0:
+                self._journal_error_at = time.monotonic()
+                log.error("cannot write the journal %s: %s; no new work until it works again",
+                          self.journal.path, exc)
+            raise
+        else:
+            self.outbox.failing = False
+
+    async def _take_held(self, master: str, limit: int) -> list[tuple[int, str]]:
+        """The oldest held results, committed first (rule 1 of the outbox)."""
+        with contextlib.suppress(OSError, sqlite3.Error):
+            await self._flush_outbox()
+        return await self.outbox.take(master, limit)
+
+    def _encrypt_held(self, batch: list[tuple[int, str]]) -> str:
+        """Held results as master.py takes them: one encrypted JSON list."""
+        return json_dumps(self.crypt.encrypt("[" + ",".join(text for _, text in batch) + "]"))
 
     def _kick_delivery(self) -> None:
         """Deliver held results in the background, next to the job loop."""
-        if self.undelivered and not self._delivery_lock.locked():
+        if self.outbox.held and self.master is not None and not self._delivery_lock.locked():
             self._last_kick = time.monotonic()
             self._spawn(self._deliver_results())
 
     async def _deliver_results(self) -> None:
-        """Send held results while a master is reachable; one delivery at a time."""
+        """Send held results while a proven master is there; one delivery at a time."""
         if self._delivery_lock.locked():
             return  # the running delivery takes the new results along
         async with self._delivery_lock:
-            while self.undelivered and self.master is not None:
+            while self.outbox.held and self.master is not None:
                 if not await self._deliver_some(self.master):
                     return
 
     async def _deliver_some(self, master: str) -> bool:
         """One ``shareResults`` (or, for master.py, a batch of them); False if kept."""
-        if self._master_batches:
-            call, (count, payload) = "shareResultsBatch", self._held_batch()
+        batch = await self._take_held(master, RESULT_BATCH if self._caps.batches else 1)
+        if not batch:
+            return False
+        if self._caps.batches:
+            call, payload = "shareResultsBatch", self._encrypt_held(batch)
         else:
-            call, count, payload = "shareResults", 1, self.crypt.encrypt_json(self.undelivered[0])
+            call, payload = "shareResults", json_dumps(self.crypt.encrypt(batch[0][1]))
         try:
-            if self._master_acks:
-                await self.node.rpc(master, call, payload, timeout=15.0)
+            if self._caps.acks:
+                answer = await self.node.rpc(master, call, payload, timeout=15.0)
+                if isinstance(answer, dict) and answer.get("received") is False:
+                    raise InvalidState("the master could not read them")
             elif self._has_wire(master):
                 self.node.rpc_nowait(master, call, payload)
             else:
+                self.outbox.settle(batch, False)
                 return False
         except (RpcTimeout, InvalidState) as exc:
-            log.warning("%d result(s) kept for later: %s", count, exc)
+            self.outbox.settle(batch, False)
+            log.warning("%d result(s) kept for later: %s", len(batch), exc)
+            if isinstance(exc, RpcTimeout):
+                self._master_failed(master, exc)
             return False
-        self._delivered(count)
+        self._delivered(batch)
         return True
 
-    def _held_batch(self) -> tuple[int, str]:
-        """(count, encrypted list) of the oldest held results, for master.py."""
-        batch = list(itertools.islice(self.undelivered, RESULT_BATCH))
-        return len(batch), self.crypt.encrypt_json(batch)
-
-    def _delivered(self, count: int) -> None:
-        """The oldest ``count`` held results reached the master: forget them."""
-        for _ in range(count):
-            self.undelivered.popleft()
-        self.stats["results delivered"] += count
+    def _delivered(self, batch: list[tuple[int, str]]) -> None:
+        """These held results reached the master: forget them."""
+        if batch:
+            self.outbox.settle(batch, True)
+            self.stats["results delivered"] += len(batch)
 
     def _has_wire(self, address: str) -> bool:
         return any(c.address == address and c.wire.ready for c in self.node._connections)
 
-    # state kept on disk
-    def _load_state(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self._manifest = json.loads((self.folder / ".assets.json").read_text())
-        with contextlib.suppress(OSError, ValueError):
-            held = json.loads((self.folder / ".results.json").read_text())
-            self.undelivered.extend(held)
-            log.info("%d result(s) from the last run will be delivered", len(held))
-            (self.folder / ".results.json").unlink()
+    # state kept on disk (the journal)
+    async def _load_state(self) -> None:
+        """Open the journal (taking over an older run's JSON files once) and read it."""
+        journal = self.journal
+        await journal.call(journal.open)
+        with contextlib.suppress(OSError):
+            os.chmod(journal.path, 0o600)
+        await journal.call(self._take_over_json_files)
+        self._manifest = await journal.call(self._read_manifest)
+        self.trust.proven.update(dict.fromkeys(
+            a for a in await journal.call(journal.get_json, "proven", []) if is_address(a)))
+        if held := await self.outbox.load():
+            log.info("%d result(s) from the last run will be delivered", held)
+        for seq, body in await journal.call(journal.read, "jobs", 0, 2 * MAX_BATCH_TASKS):
+            self.jobs.append((seq, json.loads(body)))
+            self._job_seq = max(self._job_seq, seq)
+        self._job_seq = max(self._job_seq, await journal.call(journal.last_seq, "jobs"))
+        if self.jobs:
+            log.info("%d job(s) received before the last stop will run first", len(self.jobs))
 
-    def _save_manifest(self) -> None:
+    def _read_manifest(self) -> list[dict]:
+        """The asset manifest from the journal (journal thread); unusable entries drop it all."""
+        manifest = self.journal.get_json("manifest", [])
+        if _manifest_ok(manifest, self.folder):
+            return manifest
+        log.error("%s: the asset list is unusable; the assets will be fetched again", self.journal.path)
+        return []
+
+    async def _save_manifest(self) -> None:
         try:
-            (self.folder / ".assets.json").write_text(json_dumps(self._manifest))
-        except OSError as exc:
-            log.error("cannot save the asset list in %s: %s", self.folder, exc)
+            await self.journal.call(self.journal.set_meta, "manifest", json_dumps(self._manifest))
+        except (OSError, sqlite3.Error) as exc:
+            log.error("cannot save the asset list in %s: %s", self.journal.path, exc)
 
-    def _save_state(self) -> None:
-        """At the end: the asset list, and the results nobody took (or none)."""
-        self._save_manifest()
-        held = self.folder / ".results.json"
+    def _take_over_json_files(self) -> None:
+        """An older worker's .results.json and .assets.json, taken over once (journal thread)."""
+        for name, valid in ((".results.json", _results_ok), (".assets.json", _manifest_ok)):
+            path = self.folder / name
+            try:
+                value = json.loads(path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as exc:
+                value, valid = exc, (lambda v, f: False)
+            if not valid(value, self.folder):
+                aside = path.with_name(f"{name}.bad-{time.strftime('%Y%m%d-%H%M%S')}")
+                with contextlib.suppress(OSError):
+                    os.replace(path, aside)
+                log.error("%s is not a list of %s: moved aside to %s", path,
+                          "results" if name == ".results.json" else "assets", aside.name)
+                continue
+            if name == ".results.json":
+                self.journal.add_results([(None, json_dumps(r)) for r in value])
+            else:
+                self.journal.set_meta("manifest", json_dumps(value))
+            path.unlink()
+            log.info("%s taken over into %s", path, self.journal.path.name)
+
+    async def _close_journal(self) -> None:
+        """Commit what is pending, say what is kept, and close the file."""
+        with contextlib.suppress(OSError, sqlite3.Error):
+            await self.outbox.flush()
+        if self.outbox.held:
+            log.warning("%d result(s) could not be delivered; kept for the next run", self.outbox.held)
+        await asyncio.to_thread(self.journal.close)
+
+
+def _results_ok(value: Any, folder: Path) -> bool:
+    """A list of results as this worker makes them (old .results.json files)."""
+    return isinstance(value, list) and all(
+        isinstance(r, dict) and "jobID" in r and "data" in r and isinstance(r.get("worker"), dict)
+        and isinstance(r["worker"].get("id"), str) for r in value)
+
+
+def _manifest_ok(value: Any, folder: Path) -> bool:
+    """A list of assets with a name and a safe workerPath."""
+    if not isinstance(value, list):
+        return False
+    for asset in value:
+        if not isinstance(asset, dict) or not isinstance(asset.get("name"), str):
+            return False
         try:
-            if not self.undelivered:
-                held.unlink(missing_ok=True)
-                return
-            held.write_text(json_dumps(list(self.undelivered)))
-            log.warning("%d result(s) could not be delivered; kept for the next run",
-                        len(self.undelivered))
-        except OSError as exc:
-            log.error("cannot save state in %s: %s (%d result(s) lost)",
-                      self.folder, exc, len(self.undelivered))
+            safe_asset_path(folder, asset.get("workerPath"))
+        except UnsafeAsset:
+            return False
+    return True
 
 
-def _as_dict(value: Any) -> dict:
+def as_dict(value: Any) -> dict:
+    """``value`` if it is a dict, else an empty one (RPC arguments from peers)."""
     return value if isinstance(value, dict) else {}
 
 
