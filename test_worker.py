@@ -17,6 +17,7 @@ import random
 import shlex
 import shutil
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -1698,6 +1699,267 @@ class TestMasterTrustJs(unittest.TestCase):
             run(scenario(tmp), 180)
 
 
+# The worker's journal and outbox (issue 13) #################################
+
+def open_journal(folder, token="journal-swarm", key=KEY):
+    journal = w.Journal.of(Path(folder), token, w.Crypt(key))
+    journal.submit(journal.open).result()
+    return journal
+
+
+def result_text(i):
+    return json.dumps({"jobID": i, "worker": {"id": "bWorker", "name": "w"}, "data": i})
+
+
+class TestOutbox(unittest.TestCase):
+    """The delivery rules, in memory: no socket, a journal in a temporary folder."""
+
+    def test_rules(self):
+        async def scenario(tmp):
+            journal = open_journal(tmp)
+            outbox = w.Outbox(journal, lambda address: address == "master")
+            for i in range(3):
+                outbox.add(None, result_text(i))
+            self.assertEqual(await outbox.take("master", 10), [])  # 1: not committed yet
+            await outbox.flush()
+            self.assertEqual(await outbox.take("rogue", 10), [])  # 2: only the proven master
+            first = await outbox.take("master", 2)
+            self.assertEqual([json.loads(t)["jobID"] for _, t in first], [0, 1])  # oldest first
+            self.assertEqual(await outbox.take("master", 10), [])  # one delivery at a time
+            outbox.settle(first, False)  # 4: a failed delivery keeps them, in order
+            again = await outbox.take("master", 10)
+            self.assertEqual([json.loads(t)["jobID"] for _, t in again], [0, 1, 2])
+            outbox.settle(again[:2], True)  # 3: delivered, forgotten
+            outbox.settle(again[2:], False)
+            self.assertEqual(len(outbox), 1)
+            await asyncio.to_thread(journal.close)
+            reopened = w.Outbox(open_journal(tmp), lambda address: True)
+            self.assertEqual(await reopened.load(), 1)
+            self.assertEqual([json.loads(t)["jobID"] for _, t in await reopened.take("m", 10)], [2])
+            await asyncio.to_thread(reopened.journal.close)
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_more_results_than_memory_keep_their_order(self):
+        async def scenario(tmp):
+            outbox = w.Outbox(open_journal(tmp), lambda address: True)
+            for i in range(23):
+                outbox.add(None, result_text(i))
+                if i % 7 == 6:
+                    await outbox.flush()
+            await outbox.flush()
+            delivered = []
+            while batch := await outbox.take("m", 4):
+                delivered += [json.loads(t)["jobID"] for _, t in batch]
+                outbox.settle(batch, True)
+            self.assertEqual(delivered, list(range(23)))
+            self.assertEqual(len(outbox), 0)
+            await asyncio.to_thread(outbox.journal.close)
+        with tempfile.TemporaryDirectory() as tmp, mock.patch.object(w, "OUTBOX_MEMORY", 5):
+            run(scenario(tmp))
+
+    def test_a_row_this_worker_did_not_write_is_never_delivered(self):
+        async def scenario(tmp):
+            outbox = w.Outbox(open_journal(tmp), lambda address: True)
+            outbox.add(None, result_text(1))
+            await outbox.flush()
+            await asyncio.to_thread(outbox.journal.close)
+            with contextlib.closing(sqlite3.connect(Path(tmp) / w.JOURNAL_NAME)) as db:
+                db.execute("INSERT INTO results (body, mac) VALUES (?, ?)", (result_text(666), "0" * 64))
+                db.commit()
+            reopened = w.Outbox(open_journal(tmp), lambda address: True)
+            with self.assertLogs("worker", "ERROR") as logs:
+                self.assertEqual(await reopened.load(), 1)
+            self.assertEqual(len(logs.output), 1)
+            self.assertEqual([json.loads(t)["jobID"] for _, t in await reopened.take("m", 10)], [1])
+            await asyncio.to_thread(reopened.journal.close)
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_foreign_or_damaged_journals_are_moved_aside(self):
+        def other_swarm(path):
+            open_journal(path.parent, token="another-swarm").close()
+
+        def garbage(path):
+            path.write_bytes(os.urandom(5000))
+
+        def other_program(path):
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                db.execute("CREATE TABLE notes (x)")
+                db.commit()
+
+        def damaged(path):
+            open_journal(path.parent).close()
+            data = bytearray(path.read_bytes())
+            data[4096:8192] = os.urandom(4096)  # a page of the tables
+            path.write_bytes(bytes(data))
+        for make in (other_swarm, garbage, other_program, damaged):
+            with tempfile.TemporaryDirectory() as tmp, self.subTest(make.__name__):
+                path = Path(tmp) / w.JOURNAL_NAME
+                make(path)
+                with self.assertLogs("worker", "ERROR") as logs:
+                    journal = open_journal(tmp)
+                self.assertEqual(len(logs.output), 1)
+                self.assertIn(str(path), logs.output[0])
+                self.assertEqual(len(list(Path(tmp).glob(w.JOURNAL_NAME + ".bad-*"))), 1)
+                self.assertEqual(journal.submit(journal.verify, "results").result(), 0)  # clean, usable
+                journal.close()
+
+    def test_old_json_files_are_taken_over_once_or_moved_aside(self):
+        good = [{"jobID": 7, "worker": {"id": "bOld", "name": "w"}, "data": 1}]
+        for text in ("5", "null", '"abc"', '{"jobID": 1}', "[1,2,3]", '[{"jobID": 1}]', "{not json"):
+            with tempfile.TemporaryDirectory() as tmp, self.subTest(text):
+                (Path(tmp) / ".results.json").write_text(text)
+                (Path(tmp) / ".assets.json").write_text(text)
+                worker = w.Worker("t", "w", "warn", KEY, env={}, folder=tmp, lsd=False, dht=False, trackers=[])
+                with self.assertLogs("worker", "ERROR") as logs:
+                    run(worker._load_state())
+                self.assertEqual(len(logs.output), 2, logs.output)  # one line for each file, naming it
+                self.assertIn(".results.json", logs.output[0])
+                self.assertIn(".assets.json", logs.output[1])
+                self.assertEqual(len(worker.outbox), 0)
+                self.assertEqual(worker._manifest, [])
+                worker.journal.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / ".results.json").write_text(json.dumps(good))
+            (Path(tmp) / ".assets.json").write_text('[{"name": "task.py", "workerPath": "/task.py"}]')
+            worker = w.Worker("t", "w", "warn", KEY, env={}, folder=tmp, lsd=False, dht=False, trackers=[])
+            run(worker._load_state())
+            self.assertEqual(len(worker.outbox), 1)
+            self.assertEqual(worker._manifest, [{"name": "task.py", "workerPath": "/task.py"}])
+            self.assertFalse((Path(tmp) / ".results.json").exists())
+            worker.journal.close()
+
+
+def journal_count(folder, table="results"):
+    """Rows in a running worker's journal, read beside it (WAL lets a reader in)."""
+    try:
+        with contextlib.closing(sqlite3.connect("file:%s?mode=ro" % (Path(folder) / w.JOURNAL_NAME),
+                                                uri=True, timeout=5)) as db:
+            return db.execute("SELECT count(*) FROM %s" % table).fetchone()[0]
+    except sqlite3.Error:
+        return -1
+
+
+class QuietMaster:
+    """master.py in this process, on a fixed port and seed, that never requeues on its own:
+    a job lost by the worker stays lost, so a test sees it."""
+
+    def __init__(self, tmp, token, port, seed, name):
+        from master import Master
+        files = write_assets(Path(tmp) / name, DEFAULT_FILES)
+        self.results, self.handed = [], []
+        self.master = Master(token, {"files": files, "dependencies": []}, self.results.append, None, KEY,
+                             folder=Path(tmp) / name, env={}, host="127.0.0.1", port=port, seed=seed,
+                             lsd=False, dht=False, trackers=[], lease_seconds=3600.0)
+        self.master._requeue_worker = lambda address: None
+        serve = self.master._request_work
+
+        def recording(address, args):
+            answer = serve(address, args)
+            self.handed.append((time.monotonic(), [json.loads(w.Crypt(KEY).decrypt(j))["id"] for j in
+                                                   answer.get("batchTasks") or [answer.get("task")] if j]))
+            return answer
+        self.master._request_work = recording
+
+    async def start(self):
+        await self.master.start()
+        return self
+
+    def push(self, ids, **extra):
+        for i in ids:
+            self.master.push_new_job({"id": i, "data": json.dumps({"x": i, **extra})})
+
+
+class TestCrashSafety(unittest.TestCase):
+    """kill -9 of real ``python worker.py`` processes."""
+
+    def setUp(self):
+        self.procs = []
+
+    def tearDown(self):
+        for proc in self.procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, 9)
+
+    async def worker_process(self, folder, port, **keys):
+        write_loopback_env(folder, self.token, peers="127.0.0.1:%d" % port, LOG_LEVEL="info", **keys)
+        proc = await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
+                                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def test_held_results_and_jobs_survive_kill_9(self):
+        async def scenario(tmp):
+            self.token, port, seed = "held-%d" % random.randrange(1 << 30), free_port(), w.make_seed()
+            folder = Path(tmp) / "wp"
+            folder.mkdir()
+            first = await QuietMaster(tmp, self.token, port, seed, "m1").start()
+            first.push(range(301), sleep=0.005)  # JS rule: a batch while more than its size wait
+            proc = await self.worker_process(folder, port, getBatch="true", batchSize=300)
+            await until(lambda: first.handed and first.handed[-1][1], 30)
+            await first.master.close()  # away while the worker runs the batch: nobody takes the results
+            await until(lambda: journal_count(folder) == 300, 30)
+            proc.kill()  # kill -9 while it holds 300 results
+            await proc.wait()
+            proc = await self.worker_process(folder, port, getBatch="true", batchSize=20)
+            second = await QuietMaster(tmp, self.token, port, seed, "m2").start()
+            await until(lambda: len(second.results) >= 300, 30)
+            second.push(range(300, 321), sleep=0.2)
+            self.assertEqual(sorted(r["jobID"] for r in second.results), list(range(300)))
+            await until(lambda: second.handed and second.handed[-1][1], 30)  # takes the next batch
+            await until(lambda: journal_count(folder, "jobs") == 20, 30)
+            proc.kill()  # kill -9 while it holds 20 jobs, not yet run
+            await proc.wait()
+            proc = await self.worker_process(folder, port)
+            await until(lambda: len(second.results) >= 321, 30)  # run after the restart
+            self.assertEqual(sorted(r["jobID"] for r in second.results), list(range(321)))
+            proc.terminate()
+            output, _ = await proc.communicate()
+            self.assertIn(b"received before the last stop will run first", output)
+            await second.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp), 120)
+
+    def test_kill_9_at_random_moments_of_a_10000_job_run(self):
+        async def scenario(tmp):
+            self.token, port, seed = "random-kill-%d" % random.randrange(1 << 30), free_port(), w.make_seed()
+            folder = Path(tmp) / "wp"
+            folder.mkdir()
+            master = await QuietMaster(tmp, self.token, port, seed, "m").start()
+            master.push(range(10_000))
+            rng, kills = random.Random(), []
+            keys = {"getBatch": "true", "batchSize": 100, "seed": w.make_seed()}  # the same worker each time
+            for _ in range(8):
+                proc = await self.worker_process(folder, port, **keys)
+                await until(lambda: master.handed, 30)
+                await asyncio.sleep(rng.uniform(0.2, 1.5))
+                kills.append(time.monotonic())
+                proc.kill()
+                await proc.wait()
+            proc = await self.worker_process(folder, port, **keys)
+            answered = lambda: {r["jobID"] for r in master.results}
+            deadline = time.monotonic() + 120
+            while master.master.queue or master.master.leases.keys() - answered():
+                count = len(master.results)
+                await asyncio.sleep(3.0)
+                if count == len(master.results) and not master.master.queue or time.monotonic() > deadline:
+                    break  # all done that can be: what is left was lost on its way in
+            # A job can only be lost on its way in: sent by the master, not yet in the journal at the kill.
+            missing = master.master.leases.keys() - answered()
+            in_flight = {i for t, ids in master.handed for k in kills if k - 0.1 <= t <= k for i in ids}
+            self.assertLessEqual(missing, in_flight)
+            self.assertEqual(len(answered()) + len(missing), 10_000)
+            print("\n  10,000 jobs, 8 kill -9: %d results, %d duplicates, %d jobs lost on their way in"
+                  % (len(answered()), master.master.stats["duplicate results"], len(missing)), file=sys.stderr)
+            proc.terminate()
+            await proc.wait()
+            await master.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp), 300)
+
+
 # The command line, as users run it ##########################################
 
 WORKER_PY = str(HERE / "worker.py")
@@ -1717,7 +1979,15 @@ class TestCommandLine(unittest.TestCase):
             self.assertEqual(values["transferEncryptToken"], key)
             self.assertGreaterEqual(len(values["token"]), 20)
             self.assertEqual(values["name"], "pi-1")
+            self.assertNotIn("master", values)
             self.assertEqual(env.stat().st_mode & 0o777, 0o600)
+            pin = w.Identity().address  # again, pinning a master's address this time
+            done = subprocess.run([sys.executable, WORKER_PY, "--setup", "--env", str(env)],
+                                  input="\n\nnot an address\n%s\n" % pin, capture_output=True, text=True,
+                                  timeout=30, check=True)
+            self.assertIn("not valid", done.stdout)
+            self.assertEqual(w.read_env_file(env)["master"], pin)
+            self.assertEqual(w.read_env_file(env)["transferEncryptToken"], key)
 
     def test_missing_token_or_bad_key_exit_2(self):
         with tempfile.TemporaryDirectory() as tmp:

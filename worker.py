@@ -3905,7 +3905,14 @@ class Journal:
         # private
         self._mac_key = mac_key
         self._db: Any = None
+        self._closed = False
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="journal")
+
+    @classmethod
+    def of(cls, folder: Path, token: str, crypt: Crypt) -> Journal:
+        """The journal of a worker folder, for the swarm of ``token`` and ``crypt``'s key."""
+        return cls(folder / JOURNAL_NAME, crypt.derive(b"journal fingerprint:" + token.encode()).hex(),
+                   crypt.derive(b"journal mac"))
 
     async def call(self, fn: Callable, *args: Any) -> Any:
         """Run ``fn(*args)`` on the journal's thread and await its result."""
@@ -3917,6 +3924,9 @@ class Journal:
 
     def close(self) -> None:
         """Finish queued work, then close the file. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         self._executor.submit(self._close).result()
         self._executor.shutdown(wait=True)
 
@@ -4794,9 +4804,7 @@ class Worker:
         #: who may command this worker: the proven master, candidates, bans
         self.trust = MasterTrust(pinned)
         #: the crash-safe state in the worker folder, and the results it holds
-        self.journal = Journal(self.folder / JOURNAL_NAME, self.crypt.derive(b"journal fingerprint:"
-                                                                             + self.token.encode()).hex(),
-                               self.crypt.derive(b"journal mac"))
+        self.journal = Journal.of(self.folder, self.token, self.crypt)
         self.outbox = Outbox(self.journal, lambda address: address == self.trust.master)
         #: jobs held locally (a batch): (journal seq, job)
         self.jobs: collections.deque[tuple[int, Any]] = collections.deque()
@@ -5475,7 +5483,12 @@ def setup(env_path: Path, ask: Callable[[str], str] = input) -> None:
                   lambda: secrets.token_hex(16))
     token = _prompt(ask, "token (at least 20 characters)", current.get("token"),
                     lambda v: len(v) >= 20, lambda: secrets.token_urlsafe(24))
-    write_env_file(env_path, {"transferEncryptToken": key, "token": token})
+    pinned = current.get("master", "")
+    master = _prompt(ask, "pin one master's address (optional; master.py prints it; empty: %s)" % (
+                     "keep " + pinned if pinned else "any master that proves the key"), pinned,
+                     lambda v: v == "" or is_address(v), lambda: "")
+    write_env_file(env_path, {"transferEncryptToken": key, "token": token,
+                              **({"master": master} if master else {})})
     print(f"Wrote {env_path}. Give the master the same two values.")
 
 
@@ -5488,7 +5501,7 @@ def _prompt(ask: Callable[[str], str], label: str, current: str | None,
             answer = ""
         if not answer:
             answer = current if current and valid(current) else generate()
-            print(f"  using {answer}")
+            print(f"  using {answer}" if answer else "  none")
         if valid(answer):
             return answer
         print(f"  {answer} is not valid: {label}")
