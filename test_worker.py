@@ -1623,6 +1623,36 @@ class TestMasterTrust(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             run(scenario(tmp), 90)
 
+    def test_when_the_master_leaves_a_candidate_takes_over_within_seconds(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            from master import Master
+            backup_results = []
+            backup = Master(cluster.token, {"files": write_assets(Path(tmp) / "master", DEFAULT_FILES),
+                                            "dependencies": []}, backup_results.append, None, KEY,
+                            folder=Path(tmp) / "master", env={}, host="127.0.0.1", lsd=False, dht=False,
+                            trackers=[])
+            cluster.push(10)
+            worker = await cluster.worker().start()
+            await cluster.until_results(10)
+            await backup.start()
+            worker.node.add_peer("127.0.0.1", backup.port)
+            await until(lambda: backup.address in worker.trust.candidates, 10)  # said yes: a candidate
+            self.assertEqual(worker.master, cluster.master.address)
+            for i in range(10, 20):
+                backup.push_new_job({"id": i, "data": json.dumps({"x": i})})
+            await asyncio.sleep(0.5)
+            self.assertEqual(backup_results, [])  # nothing from a candidate while the master serves
+            left = time.monotonic()
+            await cluster.master.close()
+            await until(lambda: len(backup_results) >= 10, 10)
+            self.assertLess(time.monotonic() - left, 5.0)
+            self.assertEqual(worker.master, backup.address)
+            await worker.stop()
+            await backup.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
     def test_pinned_master_only(self):
         async def scenario(tmp):
             cluster = Cluster(tmp)
@@ -1915,6 +1945,7 @@ class TestCrashSafety(unittest.TestCase):
             proc = await self.worker_process(folder, port)
             await until(lambda: len(second.results) >= 321, 30)  # run after the restart
             self.assertEqual(sorted(r["jobID"] for r in second.results), list(range(321)))
+            self.assertEqual([r for r in second.results if r.get("error")], [])
             proc.terminate()
             output, _ = await proc.communicate()
             self.assertIn(b"received before the last stop will run first", output)
@@ -1928,13 +1959,13 @@ class TestCrashSafety(unittest.TestCase):
             folder = Path(tmp) / "wp"
             folder.mkdir()
             master = await QuietMaster(tmp, self.token, port, seed, "m").start()
-            master.push(range(10_000))
+            master.push(range(10_000), sleep=0.0003)  # a run of some seconds, to kill at any point of it
             rng, kills = random.Random(), []
             keys = {"getBatch": "true", "batchSize": 100, "seed": w.make_seed()}  # the same worker each time
             for _ in range(8):
                 proc = await self.worker_process(folder, port, **keys)
                 await until(lambda: master.handed, 30)
-                await asyncio.sleep(rng.uniform(0.2, 1.5))
+                await asyncio.sleep(rng.uniform(0.1, 0.8))
                 kills.append(time.monotonic())
                 proc.kill()
                 await proc.wait()
@@ -1951,6 +1982,7 @@ class TestCrashSafety(unittest.TestCase):
             in_flight = {i for t, ids in master.handed for k in kills if k - 0.1 <= t <= k for i in ids}
             self.assertLessEqual(missing, in_flight)
             self.assertEqual(len(answered()) + len(missing), 10_000)
+            self.assertEqual([r for r in master.results if r.get("error")], [])
             print("\n  10,000 jobs, 8 kill -9: %d results, %d duplicates, %d jobs lost on their way in"
                   % (len(answered()), master.master.stats["duplicate results"], len(missing)), file=sys.stderr)
             proc.terminate()
@@ -2621,9 +2653,9 @@ async def main():
                                              "QX_DHT_BOOTSTRAP": where}).start()
     start = time.monotonic()
     await t.until(lambda: worker.master is not None, 20)
-    found = time.monotonic() - start
+    found, adopted = time.monotonic() - start, worker.master
     await worker.stop(); await master.close(); await boot.close()
-    print(json.dumps({"found_s": found, "master": worker.master, "js": master.ready["address"]}))
+    print(json.dumps({"found_s": found, "master": adopted, "js": master.ready["address"]}))
 asyncio.run(main())
 """
 

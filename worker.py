@@ -4926,7 +4926,7 @@ class Worker:
 
     def _on_left(self, address: str) -> None:
         self.trust.candidates.pop(address, None)
-        if self.trust.lose(address):
+        if self.trust.lose(address) and not self._stopping:
             log.warning("master %s left; results are kept until a master is back", address)
             self._failover()
 
@@ -5185,7 +5185,7 @@ class Worker:
     # jobs
     async def _drive(self) -> None:
         """The job loop: ask, run, deliver; one request in flight at most."""
-        while not (self._stopping and not self.jobs):
+        while not (self._stopping and (not self.jobs or self._runner is None)):
             try:
                 await self._step()
             except Exception:  # a bug of ours must not end the loop: say so and go on
@@ -5194,6 +5194,10 @@ class Worker:
 
     async def _step(self) -> None:
         """Ask for work when no job is held (else wait), or run the next job."""
+        if self.jobs and self._runner is None:  # held since the last run: they wait for the task
+            self._wake.clear()
+            await self._idle()
+            return
         if not self.jobs:
             self._wake.clear()  # before asking: a nudge during the ask is kept
             if self._stopping or not self._ready_for_work() or not await self.request_work():
