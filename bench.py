@@ -214,6 +214,40 @@ async def asset_sync(megabytes: int) -> dict:
         return {"megabytes": size / 1e6, "seconds": elapsed, "mb_per_s": size / 1e6 / elapsed}
 
 
+async def proof_cost(rounds: int, js: bool) -> dict:
+    """Milliseconds a worker spends having a new master prove the key (the proof alone)."""
+    with tempfile.TemporaryDirectory(prefix="qx-bench-") as tmp:
+        root = Path(tmp)
+        token = "bench-proof-%d" % random.randrange(1 << 40)
+        spec = assets(root / "m", {"/task.py": TRIVIAL_TASK, "/data/x.json": '{"x": 1}'})
+        if js:
+            for f in spec["files"]:
+                f["masterPath"] = str(root / "m" / f["masterPath"].lstrip("/"))
+            (root / "assets.json").write_text(json.dumps(spec))
+            peer = await t.JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY,
+                                                   "QX_ASSETS": str(root / "assets.json")}).start()
+            address, port = peer.ready["address"], peer.ready["port"]
+        else:
+            peer = Master(token, spec, None, None, KEY, folder=root / "m", env={}, host="127.0.0.1",
+                          lsd=False, dht=False, trackers=[])
+            await peer.start()
+            address, port = peer.address, peer.port
+        worker = w.Worker(token, "proof", "error", KEY, env={}, folder=root / "w", host="127.0.0.1",
+                          lsd=False, dht=False, trackers=[], peers=["127.0.0.1:%d" % port])
+        await worker.node.start()  # the node only: the bench drives the proofs
+        await t.until(lambda: address in worker.node.peers, 30)
+        laps = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            await (worker._asset_proof(address) if js else worker._challenge(address))
+            laps.append((time.perf_counter() - started) * 1000)
+        await worker.node.close()
+        await peer.close()
+    laps.sort()
+    return {"calls_per_s": 1000 * rounds / sum(laps), "median_ms": statistics.median(laps),
+            "p99_ms": laps[int(len(laps) * 0.99) - 1]}
+
+
 async def soak(jobs: int) -> int:
     """``jobs`` jobs through master.py and one worker: nothing lost, RSS flat."""
     with tempfile.TemporaryDirectory(prefix="qx-soak-") as tmp:
@@ -281,6 +315,9 @@ async def main() -> int:
     if has_js:
         rows["RPC Python-JS"] = await rpc_latency(n(300), js=True)
     rows["10 MB asset sync"] = await asset_sync(10)
+    rows["master proof, master.py (key challenge)"] = await proof_cost(n(2000), js=False)
+    if has_js:
+        rows["master proof, JS master (asset hashes)"] = await proof_cost(n(200), js=True)
     machine = "%s, %s, %d cores, Python %s" % (platform.node(), platform.machine(), os.cpu_count() or 0,
                                                platform.python_version())
     print("\nqueue-xec Python worker benchmark (%s)\n" % machine)
