@@ -3938,11 +3938,15 @@ class Journal:
             self._check()
         except (sqlite3.DatabaseError, JournalError) as exc:
             self._close()
-            aside = self._move_aside()
-            log.error("%s is not a usable journal (%s): moved aside to %s; starting clean",
-                      self.path, exc, aside.name)
-            self._db = self._connect()
-            self._check()
+            try:
+                aside = self._move_aside()
+                log.error("%s is not a usable journal (%s): moved aside to %s; starting clean",
+                          self.path, exc, aside.name)
+                self._db = self._connect()
+                self._check()
+            except (OSError, sqlite3.Error, JournalError) as again:
+                self._close()
+                raise JournalError(f"cannot keep a journal at {self.path}: {again}") from None
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -5528,7 +5532,12 @@ async def run_worker(worker: Worker) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal)
-    await worker.start()
+    try:
+        await worker.start()
+    except (WorkerError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        await worker.node.close()
+        return 2
     await worker.run_until_stopped()
     log.info("stopped: %d job(s) done, %d failed, %d result(s) delivered",
              worker.stats["jobs done"], worker.stats["jobs failed"],
