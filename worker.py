@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import collections
 import concurrent.futures
 import contextlib
@@ -223,6 +224,11 @@ _COLOURS = {logging.DEBUG: "\x1b[36m", logging.INFO: "\x1b[32m",
             logging.CRITICAL: "\x1b[35m"}
 
 
+#: The names a log line shows, whole (the JS logger's words).
+_LEVEL_NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warn",
+                logging.ERROR: "error", logging.CRITICAL: "fatal"}
+
+
 class _Formatter(logging.Formatter):
     """``[DD-MM HH:mm:ss] LEVEL message``, coloured only on a terminal."""
 
@@ -232,7 +238,7 @@ class _Formatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = "[%s] %-5s %s" % (Helper.local_time(record.created),
-                                 record.levelname.lower()[:5],
+                                 _LEVEL_NAMES.get(record.levelno, record.levelname.lower()),
                                  record.getMessage())
         if record.exc_info and log.isEnabledFor(logging.DEBUG):
             text += "\n" + self.formatException(record.exc_info)
@@ -5478,6 +5484,162 @@ def _manifest_ok(value: Any, folder: Path) -> bool:
 def as_dict(value: Any) -> dict:
     """``value`` if it is a dict, else an empty one (RPC arguments from peers)."""
     return value if isinstance(value, dict) else {}
+
+
+# Status: metrics and health over HTTP #######################################
+#
+# ``statusPort`` serves two pages on the worker's own event loop, stdlib only:
+# ``GET /metrics`` in the Prometheus text format (version 0.0.4) and ``GET
+# /healthz`` (200 with a small JSON body while the loop runs and a proven
+# master is connected, 503 with the reason otherwise); anything else is 404.
+# A client gets STATUS_READ_TIMEOUT seconds and STATUS_MAX_REQUEST bytes to
+# send its request, and at most STATUS_MAX_CLIENTS are served at once, so a
+# slow or hostile one costs nothing but its own connection.
+
+STATUS_READ_TIMEOUT = 5.0
+STATUS_MAX_REQUEST = 8192
+STATUS_MAX_CLIENTS = 8
+#: Upper bounds (seconds) of the job-duration and delivery-latency histograms.
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0)
+
+
+class Histogram:
+    """A Prometheus histogram: counts per upper bound, their sum and count."""
+
+    def __init__(self, buckets: Iterable[float] = DURATION_BUCKETS) -> None:
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+
+
+class Exposition:
+    """Builds the Prometheus text format: HELP, TYPE, then samples."""
+
+    def __init__(self, prefix: str = "qx_") -> None:
+        self.prefix = prefix
+        self._lines: list[str] = []
+
+    def add(self, name: str, kind: str, help_text: str, samples: Any) -> None:
+        """``samples``: a number, or ``{labels dict as tuple pairs: value}``."""
+        name = self.prefix + name
+        self._lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        items = samples.items() if isinstance(samples, dict) else [((), samples)]
+        for labels, value in items:
+            self._lines.append(f"{name}{_labels(labels)} {_number(value)}")
+
+    def histogram(self, name: str, help_text: str, hist: Histogram) -> None:
+        name = self.prefix + name
+        self._lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        running = 0
+        for bound, count in zip((*hist.buckets, float("inf")), hist.counts):
+            running += count
+            self._lines.append(f'{name}_bucket{{le="{_number(bound)}"}} {running}')
+        self._lines += [f"{name}_sum {_number(hist.sum)}", f"{name}_count {hist.count}"]
+
+    def text(self) -> str:
+        return "\n".join(self._lines) + "\n"
+
+
+def _labels(labels: Iterable[tuple[str, Any]]) -> str:
+    pairs = [f'{key}="{_label_value(value)}"' for key, value in labels]
+    return "{" + ",".join(pairs) + "}" if pairs else ""
+
+
+def _label_value(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if value == float("inf"):
+        return "+Inf"
+    return repr(float(value)) if isinstance(value, float) and not value.is_integer() else str(int(value))
+
+
+def process_rss_bytes() -> int:
+    """This process's resident memory (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class StatusServer:
+    """``GET /metrics`` and ``GET /healthz`` on the loop; bounded in time, size and clients."""
+
+    def __init__(self, host: str, port: int, metrics: Callable[[], str],
+                 health: Callable[[], tuple[bool, dict]]) -> None:
+        self.host, self.port = host, port
+        self.metrics, self.health = metrics, health
+        #: requests served, refused (too many clients), and dropped (slow, too big, not HTTP)
+        self.stats: collections.Counter = collections.Counter()
+        # private
+        self._server: asyncio.AbstractServer | None = None
+        self._clients: set[asyncio.Task] = set()
+
+    async def start(self) -> StatusServer:
+        self._server = await asyncio.start_server(self._accept, self.host, self.port,
+                                                  limit=STATUS_MAX_REQUEST, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("status on http://%s:%d/metrics and /healthz", self.host, self.port)
+        return self
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._clients):
+            task.cancel()
+        await asyncio.gather(*self._clients, return_exceptions=True)
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._clients) >= STATUS_MAX_CLIENTS:
+            self.stats["refused"] += 1
+            writer.close()
+            return
+        spawn(self._serve(reader, writer), self._clients, "status")
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(STATUS_READ_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+                status, kind, body = self._answer(head)
+                writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                             b"Connection: close\r\n\r\n" % (status, _REASONS[status], kind, len(body)) + body)
+                await writer.drain()
+            self.stats["served"] += 1
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            self.stats["dropped"] += 1
+        finally:
+            writer.close()
+
+    def _answer(self, head: bytes) -> tuple[int, bytes, bytes]:
+        method, _, rest = head.partition(b" ")
+        path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+        if method == b"GET" and path == b"/metrics":
+            return 200, b"text/plain; version=0.0.4; charset=utf-8", self.metrics().encode()
+        if method == b"GET" and path == b"/healthz":
+            ok, body = self.health()
+            return (200 if ok else 503), b"application/json", json_dumps(body).encode()
+        return 404, b"text/plain", b"not found\n"
+
+
+_REASONS = {200: b"OK", 404: b"Not Found", 503: b"Service Unavailable"}
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (``Type=notify``, ``WatchdogSec=``) how we are; nothing without it."""
+    where = os.environ.get("NOTIFY_SOCKET")
+    if not where:
+        return
+    address = "\0" + where[1:] if where.startswith("@") else where
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message.encode(), address)
 
 
 # Command line ###############################################################
