@@ -1992,6 +1992,101 @@ class TestCrashSafety(unittest.TestCase):
             run(scenario(tmp), 300)
 
 
+# Status: /metrics and /healthz (issue 14) ###################################
+
+def parse_exposition(text):
+    """The Prometheus text format, parsed strictly: {name: {labels tuple: value}}, {name: type}."""
+    samples, types, helps = collections.defaultdict(dict), {}, set()
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            helps.add(line.split()[2])
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            assert kind in ("counter", "gauge", "histogram"), line
+            types[name] = kind
+        else:
+            head, value = line.rsplit(" ", 1)
+            name, _, labels = head.partition("{")
+            pairs = tuple(tuple(pair.split("=", 1)) for pair in labels.rstrip("}").split(",") if pair)
+            samples[name][tuple((k, json.loads(v)) for k, v in pairs)] = float(value)
+            family = name.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+            assert family in types or name in types, line
+    assert set(types) <= helps
+    return samples, types
+
+
+def http_get(url, timeout=10):
+    """(status, body) with a real HTTP client."""
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+class TestStatusServer(unittest.TestCase):
+    def test_pages_and_hostile_clients(self):
+        async def scenario():
+            healthy = [True]
+            hist = w.Histogram()
+            hist.observe(0.02)
+
+            def metrics():
+                out = w.Exposition()
+                out.add("jobs_done_total", "counter", "Jobs done.", 3)
+                out.add("peers", "gauge", "Peers by transport.", {(("transport", "tcp"),): 2})
+                out.histogram("job_duration_seconds", "Job time.", hist)
+                return out.text()
+            server = await w.StatusServer("127.0.0.1", 0, metrics,
+                                          lambda: (healthy[0], {"master": "bX"} if healthy[0] else
+                                                   {"reason": "no master"})).start()
+            base = "http://127.0.0.1:%d" % server.port
+            status, body = await asyncio.to_thread(http_get, base + "/metrics")
+            self.assertEqual(status, 200)
+            samples, types = parse_exposition(body)
+            self.assertEqual(samples["qx_jobs_done_total"][()], 3)
+            self.assertEqual(types["qx_job_duration_seconds"], "histogram")
+            self.assertEqual(samples["qx_job_duration_seconds_bucket"][(("le", "0.05"),)], 1)
+            self.assertEqual(await asyncio.to_thread(http_get, base + "/healthz"), (200, '{"master":"bX"}'))
+            healthy[0] = False
+            self.assertEqual((await asyncio.to_thread(http_get, base + "/healthz"))[0], 503)
+            self.assertEqual((await asyncio.to_thread(http_get, base + "/nope"))[0], 404)
+            # slow clients take their own connection only; the loop stays free; the cap holds
+            lag = []
+
+            async def ticker():
+                while True:
+                    started = time.monotonic()
+                    await asyncio.sleep(0.01)
+                    lag.append(time.monotonic() - started - 0.01)
+            tick = asyncio.ensure_future(ticker())
+            slow = [await asyncio.open_connection("127.0.0.1", server.port)
+                    for _ in range(w.STATUS_MAX_CLIENTS)]
+            for _, writer in slow:
+                writer.write(b"GET /metrics HTTP/1.1\r\n")  # and never the end of it
+            _, huge = await asyncio.open_connection("127.0.0.1", server.port)
+            await until(lambda: server.stats["refused"] >= 1, 5)  # over the cap: closed at once
+            started = time.monotonic()
+            for reader, _ in slow:
+                self.assertEqual(await asyncio.wait_for(reader.read(), 10), b"")  # dropped after the timeout
+            self.assertLess(time.monotonic() - started, w.STATUS_READ_TIMEOUT + 2)
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * (w.STATUS_MAX_REQUEST * 2))
+            self.assertEqual(await asyncio.wait_for(reader.read(), 10), b"")  # too big: dropped
+            self.assertEqual((await asyncio.to_thread(http_get, base + "/metrics"))[0], 200)
+            tick.cancel()
+            self.assertLess(max(lag), 0.1)
+            self.assertGreaterEqual(server.stats["dropped"], w.STATUS_MAX_CLIENTS + 1)
+            huge.close()
+            writer.close()
+            for _, slow_writer in slow:
+                slow_writer.close()
+            await server.close()
+        run(scenario())
+
+
 # The command line, as users run it ##########################################
 
 WORKER_PY = str(HERE / "worker.py")
