@@ -6,11 +6,11 @@
  * and WebTorrent 1.9.7 it resolves) puts on the BitTorrent wire, made
  * deterministic so that a run gives the same file every time.
  *
- *   unshare -n sh -c 'ip link set lo up && node interop/make-bugout-vectors.js [OUT_DIR]'
+ *   interop/make-testdata.sh [OUT_DIR]     (as root; it runs this, then the
+ *                                          tracker samples, in `unshare -n`)
  *
- * (or `interop/make-testdata.sh`, which also makes the tracker samples). Like the
- * JS peers it runs a DHT node (BEP 5, no bootstrap nodes), so it refuses to start
- * outside a network namespace whose interfaces are all loopback.
+ * Like the JS peers it runs a DHT node (BEP 5, no bootstrap nodes), so it refuses
+ * to start outside a network namespace whose interfaces are all loopback.
  *
  * How the run is made deterministic (interop/deterministic.js):
  *   - every tweetnacl draw is sha512("anchor-prng-<k>")[:n], k counting from 0 at

@@ -6,12 +6,12 @@
  * 1.9.7, bittorrent-tracker's client, @roamhq/wrtc) meeting through a real
  * bittorrent-tracker 9.19.0 server, as the server reads and writes them.
  *
- *   unshare -n sh -c 'ip link set lo up && node interop/make-tracker-samples.js [OUT_DIR]'
+ *   interop/make-testdata.sh [OUT_DIR]     (as root; it runs this in `unshare -n`)
  *
- * (or interop/make-testdata.sh). Loopback only: the tracker listens on
- * 127.0.0.1, ICE has no STUN/TURN server (iceServers: []), and the script, like
- * peer.js, refuses to run outside a network namespace whose interfaces are all
- * loopback.
+ * Loopback only: the tracker listens on 127.0.0.1, ICE has no STUN/TURN server
+ * (iceServers: []), and the script, like peer.js, refuses to run outside a
+ * network namespace whose interfaces are all loopback. It also refuses while lo
+ * has IPv6, which would add ::1 candidates on some machines and not on others.
  *
  * The run: peer A starts and announces (five offers, nobody to give them to);
  * once the tracker has answered it, peer B starts and announces; the tracker
@@ -28,13 +28,15 @@
  *   - the order of the offers in an announce (bittorrent-tracker lists them as
  *     libwebrtc finishes gathering): put back in the order the offers were made;
  *   - the random parts of each SDP, made by libwebrtc: the o= session id, the
- *     ice-ufrag, the ice-pwd, the DTLS fingerprint and the UDP/TCP ports are
- *     replaced, in every frame, by stand-ins drawn from sha512("anchor-sdp-...")
- *     in order of first appearance (so an offer and its relayed copy stay equal);
- *     host TCP candidates, whose number libwebrtc varies from run to run, are
- *     left out of the recorded SDPs (they are never used on loopback: ICE pairs
- *     the UDP candidates). The frames are then written again with JSON.stringify,
- *     which gives the text the JS code sends for the same object;
+ *     ice-ufrag, the ice-pwd and the DTLS fingerprint are replaced by stand-ins
+ *     drawn from sha512("anchor-sdp-<kind>-<k>") in order of first appearance,
+ *     and the ports are renumbered 40000, 40001, ... candidate by candidate (the
+ *     m= line keeps its candidate's number); an SDP and its relayed copy get the
+ *     same stand-ins. Host TCP candidates are left out of the recorded SDPs:
+ *     how many libwebrtc lists (5, 4, 3, 2, 1 over the five offers, mostly)
+ *     changed from run to run on a loaded machine. The frames are then written
+ *     again with JSON.stringify, which gives the text the JS code sends for the
+ *     same object;
  *   - timing: frames carry their index in the sequence, not a time.
  */
 const path = require('path')
