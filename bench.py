@@ -6,7 +6,7 @@
 
 Everything runs on 127.0.0.1 with LSD, DHT and trackers off: master.py (in this
 process) or the JS master harness (interop/master.js) and real ``python worker.py``
-processes, whose settings come from their .env only (test_worker's loopback .env
+processes, whose settings come from their .env only (support.py's loopback .env
 and an environment without our keys, which would override it).
 Compare ratios within one run; absolute figures depend on the machine.
 """
@@ -29,12 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import test_worker as t
 import worker as w
 from master import Master
+from support import KEY, JsProcess, clean_env, js_peer, until, write_assets, write_loopback_env
 
 HERE = Path(__file__).resolve().parent
-KEY = t.KEY
 TRIVIAL_TASK = "class Task:\n    def run(self, job):\n        return job['id']\n"
 
 
@@ -47,7 +46,7 @@ def memory_mb(pid: int, field: str = "VmHWM") -> float:
 
 
 def assets(root: Path, files: dict[str, str]) -> dict:
-    return {"files": t.write_assets(root, files), "dependencies": []}
+    return {"files": write_assets(root, files), "dependencies": []}
 
 
 def watch_asks(master: Master) -> dict[str, float]:
@@ -66,9 +65,9 @@ class WorkerProcess:
         self.module = module  # python -m worker: bytecode from __pycache__, no compile
         self.folder = root / name
         self.folder.mkdir(parents=True)
-        t.write_loopback_env(self.folder, token, peers="127.0.0.1:%d" % port,  # key: t.KEY
-                             getBatch="true" if batch > 1 else "false", batchSize=max(batch, 1),
-                             LOG_LEVEL="warn", name=name)
+        write_loopback_env(self.folder, token, peers="127.0.0.1:%d" % port,  # key: KEY
+                           getBatch="true" if batch > 1 else "false", batchSize=max(batch, 1),
+                           LOG_LEVEL="warn", name=name)
 
     async def start(self) -> WorkerProcess:
         command = ["-m", "worker"] if self.module else [str(HERE / "worker.py")]
@@ -76,7 +75,7 @@ class WorkerProcess:
             py_compile.compile(str(HERE / "worker.py"), cfile=importlib.util.cache_from_source(
                 str(HERE / "worker.py")))
         self.proc = await asyncio.create_subprocess_exec(sys.executable, *command, cwd=self.folder,
-                                                         env=t.clean_env())
+                                                         env=clean_env())
         return self
 
     async def stop(self) -> float:
@@ -105,12 +104,12 @@ async def against_master_py(jobs: int, batch: int, workers: int = 1, module: boo
                  for i in range(workers)]
         try:
             # every worker has started, synced and asked (no job yet): start-up is not timed
-            await t.until(lambda: len(asked) >= workers, 120)
+            await until(lambda: len(asked) >= workers, 120)
             for i in range(jobs):
                 master.push_new_job({"id": i, "data": ""})
             # The clock starts once all are queued: no worker gets one before the loop is free.
             started = time.perf_counter()
-            await t.until(lambda: len(results) >= jobs, 600)
+            await until(lambda: len(results) >= jobs, 600)
             elapsed = stamps[-1] - started
         finally:
             rss = [await p.stop() for p in procs]
@@ -130,18 +129,18 @@ async def against_js_master(jobs: int, batch: int) -> dict:
         (root / "assets.json").write_text(json.dumps(spec))
         token = "bench-js-%d" % random.randrange(1 << 40)
         # JsProcess passes our environment on: no tracker or DHT from it
-        js = await t.JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY, "QX_TRACKER": "",
-                                             "QX_DHT_BOOTSTRAP": "",
-                                             "QX_ASSETS": str(root / "assets.json")}).start()
+        js = await JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY, "QX_TRACKER": "",
+                                           "QX_DHT_BOOTSTRAP": "",
+                                           "QX_ASSETS": str(root / "assets.json")}).start()
         proc = await WorkerProcess(root, token, js.ready["port"], batch, "w").start()
         results = lambda: [e for e in js.events if e["event"] == "result"]
         try:
             js.send(cmd="push", job={"id": -1, "data": "{}"})
-            await t.until(lambda: len(results()) >= 1, 60)
+            await until(lambda: len(results()) >= 1, 60)
             for i in range(jobs):
                 js.send(cmd="push", job={"id": i, "data": "{}"})
             # The JS master never tells idle workers about new jobs: they poll every 30 s.
-            await t.until(lambda: len(results()) >= jobs + 1, 600)
+            await until(lambda: len(results()) >= jobs + 1, 600)
             got = results()
             elapsed = got[-1]["_t"] - got[1]["_t"]  # first to last result
         finally:
@@ -154,14 +153,14 @@ async def rpc_latency(calls: int, js: bool) -> dict:
     """Sequential echo round trips from a Python node to a Python or JS peer."""
     ident = "bench-rpc-%d" % random.randrange(1 << 40)
     if js:
-        peer = await t.js_peer(ident)
+        peer = await js_peer(ident)
         address, port = peer.ready["address"], peer.ready["port"]
     else:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", ECHO_PEER, ident, stdout=subprocess.PIPE, cwd=HERE, env=t.clean_env())
+            sys.executable, "-c", ECHO_PEER, ident, stdout=subprocess.PIPE, cwd=HERE, env=clean_env())
         address, port = json.loads(await proc.stdout.readline()).values()
     node = await w.Bugout(ident, host="127.0.0.1", lsd=False, dht=False, trackers=[], peers=["127.0.0.1:%d" % port]).start()
-    await t.until(lambda: address in node.peers, 30)
+    await until(lambda: address in node.peers, 30)
     await asyncio.sleep(0.3)
     laps = []
     for i in range(calls):
@@ -206,7 +205,7 @@ async def asset_sync(megabytes: int) -> dict:
                           lsd=False, dht=False, trackers=[], peers=["127.0.0.1:%d" % master.port])
         started = time.perf_counter()
         await worker.start()
-        await t.until(lambda: asked, 120)  # the worker asks for work once its task is loaded
+        await until(lambda: asked, 120)  # the worker asks for work once its task is loaded
         elapsed = asked[worker.address] - started
         size = (root / "w/data/big.txt").stat().st_size
         await worker.stop()

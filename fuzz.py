@@ -17,22 +17,22 @@ import resource
 import sys
 import time
 
-import test_worker as t
 import worker as w
+from support import IDENT, VECTORS, fuzz_inputs, identity, mutations
 
 
 def main(count: int = 1_000_000) -> int:
-    core = w.BugoutCore(t.IDENT, t.identity("master"), seen_limit=10_000)
-    infohash, info = w.infohash_of(t.IDENT)
+    core = w.BugoutCore(IDENT, identity("master"), seen_limit=10_000)
+    infohash, info = w.infohash_of(IDENT)
     good_wire = (w.handshake_bytes(infohash, b"-WW0109-AAAAAAAAAAAA", dht=True)
-                 + bytes.fromhex(t.VECTORS["keys"]["worker"]["full_extended_handshake_message_hex"])
-                 + bytes.fromhex(t.VECTORS["rpc_isMaster"]["framed_message_hex"]))
+                 + bytes.fromhex(VECTORS["keys"]["worker"]["full_extended_handshake_message_hex"])
+                 + bytes.fromhex(VECTORS["rpc_isMaster"]["framed_message_hex"]))
     rng = random.Random(7)
     outcomes: collections.Counter = collections.Counter()
     failures = 0
     started = time.perf_counter()
-    wire_inputs = t.mutations([good_wire], count, rng)
-    for i, data in enumerate(t.fuzz_inputs(count, seed=2024)):
+    wire_inputs = mutations([good_wire], count, rng)
+    for i, data in enumerate(fuzz_inputs(count, seed=2024)):
         try:
             w.bdecode(data)
             outcomes["bencode ok"] += 1

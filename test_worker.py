@@ -28,36 +28,29 @@ from pathlib import Path
 from unittest import mock
 
 import worker as w
-
-HERE = Path(__file__).resolve().parent
-VECTORS = json.loads((HERE.parent / "shared/protocol/bugout-vectors.json").read_text())
-IDENT = VECTORS["identifier"]
-IN_CI = os.environ.get("CI") == "true"
-
-
-def prng(labels):
-    """The vectors' PRNG: draw k of n bytes = sha512("anchor-prng-<k>")[:n]."""
-    it = iter(labels)
-    return lambda n: hashlib.sha512(next(it).encode()).digest()[:n]
-
-
-def identity(role):
-    keys = VECTORS["keys"][role]
-    return w.Identity(keys["seed_bs58check"], bytes.fromhex(keys["ek_secret_key_hex"]))
-
-
-def need(condition, why):
-    """Skip outside CI; in CI a missing prerequisite is a failure, not a skip."""
-    if condition:
-        return
-    if IN_CI:
-        raise AssertionError("prerequisite missing in CI: " + why)
-    raise unittest.SkipTest(why)
-
-
-def run(coro, timeout=60):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
+from support import (  # child scripts use these as test_worker.X too
+    HERE,
+    IDENT,
+    IN_CI,
+    INTEROP,
+    KEY,
+    NODE,
+    VECTORS,
+    JsProcess,
+    clean_env,
+    fuzz_inputs,
+    identity,
+    js_peer,
+    js_ready,
+    mutations,
+    need,
+    prng,
+    run,
+    until,
+    valid_payloads,  # noqa: F401
+    write_assets,
+    write_loopback_env,
+)
 
 # Vectors made by the real JS code ##########################################
 
@@ -198,6 +191,25 @@ class TestVectors(unittest.TestCase):
         wire.data_to_send()
         wire.events_received()
         return wire
+
+
+class TestTestData(unittest.TestCase):
+    def test_generators_give_the_committed_bytes(self):
+        """testdata/ is what interop/make-testdata.sh makes from the real JS code, byte for byte."""
+        js_ready()
+        for package in ("@roamhq/wrtc", "bittorrent-tracker"):
+            need((INTEROP / "node_modules" / package).is_dir(), "run npm ci in interop/ (%s)" % package)
+        need(shutil.which("unshare") and shutil.which("ip") and os.geteuid() == 0, "unshare -n needs root")
+        with tempfile.TemporaryDirectory() as tmp:
+            done = subprocess.run(["sh", str(INTEROP / "make-testdata.sh"), tmp], capture_output=True,
+                                  text=True, timeout=300, check=False)
+            self.assertEqual(done.returncode, 0, done.stdout[-2000:] + done.stderr[-3000:])
+            for name in ("bugout-vectors.json", "tracker-samples.json"):
+                made, committed = (Path(tmp) / name).read_bytes(), (HERE / "testdata" / name).read_bytes()
+                if made != committed:
+                    new, old = json.loads(made), json.loads(committed)
+                    keys = sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k))
+                    self.fail(f"testdata/{name} differs from a new run in {keys}")
 
 
 # Codecs, Crypt, .env ########################################################
@@ -437,45 +449,6 @@ class TestBugoutCore(unittest.TestCase):
 
 # Bad input: generated and mutated ###########################################
 
-def mutations(seed_inputs, count, rng):
-    """Mutated copies of valid inputs: flips, cuts, splices, random bytes."""
-    for i in range(count):
-        data = bytearray(rng.choice(seed_inputs))
-        for _ in range(rng.randint(1, 4)):
-            op = rng.randrange(5)
-            pos = rng.randrange(len(data) + 1)
-            if op == 0 and data:
-                data[pos % len(data)] ^= 1 << rng.randrange(8)
-            elif op == 1:
-                del data[pos:pos + rng.randint(1, 16)]
-            elif op == 2:
-                data[pos:pos] = rng.choice(seed_inputs)[:rng.randint(0, 32)]
-            elif op == 3:
-                data[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
-            else:
-                data[pos:pos] = rng.choice([b"i", b"e", b"l", b"d", b"0:", b"99999999:", b"-"])
-        yield bytes(data)
-
-
-def valid_payloads():
-    core = w.BugoutCore(IDENT, identity("worker"))
-    peer = identity("master")
-    now = w._now()
-    core.peers[peer.address] = w.PeerKeys(peer.pk, peer.ek, now)
-    core.send_ping(now)
-    core.send_message({"a": [1, "b"]}, now)
-    core.send_call(peer.address, "isMaster", {}, now)
-    out = [p for p, _ in core.data_to_send()]
-    return out + [bytes.fromhex(e["payload_hex"]) for e in VECTORS["exchange_log"]]
-
-
-def fuzz_inputs(count, seed=1234):
-    """``count`` generated and mutated inputs, deterministic for a seed."""
-    rng = random.Random(seed)
-    seeds = valid_payloads() + [b"d1:ai1e1:bl1:xi-2eee", b"le", b"0:"]
-    return mutations(seeds, count, rng)
-
-
 class TestBadInput(unittest.TestCase):
     def test_bdecode_and_packet_opener(self):
         core = w.BugoutCore(IDENT, identity("master"))
@@ -514,78 +487,6 @@ class TestBadInput(unittest.TestCase):
 
 # Real sockets and real JS peers #############################################
 
-NODE = shutil.which("node")
-INTEROP = HERE / "interop"
-
-
-def js_ready():
-    need(NODE, "node is not installed")
-    need((INTEROP / "node_modules" / "bugout").is_dir(), "run npm ci in interop/")
-
-
-class JsProcess:
-    """A node process from interop/ speaking JSON lines on stdin/stdout."""
-
-    def __init__(self, script, env):
-        self.script, self.env = script, env
-        self.events = []
-        self._changed = asyncio.Event()
-
-    async def start(self, prefix=()):
-        env = dict(os.environ, **self.env)
-        self.proc = await asyncio.create_subprocess_exec(
-            *prefix, NODE, str(INTEROP / self.script), env=env, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        self._reader = asyncio.ensure_future(self._read())
-        self.ready = await self.wait_for(lambda e: e["event"] == "ready")
-        return self
-
-    async def _read(self):
-        async for line in self.proc.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            event["_t"] = time.perf_counter()
-            self.events.append(event)
-            self._changed.set()
-
-    async def wait_for(self, predicate, timeout=20.0):
-        deadline = time.monotonic() + timeout
-        seen = 0
-        while True:
-            for event in self.events[seen:]:
-                if predicate(event):
-                    return event
-            seen = len(self.events)
-            self._changed.clear()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"{self.script}: no such event; got {self.events[-10:]}")
-            try:
-                await asyncio.wait_for(self._changed.wait(), left)
-            except TimeoutError:
-                pass
-
-    def send(self, **command):
-        self.proc.stdin.write((json.dumps(command) + "\n").encode())
-
-    async def close(self):
-        if self.proc.returncode is None:
-            with_suppress = self.proc.stdin.close
-            with_suppress()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 5)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-        self._reader.cancel()
-
-
-async def js_peer(ident, **env):
-    return await JsProcess("peer.js", {"BO_ID": ident, "BO_MODE": "loopback", **env}).start()
-
-
 async def py_node(ident, **kw):
     kw.setdefault("dht", False)
     kw.setdefault("trackers", [])
@@ -595,14 +496,6 @@ async def py_node(ident, **kw):
     for name in ("seen", "message", "left"):
         node.on(name, lambda *a, name=name: node.events.append((name,) + a))
     return await node.start()
-
-
-async def until(predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met in {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 async def until_logged(logs, text, timeout=10.0):
@@ -855,21 +748,6 @@ class Task:
             Task.loop = asyncio.get_running_loop()
         return {"same_loop": Task.loop is asyncio.get_running_loop()}
 '''
-KEY = "k" * 16 + "0123456789abcdef"
-
-
-def write_assets(root, files):
-    """Master-side files; returns the exec_assets dict."""
-    listed = []
-    for worker_path, text in files.items():
-        path = Path(root) / worker_path.lstrip("/")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        listed.append({"masterPath": worker_path, "name": Path(worker_path).name,
-                       "workerPath": worker_path})
-    return listed
-
-
 DEFAULT_FILES = {"/workplace/task.py": TASK_PY,
                  "/workplace/data/conf/factor.json": '{"factor": 2}'}
 
@@ -2211,19 +2089,6 @@ class TestCommandLine(unittest.TestCase):
             run(scenario(tmp))
 
 
-def write_loopback_env(folder, token, **keys):
-    """A .env for a worker.py or master.py subprocess: loopback only, no LSD, DHT or trackers."""
-    settings = {"token": token, "transferEncryptToken": KEY, "lsd": "false", "dht": "false",
-                "trackers": "", "host": "127.0.0.1", **{k: str(v) for k, v in keys.items()}}
-    (Path(folder) / ".env").write_text("".join("%s=%s\n" % kv for kv in settings.items()))
-
-
-def clean_env():
-    """The environment without our own keys, so a test's .env decides."""
-    env = {k: v for k, v in os.environ.items() if k not in w.SETTINGS}
-    env["PYTHONPATH"] = str(HERE)
-    return env
-
 # DHT (BEP 5) ################################################################
 
 _real_dht_start = w.Dht.start
@@ -3557,9 +3422,10 @@ def main():
 PUBLIC_TRACKERS, PUBLIC_ICE_SERVERS = w.DEFAULT_TRACKERS, w.DEFAULT_ICE_SERVERS
 w.DEFAULT_TRACKERS = w.DEFAULT_ICE_SERVERS = ()
 
-SAMPLES = json.loads((HERE.parent / "shared/protocol/tracker-samples.json").read_text())["full_examples"]
+SAMPLES = json.loads((HERE / "testdata/tracker-samples.json").read_text())["full_examples"]
 SAMPLE_INFOHASH = bytes.fromhex("5d89b217eba4a9f0d27593289ea6439cf875d329")
-SAMPLE_ME, SAMPLE_OTHER = b"-WW0109-TNCsFqWThOzV", b"-WW0109-837K7BSK9zZn"
+SAMPLE_ME, SAMPLE_OTHER = (bytes.fromhex(SAMPLES["client->tracker answer (to_peer_id)"]["hex_fields"][key])
+                           for key in ("peer_id__hex", "to_peer_id__hex"))
 
 
 def sample(kind):
