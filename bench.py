@@ -223,7 +223,7 @@ async def proof_cost(rounds: int, js: bool) -> dict:
             for f in spec["files"]:
                 f["masterPath"] = str(root / "m" / f["masterPath"].lstrip("/"))
             (root / "assets.json").write_text(json.dumps(spec))
-            peer = await t.JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY,
+            peer = await JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY,
                                                    "QX_ASSETS": str(root / "assets.json")}).start()
             address, port = peer.ready["address"], peer.ready["port"]
         else:
@@ -234,7 +234,7 @@ async def proof_cost(rounds: int, js: bool) -> dict:
         worker = w.Worker(token, "proof", "error", KEY, env={}, folder=root / "w", host="127.0.0.1",
                           lsd=False, dht=False, trackers=[], peers=["127.0.0.1:%d" % port])
         await worker.node.start()  # the node only: the bench drives the proofs
-        await t.until(lambda: address in worker.node.peers, 30)
+        await until(lambda: address in worker.node.peers, 30)
         laps = []
         for _ in range(rounds):
             started = time.perf_counter()
