@@ -595,6 +595,14 @@ async def py_node(ident, **kw):
     return await node.start()
 
 
+def alive(pid):
+    """True while process ``pid`` exists and is not a zombie."""
+    try:
+        return Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 async def until(predicate, timeout=20.0):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -832,10 +840,11 @@ class Task:
             time.sleep(data["sleep"])
         return {"sum": (data["x"] + data.get("y", 0)) * FACTOR}
 '''
-# An async task that notes its event loop; "exit" calls sys.exit, "hang" blocks its thread.
+# An async task that notes its event loop; "exit" calls sys.exit, "hang" blocks its child.
 LOOP_TASK_PY = '''\
 import asyncio
 import json
+import os
 import sys
 import time
 
@@ -851,7 +860,7 @@ class Task:
             time.sleep(data["hang"])
         if Task.loop is None:
             Task.loop = asyncio.get_running_loop()
-        return {"same_loop": Task.loop is asyncio.get_running_loop()}
+        return {"same_loop": Task.loop is asyncio.get_running_loop(), "pid": os.getpid()}
 '''
 KEY = "k" * 16 + "0123456789abcdef"
 
@@ -968,11 +977,13 @@ class TestWorkerFlow(unittest.TestCase):
             worker = await cluster.worker(job_timeout=1.0).start()
             await cluster.until_results(5, 30)
             by_id = {r["jobID"]: r for r in cluster.results}
-            self.assertEqual([by_id[i]["data"] for i in (0, 1)], [{"same_loop": True}] * 2)
+            first = by_id[0]["data"]["pid"]
+            self.assertEqual([by_id[i]["data"] for i in (0, 1)], [{"same_loop": True, "pid": first}] * 2)
             self.assertEqual(by_id[2]["error"]["type"], "SystemExit")
             self.assertEqual(by_id[2]["error"]["message"], "3")
             self.assertEqual(by_id[3]["error"]["type"], "TimeoutError")
-            self.assertEqual(by_id[4]["data"], {"same_loop": False})  # ran, in a new thread
+            self.assertTrue(by_id[4]["data"]["same_loop"])  # ran, in a new child with a loop of its own
+            self.assertNotEqual(by_id[4]["data"]["pid"], first)
             await worker.stop()
             await cluster.master.close()
         with tempfile.TemporaryDirectory() as tmp:
@@ -2115,11 +2126,13 @@ class TestTaskJs(unittest.TestCase):
                 self.assertEqual(r["worker"], {"id": worker.address, "name": "py-js"})
             self.assertIsInstance(worker._runner, w.NodeRunner)
             self.assertEqual(worker._runner.starts, 1)
+            pids = worker._runner.pids
             self.assertTrue((root / "w/node_modules/qx-demo-dep/package.json").is_file())
             self.assertTrue((root / "w" / w.NODE_RUNNER_NAME).is_file())
             await self._check_resolution(root / "w", root / "bin")
             await worker.stop()
-            self.assertIsNone(worker._runner.process)
+            self.assertEqual(worker._runner.children, [])
+            self.assertFalse([pid for pid in pids if alive(pid)])
             await master.close()
 
         with tempfile.TemporaryDirectory() as tmp, patched_environ(offline_npm()):
@@ -2204,7 +2217,7 @@ class TestTaskJs(unittest.TestCase):
             self.assertTrue(await worker.sync_assets())
             self.assertEqual(cluster.statuses, ["changed", "changed"])
             self.assertIsNot(worker._runner, first)
-            await until(lambda: first.process is None, 10)
+            await until(lambda: not first.children, 10)
             cluster.push(2, start=2)
             await cluster.until_results(4)
             data = [r["data"] for r in sorted(cluster.results, key=lambda r: r["jobID"])]
@@ -2276,7 +2289,7 @@ class TestTaskJs(unittest.TestCase):
             odd.close()
             odd.close()
             await odd.wait_closed()
-            self.assertIsNone(odd.process)
+            self.assertEqual(odd.children, [])
             with self.assertRaises(w.InvalidState):
                 await odd.run(5)
         with tempfile.TemporaryDirectory() as tmp:
