@@ -3660,7 +3660,7 @@ def parse_memory_mb(value: Any) -> int | None:
     raise WorkerError(f"jobMemoryMB={value!r}: give a whole number of megabytes, or 0 for no cap")
 
 
-def _exit_text(code: int | None, memory_mb: int | None = None) -> str:
+def _exit_text(code: int | None) -> str:
     """How a child ended, for an error message: ``exited (code 3)``, ``was killed by SIGSEGV``."""
     if code is None:
         return "ended"
@@ -3670,10 +3670,14 @@ def _exit_text(code: int | None, memory_mb: int | None = None) -> str:
         sig = signal.Signals(-code)
     except ValueError:
         return f"was killed by signal {-code}"
-    text = f"was killed by {sig.name}{_SIGNAL_HINTS.get(sig, '')}"
-    if memory_mb and sig in _SIGNAL_HINTS:
-        text += f"; jobMemoryMB={memory_mb} caps its memory, which it may have run out of"
-    return text
+    return f"was killed by {sig.name}{_SIGNAL_HINTS.get(sig, '')}"
+
+
+def _memory_hint(code: int | None, memory_mb: int | None) -> str:
+    """A death that running out of memory may explain, when a cap is set."""
+    if memory_mb and code is not None and -code in _SIGNAL_HINTS:
+        return f"; jobMemoryMB={memory_mb} caps its memory: it may have run out"
+    return ""
 
 
 class Runner:
@@ -3820,8 +3824,8 @@ class ChildRunner(Runner):
             child = self._idle.pop()
             if child.alive:
                 return child
-            log.warning("- %s process %s %s between jobs", self.kind, child.pid,
-                        _exit_text(child.returncode, self.memory_mb))
+            log.warning("- %s process %s %s between jobs%s", self.kind, child.pid,
+                        _exit_text(child.returncode), _memory_hint(child.returncode, self.memory_mb))
             self._retire(child, None)
         return None
 
@@ -3985,8 +3989,8 @@ class TaskChild:
             if self._reason is not None:  # we ended it
                 raise TaskProcessError(self._reason)
             code = await self.end()
-            raise TaskProcessError(f"the {self.kind} process {_exit_text(code, self.memory_mb)} "
-                                   "before answering",
+            raise TaskProcessError(f"the {self.kind} process {_exit_text(code)} before answering"
+                                   + _memory_hint(code, self.memory_mb),
                                    f"stderr of the {self.kind} process:\n" + "\n".join(self._stderr))
         with contextlib.suppress(ValueError):
             answer = json.loads(line)
@@ -4312,7 +4316,9 @@ def main():
     limit()
     if sys.argv[1] == "--exec":
         os.execv(sys.argv[2], sys.argv[2:])
+    import faulthandler
     import socket
+    faulthandler.enable()  # a crash in native code prints the task's Python stack
     fd = int(os.environ.pop("QX_RUNNER_FD"))
     os.set_inheritable(fd, False)
     channel = socket.socket(fileno=fd)
