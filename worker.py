@@ -4682,6 +4682,7 @@ class Worker:
         self._running: set[asyncio.Task] = set()
         self._finished = asyncio.Event()
         self._may_ask = True
+        self._kick_timer: asyncio.TimerHandle | None = None
         self._master_acks = False
         self._master_batches = False
         self._delivery_lock = asyncio.Lock()
@@ -5000,6 +5001,7 @@ class Worker:
                 return
             self._kick_delivery()
         if not self._running:
+            self._kick_delivery()  # results made since the last request
             await self._idle()
             self._may_ask = True
         elif not room:
@@ -5019,8 +5021,16 @@ class Worker:
             self._running.discard(asyncio.current_task())  # before the loop wakes up
             self._finished.set()
         # JS masters get each result at once. master.py takes them in bulk: with the
-        # next requestWork, or every second while a long batch runs.
-        if not self._master_batches or time.monotonic() - self._last_kick >= 1.0:
+        # next requestWork, or at most a second later while jobs run.
+        wait = self._last_kick + 1.0 - time.monotonic() if self._master_batches else 0.0
+        if wait <= 0:
+            self._kick_delivery()
+        elif self._kick_timer is None:
+            self._kick_timer = asyncio.get_running_loop().call_later(wait, self._timed_kick)
+
+    def _timed_kick(self) -> None:
+        self._kick_timer = None
+        if not self._stopping:
             self._kick_delivery()
 
     def _capacity(self) -> int:
