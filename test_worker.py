@@ -2233,6 +2233,19 @@ class TestTaskProcesses(unittest.TestCase):
             self.assertFalse((worker.folder / ".results.json").exists())  # all delivered
         self.scenario(scenario)
 
+    def test_kill_9_of_the_worker_ends_its_children(self):
+        async def scenario(tmp, cluster):
+            pidfile = tmp / "spinner.pid"
+            push_jobs(cluster, [{"do": "spin", "pidfile": str(pidfile)}])
+            worker = await WorkerPy(tmp, cluster).start(self.procs)
+            await until(lambda: pidfile.exists() and pidfile.read_text(), 60)
+            spinner = int(pidfile.read_text())
+            self.assertTrue(alive(spinner))
+            worker.proc.kill()
+            await worker.proc.wait()
+            await until(lambda: not alive(spinner), 10)  # PR_SET_PDEATHSIG: no orphan spinning on
+        self.scenario(scenario)
+
     def test_job_memory_cap_is_an_error_result_not_a_big_worker(self):
         async def scenario(tmp, cluster):
             push_jobs(cluster, [{"do": "allocate", "mb": 2000}, {"do": "allocate", "mb": 20}, {"x": 2}])

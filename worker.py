@@ -3793,7 +3793,7 @@ class ChildRunner(Runner):
     async def wait_closed(self) -> None:
         self.close()
         if self._closing is not None:
-            await self._closing
+            await asyncio.shield(self._closing)  # a cancelled waiter leaves the close running
 
     # private
     def _argv(self) -> list[str]:
@@ -4246,8 +4246,11 @@ def describe(exc):
         message = "(unprintable %s)" % type(exc).__name__
     if isinstance(exc, MemoryError) and MEMORY_MB:
         message = (message + " " if message else "") + "(out of memory: jobMemoryMB=%d)" % MEMORY_MB
+    frames = exc.__traceback__
+    while frames is not None and frames.tb_frame.f_code.co_filename == "<stdin>":
+        frames = frames.tb_next  # this program's frames: the task's come after
     try:
-        trace = "".join(traceback.format_exception(exc))
+        trace = "".join(traceback.format_exception(type(exc), exc, frames))
     except Exception:
         trace = ""
     return {"type": type(exc).__name__, "message": message, "traceback": trace}
