@@ -36,6 +36,7 @@ from master import Master
 HERE = Path(__file__).resolve().parent
 KEY = t.KEY
 TRIVIAL_TASK = "class Task:\n    def run(self, job):\n        return job['id']\n"
+TRIVIAL_TASK_JS = "module.exports = class Task { run(job) { return job.id; } };\n"
 
 
 def memory_mb(pid: int, field: str = "VmHWM") -> float:
@@ -143,8 +144,12 @@ def add_env_keys(folder: Path, keys: dict) -> None:
     env.write_text(env.read_text() + "".join("%s=%s\n" % kv for kv in keys.items()))
 
 
-async def with_settings(jobs: int, batch: int, keys: dict, task: str = TRIVIAL_TASK) -> dict:
-    """jobs/s of one worker process with more .env ``keys``; RSS of the worker and its task children."""
+async def with_settings(jobs: int, batch: int, keys: dict, task: str = TRIVIAL_TASK,
+                        name: str = "task.py") -> dict:
+    """jobs/s of one worker process with more .env ``keys``; RSS of the worker and its task children.
+
+    ``name``: the task's file name (``task.js`` for a node child).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         results: list = []
@@ -154,7 +159,7 @@ async def with_settings(jobs: int, batch: int, keys: dict, task: str = TRIVIAL_T
             results.append(result["data"])
             stamps.append(time.perf_counter())
         token = "bench-%d" % random.randrange(1 << 40)
-        master = Master(token, assets(root / "m", {"/task.py": task}), on_results, None, KEY,
+        master = Master(token, assets(root / "m", {"/" + name: task}), on_results, None, KEY,
                         folder=root / "m", env={}, host="127.0.0.1", lsd=False, dht=False, trackers=[])
         asked = watch_asks(master)
         await master.start()
@@ -343,6 +348,9 @@ async def main() -> int:
     rows["batches of 100, task children (RSS: worker + child)"] = await with_settings(n(50000), 100, {})
     rows["batches of 100, taskRunner=thread"] = await with_settings(n(50000), 100, {"taskRunner": "thread"})
     rows.update(await cpu_bound(n(300)))
+    if shutil.which("node"):
+        rows["batches of 10, task.js in a node child (RSS: worker + child)"] = await with_settings(
+            n(2000), 10, {}, TRIVIAL_TASK_JS, "task.js")
     has_js = shutil.which("node") and (HERE / "interop/node_modules/bugout").is_dir()
     if has_js:
         rows["JS master, unbatched"] = await against_js_master(n(300), 1)
