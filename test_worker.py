@@ -595,14 +595,6 @@ async def py_node(ident, **kw):
     return await node.start()
 
 
-def alive(pid):
-    """True while process ``pid`` exists and is not a zombie."""
-    try:
-        return Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 async def until(predicate, timeout=20.0):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -2072,6 +2064,14 @@ def push_jobs(cluster, jobs, start=0):
     for i, data in enumerate(jobs, start):
         cluster.master.push_new_job({"id": i, "data": json.dumps(data)})
     return list(range(start, start + len(jobs)))
+
+
+def alive(pid):
+    """True while process ``pid`` exists and is not a zombie."""
+    try:
+        return Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def peak_rss_mb(pid):

@@ -5002,7 +5002,6 @@ class Worker:
             self._may_ask = await self.request_work()
             if self._may_ask:
                 return
-            self._kick_delivery()
         if not self._running:
             self._kick_delivery()  # results made since the last request
             await self._idle()
