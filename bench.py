@@ -184,7 +184,7 @@ async def with_settings(jobs: int, batch: int, keys: dict, task: str = TRIVIAL_T
 
 async def cpu_bound(jobs: int) -> dict[str, dict]:
     """A task of ~20 ms CPU per job, concurrency=2 against 1, batches of 10."""
-    rows = {"CPU 20 ms/job, concurrency=%d (RSS: worker + children)" % c:
+    rows = {"CPU 20 ms/job, concurrency=%d, RSS w+c" % c:
             await with_settings(jobs, 10, {"concurrency": c}, CPU_TASK) for c in (1, 2)}
     one, two = (row["jobs_per_s"] for row in rows.values())
     print("CPU-bound task, %d jobs: concurrency=2 runs %.2fx as many jobs/s as concurrency=1 (%d cores)"
@@ -345,11 +345,12 @@ async def main() -> int:
     rows["master.py, batches of 100, python -m worker"] = await against_master_py(n(50000), 100, module=True)
     for count in (1, 4, 16):
         rows["master.py, %d worker(s), batches of 100" % count] = await against_master_py(n(40000), 100, count)
-    rows["batches of 100, task children (RSS: worker + child)"] = await with_settings(n(50000), 100, {})
+    # "RSS w+c": the worker's peak RSS plus its task children's
+    rows["batches of 100, task.py child, RSS w+c"] = await with_settings(n(50000), 100, {})
     rows["batches of 100, taskRunner=thread"] = await with_settings(n(50000), 100, {"taskRunner": "thread"})
-    rows.update(await cpu_bound(n(300)))
+    rows.update(await cpu_bound(max(100, n(300))))
     if shutil.which("node"):
-        rows["batches of 10, task.js in a node child (RSS: worker + child)"] = await with_settings(
+        rows["batches of 10, task.js child, RSS w+c"] = await with_settings(
             n(2000), 10, {}, TRIVIAL_TASK_JS, "task.js")
     has_js = shutil.which("node") and (HERE / "interop/node_modules/bugout").is_dir()
     if has_js:
