@@ -35,6 +35,7 @@ from support import KEY, JsProcess, clean_env, js_peer, until, write_assets, wri
 
 HERE = Path(__file__).resolve().parent
 TRIVIAL_TASK = "class Task:\n    def run(self, job):\n        return job['id']\n"
+TRIVIAL_TASK_JS = "module.exports = class Task { run(job) { return job.id; } };\n"
 
 
 def memory_mb(pid: int, field: str = "VmHWM") -> float:
@@ -117,6 +118,77 @@ async def against_master_py(jobs: int, batch: int, workers: int = 1, module: boo
         ok = sorted(results) == list(range(jobs))
         return {"jobs": jobs, "seconds": elapsed, "jobs_per_s": jobs / elapsed, "right": ok,
                 "peak_rss_mb": max(rss)}
+
+
+def family_rss_mb(pid: int) -> tuple[float, float]:
+    """(peak RSS of ``pid``, sum of the peak RSS of its live children), in MB."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return memory_mb(pid), sum(memory_mb(child) for child in children if Path("/proc/%d" % child).exists())
+
+
+# ~20 ms of CPU per job, whatever the machine's speed.
+CPU_TASK = ("import time\n\n\nclass Task:\n    def run(self, job):\n"
+            "        end = time.process_time() + 0.020\n        while time.process_time() < end:\n"
+            "            pass\n        return job['id']\n")
+
+
+def add_env_keys(folder: Path, keys: dict) -> None:
+    env = folder / ".env"
+    env.write_text(env.read_text() + "".join("%s=%s\n" % kv for kv in keys.items()))
+
+
+async def with_settings(jobs: int, batch: int, keys: dict, task: str = TRIVIAL_TASK,
+                        name: str = "task.py") -> dict:
+    """jobs/s of one worker process with more .env ``keys``; RSS of the worker and its task children.
+
+    ``name``: the task's file name (``task.js`` for a node child).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        results: list = []
+        stamps: list = []
+
+        def on_results(result):
+            results.append(result["data"])
+            stamps.append(time.perf_counter())
+        token = "bench-%d" % random.randrange(1 << 40)
+        master = Master(token, assets(root / "m", {"/" + name: task}), on_results, None, KEY,
+                        folder=root / "m", env={}, host="127.0.0.1", lsd=False, dht=False, trackers=[])
+        asked = watch_asks(master)
+        await master.start()
+        proc = WorkerProcess(root, token, master.port, batch, "w")
+        add_env_keys(proc.folder, keys)
+        await proc.start()
+        try:
+            await until(lambda: asked, 120)
+            for i in range(jobs):
+                master.push_new_job({"id": i, "data": ""})
+            started = time.perf_counter()
+            await until(lambda: len(results) >= jobs, 600)
+            elapsed = stamps[-1] - started
+            worker_rss, children_rss = family_rss_mb(proc.proc.pid)
+        finally:
+            await proc.stop()
+            await master.close()
+        return {"jobs": jobs, "seconds": elapsed, "jobs_per_s": jobs / elapsed,
+                "right": sorted(results) == list(range(jobs)), "peak_rss_mb": worker_rss + children_rss,
+                "worker_rss_mb": worker_rss, "children_rss_mb": children_rss}
+
+
+async def cpu_bound(jobs: int) -> dict[str, dict]:
+    """A task of ~20 ms CPU per job, concurrency=2 against 1, batches of 10."""
+    rows = {"CPU 20 ms/job, concurrency=%d, RSS w+c" % c:
+            await with_settings(jobs, 10, {"concurrency": c}, CPU_TASK) for c in (1, 2)}
+    one, two = (row["jobs_per_s"] for row in rows.values())
+    print("CPU-bound task, %d jobs: concurrency=2 runs %.2fx as many jobs/s as concurrency=1 (%d cores)"
+          % (jobs, two / one, os.cpu_count() or 0))
+    return rows
 
 
 async def against_js_master(jobs: int, batch: int) -> dict:
@@ -306,6 +378,13 @@ async def main() -> int:
     rows["master.py, batches of 100, python -m worker"] = await against_master_py(n(50000), 100, module=True)
     for count in (1, 4, 16):
         rows["master.py, %d worker(s), batches of 100" % count] = await against_master_py(n(40000), 100, count)
+    # "RSS w+c": the worker's peak RSS plus its task children's
+    rows["batches of 100, task.py child, RSS w+c"] = await with_settings(n(50000), 100, {})
+    rows["batches of 100, taskRunner=thread"] = await with_settings(n(50000), 100, {"taskRunner": "thread"})
+    rows.update(await cpu_bound(max(100, n(300))))
+    if shutil.which("node"):
+        rows["batches of 10, task.js child, RSS w+c"] = await with_settings(
+            n(2000), 10, {}, TRIVIAL_TASK_JS, "task.js")
     has_js = shutil.which("node") and (HERE / "interop/node_modules/bugout").is_dir()
     if has_js:
         rows["JS master, unbatched"] = await against_js_master(n(300), 1)

@@ -727,10 +727,11 @@ class Task:
             time.sleep(data["sleep"])
         return {"sum": (data["x"] + data.get("y", 0)) * FACTOR}
 '''
-# An async task that notes its event loop; "exit" calls sys.exit, "hang" blocks its thread.
+# An async task that notes its event loop; "exit" calls sys.exit, "hang" blocks its child.
 LOOP_TASK_PY = '''\
 import asyncio
 import json
+import os
 import sys
 import time
 
@@ -746,7 +747,7 @@ class Task:
             time.sleep(data["hang"])
         if Task.loop is None:
             Task.loop = asyncio.get_running_loop()
-        return {"same_loop": Task.loop is asyncio.get_running_loop()}
+        return {"same_loop": Task.loop is asyncio.get_running_loop(), "pid": os.getpid()}
 '''
 DEFAULT_FILES = {"/workplace/task.py": TASK_PY,
                  "/workplace/data/conf/factor.json": '{"factor": 2}'}
@@ -848,11 +849,13 @@ class TestWorkerFlow(unittest.TestCase):
             worker = await cluster.worker(job_timeout=1.0).start()
             await cluster.until_results(5, 30)
             by_id = {r["jobID"]: r for r in cluster.results}
-            self.assertEqual([by_id[i]["data"] for i in (0, 1)], [{"same_loop": True}] * 2)
+            first = by_id[0]["data"]["pid"]
+            self.assertEqual([by_id[i]["data"] for i in (0, 1)], [{"same_loop": True, "pid": first}] * 2)
             self.assertEqual(by_id[2]["error"]["type"], "SystemExit")
             self.assertEqual(by_id[2]["error"]["message"], "3")
             self.assertEqual(by_id[3]["error"]["type"], "TimeoutError")
-            self.assertEqual(by_id[4]["data"], {"same_loop": False})  # ran, in a new thread
+            self.assertTrue(by_id[4]["data"]["same_loop"])  # ran, in a new child with a loop of its own
+            self.assertNotEqual(by_id[4]["data"]["pid"], first)
             await worker.stop()
             await cluster.master.close()
         with tempfile.TemporaryDirectory() as tmp:
@@ -2655,6 +2658,403 @@ class TestDhtJs(unittest.TestCase):
         self.assertLess(out["found_s"], 20)
 
 
+# Tasks in child processes (issue 12) ########################################
+
+# What each row of issue 12's table did to a worker, and more, on request.
+TRICKY_TASK_PY = '''\
+import ctypes
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+
+def meet(folder, deadline=15.0):
+    """True once a partner job has come to ``folder`` too: both ran at once."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / str(os.getpid())).touch()
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if len(list(Path(folder).iterdir())) >= 2:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+class Task:
+    def run(self, job):
+        data = json.loads(job["data"])
+        do = data.get("do")
+        if do == "exit":
+            os._exit(3)
+        if do == "segfault":
+            ctypes.string_at(0)  # a crash in a C extension
+        if do == "oom-kill":
+            os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer sends
+        if do == "nan":
+            return {"x": float("nan")}
+        if do == "infinity":
+            return [float("inf")]
+        if do == "set":
+            return {1, 2}
+        if do == "patch-json":
+            json.dumps = lambda *args, **kwargs: "NaN"
+            json.JSONEncoder.encode = lambda *args, **kwargs: "NaN"
+            return "patched"
+        if do == "thread":
+            threading.Thread(target=time.sleep, args=(3600,)).start()  # not a daemon
+            return "thread started"
+        if do == "allocate":
+            return len(b"x" * (data["mb"] << 20))  # every page touched
+        if do == "spin":
+            Path(data["pidfile"]).write_text(str(os.getpid()))
+            while True:
+                pass
+        if do == "meet":
+            return {"met": meet(data["folder"]), "pid": os.getpid()}
+        return {"pid": os.getpid(), "x": data.get("x")}
+'''
+
+TRICKY_TASK_JS = """\
+const fs = require('fs');
+const path = require('path');
+
+async function meet(folder) {
+  fs.mkdirSync(folder, { recursive: true });
+  fs.writeFileSync(path.join(folder, String(process.pid)), '');
+  const end = Date.now() + 15000;
+  while (Date.now() < end) {
+    if (fs.readdirSync(folder).length >= 2) return true;
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+  return false;
+}
+
+class Task {
+  async run(job) {
+    const data = JSON.parse(job.data);
+    if (data.do === 'exit') process.exit(3);
+    if (data.do === 'spin') {
+      fs.writeFileSync(data.pidfile, String(process.pid));
+      for (;;);
+    }
+    if (data.do === 'heap') {
+      const kept = [];
+      for (;;) kept.push({ x: Math.random(), s: `abc${kept.length}` });
+    }
+    if (data.do === 'buffer') return Buffer.alloc(2000 * 1024 * 1024).length;
+    if (data.do === 'meet') return { met: await meet(data.folder), pid: process.pid };
+    return { pid: process.pid, x: data.x };
+  }
+}
+
+module.exports = Task;
+"""
+
+
+def push_jobs(cluster, jobs, start=0):
+    """Queue ``jobs`` (dicts, the job's data) with ids from ``start``; return the ids.
+
+    The JS rule hands out a batch only while more jobs wait than ``batchSize``:
+    with ``batchSize=len(jobs) - 1``, all but the last come in one batch.
+    """
+    for i, data in enumerate(jobs, start):
+        cluster.master.push_new_job({"id": i, "data": json.dumps(data)})
+    return list(range(start, start + len(jobs)))
+
+
+def alive(pid):
+    """True while process ``pid`` exists and is not a zombie."""
+    try:
+        return Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def peak_rss_mb(pid):
+    for line in Path("/proc/%d/status" % pid).read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class WorkerPy:
+    """``python worker.py`` in a folder of its own (its .env on loopback), output in a file."""
+
+    def __init__(self, tmp, cluster, name="wp", **keys):
+        self.folder = Path(tmp) / name
+        self.folder.mkdir()
+        keys.setdefault("LOG_LEVEL", "info")
+        write_loopback_env(self.folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port, **keys)
+        self._out = (self.folder / "out.log").open("wb")
+
+    async def start(self, procs):
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, WORKER_PY, cwd=self.folder, env=clean_env(), stdout=self._out,
+                stderr=subprocess.STDOUT)
+        finally:
+            self._out.close()  # the worker has its own copy
+        procs.append(self.proc)
+        return self
+
+    def output(self):
+        return (self.folder / "out.log").read_text(errors="replace")
+
+    async def sigterm(self, timeout):
+        """SIGTERM; the exit code, which must come within ``timeout`` seconds."""
+        self.proc.send_signal(15)
+        return await asyncio.wait_for(self.proc.wait(), timeout)
+
+
+class TestTaskProcesses(unittest.TestCase):
+    """Issue 12: task.py and task.js in child processes, through real ``python worker.py``."""
+
+    def setUp(self):
+        self.procs = []  # killed in tearDown, so a failing test leaves no process behind
+
+    def tearDown(self):
+        for proc in self.procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, 9)  # its children die with it (PR_SET_PDEATHSIG)
+
+    def scenario(self, coro_fn, timeout=120, files=None):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp, files=files or {"/workplace/task.py": TRICKY_TASK_PY}).start()
+            try:
+                await coro_fn(Path(tmp), cluster)
+            finally:
+                await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp), timeout)
+
+    def by_id(self, cluster):
+        results = {r["jobID"]: r for r in cluster.results}
+        self.assertEqual(len(results), len(cluster.results), "a job was answered twice")
+        return results
+
+    def test_deaths_mid_batch_fail_only_their_job_and_a_new_child_takes_the_next(self):
+        async def scenario(tmp, cluster):
+            ids = push_jobs(cluster, [{"x": 0}, {"do": "exit"}, {"x": 2}, {"do": "segfault"}, {"x": 4},
+                                      {"do": "oom-kill"}, {"x": 6}, {"do": "thread"}, {"x": 8}])
+            worker = await WorkerPy(tmp, cluster, getBatch="true", batchSize=len(ids) - 1).start(self.procs)
+            await cluster.until_results(len(ids), 60)
+            by_id = self.by_id(cluster)
+            for i, death in ((1, "exited (code 3)"), (3, "was killed by SIGSEGV"), (5, "was killed by SIGKILL")):
+                self.assertIsNone(by_id[i]["data"])
+                self.assertEqual(by_id[i]["error"]["type"], "TaskProcessError")
+                self.assertIn("the task.py process %s" % death, by_id[i]["error"]["message"])
+            self.assertIn("Fatal Python error: Segmentation fault", by_id[3]["error"]["traceback"])
+            self.assertIn("task.py\", line", by_id[3]["error"]["traceback"])  # the task's own stack
+            pids = [by_id[i]["data"]["pid"] for i in (0, 2, 4, 6)]
+            self.assertEqual(len(set(pids)), 4, "each death, a new child")
+            self.assertEqual(by_id[7]["data"], "thread started")
+            self.assertEqual(by_id[8]["data"]["pid"], pids[-1])  # a live child serves job after job
+            self.assertIsNone(worker.proc.returncode)
+            started = time.monotonic()
+            self.assertEqual(await worker.sigterm(20), 0, worker.output())  # a non-daemon thread holds nothing
+            self.assertLess(time.monotonic() - started, 10)
+            self.assertFalse([pid for pid in pids if alive(pid)])
+        self.scenario(scenario)
+
+    def test_results_are_standard_json_or_an_error_saying_why(self):
+        async def scenario(tmp, cluster):
+            ids = push_jobs(cluster, [{"do": "nan"}, {"do": "infinity"}, {"do": "set"}, {"do": "patch-json"},
+                                      {"x": 4}, {"x": 5}])
+            worker = await WorkerPy(tmp, cluster, getBatch="true", batchSize=len(ids) - 1).start(self.procs)
+            await cluster.until_results(len(ids), 60)
+            by_id = self.by_id(cluster)
+            for i in (0, 1):
+                self.assertIsNone(by_id[i]["data"])
+                self.assertEqual(by_id[i]["error"]["type"], "ValueError")
+                self.assertIn("NaN, Infinity and -Infinity have no JSON form", by_id[i]["error"]["message"])
+            self.assertIn("Object of type set is not JSON serializable", by_id[2]["error"]["message"])
+            # json patched inside the child: the worker and the child's answers do not care
+            self.assertEqual(by_id[3]["data"], "patched")
+            self.assertEqual([by_id[i]["data"]["x"] for i in (4, 5)], [4, 5])
+            for result in cluster.results:  # what a JS master's JSON.parse reads
+                json.dumps(result, allow_nan=False)
+            self.assertEqual(await worker.sigterm(20), 0)
+        self.scenario(scenario)
+
+    def test_thread_mode_is_a_choice_and_checks_json_too(self):
+        async def scenario(tmp, cluster):
+            push_jobs(cluster, [{"do": "nan"}, {"x": 1}])
+            worker = await cluster.worker(get_batch=True, batch_size=2, task_runner="thread").start()
+            await cluster.until_results(2)
+            by_id = self.by_id(cluster)
+            self.assertIn("no JSON form", by_id[0]["error"]["message"])
+            self.assertEqual(by_id[1]["data"], {"pid": os.getpid(), "x": 1})  # in the worker's own process
+            self.assertIsInstance(worker._runner, w.ThreadRunner)
+            await worker.stop()
+            with self.assertRaises(w.WorkerError):
+                cluster.worker(task_runner="fork")
+        self.scenario(scenario)
+
+    def test_timeout_ends_the_child_and_its_cpu(self):
+        async def scenario(tmp, cluster):
+            pidfile = tmp / "spinner.pid"
+            push_jobs(cluster, [{"x": 0}, {"do": "spin", "pidfile": str(pidfile)}, {"x": 2}])
+            worker = await WorkerPy(tmp, cluster, getBatch="true", batchSize=2, jobTimeout=1).start(self.procs)
+            await cluster.until_results(3, 60)
+            by_id = self.by_id(cluster)
+            self.assertEqual(by_id[1]["error"]["type"], "TimeoutError")
+            self.assertIn("longer than 1s", by_id[1]["error"]["message"])
+            spinner = int(pidfile.read_text())
+            self.assertEqual(by_id[0]["data"]["pid"], spinner)
+            self.assertNotEqual(by_id[2]["data"]["pid"], spinner)  # a new child took the next job
+            await until(lambda: not alive(spinner), 10)  # SIGTERM, SIGKILL after 2 s: no CPU left spinning
+            self.assertEqual(await worker.sigterm(20), 0)
+        self.scenario(scenario)
+
+    def test_sigterm_without_job_timeout_exits_in_time_and_reports_held_jobs(self):
+        async def scenario(tmp, cluster):
+            pidfile = tmp / "spinner.pid"
+            push_jobs(cluster, [{"do": "thread"}, {"do": "spin", "pidfile": str(pidfile)}, {"x": 2}, {"x": 3},
+                                {"x": 4}])
+            worker = await WorkerPy(tmp, cluster, getBatch="true", batchSize=4, stopTimeout=4).start(self.procs)
+            await until(lambda: pidfile.exists() and pidfile.read_text(), 60)
+            started = time.monotonic()
+            self.assertEqual(await worker.sigterm(15), 0, worker.output())
+            self.assertLess(time.monotonic() - started, 8)  # stopTimeout=4, plus the child's end
+            await cluster.until_results(4)
+            by_id = self.by_id(cluster)
+            self.assertEqual(by_id[0]["data"], "thread started")
+            self.assertEqual(by_id[1]["error"]["type"], "TaskProcessError")
+            self.assertIn("stopped before this job finished", by_id[1]["error"]["message"])
+            for i in (2, 3):
+                self.assertIn("stopped before this job started", by_id[i]["error"]["message"])
+            self.assertNotIn(4, by_id)  # not handed out
+            self.assertFalse(alive(int(pidfile.read_text())))
+            self.assertFalse((worker.folder / ".results.json").exists())  # all delivered
+        self.scenario(scenario)
+
+    def test_kill_9_of_the_worker_ends_its_children(self):
+        async def scenario(tmp, cluster):
+            pidfile = tmp / "spinner.pid"
+            push_jobs(cluster, [{"do": "spin", "pidfile": str(pidfile)}])
+            worker = await WorkerPy(tmp, cluster).start(self.procs)
+            await until(lambda: pidfile.exists() and pidfile.read_text(), 60)
+            spinner = int(pidfile.read_text())
+            self.assertTrue(alive(spinner))
+            worker.proc.kill()
+            await worker.proc.wait()
+            await until(lambda: not alive(spinner), 10)  # PR_SET_PDEATHSIG: no orphan spinning on
+        self.scenario(scenario)
+
+    def test_job_memory_cap_is_an_error_result_not_a_big_worker(self):
+        async def scenario(tmp, cluster):
+            push_jobs(cluster, [{"do": "allocate", "mb": 2000}, {"do": "allocate", "mb": 20}, {"x": 2}])
+            worker = await WorkerPy(tmp, cluster, getBatch="true", batchSize=2, jobMemoryMB=100).start(self.procs)
+            await cluster.until_results(3, 60)
+            by_id = self.by_id(cluster)
+            self.assertEqual(by_id[0]["error"]["type"], "MemoryError")
+            self.assertIn("jobMemoryMB=100", by_id[0]["error"]["message"])
+            self.assertEqual(by_id[1]["data"], 20 << 20)  # under the cap: fine
+            self.assertEqual(by_id[2]["data"]["x"], 2)
+            self.assertLess(peak_rss_mb(worker.proc.pid), 100)  # the worker never held the 2 GB
+            self.assertEqual(await worker.sigterm(20), 0)
+        self.scenario(scenario)
+
+    def test_concurrency_runs_jobs_of_a_batch_at_once(self):
+        async def scenario(tmp, cluster):
+            meets = [{"do": "meet", "folder": str(tmp / "meet" / str(i // 2))} for i in range(4)]
+            push_jobs(cluster, meets + [{"do": "exit"}, {"x": 5}])
+            worker = await WorkerPy(tmp, cluster, getBatch="true", batchSize=5, concurrency=2).start(self.procs)
+            await cluster.until_results(6, 60)
+            by_id = self.by_id(cluster)
+            for pair in ((0, 1), (2, 3)):
+                self.assertEqual([by_id[i]["data"]["met"] for i in pair], [True, True])
+                self.assertNotEqual(by_id[pair[0]]["data"]["pid"], by_id[pair[1]]["data"]["pid"])
+            self.assertIn("exited (code 3)", by_id[4]["error"]["message"])
+            self.assertEqual(by_id[5]["data"]["x"], 5)
+            self.assertEqual(await worker.sigterm(20), 0)
+        self.scenario(scenario)
+
+    def test_concurrency_without_batches_asks_one_job_per_free_child(self):
+        async def scenario(tmp, cluster):
+            push_jobs(cluster, [{"do": "meet", "folder": str(tmp / "meet")}] * 2)
+            worker = await WorkerPy(tmp, cluster, getBatch="false", concurrency=2).start(self.procs)
+            await cluster.until_results(2, 60)
+            self.assertEqual([r["data"]["met"] for r in cluster.results], [True, True])
+            self.assertEqual(await worker.sigterm(20), 0)
+        self.scenario(scenario)
+
+    def test_import_error_is_reported_and_new_assets_bring_new_children(self):
+        async def scenario(tmp, cluster):
+            push_jobs(cluster, [{"x": 0}, {"x": 1}])
+            worker = cluster.worker(concurrency=2)
+            with self.assertLogs("worker", "ERROR") as logs:
+                await worker.start()
+                await until_logged(logs, "cannot load")
+            text = "\n".join(logs.output)
+            self.assertIn("task.py does not load: ModuleNotFoundError: No module named 'qx_missing'", text)
+            self.assertIn('task.py", line 1', text)  # the child's traceback
+            self.assertIsNone(worker._runner)
+            self.assertEqual(cluster.master.stats["jobs handed out"], 0)
+            self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
+            write_assets(tmp / "master", {"/workplace/task.py": TRICKY_TASK_PY})
+            self.assertTrue(await worker.sync_assets())
+            await cluster.until_results(2)
+            first = worker._runner
+            old = first.pids
+            write_assets(tmp / "master", {"/workplace/task.py": TRICKY_TASK_PY + "\n# v2\n"})
+            self.assertTrue(await worker.sync_assets())
+            self.assertIsNot(worker._runner, first)
+            await until(lambda: not first.children and not [p for p in old if alive(p)], 10)
+            push_jobs(cluster, [{"x": 2}], start=2)
+            await cluster.until_results(3)
+            self.assertNotIn(self.by_id(cluster)[2]["data"]["pid"], old)
+            now = worker._runner.pids
+            await worker.stop()
+            self.assertFalse([p for p in now if alive(p)])
+        self.scenario(scenario, files={"/workplace/task.py": "import qx_missing\n"})
+
+    def test_task_js_concurrency_deaths_timeout_and_memory(self):
+        async def scenario(tmp, cluster):
+            pidfile = tmp / "spinner.pid"
+            meets = [{"do": "meet", "folder": str(tmp / "meet")}] * 2
+            push_jobs(cluster, meets + [{"do": "exit"}, {"x": 3}, {"do": "spin", "pidfile": str(pidfile)},
+                                        {"do": "heap"}, {"do": "buffer"}, {"x": 7}])
+            worker = await WorkerPy(tmp, cluster, getBatch="true", batchSize=7, concurrency=2, jobTimeout=5,
+                                    jobMemoryMB=200).start(self.procs)
+            await cluster.until_results(8, 90)
+            by_id = self.by_id(cluster)
+            self.assertEqual([by_id[i]["data"]["met"] for i in (0, 1)], [True, True])
+            self.assertNotEqual(by_id[0]["data"]["pid"], by_id[1]["data"]["pid"])
+            self.assertIn("the task.js process exited (code 3)", by_id[2]["error"]["message"])
+            self.assertEqual(by_id[3]["data"]["x"], 3)
+            self.assertEqual(by_id[4]["error"]["type"], "TimeoutError")
+            self.assertIn("was killed by SIGABRT", by_id[5]["error"]["message"])
+            self.assertIn("jobMemoryMB=200", by_id[5]["error"]["message"])
+            self.assertEqual(by_id[6]["error"]["type"], "RangeError")  # the cap, seen by the task itself
+            self.assertEqual(by_id[7]["data"]["x"], 7)
+            await until(lambda: not alive(int(pidfile.read_text())), 10)
+            self.assertLess(peak_rss_mb(worker.proc.pid), 100)
+            self.assertEqual(await worker.sigterm(20), 0)
+        need(NODE, "node is not installed")
+        self.scenario(scenario, files={"/workplace/task.js": TRICKY_TASK_JS})
+
+    def test_settings(self):
+        self.assertEqual(w.parse_concurrency("auto"), len(os.sched_getaffinity(0)))
+        self.assertEqual(w.parse_concurrency(" 3 "), 3)
+        self.assertIsNone(w.parse_memory_mb(None))
+        self.assertIsNone(w.parse_memory_mb("0"))
+        self.assertEqual(w.parse_memory_mb("256"), 256)
+        for bad in ("0", "-1", "two", "1.5", ""):
+            with self.assertRaises(w.WorkerError, msg=bad):
+                w.parse_concurrency(bad)
+        with self.assertRaises(w.WorkerError):
+            w.parse_memory_mb("lots")
+        for key in ("concurrency", "jobMemoryMB", "stopTimeout", "taskRunner"):
+            self.assertIn(key, w.SETTINGS)
+            self.assertTrue("| `%s` |" % key in (HERE / "README.md").read_text(), key)
+            self.assertTrue("\n%s=" % key in (HERE / ".env.example").read_text(), key)
+
+
 # task.js through Node (issue 6) #############################################
 
 NPM = shutil.which("npm")
@@ -2814,11 +3214,13 @@ class TestTaskJs(unittest.TestCase):
                 self.assertEqual(r["worker"], {"id": worker.address, "name": "py-js"})
             self.assertIsInstance(worker._runner, w.NodeRunner)
             self.assertEqual(worker._runner.starts, 1)
+            pids = worker._runner.pids
             self.assertTrue((root / "w/node_modules/qx-demo-dep/package.json").is_file())
             self.assertTrue((root / "w" / w.NODE_RUNNER_NAME).is_file())
             await self._check_resolution(root / "w", root / "bin")
             await worker.stop()
-            self.assertIsNone(worker._runner.process)
+            self.assertEqual(worker._runner.children, [])
+            self.assertFalse([pid for pid in pids if alive(pid)])
             await master.close()
 
         with tempfile.TemporaryDirectory() as tmp, patched_environ(offline_npm()):
@@ -2903,7 +3305,7 @@ class TestTaskJs(unittest.TestCase):
             self.assertTrue(await worker.sync_assets())
             self.assertEqual(cluster.statuses, ["changed", "changed"])
             self.assertIsNot(worker._runner, first)
-            await until(lambda: first.process is None, 10)
+            await until(lambda: not first.children, 10)
             cluster.push(2, start=2)
             await cluster.until_results(4)
             data = [r["data"] for r in sorted(cluster.results, key=lambda r: r["jobID"])]
@@ -2975,7 +3377,7 @@ class TestTaskJs(unittest.TestCase):
             odd.close()
             odd.close()
             await odd.wait_closed()
-            self.assertIsNone(odd.process)
+            self.assertEqual(odd.children, [])
             with self.assertRaises(w.InvalidState):
                 await odd.run(5)
         with tempfile.TemporaryDirectory() as tmp:

@@ -18,8 +18,8 @@ Layout (read it top to bottom): errors, the seed classes (Helper, Logger,
 Crypt, .env file), codecs (bencode, base58, RIPEMD-160), bugout identity and
 packets, the sans-I/O bugout core, the sans-I/O peer wire, transports (TCP,
 LSD, DHT), the asyncio Bugout node, trackers and WebRTC (a sans-I/O tracker
-core, aiortc data channels; for peers behind NAT), the Worker (task.py in a
-thread, or task.js in a node child), the command line.
+core, aiortc data channels; for peers behind NAT), the Worker (task.py or
+task.js in child processes), the command line.
 
 Exceptions::
 
@@ -34,9 +34,9 @@ Exceptions::
      +-- RpcTimeout (also TimeoutError)
      |    +-- RpcUnreachable: no wire open to carry the answer
      +-- UnsafeAsset (also ValueError): a path or dependency refused
-     +-- TaskError: a job failed outside Python (``error`` is its error field)
+     +-- TaskError: a job failed in its child (``error`` is its error field)
           +-- JsTaskError: task.js's run threw or rejected
-          +-- TaskProcessError: no node or npm, task.js does not load, its process died
+          +-- TaskProcessError: no node or npm, the task does not load, its process died
 """
 
 from __future__ import annotations
@@ -399,7 +399,8 @@ def read_env_file(path: str | Path) -> dict[str, str]:
 #: Every key the worker and master.py read (README, "Settings").
 SETTINGS = ("token", "transferEncryptToken", "name", "LOG_LEVEL", "logFile", "getBatch", "batchSize",
             "jobTimeout", "folder", "port", "host", "peers", "lsd", "dht", "dhtBootstrap", "dhtPort",
-            "trackers", "iceServers", "maxPeers", "maxMessage", "seed", "master")
+            "trackers", "iceServers", "maxPeers", "maxMessage", "seed", "master", "concurrency",
+            "jobMemoryMB", "stopTimeout", "taskRunner")
 
 
 def load_env(path: str | Path = ".env") -> dict[str, str]:
@@ -4180,35 +4181,572 @@ OUTBOX_MEMORY = 10_000
 
 
 # Worker: running tasks ######################################################
+#
+# Task code is the master's and may misbehave, so it runs in child processes,
+# never in the worker's. A Runner keeps up to ``concurrency`` children; each
+# serves one job at a time and many jobs in its life. How:
+#
+# - A child is ``python -`` reading TASK_CHILD_PY on its stdin: a few stdlib
+#   modules, ~11 MB RSS, where a multiprocessing child (spawn, forkserver)
+#   re-imports worker.py with cryptography and nacl (~38 MB) and fork copies an
+#   asyncio process with threads. It asks to die with the worker
+#   (PR_SET_PDEATHSIG), offers itself first to the OOM killer, caps its data
+#   size at ``jobMemoryMB`` (RLIMIT_DATA), then imports task.py once, or
+#   becomes ``node`` for a task.js (exec keeps all three).
+# - Jobs and answers are JSON lines on a socketpair (fd QX_RUNNER_FD); the
+#   child's stdout and stderr go to the worker's log. Its first line is a
+#   hello: ``{"ready": true}``, or ``{"ready": false, "error": ...}`` when the
+#   task does not load.
+# - A child that dies (exit, signal, OOM killer) fails its own job with a
+#   TaskProcessError. One that runs past ``jobTimeout`` gets SIGTERM, SIGKILL
+#   after CHILD_EXIT_TIMEOUT, and its job a TimeoutError at once. The next job
+#   that needs a child starts a new one.
+# - Results leave as standard JSON only: the child encodes with
+#   ``allow_nan=False``, and the worker checks again (``strict_json``).
 
-class TaskRunner:
-    """Runs ``Task.run(job)`` off the event loop, one job at a time.
+#: Seconds a child may take to load its task and say hello.
+CHILD_START_TIMEOUT = 60.0
+#: Seconds a child may take to exit (its channel closed, or after SIGTERM) before SIGKILL.
+CHILD_EXIT_TIMEOUT = 2.0
+#: Lines of a child's stderr kept to explain its death.
+STDERR_TAIL = 20
+#: Seconds of the stop timeout kept for delivering the results of jobs the stop cut short.
+STOP_DELIVERY_SECONDS = 5.0
+_SIGNAL_HINTS = {signal.SIGKILL: " (the kernel's OOM killer, or kill -9)",
+                 signal.SIGSEGV: " (a crash in native code)", signal.SIGABRT: " (it aborted)"}
 
-    Jobs go to a thread of their own; an ``async def run`` runs on that
-    thread's event loop, kept from job to job as the JS worker keeps its task,
-    so a slow or blocking task never stalls the wire. A job that outlives
-    ``timeout`` is left to its thread (a daemon: it cannot hold the process
-    open) and the next job gets a new thread.
+
+class TaskError(WorkerError):
+    """A job failed in its child (or by SystemExit); ``error`` is the result's error field."""
+
+    def __init__(self, kind: str, message: str, traceback: str = "") -> None:
+        super().__init__(message if kind == type(self).__name__ else f"{kind}: {message}")
+        #: ``{"type", "message", "traceback"}`` as in every error result
+        self.error = {"type": kind, "message": message, "traceback": traceback}
+
+    @classmethod
+    def from_answer(cls, error: Any) -> TaskError:
+        """From a child's ``error`` field: the task's own error name, message and traceback."""
+        error = error if isinstance(error, dict) else {}
+        return cls(str(error.get("type") or "Error"), str(error.get("message", "")),
+                   str(error.get("traceback") or ""))
+
+
+class JsTaskError(TaskError):
+    """task.js's ``run`` threw or rejected: the JS error's name, message and stack."""
+
+
+class TaskProcessError(TaskError):
+    """A task cannot run: no node or npm, it does not load, its process died or was ended."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__("TaskProcessError", message, detail)
+
+
+_STRICT_JSON = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+
+
+def strict_json(value: Any) -> str:
+    """``value`` as JSON any parser reads (no NaN, no Infinity), or ValueError saying why not."""
+    try:
+        return _STRICT_JSON.encode(value)
+    except (TypeError, ValueError, RecursionError) as exc:
+        text = f"the result cannot be sent as JSON: {exc}"
+        if "Out of range float" in str(exc):
+            text += " (NaN, Infinity and -Infinity have no JSON form)"
+        raise ValueError(text) from None
+
+
+def parse_concurrency(value: Any) -> int:
+    """``concurrency``: how many jobs run at once, each in a child; ``auto``: one per core."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        try:
+            return len(os.sched_getaffinity(0))  # the cores this process may use
+        except AttributeError:
+            return os.cpu_count() or 1
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise WorkerError(f"concurrency={value!r}: give a whole number of jobs at once (1 or more) or auto")
+
+
+def parse_memory_mb(value: Any) -> int | None:
+    """``jobMemoryMB``: the memory cap of each child in MB, or None (unset or 0: no cap)."""
+    text = "" if value is None else str(value).strip()
+    if text in ("", "0"):
+        return None
+    if text.isdigit():
+        return int(text)
+    raise WorkerError(f"jobMemoryMB={value!r}: give a whole number of megabytes, or 0 for no cap")
+
+
+def _exit_text(code: int | None) -> str:
+    """How a child ended, for an error message: ``exited (code 3)``, ``was killed by SIGSEGV``."""
+    if code is None:
+        return "ended"
+    if code >= 0:
+        return f"exited (code {code})"
+    try:
+        sig = signal.Signals(-code)
+    except ValueError:
+        return f"was killed by signal {-code}"
+    return f"was killed by {sig.name}{_SIGNAL_HINTS.get(sig, '')}"
+
+
+def _memory_hint(code: int | None, memory_mb: int | None) -> str:
+    """A death that running out of memory may explain, when a cap is set."""
+    if memory_mb and code is not None and -code in _SIGNAL_HINTS:
+        return f"; jobMemoryMB={memory_mb} caps its memory: it may have run out"
+    return ""
+
+
+class Runner:
+    """What the job loop drives, in whatever way the task runs.
+
+    ``await start()`` loads the task (TaskProcessError when it does not load).
+    ``await run(job)`` is the task's return value, or raises its error
+    (TaskError, TimeoutError, TaskProcessError); up to ``concurrency`` jobs
+    run at once. ``close()`` lets the jobs in flight finish; ``abort(reason)``
+    ends them now, each failing with ``reason``; ``wait_closed()`` closes and
+    waits until nothing the runner started is left. All three are idempotent.
     """
 
-    def __init__(self, task: Any, timeout: float | None = None) -> None:
-        self.task = task
-        self.timeout = timeout
-        self._thread: _TaskThread | None = None
+    #: the task's file
+    task_path: Path
+    #: jobs that may run at once
+    concurrency: int = 1
+    #: children (or threads) started so far
+    starts: int = 0
+
+    @property
+    def pids(self) -> list[int]:
+        """The processes that run the task now."""
+        raise NotImplementedError
+
+    async def start(self) -> Runner:
+        raise NotImplementedError
 
     async def run(self, job: Any) -> Any:
-        """The task's return value; its exception propagates."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self, reason: str) -> None:
+        raise NotImplementedError
+
+    async def wait_closed(self) -> None:
+        raise NotImplementedError
+
+
+class ChildRunner(Runner):
+    """A task in up to ``concurrency`` child processes (PythonRunner, NodeRunner).
+
+    ``start()`` starts the first child and waits for its hello; more start as
+    jobs need them, then stay for later jobs. A child that dies or runs past
+    ``timeout`` fails its own job only, and is replaced when a job needs it.
+    """
+
+    #: the task's file name, in messages and log lines
+    kind = "task"
+    #: what a task's error answer is raised as
+    error_class: type[TaskError] = TaskError
+
+    def __init__(self, task_path: Path, folder: Path, timeout: float | None = None, *,
+                 concurrency: int = 1, memory_mb: int | None = None) -> None:
+        self.task_path = task_path
+        self.folder = folder
+        self.timeout = timeout
+        self.concurrency = max(1, concurrency)
+        self.memory_mb = memory_mb
+        self.starts = 0
+        #: the live children, busy or idle
+        self.children: list[TaskChild] = []
+        # private
+        self._idle: list[TaskChild] = []
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._enders: set[asyncio.Task] = set()
+        self._closing: asyncio.Task | None = None
+        self._aborted: str | None = None
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the live children."""
+        return [c.pid for c in self.children if c.pid is not None]
+
+    async def start(self) -> ChildRunner:
+        """Start the first child; TaskProcessError when the task does not load."""
+        self._idle.append(await self._new_child())
+        return self
+
+    async def run(self, job: Any) -> Any:
+        self._check_open()
+        async with self._slots:
+            self._check_open()  # closed while this job waited for a child
+            child = self._take_idle() or await self._new_child()
+            try:
+                answer = await child.ask(job, self.timeout)
+            except TimeoutError:
+                self._retire(child, f"it ran longer than jobTimeout ({self.timeout:g}s)")
+                raise TimeoutError(f"task ran longer than {self.timeout:g}s") from None
+            finally:
+                self._release(child)
+        if "error" in answer:
+            raise self.error_class.from_answer(answer["error"])
+        return answer.get("data")
+
+    def close(self) -> None:
+        if self._closing is not None:
+            return
+        try:
+            self._closing = asyncio.get_running_loop().create_task(self._close())
+        except RuntimeError:  # no loop left: all we can do is kill
+            for child in self.children:
+                child.kill()
+
+    def abort(self, reason: str) -> None:
+        self._aborted = self._aborted or reason
+        for child in list(self.children):
+            self._retire(child, reason)
+        self.close()
+
+    async def wait_closed(self) -> None:
+        self.close()
+        if self._closing is not None:
+            await asyncio.shield(self._closing)  # a cancelled waiter leaves the close running
+
+    # private
+    def _argv(self) -> list[str]:
+        """TASK_CHILD_PY's arguments: ``TASK DEPS``, or ``--exec PROGRAM ARGS...``."""
+        raise NotImplementedError
+
+    def _check_open(self) -> None:
+        if self._aborted:
+            raise TaskProcessError(self._aborted)
+        if self._closing is not None:
+            raise InvalidState(f"this {self.kind} runner is closed")
+
+    async def _new_child(self) -> TaskChild:
+        child = TaskChild(self.kind, self.memory_mb)
+        self.children.append(child)  # from now on, abort() ends it too
+        try:
+            await child.start(self._argv(), self.folder, self.task_path)
+        except BaseException:
+            self._retire(child, None)
+            raise
+        self.starts += 1
+        if self.starts > 1:
+            log.info("- %s process %s started (%d live)", self.kind, child.pid, len(self.children))
+        return child
+
+    def _take_idle(self) -> TaskChild | None:
+        while self._idle:
+            child = self._idle.pop()
+            if child.alive:
+                return child
+            log.warning("- %s process %s %s between jobs%s", self.kind, child.pid,
+                        _exit_text(child.returncode), _memory_hint(child.returncode, self.memory_mb))
+            self._retire(child, None)
+        return None
+
+    def _release(self, child: TaskChild) -> None:
+        if child not in self.children:
+            return
+        if child.alive and self._closing is None:
+            self._idle.append(child)
+        else:
+            self._retire(child, None)
+
+    def _retire(self, child: TaskChild, reason: str | None) -> None:
+        """Forget ``child`` and end it (SIGTERM first when there is a reason)."""
+        if child in self.children:
+            self.children.remove(child)
+        if child in self._idle:
+            self._idle.remove(child)
+        spawn(child.end(reason), self._enders, f"{self.kind} process")
+
+    async def _close(self) -> None:
+        for _ in range(self.concurrency):  # the jobs in flight finish first
+            await self._slots.acquire()
+        for child in list(self.children):
+            self._retire(child, None)
+        while self._enders:
+            await asyncio.gather(*list(self._enders), return_exceptions=True)
+
+
+class PythonRunner(ChildRunner):
+    """Runs ``task.py`` in ``python`` children: ``Task()`` once per child, ``run(job)`` per job.
+
+    ``deps`` (the worker's ``.deps``, where pip installs the dependencies) and
+    the task's folder come first on the child's import path.
+    """
+
+    kind = "task.py"
+
+    def __init__(self, task_path: Path, folder: Path, timeout: float | None = None, *,
+                 deps: Path | None = None, concurrency: int = 1, memory_mb: int | None = None) -> None:
+        super().__init__(task_path, folder, timeout, concurrency=concurrency, memory_mb=memory_mb)
+        self.deps = deps or folder / ".deps"
+
+    def _argv(self) -> list[str]:
+        return [str(self.task_path), str(self.deps)]
+
+
+class TaskChild:
+    """One child process serving jobs: started, greeted, asked, ended."""
+
+    def __init__(self, kind: str, memory_mb: int | None = None) -> None:
+        self.kind = kind
+        self.memory_mb = memory_mb
+        #: the process, once started
+        self.process: asyncio.subprocess.Process | None = None
+        # private
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._pumps: set[asyncio.Task] = set()
+        self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
+        self._sequence = itertools.count(1)
+        self._ending: asyncio.Future | None = None
+        self._reason: str | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode if self.process else None
+
+    @property
+    def alive(self) -> bool:
+        """Started, running, and not being ended."""
+        return self.process is not None and self.process.returncode is None and self._ending is None
+
+    async def start(self, argv: list[str], cwd: Path, task_path: Path) -> None:
+        """Run TASK_CHILD_PY with ``argv`` and wait for its hello; TaskProcessError if it fails."""
+        ours, theirs = socket.socketpair()
+        try:
+            self.process = await self._launch(argv, cwd, theirs)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=DEFAULT_MAX_MESSAGE)
+        self._pump(self.process.stdout, logging.INFO)
+        self._pump(self.process.stderr, logging.WARNING)
+        log.debug("- %s process %d started", self.kind, self.process.pid)
+        await self._hello(task_path)
+
+    async def ask(self, job: Any, timeout: float | None = None) -> dict:
+        """Send one job, return the child's answer; TimeoutError past ``timeout`` (then end it)."""
+        assert self._writer is not None
+        ident = next(self._sequence)
+        self._writer.write(json_dumps({"id": ident, "job": job}).encode() + b"\n")
+        with contextlib.suppress(ConnectionError):
+            await self._writer.drain()
+        answer = await (self._receive() if timeout is None else asyncio.wait_for(self._receive(), timeout))
+        if answer.get("id") != ident:
+            await self.end("it answered another job")
+            raise TaskProcessError(f"the {self.kind} process answered {answer.get('id')!r} to job {ident}")
+        return answer
+
+    async def end(self, reason: str | None = None) -> int | None:
+        """End the child once: its channel closed and, given a reason, SIGTERM. Its exit code.
+
+        SIGKILL follows when it is still there after CHILD_EXIT_TIMEOUT. A job in
+        flight fails at once with ``reason``.
+        """
+        if self._ending is None:
+            self._reason = reason
+            self._ending = asyncio.ensure_future(self._end(terminate=reason is not None))
+        return await asyncio.shield(self._ending)
+
+    def kill(self) -> None:
+        """SIGKILL, for when no event loop is left to end it properly."""
+        self._signal(signal.SIGKILL)
+
+    # private
+    async def _launch(self, argv: list[str], cwd: Path, channel: socket.socket) -> asyncio.subprocess.Process:
+        fd = channel.fileno()
+        env = {**os.environ, "QX_RUNNER_FD": str(fd), "QX_PARENT": str(os.getpid()),
+               "QX_MEMORY_MB": str(self.memory_mb or "")}
+        try:  # a session of its own: no terminal's SIGINT, and a group to end with it
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-", *argv, cwd=cwd, pass_fds=(fd,), env=env, start_new_session=True,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE)
+        except OSError as exc:
+            raise TaskProcessError(f"cannot start {sys.executable} for the {self.kind}: {exc}") from exc
+        assert proc.stdin is not None
+        proc.stdin.write(TASK_CHILD_PY.encode())
+        proc.stdin.close()  # python runs the program once it has read all of it
+        return proc
+
+    async def _hello(self, task_path: Path) -> None:
+        """Wait for the child's ``ready`` line; its load error becomes TaskProcessError."""
+        try:
+            hello = await asyncio.wait_for(self._receive(), CHILD_START_TIMEOUT)
+        except TimeoutError:
+            await self.end("it did not load in time")
+            raise TaskProcessError(f"{task_path} did not load in {CHILD_START_TIMEOUT:.0f}s") from None
+        except TaskProcessError as exc:
+            raise TaskProcessError(f"{task_path} does not load: {exc}", exc.error["traceback"]) from None
+        if not hello.get("ready"):
+            await self.end()
+            error = TaskError.from_answer(hello.get("error"))
+            raise TaskProcessError(f"{task_path} does not load: {error}", error.error["traceback"])
+
+    async def _receive(self) -> dict:
+        """The child's next line; TaskProcessError (with its stderr) when it died."""
+        assert self._reader is not None
+        try:
+            line = await self._reader.readline()
+        except (ValueError, ConnectionError) as exc:  # ValueError: a line over the limit
+            await self.end("it sent a bad answer")
+            raise TaskProcessError(f"the {self.kind} process sent a bad answer: {exc}") from None
+        if not line:
+            if self._reason is not None:  # we ended it
+                raise TaskProcessError(self._reason)
+            code = await self.end()
+            raise TaskProcessError(f"the {self.kind} process {_exit_text(code)} before answering"
+                                   + _memory_hint(code, self.memory_mb),
+                                   f"stderr of the {self.kind} process:\n" + "\n".join(self._stderr))
+        with contextlib.suppress(ValueError):
+            answer = json.loads(line)
+            if isinstance(answer, dict):
+                return answer
+        await self.end("it sent a bad answer")
+        raise TaskProcessError(f"the {self.kind} process sent a bad answer: {line[:200]!r}")
+
+    async def _end(self, terminate: bool) -> int | None:
+        proc = self.process
+        if terminate:
+            self._signal(signal.SIGTERM)
+        if self._writer is not None:
+            self._writer.close()  # EOF: the child exits; a job in flight sees the end
+        if proc is None:
+            return None
+        try:
+            await asyncio.wait_for(proc.wait(), CHILD_EXIT_TIMEOUT)
+        except TimeoutError:
+            self._signal(signal.SIGKILL)
+            await proc.wait()
+        finally:
+            if proc.returncode is None:  # cancelled: leave no child behind
+                self._signal(signal.SIGKILL)
+        await self._end_pumps()
+        log.debug("- %s process %d %s", self.kind, proc.pid, _exit_text(proc.returncode))
+        return proc.returncode
+
+    def _signal(self, sig: int) -> None:
+        """``sig`` to the child's process group (its own children too), until it is reaped."""
+        proc = self.process
+        if proc is None or proc.returncode is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):  # it left its group
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+
+    def _pump(self, stream: asyncio.StreamReader | None, level: int) -> None:
+        spawn(self._log_lines(stream, level), self._pumps, f"{self.kind} output")
+
+    async def _log_lines(self, stream: asyncio.StreamReader | None, level: int) -> None:
+        """The task's output, line by line, into the worker's log."""
+        while stream is not None:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line over the limit: dropped
+                continue
+            if not raw:
+                return
+            text = raw.decode(errors="replace").rstrip()
+            if level >= logging.WARNING:
+                self._stderr.append(text)
+            log.log(level, "%s: %s", self.kind, text)
+
+    async def _end_pumps(self) -> None:
+        """Let the pumps read the last lines, unless a grandchild holds the pipes."""
+        pumps = list(self._pumps)
+        if pumps:
+            await asyncio.wait(pumps, timeout=1.0)
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+
+
+class ThreadRunner(Runner):
+    """task.py in a thread of the worker's own process: ``taskRunner=thread``.
+
+    Faster for trivial jobs (no process hop), and no isolation at all: the
+    task shares the worker's memory, and can crash, wedge or rewire it. One
+    job at a time; an ``async def run`` runs on the thread's own event loop,
+    kept from job to job. A job that outlives ``timeout`` is left to its
+    thread (a daemon: it cannot hold the process open) and the next job gets
+    a new thread.
+    """
+
+    kind = "task.py"
+
+    def __init__(self, task_path: Path, timeout: float | None = None) -> None:
+        self.task_path = task_path
+        self.timeout = timeout
+        #: the task's object, once loaded
+        self.task: Any = None
+        # private
+        self._thread: _TaskThread | None = None
+        self._pending: set[asyncio.Future] = set()
+        self._closed = False
+        self._aborted: str | None = None
+
+    @property
+    def pids(self) -> list[int]:
+        return [os.getpid()]
+
+    async def start(self) -> ThreadRunner:
+        try:
+            self.task = load_task(self.task_path)
+        except Exception as exc:  # noqa: BLE001 - the task's own import-time errors
+            raise TaskProcessError(f"{self.task_path} does not load: {exc.__class__.__name__}: {exc}",
+                                   error_result(exc)["traceback"]) from None
+        return self
+
+    async def run(self, job: Any) -> Any:
+        if self._aborted:
+            raise TaskProcessError(self._aborted)
+        if self._closed:
+            raise InvalidState("this task.py runner is closed")
         if self._thread is None:
             self._thread = _TaskThread(self.task)
+            self.starts += 1
         future = asyncio.get_running_loop().create_future()
+        self._pending.add(future)
         self._thread.submit(job, future)
         try:
             return await asyncio.wait_for(future, self.timeout)
         except TimeoutError:
-            self.close()  # the thread cannot be killed: leave it behind
-            raise TimeoutError(f"task ran longer than {self.timeout}s") from None
+            self._drop_thread()  # the thread cannot be killed: leave it behind
+            raise TimeoutError(f"task ran longer than {self.timeout:g}s") from None
+        finally:
+            self._pending.discard(future)
 
     def close(self) -> None:
+        self._closed = True
+        self._drop_thread()
+
+    def abort(self, reason: str) -> None:
+        self._aborted = self._aborted or reason
+        for future in self._pending:
+            if not future.done():
+                future.set_exception(TaskProcessError(reason))
+        self.close()
+
+    async def wait_closed(self) -> None:
+        self.close()  # its daemon thread ends after the job it runs
+
+    def _drop_thread(self) -> None:
         if self._thread is not None:
             self._thread.close()
             self._thread = None
@@ -4250,7 +4788,7 @@ class _TaskThread:
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if future.done():  # timed out meanwhile
+    if future.done():  # timed out or aborted meanwhile
         return
     if error is None:
         future.set_result(result)
@@ -4263,7 +4801,7 @@ async def _await(awaitable: Awaitable) -> Any:
 
 
 def load_task(path: Path) -> Any:
-    """Import ``task.py`` afresh and return a new ``Task()``."""
+    """Import ``task.py`` afresh in this process and return a new ``Task()`` (thread mode)."""
     name = "qx_task_%d" % time.monotonic_ns()
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -4279,29 +4817,177 @@ def load_task(path: Path) -> Any:
 
 def error_result(exc: BaseException) -> dict:
     """The ``error`` field of a failed job's result."""
-    if isinstance(exc, TaskError):  # task.js: the JS error's own name, message and stack
+    if isinstance(exc, TaskError):  # the task's own error name, message and traceback
         return dict(exc.error)
     return {"type": exc.__class__.__name__, "message": str(exc),
             "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
 
 
+TASK_CHILD_PY = r'''# A task's child process, started by worker.py (queue-xec Python worker) as
+# "python -" with this program on stdin. It limits itself, then runs task.py
+# (argv: TASK DEPS) or becomes another program (argv: --exec PROGRAM ARGS...).
+# Jobs come in and answers go out as JSON lines on the socket whose fd is
+# QX_RUNNER_FD; stdout and stderr are the task's own (the worker logs them).
+import json
+import os
+import sys
+
+MEMORY_MB = int(os.environ.pop("QX_MEMORY_MB", "") or 0)
+
+
+def limit():
+    """Die with the worker, be the OOM killer's first choice, cap the data size."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL (Linux)
+    except (ImportError, OSError, AttributeError):
+        pass
+    if os.getppid() != int(os.environ.pop("QX_PARENT")):
+        os._exit(1)  # the worker died before prctl
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
+    if MEMORY_MB:
+        import resource
+        cap = MEMORY_MB << 20
+        hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+        cap = cap if hard == resource.RLIM_INFINITY else min(cap, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))  # private writable memory
+
+
+def describe(exc):
+    """An answer's error field: the exception's type, message and traceback."""
+    import traceback
+    try:
+        message = str(exc)
+    except Exception:
+        message = "(unprintable %s)" % type(exc).__name__
+    if isinstance(exc, MemoryError) and MEMORY_MB:
+        message = (message + " " if message else "") + "(out of memory: jobMemoryMB=%d)" % MEMORY_MB
+    frames = exc.__traceback__
+    while frames is not None and frames.tb_frame.f_code.co_filename == "<stdin>":
+        frames = frames.tb_next  # this program's frames: the task's come after
+    try:
+        trace = "".join(traceback.format_exception(type(exc), exc, frames))
+    except Exception:
+        trace = ""
+    return {"type": type(exc).__name__, "message": message, "traceback": trace}
+
+
+def not_json(exc):
+    text = "the result cannot be sent as JSON: %s" % exc
+    if "Out of range float" in str(exc):
+        text += " (NaN, Infinity and -Infinity have no JSON form)"
+    return {"type": "ValueError", "message": text, "traceback": ""}
+
+
+def load(path, deps):
+    import importlib.util
+    sys.path[:0] = [os.path.dirname(path), deps]
+    spec = importlib.util.spec_from_file_location("task", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["task"] = module
+    spec.loader.exec_module(module)
+    if not hasattr(module, "Task"):
+        raise TypeError("%s defines no class Task" % path)
+    task = module.Task()
+    if not callable(getattr(task, "run", None)):
+        raise TypeError("%s: its Task has no run(job) method" % path)
+    return task
+
+
+async def wait(awaitable):
+    return await awaitable
+
+
+class Jobs:
+    """Runs jobs on the task; an async run gets one event loop, kept from job to job."""
+
+    def __init__(self, task):
+        self.task = task
+        self.loop = None
+
+    def run(self, job):
+        result = self.task.run(job)
+        if hasattr(result, "__await__"):
+            if self.loop is None:
+                import asyncio
+                self.loop = asyncio.new_event_loop()
+                asyncio.set_event_loop(self.loop)
+            result = self.loop.run_until_complete(wait(result))
+        return result
+
+
+def serve(channel, jobs):
+    encode = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode
+    for line in channel.makefile("rb"):
+        message = json.loads(line)
+        try:
+            answer = {"id": message["id"], "data": jobs.run(message["job"])}
+        except BaseException as exc:  # SystemExit too: it ends the job, not the child
+            answer = {"id": message["id"], "error": describe(exc)}
+        try:
+            text = encode(answer)
+        except (TypeError, ValueError, RecursionError) as exc:
+            text = encode({"id": message["id"], "error": not_json(exc)})
+        channel.sendall(text.encode() + b"\n")
+
+
+def main():
+    limit()
+    if sys.argv[1] == "--exec":
+        os.execv(sys.argv[2], sys.argv[2:])
+    import faulthandler
+    import socket
+    faulthandler.enable()  # a crash in native code prints the task's Python stack
+    fd = int(os.environ.pop("QX_RUNNER_FD"))
+    os.set_inheritable(fd, False)
+    channel = socket.socket(fileno=fd)
+    sys.stdout.reconfigure(line_buffering=True)
+    try:
+        jobs = Jobs(load(sys.argv[1], sys.argv[2]))
+    except BaseException as exc:
+        channel.sendall(json.dumps({"ready": False, "error": describe(exc)}).encode() + b"\n")
+        return 1
+    channel.sendall(json.dumps({"ready": True, "python": sys.version.split()[0]}).encode() + b"\n")
+    serve(channel, jobs)
+    return 0
+
+
+def exit_now(code):
+    """Exit without waiting for threads the task left running."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+try:
+    code = main()
+except BaseException:
+    import traceback
+    traceback.print_exc()
+    exit_now(1)
+exit_now(code)
+'''
+
+
 # Worker: running task.js with Node ##########################################
 #
-# The JS master always sends a task.js. When no task.py comes with it, a
-# long-lived ``node`` child runs it the way the JS worker does: ``new
-# (require(path))()`` once, then ``await task.run(job)`` per job. Jobs and
-# answers are JSON lines on a socket of their own (its fd is in QX_RUNNER_FD),
-# so whatever the task prints cannot corrupt them; its stdout and stderr go to
-# the worker's log. npm installs the dependencies into the worker folder.
+# The JS master always sends a task.js. When no task.py comes with it, ``node``
+# children run it the way the JS worker does: ``new (require(path))()`` once
+# per child, then ``await task.run(job)`` per job, through the runner that
+# worker.py writes into the worker folder. Each child starts as TASK_CHILD_PY,
+# which sets its limits and becomes ``node``; jobs, answers, deaths and
+# timeouts are as for task.py. npm installs the dependencies into the worker
+# folder.
 
 #: The runner that worker.py writes into the worker folder (assets may not overwrite it).
 NODE_RUNNER_NAME = ".qx-runner.js"
-#: Seconds ``node`` may take to load task.js and make its Task.
-NODE_START_TIMEOUT = 60.0
-#: Seconds a child may take to exit once its socket is closed, before SIGKILL.
-NODE_EXIT_TIMEOUT = 2.0
-#: Lines of a child's stderr kept to explain its death.
-STDERR_TAIL = 20
 
 NODE_RUNNER_JS = r"""// Written by worker.py (queue-xec Python worker): runs task.js as the JS worker
 // does. Jobs come in and answers go out as JSON lines on the socket whose fd is
@@ -4414,32 +5100,6 @@ _NPM_PACKAGE = re.compile(
     r"(?:@[A-Za-z0-9.^~<>=*|+ -]*[A-Za-z0-9*])?")                    # @version, range or tag
 
 
-class TaskError(WorkerError):
-    """A job failed outside Python (or by SystemExit); ``error`` is the result's error field."""
-
-    def __init__(self, kind: str, message: str, traceback: str = "") -> None:
-        super().__init__(message if kind == type(self).__name__ else f"{kind}: {message}")
-        #: ``{"type", "message", "traceback"}`` as in every error result
-        self.error = {"type": kind, "message": message, "traceback": traceback}
-
-
-class JsTaskError(TaskError):
-    """task.js's ``run`` threw or rejected: the JS error's name, message and stack."""
-
-    @classmethod
-    def from_answer(cls, error: Any) -> JsTaskError:
-        error = error if isinstance(error, dict) else {}
-        return cls(str(error.get("type") or "Error"), str(error.get("message", "")),
-                   str(error.get("traceback") or ""))
-
-
-class TaskProcessError(TaskError):
-    """task.js cannot run: no node or npm, a load error, or its process died."""
-
-    def __init__(self, message: str, detail: str = "") -> None:
-        super().__init__("TaskProcessError", message, detail)
-
-
 def check_npm_package(text: Any) -> str:
     """An npm package name with an optional ``@version`` (or range, tag), or UnsafeAsset."""
     spec = text.strip() if isinstance(text, str) else ""
@@ -4498,217 +5158,26 @@ async def install_npm_packages(folder: Path, specs: list[str]) -> bool:
     return await _install_finished(proc, "npm", missing)
 
 
-class NodeRunner:
-    """Runs ``task.js`` in a long-lived ``node`` child; the interface of TaskRunner.
+class NodeRunner(ChildRunner):
+    """Runs ``task.js`` in ``node`` children, as the JS worker runs it.
 
-    One job at a time. A child that dies answers its job with an error and the
-    next job starts a new one; a job running past ``timeout`` kills it.
+    With ``memory_mb``, V8's old space gets half of it (``--max-old-space-size``):
+    V8 sizes its heap from the machine's memory, not from the child's cap, and
+    collects garbage sooner when told.
     """
 
-    def __init__(self, task_path: Path, folder: Path, timeout: float | None = None) -> None:
-        self.task_path = task_path
-        self.folder = folder
-        self.timeout = timeout
-        #: the running child, or None
-        self.process: asyncio.subprocess.Process | None = None
-        #: children started so far (the first one and restarts)
-        self.starts = 0
-        # private
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._pumps: set[asyncio.Task] = set()
-        self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
-        self._lock = asyncio.Lock()
-        self._sequence = itertools.count(1)
-        self._closing: asyncio.Task | None = None
+    kind = "task.js"
+    error_class = JsTaskError
 
-    async def start(self) -> NodeRunner:
-        """Start the child and load task.js; TaskProcessError if that fails."""
-        async with self._lock:
-            await self._start()
-        return self
-
-    async def run(self, job: Any) -> Any:
-        """The task's return value; JsTaskError, TaskProcessError or TimeoutError."""
-        async with self._lock:
-            if self._closing is not None:
-                raise InvalidState("this task.js runner is closed")
-            if self.process is None or self.process.returncode is not None:
-                await self._restart()
-            try:
-                answer = await asyncio.wait_for(self._exchange(job), self.timeout)
-            except TimeoutError:
-                await self._stop(kill=True)
-                raise TimeoutError(f"task ran longer than {self.timeout}s") from None
-        if "error" in answer:
-            raise JsTaskError.from_answer(answer["error"])
-        return answer.get("data")
-
-    def close(self) -> None:
-        """Stop the child once a job in flight is done; idempotent."""
-        if self._closing is not None:
-            return
-        try:
-            self._closing = asyncio.get_running_loop().create_task(self._close())
-        except RuntimeError:  # no loop left: all we can do is kill
-            if self.process is not None:
-                _kill(self.process)
-
-    async def wait_closed(self) -> None:
-        """Close, and wait until the child and its pipes are gone."""
-        self.close()
-        if self._closing is not None:
-            await self._closing
-
-    # private
-    async def _start(self) -> None:
-        ours, theirs = socket.socketpair()
-        try:
-            self.process = await self._launch(theirs)
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        self.starts += 1
-        self._reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=DEFAULT_MAX_MESSAGE)
-        self._stderr.clear()
-        self._pump(self.process.stdout, logging.INFO)
-        self._pump(self.process.stderr, logging.WARNING)
-        log.debug("- task.js process %d started", self.process.pid)
-        await self._hello()
-
-    async def _launch(self, channel: socket.socket) -> asyncio.subprocess.Process:
-        """``node .qx-runner.js task.js`` in the worker folder, ``channel`` as its fd QX_RUNNER_FD."""
-        node, runner, fd = find_program("node"), self.folder / NODE_RUNNER_NAME, channel.fileno()
+    def _argv(self) -> list[str]:
+        node, runner = find_program("node"), self.folder / NODE_RUNNER_NAME
         try:
             if not runner.is_file() or runner.read_text() != NODE_RUNNER_JS:
                 runner.write_text(NODE_RUNNER_JS)
-            return await asyncio.create_subprocess_exec(
-                node, str(runner), str(self.task_path), cwd=self.folder, pass_fds=(fd,),
-                env={**os.environ, "QX_RUNNER_FD": str(fd)}, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         except OSError as exc:
-            raise TaskProcessError(f"cannot start {node} {runner}: {exc}") from exc
-
-    async def _hello(self) -> None:
-        """Wait for the child's ``ready`` line; its load error becomes TaskProcessError."""
-        try:
-            hello = await asyncio.wait_for(self._receive(), NODE_START_TIMEOUT)
-        except TimeoutError:
-            await self._stop(kill=True)
-            raise TaskProcessError(f"{self.task_path} did not load in {NODE_START_TIMEOUT:.0f}s") from None
-        except TaskProcessError as exc:
-            raise TaskProcessError(f"{self.task_path} does not load: {exc}", exc.error["traceback"]) from None
-        if not hello.get("ready"):
-            await self._stop()
-            error = JsTaskError.from_answer(hello.get("error"))
-            raise TaskProcessError(f"{self.task_path} does not load: {error}", error.error["traceback"])
-
-    async def _restart(self) -> None:
-        if self.process is not None:  # it died between jobs
-            code = await self._stop()
-            log.warning("- task.js process exited (code %s) between jobs", code)
-        log.info("- starting a new task.js process")
-        await self._start()
-
-    async def _exchange(self, job: Any) -> dict:
-        """Send one job, return the child's answer to it."""
-        assert self._writer is not None
-        ident = next(self._sequence)
-        self._writer.write(json_dumps({"id": ident, "job": job}).encode() + b"\n")
-        with contextlib.suppress(ConnectionError):
-            await self._writer.drain()
-        answer = await self._receive()
-        if answer.get("id") != ident:
-            await self._stop()
-            raise TaskProcessError(f"the task.js runner answered {answer.get('id')!r} to job {ident}")
-        return answer
-
-    async def _receive(self) -> dict:
-        """The child's next line; TaskProcessError (with its stderr) when it died."""
-        assert self._reader is not None
-        try:
-            line = await self._reader.readline()
-        except (ValueError, ConnectionError) as exc:  # ValueError: a line over the limit
-            await self._stop()
-            raise TaskProcessError(f"the task.js process sent a bad answer: {exc}") from None
-        if not line:
-            code = await self._stop()
-            raise TaskProcessError(f"the task.js process exited (code {code}) before answering",
-                                   "stderr of the task.js process:\n" + "\n".join(self._stderr))
-        with contextlib.suppress(ValueError):
-            answer = json.loads(line)
-            if isinstance(answer, dict):
-                return answer
-        await self._stop(kill=True)
-        raise TaskProcessError(f"the task.js process sent a bad answer: {line[:200]!r}")
-
-    async def _stop(self, kill: bool = False) -> int | None:
-        """End the child (its socket closed first, SIGKILL if it lingers); its exit code."""
-        proc, self.process = self.process, None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if proc is None:
-            return None
-        try:
-            if kill:
-                _kill(proc)
-            await asyncio.wait_for(proc.wait(), NODE_EXIT_TIMEOUT)
-        except TimeoutError:
-            _kill(proc)
-            await proc.wait()
-        finally:
-            if proc.returncode is None:  # cancelled: leave no child behind
-                _kill(proc)
-        await self._end_pumps()
-        log.debug("- task.js process %d exited (code %s)", proc.pid, proc.returncode)
-        return proc.returncode
-
-    async def _end_pumps(self) -> None:
-        """Let the pumps read the last lines, unless a grandchild holds the pipes."""
-        pumps = list(self._pumps)
-        if pumps:
-            await asyncio.wait(pumps, timeout=1.0)
-        for task in pumps:
-            task.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
-
-    async def _close(self) -> None:
-        async with self._lock:
-            await self._stop()
-
-    def _pump(self, stream: asyncio.StreamReader | None, level: int) -> None:
-        spawn(self._log_lines(stream, level), self._pumps, "task.js output")
-
-    async def _log_lines(self, stream: asyncio.StreamReader | None, level: int) -> None:
-        """The task's console output, line by line, into the worker's log."""
-        while stream is not None:
-            try:
-                raw = await stream.readline()
-            except ValueError:  # a line over the limit: dropped
-                continue
-            if not raw:
-                return
-            text = raw.decode(errors="replace").rstrip()
-            if level >= logging.WARNING:
-                self._stderr.append(text)
-            log.log(level, "task.js: %s", text)
-
-
-def _kill(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-
-
-async def close_runner(runner: TaskRunner | NodeRunner) -> None:
-    """Close a runner and wait for what it owns (a NodeRunner's child)."""
-    if isinstance(runner, NodeRunner):
-        await runner.wait_closed()
-    else:
-        runner.close()
+            raise TaskProcessError(f"cannot write {runner}: {exc}") from exc
+        heap = [f"--max-old-space-size={max(16, self.memory_mb // 2)}"] if self.memory_mb else []
+        return ["--exec", node, *heap, str(runner), str(self.task_path)]
 
 
 # Worker #####################################################################
@@ -4768,6 +5237,11 @@ class Worker:
     keys (``port``, ``host``, ``peers``, ``lsd``, ``seed``, ``maxMessage``,
     ``dht``, ``dhtBootstrap``, ``dhtPort``, ``trackers``, ``iceServers``, ``maxPeers``).
 
+    Tasks run in child processes (``concurrency`` at once, ``auto``: one per
+    core), each capped at ``jobMemoryMB``, ended after ``jobTimeout`` seconds;
+    ``taskRunner=thread`` runs task.py in a thread of the worker instead.
+    SIGTERM waits ``stopTimeout`` seconds for held jobs and their results.
+
     ``trackers``: comma-separated ws:// or wss:// WebSocket trackers, through
     which workers behind NAT meet the master over WebRTC (unset: bugout's three
     public trackers; empty: off). ``iceServers``: comma-separated
@@ -4788,7 +5262,9 @@ class Worker:
                  dht_port: int | None = None,
                  trackers: str | Iterable[str] | None = None,
                  ice_servers: str | Iterable[str] | None = None,
-                 max_peers: int | None = None, master: str | Iterable[str] | None = None) -> None:
+                 max_peers: int | None = None, master: str | Iterable[str] | None = None,
+                 concurrency: int | str | None = None, job_memory_mb: int | None = None,
+                 stop_timeout: float | None = None, task_runner: str | None = None) -> None:
         env = load_env(".env") if env is None else env
         self.token = _config(env, "token", token)
         if not self.token:
@@ -4807,6 +5283,16 @@ class Worker:
         self.batch_size = int(_config(env, "batchSize", batch_size, DEFAULT_BATCH_SIZE))
         self.folder = Path(_config(env, "folder", folder, os.getcwd())).resolve()
         self.job_timeout = float(_config(env, "jobTimeout", job_timeout, 0)) or None
+        #: jobs at once, each in a child process of its own
+        self.concurrency = parse_concurrency(_config(env, "concurrency", concurrency, 1))
+        #: the memory cap of each child in MB, or None
+        self.job_memory_mb = parse_memory_mb(_config(env, "jobMemoryMB", job_memory_mb))
+        #: seconds a stop waits for held jobs and their results
+        self.stop_timeout = float(_config(env, "stopTimeout", stop_timeout, 30))
+        #: ``process`` (task.py in child processes) or ``thread`` (in the worker's process)
+        self.task_runner = str(_config(env, "taskRunner", task_runner, "process")).strip().lower()
+        if self.task_runner not in ("process", "thread"):
+            raise WorkerError(f"taskRunner={self.task_runner!r}: give process (the default) or thread")
         self.node = bugout_from_env(
             self.token, env, seed=seed, host=host, port=port, peers=peers, lsd=lsd, dht=dht,
             dht_bootstrap=dht_bootstrap, dht_port=dht_port, trackers=trackers,
@@ -4822,14 +5308,18 @@ class Worker:
         self.stats: collections.Counter = collections.Counter()
         # private
         self._manifest: list[dict] = []
-        self._runner: TaskRunner | NodeRunner | None = None
+        self._runner: Runner | None = None
+        self._retired: set[Runner] = set()
+        self._running: set[asyncio.Task] = set()
+        self._finished = asyncio.Event()
+        self._may_ask = True
+        self._kick_timer: asyncio.TimerHandle | None = None
         self._caps = MasterCaps()
         self._proof_key = self.crypt.derive(PROOF_LABEL)
         self._master_timeouts = 0
         self._delivery_lock = asyncio.Lock()
         self._last_kick = 0.0
         self._assets_ok = False
-        self._busy = False
         self._checking: set[str] = set()
         self._check_queue: asyncio.Queue[str] = asyncio.Queue(CHECK_QUEUE)
         self._proofs: dict[str, float] = {}  # address -> when its proof started
@@ -4876,30 +5366,59 @@ class Worker:
         """Wait until :meth:`stop` has finished its work."""
         await self._done.wait()
 
-    async def stop(self, timeout: float = 30.0) -> None:
-        """Finish the jobs held, deliver their results, then leave."""
+    async def stop(self, timeout: float | None = None) -> None:
+        """Finish the jobs held and deliver their results, then leave; within ``timeout``.
+
+        Jobs still held when only STOP_DELIVERY_SECONDS (at most a quarter) of
+        ``timeout`` (default ``stopTimeout``) are left become error results,
+        their children ended, and that time goes to delivering them.
+        """
         if self._stopping:
             return
         self._stopping = True
-        log.info("stopping: finishing %d held job(s)", len(self.jobs))
+        timeout = self.stop_timeout if timeout is None else timeout
+        log.info("stopping: finishing %d held job(s)", len(self.jobs) + len(self._running))
         self._wake.set()
         try:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._drained(), timeout)
-            for task in list(self._tasks):
+            grace = min(STOP_DELIVERY_SECONDS, timeout / 4)
+            if not await self._drained_within(timeout - grace):
+                self._cut_short()
+                await self._drained_within(grace)
+            for task in [*self._tasks, *self._running]:
                 task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*self._tasks, *self._running, return_exceptions=True)
             if self._runner:
-                await close_runner(self._runner)
+                await self._runner.wait_closed()
             await self._close_journal()
             await self.node.close()
         finally:
             self._done.set()  # whatever failed above, the process may exit
 
+    async def _drained_within(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._drained(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     async def _drained(self) -> None:
-        while self.jobs or self._busy or (self.outbox.held and self.master is not None):
+        while self.jobs or self._running or (self.outbox.held and self.master is not None):
             self._kick_delivery()
             await asyncio.sleep(0.05)
+
+    def _cut_short(self) -> None:
+        """The stop ran out of time: held jobs become error results, running ones are ended."""
+        if not (self.jobs or self._running):
+            return
+        log.warning("stopping: %d job(s) could not finish in time; they are reported as errors",
+                    len(self.jobs) + len(self._running))
+        while self.jobs:
+            seq, job = self.jobs.popleft()
+            self._result_ready(self._failed(job, TaskProcessError(
+                "the worker was stopped before this job started")), seq)
+        for runner in (*self._retired, self._runner):
+            if runner:
+                runner.abort("the worker was stopped before this job finished")
 
     def _spawn(self, coro: Awaitable) -> None:
         spawn(coro, self._tasks, "worker")
@@ -5164,38 +5683,59 @@ class Worker:
             log.error("the master's assets hold no task.py or task.js")
             return False
         path = safe_asset_path(self.folder, names["task.py"]["workerPath"])
-        try:
-            task = load_task(path)
-        except Exception as exc:  # noqa: BLE001 - the task's own import-time errors
-            log.error("cannot load %s: %s: %s", path, exc.__class__.__name__, exc)
-            return False
-        self._use_runner(TaskRunner(task, self.job_timeout))
-        log.info("task loaded from %s", path)
-        return True
+        if self.task_runner == "thread":
+            return await self._start_runner(ThreadRunner(path, self.job_timeout))
+        return await self._start_runner(PythonRunner(
+            path, self.folder, self.job_timeout, deps=self.deps_folder,
+            concurrency=self.concurrency, memory_mb=self.job_memory_mb))
 
     async def _load_js_task(self, asset: dict) -> bool:
         """Start a node child for task.js (no task.py came with it)."""
         path = safe_asset_path(self.folder, asset["workerPath"])
+        return await self._start_runner(NodeRunner(
+            path, self.folder, self.job_timeout, concurrency=self.concurrency,
+            memory_mb=self.job_memory_mb))
+
+    async def _start_runner(self, runner: Runner) -> bool:
+        """Start the runner's first child (the task loads there); use it, or say why not."""
         try:
-            runner = await NodeRunner(path, self.folder, self.job_timeout).start()
+            await runner.start()
         except TaskProcessError as exc:
-            log.error("cannot load %s: %s%s", path, exc, "\n" + exc.error["traceback"] if
+            log.error("cannot load %s: %s%s", runner.task_path, exc, "\n" + exc.error["traceback"] if
                       exc.error["traceback"] else "")
             return False
         self._use_runner(runner)
-        log.info("task loaded from %s (node, pid %s)", path, runner.process and runner.process.pid)
+        how = ("in a thread (taskRunner=thread)" if isinstance(runner, ThreadRunner) else
+               "%s process %s, up to %d at once" % ("node" if isinstance(runner, NodeRunner) else "python",
+                                                    runner.pids[0], runner.concurrency))
+        log.info("task loaded from %s (%s)", runner.task_path, how)
         return True
 
-    def _use_runner(self, runner: TaskRunner | NodeRunner) -> None:
-        """Swap runners; the old one finishes a job in flight, then closes."""
-        if self._runner:
-            self._spawn(close_runner(self._runner))
-        self._runner = runner
+    def _use_runner(self, runner: Runner) -> None:
+        """Swap runners; the old one finishes its jobs in flight, then closes."""
+        old, self._runner = self._runner, runner
+        if old:
+            self._retired.add(old)
+            self._spawn(self._retire(old))
+
+    async def _retire(self, runner: Runner) -> None:
+        try:
+            await runner.wait_closed()
+        finally:
+            self._retired.discard(runner)
 
     # jobs
     async def _drive(self) -> None:
-        """The job loop: ask, run, deliver; one request in flight at most."""
-        while not (self._stopping and (not self.jobs or self._runner is None)):
+        """The job loop: ask, run, deliver; one request in flight at most.
+
+        Up to ``concurrency`` jobs run at once, each in a task of its own
+        (``_running``). The loop asks for work when no held job waits and a
+        child is free: for a batch, or without batches for one job per free
+        child, as the JS worker asks for one at a time. After an empty answer
+        it asks again on a nudge (``_wake``) or the idle timer, not each time
+        a job ends. Jobs held since the last run wait until the task is loaded.
+        """
+        while not (self._stopping and not self.jobs):
             try:
                 await self._step()
             except Exception:  # a bug of ours must not end the loop: say so and go on
@@ -5203,27 +5743,52 @@ class Worker:
                 await asyncio.sleep(1.0)
 
     async def _step(self) -> None:
-        """Ask for work when no job is held (else wait), or run the next job."""
-        if self.jobs and self._runner is None:  # held since the last run: they wait for the task
-            self._wake.clear()
-            await self._idle()
-            return
-        if not self.jobs:
+        """Start held jobs on free children; ask for work when there is room; else wait."""
+        self._finished.clear()  # before looking: a job that ends from now on is noticed
+        if self._wake.is_set():  # jobs wait, a master came, the task is ready: ask
             self._wake.clear()  # before asking: a nudge during the ask is kept
-            if self._stopping or not self._ready_for_work() or not await self.request_work():
-                self._kick_delivery()
-                await self._idle()
+            self._may_ask = True
+        self._start_jobs()
+        room = not self.jobs and len(self._running) < self._capacity()
+        if room and self._may_ask and not self._stopping and self._ready_for_work():
+            self._may_ask = await self.request_work()
+            if self._may_ask:
                 return
-        self._busy = True
+        if not self._running:
+            self._kick_delivery()  # results made since the last request
+            await self._idle()
+            self._may_ask = True
+        elif not room:
+            await self._finished.wait()
+        elif not await _wait_any(self._wake, self._finished, timeout=IDLE_REQUEST_SECONDS):
+            self._may_ask = True  # the idle timer, while jobs run
+
+    def _start_jobs(self) -> None:
+        """Hand held jobs to free children, up to the runner's concurrency."""
+        while self.jobs and self._runner is not None and len(self._running) < self._capacity():
+            spawn(self._run_job(*self.jobs.popleft()), self._running, "job")
+
+    async def _run_job(self, seq: int, job: Any) -> None:
         try:
-            seq, job = self.jobs.popleft()
             self._result_ready(await self.do_job(job), seq)
         finally:
-            self._busy = False
+            self._running.discard(asyncio.current_task())  # before the loop wakes up
+            self._finished.set()
         # JS masters get each result at once. master.py takes them in bulk: with the
-        # next requestWork, or every second while a long batch runs.
-        if not self._caps.batches or time.monotonic() - self._last_kick >= 1.0:
+        # next requestWork, or at most a second later while jobs run.
+        wait = self._last_kick + 1.0 - time.monotonic() if self._caps.batches else 0.0
+        if wait <= 0:
             self._kick_delivery()
+        elif self._kick_timer is None:
+            self._kick_timer = asyncio.get_running_loop().call_later(wait, self._timed_kick)
+
+    def _timed_kick(self) -> None:
+        self._kick_timer = None
+        if not self._stopping:
+            self._kick_delivery()
+
+    def _capacity(self) -> int:
+        return self._runner.concurrency if self._runner else 1
 
     def _ready_for_work(self) -> bool:
         return (self.master is not None and self._assets_ok and self._runner is not None
@@ -5299,18 +5864,27 @@ class Worker:
 
     async def do_job(self, job: Any) -> dict:
         """Run one job; a failing task becomes an error result."""
-        job_id = job.get("id") if isinstance(job, dict) else None
-        result = {"jobID": job_id, "worker": {"id": self.address, "name": self.name}}
         try:
-            result["data"] = await self._runner.run(job)  # type: ignore[union-attr]
-            json_dumps(result["data"])
-            self.stats["jobs done"] += 1
+            if self._runner is None:
+                raise InvalidState("no task is loaded")
+            data = await self._runner.run(job)
+            strict_json(data)  # no NaN or Infinity leaves the worker, whatever ran the task
         except Exception as exc:  # noqa: BLE001 - a failing task is an error result
-            self.stats["jobs failed"] += 1
-            log.warning("job %s failed: %s: %s", job_id, exc.__class__.__name__, exc)
-            result["data"] = None
-            result["error"] = error_result(exc)
-        return result
+            return self._failed(job, exc)
+        self.stats["jobs done"] += 1
+        return {**self._result_for(job), "data": data}
+
+    def _failed(self, job: Any, exc: BaseException) -> dict:
+        """The error result of ``job``."""
+        result = self._result_for(job)
+        self.stats["jobs failed"] += 1
+        error = error_result(exc)
+        log.warning("job %s failed: %s: %s", result["jobID"], error["type"], error["message"])
+        return {**result, "data": None, "error": error}
+
+    def _result_for(self, job: Any) -> dict:
+        return {"jobID": job.get("id") if isinstance(job, dict) else None,
+                "worker": {"id": self.address, "name": self.name}}
 
     # results: made, journaled, delivered (rules: class Outbox)
     def _result_ready(self, result: dict, job_seq: int | None = None) -> None:
@@ -5484,6 +6058,17 @@ def _manifest_ok(value: Any, folder: Path) -> bool:
 def as_dict(value: Any) -> dict:
     """``value`` if it is a dict, else an empty one (RPC arguments from peers)."""
     return value if isinstance(value, dict) else {}
+
+
+async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> bool:
+    """Wait until one of ``events`` is set; False when ``timeout`` passed first."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    return bool(done)
 
 
 # Status: metrics and health over HTTP #######################################
