@@ -1968,6 +1968,83 @@ class TestStatusServer(unittest.TestCase):
         run(scenario())
 
 
+class TestWorkerStatus(unittest.TestCase):
+    def test_metrics_and_health_of_a_real_worker_process(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            cluster.push(20)
+            cluster.push(5, start=20, fail=True)
+            folder, port = Path(tmp) / "wp", free_port()
+            folder.mkdir()
+            write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
+                               statusPort=port, getBatch="true", batchSize=5, LOG_LEVEL="warn")
+            proc = await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
+                                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            self.addCleanup(lambda: proc.returncode is None and proc.kill())
+            base = "http://127.0.0.1:%d" % port
+            await cluster.until_results(25)
+
+            async def metrics():
+                status, body = await asyncio.to_thread(http_get, base + "/metrics")
+                self.assertEqual(status, 200)
+                return parse_exposition(body)
+            samples, types = await metrics()
+            self.assertEqual(samples["qx_jobs_done_total"][()], 20)
+            self.assertEqual(samples["qx_jobs_failed_total"][(("error", "ValueError"),)], 5)
+            self.assertEqual(types["qx_job_duration_seconds"], "histogram")
+            self.assertEqual(samples["qx_job_duration_seconds_count"][()], 25)
+            self.assertEqual(samples["qx_job_duration_seconds_bucket"][(("le", "+Inf"),)], 25)
+            self.assertEqual(samples["qx_master_connected"][()], 1)
+            self.assertEqual(samples["qx_peers"][(("transport", "tcp"),)], 1)
+            self.assertGreater(samples["qx_resident_memory_bytes"][()], 10e6)
+            self.assertGreater(samples["qx_bytes_received_total"][()], 1000)
+            self.assertIn("qx_assets_age_seconds", samples)
+            self.assertIn("qx_packets_dropped_total", samples)
+            status, body = await asyncio.to_thread(http_get, base + "/healthz")
+            self.assertEqual((status, json.loads(body)["master"]), (200, cluster.master.address))
+            cluster.push(10, start=100)  # the counters move with real jobs
+            await cluster.until_results(35)
+            await until(lambda: cluster.master.stats["results"] >= 35)
+            samples, _ = await metrics()
+            self.assertEqual(samples["qx_jobs_done_total"][()], 30)
+            self.assertGreaterEqual(samples["qx_delivery_latency_seconds_count"][()], 30)
+            self.assertEqual((await asyncio.to_thread(http_get, base + "/nothing"))[0], 404)
+            await cluster.master.close()  # the master goes away: not healthy
+            status, body = await asyncio.to_thread(http_get, base + "/healthz")
+            for _ in range(50):
+                if status == 503:
+                    break
+                await asyncio.sleep(0.1)
+                status, body = await asyncio.to_thread(http_get, base + "/healthz")
+            self.assertEqual(status, 503)
+            self.assertIn("master", json.loads(body)["reason"])
+            proc.send_signal(15)
+            output, _ = await asyncio.wait_for(proc.communicate(), 30)
+            self.assertIn(b" warn  ", output)  # level names print whole
+            self.assertNotIn(b"warni ", output)
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_status_line_at_most_once_a_minute_while_anything_happened(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            cluster.push(12)
+            worker = cluster.worker(get_batch=True, batch_size=4)
+            with mock.patch.object(w, "STATUS_LINE_SECONDS", 0.3), self.assertLogs("worker", "INFO") as logs:
+                await worker.start()
+                await cluster.until_results(12)
+                await until(lambda: any("status: " in line for line in logs.output), 5)
+                await asyncio.sleep(1.2)  # nothing happens: no more lines
+            lines = [line for line in logs.output if "status: " in line]
+            self.assertEqual(len(lines), 1, lines)
+            self.assertRegex(lines[0], r"status: 12 done \(\d+\.\d/s\), 0 failed, 0 held, master b\w{7}… "
+                                       r"\(proven\), peers 1 \(tcp 1\)")
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+
 # The command line, as users run it ##########################################
 
 WORKER_PY = str(HERE / "worker.py")

@@ -400,7 +400,7 @@ def read_env_file(path: str | Path) -> dict[str, str]:
 SETTINGS = ("token", "transferEncryptToken", "name", "LOG_LEVEL", "logFile", "getBatch", "batchSize",
             "jobTimeout", "folder", "port", "host", "peers", "lsd", "dht", "dhtBootstrap", "dhtPort",
             "trackers", "iceServers", "maxPeers", "maxMessage", "seed", "master", "concurrency",
-            "jobMemoryMB", "stopTimeout", "taskRunner")
+            "jobMemoryMB", "stopTimeout", "taskRunner", "statusPort", "statusHost")
 
 
 def load_env(path: str | Path = ".env") -> dict[str, str]:
@@ -4096,11 +4096,15 @@ class Outbox:
         self.held = 0
         #: True while commits fail (a full disk): no new work is taken then
         self.failing = False
+        #: seconds from a result made to delivered (for /metrics)
+        self.latency = Histogram()
         # private
         self._paged_to = 0  # highest seq read from the journal; more may wait there
         self._more_in_journal = False
         self._taken: set[int] = set()
         self._flushing: asyncio.Task | None = None
+        self._made: list[float] = []  # when each pending result was made
+        self._made_at: dict[int, float] = {}  # and each committed one of this run
 
     def __len__(self) -> int:
         return self.held
@@ -4114,6 +4118,7 @@ class Outbox:
     def add(self, job_seq: int | None, text: str) -> None:
         """A new result (JSON text); committed by the next :meth:`flush`."""
         self.pending.append((job_seq, text))
+        self._made.append(time.monotonic())
         self.held += 1
 
     async def flush(self) -> None:
@@ -4130,11 +4135,14 @@ class Outbox:
 
     async def _commit(self) -> None:
         batch, self.pending = self.pending, []
+        made, self._made = self._made, []
         try:
             seqs = await self.journal.call(self.journal.add_results, batch)
         except BaseException:
             self.pending[:0] = batch  # kept for the next try
+            self._made[:0] = made
             raise
+        self._made_at.update(zip(seqs, made))
         if self._more_in_journal:  # older ones wait in the journal: these are read after them
             return
         self.ready.extend(zip(seqs, (text for _, text in batch)))
@@ -4161,6 +4169,10 @@ class Outbox:
         self._taken -= seqs
         if not delivered:
             return
+        now = time.monotonic()
+        for seq in seqs:
+            if (made := self._made_at.pop(seq, None)) is not None:
+                self.latency.observe(now - made)
         while self.ready and self.ready[0][0] in seqs:  # delivery takes the oldest: a prefix
             self.ready.popleft()
         if any(seq in seqs for seq, _ in itertools.islice(self.ready, len(seqs))):
@@ -5264,7 +5276,8 @@ class Worker:
                  ice_servers: str | Iterable[str] | None = None,
                  max_peers: int | None = None, master: str | Iterable[str] | None = None,
                  concurrency: int | str | None = None, job_memory_mb: int | None = None,
-                 stop_timeout: float | None = None, task_runner: str | None = None) -> None:
+                 stop_timeout: float | None = None, task_runner: str | None = None,
+                 status_port: int | None = None, status_host: str | None = None) -> None:
         env = load_env(".env") if env is None else env
         self.token = _config(env, "token", token)
         if not self.token:
@@ -5330,6 +5343,17 @@ class Worker:
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
         self._done = asyncio.Event()
+        #: what /metrics shows: job durations, failures by error type (bounded), when assets came
+        self.job_seconds = Histogram()
+        self.failures: collections.Counter = collections.Counter()
+        port_setting = _config(env, "statusPort", status_port)
+        #: the status page's port (None: off) and address (statusPort, statusHost)
+        self.status_port = None if port_setting in (None, "", "off") else int(port_setting)
+        self.status_host = str(_config(env, "statusHost", status_host, "127.0.0.1"))
+        self._status: StatusServer | None = None
+        self._started = time.monotonic()
+        self._assets_since: float | None = None
+        self._reported: tuple = ()
 
     @property
     def address(self) -> str:
@@ -5360,6 +5384,11 @@ class Worker:
         for _ in range(CHECK_CONCURRENCY):
             self._spawn(self._checker())
         self._spawn(self._drive())
+        if self.status_port is not None:
+            self._status = await StatusServer(self.status_host, self.status_port, self.metrics_text,
+                                              self.health).start()
+        self._spawn(self._report())
+        sd_notify("READY=1")
         return self
 
     async def run_until_stopped(self) -> None:
@@ -5376,6 +5405,7 @@ class Worker:
         if self._stopping:
             return
         self._stopping = True
+        sd_notify("STOPPING=1")
         timeout = self.stop_timeout if timeout is None else timeout
         log.info("stopping: finishing %d held job(s)", len(self.jobs) + len(self._running))
         self._wake.set()
@@ -5390,6 +5420,8 @@ class Worker:
             if self._runner:
                 await self._runner.wait_closed()
             await self._close_journal()
+            if self._status is not None:
+                await self._status.close()
             await self.node.close()
         finally:
             self._done.set()  # whatever failed above, the process may exit
@@ -5705,6 +5737,7 @@ class Worker:
                       exc.error["traceback"] else "")
             return False
         self._use_runner(runner)
+        self._assets_since = time.time()
         how = ("in a thread (taskRunner=thread)" if isinstance(runner, ThreadRunner) else
                "%s process %s, up to %d at once" % ("node" if isinstance(runner, NodeRunner) else "python",
                                                     runner.pids[0], runner.concurrency))
@@ -5864,6 +5897,7 @@ class Worker:
 
     async def do_job(self, job: Any) -> dict:
         """Run one job; a failing task becomes an error result."""
+        started = time.monotonic()
         try:
             if self._runner is None:
                 raise InvalidState("no task is loaded")
@@ -5871,6 +5905,8 @@ class Worker:
             strict_json(data)  # no NaN or Infinity leaves the worker, whatever ran the task
         except Exception as exc:  # noqa: BLE001 - a failing task is an error result
             return self._failed(job, exc)
+        finally:
+            self.job_seconds.observe(time.monotonic() - started)
         self.stats["jobs done"] += 1
         return {**self._result_for(job), "data": data}
 
@@ -5879,6 +5915,8 @@ class Worker:
         result = self._result_for(job)
         self.stats["jobs failed"] += 1
         error = error_result(exc)
+        kind = str(error["type"])[:64]  # the label set stays small, whatever tasks raise
+        self.failures[kind if kind in self.failures or len(self.failures) < MAX_ERROR_TYPES else "other"] += 1
         log.warning("job %s failed: %s: %s", result["jobID"], error["type"], error["message"])
         return {**result, "data": None, "error": error}
 
@@ -5966,6 +6004,81 @@ class Worker:
 
     def _has_wire(self, address: str) -> bool:
         return any(c.address == address and c.wire.ready for c in self.node._connections)
+
+    # what it is doing: a status line, /metrics, /healthz, systemd
+    def health(self) -> tuple[bool, dict]:
+        """(healthy, body) for /healthz: the loop answers, and a proven master has a wire."""
+        uptime = round(time.monotonic() - self._started, 1)
+        if self.master is None:
+            return False, {"status": "unavailable", "reason": "no proven master", "uptime": uptime}
+        if not self._has_wire(self.master):
+            return False, {"status": "unavailable", "reason": "no wire to the master", "uptime": uptime}
+        return True, {"status": "ok", "master": self.master, "held": self.outbox.held, "uptime": uptime}
+
+    def status_line(self) -> str:
+        """``status: 1,234 done (20.5/s), 2 failed, 0 held, master bXYZ… (proven), peers 3 (tcp 2, webrtc 1)``."""
+        peers = self._peers_by_transport()
+        done = self.stats["jobs done"]
+        rate = done / max(time.monotonic() - self._started, 1e-9)
+        master = "master %s… (proven)" % self.master[:8] if self.master else "no master"
+        return "status: {:,} done ({:.1f}/s), {:,} failed, {:,} held, {}, peers {} ({})".format(
+            done, rate, self.stats["jobs failed"], self.outbox.held, master, sum(peers.values()),
+            ", ".join("%s %d" % kv for kv in sorted(peers.items())) or "none")
+
+    async def _report(self) -> None:
+        """The status line at most once a minute while anything happened; systemd's watchdog."""
+        watchdog = int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 2e6
+        step = min(watchdog, STATUS_LINE_SECONDS) if watchdog > 0 else STATUS_LINE_SECONDS
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(step)
+            if watchdog > 0:
+                sd_notify("WATCHDOG=1")  # the loop runs: a wedged one is restarted by systemd
+            now = time.monotonic()
+            seen = (self.stats["jobs done"], self.stats["jobs failed"], self.outbox.held, self.master)
+            if now - last >= STATUS_LINE_SECONDS and seen != self._reported:
+                self._reported, last = seen, now
+                log.info("%s", self.status_line())
+
+    def _peers_by_transport(self) -> collections.Counter:
+        return collections.Counter("webrtc" if isinstance(c, RtcConnection) else "tcp"
+                                   for c in self.node._connections if c.wire.ready and not c.closing)
+
+    def metrics_text(self) -> str:
+        """This worker's figures in the Prometheus text format."""
+        out = Exposition()
+        out.add("jobs_done_total", "counter", "Jobs that gave a result.", self.stats["jobs done"])
+        out.add("jobs_failed_total", "counter", "Jobs that gave an error result, by error type.",
+                {(("error", kind),): count for kind, count in sorted(self.failures.items())} or 0)
+        out.add("results_held", "gauge", "Results made and not delivered yet.", self.outbox.held)
+        out.add("results_delivered_total", "counter", "Results delivered to a master.",
+                self.stats["results delivered"])
+        out.histogram("job_duration_seconds", "Time a job took in its task.", self.job_seconds)
+        out.histogram("delivery_latency_seconds", "Time from a result made to delivered.",
+                      self.outbox.latency)
+        peers = self._peers_by_transport()
+        out.add("peers", "gauge", "Wires that speak bugout, by transport.",
+                {(("transport", kind),): peers[kind] for kind in ("tcp", "webrtc")})
+        out.add("master_connected", "gauge", "1 while a proven master has a wire to this worker.",
+                int(self.health()[0]))
+        if self._assets_since is not None:
+            out.add("assets_age_seconds", "gauge", "Seconds since the task files in use came.",
+                    round(time.time() - self._assets_since, 3))
+        out.add("resident_memory_bytes", "gauge", "This process's resident memory.", process_rss_bytes())
+        out.add("uptime_seconds", "gauge", "Seconds since the worker started.",
+                round(time.monotonic() - self._started, 3))
+        for name, help_text, values in self._node_metrics():
+            out.add(name, "counter", help_text, values)
+        return out.text()
+
+    def _node_metrics(self) -> list[tuple[str, str, Any]]:
+        """Bytes and dropped packets, from the node's counters."""
+        stats = collections.Counter(self.node.stats) + collections.Counter(self.node.core.stats)
+        dropped = {((("reason", key.removeprefix("dropped: ")),)): value for key, value in sorted(stats.items())
+                   if key.startswith("dropped: ")}
+        return [("bytes_received_total", "Bytes read from peers' wires.", stats["bytes in"]),
+                ("bytes_sent_total", "Bytes written to peers' wires.", stats["bytes out"]),
+                ("packets_dropped_total", "bugout packets dropped, by reason.", dropped or 0)]
 
     # state kept on disk (the journal)
     async def _load_state(self) -> None:
@@ -6084,6 +6197,10 @@ async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> boo
 STATUS_READ_TIMEOUT = 5.0
 STATUS_MAX_REQUEST = 8192
 STATUS_MAX_CLIENTS = 8
+#: Seconds between two status lines (at info, and only when something happened).
+STATUS_LINE_SECONDS = 60.0
+#: Error types counted apart in /metrics; the rest count as "other".
+MAX_ERROR_TYPES = 32
 #: Upper bounds (seconds) of the job-duration and delivery-latency histograms.
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0)
 
