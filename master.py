@@ -13,10 +13,22 @@ does not answer in time, is queued again, and each job's result is passed to
     master.push_new_job({"id": 1, "data": "{}"})
 
 Its state lives in SQLite (``db=``; in memory unless told): jobs waiting and
-on lease, every result, and how far a jobs file was read. A result is committed
-before its worker is answered (the answer is the worker's cue to forget it) and
-before ``on_results`` sees it, so a ``kill -9`` loses nothing and a restart on
-the same file delivers no result twice.
+on lease, every result, and how far a jobs file was read. A result's way:
+
+1. It is recorded in the transaction of the call that brought it, with the
+   leases that call hands out; a job id has one result per run, later ones
+   are counted as duplicates and dropped.
+2. The commit writes it to the log: from now on a kill cannot undo it. The
+   command line prints it now, and ``out`` gets it.
+3. The log is synced (in a thread; one fsync serves every commit made before
+   it began): from now on a power cut cannot undo it either.
+4. ``on_results`` gets it, and the worker gets the answer after which it
+   forgets the result.
+
+Anything failing before 2 undoes the call's writes and sends no answer: the
+worker keeps its results and sends them again. So a ``kill -9`` loses no
+result, and no result is printed or given to ``on_results`` twice, across
+restarts too.
 
 From the command line (settings from ``.env`` as for the worker; jobs as JSON
 lines, ``-`` for stdin; results printed as JSON lines, and a line that is not
@@ -38,6 +50,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -162,26 +175,27 @@ class Store:
         #: whether results are kept with their data (not in memory: nothing could read it later)
         self.keeps_data = self.path not in (":memory:", "")
         self._wal: int | None = None  # our descriptor of the write-ahead log, to sync it
+        self._lock: int | None = None  # our descriptor of the database file, locked (flock)
+        self._checkpointer: sqlite3.Connection | None = None  # a second connection, for a thread
+        self._checkpointing: asyncio.Future | None = None
         self._wal_is_new = False
         #: commits that wrote something, and how many of them are synced; the fsync running
         self._commits = self._synced = self._changes = 0
         self._syncing: asyncio.Future | None = None
         try:
-            self.db = sqlite3.connect(self.path, timeout=0.1, isolation_level=None,
+            self.db = sqlite3.connect(self.path, timeout=2.0, isolation_level=None,
                                       check_same_thread=False)
         except sqlite3.Error as exc:
             raise DatabaseError(f"cannot open {self.path}: {exc}") from None
         try:
             self._open()
-        except sqlite3.Error as exc:
-            self.db.close()
-            raise self._refusal(exc) from None
-        except OSError as exc:
-            self.db.close()
+        except (sqlite3.Error, OSError, DatabaseError) as exc:
+            self.close()
+            if isinstance(exc, DatabaseError):
+                raise
+            if isinstance(exc, sqlite3.Error):
+                raise self._refusal(exc) from None
             raise DatabaseError(f"cannot use {self.path}: {exc}") from None
-        except DatabaseError:
-            self.db.close()
-            raise
 
     def _refusal(self, exc: sqlite3.Error) -> DatabaseError:
         if "locked" in str(exc) or "busy" in str(exc):
@@ -192,8 +206,13 @@ class Store:
                              "it was left as it is")
 
     def _open(self) -> None:
-        """Check what the file is, then set it up: the schema, WAL, our syncs, the lock."""
-        self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
+        """Lock the file, check what it is, then set it up: the schema, WAL, our syncs."""
+        if self.keeps_data:
+            self._lock = os.open(self.path, os.O_RDONLY)
+            try:  # flock, not SQLite's POSIX locks: closing another descriptor does not drop it
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DatabaseError(f"{self.path} is in use by another master.py") from None
         app = self.db.execute("PRAGMA application_id").fetchone()[0]
         tables = {row[0] for row in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if app == 0 and not tables:
@@ -208,8 +227,9 @@ class Store:
             raise DatabaseError(f"{self.path} is corrupt (tables missing); it was left as it is")
         wal = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
         self.db.execute("PRAGMA synchronous=NORMAL")  # and sync(): see the class docstring
-        self.db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoint(), never within a commit
-        self.db.execute("BEGIN IMMEDIATE")  # takes the lock now: a second master is refused at once
+        self.db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoint() in a thread, never in a commit
+        self.db.execute("PRAGMA journal_size_limit=%d" % WAL_LIMIT)
+        self.db.execute("BEGIN IMMEDIATE")  # the log exists from now on
         self.db.execute("COMMIT")
         if wal:
             self._wal = os.open(self.path + "-wal", os.O_RDONLY)
@@ -297,10 +317,30 @@ class Store:
     def wal_size(self) -> int:
         return os.fstat(self._wal).st_size if self._wal is not None and not self.closed else 0
 
-    def checkpoint(self) -> None:
-        """Move the log into the database file (which is synced), outside any transaction."""
-        if self._wal is not None and not self.closed and not self.db.in_transaction:
-            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    def checkpoint_soon(self) -> None:
+        """Move the log into the database file (and sync it) in a thread, with a second
+        connection: commits go on meanwhile. One at a time."""
+        if self._wal is not None and not self.closed and self._checkpointing is None:
+            if self._checkpointer is None:
+                self._checkpointer = sqlite3.connect(self.path, timeout=10, isolation_level=None,
+                                                     check_same_thread=False)
+            self._checkpointing = asyncio.ensure_future(self._checkpoint(self._checkpointer))
+
+    async def _checkpoint(self, connection: sqlite3.Connection) -> None:
+        try:
+            await asyncio.to_thread(connection.execute, "PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:  # the next one may do better
+            log.error("cannot checkpoint %s: %s", self.path, exc)
+        finally:
+            self._checkpointing = None
+
+    async def aclose(self) -> None:
+        """Wait for the syncs and the checkpoint under way, then close. Idempotent."""
+        with contextlib.suppress(OSError):
+            await self.synced()
+        if self._checkpointing is not None:
+            await self._checkpointing
+        self.close()
 
     def rollback(self) -> None:
         """Forget what was not committed; the counts follow the tables again."""
@@ -309,13 +349,16 @@ class Store:
         self._count()
 
     def close(self) -> None:
-        """Commit what is pending and close. Idempotent."""
+        """Commit what is pending and close (see aclose()). Idempotent."""
         if not self.closed:
             self.closed = True
             self.commit()
+            if self._checkpointer is not None:
+                self._checkpointer.close()
             self.db.close()  # checkpoints and syncs
-            if self._wal is not None:
-                os.close(self._wal)
+            for fd in (self._wal, self._lock):  # the lock last
+                if fd is not None:
+                    os.close(fd)
 
     # facts of the run
     def get(self, key: str, default: Any = None) -> Any:
@@ -518,11 +561,13 @@ class Master:
     told; a file continues where the last master on it stopped). ``out``: a
     JSON-lines file that gets each result exactly once.
 
-    A result is committed before anything else happens to it. Then
-    ``on_results`` gets it (at most once: a crash between the commit and the
-    call loses the call, not the result), ``out`` gets it, and its worker gets
-    the answer that lets it forget the result.
+    A result is committed before anything else happens to it: then ``out``
+    gets it; once the commit is synced, ``on_results`` gets it (at most once:
+    a crash just before the call loses the call, not the result) and its
+    worker the answer that lets it forget the result.
     """
+
+    _prints = False  # a subclass prints the results' JSON right after each commit
 
     def __init__(self, token: str | None = None, exec_assets: dict | None = None,
                  on_results: Callable[[Any], Any] | None = None,
@@ -552,7 +597,7 @@ class Master:
             self.token, env, seed=seed, host=host, port=port, peers=peers or None, lsd=lsd, dht=dht,
             dht_bootstrap=dht_bootstrap, dht_port=dht_port, trackers=trackers,
             ice_servers=ice_servers, max_peers=max_peers)
-        #: jobs waiting and on lease, results (see Store); the first error that stopped a commit
+        #: jobs waiting and on lease, results (see Store); the ``out`` file, if any
         self.store = Store(db)
         try:
             self._check_key()
@@ -560,8 +605,7 @@ class Master:
         except DatabaseError:
             self.store.close()
             raise
-        #: whether results are needed as JSON text: kept with their data, written or printed
-        self._texts = self.store.keeps_data or self.out is not None or self._prints
+        #: the first disk error that stopped a commit, a sync or a write (the command line stops)
         self.failure: Exception | None = None
         self.stats: collections.Counter = collections.Counter()
         #: ((listing, unified hash), encrypted files); replaced whole, never changed in place
@@ -574,9 +618,8 @@ class Master:
         self._assets_lock = threading.Lock()  # one does the work, the others find it done
         self._tasks: set[asyncio.Task] = set()
         self._commit_handle: asyncio.Handle | None = None
-        self._checkpoint_handle: asyncio.Handle | None = None
-
-    _prints = False  # a subclass prints the results' JSON
+        #: whether results are needed as JSON text: kept with their data, written or printed
+        self._texts = self.store.keeps_data or self.out is not None or self._prints
 
     def _check_key(self) -> None:
         """Jobs are kept encrypted: a database of jobs for another key is refused."""
@@ -627,10 +670,9 @@ class Master:
 
     async def close(self) -> None:
         """Stop serving; commit what is pending and close the database. Idempotent."""
-        for handle in (self._announce_timer, self._checkpoint_handle):
-            if handle is not None:
-                handle.cancel()
-        self._announce_timer = self._checkpoint_handle = None
+        if self._announce_timer is not None:
+            self._announce_timer.cancel()
+            self._announce_timer = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -640,9 +682,7 @@ class Master:
                 with contextlib.suppress(OSError):
                     self.out.checkpoint()
             self._commit()
-            with contextlib.suppress(OSError):
-                await self.store.synced()
-            self.store.close()
+            await self.store.aclose()
             if self.out is not None:
                 self.out.close()
 
@@ -692,22 +732,15 @@ class Master:
                 self.store.rollback()
             return False
         self._committed(new)
-        if self.store.wal_size() > WAL_LIMIT and self._checkpoint_handle is None:
-            with contextlib.suppress(RuntimeError):  # soon, not before the answer
-                self._checkpoint_handle = asyncio.get_running_loop().call_soon(self._checkpoint)
+        if self.store.wal_size() > WAL_LIMIT:
+            with contextlib.suppress(RuntimeError):  # no loop: at close
+                self.store.checkpoint_soon()
         return True
 
     def _disk_failed(self, what: str, exc: Exception) -> None:
         log.error("cannot %s %s: %s", what, self.store.path, exc)
         self.failure = self.failure or exc
         self.stats["commits failed"] += 1
-
-    def _checkpoint(self) -> None:
-        self._checkpoint_handle = None
-        try:
-            self.store.checkpoint()
-        except (OSError, sqlite3.Error) as exc:
-            log.error("cannot checkpoint %s: %s", self.store.path, exc)
 
     def _before_commit(self, new: list[Taken]) -> None:
         if self.out is not None:
@@ -882,10 +915,10 @@ class Master:
     async def _answer_synced(self, answer: Any, new: list[Taken]) -> Any:
         try:
             await self.store.synced()
-        except OSError as exc:  # committed, maybe not on disk: the worker sends them again
+        except OSError as exc:  # kept, maybe not on disk: no answer, the worker sends them again
             self._disk_failed("sync", exc)
-            return NO_ANSWER
-        self._hand_on(new)
+            answer = NO_ANSWER
+        self._hand_on(new)  # kept either way: sent again, they would be duplicates
         return answer
 
     def _take(self, address: str, results: list) -> list[Taken]:
@@ -925,13 +958,16 @@ class Master:
     async def _expire_leases(self) -> None:
         while True:
             await asyncio.sleep(min(5.0, self.lease_seconds / 4))
-            self._requeued(self.store.requeue(before=time.time()))
+            try:
+                self._requeued(self.store.requeue(before=time.time()))
+            except sqlite3.Error as exc:  # the disk: try again at the next round
+                log.error("cannot end leases in %s: %s", self.store.path, exc)
 
     def _requeued(self, count: int) -> int:
         """Jobs whose lease ended wait again at the front of the queue: tell idle workers."""
+        self._commit_soon()  # even none: the transaction is open
         if count:
             self.stats["jobs requeued"] += count
-            self._commit_soon()
             self._announce_jobs()
         return count
 

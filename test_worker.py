@@ -2834,7 +2834,8 @@ class TestMasterDurable(unittest.TestCase):
             self.assertEqual((store.waiting, store.leased), (3, 1))  # undone, and only that
             store.commit()
             store.lease("w2", 1, time.time() + 60)  # never committed:
-            store.db.close()  # the process dies
+            store.db.close()  # the process dies, and its lock with it
+            os.close(store._lock)
             store = Store(path)
             self.assertEqual((store.waiting, store.leased, store.answered), (3, 1, 1))
             self.assertEqual(store.requeue(worker="w1"), 1)  # job 1 goes back, in front
