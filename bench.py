@@ -260,7 +260,7 @@ async def soak(jobs: int) -> int:
           "%.1f MB after warm-up, %.1f MB at the end" % (
               jobs, elapsed, jobs / elapsed, lost, master.stats["duplicate results"], warm[1], end[1],
               growth, peak, warm[2], end[2]))
-    return 0 if lost == 0 and growth < 5 else 1
+    return 0 if lost == 0 and growth < 1 else 1
 
 
 async def main() -> int:

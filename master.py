@@ -158,12 +158,14 @@ class Store:
     Writes gather in one open transaction: the master commits once per RPC and
     once per loop iteration of pushes, never per job. ``commit()`` writes the
     transaction to the write-ahead log, where a crash of the process cannot
-    undo it; ``sync()`` then makes it survive a power cut too (an fsync of the
-    log: what synchronous=FULL does within the commit, done in a second step
-    so that the master can print between the two). The counts mirror the tables, so
-    nothing per job is held in memory. One process at a time: the file stays
-    locked while it is open. In memory (``:memory:``) results are recorded
-    without their data, which no later process could read.
+    undo it; ``await synced()`` then makes it survive a power cut too (an fsync
+    of the log in a thread: what synchronous=FULL does within the commit, done
+    in a second step so that the master prints in between, and serves others
+    while it runs). A second connection moves the log into the database file,
+    in a thread too. The counts mirror the tables, so nothing per job is held in
+    memory. One process at a time: the file stays locked (flock) while it is
+    open. In memory (``:memory:``) results are recorded without their data,
+    which no later process could read.
     """
 
     def __init__(self, path: str | Path = ":memory:") -> None:
@@ -199,7 +201,7 @@ class Store:
 
     def _refusal(self, exc: sqlite3.Error) -> DatabaseError:
         if "locked" in str(exc) or "busy" in str(exc):
-            return DatabaseError(f"{self.path} is in use by another master.py")
+            return DatabaseError(f"{self.path} is in use by another process")
         if isinstance(exc, sqlite3.OperationalError):
             return DatabaseError(f"cannot use {self.path}: {exc}")
         return DatabaseError(f"{self.path} is not a master.py database, or is corrupt ({exc}); "
@@ -226,7 +228,8 @@ class Store:
         elif not {"meta", "jobs", "results"} <= tables:
             raise DatabaseError(f"{self.path} is corrupt (tables missing); it was left as it is")
         wal = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
-        self.db.execute("PRAGMA synchronous=NORMAL")  # and sync(): see the class docstring
+        # with a log, synced(): see the class docstring (without one, as on some network disks, FULL)
+        self.db.execute("PRAGMA synchronous=%s" % ("NORMAL" if wal else "FULL"))
         self.db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoint() in a thread, never in a commit
         self.db.execute("PRAGMA journal_size_limit=%d" % WAL_LIMIT)
         self.db.execute("BEGIN IMMEDIATE")  # the log exists from now on
@@ -321,10 +324,11 @@ class Store:
         """Move the log into the database file (and sync it) in a thread, with a second
         connection: commits go on meanwhile. One at a time."""
         if self._wal is not None and not self.closed and self._checkpointing is None:
+            loop = asyncio.get_running_loop()
             if self._checkpointer is None:
                 self._checkpointer = sqlite3.connect(self.path, timeout=10, isolation_level=None,
                                                      check_same_thread=False)
-            self._checkpointing = asyncio.ensure_future(self._checkpoint(self._checkpointer))
+            self._checkpointing = loop.create_task(self._checkpoint(self._checkpointer))
 
     async def _checkpoint(self, connection: sqlite3.Connection) -> None:
         try:
