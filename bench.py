@@ -86,8 +86,9 @@ class WorkerProcess:
         return rss
 
 
-async def against_master_py(jobs: int, batch: int, workers: int = 1, module: bool = False) -> dict:
-    """jobs/s of ``workers`` worker processes on one master.py."""
+async def against_master_py(jobs: int, batch: int, workers: int = 1, module: bool = False,
+                            db_file: bool = False) -> dict:
+    """jobs/s of ``workers`` worker processes on one master.py (its queue in memory, or a file)."""
     with tempfile.TemporaryDirectory(prefix="qx-bench-") as tmp:
         root = Path(tmp)
         results: list = []
@@ -98,7 +99,8 @@ async def against_master_py(jobs: int, batch: int, workers: int = 1, module: boo
             stamps.append(time.perf_counter())
         token = "bench-%d" % random.randrange(1 << 40)
         master = Master(token, assets(root / "m", {"/task.py": TRIVIAL_TASK}), on_results, None, KEY,
-                        folder=root / "m", env={}, host="127.0.0.1", lsd=False, dht=False, trackers=[])
+                        folder=root / "m", env={}, host="127.0.0.1", lsd=False, dht=False, trackers=[],
+                        db=root / "master.db" if db_file else ":memory:")
         asked = watch_asks(master)
         await master.start()
         procs = [await WorkerProcess(root, token, master.port, batch, "w%d" % i, module).start()
@@ -320,43 +322,50 @@ async def proof_cost(rounds: int, js: bool) -> dict:
 
 
 async def soak(jobs: int) -> int:
-    """``jobs`` jobs through master.py and one worker: nothing lost, RSS flat."""
+    """``jobs`` jobs through master.py (its queue in a file) and one worker: nothing lost, RSS flat."""
     with tempfile.TemporaryDirectory(prefix="qx-soak-") as tmp:
         root = Path(tmp)
-        seen: set = set()
-        samples: list[tuple[int, float]] = []
+        seen = bytearray(jobs)  # flat: this process's RSS is the master's
+        count = [0]
+
+        def on_results(result):
+            count[0] += not seen[result["data"]]
+            seen[result["data"]] = 1
+        samples: list[tuple[int, float, float]] = []
         token = "soak-%d" % random.randrange(1 << 40)
-        master = Master(token, assets(root / "m", {"/task.py": TRIVIAL_TASK}),
-                        lambda r: seen.add(r["data"]), None, KEY, folder=root / "m", env={},
-                        host="127.0.0.1", lsd=False, dht=False, trackers=[])
+        master = Master(token, assets(root / "m", {"/task.py": TRIVIAL_TASK}), on_results, None, KEY,
+                        folder=root / "m", env={}, host="127.0.0.1", lsd=False, dht=False, trackers=[],
+                        db=root / "master.db")
         await master.start()
         proc = await WorkerProcess(root, token, master.port, 100, "w").start()
         started = time.perf_counter()
         try:
             pushed = 0
             step = max(jobs // 20, 1)
-            while len(seen) < jobs:
-                while pushed < jobs and pushed - len(seen) < 5000:  # keep the queue fed
+            while count[0] < jobs:
+                while pushed < jobs and pushed - count[0] < 5000:  # keep the queue fed
                     master.push_new_job({"id": pushed, "data": ""})
                     pushed += 1
                 await asyncio.sleep(0.01)
-                if len(seen) >= step * (len(samples) + 1):
-                    samples.append((len(seen), memory_mb(proc.proc.pid, "VmRSS")))
-                    print("  soak: %7d results, worker RSS %.1f MB" % samples[-1], flush=True)
+                if count[0] >= step * (len(samples) + 1):
+                    samples.append((count[0], memory_mb(proc.proc.pid, "VmRSS"), memory_mb(os.getpid(), "VmRSS")))
+                    print("  soak: %7d results, worker RSS %.1f MB, master RSS %.1f MB" % samples[-1], flush=True)
                 if time.perf_counter() - started > 1800:
                     break
         finally:
             elapsed = time.perf_counter() - started
             peak = await proc.stop()
             await master.close()
-    lost = jobs - len(seen & set(range(jobs)))
-    warm = samples[len(samples) // 10][1] if samples else 0.0
-    growth = samples[-1][1] - warm if samples else 0.0
+    lost = jobs - count[0]
+    warm = samples[len(samples) // 10] if samples else (0, 0.0, 0.0)
+    end = samples[-1] if samples else (0, 0.0, 0.0)
+    growth = end[1] - warm[1]
     print("soak: %d jobs in %.0f s (%.0f jobs/s), %d lost, %d duplicates to master, worker RSS "
-          "%.1f MB after warm-up, %.1f MB at the end (growth %.1f MB), peak %.1f MB" % (
-              jobs, elapsed, jobs / elapsed, lost, master.stats["duplicate results"], warm,
-              samples[-1][1] if samples else 0.0, growth, peak))
-    return 0 if lost == 0 and growth < 5 else 1
+          "%.1f MB after warm-up, %.1f MB at the end (growth %.1f MB), peak %.1f MB; master RSS "
+          "%.1f MB after warm-up, %.1f MB at the end" % (
+              jobs, elapsed, jobs / elapsed, lost, master.stats["duplicate results"], warm[1], end[1],
+              growth, peak, warm[2], end[2]))
+    return 0 if lost == 0 and growth < 1 else 1
 
 
 async def main() -> int:
@@ -375,6 +384,7 @@ async def main() -> int:
     rows["master.py, unbatched"] = await against_master_py(n(5000), 1)
     rows["master.py, batches of 10"] = await against_master_py(n(20000), 10)
     rows["master.py, batches of 100"] = await against_master_py(n(50000), 100)
+    rows["master.py, batches of 100, database file"] = await against_master_py(n(50000), 100, db_file=True)
     rows["master.py, batches of 100, python -m worker"] = await against_master_py(n(50000), 100, module=True)
     for count in (1, 4, 16):
         rows["master.py, %d worker(s), batches of 100" % count] = await against_master_py(n(40000), 100, count)

@@ -12,11 +12,34 @@ does not answer in time, is queued again, and each job's result is passed to
     await master.start()
     master.push_new_job({"id": 1, "data": "{}"})
 
+Its state lives in SQLite (``db=``; in memory unless told): jobs waiting and
+on lease, every result, and how far a jobs file was read. A result's way:
+
+1. It is recorded in the transaction of the call that brought it, with the
+   leases that call hands out; a job id has one result per run, later ones
+   are counted as duplicates and dropped.
+2. The commit writes it to the log: from now on a kill cannot undo it. The
+   command line prints it now, and ``out`` gets it.
+3. The log is synced (in a thread; one fsync serves every commit made before
+   it began): from now on a power cut cannot undo it either.
+4. ``on_results`` gets it, and the worker gets the answer after which it
+   forgets the result.
+
+Anything failing before 2 undoes the call's writes and sends no answer: the
+worker keeps its results and sends them again. So a ``kill -9`` loses no
+result, and no result is printed or given to ``on_results`` twice, across
+restarts too.
+
 From the command line (settings from ``.env`` as for the worker; jobs as JSON
 lines, ``-`` for stdin; results printed as JSON lines, and a line that is not
 JSON as an ``error`` event before the next line is read)::
 
-    python master.py --task task.py --jobs jobs.jsonl
+    python master.py --task task.py --jobs jobs.jsonl [--out results.jsonl]
+
+It keeps its state in ``master.db`` beside ``.env`` (``--db``), continues an
+unfinished run when started again, ends with a ``summary`` event once every job
+of the file has a result (exit 1 if some are error results), and keeps serving
+with ``--follow`` (the default for ``--jobs -``).
 """
 
 from __future__ import annotations
@@ -24,24 +47,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
 import re
 import signal
+import sqlite3
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from worker import (
     JOBS_WAITING,
+    NO_ANSWER,
     PROOF_LABEL,
     Crypt,
+    CryptError,
     Helper,
     Logger,
     WorkerError,
@@ -59,24 +87,496 @@ log = logging.getLogger("worker")
 
 #: Seconds between two "jobs waiting" broadcasts; one within it is sent when it ends.
 ANNOUNCE_GAP = 0.05
+#: Most jobs handed out in one batch, whatever batchSize a peer asks for.
+MAX_BATCH = 1000
+#: Seconds between two syncs of an ``out`` file (a crash rewrites what came after from the database).
+CHECKPOINT_EVERY = 1.0
+#: Bytes of write-ahead log after which it is checkpointed into the database file.
+WAL_LIMIT = 16 << 20
+#: PRAGMA application_id of a master.py database ("qxm1") and its schema version.
+DB_APPLICATION_ID = 0x71786D31
+DB_VERSION = 1
+DB_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE jobs (
+    seq INTEGER PRIMARY KEY,
+    pos INTEGER NOT NULL,   -- queue order: jobs queued again get a place in front
+    job_key TEXT UNIQUE,    -- the job's id as JSON (NULL: no id, so no lease, no check)
+    payload TEXT NOT NULL,  -- the job as pushed, encrypted as handed out
+    worker TEXT,            -- the lease holder's address, NULL while the job waits
+    deadline REAL           -- end of the lease (time.time())
+);
+CREATE INDEX jobs_waiting ON jobs(pos) WHERE worker IS NULL;
+CREATE INDEX jobs_leased ON jobs(worker) WHERE worker IS NOT NULL;
+CREATE TABLE results (
+    seq INTEGER PRIMARY KEY,
+    run INTEGER NOT NULL,
+    job_key TEXT,
+    worker TEXT NOT NULL,   -- the address it came from
+    name TEXT,              -- the name the worker gave
+    error INTEGER NOT NULL,
+    result TEXT,            -- the result as JSON (NULL in memory: nothing could read it later)
+    UNIQUE (run, job_key)
+);
+"""
+
+
+class DatabaseError(WorkerError):
+    """master.py's database cannot be used: foreign, corrupt, newer, in use or unwritable."""
+
+
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # json_dumps, made once
+
+
+def _storable_json(value: Any) -> str:
+    """``json_dumps``, or with ``\\u`` escapes if a string holds a lone surrogate: JSON
+    allows one (a JS peer may send it), UTF-8, SQLite and files do not."""
+    text = _JSON(value)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":"))
+    return text
+
+
+def _job_key(job_id: Any) -> str | None:
+    """A job id as the database keeps it: its JSON (an int's is its digits)."""
+    if job_id is None:
+        return None
+    return str(job_id) if type(job_id) is int else _storable_json(job_id)
+
+
+# The queue on disk ##########################################################
+
+def _sync_dir(path: str) -> None:
+    """Make a new file's name in its folder survive a power cut."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """The master's state in SQLite: jobs waiting or on lease, results, facts of the run.
+
+    Writes gather in one open transaction: the master commits once per RPC and
+    once per loop iteration of pushes, never per job. ``commit()`` writes the
+    transaction to the write-ahead log, where a crash of the process cannot
+    undo it; ``await synced()`` then makes it survive a power cut too (an fsync
+    of the log in a thread: what synchronous=FULL does within the commit, done
+    in a second step so that the master prints in between, and serves others
+    while it runs). A second connection moves the log into the database file,
+    in a thread too. The counts mirror the tables, so nothing per job is held in
+    memory. One process at a time: the file stays locked (flock) while it is
+    open. In memory (``:memory:``) results are recorded without their data,
+    which no later process could read.
+    """
+
+    def __init__(self, path: str | Path = ":memory:") -> None:
+        self.path = str(path)
+        #: jobs waiting, jobs on lease, results and error results of this run
+        self.waiting = self.leased = self.answered = self.errors = 0
+        self.run = 1
+        self.closed = False
+        #: whether results are kept with their data (not in memory: nothing could read it later)
+        self.keeps_data = self.path not in (":memory:", "")
+        self._wal: int | None = None  # our descriptor of the write-ahead log, to sync it
+        self._lock: int | None = None  # our descriptor of the database file, locked (flock)
+        self._checkpointer: sqlite3.Connection | None = None  # a second connection, for a thread
+        self._checkpointing: asyncio.Future | None = None
+        self._wal_is_new = False
+        #: commits that wrote something, and how many of them are synced; the fsync running
+        self._commits = self._synced = self._changes = 0
+        self._syncing: asyncio.Future | None = None
+        try:
+            self.db = sqlite3.connect(self.path, timeout=2.0, isolation_level=None,
+                                      check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise DatabaseError(f"cannot open {self.path}: {exc}") from None
+        try:
+            self._open()
+        except (sqlite3.Error, OSError, DatabaseError) as exc:
+            self.close()
+            if isinstance(exc, DatabaseError):
+                raise
+            if isinstance(exc, sqlite3.Error):
+                raise self._refusal(exc) from None
+            raise DatabaseError(f"cannot use {self.path}: {exc}") from None
+
+    def _refusal(self, exc: sqlite3.Error) -> DatabaseError:
+        if "locked" in str(exc) or "busy" in str(exc):
+            return DatabaseError(f"{self.path} is in use by another process")
+        if isinstance(exc, sqlite3.OperationalError):
+            return DatabaseError(f"cannot use {self.path}: {exc}")
+        return DatabaseError(f"{self.path} is not a master.py database, or is corrupt ({exc}); "
+                             "it was left as it is")
+
+    def _open(self) -> None:
+        """Lock the file, check what it is, then set it up: the schema, WAL, our syncs."""
+        if self.keeps_data:
+            self._lock = os.open(self.path, os.O_RDONLY)
+            try:  # flock, not SQLite's POSIX locks: closing another descriptor does not drop it
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DatabaseError(f"{self.path} is in use by another master.py") from None
+        app = self.db.execute("PRAGMA application_id").fetchone()[0]
+        tables = {row[0] for row in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if app == 0 and not tables:
+            self._create()
+        elif app != DB_APPLICATION_ID:
+            raise DatabaseError(f"{self.path} is not a master.py database; it was left as it is")
+        elif self.db.execute("PRAGMA user_version").fetchone()[0] != DB_VERSION:
+            raise DatabaseError(f"{self.path} was written by another version of master.py")
+        elif (check := self.db.execute("PRAGMA quick_check(1)").fetchone()[0]) != "ok":
+            raise DatabaseError(f"{self.path} is corrupt ({check}); it was left as it is")
+        elif not {"meta", "jobs", "results"} <= tables:
+            raise DatabaseError(f"{self.path} is corrupt (tables missing); it was left as it is")
+        wal = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+        # with a log, synced(): see the class docstring (without one, as on some network disks, FULL)
+        self.db.execute("PRAGMA synchronous=%s" % ("NORMAL" if wal else "FULL"))
+        self.db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoint() in a thread, never in a commit
+        self.db.execute("PRAGMA journal_size_limit=%d" % WAL_LIMIT)
+        self.db.execute("BEGIN IMMEDIATE")  # the log exists from now on
+        self.db.execute("COMMIT")
+        if wal:
+            self._wal = os.open(self.path + "-wal", os.O_RDONLY)
+            self._wal_is_new = True
+            self._commits = 1  # the file is new: sync it once
+        self._count()
+
+    def _create(self) -> None:
+        self.db.executescript("BEGIN IMMEDIATE; %s; PRAGMA application_id=%d; PRAGMA user_version=%d; "
+                              "COMMIT;" % (DB_SCHEMA, DB_APPLICATION_ID, DB_VERSION))
+
+    def _count(self) -> None:
+        """The counts, queue ends and run number, from the tables."""
+        one = lambda sql, *args: self.db.execute(sql, args).fetchone()[0]
+        self.run = int(self.get("run", 1))
+        self.waiting = one("SELECT count(*) FROM jobs WHERE worker IS NULL")
+        self.leased = one("SELECT count(*) FROM jobs WHERE worker IS NOT NULL")
+        self.answered = one("SELECT count(*) FROM results WHERE run = ?", self.run)
+        self.errors = one("SELECT coalesce(sum(error), 0) FROM results WHERE run = ?", self.run)
+        self._last = one("SELECT coalesce(max(seq), 0) FROM results")
+        self._front = min(0, one("SELECT coalesce(min(pos), 0) FROM jobs"))
+        self._back = max(0, one("SELECT coalesce(max(pos), 0) FROM jobs"))
+
+    # transactions
+    def _write(self) -> sqlite3.Connection:
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    @contextlib.contextmanager
+    def undoable(self) -> Iterator[None]:
+        """Writes that are undone, alone, if the block raises (others pending are kept)."""
+        if not self.db.in_transaction:
+            try:
+                yield
+            except BaseException:
+                self.rollback()
+                raise
+            return
+        self.db.execute("SAVEPOINT undoable")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK TO undoable")
+            self.db.execute("RELEASE undoable")
+            self._count()
+            raise
+        self.db.execute("RELEASE undoable")
+
+    def commit(self) -> None:
+        """Write the open transaction to the log: from now on only a power cut can undo it."""
+        if self.db.in_transaction:
+            self.db.execute("COMMIT")
+            if self.db.total_changes != self._changes:  # something was written
+                self._changes = self.db.total_changes
+                self._commits += 1
+
+    @property
+    def durable(self) -> bool:
+        """Whether commits need ``synced()`` to survive a power cut (a file, not memory)."""
+        return self._wal is not None
+
+    async def synced(self) -> None:
+        """Wait until every commit so far survives a power cut.
+
+        The fsync of the log runs in a thread, so the loop serves others meanwhile,
+        and one fsync covers every commit made before it began (group commit)."""
+        target = self._commits
+        while self._wal is not None and self._synced < target:
+            if self._syncing is None:
+                self._syncing = asyncio.ensure_future(self._sync())
+            await asyncio.shield(self._syncing)
+
+    async def _sync(self) -> None:
+        upto = self._commits
+        try:
+            await asyncio.to_thread(os.fsync, self._wal)
+            if self._wal_is_new:  # its name in the folder, too
+                await asyncio.to_thread(_sync_dir, self.path)
+                self._wal_is_new = False
+            self._synced = upto
+        finally:
+            self._syncing = None
+
+    def wal_size(self) -> int:
+        return os.fstat(self._wal).st_size if self._wal is not None and not self.closed else 0
+
+    def checkpoint_soon(self) -> None:
+        """Move the log into the database file (and sync it) in a thread, with a second
+        connection: commits go on meanwhile. One at a time."""
+        if self._wal is not None and not self.closed and self._checkpointing is None:
+            loop = asyncio.get_running_loop()
+            if self._checkpointer is None:
+                self._checkpointer = sqlite3.connect(self.path, timeout=10, isolation_level=None,
+                                                     check_same_thread=False)
+            self._checkpointing = loop.create_task(self._checkpoint(self._checkpointer))
+
+    async def _checkpoint(self, connection: sqlite3.Connection) -> None:
+        try:
+            await asyncio.to_thread(connection.execute, "PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:  # the next one may do better
+            log.error("cannot checkpoint %s: %s", self.path, exc)
+        finally:
+            self._checkpointing = None
+
+    async def aclose(self) -> None:
+        """Wait for the syncs and the checkpoint under way, then close. Idempotent."""
+        with contextlib.suppress(OSError):
+            await self.synced()
+        if self._checkpointing is not None:
+            await self._checkpointing
+        self.close()
+
+    def rollback(self) -> None:
+        """Forget what was not committed; the counts follow the tables again."""
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+        self._count()
+
+    def close(self) -> None:
+        """Commit what is pending and close (see aclose()). Idempotent."""
+        if not self.closed:
+            self.closed = True
+            self.commit()
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+            self.db.close()  # checkpoints and syncs
+            for fd in (self._wal, self._lock):  # the lock last
+                if fd is not None:
+                    os.close(fd)
+
+    # facts of the run
+    def get(self, key: str, default: Any = None) -> Any:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def set(self, **values: Any) -> None:
+        self._write().executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", values.items())
+
+    def new_run(self) -> None:
+        """Results from now on belong to a new run (its job ids may repeat the last one's)."""
+        self.run += 1
+        self.set(run=self.run)
+        self.answered = self.errors = 0
+
+    # jobs and leases
+    def push(self, key: str | None, payload: str) -> bool:
+        """Queue a job; False if its id waits, is on lease or was answered in this run."""
+        self._back += 1
+        if key is None:
+            cursor = self._write().execute("INSERT INTO jobs (pos, payload) VALUES (?, ?)",
+                                           (self._back, payload))
+        else:
+            cursor = self._write().execute(
+                "INSERT OR IGNORE INTO jobs (pos, job_key, payload) SELECT ?, ?, ? WHERE NOT EXISTS "
+                "(SELECT 1 FROM results WHERE run = ? AND job_key = ?)",
+                (self._back, key, payload, self.run, key))
+        self.waiting += cursor.rowcount
+        return cursor.rowcount > 0
+
+    def lease(self, worker: str, count: int, deadline: float) -> list[str]:
+        """The next ``count`` waiting jobs, on lease to ``worker`` (a job without id leaves the queue)."""
+        if count <= 0:
+            return []
+        db = self._write()
+        first = "FROM jobs WHERE worker IS NULL ORDER BY pos LIMIT %d" % count
+        rows = db.execute("SELECT job_key, payload " + first).fetchall()
+        db.execute("UPDATE jobs SET worker = ?, deadline = ? WHERE seq IN (SELECT seq %s)" % first,
+                   (worker, deadline))
+        loose = sum(key is None for key, _ in rows)
+        if loose:
+            db.execute("DELETE FROM jobs WHERE worker = ? AND job_key IS NULL", (worker,))
+        self.waiting -= len(rows)
+        self.leased += len(rows) - loose
+        return [payload for _, payload in rows]
+
+    def requeue(self, worker: str | None = None, before: float | None = None) -> int:
+        """Jobs on lease to ``worker`` (or whose lease ends before ``before``) wait again, in front."""
+        where, args = ("worker = ?", worker) if worker is not None else ("worker IS NOT NULL AND deadline < ?", before)
+        self._front -= 1
+        cursor = self._write().execute(
+            "UPDATE jobs SET worker = NULL, deadline = NULL, pos = ? WHERE " + where, (self._front, args))
+        self.waiting += cursor.rowcount
+        self.leased -= cursor.rowcount
+        return cursor.rowcount
+
+    def any_job(self) -> str | None:
+        """The payload of some job waiting or on lease (None: there is none)."""
+        row = self.db.execute("SELECT payload FROM jobs LIMIT 1").fetchone()
+        return None if row is None else row[0]
+
+    def leases(self) -> list[tuple[str, str, str, float]]:
+        """(job key, payload, worker, deadline) of every job on lease."""
+        return self.db.execute("SELECT job_key, payload, worker, deadline FROM jobs "
+                               "WHERE worker IS NOT NULL").fetchall()
+
+    # results
+    def record(self, results: list[tuple[str | None, str, str | None, bool, str | None]]) -> list[int | None]:
+        """Keep results, (job key, worker, name, error, JSON or None), and end their jobs.
+
+        Each one's place in the results; None for one whose key has a result in this
+        run already (or earlier in ``results``)."""
+        db = self._write()
+        first = self._last + 1
+        rows = [(first + i, self.run, key, worker, name, int(error), text)
+                for i, (key, worker, name, error, text) in enumerate(results)]
+        kept = db.executemany("INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?, ?, ?)", rows).rowcount
+        self._last += len(rows)
+        if kept < len(rows):  # some had a result already: which were kept?
+            found = {row[0] for cursor in self._in("SELECT seq FROM results WHERE seq IN (%s)",
+                                                   [row[0] for row in rows]) for row in cursor}
+            rows = [row for row in rows if row[0] in found]
+        self.answered += len(rows)
+        self.errors += sum(row[5] for row in rows)
+        ended = [row[2] for row in rows if row[2] is not None]
+        gone = sum(cursor.rowcount for cursor in self._in(
+            "DELETE FROM jobs WHERE worker IS NOT NULL AND job_key IN (%s)", ended))
+        self.leased -= gone
+        if gone < len(ended):  # jobs queued again, answered late after all: not run again
+            self.waiting -= sum(cursor.rowcount for cursor in self._in(
+                "DELETE FROM jobs WHERE job_key IN (%s)", ended))
+        kept_places = {row[0] for row in rows}
+        return [place if place in kept_places else None for place in range(first, first + len(results))]
+
+    def _in(self, sql: str, keys: list) -> Iterator[sqlite3.Cursor]:
+        """``sql`` run with ``keys`` for its ``IN (%s)``, 500 at a time (SQLite takes 999 at least)."""
+        for i in range(0, len(keys), 500):
+            part = keys[i:i + 500]
+            yield self.db.execute(sql % ",".join("?" * len(part)), part)
+
+    def last_result(self) -> int:
+        """The place of the last result kept (0: none)."""
+        return self._last
+
+    def results_after(self, seq: int, size: int = 1000) -> Iterator[list[tuple[int, str]]]:
+        """(place, JSON) of the results kept after ``seq``, in order, ``size`` at a time."""
+        while rows := self.db.execute("SELECT seq, result FROM results WHERE seq > ? AND result NOT NULL "
+                                      "ORDER BY seq LIMIT ?", (seq, size)).fetchall():
+            yield rows
+            seq = rows[-1][0]
+
+    def per_worker(self) -> list[dict]:
+        """Results and error results of this run by the worker that sent them, most first."""
+        rows = self.db.execute("SELECT worker, max(name), count(*), sum(error) FROM results WHERE run = ? "
+                               "GROUP BY worker ORDER BY count(*) DESC", (self.run,))
+        return [{"id": worker, "name": name, "results": count, "errors": errors}
+                for worker, name, count, errors in rows]
+
+
+class ResultsFile:
+    """A JSON-lines file that gets each result of the database exactly once, across crashes too.
+
+    Results are appended once committed. At most every CHECKPOINT_EVERY seconds
+    (and at close) the file is synced and its length and last result noted in
+    the next commit. Opened again, the file is cut back to the noted length
+    and the results committed after it are appended again from the database.
+    """
+
+    def __init__(self, path: str | Path, store: Store) -> None:
+        self.path = Path(path)
+        self.store = store
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as exc:
+            raise DatabaseError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        #: the file's length, the last result in it (results.seq), when it was last synced
+        self.length = os.fstat(self.fd).st_size
+        self.seq = store.last_result()
+        self._synced = float("-inf")
+        if store.get("out") == str(self.path.resolve()):
+            self._resume(int(store.get("out_length", 0)), int(store.get("out_seq", 0)))
+        self.checkpoint()
+
+    def _resume(self, length: int, seq: int) -> None:
+        """Cut what came after the last checkpoint; append the results committed since."""
+        if self.length > length:
+            os.ftruncate(self.fd, length)
+            log.warning("%s: %d byte(s) after the last checkpoint cut off, to be written again",
+                        self.path, self.length - length)
+        elif self.length < length:
+            log.warning("%s is shorter than master.py left it: appending after its end", self.path)
+            length = self.length
+        self.length, self.seq = length, seq
+        for rows in self.store.results_after(seq):
+            self.append(rows)
+
+    def append(self, rows: list[tuple[int, str]]) -> None:
+        """Write committed results, (results.seq, JSON) in order."""
+        if not rows:
+            return
+        data = memoryview("".join(text + "\n" for _, text in rows).encode())
+        self.length += len(data)
+        self.seq = rows[-1][0]
+        while data:
+            data = data[os.write(self.fd, data):]
+
+    def checkpoint(self, every: float = 0.0) -> None:
+        """Sync the file and note how far it goes, in the open transaction (if ``every`` s passed)."""
+        if time.monotonic() - self._synced >= every:
+            getattr(os, "fdatasync", os.fsync)(self.fd)
+            self._synced = time.monotonic()
+            self.store.set(out=str(self.path.resolve()), out_length=self.length, out_seq=self.seq)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+# The master #################################################################
+
+#: A result recorded in the open transaction: (its place in the results, its JSON, itself).
+#: The JSON is None when nothing needs it (Master._texts).
+Taken = tuple[int, Any, Any]
 
 
 @dataclasses.dataclass
 class Lease:
-    """A job out with a worker until its result comes or the lease ends."""
+    """A job out with a worker until its result comes or the lease ends (``time.time()``)."""
     job: str
     worker: str
     deadline: float
 
 
 class Master:
-    """The JS queue-xec Master's API in Python, plus leases.
+    """The JS queue-xec Master's API in Python, plus leases and a durable queue.
 
     Transport keys as the Worker's (``port``, ``host``, ``lsd``, ``seed``,
     ``dht``, ``dhtBootstrap``, ``dhtPort``, ``trackers``, ``iceServers``,
     ``maxPeers``); unset ``trackers`` means bugout's public wss:// trackers,
-    an empty one none.
+    an empty one none. ``db``: the SQLite file of the queue (in memory unless
+    told; a file continues where the last master on it stopped). ``out``: a
+    JSON-lines file that gets each result exactly once.
+
+    A result is committed before anything else happens to it: then ``out``
+    gets it; once the commit is synced, ``on_results`` gets it (at most once:
+    a crash just before the call loses the call, not the result) and its
+    worker the answer that lets it forget the result.
     """
+
+    _prints = False  # a subclass prints the results' JSON right after each commit
 
     def __init__(self, token: str | None = None, exec_assets: dict | None = None,
                  on_results: Callable[[Any], Any] | None = None,
@@ -89,13 +589,15 @@ class Master:
                  dht_port: int | None = None,
                  trackers: str | Iterable[str] | None = None,
                  ice_servers: str | Iterable[str] | None = None,
-                 max_peers: int | None = None) -> None:
+                 max_peers: int | None = None, db: str | Path = ":memory:",
+                 out: str | Path | None = None) -> None:
         env = load_env(".env") if env is None else env
         self.token = _config(env, "token", token)
         if not self.token:
             raise WorkerError("no token")
         self.crypt = Crypt(_config(env, "transferEncryptToken", transfer_encrypt_token) or "")
         self._proof_key = self.crypt.derive(PROOF_LABEL)
+        self._undecryptable_logged = float("-inf")
         if loglevel is not None or env.get("LOG_LEVEL"):
             Logger(_config(env, "LOG_LEVEL", loglevel, "info"))
         self.folder = Path(folder or Path.cwd())
@@ -106,10 +608,16 @@ class Master:
             self.token, env, seed=seed, host=host, port=port, peers=peers or None, lsd=lsd, dht=dht,
             dht_bootstrap=dht_bootstrap, dht_port=dht_port, trackers=trackers,
             ice_servers=ice_servers, max_peers=max_peers)
-        #: encrypted jobs waiting, jobs out on lease, ids already answered
-        self.queue: collections.deque[tuple[Any, str]] = collections.deque()
-        self.leases: dict[Any, Lease] = {}
-        self.done: set = set()
+        #: jobs waiting and on lease, results (see Store); the ``out`` file, if any
+        self.store = Store(db)
+        try:
+            self._check_key()
+            self.out = ResultsFile(out, self.store) if out is not None else None
+        except DatabaseError:
+            self.store.close()
+            raise
+        #: the first disk error that stopped a commit, a sync or a write (the command line stops)
+        self.failure: Exception | None = None
         self.stats: collections.Counter = collections.Counter()
         #: ((listing, unified hash), encrypted files); replaced whole, never changed in place
         self._encrypted_files: tuple[tuple[str, str], list] | None = None
@@ -120,6 +628,19 @@ class Master:
         self._hash_lock = threading.Lock()  # assets are hashed and encrypted in threads:
         self._assets_lock = threading.Lock()  # one does the work, the others find it done
         self._tasks: set[asyncio.Task] = set()
+        self._commit_handle: asyncio.Handle | None = None
+        #: whether results are needed as JSON text: kept with their data, written or printed
+        self._texts = self.store.keeps_data or self.out is not None or self._prints
+
+    def _check_key(self) -> None:
+        """Jobs are kept encrypted: a database of jobs for another key is refused."""
+        job = self.store.any_job()
+        if job is not None:
+            try:
+                self.crypt.decrypt(job)
+            except CryptError:
+                raise DatabaseError(f"{self.store.path} holds jobs encrypted with another "
+                                    "transferEncryptToken; it was left as it is") from None
 
     @property
     def address(self) -> str:
@@ -128,6 +649,17 @@ class Master:
     @property
     def port(self) -> int:
         return self.node.port
+
+    @property
+    def waiting(self) -> int:
+        """Jobs waiting for a worker."""
+        return self.store.waiting
+
+    @property
+    def leases(self) -> dict[Any, Lease]:
+        """Jobs out on lease, by job id (read from the database: a snapshot)."""
+        return {json.loads(key): Lease(job, worker, deadline)
+                for key, job, worker, deadline in self.store.leases()}
 
     async def start(self) -> Master:
         node = self.node
@@ -139,6 +671,7 @@ class Master:
         node.register("shareResultsBatch", self._share_results_batch)
         node.on("left", self._requeue_worker)
         node.on("wireleft", self._requeue_worker)
+        self._commit()  # jobs pushed before the start
         await node.start()
         task = asyncio.ensure_future(self._expire_leases())
         self._tasks.add(task)
@@ -146,6 +679,7 @@ class Master:
         return self
 
     async def close(self) -> None:
+        """Stop serving; commit what is pending and close the database. Idempotent."""
         if self._announce_timer is not None:
             self._announce_timer.cancel()
             self._announce_timer = None
@@ -153,15 +687,91 @@ class Master:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.node.close()
+        if not self.store.closed:
+            if self.out is not None:
+                with contextlib.suppress(OSError):
+                    self.out.checkpoint()
+            self._commit()
+            await self.store.aclose()
+            if self.out is not None:
+                self.out.close()
 
     def push_new_job(self, payload: Any) -> None:
-        """Queue a job (a dict is JSON-encoded first, as the JS master does)."""
-        text = payload if isinstance(payload, str) else json_dumps(payload)
+        """Queue a job (a dict is JSON-encoded first, as the JS master does).
+
+        It is committed with the others pushed in the same loop iteration. A job
+        whose id waits, is on lease or has its result already is not queued again.
+        """
+        text = payload if isinstance(payload, str) else _storable_json(payload)
         job_id = payload.get("id") if isinstance(payload, dict) else None
-        was_empty = not self.queue
-        self.queue.append((job_id, json_dumps(self.crypt.encrypt(text))))
+        was_empty = not self.store.waiting
+        if not self.store.push(_job_key(job_id), _JSON(self.crypt.encrypt(text))):
+            self.stats["jobs skipped"] += 1
+            log.debug("job %s is queued, out or answered already: skipped", job_id)
+            return
+        self._commit_soon()
         if was_empty:
             self._announce_jobs()
+
+    def set_meta(self, **values: Any) -> None:
+        """Note facts of the run (numbers, strings) in the next commit, with the jobs pushed so far."""
+        self.store.set(**values)
+        self._commit_soon()
+
+    # committing
+    def _commit_soon(self) -> None:
+        """Commit at the next loop iteration: all pushes of this one in one transaction."""
+        if self._commit_handle is None:
+            with contextlib.suppress(RuntimeError):  # no loop yet: start() commits
+                self._commit_handle = asyncio.get_running_loop().call_soon(self._commit)
+
+    def _commit(self, new: list[Taken] | None = None) -> bool:
+        """Commit the open transaction (a crash cannot undo it now; ``store.synced()`` makes it
+        survive a power cut); the ``new`` results go to ``out``. False, rolled back, if the
+        disk refused: no answer may go out for them then."""
+        if self._commit_handle is not None:
+            self._commit_handle.cancel()
+            self._commit_handle = None
+        new = new or []
+        try:
+            self._before_commit(new)
+            self.store.commit()
+        except (OSError, sqlite3.Error) as exc:
+            self._disk_failed("commit to", exc)
+            with contextlib.suppress(sqlite3.Error):
+                self.store.rollback()
+            return False
+        self._committed(new)
+        if self.store.wal_size() > WAL_LIMIT:
+            with contextlib.suppress(RuntimeError):  # no loop: at close
+                self.store.checkpoint_soon()
+        return True
+
+    def _disk_failed(self, what: str, exc: Exception) -> None:
+        log.error("cannot %s %s: %s", what, self.store.path, exc)
+        self.failure = self.failure or exc
+        self.stats["commits failed"] += 1
+
+    def _before_commit(self, new: list[Taken]) -> None:
+        if self.out is not None:
+            self.out.checkpoint(CHECKPOINT_EVERY)
+
+    def _committed(self, new: list[Taken]) -> None:
+        """Right after the commit: ``out`` gets the new results (the command line prints here)."""
+        self.stats["results"] += len(new)
+        if self.out is not None and new:
+            try:
+                self.out.append([(seq, text) for seq, text, _ in new])
+            except OSError as exc:  # the results are kept: a restart writes them
+                log.error("cannot write %s: %s", self.out.path, exc)
+                self.failure = self.failure or exc
+                self.out.close()
+                self.out = None
+
+    def _hand_on(self, new: list[Taken]) -> None:
+        """Each new result to on_results, once it survives a power cut: at most once."""
+        for _, _, result in new:
+            self._deliver(result)
 
     def _announce_jobs(self) -> None:
         """Tell idle workers that jobs wait (JS workers ignore it and poll).
@@ -180,7 +790,7 @@ class Master:
 
     def _trailing_announce(self) -> None:
         self._announce_timer = None
-        if self.queue:
+        if self.store.waiting:
             self._announce_jobs()
 
     def set_exec_assets(self, exec_assets: dict) -> None:
@@ -250,76 +860,123 @@ class Master:
     def _path(self, asset: dict) -> Path:
         return self.folder / asset["masterPath"].lstrip("/")
 
-    def _request_work(self, address: str, args: Any) -> dict:
-        """JS rule: a batch while more than one job waits and getBatch is truthy."""
+    def _request_work(self, address: str, args: Any) -> Any:
+        """JS rule: a batch while more than one job waits and getBatch is truthy.
+
+        Results riding along and the new leases are committed together before the answer."""
         args = as_dict(args)
-        if "results" in args:  # Python workers send held results along
-            self._share_results_batch(address, args["results"])
+        results = self._open_results(address, args["results"]) if "results" in args else []
+        return self._answer_once_kept(
+            address, lambda: (self._work(address, args), self._take(address, results or [])))
+
+    def _work(self, address: str, args: dict) -> dict:
         answer = {k: v for k, v in args.items() if k != "results"}
-        size = len(self.queue)
+        size = self.store.waiting
         if size > 1 and args.get("getBatch"):
             try:
                 batch = int(args.get("batchSize"))
             except (TypeError, ValueError):
                 batch = 0
-            count = batch if size > batch else 1
-            tasks = [self._lease(address) for _ in range(max(count, 0))]
-            tasks = [task for task in tasks if task is not None]
+            count = min(batch, MAX_BATCH) if size > batch else 1
+            tasks = self._lease(address, count)
             if tasks or count <= 0:
                 answer["batchTasks"] = tasks
             else:
                 answer["task"] = None
         else:
-            answer["task"] = self._lease(address)
+            answer["task"] = next(iter(self._lease(address, 1)), None)
         return answer
 
-    def _lease(self, address: str) -> str | None:
-        """The next job not answered yet, on lease to ``address``; None when there is none."""
-        while self.queue:
-            job_id, job = self.queue.popleft()
-            if job_id is not None and job_id in self.done:
-                # queued again when its lease ended, then its result came after all
-                self.stats["answered jobs skipped"] += 1
-                continue
-            if job_id is not None:
-                self.leases[job_id] = Lease(job, address, time.monotonic() + self.lease_seconds)
-            self.stats["jobs handed out"] += 1
-            return job
-        return None
+    def _lease(self, address: str, count: int) -> list[str]:
+        """Up to ``count`` waiting jobs (encrypted), on lease to ``address``."""
+        jobs = self.store.lease(address, count, time.time() + self.lease_seconds)
+        self.stats["jobs handed out"] += len(jobs)
+        return jobs
 
-    def _share_results(self, address: str, args: Any) -> dict:
-        """One result, as JS workers send it (JS masters never answer; we ack)."""
+    def _share_results(self, address: str, args: Any) -> Any:
+        """One result, as JS workers send it (JS masters never answer; we ack once it is committed)."""
         try:
             result = self.crypt.decrypt_json(args)
         except WorkerError as exc:
-            log.error("result from %s: %s", address, exc)
-            self._deliver(None)
-            return {"received": False}
-        self._accept(result)
-        return {"received": True}
+            return self._undecryptable(address, exc)
+        return self._answer_once_kept(address, lambda: ({"received": True}, self._take(address, [result])))
 
-    def _share_results_batch(self, address: str, args: Any) -> dict:
+    def _share_results_batch(self, address: str, args: Any) -> Any:
         """Many results in one call, from Python workers (fewer signatures)."""
+        results = self._open_results(address, args)
+        if results is None:
+            return {"received": True}  # the same answer: no padding oracle (see _undecryptable)
+        return self._answer_once_kept(address, lambda: ({"received": True}, self._take(address, results)))
+
+    def _open_results(self, address: str, args: Any) -> list | None:
+        """A list of results, decrypted; None if it does not decrypt."""
         try:
             results = self.crypt.decrypt_json(args)
         except WorkerError as exc:
-            log.error("results from %s: %s", address, exc)
-            return {"received": False}
-        for result in results if isinstance(results, list) else []:
-            self._accept(result)
+            self._undecryptable(address, exc)
+            return None
+        return results if isinstance(results, list) else []
+
+    def _undecryptable(self, address: str, exc: Exception) -> dict:
+        """Results that do not decrypt are dropped, and answered as any others.
+
+        AES-CBC has no MAC: an answer that told whether a ciphertext decrypted
+        would be a padding oracle for any peer that knows the token. A worker
+        that holds the key never sends such results (it delivers only to a
+        master that proved the same key), so nothing of a worker's is lost.
+        One log line a minute at most, whatever a peer sends.
+        """
+        self.stats["undecryptable results"] += 1
+        now = time.monotonic()
+        if now - self._undecryptable_logged >= 60.0:
+            self._undecryptable_logged = now
+            log.error("results from %s do not decrypt (%s): dropped (%d so far); a peer without the key, "
+                      "or a worker with another transferEncryptToken", address, exc,
+                      self.stats["undecryptable results"])
         return {"received": True}
 
-    def _accept(self, result: Any) -> None:
-        """Hand a result to on_results once per jobID; end its lease."""
-        job_id = result.get("jobID") if isinstance(result, dict) else None
-        self.leases.pop(job_id, None)
-        if job_id is not None and job_id in self.done:
-            self.stats["duplicate results"] += 1
-            return
-        if job_id is not None:
-            self.done.add(job_id)
-        self.stats["results"] += 1
-        self._deliver(result)
+    def _answer_once_kept(self, address: str, work: Callable[[], tuple[Any, list[Taken]]]) -> Any:
+        """An RPC's answer, once its writes (``work``: the answer and the new results) are
+        committed, and synced if the database is a file. If anything fails they are undone
+        and no answer goes out: the worker keeps the results it sent and sends them again."""
+        try:
+            with self.store.undoable():
+                answer, new = work()
+        except Exception:  # a bug or the disk: never an answer that makes a worker forget
+            log.exception("call from %s undone, not answered", address)
+            return NO_ANSWER
+        if not self._commit(new):
+            return NO_ANSWER
+        if self.store.durable:
+            return self._answer_synced(answer, new)  # the sync runs in a thread meanwhile
+        self._hand_on(new)
+        return answer
+
+    async def _answer_synced(self, answer: Any, new: list[Taken]) -> Any:
+        try:
+            await self.store.synced()
+        except OSError as exc:  # kept, maybe not on disk: no answer, the worker sends them again
+            self._disk_failed("sync", exc)
+            answer = NO_ANSWER
+        self._hand_on(new)  # kept either way: sent again, they would be duplicates
+        return answer
+
+    def _take(self, address: str, results: list) -> list[Taken]:
+        """Record each result whose job has none yet in this run; the new ones."""
+        rows, texts = [], []
+        for result in results:
+            if isinstance(result, dict):
+                worker = result.get("worker")
+                name = worker.get("name") if isinstance(worker, dict) else None
+                name = name.encode(errors="replace").decode() if isinstance(name, str) else None
+                key, error = _job_key(result.get("jobID")), bool(result.get("error"))
+            else:
+                key, name, error = None, None, False
+            texts.append(_storable_json(result) if self._texts else None)
+            rows.append((key, address, name, error, texts[-1]))
+        places = self.store.record(rows)
+        self.stats["duplicate results"] += places.count(None)
+        return [(seq, text, result) for seq, text, result in zip(places, texts, results) if seq is not None]
 
     def _deliver(self, result: Any) -> None:
         """on_results; its failure is logged and does not lose the other results of a batch."""
@@ -332,69 +989,207 @@ class Master:
     # leases
     def _requeue_worker(self, address: str) -> None:
         """A worker left: its jobs go back to the front of the queue."""
-        gone = [job_id for job_id, lease in self.leases.items() if lease.worker == address]
-        self._requeue(gone)
+        if self.store.closed:  # wires closing after close()
+            return
+        gone = self._requeued(self.store.requeue(worker=address))
         if gone:
-            log.info("%d job(s) of %s queued again", len(gone), address)
+            log.info("%d job(s) of %s queued again", gone, address)
 
     async def _expire_leases(self) -> None:
         while True:
             await asyncio.sleep(min(5.0, self.lease_seconds / 4))
-            now = time.monotonic()
-            self._requeue([job_id for job_id, lease in self.leases.items() if lease.deadline < now])
+            try:
+                self._requeued(self.store.requeue(before=time.time()))
+            except sqlite3.Error as exc:  # the disk: try again at the next round
+                log.error("cannot end leases in %s: %s", self.store.path, exc)
 
-    def _requeue(self, job_ids: list) -> None:
-        """Put jobs whose lease ended back at the front of the queue; tell idle workers."""
-        for job_id in job_ids:
-            self.queue.appendleft((job_id, self.leases.pop(job_id).job))
-        if job_ids:
-            self.stats["jobs requeued"] += len(job_ids)
+    def _requeued(self, count: int) -> int:
+        """Jobs whose lease ended wait again at the front of the queue: tell idle workers."""
+        self._commit_soon()  # even none: the transaction is open
+        if count:
+            self.stats["jobs requeued"] += count
             self._announce_jobs()
+        return count
 
 
 # Command line ###############################################################
 
+#: Seconds between two redraws of the progress line.
+PROGRESS_EVERY = 0.5
+
+
+def _emit(data: bytes) -> None:
+    """Write to stdout at once, unbuffered: a result line is out before anything else happens."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(sys.stdout.fileno(), view):]
+
+
 def _print_event(**event: Any) -> None:
-    print(json_dumps(event), flush=True)
+    _emit((_storable_json(event) + "\n").encode())
 
 
-async def _feed_jobs(master: Master, handle: Any) -> None:
-    """Push each JSON line of a file (or stdin) as a job; report a bad line and go on."""
-    number = 0
-    async for line in _lines(handle):
-        number += 1
-        if not line.strip():
-            continue
+class _ConsoleMaster(Master):
+    """Results as ``result`` events on stdout, one write per batch, right after the commit
+    (before its sync): a kill cannot print a result twice, and loses a line only if it comes
+    in the microseconds between the commit and the write (``--out`` has them all)."""
+
+    _echo = b""
+    _prints = True
+
+    def _before_commit(self, new: list[Taken]) -> None:
+        super()._before_commit(new)
+        self._echo = "".join('{"event":"result","result":%s}\n' % text for _, text, _ in new).encode()
+
+    def _hand_on(self, new: list[Taken]) -> None:
+        """Printed already (on_results is for a result that could not be opened)."""
+
+    def _committed(self, new: list[Taken]) -> None:
+        echo, self._echo = self._echo, b""
+        if echo:
+            try:
+                _emit(echo)
+            except OSError as exc:  # the reader went away: the results are in the database
+                self.stats["results not printed"] += len(new)
+                log.error("cannot print %d result(s): %s", len(new), exc)
+        super()._committed(new)
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return "%d:%02d:%02d" % (minutes // 60, minutes % 60, seconds)
+
+
+class Progress:
+    """One line on a terminal's stderr, redrawn in place: done/total, rate, ETA, workers."""
+
+    def __init__(self, master: Master, stream: Any) -> None:
+        self.master = master
+        self.stream = stream
+        #: True while the jobs file is read: the total may still grow
+        self.reading = False
+        self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=20)
+        #: worker address -> when it last asked or delivered; the oldest go first
+        self._workers: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._drawn = float("-inf")
+        self._shown = False
+        master.node.on("rpc", self._on_rpc)
+        master.node.on("left", lambda address: self._workers.pop(address, None))
+        log.addFilter(self._before_log)
+
+    def _on_rpc(self, address: str, name: str, args: Any) -> None:
+        if name in ("requestWork", "shareResults", "shareResultsBatch"):
+            self._workers[address] = time.monotonic()
+            self._workers.move_to_end(address)
+            if len(self._workers) > 1024:  # bounded whoever calls
+                self._workers.popitem(last=False)
+
+    def workers(self) -> int:
+        """Workers heard from in the last minute (idle ones ask every 30 s)."""
+        horizon = time.monotonic() - 60.0
+        while self._workers and next(iter(self._workers.values())) < horizon:
+            self._workers.popitem(last=False)
+        return len(self._workers)
+
+    def line(self) -> str:
+        store = self.master.store
+        done, total = store.answered, store.answered + store.waiting + store.leased
+        now = time.monotonic()
+        self._samples.append((now, done))
+        since, then = self._samples[0]
+        rate = (done - then) / (now - since) if now > since else 0.0
+        eta = _clock((total - done) / rate) if rate > 0 else "-:--:--"
+        errors = ", %d error(s)" % store.errors if store.errors else ""
+        return "%d/%d%s jobs%s, %.0f jobs/s, ETA %s, %d worker(s)" % (
+            done, total, "+" if self.reading else "", errors, rate, eta, self.workers())
+
+    def draw(self, force: bool = False) -> None:
+        """Redraw the line (at most every PROGRESS_EVERY seconds unless forced)."""
+        if not force and time.monotonic() - self._drawn < PROGRESS_EVERY:
+            return
+        self._drawn = time.monotonic()
         try:
-            job = json.loads(line)
-        except ValueError as exc:  # not JSON, or not UTF-8: say so, read on
-            message = "jobs line %d skipped: %s" % (number, exc)
-            log.error("%s", message)
-            _print_event(event="error", line=number, message=message)
-            continue
-        master.push_new_job(job)
+            width = os.get_terminal_size(self.stream.fileno()).columns or 80  # 0: size unknown
+        except (OSError, ValueError):
+            width = 80
+        self.stream.write("\r" + self.line()[:max(width - 1, 10)] + "\x1b[K")
+        self.stream.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        """The last figures stay on screen."""
+        self.draw(force=True)
+        self.stream.write("\n")
+        self.stream.flush()
+        log.removeFilter(self._before_log)
+
+    def _before_log(self, record: logging.LogRecord) -> bool:
+        """A log line clears the progress line first (it is drawn again at the next tick)."""
+        if self._shown:
+            self.stream.write("\r\x1b[K")
+            self._shown = False
+        return True
 
 
-async def _lines(handle: Any) -> AsyncIterator[bytes]:
-    """A file's lines, read from its descriptor by a daemon thread: a signal ends the
-    process even while the writer of a pipe keeps it open (a buffered read would
-    hold the file's lock at exit)."""
+async def _feed_jobs(master: Master, handle: Any, line: int) -> None:
+    """Push each JSON line of a file (or stdin) as a job; report a bad line and go on.
+
+    How far the file was read goes into the same commit as the jobs of the chunk."""
+    bad = int(master.store.get("bad_lines", 0))
+    async for lines, offset in _chunks(handle):
+        for text in lines:
+            line += 1
+            if not text.strip():
+                continue
+            try:
+                job = json.loads(text)
+            except ValueError as exc:  # not JSON, or not UTF-8: say so, read on
+                bad += 1
+                message = "jobs line %d skipped: %s" % (line, exc)
+                log.error("%s", message)
+                _print_event(event="error", line=line, message=message)
+                continue
+            master.push_new_job(job)
+        master.set_meta(offset=offset, line=line, bad_lines=bad)
+        await asyncio.sleep(0)  # commit, and serve workers, between chunks
+
+
+async def _chunks(handle: Any) -> AsyncIterator[tuple[list[bytes], int]]:
+    """A file's lines, a chunk at a time, each with the offset after its last line.
+
+    A daemon thread reads the descriptor: a signal ends the process even while
+    the writer of a pipe keeps it open (a buffered read would hold the file's
+    lock at exit). At most four chunks wait in memory."""
     loop = asyncio.get_running_loop()
-    lines: asyncio.Queue[bytes | None] = asyncio.Queue()
+    chunks: asyncio.Queue[tuple[list[bytes], int] | None] = asyncio.Queue(4)
+    fd = handle.fileno()
+    try:
+        start = os.lseek(fd, 0, os.SEEK_CUR)
+    except OSError:  # a pipe
+        start = 0
+
+    def put(item: tuple[list[bytes], int] | None) -> None:
+        asyncio.run_coroutine_threadsafe(chunks.put(item), loop).result()
 
     def read() -> None:
-        rest = b""
-        with contextlib.suppress(RuntimeError, OSError):  # the loop or the file closed first
-            while chunk := os.read(handle.fileno(), 1 << 16):
-                *complete, rest = (rest + chunk).split(b"\n")
-                for line in complete:
-                    loop.call_soon_threadsafe(lines.put_nowait, line)
-            loop.call_soon_threadsafe(lines.put_nowait, rest)
-            loop.call_soon_threadsafe(lines.put_nowait, None)
+        position, pending = start, []
+        # the loop or the file closed first
+        with contextlib.suppress(RuntimeError, OSError, concurrent.futures.CancelledError):
+            while chunk := os.read(fd, 1 << 15):
+                position += len(chunk)
+                head, newline, tail = chunk.rpartition(b"\n")
+                if not newline:
+                    pending.append(chunk)
+                    continue
+                lines = (b"".join(pending) + head).split(b"\n")
+                pending = [tail] if tail else []
+                put((lines, position - len(tail)))
+            put(([b"".join(pending)] if pending else [], position))
+            put(None)
 
     threading.Thread(target=read, name="jobs", daemon=True).start()
-    while (line := await lines.get()) is not None:
-        yield line
+    while (item := await chunks.get()) is not None:
+        yield item
 
 
 def _worker_path(path: str) -> str:
@@ -405,8 +1200,68 @@ def _worker_path(path: str) -> str:
     return "/" + relative.as_posix()
 
 
+def _open_run(store: Store, source: str | None, handle: Any) -> int:
+    """Continue the database's unfinished run of ``source``, or begin a new one.
+
+    Positions ``handle`` where the last committed read ended; the number of
+    lines read so far. A run of another source still unfinished is refused.
+    """
+    if source is None:
+        return 0
+    old, pending = store.get("source"), store.waiting + store.leased
+    if old is not None and not store.get("finished"):
+        if old != source:
+            raise WorkerError(
+                f"{store.path} holds an unfinished run of {old} ({store.answered} answered, {pending} "
+                f"to go): finish it with --jobs {old}, or pass another --db")
+        offset = int(store.get("offset", 0))
+        if source != "-":
+            if os.fstat(handle.fileno()).st_size < offset:
+                raise WorkerError(f"{source} is shorter than the {offset} bytes of it already read: "
+                                  "it changed since its run began; pass another --db to start over")
+            os.lseek(handle.fileno(), offset, os.SEEK_SET)
+        log.info("run of %s continued: %d answered, %d to go, read from byte %d",
+                 source, store.answered, pending, offset)
+        return int(store.get("line", 0))
+    if pending:
+        raise WorkerError(f"{store.path} holds {pending} job(s) not read from a --jobs file: "
+                          "serve them without --jobs, or pass another --db")
+    if store.answered:
+        store.new_run()
+    store.set(source=source, offset=0, line=0, bad_lines=0, finished=0, started=time.time())
+    return 0
+
+
+def _summary(master: Master, began: float) -> dict:
+    store = master.store
+    seconds = max(time.time() - float(store.get("started") or began), 1e-9)
+    return {"event": "summary", "jobs": store.answered, "errors": store.errors,
+            "pending": store.waiting + store.leased, "skipped_lines": int(store.get("bad_lines", 0)),
+            "seconds": round(seconds, 3), "jobs_per_s": round(store.answered / seconds, 1),
+            "workers": store.per_worker()}
+
+
+async def _serve(master: Master, stop: asyncio.Event, feeder: asyncio.Task | None, follow: bool,
+                 progress: Progress | None) -> bool:
+    """Serve until a signal or a failure, or (unless ``follow``) until every job has its
+    result; True in that last case."""
+    while not stop.is_set() and master.failure is None:
+        read = feeder is None or feeder.done()
+        if read and feeder is not None and (feeder.cancelled() or feeder.exception()):
+            return False
+        if progress is not None:
+            progress.reading = not read
+            progress.draw()
+        if not follow and read and not master.store.waiting and not master.store.leased:
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.1)
+    return False
+
+
 async def run_master(args: argparse.Namespace, jobs: Any = None) -> int:
-    """Serve ``args.task`` files and the jobs read from ``jobs`` (a binary file) until a signal."""
+    """Serve ``args.task`` files and the jobs read from ``jobs`` (a binary file); the exit status."""
+    began = time.time()
     env = load_env(args.env)
     if not env.get("seed"):  # a stable address, which workers may pin (master= in their .env)
         env["seed"] = make_seed()
@@ -415,24 +1270,42 @@ async def run_master(args: argparse.Namespace, jobs: Any = None) -> int:
     files = [{"masterPath": str(Path(path).resolve()), "name": Path(path).name,
               "workerPath": _worker_path(path)} for path in args.task]
     deps = [d for d in args.deps.split(",") if d.strip()]
-    master = Master(env=env, exec_assets={"files": files, "dependencies": deps},
-                    on_results=lambda result: _print_event(event="result", result=result),
-                    folder="/", lease_seconds=args.lease)
-    await master.start()
-    _print_event(event="ready", address=master.address, port=master.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    feeder = asyncio.ensure_future(_feed_jobs(master, jobs)) if jobs is not None else None
-    if feeder:
-        feeder.add_done_callback(_feeder_done)
-    await stop.wait()
-    if feeder:
-        feeder.cancel()
-        await asyncio.gather(feeder, return_exceptions=True)
-    await master.close()
-    return 0
+    master = _ConsoleMaster(env=env, exec_assets={"files": files, "dependencies": deps},
+                            on_results=lambda result: _print_event(event="result", result=result),
+                            folder="/", lease_seconds=args.lease, out=args.out,
+                            db=args.db or Path(args.env).resolve().parent / "master.db")
+    follow = args.follow if args.follow is not None else jobs is None or args.jobs == "-"
+    feeder = progress = None
+    try:
+        source = None if jobs is None else "-" if args.jobs == "-" else str(Path(args.jobs).resolve())
+        line = _open_run(master.store, source, jobs)
+        await master.start()
+        _print_event(event="ready", address=master.address, port=master.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if jobs is not None:
+            feeder = asyncio.ensure_future(_feed_jobs(master, jobs, line))
+            feeder.add_done_callback(_feeder_done)
+        progress = Progress(master, sys.stderr) if sys.stderr.isatty() else None
+        finished = await _serve(master, stop, feeder, follow, progress)
+        if feeder is not None:
+            feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
+        if finished and source is not None:
+            master.set_meta(finished=1)
+        master._commit()
+        if progress is not None:
+            progress.close()
+        if master.failure is not None:
+            raise WorkerError(f"stopped: cannot write to {master.store.path} or --out: {master.failure}")
+        _print_event(**_summary(master, began))
+        if feeder is not None and not feeder.cancelled() and feeder.exception() is not None:
+            return 2
+        return 1 if master.store.errors and not args.errors_ok else 0
+    finally:
+        await master.close()
 
 
 def _feeder_done(task: asyncio.Task) -> None:
@@ -451,6 +1324,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deps", default="", help="comma-separated dependencies")
     parser.add_argument("--jobs", metavar="FILE", help="JSON lines of jobs; - for stdin")
     parser.add_argument("--lease", type=float, default=60.0, help="seconds a worker may hold a job")
+    parser.add_argument("--db", metavar="FILE", help="the queue's SQLite file, kept across restarts "
+                        "(default: master.db beside the --env file)")
+    parser.add_argument("--out", metavar="FILE", help="append each result to this JSON-lines file, "
+                        "exactly once across crashes and restarts")
+    parser.add_argument("--follow", action=argparse.BooleanOptionalAction,
+                        help="keep serving once every job has its result (default for --jobs - "
+                        "and without --jobs); --no-follow ends with a summary")
+    parser.add_argument("--errors-ok", action="store_true",
+                        help="exit 0 even when some jobs came back as error results")
     args = parser.parse_args(argv)
     try:
         jobs = None if not args.jobs else sys.stdin.buffer if args.jobs == "-" else open(args.jobs, "rb")  # noqa: SIM115
