@@ -1874,10 +1874,10 @@ class TestCrashSafety(unittest.TestCase):
             proc = await self.worker_process(folder, port, **keys)
             answered = lambda: {r["jobID"] for r in master.results}
             deadline = time.monotonic() + 120
-            while master.master.queue or master.master.leases.keys() - answered():
+            while master.master.waiting or master.master.leases.keys() - answered():
                 count = len(master.results)
                 await asyncio.sleep(3.0)
-                if count == len(master.results) and not master.master.queue or time.monotonic() > deadline:
+                if count == len(master.results) and not master.master.waiting or time.monotonic() > deadline:
                     break  # all done that can be: what is left was lost on its way in
             # A job can only be lost on its way in: sent by the master, not yet in the journal at the kill.
             missing = master.master.leases.keys() - answered()
