@@ -1832,21 +1832,23 @@ class TestCrashSafety(unittest.TestCase):
             proc = await self.worker_process(folder, port, getBatch="true", batchSize=300)
             await until(lambda: first.handed and first.handed[-1][1], 30)
             await first.master.close()  # away while the worker runs the batch: nobody takes the results
-            await until(lambda: journal_count(folder) == 300, 30)
-            proc.kill()  # kill -9 while it holds 300 results
+            # the worker holds the results the first master could not take before it went
+            await until(lambda: journal_count(folder) + len(first.results) == 300, 30)
+            self.assertGreater(journal_count(folder), 200)
+            proc.kill()  # kill -9 while it holds them
             await proc.wait()
             proc = await self.worker_process(folder, port, getBatch="true", batchSize=20)
             second = await QuietMaster(tmp, self.token, port, seed, "m2").start()
-            await until(lambda: len(second.results) >= 300, 30)
+            await until(lambda: len(first.results) + len(second.results) >= 300, 30)
             second.push(range(300, 321), sleep=0.2)
-            self.assertEqual(sorted(r["jobID"] for r in second.results), list(range(300)))
+            self.assertEqual(sorted(r["jobID"] for r in first.results + second.results), list(range(300)))
             await until(lambda: second.handed and second.handed[-1][1], 30)  # takes the next batch
             await until(lambda: journal_count(folder, "jobs") == 20, 30)
             proc.kill()  # kill -9 while it holds 20 jobs, not yet run
             await proc.wait()
             proc = await self.worker_process(folder, port)
-            await until(lambda: len(second.results) >= 321, 30)  # run after the restart
-            self.assertEqual(sorted(r["jobID"] for r in second.results), list(range(321)))
+            await until(lambda: len(first.results) + len(second.results) >= 321, 30)  # run after the restart
+            self.assertEqual(sorted(r["jobID"] for r in first.results + second.results), list(range(321)))
             self.assertEqual([r for r in second.results if r.get("error")], [])
             proc.terminate()
             output, _ = await proc.communicate()
