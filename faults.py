@@ -1,0 +1,345 @@
+#!/usr/bin/env python3
+"""Replay attacks on the wire against a real worker, in a network namespace; print a table.
+
+    python faults.py [--seconds 10] [ATTACK ...]       (root: it runs itself under unshare -n)
+
+For each attack: a fresh ``python master.py`` and ``python worker.py`` (LOG_LEVEL
+info, default settings but loopback discovery) on 127.0.0.1, jobs kept coming,
+then the attack from this process, from other loopback addresses (127.0.0.x),
+at the worker's port. Printed per attack: the worker's peak RSS, legitimate
+jobs/s before and during the attack, the log lines the worker wrote from the
+attack's start until 2 s after it, and the longest gap between two results
+from the start of the "before" window to the end. The attacker runs on the same
+cores as master and worker: the "during" rate pays for its CPU too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import random
+import resource
+import shlex
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import test_worker as t
+import worker as w
+
+HERE = Path(__file__).resolve().parent
+TASK = "class Task:\n    def run(self, job):\n        return job['id']\n"
+MIB = 1 << 20
+
+
+class Swarm:
+    """master.py and one worker.py, the master kept supplied with jobs; results timed."""
+
+    def __init__(self, root: Path, worker_fds: int | None = None) -> None:
+        self.root = root
+        self.token = "faults-%d" % random.randrange(1 << 40)
+        self.master_port, self.port = t.free_port(), t.free_port()
+        self.worker_fds = worker_fds
+        self.stamps: list[float] = []
+        self.pushed = 0
+        self.log = open(root / "worker.log", "wb")  # noqa: SIM115 - the worker's stderr, all run long
+
+    async def start(self) -> Swarm:
+        m, wk = self.root / "m", self.root / "w"
+        m.mkdir()
+        wk.mkdir()
+        (m / "task.py").write_text(TASK)
+        t.write_loopback_env(m, self.token, port=self.master_port, LOG_LEVEL="warn")
+        t.write_loopback_env(wk, self.token, port=self.port, LOG_LEVEL="info",
+                             peers="127.0.0.1:%d" % self.master_port)
+        self.master = await asyncio.create_subprocess_exec(
+            sys.executable, str(HERE / "master.py"), "--task", "task.py", "--jobs", "-", cwd=m,
+            env=t.clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        await self.master.stdout.readline()  # ready
+        limit = self.worker_fds
+        self.worker = await asyncio.create_subprocess_exec(
+            sys.executable, str(HERE / "worker.py"), cwd=wk, env=t.clean_env(), stderr=self.log,
+            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))) if limit else None)
+        self._tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._feed())]
+        await t.until(lambda: len(self.stamps) > 100, 60)
+        return self
+
+    async def _read(self) -> None:
+        async for line in self.master.stdout:
+            if json.loads(line).get("event") == "result":
+                self.stamps.append(time.monotonic())
+
+    async def _feed(self) -> None:
+        while True:
+            if self.pushed - len(self.stamps) < 2000:
+                lines = "".join('{"id": %d, "data": ""}\n' % i for i in range(self.pushed, self.pushed + 500))
+                self.master.stdin.write(lines.encode())
+                self.pushed += 500
+            await asyncio.sleep(0.05)
+
+    def rate(self, start: float, end: float) -> float:
+        return sum(1 for s in self.stamps if start <= s < end) / (end - start)
+
+    def longest_gap(self, start: float, end: float) -> float:
+        inside = [start] + [s for s in self.stamps if start <= s <= end] + [end]
+        return max(b - a for a, b in itertools.pairwise(inside))
+
+    def log_lines(self) -> int:
+        self.log.flush()
+        return (self.root / "worker.log").read_bytes().count(b"\n")
+
+    def peak_rss_mb(self) -> float:
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/%d/status" % self.worker.pid).read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for proc in (self.worker, self.master):
+            if proc.returncode is None:
+                proc.terminate()
+                try:
+                    await asyncio.wait_for(proc.wait(), 10)
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+        self.log.close()
+
+
+# The attacker's wires ########################################################
+
+async def connect(swarm: Swarm, src: str, rcvbuf: int | None = None) -> tuple:
+    """A TCP connection from ``src`` (a 127.0.0.x address) to the worker; (reader, writer)."""
+    sock = socket.socket()
+    if rcvbuf:  # a peer that never reads: a small receive window
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.bind((src, 0))
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", swarm.port))
+    except OSError:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock, limit=1 << 16)
+
+
+def hello(swarm: Swarm, ident: w.Identity | None = None) -> bytes:
+    """Our BitTorrent and BEP 10 handshakes, as a bugout peer (keys of ``ident``)."""
+    ident = ident or w.Identity()
+    infohash, _ = w.infohash_of(swarm.token)
+    ext = {"m": {"bo_channel": 4}, "id": swarm.token, "pk": ident.pk, "ek": ident.ek}
+    peer_id = b"-FA0000-" + os.urandom(6).hex().encode()
+    return w.handshake_bytes(infohash, peer_id) + w.frame(20, b"\0" + w.bencode(ext))
+
+
+def payload_frame(payload: bytes) -> bytes:
+    return w.frame(20, b"\x04" + payload)  # 4: the worker's bo_channel id
+
+
+def src(i: int) -> str:
+    return "127.0.%d.%d" % (1 + i // 250, 2 + i % 250)
+
+
+async def hold(writers: list, until: float) -> None:
+    await asyncio.sleep(max(0.0, until - time.monotonic()))
+    for writer in writers:
+        writer.close()
+
+
+# The attacks #################################################################
+
+async def sinks(swarm: Swarm, count: int = 8) -> list:
+    """Bugout peers that never read: whatever is sent to them piles up."""
+    writers = []
+    for i in range(count):
+        _, writer = await connect(swarm, src(100 + i), rcvbuf=4096)
+        writer.write(hello(swarm))
+        writers.append(writer)
+    return writers
+
+
+async def garbage_relayed(swarm: Swarm, until: float) -> dict:
+    """10 payloads of 4 MiB of garbage, with 8 wires that never read."""
+    writers = await sinks(swarm)
+    _, sender = await connect(swarm, src(1))
+    sender.write(hello(swarm))
+    for _ in range(10):
+        sender.write(payload_frame(os.urandom(4 * MIB)))
+        await sender.drain()
+    await hold(writers + [sender], until)
+    return {}
+
+
+async def envelopes_relayed(swarm: Swarm, until: float) -> dict:
+    """As above with well-formed envelopes boxed for nobody (they are relayed, within bounds)."""
+    writers = await sinks(swarm)
+    _, sender = await connect(swarm, src(1))
+    sender.write(hello(swarm))
+    for _ in range(10):
+        envelope = w.bencode({"e": os.urandom(4 * MIB), "ek": w.b58encode(os.urandom(32)),
+                              "n": os.urandom(24)})
+        sender.write(payload_frame(envelope))
+        await sender.drain()
+    await hold(writers + [sender], until)
+    return {}
+
+
+async def unfinished(swarm: Swarm, until: float) -> dict:
+    """8 wires each send 59 MiB of a 60 MiB message, then wait."""
+    chunk = bytes(MIB)
+    writers = []
+    for i in range(8):
+        _, writer = await connect(swarm, src(1 + i))
+        writer.write(hello(swarm) + struct.pack(">IBB", 60 * MIB + 2, 20, 4))
+        writers.append(writer)
+    for _ in range(59):
+        for writer in writers:
+            if not writer.is_closing():
+                writer.write(chunk)
+        for writer in writers:
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+    await hold(writers, until)
+    return {}
+
+
+async def half_open(swarm: Swarm, until: float, count: int = 1100) -> dict:
+    """1,100 connections that never finish their handshake, opened again as they are closed."""
+    opened = 0
+
+    async def one(i: int) -> None:
+        nonlocal opened
+        while time.monotonic() < until:
+            try:
+                reader, writer = await connect(swarm, src(i))
+            except OSError:
+                await asyncio.sleep(0.2)
+                continue
+            opened += 1
+            writer.write(hello(swarm)[:30])  # a third of a handshake
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await asyncio.wait_for(reader.read(), max(0.0, until - time.monotonic()))
+            writer.close()
+    await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
+    return {"connections": opened}
+
+
+def signed(token: str, ident: w.Identity, fields: dict) -> bytes:
+    return w.BugoutCore(token, ident).make_packet(fields, w._now())
+
+
+async def identity_flood(swarm: Swarm, until: float, count: int = 30000) -> dict:
+    """30,000 new bugout identities (a signed ping each) over 4 wires."""
+    writers = []
+    for i in range(4):
+        _, writer = await connect(swarm, src(1 + i))
+        writer.write(hello(swarm))
+        writers.append(writer)
+    for i in range(count):
+        writers[i % 4].write(payload_frame(signed(swarm.token, w.Identity(), {"y": "p"})))
+        if i % 200 == 0:
+            for writer in writers:
+                await writer.drain()
+    await hold(writers, until)
+    return {}
+
+
+async def deep_json(swarm: Swarm, until: float) -> dict:
+    """Messages holding ~200 KB of nested JSON, ten a second, on one wire."""
+    ident = w.Identity()
+    _, writer = await connect(swarm, src(1))
+    writer.write(hello(swarm, ident))
+    deep = "[" * 100_000 + "]" * 100_000
+    sent = 0
+    while time.monotonic() < until:
+        writer.write(payload_frame(signed(swarm.token, ident, {"y": "m", "v": deep})))
+        sent += 1
+        await writer.drain()
+        await asyncio.sleep(0.1)
+    writer.close()
+    return {"messages": sent}
+
+
+ATTACKS = {
+    "garbage relayed": (garbage_relayed, None),
+    "envelopes relayed": (envelopes_relayed, None),
+    "unfinished messages": (unfinished, None),
+    "half-open, fd limit 1024": (half_open, 1024),
+    "half-open, fd limit 64": (half_open, 64),
+    "identity flood": (identity_flood, None),
+    "deep JSON": (deep_json, None),
+}
+
+
+async def measure(name: str, seconds: float) -> dict:
+    attack, fds = ATTACKS[name]
+    with tempfile.TemporaryDirectory(prefix="qx-faults-") as tmp:
+        swarm = await Swarm(Path(tmp), fds).start()
+        try:
+            await asyncio.sleep(2.0)  # warm
+            before = time.monotonic()
+            await asyncio.sleep(5.0)
+            start, lines = time.monotonic(), swarm.log_lines()
+            notes = await asyncio.wait_for(attack(swarm, start + seconds), seconds + 120)
+            end = max(time.monotonic(), start + seconds)
+            await asyncio.sleep(2.0)
+            lines = swarm.log_lines() - lines
+            return {"attack": name, "peak_rss_mb": swarm.peak_rss_mb(),
+                    "jobs_per_s_before": swarm.rate(before, start),
+                    "jobs_per_s_during": swarm.rate(start, end), "log_lines": lines,
+                    "longest_gap_s": swarm.longest_gap(before, end + 2.0),
+                    "attack_seconds": end - start, **notes}
+        finally:
+            await swarm.stop()
+
+
+async def run(names: list[str], seconds: float) -> int:
+    w.Logger("error")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))  # the attacker holds many sockets
+    rows = []
+    for name in names:
+        rows.append(await measure(name, seconds))
+        print("  %s: %s" % (name, json.dumps(rows[-1])), flush=True)
+    print("\n%-26s %8s %10s %10s %7s %9s" % ("attack", "RSS MB", "before/s", "during/s", "lines",
+                                               "max gap s"))
+    for row in rows:
+        print("%-26s %8.1f %10.0f %10.0f %7d %9.2f" % (
+            row["attack"], row["peak_rss_mb"], row["jobs_per_s_before"], row["jobs_per_s_during"],
+            row["log_lines"], row["longest_gap_s"]))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("attacks", nargs="*", metavar="ATTACK",
+                        help="attacks to run (default: all): " + "; ".join(ATTACKS))
+    parser.add_argument("--seconds", type=float, default=10.0, help="how long each attack lasts")
+    args = parser.parse_args()
+    unknown = [a for a in args.attacks if a not in ATTACKS]
+    if unknown:
+        parser.error("unknown attack(s): %s" % ", ".join(unknown))
+    if os.environ.get("QX_FAULTS_NAMESPACE") != "1":  # the network rule: only inside a namespace
+        if os.geteuid() != 0 or not shutil.which("unshare"):
+            print("faults.py needs root and unshare (it runs in a network namespace)", file=sys.stderr)
+            return 2
+        command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+        script = ("ip link set lo up && ip route add 224.0.0.0/4 dev lo src 127.0.0.1 && "
+                  "QX_FAULTS_NAMESPACE=1 exec " + command)
+        return subprocess.call(["unshare", "-n", "sh", "-c", script], cwd=HERE)
+    return asyncio.run(run(args.attacks or list(ATTACKS), args.seconds))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
