@@ -51,6 +51,8 @@ class Swarm:
         self.worker_fds = worker_fds
         self.stamps: list[float] = []
         self.pushed = 0
+        #: what the attack made before the worker started
+        self.prepared: object = None
         self.log = open(root / "worker.log", "wb")  # noqa: SIM115 - the worker's stderr, all run long
 
     async def start(self) -> Swarm:
@@ -96,6 +98,13 @@ class Swarm:
     def log_lines(self) -> int:
         self.log.flush()
         return (self.root / "worker.log").read_bytes().count(b"\n")
+
+    def cpu_seconds(self) -> float:
+        """User and system CPU the worker used so far."""
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path("/proc/%d/stat" % self.worker.pid).read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return float("nan")
 
     def peak_rss_mb(self) -> float:
         with contextlib.suppress(OSError):
@@ -240,18 +249,23 @@ def signed(token: str, ident: w.Identity, fields: dict) -> bytes:
     return w.BugoutCore(token, ident).make_packet(fields, w._now())
 
 
-async def identity_flood(swarm: Swarm, until: float, count: int = 30000) -> dict:
+def identity_pings(swarm: Swarm, count: int = 30000) -> list[bytes]:
+    """30,000 pings, each signed by a new identity (made before the worker starts)."""
+    return [payload_frame(signed(swarm.token, w.Identity(), {"y": "p"})) for _ in range(count)]
+
+
+async def identity_flood(swarm: Swarm, until: float) -> dict:
     """30,000 new bugout identities (a signed ping each) over 4 wires."""
+    pings, count = swarm.prepared, len(swarm.prepared)
     writers = []
     for i in range(4):
         _, writer = await connect(swarm, src(1 + i))
         writer.write(hello(swarm))
         writers.append(writer)
-    for i in range(count):
-        writers[i % 4].write(payload_frame(signed(swarm.token, w.Identity(), {"y": "p"})))
-        if i % 200 == 0:
-            for writer in writers:
-                await writer.drain()
+    for i in range(0, count, 200):
+        writers[i // 200 % 4].write(b"".join(pings[i:i + 200]))
+        for writer in writers:
+            await writer.drain()
     await hold(writers, until)
     return {}
 
@@ -272,35 +286,40 @@ async def deep_json(swarm: Swarm, until: float) -> dict:
     return {"messages": sent}
 
 
+#: name -> (attack, the worker's descriptor limit, what prepares its payloads)
 ATTACKS = {
-    "garbage relayed": (garbage_relayed, None),
-    "envelopes relayed": (envelopes_relayed, None),
-    "unfinished messages": (unfinished, None),
-    "half-open, fd limit 1024": (half_open, 1024),
-    "half-open, fd limit 64": (half_open, 64),
-    "identity flood": (identity_flood, None),
-    "deep JSON": (deep_json, None),
+    "garbage relayed": (garbage_relayed, None, None),
+    "envelopes relayed": (envelopes_relayed, None, None),
+    "unfinished messages": (unfinished, None, None),
+    "half-open, fd limit 1024": (half_open, 1024, None),
+    "half-open, fd limit 64": (half_open, 64, None),
+    "identity flood": (identity_flood, None, identity_pings),
+    "deep JSON": (deep_json, None, None),
 }
 
 
 async def measure(name: str, seconds: float) -> dict:
-    attack, fds = ATTACKS[name]
+    attack, fds, prepare = ATTACKS[name]
     with tempfile.TemporaryDirectory(prefix="qx-faults-") as tmp:
-        swarm = await Swarm(Path(tmp), fds).start()
+        swarm = Swarm(Path(tmp), fds)
+        if prepare is not None:
+            swarm.prepared = prepare(swarm)
         try:
+            await swarm.start()
             await asyncio.sleep(2.0)  # warm
             before = time.monotonic()
             await asyncio.sleep(5.0)
-            start, lines = time.monotonic(), swarm.log_lines()
+            start, lines, cpu = time.monotonic(), swarm.log_lines(), swarm.cpu_seconds()
             notes = await asyncio.wait_for(attack(swarm, start + seconds), seconds + 120)
             end = max(time.monotonic(), start + seconds)
+            cpu = swarm.cpu_seconds() - cpu
             await asyncio.sleep(2.0)
             lines = swarm.log_lines() - lines
             return {"attack": name, "peak_rss_mb": swarm.peak_rss_mb(),
                     "jobs_per_s_before": swarm.rate(before, start),
                     "jobs_per_s_during": swarm.rate(start, end), "log_lines": lines,
                     "longest_gap_s": swarm.longest_gap(before, end + 2.0),
-                    "attack_seconds": end - start, **notes}
+                    "attack_seconds": end - start, "worker_cpu": cpu / (end - start), **notes}
         finally:
             await swarm.stop()
 
@@ -312,12 +331,12 @@ async def run(names: list[str], seconds: float) -> int:
     for name in names:
         rows.append(await measure(name, seconds))
         print("  %s: %s" % (name, json.dumps(rows[-1])), flush=True)
-    print("\n%-26s %8s %10s %10s %7s %9s" % ("attack", "RSS MB", "before/s", "during/s", "lines",
-                                               "max gap s"))
+    print("\n%-26s %8s %10s %10s %7s %9s %11s" % ("attack", "RSS MB", "before/s", "during/s",
+                                                     "lines", "max gap s", "worker CPU"))
     for row in rows:
-        print("%-26s %8.1f %10.0f %10.0f %7d %9.2f" % (
+        print("%-26s %8.1f %10.0f %10.0f %7d %9.2f %10.0f%%" % (
             row["attack"], row["peak_rss_mb"], row["jobs_per_s_before"], row["jobs_per_s_during"],
-            row["log_lines"], row["longest_gap_s"]))
+            row["log_lines"], row["longest_gap_s"], 100 * row["worker_cpu"]))
     return 0
 
 

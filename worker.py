@@ -1717,9 +1717,11 @@ class Connection:
 
 # TCP transport ##############################################################
 
-#: Accepting pauses this long after the process ran out of descriptors, doubling up to the max.
+#: Accepting pauses this long after the process ran out of descriptors, doubling up to the max
+#: (up to ACCEPT_REFUSED_MAX while the node refuses connections: a newcomer waits little).
 ACCEPT_BACKOFF = 0.1
 ACCEPT_BACKOFF_MAX = 5.0
+ACCEPT_REFUSED_MAX = 1.0
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -1839,12 +1841,14 @@ def _listen_sockets(infos: list, port: int, backlog: int = 128) -> list[socket.s
 
 
 class _Acceptor:
-    """Accepts TCP connections for a node; pauses with back-off when descriptors run out.
+    """Accepts TCP connections for a node; pauses with back-off when it cannot take more.
 
     asyncio's server logs every accept that fails for want of descriptors, and
     on Linux tries again at once: hundreds of thousands of lines when a peer
     holds many connections. Here accepting pauses (ACCEPT_BACKOFF, doubling
-    up to ACCEPT_BACKOFF_MAX) and the node logs it once per interval.
+    up to ACCEPT_BACKOFF_MAX) and the node logs it once per interval. It pauses
+    the same way while the node refuses connections (its inbound cap): the
+    kernel's backlog holds the callers meanwhile, at no cost to us.
     """
 
     def __init__(self, node: Bugout, socks: list[socket.socket]) -> None:
@@ -1868,18 +1872,21 @@ class _Acceptor:
             except ConnectionAbortedError:
                 continue
             except OSError as exc:
-                self._back_off(exc)
+                self.node.cannot_accept(exc, self._delay)
+                self._back_off(ACCEPT_BACKOFF_MAX)
+                return
+            if not self.node.accepted(conn, addr):
+                self._back_off(ACCEPT_REFUSED_MAX)
                 return
             self._delay = ACCEPT_BACKOFF
-            self.node.accepted(conn, addr)
 
-    def _back_off(self, exc: OSError) -> None:
+    def _back_off(self, most: float) -> None:
         loop = asyncio.get_running_loop()
         for sock in self.socks:
             loop.remove_reader(sock.fileno())
+        self._delay = min(self._delay, most)
         self._resume = loop.call_later(self._delay, self.start)
-        self.node.cannot_accept(exc, self._delay)
-        self._delay = min(self._delay * 2, ACCEPT_BACKOFF_MAX)
+        self._delay = min(self._delay * 2, most)
 
     def close(self) -> None:
         loop = asyncio.get_running_loop()
@@ -2772,6 +2779,8 @@ Handler = Callable[[str, Any], Any]
 #: Inbound TCP connections at most (env ``maxInbound``); unfinished handshakes per remote host.
 DEFAULT_MAX_INBOUND = 200
 PENDING_PER_HOST = 8
+#: Unfinished inbound handshakes closed per second at most, to make room at the inbound cap.
+EVICTIONS_PER_SECOND = 20.0
 #: Dials in progress at most (LSD and DHT answers are anyone's to forge).
 MAX_DIALING = 32
 #: LSD: a peer that dials us anyway (a JS peer, or a Python one with a lower id) gets this long first.
@@ -2862,6 +2871,7 @@ class Bugout:
         self._out_estimate = 0  # bytes in all send queues, at most (recounted once per loop turn)
         self._recounted = False
         self._log = _LogLimit()
+        self._evictions = _RateLimit(EVICTIONS_PER_SECOND, EVICTIONS_PER_SECOND)
         self._closed = False
         #: WebRTC through WebSocket trackers (off without trackers)
         self.webrtc = WebRtcTransport(self, trackers, ice_servers, max_peers=max_peers,
@@ -3112,16 +3122,20 @@ class Bugout:
                   conn.peer_name, exc_info=True)
         conn.close(abort=True)
 
-    def accepted(self, sock: socket.socket, addr: Any) -> None:
-        """A TCP connection came in: within the caps it becomes a WireConnection, else it is closed."""
+    def accepted(self, sock: socket.socket, addr: Any) -> bool:
+        """A TCP connection came in: within the caps it becomes a WireConnection.
+
+        Else it is closed, and False asks the acceptor to pause a while.
+        """
         host = str(addr[0]) if addr else "?"
         if self._closed or not self._make_room(host):
             self.stats["inbound refused"] += 1
             sock.close()
-            return
+            return False
         sock.setblocking(False)
         self._accepting += 1
         self._spawn(self._accept(sock))
+        return True
 
     async def _accept(self, sock: socket.socket) -> None:
         try:
@@ -3134,21 +3148,23 @@ class Bugout:
             self._accepting -= 1
 
     def _make_room(self, host: str) -> bool:
-        """Room for one more inbound connection: the oldest unfinished handshake goes if need be."""
+        """Room for one more inbound connection? At the cap, the oldest unfinished handshake
+        goes (a few a second at most: churn costs CPU), so a newcomer is not locked out."""
         inbound = [c for c in self._connections if not c.initiator and c.remote_host is not None
                    and c.state is not ConnState.CLOSED]
         pending = [c for c in inbound if c.state is ConnState.HANDSHAKE]
-        same_host = [c for c in pending if c.remote_host == host]
-        if len(same_host) >= PENDING_PER_HOST:
-            self.stats["handshakes cut: too many from one host"] += 1
-            min(same_host, key=lambda c: c.started).close(abort=True)
-        elif len(inbound) + self._accepting >= self.max_inbound:
-            if not pending:
-                self._log(logging.WARNING, "inbound cap", "refusing connections: %d inbound "
-                          "already (maxInbound)", len(inbound))
-                return False
-            self.stats["handshakes cut: inbound cap"] += 1
-            min(pending, key=lambda c: c.started).close(abort=True)
+        if sum(1 for c in pending if c.remote_host == host) >= PENDING_PER_HOST:
+            self.stats["inbound refused: handshakes from one host"] += 1
+            return False
+        if len(inbound) + self._accepting < self.max_inbound:
+            return True
+        if not pending or not self._evictions.allow(None, time.monotonic()):
+            self._log(logging.WARNING, "inbound cap", "refusing connections for now: %d inbound, "
+                      "%d of them without a handshake yet (maxInbound %d)", len(inbound), len(pending),
+                      self.max_inbound)
+            return False
+        self.stats["handshakes cut: inbound cap"] += 1
+        min(pending, key=lambda c: c.started).close(abort=True)
         return True
 
     def cannot_accept(self, exc: OSError, pause: float) -> None:
