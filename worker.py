@@ -1019,7 +1019,7 @@ class BugoutCore:
             events = [] if inner is None else self._verify(*self._signed(inner), boxed, now, source)
         except DecodeError as exc:
             self._dropped(exc)
-            return []
+            return getattr(exc, "events", [])
         self._seen.add(digest, now)
         if inner is None or not boxed:  # an envelope we opened was for us alone: no relay
             self.stats["relayed"] += 1
@@ -1089,7 +1089,11 @@ class BugoutCore:
             self.stats["own packet"] += 1
             return []
         events = self.saw_peer(pk, ek, now, verified=True)
-        return events + self._dispatch(_text(packet.get("y", b"")), packet, address, boxed)
+        try:
+            return events + self._dispatch(_text(packet.get("y", b"")), packet, address, boxed)
+        except DecodeError as exc:
+            exc.events = events  # type: ignore[attr-defined] - its sender was seen all the same
+            raise
 
     def _dispatch(self, kind: str, packet: dict, address: str, boxed: bool) -> list:
         if kind == "m":
