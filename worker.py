@@ -844,7 +844,7 @@ class SeenCache:
 
 #: JSON from peers nested deeper than this (arrays and objects) is dropped.
 MAX_JSON_DEPTH = 512
-#: The peer table holds at most this many peers (env-free: peers cost little each).
+#: The peer table holds at most this many peers.
 MAX_KNOWN_PEERS = 1000
 #: New identities one remote address may introduce through relayed packets: a burst, then a rate.
 NEW_PEERS_BURST = 32
@@ -882,13 +882,13 @@ class BugoutCore:
         self.peers: dict[str, PeerKeys] = {}
         #: addresses that matter (the master): never evicted, never rate-limited
         self.protected: set[str] = set()
+        #: nonces of our calls still awaiting an answer (None: every answer is taken)
+        self.awaiting: Container[bytes] | None = None
         #: counters: dropped packets by reason, duplicates, relayed
         self.stats: collections.Counter = collections.Counter()
         # private
         self._random = random
         self._seen = SeenCache(seen_limit, timeout_ms)
-        #: nonces of our calls still awaiting an answer (None: every answer is taken)
-        self.awaiting: Container[bytes] | None = None
         self._outgoing: list[Outgoing] = []
         self._new_peers = _RateLimit(NEW_PEERS_PER_SECOND, NEW_PEERS_BURST)
         self._shared_key = functools.lru_cache(4096)(self._box_key)  # by the peer's ek
