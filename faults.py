@@ -51,8 +51,6 @@ class Swarm:
         self.worker_fds = worker_fds
         self.stamps: list[float] = []
         self.pushed = 0
-        #: what the attack made before the worker started
-        self.prepared: object = None
         self.log = open(root / "worker.log", "wb")  # noqa: SIM115 - the worker's stderr, all run long
 
     async def start(self) -> Swarm:
@@ -68,8 +66,10 @@ class Swarm:
             env=t.clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         await self.master.stdout.readline()  # ready
         limit = self.worker_fds
+        profile = ["-m", "cProfile", "-o", os.environ["QX_FAULTS_PROFILE"]] if os.environ.get(
+            "QX_FAULTS_PROFILE") else []
         self.worker = await asyncio.create_subprocess_exec(
-            sys.executable, str(HERE / "worker.py"), cwd=wk, env=t.clean_env(), stderr=self.log,
+            sys.executable, *profile, str(HERE / "worker.py"), cwd=wk, env=t.clean_env(), stderr=self.log,
             preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))) if limit else None)
         self._tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._feed())]
         await t.until(lambda: len(self.stamps) > 100, 60)
@@ -99,10 +99,11 @@ class Swarm:
         self.log.flush()
         return (self.root / "worker.log").read_bytes().count(b"\n")
 
-    def cpu_seconds(self) -> float:
-        """User and system CPU the worker used so far."""
+    def cpu_seconds(self, proc: asyncio.subprocess.Process | None = None) -> float:
+        """User and system CPU the worker (or ``proc``) used so far."""
         with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = Path("/proc/%d/stat" % self.worker.pid).read_text().rsplit(")", 1)[1].split()
+            pid = (proc or self.worker).pid
+            fields = Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()
             return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return float("nan")
 
@@ -129,7 +130,16 @@ class Swarm:
 
 # The attacker's wires ########################################################
 
-async def connect(swarm: Swarm, src: str, rcvbuf: int | None = None) -> tuple:
+class Target:
+    """What the attacker process knows of the worker: its port and the target's token."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.port, self.token = port, token
+        #: what the attack made before it began
+        self.prepared: object = None
+
+
+async def connect(target: Target, src: str, rcvbuf: int | None = None) -> tuple:
     """A TCP connection from ``src`` (a 127.0.0.x address) to the worker; (reader, writer)."""
     sock = socket.socket()
     if rcvbuf:  # a peer that never reads: a small receive window
@@ -137,18 +147,18 @@ async def connect(swarm: Swarm, src: str, rcvbuf: int | None = None) -> tuple:
     sock.bind((src, 0))
     sock.setblocking(False)
     try:
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", swarm.port))
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", target.port))
     except OSError:
         sock.close()
         raise
     return await asyncio.open_connection(sock=sock, limit=1 << 16)
 
 
-def hello(swarm: Swarm, ident: w.Identity | None = None) -> bytes:
+def hello(target: Target, ident: w.Identity | None = None) -> bytes:
     """Our BitTorrent and BEP 10 handshakes, as a bugout peer (keys of ``ident``)."""
     ident = ident or w.Identity()
-    infohash, _ = w.infohash_of(swarm.token)
-    ext = {"m": {"bo_channel": 4}, "id": swarm.token, "pk": ident.pk, "ek": ident.ek}
+    infohash, _ = w.infohash_of(target.token)
+    ext = {"m": {"bo_channel": 4}, "id": target.token, "pk": ident.pk, "ek": ident.ek}
     peer_id = b"-FA0000-" + os.urandom(6).hex().encode()
     return w.handshake_bytes(infohash, peer_id) + w.frame(20, b"\0" + w.bencode(ext))
 
@@ -169,21 +179,21 @@ async def hold(writers: list, until: float) -> None:
 
 # The attacks #################################################################
 
-async def sinks(swarm: Swarm, count: int = 8) -> list:
+async def sinks(target: Target, count: int = 8) -> list:
     """Bugout peers that never read: whatever is sent to them piles up."""
     writers = []
     for i in range(count):
-        _, writer = await connect(swarm, src(100 + i), rcvbuf=4096)
-        writer.write(hello(swarm))
+        _, writer = await connect(target, src(100 + i), rcvbuf=4096)
+        writer.write(hello(target))
         writers.append(writer)
     return writers
 
 
-async def garbage_relayed(swarm: Swarm, until: float) -> dict:
+async def garbage_relayed(target: Target, until: float) -> dict:
     """10 payloads of 4 MiB of garbage, with 8 wires that never read."""
-    writers = await sinks(swarm)
-    _, sender = await connect(swarm, src(1))
-    sender.write(hello(swarm))
+    writers = await sinks(target)
+    _, sender = await connect(target, src(1))
+    sender.write(hello(target))
     for _ in range(10):
         sender.write(payload_frame(os.urandom(4 * MIB)))
         await sender.drain()
@@ -191,11 +201,11 @@ async def garbage_relayed(swarm: Swarm, until: float) -> dict:
     return {}
 
 
-async def envelopes_relayed(swarm: Swarm, until: float) -> dict:
+async def envelopes_relayed(target: Target, until: float) -> dict:
     """As above with well-formed envelopes boxed for nobody (they are relayed, within bounds)."""
-    writers = await sinks(swarm)
-    _, sender = await connect(swarm, src(1))
-    sender.write(hello(swarm))
+    writers = await sinks(target)
+    _, sender = await connect(target, src(1))
+    sender.write(hello(target))
     for _ in range(10):
         envelope = w.bencode({"e": os.urandom(4 * MIB), "ek": w.b58encode(os.urandom(32)),
                               "n": os.urandom(24)})
@@ -205,13 +215,13 @@ async def envelopes_relayed(swarm: Swarm, until: float) -> dict:
     return {}
 
 
-async def unfinished(swarm: Swarm, until: float) -> dict:
+async def unfinished(target: Target, until: float) -> dict:
     """8 wires each send 59 MiB of a 60 MiB message, then wait."""
     chunk = bytes(MIB)
     writers = []
     for i in range(8):
-        _, writer = await connect(swarm, src(1 + i))
-        writer.write(hello(swarm) + struct.pack(">IBB", 60 * MIB + 2, 20, 4))
+        _, writer = await connect(target, src(1 + i))
+        writer.write(hello(target) + struct.pack(">IBB", 60 * MIB + 2, 20, 4))
         writers.append(writer)
     for _ in range(59):
         for writer in writers:
@@ -224,7 +234,7 @@ async def unfinished(swarm: Swarm, until: float) -> dict:
     return {}
 
 
-async def half_open(swarm: Swarm, until: float, count: int = 1100) -> dict:
+async def half_open(target: Target, until: float, count: int = 1100) -> dict:
     """1,100 connections that never finish their handshake, opened again as they are closed."""
     opened = 0
 
@@ -232,12 +242,12 @@ async def half_open(swarm: Swarm, until: float, count: int = 1100) -> dict:
         nonlocal opened
         while time.monotonic() < until:
             try:
-                reader, writer = await connect(swarm, src(i))
+                reader, writer = await connect(target, src(i))
             except OSError:
                 await asyncio.sleep(0.2)
                 continue
             opened += 1
-            writer.write(hello(swarm)[:30])  # a third of a handshake
+            writer.write(hello(target)[:30])  # a third of a handshake
             with contextlib.suppress(ConnectionError, TimeoutError):
                 await asyncio.wait_for(reader.read(), max(0.0, until - time.monotonic()))
             writer.close()
@@ -249,39 +259,50 @@ def signed(token: str, ident: w.Identity, fields: dict) -> bytes:
     return w.BugoutCore(token, ident).make_packet(fields, w._now())
 
 
-def identity_pings(swarm: Swarm, count: int = 30000) -> list[bytes]:
-    """30,000 pings, each signed by a new identity (made before the worker starts)."""
-    return [payload_frame(signed(swarm.token, w.Identity(), {"y": "p"})) for _ in range(count)]
+def identity_pings(target: Target, count: int = 30000) -> list[bytes]:
+    """30,000 pings, each signed by a new identity (made before the attack)."""
+    return [payload_frame(signed(target.token, w.Identity(), {"y": "p"})) for _ in range(count)]
 
 
-async def identity_flood(swarm: Swarm, until: float) -> dict:
+async def identity_flood(target: Target, until: float, wires: int = 4) -> dict:
     """30,000 new bugout identities (a signed ping each) over 4 wires."""
-    pings, count = swarm.prepared, len(swarm.prepared)
+    pings, count = target.prepared, len(target.prepared)
     writers = []
-    for i in range(4):
-        _, writer = await connect(swarm, src(1 + i))
-        writer.write(hello(swarm))
-        writers.append(writer)
-    for i in range(0, count, 200):
-        writers[i // 200 % 4].write(b"".join(pings[i:i + 200]))
-        for writer in writers:
+    for i in range(wires):
+        with contextlib.suppress(OSError):
+            _, writer = await connect(target, src(1 + i))
+            writer.write(hello(target))
+            writers.append(writer)
+    sent = 0
+    for i in range(0, count, 100):
+        writer = writers[i // 100 % len(writers)]
+        if writer.is_closing():
+            continue
+        writer.write(b"".join(pings[i:i + 100]))
+        with contextlib.suppress(ConnectionError):
             await writer.drain()
+            sent += 100
     await hold(writers, until)
-    return {}
+    return {"wires": len(writers), "pings sent": sent}
 
 
-async def deep_json(swarm: Swarm, until: float) -> dict:
+async def identity_flood_spread(target: Target, until: float) -> dict:
+    """The same from 250 addresses (the per-address limit then counts little; the table's holds)."""
+    return await identity_flood(target, until, 250)
+
+
+async def deep_json(target: Target, until: float) -> dict:
     """Messages holding ~200 KB of nested JSON, ten a second, on one wire (again if it is dropped)."""
     ident = w.Identity()
     deep = "[" * 100_000 + "]" * 100_000
     sent, wires = 0, 0
     while time.monotonic() < until:
-        _, writer = await connect(swarm, src(1))
+        _, writer = await connect(target, src(1))
         wires += 1
-        writer.write(hello(swarm, ident))
+        writer.write(hello(target, ident))
         with contextlib.suppress(ConnectionError):
             while time.monotonic() < until:
-                writer.write(payload_frame(signed(swarm.token, ident, {"y": "m", "v": deep})))
+                writer.write(payload_frame(signed(target.token, ident, {"y": "m", "v": deep})))
                 sent += 1
                 await writer.drain()
                 await asyncio.sleep(0.1)
@@ -297,42 +318,70 @@ ATTACKS = {
     "half-open, fd limit 1024": (half_open, 1024, None),
     "half-open, fd limit 64": (half_open, 64, None),
     "identity flood": (identity_flood, None, identity_pings),
+    "identity flood, 250 addresses": (identity_flood_spread, None, identity_pings),
     "deep JSON": (deep_json, None, None),
 }
 
 
+async def attacker(name: str, port: int, token: str, seconds: float) -> int:
+    """The attacker process: prepare, say ready, wait for go, attack, print notes."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))  # it holds many sockets
+    attack, _, prepare = ATTACKS[name]
+    target = Target(port, token)
+    if prepare is not None:
+        target.prepared = prepare(target)
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    try:
+        notes = await asyncio.wait_for(attack(target, time.monotonic() + seconds), seconds + 120)
+    except (OSError, TimeoutError) as exc:  # the worker may drop the attacker's wires
+        notes = {"attack ended": repr(exc)}
+    print(json.dumps(notes), flush=True)
+    return 0
+
+
 async def measure(name: str, seconds: float) -> dict:
-    attack, fds, prepare = ATTACKS[name]
+    """One attack on a fresh master and worker; the attacker is a process of its own."""
     with tempfile.TemporaryDirectory(prefix="qx-faults-") as tmp:
-        swarm = Swarm(Path(tmp), fds)
-        if prepare is not None:
-            swarm.prepared = prepare(swarm)
+        swarm = Swarm(Path(tmp), ATTACKS[name][1])
+        proc = None
         try:
             await swarm.start()
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(HERE / "faults.py"), "--attacker", name, "--port", str(swarm.port),
+                "--token", swarm.token, "--seconds", str(seconds), cwd=HERE, stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE)
+            await asyncio.wait_for(proc.stdout.readline(), 300)  # ready: its payloads are made
             await asyncio.sleep(2.0)  # warm
             before = time.monotonic()
             await asyncio.sleep(5.0)
             start, lines, cpu = time.monotonic(), swarm.log_lines(), swarm.cpu_seconds()
-            try:
-                notes = await asyncio.wait_for(attack(swarm, start + seconds), seconds + 120)
-            except (OSError, TimeoutError) as exc:  # the worker may drop the attacker's wires
-                notes = {"attack ended": repr(exc)}
-            end = max(time.monotonic(), start + seconds)
+            master_cpu = swarm.cpu_seconds(swarm.master)
+            proc.stdin.write(b"go\n")
+            notes = json.loads(await asyncio.wait_for(proc.stdout.readline(), seconds + 180) or "{}")
+            await asyncio.sleep(start + seconds - time.monotonic())  # an attack may end early
+            end = time.monotonic()
             cpu = swarm.cpu_seconds() - cpu
+            master_cpu = swarm.cpu_seconds(swarm.master) - master_cpu
             await asyncio.sleep(2.0)
             lines = swarm.log_lines() - lines
+            if os.environ.get("QX_FAULTS_LOG"):
+                print((swarm.root / "worker.log").read_text()[-3000:], file=sys.stderr)
             return {"attack": name, "peak_rss_mb": swarm.peak_rss_mb(),
                     "jobs_per_s_before": swarm.rate(before, start),
                     "jobs_per_s_during": swarm.rate(start, end), "log_lines": lines,
                     "longest_gap_s": swarm.longest_gap(before, end + 2.0),
-                    "attack_seconds": end - start, "worker_cpu": cpu / (end - start), **notes}
+                    "attack_seconds": end - start, "worker_cpu": cpu / (end - start),
+                    "master_cpu": master_cpu / (end - start), **notes}
         finally:
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+                await proc.wait()
             await swarm.stop()
 
 
 async def run(names: list[str], seconds: float) -> int:
     w.Logger("error")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))  # the attacker holds many sockets
     rows = []
     for name in names:
         rows.append(await measure(name, seconds))
@@ -351,7 +400,12 @@ def main() -> int:
     parser.add_argument("attacks", nargs="*", metavar="ATTACK",
                         help="attacks to run (default: all): " + "; ".join(ATTACKS))
     parser.add_argument("--seconds", type=float, default=10.0, help="how long each attack lasts")
+    parser.add_argument("--attacker", help=argparse.SUPPRESS)  # the attacker process: its attack,
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)  # the worker's port
+    parser.add_argument("--token", help=argparse.SUPPRESS)  # and the swarm's token
     args = parser.parse_args()
+    if args.attacker:
+        return asyncio.run(attacker(args.attacker, args.port, args.token, args.seconds))
     unknown = [a for a in args.attacks if a not in ATTACKS]
     if unknown:
         parser.error("unknown attack(s): %s" % ", ".join(unknown))

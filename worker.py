@@ -842,6 +842,8 @@ class SeenCache:
         self._current.add(int.from_bytes(digest[:8], "big"))
 
 
+#: Peers seen for the first time within this many ms share one ping ("so they know about us too").
+HELLO_GAP_MS = 1000
 #: JSON from peers nested deeper than this (arrays and objects) is dropped.
 MAX_JSON_DEPTH = 512
 #: The peer table holds at most this many peers.
@@ -891,6 +893,8 @@ class BugoutCore:
         self._seen = SeenCache(seen_limit, timeout_ms)
         self._outgoing: list[Outgoing] = []
         self._new_peers = _RateLimit(NEW_PEERS_PER_SECOND, NEW_PEERS_BURST)
+        self._last_hello = -HELLO_GAP_MS
+        self._hello_due = False
         self._shared_key = functools.lru_cache(4096)(self._box_key)  # by the peer's ek
         self._identifier_bytes = identifier.encode("utf-8")
 
@@ -930,6 +934,24 @@ class BugoutCore:
         """Broadcast a ``p`` packet."""
         self._emit(self.make_packet({"y": "p"}, now), now)
 
+    @property
+    def hello_due(self) -> bool:
+        """A ping for newly seen peers waits for :meth:`tick` (HELLO_GAP_MS after the last one)."""
+        return self._hello_due
+
+    def tick(self, now: int) -> None:
+        """Send what waited for time to pass: the ping for peers seen lately."""
+        if self._hello_due and now - self._last_hello >= HELLO_GAP_MS:
+            self._hello(now)
+
+    def _hello(self, now: int) -> None:
+        """Ping so a peer seen for the first time learns our keys; one per HELLO_GAP_MS at most."""
+        if now - self._last_hello < HELLO_GAP_MS:
+            self._hello_due = True
+            return
+        self._last_hello, self._hello_due = now, False
+        self.send_ping(now)
+
     def send_leave(self, now: int) -> None:
         """Broadcast an ``x`` packet (we are leaving)."""
         self._emit(self.make_packet({"y": "x"}, now), now)
@@ -961,6 +983,10 @@ class BugoutCore:
     def saw_peer(self, pk: str, ek: str, now: int, verified: bool = False) -> list:
         """Record a peer's keys; on first sight emit Seen and broadcast a ping.
 
+        JS bugout pings once per new peer; peers seen within HELLO_GAP_MS of
+        each other share one ping here (a flood of identities is not answered
+        by a flood of pings): :meth:`tick` sends the one that waited.
+
         ``verified``: the keys came in a packet signed with ``pk``. Keys from a
         handshake never replace verified ones; when the table is full they take
         the place of the peer silent longest (never a protected one).
@@ -985,7 +1011,7 @@ class BugoutCore:
         self.peers[address] = PeerKeys(pk, ek, now, verified)
         if fresh:
             return []
-        self.send_ping(now)
+        self._hello(now)
         return events + [Seen(address)]
 
     def _evict(self) -> list:
@@ -2794,6 +2820,8 @@ LSD_YIELD = 1.0
 RELAY_QUEUE = 1024 * 1024
 RELAY_PROTECTED = 64 * 1024
 RELAY_TOTAL = 16 * 1024 * 1024
+#: Relayed payloads written per second, to all wires together, at most (a second's worth in a burst).
+RELAY_WRITES_PER_SECOND = 10_000.0
 
 
 class Bugout:
@@ -2869,13 +2897,15 @@ class Bugout:
         self._extended = {"ek": self.identity.ek, "id": identifier, "m": OUR_EXT_IDS,
                           "metadata_size": len(self.metadata), "pk": self.identity.pk}
         self._protected: frozenset[str] = frozenset()
-        self._routes: dict[str, Connection] = {}  # protected address -> the wire its packets come by
+        self._routes: dict[str, Connection] = {}  # address -> the wire its newest packet came by
         self._held: dict[Connection, int] = {}  # bytes of partly received messages, by wire
         self._held_total = 0
         self._out_estimate = 0  # bytes in all send queues, at most (recounted once per loop turn)
         self._recounted = False
         self._log = _LogLimit()
         self._evictions = _RateLimit(EVICTIONS_PER_SECOND, EVICTIONS_PER_SECOND)
+        self._relays = _RateLimit(RELAY_WRITES_PER_SECOND, RELAY_WRITES_PER_SECOND)
+        self._hello_timer: asyncio.TimerHandle | None = None
         self._closed = False
         #: WebRTC through WebSocket trackers (off without trackers)
         self.webrtc = WebRtcTransport(self, trackers, ice_servers, max_peers=max_peers,
@@ -2928,7 +2958,6 @@ class Bugout:
         """
         self._protected = frozenset(addresses)
         self.core.protected = set(addresses)
-        self._routes = {a: c for a, c in self._routes.items() if a in self._protected}
 
     def is_protected(self, conn: Connection) -> bool:
         """True when ``conn`` is the wire a protected peer's packets came by last."""
@@ -2961,6 +2990,8 @@ class Bugout:
         if self._closed:
             return
         self._closed = True
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
         self.core.send_leave(_now())
         self._flush_core()
         if self._acceptor is not None:
@@ -3258,10 +3289,8 @@ class Bugout:
     # payloads and handshakes
     def _on_payload(self, conn: Connection, payload: bytes) -> None:
         events = self.core.receive_payload(payload, _now(), conn, conn.source)
-        if events and self._protected:
-            sender = events[-1].address  # every event of a packet names its signer last
-            if sender in self._protected:
-                self._routes[sender] = conn
+        if events:  # every event of a packet names its signer last
+            self._routes[events[-1].address] = conn
         self._dispatch(events)
 
     def _on_extended(self, conn: Connection, fields: dict) -> None:
@@ -3315,16 +3344,33 @@ class Bugout:
 
     # sending
     def _flush_core(self) -> None:
-        """Send what the core queued: our own payloads go, relays only where they delay nothing."""
+        """Send what the core queued: our own payloads go, relays only where they delay nothing.
+
+        One of ours boxed for a peer goes by the wire that peer's packets came
+        by (and any wire claiming its address); only while no such wire is
+        known is it flooded to the others, as JS bugout floods everything.
+        """
+        if self.core.hello_due and self._hello_timer is None:
+            self._hello_timer = asyncio.get_running_loop().call_later(HELLO_GAP_MS / 1000, self._hello)
         for out in self.core.data_to_send():
+            route = self._routes.get(out.to) if out.to else None
+            if route is not None and route.state is not ConnState.OPEN:
+                route = None
             for conn in self._connections:
                 if conn is out.origin or conn.state is not ConnState.OPEN:
                     continue
-                if not out.relay and (out.to is None or conn.address == out.to
-                                      or self._routes.get(out.to) is conn):
+                if out.relay:
+                    self._send_spare(conn, out.payload, relay=True)
+                elif out.to is None or conn is route or conn.address == out.to:
                     self._send_own(conn, out.payload)
-                else:
+                elif route is None:
                     self._send_spare(conn, out.payload)
+
+    def _hello(self) -> None:
+        self._hello_timer = None
+        if not self._closed:
+            self.core.tick(_now())
+            self._flush_core()
 
     def _send_own(self, conn: Connection, payload: bytes) -> None:
         """Our payload for this wire's peer (or for all): a wire that stopped reading is closed."""
@@ -3339,12 +3385,16 @@ class Bugout:
         if self._out_estimate > self.max_send_total:
             self._trim_send_queues()
 
-    def _send_spare(self, conn: Connection, payload: bytes) -> None:
-        """A relay, or ours passing this wire for another peer: dropped where it would wait."""
+    def _send_spare(self, conn: Connection, payload: bytes, relay: bool = False) -> None:
+        """A relay, or ours passing this wire for another peer: dropped where it would wait,
+        and relays beyond RELAY_WRITES_PER_SECOND (a flood fanned out to every wire)."""
         waiting = conn.buffered
         room = RELAY_PROTECTED if self.is_protected(conn) else RELAY_QUEUE
         if (waiting and waiting + len(payload) > room) or self._sends_waiting() > RELAY_TOTAL:
             self.stats["relays dropped: queues full"] += 1
+            return
+        if relay and not self._relays.allow(None, time.monotonic()):
+            self.stats["relays dropped: over the rate"] += 1
             return
         conn.send_payload(payload)
         self._out_estimate += len(payload)
@@ -3458,6 +3508,7 @@ class Bugout:
                 self.core.send_ping(_now())
                 self._dispatch(self.core.expire(_now()))
                 self._flush_core()
+                self._routes = {a: c for a, c in self._routes.items() if a in self.core.peers}
             for conn in list(self._connections):
                 if conn.stalled(now):
                     self.stats["peers dropped: stalled message"] += 1
