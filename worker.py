@@ -787,7 +787,7 @@ class Ping:
     address: str
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)  # made for every payload sent: not frozen, cheaper to make
 class Outgoing:
     """A payload for every wire but ``origin`` (None: all wires).
 
@@ -886,6 +886,8 @@ class BugoutCore:
         self.protected: set[str] = set()
         #: nonces of our calls still awaiting an answer (None: every answer is taken)
         self.awaiting: Container[bytes] | None = None
+        #: a ping for peers seen lately waits for :meth:`tick` (HELLO_GAP_MS after the last)
+        self.hello_due = False
         #: counters: dropped packets by reason, duplicates, relayed
         self.stats: collections.Counter = collections.Counter()
         # private
@@ -894,7 +896,6 @@ class BugoutCore:
         self._outgoing: list[Outgoing] = []
         self._new_peers = _RateLimit(NEW_PEERS_PER_SECOND, NEW_PEERS_BURST)
         self._last_hello = -HELLO_GAP_MS
-        self._hello_due = False
         self._shared_key = functools.lru_cache(4096)(self._box_key)  # by the peer's ek
         self._identifier_bytes = identifier.encode("utf-8")
 
@@ -934,22 +935,17 @@ class BugoutCore:
         """Broadcast a ``p`` packet."""
         self._emit(self.make_packet({"y": "p"}, now), now)
 
-    @property
-    def hello_due(self) -> bool:
-        """A ping for newly seen peers waits for :meth:`tick` (HELLO_GAP_MS after the last one)."""
-        return self._hello_due
-
     def tick(self, now: int) -> None:
         """Send what waited for time to pass: the ping for peers seen lately."""
-        if self._hello_due and now - self._last_hello >= HELLO_GAP_MS:
+        if self.hello_due and now - self._last_hello >= HELLO_GAP_MS:
             self._hello(now)
 
     def _hello(self, now: int) -> None:
         """Ping so a peer seen for the first time learns our keys; one per HELLO_GAP_MS at most."""
         if now - self._last_hello < HELLO_GAP_MS:
-            self._hello_due = True
+            self.hello_due = True
             return
-        self._last_hello, self._hello_due = now, False
+        self._last_hello, self.hello_due = now, False
         self.send_ping(now)
 
     def send_leave(self, now: int) -> None:
@@ -1517,10 +1513,10 @@ class Connection:
         self.last_keepalive = self.started
         # private
         self._backlog: collections.deque = collections.deque()
-        self._backlog_bytes = 0
         self._handling = False  # a _handle call is scheduled
         self._paused = False
         self._eof = False  # the peer sends no more
+        self._eof_sent = False  # we send no more
         self._timer: asyncio.TimerHandle | None = None  # handshake deadline or drain grace
         self._queued = 0  # bytes in the wire's out buffer, not given to the transport yet
         self._flush_pending = False
@@ -1619,9 +1615,7 @@ class Connection:
         try:
             self.bytes_in += len(data)
             self.wire.receive_data(data)
-            events = self.wire.events_received()
-            self._backlog.extend(events)
-            self._backlog_bytes += sum(len(e.payload) for e in events if isinstance(e, ExtensionPayload))
+            self._backlog.extend(self.wire.events_received())
             self.flush()  # handshake answers, metadata, rejects
             self._handle()
         except Exception:  # noqa: BLE001 - a bug of ours: this peer goes, the node stays, the log small
@@ -1631,29 +1625,32 @@ class Connection:
         self._handling = False
         if self.state is ConnState.CLOSED:
             return
-        events, size = [], 0
-        unlimited = self.node.is_protected(self)
-        while self._backlog and (unlimited or (len(events) < WIRE_BUDGET and size < WIRE_BUDGET_BYTES)):
-            event = self._backlog.popleft()
-            events.append(event)
-            if isinstance(event, ExtensionPayload):
-                size += len(event.payload)
-        self._backlog_bytes -= size
+        backlog = self._backlog
+        if len(backlog) <= WIRE_BUDGET or self.node.is_protected(self):
+            events, size = list(backlog), 0
+            backlog.clear()
+        else:
+            events, size = [], 0
+            while backlog and len(events) < WIRE_BUDGET and size < WIRE_BUDGET_BYTES:
+                events.append(backlog.popleft())
+                size += len(getattr(events[-1], "payload", b""))
         if events:
             self.node.wire_events(self, events)
         if self.state is ConnState.CLOSED:
             return
-        if self._backlog:  # the rest waits for the next loop turn, and the socket with it
+        waiting = 0
+        if backlog:  # the rest waits for the next loop turn, and the socket with it
             self._pause()
             if not self._handling:
                 self._handling = True
                 asyncio.get_running_loop().call_soon(self._handle_later)
+            waiting = sum(len(getattr(e, "payload", b"")) for e in backlog)
         else:
             self._resume()
             if self.wire.state is WireState.ERROR:
                 self.node.bad_input(self)
                 return
-        self.node.holding(self, self.wire.partial + self._backlog_bytes)
+        self.node.holding(self, self.wire.partial + waiting)
 
     def _handle_later(self) -> None:
         try:
@@ -1687,7 +1684,7 @@ class Connection:
         Payloads queued in one loop turn leave in one write: fewer syscalls and
         segments when a result and a request go out together.
         """
-        if self.state is not ConnState.OPEN or self.closing:
+        if self.state is not ConnState.OPEN:
             return
         self.wire.send_extension(payload)
         self._queued += len(payload) + 6
@@ -1700,8 +1697,12 @@ class Connection:
         self.flush()
 
     def flush(self) -> None:
-        """Give the transport what the wire has to send (it waits while not writable)."""
-        if not self.writable:
+        """Give the transport what the wire has to send (it waits while not writable).
+
+        After our EOF (draining) nothing more is written: what the wire makes
+        then (a reject, say) is dropped.
+        """
+        if self._eof_sent or not self.writable:
             return
         data = self.wire.data_to_send()
         self._queued = 0
@@ -1724,6 +1725,7 @@ class Connection:
             return
         self.flush()
         self._write_eof()
+        self._eof_sent = True
         self._set_timer(DRAIN_GRACE, self.close)
 
     def close(self, abort: bool = False) -> None:
@@ -3102,7 +3104,10 @@ class Bugout:
             if conn.state is ConnState.CLOSED:
                 break
             if isinstance(event, ExtensionPayload):
-                self._on_payload(conn, event.payload)
+                found = self.core.receive_payload(event.payload, _now(), conn, conn.source)
+                if found:  # every event of a packet names its signer last
+                    self._routes[found[-1].address] = conn
+                    self._dispatch(found)
             elif isinstance(event, Handshake):
                 if event.peer_id == self.peer_id:
                     conn.close()  # we dialed ourselves
@@ -3125,6 +3130,8 @@ class Bugout:
         Past ``max_partial`` on all wires together, the unprotected wire that
         holds most is closed, until the rest fits.
         """
+        if not size and conn not in self._held:
+            return
         old = self._held.pop(conn, 0)
         if size:
             self._held[conn] = size
@@ -3286,13 +3293,7 @@ class Bugout:
             if not future.done():
                 future.set_exception(RpcUnreachable(why))
 
-    # payloads and handshakes
-    def _on_payload(self, conn: Connection, payload: bytes) -> None:
-        events = self.core.receive_payload(payload, _now(), conn, conn.source)
-        if events:  # every event of a packet names its signer last
-            self._routes[events[-1].address] = conn
-        self._dispatch(events)
-
+    # handshakes
     def _on_extended(self, conn: Connection, fields: dict) -> None:
         if conn.wire.ready and conn.state is ConnState.HANDSHAKE:
             conn.set_open()
