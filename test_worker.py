@@ -835,7 +835,9 @@ class MemoryTransport(asyncio.Transport):
         return self._extra.get(name, default)
 
     def write(self, data):
-        if data and not (self.closed or self.eof_written):
+        if self.eof_written and not self.closed:
+            raise RuntimeError("Cannot call write() after write_eof()")  # as asyncio's transports
+        if data and not self.closed:
             self.outbox.append(bytes(data))
 
     def can_write_eof(self):
@@ -1094,6 +1096,8 @@ class TestWireUnderAttack(unittest.TestCase):
                 self.assertTrue(one_a.outbox and one_a.peer.outbox)
                 two_b, _ = wires.connect(b, a)  # both ends dialed: a simultaneous open
                 await until(lambda: a.stats["duplicate wires"] and b.stats["duplicate wires"], 5)
+                if first_wire_loses:  # a request (BEP 6) on the draining wire: its reject is not written
+                    one_a.protocol.data_received(w.frame(6, struct.pack(">III", 0, 0, 16384)))
                 one_a.held = one_a.peer.held = False
                 release.set()
                 answers = await asyncio.gather(*calls)
@@ -1103,6 +1107,7 @@ class TestWireUnderAttack(unittest.TestCase):
                 self.assertIn(kept.protocol, b._connections | a._connections)
                 self.assertEqual(await a.rpc(b.address, "echo", "after", timeout=5), "after")
                 self.assertEqual(await b.rpc(a.address, "echo", "after", timeout=5), "after")
+                self.assertEqual(a.stats["peers dropped for an internal error"], 0)
             finally:
                 wires.close()
                 for node in (a, b):
