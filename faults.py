@@ -4,13 +4,17 @@
     python faults.py [--seconds 10] [ATTACK ...]       (root: it runs itself under unshare -n)
 
 For each attack: a fresh ``python master.py`` and ``python worker.py`` (LOG_LEVEL
-info, default settings but loopback discovery) on 127.0.0.1, jobs kept coming,
-then the attack from this process, from other loopback addresses (127.0.0.x),
-at the worker's port. Printed per attack: the worker's peak RSS, legitimate
-jobs/s before and during the attack, the log lines the worker wrote from the
-attack's start until 2 s after it, and the longest gap between two results
-from the start of the "before" window to the end. The attacker runs on the same
-cores as master and worker: the "during" rate pays for its CPU too.
+info, default settings but loopback discovery) on 127.0.0.1, jobs kept coming
+(unbatched), then the attack from a process of its own (``--attacker``, which
+makes its payloads first), from other loopback addresses (127.0.x.y), at the
+worker's port. Printed per attack: the worker's peak RSS, legitimate jobs/s
+in the 5 s before and during the attack, the log lines the worker wrote from
+the attack's start until 2 s after it, the longest gap between two results
+from the start of the "before" window to the end, and the worker's CPU. The
+attacker runs on the same cores as master and worker: the "during" rate pays
+for its CPU too. ``QX_FAULTS_LOG=1`` prints the end of each worker's log,
+``QX_FAULTS_PROFILE=FILE`` runs the worker under cProfile.
+The ``dependencies`` attack (a list of 10,000) belongs to the Worker's checks.
 """
 
 from __future__ import annotations
