@@ -803,6 +803,9 @@ class Outgoing:
     def __iter__(self) -> Iterator[Any]:
         return iter((self.payload, self.origin))
 
+    def __getitem__(self, index: int) -> Any:
+        return (self.payload, self.origin)[index]
+
 
 def _text(value: Any) -> str:
     """A bencoded string field as text (JS ``Buffer.toString()``)."""
@@ -1310,6 +1313,11 @@ class PeerWire:
         """Bytes held of a message (or handshake) not complete yet."""
         return len(self._buffer)
 
+    @property
+    def has_output(self) -> bool:
+        """True when :meth:`data_to_send` has bytes."""
+        return bool(self._out)
+
     def events_received(self) -> list:
         """Events parsed since the last call."""
         events, self._events = self._events, []
@@ -1616,7 +1624,8 @@ class Connection:
             self.bytes_in += len(data)
             self.wire.receive_data(data)
             self._backlog.extend(self.wire.events_received())
-            self.flush()  # handshake answers, metadata, rejects
+            if self.wire.has_output:  # handshake answers, metadata, rejects
+                self.flush()
             self._handle()
         except Exception:  # noqa: BLE001 - a bug of ours: this peer goes, the node stays, the log small
             self.node.wire_failed(self)
