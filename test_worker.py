@@ -1899,8 +1899,8 @@ class IdentityFlood:
     the shape of a padding-oracle attack by a peer that knows only the token.
     """
 
-    def __init__(self, token, port, probe):
-        self.token, self.port, self.probe = token, port, probe
+    def __init__(self, token, port, probe, answer=True):
+        self.token, self.port, self.probe, self.answer = token, port, probe, answer
         self.cores = collections.deque(maxlen=4)  # the newest identities: boxes are opened with these
         self.calls = collections.Counter()
         #: envelopes none of the newest identities could open: calls to older ones
@@ -1942,7 +1942,7 @@ class IdentityFlood:
                     self.calls[event.name] += 1
                     answer = ({**event.args, "isMaster": "yes"} if event.name == "isMaster"
                               else self.probe() if event.name == "requestExecAssets" else None)
-                    if answer is not None:
+                    if answer is not None and self.answer:
                         core.send_response(event.address, event.nonce, answer, w._now())
 
     def new_identity(self):
@@ -2014,6 +2014,33 @@ class TestMasterTrust(unittest.TestCase):
             await worker.stop()
         with tempfile.TemporaryDirectory() as tmp:
             run(scenario(tmp), 120)
+
+    def test_the_master_is_found_at_once_behind_a_flood_of_silent_identities(self):
+        async def scenario(tmp):
+            token = "silent-%d" % random.randrange(1 << 30)
+            worker = await w.Worker(token, "w", "warn", KEY, env={}, folder=Path(tmp) / "w", host="127.0.0.1",
+                                    lsd=False, dht=False, trackers=[]).start()
+            flood = await IdentityFlood(token, worker.node.port, None, answer=False).start()
+            for _ in range(2000):  # identities that never answer isMaster: every check waits its timeout
+                flood.new_identity()
+                await flood.writer.drain()
+            await until(lambda: flood.unopened + flood.calls["isMaster"] >= w.CHECK_CONCURRENCY - 1, 10)
+            from master import Master
+            results = []
+            master = Master(token, {"files": write_assets(Path(tmp) / "master", DEFAULT_FILES),
+                                    "dependencies": []}, results.append, None, KEY, folder=Path(tmp) / "master",
+                            env={}, host="127.0.0.1", lsd=False, dht=False, trackers=[],
+                            peers=["127.0.0.1:%d" % worker.node.port])
+            master.push_new_job({"id": 1, "data": json.dumps({"x": 1})})
+            started = time.monotonic()
+            await master.start()
+            await until(lambda: results, 20)
+            self.assertLess(time.monotonic() - started, w.CHECK_TIMEOUT / 2)  # not behind the flood
+            await flood.close()
+            await worker.stop()
+            await master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp), 90)
 
     def test_every_rejection_looks_the_same(self):
         good_padding = asset_answer({"/task.py": b"import os\nclass Task: pass\n"})

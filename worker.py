@@ -4518,6 +4518,12 @@ def _version_ok(version: str, spec: str) -> bool:
 # ignored until the budget frees, with one error line. A proof that is not
 # answered in time is no failure: that peer is asked again later.
 #
+# Checks are bounded: CHECK_CONCURRENCY ``isMaster`` checks of new peers at
+# once, CHECK_QUEUE waiting; masters known to have proved the key, pinned
+# ones, failover asks and peers with a wire of their own skip that line
+# (URGENT_CHECKS at once), so a flood of silent identities sharing an
+# attacker's wire never keeps the real master waiting.
+#
 # A proven master keeps the worker until it leaves (its ``x``, its timeout,
 # or its last wire gone) or fails (requestWork unreachable or unanswered
 # twice). Another peer's "yes" meanwhile only makes it a candidate. When the
@@ -4534,6 +4540,10 @@ PROOF_BUDGET = ((3600.0, 10), (86400.0, 40))
 #: isMaster checks in flight at once, and peers waiting for one.
 CHECK_CONCURRENCY = 4
 CHECK_QUEUE = 256
+#: Seconds an isMaster check (or challenge) may wait for its answer (JS masters: ~20 ms).
+CHECK_TIMEOUT = 10.0
+#: Urgent checks (proven, pinned, failover, peers with a wire of their own) running at once.
+URGENT_CHECKS = 16
 #: Proofs running at once; one running longer than PROOF_STALLED seconds
 #: makes room for another, up to PROOF_MAX.
 PROOF_CONCURRENCY = 4
@@ -6239,7 +6249,10 @@ class Worker:
         self._last_kick = 0.0
         self._assets_ok = False
         self._checking: set[str] = set()
-        self._check_queue: asyncio.Queue[str] = asyncio.Queue(CHECK_QUEUE)
+        self._urgent: collections.deque[str] = collections.deque()  # isMaster checks to make
+        self._others: collections.deque[str] = collections.deque()
+        self._check_ready = asyncio.Event()
+        self._urgent_running = 0
         self._proofs: dict[str, float] = {}  # address -> when its proof started
         self._job_seq = 0
         self._journal_error_at = float("-inf")
@@ -6278,7 +6291,7 @@ class Worker:
         """Open the journal, join the swarm and start the job loop."""
         self.folder.mkdir(parents=True, exist_ok=True)
         await self._load_state()
-        self.node.register("ping", lambda address, args: {**as_dict(args), "pong": True})
+        self.node.register("ping", _pong)
         self.node.on("seen", self._on_peer)
         self.node.on("wireseen", self._on_peer)
         self.node.on("left", self._on_left)
@@ -6366,25 +6379,52 @@ class Worker:
             self._ask(address)
 
     def _ask(self, address: str, again: bool = False) -> None:
-        """Queue an ``isMaster`` check of ``address`` (bounded; extra ones are dropped)."""
+        """Queue an ``isMaster`` check of ``address`` (bounded; extra ones are dropped).
+
+        Masters known to have proved the key, pinned ones, failover asks and
+        peers with a wire of their own go first: a flood of identities that
+        share an attacker's wire (and never answer) cannot keep the master
+        waiting behind it.
+        """
         if address in self._checking or address == self.address:
             return
         if not self.trust.may_ask(address, time.monotonic(), again):
             return
-        try:
-            self._check_queue.put_nowait(address)
-        except asyncio.QueueFull:
+        urgent = (again or address in self.trust.proven or address in self.trust.pinned
+                  or self.node.has_wire(address))
+        queue = self._urgent if urgent else self._others
+        if len(queue) >= CHECK_QUEUE:
             self.stats["isMaster checks dropped"] += 1
             return
+        queue.append(address)
         self._checking.add(address)
+        if urgent:
+            self._start_urgent()
+        else:
+            self._check_ready.set()
+
+    def _start_urgent(self) -> None:
+        """Urgent checks run at once, up to URGENT_CHECKS at a time."""
+        while self._urgent and self._urgent_running < URGENT_CHECKS:
+            self._urgent_running += 1
+            self._spawn(self._check(self._urgent.popleft(), urgent=True))
+
+    async def _check(self, address: str, urgent: bool = False) -> None:
+        try:
+            await self.check_master(address)
+        finally:
+            self._checking.discard(address)
+            if urgent:
+                self._urgent_running -= 1
+                self._start_urgent()
 
     async def _checker(self) -> None:
+        """Take the other queued checks in turn (CHECK_CONCURRENCY of these run)."""
         while True:
-            address = await self._check_queue.get()
-            try:
-                await self.check_master(address)
-            finally:
-                self._checking.discard(address)
+            while not self._others:
+                self._check_ready.clear()
+                await self._check_ready.wait()
+            await self._check(self._others.popleft())
 
     def _on_message(self, address: str, message: Any) -> None:
         if address == self.master and message == JOBS_WAITING:
@@ -6406,7 +6446,7 @@ class Worker:
         if not self.trust.allowed(address):
             return False
         try:
-            answer = await self.node.rpc(address, "isMaster", {}, timeout=15.0)
+            answer = await self.node.rpc(address, "isMaster", {}, timeout=CHECK_TIMEOUT)
         except (RpcTimeout, InvalidState):
             return False
         if not isinstance(answer, dict) or answer.get("isMaster") != "yes":
@@ -6459,7 +6499,7 @@ class Worker:
     async def _challenge(self, address: str) -> None:
         """master.py's proof: our fresh nonce, HMAC'd with both addresses under the key."""
         nonce = os.urandom(32)
-        answer = await self.node.rpc(address, "isMaster", {"challenge": nonce.hex()}, timeout=15.0)
+        answer = await self.node.rpc(address, "isMaster", {"challenge": nonce.hex()}, timeout=CHECK_TIMEOUT)
         proof = answer.get("proof") if isinstance(answer, dict) else None
         expected = master_proof(self._proof_key, nonce, address, self.address)
         if not isinstance(proof, str) or not hmac.compare_digest(proof, expected):
@@ -7051,6 +7091,16 @@ class Worker:
         if self.outbox.held:
             log.warning("%d result(s) could not be delivered; kept for the next run", self.outbox.held)
         await asyncio.to_thread(self.journal.close)
+
+
+def _pong(address: str, args: Any) -> dict:
+    """``ping``: the arguments echoed with ``pong``, as the JS master does; small ones only."""
+    args = as_dict(args)
+    return {**args, "pong": True} if len(json_dumps(args)) <= MAX_PING_ECHO else {"pong": True}
+
+
+#: Largest ping arguments echoed back (a peer may not make us send megabytes).
+MAX_PING_ECHO = 4096
 
 
 def _results_ok(value: Any, folder: Path) -> bool:
