@@ -70,8 +70,10 @@ from worker import (
     PROOF_LABEL,
     Crypt,
     CryptError,
+    Exposition,
     Helper,
     Logger,
+    StatusServer,
     WorkerError,
     _config,
     as_dict,
@@ -80,6 +82,7 @@ from worker import (
     load_env,
     make_seed,
     master_proof,
+    process_rss_bytes,
     write_env_file,
 )
 
@@ -590,7 +593,8 @@ class Master:
                  trackers: str | Iterable[str] | None = None,
                  ice_servers: str | Iterable[str] | None = None,
                  max_peers: int | None = None, db: str | Path = ":memory:",
-                 out: str | Path | None = None) -> None:
+                 out: str | Path | None = None, status_port: int | None = None,
+                 status_host: str = "127.0.0.1") -> None:
         env = load_env(".env") if env is None else env
         self.token = _config(env, "token", token)
         if not self.token:
@@ -631,6 +635,13 @@ class Master:
         self._commit_handle: asyncio.Handle | None = None
         #: whether results are needed as JSON text: kept with their data, written or printed
         self._texts = self.store.keeps_data or self.out is not None or self._prints
+        #: the status page (/metrics, /healthz) on this port of ``status_host``; None: off
+        self.status_port, self.status_host = status_port, status_host
+        self._status: StatusServer | None = None
+        self._started = time.monotonic()
+        #: worker address -> when it last asked for work or delivered; bounded, oldest first
+        self._workers: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._answered_at: collections.deque[tuple[float, int]] = collections.deque(maxlen=61)
 
     def _check_key(self) -> None:
         """Jobs are kept encrypted: a database of jobs for another key is refused."""
@@ -671,10 +682,15 @@ class Master:
         node.register("shareResultsBatch", self._share_results_batch)
         node.on("left", self._requeue_worker)
         node.on("wireleft", self._requeue_worker)
+        node.on("rpc", self._heard)
+        node.on("left", lambda address: self._workers.pop(address, None))
         self._commit()  # jobs pushed before the start
         await node.start()
-        task = asyncio.ensure_future(self._expire_leases())
-        self._tasks.add(task)
+        for coro in (self._expire_leases(), self._sample_rate()):
+            self._tasks.add(asyncio.ensure_future(coro))
+        if self.status_port is not None:
+            self._status = await StatusServer(self.status_host, self.status_port, self.metrics_text,
+                                              self.health).start()
         log.info("master %s listening on %d", self.address, self.port)
         return self
 
@@ -686,6 +702,8 @@ class Master:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._status is not None:
+            await self._status.close()
         await self.node.close()
         if not self.store.closed:
             if self.out is not None:
@@ -695,6 +713,62 @@ class Master:
             await self.store.aclose()
             if self.out is not None:
                 self.out.close()
+
+    # what it is doing: workers heard, results/s, /metrics, /healthz
+    def _heard(self, address: str, name: str, args: Any) -> None:
+        if name in ("requestWork", "shareResults", "shareResultsBatch"):
+            self._workers[address] = time.monotonic()
+            self._workers.move_to_end(address)
+            if len(self._workers) > 1024:  # bounded, whoever calls
+                self._workers.popitem(last=False)
+
+    def workers_seen(self, within: float = 60.0) -> int:
+        """Workers heard from in the last ``within`` seconds (idle ones ask every 30 s)."""
+        horizon = time.monotonic() - within
+        while self._workers and next(iter(self._workers.values())) < horizon:
+            self._workers.popitem(last=False)
+        return len(self._workers)
+
+    async def _sample_rate(self) -> None:
+        while True:
+            self._answered_at.append((time.monotonic(), self.store.answered))
+            await asyncio.sleep(1.0)
+
+    def results_per_second(self) -> float:
+        """Results over the last minute (or since the start), per second."""
+        if len(self._answered_at) < 2:
+            return 0.0
+        (since, then), (now, answered) = self._answered_at[0], self._answered_at[-1]
+        return (answered - then) / (now - since)
+
+    def health(self) -> tuple[bool, dict]:
+        """(healthy, body) for /healthz: the loop answers and the database takes writes."""
+        body = {"waiting": self.store.waiting, "leased": self.store.leased,
+                "workers": self.workers_seen(), "uptime": round(time.monotonic() - self._started, 1)}
+        if self.failure is not None:
+            return False, {"status": "unavailable", "reason": "cannot write: %s" % self.failure, **body}
+        return True, {"status": "ok", **body}
+
+    def metrics_text(self) -> str:
+        """This master's figures in the Prometheus text format."""
+        out, store = Exposition("qx_master_"), self.store
+        out.add("jobs_waiting", "gauge", "Jobs queued for a worker.", store.waiting)
+        out.add("jobs_leased", "gauge", "Jobs out with a worker.", store.leased)
+        out.add("results_total", "counter", "Results kept (one per job).", store.answered)
+        out.add("error_results_total", "counter", "Results that are a task's error.", store.errors)
+        out.add("results_per_second", "gauge", "Results per second over the last minute.",
+                round(self.results_per_second(), 3))
+        out.add("workers", "gauge", "Workers heard from in the last minute.", self.workers_seen())
+        for key, name in (("jobs handed out", "jobs_handed_out_total"), ("jobs requeued", "jobs_requeued_total"),
+                          ("duplicate results", "duplicate_results_total"),
+                          ("undecryptable results", "undecryptable_results_total"),
+                          ("on_results failures", "on_results_failures_total")):
+            out.add(name, "counter", key.capitalize() + ".", self.stats[key])
+        out.add("peers", "gauge", "Wires that speak bugout.", self.node.connections())
+        out.add("resident_memory_bytes", "gauge", "This process's resident memory.", process_rss_bytes())
+        out.add("uptime_seconds", "gauge", "Seconds since the master started.",
+                round(time.monotonic() - self._started, 3))
+        return out.text()
 
     def push_new_job(self, payload: Any) -> None:
         """Queue a job (a dict is JSON-encoded first, as the JS master does).
@@ -1069,27 +1143,13 @@ class Progress:
         #: True while the jobs file is read: the total may still grow
         self.reading = False
         self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=20)
-        #: worker address -> when it last asked or delivered; the oldest go first
-        self._workers: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._drawn = float("-inf")
         self._shown = False
-        master.node.on("rpc", self._on_rpc)
-        master.node.on("left", lambda address: self._workers.pop(address, None))
         log.addFilter(self._before_log)
-
-    def _on_rpc(self, address: str, name: str, args: Any) -> None:
-        if name in ("requestWork", "shareResults", "shareResultsBatch"):
-            self._workers[address] = time.monotonic()
-            self._workers.move_to_end(address)
-            if len(self._workers) > 1024:  # bounded whoever calls
-                self._workers.popitem(last=False)
 
     def workers(self) -> int:
         """Workers heard from in the last minute (idle ones ask every 30 s)."""
-        horizon = time.monotonic() - 60.0
-        while self._workers and next(iter(self._workers.values())) < horizon:
-            self._workers.popitem(last=False)
-        return len(self._workers)
+        return self.master.workers_seen()
 
     def line(self) -> str:
         store = self.master.store
@@ -1273,7 +1333,8 @@ async def run_master(args: argparse.Namespace, jobs: Any = None) -> int:
     master = _ConsoleMaster(env=env, exec_assets={"files": files, "dependencies": deps},
                             on_results=lambda result: _print_event(event="result", result=result),
                             folder="/", lease_seconds=args.lease, out=args.out,
-                            db=args.db or Path(args.env).resolve().parent / "master.db")
+                            db=args.db or Path(args.env).resolve().parent / "master.db",
+                            status_port=args.status_port, status_host=args.status_host)
     follow = args.follow if args.follow is not None else jobs is None or args.jobs == "-"
     feeder = progress = None
     try:
@@ -1331,6 +1392,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--follow", action=argparse.BooleanOptionalAction,
                         help="keep serving once every job has its result (default for --jobs - "
                         "and without --jobs); --no-follow ends with a summary")
+    parser.add_argument("--status-port", type=int, metavar="PORT",
+                        help="serve /metrics and /healthz on this port (default: off)")
+    parser.add_argument("--status-host", default="127.0.0.1", metavar="HOST",
+                        help="address of the status page (default 127.0.0.1)")
     parser.add_argument("--errors-ok", action="store_true",
                         help="exit 0 even when some jobs came back as error results")
     args = parser.parse_args(argv)

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import time
 import unittest
@@ -202,3 +203,10 @@ def clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in w.SETTINGS}
     env["PYTHONPATH"] = str(HERE)
     return env
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -39,6 +39,7 @@ from support import (  # child scripts use these as test_worker.X too
     VECTORS,
     JsProcess,
     clean_env,
+    free_port,
     fuzz_inputs,
     identity,
     js_peer,
@@ -2691,6 +2692,53 @@ class TestWorkerStatus(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             run(scenario(tmp))
 
+    def test_master_py_status_page(self):
+        async def scenario(tmp):
+            token, port, status = "mstatus-%d" % random.randrange(1 << 30), free_port(), free_port()
+            folder = Path(tmp) / "m"
+            folder.mkdir()
+            write_assets(folder, DEFAULT_FILES)
+            write_loopback_env(folder, token, port=port, LOG_LEVEL="warn")
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, MASTER_PY, "--task", "workplace/task.py", "--task", "workplace/data/conf/factor.json",
+                "--jobs", "-", "--status-port", str(status), cwd=folder, env=clean_env(),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            self.addCleanup(lambda: proc.returncode is None and proc.kill())
+            await proc.stdout.readline()  # ready
+            base = "http://127.0.0.1:%d" % status
+            for i in range(30):
+                proc.stdin.write(b'{"id": %d, "data": "{\\"x\\": %d}"}\n' % (i, i))
+            await proc.stdin.drain()
+
+            async def samples():
+                return parse_exposition((await asyncio.to_thread(http_get, base + "/metrics"))[1])[0]
+            before = None
+            for _ in range(100):
+                before = await samples()
+                if before["qx_master_jobs_waiting"][()] == 30:
+                    break
+                await asyncio.sleep(0.05)
+            self.assertEqual(before["qx_master_jobs_waiting"][()], 30)
+            self.assertEqual(before["qx_master_results_total"][()], 0)
+            worker = await w.Worker(token, "w", "warn", KEY, env={}, folder=Path(tmp) / "w", host="127.0.0.1",
+                                    lsd=False, dht=False, trackers=[], peers=["127.0.0.1:%d" % port],
+                                    get_batch=True, batch_size=5).start()
+            for _ in range(200):
+                after = await samples()
+                if after["qx_master_results_total"][()] == 30:
+                    break
+                await asyncio.sleep(0.05)
+            self.assertEqual(after["qx_master_results_total"][()], 30)
+            self.assertEqual(after["qx_master_error_results_total"][()], 0)
+            self.assertEqual(after["qx_master_jobs_waiting"][()], 0)
+            self.assertEqual(after["qx_master_workers"][()], 1)
+            self.assertEqual(json.loads((await asyncio.to_thread(http_get, base + "/healthz"))[1])["status"], "ok")
+            await worker.stop()
+            proc.send_signal(15)
+            await asyncio.wait_for(proc.wait(), 15)
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
     def test_status_line_at_most_once_a_minute_while_anything_happened(self):
         async def scenario(tmp):
             cluster = await Cluster(tmp).start()
@@ -4150,12 +4198,6 @@ class TestTaskJsSafety(unittest.TestCase):
 # Faults: kill -9, floods ####################################################
 
 MASTER_PY = str(HERE / "master.py")
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class MasterProcess:
