@@ -2739,6 +2739,37 @@ class TestWorkerStatus(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             run(scenario(tmp))
 
+    def test_systemd_ready_watchdog_and_stopping(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            folder = Path(tmp) / "wp"
+            folder.mkdir()
+            write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port)
+            path = str(Path(tmp) / "notify")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(path)
+            sock.setblocking(False)
+            self.addCleanup(sock.close)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, WORKER_PY, cwd=folder, stderr=subprocess.DEVNULL,
+                env={**clean_env(), "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
+            self.addCleanup(lambda: proc.returncode is None and proc.kill())
+            said = []
+
+            def read():
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        said.append(sock.recv(100).decode())
+                return said
+            await until(lambda: read().count("WATCHDOG=1") >= 3, 20)  # about every 0.2 s
+            self.assertEqual(said[0], "READY=1")
+            proc.send_signal(15)
+            await asyncio.wait_for(proc.wait(), 30)
+            self.assertIn("STOPPING=1", read())
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
     def test_status_line_at_most_once_a_minute_while_anything_happened(self):
         async def scenario(tmp):
             cluster = await Cluster(tmp).start()
