@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import test_worker as t
+import support as t
 import worker as w
 
 HERE = Path(__file__).resolve().parent
