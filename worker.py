@@ -6253,6 +6253,7 @@ class Worker:
         self._others: collections.deque[str] = collections.deque()
         self._check_ready = asyncio.Event()
         self._urgent_running = 0
+        self._flusher: asyncio.Task | None = None
         self._proofs: dict[str, float] = {}  # address -> when its proof started
         self._job_seq = 0
         self._journal_error_at = float("-inf")
@@ -6874,7 +6875,8 @@ class Worker:
     def _result_ready(self, result: dict, job_seq: int | None = None) -> None:
         """Every result the worker makes comes here: held (and journaled) until delivered."""
         self.outbox.add(job_seq, json_dumps(result))
-        self._spawn(self._flush_outbox())
+        if self._flusher is None or self._flusher.done():  # one commit in flight takes them all
+            self._flusher = spawn(self._flush_outbox(), self._tasks, "worker")
 
     async def _flush_outbox(self) -> None:
         try:
