@@ -7449,4 +7449,7 @@ class Task:
 '''
 
 if __name__ == "__main__":
+    # One module object: master.py's "from worker import ..." (--demo) finds this one,
+    # not a second copy with its own classes and exceptions.
+    sys.modules.setdefault("worker", sys.modules[__name__])
     sys.exit(main())
