@@ -14,13 +14,6 @@ Usage::
     python worker.py             # wait for jobs
     python worker.py --demo      # a local master, demo jobs, loopback only
 
-Layout (read it top to bottom): errors, the seed classes (Helper, Logger,
-Crypt, .env file), codecs (bencode, base58, RIPEMD-160), bugout identity and
-packets, the sans-I/O bugout core, the sans-I/O peer wire, transports (TCP,
-LSD, DHT), the asyncio Bugout node, trackers and WebRTC (a sans-I/O tracker
-core, aiortc data channels; for peers behind NAT), the Worker (task.py or
-task.js in child processes), the command line.
-
 Exceptions::
 
     WorkerError
@@ -34,9 +27,49 @@ Exceptions::
      +-- RpcTimeout (also TimeoutError)
      |    +-- RpcUnreachable: no wire open to carry the answer
      +-- UnsafeAsset (also ValueError): a path or dependency refused
+     +-- ProofFailed: a peer said it is the master and did not prove the key
+     +-- AssetError (also ValueError): a master's asset answer of the wrong shape or hashes
+     +-- JournalError: the journal file is not ours, or is damaged
      +-- TaskError: a job failed in its child (``error`` is its error field)
           +-- JsTaskError: task.js's run threw or rejected
           +-- TaskProcessError: no node or npm, the task does not load, its process died
+
+Sections, top to bottom: the code of each uses what the sections above it
+define, and its own names; only the templates at the end come after their
+users (and, in type hints, the transports name the Bugout node they serve)::
+
+    Errors                                   every exception class of the tree above
+    Helpers used everywhere                  background tasks, rate and log limits, time, JSON
+    Settings                                 .env and the environment, read once into Settings
+    Helper                                   the JS Helper's utilities
+    Logger                                   the JS Logger on stdlib logging
+    Crypt                                    AES-256-CBC, as the JS Crypt
+    Bencode                                  with the JS rules
+    Base58                                   base58 and base58check
+    RIPEMD-160                               hashlib's, or pure Python
+    bugout identity                          seeds, keys, addresses, the swarm's infohash
+    bugout packets                           BugoutCore: payloads in, events out (sans-I/O)
+    Peer wire (BEP 3, 6, 10)                 PeerWire: handshakes, framing (sans-I/O)
+    Connections: what TCP and WebRTC ...     Connection: a wire's states and bounds
+    TCP transport                            WireConnection, the acceptor
+    LSD (BEP 14)                             local service discovery
+    DHT (BEP 5): KRPC messages               queries, answers, errors, compact addresses
+    DHT (BEP 5): routing table               k-buckets
+    DHT (BEP 5): lookups, peer store, ...    iterative lookups, announced peers
+    DHT (BEP 5): the node, sans-I/O          DhtCore
+    DHT (BEP 5): asyncio adapter             Dht, on UDP
+    Trackers and WebRTC                      TrackerClient (sans-I/O)
+    Trackers and WebRTC: asyncio             TrackerSession, RtcConnection, WebRtcTransport
+    The bugout node                          Bugout; its theory of operation
+    Status: metrics and health over HTTP     /metrics, /healthz, systemd notify
+    Worker: assets and dependencies          safe paths, pip and npm requirements
+    Worker: trusting a master                MasterTrust; its theory of operation
+    Worker: the journal and the outbox       Journal, Outbox; their theory of operation
+    Worker: running tasks                    task.py in child processes (or a thread)
+    Worker: running task.js with Node        npm, node children
+    Worker                                   the Worker class
+    Command line                             --setup, running, --demo, main()
+    Templates                                the task child, the Node runner, the npm check, the demo task
 """
 
 from __future__ import annotations
@@ -295,6 +328,15 @@ def as_dict(value: Any) -> dict:
 
 
 # Settings ###################################################################
+#
+# Every setting is read here, once, into one frozen Settings: the explicit
+# argument when it is not None, else the key of .env or of the environment
+# (load_env: the environment wins) when it is set and not empty, else the
+# default; then it is read as its type. ``trackers`` and ``iceServers`` differ
+# in one point: set and empty means none (WebRTC off; host candidates only).
+# The Worker takes a Settings, master.py too, and so does the node (Bugout),
+# which hands it on to the DHT, the trackers and WebRTC. The keyword arguments
+# of all three are the field names of Settings, listed once, below.
 
 #: bugout's trackers (bugout index.js), used when none are configured.
 DEFAULT_TRACKERS = ("wss://hub.bugout.link", "wss://tracker.openwebtorrent.com",
@@ -303,10 +345,8 @@ DEFAULT_TRACKERS = ("wss://hub.bugout.link", "wss://tracker.openwebtorrent.com",
 DEFAULT_ICE_SERVERS = ("stun:stun.l.google.com:19302", "stun:global.stun.twilio.com:3478")
 #: WebTorrent's cap on connections per torrent (maxConns).
 DEFAULT_MAX_PEERS = 55
-
-#: Inbound TCP connections at most (env ``maxInbound``); unfinished handshakes per remote host.
+#: Inbound TCP connections at most (env ``maxInbound``).
 DEFAULT_MAX_INBOUND = 200
-
 #: Public routers a node starts from when nothing else is configured.
 DHT_BOOTSTRAP = ("router.bittorrent.com:6881", "router.utorrent.com:6881",
                  "dht.transmissionbt.com:6881")
@@ -368,27 +408,21 @@ def _env_quote(value: str) -> str:
     return '"{}"'.format(value.replace('"', '\\"').replace("\n", "\\n"))
 
 
-def _word(value: Any, default: bool) -> bool:
+def _word(value: Any) -> bool:
     """An env word as a bool: ``false``, ``0``, ``no``, ``off``, empty are false."""
-    if value is None:
-        return default
     if isinstance(value, bool):
         return value
     return str(value).strip().lower() not in ("false", "0", "no", "off", "")
-
-
-def _config(env: dict, key: str, value: Any, default: Any = None) -> Any:
-    """An explicit argument, else the env key, else the default."""
-    if value is not None:
-        return value
-    found = env.get(key)
-    return default if found in (None, "") else found
 
 
 def _split_setting(value: str | Iterable[str]) -> list[str]:
     """A comma-separated setting (or a list) as a list of non-empty items."""
     items = value.split(",") if isinstance(value, str) else list(value)
     return [item.strip() for item in items if item and item.strip()]
+
+
+def _items(value: str | Iterable[str]) -> tuple[str, ...]:
+    return tuple(_split_setting(value))
 
 
 def parse_concurrency(value: Any) -> int:
@@ -461,25 +495,102 @@ def parse_ice_servers(value: str | Iterable[str] | None) -> list[IceServer]:
     return [IceServer.parse(s) for s in (DEFAULT_ICE_SERVERS if value is None else _split_setting(value))]
 
 
-def _config_list(env: dict, key: str, value: Any) -> Any:
-    """An explicit value, else the env key (where empty means none), else None (the default)."""
-    return value if value is not None else env.get(key)
+def _setting(key: str, default: Any = None, read: Callable[[Any], Any] | None = None, *,
+             node: bool = False, keep_empty: bool = False, secret: bool = False) -> Any:
+    """A field of :class:`Settings`: its .env key, its default (a callable one is called
+    when needed) and how a value not None is read; ``node``: the node takes it too."""
+    return dataclasses.field(repr=not secret, metadata={
+        "key": key, "default": default, "read": read, "node": node, "keep_empty": keep_empty})
 
 
-def dht_options(env: dict, dht: bool | None = None, bootstrap: Iterable[str] | None = None,
-                port: int | None = None) -> dict:
-    """Bugout's DHT arguments from arguments or the ``dht``, ``dhtBootstrap``, ``dhtPort`` keys."""
-    routers = _config(env, "dhtBootstrap", bootstrap, DHT_BOOTSTRAP)
-    udp = _config(env, "dhtPort", port)
-    return {"dht": _word(_config(env, "dht", dht), True), "dht_bootstrap": _split_setting(routers),
-            "dht_port": None if udp is None else int(udp)}
+def _read_setting(meta: Any, value: Any, env: dict[str, str]) -> Any:
+    """One setting: ``value`` if not None, else its env key if set and not empty, else its default."""
+    if value is None:
+        value = env.get(meta["key"])
+        if value == "" and not meta["keep_empty"]:
+            value = None
+    if value is None:
+        value = meta["default"]() if callable(meta["default"]) else meta["default"]
+    return value if value is None or meta["read"] is None else meta["read"](value)
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every setting of the Worker, master.py and the node, as read by :meth:`load`.
+
+    The field names are the keyword arguments of ``Worker``, ``Master`` and
+    ``Bugout``; each field's ``key`` (its metadata) is its .env key, the JS name
+    (README, "Settings"). The Worker reads every field, master.py the swarm's,
+    ``loglevel`` and the node's (``NODE_SETTINGS``), Bugout the node's.
+    """
+    # the swarm
+    token: str | None = _setting("token")
+    transfer_encrypt_token: str | None = _setting("transferEncryptToken", secret=True)
+    # the worker
+    name: str = _setting("name", socket.gethostname)
+    loglevel: str | None = _setting("LOG_LEVEL")
+    log_file: str | None = _setting("logFile", None, lambda v: v or None)
+    get_batch: bool = _setting("getBatch", False, _word)
+    batch_size: int = _setting("batchSize", DEFAULT_BATCH_SIZE, int)
+    folder: Path = _setting("folder", os.getcwd, lambda v: Path(v).resolve())  # noqa: RUF009 - a field()
+    job_timeout: float | None = _setting("jobTimeout", 0, lambda v: float(v) or None)
+    concurrency: int = _setting("concurrency", 1, parse_concurrency)
+    job_memory_mb: int | None = _setting("jobMemoryMB", None, parse_memory_mb)
+    stop_timeout: float = _setting("stopTimeout", 30, float)
+    task_runner: str = _setting("taskRunner", "process", lambda v: str(v).strip().lower())
+    master: tuple[str, ...] = _setting("master", "", _items)
+    status_port: int | None = _setting("statusPort", None, lambda v: None if v in ("", "off") else int(v))
+    status_host: str = _setting("statusHost", "127.0.0.1", str)
+    # the node: TCP, LSD, the DHT, trackers and WebRTC
+    seed: str | None = _setting("seed", node=True)
+    host: str = _setting("host", "0.0.0.0", node=True)
+    port: int = _setting("port", 0, int, node=True)
+    peers: tuple[str, ...] = _setting("peers", "", _items, node=True)
+    lsd: bool = _setting("lsd", True, _word, node=True)
+    max_message: int = _setting("maxMessage", DEFAULT_MAX_MESSAGE, int, node=True)
+    max_inbound: int = _setting("maxInbound", DEFAULT_MAX_INBOUND, int, node=True)
+    dht: bool = _setting("dht", True, _word, node=True)
+    dht_bootstrap: tuple[str, ...] = _setting("dhtBootstrap", DHT_BOOTSTRAP, _items, node=True)
+    dht_port: int | None = _setting("dhtPort", None, int, node=True)
+    trackers: tuple[str, ...] = _setting("trackers", lambda: DEFAULT_TRACKERS,
+                                         lambda v: tuple(parse_trackers(v)), node=True, keep_empty=True)
+    ice_servers: tuple[IceServer, ...] = _setting("iceServers", lambda: DEFAULT_ICE_SERVERS,
+                                                  lambda v: tuple(parse_ice_servers(v)), node=True,
+                                                  keep_empty=True)
+    max_peers: int = _setting("maxPeers", DEFAULT_MAX_PEERS, int, node=True)
+
+    @classmethod
+    def load(cls, env: dict[str, str] | None = None, **explicit: Any) -> Settings:
+        """Read every setting: ``explicit`` ones, else ``env`` (None: :func:`load_env`), else defaults."""
+        env = load_env() if env is None else env
+        fields = dataclasses.fields(cls)
+        unknown = explicit.keys() - {field.name for field in fields}
+        if unknown:
+            raise TypeError("no such setting: " + ", ".join(sorted(unknown)))
+        return cls(**{f.name: _read_setting(f.metadata, explicit.get(f.name), env) for f in fields})
+
+    @classmethod
+    def of(cls, settings: Settings | None, env: dict[str, str] | None, explicit: dict[str, Any]) -> Settings:
+        """``settings`` as given, or else :meth:`load` ``env`` and ``explicit``; not both."""
+        if settings is None:
+            return cls.load(env, **explicit)
+        if env or any(value is not None for value in explicit.values()):
+            raise TypeError("give settings, or env and keyword arguments, not both")
+        return settings
+
+
+#: The settings the node takes (Bugout's and master.py's keyword arguments besides their own).
+NODE_SETTINGS = frozenset(f.name for f in dataclasses.fields(Settings) if f.metadata["node"])
 #: Every key the worker and master.py read (README, "Settings").
-SETTINGS = ("token", "transferEncryptToken", "name", "LOG_LEVEL", "logFile", "getBatch", "batchSize",
-            "jobTimeout", "folder", "port", "host", "peers", "lsd", "dht", "dhtBootstrap", "dhtPort",
-            "trackers", "iceServers", "maxPeers", "maxInbound", "maxMessage", "seed", "master",
-            "concurrency", "jobMemoryMB", "stopTimeout", "taskRunner", "statusPort", "statusHost")
+SETTINGS = tuple(f.metadata["key"] for f in dataclasses.fields(Settings))
+
+
+def node_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` if each one names a setting of the node (NODE_SETTINGS); else TypeError."""
+    extra = sorted(options.keys() - NODE_SETTINGS)
+    if extra:
+        raise TypeError("not a setting of the node: " + ", ".join(extra))
+    return options
 
 
 def load_env(path: str | Path = ".env") -> dict[str, str]:
@@ -3358,10 +3469,6 @@ def _int_or_none(value: Any) -> int | None:
 
 # Trackers and WebRTC: asyncio ###############################################
 
-def _mono() -> float:
-    return time.monotonic()
-
-
 class TrackerSession:
     """Moves one tracker's frames between its WebSocket and its :class:`TrackerClient`."""
 
@@ -3375,12 +3482,12 @@ class TrackerSession:
         """Connect, read, reconnect with back-off; until the client is CLOSED."""
         client = self.client
         while client.state is not TrackerState.CLOSED:
-            if client.start_connecting(_mono()):
+            if client.start_connecting(time.monotonic()):
                 await self._connect()
             else:
                 self._handle_events()
                 deadline = client.next_deadline()
-                await asyncio.sleep(1.0 if deadline is None else max(0.0, deadline - _mono()))
+                await asyncio.sleep(1.0 if deadline is None else max(0.0, deadline - time.monotonic()))
 
     async def _connect(self) -> None:
         from websockets.asyncio.client import connect
@@ -3390,17 +3497,17 @@ class TrackerSession:
                                compression=None, max_size=1 << 20)
         except (OSError, UnicodeError, TimeoutError, WebSocketException) as exc:
             log.debug("tracker %s: cannot connect: %s", self.client.url, exc)
-            self.client.connection_lost(_mono())
+            self.client.connection_lost(time.monotonic())
             return
         self._ws = ws
-        self.client.connection_made(_mono())
+        self.client.connection_made(time.monotonic())
         try:
             await self._read(ws)
         except (OSError, WebSocketException) as exc:
             log.debug("tracker %s: connection lost: %s", self.client.url, exc)
         finally:
             self._ws = None
-            self.client.connection_lost(_mono())
+            self.client.connection_lost(time.monotonic())
             self._handle_events()
             with contextlib.suppress(OSError, WebSocketException):
                 await ws.close()
@@ -3410,16 +3517,17 @@ class TrackerSession:
         while True:
             await self.flush()
             deadline = client.next_deadline()
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                async with asyncio.timeout(None if deadline is None else max(0.0, deadline - _mono())):
+                async with asyncio.timeout(wait):
                     text = await ws.recv()
             except TimeoutError:
                 continue
             log.debug("< tracker %s %.200s", client.url, text)
-            client.receive_frame(text, _mono())
+            client.receive_frame(text, time.monotonic())
 
     def _handle_events(self) -> None:
-        self.client.tick(_mono())
+        self.client.tick(time.monotonic())
         for event in self.client.events_received():
             self.rtc.on_tracker_event(self, event)
 
@@ -3436,7 +3544,7 @@ class TrackerSession:
 
     async def close(self) -> None:
         """Say ``stopped`` to the tracker and close the socket."""
-        self.client.close(_mono())
+        self.client.close(time.monotonic())
         await self.flush()
         if self._ws is not None:
             from websockets.exceptions import WebSocketException
@@ -3544,14 +3652,13 @@ class WebRtcTransport:
     ``2 * numwant`` offers waiting, so live peer connections stay bounded.
     """
 
-    def __init__(self, node: Bugout, trackers: str | Iterable[str] | None = None,
-                 ice_servers: str | Iterable[str] | None = None, *,
-                 max_peers: int | None = None, numwant: int = TRACKER_NUMWANT,
+    def __init__(self, node: Bugout, settings: Settings, *, numwant: int = TRACKER_NUMWANT,
                  announce_interval: float | None = None) -> None:
         self.node = node
-        self.trackers = parse_trackers(trackers)
-        self.ice_servers = parse_ice_servers(ice_servers)
-        self.max_peers = DEFAULT_MAX_PEERS if max_peers is None else int(max_peers)
+        #: the settings' ``trackers``, ``ice_servers`` and ``max_peers``
+        self.trackers = list(settings.trackers)
+        self.ice_servers = list(settings.ice_servers)
+        self.max_peers = settings.max_peers
         self.numwant = numwant
         #: a fixed announce interval (tests); None follows each tracker's
         self.announce_interval = announce_interval
@@ -3576,9 +3683,6 @@ class WebRtcTransport:
     async def start(self) -> bool:
         """Connect to the trackers; False (and one info line) when WebRTC is off."""
         if not self.trackers:
-            return False
-        if not hasattr(asyncio, "timeout"):
-            log.info("WebRTC is off: it needs Python 3.11+; TCP and LSD go on")
             return False
         try:
             import aiortc
@@ -3679,7 +3783,7 @@ class WebRtcTransport:
             results = await asyncio.gather(*(self._make_offer(i) for i in offer_ids[:count]))
             made = [r for r in results if r is not None]
         finally:
-            session.client.send_announce(made, _mono())
+            session.client.send_announce(made, time.monotonic())
             self.node.stats["webrtc offers"] += len(made)
         await session.flush()
 
@@ -3739,9 +3843,58 @@ class WebRtcTransport:
 
 
 # The bugout node ############################################################
+#
+# Theory of operation. Bugout is the asyncio shell around BugoutCore: it keeps
+# the wires (a Connection each: TCP or a WebRTC data channel), gives the core
+# every payload they parse, and sends what the core queues.
+#
+# Wires. A connection joins the node when its stream is up (attach) and is
+# OPEN once its BEP 10 handshake names bo_channel; the address it claims
+# there (from ``pk``) routes our payloads but proves nothing. Inbound TCP is
+# capped (maxInbound; PENDING_PER_HOST handshakes per remote host; at the cap
+# the oldest handshake makes room, EVICTIONS_PER_SECOND at most), MAX_DIALING
+# dials run at once, and ``peers`` are dialed again and again, with backoff.
+#
+# Duplicates. Of two open wires to one peer id both ends keep the same one
+# (_keeps: the one the peer has not half-closed, else the one dialed by the
+# lower peer id, else the one from the lower dialer port) and drain the
+# other, so nothing in flight is lost. A wire to ourselves is closed; a peer
+# that LSD announces again is not dialed while we have a wire to it.
+#
+# Routes. A signer is reached by the wire its newest packet came by
+# (_routes). Our payload boxed for one peer goes by that wire and any wire
+# claiming its address; only while no route is known is it flooded to the
+# other wires, as spare traffic.
+#
+# Relays. Others' payloads are passed on, as bugout does, only where they
+# delay nothing: a wire takes one when its send queue is empty or stays under
+# RELAY_QUEUE with it (a protected wire's: RELAY_PROTECTED), while all queues
+# hold less than RELAY_TOTAL, RELAY_WRITES_PER_SECOND at most; the rest are
+# dropped and counted.
+#
+# Protection and bounds. prioritize() names the peers that matter (the
+# master). The wire their packets came by last is handled whole each loop
+# turn (others: WIRE_BUDGET payloads), and is never the one closed when
+# partly received messages pass max_partial or send queues max_send_total
+# (the unprotected wire holding most goes); the core never evicts those
+# peers. Any wire that leaves max_send_queue of our payloads unread, or whose
+# message stops progressing, is closed.
+#
+# Events, ``on(name, fn)`` (a coroutine function is spawned; an exception is
+# logged, rate-limited, and never reaches the wire):
+#   seen(address)             a peer is in the table: its first verified
+#                             packet or handshake keys (again after it left)
+#   left(address)             it is out: its ``x``, its timeout, or evicted
+#   message(address, value)   a JSON message, broadcast or boxed for us
+#   ping(address)             its heartbeat
+#   rpc(address, name, args)  a call came, before its handler runs
+#   wireseen(address)         an open wire's handshake claims this address
+#   wireleft(address)         the last connection claiming it closed
+#   connections(count)        open bugout wires, after a wire came or went
 
 Handler = Callable[[str, Any], Any]
 
+#: Unfinished inbound handshakes per remote host, at most.
 PENDING_PER_HOST = 8
 #: Unfinished inbound handshakes closed per second at most, to make room at the inbound cap.
 EVICTIONS_PER_SECOND = 20.0
@@ -3761,55 +3914,41 @@ RELAY_WRITES_PER_SECOND = 10_000.0
 class Bugout:
     """A bugout peer on asyncio: the JS Bugout's API over TCP, LSD, the DHT and WebRTC.
 
-    ``trackers`` (None: bugout's three wss:// trackers; empty: WebRTC off),
-    ``ice_servers`` (None: public STUN; empty: host candidates only),
-    ``max_peers`` and ``announce_interval`` go to :class:`WebRtcTransport`.
-    ``max_inbound`` caps inbound TCP connections; ``handshake_timeout`` is the
-    time a new wire has to speak bugout.
-
-    Events (``on(name, fn)``): ``seen(address)``, ``left(address)``,
-    ``message(address, value)``, ``ping(address)``, ``wireseen(address)``,
-    ``wireleft(address)``, ``connections(count)``, ``rpc(address, name, args)``.
-
-    Bounds, whatever peers do: a wire's send queue (``max_message`` + 1 MiB of
-    our own payloads; relays are dropped long before), all send queues
-    (``max_message`` + 16 MiB: the wire with most waiting goes first), messages
-    partly received on all wires (``max_message`` + 1 MiB: likewise), a
-    message that stops progressing, the peer table and new identities per
-    remote address (:class:`BugoutCore`). Wires of the addresses given to
-    :meth:`prioritize` are never the ones closed for room, and take no relays
-    that would delay our own payloads.
+    ``Bugout(identifier, settings)``, or ``Bugout(identifier, **options)``
+    with the node's fields of :class:`Settings` (``NODE_SETTINGS``: ``host``,
+    ``port``, ``peers``, ``lsd``, ``dht``, ...; .env is not read).
+    ``announce_interval`` goes to :class:`WebRtcTransport`;
+    ``handshake_timeout`` is the time a new wire has to speak bugout. Events:
+    ``seen``, ``left``, ``message``, ``ping``, ``rpc``, ``wireseen``,
+    ``wireleft``, ``connections`` (the theory of operation above says when
+    each comes).
     """
 
-    def __init__(self, identifier: str, *, seed: str | None = None,
-                 host: str = "0.0.0.0", port: int = 0, peers: Iterable[str] = (),
-                 lsd: bool = True, heartbeat: float = 30.0,
-                 max_message: int = DEFAULT_MAX_MESSAGE,
-                 timeout_ms: int = PEER_TIMEOUT_MS, listen: bool = True,
-                 dht: bool = True, dht_bootstrap: Iterable[str] = DHT_BOOTSTRAP,
-                 dht_port: int | None = None,
-                 trackers: str | Iterable[str] | None = None,
-                 ice_servers: str | Iterable[str] | None = None,
-                 max_peers: int | None = None, announce_interval: float | None = None,
-                 max_inbound: int = DEFAULT_MAX_INBOUND,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+    def __init__(self, identifier: str, settings: Settings | None = None, *,
+                 heartbeat: float = 30.0, timeout_ms: int = PEER_TIMEOUT_MS, listen: bool = True,
+                 announce_interval: float | None = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, **options: Any) -> None:
+        settings = Settings.of(settings, {}, node_options(options))
+        max_message = settings.max_message
+        #: the settings it was made with (the node's fields are the ones it reads)
+        self.settings = settings
         self.identifier = identifier
-        self.identity = Identity(seed)
+        self.identity = Identity(settings.seed)
         self.core = BugoutCore(identifier, self.identity, timeout_ms=timeout_ms, max_json=max_message)
         self.infohash, self.metadata = infohash_of(identifier)
         self.peer_id = make_peer_id()
-        self.host, self.port, self.listen = host, port, listen
-        self.lsd, self.heartbeat, self.max_message = lsd, heartbeat, max_message
-        self.max_inbound, self.handshake_timeout = int(max_inbound), handshake_timeout
+        self.host, self.port, self.listen = settings.host, settings.port, listen
+        self.lsd, self.heartbeat, self.max_message = settings.lsd, heartbeat, max_message
+        self.max_inbound, self.handshake_timeout = settings.max_inbound, handshake_timeout
         #: bytes of our own payloads one wire may leave unread; bytes waiting in all send
         #: queues; bytes of messages partly received on all wires
         self.max_send_queue = max_message + (1 << 20)
         self.max_send_total = max_message + (16 << 20)
         self.max_partial = max_message + (1 << 20)
-        self.static_peers = [_split_hostport(p) for p in peers]
+        self.static_peers = [_split_hostport(p) for p in settings.peers]
         #: DHT discovery: on/off, bootstrap host:port list, UDP port (None: the TCP port's number)
-        self.dht, self.dht_port = dht, dht_port
-        self.dht_bootstrap = list(dht_bootstrap)
+        self.dht, self.dht_port = settings.dht, settings.dht_port
+        self.dht_bootstrap = list(settings.dht_bootstrap)
         for entry in self.dht_bootstrap:
             _split_hostport(entry)
         self._dht: Dht | None = None
@@ -3842,8 +3981,7 @@ class Bugout:
         self._hello_timer: asyncio.TimerHandle | None = None
         self._closed = False
         #: WebRTC through WebSocket trackers (off without trackers)
-        self.webrtc = WebRtcTransport(self, trackers, ice_servers, max_peers=max_peers,
-                                      announce_interval=announce_interval)
+        self.webrtc = WebRtcTransport(self, settings, announce_interval=announce_interval)
 
     @property
     def address(self) -> str:
@@ -3949,7 +4087,7 @@ class Bugout:
 
     # API as in JS bugout
     def on(self, event: str, callback: Callable) -> None:
-        """Subscribe to an event (see the class docstring)."""
+        """Subscribe to an event (the theory of operation above lists them)."""
         self._listeners[event].append(callback)
 
     def emit(self, event: str, *args: Any) -> None:
@@ -4497,25 +4635,18 @@ class Bugout:
             self._dht.add_node((conn.remote_host.removeprefix("::ffff:"), port))
 
 
-def bugout_from_env(token: str, env: dict, *, seed: str | None = None, host: str | None = None,
-                    port: int | None = None, peers: str | Iterable[str] | None = None,
-                    lsd: bool | None = None, dht: bool | None = None,
-                    dht_bootstrap: Iterable[str] | None = None, dht_port: int | None = None,
-                    trackers: str | Iterable[str] | None = None,
-                    ice_servers: str | Iterable[str] | None = None,
-                    max_peers: int | None = None) -> Bugout:
-    """A Bugout node from explicit arguments, else the transport keys of ``env``."""
-    return Bugout(
-        token, seed=_config(env, "seed", seed), host=_config(env, "host", host, "0.0.0.0"),
-        port=int(_config(env, "port", port, 0)),
-        peers=_split_setting(_config(env, "peers", peers, "")),
-        lsd=_word(_config(env, "lsd", lsd), True),
-        max_message=int(_config(env, "maxMessage", None, DEFAULT_MAX_MESSAGE)),
-        trackers=_config_list(env, "trackers", trackers),
-        ice_servers=_config_list(env, "iceServers", ice_servers),
-        max_peers=_config(env, "maxPeers", max_peers),
-        max_inbound=int(_config(env, "maxInbound", None, DEFAULT_MAX_INBOUND)),
-        **dht_options(env, dht, dht_bootstrap, dht_port))
+# Earlier ways to the same: kept for callers of version 0.1.
+
+def bugout_from_env(token: str, env: dict[str, str], **options: Any) -> Bugout:
+    """``Bugout(token, Settings.load(env, **options))``."""
+    return Bugout(token, Settings.load(env, **node_options(options)))
+
+
+def dht_options(env: dict[str, str], dht: bool | None = None, bootstrap: Iterable[str] | None = None,
+                port: int | None = None) -> dict:
+    """Bugout's DHT keyword arguments, as :meth:`Settings.load` reads them."""
+    found = Settings.load(env, dht=dht, dht_bootstrap=bootstrap, dht_port=port)
+    return {"dht": found.dht, "dht_bootstrap": list(found.dht_bootstrap), "dht_port": found.dht_port}
 
 
 # Status: metrics and health over HTTP #######################################
@@ -4805,8 +4936,8 @@ def check_npm_package(text: Any) -> str:
 #
 # - master.py answers ``keyProof: 1``. The worker then calls ``isMaster``
 #   again with ``{"challenge": 32 fresh random bytes in hex}``; the answer's
-#   ``proof`` must be HMAC-SHA256(K, label || nonce || master address || 0 ||
-#   worker address), K derived from the key (:func:`master_proof`). It binds
+#   ``proof`` must be HMAC-SHA256(K, label || 0 || nonce || master address ||
+#   0 || worker address), K derived from the key (:func:`master_proof`). It binds
 #   our nonce to both bugout addresses, so it cannot be replayed or relayed.
 #   The failed check decrypts nothing of the peer's, so it is no oracle.
 # - An unchanged JS master cannot answer that, so its proof is its asset
@@ -4828,12 +4959,19 @@ def check_npm_package(text: Any) -> str:
 # once, CHECK_QUEUE waiting; masters known to have proved the key, pinned
 # ones, failover asks and peers with a wire of their own skip that line
 # (URGENT_CHECKS at once), so a flood of silent identities sharing an
-# attacker's wire never keeps the real master waiting.
+# attacker's wire never keeps the real master waiting. Proofs are bounded
+# too: PROOF_CONCURRENCY at once (a stalled one makes room, up to PROOF_MAX).
+#
+# An address that proved the key once (this run or an earlier one: the
+# journal keeps the last MAX_PROVEN) is adopted on its "yes" without a new
+# proof: only the holder of its signing key can answer from it.
 #
 # A proven master keeps the worker until it leaves (its ``x``, its timeout,
-# or its last wire gone) or fails (requestWork unreachable or unanswered
-# twice). Another peer's "yes" meanwhile only makes it a candidate. When the
-# master is lost, the worker asks the proven addresses it knows, then the
+# or its last wire gone) or fails (an RPC to it finds no wire, or twice gets
+# no answer; an answered requestWork resets that count). Another peer's
+# "yes" meanwhile only makes it a candidate, and a proof that ends after
+# another master was adopted only marks its peer as proven. When the master
+# is lost, the worker asks the proven addresses it knows, then the
 # candidates and known peers, and adopts the first that proves the key.
 # ``master=`` pins addresses: no other peer is asked or accepted.
 
@@ -5290,6 +5428,9 @@ class Outbox:
     3. A result leaves the outbox when delivered: acknowledged by master.py,
        or written to a wire for a JS master, which gives no acknowledgement.
     4. A failed delivery keeps everything it carried, in order, for the next.
+    5. The journal forgets a delivered result after the fact, on its thread:
+       a crash in between delivers it again (master.py keeps one result per
+       job id and drops the repeat).
 
     Results wait in memory while their commit runs (``pending``); committed
     ones are kept in memory for delivery up to OUTBOX_MEMORY and paged in
@@ -6111,11 +6252,12 @@ async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> boo
 class Worker:
     """The JS queue-xec Worker's API in Python.
 
-    ``Worker(token, name, loglevel, transfer_encrypt_token)``; each option falls
-    back to the JS env keys (``token``, ``name``, ``LOG_LEVEL``,
-    ``transferEncryptToken``, ``getBatch``, ``batchSize``) and the transport
-    keys (``port``, ``host``, ``peers``, ``lsd``, ``seed``, ``maxMessage``,
-    ``dht``, ``dhtBootstrap``, ``dhtPort``, ``trackers``, ``iceServers``, ``maxPeers``).
+    ``Worker(token, name, loglevel, transfer_encrypt_token, **options)``:
+    ``options`` are the other fields of :class:`Settings` (``get_batch``,
+    ``batch_size``, ``folder``, ``port``, ``peers``, ``concurrency``, ...),
+    and each setting not given comes from ``env`` (default: .env and the
+    environment, :func:`load_env`) under its JS key (``getBatch``, ...), else
+    its default. Or ``Worker(settings=Settings.load(...))``.
 
     Tasks run in child processes (``concurrency`` at once, ``auto``: one per
     core), each capped at ``jobMemoryMB``, ended after ``jobTimeout`` seconds;
@@ -6133,51 +6275,40 @@ class Worker:
 
     def __init__(self, token: str | None = None, name: str | None = None,
                  loglevel: str | None = None, transfer_encrypt_token: str | None = None,
-                 *, get_batch: bool | None = None, batch_size: int | None = None,
-                 folder: str | Path | None = None, env: dict | None = None,
-                 port: int | None = None, host: str | None = None,
-                 peers: Iterable[str] | None = None, lsd: bool | None = None,
-                 seed: str | None = None, job_timeout: float | None = None,
-                 dht: bool | None = None, dht_bootstrap: Iterable[str] | None = None,
-                 dht_port: int | None = None,
-                 trackers: str | Iterable[str] | None = None,
-                 ice_servers: str | Iterable[str] | None = None,
-                 max_peers: int | None = None, master: str | Iterable[str] | None = None,
-                 concurrency: int | str | None = None, job_memory_mb: int | None = None,
-                 stop_timeout: float | None = None, task_runner: str | None = None,
-                 status_port: int | None = None, status_host: str | None = None) -> None:
-        env = load_env(".env") if env is None else env
-        self.token = _config(env, "token", token)
+                 *, env: dict[str, str] | None = None, settings: Settings | None = None,
+                 **options: Any) -> None:
+        settings = Settings.of(settings, env, {"token": token, "name": name, "loglevel": loglevel,
+                                               "transfer_encrypt_token": transfer_encrypt_token, **options})
+        #: every setting, as read from the arguments, .env and the environment
+        self.settings = settings
+        self.token = settings.token
         if not self.token:
             raise WorkerError("no token: set token in .env (python worker.py --setup)")
-        key = _config(env, "transferEncryptToken", transfer_encrypt_token)
+        key = settings.transfer_encrypt_token
         if not key:
             raise WorkerError("no transferEncryptToken: set it in .env (python worker.py --setup)")
         self.crypt = Crypt(key)
-        pinned = _split_setting(_config(env, "master", master, ""))
+        pinned = list(settings.master)
         for address in pinned:
             if not is_address(address):
                 raise WorkerError(f"master= holds {address!r}, which is not a bugout address")
-        self.name = _config(env, "name", name, socket.gethostname())
-        Logger(_config(env, "LOG_LEVEL", loglevel, "info"), env.get("logFile") or None)
-        self.get_batch = _word(_config(env, "getBatch", get_batch), False)
-        self.batch_size = int(_config(env, "batchSize", batch_size, DEFAULT_BATCH_SIZE))
-        self.folder = Path(_config(env, "folder", folder, os.getcwd())).resolve()
-        self.job_timeout = float(_config(env, "jobTimeout", job_timeout, 0)) or None
+        self.name = settings.name
+        Logger(settings.loglevel or "info", settings.log_file)
+        self.get_batch = settings.get_batch
+        self.batch_size = settings.batch_size
+        self.folder = settings.folder
+        self.job_timeout = settings.job_timeout
         #: jobs at once, each in a child process of its own
-        self.concurrency = parse_concurrency(_config(env, "concurrency", concurrency, 1))
+        self.concurrency = settings.concurrency
         #: the memory cap of each child in MB, or None
-        self.job_memory_mb = parse_memory_mb(_config(env, "jobMemoryMB", job_memory_mb))
+        self.job_memory_mb = settings.job_memory_mb
         #: seconds a stop waits for held jobs and their results
-        self.stop_timeout = float(_config(env, "stopTimeout", stop_timeout, 30))
+        self.stop_timeout = settings.stop_timeout
         #: ``process`` (task.py in child processes) or ``thread`` (in the worker's process)
-        self.task_runner = str(_config(env, "taskRunner", task_runner, "process")).strip().lower()
+        self.task_runner = settings.task_runner
         if self.task_runner not in ("process", "thread"):
             raise WorkerError(f"taskRunner={self.task_runner!r}: give process (the default) or thread")
-        self.node = bugout_from_env(
-            self.token, env, seed=seed, host=host, port=port, peers=peers, lsd=lsd, dht=dht,
-            dht_bootstrap=dht_bootstrap, dht_port=dht_port, trackers=trackers,
-            ice_servers=ice_servers, max_peers=max_peers)
+        self.node = Bugout(self.token, settings)
         #: who may command this worker: the proven master, candidates, bans
         self.trust = MasterTrust(pinned)
         #: the crash-safe state in the worker folder, and the results it holds
@@ -6217,10 +6348,8 @@ class Worker:
         #: what /metrics shows: job durations, failures by error type (bounded), when assets came
         self.job_seconds = Histogram()
         self.failures: collections.Counter = collections.Counter()
-        port_setting = _config(env, "statusPort", status_port)
         #: the status page's port (None: off) and address (statusPort, statusHost)
-        self.status_port = None if port_setting in (None, "", "off") else int(port_setting)
-        self.status_host = str(_config(env, "statusHost", status_host, "127.0.0.1"))
+        self.status_port, self.status_host = settings.status_port, settings.status_host
         self._status: StatusServer | None = None
         self._started = time.monotonic()
         self._assets_since: float | None = None
@@ -7178,8 +7307,13 @@ def main(argv: list[str] | None = None) -> int:
     return asyncio.run(run_worker(worker))
 
 
-# Templates: the task child, the Node runner, the demo task ##################
+# Templates ##################################################################
+#
+# The source the worker hands to other processes, kept last as bottle keeps
+# its templates: the program of every task child, the runner of task.js, the
+# npm check, and the demo's task.py.
 
+#: Every task child's program, piped into ``python -`` (see "Worker: running tasks").
 TASK_CHILD_PY = r'''# A task's child process, started by worker.py (queue-xec Python worker) as
 # "python -" with this program on stdin. It limits itself, then runs task.py
 # (argv: TASK DEPS) or becomes another program (argv: --exec PROGRAM ARGS...).
@@ -7332,6 +7466,7 @@ except BaseException:
 exit_now(code)
 '''
 
+#: Written into the worker folder as NODE_RUNNER_NAME; each node child runs task.js with it.
 NODE_RUNNER_JS = r"""// Written by worker.py (queue-xec Python worker): runs task.js as the JS worker
 // does. Jobs come in and answers go out as JSON lines on the socket whose fd is
 // QX_RUNNER_FD; stdout and stderr are the task's own (the worker logs them).
@@ -7433,6 +7568,7 @@ process.stdout.write(JSON.stringify(specs.filter((spec) => {
 })));
 """
 
+#: The task.py of ``python worker.py --demo``.
 DEMO_TASK = '''\
 """Demo task: count the primes below a bound."""
 
