@@ -595,7 +595,7 @@ class Master:
         settings = Settings.of(settings, env, {"token": token, "loglevel": loglevel,
                                                "transfer_encrypt_token": transfer_encrypt_token,
                                                **node_options(options)})
-        #: the swarm's keys and the node's settings (the worker-only ones are not read)
+        #: the settings; master.py uses the swarm's keys, loglevel and the node's
         self.settings = settings
         self.token = settings.token
         if not self.token:

@@ -335,8 +335,8 @@ def as_dict(value: Any) -> dict:
 # default; then it is read as its type. ``trackers`` and ``iceServers`` differ
 # in one point: set and empty means none (WebRTC off; host candidates only).
 # The Worker takes a Settings, master.py too, and so does the node (Bugout),
-# which hands it on to the DHT, the trackers and WebRTC. The keyword arguments
-# of all three are the field names of Settings, listed once, below.
+# which hands it on to the DHT, the trackers and WebRTC. All three take its
+# fields as keyword arguments too; they are listed once, below.
 
 #: bugout's trackers (bugout index.js), used when none are configured.
 DEFAULT_TRACKERS = ("wss://hub.bugout.link", "wss://tracker.openwebtorrent.com",
