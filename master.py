@@ -60,7 +60,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,20 +68,21 @@ from worker import (
     JOBS_WAITING,
     NO_ANSWER,
     PROOF_LABEL,
+    Bugout,
     Crypt,
     CryptError,
     Exposition,
     Helper,
     Logger,
+    Settings,
     StatusServer,
     WorkerError,
-    _config,
     as_dict,
-    bugout_from_env,
     json_dumps,
     load_env,
     make_seed,
     master_proof,
+    node_options,
     process_rss_bytes,
     write_env_file,
 )
@@ -566,10 +567,12 @@ class Lease:
 class Master:
     """The JS queue-xec Master's API in Python, plus leases and a durable queue.
 
-    Transport keys as the Worker's (``port``, ``host``, ``lsd``, ``seed``,
-    ``dht``, ``dhtBootstrap``, ``dhtPort``, ``trackers``, ``iceServers``,
-    ``maxPeers``); unset ``trackers`` means bugout's public wss:// trackers,
-    an empty one none. ``db``: the SQLite file of the queue (in memory unless
+    ``options``: the node's settings, as the Worker's (worker.py's
+    ``NODE_SETTINGS``: ``port``, ``host``, ``peers``, ``lsd``, ``seed``,
+    ``dht``, ``trackers``, ...), each from ``env`` (default: .env and the
+    environment) when not given; or ``settings=Settings.load(...)``. Unset
+    ``trackers`` means bugout's public wss:// trackers, an empty one none.
+    ``db``: the SQLite file of the queue (in memory unless
     told; a file continues where the last master on it stopped). ``out``: a
     JSON-lines file that gets each result exactly once.
 
@@ -584,34 +587,29 @@ class Master:
     def __init__(self, token: str | None = None, exec_assets: dict | None = None,
                  on_results: Callable[[Any], Any] | None = None,
                  loglevel: str | None = None, transfer_encrypt_token: str | None = None,
-                 *, folder: str | Path | None = None, env: dict | None = None,
-                 host: str | None = None, port: int | None = None,
-                 peers: Iterable[str] = (), lsd: bool | None = None,
-                 seed: str | None = None, lease_seconds: float = 60.0,
-                 dht: bool | None = None, dht_bootstrap: Iterable[str] | None = None,
-                 dht_port: int | None = None,
-                 trackers: str | Iterable[str] | None = None,
-                 ice_servers: str | Iterable[str] | None = None,
-                 max_peers: int | None = None, db: str | Path = ":memory:",
-                 out: str | Path | None = None, status_port: int | None = None,
-                 status_host: str = "127.0.0.1") -> None:
-        env = load_env(".env") if env is None else env
-        self.token = _config(env, "token", token)
+                 *, folder: str | Path | None = None, env: dict[str, str] | None = None,
+                 settings: Settings | None = None, lease_seconds: float = 60.0,
+                 db: str | Path = ":memory:", out: str | Path | None = None,
+                 status_port: int | None = None, status_host: str = "127.0.0.1",
+                 **options: Any) -> None:
+        settings = Settings.of(settings, env, {"token": token, "loglevel": loglevel,
+                                               "transfer_encrypt_token": transfer_encrypt_token,
+                                               **node_options(options)})
+        #: the settings; master.py uses the swarm's keys, loglevel and the node's
+        self.settings = settings
+        self.token = settings.token
         if not self.token:
             raise WorkerError("no token")
-        self.crypt = Crypt(_config(env, "transferEncryptToken", transfer_encrypt_token) or "")
+        self.crypt = Crypt(settings.transfer_encrypt_token or "")
         self._proof_key = self.crypt.derive(PROOF_LABEL)
         self._undecryptable_logged = float("-inf")
-        if loglevel is not None or env.get("LOG_LEVEL"):
-            Logger(_config(env, "LOG_LEVEL", loglevel, "info"))
+        if settings.loglevel is not None:
+            Logger(settings.loglevel)
         self.folder = Path(folder or Path.cwd())
         self.exec_assets = exec_assets or {"files": [], "dependencies": []}
         self.on_results = on_results or (lambda result: None)
         self.lease_seconds = lease_seconds
-        self.node = bugout_from_env(
-            self.token, env, seed=seed, host=host, port=port, peers=peers or None, lsd=lsd, dht=dht,
-            dht_bootstrap=dht_bootstrap, dht_port=dht_port, trackers=trackers,
-            ice_servers=ice_servers, max_peers=max_peers)
+        self.node = Bugout(self.token, settings)
         #: jobs waiting and on lease, results (see Store); the ``out`` file, if any
         self.store = Store(db)
         try:

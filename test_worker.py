@@ -2844,6 +2844,16 @@ class TestCommandLine(unittest.TestCase):
         self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
         self.assertIn("all results right", done.stdout)
 
+    def test_demo_loads_worker_py_once(self):
+        """master.py's ``from worker import`` finds the running module: one set of classes."""
+        done = subprocess.run([sys.executable, "-X", "importtime", WORKER_PY, "--demo"], check=False,
+                              capture_output=True, text=True, timeout=120, cwd=HERE)
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()
+                    if line.startswith("import time:")]
+        self.assertIn("master", imported)
+        self.assertNotIn("worker", imported)
+
     def test_sigterm_finishes_and_delivers_held_jobs(self):
         async def scenario(tmp):
             cluster = await Cluster(tmp).start()

@@ -14,13 +14,6 @@ Usage::
     python worker.py             # wait for jobs
     python worker.py --demo      # a local master, demo jobs, loopback only
 
-Layout (read it top to bottom): errors, the seed classes (Helper, Logger,
-Crypt, .env file), codecs (bencode, base58, RIPEMD-160), bugout identity and
-packets, the sans-I/O bugout core, the sans-I/O peer wire, transports (TCP,
-LSD, DHT), the asyncio Bugout node, trackers and WebRTC (a sans-I/O tracker
-core, aiortc data channels; for peers behind NAT), the Worker (task.py or
-task.js in child processes), the command line.
-
 Exceptions::
 
     WorkerError
@@ -34,9 +27,49 @@ Exceptions::
      +-- RpcTimeout (also TimeoutError)
      |    +-- RpcUnreachable: no wire open to carry the answer
      +-- UnsafeAsset (also ValueError): a path or dependency refused
+     +-- ProofFailed: a peer said it is the master and did not prove the key
+     +-- AssetError (also ValueError): a master's asset answer of the wrong shape or hashes
+     +-- JournalError: the journal file is not ours, or is damaged
      +-- TaskError: a job failed in its child (``error`` is its error field)
           +-- JsTaskError: task.js's run threw or rejected
           +-- TaskProcessError: no node or npm, the task does not load, its process died
+
+Sections, top to bottom: the code of each uses what the sections above it
+define, and its own names; only the templates at the end come after their
+users (and, in type hints, the transports name the Bugout node they serve)::
+
+    Errors                                   every exception class of the tree above
+    Helpers used everywhere                  background tasks, rate and log limits, time, JSON
+    Settings                                 .env and the environment, read once into Settings
+    Helper                                   the JS Helper's utilities
+    Logger                                   the JS Logger on stdlib logging
+    Crypt                                    AES-256-CBC, as the JS Crypt
+    Bencode                                  with the JS rules
+    Base58                                   base58 and base58check
+    RIPEMD-160                               hashlib's, or pure Python
+    bugout identity                          seeds, keys, addresses, the swarm's infohash
+    bugout packets                           BugoutCore: payloads in, events out (sans-I/O)
+    Peer wire (BEP 3, 6, 10)                 PeerWire: handshakes, framing (sans-I/O)
+    Connections: what TCP and WebRTC ...     Connection: a wire's states and bounds
+    TCP transport                            WireConnection, the acceptor
+    LSD (BEP 14)                             local service discovery
+    DHT (BEP 5): KRPC messages               queries, answers, errors, compact addresses
+    DHT (BEP 5): routing table               k-buckets
+    DHT (BEP 5): lookups, peer store, ...    iterative lookups, announced peers
+    DHT (BEP 5): the node, sans-I/O          DhtCore
+    DHT (BEP 5): asyncio adapter             Dht, on UDP
+    Trackers and WebRTC                      TrackerClient (sans-I/O)
+    Trackers and WebRTC: asyncio             TrackerSession, RtcConnection, WebRtcTransport
+    The bugout node                          Bugout; its theory of operation
+    Status: metrics and health over HTTP     /metrics, /healthz, systemd notify
+    Worker: assets and dependencies          safe paths, pip and npm requirements
+    Worker: trusting a master                MasterTrust; its theory of operation
+    Worker: the journal and the outbox       Journal, Outbox; their theory of operation
+    Worker: running tasks                    task.py in child processes (or a thread)
+    Worker: running task.js with Node        npm, node children
+    Worker                                   the Worker class
+    Command line                             --setup, running, --demo, main()
+    Templates                                the task child, the Node runner, the npm check, the demo task
 """
 
 from __future__ import annotations
@@ -156,7 +189,46 @@ class UnsafeAsset(WorkerError, ValueError):
     """An asset path or dependency name that the worker refuses."""
 
 
-# Background tasks ###########################################################
+class ProofFailed(WorkerError):
+    """A peer that claimed to be the master did not prove that it holds the key."""
+
+
+class AssetError(WorkerError, ValueError):
+    """A master's asset answer that does not have the agreed shape or hashes."""
+
+
+class JournalError(WorkerError):
+    """The journal file is not ours, or is damaged."""
+
+
+class TaskError(WorkerError):
+    """A job failed in its child (or by SystemExit); ``error`` is the result's error field."""
+
+    def __init__(self, kind: str, message: str, traceback: str = "") -> None:
+        super().__init__(message if kind == type(self).__name__ else f"{kind}: {message}")
+        #: ``{"type", "message", "traceback"}`` as in every error result
+        self.error = {"type": kind, "message": message, "traceback": traceback}
+
+    @classmethod
+    def from_answer(cls, error: Any) -> TaskError:
+        """From a child's ``error`` field: the task's own error name, message and traceback."""
+        error = error if isinstance(error, dict) else {}
+        return cls(str(error.get("type") or "Error"), str(error.get("message", "")),
+                   str(error.get("traceback") or ""))
+
+
+class JsTaskError(TaskError):
+    """task.js's ``run`` threw or rejected: the JS error's name, message and stack."""
+
+
+class TaskProcessError(TaskError):
+    """A task cannot run: no node or npm, it does not load, its process died or was ended."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__("TaskProcessError", message, detail)
+
+
+# Helpers used everywhere ####################################################
 
 def spawn(coro: Awaitable, tasks: set[asyncio.Task], what: str) -> asyncio.Task:
     """Run ``coro`` in the background, held in ``tasks`` until done; log a failure."""
@@ -171,8 +243,6 @@ def _task_done(tasks: set[asyncio.Task], what: str, task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("%s task failed: %r", what, task.exception(), exc_info=task.exception())
 
-
-# Limits: rates and log lines ###############################################
 
 class _RateLimit:
     """Token buckets by key (the least recently used key is forgotten first)."""
@@ -216,6 +286,324 @@ class _LogLimit:
         held = self._held.pop(key, 0)
         suffix = " (and %d more like it in %.0f s)" % (held, self.interval) if held else ""
         log.log(level, message + suffix, *args, **kw)
+
+
+#: A handler returns this to send no answer (as the JS master for shareResults).
+NO_ANSWER = object()
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
+
+
+def _split_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit():
+        raise WorkerError(f"peer {text!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def json_dumps(value: Any) -> str:
+    """``JSON.stringify`` output: no spaces, non-ASCII kept."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+_STRICT_JSON = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+
+
+def strict_json(value: Any) -> str:
+    """``value`` as JSON any parser reads (no NaN, no Infinity), or ValueError saying why not."""
+    try:
+        return _STRICT_JSON.encode(value)
+    except (TypeError, ValueError, RecursionError) as exc:
+        text = f"the result cannot be sent as JSON: {exc}"
+        if "Out of range float" in str(exc):
+            text += " (NaN, Infinity and -Infinity have no JSON form)"
+        raise ValueError(text) from None
+
+
+def as_dict(value: Any) -> dict:
+    """``value`` if it is a dict, else an empty one (RPC arguments from peers)."""
+    return value if isinstance(value, dict) else {}
+
+
+# Settings ###################################################################
+#
+# Every setting is read here, once, into one frozen Settings: the explicit
+# argument when it is not None, else the key of .env or of the environment
+# (load_env: the environment wins) when it is set and not empty, else the
+# default; then it is read as its type. ``trackers`` and ``iceServers`` differ
+# in one point: set and empty means none (WebRTC off; host candidates only).
+# The Worker takes a Settings, master.py too, and so does the node (Bugout),
+# which hands it on to the DHT, the trackers and WebRTC. All three take its
+# fields as keyword arguments too; they are listed once, below.
+
+#: bugout's trackers (bugout index.js), used when none are configured.
+DEFAULT_TRACKERS = ("wss://hub.bugout.link", "wss://tracker.openwebtorrent.com",
+                    "wss://tracker.btorrent.xyz")
+#: simple-peer's ICE servers, as the JS peers use (aiortc takes the first STUN one).
+DEFAULT_ICE_SERVERS = ("stun:stun.l.google.com:19302", "stun:global.stun.twilio.com:3478")
+#: WebTorrent's cap on connections per torrent (maxConns).
+DEFAULT_MAX_PEERS = 55
+#: Inbound TCP connections at most (env ``maxInbound``).
+DEFAULT_MAX_INBOUND = 200
+#: Public routers a node starts from when nothing else is configured.
+DHT_BOOTSTRAP = ("router.bittorrent.com:6881", "router.utorrent.com:6881",
+                 "dht.transmissionbt.com:6881")
+
+_ENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_.-]*)\s*=\s*(.*?)\s*$")
+
+
+def parse_env(text: str) -> dict[str, str]:
+    """Parse ``.env`` text: comments, quotes, ``export``, blank lines."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = _ENV_LINE.match(line)
+        if match:
+            values[match.group(1)] = _env_value(match.group(2))
+    return values
+
+
+def _env_value(raw: str) -> str:
+    """One value: quoted (escapes in double quotes) or bare (``#`` comment)."""
+    if raw[:1] in ("'", '"') and raw.rfind(raw[0]) > 0:
+        inner = raw[1:raw.rfind(raw[0])]
+        if raw[0] == '"':
+            inner = inner.replace("\\n", "\n").replace('\\"', '"')
+        return inner
+    return re.split(r"\s+#", raw, maxsplit=1)[0].strip()
+
+
+def read_env_file(path: str | Path) -> dict[str, str]:
+    """The file's values, or ``{}`` when it does not exist."""
+    try:
+        return parse_env(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+
+
+def write_env_file(path: str | Path, updates: dict[str, str]) -> None:
+    """Set keys in a ``.env`` file, keeping its other lines; mode 0600."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    pending = dict(updates)
+    for i, line in enumerate(lines):
+        match = _ENV_LINE.match(line)
+        if match and match.group(1) in pending and not line.lstrip().startswith("#"):
+            key = match.group(1)
+            lines[i] = f"{key}={_env_quote(pending.pop(key))}"
+    lines += [f"{k}={_env_quote(v)}" for k, v in pending.items()]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    os.chmod(path, 0o600)
+
+
+def _env_quote(value: str) -> str:
+    """Quote a value when a bare one would not read back the same."""
+    if value and re.fullmatch(r"[A-Za-z0-9_.,:/@+=-]+", value):
+        return value
+    return '"{}"'.format(value.replace('"', '\\"').replace("\n", "\\n"))
+
+
+def _word(value: Any) -> bool:
+    """An env word as a bool: ``false``, ``0``, ``no``, ``off``, empty are false."""
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() not in ("false", "0", "no", "off", "")
+
+
+def _split_setting(value: str | Iterable[str]) -> list[str]:
+    """A comma-separated setting (or a list) as a list of non-empty items."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [item.strip() for item in items if item and item.strip()]
+
+
+def _items(value: str | Iterable[str]) -> tuple[str, ...]:
+    return tuple(_split_setting(value))
+
+
+def parse_concurrency(value: Any) -> int:
+    """``concurrency``: how many jobs run at once, each in a child; ``auto``: one per core."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        try:
+            return len(os.sched_getaffinity(0))  # the cores this process may use
+        except AttributeError:
+            return os.cpu_count() or 1
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise WorkerError(f"concurrency={value!r}: give a whole number of jobs at once (1 or more) or auto")
+
+
+def parse_memory_mb(value: Any) -> int | None:
+    """``jobMemoryMB``: the memory cap of each child in MB, or None (unset or 0: no cap)."""
+    text = "" if value is None else str(value).strip()
+    if text in ("", "0"):
+        return None
+    if text.isdigit():
+        return int(text)
+    raise WorkerError(f"jobMemoryMB={value!r}: give a whole number of megabytes, or 0 for no cap")
+
+
+def parse_trackers(value: str | Iterable[str] | None) -> list[str]:
+    """Tracker URLs: None is bugout's defaults, empty is none; only ws:// and wss://."""
+    urls = list(DEFAULT_TRACKERS) if value is None else _split_setting(value)
+    for url in urls:
+        if not re.fullmatch(r"wss?://[^\s/?#]+(/[^\s]*)?", url):
+            raise WorkerError(f"tracker {url!r}: only ws:// and wss:// URLs are WebSocket trackers")
+    return urls
+
+
+@dataclasses.dataclass(frozen=True)
+class IceServer:
+    """A STUN or TURN server: ``url`` (``stun:host:port``), TURN user and password."""
+    url: str
+    username: str | None = None
+    credential: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> IceServer:
+        """``stun:host[:port]`` or ``turn[s]:user:pass@host[:port][?transport=udp|tcp]``.
+
+        User and password are percent-decoded, so ``%40``, ``%3A`` and ``%2C``
+        stand for ``@``, ``:`` and ``,`` in them.
+        """
+        from urllib.parse import unquote
+        scheme, sep, rest = text.strip().partition(":")
+        scheme = scheme.lower()
+        if not sep or scheme not in ("stun", "stuns", "turn", "turns"):
+            raise WorkerError(f"ICE server {text!r}: use stun:HOST:PORT or turn:USER:PASS@HOST:PORT")
+        username = credential = None
+        if "@" in rest:
+            login, _, rest = rest.rpartition("@")
+            username, sep, credential = login.partition(":")
+            if not sep or not username:
+                raise WorkerError(f"ICE server {text!r}: credentials are USER:PASS@")
+            username, credential = unquote(username), unquote(credential)
+        if scheme.startswith("turn") and username is None:
+            raise WorkerError(f"ICE server {text!r}: a TURN server needs USER:PASS@")
+        if not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?(\?transport=(udp|tcp))?", rest):
+            raise WorkerError(f"ICE server {text!r}: bad host, port or transport")
+        return cls(f"{scheme}:{rest}", username, credential)
+
+
+def parse_ice_servers(value: str | Iterable[str] | None) -> list[IceServer]:
+    """ICE servers: None is the JS peers' STUN servers, empty is host candidates only."""
+    return [IceServer.parse(s) for s in (DEFAULT_ICE_SERVERS if value is None else _split_setting(value))]
+
+
+def _setting(key: str, default: Any = None, read: Callable[[Any], Any] | None = None, *,
+             node: bool = False, keep_empty: bool = False, secret: bool = False) -> Any:
+    """A field of :class:`Settings`: its .env key, its default (a callable one is called
+    when needed) and how a value not None is read; ``node``: the node takes it too."""
+    return dataclasses.field(repr=not secret, metadata={
+        "key": key, "default": default, "read": read, "node": node, "keep_empty": keep_empty})
+
+
+def _read_setting(meta: Any, value: Any, env: dict[str, str]) -> Any:
+    """One setting: ``value`` if not None, else its env key if set and not empty, else its default."""
+    if value is None:
+        value = env.get(meta["key"])
+        if value == "" and not meta["keep_empty"]:
+            value = None
+    if value is None:
+        value = meta["default"]() if callable(meta["default"]) else meta["default"]
+    return value if value is None or meta["read"] is None else meta["read"](value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every setting of the Worker, master.py and the node, as read by :meth:`load`.
+
+    The field names are the keyword arguments of ``Worker``, ``Master`` and
+    ``Bugout``; each field's ``key`` (its metadata) is its .env key, the JS name
+    (README, "Settings"). The Worker reads every field, master.py the swarm's,
+    ``loglevel`` and the node's (``NODE_SETTINGS``), Bugout the node's.
+    """
+    # the swarm
+    token: str | None = _setting("token")
+    transfer_encrypt_token: str | None = _setting("transferEncryptToken", secret=True)
+    # the worker
+    name: str = _setting("name", socket.gethostname)
+    loglevel: str | None = _setting("LOG_LEVEL")
+    log_file: str | None = _setting("logFile", None, lambda v: v or None)
+    get_batch: bool = _setting("getBatch", False, _word)
+    batch_size: int = _setting("batchSize", DEFAULT_BATCH_SIZE, int)
+    folder: Path = _setting("folder", os.getcwd, lambda v: Path(v).resolve())  # noqa: RUF009 - a field()
+    job_timeout: float | None = _setting("jobTimeout", 0, lambda v: float(v) or None)
+    concurrency: int = _setting("concurrency", 1, parse_concurrency)
+    job_memory_mb: int | None = _setting("jobMemoryMB", None, parse_memory_mb)
+    stop_timeout: float = _setting("stopTimeout", 30, float)
+    task_runner: str = _setting("taskRunner", "process", lambda v: str(v).strip().lower())
+    master: tuple[str, ...] = _setting("master", "", _items)
+    status_port: int | None = _setting("statusPort", None, lambda v: None if v in ("", "off") else int(v))
+    status_host: str = _setting("statusHost", "127.0.0.1", str)
+    # the node: TCP, LSD, the DHT, trackers and WebRTC
+    seed: str | None = _setting("seed", node=True)
+    host: str = _setting("host", "0.0.0.0", node=True)
+    port: int = _setting("port", 0, int, node=True)
+    peers: tuple[str, ...] = _setting("peers", "", _items, node=True)
+    lsd: bool = _setting("lsd", True, _word, node=True)
+    max_message: int = _setting("maxMessage", DEFAULT_MAX_MESSAGE, int, node=True)
+    max_inbound: int = _setting("maxInbound", DEFAULT_MAX_INBOUND, int, node=True)
+    dht: bool = _setting("dht", True, _word, node=True)
+    dht_bootstrap: tuple[str, ...] = _setting("dhtBootstrap", DHT_BOOTSTRAP, _items, node=True)
+    dht_port: int | None = _setting("dhtPort", None, int, node=True)
+    trackers: tuple[str, ...] = _setting("trackers", lambda: DEFAULT_TRACKERS,
+                                         lambda v: tuple(parse_trackers(v)), node=True, keep_empty=True)
+    ice_servers: tuple[IceServer, ...] = _setting("iceServers", lambda: DEFAULT_ICE_SERVERS,
+                                                  lambda v: tuple(parse_ice_servers(v)), node=True,
+                                                  keep_empty=True)
+    max_peers: int = _setting("maxPeers", DEFAULT_MAX_PEERS, int, node=True)
+
+    @classmethod
+    def load(cls, env: dict[str, str] | None = None, **explicit: Any) -> Settings:
+        """Read every setting: ``explicit`` ones, else ``env`` (None: :func:`load_env`), else defaults."""
+        env = load_env() if env is None else env
+        fields = dataclasses.fields(cls)
+        unknown = explicit.keys() - {field.name for field in fields}
+        if unknown:
+            raise TypeError("no such setting: " + ", ".join(sorted(unknown)))
+        return cls(**{f.name: _read_setting(f.metadata, explicit.get(f.name), env) for f in fields})
+
+    @classmethod
+    def of(cls, settings: Settings | None, env: dict[str, str] | None, explicit: dict[str, Any]) -> Settings:
+        """``settings`` as given, or else :meth:`load` ``env`` and ``explicit``; not both."""
+        if settings is None:
+            return cls.load(env, **explicit)
+        if env or any(value is not None for value in explicit.values()):
+            raise TypeError("give settings, or env and keyword arguments, not both")
+        return settings
+
+
+#: The settings the node takes (Bugout's and master.py's keyword arguments besides their own).
+NODE_SETTINGS = frozenset(f.name for f in dataclasses.fields(Settings) if f.metadata["node"])
+#: Every key the worker and master.py read (README, "Settings").
+SETTINGS = tuple(f.metadata["key"] for f in dataclasses.fields(Settings))
+
+
+def node_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` if each one names a setting of the node (NODE_SETTINGS); else TypeError."""
+    extra = sorted(options.keys() - NODE_SETTINGS)
+    if extra:
+        raise TypeError("not a setting of the node: " + ", ".join(extra))
+    return options
+
+
+def load_env(path: str | Path = ".env") -> dict[str, str]:
+    """File values overlaid by variables already in the environment (dotenv rule).
+
+    As with JS dotenv and ``process.env``, a setting may come from the
+    environment alone, without a file.
+    """
+    values = read_env_file(path)
+    for key in (*values, *SETTINGS):
+        if key in os.environ:
+            values[key] = os.environ[key]
+    return values
 
 
 # Helper #####################################################################
@@ -401,90 +789,6 @@ class Crypt:
             return json.loads(plain)
         except ValueError:
             raise CryptError("decrypted data is not JSON") from None
-
-
-def json_dumps(value: Any) -> str:
-    """``JSON.stringify`` output: no spaces, non-ASCII kept."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-# .env file ##################################################################
-
-_ENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_.-]*)\s*=\s*(.*?)\s*$")
-
-
-def parse_env(text: str) -> dict[str, str]:
-    """Parse ``.env`` text: comments, quotes, ``export``, blank lines."""
-    values: dict[str, str] = {}
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        match = _ENV_LINE.match(line)
-        if match:
-            values[match.group(1)] = _env_value(match.group(2))
-    return values
-
-
-def _env_value(raw: str) -> str:
-    """One value: quoted (escapes in double quotes) or bare (``#`` comment)."""
-    if raw[:1] in ("'", '"') and raw.rfind(raw[0]) > 0:
-        inner = raw[1:raw.rfind(raw[0])]
-        if raw[0] == '"':
-            inner = inner.replace("\\n", "\n").replace('\\"', '"')
-        return inner
-    return re.split(r"\s+#", raw, maxsplit=1)[0].strip()
-
-
-def read_env_file(path: str | Path) -> dict[str, str]:
-    """The file's values, or ``{}`` when it does not exist."""
-    try:
-        return parse_env(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-
-
-#: Every key the worker and master.py read (README, "Settings").
-SETTINGS = ("token", "transferEncryptToken", "name", "LOG_LEVEL", "logFile", "getBatch", "batchSize",
-            "jobTimeout", "folder", "port", "host", "peers", "lsd", "dht", "dhtBootstrap", "dhtPort",
-            "trackers", "iceServers", "maxPeers", "maxInbound", "maxMessage", "seed", "master",
-            "concurrency", "jobMemoryMB", "stopTimeout", "taskRunner", "statusPort", "statusHost")
-
-
-def load_env(path: str | Path = ".env") -> dict[str, str]:
-    """File values overlaid by variables already in the environment (dotenv rule).
-
-    As with JS dotenv and ``process.env``, a setting may come from the
-    environment alone, without a file.
-    """
-    values = read_env_file(path)
-    for key in (*values, *SETTINGS):
-        if key in os.environ:
-            values[key] = os.environ[key]
-    return values
-
-
-def write_env_file(path: str | Path, updates: dict[str, str]) -> None:
-    """Set keys in a ``.env`` file, keeping its other lines; mode 0600."""
-    path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-    pending = dict(updates)
-    for i, line in enumerate(lines):
-        match = _ENV_LINE.match(line)
-        if match and match.group(1) in pending and not line.lstrip().startswith("#"):
-            key = match.group(1)
-            lines[i] = f"{key}={_env_quote(pending.pop(key))}"
-    lines += [f"{k}={_env_quote(v)}" for k, v in pending.items()]
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines) + "\n")
-    os.chmod(path, 0o600)
-
-
-def _env_quote(value: str) -> str:
-    """Quote a value when a bare one would not read back the same."""
-    if value and re.fullmatch(r"[A-Za-z0-9_.,:/@+=-]+", value):
-        return value
-    return '"{}"'.format(value.replace('"', '\\"').replace("\n", "\\n"))
 
 
 # Bencode ####################################################################
@@ -2023,9 +2327,6 @@ def _lsd_socket() -> socket.socket:
 
 # DHT (BEP 5): KRPC messages #################################################
 
-#: Public routers a node starts from when nothing else is configured.
-DHT_BOOTSTRAP = ("router.bittorrent.com:6881", "router.utorrent.com:6881",
-                 "dht.transmissionbt.com:6881")
 #: BEP 5: k contacts per bucket; Kademlia's alpha: queries in flight per lookup.
 DHT_K = 8
 DHT_ALPHA = 3
@@ -2830,12 +3131,770 @@ class Dht:
                           event.target.hex()[:8], event.peers, event.answered, event.queries)
 
 
+# Trackers and WebRTC ########################################################
+#
+# Peers that no one can dial (browsers, workers behind NAT) meet the way
+# WebTorrent's do (PROTOCOL.md section 6): each announces the infohash to
+# WebSocket trackers with a few SDP offers, the tracker relays every offer to
+# another peer of the swarm and relays its answer back, and the BitTorrent
+# wire then runs over the RTCDataChannel as a byte stream.
+#
+# TrackerClient is the sans-I/O core of one tracker (frames and time in, frames
+# and events out); TrackerSession moves its frames over a WebSocket;
+# WebRtcTransport makes the peer connections with aiortc; RtcConnection plugs
+# each data channel into Bugout's connection set, as WireConnection does a
+# TCP socket. aiortc and websockets are imported only when trackers are used.
+
+#: bittorrent-tracker's client sends at most 5 offers per announce.
+TRACKER_NUMWANT = 5
+#: seconds between announces until the tracker says (bittorrent-tracker: 120),
+#: and the least we accept from a tracker
+TRACKER_INTERVAL = 120.0
+TRACKER_MIN_INTERVAL = 5.0
+#: an offer nobody answered is closed after this (bittorrent-tracker OFFER_TIMEOUT)
+OFFER_TIMEOUT = 50.0
+#: reconnect back-off: doubles from the first to the last, plus up to 50 % jitter
+RECONNECT_FIRST, RECONNECT_LAST = 5.0, 600.0
+#: WebTorrent's CONNECT_TIMEOUT_WEBRTC: answer to open data channel, then
+#: open channel to BEP 10 handshake (its HANDSHAKE_TIMEOUT)
+RTC_CONNECT_TIMEOUT = 25.0
+#: the largest data-channel message we send: far below the 256 KiB
+#: max-message-size that aiortc and libwebrtc put in their SDP, and the size
+#: that every WebRTC stack, old browsers included, takes
+RTC_CHUNK = 16 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class MakeOffers:
+    """Time to announce: make an offer for some of these ids, then :meth:`TrackerClient.send_announce`."""
+    offer_ids: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RelayedOffer:
+    """Another peer's offer, relayed by the tracker: answer with :meth:`TrackerClient.send_answer`."""
+    peer_id: str
+    offer_id: str
+    sdp: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RelayedAnswer:
+    """The answer to one of our pending offers."""
+    peer_id: str
+    offer_id: str
+    sdp: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DropOffer:
+    """An offer that will not be answered: close its peer connection."""
+    offer_id: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackerUpdate:
+    """An announce response: the swarm's size and the interval in force."""
+    complete: int | None
+    incomplete: int | None
+    interval: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackerWarning:
+    """A ``failure reason`` or ``warning message`` from the tracker."""
+    message: str
+
+
+class TrackerState(enum.Enum):
+    WAITING = 1      # no socket: connect when the back-off has passed
+    CONNECTING = 2
+    OPEN = 3
+    CLOSED = 4
+
+
+_TRACKER_MOVES = {
+    TrackerState.WAITING: {TrackerState.CONNECTING, TrackerState.CLOSED},
+    TrackerState.CONNECTING: {TrackerState.OPEN, TrackerState.WAITING, TrackerState.CLOSED},
+    TrackerState.OPEN: {TrackerState.WAITING, TrackerState.CLOSED},
+    TrackerState.CLOSED: set(),
+}
+
+
+def _is_binary_id(value: Any) -> bool:
+    """A 20-character latin-1 string: how JSON frames carry 20-byte ids."""
+    return isinstance(value, str) and len(value) == 20 and all(ord(c) < 256 for c in value)
+
+
+def _sdp_of(value: Any, kind: str) -> str | None:
+    """The SDP text of ``{type: kind, sdp}``, or None."""
+    if isinstance(value, dict) and value.get("type") == kind and isinstance(value.get("sdp"), str):
+        return value["sdp"]
+    return None
+
+
+class TrackerClient:
+    """One WebSocket tracker without I/O: JSON frames and ``now`` in; frames and events out.
+
+    The adapter opens the socket when :meth:`start_connecting` says so, reports
+    :meth:`connection_made` / :meth:`connection_lost`, feeds every frame to
+    :meth:`receive_frame`, calls :meth:`tick` by :meth:`next_deadline`, and
+    acts on :meth:`events_received`; :meth:`data_to_send` gives JSON texts.
+    Ids (``info_hash``, ``peer_id``, ``offer_id``) are 20-char latin-1 strings.
+    """
+
+    def __init__(self, url: str, infohash: bytes, peer_id: bytes, *,
+                 numwant: int = TRACKER_NUMWANT, interval: float | None = None,
+                 offer_timeout: float = OFFER_TIMEOUT,
+                 random: Callable[[int], bytes] = os.urandom) -> None:
+        if len(infohash) != 20 or len(peer_id) != 20:
+            raise LocalProtocolError("infohash and peer id must be 20 bytes")
+        self.url = url
+        self.numwant = numwant
+        self.offer_timeout = offer_timeout
+        self.state = TrackerState.WAITING
+        #: seconds between announces: the fixed one if given, else the tracker's
+        self.interval = interval or TRACKER_INTERVAL
+        #: failed connections since the last good announce response
+        self.retries = 0
+        #: counters: frames ignored by reason, offers relayed, answers, ...
+        self.stats: collections.Counter = collections.Counter()
+        # private
+        self._fixed_interval = interval is not None
+        self._info_hash = infohash.decode("latin-1")
+        self._peer_id = peer_id.decode("latin-1")
+        self._random = random
+        self._pending: dict[str, float] = {}  # offer id -> deadline, oldest first
+        self._reconnect_at = 0.0
+        self._last_announce: float | None = None
+        self._next_announce: float | None = None
+        self._offering = False
+        self._started = False
+        self._frames: list[str] = []
+        self._events: list = []
+
+    def _set_state(self, state: TrackerState) -> None:
+        if state not in _TRACKER_MOVES[self.state]:
+            raise InvalidState(f"tracker {self.url}: {self.state.name} -> {state.name}")
+        log.debug("- tracker %s %s -> %s", self.url, self.state.name, state.name)
+        self.state = state
+
+    # sans-I/O interface
+    def events_received(self) -> list:
+        """Events since the last call."""
+        events, self._events = self._events, []
+        return events
+
+    def data_to_send(self) -> list[str]:
+        """JSON texts to send, in order."""
+        frames, self._frames = self._frames, []
+        return frames
+
+    @property
+    def pending_offers(self) -> int:
+        """Offers announced and not yet answered or dropped."""
+        return len(self._pending)
+
+    # the connection
+    def start_connecting(self, now: float) -> bool:
+        """True (and CONNECTING) when the adapter should open the socket now."""
+        if self.state is not TrackerState.WAITING or now < self._reconnect_at:
+            return False
+        self._set_state(TrackerState.CONNECTING)
+        return True
+
+    def connection_made(self, now: float) -> None:
+        """The socket is open: announce at once."""
+        self._set_state(TrackerState.OPEN)
+        self._started = False
+        self._next_announce = now
+
+    def connection_lost(self, now: float) -> None:
+        """The socket failed or closed: drop the offers, back off, reconnect."""
+        if self.state not in (TrackerState.CONNECTING, TrackerState.OPEN):
+            return
+        self._drop_all("tracker connection lost")
+        factor = 1.0 + self._random(1)[0] / 510.0
+        self._reconnect_at = now + min(RECONNECT_LAST, RECONNECT_FIRST * 2 ** min(self.retries, 16)) * factor
+        self.retries += 1
+        self._offering = False
+        self._next_announce = None
+        self._set_state(TrackerState.WAITING)
+
+    def close(self, now: float) -> None:
+        """Leave: a ``stopped`` announce when open, every offer dropped. Idempotent."""
+        if self.state is TrackerState.CLOSED:
+            return
+        if self.state is TrackerState.OPEN and self._started:
+            self._frames.append(json_dumps(self._announce_frame("stopped", [])))
+        self._drop_all("closing")
+        self._set_state(TrackerState.CLOSED)
+
+    def _drop_all(self, reason: str) -> None:
+        self._events += [DropOffer(offer_id, reason) for offer_id in self._pending]
+        self._pending.clear()
+
+    # time
+    def tick(self, now: float) -> None:
+        """Expire unanswered offers; ask for offers when an announce is due."""
+        for offer_id, deadline in list(self._pending.items()):
+            if deadline > now:
+                break
+            del self._pending[offer_id]
+            self.stats["offers unanswered"] += 1
+            self._events.append(DropOffer(offer_id, "unanswered"))
+        due = self._next_announce is not None and now >= self._next_announce
+        if self.state is TrackerState.OPEN and due and not self._offering:
+            self._offering = True
+            self._events.append(MakeOffers(tuple(self._random(20).decode("latin-1")
+                                                 for _ in range(self.numwant))))
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` (or :meth:`start_connecting`) has work next."""
+        times = list(self._pending.values())[:1]
+        if self.state is TrackerState.WAITING:
+            times.append(self._reconnect_at)
+        if self.state is TrackerState.OPEN and not self._offering and self._next_announce is not None:
+            times.append(self._next_announce)
+        return min(times, default=None)
+
+    # outgoing
+    def send_announce(self, offers: Iterable[tuple[str, str]], now: float) -> None:
+        """Announce with ``(offer_id, sdp)`` offers (maybe none), after a MakeOffers."""
+        offers = list(offers)
+        self._offering = False
+        if self.state is not TrackerState.OPEN:
+            self._events += [DropOffer(offer_id, "tracker not connected") for offer_id, _ in offers]
+            return
+        frame = self._announce_frame(None if self._started else "started", offers)
+        self._started = True
+        self._frames.append(json_dumps(frame))
+        for offer_id, _ in offers:
+            self._pending[offer_id] = now + self.offer_timeout
+        while len(self._pending) > 2 * self.numwant:  # a short interval must not pile them up
+            self._events.append(DropOffer(next(iter(self._pending)), "superseded"))
+            del self._pending[next(iter(self._pending))]
+        self._last_announce = now
+        self._next_announce = now + self.interval
+        self.stats["announces"] += 1
+
+    def _announce_frame(self, event: str | None, offers: list[tuple[str, str]]) -> dict:
+        """The announce as bittorrent-tracker's client writes it (same key order)."""
+        frame: dict[str, Any] = {"numwant": len(offers), "uploaded": 0, "downloaded": 0, "left": 0}
+        if event:
+            frame["event"] = event
+        frame.update(action="announce", info_hash=self._info_hash, peer_id=self._peer_id)
+        if event != "stopped":
+            frame["offers"] = [{"offer": {"type": "offer", "sdp": sdp}, "offer_id": offer_id}
+                               for offer_id, sdp in offers]
+        return frame
+
+    def send_answer(self, to_peer_id: str, offer_id: str, sdp: str) -> bool:
+        """Answer a relayed offer; False when the socket is gone."""
+        if self.state is not TrackerState.OPEN:
+            return False
+        self._frames.append(json_dumps({
+            "action": "announce", "info_hash": self._info_hash, "peer_id": self._peer_id,
+            "to_peer_id": to_peer_id, "answer": {"type": "answer", "sdp": sdp},
+            "offer_id": offer_id}))
+        self.stats["answers sent"] += 1
+        return True
+
+    # incoming
+    def receive_frame(self, frame: Any, now: float) -> None:
+        """One frame from the tracker: JSON text or its parsed value."""
+        if self.state is not TrackerState.OPEN:
+            return
+        if isinstance(frame, (str, bytes)):
+            try:
+                frame = json.loads(frame)
+            except (ValueError, RecursionError):  # RecursionError: "[[[[..." a megabyte deep
+                frame = None
+        if not isinstance(frame, dict) or frame.get("action") != "announce":
+            self.stats["frames ignored"] += 1
+        elif frame.get("info_hash") != self._info_hash:
+            self.stats["frames for other torrents"] += 1  # a shared socket (JS socket pool)
+        elif frame.get("peer_id") != self._peer_id:
+            self._on_announce(frame, now)
+
+    def _on_announce(self, frame: dict, now: float) -> None:
+        failure = frame.get("failure reason")
+        if failure is not None:
+            self.stats["failures"] += 1
+            self._events.append(TrackerWarning(str(failure)))
+            return
+        if frame.get("warning message") is not None:
+            self._events.append(TrackerWarning(str(frame["warning message"])))
+        self._on_interval(frame)
+        peer_id, offer_id = frame.get("peer_id"), frame.get("offer_id")
+        if "offer" in frame or "answer" in frame:
+            if not (_is_binary_id(peer_id) and _is_binary_id(offer_id)):
+                self.stats["bad offers or answers"] += 1
+            elif "offer" in frame:
+                self._on_offer(peer_id, offer_id, _sdp_of(frame["offer"], "offer"))
+            else:
+                self._on_answer(peer_id, offer_id, _sdp_of(frame["answer"], "answer"))
+
+    def _on_interval(self, frame: dict) -> None:
+        interval = frame.get("interval", frame.get("min interval"))
+        if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval > 0:
+            self.retries = 0  # a real announce response: the tracker works
+            if not self._fixed_interval:
+                self.interval = max(TRACKER_MIN_INTERVAL, float(interval))
+                if self._last_announce is not None and not self._offering:
+                    self._next_announce = self._last_announce + self.interval
+            self._events.append(TrackerUpdate(_int_or_none(frame.get("complete")),
+                                              _int_or_none(frame.get("incomplete")), self.interval))
+
+    def _on_offer(self, peer_id: str, offer_id: str, sdp: str | None) -> None:
+        if sdp is None:
+            self.stats["bad offers or answers"] += 1
+            return
+        self.stats["offers relayed"] += 1
+        self._events.append(RelayedOffer(peer_id, offer_id, sdp))
+
+    def _on_answer(self, peer_id: str, offer_id: str, sdp: str | None) -> None:
+        if sdp is None or offer_id not in self._pending:
+            self.stats["answers unexpected"] += 1
+            return
+        del self._pending[offer_id]
+        self.stats["answers"] += 1
+        self._events.append(RelayedAnswer(peer_id, offer_id, sdp))
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+# Trackers and WebRTC: asyncio ###############################################
+
+class TrackerSession:
+    """Moves one tracker's frames between its WebSocket and its :class:`TrackerClient`."""
+
+    def __init__(self, rtc: WebRtcTransport, client: TrackerClient) -> None:
+        self.rtc = rtc
+        self.client = client
+        # private
+        self._ws: Any = None
+
+    async def run(self) -> None:
+        """Connect, read, reconnect with back-off; until the client is CLOSED."""
+        client = self.client
+        while client.state is not TrackerState.CLOSED:
+            if client.start_connecting(time.monotonic()):
+                await self._connect()
+            else:
+                self._handle_events()
+                deadline = client.next_deadline()
+                await asyncio.sleep(1.0 if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    async def _connect(self) -> None:
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import WebSocketException
+        try:
+            ws = await connect(self.client.url, open_timeout=15, close_timeout=2,
+                               compression=None, max_size=1 << 20)
+        except (OSError, UnicodeError, TimeoutError, WebSocketException) as exc:
+            log.debug("tracker %s: cannot connect: %s", self.client.url, exc)
+            self.client.connection_lost(time.monotonic())
+            return
+        self._ws = ws
+        self.client.connection_made(time.monotonic())
+        try:
+            await self._read(ws)
+        except (OSError, WebSocketException) as exc:
+            log.debug("tracker %s: connection lost: %s", self.client.url, exc)
+        finally:
+            self._ws = None
+            self.client.connection_lost(time.monotonic())
+            self._handle_events()
+            with contextlib.suppress(OSError, WebSocketException):
+                await ws.close()
+
+    async def _read(self, ws: Any) -> None:
+        client = self.client
+        while True:
+            await self.flush()
+            deadline = client.next_deadline()
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                async with asyncio.timeout(wait):
+                    text = await ws.recv()
+            except TimeoutError:
+                continue
+            log.debug("< tracker %s %.200s", client.url, text)
+            client.receive_frame(text, time.monotonic())
+
+    def _handle_events(self) -> None:
+        self.client.tick(time.monotonic())
+        for event in self.client.events_received():
+            self.rtc.on_tracker_event(self, event)
+
+    async def flush(self) -> None:
+        """Act on the client's events, then send its frames."""
+        from websockets.exceptions import WebSocketException
+        self._handle_events()
+        frames = self.client.data_to_send()
+        ws = self._ws
+        for frame in frames if ws is not None else ():
+            log.debug("> tracker %s %.200s", self.client.url, frame)
+            with contextlib.suppress(OSError, WebSocketException):
+                await ws.send(frame)
+
+    async def close(self) -> None:
+        """Say ``stopped`` to the tracker and close the socket."""
+        self.client.close(time.monotonic())
+        await self.flush()
+        if self._ws is not None:
+            from websockets.exceptions import WebSocketException
+            with contextlib.suppress(OSError, WebSocketException):
+                await self._ws.close()
+
+
+class RtcConnection(Connection):
+    """Moves bytes between one RTCDataChannel and its :class:`PeerWire`.
+
+    It stands in Bugout's connection set like a :class:`WireConnection`, so
+    relay, duplicate wires, peers and RPC work the same over WebRTC. The wire
+    is a byte stream, written in messages of at most :data:`RTC_CHUNK` bytes.
+    A data channel cannot half-close: a losing duplicate is closed when the
+    peer closes it, or DRAIN_GRACE after it began to drain.
+    """
+
+    DEADLINE_STAT = "webrtc timeouts"
+
+    def __init__(self, rtc: WebRtcTransport, pc: Any, offerer: bool,
+                 remote_id: str | None = None) -> None:
+        # Both ends of a WebRTC wire send the handshake at once (WebTorrent peer.js).
+        super().__init__(rtc.node, offerer, wire=rtc.node.new_wire(True))
+        self.rtc = rtc
+        self.pc = pc
+        #: no socket, so no address for the DHT code that asks for one
+        self.transport: Any = None
+        #: the other side's tracker peer id (20 latin-1 chars), once known
+        self.remote_id = remote_id
+        self.channel: Any = None
+        self.opened = False
+        pc.on("datachannel", self.attach)
+        pc.on("connectionstatechange", self._on_state)
+
+    @property
+    def peer_name(self) -> str:
+        return "webrtc:" + (self.remote_id or "?").encode("latin-1").decode("ascii", "replace")
+
+    @property
+    def writable(self) -> bool:
+        return (self.state is not ConnState.CLOSED and self.channel is not None
+                and self.channel.readyState == "open")
+
+    def write_buffer(self) -> int:
+        return self.channel.bufferedAmount if self.channel is not None else 0
+
+    def start_timer(self, seconds: float) -> None:
+        """Close unless the wire speaks bugout within ``seconds``."""
+        self.start_deadline(seconds)
+
+    def attach(self, channel: Any) -> None:
+        """Use this data channel (ours, or the one the offerer made)."""
+        if self.channel is not None or self.state is ConnState.CLOSED:
+            channel.close()
+            return
+        self.channel = channel
+        channel.on("open", self._on_open)
+        channel.on("message", self._on_message)
+        channel.on("close", self.close)
+        if channel.readyState == "open":
+            self._on_open()
+
+    def _on_open(self) -> None:
+        if self.opened or self.state is ConnState.CLOSED:
+            return
+        self.opened = True
+        log.debug("- webrtc %s open", self.peer_name)
+        self.start_deadline(self.rtc.connect_timeout)
+        self.node.attach(self)
+        self.node.stats["webrtc wires"] += 1
+        self.flush()
+
+    def _on_message(self, data: bytes | str) -> None:
+        self.feed(data.encode("utf-8") if isinstance(data, str) else data)
+
+    def _on_state(self) -> None:
+        if self.pc.connectionState in ("failed", "closed"):
+            self.close()
+
+    def _write(self, data: bytes) -> None:
+        for start in range(0, len(data), RTC_CHUNK):
+            self.channel.send(data[start:start + RTC_CHUNK])
+
+    def _close_transport(self, abort: bool) -> None:
+        self.rtc._forget(self)
+        self.rtc._spawn(self._shutdown(), closer=True)
+
+    async def _shutdown(self) -> None:
+        try:
+            async with asyncio.timeout(5.0):
+                await self.pc.close()
+        except TimeoutError:
+            log.warning("webrtc %s: peer connection did not close in 5 s", self.peer_name)
+        finally:
+            self.rtc.connections.discard(self)
+            self.lost()
+
+
+class WebRtcTransport:
+    """WebRTC for one :class:`Bugout`: its trackers, peer connections and data channels.
+
+    Off when there are no trackers or aiortc cannot be imported. It makes and
+    answers no more offers once ``max_peers`` wires (TCP ones count) are open
+    or being set up; on top of those each tracker keeps at most
+    ``2 * numwant`` offers waiting, so live peer connections stay bounded.
+    """
+
+    def __init__(self, node: Bugout, settings: Settings, *, numwant: int = TRACKER_NUMWANT,
+                 announce_interval: float | None = None) -> None:
+        self.node = node
+        #: the settings' ``trackers``, ``ice_servers`` and ``max_peers``
+        self.trackers = list(settings.trackers)
+        self.ice_servers = list(settings.ice_servers)
+        self.max_peers = settings.max_peers
+        self.numwant = numwant
+        #: a fixed announce interval (tests); None follows each tracker's
+        self.announce_interval = announce_interval
+        self.connect_timeout = RTC_CONNECT_TIMEOUT
+        self.offer_timeout = OFFER_TIMEOUT
+        #: one session per tracker, once started
+        self.sessions: list[TrackerSession] = []
+        #: every RtcConnection whose RTCPeerConnection is not closed yet
+        self.connections: set[RtcConnection] = set()
+        # private
+        self._offers: dict[str, RtcConnection] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._closers: set[asyncio.Task] = set()
+        self._aiortc: Any = None
+        self._closed = False
+
+    @property
+    def running(self) -> bool:
+        return self._aiortc is not None and not self._closed
+
+    # lifecycle
+    async def start(self) -> bool:
+        """Connect to the trackers; False (and one info line) when WebRTC is off."""
+        if not self.trackers:
+            return False
+        try:
+            import aiortc
+            import websockets.asyncio.client  # noqa: F401 - the trackers' sockets (websockets 13+)
+        except ImportError as exc:
+            log.info("WebRTC is off: %s (pip install aiortc 'websockets>=13'); TCP and LSD go on", exc)
+            return False
+        self._aiortc = aiortc
+        for url in self.trackers:
+            client = TrackerClient(url, self.node.infohash, self.node.peer_id, numwant=self.numwant,
+                                   interval=self.announce_interval, offer_timeout=self.offer_timeout)
+            session = TrackerSession(self, client)
+            self.sessions.append(session)
+            self._spawn(session.run())
+        log.info("WebRTC on: trackers %s; ICE servers %s", ", ".join(self.trackers),
+                 ", ".join(s.url for s in self.ice_servers) or "none (host candidates only)")
+        return True
+
+    async def drain(self, timeout: float = 1.0) -> None:
+        """Wait (a little) until the data channels have sent what they hold."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while any(not c.closing and c.channel.bufferedAmount for c in self.connections):
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.05)  # SCTP sends what left the channels
+
+    async def close(self) -> None:
+        """Say ``stopped`` to the trackers, close every peer connection. Idempotent."""
+        if self._closed or self._aiortc is None:
+            self._closed = True
+            return
+        await self.drain()
+        self._closed = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                await asyncio.gather(*(s.close() for s in self.sessions))
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for conn in list(self.connections):
+            conn.close()
+        await asyncio.gather(*self._closers, return_exceptions=True)
+
+    def _spawn(self, coro: Awaitable, closer: bool = False) -> None:
+        spawn(coro, self._closers if closer else self._tasks, "webrtc")
+
+    # the tracker's events
+    def on_tracker_event(self, session: TrackerSession, event: Any) -> None:
+        """Act on one event of a tracker client."""
+        if isinstance(event, MakeOffers):
+            self._spawn(self._offer(session, event.offer_ids))
+        elif isinstance(event, RelayedOffer):
+            self._spawn(self._answer(session, event))
+        elif isinstance(event, RelayedAnswer):
+            self._spawn(self._accept(event))
+        elif isinstance(event, DropOffer):
+            conn = self._offers.pop(event.offer_id, None)
+            if conn is not None:
+                conn.close()
+        elif isinstance(event, TrackerWarning):
+            log.info("tracker %s: %s", session.client.url, event.message)
+        elif isinstance(event, TrackerUpdate):
+            log.debug("tracker %s: %s seeders, %s leechers, every %.0f s", session.client.url,
+                      event.complete, event.incomplete, event.interval)
+
+    def free_slots(self) -> int:
+        """How many more wires may be set up under ``max_peers``."""
+        offers = set(self._offers.values())
+        setting_up = {c for c in self.connections if c.state is not ConnState.CLOSED and c not in offers}
+        return self.max_peers - len(set(self.node.links()) | setting_up)
+
+    def has_peer(self, peer_id: str, wired_only: bool = False) -> bool:
+        """True when a wire to this peer is open (or, unless ``wired_only``, being set up)."""
+        if self.node.has_peer_id(peer_id.encode("latin-1")):
+            return True
+        return not wired_only and any(c.remote_id == peer_id and c.state is not ConnState.CLOSED
+                                      for c in self.connections)
+
+    def _new_connection(self, offerer: bool, remote_id: str | None = None) -> RtcConnection:
+        aiortc = self._aiortc
+        servers = [aiortc.RTCIceServer(urls=s.url, username=s.username, credential=s.credential)
+                   for s in self.ice_servers]
+        # iceServers=[] must be given: None makes aiortc ask Google's STUN server.
+        pc = aiortc.RTCPeerConnection(aiortc.RTCConfiguration(iceServers=servers))
+        conn = RtcConnection(self, pc, offerer, remote_id)
+        self.connections.add(conn)
+        return conn
+
+    def _forget(self, conn: RtcConnection) -> None:
+        for offer_id in [k for k, v in self._offers.items() if v is conn]:
+            del self._offers[offer_id]
+
+    async def _offer(self, session: TrackerSession, offer_ids: tuple[str, ...]) -> None:
+        """Make offers for the free slots, then announce (with none, when full)."""
+        made: list[tuple[str, str]] = []
+        try:
+            count = max(0, min(len(offer_ids), self.free_slots()))
+            results = await asyncio.gather(*(self._make_offer(i) for i in offer_ids[:count]))
+            made = [r for r in results if r is not None]
+        finally:
+            session.client.send_announce(made, time.monotonic())
+            self.node.stats["webrtc offers"] += len(made)
+        await session.flush()
+
+    async def _make_offer(self, offer_id: str) -> tuple[str, str] | None:
+        conn = self._new_connection(True)
+        self._offers[offer_id] = conn
+        try:
+            conn.attach(conn.pc.createDataChannel("bugout"))
+            await conn.pc.setLocalDescription(await conn.pc.createOffer())
+        except Exception as exc:  # noqa: BLE001 - aiortc's own errors, whatever they are
+            log.debug("webrtc: cannot make an offer: %r", exc)
+            conn.close()
+        if conn.state is ConnState.CLOSED or self._closed:
+            conn.close()
+            return None
+        return offer_id, conn.pc.localDescription.sdp
+
+    async def _answer(self, session: TrackerSession, offer: RelayedOffer) -> None:
+        """Answer a relayed offer unless full or already wired to that peer."""
+        if self._closed or self.free_slots() <= 0 or self.has_peer(offer.peer_id):
+            self.node.stats["webrtc offers declined"] += 1
+            return
+        conn = self._new_connection(False, offer.peer_id)
+        conn.start_deadline(self.connect_timeout)
+        sdp = await self._describe(conn, offer.sdp, "offer")
+        if sdp is None or not session.client.send_answer(offer.peer_id, offer.offer_id, sdp):
+            conn.close()
+            return
+        self.node.stats["webrtc answers"] += 1
+        await session.flush()
+
+    async def _accept(self, answer: RelayedAnswer) -> None:
+        """Apply the answer to our offer, unless a wire to that peer is already open."""
+        conn = self._offers.pop(answer.offer_id, None)
+        if conn is None or conn.state is ConnState.CLOSED:
+            return
+        if self.free_slots() < 0 or self.has_peer(answer.peer_id, wired_only=True):
+            self.node.stats["webrtc answers declined"] += 1
+            conn.close()
+            return
+        conn.remote_id = answer.peer_id
+        conn.start_deadline(self.connect_timeout)
+        await self._describe(conn, answer.sdp, "answer")
+
+    async def _describe(self, conn: RtcConnection, sdp: str, kind: str) -> str | None:
+        """Set the remote SDP (and answer an offer); None and closed on failure."""
+        aiortc = self._aiortc
+        try:
+            await conn.pc.setRemoteDescription(aiortc.RTCSessionDescription(sdp=sdp, type=kind))
+            if kind == "offer":
+                await conn.pc.setLocalDescription(await conn.pc.createAnswer())
+                return conn.pc.localDescription.sdp
+        except Exception as exc:  # noqa: BLE001 - a remote SDP aiortc will not take
+            log.debug("webrtc %s: bad %s: %r", conn.peer_name, kind, exc)
+            conn.close()
+        return None
+
+
 # The bugout node ############################################################
+#
+# Theory of operation. Bugout is the asyncio shell around BugoutCore: it keeps
+# the wires (a Connection each: TCP or a WebRTC data channel), gives the core
+# every payload they parse, and sends what the core queues.
+#
+# Wires. A connection joins the node when its stream is up (attach) and is
+# OPEN once its BEP 10 handshake names bo_channel; the address it claims
+# there (from ``pk``) routes our payloads but proves nothing. Inbound TCP is
+# capped (maxInbound; PENDING_PER_HOST handshakes per remote host; at the cap
+# the oldest handshake makes room, EVICTIONS_PER_SECOND at most), MAX_DIALING
+# dials run at once, and ``peers`` are dialed again and again, with backoff.
+#
+# Duplicates. Of two open wires to one peer id both ends keep the same one
+# (_keeps: the one the peer has not half-closed, else the one dialed by the
+# lower peer id, else the one from the lower dialer port) and drain the
+# other, so nothing in flight is lost. A wire to ourselves is closed; a peer
+# that LSD announces again is not dialed while we have a wire to it.
+#
+# Routes. A signer is reached by the wire its newest packet came by
+# (_routes). Our payload boxed for one peer goes by that wire and any wire
+# claiming its address; only while no route is known is it flooded to the
+# other wires, as spare traffic.
+#
+# Relays. Others' payloads are passed on, as bugout does, only where they
+# delay nothing: a wire takes one when its send queue is empty or stays under
+# RELAY_QUEUE with it (a protected wire's: RELAY_PROTECTED), while all queues
+# hold less than RELAY_TOTAL, RELAY_WRITES_PER_SECOND at most; the rest are
+# dropped and counted.
+#
+# Protection and bounds. prioritize() names the peers that matter (the
+# master). The wire their packets came by last is handled whole each loop
+# turn (others: WIRE_BUDGET payloads), and is never the one closed when
+# partly received messages pass max_partial or send queues max_send_total
+# (the unprotected wire holding most goes); the core never evicts those
+# peers. Any wire that leaves max_send_queue of our payloads unread, or whose
+# message stops progressing, is closed.
+#
+# Events, ``on(name, fn)`` (a coroutine function is spawned; an exception is
+# logged, rate-limited, and never reaches the wire):
+#   seen(address)             a peer is in the table: its first verified
+#                             packet or handshake keys (again after it left)
+#   left(address)             it is out: its ``x``, its timeout, or evicted
+#   message(address, value)   a JSON message, broadcast or boxed for us
+#   ping(address)             its heartbeat
+#   rpc(address, name, args)  a call came, before its handler runs
+#   wireseen(address)         an open wire's handshake claims this address
+#   wireleft(address)         the last connection claiming it closed
+#   connections(count)        open bugout wires, after a wire came or went
 
 Handler = Callable[[str, Any], Any]
 
-#: Inbound TCP connections at most (env ``maxInbound``); unfinished handshakes per remote host.
-DEFAULT_MAX_INBOUND = 200
+#: Unfinished inbound handshakes per remote host, at most.
 PENDING_PER_HOST = 8
 #: Unfinished inbound handshakes closed per second at most, to make room at the inbound cap.
 EVICTIONS_PER_SECOND = 20.0
@@ -2855,55 +3914,41 @@ RELAY_WRITES_PER_SECOND = 10_000.0
 class Bugout:
     """A bugout peer on asyncio: the JS Bugout's API over TCP, LSD, the DHT and WebRTC.
 
-    ``trackers`` (None: bugout's three wss:// trackers; empty: WebRTC off),
-    ``ice_servers`` (None: public STUN; empty: host candidates only),
-    ``max_peers`` and ``announce_interval`` go to :class:`WebRtcTransport`.
-    ``max_inbound`` caps inbound TCP connections; ``handshake_timeout`` is the
-    time a new wire has to speak bugout.
-
-    Events (``on(name, fn)``): ``seen(address)``, ``left(address)``,
-    ``message(address, value)``, ``ping(address)``, ``wireseen(address)``,
-    ``wireleft(address)``, ``connections(count)``, ``rpc(address, name, args)``.
-
-    Bounds, whatever peers do: a wire's send queue (``max_message`` + 1 MiB of
-    our own payloads; relays are dropped long before), all send queues
-    (``max_message`` + 16 MiB: the wire with most waiting goes first), messages
-    partly received on all wires (``max_message`` + 1 MiB: likewise), a
-    message that stops progressing, the peer table and new identities per
-    remote address (:class:`BugoutCore`). Wires of the addresses given to
-    :meth:`prioritize` are never the ones closed for room, and take no relays
-    that would delay our own payloads.
+    ``Bugout(identifier, settings)``, or ``Bugout(identifier, **options)``
+    with the node's fields of :class:`Settings` (``NODE_SETTINGS``: ``host``,
+    ``port``, ``peers``, ``lsd``, ``dht``, ...; .env is not read).
+    ``announce_interval`` goes to :class:`WebRtcTransport`;
+    ``handshake_timeout`` is the time a new wire has to speak bugout. Events:
+    ``seen``, ``left``, ``message``, ``ping``, ``rpc``, ``wireseen``,
+    ``wireleft``, ``connections`` (the theory of operation above says when
+    each comes).
     """
 
-    def __init__(self, identifier: str, *, seed: str | None = None,
-                 host: str = "0.0.0.0", port: int = 0, peers: Iterable[str] = (),
-                 lsd: bool = True, heartbeat: float = 30.0,
-                 max_message: int = DEFAULT_MAX_MESSAGE,
-                 timeout_ms: int = PEER_TIMEOUT_MS, listen: bool = True,
-                 dht: bool = True, dht_bootstrap: Iterable[str] = DHT_BOOTSTRAP,
-                 dht_port: int | None = None,
-                 trackers: str | Iterable[str] | None = None,
-                 ice_servers: str | Iterable[str] | None = None,
-                 max_peers: int | None = None, announce_interval: float | None = None,
-                 max_inbound: int = DEFAULT_MAX_INBOUND,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+    def __init__(self, identifier: str, settings: Settings | None = None, *,
+                 heartbeat: float = 30.0, timeout_ms: int = PEER_TIMEOUT_MS, listen: bool = True,
+                 announce_interval: float | None = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, **options: Any) -> None:
+        settings = Settings.of(settings, {}, node_options(options))
+        max_message = settings.max_message
+        #: the settings it was made with (the node's fields are the ones it reads)
+        self.settings = settings
         self.identifier = identifier
-        self.identity = Identity(seed)
+        self.identity = Identity(settings.seed)
         self.core = BugoutCore(identifier, self.identity, timeout_ms=timeout_ms, max_json=max_message)
         self.infohash, self.metadata = infohash_of(identifier)
         self.peer_id = make_peer_id()
-        self.host, self.port, self.listen = host, port, listen
-        self.lsd, self.heartbeat, self.max_message = lsd, heartbeat, max_message
-        self.max_inbound, self.handshake_timeout = int(max_inbound), handshake_timeout
+        self.host, self.port, self.listen = settings.host, settings.port, listen
+        self.lsd, self.heartbeat, self.max_message = settings.lsd, heartbeat, max_message
+        self.max_inbound, self.handshake_timeout = settings.max_inbound, handshake_timeout
         #: bytes of our own payloads one wire may leave unread; bytes waiting in all send
         #: queues; bytes of messages partly received on all wires
         self.max_send_queue = max_message + (1 << 20)
         self.max_send_total = max_message + (16 << 20)
         self.max_partial = max_message + (1 << 20)
-        self.static_peers = [_split_hostport(p) for p in peers]
+        self.static_peers = [_split_hostport(p) for p in settings.peers]
         #: DHT discovery: on/off, bootstrap host:port list, UDP port (None: the TCP port's number)
-        self.dht, self.dht_port = dht, dht_port
-        self.dht_bootstrap = list(dht_bootstrap)
+        self.dht, self.dht_port = settings.dht, settings.dht_port
+        self.dht_bootstrap = list(settings.dht_bootstrap)
         for entry in self.dht_bootstrap:
             _split_hostport(entry)
         self._dht: Dht | None = None
@@ -2936,8 +3981,7 @@ class Bugout:
         self._hello_timer: asyncio.TimerHandle | None = None
         self._closed = False
         #: WebRTC through WebSocket trackers (off without trackers)
-        self.webrtc = WebRtcTransport(self, trackers, ice_servers, max_peers=max_peers,
-                                      announce_interval=announce_interval)
+        self.webrtc = WebRtcTransport(self, settings, announce_interval=announce_interval)
 
     @property
     def address(self) -> str:
@@ -3043,7 +4087,7 @@ class Bugout:
 
     # API as in JS bugout
     def on(self, event: str, callback: Callable) -> None:
-        """Subscribe to an event (see the class docstring)."""
+        """Subscribe to an event (the theory of operation above lists them)."""
         self._listeners[event].append(callback)
 
     def emit(self, event: str, *args: Any) -> None:
@@ -3591,804 +4635,178 @@ class Bugout:
             self._dht.add_node((conn.remote_host.removeprefix("::ffff:"), port))
 
 
-#: A handler returns this to send no answer (as the JS master for shareResults).
-NO_ANSWER = object()
+# Earlier ways to the same: kept for callers of version 0.1.
+
+def bugout_from_env(token: str, env: dict[str, str], **options: Any) -> Bugout:
+    """``Bugout(token, Settings.load(env, **options))``."""
+    return Bugout(token, Settings.load(env, **node_options(options)))
 
 
-def _now() -> int:
-    return int(time.time() * 1000)
+def dht_options(env: dict[str, str], dht: bool | None = None, bootstrap: Iterable[str] | None = None,
+                port: int | None = None) -> dict:
+    """Bugout's DHT keyword arguments, as :meth:`Settings.load` reads them."""
+    found = Settings.load(env, dht=dht, dht_bootstrap=bootstrap, dht_port=port)
+    return {"dht": found.dht, "dht_bootstrap": list(found.dht_bootstrap), "dht_port": found.dht_port}
 
 
-def _split_hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not port.isdigit():
-        raise WorkerError(f"peer {text!r} is not host:port")
-    return host.strip("[]"), int(port)
-
-
-# Trackers and WebRTC ########################################################
+# Status: metrics and health over HTTP #######################################
 #
-# Peers that no one can dial (browsers, workers behind NAT) meet the way
-# WebTorrent's do (PROTOCOL.md section 6): each announces the infohash to
-# WebSocket trackers with a few SDP offers, the tracker relays every offer to
-# another peer of the swarm and relays its answer back, and the BitTorrent
-# wire then runs over the RTCDataChannel as a byte stream.
-#
-# TrackerClient is the sans-I/O core of one tracker (frames and time in, frames
-# and events out); TrackerSession moves its frames over a WebSocket;
-# WebRtcTransport makes the peer connections with aiortc; RtcConnection plugs
-# each data channel into Bugout's connection set, as WireConnection does a
-# TCP socket. aiortc and websockets are imported only when trackers are used.
+# ``statusPort`` serves two pages on the worker's own event loop, stdlib only:
+# ``GET /metrics`` in the Prometheus text format (version 0.0.4) and ``GET
+# /healthz`` (200 with a small JSON body while the loop runs and a proven
+# master is connected, 503 with the reason otherwise); anything else is 404.
+# A client gets STATUS_READ_TIMEOUT seconds and STATUS_MAX_REQUEST bytes to
+# send its request, and at most STATUS_MAX_CLIENTS are served at once, so a
+# slow or hostile one costs nothing but its own connection.
 
-#: bugout's trackers (bugout index.js), used when none are configured.
-DEFAULT_TRACKERS = ("wss://hub.bugout.link", "wss://tracker.openwebtorrent.com",
-                    "wss://tracker.btorrent.xyz")
-#: simple-peer's ICE servers, as the JS peers use (aiortc takes the first STUN one).
-DEFAULT_ICE_SERVERS = ("stun:stun.l.google.com:19302", "stun:global.stun.twilio.com:3478")
-#: WebTorrent's cap on connections per torrent (maxConns).
-DEFAULT_MAX_PEERS = 55
-#: bittorrent-tracker's client sends at most 5 offers per announce.
-TRACKER_NUMWANT = 5
-#: seconds between announces until the tracker says (bittorrent-tracker: 120),
-#: and the least we accept from a tracker
-TRACKER_INTERVAL = 120.0
-TRACKER_MIN_INTERVAL = 5.0
-#: an offer nobody answered is closed after this (bittorrent-tracker OFFER_TIMEOUT)
-OFFER_TIMEOUT = 50.0
-#: reconnect back-off: doubles from the first to the last, plus up to 50 % jitter
-RECONNECT_FIRST, RECONNECT_LAST = 5.0, 600.0
-#: WebTorrent's CONNECT_TIMEOUT_WEBRTC: answer to open data channel, then
-#: open channel to BEP 10 handshake (its HANDSHAKE_TIMEOUT)
-RTC_CONNECT_TIMEOUT = 25.0
-#: the largest data-channel message we send: far below the 256 KiB
-#: max-message-size that aiortc and libwebrtc put in their SDP, and the size
-#: that every WebRTC stack, old browsers included, takes
-RTC_CHUNK = 16 * 1024
+STATUS_READ_TIMEOUT = 5.0
+STATUS_MAX_REQUEST = 8192
+STATUS_MAX_CLIENTS = 8
+#: Seconds between two status lines (at info, and only when something happened).
+STATUS_LINE_SECONDS = 60.0
+#: Error types counted apart in /metrics; the rest count as "other".
+MAX_ERROR_TYPES = 32
+#: Upper bounds (seconds) of the job-duration and delivery-latency histograms.
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0)
 
 
-@dataclasses.dataclass(frozen=True)
-class MakeOffers:
-    """Time to announce: make an offer for some of these ids, then :meth:`TrackerClient.send_announce`."""
-    offer_ids: tuple[str, ...]
+class Histogram:
+    """A Prometheus histogram: counts per upper bound, their sum and count."""
+
+    def __init__(self, buckets: Iterable[float] = DURATION_BUCKETS) -> None:
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
 
 
-@dataclasses.dataclass(frozen=True)
-class RelayedOffer:
-    """Another peer's offer, relayed by the tracker: answer with :meth:`TrackerClient.send_answer`."""
-    peer_id: str
-    offer_id: str
-    sdp: str
+class Exposition:
+    """Builds the Prometheus text format: HELP, TYPE, then samples."""
+
+    def __init__(self, prefix: str = "qx_") -> None:
+        self.prefix = prefix
+        self._lines: list[str] = []
+
+    def add(self, name: str, kind: str, help_text: str, samples: Any) -> None:
+        """``samples``: a number, or ``{labels dict as tuple pairs: value}``."""
+        name = self.prefix + name
+        self._lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        items = samples.items() if isinstance(samples, dict) else [((), samples)]
+        for labels, value in items:
+            self._lines.append(f"{name}{_labels(labels)} {_number(value)}")
+
+    def histogram(self, name: str, help_text: str, hist: Histogram) -> None:
+        name = self.prefix + name
+        self._lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        running = 0
+        for bound, count in zip((*hist.buckets, float("inf")), hist.counts):
+            running += count
+            self._lines.append(f'{name}_bucket{{le="{_number(bound)}"}} {running}')
+        self._lines += [f"{name}_sum {_number(hist.sum)}", f"{name}_count {hist.count}"]
+
+    def text(self) -> str:
+        return "\n".join(self._lines) + "\n"
 
 
-@dataclasses.dataclass(frozen=True)
-class RelayedAnswer:
-    """The answer to one of our pending offers."""
-    peer_id: str
-    offer_id: str
-    sdp: str
+def _labels(labels: Iterable[tuple[str, Any]]) -> str:
+    pairs = [f'{key}="{_label_value(value)}"' for key, value in labels]
+    return "{" + ",".join(pairs) + "}" if pairs else ""
 
 
-@dataclasses.dataclass(frozen=True)
-class DropOffer:
-    """An offer that will not be answered: close its peer connection."""
-    offer_id: str
-    reason: str
+def _label_value(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-@dataclasses.dataclass(frozen=True)
-class TrackerUpdate:
-    """An announce response: the swarm's size and the interval in force."""
-    complete: int | None
-    incomplete: int | None
-    interval: float
+def _number(value: float) -> str:
+    if value == float("inf"):
+        return "+Inf"
+    return repr(float(value)) if isinstance(value, float) and not value.is_integer() else str(int(value))
 
 
-@dataclasses.dataclass(frozen=True)
-class TrackerWarning:
-    """A ``failure reason`` or ``warning message`` from the tracker."""
-    message: str
+def process_rss_bytes() -> int:
+    """This process's resident memory (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
-class TrackerState(enum.Enum):
-    WAITING = 1      # no socket: connect when the back-off has passed
-    CONNECTING = 2
-    OPEN = 3
-    CLOSED = 4
+class StatusServer:
+    """``GET /metrics`` and ``GET /healthz`` on the loop; bounded in time, size and clients."""
 
-
-_TRACKER_MOVES = {
-    TrackerState.WAITING: {TrackerState.CONNECTING, TrackerState.CLOSED},
-    TrackerState.CONNECTING: {TrackerState.OPEN, TrackerState.WAITING, TrackerState.CLOSED},
-    TrackerState.OPEN: {TrackerState.WAITING, TrackerState.CLOSED},
-    TrackerState.CLOSED: set(),
-}
-
-
-def _is_binary_id(value: Any) -> bool:
-    """A 20-character latin-1 string: how JSON frames carry 20-byte ids."""
-    return isinstance(value, str) and len(value) == 20 and all(ord(c) < 256 for c in value)
-
-
-def _sdp_of(value: Any, kind: str) -> str | None:
-    """The SDP text of ``{type: kind, sdp}``, or None."""
-    if isinstance(value, dict) and value.get("type") == kind and isinstance(value.get("sdp"), str):
-        return value["sdp"]
-    return None
-
-
-class TrackerClient:
-    """One WebSocket tracker without I/O: JSON frames and ``now`` in; frames and events out.
-
-    The adapter opens the socket when :meth:`start_connecting` says so, reports
-    :meth:`connection_made` / :meth:`connection_lost`, feeds every frame to
-    :meth:`receive_frame`, calls :meth:`tick` by :meth:`next_deadline`, and
-    acts on :meth:`events_received`; :meth:`data_to_send` gives JSON texts.
-    Ids (``info_hash``, ``peer_id``, ``offer_id``) are 20-char latin-1 strings.
-    """
-
-    def __init__(self, url: str, infohash: bytes, peer_id: bytes, *,
-                 numwant: int = TRACKER_NUMWANT, interval: float | None = None,
-                 offer_timeout: float = OFFER_TIMEOUT,
-                 random: Callable[[int], bytes] = os.urandom) -> None:
-        if len(infohash) != 20 or len(peer_id) != 20:
-            raise LocalProtocolError("infohash and peer id must be 20 bytes")
-        self.url = url
-        self.numwant = numwant
-        self.offer_timeout = offer_timeout
-        self.state = TrackerState.WAITING
-        #: seconds between announces: the fixed one if given, else the tracker's
-        self.interval = interval or TRACKER_INTERVAL
-        #: failed connections since the last good announce response
-        self.retries = 0
-        #: counters: frames ignored by reason, offers relayed, answers, ...
+    def __init__(self, host: str, port: int, metrics: Callable[[], str],
+                 health: Callable[[], tuple[bool, dict]]) -> None:
+        self.host, self.port = host, port
+        self.metrics, self.health = metrics, health
+        #: requests served, refused (too many clients), and dropped (slow, too big, not HTTP)
         self.stats: collections.Counter = collections.Counter()
         # private
-        self._fixed_interval = interval is not None
-        self._info_hash = infohash.decode("latin-1")
-        self._peer_id = peer_id.decode("latin-1")
-        self._random = random
-        self._pending: dict[str, float] = {}  # offer id -> deadline, oldest first
-        self._reconnect_at = 0.0
-        self._last_announce: float | None = None
-        self._next_announce: float | None = None
-        self._offering = False
-        self._started = False
-        self._frames: list[str] = []
-        self._events: list = []
+        self._server: asyncio.AbstractServer | None = None
+        self._clients: set[asyncio.Task] = set()
 
-    def _set_state(self, state: TrackerState) -> None:
-        if state not in _TRACKER_MOVES[self.state]:
-            raise InvalidState(f"tracker {self.url}: {self.state.name} -> {state.name}")
-        log.debug("- tracker %s %s -> %s", self.url, self.state.name, state.name)
-        self.state = state
-
-    # sans-I/O interface
-    def events_received(self) -> list:
-        """Events since the last call."""
-        events, self._events = self._events, []
-        return events
-
-    def data_to_send(self) -> list[str]:
-        """JSON texts to send, in order."""
-        frames, self._frames = self._frames, []
-        return frames
-
-    @property
-    def pending_offers(self) -> int:
-        """Offers announced and not yet answered or dropped."""
-        return len(self._pending)
-
-    # the connection
-    def start_connecting(self, now: float) -> bool:
-        """True (and CONNECTING) when the adapter should open the socket now."""
-        if self.state is not TrackerState.WAITING or now < self._reconnect_at:
-            return False
-        self._set_state(TrackerState.CONNECTING)
-        return True
-
-    def connection_made(self, now: float) -> None:
-        """The socket is open: announce at once."""
-        self._set_state(TrackerState.OPEN)
-        self._started = False
-        self._next_announce = now
-
-    def connection_lost(self, now: float) -> None:
-        """The socket failed or closed: drop the offers, back off, reconnect."""
-        if self.state not in (TrackerState.CONNECTING, TrackerState.OPEN):
-            return
-        self._drop_all("tracker connection lost")
-        factor = 1.0 + self._random(1)[0] / 510.0
-        self._reconnect_at = now + min(RECONNECT_LAST, RECONNECT_FIRST * 2 ** min(self.retries, 16)) * factor
-        self.retries += 1
-        self._offering = False
-        self._next_announce = None
-        self._set_state(TrackerState.WAITING)
-
-    def close(self, now: float) -> None:
-        """Leave: a ``stopped`` announce when open, every offer dropped. Idempotent."""
-        if self.state is TrackerState.CLOSED:
-            return
-        if self.state is TrackerState.OPEN and self._started:
-            self._frames.append(json_dumps(self._announce_frame("stopped", [])))
-        self._drop_all("closing")
-        self._set_state(TrackerState.CLOSED)
-
-    def _drop_all(self, reason: str) -> None:
-        self._events += [DropOffer(offer_id, reason) for offer_id in self._pending]
-        self._pending.clear()
-
-    # time
-    def tick(self, now: float) -> None:
-        """Expire unanswered offers; ask for offers when an announce is due."""
-        for offer_id, deadline in list(self._pending.items()):
-            if deadline > now:
-                break
-            del self._pending[offer_id]
-            self.stats["offers unanswered"] += 1
-            self._events.append(DropOffer(offer_id, "unanswered"))
-        due = self._next_announce is not None and now >= self._next_announce
-        if self.state is TrackerState.OPEN and due and not self._offering:
-            self._offering = True
-            self._events.append(MakeOffers(tuple(self._random(20).decode("latin-1")
-                                                 for _ in range(self.numwant))))
-
-    def next_deadline(self) -> float | None:
-        """When :meth:`tick` (or :meth:`start_connecting`) has work next."""
-        times = list(self._pending.values())[:1]
-        if self.state is TrackerState.WAITING:
-            times.append(self._reconnect_at)
-        if self.state is TrackerState.OPEN and not self._offering and self._next_announce is not None:
-            times.append(self._next_announce)
-        return min(times, default=None)
-
-    # outgoing
-    def send_announce(self, offers: Iterable[tuple[str, str]], now: float) -> None:
-        """Announce with ``(offer_id, sdp)`` offers (maybe none), after a MakeOffers."""
-        offers = list(offers)
-        self._offering = False
-        if self.state is not TrackerState.OPEN:
-            self._events += [DropOffer(offer_id, "tracker not connected") for offer_id, _ in offers]
-            return
-        frame = self._announce_frame(None if self._started else "started", offers)
-        self._started = True
-        self._frames.append(json_dumps(frame))
-        for offer_id, _ in offers:
-            self._pending[offer_id] = now + self.offer_timeout
-        while len(self._pending) > 2 * self.numwant:  # a short interval must not pile them up
-            self._events.append(DropOffer(next(iter(self._pending)), "superseded"))
-            del self._pending[next(iter(self._pending))]
-        self._last_announce = now
-        self._next_announce = now + self.interval
-        self.stats["announces"] += 1
-
-    def _announce_frame(self, event: str | None, offers: list[tuple[str, str]]) -> dict:
-        """The announce as bittorrent-tracker's client writes it (same key order)."""
-        frame: dict[str, Any] = {"numwant": len(offers), "uploaded": 0, "downloaded": 0, "left": 0}
-        if event:
-            frame["event"] = event
-        frame.update(action="announce", info_hash=self._info_hash, peer_id=self._peer_id)
-        if event != "stopped":
-            frame["offers"] = [{"offer": {"type": "offer", "sdp": sdp}, "offer_id": offer_id}
-                               for offer_id, sdp in offers]
-        return frame
-
-    def send_answer(self, to_peer_id: str, offer_id: str, sdp: str) -> bool:
-        """Answer a relayed offer; False when the socket is gone."""
-        if self.state is not TrackerState.OPEN:
-            return False
-        self._frames.append(json_dumps({
-            "action": "announce", "info_hash": self._info_hash, "peer_id": self._peer_id,
-            "to_peer_id": to_peer_id, "answer": {"type": "answer", "sdp": sdp},
-            "offer_id": offer_id}))
-        self.stats["answers sent"] += 1
-        return True
-
-    # incoming
-    def receive_frame(self, frame: Any, now: float) -> None:
-        """One frame from the tracker: JSON text or its parsed value."""
-        if self.state is not TrackerState.OPEN:
-            return
-        if isinstance(frame, (str, bytes)):
-            try:
-                frame = json.loads(frame)
-            except (ValueError, RecursionError):  # RecursionError: "[[[[..." a megabyte deep
-                frame = None
-        if not isinstance(frame, dict) or frame.get("action") != "announce":
-            self.stats["frames ignored"] += 1
-        elif frame.get("info_hash") != self._info_hash:
-            self.stats["frames for other torrents"] += 1  # a shared socket (JS socket pool)
-        elif frame.get("peer_id") != self._peer_id:
-            self._on_announce(frame, now)
-
-    def _on_announce(self, frame: dict, now: float) -> None:
-        failure = frame.get("failure reason")
-        if failure is not None:
-            self.stats["failures"] += 1
-            self._events.append(TrackerWarning(str(failure)))
-            return
-        if frame.get("warning message") is not None:
-            self._events.append(TrackerWarning(str(frame["warning message"])))
-        self._on_interval(frame)
-        peer_id, offer_id = frame.get("peer_id"), frame.get("offer_id")
-        if "offer" in frame or "answer" in frame:
-            if not (_is_binary_id(peer_id) and _is_binary_id(offer_id)):
-                self.stats["bad offers or answers"] += 1
-            elif "offer" in frame:
-                self._on_offer(peer_id, offer_id, _sdp_of(frame["offer"], "offer"))
-            else:
-                self._on_answer(peer_id, offer_id, _sdp_of(frame["answer"], "answer"))
-
-    def _on_interval(self, frame: dict) -> None:
-        interval = frame.get("interval", frame.get("min interval"))
-        if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval > 0:
-            self.retries = 0  # a real announce response: the tracker works
-            if not self._fixed_interval:
-                self.interval = max(TRACKER_MIN_INTERVAL, float(interval))
-                if self._last_announce is not None and not self._offering:
-                    self._next_announce = self._last_announce + self.interval
-            self._events.append(TrackerUpdate(_int_or_none(frame.get("complete")),
-                                              _int_or_none(frame.get("incomplete")), self.interval))
-
-    def _on_offer(self, peer_id: str, offer_id: str, sdp: str | None) -> None:
-        if sdp is None:
-            self.stats["bad offers or answers"] += 1
-            return
-        self.stats["offers relayed"] += 1
-        self._events.append(RelayedOffer(peer_id, offer_id, sdp))
-
-    def _on_answer(self, peer_id: str, offer_id: str, sdp: str | None) -> None:
-        if sdp is None or offer_id not in self._pending:
-            self.stats["answers unexpected"] += 1
-            return
-        del self._pending[offer_id]
-        self.stats["answers"] += 1
-        self._events.append(RelayedAnswer(peer_id, offer_id, sdp))
-
-
-def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-# Trackers and WebRTC: configuration #########################################
-
-@dataclasses.dataclass(frozen=True)
-class IceServer:
-    """A STUN or TURN server: ``url`` (``stun:host:port``), TURN user and password."""
-    url: str
-    username: str | None = None
-    credential: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> IceServer:
-        """``stun:host[:port]`` or ``turn[s]:user:pass@host[:port][?transport=udp|tcp]``.
-
-        User and password are percent-decoded, so ``%40``, ``%3A`` and ``%2C``
-        stand for ``@``, ``:`` and ``,`` in them.
-        """
-        from urllib.parse import unquote
-        scheme, sep, rest = text.strip().partition(":")
-        scheme = scheme.lower()
-        if not sep or scheme not in ("stun", "stuns", "turn", "turns"):
-            raise WorkerError(f"ICE server {text!r}: use stun:HOST:PORT or turn:USER:PASS@HOST:PORT")
-        username = credential = None
-        if "@" in rest:
-            login, _, rest = rest.rpartition("@")
-            username, sep, credential = login.partition(":")
-            if not sep or not username:
-                raise WorkerError(f"ICE server {text!r}: credentials are USER:PASS@")
-            username, credential = unquote(username), unquote(credential)
-        if scheme.startswith("turn") and username is None:
-            raise WorkerError(f"ICE server {text!r}: a TURN server needs USER:PASS@")
-        if not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?(\?transport=(udp|tcp))?", rest):
-            raise WorkerError(f"ICE server {text!r}: bad host, port or transport")
-        return cls(f"{scheme}:{rest}", username, credential)
-
-
-def _split_setting(value: str | Iterable[str]) -> list[str]:
-    """A comma-separated setting (or a list) as a list of non-empty items."""
-    items = value.split(",") if isinstance(value, str) else list(value)
-    return [item.strip() for item in items if item and item.strip()]
-
-
-def parse_trackers(value: str | Iterable[str] | None) -> list[str]:
-    """Tracker URLs: None is bugout's defaults, empty is none; only ws:// and wss://."""
-    urls = list(DEFAULT_TRACKERS) if value is None else _split_setting(value)
-    for url in urls:
-        if not re.fullmatch(r"wss?://[^\s/?#]+(/[^\s]*)?", url):
-            raise WorkerError(f"tracker {url!r}: only ws:// and wss:// URLs are WebSocket trackers")
-    return urls
-
-
-def parse_ice_servers(value: str | Iterable[str] | None) -> list[IceServer]:
-    """ICE servers: None is the JS peers' STUN servers, empty is host candidates only."""
-    return [IceServer.parse(s) for s in (DEFAULT_ICE_SERVERS if value is None else _split_setting(value))]
-
-
-def _config_list(env: dict, key: str, value: Any) -> Any:
-    """An explicit value, else the env key (where empty means none), else None (the default)."""
-    return value if value is not None else env.get(key)
-
-
-# Trackers and WebRTC: asyncio ###############################################
-
-def _mono() -> float:
-    return time.monotonic()
-
-
-class TrackerSession:
-    """Moves one tracker's frames between its WebSocket and its :class:`TrackerClient`."""
-
-    def __init__(self, rtc: WebRtcTransport, client: TrackerClient) -> None:
-        self.rtc = rtc
-        self.client = client
-        # private
-        self._ws: Any = None
-
-    async def run(self) -> None:
-        """Connect, read, reconnect with back-off; until the client is CLOSED."""
-        client = self.client
-        while client.state is not TrackerState.CLOSED:
-            if client.start_connecting(_mono()):
-                await self._connect()
-            else:
-                self._handle_events()
-                deadline = client.next_deadline()
-                await asyncio.sleep(1.0 if deadline is None else max(0.0, deadline - _mono()))
-
-    async def _connect(self) -> None:
-        from websockets.asyncio.client import connect
-        from websockets.exceptions import WebSocketException
-        try:
-            ws = await connect(self.client.url, open_timeout=15, close_timeout=2,
-                               compression=None, max_size=1 << 20)
-        except (OSError, UnicodeError, TimeoutError, WebSocketException) as exc:
-            log.debug("tracker %s: cannot connect: %s", self.client.url, exc)
-            self.client.connection_lost(_mono())
-            return
-        self._ws = ws
-        self.client.connection_made(_mono())
-        try:
-            await self._read(ws)
-        except (OSError, WebSocketException) as exc:
-            log.debug("tracker %s: connection lost: %s", self.client.url, exc)
-        finally:
-            self._ws = None
-            self.client.connection_lost(_mono())
-            self._handle_events()
-            with contextlib.suppress(OSError, WebSocketException):
-                await ws.close()
-
-    async def _read(self, ws: Any) -> None:
-        client = self.client
-        while True:
-            await self.flush()
-            deadline = client.next_deadline()
-            try:
-                async with asyncio.timeout(None if deadline is None else max(0.0, deadline - _mono())):
-                    text = await ws.recv()
-            except TimeoutError:
-                continue
-            log.debug("< tracker %s %.200s", client.url, text)
-            client.receive_frame(text, _mono())
-
-    def _handle_events(self) -> None:
-        self.client.tick(_mono())
-        for event in self.client.events_received():
-            self.rtc.on_tracker_event(self, event)
-
-    async def flush(self) -> None:
-        """Act on the client's events, then send its frames."""
-        from websockets.exceptions import WebSocketException
-        self._handle_events()
-        frames = self.client.data_to_send()
-        ws = self._ws
-        for frame in frames if ws is not None else ():
-            log.debug("> tracker %s %.200s", self.client.url, frame)
-            with contextlib.suppress(OSError, WebSocketException):
-                await ws.send(frame)
+    async def start(self) -> StatusServer:
+        self._server = await asyncio.start_server(self._accept, self.host, self.port,
+                                                  limit=STATUS_MAX_REQUEST, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("status on http://%s:%d/metrics and /healthz", self.host, self.port)
+        return self
 
     async def close(self) -> None:
-        """Say ``stopped`` to the tracker and close the socket."""
-        self.client.close(_mono())
-        await self.flush()
-        if self._ws is not None:
-            from websockets.exceptions import WebSocketException
-            with contextlib.suppress(OSError, WebSocketException):
-                await self._ws.close()
-
-
-class RtcConnection(Connection):
-    """Moves bytes between one RTCDataChannel and its :class:`PeerWire`.
-
-    It stands in Bugout's connection set like a :class:`WireConnection`, so
-    relay, duplicate wires, peers and RPC work the same over WebRTC. The wire
-    is a byte stream, written in messages of at most :data:`RTC_CHUNK` bytes.
-    A data channel cannot half-close: a losing duplicate is closed when the
-    peer closes it, or DRAIN_GRACE after it began to drain.
-    """
-
-    DEADLINE_STAT = "webrtc timeouts"
-
-    def __init__(self, rtc: WebRtcTransport, pc: Any, offerer: bool,
-                 remote_id: str | None = None) -> None:
-        # Both ends of a WebRTC wire send the handshake at once (WebTorrent peer.js).
-        super().__init__(rtc.node, offerer, wire=rtc.node.new_wire(True))
-        self.rtc = rtc
-        self.pc = pc
-        #: no socket, so no address for the DHT code that asks for one
-        self.transport: Any = None
-        #: the other side's tracker peer id (20 latin-1 chars), once known
-        self.remote_id = remote_id
-        self.channel: Any = None
-        self.opened = False
-        pc.on("datachannel", self.attach)
-        pc.on("connectionstatechange", self._on_state)
-
-    @property
-    def peer_name(self) -> str:
-        return "webrtc:" + (self.remote_id or "?").encode("latin-1").decode("ascii", "replace")
-
-    @property
-    def writable(self) -> bool:
-        return (self.state is not ConnState.CLOSED and self.channel is not None
-                and self.channel.readyState == "open")
-
-    def write_buffer(self) -> int:
-        return self.channel.bufferedAmount if self.channel is not None else 0
-
-    def start_timer(self, seconds: float) -> None:
-        """Close unless the wire speaks bugout within ``seconds``."""
-        self.start_deadline(seconds)
-
-    def attach(self, channel: Any) -> None:
-        """Use this data channel (ours, or the one the offerer made)."""
-        if self.channel is not None or self.state is ConnState.CLOSED:
-            channel.close()
-            return
-        self.channel = channel
-        channel.on("open", self._on_open)
-        channel.on("message", self._on_message)
-        channel.on("close", self.close)
-        if channel.readyState == "open":
-            self._on_open()
-
-    def _on_open(self) -> None:
-        if self.opened or self.state is ConnState.CLOSED:
-            return
-        self.opened = True
-        log.debug("- webrtc %s open", self.peer_name)
-        self.start_deadline(self.rtc.connect_timeout)
-        self.node.attach(self)
-        self.node.stats["webrtc wires"] += 1
-        self.flush()
-
-    def _on_message(self, data: bytes | str) -> None:
-        self.feed(data.encode("utf-8") if isinstance(data, str) else data)
-
-    def _on_state(self) -> None:
-        if self.pc.connectionState in ("failed", "closed"):
-            self.close()
-
-    def _write(self, data: bytes) -> None:
-        for start in range(0, len(data), RTC_CHUNK):
-            self.channel.send(data[start:start + RTC_CHUNK])
-
-    def _close_transport(self, abort: bool) -> None:
-        self.rtc._forget(self)
-        self.rtc._spawn(self._shutdown(), closer=True)
-
-    async def _shutdown(self) -> None:
-        try:
-            async with asyncio.timeout(5.0):
-                await self.pc.close()
-        except TimeoutError:
-            log.warning("webrtc %s: peer connection did not close in 5 s", self.peer_name)
-        finally:
-            self.rtc.connections.discard(self)
-            self.lost()
-
-
-class WebRtcTransport:
-    """WebRTC for one :class:`Bugout`: its trackers, peer connections and data channels.
-
-    Off when there are no trackers or aiortc cannot be imported. It makes and
-    answers no more offers once ``max_peers`` wires (TCP ones count) are open
-    or being set up; on top of those each tracker keeps at most
-    ``2 * numwant`` offers waiting, so live peer connections stay bounded.
-    """
-
-    def __init__(self, node: Bugout, trackers: str | Iterable[str] | None = None,
-                 ice_servers: str | Iterable[str] | None = None, *,
-                 max_peers: int | None = None, numwant: int = TRACKER_NUMWANT,
-                 announce_interval: float | None = None) -> None:
-        self.node = node
-        self.trackers = parse_trackers(trackers)
-        self.ice_servers = parse_ice_servers(ice_servers)
-        self.max_peers = DEFAULT_MAX_PEERS if max_peers is None else int(max_peers)
-        self.numwant = numwant
-        #: a fixed announce interval (tests); None follows each tracker's
-        self.announce_interval = announce_interval
-        self.connect_timeout = RTC_CONNECT_TIMEOUT
-        self.offer_timeout = OFFER_TIMEOUT
-        #: one session per tracker, once started
-        self.sessions: list[TrackerSession] = []
-        #: every RtcConnection whose RTCPeerConnection is not closed yet
-        self.connections: set[RtcConnection] = set()
-        # private
-        self._offers: dict[str, RtcConnection] = {}
-        self._tasks: set[asyncio.Task] = set()
-        self._closers: set[asyncio.Task] = set()
-        self._aiortc: Any = None
-        self._closed = False
-
-    @property
-    def running(self) -> bool:
-        return self._aiortc is not None and not self._closed
-
-    # lifecycle
-    async def start(self) -> bool:
-        """Connect to the trackers; False (and one info line) when WebRTC is off."""
-        if not self.trackers:
-            return False
-        if not hasattr(asyncio, "timeout"):
-            log.info("WebRTC is off: it needs Python 3.11+; TCP and LSD go on")
-            return False
-        try:
-            import aiortc
-            import websockets.asyncio.client  # noqa: F401 - the trackers' sockets (websockets 13+)
-        except ImportError as exc:
-            log.info("WebRTC is off: %s (pip install aiortc 'websockets>=13'); TCP and LSD go on", exc)
-            return False
-        self._aiortc = aiortc
-        for url in self.trackers:
-            client = TrackerClient(url, self.node.infohash, self.node.peer_id, numwant=self.numwant,
-                                   interval=self.announce_interval, offer_timeout=self.offer_timeout)
-            session = TrackerSession(self, client)
-            self.sessions.append(session)
-            self._spawn(session.run())
-        log.info("WebRTC on: trackers %s; ICE servers %s", ", ".join(self.trackers),
-                 ", ".join(s.url for s in self.ice_servers) or "none (host candidates only)")
-        return True
-
-    async def drain(self, timeout: float = 1.0) -> None:
-        """Wait (a little) until the data channels have sent what they hold."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                while any(not c.closing and c.channel.bufferedAmount for c in self.connections):
-                    await asyncio.sleep(0.02)
-                await asyncio.sleep(0.05)  # SCTP sends what left the channels
-
-    async def close(self) -> None:
-        """Say ``stopped`` to the trackers, close every peer connection. Idempotent."""
-        if self._closed or self._aiortc is None:
-            self._closed = True
-            return
-        await self.drain()
-        self._closed = True
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(2.0):
-                await asyncio.gather(*(s.close() for s in self.sessions))
-        for task in list(self._tasks):
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._clients):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for conn in list(self.connections):
-            conn.close()
-        await asyncio.gather(*self._closers, return_exceptions=True)
+        await asyncio.gather(*self._clients, return_exceptions=True)
 
-    def _spawn(self, coro: Awaitable, closer: bool = False) -> None:
-        spawn(coro, self._closers if closer else self._tasks, "webrtc")
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._clients) >= STATUS_MAX_CLIENTS:
+            self.stats["refused"] += 1
+            writer.close()
+            return
+        spawn(self._serve(reader, writer), self._clients, "status")
 
-    # the tracker's events
-    def on_tracker_event(self, session: TrackerSession, event: Any) -> None:
-        """Act on one event of a tracker client."""
-        if isinstance(event, MakeOffers):
-            self._spawn(self._offer(session, event.offer_ids))
-        elif isinstance(event, RelayedOffer):
-            self._spawn(self._answer(session, event))
-        elif isinstance(event, RelayedAnswer):
-            self._spawn(self._accept(event))
-        elif isinstance(event, DropOffer):
-            conn = self._offers.pop(event.offer_id, None)
-            if conn is not None:
-                conn.close()
-        elif isinstance(event, TrackerWarning):
-            log.info("tracker %s: %s", session.client.url, event.message)
-        elif isinstance(event, TrackerUpdate):
-            log.debug("tracker %s: %s seeders, %s leechers, every %.0f s", session.client.url,
-                      event.complete, event.incomplete, event.interval)
-
-    def free_slots(self) -> int:
-        """How many more wires may be set up under ``max_peers``."""
-        offers = set(self._offers.values())
-        setting_up = {c for c in self.connections if c.state is not ConnState.CLOSED and c not in offers}
-        return self.max_peers - len(set(self.node.links()) | setting_up)
-
-    def has_peer(self, peer_id: str, wired_only: bool = False) -> bool:
-        """True when a wire to this peer is open (or, unless ``wired_only``, being set up)."""
-        if self.node.has_peer_id(peer_id.encode("latin-1")):
-            return True
-        return not wired_only and any(c.remote_id == peer_id and c.state is not ConnState.CLOSED
-                                      for c in self.connections)
-
-    def _new_connection(self, offerer: bool, remote_id: str | None = None) -> RtcConnection:
-        aiortc = self._aiortc
-        servers = [aiortc.RTCIceServer(urls=s.url, username=s.username, credential=s.credential)
-                   for s in self.ice_servers]
-        # iceServers=[] must be given: None makes aiortc ask Google's STUN server.
-        pc = aiortc.RTCPeerConnection(aiortc.RTCConfiguration(iceServers=servers))
-        conn = RtcConnection(self, pc, offerer, remote_id)
-        self.connections.add(conn)
-        return conn
-
-    def _forget(self, conn: RtcConnection) -> None:
-        for offer_id in [k for k, v in self._offers.items() if v is conn]:
-            del self._offers[offer_id]
-
-    async def _offer(self, session: TrackerSession, offer_ids: tuple[str, ...]) -> None:
-        """Make offers for the free slots, then announce (with none, when full)."""
-        made: list[tuple[str, str]] = []
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            count = max(0, min(len(offer_ids), self.free_slots()))
-            results = await asyncio.gather(*(self._make_offer(i) for i in offer_ids[:count]))
-            made = [r for r in results if r is not None]
+            async with asyncio.timeout(STATUS_READ_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+                status, kind, body = self._answer(head)
+                writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                             b"Connection: close\r\n\r\n" % (status, _REASONS[status], kind, len(body)) + body)
+                await writer.drain()
+            self.stats["served"] += 1
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            self.stats["dropped"] += 1
         finally:
-            session.client.send_announce(made, _mono())
-            self.node.stats["webrtc offers"] += len(made)
-        await session.flush()
+            writer.close()
 
-    async def _make_offer(self, offer_id: str) -> tuple[str, str] | None:
-        conn = self._new_connection(True)
-        self._offers[offer_id] = conn
-        try:
-            conn.attach(conn.pc.createDataChannel("bugout"))
-            await conn.pc.setLocalDescription(await conn.pc.createOffer())
-        except Exception as exc:  # noqa: BLE001 - aiortc's own errors, whatever they are
-            log.debug("webrtc: cannot make an offer: %r", exc)
-            conn.close()
-        if conn.state is ConnState.CLOSED or self._closed:
-            conn.close()
-            return None
-        return offer_id, conn.pc.localDescription.sdp
+    def _answer(self, head: bytes) -> tuple[int, bytes, bytes]:
+        method, _, rest = head.partition(b" ")
+        path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+        if method == b"GET" and path == b"/metrics":
+            return 200, b"text/plain; version=0.0.4; charset=utf-8", self.metrics().encode()
+        if method == b"GET" and path == b"/healthz":
+            ok, body = self.health()
+            return (200 if ok else 503), b"application/json", json_dumps(body).encode()
+        return 404, b"text/plain", b"not found\n"
 
-    async def _answer(self, session: TrackerSession, offer: RelayedOffer) -> None:
-        """Answer a relayed offer unless full or already wired to that peer."""
-        if self._closed or self.free_slots() <= 0 or self.has_peer(offer.peer_id):
-            self.node.stats["webrtc offers declined"] += 1
-            return
-        conn = self._new_connection(False, offer.peer_id)
-        conn.start_deadline(self.connect_timeout)
-        sdp = await self._describe(conn, offer.sdp, "offer")
-        if sdp is None or not session.client.send_answer(offer.peer_id, offer.offer_id, sdp):
-            conn.close()
-            return
-        self.node.stats["webrtc answers"] += 1
-        await session.flush()
 
-    async def _accept(self, answer: RelayedAnswer) -> None:
-        """Apply the answer to our offer, unless a wire to that peer is already open."""
-        conn = self._offers.pop(answer.offer_id, None)
-        if conn is None or conn.state is ConnState.CLOSED:
-            return
-        if self.free_slots() < 0 or self.has_peer(answer.peer_id, wired_only=True):
-            self.node.stats["webrtc answers declined"] += 1
-            conn.close()
-            return
-        conn.remote_id = answer.peer_id
-        conn.start_deadline(self.connect_timeout)
-        await self._describe(conn, answer.sdp, "answer")
+_REASONS = {200: b"OK", 404: b"Not Found", 503: b"Service Unavailable"}
 
-    async def _describe(self, conn: RtcConnection, sdp: str, kind: str) -> str | None:
-        """Set the remote SDP (and answer an offer); None and closed on failure."""
-        aiortc = self._aiortc
-        try:
-            await conn.pc.setRemoteDescription(aiortc.RTCSessionDescription(sdp=sdp, type=kind))
-            if kind == "offer":
-                await conn.pc.setLocalDescription(await conn.pc.createAnswer())
-                return conn.pc.localDescription.sdp
-        except Exception as exc:  # noqa: BLE001 - a remote SDP aiortc will not take
-            log.debug("webrtc %s: bad %s: %r", conn.peer_name, kind, exc)
-            conn.close()
-        return None
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (``Type=notify``, ``WatchdogSec=``) how we are; nothing without it."""
+    where = os.environ.get("NOTIFY_SOCKET")
+    if not where:
+        return
+    address = "\0" + where[1:] if where.startswith("@") else where
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message.encode(), address)
 
 
 # Worker: assets and dependencies ############################################
@@ -4488,6 +4906,25 @@ def _version_ok(version: str, spec: str) -> bool:
     return True
 
 
+# npm package name (validate-npm-package-name: URL-safe, no leading . or _,
+# legacy capitals allowed), optional @scope/, optional @version, range or tag.
+# No ``:``, ``/`` or ``#`` after the name: no URLs, paths, git or aliases; no
+# `` -x`` inside a range: nothing that reads like an option.
+_NPM_PACKAGE = re.compile(
+    r"(?!.*\s-\S)"
+    r"(?:@[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*"  # [@scope/]name
+    r"(?:@[A-Za-z0-9.^~<>=*|+ -]*[A-Za-z0-9*])?")                    # @version, range or tag
+
+
+def check_npm_package(text: Any) -> str:
+    """An npm package name with an optional ``@version`` (or range, tag), or UnsafeAsset."""
+    spec = text.strip() if isinstance(text, str) else ""
+    if len(spec) > 256 or not _NPM_PACKAGE.fullmatch(spec):
+        raise UnsafeAsset(f"dependency {text!r} refused: only an npm package name with an "
+                          "optional @version is allowed (no URL, path, git or option)")
+    return spec
+
+
 # Worker: trusting a master ##################################################
 #
 # Theory of operation. The swarm's ``token`` is public, so "isMaster: yes" is
@@ -4499,8 +4936,8 @@ def _version_ok(version: str, spec: str) -> bool:
 #
 # - master.py answers ``keyProof: 1``. The worker then calls ``isMaster``
 #   again with ``{"challenge": 32 fresh random bytes in hex}``; the answer's
-#   ``proof`` must be HMAC-SHA256(K, label || nonce || master address || 0 ||
-#   worker address), K derived from the key (:func:`master_proof`). It binds
+#   ``proof`` must be HMAC-SHA256(K, label || 0 || nonce || master address ||
+#   0 || worker address), K derived from the key (:func:`master_proof`). It binds
 #   our nonce to both bugout addresses, so it cannot be replayed or relayed.
 #   The failed check decrypts nothing of the peer's, so it is no oracle.
 # - An unchanged JS master cannot answer that, so its proof is its asset
@@ -4522,12 +4959,19 @@ def _version_ok(version: str, spec: str) -> bool:
 # once, CHECK_QUEUE waiting; masters known to have proved the key, pinned
 # ones, failover asks and peers with a wire of their own skip that line
 # (URGENT_CHECKS at once), so a flood of silent identities sharing an
-# attacker's wire never keeps the real master waiting.
+# attacker's wire never keeps the real master waiting. Proofs are bounded
+# too: PROOF_CONCURRENCY at once (a stalled one makes room, up to PROOF_MAX).
+#
+# An address that proved the key once (this run or an earlier one: the
+# journal keeps the last MAX_PROVEN) is adopted on its "yes" without a new
+# proof: only the holder of its signing key can answer from it.
 #
 # A proven master keeps the worker until it leaves (its ``x``, its timeout,
-# or its last wire gone) or fails (requestWork unreachable or unanswered
-# twice). Another peer's "yes" meanwhile only makes it a candidate. When the
-# master is lost, the worker asks the proven addresses it knows, then the
+# or its last wire gone) or fails (an RPC to it finds no wire, or twice gets
+# no answer; an answered requestWork resets that count). Another peer's
+# "yes" meanwhile only makes it a candidate, and a proof that ends after
+# another master was adopted only marks its peer as proven. When the master
+# is lost, the worker asks the proven addresses it knows, then the
 # candidates and known peers, and adopts the first that proves the key.
 # ``master=`` pins addresses: no other peer is asked or accepted.
 
@@ -4560,14 +5004,6 @@ MAX_ASSET_FILES = 256
 MAX_DEPENDENCIES = 256
 MAX_BATCH_TASKS = 10_000
 PROOF_LABEL = b"queue-xec master proof v1"
-
-
-class ProofFailed(WorkerError):
-    """A peer that claimed to be the master did not prove that it holds the key."""
-
-
-class AssetError(WorkerError, ValueError):
-    """A master's asset answer that does not have the agreed shape or hashes."""
 
 
 def master_proof(proof_key: bytes, nonce: bytes, master: str, worker: str) -> str:
@@ -4781,7 +5217,7 @@ def _remember(table: collections.OrderedDict[str, float], address: str, value: f
         table.popitem(last=False)
 
 
-# Worker: the journal ########################################################
+# Worker: the journal and the outbox #########################################
 #
 # The worker's state lives in one SQLite file in its folder, JOURNAL_NAME, in
 # WAL mode with synchronous=FULL: a commit is on disk before it returns, and a
@@ -4807,10 +5243,6 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE results (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, mac TEXT NOT NULL);
 CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, mac TEXT NOT NULL);
 """
-
-
-class JournalError(WorkerError):
-    """The journal file is not ours, or is damaged."""
 
 
 class Journal:
@@ -4983,6 +5415,10 @@ class Journal:
         return self._db.execute(f"SELECT coalesce(max(seq), 0) FROM {table}").fetchone()[0]
 
 
+#: Held results kept in memory for delivery; more stay in the journal until their turn.
+OUTBOX_MEMORY = 10_000
+
+
 class Outbox:
     """The results this worker holds, and the rules for handing them over.
 
@@ -4992,6 +5428,9 @@ class Outbox:
     3. A result leaves the outbox when delivered: acknowledged by master.py,
        or written to a wire for a JS master, which gives no acknowledgement.
     4. A failed delivery keeps everything it carried, in order, for the next.
+    5. The journal forgets a delivered result after the fact, on its thread:
+       a crash in between delivers it again (master.py keeps one result per
+       job id and drops the repeat).
 
     Results wait in memory while their commit runs (``pending``); committed
     ones are kept in memory for delivery up to OUTBOX_MEMORY and paged in
@@ -5102,10 +5541,6 @@ class Outbox:
         self._more_in_journal = len(rows) == OUTBOX_MEMORY
 
 
-#: Held results kept in memory for delivery; more stay in the journal until their turn.
-OUTBOX_MEMORY = 10_000
-
-
 # Worker: running tasks ######################################################
 #
 # Task code is the master's and may misbehave, so it runs in child processes,
@@ -5142,70 +5577,6 @@ _SIGNAL_HINTS = {signal.SIGKILL: " (the kernel's OOM killer, or kill -9)",
                  signal.SIGSEGV: " (a crash in native code)", signal.SIGABRT: " (it aborted)"}
 
 
-class TaskError(WorkerError):
-    """A job failed in its child (or by SystemExit); ``error`` is the result's error field."""
-
-    def __init__(self, kind: str, message: str, traceback: str = "") -> None:
-        super().__init__(message if kind == type(self).__name__ else f"{kind}: {message}")
-        #: ``{"type", "message", "traceback"}`` as in every error result
-        self.error = {"type": kind, "message": message, "traceback": traceback}
-
-    @classmethod
-    def from_answer(cls, error: Any) -> TaskError:
-        """From a child's ``error`` field: the task's own error name, message and traceback."""
-        error = error if isinstance(error, dict) else {}
-        return cls(str(error.get("type") or "Error"), str(error.get("message", "")),
-                   str(error.get("traceback") or ""))
-
-
-class JsTaskError(TaskError):
-    """task.js's ``run`` threw or rejected: the JS error's name, message and stack."""
-
-
-class TaskProcessError(TaskError):
-    """A task cannot run: no node or npm, it does not load, its process died or was ended."""
-
-    def __init__(self, message: str, detail: str = "") -> None:
-        super().__init__("TaskProcessError", message, detail)
-
-
-_STRICT_JSON = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
-
-
-def strict_json(value: Any) -> str:
-    """``value`` as JSON any parser reads (no NaN, no Infinity), or ValueError saying why not."""
-    try:
-        return _STRICT_JSON.encode(value)
-    except (TypeError, ValueError, RecursionError) as exc:
-        text = f"the result cannot be sent as JSON: {exc}"
-        if "Out of range float" in str(exc):
-            text += " (NaN, Infinity and -Infinity have no JSON form)"
-        raise ValueError(text) from None
-
-
-def parse_concurrency(value: Any) -> int:
-    """``concurrency``: how many jobs run at once, each in a child; ``auto``: one per core."""
-    text = str(value).strip().lower()
-    if text == "auto":
-        try:
-            return len(os.sched_getaffinity(0))  # the cores this process may use
-        except AttributeError:
-            return os.cpu_count() or 1
-    if text.isdigit() and int(text) >= 1:
-        return int(text)
-    raise WorkerError(f"concurrency={value!r}: give a whole number of jobs at once (1 or more) or auto")
-
-
-def parse_memory_mb(value: Any) -> int | None:
-    """``jobMemoryMB``: the memory cap of each child in MB, or None (unset or 0: no cap)."""
-    text = "" if value is None else str(value).strip()
-    if text in ("", "0"):
-        return None
-    if text.isdigit():
-        return int(text)
-    raise WorkerError(f"jobMemoryMB={value!r}: give a whole number of megabytes, or 0 for no cap")
-
-
 def _exit_text(code: int | None) -> str:
     """How a child ended, for an error message: ``exited (code 3)``, ``was killed by SIGSEGV``."""
     if code is None:
@@ -5224,6 +5595,14 @@ def _memory_hint(code: int | None, memory_mb: int | None) -> str:
     if memory_mb and code is not None and -code in _SIGNAL_HINTS:
         return f"; jobMemoryMB={memory_mb} caps its memory: it may have run out"
     return ""
+
+
+def error_result(exc: BaseException) -> dict:
+    """The ``error`` field of a failed job's result."""
+    if isinstance(exc, TaskError):  # the task's own error name, message and traceback
+        return dict(exc.error)
+    return {"type": exc.__class__.__name__, "message": str(exc),
+            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
 
 
 class Runner:
@@ -5603,6 +5982,21 @@ class TaskChild:
         await asyncio.gather(*pumps, return_exceptions=True)
 
 
+def load_task(path: Path) -> Any:
+    """Import ``task.py`` afresh in this process and return a new ``Task()`` (thread mode)."""
+    name = "qx_task_%d" % time.monotonic_ns()
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise WorkerError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec.loader.exec_module(module)
+    if not hasattr(module, "Task"):
+        raise WorkerError(f"{path} defines no class Task")
+    return module.Task()
+
+
 class ThreadRunner(Runner):
     """task.py in a thread of the worker's own process: ``taskRunner=thread``.
 
@@ -5726,182 +6120,6 @@ async def _await(awaitable: Awaitable) -> Any:
     return await awaitable
 
 
-def load_task(path: Path) -> Any:
-    """Import ``task.py`` afresh in this process and return a new ``Task()`` (thread mode)."""
-    name = "qx_task_%d" % time.monotonic_ns()
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise WorkerError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    if str(path.parent) not in sys.path:
-        sys.path.insert(0, str(path.parent))
-    spec.loader.exec_module(module)
-    if not hasattr(module, "Task"):
-        raise WorkerError(f"{path} defines no class Task")
-    return module.Task()
-
-
-def error_result(exc: BaseException) -> dict:
-    """The ``error`` field of a failed job's result."""
-    if isinstance(exc, TaskError):  # the task's own error name, message and traceback
-        return dict(exc.error)
-    return {"type": exc.__class__.__name__, "message": str(exc),
-            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
-
-
-TASK_CHILD_PY = r'''# A task's child process, started by worker.py (queue-xec Python worker) as
-# "python -" with this program on stdin. It limits itself, then runs task.py
-# (argv: TASK DEPS) or becomes another program (argv: --exec PROGRAM ARGS...).
-# Jobs come in and answers go out as JSON lines on the socket whose fd is
-# QX_RUNNER_FD; stdout and stderr are the task's own (the worker logs them).
-import json
-import os
-import sys
-
-MEMORY_MB = int(os.environ.pop("QX_MEMORY_MB", "") or 0)
-
-
-def limit():
-    """Die with the worker, be the OOM killer's first choice, cap the data size."""
-    try:
-        import ctypes
-        ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL (Linux)
-    except (ImportError, OSError, AttributeError):
-        pass
-    if os.getppid() != int(os.environ.pop("QX_PARENT")):
-        os._exit(1)  # the worker died before prctl
-    try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("1000")
-    except OSError:
-        pass
-    if MEMORY_MB:
-        import resource
-        cap = MEMORY_MB << 20
-        hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
-        cap = cap if hard == resource.RLIM_INFINITY else min(cap, hard)
-        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))  # private writable memory
-
-
-def describe(exc):
-    """An answer's error field: the exception's type, message and traceback."""
-    import traceback
-    try:
-        message = str(exc)
-    except Exception:
-        message = "(unprintable %s)" % type(exc).__name__
-    if isinstance(exc, MemoryError) and MEMORY_MB:
-        message = (message + " " if message else "") + "(out of memory: jobMemoryMB=%d)" % MEMORY_MB
-    frames = exc.__traceback__
-    while frames is not None and frames.tb_frame.f_code.co_filename == "<stdin>":
-        frames = frames.tb_next  # this program's frames: the task's come after
-    try:
-        trace = "".join(traceback.format_exception(type(exc), exc, frames))
-    except Exception:
-        trace = ""
-    return {"type": type(exc).__name__, "message": message, "traceback": trace}
-
-
-def not_json(exc):
-    text = "the result cannot be sent as JSON: %s" % exc
-    if "Out of range float" in str(exc):
-        text += " (NaN, Infinity and -Infinity have no JSON form)"
-    return {"type": "ValueError", "message": text, "traceback": ""}
-
-
-def load(path, deps):
-    import importlib.util
-    sys.path[:0] = [os.path.dirname(path), deps]
-    spec = importlib.util.spec_from_file_location("task", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["task"] = module
-    spec.loader.exec_module(module)
-    if not hasattr(module, "Task"):
-        raise TypeError("%s defines no class Task" % path)
-    task = module.Task()
-    if not callable(getattr(task, "run", None)):
-        raise TypeError("%s: its Task has no run(job) method" % path)
-    return task
-
-
-async def wait(awaitable):
-    return await awaitable
-
-
-class Jobs:
-    """Runs jobs on the task; an async run gets one event loop, kept from job to job."""
-
-    def __init__(self, task):
-        self.task = task
-        self.loop = None
-
-    def run(self, job):
-        result = self.task.run(job)
-        if hasattr(result, "__await__"):
-            if self.loop is None:
-                import asyncio
-                self.loop = asyncio.new_event_loop()
-                asyncio.set_event_loop(self.loop)
-            result = self.loop.run_until_complete(wait(result))
-        return result
-
-
-def serve(channel, jobs):
-    encode = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode
-    for line in channel.makefile("rb"):
-        message = json.loads(line)
-        try:
-            answer = {"id": message["id"], "data": jobs.run(message["job"])}
-        except BaseException as exc:  # SystemExit too: it ends the job, not the child
-            answer = {"id": message["id"], "error": describe(exc)}
-        try:
-            text = encode(answer)
-        except (TypeError, ValueError, RecursionError) as exc:
-            text = encode({"id": message["id"], "error": not_json(exc)})
-        channel.sendall(text.encode() + b"\n")
-
-
-def main():
-    limit()
-    if sys.argv[1] == "--exec":
-        os.execv(sys.argv[2], sys.argv[2:])
-    import faulthandler
-    import socket
-    faulthandler.enable()  # a crash in native code prints the task's Python stack
-    fd = int(os.environ.pop("QX_RUNNER_FD"))
-    os.set_inheritable(fd, False)
-    channel = socket.socket(fileno=fd)
-    sys.stdout.reconfigure(line_buffering=True)
-    try:
-        jobs = Jobs(load(sys.argv[1], sys.argv[2]))
-    except BaseException as exc:
-        channel.sendall(json.dumps({"ready": False, "error": describe(exc)}).encode() + b"\n")
-        return 1
-    channel.sendall(json.dumps({"ready": True, "python": sys.version.split()[0]}).encode() + b"\n")
-    serve(channel, jobs)
-    return 0
-
-
-def exit_now(code):
-    """Exit without waiting for threads the task left running."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    os._exit(code)
-
-
-try:
-    code = main()
-except BaseException:
-    import traceback
-    traceback.print_exc()
-    exit_now(1)
-exit_now(code)
-'''
-
-
 # Worker: running task.js with Node ##########################################
 #
 # The JS master always sends a task.js. When no task.py comes with it, ``node``
@@ -5914,125 +6132,6 @@ exit_now(code)
 
 #: The runner that worker.py writes into the worker folder (assets may not overwrite it).
 NODE_RUNNER_NAME = ".qx-runner.js"
-
-NODE_RUNNER_JS = r"""// Written by worker.py (queue-xec Python worker): runs task.js as the JS worker
-// does. Jobs come in and answers go out as JSON lines on the socket whose fd is
-// QX_RUNNER_FD; stdout and stderr are the task's own (the worker logs them).
-'use strict';
-const net = require('net');
-const path = require('path');
-const readline = require('readline');
-const util = require('util');
-
-const channel = new net.Socket({ fd: Number(process.env.QX_RUNNER_FD), readable: true, writable: true });
-const line = (message) => `${JSON.stringify(message)}\n`;
-
-function describe(error) {
-  if (error instanceof Error || util.types.isNativeError(error)) {
-    return { type: String(error.name || 'Error'), message: String(error.message), traceback: String(error.stack || '') };
-  }
-  // `throw 'text'`, `reject(42)`, `reject()`: not an Error, so no name and no stack
-  return { type: error === null ? 'null' : typeof error,
-           message: typeof error === 'string' ? error : util.inspect(error), traceback: '' };
-}
-
-function answer(id, data) {
-  try {
-    return line({ id, data: data === undefined ? null : data });
-  } catch (error) { // a BigInt or a cycle: JSON cannot hold it
-    return line({ id, error: describe(error) });
-  }
-}
-
-async function runJob(task, text) {
-  const { id, job } = JSON.parse(text);
-  try {
-    channel.write(answer(id, await task.run(job)));
-  } catch (error) {
-    channel.write(line({ id, error: describe(error) }));
-  }
-}
-
-function load(file) {
-  const Task = require(path.resolve(file));
-  if (typeof Task !== 'function') {
-    throw new TypeError(`${file} must export its Task class (module.exports = Task), not ${typeof Task}`);
-  }
-  const task = new Task();
-  if (typeof task.run !== 'function') throw new TypeError(`${file}: its Task has no run(job) method`);
-  return task;
-}
-
-function main() {
-  let task;
-  try {
-    task = load(process.argv[2]);
-  } catch (error) {
-    channel.end(line({ ready: false, error: describe(error) }), () => process.exit(1));
-    return;
-  }
-  channel.write(line({ ready: true, node: process.version }));
-  readline.createInterface({ input: channel, crlfDelay: Infinity }).on('line', (text) => runJob(task, text));
-  channel.on('end', () => process.exit(0));
-  channel.on('error', () => process.exit(1));
-}
-
-main();
-"""
-
-# node -e: print the JSON list of the specs (argv[2:]) that do not resolve from
-# the folder (argv[1]) as task.js would require them. An exact version must
-# match; a range or tag is left to npm.
-_NPM_MISSING_JS = r"""
-const fs = require('fs');
-const path = require('path');
-const { createRequire } = require('module');
-const [folder, ...specs] = process.argv.slice(1);
-const requireFrom = createRequire(path.join(folder, 'noop.js'));
-
-function installedVersion(name) {
-  try {
-    return JSON.parse(fs.readFileSync(requireFrom.resolve(`${name}/package.json`), 'utf8')).version || '';
-  } catch (e) { /* not there, or its "exports" hide package.json */ }
-  let entry;
-  try { entry = requireFrom.resolve(name); } catch (e) { return null; }
-  if (!path.isAbsolute(entry)) return process.versions.node; // a built-in module
-  for (let dir = path.dirname(entry); dir !== path.dirname(dir); dir = path.dirname(dir)) {
-    try {
-      const pkg = JSON.parse(fs.readFileSync(path.join(dir, 'package.json'), 'utf8'));
-      if (pkg.name === name) return pkg.version || '';
-    } catch (e) { /* no package.json here */ }
-  }
-  return '';
-}
-
-process.stdout.write(JSON.stringify(specs.filter((spec) => {
-  const at = spec.indexOf('@', 1);
-  const wanted = at < 0 ? '' : spec.slice(at + 1).trim().replace(/^[v=]+/, '');
-  const version = installedVersion(at < 0 ? spec : spec.slice(0, at));
-  if (version === null) return true;
-  if (!wanted || wanted === '*' || wanted === 'x') return false;
-  return !/^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?$/.test(wanted) || version !== wanted;
-})));
-"""
-
-# npm package name (validate-npm-package-name: URL-safe, no leading . or _,
-# legacy capitals allowed), optional @scope/, optional @version, range or tag.
-# No ``:``, ``/`` or ``#`` after the name: no URLs, paths, git or aliases; no
-# `` -x`` inside a range: nothing that reads like an option.
-_NPM_PACKAGE = re.compile(
-    r"(?!.*\s-\S)"
-    r"(?:@[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*"  # [@scope/]name
-    r"(?:@[A-Za-z0-9.^~<>=*|+ -]*[A-Za-z0-9*])?")                    # @version, range or tag
-
-
-def check_npm_package(text: Any) -> str:
-    """An npm package name with an optional ``@version`` (or range, tag), or UnsafeAsset."""
-    spec = text.strip() if isinstance(text, str) else ""
-    if len(spec) > 256 or not _NPM_PACKAGE.fullmatch(spec):
-        raise UnsafeAsset(f"dependency {text!r} refused: only an npm package name with an "
-                          "optional @version is allowed (no URL, path, git or option)")
-    return spec
 
 
 def find_program(name: str) -> str:
@@ -6108,61 +6207,57 @@ class NodeRunner(ChildRunner):
 
 # Worker #####################################################################
 
-def _word(value: Any, default: bool) -> bool:
-    """An env word as a bool: ``false``, ``0``, ``no``, ``off``, empty are false."""
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        return value
-    return str(value).strip().lower() not in ("false", "0", "no", "off", "")
+def _pong(address: str, args: Any) -> dict:
+    """``ping``: the arguments echoed with ``pong``, as the JS master does; small ones only."""
+    args = as_dict(args)
+    return {**args, "pong": True} if len(json_dumps(args)) <= MAX_PING_ECHO else {"pong": True}
 
 
-def _config(env: dict, key: str, value: Any, default: Any = None) -> Any:
-    """An explicit argument, else the env key, else the default."""
-    if value is not None:
-        return value
-    found = env.get(key)
-    return default if found in (None, "") else found
+#: Largest ping arguments echoed back (a peer may not make us send megabytes).
+MAX_PING_ECHO = 4096
 
 
-def dht_options(env: dict, dht: bool | None = None, bootstrap: Iterable[str] | None = None,
-                port: int | None = None) -> dict:
-    """Bugout's DHT arguments from arguments or the ``dht``, ``dhtBootstrap``, ``dhtPort`` keys."""
-    routers = _config(env, "dhtBootstrap", bootstrap, DHT_BOOTSTRAP)
-    udp = _config(env, "dhtPort", port)
-    return {"dht": _word(_config(env, "dht", dht), True), "dht_bootstrap": _split_setting(routers),
-            "dht_port": None if udp is None else int(udp)}
+def _results_ok(value: Any, folder: Path) -> bool:
+    """A list of results as this worker makes them (old .results.json files)."""
+    return isinstance(value, list) and all(
+        isinstance(r, dict) and "jobID" in r and "data" in r and isinstance(r.get("worker"), dict)
+        and isinstance(r["worker"].get("id"), str) for r in value)
 
 
-def bugout_from_env(token: str, env: dict, *, seed: str | None = None, host: str | None = None,
-                    port: int | None = None, peers: str | Iterable[str] | None = None,
-                    lsd: bool | None = None, dht: bool | None = None,
-                    dht_bootstrap: Iterable[str] | None = None, dht_port: int | None = None,
-                    trackers: str | Iterable[str] | None = None,
-                    ice_servers: str | Iterable[str] | None = None,
-                    max_peers: int | None = None) -> Bugout:
-    """A Bugout node from explicit arguments, else the transport keys of ``env``."""
-    return Bugout(
-        token, seed=_config(env, "seed", seed), host=_config(env, "host", host, "0.0.0.0"),
-        port=int(_config(env, "port", port, 0)),
-        peers=_split_setting(_config(env, "peers", peers, "")),
-        lsd=_word(_config(env, "lsd", lsd), True),
-        max_message=int(_config(env, "maxMessage", None, DEFAULT_MAX_MESSAGE)),
-        trackers=_config_list(env, "trackers", trackers),
-        ice_servers=_config_list(env, "iceServers", ice_servers),
-        max_peers=_config(env, "maxPeers", max_peers),
-        max_inbound=int(_config(env, "maxInbound", None, DEFAULT_MAX_INBOUND)),
-        **dht_options(env, dht, dht_bootstrap, dht_port))
+def _manifest_ok(value: Any, folder: Path) -> bool:
+    """A list of assets with a name and a safe workerPath."""
+    if not isinstance(value, list):
+        return False
+    for asset in value:
+        if not isinstance(asset, dict) or not isinstance(asset.get("name"), str):
+            return False
+        try:
+            safe_asset_path(folder, asset.get("workerPath"))
+        except UnsafeAsset:
+            return False
+    return True
+
+
+async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> bool:
+    """Wait until one of ``events`` is set; False when ``timeout`` passed first."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    return bool(done)
 
 
 class Worker:
     """The JS queue-xec Worker's API in Python.
 
-    ``Worker(token, name, loglevel, transfer_encrypt_token)``; each option falls
-    back to the JS env keys (``token``, ``name``, ``LOG_LEVEL``,
-    ``transferEncryptToken``, ``getBatch``, ``batchSize``) and the transport
-    keys (``port``, ``host``, ``peers``, ``lsd``, ``seed``, ``maxMessage``,
-    ``dht``, ``dhtBootstrap``, ``dhtPort``, ``trackers``, ``iceServers``, ``maxPeers``).
+    ``Worker(token, name, loglevel, transfer_encrypt_token, **options)``:
+    ``options`` are the other fields of :class:`Settings` (``get_batch``,
+    ``batch_size``, ``folder``, ``port``, ``peers``, ``concurrency``, ...),
+    and each setting not given comes from ``env`` (default: .env and the
+    environment, :func:`load_env`) under its JS key (``getBatch``, ...), else
+    its default. Or ``Worker(settings=Settings.load(...))``.
 
     Tasks run in child processes (``concurrency`` at once, ``auto``: one per
     core), each capped at ``jobMemoryMB``, ended after ``jobTimeout`` seconds;
@@ -6180,51 +6275,40 @@ class Worker:
 
     def __init__(self, token: str | None = None, name: str | None = None,
                  loglevel: str | None = None, transfer_encrypt_token: str | None = None,
-                 *, get_batch: bool | None = None, batch_size: int | None = None,
-                 folder: str | Path | None = None, env: dict | None = None,
-                 port: int | None = None, host: str | None = None,
-                 peers: Iterable[str] | None = None, lsd: bool | None = None,
-                 seed: str | None = None, job_timeout: float | None = None,
-                 dht: bool | None = None, dht_bootstrap: Iterable[str] | None = None,
-                 dht_port: int | None = None,
-                 trackers: str | Iterable[str] | None = None,
-                 ice_servers: str | Iterable[str] | None = None,
-                 max_peers: int | None = None, master: str | Iterable[str] | None = None,
-                 concurrency: int | str | None = None, job_memory_mb: int | None = None,
-                 stop_timeout: float | None = None, task_runner: str | None = None,
-                 status_port: int | None = None, status_host: str | None = None) -> None:
-        env = load_env(".env") if env is None else env
-        self.token = _config(env, "token", token)
+                 *, env: dict[str, str] | None = None, settings: Settings | None = None,
+                 **options: Any) -> None:
+        settings = Settings.of(settings, env, {"token": token, "name": name, "loglevel": loglevel,
+                                               "transfer_encrypt_token": transfer_encrypt_token, **options})
+        #: every setting, as read from the arguments, .env and the environment
+        self.settings = settings
+        self.token = settings.token
         if not self.token:
             raise WorkerError("no token: set token in .env (python worker.py --setup)")
-        key = _config(env, "transferEncryptToken", transfer_encrypt_token)
+        key = settings.transfer_encrypt_token
         if not key:
             raise WorkerError("no transferEncryptToken: set it in .env (python worker.py --setup)")
         self.crypt = Crypt(key)
-        pinned = _split_setting(_config(env, "master", master, ""))
+        pinned = list(settings.master)
         for address in pinned:
             if not is_address(address):
                 raise WorkerError(f"master= holds {address!r}, which is not a bugout address")
-        self.name = _config(env, "name", name, socket.gethostname())
-        Logger(_config(env, "LOG_LEVEL", loglevel, "info"), env.get("logFile") or None)
-        self.get_batch = _word(_config(env, "getBatch", get_batch), False)
-        self.batch_size = int(_config(env, "batchSize", batch_size, DEFAULT_BATCH_SIZE))
-        self.folder = Path(_config(env, "folder", folder, os.getcwd())).resolve()
-        self.job_timeout = float(_config(env, "jobTimeout", job_timeout, 0)) or None
+        self.name = settings.name
+        Logger(settings.loglevel or "info", settings.log_file)
+        self.get_batch = settings.get_batch
+        self.batch_size = settings.batch_size
+        self.folder = settings.folder
+        self.job_timeout = settings.job_timeout
         #: jobs at once, each in a child process of its own
-        self.concurrency = parse_concurrency(_config(env, "concurrency", concurrency, 1))
+        self.concurrency = settings.concurrency
         #: the memory cap of each child in MB, or None
-        self.job_memory_mb = parse_memory_mb(_config(env, "jobMemoryMB", job_memory_mb))
+        self.job_memory_mb = settings.job_memory_mb
         #: seconds a stop waits for held jobs and their results
-        self.stop_timeout = float(_config(env, "stopTimeout", stop_timeout, 30))
+        self.stop_timeout = settings.stop_timeout
         #: ``process`` (task.py in child processes) or ``thread`` (in the worker's process)
-        self.task_runner = str(_config(env, "taskRunner", task_runner, "process")).strip().lower()
+        self.task_runner = settings.task_runner
         if self.task_runner not in ("process", "thread"):
             raise WorkerError(f"taskRunner={self.task_runner!r}: give process (the default) or thread")
-        self.node = bugout_from_env(
-            self.token, env, seed=seed, host=host, port=port, peers=peers, lsd=lsd, dht=dht,
-            dht_bootstrap=dht_bootstrap, dht_port=dht_port, trackers=trackers,
-            ice_servers=ice_servers, max_peers=max_peers)
+        self.node = Bugout(self.token, settings)
         #: who may command this worker: the proven master, candidates, bans
         self.trust = MasterTrust(pinned)
         #: the crash-safe state in the worker folder, and the results it holds
@@ -6265,10 +6349,8 @@ class Worker:
         #: what /metrics shows: job durations, failures by error type (bounded), when assets came
         self.job_seconds = Histogram()
         self.failures: collections.Counter = collections.Counter()
-        port_setting = _config(env, "statusPort", status_port)
         #: the status page's port (None: off) and address (statusPort, statusHost)
-        self.status_port = None if port_setting in (None, "", "off") else int(port_setting)
-        self.status_host = str(_config(env, "statusHost", status_host, "127.0.0.1"))
+        self.status_port, self.status_host = settings.status_port, settings.status_host
         self._status: StatusServer | None = None
         self._started = time.monotonic()
         self._assets_since: float | None = None
@@ -7095,213 +7177,6 @@ class Worker:
         await asyncio.to_thread(self.journal.close)
 
 
-def _pong(address: str, args: Any) -> dict:
-    """``ping``: the arguments echoed with ``pong``, as the JS master does; small ones only."""
-    args = as_dict(args)
-    return {**args, "pong": True} if len(json_dumps(args)) <= MAX_PING_ECHO else {"pong": True}
-
-
-#: Largest ping arguments echoed back (a peer may not make us send megabytes).
-MAX_PING_ECHO = 4096
-
-
-def _results_ok(value: Any, folder: Path) -> bool:
-    """A list of results as this worker makes them (old .results.json files)."""
-    return isinstance(value, list) and all(
-        isinstance(r, dict) and "jobID" in r and "data" in r and isinstance(r.get("worker"), dict)
-        and isinstance(r["worker"].get("id"), str) for r in value)
-
-
-def _manifest_ok(value: Any, folder: Path) -> bool:
-    """A list of assets with a name and a safe workerPath."""
-    if not isinstance(value, list):
-        return False
-    for asset in value:
-        if not isinstance(asset, dict) or not isinstance(asset.get("name"), str):
-            return False
-        try:
-            safe_asset_path(folder, asset.get("workerPath"))
-        except UnsafeAsset:
-            return False
-    return True
-
-
-def as_dict(value: Any) -> dict:
-    """``value`` if it is a dict, else an empty one (RPC arguments from peers)."""
-    return value if isinstance(value, dict) else {}
-
-
-async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> bool:
-    """Wait until one of ``events`` is set; False when ``timeout`` passed first."""
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-    return bool(done)
-
-
-# Status: metrics and health over HTTP #######################################
-#
-# ``statusPort`` serves two pages on the worker's own event loop, stdlib only:
-# ``GET /metrics`` in the Prometheus text format (version 0.0.4) and ``GET
-# /healthz`` (200 with a small JSON body while the loop runs and a proven
-# master is connected, 503 with the reason otherwise); anything else is 404.
-# A client gets STATUS_READ_TIMEOUT seconds and STATUS_MAX_REQUEST bytes to
-# send its request, and at most STATUS_MAX_CLIENTS are served at once, so a
-# slow or hostile one costs nothing but its own connection.
-
-STATUS_READ_TIMEOUT = 5.0
-STATUS_MAX_REQUEST = 8192
-STATUS_MAX_CLIENTS = 8
-#: Seconds between two status lines (at info, and only when something happened).
-STATUS_LINE_SECONDS = 60.0
-#: Error types counted apart in /metrics; the rest count as "other".
-MAX_ERROR_TYPES = 32
-#: Upper bounds (seconds) of the job-duration and delivery-latency histograms.
-DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0)
-
-
-class Histogram:
-    """A Prometheus histogram: counts per upper bound, their sum and count."""
-
-    def __init__(self, buckets: Iterable[float] = DURATION_BUCKETS) -> None:
-        self.buckets = tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
-
-
-class Exposition:
-    """Builds the Prometheus text format: HELP, TYPE, then samples."""
-
-    def __init__(self, prefix: str = "qx_") -> None:
-        self.prefix = prefix
-        self._lines: list[str] = []
-
-    def add(self, name: str, kind: str, help_text: str, samples: Any) -> None:
-        """``samples``: a number, or ``{labels dict as tuple pairs: value}``."""
-        name = self.prefix + name
-        self._lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        items = samples.items() if isinstance(samples, dict) else [((), samples)]
-        for labels, value in items:
-            self._lines.append(f"{name}{_labels(labels)} {_number(value)}")
-
-    def histogram(self, name: str, help_text: str, hist: Histogram) -> None:
-        name = self.prefix + name
-        self._lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-        running = 0
-        for bound, count in zip((*hist.buckets, float("inf")), hist.counts):
-            running += count
-            self._lines.append(f'{name}_bucket{{le="{_number(bound)}"}} {running}')
-        self._lines += [f"{name}_sum {_number(hist.sum)}", f"{name}_count {hist.count}"]
-
-    def text(self) -> str:
-        return "\n".join(self._lines) + "\n"
-
-
-def _labels(labels: Iterable[tuple[str, Any]]) -> str:
-    pairs = [f'{key}="{_label_value(value)}"' for key, value in labels]
-    return "{" + ",".join(pairs) + "}" if pairs else ""
-
-
-def _label_value(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _number(value: float) -> str:
-    if value == float("inf"):
-        return "+Inf"
-    return repr(float(value)) if isinstance(value, float) and not value.is_integer() else str(int(value))
-
-
-def process_rss_bytes() -> int:
-    """This process's resident memory (Linux /proc; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm", "rb") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-class StatusServer:
-    """``GET /metrics`` and ``GET /healthz`` on the loop; bounded in time, size and clients."""
-
-    def __init__(self, host: str, port: int, metrics: Callable[[], str],
-                 health: Callable[[], tuple[bool, dict]]) -> None:
-        self.host, self.port = host, port
-        self.metrics, self.health = metrics, health
-        #: requests served, refused (too many clients), and dropped (slow, too big, not HTTP)
-        self.stats: collections.Counter = collections.Counter()
-        # private
-        self._server: asyncio.AbstractServer | None = None
-        self._clients: set[asyncio.Task] = set()
-
-    async def start(self) -> StatusServer:
-        self._server = await asyncio.start_server(self._accept, self.host, self.port,
-                                                  limit=STATUS_MAX_REQUEST, reuse_address=True)
-        self.port = self._server.sockets[0].getsockname()[1]
-        log.info("status on http://%s:%d/metrics and /healthz", self.host, self.port)
-        return self
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._clients):
-            task.cancel()
-        await asyncio.gather(*self._clients, return_exceptions=True)
-
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._clients) >= STATUS_MAX_CLIENTS:
-            self.stats["refused"] += 1
-            writer.close()
-            return
-        spawn(self._serve(reader, writer), self._clients, "status")
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(STATUS_READ_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
-                status, kind, body = self._answer(head)
-                writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-                             b"Connection: close\r\n\r\n" % (status, _REASONS[status], kind, len(body)) + body)
-                await writer.drain()
-            self.stats["served"] += 1
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            self.stats["dropped"] += 1
-        finally:
-            writer.close()
-
-    def _answer(self, head: bytes) -> tuple[int, bytes, bytes]:
-        method, _, rest = head.partition(b" ")
-        path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
-        if method == b"GET" and path == b"/metrics":
-            return 200, b"text/plain; version=0.0.4; charset=utf-8", self.metrics().encode()
-        if method == b"GET" and path == b"/healthz":
-            ok, body = self.health()
-            return (200 if ok else 503), b"application/json", json_dumps(body).encode()
-        return 404, b"text/plain", b"not found\n"
-
-
-_REASONS = {200: b"OK", 404: b"Not Found", 503: b"Service Unavailable"}
-
-
-def sd_notify(message: str) -> None:
-    """Tell systemd (``Type=notify``, ``WatchdogSec=``) how we are; nothing without it."""
-    where = os.environ.get("NOTIFY_SOCKET")
-    if not where:
-        return
-    address = "\0" + where[1:] if where.startswith("@") else where
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(message.encode(), address)
-
-
 # Command line ###############################################################
 
 def setup(env_path: Path, ask: Callable[[str], str] = input) -> None:
@@ -7367,47 +7242,6 @@ async def run_worker(worker: Worker) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="worker.py", description="queue-xec worker: joins the swarm named by token, "
-        "runs the master's jobs and sends back results.")
-    parser.add_argument("--setup", action="store_true", help="prompt for the tokens, write .env")
-    parser.add_argument("--demo", action="store_true",
-                        help="run a local demo master and jobs on loopback only (needs master.py)")
-    parser.add_argument("--env", default=".env", metavar="FILE", help="settings file (default .env)")
-    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
-    args = parser.parse_args(argv)
-    if args.setup:
-        setup(Path(args.env))
-        return 0
-    if args.demo:
-        return asyncio.run(run_demo())
-    try:
-        worker = Worker(env=load_env(args.env))
-    except WorkerError as exc:
-        print(f"worker.py: {exc}", file=sys.stderr)
-        return 2
-    return asyncio.run(run_worker(worker))
-
-
-# Demo #######################################################################
-
-DEMO_TASK = '''\
-"""Demo task: count the primes below a bound."""
-
-
-class Task:
-    def run(self, job):
-        bound = int(job["data"])
-        sieve = bytearray([1]) * bound
-        sieve[:2] = b"\\0\\0"
-        for i in range(2, int(bound ** 0.5) + 1):
-            if sieve[i]:
-                sieve[i * i::i] = bytes(len(range(i * i, bound, i)))
-        return {"bound": bound, "primes": sum(sieve)}
-'''
-
-
 async def run_demo(jobs: int = 200) -> int:
     """A master.py and a worker on 127.0.0.1 (no LSD, DHT or trackers)."""
     import tempfile
@@ -7452,5 +7286,308 @@ async def run_demo(jobs: int = 200) -> int:
     return 0 if ok else 1
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="worker.py", description="queue-xec worker: joins the swarm named by token, "
+        "runs the master's jobs and sends back results.")
+    parser.add_argument("--setup", action="store_true", help="prompt for the tokens, write .env")
+    parser.add_argument("--demo", action="store_true",
+                        help="run a local demo master and jobs on loopback only (needs master.py)")
+    parser.add_argument("--env", default=".env", metavar="FILE", help="settings file (default .env)")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    args = parser.parse_args(argv)
+    if args.setup:
+        setup(Path(args.env))
+        return 0
+    if args.demo:
+        return asyncio.run(run_demo())
+    try:
+        worker = Worker(env=load_env(args.env))
+    except WorkerError as exc:
+        print(f"worker.py: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(run_worker(worker))
+
+
+# Templates ##################################################################
+#
+# The source the worker hands to other processes, kept last as bottle keeps
+# its templates: the program of every task child, the runner of task.js, the
+# npm check, and the demo's task.py.
+
+#: Every task child's program, piped into ``python -`` (see "Worker: running tasks").
+TASK_CHILD_PY = r'''# A task's child process, started by worker.py (queue-xec Python worker) as
+# "python -" with this program on stdin. It limits itself, then runs task.py
+# (argv: TASK DEPS) or becomes another program (argv: --exec PROGRAM ARGS...).
+# Jobs come in and answers go out as JSON lines on the socket whose fd is
+# QX_RUNNER_FD; stdout and stderr are the task's own (the worker logs them).
+import json
+import os
+import sys
+
+MEMORY_MB = int(os.environ.pop("QX_MEMORY_MB", "") or 0)
+
+
+def limit():
+    """Die with the worker, be the OOM killer's first choice, cap the data size."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL (Linux)
+    except (ImportError, OSError, AttributeError):
+        pass
+    if os.getppid() != int(os.environ.pop("QX_PARENT")):
+        os._exit(1)  # the worker died before prctl
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
+    if MEMORY_MB:
+        import resource
+        cap = MEMORY_MB << 20
+        hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+        cap = cap if hard == resource.RLIM_INFINITY else min(cap, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))  # private writable memory
+
+
+def describe(exc):
+    """An answer's error field: the exception's type, message and traceback."""
+    import traceback
+    try:
+        message = str(exc)
+    except Exception:
+        message = "(unprintable %s)" % type(exc).__name__
+    if isinstance(exc, MemoryError) and MEMORY_MB:
+        message = (message + " " if message else "") + "(out of memory: jobMemoryMB=%d)" % MEMORY_MB
+    frames = exc.__traceback__
+    while frames is not None and frames.tb_frame.f_code.co_filename == "<stdin>":
+        frames = frames.tb_next  # this program's frames: the task's come after
+    try:
+        trace = "".join(traceback.format_exception(type(exc), exc, frames))
+    except Exception:
+        trace = ""
+    return {"type": type(exc).__name__, "message": message, "traceback": trace}
+
+
+def not_json(exc):
+    text = "the result cannot be sent as JSON: %s" % exc
+    if "Out of range float" in str(exc):
+        text += " (NaN, Infinity and -Infinity have no JSON form)"
+    return {"type": "ValueError", "message": text, "traceback": ""}
+
+
+def load(path, deps):
+    import importlib.util
+    sys.path[:0] = [os.path.dirname(path), deps]
+    spec = importlib.util.spec_from_file_location("task", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["task"] = module
+    spec.loader.exec_module(module)
+    if not hasattr(module, "Task"):
+        raise TypeError("%s defines no class Task" % path)
+    task = module.Task()
+    if not callable(getattr(task, "run", None)):
+        raise TypeError("%s: its Task has no run(job) method" % path)
+    return task
+
+
+async def wait(awaitable):
+    return await awaitable
+
+
+class Jobs:
+    """Runs jobs on the task; an async run gets one event loop, kept from job to job."""
+
+    def __init__(self, task):
+        self.task = task
+        self.loop = None
+
+    def run(self, job):
+        result = self.task.run(job)
+        if hasattr(result, "__await__"):
+            if self.loop is None:
+                import asyncio
+                self.loop = asyncio.new_event_loop()
+                asyncio.set_event_loop(self.loop)
+            result = self.loop.run_until_complete(wait(result))
+        return result
+
+
+def serve(channel, jobs):
+    encode = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode
+    for line in channel.makefile("rb"):
+        message = json.loads(line)
+        try:
+            answer = {"id": message["id"], "data": jobs.run(message["job"])}
+        except BaseException as exc:  # SystemExit too: it ends the job, not the child
+            answer = {"id": message["id"], "error": describe(exc)}
+        try:
+            text = encode(answer)
+        except (TypeError, ValueError, RecursionError) as exc:
+            text = encode({"id": message["id"], "error": not_json(exc)})
+        channel.sendall(text.encode() + b"\n")
+
+
+def main():
+    limit()
+    if sys.argv[1] == "--exec":
+        os.execv(sys.argv[2], sys.argv[2:])
+    import faulthandler
+    import socket
+    faulthandler.enable()  # a crash in native code prints the task's Python stack
+    fd = int(os.environ.pop("QX_RUNNER_FD"))
+    os.set_inheritable(fd, False)
+    channel = socket.socket(fileno=fd)
+    sys.stdout.reconfigure(line_buffering=True)
+    try:
+        jobs = Jobs(load(sys.argv[1], sys.argv[2]))
+    except BaseException as exc:
+        channel.sendall(json.dumps({"ready": False, "error": describe(exc)}).encode() + b"\n")
+        return 1
+    channel.sendall(json.dumps({"ready": True, "python": sys.version.split()[0]}).encode() + b"\n")
+    serve(channel, jobs)
+    return 0
+
+
+def exit_now(code):
+    """Exit without waiting for threads the task left running."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+try:
+    code = main()
+except BaseException:
+    import traceback
+    traceback.print_exc()
+    exit_now(1)
+exit_now(code)
+'''
+
+#: Written into the worker folder as NODE_RUNNER_NAME; each node child runs task.js with it.
+NODE_RUNNER_JS = r"""// Written by worker.py (queue-xec Python worker): runs task.js as the JS worker
+// does. Jobs come in and answers go out as JSON lines on the socket whose fd is
+// QX_RUNNER_FD; stdout and stderr are the task's own (the worker logs them).
+'use strict';
+const net = require('net');
+const path = require('path');
+const readline = require('readline');
+const util = require('util');
+
+const channel = new net.Socket({ fd: Number(process.env.QX_RUNNER_FD), readable: true, writable: true });
+const line = (message) => `${JSON.stringify(message)}\n`;
+
+function describe(error) {
+  if (error instanceof Error || util.types.isNativeError(error)) {
+    return { type: String(error.name || 'Error'), message: String(error.message), traceback: String(error.stack || '') };
+  }
+  // `throw 'text'`, `reject(42)`, `reject()`: not an Error, so no name and no stack
+  return { type: error === null ? 'null' : typeof error,
+           message: typeof error === 'string' ? error : util.inspect(error), traceback: '' };
+}
+
+function answer(id, data) {
+  try {
+    return line({ id, data: data === undefined ? null : data });
+  } catch (error) { // a BigInt or a cycle: JSON cannot hold it
+    return line({ id, error: describe(error) });
+  }
+}
+
+async function runJob(task, text) {
+  const { id, job } = JSON.parse(text);
+  try {
+    channel.write(answer(id, await task.run(job)));
+  } catch (error) {
+    channel.write(line({ id, error: describe(error) }));
+  }
+}
+
+function load(file) {
+  const Task = require(path.resolve(file));
+  if (typeof Task !== 'function') {
+    throw new TypeError(`${file} must export its Task class (module.exports = Task), not ${typeof Task}`);
+  }
+  const task = new Task();
+  if (typeof task.run !== 'function') throw new TypeError(`${file}: its Task has no run(job) method`);
+  return task;
+}
+
+function main() {
+  let task;
+  try {
+    task = load(process.argv[2]);
+  } catch (error) {
+    channel.end(line({ ready: false, error: describe(error) }), () => process.exit(1));
+    return;
+  }
+  channel.write(line({ ready: true, node: process.version }));
+  readline.createInterface({ input: channel, crlfDelay: Infinity }).on('line', (text) => runJob(task, text));
+  channel.on('end', () => process.exit(0));
+  channel.on('error', () => process.exit(1));
+}
+
+main();
+"""
+
+# node -e: print the JSON list of the specs (argv[2:]) that do not resolve from
+# the folder (argv[1]) as task.js would require them. An exact version must
+# match; a range or tag is left to npm.
+_NPM_MISSING_JS = r"""
+const fs = require('fs');
+const path = require('path');
+const { createRequire } = require('module');
+const [folder, ...specs] = process.argv.slice(1);
+const requireFrom = createRequire(path.join(folder, 'noop.js'));
+
+function installedVersion(name) {
+  try {
+    return JSON.parse(fs.readFileSync(requireFrom.resolve(`${name}/package.json`), 'utf8')).version || '';
+  } catch (e) { /* not there, or its "exports" hide package.json */ }
+  let entry;
+  try { entry = requireFrom.resolve(name); } catch (e) { return null; }
+  if (!path.isAbsolute(entry)) return process.versions.node; // a built-in module
+  for (let dir = path.dirname(entry); dir !== path.dirname(dir); dir = path.dirname(dir)) {
+    try {
+      const pkg = JSON.parse(fs.readFileSync(path.join(dir, 'package.json'), 'utf8'));
+      if (pkg.name === name) return pkg.version || '';
+    } catch (e) { /* no package.json here */ }
+  }
+  return '';
+}
+
+process.stdout.write(JSON.stringify(specs.filter((spec) => {
+  const at = spec.indexOf('@', 1);
+  const wanted = at < 0 ? '' : spec.slice(at + 1).trim().replace(/^[v=]+/, '');
+  const version = installedVersion(at < 0 ? spec : spec.slice(0, at));
+  if (version === null) return true;
+  if (!wanted || wanted === '*' || wanted === 'x') return false;
+  return !/^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?$/.test(wanted) || version !== wanted;
+})));
+"""
+
+#: The task.py of ``python worker.py --demo``.
+DEMO_TASK = '''\
+"""Demo task: count the primes below a bound."""
+
+
+class Task:
+    def run(self, job):
+        bound = int(job["data"])
+        sieve = bytearray([1]) * bound
+        sieve[:2] = b"\\0\\0"
+        for i in range(2, int(bound ** 0.5) + 1):
+            if sieve[i]:
+                sieve[i * i::i] = bytes(len(range(i * i, bound, i)))
+        return {"bound": bound, "primes": sum(sieve)}
+'''
+
 if __name__ == "__main__":
+    # One module object: master.py's "from worker import ..." (--demo) finds this one,
+    # not a second copy with its own classes and exceptions.
+    sys.modules.setdefault("worker", sys.modules[__name__])
     sys.exit(main())
