@@ -54,259 +54,82 @@ from support import (  # child scripts use these as test_worker.X too
     write_loopback_env,
 )
 
-# Vectors made by the real JS code ##########################################
+# Support: the safety nets, namespaces #######################################
 
-class TestVectors(unittest.TestCase):
-    def test_torrent_and_handshake(self):
-        infohash, info = w.infohash_of(IDENT)
-        self.assertEqual(info.hex(), VECTORS["torrent"]["info_bencoded_hex"])
-        self.assertEqual(len(info), VECTORS["torrent"]["info_bencoded_len"])
-        self.assertEqual(infohash.hex(), VECTORS["torrent"]["infoHash_hex"])
-        bt = VECTORS["bittorrent"]
-        peer_id = b"-WW0109-AAAAAAAAAAAA"
-        self.assertEqual(w.handshake_bytes(infohash, peer_id, dht=True).hex(),
-                         bt["example_handshake_with_dht_hex"])
-        self.assertEqual(w.handshake_bytes(infohash, peer_id).hex(),
-                         bt["example_handshake_without_dht_hex"])
-
-    def test_captured_handshakes_parse(self):
-        infohash, _ = w.infohash_of(IDENT)
-        for msg in VECTORS["bittorrent"]["captured_first_messages"]:
-            if msg["type"] == "handshake":
-                wire = w.PeerWire(infohash, b"-QP0100-xxxxxxxxxxxx", {}, initiator=True)
-                wire.receive_data(bytes.fromhex(msg["hex"]))
-                [event] = wire.events_received()
-                self.assertEqual(event.peer_id, bytes.fromhex(msg["hex"])[48:])
-            if msg["type"] == "extended" and "dict" in msg:
-                self.assertEqual(w.bencode(msg["dict"]).decode(), msg["dict_bencoded"])
-
-    def test_keys_and_addresses(self):
-        for role in ("master", "worker"):
-            keys = VECTORS["keys"][role]
-            seed = w.make_seed(bytes.fromhex(keys["seed_material_hex"]))
-            self.assertEqual(seed, keys["seed_bs58check"])
-            self.assertEqual(w.b58check_decode(seed).hex(), keys["seed_decoded_hex"])
-            ident = identity(role)
-            self.assertEqual(ident.sign_public.hex(), keys["sign_public_key_hex"])
-            self.assertEqual(ident.sign_secret.hex(), keys["sign_secret_key_hex"])
-            self.assertEqual(ident.pk, keys["pk_bs58"])
-            self.assertEqual(ident.ek, keys["ek_bs58"])
-            self.assertEqual(ident.box_public.hex(), keys["ek_public_key_hex"])
-            self.assertEqual(ident.address, keys["address"])
-            digest = hashlib.sha512(ident.sign_public).digest()
-            self.assertEqual(digest.hex(), keys["sha512_of_pk_hex"])
-            self.assertEqual(w.ripemd160(digest).hex(), keys["ripemd160_of_sha512_hex"])
-            self.assertEqual(w._ripemd160_py(digest).hex(), keys["ripemd160_of_sha512_hex"])
-            self.assertEqual(w.b58check_decode(ident.address).hex(), keys["address_payload_hex"])
-        for extra in VECTORS["extra_seed_vectors"]:
-            ident = w.Identity(w.make_seed(bytes.fromhex(extra["seed_material_hex"])))
-            self.assertEqual(ident.seed, extra["seed_bs58check"])
-            self.assertEqual(ident.pk, extra["pk_bs58"])
-            self.assertEqual(ident.sign_public.hex(), extra["sign_public_key_hex"])
-            self.assertEqual(ident.address, extra["address"])
-
-    def test_extended_handshake(self):
-        for role in ("master", "worker"):
-            keys = VECTORS["keys"][role]
-            node = w.Bugout(IDENT, seed=keys["seed_bs58check"], lsd=False, dht=False, trackers=[])
-            node.identity = identity(role)
-            node._extended.update(pk=node.identity.pk, ek=node.identity.ek)
-            self.assertEqual(w.bencode(node._extended).hex(),
-                             keys["full_extended_handshake_bencoded_hex"])
-            wire = node._new_wire(initiator=False)
-            infohash, _ = w.infohash_of(IDENT)
-            wire.receive_data(w.handshake_bytes(infohash, b"-WW0109-AAAAAAAAAAAA", dht=True))
-            out = wire.data_to_send()
-            self.assertEqual(out[:68], w.handshake_bytes(infohash, node.peer_id))
-            framed = bytes.fromhex(keys["full_extended_handshake_message_hex"])
-            self.assertEqual(out[68:68 + len(framed)], framed)
-            self.assertEqual(out[68 + len(framed):], bytes.fromhex("000000010e"))
-
-    def test_rpc_call_envelope_and_frame(self):
-        vec = VECTORS["rpc_isMaster"]
-        master, worker = identity("master"), identity("worker")
-        t = VECTORS["fixed"]["t_ms"]
-        core = w.BugoutCore(IDENT, worker,
-                            random=prng(d["label"] for d in vec["random_draws_in_order"]))
-        core.peers[master.address] = w.PeerKeys(master.pk, master.ek, t)
-        nonce = core.send_call(master.address, "isMaster", {}, t)
-        self.assertEqual(nonce.hex(), vec["inner_packet_fields"]["rn"]["hex"])
-        [(payload, origin)] = core.data_to_send()
-        self.assertIsNone(origin)
-        self.assertEqual(payload.hex(), vec["envelope_hex"])
-        self.assertEqual(hashlib.sha512(payload).digest()[16:].hex(), vec["seen_hash_hex"])
-        wire = self._open_wire({"bo_channel": 4})
-        wire.send_extension(payload)
-        self.assertEqual(wire.data_to_send().hex(), vec["framed_message_hex"])
-        # the signed packet inside, and the master opening it
-        self.assertIn(vec["signed_packet_hex"], w.bencode({"s": bytes.fromhex(vec["signature_hex"]),
-                                                           "p": bytes.fromhex(vec["p_bencoded_hex"])}).hex())
-        mcore = w.BugoutCore(IDENT, master)
-        events = mcore.receive_payload(payload, t + 1)
-        self.assertEqual(events, [w.Seen(worker.address),
-                                  w.Call(worker.address, "isMaster", {}, nonce)])
-
-    def test_rpc_response_opens(self):
-        vec = VECTORS["rpc_isMaster"]
-        master, worker = identity("master"), identity("worker")
-        t = VECTORS["fixed"]["t_ms"]
-        core = w.BugoutCore(IDENT, worker)
-        events = core.receive_payload(bytes.fromhex(vec["response"]["payload_hex"]), t + 5)
-        self.assertEqual(events[-1], w.Response(master.address, bytes.fromhex("59594df1817116e3"),
-                                                vec["callback_result"]))
-        wire = self._open_wire({"bo_channel": 4})
-        wire.send_extension(bytes.fromhex(vec["response"]["payload_hex"]))
-        self.assertEqual(wire.data_to_send().hex(), vec["response"]["framed_hex"])
-
-    def test_exchange_log_opens_and_pings_reproduce(self):
-        t = VECTORS["fixed"]["t_ms"]
-        ids = {"master": identity("master"), "worker": identity("worker")}
-        for entry in VECTORS["exchange_log"]:
-            payload = bytes.fromhex(entry["payload_hex"])
-            self.assertEqual(hashlib.sha512(payload).digest()[16:].hex(), entry["seen_hash_hex"])
-            core = w.BugoutCore(IDENT, ids[entry["to"]])
-            events = core.receive_payload(payload, t + 10)
-            decoded = entry["decoded_by_receiver"]
-            sender = ids[entry["from"]] if decoded.get("packet") else None
-            if sender is None:
-                continue
-            if decoded["packet"]["pk"] == ids[entry["to"]].pk:
-                self.assertEqual(events, [])  # our own packet echoed back
-            else:
-                self.assertTrue(events, entry["step"])
-            if decoded["packet"]["y"] == "p" and decoded["packet"]["pk"] == sender.pk:
-                label = {d["hex"]: d["label"] for d in VECTORS["handshake_phase_random_draws"]}[
-                    decoded["packet"]["n"]["hex"]]
-                again = w.BugoutCore(IDENT, sender, random=prng([label]))
-                again.send_ping(t)
-                [(mine, _)] = again.data_to_send()
-                self.assertEqual(mine, payload)
-                self.assertEqual(bytes.fromhex(entry["framed_hex"])[6:], payload)
-
-    @staticmethod
-    def _open_wire(remote_m):
-        infohash, _ = w.infohash_of(IDENT)
-        wire = w.PeerWire(infohash, b"-QP0100-xxxxxxxxxxxx", {}, initiator=True)
-        wire.receive_data(w.handshake_bytes(infohash, b"-WW0109-AAAAAAAAAAAA"))
-        ext = w.bencode({"m": remote_m})
-        wire.receive_data(w.frame(20, b"\0" + ext))
-        wire.data_to_send()
-        wire.events_received()
-        return wire
+_real_dht_start = w.Dht.start
 
 
-class TestTestData(unittest.TestCase):
-    def test_generators_give_the_committed_bytes(self):
-        """testdata/ is what interop/make-testdata.sh makes from the real JS code, byte for byte."""
-        js_ready()
-        for package in ("@roamhq/wrtc", "bittorrent-tracker"):
-            need((INTEROP / "node_modules" / package).is_dir(), "run npm ci in interop/ (%s)" % package)
-        need(shutil.which("unshare") and shutil.which("ip") and os.geteuid() == 0, "unshare -n needs root")
-        with tempfile.TemporaryDirectory() as tmp:
-            done = subprocess.run(["sh", str(INTEROP / "make-testdata.sh"), tmp], capture_output=True,
-                                  text=True, timeout=300, check=False)
-            self.assertEqual(done.returncode, 0, done.stdout[-2000:] + done.stderr[-3000:])
-            for name in ("bugout-vectors.json", "tracker-samples.json"):
-                made, committed = (Path(tmp) / name).read_bytes(), (HERE / "testdata" / name).read_bytes()
-                if made != committed:
-                    new, old = json.loads(made), json.loads(committed)
-                    keys = sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k))
-                    self.fail(f"testdata/{name} differs from a new run in {keys}")
+async def _local_dht_start(self):
+    """Safety net: no test may bootstrap from anything but loopback."""
+    for host, _port in self.bootstrap:
+        if not host.startswith("127."):
+            raise AssertionError(f"a test tried to bootstrap the DHT from {host}")
+    return await _real_dht_start(self)
 
 
-# Codecs, Crypt, .env ########################################################
-
-class TestCodecs(unittest.TestCase):
-    def test_bencode_js_rules(self):
-        self.assertEqual(w.bencode({"b": True, "a": False, "c": None, "d": 2.9, "e": [1, None]}),
-                         b"d1:ai0e1:bi1e1:di2e1:eli1eee")
-        self.assertEqual(w.bencode("é"), b"2:\xc3\xa9")
-        self.assertEqual(w.bdecode(b"d1:ai-3e1:bl1:xee"), {"a": -3, "b": [b"x"]})
-
-    def test_bdecode_rejects_with_decode_error_only(self):
-        for bad in [b"", b"i", b"ie", b"i1", b"5:abc", b"d1:ae", b"di1ei2ee", b"l",
-                    b"x", b"i1ei2e", b"99999999999:x", b"d" * 1000 + b"e" * 1000, b"i--1e"]:
-            with self.assertRaises(w.DecodeError, msg=bad):
-                w.bdecode(bad)
-
-    def test_base58(self):
-        for raw in [b"", b"\0", b"\0\0\1", os.urandom(32)]:
-            self.assertEqual(w.b58decode(w.b58encode(raw)), raw)
-        with self.assertRaises(w.DecodeError):
-            w.b58decode("0OIl")
-        seed = w.make_seed()
-        broken = seed[:-1] + ("2" if seed[-1] != "2" else "3")
-        with self.assertRaises(w.DecodeError):
-            w.b58check_decode(broken)
-
-    def test_ripemd160_fallback_matches(self):
-        for n in (0, 1, 55, 56, 64, 119, 1000):
-            data = os.urandom(n)
-            self.assertEqual(w._ripemd160_py(data), w.ripemd160(data))
-        self.assertEqual(w._ripemd160_py(b"abc").hex(), "8eb208f7e05d987a9b044a8e98c6b087f15a0bfc")
+w.Dht.start = _local_dht_start
 
 
-class TestCrypt(unittest.TestCase):
-    KEY = "0123456789abcdef0123456789abcdef"
-
-    def test_roundtrip_fresh_iv(self):
-        crypt = w.Crypt(self.KEY)
-        one, two = crypt.encrypt("hello é"), crypt.encrypt("hello é")
-        self.assertNotEqual(one["iv"], two["iv"])
-        self.assertEqual(len(one["iv"]), 32)
-        self.assertEqual(crypt.decrypt(one), "hello é")
-        self.assertEqual(crypt.decrypt_json(crypt.encrypt_json({"a": [1]})), {"a": [1]})
-
-    def test_matches_openssl_cbc(self):
-        need(shutil.which("node"), "node is needed to cross-check AES with Node's crypto")
-        crypt = w.Crypt(self.KEY)
-        box = crypt.encrypt('{"id":1}')
-        script = ("const c=require('crypto');const d=c.createDecipheriv('aes-256-cbc',"
-                  "Buffer.from(process.argv[1]),Buffer.from(process.argv[2],'hex'));"
-                  "process.stdout.write(Buffer.concat([d.update(Buffer.from(process.argv[3],'hex')),"
-                  "d.final()]).toString())")
-        out = subprocess.run(["node", "-e", script, self.KEY, box["iv"], box["encryptedData"]],
-                             capture_output=True, text=True, check=True).stdout
-        self.assertEqual(out, '{"id":1}')
-
-    def test_bad_key_length(self):
-        with self.assertRaisesRegex(w.CryptError, "exactly 32"):
-            w.Crypt("short")
-
-    def test_wrong_key_says_so(self):
-        box = w.Crypt(self.KEY).encrypt("x" * 40)
-        with self.assertRaisesRegex(w.CryptError, "transferEncryptToken probably differs"):
-            w.Crypt("f" * 32).decrypt(box)
-        with self.assertRaises(w.CryptError):
-            w.Crypt(self.KEY).decrypt({"iv": "zz", "encryptedData": ""})
+# No test may reach a public tracker or STUN server: in-process nodes that do not
+# name their trackers get none here (the real defaults are checked as values).
+PUBLIC_TRACKERS, PUBLIC_ICE_SERVERS = w.DEFAULT_TRACKERS, w.DEFAULT_ICE_SERVERS
 
 
-class TestEnvFile(unittest.TestCase):
-    def test_parse(self):
-        text = ('# comment\n\nexport token=abc\nname = "my worker" # c\n'
-                "quoted='a # b'\nbare=x # tail\nempty=\nLOG_LEVEL=debug\n  # indented\n")
-        self.assertEqual(w.parse_env(text), {"token": "abc", "name": "my worker",
-                                             "quoted": "a # b", "bare": "x", "empty": "",
-                                             "LOG_LEVEL": "debug"})
-
-    def test_environment_wins_and_writer_keeps_keys(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / ".env"
-            path.write_text("# keep me\ntoken=old\nother=1\n")
-            w.write_env_file(path, {"token": "new value", "transferEncryptToken": "k" * 32})
-            self.assertEqual(path.stat().st_mode & 0o777, 0o600)
-            text = path.read_text()
-            self.assertIn("# keep me", text)
-            self.assertEqual(w.read_env_file(path),
-                             {"token": "new value", "other": "1", "transferEncryptToken": "k" * 32})
-            with patched_environ({"other": "from-env", "batchSize": "7"}):
-                loaded = w.load_env(path)
-            self.assertEqual(loaded["other"], "from-env")
-            self.assertEqual(loaded["batchSize"], "7")  # a setting from the environment alone
-            self.assertNotIn("PATH", loaded)
+w.DEFAULT_TRACKERS = w.DEFAULT_ICE_SERVERS = ()
 
 
-# Sans-I/O cores #############################################################
+def patched_environ(values):
+    return mock.patch.dict(os.environ, values)
+
+
+async def until_logged(logs, text, timeout=10.0):
+    """Wait until a line captured by assertLogs contains ``text``."""
+    await until(lambda: any(text in line for line in logs.output), timeout)
+
+
+def in_namespace(code, timeout=90):
+    """Run Python ``code`` in a fresh network namespace with LSD on loopback."""
+    need(shutil.which("unshare") and os.geteuid() == 0, "unshare -n needs root")
+    script = ("ip link set lo up && ip route add 224.0.0.0/4 dev lo src 127.0.0.1 && "
+              f"exec {sys.executable} -c {shlex.quote(code)}")
+    done = subprocess.run(["unshare", "-n", "sh", "-c", script], check=False, cwd=HERE, capture_output=True,
+                          text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError(f"namespace run failed:\n{done.stdout}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def in_rtc_namespace(scenario, timeout=300):
+    """Run ``RTC_SCENARIOS[scenario]`` in a fresh network namespace; return its JSON result.
+
+    No STUN/TURN server and a local bittorrent-tracker: nothing leaves the
+    namespace. lo gets 127.0.0.2 too, since aioice gathers every IPv4
+    address except 127.0.0.1 (libwebrtc takes loopback as it is).
+    """
+    need(shutil.which("unshare") and shutil.which("ip") and os.geteuid() == 0, "unshare -n needs root")
+    js_ready()
+    for package in ("@roamhq/wrtc", "bittorrent-tracker"):
+        need((INTEROP / "node_modules" / package).is_dir(), "run npm ci in interop/ (%s)" % package)
+    import importlib.util
+    for module in ("aiortc", "websockets"):
+        need(importlib.util.find_spec(module), "pip install -r requirements.txt (%s)" % module)
+    code = "import test_worker as t; t.rtc_child(%r)" % scenario
+    script = ("ip link set lo up && ip addr add 127.0.0.2/32 dev lo && "
+              f"exec {sys.executable} -c {shlex.quote(code)}")
+    done = subprocess.run(["unshare", "-n", "sh", "-c", script], check=False, cwd=HERE,
+                          capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError(f"namespace run failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def rtc_child(name):
+    """Inside the namespace: run one scenario, print its result as the last line."""
+    w.Logger("warn")
+    print(json.dumps(asyncio.run(asyncio.wait_for(RTC_SCENARIOS[name](), 280))))
+
+
+# Support: wires in memory and on loopback ###################################
 
 def wire_pair(max_message=w.DEFAULT_MAX_MESSAGE):
     """Two PeerWires joined in memory (a dialer and a listener)."""
@@ -326,169 +149,6 @@ def pump(a, b):
         a.receive_data(b.data_to_send())
 
 
-class TestPeerWire(unittest.TestCase):
-    def test_pair_handshakes_and_payloads(self):
-        a, b = wire_pair()
-        self.assertTrue(a.ready and b.ready)
-        kinds = [type(e).__name__ for e in b.events_received()]
-        self.assertEqual(kinds, ["Handshake", "ExtendedHandshake"])
-        a.events_received()
-        a.send_extension(b"hello")
-        a.send_keepalive()
-        a.send_extension(b"x" * 100_000)
-        data = a.data_to_send()
-        for i in range(0, len(data), 7):  # byte-dribbled
-            b.receive_data(data[i:i + 7])
-        self.assertEqual(b.events_received(), [w.ExtensionPayload(b"hello"),
-                                               w.ExtensionPayload(b"x" * 100_000)])
-
-    def test_metadata_served_and_requests_refused(self):
-        _a, b = wire_pair()
-        b.events_received()
-        _, info = w.infohash_of(IDENT)
-        b.receive_data(w.frame(20, bytes([1]) + w.bencode({"msg_type": 0, "piece": 0})))
-        out = b.data_to_send()
-        self.assertTrue(out.endswith(info))
-        self.assertEqual(w.bdecode(out[6:-len(info)]), {"msg_type": 1, "piece": 0, "total_size": 88})
-        b.receive_data(w.frame(20, bytes([1]) + w.bencode({"msg_type": 0, "piece": 3})))
-        self.assertEqual(w.bdecode(b.data_to_send()[6:]), {"msg_type": 2, "piece": 3})
-        request = struct.pack(">III", 0, 0, 12)
-        b.receive_data(w.frame(6, request))
-        self.assertEqual(b.data_to_send(), w.frame(16, request))
-        for unknown in (w.frame(2), w.frame(5, b"\xff"), w.frame(99, b"abc"), w.frame(20, b"\x07zz")):
-            b.receive_data(unknown)
-        self.assertEqual(b.state, w.WireState.OPEN)
-        self.assertEqual(b.events_received(), [])
-
-    def test_huge_length_prefix_allocates_nothing(self):
-        _a, b = wire_pair(max_message=1 << 20)
-        b.receive_data(struct.pack(">I", 0xFFFFFFF0) + b"\x14\x04")
-        self.assertEqual(b.state, w.WireState.ERROR)
-        self.assertIn("over the limit", b.error)
-        self.assertEqual(len(b._buffer), 0)
-
-    def test_garbage_handshake_is_an_error(self):
-        infohash, _ = w.infohash_of(IDENT)
-        for garbage in (b"GET / HTTP/1.1\r\n", b"\x13BitTorrent protocoX" + b"\0" * 48,
-                        w.handshake_bytes(b"\1" * 20, b"-WW0109-AAAAAAAAAAAA")):
-            wire = w.PeerWire(infohash, b"-QP0100-aaaaaaaaaaaa", {}, initiator=False)
-            wire.receive_data(garbage)
-            self.assertEqual(wire.state, w.WireState.ERROR, garbage)
-            self.assertEqual(wire.data_to_send(), b"")
-
-
-class TestBugoutCore(unittest.TestCase):
-    def setUp(self):
-        self.a = w.BugoutCore(IDENT, w.Identity())
-        self.b = w.BugoutCore(IDENT, w.Identity())
-        self.now = w._now()
-        self.a.saw_peer(self.b.identity.pk, self.b.identity.ek, self.now)
-        self.b.saw_peer(self.a.identity.pk, self.a.identity.ek, self.now)
-        self.a.data_to_send(), self.b.data_to_send()
-
-    def deliver(self, src, dst):
-        events = []
-        for payload, _ in src.data_to_send():
-            events += dst.receive_payload(payload, self.now, origin="wire")
-        return events
-
-    def test_call_response_and_messages(self):
-        nonce = self.a.send_call(self.b.identity.address, "f", {"x": "é"}, self.now)
-        [call] = self.deliver(self.a, self.b)
-        self.assertEqual(call, w.Call(self.a.identity.address, "f", {"x": "é"}, nonce))
-        self.assertEqual(self.b.data_to_send(), [])  # boxed for b: not relayed
-        self.b.send_response(call.address, nonce, [1, 2], self.now)
-        self.assertEqual(self.deliver(self.b, self.a), [w.Response(self.b.identity.address, nonce, [1, 2])])
-        self.a.send_message({"hi": 1}, self.now)
-        self.assertEqual(self.deliver(self.a, self.b), [w.Message(self.a.identity.address, {"hi": 1}, False)])
-        [(_relayed, origin)] = self.b.data_to_send()  # plain: relayed to the other wires
-        self.assertEqual(origin, "wire")
-        self.a.send_message("secret", self.now, address=self.b.identity.address)
-        self.assertEqual(self.deliver(self.a, self.b), [w.Message(self.a.identity.address, "secret", True)])
-
-    def test_duplicates_bad_signature_old_and_foreign_dropped(self):
-        self.a.send_ping(self.now)
-        [(payload, _)] = self.a.data_to_send()
-        self.assertEqual(self.b.receive_payload(payload, self.now), [w.Ping(self.a.identity.address)])
-        self.assertEqual(self.b.receive_payload(payload, self.now), [])
-        self.assertEqual(self.b.stats["duplicate"], 1)
-        signed = w.bdecode(payload)
-        forged = w.bencode({"s": bytes(64), "p": signed["p"]})
-        self.assertEqual(self.b.receive_payload(forged, self.now), [])
-        self.assertEqual(self.b.stats["dropped: bad signature"], 1)
-        old = self.a.make_packet({"y": "p"}, self.now - w.PEER_TIMEOUT_MS)
-        self.assertEqual(self.b.receive_payload(old, self.now), [])
-        other = w.BugoutCore("another swarm", self.a.identity)
-        self.assertEqual(self.b.receive_payload(other.make_packet({"y": "p"}, self.now), self.now), [])
-        self.assertEqual(self.b.stats["dropped: too old"], 1)
-        self.assertEqual(self.b.stats["dropped: other identifier"], 1)
-
-    def test_leave_and_expiry(self):
-        self.a.send_leave(self.now)
-        self.assertEqual(self.deliver(self.a, self.b), [w.Left(self.a.identity.address, "left")])
-        self.assertNotIn(self.a.identity.address, self.b.peers)
-        self.assertEqual(self.a.expire(self.now + w.PEER_TIMEOUT_MS + 1),
-                         [w.Left(self.b.identity.address, "timeout")])
-
-    def test_seen_cache_is_bounded(self):
-        core = w.BugoutCore(IDENT, w.Identity(), seen_limit=100)
-        for i in range(1000):
-            core.receive_payload(b"junk %d" % i, self.now)
-        self.assertLessEqual(len(core._seen), 100)
-        self.assertEqual(core.stats["dropped"], 1000)
-
-    def test_own_sends_do_not_flush_what_was_just_received(self):
-        core = w.BugoutCore(IDENT, w.Identity(), seen_limit=4)  # a generation holds 2
-        self.b.send_message("first", self.now)
-        self.b.send_message("second", self.now)
-        [(first, _), (second, _)] = self.b.data_to_send()
-        self.assertTrue(core.receive_payload(first, self.now))  # and a ping: the generation is full
-        core.send_message("mine", self.now)  # this send starts the next generation
-        core.receive_payload(second, self.now + 1)
-        self.assertEqual(core.receive_payload(first, self.now + 2), [])  # still known
-        self.assertEqual(core.stats["duplicate"], 1)
-
-
-# Bad input: generated and mutated ###########################################
-
-class TestBadInput(unittest.TestCase):
-    def test_bdecode_and_packet_opener(self):
-        core = w.BugoutCore(IDENT, identity("master"))
-        count = 0
-        for data in fuzz_inputs(12_000):
-            try:
-                w.bdecode(data)
-            except w.DecodeError:
-                pass
-            core.receive_payload(data, w._now())  # never raises
-            count += 1
-        self.assertEqual(count, 12_000)
-        self.assertGreater(core.stats["dropped"], 5_000)
-
-    def test_wire_parser(self):
-        rng = random.Random(99)
-        infohash, info = w.infohash_of(IDENT)
-        good = (w.handshake_bytes(infohash, b"-WW0109-AAAAAAAAAAAA", dht=True)
-                + bytes.fromhex(VECTORS["keys"]["master"]["full_extended_handshake_message_hex"])
-                + bytes.fromhex(VECTORS["rpc_isMaster"]["framed_message_hex"]) + b"\0\0\0\0"
-                + bytes.fromhex("000000010e"))
-        states = collections.Counter()
-        for data in mutations([good], 10_000, rng):
-            wire = w.PeerWire(infohash, b"-QP0100-aaaaaaaaaaaa", {"m": {}}, initiator=False,
-                              metadata=info, max_message=1 << 16)
-            cut = rng.randrange(len(data) + 1)
-            wire.receive_data(data[:cut])
-            wire.receive_data(data[cut:])
-            wire.events_received()
-            wire.data_to_send()
-            states[wire.state] += 1
-            self.assertLessEqual(len(wire._buffer), (1 << 16) + 4)
-        self.assertGreater(states[w.WireState.ERROR], 100)
-        self.assertGreater(states[w.WireState.OPEN], 100)
-
-
-# Real sockets and real JS peers #############################################
-
 async def py_node(ident, **kw):
     kw.setdefault("dht", False)
     kw.setdefault("trackers", [])
@@ -499,218 +159,6 @@ async def py_node(ident, **kw):
         node.on(name, lambda *a, name=name: node.events.append((name,) + a))
     return await node.start()
 
-
-async def until_logged(logs, text, timeout=10.0):
-    """Wait until a line captured by assertLogs contains ``text``."""
-    await until(lambda: any(text in line for line in logs.output), timeout)
-
-
-class TestTcp(unittest.TestCase):
-    def test_python_python_rpc_messages_and_reconnect(self):
-        async def scenario():
-            a = await py_node("tcp-swarm")
-            b = await py_node("tcp-swarm", peers=["127.0.0.1:%d" % a.port])
-            await until(lambda: a.address in b.peers and b.address in a.peers)
-            self.assertEqual(await b.rpc(a.address, "echo", {"x": 1}), {"x": 1, "echoedBy": "py"})
-            self.assertEqual(await a.rpc(b.address, "nope"), {"error": "No such API call."})
-            a.send({"to": "all"})
-            b.send("only a", address=a.address)
-            await until(lambda: ("message", a.address, {"to": "all"}) in b.events
-                        and ("message", b.address, "only a") in a.events)
-            old = set(b._connections)
-            for conn in list(a._connections):  # drop the wire: b dials again
-                conn.close()
-            await until(lambda: b.connections() == 1 and not (b._connections & old))
-            self.assertEqual(await b.rpc(a.address, "echo", {"y": 2}, timeout=5), {"y": 2, "echoedBy": "py"})
-            await b.close()
-            await a.close()
-        run(scenario())
-
-    def test_rpc_fails_at_once_when_no_wire_is_left(self):
-        async def scenario():
-            a = await py_node("unreachable-swarm")
-            b = await py_node("unreachable-swarm", peers=["127.0.0.1:%d" % a.port])
-            called = asyncio.Event()
-
-            async def hang(address, args):
-                called.set()
-                await asyncio.Event().wait()
-            b.register("hang", hang)
-            await until(lambda: a.address in b.peers and b.address in a.peers)
-            call = asyncio.ensure_future(a.rpc(b.address, "hang", {}, timeout=60))
-            await asyncio.wait_for(called.wait(), 10)
-            for conn in list(a._connections):  # b's process "dies": no goodbye, the wire just closes
-                conn.close()
-            with self.assertRaises(w.RpcUnreachable):  # now, not after 60 s
-                await asyncio.wait_for(call, 10)
-            lonely = await py_node("unreachable-swarm")
-            with self.assertRaises(w.RpcUnreachable):
-                await asyncio.wait_for(lonely.rpc(b.address, "echo", {}), 1)
-            await until(lambda: a.address in b.peers and b.connections() == 1)  # b dials again
-            self.assertEqual(await b.rpc(a.address, "echo", {}, timeout=5), {"echoedBy": "py"})
-            for node in (lonely, b, a):
-                await node.close()
-        run(scenario())
-
-    def test_malformed_host_names_are_unreachable_peers_not_crashes(self):
-        async def scenario():
-            self.assertEqual(await w.Dht._resolve("router..example", 6881), [])
-            with self.assertNoLogs("worker", "ERROR"):  # a failed internal task logs an error
-                a = await py_node("bad-names", peers=["a..b:1"])
-                await asyncio.sleep(1.0)  # two dials, 0.5 s apart
-                b = await py_node("bad-names", peers=["127.0.0.1:%d" % a.port])
-                await until(lambda: a.address in b.peers)
-                await b.close()
-                await a.close()
-        run(scenario())
-
-    def test_garbage_peer_dropped_others_go_on(self):
-        async def scenario():
-            a = await py_node("garbage-swarm", max_message=1 << 16)
-            b = await py_node("garbage-swarm", peers=["127.0.0.1:%d" % a.port])
-            await until(lambda: a.address in b.peers)
-            infohash = a.infohash
-            sent = []
-            for garbage in (b"\xff" * 100, w.handshake_bytes(infohash, b"-XX0000-garbagegarba")
-                            + struct.pack(">I", 1 << 30) + b"\x14", w.handshake_bytes(infohash, b"-XX0000-garbagegarbb")
-                            + w.frame(20, b"\0not bencode")):
-                reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
-                writer.write(garbage)
-                await writer.drain()
-                sent.append((reader, writer))
-            for reader, writer in sent:
-                rest = await asyncio.wait_for(reader.read(), 5)  # the server closes it
-                self.assertIsInstance(rest, bytes)
-                writer.close()
-            self.assertGreaterEqual(a.stats["peers dropped for bad input"], 3)
-            self.assertEqual(await b.rpc(a.address, "echo", {"still": "here"}), {"still": "here", "echoedBy": "py"})
-            await b.close()
-            await a.close()
-        run(scenario())
-
-    def test_duplicate_wires_resolve_to_one(self):
-        async def scenario():
-            a = await py_node("dup-swarm")
-            b = await py_node("dup-swarm")
-            for _ in range(3):
-                a.add_peer("127.0.0.1", b.port)
-                b.add_peer("127.0.0.1", a.port)
-            await until(lambda: a.address in b.peers and b.address in a.peers)
-            await until(lambda: len(a._connections) == 1 and len(b._connections) == 1, 10)
-            await asyncio.sleep(0.5)  # and no duplicate comes back
-            self.assertEqual(len(a._connections), 1)
-            self.assertEqual(len(b._connections), 1)
-            self.assertEqual(await a.rpc(b.address, "echo", {}), {"echoedBy": "py"})
-            await b.close()
-            await a.close()
-        run(scenario())
-
-
-class TestJsInterop(unittest.TestCase):
-    def setUp(self):
-        js_ready()
-
-    def _both_ways(self, python_dials):
-        async def scenario():
-            ident = "interop-%d" % random.randrange(1 << 30)
-            js = await js_peer(ident)
-            py = await py_node(ident, peers=["127.0.0.1:%d" % js.ready["port"]] if python_dials else ())
-            if not python_dials:
-                js.send(cmd="addPeer", addr="127.0.0.1:%d" % py.port)
-            js_address = js.ready["address"]
-            await js.wait_for(lambda e: e["event"] == "seen" and e["address"] == py.address)
-            await until(lambda: js_address in py.peers)
-            # RPC both ways
-            self.assertEqual(await py.rpc(js_address, "echo", {"n": "é"}), {"n": "é", "echoedBy": "js"})
-            self.assertEqual(await py.rpc(js_address, "nope", {}), {"error": "No such API call."})
-            js.send(cmd="rpc", id=1, address=py.address, call="echo", args={"from": "js"})
-            event = await js.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 1)
-            self.assertEqual(event["result"], {"from": "js", "echoedBy": "py"})
-            js.send(cmd="rpc", id=2, address=py.address, call="missing", args={})
-            event = await js.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 2)
-            self.assertEqual(event["result"], {"error": "No such API call."})
-            # broadcast and addressed messages both ways
-            py.send({"hello": "all"})
-            py.send({"hello": "you"}, address=js_address)
-            for message in ({"hello": "all"}, {"hello": "you"}):
-                await js.wait_for(lambda e, m=message: e["event"] == "message" and e["message"] == m)
-            js.send(cmd="send", message={"js": "all"})
-            js.send(cmd="send", address=py.address, message={"js": "you"})
-            await until(lambda: ("message", js_address, {"js": "all"}) in py.events
-                        and ("message", js_address, {"js": "you"}) in py.events)
-            await py.close()
-            await js.wait_for(lambda e: e["event"] == "left" and e["address"] == py.address)
-            await js.close()
-        run(scenario())
-
-    def test_python_dials_js(self):
-        self._both_ways(python_dials=True)
-
-    def test_js_dials_python(self):
-        self._both_ways(python_dials=False)
-
-    def test_line_js_python_js_relays(self):
-        async def scenario():
-            ident = "line-%d" % random.randrange(1 << 30)
-            py = await py_node(ident)
-            js1, js2 = await js_peer(ident), await js_peer(ident)
-            for js in (js1, js2):
-                js.send(cmd="addPeer", addr="127.0.0.1:%d" % py.port)
-            a1, a2 = js1.ready["address"], js2.ready["address"]
-            # each JS peer sees the other only through the Python relay
-            await js1.wait_for(lambda e: e["event"] == "seen" and e["address"] == a2)
-            await js2.wait_for(lambda e: e["event"] == "seen" and e["address"] == a1)
-            js1.send(cmd="send", message={"across": 1})
-            await js2.wait_for(lambda e: e["event"] == "message" and e["message"] == {"across": 1})
-            js1.send(cmd="rpc", id=7, address=a2, call="echo", args={"via": "py"})
-            event = await js1.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 7)
-            self.assertEqual(event["result"], {"via": "py", "echoedBy": "js"})
-            self.assertGreater(py.core.stats["relayed"], 3)
-            await js1.close()
-            await js2.close()
-            await py.close()
-        run(scenario())
-
-
-def in_namespace(code, timeout=90):
-    """Run Python ``code`` in a fresh network namespace with LSD on loopback."""
-    need(shutil.which("unshare") and os.geteuid() == 0, "unshare -n needs root")
-    script = ("ip link set lo up && ip route add 224.0.0.0/4 dev lo src 127.0.0.1 && "
-              f"exec {sys.executable} -c {shlex.quote(code)}")
-    done = subprocess.run(["unshare", "-n", "sh", "-c", script], check=False, cwd=HERE, capture_output=True,
-                          text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise AssertionError(f"namespace run failed:\n{done.stdout}\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-LSD_CHILD = """
-import asyncio, json, time, test_worker as t, worker as w
-async def main():
-    ident = "lsd-swarm"
-    js = await t.JsProcess("peer.js", {"BO_ID": ident, "BO_MODE": "lsd"}).start()
-    start = time.monotonic()
-    py = await w.Bugout(ident, host="0.0.0.0", lsd=True, dht=False, trackers=[]).start()
-    py.register("echo", lambda a, args: args)
-    await js.wait_for(lambda e: e["event"] == "seen" and e["address"] == py.address, 30)
-    await t.until(lambda: js.ready["address"] in py.peers, 30)
-    found = time.monotonic() - start
-    echo = await py.rpc(js.ready["address"], "echo", {"lsd": True})
-    await py.close(); await js.close()
-    print(json.dumps({"found_s": found, "echo": echo}))
-asyncio.run(main())
-"""
-
-
-class TestLsd(unittest.TestCase):
-    def test_js_default_and_python_find_each_other(self):
-        js_ready()
-        out = in_namespace(LSD_CHILD)
-        self.assertEqual(out["echo"], {"lsd": True, "echoedBy": "js"})
-        self.assertLess(out["found_s"], 30)
-
-
-# The wire under attack (issue 11) ###########################################
 
 class MemoryTransport(asyncio.Transport):
     """One end of an in-memory TCP stream; the test decides when bytes move.
@@ -861,6 +309,1371 @@ async def closed_by_peer(reader, timeout=10.0):
     return False
 
 
+# Support: the DHT in memory, generated KRPC #################################
+
+ASKER = b"abcdefghij0123456789"
+OURS = b"mnopqrstuvwxyz123456"
+HERE_ADDR = ("10.1.2.3", 6881)
+
+
+def quiet_core(node_id=OURS):
+    """A core whose secrets and transaction ids are fixed (zero bytes)."""
+    return w.DhtCore(node_id, random=lambda n: bytes(n))
+
+
+def sent(core):
+    """What a core sends: [(parsed message, address)]."""
+    return [(w.parse_krpc(data), addr) for data, addr in core.data_to_send()]
+
+
+class DhtNet:
+    """Cores linked in memory: datagrams between them are delivered at once."""
+
+    def __init__(self, count, now=1000.0):
+        self.now = now
+        self.cores = {("127.0.0.%d" % (i + 1), 6881): w.DhtCore(hashlib.sha1(b"node %d" % i).digest())
+                      for i in range(count)}
+        self.events = {addr: [] for addr in self.cores}
+
+    def __getitem__(self, i):
+        return list(self.cores.values())[i]
+
+    def addr(self, i):
+        return list(self.cores)[i]
+
+    def pump(self, seconds=0.0, lost=()):
+        """Deliver until quiet; addresses in ``lost`` never answer; then let time pass."""
+        moving = True
+        while moving:
+            moving = False
+            for src, core in self.cores.items():
+                for data, dst in core.data_to_send():
+                    moving = True
+                    if dst in self.cores and dst not in lost:
+                        self.cores[dst].receive_datagram(data, src, self.now)
+                self.events[src] += core.events_received()
+        if seconds:
+            self.now += seconds
+            for core in self.cores.values():
+                core.tick(self.now)
+            self.pump(lost=lost)
+
+    def peers_found(self, i, info_hash):
+        return {p for e in self.events[self.addr(i)] if isinstance(e, w.DhtPeers)
+                and e.info_hash == info_hash for p in e.peers}
+
+
+_KRPC_KEYS = ["t", "y", "q", "a", "r", "e", "id", "target", "info_hash", "token", "port",
+              "implied_port", "values", "nodes", "ro", "v"]
+
+
+def krpc_seeds():
+    ids = [hashlib.sha1(b"%d" % i).digest() for i in range(4)]
+    nodes = b"".join(i + bytes([127, 0, 0, n + 1]) + struct.pack(">H", 6000 + n) for n, i in enumerate(ids))
+    values = [bytes([10, 0, 0, n]) + struct.pack(">H", 7000 + n) for n in range(3)]
+    messages = [w.KrpcQuery(b"aa", "ping", {"id": ids[0]}),
+                w.KrpcQuery(b"ab", "find_node", {"id": ids[1], "target": ids[2]}),
+                w.KrpcQuery(b"ac", "get_peers", {"id": ids[1], "info_hash": ids[3]}),
+                w.KrpcQuery(b"ad", "announce_peer", {"id": ids[2], "info_hash": ids[3], "port": 6881,
+                                                     "token": b"12345678", "implied_port": 1}),
+                w.KrpcQuery(b"ae", "get", {"id": ids[2], "target": ids[0]}),
+                w.KrpcResponse(b"\0\1", {"id": ids[0], "nodes": nodes, "values": values, "token": b"tok"}),
+                w.KrpcError(b"aa", 201, "A Generic Error Ocurred")]
+    return [bytes(m) for m in messages]
+
+
+def random_krpc(rng, depth=0):
+    """A random bencodable value shaped like KRPC: its keys, odd types and sizes."""
+    kind = rng.randrange(6 if depth < 3 else 3)
+    if kind == 0:
+        return rng.choice([0, 1, -1, 6881, 65535, 65536, 1 << 40])
+    if kind == 1:
+        return rng.randbytes(rng.choice([0, 1, 2, 6, 8, 19, 20, 21, 26, 52, 300]))
+    if kind == 2:
+        return rng.choice([b"q", b"r", b"e", b"ping", b"find_node", b"get_peers", b"announce_peer"])
+    if kind == 3:
+        return [random_krpc(rng, depth + 1) for _ in range(rng.randrange(5))]
+    return {rng.choice(_KRPC_KEYS): random_krpc(rng, depth + 1) for _ in range(rng.randrange(6))}
+
+
+def random_body(rng):
+    """Arguments or answer values: the right keys, often the right sizes, sometimes not."""
+    body = {k: random_krpc(rng) for k in rng.sample(_KRPC_KEYS[6:], rng.randrange(1, 6))}
+    for key in ("id", "target", "info_hash"):
+        if rng.random() < 0.7:
+            body[key] = rng.randbytes(20)
+    if rng.random() < 0.3:
+        body["nodes"] = rng.randbytes(26 * rng.randrange(12) + rng.choice([0, 0, 1, 25]))
+    return body
+
+
+def random_message(rng, t=None):
+    """A message with a sound envelope (t, y) and random contents."""
+    y = rng.choice([b"q", b"q", b"r", b"e"]) if t is None else rng.choice([b"r", b"r", b"r", b"e"])
+    message = {"t": t or rng.randbytes(rng.randint(1, 4)), "y": y}
+    if y == b"q":
+        message.update(q=rng.choice([b"ping", b"find_node", b"get_peers", b"announce_peer", b"x"]),
+                       a=random_body(rng))
+    elif y == b"r":
+        message["r"] = random_body(rng)
+    else:
+        message["e"] = rng.choice([[201, b"x"], [], [b"x"], random_krpc(rng)])
+    if rng.random() < 0.1:
+        message[rng.choice(_KRPC_KEYS)] = random_krpc(rng)
+    return w.bencode(message)
+
+
+def krpc_inputs(core, count, rng):
+    """Mutated valid messages, random messages, and random answers to our pending queries."""
+    mutated = mutations(krpc_seeds(), count, rng)
+    for i in range(count):
+        addr = ("10.0.%d.%d" % (i % 7, i % 61 + 1), 6881)
+        if i % 3 == 0:
+            yield next(mutated), addr
+        elif i % 3 == 1 or not core._pending:
+            yield random_message(rng), addr
+        else:
+            t, pending = rng.choice(list(core._pending.items()))
+            yield random_message(rng, t), pending.addr
+
+
+# Support: trackers and WebRTC ###############################################
+
+SAMPLES = json.loads((HERE / "testdata/tracker-samples.json").read_text())["full_examples"]
+SAMPLE_INFOHASH = bytes.fromhex("5d89b217eba4a9f0d27593289ea6439cf875d329")
+SAMPLE_ME, SAMPLE_OTHER = (bytes.fromhex(SAMPLES["client->tracker answer (to_peer_id)"]["hex_fields"][key])
+                           for key in ("peer_id__hex", "to_peer_id__hex"))
+
+
+def sample(kind):
+    return json.loads(SAMPLES[kind]["raw_json_text"])
+
+
+def tracker_client(peer_id=SAMPLE_ME, now=0.0, **kw):
+    client = w.TrackerClient("ws://tracker.test", SAMPLE_INFOHASH, peer_id, **kw)
+    assert client.start_connecting(now)
+    client.connection_made(now)
+    return client
+
+
+class FakeTracker:
+    """bittorrent-tracker's relay rules in memory, to pair TrackerClients."""
+
+    def __init__(self, interval=120):
+        self.interval = interval
+        self.clients = {}
+
+    def add(self, client):
+        self.clients[client._peer_id] = client
+        return client
+
+    def pump(self, now):
+        """Deliver frames until every client is quiet."""
+        moved = True
+        while moved:
+            moved = False
+            for sender, client in list(self.clients.items()):
+                for text in client.data_to_send():
+                    moved = True
+                    self._handle(sender, json.loads(text), now)
+
+    def _handle(self, sender, frame, now):
+        relay = {"action": "announce", "peer_id": sender, "info_hash": frame["info_hash"],
+                 "offer_id": frame.get("offer_id")}
+        if "answer" in frame:
+            self.clients[frame["to_peer_id"]].receive_frame({**relay, "answer": frame["answer"]}, now)
+            return
+        self.clients[sender].receive_frame({"complete": len(self.clients), "incomplete": 0,
+                                            "action": "announce", "interval": self.interval,
+                                            "info_hash": frame["info_hash"]}, now)
+        others = [c for peer_id, c in self.clients.items() if peer_id != sender]
+        for other, offer in zip(others, frame.get("offers", [])):
+            other.receive_frame({**relay, "offer": offer["offer"], "offer_id": offer["offer_id"]}, now)
+
+
+class FakeChannel:
+    """An RTCDataChannel stand-in that delivers to another RtcConnection."""
+
+    def __init__(self):
+        self.readyState, self.bufferedAmount = "open", 0
+        self.sizes, self.peer = [], None
+
+    def on(self, event, handler):
+        pass
+
+    def send(self, data):
+        assert isinstance(data, bytes)
+        self.sizes.append(len(data))
+        asyncio.get_running_loop().call_soon(self.peer._on_message, data)
+
+    def close(self):
+        self.readyState = "closed"
+
+
+class FakePeerConnection:
+    connectionState = "connected"
+
+    def on(self, event, handler):
+        pass
+
+    async def close(self):
+        self.connectionState = "closed"
+
+
+async def local_tracker(**env):
+    return await JsProcess("tracker.js", {k: str(v) for k, v in env.items()}).start()
+
+
+async def rtc_node(ident, trackers, numwant=w.TRACKER_NUMWANT, **kw):
+    """A Python node reachable only through WebRTC (no TCP listener, no LSD), as py_node."""
+    node = w.Bugout(ident, lsd=False, dht=False, listen=False, trackers=trackers, ice_servers=[], **kw)
+    node.webrtc.numwant = numwant
+    node.register("echo", lambda address, args: {**args, "echoedBy": "py"})
+    node.events = []
+    for name in ("seen", "message", "left"):
+        node.on(name, lambda *a, name=name: node.events.append((name,) + a))
+    return await node.start()
+
+
+def only_webrtc(*nodes):
+    return all(isinstance(c, w.RtcConnection) for node in nodes for c in node._connections)
+
+
+async def _js_master_run(tmp, transport, url, count):
+    """The JS master harness and a Python Worker over WebRTC or TCP: timings and results."""
+    webrtc = transport == "webrtc"
+    master = await JsProcess("master.js", {
+        "QX_TOKEN": "rtc-jsm-" + transport, "QX_KEY": KEY, "QX_JOBS": str(count),
+        "QX_ASSETS": str(Path(tmp) / "assets.json"), **({"QX_TRACKER": url} if webrtc else {})}).start()
+    worker = w.Worker("rtc-jsm-" + transport, "py", "warn", KEY, env={}, folder=Path(tmp) / transport,
+                      host="127.0.0.1", lsd=False, dht=False, get_batch=True, batch_size=10,
+                      peers=[] if webrtc else ["127.0.0.1:%d" % master.ready["port"]],
+                      trackers=[url] if webrtc else [], ice_servers=[])
+    started = time.monotonic()
+    await worker.start()
+    await until(lambda: worker.master is not None, 30)
+    found = time.monotonic() - started
+    await until(lambda: sum(e["event"] == "result" for e in master.events) >= 1, 30)
+    first = time.monotonic()
+    await until(lambda: sum(e["event"] == "result" for e in master.events) >= count, 120)
+    rate = (count - 1) / (time.monotonic() - first)
+    results = [e["result"] for e in master.events if e["event"] == "result"]
+    result = {"found_s": found, "rate": rate, "only_webrtc": only_webrtc(worker.node),
+              "ids": sorted(r["jobID"] for r in results),
+              "right": all(r["data"] == {"sum": r["jobID"] * 2} for r in results)}
+    await worker.stop()
+    await master.close()
+    return result
+
+
+async def _flow_rate(master, worker, jobs, get_batch, start=0):
+    """Push jobs, time them from the first result to the last (jobs/s)."""
+    worker.get_batch = get_batch
+    done = master.stats["results"]
+    for i in range(start, start + jobs):
+        master.push_new_job({"id": i, "data": json.dumps({"x": i})})
+    worker._wake.set()
+    await until(lambda: master.stats["results"] >= done + 1, 30)
+    first, first_done = time.monotonic(), master.stats["results"]
+    await until(lambda: master.stats["results"] >= done + jobs, 120)
+    return (done + jobs - first_done) / (time.monotonic() - first)
+
+
+async def _dead_answer_sdp():
+    """A well-formed answer whose ICE and DTLS ends are already gone."""
+    import aiortc
+    config = aiortc.RTCConfiguration(iceServers=[])
+    offerer, answerer = aiortc.RTCPeerConnection(config), aiortc.RTCPeerConnection(config)
+    offerer.createDataChannel("x")
+    await offerer.setLocalDescription(await offerer.createOffer())
+    await answerer.setRemoteDescription(offerer.localDescription)
+    await answerer.setLocalDescription(await answerer.createAnswer())
+    sdp = answerer.localDescription.sdp
+    await offerer.close()
+    await answerer.close()
+    return sdp
+
+
+async def _bad_answerer(url, infohash, stop):
+    """A tracker client that answers every offer it is sent with a dead answer."""
+    from websockets.asyncio.client import connect
+    sdp = await _dead_answer_sdp()
+    ih, me = infohash.decode("latin-1"), "-XX0000-deadanswerer"
+    answered = 0
+    async with connect(url, compression=None) as ws:
+        await ws.send(json.dumps({"numwant": 0, "uploaded": 0, "downloaded": 0, "left": 0, "event": "started",
+                                  "action": "announce", "info_hash": ih, "peer_id": me, "offers": []}))
+        while not stop.is_set():
+            try:
+                async with asyncio.timeout(0.2):
+                    frame = json.loads(await ws.recv())
+            except TimeoutError:
+                continue
+            if "offer" in frame:
+                answered += 1
+                await ws.send(json.dumps({"action": "announce", "info_hash": ih, "peer_id": me,
+                                          "to_peer_id": frame["peer_id"], "offer_id": frame["offer_id"],
+                                          "answer": {"type": "answer", "sdp": sdp}}))
+    return answered
+
+
+def _live_peer_connections():
+    import gc
+
+    import aiortc
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, aiortc.RTCPeerConnection)]
+
+
+# Support: tasks a master hands out ##########################################
+
+TASK_PY = '''\
+import json
+from pathlib import Path
+
+FACTOR = json.loads((Path(__file__).parent / "data" / "conf" / "factor.json").read_text())["factor"]
+
+
+class Task:
+    def run(self, job):
+        data = json.loads(job["data"]) if isinstance(job["data"], str) else job["data"]
+        if data.get("fail"):
+            raise ValueError("boom %s" % job["id"])
+        if data.get("sleep"):
+            import time
+            time.sleep(data["sleep"])
+        return {"sum": (data["x"] + data.get("y", 0)) * FACTOR}
+'''
+
+
+# An async task that notes its event loop; "exit" calls sys.exit, "hang" blocks its child.
+LOOP_TASK_PY = '''\
+import asyncio
+import json
+import os
+import sys
+import time
+
+
+class Task:
+    loop = None
+
+    async def run(self, job):
+        data = json.loads(job["data"])
+        if data.get("exit"):
+            sys.exit(data["exit"])
+        if data.get("hang"):
+            time.sleep(data["hang"])
+        if Task.loop is None:
+            Task.loop = asyncio.get_running_loop()
+        return {"same_loop": Task.loop is asyncio.get_running_loop(), "pid": os.getpid()}
+'''
+DEFAULT_FILES = {"/workplace/task.py": TASK_PY,
+                 "/workplace/data/conf/factor.json": '{"factor": 2}'}
+
+
+MASTER_TASK = '''\
+import json
+
+
+class Task:
+    def run(self, job):
+        return {"double": json.loads(job["data"])["x"] * 2}
+'''
+
+
+# What each row of issue 12's table did to a worker, and more, on request.
+TRICKY_TASK_PY = '''\
+import ctypes
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+
+def meet(folder, deadline=15.0):
+    """True once a partner job has come to ``folder`` too: both ran at once."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / str(os.getpid())).touch()
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if len(list(Path(folder).iterdir())) >= 2:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+class Task:
+    def run(self, job):
+        data = json.loads(job["data"])
+        do = data.get("do")
+        if do == "exit":
+            os._exit(3)
+        if do == "segfault":
+            ctypes.string_at(0)  # a crash in a C extension
+        if do == "oom-kill":
+            os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer sends
+        if do == "nan":
+            return {"x": float("nan")}
+        if do == "infinity":
+            return [float("inf")]
+        if do == "set":
+            return {1, 2}
+        if do == "patch-json":
+            json.dumps = lambda *args, **kwargs: "NaN"
+            json.JSONEncoder.encode = lambda *args, **kwargs: "NaN"
+            return "patched"
+        if do == "thread":
+            threading.Thread(target=time.sleep, args=(3600,)).start()  # not a daemon
+            return "thread started"
+        if do == "allocate":
+            return len(b"x" * (data["mb"] << 20))  # every page touched
+        if do == "spin":
+            Path(data["pidfile"]).write_text(str(os.getpid()))
+            while True:
+                pass
+        if do == "meet":
+            return {"met": meet(data["folder"]), "pid": os.getpid()}
+        return {"pid": os.getpid(), "x": data.get("x")}
+'''
+
+
+TRICKY_TASK_JS = """\
+const fs = require('fs');
+const path = require('path');
+
+async function meet(folder) {
+  fs.mkdirSync(folder, { recursive: true });
+  fs.writeFileSync(path.join(folder, String(process.pid)), '');
+  const end = Date.now() + 15000;
+  while (Date.now() < end) {
+    if (fs.readdirSync(folder).length >= 2) return true;
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+  return false;
+}
+
+class Task {
+  async run(job) {
+    const data = JSON.parse(job.data);
+    if (data.do === 'exit') process.exit(3);
+    if (data.do === 'spin') {
+      fs.writeFileSync(data.pidfile, String(process.pid));
+      for (;;);
+    }
+    if (data.do === 'heap') {
+      const kept = [];
+      for (;;) kept.push({ x: Math.random(), s: `abc${kept.length}` });
+    }
+    if (data.do === 'buffer') return Buffer.alloc(2000 * 1024 * 1024).length;
+    if (data.do === 'meet') return { met: await meet(data.folder), pid: process.pid };
+    return { pid: process.pid, x: data.x };
+  }
+}
+
+module.exports = Task;
+"""
+
+
+DEP_INDEX_JS = "module.exports = { add: (a, b) => a + b, version: require('./package.json').version };\n"
+
+
+# In the style of the JS Master's examples/basic/task.js, with an npm dependency.
+BASIC_TASK_JS = """\
+const dep = require('qx-demo-dep');
+
+class Task {
+  constructor() {
+    this.data = null;
+  }
+
+  async run(job) {
+    this.data = JSON.parse(job.data);
+    return { sum: dep.add(this.data.x, this.data.y), dep: dep.version };
+  }
+}
+
+module.exports = Task;
+"""
+
+
+# A plain (not async) run that throws, rejects, logs or exits when the job asks.
+EDGE_TASK_JS = """\
+class Task {
+  run(job) {
+    const data = JSON.parse(job.data);
+    if (data.throw) throw new TypeError(`thrown by job ${job.id}`);
+    if (data.reject) return Promise.reject(new RangeError(`rejected by job ${job.id}`));
+    if (data.log) console.log(`console.log from job ${job.id}`);
+    if (data.exit) {
+      console.error(`job ${job.id} exits`);
+      process.exit(3);
+    }
+    return { sum: data.x + data.y, pid: process.pid };
+  }
+}
+
+module.exports = Task;
+"""
+
+
+VERSION_TASK_JS = """\
+module.exports = class Task {
+  run(job) {
+    return { version: %d, pid: process.pid };
+  }
+};
+"""
+
+
+# Support: masters and workers ###############################################
+
+WORKER_PY = str(HERE / "worker.py")
+MASTER_PY = str(HERE / "master.py")
+
+
+class Cluster:
+    """master.py and Python workers on 127.0.0.1 in one event loop."""
+
+    def __init__(self, tmp, files=DEFAULT_FILES, deps=(), key=KEY, **master_kw):
+        self.tmp = Path(tmp)
+        self.token = "cluster-%d" % random.randrange(1 << 40)
+        self.results = []
+        from master import Master
+        files = write_assets(self.tmp / "master", files)
+        self.master = Master(self.token, {"files": files, "dependencies": list(deps)},
+                             self.results.append, None, key, folder=self.tmp / "master",
+                             env={}, host="127.0.0.1", lsd=False, dht=False, trackers=[], **master_kw)
+        self.statuses = []
+        serve = self.master._request_exec_assets
+
+        def recording(address, args):
+            answer = serve(address, args)
+            self.statuses.append(answer["status"])
+            return answer
+        self.master._request_exec_assets = recording
+
+    async def start(self):
+        await self.master.start()
+        return self
+
+    def worker(self, name="w1", key=KEY, **kw):
+        kw.setdefault("peers", ["127.0.0.1:%d" % self.master.port])
+        kw.setdefault("trackers", [])
+        return w.Worker(self.token, name, "warn", key, env={}, folder=self.tmp / name,
+                        host="127.0.0.1", lsd=False, dht=False, **kw)
+
+    def push(self, count, start=0, **extra):
+        for i in range(start, start + count):
+            self.master.push_new_job({"id": i, "data": json.dumps({"x": i, "y": 1, **extra})})
+
+    async def until_results(self, count, timeout=60):
+        await until(lambda: len(self.results) >= count, timeout)
+
+
+def make_wheel(folder, name, version, code):
+    """A minimal pure-Python wheel, built by hand (no network, no build backend)."""
+    import base64 as b64
+    import zipfile
+    folder.mkdir(parents=True, exist_ok=True)
+    dist = f"{name}-{version}.dist-info"
+    files = {f"{name}/__init__.py": code,
+             dist + "/METADATA": "Metadata-Version: 2.1\nName: {}\nVersion: {}\n".format(name.replace("_", "-"), version),
+             dist + "/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = []
+    for path, text in files.items():
+        digest = b64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append("%s,sha256=%s,%d" % (path, digest, len(text.encode())))
+    record.append(dist + "/RECORD,,")
+    files[dist + "/RECORD"] = "\n".join(record) + "\n"
+    with zipfile.ZipFile(folder / (f"{name}-{version}-py3-none-any.whl"), "w") as zf:
+        for path, text in files.items():
+            zf.writestr(path, text)
+
+
+def asset_answer(files, key=KEY, status="changed", deps=()):
+    """A requestExecAssets answer as a master makes it: {workerPath: bytes} -> files."""
+    crypt = w.Crypt(key)
+    listed = [{"masterPath": p, "name": Path(p).name, "workerPath": p,
+               "sha256": hashlib.sha256(data).hexdigest(), "content": crypt.encrypt(data)}
+              for p, data in files.items()]
+    return {"status": status, "dependencies": list(deps), "files": listed}
+
+
+class Impostor:
+    """A token-only peer on worker.py's own Bugout: claims to be the master, records every call."""
+
+    def __init__(self, token, assets=None, caps=None, work=None):
+        self.token, self.calls = token, []
+        self.assets = assets  # requestExecAssets answer: a dict, a function of args, or None (no answer)
+        self.caps = caps or {}
+        self.work = work
+
+    async def start(self, **kw):
+        self.node = await py_node(self.token, **kw)
+        self.node.on("rpc", lambda address, name, args: self.calls.append((name, args)))
+        self.node.register("isMaster", lambda a, args: {**args, "isMaster": "yes", **self.caps})
+        self.node.register("requestExecAssets", self._assets)
+        self.node.register("requestWork", lambda a, args: {**args, "task": self.work})
+        for name in ("shareResults", "shareResultsBatch"):
+            self.node.register(name, lambda a, args: w.NO_ANSWER)
+        return self
+
+    def _assets(self, address, args):
+        if self.assets is None:
+            return asyncio.Event().wait()  # never answers
+        return self.assets(args) if callable(self.assets) else self.assets
+
+    def names(self):
+        return [name for name, _ in self.calls]
+
+    async def close(self):
+        await self.node.close()
+
+
+class IdentityFlood:
+    """One TCP wire to a worker carrying packets of many fresh bugout identities.
+
+    Each identity answers isMaster "yes" and requestExecAssets with ``probe()``:
+    the shape of a padding-oracle attack by a peer that knows only the token.
+    """
+
+    def __init__(self, token, port, probe, answer=True):
+        self.token, self.port, self.probe, self.answer = token, port, probe, answer
+        self.cores = collections.deque(maxlen=4)  # the newest identities: boxes are opened with these
+        self.calls = collections.Counter()
+        #: envelopes none of the newest identities could open: calls to older ones
+        self.unopened = 0
+        self.worker = None
+
+    async def start(self):
+        infohash, _ = w.infohash_of(self.token)
+        first = w.Identity()
+        self.wire = w.PeerWire(infohash, w.make_peer_id(), {"ek": first.ek, "id": self.token,
+                                                            "m": {"bo_channel": 4}, "pk": first.pk},
+                               initiator=True)
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writer.write(self.wire.data_to_send())
+        self._reading = asyncio.ensure_future(self._read())
+        await until(lambda: self.worker is not None, 10)
+        return self
+
+    async def _read(self):
+        while data := await self.reader.read(1 << 16):
+            self.wire.receive_data(data)
+            for event in self.wire.events_received():
+                if isinstance(event, w.ExtendedHandshake):
+                    self.worker = (event.fields["pk"].decode(), event.fields["ek"].decode())
+                elif isinstance(event, w.ExtensionPayload):
+                    self._payload(event.payload)
+            self._send()
+
+    def _payload(self, payload):
+        envelope = w.bdecode(payload)
+        if isinstance(envelope, dict) and "e" in envelope:
+            self.unopened += 1
+        for core in list(self.cores):
+            events = core.receive_payload(payload, w._now())
+            if any(isinstance(e, (w.Call, w.Response)) for e in events):
+                self.unopened -= 1
+            for event in events:
+                if isinstance(event, w.Call):
+                    self.calls[event.name] += 1
+                    answer = ({**event.args, "isMaster": "yes"} if event.name == "isMaster"
+                              else self.probe() if event.name == "requestExecAssets" else None)
+                    if answer is not None and self.answer:
+                        core.send_response(event.address, event.nonce, answer, w._now())
+
+    def new_identity(self):
+        core = w.BugoutCore(self.token, w.Identity())
+        core.saw_peer(*self.worker, w._now(), verified=True)  # and pings: the worker sees it
+        self.cores.append(core)
+        self._send()
+
+    def _send(self):
+        for core in self.cores:
+            for payload, _ in core.data_to_send():
+                self.wire.send_extension(payload)
+        if data := self.wire.data_to_send():
+            self.writer.write(data)
+
+    async def close(self):
+        self._reading.cancel()
+        self.writer.close()
+
+
+def padding_probe(rng):
+    """An asset answer whose one file is random ciphertext (a CBC-R step), sometimes malformed."""
+    def probe():
+        content = {"iv": rng.randbytes(16).hex(), "encryptedData": rng.randbytes(32).hex()}
+        name = rng.choice(["task.py", 5, None])
+        return {"status": "changed", "dependencies": [], "files": [
+            {"masterPath": "/task.py", "name": name, "workerPath": "/task.py",
+             "sha256": rng.randbytes(32).hex(), "content": content}]}
+    return probe
+
+
+def open_journal(folder, token="journal-swarm", key=KEY):
+    journal = w.Journal.of(Path(folder), token, w.Crypt(key))
+    journal.submit(journal.open).result()
+    return journal
+
+
+def result_text(i):
+    return json.dumps({"jobID": i, "worker": {"id": "bWorker", "name": "w"}, "data": i})
+
+
+def journal_count(folder, table="results"):
+    """Rows in a running worker's journal, read beside it (WAL lets a reader in)."""
+    try:
+        with contextlib.closing(sqlite3.connect("file:%s?mode=ro" % (Path(folder) / w.JOURNAL_NAME),
+                                                uri=True, timeout=5)) as db:
+            return db.execute("SELECT count(*) FROM %s" % table).fetchone()[0]
+    except sqlite3.Error:
+        return -1
+
+
+class QuietMaster:
+    """master.py in this process, on a fixed port and seed, that never requeues on its own:
+    a job lost by the worker stays lost, so a test sees it."""
+
+    def __init__(self, tmp, token, port, seed, name):
+        from master import Master
+        files = write_assets(Path(tmp) / name, DEFAULT_FILES)
+        self.results, self.handed = [], []
+        self.master = Master(token, {"files": files, "dependencies": []}, self.results.append, None, KEY,
+                             folder=Path(tmp) / name, env={}, host="127.0.0.1", port=port, seed=seed,
+                             lsd=False, dht=False, trackers=[], lease_seconds=3600.0)
+        self.master._requeue_worker = lambda address: None
+        serve = self.master._request_work
+
+        def recording(address, args):
+            answer = serve(address, args)
+            self.handed.append((time.monotonic(), [json.loads(w.Crypt(KEY).decrypt(j))["id"] for j in
+                                                   answer.get("batchTasks") or [answer.get("task")] if j]))
+            return answer
+        self.master._request_work = recording
+
+    async def start(self):
+        await self.master.start()
+        return self
+
+    def push(self, ids, **extra):
+        for i in ids:
+            self.master.push_new_job({"id": i, "data": json.dumps({"x": i, **extra})})
+
+
+def push_jobs(cluster, jobs, start=0):
+    """Queue ``jobs`` (dicts, the job's data) with ids from ``start``; return the ids.
+
+    The JS rule hands out a batch only while more jobs wait than ``batchSize``:
+    with ``batchSize=len(jobs) - 1``, all but the last come in one batch.
+    """
+    for i, data in enumerate(jobs, start):
+        cluster.master.push_new_job({"id": i, "data": json.dumps(data)})
+    return list(range(start, start + len(jobs)))
+
+
+def alive(pid):
+    """True while process ``pid`` exists and is not a zombie."""
+    try:
+        return Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def peak_rss_mb(pid):
+    for line in Path("/proc/%d/status" % pid).read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class WorkerPy:
+    """``python worker.py`` in a folder of its own (its .env on loopback), output in a file."""
+
+    def __init__(self, tmp, cluster, name="wp", **keys):
+        self.folder = Path(tmp) / name
+        self.folder.mkdir()
+        keys.setdefault("LOG_LEVEL", "info")
+        write_loopback_env(self.folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port, **keys)
+        self._out = (self.folder / "out.log").open("wb")
+
+    async def start(self, procs):
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, WORKER_PY, cwd=self.folder, env=clean_env(), stdout=self._out,
+                stderr=subprocess.STDOUT)
+        finally:
+            self._out.close()  # the worker has its own copy
+        procs.append(self.proc)
+        return self
+
+    def output(self):
+        return (self.folder / "out.log").read_text(errors="replace")
+
+    async def sigterm(self, timeout):
+        """SIGTERM; the exit code, which must come within ``timeout`` seconds."""
+        self.proc.send_signal(15)
+        return await asyncio.wait_for(self.proc.wait(), timeout)
+
+
+class MasterProcess:
+    """``python master.py`` with its settings in a .env; jobs over stdin."""
+
+    def __init__(self, folder, token, port, seed, task_text=TASK_PY):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_assets(self.folder, DEFAULT_FILES)
+        (self.folder / "workplace/task.py").write_text(task_text)
+        write_loopback_env(self.folder, token, port=port, seed=seed, LOG_LEVEL="warn")
+        self.results = []
+
+    async def start(self):
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, MASTER_PY, "--task", "workplace/task.py", "--task",
+            "workplace/data/conf/factor.json", "--jobs", "-", "--lease", "5", cwd=self.folder,
+            env=clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.ready = json.loads(await self.proc.stdout.readline())
+        self._reader = asyncio.ensure_future(self._read())
+        return self
+
+    async def _read(self):
+        async for line in self.proc.stdout:
+            event = json.loads(line)
+            if event["event"] == "result":
+                self.results.append(event["result"])
+
+    def push(self, ids, **extra):
+        for i in ids:
+            job = {"id": i, "data": json.dumps({"x": i, **extra})}
+            self.proc.stdin.write((json.dumps(job) + "\n").encode())
+
+    async def kill(self):
+        self.proc.kill()
+        await self.proc.wait()
+        self.proc.stdin.close()  # else the transport's finaliser writes EOF on a closed loop
+        self._reader.cancel()
+
+
+class EventsMasterProcess(MasterProcess):
+    """MasterProcess that keeps every event it prints, not only results."""
+
+    async def _read(self):
+        self.events = []
+        async for line in self.proc.stdout:
+            event = json.loads(line)
+            self.events.append(event)
+            if event["event"] == "result":
+                self.results.append(event["result"])
+
+    def write(self, text):
+        self.proc.stdin.write(text.encode())
+
+
+def watch_requests(master):
+    """(time, caller) of each requestWork the master serves, as it serves it."""
+    times = []
+    master.node.on("rpc", lambda address, name, args: name == "requestWork"
+                   and times.append((time.monotonic(), address)))
+    return times
+
+
+async def thief_of(cluster):
+    """A bare node that leases a job with requestWork and never runs it."""
+    node = await py_node(cluster.token, peers=["127.0.0.1:%d" % cluster.master.port])
+    await until(lambda: cluster.master.address in node.peers)
+    return node
+
+
+def end_lease(master, job_id, deadline):
+    """Move the end of a job's lease (a ``time.time()``) in master.py's database."""
+    master.store.db.execute("UPDATE jobs SET deadline = ? WHERE job_key = ?", (deadline, json.dumps(job_id)))
+
+
+def write_jobs(path, count, fail=(), sleep=0.0, ids=True, bad_every=0):
+    """A jobs file for TASK_PY (result: sum = 2 * x); every ``bad_every``-th line is not JSON."""
+    with open(path, "w") as f:
+        for i in range(count):
+            if bad_every and i and i % bad_every == 0:
+                f.write("{not json %d\n" % i)
+            data = json.dumps({"x": i, "sleep": sleep, "fail": i in fail})
+            f.write(json.dumps({"id": i, "data": data} if ids else {"data": data}) + "\n")
+
+
+def held_in_memory(master):
+    """Items in the containers a Master (and its Store) holds: what grows with jobs if anything does."""
+    sized = (dict, list, set, tuple, collections.deque)
+    return sum(len(v) for obj in (master, master.store) for v in vars(obj).values() if isinstance(v, sized))
+
+
+class MasterCli:
+    """``python master.py`` with its folder's .env, master.db and task; stdout events of every run."""
+
+    def __init__(self, folder, token=None, port=None):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.token = token or "durable-%d" % random.randrange(1 << 40)
+        self.port = port or free_port()
+        write_assets(self.folder, DEFAULT_FILES)
+        write_loopback_env(self.folder, self.token, port=self.port, seed=w.make_seed(), LOG_LEVEL="warn")
+        self.events = []  # every run's, in order
+        self.torn = 0  # last lines of killed runs cut short
+
+    async def start(self, *args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE):
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, MASTER_PY, "--task", "workplace/task.py", "--task",
+            "workplace/data/conf/factor.json", "--lease", "3", *args, cwd=self.folder, env=clean_env(),
+            stdin=stdin, stdout=subprocess.PIPE, stderr=stderr)
+        self._reader = asyncio.ensure_future(self._read())
+        return self
+
+    async def _read(self):
+        async for line in self.proc.stdout:
+            if line.endswith(b"\n"):
+                self.events.append(json.loads(line))
+            else:
+                self.torn += 1
+
+    def of(self, kind):
+        return [e for e in self.events if e["event"] == kind]
+
+    @property
+    def results(self):
+        return [e["result"] for e in self.of("result")]
+
+    async def exit(self, timeout=90):
+        """The exit status, once stdout is read to its end; stderr in ``self.stderr``."""
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        await self._reader
+        self.stderr = (await self.proc.stderr.read()).decode() if self.proc.stderr else ""
+        return code
+
+    async def kill(self):
+        self.proc.kill()
+        await self.proc.wait()
+        await self._reader
+
+
+def parse_exposition(text):
+    """The Prometheus text format, parsed strictly: {name: {labels tuple: value}}, {name: type}."""
+    samples, types, helps = collections.defaultdict(dict), {}, set()
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            helps.add(line.split()[2])
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            assert kind in ("counter", "gauge", "histogram"), line
+            types[name] = kind
+        else:
+            head, value = line.rsplit(" ", 1)
+            name, _, labels = head.partition("{")
+            pairs = tuple(tuple(pair.split("=", 1)) for pair in labels.rstrip("}").split(",") if pair)
+            samples[name][tuple((k, json.loads(v)) for k, v in pairs)] = float(value)
+            family = name.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+            assert family in types or name in types, line
+    assert set(types) <= helps
+    return samples, types
+
+
+def http_get(url, timeout=10):
+    """(status, body) with a real HTTP client."""
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+# Support: npm, offline ######################################################
+
+NPM = shutil.which("npm")
+
+
+_npm_env: dict = {}
+
+
+def offline_npm():
+    """Environment for an npm that installs ``qx-demo-dep`` offline, from its cache."""
+    need(NODE, "node is not installed")
+    need(NPM, "npm is not installed")
+    if not _npm_env:
+        import atexit
+        root = Path(tempfile.mkdtemp(prefix="qx-npm-"))
+        atexit.register(shutil.rmtree, root, True)
+        _npm_env.update(_prime_npm_cache(root))
+    return dict(_npm_env)
+
+
+def _prime_npm_cache(root):
+    """Pack qx-demo-dep 1.0.0 from a folder and put it in a fresh npm cache.
+
+    A registry on 127.0.0.1 serves it once to ``npm cache add`` and stops; from
+    then on npm runs with ``npm_config_offline=true`` and never asks a registry.
+    """
+    package = root / "qx-demo-dep"
+    package.mkdir()
+    (package / "package.json").write_text(json.dumps({"name": "qx-demo-dep", "version": "1.0.0",
+                                                      "main": "index.js"}))
+    (package / "index.js").write_text(DEP_INDEX_JS)
+    env = {"npm_config_cache": str(root / "cache"), "npm_config_offline": "true",
+           "npm_config_update_notifier": "false", "npm_config_audit": "false",
+           "npm_config_fund": "false"}
+    subprocess.run([NPM, "pack", str(package)], cwd=root, env=dict(os.environ, **env), check=True,
+                   capture_output=True, timeout=120)
+    server = _loopback_registry((root / "qx-demo-dep-1.0.0.tgz").read_bytes())
+    env["npm_config_registry"] = "http://127.0.0.1:%d/" % server.server_address[1]
+    try:
+        subprocess.run([NPM, "cache", "add", "qx-demo-dep@1.0.0"], cwd=root, check=True,
+                       env=dict(os.environ, **{**env, "npm_config_offline": "false"}),
+                       capture_output=True, timeout=120)
+    finally:
+        server.shutdown()
+        server.server_close()
+    return env
+
+
+def _loopback_registry(tarball):
+    """A one-package npm registry on 127.0.0.1, serving in a thread."""
+    import base64
+    import http.server
+    import threading
+
+    class Registry(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            base = "http://127.0.0.1:%d" % self.server.server_address[1]
+            body = tarball if self.path.endswith(".tgz") else json.dumps({
+                "name": "qx-demo-dep", "dist-tags": {"latest": "1.0.0"},
+                "versions": {"1.0.0": {"name": "qx-demo-dep", "version": "1.0.0", "main": "index.js", "dist": {
+                    "tarball": base + "/qx-demo-dep/-/qx-demo-dep-1.0.0.tgz",
+                    "shasum": hashlib.sha1(tarball).hexdigest(),
+                    "integrity": "sha512-" + base64.b64encode(hashlib.sha512(tarball).digest()).decode()}}}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Registry)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+# Settings: .env and the environment #########################################
+
+class TestEnvFile(unittest.TestCase):
+    def test_parse(self):
+        text = ('# comment\n\nexport token=abc\nname = "my worker" # c\n'
+                "quoted='a # b'\nbare=x # tail\nempty=\nLOG_LEVEL=debug\n  # indented\n")
+        self.assertEqual(w.parse_env(text), {"token": "abc", "name": "my worker",
+                                             "quoted": "a # b", "bare": "x", "empty": "",
+                                             "LOG_LEVEL": "debug"})
+
+    def test_environment_wins_and_writer_keeps_keys(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / ".env"
+            path.write_text("# keep me\ntoken=old\nother=1\n")
+            w.write_env_file(path, {"token": "new value", "transferEncryptToken": "k" * 32})
+            self.assertEqual(path.stat().st_mode & 0o777, 0o600)
+            text = path.read_text()
+            self.assertIn("# keep me", text)
+            self.assertEqual(w.read_env_file(path),
+                             {"token": "new value", "other": "1", "transferEncryptToken": "k" * 32})
+            with patched_environ({"other": "from-env", "batchSize": "7"}):
+                loaded = w.load_env(path)
+            self.assertEqual(loaded["other"], "from-env")
+            self.assertEqual(loaded["batchSize"], "7")  # a setting from the environment alone
+            self.assertNotIn("PATH", loaded)
+
+
+# Helper, Logger, Crypt ######################################################
+
+class TestCrypt(unittest.TestCase):
+    KEY = "0123456789abcdef0123456789abcdef"
+
+    def test_roundtrip_fresh_iv(self):
+        crypt = w.Crypt(self.KEY)
+        one, two = crypt.encrypt("hello é"), crypt.encrypt("hello é")
+        self.assertNotEqual(one["iv"], two["iv"])
+        self.assertEqual(len(one["iv"]), 32)
+        self.assertEqual(crypt.decrypt(one), "hello é")
+        self.assertEqual(crypt.decrypt_json(crypt.encrypt_json({"a": [1]})), {"a": [1]})
+
+    def test_matches_openssl_cbc(self):
+        need(shutil.which("node"), "node is needed to cross-check AES with Node's crypto")
+        crypt = w.Crypt(self.KEY)
+        box = crypt.encrypt('{"id":1}')
+        script = ("const c=require('crypto');const d=c.createDecipheriv('aes-256-cbc',"
+                  "Buffer.from(process.argv[1]),Buffer.from(process.argv[2],'hex'));"
+                  "process.stdout.write(Buffer.concat([d.update(Buffer.from(process.argv[3],'hex')),"
+                  "d.final()]).toString())")
+        out = subprocess.run(["node", "-e", script, self.KEY, box["iv"], box["encryptedData"]],
+                             capture_output=True, text=True, check=True).stdout
+        self.assertEqual(out, '{"id":1}')
+
+    def test_bad_key_length(self):
+        with self.assertRaisesRegex(w.CryptError, "exactly 32"):
+            w.Crypt("short")
+
+    def test_wrong_key_says_so(self):
+        box = w.Crypt(self.KEY).encrypt("x" * 40)
+        with self.assertRaisesRegex(w.CryptError, "transferEncryptToken probably differs"):
+            w.Crypt("f" * 32).decrypt(box)
+        with self.assertRaises(w.CryptError):
+            w.Crypt(self.KEY).decrypt({"iv": "zz", "encryptedData": ""})
+
+
+# Codecs: bencode, base58, RIPEMD-160 ########################################
+
+class TestCodecs(unittest.TestCase):
+    def test_bencode_js_rules(self):
+        self.assertEqual(w.bencode({"b": True, "a": False, "c": None, "d": 2.9, "e": [1, None]}),
+                         b"d1:ai0e1:bi1e1:di2e1:eli1eee")
+        self.assertEqual(w.bencode("é"), b"2:\xc3\xa9")
+        self.assertEqual(w.bdecode(b"d1:ai-3e1:bl1:xee"), {"a": -3, "b": [b"x"]})
+
+    def test_bdecode_rejects_with_decode_error_only(self):
+        for bad in [b"", b"i", b"ie", b"i1", b"5:abc", b"d1:ae", b"di1ei2ee", b"l",
+                    b"x", b"i1ei2e", b"99999999999:x", b"d" * 1000 + b"e" * 1000, b"i--1e"]:
+            with self.assertRaises(w.DecodeError, msg=bad):
+                w.bdecode(bad)
+
+    def test_base58(self):
+        for raw in [b"", b"\0", b"\0\0\1", os.urandom(32)]:
+            self.assertEqual(w.b58decode(w.b58encode(raw)), raw)
+        with self.assertRaises(w.DecodeError):
+            w.b58decode("0OIl")
+        seed = w.make_seed()
+        broken = seed[:-1] + ("2" if seed[-1] != "2" else "3")
+        with self.assertRaises(w.DecodeError):
+            w.b58check_decode(broken)
+
+    def test_ripemd160_fallback_matches(self):
+        for n in (0, 1, 55, 56, 64, 119, 1000):
+            data = os.urandom(n)
+            self.assertEqual(w._ripemd160_py(data), w.ripemd160(data))
+        self.assertEqual(w._ripemd160_py(b"abc").hex(), "8eb208f7e05d987a9b044a8e98c6b087f15a0bfc")
+
+
+# bugout: identity, packets, BugoutCore (vectors made by the real JS code) ####
+
+class TestVectors(unittest.TestCase):
+    def test_torrent_and_handshake(self):
+        infohash, info = w.infohash_of(IDENT)
+        self.assertEqual(info.hex(), VECTORS["torrent"]["info_bencoded_hex"])
+        self.assertEqual(len(info), VECTORS["torrent"]["info_bencoded_len"])
+        self.assertEqual(infohash.hex(), VECTORS["torrent"]["infoHash_hex"])
+        bt = VECTORS["bittorrent"]
+        peer_id = b"-WW0109-AAAAAAAAAAAA"
+        self.assertEqual(w.handshake_bytes(infohash, peer_id, dht=True).hex(),
+                         bt["example_handshake_with_dht_hex"])
+        self.assertEqual(w.handshake_bytes(infohash, peer_id).hex(),
+                         bt["example_handshake_without_dht_hex"])
+
+    def test_captured_handshakes_parse(self):
+        infohash, _ = w.infohash_of(IDENT)
+        for msg in VECTORS["bittorrent"]["captured_first_messages"]:
+            if msg["type"] == "handshake":
+                wire = w.PeerWire(infohash, b"-QP0100-xxxxxxxxxxxx", {}, initiator=True)
+                wire.receive_data(bytes.fromhex(msg["hex"]))
+                [event] = wire.events_received()
+                self.assertEqual(event.peer_id, bytes.fromhex(msg["hex"])[48:])
+            if msg["type"] == "extended" and "dict" in msg:
+                self.assertEqual(w.bencode(msg["dict"]).decode(), msg["dict_bencoded"])
+
+    def test_keys_and_addresses(self):
+        for role in ("master", "worker"):
+            keys = VECTORS["keys"][role]
+            seed = w.make_seed(bytes.fromhex(keys["seed_material_hex"]))
+            self.assertEqual(seed, keys["seed_bs58check"])
+            self.assertEqual(w.b58check_decode(seed).hex(), keys["seed_decoded_hex"])
+            ident = identity(role)
+            self.assertEqual(ident.sign_public.hex(), keys["sign_public_key_hex"])
+            self.assertEqual(ident.sign_secret.hex(), keys["sign_secret_key_hex"])
+            self.assertEqual(ident.pk, keys["pk_bs58"])
+            self.assertEqual(ident.ek, keys["ek_bs58"])
+            self.assertEqual(ident.box_public.hex(), keys["ek_public_key_hex"])
+            self.assertEqual(ident.address, keys["address"])
+            digest = hashlib.sha512(ident.sign_public).digest()
+            self.assertEqual(digest.hex(), keys["sha512_of_pk_hex"])
+            self.assertEqual(w.ripemd160(digest).hex(), keys["ripemd160_of_sha512_hex"])
+            self.assertEqual(w._ripemd160_py(digest).hex(), keys["ripemd160_of_sha512_hex"])
+            self.assertEqual(w.b58check_decode(ident.address).hex(), keys["address_payload_hex"])
+        for extra in VECTORS["extra_seed_vectors"]:
+            ident = w.Identity(w.make_seed(bytes.fromhex(extra["seed_material_hex"])))
+            self.assertEqual(ident.seed, extra["seed_bs58check"])
+            self.assertEqual(ident.pk, extra["pk_bs58"])
+            self.assertEqual(ident.sign_public.hex(), extra["sign_public_key_hex"])
+            self.assertEqual(ident.address, extra["address"])
+
+    def test_extended_handshake(self):
+        for role in ("master", "worker"):
+            keys = VECTORS["keys"][role]
+            node = w.Bugout(IDENT, seed=keys["seed_bs58check"], lsd=False, dht=False, trackers=[])
+            node.identity = identity(role)
+            node._extended.update(pk=node.identity.pk, ek=node.identity.ek)
+            self.assertEqual(w.bencode(node._extended).hex(),
+                             keys["full_extended_handshake_bencoded_hex"])
+            wire = node._new_wire(initiator=False)
+            infohash, _ = w.infohash_of(IDENT)
+            wire.receive_data(w.handshake_bytes(infohash, b"-WW0109-AAAAAAAAAAAA", dht=True))
+            out = wire.data_to_send()
+            self.assertEqual(out[:68], w.handshake_bytes(infohash, node.peer_id))
+            framed = bytes.fromhex(keys["full_extended_handshake_message_hex"])
+            self.assertEqual(out[68:68 + len(framed)], framed)
+            self.assertEqual(out[68 + len(framed):], bytes.fromhex("000000010e"))
+
+    def test_rpc_call_envelope_and_frame(self):
+        vec = VECTORS["rpc_isMaster"]
+        master, worker = identity("master"), identity("worker")
+        t = VECTORS["fixed"]["t_ms"]
+        core = w.BugoutCore(IDENT, worker,
+                            random=prng(d["label"] for d in vec["random_draws_in_order"]))
+        core.peers[master.address] = w.PeerKeys(master.pk, master.ek, t)
+        nonce = core.send_call(master.address, "isMaster", {}, t)
+        self.assertEqual(nonce.hex(), vec["inner_packet_fields"]["rn"]["hex"])
+        [(payload, origin)] = core.data_to_send()
+        self.assertIsNone(origin)
+        self.assertEqual(payload.hex(), vec["envelope_hex"])
+        self.assertEqual(hashlib.sha512(payload).digest()[16:].hex(), vec["seen_hash_hex"])
+        wire = self._open_wire({"bo_channel": 4})
+        wire.send_extension(payload)
+        self.assertEqual(wire.data_to_send().hex(), vec["framed_message_hex"])
+        # the signed packet inside, and the master opening it
+        self.assertIn(vec["signed_packet_hex"], w.bencode({"s": bytes.fromhex(vec["signature_hex"]),
+                                                           "p": bytes.fromhex(vec["p_bencoded_hex"])}).hex())
+        mcore = w.BugoutCore(IDENT, master)
+        events = mcore.receive_payload(payload, t + 1)
+        self.assertEqual(events, [w.Seen(worker.address),
+                                  w.Call(worker.address, "isMaster", {}, nonce)])
+
+    def test_rpc_response_opens(self):
+        vec = VECTORS["rpc_isMaster"]
+        master, worker = identity("master"), identity("worker")
+        t = VECTORS["fixed"]["t_ms"]
+        core = w.BugoutCore(IDENT, worker)
+        events = core.receive_payload(bytes.fromhex(vec["response"]["payload_hex"]), t + 5)
+        self.assertEqual(events[-1], w.Response(master.address, bytes.fromhex("59594df1817116e3"),
+                                                vec["callback_result"]))
+        wire = self._open_wire({"bo_channel": 4})
+        wire.send_extension(bytes.fromhex(vec["response"]["payload_hex"]))
+        self.assertEqual(wire.data_to_send().hex(), vec["response"]["framed_hex"])
+
+    def test_exchange_log_opens_and_pings_reproduce(self):
+        t = VECTORS["fixed"]["t_ms"]
+        ids = {"master": identity("master"), "worker": identity("worker")}
+        for entry in VECTORS["exchange_log"]:
+            payload = bytes.fromhex(entry["payload_hex"])
+            self.assertEqual(hashlib.sha512(payload).digest()[16:].hex(), entry["seen_hash_hex"])
+            core = w.BugoutCore(IDENT, ids[entry["to"]])
+            events = core.receive_payload(payload, t + 10)
+            decoded = entry["decoded_by_receiver"]
+            sender = ids[entry["from"]] if decoded.get("packet") else None
+            if sender is None:
+                continue
+            if decoded["packet"]["pk"] == ids[entry["to"]].pk:
+                self.assertEqual(events, [])  # our own packet echoed back
+            else:
+                self.assertTrue(events, entry["step"])
+            if decoded["packet"]["y"] == "p" and decoded["packet"]["pk"] == sender.pk:
+                label = {d["hex"]: d["label"] for d in VECTORS["handshake_phase_random_draws"]}[
+                    decoded["packet"]["n"]["hex"]]
+                again = w.BugoutCore(IDENT, sender, random=prng([label]))
+                again.send_ping(t)
+                [(mine, _)] = again.data_to_send()
+                self.assertEqual(mine, payload)
+                self.assertEqual(bytes.fromhex(entry["framed_hex"])[6:], payload)
+
+    @staticmethod
+    def _open_wire(remote_m):
+        infohash, _ = w.infohash_of(IDENT)
+        wire = w.PeerWire(infohash, b"-QP0100-xxxxxxxxxxxx", {}, initiator=True)
+        wire.receive_data(w.handshake_bytes(infohash, b"-WW0109-AAAAAAAAAAAA"))
+        ext = w.bencode({"m": remote_m})
+        wire.receive_data(w.frame(20, b"\0" + ext))
+        wire.data_to_send()
+        wire.events_received()
+        return wire
+
+
+class TestBugoutCore(unittest.TestCase):
+    def setUp(self):
+        self.a = w.BugoutCore(IDENT, w.Identity())
+        self.b = w.BugoutCore(IDENT, w.Identity())
+        self.now = w._now()
+        self.a.saw_peer(self.b.identity.pk, self.b.identity.ek, self.now)
+        self.b.saw_peer(self.a.identity.pk, self.a.identity.ek, self.now)
+        self.a.data_to_send(), self.b.data_to_send()
+
+    def deliver(self, src, dst):
+        events = []
+        for payload, _ in src.data_to_send():
+            events += dst.receive_payload(payload, self.now, origin="wire")
+        return events
+
+    def test_call_response_and_messages(self):
+        nonce = self.a.send_call(self.b.identity.address, "f", {"x": "é"}, self.now)
+        [call] = self.deliver(self.a, self.b)
+        self.assertEqual(call, w.Call(self.a.identity.address, "f", {"x": "é"}, nonce))
+        self.assertEqual(self.b.data_to_send(), [])  # boxed for b: not relayed
+        self.b.send_response(call.address, nonce, [1, 2], self.now)
+        self.assertEqual(self.deliver(self.b, self.a), [w.Response(self.b.identity.address, nonce, [1, 2])])
+        self.a.send_message({"hi": 1}, self.now)
+        self.assertEqual(self.deliver(self.a, self.b), [w.Message(self.a.identity.address, {"hi": 1}, False)])
+        [(_relayed, origin)] = self.b.data_to_send()  # plain: relayed to the other wires
+        self.assertEqual(origin, "wire")
+        self.a.send_message("secret", self.now, address=self.b.identity.address)
+        self.assertEqual(self.deliver(self.a, self.b), [w.Message(self.a.identity.address, "secret", True)])
+
+    def test_duplicates_bad_signature_old_and_foreign_dropped(self):
+        self.a.send_ping(self.now)
+        [(payload, _)] = self.a.data_to_send()
+        self.assertEqual(self.b.receive_payload(payload, self.now), [w.Ping(self.a.identity.address)])
+        self.assertEqual(self.b.receive_payload(payload, self.now), [])
+        self.assertEqual(self.b.stats["duplicate"], 1)
+        signed = w.bdecode(payload)
+        forged = w.bencode({"s": bytes(64), "p": signed["p"]})
+        self.assertEqual(self.b.receive_payload(forged, self.now), [])
+        self.assertEqual(self.b.stats["dropped: bad signature"], 1)
+        old = self.a.make_packet({"y": "p"}, self.now - w.PEER_TIMEOUT_MS)
+        self.assertEqual(self.b.receive_payload(old, self.now), [])
+        other = w.BugoutCore("another swarm", self.a.identity)
+        self.assertEqual(self.b.receive_payload(other.make_packet({"y": "p"}, self.now), self.now), [])
+        self.assertEqual(self.b.stats["dropped: too old"], 1)
+        self.assertEqual(self.b.stats["dropped: other identifier"], 1)
+
+    def test_leave_and_expiry(self):
+        self.a.send_leave(self.now)
+        self.assertEqual(self.deliver(self.a, self.b), [w.Left(self.a.identity.address, "left")])
+        self.assertNotIn(self.a.identity.address, self.b.peers)
+        self.assertEqual(self.a.expire(self.now + w.PEER_TIMEOUT_MS + 1),
+                         [w.Left(self.b.identity.address, "timeout")])
+
+    def test_seen_cache_is_bounded(self):
+        core = w.BugoutCore(IDENT, w.Identity(), seen_limit=100)
+        for i in range(1000):
+            core.receive_payload(b"junk %d" % i, self.now)
+        self.assertLessEqual(len(core._seen), 100)
+        self.assertEqual(core.stats["dropped"], 1000)
+
+    def test_own_sends_do_not_flush_what_was_just_received(self):
+        core = w.BugoutCore(IDENT, w.Identity(), seen_limit=4)  # a generation holds 2
+        self.b.send_message("first", self.now)
+        self.b.send_message("second", self.now)
+        [(first, _), (second, _)] = self.b.data_to_send()
+        self.assertTrue(core.receive_payload(first, self.now))  # and a ping: the generation is full
+        core.send_message("mine", self.now)  # this send starts the next generation
+        core.receive_payload(second, self.now + 1)
+        self.assertEqual(core.receive_payload(first, self.now + 2), [])  # still known
+        self.assertEqual(core.stats["duplicate"], 1)
+
+
 class TestCoreBounds(unittest.TestCase):
     """BugoutCore: what it relays, the JSON it takes, the peers it admits."""
 
@@ -958,6 +1771,200 @@ class TestCoreBounds(unittest.TestCase):
         [out] = [out for out in self.core.data_to_send() if out.to]
         opened = w.BugoutCore(IDENT, self.peer).receive_payload(out.payload, self.now)
         self.assertIn(w.Message(self.core.identity.address, "secret", True), opened)
+
+
+# The peer wire (BEP 3, 6, 10) ###############################################
+
+class TestPeerWire(unittest.TestCase):
+    def test_pair_handshakes_and_payloads(self):
+        a, b = wire_pair()
+        self.assertTrue(a.ready and b.ready)
+        kinds = [type(e).__name__ for e in b.events_received()]
+        self.assertEqual(kinds, ["Handshake", "ExtendedHandshake"])
+        a.events_received()
+        a.send_extension(b"hello")
+        a.send_keepalive()
+        a.send_extension(b"x" * 100_000)
+        data = a.data_to_send()
+        for i in range(0, len(data), 7):  # byte-dribbled
+            b.receive_data(data[i:i + 7])
+        self.assertEqual(b.events_received(), [w.ExtensionPayload(b"hello"),
+                                               w.ExtensionPayload(b"x" * 100_000)])
+
+    def test_metadata_served_and_requests_refused(self):
+        _a, b = wire_pair()
+        b.events_received()
+        _, info = w.infohash_of(IDENT)
+        b.receive_data(w.frame(20, bytes([1]) + w.bencode({"msg_type": 0, "piece": 0})))
+        out = b.data_to_send()
+        self.assertTrue(out.endswith(info))
+        self.assertEqual(w.bdecode(out[6:-len(info)]), {"msg_type": 1, "piece": 0, "total_size": 88})
+        b.receive_data(w.frame(20, bytes([1]) + w.bencode({"msg_type": 0, "piece": 3})))
+        self.assertEqual(w.bdecode(b.data_to_send()[6:]), {"msg_type": 2, "piece": 3})
+        request = struct.pack(">III", 0, 0, 12)
+        b.receive_data(w.frame(6, request))
+        self.assertEqual(b.data_to_send(), w.frame(16, request))
+        for unknown in (w.frame(2), w.frame(5, b"\xff"), w.frame(99, b"abc"), w.frame(20, b"\x07zz")):
+            b.receive_data(unknown)
+        self.assertEqual(b.state, w.WireState.OPEN)
+        self.assertEqual(b.events_received(), [])
+
+    def test_huge_length_prefix_allocates_nothing(self):
+        _a, b = wire_pair(max_message=1 << 20)
+        b.receive_data(struct.pack(">I", 0xFFFFFFF0) + b"\x14\x04")
+        self.assertEqual(b.state, w.WireState.ERROR)
+        self.assertIn("over the limit", b.error)
+        self.assertEqual(len(b._buffer), 0)
+
+    def test_garbage_handshake_is_an_error(self):
+        infohash, _ = w.infohash_of(IDENT)
+        for garbage in (b"GET / HTTP/1.1\r\n", b"\x13BitTorrent protocoX" + b"\0" * 48,
+                        w.handshake_bytes(b"\1" * 20, b"-WW0109-AAAAAAAAAAAA")):
+            wire = w.PeerWire(infohash, b"-QP0100-aaaaaaaaaaaa", {}, initiator=False)
+            wire.receive_data(garbage)
+            self.assertEqual(wire.state, w.WireState.ERROR, garbage)
+            self.assertEqual(wire.data_to_send(), b"")
+
+
+# Bad input, generated and mutated: bencode, packets, the wire ###############
+
+class TestBadInput(unittest.TestCase):
+    def test_bdecode_and_packet_opener(self):
+        core = w.BugoutCore(IDENT, identity("master"))
+        count = 0
+        for data in fuzz_inputs(12_000):
+            try:
+                w.bdecode(data)
+            except w.DecodeError:
+                pass
+            core.receive_payload(data, w._now())  # never raises
+            count += 1
+        self.assertEqual(count, 12_000)
+        self.assertGreater(core.stats["dropped"], 5_000)
+
+    def test_wire_parser(self):
+        rng = random.Random(99)
+        infohash, info = w.infohash_of(IDENT)
+        good = (w.handshake_bytes(infohash, b"-WW0109-AAAAAAAAAAAA", dht=True)
+                + bytes.fromhex(VECTORS["keys"]["master"]["full_extended_handshake_message_hex"])
+                + bytes.fromhex(VECTORS["rpc_isMaster"]["framed_message_hex"]) + b"\0\0\0\0"
+                + bytes.fromhex("000000010e"))
+        states = collections.Counter()
+        for data in mutations([good], 10_000, rng):
+            wire = w.PeerWire(infohash, b"-QP0100-aaaaaaaaaaaa", {"m": {}}, initiator=False,
+                              metadata=info, max_message=1 << 16)
+            cut = rng.randrange(len(data) + 1)
+            wire.receive_data(data[:cut])
+            wire.receive_data(data[cut:])
+            wire.events_received()
+            wire.data_to_send()
+            states[wire.state] += 1
+            self.assertLessEqual(len(wire._buffer), (1 << 16) + 4)
+        self.assertGreater(states[w.WireState.ERROR], 100)
+        self.assertGreater(states[w.WireState.OPEN], 100)
+
+
+# Connections and TCP ########################################################
+
+class TestTcp(unittest.TestCase):
+    def test_python_python_rpc_messages_and_reconnect(self):
+        async def scenario():
+            a = await py_node("tcp-swarm")
+            b = await py_node("tcp-swarm", peers=["127.0.0.1:%d" % a.port])
+            await until(lambda: a.address in b.peers and b.address in a.peers)
+            self.assertEqual(await b.rpc(a.address, "echo", {"x": 1}), {"x": 1, "echoedBy": "py"})
+            self.assertEqual(await a.rpc(b.address, "nope"), {"error": "No such API call."})
+            a.send({"to": "all"})
+            b.send("only a", address=a.address)
+            await until(lambda: ("message", a.address, {"to": "all"}) in b.events
+                        and ("message", b.address, "only a") in a.events)
+            old = set(b._connections)
+            for conn in list(a._connections):  # drop the wire: b dials again
+                conn.close()
+            await until(lambda: b.connections() == 1 and not (b._connections & old))
+            self.assertEqual(await b.rpc(a.address, "echo", {"y": 2}, timeout=5), {"y": 2, "echoedBy": "py"})
+            await b.close()
+            await a.close()
+        run(scenario())
+
+    def test_rpc_fails_at_once_when_no_wire_is_left(self):
+        async def scenario():
+            a = await py_node("unreachable-swarm")
+            b = await py_node("unreachable-swarm", peers=["127.0.0.1:%d" % a.port])
+            called = asyncio.Event()
+
+            async def hang(address, args):
+                called.set()
+                await asyncio.Event().wait()
+            b.register("hang", hang)
+            await until(lambda: a.address in b.peers and b.address in a.peers)
+            call = asyncio.ensure_future(a.rpc(b.address, "hang", {}, timeout=60))
+            await asyncio.wait_for(called.wait(), 10)
+            for conn in list(a._connections):  # b's process "dies": no goodbye, the wire just closes
+                conn.close()
+            with self.assertRaises(w.RpcUnreachable):  # now, not after 60 s
+                await asyncio.wait_for(call, 10)
+            lonely = await py_node("unreachable-swarm")
+            with self.assertRaises(w.RpcUnreachable):
+                await asyncio.wait_for(lonely.rpc(b.address, "echo", {}), 1)
+            await until(lambda: a.address in b.peers and b.connections() == 1)  # b dials again
+            self.assertEqual(await b.rpc(a.address, "echo", {}, timeout=5), {"echoedBy": "py"})
+            for node in (lonely, b, a):
+                await node.close()
+        run(scenario())
+
+    def test_malformed_host_names_are_unreachable_peers_not_crashes(self):
+        async def scenario():
+            self.assertEqual(await w.Dht._resolve("router..example", 6881), [])
+            with self.assertNoLogs("worker", "ERROR"):  # a failed internal task logs an error
+                a = await py_node("bad-names", peers=["a..b:1"])
+                await asyncio.sleep(1.0)  # two dials, 0.5 s apart
+                b = await py_node("bad-names", peers=["127.0.0.1:%d" % a.port])
+                await until(lambda: a.address in b.peers)
+                await b.close()
+                await a.close()
+        run(scenario())
+
+    def test_garbage_peer_dropped_others_go_on(self):
+        async def scenario():
+            a = await py_node("garbage-swarm", max_message=1 << 16)
+            b = await py_node("garbage-swarm", peers=["127.0.0.1:%d" % a.port])
+            await until(lambda: a.address in b.peers)
+            infohash = a.infohash
+            sent = []
+            for garbage in (b"\xff" * 100, w.handshake_bytes(infohash, b"-XX0000-garbagegarba")
+                            + struct.pack(">I", 1 << 30) + b"\x14", w.handshake_bytes(infohash, b"-XX0000-garbagegarbb")
+                            + w.frame(20, b"\0not bencode")):
+                reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
+                writer.write(garbage)
+                await writer.drain()
+                sent.append((reader, writer))
+            for reader, writer in sent:
+                rest = await asyncio.wait_for(reader.read(), 5)  # the server closes it
+                self.assertIsInstance(rest, bytes)
+                writer.close()
+            self.assertGreaterEqual(a.stats["peers dropped for bad input"], 3)
+            self.assertEqual(await b.rpc(a.address, "echo", {"still": "here"}), {"still": "here", "echoedBy": "py"})
+            await b.close()
+            await a.close()
+        run(scenario())
+
+    def test_duplicate_wires_resolve_to_one(self):
+        async def scenario():
+            a = await py_node("dup-swarm")
+            b = await py_node("dup-swarm")
+            for _ in range(3):
+                a.add_peer("127.0.0.1", b.port)
+                b.add_peer("127.0.0.1", a.port)
+            await until(lambda: a.address in b.peers and b.address in a.peers)
+            await until(lambda: len(a._connections) == 1 and len(b._connections) == 1, 10)
+            await asyncio.sleep(0.5)  # and no duplicate comes back
+            self.assertEqual(len(a._connections), 1)
+            self.assertEqual(len(b._connections), 1)
+            self.assertEqual(await a.rpc(b.address, "echo", {}), {"echoedBy": "py"})
+            await b.close()
+            await a.close()
+        run(scenario())
 
 
 class TestWireUnderAttack(unittest.TestCase):
@@ -1259,6 +2266,34 @@ class TestWireUnderAttack(unittest.TestCase):
         run(scenario())
 
 
+# LSD (BEP 14) ###############################################################
+
+LSD_CHILD = """
+import asyncio, json, time, test_worker as t, worker as w
+async def main():
+    ident = "lsd-swarm"
+    js = await t.JsProcess("peer.js", {"BO_ID": ident, "BO_MODE": "lsd"}).start()
+    start = time.monotonic()
+    py = await w.Bugout(ident, host="0.0.0.0", lsd=True, dht=False, trackers=[]).start()
+    py.register("echo", lambda a, args: args)
+    await js.wait_for(lambda e: e["event"] == "seen" and e["address"] == py.address, 30)
+    await t.until(lambda: js.ready["address"] in py.peers, 30)
+    found = time.monotonic() - start
+    echo = await py.rpc(js.ready["address"], "echo", {"lsd": True})
+    await py.close(); await js.close()
+    print(json.dumps({"found_s": found, "echo": echo}))
+asyncio.run(main())
+"""
+
+
+class TestLsd(unittest.TestCase):
+    def test_js_default_and_python_find_each_other(self):
+        js_ready()
+        out = in_namespace(LSD_CHILD)
+        self.assertEqual(out["echo"], {"lsd": True, "echoedBy": "js"})
+        self.assertLess(out["found_s"], 30)
+
+
 LSD_RUNS_CHILD = """
 import asyncio, json, os, random, sys, tempfile, time
 from pathlib import Path
@@ -1325,333 +2360,1036 @@ class TestLsdDuplicates(unittest.TestCase):
             self.assertLess(run_["seconds"], 20, runs)
 
 
-# The Worker #################################################################
+# DHT (BEP 5) ################################################################
 
-TASK_PY = '''\
-import json
-from pathlib import Path
+class TestKrpc(unittest.TestCase):
+    def test_bep5_examples_byte_for_byte(self):
+        core = quiet_core()
+        core.receive_datagram(b"d1:ad2:id20:abcdefghij0123456789e1:q4:ping1:t2:aa1:y1:qe", HERE_ADDR, 1.0)
+        [(answer, to), (ping, to2)] = core.data_to_send()
+        self.assertEqual(answer, b"d1:rd2:id20:mnopqrstuvwxyz123456e1:t2:aa1:y1:re")
+        self.assertEqual((to, to2), (HERE_ADDR, HERE_ADDR))
+        # good citizen: an unknown asker is pinged, and joins the table when it answers
+        self.assertEqual(ping, b"d1:ad2:id20:mnopqrstuvwxyz123456e1:q4:ping1:t2:\0\x011:y1:qe")
+        core.receive_datagram(b"d1:rd2:id20:abcdefghij0123456789e1:t2:\0\x011:y1:re", HERE_ADDR, 1.1)
+        self.assertEqual([c.id for c in core.table.closest(ASKER)], [ASKER])
+        core.receive_datagram(b"d1:ad2:id20:abcdefghij01234567896:target20:mnopqrstuvwxyz123456e"
+                              b"1:q9:find_node1:t2:aa1:y1:qe", HERE_ADDR, 1.2)
+        node = ASKER + bytes([10, 1, 2, 3]) + struct.pack(">H", 6881)
+        self.assertEqual(core.data_to_send(), [(b"d1:rd2:id20:mnopqrstuvwxyz1234565:nodes26:" + node
+                                                + b"e1:t2:aa1:y1:re", HERE_ADDR)])
+        self.assertEqual(core.stats["dht queries answered"], 2)
 
-FACTOR = json.loads((Path(__file__).parent / "data" / "conf" / "factor.json").read_text())["factor"]
+    def test_get_peers_tokens_and_announce(self):
+        core = quiet_core()
+        token = hashlib.sha1(bytes(16) + b"10.1.2.3").digest()[:8]
+        get_peers = (b"d1:ad2:id20:abcdefghij01234567899:info_hash20:mnopqrstuvwxyz123456e"
+                     b"1:q9:get_peers1:t2:aa1:y1:qe")
+        core.receive_datagram(get_peers, HERE_ADDR, 1.0)
+        self.assertEqual(core.data_to_send()[0][0], b"d1:rd2:id20:mnopqrstuvwxyz1234565:nodes0:5:token8:"
+                         + token + b"e1:t2:aa1:y1:re")
+        announce = (b"d1:ad2:id20:abcdefghij012345678912:implied_porti1e9:info_hash20:mnopqrstuvwxyz123456"
+                    b"4:porti6881e5:token8:%se1:q13:announce_peer1:t2:aa1:y1:qe")
+        core.receive_datagram(announce % b"aoeusnth", ("10.1.2.3", 7000), 2.0)
+        self.assertEqual(core.data_to_send(), [(b"d1:eli203e9:bad tokene1:t2:aa1:y1:ee", ("10.1.2.3", 7000))])
+        core.receive_datagram(announce % token, ("10.1.2.3", 7000), 3.0)
+        self.assertEqual(core.data_to_send()[0][0], b"d1:rd2:id20:mnopqrstuvwxyz123456e1:t2:aa1:y1:re")
+        core.receive_datagram(get_peers, ("10.9.9.9", 1), 4.0)
+        [(answer, _), *_] = sent(core)
+        self.assertEqual(answer.values["values"], [bytes([10, 1, 2, 3]) + struct.pack(">H", 7000)])  # implied
+        # the token of another address does not work, and secrets rotate every 5 minutes
+        core.receive_datagram(announce % token, ("10.1.2.4", 7000), 5.0)
+        self.assertEqual(sent(core)[0][0].code, 203)
+        core._random = os.urandom  # fresh secrets from now on
+        for now in (5.0, 5.0 + 301, 5.0 + 602):
+            core.tick(now)
+        core.receive_datagram(announce % token, ("10.1.2.3", 7000), 610.0)
+        self.assertEqual(sent(core)[0][0].code, 203)
+        self.assertEqual(core.stats["dht bad tokens"], 3)
 
+    def test_errors_and_unknown_methods(self):
+        core = quiet_core()
+        self.assertEqual(w.parse_krpc(b"d1:eli201e23:A Generic Error Ocurrede1:t2:aa1:y1:ee"),
+                         w.KrpcError(b"aa", 201, "A Generic Error Ocurred"))
+        core.receive_datagram(b"d1:ad2:id20:abcdefghij01234567896:target20:mnopqrstuvwxyz123456e"
+                              b"1:q3:get1:t2:aa1:y1:qe", HERE_ADDR, 1.0)
+        self.assertEqual(core.data_to_send(), [(b"d1:eli204e14:Method Unknowne1:t2:aa1:y1:ee", HERE_ADDR)])
+        core.receive_datagram(b"d1:ad2:id3:abce1:q4:ping1:t2:aa1:y1:qe", HERE_ADDR, 1.0)
+        self.assertEqual(core.data_to_send(), [(b"d1:eli203e6:bad ide1:t2:aa1:y1:ee", HERE_ADDR)])
+        for junk in (b"", b"le", b"d1:t2:aa1:y1:xe", b"d1:y1:qe", b"d1:t2:aa1:y1:q1:q4:pinge"):
+            core.receive_datagram(junk, HERE_ADDR, 1.0)
+        self.assertEqual(core.data_to_send(), [])
+        self.assertEqual(core.stats["dht malformed"], 5)
+        # an answer nobody asked for, or from another address than asked
+        core.receive_datagram(b"d1:rd2:id20:abcdefghij0123456789e1:t2:zz1:y1:re", HERE_ADDR, 1.0)
+        core.ping(("10.0.0.1", 1), 1.0)
+        [(ping, _)] = sent(core)
+        core.receive_datagram(bytes(w.KrpcResponse(ping.t, {"id": ASKER})), ("10.0.0.2", 1), 1.0)
+        self.assertEqual(core.stats["dht unexpected answers"], 2)
+        self.assertEqual(len(core.table), 0)
 
-class Task:
-    def run(self, job):
-        data = json.loads(job["data"]) if isinstance(job["data"], str) else job["data"]
-        if data.get("fail"):
-            raise ValueError("boom %s" % job["id"])
-        if data.get("sleep"):
-            import time
-            time.sleep(data["sleep"])
-        return {"sum": (data["x"] + data.get("y", 0)) * FACTOR}
-'''
-# An async task that notes its event loop; "exit" calls sys.exit, "hang" blocks its child.
-LOOP_TASK_PY = '''\
-import asyncio
-import json
-import os
-import sys
-import time
-
-
-class Task:
-    loop = None
-
-    async def run(self, job):
-        data = json.loads(job["data"])
-        if data.get("exit"):
-            sys.exit(data["exit"])
-        if data.get("hang"):
-            time.sleep(data["hang"])
-        if Task.loop is None:
-            Task.loop = asyncio.get_running_loop()
-        return {"same_loop": Task.loop is asyncio.get_running_loop(), "pid": os.getpid()}
-'''
-DEFAULT_FILES = {"/workplace/task.py": TASK_PY,
-                 "/workplace/data/conf/factor.json": '{"factor": 2}'}
-
-
-class Cluster:
-    """master.py and Python workers on 127.0.0.1 in one event loop."""
-
-    def __init__(self, tmp, files=DEFAULT_FILES, deps=(), key=KEY, **master_kw):
-        self.tmp = Path(tmp)
-        self.token = "cluster-%d" % random.randrange(1 << 40)
-        self.results = []
-        from master import Master
-        files = write_assets(self.tmp / "master", files)
-        self.master = Master(self.token, {"files": files, "dependencies": list(deps)},
-                             self.results.append, None, key, folder=self.tmp / "master",
-                             env={}, host="127.0.0.1", lsd=False, dht=False, trackers=[], **master_kw)
-        self.statuses = []
-        serve = self.master._request_exec_assets
-
-        def recording(address, args):
-            answer = serve(address, args)
-            self.statuses.append(answer["status"])
-            return answer
-        self.master._request_exec_assets = recording
-
-    async def start(self):
-        await self.master.start()
-        return self
-
-    def worker(self, name="w1", key=KEY, **kw):
-        kw.setdefault("peers", ["127.0.0.1:%d" % self.master.port])
-        kw.setdefault("trackers", [])
-        return w.Worker(self.token, name, "warn", key, env={}, folder=self.tmp / name,
-                        host="127.0.0.1", lsd=False, dht=False, **kw)
-
-    def push(self, count, start=0, **extra):
-        for i in range(start, start + count):
-            self.master.push_new_job({"id": i, "data": json.dumps({"x": i, "y": 1, **extra})})
-
-    async def until_results(self, count, timeout=60):
-        await until(lambda: len(self.results) >= count, timeout)
-
-
-class TestWorkerFlow(unittest.TestCase):
-    def run_jobs(self, get_batch, count=500):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            cluster.push(count)
-            worker = await cluster.worker(get_batch=get_batch, batch_size=10).start()
-            await cluster.until_results(count)
-            await worker.sync_assets()
-            self.assertEqual(cluster.statuses, ["changed", "same"])
-            self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(count)))
-            for r in cluster.results:
-                self.assertEqual(r["data"], {"sum": (r["jobID"] + 1) * 2})
-                self.assertEqual(r["worker"], {"id": worker.address, "name": "w1"})
-            self.assertTrue((Path(tmp) / "w1/workplace/data/conf/factor.json").is_file())
-            await worker.stop()
-            await cluster.master.close()
-            return cluster
-        with tempfile.TemporaryDirectory() as tmp:
-            return run(scenario(tmp), 120)
-
-    def test_500_jobs_unbatched(self):
-        self.run_jobs(False)
-
-    def test_500_jobs_batched(self):
-        cluster = self.run_jobs(True)
-        self.assertGreaterEqual(cluster.master.stats["jobs handed out"], 500)
-
-    def test_failing_task_gives_error_results_and_goes_on(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            cluster.push(3, fail=True)
-            cluster.push(3, start=3)
-            worker = await cluster.worker(get_batch=True, batch_size=2).start()
-            await cluster.until_results(6)
-            by_id = {r["jobID"]: r for r in cluster.results}
+    def test_lookup_and_announce_in_memory_both_ways(self):
+        for first, second in ((1, 2), (2, 1)):
+            net = DhtNet(3)
+            boot = net.addr(0)
+            for i in (1, 2):
+                net[i].bootstrap([boot], net.now)
+            net.pump()
+            info_hash = hashlib.sha1(b"swarm %d" % first).digest()
+            net[first].get_peers(info_hash, net.now, 5000 + first)
+            net.pump()
+            net[second].get_peers(info_hash, net.now)
+            net.pump()
+            self.assertEqual(net.peers_found(second, info_hash), {(net.addr(first)[0], 5000 + first)})
+            done = [e for e in net.events[net.addr(second)] if isinstance(e, w.DhtLookupDone)
+                    and e.target == info_hash]
+            self.assertEqual(done[0].peers, 1)
+            # every node now knows the two others
             for i in range(3):
-                self.assertIsNone(by_id[i]["data"])
-                self.assertEqual(by_id[i]["error"]["type"], "ValueError")
-                self.assertEqual(by_id[i]["error"]["message"], "boom %d" % i)
-                self.assertIn("Traceback", by_id[i]["error"]["traceback"])
-            for i in range(3, 6):
-                self.assertEqual(by_id[i]["data"], {"sum": (i + 1) * 2})
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
+                self.assertEqual(len(net[i].table), 2)
 
-    def test_timeout_exit_and_an_async_task_keeping_its_loop(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp, files={"/workplace/task.py": LOOP_TASK_PY}).start()
-            cluster.push(2)
-            cluster.push(1, 2, exit=3)
-            cluster.push(1, 3, hang=30)
-            cluster.push(1, 4)
-            worker = await cluster.worker(job_timeout=1.0).start()
-            await cluster.until_results(5, 30)
-            by_id = {r["jobID"]: r for r in cluster.results}
-            first = by_id[0]["data"]["pid"]
-            self.assertEqual([by_id[i]["data"] for i in (0, 1)], [{"same_loop": True, "pid": first}] * 2)
-            self.assertEqual(by_id[2]["error"]["type"], "SystemExit")
-            self.assertEqual(by_id[2]["error"]["message"], "3")
-            self.assertEqual(by_id[3]["error"]["type"], "TimeoutError")
-            self.assertTrue(by_id[4]["data"]["same_loop"])  # ran, in a new child with a loop of its own
-            self.assertNotEqual(by_id[4]["data"]["pid"], first)
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
+    def test_lookup_walks_towards_the_target(self):
+        net = DhtNet(40)
+        for i in range(1, 40):
+            net[i].bootstrap([net.addr(0) if i < 20 else net.addr(i - 1)], net.now)
+            net.pump()
+        info_hash = hashlib.sha1(b"far away").digest()
+        net[39].get_peers(info_hash, net.now, 7777)
+        net.pump()
+        net[5].get_peers(info_hash, net.now)
+        net.pump()
+        self.assertEqual(net.peers_found(5, info_hash), {(net.addr(39)[0], 7777)})
+        holders = [i for i in range(40) if net[i]._store.get(info_hash, net.now)]
+        distance = sorted(range(40), key=lambda i: int.from_bytes(net[i].node_id, "big")
+                          ^ int.from_bytes(info_hash, "big"))
+        self.assertLessEqual(len(holders), w.DHT_K)
+        self.assertIn(distance[0], holders)  # the closest node holds the announce
 
-    def test_assets_that_cannot_be_written_are_an_error_not_a_stop(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            (Path(tmp) / "master/x").write_text("a file, and a folder below")
-            cluster.master.exec_assets["files"] += [  # the second cannot be written
-                {"masterPath": "/x", "name": "x", "workerPath": "/workplace/x"},
-                {"masterPath": "/x", "name": "y", "workerPath": "/workplace/x/y"}]
-            worker = cluster.worker()
-            with self.assertLogs("worker", "ERROR") as logs:
-                await worker.start()
-                await until_logged(logs, "cannot write the assets")
-            self.assertFalse((Path(tmp) / "w1/workplace/task.py").exists())
-            self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
+    def test_timeouts_failures_and_rate_limits(self):
+        net = DhtNet(3)
+        net[1].bootstrap([net.addr(0)], net.now)
+        net.pump()
+        self.assertEqual(len(net[1].table), 1)
+        for target in (b"x" * 20, b"y" * 20):  # node 0 stays silent: after two misses it is bad
+            net[1].get_peers(target, net.now)
+            for _ in range(5):
+                net.pump(1.0, lost={net.addr(0)})
+        self.assertEqual(net[1].stats["dht timeouts"], 2)
+        self.assertEqual(net[1].lookups, 0)
+        self.assertEqual(net[1].table.closest(b"x" * 20), [])
+        # a flood of queries from one address: a burst is answered, the rest dropped
+        core = quiet_core()
+        for i in range(1000):
+            core.receive_datagram(bytes(w.KrpcQuery(b"%d" % i, "ping", {"id": ASKER})), HERE_ADDR, 5.0)
+        answers = [m for m, _ in sent(core) if isinstance(m, w.KrpcResponse)]
+        self.assertEqual(len(answers), 2 * w.DHT_ANSWERS_PER_IP)
+        self.assertEqual(core.stats["dht rate limited"], 1000 - len(answers))
+        # our own queries are bounded too: in flight and per second
+        core = quiet_core()
+        for i in range(500):
+            core.ping(("10.0.%d.%d" % (i // 250, i % 250 + 1), 1), 10.0)
+        self.assertEqual(len(core.data_to_send()), w.DHT_QUERIES_PER_SECOND)
+        self.assertEqual(core.stats["dht queries deferred"], 500 - w.DHT_QUERIES_PER_SECOND)
 
-    def test_unsafe_assets_write_nothing(self):
-        cases = [{"/../evil.py": "x", "/workplace/task.py": TASK_PY},
-                 {"/.env": "token=stolen", "/workplace/task.py": TASK_PY},
-                 {"/workplace/task.py": TASK_PY, "/workplace/../../x.py": "x"}]
-        for files in cases:
-            async def scenario(tmp, files=files):
-                cluster = Cluster(tmp, files={"/workplace/task.py": TASK_PY})
-                listed = [{"masterPath": "/workplace/task.py", "name": Path(p).name, "workerPath": p}
-                          for p in files]
-                cluster.master.exec_assets["files"] = listed
-                await cluster.start()
-                worker = cluster.worker()
-                with self.assertLogs("worker", "ERROR") as logs:
-                    await worker.start()
-                    await until_logged(logs, "refused")
-                self.assertEqual(sorted(p.name for p in (Path(tmp) / "w1").iterdir()
-                                        if not p.name.startswith(w.JOURNAL_NAME)), [])
-                self.assertFalse((Path(tmp) / "evil.py").exists())
-                await worker.stop()
-                await cluster.master.close()
-            with tempfile.TemporaryDirectory() as tmp:
-                run(scenario(tmp))
+    def test_late_answer_to_an_ended_lookup_leaves_the_new_one_running(self):
+        net = DhtNet(3)
+        me, target = net[2], b"t" * 20
+        me.bootstrap([net.addr(0), net.addr(1)], net.now)
+        net.pump()
+        me.get_peers(target, net.now)
+        later = net.now + w.DHT_LOOKUP_SECONDS + 1
+        answers = []
+        for data, dst in me.data_to_send():  # answered, but the answers come late
+            net.cores[dst].receive_datagram(data, net.addr(2), later)
+            answers += [(reply, dst) for reply, _ in net.cores[dst].data_to_send()]
+        self.assertEqual(len(answers), 2)
+        me.receive_datagram(*answers[0], later)  # the first ends the lookup: its time is up
+        self.assertEqual(me.lookups, 0)
+        me.get_peers(target, later)  # a new lookup for the same target
+        me.receive_datagram(*answers[1], later)  # the old lookup's last answer
+        self.assertEqual(me.lookups, 1)
 
-    def test_bad_dependency_refused(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp, deps=["--index-url=http://evil/ x"]).start()
-            worker = cluster.worker()
-            with self.assertLogs("worker", "ERROR") as logs:
-                await worker.start()
-                await until_logged(logs, "refused")
-            self.assertFalse((Path(tmp) / "w1/workplace").exists())
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
+    def test_peer_store_bounded_and_expiring(self):
+        core = quiet_core()
+        now = 1.0
 
-    def test_dependency_from_local_wheel(self):
-        async def scenario(tmp):
-            wheels = Path(tmp) / "wheels"
-            make_wheel(wheels, "qxdemo_dep", "1.2.0", "VALUE = 41\n")
-            files = dict(DEFAULT_FILES)
-            files["/workplace/task.py"] = ("import qxdemo_dep\n\nclass Task:\n    def run(self, job):\n"
-                                           "        return qxdemo_dep.VALUE + 1\n")
-            cluster = await Cluster(tmp, files=files, deps=["qxdemo-dep==1.2.0"]).start()
-            cluster.push(2)
-            worker = await cluster.worker().start()
-            await cluster.until_results(2, timeout=120)
-            self.assertEqual([r["data"] for r in cluster.results], [42, 42])
-            self.assertTrue(any((Path(tmp) / "w1/.deps").glob("qxdemo_dep*")))
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            old = {k: os.environ.get(k) for k in ("PIP_NO_INDEX", "PIP_FIND_LINKS")}
-            os.environ.update(PIP_NO_INDEX="1", PIP_FIND_LINKS=str(Path(tmp) / "wheels"))
+        def announce(info_hash, ip, port):
+            nonlocal now
+            now += 0.01
+            args = {"id": ASKER, "info_hash": info_hash, "port": port, "token": core._token(ip)}
+            core.receive_datagram(bytes(w.KrpcQuery(b"a", "announce_peer", args)), (ip, 1), now)
+            core.data_to_send()
+        for i in range(w.DHT_STORE_HASHES + 100):
+            announce(hashlib.sha1(b"%d" % i).digest(), "10.3.%d.%d" % (i // 250, i % 250 + 1), 1000)
+        busy = b"b" * 20
+        for i in range(w.DHT_STORE_PEERS + 50):
+            announce(busy, "10.4.%d.%d" % (i // 250, i % 250 + 1), 2000 + i)
+        self.assertEqual(len(core._store._hashes), w.DHT_STORE_HASHES)
+        self.assertEqual(len(core._store._hashes[busy]), w.DHT_STORE_PEERS)
+        newest = core._store.get(busy, now)
+        self.assertEqual(len(newest), w.DHT_MAX_VALUES)
+        self.assertEqual(newest[0][1], 2000 + w.DHT_STORE_PEERS + 49)  # most recent first
+        self.assertIsNone(core._store._hashes.get(hashlib.sha1(b"0").digest()))  # oldest forgotten
+        core.tick(now + w.DHT_PEER_TTL + 1)
+        self.assertEqual(len(core._store), 0)
+
+    def test_routing_table_bounded_ordered_and_spares(self):
+        rng = random.Random(5)
+        table = w.RoutingTable(OURS)
+        for i in range(20_000):
+            table.heard(rng.randbytes(20), ("10.%d.%d.%d" % (i >> 16, (i >> 8) & 255, i & 255), 1), 1.0)
+        self.assertLessEqual(len(table), 160 * w.DHT_K)
+        self.assertTrue(all(len(b) <= w.DHT_K for b in table.buckets))
+        self.assertEqual(len(table.buckets[0]), w.DHT_K)
+        target = rng.randbytes(20)
+        found = table.closest(target, 20)
+        key = int.from_bytes(target, "big")
+        distances = [int.from_bytes(c.id, "big") ^ key for c in found]
+        self.assertEqual(distances, sorted(distances))
+        self.assertEqual(found[0].id, min((c for b in table.buckets for c in b),
+                                          key=lambda c: int.from_bytes(c.id, "big") ^ key).id)
+        # a contact that misses twice gives way to a spare of its bucket
+        victim = table.buckets[0][0]
+        table.failed(victim.addr, 2.0)
+        self.assertIn(victim, table.buckets[0])
+        table.failed(victim.addr, 2.0)
+        self.assertNotIn(victim, table.buckets[0])
+        self.assertEqual(len(table.buckets[0]), w.DHT_K)
+        for index in (0, 7, 159):
+            self.assertEqual(table.index(table.random_id(index, rng.randbytes(20))), index)
+        self.assertIsNone(table.heard(OURS, ("10.0.0.1", 1), 1.0))  # never ourselves
+
+    def test_node_id_follows_the_seed_and_config(self):
+        seed = VECTORS["keys"]["worker"]["seed_bs58check"]
+        self.assertEqual(w.dht_node_id(seed), w.dht_node_id(seed))
+        self.assertNotEqual(w.dht_node_id(seed), w.dht_node_id(VECTORS["keys"]["master"]["seed_bs58check"]))
+        self.assertEqual(len(w.dht_node_id(seed)), 20)
+        default = w.Bugout("cfg", lsd=False)
+        self.assertTrue(default.dht)
+        self.assertEqual(default.dht_bootstrap, ["router.bittorrent.com:6881", "router.utorrent.com:6881",
+                                                 "dht.transmissionbt.com:6881"])
+        base = {"token": "t" * 20, "transferEncryptToken": KEY, "LOG_LEVEL": "warn"}
+        env = {**base, "dht": "false",
+               "dhtBootstrap": "127.0.0.1:1, 127.0.0.1:2", "dhtPort": "7001", "seed": seed}
+        worker = w.Worker(env=env, folder=tempfile.gettempdir())
+        self.assertEqual((worker.node.dht, worker.node.dht_bootstrap, worker.node.dht_port),
+                         (False, ["127.0.0.1:1", "127.0.0.1:2"], 7001))
+        self.assertTrue(w.Worker(env=base).node.dht)
+        from master import Master
+        self.assertFalse(Master(env={**base, "dht": "0"}).node.dht)
+        self.assertTrue(Master(env=base).node.dht)
+        with self.assertRaises(w.WorkerError):
+            w.Bugout("cfg", dht_bootstrap=["no-port"])
+
+    def test_wire_dht_bit_and_port_message(self):
+        infohash, _ = w.infohash_of(IDENT)
+        ours = w.PeerWire(infohash, b"-QP0100-aaaaaaaaaaaa", {"m": {}}, initiator=True, dht_port=6881)
+        theirs = w.PeerWire(infohash, b"-WW0109-AAAAAAAAAAAA", {"m": {}}, initiator=False, dht_port=40000)
+        pump(ours, theirs)
+        self.assertEqual(ours.remote_reserved[7] & 1, 1)
+        self.assertIn(w.DhtPort(40000), ours.events_received())
+        self.assertIn(w.DhtPort(6881), theirs.events_received())
+        plain = w.PeerWire(infohash, b"-QP0100-bbbbbbbbbbbb", {"m": {}}, initiator=True)
+        other = w.PeerWire(infohash, b"-WW0109-BBBBBBBBBBBB", {"m": {}}, initiator=False, dht_port=40000)
+        pump(plain, other)
+        self.assertNotIn(w.DhtPort(40000), plain.events_received())  # no DHT bit: no port message
+
+
+# DHT: generated bad input ###################################################
+
+class TestKrpcBadInput(unittest.TestCase):
+    def test_12000_generated_inputs(self):
+        rng = random.Random(2024)
+        core = w.DhtCore(OURS)
+        core.bootstrap([("10.2.0.%d" % i, 6881) for i in range(1, 9)], 0.0)
+        now, count, undecodable = 0.0, 0, 0
+        for data, addr in krpc_inputs(core, 12_000, rng):
             try:
-                run(scenario(tmp), 180)
-            finally:
-                for k, v in old.items():
-                    os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+                w.parse_krpc(data)
+            except w.DecodeError:
+                undecodable += 1
+            core.receive_datagram(data, addr, now)  # never raises
+            core.data_to_send()
+            core.events_received()
+            count += 1
+            now += 0.01
+            if count % 50 == 0:
+                core.tick(now)
+                core.get_peers(rng.randbytes(20), now, 6881)
+        self.assertEqual(count, 12_000)
+        self.assertEqual(core.stats["dht malformed"], undecodable)
+        self.assertGreater(undecodable, 3_000)
+        self.assertGreater(core.stats["dht queries answered"], 500)
+        self.assertGreater(core.stats["dht errors sent"], 500)
+        self.assertGreater(core.stats["dht queries sent"], 500)
+        self.assertLessEqual(len(core._pending), w.DHT_MAX_PENDING)
+        self.assertLessEqual(core.lookups, w.DHT_MAX_LOOKUPS)
+        self.assertLessEqual(len(core.table), 160 * w.DHT_K)
+        self.assertLessEqual(len(core._store), w.DHT_STORE_HASHES * w.DHT_STORE_PEERS)
 
-    def test_dependency_that_cannot_install_is_a_clear_error_and_retried(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp, deps=["qx-no-such-package==9.9"]).start()
-            cluster.push(1)
-            worker = cluster.worker()
-            with patched_environ({"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(Path(tmp) / "nowhere")}), \
-                    self.assertLogs("worker", "ERROR") as logs:
-                await worker.start()
-                await until_logged(logs, "pip could not install", 120)
-            self.assertIn("qx-no-such-package==9.9", "\n".join(logs.output))
-            self.assertEqual(cluster.results, [])
-            self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
-            # the package appears (the network is back): the next sync installs it, and jobs run
-            make_wheel(Path(tmp) / "wheels", "qx_no_such_package", "9.9", "VALUE = 1\n")
-            with patched_environ({"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(Path(tmp) / "wheels")}):
-                self.assertTrue(await worker.sync_assets())
-            self.assertTrue(any((Path(tmp) / "w1/.deps").glob("qx_no_such_package*")))
-            await cluster.until_results(1)
-            await worker.stop()
-            await cluster.master.close()
+
+# DHT: real sockets and real JS DHT nodes ####################################
+
+class TestDhtLoopback(unittest.TestCase):
+    def test_two_python_nodes_through_a_python_bootstrap_node(self):
+        async def scenario():
+            boot = await w.Dht(hashlib.sha1(b"boot").digest(), host="127.0.0.1", bootstrap=()).start()
+            where = ["127.0.0.1:%d" % boot.port]
+            a = await py_node("dht-swarm", dht=True, dht_bootstrap=where)
+            await until(lambda: boot.stats["dht announces stored"], 10)
+            started = time.monotonic()
+            b = await py_node("dht-swarm", dht=True, dht_bootstrap=where)
+            await until(lambda: a.address in b.peers and b.address in a.peers, 20)
+            found = time.monotonic() - started
+            self.assertEqual(await b.rpc(a.address, "echo", {"via": "dht"}), {"via": "dht", "echoedBy": "py"})
+            self.assertEqual(await a.rpc(b.address, "echo", {}), {"echoedBy": "py"})
+            await until(lambda: boot.stats["dht announces stored"] >= 2, 10)
+            # the DHT bit and port message: each node's DHT knows the other's
+            await until(lambda: len(a._dht.core.table) == 2 and len(b._dht.core.table) == 2, 10)
+            self.assertEqual(a._dht.port, a.port)  # the TCP port's number, one port to forward
+            await b.close()
+            await a.close()
+            await boot.close()
+            await boot.close()  # idempotent
+            return found
+        found = run(scenario())
+        print("\n  DHT: python found python through a python bootstrap node in %.3f s" % found,
+              file=sys.stderr)
+        self.assertLess(found, 10)
+
+
+DHT_JS_CHILD = """
+import asyncio, hashlib, json, time, test_worker as t, worker as w
+async def main():
+    ident = "dht-js-swarm"
+    boot = await t.JsProcess("dht-node.js", {}).start()
+    where = "127.0.0.1:%d" % boot.ready["port"]
+    js = await t.JsProcess("peer.js", {"BO_ID": ident, "BO_MODE": "dht", "BO_DHT_BOOTSTRAP": where}).start()
+    await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == js.ready["port"], 20)
+    start = time.monotonic()
+    py = await w.Bugout(ident, host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], trackers=[]).start()
+    py.register("echo", lambda a, args: {**args, "echoedBy": "py"})
+    await t.until(lambda: js.ready["address"] in py.peers, 30)
+    found = time.monotonic() - start
+    echo = await py.rpc(js.ready["address"], "echo", {"dht": True})
+    js.send(cmd="rpc", id=1, address=py.address, call="echo", args={"from": "js"})
+    back = (await js.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 1))["result"]
+    ours = await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == py.port, 20)
+    # a JS DHT client bootstrapped from the Python node: find_node, get_peers, announce_peer
+    client = await t.JsProcess("dht-node.js", {"DHT_BOOTSTRAP": "127.0.0.1:%d" % py._dht.port}).start()
+    topic = hashlib.sha1(b"topic").hexdigest()
+    client.send(cmd="announce", id=1, infoHash=topic, port=4242)
+    announced = await client.wait_for(lambda e: e["event"] == "announced", 20)
+    stored = py._dht.core._store.get(bytes.fromhex(topic), time.monotonic())
+    client.send(cmd="lookup", id=2, infoHash=topic)
+    peer = await client.wait_for(lambda e: e["event"] == "peer" and e["fromPort"] == py._dht.port, 20)
+    stats = dict(py._dht.stats)
+    await py.close(); await js.close(); await client.close(); await boot.close()
+    print(json.dumps({"found_s": found, "echo": echo, "back": back, "ours": ours, "announced": announced,
+                      "stored": stored, "peer": peer, "stats": stats, "js_port": js.ready["port"]}))
+asyncio.run(main())
+"""
+
+
+DHT_MASTER_CHILD = """
+import asyncio, json, os, pathlib, tempfile, time, test_worker as t, worker as w
+async def main():
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="qx-dht-"))
+    (tmp / "task.py").write_text(t.MASTER_TASK)
+    (tmp / "assets.json").write_text(json.dumps({"files": [{"masterPath": str(tmp / "task.py"),
+        "name": "task.py", "workerPath": "/workplace/task.py"}], "dependencies": []}))
+    boot = await t.JsProcess("dht-node.js", {}).start()
+    where = "127.0.0.1:%d" % boot.ready["port"]
+    master = await t.JsProcess("master.js", {"QX_TOKEN": "dht-flow-token-0123456789", "QX_KEY": t.KEY,
+        "QX_JOBS": "20", "QX_ASSETS": str(tmp / "assets.json"), "QX_DHT_BOOTSTRAP": where}).start()
+    await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == master.ready["port"], 20)
+    worker = w.Worker("dht-flow-token-0123456789", "dht-worker", "warn", t.KEY, env={}, folder=tmp / "w",
+                      host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], get_batch=True, batch_size=5,
+                      trackers=[])
+    start = time.monotonic()
+    await worker.start()
+    await t.until(lambda: worker.master is not None, 30)
+    found = time.monotonic() - start
+    results = []
+    while len(results) < 20:
+        results.append((await master.wait_for(lambda e: e["event"] == "result" and e not in results, 60)))
+    elapsed = time.monotonic() - start
+    await worker.stop(); await master.close(); await boot.close()
+    print(json.dumps({"found_s": found, "all_s": elapsed, "results": [r["result"] for r in results],
+                      "master": master.ready["address"], "worker": worker.address,
+                      "lsd": worker.node.lsd}))
+asyncio.run(main())
+"""
+
+
+DHT_LATE_MASTER_CHILD = """
+import asyncio, json, pathlib, tempfile, time, test_worker as t, worker as w
+w.DHT_LOOKUP_AT, w.DHT_LOOKUP_ALONE = (0.0, 1.0), 1.0  # the schedule, shortened for the test
+async def main():
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="qx-dht-"))
+    boot = await t.JsProcess("dht-node.js", {}).start()
+    where = "127.0.0.1:%d" % boot.ready["port"]
+    worker = w.Worker("dht-late-token-0123456789", "late", "warn", t.KEY, env={}, folder=tmp / "w",
+                      host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], trackers=[])
+    await worker.start()
+    await asyncio.sleep(2.5)
+    assert worker.master is None
+    master = await t.JsProcess("master.js", {"QX_TOKEN": "dht-late-token-0123456789", "QX_KEY": t.KEY,
+                                             "QX_DHT_BOOTSTRAP": where}).start()
+    start = time.monotonic()
+    await t.until(lambda: worker.master is not None, 20)
+    found, adopted = time.monotonic() - start, worker.master
+    await worker.stop(); await master.close(); await boot.close()
+    print(json.dumps({"found_s": found, "master": adopted, "js": master.ready["address"]}))
+asyncio.run(main())
+"""
+
+
+class TestDhtJs(unittest.TestCase):
+    def setUp(self):
+        js_ready()
+        need((INTEROP / "node_modules" / "bittorrent-dht").is_dir(), "run npm ci in interop/")
+
+    def test_python_and_js_peers_meet_through_a_js_dht(self):
+        out = in_namespace(DHT_JS_CHILD)
+        self.assertEqual(out["echo"], {"dht": True, "echoedBy": "js"})
+        self.assertEqual(out["back"], {"from": "js", "echoedBy": "py"})
+        self.assertEqual(out["announced"]["error"], None)  # JS announce_peer to Python: accepted
+        self.assertEqual(out["stored"], [["127.0.0.1", 4242]])
+        self.assertEqual(out["peer"]["port"], 4242)  # JS get_peers answered from our store
+        self.assertGreaterEqual(out["stats"]["dht queries answered"], 3)
+        self.assertNotIn("dht malformed", out["stats"])
+        print("\n  DHT: python found the JS peer through a JS bootstrap node in %.3f s" % out["found_s"],
+              file=sys.stderr)
+        self.assertLess(out["found_s"], 30)
+
+    def test_job_flow_with_a_js_master_found_over_the_dht(self):
+        out = in_namespace(DHT_MASTER_CHILD, timeout=150)
+        self.assertFalse(out["lsd"])
+        self.assertEqual(sorted(r["jobID"] for r in out["results"]), list(range(20)))
+        for r in out["results"]:
+            self.assertEqual(r["data"], {"double": r["jobID"] * 2})
+            self.assertEqual(r["worker"], {"id": out["worker"], "name": "dht-worker"})
+        print("\n  DHT: worker found the JS master in %.3f s, 20 jobs done in %.3f s"
+              % (out["found_s"], out["all_s"]), file=sys.stderr)
+        self.assertLess(out["found_s"], 30)
+
+    def test_master_started_later_is_found_by_a_later_lookup(self):
+        out = in_namespace(DHT_LATE_MASTER_CHILD)
+        self.assertEqual(out["master"], out["js"])
+        self.assertLess(out["found_s"], 20)
+
+
+# Trackers and WebRTC ########################################################
+
+class TestTrackerClient(unittest.TestCase):
+    """The sans-I/O tracker core, fed the real frames of tracker-samples.json."""
+
+    def test_real_frames_in_and_out(self):
+        client = tracker_client()
+        client.tick(0.0)
+        [make] = client.events_received()
+        self.assertEqual(len(make.offer_ids), 5)
+        self.assertTrue(all(w._is_binary_id(i) for i in make.offer_ids))
+        real = sample("client->tracker announce (with offers)")
+        offers = [(o["offer_id"], o["offer"]["sdp"]) for o in real["offers"]]
+        client.send_announce(offers, 0.0)
+        [text] = client.data_to_send()
+        self.assertEqual(json.loads(text), {**real, "downloaded": 0})
+        self.assertEqual(list(json.loads(text)), list(real))  # the JS key order too
+        client.receive_frame(SAMPLES["tracker->client announce response"]["raw_json_text"], 0.1)
+        self.assertEqual(client.events_received(), [w.TrackerUpdate(1, 0, 120.0)])
+        self.assertEqual(client.interval, 120.0)
+        # another peer's offer in, our answer out, byte for byte as JS wrote it
+        relayed = sample("tracker->other client: relayed offer")
+        client.receive_frame(SAMPLES["tracker->other client: relayed offer"]["raw_json_text"], 1.0)
+        [offer] = client.events_received()
+        self.assertEqual(offer, w.RelayedOffer(SAMPLE_OTHER.decode(), relayed["offer_id"], relayed["offer"]["sdp"]))
+        answer = sample("client->tracker answer (to_peer_id)")
+        self.assertTrue(client.send_answer(offer.peer_id, offer.offer_id, answer["answer"]["sdp"]))
+        self.assertEqual(client.data_to_send(), [SAMPLES["client->tracker answer (to_peer_id)"]["raw_json_text"]])
+
+    def test_pair_offer_answer_matched_by_offer_id(self):
+        tracker = FakeTracker()
+        a = tracker.add(tracker_client(b"-QP0100-aaaaaaaaaaaa"))
+        b = tracker.add(tracker_client(b"-QP0100-bbbbbbbbbbbb"))
+        for client in (a, b):
+            client.tick(0.0)
+        [make_a], [_] = a.events_received(), b.events_received()
+        b.send_announce([], 0.0)
+        a.send_announce([(make_a.offer_ids[0], "sdp-a0"), (make_a.offer_ids[1], "sdp-a1")], 0.0)
+        tracker.pump(0.0)
+        self.assertEqual([type(e) for e in a.events_received()], [w.TrackerUpdate])
+        events = [e for e in b.events_received() if not isinstance(e, w.TrackerUpdate)]
+        self.assertEqual(events, [w.RelayedOffer(a._peer_id, make_a.offer_ids[0], "sdp-a0")])
+        self.assertEqual(a.pending_offers, 2)
+        b.send_answer(a._peer_id, make_a.offer_ids[0], "sdp-b")
+        b.send_answer(a._peer_id, make_a.offer_ids[0], "sdp-b again")  # a second answer is ignored
+        b.send_answer(a._peer_id, "x" * 20, "sdp-b unknown")
+        tracker.pump(0.5)
+        self.assertEqual(a.events_received(), [w.RelayedAnswer(b._peer_id, make_a.offer_ids[0], "sdp-b")])
+        self.assertEqual(a.stats["answers unexpected"], 2)
+        self.assertEqual(a.pending_offers, 1)
+
+    def test_interval_announces_and_offer_expiry(self):
+        client = tracker_client(offer_timeout=50.0)
+        client.tick(0.0)
+        [make] = client.events_received()
+        client.tick(0.0)
+        self.assertEqual(client.events_received(), [])  # one MakeOffers at a time
+        client.send_announce([(make.offer_ids[0], "sdp")], 0.0)
+        client.receive_frame({"action": "announce", "interval": 1, "info_hash": client._info_hash}, 0.1)
+        client.events_received()
+        self.assertEqual(client.interval, w.TRACKER_MIN_INTERVAL)  # a floor against hot loops
+        self.assertEqual(client.next_deadline(), w.TRACKER_MIN_INTERVAL)
+        client.tick(4.9)
+        self.assertEqual(client.events_received(), [])
+        client.tick(5.0)
+        [make2] = client.events_received()
+        self.assertIsInstance(make2, w.MakeOffers)
+        client.send_announce([], 5.0)
+        self.assertNotIn('"event"', client.data_to_send()[-1])  # "started" only once per socket
+        self.assertEqual(client.next_deadline(), 10.0)
+        client.tick(50.0)
+        self.assertIn(w.DropOffer(make.offer_ids[0], "unanswered"), client.events_received())
+        fixed = tracker_client(interval=0.05)
+        fixed.receive_frame({"action": "announce", "interval": 120, "info_hash": fixed._info_hash}, 0.0)
+        self.assertEqual(fixed.interval, 0.05)
+
+    def test_offers_never_pile_up(self):
+        client = tracker_client(numwant=3, interval=1.0)
+        dropped = 0
+        for now in map(float, range(300)):
+            client.tick(now)
+            events = client.events_received()
+            for event in events:
+                if isinstance(event, w.MakeOffers):
+                    client.send_announce([(i, "sdp") for i in event.offer_ids], now)
+            events += client.events_received()
+            dropped += sum(isinstance(e, w.DropOffer) for e in events)
+            self.assertLessEqual(client.pending_offers, 6)
+        self.assertEqual(client.stats["announces"], 300)
+        self.assertEqual(dropped, 300 * 3 - 6)
+
+    def test_ignored_frames_and_failures(self):
+        client = tracker_client()
+        ih = client._info_hash
+        for frame in ["not json", "[]", "[" * 1_000_000, {"action": "scrape"}, {"action": "announce", "info_hash": "x" * 20},
+                      {"action": "announce", "info_hash": ih, "peer_id": client._peer_id, "offer": {}},
+                      {"action": "announce", "info_hash": ih, "peer_id": "short", "offer_id": "y" * 20,
+                       "offer": {"type": "offer", "sdp": "v=0"}},
+                      {"action": "announce", "info_hash": ih, "peer_id": "p" * 20, "offer_id": "\u0100" * 20,
+                       "offer": {"type": "offer", "sdp": "v=0"}},
+                      {"action": "announce", "info_hash": ih, "peer_id": "p" * 20, "offer_id": "y" * 20,
+                       "offer": {"type": "answer", "sdp": "v=0"}},
+                      {"action": "announce", "info_hash": ih, "interval": True}]:
+            client.receive_frame(frame, 1.0)
+        self.assertEqual(client.events_received(), [])
+        client.receive_frame({"action": "announce", "info_hash": ih, "failure reason": "invalid info_hash"}, 1.0)
+        self.assertEqual(client.events_received(), [w.TrackerWarning("invalid info_hash")])
+
+    def test_reconnect_backoff_and_close(self):
+        client = w.TrackerClient("ws://t", SAMPLE_INFOHASH, SAMPLE_ME, random=lambda n: b"\0" * n)
+        self.assertTrue(client.start_connecting(0.0))
+        self.assertFalse(client.start_connecting(0.0))
+        delays, now = [], 0.0
+        for _ in range(10):
+            client.connection_lost(now)
+            delays.append(client.next_deadline() - now)
+            now = client.next_deadline()
+            self.assertFalse(client.start_connecting(now - 0.01))
+            self.assertTrue(client.start_connecting(now))
+        self.assertEqual(delays[:4], [5.0, 10.0, 20.0, 40.0])
+        self.assertEqual(delays[-1], w.RECONNECT_LAST)
+        client.connection_made(now)
+        client.tick(now)
+        [make] = client.events_received()
+        client.send_announce([(make.offer_ids[0], "sdp")], now)
+        client.receive_frame({"action": "announce", "interval": 120, "info_hash": client._info_hash}, now)
+        self.assertEqual(client.retries, 0)  # a real answer resets the back-off
+        client.data_to_send()
+        client.close(now)
+        [stopped] = client.data_to_send()
+        self.assertEqual(json.loads(stopped)["event"], "stopped")
+        self.assertNotIn("offers", json.loads(stopped))
+        self.assertIn(w.DropOffer(make.offer_ids[0], "closing"), client.events_received())
+        client.close(now)
+        self.assertEqual((client.state, client.data_to_send()), (w.TrackerState.CLOSED, []))
+        with self.assertRaises(w.InvalidState):
+            client.connection_made(now)
+
+    def test_garbage_frames_raise_nothing(self):
+        client = tracker_client()
+        client.tick(0.0)
+        [make] = client.events_received()
+        client.send_announce([(i, "sdp") for i in make.offer_ids], 0.0)
+        frames = [sample(kind) for kind in SAMPLES]
+        for frame in frames:
+            frame.update(info_hash=client._info_hash, offer_id=make.offer_ids[0])
+            for key in list(frame):
+                for value in (None, 1, -1.5, True, "x", "y" * 20, [], {}, {"type": "offer"},
+                              {"type": "answer", "sdp": 1}, {"type": "answer", "sdp": "v=0"}):
+                    client.receive_frame({**frame, key: value}, 1.0)
+        texts = [json.dumps(f).encode("latin-1", "replace") for f in frames]
+        for data in mutations(texts, 3000, random.Random(5)):
+            client.receive_frame(data.decode("latin-1"), 2.0)
+            client.receive_frame(data, 2.0)
+            client.tick(2.0)
+        self.assertEqual({type(e) for e in client.events_received()} - {
+            w.TrackerUpdate, w.TrackerWarning, w.RelayedOffer, w.RelayedAnswer, w.DropOffer, w.MakeOffers}, set())
+        self.assertEqual(client.state, w.TrackerState.OPEN)
+
+    def test_lost_connection_drops_offers(self):
+        client = tracker_client()
+        client.tick(0.0)
+        [make] = client.events_received()
+        client.connection_lost(1.0)
+        client.send_announce([(make.offer_ids[0], "sdp")], 1.0)  # offers made too late
+        self.assertEqual(client.events_received(), [w.DropOffer(make.offer_ids[0], "tracker not connected")])
+        self.assertEqual(client.data_to_send(), [])
+
+
+class TestWebRtcSettings(unittest.TestCase):
+    def test_ice_servers(self):
+        stun, turn, turns = w.parse_ice_servers(
+            "stun:stun.example.org:3478, turn:al%40ice:p%3Ass@turn.example.org:3478?transport=tcp,"
+            "turns:u:p@[2001:db8::1]:5349")
+        self.assertEqual(stun, w.IceServer("stun:stun.example.org:3478"))
+        self.assertEqual(turn, w.IceServer("turn:turn.example.org:3478?transport=tcp", "al@ice", "p:ss"))
+        self.assertEqual(turns, w.IceServer("turns:[2001:db8::1]:5349", "u", "p"))
+        self.assertEqual(w.parse_ice_servers(""), [])
+        self.assertEqual(w.parse_ice_servers([]), [])
+        self.assertEqual(PUBLIC_ICE_SERVERS, ("stun:stun.l.google.com:19302", "stun:global.stun.twilio.com:3478"))
+        for bad in ["stun:", "http://x", "turn:host:3478", "turn::p@h:1", "stun:h:1?transport=sctp",
+                    "stun:h:123456", "stun:a b"]:
+            with self.assertRaises(w.WorkerError, msg=bad):
+                w.parse_ice_servers(bad)
+
+    def test_trackers_and_env_keys(self):
+        self.assertEqual(PUBLIC_TRACKERS, ("wss://hub.bugout.link", "wss://tracker.openwebtorrent.com",
+                                           "wss://tracker.btorrent.xyz"))
+        self.assertEqual(w.parse_trackers(" ws://127.0.0.1:8000 ,wss://t.example/announce,"),
+                         ["ws://127.0.0.1:8000", "wss://t.example/announce"])
+        for bad in ["http://t.example", "udp://t.example:80", "ws://"]:
+            with self.assertRaises(w.WorkerError, msg=bad):
+                w.parse_trackers(bad)
+        base = {"token": "t" * 20, "transferEncryptToken": KEY}
         with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp), 180)
-
-    def test_wrong_key_is_reported_no_crash(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            cluster.push(2)
-            worker = cluster.worker(key="z" * 32)
-            with self.assertLogs("worker", "ERROR") as logs:
-                await worker.start()
-                await until_logged(logs, "transferEncryptToken probably differs")
-            self.assertEqual(cluster.results, [])
-            self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_master_restarts_worker_goes_on(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            cluster.push(20)
-            worker = await cluster.worker().start()
-            await cluster.until_results(20)
-            port = cluster.master.port
-            await cluster.master.close()
+            def node(**env):
+                return w.Worker(env={**base, "dht": "false", **env}, folder=tmp, loglevel="warn").node
+            rtc = node(trackers="ws://127.0.0.1:1,wss://t.example", iceServers="stun:s.example:3478",
+                       maxPeers="7").webrtc
+            self.assertEqual((rtc.trackers, rtc.ice_servers, rtc.max_peers),
+                             (["ws://127.0.0.1:1", "wss://t.example"], [w.IceServer("stun:s.example:3478")], 7))
+            self.assertEqual((node(trackers="", iceServers="").webrtc.trackers, node().webrtc.max_peers),
+                             ([], w.DEFAULT_MAX_PEERS))
+            from unittest import mock
+            with mock.patch.object(w, "DEFAULT_TRACKERS", ("wss://default.example",)):
+                self.assertEqual(node().webrtc.trackers, ["wss://default.example"])
+                self.assertEqual(node(trackers="").webrtc.trackers, [])
             from master import Master
-            second = []
-            files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
-            master2 = Master(cluster.token, {"files": files, "dependencies": []}, second.append,
-                             None, KEY, folder=Path(tmp) / "master", env={}, host="127.0.0.1",
-                             port=port, lsd=False, dht=False, trackers=[])
-            await master2.start()
-            for i in range(100, 110):
-                master2.push_new_job({"id": i, "data": json.dumps({"x": i})})
-            await until(lambda: len(second) >= 10, 60)
-            self.assertEqual(sorted(r["jobID"] for r in second), list(range(100, 110)))
+            m = Master("t" * 20, transfer_encrypt_token=KEY,
+                       env={"trackers": "ws://127.0.0.1:2", "maxPeers": "3", "dht": "false"})
+            self.assertEqual((m.node.webrtc.trackers, m.node.webrtc.max_peers), (["ws://127.0.0.1:2"], 3))
+
+    def test_without_aiortc_one_info_line_and_tcp_goes_on(self):
+        saved = {name: sys.modules.get(name) for name in ("aiortc",)}
+        sys.modules["aiortc"] = None  # import aiortc now raises ImportError
+
+        async def scenario():
+            with self.assertLogs("worker", "INFO") as logs:
+                a = await py_node("no-aiortc", trackers=["ws://127.0.0.1:9"])
+            b = await py_node("no-aiortc", peers=["127.0.0.1:%d" % a.port])
+            await until(lambda: a.address in b.peers)
+            self.assertEqual(await b.rpc(a.address, "echo", {}), {"echoedBy": "py"})
+            self.assertFalse(a.webrtc.running)
+            await b.close()
+            await a.close()
+            return logs.output
+        try:
+            output = run(scenario())
+        finally:
+            for name, module in saved.items():
+                sys.modules.pop(name, None) if module is None else sys.modules.__setitem__(name, module)
+        off = [line for line in output if "WebRTC is off" in line]
+        self.assertEqual(len(off), 1, output)
+        self.assertIn("aiortc", off[0])
+
+
+class TestRtcConnection(unittest.TestCase):
+    def test_wire_over_data_channel_pair_in_memory(self):
+        """Two Bugouts joined by RtcConnections over fake channels: chunks of 16 KiB at most."""
+        async def scenario():
+            a, b = (w.Bugout("rtc-mem", lsd=False, dht=False, listen=False, trackers=[]) for _ in range(2))
+            for node in (a, b):
+                node.register("echo", lambda address, args: args)
+            conns = [w.RtcConnection(n.webrtc, FakePeerConnection(), offerer=n is a) for n in (a, b)]
+            channels = [FakeChannel(), FakeChannel()]
+            channels[0].peer, channels[1].peer = conns[1], conns[0]
+            for conn, channel in zip(conns, channels):
+                conn.attach(channel)
+            await until(lambda: a.address in b.peers and b.address in a.peers, 5)
+            big = {"blob": "z" * 1_000_000}
+            self.assertEqual(await b.rpc(a.address, "echo", big, timeout=10), big)
+            self.assertEqual((a.connections(), b.connections()), (1, 1))
+            for node in (a, b):
+                await node.close()
+            return channels
+        channels = run(scenario())
+        for channel in channels:
+            self.assertLessEqual(max(channel.sizes), w.RTC_CHUNK)
+            self.assertGreater(sum(channel.sizes), 1_000_000)
+
+
+# WebRTC for real: aiortc, @roamhq/wrtc and a local tracker in a namespace ####
+
+async def _rtc_python_python():
+    w.RECONNECT_FIRST = 0.3  # the tracker restarts below: come back quickly
+    tracker = await local_tracker()
+    url, dead = tracker.ready["url"], "ws://127.0.0.1:9"  # nothing listens on 9
+    a = await rtc_node("rtc-pp", [dead, url])
+    started = time.monotonic()
+    b = await rtc_node("rtc-pp", [url, dead])
+    await until(lambda: a.address in b.peers and b.address in a.peers, 30)
+    connected = time.monotonic() - started
+    result = {"connected_s": connected, "echo": await b.rpc(a.address, "echo", {"x": "é"}),
+              "unknown": await a.rpc(b.address, "nope")}
+    a.send({"to": "all"})
+    b.send("only a", address=a.address)
+    await until(lambda: ("message", a.address, {"to": "all"}) in b.events
+                and ("message", b.address, "only a") in a.events)
+    await asyncio.sleep(0.5)
+    result["wires"] = [len(a._connections), len(b._connections)]
+    result["only_webrtc"] = only_webrtc(a, b)
+    # the tracker goes away and comes back on its port: a newcomer still meets both
+    port = tracker.ready["port"]
+    await tracker.close()
+    tracker = await local_tracker(TR_PORT=port)
+    c = await rtc_node("rtc-pp", [url])
+    await until(lambda: {a.address, b.address} <= set(c.peers), 30)
+    result["newcomer_echo"] = await c.rpc(a.address, "echo", {"via": "restarted tracker"})
+    result["dead_tracker_retries"] = a.webrtc.sessions[0].client.retries
+    result["interval"] = a.webrtc.sessions[1].client.interval  # the tracker's: 600 s / 5
+    b_id = b.peer_id.decode("latin-1")
+    await b.close()
+    await until(lambda: ("left", b.address) in a.events, 10)
+    await until(lambda: not any(c.address == b.address for c in a._connections), 10)
+    await until(lambda: not any(c.remote_id == b_id for c in a.webrtc.connections), 10)
+    await c.close()
+    await a.close()
+    await tracker.close()
+    result["after_close"] = [len(n.webrtc.connections) for n in (a, b, c)]
+    return result
+
+
+async def _rtc_python_js(python_offers):
+    """Python and JS meet through the tracker; only one side makes offers.
+
+    The offering side starts second, so the tracker has someone to relay to.
+    """
+    tracker = await local_tracker()
+    url = tracker.ready["url"]
+    js = JsProcess("peer.js", {"BO_ID": "rtc-js", "BO_MODE": "webrtc", "BO_TRACKER": url,
+                               "BO_NUMWANT": "0" if python_offers else "5"})
+    if python_offers:
+        await js.start()
+    started = time.monotonic()
+    py = await rtc_node("rtc-js", [url], numwant=5 if python_offers else 0)
+    if not python_offers:
+        await js.start()
+    js_address = js.ready["address"]
+    await js.wait_for(lambda e: e["event"] == "seen" and e["address"] == py.address, 30)
+    await until(lambda: js_address in py.peers, 30)
+    result = {"connected_s": time.monotonic() - started, "only_webrtc": only_webrtc(py),
+              "python_offered": [c.initiator for c in py._connections]}
+    result["py_to_js"] = await py.rpc(js_address, "echo", {"n": "é", "pad": "p" * 40_000})
+    result["py_to_js_unknown"] = await py.rpc(js_address, "nope", {})
+    js.send(cmd="rpc", id=1, address=py.address, call="echo", args={"from": "js"})
+    result["js_to_py"] = (await js.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 1))["result"]
+    py.send({"hello": "all"})
+    py.send({"hello": "you"}, address=js_address)
+    for message in ({"hello": "all"}, {"hello": "you"}):
+        await js.wait_for(lambda e, m=message: e["event"] == "message" and e["message"] == m)
+    js.send(cmd="send", address=py.address, message={"js": "you"})
+    await until(lambda: ("message", js_address, {"js": "you"}) in py.events)
+    await py.close()
+    await js.wait_for(lambda e: e["event"] == "left" and e["address"] == py.address, 10)
+    await js.close()
+    await tracker.close()
+    return result
+
+
+async def _rtc_js_master_worker(count=200):
+    tracker = await local_tracker()
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
+        for f in files:
+            f["masterPath"] = str(Path(tmp) / "master" / f["masterPath"].lstrip("/"))
+        (Path(tmp) / "assets.json").write_text(json.dumps({"files": files, "dependencies": []}))
+        result = {transport: await _js_master_run(tmp, transport, tracker.ready["url"], count)
+                  for transport in ("webrtc", "tcp")}
+    await tracker.close()
+    return result
+
+
+async def _rtc_master_py():
+    """master.py and a Worker: a 5 MB asset over WebRTC, then jobs/s over WebRTC and TCP."""
+    from master import Master
+    tracker = await local_tracker()
+    url = tracker.ready["url"]
+    result = {}
+    blob = os.urandom(5 * 1024 * 1024)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
+        (Path(tmp) / "master/workplace/data/blob.bin").write_bytes(blob)
+        files.append({"masterPath": "/workplace/data/blob.bin", "name": "blob.bin",
+                      "workerPath": "/workplace/data/blob.bin"})
+        for transport in ("webrtc", "tcp"):
+            token = "rtc-mpy-" + transport
+            rtc = {"trackers": [url], "ice_servers": []} if transport == "webrtc" else {"trackers": []}
+            master = Master(token, {"files": files, "dependencies": []}, None, None, KEY,
+                            folder=Path(tmp) / "master", env={}, host="127.0.0.1", lsd=False, dht=False, **rtc)
+            await master.start()
+            peers = [] if transport == "webrtc" else ["127.0.0.1:%d" % master.port]
+            folder = Path(tmp) / ("w-" + transport)
+            worker = w.Worker(token, "w", "warn", KEY, env={}, folder=folder, host="127.0.0.1", lsd=False,
+                              dht=False, peers=peers, batch_size=10, **rtc)
+            started = time.monotonic()
+            await worker.start()
+            await until(lambda worker=worker: worker._runner is not None, 120)
+            result[transport] = {
+                "assets_s": time.monotonic() - started, "only_webrtc": only_webrtc(worker.node, master.node),
+                "blob_ok": (folder / "workplace/data/blob.bin").read_bytes() == blob,
+                "unbatched": await _flow_rate(master, worker, 300, False),
+                "batched": await _flow_rate(master, worker, 1000, True, start=1000)}
             await worker.stop()
-            await master2.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp), 90)
-
-    def test_restart_with_same_assets_downloads_nothing(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            first = await cluster.worker().start()
-            await until(lambda: first._runner is not None)
-            await first.stop()
-            second = await cluster.worker().start()
-            await until(lambda: second._runner is not None)
-            self.assertEqual(cluster.statuses, ["changed", "same"])
-            await second.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
+            await master.close()
+    await tracker.close()
+    return result
 
 
-def make_wheel(folder, name, version, code):
-    """A minimal pure-Python wheel, built by hand (no network, no build backend)."""
-    import base64 as b64
-    import zipfile
-    folder.mkdir(parents=True, exist_ok=True)
-    dist = f"{name}-{version}.dist-info"
-    files = {f"{name}/__init__.py": code,
-             dist + "/METADATA": "Metadata-Version: 2.1\nName: {}\nVersion: {}\n".format(name.replace("_", "-"), version),
-             dist + "/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
-    record = []
-    for path, text in files.items():
-        digest = b64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
-        record.append("%s,sha256=%s,%d" % (path, digest, len(text.encode())))
-    record.append(dist + "/RECORD,,")
-    files[dist + "/RECORD"] = "\n".join(record) + "\n"
-    with zipfile.ZipFile(folder / (f"{name}-{version}-py3-none-any.whl"), "w") as zf:
-        for path, text in files.items():
-            zf.writestr(path, text)
+async def _rtc_hygiene(seconds=15.0, interval=0.05, max_peers=6):
+    """Hundreds of announce cycles with a peer that answers with dead answers."""
+    tracker = await local_tracker()
+    url = tracker.ready["url"]
+    nodes = []
+    for _ in range(2):
+        node = w.Bugout("rtc-hygiene", lsd=False, dht=False, listen=False, trackers=[url], ice_servers=[],
+                        max_peers=max_peers, announce_interval=interval)
+        node.register("echo", lambda address, args: args)
+        node.webrtc.connect_timeout = 1.0
+        nodes.append(await node.start())
+    a, b = nodes
+    await until(lambda: a.address in b.peers and b.address in a.peers, 30)
+    stop = asyncio.Event()
+    answerer = asyncio.ensure_future(_bad_answerer(url, a.infohash, stop))
+    peak = peak_gc = 0
+    wires_max = 0
+    started = time.monotonic()
+    next_gc = started
 
+    def fewest_announces():
+        return min(n.webrtc.sessions[0].client.stats["announces"] for n in nodes)
+
+    # at least `seconds`, and on a slow machine on until 200 announces each (60 s at most)
+    while (time.monotonic() - started < seconds or fewest_announces() < 200) \
+            and time.monotonic() - started < 60:
+        await asyncio.sleep(0.02)
+        peak = max(peak, *(len(n.webrtc.connections) for n in nodes))
+        wires_max = max(wires_max, *(len(n._connections) for n in nodes))
+        if time.monotonic() >= next_gc:
+            next_gc += 1.0
+            peak_gc = max(peak_gc, len(_live_peer_connections()))
+    stop.set()
+    answered = await answerer
+    result = {"announces": [n.webrtc.sessions[0].client.stats["announces"] for n in nodes],
+              "peak_live": peak, "peak_gc": peak_gc, "wires_max": wires_max, "answered": answered,
+              "timeouts": [n.stats["webrtc timeouts"] for n in nodes],
+              "declined": [n.stats["webrtc answers declined"] + n.stats["webrtc offers declined"] for n in nodes],
+              "bound": max_peers + 2 * w.TRACKER_NUMWANT,
+              "echo": await a.rpc(b.address, "echo", {"still": "here"}, timeout=10),
+              "wires": [n.connections() for n in nodes]}
+    for node in nodes:
+        await node.close()
+    await tracker.close()
+    await asyncio.sleep(0.2)
+    result["left_open"] = [pc.connectionState for pc in _live_peer_connections() if pc.connectionState != "closed"]
+    return result
+
+
+async def _rtc_peer_cap():
+    """A node capped at one peer meets one of two others; those two meet each other."""
+    tracker = await local_tracker()
+    url = tracker.ready["url"]
+    capped = await rtc_node("rtc-cap", [url], max_peers=1, announce_interval=0.3)
+    b = await rtc_node("rtc-cap", [url], announce_interval=0.3)
+    c = await rtc_node("rtc-cap", [url], announce_interval=0.3)
+    await until(lambda: b.address in c.peers and c.address in b.peers and capped.connections() == 1, 30)
+    most = 0
+    for _ in range(150):  # 3 s, about ten announces each
+        await asyncio.sleep(0.02)
+        rtc = capped.webrtc
+        most = max(most, len(capped._connections), rtc.max_peers - rtc.free_slots())
+    result = {"most": most, "capped_wires": capped.connections(), "b_c": [b.connections(), c.connections()],
+              "declined": capped.stats["webrtc offers declined"] + capped.stats["webrtc answers declined"]}
+    for node in (capped, b, c):
+        await node.close()
+    await tracker.close()
+    return result
+
+
+RTC_SCENARIOS = {"python_python": _rtc_python_python,
+                 "python_offers_js_answers": lambda: _rtc_python_js(True),
+                 "js_offers_python_answers": lambda: _rtc_python_js(False),
+                 "js_master_worker": _rtc_js_master_worker, "master_py": _rtc_master_py,
+                 "hygiene": _rtc_hygiene, "peer_cap": _rtc_peer_cap}
+
+
+class TestWebRtc(unittest.TestCase):
+    """Real WebRTC (aiortc; @roamhq/wrtc for JS) through a local bittorrent-tracker."""
+
+    def test_python_python_through_tracker(self):
+        out = in_rtc_namespace("python_python")
+        self.assertEqual(out["echo"], {"x": "é", "echoedBy": "py"})
+        self.assertEqual(out["unknown"], {"error": "No such API call."})
+        self.assertEqual(out["wires"], [1, 1])
+        self.assertTrue(out["only_webrtc"])
+        self.assertEqual(out["newcomer_echo"], {"via": "restarted tracker", "echoedBy": "py"})
+        self.assertGreaterEqual(out["dead_tracker_retries"], 1)
+        self.assertEqual(out["after_close"], [0, 0, 0])
+        self.assertEqual(out["interval"], 120.0)
+        print("\n  python-python: connected through the tracker in %.2f s" % out["connected_s"], file=sys.stderr)
+
+    def _python_js(self, python_offers):
+        out = in_rtc_namespace("python_offers_js_answers" if python_offers else "js_offers_python_answers")
+        self.assertTrue(out["only_webrtc"])
+        self.assertEqual(out["python_offered"], [python_offers])
+        self.assertEqual(out["py_to_js"], {"n": "é", "pad": "p" * 40_000, "echoedBy": "js"})
+        self.assertEqual(out["py_to_js_unknown"], {"error": "No such API call."})
+        self.assertEqual(out["js_to_py"], {"from": "js", "echoedBy": "py"})
+        print("\n  python-js (%s offered): connected through the tracker in %.2f s"
+              % ("python" if python_offers else "js", out["connected_s"]), file=sys.stderr)
+
+    def test_python_offers_js_answers(self):
+        self._python_js(python_offers=True)
+
+    def test_js_offers_python_answers(self):
+        self._python_js(python_offers=False)
+
+    def test_worker_jobs_from_js_master(self):
+        out = in_rtc_namespace("js_master_worker")
+        self.assertTrue(out["webrtc"]["only_webrtc"])
+        self.assertFalse(out["tcp"]["only_webrtc"])
+        for transport in ("webrtc", "tcp"):
+            self.assertEqual(out[transport]["ids"], list(range(200)))
+            self.assertTrue(out[transport]["right"])
+        print("\n  JS master -> worker: master found in %.2f s over WebRTC (%.2f s over TCP); "
+              "%.0f jobs/s over WebRTC, %.0f over TCP (batches of 10)"
+              % (out["webrtc"]["found_s"], out["tcp"]["found_s"], out["webrtc"]["rate"], out["tcp"]["rate"]),
+              file=sys.stderr)
+
+    def test_master_py_5mb_asset_and_rates(self):
+        out = in_rtc_namespace("master_py")
+        self.assertTrue(out["webrtc"]["only_webrtc"])
+        for transport in ("webrtc", "tcp"):
+            self.assertTrue(out[transport]["blob_ok"], transport)
+        print("\n  master.py -> worker, 5 MB asset: %.2f s over WebRTC, %.2f s over TCP"
+              % (out["webrtc"]["assets_s"], out["tcp"]["assets_s"]), file=sys.stderr)
+        for mode in ("unbatched", "batched"):
+            print("  %s jobs/s: %.0f over WebRTC, %.0f over TCP" % (mode, out["webrtc"][mode], out["tcp"][mode]),
+                  file=sys.stderr)
+
+    def test_hundreds_of_announces_stay_bounded(self):
+        out = in_rtc_namespace("hygiene")
+        self.assertGreaterEqual(min(out["announces"]), 200)
+        self.assertGreater(out["answered"], 20)  # failed connections were really tried
+        self.assertGreater(sum(out["timeouts"]) + sum(out["declined"]), 10)
+        self.assertLessEqual(out["peak_live"], out["bound"] + 3)
+        self.assertLessEqual(out["peak_gc"], 2 * (out["bound"] + 3) + 2)
+        self.assertLessEqual(out["wires_max"], 6)
+        self.assertEqual(out["echo"], {"still": "here"})
+        self.assertEqual(out["wires"], [1, 1])
+        self.assertEqual(out["left_open"], [])
+        print("\n  %d/%d announces: at most %d live peer connections per node (%d in the process)"
+              % (*out["announces"], out["peak_live"], out["peak_gc"]), file=sys.stderr)
+
+    def test_peer_cap(self):
+        out = in_rtc_namespace("peer_cap")
+        self.assertEqual(out["most"], 1)
+        self.assertEqual(out["capped_wires"], 1)
+        self.assertEqual(out["b_c"][0] + out["b_c"][1], 3)
+        self.assertGreater(out["declined"], 0)
+
+
+# The node: Python and JS bugout peers #######################################
+
+class TestJsInterop(unittest.TestCase):
+    def setUp(self):
+        js_ready()
+
+    def _both_ways(self, python_dials):
+        async def scenario():
+            ident = "interop-%d" % random.randrange(1 << 30)
+            js = await js_peer(ident)
+            py = await py_node(ident, peers=["127.0.0.1:%d" % js.ready["port"]] if python_dials else ())
+            if not python_dials:
+                js.send(cmd="addPeer", addr="127.0.0.1:%d" % py.port)
+            js_address = js.ready["address"]
+            await js.wait_for(lambda e: e["event"] == "seen" and e["address"] == py.address)
+            await until(lambda: js_address in py.peers)
+            # RPC both ways
+            self.assertEqual(await py.rpc(js_address, "echo", {"n": "é"}), {"n": "é", "echoedBy": "js"})
+            self.assertEqual(await py.rpc(js_address, "nope", {}), {"error": "No such API call."})
+            js.send(cmd="rpc", id=1, address=py.address, call="echo", args={"from": "js"})
+            event = await js.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 1)
+            self.assertEqual(event["result"], {"from": "js", "echoedBy": "py"})
+            js.send(cmd="rpc", id=2, address=py.address, call="missing", args={})
+            event = await js.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 2)
+            self.assertEqual(event["result"], {"error": "No such API call."})
+            # broadcast and addressed messages both ways
+            py.send({"hello": "all"})
+            py.send({"hello": "you"}, address=js_address)
+            for message in ({"hello": "all"}, {"hello": "you"}):
+                await js.wait_for(lambda e, m=message: e["event"] == "message" and e["message"] == m)
+            js.send(cmd="send", message={"js": "all"})
+            js.send(cmd="send", address=py.address, message={"js": "you"})
+            await until(lambda: ("message", js_address, {"js": "all"}) in py.events
+                        and ("message", js_address, {"js": "you"}) in py.events)
+            await py.close()
+            await js.wait_for(lambda e: e["event"] == "left" and e["address"] == py.address)
+            await js.close()
+        run(scenario())
+
+    def test_python_dials_js(self):
+        self._both_ways(python_dials=True)
+
+    def test_js_dials_python(self):
+        self._both_ways(python_dials=False)
+
+    def test_line_js_python_js_relays(self):
+        async def scenario():
+            ident = "line-%d" % random.randrange(1 << 30)
+            py = await py_node(ident)
+            js1, js2 = await js_peer(ident), await js_peer(ident)
+            for js in (js1, js2):
+                js.send(cmd="addPeer", addr="127.0.0.1:%d" % py.port)
+            a1, a2 = js1.ready["address"], js2.ready["address"]
+            # each JS peer sees the other only through the Python relay
+            await js1.wait_for(lambda e: e["event"] == "seen" and e["address"] == a2)
+            await js2.wait_for(lambda e: e["event"] == "seen" and e["address"] == a1)
+            js1.send(cmd="send", message={"across": 1})
+            await js2.wait_for(lambda e: e["event"] == "message" and e["message"] == {"across": 1})
+            js1.send(cmd="rpc", id=7, address=a2, call="echo", args={"via": "py"})
+            event = await js1.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 7)
+            self.assertEqual(event["result"], {"via": "py", "echoedBy": "js"})
+            self.assertGreater(py.core.stats["relayed"], 3)
+            await js1.close()
+            await js2.close()
+            await py.close()
+        run(scenario())
+
+
+# Worker: assets and dependencies ############################################
 
 class TestSafety(unittest.TestCase):
     def test_asset_paths(self):
@@ -1677,88 +3415,26 @@ class TestSafety(unittest.TestCase):
                 w.check_requirement(bad)
 
 
-class TestAgainstJsMaster(unittest.TestCase):
-    """The Python worker for the JS master harness (npm bugout) over TCP."""
+class TestTaskJsSafety(unittest.TestCase):
+    def test_npm_package_names(self):
+        for good in ["moment", "big.js", "lodash@4.17.21", "@scope/pkg", "@scope/pkg@^1.2.0", "JSONStream",
+                     "pkg@latest", "pkg@>=1.0.0 <2", "pkg@~1.2.x", "pkg@1.x || 2.x", "pkg@1.2.3 - 2.0.0"]:
+            self.assertEqual(w.check_npm_package(good), good)
+        for bad in ["", None, 3, "-g", "--registry=http://evil", "http://x/y.tgz", "git+https://github.com/a/b",
+                    "github:a/b", "a/b", "./local", "../x", "/abs", "file:../x", "pkg@file:../x", "pkg@npm:other",
+                    "pkg@git+ssh://x", "pkg@http://x/y", ".hidden", "_under", "pkg@", "a b", "pkg@1.0.0#x",
+                    "@scope/", "@/x", "pkg@1 --registry=x", "x" * 300]:
+            with self.assertRaises(w.UnsafeAsset, msg=bad):
+                w.check_npm_package(bad)
 
-    def setUp(self):
-        js_ready()
-
-    def run_jobs(self, get_batch, count=500):
-        async def scenario(tmp):
-            files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
-            for f in files:
-                f["masterPath"] = str(Path(tmp) / "master" / f["masterPath"].lstrip("/"))
-            (Path(tmp) / "assets.json").write_text(json.dumps({"files": files, "dependencies": []}))
-            token = "jsmaster-%d" % random.randrange(1 << 30)
-            master = await JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY, "QX_JOBS": str(count),
-                                                   "QX_ASSETS": str(Path(tmp) / "assets.json")}).start()
-            worker = await w.Worker(token, "py", "warn", KEY, env={}, folder=Path(tmp) / "w",
-                                    host="127.0.0.1", lsd=False, dht=False, get_batch=get_batch, batch_size=10,
-                                    peers=["127.0.0.1:%d" % master.ready["port"]], trackers=[]).start()
-            started = time.perf_counter()
-            await until(lambda: sum(e["event"] == "result" for e in master.events) >= count, 120)
-            rate = count / (time.perf_counter() - started)
-            results = [e["result"] for e in master.events if e["event"] == "result"]
-            self.assertEqual(sorted(r["jobID"] for r in results), list(range(count)))
-            for r in results:
-                self.assertEqual(r["data"], {"sum": r["jobID"] * 2})
-                self.assertEqual(r["worker"]["name"], "py")
-            calls = [e for e in master.events if e["event"] == "rpc"]
-            self.assertEqual([c["call"] for c in calls][:2], ["isMaster", "requestExecAssets"])
-            # the JS master listed its own default task.js too: we ran task.py
-            self.assertTrue((Path(tmp) / "w/workplace/task.js").is_file())
-            await worker.sync_assets()
-            self.assertEqual(worker.stats["jobs done"], count)
-            await worker.stop()
-            await master.close()
-            return rate
+    def test_runner_file_is_protected(self):
         with tempfile.TemporaryDirectory() as tmp:
-            rate = run(scenario(tmp), 180)
-        print("\n  %s: %.0f jobs/s against the JS master" % ("batched (10)" if get_batch else "unbatched", rate),
-              file=sys.stderr)
-
-    def test_500_jobs_unbatched(self):
-        self.run_jobs(False)
-
-    def test_500_jobs_batched(self):
-        self.run_jobs(True)
-
-    def test_js_master_answers_ping_and_same(self):
-        async def scenario(tmp):
-            files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
-            for f in files:
-                f["masterPath"] = str(Path(tmp) / "master" / f["masterPath"].lstrip("/"))
-            (Path(tmp) / "assets.json").write_text(json.dumps({"files": files, "dependencies": []}))
-            master = await JsProcess("master.js", {"QX_TOKEN": "jsm-same", "QX_KEY": KEY,
-                                                   "QX_ASSETS": str(Path(tmp) / "assets.json")}).start()
-            worker = await w.Worker("jsm-same", "py", "warn", KEY, env={}, folder=Path(tmp) / "w",
-                                    host="127.0.0.1", lsd=False, dht=False,
-                                    peers=["127.0.0.1:%d" % master.ready["port"]], trackers=[]).start()
-            await until(lambda: worker._runner is not None)
-            self.assertTrue(await worker.sync_assets())
-
-            def asked():
-                return [e for e in master.events if e["event"] == "rpc" and e["call"] == "requestExecAssets"]
-            await until(lambda: len(asked()) >= 2, 10)  # the harness prints its line as it answers
-            statuses = asked()
-            self.assertEqual(len(statuses), 2)
-            self.assertEqual(statuses[1]["args"]["currentHash"], worker.current_hash())
-            await worker.stop()
-            await master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
+            for bad in ["/" + w.NODE_RUNNER_NAME, w.NODE_RUNNER_NAME]:
+                with self.assertRaises(w.UnsafeAsset, msg=bad):
+                    w.safe_asset_path(Path(tmp), bad)
 
 
-# Master trust (issue 10) ####################################################
-
-def asset_answer(files, key=KEY, status="changed", deps=()):
-    """A requestExecAssets answer as a master makes it: {workerPath: bytes} -> files."""
-    crypt = w.Crypt(key)
-    listed = [{"masterPath": p, "name": Path(p).name, "workerPath": p,
-               "sha256": hashlib.sha256(data).hexdigest(), "content": crypt.encrypt(data)}
-              for p, data in files.items()]
-    return {"status": status, "dependencies": list(deps), "files": listed}
-
+# Worker: trusting a master (issue 10) #######################################
 
 class TestMasterProof(unittest.TestCase):
     """The proof rules and the trust table, in memory."""
@@ -1860,119 +3536,6 @@ class TestMasterProof(unittest.TestCase):
         pinned = w.MasterTrust(pinned=[peers[0]])
         self.assertFalse(pinned.may_ask(peers[1], now))
         self.assertTrue(pinned.may_ask(peers[0], now))
-
-
-class Impostor:
-    """A token-only peer on worker.py's own Bugout: claims to be the master, records every call."""
-
-    def __init__(self, token, assets=None, caps=None, work=None):
-        self.token, self.calls = token, []
-        self.assets = assets  # requestExecAssets answer: a dict, a function of args, or None (no answer)
-        self.caps = caps or {}
-        self.work = work
-
-    async def start(self, **kw):
-        self.node = await py_node(self.token, **kw)
-        self.node.on("rpc", lambda address, name, args: self.calls.append((name, args)))
-        self.node.register("isMaster", lambda a, args: {**args, "isMaster": "yes", **self.caps})
-        self.node.register("requestExecAssets", self._assets)
-        self.node.register("requestWork", lambda a, args: {**args, "task": self.work})
-        for name in ("shareResults", "shareResultsBatch"):
-            self.node.register(name, lambda a, args: w.NO_ANSWER)
-        return self
-
-    def _assets(self, address, args):
-        if self.assets is None:
-            return asyncio.Event().wait()  # never answers
-        return self.assets(args) if callable(self.assets) else self.assets
-
-    def names(self):
-        return [name for name, _ in self.calls]
-
-    async def close(self):
-        await self.node.close()
-
-
-class IdentityFlood:
-    """One TCP wire to a worker carrying packets of many fresh bugout identities.
-
-    Each identity answers isMaster "yes" and requestExecAssets with ``probe()``:
-    the shape of a padding-oracle attack by a peer that knows only the token.
-    """
-
-    def __init__(self, token, port, probe, answer=True):
-        self.token, self.port, self.probe, self.answer = token, port, probe, answer
-        self.cores = collections.deque(maxlen=4)  # the newest identities: boxes are opened with these
-        self.calls = collections.Counter()
-        #: envelopes none of the newest identities could open: calls to older ones
-        self.unopened = 0
-        self.worker = None
-
-    async def start(self):
-        infohash, _ = w.infohash_of(self.token)
-        first = w.Identity()
-        self.wire = w.PeerWire(infohash, w.make_peer_id(), {"ek": first.ek, "id": self.token,
-                                                            "m": {"bo_channel": 4}, "pk": first.pk},
-                               initiator=True)
-        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self.writer.write(self.wire.data_to_send())
-        self._reading = asyncio.ensure_future(self._read())
-        await until(lambda: self.worker is not None, 10)
-        return self
-
-    async def _read(self):
-        while data := await self.reader.read(1 << 16):
-            self.wire.receive_data(data)
-            for event in self.wire.events_received():
-                if isinstance(event, w.ExtendedHandshake):
-                    self.worker = (event.fields["pk"].decode(), event.fields["ek"].decode())
-                elif isinstance(event, w.ExtensionPayload):
-                    self._payload(event.payload)
-            self._send()
-
-    def _payload(self, payload):
-        envelope = w.bdecode(payload)
-        if isinstance(envelope, dict) and "e" in envelope:
-            self.unopened += 1
-        for core in list(self.cores):
-            events = core.receive_payload(payload, w._now())
-            if any(isinstance(e, (w.Call, w.Response)) for e in events):
-                self.unopened -= 1
-            for event in events:
-                if isinstance(event, w.Call):
-                    self.calls[event.name] += 1
-                    answer = ({**event.args, "isMaster": "yes"} if event.name == "isMaster"
-                              else self.probe() if event.name == "requestExecAssets" else None)
-                    if answer is not None and self.answer:
-                        core.send_response(event.address, event.nonce, answer, w._now())
-
-    def new_identity(self):
-        core = w.BugoutCore(self.token, w.Identity())
-        core.saw_peer(*self.worker, w._now(), verified=True)  # and pings: the worker sees it
-        self.cores.append(core)
-        self._send()
-
-    def _send(self):
-        for core in self.cores:
-            for payload, _ in core.data_to_send():
-                self.wire.send_extension(payload)
-        if data := self.wire.data_to_send():
-            self.writer.write(data)
-
-    async def close(self):
-        self._reading.cancel()
-        self.writer.close()
-
-
-def padding_probe(rng):
-    """An asset answer whose one file is random ciphertext (a CBC-R step), sometimes malformed."""
-    def probe():
-        content = {"iv": rng.randbytes(16).hex(), "encryptedData": rng.randbytes(32).hex()}
-        name = rng.choice(["task.py", 5, None])
-        return {"status": "changed", "dependencies": [], "files": [
-            {"masterPath": "/task.py", "name": name, "workerPath": "/task.py",
-             "sha256": rng.randbytes(32).hex(), "content": content}]}
-    return probe
 
 
 class TestMasterTrust(unittest.TestCase):
@@ -2275,17 +3838,7 @@ class TestMasterTrustJs(unittest.TestCase):
             run(scenario(tmp), 180)
 
 
-# The worker's journal and outbox (issue 13) #################################
-
-def open_journal(folder, token="journal-swarm", key=KEY):
-    journal = w.Journal.of(Path(folder), token, w.Crypt(key))
-    journal.submit(journal.open).result()
-    return journal
-
-
-def result_text(i):
-    return json.dumps({"jobID": i, "worker": {"id": "bWorker", "name": "w"}, "data": i})
-
+# Worker: the journal and outbox (issue 13) ##################################
 
 class TestOutbox(unittest.TestCase):
     """The delivery rules, in memory: no socket, a journal in a temporary folder."""
@@ -2407,46 +3960,6 @@ class TestOutbox(unittest.TestCase):
             worker.journal.close()
 
 
-def journal_count(folder, table="results"):
-    """Rows in a running worker's journal, read beside it (WAL lets a reader in)."""
-    try:
-        with contextlib.closing(sqlite3.connect("file:%s?mode=ro" % (Path(folder) / w.JOURNAL_NAME),
-                                                uri=True, timeout=5)) as db:
-            return db.execute("SELECT count(*) FROM %s" % table).fetchone()[0]
-    except sqlite3.Error:
-        return -1
-
-
-class QuietMaster:
-    """master.py in this process, on a fixed port and seed, that never requeues on its own:
-    a job lost by the worker stays lost, so a test sees it."""
-
-    def __init__(self, tmp, token, port, seed, name):
-        from master import Master
-        files = write_assets(Path(tmp) / name, DEFAULT_FILES)
-        self.results, self.handed = [], []
-        self.master = Master(token, {"files": files, "dependencies": []}, self.results.append, None, KEY,
-                             folder=Path(tmp) / name, env={}, host="127.0.0.1", port=port, seed=seed,
-                             lsd=False, dht=False, trackers=[], lease_seconds=3600.0)
-        self.master._requeue_worker = lambda address: None
-        serve = self.master._request_work
-
-        def recording(address, args):
-            answer = serve(address, args)
-            self.handed.append((time.monotonic(), [json.loads(w.Crypt(KEY).decrypt(j))["id"] for j in
-                                                   answer.get("batchTasks") or [answer.get("task")] if j]))
-            return answer
-        self.master._request_work = recording
-
-    async def start(self):
-        await self.master.start()
-        return self
-
-    def push(self, ids, **extra):
-        for i in ids:
-            self.master.push_new_job({"id": i, "data": json.dumps({"x": i, **extra})})
-
-
 class TestCrashSafety(unittest.TestCase):
     """kill -9 of real ``python worker.py`` processes."""
 
@@ -2540,1096 +4053,7 @@ class TestCrashSafety(unittest.TestCase):
             run(scenario(tmp), 300)
 
 
-# Status: /metrics and /healthz (issue 14) ###################################
-
-def parse_exposition(text):
-    """The Prometheus text format, parsed strictly: {name: {labels tuple: value}}, {name: type}."""
-    samples, types, helps = collections.defaultdict(dict), {}, set()
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            helps.add(line.split()[2])
-        elif line.startswith("# TYPE "):
-            _, _, name, kind = line.split()
-            assert kind in ("counter", "gauge", "histogram"), line
-            types[name] = kind
-        else:
-            head, value = line.rsplit(" ", 1)
-            name, _, labels = head.partition("{")
-            pairs = tuple(tuple(pair.split("=", 1)) for pair in labels.rstrip("}").split(",") if pair)
-            samples[name][tuple((k, json.loads(v)) for k, v in pairs)] = float(value)
-            family = name.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
-            assert family in types or name in types, line
-    assert set(types) <= helps
-    return samples, types
-
-
-def http_get(url, timeout=10):
-    """(status, body) with a real HTTP client."""
-    import urllib.error
-    import urllib.request
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as answer:
-            return answer.status, answer.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-class TestStatusServer(unittest.TestCase):
-    def test_pages_and_hostile_clients(self):
-        async def scenario():
-            healthy = [True]
-            hist = w.Histogram()
-            hist.observe(0.02)
-
-            def metrics():
-                out = w.Exposition()
-                out.add("jobs_done_total", "counter", "Jobs done.", 3)
-                out.add("peers", "gauge", "Peers by transport.", {(("transport", "tcp"),): 2})
-                out.histogram("job_duration_seconds", "Job time.", hist)
-                return out.text()
-            server = await w.StatusServer("127.0.0.1", 0, metrics,
-                                          lambda: (healthy[0], {"master": "bX"} if healthy[0] else
-                                                   {"reason": "no master"})).start()
-            base = "http://127.0.0.1:%d" % server.port
-            status, body = await asyncio.to_thread(http_get, base + "/metrics")
-            self.assertEqual(status, 200)
-            samples, types = parse_exposition(body)
-            self.assertEqual(samples["qx_jobs_done_total"][()], 3)
-            self.assertEqual(types["qx_job_duration_seconds"], "histogram")
-            self.assertEqual(samples["qx_job_duration_seconds_bucket"][(("le", "0.05"),)], 1)
-            self.assertEqual(await asyncio.to_thread(http_get, base + "/healthz"), (200, '{"master":"bX"}'))
-            healthy[0] = False
-            self.assertEqual((await asyncio.to_thread(http_get, base + "/healthz"))[0], 503)
-            self.assertEqual((await asyncio.to_thread(http_get, base + "/nope"))[0], 404)
-            # slow clients take their own connection only; the loop stays free; the cap holds
-            lag = []
-
-            async def ticker():
-                while True:
-                    started = time.monotonic()
-                    await asyncio.sleep(0.01)
-                    lag.append(time.monotonic() - started - 0.01)
-            tick = asyncio.ensure_future(ticker())
-            slow = [await asyncio.open_connection("127.0.0.1", server.port)
-                    for _ in range(w.STATUS_MAX_CLIENTS)]
-            for _, writer in slow:
-                writer.write(b"GET /metrics HTTP/1.1\r\n")  # and never the end of it
-            _, huge = await asyncio.open_connection("127.0.0.1", server.port)
-            await until(lambda: server.stats["refused"] >= 1, 5)  # over the cap: closed at once
-            started = time.monotonic()
-            for reader, _ in slow:
-                self.assertEqual(await asyncio.wait_for(reader.read(), 10), b"")  # dropped after the timeout
-            self.assertLess(time.monotonic() - started, w.STATUS_READ_TIMEOUT + 2)
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            writer.write(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * (w.STATUS_MAX_REQUEST * 2))
-            self.assertEqual(await asyncio.wait_for(reader.read(), 10), b"")  # too big: dropped
-            self.assertEqual((await asyncio.to_thread(http_get, base + "/metrics"))[0], 200)
-            tick.cancel()
-            self.assertLess(max(lag), 0.1)
-            self.assertGreaterEqual(server.stats["dropped"], w.STATUS_MAX_CLIENTS + 1)
-            huge.close()
-            writer.close()
-            for _, slow_writer in slow:
-                slow_writer.close()
-            await server.close()
-        run(scenario())
-
-
-class TestWorkerStatus(unittest.TestCase):
-    def test_metrics_and_health_of_a_real_worker_process(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            cluster.push(20)
-            cluster.push(5, start=20, fail=True)
-            folder, port = Path(tmp) / "wp", free_port()
-            folder.mkdir()
-            write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
-                               statusPort=port, getBatch="true", batchSize=5, LOG_LEVEL="warn")
-            proc = await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
-                                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            self.addCleanup(lambda: proc.returncode is None and proc.kill())
-            base = "http://127.0.0.1:%d" % port
-            await cluster.until_results(25)
-
-            async def metrics():
-                status, body = await asyncio.to_thread(http_get, base + "/metrics")
-                self.assertEqual(status, 200)
-                return parse_exposition(body)
-            samples, types = await metrics()
-            self.assertEqual(samples["qx_jobs_done_total"][()], 20)
-            self.assertEqual(samples["qx_jobs_failed_total"][(("error", "ValueError"),)], 5)
-            self.assertEqual(types["qx_job_duration_seconds"], "histogram")
-            self.assertEqual(samples["qx_job_duration_seconds_count"][()], 25)
-            self.assertEqual(samples["qx_job_duration_seconds_bucket"][(("le", "+Inf"),)], 25)
-            self.assertEqual(samples["qx_master_connected"][()], 1)
-            self.assertEqual(samples["qx_peers"][(("transport", "tcp"),)], 1)
-            self.assertGreater(samples["qx_resident_memory_bytes"][()], 10e6)
-            self.assertGreater(samples["qx_bytes_received_total"][()], 1000)
-            self.assertIn("qx_assets_age_seconds", samples)
-            self.assertIn("qx_packets_dropped_total", samples)
-            status, body = await asyncio.to_thread(http_get, base + "/healthz")
-            self.assertEqual((status, json.loads(body)["master"]), (200, cluster.master.address))
-            cluster.push(10, start=100)  # the counters move with real jobs
-            await cluster.until_results(35)
-            await until(lambda: cluster.master.stats["results"] >= 35)
-            samples, _ = await metrics()
-            self.assertEqual(samples["qx_jobs_done_total"][()], 30)
-            self.assertGreaterEqual(samples["qx_delivery_latency_seconds_count"][()], 30)
-            self.assertEqual((await asyncio.to_thread(http_get, base + "/nothing"))[0], 404)
-            await cluster.master.close()  # the master goes away: not healthy
-            status, body = await asyncio.to_thread(http_get, base + "/healthz")
-            for _ in range(50):
-                if status == 503:
-                    break
-                await asyncio.sleep(0.1)
-                status, body = await asyncio.to_thread(http_get, base + "/healthz")
-            self.assertEqual(status, 503)
-            self.assertIn("master", json.loads(body)["reason"])
-            proc.send_signal(15)
-            output, _ = await asyncio.wait_for(proc.communicate(), 30)
-            self.assertIn(b" warn  ", output)  # level names print whole
-            self.assertNotIn(b"warni ", output)
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_master_py_status_page(self):
-        async def scenario(tmp):
-            token, port, status = "mstatus-%d" % random.randrange(1 << 30), free_port(), free_port()
-            folder = Path(tmp) / "m"
-            folder.mkdir()
-            write_assets(folder, DEFAULT_FILES)
-            write_loopback_env(folder, token, port=port, LOG_LEVEL="warn")
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, MASTER_PY, "--task", "workplace/task.py", "--task", "workplace/data/conf/factor.json",
-                "--jobs", "-", "--status-port", str(status), cwd=folder, env=clean_env(),
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            self.addCleanup(lambda: proc.returncode is None and proc.kill())
-            await proc.stdout.readline()  # ready
-            base = "http://127.0.0.1:%d" % status
-            for i in range(30):
-                proc.stdin.write(b'{"id": %d, "data": "{\\"x\\": %d}"}\n' % (i, i))
-            await proc.stdin.drain()
-
-            async def samples():
-                return parse_exposition((await asyncio.to_thread(http_get, base + "/metrics"))[1])[0]
-            before = None
-            for _ in range(100):
-                before = await samples()
-                if before["qx_master_jobs_waiting"][()] == 30:
-                    break
-                await asyncio.sleep(0.05)
-            self.assertEqual(before["qx_master_jobs_waiting"][()], 30)
-            self.assertEqual(before["qx_master_results_total"][()], 0)
-            worker = await w.Worker(token, "w", "warn", KEY, env={}, folder=Path(tmp) / "w", host="127.0.0.1",
-                                    lsd=False, dht=False, trackers=[], peers=["127.0.0.1:%d" % port],
-                                    get_batch=True, batch_size=5).start()
-            for _ in range(200):
-                after = await samples()
-                if after["qx_master_results_total"][()] == 30:
-                    break
-                await asyncio.sleep(0.05)
-            self.assertEqual(after["qx_master_results_total"][()], 30)
-            self.assertEqual(after["qx_master_error_results_total"][()], 0)
-            self.assertEqual(after["qx_master_jobs_waiting"][()], 0)
-            self.assertEqual(after["qx_master_workers"][()], 1)
-            self.assertEqual(json.loads((await asyncio.to_thread(http_get, base + "/healthz"))[1])["status"], "ok")
-            await worker.stop()
-            proc.send_signal(15)
-            await asyncio.wait_for(proc.wait(), 15)
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_systemd_ready_watchdog_and_stopping(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            folder = Path(tmp) / "wp"
-            folder.mkdir()
-            write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port)
-            path = str(Path(tmp) / "notify")
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            sock.bind(path)
-            sock.setblocking(False)
-            self.addCleanup(sock.close)
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, WORKER_PY, cwd=folder, stderr=subprocess.DEVNULL,
-                env={**clean_env(), "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
-            self.addCleanup(lambda: proc.returncode is None and proc.kill())
-            said = []
-
-            def read():
-                with contextlib.suppress(BlockingIOError):
-                    while True:
-                        said.append(sock.recv(100).decode())
-                return said
-            await until(lambda: read().count("WATCHDOG=1") >= 3, 20)  # about every 0.2 s
-            self.assertEqual(said[0], "READY=1")
-            proc.send_signal(15)
-            await asyncio.wait_for(proc.wait(), 30)
-            self.assertIn("STOPPING=1", read())
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_status_line_at_most_once_a_minute_while_anything_happened(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            cluster.push(12)
-            worker = cluster.worker(get_batch=True, batch_size=4)
-            with mock.patch.object(w, "STATUS_LINE_SECONDS", 0.3), self.assertLogs("worker", "INFO") as logs:
-                await worker.start()
-                await cluster.until_results(12)
-                await until(lambda: any("status: " in line for line in logs.output), 5)
-                await asyncio.sleep(1.2)  # nothing happens: no more lines
-            lines = [line for line in logs.output if "status: " in line]
-            self.assertEqual(len(lines), 1, lines)
-            self.assertRegex(lines[0], r"status: 12 done \(\d+\.\d/s\), 0 failed, 0 held, master b\w{7}… "
-                                       r"\(proven\), peers 1 \(tcp 1\)")
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-
-# The command line, as users run it ##########################################
-
-WORKER_PY = str(HERE / "worker.py")
-
-
-class TestCommandLine(unittest.TestCase):
-    def test_setup_through_stdin(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            env = Path(tmp) / ".env"
-            env.write_text("name=pi-1\n")
-            key = "A" * 32
-            done = subprocess.run([sys.executable, WORKER_PY, "--setup", "--env", str(env)],
-                                  input="too short\n%s\n\n" % key, capture_output=True, text=True,
-                                  timeout=30, check=True)
-            self.assertIn("not valid", done.stdout)
-            values = w.read_env_file(env)
-            self.assertEqual(values["transferEncryptToken"], key)
-            self.assertGreaterEqual(len(values["token"]), 20)
-            self.assertEqual(values["name"], "pi-1")
-            self.assertNotIn("master", values)
-            self.assertEqual(env.stat().st_mode & 0o777, 0o600)
-            pin = w.Identity().address  # again, pinning a master's address this time
-            done = subprocess.run([sys.executable, WORKER_PY, "--setup", "--env", str(env)],
-                                  input="\n\nnot an address\n%s\n" % pin, capture_output=True, text=True,
-                                  timeout=30, check=True)
-            self.assertIn("not valid", done.stdout)
-            self.assertEqual(w.read_env_file(env)["master"], pin)
-            self.assertEqual(w.read_env_file(env)["transferEncryptToken"], key)
-
-    def test_missing_token_or_bad_key_exit_2(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            for text, message in (("transferEncryptToken=%s\n" % ("k" * 32), "no token"),
-                                  ("token=%s\ntransferEncryptToken=short\n" % ("t" * 20), "exactly 32")):
-                (Path(tmp) / ".env").write_text(text)
-                done = subprocess.run([sys.executable, WORKER_PY], check=False, cwd=tmp, capture_output=True,
-                                      text=True, timeout=30, env=clean_env())
-                self.assertEqual(done.returncode, 2)
-                self.assertIn(message, done.stderr)
-                self.assertEqual(len(done.stderr.strip().splitlines()), 1)
-
-    def test_help_and_version(self):
-        done = subprocess.run([sys.executable, WORKER_PY, "--version"], capture_output=True, text=True,
-                              check=True, timeout=30)
-        self.assertIn(w.__version__, done.stdout)
-        done = subprocess.run([sys.executable, WORKER_PY, "--help"], capture_output=True, text=True,
-                              check=True, timeout=30)
-        self.assertIn("--setup", done.stdout)
-
-    def test_demo_exits_0(self):
-        done = subprocess.run([sys.executable, WORKER_PY, "--demo"], check=False, capture_output=True, text=True,
-                              timeout=120, cwd=HERE)
-        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
-        self.assertIn("all results right", done.stdout)
-
-    def test_sigterm_finishes_and_delivers_held_jobs(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            cluster.push(10, sleep=0.3)
-            folder = Path(tmp) / "wp"
-            folder.mkdir()
-            write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
-                               getBatch="true", batchSize=10, LOG_LEVEL="info")
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            await until(lambda: cluster.master.stats["jobs handed out"] == 10 and len(cluster.results) >= 1, 30)
-            proc.send_signal(15)
-            output, _ = await asyncio.wait_for(proc.communicate(), 30)
-            self.assertEqual(proc.returncode, 0, output.decode())
-            self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(10)))
-            self.assertIn(b"stopping", output)
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_a_timed_out_job_does_not_hold_the_process_at_exit(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp, files={"/workplace/task.py": LOOP_TASK_PY}).start()
-            cluster.push(1, hang=60)
-            folder = Path(tmp) / "wp"
-            folder.mkdir()
-            write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
-                               jobTimeout=1)
-            proc = await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
-                                                        stderr=subprocess.DEVNULL)
-            try:
-                await cluster.until_results(1, 30)
-                self.assertEqual(cluster.results[0]["error"]["type"], "TimeoutError")
-                proc.send_signal(15)
-                self.assertEqual(await asyncio.wait_for(proc.wait(), 15), 0)  # not after the 60 s job
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_second_sigterm_exits_at_once(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            cluster.push(10, sleep=2.0)
-            folder = Path(tmp) / "wp"
-            folder.mkdir()
-            write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
-                               getBatch="true", batchSize=5)
-            proc = await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
-                                                        stderr=subprocess.DEVNULL)
-            try:
-                await until(lambda: cluster.master.stats["jobs handed out"] >= 5, 30)
-                proc.send_signal(15)
-                await asyncio.sleep(0.3)
-                started = time.monotonic()
-                proc.send_signal(15)
-                code = await asyncio.wait_for(proc.wait(), 5)
-                self.assertEqual(code, 130)
-                self.assertLess(time.monotonic() - started, 2.0)  # not the 10 s the batch needs
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-
-# DHT (BEP 5) ################################################################
-
-_real_dht_start = w.Dht.start
-
-
-async def _local_dht_start(self):
-    """Safety net: no test may bootstrap from anything but loopback."""
-    for host, _port in self.bootstrap:
-        if not host.startswith("127."):
-            raise AssertionError(f"a test tried to bootstrap the DHT from {host}")
-    return await _real_dht_start(self)
-
-
-w.Dht.start = _local_dht_start
-
-ASKER = b"abcdefghij0123456789"
-OURS = b"mnopqrstuvwxyz123456"
-HERE_ADDR = ("10.1.2.3", 6881)
-
-
-def quiet_core(node_id=OURS):
-    """A core whose secrets and transaction ids are fixed (zero bytes)."""
-    return w.DhtCore(node_id, random=lambda n: bytes(n))
-
-
-def sent(core):
-    """What a core sends: [(parsed message, address)]."""
-    return [(w.parse_krpc(data), addr) for data, addr in core.data_to_send()]
-
-
-class DhtNet:
-    """Cores linked in memory: datagrams between them are delivered at once."""
-
-    def __init__(self, count, now=1000.0):
-        self.now = now
-        self.cores = {("127.0.0.%d" % (i + 1), 6881): w.DhtCore(hashlib.sha1(b"node %d" % i).digest())
-                      for i in range(count)}
-        self.events = {addr: [] for addr in self.cores}
-
-    def __getitem__(self, i):
-        return list(self.cores.values())[i]
-
-    def addr(self, i):
-        return list(self.cores)[i]
-
-    def pump(self, seconds=0.0, lost=()):
-        """Deliver until quiet; addresses in ``lost`` never answer; then let time pass."""
-        moving = True
-        while moving:
-            moving = False
-            for src, core in self.cores.items():
-                for data, dst in core.data_to_send():
-                    moving = True
-                    if dst in self.cores and dst not in lost:
-                        self.cores[dst].receive_datagram(data, src, self.now)
-                self.events[src] += core.events_received()
-        if seconds:
-            self.now += seconds
-            for core in self.cores.values():
-                core.tick(self.now)
-            self.pump(lost=lost)
-
-    def peers_found(self, i, info_hash):
-        return {p for e in self.events[self.addr(i)] if isinstance(e, w.DhtPeers)
-                and e.info_hash == info_hash for p in e.peers}
-
-
-class TestKrpc(unittest.TestCase):
-    def test_bep5_examples_byte_for_byte(self):
-        core = quiet_core()
-        core.receive_datagram(b"d1:ad2:id20:abcdefghij0123456789e1:q4:ping1:t2:aa1:y1:qe", HERE_ADDR, 1.0)
-        [(answer, to), (ping, to2)] = core.data_to_send()
-        self.assertEqual(answer, b"d1:rd2:id20:mnopqrstuvwxyz123456e1:t2:aa1:y1:re")
-        self.assertEqual((to, to2), (HERE_ADDR, HERE_ADDR))
-        # good citizen: an unknown asker is pinged, and joins the table when it answers
-        self.assertEqual(ping, b"d1:ad2:id20:mnopqrstuvwxyz123456e1:q4:ping1:t2:\0\x011:y1:qe")
-        core.receive_datagram(b"d1:rd2:id20:abcdefghij0123456789e1:t2:\0\x011:y1:re", HERE_ADDR, 1.1)
-        self.assertEqual([c.id for c in core.table.closest(ASKER)], [ASKER])
-        core.receive_datagram(b"d1:ad2:id20:abcdefghij01234567896:target20:mnopqrstuvwxyz123456e"
-                              b"1:q9:find_node1:t2:aa1:y1:qe", HERE_ADDR, 1.2)
-        node = ASKER + bytes([10, 1, 2, 3]) + struct.pack(">H", 6881)
-        self.assertEqual(core.data_to_send(), [(b"d1:rd2:id20:mnopqrstuvwxyz1234565:nodes26:" + node
-                                                + b"e1:t2:aa1:y1:re", HERE_ADDR)])
-        self.assertEqual(core.stats["dht queries answered"], 2)
-
-    def test_get_peers_tokens_and_announce(self):
-        core = quiet_core()
-        token = hashlib.sha1(bytes(16) + b"10.1.2.3").digest()[:8]
-        get_peers = (b"d1:ad2:id20:abcdefghij01234567899:info_hash20:mnopqrstuvwxyz123456e"
-                     b"1:q9:get_peers1:t2:aa1:y1:qe")
-        core.receive_datagram(get_peers, HERE_ADDR, 1.0)
-        self.assertEqual(core.data_to_send()[0][0], b"d1:rd2:id20:mnopqrstuvwxyz1234565:nodes0:5:token8:"
-                         + token + b"e1:t2:aa1:y1:re")
-        announce = (b"d1:ad2:id20:abcdefghij012345678912:implied_porti1e9:info_hash20:mnopqrstuvwxyz123456"
-                    b"4:porti6881e5:token8:%se1:q13:announce_peer1:t2:aa1:y1:qe")
-        core.receive_datagram(announce % b"aoeusnth", ("10.1.2.3", 7000), 2.0)
-        self.assertEqual(core.data_to_send(), [(b"d1:eli203e9:bad tokene1:t2:aa1:y1:ee", ("10.1.2.3", 7000))])
-        core.receive_datagram(announce % token, ("10.1.2.3", 7000), 3.0)
-        self.assertEqual(core.data_to_send()[0][0], b"d1:rd2:id20:mnopqrstuvwxyz123456e1:t2:aa1:y1:re")
-        core.receive_datagram(get_peers, ("10.9.9.9", 1), 4.0)
-        [(answer, _), *_] = sent(core)
-        self.assertEqual(answer.values["values"], [bytes([10, 1, 2, 3]) + struct.pack(">H", 7000)])  # implied
-        # the token of another address does not work, and secrets rotate every 5 minutes
-        core.receive_datagram(announce % token, ("10.1.2.4", 7000), 5.0)
-        self.assertEqual(sent(core)[0][0].code, 203)
-        core._random = os.urandom  # fresh secrets from now on
-        for now in (5.0, 5.0 + 301, 5.0 + 602):
-            core.tick(now)
-        core.receive_datagram(announce % token, ("10.1.2.3", 7000), 610.0)
-        self.assertEqual(sent(core)[0][0].code, 203)
-        self.assertEqual(core.stats["dht bad tokens"], 3)
-
-    def test_errors_and_unknown_methods(self):
-        core = quiet_core()
-        self.assertEqual(w.parse_krpc(b"d1:eli201e23:A Generic Error Ocurrede1:t2:aa1:y1:ee"),
-                         w.KrpcError(b"aa", 201, "A Generic Error Ocurred"))
-        core.receive_datagram(b"d1:ad2:id20:abcdefghij01234567896:target20:mnopqrstuvwxyz123456e"
-                              b"1:q3:get1:t2:aa1:y1:qe", HERE_ADDR, 1.0)
-        self.assertEqual(core.data_to_send(), [(b"d1:eli204e14:Method Unknowne1:t2:aa1:y1:ee", HERE_ADDR)])
-        core.receive_datagram(b"d1:ad2:id3:abce1:q4:ping1:t2:aa1:y1:qe", HERE_ADDR, 1.0)
-        self.assertEqual(core.data_to_send(), [(b"d1:eli203e6:bad ide1:t2:aa1:y1:ee", HERE_ADDR)])
-        for junk in (b"", b"le", b"d1:t2:aa1:y1:xe", b"d1:y1:qe", b"d1:t2:aa1:y1:q1:q4:pinge"):
-            core.receive_datagram(junk, HERE_ADDR, 1.0)
-        self.assertEqual(core.data_to_send(), [])
-        self.assertEqual(core.stats["dht malformed"], 5)
-        # an answer nobody asked for, or from another address than asked
-        core.receive_datagram(b"d1:rd2:id20:abcdefghij0123456789e1:t2:zz1:y1:re", HERE_ADDR, 1.0)
-        core.ping(("10.0.0.1", 1), 1.0)
-        [(ping, _)] = sent(core)
-        core.receive_datagram(bytes(w.KrpcResponse(ping.t, {"id": ASKER})), ("10.0.0.2", 1), 1.0)
-        self.assertEqual(core.stats["dht unexpected answers"], 2)
-        self.assertEqual(len(core.table), 0)
-
-    def test_lookup_and_announce_in_memory_both_ways(self):
-        for first, second in ((1, 2), (2, 1)):
-            net = DhtNet(3)
-            boot = net.addr(0)
-            for i in (1, 2):
-                net[i].bootstrap([boot], net.now)
-            net.pump()
-            info_hash = hashlib.sha1(b"swarm %d" % first).digest()
-            net[first].get_peers(info_hash, net.now, 5000 + first)
-            net.pump()
-            net[second].get_peers(info_hash, net.now)
-            net.pump()
-            self.assertEqual(net.peers_found(second, info_hash), {(net.addr(first)[0], 5000 + first)})
-            done = [e for e in net.events[net.addr(second)] if isinstance(e, w.DhtLookupDone)
-                    and e.target == info_hash]
-            self.assertEqual(done[0].peers, 1)
-            # every node now knows the two others
-            for i in range(3):
-                self.assertEqual(len(net[i].table), 2)
-
-    def test_lookup_walks_towards_the_target(self):
-        net = DhtNet(40)
-        for i in range(1, 40):
-            net[i].bootstrap([net.addr(0) if i < 20 else net.addr(i - 1)], net.now)
-            net.pump()
-        info_hash = hashlib.sha1(b"far away").digest()
-        net[39].get_peers(info_hash, net.now, 7777)
-        net.pump()
-        net[5].get_peers(info_hash, net.now)
-        net.pump()
-        self.assertEqual(net.peers_found(5, info_hash), {(net.addr(39)[0], 7777)})
-        holders = [i for i in range(40) if net[i]._store.get(info_hash, net.now)]
-        distance = sorted(range(40), key=lambda i: int.from_bytes(net[i].node_id, "big")
-                          ^ int.from_bytes(info_hash, "big"))
-        self.assertLessEqual(len(holders), w.DHT_K)
-        self.assertIn(distance[0], holders)  # the closest node holds the announce
-
-    def test_timeouts_failures_and_rate_limits(self):
-        net = DhtNet(3)
-        net[1].bootstrap([net.addr(0)], net.now)
-        net.pump()
-        self.assertEqual(len(net[1].table), 1)
-        for target in (b"x" * 20, b"y" * 20):  # node 0 stays silent: after two misses it is bad
-            net[1].get_peers(target, net.now)
-            for _ in range(5):
-                net.pump(1.0, lost={net.addr(0)})
-        self.assertEqual(net[1].stats["dht timeouts"], 2)
-        self.assertEqual(net[1].lookups, 0)
-        self.assertEqual(net[1].table.closest(b"x" * 20), [])
-        # a flood of queries from one address: a burst is answered, the rest dropped
-        core = quiet_core()
-        for i in range(1000):
-            core.receive_datagram(bytes(w.KrpcQuery(b"%d" % i, "ping", {"id": ASKER})), HERE_ADDR, 5.0)
-        answers = [m for m, _ in sent(core) if isinstance(m, w.KrpcResponse)]
-        self.assertEqual(len(answers), 2 * w.DHT_ANSWERS_PER_IP)
-        self.assertEqual(core.stats["dht rate limited"], 1000 - len(answers))
-        # our own queries are bounded too: in flight and per second
-        core = quiet_core()
-        for i in range(500):
-            core.ping(("10.0.%d.%d" % (i // 250, i % 250 + 1), 1), 10.0)
-        self.assertEqual(len(core.data_to_send()), w.DHT_QUERIES_PER_SECOND)
-        self.assertEqual(core.stats["dht queries deferred"], 500 - w.DHT_QUERIES_PER_SECOND)
-
-    def test_late_answer_to_an_ended_lookup_leaves_the_new_one_running(self):
-        net = DhtNet(3)
-        me, target = net[2], b"t" * 20
-        me.bootstrap([net.addr(0), net.addr(1)], net.now)
-        net.pump()
-        me.get_peers(target, net.now)
-        later = net.now + w.DHT_LOOKUP_SECONDS + 1
-        answers = []
-        for data, dst in me.data_to_send():  # answered, but the answers come late
-            net.cores[dst].receive_datagram(data, net.addr(2), later)
-            answers += [(reply, dst) for reply, _ in net.cores[dst].data_to_send()]
-        self.assertEqual(len(answers), 2)
-        me.receive_datagram(*answers[0], later)  # the first ends the lookup: its time is up
-        self.assertEqual(me.lookups, 0)
-        me.get_peers(target, later)  # a new lookup for the same target
-        me.receive_datagram(*answers[1], later)  # the old lookup's last answer
-        self.assertEqual(me.lookups, 1)
-
-    def test_peer_store_bounded_and_expiring(self):
-        core = quiet_core()
-        now = 1.0
-
-        def announce(info_hash, ip, port):
-            nonlocal now
-            now += 0.01
-            args = {"id": ASKER, "info_hash": info_hash, "port": port, "token": core._token(ip)}
-            core.receive_datagram(bytes(w.KrpcQuery(b"a", "announce_peer", args)), (ip, 1), now)
-            core.data_to_send()
-        for i in range(w.DHT_STORE_HASHES + 100):
-            announce(hashlib.sha1(b"%d" % i).digest(), "10.3.%d.%d" % (i // 250, i % 250 + 1), 1000)
-        busy = b"b" * 20
-        for i in range(w.DHT_STORE_PEERS + 50):
-            announce(busy, "10.4.%d.%d" % (i // 250, i % 250 + 1), 2000 + i)
-        self.assertEqual(len(core._store._hashes), w.DHT_STORE_HASHES)
-        self.assertEqual(len(core._store._hashes[busy]), w.DHT_STORE_PEERS)
-        newest = core._store.get(busy, now)
-        self.assertEqual(len(newest), w.DHT_MAX_VALUES)
-        self.assertEqual(newest[0][1], 2000 + w.DHT_STORE_PEERS + 49)  # most recent first
-        self.assertIsNone(core._store._hashes.get(hashlib.sha1(b"0").digest()))  # oldest forgotten
-        core.tick(now + w.DHT_PEER_TTL + 1)
-        self.assertEqual(len(core._store), 0)
-
-    def test_routing_table_bounded_ordered_and_spares(self):
-        rng = random.Random(5)
-        table = w.RoutingTable(OURS)
-        for i in range(20_000):
-            table.heard(rng.randbytes(20), ("10.%d.%d.%d" % (i >> 16, (i >> 8) & 255, i & 255), 1), 1.0)
-        self.assertLessEqual(len(table), 160 * w.DHT_K)
-        self.assertTrue(all(len(b) <= w.DHT_K for b in table.buckets))
-        self.assertEqual(len(table.buckets[0]), w.DHT_K)
-        target = rng.randbytes(20)
-        found = table.closest(target, 20)
-        key = int.from_bytes(target, "big")
-        distances = [int.from_bytes(c.id, "big") ^ key for c in found]
-        self.assertEqual(distances, sorted(distances))
-        self.assertEqual(found[0].id, min((c for b in table.buckets for c in b),
-                                          key=lambda c: int.from_bytes(c.id, "big") ^ key).id)
-        # a contact that misses twice gives way to a spare of its bucket
-        victim = table.buckets[0][0]
-        table.failed(victim.addr, 2.0)
-        self.assertIn(victim, table.buckets[0])
-        table.failed(victim.addr, 2.0)
-        self.assertNotIn(victim, table.buckets[0])
-        self.assertEqual(len(table.buckets[0]), w.DHT_K)
-        for index in (0, 7, 159):
-            self.assertEqual(table.index(table.random_id(index, rng.randbytes(20))), index)
-        self.assertIsNone(table.heard(OURS, ("10.0.0.1", 1), 1.0))  # never ourselves
-
-    def test_node_id_follows_the_seed_and_config(self):
-        seed = VECTORS["keys"]["worker"]["seed_bs58check"]
-        self.assertEqual(w.dht_node_id(seed), w.dht_node_id(seed))
-        self.assertNotEqual(w.dht_node_id(seed), w.dht_node_id(VECTORS["keys"]["master"]["seed_bs58check"]))
-        self.assertEqual(len(w.dht_node_id(seed)), 20)
-        default = w.Bugout("cfg", lsd=False)
-        self.assertTrue(default.dht)
-        self.assertEqual(default.dht_bootstrap, ["router.bittorrent.com:6881", "router.utorrent.com:6881",
-                                                 "dht.transmissionbt.com:6881"])
-        base = {"token": "t" * 20, "transferEncryptToken": KEY, "LOG_LEVEL": "warn"}
-        env = {**base, "dht": "false",
-               "dhtBootstrap": "127.0.0.1:1, 127.0.0.1:2", "dhtPort": "7001", "seed": seed}
-        worker = w.Worker(env=env, folder=tempfile.gettempdir())
-        self.assertEqual((worker.node.dht, worker.node.dht_bootstrap, worker.node.dht_port),
-                         (False, ["127.0.0.1:1", "127.0.0.1:2"], 7001))
-        self.assertTrue(w.Worker(env=base).node.dht)
-        from master import Master
-        self.assertFalse(Master(env={**base, "dht": "0"}).node.dht)
-        self.assertTrue(Master(env=base).node.dht)
-        with self.assertRaises(w.WorkerError):
-            w.Bugout("cfg", dht_bootstrap=["no-port"])
-
-    def test_wire_dht_bit_and_port_message(self):
-        infohash, _ = w.infohash_of(IDENT)
-        ours = w.PeerWire(infohash, b"-QP0100-aaaaaaaaaaaa", {"m": {}}, initiator=True, dht_port=6881)
-        theirs = w.PeerWire(infohash, b"-WW0109-AAAAAAAAAAAA", {"m": {}}, initiator=False, dht_port=40000)
-        pump(ours, theirs)
-        self.assertEqual(ours.remote_reserved[7] & 1, 1)
-        self.assertIn(w.DhtPort(40000), ours.events_received())
-        self.assertIn(w.DhtPort(6881), theirs.events_received())
-        plain = w.PeerWire(infohash, b"-QP0100-bbbbbbbbbbbb", {"m": {}}, initiator=True)
-        other = w.PeerWire(infohash, b"-WW0109-BBBBBBBBBBBB", {"m": {}}, initiator=False, dht_port=40000)
-        pump(plain, other)
-        self.assertNotIn(w.DhtPort(40000), plain.events_received())  # no DHT bit: no port message
-
-
-# DHT: generated bad input ###################################################
-
-_KRPC_KEYS = ["t", "y", "q", "a", "r", "e", "id", "target", "info_hash", "token", "port",
-              "implied_port", "values", "nodes", "ro", "v"]
-
-
-def krpc_seeds():
-    ids = [hashlib.sha1(b"%d" % i).digest() for i in range(4)]
-    nodes = b"".join(i + bytes([127, 0, 0, n + 1]) + struct.pack(">H", 6000 + n) for n, i in enumerate(ids))
-    values = [bytes([10, 0, 0, n]) + struct.pack(">H", 7000 + n) for n in range(3)]
-    messages = [w.KrpcQuery(b"aa", "ping", {"id": ids[0]}),
-                w.KrpcQuery(b"ab", "find_node", {"id": ids[1], "target": ids[2]}),
-                w.KrpcQuery(b"ac", "get_peers", {"id": ids[1], "info_hash": ids[3]}),
-                w.KrpcQuery(b"ad", "announce_peer", {"id": ids[2], "info_hash": ids[3], "port": 6881,
-                                                     "token": b"12345678", "implied_port": 1}),
-                w.KrpcQuery(b"ae", "get", {"id": ids[2], "target": ids[0]}),
-                w.KrpcResponse(b"\0\1", {"id": ids[0], "nodes": nodes, "values": values, "token": b"tok"}),
-                w.KrpcError(b"aa", 201, "A Generic Error Ocurred")]
-    return [bytes(m) for m in messages]
-
-
-def random_krpc(rng, depth=0):
-    """A random bencodable value shaped like KRPC: its keys, odd types and sizes."""
-    kind = rng.randrange(6 if depth < 3 else 3)
-    if kind == 0:
-        return rng.choice([0, 1, -1, 6881, 65535, 65536, 1 << 40])
-    if kind == 1:
-        return rng.randbytes(rng.choice([0, 1, 2, 6, 8, 19, 20, 21, 26, 52, 300]))
-    if kind == 2:
-        return rng.choice([b"q", b"r", b"e", b"ping", b"find_node", b"get_peers", b"announce_peer"])
-    if kind == 3:
-        return [random_krpc(rng, depth + 1) for _ in range(rng.randrange(5))]
-    return {rng.choice(_KRPC_KEYS): random_krpc(rng, depth + 1) for _ in range(rng.randrange(6))}
-
-
-def random_body(rng):
-    """Arguments or answer values: the right keys, often the right sizes, sometimes not."""
-    body = {k: random_krpc(rng) for k in rng.sample(_KRPC_KEYS[6:], rng.randrange(1, 6))}
-    for key in ("id", "target", "info_hash"):
-        if rng.random() < 0.7:
-            body[key] = rng.randbytes(20)
-    if rng.random() < 0.3:
-        body["nodes"] = rng.randbytes(26 * rng.randrange(12) + rng.choice([0, 0, 1, 25]))
-    return body
-
-
-def random_message(rng, t=None):
-    """A message with a sound envelope (t, y) and random contents."""
-    y = rng.choice([b"q", b"q", b"r", b"e"]) if t is None else rng.choice([b"r", b"r", b"r", b"e"])
-    message = {"t": t or rng.randbytes(rng.randint(1, 4)), "y": y}
-    if y == b"q":
-        message.update(q=rng.choice([b"ping", b"find_node", b"get_peers", b"announce_peer", b"x"]),
-                       a=random_body(rng))
-    elif y == b"r":
-        message["r"] = random_body(rng)
-    else:
-        message["e"] = rng.choice([[201, b"x"], [], [b"x"], random_krpc(rng)])
-    if rng.random() < 0.1:
-        message[rng.choice(_KRPC_KEYS)] = random_krpc(rng)
-    return w.bencode(message)
-
-
-def krpc_inputs(core, count, rng):
-    """Mutated valid messages, random messages, and random answers to our pending queries."""
-    mutated = mutations(krpc_seeds(), count, rng)
-    for i in range(count):
-        addr = ("10.0.%d.%d" % (i % 7, i % 61 + 1), 6881)
-        if i % 3 == 0:
-            yield next(mutated), addr
-        elif i % 3 == 1 or not core._pending:
-            yield random_message(rng), addr
-        else:
-            t, pending = rng.choice(list(core._pending.items()))
-            yield random_message(rng, t), pending.addr
-
-
-class TestKrpcBadInput(unittest.TestCase):
-    def test_12000_generated_inputs(self):
-        rng = random.Random(2024)
-        core = w.DhtCore(OURS)
-        core.bootstrap([("10.2.0.%d" % i, 6881) for i in range(1, 9)], 0.0)
-        now, count, undecodable = 0.0, 0, 0
-        for data, addr in krpc_inputs(core, 12_000, rng):
-            try:
-                w.parse_krpc(data)
-            except w.DecodeError:
-                undecodable += 1
-            core.receive_datagram(data, addr, now)  # never raises
-            core.data_to_send()
-            core.events_received()
-            count += 1
-            now += 0.01
-            if count % 50 == 0:
-                core.tick(now)
-                core.get_peers(rng.randbytes(20), now, 6881)
-        self.assertEqual(count, 12_000)
-        self.assertEqual(core.stats["dht malformed"], undecodable)
-        self.assertGreater(undecodable, 3_000)
-        self.assertGreater(core.stats["dht queries answered"], 500)
-        self.assertGreater(core.stats["dht errors sent"], 500)
-        self.assertGreater(core.stats["dht queries sent"], 500)
-        self.assertLessEqual(len(core._pending), w.DHT_MAX_PENDING)
-        self.assertLessEqual(core.lookups, w.DHT_MAX_LOOKUPS)
-        self.assertLessEqual(len(core.table), 160 * w.DHT_K)
-        self.assertLessEqual(len(core._store), w.DHT_STORE_HASHES * w.DHT_STORE_PEERS)
-
-
-# DHT: real sockets and real JS DHT nodes ####################################
-
-class TestDhtLoopback(unittest.TestCase):
-    def test_two_python_nodes_through_a_python_bootstrap_node(self):
-        async def scenario():
-            boot = await w.Dht(hashlib.sha1(b"boot").digest(), host="127.0.0.1", bootstrap=()).start()
-            where = ["127.0.0.1:%d" % boot.port]
-            a = await py_node("dht-swarm", dht=True, dht_bootstrap=where)
-            await until(lambda: boot.stats["dht announces stored"], 10)
-            started = time.monotonic()
-            b = await py_node("dht-swarm", dht=True, dht_bootstrap=where)
-            await until(lambda: a.address in b.peers and b.address in a.peers, 20)
-            found = time.monotonic() - started
-            self.assertEqual(await b.rpc(a.address, "echo", {"via": "dht"}), {"via": "dht", "echoedBy": "py"})
-            self.assertEqual(await a.rpc(b.address, "echo", {}), {"echoedBy": "py"})
-            await until(lambda: boot.stats["dht announces stored"] >= 2, 10)
-            # the DHT bit and port message: each node's DHT knows the other's
-            await until(lambda: len(a._dht.core.table) == 2 and len(b._dht.core.table) == 2, 10)
-            self.assertEqual(a._dht.port, a.port)  # the TCP port's number, one port to forward
-            await b.close()
-            await a.close()
-            await boot.close()
-            await boot.close()  # idempotent
-            return found
-        found = run(scenario())
-        print("\n  DHT: python found python through a python bootstrap node in %.3f s" % found,
-              file=sys.stderr)
-        self.assertLess(found, 10)
-
-
-DHT_JS_CHILD = """
-import asyncio, hashlib, json, time, test_worker as t, worker as w
-async def main():
-    ident = "dht-js-swarm"
-    boot = await t.JsProcess("dht-node.js", {}).start()
-    where = "127.0.0.1:%d" % boot.ready["port"]
-    js = await t.JsProcess("peer.js", {"BO_ID": ident, "BO_MODE": "dht", "BO_DHT_BOOTSTRAP": where}).start()
-    await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == js.ready["port"], 20)
-    start = time.monotonic()
-    py = await w.Bugout(ident, host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], trackers=[]).start()
-    py.register("echo", lambda a, args: {**args, "echoedBy": "py"})
-    await t.until(lambda: js.ready["address"] in py.peers, 30)
-    found = time.monotonic() - start
-    echo = await py.rpc(js.ready["address"], "echo", {"dht": True})
-    js.send(cmd="rpc", id=1, address=py.address, call="echo", args={"from": "js"})
-    back = (await js.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 1))["result"]
-    ours = await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == py.port, 20)
-    # a JS DHT client bootstrapped from the Python node: find_node, get_peers, announce_peer
-    client = await t.JsProcess("dht-node.js", {"DHT_BOOTSTRAP": "127.0.0.1:%d" % py._dht.port}).start()
-    topic = hashlib.sha1(b"topic").hexdigest()
-    client.send(cmd="announce", id=1, infoHash=topic, port=4242)
-    announced = await client.wait_for(lambda e: e["event"] == "announced", 20)
-    stored = py._dht.core._store.get(bytes.fromhex(topic), time.monotonic())
-    client.send(cmd="lookup", id=2, infoHash=topic)
-    peer = await client.wait_for(lambda e: e["event"] == "peer" and e["fromPort"] == py._dht.port, 20)
-    stats = dict(py._dht.stats)
-    await py.close(); await js.close(); await client.close(); await boot.close()
-    print(json.dumps({"found_s": found, "echo": echo, "back": back, "ours": ours, "announced": announced,
-                      "stored": stored, "peer": peer, "stats": stats, "js_port": js.ready["port"]}))
-asyncio.run(main())
-"""
-
-MASTER_TASK = '''\
-import json
-
-
-class Task:
-    def run(self, job):
-        return {"double": json.loads(job["data"])["x"] * 2}
-'''
-
-DHT_MASTER_CHILD = """
-import asyncio, json, os, pathlib, tempfile, time, test_worker as t, worker as w
-async def main():
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="qx-dht-"))
-    (tmp / "task.py").write_text(t.MASTER_TASK)
-    (tmp / "assets.json").write_text(json.dumps({"files": [{"masterPath": str(tmp / "task.py"),
-        "name": "task.py", "workerPath": "/workplace/task.py"}], "dependencies": []}))
-    boot = await t.JsProcess("dht-node.js", {}).start()
-    where = "127.0.0.1:%d" % boot.ready["port"]
-    master = await t.JsProcess("master.js", {"QX_TOKEN": "dht-flow-token-0123456789", "QX_KEY": t.KEY,
-        "QX_JOBS": "20", "QX_ASSETS": str(tmp / "assets.json"), "QX_DHT_BOOTSTRAP": where}).start()
-    await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == master.ready["port"], 20)
-    worker = w.Worker("dht-flow-token-0123456789", "dht-worker", "warn", t.KEY, env={}, folder=tmp / "w",
-                      host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], get_batch=True, batch_size=5,
-                      trackers=[])
-    start = time.monotonic()
-    await worker.start()
-    await t.until(lambda: worker.master is not None, 30)
-    found = time.monotonic() - start
-    results = []
-    while len(results) < 20:
-        results.append((await master.wait_for(lambda e: e["event"] == "result" and e not in results, 60)))
-    elapsed = time.monotonic() - start
-    await worker.stop(); await master.close(); await boot.close()
-    print(json.dumps({"found_s": found, "all_s": elapsed, "results": [r["result"] for r in results],
-                      "master": master.ready["address"], "worker": worker.address,
-                      "lsd": worker.node.lsd}))
-asyncio.run(main())
-"""
-
-DHT_LATE_MASTER_CHILD = """
-import asyncio, json, pathlib, tempfile, time, test_worker as t, worker as w
-w.DHT_LOOKUP_AT, w.DHT_LOOKUP_ALONE = (0.0, 1.0), 1.0  # the schedule, shortened for the test
-async def main():
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="qx-dht-"))
-    boot = await t.JsProcess("dht-node.js", {}).start()
-    where = "127.0.0.1:%d" % boot.ready["port"]
-    worker = w.Worker("dht-late-token-0123456789", "late", "warn", t.KEY, env={}, folder=tmp / "w",
-                      host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], trackers=[])
-    await worker.start()
-    await asyncio.sleep(2.5)
-    assert worker.master is None
-    master = await t.JsProcess("master.js", {"QX_TOKEN": "dht-late-token-0123456789", "QX_KEY": t.KEY,
-                                             "QX_DHT_BOOTSTRAP": where}).start()
-    start = time.monotonic()
-    await t.until(lambda: worker.master is not None, 20)
-    found, adopted = time.monotonic() - start, worker.master
-    await worker.stop(); await master.close(); await boot.close()
-    print(json.dumps({"found_s": found, "master": adopted, "js": master.ready["address"]}))
-asyncio.run(main())
-"""
-
-
-class TestDhtJs(unittest.TestCase):
-    def setUp(self):
-        js_ready()
-        need((INTEROP / "node_modules" / "bittorrent-dht").is_dir(), "run npm ci in interop/")
-
-    def test_python_and_js_peers_meet_through_a_js_dht(self):
-        out = in_namespace(DHT_JS_CHILD)
-        self.assertEqual(out["echo"], {"dht": True, "echoedBy": "js"})
-        self.assertEqual(out["back"], {"from": "js", "echoedBy": "py"})
-        self.assertEqual(out["announced"]["error"], None)  # JS announce_peer to Python: accepted
-        self.assertEqual(out["stored"], [["127.0.0.1", 4242]])
-        self.assertEqual(out["peer"]["port"], 4242)  # JS get_peers answered from our store
-        self.assertGreaterEqual(out["stats"]["dht queries answered"], 3)
-        self.assertNotIn("dht malformed", out["stats"])
-        print("\n  DHT: python found the JS peer through a JS bootstrap node in %.3f s" % out["found_s"],
-              file=sys.stderr)
-        self.assertLess(out["found_s"], 30)
-
-    def test_job_flow_with_a_js_master_found_over_the_dht(self):
-        out = in_namespace(DHT_MASTER_CHILD, timeout=150)
-        self.assertFalse(out["lsd"])
-        self.assertEqual(sorted(r["jobID"] for r in out["results"]), list(range(20)))
-        for r in out["results"]:
-            self.assertEqual(r["data"], {"double": r["jobID"] * 2})
-            self.assertEqual(r["worker"], {"id": out["worker"], "name": "dht-worker"})
-        print("\n  DHT: worker found the JS master in %.3f s, 20 jobs done in %.3f s"
-              % (out["found_s"], out["all_s"]), file=sys.stderr)
-        self.assertLess(out["found_s"], 30)
-
-    def test_master_started_later_is_found_by_a_later_lookup(self):
-        out = in_namespace(DHT_LATE_MASTER_CHILD)
-        self.assertEqual(out["master"], out["js"])
-        self.assertLess(out["found_s"], 20)
-
-
-# Tasks in child processes (issue 12) ########################################
-
-# What each row of issue 12's table did to a worker, and more, on request.
-TRICKY_TASK_PY = '''\
-import ctypes
-import json
-import os
-import signal
-import threading
-import time
-from pathlib import Path
-
-
-def meet(folder, deadline=15.0):
-    """True once a partner job has come to ``folder`` too: both ran at once."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    (Path(folder) / str(os.getpid())).touch()
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if len(list(Path(folder).iterdir())) >= 2:
-            return True
-        time.sleep(0.01)
-    return False
-
-
-class Task:
-    def run(self, job):
-        data = json.loads(job["data"])
-        do = data.get("do")
-        if do == "exit":
-            os._exit(3)
-        if do == "segfault":
-            ctypes.string_at(0)  # a crash in a C extension
-        if do == "oom-kill":
-            os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer sends
-        if do == "nan":
-            return {"x": float("nan")}
-        if do == "infinity":
-            return [float("inf")]
-        if do == "set":
-            return {1, 2}
-        if do == "patch-json":
-            json.dumps = lambda *args, **kwargs: "NaN"
-            json.JSONEncoder.encode = lambda *args, **kwargs: "NaN"
-            return "patched"
-        if do == "thread":
-            threading.Thread(target=time.sleep, args=(3600,)).start()  # not a daemon
-            return "thread started"
-        if do == "allocate":
-            return len(b"x" * (data["mb"] << 20))  # every page touched
-        if do == "spin":
-            Path(data["pidfile"]).write_text(str(os.getpid()))
-            while True:
-                pass
-        if do == "meet":
-            return {"met": meet(data["folder"]), "pid": os.getpid()}
-        return {"pid": os.getpid(), "x": data.get("x")}
-'''
-
-TRICKY_TASK_JS = """\
-const fs = require('fs');
-const path = require('path');
-
-async function meet(folder) {
-  fs.mkdirSync(folder, { recursive: true });
-  fs.writeFileSync(path.join(folder, String(process.pid)), '');
-  const end = Date.now() + 15000;
-  while (Date.now() < end) {
-    if (fs.readdirSync(folder).length >= 2) return true;
-    await new Promise((resolve) => setTimeout(resolve, 10));
-  }
-  return false;
-}
-
-class Task {
-  async run(job) {
-    const data = JSON.parse(job.data);
-    if (data.do === 'exit') process.exit(3);
-    if (data.do === 'spin') {
-      fs.writeFileSync(data.pidfile, String(process.pid));
-      for (;;);
-    }
-    if (data.do === 'heap') {
-      const kept = [];
-      for (;;) kept.push({ x: Math.random(), s: `abc${kept.length}` });
-    }
-    if (data.do === 'buffer') return Buffer.alloc(2000 * 1024 * 1024).length;
-    if (data.do === 'meet') return { met: await meet(data.folder), pid: process.pid };
-    return { pid: process.pid, x: data.x };
-  }
-}
-
-module.exports = Task;
-"""
-
-
-def push_jobs(cluster, jobs, start=0):
-    """Queue ``jobs`` (dicts, the job's data) with ids from ``start``; return the ids.
-
-    The JS rule hands out a batch only while more jobs wait than ``batchSize``:
-    with ``batchSize=len(jobs) - 1``, all but the last come in one batch.
-    """
-    for i, data in enumerate(jobs, start):
-        cluster.master.push_new_job({"id": i, "data": json.dumps(data)})
-    return list(range(start, start + len(jobs)))
-
-
-def alive(pid):
-    """True while process ``pid`` exists and is not a zombie."""
-    try:
-        return Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def peak_rss_mb(pid):
-    for line in Path("/proc/%d/status" % pid).read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-class WorkerPy:
-    """``python worker.py`` in a folder of its own (its .env on loopback), output in a file."""
-
-    def __init__(self, tmp, cluster, name="wp", **keys):
-        self.folder = Path(tmp) / name
-        self.folder.mkdir()
-        keys.setdefault("LOG_LEVEL", "info")
-        write_loopback_env(self.folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port, **keys)
-        self._out = (self.folder / "out.log").open("wb")
-
-    async def start(self, procs):
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, WORKER_PY, cwd=self.folder, env=clean_env(), stdout=self._out,
-                stderr=subprocess.STDOUT)
-        finally:
-            self._out.close()  # the worker has its own copy
-        procs.append(self.proc)
-        return self
-
-    def output(self):
-        return (self.folder / "out.log").read_text(errors="replace")
-
-    async def sigterm(self, timeout):
-        """SIGTERM; the exit code, which must come within ``timeout`` seconds."""
-        self.proc.send_signal(15)
-        return await asyncio.wait_for(self.proc.wait(), timeout)
-
+# Worker: tasks in child processes (issue 12) ################################
 
 class TestTaskProcesses(unittest.TestCase):
     """Issue 12: task.py and task.js in child processes, through real ``python worker.py``."""
@@ -3877,131 +4301,7 @@ class TestTaskProcesses(unittest.TestCase):
             self.assertTrue("\n%s=" % key in (HERE / ".env.example").read_text(), key)
 
 
-# task.js through Node (issue 6) #############################################
-
-NPM = shutil.which("npm")
-
-DEP_INDEX_JS = "module.exports = { add: (a, b) => a + b, version: require('./package.json').version };\n"
-
-# In the style of the JS Master's examples/basic/task.js, with an npm dependency.
-BASIC_TASK_JS = """\
-const dep = require('qx-demo-dep');
-
-class Task {
-  constructor() {
-    this.data = null;
-  }
-
-  async run(job) {
-    this.data = JSON.parse(job.data);
-    return { sum: dep.add(this.data.x, this.data.y), dep: dep.version };
-  }
-}
-
-module.exports = Task;
-"""
-
-# A plain (not async) run that throws, rejects, logs or exits when the job asks.
-EDGE_TASK_JS = """\
-class Task {
-  run(job) {
-    const data = JSON.parse(job.data);
-    if (data.throw) throw new TypeError(`thrown by job ${job.id}`);
-    if (data.reject) return Promise.reject(new RangeError(`rejected by job ${job.id}`));
-    if (data.log) console.log(`console.log from job ${job.id}`);
-    if (data.exit) {
-      console.error(`job ${job.id} exits`);
-      process.exit(3);
-    }
-    return { sum: data.x + data.y, pid: process.pid };
-  }
-}
-
-module.exports = Task;
-"""
-
-VERSION_TASK_JS = """\
-module.exports = class Task {
-  run(job) {
-    return { version: %d, pid: process.pid };
-  }
-};
-"""
-
-_npm_env: dict = {}
-
-
-def offline_npm():
-    """Environment for an npm that installs ``qx-demo-dep`` offline, from its cache."""
-    need(NODE, "node is not installed")
-    need(NPM, "npm is not installed")
-    if not _npm_env:
-        import atexit
-        root = Path(tempfile.mkdtemp(prefix="qx-npm-"))
-        atexit.register(shutil.rmtree, root, True)
-        _npm_env.update(_prime_npm_cache(root))
-    return dict(_npm_env)
-
-
-def _prime_npm_cache(root):
-    """Pack qx-demo-dep 1.0.0 from a folder and put it in a fresh npm cache.
-
-    A registry on 127.0.0.1 serves it once to ``npm cache add`` and stops; from
-    then on npm runs with ``npm_config_offline=true`` and never asks a registry.
-    """
-    package = root / "qx-demo-dep"
-    package.mkdir()
-    (package / "package.json").write_text(json.dumps({"name": "qx-demo-dep", "version": "1.0.0",
-                                                      "main": "index.js"}))
-    (package / "index.js").write_text(DEP_INDEX_JS)
-    env = {"npm_config_cache": str(root / "cache"), "npm_config_offline": "true",
-           "npm_config_update_notifier": "false", "npm_config_audit": "false",
-           "npm_config_fund": "false"}
-    subprocess.run([NPM, "pack", str(package)], cwd=root, env=dict(os.environ, **env), check=True,
-                   capture_output=True, timeout=120)
-    server = _loopback_registry((root / "qx-demo-dep-1.0.0.tgz").read_bytes())
-    env["npm_config_registry"] = "http://127.0.0.1:%d/" % server.server_address[1]
-    try:
-        subprocess.run([NPM, "cache", "add", "qx-demo-dep@1.0.0"], cwd=root, check=True,
-                       env=dict(os.environ, **{**env, "npm_config_offline": "false"}),
-                       capture_output=True, timeout=120)
-    finally:
-        server.shutdown()
-        server.server_close()
-    return env
-
-
-def _loopback_registry(tarball):
-    """A one-package npm registry on 127.0.0.1, serving in a thread."""
-    import base64
-    import http.server
-    import threading
-
-    class Registry(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            base = "http://127.0.0.1:%d" % self.server.server_address[1]
-            body = tarball if self.path.endswith(".tgz") else json.dumps({
-                "name": "qx-demo-dep", "dist-tags": {"latest": "1.0.0"},
-                "versions": {"1.0.0": {"name": "qx-demo-dep", "version": "1.0.0", "main": "index.js", "dist": {
-                    "tarball": base + "/qx-demo-dep/-/qx-demo-dep-1.0.0.tgz",
-                    "shasum": hashlib.sha1(tarball).hexdigest(),
-                    "integrity": "sha512-" + base64.b64encode(hashlib.sha512(tarball).digest()).decode()}}}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Registry)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
-def patched_environ(values):
-    return mock.patch.dict(os.environ, values)
-
+# Worker: task.js through Node (issue 6) #####################################
 
 class TestTaskJs(unittest.TestCase):
     """task.js from unchanged JS masters: a node child, npm dependencies."""
@@ -4206,68 +4506,644 @@ class TestTaskJs(unittest.TestCase):
             run(scenario(tmp))
 
 
-class TestTaskJsSafety(unittest.TestCase):
-    def test_npm_package_names(self):
-        for good in ["moment", "big.js", "lodash@4.17.21", "@scope/pkg", "@scope/pkg@^1.2.0", "JSONStream",
-                     "pkg@latest", "pkg@>=1.0.0 <2", "pkg@~1.2.x", "pkg@1.x || 2.x", "pkg@1.2.3 - 2.0.0"]:
-            self.assertEqual(w.check_npm_package(good), good)
-        for bad in ["", None, 3, "-g", "--registry=http://evil", "http://x/y.tgz", "git+https://github.com/a/b",
-                    "github:a/b", "a/b", "./local", "../x", "/abs", "file:../x", "pkg@file:../x", "pkg@npm:other",
-                    "pkg@git+ssh://x", "pkg@http://x/y", ".hidden", "_under", "pkg@", "a b", "pkg@1.0.0#x",
-                    "@scope/", "@/x", "pkg@1 --registry=x", "x" * 300]:
-            with self.assertRaises(w.UnsafeAsset, msg=bad):
-                w.check_npm_package(bad)
+# The Worker #################################################################
 
-    def test_runner_file_is_protected(self):
+class TestWorkerFlow(unittest.TestCase):
+    def run_jobs(self, get_batch, count=500):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            cluster.push(count)
+            worker = await cluster.worker(get_batch=get_batch, batch_size=10).start()
+            await cluster.until_results(count)
+            await worker.sync_assets()
+            self.assertEqual(cluster.statuses, ["changed", "same"])
+            self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(count)))
+            for r in cluster.results:
+                self.assertEqual(r["data"], {"sum": (r["jobID"] + 1) * 2})
+                self.assertEqual(r["worker"], {"id": worker.address, "name": "w1"})
+            self.assertTrue((Path(tmp) / "w1/workplace/data/conf/factor.json").is_file())
+            await worker.stop()
+            await cluster.master.close()
+            return cluster
         with tempfile.TemporaryDirectory() as tmp:
-            for bad in ["/" + w.NODE_RUNNER_NAME, w.NODE_RUNNER_NAME]:
-                with self.assertRaises(w.UnsafeAsset, msg=bad):
-                    w.safe_asset_path(Path(tmp), bad)
+            return run(scenario(tmp), 120)
 
+    def test_500_jobs_unbatched(self):
+        self.run_jobs(False)
+
+    def test_500_jobs_batched(self):
+        cluster = self.run_jobs(True)
+        self.assertGreaterEqual(cluster.master.stats["jobs handed out"], 500)
+
+    def test_failing_task_gives_error_results_and_goes_on(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            cluster.push(3, fail=True)
+            cluster.push(3, start=3)
+            worker = await cluster.worker(get_batch=True, batch_size=2).start()
+            await cluster.until_results(6)
+            by_id = {r["jobID"]: r for r in cluster.results}
+            for i in range(3):
+                self.assertIsNone(by_id[i]["data"])
+                self.assertEqual(by_id[i]["error"]["type"], "ValueError")
+                self.assertEqual(by_id[i]["error"]["message"], "boom %d" % i)
+                self.assertIn("Traceback", by_id[i]["error"]["traceback"])
+            for i in range(3, 6):
+                self.assertEqual(by_id[i]["data"], {"sum": (i + 1) * 2})
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_timeout_exit_and_an_async_task_keeping_its_loop(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp, files={"/workplace/task.py": LOOP_TASK_PY}).start()
+            cluster.push(2)
+            cluster.push(1, 2, exit=3)
+            cluster.push(1, 3, hang=30)
+            cluster.push(1, 4)
+            worker = await cluster.worker(job_timeout=1.0).start()
+            await cluster.until_results(5, 30)
+            by_id = {r["jobID"]: r for r in cluster.results}
+            first = by_id[0]["data"]["pid"]
+            self.assertEqual([by_id[i]["data"] for i in (0, 1)], [{"same_loop": True, "pid": first}] * 2)
+            self.assertEqual(by_id[2]["error"]["type"], "SystemExit")
+            self.assertEqual(by_id[2]["error"]["message"], "3")
+            self.assertEqual(by_id[3]["error"]["type"], "TimeoutError")
+            self.assertTrue(by_id[4]["data"]["same_loop"])  # ran, in a new child with a loop of its own
+            self.assertNotEqual(by_id[4]["data"]["pid"], first)
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_assets_that_cannot_be_written_are_an_error_not_a_stop(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            (Path(tmp) / "master/x").write_text("a file, and a folder below")
+            cluster.master.exec_assets["files"] += [  # the second cannot be written
+                {"masterPath": "/x", "name": "x", "workerPath": "/workplace/x"},
+                {"masterPath": "/x", "name": "y", "workerPath": "/workplace/x/y"}]
+            worker = cluster.worker()
+            with self.assertLogs("worker", "ERROR") as logs:
+                await worker.start()
+                await until_logged(logs, "cannot write the assets")
+            self.assertFalse((Path(tmp) / "w1/workplace/task.py").exists())
+            self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_unsafe_assets_write_nothing(self):
+        cases = [{"/../evil.py": "x", "/workplace/task.py": TASK_PY},
+                 {"/.env": "token=stolen", "/workplace/task.py": TASK_PY},
+                 {"/workplace/task.py": TASK_PY, "/workplace/../../x.py": "x"}]
+        for files in cases:
+            async def scenario(tmp, files=files):
+                cluster = Cluster(tmp, files={"/workplace/task.py": TASK_PY})
+                listed = [{"masterPath": "/workplace/task.py", "name": Path(p).name, "workerPath": p}
+                          for p in files]
+                cluster.master.exec_assets["files"] = listed
+                await cluster.start()
+                worker = cluster.worker()
+                with self.assertLogs("worker", "ERROR") as logs:
+                    await worker.start()
+                    await until_logged(logs, "refused")
+                self.assertEqual(sorted(p.name for p in (Path(tmp) / "w1").iterdir()
+                                        if not p.name.startswith(w.JOURNAL_NAME)), [])
+                self.assertFalse((Path(tmp) / "evil.py").exists())
+                await worker.stop()
+                await cluster.master.close()
+            with tempfile.TemporaryDirectory() as tmp:
+                run(scenario(tmp))
+
+    def test_bad_dependency_refused(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp, deps=["--index-url=http://evil/ x"]).start()
+            worker = cluster.worker()
+            with self.assertLogs("worker", "ERROR") as logs:
+                await worker.start()
+                await until_logged(logs, "refused")
+            self.assertFalse((Path(tmp) / "w1/workplace").exists())
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_dependency_from_local_wheel(self):
+        async def scenario(tmp):
+            wheels = Path(tmp) / "wheels"
+            make_wheel(wheels, "qxdemo_dep", "1.2.0", "VALUE = 41\n")
+            files = dict(DEFAULT_FILES)
+            files["/workplace/task.py"] = ("import qxdemo_dep\n\nclass Task:\n    def run(self, job):\n"
+                                           "        return qxdemo_dep.VALUE + 1\n")
+            cluster = await Cluster(tmp, files=files, deps=["qxdemo-dep==1.2.0"]).start()
+            cluster.push(2)
+            worker = await cluster.worker().start()
+            await cluster.until_results(2, timeout=120)
+            self.assertEqual([r["data"] for r in cluster.results], [42, 42])
+            self.assertTrue(any((Path(tmp) / "w1/.deps").glob("qxdemo_dep*")))
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            old = {k: os.environ.get(k) for k in ("PIP_NO_INDEX", "PIP_FIND_LINKS")}
+            os.environ.update(PIP_NO_INDEX="1", PIP_FIND_LINKS=str(Path(tmp) / "wheels"))
+            try:
+                run(scenario(tmp), 180)
+            finally:
+                for k, v in old.items():
+                    os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+    def test_dependency_that_cannot_install_is_a_clear_error_and_retried(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp, deps=["qx-no-such-package==9.9"]).start()
+            cluster.push(1)
+            worker = cluster.worker()
+            with patched_environ({"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(Path(tmp) / "nowhere")}), \
+                    self.assertLogs("worker", "ERROR") as logs:
+                await worker.start()
+                await until_logged(logs, "pip could not install", 120)
+            self.assertIn("qx-no-such-package==9.9", "\n".join(logs.output))
+            self.assertEqual(cluster.results, [])
+            self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
+            # the package appears (the network is back): the next sync installs it, and jobs run
+            make_wheel(Path(tmp) / "wheels", "qx_no_such_package", "9.9", "VALUE = 1\n")
+            with patched_environ({"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(Path(tmp) / "wheels")}):
+                self.assertTrue(await worker.sync_assets())
+            self.assertTrue(any((Path(tmp) / "w1/.deps").glob("qx_no_such_package*")))
+            await cluster.until_results(1)
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp), 180)
+
+    def test_wrong_key_is_reported_no_crash(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            cluster.push(2)
+            worker = cluster.worker(key="z" * 32)
+            with self.assertLogs("worker", "ERROR") as logs:
+                await worker.start()
+                await until_logged(logs, "transferEncryptToken probably differs")
+            self.assertEqual(cluster.results, [])
+            self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_master_restarts_worker_goes_on(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            cluster.push(20)
+            worker = await cluster.worker().start()
+            await cluster.until_results(20)
+            port = cluster.master.port
+            await cluster.master.close()
+            from master import Master
+            second = []
+            files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
+            master2 = Master(cluster.token, {"files": files, "dependencies": []}, second.append,
+                             None, KEY, folder=Path(tmp) / "master", env={}, host="127.0.0.1",
+                             port=port, lsd=False, dht=False, trackers=[])
+            await master2.start()
+            for i in range(100, 110):
+                master2.push_new_job({"id": i, "data": json.dumps({"x": i})})
+            await until(lambda: len(second) >= 10, 60)
+            self.assertEqual(sorted(r["jobID"] for r in second), list(range(100, 110)))
+            await worker.stop()
+            await master2.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp), 90)
+
+    def test_restart_with_same_assets_downloads_nothing(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            first = await cluster.worker().start()
+            await until(lambda: first._runner is not None)
+            await first.stop()
+            second = await cluster.worker().start()
+            await until(lambda: second._runner is not None)
+            self.assertEqual(cluster.statuses, ["changed", "same"])
+            await second.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+
+class TestAgainstJsMaster(unittest.TestCase):
+    """The Python worker for the JS master harness (npm bugout) over TCP."""
+
+    def setUp(self):
+        js_ready()
+
+    def run_jobs(self, get_batch, count=500):
+        async def scenario(tmp):
+            files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
+            for f in files:
+                f["masterPath"] = str(Path(tmp) / "master" / f["masterPath"].lstrip("/"))
+            (Path(tmp) / "assets.json").write_text(json.dumps({"files": files, "dependencies": []}))
+            token = "jsmaster-%d" % random.randrange(1 << 30)
+            master = await JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY, "QX_JOBS": str(count),
+                                                   "QX_ASSETS": str(Path(tmp) / "assets.json")}).start()
+            worker = await w.Worker(token, "py", "warn", KEY, env={}, folder=Path(tmp) / "w",
+                                    host="127.0.0.1", lsd=False, dht=False, get_batch=get_batch, batch_size=10,
+                                    peers=["127.0.0.1:%d" % master.ready["port"]], trackers=[]).start()
+            started = time.perf_counter()
+            await until(lambda: sum(e["event"] == "result" for e in master.events) >= count, 120)
+            rate = count / (time.perf_counter() - started)
+            results = [e["result"] for e in master.events if e["event"] == "result"]
+            self.assertEqual(sorted(r["jobID"] for r in results), list(range(count)))
+            for r in results:
+                self.assertEqual(r["data"], {"sum": r["jobID"] * 2})
+                self.assertEqual(r["worker"]["name"], "py")
+            calls = [e for e in master.events if e["event"] == "rpc"]
+            self.assertEqual([c["call"] for c in calls][:2], ["isMaster", "requestExecAssets"])
+            # the JS master listed its own default task.js too: we ran task.py
+            self.assertTrue((Path(tmp) / "w/workplace/task.js").is_file())
+            await worker.sync_assets()
+            self.assertEqual(worker.stats["jobs done"], count)
+            await worker.stop()
+            await master.close()
+            return rate
+        with tempfile.TemporaryDirectory() as tmp:
+            rate = run(scenario(tmp), 180)
+        print("\n  %s: %.0f jobs/s against the JS master" % ("batched (10)" if get_batch else "unbatched", rate),
+              file=sys.stderr)
+
+    def test_500_jobs_unbatched(self):
+        self.run_jobs(False)
+
+    def test_500_jobs_batched(self):
+        self.run_jobs(True)
+
+    def test_js_master_answers_ping_and_same(self):
+        async def scenario(tmp):
+            files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
+            for f in files:
+                f["masterPath"] = str(Path(tmp) / "master" / f["masterPath"].lstrip("/"))
+            (Path(tmp) / "assets.json").write_text(json.dumps({"files": files, "dependencies": []}))
+            master = await JsProcess("master.js", {"QX_TOKEN": "jsm-same", "QX_KEY": KEY,
+                                                   "QX_ASSETS": str(Path(tmp) / "assets.json")}).start()
+            worker = await w.Worker("jsm-same", "py", "warn", KEY, env={}, folder=Path(tmp) / "w",
+                                    host="127.0.0.1", lsd=False, dht=False,
+                                    peers=["127.0.0.1:%d" % master.ready["port"]], trackers=[]).start()
+            await until(lambda: worker._runner is not None)
+            self.assertTrue(await worker.sync_assets())
+
+            def asked():
+                return [e for e in master.events if e["event"] == "rpc" and e["call"] == "requestExecAssets"]
+            await until(lambda: len(asked()) >= 2, 10)  # the harness prints its line as it answers
+            statuses = asked()
+            self.assertEqual(len(statuses), 2)
+            self.assertEqual(statuses[1]["args"]["currentHash"], worker.current_hash())
+            await worker.stop()
+            await master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+
+# Status: /metrics and /healthz (issue 14) ###################################
+
+class TestStatusServer(unittest.TestCase):
+    def test_pages_and_hostile_clients(self):
+        async def scenario():
+            healthy = [True]
+            hist = w.Histogram()
+            hist.observe(0.02)
+
+            def metrics():
+                out = w.Exposition()
+                out.add("jobs_done_total", "counter", "Jobs done.", 3)
+                out.add("peers", "gauge", "Peers by transport.", {(("transport", "tcp"),): 2})
+                out.histogram("job_duration_seconds", "Job time.", hist)
+                return out.text()
+            server = await w.StatusServer("127.0.0.1", 0, metrics,
+                                          lambda: (healthy[0], {"master": "bX"} if healthy[0] else
+                                                   {"reason": "no master"})).start()
+            base = "http://127.0.0.1:%d" % server.port
+            status, body = await asyncio.to_thread(http_get, base + "/metrics")
+            self.assertEqual(status, 200)
+            samples, types = parse_exposition(body)
+            self.assertEqual(samples["qx_jobs_done_total"][()], 3)
+            self.assertEqual(types["qx_job_duration_seconds"], "histogram")
+            self.assertEqual(samples["qx_job_duration_seconds_bucket"][(("le", "0.05"),)], 1)
+            self.assertEqual(await asyncio.to_thread(http_get, base + "/healthz"), (200, '{"master":"bX"}'))
+            healthy[0] = False
+            self.assertEqual((await asyncio.to_thread(http_get, base + "/healthz"))[0], 503)
+            self.assertEqual((await asyncio.to_thread(http_get, base + "/nope"))[0], 404)
+            # slow clients take their own connection only; the loop stays free; the cap holds
+            lag = []
+
+            async def ticker():
+                while True:
+                    started = time.monotonic()
+                    await asyncio.sleep(0.01)
+                    lag.append(time.monotonic() - started - 0.01)
+            tick = asyncio.ensure_future(ticker())
+            slow = [await asyncio.open_connection("127.0.0.1", server.port)
+                    for _ in range(w.STATUS_MAX_CLIENTS)]
+            for _, writer in slow:
+                writer.write(b"GET /metrics HTTP/1.1\r\n")  # and never the end of it
+            _, huge = await asyncio.open_connection("127.0.0.1", server.port)
+            await until(lambda: server.stats["refused"] >= 1, 5)  # over the cap: closed at once
+            started = time.monotonic()
+            for reader, _ in slow:
+                self.assertEqual(await asyncio.wait_for(reader.read(), 10), b"")  # dropped after the timeout
+            self.assertLess(time.monotonic() - started, w.STATUS_READ_TIMEOUT + 2)
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * (w.STATUS_MAX_REQUEST * 2))
+            self.assertEqual(await asyncio.wait_for(reader.read(), 10), b"")  # too big: dropped
+            self.assertEqual((await asyncio.to_thread(http_get, base + "/metrics"))[0], 200)
+            tick.cancel()
+            self.assertLess(max(lag), 0.1)
+            self.assertGreaterEqual(server.stats["dropped"], w.STATUS_MAX_CLIENTS + 1)
+            huge.close()
+            writer.close()
+            for _, slow_writer in slow:
+                slow_writer.close()
+            await server.close()
+        run(scenario())
+
+
+class TestWorkerStatus(unittest.TestCase):
+    def test_metrics_and_health_of_a_real_worker_process(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            cluster.push(20)
+            cluster.push(5, start=20, fail=True)
+            folder, port = Path(tmp) / "wp", free_port()
+            folder.mkdir()
+            write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
+                               statusPort=port, getBatch="true", batchSize=5, LOG_LEVEL="warn")
+            proc = await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
+                                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            self.addCleanup(lambda: proc.returncode is None and proc.kill())
+            base = "http://127.0.0.1:%d" % port
+            await cluster.until_results(25)
+
+            async def metrics():
+                status, body = await asyncio.to_thread(http_get, base + "/metrics")
+                self.assertEqual(status, 200)
+                return parse_exposition(body)
+            samples, types = await metrics()
+            self.assertEqual(samples["qx_jobs_done_total"][()], 20)
+            self.assertEqual(samples["qx_jobs_failed_total"][(("error", "ValueError"),)], 5)
+            self.assertEqual(types["qx_job_duration_seconds"], "histogram")
+            self.assertEqual(samples["qx_job_duration_seconds_count"][()], 25)
+            self.assertEqual(samples["qx_job_duration_seconds_bucket"][(("le", "+Inf"),)], 25)
+            self.assertEqual(samples["qx_master_connected"][()], 1)
+            self.assertEqual(samples["qx_peers"][(("transport", "tcp"),)], 1)
+            self.assertGreater(samples["qx_resident_memory_bytes"][()], 10e6)
+            self.assertGreater(samples["qx_bytes_received_total"][()], 1000)
+            self.assertIn("qx_assets_age_seconds", samples)
+            self.assertIn("qx_packets_dropped_total", samples)
+            status, body = await asyncio.to_thread(http_get, base + "/healthz")
+            self.assertEqual((status, json.loads(body)["master"]), (200, cluster.master.address))
+            cluster.push(10, start=100)  # the counters move with real jobs
+            await cluster.until_results(35)
+            await until(lambda: cluster.master.stats["results"] >= 35)
+            samples, _ = await metrics()
+            self.assertEqual(samples["qx_jobs_done_total"][()], 30)
+            self.assertGreaterEqual(samples["qx_delivery_latency_seconds_count"][()], 30)
+            self.assertEqual((await asyncio.to_thread(http_get, base + "/nothing"))[0], 404)
+            await cluster.master.close()  # the master goes away: not healthy
+            status, body = await asyncio.to_thread(http_get, base + "/healthz")
+            for _ in range(50):
+                if status == 503:
+                    break
+                await asyncio.sleep(0.1)
+                status, body = await asyncio.to_thread(http_get, base + "/healthz")
+            self.assertEqual(status, 503)
+            self.assertIn("master", json.loads(body)["reason"])
+            proc.send_signal(15)
+            output, _ = await asyncio.wait_for(proc.communicate(), 30)
+            self.assertIn(b" warn  ", output)  # level names print whole
+            self.assertNotIn(b"warni ", output)
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_master_py_status_page(self):
+        async def scenario(tmp):
+            token, port, status = "mstatus-%d" % random.randrange(1 << 30), free_port(), free_port()
+            folder = Path(tmp) / "m"
+            folder.mkdir()
+            write_assets(folder, DEFAULT_FILES)
+            write_loopback_env(folder, token, port=port, LOG_LEVEL="warn")
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, MASTER_PY, "--task", "workplace/task.py", "--task", "workplace/data/conf/factor.json",
+                "--jobs", "-", "--status-port", str(status), cwd=folder, env=clean_env(),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            self.addCleanup(lambda: proc.returncode is None and proc.kill())
+            await proc.stdout.readline()  # ready
+            base = "http://127.0.0.1:%d" % status
+            for i in range(30):
+                proc.stdin.write(b'{"id": %d, "data": "{\\"x\\": %d}"}\n' % (i, i))
+            await proc.stdin.drain()
+
+            async def samples():
+                return parse_exposition((await asyncio.to_thread(http_get, base + "/metrics"))[1])[0]
+            before = None
+            for _ in range(100):
+                before = await samples()
+                if before["qx_master_jobs_waiting"][()] == 30:
+                    break
+                await asyncio.sleep(0.05)
+            self.assertEqual(before["qx_master_jobs_waiting"][()], 30)
+            self.assertEqual(before["qx_master_results_total"][()], 0)
+            worker = await w.Worker(token, "w", "warn", KEY, env={}, folder=Path(tmp) / "w", host="127.0.0.1",
+                                    lsd=False, dht=False, trackers=[], peers=["127.0.0.1:%d" % port],
+                                    get_batch=True, batch_size=5).start()
+            for _ in range(200):
+                after = await samples()
+                if after["qx_master_results_total"][()] == 30:
+                    break
+                await asyncio.sleep(0.05)
+            self.assertEqual(after["qx_master_results_total"][()], 30)
+            self.assertEqual(after["qx_master_error_results_total"][()], 0)
+            self.assertEqual(after["qx_master_jobs_waiting"][()], 0)
+            self.assertEqual(after["qx_master_workers"][()], 1)
+            self.assertEqual(json.loads((await asyncio.to_thread(http_get, base + "/healthz"))[1])["status"], "ok")
+            await worker.stop()
+            proc.send_signal(15)
+            await asyncio.wait_for(proc.wait(), 15)
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_systemd_ready_watchdog_and_stopping(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            folder = Path(tmp) / "wp"
+            folder.mkdir()
+            write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port)
+            path = str(Path(tmp) / "notify")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(path)
+            sock.setblocking(False)
+            self.addCleanup(sock.close)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, WORKER_PY, cwd=folder, stderr=subprocess.DEVNULL,
+                env={**clean_env(), "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
+            self.addCleanup(lambda: proc.returncode is None and proc.kill())
+            said = []
+
+            def read():
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        said.append(sock.recv(100).decode())
+                return said
+            await until(lambda: read().count("WATCHDOG=1") >= 3, 20)  # about every 0.2 s
+            self.assertEqual(said[0], "READY=1")
+            proc.send_signal(15)
+            await asyncio.wait_for(proc.wait(), 30)
+            self.assertIn("STOPPING=1", read())
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_status_line_at_most_once_a_minute_while_anything_happened(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            cluster.push(12)
+            worker = cluster.worker(get_batch=True, batch_size=4)
+            with mock.patch.object(w, "STATUS_LINE_SECONDS", 0.3), self.assertLogs("worker", "INFO") as logs:
+                await worker.start()
+                await cluster.until_results(12)
+                await until(lambda: any("status: " in line for line in logs.output), 5)
+                await asyncio.sleep(1.2)  # nothing happens: no more lines
+            lines = [line for line in logs.output if "status: " in line]
+            self.assertEqual(len(lines), 1, lines)
+            self.assertRegex(lines[0], r"status: 12 done \(\d+\.\d/s\), 0 failed, 0 held, master b\w{7}… "
+                                       r"\(proven\), peers 1 \(tcp 1\)")
+            await worker.stop()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+
+# The command line, as users run it ##########################################
+
+class TestCommandLine(unittest.TestCase):
+    def test_setup_through_stdin(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            env = Path(tmp) / ".env"
+            env.write_text("name=pi-1\n")
+            key = "A" * 32
+            done = subprocess.run([sys.executable, WORKER_PY, "--setup", "--env", str(env)],
+                                  input="too short\n%s\n\n" % key, capture_output=True, text=True,
+                                  timeout=30, check=True)
+            self.assertIn("not valid", done.stdout)
+            values = w.read_env_file(env)
+            self.assertEqual(values["transferEncryptToken"], key)
+            self.assertGreaterEqual(len(values["token"]), 20)
+            self.assertEqual(values["name"], "pi-1")
+            self.assertNotIn("master", values)
+            self.assertEqual(env.stat().st_mode & 0o777, 0o600)
+            pin = w.Identity().address  # again, pinning a master's address this time
+            done = subprocess.run([sys.executable, WORKER_PY, "--setup", "--env", str(env)],
+                                  input="\n\nnot an address\n%s\n" % pin, capture_output=True, text=True,
+                                  timeout=30, check=True)
+            self.assertIn("not valid", done.stdout)
+            self.assertEqual(w.read_env_file(env)["master"], pin)
+            self.assertEqual(w.read_env_file(env)["transferEncryptToken"], key)
+
+    def test_missing_token_or_bad_key_exit_2(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            for text, message in (("transferEncryptToken=%s\n" % ("k" * 32), "no token"),
+                                  ("token=%s\ntransferEncryptToken=short\n" % ("t" * 20), "exactly 32")):
+                (Path(tmp) / ".env").write_text(text)
+                done = subprocess.run([sys.executable, WORKER_PY], check=False, cwd=tmp, capture_output=True,
+                                      text=True, timeout=30, env=clean_env())
+                self.assertEqual(done.returncode, 2)
+                self.assertIn(message, done.stderr)
+                self.assertEqual(len(done.stderr.strip().splitlines()), 1)
+
+    def test_help_and_version(self):
+        done = subprocess.run([sys.executable, WORKER_PY, "--version"], capture_output=True, text=True,
+                              check=True, timeout=30)
+        self.assertIn(w.__version__, done.stdout)
+        done = subprocess.run([sys.executable, WORKER_PY, "--help"], capture_output=True, text=True,
+                              check=True, timeout=30)
+        self.assertIn("--setup", done.stdout)
+
+    def test_demo_exits_0(self):
+        done = subprocess.run([sys.executable, WORKER_PY, "--demo"], check=False, capture_output=True, text=True,
+                              timeout=120, cwd=HERE)
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertIn("all results right", done.stdout)
+
+    def test_sigterm_finishes_and_delivers_held_jobs(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            cluster.push(10, sleep=0.3)
+            folder = Path(tmp) / "wp"
+            folder.mkdir()
+            write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
+                               getBatch="true", batchSize=10, LOG_LEVEL="info")
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            await until(lambda: cluster.master.stats["jobs handed out"] == 10 and len(cluster.results) >= 1, 30)
+            proc.send_signal(15)
+            output, _ = await asyncio.wait_for(proc.communicate(), 30)
+            self.assertEqual(proc.returncode, 0, output.decode())
+            self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(10)))
+            self.assertIn(b"stopping", output)
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_a_timed_out_job_does_not_hold_the_process_at_exit(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp, files={"/workplace/task.py": LOOP_TASK_PY}).start()
+            cluster.push(1, hang=60)
+            folder = Path(tmp) / "wp"
+            folder.mkdir()
+            write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
+                               jobTimeout=1)
+            proc = await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
+                                                        stderr=subprocess.DEVNULL)
+            try:
+                await cluster.until_results(1, 30)
+                self.assertEqual(cluster.results[0]["error"]["type"], "TimeoutError")
+                proc.send_signal(15)
+                self.assertEqual(await asyncio.wait_for(proc.wait(), 15), 0)  # not after the 60 s job
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
+
+    def test_second_sigterm_exits_at_once(self):
+        async def scenario(tmp):
+            cluster = await Cluster(tmp).start()
+            cluster.push(10, sleep=2.0)
+            folder = Path(tmp) / "wp"
+            folder.mkdir()
+            write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
+                               getBatch="true", batchSize=5)
+            proc = await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
+                                                        stderr=subprocess.DEVNULL)
+            try:
+                await until(lambda: cluster.master.stats["jobs handed out"] >= 5, 30)
+                proc.send_signal(15)
+                await asyncio.sleep(0.3)
+                started = time.monotonic()
+                proc.send_signal(15)
+                code = await asyncio.wait_for(proc.wait(), 5)
+                self.assertEqual(code, 130)
+                self.assertLess(time.monotonic() - started, 2.0)  # not the 10 s the batch needs
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+            await cluster.master.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            run(scenario(tmp))
 
 
 # Faults: kill -9, floods ####################################################
-
-MASTER_PY = str(HERE / "master.py")
-
-
-class MasterProcess:
-    """``python master.py`` with its settings in a .env; jobs over stdin."""
-
-    def __init__(self, folder, token, port, seed, task_text=TASK_PY):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        write_assets(self.folder, DEFAULT_FILES)
-        (self.folder / "workplace/task.py").write_text(task_text)
-        write_loopback_env(self.folder, token, port=port, seed=seed, LOG_LEVEL="warn")
-        self.results = []
-
-    async def start(self):
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, MASTER_PY, "--task", "workplace/task.py", "--task",
-            "workplace/data/conf/factor.json", "--jobs", "-", "--lease", "5", cwd=self.folder,
-            env=clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.ready = json.loads(await self.proc.stdout.readline())
-        self._reader = asyncio.ensure_future(self._read())
-        return self
-
-    async def _read(self):
-        async for line in self.proc.stdout:
-            event = json.loads(line)
-            if event["event"] == "result":
-                self.results.append(event["result"])
-
-    def push(self, ids, **extra):
-        for i in ids:
-            job = {"id": i, "data": json.dumps({"x": i, **extra})}
-            self.proc.stdin.write((json.dumps(job) + "\n").encode())
-
-    async def kill(self):
-        self.proc.kill()
-        await self.proc.wait()
-        self.proc.stdin.close()  # else the transport's finaliser writes EOF on a closed loop
-        self._reader.cancel()
-
 
 class TestFaults(unittest.TestCase):
     def setUp(self):
@@ -4381,42 +5257,7 @@ class TestFaults(unittest.TestCase):
             run(scenario(tmp), 120)
 
 
-# master.py: announces, requeues, late results, the --jobs feeder ###############
-
-def watch_requests(master):
-    """(time, caller) of each requestWork the master serves, as it serves it."""
-    times = []
-    master.node.on("rpc", lambda address, name, args: name == "requestWork"
-                   and times.append((time.monotonic(), address)))
-    return times
-
-
-async def thief_of(cluster):
-    """A bare node that leases a job with requestWork and never runs it."""
-    node = await py_node(cluster.token, peers=["127.0.0.1:%d" % cluster.master.port])
-    await until(lambda: cluster.master.address in node.peers)
-    return node
-
-
-def end_lease(master, job_id, deadline):
-    """Move the end of a job's lease (a ``time.time()``) in master.py's database."""
-    master.store.db.execute("UPDATE jobs SET deadline = ? WHERE job_key = ?", (deadline, json.dumps(job_id)))
-
-
-class EventsMasterProcess(MasterProcess):
-    """MasterProcess that keeps every event it prints, not only results."""
-
-    async def _read(self):
-        self.events = []
-        async for line in self.proc.stdout:
-            event = json.loads(line)
-            self.events.append(event)
-            if event["event"] == "result":
-                self.results.append(event["result"])
-
-    def write(self, text):
-        self.proc.stdin.write(text.encode())
-
+# master.py: announces, requeues, late results, the --jobs feeder ############
 
 class TestMasterPy(unittest.TestCase):
     def setUp(self):
@@ -4628,70 +5469,6 @@ class TestMasterPy(unittest.TestCase):
 
 
 # master.py: durable queue and command line (issue 13) #######################
-
-def write_jobs(path, count, fail=(), sleep=0.0, ids=True, bad_every=0):
-    """A jobs file for TASK_PY (result: sum = 2 * x); every ``bad_every``-th line is not JSON."""
-    with open(path, "w") as f:
-        for i in range(count):
-            if bad_every and i and i % bad_every == 0:
-                f.write("{not json %d\n" % i)
-            data = json.dumps({"x": i, "sleep": sleep, "fail": i in fail})
-            f.write(json.dumps({"id": i, "data": data} if ids else {"data": data}) + "\n")
-
-
-def held_in_memory(master):
-    """Items in the containers a Master (and its Store) holds: what grows with jobs if anything does."""
-    sized = (dict, list, set, tuple, collections.deque)
-    return sum(len(v) for obj in (master, master.store) for v in vars(obj).values() if isinstance(v, sized))
-
-
-class MasterCli:
-    """``python master.py`` with its folder's .env, master.db and task; stdout events of every run."""
-
-    def __init__(self, folder, token=None, port=None):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.token = token or "durable-%d" % random.randrange(1 << 40)
-        self.port = port or free_port()
-        write_assets(self.folder, DEFAULT_FILES)
-        write_loopback_env(self.folder, self.token, port=self.port, seed=w.make_seed(), LOG_LEVEL="warn")
-        self.events = []  # every run's, in order
-        self.torn = 0  # last lines of killed runs cut short
-
-    async def start(self, *args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE):
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, MASTER_PY, "--task", "workplace/task.py", "--task",
-            "workplace/data/conf/factor.json", "--lease", "3", *args, cwd=self.folder, env=clean_env(),
-            stdin=stdin, stdout=subprocess.PIPE, stderr=stderr)
-        self._reader = asyncio.ensure_future(self._read())
-        return self
-
-    async def _read(self):
-        async for line in self.proc.stdout:
-            if line.endswith(b"\n"):
-                self.events.append(json.loads(line))
-            else:
-                self.torn += 1
-
-    def of(self, kind):
-        return [e for e in self.events if e["event"] == kind]
-
-    @property
-    def results(self):
-        return [e["result"] for e in self.of("result")]
-
-    async def exit(self, timeout=90):
-        """The exit status, once stdout is read to its end; stderr in ``self.stderr``."""
-        code = await asyncio.wait_for(self.proc.wait(), timeout)
-        await self._reader
-        self.stderr = (await self.proc.stderr.read()).decode() if self.proc.stderr else ""
-        return code
-
-    async def kill(self):
-        self.proc.kill()
-        await self.proc.wait()
-        await self._reader
-
 
 class TestMasterDurable(unittest.TestCase):
     def setUp(self):
@@ -5020,6 +5797,30 @@ class TestMasterDurable(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             run(scenario(tmp), 180)
 
+
+# The test data: the generators give the committed bytes #####################
+
+class TestTestData(unittest.TestCase):
+    def test_generators_give_the_committed_bytes(self):
+        """testdata/ is what interop/make-testdata.sh makes from the real JS code, byte for byte."""
+        js_ready()
+        for package in ("@roamhq/wrtc", "bittorrent-tracker"):
+            need((INTEROP / "node_modules" / package).is_dir(), "run npm ci in interop/ (%s)" % package)
+        need(shutil.which("unshare") and shutil.which("ip") and os.geteuid() == 0, "unshare -n needs root")
+        with tempfile.TemporaryDirectory() as tmp:
+            done = subprocess.run(["sh", str(INTEROP / "make-testdata.sh"), tmp], capture_output=True,
+                                  text=True, timeout=300, check=False)
+            self.assertEqual(done.returncode, 0, done.stdout[-2000:] + done.stderr[-3000:])
+            for name in ("bugout-vectors.json", "tracker-samples.json"):
+                made, committed = (Path(tmp) / name).read_bytes(), (HERE / "testdata" / name).read_bytes()
+                if made != committed:
+                    new, old = json.loads(made), json.loads(committed)
+                    keys = sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k))
+                    self.fail(f"testdata/{name} differs from a new run in {keys}")
+
+
+# Running the tests ##########################################################
+
 def main():
     """Run every test; end with the plain 'N passed, N failed, N skipped' line."""
     suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
@@ -5029,768 +5830,6 @@ def main():
     passed = result.testsRun - failed - skipped
     print("%d passed, %d failed, %d skipped" % (passed, failed, skipped))
     return 0 if failed == 0 and not (IN_CI and skipped) else 1
-
-
-# WebRTC through WebSocket trackers ##########################################
-
-# No test may reach a public tracker or STUN server: in-process nodes that do not
-# name their trackers get none here (the real defaults are checked as values).
-PUBLIC_TRACKERS, PUBLIC_ICE_SERVERS = w.DEFAULT_TRACKERS, w.DEFAULT_ICE_SERVERS
-w.DEFAULT_TRACKERS = w.DEFAULT_ICE_SERVERS = ()
-
-SAMPLES = json.loads((HERE / "testdata/tracker-samples.json").read_text())["full_examples"]
-SAMPLE_INFOHASH = bytes.fromhex("5d89b217eba4a9f0d27593289ea6439cf875d329")
-SAMPLE_ME, SAMPLE_OTHER = (bytes.fromhex(SAMPLES["client->tracker answer (to_peer_id)"]["hex_fields"][key])
-                           for key in ("peer_id__hex", "to_peer_id__hex"))
-
-
-def sample(kind):
-    return json.loads(SAMPLES[kind]["raw_json_text"])
-
-
-def tracker_client(peer_id=SAMPLE_ME, now=0.0, **kw):
-    client = w.TrackerClient("ws://tracker.test", SAMPLE_INFOHASH, peer_id, **kw)
-    assert client.start_connecting(now)
-    client.connection_made(now)
-    return client
-
-
-class FakeTracker:
-    """bittorrent-tracker's relay rules in memory, to pair TrackerClients."""
-
-    def __init__(self, interval=120):
-        self.interval = interval
-        self.clients = {}
-
-    def add(self, client):
-        self.clients[client._peer_id] = client
-        return client
-
-    def pump(self, now):
-        """Deliver frames until every client is quiet."""
-        moved = True
-        while moved:
-            moved = False
-            for sender, client in list(self.clients.items()):
-                for text in client.data_to_send():
-                    moved = True
-                    self._handle(sender, json.loads(text), now)
-
-    def _handle(self, sender, frame, now):
-        relay = {"action": "announce", "peer_id": sender, "info_hash": frame["info_hash"],
-                 "offer_id": frame.get("offer_id")}
-        if "answer" in frame:
-            self.clients[frame["to_peer_id"]].receive_frame({**relay, "answer": frame["answer"]}, now)
-            return
-        self.clients[sender].receive_frame({"complete": len(self.clients), "incomplete": 0,
-                                            "action": "announce", "interval": self.interval,
-                                            "info_hash": frame["info_hash"]}, now)
-        others = [c for peer_id, c in self.clients.items() if peer_id != sender]
-        for other, offer in zip(others, frame.get("offers", [])):
-            other.receive_frame({**relay, "offer": offer["offer"], "offer_id": offer["offer_id"]}, now)
-
-
-class TestTrackerClient(unittest.TestCase):
-    """The sans-I/O tracker core, fed the real frames of tracker-samples.json."""
-
-    def test_real_frames_in_and_out(self):
-        client = tracker_client()
-        client.tick(0.0)
-        [make] = client.events_received()
-        self.assertEqual(len(make.offer_ids), 5)
-        self.assertTrue(all(w._is_binary_id(i) for i in make.offer_ids))
-        real = sample("client->tracker announce (with offers)")
-        offers = [(o["offer_id"], o["offer"]["sdp"]) for o in real["offers"]]
-        client.send_announce(offers, 0.0)
-        [text] = client.data_to_send()
-        self.assertEqual(json.loads(text), {**real, "downloaded": 0})
-        self.assertEqual(list(json.loads(text)), list(real))  # the JS key order too
-        client.receive_frame(SAMPLES["tracker->client announce response"]["raw_json_text"], 0.1)
-        self.assertEqual(client.events_received(), [w.TrackerUpdate(1, 0, 120.0)])
-        self.assertEqual(client.interval, 120.0)
-        # another peer's offer in, our answer out, byte for byte as JS wrote it
-        relayed = sample("tracker->other client: relayed offer")
-        client.receive_frame(SAMPLES["tracker->other client: relayed offer"]["raw_json_text"], 1.0)
-        [offer] = client.events_received()
-        self.assertEqual(offer, w.RelayedOffer(SAMPLE_OTHER.decode(), relayed["offer_id"], relayed["offer"]["sdp"]))
-        answer = sample("client->tracker answer (to_peer_id)")
-        self.assertTrue(client.send_answer(offer.peer_id, offer.offer_id, answer["answer"]["sdp"]))
-        self.assertEqual(client.data_to_send(), [SAMPLES["client->tracker answer (to_peer_id)"]["raw_json_text"]])
-
-    def test_pair_offer_answer_matched_by_offer_id(self):
-        tracker = FakeTracker()
-        a = tracker.add(tracker_client(b"-QP0100-aaaaaaaaaaaa"))
-        b = tracker.add(tracker_client(b"-QP0100-bbbbbbbbbbbb"))
-        for client in (a, b):
-            client.tick(0.0)
-        [make_a], [_] = a.events_received(), b.events_received()
-        b.send_announce([], 0.0)
-        a.send_announce([(make_a.offer_ids[0], "sdp-a0"), (make_a.offer_ids[1], "sdp-a1")], 0.0)
-        tracker.pump(0.0)
-        self.assertEqual([type(e) for e in a.events_received()], [w.TrackerUpdate])
-        events = [e for e in b.events_received() if not isinstance(e, w.TrackerUpdate)]
-        self.assertEqual(events, [w.RelayedOffer(a._peer_id, make_a.offer_ids[0], "sdp-a0")])
-        self.assertEqual(a.pending_offers, 2)
-        b.send_answer(a._peer_id, make_a.offer_ids[0], "sdp-b")
-        b.send_answer(a._peer_id, make_a.offer_ids[0], "sdp-b again")  # a second answer is ignored
-        b.send_answer(a._peer_id, "x" * 20, "sdp-b unknown")
-        tracker.pump(0.5)
-        self.assertEqual(a.events_received(), [w.RelayedAnswer(b._peer_id, make_a.offer_ids[0], "sdp-b")])
-        self.assertEqual(a.stats["answers unexpected"], 2)
-        self.assertEqual(a.pending_offers, 1)
-
-    def test_interval_announces_and_offer_expiry(self):
-        client = tracker_client(offer_timeout=50.0)
-        client.tick(0.0)
-        [make] = client.events_received()
-        client.tick(0.0)
-        self.assertEqual(client.events_received(), [])  # one MakeOffers at a time
-        client.send_announce([(make.offer_ids[0], "sdp")], 0.0)
-        client.receive_frame({"action": "announce", "interval": 1, "info_hash": client._info_hash}, 0.1)
-        client.events_received()
-        self.assertEqual(client.interval, w.TRACKER_MIN_INTERVAL)  # a floor against hot loops
-        self.assertEqual(client.next_deadline(), w.TRACKER_MIN_INTERVAL)
-        client.tick(4.9)
-        self.assertEqual(client.events_received(), [])
-        client.tick(5.0)
-        [make2] = client.events_received()
-        self.assertIsInstance(make2, w.MakeOffers)
-        client.send_announce([], 5.0)
-        self.assertNotIn('"event"', client.data_to_send()[-1])  # "started" only once per socket
-        self.assertEqual(client.next_deadline(), 10.0)
-        client.tick(50.0)
-        self.assertIn(w.DropOffer(make.offer_ids[0], "unanswered"), client.events_received())
-        fixed = tracker_client(interval=0.05)
-        fixed.receive_frame({"action": "announce", "interval": 120, "info_hash": fixed._info_hash}, 0.0)
-        self.assertEqual(fixed.interval, 0.05)
-
-    def test_offers_never_pile_up(self):
-        client = tracker_client(numwant=3, interval=1.0)
-        dropped = 0
-        for now in map(float, range(300)):
-            client.tick(now)
-            events = client.events_received()
-            for event in events:
-                if isinstance(event, w.MakeOffers):
-                    client.send_announce([(i, "sdp") for i in event.offer_ids], now)
-            events += client.events_received()
-            dropped += sum(isinstance(e, w.DropOffer) for e in events)
-            self.assertLessEqual(client.pending_offers, 6)
-        self.assertEqual(client.stats["announces"], 300)
-        self.assertEqual(dropped, 300 * 3 - 6)
-
-    def test_ignored_frames_and_failures(self):
-        client = tracker_client()
-        ih = client._info_hash
-        for frame in ["not json", "[]", "[" * 1_000_000, {"action": "scrape"}, {"action": "announce", "info_hash": "x" * 20},
-                      {"action": "announce", "info_hash": ih, "peer_id": client._peer_id, "offer": {}},
-                      {"action": "announce", "info_hash": ih, "peer_id": "short", "offer_id": "y" * 20,
-                       "offer": {"type": "offer", "sdp": "v=0"}},
-                      {"action": "announce", "info_hash": ih, "peer_id": "p" * 20, "offer_id": "\u0100" * 20,
-                       "offer": {"type": "offer", "sdp": "v=0"}},
-                      {"action": "announce", "info_hash": ih, "peer_id": "p" * 20, "offer_id": "y" * 20,
-                       "offer": {"type": "answer", "sdp": "v=0"}},
-                      {"action": "announce", "info_hash": ih, "interval": True}]:
-            client.receive_frame(frame, 1.0)
-        self.assertEqual(client.events_received(), [])
-        client.receive_frame({"action": "announce", "info_hash": ih, "failure reason": "invalid info_hash"}, 1.0)
-        self.assertEqual(client.events_received(), [w.TrackerWarning("invalid info_hash")])
-
-    def test_reconnect_backoff_and_close(self):
-        client = w.TrackerClient("ws://t", SAMPLE_INFOHASH, SAMPLE_ME, random=lambda n: b"\0" * n)
-        self.assertTrue(client.start_connecting(0.0))
-        self.assertFalse(client.start_connecting(0.0))
-        delays, now = [], 0.0
-        for _ in range(10):
-            client.connection_lost(now)
-            delays.append(client.next_deadline() - now)
-            now = client.next_deadline()
-            self.assertFalse(client.start_connecting(now - 0.01))
-            self.assertTrue(client.start_connecting(now))
-        self.assertEqual(delays[:4], [5.0, 10.0, 20.0, 40.0])
-        self.assertEqual(delays[-1], w.RECONNECT_LAST)
-        client.connection_made(now)
-        client.tick(now)
-        [make] = client.events_received()
-        client.send_announce([(make.offer_ids[0], "sdp")], now)
-        client.receive_frame({"action": "announce", "interval": 120, "info_hash": client._info_hash}, now)
-        self.assertEqual(client.retries, 0)  # a real answer resets the back-off
-        client.data_to_send()
-        client.close(now)
-        [stopped] = client.data_to_send()
-        self.assertEqual(json.loads(stopped)["event"], "stopped")
-        self.assertNotIn("offers", json.loads(stopped))
-        self.assertIn(w.DropOffer(make.offer_ids[0], "closing"), client.events_received())
-        client.close(now)
-        self.assertEqual((client.state, client.data_to_send()), (w.TrackerState.CLOSED, []))
-        with self.assertRaises(w.InvalidState):
-            client.connection_made(now)
-
-    def test_garbage_frames_raise_nothing(self):
-        client = tracker_client()
-        client.tick(0.0)
-        [make] = client.events_received()
-        client.send_announce([(i, "sdp") for i in make.offer_ids], 0.0)
-        frames = [sample(kind) for kind in SAMPLES]
-        for frame in frames:
-            frame.update(info_hash=client._info_hash, offer_id=make.offer_ids[0])
-            for key in list(frame):
-                for value in (None, 1, -1.5, True, "x", "y" * 20, [], {}, {"type": "offer"},
-                              {"type": "answer", "sdp": 1}, {"type": "answer", "sdp": "v=0"}):
-                    client.receive_frame({**frame, key: value}, 1.0)
-        texts = [json.dumps(f).encode("latin-1", "replace") for f in frames]
-        for data in mutations(texts, 3000, random.Random(5)):
-            client.receive_frame(data.decode("latin-1"), 2.0)
-            client.receive_frame(data, 2.0)
-            client.tick(2.0)
-        self.assertEqual({type(e) for e in client.events_received()} - {
-            w.TrackerUpdate, w.TrackerWarning, w.RelayedOffer, w.RelayedAnswer, w.DropOffer, w.MakeOffers}, set())
-        self.assertEqual(client.state, w.TrackerState.OPEN)
-
-    def test_lost_connection_drops_offers(self):
-        client = tracker_client()
-        client.tick(0.0)
-        [make] = client.events_received()
-        client.connection_lost(1.0)
-        client.send_announce([(make.offer_ids[0], "sdp")], 1.0)  # offers made too late
-        self.assertEqual(client.events_received(), [w.DropOffer(make.offer_ids[0], "tracker not connected")])
-        self.assertEqual(client.data_to_send(), [])
-
-
-class TestWebRtcSettings(unittest.TestCase):
-    def test_ice_servers(self):
-        stun, turn, turns = w.parse_ice_servers(
-            "stun:stun.example.org:3478, turn:al%40ice:p%3Ass@turn.example.org:3478?transport=tcp,"
-            "turns:u:p@[2001:db8::1]:5349")
-        self.assertEqual(stun, w.IceServer("stun:stun.example.org:3478"))
-        self.assertEqual(turn, w.IceServer("turn:turn.example.org:3478?transport=tcp", "al@ice", "p:ss"))
-        self.assertEqual(turns, w.IceServer("turns:[2001:db8::1]:5349", "u", "p"))
-        self.assertEqual(w.parse_ice_servers(""), [])
-        self.assertEqual(w.parse_ice_servers([]), [])
-        self.assertEqual(PUBLIC_ICE_SERVERS, ("stun:stun.l.google.com:19302", "stun:global.stun.twilio.com:3478"))
-        for bad in ["stun:", "http://x", "turn:host:3478", "turn::p@h:1", "stun:h:1?transport=sctp",
-                    "stun:h:123456", "stun:a b"]:
-            with self.assertRaises(w.WorkerError, msg=bad):
-                w.parse_ice_servers(bad)
-
-    def test_trackers_and_env_keys(self):
-        self.assertEqual(PUBLIC_TRACKERS, ("wss://hub.bugout.link", "wss://tracker.openwebtorrent.com",
-                                           "wss://tracker.btorrent.xyz"))
-        self.assertEqual(w.parse_trackers(" ws://127.0.0.1:8000 ,wss://t.example/announce,"),
-                         ["ws://127.0.0.1:8000", "wss://t.example/announce"])
-        for bad in ["http://t.example", "udp://t.example:80", "ws://"]:
-            with self.assertRaises(w.WorkerError, msg=bad):
-                w.parse_trackers(bad)
-        base = {"token": "t" * 20, "transferEncryptToken": KEY}
-        with tempfile.TemporaryDirectory() as tmp:
-            def node(**env):
-                return w.Worker(env={**base, "dht": "false", **env}, folder=tmp, loglevel="warn").node
-            rtc = node(trackers="ws://127.0.0.1:1,wss://t.example", iceServers="stun:s.example:3478",
-                       maxPeers="7").webrtc
-            self.assertEqual((rtc.trackers, rtc.ice_servers, rtc.max_peers),
-                             (["ws://127.0.0.1:1", "wss://t.example"], [w.IceServer("stun:s.example:3478")], 7))
-            self.assertEqual((node(trackers="", iceServers="").webrtc.trackers, node().webrtc.max_peers),
-                             ([], w.DEFAULT_MAX_PEERS))
-            from unittest import mock
-            with mock.patch.object(w, "DEFAULT_TRACKERS", ("wss://default.example",)):
-                self.assertEqual(node().webrtc.trackers, ["wss://default.example"])
-                self.assertEqual(node(trackers="").webrtc.trackers, [])
-            from master import Master
-            m = Master("t" * 20, transfer_encrypt_token=KEY,
-                       env={"trackers": "ws://127.0.0.1:2", "maxPeers": "3", "dht": "false"})
-            self.assertEqual((m.node.webrtc.trackers, m.node.webrtc.max_peers), (["ws://127.0.0.1:2"], 3))
-
-    def test_without_aiortc_one_info_line_and_tcp_goes_on(self):
-        saved = {name: sys.modules.get(name) for name in ("aiortc",)}
-        sys.modules["aiortc"] = None  # import aiortc now raises ImportError
-
-        async def scenario():
-            with self.assertLogs("worker", "INFO") as logs:
-                a = await py_node("no-aiortc", trackers=["ws://127.0.0.1:9"])
-            b = await py_node("no-aiortc", peers=["127.0.0.1:%d" % a.port])
-            await until(lambda: a.address in b.peers)
-            self.assertEqual(await b.rpc(a.address, "echo", {}), {"echoedBy": "py"})
-            self.assertFalse(a.webrtc.running)
-            await b.close()
-            await a.close()
-            return logs.output
-        try:
-            output = run(scenario())
-        finally:
-            for name, module in saved.items():
-                sys.modules.pop(name, None) if module is None else sys.modules.__setitem__(name, module)
-        off = [line for line in output if "WebRTC is off" in line]
-        self.assertEqual(len(off), 1, output)
-        self.assertIn("aiortc", off[0])
-
-
-class FakeChannel:
-    """An RTCDataChannel stand-in that delivers to another RtcConnection."""
-
-    def __init__(self):
-        self.readyState, self.bufferedAmount = "open", 0
-        self.sizes, self.peer = [], None
-
-    def on(self, event, handler):
-        pass
-
-    def send(self, data):
-        assert isinstance(data, bytes)
-        self.sizes.append(len(data))
-        asyncio.get_running_loop().call_soon(self.peer._on_message, data)
-
-    def close(self):
-        self.readyState = "closed"
-
-
-class FakePeerConnection:
-    connectionState = "connected"
-
-    def on(self, event, handler):
-        pass
-
-    async def close(self):
-        self.connectionState = "closed"
-
-
-class TestRtcConnection(unittest.TestCase):
-    def test_wire_over_data_channel_pair_in_memory(self):
-        """Two Bugouts joined by RtcConnections over fake channels: chunks of 16 KiB at most."""
-        async def scenario():
-            a, b = (w.Bugout("rtc-mem", lsd=False, dht=False, listen=False, trackers=[]) for _ in range(2))
-            for node in (a, b):
-                node.register("echo", lambda address, args: args)
-            conns = [w.RtcConnection(n.webrtc, FakePeerConnection(), offerer=n is a) for n in (a, b)]
-            channels = [FakeChannel(), FakeChannel()]
-            channels[0].peer, channels[1].peer = conns[1], conns[0]
-            for conn, channel in zip(conns, channels):
-                conn.attach(channel)
-            await until(lambda: a.address in b.peers and b.address in a.peers, 5)
-            big = {"blob": "z" * 1_000_000}
-            self.assertEqual(await b.rpc(a.address, "echo", big, timeout=10), big)
-            self.assertEqual((a.connections(), b.connections()), (1, 1))
-            for node in (a, b):
-                await node.close()
-            return channels
-        channels = run(scenario())
-        for channel in channels:
-            self.assertLessEqual(max(channel.sizes), w.RTC_CHUNK)
-            self.assertGreater(sum(channel.sizes), 1_000_000)
-
-
-# WebRTC for real: aiortc, @roamhq/wrtc and a local tracker in a namespace ######
-
-def in_rtc_namespace(scenario, timeout=300):
-    """Run ``RTC_SCENARIOS[scenario]`` in a fresh network namespace; return its JSON result.
-
-    No STUN/TURN server and a local bittorrent-tracker: nothing leaves the
-    namespace. lo gets 127.0.0.2 too, since aioice gathers every IPv4
-    address except 127.0.0.1 (libwebrtc takes loopback as it is).
-    """
-    need(shutil.which("unshare") and shutil.which("ip") and os.geteuid() == 0, "unshare -n needs root")
-    js_ready()
-    for package in ("@roamhq/wrtc", "bittorrent-tracker"):
-        need((INTEROP / "node_modules" / package).is_dir(), "run npm ci in interop/ (%s)" % package)
-    import importlib.util
-    for module in ("aiortc", "websockets"):
-        need(importlib.util.find_spec(module), "pip install -r requirements.txt (%s)" % module)
-    code = "import test_worker as t; t.rtc_child(%r)" % scenario
-    script = ("ip link set lo up && ip addr add 127.0.0.2/32 dev lo && "
-              f"exec {sys.executable} -c {shlex.quote(code)}")
-    done = subprocess.run(["unshare", "-n", "sh", "-c", script], check=False, cwd=HERE,
-                          capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise AssertionError(f"namespace run failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def rtc_child(name):
-    """Inside the namespace: run one scenario, print its result as the last line."""
-    w.Logger("warn")
-    print(json.dumps(asyncio.run(asyncio.wait_for(RTC_SCENARIOS[name](), 280))))
-
-
-async def local_tracker(**env):
-    return await JsProcess("tracker.js", {k: str(v) for k, v in env.items()}).start()
-
-
-async def rtc_node(ident, trackers, numwant=w.TRACKER_NUMWANT, **kw):
-    """A Python node reachable only through WebRTC (no TCP listener, no LSD), as py_node."""
-    node = w.Bugout(ident, lsd=False, dht=False, listen=False, trackers=trackers, ice_servers=[], **kw)
-    node.webrtc.numwant = numwant
-    node.register("echo", lambda address, args: {**args, "echoedBy": "py"})
-    node.events = []
-    for name in ("seen", "message", "left"):
-        node.on(name, lambda *a, name=name: node.events.append((name,) + a))
-    return await node.start()
-
-
-def only_webrtc(*nodes):
-    return all(isinstance(c, w.RtcConnection) for node in nodes for c in node._connections)
-
-
-async def _rtc_python_python():
-    w.RECONNECT_FIRST = 0.3  # the tracker restarts below: come back quickly
-    tracker = await local_tracker()
-    url, dead = tracker.ready["url"], "ws://127.0.0.1:9"  # nothing listens on 9
-    a = await rtc_node("rtc-pp", [dead, url])
-    started = time.monotonic()
-    b = await rtc_node("rtc-pp", [url, dead])
-    await until(lambda: a.address in b.peers and b.address in a.peers, 30)
-    connected = time.monotonic() - started
-    result = {"connected_s": connected, "echo": await b.rpc(a.address, "echo", {"x": "é"}),
-              "unknown": await a.rpc(b.address, "nope")}
-    a.send({"to": "all"})
-    b.send("only a", address=a.address)
-    await until(lambda: ("message", a.address, {"to": "all"}) in b.events
-                and ("message", b.address, "only a") in a.events)
-    await asyncio.sleep(0.5)
-    result["wires"] = [len(a._connections), len(b._connections)]
-    result["only_webrtc"] = only_webrtc(a, b)
-    # the tracker goes away and comes back on its port: a newcomer still meets both
-    port = tracker.ready["port"]
-    await tracker.close()
-    tracker = await local_tracker(TR_PORT=port)
-    c = await rtc_node("rtc-pp", [url])
-    await until(lambda: {a.address, b.address} <= set(c.peers), 30)
-    result["newcomer_echo"] = await c.rpc(a.address, "echo", {"via": "restarted tracker"})
-    result["dead_tracker_retries"] = a.webrtc.sessions[0].client.retries
-    result["interval"] = a.webrtc.sessions[1].client.interval  # the tracker's: 600 s / 5
-    b_id = b.peer_id.decode("latin-1")
-    await b.close()
-    await until(lambda: ("left", b.address) in a.events, 10)
-    await until(lambda: not any(c.address == b.address for c in a._connections), 10)
-    await until(lambda: not any(c.remote_id == b_id for c in a.webrtc.connections), 10)
-    await c.close()
-    await a.close()
-    await tracker.close()
-    result["after_close"] = [len(n.webrtc.connections) for n in (a, b, c)]
-    return result
-
-
-async def _rtc_python_js(python_offers):
-    """Python and JS meet through the tracker; only one side makes offers.
-
-    The offering side starts second, so the tracker has someone to relay to.
-    """
-    tracker = await local_tracker()
-    url = tracker.ready["url"]
-    js = JsProcess("peer.js", {"BO_ID": "rtc-js", "BO_MODE": "webrtc", "BO_TRACKER": url,
-                               "BO_NUMWANT": "0" if python_offers else "5"})
-    if python_offers:
-        await js.start()
-    started = time.monotonic()
-    py = await rtc_node("rtc-js", [url], numwant=5 if python_offers else 0)
-    if not python_offers:
-        await js.start()
-    js_address = js.ready["address"]
-    await js.wait_for(lambda e: e["event"] == "seen" and e["address"] == py.address, 30)
-    await until(lambda: js_address in py.peers, 30)
-    result = {"connected_s": time.monotonic() - started, "only_webrtc": only_webrtc(py),
-              "python_offered": [c.initiator for c in py._connections]}
-    result["py_to_js"] = await py.rpc(js_address, "echo", {"n": "é", "pad": "p" * 40_000})
-    result["py_to_js_unknown"] = await py.rpc(js_address, "nope", {})
-    js.send(cmd="rpc", id=1, address=py.address, call="echo", args={"from": "js"})
-    result["js_to_py"] = (await js.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 1))["result"]
-    py.send({"hello": "all"})
-    py.send({"hello": "you"}, address=js_address)
-    for message in ({"hello": "all"}, {"hello": "you"}):
-        await js.wait_for(lambda e, m=message: e["event"] == "message" and e["message"] == m)
-    js.send(cmd="send", address=py.address, message={"js": "you"})
-    await until(lambda: ("message", js_address, {"js": "you"}) in py.events)
-    await py.close()
-    await js.wait_for(lambda e: e["event"] == "left" and e["address"] == py.address, 10)
-    await js.close()
-    await tracker.close()
-    return result
-
-
-async def _js_master_run(tmp, transport, url, count):
-    """The JS master harness and a Python Worker over WebRTC or TCP: timings and results."""
-    webrtc = transport == "webrtc"
-    master = await JsProcess("master.js", {
-        "QX_TOKEN": "rtc-jsm-" + transport, "QX_KEY": KEY, "QX_JOBS": str(count),
-        "QX_ASSETS": str(Path(tmp) / "assets.json"), **({"QX_TRACKER": url} if webrtc else {})}).start()
-    worker = w.Worker("rtc-jsm-" + transport, "py", "warn", KEY, env={}, folder=Path(tmp) / transport,
-                      host="127.0.0.1", lsd=False, dht=False, get_batch=True, batch_size=10,
-                      peers=[] if webrtc else ["127.0.0.1:%d" % master.ready["port"]],
-                      trackers=[url] if webrtc else [], ice_servers=[])
-    started = time.monotonic()
-    await worker.start()
-    await until(lambda: worker.master is not None, 30)
-    found = time.monotonic() - started
-    await until(lambda: sum(e["event"] == "result" for e in master.events) >= 1, 30)
-    first = time.monotonic()
-    await until(lambda: sum(e["event"] == "result" for e in master.events) >= count, 120)
-    rate = (count - 1) / (time.monotonic() - first)
-    results = [e["result"] for e in master.events if e["event"] == "result"]
-    result = {"found_s": found, "rate": rate, "only_webrtc": only_webrtc(worker.node),
-              "ids": sorted(r["jobID"] for r in results),
-              "right": all(r["data"] == {"sum": r["jobID"] * 2} for r in results)}
-    await worker.stop()
-    await master.close()
-    return result
-
-
-async def _rtc_js_master_worker(count=200):
-    tracker = await local_tracker()
-    with tempfile.TemporaryDirectory() as tmp:
-        files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
-        for f in files:
-            f["masterPath"] = str(Path(tmp) / "master" / f["masterPath"].lstrip("/"))
-        (Path(tmp) / "assets.json").write_text(json.dumps({"files": files, "dependencies": []}))
-        result = {transport: await _js_master_run(tmp, transport, tracker.ready["url"], count)
-                  for transport in ("webrtc", "tcp")}
-    await tracker.close()
-    return result
-
-
-async def _flow_rate(master, worker, jobs, get_batch, start=0):
-    """Push jobs, time them from the first result to the last (jobs/s)."""
-    worker.get_batch = get_batch
-    done = master.stats["results"]
-    for i in range(start, start + jobs):
-        master.push_new_job({"id": i, "data": json.dumps({"x": i})})
-    worker._wake.set()
-    await until(lambda: master.stats["results"] >= done + 1, 30)
-    first, first_done = time.monotonic(), master.stats["results"]
-    await until(lambda: master.stats["results"] >= done + jobs, 120)
-    return (done + jobs - first_done) / (time.monotonic() - first)
-
-
-async def _rtc_master_py():
-    """master.py and a Worker: a 5 MB asset over WebRTC, then jobs/s over WebRTC and TCP."""
-    from master import Master
-    tracker = await local_tracker()
-    url = tracker.ready["url"]
-    result = {}
-    blob = os.urandom(5 * 1024 * 1024)
-    with tempfile.TemporaryDirectory() as tmp:
-        files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
-        (Path(tmp) / "master/workplace/data/blob.bin").write_bytes(blob)
-        files.append({"masterPath": "/workplace/data/blob.bin", "name": "blob.bin",
-                      "workerPath": "/workplace/data/blob.bin"})
-        for transport in ("webrtc", "tcp"):
-            token = "rtc-mpy-" + transport
-            rtc = {"trackers": [url], "ice_servers": []} if transport == "webrtc" else {"trackers": []}
-            master = Master(token, {"files": files, "dependencies": []}, None, None, KEY,
-                            folder=Path(tmp) / "master", env={}, host="127.0.0.1", lsd=False, dht=False, **rtc)
-            await master.start()
-            peers = [] if transport == "webrtc" else ["127.0.0.1:%d" % master.port]
-            folder = Path(tmp) / ("w-" + transport)
-            worker = w.Worker(token, "w", "warn", KEY, env={}, folder=folder, host="127.0.0.1", lsd=False,
-                              dht=False, peers=peers, batch_size=10, **rtc)
-            started = time.monotonic()
-            await worker.start()
-            await until(lambda worker=worker: worker._runner is not None, 120)
-            result[transport] = {
-                "assets_s": time.monotonic() - started, "only_webrtc": only_webrtc(worker.node, master.node),
-                "blob_ok": (folder / "workplace/data/blob.bin").read_bytes() == blob,
-                "unbatched": await _flow_rate(master, worker, 300, False),
-                "batched": await _flow_rate(master, worker, 1000, True, start=1000)}
-            await worker.stop()
-            await master.close()
-    await tracker.close()
-    return result
-
-
-async def _dead_answer_sdp():
-    """A well-formed answer whose ICE and DTLS ends are already gone."""
-    import aiortc
-    config = aiortc.RTCConfiguration(iceServers=[])
-    offerer, answerer = aiortc.RTCPeerConnection(config), aiortc.RTCPeerConnection(config)
-    offerer.createDataChannel("x")
-    await offerer.setLocalDescription(await offerer.createOffer())
-    await answerer.setRemoteDescription(offerer.localDescription)
-    await answerer.setLocalDescription(await answerer.createAnswer())
-    sdp = answerer.localDescription.sdp
-    await offerer.close()
-    await answerer.close()
-    return sdp
-
-
-async def _bad_answerer(url, infohash, stop):
-    """A tracker client that answers every offer it is sent with a dead answer."""
-    from websockets.asyncio.client import connect
-    sdp = await _dead_answer_sdp()
-    ih, me = infohash.decode("latin-1"), "-XX0000-deadanswerer"
-    answered = 0
-    async with connect(url, compression=None) as ws:
-        await ws.send(json.dumps({"numwant": 0, "uploaded": 0, "downloaded": 0, "left": 0, "event": "started",
-                                  "action": "announce", "info_hash": ih, "peer_id": me, "offers": []}))
-        while not stop.is_set():
-            try:
-                async with asyncio.timeout(0.2):
-                    frame = json.loads(await ws.recv())
-            except TimeoutError:
-                continue
-            if "offer" in frame:
-                answered += 1
-                await ws.send(json.dumps({"action": "announce", "info_hash": ih, "peer_id": me,
-                                          "to_peer_id": frame["peer_id"], "offer_id": frame["offer_id"],
-                                          "answer": {"type": "answer", "sdp": sdp}}))
-    return answered
-
-
-def _live_peer_connections():
-    import gc
-
-    import aiortc
-    gc.collect()
-    return [o for o in gc.get_objects() if isinstance(o, aiortc.RTCPeerConnection)]
-
-
-async def _rtc_hygiene(seconds=15.0, interval=0.05, max_peers=6):
-    """Hundreds of announce cycles with a peer that answers with dead answers."""
-    tracker = await local_tracker()
-    url = tracker.ready["url"]
-    nodes = []
-    for _ in range(2):
-        node = w.Bugout("rtc-hygiene", lsd=False, dht=False, listen=False, trackers=[url], ice_servers=[],
-                        max_peers=max_peers, announce_interval=interval)
-        node.register("echo", lambda address, args: args)
-        node.webrtc.connect_timeout = 1.0
-        nodes.append(await node.start())
-    a, b = nodes
-    await until(lambda: a.address in b.peers and b.address in a.peers, 30)
-    stop = asyncio.Event()
-    answerer = asyncio.ensure_future(_bad_answerer(url, a.infohash, stop))
-    peak = peak_gc = 0
-    wires_max = 0
-    started = time.monotonic()
-    next_gc = started
-
-    def fewest_announces():
-        return min(n.webrtc.sessions[0].client.stats["announces"] for n in nodes)
-
-    # at least `seconds`, and on a slow machine on until 200 announces each (60 s at most)
-    while (time.monotonic() - started < seconds or fewest_announces() < 200) \
-            and time.monotonic() - started < 60:
-        await asyncio.sleep(0.02)
-        peak = max(peak, *(len(n.webrtc.connections) for n in nodes))
-        wires_max = max(wires_max, *(len(n._connections) for n in nodes))
-        if time.monotonic() >= next_gc:
-            next_gc += 1.0
-            peak_gc = max(peak_gc, len(_live_peer_connections()))
-    stop.set()
-    answered = await answerer
-    result = {"announces": [n.webrtc.sessions[0].client.stats["announces"] for n in nodes],
-              "peak_live": peak, "peak_gc": peak_gc, "wires_max": wires_max, "answered": answered,
-              "timeouts": [n.stats["webrtc timeouts"] for n in nodes],
-              "declined": [n.stats["webrtc answers declined"] + n.stats["webrtc offers declined"] for n in nodes],
-              "bound": max_peers + 2 * w.TRACKER_NUMWANT,
-              "echo": await a.rpc(b.address, "echo", {"still": "here"}, timeout=10),
-              "wires": [n.connections() for n in nodes]}
-    for node in nodes:
-        await node.close()
-    await tracker.close()
-    await asyncio.sleep(0.2)
-    result["left_open"] = [pc.connectionState for pc in _live_peer_connections() if pc.connectionState != "closed"]
-    return result
-
-
-async def _rtc_peer_cap():
-    """A node capped at one peer meets one of two others; those two meet each other."""
-    tracker = await local_tracker()
-    url = tracker.ready["url"]
-    capped = await rtc_node("rtc-cap", [url], max_peers=1, announce_interval=0.3)
-    b = await rtc_node("rtc-cap", [url], announce_interval=0.3)
-    c = await rtc_node("rtc-cap", [url], announce_interval=0.3)
-    await until(lambda: b.address in c.peers and c.address in b.peers and capped.connections() == 1, 30)
-    most = 0
-    for _ in range(150):  # 3 s, about ten announces each
-        await asyncio.sleep(0.02)
-        rtc = capped.webrtc
-        most = max(most, len(capped._connections), rtc.max_peers - rtc.free_slots())
-    result = {"most": most, "capped_wires": capped.connections(), "b_c": [b.connections(), c.connections()],
-              "declined": capped.stats["webrtc offers declined"] + capped.stats["webrtc answers declined"]}
-    for node in (capped, b, c):
-        await node.close()
-    await tracker.close()
-    return result
-
-
-RTC_SCENARIOS = {"python_python": _rtc_python_python,
-                 "python_offers_js_answers": lambda: _rtc_python_js(True),
-                 "js_offers_python_answers": lambda: _rtc_python_js(False),
-                 "js_master_worker": _rtc_js_master_worker, "master_py": _rtc_master_py,
-                 "hygiene": _rtc_hygiene, "peer_cap": _rtc_peer_cap}
-
-
-class TestWebRtc(unittest.TestCase):
-    """Real WebRTC (aiortc; @roamhq/wrtc for JS) through a local bittorrent-tracker."""
-
-    def test_python_python_through_tracker(self):
-        out = in_rtc_namespace("python_python")
-        self.assertEqual(out["echo"], {"x": "é", "echoedBy": "py"})
-        self.assertEqual(out["unknown"], {"error": "No such API call."})
-        self.assertEqual(out["wires"], [1, 1])
-        self.assertTrue(out["only_webrtc"])
-        self.assertEqual(out["newcomer_echo"], {"via": "restarted tracker", "echoedBy": "py"})
-        self.assertGreaterEqual(out["dead_tracker_retries"], 1)
-        self.assertEqual(out["after_close"], [0, 0, 0])
-        self.assertEqual(out["interval"], 120.0)
-        print("\n  python-python: connected through the tracker in %.2f s" % out["connected_s"], file=sys.stderr)
-
-    def _python_js(self, python_offers):
-        out = in_rtc_namespace("python_offers_js_answers" if python_offers else "js_offers_python_answers")
-        self.assertTrue(out["only_webrtc"])
-        self.assertEqual(out["python_offered"], [python_offers])
-        self.assertEqual(out["py_to_js"], {"n": "é", "pad": "p" * 40_000, "echoedBy": "js"})
-        self.assertEqual(out["py_to_js_unknown"], {"error": "No such API call."})
-        self.assertEqual(out["js_to_py"], {"from": "js", "echoedBy": "py"})
-        print("\n  python-js (%s offered): connected through the tracker in %.2f s"
-              % ("python" if python_offers else "js", out["connected_s"]), file=sys.stderr)
-
-    def test_python_offers_js_answers(self):
-        self._python_js(python_offers=True)
-
-    def test_js_offers_python_answers(self):
-        self._python_js(python_offers=False)
-
-    def test_worker_jobs_from_js_master(self):
-        out = in_rtc_namespace("js_master_worker")
-        self.assertTrue(out["webrtc"]["only_webrtc"])
-        self.assertFalse(out["tcp"]["only_webrtc"])
-        for transport in ("webrtc", "tcp"):
-            self.assertEqual(out[transport]["ids"], list(range(200)))
-            self.assertTrue(out[transport]["right"])
-        print("\n  JS master -> worker: master found in %.2f s over WebRTC (%.2f s over TCP); "
-              "%.0f jobs/s over WebRTC, %.0f over TCP (batches of 10)"
-              % (out["webrtc"]["found_s"], out["tcp"]["found_s"], out["webrtc"]["rate"], out["tcp"]["rate"]),
-              file=sys.stderr)
-
-    def test_master_py_5mb_asset_and_rates(self):
-        out = in_rtc_namespace("master_py")
-        self.assertTrue(out["webrtc"]["only_webrtc"])
-        for transport in ("webrtc", "tcp"):
-            self.assertTrue(out[transport]["blob_ok"], transport)
-        print("\n  master.py -> worker, 5 MB asset: %.2f s over WebRTC, %.2f s over TCP"
-              % (out["webrtc"]["assets_s"], out["tcp"]["assets_s"]), file=sys.stderr)
-        for mode in ("unbatched", "batched"):
-            print("  %s jobs/s: %.0f over WebRTC, %.0f over TCP" % (mode, out["webrtc"][mode], out["tcp"][mode]),
-                  file=sys.stderr)
-
-    def test_hundreds_of_announces_stay_bounded(self):
-        out = in_rtc_namespace("hygiene")
-        self.assertGreaterEqual(min(out["announces"]), 200)
-        self.assertGreater(out["answered"], 20)  # failed connections were really tried
-        self.assertGreater(sum(out["timeouts"]) + sum(out["declined"]), 10)
-        self.assertLessEqual(out["peak_live"], out["bound"] + 3)
-        self.assertLessEqual(out["peak_gc"], 2 * (out["bound"] + 3) + 2)
-        self.assertLessEqual(out["wires_max"], 6)
-        self.assertEqual(out["echo"], {"still": "here"})
-        self.assertEqual(out["wires"], [1, 1])
-        self.assertEqual(out["left_open"], [])
-        print("\n  %d/%d announces: at most %d live peer connections per node (%d in the process)"
-              % (*out["announces"], out["peak_live"], out["peak_gc"]), file=sys.stderr)
-
-    def test_peer_cap(self):
-        out = in_rtc_namespace("peer_cap")
-        self.assertEqual(out["most"], 1)
-        self.assertEqual(out["capped_wires"], 1)
-        self.assertEqual(out["b_c"][0] + out["b_c"][1], 3)
-        self.assertGreater(out["declined"], 0)
 
 
 if __name__ == "__main__":
