@@ -1,7 +1,19 @@
 """Tests of worker.py: vectors from the real JS code, codecs, the sans-I/O cores,
 real sockets on 127.0.0.1, real JS bugout peers (interop/), real subprocesses.
 
-Run: python -m unittest -v test_worker
+The file reads in worker.py's order. Support sections come first: time limits,
+cleanups and the safety nets; wires in memory and on loopback; the DHT in
+memory; trackers and WebRTC; the tasks a master hands out; masters and
+workers; npm. Then the tests of each worker.py section, from settings to the
+command line, and last the suites that cross sections (faults, master.py, the
+test data). Importing this file starts, reads and patches nothing:
+setUpModule() puts up the safety nets (no public DHT router, tracker or STUN
+server), and every asyncio test is an AsyncTest, which ends what it started
+and fails at its time limit instead of hanging. Tests that need a network
+namespace run a ``child_...`` function of this file in one (``in_namespace``).
+
+Run: python test_worker.py (all; the last line says N passed, N failed, N skipped)
+     python -m unittest -v test_worker.TestTcp (one class; test_worker.TestTcp.test_... one test)
 """
 
 from __future__ import annotations
@@ -11,6 +23,7 @@ import collections
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import inspect
 import itertools
 import json
@@ -31,7 +44,7 @@ from pathlib import Path
 from unittest import mock
 
 import worker as w
-from support import (  # child scripts use these as test_worker.X too
+from support import (
     HERE,
     IN_CI,
     INTEROP,
@@ -54,7 +67,7 @@ from support import (  # child scripts use these as test_worker.X too
     write_loopback_env,
 )
 
-# Support: time limits, cleanups, safety nets ################################
+# Support: time limits, cleanups, safety nets, namespaces ####################
 
 #: asyncio's debug mode as asyncio.run sets it (IsolatedAsyncioTestCase would turn it on)
 ASYNCIO_DEBUG = sys.flags.dev_mode or bool(os.environ.get("PYTHONASYNCIODEBUG"))
@@ -195,35 +208,25 @@ async def until_logged(logs, text, timeout=10.0):
     await until(lambda: any(text in line for line in logs.output), timeout)
 
 
-def in_namespace(code, timeout=90):
-    """Run Python ``code`` in a fresh network namespace with LSD on loopback."""
-    need(shutil.which("unshare") and os.geteuid() == 0, "unshare -n needs root")
-    script = ("ip link set lo up && ip route add 224.0.0.0/4 dev lo src 127.0.0.1 && "
-              f"exec {sys.executable} -c {shlex.quote(code)}")
-    done = subprocess.run(["unshare", "-n", "sh", "-c", script], check=False, cwd=HERE, capture_output=True,
-                          text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise AssertionError(f"namespace run failed:\n{done.stdout}\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+#: How lo is set up in a namespace: a multicast route for LSD; for WebRTC a second
+#: address, since aioice gathers every IPv4 address except 127.0.0.1 (libwebrtc
+#: takes loopback as it is).
+LO_FOR_LSD = "ip route add 224.0.0.0/4 dev lo src 127.0.0.1"
+LO_FOR_WEBRTC = "ip addr add 127.0.0.2/32 dev lo"
 
 
-def in_rtc_namespace(scenario, timeout=300):
-    """Run ``RTC_SCENARIOS[scenario]`` in a fresh network namespace; return its JSON result.
+def in_namespace(child, *args, timeout=90.0, lo=LO_FOR_LSD):
+    """``await child(*args)`` in a fresh network namespace; what it returned (JSON).
 
-    No STUN/TURN server and a local bittorrent-tracker: nothing leaves the
-    namespace. lo gets 127.0.0.2 too, since aioice gathers every IPv4
-    address except 127.0.0.1 (libwebrtc takes loopback as it is).
+    ``child`` is an async function of this module, run by ``namespace_child`` in
+    a new ``python`` under ``unshare -n``: lo is its only link, so nothing leaves
+    the namespace. The child has ``timeout`` less 10 seconds; its process ends
+    with it, and so do the JS peers it started (their stdin closes).
     """
     need(shutil.which("unshare") and shutil.which("ip") and os.geteuid() == 0, "unshare -n needs root")
-    js_ready()
-    for package in ("@roamhq/wrtc", "bittorrent-tracker"):
-        need((INTEROP / "node_modules" / package).is_dir(), "run npm ci in interop/ (%s)" % package)
-    import importlib.util
-    for module in ("aiortc", "websockets"):
-        need(importlib.util.find_spec(module), "pip install -r requirements.txt (%s)" % module)
-    code = "import test_worker as t; t.rtc_child(%r)" % scenario
-    script = ("ip link set lo up && ip addr add 127.0.0.2/32 dev lo && "
-              f"exec {sys.executable} -c {shlex.quote(code)}")
+    argv = [sys.executable, "-c", "import test_worker; test_worker.namespace_child()", child.__name__,
+            json.dumps(args), str(timeout - 10)]
+    script = f"ip link set lo up && {lo} && exec {shlex.join(argv)}"
     done = subprocess.run(["unshare", "-n", "sh", "-c", script], check=False, cwd=HERE,
                           capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
@@ -231,10 +234,21 @@ def in_rtc_namespace(scenario, timeout=300):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def rtc_child(name):
-    """Inside the namespace: run one scenario, print its result as the last line."""
+def namespace_child() -> None:
+    """In the namespace: the safety nets, then the child ``argv[1]``; its result is the last line."""
+    name, args, limit = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3])
+    install_safety_nets()
     w.Logger("warn")
-    print(json.dumps(asyncio.run(asyncio.wait_for(RTC_SCENARIOS[name](), 280))))
+    print(json.dumps(asyncio.run(asyncio.wait_for(globals()[name](*args), limit))))
+
+
+def rtc_ready() -> None:
+    """WebRTC for real needs the JS WebRTC stack, the tracker and aiortc."""
+    js_ready()
+    for package in ("@roamhq/wrtc", "bittorrent-tracker"):
+        need((INTEROP / "node_modules" / package).is_dir(), "run npm ci in interop/ (%s)" % package)
+    for module in ("aiortc", "websockets"):
+        need(importlib.util.find_spec(module), "pip install -r requirements.txt (%s)" % module)
 
 
 # Support: wires in memory and on loopback ###################################
@@ -659,7 +673,7 @@ def only_webrtc(*nodes):
     return all(isinstance(c, w.RtcConnection) for node in nodes for c in node._connections)
 
 
-async def _js_master_run(tmp, transport, url, count):
+async def js_master_run(tmp, transport, url, count):
     """The JS master harness and a Python Worker over WebRTC or TCP: timings and results."""
     webrtc = transport == "webrtc"
     master = await JsProcess("master.js", {
@@ -686,7 +700,7 @@ async def _js_master_run(tmp, transport, url, count):
     return result
 
 
-async def _flow_rate(master, worker, jobs, get_batch, start=0):
+async def flow_rate(master, worker, jobs, get_batch, start=0):
     """Push jobs, time them from the first result to the last (jobs/s)."""
     worker.get_batch = get_batch
     done = master.stats["results"]
@@ -699,7 +713,7 @@ async def _flow_rate(master, worker, jobs, get_batch, start=0):
     return (done + jobs - first_done) / (time.monotonic() - first)
 
 
-async def _dead_answer_sdp():
+async def dead_answer_sdp():
     """A well-formed answer whose ICE and DTLS ends are already gone."""
     import aiortc
     config = aiortc.RTCConfiguration(iceServers=[])
@@ -714,10 +728,10 @@ async def _dead_answer_sdp():
     return sdp
 
 
-async def _bad_answerer(url, infohash, stop):
+async def bad_answerer(url, infohash, stop):
     """A tracker client that answers every offer it is sent with a dead answer."""
     from websockets.asyncio.client import connect
-    sdp = await _dead_answer_sdp()
+    sdp = await dead_answer_sdp()
     ih, me = infohash.decode("latin-1"), "-XX0000-deadanswerer"
     answered = 0
     async with connect(url, compression=None) as ws:
@@ -737,7 +751,7 @@ async def _bad_answerer(url, infohash, stop):
     return answered
 
 
-def _live_peer_connections():
+def live_peer_connections():
     import gc
 
     import aiortc
@@ -1354,6 +1368,62 @@ async def thief_of(cluster):
 def end_lease(master, job_id, deadline):
     """Move the end of a job's lease (a ``time.time()``) in master.py's database."""
     master.store.db.execute("UPDATE jobs SET deadline = ? WHERE job_key = ?", (deadline, json.dumps(job_id)))
+
+
+async def lsd_run(root, worker_first):
+    """master.py and worker.py with LSD on, 1,000 jobs: results, seconds, RPC timeouts in the log.
+
+    The worker starts ``worker_first`` seconds before the master (0: after it),
+    so that both ends' announces cross and both dial.
+    """
+    token = "lsd-runs-%d" % random.randrange(1 << 40)
+    m, wk = root / "m", root / "w"
+    m.mkdir()
+    wk.mkdir()
+    write_assets(m, DEFAULT_FILES)
+    write_loopback_env(m, token, lsd="true", host="0.0.0.0", LOG_LEVEL="warn")
+    write_loopback_env(wk, token, lsd="true", host="0.0.0.0", LOG_LEVEL="info")
+    procs, results, reader = [], set(), None
+
+    async def worker():
+        with (root / "worker.log").open("wb") as log:
+            procs.append(await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=wk, env=clean_env(),
+                                                              stderr=log))
+
+    async def read():
+        async for line in master.stdout:
+            event = json.loads(line)
+            if event["event"] == "result":
+                results.add(event["result"]["jobID"])
+    try:
+        if worker_first:
+            await worker()
+        await asyncio.sleep(worker_first)  # the worker's LSD announces and the master's cross
+        master = await asyncio.create_subprocess_exec(
+            sys.executable, MASTER_PY, "--task", "workplace/task.py", "--task", "workplace/data/conf/factor.json",
+            "--jobs", "-", cwd=m, env=clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        procs.append(master)
+        await master.stdout.readline()
+        for i in range(1000):
+            master.stdin.write((json.dumps({"id": i, "data": json.dumps({"x": i})}) + "\n").encode())
+        if not worker_first:
+            await worker()
+        reader = asyncio.ensure_future(read())
+        start = time.monotonic()
+        try:
+            await until(lambda: len(results) >= 1000, 30)
+        except AssertionError:
+            pass
+        took = time.monotonic() - start
+    finally:  # a run cut short by the child's time limit leaves no process in the namespace
+        for proc in procs:
+            if proc.returncode is None:
+                proc.terminate()
+            await proc.wait()
+        if reader is not None:
+            reader.cancel()
+    text = (root / "worker.log").read_text()
+    return {"results": len(results), "seconds": round(took, 2), "rpc_timeouts": text.count("no answer in")}
 
 
 def write_jobs(path, count, fail=(), sleep=0.0, ids=True, bad_every=0):
@@ -2375,93 +2445,43 @@ class TestWireUnderAttack(AsyncTest):
 
 # LSD (BEP 14) ###############################################################
 
-LSD_CHILD = """
-import asyncio, json, time, test_worker as t, worker as w
-async def main():
+async def child_lsd():
+    """In a namespace: the JS peer (LSD on, as by default) and a Python node find each other."""
     ident = "lsd-swarm"
-    js = await t.JsProcess("peer.js", {"BO_ID": ident, "BO_MODE": "lsd"}).start()
+    js = await JsProcess("peer.js", {"BO_ID": ident, "BO_MODE": "lsd"}).start()
     start = time.monotonic()
     py = await w.Bugout(ident, host="0.0.0.0", lsd=True, dht=False, trackers=[]).start()
     py.register("echo", lambda a, args: args)
     await js.wait_for(lambda e: e["event"] == "seen" and e["address"] == py.address, 30)
-    await t.until(lambda: js.ready["address"] in py.peers, 30)
+    await until(lambda: js.ready["address"] in py.peers, 30)
     found = time.monotonic() - start
     echo = await py.rpc(js.ready["address"], "echo", {"lsd": True})
-    await py.close(); await js.close()
-    print(json.dumps({"found_s": found, "echo": echo}))
-asyncio.run(main())
-"""
+    await py.close()
+    await js.close()
+    return {"found_s": found, "echo": echo}
 
 
 class TestLsd(unittest.TestCase):
     def test_js_default_and_python_find_each_other(self):
         js_ready()
-        out = in_namespace(LSD_CHILD)
+        out = in_namespace(child_lsd)
         self.assertEqual(out["echo"], {"lsd": True, "echoedBy": "js"})
         self.assertLess(out["found_s"], 30)
 
 
-LSD_RUNS_CHILD = """
-import asyncio, json, os, random, sys, tempfile, time
-from pathlib import Path
-import test_worker as t
-
-async def one_run(root, worker_first):
-    token = "lsd-runs-%d" % random.randrange(1 << 40)
-    m, wk = Path(root) / "m", Path(root) / "w"
-    m.mkdir(); wk.mkdir()
-    t.write_assets(m, t.DEFAULT_FILES)
-    t.write_loopback_env(m, token, lsd="true", host="0.0.0.0", LOG_LEVEL="warn")
-    t.write_loopback_env(wk, token, lsd="true", host="0.0.0.0", LOG_LEVEL="info")
-    log = open(Path(root) / "worker.log", "wb")
-    async def worker():
-        return await asyncio.create_subprocess_exec(sys.executable, t.WORKER_PY, cwd=wk, env=t.clean_env(),
-                                                    stderr=log)
-    procs = [await worker()] if worker_first else []
-    await asyncio.sleep(worker_first)  # the worker's LSD announces and the master's cross
-    master = await asyncio.create_subprocess_exec(
-        sys.executable, t.MASTER_PY, "--task", "workplace/task.py", "--task", "workplace/data/conf/factor.json",
-        "--jobs", "-", cwd=m, env=t.clean_env(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-    procs.append(master)
-    await master.stdout.readline()
-    for i in range(1000):
-        master.stdin.write((json.dumps({"id": i, "data": json.dumps({"x": i})}) + "\\n").encode())
-    if not worker_first:
-        procs.append(await worker())
-    results = set()
-    async def read():
-        async for line in master.stdout:
-            event = json.loads(line)
-            if event["event"] == "result":
-                results.add(event["result"]["jobID"])
-    reader = asyncio.ensure_future(read())
-    start = time.monotonic()
-    try:
-        await t.until(lambda: len(results) >= 1000, 30)
-    except AssertionError:
-        pass
-    took = time.monotonic() - start
-    for proc in procs:
-        proc.terminate()
-        await proc.wait()
-    reader.cancel()
-    text = (Path(root) / "worker.log").read_text()
-    return {"results": len(results), "seconds": round(took, 2), "rpc_timeouts": text.count("no answer in")}
-
-async def main():
+async def child_lsd_runs():
+    """In a namespace: ten runs of master.py and worker.py that meet over LSD."""
     runs = []
     for i in range(10):
         with tempfile.TemporaryDirectory() as tmp:
-            runs.append(await one_run(tmp, (0, 0.5, 0.9)[i % 3]))
-    print(json.dumps(runs))
-asyncio.run(main())
-"""
+            runs.append(await lsd_run(Path(tmp), (0, 0.5, 0.9)[i % 3]))
+    return runs
 
 
 class TestLsdDuplicates(unittest.TestCase):
     def test_master_py_and_worker_py_over_lsd_ten_runs_every_result(self):
         """The issue's stall: both ends dial on LSD, one wire is closed with an answer on it."""
-        runs = in_namespace(LSD_RUNS_CHILD, timeout=600)
+        runs = in_namespace(child_lsd_runs, timeout=600)
         for run_ in runs:
             self.assertEqual((run_["results"], run_["rpc_timeouts"]), (1000, 0), runs)
             self.assertLess(run_["seconds"], 20, runs)
@@ -2762,25 +2782,24 @@ class TestDhtLoopback(AsyncTest):
         self.assertLess(found, 10)
 
 
-DHT_JS_CHILD = """
-import asyncio, hashlib, json, time, test_worker as t, worker as w
-async def main():
+async def child_dht_js():
+    """In a namespace: a Python node and a JS peer meet through a JS DHT; a JS DHT client uses ours."""
     ident = "dht-js-swarm"
-    boot = await t.JsProcess("dht-node.js", {}).start()
+    boot = await JsProcess("dht-node.js", {}).start()
     where = "127.0.0.1:%d" % boot.ready["port"]
-    js = await t.JsProcess("peer.js", {"BO_ID": ident, "BO_MODE": "dht", "BO_DHT_BOOTSTRAP": where}).start()
+    js = await JsProcess("peer.js", {"BO_ID": ident, "BO_MODE": "dht", "BO_DHT_BOOTSTRAP": where}).start()
     await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == js.ready["port"], 20)
     start = time.monotonic()
     py = await w.Bugout(ident, host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], trackers=[]).start()
     py.register("echo", lambda a, args: {**args, "echoedBy": "py"})
-    await t.until(lambda: js.ready["address"] in py.peers, 30)
+    await until(lambda: js.ready["address"] in py.peers, 30)
     found = time.monotonic() - start
     echo = await py.rpc(js.ready["address"], "echo", {"dht": True})
     js.send(cmd="rpc", id=1, address=py.address, call="echo", args={"from": "js"})
     back = (await js.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 1))["result"]
     ours = await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == py.port, 20)
     # a JS DHT client bootstrapped from the Python node: find_node, get_peers, announce_peer
-    client = await t.JsProcess("dht-node.js", {"DHT_BOOTSTRAP": "127.0.0.1:%d" % py._dht.port}).start()
+    client = await JsProcess("dht-node.js", {"DHT_BOOTSTRAP": "127.0.0.1:%d" % py._dht.port}).start()
     topic = hashlib.sha1(b"topic").hexdigest()
     client.send(cmd="announce", id=1, infoHash=topic, port=4242)
     announced = await client.wait_for(lambda e: e["event"] == "announced", 20)
@@ -2788,65 +2807,63 @@ async def main():
     client.send(cmd="lookup", id=2, infoHash=topic)
     peer = await client.wait_for(lambda e: e["event"] == "peer" and e["fromPort"] == py._dht.port, 20)
     stats = dict(py._dht.stats)
-    await py.close(); await js.close(); await client.close(); await boot.close()
-    print(json.dumps({"found_s": found, "echo": echo, "back": back, "ours": ours, "announced": announced,
-                      "stored": stored, "peer": peer, "stats": stats, "js_port": js.ready["port"]}))
-asyncio.run(main())
-"""
+    for closing in (py, js, client, boot):
+        await closing.close()
+    return {"found_s": found, "echo": echo, "back": back, "ours": ours, "announced": announced,
+            "stored": stored, "peer": peer, "stats": stats, "js_port": js.ready["port"]}
 
 
-DHT_MASTER_CHILD = """
-import asyncio, json, os, pathlib, tempfile, time, test_worker as t, worker as w
-async def main():
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="qx-dht-"))
-    (tmp / "task.py").write_text(t.MASTER_TASK)
-    (tmp / "assets.json").write_text(json.dumps({"files": [{"masterPath": str(tmp / "task.py"),
-        "name": "task.py", "workerPath": "/workplace/task.py"}], "dependencies": []}))
-    boot = await t.JsProcess("dht-node.js", {}).start()
-    where = "127.0.0.1:%d" % boot.ready["port"]
-    master = await t.JsProcess("master.js", {"QX_TOKEN": "dht-flow-token-0123456789", "QX_KEY": t.KEY,
-        "QX_JOBS": "20", "QX_ASSETS": str(tmp / "assets.json"), "QX_DHT_BOOTSTRAP": where}).start()
-    await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == master.ready["port"], 20)
-    worker = w.Worker("dht-flow-token-0123456789", "dht-worker", "warn", t.KEY, env={}, folder=tmp / "w",
-                      host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], get_batch=True, batch_size=5,
-                      trackers=[])
-    start = time.monotonic()
-    await worker.start()
-    await t.until(lambda: worker.master is not None, 30)
-    found = time.monotonic() - start
-    results = []
-    while len(results) < 20:
-        results.append((await master.wait_for(lambda e: e["event"] == "result" and e not in results, 60)))
-    elapsed = time.monotonic() - start
-    await worker.stop(); await master.close(); await boot.close()
-    print(json.dumps({"found_s": found, "all_s": elapsed, "results": [r["result"] for r in results],
-                      "master": master.ready["address"], "worker": worker.address,
-                      "lsd": worker.node.lsd}))
-asyncio.run(main())
-"""
+async def child_dht_master():
+    """In a namespace: a Worker finds the JS master over a JS DHT and runs its 20 jobs."""
+    with tempfile.TemporaryDirectory(prefix="qx-dht-") as folder:
+        tmp = Path(folder)
+        (tmp / "task.py").write_text(MASTER_TASK)
+        task = {"masterPath": str(tmp / "task.py"), "name": "task.py", "workerPath": "/workplace/task.py"}
+        (tmp / "assets.json").write_text(json.dumps({"files": [task], "dependencies": []}))
+        boot = await JsProcess("dht-node.js", {}).start()
+        where = "127.0.0.1:%d" % boot.ready["port"]
+        master = await JsProcess("master.js", {"QX_TOKEN": "dht-flow-token-0123456789", "QX_KEY": KEY,
+                                               "QX_JOBS": "20", "QX_ASSETS": str(tmp / "assets.json"),
+                                               "QX_DHT_BOOTSTRAP": where}).start()
+        await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == master.ready["port"], 20)
+        worker = w.Worker("dht-flow-token-0123456789", "dht-worker", "warn", KEY, env={}, folder=tmp / "w",
+                          host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], get_batch=True, batch_size=5,
+                          trackers=[])
+        start = time.monotonic()
+        await worker.start()
+        await until(lambda: worker.master is not None, 30)
+        found = time.monotonic() - start
+        results = []
+        while len(results) < 20:
+            results.append(await master.wait_for(lambda e: e["event"] == "result" and e not in results, 60))
+        elapsed = time.monotonic() - start
+        await worker.stop()
+        await master.close()
+        await boot.close()
+    return {"found_s": found, "all_s": elapsed, "results": [r["result"] for r in results],
+            "master": master.ready["address"], "worker": worker.address, "lsd": worker.node.lsd}
 
 
-DHT_LATE_MASTER_CHILD = """
-import asyncio, json, pathlib, tempfile, time, test_worker as t, worker as w
-w.DHT_LOOKUP_AT, w.DHT_LOOKUP_ALONE = (0.0, 1.0), 1.0  # the schedule, shortened for the test
-async def main():
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="qx-dht-"))
-    boot = await t.JsProcess("dht-node.js", {}).start()
-    where = "127.0.0.1:%d" % boot.ready["port"]
-    worker = w.Worker("dht-late-token-0123456789", "late", "warn", t.KEY, env={}, folder=tmp / "w",
-                      host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], trackers=[])
-    await worker.start()
-    await asyncio.sleep(2.5)
-    assert worker.master is None
-    master = await t.JsProcess("master.js", {"QX_TOKEN": "dht-late-token-0123456789", "QX_KEY": t.KEY,
-                                             "QX_DHT_BOOTSTRAP": where}).start()
-    start = time.monotonic()
-    await t.until(lambda: worker.master is not None, 20)
-    found, adopted = time.monotonic() - start, worker.master
-    await worker.stop(); await master.close(); await boot.close()
-    print(json.dumps({"found_s": found, "master": adopted, "js": master.ready["address"]}))
-asyncio.run(main())
-"""
+async def child_dht_late_master():
+    """In a namespace: a JS master that comes after the Worker's first lookups is found by a later one."""
+    w.DHT_LOOKUP_AT, w.DHT_LOOKUP_ALONE = (0.0, 1.0), 1.0  # the schedule, shortened for the test
+    with tempfile.TemporaryDirectory(prefix="qx-dht-") as folder:
+        boot = await JsProcess("dht-node.js", {}).start()
+        where = "127.0.0.1:%d" % boot.ready["port"]
+        worker = w.Worker("dht-late-token-0123456789", "late", "warn", KEY, env={}, folder=Path(folder) / "w",
+                          host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], trackers=[])
+        await worker.start()
+        await asyncio.sleep(2.5)
+        assert worker.master is None
+        master = await JsProcess("master.js", {"QX_TOKEN": "dht-late-token-0123456789", "QX_KEY": KEY,
+                                               "QX_DHT_BOOTSTRAP": where}).start()
+        start = time.monotonic()
+        await until(lambda: worker.master is not None, 20)
+        found, adopted = time.monotonic() - start, worker.master
+        await worker.stop()
+        await master.close()
+        await boot.close()
+    return {"found_s": found, "master": adopted, "js": master.ready["address"]}
 
 
 class TestDhtJs(unittest.TestCase):
@@ -2855,7 +2872,7 @@ class TestDhtJs(unittest.TestCase):
         need((INTEROP / "node_modules" / "bittorrent-dht").is_dir(), "run npm ci in interop/")
 
     def test_python_and_js_peers_meet_through_a_js_dht(self):
-        out = in_namespace(DHT_JS_CHILD)
+        out = in_namespace(child_dht_js)
         self.assertEqual(out["echo"], {"dht": True, "echoedBy": "js"})
         self.assertEqual(out["back"], {"from": "js", "echoedBy": "py"})
         self.assertEqual(out["announced"]["error"], None)  # JS announce_peer to Python: accepted
@@ -2868,7 +2885,7 @@ class TestDhtJs(unittest.TestCase):
         self.assertLess(out["found_s"], 30)
 
     def test_job_flow_with_a_js_master_found_over_the_dht(self):
-        out = in_namespace(DHT_MASTER_CHILD, timeout=150)
+        out = in_namespace(child_dht_master, timeout=150)
         self.assertFalse(out["lsd"])
         self.assertEqual(sorted(r["jobID"] for r in out["results"]), list(range(20)))
         for r in out["results"]:
@@ -2879,7 +2896,7 @@ class TestDhtJs(unittest.TestCase):
         self.assertLess(out["found_s"], 30)
 
     def test_master_started_later_is_found_by_a_later_lookup(self):
-        out = in_namespace(DHT_LATE_MASTER_CHILD)
+        out = in_namespace(child_dht_late_master)
         self.assertEqual(out["master"], out["js"])
         self.assertLess(out["found_s"], 20)
 
@@ -2912,7 +2929,8 @@ class TestTrackerClient(unittest.TestCase):
         self.assertEqual(offer, w.RelayedOffer(other, relayed["offer_id"], relayed["offer"]["sdp"]))
         answer = sample("client->tracker answer (to_peer_id)")
         self.assertTrue(client.send_answer(offer.peer_id, offer.offer_id, answer["answer"]["sdp"]))
-        self.assertEqual(client.data_to_send(), [samples()["client->tracker answer (to_peer_id)"]["raw_json_text"]])
+        self.assertEqual(client.data_to_send(),
+                         [samples()["client->tracker answer (to_peer_id)"]["raw_json_text"]])
 
     def test_pair_offer_answer_matched_by_offer_id(self):
         tracker = FakeTracker()
@@ -3142,7 +3160,8 @@ class TestRtcConnection(AsyncTest):
 
 # WebRTC for real: aiortc, @roamhq/wrtc and a local tracker in a namespace ####
 
-async def _rtc_python_python():
+async def child_rtc_python_python():
+    """Two Python nodes through the tracker (and a dead one); the tracker restarts; a third joins."""
     w.RECONNECT_FIRST = 0.3  # the tracker restarts below: come back quickly
     tracker = await local_tracker()
     url, dead = tracker.ready["url"], "ws://127.0.0.1:9"  # nothing listens on 9
@@ -3181,7 +3200,7 @@ async def _rtc_python_python():
     return result
 
 
-async def _rtc_python_js(python_offers):
+async def child_rtc_python_js(python_offers):
     """Python and JS meet through the tracker; only one side makes offers.
 
     The offering side starts second, so the tracker has someone to relay to.
@@ -3218,20 +3237,18 @@ async def _rtc_python_js(python_offers):
     return result
 
 
-async def _rtc_js_master_worker(count=200):
+async def child_rtc_js_master_worker(count=200):
+    """The JS master and a Worker, over WebRTC and over TCP: how soon it is found, jobs/s."""
     tracker = await local_tracker()
     with tempfile.TemporaryDirectory() as tmp:
-        files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
-        for f in files:
-            f["masterPath"] = str(Path(tmp) / "master" / f["masterPath"].lstrip("/"))
-        (Path(tmp) / "assets.json").write_text(json.dumps({"files": files, "dependencies": []}))
-        result = {transport: await _js_master_run(tmp, transport, tracker.ready["url"], count)
+        js_master_assets(Path(tmp))
+        result = {transport: await js_master_run(tmp, transport, tracker.ready["url"], count)
                   for transport in ("webrtc", "tcp")}
     await tracker.close()
     return result
 
 
-async def _rtc_master_py():
+async def child_rtc_master_py():
     """master.py and a Worker: a 5 MB asset over WebRTC, then jobs/s over WebRTC and TCP."""
     from master import Master
     tracker = await local_tracker()
@@ -3259,15 +3276,15 @@ async def _rtc_master_py():
             result[transport] = {
                 "assets_s": time.monotonic() - started, "only_webrtc": only_webrtc(worker.node, master.node),
                 "blob_ok": (folder / "workplace/data/blob.bin").read_bytes() == blob,
-                "unbatched": await _flow_rate(master, worker, 300, False),
-                "batched": await _flow_rate(master, worker, 1000, True, start=1000)}
+                "unbatched": await flow_rate(master, worker, 300, False),
+                "batched": await flow_rate(master, worker, 1000, True, start=1000)}
             await worker.stop()
             await master.close()
     await tracker.close()
     return result
 
 
-async def _rtc_hygiene(seconds=15.0, interval=0.05, max_peers=6):
+async def child_rtc_hygiene(seconds=15.0, interval=0.05, max_peers=6):
     """Hundreds of announce cycles with a peer that answers with dead answers."""
     tracker = await local_tracker()
     url = tracker.ready["url"]
@@ -3281,7 +3298,7 @@ async def _rtc_hygiene(seconds=15.0, interval=0.05, max_peers=6):
     a, b = nodes
     await until(lambda: a.address in b.peers and b.address in a.peers, 30)
     stop = asyncio.Event()
-    answerer = asyncio.ensure_future(_bad_answerer(url, a.infohash, stop))
+    answerer = asyncio.ensure_future(bad_answerer(url, a.infohash, stop))
     peak = peak_gc = 0
     wires_max = 0
     started = time.monotonic()
@@ -3298,7 +3315,7 @@ async def _rtc_hygiene(seconds=15.0, interval=0.05, max_peers=6):
         wires_max = max(wires_max, *(len(n._connections) for n in nodes))
         if time.monotonic() >= next_gc:
             next_gc += 1.0
-            peak_gc = max(peak_gc, len(_live_peer_connections()))
+            peak_gc = max(peak_gc, len(live_peer_connections()))
     stop.set()
     answered = await answerer
     result = {"announces": [n.webrtc.sessions[0].client.stats["announces"] for n in nodes],
@@ -3312,11 +3329,12 @@ async def _rtc_hygiene(seconds=15.0, interval=0.05, max_peers=6):
         await node.close()
     await tracker.close()
     await asyncio.sleep(0.2)
-    result["left_open"] = [pc.connectionState for pc in _live_peer_connections() if pc.connectionState != "closed"]
+    result["left_open"] = [pc.connectionState for pc in live_peer_connections()
+                           if pc.connectionState != "closed"]
     return result
 
 
-async def _rtc_peer_cap():
+async def child_rtc_peer_cap():
     """A node capped at one peer meets one of two others; those two meet each other."""
     tracker = await local_tracker()
     url = tracker.ready["url"]
@@ -3337,18 +3355,19 @@ async def _rtc_peer_cap():
     return result
 
 
-RTC_SCENARIOS = {"python_python": _rtc_python_python,
-                 "python_offers_js_answers": lambda: _rtc_python_js(True),
-                 "js_offers_python_answers": lambda: _rtc_python_js(False),
-                 "js_master_worker": _rtc_js_master_worker, "master_py": _rtc_master_py,
-                 "hygiene": _rtc_hygiene, "peer_cap": _rtc_peer_cap}
-
-
 class TestWebRtc(unittest.TestCase):
     """Real WebRTC (aiortc; @roamhq/wrtc for JS) through a local bittorrent-tracker."""
 
+    def setUp(self):
+        rtc_ready()
+
+    @staticmethod
+    def in_namespace(child, *args):
+        """No STUN/TURN server and a local bittorrent-tracker: nothing leaves the namespace."""
+        return in_namespace(child, *args, timeout=300, lo=LO_FOR_WEBRTC)
+
     def test_python_python_through_tracker(self):
-        out = in_rtc_namespace("python_python")
+        out = self.in_namespace(child_rtc_python_python)
         self.assertEqual(out["echo"], {"x": "é", "echoedBy": "py"})
         self.assertEqual(out["unknown"], {"error": "No such API call."})
         self.assertEqual(out["wires"], [1, 1])
@@ -3360,7 +3379,7 @@ class TestWebRtc(unittest.TestCase):
         print("\n  python-python: connected through the tracker in %.2f s" % out["connected_s"], file=sys.stderr)
 
     def _python_js(self, python_offers):
-        out = in_rtc_namespace("python_offers_js_answers" if python_offers else "js_offers_python_answers")
+        out = self.in_namespace(child_rtc_python_js, python_offers)
         self.assertTrue(out["only_webrtc"])
         self.assertEqual(out["python_offered"], [python_offers])
         self.assertEqual(out["py_to_js"], {"n": "é", "pad": "p" * 40_000, "echoedBy": "js"})
@@ -3376,7 +3395,7 @@ class TestWebRtc(unittest.TestCase):
         self._python_js(python_offers=False)
 
     def test_worker_jobs_from_js_master(self):
-        out = in_rtc_namespace("js_master_worker")
+        out = self.in_namespace(child_rtc_js_master_worker)
         self.assertTrue(out["webrtc"]["only_webrtc"])
         self.assertFalse(out["tcp"]["only_webrtc"])
         for transport in ("webrtc", "tcp"):
@@ -3388,7 +3407,7 @@ class TestWebRtc(unittest.TestCase):
               file=sys.stderr)
 
     def test_master_py_5mb_asset_and_rates(self):
-        out = in_rtc_namespace("master_py")
+        out = self.in_namespace(child_rtc_master_py)
         self.assertTrue(out["webrtc"]["only_webrtc"])
         for transport in ("webrtc", "tcp"):
             self.assertTrue(out[transport]["blob_ok"], transport)
@@ -3399,7 +3418,7 @@ class TestWebRtc(unittest.TestCase):
                   file=sys.stderr)
 
     def test_hundreds_of_announces_stay_bounded(self):
-        out = in_rtc_namespace("hygiene")
+        out = self.in_namespace(child_rtc_hygiene)
         self.assertGreaterEqual(min(out["announces"]), 200)
         self.assertGreater(out["answered"], 20)  # failed connections were really tried
         self.assertGreater(sum(out["timeouts"]) + sum(out["declined"]), 10)
@@ -3413,7 +3432,7 @@ class TestWebRtc(unittest.TestCase):
               % (*out["announces"], out["peak_live"], out["peak_gc"]), file=sys.stderr)
 
     def test_peer_cap(self):
-        out = in_rtc_namespace("peer_cap")
+        out = self.in_namespace(child_rtc_peer_cap)
         self.assertEqual(out["most"], 1)
         self.assertEqual(out["capped_wires"], 1)
         self.assertEqual(out["b_c"][0] + out["b_c"][1], 3)
