@@ -2,13 +2,14 @@
 code (testdata/), a loopback-only .env, a master's asset files, the runner of
 the JS peers in interop/, and small waiting and skipping helpers.
 
-Neither a test nor part of the worker: importing it starts nothing and changes
-nothing (it reads testdata/bugout-vectors.json, that is all).
+Neither a test nor part of the worker: importing it starts nothing, changes
+nothing and reads nothing (the vectors are read on first use).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ import socket
 import subprocess
 import time
 import unittest
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,30 @@ import worker as w
 
 HERE = Path(__file__).resolve().parent
 TESTDATA = HERE / "testdata"  # made by interop/make-testdata.sh
-VECTORS = json.loads((TESTDATA / "bugout-vectors.json").read_text())
-IDENT = VECTORS["identifier"]
 IN_CI = os.environ.get("CI") == "true"
 KEY = "k" * 16 + "0123456789abcdef"
 NODE = shutil.which("node")
 INTEROP = HERE / "interop"
+
+
+@functools.cache
+def vectors() -> dict[str, Any]:
+    """testdata/bugout-vectors.json, read on first use."""
+    return json.loads((TESTDATA / "bugout-vectors.json").read_text())
+
+
+def vector_swarm() -> str:
+    """The bugout identifier (swarm) of the vectors."""
+    return vectors()["identifier"]
+
+
+def __getattr__(name: str) -> Any:
+    """``VECTORS`` and ``IDENT`` as names too (fuzz.py), read on first use."""
+    if name == "VECTORS":
+        return vectors()
+    if name == "IDENT":
+        return vector_swarm()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def prng(labels: Iterable[str]) -> Callable[[int], bytes]:
@@ -41,7 +60,7 @@ def prng(labels: Iterable[str]) -> Callable[[int], bytes]:
 
 
 def identity(role: str) -> w.Identity:
-    keys = VECTORS["keys"][role]
+    keys = vectors()["keys"][role]
     return w.Identity(keys["seed_bs58check"], bytes.fromhex(keys["ek_secret_key_hex"]))
 
 
@@ -52,10 +71,6 @@ def need(condition: object, why: str) -> None:
     if IN_CI:
         raise AssertionError("prerequisite missing in CI: " + why)
     raise unittest.SkipTest(why)
-
-
-def run(coro: Awaitable[Any], timeout: float = 60) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 async def until(predicate: Callable[[], object], timeout: float = 20.0) -> None:
@@ -89,7 +104,7 @@ def mutations(seed_inputs: list[bytes], count: int, rng: random.Random) -> Itera
 
 
 def valid_payloads() -> list[bytes]:
-    core = w.BugoutCore(IDENT, identity("worker"))
+    core = w.BugoutCore(vector_swarm(), identity("worker"))
     peer = identity("master")
     now = w._now()
     core.peers[peer.address] = w.PeerKeys(peer.pk, peer.ek, now)
@@ -97,7 +112,7 @@ def valid_payloads() -> list[bytes]:
     core.send_message({"a": [1, "b"]}, now)
     core.send_call(peer.address, "isMaster", {}, now)
     out = [p for p, _ in core.data_to_send()]
-    return out + [bytes.fromhex(e["payload_hex"]) for e in VECTORS["exchange_log"]]
+    return out + [bytes.fromhex(e["payload_hex"]) for e in vectors()["exchange_log"]]
 
 
 def fuzz_inputs(count: int, seed: int = 1234) -> Iterator[bytes]:

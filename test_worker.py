@@ -1,7 +1,19 @@
 """Tests of worker.py: vectors from the real JS code, codecs, the sans-I/O cores,
 real sockets on 127.0.0.1, real JS bugout peers (interop/), real subprocesses.
 
-Run: python -m unittest -v test_worker
+The file reads in worker.py's order. Support sections come first: time limits,
+cleanups and the safety nets; wires in memory and on loopback; the DHT in
+memory; trackers and WebRTC; the tasks a master hands out; masters and
+workers; npm. Then the tests of each worker.py section, from settings to the
+command line, and last the suites that cross sections (faults, master.py, the
+test data). Importing this file starts, reads and patches nothing:
+setUpModule() puts up the safety nets (no public DHT router, tracker or STUN
+server), and every asyncio test is an AsyncTest, which ends what it started
+and fails at its time limit instead of hanging. Tests that need a network
+namespace run a ``child_...`` function of this file in one (``in_namespace``).
+
+Run: python test_worker.py (all; the last line says N passed, N failed, N skipped)
+     python -m unittest -v test_worker.TestTcp (one class; test_worker.TestTcp.test_... one test)
 """
 
 from __future__ import annotations
@@ -9,7 +21,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import hashlib
+import importlib.util
+import inspect
 import itertools
 import json
 import os
@@ -29,14 +44,12 @@ from pathlib import Path
 from unittest import mock
 
 import worker as w
-from support import (  # child scripts use these as test_worker.X too
+from support import (
     HERE,
-    IDENT,
     IN_CI,
     INTEROP,
     KEY,
     NODE,
-    VECTORS,
     JsProcess,
     clean_env,
     free_port,
@@ -47,271 +60,203 @@ from support import (  # child scripts use these as test_worker.X too
     mutations,
     need,
     prng,
-    run,
     until,
-    valid_payloads,  # noqa: F401
+    vector_swarm,
+    vectors,
     write_assets,
     write_loopback_env,
 )
 
-# Vectors made by the real JS code ##########################################
+# Support: time limits, cleanups, safety nets, namespaces ####################
 
-class TestVectors(unittest.TestCase):
-    def test_torrent_and_handshake(self):
-        infohash, info = w.infohash_of(IDENT)
-        self.assertEqual(info.hex(), VECTORS["torrent"]["info_bencoded_hex"])
-        self.assertEqual(len(info), VECTORS["torrent"]["info_bencoded_len"])
-        self.assertEqual(infohash.hex(), VECTORS["torrent"]["infoHash_hex"])
-        bt = VECTORS["bittorrent"]
-        peer_id = b"-WW0109-AAAAAAAAAAAA"
-        self.assertEqual(w.handshake_bytes(infohash, peer_id, dht=True).hex(),
-                         bt["example_handshake_with_dht_hex"])
-        self.assertEqual(w.handshake_bytes(infohash, peer_id).hex(),
-                         bt["example_handshake_without_dht_hex"])
-
-    def test_captured_handshakes_parse(self):
-        infohash, _ = w.infohash_of(IDENT)
-        for msg in VECTORS["bittorrent"]["captured_first_messages"]:
-            if msg["type"] == "handshake":
-                wire = w.PeerWire(infohash, b"-QP0100-xxxxxxxxxxxx", {}, initiator=True)
-                wire.receive_data(bytes.fromhex(msg["hex"]))
-                [event] = wire.events_received()
-                self.assertEqual(event.peer_id, bytes.fromhex(msg["hex"])[48:])
-            if msg["type"] == "extended" and "dict" in msg:
-                self.assertEqual(w.bencode(msg["dict"]).decode(), msg["dict_bencoded"])
-
-    def test_keys_and_addresses(self):
-        for role in ("master", "worker"):
-            keys = VECTORS["keys"][role]
-            seed = w.make_seed(bytes.fromhex(keys["seed_material_hex"]))
-            self.assertEqual(seed, keys["seed_bs58check"])
-            self.assertEqual(w.b58check_decode(seed).hex(), keys["seed_decoded_hex"])
-            ident = identity(role)
-            self.assertEqual(ident.sign_public.hex(), keys["sign_public_key_hex"])
-            self.assertEqual(ident.sign_secret.hex(), keys["sign_secret_key_hex"])
-            self.assertEqual(ident.pk, keys["pk_bs58"])
-            self.assertEqual(ident.ek, keys["ek_bs58"])
-            self.assertEqual(ident.box_public.hex(), keys["ek_public_key_hex"])
-            self.assertEqual(ident.address, keys["address"])
-            digest = hashlib.sha512(ident.sign_public).digest()
-            self.assertEqual(digest.hex(), keys["sha512_of_pk_hex"])
-            self.assertEqual(w.ripemd160(digest).hex(), keys["ripemd160_of_sha512_hex"])
-            self.assertEqual(w._ripemd160_py(digest).hex(), keys["ripemd160_of_sha512_hex"])
-            self.assertEqual(w.b58check_decode(ident.address).hex(), keys["address_payload_hex"])
-        for extra in VECTORS["extra_seed_vectors"]:
-            ident = w.Identity(w.make_seed(bytes.fromhex(extra["seed_material_hex"])))
-            self.assertEqual(ident.seed, extra["seed_bs58check"])
-            self.assertEqual(ident.pk, extra["pk_bs58"])
-            self.assertEqual(ident.sign_public.hex(), extra["sign_public_key_hex"])
-            self.assertEqual(ident.address, extra["address"])
-
-    def test_extended_handshake(self):
-        for role in ("master", "worker"):
-            keys = VECTORS["keys"][role]
-            node = w.Bugout(IDENT, seed=keys["seed_bs58check"], lsd=False, dht=False, trackers=[])
-            node.identity = identity(role)
-            node._extended.update(pk=node.identity.pk, ek=node.identity.ek)
-            self.assertEqual(w.bencode(node._extended).hex(),
-                             keys["full_extended_handshake_bencoded_hex"])
-            wire = node._new_wire(initiator=False)
-            infohash, _ = w.infohash_of(IDENT)
-            wire.receive_data(w.handshake_bytes(infohash, b"-WW0109-AAAAAAAAAAAA", dht=True))
-            out = wire.data_to_send()
-            self.assertEqual(out[:68], w.handshake_bytes(infohash, node.peer_id))
-            framed = bytes.fromhex(keys["full_extended_handshake_message_hex"])
-            self.assertEqual(out[68:68 + len(framed)], framed)
-            self.assertEqual(out[68 + len(framed):], bytes.fromhex("000000010e"))
-
-    def test_rpc_call_envelope_and_frame(self):
-        vec = VECTORS["rpc_isMaster"]
-        master, worker = identity("master"), identity("worker")
-        t = VECTORS["fixed"]["t_ms"]
-        core = w.BugoutCore(IDENT, worker,
-                            random=prng(d["label"] for d in vec["random_draws_in_order"]))
-        core.peers[master.address] = w.PeerKeys(master.pk, master.ek, t)
-        nonce = core.send_call(master.address, "isMaster", {}, t)
-        self.assertEqual(nonce.hex(), vec["inner_packet_fields"]["rn"]["hex"])
-        [(payload, origin)] = core.data_to_send()
-        self.assertIsNone(origin)
-        self.assertEqual(payload.hex(), vec["envelope_hex"])
-        self.assertEqual(hashlib.sha512(payload).digest()[16:].hex(), vec["seen_hash_hex"])
-        wire = self._open_wire({"bo_channel": 4})
-        wire.send_extension(payload)
-        self.assertEqual(wire.data_to_send().hex(), vec["framed_message_hex"])
-        # the signed packet inside, and the master opening it
-        self.assertIn(vec["signed_packet_hex"], w.bencode({"s": bytes.fromhex(vec["signature_hex"]),
-                                                           "p": bytes.fromhex(vec["p_bencoded_hex"])}).hex())
-        mcore = w.BugoutCore(IDENT, master)
-        events = mcore.receive_payload(payload, t + 1)
-        self.assertEqual(events, [w.Seen(worker.address),
-                                  w.Call(worker.address, "isMaster", {}, nonce)])
-
-    def test_rpc_response_opens(self):
-        vec = VECTORS["rpc_isMaster"]
-        master, worker = identity("master"), identity("worker")
-        t = VECTORS["fixed"]["t_ms"]
-        core = w.BugoutCore(IDENT, worker)
-        events = core.receive_payload(bytes.fromhex(vec["response"]["payload_hex"]), t + 5)
-        self.assertEqual(events[-1], w.Response(master.address, bytes.fromhex("59594df1817116e3"),
-                                                vec["callback_result"]))
-        wire = self._open_wire({"bo_channel": 4})
-        wire.send_extension(bytes.fromhex(vec["response"]["payload_hex"]))
-        self.assertEqual(wire.data_to_send().hex(), vec["response"]["framed_hex"])
-
-    def test_exchange_log_opens_and_pings_reproduce(self):
-        t = VECTORS["fixed"]["t_ms"]
-        ids = {"master": identity("master"), "worker": identity("worker")}
-        for entry in VECTORS["exchange_log"]:
-            payload = bytes.fromhex(entry["payload_hex"])
-            self.assertEqual(hashlib.sha512(payload).digest()[16:].hex(), entry["seen_hash_hex"])
-            core = w.BugoutCore(IDENT, ids[entry["to"]])
-            events = core.receive_payload(payload, t + 10)
-            decoded = entry["decoded_by_receiver"]
-            sender = ids[entry["from"]] if decoded.get("packet") else None
-            if sender is None:
-                continue
-            if decoded["packet"]["pk"] == ids[entry["to"]].pk:
-                self.assertEqual(events, [])  # our own packet echoed back
-            else:
-                self.assertTrue(events, entry["step"])
-            if decoded["packet"]["y"] == "p" and decoded["packet"]["pk"] == sender.pk:
-                label = {d["hex"]: d["label"] for d in VECTORS["handshake_phase_random_draws"]}[
-                    decoded["packet"]["n"]["hex"]]
-                again = w.BugoutCore(IDENT, sender, random=prng([label]))
-                again.send_ping(t)
-                [(mine, _)] = again.data_to_send()
-                self.assertEqual(mine, payload)
-                self.assertEqual(bytes.fromhex(entry["framed_hex"])[6:], payload)
-
-    @staticmethod
-    def _open_wire(remote_m):
-        infohash, _ = w.infohash_of(IDENT)
-        wire = w.PeerWire(infohash, b"-QP0100-xxxxxxxxxxxx", {}, initiator=True)
-        wire.receive_data(w.handshake_bytes(infohash, b"-WW0109-AAAAAAAAAAAA"))
-        ext = w.bencode({"m": remote_m})
-        wire.receive_data(w.frame(20, b"\0" + ext))
-        wire.data_to_send()
-        wire.events_received()
-        return wire
+#: asyncio's debug mode as asyncio.run sets it (IsolatedAsyncioTestCase would turn it on)
+ASYNCIO_DEBUG = sys.flags.dev_mode or bool(os.environ.get("PYTHONASYNCIODEBUG"))
+_safety_nets: list = []  # the patches in force
+_public_defaults: dict = {}  # worker.py's defaults as they are without the safety nets
 
 
-class TestTestData(unittest.TestCase):
-    def test_generators_give_the_committed_bytes(self):
-        """testdata/ is what interop/make-testdata.sh makes from the real JS code, byte for byte."""
-        js_ready()
-        for package in ("@roamhq/wrtc", "bittorrent-tracker"):
-            need((INTEROP / "node_modules" / package).is_dir(), "run npm ci in interop/ (%s)" % package)
-        need(shutil.which("unshare") and shutil.which("ip") and os.geteuid() == 0, "unshare -n needs root")
-        with tempfile.TemporaryDirectory() as tmp:
-            done = subprocess.run(["sh", str(INTEROP / "make-testdata.sh"), tmp], capture_output=True,
-                                  text=True, timeout=300, check=False)
-            self.assertEqual(done.returncode, 0, done.stdout[-2000:] + done.stderr[-3000:])
-            for name in ("bugout-vectors.json", "tracker-samples.json"):
-                made, committed = (Path(tmp) / name).read_bytes(), (HERE / "testdata" / name).read_bytes()
-                if made != committed:
-                    new, old = json.loads(made), json.loads(committed)
-                    keys = sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k))
-                    self.fail(f"testdata/{name} differs from a new run in {keys}")
+def install_safety_nets() -> None:
+    """No test reaches a public DHT router, tracker or STUN server. Idempotent.
+
+    The DHT refuses to bootstrap from anything but loopback, and nodes that do
+    not name their trackers or ICE servers get none (``public_default()`` keeps
+    the real defaults, which tests check as values).
+    """
+    if _safety_nets:
+        return
+    real_start = w.Dht.start
+
+    async def loopback_only(dht):
+        for host, _port in dht.bootstrap:
+            if not host.startswith("127."):
+                raise AssertionError(f"a test tried to bootstrap the DHT from {host}")
+        return await real_start(dht)
+    _public_defaults.update(DEFAULT_TRACKERS=w.DEFAULT_TRACKERS, DEFAULT_ICE_SERVERS=w.DEFAULT_ICE_SERVERS)
+    nets = (mock.patch.object(w.Dht, "start", loopback_only), mock.patch.object(w, "DEFAULT_TRACKERS", ()),
+            mock.patch.object(w, "DEFAULT_ICE_SERVERS", ()))
+    for net in nets:
+        net.start()
+        _safety_nets.append(net)
 
 
-# Codecs, Crypt, .env ########################################################
-
-class TestCodecs(unittest.TestCase):
-    def test_bencode_js_rules(self):
-        self.assertEqual(w.bencode({"b": True, "a": False, "c": None, "d": 2.9, "e": [1, None]}),
-                         b"d1:ai0e1:bi1e1:di2e1:eli1eee")
-        self.assertEqual(w.bencode("é"), b"2:\xc3\xa9")
-        self.assertEqual(w.bdecode(b"d1:ai-3e1:bl1:xee"), {"a": -3, "b": [b"x"]})
-
-    def test_bdecode_rejects_with_decode_error_only(self):
-        for bad in [b"", b"i", b"ie", b"i1", b"5:abc", b"d1:ae", b"di1ei2ee", b"l",
-                    b"x", b"i1ei2e", b"99999999999:x", b"d" * 1000 + b"e" * 1000, b"i--1e"]:
-            with self.assertRaises(w.DecodeError, msg=bad):
-                w.bdecode(bad)
-
-    def test_base58(self):
-        for raw in [b"", b"\0", b"\0\0\1", os.urandom(32)]:
-            self.assertEqual(w.b58decode(w.b58encode(raw)), raw)
-        with self.assertRaises(w.DecodeError):
-            w.b58decode("0OIl")
-        seed = w.make_seed()
-        broken = seed[:-1] + ("2" if seed[-1] != "2" else "3")
-        with self.assertRaises(w.DecodeError):
-            w.b58check_decode(broken)
-
-    def test_ripemd160_fallback_matches(self):
-        for n in (0, 1, 55, 56, 64, 119, 1000):
-            data = os.urandom(n)
-            self.assertEqual(w._ripemd160_py(data), w.ripemd160(data))
-        self.assertEqual(w._ripemd160_py(b"abc").hex(), "8eb208f7e05d987a9b044a8e98c6b087f15a0bfc")
+def remove_safety_nets() -> None:
+    while _safety_nets:
+        _safety_nets.pop().stop()
 
 
-class TestCrypt(unittest.TestCase):
-    KEY = "0123456789abcdef0123456789abcdef"
-
-    def test_roundtrip_fresh_iv(self):
-        crypt = w.Crypt(self.KEY)
-        one, two = crypt.encrypt("hello é"), crypt.encrypt("hello é")
-        self.assertNotEqual(one["iv"], two["iv"])
-        self.assertEqual(len(one["iv"]), 32)
-        self.assertEqual(crypt.decrypt(one), "hello é")
-        self.assertEqual(crypt.decrypt_json(crypt.encrypt_json({"a": [1]})), {"a": [1]})
-
-    def test_matches_openssl_cbc(self):
-        need(shutil.which("node"), "node is needed to cross-check AES with Node's crypto")
-        crypt = w.Crypt(self.KEY)
-        box = crypt.encrypt('{"id":1}')
-        script = ("const c=require('crypto');const d=c.createDecipheriv('aes-256-cbc',"
-                  "Buffer.from(process.argv[1]),Buffer.from(process.argv[2],'hex'));"
-                  "process.stdout.write(Buffer.concat([d.update(Buffer.from(process.argv[3],'hex')),"
-                  "d.final()]).toString())")
-        out = subprocess.run(["node", "-e", script, self.KEY, box["iv"], box["encryptedData"]],
-                             capture_output=True, text=True, check=True).stdout
-        self.assertEqual(out, '{"id":1}')
-
-    def test_bad_key_length(self):
-        with self.assertRaisesRegex(w.CryptError, "exactly 32"):
-            w.Crypt("short")
-
-    def test_wrong_key_says_so(self):
-        box = w.Crypt(self.KEY).encrypt("x" * 40)
-        with self.assertRaisesRegex(w.CryptError, "transferEncryptToken probably differs"):
-            w.Crypt("f" * 32).decrypt(box)
-        with self.assertRaises(w.CryptError):
-            w.Crypt(self.KEY).decrypt({"iv": "zz", "encryptedData": ""})
+def public_default(name: str) -> object:
+    """worker.py's default ``name`` as users get it (the safety nets hide it from tests)."""
+    return _public_defaults.get(name, getattr(w, name))
 
 
-class TestEnvFile(unittest.TestCase):
-    def test_parse(self):
-        text = ('# comment\n\nexport token=abc\nname = "my worker" # c\n'
-                "quoted='a # b'\nbare=x # tail\nempty=\nLOG_LEVEL=debug\n  # indented\n")
-        self.assertEqual(w.parse_env(text), {"token": "abc", "name": "my worker",
-                                             "quoted": "a # b", "bare": "x", "empty": "",
-                                             "LOG_LEVEL": "debug"})
-
-    def test_environment_wins_and_writer_keeps_keys(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / ".env"
-            path.write_text("# keep me\ntoken=old\nother=1\n")
-            w.write_env_file(path, {"token": "new value", "transferEncryptToken": "k" * 32})
-            self.assertEqual(path.stat().st_mode & 0o777, 0o600)
-            text = path.read_text()
-            self.assertIn("# keep me", text)
-            self.assertEqual(w.read_env_file(path),
-                             {"token": "new value", "other": "1", "transferEncryptToken": "k" * 32})
-            with patched_environ({"other": "from-env", "batchSize": "7"}):
-                loaded = w.load_env(path)
-            self.assertEqual(loaded["other"], "from-env")
-            self.assertEqual(loaded["batchSize"], "7")  # a setting from the environment alone
-            self.assertNotIn("PATH", loaded)
+def setUpModule() -> None:  # unittest calls it before the first test of this module
+    install_safety_nets()
 
 
-# Sans-I/O cores #############################################################
+def tearDownModule() -> None:
+    remove_safety_nets()
+
+
+def time_limit(seconds: float):
+    """Decorator: the most an AsyncTest test may take (else ``AsyncTest.TIME_LIMIT``)."""
+    def mark(test):
+        test.time_limit = seconds
+        return test
+    return mark
+
+
+def _limited(test):
+    """``test`` within its time limit: past it, the test fails where it waits, it never hangs."""
+    @functools.wraps(test)
+    async def limited(self, *args, **kwargs):
+        limit = getattr(test, "time_limit", self.TIME_LIMIT)
+        try:
+            async with asyncio.timeout(limit) as deadline:
+                return await test(self, *args, **kwargs)
+        except TimeoutError:
+            if deadline.expired():
+                raise self.failureException(f"not done within its time limit, {limit:g} s")
+            raise
+    return limited
+
+
+class AsyncTest(unittest.IsolatedAsyncioTestCase):
+    """Tests with an event loop of their own, which end what they start, pass or fail.
+
+    Each ``async def test_...`` runs within TIME_LIMIT seconds (or ``@time_limit``).
+    ``tmp()``, ``started()``, ``will_close()`` and ``will_kill()`` register what to
+    end; cleanups run last first, each within CLOSE_LIMIT, so a folder made first
+    goes after everything started in it.
+    """
+
+    TIME_LIMIT = 60.0
+    CLOSE_LIMIT = 60.0
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name, test in list(vars(cls).items()):
+            if name.startswith("test") and inspect.iscoroutinefunction(test):
+                setattr(cls, name, _limited(test))
+
+    async def asyncSetUp(self) -> None:
+        install_safety_nets()
+        asyncio.get_running_loop().set_debug(ASYNCIO_DEBUG)  # not slowed down by debug mode
+
+    def tmp(self) -> Path:
+        """A new temporary folder, removed at the end of the test."""
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        return Path(folder.name)
+
+    async def started(self, thing, *args, **kwargs):
+        """``await thing.start(*args, **kwargs)``, and close ``thing`` at the end of the test."""
+        await thing.start(*args, **kwargs)
+        return self.will_close(thing)
+
+    def will_close(self, thing):
+        """Close ``thing`` at the end of the test: a Worker stops, a Runner waits for its children."""
+        close = (thing.stop if isinstance(thing, w.Worker) else
+                 thing.wait_closed if isinstance(thing, w.Runner) else thing.close)
+
+        async def bounded():
+            async with asyncio.timeout(self.CLOSE_LIMIT):
+                if inspect.isawaitable(closing := close()):
+                    await closing
+        self.addAsyncCleanup(bounded)
+        return thing
+
+    def will_kill(self, proc: asyncio.subprocess.Process) -> asyncio.subprocess.Process:
+        """SIGKILL the subprocess ``proc`` at the end of the test if it still runs; reap it."""
+        async def kill():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            if proc.stdin is not None:
+                proc.stdin.close()
+            async with asyncio.timeout(self.CLOSE_LIMIT):
+                await proc.wait()
+        self.addAsyncCleanup(kill)
+        return proc
+
+
+def patched_environ(values):
+    return mock.patch.dict(os.environ, values)
+
+
+async def until_logged(logs, text, timeout=10.0):
+    """Wait until a line captured by assertLogs contains ``text``."""
+    await until(lambda: any(text in line for line in logs.output), timeout)
+
+
+#: How lo is set up in a namespace: a multicast route for LSD; for WebRTC a second
+#: address, since aioice gathers every IPv4 address except 127.0.0.1 (libwebrtc
+#: takes loopback as it is).
+LO_FOR_LSD = "ip route add 224.0.0.0/4 dev lo src 127.0.0.1"
+LO_FOR_WEBRTC = "ip addr add 127.0.0.2/32 dev lo"
+
+
+def in_namespace(child, *args, timeout=90.0, lo=LO_FOR_LSD):
+    """``await child(*args)`` in a fresh network namespace; what it returned (JSON).
+
+    ``child`` is an async function of this module, run by ``namespace_child`` in
+    a new ``python`` under ``unshare -n``: lo is its only link, so nothing leaves
+    the namespace. The child has ``timeout`` less 10 seconds; its process ends
+    with it, and so do the JS peers it started (their stdin closes).
+    """
+    need(shutil.which("unshare") and shutil.which("ip") and os.geteuid() == 0, "unshare -n needs root")
+    argv = [sys.executable, "-c", "import test_worker; test_worker.namespace_child()", child.__name__,
+            json.dumps(args), str(timeout - 10)]
+    script = f"ip link set lo up && {lo} && exec {shlex.join(argv)}"
+    done = subprocess.run(["unshare", "-n", "sh", "-c", script], check=False, cwd=HERE,
+                          capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError(f"namespace run failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def namespace_child() -> None:
+    """In the namespace: the safety nets, then the child ``argv[1]``; its result is the last line."""
+    name, args, limit = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3])
+    install_safety_nets()
+    w.Logger("warn")
+    print(json.dumps(asyncio.run(asyncio.wait_for(globals()[name](*args), limit))))
+
+
+def rtc_ready() -> None:
+    """WebRTC for real needs the JS WebRTC stack, the tracker and aiortc."""
+    js_ready()
+    for package in ("@roamhq/wrtc", "bittorrent-tracker"):
+        need((INTEROP / "node_modules" / package).is_dir(), "run npm ci in interop/ (%s)" % package)
+    for module in ("aiortc", "websockets"):
+        need(importlib.util.find_spec(module), "pip install -r requirements.txt (%s)" % module)
+
+
+# Support: wires in memory and on loopback ###################################
 
 def wire_pair(max_message=w.DEFAULT_MAX_MESSAGE):
     """Two PeerWires joined in memory (a dialer and a listener)."""
-    infohash, info = w.infohash_of(IDENT)
-    ext = {"ek": "e", "id": IDENT, "m": w.OUR_EXT_IDS, "metadata_size": len(info), "pk": "p"}
+    infohash, info = w.infohash_of(vector_swarm())
+    ext = {"ek": "e", "id": vector_swarm(), "m": w.OUR_EXT_IDS, "metadata_size": len(info), "pk": "p"}
     a = w.PeerWire(infohash, b"-QP0100-aaaaaaaaaaaa", ext, initiator=True,
                    metadata=info, max_message=max_message)
     b = w.PeerWire(infohash, b"-QP0100-bbbbbbbbbbbb", ext, initiator=False,
@@ -326,170 +271,8 @@ def pump(a, b):
         a.receive_data(b.data_to_send())
 
 
-class TestPeerWire(unittest.TestCase):
-    def test_pair_handshakes_and_payloads(self):
-        a, b = wire_pair()
-        self.assertTrue(a.ready and b.ready)
-        kinds = [type(e).__name__ for e in b.events_received()]
-        self.assertEqual(kinds, ["Handshake", "ExtendedHandshake"])
-        a.events_received()
-        a.send_extension(b"hello")
-        a.send_keepalive()
-        a.send_extension(b"x" * 100_000)
-        data = a.data_to_send()
-        for i in range(0, len(data), 7):  # byte-dribbled
-            b.receive_data(data[i:i + 7])
-        self.assertEqual(b.events_received(), [w.ExtensionPayload(b"hello"),
-                                               w.ExtensionPayload(b"x" * 100_000)])
-
-    def test_metadata_served_and_requests_refused(self):
-        _a, b = wire_pair()
-        b.events_received()
-        _, info = w.infohash_of(IDENT)
-        b.receive_data(w.frame(20, bytes([1]) + w.bencode({"msg_type": 0, "piece": 0})))
-        out = b.data_to_send()
-        self.assertTrue(out.endswith(info))
-        self.assertEqual(w.bdecode(out[6:-len(info)]), {"msg_type": 1, "piece": 0, "total_size": 88})
-        b.receive_data(w.frame(20, bytes([1]) + w.bencode({"msg_type": 0, "piece": 3})))
-        self.assertEqual(w.bdecode(b.data_to_send()[6:]), {"msg_type": 2, "piece": 3})
-        request = struct.pack(">III", 0, 0, 12)
-        b.receive_data(w.frame(6, request))
-        self.assertEqual(b.data_to_send(), w.frame(16, request))
-        for unknown in (w.frame(2), w.frame(5, b"\xff"), w.frame(99, b"abc"), w.frame(20, b"\x07zz")):
-            b.receive_data(unknown)
-        self.assertEqual(b.state, w.WireState.OPEN)
-        self.assertEqual(b.events_received(), [])
-
-    def test_huge_length_prefix_allocates_nothing(self):
-        _a, b = wire_pair(max_message=1 << 20)
-        b.receive_data(struct.pack(">I", 0xFFFFFFF0) + b"\x14\x04")
-        self.assertEqual(b.state, w.WireState.ERROR)
-        self.assertIn("over the limit", b.error)
-        self.assertEqual(len(b._buffer), 0)
-
-    def test_garbage_handshake_is_an_error(self):
-        infohash, _ = w.infohash_of(IDENT)
-        for garbage in (b"GET / HTTP/1.1\r\n", b"\x13BitTorrent protocoX" + b"\0" * 48,
-                        w.handshake_bytes(b"\1" * 20, b"-WW0109-AAAAAAAAAAAA")):
-            wire = w.PeerWire(infohash, b"-QP0100-aaaaaaaaaaaa", {}, initiator=False)
-            wire.receive_data(garbage)
-            self.assertEqual(wire.state, w.WireState.ERROR, garbage)
-            self.assertEqual(wire.data_to_send(), b"")
-
-
-class TestBugoutCore(unittest.TestCase):
-    def setUp(self):
-        self.a = w.BugoutCore(IDENT, w.Identity())
-        self.b = w.BugoutCore(IDENT, w.Identity())
-        self.now = w._now()
-        self.a.saw_peer(self.b.identity.pk, self.b.identity.ek, self.now)
-        self.b.saw_peer(self.a.identity.pk, self.a.identity.ek, self.now)
-        self.a.data_to_send(), self.b.data_to_send()
-
-    def deliver(self, src, dst):
-        events = []
-        for payload, _ in src.data_to_send():
-            events += dst.receive_payload(payload, self.now, origin="wire")
-        return events
-
-    def test_call_response_and_messages(self):
-        nonce = self.a.send_call(self.b.identity.address, "f", {"x": "é"}, self.now)
-        [call] = self.deliver(self.a, self.b)
-        self.assertEqual(call, w.Call(self.a.identity.address, "f", {"x": "é"}, nonce))
-        self.assertEqual(self.b.data_to_send(), [])  # boxed for b: not relayed
-        self.b.send_response(call.address, nonce, [1, 2], self.now)
-        self.assertEqual(self.deliver(self.b, self.a), [w.Response(self.b.identity.address, nonce, [1, 2])])
-        self.a.send_message({"hi": 1}, self.now)
-        self.assertEqual(self.deliver(self.a, self.b), [w.Message(self.a.identity.address, {"hi": 1}, False)])
-        [(_relayed, origin)] = self.b.data_to_send()  # plain: relayed to the other wires
-        self.assertEqual(origin, "wire")
-        self.a.send_message("secret", self.now, address=self.b.identity.address)
-        self.assertEqual(self.deliver(self.a, self.b), [w.Message(self.a.identity.address, "secret", True)])
-
-    def test_duplicates_bad_signature_old_and_foreign_dropped(self):
-        self.a.send_ping(self.now)
-        [(payload, _)] = self.a.data_to_send()
-        self.assertEqual(self.b.receive_payload(payload, self.now), [w.Ping(self.a.identity.address)])
-        self.assertEqual(self.b.receive_payload(payload, self.now), [])
-        self.assertEqual(self.b.stats["duplicate"], 1)
-        signed = w.bdecode(payload)
-        forged = w.bencode({"s": bytes(64), "p": signed["p"]})
-        self.assertEqual(self.b.receive_payload(forged, self.now), [])
-        self.assertEqual(self.b.stats["dropped: bad signature"], 1)
-        old = self.a.make_packet({"y": "p"}, self.now - w.PEER_TIMEOUT_MS)
-        self.assertEqual(self.b.receive_payload(old, self.now), [])
-        other = w.BugoutCore("another swarm", self.a.identity)
-        self.assertEqual(self.b.receive_payload(other.make_packet({"y": "p"}, self.now), self.now), [])
-        self.assertEqual(self.b.stats["dropped: too old"], 1)
-        self.assertEqual(self.b.stats["dropped: other identifier"], 1)
-
-    def test_leave_and_expiry(self):
-        self.a.send_leave(self.now)
-        self.assertEqual(self.deliver(self.a, self.b), [w.Left(self.a.identity.address, "left")])
-        self.assertNotIn(self.a.identity.address, self.b.peers)
-        self.assertEqual(self.a.expire(self.now + w.PEER_TIMEOUT_MS + 1),
-                         [w.Left(self.b.identity.address, "timeout")])
-
-    def test_seen_cache_is_bounded(self):
-        core = w.BugoutCore(IDENT, w.Identity(), seen_limit=100)
-        for i in range(1000):
-            core.receive_payload(b"junk %d" % i, self.now)
-        self.assertLessEqual(len(core._seen), 100)
-        self.assertEqual(core.stats["dropped"], 1000)
-
-    def test_own_sends_do_not_flush_what_was_just_received(self):
-        core = w.BugoutCore(IDENT, w.Identity(), seen_limit=4)  # a generation holds 2
-        self.b.send_message("first", self.now)
-        self.b.send_message("second", self.now)
-        [(first, _), (second, _)] = self.b.data_to_send()
-        self.assertTrue(core.receive_payload(first, self.now))  # and a ping: the generation is full
-        core.send_message("mine", self.now)  # this send starts the next generation
-        core.receive_payload(second, self.now + 1)
-        self.assertEqual(core.receive_payload(first, self.now + 2), [])  # still known
-        self.assertEqual(core.stats["duplicate"], 1)
-
-
-# Bad input: generated and mutated ###########################################
-
-class TestBadInput(unittest.TestCase):
-    def test_bdecode_and_packet_opener(self):
-        core = w.BugoutCore(IDENT, identity("master"))
-        count = 0
-        for data in fuzz_inputs(12_000):
-            try:
-                w.bdecode(data)
-            except w.DecodeError:
-                pass
-            core.receive_payload(data, w._now())  # never raises
-            count += 1
-        self.assertEqual(count, 12_000)
-        self.assertGreater(core.stats["dropped"], 5_000)
-
-    def test_wire_parser(self):
-        rng = random.Random(99)
-        infohash, info = w.infohash_of(IDENT)
-        good = (w.handshake_bytes(infohash, b"-WW0109-AAAAAAAAAAAA", dht=True)
-                + bytes.fromhex(VECTORS["keys"]["master"]["full_extended_handshake_message_hex"])
-                + bytes.fromhex(VECTORS["rpc_isMaster"]["framed_message_hex"]) + b"\0\0\0\0"
-                + bytes.fromhex("000000010e"))
-        states = collections.Counter()
-        for data in mutations([good], 10_000, rng):
-            wire = w.PeerWire(infohash, b"-QP0100-aaaaaaaaaaaa", {"m": {}}, initiator=False,
-                              metadata=info, max_message=1 << 16)
-            cut = rng.randrange(len(data) + 1)
-            wire.receive_data(data[:cut])
-            wire.receive_data(data[cut:])
-            wire.events_received()
-            wire.data_to_send()
-            states[wire.state] += 1
-            self.assertLessEqual(len(wire._buffer), (1 << 16) + 4)
-        self.assertGreater(states[w.WireState.ERROR], 100)
-        self.assertGreater(states[w.WireState.OPEN], 100)
-
-
-# Real sockets and real JS peers #############################################
-
-async def py_node(ident, **kw):
+def py_node(ident, **kw):
+    """A Bugout on 127.0.0.1 that answers ``echo`` and records its events; not started."""
     kw.setdefault("dht", False)
     kw.setdefault("trackers", [])
     node = w.Bugout(ident, host="127.0.0.1", lsd=False, **kw)
@@ -497,220 +280,8 @@ async def py_node(ident, **kw):
     node.events = []
     for name in ("seen", "message", "left"):
         node.on(name, lambda *a, name=name: node.events.append((name,) + a))
-    return await node.start()
+    return node
 
-
-async def until_logged(logs, text, timeout=10.0):
-    """Wait until a line captured by assertLogs contains ``text``."""
-    await until(lambda: any(text in line for line in logs.output), timeout)
-
-
-class TestTcp(unittest.TestCase):
-    def test_python_python_rpc_messages_and_reconnect(self):
-        async def scenario():
-            a = await py_node("tcp-swarm")
-            b = await py_node("tcp-swarm", peers=["127.0.0.1:%d" % a.port])
-            await until(lambda: a.address in b.peers and b.address in a.peers)
-            self.assertEqual(await b.rpc(a.address, "echo", {"x": 1}), {"x": 1, "echoedBy": "py"})
-            self.assertEqual(await a.rpc(b.address, "nope"), {"error": "No such API call."})
-            a.send({"to": "all"})
-            b.send("only a", address=a.address)
-            await until(lambda: ("message", a.address, {"to": "all"}) in b.events
-                        and ("message", b.address, "only a") in a.events)
-            old = set(b._connections)
-            for conn in list(a._connections):  # drop the wire: b dials again
-                conn.close()
-            await until(lambda: b.connections() == 1 and not (b._connections & old))
-            self.assertEqual(await b.rpc(a.address, "echo", {"y": 2}, timeout=5), {"y": 2, "echoedBy": "py"})
-            await b.close()
-            await a.close()
-        run(scenario())
-
-    def test_rpc_fails_at_once_when_no_wire_is_left(self):
-        async def scenario():
-            a = await py_node("unreachable-swarm")
-            b = await py_node("unreachable-swarm", peers=["127.0.0.1:%d" % a.port])
-            called = asyncio.Event()
-
-            async def hang(address, args):
-                called.set()
-                await asyncio.Event().wait()
-            b.register("hang", hang)
-            await until(lambda: a.address in b.peers and b.address in a.peers)
-            call = asyncio.ensure_future(a.rpc(b.address, "hang", {}, timeout=60))
-            await asyncio.wait_for(called.wait(), 10)
-            for conn in list(a._connections):  # b's process "dies": no goodbye, the wire just closes
-                conn.close()
-            with self.assertRaises(w.RpcUnreachable):  # now, not after 60 s
-                await asyncio.wait_for(call, 10)
-            lonely = await py_node("unreachable-swarm")
-            with self.assertRaises(w.RpcUnreachable):
-                await asyncio.wait_for(lonely.rpc(b.address, "echo", {}), 1)
-            await until(lambda: a.address in b.peers and b.connections() == 1)  # b dials again
-            self.assertEqual(await b.rpc(a.address, "echo", {}, timeout=5), {"echoedBy": "py"})
-            for node in (lonely, b, a):
-                await node.close()
-        run(scenario())
-
-    def test_malformed_host_names_are_unreachable_peers_not_crashes(self):
-        async def scenario():
-            self.assertEqual(await w.Dht._resolve("router..example", 6881), [])
-            with self.assertNoLogs("worker", "ERROR"):  # a failed internal task logs an error
-                a = await py_node("bad-names", peers=["a..b:1"])
-                await asyncio.sleep(1.0)  # two dials, 0.5 s apart
-                b = await py_node("bad-names", peers=["127.0.0.1:%d" % a.port])
-                await until(lambda: a.address in b.peers)
-                await b.close()
-                await a.close()
-        run(scenario())
-
-    def test_garbage_peer_dropped_others_go_on(self):
-        async def scenario():
-            a = await py_node("garbage-swarm", max_message=1 << 16)
-            b = await py_node("garbage-swarm", peers=["127.0.0.1:%d" % a.port])
-            await until(lambda: a.address in b.peers)
-            infohash = a.infohash
-            sent = []
-            for garbage in (b"\xff" * 100, w.handshake_bytes(infohash, b"-XX0000-garbagegarba")
-                            + struct.pack(">I", 1 << 30) + b"\x14", w.handshake_bytes(infohash, b"-XX0000-garbagegarbb")
-                            + w.frame(20, b"\0not bencode")):
-                reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
-                writer.write(garbage)
-                await writer.drain()
-                sent.append((reader, writer))
-            for reader, writer in sent:
-                rest = await asyncio.wait_for(reader.read(), 5)  # the server closes it
-                self.assertIsInstance(rest, bytes)
-                writer.close()
-            self.assertGreaterEqual(a.stats["peers dropped for bad input"], 3)
-            self.assertEqual(await b.rpc(a.address, "echo", {"still": "here"}), {"still": "here", "echoedBy": "py"})
-            await b.close()
-            await a.close()
-        run(scenario())
-
-    def test_duplicate_wires_resolve_to_one(self):
-        async def scenario():
-            a = await py_node("dup-swarm")
-            b = await py_node("dup-swarm")
-            for _ in range(3):
-                a.add_peer("127.0.0.1", b.port)
-                b.add_peer("127.0.0.1", a.port)
-            await until(lambda: a.address in b.peers and b.address in a.peers)
-            await until(lambda: len(a._connections) == 1 and len(b._connections) == 1, 10)
-            await asyncio.sleep(0.5)  # and no duplicate comes back
-            self.assertEqual(len(a._connections), 1)
-            self.assertEqual(len(b._connections), 1)
-            self.assertEqual(await a.rpc(b.address, "echo", {}), {"echoedBy": "py"})
-            await b.close()
-            await a.close()
-        run(scenario())
-
-
-class TestJsInterop(unittest.TestCase):
-    def setUp(self):
-        js_ready()
-
-    def _both_ways(self, python_dials):
-        async def scenario():
-            ident = "interop-%d" % random.randrange(1 << 30)
-            js = await js_peer(ident)
-            py = await py_node(ident, peers=["127.0.0.1:%d" % js.ready["port"]] if python_dials else ())
-            if not python_dials:
-                js.send(cmd="addPeer", addr="127.0.0.1:%d" % py.port)
-            js_address = js.ready["address"]
-            await js.wait_for(lambda e: e["event"] == "seen" and e["address"] == py.address)
-            await until(lambda: js_address in py.peers)
-            # RPC both ways
-            self.assertEqual(await py.rpc(js_address, "echo", {"n": "é"}), {"n": "é", "echoedBy": "js"})
-            self.assertEqual(await py.rpc(js_address, "nope", {}), {"error": "No such API call."})
-            js.send(cmd="rpc", id=1, address=py.address, call="echo", args={"from": "js"})
-            event = await js.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 1)
-            self.assertEqual(event["result"], {"from": "js", "echoedBy": "py"})
-            js.send(cmd="rpc", id=2, address=py.address, call="missing", args={})
-            event = await js.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 2)
-            self.assertEqual(event["result"], {"error": "No such API call."})
-            # broadcast and addressed messages both ways
-            py.send({"hello": "all"})
-            py.send({"hello": "you"}, address=js_address)
-            for message in ({"hello": "all"}, {"hello": "you"}):
-                await js.wait_for(lambda e, m=message: e["event"] == "message" and e["message"] == m)
-            js.send(cmd="send", message={"js": "all"})
-            js.send(cmd="send", address=py.address, message={"js": "you"})
-            await until(lambda: ("message", js_address, {"js": "all"}) in py.events
-                        and ("message", js_address, {"js": "you"}) in py.events)
-            await py.close()
-            await js.wait_for(lambda e: e["event"] == "left" and e["address"] == py.address)
-            await js.close()
-        run(scenario())
-
-    def test_python_dials_js(self):
-        self._both_ways(python_dials=True)
-
-    def test_js_dials_python(self):
-        self._both_ways(python_dials=False)
-
-    def test_line_js_python_js_relays(self):
-        async def scenario():
-            ident = "line-%d" % random.randrange(1 << 30)
-            py = await py_node(ident)
-            js1, js2 = await js_peer(ident), await js_peer(ident)
-            for js in (js1, js2):
-                js.send(cmd="addPeer", addr="127.0.0.1:%d" % py.port)
-            a1, a2 = js1.ready["address"], js2.ready["address"]
-            # each JS peer sees the other only through the Python relay
-            await js1.wait_for(lambda e: e["event"] == "seen" and e["address"] == a2)
-            await js2.wait_for(lambda e: e["event"] == "seen" and e["address"] == a1)
-            js1.send(cmd="send", message={"across": 1})
-            await js2.wait_for(lambda e: e["event"] == "message" and e["message"] == {"across": 1})
-            js1.send(cmd="rpc", id=7, address=a2, call="echo", args={"via": "py"})
-            event = await js1.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 7)
-            self.assertEqual(event["result"], {"via": "py", "echoedBy": "js"})
-            self.assertGreater(py.core.stats["relayed"], 3)
-            await js1.close()
-            await js2.close()
-            await py.close()
-        run(scenario())
-
-
-def in_namespace(code, timeout=90):
-    """Run Python ``code`` in a fresh network namespace with LSD on loopback."""
-    need(shutil.which("unshare") and os.geteuid() == 0, "unshare -n needs root")
-    script = ("ip link set lo up && ip route add 224.0.0.0/4 dev lo src 127.0.0.1 && "
-              f"exec {sys.executable} -c {shlex.quote(code)}")
-    done = subprocess.run(["unshare", "-n", "sh", "-c", script], check=False, cwd=HERE, capture_output=True,
-                          text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise AssertionError(f"namespace run failed:\n{done.stdout}\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-LSD_CHILD = """
-import asyncio, json, time, test_worker as t, worker as w
-async def main():
-    ident = "lsd-swarm"
-    js = await t.JsProcess("peer.js", {"BO_ID": ident, "BO_MODE": "lsd"}).start()
-    start = time.monotonic()
-    py = await w.Bugout(ident, host="0.0.0.0", lsd=True, dht=False, trackers=[]).start()
-    py.register("echo", lambda a, args: args)
-    await js.wait_for(lambda e: e["event"] == "seen" and e["address"] == py.address, 30)
-    await t.until(lambda: js.ready["address"] in py.peers, 30)
-    found = time.monotonic() - start
-    echo = await py.rpc(js.ready["address"], "echo", {"lsd": True})
-    await py.close(); await js.close()
-    print(json.dumps({"found_s": found, "echo": echo}))
-asyncio.run(main())
-"""
-
-
-class TestLsd(unittest.TestCase):
-    def test_js_default_and_python_find_each_other(self):
-        js_ready()
-        out = in_namespace(LSD_CHILD)
-        self.assertEqual(out["echo"], {"lsd": True, "echoedBy": "js"})
-        self.assertLess(out["found_s"], 30)
-
-
-# The wire under attack (issue 11) ###########################################
 
 class MemoryTransport(asyncio.Transport):
     """One end of an in-memory TCP stream; the test decides when bytes move.
@@ -843,8 +414,9 @@ def bo_frame(payload):
     return w.frame(20, b"\x04" + payload)
 
 
-def signed_by(ident, fields, identifier=IDENT, t=None):
-    return w.BugoutCore(identifier, ident).make_packet(fields, w._now() if t is None else t)
+def signed_by(ident, fields, identifier=None, t=None):
+    """A packet signed by ``ident`` for ``identifier`` (the vectors' swarm), made at ``t`` (now)."""
+    return w.BugoutCore(identifier or vector_swarm(), ident).make_packet(fields, w._now() if t is None else t)
 
 
 async def closed_by_peer(reader, timeout=10.0):
@@ -861,471 +433,333 @@ async def closed_by_peer(reader, timeout=10.0):
     return False
 
 
-class TestCoreBounds(unittest.TestCase):
-    """BugoutCore: what it relays, the JSON it takes, the peers it admits."""
+# Support: the DHT in memory, generated KRPC #################################
 
-    def setUp(self):
-        self.now = w._now()
-        self.core = w.BugoutCore(IDENT, w.Identity())
-        self.peer = w.Identity()
-
-    def relayed(self, payload, source="10.0.0.9"):
-        self.core.receive_payload(payload, self.now, origin="wire", source=source)
-        return [out.payload for out in self.core.data_to_send() if out.relay]
-
-    def test_relays_only_verified_packets_and_envelopes(self):
-        ping = signed_by(self.peer, {"y": "p"}, t=self.now)
-        outer = w.bdecode(ping)
-        other = w.BugoutCore(IDENT, w.Identity())
-        other.peers[self.peer.address] = w.PeerKeys(self.peer.pk, self.peer.ek, self.now)
-        other.send_message("for someone else", self.now, self.peer.address)
-        [envelope] = [out.payload for out in other.data_to_send()]
-        bad_envelope = w.bencode({**w.bdecode(envelope), "n": b"short"})
-        for junk in (b"not bencode at all", w.bencode({"s": bytes(64), "p": outer["p"]}),
-                     signed_by(self.peer, {"y": "p"}, identifier="another swarm", t=self.now),
-                     signed_by(self.peer, {"y": "p"}, t=self.now - w.PEER_TIMEOUT_MS), bad_envelope,
-                     w.bencode([1, 2]), os.urandom(4096)):
-            self.assertEqual(self.relayed(junk), [], junk[:40])
-        self.assertEqual(self.core.stats["relayed"], 0)
-        self.assertEqual(self.relayed(ping), [ping])  # verified: passed on
-        self.assertEqual(self.relayed(envelope), [envelope])  # boxed for another: passed on unopened
-        self.assertEqual(self.core.stats["dropped"], 7)
-
-    def test_json_is_bounded_in_depth_and_size_and_the_message_dropped(self):
-        def message(value):
-            events = self.core.receive_payload(
-                signed_by(self.peer, {"y": "m", "v": value}, t=self.now), self.now)
-            return [e.value for e in events if isinstance(e, w.Message)]
-        depth = w.MAX_JSON_DEPTH
-        self.assertEqual(message("[" * depth + "]" * depth), [json.loads("[" * depth + "]" * depth)])
-        self.assertEqual(message("[" * (depth + 1) + "]" * (depth + 1)), [])
-        self.assertEqual(message("[" * 100_000 + "]" * 100_000), [])  # ~200 KB: RecursionError today
-        self.assertEqual(message('["' + "[" * 5000 + '"]'), [["[" * 5000]])  # brackets in a string
-        self.assertEqual(self.core.stats["dropped: JSON nested too deeply"], 2)
-        small = w.BugoutCore(IDENT, w.Identity(), max_json=1000)
-        call = signed_by(self.peer, {"y": "r", "c": "echo", "a": json.dumps(["x" * 2000]), "rn": b"12345678"},
-                         t=self.now)
-        self.assertEqual(small.receive_payload(call, self.now), [w.Seen(self.peer.address)])
-        self.assertEqual(small.stats["dropped: JSON over the size limit"], 1)
-
-    def test_answers_are_taken_only_for_calls_awaited(self):
-        caller = w.BugoutCore(IDENT, self.peer)
-        caller.saw_peer(self.core.identity.pk, self.core.identity.ek, self.now)
-        self.core.saw_peer(self.peer.pk, self.peer.ek, self.now)
-        caller.data_to_send()
-        self.core.awaiting = {b"expected"}
-        for nonce, taken in ((b"whatever", False), (b"expected", True)):
-            caller.send_response(self.core.identity.address, nonce, {"big": "x" * 1000}, self.now)
-            [out] = caller.data_to_send()
-            events = self.core.receive_payload(out.payload, self.now)
-            self.assertEqual([e.nonce for e in events if isinstance(e, w.Response)],
-                             [nonce] if taken else [])
-        self.assertEqual(self.core.stats["dropped: answer to no call of ours"], 1)
-
-    def test_peer_table_and_new_identities_per_address_are_bounded(self):
-        core = w.BugoutCore(IDENT, w.Identity(), max_peers=50)
-        admitted = collections.Counter()
-        for source in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
-            for _ in range(40):
-                events = core.receive_payload(signed_by(w.Identity(), {"y": "p"}, t=self.now),
-                                              self.now, origin="wire", source=source)
-                admitted[source] += any(isinstance(e, w.Seen) for e in events)
-        self.assertEqual(admitted["10.0.0.1"], w.NEW_PEERS_BURST)  # then one a second
-        self.assertEqual(len(core.peers), 50)
-        self.assertEqual(admitted["10.0.0.3"], 0)
-        self.assertEqual(core.stats["dropped: new identities over the rate"], 40 - w.NEW_PEERS_BURST)
-        self.assertEqual(core.stats["dropped: peer table full"], 40 + 40 - (50 - w.NEW_PEERS_BURST))
-        later = self.now + 1000 * w.NEW_PEERS_BURST  # the source's bucket is full again, the table not
-        refused = core.receive_payload(signed_by(w.Identity(), {"y": "p"}, t=later), later, source="10.0.0.1")
-        self.assertEqual(refused, [])
-        # a peer on a wire of its own (its handshake) takes the place of the one silent longest
-        master = w.Identity()
-        core.protected = {a for a in core.peers}  # ... unless all are protected
-        self.assertEqual(core.saw_peer(master.pk, master.ek, later), [])
-        core.protected = set(list(core.peers)[1:])
-        oldest = next(iter(core.peers))
-        self.assertEqual(core.saw_peer(master.pk, master.ek, later),
-                         [w.Left(oldest, "evicted"), w.Seen(master.address)])
-        self.assertEqual(len(core.peers), 50)
-
-    def test_a_handshake_never_replaces_keys_a_signed_packet_gave(self):
-        self.core.receive_payload(signed_by(self.peer, {"y": "p"}, t=self.now), self.now)
-        self.assertTrue(self.core.peers[self.peer.address].verified)
-        impostor = w.Identity()
-        self.core.saw_peer(self.peer.pk, impostor.ek, self.now + 1)  # the master's pk, its own ek
-        self.assertEqual(self.core.peers[self.peer.address].ek, self.peer.ek)
-        self.core.send_message("secret", self.now, self.peer.address)
-        [out] = [out for out in self.core.data_to_send() if out.to]
-        opened = w.BugoutCore(IDENT, self.peer).receive_payload(out.payload, self.now)
-        self.assertIn(w.Message(self.core.identity.address, "secret", True), opened)
+ASKER = b"abcdefghij0123456789"
+OURS = b"mnopqrstuvwxyz123456"
+HERE_ADDR = ("10.1.2.3", 6881)
 
 
-class TestWireUnderAttack(unittest.TestCase):
-    def _simultaneous_open(self, first_wire_loses):
-        """Wire 1 carries RPCs both ways (some served, some still on the wire) when both
-        ends dial again; every call is answered, and one wire is left."""
-        async def scenario():
-            low, high = sorted([w.make_peer_id(), w.make_peer_id()])
-            # the wire kept is the one dialed by the lower peer id; a dials wire 1, b wire 2
-            a, b = memory_node(high if first_wire_loses else low), memory_node(low if first_wire_loses else high)
-            release, serving = asyncio.Event(), []
-
-            async def slow(address, args):
-                serving.append(args)
-                await release.wait()
-                return {"late": args}
-            for node in (a, b):
-                node.register("slow", slow)
-            wires = MemoryWires()
-            try:
-                one_a, _ = wires.connect(a, b)
-                await until(lambda: a.connections() == b.connections() == 1 and a.address in b.peers
-                            and b.address in a.peers, 5)
-                calls = [a.rpc(b.address, "slow", 1, timeout=8), b.rpc(a.address, "slow", 2, timeout=8)]
-                calls = [asyncio.ensure_future(c) for c in calls]
-                await until(lambda: len(serving) == 2, 5)  # being served ...
-                one_a.held = one_a.peer.held = True  # ... and more on the wire, both ways
-                calls += [asyncio.ensure_future(a.rpc(b.address, "echo", "a", timeout=8)),
-                          asyncio.ensure_future(b.rpc(a.address, "echo", "b", timeout=8))]
-                await asyncio.sleep(0.05)
-                self.assertTrue(one_a.outbox and one_a.peer.outbox)
-                two_b, _ = wires.connect(b, a)  # both ends dialed: a simultaneous open
-                await until(lambda: a.stats["duplicate wires"] and b.stats["duplicate wires"], 5)
-                if first_wire_loses:  # a request (BEP 6) on the draining wire: its reject is not written
-                    one_a.protocol.data_received(w.frame(6, struct.pack(">III", 0, 0, 16384)))
-                one_a.held = one_a.peer.held = False
-                release.set()
-                answers = await asyncio.gather(*calls)
-                self.assertEqual(answers, [{"late": 1}, {"late": 2}, "a", "b"])
-                await until(lambda: len(a._connections) == len(b._connections) == 1, 8)
-                kept = two_b if first_wire_loses else one_a
-                self.assertIn(kept.protocol, b._connections | a._connections)
-                self.assertEqual(await a.rpc(b.address, "echo", "after", timeout=5), "after")
-                self.assertEqual(await b.rpc(a.address, "echo", "after", timeout=5), "after")
-                self.assertEqual(a.stats["peers dropped for an internal error"], 0)
-            finally:
-                wires.close()
-                for node in (a, b):
-                    await node.close()
-        run(scenario(), 60)
-
-    def test_simultaneous_open_the_busy_wire_loses(self):
-        self._simultaneous_open(first_wire_loses=True)
-
-    def test_simultaneous_open_the_new_wire_loses(self):
-        self._simultaneous_open(first_wire_loses=False)
-
-    def test_a_wire_hands_over_a_budget_of_payloads_per_loop_turn(self):
-        async def scenario():
-            a, b = memory_node(), memory_node()
-            wires = MemoryWires()
-            try:
-                _, at_a = wires.connect(b, a)
-                await until(lambda: a.address in b.peers and b.address in a.peers, 5)
-                batches = []
-                real = a.wire_events
-                a.wire_events = lambda conn, events: (batches.append(len(events)), real(conn, events))
-                flood = b"".join(bo_frame(signed_by(b.identity, {"y": "m", "v": '"%d"' % i}, "wire-attack"))
-                                 for i in range(200))
-                paused = []
-                at_a.pause_reading = lambda: (paused.append(True), MemoryTransport.pause_reading(at_a))
-                at_a.protocol.data_received(flood)  # 200 payloads in one read
-                self.assertEqual(batches, [w.WIRE_BUDGET])
-                self.assertTrue(paused and not at_a.reading)
-                await until(lambda: sum(batches) == 200, 5)
-                self.assertTrue(at_a.reading)
-                self.assertLessEqual(max(batches), w.WIRE_BUDGET)
-                a.prioritize(b.address)  # the master's wire: all at once
-                b.ping()
-                await until(lambda: a.is_protected(at_a.protocol), 5)
-                batches.clear()
-                at_a.protocol.data_received(b"".join(bo_frame(signed_by(b.identity, {"y": "p"}, "wire-attack"))
-                                                     for _ in range(100)))
-                self.assertEqual(batches, [100])
-            finally:
-                wires.close()
-                await a.close()
-                await b.close()
-        run(scenario())
-
-    def test_relays_never_wait_in_front_of_the_protected_wire(self):
-        async def scenario():
-            node, master, other, flooder = memory_node(), memory_node(), memory_node(), memory_node()
-            wires = MemoryWires()
-            try:
-                to_master, _ = wires.connect(node, master)
-                to_other, _ = wires.connect(node, other)
-                wires.connect(flooder, node)
-                await until(lambda: node.connections() == 3 and master.address in node.peers, 5)
-                node.prioritize(master.address)
-                master.ping()
-                await until(lambda: node.is_protected(to_master.protocol), 5)
-                to_master.held = to_other.held = True  # neither reads for now
-                node.send("ours, for everyone")
-                node.send("ours, for the master", master.address)
-                await asyncio.sleep(0.05)
-                before = node.stats["relays dropped: queues full"]
-                for i in range(40):  # relayed messages, 40 KB each
-                    flooder.send({"flood": i, "pad": "x" * 40_000})
-                await until(lambda: node.core.stats["relayed"] >= 40, 5)
-                await asyncio.sleep(0.05)
-                dropped = node.stats["relays dropped: queues full"] - before
-                self.assertLessEqual(to_master.get_write_buffer_size(), w.RELAY_PROTECTED + 50_000)
-                self.assertGreater(to_other.get_write_buffer_size(), to_master.get_write_buffer_size())
-                self.assertGreater(dropped, 10)
-                seen = []
-                master.on("message", lambda address, value: seen.append(value))
-                to_master.held = False
-                await until(lambda: "ours, for the master" in seen, 5)
-                self.assertLessEqual(seen.index("ours, for the master"), 2)  # behind a relay or two at most
-            finally:
-                wires.close()
-                for n in (node, master, other, flooder):
-                    await n.close()
-        run(scenario())
-
-    def test_unfinished_handshakes_meet_a_deadline(self):
-        async def scenario():
-            node = w.Bugout("deadline-swarm", host="127.0.0.1", lsd=False, dht=False, trackers=[])
-            node.handshake_timeout = 0.5
-            await node.start()
-            conns = [await asyncio.open_connection("127.0.0.1", node.port) for _ in range(5)]
-            conns[0][1].write(w.handshake_bytes(node.infohash, b"-XX0000-halfhalfhalf"))  # no BEP 10
-            for reader, _ in conns:
-                self.assertTrue(await closed_by_peer(reader, 5))
-            self.assertEqual(node.stats["handshake timeouts"], 5)
-            self.assertEqual(len(node._connections), 0)
-            for _, writer in conns:
-                writer.close()
-            await node.close()
-        run(scenario())
-
-    def test_inbound_cap_keeps_room_for_a_peer_that_speaks(self):
-        async def scenario():
-            node = w.Bugout("cap-swarm", host="127.0.0.1", lsd=False, dht=False, trackers=[])
-            node.max_inbound = 10
-            node.register("echo", lambda address, args: {**args, "echoedBy": "py"})
-            await node.start()
-            half = []
-            for i in range(30):  # from many addresses: the per-host limit does not bite
-                sock = socket.socket()
-                sock.bind(("127.0.0.%d" % (2 + i), 0))
-                sock.setblocking(False)
-                await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", node.port))
-                half.append(await asyncio.open_connection(sock=sock))
-            await asyncio.sleep(0.5)
-            self.assertLessEqual(len(node._connections), 10)
-            self.assertGreater(node.stats["inbound refused"] + node.stats["handshakes cut: inbound cap"], 0)
-            peer = await py_node("cap-swarm", peers=["127.0.0.1:%d" % node.port])
-            await until(lambda: peer.address in node.peers and node.address in peer.peers, 10)
-            self.assertEqual(await peer.rpc(node.address, "echo", {"in": 1}), {"in": 1, "echoedBy": "py"})
-            self.assertLessEqual(len(node._connections), 10)
-            for _, writer in half:
-                writer.close()
-            await peer.close()
-            await node.close()
-        run(scenario())
-
-    def test_out_of_descriptors_pauses_accepting_with_one_log_line(self):
-        child = textwrap.dedent("""
-            import asyncio, resource, sys, worker as w
-            async def main():
-                w.Logger("info")
-                node = await w.Bugout("fd-swarm", host="127.0.0.1", lsd=False, dht=False, trackers=[]).start()
-                node.register("echo", lambda address, args: args)
-                resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
-                print(node.port, flush=True)
-                await asyncio.Event().wait()
-            asyncio.run(main())
-            """)
-
-        async def scenario():
-            proc = await asyncio.create_subprocess_exec(sys.executable, "-c", child, cwd=HERE, env=clean_env(),
-                                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            try:
-                port = int(await asyncio.wait_for(proc.stdout.readline(), 20))
-                held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(80)]
-                await asyncio.sleep(3.0)
-                for _, writer in held:
-                    writer.close()
-                await asyncio.sleep(0.5)
-                peer = await py_node("fd-swarm", peers=["127.0.0.1:%d" % port])
-                await until(lambda: peer.connections() == 1 and len(peer.peers) == 1, 15)
-                address = next(iter(peer.peers))
-                self.assertEqual(await peer.rpc(address, "echo", {"back": 1}), {"back": 1})
-                await peer.close()
-            finally:
-                proc.terminate()
-                _, err = await proc.communicate()
-            lines = err.decode().splitlines()
-            self.assertEqual(sum("cannot accept connections" in line for line in lines), 1, lines[:20])
-            self.assertLessEqual(len(lines), 5, lines[:20])
-        run(scenario())
-
-    def test_a_wire_that_does_not_read_is_closed_and_relays_to_it_dropped(self):
-        async def scenario():
-            node = await py_node("sink-swarm", max_message=1 << 16)
-            other = await py_node("sink-swarm", peers=["127.0.0.1:%d" % node.port])
-            reader, writer = await raw_wire(node, rcvbuf=4096)
-            await until(lambda: node.connections() == 2 and other.address in node.peers)
-            sent = 0  # relayed through node: past the kernel's buffers its queue to the sink stays small
-            while not node.stats["relays dropped: queues full"] and sent < 2000:
-                for _ in range(50):
-                    other.send({"relay": sent, "pad": "r" * 30_000})
-                    sent += 1
-                await until(lambda sent=sent: node.core.stats["relayed"] >= sent, 10)
-            self.assertGreater(node.stats["relays dropped: queues full"], 0)
-            self.assertEqual(node.stats["peers dropped: not reading"], 0)
-            sink = next(c for c in node._connections if c.address != other.address)
-            self.assertLessEqual(sink.buffered, w.RELAY_QUEUE + 40_000)
-            for i in range(2000):  # our own broadcasts must reach it: it does not read, it goes
-                node.send({"own": i, "pad": "o" * 30_000})
-                await asyncio.sleep(0)
-                if node.stats["peers dropped: not reading"]:
-                    break
-            self.assertEqual(node.stats["peers dropped: not reading"], 1)
-            self.assertTrue(await closed_by_peer(reader, 5))
-            self.assertEqual(await other.rpc(node.address, "echo", {"ok": 1}), {"ok": 1, "echoedBy": "py"})
-            writer.close()
-            await other.close()
-            await node.close()
-        run(scenario())
-
-    def test_partly_received_messages_are_bounded_on_all_wires(self):
-        async def scenario():
-            node = await py_node("partial-swarm", max_message=1 << 20)  # all wires hold 2 MiB at most
-            master = await py_node("partial-swarm", peers=["127.0.0.1:%d" % node.port], max_message=1 << 20)
-            await until(lambda: master.address in node.peers and node.address in master.peers)
-            node.prioritize(master.address)
-            master.ping()
-            await until(lambda: any(node.is_protected(c) for c in node._connections))
-            raws = [await raw_wire(node, local="127.0.0.%d" % (2 + i)) for i in range(4)]
-            for _, writer in raws:  # 900 KiB of a 1 MiB message each, then nothing
-                writer.write(struct.pack(">IBB", (1 << 20) - 10, 20, 4) + bytes(900 * 1024))
-                await writer.drain()
-            await until(lambda: node.stats["peers dropped: partial messages over the bound"] >= 2, 10)
-            self.assertLessEqual(node._held_total, node.max_partial)
-            big = {"blob": "b" * 900_000}  # the protected peer's large message still comes in whole
-            self.assertEqual(await master.rpc(node.address, "echo", big, timeout=10), {**big, "echoedBy": "py"})
-            for _, writer in raws:
-                writer.close()
-            await master.close()
-            await node.close()
-        run(scenario())
-
-    def test_a_message_that_stops_coming_closes_its_wire(self):
-        async def scenario():
-            with mock.patch.object(w, "PROGRESS_SECONDS", 0.3):
-                node = await py_node("stall-swarm", heartbeat=0.1)
-                reader, writer = await raw_wire(node)
-                await until(lambda: node.connections() == 1)
-                writer.write(struct.pack(">IBB", 100_000, 20, 4) + bytes(40_000))  # 40 % of it, then silence
-                self.assertTrue(await closed_by_peer(reader, 5))
-                self.assertEqual(node.stats["peers dropped: stalled message"], 1)
-                writer.close()
-                await node.close()
-        run(scenario())
-
-    def test_deep_json_is_dropped_and_the_wire_kept(self):
-        async def scenario():
-            node = await py_node("json-swarm")
-            ident = w.Identity()
-            _, writer = await raw_wire(node, ident)
-            deep = "[" * 100_000 + "]" * 100_000
-            for value in (deep, '"after"'):
-                writer.write(bo_frame(signed_by(ident, {"y": "m", "v": value}, "json-swarm")))
-            await until(lambda: ("message", ident.address, "after") in node.events, 5)
-            self.assertEqual(node.core.stats["dropped: JSON nested too deeply"], 1)
-            self.assertEqual(node.connections(), 1)
-            self.assertEqual(node.stats["peers dropped for bad input"], 0)
-            writer.close()
-            await node.close()
-        run(scenario())
-
-    def test_lsd_does_not_dial_a_peer_already_wired(self):
-        async def scenario():
-            a = await py_node("lsd-once")
-            b = await py_node("lsd-once", peers=["127.0.0.1:%d" % a.port])
-            await until(lambda: a.connections() == b.connections() == 1)
-            announce = w.lsd_announcement(b.infohash, b.port, "bittorrent-lsd-" + b.peer_id.hex())
-            for _ in range(3):  # b re-announces: a is wired to it already
-                w._LsdProtocol(a).datagram_received(announce, ("127.0.0.1", w.LSD_PORT))
-            await asyncio.sleep(0.5)
-            self.assertEqual((a.stats["duplicate wires"], b.stats["duplicate wires"]), (0, 0))
-            self.assertEqual(a.stats["lsd: already wired"], 3)
-            self.assertEqual(len(a._connections), 1)
-            await b.close()
-            await a.close()
-        run(scenario())
+def quiet_core(node_id=OURS):
+    """A core whose secrets and transaction ids are fixed (zero bytes)."""
+    return w.DhtCore(node_id, random=lambda n: bytes(n))
 
 
-LSD_RUNS_CHILD = """
-import asyncio, json, os, random, sys, tempfile, time
-from pathlib import Path
-import test_worker as t
+def sent(core):
+    """What a core sends: [(parsed message, address)]."""
+    return [(w.parse_krpc(data), addr) for data, addr in core.data_to_send()]
 
-async def one_run(root, worker_first):
-    token = "lsd-runs-%d" % random.randrange(1 << 40)
-    m, wk = Path(root) / "m", Path(root) / "w"
-    m.mkdir(); wk.mkdir()
-    t.write_assets(m, t.DEFAULT_FILES)
-    t.write_loopback_env(m, token, lsd="true", host="0.0.0.0", LOG_LEVEL="warn")
-    t.write_loopback_env(wk, token, lsd="true", host="0.0.0.0", LOG_LEVEL="info")
-    log = open(Path(root) / "worker.log", "wb")
-    async def worker():
-        return await asyncio.create_subprocess_exec(sys.executable, t.WORKER_PY, cwd=wk, env=t.clean_env(),
-                                                    stderr=log)
-    procs = [await worker()] if worker_first else []
-    await asyncio.sleep(worker_first)  # the worker's LSD announces and the master's cross
-    master = await asyncio.create_subprocess_exec(
-        sys.executable, t.MASTER_PY, "--task", "workplace/task.py", "--task", "workplace/data/conf/factor.json",
-        "--jobs", "-", cwd=m, env=t.clean_env(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-    procs.append(master)
-    await master.stdout.readline()
-    for i in range(1000):
-        master.stdin.write((json.dumps({"id": i, "data": json.dumps({"x": i})}) + "\\n").encode())
-    if not worker_first:
-        procs.append(await worker())
-    results = set()
-    async def read():
-        async for line in master.stdout:
-            event = json.loads(line)
-            if event["event"] == "result":
-                results.add(event["result"]["jobID"])
-    reader = asyncio.ensure_future(read())
-    start = time.monotonic()
-    try:
-        await t.until(lambda: len(results) >= 1000, 30)
-    except AssertionError:
+
+class DhtNet:
+    """Cores linked in memory: datagrams between them are delivered at once."""
+
+    def __init__(self, count, now=1000.0):
+        self.now = now
+        self.cores = {("127.0.0.%d" % (i + 1), 6881): w.DhtCore(hashlib.sha1(b"node %d" % i).digest())
+                      for i in range(count)}
+        self.events = {addr: [] for addr in self.cores}
+
+    def __getitem__(self, i):
+        return list(self.cores.values())[i]
+
+    def addr(self, i):
+        return list(self.cores)[i]
+
+    def pump(self, seconds=0.0, lost=()):
+        """Deliver until quiet; addresses in ``lost`` never answer; then let time pass."""
+        moving = True
+        while moving:
+            moving = False
+            for src, core in self.cores.items():
+                for data, dst in core.data_to_send():
+                    moving = True
+                    if dst in self.cores and dst not in lost:
+                        self.cores[dst].receive_datagram(data, src, self.now)
+                self.events[src] += core.events_received()
+        if seconds:
+            self.now += seconds
+            for core in self.cores.values():
+                core.tick(self.now)
+            self.pump(lost=lost)
+
+    def peers_found(self, i, info_hash):
+        return {p for e in self.events[self.addr(i)] if isinstance(e, w.DhtPeers)
+                and e.info_hash == info_hash for p in e.peers}
+
+
+_KRPC_KEYS = ["t", "y", "q", "a", "r", "e", "id", "target", "info_hash", "token", "port",
+              "implied_port", "values", "nodes", "ro", "v"]
+
+
+def krpc_seeds():
+    ids = [hashlib.sha1(b"%d" % i).digest() for i in range(4)]
+    nodes = b"".join(i + bytes([127, 0, 0, n + 1]) + struct.pack(">H", 6000 + n) for n, i in enumerate(ids))
+    values = [bytes([10, 0, 0, n]) + struct.pack(">H", 7000 + n) for n in range(3)]
+    messages = [w.KrpcQuery(b"aa", "ping", {"id": ids[0]}),
+                w.KrpcQuery(b"ab", "find_node", {"id": ids[1], "target": ids[2]}),
+                w.KrpcQuery(b"ac", "get_peers", {"id": ids[1], "info_hash": ids[3]}),
+                w.KrpcQuery(b"ad", "announce_peer", {"id": ids[2], "info_hash": ids[3], "port": 6881,
+                                                     "token": b"12345678", "implied_port": 1}),
+                w.KrpcQuery(b"ae", "get", {"id": ids[2], "target": ids[0]}),
+                w.KrpcResponse(b"\0\1", {"id": ids[0], "nodes": nodes, "values": values, "token": b"tok"}),
+                w.KrpcError(b"aa", 201, "A Generic Error Ocurred")]
+    return [bytes(m) for m in messages]
+
+
+def random_krpc(rng, depth=0):
+    """A random bencodable value shaped like KRPC: its keys, odd types and sizes."""
+    kind = rng.randrange(6 if depth < 3 else 3)
+    if kind == 0:
+        return rng.choice([0, 1, -1, 6881, 65535, 65536, 1 << 40])
+    if kind == 1:
+        return rng.randbytes(rng.choice([0, 1, 2, 6, 8, 19, 20, 21, 26, 52, 300]))
+    if kind == 2:
+        return rng.choice([b"q", b"r", b"e", b"ping", b"find_node", b"get_peers", b"announce_peer"])
+    if kind == 3:
+        return [random_krpc(rng, depth + 1) for _ in range(rng.randrange(5))]
+    return {rng.choice(_KRPC_KEYS): random_krpc(rng, depth + 1) for _ in range(rng.randrange(6))}
+
+
+def random_body(rng):
+    """Arguments or answer values: the right keys, often the right sizes, sometimes not."""
+    body = {k: random_krpc(rng) for k in rng.sample(_KRPC_KEYS[6:], rng.randrange(1, 6))}
+    for key in ("id", "target", "info_hash"):
+        if rng.random() < 0.7:
+            body[key] = rng.randbytes(20)
+    if rng.random() < 0.3:
+        body["nodes"] = rng.randbytes(26 * rng.randrange(12) + rng.choice([0, 0, 1, 25]))
+    return body
+
+
+def random_message(rng, t=None):
+    """A message with a sound envelope (t, y) and random contents."""
+    y = rng.choice([b"q", b"q", b"r", b"e"]) if t is None else rng.choice([b"r", b"r", b"r", b"e"])
+    message = {"t": t or rng.randbytes(rng.randint(1, 4)), "y": y}
+    if y == b"q":
+        message.update(q=rng.choice([b"ping", b"find_node", b"get_peers", b"announce_peer", b"x"]),
+                       a=random_body(rng))
+    elif y == b"r":
+        message["r"] = random_body(rng)
+    else:
+        message["e"] = rng.choice([[201, b"x"], [], [b"x"], random_krpc(rng)])
+    if rng.random() < 0.1:
+        message[rng.choice(_KRPC_KEYS)] = random_krpc(rng)
+    return w.bencode(message)
+
+
+def krpc_inputs(core, count, rng):
+    """Mutated valid messages, random messages, and random answers to our pending queries."""
+    mutated = mutations(krpc_seeds(), count, rng)
+    for i in range(count):
+        addr = ("10.0.%d.%d" % (i % 7, i % 61 + 1), 6881)
+        if i % 3 == 0:
+            yield next(mutated), addr
+        elif i % 3 == 1 or not core._pending:
+            yield random_message(rng), addr
+        else:
+            t, pending = rng.choice(list(core._pending.items()))
+            yield random_message(rng, t), pending.addr
+
+
+# Support: trackers and WebRTC ###############################################
+
+SAMPLE_INFOHASH = bytes.fromhex("5d89b217eba4a9f0d27593289ea6439cf875d329")
+
+
+@functools.cache
+def samples():
+    """The frames the real JS tracker code wrote (testdata/tracker-samples.json), read on first use."""
+    return json.loads((HERE / "testdata/tracker-samples.json").read_text())["full_examples"]
+
+
+def sample(kind):
+    return json.loads(samples()[kind]["raw_json_text"])
+
+
+def sample_peer_ids():
+    """(ours, the other's): the peer ids of the samples' answer."""
+    fields = samples()["client->tracker answer (to_peer_id)"]["hex_fields"]
+    return bytes.fromhex(fields["peer_id__hex"]), bytes.fromhex(fields["to_peer_id__hex"])
+
+
+def tracker_client(peer_id=None, now=0.0, **kw):
+    peer_id = peer_id or sample_peer_ids()[0]
+    client = w.TrackerClient("ws://tracker.test", SAMPLE_INFOHASH, peer_id, **kw)
+    assert client.start_connecting(now)
+    client.connection_made(now)
+    return client
+
+
+class FakeTracker:
+    """bittorrent-tracker's relay rules in memory, to pair TrackerClients."""
+
+    def __init__(self, interval=120):
+        self.interval = interval
+        self.clients = {}
+
+    def add(self, client):
+        self.clients[client._peer_id] = client
+        return client
+
+    def pump(self, now):
+        """Deliver frames until every client is quiet."""
+        moved = True
+        while moved:
+            moved = False
+            for sender, client in list(self.clients.items()):
+                for text in client.data_to_send():
+                    moved = True
+                    self._handle(sender, json.loads(text), now)
+
+    def _handle(self, sender, frame, now):
+        relay = {"action": "announce", "peer_id": sender, "info_hash": frame["info_hash"],
+                 "offer_id": frame.get("offer_id")}
+        if "answer" in frame:
+            self.clients[frame["to_peer_id"]].receive_frame({**relay, "answer": frame["answer"]}, now)
+            return
+        self.clients[sender].receive_frame({"complete": len(self.clients), "incomplete": 0,
+                                            "action": "announce", "interval": self.interval,
+                                            "info_hash": frame["info_hash"]}, now)
+        others = [c for peer_id, c in self.clients.items() if peer_id != sender]
+        for other, offer in zip(others, frame.get("offers", [])):
+            other.receive_frame({**relay, "offer": offer["offer"], "offer_id": offer["offer_id"]}, now)
+
+
+class FakeChannel:
+    """An RTCDataChannel stand-in that delivers to another RtcConnection."""
+
+    def __init__(self):
+        self.readyState, self.bufferedAmount = "open", 0
+        self.sizes, self.peer = [], None
+
+    def on(self, event, handler):
         pass
-    took = time.monotonic() - start
-    for proc in procs:
-        proc.terminate()
-        await proc.wait()
-    reader.cancel()
-    text = (Path(root) / "worker.log").read_text()
-    return {"results": len(results), "seconds": round(took, 2), "rpc_timeouts": text.count("no answer in")}
 
-async def main():
-    runs = []
-    for i in range(10):
-        with tempfile.TemporaryDirectory() as tmp:
-            runs.append(await one_run(tmp, (0, 0.5, 0.9)[i % 3]))
-    print(json.dumps(runs))
-asyncio.run(main())
-"""
+    def send(self, data):
+        assert isinstance(data, bytes)
+        self.sizes.append(len(data))
+        asyncio.get_running_loop().call_soon(self.peer._on_message, data)
+
+    def close(self):
+        self.readyState = "closed"
 
 
-class TestLsdDuplicates(unittest.TestCase):
-    def test_master_py_and_worker_py_over_lsd_ten_runs_every_result(self):
-        """The issue's stall: both ends dial on LSD, one wire is closed with an answer on it."""
-        runs = in_namespace(LSD_RUNS_CHILD, timeout=600)
-        for run_ in runs:
-            self.assertEqual((run_["results"], run_["rpc_timeouts"]), (1000, 0), runs)
-            self.assertLess(run_["seconds"], 20, runs)
+class FakePeerConnection:
+    connectionState = "connected"
+
+    def on(self, event, handler):
+        pass
+
+    async def close(self):
+        self.connectionState = "closed"
 
 
-# The Worker #################################################################
+async def local_tracker(**env):
+    return await JsProcess("tracker.js", {k: str(v) for k, v in env.items()}).start()
+
+
+async def rtc_node(ident, trackers, numwant=w.TRACKER_NUMWANT, **kw):
+    """A Python node reachable only through WebRTC (no TCP listener, no LSD), as py_node."""
+    node = w.Bugout(ident, lsd=False, dht=False, listen=False, trackers=trackers, ice_servers=[], **kw)
+    node.webrtc.numwant = numwant
+    node.register("echo", lambda address, args: {**args, "echoedBy": "py"})
+    node.events = []
+    for name in ("seen", "message", "left"):
+        node.on(name, lambda *a, name=name: node.events.append((name,) + a))
+    return await node.start()
+
+
+def only_webrtc(*nodes):
+    return all(isinstance(c, w.RtcConnection) for node in nodes for c in node._connections)
+
+
+async def js_master_run(tmp, transport, url, count):
+    """The JS master harness and a Python Worker over WebRTC or TCP: timings and results."""
+    webrtc = transport == "webrtc"
+    master = await JsProcess("master.js", {
+        "QX_TOKEN": "rtc-jsm-" + transport, "QX_KEY": KEY, "QX_JOBS": str(count),
+        "QX_ASSETS": str(Path(tmp) / "assets.json"), **({"QX_TRACKER": url} if webrtc else {})}).start()
+    worker = w.Worker("rtc-jsm-" + transport, "py", "warn", KEY, env={}, folder=Path(tmp) / transport,
+                      host="127.0.0.1", lsd=False, dht=False, get_batch=True, batch_size=10,
+                      peers=[] if webrtc else ["127.0.0.1:%d" % master.ready["port"]],
+                      trackers=[url] if webrtc else [], ice_servers=[])
+    started = time.monotonic()
+    await worker.start()
+    await until(lambda: worker.master is not None, 30)
+    found = time.monotonic() - started
+    await until(lambda: sum(e["event"] == "result" for e in master.events) >= 1, 30)
+    first = time.monotonic()
+    await until(lambda: sum(e["event"] == "result" for e in master.events) >= count, 120)
+    rate = (count - 1) / (time.monotonic() - first)
+    results = [e["result"] for e in master.events if e["event"] == "result"]
+    result = {"found_s": found, "rate": rate, "only_webrtc": only_webrtc(worker.node),
+              "ids": sorted(r["jobID"] for r in results),
+              "right": all(r["data"] == {"sum": r["jobID"] * 2} for r in results)}
+    await worker.stop()
+    await master.close()
+    return result
+
+
+async def flow_rate(master, worker, jobs, get_batch, start=0):
+    """Push jobs, time them from the first result to the last (jobs/s)."""
+    worker.get_batch = get_batch
+    done = master.stats["results"]
+    for i in range(start, start + jobs):
+        master.push_new_job({"id": i, "data": json.dumps({"x": i})})
+    worker._wake.set()
+    await until(lambda: master.stats["results"] >= done + 1, 30)
+    first, first_done = time.monotonic(), master.stats["results"]
+    await until(lambda: master.stats["results"] >= done + jobs, 120)
+    return (done + jobs - first_done) / (time.monotonic() - first)
+
+
+async def dead_answer_sdp():
+    """A well-formed answer whose ICE and DTLS ends are already gone."""
+    import aiortc
+    config = aiortc.RTCConfiguration(iceServers=[])
+    offerer, answerer = aiortc.RTCPeerConnection(config), aiortc.RTCPeerConnection(config)
+    offerer.createDataChannel("x")
+    await offerer.setLocalDescription(await offerer.createOffer())
+    await answerer.setRemoteDescription(offerer.localDescription)
+    await answerer.setLocalDescription(await answerer.createAnswer())
+    sdp = answerer.localDescription.sdp
+    await offerer.close()
+    await answerer.close()
+    return sdp
+
+
+async def bad_answerer(url, infohash, stop):
+    """A tracker client that answers every offer it is sent with a dead answer."""
+    from websockets.asyncio.client import connect
+    sdp = await dead_answer_sdp()
+    ih, me = infohash.decode("latin-1"), "-XX0000-deadanswerer"
+    answered = 0
+    async with connect(url, compression=None) as ws:
+        await ws.send(json.dumps({"numwant": 0, "uploaded": 0, "downloaded": 0, "left": 0, "event": "started",
+                                  "action": "announce", "info_hash": ih, "peer_id": me, "offers": []}))
+        while not stop.is_set():
+            try:
+                async with asyncio.timeout(0.2):
+                    frame = json.loads(await ws.recv())
+            except TimeoutError:
+                continue
+            if "offer" in frame:
+                answered += 1
+                await ws.send(json.dumps({"action": "announce", "info_hash": ih, "peer_id": me,
+                                          "to_peer_id": frame["peer_id"], "offer_id": frame["offer_id"],
+                                          "answer": {"type": "answer", "sdp": sdp}}))
+    return answered
+
+
+def live_peer_connections():
+    import gc
+
+    import aiortc
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, aiortc.RTCPeerConnection)]
+
+
+# Support: tasks a master hands out ##########################################
 
 TASK_PY = '''\
 import json
@@ -1344,6 +778,8 @@ class Task:
             time.sleep(data["sleep"])
         return {"sum": (data["x"] + data.get("y", 0)) * FACTOR}
 '''
+
+
 # An async task that notes its event loop; "exit" calls sys.exit, "hang" blocks its child.
 LOOP_TASK_PY = '''\
 import asyncio
@@ -1368,6 +804,168 @@ class Task:
 '''
 DEFAULT_FILES = {"/workplace/task.py": TASK_PY,
                  "/workplace/data/conf/factor.json": '{"factor": 2}'}
+
+
+MASTER_TASK = '''\
+import json
+
+
+class Task:
+    def run(self, job):
+        return {"double": json.loads(job["data"])["x"] * 2}
+'''
+
+
+# What each row of issue 12's table did to a worker, and more, on request.
+TRICKY_TASK_PY = '''\
+import ctypes
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+
+def meet(folder, deadline=15.0):
+    """True once a partner job has come to ``folder`` too: both ran at once."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / str(os.getpid())).touch()
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if len(list(Path(folder).iterdir())) >= 2:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+class Task:
+    def run(self, job):
+        data = json.loads(job["data"])
+        do = data.get("do")
+        if do == "exit":
+            os._exit(3)
+        if do == "segfault":
+            ctypes.string_at(0)  # a crash in a C extension
+        if do == "oom-kill":
+            os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer sends
+        if do == "nan":
+            return {"x": float("nan")}
+        if do == "infinity":
+            return [float("inf")]
+        if do == "set":
+            return {1, 2}
+        if do == "patch-json":
+            json.dumps = lambda *args, **kwargs: "NaN"
+            json.JSONEncoder.encode = lambda *args, **kwargs: "NaN"
+            return "patched"
+        if do == "thread":
+            threading.Thread(target=time.sleep, args=(3600,)).start()  # not a daemon
+            return "thread started"
+        if do == "allocate":
+            return len(b"x" * (data["mb"] << 20))  # every page touched
+        if do == "spin":
+            Path(data["pidfile"]).write_text(str(os.getpid()))
+            while True:
+                pass
+        if do == "meet":
+            return {"met": meet(data["folder"]), "pid": os.getpid()}
+        return {"pid": os.getpid(), "x": data.get("x")}
+'''
+
+
+TRICKY_TASK_JS = """\
+const fs = require('fs');
+const path = require('path');
+
+async function meet(folder) {
+  fs.mkdirSync(folder, { recursive: true });
+  fs.writeFileSync(path.join(folder, String(process.pid)), '');
+  const end = Date.now() + 15000;
+  while (Date.now() < end) {
+    if (fs.readdirSync(folder).length >= 2) return true;
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+  return false;
+}
+
+class Task {
+  async run(job) {
+    const data = JSON.parse(job.data);
+    if (data.do === 'exit') process.exit(3);
+    if (data.do === 'spin') {
+      fs.writeFileSync(data.pidfile, String(process.pid));
+      for (;;);
+    }
+    if (data.do === 'heap') {
+      const kept = [];
+      for (;;) kept.push({ x: Math.random(), s: `abc${kept.length}` });
+    }
+    if (data.do === 'buffer') return Buffer.alloc(2000 * 1024 * 1024).length;
+    if (data.do === 'meet') return { met: await meet(data.folder), pid: process.pid };
+    return { pid: process.pid, x: data.x };
+  }
+}
+
+module.exports = Task;
+"""
+
+
+DEP_INDEX_JS = "module.exports = { add: (a, b) => a + b, version: require('./package.json').version };\n"
+
+
+# In the style of the JS Master's examples/basic/task.js, with an npm dependency.
+BASIC_TASK_JS = """\
+const dep = require('qx-demo-dep');
+
+class Task {
+  constructor() {
+    this.data = null;
+  }
+
+  async run(job) {
+    this.data = JSON.parse(job.data);
+    return { sum: dep.add(this.data.x, this.data.y), dep: dep.version };
+  }
+}
+
+module.exports = Task;
+"""
+
+
+# A plain (not async) run that throws, rejects, logs or exits when the job asks.
+EDGE_TASK_JS = """\
+class Task {
+  run(job) {
+    const data = JSON.parse(job.data);
+    if (data.throw) throw new TypeError(`thrown by job ${job.id}`);
+    if (data.reject) return Promise.reject(new RangeError(`rejected by job ${job.id}`));
+    if (data.log) console.log(`console.log from job ${job.id}`);
+    if (data.exit) {
+      console.error(`job ${job.id} exits`);
+      process.exit(3);
+    }
+    return { sum: data.x + data.y, pid: process.pid };
+  }
+}
+
+module.exports = Task;
+"""
+
+
+VERSION_TASK_JS = """\
+module.exports = class Task {
+  run(job) {
+    return { version: %d, pid: process.pid };
+  }
+};
+"""
+
+
+# Support: masters and workers ###############################################
+
+WORKER_PY = str(HERE / "worker.py")
+MASTER_PY = str(HERE / "master.py")
 
 
 class Cluster:
@@ -1395,6 +993,9 @@ class Cluster:
         await self.master.start()
         return self
 
+    async def close(self):
+        await self.master.close()
+
     def worker(self, name="w1", key=KEY, **kw):
         kw.setdefault("peers", ["127.0.0.1:%d" % self.master.port])
         kw.setdefault("trackers", [])
@@ -1409,228 +1010,28 @@ class Cluster:
         await until(lambda: len(self.results) >= count, timeout)
 
 
-class TestWorkerFlow(unittest.TestCase):
-    def run_jobs(self, get_batch, count=500):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            cluster.push(count)
-            worker = await cluster.worker(get_batch=get_batch, batch_size=10).start()
-            await cluster.until_results(count)
-            await worker.sync_assets()
-            self.assertEqual(cluster.statuses, ["changed", "same"])
-            self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(count)))
-            for r in cluster.results:
-                self.assertEqual(r["data"], {"sum": (r["jobID"] + 1) * 2})
-                self.assertEqual(r["worker"], {"id": worker.address, "name": "w1"})
-            self.assertTrue((Path(tmp) / "w1/workplace/data/conf/factor.json").is_file())
-            await worker.stop()
-            await cluster.master.close()
-            return cluster
-        with tempfile.TemporaryDirectory() as tmp:
-            return run(scenario(tmp), 120)
+def loopback_worker(token, folder, name="w", loglevel="warn", **kw):
+    """A Worker on 127.0.0.1 without LSD, DHT or trackers (``peers`` names a master)."""
+    kw.setdefault("trackers", [])
+    return w.Worker(token, name, loglevel, KEY, env={}, folder=folder, host="127.0.0.1", lsd=False, dht=False,
+                    **kw)
 
-    def test_500_jobs_unbatched(self):
-        self.run_jobs(False)
 
-    def test_500_jobs_batched(self):
-        cluster = self.run_jobs(True)
-        self.assertGreaterEqual(cluster.master.stats["jobs handed out"], 500)
+def loopback_master(token, folder, on_results=None, files=DEFAULT_FILES, **kw):
+    """master.py's Master on 127.0.0.1 serving ``files`` from ``folder``, without LSD, DHT or trackers."""
+    from master import Master
+    kw.setdefault("trackers", [])
+    return Master(token, {"files": write_assets(folder, files), "dependencies": []}, on_results, None, KEY,
+                  folder=folder, env={}, host="127.0.0.1", lsd=False, dht=False, **kw)
 
-    def test_failing_task_gives_error_results_and_goes_on(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            cluster.push(3, fail=True)
-            cluster.push(3, start=3)
-            worker = await cluster.worker(get_batch=True, batch_size=2).start()
-            await cluster.until_results(6)
-            by_id = {r["jobID"]: r for r in cluster.results}
-            for i in range(3):
-                self.assertIsNone(by_id[i]["data"])
-                self.assertEqual(by_id[i]["error"]["type"], "ValueError")
-                self.assertEqual(by_id[i]["error"]["message"], "boom %d" % i)
-                self.assertIn("Traceback", by_id[i]["error"]["traceback"])
-            for i in range(3, 6):
-                self.assertEqual(by_id[i]["data"], {"sum": (i + 1) * 2})
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
 
-    def test_timeout_exit_and_an_async_task_keeping_its_loop(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp, files={"/workplace/task.py": LOOP_TASK_PY}).start()
-            cluster.push(2)
-            cluster.push(1, 2, exit=3)
-            cluster.push(1, 3, hang=30)
-            cluster.push(1, 4)
-            worker = await cluster.worker(job_timeout=1.0).start()
-            await cluster.until_results(5, 30)
-            by_id = {r["jobID"]: r for r in cluster.results}
-            first = by_id[0]["data"]["pid"]
-            self.assertEqual([by_id[i]["data"] for i in (0, 1)], [{"same_loop": True, "pid": first}] * 2)
-            self.assertEqual(by_id[2]["error"]["type"], "SystemExit")
-            self.assertEqual(by_id[2]["error"]["message"], "3")
-            self.assertEqual(by_id[3]["error"]["type"], "TimeoutError")
-            self.assertTrue(by_id[4]["data"]["same_loop"])  # ran, in a new child with a loop of its own
-            self.assertNotEqual(by_id[4]["data"]["pid"], first)
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_assets_that_cannot_be_written_are_an_error_not_a_stop(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            (Path(tmp) / "master/x").write_text("a file, and a folder below")
-            cluster.master.exec_assets["files"] += [  # the second cannot be written
-                {"masterPath": "/x", "name": "x", "workerPath": "/workplace/x"},
-                {"masterPath": "/x", "name": "y", "workerPath": "/workplace/x/y"}]
-            worker = cluster.worker()
-            with self.assertLogs("worker", "ERROR") as logs:
-                await worker.start()
-                await until_logged(logs, "cannot write the assets")
-            self.assertFalse((Path(tmp) / "w1/workplace/task.py").exists())
-            self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_unsafe_assets_write_nothing(self):
-        cases = [{"/../evil.py": "x", "/workplace/task.py": TASK_PY},
-                 {"/.env": "token=stolen", "/workplace/task.py": TASK_PY},
-                 {"/workplace/task.py": TASK_PY, "/workplace/../../x.py": "x"}]
-        for files in cases:
-            async def scenario(tmp, files=files):
-                cluster = Cluster(tmp, files={"/workplace/task.py": TASK_PY})
-                listed = [{"masterPath": "/workplace/task.py", "name": Path(p).name, "workerPath": p}
-                          for p in files]
-                cluster.master.exec_assets["files"] = listed
-                await cluster.start()
-                worker = cluster.worker()
-                with self.assertLogs("worker", "ERROR") as logs:
-                    await worker.start()
-                    await until_logged(logs, "refused")
-                self.assertEqual(sorted(p.name for p in (Path(tmp) / "w1").iterdir()
-                                        if not p.name.startswith(w.JOURNAL_NAME)), [])
-                self.assertFalse((Path(tmp) / "evil.py").exists())
-                await worker.stop()
-                await cluster.master.close()
-            with tempfile.TemporaryDirectory() as tmp:
-                run(scenario(tmp))
-
-    def test_bad_dependency_refused(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp, deps=["--index-url=http://evil/ x"]).start()
-            worker = cluster.worker()
-            with self.assertLogs("worker", "ERROR") as logs:
-                await worker.start()
-                await until_logged(logs, "refused")
-            self.assertFalse((Path(tmp) / "w1/workplace").exists())
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_dependency_from_local_wheel(self):
-        async def scenario(tmp):
-            wheels = Path(tmp) / "wheels"
-            make_wheel(wheels, "qxdemo_dep", "1.2.0", "VALUE = 41\n")
-            files = dict(DEFAULT_FILES)
-            files["/workplace/task.py"] = ("import qxdemo_dep\n\nclass Task:\n    def run(self, job):\n"
-                                           "        return qxdemo_dep.VALUE + 1\n")
-            cluster = await Cluster(tmp, files=files, deps=["qxdemo-dep==1.2.0"]).start()
-            cluster.push(2)
-            worker = await cluster.worker().start()
-            await cluster.until_results(2, timeout=120)
-            self.assertEqual([r["data"] for r in cluster.results], [42, 42])
-            self.assertTrue(any((Path(tmp) / "w1/.deps").glob("qxdemo_dep*")))
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            old = {k: os.environ.get(k) for k in ("PIP_NO_INDEX", "PIP_FIND_LINKS")}
-            os.environ.update(PIP_NO_INDEX="1", PIP_FIND_LINKS=str(Path(tmp) / "wheels"))
-            try:
-                run(scenario(tmp), 180)
-            finally:
-                for k, v in old.items():
-                    os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-
-    def test_dependency_that_cannot_install_is_a_clear_error_and_retried(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp, deps=["qx-no-such-package==9.9"]).start()
-            cluster.push(1)
-            worker = cluster.worker()
-            with patched_environ({"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(Path(tmp) / "nowhere")}), \
-                    self.assertLogs("worker", "ERROR") as logs:
-                await worker.start()
-                await until_logged(logs, "pip could not install", 120)
-            self.assertIn("qx-no-such-package==9.9", "\n".join(logs.output))
-            self.assertEqual(cluster.results, [])
-            self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
-            # the package appears (the network is back): the next sync installs it, and jobs run
-            make_wheel(Path(tmp) / "wheels", "qx_no_such_package", "9.9", "VALUE = 1\n")
-            with patched_environ({"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(Path(tmp) / "wheels")}):
-                self.assertTrue(await worker.sync_assets())
-            self.assertTrue(any((Path(tmp) / "w1/.deps").glob("qx_no_such_package*")))
-            await cluster.until_results(1)
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp), 180)
-
-    def test_wrong_key_is_reported_no_crash(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            cluster.push(2)
-            worker = cluster.worker(key="z" * 32)
-            with self.assertLogs("worker", "ERROR") as logs:
-                await worker.start()
-                await until_logged(logs, "transferEncryptToken probably differs")
-            self.assertEqual(cluster.results, [])
-            self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_master_restarts_worker_goes_on(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            cluster.push(20)
-            worker = await cluster.worker().start()
-            await cluster.until_results(20)
-            port = cluster.master.port
-            await cluster.master.close()
-            from master import Master
-            second = []
-            files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
-            master2 = Master(cluster.token, {"files": files, "dependencies": []}, second.append,
-                             None, KEY, folder=Path(tmp) / "master", env={}, host="127.0.0.1",
-                             port=port, lsd=False, dht=False, trackers=[])
-            await master2.start()
-            for i in range(100, 110):
-                master2.push_new_job({"id": i, "data": json.dumps({"x": i})})
-            await until(lambda: len(second) >= 10, 60)
-            self.assertEqual(sorted(r["jobID"] for r in second), list(range(100, 110)))
-            await worker.stop()
-            await master2.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp), 90)
-
-    def test_restart_with_same_assets_downloads_nothing(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            first = await cluster.worker().start()
-            await until(lambda: first._runner is not None)
-            await first.stop()
-            second = await cluster.worker().start()
-            await until(lambda: second._runner is not None)
-            self.assertEqual(cluster.statuses, ["changed", "same"])
-            await second.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
+def js_master_assets(folder, files=DEFAULT_FILES):
+    """interop/master.js's QX_ASSETS: ``files`` in ``folder``/master, listed by absolute path."""
+    listed = write_assets(folder / "master", files)
+    for f in listed:
+        f["masterPath"] = str(folder / "master" / f["masterPath"].lstrip("/"))
+    (folder / "assets.json").write_text(json.dumps({"files": listed, "dependencies": []}))
+    return folder / "assets.json"
 
 
 def make_wheel(folder, name, version, code):
@@ -1653,104 +1054,6 @@ def make_wheel(folder, name, version, code):
             zf.writestr(path, text)
 
 
-class TestSafety(unittest.TestCase):
-    def test_asset_paths(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            root = Path(tmp)
-            (root / "out").symlink_to("/tmp")
-            self.assertEqual(w.safe_asset_path(root, "/workplace/a/b.py"), root.resolve() / "workplace/a/b.py")
-            self.assertEqual(w.safe_asset_path(root, "task.py"), root.resolve() / "task.py")
-            for bad in ["/../x", "/a/../../x", "//etc/passwd", "/", "", None, "/a\\..\\x", "/a/\0",
-                        "/.env", "/out/x.py", "/.deps/x.py", "C:/x", "/a//b"]:
-                with self.assertRaises(w.UnsafeAsset, msg=bad):
-                    w.safe_asset_path(root, bad)
-            here = Path(w.__file__).resolve()
-            with self.assertRaises(w.UnsafeAsset):
-                w.safe_asset_path(here.parent, "/" + here.name)
-
-    def test_requirements(self):
-        for good in ["requests", "requests==2.31.0", "Pillow[extra]>=9,<11", "a.b-c_d~=1.0"]:
-            self.assertEqual(w.check_requirement(good), good)
-        for bad in ["-e .", "--index-url=x", "git+https://x/y", "./local", "/abs/path",
-                    "pkg @ https://x", "pkg; os_name=='nt'", "", 3, "a b"]:
-            with self.assertRaises(w.UnsafeAsset, msg=bad):
-                w.check_requirement(bad)
-
-
-class TestAgainstJsMaster(unittest.TestCase):
-    """The Python worker for the JS master harness (npm bugout) over TCP."""
-
-    def setUp(self):
-        js_ready()
-
-    def run_jobs(self, get_batch, count=500):
-        async def scenario(tmp):
-            files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
-            for f in files:
-                f["masterPath"] = str(Path(tmp) / "master" / f["masterPath"].lstrip("/"))
-            (Path(tmp) / "assets.json").write_text(json.dumps({"files": files, "dependencies": []}))
-            token = "jsmaster-%d" % random.randrange(1 << 30)
-            master = await JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY, "QX_JOBS": str(count),
-                                                   "QX_ASSETS": str(Path(tmp) / "assets.json")}).start()
-            worker = await w.Worker(token, "py", "warn", KEY, env={}, folder=Path(tmp) / "w",
-                                    host="127.0.0.1", lsd=False, dht=False, get_batch=get_batch, batch_size=10,
-                                    peers=["127.0.0.1:%d" % master.ready["port"]], trackers=[]).start()
-            started = time.perf_counter()
-            await until(lambda: sum(e["event"] == "result" for e in master.events) >= count, 120)
-            rate = count / (time.perf_counter() - started)
-            results = [e["result"] for e in master.events if e["event"] == "result"]
-            self.assertEqual(sorted(r["jobID"] for r in results), list(range(count)))
-            for r in results:
-                self.assertEqual(r["data"], {"sum": r["jobID"] * 2})
-                self.assertEqual(r["worker"]["name"], "py")
-            calls = [e for e in master.events if e["event"] == "rpc"]
-            self.assertEqual([c["call"] for c in calls][:2], ["isMaster", "requestExecAssets"])
-            # the JS master listed its own default task.js too: we ran task.py
-            self.assertTrue((Path(tmp) / "w/workplace/task.js").is_file())
-            await worker.sync_assets()
-            self.assertEqual(worker.stats["jobs done"], count)
-            await worker.stop()
-            await master.close()
-            return rate
-        with tempfile.TemporaryDirectory() as tmp:
-            rate = run(scenario(tmp), 180)
-        print("\n  %s: %.0f jobs/s against the JS master" % ("batched (10)" if get_batch else "unbatched", rate),
-              file=sys.stderr)
-
-    def test_500_jobs_unbatched(self):
-        self.run_jobs(False)
-
-    def test_500_jobs_batched(self):
-        self.run_jobs(True)
-
-    def test_js_master_answers_ping_and_same(self):
-        async def scenario(tmp):
-            files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
-            for f in files:
-                f["masterPath"] = str(Path(tmp) / "master" / f["masterPath"].lstrip("/"))
-            (Path(tmp) / "assets.json").write_text(json.dumps({"files": files, "dependencies": []}))
-            master = await JsProcess("master.js", {"QX_TOKEN": "jsm-same", "QX_KEY": KEY,
-                                                   "QX_ASSETS": str(Path(tmp) / "assets.json")}).start()
-            worker = await w.Worker("jsm-same", "py", "warn", KEY, env={}, folder=Path(tmp) / "w",
-                                    host="127.0.0.1", lsd=False, dht=False,
-                                    peers=["127.0.0.1:%d" % master.ready["port"]], trackers=[]).start()
-            await until(lambda: worker._runner is not None)
-            self.assertTrue(await worker.sync_assets())
-
-            def asked():
-                return [e for e in master.events if e["event"] == "rpc" and e["call"] == "requestExecAssets"]
-            await until(lambda: len(asked()) >= 2, 10)  # the harness prints its line as it answers
-            statuses = asked()
-            self.assertEqual(len(statuses), 2)
-            self.assertEqual(statuses[1]["args"]["currentHash"], worker.current_hash())
-            await worker.stop()
-            await master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-
-# Master trust (issue 10) ####################################################
-
 def asset_answer(files, key=KEY, status="changed", deps=()):
     """A requestExecAssets answer as a master makes it: {workerPath: bytes} -> files."""
     crypt = w.Crypt(key)
@@ -1758,108 +1061,6 @@ def asset_answer(files, key=KEY, status="changed", deps=()):
                "sha256": hashlib.sha256(data).hexdigest(), "content": crypt.encrypt(data)}
               for p, data in files.items()]
     return {"status": status, "dependencies": list(deps), "files": listed}
-
-
-class TestMasterProof(unittest.TestCase):
-    """The proof rules and the trust table, in memory."""
-
-    def verify(self, answer, text_reads=True, key=KEY):
-        with tempfile.TemporaryDirectory() as tmp:
-            return w.verify_assets(answer, w.Crypt(key), Path(tmp), text_reads=text_reads)
-
-    def test_the_task_file_and_text_files_must_hash_as_the_master_says(self):
-        good = asset_answer({"/workplace/task.py": TASK_PY.encode(), "/workplace/data/x.txt": b"text\n"})
-        verified = self.verify(good)
-        self.assertTrue(verified.python)
-        self.assertEqual(verified.unified, "".join(f["sha256"] for f in good["files"]))
-        self.assertEqual([c for _, _, c in verified.files], [TASK_PY.encode(), b"text\n"])
-        for index in (0, 1):  # a wrong hash on the task or on a text file
-            bad = json.loads(json.dumps(good))
-            bad["files"][index]["sha256"] = "0" * 64
-            with self.assertRaises(w.AssetError):
-                self.verify(bad)
-        with self.assertRaises(w.CryptError):  # another key: nothing decrypts
-            self.verify(good, key="x" * 32)
-
-    def test_a_binary_file_read_as_utf8_by_a_js_master(self):
-        binary = bytes(range(256))
-        answer = asset_answer({"/task.js": b"module.exports = class {}\n", "/blob.bin": binary})
-        mangled = binary.decode("utf-8", "replace").encode()  # what the JS master's read sends
-        answer["files"][1]["content"] = w.Crypt(KEY).encrypt(mangled)
-        with self.assertLogs("worker", "WARNING") as logs:
-            verified = self.verify(answer)  # accepted from a JS master, as received
-        self.assertEqual(verified.files[1][2], mangled)
-        self.assertIn("binary file", logs.output[0])
-        with self.assertRaises(w.AssetError):  # master.py reads bytes: never from it
-            self.verify(answer, text_reads=False)
-        answer["files"][0]["content"] = w.Crypt(KEY).encrypt("\ufffd".encode())  # never the task file
-        with self.assertRaises(w.AssetError):
-            self.verify(answer)
-
-    def test_shapes_and_caps(self):
-        good = asset_answer({"/task.py": b"class Task: pass\n"})
-        cases = [None, [], {"status": "same", "files": []}, {**good, "files": []},
-                 {**good, "files": "task.py"}, {**good, "dependencies": "numpy"},
-                 {**good, "dependencies": ["numpy"] * (w.MAX_DEPENDENCIES + 1)},
-                 {**good, "files": good["files"] * (w.MAX_ASSET_FILES + 1)},
-                 {**good, "files": [{**good["files"][0], "name": 5}]},
-                 {**good, "files": [{**good["files"][0], "sha256": None}]},
-                 {**good, "files": [{**good["files"][0], "content": "x"}]},
-                 asset_answer({"/other.py": b"x"})]
-        for answer in cases:
-            with self.assertRaises(w.AssetError, msg=str(answer)[:200]):
-                self.verify(answer)
-        with self.assertRaises(w.UnsafeAsset):
-            self.verify({**good, "files": [{**good["files"][0], "workerPath": "/../x.py"}]})
-        with self.assertRaises(w.UnsafeAsset):
-            self.verify({**good, "dependencies": ["--index-url=http://evil/"]})
-
-    def test_the_challenge_binds_nonce_and_both_addresses(self):
-        key = w.Crypt(KEY).derive(w.PROOF_LABEL)
-        master, worker, other = (w.Identity().address for _ in range(3))
-        nonce = os.urandom(32)
-        proof = w.master_proof(key, nonce, master, worker)
-        self.assertEqual(proof, w.master_proof(key, nonce, master, worker))
-        for changed in (w.master_proof(key, os.urandom(32), master, worker),
-                        w.master_proof(key, nonce, other, worker),
-                        w.master_proof(key, nonce, master, other),
-                        w.master_proof(w.Crypt("y" * 32).derive(w.PROOF_LABEL), nonce, master, worker)):
-            self.assertNotEqual(changed, proof)
-
-    def test_trust_bans_budget_and_pins(self):
-        trust = w.MasterTrust()
-        peers = [w.Identity().address for _ in range(60)]
-        now = 1000.0
-        self.assertTrue(trust.may_ask(peers[0], now))
-        hour, per_hour = w.PROOF_BUDGET[0]
-        for i in range(per_hour - 1):
-            self.assertFalse(trust.proof_failed(peers[i], now + i))
-            self.assertFalse(trust.may_ask(peers[i], now + i + 1))  # banned
-        self.assertTrue(trust.may_ask(peers[per_hour], now + per_hour))
-        self.assertTrue(trust.proof_failed(peers[per_hour - 1], now + per_hour))  # the budget is spent
-        self.assertFalse(trust.may_ask(peers[per_hour], now + per_hour))
-        self.assertFalse(trust.may_prove(peers[per_hour], now + hour - 1))
-        self.assertTrue(trust.may_prove(peers[per_hour], now + hour + 1))  # an hour later
-        self.assertFalse(trust.may_ask(peers[0], now + w.PROOF_BAN_SECONDS - 1))
-        trust.adopt(peers[50])
-        self.assertEqual(trust.master, peers[50])
-        trust.said_yes(peers[51], w.MasterCaps())
-        self.assertIn(peers[51], trust.candidates)
-        self.assertTrue(trust.lose(peers[50]))
-        self.assertEqual(trust.next_to_ask([peers[52]], now)[:3], [peers[50], peers[51], peers[52]])
-        # a fresh identity every minute for two days: no window holds more failures than allowed
-        day, spent = w.MasterTrust(), []
-        for i in range(2 * 24 * 60):
-            t = now + 60 * i
-            if day.may_prove("peer-%d" % i, t):
-                day.proof_failed("peer-%d" % i, t)
-                spent.append(t)
-        for window, allowed in w.PROOF_BUDGET:
-            self.assertLessEqual(max(sum(1 for u in spent if t - window < u <= t) for t in spent), allowed)
-        self.assertLessEqual(len(spent), 2 * w.PROOF_BUDGET[1][1])
-        pinned = w.MasterTrust(pinned=[peers[0]])
-        self.assertFalse(pinned.may_ask(peers[1], now))
-        self.assertTrue(pinned.may_ask(peers[0], now))
 
 
 class Impostor:
@@ -1872,7 +1073,7 @@ class Impostor:
         self.work = work
 
     async def start(self, **kw):
-        self.node = await py_node(self.token, **kw)
+        self.node = await py_node(self.token, **kw).start()
         self.node.on("rpc", lambda address, name, args: self.calls.append((name, args)))
         self.node.register("isMaster", lambda a, args: {**args, "isMaster": "yes", **self.caps})
         self.node.register("requestExecAssets", self._assets)
@@ -1975,308 +1176,6 @@ def padding_probe(rng):
     return probe
 
 
-class TestMasterTrust(unittest.TestCase):
-    """Token-only peers against a real worker over loopback sockets."""
-
-    def test_padding_oracle_loop_gets_the_budget_and_nothing_else(self):
-        async def scenario(tmp):
-            token = "oracle-%d" % random.randrange(1 << 30)
-            worker = w.Worker(token, "w", "warn", KEY, env={}, folder=Path(tmp) / "w", host="127.0.0.1",
-                              lsd=False, dht=False, trackers=[])
-            with self.assertLogs("worker", "ERROR") as logs:
-                await worker.start()
-                flood = await IdentityFlood(token, worker.node.port, padding_probe(random.Random(3))).start()
-                probes = 0
-                while probes < 10_000:  # one identity per probe, each asked as soon as the last is done
-                    flood.new_identity()
-                    probes += 1
-                    try:
-                        await until(lambda n=probes: flood.calls["requestExecAssets"] >= n, 2.0)
-                    except AssertionError:
-                        break  # the worker asks no more: the rest come at once
-                flood.unopened = 0  # the worker asked the handshake's identity too, at the start
-                for _ in range(10_000 - probes):
-                    flood.new_identity()
-                    await flood.writer.drain()
-                await asyncio.sleep(3.0)  # a worker that still asked would have by now
-            budget = w.PROOF_BUDGET[0][1]
-            self.assertEqual(flood.calls["requestExecAssets"], budget)  # the budget, not 10,000
-            self.assertEqual(flood.calls["isMaster"], budget)  # the next identity was not even asked
-            self.assertEqual(flood.unopened, 0)
-            self.assertEqual(sum("did not prove" in line for line in logs.output), budget)
-            self.assertEqual(sum("failed to prove the key lately" in line for line in logs.output), 1)
-            self.assertEqual(worker.current_hash(), "")
-            self.assertIsNone(worker._runner)
-            self.assertIsNone(worker.master)
-            self.assertEqual([p.name for p in (Path(tmp) / "w").iterdir()
-                              if not p.name.startswith(w.JOURNAL_NAME)], [])
-            self.assertFalse(any(name.startswith("qx_task") for name in sys.modules))
-            await flood.close()
-            await worker.stop()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp), 120)
-
-    def test_the_master_is_found_at_once_behind_a_flood_of_silent_identities(self):
-        async def scenario(tmp):
-            token = "silent-%d" % random.randrange(1 << 30)
-            worker = await w.Worker(token, "w", "warn", KEY, env={}, folder=Path(tmp) / "w", host="127.0.0.1",
-                                    lsd=False, dht=False, trackers=[]).start()
-            flood = await IdentityFlood(token, worker.node.port, None, answer=False).start()
-            for _ in range(2000):  # identities that never answer isMaster: every check waits its timeout
-                flood.new_identity()
-                await flood.writer.drain()
-            await until(lambda: flood.unopened + flood.calls["isMaster"] >= w.CHECK_CONCURRENCY - 1, 10)
-            from master import Master
-            results = []
-            master = Master(token, {"files": write_assets(Path(tmp) / "master", DEFAULT_FILES),
-                                    "dependencies": []}, results.append, None, KEY, folder=Path(tmp) / "master",
-                            env={}, host="127.0.0.1", lsd=False, dht=False, trackers=[],
-                            peers=["127.0.0.1:%d" % worker.node.port])
-            master.push_new_job({"id": 1, "data": json.dumps({"x": 1})})
-            started = time.monotonic()
-            await master.start()
-            await until(lambda: results, 20)
-            self.assertLess(time.monotonic() - started, w.CHECK_TIMEOUT / 2)  # not behind the flood
-            await flood.close()
-            await worker.stop()
-            await master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp), 90)
-
-    def test_every_rejection_looks_the_same(self):
-        good_padding = asset_answer({"/task.py": b"import os\nclass Task: pass\n"})
-        good_padding["files"][0]["sha256"] = "1" * 64  # decrypts, but not to that hash
-        bad_padding = asset_answer({"/task.py": b"x"})
-        bad_padding["files"][0]["content"]["encryptedData"] = os.urandom(16).hex()
-        not_a_name = asset_answer({"/task.py": b"x"})
-        not_a_name["files"][0]["name"] = 7
-        wrong_key = asset_answer({"/task.py": b"class Task: pass\n"}, key="q" * 32)
-        variants = {"good padding, wrong hash": good_padding, "bad padding": bad_padding,
-                    "name not a string": not_a_name, "another key": wrong_key}
-
-        async def scenario(tmp):
-            token = "same-%d" % random.randrange(1 << 30)
-            worker = await w.Worker(token, "w", "error", KEY, env={}, folder=Path(tmp) / "w",
-                                    host="127.0.0.1", lsd=False, dht=False, trackers=[]).start()
-            impostors = {name: await Impostor(token, answer).start(peers=["127.0.0.1:%d" % worker.node.port])
-                         for name, answer in variants.items()}
-            await until(lambda: all(i.names()[-1:] == ["requestExecAssets"] for i in impostors.values()), 20)
-            old = {name: set(i.node._connections) for name, i in impostors.items()}
-            for impostor in impostors.values():  # new wires: a worker that re-asked would say so
-                for conn in list(impostor.node._connections):
-                    conn.close()
-            await until(lambda: all(i.node.connections() and not (set(i.node._connections) & old[name])
-                                    for name, i in impostors.items()), 20)
-            await asyncio.sleep(1.5)
-            for name, impostor in impostors.items():
-                self.assertEqual(impostor.names(), ["isMaster", "requestExecAssets"], name)
-                self.assertEqual(impostor.calls[1][1], {"currentHash": ""})
-            self.assertEqual(worker.current_hash(), "")
-            self.assertIsNone(worker._runner)
-            for impostor in impostors.values():
-                await impostor.close()
-            await worker.stop()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def hijack(self, caps):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            results_at = []
-            cluster.master.on_results = lambda r: (cluster.results.append(r), results_at.append(time.monotonic()))
-            cluster.push(3000, sleep=0.001)  # a run of a few seconds, which the rogue joins and leaves
-            worker = await cluster.worker(get_batch=True, batch_size=10).start()
-            await cluster.until_results(500, 60)
-            rogue = await Impostor(cluster.token, asset_answer({"/task.py": b"x"}), caps).start(
-                peers=["127.0.0.1:%d" % worker.node.port])
-            await until(lambda: "isMaster" in rogue.names(), 10)
-            await asyncio.sleep(2.0)
-            await rogue.close()  # it leaves
-            self.assertLess(len(cluster.results), 3000)  # it came and left during the run
-            await cluster.until_results(3000, 60)
-            self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(3000)))
-            self.assertEqual(rogue.names(), ["isMaster"])  # a candidate: never asked more, never given results
-            gaps = [b - a for a, b in itertools.pairwise(results_at)]
-            self.assertLess(max(gaps), 1.0)
-            self.assertEqual(worker.master, cluster.master.address)
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp), 120)
-
-    def test_a_rogue_claiming_master_during_a_run_gets_nothing(self):
-        self.hijack({"resultAcks": True, "resultBatches": True, "keyProof": 1})
-
-    def test_a_js_style_rogue_claiming_master_during_a_run_gets_nothing(self):
-        self.hijack({})
-
-    def test_rogues_up_before_the_master_get_nothing_and_the_master_is_adopted(self):
-        async def scenario(tmp):
-            token = "early-%d" % random.randrange(1 << 30)
-            rogues = [await Impostor(token, None).start(),  # never answers its proof
-                      await Impostor(token, asset_answer({"/task.py": b"class Task: pass\n"}, key="r" * 32)
-                                     ).start(),
-                      await Impostor(token, None, {"keyProof": 1, "resultAcks": True}).start()]
-            worker = await w.Worker(token, "w", "warn", KEY, env={}, folder=Path(tmp) / "w", host="127.0.0.1",
-                                    lsd=False, dht=False, trackers=[], get_batch=True, batch_size=5,
-                                    peers=["127.0.0.1:%d" % r.node.port for r in rogues]).start()
-            await until(lambda: all(r.calls for r in rogues), 20)
-            await asyncio.sleep(1.0)
-            self.assertIsNone(worker.master)
-            from master import Master
-            results = []
-            files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
-            master = Master(token, {"files": files, "dependencies": []}, results.append, None, KEY,
-                            folder=Path(tmp) / "master", env={}, host="127.0.0.1", lsd=False, dht=False,
-                            trackers=[], peers=["127.0.0.1:%d" % worker.node.port])
-            for i in range(20):
-                master.push_new_job({"id": i, "data": json.dumps({"x": i})})
-            started = time.monotonic()
-            await master.start()
-            await until(lambda: worker.master == master.address, 10)
-            adopted = time.monotonic() - started
-            await until(lambda: len(results) >= 20, 30)
-            self.assertLess(adopted, 5.0)
-            for rogue in rogues:
-                self.assertNotIn("requestWork", rogue.names())
-                self.assertFalse({"shareResults", "shareResultsBatch"} & set(rogue.names()))
-            self.assertEqual(rogues[1].names(), ["isMaster", "requestExecAssets"])
-            await worker.stop()
-            await master.close()
-            for rogue in rogues:
-                await rogue.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp), 90)
-
-    def test_when_the_master_leaves_a_candidate_takes_over_within_seconds(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            from master import Master
-            backup_results = []
-            backup = Master(cluster.token, {"files": write_assets(Path(tmp) / "master", DEFAULT_FILES),
-                                            "dependencies": []}, backup_results.append, None, KEY,
-                            folder=Path(tmp) / "master", env={}, host="127.0.0.1", lsd=False, dht=False,
-                            trackers=[])
-            cluster.push(10)
-            worker = await cluster.worker().start()
-            await cluster.until_results(10)
-            await backup.start()
-            worker.node.add_peer("127.0.0.1", backup.port)
-            await until(lambda: backup.address in worker.trust.candidates, 10)  # said yes: a candidate
-            self.assertEqual(worker.master, cluster.master.address)
-            for i in range(10, 20):
-                backup.push_new_job({"id": i, "data": json.dumps({"x": i})})
-            await asyncio.sleep(0.5)
-            self.assertEqual(backup_results, [])  # nothing from a candidate while the master serves
-            left = time.monotonic()
-            await cluster.master.close()
-            await until(lambda: len(backup_results) >= 10, 10)
-            self.assertLess(time.monotonic() - left, 5.0)
-            self.assertEqual(worker.master, backup.address)
-            await worker.stop()
-            await backup.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_pinned_master_only(self):
-        async def scenario(tmp):
-            cluster = Cluster(tmp)
-            await cluster.start()
-            cluster.push(10)
-            rogue = await Impostor(cluster.token, asset_answer({"/task.py": b"x"}), {"keyProof": 1}).start()
-            worker = await cluster.worker(master=cluster.master.address,
-                                          peers=["127.0.0.1:%d" % rogue.node.port,
-                                                 "127.0.0.1:%d" % cluster.master.port]).start()
-            await cluster.until_results(10)
-            await until(lambda: worker.address in rogue.node.peers, 10)
-            await asyncio.sleep(0.5)
-            self.assertEqual(rogue.calls, [])  # never even asked
-            await worker.stop()
-            await rogue.close()
-            await cluster.master.close()
-            with self.assertRaises(w.WorkerError):
-                cluster.worker(master="not-an-address")
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_master_py_answers_results_that_do_not_decrypt_as_any_others(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            thief = await thief_of(cluster)
-            good, other = w.Crypt(KEY), w.Crypt("o" * 32)
-            result = {"jobID": "x", "worker": {"id": thief.address, "name": "t"}, "data": 1}
-            calls = [("shareResults", good.encrypt(json.dumps(result))),
-                     ("shareResultsBatch", other.encrypt_json([result])),
-                     ("shareResults", {"iv": "00" * 16, "encryptedData": os.urandom(32).hex()}),
-                     ("requestWork", {"results": other.encrypt_json([result])})]
-            with self.assertLogs("worker", "ERROR") as logs:
-                answers = [await thief.rpc(cluster.master.address, name, args) for name, args in calls * 30]
-            self.assertEqual({json.dumps(a) for a in answers[0::4] + answers[1::4] + answers[2::4]},
-                             {'{"received": true}'})
-            self.assertEqual(len(logs.output), 1)  # one line a minute, whatever comes
-            self.assertEqual([r["jobID"] for r in cluster.results], ["x"])
-            await thief.close()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_master_py_keeps_its_address_across_restarts(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            write_loopback_env(tmp, "stable-%d" % random.randrange(1 << 30))
-            addresses = []
-            for _ in range(2):
-                with subprocess.Popen([sys.executable, MASTER_PY], cwd=tmp, env=clean_env(),
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL) as proc:
-                    try:
-                        addresses.append(json.loads(proc.stdout.readline())["address"])
-                    finally:
-                        proc.terminate()
-            self.assertEqual(addresses[0], addresses[1])
-            self.assertIn("seed=", (Path(tmp) / ".env").read_text())
-
-
-class TestMasterTrustJs(unittest.TestCase):
-    """The same attacks with the unchanged JS master (harness on npm bugout) as the real master."""
-
-    def setUp(self):
-        js_ready()
-
-    async def js_master(self, tmp, token, **env):
-        files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
-        for f in files:
-            f["masterPath"] = str(Path(tmp) / "master" / f["masterPath"].lstrip("/"))
-        (Path(tmp) / "assets.json").write_text(json.dumps({"files": files, "dependencies": []}))
-        return await JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY,
-                                             "QX_ASSETS": str(Path(tmp) / "assets.json"), **env}).start()
-
-    def test_rogue_during_a_js_master_run_and_rogue_first(self):
-        async def scenario(tmp):
-            token = "jsrogue-%d" % random.randrange(1 << 30)
-            early = await Impostor(token, None).start()
-            worker = await w.Worker(token, "py", "warn", KEY, env={}, folder=Path(tmp) / "w", host="127.0.0.1",
-                                    lsd=False, dht=False, trackers=[], get_batch=True, batch_size=10,
-                                    peers=["127.0.0.1:%d" % early.node.port]).start()
-            await until(lambda: "requestExecAssets" in early.names(), 20)
-            master = await self.js_master(tmp, token, QX_JOBS="300")
-            master.send(cmd="addPeer", addr="127.0.0.1:%d" % worker.node.port)
-            await until(lambda: worker.master == master.ready["address"], 20)
-            rogue = await Impostor(token, asset_answer({"/task.py": b"x"})).start(
-                peers=["127.0.0.1:%d" % worker.node.port])
-            await until(lambda: sum(e["event"] == "result" for e in master.events) >= 300, 120)
-            for impostor in (early, rogue):
-                self.assertFalse({"requestWork", "shareResults", "shareResultsBatch"} & set(impostor.names()))
-            self.assertEqual(rogue.names(), ["isMaster"])
-            self.assertEqual(worker.master, master.ready["address"])
-            await worker.stop()
-            for node in (rogue, early, master):
-                await node.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp), 180)
-
-
-# The worker's journal and outbox (issue 13) #################################
-
 def open_journal(folder, token="journal-swarm", key=KEY):
     journal = w.Journal.of(Path(folder), token, w.Crypt(key))
     journal.submit(journal.open).result()
@@ -2285,126 +1184,6 @@ def open_journal(folder, token="journal-swarm", key=KEY):
 
 def result_text(i):
     return json.dumps({"jobID": i, "worker": {"id": "bWorker", "name": "w"}, "data": i})
-
-
-class TestOutbox(unittest.TestCase):
-    """The delivery rules, in memory: no socket, a journal in a temporary folder."""
-
-    def test_rules(self):
-        async def scenario(tmp):
-            journal = open_journal(tmp)
-            outbox = w.Outbox(journal, lambda address: address == "master")
-            for i in range(3):
-                outbox.add(None, result_text(i))
-            self.assertEqual(await outbox.take("master", 10), [])  # 1: not committed yet
-            await outbox.flush()
-            self.assertEqual(await outbox.take("rogue", 10), [])  # 2: only the proven master
-            first = await outbox.take("master", 2)
-            self.assertEqual([json.loads(t)["jobID"] for _, t in first], [0, 1])  # oldest first
-            self.assertEqual(await outbox.take("master", 10), [])  # one delivery at a time
-            outbox.settle(first, False)  # 4: a failed delivery keeps them, in order
-            again = await outbox.take("master", 10)
-            self.assertEqual([json.loads(t)["jobID"] for _, t in again], [0, 1, 2])
-            outbox.settle(again[:2], True)  # 3: delivered, forgotten
-            outbox.settle(again[2:], False)
-            self.assertEqual(len(outbox), 1)
-            await asyncio.to_thread(journal.close)
-            reopened = w.Outbox(open_journal(tmp), lambda address: True)
-            self.assertEqual(await reopened.load(), 1)
-            self.assertEqual([json.loads(t)["jobID"] for _, t in await reopened.take("m", 10)], [2])
-            await asyncio.to_thread(reopened.journal.close)
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_more_results_than_memory_keep_their_order(self):
-        async def scenario(tmp):
-            outbox = w.Outbox(open_journal(tmp), lambda address: True)
-            for i in range(23):
-                outbox.add(None, result_text(i))
-                if i % 7 == 6:
-                    await outbox.flush()
-            await outbox.flush()
-            delivered = []
-            while batch := await outbox.take("m", 4):
-                delivered += [json.loads(t)["jobID"] for _, t in batch]
-                outbox.settle(batch, True)
-            self.assertEqual(delivered, list(range(23)))
-            self.assertEqual(len(outbox), 0)
-            await asyncio.to_thread(outbox.journal.close)
-        with tempfile.TemporaryDirectory() as tmp, mock.patch.object(w, "OUTBOX_MEMORY", 5):
-            run(scenario(tmp))
-
-    def test_a_row_this_worker_did_not_write_is_never_delivered(self):
-        async def scenario(tmp):
-            outbox = w.Outbox(open_journal(tmp), lambda address: True)
-            outbox.add(None, result_text(1))
-            await outbox.flush()
-            await asyncio.to_thread(outbox.journal.close)
-            with contextlib.closing(sqlite3.connect(Path(tmp) / w.JOURNAL_NAME)) as db:
-                db.execute("INSERT INTO results (body, mac) VALUES (?, ?)", (result_text(666), "0" * 64))
-                db.commit()
-            reopened = w.Outbox(open_journal(tmp), lambda address: True)
-            with self.assertLogs("worker", "ERROR") as logs:
-                self.assertEqual(await reopened.load(), 1)
-            self.assertEqual(len(logs.output), 1)
-            self.assertEqual([json.loads(t)["jobID"] for _, t in await reopened.take("m", 10)], [1])
-            await asyncio.to_thread(reopened.journal.close)
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_foreign_or_damaged_journals_are_moved_aside(self):
-        def other_swarm(path):
-            open_journal(path.parent, token="another-swarm").close()
-
-        def garbage(path):
-            path.write_bytes(os.urandom(5000))
-
-        def other_program(path):
-            with contextlib.closing(sqlite3.connect(path)) as db:
-                db.execute("CREATE TABLE notes (x)")
-                db.commit()
-
-        def damaged(path):
-            open_journal(path.parent).close()
-            data = bytearray(path.read_bytes())
-            data[4096:8192] = os.urandom(4096)  # a page of the tables
-            path.write_bytes(bytes(data))
-        for make in (other_swarm, garbage, other_program, damaged):
-            with tempfile.TemporaryDirectory() as tmp, self.subTest(make.__name__):
-                path = Path(tmp) / w.JOURNAL_NAME
-                make(path)
-                with self.assertLogs("worker", "ERROR") as logs:
-                    journal = open_journal(tmp)
-                self.assertEqual(len(logs.output), 1)
-                self.assertIn(str(path), logs.output[0])
-                self.assertEqual(len(list(Path(tmp).glob(w.JOURNAL_NAME + ".bad-*"))), 1)
-                self.assertEqual(journal.submit(journal.verify, "results").result(), 0)  # clean, usable
-                journal.close()
-
-    def test_old_json_files_are_taken_over_once_or_moved_aside(self):
-        good = [{"jobID": 7, "worker": {"id": "bOld", "name": "w"}, "data": 1}]
-        for text in ("5", "null", '"abc"', '{"jobID": 1}', "[1,2,3]", '[{"jobID": 1}]', "{not json"):
-            with tempfile.TemporaryDirectory() as tmp, self.subTest(text):
-                (Path(tmp) / ".results.json").write_text(text)
-                (Path(tmp) / ".assets.json").write_text(text)
-                worker = w.Worker("t", "w", "warn", KEY, env={}, folder=tmp, lsd=False, dht=False, trackers=[])
-                with self.assertLogs("worker", "ERROR") as logs:
-                    run(worker._load_state())
-                self.assertEqual(len(logs.output), 2, logs.output)  # one line for each file, naming it
-                self.assertIn(".results.json", logs.output[0])
-                self.assertIn(".assets.json", logs.output[1])
-                self.assertEqual(len(worker.outbox), 0)
-                self.assertEqual(worker._manifest, [])
-                worker.journal.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / ".results.json").write_text(json.dumps(good))
-            (Path(tmp) / ".assets.json").write_text('[{"name": "task.py", "workerPath": "/task.py"}]')
-            worker = w.Worker("t", "w", "warn", KEY, env={}, folder=tmp, lsd=False, dht=False, trackers=[])
-            run(worker._load_state())
-            self.assertEqual(len(worker.outbox), 1)
-            self.assertEqual(worker._manifest, [{"name": "task.py", "workerPath": "/task.py"}])
-            self.assertFalse((Path(tmp) / ".results.json").exists())
-            worker.journal.close()
 
 
 def journal_count(folder, table="results"):
@@ -2442,105 +1221,283 @@ class QuietMaster:
         await self.master.start()
         return self
 
+    async def close(self):
+        await self.master.close()
+
     def push(self, ids, **extra):
         for i in ids:
             self.master.push_new_job({"id": i, "data": json.dumps({"x": i, **extra})})
 
 
-class TestCrashSafety(unittest.TestCase):
-    """kill -9 of real ``python worker.py`` processes."""
+def push_jobs(cluster, jobs, start=0):
+    """Queue ``jobs`` (dicts, the job's data) with ids from ``start``; return the ids.
 
-    def setUp(self):
-        self.procs = []
+    The JS rule hands out a batch only while more jobs wait than ``batchSize``:
+    with ``batchSize=len(jobs) - 1``, all but the last come in one batch.
+    """
+    for i, data in enumerate(jobs, start):
+        cluster.master.push_new_job({"id": i, "data": json.dumps(data)})
+    return list(range(start, start + len(jobs)))
 
-    def tearDown(self):
-        for proc in self.procs:
+
+def alive(pid):
+    """True while process ``pid`` exists and is not a zombie."""
+    try:
+        return Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def peak_rss_mb(pid):
+    for line in Path("/proc/%d/status" % pid).read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class WorkerPy:
+    """``python worker.py`` in a folder of its own (its .env on loopback), output in a file."""
+
+    def __init__(self, tmp, cluster, name="wp", **keys):
+        self.folder = Path(tmp) / name
+        self.folder.mkdir()
+        keys.setdefault("LOG_LEVEL", "info")
+        write_loopback_env(self.folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port, **keys)
+        self._out = (self.folder / "out.log").open("wb")
+
+    async def start(self):
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, WORKER_PY, cwd=self.folder, env=clean_env(), stdout=self._out,
+                stderr=subprocess.STDOUT)
+        finally:
+            self._out.close()  # the worker has its own copy
+        return self
+
+    async def close(self):
+        """SIGKILL if it still runs (its task children die with it: PR_SET_PDEATHSIG)."""
+        if self.proc.returncode is None:
+            self.proc.kill()
+        await self.proc.wait()
+
+    def output(self):
+        return (self.folder / "out.log").read_text(errors="replace")
+
+    async def sigterm(self, timeout):
+        """SIGTERM; the exit code, which must come within ``timeout`` seconds."""
+        self.proc.send_signal(15)
+        return await asyncio.wait_for(self.proc.wait(), timeout)
+
+
+class MasterProcess:
+    """``python master.py`` with its settings in a .env; jobs over stdin."""
+
+    def __init__(self, folder, token, port, seed, task_text=TASK_PY):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_assets(self.folder, DEFAULT_FILES)
+        (self.folder / "workplace/task.py").write_text(task_text)
+        write_loopback_env(self.folder, token, port=port, seed=seed, LOG_LEVEL="warn")
+        self.results = []
+
+    async def start(self):
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, MASTER_PY, "--task", "workplace/task.py", "--task",
+            "workplace/data/conf/factor.json", "--jobs", "-", "--lease", "5", cwd=self.folder,
+            env=clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.ready = json.loads(await self.proc.stdout.readline())
+        self._reader = asyncio.ensure_future(self._read())
+        return self
+
+    async def _read(self):
+        async for line in self.proc.stdout:
+            event = json.loads(line)
+            if event["event"] == "result":
+                self.results.append(event["result"])
+
+    def push(self, ids, **extra):
+        for i in ids:
+            job = {"id": i, "data": json.dumps({"x": i, **extra})}
+            self.proc.stdin.write((json.dumps(job) + "\n").encode())
+
+    async def kill(self):
+        self.proc.kill()
+        await self.proc.wait()
+        self.proc.stdin.close()  # else the transport's finaliser writes EOF on a closed loop
+        self._reader.cancel()
+
+    async def close(self):
+        """SIGKILL if it still runs; idempotent."""
+        if self.proc.returncode is None:
+            self.proc.kill()
+        await self.proc.wait()
+        self.proc.stdin.close()
+        self._reader.cancel()
+
+
+class EventsMasterProcess(MasterProcess):
+    """MasterProcess that keeps every event it prints, not only results."""
+
+    async def _read(self):
+        self.events = []
+        async for line in self.proc.stdout:
+            event = json.loads(line)
+            self.events.append(event)
+            if event["event"] == "result":
+                self.results.append(event["result"])
+
+    def write(self, text):
+        self.proc.stdin.write(text.encode())
+
+
+def watch_requests(master):
+    """(time, caller) of each requestWork the master serves, as it serves it."""
+    times = []
+    master.node.on("rpc", lambda address, name, args: name == "requestWork"
+                   and times.append((time.monotonic(), address)))
+    return times
+
+
+async def thief_of(cluster):
+    """A bare node that leases a job with requestWork and never runs it."""
+    node = await py_node(cluster.token, peers=["127.0.0.1:%d" % cluster.master.port]).start()
+    await until(lambda: cluster.master.address in node.peers)
+    return node
+
+
+def end_lease(master, job_id, deadline):
+    """Move the end of a job's lease (a ``time.time()``) in master.py's database."""
+    master.store.db.execute("UPDATE jobs SET deadline = ? WHERE job_key = ?", (deadline, json.dumps(job_id)))
+
+
+async def lsd_run(root, worker_first):
+    """master.py and worker.py with LSD on, 1,000 jobs: results, seconds, RPC timeouts in the log.
+
+    The worker starts ``worker_first`` seconds before the master (0: after it),
+    so that both ends' announces cross and both dial.
+    """
+    token = "lsd-runs-%d" % random.randrange(1 << 40)
+    m, wk = root / "m", root / "w"
+    m.mkdir()
+    wk.mkdir()
+    write_assets(m, DEFAULT_FILES)
+    write_loopback_env(m, token, lsd="true", host="0.0.0.0", LOG_LEVEL="warn")
+    write_loopback_env(wk, token, lsd="true", host="0.0.0.0", LOG_LEVEL="info")
+    procs, results, reader = [], set(), None
+
+    async def worker():
+        with (root / "worker.log").open("wb") as log:
+            procs.append(await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=wk, env=clean_env(),
+                                                              stderr=log))
+
+    async def read():
+        async for line in master.stdout:
+            event = json.loads(line)
+            if event["event"] == "result":
+                results.add(event["result"]["jobID"])
+    try:
+        if worker_first:
+            await worker()
+        await asyncio.sleep(worker_first)  # the worker's LSD announces and the master's cross
+        master = await asyncio.create_subprocess_exec(
+            sys.executable, MASTER_PY, "--task", "workplace/task.py", "--task", "workplace/data/conf/factor.json",
+            "--jobs", "-", cwd=m, env=clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        procs.append(master)
+        await master.stdout.readline()
+        for i in range(1000):
+            master.stdin.write((json.dumps({"id": i, "data": json.dumps({"x": i})}) + "\n").encode())
+        if not worker_first:
+            await worker()
+        reader = asyncio.ensure_future(read())
+        start = time.monotonic()
+        try:
+            await until(lambda: len(results) >= 1000, 30)
+        except AssertionError:
+            pass
+        took = time.monotonic() - start
+    finally:  # a run cut short by the child's time limit leaves no process in the namespace
+        for proc in procs:
             if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, 9)
-
-    async def worker_process(self, folder, port, **keys):
-        write_loopback_env(folder, self.token, peers="127.0.0.1:%d" % port, LOG_LEVEL="info", **keys)
-        proc = await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
-                                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.procs.append(proc)
-        return proc
-
-    def test_held_results_and_jobs_survive_kill_9(self):
-        async def scenario(tmp):
-            self.token, port, seed = "held-%d" % random.randrange(1 << 30), free_port(), w.make_seed()
-            folder = Path(tmp) / "wp"
-            folder.mkdir()
-            first = await QuietMaster(tmp, self.token, port, seed, "m1").start()
-            first.push(range(301), sleep=0.005)  # JS rule: a batch while more than its size wait
-            proc = await self.worker_process(folder, port, getBatch="true", batchSize=300)
-            await until(lambda: first.handed and first.handed[-1][1], 30)
-            await first.master.close()  # away while the worker runs the batch: nobody takes the results
-            # the worker holds the results the first master could not take before it went
-            await until(lambda: journal_count(folder) + len(first.results) == 300, 30)
-            self.assertGreater(journal_count(folder), 200)
-            proc.kill()  # kill -9 while it holds them
+                proc.terminate()
             await proc.wait()
-            proc = await self.worker_process(folder, port, getBatch="true", batchSize=20)
-            second = await QuietMaster(tmp, self.token, port, seed, "m2").start()
-            await until(lambda: len(first.results) + len(second.results) >= 300, 30)
-            second.push(range(300, 321), sleep=0.2)
-            self.assertEqual(sorted(r["jobID"] for r in first.results + second.results), list(range(300)))
-            await until(lambda: second.handed and second.handed[-1][1], 30)  # takes the next batch
-            await until(lambda: journal_count(folder, "jobs") == 20, 30)
-            proc.kill()  # kill -9 while it holds 20 jobs, not yet run
-            await proc.wait()
-            proc = await self.worker_process(folder, port)
-            await until(lambda: len(first.results) + len(second.results) >= 321, 30)  # run after the restart
-            self.assertEqual(sorted(r["jobID"] for r in first.results + second.results), list(range(321)))
-            self.assertEqual([r for r in second.results if r.get("error")], [])
-            proc.terminate()
-            output, _ = await proc.communicate()
-            self.assertIn(b"received before the last stop will run first", output)
-            await second.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp), 120)
-
-    def test_kill_9_at_random_moments_of_a_10000_job_run(self):
-        async def scenario(tmp):
-            self.token, port, seed = "random-kill-%d" % random.randrange(1 << 30), free_port(), w.make_seed()
-            folder = Path(tmp) / "wp"
-            folder.mkdir()
-            master = await QuietMaster(tmp, self.token, port, seed, "m").start()
-            master.push(range(10_000), sleep=0.0003)  # a run of some seconds, to kill at any point of it
-            rng, kills = random.Random(), []
-            keys = {"getBatch": "true", "batchSize": 100, "seed": w.make_seed()}  # the same worker each time
-            for _ in range(8):
-                proc = await self.worker_process(folder, port, **keys)
-                await until(lambda: master.handed, 30)
-                await asyncio.sleep(rng.uniform(0.1, 0.8))
-                kills.append(time.monotonic())
-                proc.kill()
-                await proc.wait()
-            proc = await self.worker_process(folder, port, **keys)
-            answered = lambda: {r["jobID"] for r in master.results}
-            deadline = time.monotonic() + 120
-            while master.master.waiting or master.master.leases.keys() - answered():
-                count = len(master.results)
-                await asyncio.sleep(3.0)
-                if count == len(master.results) and not master.master.waiting or time.monotonic() > deadline:
-                    break  # all done that can be: what is left was lost on its way in
-            # A job can only be lost on its way in: sent by the master, not yet in the journal at the kill.
-            missing = master.master.leases.keys() - answered()
-            in_flight = {i for t, ids in master.handed for k in kills if k - 0.1 <= t <= k for i in ids}
-            self.assertLessEqual(missing, in_flight)
-            self.assertEqual(len(answered()) + len(missing), 10_000)
-            self.assertEqual([r for r in master.results if r.get("error")], [])
-            print("\n  10,000 jobs, 8 kill -9: %d results, %d duplicates, %d jobs lost on their way in"
-                  % (len(answered()), master.master.stats["duplicate results"], len(missing)), file=sys.stderr)
-            proc.terminate()
-            await proc.wait()
-            await master.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp), 300)
+        if reader is not None:
+            reader.cancel()
+    text = (root / "worker.log").read_text()
+    return {"results": len(results), "seconds": round(took, 2), "rpc_timeouts": text.count("no answer in")}
 
 
-# Status: /metrics and /healthz (issue 14) ###################################
+def write_jobs(path, count, fail=(), sleep=0.0, ids=True, bad_every=0):
+    """A jobs file for TASK_PY (result: sum = 2 * x); every ``bad_every``-th line is not JSON."""
+    with open(path, "w") as f:
+        for i in range(count):
+            if bad_every and i and i % bad_every == 0:
+                f.write("{not json %d\n" % i)
+            data = json.dumps({"x": i, "sleep": sleep, "fail": i in fail})
+            f.write(json.dumps({"id": i, "data": data} if ids else {"data": data}) + "\n")
+
+
+def held_in_memory(master):
+    """Items in the containers a Master (and its Store) holds: what grows with jobs if anything does."""
+    sized = (dict, list, set, tuple, collections.deque)
+    return sum(len(v) for obj in (master, master.store) for v in vars(obj).values() if isinstance(v, sized))
+
+
+class MasterCli:
+    """``python master.py`` with its folder's .env, master.db and task; stdout events of every run."""
+
+    def __init__(self, folder, token=None, port=None):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.token = token or "durable-%d" % random.randrange(1 << 40)
+        self.port = port or free_port()
+        write_assets(self.folder, DEFAULT_FILES)
+        write_loopback_env(self.folder, self.token, port=self.port, seed=w.make_seed(), LOG_LEVEL="warn")
+        self.events = []  # every run's, in order
+        self.torn = 0  # last lines of killed runs cut short
+
+    async def start(self, *args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE):
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, MASTER_PY, "--task", "workplace/task.py", "--task",
+            "workplace/data/conf/factor.json", "--lease", "3", *args, cwd=self.folder, env=clean_env(),
+            stdin=stdin, stdout=subprocess.PIPE, stderr=stderr)
+        self._reader = asyncio.ensure_future(self._read())
+        return self
+
+    async def _read(self):
+        async for line in self.proc.stdout:
+            if line.endswith(b"\n"):
+                self.events.append(json.loads(line))
+            else:
+                self.torn += 1
+
+    def of(self, kind):
+        return [e for e in self.events if e["event"] == kind]
+
+    @property
+    def results(self):
+        return [e["result"] for e in self.of("result")]
+
+    async def exit(self, timeout=90):
+        """The exit status, once stdout is read to its end; stderr in ``self.stderr``."""
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        await self._reader
+        self.stderr = (await self.proc.stderr.read()).decode() if self.proc.stderr else ""
+        return code
+
+    async def kill(self):
+        self.proc.kill()
+        await self.proc.wait()
+        await self._reader
+
+    async def close(self):
+        """SIGKILL the last run if it still runs; idempotent."""
+        if self.proc.returncode is None:
+            self.proc.kill()
+        await self.proc.wait()
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        await self._reader
+
 
 def parse_exposition(text):
     """The Prometheus text format, parsed strictly: {name: {labels tuple: value}}, {name: type}."""
@@ -2574,422 +1531,963 @@ def http_get(url, timeout=10):
         return exc.code, exc.read().decode()
 
 
-class TestStatusServer(unittest.TestCase):
-    def test_pages_and_hostile_clients(self):
-        async def scenario():
-            healthy = [True]
-            hist = w.Histogram()
-            hist.observe(0.02)
+# Support: npm, offline ######################################################
 
-            def metrics():
-                out = w.Exposition()
-                out.add("jobs_done_total", "counter", "Jobs done.", 3)
-                out.add("peers", "gauge", "Peers by transport.", {(("transport", "tcp"),): 2})
-                out.histogram("job_duration_seconds", "Job time.", hist)
-                return out.text()
-            server = await w.StatusServer("127.0.0.1", 0, metrics,
-                                          lambda: (healthy[0], {"master": "bX"} if healthy[0] else
-                                                   {"reason": "no master"})).start()
-            base = "http://127.0.0.1:%d" % server.port
-            status, body = await asyncio.to_thread(http_get, base + "/metrics")
-            self.assertEqual(status, 200)
-            samples, types = parse_exposition(body)
-            self.assertEqual(samples["qx_jobs_done_total"][()], 3)
-            self.assertEqual(types["qx_job_duration_seconds"], "histogram")
-            self.assertEqual(samples["qx_job_duration_seconds_bucket"][(("le", "0.05"),)], 1)
-            self.assertEqual(await asyncio.to_thread(http_get, base + "/healthz"), (200, '{"master":"bX"}'))
-            healthy[0] = False
-            self.assertEqual((await asyncio.to_thread(http_get, base + "/healthz"))[0], 503)
-            self.assertEqual((await asyncio.to_thread(http_get, base + "/nope"))[0], 404)
-            # slow clients take their own connection only; the loop stays free; the cap holds
-            lag = []
+NPM = shutil.which("npm")
 
-            async def ticker():
-                while True:
-                    started = time.monotonic()
-                    await asyncio.sleep(0.01)
-                    lag.append(time.monotonic() - started - 0.01)
-            tick = asyncio.ensure_future(ticker())
-            slow = [await asyncio.open_connection("127.0.0.1", server.port)
-                    for _ in range(w.STATUS_MAX_CLIENTS)]
-            for _, writer in slow:
-                writer.write(b"GET /metrics HTTP/1.1\r\n")  # and never the end of it
-            _, huge = await asyncio.open_connection("127.0.0.1", server.port)
-            await until(lambda: server.stats["refused"] >= 1, 5)  # over the cap: closed at once
-            started = time.monotonic()
-            for reader, _ in slow:
-                self.assertEqual(await asyncio.wait_for(reader.read(), 10), b"")  # dropped after the timeout
-            self.assertLess(time.monotonic() - started, w.STATUS_READ_TIMEOUT + 2)
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            writer.write(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * (w.STATUS_MAX_REQUEST * 2))
-            self.assertEqual(await asyncio.wait_for(reader.read(), 10), b"")  # too big: dropped
-            self.assertEqual((await asyncio.to_thread(http_get, base + "/metrics"))[0], 200)
-            tick.cancel()
-            self.assertLess(max(lag), 0.1)
-            self.assertGreaterEqual(server.stats["dropped"], w.STATUS_MAX_CLIENTS + 1)
-            huge.close()
+
+_npm_env: dict = {}
+
+
+def offline_npm():
+    """Environment for an npm that installs ``qx-demo-dep`` offline, from its cache."""
+    need(NODE, "node is not installed")
+    need(NPM, "npm is not installed")
+    if not _npm_env:
+        import atexit
+        root = Path(tempfile.mkdtemp(prefix="qx-npm-"))
+        atexit.register(shutil.rmtree, root, True)
+        _npm_env.update(_prime_npm_cache(root))
+    return dict(_npm_env)
+
+
+def _prime_npm_cache(root):
+    """Pack qx-demo-dep 1.0.0 from a folder and put it in a fresh npm cache.
+
+    A registry on 127.0.0.1 serves it once to ``npm cache add`` and stops; from
+    then on npm runs with ``npm_config_offline=true`` and never asks a registry.
+    """
+    package = root / "qx-demo-dep"
+    package.mkdir()
+    (package / "package.json").write_text(json.dumps({"name": "qx-demo-dep", "version": "1.0.0",
+                                                      "main": "index.js"}))
+    (package / "index.js").write_text(DEP_INDEX_JS)
+    env = {"npm_config_cache": str(root / "cache"), "npm_config_offline": "true",
+           "npm_config_update_notifier": "false", "npm_config_audit": "false",
+           "npm_config_fund": "false"}
+    subprocess.run([NPM, "pack", str(package)], cwd=root, env=dict(os.environ, **env), check=True,
+                   capture_output=True, timeout=120)
+    server = _loopback_registry((root / "qx-demo-dep-1.0.0.tgz").read_bytes())
+    env["npm_config_registry"] = "http://127.0.0.1:%d/" % server.server_address[1]
+    try:
+        subprocess.run([NPM, "cache", "add", "qx-demo-dep@1.0.0"], cwd=root, check=True,
+                       env=dict(os.environ, **{**env, "npm_config_offline": "false"}),
+                       capture_output=True, timeout=120)
+    finally:
+        server.shutdown()
+        server.server_close()
+    return env
+
+
+def _loopback_registry(tarball):
+    """A one-package npm registry on 127.0.0.1, serving in a thread."""
+    import base64
+    import http.server
+    import threading
+
+    class Registry(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            base = "http://127.0.0.1:%d" % self.server.server_address[1]
+            body = tarball if self.path.endswith(".tgz") else json.dumps({
+                "name": "qx-demo-dep", "dist-tags": {"latest": "1.0.0"},
+                "versions": {"1.0.0": {"name": "qx-demo-dep", "version": "1.0.0", "main": "index.js", "dist": {
+                    "tarball": base + "/qx-demo-dep/-/qx-demo-dep-1.0.0.tgz",
+                    "shasum": hashlib.sha1(tarball).hexdigest(),
+                    "integrity": "sha512-" + base64.b64encode(hashlib.sha512(tarball).digest()).decode()}}}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Registry)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+# Settings: .env and the environment #########################################
+
+class TestEnvFile(unittest.TestCase):
+    def test_parse(self):
+        text = ('# comment\n\nexport token=abc\nname = "my worker" # c\n'
+                "quoted='a # b'\nbare=x # tail\nempty=\nLOG_LEVEL=debug\n  # indented\n")
+        self.assertEqual(w.parse_env(text), {"token": "abc", "name": "my worker",
+                                             "quoted": "a # b", "bare": "x", "empty": "",
+                                             "LOG_LEVEL": "debug"})
+
+    def test_environment_wins_and_writer_keeps_keys(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / ".env"
+            path.write_text("# keep me\ntoken=old\nother=1\n")
+            w.write_env_file(path, {"token": "new value", "transferEncryptToken": "k" * 32})
+            self.assertEqual(path.stat().st_mode & 0o777, 0o600)
+            text = path.read_text()
+            self.assertIn("# keep me", text)
+            self.assertEqual(w.read_env_file(path),
+                             {"token": "new value", "other": "1", "transferEncryptToken": "k" * 32})
+            with patched_environ({"other": "from-env", "batchSize": "7"}):
+                loaded = w.load_env(path)
+            self.assertEqual(loaded["other"], "from-env")
+            self.assertEqual(loaded["batchSize"], "7")  # a setting from the environment alone
+            self.assertNotIn("PATH", loaded)
+
+
+# Helper, Logger, Crypt ######################################################
+
+class TestCrypt(unittest.TestCase):
+    KEY = "0123456789abcdef0123456789abcdef"
+
+    def test_roundtrip_fresh_iv(self):
+        crypt = w.Crypt(self.KEY)
+        one, two = crypt.encrypt("hello é"), crypt.encrypt("hello é")
+        self.assertNotEqual(one["iv"], two["iv"])
+        self.assertEqual(len(one["iv"]), 32)
+        self.assertEqual(crypt.decrypt(one), "hello é")
+        self.assertEqual(crypt.decrypt_json(crypt.encrypt_json({"a": [1]})), {"a": [1]})
+
+    def test_matches_openssl_cbc(self):
+        need(shutil.which("node"), "node is needed to cross-check AES with Node's crypto")
+        crypt = w.Crypt(self.KEY)
+        box = crypt.encrypt('{"id":1}')
+        script = ("const c=require('crypto');const d=c.createDecipheriv('aes-256-cbc',"
+                  "Buffer.from(process.argv[1]),Buffer.from(process.argv[2],'hex'));"
+                  "process.stdout.write(Buffer.concat([d.update(Buffer.from(process.argv[3],'hex')),"
+                  "d.final()]).toString())")
+        out = subprocess.run(["node", "-e", script, self.KEY, box["iv"], box["encryptedData"]],
+                             capture_output=True, text=True, check=True).stdout
+        self.assertEqual(out, '{"id":1}')
+
+    def test_bad_key_length(self):
+        with self.assertRaisesRegex(w.CryptError, "exactly 32"):
+            w.Crypt("short")
+
+    def test_wrong_key_says_so(self):
+        box = w.Crypt(self.KEY).encrypt("x" * 40)
+        with self.assertRaisesRegex(w.CryptError, "transferEncryptToken probably differs"):
+            w.Crypt("f" * 32).decrypt(box)
+        with self.assertRaises(w.CryptError):
+            w.Crypt(self.KEY).decrypt({"iv": "zz", "encryptedData": ""})
+
+
+# Codecs: bencode, base58, RIPEMD-160 ########################################
+
+class TestCodecs(unittest.TestCase):
+    def test_bencode_js_rules(self):
+        self.assertEqual(w.bencode({"b": True, "a": False, "c": None, "d": 2.9, "e": [1, None]}),
+                         b"d1:ai0e1:bi1e1:di2e1:eli1eee")
+        self.assertEqual(w.bencode("é"), b"2:\xc3\xa9")
+        self.assertEqual(w.bdecode(b"d1:ai-3e1:bl1:xee"), {"a": -3, "b": [b"x"]})
+
+    def test_bdecode_rejects_with_decode_error_only(self):
+        for bad in [b"", b"i", b"ie", b"i1", b"5:abc", b"d1:ae", b"di1ei2ee", b"l",
+                    b"x", b"i1ei2e", b"99999999999:x", b"d" * 1000 + b"e" * 1000, b"i--1e"]:
+            with self.assertRaises(w.DecodeError, msg=bad):
+                w.bdecode(bad)
+
+    def test_base58(self):
+        for raw in [b"", b"\0", b"\0\0\1", os.urandom(32)]:
+            self.assertEqual(w.b58decode(w.b58encode(raw)), raw)
+        with self.assertRaises(w.DecodeError):
+            w.b58decode("0OIl")
+        seed = w.make_seed()
+        broken = seed[:-1] + ("2" if seed[-1] != "2" else "3")
+        with self.assertRaises(w.DecodeError):
+            w.b58check_decode(broken)
+
+    def test_ripemd160_fallback_matches(self):
+        for n in (0, 1, 55, 56, 64, 119, 1000):
+            data = os.urandom(n)
+            self.assertEqual(w._ripemd160_py(data), w.ripemd160(data))
+        self.assertEqual(w._ripemd160_py(b"abc").hex(), "8eb208f7e05d987a9b044a8e98c6b087f15a0bfc")
+
+
+# bugout: identity, packets, BugoutCore (vectors made by the real JS code) ####
+
+class TestVectors(unittest.TestCase):
+    def test_torrent_and_handshake(self):
+        infohash, info = w.infohash_of(vector_swarm())
+        self.assertEqual(info.hex(), vectors()["torrent"]["info_bencoded_hex"])
+        self.assertEqual(len(info), vectors()["torrent"]["info_bencoded_len"])
+        self.assertEqual(infohash.hex(), vectors()["torrent"]["infoHash_hex"])
+        bt = vectors()["bittorrent"]
+        peer_id = b"-WW0109-AAAAAAAAAAAA"
+        self.assertEqual(w.handshake_bytes(infohash, peer_id, dht=True).hex(),
+                         bt["example_handshake_with_dht_hex"])
+        self.assertEqual(w.handshake_bytes(infohash, peer_id).hex(),
+                         bt["example_handshake_without_dht_hex"])
+
+    def test_captured_handshakes_parse(self):
+        infohash, _ = w.infohash_of(vector_swarm())
+        for msg in vectors()["bittorrent"]["captured_first_messages"]:
+            if msg["type"] == "handshake":
+                wire = w.PeerWire(infohash, b"-QP0100-xxxxxxxxxxxx", {}, initiator=True)
+                wire.receive_data(bytes.fromhex(msg["hex"]))
+                [event] = wire.events_received()
+                self.assertEqual(event.peer_id, bytes.fromhex(msg["hex"])[48:])
+            if msg["type"] == "extended" and "dict" in msg:
+                self.assertEqual(w.bencode(msg["dict"]).decode(), msg["dict_bencoded"])
+
+    def test_keys_and_addresses(self):
+        for role in ("master", "worker"):
+            keys = vectors()["keys"][role]
+            seed = w.make_seed(bytes.fromhex(keys["seed_material_hex"]))
+            self.assertEqual(seed, keys["seed_bs58check"])
+            self.assertEqual(w.b58check_decode(seed).hex(), keys["seed_decoded_hex"])
+            ident = identity(role)
+            self.assertEqual(ident.sign_public.hex(), keys["sign_public_key_hex"])
+            self.assertEqual(ident.sign_secret.hex(), keys["sign_secret_key_hex"])
+            self.assertEqual(ident.pk, keys["pk_bs58"])
+            self.assertEqual(ident.ek, keys["ek_bs58"])
+            self.assertEqual(ident.box_public.hex(), keys["ek_public_key_hex"])
+            self.assertEqual(ident.address, keys["address"])
+            digest = hashlib.sha512(ident.sign_public).digest()
+            self.assertEqual(digest.hex(), keys["sha512_of_pk_hex"])
+            self.assertEqual(w.ripemd160(digest).hex(), keys["ripemd160_of_sha512_hex"])
+            self.assertEqual(w._ripemd160_py(digest).hex(), keys["ripemd160_of_sha512_hex"])
+            self.assertEqual(w.b58check_decode(ident.address).hex(), keys["address_payload_hex"])
+        for extra in vectors()["extra_seed_vectors"]:
+            ident = w.Identity(w.make_seed(bytes.fromhex(extra["seed_material_hex"])))
+            self.assertEqual(ident.seed, extra["seed_bs58check"])
+            self.assertEqual(ident.pk, extra["pk_bs58"])
+            self.assertEqual(ident.sign_public.hex(), extra["sign_public_key_hex"])
+            self.assertEqual(ident.address, extra["address"])
+
+    def test_extended_handshake(self):
+        for role in ("master", "worker"):
+            keys = vectors()["keys"][role]
+            node = w.Bugout(vector_swarm(), seed=keys["seed_bs58check"], lsd=False, dht=False, trackers=[])
+            node.identity = identity(role)
+            node._extended.update(pk=node.identity.pk, ek=node.identity.ek)
+            self.assertEqual(w.bencode(node._extended).hex(),
+                             keys["full_extended_handshake_bencoded_hex"])
+            wire = node._new_wire(initiator=False)
+            infohash, _ = w.infohash_of(vector_swarm())
+            wire.receive_data(w.handshake_bytes(infohash, b"-WW0109-AAAAAAAAAAAA", dht=True))
+            out = wire.data_to_send()
+            self.assertEqual(out[:68], w.handshake_bytes(infohash, node.peer_id))
+            framed = bytes.fromhex(keys["full_extended_handshake_message_hex"])
+            self.assertEqual(out[68:68 + len(framed)], framed)
+            self.assertEqual(out[68 + len(framed):], bytes.fromhex("000000010e"))
+
+    def test_rpc_call_envelope_and_frame(self):
+        vec = vectors()["rpc_isMaster"]
+        master, worker = identity("master"), identity("worker")
+        t = vectors()["fixed"]["t_ms"]
+        core = w.BugoutCore(vector_swarm(), worker,
+                            random=prng(d["label"] for d in vec["random_draws_in_order"]))
+        core.peers[master.address] = w.PeerKeys(master.pk, master.ek, t)
+        nonce = core.send_call(master.address, "isMaster", {}, t)
+        self.assertEqual(nonce.hex(), vec["inner_packet_fields"]["rn"]["hex"])
+        [(payload, origin)] = core.data_to_send()
+        self.assertIsNone(origin)
+        self.assertEqual(payload.hex(), vec["envelope_hex"])
+        self.assertEqual(hashlib.sha512(payload).digest()[16:].hex(), vec["seen_hash_hex"])
+        wire = self._open_wire({"bo_channel": 4})
+        wire.send_extension(payload)
+        self.assertEqual(wire.data_to_send().hex(), vec["framed_message_hex"])
+        # the signed packet inside, and the master opening it
+        self.assertIn(vec["signed_packet_hex"], w.bencode({"s": bytes.fromhex(vec["signature_hex"]),
+                                                           "p": bytes.fromhex(vec["p_bencoded_hex"])}).hex())
+        mcore = w.BugoutCore(vector_swarm(), master)
+        events = mcore.receive_payload(payload, t + 1)
+        self.assertEqual(events, [w.Seen(worker.address),
+                                  w.Call(worker.address, "isMaster", {}, nonce)])
+
+    def test_rpc_response_opens(self):
+        vec = vectors()["rpc_isMaster"]
+        master, worker = identity("master"), identity("worker")
+        t = vectors()["fixed"]["t_ms"]
+        core = w.BugoutCore(vector_swarm(), worker)
+        events = core.receive_payload(bytes.fromhex(vec["response"]["payload_hex"]), t + 5)
+        self.assertEqual(events[-1], w.Response(master.address, bytes.fromhex("59594df1817116e3"),
+                                                vec["callback_result"]))
+        wire = self._open_wire({"bo_channel": 4})
+        wire.send_extension(bytes.fromhex(vec["response"]["payload_hex"]))
+        self.assertEqual(wire.data_to_send().hex(), vec["response"]["framed_hex"])
+
+    def test_exchange_log_opens_and_pings_reproduce(self):
+        t = vectors()["fixed"]["t_ms"]
+        ids = {"master": identity("master"), "worker": identity("worker")}
+        for entry in vectors()["exchange_log"]:
+            payload = bytes.fromhex(entry["payload_hex"])
+            self.assertEqual(hashlib.sha512(payload).digest()[16:].hex(), entry["seen_hash_hex"])
+            core = w.BugoutCore(vector_swarm(), ids[entry["to"]])
+            events = core.receive_payload(payload, t + 10)
+            decoded = entry["decoded_by_receiver"]
+            sender = ids[entry["from"]] if decoded.get("packet") else None
+            if sender is None:
+                continue
+            if decoded["packet"]["pk"] == ids[entry["to"]].pk:
+                self.assertEqual(events, [])  # our own packet echoed back
+            else:
+                self.assertTrue(events, entry["step"])
+            if decoded["packet"]["y"] == "p" and decoded["packet"]["pk"] == sender.pk:
+                label = {d["hex"]: d["label"] for d in vectors()["handshake_phase_random_draws"]}[
+                    decoded["packet"]["n"]["hex"]]
+                again = w.BugoutCore(vector_swarm(), sender, random=prng([label]))
+                again.send_ping(t)
+                [(mine, _)] = again.data_to_send()
+                self.assertEqual(mine, payload)
+                self.assertEqual(bytes.fromhex(entry["framed_hex"])[6:], payload)
+
+    @staticmethod
+    def _open_wire(remote_m):
+        infohash, _ = w.infohash_of(vector_swarm())
+        wire = w.PeerWire(infohash, b"-QP0100-xxxxxxxxxxxx", {}, initiator=True)
+        wire.receive_data(w.handshake_bytes(infohash, b"-WW0109-AAAAAAAAAAAA"))
+        ext = w.bencode({"m": remote_m})
+        wire.receive_data(w.frame(20, b"\0" + ext))
+        wire.data_to_send()
+        wire.events_received()
+        return wire
+
+
+class TestBugoutCore(unittest.TestCase):
+    def setUp(self):
+        self.a = w.BugoutCore(vector_swarm(), w.Identity())
+        self.b = w.BugoutCore(vector_swarm(), w.Identity())
+        self.now = w._now()
+        self.a.saw_peer(self.b.identity.pk, self.b.identity.ek, self.now)
+        self.b.saw_peer(self.a.identity.pk, self.a.identity.ek, self.now)
+        self.a.data_to_send(), self.b.data_to_send()
+
+    def deliver(self, src, dst):
+        events = []
+        for payload, _ in src.data_to_send():
+            events += dst.receive_payload(payload, self.now, origin="wire")
+        return events
+
+    def test_call_response_and_messages(self):
+        nonce = self.a.send_call(self.b.identity.address, "f", {"x": "é"}, self.now)
+        [call] = self.deliver(self.a, self.b)
+        self.assertEqual(call, w.Call(self.a.identity.address, "f", {"x": "é"}, nonce))
+        self.assertEqual(self.b.data_to_send(), [])  # boxed for b: not relayed
+        self.b.send_response(call.address, nonce, [1, 2], self.now)
+        self.assertEqual(self.deliver(self.b, self.a), [w.Response(self.b.identity.address, nonce, [1, 2])])
+        self.a.send_message({"hi": 1}, self.now)
+        self.assertEqual(self.deliver(self.a, self.b), [w.Message(self.a.identity.address, {"hi": 1}, False)])
+        [(_relayed, origin)] = self.b.data_to_send()  # plain: relayed to the other wires
+        self.assertEqual(origin, "wire")
+        self.a.send_message("secret", self.now, address=self.b.identity.address)
+        self.assertEqual(self.deliver(self.a, self.b), [w.Message(self.a.identity.address, "secret", True)])
+
+    def test_duplicates_bad_signature_old_and_foreign_dropped(self):
+        self.a.send_ping(self.now)
+        [(payload, _)] = self.a.data_to_send()
+        self.assertEqual(self.b.receive_payload(payload, self.now), [w.Ping(self.a.identity.address)])
+        self.assertEqual(self.b.receive_payload(payload, self.now), [])
+        self.assertEqual(self.b.stats["duplicate"], 1)
+        signed = w.bdecode(payload)
+        forged = w.bencode({"s": bytes(64), "p": signed["p"]})
+        self.assertEqual(self.b.receive_payload(forged, self.now), [])
+        self.assertEqual(self.b.stats["dropped: bad signature"], 1)
+        old = self.a.make_packet({"y": "p"}, self.now - w.PEER_TIMEOUT_MS)
+        self.assertEqual(self.b.receive_payload(old, self.now), [])
+        other = w.BugoutCore("another swarm", self.a.identity)
+        self.assertEqual(self.b.receive_payload(other.make_packet({"y": "p"}, self.now), self.now), [])
+        self.assertEqual(self.b.stats["dropped: too old"], 1)
+        self.assertEqual(self.b.stats["dropped: other identifier"], 1)
+
+    def test_leave_and_expiry(self):
+        self.a.send_leave(self.now)
+        self.assertEqual(self.deliver(self.a, self.b), [w.Left(self.a.identity.address, "left")])
+        self.assertNotIn(self.a.identity.address, self.b.peers)
+        self.assertEqual(self.a.expire(self.now + w.PEER_TIMEOUT_MS + 1),
+                         [w.Left(self.b.identity.address, "timeout")])
+
+    def test_seen_cache_is_bounded(self):
+        core = w.BugoutCore(vector_swarm(), w.Identity(), seen_limit=100)
+        for i in range(1000):
+            core.receive_payload(b"junk %d" % i, self.now)
+        self.assertLessEqual(len(core._seen), 100)
+        self.assertEqual(core.stats["dropped"], 1000)
+
+    def test_own_sends_do_not_flush_what_was_just_received(self):
+        core = w.BugoutCore(vector_swarm(), w.Identity(), seen_limit=4)  # a generation holds 2
+        self.b.send_message("first", self.now)
+        self.b.send_message("second", self.now)
+        [(first, _), (second, _)] = self.b.data_to_send()
+        self.assertTrue(core.receive_payload(first, self.now))  # and a ping: the generation is full
+        core.send_message("mine", self.now)  # this send starts the next generation
+        core.receive_payload(second, self.now + 1)
+        self.assertEqual(core.receive_payload(first, self.now + 2), [])  # still known
+        self.assertEqual(core.stats["duplicate"], 1)
+
+
+class TestCoreBounds(unittest.TestCase):
+    """BugoutCore: what it relays, the JSON it takes, the peers it admits."""
+
+    def setUp(self):
+        self.now = w._now()
+        self.core = w.BugoutCore(vector_swarm(), w.Identity())
+        self.peer = w.Identity()
+
+    def relayed(self, payload, source="10.0.0.9"):
+        self.core.receive_payload(payload, self.now, origin="wire", source=source)
+        return [out.payload for out in self.core.data_to_send() if out.relay]
+
+    def test_relays_only_verified_packets_and_envelopes(self):
+        ping = signed_by(self.peer, {"y": "p"}, t=self.now)
+        outer = w.bdecode(ping)
+        other = w.BugoutCore(vector_swarm(), w.Identity())
+        other.peers[self.peer.address] = w.PeerKeys(self.peer.pk, self.peer.ek, self.now)
+        other.send_message("for someone else", self.now, self.peer.address)
+        [envelope] = [out.payload for out in other.data_to_send()]
+        bad_envelope = w.bencode({**w.bdecode(envelope), "n": b"short"})
+        for junk in (b"not bencode at all", w.bencode({"s": bytes(64), "p": outer["p"]}),
+                     signed_by(self.peer, {"y": "p"}, identifier="another swarm", t=self.now),
+                     signed_by(self.peer, {"y": "p"}, t=self.now - w.PEER_TIMEOUT_MS), bad_envelope,
+                     w.bencode([1, 2]), os.urandom(4096)):
+            self.assertEqual(self.relayed(junk), [], junk[:40])
+        self.assertEqual(self.core.stats["relayed"], 0)
+        self.assertEqual(self.relayed(ping), [ping])  # verified: passed on
+        self.assertEqual(self.relayed(envelope), [envelope])  # boxed for another: passed on unopened
+        self.assertEqual(self.core.stats["dropped"], 7)
+
+    def test_json_is_bounded_in_depth_and_size_and_the_message_dropped(self):
+        def message(value):
+            events = self.core.receive_payload(
+                signed_by(self.peer, {"y": "m", "v": value}, t=self.now), self.now)
+            return [e.value for e in events if isinstance(e, w.Message)]
+        depth = w.MAX_JSON_DEPTH
+        self.assertEqual(message("[" * depth + "]" * depth), [json.loads("[" * depth + "]" * depth)])
+        self.assertEqual(message("[" * (depth + 1) + "]" * (depth + 1)), [])
+        self.assertEqual(message("[" * 100_000 + "]" * 100_000), [])  # ~200 KB: RecursionError today
+        self.assertEqual(message('["' + "[" * 5000 + '"]'), [["[" * 5000]])  # brackets in a string
+        self.assertEqual(self.core.stats["dropped: JSON nested too deeply"], 2)
+        small = w.BugoutCore(vector_swarm(), w.Identity(), max_json=1000)
+        call = signed_by(self.peer, {"y": "r", "c": "echo", "a": json.dumps(["x" * 2000]), "rn": b"12345678"},
+                         t=self.now)
+        self.assertEqual(small.receive_payload(call, self.now), [w.Seen(self.peer.address)])
+        self.assertEqual(small.stats["dropped: JSON over the size limit"], 1)
+
+    def test_answers_are_taken_only_for_calls_awaited(self):
+        caller = w.BugoutCore(vector_swarm(), self.peer)
+        caller.saw_peer(self.core.identity.pk, self.core.identity.ek, self.now)
+        self.core.saw_peer(self.peer.pk, self.peer.ek, self.now)
+        caller.data_to_send()
+        self.core.awaiting = {b"expected"}
+        for nonce, taken in ((b"whatever", False), (b"expected", True)):
+            caller.send_response(self.core.identity.address, nonce, {"big": "x" * 1000}, self.now)
+            [out] = caller.data_to_send()
+            events = self.core.receive_payload(out.payload, self.now)
+            self.assertEqual([e.nonce for e in events if isinstance(e, w.Response)],
+                             [nonce] if taken else [])
+        self.assertEqual(self.core.stats["dropped: answer to no call of ours"], 1)
+
+    def test_peer_table_and_new_identities_per_address_are_bounded(self):
+        core = w.BugoutCore(vector_swarm(), w.Identity(), max_peers=50)
+        admitted = collections.Counter()
+        for source in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
+            for _ in range(40):
+                events = core.receive_payload(signed_by(w.Identity(), {"y": "p"}, t=self.now),
+                                              self.now, origin="wire", source=source)
+                admitted[source] += any(isinstance(e, w.Seen) for e in events)
+        self.assertEqual(admitted["10.0.0.1"], w.NEW_PEERS_BURST)  # then one a second
+        self.assertEqual(len(core.peers), 50)
+        self.assertEqual(admitted["10.0.0.3"], 0)
+        self.assertEqual(core.stats["dropped: new identities over the rate"], 40 - w.NEW_PEERS_BURST)
+        self.assertEqual(core.stats["dropped: peer table full"], 40 + 40 - (50 - w.NEW_PEERS_BURST))
+        later = self.now + 1000 * w.NEW_PEERS_BURST  # the source's bucket is full again, the table not
+        refused = core.receive_payload(signed_by(w.Identity(), {"y": "p"}, t=later), later, source="10.0.0.1")
+        self.assertEqual(refused, [])
+        # a peer on a wire of its own (its handshake) takes the place of the one silent longest
+        master = w.Identity()
+        core.protected = {a for a in core.peers}  # ... unless all are protected
+        self.assertEqual(core.saw_peer(master.pk, master.ek, later), [])
+        core.protected = set(list(core.peers)[1:])
+        oldest = next(iter(core.peers))
+        self.assertEqual(core.saw_peer(master.pk, master.ek, later),
+                         [w.Left(oldest, "evicted"), w.Seen(master.address)])
+        self.assertEqual(len(core.peers), 50)
+
+    def test_a_handshake_never_replaces_keys_a_signed_packet_gave(self):
+        self.core.receive_payload(signed_by(self.peer, {"y": "p"}, t=self.now), self.now)
+        self.assertTrue(self.core.peers[self.peer.address].verified)
+        impostor = w.Identity()
+        self.core.saw_peer(self.peer.pk, impostor.ek, self.now + 1)  # the master's pk, its own ek
+        self.assertEqual(self.core.peers[self.peer.address].ek, self.peer.ek)
+        self.core.send_message("secret", self.now, self.peer.address)
+        [out] = [out for out in self.core.data_to_send() if out.to]
+        opened = w.BugoutCore(vector_swarm(), self.peer).receive_payload(out.payload, self.now)
+        self.assertIn(w.Message(self.core.identity.address, "secret", True), opened)
+
+
+# The peer wire (BEP 3, 6, 10) ###############################################
+
+class TestPeerWire(unittest.TestCase):
+    def test_pair_handshakes_and_payloads(self):
+        a, b = wire_pair()
+        self.assertTrue(a.ready and b.ready)
+        kinds = [type(e).__name__ for e in b.events_received()]
+        self.assertEqual(kinds, ["Handshake", "ExtendedHandshake"])
+        a.events_received()
+        a.send_extension(b"hello")
+        a.send_keepalive()
+        a.send_extension(b"x" * 100_000)
+        data = a.data_to_send()
+        for i in range(0, len(data), 7):  # byte-dribbled
+            b.receive_data(data[i:i + 7])
+        self.assertEqual(b.events_received(), [w.ExtensionPayload(b"hello"),
+                                               w.ExtensionPayload(b"x" * 100_000)])
+
+    def test_metadata_served_and_requests_refused(self):
+        _a, b = wire_pair()
+        b.events_received()
+        _, info = w.infohash_of(vector_swarm())
+        b.receive_data(w.frame(20, bytes([1]) + w.bencode({"msg_type": 0, "piece": 0})))
+        out = b.data_to_send()
+        self.assertTrue(out.endswith(info))
+        self.assertEqual(w.bdecode(out[6:-len(info)]), {"msg_type": 1, "piece": 0, "total_size": 88})
+        b.receive_data(w.frame(20, bytes([1]) + w.bencode({"msg_type": 0, "piece": 3})))
+        self.assertEqual(w.bdecode(b.data_to_send()[6:]), {"msg_type": 2, "piece": 3})
+        request = struct.pack(">III", 0, 0, 12)
+        b.receive_data(w.frame(6, request))
+        self.assertEqual(b.data_to_send(), w.frame(16, request))
+        for unknown in (w.frame(2), w.frame(5, b"\xff"), w.frame(99, b"abc"), w.frame(20, b"\x07zz")):
+            b.receive_data(unknown)
+        self.assertEqual(b.state, w.WireState.OPEN)
+        self.assertEqual(b.events_received(), [])
+
+    def test_huge_length_prefix_allocates_nothing(self):
+        _a, b = wire_pair(max_message=1 << 20)
+        b.receive_data(struct.pack(">I", 0xFFFFFFF0) + b"\x14\x04")
+        self.assertEqual(b.state, w.WireState.ERROR)
+        self.assertIn("over the limit", b.error)
+        self.assertEqual(len(b._buffer), 0)
+
+    def test_garbage_handshake_is_an_error(self):
+        infohash, _ = w.infohash_of(vector_swarm())
+        for garbage in (b"GET / HTTP/1.1\r\n", b"\x13BitTorrent protocoX" + b"\0" * 48,
+                        w.handshake_bytes(b"\1" * 20, b"-WW0109-AAAAAAAAAAAA")):
+            wire = w.PeerWire(infohash, b"-QP0100-aaaaaaaaaaaa", {}, initiator=False)
+            wire.receive_data(garbage)
+            self.assertEqual(wire.state, w.WireState.ERROR, garbage)
+            self.assertEqual(wire.data_to_send(), b"")
+
+
+# Bad input, generated and mutated: bencode, packets, the wire ###############
+
+class TestBadInput(unittest.TestCase):
+    def test_bdecode_and_packet_opener(self):
+        core = w.BugoutCore(vector_swarm(), identity("master"))
+        count = 0
+        for data in fuzz_inputs(12_000):
+            try:
+                w.bdecode(data)
+            except w.DecodeError:
+                pass
+            core.receive_payload(data, w._now())  # never raises
+            count += 1
+        self.assertEqual(count, 12_000)
+        self.assertGreater(core.stats["dropped"], 5_000)
+
+    def test_wire_parser(self):
+        rng = random.Random(99)
+        infohash, info = w.infohash_of(vector_swarm())
+        good = (w.handshake_bytes(infohash, b"-WW0109-AAAAAAAAAAAA", dht=True)
+                + bytes.fromhex(vectors()["keys"]["master"]["full_extended_handshake_message_hex"])
+                + bytes.fromhex(vectors()["rpc_isMaster"]["framed_message_hex"]) + b"\0\0\0\0"
+                + bytes.fromhex("000000010e"))
+        states = collections.Counter()
+        for data in mutations([good], 10_000, rng):
+            wire = w.PeerWire(infohash, b"-QP0100-aaaaaaaaaaaa", {"m": {}}, initiator=False,
+                              metadata=info, max_message=1 << 16)
+            cut = rng.randrange(len(data) + 1)
+            wire.receive_data(data[:cut])
+            wire.receive_data(data[cut:])
+            wire.events_received()
+            wire.data_to_send()
+            states[wire.state] += 1
+            self.assertLessEqual(len(wire._buffer), (1 << 16) + 4)
+        self.assertGreater(states[w.WireState.ERROR], 100)
+        self.assertGreater(states[w.WireState.OPEN], 100)
+
+
+# Connections and TCP ########################################################
+
+class TestTcp(AsyncTest):
+    async def test_python_python_rpc_messages_and_reconnect(self):
+        a = await self.started(py_node("tcp-swarm"))
+        b = await self.started(py_node("tcp-swarm", peers=["127.0.0.1:%d" % a.port]))
+        await until(lambda: a.address in b.peers and b.address in a.peers)
+        self.assertEqual(await b.rpc(a.address, "echo", {"x": 1}), {"x": 1, "echoedBy": "py"})
+        self.assertEqual(await a.rpc(b.address, "nope"), {"error": "No such API call."})
+        a.send({"to": "all"})
+        b.send("only a", address=a.address)
+        await until(lambda: ("message", a.address, {"to": "all"}) in b.events
+                    and ("message", b.address, "only a") in a.events)
+        old = set(b._connections)
+        for conn in list(a._connections):  # drop the wire: b dials again
+            conn.close()
+        await until(lambda: b.connections() == 1 and not (b._connections & old))
+        self.assertEqual(await b.rpc(a.address, "echo", {"y": 2}, timeout=5), {"y": 2, "echoedBy": "py"})
+
+    async def test_rpc_fails_at_once_when_no_wire_is_left(self):
+        a = await self.started(py_node("unreachable-swarm"))
+        b = await self.started(py_node("unreachable-swarm", peers=["127.0.0.1:%d" % a.port]))
+        called = asyncio.Event()
+
+        async def hang(address, args):
+            called.set()
+            await asyncio.Event().wait()
+        b.register("hang", hang)
+        await until(lambda: a.address in b.peers and b.address in a.peers)
+        call = asyncio.ensure_future(a.rpc(b.address, "hang", {}, timeout=60))
+        await asyncio.wait_for(called.wait(), 10)
+        for conn in list(a._connections):  # b's process "dies": no goodbye, the wire just closes
+            conn.close()
+        with self.assertRaises(w.RpcUnreachable):  # now, not after 60 s
+            await asyncio.wait_for(call, 10)
+        lonely = await self.started(py_node("unreachable-swarm"))
+        with self.assertRaises(w.RpcUnreachable):
+            await asyncio.wait_for(lonely.rpc(b.address, "echo", {}), 1)
+        await until(lambda: a.address in b.peers and b.connections() == 1)  # b dials again
+        self.assertEqual(await b.rpc(a.address, "echo", {}, timeout=5), {"echoedBy": "py"})
+
+    async def test_malformed_host_names_are_unreachable_peers_not_crashes(self):
+        self.assertEqual(await w.Dht._resolve("router..example", 6881), [])
+        with self.assertNoLogs("worker", "ERROR"):  # a failed internal task logs an error
+            a = await self.started(py_node("bad-names", peers=["a..b:1"]))
+            await asyncio.sleep(1.0)  # two dials, 0.5 s apart
+            b = await self.started(py_node("bad-names", peers=["127.0.0.1:%d" % a.port]))
+            await until(lambda: a.address in b.peers)
+            await b.close()  # and no error while closing
+            await a.close()
+
+    async def test_garbage_peer_dropped_others_go_on(self):
+        a = await self.started(py_node("garbage-swarm", max_message=1 << 16))
+        b = await self.started(py_node("garbage-swarm", peers=["127.0.0.1:%d" % a.port]))
+        await until(lambda: a.address in b.peers)
+        infohash = a.infohash
+        sent = []
+        for garbage in (b"\xff" * 100, w.handshake_bytes(infohash, b"-XX0000-garbagegarba")
+                        + struct.pack(">I", 1 << 30) + b"\x14", w.handshake_bytes(infohash, b"-XX0000-garbagegarbb")
+                        + w.frame(20, b"\0not bencode")):
+            reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
+            writer.write(garbage)
+            await writer.drain()
+            sent.append((reader, writer))
+        for reader, writer in sent:
+            rest = await asyncio.wait_for(reader.read(), 5)  # the server closes it
+            self.assertIsInstance(rest, bytes)
             writer.close()
-            for _, slow_writer in slow:
-                slow_writer.close()
-            await server.close()
-        run(scenario())
+        self.assertGreaterEqual(a.stats["peers dropped for bad input"], 3)
+        self.assertEqual(await b.rpc(a.address, "echo", {"still": "here"}), {"still": "here", "echoedBy": "py"})
+
+    async def test_duplicate_wires_resolve_to_one(self):
+        a = await self.started(py_node("dup-swarm"))
+        b = await self.started(py_node("dup-swarm"))
+        for _ in range(3):
+            a.add_peer("127.0.0.1", b.port)
+            b.add_peer("127.0.0.1", a.port)
+        await until(lambda: a.address in b.peers and b.address in a.peers)
+        await until(lambda: len(a._connections) == 1 and len(b._connections) == 1, 10)
+        await asyncio.sleep(0.5)  # and no duplicate comes back
+        self.assertEqual(len(a._connections), 1)
+        self.assertEqual(len(b._connections), 1)
+        self.assertEqual(await a.rpc(b.address, "echo", {}), {"echoedBy": "py"})
 
 
-class TestWorkerStatus(unittest.TestCase):
-    def test_metrics_and_health_of_a_real_worker_process(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            cluster.push(20)
-            cluster.push(5, start=20, fail=True)
-            folder, port = Path(tmp) / "wp", free_port()
-            folder.mkdir()
-            write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
-                               statusPort=port, getBatch="true", batchSize=5, LOG_LEVEL="warn")
-            proc = await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
-                                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            self.addCleanup(lambda: proc.returncode is None and proc.kill())
-            base = "http://127.0.0.1:%d" % port
-            await cluster.until_results(25)
+class TestWireUnderAttack(AsyncTest):
+    async def _simultaneous_open(self, first_wire_loses):
+        """Wire 1 carries RPCs both ways (some served, some still on the wire) when both
+        ends dial again; every call is answered, and one wire is left."""
+        low, high = sorted([w.make_peer_id(), w.make_peer_id()])
+        # the wire kept is the one dialed by the lower peer id; a dials wire 1, b wire 2
+        a = self.will_close(memory_node(high if first_wire_loses else low))
+        b = self.will_close(memory_node(low if first_wire_loses else high))
+        release, serving = asyncio.Event(), []
 
-            async def metrics():
-                status, body = await asyncio.to_thread(http_get, base + "/metrics")
-                self.assertEqual(status, 200)
-                return parse_exposition(body)
-            samples, types = await metrics()
-            self.assertEqual(samples["qx_jobs_done_total"][()], 20)
-            self.assertEqual(samples["qx_jobs_failed_total"][(("error", "ValueError"),)], 5)
-            self.assertEqual(types["qx_job_duration_seconds"], "histogram")
-            self.assertEqual(samples["qx_job_duration_seconds_count"][()], 25)
-            self.assertEqual(samples["qx_job_duration_seconds_bucket"][(("le", "+Inf"),)], 25)
-            self.assertEqual(samples["qx_master_connected"][()], 1)
-            self.assertEqual(samples["qx_peers"][(("transport", "tcp"),)], 1)
-            self.assertGreater(samples["qx_resident_memory_bytes"][()], 10e6)
-            self.assertGreater(samples["qx_bytes_received_total"][()], 1000)
-            self.assertIn("qx_assets_age_seconds", samples)
-            self.assertIn("qx_packets_dropped_total", samples)
-            status, body = await asyncio.to_thread(http_get, base + "/healthz")
-            self.assertEqual((status, json.loads(body)["master"]), (200, cluster.master.address))
-            cluster.push(10, start=100)  # the counters move with real jobs
-            await cluster.until_results(35)
-            await until(lambda: cluster.master.stats["results"] >= 35)
-            samples, _ = await metrics()
-            self.assertEqual(samples["qx_jobs_done_total"][()], 30)
-            self.assertGreaterEqual(samples["qx_delivery_latency_seconds_count"][()], 30)
-            self.assertEqual((await asyncio.to_thread(http_get, base + "/nothing"))[0], 404)
-            await cluster.master.close()  # the master goes away: not healthy
-            status, body = await asyncio.to_thread(http_get, base + "/healthz")
-            for _ in range(50):
-                if status == 503:
-                    break
-                await asyncio.sleep(0.1)
-                status, body = await asyncio.to_thread(http_get, base + "/healthz")
-            self.assertEqual(status, 503)
-            self.assertIn("master", json.loads(body)["reason"])
-            proc.send_signal(15)
-            output, _ = await asyncio.wait_for(proc.communicate(), 30)
-            self.assertIn(b" warn  ", output)  # level names print whole
-            self.assertNotIn(b"warni ", output)
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
+        async def slow(address, args):
+            serving.append(args)
+            await release.wait()
+            return {"late": args}
+        for node in (a, b):
+            node.register("slow", slow)
+        wires = self.will_close(MemoryWires())
+        one_a, _ = wires.connect(a, b)
+        await until(lambda: a.connections() == b.connections() == 1 and a.address in b.peers
+                    and b.address in a.peers, 5)
+        calls = [a.rpc(b.address, "slow", 1, timeout=8), b.rpc(a.address, "slow", 2, timeout=8)]
+        calls = [asyncio.ensure_future(c) for c in calls]
+        await until(lambda: len(serving) == 2, 5)  # being served ...
+        one_a.held = one_a.peer.held = True  # ... and more on the wire, both ways
+        calls += [asyncio.ensure_future(a.rpc(b.address, "echo", "a", timeout=8)),
+                  asyncio.ensure_future(b.rpc(a.address, "echo", "b", timeout=8))]
+        await asyncio.sleep(0.05)
+        self.assertTrue(one_a.outbox and one_a.peer.outbox)
+        two_b, _ = wires.connect(b, a)  # both ends dialed: a simultaneous open
+        await until(lambda: a.stats["duplicate wires"] and b.stats["duplicate wires"], 5)
+        if first_wire_loses:  # a request (BEP 6) on the draining wire: its reject is not written
+            one_a.protocol.data_received(w.frame(6, struct.pack(">III", 0, 0, 16384)))
+        one_a.held = one_a.peer.held = False
+        release.set()
+        answers = await asyncio.gather(*calls)
+        self.assertEqual(answers, [{"late": 1}, {"late": 2}, "a", "b"])
+        await until(lambda: len(a._connections) == len(b._connections) == 1, 8)
+        kept = two_b if first_wire_loses else one_a
+        self.assertIn(kept.protocol, b._connections | a._connections)
+        self.assertEqual(await a.rpc(b.address, "echo", "after", timeout=5), "after")
+        self.assertEqual(await b.rpc(a.address, "echo", "after", timeout=5), "after")
+        self.assertEqual(a.stats["peers dropped for an internal error"], 0)
 
-    def test_master_py_status_page(self):
-        async def scenario(tmp):
-            token, port, status = "mstatus-%d" % random.randrange(1 << 30), free_port(), free_port()
-            folder = Path(tmp) / "m"
-            folder.mkdir()
-            write_assets(folder, DEFAULT_FILES)
-            write_loopback_env(folder, token, port=port, LOG_LEVEL="warn")
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, MASTER_PY, "--task", "workplace/task.py", "--task", "workplace/data/conf/factor.json",
-                "--jobs", "-", "--status-port", str(status), cwd=folder, env=clean_env(),
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            self.addCleanup(lambda: proc.returncode is None and proc.kill())
-            await proc.stdout.readline()  # ready
-            base = "http://127.0.0.1:%d" % status
-            for i in range(30):
-                proc.stdin.write(b'{"id": %d, "data": "{\\"x\\": %d}"}\n' % (i, i))
-            await proc.stdin.drain()
+    async def test_simultaneous_open_the_busy_wire_loses(self):
+        await self._simultaneous_open(first_wire_loses=True)
 
-            async def samples():
-                return parse_exposition((await asyncio.to_thread(http_get, base + "/metrics"))[1])[0]
-            before = None
-            for _ in range(100):
-                before = await samples()
-                if before["qx_master_jobs_waiting"][()] == 30:
-                    break
-                await asyncio.sleep(0.05)
-            self.assertEqual(before["qx_master_jobs_waiting"][()], 30)
-            self.assertEqual(before["qx_master_results_total"][()], 0)
-            worker = await w.Worker(token, "w", "warn", KEY, env={}, folder=Path(tmp) / "w", host="127.0.0.1",
-                                    lsd=False, dht=False, trackers=[], peers=["127.0.0.1:%d" % port],
-                                    get_batch=True, batch_size=5).start()
-            for _ in range(200):
-                after = await samples()
-                if after["qx_master_results_total"][()] == 30:
-                    break
-                await asyncio.sleep(0.05)
-            self.assertEqual(after["qx_master_results_total"][()], 30)
-            self.assertEqual(after["qx_master_error_results_total"][()], 0)
-            self.assertEqual(after["qx_master_jobs_waiting"][()], 0)
-            self.assertEqual(after["qx_master_workers"][()], 1)
-            self.assertEqual(json.loads((await asyncio.to_thread(http_get, base + "/healthz"))[1])["status"], "ok")
-            await worker.stop()
-            proc.send_signal(15)
-            await asyncio.wait_for(proc.wait(), 15)
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
+    async def test_simultaneous_open_the_new_wire_loses(self):
+        await self._simultaneous_open(first_wire_loses=False)
 
-    def test_systemd_ready_watchdog_and_stopping(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            folder = Path(tmp) / "wp"
-            folder.mkdir()
-            write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port)
-            path = str(Path(tmp) / "notify")
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            sock.bind(path)
+    async def test_a_wire_hands_over_a_budget_of_payloads_per_loop_turn(self):
+        a, b = self.will_close(memory_node()), self.will_close(memory_node())
+        wires = self.will_close(MemoryWires())
+        _, at_a = wires.connect(b, a)
+        await until(lambda: a.address in b.peers and b.address in a.peers, 5)
+        batches = []
+        real = a.wire_events
+        a.wire_events = lambda conn, events: (batches.append(len(events)), real(conn, events))
+        flood = b"".join(bo_frame(signed_by(b.identity, {"y": "m", "v": '"%d"' % i}, "wire-attack"))
+                         for i in range(200))
+        paused = []
+        at_a.pause_reading = lambda: (paused.append(True), MemoryTransport.pause_reading(at_a))
+        at_a.protocol.data_received(flood)  # 200 payloads in one read
+        self.assertEqual(batches, [w.WIRE_BUDGET])
+        self.assertTrue(paused and not at_a.reading)
+        await until(lambda: sum(batches) == 200, 5)
+        self.assertTrue(at_a.reading)
+        self.assertLessEqual(max(batches), w.WIRE_BUDGET)
+        a.prioritize(b.address)  # the master's wire: all at once
+        b.ping()
+        await until(lambda: a.is_protected(at_a.protocol), 5)
+        batches.clear()
+        at_a.protocol.data_received(b"".join(bo_frame(signed_by(b.identity, {"y": "p"}, "wire-attack"))
+                                             for _ in range(100)))
+        self.assertEqual(batches, [100])
+
+    async def test_relays_never_wait_in_front_of_the_protected_wire(self):
+        node, master, other, flooder = (self.will_close(memory_node()) for _ in range(4))
+        wires = self.will_close(MemoryWires())
+        to_master, _ = wires.connect(node, master)
+        to_other, _ = wires.connect(node, other)
+        wires.connect(flooder, node)
+        await until(lambda: node.connections() == 3 and master.address in node.peers, 5)
+        node.prioritize(master.address)
+        master.ping()
+        await until(lambda: node.is_protected(to_master.protocol), 5)
+        to_master.held = to_other.held = True  # neither reads for now
+        node.send("ours, for everyone")
+        node.send("ours, for the master", master.address)
+        await asyncio.sleep(0.05)
+        before = node.stats["relays dropped: queues full"]
+        for i in range(40):  # relayed messages, 40 KB each
+            flooder.send({"flood": i, "pad": "x" * 40_000})
+        await until(lambda: node.core.stats["relayed"] >= 40, 5)
+        await asyncio.sleep(0.05)
+        dropped = node.stats["relays dropped: queues full"] - before
+        self.assertLessEqual(to_master.get_write_buffer_size(), w.RELAY_PROTECTED + 50_000)
+        self.assertGreater(to_other.get_write_buffer_size(), to_master.get_write_buffer_size())
+        self.assertGreater(dropped, 10)
+        seen = []
+        master.on("message", lambda address, value: seen.append(value))
+        to_master.held = False
+        await until(lambda: "ours, for the master" in seen, 5)
+        self.assertLessEqual(seen.index("ours, for the master"), 2)  # behind a relay or two at most
+
+    async def test_unfinished_handshakes_meet_a_deadline(self):
+        node = w.Bugout("deadline-swarm", host="127.0.0.1", lsd=False, dht=False, trackers=[])
+        node.handshake_timeout = 0.5
+        await self.started(node)
+        conns = [await asyncio.open_connection("127.0.0.1", node.port) for _ in range(5)]
+        conns[0][1].write(w.handshake_bytes(node.infohash, b"-XX0000-halfhalfhalf"))  # no BEP 10
+        for reader, _ in conns:
+            self.assertTrue(await closed_by_peer(reader, 5))
+        self.assertEqual(node.stats["handshake timeouts"], 5)
+        self.assertEqual(len(node._connections), 0)
+        for _, writer in conns:
+            writer.close()
+
+    async def test_inbound_cap_keeps_room_for_a_peer_that_speaks(self):
+        node = w.Bugout("cap-swarm", host="127.0.0.1", lsd=False, dht=False, trackers=[])
+        node.max_inbound = 10
+        node.register("echo", lambda address, args: {**args, "echoedBy": "py"})
+        await self.started(node)
+        half = []
+        for i in range(30):  # from many addresses: the per-host limit does not bite
+            sock = socket.socket()
+            sock.bind(("127.0.0.%d" % (2 + i), 0))
             sock.setblocking(False)
-            self.addCleanup(sock.close)
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, WORKER_PY, cwd=folder, stderr=subprocess.DEVNULL,
-                env={**clean_env(), "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
-            self.addCleanup(lambda: proc.returncode is None and proc.kill())
-            said = []
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", node.port))
+            half.append(await asyncio.open_connection(sock=sock))
+        await asyncio.sleep(0.5)
+        self.assertLessEqual(len(node._connections), 10)
+        self.assertGreater(node.stats["inbound refused"] + node.stats["handshakes cut: inbound cap"], 0)
+        peer = await self.started(py_node("cap-swarm", peers=["127.0.0.1:%d" % node.port]))
+        await until(lambda: peer.address in node.peers and node.address in peer.peers, 10)
+        self.assertEqual(await peer.rpc(node.address, "echo", {"in": 1}), {"in": 1, "echoedBy": "py"})
+        self.assertLessEqual(len(node._connections), 10)
+        for _, writer in half:
+            writer.close()
 
-            def read():
-                with contextlib.suppress(BlockingIOError):
-                    while True:
-                        said.append(sock.recv(100).decode())
-                return said
-            await until(lambda: read().count("WATCHDOG=1") >= 3, 20)  # about every 0.2 s
-            self.assertEqual(said[0], "READY=1")
-            proc.send_signal(15)
-            await asyncio.wait_for(proc.wait(), 30)
-            self.assertIn("STOPPING=1", read())
-            await cluster.master.close()
+    async def test_out_of_descriptors_pauses_accepting_with_one_log_line(self):
+        child = textwrap.dedent("""
+            import asyncio, resource, sys, worker as w
+            async def main():
+                w.Logger("info")
+                node = await w.Bugout("fd-swarm", host="127.0.0.1", lsd=False, dht=False, trackers=[]).start()
+                node.register("echo", lambda address, args: args)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+                print(node.port, flush=True)
+                await asyncio.Event().wait()
+            asyncio.run(main())
+            """)
+        proc = self.will_kill(await asyncio.create_subprocess_exec(
+            sys.executable, "-c", child, cwd=HERE, env=clean_env(), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE))
+        port = int(await asyncio.wait_for(proc.stdout.readline(), 20))
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(80)]
+        await asyncio.sleep(3.0)
+        for _, writer in held:
+            writer.close()
+        await asyncio.sleep(0.5)
+        peer = await self.started(py_node("fd-swarm", peers=["127.0.0.1:%d" % port]))
+        await until(lambda: peer.connections() == 1 and len(peer.peers) == 1, 15)
+        address = next(iter(peer.peers))
+        self.assertEqual(await peer.rpc(address, "echo", {"back": 1}), {"back": 1})
+        await peer.close()
+        proc.terminate()
+        _, err = await proc.communicate()
+        lines = err.decode().splitlines()
+        self.assertEqual(sum("cannot accept connections" in line for line in lines), 1, lines[:20])
+        self.assertLessEqual(len(lines), 5, lines[:20])
+
+    async def test_a_wire_that_does_not_read_is_closed_and_relays_to_it_dropped(self):
+        node = await self.started(py_node("sink-swarm", max_message=1 << 16))
+        other = await self.started(py_node("sink-swarm", peers=["127.0.0.1:%d" % node.port]))
+        reader, writer = await raw_wire(node, rcvbuf=4096)
+        await until(lambda: node.connections() == 2 and other.address in node.peers)
+        sent = 0  # relayed through node: past the kernel's buffers its queue to the sink stays small
+        while not node.stats["relays dropped: queues full"] and sent < 2000:
+            for _ in range(50):
+                other.send({"relay": sent, "pad": "r" * 30_000})
+                sent += 1
+            await until(lambda sent=sent: node.core.stats["relayed"] >= sent, 10)
+        self.assertGreater(node.stats["relays dropped: queues full"], 0)
+        self.assertEqual(node.stats["peers dropped: not reading"], 0)
+        sink = next(c for c in node._connections if c.address != other.address)
+        self.assertLessEqual(sink.buffered, w.RELAY_QUEUE + 40_000)
+        for i in range(2000):  # our own broadcasts must reach it: it does not read, it goes
+            node.send({"own": i, "pad": "o" * 30_000})
+            await asyncio.sleep(0)
+            if node.stats["peers dropped: not reading"]:
+                break
+        self.assertEqual(node.stats["peers dropped: not reading"], 1)
+        self.assertTrue(await closed_by_peer(reader, 5))
+        self.assertEqual(await other.rpc(node.address, "echo", {"ok": 1}), {"ok": 1, "echoedBy": "py"})
+        writer.close()
+
+    async def test_partly_received_messages_are_bounded_on_all_wires(self):
+        node = await self.started(py_node("partial-swarm", max_message=1 << 20))  # all wires: 2 MiB at most
+        master = await self.started(py_node("partial-swarm", peers=["127.0.0.1:%d" % node.port],
+                                            max_message=1 << 20))
+        await until(lambda: master.address in node.peers and node.address in master.peers)
+        node.prioritize(master.address)
+        master.ping()
+        await until(lambda: any(node.is_protected(c) for c in node._connections))
+        raws = [await raw_wire(node, local="127.0.0.%d" % (2 + i)) for i in range(4)]
+        for _, writer in raws:  # 900 KiB of a 1 MiB message each, then nothing
+            writer.write(struct.pack(">IBB", (1 << 20) - 10, 20, 4) + bytes(900 * 1024))
+            await writer.drain()
+        await until(lambda: node.stats["peers dropped: partial messages over the bound"] >= 2, 10)
+        self.assertLessEqual(node._held_total, node.max_partial)
+        big = {"blob": "b" * 900_000}  # the protected peer's large message still comes in whole
+        self.assertEqual(await master.rpc(node.address, "echo", big, timeout=10), {**big, "echoedBy": "py"})
+        for _, writer in raws:
+            writer.close()
+
+    async def test_a_message_that_stops_coming_closes_its_wire(self):
+        with mock.patch.object(w, "PROGRESS_SECONDS", 0.3):
+            node = await self.started(py_node("stall-swarm", heartbeat=0.1))
+            reader, writer = await raw_wire(node)
+            await until(lambda: node.connections() == 1)
+            writer.write(struct.pack(">IBB", 100_000, 20, 4) + bytes(40_000))  # 40 % of it, then silence
+            self.assertTrue(await closed_by_peer(reader, 5))
+            self.assertEqual(node.stats["peers dropped: stalled message"], 1)
+            writer.close()
+            await node.close()  # while PROGRESS_SECONDS is patched
+
+    async def test_deep_json_is_dropped_and_the_wire_kept(self):
+        node = await self.started(py_node("json-swarm"))
+        ident = w.Identity()
+        _, writer = await raw_wire(node, ident)
+        deep = "[" * 100_000 + "]" * 100_000
+        for value in (deep, '"after"'):
+            writer.write(bo_frame(signed_by(ident, {"y": "m", "v": value}, "json-swarm")))
+        await until(lambda: ("message", ident.address, "after") in node.events, 5)
+        self.assertEqual(node.core.stats["dropped: JSON nested too deeply"], 1)
+        self.assertEqual(node.connections(), 1)
+        self.assertEqual(node.stats["peers dropped for bad input"], 0)
+        writer.close()
+
+    async def test_lsd_does_not_dial_a_peer_already_wired(self):
+        a = await self.started(py_node("lsd-once"))
+        b = await self.started(py_node("lsd-once", peers=["127.0.0.1:%d" % a.port]))
+        await until(lambda: a.connections() == b.connections() == 1)
+        announce = w.lsd_announcement(b.infohash, b.port, "bittorrent-lsd-" + b.peer_id.hex())
+        for _ in range(3):  # b re-announces: a is wired to it already
+            w._LsdProtocol(a).datagram_received(announce, ("127.0.0.1", w.LSD_PORT))
+        await asyncio.sleep(0.5)
+        self.assertEqual((a.stats["duplicate wires"], b.stats["duplicate wires"]), (0, 0))
+        self.assertEqual(a.stats["lsd: already wired"], 3)
+        self.assertEqual(len(a._connections), 1)
+
+
+# LSD (BEP 14) ###############################################################
+
+async def child_lsd():
+    """In a namespace: the JS peer (LSD on, as by default) and a Python node find each other."""
+    ident = "lsd-swarm"
+    js = await JsProcess("peer.js", {"BO_ID": ident, "BO_MODE": "lsd"}).start()
+    start = time.monotonic()
+    py = await w.Bugout(ident, host="0.0.0.0", lsd=True, dht=False, trackers=[]).start()
+    py.register("echo", lambda a, args: args)
+    await js.wait_for(lambda e: e["event"] == "seen" and e["address"] == py.address, 30)
+    await until(lambda: js.ready["address"] in py.peers, 30)
+    found = time.monotonic() - start
+    echo = await py.rpc(js.ready["address"], "echo", {"lsd": True})
+    await py.close()
+    await js.close()
+    return {"found_s": found, "echo": echo}
+
+
+class TestLsd(unittest.TestCase):
+    def test_js_default_and_python_find_each_other(self):
+        js_ready()
+        out = in_namespace(child_lsd)
+        self.assertEqual(out["echo"], {"lsd": True, "echoedBy": "js"})
+        self.assertLess(out["found_s"], 30)
+
+
+async def child_lsd_runs():
+    """In a namespace: ten runs of master.py and worker.py that meet over LSD."""
+    runs = []
+    for i in range(10):
         with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_status_line_at_most_once_a_minute_while_anything_happened(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            cluster.push(12)
-            worker = cluster.worker(get_batch=True, batch_size=4)
-            with mock.patch.object(w, "STATUS_LINE_SECONDS", 0.3), self.assertLogs("worker", "INFO") as logs:
-                await worker.start()
-                await cluster.until_results(12)
-                await until(lambda: any("status: " in line for line in logs.output), 5)
-                await asyncio.sleep(1.2)  # nothing happens: no more lines
-            lines = [line for line in logs.output if "status: " in line]
-            self.assertEqual(len(lines), 1, lines)
-            self.assertRegex(lines[0], r"status: 12 done \(\d+\.\d/s\), 0 failed, 0 held, master b\w{7}… "
-                                       r"\(proven\), peers 1 \(tcp 1\)")
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
+            runs.append(await lsd_run(Path(tmp), (0, 0.5, 0.9)[i % 3]))
+    return runs
 
 
-# The command line, as users run it ##########################################
-
-WORKER_PY = str(HERE / "worker.py")
-
-
-class TestCommandLine(unittest.TestCase):
-    def test_setup_through_stdin(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            env = Path(tmp) / ".env"
-            env.write_text("name=pi-1\n")
-            key = "A" * 32
-            done = subprocess.run([sys.executable, WORKER_PY, "--setup", "--env", str(env)],
-                                  input="too short\n%s\n\n" % key, capture_output=True, text=True,
-                                  timeout=30, check=True)
-            self.assertIn("not valid", done.stdout)
-            values = w.read_env_file(env)
-            self.assertEqual(values["transferEncryptToken"], key)
-            self.assertGreaterEqual(len(values["token"]), 20)
-            self.assertEqual(values["name"], "pi-1")
-            self.assertNotIn("master", values)
-            self.assertEqual(env.stat().st_mode & 0o777, 0o600)
-            pin = w.Identity().address  # again, pinning a master's address this time
-            done = subprocess.run([sys.executable, WORKER_PY, "--setup", "--env", str(env)],
-                                  input="\n\nnot an address\n%s\n" % pin, capture_output=True, text=True,
-                                  timeout=30, check=True)
-            self.assertIn("not valid", done.stdout)
-            self.assertEqual(w.read_env_file(env)["master"], pin)
-            self.assertEqual(w.read_env_file(env)["transferEncryptToken"], key)
-
-    def test_missing_token_or_bad_key_exit_2(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            for text, message in (("transferEncryptToken=%s\n" % ("k" * 32), "no token"),
-                                  ("token=%s\ntransferEncryptToken=short\n" % ("t" * 20), "exactly 32")):
-                (Path(tmp) / ".env").write_text(text)
-                done = subprocess.run([sys.executable, WORKER_PY], check=False, cwd=tmp, capture_output=True,
-                                      text=True, timeout=30, env=clean_env())
-                self.assertEqual(done.returncode, 2)
-                self.assertIn(message, done.stderr)
-                self.assertEqual(len(done.stderr.strip().splitlines()), 1)
-
-    def test_help_and_version(self):
-        done = subprocess.run([sys.executable, WORKER_PY, "--version"], capture_output=True, text=True,
-                              check=True, timeout=30)
-        self.assertIn(w.__version__, done.stdout)
-        done = subprocess.run([sys.executable, WORKER_PY, "--help"], capture_output=True, text=True,
-                              check=True, timeout=30)
-        self.assertIn("--setup", done.stdout)
-
-    def test_demo_exits_0(self):
-        done = subprocess.run([sys.executable, WORKER_PY, "--demo"], check=False, capture_output=True, text=True,
-                              timeout=120, cwd=HERE)
-        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
-        self.assertIn("all results right", done.stdout)
-
-    def test_demo_loads_worker_py_once(self):
-        """master.py's ``from worker import`` finds the running module: one set of classes."""
-        done = subprocess.run([sys.executable, "-X", "importtime", WORKER_PY, "--demo"], check=False,
-                              capture_output=True, text=True, timeout=120, cwd=HERE)
-        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
-        imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()
-                    if line.startswith("import time:")]
-        self.assertIn("master", imported)
-        self.assertNotIn("worker", imported)
-
-    def test_sigterm_finishes_and_delivers_held_jobs(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            cluster.push(10, sleep=0.3)
-            folder = Path(tmp) / "wp"
-            folder.mkdir()
-            write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
-                               getBatch="true", batchSize=10, LOG_LEVEL="info")
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            await until(lambda: cluster.master.stats["jobs handed out"] == 10 and len(cluster.results) >= 1, 30)
-            proc.send_signal(15)
-            output, _ = await asyncio.wait_for(proc.communicate(), 30)
-            self.assertEqual(proc.returncode, 0, output.decode())
-            self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(10)))
-            self.assertIn(b"stopping", output)
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_a_timed_out_job_does_not_hold_the_process_at_exit(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp, files={"/workplace/task.py": LOOP_TASK_PY}).start()
-            cluster.push(1, hang=60)
-            folder = Path(tmp) / "wp"
-            folder.mkdir()
-            write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
-                               jobTimeout=1)
-            proc = await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
-                                                        stderr=subprocess.DEVNULL)
-            try:
-                await cluster.until_results(1, 30)
-                self.assertEqual(cluster.results[0]["error"]["type"], "TimeoutError")
-                proc.send_signal(15)
-                self.assertEqual(await asyncio.wait_for(proc.wait(), 15), 0)  # not after the 60 s job
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_second_sigterm_exits_at_once(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            cluster.push(10, sleep=2.0)
-            folder = Path(tmp) / "wp"
-            folder.mkdir()
-            write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
-                               getBatch="true", batchSize=5)
-            proc = await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
-                                                        stderr=subprocess.DEVNULL)
-            try:
-                await until(lambda: cluster.master.stats["jobs handed out"] >= 5, 30)
-                proc.send_signal(15)
-                await asyncio.sleep(0.3)
-                started = time.monotonic()
-                proc.send_signal(15)
-                code = await asyncio.wait_for(proc.wait(), 5)
-                self.assertEqual(code, 130)
-                self.assertLess(time.monotonic() - started, 2.0)  # not the 10 s the batch needs
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
+class TestLsdDuplicates(unittest.TestCase):
+    def test_master_py_and_worker_py_over_lsd_ten_runs_every_result(self):
+        """The issue's stall: both ends dial on LSD, one wire is closed with an answer on it."""
+        runs = in_namespace(child_lsd_runs, timeout=600)
+        for run_ in runs:
+            self.assertEqual((run_["results"], run_["rpc_timeouts"]), (1000, 0), runs)
+            self.assertLess(run_["seconds"], 20, runs)
 
 
 # DHT (BEP 5) ################################################################
-
-_real_dht_start = w.Dht.start
-
-
-async def _local_dht_start(self):
-    """Safety net: no test may bootstrap from anything but loopback."""
-    for host, _port in self.bootstrap:
-        if not host.startswith("127."):
-            raise AssertionError(f"a test tried to bootstrap the DHT from {host}")
-    return await _real_dht_start(self)
-
-
-w.Dht.start = _local_dht_start
-
-ASKER = b"abcdefghij0123456789"
-OURS = b"mnopqrstuvwxyz123456"
-HERE_ADDR = ("10.1.2.3", 6881)
-
-
-def quiet_core(node_id=OURS):
-    """A core whose secrets and transaction ids are fixed (zero bytes)."""
-    return w.DhtCore(node_id, random=lambda n: bytes(n))
-
-
-def sent(core):
-    """What a core sends: [(parsed message, address)]."""
-    return [(w.parse_krpc(data), addr) for data, addr in core.data_to_send()]
-
-
-class DhtNet:
-    """Cores linked in memory: datagrams between them are delivered at once."""
-
-    def __init__(self, count, now=1000.0):
-        self.now = now
-        self.cores = {("127.0.0.%d" % (i + 1), 6881): w.DhtCore(hashlib.sha1(b"node %d" % i).digest())
-                      for i in range(count)}
-        self.events = {addr: [] for addr in self.cores}
-
-    def __getitem__(self, i):
-        return list(self.cores.values())[i]
-
-    def addr(self, i):
-        return list(self.cores)[i]
-
-    def pump(self, seconds=0.0, lost=()):
-        """Deliver until quiet; addresses in ``lost`` never answer; then let time pass."""
-        moving = True
-        while moving:
-            moving = False
-            for src, core in self.cores.items():
-                for data, dst in core.data_to_send():
-                    moving = True
-                    if dst in self.cores and dst not in lost:
-                        self.cores[dst].receive_datagram(data, src, self.now)
-                self.events[src] += core.events_received()
-        if seconds:
-            self.now += seconds
-            for core in self.cores.values():
-                core.tick(self.now)
-            self.pump(lost=lost)
-
-    def peers_found(self, i, info_hash):
-        return {p for e in self.events[self.addr(i)] if isinstance(e, w.DhtPeers)
-                and e.info_hash == info_hash for p in e.peers}
-
 
 class TestKrpc(unittest.TestCase):
     def test_bep5_examples_byte_for_byte(self):
@@ -3189,9 +2687,9 @@ class TestKrpc(unittest.TestCase):
         self.assertIsNone(table.heard(OURS, ("10.0.0.1", 1), 1.0))  # never ourselves
 
     def test_node_id_follows_the_seed_and_config(self):
-        seed = VECTORS["keys"]["worker"]["seed_bs58check"]
+        seed = vectors()["keys"]["worker"]["seed_bs58check"]
         self.assertEqual(w.dht_node_id(seed), w.dht_node_id(seed))
-        self.assertNotEqual(w.dht_node_id(seed), w.dht_node_id(VECTORS["keys"]["master"]["seed_bs58check"]))
+        self.assertNotEqual(w.dht_node_id(seed), w.dht_node_id(vectors()["keys"]["master"]["seed_bs58check"]))
         self.assertEqual(len(w.dht_node_id(seed)), 20)
         default = w.Bugout("cfg", lsd=False)
         self.assertTrue(default.dht)
@@ -3211,7 +2709,7 @@ class TestKrpc(unittest.TestCase):
             w.Bugout("cfg", dht_bootstrap=["no-port"])
 
     def test_wire_dht_bit_and_port_message(self):
-        infohash, _ = w.infohash_of(IDENT)
+        infohash, _ = w.infohash_of(vector_swarm())
         ours = w.PeerWire(infohash, b"-QP0100-aaaaaaaaaaaa", {"m": {}}, initiator=True, dht_port=6881)
         theirs = w.PeerWire(infohash, b"-WW0109-AAAAAAAAAAAA", {"m": {}}, initiator=False, dht_port=40000)
         pump(ours, theirs)
@@ -3225,80 +2723,6 @@ class TestKrpc(unittest.TestCase):
 
 
 # DHT: generated bad input ###################################################
-
-_KRPC_KEYS = ["t", "y", "q", "a", "r", "e", "id", "target", "info_hash", "token", "port",
-              "implied_port", "values", "nodes", "ro", "v"]
-
-
-def krpc_seeds():
-    ids = [hashlib.sha1(b"%d" % i).digest() for i in range(4)]
-    nodes = b"".join(i + bytes([127, 0, 0, n + 1]) + struct.pack(">H", 6000 + n) for n, i in enumerate(ids))
-    values = [bytes([10, 0, 0, n]) + struct.pack(">H", 7000 + n) for n in range(3)]
-    messages = [w.KrpcQuery(b"aa", "ping", {"id": ids[0]}),
-                w.KrpcQuery(b"ab", "find_node", {"id": ids[1], "target": ids[2]}),
-                w.KrpcQuery(b"ac", "get_peers", {"id": ids[1], "info_hash": ids[3]}),
-                w.KrpcQuery(b"ad", "announce_peer", {"id": ids[2], "info_hash": ids[3], "port": 6881,
-                                                     "token": b"12345678", "implied_port": 1}),
-                w.KrpcQuery(b"ae", "get", {"id": ids[2], "target": ids[0]}),
-                w.KrpcResponse(b"\0\1", {"id": ids[0], "nodes": nodes, "values": values, "token": b"tok"}),
-                w.KrpcError(b"aa", 201, "A Generic Error Ocurred")]
-    return [bytes(m) for m in messages]
-
-
-def random_krpc(rng, depth=0):
-    """A random bencodable value shaped like KRPC: its keys, odd types and sizes."""
-    kind = rng.randrange(6 if depth < 3 else 3)
-    if kind == 0:
-        return rng.choice([0, 1, -1, 6881, 65535, 65536, 1 << 40])
-    if kind == 1:
-        return rng.randbytes(rng.choice([0, 1, 2, 6, 8, 19, 20, 21, 26, 52, 300]))
-    if kind == 2:
-        return rng.choice([b"q", b"r", b"e", b"ping", b"find_node", b"get_peers", b"announce_peer"])
-    if kind == 3:
-        return [random_krpc(rng, depth + 1) for _ in range(rng.randrange(5))]
-    return {rng.choice(_KRPC_KEYS): random_krpc(rng, depth + 1) for _ in range(rng.randrange(6))}
-
-
-def random_body(rng):
-    """Arguments or answer values: the right keys, often the right sizes, sometimes not."""
-    body = {k: random_krpc(rng) for k in rng.sample(_KRPC_KEYS[6:], rng.randrange(1, 6))}
-    for key in ("id", "target", "info_hash"):
-        if rng.random() < 0.7:
-            body[key] = rng.randbytes(20)
-    if rng.random() < 0.3:
-        body["nodes"] = rng.randbytes(26 * rng.randrange(12) + rng.choice([0, 0, 1, 25]))
-    return body
-
-
-def random_message(rng, t=None):
-    """A message with a sound envelope (t, y) and random contents."""
-    y = rng.choice([b"q", b"q", b"r", b"e"]) if t is None else rng.choice([b"r", b"r", b"r", b"e"])
-    message = {"t": t or rng.randbytes(rng.randint(1, 4)), "y": y}
-    if y == b"q":
-        message.update(q=rng.choice([b"ping", b"find_node", b"get_peers", b"announce_peer", b"x"]),
-                       a=random_body(rng))
-    elif y == b"r":
-        message["r"] = random_body(rng)
-    else:
-        message["e"] = rng.choice([[201, b"x"], [], [b"x"], random_krpc(rng)])
-    if rng.random() < 0.1:
-        message[rng.choice(_KRPC_KEYS)] = random_krpc(rng)
-    return w.bencode(message)
-
-
-def krpc_inputs(core, count, rng):
-    """Mutated valid messages, random messages, and random answers to our pending queries."""
-    mutated = mutations(krpc_seeds(), count, rng)
-    for i in range(count):
-        addr = ("10.0.%d.%d" % (i % 7, i % 61 + 1), 6881)
-        if i % 3 == 0:
-            yield next(mutated), addr
-        elif i % 3 == 1 or not core._pending:
-            yield random_message(rng), addr
-        else:
-            t, pending = rng.choice(list(core._pending.items()))
-            yield random_message(rng, t), pending.addr
-
 
 class TestKrpcBadInput(unittest.TestCase):
     def test_12000_generated_inputs(self):
@@ -3333,53 +2757,49 @@ class TestKrpcBadInput(unittest.TestCase):
 
 # DHT: real sockets and real JS DHT nodes ####################################
 
-class TestDhtLoopback(unittest.TestCase):
-    def test_two_python_nodes_through_a_python_bootstrap_node(self):
-        async def scenario():
-            boot = await w.Dht(hashlib.sha1(b"boot").digest(), host="127.0.0.1", bootstrap=()).start()
-            where = ["127.0.0.1:%d" % boot.port]
-            a = await py_node("dht-swarm", dht=True, dht_bootstrap=where)
-            await until(lambda: boot.stats["dht announces stored"], 10)
-            started = time.monotonic()
-            b = await py_node("dht-swarm", dht=True, dht_bootstrap=where)
-            await until(lambda: a.address in b.peers and b.address in a.peers, 20)
-            found = time.monotonic() - started
-            self.assertEqual(await b.rpc(a.address, "echo", {"via": "dht"}), {"via": "dht", "echoedBy": "py"})
-            self.assertEqual(await a.rpc(b.address, "echo", {}), {"echoedBy": "py"})
-            await until(lambda: boot.stats["dht announces stored"] >= 2, 10)
-            # the DHT bit and port message: each node's DHT knows the other's
-            await until(lambda: len(a._dht.core.table) == 2 and len(b._dht.core.table) == 2, 10)
-            self.assertEqual(a._dht.port, a.port)  # the TCP port's number, one port to forward
-            await b.close()
-            await a.close()
-            await boot.close()
-            await boot.close()  # idempotent
-            return found
-        found = run(scenario())
+class TestDhtLoopback(AsyncTest):
+    async def test_two_python_nodes_through_a_python_bootstrap_node(self):
+        boot = await self.started(w.Dht(hashlib.sha1(b"boot").digest(), host="127.0.0.1", bootstrap=()))
+        where = ["127.0.0.1:%d" % boot.port]
+        a = await self.started(py_node("dht-swarm", dht=True, dht_bootstrap=where))
+        await until(lambda: boot.stats["dht announces stored"], 10)
+        started = time.monotonic()
+        b = await self.started(py_node("dht-swarm", dht=True, dht_bootstrap=where))
+        await until(lambda: a.address in b.peers and b.address in a.peers, 20)
+        found = time.monotonic() - started
+        self.assertEqual(await b.rpc(a.address, "echo", {"via": "dht"}), {"via": "dht", "echoedBy": "py"})
+        self.assertEqual(await a.rpc(b.address, "echo", {}), {"echoedBy": "py"})
+        await until(lambda: boot.stats["dht announces stored"] >= 2, 10)
+        # the DHT bit and port message: each node's DHT knows the other's
+        await until(lambda: len(a._dht.core.table) == 2 and len(b._dht.core.table) == 2, 10)
+        self.assertEqual(a._dht.port, a.port)  # the TCP port's number, one port to forward
+        await b.close()
+        await a.close()
+        await boot.close()
+        await boot.close()  # idempotent
         print("\n  DHT: python found python through a python bootstrap node in %.3f s" % found,
               file=sys.stderr)
         self.assertLess(found, 10)
 
 
-DHT_JS_CHILD = """
-import asyncio, hashlib, json, time, test_worker as t, worker as w
-async def main():
+async def child_dht_js():
+    """In a namespace: a Python node and a JS peer meet through a JS DHT; a JS DHT client uses ours."""
     ident = "dht-js-swarm"
-    boot = await t.JsProcess("dht-node.js", {}).start()
+    boot = await JsProcess("dht-node.js", {}).start()
     where = "127.0.0.1:%d" % boot.ready["port"]
-    js = await t.JsProcess("peer.js", {"BO_ID": ident, "BO_MODE": "dht", "BO_DHT_BOOTSTRAP": where}).start()
+    js = await JsProcess("peer.js", {"BO_ID": ident, "BO_MODE": "dht", "BO_DHT_BOOTSTRAP": where}).start()
     await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == js.ready["port"], 20)
     start = time.monotonic()
     py = await w.Bugout(ident, host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], trackers=[]).start()
     py.register("echo", lambda a, args: {**args, "echoedBy": "py"})
-    await t.until(lambda: js.ready["address"] in py.peers, 30)
+    await until(lambda: js.ready["address"] in py.peers, 30)
     found = time.monotonic() - start
     echo = await py.rpc(js.ready["address"], "echo", {"dht": True})
     js.send(cmd="rpc", id=1, address=py.address, call="echo", args={"from": "js"})
     back = (await js.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 1))["result"]
     ours = await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == py.port, 20)
     # a JS DHT client bootstrapped from the Python node: find_node, get_peers, announce_peer
-    client = await t.JsProcess("dht-node.js", {"DHT_BOOTSTRAP": "127.0.0.1:%d" % py._dht.port}).start()
+    client = await JsProcess("dht-node.js", {"DHT_BOOTSTRAP": "127.0.0.1:%d" % py._dht.port}).start()
     topic = hashlib.sha1(b"topic").hexdigest()
     client.send(cmd="announce", id=1, infoHash=topic, port=4242)
     announced = await client.wait_for(lambda e: e["event"] == "announced", 20)
@@ -3387,72 +2807,63 @@ async def main():
     client.send(cmd="lookup", id=2, infoHash=topic)
     peer = await client.wait_for(lambda e: e["event"] == "peer" and e["fromPort"] == py._dht.port, 20)
     stats = dict(py._dht.stats)
-    await py.close(); await js.close(); await client.close(); await boot.close()
-    print(json.dumps({"found_s": found, "echo": echo, "back": back, "ours": ours, "announced": announced,
-                      "stored": stored, "peer": peer, "stats": stats, "js_port": js.ready["port"]}))
-asyncio.run(main())
-"""
-
-MASTER_TASK = '''\
-import json
+    for closing in (py, js, client, boot):
+        await closing.close()
+    return {"found_s": found, "echo": echo, "back": back, "ours": ours, "announced": announced,
+            "stored": stored, "peer": peer, "stats": stats, "js_port": js.ready["port"]}
 
 
-class Task:
-    def run(self, job):
-        return {"double": json.loads(job["data"])["x"] * 2}
-'''
+async def child_dht_master():
+    """In a namespace: a Worker finds the JS master over a JS DHT and runs its 20 jobs."""
+    with tempfile.TemporaryDirectory(prefix="qx-dht-") as folder:
+        tmp = Path(folder)
+        (tmp / "task.py").write_text(MASTER_TASK)
+        task = {"masterPath": str(tmp / "task.py"), "name": "task.py", "workerPath": "/workplace/task.py"}
+        (tmp / "assets.json").write_text(json.dumps({"files": [task], "dependencies": []}))
+        boot = await JsProcess("dht-node.js", {}).start()
+        where = "127.0.0.1:%d" % boot.ready["port"]
+        master = await JsProcess("master.js", {"QX_TOKEN": "dht-flow-token-0123456789", "QX_KEY": KEY,
+                                               "QX_JOBS": "20", "QX_ASSETS": str(tmp / "assets.json"),
+                                               "QX_DHT_BOOTSTRAP": where}).start()
+        await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == master.ready["port"], 20)
+        worker = w.Worker("dht-flow-token-0123456789", "dht-worker", "warn", KEY, env={}, folder=tmp / "w",
+                          host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], get_batch=True, batch_size=5,
+                          trackers=[])
+        start = time.monotonic()
+        await worker.start()
+        await until(lambda: worker.master is not None, 30)
+        found = time.monotonic() - start
+        results = []
+        while len(results) < 20:
+            results.append(await master.wait_for(lambda e: e["event"] == "result" and e not in results, 60))
+        elapsed = time.monotonic() - start
+        await worker.stop()
+        await master.close()
+        await boot.close()
+    return {"found_s": found, "all_s": elapsed, "results": [r["result"] for r in results],
+            "master": master.ready["address"], "worker": worker.address, "lsd": worker.node.lsd}
 
-DHT_MASTER_CHILD = """
-import asyncio, json, os, pathlib, tempfile, time, test_worker as t, worker as w
-async def main():
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="qx-dht-"))
-    (tmp / "task.py").write_text(t.MASTER_TASK)
-    (tmp / "assets.json").write_text(json.dumps({"files": [{"masterPath": str(tmp / "task.py"),
-        "name": "task.py", "workerPath": "/workplace/task.py"}], "dependencies": []}))
-    boot = await t.JsProcess("dht-node.js", {}).start()
-    where = "127.0.0.1:%d" % boot.ready["port"]
-    master = await t.JsProcess("master.js", {"QX_TOKEN": "dht-flow-token-0123456789", "QX_KEY": t.KEY,
-        "QX_JOBS": "20", "QX_ASSETS": str(tmp / "assets.json"), "QX_DHT_BOOTSTRAP": where}).start()
-    await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == master.ready["port"], 20)
-    worker = w.Worker("dht-flow-token-0123456789", "dht-worker", "warn", t.KEY, env={}, folder=tmp / "w",
-                      host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], get_batch=True, batch_size=5,
-                      trackers=[])
-    start = time.monotonic()
-    await worker.start()
-    await t.until(lambda: worker.master is not None, 30)
-    found = time.monotonic() - start
-    results = []
-    while len(results) < 20:
-        results.append((await master.wait_for(lambda e: e["event"] == "result" and e not in results, 60)))
-    elapsed = time.monotonic() - start
-    await worker.stop(); await master.close(); await boot.close()
-    print(json.dumps({"found_s": found, "all_s": elapsed, "results": [r["result"] for r in results],
-                      "master": master.ready["address"], "worker": worker.address,
-                      "lsd": worker.node.lsd}))
-asyncio.run(main())
-"""
 
-DHT_LATE_MASTER_CHILD = """
-import asyncio, json, pathlib, tempfile, time, test_worker as t, worker as w
-w.DHT_LOOKUP_AT, w.DHT_LOOKUP_ALONE = (0.0, 1.0), 1.0  # the schedule, shortened for the test
-async def main():
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="qx-dht-"))
-    boot = await t.JsProcess("dht-node.js", {}).start()
-    where = "127.0.0.1:%d" % boot.ready["port"]
-    worker = w.Worker("dht-late-token-0123456789", "late", "warn", t.KEY, env={}, folder=tmp / "w",
-                      host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], trackers=[])
-    await worker.start()
-    await asyncio.sleep(2.5)
-    assert worker.master is None
-    master = await t.JsProcess("master.js", {"QX_TOKEN": "dht-late-token-0123456789", "QX_KEY": t.KEY,
-                                             "QX_DHT_BOOTSTRAP": where}).start()
-    start = time.monotonic()
-    await t.until(lambda: worker.master is not None, 20)
-    found, adopted = time.monotonic() - start, worker.master
-    await worker.stop(); await master.close(); await boot.close()
-    print(json.dumps({"found_s": found, "master": adopted, "js": master.ready["address"]}))
-asyncio.run(main())
-"""
+async def child_dht_late_master():
+    """In a namespace: a JS master that comes after the Worker's first lookups is found by a later one."""
+    w.DHT_LOOKUP_AT, w.DHT_LOOKUP_ALONE = (0.0, 1.0), 1.0  # the schedule, shortened for the test
+    with tempfile.TemporaryDirectory(prefix="qx-dht-") as folder:
+        boot = await JsProcess("dht-node.js", {}).start()
+        where = "127.0.0.1:%d" % boot.ready["port"]
+        worker = w.Worker("dht-late-token-0123456789", "late", "warn", KEY, env={}, folder=Path(folder) / "w",
+                          host="0.0.0.0", lsd=False, dht=True, dht_bootstrap=[where], trackers=[])
+        await worker.start()
+        await asyncio.sleep(2.5)
+        assert worker.master is None
+        master = await JsProcess("master.js", {"QX_TOKEN": "dht-late-token-0123456789", "QX_KEY": KEY,
+                                               "QX_DHT_BOOTSTRAP": where}).start()
+        start = time.monotonic()
+        await until(lambda: worker.master is not None, 20)
+        found, adopted = time.monotonic() - start, worker.master
+        await worker.stop()
+        await master.close()
+        await boot.close()
+    return {"found_s": found, "master": adopted, "js": master.ready["address"]}
 
 
 class TestDhtJs(unittest.TestCase):
@@ -3461,7 +2872,7 @@ class TestDhtJs(unittest.TestCase):
         need((INTEROP / "node_modules" / "bittorrent-dht").is_dir(), "run npm ci in interop/")
 
     def test_python_and_js_peers_meet_through_a_js_dht(self):
-        out = in_namespace(DHT_JS_CHILD)
+        out = in_namespace(child_dht_js)
         self.assertEqual(out["echo"], {"dht": True, "echoedBy": "js"})
         self.assertEqual(out["back"], {"from": "js", "echoedBy": "py"})
         self.assertEqual(out["announced"]["error"], None)  # JS announce_peer to Python: accepted
@@ -3474,7 +2885,7 @@ class TestDhtJs(unittest.TestCase):
         self.assertLess(out["found_s"], 30)
 
     def test_job_flow_with_a_js_master_found_over_the_dht(self):
-        out = in_namespace(DHT_MASTER_CHILD, timeout=150)
+        out = in_namespace(child_dht_master, timeout=150)
         self.assertFalse(out["lsd"])
         self.assertEqual(sorted(r["jobID"] for r in out["results"]), list(range(20)))
         for r in out["results"]:
@@ -3485,1620 +2896,12 @@ class TestDhtJs(unittest.TestCase):
         self.assertLess(out["found_s"], 30)
 
     def test_master_started_later_is_found_by_a_later_lookup(self):
-        out = in_namespace(DHT_LATE_MASTER_CHILD)
+        out = in_namespace(child_dht_late_master)
         self.assertEqual(out["master"], out["js"])
         self.assertLess(out["found_s"], 20)
 
 
-# Tasks in child processes (issue 12) ########################################
-
-# What each row of issue 12's table did to a worker, and more, on request.
-TRICKY_TASK_PY = '''\
-import ctypes
-import json
-import os
-import signal
-import threading
-import time
-from pathlib import Path
-
-
-def meet(folder, deadline=15.0):
-    """True once a partner job has come to ``folder`` too: both ran at once."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    (Path(folder) / str(os.getpid())).touch()
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if len(list(Path(folder).iterdir())) >= 2:
-            return True
-        time.sleep(0.01)
-    return False
-
-
-class Task:
-    def run(self, job):
-        data = json.loads(job["data"])
-        do = data.get("do")
-        if do == "exit":
-            os._exit(3)
-        if do == "segfault":
-            ctypes.string_at(0)  # a crash in a C extension
-        if do == "oom-kill":
-            os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer sends
-        if do == "nan":
-            return {"x": float("nan")}
-        if do == "infinity":
-            return [float("inf")]
-        if do == "set":
-            return {1, 2}
-        if do == "patch-json":
-            json.dumps = lambda *args, **kwargs: "NaN"
-            json.JSONEncoder.encode = lambda *args, **kwargs: "NaN"
-            return "patched"
-        if do == "thread":
-            threading.Thread(target=time.sleep, args=(3600,)).start()  # not a daemon
-            return "thread started"
-        if do == "allocate":
-            return len(b"x" * (data["mb"] << 20))  # every page touched
-        if do == "spin":
-            Path(data["pidfile"]).write_text(str(os.getpid()))
-            while True:
-                pass
-        if do == "meet":
-            return {"met": meet(data["folder"]), "pid": os.getpid()}
-        return {"pid": os.getpid(), "x": data.get("x")}
-'''
-
-TRICKY_TASK_JS = """\
-const fs = require('fs');
-const path = require('path');
-
-async function meet(folder) {
-  fs.mkdirSync(folder, { recursive: true });
-  fs.writeFileSync(path.join(folder, String(process.pid)), '');
-  const end = Date.now() + 15000;
-  while (Date.now() < end) {
-    if (fs.readdirSync(folder).length >= 2) return true;
-    await new Promise((resolve) => setTimeout(resolve, 10));
-  }
-  return false;
-}
-
-class Task {
-  async run(job) {
-    const data = JSON.parse(job.data);
-    if (data.do === 'exit') process.exit(3);
-    if (data.do === 'spin') {
-      fs.writeFileSync(data.pidfile, String(process.pid));
-      for (;;);
-    }
-    if (data.do === 'heap') {
-      const kept = [];
-      for (;;) kept.push({ x: Math.random(), s: `abc${kept.length}` });
-    }
-    if (data.do === 'buffer') return Buffer.alloc(2000 * 1024 * 1024).length;
-    if (data.do === 'meet') return { met: await meet(data.folder), pid: process.pid };
-    return { pid: process.pid, x: data.x };
-  }
-}
-
-module.exports = Task;
-"""
-
-
-def push_jobs(cluster, jobs, start=0):
-    """Queue ``jobs`` (dicts, the job's data) with ids from ``start``; return the ids.
-
-    The JS rule hands out a batch only while more jobs wait than ``batchSize``:
-    with ``batchSize=len(jobs) - 1``, all but the last come in one batch.
-    """
-    for i, data in enumerate(jobs, start):
-        cluster.master.push_new_job({"id": i, "data": json.dumps(data)})
-    return list(range(start, start + len(jobs)))
-
-
-def alive(pid):
-    """True while process ``pid`` exists and is not a zombie."""
-    try:
-        return Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def peak_rss_mb(pid):
-    for line in Path("/proc/%d/status" % pid).read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-class WorkerPy:
-    """``python worker.py`` in a folder of its own (its .env on loopback), output in a file."""
-
-    def __init__(self, tmp, cluster, name="wp", **keys):
-        self.folder = Path(tmp) / name
-        self.folder.mkdir()
-        keys.setdefault("LOG_LEVEL", "info")
-        write_loopback_env(self.folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port, **keys)
-        self._out = (self.folder / "out.log").open("wb")
-
-    async def start(self, procs):
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, WORKER_PY, cwd=self.folder, env=clean_env(), stdout=self._out,
-                stderr=subprocess.STDOUT)
-        finally:
-            self._out.close()  # the worker has its own copy
-        procs.append(self.proc)
-        return self
-
-    def output(self):
-        return (self.folder / "out.log").read_text(errors="replace")
-
-    async def sigterm(self, timeout):
-        """SIGTERM; the exit code, which must come within ``timeout`` seconds."""
-        self.proc.send_signal(15)
-        return await asyncio.wait_for(self.proc.wait(), timeout)
-
-
-class TestTaskProcesses(unittest.TestCase):
-    """Issue 12: task.py and task.js in child processes, through real ``python worker.py``."""
-
-    def setUp(self):
-        self.procs = []  # killed in tearDown, so a failing test leaves no process behind
-
-    def tearDown(self):
-        for proc in self.procs:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, 9)  # its children die with it (PR_SET_PDEATHSIG)
-
-    def scenario(self, coro_fn, timeout=120, files=None):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp, files=files or {"/workplace/task.py": TRICKY_TASK_PY}).start()
-            try:
-                await coro_fn(Path(tmp), cluster)
-            finally:
-                await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp), timeout)
-
-    def by_id(self, cluster):
-        results = {r["jobID"]: r for r in cluster.results}
-        self.assertEqual(len(results), len(cluster.results), "a job was answered twice")
-        return results
-
-    def test_deaths_mid_batch_fail_only_their_job_and_a_new_child_takes_the_next(self):
-        async def scenario(tmp, cluster):
-            ids = push_jobs(cluster, [{"x": 0}, {"do": "exit"}, {"x": 2}, {"do": "segfault"}, {"x": 4},
-                                      {"do": "oom-kill"}, {"x": 6}, {"do": "thread"}, {"x": 8}])
-            worker = await WorkerPy(tmp, cluster, getBatch="true", batchSize=len(ids) - 1).start(self.procs)
-            await cluster.until_results(len(ids), 60)
-            by_id = self.by_id(cluster)
-            for i, death in ((1, "exited (code 3)"), (3, "was killed by SIGSEGV"), (5, "was killed by SIGKILL")):
-                self.assertIsNone(by_id[i]["data"])
-                self.assertEqual(by_id[i]["error"]["type"], "TaskProcessError")
-                self.assertIn("the task.py process %s" % death, by_id[i]["error"]["message"])
-            self.assertIn("Fatal Python error: Segmentation fault", by_id[3]["error"]["traceback"])
-            self.assertIn("task.py\", line", by_id[3]["error"]["traceback"])  # the task's own stack
-            pids = [by_id[i]["data"]["pid"] for i in (0, 2, 4, 6)]
-            self.assertEqual(len(set(pids)), 4, "each death, a new child")
-            self.assertEqual(by_id[7]["data"], "thread started")
-            self.assertEqual(by_id[8]["data"]["pid"], pids[-1])  # a live child serves job after job
-            self.assertIsNone(worker.proc.returncode)
-            started = time.monotonic()
-            self.assertEqual(await worker.sigterm(20), 0, worker.output())  # a non-daemon thread holds nothing
-            self.assertLess(time.monotonic() - started, 10)
-            self.assertFalse([pid for pid in pids if alive(pid)])
-        self.scenario(scenario)
-
-    def test_results_are_standard_json_or_an_error_saying_why(self):
-        async def scenario(tmp, cluster):
-            ids = push_jobs(cluster, [{"do": "nan"}, {"do": "infinity"}, {"do": "set"}, {"do": "patch-json"},
-                                      {"x": 4}, {"x": 5}])
-            worker = await WorkerPy(tmp, cluster, getBatch="true", batchSize=len(ids) - 1).start(self.procs)
-            await cluster.until_results(len(ids), 60)
-            by_id = self.by_id(cluster)
-            for i in (0, 1):
-                self.assertIsNone(by_id[i]["data"])
-                self.assertEqual(by_id[i]["error"]["type"], "ValueError")
-                self.assertIn("NaN, Infinity and -Infinity have no JSON form", by_id[i]["error"]["message"])
-            self.assertIn("Object of type set is not JSON serializable", by_id[2]["error"]["message"])
-            # json patched inside the child: the worker and the child's answers do not care
-            self.assertEqual(by_id[3]["data"], "patched")
-            self.assertEqual([by_id[i]["data"]["x"] for i in (4, 5)], [4, 5])
-            for result in cluster.results:  # what a JS master's JSON.parse reads
-                json.dumps(result, allow_nan=False)
-            self.assertEqual(await worker.sigterm(20), 0)
-        self.scenario(scenario)
-
-    def test_thread_mode_is_a_choice_and_checks_json_too(self):
-        async def scenario(tmp, cluster):
-            push_jobs(cluster, [{"do": "nan"}, {"x": 1}])
-            worker = await cluster.worker(get_batch=True, batch_size=2, task_runner="thread").start()
-            await cluster.until_results(2)
-            by_id = self.by_id(cluster)
-            self.assertIn("no JSON form", by_id[0]["error"]["message"])
-            self.assertEqual(by_id[1]["data"], {"pid": os.getpid(), "x": 1})  # in the worker's own process
-            self.assertIsInstance(worker._runner, w.ThreadRunner)
-            await worker.stop()
-            with self.assertRaises(w.WorkerError):
-                cluster.worker(task_runner="fork")
-        self.scenario(scenario)
-
-    def test_timeout_ends_the_child_and_its_cpu(self):
-        async def scenario(tmp, cluster):
-            pidfile = tmp / "spinner.pid"
-            push_jobs(cluster, [{"x": 0}, {"do": "spin", "pidfile": str(pidfile)}, {"x": 2}])
-            worker = await WorkerPy(tmp, cluster, getBatch="true", batchSize=2, jobTimeout=1).start(self.procs)
-            await cluster.until_results(3, 60)
-            by_id = self.by_id(cluster)
-            self.assertEqual(by_id[1]["error"]["type"], "TimeoutError")
-            self.assertIn("longer than 1s", by_id[1]["error"]["message"])
-            spinner = int(pidfile.read_text())
-            self.assertEqual(by_id[0]["data"]["pid"], spinner)
-            self.assertNotEqual(by_id[2]["data"]["pid"], spinner)  # a new child took the next job
-            await until(lambda: not alive(spinner), 10)  # SIGTERM, SIGKILL after 2 s: no CPU left spinning
-            self.assertEqual(await worker.sigterm(20), 0)
-        self.scenario(scenario)
-
-    def test_sigterm_without_job_timeout_exits_in_time_and_reports_held_jobs(self):
-        async def scenario(tmp, cluster):
-            pidfile = tmp / "spinner.pid"
-            push_jobs(cluster, [{"do": "thread"}, {"do": "spin", "pidfile": str(pidfile)}, {"x": 2}, {"x": 3},
-                                {"x": 4}])
-            worker = await WorkerPy(tmp, cluster, getBatch="true", batchSize=4, stopTimeout=4).start(self.procs)
-            await until(lambda: pidfile.exists() and pidfile.read_text(), 60)
-            started = time.monotonic()
-            self.assertEqual(await worker.sigterm(15), 0, worker.output())
-            self.assertLess(time.monotonic() - started, 8)  # stopTimeout=4, plus the child's end
-            await cluster.until_results(4)
-            by_id = self.by_id(cluster)
-            self.assertEqual(by_id[0]["data"], "thread started")
-            self.assertEqual(by_id[1]["error"]["type"], "TaskProcessError")
-            self.assertIn("stopped before this job finished", by_id[1]["error"]["message"])
-            for i in (2, 3):
-                self.assertIn("stopped before this job started", by_id[i]["error"]["message"])
-            self.assertNotIn(4, by_id)  # not handed out
-            self.assertFalse(alive(int(pidfile.read_text())))
-            self.assertFalse((worker.folder / ".results.json").exists())  # all delivered
-        self.scenario(scenario)
-
-    def test_kill_9_of_the_worker_ends_its_children(self):
-        async def scenario(tmp, cluster):
-            pidfile = tmp / "spinner.pid"
-            push_jobs(cluster, [{"do": "spin", "pidfile": str(pidfile)}])
-            worker = await WorkerPy(tmp, cluster).start(self.procs)
-            await until(lambda: pidfile.exists() and pidfile.read_text(), 60)
-            spinner = int(pidfile.read_text())
-            self.assertTrue(alive(spinner))
-            worker.proc.kill()
-            await worker.proc.wait()
-            await until(lambda: not alive(spinner), 10)  # PR_SET_PDEATHSIG: no orphan spinning on
-        self.scenario(scenario)
-
-    def test_job_memory_cap_is_an_error_result_not_a_big_worker(self):
-        async def scenario(tmp, cluster):
-            push_jobs(cluster, [{"do": "allocate", "mb": 2000}, {"do": "allocate", "mb": 20}, {"x": 2}])
-            worker = await WorkerPy(tmp, cluster, getBatch="true", batchSize=2, jobMemoryMB=100).start(self.procs)
-            await cluster.until_results(3, 60)
-            by_id = self.by_id(cluster)
-            self.assertEqual(by_id[0]["error"]["type"], "MemoryError")
-            self.assertIn("jobMemoryMB=100", by_id[0]["error"]["message"])
-            self.assertEqual(by_id[1]["data"], 20 << 20)  # under the cap: fine
-            self.assertEqual(by_id[2]["data"]["x"], 2)
-            self.assertLess(peak_rss_mb(worker.proc.pid), 100)  # the worker never held the 2 GB
-            self.assertEqual(await worker.sigterm(20), 0)
-        self.scenario(scenario)
-
-    def test_concurrency_runs_jobs_of_a_batch_at_once(self):
-        async def scenario(tmp, cluster):
-            meets = [{"do": "meet", "folder": str(tmp / "meet" / str(i // 2))} for i in range(4)]
-            push_jobs(cluster, meets + [{"do": "exit"}, {"x": 5}])
-            worker = await WorkerPy(tmp, cluster, getBatch="true", batchSize=5, concurrency=2).start(self.procs)
-            await cluster.until_results(6, 60)
-            by_id = self.by_id(cluster)
-            for pair in ((0, 1), (2, 3)):
-                self.assertEqual([by_id[i]["data"]["met"] for i in pair], [True, True])
-                self.assertNotEqual(by_id[pair[0]]["data"]["pid"], by_id[pair[1]]["data"]["pid"])
-            self.assertIn("exited (code 3)", by_id[4]["error"]["message"])
-            self.assertEqual(by_id[5]["data"]["x"], 5)
-            self.assertEqual(await worker.sigterm(20), 0)
-        self.scenario(scenario)
-
-    def test_concurrency_without_batches_asks_one_job_per_free_child(self):
-        async def scenario(tmp, cluster):
-            push_jobs(cluster, [{"do": "meet", "folder": str(tmp / "meet")}] * 2)
-            worker = await WorkerPy(tmp, cluster, getBatch="false", concurrency=2).start(self.procs)
-            await cluster.until_results(2, 60)
-            self.assertEqual([r["data"]["met"] for r in cluster.results], [True, True])
-            self.assertEqual(await worker.sigterm(20), 0)
-        self.scenario(scenario)
-
-    def test_import_error_is_reported_and_new_assets_bring_new_children(self):
-        async def scenario(tmp, cluster):
-            push_jobs(cluster, [{"x": 0}, {"x": 1}])
-            worker = cluster.worker(concurrency=2)
-            with self.assertLogs("worker", "ERROR") as logs:
-                await worker.start()
-                await until_logged(logs, "cannot load")
-            text = "\n".join(logs.output)
-            self.assertIn("task.py does not load: ModuleNotFoundError: No module named 'qx_missing'", text)
-            self.assertIn('task.py", line 1', text)  # the child's traceback
-            self.assertIsNone(worker._runner)
-            self.assertEqual(cluster.master.stats["jobs handed out"], 0)
-            self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
-            write_assets(tmp / "master", {"/workplace/task.py": TRICKY_TASK_PY})
-            self.assertTrue(await worker.sync_assets())
-            await cluster.until_results(2)
-            first = worker._runner
-            old = first.pids
-            write_assets(tmp / "master", {"/workplace/task.py": TRICKY_TASK_PY + "\n# v2\n"})
-            self.assertTrue(await worker.sync_assets())
-            self.assertIsNot(worker._runner, first)
-            await until(lambda: not first.children and not [p for p in old if alive(p)], 10)
-            push_jobs(cluster, [{"x": 2}], start=2)
-            await cluster.until_results(3)
-            self.assertNotIn(self.by_id(cluster)[2]["data"]["pid"], old)
-            now = worker._runner.pids
-            await worker.stop()
-            self.assertFalse([p for p in now if alive(p)])
-        self.scenario(scenario, files={"/workplace/task.py": "import qx_missing\n"})
-
-    def test_task_js_concurrency_deaths_timeout_and_memory(self):
-        async def scenario(tmp, cluster):
-            pidfile = tmp / "spinner.pid"
-            meets = [{"do": "meet", "folder": str(tmp / "meet")}] * 2
-            push_jobs(cluster, meets + [{"do": "exit"}, {"x": 3}, {"do": "spin", "pidfile": str(pidfile)},
-                                        {"do": "heap"}, {"do": "buffer"}, {"x": 7}])
-            worker = await WorkerPy(tmp, cluster, getBatch="true", batchSize=7, concurrency=2, jobTimeout=5,
-                                    jobMemoryMB=200).start(self.procs)
-            await cluster.until_results(8, 90)
-            by_id = self.by_id(cluster)
-            self.assertEqual([by_id[i]["data"]["met"] for i in (0, 1)], [True, True])
-            self.assertNotEqual(by_id[0]["data"]["pid"], by_id[1]["data"]["pid"])
-            self.assertIn("the task.js process exited (code 3)", by_id[2]["error"]["message"])
-            self.assertEqual(by_id[3]["data"]["x"], 3)
-            self.assertEqual(by_id[4]["error"]["type"], "TimeoutError")
-            self.assertIn("was killed by SIGABRT", by_id[5]["error"]["message"])
-            self.assertIn("jobMemoryMB=200", by_id[5]["error"]["message"])
-            self.assertEqual(by_id[6]["error"]["type"], "RangeError")  # the cap, seen by the task itself
-            self.assertEqual(by_id[7]["data"]["x"], 7)
-            await until(lambda: not alive(int(pidfile.read_text())), 10)
-            self.assertLess(peak_rss_mb(worker.proc.pid), 100)
-            self.assertEqual(await worker.sigterm(20), 0)
-        need(NODE, "node is not installed")
-        self.scenario(scenario, files={"/workplace/task.js": TRICKY_TASK_JS})
-
-    def test_settings(self):
-        self.assertEqual(w.parse_concurrency("auto"), len(os.sched_getaffinity(0)))
-        self.assertEqual(w.parse_concurrency(" 3 "), 3)
-        self.assertIsNone(w.parse_memory_mb(None))
-        self.assertIsNone(w.parse_memory_mb("0"))
-        self.assertEqual(w.parse_memory_mb("256"), 256)
-        for bad in ("0", "-1", "two", "1.5", ""):
-            with self.assertRaises(w.WorkerError, msg=bad):
-                w.parse_concurrency(bad)
-        with self.assertRaises(w.WorkerError):
-            w.parse_memory_mb("lots")
-        for key in ("concurrency", "jobMemoryMB", "stopTimeout", "taskRunner"):
-            self.assertIn(key, w.SETTINGS)
-            self.assertTrue("| `%s` |" % key in (HERE / "README.md").read_text(), key)
-            self.assertTrue("\n%s=" % key in (HERE / ".env.example").read_text(), key)
-
-
-# task.js through Node (issue 6) #############################################
-
-NPM = shutil.which("npm")
-
-DEP_INDEX_JS = "module.exports = { add: (a, b) => a + b, version: require('./package.json').version };\n"
-
-# In the style of the JS Master's examples/basic/task.js, with an npm dependency.
-BASIC_TASK_JS = """\
-const dep = require('qx-demo-dep');
-
-class Task {
-  constructor() {
-    this.data = null;
-  }
-
-  async run(job) {
-    this.data = JSON.parse(job.data);
-    return { sum: dep.add(this.data.x, this.data.y), dep: dep.version };
-  }
-}
-
-module.exports = Task;
-"""
-
-# A plain (not async) run that throws, rejects, logs or exits when the job asks.
-EDGE_TASK_JS = """\
-class Task {
-  run(job) {
-    const data = JSON.parse(job.data);
-    if (data.throw) throw new TypeError(`thrown by job ${job.id}`);
-    if (data.reject) return Promise.reject(new RangeError(`rejected by job ${job.id}`));
-    if (data.log) console.log(`console.log from job ${job.id}`);
-    if (data.exit) {
-      console.error(`job ${job.id} exits`);
-      process.exit(3);
-    }
-    return { sum: data.x + data.y, pid: process.pid };
-  }
-}
-
-module.exports = Task;
-"""
-
-VERSION_TASK_JS = """\
-module.exports = class Task {
-  run(job) {
-    return { version: %d, pid: process.pid };
-  }
-};
-"""
-
-_npm_env: dict = {}
-
-
-def offline_npm():
-    """Environment for an npm that installs ``qx-demo-dep`` offline, from its cache."""
-    need(NODE, "node is not installed")
-    need(NPM, "npm is not installed")
-    if not _npm_env:
-        import atexit
-        root = Path(tempfile.mkdtemp(prefix="qx-npm-"))
-        atexit.register(shutil.rmtree, root, True)
-        _npm_env.update(_prime_npm_cache(root))
-    return dict(_npm_env)
-
-
-def _prime_npm_cache(root):
-    """Pack qx-demo-dep 1.0.0 from a folder and put it in a fresh npm cache.
-
-    A registry on 127.0.0.1 serves it once to ``npm cache add`` and stops; from
-    then on npm runs with ``npm_config_offline=true`` and never asks a registry.
-    """
-    package = root / "qx-demo-dep"
-    package.mkdir()
-    (package / "package.json").write_text(json.dumps({"name": "qx-demo-dep", "version": "1.0.0",
-                                                      "main": "index.js"}))
-    (package / "index.js").write_text(DEP_INDEX_JS)
-    env = {"npm_config_cache": str(root / "cache"), "npm_config_offline": "true",
-           "npm_config_update_notifier": "false", "npm_config_audit": "false",
-           "npm_config_fund": "false"}
-    subprocess.run([NPM, "pack", str(package)], cwd=root, env=dict(os.environ, **env), check=True,
-                   capture_output=True, timeout=120)
-    server = _loopback_registry((root / "qx-demo-dep-1.0.0.tgz").read_bytes())
-    env["npm_config_registry"] = "http://127.0.0.1:%d/" % server.server_address[1]
-    try:
-        subprocess.run([NPM, "cache", "add", "qx-demo-dep@1.0.0"], cwd=root, check=True,
-                       env=dict(os.environ, **{**env, "npm_config_offline": "false"}),
-                       capture_output=True, timeout=120)
-    finally:
-        server.shutdown()
-        server.server_close()
-    return env
-
-
-def _loopback_registry(tarball):
-    """A one-package npm registry on 127.0.0.1, serving in a thread."""
-    import base64
-    import http.server
-    import threading
-
-    class Registry(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            base = "http://127.0.0.1:%d" % self.server.server_address[1]
-            body = tarball if self.path.endswith(".tgz") else json.dumps({
-                "name": "qx-demo-dep", "dist-tags": {"latest": "1.0.0"},
-                "versions": {"1.0.0": {"name": "qx-demo-dep", "version": "1.0.0", "main": "index.js", "dist": {
-                    "tarball": base + "/qx-demo-dep/-/qx-demo-dep-1.0.0.tgz",
-                    "shasum": hashlib.sha1(tarball).hexdigest(),
-                    "integrity": "sha512-" + base64.b64encode(hashlib.sha512(tarball).digest()).decode()}}}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Registry)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
-def patched_environ(values):
-    return mock.patch.dict(os.environ, values)
-
-
-class TestTaskJs(unittest.TestCase):
-    """task.js from unchanged JS masters: a node child, npm dependencies."""
-
-    def setUp(self):
-        need(NODE, "node is not installed")
-
-    def test_js_master_basic_example_with_npm_dependency(self):
-        js_ready()
-        count = 100
-
-        async def scenario(tmp):
-            root = Path(tmp)
-            (root / "master").mkdir()
-            (root / "master/task.js").write_text(BASIC_TASK_JS)
-            (root / "assets.json").write_text(json.dumps({"dependencies": ["qx-demo-dep"], "files": [
-                {"masterPath": str(root / "master/task.js"), "name": "task.js", "workerPath": "/workplace/task.js"}]}))
-            token = "jstask-%d" % random.randrange(1 << 30)
-            master = await JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY,
-                                                   "QX_ASSETS": str(root / "assets.json")}).start()
-            for i in range(count):  # as examples/basic/index.js pushes them
-                master.send(cmd="push", job={"id": i, "data": json.dumps({"x": 1, "y": 2})})
-            await master.wait_for(lambda e: e["event"] == "pushed" and e["size"] == count)
-            worker = await w.Worker(token, "py-js", "warn", KEY, env={}, folder=root / "w", host="127.0.0.1",
-                                    lsd=False, dht=False, get_batch=True, batch_size=10,
-                                    peers=["127.0.0.1:%d" % master.ready["port"]], trackers=[]).start()
-            await until(lambda: sum(e["event"] == "result" for e in master.events) >= count, 90)
-            results = [e["result"] for e in master.events if e["event"] == "result"]
-            self.assertEqual(sorted(r["jobID"] for r in results), list(range(count)))
-            for r in results:
-                self.assertEqual(r["data"], {"sum": 3, "dep": "1.0.0"})
-                self.assertEqual(r["worker"], {"id": worker.address, "name": "py-js"})
-            self.assertIsInstance(worker._runner, w.NodeRunner)
-            self.assertEqual(worker._runner.starts, 1)
-            pids = worker._runner.pids
-            self.assertTrue((root / "w/node_modules/qx-demo-dep/package.json").is_file())
-            self.assertTrue((root / "w" / w.NODE_RUNNER_NAME).is_file())
-            await self._check_resolution(root / "w", root / "bin")
-            await worker.stop()
-            self.assertEqual(worker._runner.children, [])
-            self.assertFalse([pid for pid in pids if alive(pid)])
-            await master.close()
-
-        with tempfile.TemporaryDirectory() as tmp, patched_environ(offline_npm()):
-            run(scenario(tmp), 150)
-
-    async def _check_resolution(self, folder, bin_dir):
-        """What resolves is not installed again: no npm needed for it."""
-        missing = await w.missing_npm_packages(
-            folder, ["qx-demo-dep", "qx-demo-dep@1.0.0", "fs", "qx-demo-dep@2.0.0", "qx-absent"])
-        self.assertEqual(missing, ["qx-demo-dep@2.0.0", "qx-absent"])
-        bin_dir.mkdir()
-        (bin_dir / "node").symlink_to(NODE)
-        with patched_environ({"PATH": str(bin_dir)}):
-            self.assertTrue(await w.install_npm_packages(folder, ["qx-demo-dep@1.0.0", "fs"]))
-            with self.assertLogs("worker", "ERROR") as logs:
-                self.assertFalse(await w.install_npm_packages(folder, ["qx-absent"]))
-        self.assertIn("'npm' is not on PATH", "\n".join(logs.output))
-
-    def test_throw_reject_and_console_log(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp, files={"/workplace/task.js": EDGE_TASK_JS}).start()
-            cluster.push(1, 0, throw=True)
-            cluster.push(1, 1, reject=True)
-            cluster.push(1, 2, log=True)
-            cluster.push(2, 3)
-            worker = cluster.worker(get_batch=True, batch_size=2)
-            with self.assertLogs("worker", "INFO") as logs:
-                await worker.start()
-                await cluster.until_results(5)
-                await until_logged(logs, "console.log from job 2")
-            by_id = {r["jobID"]: r for r in cluster.results}
-            for i, kind, text in ((0, "TypeError", "thrown by job 0"), (1, "RangeError", "rejected by job 1")):
-                self.assertIsNone(by_id[i]["data"])
-                self.assertEqual(by_id[i]["error"]["type"], kind)
-                self.assertEqual(by_id[i]["error"]["message"], text)
-                self.assertTrue(by_id[i]["error"]["traceback"].startswith(f"{kind}: {text}\n    at "))
-                self.assertIn("workplace/task.js:", by_id[i]["error"]["traceback"])
-            pids = {by_id[i]["data"].pop("pid") for i in range(2, 5)}
-            self.assertEqual(len(pids), 1)
-            for i in range(2, 5):
-                self.assertEqual(by_id[i], {"jobID": i, "worker": {"id": worker.address, "name": "w1"},
-                                            "data": {"sum": i + 1}})
-            self.assertIn("task.js: console.log from job 2", "\n".join(logs.output))
-            self.assertEqual((worker.stats["jobs done"], worker.stats["jobs failed"]), (3, 2))
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_child_dies_mid_job_next_job_works(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp, files={"/workplace/task.js": EDGE_TASK_JS}).start()
-            cluster.push(1, 0)
-            cluster.push(1, 1, exit=True)
-            cluster.push(2, 2)
-            worker = await cluster.worker(get_batch=True, batch_size=2).start()
-            await cluster.until_results(4)
-            by_id = {r["jobID"]: r for r in cluster.results}
-            error = by_id[1]["error"]
-            self.assertIsNone(by_id[1]["data"])
-            self.assertEqual(error["type"], "TaskProcessError")
-            self.assertIn("exited (code 3)", error["message"])
-            self.assertIn("job 1 exits", error["traceback"])
-            for i in (0, 2, 3):
-                self.assertEqual(by_id[i]["data"]["sum"], i + 1)
-            self.assertNotEqual(by_id[0]["data"]["pid"], by_id[2]["data"]["pid"])
-            self.assertEqual(by_id[2]["data"]["pid"], by_id[3]["data"]["pid"])
-            self.assertEqual(worker._runner.starts, 2)
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_asset_change_restarts_child(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp, files={"/workplace/task.js": VERSION_TASK_JS % 1}).start()
-            cluster.push(2)
-            worker = await cluster.worker().start()
-            await cluster.until_results(2)
-            first = worker._runner
-            write_assets(Path(tmp) / "master", {"/workplace/task.js": VERSION_TASK_JS % 2})
-            self.assertTrue(await worker.sync_assets())
-            self.assertEqual(cluster.statuses, ["changed", "changed"])
-            self.assertIsNot(worker._runner, first)
-            await until(lambda: not first.children, 10)
-            cluster.push(2, start=2)
-            await cluster.until_results(4)
-            data = [r["data"] for r in sorted(cluster.results, key=lambda r: r["jobID"])]
-            self.assertEqual([d["version"] for d in data], [1, 1, 2, 2])
-            self.assertNotEqual(data[0]["pid"], data[2]["pid"])
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_node_missing_is_a_clear_error_worker_stays_up(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp, files={"/workplace/task.js": EDGE_TASK_JS}).start()
-            cluster.push(2)
-            empty = Path(tmp) / "empty-bin"
-            empty.mkdir()
-            worker = cluster.worker()
-            with patched_environ({"PATH": str(empty)}), self.assertLogs("worker", "ERROR") as logs:
-                await worker.start()
-                await until_logged(logs, "not on PATH", 20)
-                self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
-            text = "\n".join(logs.output)
-            self.assertIn("needs Node.js, but 'node' is not on PATH", text)
-            self.assertIsNone(worker._runner)
-            self.assertEqual(cluster.results, [])
-            self.assertEqual(cluster.master.stats["jobs handed out"], 0)
-            # node is back: the next asset check (every 30 s when idle) loads task.js
-            self.assertTrue(await worker.sync_assets())
-            await cluster.until_results(2)
-            self.assertEqual(sorted(r["data"]["sum"] for r in cluster.results), [1, 2])
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_runner_load_errors_results_timeout_close(self):
-        async def runner(folder, source, timeout=None):
-            folder.mkdir()
-            (folder / "task.js").write_text(source)
-            return await w.NodeRunner(folder / "task.js", folder, timeout).start()
-
-        async def scenario(tmp):
-            root = Path(tmp)
-            for name, source, expected in (
-                    ("ctor", "module.exports = class { constructor() { throw new Error('no config'); } };",
-                     "Error: no config"),
-                    ("object", "module.exports = { run() {} };", "must export its Task class"),
-                    ("exit", "process.exit(0);", "exited (code 0)")):
-                with self.assertRaises(w.TaskProcessError, msg=name) as caught:
-                    await runner(root / name, source)
-                self.assertIn("does not load", str(caught.exception))
-                self.assertIn(expected, str(caught.exception))
-            odd = await runner(root / "odd", "module.exports = class { async run(job) { switch (job) {\n"
-                               "  case 1: return undefined; case 2: return 10n; case 3: throw 'text';\n"
-                               "  case 4: for (;;); default: return job; } } };", timeout=3.0)
-            self.assertIsNone(await odd.run(1))
-            with self.assertRaises(w.JsTaskError) as caught:
-                await odd.run(2)
-            self.assertEqual(caught.exception.error["type"], "TypeError")
-            self.assertIn("BigInt", caught.exception.error["message"])
-            with self.assertRaises(w.JsTaskError) as caught:
-                await odd.run(3)
-            self.assertEqual(w.error_result(caught.exception), {"type": "string", "message": "text",
-                                                                "traceback": ""})
-            with self.assertRaises(TimeoutError):
-                await odd.run(4)
-            self.assertEqual(await odd.run({"é": [1, None]}), {"é": [1, None]})
-            self.assertEqual(odd.starts, 2)
-            odd.close()
-            odd.close()
-            await odd.wait_closed()
-            self.assertEqual(odd.children, [])
-            with self.assertRaises(w.InvalidState):
-                await odd.run(5)
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-
-class TestTaskJsSafety(unittest.TestCase):
-    def test_npm_package_names(self):
-        for good in ["moment", "big.js", "lodash@4.17.21", "@scope/pkg", "@scope/pkg@^1.2.0", "JSONStream",
-                     "pkg@latest", "pkg@>=1.0.0 <2", "pkg@~1.2.x", "pkg@1.x || 2.x", "pkg@1.2.3 - 2.0.0"]:
-            self.assertEqual(w.check_npm_package(good), good)
-        for bad in ["", None, 3, "-g", "--registry=http://evil", "http://x/y.tgz", "git+https://github.com/a/b",
-                    "github:a/b", "a/b", "./local", "../x", "/abs", "file:../x", "pkg@file:../x", "pkg@npm:other",
-                    "pkg@git+ssh://x", "pkg@http://x/y", ".hidden", "_under", "pkg@", "a b", "pkg@1.0.0#x",
-                    "@scope/", "@/x", "pkg@1 --registry=x", "x" * 300]:
-            with self.assertRaises(w.UnsafeAsset, msg=bad):
-                w.check_npm_package(bad)
-
-    def test_runner_file_is_protected(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            for bad in ["/" + w.NODE_RUNNER_NAME, w.NODE_RUNNER_NAME]:
-                with self.assertRaises(w.UnsafeAsset, msg=bad):
-                    w.safe_asset_path(Path(tmp), bad)
-
-
-
-# Faults: kill -9, floods ####################################################
-
-MASTER_PY = str(HERE / "master.py")
-
-
-class MasterProcess:
-    """``python master.py`` with its settings in a .env; jobs over stdin."""
-
-    def __init__(self, folder, token, port, seed, task_text=TASK_PY):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        write_assets(self.folder, DEFAULT_FILES)
-        (self.folder / "workplace/task.py").write_text(task_text)
-        write_loopback_env(self.folder, token, port=port, seed=seed, LOG_LEVEL="warn")
-        self.results = []
-
-    async def start(self):
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, MASTER_PY, "--task", "workplace/task.py", "--task",
-            "workplace/data/conf/factor.json", "--jobs", "-", "--lease", "5", cwd=self.folder,
-            env=clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.ready = json.loads(await self.proc.stdout.readline())
-        self._reader = asyncio.ensure_future(self._read())
-        return self
-
-    async def _read(self):
-        async for line in self.proc.stdout:
-            event = json.loads(line)
-            if event["event"] == "result":
-                self.results.append(event["result"])
-
-    def push(self, ids, **extra):
-        for i in ids:
-            job = {"id": i, "data": json.dumps({"x": i, **extra})}
-            self.proc.stdin.write((json.dumps(job) + "\n").encode())
-
-    async def kill(self):
-        self.proc.kill()
-        await self.proc.wait()
-        self.proc.stdin.close()  # else the transport's finaliser writes EOF on a closed loop
-        self._reader.cancel()
-
-
-class TestFaults(unittest.TestCase):
-    def setUp(self):
-        self.procs = []  # killed in tearDown, so a failing test leaves no process behind
-
-    def tearDown(self):
-        for proc in self.procs:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, 9)  # the loop is closed by now: no proc.kill()
-
-    def test_worker_killed_mid_batch_jobs_requeued_each_answered_once(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            cluster.master.lease_seconds = 5.0
-            cluster.push(30, sleep=0.05)
-            folder = Path(tmp) / "victim"
-            folder.mkdir()
-            write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
-                               getBatch="true", batchSize=10, LOG_LEVEL="warn")
-            victim = await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=folder,
-                                                          env=clean_env())
-            self.procs.append(victim)
-            await until(lambda: len(cluster.results) >= 3, 30)
-            victim.kill()  # SIGKILL, mid-batch
-            await victim.wait()
-            await until(lambda: cluster.master.stats["jobs requeued"] > 0, 15)
-            rescuer = await cluster.worker("rescuer", get_batch=True, batch_size=10).start()
-            await cluster.until_results(30, 60)
-            ids = [r["jobID"] for r in cluster.results]
-            self.assertEqual(sorted(ids), list(range(30)))  # each job answered once
-            self.assertEqual(cluster.master.leases, {})
-            await rescuer.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp), 120)
-
-    def test_master_killed_worker_keeps_results_for_the_next_master(self):
-        async def scenario(tmp):
-            token, port, seed = "kill-master-%d" % random.randrange(1 << 30), free_port(), w.make_seed()
-            first = await MasterProcess(Path(tmp) / "m1", token, port, seed).start()
-            self.procs.append(first.proc)
-            first.push(range(6), sleep=0.4)  # JS rule: a batch of 5 while more than 5 wait
-            await asyncio.sleep(3.0)  # the master has read them all before the worker asks
-            worker = await w.Worker(token, "survivor", "warn", KEY, env={}, folder=Path(tmp) / "w",
-                                    host="127.0.0.1", lsd=False, dht=False, trackers=[], get_batch=True,
-                                    batch_size=5, peers=["127.0.0.1:%d" % port]).start()
-            await until(lambda: len(worker.jobs) >= 3, 30)
-            await first.kill()  # SIGKILL while the worker holds the batch
-            await until(lambda: worker.stats["jobs done"] + worker.stats["jobs failed"] >= 5, 30)
-            self.assertGreaterEqual(len(worker.outbox), 1)  # kept, nobody to give them to
-            second = await MasterProcess(Path(tmp) / "m2", token, port, seed).start()
-            self.procs.append(second.proc)
-            await until(lambda: len(first.results) + len(second.results) >= 5, 60)
-            self.assertEqual(sorted(r["jobID"] for r in first.results + second.results), list(range(5)))
-            self.assertTrue(second.results)
-            # the master prints a result before its acknowledgement reaches the worker
-            await until(lambda: not worker.outbox.held, 10)
-            await worker.stop()
-            await second.kill()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp), 120)
-
-    def test_flood_of_garbage_and_replays_others_go_on(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            master = cluster.master
-            master.node.core._seen.limit = 2000
-            worker = await cluster.worker().start()
-            await until(lambda: worker._runner is not None)
-            infohash = master.node.infohash
-            replay_core = w.BugoutCore(master.node.identifier, w.Identity())
-            now = w._now()
-            replay_core.send_ping(now)
-            [(valid, _)] = replay_core.data_to_send()
-            rng = random.Random(5)
-            stop = time.monotonic() + 4.0
-            flooders = []
-
-            async def flood(kind):
-                sent = 0
-                while time.monotonic() < stop:
-                    try:
-                        _, writer = await asyncio.open_connection("127.0.0.1", master.port)
-                        hello = w.handshake_bytes(infohash, b"-FL0000-" + os.urandom(6).hex().encode())
-                        writer.write(hello + w.frame(20, b"\0" + w.bencode({"m": {"bo_channel": 4}})))
-                        while time.monotonic() < stop and not writer.is_closing():
-                            if kind == "replay":
-                                payload = valid
-                            else:
-                                payload = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
-                            writer.write(w.frame(20, b"\4" + payload))
-                            sent += 1
-                            if sent % 50 == 0:
-                                await writer.drain()
-                        writer.close()
-                    except (ConnectionError, OSError):
-                        await asyncio.sleep(0.01)
-                return sent
-            flooders = [asyncio.ensure_future(flood(k)) for k in ("replay", "garbage", "garbage")]
-            cluster.push(200)
-            await cluster.until_results(200, 60)
-            sent = sum(await asyncio.gather(*flooders))
-            self.assertGreater(sent, 1000)
-            self.assertLessEqual(len(master.node.core._seen), 2000)
-            self.assertGreater(master.node.core.stats["duplicate"] + master.node.core.stats["dropped"], 1000)
-            self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(200)))
-            await worker.stop()
-            await master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp), 120)
-
-
-# master.py: announces, requeues, late results, the --jobs feeder ###############
-
-def watch_requests(master):
-    """(time, caller) of each requestWork the master serves, as it serves it."""
-    times = []
-    master.node.on("rpc", lambda address, name, args: name == "requestWork"
-                   and times.append((time.monotonic(), address)))
-    return times
-
-
-async def thief_of(cluster):
-    """A bare node that leases a job with requestWork and never runs it."""
-    node = await py_node(cluster.token, peers=["127.0.0.1:%d" % cluster.master.port])
-    await until(lambda: cluster.master.address in node.peers)
-    return node
-
-
-def end_lease(master, job_id, deadline):
-    """Move the end of a job's lease (a ``time.time()``) in master.py's database."""
-    master.store.db.execute("UPDATE jobs SET deadline = ? WHERE job_key = ?", (deadline, json.dumps(job_id)))
-
-
-class EventsMasterProcess(MasterProcess):
-    """MasterProcess that keeps every event it prints, not only results."""
-
-    async def _read(self):
-        self.events = []
-        async for line in self.proc.stdout:
-            event = json.loads(line)
-            self.events.append(event)
-            if event["event"] == "result":
-                self.results.append(event["result"])
-
-    def write(self, text):
-        self.proc.stdin.write(text.encode())
-
-
-class TestMasterPy(unittest.TestCase):
-    def setUp(self):
-        self.procs = []  # killed in tearDown, so a failing test leaves no process behind
-
-    def tearDown(self):
-        for proc in self.procs:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, 9)
-
-    async def idle_worker(self, cluster, times, **kw):
-        """A worker that has asked for work, and got none: it waits for a nudge or 30 s."""
-        worker = await cluster.worker(**kw).start()
-        await until(lambda: any(a == worker.address for _, a in times))
-        return worker
-
-    def test_job_pushed_within_the_announce_gap_reaches_an_idle_worker(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            times = watch_requests(cluster.master)
-            worker = await self.idle_worker(cluster, times)
-            asked = len(times)
-            cluster.push(1)  # announced: the worker asks, runs it, asks again and gets none
-            await until(lambda: len(times) >= asked + 2 and cluster.results, 10)
-            cluster.master._last_announce = time.monotonic()  # an announce just went out
-            cluster.push(1, start=1)  # too soon for one more now: it must follow, not be dropped
-            await cluster.until_results(2, 5)  # not the worker's 30 s idle poll
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_jobs_of_a_worker_that_leaves_are_announced(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            times = watch_requests(cluster.master)
-            cluster.push(1)
-            thief = await thief_of(cluster)
-            answer = await thief.rpc(cluster.master.address, "requestWork", {})
-            self.assertTrue(answer["task"])
-            worker = await self.idle_worker(cluster, times)  # asked while the job was out: none
-            self.assertEqual(cluster.results, [])
-            await thief.close()  # leaves: its job is queued again, idle workers are told
-            await cluster.until_results(1, 5)
-            self.assertEqual(cluster.master.stats["jobs requeued"], 1)
-            self.assertEqual(cluster.results[0]["worker"]["id"], worker.address)
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_jobs_whose_lease_ends_are_announced(self):
-        async def scenario(tmp):
-            cluster = Cluster(tmp)
-            cluster.master.lease_seconds = 1.0  # leases are checked every 0.25 s
-            await cluster.start()
-            times = watch_requests(cluster.master)
-            cluster.push(1)
-            thief = await thief_of(cluster)
-            self.assertTrue((await thief.rpc(cluster.master.address, "requestWork", {}))["task"])
-            end_lease(cluster.master, 0, time.time() + 3600)  # held until the worker idles
-            worker = await self.idle_worker(cluster, times)
-            self.assertEqual(cluster.master.stats["jobs requeued"], 0)
-            end_lease(cluster.master, 0, time.time())  # the thief's time is up
-            await cluster.until_results(1, 5)
-            self.assertEqual(cluster.master.stats["jobs requeued"], 1)
-            await worker.stop()
-            await thief.close()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_late_result_of_a_requeued_job_means_it_is_not_run_again(self):
-        async def scenario(tmp):
-            cluster = Cluster(tmp)
-            cluster.master.lease_seconds = 1.0
-            await cluster.start()
-            times = watch_requests(cluster.master)
-            cluster.push(1)
-            thief = await thief_of(cluster)
-            self.assertTrue((await thief.rpc(cluster.master.address, "requestWork", {}))["task"])
-            await until(lambda: cluster.master.stats["jobs requeued"] == 1, 10)
-            late = w.Crypt(KEY).encrypt(json.dumps({"jobID": 0, "data": {"sum": 2}}))
-            self.assertEqual(await thief.rpc(cluster.master.address, "shareResults", late),
-                             {"received": True})
-            self.assertEqual([r["jobID"] for r in cluster.results], [0])
-            worker = await self.idle_worker(cluster, times)
-            await asyncio.sleep(0.5)  # a job run again would be answered by now
-            self.assertEqual(cluster.master.stats["jobs handed out"], 1)  # the thief's lease only
-            self.assertEqual(cluster.master.stats["duplicate results"], 0)
-            self.assertEqual(worker.stats["jobs done"], 0)
-            self.assertEqual(cluster.master.waiting, 0)
-            await worker.stop()
-            await thief.close()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_a_raising_on_results_loses_no_other_result_of_the_batch(self):
-        async def scenario(tmp):
-            cluster = await Cluster(tmp).start()
-            seen = []
-
-            def on_results(result):
-                seen.append(result["jobID"])
-                if result["jobID"] == 3:
-                    raise RuntimeError("a bug in on_results")
-            cluster.master.on_results = on_results
-            cluster.push(10)
-            worker = cluster.worker(get_batch=True, batch_size=5)  # sets the log level: first
-            with self.assertLogs("worker", "ERROR") as logs:
-                await worker.start()
-                await until(lambda: len(seen) >= 10, 10)
-            self.assertEqual(sorted(seen), list(range(10)))
-            self.assertTrue(any("on_results failed" in line for line in logs.output), logs.output)
-            self.assertEqual(cluster.master.leases, {})
-            await worker.stop()
-            await cluster.master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_assets_hashed_and_encrypted_once_by_concurrent_threads(self):
-        import threading
-        with tempfile.TemporaryDirectory() as tmp:
-            cluster = Cluster(tmp)
-            master = cluster.master
-            real_sha, real_encrypt = w.Helper.get_sha256, master.crypt.encrypt
-            hashed, encrypted = collections.Counter(), collections.Counter()
-
-            def slow_sha(path):
-                hashed.update([str(path)])
-                time.sleep(0.05)  # a big file: the other threads arrive meanwhile
-                return real_sha(path)
-
-            def counting_encrypt(data):
-                encrypted.update([len(data)])
-                time.sleep(0.05)
-                return real_encrypt(data)
-            barrier, answers, errors = threading.Barrier(8), [], []
-
-            def ask():
-                barrier.wait()
-                try:
-                    answers.append(master._assets())
-                except Exception as exc:  # noqa: BLE001 - reported below
-                    errors.append(exc)
-            with mock.patch.object(w.Helper, "get_sha256", side_effect=slow_sha), \
-                    mock.patch.object(master.crypt, "encrypt", side_effect=counting_encrypt):
-                threads = [threading.Thread(target=ask) for _ in range(8)]
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join(30)
-            self.assertEqual(errors, [])
-            self.assertEqual(len(answers), 8)
-            self.assertTrue(all(a == answers[0] for a in answers))
-            self.assertEqual(sorted(hashed.values()), [1, 1])  # two files, each read once
-            self.assertEqual(sum(encrypted.values()), 2)
-
-    def test_cli_stdin_sigterm_exits_promptly_while_stdin_stays_open(self):
-        async def scenario(tmp):
-            token = "cli-sigterm-%d" % random.randrange(1 << 30)
-            master = await MasterProcess(Path(tmp) / "m", token, free_port(), w.make_seed()).start()
-            self.procs.append(master.proc)
-            master.push([0])
-            await asyncio.sleep(0.5)  # read; the feeder waits for the next line
-            master.proc.send_signal(15)
-            try:
-                code = await asyncio.wait_for(master.proc.wait(), 5)
-            finally:
-                master.proc.stdin.close()
-                master._reader.cancel()
-            self.assertEqual(code, 0)  # in 5 s: stdin still open
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_cli_bad_jobs_line_is_reported_and_later_lines_run(self):
-        async def scenario(tmp):
-            token, port = "cli-bad-line-%d" % random.randrange(1 << 30), free_port()
-            master = await EventsMasterProcess(Path(tmp) / "m", token, port, w.make_seed()).start()
-            self.procs.append(master.proc)
-            master.push([0])
-            master.write("{not json\n\n")
-            master.push([1])
-            worker = await w.Worker(token, "w", "warn", KEY, env={}, folder=Path(tmp) / "w",
-                                    host="127.0.0.1", lsd=False, dht=False, trackers=[],
-                                    peers=["127.0.0.1:%d" % port]).start()
-            await until(lambda: len(master.results) >= 2, 15)
-            self.assertEqual(sorted(r["jobID"] for r in master.results), [0, 1])
-            errors = [e for e in master.events if e["event"] == "error"]
-            self.assertEqual(len(errors), 1, master.events)
-            self.assertEqual(errors[0]["line"], 2)
-            self.assertIn("line 2", errors[0]["message"])
-            await worker.stop()
-            await master.kill()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp))
-
-    def test_cli_missing_jobs_file_exits_2_with_a_message(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            write_loopback_env(tmp, "cli-missing-jobs-%d" % random.randrange(1 << 30))
-            done = subprocess.run([sys.executable, MASTER_PY, "--jobs", "no-such-jobs.jsonl"], cwd=tmp,
-                                  env=clean_env(), capture_output=True, text=True, timeout=20,
-                                  check=False)
-            self.assertEqual(done.returncode, 2)
-            self.assertIn("no-such-jobs.jsonl", done.stderr)
-            self.assertEqual(done.stdout, "")  # it never started
-
-
-# master.py: durable queue and command line (issue 13) #######################
-
-def write_jobs(path, count, fail=(), sleep=0.0, ids=True, bad_every=0):
-    """A jobs file for TASK_PY (result: sum = 2 * x); every ``bad_every``-th line is not JSON."""
-    with open(path, "w") as f:
-        for i in range(count):
-            if bad_every and i and i % bad_every == 0:
-                f.write("{not json %d\n" % i)
-            data = json.dumps({"x": i, "sleep": sleep, "fail": i in fail})
-            f.write(json.dumps({"id": i, "data": data} if ids else {"data": data}) + "\n")
-
-
-def held_in_memory(master):
-    """Items in the containers a Master (and its Store) holds: what grows with jobs if anything does."""
-    sized = (dict, list, set, tuple, collections.deque)
-    return sum(len(v) for obj in (master, master.store) for v in vars(obj).values() if isinstance(v, sized))
-
-
-class MasterCli:
-    """``python master.py`` with its folder's .env, master.db and task; stdout events of every run."""
-
-    def __init__(self, folder, token=None, port=None):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.token = token or "durable-%d" % random.randrange(1 << 40)
-        self.port = port or free_port()
-        write_assets(self.folder, DEFAULT_FILES)
-        write_loopback_env(self.folder, self.token, port=self.port, seed=w.make_seed(), LOG_LEVEL="warn")
-        self.events = []  # every run's, in order
-        self.torn = 0  # last lines of killed runs cut short
-
-    async def start(self, *args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE):
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, MASTER_PY, "--task", "workplace/task.py", "--task",
-            "workplace/data/conf/factor.json", "--lease", "3", *args, cwd=self.folder, env=clean_env(),
-            stdin=stdin, stdout=subprocess.PIPE, stderr=stderr)
-        self._reader = asyncio.ensure_future(self._read())
-        return self
-
-    async def _read(self):
-        async for line in self.proc.stdout:
-            if line.endswith(b"\n"):
-                self.events.append(json.loads(line))
-            else:
-                self.torn += 1
-
-    def of(self, kind):
-        return [e for e in self.events if e["event"] == kind]
-
-    @property
-    def results(self):
-        return [e["result"] for e in self.of("result")]
-
-    async def exit(self, timeout=90):
-        """The exit status, once stdout is read to its end; stderr in ``self.stderr``."""
-        code = await asyncio.wait_for(self.proc.wait(), timeout)
-        await self._reader
-        self.stderr = (await self.proc.stderr.read()).decode() if self.proc.stderr else ""
-        return code
-
-    async def kill(self):
-        self.proc.kill()
-        await self.proc.wait()
-        await self._reader
-
-
-class TestMasterDurable(unittest.TestCase):
-    def setUp(self):
-        self.procs = []  # killed in tearDown, so a failing test leaves no process behind
-
-    def tearDown(self):
-        for proc in self.procs:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, 9)
-
-    async def start(self, cli, *args, **kw):
-        await cli.start(*args, **kw)
-        self.procs.append(cli.proc)
-        return cli
-
-    async def workers(self, cli, count=1, batch=20):
-        """``count`` real ``python worker.py`` processes that dial ``cli``'s port."""
-        for i in range(count):
-            folder = cli.folder.parent / ("w%d-%d" % (i, random.randrange(1 << 30)))
-            folder.mkdir()
-            write_loopback_env(folder, cli.token, peers="127.0.0.1:%d" % cli.port, getBatch="true",
-                               batchSize=batch, LOG_LEVEL="error")
-            proc = await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=folder,
-                                                        env=clean_env(), stderr=subprocess.DEVNULL)
-            self.procs.append(proc)
-
-    async def stop_processes(self):
-        """Kill the workers (and any master left) while the loop that watches them runs."""
-        for proc in self.procs:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-
-    def assert_each_once(self, results, count):
-        ids = [r["jobID"] for r in results]
-        self.assertEqual(sorted(ids), list(range(count)))
-        self.assertTrue(all(r["data"] == {"sum": 2 * r["jobID"]} for r in results))
-
-    # the database
-    def test_store_keeps_what_was_committed_and_nothing_else(self):
-        from master import Store
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "m.db"
-            store = Store(path)
-            for i in range(5):
-                self.assertTrue(store.push(str(i), '{"id":%d}' % i))
-            self.assertFalse(store.push("1", "{}"))  # waiting already
-            self.assertEqual(store.lease("w1", 2, time.time() + 60), ['{"id":0}', '{"id":1}'])
-            late = ("0", "w2", "two", False, '{"jobID":0}')
-            self.assertEqual(store.record([("0", "w1", "one", False, '{"jobID":0}'), late]), [1, None])
-            self.assertEqual(store.record([late]), [None])  # one result per job
-            self.assertFalse(store.push("0", "{}"))  # answered in this run
-            with self.assertRaises(KeyError), store.undoable():
-                store.push("5", "{}")
-                raise KeyError("a bug half-way through a call")
-            self.assertEqual((store.waiting, store.leased), (3, 1))  # undone, and only that
-            store.commit()
-            store.lease("w2", 1, time.time() + 60)  # never committed:
-            store.db.close()  # the process dies, and its lock with it
-            os.close(store._lock)
-            store = Store(path)
-            self.assertEqual((store.waiting, store.leased, store.answered), (3, 1, 1))
-            self.assertEqual(store.requeue(worker="w1"), 1)  # job 1 goes back, in front
-            self.assertEqual(store.lease("w3", 9, time.time() + 60), ['{"id":%d}' % i for i in (1, 2, 3, 4)])
-            self.assertEqual(store.requeue(before=time.time()), 0)
-            self.assertEqual(store.requeue(before=time.time() + 120), 4)  # their leases ended
-            self.assertEqual(store.per_worker(), [{"id": "w1", "name": "one", "results": 1, "errors": 0}])
-            store.new_run()
-            self.assertEqual(store.record([("0", "w1", "one", False, "{}")]), [2])  # a new run: ids again
-            store.close()
-
-    def test_cli_refuses_a_foreign_corrupt_or_busy_database_in_one_line(self):
-        import sqlite3
-
-        from master import Store
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            write_loopback_env(folder, "refuse-%d" % random.randrange(1 << 30), port=free_port())
-            (folder / "garbage.db").write_bytes(os.urandom(5000))
-            (folder / "text.db").write_text("id,name\n1,results of last year\n" * 200)
-            with contextlib.closing(sqlite3.connect(folder / "foreign.db")) as db:
-                db.execute("CREATE TABLE invoices (id INTEGER, total REAL)")
-                db.commit()
-            store = Store(folder / "torn.db")
-            for i in range(3000):
-                store.push(str(i), json.dumps({"id": i, "data": "x" * 100}))
-            store.close()
-            torn = (folder / "torn.db").read_bytes()
-            (folder / "torn.db").write_bytes(torn[:len(torn) // 2])  # a disk that lost its end
-            busy = subprocess.Popen([sys.executable, MASTER_PY, "--db", "busy.db"], cwd=folder,
-                                    env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-            self.addCleanup(busy.wait, 30)
-            self.addCleanup(busy.kill)
-            self.assertIn(b"ready", busy.stdout.readline())  # another master has it open
-            cases = {"garbage.db": "not a master.py database", "text.db": "not a master.py database",
-                     "foreign.db": "not a master.py database", "torn.db": "corrupt",
-                     "busy.db": "in use by another master.py"}
-            for name, message in cases.items():
-                before = (folder / name).read_bytes()
-                done = subprocess.run([sys.executable, MASTER_PY, "--db", name, "--no-follow"], cwd=folder,
-                                      env=clean_env(), capture_output=True, text=True, timeout=30,
-                                      check=False)
-                self.assertEqual(done.returncode, 2, (name, done.stderr))
-                self.assertEqual(len(done.stderr.strip().splitlines()), 1, (name, done.stderr))
-                self.assertIn(name, done.stderr)
-                self.assertIn(message, done.stderr)
-                self.assertEqual(done.stdout, "")  # it never started
-                self.assertEqual((folder / name).read_bytes(), before, name)  # left as it was
-            busy.stdout.close()
-
-    def test_memory_stays_flat_however_many_jobs_are_answered(self):
-        async def scenario(tmp):
-            import master as m
-            self.addCleanup(setattr, m, "WAL_LIMIT", m.WAL_LIMIT)
-            m.WAL_LIMIT = 256 << 10  # the log is moved into the database more often
-            cluster = await Cluster(tmp, db=Path(tmp) / "master.db").start()
-            master = cluster.master
-            worker = await cluster.worker(get_batch=True, batch_size=50).start()
-            cluster.push(500)
-            await cluster.until_results(500, 60)
-            held = held_in_memory(master)
-            cluster.push(4000, start=500)
-            await cluster.until_results(4500, 120)
-            self.assertLess(held_in_memory(master) - held, 50)  # nothing per answered job (4,000 more)
-            self.assertEqual((master.store.answered, master.waiting, master.leases), (4500, 0, {}))
-            self.assertLess((Path(tmp) / "master.db-wal").stat().st_size, 1 << 20)  # checkpointed
-            self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(4500)))
-            await worker.stop()
-            await master.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp), 180)
-
-    # the command line
-    def test_cli_jobs_file_ends_with_a_summary_exit_0_and_no_progress_in_a_pipe(self):
-        async def scenario(tmp):
-            cli = MasterCli(Path(tmp) / "m")
-            write_jobs(cli.folder / "jobs.jsonl", 300)
-            await self.start(cli, "--jobs", "jobs.jsonl")
-            await self.workers(cli, 2, batch=10)
-            self.assertEqual(await cli.exit(), 0, cli.stderr)
-            self.assert_each_once(cli.results, 300)
-            summary = cli.events[-1]
-            self.assertEqual(summary["event"], "summary", cli.events[-3:])
-            self.assertEqual((summary["jobs"], summary["errors"], summary["pending"]), (300, 0, 0))
-            self.assertEqual(sum(worker["results"] for worker in summary["workers"]), 300)
-            self.assertGreater(summary["seconds"], 0)
-            self.assertGreater(summary["jobs_per_s"], 0)
-            self.assertNotIn("\r", cli.stderr)  # no progress line in a pipe
-            self.assertNotIn("jobs/s", cli.stderr)
-            await self.stop_processes()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp), 120)
-
-    def test_cli_error_results_exit_1_and_errors_ok_exit_0(self):
-        async def scenario(tmp):
-            cli = MasterCli(Path(tmp) / "m")
-            write_jobs(cli.folder / "jobs.jsonl", 40, fail={3, 17})
-            await self.start(cli, "--jobs", "jobs.jsonl")
-            await self.workers(cli, 1, batch=5)
-            self.assertEqual(await cli.exit(), 1, cli.stderr)
-            self.assertEqual(cli.events[-1]["errors"], 2)
-            self.assertEqual(sorted(r["jobID"] for r in cli.results if r.get("error")), [3, 17])
-            del cli.events[:]
-            await self.start(cli, "--jobs", "jobs.jsonl", "--errors-ok")  # a finished run: a new one
-            self.assertEqual(await cli.exit(), 0, cli.stderr)
-            self.assertEqual(len(cli.results), 40)  # run again, all of it
-            self.assertEqual((cli.events[-1]["jobs"], cli.events[-1]["errors"]), (40, 2))
-            await self.stop_processes()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp), 120)
-
-    async def assert_serving(self, cli):
-        """A new peer gets an answer from the master of ``cli``."""
-        node = await py_node(cli.token, peers=["127.0.0.1:%d" % cli.port])
-        address = cli.of("ready")[-1]["address"]
-        await until(lambda: address in node.peers, 30)
-        self.assertEqual((await node.rpc(address, "ping", {"n": 1})), {"n": 1, "pong": True})
-        await node.close()
-
-    def test_cli_follow_keeps_serving_after_the_last_result(self):
-        async def scenario(tmp):
-            piped = await self.start(MasterCli(Path(tmp) / "s"), "--jobs", "-", stdin=subprocess.PIPE)
-            filed = MasterCli(Path(tmp) / "f")
-            write_jobs(filed.folder / "jobs.jsonl", 10)
-            await self.start(filed, "--jobs", "jobs.jsonl", "--follow")
-            await self.workers(piped, 1, batch=5)
-            await self.workers(filed, 1, batch=5)
-            for end in (10, 20):  # --follow is the default for stdin; the queue runs dry in between
-                for i in range(end - 10, end):
-                    piped.proc.stdin.write(b'{"id": %d, "data": "{\\"x\\": %d}"}\n' % (i, i))
-                await until(lambda end=end: len(piped.results) >= end, 60)
-            piped.proc.stdin.close()
-            await until(lambda: len(filed.results) >= 10, 60)
-            for cli in (piped, filed):  # every job answered and read to the end: it stays
-                with self.assertRaises(TimeoutError):
-                    await asyncio.wait_for(cli.proc.wait(), 1.5)  # it would end in 0.1 s
-                await self.assert_serving(cli)
-                cli.proc.send_signal(15)
-                self.assertEqual(await cli.exit(), 0, cli.stderr)
-                self.assertEqual(cli.events[-1]["event"], "summary")
-            self.assert_each_once(piped.results, 20)
-            self.assert_each_once(filed.results, 10)
-            await self.stop_processes()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp), 120)
-
-    def test_cli_progress_line_on_a_terminal(self):
-        import pty
-        import threading
-
-        async def scenario(tmp):
-            cli = MasterCli(Path(tmp) / "m")
-            write_jobs(cli.folder / "jobs.jsonl", 200, sleep=0.005)
-            leader, follower = pty.openpty()
-            seen = bytearray()
-
-            def read():
-                with contextlib.suppress(OSError):  # EIO once the master has exited
-                    while chunk := os.read(leader, 4096):
-                        seen.extend(chunk)
-            reader = threading.Thread(target=read, daemon=True)
-            reader.start()
-            try:
-                await self.start(cli, "--jobs", "jobs.jsonl", stderr=follower)
-            finally:
-                os.close(follower)
-            await self.workers(cli, 1, batch=10)
-            self.assertEqual(await cli.exit(), 0)
-            await asyncio.to_thread(reader.join, 10)
-            os.close(leader)
-            text = seen.decode(errors="replace")
-            self.assertIn("\r", text)  # redrawn in place
-            self.assertIn("200/200 jobs", text)  # the last figures stay
-            self.assertRegex(text, r"\d+/200\+? jobs, \d+ jobs/s, ETA [\d:-]+, 1 worker\(s\)")
-            self.assertEqual(len(cli.results), 200)  # stdout is a pipe: results only there
-            await self.stop_processes()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp), 120)
-
-    def test_cli_out_has_each_result_once_across_a_kill(self):
-        async def scenario(tmp):
-            cli = MasterCli(Path(tmp) / "m")
-            write_jobs(cli.folder / "jobs.jsonl", 400, sleep=0.003)
-            out = cli.folder / "results.jsonl"
-            await self.start(cli, "--jobs", "jobs.jsonl", "--out", "results.jsonl")
-            await self.workers(cli, 2, batch=10)
-            await until(lambda: len(cli.results) >= 100, 60)
-            await cli.kill()
-            torn = out.read_bytes() + b'{"jobID":7,"worker":{"id":"b'
-            out.write_bytes(torn)  # as if a write got this far before the kill: no commit
-            await self.start(cli, "--jobs", "jobs.jsonl", "--out", "results.jsonl")
-            self.assertEqual(await cli.exit(), 0, cli.stderr)
-            self.assertIn("cut off", cli.stderr)
-            lines = out.read_bytes().split(b"\n")
-            self.assertEqual(lines[-1], b"")  # ends with a whole line
-            self.assert_each_once([json.loads(line) for line in lines[:-1]], 400)
-            printed = [r["jobID"] for r in cli.results]
-            self.assertEqual(len(printed), len(set(printed)))  # stdout: none twice
-            await self.stop_processes()
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp), 120)
-
-    def test_cli_kill_9_at_random_moments_loses_no_result_and_repeats_none(self):
-        async def scenario(tmp, rng):
-            count, kills = 1500, 5
-            cli = MasterCli(Path(tmp) / "m")
-            write_jobs(cli.folder / "jobs.jsonl", count, sleep=0.002)
-            args = ("--jobs", "jobs.jsonl", "--out", "results.jsonl")
-            await self.start(cli, *args)
-            await self.workers(cli, 2, batch=25)
-            for _ in range(kills):
-                before = len(cli.results)
-                await until(lambda before=before: len(cli.results) > before, 60)  # results flow
-                await asyncio.sleep(rng.uniform(0, 0.4))  # then a random moment
-                await cli.kill()
-                await self.start(cli, *args)  # on the same master.db and results.jsonl
-            self.assertEqual(await cli.exit(), 0, cli.stderr)
-            summary = cli.events[-1]
-            self.assertEqual((summary["event"], summary["jobs"], summary["errors"]), ("summary", count, 0))
-            out = (cli.folder / "results.jsonl").read_text().splitlines()
-            self.assert_each_once([json.loads(line) for line in out], count)  # none lost, none twice
-            printed = [r["jobID"] for r in cli.results]
-            self.assertEqual(len(printed), len(set(printed)), "a result printed twice")
-            # stdout is written right after each commit, before its sync: only a kill in the
-            # microseconds between the two loses lines there (never from --out or the database)
-            self.assertLessEqual(set(printed), set(range(count)))
-            await self.stop_processes()
-            return count - len(printed), cli.torn
-        seed = random.randrange(1 << 30)
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                lost, torn = run(scenario(tmp, random.Random(seed)), 240)
-            except AssertionError as exc:
-                raise AssertionError("seed %d: %s" % (seed, exc)) from exc
-        print("\n  kill -9 x5: %d stdout line(s) lost, %d torn (seed %d)" % (lost, torn, seed),
-              file=sys.stderr)
-
-    def test_cli_restart_reads_the_jobs_file_on_from_the_last_commit(self):
-        from master import Store
-
-        async def scenario(tmp):
-            count = 30000
-            cli = MasterCli(Path(tmp) / "m")
-            jobs = cli.folder / "jobs.jsonl"
-            write_jobs(jobs, count, ids=False, bad_every=3000)  # no ids: a job pushed twice runs twice
-            await self.start(cli, "--jobs", "jobs.jsonl")  # no worker yet
-            bad = random.randrange(1, 9)
-            await until(lambda: len(cli.of("error")) >= bad, 60)  # line 3000 * bad has just been read
-            await cli.kill()
-            store = Store(cli.folder / "master.db")
-            offset, line = store.get("offset", 0), store.get("line", 0)
-            read = jobs.read_bytes()[:offset]
-            self.assertTrue(offset == 0 or read.endswith(b"\n"))
-            self.assertEqual(read.count(b"\n"), line)
-            self.assertEqual(store.waiting, line - read.count(b"{not json"))  # jobs and offset: one commit
-            store.close()
-            await self.start(cli, "--jobs", "jobs.jsonl")
-            await self.workers(cli, 2, batch=100)
-            self.assertEqual(await cli.exit(), 0, cli.stderr)
-            xs = sorted(r["data"]["sum"] // 2 for r in cli.results)
-            self.assertEqual(xs, list(range(count)))  # each line's job once: none skipped, none twice
-            self.assertEqual((cli.events[-1]["jobs"], cli.events[-1]["skipped_lines"]), (count, 9))
-            await self.stop_processes()
-            return offset, len(read)
-        with tempfile.TemporaryDirectory() as tmp:
-            run(scenario(tmp), 180)
-
-def main():
-    """Run every test; end with the plain 'N passed, N failed, N skipped' line."""
-    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
-    result = unittest.TextTestRunner(verbosity=2).run(suite)
-    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
-    skipped = len(result.skipped)
-    passed = result.testsRun - failed - skipped
-    print("%d passed, %d failed, %d skipped" % (passed, failed, skipped))
-    return 0 if failed == 0 and not (IN_CI and skipped) else 1
-
-
-# WebRTC through WebSocket trackers ##########################################
-
-# No test may reach a public tracker or STUN server: in-process nodes that do not
-# name their trackers get none here (the real defaults are checked as values).
-PUBLIC_TRACKERS, PUBLIC_ICE_SERVERS = w.DEFAULT_TRACKERS, w.DEFAULT_ICE_SERVERS
-w.DEFAULT_TRACKERS = w.DEFAULT_ICE_SERVERS = ()
-
-SAMPLES = json.loads((HERE / "testdata/tracker-samples.json").read_text())["full_examples"]
-SAMPLE_INFOHASH = bytes.fromhex("5d89b217eba4a9f0d27593289ea6439cf875d329")
-SAMPLE_ME, SAMPLE_OTHER = (bytes.fromhex(SAMPLES["client->tracker answer (to_peer_id)"]["hex_fields"][key])
-                           for key in ("peer_id__hex", "to_peer_id__hex"))
-
-
-def sample(kind):
-    return json.loads(SAMPLES[kind]["raw_json_text"])
-
-
-def tracker_client(peer_id=SAMPLE_ME, now=0.0, **kw):
-    client = w.TrackerClient("ws://tracker.test", SAMPLE_INFOHASH, peer_id, **kw)
-    assert client.start_connecting(now)
-    client.connection_made(now)
-    return client
-
-
-class FakeTracker:
-    """bittorrent-tracker's relay rules in memory, to pair TrackerClients."""
-
-    def __init__(self, interval=120):
-        self.interval = interval
-        self.clients = {}
-
-    def add(self, client):
-        self.clients[client._peer_id] = client
-        return client
-
-    def pump(self, now):
-        """Deliver frames until every client is quiet."""
-        moved = True
-        while moved:
-            moved = False
-            for sender, client in list(self.clients.items()):
-                for text in client.data_to_send():
-                    moved = True
-                    self._handle(sender, json.loads(text), now)
-
-    def _handle(self, sender, frame, now):
-        relay = {"action": "announce", "peer_id": sender, "info_hash": frame["info_hash"],
-                 "offer_id": frame.get("offer_id")}
-        if "answer" in frame:
-            self.clients[frame["to_peer_id"]].receive_frame({**relay, "answer": frame["answer"]}, now)
-            return
-        self.clients[sender].receive_frame({"complete": len(self.clients), "incomplete": 0,
-                                            "action": "announce", "interval": self.interval,
-                                            "info_hash": frame["info_hash"]}, now)
-        others = [c for peer_id, c in self.clients.items() if peer_id != sender]
-        for other, offer in zip(others, frame.get("offers", [])):
-            other.receive_frame({**relay, "offer": offer["offer"], "offer_id": offer["offer_id"]}, now)
-
+# Trackers and WebRTC ########################################################
 
 class TestTrackerClient(unittest.TestCase):
     """The sans-I/O tracker core, fed the real frames of tracker-samples.json."""
@@ -5115,17 +2918,19 @@ class TestTrackerClient(unittest.TestCase):
         [text] = client.data_to_send()
         self.assertEqual(json.loads(text), {**real, "downloaded": 0})
         self.assertEqual(list(json.loads(text)), list(real))  # the JS key order too
-        client.receive_frame(SAMPLES["tracker->client announce response"]["raw_json_text"], 0.1)
+        client.receive_frame(samples()["tracker->client announce response"]["raw_json_text"], 0.1)
         self.assertEqual(client.events_received(), [w.TrackerUpdate(1, 0, 120.0)])
         self.assertEqual(client.interval, 120.0)
         # another peer's offer in, our answer out, byte for byte as JS wrote it
         relayed = sample("tracker->other client: relayed offer")
-        client.receive_frame(SAMPLES["tracker->other client: relayed offer"]["raw_json_text"], 1.0)
+        client.receive_frame(samples()["tracker->other client: relayed offer"]["raw_json_text"], 1.0)
         [offer] = client.events_received()
-        self.assertEqual(offer, w.RelayedOffer(SAMPLE_OTHER.decode(), relayed["offer_id"], relayed["offer"]["sdp"]))
+        other = sample_peer_ids()[1].decode()
+        self.assertEqual(offer, w.RelayedOffer(other, relayed["offer_id"], relayed["offer"]["sdp"]))
         answer = sample("client->tracker answer (to_peer_id)")
         self.assertTrue(client.send_answer(offer.peer_id, offer.offer_id, answer["answer"]["sdp"]))
-        self.assertEqual(client.data_to_send(), [SAMPLES["client->tracker answer (to_peer_id)"]["raw_json_text"]])
+        self.assertEqual(client.data_to_send(),
+                         [samples()["client->tracker answer (to_peer_id)"]["raw_json_text"]])
 
     def test_pair_offer_answer_matched_by_offer_id(self):
         tracker = FakeTracker()
@@ -5207,7 +3012,7 @@ class TestTrackerClient(unittest.TestCase):
         self.assertEqual(client.events_received(), [w.TrackerWarning("invalid info_hash")])
 
     def test_reconnect_backoff_and_close(self):
-        client = w.TrackerClient("ws://t", SAMPLE_INFOHASH, SAMPLE_ME, random=lambda n: b"\0" * n)
+        client = w.TrackerClient("ws://t", SAMPLE_INFOHASH, sample_peer_ids()[0], random=lambda n: b"\0" * n)
         self.assertTrue(client.start_connecting(0.0))
         self.assertFalse(client.start_connecting(0.0))
         delays, now = [], 0.0
@@ -5241,7 +3046,7 @@ class TestTrackerClient(unittest.TestCase):
         client.tick(0.0)
         [make] = client.events_received()
         client.send_announce([(i, "sdp") for i in make.offer_ids], 0.0)
-        frames = [sample(kind) for kind in SAMPLES]
+        frames = [sample(kind) for kind in samples()]
         for frame in frames:
             frame.update(info_hash=client._info_hash, offer_id=make.offer_ids[0])
             for key in list(frame):
@@ -5267,7 +3072,7 @@ class TestTrackerClient(unittest.TestCase):
         self.assertEqual(client.data_to_send(), [])
 
 
-class TestWebRtcSettings(unittest.TestCase):
+class TestWebRtcSettings(AsyncTest):
     def test_ice_servers(self):
         stun, turn, turns = w.parse_ice_servers(
             "stun:stun.example.org:3478, turn:al%40ice:p%3Ass@turn.example.org:3478?transport=tcp,"
@@ -5277,15 +3082,16 @@ class TestWebRtcSettings(unittest.TestCase):
         self.assertEqual(turns, w.IceServer("turns:[2001:db8::1]:5349", "u", "p"))
         self.assertEqual(w.parse_ice_servers(""), [])
         self.assertEqual(w.parse_ice_servers([]), [])
-        self.assertEqual(PUBLIC_ICE_SERVERS, ("stun:stun.l.google.com:19302", "stun:global.stun.twilio.com:3478"))
+        self.assertEqual(public_default("DEFAULT_ICE_SERVERS"),
+                         ("stun:stun.l.google.com:19302", "stun:global.stun.twilio.com:3478"))
         for bad in ["stun:", "http://x", "turn:host:3478", "turn::p@h:1", "stun:h:1?transport=sctp",
                     "stun:h:123456", "stun:a b"]:
             with self.assertRaises(w.WorkerError, msg=bad):
                 w.parse_ice_servers(bad)
 
     def test_trackers_and_env_keys(self):
-        self.assertEqual(PUBLIC_TRACKERS, ("wss://hub.bugout.link", "wss://tracker.openwebtorrent.com",
-                                           "wss://tracker.btorrent.xyz"))
+        self.assertEqual(public_default("DEFAULT_TRACKERS"), ("wss://hub.bugout.link",
+                         "wss://tracker.openwebtorrent.com", "wss://tracker.btorrent.xyz"))
         self.assertEqual(w.parse_trackers(" ws://127.0.0.1:8000 ,wss://t.example/announce,"),
                          ["ws://127.0.0.1:8000", "wss://t.example/announce"])
         for bad in ["http://t.example", "udp://t.example:80", "ws://"]:
@@ -5310,136 +3116,52 @@ class TestWebRtcSettings(unittest.TestCase):
                        env={"trackers": "ws://127.0.0.1:2", "maxPeers": "3", "dht": "false"})
             self.assertEqual((m.node.webrtc.trackers, m.node.webrtc.max_peers), (["ws://127.0.0.1:2"], 3))
 
-    def test_without_aiortc_one_info_line_and_tcp_goes_on(self):
+    async def test_without_aiortc_one_info_line_and_tcp_goes_on(self):
         saved = {name: sys.modules.get(name) for name in ("aiortc",)}
         sys.modules["aiortc"] = None  # import aiortc now raises ImportError
 
-        async def scenario():
-            with self.assertLogs("worker", "INFO") as logs:
-                a = await py_node("no-aiortc", trackers=["ws://127.0.0.1:9"])
-            b = await py_node("no-aiortc", peers=["127.0.0.1:%d" % a.port])
-            await until(lambda: a.address in b.peers)
-            self.assertEqual(await b.rpc(a.address, "echo", {}), {"echoedBy": "py"})
-            self.assertFalse(a.webrtc.running)
-            await b.close()
-            await a.close()
-            return logs.output
-        try:
-            output = run(scenario())
-        finally:
+        def restore():
             for name, module in saved.items():
                 sys.modules.pop(name, None) if module is None else sys.modules.__setitem__(name, module)
-        off = [line for line in output if "WebRTC is off" in line]
-        self.assertEqual(len(off), 1, output)
+        self.addCleanup(restore)
+        with self.assertLogs("worker", "INFO") as logs:
+            a = await self.started(py_node("no-aiortc", trackers=["ws://127.0.0.1:9"]))
+        b = await self.started(py_node("no-aiortc", peers=["127.0.0.1:%d" % a.port]))
+        await until(lambda: a.address in b.peers)
+        self.assertEqual(await b.rpc(a.address, "echo", {}), {"echoedBy": "py"})
+        self.assertFalse(a.webrtc.running)
+        off = [line for line in logs.output if "WebRTC is off" in line]
+        self.assertEqual(len(off), 1, logs.output)
         self.assertIn("aiortc", off[0])
 
 
-class FakeChannel:
-    """An RTCDataChannel stand-in that delivers to another RtcConnection."""
-
-    def __init__(self):
-        self.readyState, self.bufferedAmount = "open", 0
-        self.sizes, self.peer = [], None
-
-    def on(self, event, handler):
-        pass
-
-    def send(self, data):
-        assert isinstance(data, bytes)
-        self.sizes.append(len(data))
-        asyncio.get_running_loop().call_soon(self.peer._on_message, data)
-
-    def close(self):
-        self.readyState = "closed"
-
-
-class FakePeerConnection:
-    connectionState = "connected"
-
-    def on(self, event, handler):
-        pass
-
-    async def close(self):
-        self.connectionState = "closed"
-
-
-class TestRtcConnection(unittest.TestCase):
-    def test_wire_over_data_channel_pair_in_memory(self):
+class TestRtcConnection(AsyncTest):
+    async def test_wire_over_data_channel_pair_in_memory(self):
         """Two Bugouts joined by RtcConnections over fake channels: chunks of 16 KiB at most."""
-        async def scenario():
-            a, b = (w.Bugout("rtc-mem", lsd=False, dht=False, listen=False, trackers=[]) for _ in range(2))
-            for node in (a, b):
-                node.register("echo", lambda address, args: args)
-            conns = [w.RtcConnection(n.webrtc, FakePeerConnection(), offerer=n is a) for n in (a, b)]
-            channels = [FakeChannel(), FakeChannel()]
-            channels[0].peer, channels[1].peer = conns[1], conns[0]
-            for conn, channel in zip(conns, channels):
-                conn.attach(channel)
-            await until(lambda: a.address in b.peers and b.address in a.peers, 5)
-            big = {"blob": "z" * 1_000_000}
-            self.assertEqual(await b.rpc(a.address, "echo", big, timeout=10), big)
-            self.assertEqual((a.connections(), b.connections()), (1, 1))
-            for node in (a, b):
-                await node.close()
-            return channels
-        channels = run(scenario())
+        a, b = (self.will_close(w.Bugout("rtc-mem", lsd=False, dht=False, listen=False, trackers=[]))
+                for _ in range(2))
+        for node in (a, b):
+            node.register("echo", lambda address, args: args)
+        conns = [w.RtcConnection(n.webrtc, FakePeerConnection(), offerer=n is a) for n in (a, b)]
+        channels = [FakeChannel(), FakeChannel()]
+        channels[0].peer, channels[1].peer = conns[1], conns[0]
+        for conn, channel in zip(conns, channels):
+            conn.attach(channel)
+        await until(lambda: a.address in b.peers and b.address in a.peers, 5)
+        big = {"blob": "z" * 1_000_000}
+        self.assertEqual(await b.rpc(a.address, "echo", big, timeout=10), big)
+        self.assertEqual((a.connections(), b.connections()), (1, 1))
+        for node in (a, b):
+            await node.close()
         for channel in channels:
             self.assertLessEqual(max(channel.sizes), w.RTC_CHUNK)
             self.assertGreater(sum(channel.sizes), 1_000_000)
 
 
-# WebRTC for real: aiortc, @roamhq/wrtc and a local tracker in a namespace ######
+# WebRTC for real: aiortc, @roamhq/wrtc and a local tracker in a namespace ####
 
-def in_rtc_namespace(scenario, timeout=300):
-    """Run ``RTC_SCENARIOS[scenario]`` in a fresh network namespace; return its JSON result.
-
-    No STUN/TURN server and a local bittorrent-tracker: nothing leaves the
-    namespace. lo gets 127.0.0.2 too, since aioice gathers every IPv4
-    address except 127.0.0.1 (libwebrtc takes loopback as it is).
-    """
-    need(shutil.which("unshare") and shutil.which("ip") and os.geteuid() == 0, "unshare -n needs root")
-    js_ready()
-    for package in ("@roamhq/wrtc", "bittorrent-tracker"):
-        need((INTEROP / "node_modules" / package).is_dir(), "run npm ci in interop/ (%s)" % package)
-    import importlib.util
-    for module in ("aiortc", "websockets"):
-        need(importlib.util.find_spec(module), "pip install -r requirements.txt (%s)" % module)
-    code = "import test_worker as t; t.rtc_child(%r)" % scenario
-    script = ("ip link set lo up && ip addr add 127.0.0.2/32 dev lo && "
-              f"exec {sys.executable} -c {shlex.quote(code)}")
-    done = subprocess.run(["unshare", "-n", "sh", "-c", script], check=False, cwd=HERE,
-                          capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise AssertionError(f"namespace run failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def rtc_child(name):
-    """Inside the namespace: run one scenario, print its result as the last line."""
-    w.Logger("warn")
-    print(json.dumps(asyncio.run(asyncio.wait_for(RTC_SCENARIOS[name](), 280))))
-
-
-async def local_tracker(**env):
-    return await JsProcess("tracker.js", {k: str(v) for k, v in env.items()}).start()
-
-
-async def rtc_node(ident, trackers, numwant=w.TRACKER_NUMWANT, **kw):
-    """A Python node reachable only through WebRTC (no TCP listener, no LSD), as py_node."""
-    node = w.Bugout(ident, lsd=False, dht=False, listen=False, trackers=trackers, ice_servers=[], **kw)
-    node.webrtc.numwant = numwant
-    node.register("echo", lambda address, args: {**args, "echoedBy": "py"})
-    node.events = []
-    for name in ("seen", "message", "left"):
-        node.on(name, lambda *a, name=name: node.events.append((name,) + a))
-    return await node.start()
-
-
-def only_webrtc(*nodes):
-    return all(isinstance(c, w.RtcConnection) for node in nodes for c in node._connections)
-
-
-async def _rtc_python_python():
+async def child_rtc_python_python():
+    """Two Python nodes through the tracker (and a dead one); the tracker restarts; a third joins."""
     w.RECONNECT_FIRST = 0.3  # the tracker restarts below: come back quickly
     tracker = await local_tracker()
     url, dead = tracker.ready["url"], "ws://127.0.0.1:9"  # nothing listens on 9
@@ -5478,7 +3200,7 @@ async def _rtc_python_python():
     return result
 
 
-async def _rtc_python_js(python_offers):
+async def child_rtc_python_js(python_offers):
     """Python and JS meet through the tracker; only one side makes offers.
 
     The offering side starts second, so the tracker has someone to relay to.
@@ -5515,60 +3237,18 @@ async def _rtc_python_js(python_offers):
     return result
 
 
-async def _js_master_run(tmp, transport, url, count):
-    """The JS master harness and a Python Worker over WebRTC or TCP: timings and results."""
-    webrtc = transport == "webrtc"
-    master = await JsProcess("master.js", {
-        "QX_TOKEN": "rtc-jsm-" + transport, "QX_KEY": KEY, "QX_JOBS": str(count),
-        "QX_ASSETS": str(Path(tmp) / "assets.json"), **({"QX_TRACKER": url} if webrtc else {})}).start()
-    worker = w.Worker("rtc-jsm-" + transport, "py", "warn", KEY, env={}, folder=Path(tmp) / transport,
-                      host="127.0.0.1", lsd=False, dht=False, get_batch=True, batch_size=10,
-                      peers=[] if webrtc else ["127.0.0.1:%d" % master.ready["port"]],
-                      trackers=[url] if webrtc else [], ice_servers=[])
-    started = time.monotonic()
-    await worker.start()
-    await until(lambda: worker.master is not None, 30)
-    found = time.monotonic() - started
-    await until(lambda: sum(e["event"] == "result" for e in master.events) >= 1, 30)
-    first = time.monotonic()
-    await until(lambda: sum(e["event"] == "result" for e in master.events) >= count, 120)
-    rate = (count - 1) / (time.monotonic() - first)
-    results = [e["result"] for e in master.events if e["event"] == "result"]
-    result = {"found_s": found, "rate": rate, "only_webrtc": only_webrtc(worker.node),
-              "ids": sorted(r["jobID"] for r in results),
-              "right": all(r["data"] == {"sum": r["jobID"] * 2} for r in results)}
-    await worker.stop()
-    await master.close()
-    return result
-
-
-async def _rtc_js_master_worker(count=200):
+async def child_rtc_js_master_worker(count=200):
+    """The JS master and a Worker, over WebRTC and over TCP: how soon it is found, jobs/s."""
     tracker = await local_tracker()
     with tempfile.TemporaryDirectory() as tmp:
-        files = write_assets(Path(tmp) / "master", DEFAULT_FILES)
-        for f in files:
-            f["masterPath"] = str(Path(tmp) / "master" / f["masterPath"].lstrip("/"))
-        (Path(tmp) / "assets.json").write_text(json.dumps({"files": files, "dependencies": []}))
-        result = {transport: await _js_master_run(tmp, transport, tracker.ready["url"], count)
+        js_master_assets(Path(tmp))
+        result = {transport: await js_master_run(tmp, transport, tracker.ready["url"], count)
                   for transport in ("webrtc", "tcp")}
     await tracker.close()
     return result
 
 
-async def _flow_rate(master, worker, jobs, get_batch, start=0):
-    """Push jobs, time them from the first result to the last (jobs/s)."""
-    worker.get_batch = get_batch
-    done = master.stats["results"]
-    for i in range(start, start + jobs):
-        master.push_new_job({"id": i, "data": json.dumps({"x": i})})
-    worker._wake.set()
-    await until(lambda: master.stats["results"] >= done + 1, 30)
-    first, first_done = time.monotonic(), master.stats["results"]
-    await until(lambda: master.stats["results"] >= done + jobs, 120)
-    return (done + jobs - first_done) / (time.monotonic() - first)
-
-
-async def _rtc_master_py():
+async def child_rtc_master_py():
     """master.py and a Worker: a 5 MB asset over WebRTC, then jobs/s over WebRTC and TCP."""
     from master import Master
     tracker = await local_tracker()
@@ -5596,61 +3276,15 @@ async def _rtc_master_py():
             result[transport] = {
                 "assets_s": time.monotonic() - started, "only_webrtc": only_webrtc(worker.node, master.node),
                 "blob_ok": (folder / "workplace/data/blob.bin").read_bytes() == blob,
-                "unbatched": await _flow_rate(master, worker, 300, False),
-                "batched": await _flow_rate(master, worker, 1000, True, start=1000)}
+                "unbatched": await flow_rate(master, worker, 300, False),
+                "batched": await flow_rate(master, worker, 1000, True, start=1000)}
             await worker.stop()
             await master.close()
     await tracker.close()
     return result
 
 
-async def _dead_answer_sdp():
-    """A well-formed answer whose ICE and DTLS ends are already gone."""
-    import aiortc
-    config = aiortc.RTCConfiguration(iceServers=[])
-    offerer, answerer = aiortc.RTCPeerConnection(config), aiortc.RTCPeerConnection(config)
-    offerer.createDataChannel("x")
-    await offerer.setLocalDescription(await offerer.createOffer())
-    await answerer.setRemoteDescription(offerer.localDescription)
-    await answerer.setLocalDescription(await answerer.createAnswer())
-    sdp = answerer.localDescription.sdp
-    await offerer.close()
-    await answerer.close()
-    return sdp
-
-
-async def _bad_answerer(url, infohash, stop):
-    """A tracker client that answers every offer it is sent with a dead answer."""
-    from websockets.asyncio.client import connect
-    sdp = await _dead_answer_sdp()
-    ih, me = infohash.decode("latin-1"), "-XX0000-deadanswerer"
-    answered = 0
-    async with connect(url, compression=None) as ws:
-        await ws.send(json.dumps({"numwant": 0, "uploaded": 0, "downloaded": 0, "left": 0, "event": "started",
-                                  "action": "announce", "info_hash": ih, "peer_id": me, "offers": []}))
-        while not stop.is_set():
-            try:
-                async with asyncio.timeout(0.2):
-                    frame = json.loads(await ws.recv())
-            except TimeoutError:
-                continue
-            if "offer" in frame:
-                answered += 1
-                await ws.send(json.dumps({"action": "announce", "info_hash": ih, "peer_id": me,
-                                          "to_peer_id": frame["peer_id"], "offer_id": frame["offer_id"],
-                                          "answer": {"type": "answer", "sdp": sdp}}))
-    return answered
-
-
-def _live_peer_connections():
-    import gc
-
-    import aiortc
-    gc.collect()
-    return [o for o in gc.get_objects() if isinstance(o, aiortc.RTCPeerConnection)]
-
-
-async def _rtc_hygiene(seconds=15.0, interval=0.05, max_peers=6):
+async def child_rtc_hygiene(seconds=15.0, interval=0.05, max_peers=6):
     """Hundreds of announce cycles with a peer that answers with dead answers."""
     tracker = await local_tracker()
     url = tracker.ready["url"]
@@ -5664,7 +3298,7 @@ async def _rtc_hygiene(seconds=15.0, interval=0.05, max_peers=6):
     a, b = nodes
     await until(lambda: a.address in b.peers and b.address in a.peers, 30)
     stop = asyncio.Event()
-    answerer = asyncio.ensure_future(_bad_answerer(url, a.infohash, stop))
+    answerer = asyncio.ensure_future(bad_answerer(url, a.infohash, stop))
     peak = peak_gc = 0
     wires_max = 0
     started = time.monotonic()
@@ -5681,7 +3315,7 @@ async def _rtc_hygiene(seconds=15.0, interval=0.05, max_peers=6):
         wires_max = max(wires_max, *(len(n._connections) for n in nodes))
         if time.monotonic() >= next_gc:
             next_gc += 1.0
-            peak_gc = max(peak_gc, len(_live_peer_connections()))
+            peak_gc = max(peak_gc, len(live_peer_connections()))
     stop.set()
     answered = await answerer
     result = {"announces": [n.webrtc.sessions[0].client.stats["announces"] for n in nodes],
@@ -5695,11 +3329,12 @@ async def _rtc_hygiene(seconds=15.0, interval=0.05, max_peers=6):
         await node.close()
     await tracker.close()
     await asyncio.sleep(0.2)
-    result["left_open"] = [pc.connectionState for pc in _live_peer_connections() if pc.connectionState != "closed"]
+    result["left_open"] = [pc.connectionState for pc in live_peer_connections()
+                           if pc.connectionState != "closed"]
     return result
 
 
-async def _rtc_peer_cap():
+async def child_rtc_peer_cap():
     """A node capped at one peer meets one of two others; those two meet each other."""
     tracker = await local_tracker()
     url = tracker.ready["url"]
@@ -5720,18 +3355,19 @@ async def _rtc_peer_cap():
     return result
 
 
-RTC_SCENARIOS = {"python_python": _rtc_python_python,
-                 "python_offers_js_answers": lambda: _rtc_python_js(True),
-                 "js_offers_python_answers": lambda: _rtc_python_js(False),
-                 "js_master_worker": _rtc_js_master_worker, "master_py": _rtc_master_py,
-                 "hygiene": _rtc_hygiene, "peer_cap": _rtc_peer_cap}
-
-
 class TestWebRtc(unittest.TestCase):
     """Real WebRTC (aiortc; @roamhq/wrtc for JS) through a local bittorrent-tracker."""
 
+    def setUp(self):
+        rtc_ready()
+
+    @staticmethod
+    def in_namespace(child, *args):
+        """No STUN/TURN server and a local bittorrent-tracker: nothing leaves the namespace."""
+        return in_namespace(child, *args, timeout=300, lo=LO_FOR_WEBRTC)
+
     def test_python_python_through_tracker(self):
-        out = in_rtc_namespace("python_python")
+        out = self.in_namespace(child_rtc_python_python)
         self.assertEqual(out["echo"], {"x": "é", "echoedBy": "py"})
         self.assertEqual(out["unknown"], {"error": "No such API call."})
         self.assertEqual(out["wires"], [1, 1])
@@ -5743,7 +3379,7 @@ class TestWebRtc(unittest.TestCase):
         print("\n  python-python: connected through the tracker in %.2f s" % out["connected_s"], file=sys.stderr)
 
     def _python_js(self, python_offers):
-        out = in_rtc_namespace("python_offers_js_answers" if python_offers else "js_offers_python_answers")
+        out = self.in_namespace(child_rtc_python_js, python_offers)
         self.assertTrue(out["only_webrtc"])
         self.assertEqual(out["python_offered"], [python_offers])
         self.assertEqual(out["py_to_js"], {"n": "é", "pad": "p" * 40_000, "echoedBy": "js"})
@@ -5759,7 +3395,7 @@ class TestWebRtc(unittest.TestCase):
         self._python_js(python_offers=False)
 
     def test_worker_jobs_from_js_master(self):
-        out = in_rtc_namespace("js_master_worker")
+        out = self.in_namespace(child_rtc_js_master_worker)
         self.assertTrue(out["webrtc"]["only_webrtc"])
         self.assertFalse(out["tcp"]["only_webrtc"])
         for transport in ("webrtc", "tcp"):
@@ -5771,7 +3407,7 @@ class TestWebRtc(unittest.TestCase):
               file=sys.stderr)
 
     def test_master_py_5mb_asset_and_rates(self):
-        out = in_rtc_namespace("master_py")
+        out = self.in_namespace(child_rtc_master_py)
         self.assertTrue(out["webrtc"]["only_webrtc"])
         for transport in ("webrtc", "tcp"):
             self.assertTrue(out[transport]["blob_ok"], transport)
@@ -5782,7 +3418,7 @@ class TestWebRtc(unittest.TestCase):
                   file=sys.stderr)
 
     def test_hundreds_of_announces_stay_bounded(self):
-        out = in_rtc_namespace("hygiene")
+        out = self.in_namespace(child_rtc_hygiene)
         self.assertGreaterEqual(min(out["announces"]), 200)
         self.assertGreater(out["answered"], 20)  # failed connections were really tried
         self.assertGreater(sum(out["timeouts"]) + sum(out["declined"]), 10)
@@ -5796,11 +3432,2170 @@ class TestWebRtc(unittest.TestCase):
               % (*out["announces"], out["peak_live"], out["peak_gc"]), file=sys.stderr)
 
     def test_peer_cap(self):
-        out = in_rtc_namespace("peer_cap")
+        out = self.in_namespace(child_rtc_peer_cap)
         self.assertEqual(out["most"], 1)
         self.assertEqual(out["capped_wires"], 1)
         self.assertEqual(out["b_c"][0] + out["b_c"][1], 3)
         self.assertGreater(out["declined"], 0)
+
+
+# The node: Python and JS bugout peers #######################################
+
+class TestJsInterop(AsyncTest):
+    def setUp(self):
+        js_ready()
+
+    async def _both_ways(self, python_dials):
+        ident = "interop-%d" % random.randrange(1 << 30)
+        js = self.will_close(await js_peer(ident))
+        peers = ["127.0.0.1:%d" % js.ready["port"]] if python_dials else ()
+        py = await self.started(py_node(ident, peers=peers))
+        if not python_dials:
+            js.send(cmd="addPeer", addr="127.0.0.1:%d" % py.port)
+        js_address = js.ready["address"]
+        await js.wait_for(lambda e: e["event"] == "seen" and e["address"] == py.address)
+        await until(lambda: js_address in py.peers)
+        # RPC both ways
+        self.assertEqual(await py.rpc(js_address, "echo", {"n": "é"}), {"n": "é", "echoedBy": "js"})
+        self.assertEqual(await py.rpc(js_address, "nope", {}), {"error": "No such API call."})
+        js.send(cmd="rpc", id=1, address=py.address, call="echo", args={"from": "js"})
+        event = await js.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 1)
+        self.assertEqual(event["result"], {"from": "js", "echoedBy": "py"})
+        js.send(cmd="rpc", id=2, address=py.address, call="missing", args={})
+        event = await js.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 2)
+        self.assertEqual(event["result"], {"error": "No such API call."})
+        # broadcast and addressed messages both ways
+        py.send({"hello": "all"})
+        py.send({"hello": "you"}, address=js_address)
+        for message in ({"hello": "all"}, {"hello": "you"}):
+            await js.wait_for(lambda e, m=message: e["event"] == "message" and e["message"] == m)
+        js.send(cmd="send", message={"js": "all"})
+        js.send(cmd="send", address=py.address, message={"js": "you"})
+        await until(lambda: ("message", js_address, {"js": "all"}) in py.events
+                    and ("message", js_address, {"js": "you"}) in py.events)
+        await py.close()
+        await js.wait_for(lambda e: e["event"] == "left" and e["address"] == py.address)
+
+    async def test_python_dials_js(self):
+        await self._both_ways(python_dials=True)
+
+    async def test_js_dials_python(self):
+        await self._both_ways(python_dials=False)
+
+    async def test_line_js_python_js_relays(self):
+        ident = "line-%d" % random.randrange(1 << 30)
+        py = await self.started(py_node(ident))
+        js1, js2 = self.will_close(await js_peer(ident)), self.will_close(await js_peer(ident))
+        for js in (js1, js2):
+            js.send(cmd="addPeer", addr="127.0.0.1:%d" % py.port)
+        a1, a2 = js1.ready["address"], js2.ready["address"]
+        # each JS peer sees the other only through the Python relay
+        await js1.wait_for(lambda e: e["event"] == "seen" and e["address"] == a2)
+        await js2.wait_for(lambda e: e["event"] == "seen" and e["address"] == a1)
+        js1.send(cmd="send", message={"across": 1})
+        await js2.wait_for(lambda e: e["event"] == "message" and e["message"] == {"across": 1})
+        js1.send(cmd="rpc", id=7, address=a2, call="echo", args={"via": "py"})
+        event = await js1.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 7)
+        self.assertEqual(event["result"], {"via": "py", "echoedBy": "js"})
+        self.assertGreater(py.core.stats["relayed"], 3)
+
+
+# Worker: assets and dependencies ############################################
+
+class TestSafety(unittest.TestCase):
+    def test_asset_paths(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            (root / "out").symlink_to("/tmp")
+            self.assertEqual(w.safe_asset_path(root, "/workplace/a/b.py"), root.resolve() / "workplace/a/b.py")
+            self.assertEqual(w.safe_asset_path(root, "task.py"), root.resolve() / "task.py")
+            for bad in ["/../x", "/a/../../x", "//etc/passwd", "/", "", None, "/a\\..\\x", "/a/\0",
+                        "/.env", "/out/x.py", "/.deps/x.py", "C:/x", "/a//b"]:
+                with self.assertRaises(w.UnsafeAsset, msg=bad):
+                    w.safe_asset_path(root, bad)
+            here = Path(w.__file__).resolve()
+            with self.assertRaises(w.UnsafeAsset):
+                w.safe_asset_path(here.parent, "/" + here.name)
+
+    def test_requirements(self):
+        for good in ["requests", "requests==2.31.0", "Pillow[extra]>=9,<11", "a.b-c_d~=1.0"]:
+            self.assertEqual(w.check_requirement(good), good)
+        for bad in ["-e .", "--index-url=x", "git+https://x/y", "./local", "/abs/path",
+                    "pkg @ https://x", "pkg; os_name=='nt'", "", 3, "a b"]:
+            with self.assertRaises(w.UnsafeAsset, msg=bad):
+                w.check_requirement(bad)
+
+
+class TestTaskJsSafety(unittest.TestCase):
+    def test_npm_package_names(self):
+        for good in ["moment", "big.js", "lodash@4.17.21", "@scope/pkg", "@scope/pkg@^1.2.0", "JSONStream",
+                     "pkg@latest", "pkg@>=1.0.0 <2", "pkg@~1.2.x", "pkg@1.x || 2.x", "pkg@1.2.3 - 2.0.0"]:
+            self.assertEqual(w.check_npm_package(good), good)
+        for bad in ["", None, 3, "-g", "--registry=http://evil", "http://x/y.tgz", "git+https://github.com/a/b",
+                    "github:a/b", "a/b", "./local", "../x", "/abs", "file:../x", "pkg@file:../x", "pkg@npm:other",
+                    "pkg@git+ssh://x", "pkg@http://x/y", ".hidden", "_under", "pkg@", "a b", "pkg@1.0.0#x",
+                    "@scope/", "@/x", "pkg@1 --registry=x", "x" * 300]:
+            with self.assertRaises(w.UnsafeAsset, msg=bad):
+                w.check_npm_package(bad)
+
+    def test_runner_file_is_protected(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            for bad in ["/" + w.NODE_RUNNER_NAME, w.NODE_RUNNER_NAME]:
+                with self.assertRaises(w.UnsafeAsset, msg=bad):
+                    w.safe_asset_path(Path(tmp), bad)
+
+
+# Worker: trusting a master (issue 10) #######################################
+
+class TestMasterProof(unittest.TestCase):
+    """The proof rules and the trust table, in memory."""
+
+    def verify(self, answer, text_reads=True, key=KEY):
+        with tempfile.TemporaryDirectory() as tmp:
+            return w.verify_assets(answer, w.Crypt(key), Path(tmp), text_reads=text_reads)
+
+    def test_the_task_file_and_text_files_must_hash_as_the_master_says(self):
+        good = asset_answer({"/workplace/task.py": TASK_PY.encode(), "/workplace/data/x.txt": b"text\n"})
+        verified = self.verify(good)
+        self.assertTrue(verified.python)
+        self.assertEqual(verified.unified, "".join(f["sha256"] for f in good["files"]))
+        self.assertEqual([c for _, _, c in verified.files], [TASK_PY.encode(), b"text\n"])
+        for index in (0, 1):  # a wrong hash on the task or on a text file
+            bad = json.loads(json.dumps(good))
+            bad["files"][index]["sha256"] = "0" * 64
+            with self.assertRaises(w.AssetError):
+                self.verify(bad)
+        with self.assertRaises(w.CryptError):  # another key: nothing decrypts
+            self.verify(good, key="x" * 32)
+
+    def test_a_binary_file_read_as_utf8_by_a_js_master(self):
+        binary = bytes(range(256))
+        answer = asset_answer({"/task.js": b"module.exports = class {}\n", "/blob.bin": binary})
+        mangled = binary.decode("utf-8", "replace").encode()  # what the JS master's read sends
+        answer["files"][1]["content"] = w.Crypt(KEY).encrypt(mangled)
+        with self.assertLogs("worker", "WARNING") as logs:
+            verified = self.verify(answer)  # accepted from a JS master, as received
+        self.assertEqual(verified.files[1][2], mangled)
+        self.assertIn("binary file", logs.output[0])
+        with self.assertRaises(w.AssetError):  # master.py reads bytes: never from it
+            self.verify(answer, text_reads=False)
+        answer["files"][0]["content"] = w.Crypt(KEY).encrypt("\ufffd".encode())  # never the task file
+        with self.assertRaises(w.AssetError):
+            self.verify(answer)
+
+    def test_shapes_and_caps(self):
+        good = asset_answer({"/task.py": b"class Task: pass\n"})
+        cases = [None, [], {"status": "same", "files": []}, {**good, "files": []},
+                 {**good, "files": "task.py"}, {**good, "dependencies": "numpy"},
+                 {**good, "dependencies": ["numpy"] * (w.MAX_DEPENDENCIES + 1)},
+                 {**good, "files": good["files"] * (w.MAX_ASSET_FILES + 1)},
+                 {**good, "files": [{**good["files"][0], "name": 5}]},
+                 {**good, "files": [{**good["files"][0], "sha256": None}]},
+                 {**good, "files": [{**good["files"][0], "content": "x"}]},
+                 asset_answer({"/other.py": b"x"})]
+        for answer in cases:
+            with self.assertRaises(w.AssetError, msg=str(answer)[:200]):
+                self.verify(answer)
+        with self.assertRaises(w.UnsafeAsset):
+            self.verify({**good, "files": [{**good["files"][0], "workerPath": "/../x.py"}]})
+        with self.assertRaises(w.UnsafeAsset):
+            self.verify({**good, "dependencies": ["--index-url=http://evil/"]})
+
+    def test_the_challenge_binds_nonce_and_both_addresses(self):
+        key = w.Crypt(KEY).derive(w.PROOF_LABEL)
+        master, worker, other = (w.Identity().address for _ in range(3))
+        nonce = os.urandom(32)
+        proof = w.master_proof(key, nonce, master, worker)
+        self.assertEqual(proof, w.master_proof(key, nonce, master, worker))
+        for changed in (w.master_proof(key, os.urandom(32), master, worker),
+                        w.master_proof(key, nonce, other, worker),
+                        w.master_proof(key, nonce, master, other),
+                        w.master_proof(w.Crypt("y" * 32).derive(w.PROOF_LABEL), nonce, master, worker)):
+            self.assertNotEqual(changed, proof)
+
+    def test_trust_bans_budget_and_pins(self):
+        trust = w.MasterTrust()
+        peers = [w.Identity().address for _ in range(60)]
+        now = 1000.0
+        self.assertTrue(trust.may_ask(peers[0], now))
+        hour, per_hour = w.PROOF_BUDGET[0]
+        for i in range(per_hour - 1):
+            self.assertFalse(trust.proof_failed(peers[i], now + i))
+            self.assertFalse(trust.may_ask(peers[i], now + i + 1))  # banned
+        self.assertTrue(trust.may_ask(peers[per_hour], now + per_hour))
+        self.assertTrue(trust.proof_failed(peers[per_hour - 1], now + per_hour))  # the budget is spent
+        self.assertFalse(trust.may_ask(peers[per_hour], now + per_hour))
+        self.assertFalse(trust.may_prove(peers[per_hour], now + hour - 1))
+        self.assertTrue(trust.may_prove(peers[per_hour], now + hour + 1))  # an hour later
+        self.assertFalse(trust.may_ask(peers[0], now + w.PROOF_BAN_SECONDS - 1))
+        trust.adopt(peers[50])
+        self.assertEqual(trust.master, peers[50])
+        trust.said_yes(peers[51], w.MasterCaps())
+        self.assertIn(peers[51], trust.candidates)
+        self.assertTrue(trust.lose(peers[50]))
+        self.assertEqual(trust.next_to_ask([peers[52]], now)[:3], [peers[50], peers[51], peers[52]])
+        # a fresh identity every minute for two days: no window holds more failures than allowed
+        day, spent = w.MasterTrust(), []
+        for i in range(2 * 24 * 60):
+            t = now + 60 * i
+            if day.may_prove("peer-%d" % i, t):
+                day.proof_failed("peer-%d" % i, t)
+                spent.append(t)
+        for window, allowed in w.PROOF_BUDGET:
+            self.assertLessEqual(max(sum(1 for u in spent if t - window < u <= t) for t in spent), allowed)
+        self.assertLessEqual(len(spent), 2 * w.PROOF_BUDGET[1][1])
+        pinned = w.MasterTrust(pinned=[peers[0]])
+        self.assertFalse(pinned.may_ask(peers[1], now))
+        self.assertTrue(pinned.may_ask(peers[0], now))
+
+
+class TestMasterTrust(AsyncTest):
+    """Token-only peers against a real worker over loopback sockets."""
+
+    @time_limit(120)
+    async def test_padding_oracle_loop_gets_the_budget_and_nothing_else(self):
+        tmp = self.tmp()
+        token = "oracle-%d" % random.randrange(1 << 30)
+        worker = loopback_worker(token, tmp / "w")
+        with self.assertLogs("worker", "ERROR") as logs:
+            await self.started(worker)
+            flood = IdentityFlood(token, worker.node.port, padding_probe(random.Random(3)))
+            await self.started(flood)
+            probes = 0
+            while probes < 10_000:  # one identity per probe, each asked as soon as the last is done
+                flood.new_identity()
+                probes += 1
+                try:
+                    await until(lambda n=probes: flood.calls["requestExecAssets"] >= n, 2.0)
+                except AssertionError:
+                    break  # the worker asks no more: the rest come at once
+            flood.unopened = 0  # the worker asked the handshake's identity too, at the start
+            for _ in range(10_000 - probes):
+                flood.new_identity()
+                await flood.writer.drain()
+            await asyncio.sleep(3.0)  # a worker that still asked would have by now
+        budget = w.PROOF_BUDGET[0][1]
+        self.assertEqual(flood.calls["requestExecAssets"], budget)  # the budget, not 10,000
+        self.assertEqual(flood.calls["isMaster"], budget)  # the next identity was not even asked
+        self.assertEqual(flood.unopened, 0)
+        self.assertEqual(sum("did not prove" in line for line in logs.output), budget)
+        self.assertEqual(sum("failed to prove the key lately" in line for line in logs.output), 1)
+        self.assertEqual(worker.current_hash(), "")
+        self.assertIsNone(worker._runner)
+        self.assertIsNone(worker.master)
+        self.assertEqual([p.name for p in (tmp / "w").iterdir() if not p.name.startswith(w.JOURNAL_NAME)], [])
+        self.assertFalse(any(name.startswith("qx_task") for name in sys.modules))
+
+    @time_limit(90)
+    async def test_the_master_is_found_at_once_behind_a_flood_of_silent_identities(self):
+        tmp = self.tmp()
+        token = "silent-%d" % random.randrange(1 << 30)
+        worker = await self.started(loopback_worker(token, tmp / "w"))
+        flood = await self.started(IdentityFlood(token, worker.node.port, None, answer=False))
+        for _ in range(2000):  # identities that never answer isMaster: every check waits its timeout
+            flood.new_identity()
+            await flood.writer.drain()
+        await until(lambda: flood.unopened + flood.calls["isMaster"] >= w.CHECK_CONCURRENCY - 1, 10)
+        results = []
+        master = loopback_master(token, tmp / "master", results.append,
+                                 peers=["127.0.0.1:%d" % worker.node.port])
+        master.push_new_job({"id": 1, "data": json.dumps({"x": 1})})
+        started = time.monotonic()
+        await self.started(master)
+        await until(lambda: results, 20)
+        self.assertLess(time.monotonic() - started, w.CHECK_TIMEOUT / 2)  # not behind the flood
+
+    async def test_every_rejection_looks_the_same(self):
+        good_padding = asset_answer({"/task.py": b"import os\nclass Task: pass\n"})
+        good_padding["files"][0]["sha256"] = "1" * 64  # decrypts, but not to that hash
+        bad_padding = asset_answer({"/task.py": b"x"})
+        bad_padding["files"][0]["content"]["encryptedData"] = os.urandom(16).hex()
+        not_a_name = asset_answer({"/task.py": b"x"})
+        not_a_name["files"][0]["name"] = 7
+        wrong_key = asset_answer({"/task.py": b"class Task: pass\n"}, key="q" * 32)
+        variants = {"good padding, wrong hash": good_padding, "bad padding": bad_padding,
+                    "name not a string": not_a_name, "another key": wrong_key}
+        tmp = self.tmp()
+        token = "same-%d" % random.randrange(1 << 30)
+        worker = await self.started(loopback_worker(token, tmp / "w", loglevel="error"))
+        peers = ["127.0.0.1:%d" % worker.node.port]
+        impostors = {name: await self.started(Impostor(token, answer), peers=peers)
+                     for name, answer in variants.items()}
+        await until(lambda: all(i.names()[-1:] == ["requestExecAssets"] for i in impostors.values()), 20)
+        old = {name: set(i.node._connections) for name, i in impostors.items()}
+        for impostor in impostors.values():  # new wires: a worker that re-asked would say so
+            for conn in list(impostor.node._connections):
+                conn.close()
+        await until(lambda: all(i.node.connections() and not (set(i.node._connections) & old[name])
+                                for name, i in impostors.items()), 20)
+        await asyncio.sleep(1.5)
+        for name, impostor in impostors.items():
+            self.assertEqual(impostor.names(), ["isMaster", "requestExecAssets"], name)
+            self.assertEqual(impostor.calls[1][1], {"currentHash": ""})
+        self.assertEqual(worker.current_hash(), "")
+        self.assertIsNone(worker._runner)
+
+    async def hijack(self, caps):
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp))
+        results_at = []
+        cluster.master.on_results = lambda r: (cluster.results.append(r), results_at.append(time.monotonic()))
+        cluster.push(3000, sleep=0.001)  # a run of a few seconds, which the rogue joins and leaves
+        worker = await self.started(cluster.worker(get_batch=True, batch_size=10))
+        await cluster.until_results(500, 60)
+        rogue = await self.started(Impostor(cluster.token, asset_answer({"/task.py": b"x"}), caps),
+                                   peers=["127.0.0.1:%d" % worker.node.port])
+        await until(lambda: "isMaster" in rogue.names(), 10)
+        await asyncio.sleep(2.0)
+        await rogue.close()  # it leaves
+        self.assertLess(len(cluster.results), 3000)  # it came and left during the run
+        await cluster.until_results(3000, 60)
+        self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(3000)))
+        self.assertEqual(rogue.names(), ["isMaster"])  # a candidate: never asked more, never given results
+        gaps = [b - a for a, b in itertools.pairwise(results_at)]
+        self.assertLess(max(gaps), 1.0)
+        self.assertEqual(worker.master, cluster.master.address)
+
+    @time_limit(120)
+    async def test_a_rogue_claiming_master_during_a_run_gets_nothing(self):
+        await self.hijack({"resultAcks": True, "resultBatches": True, "keyProof": 1})
+
+    @time_limit(120)
+    async def test_a_js_style_rogue_claiming_master_during_a_run_gets_nothing(self):
+        await self.hijack({})
+
+    @time_limit(90)
+    async def test_rogues_up_before_the_master_get_nothing_and_the_master_is_adopted(self):
+        tmp = self.tmp()
+        token = "early-%d" % random.randrange(1 << 30)
+        rogues = [await self.started(Impostor(token, None)),  # never answers its proof
+                  await self.started(Impostor(token, asset_answer({"/task.py": b"class Task: pass\n"},
+                                                                  key="r" * 32))),
+                  await self.started(Impostor(token, None, {"keyProof": 1, "resultAcks": True}))]
+        worker = await self.started(loopback_worker(token, tmp / "w", get_batch=True, batch_size=5,
+                                                    peers=["127.0.0.1:%d" % r.node.port for r in rogues]))
+        await until(lambda: all(r.calls for r in rogues), 20)
+        await asyncio.sleep(1.0)
+        self.assertIsNone(worker.master)
+        results = []
+        master = loopback_master(token, tmp / "master", results.append,
+                                 peers=["127.0.0.1:%d" % worker.node.port])
+        for i in range(20):
+            master.push_new_job({"id": i, "data": json.dumps({"x": i})})
+        started = time.monotonic()
+        await self.started(master)
+        await until(lambda: worker.master == master.address, 10)
+        adopted = time.monotonic() - started
+        await until(lambda: len(results) >= 20, 30)
+        self.assertLess(adopted, 5.0)
+        for rogue in rogues:
+            self.assertNotIn("requestWork", rogue.names())
+            self.assertFalse({"shareResults", "shareResultsBatch"} & set(rogue.names()))
+        self.assertEqual(rogues[1].names(), ["isMaster", "requestExecAssets"])
+
+    async def test_when_the_master_leaves_a_candidate_takes_over_within_seconds(self):
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp))
+        backup_results = []
+        backup = loopback_master(cluster.token, tmp / "master", backup_results.append)
+        cluster.push(10)
+        worker = await self.started(cluster.worker())
+        await cluster.until_results(10)
+        await self.started(backup)
+        worker.node.add_peer("127.0.0.1", backup.port)
+        await until(lambda: backup.address in worker.trust.candidates, 10)  # said yes: a candidate
+        self.assertEqual(worker.master, cluster.master.address)
+        for i in range(10, 20):
+            backup.push_new_job({"id": i, "data": json.dumps({"x": i})})
+        await asyncio.sleep(0.5)
+        self.assertEqual(backup_results, [])  # nothing from a candidate while the master serves
+        left = time.monotonic()
+        await cluster.master.close()
+        await until(lambda: len(backup_results) >= 10, 10)
+        self.assertLess(time.monotonic() - left, 5.0)
+        self.assertEqual(worker.master, backup.address)
+
+    async def test_pinned_master_only(self):
+        cluster = await self.started(Cluster(self.tmp()))
+        cluster.push(10)
+        rogue = await self.started(Impostor(cluster.token, asset_answer({"/task.py": b"x"}), {"keyProof": 1}))
+        worker = await self.started(cluster.worker(master=cluster.master.address,
+                                                   peers=["127.0.0.1:%d" % rogue.node.port,
+                                                          "127.0.0.1:%d" % cluster.master.port]))
+        await cluster.until_results(10)
+        await until(lambda: worker.address in rogue.node.peers, 10)
+        await asyncio.sleep(0.5)
+        self.assertEqual(rogue.calls, [])  # never even asked
+        with self.assertRaises(w.WorkerError):
+            cluster.worker(master="not-an-address")
+
+    async def test_master_py_answers_results_that_do_not_decrypt_as_any_others(self):
+        cluster = await self.started(Cluster(self.tmp()))
+        thief = self.will_close(await thief_of(cluster))
+        good, other = w.Crypt(KEY), w.Crypt("o" * 32)
+        result = {"jobID": "x", "worker": {"id": thief.address, "name": "t"}, "data": 1}
+        calls = [("shareResults", good.encrypt(json.dumps(result))),
+                 ("shareResultsBatch", other.encrypt_json([result])),
+                 ("shareResults", {"iv": "00" * 16, "encryptedData": os.urandom(32).hex()}),
+                 ("requestWork", {"results": other.encrypt_json([result])})]
+        with self.assertLogs("worker", "ERROR") as logs:
+            answers = [await thief.rpc(cluster.master.address, name, args) for name, args in calls * 30]
+        self.assertEqual({json.dumps(a) for a in answers[0::4] + answers[1::4] + answers[2::4]},
+                         {'{"received": true}'})
+        self.assertEqual(len(logs.output), 1)  # one line a minute, whatever comes
+        self.assertEqual([r["jobID"] for r in cluster.results], ["x"])
+
+    def test_master_py_keeps_its_address_across_restarts(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            write_loopback_env(tmp, "stable-%d" % random.randrange(1 << 30))
+            addresses = []
+            for _ in range(2):
+                with subprocess.Popen([sys.executable, MASTER_PY], cwd=tmp, env=clean_env(),
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL) as proc:
+                    try:
+                        addresses.append(json.loads(proc.stdout.readline())["address"])
+                    finally:
+                        proc.terminate()
+            self.assertEqual(addresses[0], addresses[1])
+            self.assertIn("seed=", (Path(tmp) / ".env").read_text())
+
+
+class TestMasterTrustJs(AsyncTest):
+    """The same attacks with the unchanged JS master (harness on npm bugout) as the real master."""
+
+    def setUp(self):
+        js_ready()
+
+    @time_limit(180)
+    async def test_rogue_during_a_js_master_run_and_rogue_first(self):
+        tmp = self.tmp()
+        token = "jsrogue-%d" % random.randrange(1 << 30)
+        early = await self.started(Impostor(token, None))
+        worker = await self.started(loopback_worker(token, tmp / "w", "py", get_batch=True, batch_size=10,
+                                                    peers=["127.0.0.1:%d" % early.node.port]))
+        await until(lambda: "requestExecAssets" in early.names(), 20)
+        master = await self.started(JsProcess("master.js", {
+            "QX_TOKEN": token, "QX_KEY": KEY, "QX_JOBS": "300", "QX_ASSETS": str(js_master_assets(tmp))}))
+        master.send(cmd="addPeer", addr="127.0.0.1:%d" % worker.node.port)
+        await until(lambda: worker.master == master.ready["address"], 20)
+        rogue = await self.started(Impostor(token, asset_answer({"/task.py": b"x"})),
+                                   peers=["127.0.0.1:%d" % worker.node.port])
+        await until(lambda: sum(e["event"] == "result" for e in master.events) >= 300, 120)
+        for impostor in (early, rogue):
+            self.assertFalse({"requestWork", "shareResults", "shareResultsBatch"} & set(impostor.names()))
+        self.assertEqual(rogue.names(), ["isMaster"])
+        self.assertEqual(worker.master, master.ready["address"])
+
+
+# Worker: the journal and outbox (issue 13) ##################################
+
+class TestOutbox(AsyncTest):
+    """The delivery rules, in memory: no socket, a journal in a temporary folder."""
+
+    async def test_rules(self):
+        tmp = self.tmp()
+        journal = self.will_close(open_journal(tmp))
+        outbox = w.Outbox(journal, lambda address: address == "master")
+        for i in range(3):
+            outbox.add(None, result_text(i))
+        self.assertEqual(await outbox.take("master", 10), [])  # 1: not committed yet
+        await outbox.flush()
+        self.assertEqual(await outbox.take("rogue", 10), [])  # 2: only the proven master
+        first = await outbox.take("master", 2)
+        self.assertEqual([json.loads(t)["jobID"] for _, t in first], [0, 1])  # oldest first
+        self.assertEqual(await outbox.take("master", 10), [])  # one delivery at a time
+        outbox.settle(first, False)  # 4: a failed delivery keeps them, in order
+        again = await outbox.take("master", 10)
+        self.assertEqual([json.loads(t)["jobID"] for _, t in again], [0, 1, 2])
+        outbox.settle(again[:2], True)  # 3: delivered, forgotten
+        outbox.settle(again[2:], False)
+        self.assertEqual(len(outbox), 1)
+        await asyncio.to_thread(journal.close)
+        reopened = w.Outbox(self.will_close(open_journal(tmp)), lambda address: True)
+        self.assertEqual(await reopened.load(), 1)
+        self.assertEqual([json.loads(t)["jobID"] for _, t in await reopened.take("m", 10)], [2])
+
+    async def test_more_results_than_memory_keep_their_order(self):
+        outbox = w.Outbox(self.will_close(open_journal(self.tmp())), lambda address: True)
+        with mock.patch.object(w, "OUTBOX_MEMORY", 5):
+            for i in range(23):
+                outbox.add(None, result_text(i))
+                if i % 7 == 6:
+                    await outbox.flush()
+            await outbox.flush()
+            delivered = []
+            while batch := await outbox.take("m", 4):
+                delivered += [json.loads(t)["jobID"] for _, t in batch]
+                outbox.settle(batch, True)
+        self.assertEqual(delivered, list(range(23)))
+        self.assertEqual(len(outbox), 0)
+
+    async def test_a_row_this_worker_did_not_write_is_never_delivered(self):
+        tmp = self.tmp()
+        outbox = w.Outbox(self.will_close(open_journal(tmp)), lambda address: True)
+        outbox.add(None, result_text(1))
+        await outbox.flush()
+        await asyncio.to_thread(outbox.journal.close)
+        with contextlib.closing(sqlite3.connect(tmp / w.JOURNAL_NAME)) as db:
+            db.execute("INSERT INTO results (body, mac) VALUES (?, ?)", (result_text(666), "0" * 64))
+            db.commit()
+        reopened = w.Outbox(self.will_close(open_journal(tmp)), lambda address: True)
+        with self.assertLogs("worker", "ERROR") as logs:
+            self.assertEqual(await reopened.load(), 1)
+        self.assertEqual(len(logs.output), 1)
+        self.assertEqual([json.loads(t)["jobID"] for _, t in await reopened.take("m", 10)], [1])
+
+    def test_foreign_or_damaged_journals_are_moved_aside(self):
+        def other_swarm(path):
+            open_journal(path.parent, token="another-swarm").close()
+
+        def garbage(path):
+            path.write_bytes(os.urandom(5000))
+
+        def other_program(path):
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                db.execute("CREATE TABLE notes (x)")
+                db.commit()
+
+        def damaged(path):
+            open_journal(path.parent).close()
+            data = bytearray(path.read_bytes())
+            data[4096:8192] = os.urandom(4096)  # a page of the tables
+            path.write_bytes(bytes(data))
+        for make in (other_swarm, garbage, other_program, damaged):
+            with tempfile.TemporaryDirectory() as tmp, self.subTest(make.__name__):
+                path = Path(tmp) / w.JOURNAL_NAME
+                make(path)
+                with self.assertLogs("worker", "ERROR") as logs:
+                    journal = open_journal(tmp)
+                self.assertEqual(len(logs.output), 1)
+                self.assertIn(str(path), logs.output[0])
+                self.assertEqual(len(list(Path(tmp).glob(w.JOURNAL_NAME + ".bad-*"))), 1)
+                self.assertEqual(journal.submit(journal.verify, "results").result(), 0)  # clean, usable
+                journal.close()
+
+    async def test_old_json_files_are_taken_over_once_or_moved_aside(self):
+        good = [{"jobID": 7, "worker": {"id": "bOld", "name": "w"}, "data": 1}]
+        for text in ("5", "null", '"abc"', '{"jobID": 1}', "[1,2,3]", '[{"jobID": 1}]', "{not json"):
+            with tempfile.TemporaryDirectory() as tmp, self.subTest(text):
+                (Path(tmp) / ".results.json").write_text(text)
+                (Path(tmp) / ".assets.json").write_text(text)
+                worker = w.Worker("t", "w", "warn", KEY, env={}, folder=tmp, lsd=False, dht=False, trackers=[])
+                self.addCleanup(worker.journal.close)
+                with self.assertLogs("worker", "ERROR") as logs:
+                    await worker._load_state()
+                self.assertEqual(len(logs.output), 2, logs.output)  # one line for each file, naming it
+                self.assertIn(".results.json", logs.output[0])
+                self.assertIn(".assets.json", logs.output[1])
+                self.assertEqual(len(worker.outbox), 0)
+                self.assertEqual(worker._manifest, [])
+                worker.journal.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / ".results.json").write_text(json.dumps(good))
+            (Path(tmp) / ".assets.json").write_text('[{"name": "task.py", "workerPath": "/task.py"}]')
+            worker = w.Worker("t", "w", "warn", KEY, env={}, folder=tmp, lsd=False, dht=False, trackers=[])
+            self.addCleanup(worker.journal.close)
+            await worker._load_state()
+            self.assertEqual(len(worker.outbox), 1)
+            self.assertEqual(worker._manifest, [{"name": "task.py", "workerPath": "/task.py"}])
+            self.assertFalse((Path(tmp) / ".results.json").exists())
+            worker.journal.close()
+
+
+class TestCrashSafety(AsyncTest):
+    """kill -9 of real ``python worker.py`` processes."""
+
+    async def worker_process(self, folder, port, **keys):
+        write_loopback_env(folder, self.token, peers="127.0.0.1:%d" % port, LOG_LEVEL="info", **keys)
+        return self.will_kill(await asyncio.create_subprocess_exec(
+            sys.executable, WORKER_PY, cwd=folder, env=clean_env(), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT))
+
+    @time_limit(120)
+    async def test_held_results_and_jobs_survive_kill_9(self):
+        tmp = self.tmp()
+        self.token, port, seed = "held-%d" % random.randrange(1 << 30), free_port(), w.make_seed()
+        folder = tmp / "wp"
+        folder.mkdir()
+        first = await self.started(QuietMaster(tmp, self.token, port, seed, "m1"))
+        first.push(range(301), sleep=0.005)  # JS rule: a batch while more than its size wait
+        proc = await self.worker_process(folder, port, getBatch="true", batchSize=300)
+        await until(lambda: first.handed and first.handed[-1][1], 30)
+        await first.master.close()  # away while the worker runs the batch: nobody takes the results
+        # the worker holds the results the first master could not take before it went
+        await until(lambda: journal_count(folder) + len(first.results) == 300, 30)
+        self.assertGreater(journal_count(folder), 200)
+        proc.kill()  # kill -9 while it holds them
+        await proc.wait()
+        proc = await self.worker_process(folder, port, getBatch="true", batchSize=20)
+        second = await self.started(QuietMaster(tmp, self.token, port, seed, "m2"))
+        await until(lambda: len(first.results) + len(second.results) >= 300, 30)
+        second.push(range(300, 321), sleep=0.2)
+        self.assertEqual(sorted(r["jobID"] for r in first.results + second.results), list(range(300)))
+        await until(lambda: second.handed and second.handed[-1][1], 30)  # takes the next batch
+        await until(lambda: journal_count(folder, "jobs") == 20, 30)
+        proc.kill()  # kill -9 while it holds 20 jobs, not yet run
+        await proc.wait()
+        proc = await self.worker_process(folder, port)
+        await until(lambda: len(first.results) + len(second.results) >= 321, 30)  # run after the restart
+        self.assertEqual(sorted(r["jobID"] for r in first.results + second.results), list(range(321)))
+        self.assertEqual([r for r in second.results if r.get("error")], [])
+        proc.terminate()
+        output, _ = await proc.communicate()
+        self.assertIn(b"received before the last stop will run first", output)
+
+    @time_limit(300)
+    async def test_kill_9_at_random_moments_of_a_10000_job_run(self):
+        tmp = self.tmp()
+        self.token, port, seed = "random-kill-%d" % random.randrange(1 << 30), free_port(), w.make_seed()
+        folder = tmp / "wp"
+        folder.mkdir()
+        master = await self.started(QuietMaster(tmp, self.token, port, seed, "m"))
+        master.push(range(10_000), sleep=0.0003)  # a run of some seconds, to kill at any point of it
+        rng, kills = random.Random(), []
+        keys = {"getBatch": "true", "batchSize": 100, "seed": w.make_seed()}  # the same worker each time
+        for _ in range(8):
+            proc = await self.worker_process(folder, port, **keys)
+            await until(lambda: master.handed, 30)
+            await asyncio.sleep(rng.uniform(0.1, 0.8))
+            kills.append(time.monotonic())
+            proc.kill()
+            await proc.wait()
+        proc = await self.worker_process(folder, port, **keys)
+        answered = lambda: {r["jobID"] for r in master.results}
+        deadline = time.monotonic() + 120
+        while master.master.waiting or master.master.leases.keys() - answered():
+            count = len(master.results)
+            await asyncio.sleep(3.0)
+            if count == len(master.results) and not master.master.waiting or time.monotonic() > deadline:
+                break  # all done that can be: what is left was lost on its way in
+        # A job can only be lost on its way in: sent by the master, not yet in the journal at the kill.
+        missing = master.master.leases.keys() - answered()
+        in_flight = {i for t, ids in master.handed for k in kills if k - 0.1 <= t <= k for i in ids}
+        self.assertLessEqual(missing, in_flight)
+        self.assertEqual(len(answered()) + len(missing), 10_000)
+        self.assertEqual([r for r in master.results if r.get("error")], [])
+        print("\n  10,000 jobs, 8 kill -9: %d results, %d duplicates, %d jobs lost on their way in"
+              % (len(answered()), master.master.stats["duplicate results"], len(missing)), file=sys.stderr)
+        proc.terminate()
+        await proc.wait()
+
+
+# Worker: tasks in child processes (issue 12) ################################
+
+class TestTaskProcesses(AsyncTest):
+    """Issue 12: task.py and task.js in child processes, through real ``python worker.py``."""
+
+    TIME_LIMIT = 120.0
+
+    async def cluster(self, files=None):
+        """A temporary folder, and a Cluster in it serving TRICKY_TASK_PY (or ``files``)."""
+        tmp = self.tmp()
+        return tmp, await self.started(Cluster(tmp, files=files or {"/workplace/task.py": TRICKY_TASK_PY}))
+
+    def by_id(self, cluster):
+        results = {r["jobID"]: r for r in cluster.results}
+        self.assertEqual(len(results), len(cluster.results), "a job was answered twice")
+        return results
+
+    async def test_deaths_mid_batch_fail_only_their_job_and_a_new_child_takes_the_next(self):
+        tmp, cluster = await self.cluster()
+        ids = push_jobs(cluster, [{"x": 0}, {"do": "exit"}, {"x": 2}, {"do": "segfault"}, {"x": 4},
+                                  {"do": "oom-kill"}, {"x": 6}, {"do": "thread"}, {"x": 8}])
+        worker = await self.started(WorkerPy(tmp, cluster, getBatch="true", batchSize=len(ids) - 1))
+        await cluster.until_results(len(ids), 60)
+        by_id = self.by_id(cluster)
+        for i, death in ((1, "exited (code 3)"), (3, "was killed by SIGSEGV"), (5, "was killed by SIGKILL")):
+            self.assertIsNone(by_id[i]["data"])
+            self.assertEqual(by_id[i]["error"]["type"], "TaskProcessError")
+            self.assertIn("the task.py process %s" % death, by_id[i]["error"]["message"])
+        self.assertIn("Fatal Python error: Segmentation fault", by_id[3]["error"]["traceback"])
+        self.assertIn("task.py\", line", by_id[3]["error"]["traceback"])  # the task's own stack
+        pids = [by_id[i]["data"]["pid"] for i in (0, 2, 4, 6)]
+        self.assertEqual(len(set(pids)), 4, "each death, a new child")
+        self.assertEqual(by_id[7]["data"], "thread started")
+        self.assertEqual(by_id[8]["data"]["pid"], pids[-1])  # a live child serves job after job
+        self.assertIsNone(worker.proc.returncode)
+        started = time.monotonic()
+        self.assertEqual(await worker.sigterm(20), 0, worker.output())  # a non-daemon thread holds nothing
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertFalse([pid for pid in pids if alive(pid)])
+
+    async def test_results_are_standard_json_or_an_error_saying_why(self):
+        tmp, cluster = await self.cluster()
+        ids = push_jobs(cluster, [{"do": "nan"}, {"do": "infinity"}, {"do": "set"}, {"do": "patch-json"},
+                                  {"x": 4}, {"x": 5}])
+        worker = await self.started(WorkerPy(tmp, cluster, getBatch="true", batchSize=len(ids) - 1))
+        await cluster.until_results(len(ids), 60)
+        by_id = self.by_id(cluster)
+        for i in (0, 1):
+            self.assertIsNone(by_id[i]["data"])
+            self.assertEqual(by_id[i]["error"]["type"], "ValueError")
+            self.assertIn("NaN, Infinity and -Infinity have no JSON form", by_id[i]["error"]["message"])
+        self.assertIn("Object of type set is not JSON serializable", by_id[2]["error"]["message"])
+        # json patched inside the child: the worker and the child's answers do not care
+        self.assertEqual(by_id[3]["data"], "patched")
+        self.assertEqual([by_id[i]["data"]["x"] for i in (4, 5)], [4, 5])
+        for result in cluster.results:  # what a JS master's JSON.parse reads
+            json.dumps(result, allow_nan=False)
+        self.assertEqual(await worker.sigterm(20), 0)
+
+    async def test_thread_mode_is_a_choice_and_checks_json_too(self):
+        _, cluster = await self.cluster()
+        push_jobs(cluster, [{"do": "nan"}, {"x": 1}])
+        worker = await self.started(cluster.worker(get_batch=True, batch_size=2, task_runner="thread"))
+        await cluster.until_results(2)
+        by_id = self.by_id(cluster)
+        self.assertIn("no JSON form", by_id[0]["error"]["message"])
+        self.assertEqual(by_id[1]["data"], {"pid": os.getpid(), "x": 1})  # in the worker's own process
+        self.assertIsInstance(worker._runner, w.ThreadRunner)
+        await worker.stop()
+        with self.assertRaises(w.WorkerError):
+            cluster.worker(task_runner="fork")
+
+    async def test_timeout_ends_the_child_and_its_cpu(self):
+        tmp, cluster = await self.cluster()
+        pidfile = tmp / "spinner.pid"
+        push_jobs(cluster, [{"x": 0}, {"do": "spin", "pidfile": str(pidfile)}, {"x": 2}])
+        worker = await self.started(WorkerPy(tmp, cluster, getBatch="true", batchSize=2, jobTimeout=1))
+        await cluster.until_results(3, 60)
+        by_id = self.by_id(cluster)
+        self.assertEqual(by_id[1]["error"]["type"], "TimeoutError")
+        self.assertIn("longer than 1s", by_id[1]["error"]["message"])
+        spinner = int(pidfile.read_text())
+        self.assertEqual(by_id[0]["data"]["pid"], spinner)
+        self.assertNotEqual(by_id[2]["data"]["pid"], spinner)  # a new child took the next job
+        await until(lambda: not alive(spinner), 10)  # SIGTERM, SIGKILL after 2 s: no CPU left spinning
+        self.assertEqual(await worker.sigterm(20), 0)
+
+    async def test_sigterm_without_job_timeout_exits_in_time_and_reports_held_jobs(self):
+        tmp, cluster = await self.cluster()
+        pidfile = tmp / "spinner.pid"
+        push_jobs(cluster, [{"do": "thread"}, {"do": "spin", "pidfile": str(pidfile)}, {"x": 2}, {"x": 3},
+                            {"x": 4}])
+        worker = await self.started(WorkerPy(tmp, cluster, getBatch="true", batchSize=4, stopTimeout=4))
+        await until(lambda: pidfile.exists() and pidfile.read_text(), 60)
+        started = time.monotonic()
+        self.assertEqual(await worker.sigterm(15), 0, worker.output())
+        self.assertLess(time.monotonic() - started, 8)  # stopTimeout=4, plus the child's end
+        await cluster.until_results(4)
+        by_id = self.by_id(cluster)
+        self.assertEqual(by_id[0]["data"], "thread started")
+        self.assertEqual(by_id[1]["error"]["type"], "TaskProcessError")
+        self.assertIn("stopped before this job finished", by_id[1]["error"]["message"])
+        for i in (2, 3):
+            self.assertIn("stopped before this job started", by_id[i]["error"]["message"])
+        self.assertNotIn(4, by_id)  # not handed out
+        self.assertFalse(alive(int(pidfile.read_text())))
+        self.assertFalse((worker.folder / ".results.json").exists())  # all delivered
+
+    async def test_kill_9_of_the_worker_ends_its_children(self):
+        tmp, cluster = await self.cluster()
+        pidfile = tmp / "spinner.pid"
+        push_jobs(cluster, [{"do": "spin", "pidfile": str(pidfile)}])
+        worker = await self.started(WorkerPy(tmp, cluster))
+        await until(lambda: pidfile.exists() and pidfile.read_text(), 60)
+        spinner = int(pidfile.read_text())
+        self.assertTrue(alive(spinner))
+        worker.proc.kill()
+        await worker.proc.wait()
+        await until(lambda: not alive(spinner), 10)  # PR_SET_PDEATHSIG: no orphan spinning on
+
+    async def test_job_memory_cap_is_an_error_result_not_a_big_worker(self):
+        tmp, cluster = await self.cluster()
+        push_jobs(cluster, [{"do": "allocate", "mb": 2000}, {"do": "allocate", "mb": 20}, {"x": 2}])
+        worker = await self.started(WorkerPy(tmp, cluster, getBatch="true", batchSize=2, jobMemoryMB=100))
+        await cluster.until_results(3, 60)
+        by_id = self.by_id(cluster)
+        self.assertEqual(by_id[0]["error"]["type"], "MemoryError")
+        self.assertIn("jobMemoryMB=100", by_id[0]["error"]["message"])
+        self.assertEqual(by_id[1]["data"], 20 << 20)  # under the cap: fine
+        self.assertEqual(by_id[2]["data"]["x"], 2)
+        self.assertLess(peak_rss_mb(worker.proc.pid), 100)  # the worker never held the 2 GB
+        self.assertEqual(await worker.sigterm(20), 0)
+
+    async def test_concurrency_runs_jobs_of_a_batch_at_once(self):
+        tmp, cluster = await self.cluster()
+        meets = [{"do": "meet", "folder": str(tmp / "meet" / str(i // 2))} for i in range(4)]
+        push_jobs(cluster, meets + [{"do": "exit"}, {"x": 5}])
+        worker = await self.started(WorkerPy(tmp, cluster, getBatch="true", batchSize=5, concurrency=2))
+        await cluster.until_results(6, 60)
+        by_id = self.by_id(cluster)
+        for pair in ((0, 1), (2, 3)):
+            self.assertEqual([by_id[i]["data"]["met"] for i in pair], [True, True])
+            self.assertNotEqual(by_id[pair[0]]["data"]["pid"], by_id[pair[1]]["data"]["pid"])
+        self.assertIn("exited (code 3)", by_id[4]["error"]["message"])
+        self.assertEqual(by_id[5]["data"]["x"], 5)
+        self.assertEqual(await worker.sigterm(20), 0)
+
+    async def test_concurrency_without_batches_asks_one_job_per_free_child(self):
+        tmp, cluster = await self.cluster()
+        push_jobs(cluster, [{"do": "meet", "folder": str(tmp / "meet")}] * 2)
+        worker = await self.started(WorkerPy(tmp, cluster, getBatch="false", concurrency=2))
+        await cluster.until_results(2, 60)
+        self.assertEqual([r["data"]["met"] for r in cluster.results], [True, True])
+        self.assertEqual(await worker.sigterm(20), 0)
+
+    async def test_import_error_is_reported_and_new_assets_bring_new_children(self):
+        tmp, cluster = await self.cluster(files={"/workplace/task.py": "import qx_missing\n"})
+        push_jobs(cluster, [{"x": 0}, {"x": 1}])
+        worker = cluster.worker(concurrency=2)
+        with self.assertLogs("worker", "ERROR") as logs:
+            await self.started(worker)
+            await until_logged(logs, "cannot load")
+        text = "\n".join(logs.output)
+        self.assertIn("task.py does not load: ModuleNotFoundError: No module named 'qx_missing'", text)
+        self.assertIn('task.py", line 1', text)  # the child's traceback
+        self.assertIsNone(worker._runner)
+        self.assertEqual(cluster.master.stats["jobs handed out"], 0)
+        self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
+        write_assets(tmp / "master", {"/workplace/task.py": TRICKY_TASK_PY})
+        self.assertTrue(await worker.sync_assets())
+        await cluster.until_results(2)
+        first = worker._runner
+        old = first.pids
+        write_assets(tmp / "master", {"/workplace/task.py": TRICKY_TASK_PY + "\n# v2\n"})
+        self.assertTrue(await worker.sync_assets())
+        self.assertIsNot(worker._runner, first)
+        await until(lambda: not first.children and not [p for p in old if alive(p)], 10)
+        push_jobs(cluster, [{"x": 2}], start=2)
+        await cluster.until_results(3)
+        self.assertNotIn(self.by_id(cluster)[2]["data"]["pid"], old)
+        now = worker._runner.pids
+        await worker.stop()
+        self.assertFalse([p for p in now if alive(p)])
+
+    async def test_task_js_concurrency_deaths_timeout_and_memory(self):
+        need(NODE, "node is not installed")
+        tmp, cluster = await self.cluster(files={"/workplace/task.js": TRICKY_TASK_JS})
+        pidfile = tmp / "spinner.pid"
+        meets = [{"do": "meet", "folder": str(tmp / "meet")}] * 2
+        push_jobs(cluster, meets + [{"do": "exit"}, {"x": 3}, {"do": "spin", "pidfile": str(pidfile)},
+                                    {"do": "heap"}, {"do": "buffer"}, {"x": 7}])
+        worker = await self.started(WorkerPy(tmp, cluster, getBatch="true", batchSize=7, concurrency=2,
+                                             jobTimeout=5, jobMemoryMB=200))
+        await cluster.until_results(8, 90)
+        by_id = self.by_id(cluster)
+        self.assertEqual([by_id[i]["data"]["met"] for i in (0, 1)], [True, True])
+        self.assertNotEqual(by_id[0]["data"]["pid"], by_id[1]["data"]["pid"])
+        self.assertIn("the task.js process exited (code 3)", by_id[2]["error"]["message"])
+        self.assertEqual(by_id[3]["data"]["x"], 3)
+        self.assertEqual(by_id[4]["error"]["type"], "TimeoutError")
+        self.assertIn("was killed by SIGABRT", by_id[5]["error"]["message"])
+        self.assertIn("jobMemoryMB=200", by_id[5]["error"]["message"])
+        self.assertEqual(by_id[6]["error"]["type"], "RangeError")  # the cap, seen by the task itself
+        self.assertEqual(by_id[7]["data"]["x"], 7)
+        await until(lambda: not alive(int(pidfile.read_text())), 10)
+        self.assertLess(peak_rss_mb(worker.proc.pid), 100)
+        self.assertEqual(await worker.sigterm(20), 0)
+
+    def test_settings(self):
+        self.assertEqual(w.parse_concurrency("auto"), len(os.sched_getaffinity(0)))
+        self.assertEqual(w.parse_concurrency(" 3 "), 3)
+        self.assertIsNone(w.parse_memory_mb(None))
+        self.assertIsNone(w.parse_memory_mb("0"))
+        self.assertEqual(w.parse_memory_mb("256"), 256)
+        for bad in ("0", "-1", "two", "1.5", ""):
+            with self.assertRaises(w.WorkerError, msg=bad):
+                w.parse_concurrency(bad)
+        with self.assertRaises(w.WorkerError):
+            w.parse_memory_mb("lots")
+        for key in ("concurrency", "jobMemoryMB", "stopTimeout", "taskRunner"):
+            self.assertIn(key, w.SETTINGS)
+            self.assertTrue("| `%s` |" % key in (HERE / "README.md").read_text(), key)
+            self.assertTrue("\n%s=" % key in (HERE / ".env.example").read_text(), key)
+
+
+# Worker: task.js through Node (issue 6) #####################################
+
+class TestTaskJs(AsyncTest):
+    """task.js from unchanged JS masters: a node child, npm dependencies."""
+
+    def setUp(self):
+        need(NODE, "node is not installed")
+
+    @time_limit(150)
+    async def test_js_master_basic_example_with_npm_dependency(self):
+        js_ready()
+        count = 100
+        root = self.tmp()
+        self.enterContext(patched_environ(offline_npm()))
+        (root / "master").mkdir()
+        (root / "master/task.js").write_text(BASIC_TASK_JS)
+        (root / "assets.json").write_text(json.dumps({"dependencies": ["qx-demo-dep"], "files": [
+            {"masterPath": str(root / "master/task.js"), "name": "task.js", "workerPath": "/workplace/task.js"}]}))
+        token = "jstask-%d" % random.randrange(1 << 30)
+        master = await self.started(JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY,
+                                                            "QX_ASSETS": str(root / "assets.json")}))
+        for i in range(count):  # as examples/basic/index.js pushes them
+            master.send(cmd="push", job={"id": i, "data": json.dumps({"x": 1, "y": 2})})
+        await master.wait_for(lambda e: e["event"] == "pushed" and e["size"] == count)
+        worker = await self.started(loopback_worker(token, root / "w", "py-js", get_batch=True, batch_size=10,
+                                                    peers=["127.0.0.1:%d" % master.ready["port"]]))
+        await until(lambda: sum(e["event"] == "result" for e in master.events) >= count, 90)
+        results = [e["result"] for e in master.events if e["event"] == "result"]
+        self.assertEqual(sorted(r["jobID"] for r in results), list(range(count)))
+        for r in results:
+            self.assertEqual(r["data"], {"sum": 3, "dep": "1.0.0"})
+            self.assertEqual(r["worker"], {"id": worker.address, "name": "py-js"})
+        self.assertIsInstance(worker._runner, w.NodeRunner)
+        self.assertEqual(worker._runner.starts, 1)
+        pids = worker._runner.pids
+        self.assertTrue((root / "w/node_modules/qx-demo-dep/package.json").is_file())
+        self.assertTrue((root / "w" / w.NODE_RUNNER_NAME).is_file())
+        await self._check_resolution(root / "w", root / "bin")
+        await worker.stop()
+        self.assertEqual(worker._runner.children, [])
+        self.assertFalse([pid for pid in pids if alive(pid)])
+
+    async def _check_resolution(self, folder, bin_dir):
+        """What resolves is not installed again: no npm needed for it."""
+        missing = await w.missing_npm_packages(
+            folder, ["qx-demo-dep", "qx-demo-dep@1.0.0", "fs", "qx-demo-dep@2.0.0", "qx-absent"])
+        self.assertEqual(missing, ["qx-demo-dep@2.0.0", "qx-absent"])
+        bin_dir.mkdir()
+        (bin_dir / "node").symlink_to(NODE)
+        with patched_environ({"PATH": str(bin_dir)}):
+            self.assertTrue(await w.install_npm_packages(folder, ["qx-demo-dep@1.0.0", "fs"]))
+            with self.assertLogs("worker", "ERROR") as logs:
+                self.assertFalse(await w.install_npm_packages(folder, ["qx-absent"]))
+        self.assertIn("'npm' is not on PATH", "\n".join(logs.output))
+
+    async def test_throw_reject_and_console_log(self):
+        cluster = await self.started(Cluster(self.tmp(), files={"/workplace/task.js": EDGE_TASK_JS}))
+        cluster.push(1, 0, throw=True)
+        cluster.push(1, 1, reject=True)
+        cluster.push(1, 2, log=True)
+        cluster.push(2, 3)
+        worker = cluster.worker(get_batch=True, batch_size=2)
+        with self.assertLogs("worker", "INFO") as logs:
+            await self.started(worker)
+            await cluster.until_results(5)
+            await until_logged(logs, "console.log from job 2")
+        by_id = {r["jobID"]: r for r in cluster.results}
+        for i, kind, text in ((0, "TypeError", "thrown by job 0"), (1, "RangeError", "rejected by job 1")):
+            self.assertIsNone(by_id[i]["data"])
+            self.assertEqual(by_id[i]["error"]["type"], kind)
+            self.assertEqual(by_id[i]["error"]["message"], text)
+            self.assertTrue(by_id[i]["error"]["traceback"].startswith(f"{kind}: {text}\n    at "))
+            self.assertIn("workplace/task.js:", by_id[i]["error"]["traceback"])
+        pids = {by_id[i]["data"].pop("pid") for i in range(2, 5)}
+        self.assertEqual(len(pids), 1)
+        for i in range(2, 5):
+            self.assertEqual(by_id[i], {"jobID": i, "worker": {"id": worker.address, "name": "w1"},
+                                        "data": {"sum": i + 1}})
+        self.assertIn("task.js: console.log from job 2", "\n".join(logs.output))
+        self.assertEqual((worker.stats["jobs done"], worker.stats["jobs failed"]), (3, 2))
+
+    async def test_child_dies_mid_job_next_job_works(self):
+        cluster = await self.started(Cluster(self.tmp(), files={"/workplace/task.js": EDGE_TASK_JS}))
+        cluster.push(1, 0)
+        cluster.push(1, 1, exit=True)
+        cluster.push(2, 2)
+        worker = await self.started(cluster.worker(get_batch=True, batch_size=2))
+        await cluster.until_results(4)
+        by_id = {r["jobID"]: r for r in cluster.results}
+        error = by_id[1]["error"]
+        self.assertIsNone(by_id[1]["data"])
+        self.assertEqual(error["type"], "TaskProcessError")
+        self.assertIn("exited (code 3)", error["message"])
+        self.assertIn("job 1 exits", error["traceback"])
+        for i in (0, 2, 3):
+            self.assertEqual(by_id[i]["data"]["sum"], i + 1)
+        self.assertNotEqual(by_id[0]["data"]["pid"], by_id[2]["data"]["pid"])
+        self.assertEqual(by_id[2]["data"]["pid"], by_id[3]["data"]["pid"])
+        self.assertEqual(worker._runner.starts, 2)
+
+    async def test_asset_change_restarts_child(self):
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp, files={"/workplace/task.js": VERSION_TASK_JS % 1}))
+        cluster.push(2)
+        worker = await self.started(cluster.worker())
+        await cluster.until_results(2)
+        first = worker._runner
+        write_assets(tmp / "master", {"/workplace/task.js": VERSION_TASK_JS % 2})
+        self.assertTrue(await worker.sync_assets())
+        self.assertEqual(cluster.statuses, ["changed", "changed"])
+        self.assertIsNot(worker._runner, first)
+        await until(lambda: not first.children, 10)
+        cluster.push(2, start=2)
+        await cluster.until_results(4)
+        data = [r["data"] for r in sorted(cluster.results, key=lambda r: r["jobID"])]
+        self.assertEqual([d["version"] for d in data], [1, 1, 2, 2])
+        self.assertNotEqual(data[0]["pid"], data[2]["pid"])
+
+    async def test_node_missing_is_a_clear_error_worker_stays_up(self):
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp, files={"/workplace/task.js": EDGE_TASK_JS}))
+        cluster.push(2)
+        empty = tmp / "empty-bin"
+        empty.mkdir()
+        worker = cluster.worker()
+        with patched_environ({"PATH": str(empty)}), self.assertLogs("worker", "ERROR") as logs:
+            await self.started(worker)
+            await until_logged(logs, "not on PATH", 20)
+            self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
+        text = "\n".join(logs.output)
+        self.assertIn("needs Node.js, but 'node' is not on PATH", text)
+        self.assertIsNone(worker._runner)
+        self.assertEqual(cluster.results, [])
+        self.assertEqual(cluster.master.stats["jobs handed out"], 0)
+        # node is back: the next asset check (every 30 s when idle) loads task.js
+        self.assertTrue(await worker.sync_assets())
+        await cluster.until_results(2)
+        self.assertEqual(sorted(r["data"]["sum"] for r in cluster.results), [1, 2])
+
+    async def test_runner_load_errors_results_timeout_close(self):
+        async def runner(folder, source, timeout=None):
+            folder.mkdir()
+            (folder / "task.js").write_text(source)
+            return await self.started(w.NodeRunner(folder / "task.js", folder, timeout))
+
+        root = self.tmp()
+        for name, source, expected in (
+                ("ctor", "module.exports = class { constructor() { throw new Error('no config'); } };",
+                 "Error: no config"),
+                ("object", "module.exports = { run() {} };", "must export its Task class"),
+                ("exit", "process.exit(0);", "exited (code 0)")):
+            with self.assertRaises(w.TaskProcessError, msg=name) as caught:
+                await runner(root / name, source)
+            self.assertIn("does not load", str(caught.exception))
+            self.assertIn(expected, str(caught.exception))
+        odd = await runner(root / "odd", "module.exports = class { async run(job) { switch (job) {\n"
+                           "  case 1: return undefined; case 2: return 10n; case 3: throw 'text';\n"
+                           "  case 4: for (;;); default: return job; } } };", timeout=3.0)
+        self.assertIsNone(await odd.run(1))
+        with self.assertRaises(w.JsTaskError) as caught:
+            await odd.run(2)
+        self.assertEqual(caught.exception.error["type"], "TypeError")
+        self.assertIn("BigInt", caught.exception.error["message"])
+        with self.assertRaises(w.JsTaskError) as caught:
+            await odd.run(3)
+        self.assertEqual(w.error_result(caught.exception), {"type": "string", "message": "text",
+                                                            "traceback": ""})
+        with self.assertRaises(TimeoutError):
+            await odd.run(4)
+        self.assertEqual(await odd.run({"é": [1, None]}), {"é": [1, None]})
+        self.assertEqual(odd.starts, 2)
+        odd.close()
+        odd.close()
+        await odd.wait_closed()
+        self.assertEqual(odd.children, [])
+        with self.assertRaises(w.InvalidState):
+            await odd.run(5)
+
+
+# The Worker #################################################################
+
+class TestWorkerFlow(AsyncTest):
+    async def run_jobs(self, get_batch, count=500):
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp))
+        cluster.push(count)
+        worker = await self.started(cluster.worker(get_batch=get_batch, batch_size=10))
+        await cluster.until_results(count)
+        await worker.sync_assets()
+        self.assertEqual(cluster.statuses, ["changed", "same"])
+        self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(count)))
+        for r in cluster.results:
+            self.assertEqual(r["data"], {"sum": (r["jobID"] + 1) * 2})
+            self.assertEqual(r["worker"], {"id": worker.address, "name": "w1"})
+        self.assertTrue((tmp / "w1/workplace/data/conf/factor.json").is_file())
+        return cluster
+
+    @time_limit(120)
+    async def test_500_jobs_unbatched(self):
+        await self.run_jobs(False)
+
+    @time_limit(120)
+    async def test_500_jobs_batched(self):
+        cluster = await self.run_jobs(True)
+        self.assertGreaterEqual(cluster.master.stats["jobs handed out"], 500)
+
+    async def test_failing_task_gives_error_results_and_goes_on(self):
+        cluster = await self.started(Cluster(self.tmp()))
+        cluster.push(3, fail=True)
+        cluster.push(3, start=3)
+        await self.started(cluster.worker(get_batch=True, batch_size=2))
+        await cluster.until_results(6)
+        by_id = {r["jobID"]: r for r in cluster.results}
+        for i in range(3):
+            self.assertIsNone(by_id[i]["data"])
+            self.assertEqual(by_id[i]["error"]["type"], "ValueError")
+            self.assertEqual(by_id[i]["error"]["message"], "boom %d" % i)
+            self.assertIn("Traceback", by_id[i]["error"]["traceback"])
+        for i in range(3, 6):
+            self.assertEqual(by_id[i]["data"], {"sum": (i + 1) * 2})
+
+    async def test_timeout_exit_and_an_async_task_keeping_its_loop(self):
+        cluster = await self.started(Cluster(self.tmp(), files={"/workplace/task.py": LOOP_TASK_PY}))
+        cluster.push(2)
+        cluster.push(1, 2, exit=3)
+        cluster.push(1, 3, hang=30)
+        cluster.push(1, 4)
+        await self.started(cluster.worker(job_timeout=1.0))
+        await cluster.until_results(5, 30)
+        by_id = {r["jobID"]: r for r in cluster.results}
+        first = by_id[0]["data"]["pid"]
+        self.assertEqual([by_id[i]["data"] for i in (0, 1)], [{"same_loop": True, "pid": first}] * 2)
+        self.assertEqual(by_id[2]["error"]["type"], "SystemExit")
+        self.assertEqual(by_id[2]["error"]["message"], "3")
+        self.assertEqual(by_id[3]["error"]["type"], "TimeoutError")
+        self.assertTrue(by_id[4]["data"]["same_loop"])  # ran, in a new child with a loop of its own
+        self.assertNotEqual(by_id[4]["data"]["pid"], first)
+
+    async def test_assets_that_cannot_be_written_are_an_error_not_a_stop(self):
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp))
+        (tmp / "master/x").write_text("a file, and a folder below")
+        cluster.master.exec_assets["files"] += [  # the second cannot be written
+            {"masterPath": "/x", "name": "x", "workerPath": "/workplace/x"},
+            {"masterPath": "/x", "name": "y", "workerPath": "/workplace/x/y"}]
+        worker = cluster.worker()
+        with self.assertLogs("worker", "ERROR") as logs:
+            await self.started(worker)
+            await until_logged(logs, "cannot write the assets")
+        self.assertFalse((tmp / "w1/workplace/task.py").exists())
+        self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
+
+    async def test_unsafe_assets_write_nothing(self):
+        cases = [{"/../evil.py": "x", "/workplace/task.py": TASK_PY},
+                 {"/.env": "token=stolen", "/workplace/task.py": TASK_PY},
+                 {"/workplace/task.py": TASK_PY, "/workplace/../../x.py": "x"}]
+        for files in cases:
+            tmp = self.tmp()
+            cluster = Cluster(tmp, files={"/workplace/task.py": TASK_PY})
+            listed = [{"masterPath": "/workplace/task.py", "name": Path(p).name, "workerPath": p}
+                      for p in files]
+            cluster.master.exec_assets["files"] = listed
+            await self.started(cluster)
+            worker = cluster.worker()
+            with self.assertLogs("worker", "ERROR") as logs:
+                await self.started(worker)
+                await until_logged(logs, "refused")
+            self.assertEqual(sorted(p.name for p in (tmp / "w1").iterdir()
+                                    if not p.name.startswith(w.JOURNAL_NAME)), [])
+            self.assertFalse((tmp / "evil.py").exists())
+            await worker.stop()  # before the next case
+            await cluster.close()
+
+    async def test_bad_dependency_refused(self):
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp, deps=["--index-url=http://evil/ x"]))
+        worker = cluster.worker()
+        with self.assertLogs("worker", "ERROR") as logs:
+            await self.started(worker)
+            await until_logged(logs, "refused")
+        self.assertFalse((tmp / "w1/workplace").exists())
+
+    @time_limit(180)
+    async def test_dependency_from_local_wheel(self):
+        tmp = self.tmp()
+        wheels = tmp / "wheels"
+        self.enterContext(patched_environ({"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels)}))
+        make_wheel(wheels, "qxdemo_dep", "1.2.0", "VALUE = 41\n")
+        files = dict(DEFAULT_FILES)
+        files["/workplace/task.py"] = ("import qxdemo_dep\n\nclass Task:\n    def run(self, job):\n"
+                                       "        return qxdemo_dep.VALUE + 1\n")
+        cluster = await self.started(Cluster(tmp, files=files, deps=["qxdemo-dep==1.2.0"]))
+        cluster.push(2)
+        await self.started(cluster.worker())
+        await cluster.until_results(2, timeout=120)
+        self.assertEqual([r["data"] for r in cluster.results], [42, 42])
+        self.assertTrue(any((tmp / "w1/.deps").glob("qxdemo_dep*")))
+
+    @time_limit(180)
+    async def test_dependency_that_cannot_install_is_a_clear_error_and_retried(self):
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp, deps=["qx-no-such-package==9.9"]))
+        cluster.push(1)
+        worker = cluster.worker()
+        with patched_environ({"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp / "nowhere")}), \
+                self.assertLogs("worker", "ERROR") as logs:
+            await self.started(worker)
+            await until_logged(logs, "pip could not install", 120)
+        self.assertIn("qx-no-such-package==9.9", "\n".join(logs.output))
+        self.assertEqual(cluster.results, [])
+        self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
+        # the package appears (the network is back): the next sync installs it, and jobs run
+        make_wheel(tmp / "wheels", "qx_no_such_package", "9.9", "VALUE = 1\n")
+        with patched_environ({"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp / "wheels")}):
+            self.assertTrue(await worker.sync_assets())
+        self.assertTrue(any((tmp / "w1/.deps").glob("qx_no_such_package*")))
+        await cluster.until_results(1)
+
+    async def test_wrong_key_is_reported_no_crash(self):
+        cluster = await self.started(Cluster(self.tmp()))
+        cluster.push(2)
+        worker = cluster.worker(key="z" * 32)
+        with self.assertLogs("worker", "ERROR") as logs:
+            await self.started(worker)
+            await until_logged(logs, "transferEncryptToken probably differs")
+        self.assertEqual(cluster.results, [])
+        self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
+
+    @time_limit(90)
+    async def test_master_restarts_worker_goes_on(self):
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp))
+        cluster.push(20)
+        await self.started(cluster.worker())
+        await cluster.until_results(20)
+        port = cluster.master.port
+        await cluster.master.close()
+        second = []
+        master2 = await self.started(loopback_master(cluster.token, tmp / "master", second.append, port=port))
+        for i in range(100, 110):
+            master2.push_new_job({"id": i, "data": json.dumps({"x": i})})
+        await until(lambda: len(second) >= 10, 60)
+        self.assertEqual(sorted(r["jobID"] for r in second), list(range(100, 110)))
+
+    async def test_restart_with_same_assets_downloads_nothing(self):
+        cluster = await self.started(Cluster(self.tmp()))
+        first = await self.started(cluster.worker())
+        await until(lambda: first._runner is not None)
+        await first.stop()
+        second = await self.started(cluster.worker())
+        await until(lambda: second._runner is not None)
+        self.assertEqual(cluster.statuses, ["changed", "same"])
+
+
+class TestAgainstJsMaster(AsyncTest):
+    """The Python worker for the JS master harness (npm bugout) over TCP."""
+
+    def setUp(self):
+        js_ready()
+
+    async def run_jobs(self, get_batch, count=500):
+        tmp = self.tmp()
+        token = "jsmaster-%d" % random.randrange(1 << 30)
+        assets = js_master_assets(tmp)
+        master = await self.started(JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY,
+                                                            "QX_JOBS": str(count), "QX_ASSETS": str(assets)}))
+        port = master.ready["port"]
+        worker = await self.started(loopback_worker(token, tmp / "w", "py", get_batch=get_batch,
+                                                    batch_size=10, peers=["127.0.0.1:%d" % port]))
+        started = time.perf_counter()
+        await until(lambda: sum(e["event"] == "result" for e in master.events) >= count, 120)
+        rate = count / (time.perf_counter() - started)
+        results = [e["result"] for e in master.events if e["event"] == "result"]
+        self.assertEqual(sorted(r["jobID"] for r in results), list(range(count)))
+        for r in results:
+            self.assertEqual(r["data"], {"sum": r["jobID"] * 2})
+            self.assertEqual(r["worker"]["name"], "py")
+        calls = [e for e in master.events if e["event"] == "rpc"]
+        self.assertEqual([c["call"] for c in calls][:2], ["isMaster", "requestExecAssets"])
+        # the JS master listed its own default task.js too: we ran task.py
+        self.assertTrue((tmp / "w/workplace/task.js").is_file())
+        await worker.sync_assets()
+        self.assertEqual(worker.stats["jobs done"], count)
+        print("\n  %s: %.0f jobs/s against the JS master" % ("batched (10)" if get_batch else "unbatched", rate),
+              file=sys.stderr)
+
+    @time_limit(180)
+    async def test_500_jobs_unbatched(self):
+        await self.run_jobs(False)
+
+    @time_limit(180)
+    async def test_500_jobs_batched(self):
+        await self.run_jobs(True)
+
+    async def test_js_master_answers_ping_and_same(self):
+        tmp = self.tmp()
+        master = await self.started(JsProcess("master.js", {"QX_TOKEN": "jsm-same", "QX_KEY": KEY,
+                                                            "QX_ASSETS": str(js_master_assets(tmp))}))
+        worker = await self.started(loopback_worker("jsm-same", tmp / "w", "py",
+                                                    peers=["127.0.0.1:%d" % master.ready["port"]]))
+        await until(lambda: worker._runner is not None)
+        self.assertTrue(await worker.sync_assets())
+
+        def asked():
+            return [e for e in master.events if e["event"] == "rpc" and e["call"] == "requestExecAssets"]
+        await until(lambda: len(asked()) >= 2, 10)  # the harness prints its line as it answers
+        statuses = asked()
+        self.assertEqual(len(statuses), 2)
+        self.assertEqual(statuses[1]["args"]["currentHash"], worker.current_hash())
+
+
+# Status: /metrics and /healthz (issue 14) ###################################
+
+class TestStatusServer(AsyncTest):
+    async def test_pages_and_hostile_clients(self):
+        healthy = [True]
+        hist = w.Histogram()
+        hist.observe(0.02)
+
+        def metrics():
+            out = w.Exposition()
+            out.add("jobs_done_total", "counter", "Jobs done.", 3)
+            out.add("peers", "gauge", "Peers by transport.", {(("transport", "tcp"),): 2})
+            out.histogram("job_duration_seconds", "Job time.", hist)
+            return out.text()
+        server = await self.started(w.StatusServer("127.0.0.1", 0, metrics,
+                                                   lambda: (healthy[0], {"master": "bX"} if healthy[0] else
+                                                            {"reason": "no master"})))
+        base = "http://127.0.0.1:%d" % server.port
+        status, body = await asyncio.to_thread(http_get, base + "/metrics")
+        self.assertEqual(status, 200)
+        samples, types = parse_exposition(body)
+        self.assertEqual(samples["qx_jobs_done_total"][()], 3)
+        self.assertEqual(types["qx_job_duration_seconds"], "histogram")
+        self.assertEqual(samples["qx_job_duration_seconds_bucket"][(("le", "0.05"),)], 1)
+        self.assertEqual(await asyncio.to_thread(http_get, base + "/healthz"), (200, '{"master":"bX"}'))
+        healthy[0] = False
+        self.assertEqual((await asyncio.to_thread(http_get, base + "/healthz"))[0], 503)
+        self.assertEqual((await asyncio.to_thread(http_get, base + "/nope"))[0], 404)
+        # slow clients take their own connection only; the loop stays free; the cap holds
+        lag = []
+
+        async def ticker():
+            while True:
+                started = time.monotonic()
+                await asyncio.sleep(0.01)
+                lag.append(time.monotonic() - started - 0.01)
+        tick = asyncio.ensure_future(ticker())
+        slow = [await asyncio.open_connection("127.0.0.1", server.port)
+                for _ in range(w.STATUS_MAX_CLIENTS)]
+        for _, writer in slow:
+            writer.write(b"GET /metrics HTTP/1.1\r\n")  # and never the end of it
+        _, huge = await asyncio.open_connection("127.0.0.1", server.port)
+        await until(lambda: server.stats["refused"] >= 1, 5)  # over the cap: closed at once
+        started = time.monotonic()
+        for reader, _ in slow:
+            self.assertEqual(await asyncio.wait_for(reader.read(), 10), b"")  # dropped after the timeout
+        self.assertLess(time.monotonic() - started, w.STATUS_READ_TIMEOUT + 2)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * (w.STATUS_MAX_REQUEST * 2))
+        self.assertEqual(await asyncio.wait_for(reader.read(), 10), b"")  # too big: dropped
+        self.assertEqual((await asyncio.to_thread(http_get, base + "/metrics"))[0], 200)
+        tick.cancel()
+        self.assertLess(max(lag), 0.1)
+        self.assertGreaterEqual(server.stats["dropped"], w.STATUS_MAX_CLIENTS + 1)
+        huge.close()
+        writer.close()
+        for _, slow_writer in slow:
+            slow_writer.close()
+
+
+class TestWorkerStatus(AsyncTest):
+    async def test_metrics_and_health_of_a_real_worker_process(self):
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp))
+        cluster.push(20)
+        cluster.push(5, start=20, fail=True)
+        folder, port = tmp / "wp", free_port()
+        folder.mkdir()
+        write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
+                           statusPort=port, getBatch="true", batchSize=5, LOG_LEVEL="warn")
+        proc = self.will_kill(await asyncio.create_subprocess_exec(
+            sys.executable, WORKER_PY, cwd=folder, env=clean_env(), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT))
+        base = "http://127.0.0.1:%d" % port
+        await cluster.until_results(25)
+
+        async def metrics():
+            status, body = await asyncio.to_thread(http_get, base + "/metrics")
+            self.assertEqual(status, 200)
+            return parse_exposition(body)
+        samples, types = await metrics()
+        self.assertEqual(samples["qx_jobs_done_total"][()], 20)
+        self.assertEqual(samples["qx_jobs_failed_total"][(("error", "ValueError"),)], 5)
+        self.assertEqual(types["qx_job_duration_seconds"], "histogram")
+        self.assertEqual(samples["qx_job_duration_seconds_count"][()], 25)
+        self.assertEqual(samples["qx_job_duration_seconds_bucket"][(("le", "+Inf"),)], 25)
+        self.assertEqual(samples["qx_master_connected"][()], 1)
+        self.assertEqual(samples["qx_peers"][(("transport", "tcp"),)], 1)
+        self.assertGreater(samples["qx_resident_memory_bytes"][()], 10e6)
+        self.assertGreater(samples["qx_bytes_received_total"][()], 1000)
+        self.assertIn("qx_assets_age_seconds", samples)
+        self.assertIn("qx_packets_dropped_total", samples)
+        status, body = await asyncio.to_thread(http_get, base + "/healthz")
+        self.assertEqual((status, json.loads(body)["master"]), (200, cluster.master.address))
+        cluster.push(10, start=100)  # the counters move with real jobs
+        await cluster.until_results(35)
+        await until(lambda: cluster.master.stats["results"] >= 35)
+        samples, _ = await metrics()
+        self.assertEqual(samples["qx_jobs_done_total"][()], 30)
+        self.assertGreaterEqual(samples["qx_delivery_latency_seconds_count"][()], 30)
+        self.assertEqual((await asyncio.to_thread(http_get, base + "/nothing"))[0], 404)
+        await cluster.master.close()  # the master goes away: not healthy
+        status, body = await asyncio.to_thread(http_get, base + "/healthz")
+        for _ in range(50):
+            if status == 503:
+                break
+            await asyncio.sleep(0.1)
+            status, body = await asyncio.to_thread(http_get, base + "/healthz")
+        self.assertEqual(status, 503)
+        self.assertIn("master", json.loads(body)["reason"])
+        proc.send_signal(15)
+        output, _ = await asyncio.wait_for(proc.communicate(), 30)
+        self.assertIn(b" warn  ", output)  # level names print whole
+        self.assertNotIn(b"warni ", output)
+
+    async def test_master_py_status_page(self):
+        tmp = self.tmp()
+        token, port, status = "mstatus-%d" % random.randrange(1 << 30), free_port(), free_port()
+        folder = tmp / "m"
+        folder.mkdir()
+        write_assets(folder, DEFAULT_FILES)
+        write_loopback_env(folder, token, port=port, LOG_LEVEL="warn")
+        proc = self.will_kill(await asyncio.create_subprocess_exec(
+            sys.executable, MASTER_PY, "--task", "workplace/task.py", "--task", "workplace/data/conf/factor.json",
+            "--jobs", "-", "--status-port", str(status), cwd=folder, env=clean_env(),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+        await proc.stdout.readline()  # ready
+        base = "http://127.0.0.1:%d" % status
+        for i in range(30):
+            proc.stdin.write(b'{"id": %d, "data": "{\\"x\\": %d}"}\n' % (i, i))
+        await proc.stdin.drain()
+
+        async def samples():
+            return parse_exposition((await asyncio.to_thread(http_get, base + "/metrics"))[1])[0]
+        before = None
+        for _ in range(100):
+            before = await samples()
+            if before["qx_master_jobs_waiting"][()] == 30:
+                break
+            await asyncio.sleep(0.05)
+        self.assertEqual(before["qx_master_jobs_waiting"][()], 30)
+        self.assertEqual(before["qx_master_results_total"][()], 0)
+        worker = await self.started(loopback_worker(token, tmp / "w", peers=["127.0.0.1:%d" % port],
+                                                    get_batch=True, batch_size=5))
+        for _ in range(200):
+            after = await samples()
+            if after["qx_master_results_total"][()] == 30:
+                break
+            await asyncio.sleep(0.05)
+        self.assertEqual(after["qx_master_results_total"][()], 30)
+        self.assertEqual(after["qx_master_error_results_total"][()], 0)
+        self.assertEqual(after["qx_master_jobs_waiting"][()], 0)
+        self.assertEqual(after["qx_master_workers"][()], 1)
+        self.assertEqual(json.loads((await asyncio.to_thread(http_get, base + "/healthz"))[1])["status"], "ok")
+        await worker.stop()
+        proc.send_signal(15)
+        await asyncio.wait_for(proc.wait(), 15)
+
+    async def test_systemd_ready_watchdog_and_stopping(self):
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp))
+        folder = tmp / "wp"
+        folder.mkdir()
+        write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port)
+        path = str(tmp / "notify")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.setblocking(False)
+        self.addCleanup(sock.close)
+        proc = self.will_kill(await asyncio.create_subprocess_exec(
+            sys.executable, WORKER_PY, cwd=folder, stderr=subprocess.DEVNULL,
+            env={**clean_env(), "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}))
+        said = []
+
+        def read():
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    said.append(sock.recv(100).decode())
+            return said
+        await until(lambda: read().count("WATCHDOG=1") >= 3, 20)  # about every 0.2 s
+        self.assertEqual(said[0], "READY=1")
+        proc.send_signal(15)
+        await asyncio.wait_for(proc.wait(), 30)
+        self.assertIn("STOPPING=1", read())
+
+    async def test_status_line_at_most_once_a_minute_while_anything_happened(self):
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp))
+        cluster.push(12)
+        worker = cluster.worker(get_batch=True, batch_size=4)
+        with mock.patch.object(w, "STATUS_LINE_SECONDS", 0.3), self.assertLogs("worker", "INFO") as logs:
+            await self.started(worker)
+            await cluster.until_results(12)
+            await until(lambda: any("status: " in line for line in logs.output), 5)
+            await asyncio.sleep(1.2)  # nothing happens: no more lines
+        lines = [line for line in logs.output if "status: " in line]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertRegex(lines[0], r"status: 12 done \(\d+\.\d/s\), 0 failed, 0 held, master b\w{7}… "
+                                   r"\(proven\), peers 1 \(tcp 1\)")
+
+
+# The command line, as users run it ##########################################
+
+class TestCommandLine(AsyncTest):
+    def test_setup_through_stdin(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            env = Path(tmp) / ".env"
+            env.write_text("name=pi-1\n")
+            key = "A" * 32
+            done = subprocess.run([sys.executable, WORKER_PY, "--setup", "--env", str(env)],
+                                  input="too short\n%s\n\n" % key, capture_output=True, text=True,
+                                  timeout=30, check=True)
+            self.assertIn("not valid", done.stdout)
+            values = w.read_env_file(env)
+            self.assertEqual(values["transferEncryptToken"], key)
+            self.assertGreaterEqual(len(values["token"]), 20)
+            self.assertEqual(values["name"], "pi-1")
+            self.assertNotIn("master", values)
+            self.assertEqual(env.stat().st_mode & 0o777, 0o600)
+            pin = w.Identity().address  # again, pinning a master's address this time
+            done = subprocess.run([sys.executable, WORKER_PY, "--setup", "--env", str(env)],
+                                  input="\n\nnot an address\n%s\n" % pin, capture_output=True, text=True,
+                                  timeout=30, check=True)
+            self.assertIn("not valid", done.stdout)
+            self.assertEqual(w.read_env_file(env)["master"], pin)
+            self.assertEqual(w.read_env_file(env)["transferEncryptToken"], key)
+
+    def test_missing_token_or_bad_key_exit_2(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            for text, message in (("transferEncryptToken=%s\n" % ("k" * 32), "no token"),
+                                  ("token=%s\ntransferEncryptToken=short\n" % ("t" * 20), "exactly 32")):
+                (Path(tmp) / ".env").write_text(text)
+                done = subprocess.run([sys.executable, WORKER_PY], check=False, cwd=tmp, capture_output=True,
+                                      text=True, timeout=30, env=clean_env())
+                self.assertEqual(done.returncode, 2)
+                self.assertIn(message, done.stderr)
+                self.assertEqual(len(done.stderr.strip().splitlines()), 1)
+
+    def test_help_and_version(self):
+        done = subprocess.run([sys.executable, WORKER_PY, "--version"], capture_output=True, text=True,
+                              check=True, timeout=30)
+        self.assertIn(w.__version__, done.stdout)
+        done = subprocess.run([sys.executable, WORKER_PY, "--help"], capture_output=True, text=True,
+                              check=True, timeout=30)
+        self.assertIn("--setup", done.stdout)
+
+    def test_demo_exits_0(self):
+        done = subprocess.run([sys.executable, WORKER_PY, "--demo"], check=False, capture_output=True, text=True,
+                              timeout=120, cwd=HERE)
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertIn("all results right", done.stdout)
+
+    def test_demo_loads_worker_py_once(self):
+        """master.py's ``from worker import`` finds the running module: one set of classes."""
+        done = subprocess.run([sys.executable, "-X", "importtime", WORKER_PY, "--demo"], check=False,
+                              capture_output=True, text=True, timeout=120, cwd=HERE)
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()
+                    if line.startswith("import time:")]
+        self.assertIn("master", imported)
+        self.assertNotIn("worker", imported)
+
+    async def test_sigterm_finishes_and_delivers_held_jobs(self):
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp))
+        cluster.push(10, sleep=0.3)
+        folder = tmp / "wp"
+        folder.mkdir()
+        write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
+                           getBatch="true", batchSize=10, LOG_LEVEL="info")
+        proc = self.will_kill(await asyncio.create_subprocess_exec(
+            sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        await until(lambda: cluster.master.stats["jobs handed out"] == 10 and len(cluster.results) >= 1, 30)
+        proc.send_signal(15)
+        output, _ = await asyncio.wait_for(proc.communicate(), 30)
+        self.assertEqual(proc.returncode, 0, output.decode())
+        self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(10)))
+        self.assertIn(b"stopping", output)
+
+    async def test_a_timed_out_job_does_not_hold_the_process_at_exit(self):
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp, files={"/workplace/task.py": LOOP_TASK_PY}))
+        cluster.push(1, hang=60)
+        folder = tmp / "wp"
+        folder.mkdir()
+        write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
+                           jobTimeout=1)
+        proc = self.will_kill(await asyncio.create_subprocess_exec(
+            sys.executable, WORKER_PY, cwd=folder, env=clean_env(), stderr=subprocess.DEVNULL))
+        await cluster.until_results(1, 30)
+        self.assertEqual(cluster.results[0]["error"]["type"], "TimeoutError")
+        proc.send_signal(15)
+        self.assertEqual(await asyncio.wait_for(proc.wait(), 15), 0)  # not after the 60 s job
+
+    async def test_second_sigterm_exits_at_once(self):
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp))
+        cluster.push(10, sleep=2.0)
+        folder = tmp / "wp"
+        folder.mkdir()
+        write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
+                           getBatch="true", batchSize=5)
+        proc = self.will_kill(await asyncio.create_subprocess_exec(
+            sys.executable, WORKER_PY, cwd=folder, env=clean_env(), stderr=subprocess.DEVNULL))
+        await until(lambda: cluster.master.stats["jobs handed out"] >= 5, 30)
+        proc.send_signal(15)
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        proc.send_signal(15)
+        code = await asyncio.wait_for(proc.wait(), 5)
+        self.assertEqual(code, 130)
+        self.assertLess(time.monotonic() - started, 2.0)  # not the 10 s the batch needs
+
+
+# Faults: kill -9, floods ####################################################
+
+class TestFaults(AsyncTest):
+    TIME_LIMIT = 120.0
+
+    async def test_worker_killed_mid_batch_jobs_requeued_each_answered_once(self):
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp))
+        cluster.master.lease_seconds = 5.0
+        cluster.push(30, sleep=0.05)
+        folder = tmp / "victim"
+        folder.mkdir()
+        write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
+                           getBatch="true", batchSize=10, LOG_LEVEL="warn")
+        victim = self.will_kill(await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=folder,
+                                                                     env=clean_env()))
+        await until(lambda: len(cluster.results) >= 3, 30)
+        victim.kill()  # SIGKILL, mid-batch
+        await victim.wait()
+        await until(lambda: cluster.master.stats["jobs requeued"] > 0, 15)
+        await self.started(cluster.worker("rescuer", get_batch=True, batch_size=10))
+        await cluster.until_results(30, 60)
+        ids = [r["jobID"] for r in cluster.results]
+        self.assertEqual(sorted(ids), list(range(30)))  # each job answered once
+        self.assertEqual(cluster.master.leases, {})
+
+    async def test_master_killed_worker_keeps_results_for_the_next_master(self):
+        tmp = self.tmp()
+        token, port, seed = "kill-master-%d" % random.randrange(1 << 30), free_port(), w.make_seed()
+        first = await self.started(MasterProcess(tmp / "m1", token, port, seed))
+        first.push(range(6), sleep=0.4)  # JS rule: a batch of 5 while more than 5 wait
+        await asyncio.sleep(3.0)  # the master has read them all before the worker asks
+        worker = await self.started(loopback_worker(token, tmp / "w", "survivor", get_batch=True,
+                                                    batch_size=5, peers=["127.0.0.1:%d" % port]))
+        await until(lambda: len(worker.jobs) >= 3, 30)
+        await first.kill()  # SIGKILL while the worker holds the batch
+        await until(lambda: worker.stats["jobs done"] + worker.stats["jobs failed"] >= 5, 30)
+        self.assertGreaterEqual(len(worker.outbox), 1)  # kept, nobody to give them to
+        second = await self.started(MasterProcess(tmp / "m2", token, port, seed))
+        await until(lambda: len(first.results) + len(second.results) >= 5, 60)
+        self.assertEqual(sorted(r["jobID"] for r in first.results + second.results), list(range(5)))
+        self.assertTrue(second.results)
+        # the master prints a result before its acknowledgement reaches the worker
+        await until(lambda: not worker.outbox.held, 10)
+
+    async def test_flood_of_garbage_and_replays_others_go_on(self):
+        cluster = await self.started(Cluster(self.tmp()))
+        master = cluster.master
+        master.node.core._seen.limit = 2000
+        worker = await self.started(cluster.worker())
+        await until(lambda: worker._runner is not None)
+        infohash = master.node.infohash
+        replay_core = w.BugoutCore(master.node.identifier, w.Identity())
+        now = w._now()
+        replay_core.send_ping(now)
+        [(valid, _)] = replay_core.data_to_send()
+        rng = random.Random(5)
+        stop = time.monotonic() + 4.0
+        flooders = []
+
+        async def flood(kind):
+            sent = 0
+            while time.monotonic() < stop:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", master.port)
+                    hello = w.handshake_bytes(infohash, b"-FL0000-" + os.urandom(6).hex().encode())
+                    writer.write(hello + w.frame(20, b"\0" + w.bencode({"m": {"bo_channel": 4}})))
+                    while time.monotonic() < stop and not writer.is_closing():
+                        if kind == "replay":
+                            payload = valid
+                        else:
+                            payload = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
+                        writer.write(w.frame(20, b"\4" + payload))
+                        sent += 1
+                        if sent % 50 == 0:
+                            await writer.drain()
+                    writer.close()
+                except (ConnectionError, OSError):
+                    await asyncio.sleep(0.01)
+            return sent
+        flooders = [asyncio.ensure_future(flood(k)) for k in ("replay", "garbage", "garbage")]
+        cluster.push(200)
+        await cluster.until_results(200, 60)
+        sent = sum(await asyncio.gather(*flooders))
+        self.assertGreater(sent, 1000)
+        self.assertLessEqual(len(master.node.core._seen), 2000)
+        self.assertGreater(master.node.core.stats["duplicate"] + master.node.core.stats["dropped"], 1000)
+        self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(200)))
+
+
+# master.py: announces, requeues, late results, the --jobs feeder ############
+
+class TestMasterPy(AsyncTest):
+    async def idle_worker(self, cluster, times, **kw):
+        """A worker that has asked for work, and got none: it waits for a nudge or 30 s."""
+        worker = await self.started(cluster.worker(**kw))
+        await until(lambda: any(a == worker.address for _, a in times))
+        return worker
+
+    async def test_job_pushed_within_the_announce_gap_reaches_an_idle_worker(self):
+        cluster = await self.started(Cluster(self.tmp()))
+        times = watch_requests(cluster.master)
+        await self.idle_worker(cluster, times)
+        asked = len(times)
+        cluster.push(1)  # announced: the worker asks, runs it, asks again and gets none
+        await until(lambda: len(times) >= asked + 2 and cluster.results, 10)
+        cluster.master._last_announce = time.monotonic()  # an announce just went out
+        cluster.push(1, start=1)  # too soon for one more now: it must follow, not be dropped
+        await cluster.until_results(2, 5)  # not the worker's 30 s idle poll
+
+    async def test_jobs_of_a_worker_that_leaves_are_announced(self):
+        cluster = await self.started(Cluster(self.tmp()))
+        times = watch_requests(cluster.master)
+        cluster.push(1)
+        thief = self.will_close(await thief_of(cluster))
+        answer = await thief.rpc(cluster.master.address, "requestWork", {})
+        self.assertTrue(answer["task"])
+        worker = await self.idle_worker(cluster, times)  # asked while the job was out: none
+        self.assertEqual(cluster.results, [])
+        await thief.close()  # leaves: its job is queued again, idle workers are told
+        await cluster.until_results(1, 5)
+        self.assertEqual(cluster.master.stats["jobs requeued"], 1)
+        self.assertEqual(cluster.results[0]["worker"]["id"], worker.address)
+
+    async def test_jobs_whose_lease_ends_are_announced(self):
+        cluster = Cluster(self.tmp())
+        cluster.master.lease_seconds = 1.0  # leases are checked every 0.25 s
+        await self.started(cluster)
+        times = watch_requests(cluster.master)
+        cluster.push(1)
+        thief = self.will_close(await thief_of(cluster))
+        self.assertTrue((await thief.rpc(cluster.master.address, "requestWork", {}))["task"])
+        end_lease(cluster.master, 0, time.time() + 3600)  # held until the worker idles
+        await self.idle_worker(cluster, times)
+        self.assertEqual(cluster.master.stats["jobs requeued"], 0)
+        end_lease(cluster.master, 0, time.time())  # the thief's time is up
+        await cluster.until_results(1, 5)
+        self.assertEqual(cluster.master.stats["jobs requeued"], 1)
+
+    async def test_late_result_of_a_requeued_job_means_it_is_not_run_again(self):
+        cluster = Cluster(self.tmp())
+        cluster.master.lease_seconds = 1.0
+        await self.started(cluster)
+        times = watch_requests(cluster.master)
+        cluster.push(1)
+        thief = self.will_close(await thief_of(cluster))
+        self.assertTrue((await thief.rpc(cluster.master.address, "requestWork", {}))["task"])
+        await until(lambda: cluster.master.stats["jobs requeued"] == 1, 10)
+        late = w.Crypt(KEY).encrypt(json.dumps({"jobID": 0, "data": {"sum": 2}}))
+        self.assertEqual(await thief.rpc(cluster.master.address, "shareResults", late),
+                         {"received": True})
+        self.assertEqual([r["jobID"] for r in cluster.results], [0])
+        worker = await self.idle_worker(cluster, times)
+        await asyncio.sleep(0.5)  # a job run again would be answered by now
+        self.assertEqual(cluster.master.stats["jobs handed out"], 1)  # the thief's lease only
+        self.assertEqual(cluster.master.stats["duplicate results"], 0)
+        self.assertEqual(worker.stats["jobs done"], 0)
+        self.assertEqual(cluster.master.waiting, 0)
+
+    async def test_a_raising_on_results_loses_no_other_result_of_the_batch(self):
+        cluster = await self.started(Cluster(self.tmp()))
+        seen = []
+
+        def on_results(result):
+            seen.append(result["jobID"])
+            if result["jobID"] == 3:
+                raise RuntimeError("a bug in on_results")
+        cluster.master.on_results = on_results
+        cluster.push(10)
+        worker = cluster.worker(get_batch=True, batch_size=5)  # sets the log level: first
+        with self.assertLogs("worker", "ERROR") as logs:
+            await self.started(worker)
+            await until(lambda: len(seen) >= 10, 10)
+        self.assertEqual(sorted(seen), list(range(10)))
+        self.assertTrue(any("on_results failed" in line for line in logs.output), logs.output)
+        self.assertEqual(cluster.master.leases, {})
+
+    def test_assets_hashed_and_encrypted_once_by_concurrent_threads(self):
+        import threading
+        with tempfile.TemporaryDirectory() as tmp:
+            cluster = Cluster(tmp)
+            master = cluster.master
+            real_sha, real_encrypt = w.Helper.get_sha256, master.crypt.encrypt
+            hashed, encrypted = collections.Counter(), collections.Counter()
+
+            def slow_sha(path):
+                hashed.update([str(path)])
+                time.sleep(0.05)  # a big file: the other threads arrive meanwhile
+                return real_sha(path)
+
+            def counting_encrypt(data):
+                encrypted.update([len(data)])
+                time.sleep(0.05)
+                return real_encrypt(data)
+            barrier, answers, errors = threading.Barrier(8), [], []
+
+            def ask():
+                barrier.wait()
+                try:
+                    answers.append(master._assets())
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+            with mock.patch.object(w.Helper, "get_sha256", side_effect=slow_sha), \
+                    mock.patch.object(master.crypt, "encrypt", side_effect=counting_encrypt):
+                threads = [threading.Thread(target=ask) for _ in range(8)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join(30)
+            self.assertEqual(errors, [])
+            self.assertEqual(len(answers), 8)
+            self.assertTrue(all(a == answers[0] for a in answers))
+            self.assertEqual(sorted(hashed.values()), [1, 1])  # two files, each read once
+            self.assertEqual(sum(encrypted.values()), 2)
+
+    async def test_cli_stdin_sigterm_exits_promptly_while_stdin_stays_open(self):
+        token = "cli-sigterm-%d" % random.randrange(1 << 30)
+        master = await self.started(MasterProcess(self.tmp() / "m", token, free_port(), w.make_seed()))
+        master.push([0])
+        await asyncio.sleep(0.5)  # read; the feeder waits for the next line
+        master.proc.send_signal(15)
+        code = await asyncio.wait_for(master.proc.wait(), 5)
+        self.assertEqual(code, 0)  # in 5 s: stdin still open
+
+    async def test_cli_bad_jobs_line_is_reported_and_later_lines_run(self):
+        tmp = self.tmp()
+        token, port = "cli-bad-line-%d" % random.randrange(1 << 30), free_port()
+        master = await self.started(EventsMasterProcess(tmp / "m", token, port, w.make_seed()))
+        master.push([0])
+        master.write("{not json\n\n")
+        master.push([1])
+        await self.started(loopback_worker(token, tmp / "w", peers=["127.0.0.1:%d" % port]))
+        await until(lambda: len(master.results) >= 2, 15)
+        self.assertEqual(sorted(r["jobID"] for r in master.results), [0, 1])
+        errors = [e for e in master.events if e["event"] == "error"]
+        self.assertEqual(len(errors), 1, master.events)
+        self.assertEqual(errors[0]["line"], 2)
+        self.assertIn("line 2", errors[0]["message"])
+
+    def test_cli_missing_jobs_file_exits_2_with_a_message(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            write_loopback_env(tmp, "cli-missing-jobs-%d" % random.randrange(1 << 30))
+            done = subprocess.run([sys.executable, MASTER_PY, "--jobs", "no-such-jobs.jsonl"], cwd=tmp,
+                                  env=clean_env(), capture_output=True, text=True, timeout=20,
+                                  check=False)
+            self.assertEqual(done.returncode, 2)
+            self.assertIn("no-such-jobs.jsonl", done.stderr)
+            self.assertEqual(done.stdout, "")  # it never started
+
+
+# master.py: durable queue and command line (issue 13) #######################
+
+class TestMasterDurable(AsyncTest):
+    TIME_LIMIT = 120.0
+
+    async def workers(self, cli, count=1, batch=20):
+        """``count`` real ``python worker.py`` processes that dial ``cli``'s port."""
+        for i in range(count):
+            folder = cli.folder.parent / ("w%d-%d" % (i, random.randrange(1 << 30)))
+            folder.mkdir()
+            write_loopback_env(folder, cli.token, peers="127.0.0.1:%d" % cli.port, getBatch="true",
+                               batchSize=batch, LOG_LEVEL="error")
+            self.will_kill(await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=folder,
+                                                                env=clean_env(), stderr=subprocess.DEVNULL))
+
+    def assert_each_once(self, results, count):
+        ids = [r["jobID"] for r in results]
+        self.assertEqual(sorted(ids), list(range(count)))
+        self.assertTrue(all(r["data"] == {"sum": 2 * r["jobID"]} for r in results))
+
+    # the database
+    def test_store_keeps_what_was_committed_and_nothing_else(self):
+        from master import Store
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "m.db"
+            store = Store(path)
+            for i in range(5):
+                self.assertTrue(store.push(str(i), '{"id":%d}' % i))
+            self.assertFalse(store.push("1", "{}"))  # waiting already
+            self.assertEqual(store.lease("w1", 2, time.time() + 60), ['{"id":0}', '{"id":1}'])
+            late = ("0", "w2", "two", False, '{"jobID":0}')
+            self.assertEqual(store.record([("0", "w1", "one", False, '{"jobID":0}'), late]), [1, None])
+            self.assertEqual(store.record([late]), [None])  # one result per job
+            self.assertFalse(store.push("0", "{}"))  # answered in this run
+            with self.assertRaises(KeyError), store.undoable():
+                store.push("5", "{}")
+                raise KeyError("a bug half-way through a call")
+            self.assertEqual((store.waiting, store.leased), (3, 1))  # undone, and only that
+            store.commit()
+            store.lease("w2", 1, time.time() + 60)  # never committed:
+            store.db.close()  # the process dies, and its lock with it
+            os.close(store._lock)
+            store = Store(path)
+            self.assertEqual((store.waiting, store.leased, store.answered), (3, 1, 1))
+            self.assertEqual(store.requeue(worker="w1"), 1)  # job 1 goes back, in front
+            self.assertEqual(store.lease("w3", 9, time.time() + 60), ['{"id":%d}' % i for i in (1, 2, 3, 4)])
+            self.assertEqual(store.requeue(before=time.time()), 0)
+            self.assertEqual(store.requeue(before=time.time() + 120), 4)  # their leases ended
+            self.assertEqual(store.per_worker(), [{"id": "w1", "name": "one", "results": 1, "errors": 0}])
+            store.new_run()
+            self.assertEqual(store.record([("0", "w1", "one", False, "{}")]), [2])  # a new run: ids again
+            store.close()
+
+    def test_cli_refuses_a_foreign_corrupt_or_busy_database_in_one_line(self):
+        import sqlite3
+
+        from master import Store
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            write_loopback_env(folder, "refuse-%d" % random.randrange(1 << 30), port=free_port())
+            (folder / "garbage.db").write_bytes(os.urandom(5000))
+            (folder / "text.db").write_text("id,name\n1,results of last year\n" * 200)
+            with contextlib.closing(sqlite3.connect(folder / "foreign.db")) as db:
+                db.execute("CREATE TABLE invoices (id INTEGER, total REAL)")
+                db.commit()
+            store = Store(folder / "torn.db")
+            for i in range(3000):
+                store.push(str(i), json.dumps({"id": i, "data": "x" * 100}))
+            store.close()
+            torn = (folder / "torn.db").read_bytes()
+            (folder / "torn.db").write_bytes(torn[:len(torn) // 2])  # a disk that lost its end
+            busy = subprocess.Popen([sys.executable, MASTER_PY, "--db", "busy.db"], cwd=folder,
+                                    env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            self.addCleanup(busy.wait, 30)
+            self.addCleanup(busy.kill)
+            self.assertIn(b"ready", busy.stdout.readline())  # another master has it open
+            cases = {"garbage.db": "not a master.py database", "text.db": "not a master.py database",
+                     "foreign.db": "not a master.py database", "torn.db": "corrupt",
+                     "busy.db": "in use by another master.py"}
+            for name, message in cases.items():
+                before = (folder / name).read_bytes()
+                done = subprocess.run([sys.executable, MASTER_PY, "--db", name, "--no-follow"], cwd=folder,
+                                      env=clean_env(), capture_output=True, text=True, timeout=30,
+                                      check=False)
+                self.assertEqual(done.returncode, 2, (name, done.stderr))
+                self.assertEqual(len(done.stderr.strip().splitlines()), 1, (name, done.stderr))
+                self.assertIn(name, done.stderr)
+                self.assertIn(message, done.stderr)
+                self.assertEqual(done.stdout, "")  # it never started
+                self.assertEqual((folder / name).read_bytes(), before, name)  # left as it was
+            busy.stdout.close()
+
+    @time_limit(180)
+    async def test_memory_stays_flat_however_many_jobs_are_answered(self):
+        tmp = self.tmp()
+        import master as m
+        self.addCleanup(setattr, m, "WAL_LIMIT", m.WAL_LIMIT)
+        m.WAL_LIMIT = 256 << 10  # the log is moved into the database more often
+        cluster = await self.started(Cluster(tmp, db=tmp / "master.db"))
+        master = cluster.master
+        await self.started(cluster.worker(get_batch=True, batch_size=50))
+        cluster.push(500)
+        await cluster.until_results(500, 60)
+        held = held_in_memory(master)
+        cluster.push(4000, start=500)
+        await cluster.until_results(4500, 120)
+        self.assertLess(held_in_memory(master) - held, 50)  # nothing per answered job (4,000 more)
+        self.assertEqual((master.store.answered, master.waiting, master.leases), (4500, 0, {}))
+        self.assertLess((tmp / "master.db-wal").stat().st_size, 1 << 20)  # checkpointed
+        self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(4500)))
+
+    # the command line
+    async def test_cli_jobs_file_ends_with_a_summary_exit_0_and_no_progress_in_a_pipe(self):
+        cli = MasterCli(self.tmp() / "m")
+        write_jobs(cli.folder / "jobs.jsonl", 300)
+        await self.started(cli, "--jobs", "jobs.jsonl")
+        await self.workers(cli, 2, batch=10)
+        self.assertEqual(await cli.exit(), 0, cli.stderr)
+        self.assert_each_once(cli.results, 300)
+        summary = cli.events[-1]
+        self.assertEqual(summary["event"], "summary", cli.events[-3:])
+        self.assertEqual((summary["jobs"], summary["errors"], summary["pending"]), (300, 0, 0))
+        self.assertEqual(sum(worker["results"] for worker in summary["workers"]), 300)
+        self.assertGreater(summary["seconds"], 0)
+        self.assertGreater(summary["jobs_per_s"], 0)
+        self.assertNotIn("\r", cli.stderr)  # no progress line in a pipe
+        self.assertNotIn("jobs/s", cli.stderr)
+
+    async def test_cli_error_results_exit_1_and_errors_ok_exit_0(self):
+        cli = MasterCli(self.tmp() / "m")
+        write_jobs(cli.folder / "jobs.jsonl", 40, fail={3, 17})
+        await self.started(cli, "--jobs", "jobs.jsonl")
+        await self.workers(cli, 1, batch=5)
+        self.assertEqual(await cli.exit(), 1, cli.stderr)
+        self.assertEqual(cli.events[-1]["errors"], 2)
+        self.assertEqual(sorted(r["jobID"] for r in cli.results if r.get("error")), [3, 17])
+        del cli.events[:]
+        await self.started(cli, "--jobs", "jobs.jsonl", "--errors-ok")  # a finished run: a new one
+        self.assertEqual(await cli.exit(), 0, cli.stderr)
+        self.assertEqual(len(cli.results), 40)  # run again, all of it
+        self.assertEqual((cli.events[-1]["jobs"], cli.events[-1]["errors"]), (40, 2))
+
+    async def assert_serving(self, cli):
+        """A new peer gets an answer from the master of ``cli``."""
+        node = await self.started(py_node(cli.token, peers=["127.0.0.1:%d" % cli.port]))
+        address = cli.of("ready")[-1]["address"]
+        await until(lambda: address in node.peers, 30)
+        self.assertEqual((await node.rpc(address, "ping", {"n": 1})), {"n": 1, "pong": True})
+
+    async def test_cli_follow_keeps_serving_after_the_last_result(self):
+        tmp = self.tmp()
+        piped = await self.started(MasterCli(tmp / "s"), "--jobs", "-", stdin=subprocess.PIPE)
+        filed = MasterCli(tmp / "f")
+        write_jobs(filed.folder / "jobs.jsonl", 10)
+        await self.started(filed, "--jobs", "jobs.jsonl", "--follow")
+        await self.workers(piped, 1, batch=5)
+        await self.workers(filed, 1, batch=5)
+        for end in (10, 20):  # --follow is the default for stdin; the queue runs dry in between
+            for i in range(end - 10, end):
+                piped.proc.stdin.write(b'{"id": %d, "data": "{\\"x\\": %d}"}\n' % (i, i))
+            await until(lambda end=end: len(piped.results) >= end, 60)
+        piped.proc.stdin.close()
+        await until(lambda: len(filed.results) >= 10, 60)
+        for cli in (piped, filed):  # every job answered and read to the end: it stays
+            with self.assertRaises(TimeoutError):
+                await asyncio.wait_for(cli.proc.wait(), 1.5)  # it would end in 0.1 s
+            await self.assert_serving(cli)
+            cli.proc.send_signal(15)
+            self.assertEqual(await cli.exit(), 0, cli.stderr)
+            self.assertEqual(cli.events[-1]["event"], "summary")
+        self.assert_each_once(piped.results, 20)
+        self.assert_each_once(filed.results, 10)
+
+    async def test_cli_progress_line_on_a_terminal(self):
+        import pty
+        import threading
+        cli = MasterCli(self.tmp() / "m")
+        write_jobs(cli.folder / "jobs.jsonl", 200, sleep=0.005)
+        leader, follower = pty.openpty()
+        self.addCleanup(os.close, leader)
+        seen = bytearray()
+
+        def read():
+            with contextlib.suppress(OSError):  # EIO once the master has exited
+                while chunk := os.read(leader, 4096):
+                    seen.extend(chunk)
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            await self.started(cli, "--jobs", "jobs.jsonl", stderr=follower)
+        finally:
+            os.close(follower)
+        await self.workers(cli, 1, batch=10)
+        self.assertEqual(await cli.exit(), 0)
+        await asyncio.to_thread(reader.join, 10)
+        text = seen.decode(errors="replace")
+        self.assertIn("\r", text)  # redrawn in place
+        self.assertIn("200/200 jobs", text)  # the last figures stay
+        self.assertRegex(text, r"\d+/200\+? jobs, \d+ jobs/s, ETA [\d:-]+, 1 worker\(s\)")
+        self.assertEqual(len(cli.results), 200)  # stdout is a pipe: results only there
+
+    async def test_cli_out_has_each_result_once_across_a_kill(self):
+        cli = MasterCli(self.tmp() / "m")
+        write_jobs(cli.folder / "jobs.jsonl", 400, sleep=0.003)
+        out = cli.folder / "results.jsonl"
+        await self.started(cli, "--jobs", "jobs.jsonl", "--out", "results.jsonl")
+        await self.workers(cli, 2, batch=10)
+        await until(lambda: len(cli.results) >= 100, 60)
+        await cli.kill()
+        torn = out.read_bytes() + b'{"jobID":7,"worker":{"id":"b'
+        out.write_bytes(torn)  # as if a write got this far before the kill: no commit
+        await self.started(cli, "--jobs", "jobs.jsonl", "--out", "results.jsonl")
+        self.assertEqual(await cli.exit(), 0, cli.stderr)
+        self.assertIn("cut off", cli.stderr)
+        lines = out.read_bytes().split(b"\n")
+        self.assertEqual(lines[-1], b"")  # ends with a whole line
+        self.assert_each_once([json.loads(line) for line in lines[:-1]], 400)
+        printed = [r["jobID"] for r in cli.results]
+        self.assertEqual(len(printed), len(set(printed)))  # stdout: none twice
+
+    @time_limit(240)
+    async def test_cli_kill_9_at_random_moments_loses_no_result_and_repeats_none(self):
+        async def scenario(rng):
+            count, kills = 1500, 5
+            cli = MasterCli(self.tmp() / "m")
+            write_jobs(cli.folder / "jobs.jsonl", count, sleep=0.002)
+            args = ("--jobs", "jobs.jsonl", "--out", "results.jsonl")
+            await self.started(cli, *args)
+            await self.workers(cli, 2, batch=25)
+            for _ in range(kills):
+                before = len(cli.results)
+                await until(lambda before=before: len(cli.results) > before, 60)  # results flow
+                await asyncio.sleep(rng.uniform(0, 0.4))  # then a random moment
+                await cli.kill()
+                await self.started(cli, *args)  # on the same master.db and results.jsonl
+            self.assertEqual(await cli.exit(), 0, cli.stderr)
+            summary = cli.events[-1]
+            self.assertEqual((summary["event"], summary["jobs"], summary["errors"]), ("summary", count, 0))
+            out = (cli.folder / "results.jsonl").read_text().splitlines()
+            self.assert_each_once([json.loads(line) for line in out], count)  # none lost, none twice
+            printed = [r["jobID"] for r in cli.results]
+            self.assertEqual(len(printed), len(set(printed)), "a result printed twice")
+            # stdout is written right after each commit, before its sync: only a kill in the
+            # microseconds between the two loses lines there (never from --out or the database)
+            self.assertLessEqual(set(printed), set(range(count)))
+            return count - len(printed), cli.torn
+        seed = random.randrange(1 << 30)
+        try:
+            lost, torn = await scenario(random.Random(seed))
+        except AssertionError as exc:
+            raise AssertionError("seed %d: %s" % (seed, exc)) from exc
+        print("\n  kill -9 x5: %d stdout line(s) lost, %d torn (seed %d)" % (lost, torn, seed),
+              file=sys.stderr)
+
+    @time_limit(180)
+    async def test_cli_restart_reads_the_jobs_file_on_from_the_last_commit(self):
+        from master import Store
+        count = 30000
+        cli = MasterCli(self.tmp() / "m")
+        jobs = cli.folder / "jobs.jsonl"
+        write_jobs(jobs, count, ids=False, bad_every=3000)  # no ids: a job pushed twice runs twice
+        await self.started(cli, "--jobs", "jobs.jsonl")  # no worker yet
+        bad = random.randrange(1, 9)
+        await until(lambda: len(cli.of("error")) >= bad, 60)  # line 3000 * bad has just been read
+        await cli.kill()
+        store = Store(cli.folder / "master.db")
+        self.addCleanup(store.close)
+        offset, line = store.get("offset", 0), store.get("line", 0)
+        read = jobs.read_bytes()[:offset]
+        self.assertTrue(offset == 0 or read.endswith(b"\n"))
+        self.assertEqual(read.count(b"\n"), line)
+        self.assertEqual(store.waiting, line - read.count(b"{not json"))  # jobs and offset: one commit
+        store.close()
+        await self.started(cli, "--jobs", "jobs.jsonl")
+        await self.workers(cli, 2, batch=100)
+        self.assertEqual(await cli.exit(), 0, cli.stderr)
+        xs = sorted(r["data"]["sum"] // 2 for r in cli.results)
+        self.assertEqual(xs, list(range(count)))  # each line's job once: none skipped, none twice
+        self.assertEqual((cli.events[-1]["jobs"], cli.events[-1]["skipped_lines"]), (count, 9))
+
+
+# The test data: the generators give the committed bytes #####################
+
+class TestTestData(unittest.TestCase):
+    def test_generators_give_the_committed_bytes(self):
+        """testdata/ is what interop/make-testdata.sh makes from the real JS code, byte for byte."""
+        js_ready()
+        for package in ("@roamhq/wrtc", "bittorrent-tracker"):
+            need((INTEROP / "node_modules" / package).is_dir(), "run npm ci in interop/ (%s)" % package)
+        need(shutil.which("unshare") and shutil.which("ip") and os.geteuid() == 0, "unshare -n needs root")
+        with tempfile.TemporaryDirectory() as tmp:
+            done = subprocess.run(["sh", str(INTEROP / "make-testdata.sh"), tmp], capture_output=True,
+                                  text=True, timeout=300, check=False)
+            self.assertEqual(done.returncode, 0, done.stdout[-2000:] + done.stderr[-3000:])
+            for name in ("bugout-vectors.json", "tracker-samples.json"):
+                made, committed = (Path(tmp) / name).read_bytes(), (HERE / "testdata" / name).read_bytes()
+                if made != committed:
+                    new, old = json.loads(made), json.loads(committed)
+                    keys = sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k))
+                    self.fail(f"testdata/{name} differs from a new run in {keys}")
+
+
+# Running the tests ##########################################################
+
+def main():
+    """Run every test; end with the plain 'N passed, N failed, N skipped' line."""
+    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
+    result = unittest.TextTestRunner(verbosity=2).run(suite)
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    skipped = len(result.skipped)
+    passed = result.testsRun - failed - skipped
+    print("%d passed, %d failed, %d skipped" % (passed, failed, skipped))
+    return 0 if failed == 0 and not (IN_CI and skipped) else 1
 
 
 if __name__ == "__main__":
