@@ -1165,6 +1165,21 @@ class IdentityFlood:
         self.writer.close()
 
 
+class LeavingFlood(IdentityFlood):
+    """Identities that answer isMaster "yes" and leave (bugout's ``x``) in the same write."""
+
+    def _payload(self, payload):
+        asked = self.calls["isMaster"]
+        super()._payload(payload)
+        if self.calls["isMaster"] > asked:
+            self.cores[-1].send_leave(w._now())
+            self._send()
+
+    def come_back(self):
+        self.cores[-1].send_ping(w._now())
+        self._send()
+
+
 def padding_probe(rng):
     """An asset answer whose one file is random ciphertext (a CBC-R step), sometimes malformed."""
     def probe():
@@ -3704,6 +3719,24 @@ class TestMasterTrust(AsyncTest):
         await self.started(master)
         await until(lambda: results, 20)
         self.assertLess(time.monotonic() - started, w.CHECK_TIMEOUT / 2)  # not behind the flood
+
+    @time_limit(60)
+    async def test_a_peer_that_leaves_before_its_proof_costs_no_log_line_and_no_re_ask(self):
+        tmp = self.tmp()
+        token = "leaver-%d" % random.randrange(1 << 30)
+        worker = await self.started(loopback_worker(token, tmp / "w"))
+        flood = await self.started(LeavingFlood(token, worker.node.port, padding_probe(random.Random(5))))
+        with self.assertLogs("worker", "WARNING") as logs:
+            w.log.warning("start")  # assertLogs needs one line
+            flood.new_identity()
+            await until(lambda: flood.calls["isMaster"] >= 1, 10)
+            for _ in range(30):  # it says yes, leaves at once, and comes back: again and again
+                await asyncio.sleep(0.1)
+                flood.come_back()
+        self.assertEqual(flood.calls["isMaster"], 1)  # not asked again at once
+        self.assertEqual(flood.calls["requestExecAssets"], 0)
+        self.assertEqual([line for line in logs.output if "task failed" in line], [])
+        self.assertIsNone(worker.master)
 
     async def test_every_rejection_looks_the_same(self):
         good_padding = asset_answer({"/task.py": b"import os\nclass Task: pass\n"})

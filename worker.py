@@ -6551,7 +6551,7 @@ class Worker:
             return False
         try:
             verified = await (self._challenge(address) if caps.key_proof else self._asset_proof(address))
-        except RpcTimeout:
+        except (RpcTimeout, InvalidState):  # no answer, or it left before we could ask
             self.trust.proof_timed_out(address, time.monotonic())
             log.debug("%s did not answer its proof in time", address)
             return False
