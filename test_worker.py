@@ -3738,6 +3738,31 @@ class TestMasterTrust(AsyncTest):
         self.assertEqual([line for line in logs.output if "task failed" in line], [])
         self.assertIsNone(worker.master)
 
+    async def test_a_wire_that_only_claims_the_js_masters_address_gets_no_result(self):
+        tmp = self.tmp()
+        token = "claimer-%d" % random.randrange(1 << 30)
+        master = await self.started(Impostor(token, asset_answer(
+            {p: t.encode() for p, t in DEFAULT_FILES.items()})))  # a JS master: the key, no acks
+        worker = await self.started(loopback_worker(token, tmp / "w", peers=["127.0.0.1:%d" % master.node.port]))
+        await until(lambda: worker.master == master.node.address and worker._runner is not None, 20)
+        ident = master.node.core.identity
+        _, writer = await raw_wire(worker.node, ext={"m": {"bo_channel": 4}, "id": token,
+                                                          "pk": ident.pk, "ek": ident.ek})
+        self.addCleanup(writer.close)
+        await until(lambda: sum(c.address == master.node.address for c in worker.node._connections) == 2, 10)
+        acceptor, master.node._acceptor = master.node._acceptor, None
+        acceptor.close()  # the master's own wire goes, without a goodbye, and is not dialed again
+        for conn in [c for c in worker.node._connections if c.address == master.node.address]:
+            if conn.peer_name.endswith(":%d" % master.node.port):
+                conn.close(abort=True)
+        await until(lambda: sum(c.address == master.node.address for c in worker.node._connections) == 1, 10)
+        worker._result_ready({"jobID": 1, "worker": {"id": worker.address, "name": "w"}, "data": 2})
+        await until(lambda: worker.outbox.ready, 10)
+        worker._kick_delivery()
+        await asyncio.sleep(1.0)
+        self.assertEqual(len(worker.outbox), 1)  # kept for a master that signed what came by its wire
+        self.assertNotIn("shareResults", master.names())
+
     async def test_every_rejection_looks_the_same(self):
         good_padding = asset_answer({"/task.py": b"import os\nclass Task: pass\n"})
         good_padding["files"][0]["sha256"] = "1" * 64  # decrypts, but not to that hash

@@ -1832,6 +1832,8 @@ class Connection:
         self.state = ConnState.HANDSHAKE
         #: the peer's bugout address, as its extended handshake claims it
         self.address: str | None = None
+        #: True once a packet signed by ``address`` came by this wire first (the claim held)
+        self.signed = False
         #: the peer's IP address (None over WebRTC)
         self.remote_host: str | None = None
         #: bytes received in all; when it was made; when a keep-alive last went
@@ -4009,6 +4011,12 @@ class Bugout:
         return any(c.address == address and c.state is ConnState.OPEN and not c.closing
                    for c in self._connections)
 
+    def has_signed_wire(self, address: str) -> bool:
+        """True when an open wire claims ``address`` and carried a packet it signed: a wire
+        to that peer itself, not one that only says so in its handshake (as has_wire)."""
+        return any(c.address == address and c.signed and c.state is ConnState.OPEN and not c.closing
+                   for c in self._connections)
+
     def has_peer_id(self, peer_id: bytes) -> bool:
         """True when a connection not closed has this BitTorrent peer id."""
         return any(c.wire.remote_peer_id == peer_id and c.state is not ConnState.CLOSED
@@ -4177,6 +4185,7 @@ class Bugout:
                 found = self.core.receive_payload(event.payload, _now(), conn, conn.source)
                 if found:  # every event of a packet names its signer last
                     self._routes[found[-1].address] = conn
+                    conn.signed = conn.signed or found[-1].address == conn.address
                     self._dispatch(found)
             elif isinstance(event, Handshake):
                 if event.peer_id == self.peer_id:
@@ -7033,7 +7042,8 @@ class Worker:
             self.stats["results delivered"] += len(batch)
 
     def _has_wire(self, address: str) -> bool:
-        return self.node.has_wire(address)
+        # not has_wire(): a handshake may claim any address
+        return self.node.has_signed_wire(address)
 
     # what it is doing: a status line, /metrics, /healthz, systemd
     def health(self) -> tuple[bool, dict]:
