@@ -4033,6 +4033,21 @@ class TestOutbox(AsyncTest):
                 self.assertEqual(journal.submit(journal.verify, "results").result(), 0)  # clean, usable
                 journal.close()
 
+    async def test_odd_values_in_the_journals_meta_are_not_trusted_and_crash_nothing(self):
+        for value in ("5", '"abc"', '{"x": 1}', "[5, null]", "not json"):
+            with tempfile.TemporaryDirectory() as tmp, self.subTest(value):
+                journal = open_journal(tmp, token="t")
+                for key in ("proven", "manifest"):
+                    journal.submit(journal.set_meta, key, value).result()
+                journal.close()
+                worker = w.Worker("t", "w", "warn", KEY, env={}, folder=tmp, lsd=False, dht=False, trackers=[])
+                self.addCleanup(worker.journal.close)
+                with self.assertLogs("worker", "ERROR"):
+                    await worker._load_state()
+                self.assertEqual(list(worker.trust.proven), [])
+                self.assertEqual(worker._manifest, [])
+                worker.journal.close()
+
     async def test_old_json_files_are_taken_over_once_or_moved_aside(self):
         good = [{"jobID": 7, "worker": {"id": "bOld", "name": "w"}, "data": 1}]
         for text in ("5", "null", '"abc"', '{"jobID": 1}', "[1,2,3]", '[{"jobID": 1}]', "{not json"):

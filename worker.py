@@ -5359,12 +5359,18 @@ class Journal:
     def set_meta(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
-    def get_json(self, key: str, default: Any) -> Any:
-        """A JSON value of ``meta``; ``default`` when absent or unreadable."""
+    def get_json(self, key: str, default: list) -> list:
+        """A JSON list of ``meta``; ``default`` when absent, or when unreadable (logged)."""
         try:
-            return json.loads(self.get_meta(key) or "null") or default
+            value = json.loads(self.get_meta(key) or "null")
         except ValueError:
+            value = ...
+        if value is None:
             return default
+        if not isinstance(value, list):
+            log.error("%s: %s is not a list; it is not used", self.path, key)
+            return default
+        return value
 
     # results and jobs (journal thread)
     def mac(self, body: str) -> str:
@@ -7129,8 +7135,11 @@ class Worker:
             os.chmod(journal.path, 0o600)
         await journal.call(self._take_over_json_files)
         self._manifest = await journal.call(self._read_manifest)
-        self.trust.proven.update(dict.fromkeys(
-            a for a in await journal.call(journal.get_json, "proven", []) if is_address(a)))
+        proven = await journal.call(journal.get_json, "proven", [])
+        if not all(is_address(a) for a in proven):
+            log.error("%s: the list of proven masters holds what is not an address; not used", journal.path)
+            proven = []
+        self.trust.proven.update(dict.fromkeys(proven))
         if held := await self.outbox.load():
             log.info("%d result(s) from the last run will be delivered", held)
         for seq, body in await journal.call(journal.read, "jobs", 0, 2 * MAX_BATCH_TASKS):
