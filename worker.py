@@ -5364,7 +5364,7 @@ class Journal:
         try:
             value = json.loads(self.get_meta(key) or "null")
         except ValueError:
-            value = ...
+            value = key  # not JSON: not a list either
         if value is None:
             return default
         if not isinstance(value, list):
