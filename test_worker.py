@@ -2330,6 +2330,37 @@ class TestWireUnderAttack(AsyncTest):
         for _, writer in half:
             writer.close()
 
+    async def test_one_host_over_its_handshake_limit_does_not_lock_others_out(self):
+        node = await self.started(w.Bugout("crowd-swarm", host="127.0.0.1", lsd=False, dht=False, trackers=[],
+                                           handshake_timeout=60))
+        loop, socks = asyncio.get_running_loop(), []
+
+        async def dial_from(host):
+            sock = socket.socket()
+            socks.append(sock)
+            sock.bind((host, 0))
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", node.port))
+        for _ in range(w.PENDING_PER_HOST):  # one host's share of unfinished handshakes ...
+            await dial_from("127.0.0.2")
+        await until(lambda: len(node._connections) == w.PENDING_PER_HOST, 5)
+
+        async def crowd():  # ... and a stream of its callers in the listen backlog
+            while True:
+                await asyncio.gather(*(dial_from("127.0.0.2") for _ in range(20)), return_exceptions=True)
+                await asyncio.sleep(0.1)
+        crowding = asyncio.ensure_future(crowd())
+        self.addCleanup(lambda: [sock.close() for sock in socks])
+
+        async def stop_crowding():
+            crowding.cancel()
+            await asyncio.gather(crowding, return_exceptions=True)
+        self.addAsyncCleanup(stop_crowding)
+        await until(lambda: node.stats["inbound refused: handshakes from one host"], 5)
+        peer = await self.started(py_node("crowd-swarm", peers=["127.0.0.1:%d" % node.port]))
+        await until(lambda: node.address in peer.peers, 4)  # another host gets in at its first dial
+        self.assertEqual(len([c for c in node._connections if c.remote_host == "127.0.0.2"]), w.PENDING_PER_HOST)
+
     async def test_out_of_descriptors_pauses_accepting_with_one_log_line(self):
         child = textwrap.dedent("""
             import asyncio, resource, sys, worker as w
@@ -2346,7 +2377,8 @@ class TestWireUnderAttack(AsyncTest):
             sys.executable, "-c", child, cwd=HERE, env=clean_env(), stdout=subprocess.PIPE,
             stderr=subprocess.PIPE))
         port = int(await asyncio.wait_for(proc.stdout.readline(), 20))
-        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(80)]
+        held = [await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.%d" % (2 + i % 16), 0))
+                for i in range(80)]  # from many hosts: the limit per host does not bite
         await asyncio.sleep(3.0)
         for _, writer in held:
             writer.close()

@@ -4237,13 +4237,15 @@ class Bugout:
     def accepted(self, sock: socket.socket, addr: Any) -> bool:
         """A TCP connection came in: within the caps it becomes a WireConnection.
 
-        Else it is closed, and False asks the acceptor to pause a while.
+        Else it is closed, and False asks the acceptor to pause a while; not
+        for a host over its own limit: the callers behind it are let in.
         """
         host = str(addr[0]) if addr else "?"
-        if self._closed or not self._make_room(host):
+        crowded = self._crowded(host)
+        if self._closed or crowded or not self._make_room():
             self.stats["inbound refused"] += 1
             sock.close()
-            return False
+            return crowded and not self._closed
         sock.setblocking(False)
         self._accepting += 1
         self._spawn(self._accept(sock))
@@ -4259,15 +4261,21 @@ class Bugout:
         finally:
             self._accepting -= 1
 
-    def _make_room(self, host: str) -> bool:
+    def _crowded(self, host: str) -> bool:
+        """True when ``host`` has PENDING_PER_HOST inbound handshakes unfinished."""
+        pending = sum(1 for c in self._connections if not c.initiator and c.remote_host == host
+                      and c.state is ConnState.HANDSHAKE)
+        if pending >= PENDING_PER_HOST:
+            self.stats["inbound refused: handshakes from one host"] += 1
+            return True
+        return False
+
+    def _make_room(self) -> bool:
         """Room for one more inbound connection? At the cap, the oldest unfinished handshake
         goes (a few a second at most: churn costs CPU), so a newcomer is not locked out."""
         inbound = [c for c in self._connections if not c.initiator and c.remote_host is not None
                    and c.state is not ConnState.CLOSED]
         pending = [c for c in inbound if c.state is ConnState.HANDSHAKE]
-        if sum(1 for c in pending if c.remote_host == host) >= PENDING_PER_HOST:
-            self.stats["inbound refused: handshakes from one host"] += 1
-            return False
         if len(inbound) + self._accepting < self.max_inbound:
             return True
         if not pending or not self._evictions.allow(None, time.monotonic()):
