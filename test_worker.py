@@ -4792,7 +4792,7 @@ class TestStatusServer(AsyncTest):
         for _, writer in slow:
             writer.write(b"GET /metrics HTTP/1.1\r\n")  # and never the end of it
         _, huge = await asyncio.open_connection("127.0.0.1", server.port)
-        await until(lambda: server.stats["refused"] >= 1, 5)  # over the cap: closed at once
+        await until(lambda: server.stats["dropped"] >= 1, 5)  # over the cap: the oldest still sending goes
         started = time.monotonic()
         for reader, _ in slow:
             self.assertEqual(await asyncio.wait_for(reader.read(), 10), b"")  # dropped after the timeout
@@ -4808,6 +4808,22 @@ class TestStatusServer(AsyncTest):
         writer.close()
         for _, slow_writer in slow:
             slow_writer.close()
+
+
+    async def test_a_slowloris_does_not_keep_a_scraper_out(self):
+        server = await self.started(w.StatusServer("127.0.0.1", 0, lambda: "qx_up 1\n",
+                                                   lambda: (True, {"status": "ok"})))
+        base = "http://127.0.0.1:%d" % server.port
+        slow = [await asyncio.open_connection("127.0.0.1", server.port)
+                for _ in range(3 * w.STATUS_MAX_CLIENTS)]  # more than the cap, each sending a little
+        for _, writer in slow:
+            writer.write(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+        self.assertEqual(await asyncio.to_thread(http_get, base + "/healthz"), (200, '{"status":"ok"}'))
+        self.assertEqual(await asyncio.to_thread(http_get, base + "/metrics"), (200, "qx_up 1\n"))
+        self.assertGreaterEqual(server.stats["dropped"], 2 * w.STATUS_MAX_CLIENTS)  # the oldest made room
+        await until(lambda: len(server._clients) <= w.STATUS_MAX_CLIENTS, 5)
+        for _, writer in slow:
+            writer.close()
 
 
 class TestWorkerStatus(AsyncTest):

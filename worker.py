@@ -4664,8 +4664,9 @@ def dht_options(env: dict[str, str], dht: bool | None = None, bootstrap: Iterabl
 # /healthz`` (200 with a small JSON body while the loop runs and a proven
 # master is connected, 503 with the reason otherwise); anything else is 404.
 # A client gets STATUS_READ_TIMEOUT seconds and STATUS_MAX_REQUEST bytes to
-# send its request, and at most STATUS_MAX_CLIENTS are served at once, so a
-# slow or hostile one costs nothing but its own connection.
+# send its request, and at most STATUS_MAX_CLIENTS are served at once (at the
+# cap, the oldest client still sending its request makes room), so a slow or
+# hostile one costs nothing but its own connection, and cannot keep a scraper out.
 
 STATUS_READ_TIMEOUT = 5.0
 STATUS_MAX_REQUEST = 8192
@@ -4757,6 +4758,7 @@ class StatusServer:
         # private
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task] = set()
+        self._reading: dict[asyncio.Task, tuple[float, asyncio.StreamWriter]] = {}  # request not read yet
 
     async def start(self) -> StatusServer:
         self._server = await asyncio.start_server(self._accept, self.host, self.port,
@@ -4774,15 +4776,23 @@ class StatusServer:
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._clients) >= STATUS_MAX_CLIENTS:
-            self.stats["refused"] += 1
-            writer.close()
-            return
-        spawn(self._serve(reader, writer), self._clients, "status")
+            if not self._reading:
+                self.stats["refused"] += 1
+                writer.close()
+                return
+            oldest = min(self._reading, key=lambda task: self._reading[task][0])
+            _, slow = self._reading.pop(oldest)
+            self.stats["dropped"] += 1
+            oldest.cancel()
+            slow.transport.abort()
+        task = spawn(self._serve(reader, writer), self._clients, "status")
+        self._reading[task] = (time.monotonic(), writer)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(STATUS_READ_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
+                self._reading.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
                 status, kind, body = self._answer(head)
                 writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
                              b"Connection: close\r\n\r\n" % (status, _REASONS[status], kind, len(body)) + body)
@@ -4791,6 +4801,7 @@ class StatusServer:
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             self.stats["dropped"] += 1
         finally:
+            self._reading.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             writer.close()
 
     def _answer(self, head: bytes) -> tuple[int, bytes, bytes]:
