@@ -2361,6 +2361,18 @@ class TestWireUnderAttack(AsyncTest):
         await until(lambda: node.address in peer.peers, 4)  # another host gets in at its first dial
         self.assertEqual(len([c for c in node._connections if c.remote_host == "127.0.0.2"]), w.PENDING_PER_HOST)
 
+    async def test_peers_found_are_dialed_up_to_a_bound(self):
+        node = await self.started(py_node("dialed-swarm"))
+        others = [await self.started(py_node("dialed-swarm")) for _ in range(5)]
+        with mock.patch.object(w, "MAX_DIALED", 3):  # say, one host announcing port after port
+            for other in others:
+                node.add_peer("127.0.0.1", other.port)
+            await until(lambda: node.stats["dials skipped: too many wires dialed"] >= 2, 5)
+            await until(lambda: node.connections() == 3, 5)
+            node.add_peer("127.0.0.1", others[-1].port)
+            self.assertEqual(len(node._dialing), 0)
+            self.assertEqual(node.connections(), 3)
+
     async def test_out_of_descriptors_pauses_accepting_with_one_log_line(self):
         child = textwrap.dedent("""
             import asyncio, resource, sys, worker as w

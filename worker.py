@@ -3853,7 +3853,9 @@ class WebRtcTransport:
 # there (from ``pk``) routes our payloads but proves nothing. Inbound TCP is
 # capped (maxInbound; PENDING_PER_HOST handshakes per remote host; at the cap
 # the oldest handshake makes room, EVICTIONS_PER_SECOND at most), MAX_DIALING
-# dials run at once, and ``peers`` are dialed again and again, with backoff.
+# dials run at once, peers found (LSD, DHT) are dialed while fewer than
+# MAX_DIALED wires we dialed are up, and ``peers`` are dialed again and again,
+# with backoff.
 #
 # Duplicates. Of two open wires to one peer id both ends keep the same one
 # (_keeps: the one the peer has not half-closed, else the one dialed by the
@@ -3900,6 +3902,9 @@ PENDING_PER_HOST = 8
 EVICTIONS_PER_SECOND = 20.0
 #: Dials in progress at most (LSD and DHT answers are anyone's to forge).
 MAX_DIALING = 32
+#: TCP wires we dialed (up or being dialed) at most, before add_peer (LSD, DHT) dials no more;
+#: ``peers`` always are.
+MAX_DIALED = 200
 #: LSD: a peer that dials us anyway (a JS peer, or a Python one with a lower id) gets this long first.
 LSD_YIELD = 1.0
 #: A wire takes relayed payloads while its send queue holds less than this (a protected wire's:
@@ -4307,6 +4312,10 @@ class Bugout:
             return
         if len(self._dialing) >= MAX_DIALING:
             self.stats["dials skipped: too many at once"] += 1
+            return
+        dialed = sum(1 for c in self._connections if c.dialed and c.state is not ConnState.CLOSED)
+        if dialed + len(self._dialing) >= MAX_DIALED:
+            self.stats["dials skipped: too many wires dialed"] += 1
             return
         self._dialing.add((host, port))
         self._spawn(self._dial(host, port))
