@@ -2431,6 +2431,21 @@ class TestWireUnderAttack(AsyncTest):
         self.assertEqual(await other.rpc(node.address, "echo", {"ok": 1}), {"ok": 1, "echoedBy": "py"})
         writer.close()
 
+    async def test_a_wire_closed_while_it_does_not_read_lets_go_of_what_it_holds(self):
+        node = await self.started(py_node("zombie-swarm"))
+        _, writer = await raw_wire(node, rcvbuf=4096)
+        await until(lambda: node.connections() == 1, 5)
+        sink = next(iter(node._connections))
+        while sink.buffered < 4 << 20:  # ours, for everyone: it reads none of it
+            node.send({"pad": "o" * 100_000})
+            await asyncio.sleep(0)
+        with mock.patch.object(w, "DRAIN_GRACE", 0.5):
+            writer.write(b"\xff\xff\xff\xff")  # a message over any limit: bad input, the wire is closed
+            await until(lambda: node.stats["peers dropped for bad input"], 5)
+            await until(lambda: sink not in node._connections, 5)  # its unsent bytes are dropped, not kept
+        self.assertEqual(sink.write_buffer(), 0)
+        writer.close()
+
     async def test_partly_received_messages_are_bounded_on_all_wires(self):
         node = await self.started(py_node("partial-swarm", max_message=1 << 20))  # all wires: 2 MiB at most
         master = await self.started(py_node("partial-swarm", peers=["127.0.0.1:%d" % node.port],

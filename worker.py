@@ -2163,8 +2163,14 @@ class WireConnection(Connection, asyncio.Protocol):
             self.transport.write_eof()  # type: ignore[union-attr]
 
     def _close_transport(self, abort: bool) -> None:
-        if self.transport is not None:
-            self.transport.abort() if abort else self.transport.close()
+        if self.transport is None:
+            return
+        if abort:
+            self.transport.abort()
+            return
+        self.transport.close()
+        if self.transport.get_write_buffer_size():  # what it does not read in DRAIN_GRACE is dropped
+            asyncio.get_running_loop().call_later(DRAIN_GRACE, self.transport.abort)
 
     def _pause(self) -> None:
         if not self._paused and self.writable:
