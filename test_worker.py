@@ -2345,6 +2345,49 @@ class TestWireUnderAttack(AsyncTest):
         for _, writer in half:
             writer.close()
 
+    async def test_one_host_over_its_handshake_limit_does_not_lock_others_out(self):
+        node = await self.started(w.Bugout("crowd-swarm", host="127.0.0.1", lsd=False, dht=False, trackers=[],
+                                           handshake_timeout=60))
+        loop, socks = asyncio.get_running_loop(), []
+
+        async def dial_from(host):
+            sock = socket.socket()
+            socks.append(sock)
+            sock.bind((host, 0))
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", node.port))
+        for _ in range(w.PENDING_PER_HOST):  # one host's share of unfinished handshakes ...
+            await dial_from("127.0.0.2")
+        await until(lambda: len(node._connections) == w.PENDING_PER_HOST, 5)
+
+        async def crowd():  # ... and a stream of its callers in the listen backlog
+            while True:
+                await asyncio.gather(*(dial_from("127.0.0.2") for _ in range(20)), return_exceptions=True)
+                await asyncio.sleep(0.1)
+        crowding = asyncio.ensure_future(crowd())
+        self.addCleanup(lambda: [sock.close() for sock in socks])
+
+        async def stop_crowding():
+            crowding.cancel()
+            await asyncio.gather(crowding, return_exceptions=True)
+        self.addAsyncCleanup(stop_crowding)
+        await until(lambda: node.stats["inbound refused: handshakes from one host"], 5)
+        peer = await self.started(py_node("crowd-swarm", peers=["127.0.0.1:%d" % node.port]))
+        await until(lambda: node.address in peer.peers, 4)  # another host gets in at its first dial
+        self.assertEqual(len([c for c in node._connections if c.remote_host == "127.0.0.2"]), w.PENDING_PER_HOST)
+
+    async def test_peers_found_are_dialed_up_to_a_bound(self):
+        node = await self.started(py_node("dialed-swarm"))
+        others = [await self.started(py_node("dialed-swarm")) for _ in range(5)]
+        with mock.patch.object(w, "MAX_DIALED", 3):  # say, one host announcing port after port
+            for other in others:
+                node.add_peer("127.0.0.1", other.port)
+            await until(lambda: node.stats["dials skipped: too many wires dialed"] >= 2, 5)
+            await until(lambda: node.connections() == 3, 5)
+            node.add_peer("127.0.0.1", others[-1].port)
+            self.assertEqual(len(node._dialing), 0)
+            self.assertEqual(node.connections(), 3)
+
     async def test_out_of_descriptors_pauses_accepting_with_one_log_line(self):
         child = textwrap.dedent("""
             import asyncio, resource, sys, worker as w
@@ -2361,7 +2404,8 @@ class TestWireUnderAttack(AsyncTest):
             sys.executable, "-c", child, cwd=HERE, env=clean_env(), stdout=subprocess.PIPE,
             stderr=subprocess.PIPE))
         port = int(await asyncio.wait_for(proc.stdout.readline(), 20))
-        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(80)]
+        held = [await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.%d" % (2 + i % 16), 0))
+                for i in range(80)]  # from many hosts: the limit per host does not bite
         await asyncio.sleep(3.0)
         for _, writer in held:
             writer.close()
@@ -2400,6 +2444,21 @@ class TestWireUnderAttack(AsyncTest):
         self.assertEqual(node.stats["peers dropped: not reading"], 1)
         self.assertTrue(await closed_by_peer(reader, 5))
         self.assertEqual(await other.rpc(node.address, "echo", {"ok": 1}), {"ok": 1, "echoedBy": "py"})
+        writer.close()
+
+    async def test_a_wire_closed_while_it_does_not_read_lets_go_of_what_it_holds(self):
+        node = await self.started(py_node("zombie-swarm"))
+        _, writer = await raw_wire(node, rcvbuf=4096)
+        await until(lambda: node.connections() == 1, 5)
+        sink = next(iter(node._connections))
+        while sink.buffered < 4 << 20:  # ours, for everyone: it reads none of it
+            node.send({"pad": "o" * 100_000})
+            await asyncio.sleep(0)
+        with mock.patch.object(w, "DRAIN_GRACE", 0.5):
+            writer.write(b"\xff\xff\xff\xff")  # a message over any limit: bad input, the wire is closed
+            await until(lambda: node.stats["peers dropped for bad input"], 5)
+            await until(lambda: sink not in node._connections, 5)  # its unsent bytes are dropped, not kept
+        self.assertEqual(sink.write_buffer(), 0)
         writer.close()
 
     async def test_partly_received_messages_are_bounded_on_all_wires(self):
@@ -4833,7 +4892,7 @@ class TestStatusServer(AsyncTest):
         for _, writer in slow:
             writer.write(b"GET /metrics HTTP/1.1\r\n")  # and never the end of it
         _, huge = await asyncio.open_connection("127.0.0.1", server.port)
-        await until(lambda: server.stats["refused"] >= 1, 5)  # over the cap: closed at once
+        await until(lambda: server.stats["dropped"] >= 1, 5)  # over the cap: the oldest still sending goes
         started = time.monotonic()
         for reader, _ in slow:
             self.assertEqual(await asyncio.wait_for(reader.read(), 10), b"")  # dropped after the timeout
@@ -4849,6 +4908,22 @@ class TestStatusServer(AsyncTest):
         writer.close()
         for _, slow_writer in slow:
             slow_writer.close()
+
+
+    async def test_a_slowloris_does_not_keep_a_scraper_out(self):
+        server = await self.started(w.StatusServer("127.0.0.1", 0, lambda: "qx_up 1\n",
+                                                   lambda: (True, {"status": "ok"})))
+        base = "http://127.0.0.1:%d" % server.port
+        slow = [await asyncio.open_connection("127.0.0.1", server.port)
+                for _ in range(3 * w.STATUS_MAX_CLIENTS)]  # more than the cap, each sending a little
+        for _, writer in slow:
+            writer.write(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+        self.assertEqual(await asyncio.to_thread(http_get, base + "/healthz"), (200, '{"status":"ok"}'))
+        self.assertEqual(await asyncio.to_thread(http_get, base + "/metrics"), (200, "qx_up 1\n"))
+        self.assertGreaterEqual(server.stats["dropped"], 2 * w.STATUS_MAX_CLIENTS)  # the oldest made room
+        await until(lambda: len(server._clients) <= w.STATUS_MAX_CLIENTS, 5)
+        for _, writer in slow:
+            writer.close()
 
 
 class TestWorkerStatus(AsyncTest):

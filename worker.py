@@ -2165,8 +2165,14 @@ class WireConnection(Connection, asyncio.Protocol):
             self.transport.write_eof()  # type: ignore[union-attr]
 
     def _close_transport(self, abort: bool) -> None:
-        if self.transport is not None:
-            self.transport.abort() if abort else self.transport.close()
+        if self.transport is None:
+            return
+        if abort:
+            self.transport.abort()
+            return
+        self.transport.close()
+        if self.transport.get_write_buffer_size():  # what it does not read in DRAIN_GRACE is dropped
+            asyncio.get_running_loop().call_later(DRAIN_GRACE, self.transport.abort)
 
     def _pause(self) -> None:
         if not self._paused and self.writable:
@@ -3855,7 +3861,9 @@ class WebRtcTransport:
 # there (from ``pk``) routes our payloads but proves nothing. Inbound TCP is
 # capped (maxInbound; PENDING_PER_HOST handshakes per remote host; at the cap
 # the oldest handshake makes room, EVICTIONS_PER_SECOND at most), MAX_DIALING
-# dials run at once, and ``peers`` are dialed again and again, with backoff.
+# dials run at once, peers found (LSD, DHT) are dialed while fewer than
+# MAX_DIALED wires we dialed are up, and ``peers`` are dialed again and again,
+# with backoff.
 #
 # Duplicates. Of two open wires to one peer id both ends keep the same one
 # (_keeps: the one the peer has not half-closed, else the one dialed by the
@@ -3902,6 +3910,9 @@ PENDING_PER_HOST = 8
 EVICTIONS_PER_SECOND = 20.0
 #: Dials in progress at most (LSD and DHT answers are anyone's to forge).
 MAX_DIALING = 32
+#: TCP wires we dialed (up or being dialed) at most, before add_peer (LSD, DHT) dials no more;
+#: ``peers`` always are.
+MAX_DIALED = 200
 #: LSD: a peer that dials us anyway (a JS peer, or a Python one with a lower id) gets this long first.
 LSD_YIELD = 1.0
 #: A wire takes relayed payloads while its send queue holds less than this (a protected wire's:
@@ -4246,13 +4257,15 @@ class Bugout:
     def accepted(self, sock: socket.socket, addr: Any) -> bool:
         """A TCP connection came in: within the caps it becomes a WireConnection.
 
-        Else it is closed, and False asks the acceptor to pause a while.
+        Else it is closed, and False asks the acceptor to pause a while; not
+        for a host over its own limit: the callers behind it are let in.
         """
         host = str(addr[0]) if addr else "?"
-        if self._closed or not self._make_room(host):
+        crowded = self._crowded(host)
+        if self._closed or crowded or not self._make_room():
             self.stats["inbound refused"] += 1
             sock.close()
-            return False
+            return crowded and not self._closed
         sock.setblocking(False)
         self._accepting += 1
         self._spawn(self._accept(sock))
@@ -4268,15 +4281,21 @@ class Bugout:
         finally:
             self._accepting -= 1
 
-    def _make_room(self, host: str) -> bool:
+    def _crowded(self, host: str) -> bool:
+        """True when ``host`` has PENDING_PER_HOST inbound handshakes unfinished."""
+        pending = sum(1 for c in self._connections if not c.initiator and c.remote_host == host
+                      and c.state is ConnState.HANDSHAKE)
+        if pending >= PENDING_PER_HOST:
+            self.stats["inbound refused: handshakes from one host"] += 1
+            return True
+        return False
+
+    def _make_room(self) -> bool:
         """Room for one more inbound connection? At the cap, the oldest unfinished handshake
         goes (a few a second at most: churn costs CPU), so a newcomer is not locked out."""
         inbound = [c for c in self._connections if not c.initiator and c.remote_host is not None
                    and c.state is not ConnState.CLOSED]
         pending = [c for c in inbound if c.state is ConnState.HANDSHAKE]
-        if sum(1 for c in pending if c.remote_host == host) >= PENDING_PER_HOST:
-            self.stats["inbound refused: handshakes from one host"] += 1
-            return False
         if len(inbound) + self._accepting < self.max_inbound:
             return True
         if not pending or not self._evictions.allow(None, time.monotonic()):
@@ -4308,6 +4327,10 @@ class Bugout:
             return
         if len(self._dialing) >= MAX_DIALING:
             self.stats["dials skipped: too many at once"] += 1
+            return
+        dialed = sum(1 for c in self._connections if c.dialed and c.state is not ConnState.CLOSED)
+        if dialed + len(self._dialing) >= MAX_DIALED:
+            self.stats["dials skipped: too many wires dialed"] += 1
             return
         self._dialing.add((host, port))
         self._spawn(self._dial(host, port))
@@ -4665,8 +4688,9 @@ def dht_options(env: dict[str, str], dht: bool | None = None, bootstrap: Iterabl
 # /healthz`` (200 with a small JSON body while the loop runs and a proven
 # master is connected, 503 with the reason otherwise); anything else is 404.
 # A client gets STATUS_READ_TIMEOUT seconds and STATUS_MAX_REQUEST bytes to
-# send its request, and at most STATUS_MAX_CLIENTS are served at once, so a
-# slow or hostile one costs nothing but its own connection.
+# send its request, and at most STATUS_MAX_CLIENTS are served at once (at the
+# cap, the oldest client still sending its request makes room), so a slow or
+# hostile one costs nothing but its own connection, and cannot keep a scraper out.
 
 STATUS_READ_TIMEOUT = 5.0
 STATUS_MAX_REQUEST = 8192
@@ -4758,6 +4782,7 @@ class StatusServer:
         # private
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task] = set()
+        self._reading: dict[asyncio.Task, tuple[float, asyncio.StreamWriter]] = {}  # request not read yet
 
     async def start(self) -> StatusServer:
         self._server = await asyncio.start_server(self._accept, self.host, self.port,
@@ -4775,15 +4800,23 @@ class StatusServer:
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self._clients) >= STATUS_MAX_CLIENTS:
-            self.stats["refused"] += 1
-            writer.close()
-            return
-        spawn(self._serve(reader, writer), self._clients, "status")
+            if not self._reading:
+                self.stats["refused"] += 1
+                writer.close()
+                return
+            oldest = min(self._reading, key=lambda task: self._reading[task][0])
+            _, slow = self._reading.pop(oldest)
+            self.stats["dropped"] += 1
+            oldest.cancel()
+            slow.transport.abort()
+        task = spawn(self._serve(reader, writer), self._clients, "status")
+        self._reading[task] = (time.monotonic(), writer)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(STATUS_READ_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
+                self._reading.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
                 status, kind, body = self._answer(head)
                 writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
                              b"Connection: close\r\n\r\n" % (status, _REASONS[status], kind, len(body)) + body)
@@ -4792,6 +4825,7 @@ class StatusServer:
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             self.stats["dropped"] += 1
         finally:
+            self._reading.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             writer.close()
 
     def _answer(self, head: bytes) -> tuple[int, bytes, bytes]:
