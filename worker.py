@@ -3645,7 +3645,7 @@ class RtcConnection(Connection):
             async with asyncio.timeout(5.0):
                 await self.pc.close()
         except TimeoutError:
-            log.warning("webrtc %s: peer connection did not close in 5 s", self.peer_name)
+            log.debug("webrtc %s: peer connection did not close in 5 s", self.peer_name)
         finally:
             self.rtc.connections.discard(self)
             self.lost()
