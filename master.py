@@ -1201,7 +1201,9 @@ async def _feed_jobs(master: Master, handle: Any, line: int) -> None:
                 continue
             try:
                 job = json.loads(text)
-            except ValueError as exc:  # not JSON, or not UTF-8: say so, read on
+                if not isinstance(job, dict) or job.get("id") is None:
+                    raise ValueError('a job is a JSON object with an "id", which its result names')
+            except ValueError as exc:  # not JSON, not UTF-8, or no id: say so, read on
                 bad += 1
                 message = "jobs line %d skipped: %s" % (line, exc)
                 log.error("%s", message)

@@ -1441,14 +1441,14 @@ async def lsd_run(root, worker_first):
     return {"results": len(results), "seconds": round(took, 2), "rpc_timeouts": text.count("no answer in")}
 
 
-def write_jobs(path, count, fail=(), sleep=0.0, ids=True, bad_every=0):
+def write_jobs(path, count, fail=(), sleep=0.0, bad_every=0):
     """A jobs file for TASK_PY (result: sum = 2 * x); every ``bad_every``-th line is not JSON."""
     with open(path, "w") as f:
         for i in range(count):
             if bad_every and i and i % bad_every == 0:
                 f.write("{not json %d\n" % i)
             data = json.dumps({"x": i, "sleep": sleep, "fail": i in fail})
-            f.write(json.dumps({"id": i, "data": data} if ids else {"data": data}) + "\n")
+            f.write(json.dumps({"id": i, "data": data}) + "\n")
 
 
 def held_in_memory(master):
@@ -3821,6 +3821,8 @@ class TestMasterTrust(AsyncTest):
         await asyncio.sleep(1.0)
         self.assertEqual(len(worker.outbox), 1)  # kept for a master that signed what came by its wire
         self.assertNotIn("shareResults", master.names())
+        await until(lambda: worker.master is None, w.CHECK_TIMEOUT + 5)  # its own wires gone: it left
+        self.assertEqual(len(worker.outbox), 1)
 
     async def test_every_rejection_looks_the_same(self):
         good_padding = asset_answer({"/task.py": b"import os\nclass Task: pass\n"})
@@ -3945,6 +3947,37 @@ class TestMasterTrust(AsyncTest):
         self.assertEqual(rogue.calls, [])  # never even asked
         with self.assertRaises(w.WorkerError):
             cluster.worker(master="not-an-address")
+
+    @time_limit(90)
+    async def test_a_replayed_js_answer_cannot_bring_dependencies_of_its_own(self):
+        # The asset proof covers file contents, not the plain dependency list: a replayer of a
+        # JS master's files may not add dependencies (pip would run its package's code).
+        cluster = await self.started(Cluster(self.tmp()))
+        cluster.push(10)
+        worker = await self.started(cluster.worker())
+        await cluster.until_results(10)
+        before = worker.current_hash()
+        replay = asset_answer({"/task.py": b"class Task:\n    def run(self, job):\n        return 1\n"},
+                              deps=["cryptography>=1"])  # importable here: never a pip run
+        replayer = await self.started(Impostor(cluster.token, replay, work={"id": 1, "data": "{}"}))
+        worker.node.add_peer("127.0.0.1", replayer.node.port)
+        await until(lambda: replayer.node.address in worker.trust.candidates, 10)
+        with self.assertLogs("worker", "INFO") as logs:
+            await cluster.master.close()  # the worker is masterless: the replayer proves by the files
+            await until(lambda: worker.master == replayer.node.address, 10)
+            await until(lambda: any("not installed before" in line for line in logs.output), 10)
+            await worker.sync_assets()  # asked again: refused again, no second line
+            await asyncio.sleep(0.5)
+        self.assertEqual(sum("not installed before" in line for line in logs.output), 1)
+        self.assertFalse(any("installing" in line or "assets changed" in line for line in logs.output))
+        self.assertNotIn("requestWork", replayer.names())
+        self.assertEqual(worker.current_hash(), before)  # nothing written
+        await worker.stop()
+        # pinned, the same master's list is trusted (and remembered for later masters)
+        pinned = await self.started(cluster.worker(master=replayer.node.address,
+                                                   peers=["127.0.0.1:%d" % replayer.node.port]))
+        await until(lambda: "requestWork" in replayer.names(), 20)
+        self.assertIn("cryptography>=1", pinned._accepted_deps)
 
     async def test_master_py_answers_results_that_do_not_decrypt_as_any_others(self):
         cluster = await self.started(Cluster(self.tmp()))
@@ -5691,7 +5724,7 @@ class TestMasterDurable(AsyncTest):
         count = 30000
         cli = MasterCli(self.tmp() / "m")
         jobs = cli.folder / "jobs.jsonl"
-        write_jobs(jobs, count, ids=False, bad_every=3000)  # no ids: a job pushed twice runs twice
+        write_jobs(jobs, count, bad_every=3000)
         await self.started(cli, "--jobs", "jobs.jsonl")  # no worker yet
         bad = random.randrange(1, 9)
         await until(lambda: len(cli.of("error")) >= bad, 60)  # line 3000 * bad has just been read
@@ -5710,6 +5743,21 @@ class TestMasterDurable(AsyncTest):
         xs = sorted(r["data"]["sum"] // 2 for r in cli.results)
         self.assertEqual(xs, list(range(count)))  # each line's job once: none skipped, none twice
         self.assertEqual((cli.events[-1]["jobs"], cli.events[-1]["skipped_lines"]), (count, 9))
+
+    async def test_cli_skips_a_job_without_id_with_an_error_event(self):
+        # its result could not be matched: it would leave the queue when handed out, and the
+        # run could end while that job was still running
+        cli = MasterCli(self.tmp() / "m")
+        job = lambda i: json.dumps({"id": i, "data": json.dumps({"x": i, "sleep": 0, "fail": False})})
+        lines = [job(1), '{"data": "{}"}', "[1, 2]", '{"id": null}', job(2)]
+        (cli.folder / "jobs.jsonl").write_text("\n".join(lines) + "\n")
+        await self.started(cli, "--jobs", "jobs.jsonl")
+        await self.workers(cli, 1, batch=10)
+        self.assertEqual(await cli.exit(), 0, cli.stderr)
+        self.assertEqual([e["line"] for e in cli.of("error")], [2, 3, 4])
+        self.assertIn('"id"', cli.of("error")[0]["message"])
+        self.assertEqual(sorted(r["jobID"] for r in cli.results), [1, 2])
+        self.assertEqual((cli.events[-1]["jobs"], cli.events[-1]["skipped_lines"]), (2, 3))
 
 
 # The test data: the generators give the committed bytes #####################

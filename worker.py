@@ -5393,7 +5393,7 @@ class Journal:
     def set_meta(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
-    def get_json(self, key: str, default: list) -> list:
+    def get_json(self, key: str, default: list | None) -> list | None:
         """A JSON list of ``meta``; ``default`` when absent, or when unreadable (logged)."""
         try:
             value = json.loads(self.get_meta(key) or "null")
@@ -6369,6 +6369,10 @@ class Worker:
         self.stats: collections.Counter = collections.Counter()
         # private
         self._manifest: list[dict] = []
+        #: dependencies installed from a trusted list (None: no master yet, the first is trusted)
+        self._accepted_deps: set[str] | None = None
+        self._refused_deps: set[tuple[str, tuple[str, ...]]] = set()
+        self._wire_checks: set[str] = set()  # masters whose remaining wires are being checked
         self._runner: Runner | None = None
         self._retired: set[Runner] = set()
         self._running: set[asyncio.Task] = set()
@@ -6428,6 +6432,7 @@ class Worker:
         self.node.on("wireseen", self._on_peer)
         self.node.on("left", self._on_left)
         self.node.on("wireleft", self._on_left)
+        self.node.on("connections", self._on_connections)
         self.node.on("message", self._on_message)
         await self.node.start()
         log.info("worker %s (%s) in swarm, address %s", self.name, self.folder, self.address)
@@ -6568,6 +6573,24 @@ class Worker:
             log.warning("master %s left; results are kept until a master is back", address)
             self._failover()
 
+    def _on_connections(self, _count: int) -> None:
+        """A wire closed: if the master's own wires are gone while one that only claims its
+        address stays, ask the master by it; no answer within CHECK_TIMEOUT means it left."""
+        master = self.master
+        if master and master not in self._wire_checks and not self.node.has_signed_wire(master):
+            self._wire_checks.add(master)
+            self._spawn(self._check_master_wire(master))
+
+    async def _check_master_wire(self, master: str) -> None:
+        try:
+            if self.node.has_wire(master):  # else wireleft has done it
+                with contextlib.suppress(RpcTimeout, InvalidState):
+                    await self.node.rpc(master, "isMaster", {}, timeout=CHECK_TIMEOUT)
+                if self.master == master and not self.node.has_signed_wire(master):
+                    self._on_left(master)
+        finally:
+            self._wire_checks.discard(master)
+
     def _failover(self) -> None:
         """The master is gone: ask the proven ones, the candidates and the known peers now."""
         for address in self.trust.next_to_ask(self.node.peers, time.monotonic()):
@@ -6662,6 +6685,7 @@ class Worker:
         self.node.prioritize(address)  # its wire: never closed for room, never behind a flood
         self._caps = caps
         self._master_timeouts = 0
+        self._assets_ok = False  # no work from it before its assets are known to be ours
         log.info("master found: %s (%s)", address, how)
         self.journal.submit(self.journal.set_meta, "proven", json_dumps(list(self.trust.proven)))
         self._kick_delivery()
@@ -6701,8 +6725,7 @@ class Worker:
                 log.warning("requestExecAssets: %s", exc)
                 return False
             if isinstance(answer, dict) and answer.get("status") == "same":
-                if self._runner is None:
-                    self._assets_ok = await self._load_task()
+                self._assets_ok = self._runner is not None or await self._load_task()
             else:
                 self._assets_ok = await self._take_assets(answer)
             if self._assets_ok:
@@ -6714,8 +6737,8 @@ class Worker:
         async with self._sync_lock:
             if verified.unified != await asyncio.to_thread(self.current_hash):
                 self._assets_ok = await self._take_assets(None, verified)
-            elif self._runner is None:
-                self._assets_ok = await self._load_task()
+            else:
+                self._assets_ok = self._runner is not None or await self._load_task()
             if self._assets_ok:
                 self._wake.set()
 
@@ -6727,6 +6750,8 @@ class Worker:
                                                    text_reads=not self._caps.key_proof)
         except (UnsafeAsset, CryptError, AssetError) as exc:
             log.error("%s; nothing was written", exc)
+            return False
+        if not self._dependencies_trusted(verified.dependencies):
             return False
         log.info("assets changed: %d file(s), %d dependency(ies)", len(verified.files),
                  len(verified.dependencies))
@@ -6746,6 +6771,33 @@ class Worker:
             self._remove_assets()
             await self._save_manifest()
         return ready
+
+    def _dependencies_trusted(self, deps: list[str]) -> bool:
+        """May this master's dependency list be installed? (see "What the tokens protect")
+
+        The asset-hash proof covers file contents, not the plain ``dependencies``:
+        a token-only peer could replay a JS master's files with a list of its own.
+        So a master proven only that way, and not pinned, may install only what
+        was installed before from a trusted list: master.py's (proved by the key
+        challenge), a pinned master's, or the first master this worker ever had.
+        """
+        master = self.master or ""
+        first = self._accepted_deps is None
+        accepted = self._accepted_deps or set()
+        new = tuple(sorted(set(deps) - accepted))
+        if new and not (first or self._caps.key_proof or master in self.trust.pinned):
+            if (master, new) not in self._refused_deps and len(self._refused_deps) < 64:
+                self._refused_deps.add((master, new))
+                log.error("master %s, proven by its files only (a JS master), asks for dependencies not "
+                          "installed before: %s. A peer that knows only the token could replay a JS master's "
+                          "files with a list of its own, so they are not installed and no job is taken. If it "
+                          "is your master, pin it: master=%s in .env", master, ", ".join(new), master)
+            return False
+        if first or new:
+            self._accepted_deps = accepted | set(deps)
+            self.journal.submit(self.journal.set_meta, "dependencies",
+                                json_dumps(sorted(self._accepted_deps)))
+        return True
 
     def _remove_assets(self) -> None:
         """Delete the files we wrote before, and folders they leave empty."""
@@ -7174,6 +7226,11 @@ class Worker:
             log.error("%s: the list of proven masters holds what is not an address; not used", journal.path)
             proven = []
         self.trust.proven.update(dict.fromkeys(proven))
+        deps = await journal.call(journal.get_json, "dependencies", None)
+        if deps is not None and not all(isinstance(d, str) for d in deps):
+            log.error("%s: the list of installed dependencies is unusable; not used", journal.path)
+            deps = []
+        self._accepted_deps = None if deps is None else set(deps)
         if held := await self.outbox.load():
             log.info("%d result(s) from the last run will be delivered", held)
         for seq, body in await journal.call(journal.read, "jobs", 0, 2 * MAX_BATCH_TASKS):
