@@ -822,6 +822,7 @@ import ctypes
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -870,6 +871,17 @@ class Task:
                 pass
         if do == "meet":
             return {"met": meet(data["folder"]), "pid": os.getpid()}
+        if do == "orphans":  # processes of its own: one holds its stdout, a fork all its fds
+            pids = [subprocess.Popen(["sleep", "600"]).pid]
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(600)
+                os._exit(0)
+            pids.append(pid)
+            Path(data["pidfile"]).write_text(" ".join(map(str, pids)))
+            if data.get("exit"):
+                os._exit(3)
+            return {"pid": os.getpid(), "orphans": pids}
         return {"pid": os.getpid(), "x": data.get("x")}
 '''
 
@@ -4121,6 +4133,23 @@ class TestTaskProcesses(AsyncTest):
         self.assertEqual(await worker.sigterm(20), 0, worker.output())  # a non-daemon thread holds nothing
         self.assertLess(time.monotonic() - started, 10)
         self.assertFalse([pid for pid in pids if alive(pid)])
+
+    async def test_what_a_child_leaves_running_ends_with_it(self):
+        tmp, cluster = await self.cluster()
+        dying, living = tmp / "dying.pids", tmp / "living.pids"
+        push_jobs(cluster, [{"do": "orphans", "pidfile": str(dying), "exit": True}, {"x": 1},
+                            {"do": "orphans", "pidfile": str(living)}])
+        worker = await self.started(WorkerPy(tmp, cluster, getBatch="true", batchSize=3))
+        await cluster.until_results(3, 60)  # the forked orphan holds the channel: no answer, no EOF
+        by_id = self.by_id(cluster)
+        self.assertIn("the task.py process exited (code 3)", by_id[0]["error"]["message"])
+        self.assertEqual(by_id[1]["data"]["x"], 1)
+        orphans = [int(pid) for pid in dying.read_text().split()]
+        await until(lambda: not [pid for pid in orphans if alive(pid)], 10)
+        left = by_id[2]["data"]["orphans"]
+        self.assertTrue(all(alive(pid) for pid in left))  # its child runs on, so do they
+        self.assertEqual(await worker.sigterm(20), 0)
+        await until(lambda: not [pid for pid in left if alive(pid)], 10)
 
     async def test_results_are_standard_json_or_an_error_saying_why(self):
         tmp, cluster = await self.cluster()

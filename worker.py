@@ -5559,9 +5559,10 @@ class Outbox:
 #   hello: ``{"ready": true}``, or ``{"ready": false, "error": ...}`` when the
 #   task does not load.
 # - A child that dies (exit, signal, OOM killer) fails its own job with a
-#   TaskProcessError. One that runs past ``jobTimeout`` gets SIGTERM, SIGKILL
-#   after CHILD_EXIT_TIMEOUT, and its job a TimeoutError at once. The next job
-#   that needs a child starts a new one.
+#   TaskProcessError. Whatever is left in its process group then is killed
+#   (it may hold the channel open). One that runs past ``jobTimeout`` gets
+#   SIGTERM, SIGKILL after CHILD_EXIT_TIMEOUT, and its job a TimeoutError at
+#   once. The next job that needs a child starts a new one.
 # - Results leave as standard JSON only: the child encodes with
 #   ``allow_nan=False``, and the worker checks again (``strict_json``).
 
@@ -5809,6 +5810,7 @@ class TaskChild:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._pumps: set[asyncio.Task] = set()
+        self._watcher: asyncio.Task | None = None
         self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         self._sequence = itertools.count(1)
         self._ending: asyncio.Future | None = None
@@ -5840,6 +5842,7 @@ class TaskChild:
         self._reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=DEFAULT_MAX_MESSAGE)
         self._pump(self.process.stdout, logging.INFO)
         self._pump(self.process.stderr, logging.WARNING)
+        self._watcher = asyncio.ensure_future(self._watch())
         log.debug("- %s process %d started", self.kind, self.process.pid)
         await self._hello(task_path)
 
@@ -5940,9 +5943,35 @@ class TaskChild:
         finally:
             if proc.returncode is None:  # cancelled: leave no child behind
                 self._signal(signal.SIGKILL)
+        self._kill_group()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
         await self._end_pumps()
         log.debug("- %s process %d %s", self.kind, proc.pid, _exit_text(proc.returncode))
         return proc.returncode
+
+    async def _watch(self) -> None:
+        """When the child exits, end what it left running in its group (grandchildren).
+
+        Those may hold the child's end of the channel (a fork() does) or its
+        stdout, which would keep its job waiting for an answer that never
+        comes. Should one that left the group hold the channel, it is closed
+        after CHILD_EXIT_TIMEOUT (what the child sent before dying is read by
+        then).
+        """
+        assert self.process is not None
+        await _exited(self.process)
+        self._kill_group()
+        await asyncio.sleep(CHILD_EXIT_TIMEOUT)
+        if self._writer is not None:
+            self._writer.close()
+
+    def _kill_group(self) -> None:
+        """SIGKILL what is left in the process group of the child, which has exited."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
 
     def _signal(self, sig: int) -> None:
         """``sig`` to the child's process group (its own children too), until it is reaped."""
@@ -5980,6 +6009,26 @@ class TaskChild:
         for task in pumps:
             task.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
+
+
+async def _exited(proc: asyncio.subprocess.Process) -> None:
+    """Return once ``proc`` has exited, reaped or not: ``proc.wait()`` also waits
+    for its pipes, which a grandchild may hold open. A pidfd says so at once (the
+    zombie keeps its process group alive); without one, poll."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # not Linux 5.3+, or reaped already
+        while proc.returncode is None:
+            await asyncio.sleep(0.25)
+        return
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    try:
+        loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
+        await done
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
 
 
 def load_task(path: Path) -> Any:
