@@ -119,7 +119,7 @@ __version__ = "0.1.0"
 
 #: The bugout extension name on the BitTorrent wire (BEP 10).
 EXT = "bo_channel"
-#: bugout's seed and address prefixes (PROTOCOL.md section 3).
+#: bugout's seed and address prefixes (PROTOCOL.md section 2).
 SEED_PREFIX = b"\x49\x0a"
 ADDRESS_PREFIX = b"\x55"
 #: A packet older than this is dropped; a peer silent this long is forgotten.
@@ -2349,7 +2349,7 @@ DHT_STORE_HASHES = 512
 DHT_STORE_PEERS = 100
 DHT_MAX_VALUES = 50
 #: When Bugout looks its swarm up: seconds after start (WebTorrent 1.9 may drop
-#: the first DHT peer it meets, PROTOCOL.md section 6), then every so often.
+#: the first DHT peer it meets, PROTOCOL.md section 7), then every so often.
 DHT_LOOKUP_AT = (0.0, 5.0, 15.0, 30.0)
 DHT_LOOKUP_ALONE = 60.0
 DHT_LOOKUP_INTERVAL = 5 * 60.0
@@ -3134,7 +3134,7 @@ class Dht:
 # Trackers and WebRTC ########################################################
 #
 # Peers that no one can dial (browsers, workers behind NAT) meet the way
-# WebTorrent's do (PROTOCOL.md section 6): each announces the infohash to
+# WebTorrent's do (PROTOCOL.md section 7): each announces the infohash to
 # WebSocket trackers with a few SDP offers, the tracker relays every offer to
 # another peer of the swarm and relays its answer back, and the BitTorrent
 # wire then runs over the RTCDataChannel as a byte stream.
