@@ -1645,6 +1645,15 @@ class TestEnvFile(unittest.TestCase):
             self.assertEqual(loaded["batchSize"], "7")  # a setting from the environment alone
             self.assertNotIn("PATH", loaded)
 
+    def test_readme_and_env_example_name_every_setting(self):
+        readme, example = (HERE / "README.md").read_text(), (HERE / ".env.example").read_text()
+        row = next(line for line in readme.splitlines() if line.startswith("| `new Worker("))
+        for name, field in w.Settings.__dataclass_fields__.items():
+            key = field.metadata["key"]
+            self.assertIn("| `%s` |" % key, readme)  # the settings table
+            self.assertRegex(example, r"\n#?%s=" % key)
+            self.assertRegex(row, r"[(, ]%s[,)]" % name)  # JS API to Python API
+
 
 # Helper, Logger, Crypt ######################################################
 
