@@ -871,6 +871,11 @@ class Task:
                 pass
         if do == "meet":
             return {"met": meet(data["folder"]), "pid": os.getpid()}
+        if do == "surrogate":  # a file name that is not UTF-8, as os.listdir() gives it
+            name = b"caf\\xe9".decode(errors="surrogateescape")
+            if data.get("raise"):
+                raise ValueError(name)
+            return name
         if do == "orphans":  # processes of its own: one holds its stdout, a fork all its fds
             pids = [subprocess.Popen(["sleep", "600"]).pid]
             pid = os.fork()
@@ -915,6 +920,10 @@ class Task {
     }
     if (data.do === 'buffer') return Buffer.alloc(2000 * 1024 * 1024).length;
     if (data.do === 'meet') return { met: await meet(data.folder), pid: process.pid };
+    if (data.do === 'surrogate') { // half an emoji: JSON.stringify writes it as \\ud83d
+      if (data.raise) throw new Error('\\ud83d');
+      return '\\ud83d\\ude00'.slice(0, 1);
+    }
     return { pid: process.pid, x: data.x };
   }
 }
@@ -4159,6 +4168,22 @@ class TestTaskProcesses(AsyncTest):
         self.assertTrue(all(alive(pid) for pid in left))  # its child runs on, so do they
         self.assertEqual(await worker.sigterm(20), 0)
         await until(lambda: not [pid for pid in left if alive(pid)], 10)
+
+    async def test_lone_surrogates_reach_the_master_as_json_has_them(self):
+        """A string JSON holds and UTF-8 does not, from task.py and from task.js."""
+        for name, source, text in (("task.py", TRICKY_TASK_PY, b"caf\xe9".decode(errors="surrogateescape")),
+                                   ("task.js", TRICKY_TASK_JS, "\ud83d")):
+            with self.subTest(name):
+                need(name == "task.py" or NODE, "node is not installed")
+                tmp, cluster = await self.cluster(files={"/workplace/" + name: source})
+                push_jobs(cluster, [{"do": "surrogate"}, {"do": "surrogate", "raise": True}, {"x": 2}])
+                worker = await self.started(WorkerPy(tmp, cluster, getBatch="true", batchSize=3))
+                await cluster.until_results(3, 60)
+                by_id = self.by_id(cluster)
+                self.assertEqual(by_id[0]["data"], text)
+                self.assertEqual(by_id[1]["error"]["message"], text)
+                self.assertEqual(by_id[2]["data"]["x"], 2)
+                self.assertEqual(await worker.sigterm(20), 0)
 
     async def test_results_are_standard_json_or_an_error_saying_why(self):
         tmp, cluster = await self.cluster()

@@ -308,6 +308,17 @@ def json_dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def storable_json(value: Any) -> str:
+    """``json_dumps``, or with ``\\u`` escapes if a string holds a lone surrogate: JSON
+    and JS allow one (half an emoji, a file name that is not UTF-8), UTF-8 does not."""
+    text = json_dumps(value)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":"))
+    return text
+
+
 _STRICT_JSON = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -7005,7 +7016,7 @@ class Worker:
     # results: made, journaled, delivered (rules: class Outbox)
     def _result_ready(self, result: dict, job_seq: int | None = None) -> None:
         """Every result the worker makes comes here: held (and journaled) until delivered."""
-        self.outbox.add(job_seq, json_dumps(result))
+        self.outbox.add(job_seq, storable_json(result))
         if self._flusher is None or self._flusher.done():  # one commit in flight takes them all
             self._flusher = spawn(self._flush_outbox(), self._tasks, "worker")
 
@@ -7474,7 +7485,7 @@ def serve(channel, jobs):
             text = encode(answer)
         except (TypeError, ValueError, RecursionError) as exc:
             text = encode({"id": message["id"], "error": not_json(exc)})
-        channel.sendall(text.encode() + b"\n")
+        channel.sendall(text.encode(errors="surrogatepass") + b"\n")  # json.loads takes it back
 
 
 def main():
