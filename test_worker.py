@@ -4185,6 +4185,21 @@ class TestTaskProcesses(AsyncTest):
                 self.assertEqual(by_id[2]["data"]["x"], 2)
                 self.assertEqual(await worker.sigterm(20), 0)
 
+    async def test_jobs_with_a_lone_surrogate_are_journaled_and_run(self):
+        tmp, cluster = await self.cluster()
+        pidfile = tmp / "spinner.pid"
+        push_jobs(cluster, [{"do": "spin", "pidfile": str(pidfile)}])
+        cluster.master.push_new_job({"id": 1, "data": json.dumps({"x": "\ud83d"}, ensure_ascii=False)})
+        push_jobs(cluster, [{"x": 2}], start=2)
+        worker = await self.started(WorkerPy(tmp, cluster, getBatch="true", batchSize=2, jobTimeout=3))
+        await until(lambda: pidfile.exists() and pidfile.read_text(), 60)
+        await until(lambda: journal_count(worker.folder, "jobs") == 2, 10)  # a kill -9 now loses neither
+        await cluster.until_results(3, 60)
+        by_id = self.by_id(cluster)
+        self.assertEqual(by_id[1]["data"]["x"], "\ud83d")
+        self.assertEqual(by_id[2]["data"]["x"], 2)
+        self.assertEqual(await worker.sigterm(20), 0)
+
     async def test_results_are_standard_json_or_an_error_saying_why(self):
         tmp, cluster = await self.cluster()
         ids = push_jobs(cluster, [{"do": "nan"}, {"do": "infinity"}, {"do": "set"}, {"do": "patch-json"},

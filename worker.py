@@ -5861,7 +5861,7 @@ class TaskChild:
         """Send one job, return the child's answer; TimeoutError past ``timeout`` (then end it)."""
         assert self._writer is not None
         ident = next(self._sequence)
-        self._writer.write(json_dumps({"id": ident, "job": job}).encode() + b"\n")
+        self._writer.write(storable_json({"id": ident, "job": job}).encode() + b"\n")
         with contextlib.suppress(ConnectionError):
             await self._writer.drain()
         answer = await (self._receive() if timeout is None else asyncio.wait_for(self._receive(), timeout))
@@ -6978,7 +6978,7 @@ class Worker:
             self.stats["jobs undecryptable"] += len(failures)
             log.error("%d job(s) dropped: %s", len(failures), failures[0])
         if jobs:
-            bodies = [json_dumps(job) for job in jobs]
+            bodies = [storable_json(job) for job in jobs]
             seqs = range(self._job_seq + 1, self._job_seq + 1 + len(jobs))
             self._job_seq += len(jobs)
             self.journal.submit(self.journal.add_jobs, list(zip(seqs, bodies)))
