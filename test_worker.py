@@ -1666,6 +1666,22 @@ class TestEnvFile(unittest.TestCase):
 
 # Helper, Logger, Crypt ######################################################
 
+class TestLogger(unittest.TestCase):
+    def test_log_file_takes_any_text(self):
+        """A task's error message may hold a lone surrogate (a file name that is not UTF-8)."""
+        saved = w.log.handlers[:], w.log.level, w.log.propagate
+        self.addCleanup(lambda: (setattr(w.log, "handlers", saved[0]), w.log.setLevel(saved[1]),
+                                 setattr(w.log, "propagate", saved[2])))
+        tmp = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, tmp)
+        devnull = self.enterContext(open(os.devnull, "w"))
+        w.Logger("info", str(tmp / "worker.log"), stream=devnull)
+        w.log.warning("job 1 failed: ValueError: %s", b"caf\xe9".decode(errors="surrogateescape"))
+        for handler in w.log.handlers:
+            handler.close()
+        self.assertIn("job 1 failed: ValueError: caf\\udce9", (tmp / "worker.log").read_text())
+
+
 class TestCrypt(unittest.TestCase):
     KEY = "0123456789abcdef0123456789abcdef"
 

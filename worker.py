@@ -707,7 +707,7 @@ class Logger:
         handler.setFormatter(_Formatter(hasattr(stream, "isatty") and stream.isatty()))
         self.logger.addHandler(handler)
         if file:
-            file_handler = logging.FileHandler(file, encoding="utf-8")
+            file_handler = logging.FileHandler(file, encoding="utf-8", errors="backslashreplace")
             file_handler.setFormatter(_Formatter(False))
             self.logger.addHandler(file_handler)
 
