@@ -4395,6 +4395,12 @@ class TestTaskProcesses(AsyncTest):
                 w.parse_concurrency(bad)
         with self.assertRaises(w.WorkerError):
             w.parse_memory_mb("lots")
+        for key, bad in (("jobTimeout", "-1"), ("jobTimeout", "nan"), ("jobTimeout", "abc"),
+                         ("stopTimeout", "-5"), ("batchSize", "x")):
+            with self.assertRaisesRegex(w.WorkerError, "^%s='%s': " % (key, bad)):  # not a traceback
+                w.Settings.load({key: bad})
+        self.assertIsNone(w.Settings.load({"jobTimeout": "0"}).job_timeout)
+        self.assertEqual(w.Settings.load({"jobTimeout": "2.5", "stopTimeout": "0"}).job_timeout, 2.5)
         for key in ("concurrency", "jobMemoryMB", "stopTimeout", "taskRunner"):
             self.assertIn(key, w.SETTINGS)
             self.assertTrue("| `%s` |" % key in (HERE / "README.md").read_text(), key)

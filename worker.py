@@ -449,6 +449,14 @@ def parse_concurrency(value: Any) -> int:
     raise WorkerError(f"concurrency={value!r}: give a whole number of jobs at once (1 or more) or auto")
 
 
+def parse_seconds(value: Any) -> float:
+    """``jobTimeout``, ``stopTimeout``: seconds, 0 or more."""
+    seconds = float(value)
+    if not seconds >= 0:  # NaN too
+        raise ValueError("give a number of seconds, 0 or more")
+    return seconds
+
+
 def parse_memory_mb(value: Any) -> int | None:
     """``jobMemoryMB``: the memory cap of each child in MB, or None (unset or 0: no cap)."""
     text = "" if value is None else str(value).strip()
@@ -522,7 +530,14 @@ def _read_setting(meta: Any, value: Any, env: dict[str, str]) -> Any:
             value = None
     if value is None:
         value = meta["default"]() if callable(meta["default"]) else meta["default"]
-    return value if value is None or meta["read"] is None else meta["read"](value)
+    if value is None or meta["read"] is None:
+        return value
+    try:
+        return meta["read"](value)
+    except WorkerError:
+        raise
+    except (TypeError, ValueError) as exc:  # say which setting, not a traceback
+        raise WorkerError(f"{meta['key']}={value!r}: {exc}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -544,10 +559,10 @@ class Settings:
     get_batch: bool = _setting("getBatch", False, _word)
     batch_size: int = _setting("batchSize", DEFAULT_BATCH_SIZE, int)
     folder: Path = _setting("folder", os.getcwd, lambda v: Path(v).resolve())  # noqa: RUF009 - a field()
-    job_timeout: float | None = _setting("jobTimeout", 0, lambda v: float(v) or None)
+    job_timeout: float | None = _setting("jobTimeout", 0, lambda v: parse_seconds(v) or None)
     concurrency: int = _setting("concurrency", 1, parse_concurrency)
     job_memory_mb: int | None = _setting("jobMemoryMB", None, parse_memory_mb)
-    stop_timeout: float = _setting("stopTimeout", 30, float)
+    stop_timeout: float = _setting("stopTimeout", 30, parse_seconds)
     task_runner: str = _setting("taskRunner", "process", lambda v: str(v).strip().lower())
     master: tuple[str, ...] = _setting("master", "", _items)
     status_port: int | None = _setting("statusPort", None, lambda v: None if v in ("", "off") else int(v))
