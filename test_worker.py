@@ -871,6 +871,8 @@ class Task:
                 pass
         if do == "meet":
             return {"met": meet(data["folder"]), "pid": os.getpid()}
+        if do == "raise":
+            raise ValueError("z" * data["size"])
         if do == "surrogate":  # a file name that is not UTF-8, as os.listdir() gives it
             name = b"caf\\xe9".decode(errors="surrogateescape")
             if data.get("raise"):
@@ -4184,6 +4186,18 @@ class TestTaskProcesses(AsyncTest):
         self.assertTrue(all(alive(pid) for pid in left))  # its child runs on, so do they
         self.assertEqual(await worker.sigterm(20), 0)
         await until(lambda: not [pid for pid in left if alive(pid)], 10)
+
+    async def test_a_huge_error_message_is_whole_in_the_result_and_short_in_the_log(self):
+        tmp, cluster = await self.cluster()
+        push_jobs(cluster, [{"do": "raise", "size": 5_000_000}, {"x": 1}])
+        worker = await self.started(WorkerPy(tmp, cluster, getBatch="true", batchSize=1))
+        await cluster.until_results(2, 60)
+        by_id = self.by_id(cluster)
+        self.assertTrue(by_id[0]["error"]["message"] == "z" * 5_000_000, "the result holds it whole")
+        self.assertEqual(await worker.sigterm(20), 0)
+        output = worker.output()
+        self.assertTrue("(5000000 characters)" in output, "the log line says how long it was")
+        self.assertLess(max(map(len, output.splitlines())), 2000)
 
     async def test_lone_surrogates_reach_the_master_as_json_has_them(self):
         """A string JSON holds and UTF-8 does not, from task.py and from task.js."""

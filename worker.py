@@ -5592,6 +5592,8 @@ class Outbox:
 # - Results leave as standard JSON only: the child encodes with
 #   ``allow_nan=False``, and the worker checks again (``strict_json``).
 
+#: Characters of a failed job's error message that its log line shows.
+LOGGED_MESSAGE = 500
 #: Seconds a child may take to load its task and say hello.
 CHILD_START_TIMEOUT = 60.0
 #: Seconds a child may take to exit (its channel closed, or after SIGTERM) before SIGKILL.
@@ -7021,7 +7023,10 @@ class Worker:
         error = error_result(exc)
         kind = str(error["type"])[:64]  # the label set stays small, whatever tasks raise
         self.failures[kind if kind in self.failures or len(self.failures) < MAX_ERROR_TYPES else "other"] += 1
-        log.warning("job %s failed: %s: %s", result["jobID"], error["type"], error["message"])
+        message = str(error["message"])  # the result keeps it whole; the log line stays short
+        if len(message) > LOGGED_MESSAGE:
+            message = "%s... (%d characters)" % (message[:LOGGED_MESSAGE], len(message))
+        log.warning("job %s failed: %s: %s", str(result["jobID"])[:64], kind, message)
         return {**result, "data": None, "error": error}
 
     def _result_for(self, job: Any) -> dict:
