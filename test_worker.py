@@ -822,6 +822,7 @@ import ctypes
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -870,6 +871,24 @@ class Task:
                 pass
         if do == "meet":
             return {"met": meet(data["folder"]), "pid": os.getpid()}
+        if do == "raise":
+            raise ValueError("z" * data["size"])
+        if do == "surrogate":  # a file name that is not UTF-8, as os.listdir() gives it
+            name = b"caf\\xe9".decode(errors="surrogateescape")
+            if data.get("raise"):
+                raise ValueError(name)
+            return name
+        if do == "orphans":  # processes of its own: one holds its stdout, a fork all its fds
+            pids = [subprocess.Popen(["sleep", "600"]).pid]
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(600)
+                os._exit(0)
+            pids.append(pid)
+            Path(data["pidfile"]).write_text(" ".join(map(str, pids)))
+            if data.get("exit"):
+                os._exit(3)
+            return {"pid": os.getpid(), "orphans": pids}
         return {"pid": os.getpid(), "x": data.get("x")}
 '''
 
@@ -903,6 +922,10 @@ class Task {
     }
     if (data.do === 'buffer') return Buffer.alloc(2000 * 1024 * 1024).length;
     if (data.do === 'meet') return { met: await meet(data.folder), pid: process.pid };
+    if (data.do === 'surrogate') { // half an emoji: JSON.stringify writes it as \\ud83d
+      if (data.raise) throw new Error('\\ud83d');
+      return '\\ud83d\\ude00'.slice(0, 1);
+    }
     return { pid: process.pid, x: data.x };
   }
 }
@@ -1648,8 +1671,33 @@ class TestEnvFile(unittest.TestCase):
             self.assertEqual(loaded["batchSize"], "7")  # a setting from the environment alone
             self.assertNotIn("PATH", loaded)
 
+    def test_readme_and_env_example_name_every_setting(self):
+        readme, example = (HERE / "README.md").read_text(), (HERE / ".env.example").read_text()
+        row = next(line for line in readme.splitlines() if line.startswith("| `new Worker("))
+        for name, field in w.Settings.__dataclass_fields__.items():
+            key = field.metadata["key"]
+            self.assertIn("| `%s` |" % key, readme)  # the settings table
+            self.assertRegex(example, r"\n#?%s=" % key)
+            self.assertRegex(row, r"[(, ]%s[,)]" % name)  # JS API to Python API
+
 
 # Helper, Logger, Crypt ######################################################
+
+class TestLogger(unittest.TestCase):
+    def test_log_file_takes_any_text(self):
+        """A task's error message may hold a lone surrogate (a file name that is not UTF-8)."""
+        saved = w.log.handlers[:], w.log.level, w.log.propagate
+        self.addCleanup(lambda: (setattr(w.log, "handlers", saved[0]), w.log.setLevel(saved[1]),
+                                 setattr(w.log, "propagate", saved[2])))
+        tmp = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, tmp)
+        devnull = self.enterContext(open(os.devnull, "w"))
+        w.Logger("info", str(tmp / "worker.log"), stream=devnull)
+        w.log.warning("job 1 failed: ValueError: %s", b"caf\xe9".decode(errors="surrogateescape"))
+        for handler in w.log.handlers:
+            handler.close()
+        self.assertIn("job 1 failed: ValueError: caf\\udce9", (tmp / "worker.log").read_text())
+
 
 class TestCrypt(unittest.TestCase):
     KEY = "0123456789abcdef0123456789abcdef"
@@ -4287,6 +4335,66 @@ class TestTaskProcesses(AsyncTest):
         self.assertLess(time.monotonic() - started, 10)
         self.assertFalse([pid for pid in pids if alive(pid)])
 
+    async def test_what_a_child_leaves_running_ends_with_it(self):
+        tmp, cluster = await self.cluster()
+        dying, living = tmp / "dying.pids", tmp / "living.pids"
+        push_jobs(cluster, [{"do": "orphans", "pidfile": str(dying), "exit": True}, {"x": 1},
+                            {"do": "orphans", "pidfile": str(living)}])
+        worker = await self.started(WorkerPy(tmp, cluster, getBatch="true", batchSize=3))
+        await cluster.until_results(3, 60)  # the forked orphan holds the channel: no answer, no EOF
+        by_id = self.by_id(cluster)
+        self.assertIn("the task.py process exited (code 3)", by_id[0]["error"]["message"])
+        self.assertEqual(by_id[1]["data"]["x"], 1)
+        orphans = [int(pid) for pid in dying.read_text().split()]
+        await until(lambda: not [pid for pid in orphans if alive(pid)], 10)
+        left = by_id[2]["data"]["orphans"]
+        self.assertTrue(all(alive(pid) for pid in left))  # its child runs on, so do they
+        self.assertEqual(await worker.sigterm(20), 0)
+        await until(lambda: not [pid for pid in left if alive(pid)], 10)
+
+    async def test_a_huge_error_message_is_whole_in_the_result_and_short_in_the_log(self):
+        tmp, cluster = await self.cluster()
+        push_jobs(cluster, [{"do": "raise", "size": 5_000_000}, {"x": 1}])
+        worker = await self.started(WorkerPy(tmp, cluster, getBatch="true", batchSize=1))
+        await cluster.until_results(2, 60)
+        by_id = self.by_id(cluster)
+        self.assertTrue(by_id[0]["error"]["message"] == "z" * 5_000_000, "the result holds it whole")
+        self.assertEqual(await worker.sigterm(20), 0)
+        output = worker.output()
+        self.assertTrue("(5000000 characters)" in output, "the log line says how long it was")
+        self.assertLess(max(map(len, output.splitlines())), 2000)
+
+    async def test_lone_surrogates_reach_the_master_as_json_has_them(self):
+        """A string JSON holds and UTF-8 does not, from task.py and from task.js."""
+        for name, source, text in (("task.py", TRICKY_TASK_PY, b"caf\xe9".decode(errors="surrogateescape")),
+                                   ("task.js", TRICKY_TASK_JS, "\ud83d")):
+            with self.subTest(name):
+                need(name == "task.py" or NODE, "node is not installed")
+                tmp, cluster = await self.cluster(files={"/workplace/" + name: source})
+                push_jobs(cluster, [{"do": "surrogate"}, {"do": "surrogate", "raise": True}, {"x": 2}])
+                worker = await self.started(WorkerPy(tmp, cluster, getBatch="true", batchSize=3))
+                await cluster.until_results(3, 60)
+                by_id = self.by_id(cluster)
+                self.assertEqual(by_id[0]["data"], text)
+                self.assertEqual(by_id[1]["error"]["message"], text)
+                self.assertEqual(by_id[2]["data"]["x"], 2)
+                self.assertEqual(await worker.sigterm(20), 0)
+
+    async def test_jobs_with_a_lone_surrogate_are_journaled_and_run(self):
+        tmp, cluster = await self.cluster()
+        pidfile = tmp / "spinner.pid"
+        push_jobs(cluster, [{"do": "spin", "pidfile": str(pidfile)}])
+        cluster.master.push_new_job({"id": 1, "data": json.dumps({"x": "\ud83d"}, ensure_ascii=False)})
+        push_jobs(cluster, [{"x": 2}], start=2)
+        worker = await self.started(WorkerPy(tmp, cluster, getBatch="true", batchSize=2, jobTimeout=3))
+        await until(lambda: pidfile.exists() and pidfile.read_text(), 60)
+        await until(lambda: journal_count(worker.folder, "jobs") == 2, 10)  # a kill -9 now loses neither
+        await cluster.until_results(3, 60)
+        by_id = self.by_id(cluster)
+        self.assertEqual(by_id[1]["data"]["x"], "\ud83d")
+        self.assertEqual(by_id[2]["data"]["x"], 2)
+        self.assertEqual(await worker.sigterm(20), 0)
+
     async def test_results_are_standard_json_or_an_error_saying_why(self):
         tmp, cluster = await self.cluster()
         ids = push_jobs(cluster, [{"do": "nan"}, {"do": "infinity"}, {"do": "set"}, {"do": "patch-json"},
@@ -4466,6 +4574,12 @@ class TestTaskProcesses(AsyncTest):
                 w.parse_concurrency(bad)
         with self.assertRaises(w.WorkerError):
             w.parse_memory_mb("lots")
+        for key, bad in (("jobTimeout", "-1"), ("jobTimeout", "nan"), ("jobTimeout", "abc"),
+                         ("stopTimeout", "-5"), ("batchSize", "x")):
+            with self.assertRaisesRegex(w.WorkerError, "^%s='%s': " % (key, bad)):  # not a traceback
+                w.Settings.load({key: bad})
+        self.assertIsNone(w.Settings.load({"jobTimeout": "0"}).job_timeout)
+        self.assertEqual(w.Settings.load({"jobTimeout": "2.5", "stopTimeout": "0"}).job_timeout, 2.5)
         for key in ("concurrency", "jobMemoryMB", "stopTimeout", "taskRunner"):
             self.assertIn(key, w.SETTINGS)
             self.assertTrue("| `%s` |" % key in (HERE / "README.md").read_text(), key)

@@ -119,7 +119,7 @@ __version__ = "0.1.0"
 
 #: The bugout extension name on the BitTorrent wire (BEP 10).
 EXT = "bo_channel"
-#: bugout's seed and address prefixes (PROTOCOL.md section 3).
+#: bugout's seed and address prefixes (PROTOCOL.md section 2).
 SEED_PREFIX = b"\x49\x0a"
 ADDRESS_PREFIX = b"\x55"
 #: A packet older than this is dropped; a peer silent this long is forgotten.
@@ -308,6 +308,17 @@ def json_dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def storable_json(value: Any) -> str:
+    """``json_dumps``, or with ``\\u`` escapes if a string holds a lone surrogate: JSON
+    and JS allow one (half an emoji, a file name that is not UTF-8), UTF-8 does not."""
+    text = json_dumps(value)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":"))
+    return text
+
+
 _STRICT_JSON = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -438,6 +449,14 @@ def parse_concurrency(value: Any) -> int:
     raise WorkerError(f"concurrency={value!r}: give a whole number of jobs at once (1 or more) or auto")
 
 
+def parse_seconds(value: Any) -> float:
+    """``jobTimeout``, ``stopTimeout``: seconds, 0 or more."""
+    seconds = float(value)
+    if not seconds >= 0:  # NaN too
+        raise ValueError("give a number of seconds, 0 or more")
+    return seconds
+
+
 def parse_memory_mb(value: Any) -> int | None:
     """``jobMemoryMB``: the memory cap of each child in MB, or None (unset or 0: no cap)."""
     text = "" if value is None else str(value).strip()
@@ -511,7 +530,14 @@ def _read_setting(meta: Any, value: Any, env: dict[str, str]) -> Any:
             value = None
     if value is None:
         value = meta["default"]() if callable(meta["default"]) else meta["default"]
-    return value if value is None or meta["read"] is None else meta["read"](value)
+    if value is None or meta["read"] is None:
+        return value
+    try:
+        return meta["read"](value)
+    except WorkerError:
+        raise
+    except (TypeError, ValueError) as exc:  # say which setting, not a traceback
+        raise WorkerError(f"{meta['key']}={value!r}: {exc}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -533,10 +559,10 @@ class Settings:
     get_batch: bool = _setting("getBatch", False, _word)
     batch_size: int = _setting("batchSize", DEFAULT_BATCH_SIZE, int)
     folder: Path = _setting("folder", os.getcwd, lambda v: Path(v).resolve())  # noqa: RUF009 - a field()
-    job_timeout: float | None = _setting("jobTimeout", 0, lambda v: float(v) or None)
+    job_timeout: float | None = _setting("jobTimeout", 0, lambda v: parse_seconds(v) or None)
     concurrency: int = _setting("concurrency", 1, parse_concurrency)
     job_memory_mb: int | None = _setting("jobMemoryMB", None, parse_memory_mb)
-    stop_timeout: float = _setting("stopTimeout", 30, float)
+    stop_timeout: float = _setting("stopTimeout", 30, parse_seconds)
     task_runner: str = _setting("taskRunner", "process", lambda v: str(v).strip().lower())
     master: tuple[str, ...] = _setting("master", "", _items)
     status_port: int | None = _setting("statusPort", None, lambda v: None if v in ("", "off") else int(v))
@@ -696,7 +722,7 @@ class Logger:
         handler.setFormatter(_Formatter(hasattr(stream, "isatty") and stream.isatty()))
         self.logger.addHandler(handler)
         if file:
-            file_handler = logging.FileHandler(file, encoding="utf-8")
+            file_handler = logging.FileHandler(file, encoding="utf-8", errors="backslashreplace")
             file_handler.setFormatter(_Formatter(False))
             self.logger.addHandler(file_handler)
 
@@ -2357,7 +2383,7 @@ DHT_STORE_HASHES = 512
 DHT_STORE_PEERS = 100
 DHT_MAX_VALUES = 50
 #: When Bugout looks its swarm up: seconds after start (WebTorrent 1.9 may drop
-#: the first DHT peer it meets, PROTOCOL.md section 6), then every so often.
+#: the first DHT peer it meets, PROTOCOL.md section 7), then every so often.
 DHT_LOOKUP_AT = (0.0, 5.0, 15.0, 30.0)
 DHT_LOOKUP_ALONE = 60.0
 DHT_LOOKUP_INTERVAL = 5 * 60.0
@@ -3142,7 +3168,7 @@ class Dht:
 # Trackers and WebRTC ########################################################
 #
 # Peers that no one can dial (browsers, workers behind NAT) meet the way
-# WebTorrent's do (PROTOCOL.md section 6): each announces the infohash to
+# WebTorrent's do (PROTOCOL.md section 7): each announces the infohash to
 # WebSocket trackers with a few SDP offers, the tracker relays every offer to
 # another peer of the swarm and relays its answer back, and the BitTorrent
 # wire then runs over the RTCDataChannel as a byte stream.
@@ -5608,12 +5634,15 @@ class Outbox:
 #   hello: ``{"ready": true}``, or ``{"ready": false, "error": ...}`` when the
 #   task does not load.
 # - A child that dies (exit, signal, OOM killer) fails its own job with a
-#   TaskProcessError. One that runs past ``jobTimeout`` gets SIGTERM, SIGKILL
-#   after CHILD_EXIT_TIMEOUT, and its job a TimeoutError at once. The next job
-#   that needs a child starts a new one.
+#   TaskProcessError. Whatever is left in its process group then is killed
+#   (it may hold the channel open). One that runs past ``jobTimeout`` gets
+#   SIGTERM, SIGKILL after CHILD_EXIT_TIMEOUT, and its job a TimeoutError at
+#   once. The next job that needs a child starts a new one.
 # - Results leave as standard JSON only: the child encodes with
 #   ``allow_nan=False``, and the worker checks again (``strict_json``).
 
+#: Characters of a failed job's error message that its log line shows.
+LOGGED_MESSAGE = 500
 #: Seconds a child may take to load its task and say hello.
 CHILD_START_TIMEOUT = 60.0
 #: Seconds a child may take to exit (its channel closed, or after SIGTERM) before SIGKILL.
@@ -5858,6 +5887,7 @@ class TaskChild:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._pumps: set[asyncio.Task] = set()
+        self._watcher: asyncio.Task | None = None
         self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         self._sequence = itertools.count(1)
         self._ending: asyncio.Future | None = None
@@ -5889,6 +5919,7 @@ class TaskChild:
         self._reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=DEFAULT_MAX_MESSAGE)
         self._pump(self.process.stdout, logging.INFO)
         self._pump(self.process.stderr, logging.WARNING)
+        self._watcher = asyncio.ensure_future(self._watch())
         log.debug("- %s process %d started", self.kind, self.process.pid)
         await self._hello(task_path)
 
@@ -5896,7 +5927,7 @@ class TaskChild:
         """Send one job, return the child's answer; TimeoutError past ``timeout`` (then end it)."""
         assert self._writer is not None
         ident = next(self._sequence)
-        self._writer.write(json_dumps({"id": ident, "job": job}).encode() + b"\n")
+        self._writer.write(storable_json({"id": ident, "job": job}).encode() + b"\n")
         with contextlib.suppress(ConnectionError):
             await self._writer.drain()
         answer = await (self._receive() if timeout is None else asyncio.wait_for(self._receive(), timeout))
@@ -5989,9 +6020,35 @@ class TaskChild:
         finally:
             if proc.returncode is None:  # cancelled: leave no child behind
                 self._signal(signal.SIGKILL)
+        self._kill_group()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
         await self._end_pumps()
         log.debug("- %s process %d %s", self.kind, proc.pid, _exit_text(proc.returncode))
         return proc.returncode
+
+    async def _watch(self) -> None:
+        """When the child exits, end what it left running in its group (grandchildren).
+
+        Those may hold the child's end of the channel (a fork() does) or its
+        stdout, which would keep its job waiting for an answer that never
+        comes. Should one that left the group hold the channel, it is closed
+        after CHILD_EXIT_TIMEOUT (what the child sent before dying is read by
+        then).
+        """
+        assert self.process is not None
+        await _exited(self.process)
+        self._kill_group()
+        await asyncio.sleep(CHILD_EXIT_TIMEOUT)
+        if self._writer is not None:
+            self._writer.close()
+
+    def _kill_group(self) -> None:
+        """SIGKILL what is left in the process group of the child, which has exited."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
 
     def _signal(self, sig: int) -> None:
         """``sig`` to the child's process group (its own children too), until it is reaped."""
@@ -6029,6 +6086,26 @@ class TaskChild:
         for task in pumps:
             task.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
+
+
+async def _exited(proc: asyncio.subprocess.Process) -> None:
+    """Return once ``proc`` has exited, reaped or not: ``proc.wait()`` also waits
+    for its pipes, which a grandchild may hold open. A pidfd says so at once (the
+    zombie keeps its process group alive); without one, poll."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # not Linux 5.3+, or reaped already
+        while proc.returncode is None:
+            await asyncio.sleep(0.25)
+        return
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    try:
+        loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
+        await done
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
 
 
 def load_task(path: Path) -> Any:
@@ -7019,7 +7096,7 @@ class Worker:
             self.stats["jobs undecryptable"] += len(failures)
             log.error("%d job(s) dropped: %s", len(failures), failures[0])
         if jobs:
-            bodies = [json_dumps(job) for job in jobs]
+            bodies = [storable_json(job) for job in jobs]
             seqs = range(self._job_seq + 1, self._job_seq + 1 + len(jobs))
             self._job_seq += len(jobs)
             self.journal.submit(self.journal.add_jobs, list(zip(seqs, bodies)))
@@ -7047,7 +7124,10 @@ class Worker:
         error = error_result(exc)
         kind = str(error["type"])[:64]  # the label set stays small, whatever tasks raise
         self.failures[kind if kind in self.failures or len(self.failures) < MAX_ERROR_TYPES else "other"] += 1
-        log.warning("job %s failed: %s: %s", result["jobID"], error["type"], error["message"])
+        message = str(error["message"])  # the result keeps it whole; the log line stays short
+        if len(message) > LOGGED_MESSAGE:
+            message = "%s... (%d characters)" % (message[:LOGGED_MESSAGE], len(message))
+        log.warning("job %s failed: %s: %s", str(result["jobID"])[:64], kind, message)
         return {**result, "data": None, "error": error}
 
     def _result_for(self, job: Any) -> dict:
@@ -7057,7 +7137,7 @@ class Worker:
     # results: made, journaled, delivered (rules: class Outbox)
     def _result_ready(self, result: dict, job_seq: int | None = None) -> None:
         """Every result the worker makes comes here: held (and journaled) until delivered."""
-        self.outbox.add(job_seq, json_dumps(result))
+        self.outbox.add(job_seq, storable_json(result))
         if self._flusher is None or self._flusher.done():  # one commit in flight takes them all
             self._flusher = spawn(self._flush_outbox(), self._tasks, "worker")
 
@@ -7535,7 +7615,7 @@ def serve(channel, jobs):
             text = encode(answer)
         except (TypeError, ValueError, RecursionError) as exc:
             text = encode({"id": message["id"], "error": not_json(exc)})
-        channel.sendall(text.encode() + b"\n")
+        channel.sendall(text.encode(errors="surrogatepass") + b"\n")  # json.loads takes it back
 
 
 def main():
