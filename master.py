@@ -84,6 +84,7 @@ from worker import (
     master_proof,
     node_options,
     process_rss_bytes,
+    storable_json,
     write_env_file,
 )
 
@@ -132,22 +133,11 @@ class DatabaseError(WorkerError):
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # json_dumps, made once
 
 
-def _storable_json(value: Any) -> str:
-    """``json_dumps``, or with ``\\u`` escapes if a string holds a lone surrogate: JSON
-    allows one (a JS peer may send it), UTF-8, SQLite and files do not."""
-    text = _JSON(value)
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return json.dumps(value, separators=(",", ":"))
-    return text
-
-
 def _job_key(job_id: Any) -> str | None:
     """A job id as the database keeps it: its JSON (an int's is its digits)."""
     if job_id is None:
         return None
-    return str(job_id) if type(job_id) is int else _storable_json(job_id)
+    return str(job_id) if type(job_id) is int else storable_json(job_id)
 
 
 # The queue on disk ##########################################################
@@ -774,7 +764,7 @@ class Master:
         It is committed with the others pushed in the same loop iteration. A job
         whose id waits, is on lease or has its result already is not queued again.
         """
-        text = payload if isinstance(payload, str) else _storable_json(payload)
+        text = payload if isinstance(payload, str) else storable_json(payload)
         job_id = payload.get("id") if isinstance(payload, dict) else None
         was_empty = not self.store.waiting
         if not self.store.push(_job_key(job_id), _JSON(self.crypt.encrypt(text))):
@@ -1044,7 +1034,7 @@ class Master:
                 key, error = _job_key(result.get("jobID")), bool(result.get("error"))
             else:
                 key, name, error = None, None, False
-            texts.append(_storable_json(result) if self._texts else None)
+            texts.append(storable_json(result) if self._texts else None)
             rows.append((key, address, name, error, texts[-1]))
         places = self.store.record(rows)
         self.stats["duplicate results"] += places.count(None)
@@ -1098,7 +1088,7 @@ def _emit(data: bytes) -> None:
 
 
 def _print_event(**event: Any) -> None:
-    _emit((_storable_json(event) + "\n").encode())
+    _emit((storable_json(event) + "\n").encode())
 
 
 class _ConsoleMaster(Master):

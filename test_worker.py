@@ -2454,10 +2454,16 @@ class TestWireUnderAttack(AsyncTest):
         port = int(await asyncio.wait_for(proc.stdout.readline(), 20))
         held = [await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.%d" % (2 + i % 16), 0))
                 for i in range(80)]  # from many hosts: the limit per host does not bite
-        await asyncio.sleep(3.0)
+        lines = []
+
+        async def out_of_descriptors():
+            while raw := await proc.stderr.readline():
+                lines.append(raw.decode().rstrip("\n"))
+                if "cannot accept connections" in lines[-1]:
+                    return
+        await asyncio.wait_for(out_of_descriptors(), 20)
         for _, writer in held:
             writer.close()
-        await asyncio.sleep(0.5)
         peer = await self.started(py_node("fd-swarm", peers=["127.0.0.1:%d" % port]))
         await until(lambda: peer.connections() == 1 and len(peer.peers) == 1, 15)
         address = next(iter(peer.peers))
@@ -2465,7 +2471,7 @@ class TestWireUnderAttack(AsyncTest):
         await peer.close()
         proc.terminate()
         _, err = await proc.communicate()
-        lines = err.decode().splitlines()
+        lines += err.decode().splitlines()
         self.assertEqual(sum("cannot accept connections" in line for line in lines), 1, lines[:20])
         self.assertLessEqual(len(lines), 5, lines[:20])
 
@@ -3622,6 +3628,223 @@ class TestJsInterop(AsyncTest):
         self.assertGreater(py.core.stats["relayed"], 3)
 
 
+# Status: /metrics and /healthz (issue 14) ###################################
+
+class TestStatusServer(AsyncTest):
+    async def test_pages_and_hostile_clients(self):
+        healthy = [True]
+        hist = w.Histogram()
+        hist.observe(0.02)
+
+        def metrics():
+            out = w.Exposition()
+            out.add("jobs_done_total", "counter", "Jobs done.", 3)
+            out.add("peers", "gauge", "Peers by transport.", {(("transport", "tcp"),): 2})
+            out.histogram("job_duration_seconds", "Job time.", hist)
+            return out.text()
+        server = await self.started(w.StatusServer("127.0.0.1", 0, metrics,
+                                                   lambda: (healthy[0], {"master": "bX"} if healthy[0] else
+                                                            {"reason": "no master"})))
+        base = "http://127.0.0.1:%d" % server.port
+        status, body = await asyncio.to_thread(http_get, base + "/metrics")
+        self.assertEqual(status, 200)
+        samples, types = parse_exposition(body)
+        self.assertEqual(samples["qx_jobs_done_total"][()], 3)
+        self.assertEqual(types["qx_job_duration_seconds"], "histogram")
+        self.assertEqual(samples["qx_job_duration_seconds_bucket"][(("le", "0.05"),)], 1)
+        self.assertEqual(await asyncio.to_thread(http_get, base + "/healthz"), (200, '{"master":"bX"}'))
+        healthy[0] = False
+        self.assertEqual((await asyncio.to_thread(http_get, base + "/healthz"))[0], 503)
+        self.assertEqual((await asyncio.to_thread(http_get, base + "/nope"))[0], 404)
+        # slow clients take their own connection only; the loop stays free; the cap holds
+        lag = []
+
+        async def ticker():
+            while True:
+                started = time.monotonic()
+                await asyncio.sleep(0.01)
+                lag.append(time.monotonic() - started - 0.01)
+        tick = asyncio.ensure_future(ticker())
+        slow = [await asyncio.open_connection("127.0.0.1", server.port)
+                for _ in range(w.STATUS_MAX_CLIENTS)]
+        for _, writer in slow:
+            writer.write(b"GET /metrics HTTP/1.1\r\n")  # and never the end of it
+        _, huge = await asyncio.open_connection("127.0.0.1", server.port)
+        await until(lambda: server.stats["dropped"] >= 1, 5)  # over the cap: the oldest still sending goes
+        started = time.monotonic()
+        for reader, _ in slow:
+            self.assertEqual(await asyncio.wait_for(reader.read(), 10), b"")  # dropped after the timeout
+        self.assertLess(time.monotonic() - started, w.STATUS_READ_TIMEOUT + 2)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * (w.STATUS_MAX_REQUEST * 2))
+        self.assertEqual(await asyncio.wait_for(reader.read(), 10), b"")  # too big: dropped
+        self.assertEqual((await asyncio.to_thread(http_get, base + "/metrics"))[0], 200)
+        tick.cancel()
+        self.assertLess(max(lag), 0.1)
+        self.assertGreaterEqual(server.stats["dropped"], w.STATUS_MAX_CLIENTS + 1)
+        huge.close()
+        writer.close()
+        for _, slow_writer in slow:
+            slow_writer.close()
+
+
+    async def test_a_slowloris_does_not_keep_a_scraper_out(self):
+        server = await self.started(w.StatusServer("127.0.0.1", 0, lambda: "qx_up 1\n",
+                                                   lambda: (True, {"status": "ok"})))
+        base = "http://127.0.0.1:%d" % server.port
+        slow = [await asyncio.open_connection("127.0.0.1", server.port)
+                for _ in range(3 * w.STATUS_MAX_CLIENTS)]  # more than the cap, each sending a little
+        for _, writer in slow:
+            writer.write(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+        self.assertEqual(await asyncio.to_thread(http_get, base + "/healthz"), (200, '{"status":"ok"}'))
+        self.assertEqual(await asyncio.to_thread(http_get, base + "/metrics"), (200, "qx_up 1\n"))
+        self.assertGreaterEqual(server.stats["dropped"], 2 * w.STATUS_MAX_CLIENTS)  # the oldest made room
+        await until(lambda: len(server._clients) <= w.STATUS_MAX_CLIENTS, 5)
+        for _, writer in slow:
+            writer.close()
+
+
+class TestWorkerStatus(AsyncTest):
+    async def test_metrics_and_health_of_a_real_worker_process(self):
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp))
+        cluster.push(20)
+        cluster.push(5, start=20, fail=True)
+        folder, port = tmp / "wp", free_port()
+        folder.mkdir()
+        write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
+                           statusPort=port, getBatch="true", batchSize=5, LOG_LEVEL="warn")
+        proc = self.will_kill(await asyncio.create_subprocess_exec(
+            sys.executable, WORKER_PY, cwd=folder, env=clean_env(), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT))
+        base = "http://127.0.0.1:%d" % port
+        await cluster.until_results(25)
+
+        async def metrics():
+            status, body = await asyncio.to_thread(http_get, base + "/metrics")
+            self.assertEqual(status, 200)
+            return parse_exposition(body)
+        samples, types = await metrics()
+        self.assertEqual(samples["qx_jobs_done_total"][()], 20)
+        self.assertEqual(samples["qx_jobs_failed_total"][(("error", "ValueError"),)], 5)
+        self.assertEqual(types["qx_job_duration_seconds"], "histogram")
+        self.assertEqual(samples["qx_job_duration_seconds_count"][()], 25)
+        self.assertEqual(samples["qx_job_duration_seconds_bucket"][(("le", "+Inf"),)], 25)
+        self.assertEqual(samples["qx_master_connected"][()], 1)
+        self.assertEqual(samples["qx_peers"][(("transport", "tcp"),)], 1)
+        self.assertGreater(samples["qx_resident_memory_bytes"][()], 10e6)
+        self.assertGreater(samples["qx_bytes_received_total"][()], 1000)
+        self.assertIn("qx_assets_age_seconds", samples)
+        self.assertIn("qx_packets_dropped_total", samples)
+        status, body = await asyncio.to_thread(http_get, base + "/healthz")
+        self.assertEqual((status, json.loads(body)["master"]), (200, cluster.master.address))
+        cluster.push(10, start=100)  # the counters move with real jobs
+        await cluster.until_results(35)
+        await until(lambda: cluster.master.stats["results"] >= 35)
+        samples, _ = await metrics()
+        self.assertEqual(samples["qx_jobs_done_total"][()], 30)
+        self.assertGreaterEqual(samples["qx_delivery_latency_seconds_count"][()], 30)
+        self.assertEqual((await asyncio.to_thread(http_get, base + "/nothing"))[0], 404)
+        await cluster.master.close()  # the master goes away: not healthy
+        status, body = await asyncio.to_thread(http_get, base + "/healthz")
+        for _ in range(50):
+            if status == 503:
+                break
+            await asyncio.sleep(0.1)
+            status, body = await asyncio.to_thread(http_get, base + "/healthz")
+        self.assertEqual(status, 503)
+        self.assertIn("master", json.loads(body)["reason"])
+        proc.send_signal(15)
+        output, _ = await asyncio.wait_for(proc.communicate(), 30)
+        self.assertIn(b" warn  ", output)  # level names print whole
+        self.assertNotIn(b"warni ", output)
+
+    async def test_master_py_status_page(self):
+        tmp = self.tmp()
+        token, port, status = "mstatus-%d" % random.randrange(1 << 30), free_port(), free_port()
+        folder = tmp / "m"
+        folder.mkdir()
+        write_assets(folder, DEFAULT_FILES)
+        write_loopback_env(folder, token, port=port, LOG_LEVEL="warn")
+        proc = self.will_kill(await asyncio.create_subprocess_exec(
+            sys.executable, MASTER_PY, "--task", "workplace/task.py", "--task", "workplace/data/conf/factor.json",
+            "--jobs", "-", "--status-port", str(status), cwd=folder, env=clean_env(),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+        await proc.stdout.readline()  # ready
+        base = "http://127.0.0.1:%d" % status
+        for i in range(30):
+            proc.stdin.write(b'{"id": %d, "data": "{\\"x\\": %d}"}\n' % (i, i))
+        await proc.stdin.drain()
+
+        async def samples():
+            return parse_exposition((await asyncio.to_thread(http_get, base + "/metrics"))[1])[0]
+        before = None
+        for _ in range(100):
+            before = await samples()
+            if before["qx_master_jobs_waiting"][()] == 30:
+                break
+            await asyncio.sleep(0.05)
+        self.assertEqual(before["qx_master_jobs_waiting"][()], 30)
+        self.assertEqual(before["qx_master_results_total"][()], 0)
+        worker = await self.started(loopback_worker(token, tmp / "w", peers=["127.0.0.1:%d" % port],
+                                                    get_batch=True, batch_size=5))
+        for _ in range(200):
+            after = await samples()
+            if after["qx_master_results_total"][()] == 30:
+                break
+            await asyncio.sleep(0.05)
+        self.assertEqual(after["qx_master_results_total"][()], 30)
+        self.assertEqual(after["qx_master_error_results_total"][()], 0)
+        self.assertEqual(after["qx_master_jobs_waiting"][()], 0)
+        self.assertEqual(after["qx_master_workers"][()], 1)
+        self.assertEqual(json.loads((await asyncio.to_thread(http_get, base + "/healthz"))[1])["status"], "ok")
+        await worker.stop()
+        proc.send_signal(15)
+        await asyncio.wait_for(proc.wait(), 15)
+
+    async def test_systemd_ready_watchdog_and_stopping(self):
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp))
+        folder = tmp / "wp"
+        folder.mkdir()
+        write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port)
+        path = str(tmp / "notify")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.setblocking(False)
+        self.addCleanup(sock.close)
+        proc = self.will_kill(await asyncio.create_subprocess_exec(
+            sys.executable, WORKER_PY, cwd=folder, stderr=subprocess.DEVNULL,
+            env={**clean_env(), "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}))
+        said = []
+
+        def read():
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    said.append(sock.recv(100).decode())
+            return said
+        await until(lambda: read().count("WATCHDOG=1") >= 3, 20)  # about every 0.2 s
+        self.assertEqual(said[0], "READY=1")
+        proc.send_signal(15)
+        await asyncio.wait_for(proc.wait(), 30)
+        self.assertIn("STOPPING=1", read())
+
+    async def test_status_line_at_most_once_a_minute_while_anything_happened(self):
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp))
+        cluster.push(12)
+        worker = cluster.worker(get_batch=True, batch_size=4)
+        with mock.patch.object(w, "STATUS_LINE_SECONDS", 0.3), self.assertLogs("worker", "INFO") as logs:
+            await self.started(worker)
+            await cluster.until_results(12)
+            await until(lambda: any("status: " in line for line in logs.output), 5)
+            await asyncio.sleep(1.2)  # nothing happens: no more lines
+        lines = [line for line in logs.output if "status: " in line]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertRegex(lines[0], r"status: 12 done \(\d+\.\d/s\), 0 failed, 0 held, master b\w{7}… "
+                                   r"\(proven\), peers 1 \(tcp 1\)")
+
+
 # Worker: assets and dependencies ############################################
 
 class TestSafety(unittest.TestCase):
@@ -4575,7 +4798,7 @@ class TestTaskProcesses(AsyncTest):
         with self.assertRaises(w.WorkerError):
             w.parse_memory_mb("lots")
         for key, bad in (("jobTimeout", "-1"), ("jobTimeout", "nan"), ("jobTimeout", "abc"),
-                         ("stopTimeout", "-5"), ("batchSize", "x")):
+                         ("stopTimeout", "-5"), ("batchSize", "x"), ("batchSize", "0")):
             with self.assertRaisesRegex(w.WorkerError, "^%s='%s': " % (key, bad)):  # not a traceback
                 w.Settings.load({key: bad})
         self.assertIsNone(w.Settings.load({"jobTimeout": "0"}).job_timeout)
@@ -4995,223 +5218,6 @@ class TestAgainstJsMaster(AsyncTest):
         statuses = asked()
         self.assertEqual(len(statuses), 2)
         self.assertEqual(statuses[1]["args"]["currentHash"], worker.current_hash())
-
-
-# Status: /metrics and /healthz (issue 14) ###################################
-
-class TestStatusServer(AsyncTest):
-    async def test_pages_and_hostile_clients(self):
-        healthy = [True]
-        hist = w.Histogram()
-        hist.observe(0.02)
-
-        def metrics():
-            out = w.Exposition()
-            out.add("jobs_done_total", "counter", "Jobs done.", 3)
-            out.add("peers", "gauge", "Peers by transport.", {(("transport", "tcp"),): 2})
-            out.histogram("job_duration_seconds", "Job time.", hist)
-            return out.text()
-        server = await self.started(w.StatusServer("127.0.0.1", 0, metrics,
-                                                   lambda: (healthy[0], {"master": "bX"} if healthy[0] else
-                                                            {"reason": "no master"})))
-        base = "http://127.0.0.1:%d" % server.port
-        status, body = await asyncio.to_thread(http_get, base + "/metrics")
-        self.assertEqual(status, 200)
-        samples, types = parse_exposition(body)
-        self.assertEqual(samples["qx_jobs_done_total"][()], 3)
-        self.assertEqual(types["qx_job_duration_seconds"], "histogram")
-        self.assertEqual(samples["qx_job_duration_seconds_bucket"][(("le", "0.05"),)], 1)
-        self.assertEqual(await asyncio.to_thread(http_get, base + "/healthz"), (200, '{"master":"bX"}'))
-        healthy[0] = False
-        self.assertEqual((await asyncio.to_thread(http_get, base + "/healthz"))[0], 503)
-        self.assertEqual((await asyncio.to_thread(http_get, base + "/nope"))[0], 404)
-        # slow clients take their own connection only; the loop stays free; the cap holds
-        lag = []
-
-        async def ticker():
-            while True:
-                started = time.monotonic()
-                await asyncio.sleep(0.01)
-                lag.append(time.monotonic() - started - 0.01)
-        tick = asyncio.ensure_future(ticker())
-        slow = [await asyncio.open_connection("127.0.0.1", server.port)
-                for _ in range(w.STATUS_MAX_CLIENTS)]
-        for _, writer in slow:
-            writer.write(b"GET /metrics HTTP/1.1\r\n")  # and never the end of it
-        _, huge = await asyncio.open_connection("127.0.0.1", server.port)
-        await until(lambda: server.stats["dropped"] >= 1, 5)  # over the cap: the oldest still sending goes
-        started = time.monotonic()
-        for reader, _ in slow:
-            self.assertEqual(await asyncio.wait_for(reader.read(), 10), b"")  # dropped after the timeout
-        self.assertLess(time.monotonic() - started, w.STATUS_READ_TIMEOUT + 2)
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * (w.STATUS_MAX_REQUEST * 2))
-        self.assertEqual(await asyncio.wait_for(reader.read(), 10), b"")  # too big: dropped
-        self.assertEqual((await asyncio.to_thread(http_get, base + "/metrics"))[0], 200)
-        tick.cancel()
-        self.assertLess(max(lag), 0.1)
-        self.assertGreaterEqual(server.stats["dropped"], w.STATUS_MAX_CLIENTS + 1)
-        huge.close()
-        writer.close()
-        for _, slow_writer in slow:
-            slow_writer.close()
-
-
-    async def test_a_slowloris_does_not_keep_a_scraper_out(self):
-        server = await self.started(w.StatusServer("127.0.0.1", 0, lambda: "qx_up 1\n",
-                                                   lambda: (True, {"status": "ok"})))
-        base = "http://127.0.0.1:%d" % server.port
-        slow = [await asyncio.open_connection("127.0.0.1", server.port)
-                for _ in range(3 * w.STATUS_MAX_CLIENTS)]  # more than the cap, each sending a little
-        for _, writer in slow:
-            writer.write(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
-        self.assertEqual(await asyncio.to_thread(http_get, base + "/healthz"), (200, '{"status":"ok"}'))
-        self.assertEqual(await asyncio.to_thread(http_get, base + "/metrics"), (200, "qx_up 1\n"))
-        self.assertGreaterEqual(server.stats["dropped"], 2 * w.STATUS_MAX_CLIENTS)  # the oldest made room
-        await until(lambda: len(server._clients) <= w.STATUS_MAX_CLIENTS, 5)
-        for _, writer in slow:
-            writer.close()
-
-
-class TestWorkerStatus(AsyncTest):
-    async def test_metrics_and_health_of_a_real_worker_process(self):
-        tmp = self.tmp()
-        cluster = await self.started(Cluster(tmp))
-        cluster.push(20)
-        cluster.push(5, start=20, fail=True)
-        folder, port = tmp / "wp", free_port()
-        folder.mkdir()
-        write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
-                           statusPort=port, getBatch="true", batchSize=5, LOG_LEVEL="warn")
-        proc = self.will_kill(await asyncio.create_subprocess_exec(
-            sys.executable, WORKER_PY, cwd=folder, env=clean_env(), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT))
-        base = "http://127.0.0.1:%d" % port
-        await cluster.until_results(25)
-
-        async def metrics():
-            status, body = await asyncio.to_thread(http_get, base + "/metrics")
-            self.assertEqual(status, 200)
-            return parse_exposition(body)
-        samples, types = await metrics()
-        self.assertEqual(samples["qx_jobs_done_total"][()], 20)
-        self.assertEqual(samples["qx_jobs_failed_total"][(("error", "ValueError"),)], 5)
-        self.assertEqual(types["qx_job_duration_seconds"], "histogram")
-        self.assertEqual(samples["qx_job_duration_seconds_count"][()], 25)
-        self.assertEqual(samples["qx_job_duration_seconds_bucket"][(("le", "+Inf"),)], 25)
-        self.assertEqual(samples["qx_master_connected"][()], 1)
-        self.assertEqual(samples["qx_peers"][(("transport", "tcp"),)], 1)
-        self.assertGreater(samples["qx_resident_memory_bytes"][()], 10e6)
-        self.assertGreater(samples["qx_bytes_received_total"][()], 1000)
-        self.assertIn("qx_assets_age_seconds", samples)
-        self.assertIn("qx_packets_dropped_total", samples)
-        status, body = await asyncio.to_thread(http_get, base + "/healthz")
-        self.assertEqual((status, json.loads(body)["master"]), (200, cluster.master.address))
-        cluster.push(10, start=100)  # the counters move with real jobs
-        await cluster.until_results(35)
-        await until(lambda: cluster.master.stats["results"] >= 35)
-        samples, _ = await metrics()
-        self.assertEqual(samples["qx_jobs_done_total"][()], 30)
-        self.assertGreaterEqual(samples["qx_delivery_latency_seconds_count"][()], 30)
-        self.assertEqual((await asyncio.to_thread(http_get, base + "/nothing"))[0], 404)
-        await cluster.master.close()  # the master goes away: not healthy
-        status, body = await asyncio.to_thread(http_get, base + "/healthz")
-        for _ in range(50):
-            if status == 503:
-                break
-            await asyncio.sleep(0.1)
-            status, body = await asyncio.to_thread(http_get, base + "/healthz")
-        self.assertEqual(status, 503)
-        self.assertIn("master", json.loads(body)["reason"])
-        proc.send_signal(15)
-        output, _ = await asyncio.wait_for(proc.communicate(), 30)
-        self.assertIn(b" warn  ", output)  # level names print whole
-        self.assertNotIn(b"warni ", output)
-
-    async def test_master_py_status_page(self):
-        tmp = self.tmp()
-        token, port, status = "mstatus-%d" % random.randrange(1 << 30), free_port(), free_port()
-        folder = tmp / "m"
-        folder.mkdir()
-        write_assets(folder, DEFAULT_FILES)
-        write_loopback_env(folder, token, port=port, LOG_LEVEL="warn")
-        proc = self.will_kill(await asyncio.create_subprocess_exec(
-            sys.executable, MASTER_PY, "--task", "workplace/task.py", "--task", "workplace/data/conf/factor.json",
-            "--jobs", "-", "--status-port", str(status), cwd=folder, env=clean_env(),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE))
-        await proc.stdout.readline()  # ready
-        base = "http://127.0.0.1:%d" % status
-        for i in range(30):
-            proc.stdin.write(b'{"id": %d, "data": "{\\"x\\": %d}"}\n' % (i, i))
-        await proc.stdin.drain()
-
-        async def samples():
-            return parse_exposition((await asyncio.to_thread(http_get, base + "/metrics"))[1])[0]
-        before = None
-        for _ in range(100):
-            before = await samples()
-            if before["qx_master_jobs_waiting"][()] == 30:
-                break
-            await asyncio.sleep(0.05)
-        self.assertEqual(before["qx_master_jobs_waiting"][()], 30)
-        self.assertEqual(before["qx_master_results_total"][()], 0)
-        worker = await self.started(loopback_worker(token, tmp / "w", peers=["127.0.0.1:%d" % port],
-                                                    get_batch=True, batch_size=5))
-        for _ in range(200):
-            after = await samples()
-            if after["qx_master_results_total"][()] == 30:
-                break
-            await asyncio.sleep(0.05)
-        self.assertEqual(after["qx_master_results_total"][()], 30)
-        self.assertEqual(after["qx_master_error_results_total"][()], 0)
-        self.assertEqual(after["qx_master_jobs_waiting"][()], 0)
-        self.assertEqual(after["qx_master_workers"][()], 1)
-        self.assertEqual(json.loads((await asyncio.to_thread(http_get, base + "/healthz"))[1])["status"], "ok")
-        await worker.stop()
-        proc.send_signal(15)
-        await asyncio.wait_for(proc.wait(), 15)
-
-    async def test_systemd_ready_watchdog_and_stopping(self):
-        tmp = self.tmp()
-        cluster = await self.started(Cluster(tmp))
-        folder = tmp / "wp"
-        folder.mkdir()
-        write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port)
-        path = str(tmp / "notify")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(path)
-        sock.setblocking(False)
-        self.addCleanup(sock.close)
-        proc = self.will_kill(await asyncio.create_subprocess_exec(
-            sys.executable, WORKER_PY, cwd=folder, stderr=subprocess.DEVNULL,
-            env={**clean_env(), "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}))
-        said = []
-
-        def read():
-            with contextlib.suppress(BlockingIOError):
-                while True:
-                    said.append(sock.recv(100).decode())
-            return said
-        await until(lambda: read().count("WATCHDOG=1") >= 3, 20)  # about every 0.2 s
-        self.assertEqual(said[0], "READY=1")
-        proc.send_signal(15)
-        await asyncio.wait_for(proc.wait(), 30)
-        self.assertIn("STOPPING=1", read())
-
-    async def test_status_line_at_most_once_a_minute_while_anything_happened(self):
-        tmp = self.tmp()
-        cluster = await self.started(Cluster(tmp))
-        cluster.push(12)
-        worker = cluster.worker(get_batch=True, batch_size=4)
-        with mock.patch.object(w, "STATUS_LINE_SECONDS", 0.3), self.assertLogs("worker", "INFO") as logs:
-            await self.started(worker)
-            await cluster.until_results(12)
-            await until(lambda: any("status: " in line for line in logs.output), 5)
-            await asyncio.sleep(1.2)  # nothing happens: no more lines
-        lines = [line for line in logs.output if "status: " in line]
-        self.assertEqual(len(lines), 1, lines)
-        self.assertRegex(lines[0], r"status: 12 done \(\d+\.\d/s\), 0 failed, 0 held, master b\w{7}… "
-                                   r"\(proven\), peers 1 \(tcp 1\)")
 
 
 # The command line, as users run it ##########################################

@@ -457,6 +457,14 @@ def parse_seconds(value: Any) -> float:
     return seconds
 
 
+def parse_count(value: Any) -> int:
+    """``batchSize``: a whole number, 1 or more."""
+    count = int(value)
+    if count < 1:
+        raise ValueError("give a whole number, 1 or more")
+    return count
+
+
 def parse_memory_mb(value: Any) -> int | None:
     """``jobMemoryMB``: the memory cap of each child in MB, or None (unset or 0: no cap)."""
     text = "" if value is None else str(value).strip()
@@ -557,7 +565,7 @@ class Settings:
     loglevel: str | None = _setting("LOG_LEVEL")
     log_file: str | None = _setting("logFile", None, lambda v: v or None)
     get_batch: bool = _setting("getBatch", False, _word)
-    batch_size: int = _setting("batchSize", DEFAULT_BATCH_SIZE, int)
+    batch_size: int = _setting("batchSize", DEFAULT_BATCH_SIZE, parse_count)
     folder: Path = _setting("folder", os.getcwd, lambda v: Path(v).resolve())  # noqa: RUF009 - a field()
     job_timeout: float | None = _setting("jobTimeout", 0, lambda v: parse_seconds(v) or None)
     concurrency: int = _setting("concurrency", 1, parse_concurrency)
