@@ -873,6 +873,10 @@ class Task:
             return {"met": meet(data["folder"]), "pid": os.getpid()}
         if do == "raise":
             raise ValueError("z" * data["size"])
+        if do == "print":
+            for i in range(data["lines"]):
+                print("line", i)
+            return data["lines"]
         if do == "surrogate":  # a file name that is not UTF-8, as os.listdir() gives it
             name = b"caf\\xe9".decode(errors="surrogateescape")
             if data.get("raise"):
@@ -4586,6 +4590,20 @@ class TestTaskProcesses(AsyncTest):
         output = worker.output()
         self.assertTrue("(5000000 characters)" in output, "the log line says how long it was")
         self.assertLess(max(map(len, output.splitlines())), 2000)
+
+    async def test_a_task_that_prints_without_end_costs_a_bounded_log(self):
+        tmp, cluster = await self.cluster()
+        push_jobs(cluster, [{"do": "print", "lines": 100_000}, {"x": 1}])
+        worker = await self.started(WorkerPy(tmp, cluster, getBatch="true", batchSize=2))
+        started = time.monotonic()
+        await cluster.until_results(2, 60)
+        took = time.monotonic() - started
+        self.assertEqual(self.by_id(cluster)[0]["data"], 100_000)
+        self.assertEqual(await worker.sigterm(20), 0)
+        lines = worker.output().splitlines()
+        printed = sum("line " in line for line in lines)
+        self.assertLessEqual(printed, w.TASK_LINES_BURST + w.TASK_LINES_PER_SECOND * (took + 5))
+        self.assertEqual(sum("lines left out of the log" in line for line in lines), 1)
 
     async def test_lone_surrogates_reach_the_master_as_json_has_them(self):
         """A string JSON holds and UTF-8 does not, from task.py and from task.js."""

@@ -5657,6 +5657,11 @@ CHILD_START_TIMEOUT = 60.0
 CHILD_EXIT_TIMEOUT = 2.0
 #: Lines of a child's stderr kept to explain its death.
 STDERR_TAIL = 20
+#: Lines of task output (all children) logged per second after a burst; the rest are counted.
+TASK_LINES_PER_SECOND = 50
+TASK_LINES_BURST = 1000
+_task_lines = _RateLimit(TASK_LINES_PER_SECOND, TASK_LINES_BURST, keys=1)
+_task_lines_dropped = _LogLimit()
 #: Seconds of the stop timeout kept for delivering the results of jobs the stop cut short.
 STOP_DELIVERY_SECONDS = 5.0
 _SIGNAL_HINTS = {signal.SIGKILL: " (the kernel's OOM killer, or kill -9)",
@@ -6084,7 +6089,11 @@ class TaskChild:
             text = raw.decode(errors="replace").rstrip()
             if level >= logging.WARNING:
                 self._stderr.append(text)
-            log.log(level, "%s: %s", self.kind, text)
+            if _task_lines.allow(None, time.monotonic()):
+                log.log(level, "%s: %s", self.kind, text)
+            else:
+                _task_lines_dropped(logging.WARNING, "task output", "task output over %d lines a second: "
+                                    "lines left out of the log", TASK_LINES_PER_SECOND)
 
     async def _end_pumps(self) -> None:
         """Let the pumps read the last lines, unless a grandchild holds the pipes."""
