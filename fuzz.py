@@ -11,6 +11,7 @@ is printed with the input that caused it. Peak memory is printed too.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import random
 import resource
@@ -67,4 +68,6 @@ def main(count: int = 1_000_000) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("count", nargs="?", type=int, default=1_000_000, help="inputs (default 1,000,000)")
+    sys.exit(main(parser.parse_args().count))
