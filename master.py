@@ -79,6 +79,7 @@ from worker import (
     WorkerError,
     as_dict,
     json_dumps,
+    limit_loop_errors,
     load_env,
     make_seed,
     master_proof,
@@ -1312,6 +1313,7 @@ async def _serve(master: Master, stop: asyncio.Event, feeder: asyncio.Task | Non
 async def run_master(args: argparse.Namespace, jobs: Any = None) -> int:
     """Serve ``args.task`` files and the jobs read from ``jobs`` (a binary file); the exit status."""
     began = time.time()
+    limit_loop_errors()
     env = load_env(args.env)
     if not env.get("seed"):  # a stable address, which workers may pin (master= in their .env)
         env["seed"] = make_seed()

@@ -3691,6 +3691,39 @@ class TestStatusServer(AsyncTest):
         for _, slow_writer in slow:
             slow_writer.close()
 
+    async def test_out_of_descriptors_costs_one_log_line_a_minute(self):
+        # asyncio's own listener reports each failed accept() (once a second while clients wait)
+        child = textwrap.dedent("""
+            import asyncio, os, resource, worker as w
+            async def main():
+                w.Logger("info")
+                w.limit_loop_errors()
+                server = await w.StatusServer("127.0.0.1", 0, lambda: "", lambda: (True, {})).start()
+                used = len(os.listdir("/proc/self/fd"))
+                resource.setrlimit(resource.RLIMIT_NOFILE, (used + 2, used + 2))
+                print(server.port, flush=True)
+                await asyncio.Event().wait()
+            asyncio.run(main())
+            """)
+        proc = self.will_kill(await asyncio.create_subprocess_exec(
+            sys.executable, "-c", child, cwd=HERE, env=clean_env(), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE))
+        port = int(await asyncio.wait_for(proc.stdout.readline(), 20))
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(6)]  # they wait
+        lines = []
+
+        async def read_lines():
+            while raw := await proc.stderr.readline():
+                lines.append(raw.decode())
+        reading = asyncio.ensure_future(read_lines())
+        await until(lambda: any("out of system resource" in line for line in lines), 10)
+        await asyncio.sleep(3.5)  # asyncio tries again every second
+        proc.kill()
+        await proc.wait()
+        await asyncio.wait_for(reading, 10)
+        for _, writer in held:
+            writer.close()
+        self.assertEqual(sum("out of system resource" in line for line in lines), 1, lines[:20])
 
     async def test_a_slowloris_does_not_keep_a_scraper_out(self):
         server = await self.started(w.StatusServer("127.0.0.1", 0, lambda: "qx_up 1\n",

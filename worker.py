@@ -288,6 +288,20 @@ class _LogLimit:
         log.log(level, message + suffix, *args, **kw)
 
 
+_loop_errors = _LogLimit()
+
+
+def limit_loop_errors() -> None:
+    """asyncio's own error reports (a failed ``accept()`` while descriptors run out,
+    a task's lost exception) go to our log, one line per kind a minute."""
+    def report(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        message = str(context.get("message") or "asyncio error")
+        exc = context.get("exception")
+        _loop_errors(logging.ERROR, message, "%s", message + (": %r" % exc if exc else ""),
+                     exc_info=exc if isinstance(exc, BaseException) else None)
+    asyncio.get_running_loop().set_exception_handler(report)
+
+
 #: A handler returns this to send no answer (as the JS master for shareResults).
 NO_ANSWER = object()
 
@@ -7421,6 +7435,7 @@ def _prompt(ask: Callable[[str], str], label: str, current: str | None,
 
 async def run_worker(worker: Worker) -> int:
     """Run until SIGINT/SIGTERM; the first finishes held jobs, a second exits at once."""
+    limit_loop_errors()
     signals = 0
     stopping: set[asyncio.Task] = set()
 
@@ -7452,6 +7467,7 @@ async def run_worker(worker: Worker) -> int:
 async def run_demo(jobs: int = 200) -> int:
     """A master.py and a worker on 127.0.0.1 (no LSD, DHT or trackers)."""
     import tempfile
+    limit_loop_errors()
     try:
         from master import Master
     except ImportError:
