@@ -4404,6 +4404,20 @@ class TestOutbox(AsyncTest):
         self.assertEqual(len(logs.output), 1)
         self.assertEqual([json.loads(t)["jobID"] for _, t in await reopened.take("m", 10)], [1])
 
+    def test_a_write_that_fails_is_logged_once_a_minute(self):
+        journal = open_journal(self.tmp())
+        self.addCleanup(journal.close)
+
+        def full_disk():
+            raise OSError(28, "No space left on device")
+        with self.assertLogs("worker", "ERROR") as logs:
+            for _ in range(5):
+                with self.assertRaises(OSError):
+                    journal.submit(full_disk).result()
+            journal.submit(lambda: None).result()  # the callbacks before it have run
+        self.assertEqual(len(logs.output), 1)
+        self.assertIn("No space left on device", logs.output[0])
+
     def test_foreign_or_damaged_journals_are_moved_aside(self):
         def other_swarm(path):
             open_journal(path.parent, token="another-swarm").close()

@@ -5351,6 +5351,7 @@ class Journal:
         self._db: Any = None
         self._closed = False
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="journal")
+        self._log = _LogLimit()
 
     @classmethod
     def of(cls, folder: Path, token: str, crypt: Crypt) -> Journal:
@@ -5363,8 +5364,16 @@ class Journal:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def submit(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
-        """Queue ``fn(*args)`` on the journal's thread (in order) without waiting."""
-        return self._executor.submit(fn, *args)
+        """Queue ``fn(*args)`` on the journal's thread (in order) without waiting; a failure
+        (a full disk, say) is logged, one line a minute."""
+        future = self._executor.submit(fn, *args)
+        future.add_done_callback(self._report)
+        return future
+
+    def _report(self, future: concurrent.futures.Future) -> None:
+        exc = None if future.cancelled() else future.exception()
+        if exc is not None:
+            self._log(logging.ERROR, "write", "cannot write the journal %s: %s", self.path, exc)
 
     def close(self) -> None:
         """Finish queued work, then close the file. Idempotent."""
