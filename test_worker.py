@@ -4404,6 +4404,18 @@ class TestOutbox(AsyncTest):
         self.assertEqual(len(logs.output), 1)
         self.assertEqual([json.loads(t)["jobID"] for _, t in await reopened.take("m", 10)], [1])
 
+    def test_a_second_worker_in_the_folder_is_refused_and_the_journal_left_alone(self):
+        tmp = self.tmp()
+        first = open_journal(tmp)
+        self.addCleanup(first.close)
+        first.submit(first.set_meta, "proven", "[]").result()
+        with self.assertRaisesRegex(w.JournalError, "in use by another worker"):
+            open_journal(tmp)
+        self.assertEqual(list(tmp.glob(w.JOURNAL_NAME + ".bad-*")), [])
+        self.assertEqual(first.submit(first.get_meta, "proven").result(), "[]")
+        first.close()
+        open_journal(tmp).close()  # free again once the first has closed
+
     def test_a_write_that_fails_is_logged_once_a_minute(self):
         journal = open_journal(self.tmp())
         self.addCleanup(journal.close)

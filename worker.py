@@ -110,6 +110,11 @@ from collections.abc import Awaitable, Callable, Container, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: one worker per folder is then up to you
+    fcntl = None  # type: ignore[assignment]
+
 from cryptography.hazmat.primitives import padding as _padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from nacl import bindings as _nacl
@@ -5352,6 +5357,7 @@ class Journal:
         self._closed = False
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="journal")
         self._log = _LogLimit()
+        self._lock_fd: int | None = None
 
     @classmethod
     def of(cls, folder: Path, token: str, crypt: Crypt) -> Journal:
@@ -5382,15 +5388,25 @@ class Journal:
         self._closed = True
         self._executor.submit(self._close).result()
         self._executor.shutdown(wait=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # and with it the lock
+            self._lock_fd = None
 
     # opening (journal thread)
     def open(self) -> None:
-        """Open or create the file; a foreign or damaged one is moved aside (logged)."""
+        """Open or create the file; a foreign or damaged one is moved aside (logged).
+
+        One worker per journal: while another holds it, JournalError, and the
+        file is left alone; so it is when SQLite cannot read it now (busy, I/O).
+        """
+        self._lock()
         try:
             self._db = self._connect()
             self._check()
         except (sqlite3.DatabaseError, JournalError) as exc:
             self._close()
+            if isinstance(exc, sqlite3.OperationalError):  # locked, busy, I/O: not the file's fault
+                raise JournalError(f"cannot open the journal {self.path}: {exc}") from None
             try:
                 aside = self._move_aside()
                 log.error("%s is not a usable journal (%s): moved aside to %s; starting clean",
@@ -5400,6 +5416,18 @@ class Journal:
             except (OSError, sqlite3.Error, JournalError) as again:
                 self._close()
                 raise JournalError(f"cannot keep a journal at {self.path}: {again}") from None
+
+    def _lock(self) -> None:
+        if self._lock_fd is not None or fcntl is None:
+            return
+        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise JournalError(f"{self.path} is in use by another worker: "
+                               "give each worker a folder of its own") from None
+        self._lock_fd = fd
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
