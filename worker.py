@@ -302,7 +302,8 @@ def limit_loop_errors() -> None:
     def report(loop: asyncio.AbstractEventLoop, context: dict) -> None:
         message = str(context.get("message") or "asyncio error")
         exc = context.get("exception")
-        _loop_errors(logging.ERROR, message, "%s", message + (": %r" % exc if exc else ""),
+        kind = " ".join(message.split()[:3])  # "Exception in callback <handle>": one kind, whatever handle
+        _loop_errors(logging.ERROR, kind, "%s", message + (": %r" % exc if exc else ""),
                      exc_info=exc if isinstance(exc, BaseException) else None)
     asyncio.get_running_loop().set_exception_handler(report)
 
