@@ -1749,7 +1749,8 @@ class TestCodecs(unittest.TestCase):
 
     def test_bdecode_rejects_with_decode_error_only(self):
         for bad in [b"", b"i", b"ie", b"i1", b"5:abc", b"d1:ae", b"di1ei2ee", b"l",
-                    b"x", b"i1ei2e", b"99999999999:x", b"d" * 1000 + b"e" * 1000, b"i--1e"]:
+                    b"x", b"i1ei2e", b"99999999999:x", b"d" * 1000 + b"e" * 1000, b"i--1e",
+                    b"1_0:0123456789", b"3 :abc", b"l3 :abce", b"+3:abc"]:
             with self.assertRaises(w.DecodeError, msg=bad):
                 w.bdecode(bad)
 
@@ -3906,6 +3907,16 @@ class TestSafety(unittest.TestCase):
                     "pkg @ https://x", "pkg; os_name=='nt'", "", 3, "a b"]:
             with self.assertRaises(w.UnsafeAsset, msg=bad):
                 w.check_requirement(bad)
+
+    def test_installed_versions_are_compared_by_pep_440(self):
+        # True: the installed version serves and pip is not run; False: pip decides.
+        for version, spec, ok in [("2.0", "<2.0.0", False), ("1.26.0", "==1.26", True),
+                                  ("1.26", "==1.26.0", True), ("1.4.2", "~=1.4", True),
+                                  ("2.0", "~=1.4", False), ("1.26.4", ">=1.26,<2", True),
+                                  ("3.0", "!=3.0", False), ("1.0", "", True), ("1.0", "[x]>=1", True),
+                                  ("1.0rc1", ">=0.9", True), ("1.2.3", "==1.2.*", True),
+                                  ("not a version", ">=1", False), ("1.0", ">=x.y", False)]:
+            self.assertIs(w._version_ok(version, spec), ok, msg=(version, spec))
 
 
 class TestTaskJsSafety(unittest.TestCase):

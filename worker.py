@@ -916,6 +916,8 @@ def _bdecode_at(data: bytes, pos: int, depth: int) -> tuple[Any, int]:
         colon = data.index(b":", pos)
         if colon - pos > 10:
             raise DecodeError("bencode string length too long")
+        if not data[pos:colon].isdigit():  # int() would take "1_0" and "3 ", which JS bencode refuses
+            raise DecodeError("bad bencode string length")
         size = int(data[pos:colon])
         start = colon + 1
         if start + size > len(data):
@@ -992,7 +994,7 @@ def ripemd160(data: bytes) -> bytes:
     """RIPEMD-160 from hashlib, or the pure-Python version where it is missing."""
     try:
         return hashlib.new("ripemd160", data).digest()
-    except ValueError:  # OpenSSL 3.0.7+ moves it to the legacy provider
+    except ValueError:  # OpenSSL 3.0.0-3.0.6 keep it in the legacy provider only (3.0.7 put it back)
         return _ripemd160_py(data)
 
 
@@ -4971,10 +4973,6 @@ async def _install_finished(proc: asyncio.subprocess.Process, tool: str, missing
     return True
 
 
-def _version_tuple(text: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"[.+-]", text))
-
-
 def requirement_satisfied(requirement: str, paths: list[str]) -> bool:
     """True when a distribution meeting ``requirement`` is importable from ``paths``."""
     from importlib import metadata
@@ -4987,20 +4985,27 @@ def requirement_satisfied(requirement: str, paths: list[str]) -> bool:
 
 
 def _version_ok(version: str, spec: str) -> bool:
-    """Compare numeric versions for ==, !=, >=, <=, >, <; anything else: ask pip."""
-    checks = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, ">=": lambda a, b: a >= b,
-              "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
-    spec = re.sub(r"\[.*?\]", "", spec)
-    for clause in filter(None, (c.strip() for c in spec.split(","))):
-        op = re.match(r"(===|==|~=|!=|<=|>=|<|>)", clause)
-        if not op or op.group(1) not in checks or "*" in clause:
-            return False
+    """True when ``version`` meets ``spec`` (``>=1.26,<2``, extras ignored) by PEP 440's rules.
+
+    pip's own ``packaging`` decides (zero padding, ``~=``, pre-releases); where
+    it cannot be had, or either side does not parse, False: pip is asked.
+    """
+    try:
+        from packaging.specifiers import Specifier, SpecifierSet
+        from packaging.version import Version
+    except ImportError:
         try:
-            if not checks[op.group(1)](_version_tuple(version), _version_tuple(clause[len(op.group(1)):].strip())):
-                return False
-        except TypeError:
+            from pip._vendor.packaging.specifiers import Specifier, SpecifierSet
+            from pip._vendor.packaging.version import Version
+        except ImportError:
             return False
-    return True
+    try:
+        wanted = SpecifierSet(re.sub(r"\[.*?\]", "", spec).strip())
+        if not all(type(clause) is Specifier for clause in wanted):  # packaging < 22: LegacySpecifier
+            return False
+        return wanted.contains(Version(version), prereleases=True)
+    except ValueError:  # InvalidSpecifier, InvalidVersion
+        return False
 
 
 # npm package name (validate-npm-package-name: URL-safe, no leading . or _,
