@@ -9,6 +9,8 @@ nothing and reads nothing (the vectors are read on first use).
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import functools
 import hashlib
 import json
@@ -225,3 +227,88 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# A hostile DHT node #########################################################
+
+async def hanging_peers(count: int, host: str = "127.0.9.%d") -> tuple[list[tuple[str, int]], list[socket.socket]]:
+    """Addresses whose SYNs go unanswered (a dial hangs until its timeout), and the sockets that
+    make them so (keep them open): listeners with a full backlog that never accept."""
+    addrs, sockets = [], []
+    for i in range(count):
+        sock = socket.socket()
+        sock.bind((host % (i + 1), 0))
+        sock.listen(0)
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(sock.getsockname())
+        sockets += [sock, filler]
+        addrs.append(sock.getsockname())
+    await asyncio.sleep(0.05)  # the fillers' handshakes fill the backlogs
+    return addrs, sockets
+
+
+class HostileDht:
+    """A DHT node on many UDP ports of one address (a Sybil). Every answer names 8 of its own
+    ports as nodes, with ids as close to the target as ids can be (``sybil``; else none), and
+    a get_peers answer gives ``peers`` (say, 50 that hang)."""
+
+    def __init__(self, host: str, ports: list[int], peers: list[tuple[str, int]], sybil: bool) -> None:
+        self.host, self.ports, self.peers, self.sybil = host, ports, peers, sybil
+        self.transports: dict[int, Any] = {}
+        self.queries: collections.Counter = collections.Counter()
+        self.sockets: list[socket.socket] = []
+
+    @classmethod
+    async def start(cls, host: str, ports: list[int], peers: int = 50, sybil: bool = True) -> HostileDht:
+        """On ``ports`` of ``host`` (0: any), with ``peers`` hanging peers."""
+        addrs, sockets = await hanging_peers(peers)
+        node = cls(host, [], addrs, sybil)
+        node.sockets = sockets
+        loop = asyncio.get_running_loop()
+        for port in ports:
+            transport, _ = await loop.create_datagram_endpoint(lambda: _SybilPort(node), local_addr=(host, port))
+            node.transports[transport.get_extra_info("sockname")[1]] = transport
+        node.ports = list(node.transports)
+        return node
+
+    def close(self) -> None:
+        for transport in self.transports.values():
+            transport.close()
+        for sock in self.sockets:
+            sock.close()
+
+    def node_id(self, port: int, near: bytes | None = None) -> bytes:
+        if near is None:
+            return hashlib.sha1(b"sybil %d" % port).digest()
+        return near[:18] + port.to_bytes(2, "big")  # as close to the target as anyone can be
+
+    def answer(self, port: int, data: bytes, addr: tuple) -> None:
+        """Answer a query that came to ``port``."""
+        with contextlib.suppress(w.DecodeError):
+            query = w.parse_krpc(data)
+            if not isinstance(query, w.KrpcQuery):
+                return
+            self.queries[query.method] += 1
+            near = query.args.get("target") or query.args.get("info_hash")
+            near = near if isinstance(near, bytes) and len(near) == 20 else None
+            values: dict = {"token": b"tok"}
+            if self.sybil:
+                others = random.sample(self.ports, min(8, len(self.ports)))
+                values["nodes"] = b"".join(self.node_id(p, near) + w.compact_addr((self.host, p)) for p in others)
+            if query.method == "get_peers" and self.peers:
+                values["values"] = [w.compact_addr(a) for a in self.peers]
+            reply = w.KrpcResponse(query.t, {"id": self.node_id(port, near if self.sybil else None), **values})
+            self.transports[port].sendto(bytes(reply), addr)
+
+
+class _SybilPort(asyncio.DatagramProtocol):
+    def __init__(self, node: HostileDht) -> None:
+        self.node, self.port = node, 0
+
+    def connection_made(self, transport: Any) -> None:
+        self.port = transport.get_extra_info("sockname")[1]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.node.answer(self.port, data, addr)

@@ -473,8 +473,8 @@ class DhtNet:
             for src, core in self.cores.items():
                 for data, dst in core.data_to_send():
                     moving = True
-                    if dst in self.cores and dst not in lost:
-                        self.cores[dst].receive_datagram(data, src, self.now)
+                    if dst not in lost:
+                        self.deliver(data, src, dst)
                 self.events[src] += core.events_received()
         if seconds:
             self.now += seconds
@@ -485,6 +485,32 @@ class DhtNet:
     def peers_found(self, i, info_hash):
         return {p for e in self.events[self.addr(i)] if isinstance(e, w.DhtPeers)
                 and e.info_hash == info_hash for p in e.peers}
+
+    def deliver(self, data, src, dst):
+        if dst in self.cores:
+            self.cores[dst].receive_datagram(data, src, self.now)
+
+
+class SybilNet(DhtNet):
+    """DhtNet and one host posing as many nodes (SYBIL_IP, any port): it answers every query
+    with 8 more of its ports, with ids the target's but for the last 16 bits, and a get_peers
+    with 50 peers of its own."""
+
+    SYBIL_IP = "10.66.0.1"
+    BOGUS = tuple(("10.77.0.%d" % i, 6881) for i in range(1, 51))
+
+    def deliver(self, data, src, dst):
+        if dst[0] != self.SYBIL_IP:
+            return super().deliver(data, src, dst)
+        query = w.parse_krpc(data)
+        near = query.args.get("target") or query.args.get("info_hash") or bytes(20)
+        ports = [(dst[1] * 8 + i) % 60000 + 1 for i in range(1, 9)]
+        values = {"id": near[:18] + dst[1].to_bytes(2, "big"), "token": b"tok",
+                  "nodes": b"".join(near[:18] + p.to_bytes(2, "big") + w.compact_addr((self.SYBIL_IP, p))
+                                    for p in ports)}
+        if query.method == "get_peers":
+            values["values"] = [w.compact_addr(a) for a in self.BOGUS]
+        self.cores[src].receive_datagram(bytes(w.KrpcResponse(query.t, values)), dst, self.now)
 
 
 _KRPC_KEYS = ["t", "y", "q", "a", "r", "e", "id", "target", "info_hash", "token", "port",
@@ -2818,6 +2844,54 @@ class TestKrpc(unittest.TestCase):
             self.assertEqual(table.index(table.random_id(index, rng.randbytes(20))), index)
         self.assertIsNone(table.heard(OURS, ("10.0.0.1", 1), 1.0))  # never ourselves
 
+    # hostile nodes: one host posing as many nodes (a Sybil), floods
+
+    def test_one_host_posing_as_many_nodes_cannot_hide_a_peer(self):
+        """A Sybil first in our bootstrap (SybilNet); the peer announced on the real nodes is
+        still found, our announce reaches them, and the Sybil holds 2 places in the table."""
+        net = SybilNet(31)
+        for i in range(1, 30):
+            net[i].bootstrap([net.addr(0) if i < 15 else net.addr(i - 1)], net.now)
+            net.pump(1.0)
+        info_hash = hashlib.sha1(b"swarm").digest()
+        net[29].get_peers(info_hash, net.now, 4000)
+        net.pump(1.0)
+        me, here = net[30], net.addr(30)
+        me.bootstrap([(net.SYBIL_IP, 1), net.addr(0)], net.now)
+        me.get_peers(info_hash, net.now, 5000)  # at once, as a worker does when it starts
+        for _ in range(10):
+            net.pump(1.0)
+        for _ in range(3):  # and later, the table full
+            net.events[here].clear()
+            me.get_peers(info_hash, net.now, 5000)
+            for _ in range(10):
+                net.pump(1.0)
+            found = net.peers_found(30, info_hash)
+            self.assertIn((net.addr(29)[0], 4000), found)
+            self.assertLessEqual(len(found & set(net.BOGUS)), w.DHT_PEERS_PER_IP)
+        sybils = [c for c in me.table._by_addr.values() if c.addr[0] == net.SYBIL_IP]
+        self.assertLessEqual(len(sybils), w.DHT_PER_IP)
+        self.assertGreaterEqual(len(me.table), 10)  # real nodes are in
+        holders = [i for i in range(30) if (here[0], 5000) in net[i]._store.get(info_hash, net.now)]
+        self.assertTrue(holders)  # our announce reached real nodes
+
+    def test_datagrams_over_the_budget_dropped_before_decoding(self):
+        core = quiet_core()
+        for _ in range(10_000):  # junk from one address
+            core.receive_datagram(b"d1:t2:aa1:y1:xe", HERE_ADDR, 1.0)
+        self.assertEqual(core.stats["dht malformed"], 2 * w.DHT_DATAGRAMS_PER_IP)
+        self.assertEqual(core.stats["dht rate limited"], 10_000 - 2 * w.DHT_DATAGRAMS_PER_IP)
+        self.assertEqual(core.read_delay(1.0), 0.0)
+        # from many addresses: DHT_DATAGRAMS_PER_SECOND in all, then the socket is read later
+        for i in range(3000):
+            core.receive_datagram(b"x", ("10.5.%d.%d" % (i // 250, i % 250 + 1), 1), 2.0)
+        self.assertEqual(core.stats["dht malformed"], 2 * w.DHT_DATAGRAMS_PER_IP + w.DHT_DATAGRAMS_PER_SECOND)
+        self.assertAlmostEqual(core.read_delay(2.0), 1 / w.DHT_DATAGRAMS_PER_SECOND, places=4)
+        self.assertEqual(core.read_delay(2.0 + 2 / w.DHT_DATAGRAMS_PER_SECOND), 0.0)
+        # a node of ours is answered once the second has passed
+        core.receive_datagram(bytes(w.KrpcQuery(b"aa", "ping", {"id": ASKER})), ("10.1.1.1", 1), 3.0)
+        self.assertIsInstance(sent(core)[0][0], w.KrpcResponse)
+
     def test_node_id_follows_the_seed_and_config(self):
         seed = vectors()["keys"]["worker"]["seed_bs58check"]
         self.assertEqual(w.dht_node_id(seed), w.dht_node_id(seed))
@@ -2998,6 +3072,62 @@ async def child_dht_late_master():
     return {"found_s": found, "master": adopted, "js": master.ready["address"]}
 
 
+async def child_dht_hostile(scenario, seconds=30.0):
+    """In a namespace: a hostile DHT node (``scenario``) first in our bootstrap, a real bittorrent-dht
+    node second. A peer of our swarm announces itself there 3 s after we start; do we find it?"""
+    from support import HostileDht
+    w.DHT_LOOKUP_AT, w.DHT_LOOKUP_ALONE = (0.0, 1.0, 2.0), 2.0  # the schedule, shortened for the test
+    boot = await JsProcess("dht-node.js", {}).start()
+    where = "127.0.0.1:%d" % boot.ready["port"]
+    hostile = await HostileDht.start("127.0.5.1", [0] * (1 if scenario == "peers" else 64),
+                                     sybil=scenario != "peers")
+    victim = py_node("dht-hostile", dht=True, dht_bootstrap=["127.0.5.1:%d" % hostile.ports[0], where])
+    dialed = []
+    real_dial = victim._dial
+
+    async def dial(host, port):
+        dialed.append((host, port))
+        return await real_dial(host, port)
+    victim._dial = dial
+    await victim.start()
+    flood = None
+    if scenario == "flood":
+        async def junk():
+            target = ("127.0.0.1", victim._dht.port)
+            while True:
+                for port, transport in hostile.transports.items():
+                    transport.sendto(bytes(w.KrpcQuery(os.urandom(2), "ping", {"id": hostile.node_id(port)})), target)
+                    transport.sendto(os.urandom(random.choice([10, 1400, 5000])), target)
+                await asyncio.sleep(0.002)
+        flood = asyncio.ensure_future(junk())
+    await asyncio.sleep(3.0)
+    master = py_node("dht-hostile", dht=True, dht_bootstrap=[where])
+    master._on_dht_peers = lambda info_hash, peers: None  # it announces, dials nobody: we must find it
+    await master.start()
+    start, found, announced = time.monotonic(), None, None
+    with contextlib.suppress(AssertionError):  # its lookup, too, may meet the Sybil (through us)
+        await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == master.port, 10)
+        announced = time.monotonic() - start
+    with contextlib.suppress(AssertionError):
+        await until(lambda: master.address in victim.peers, seconds)
+        found = time.monotonic() - start
+    if flood is not None:
+        flood.cancel()
+    table = victim._dht.core.table
+    result = {"found_s": found, "announced_s": announced, "dials": len(dialed), "distinct dials": len(set(dialed)),
+              "master dialed": sum(1 for d in dialed if d == ("127.0.0.1", master.port)),
+              "hanging dialed": sum(1 for d in dialed if d in hostile.peers),
+              "stats": {k: v for k, v in victim.stats.items() if "dial" in k},
+              "dht": dict(victim._dht.stats), "table": len(table),
+              "sybils in table": sum(1 for c in table._by_addr.values() if c.addr[0] == "127.0.5.1"),
+              "hostile queries": dict(hostile.queries)}
+    await victim.close()
+    await master.close()
+    hostile.close()
+    await boot.close()
+    return result
+
+
 class TestDhtJs(unittest.TestCase):
     def setUp(self):
         js_ready()
@@ -3031,6 +3161,24 @@ class TestDhtJs(unittest.TestCase):
         out = in_namespace(child_dht_late_master)
         self.assertEqual(out["master"], out["js"])
         self.assertLess(out["found_s"], 20)
+
+    def test_hostile_node_first_in_the_bootstrap_hides_nothing(self):
+        """It answers first with 50 peers that hang (``peers``); poses as 64 nodes nearest to
+        every target (``sybil``); and floods us too (``flood``): the peer is found, few dials hang."""
+        for scenario in ("peers", "sybil", "flood"):
+            with self.subTest(scenario):
+                out = in_namespace(child_dht_hostile, scenario, timeout=100)
+                print("\n  DHT, hostile node (%s): peer found in %s s; %d dials, %d of them hanging; "
+                      "%d datagrams dropped" % (scenario, out["found_s"] and round(out["found_s"], 2),
+                                                out["dials"], out["hanging dialed"],
+                                                out["dht"].get("dht rate limited", 0)), file=sys.stderr)
+                self.assertIsNotNone(out["found_s"], out)
+                self.assertLess(out["found_s"], 15)
+                self.assertEqual(out["master dialed"], 1)
+                self.assertLessEqual(out["distinct dials"] - 1, w.DHT_PEERS_PER_IP)
+                self.assertLessEqual(out["sybils in table"], w.DHT_PER_IP)
+                if scenario == "flood":
+                    self.assertGreater(out["dht"]["dht rate limited"], 10_000)
 
 
 # Trackers and WebRTC ########################################################

@@ -266,6 +266,11 @@ class _RateLimit:
             self._buckets.popitem(last=False)
         return allowed
 
+    def tokens(self, key: Any, now: float) -> float:
+        """What ``key`` has left now (a full burst if unknown)."""
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + max(now - last, 0.0) * self.rate)
+
 
 #: Seconds between two log lines of one kind that peers can provoke.
 LOG_INTERVAL = 60.0
@@ -2410,6 +2415,19 @@ DHT_ANSWERS_PER_IP = 20.0
 DHT_STORE_HASHES = 512
 DHT_STORE_PEERS = 100
 DHT_MAX_VALUES = 50
+#: Against one host posing as many nodes (ids cost nothing in BEP 5): at most this
+#: many contacts of one IP address in the routing table and among a lookup's
+#: candidates (the bootstrap nodes always are), and at most DHT_PEERS_PER_IP peers
+#: a lookup takes from the answers of one address's nodes: half of MAX_DIALING, so
+#: one address never fills the dials (libtorrent keeps one node per IP).
+DHT_PER_IP = 2
+DHT_PEERS_PER_IP = 16
+#: Datagrams read a second, from one address and in all (a burst of as many), before
+#: any is decoded: what is over it is dropped, counted; over the second, the socket
+#: is not read until the budget is back (the kernel drops the rest). We answer
+#: DHT_ANSWERS_PER_SECOND and ask DHT_QUERIES_PER_SECOND: far below.
+DHT_DATAGRAMS_PER_IP = 50.0
+DHT_DATAGRAMS_PER_SECOND = 1000.0
 #: When Bugout looks its swarm up: seconds after start (WebTorrent 1.9 may drop
 #: the first DHT peer it meets, PROTOCOL.md section 7), then every so often.
 DHT_LOOKUP_AT = (0.0, 5.0, 15.0, 30.0)
@@ -2562,6 +2580,7 @@ class RoutingTable:
         self._own = int.from_bytes(own_id, "big")
         self._by_addr: dict[Addr, DhtContact] = {}
         self._spares: dict[int, collections.deque] = {}
+        self._per_ip: collections.Counter = collections.Counter()  # contacts of each IP address
 
     def __len__(self) -> int:
         return len(self._by_addr)
@@ -2589,6 +2608,8 @@ class RoutingTable:
     def _insert(self, contact: DhtContact, index: int, now: float) -> DhtContact | None:
         if contact.addr in self._by_addr:
             return None  # a spare whose address came back under another id
+        if self._per_ip[contact.addr[0]] >= DHT_PER_IP:
+            return None  # one host posing as many nodes
         bucket = self.buckets[index]
         bad = next((c for c in bucket if c.failures >= 2), None)
         if bad is not None:
@@ -2596,6 +2617,7 @@ class RoutingTable:
         if len(bucket) < self.k:
             bucket.append(contact)
             self._by_addr[contact.addr] = contact
+            self._per_ip[contact.addr[0]] += 1
             self.changed[index] = now
             return None
         spares = self._spares.setdefault(index, collections.deque(maxlen=self.k))
@@ -2607,6 +2629,9 @@ class RoutingTable:
     def _remove(self, contact: DhtContact) -> None:
         self.buckets[self.index(contact.id)].remove(contact)
         del self._by_addr[contact.addr]
+        self._per_ip[contact.addr[0]] -= 1
+        if not self._per_ip[contact.addr[0]]:
+            del self._per_ip[contact.addr[0]]
 
     def touch(self, node_id: bytes, addr: Addr, now: float) -> bool:
         """A known node queried us: it is still there. False when unknown."""
@@ -2616,11 +2641,11 @@ class RoutingTable:
         known.last_seen = now
         return True
 
-    def has_room(self, node_id: bytes) -> bool:
-        """True when a new node with this id would be kept."""
+    def has_room(self, node_id: bytes, addr: Addr) -> bool:
+        """True when a new node with this id and address would be kept."""
         index = self.index(node_id)
-        return index < 160 and (len(self.buckets[index]) < self.k
-                                or any(c.failures >= 2 for c in self.buckets[index]))
+        return index < 160 and self._per_ip[addr[0]] < DHT_PER_IP and (
+            len(self.buckets[index]) < self.k or any(c.failures >= 2 for c in self.buckets[index]))
 
     def failed(self, addr: Addr, now: float) -> None:
         """A node did not answer; after two misses in a row a spare takes its place."""
@@ -2666,6 +2691,8 @@ class _Candidate:
     node_id: bytes | None
     probe: _Probe = _Probe.NEW
     token: bytes | None = None
+    #: a bootstrap node: asked by every lookup, and told of our announce, however far its id
+    pinned: bool = False
 
 
 class _Lookup:
@@ -2676,18 +2703,35 @@ class _Lookup:
         self.queries = 0
         self.nodes: dict[Addr, _Candidate] = {}
         self.peers: set[Addr] = set()
+        #: peers taken from each IP address's answers (DHT_PEERS_PER_IP at most)
+        self.peers_from: collections.Counter = collections.Counter()
         self._key = int.from_bytes(target, "big")
+        self._per_ip: collections.Counter = collections.Counter()
 
-    def add(self, node_id: bytes | None, addr: Addr) -> None:
-        """A candidate; unknown ids (bootstrap routers) rank last."""
+    def add(self, node_id: bytes | None, addr: Addr, pinned: bool = False) -> None:
+        """A candidate (DHT_PER_IP of an address at most); unknown ids rank last."""
         if addr in self.nodes:
+            self.nodes[addr].pinned |= pinned
+            return
+        if not pinned and self._per_ip[addr[0]] >= DHT_PER_IP:
             return
         distance = (int.from_bytes(node_id, "big") ^ self._key) if node_id else 1 << 160
-        self.nodes[addr] = _Candidate(distance, node_id)
+        self.nodes[addr] = _Candidate(distance, node_id, pinned=pinned)
+        self._per_ip[addr[0]] += not pinned
         if len(self.nodes) > 8 * DHT_K:  # forget the farthest candidate not yet asked
-            fresh = [a for a, c in self.nodes.items() if c.probe is _Probe.NEW]
+            fresh = [a for a, c in self.nodes.items() if c.probe is _Probe.NEW and not c.pinned]
             if fresh:
-                del self.nodes[max(fresh, key=lambda a: self.nodes[a].distance)]
+                gone = max(fresh, key=lambda a: self.nodes[a].distance)
+                del self.nodes[gone]
+                self._per_ip[gone[0]] -= 1
+
+    def take_peers(self, source: Addr, found: list[Addr]) -> list[Addr]:
+        """The peers of an answer not seen in this lookup, DHT_PEERS_PER_IP per source address."""
+        room = min(DHT_PEERS_PER_IP - self.peers_from[source[0]], 1000 - len(self.peers))
+        fresh = list(dict.fromkeys(p for p in found if p not in self.peers))[:max(room, 0)]
+        self.peers.update(fresh)
+        self.peers_from[source[0]] += len(fresh)
+        return fresh
 
     def set(self, addr: Addr, probe: _Probe) -> None:
         candidate = self.nodes.get(addr)
@@ -2706,11 +2750,13 @@ class _Lookup:
         return sum(1 for c in self.nodes.values() if c.probe is probe)
 
     def next_queries(self) -> list[tuple[Addr, bytes | None]]:
-        """Candidates not asked yet among the k closest, as many as alpha allows."""
+        """The bootstrap nodes not asked yet, then the candidates not asked yet among the
+        k closest, as many as alpha allows."""
         live = [(c.distance, a) for a, c in self.nodes.items() if c.probe is not _Probe.FAILED]
         free = min(DHT_ALPHA - self.count(_Probe.ASKED), DHT_LOOKUP_QUERIES - self.queries)
-        fresh = [(a, self.nodes[a].node_id) for _, a in sorted(live)[:DHT_K]
-                 if self.nodes[a].probe is _Probe.NEW]
+        pinned = [a for a, c in self.nodes.items() if c.pinned and c.probe is _Probe.NEW]
+        closest = [a for _, a in sorted(live)[:DHT_K] if self.nodes[a].probe is _Probe.NEW]
+        fresh = [(a, self.nodes[a].node_id) for a in dict.fromkeys(pinned + closest)]
         return fresh[:max(free, 0)]
 
     def finished(self, now: float) -> bool:
@@ -2719,11 +2765,14 @@ class _Lookup:
         return not self.count(_Probe.ASKED) and not self.next_queries()
 
     def closest_with_tokens(self) -> list[tuple[Addr, bytes, bytes]]:
-        """(addr, id, token) of the k closest nodes that answered with a token."""
+        """(addr, id, token) of the k closest nodes that answered with a token, and of the
+        bootstrap nodes that did (where a lookup surely passes)."""
         ready = sorted((c.distance, a) for a, c in self.nodes.items()
                        if c.probe is _Probe.ANSWERED and c.token and c.node_id)
+        chosen = [a for _, a in ready[:DHT_K]]
+        chosen += [a for _, a in ready[DHT_K:] if self.nodes[a].pinned]
         return [(a, self.nodes[a].node_id, self.nodes[a].token)  # type: ignore[misc]
-                for _, a in ready[:DHT_K]]
+                for a in chosen]
 
 
 class _PeerStore:
@@ -2764,9 +2813,10 @@ class _PeerStore:
 
 @dataclasses.dataclass(frozen=True)
 class DhtPeers:
-    """A get_peers lookup found peers of an infohash (new ones only)."""
+    """A get_peers lookup found peers of an infohash (new ones only), in ``source``'s answer."""
     info_hash: bytes
     peers: tuple[Addr, ...]
+    source: Addr | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2815,6 +2865,8 @@ class DhtCore:
         self._limit_out = _RateLimit(DHT_QUERIES_PER_SECOND, DHT_QUERIES_PER_SECOND, 1)
         self._limit_in = _RateLimit(DHT_ANSWERS_PER_SECOND, DHT_ANSWERS_PER_SECOND, 1)
         self._limit_ip = _RateLimit(DHT_ANSWERS_PER_IP, 2 * DHT_ANSWERS_PER_IP)
+        self._datagrams = _RateLimit(DHT_DATAGRAMS_PER_SECOND, DHT_DATAGRAMS_PER_SECOND, 1)
+        self._datagrams_ip = _RateLimit(DHT_DATAGRAMS_PER_IP, 2 * DHT_DATAGRAMS_PER_IP)
         self._handlers = {"ping": self._on_ping, "find_node": self._on_find_node,
                           "get_peers": self._on_get_peers, "announce_peer": self._on_announce}
         self._out: list[tuple[bytes, Addr]] = []
@@ -2822,7 +2874,11 @@ class DhtCore:
 
     # sans-I/O interface
     def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
-        """Handle one datagram from ``addr``; malformed ones are counted and dropped."""
+        """Handle one datagram from ``addr``; malformed ones, and those over the budgets
+        (DHT_DATAGRAMS_PER_IP, DHT_DATAGRAMS_PER_SECOND), are counted and dropped."""
+        if not (self._datagrams_ip.allow(addr[0], now) and self._datagrams.allow(None, now)):
+            self.stats["dht rate limited"] += 1
+            return
         try:
             if len(data) > DHT_MAX_DATAGRAM:
                 raise DecodeError("KRPC datagram too large")
@@ -2840,6 +2896,12 @@ class DhtCore:
         """Datagrams to send, each with its destination."""
         out, self._out = self._out, []
         return out
+
+    def read_delay(self, now: float) -> float:
+        """Seconds the adapter should not read the socket (0: read): DHT_DATAGRAMS_PER_SECOND
+        are spent."""
+        missing = 1.0 - self._datagrams.tokens(None, now)
+        return missing / DHT_DATAGRAMS_PER_SECOND + 1e-6 if missing > 0 else 0.0  # 1e-6: float rounding
 
     def events_received(self) -> list:
         """DhtPeers and DhtLookupDone events since the last call."""
@@ -2911,7 +2973,7 @@ class DhtCore:
     def _noticed(self, node_id: bytes, addr: Addr, read_only: Any, now: float) -> None:
         """A node queried us: ping it if the table would keep it (BEP 43: not if ``ro``)."""
         if not self.table.touch(node_id, addr, now) and read_only != 1 \
-                and self.table.has_room(node_id):
+                and self.table.has_room(node_id, addr):
             self.ping(addr, now)
 
     def _on_ping(self, args: dict, addr: Addr, now: float) -> dict | tuple:
@@ -3014,12 +3076,12 @@ class DhtCore:
         self._advance(lookup, now)
 
     def _seed_lookup(self, lookup: _Lookup) -> None:
-        """First candidates: the closest contacts, and the bootstrap nodes while few."""
+        """First candidates: the bootstrap nodes (always: a table that hostile nodes filled
+        must not cut us off from them), and the closest contacts."""
+        for addr in self._bootstrap or ():
+            lookup.add(None, addr, pinned=True)
         for contact in self.table.closest(lookup.target):
             lookup.add(contact.id, contact.addr)
-        if len(self.table) < DHT_K:
-            for addr in self._bootstrap or ():
-                lookup.add(None, addr)
 
     def _advance(self, lookup: _Lookup, now: float) -> None:
         """Send the lookup's next queries; finish it when nothing is left to ask."""
@@ -3042,10 +3104,9 @@ class DhtCore:
             if found_id != self.node_id:
                 lookup.add(found_id, found_addr)
         if lookup.method == "get_peers":
-            fresh = [p for p in parse_peers(values.get("values")) if p not in lookup.peers]
-            if fresh and len(lookup.peers) < 1000:
-                lookup.peers.update(fresh)
-                self._events.append(DhtPeers(lookup.target, tuple(fresh)))
+            fresh = lookup.take_peers(addr, parse_peers(values.get("values")))
+            if fresh:
+                self._events.append(DhtPeers(lookup.target, tuple(fresh), addr))
         self._advance(lookup, now)
 
     def _finish(self, lookup: _Lookup, now: float) -> None:
@@ -3177,8 +3238,17 @@ class Dht:
         return [info[4][:2] for info in infos[:2]]
 
     def _received(self, data: bytes, addr: tuple) -> None:
-        self.core.receive_datagram(data, (addr[0], addr[1]), time.monotonic())
+        now = time.monotonic()
+        self.core.receive_datagram(data, (addr[0], addr[1]), now)
         self._flush()
+        delay = self.core.read_delay(now)
+        if delay > 0 and self._transport is not None and self._transport.is_reading():
+            self._transport.pause_reading()  # a flood: the kernel drops what comes meanwhile
+            asyncio.get_running_loop().call_later(delay, self._resume)
+
+    def _resume(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
 
     def _flush(self) -> None:
         if self._transport is not None and not self._transport.is_closing():
