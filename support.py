@@ -229,6 +229,93 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# A hostile tracker ##########################################################
+
+class HostileTracker:
+    """A WebSocket tracker on 127.0.0.1 that answers announces as bittorrent-tracker does and relays
+    nothing: what else it sends is the test's (faults.py's attacks, the tests of trackers' bounds)."""
+
+    def __init__(self, token: str, port: int = 0) -> None:
+        self.port = port
+        self.info_hash = w.infohash_of(token)[0].decode("latin-1")
+        self.sockets: set = set()
+        #: the frames the worker sent us (announces, answers), newest last
+        self.received: list[dict] = []
+        self.connections = 0
+        self.sdp: dict[str, str] = {}  # an offer and an answer aiortc made, for the floods
+
+    async def close(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def start(self) -> HostileTracker:
+        from websockets.asyncio.server import serve
+        self.server = await serve(self._serve, "127.0.0.1", self.port, compression=None, max_size=None)
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.url = "ws://127.0.0.1:%d" % self.port
+        import aiortc
+        config = aiortc.RTCConfiguration(iceServers=[])
+        offerer, answerer = aiortc.RTCPeerConnection(config), aiortc.RTCPeerConnection(config)
+        offerer.createDataChannel("bugout")
+        await offerer.setLocalDescription(await offerer.createOffer())
+        await answerer.setRemoteDescription(offerer.localDescription)
+        await answerer.setLocalDescription(await answerer.createAnswer())
+        self.sdp = {"offer": offerer.localDescription.sdp, "answer": answerer.localDescription.sdp}
+        await offerer.close()
+        await answerer.close()
+        return self
+
+    async def _serve(self, ws: Any) -> None:
+        from websockets.exceptions import ConnectionClosed
+        self.sockets.add(ws)
+        self.connections += 1
+        try:
+            async for text in ws:
+                frame = json.loads(text)
+                self.received.append(frame)
+                if frame.get("action") == "announce" and "answer" not in frame:
+                    await ws.send(json.dumps({"action": "announce", "interval": 120, "complete": 1,
+                                              "incomplete": 0, "info_hash": self.info_hash}))
+        except (ConnectionClosed, ValueError):
+            pass
+        finally:
+            self.sockets.discard(ws)
+
+    def relay(self, kind: str, sdp: str, peer_id: str | None = None, offer_id: str | None = None) -> str:
+        """A relayed offer or answer as bittorrent-tracker writes it."""
+        return json.dumps({"action": "announce", "info_hash": self.info_hash,
+                           "peer_id": peer_id or os.urandom(20).decode("latin-1"),
+                           "offer_id": offer_id or os.urandom(20).decode("latin-1"),
+                           kind: {"type": kind, "sdp": sdp}})
+
+    async def flood(self, until: float, frames: Callable[[], str]) -> dict:
+        """Send ``frames()`` to every connected worker as fast as the sockets take them."""
+        from websockets.exceptions import ConnectionClosed
+        sent = 0
+        while time.monotonic() < until:
+            if not self.sockets:
+                await asyncio.sleep(0.05)
+            for ws in list(self.sockets):
+                with contextlib.suppress(ConnectionClosed, TimeoutError):  # a worker that reads no more
+                    async with asyncio.timeout(max(0.01, until - time.monotonic())):
+                        await ws.send(frames())
+                        sent += 1
+            if sent % 100 == 0:
+                await asyncio.sleep(0)  # a worker in this process gets its turns
+        return {"frames sent": sent, "tracker connections": self.connections}
+
+
+def huge_sdp(sdp: str, candidates: int = 20_000) -> str:
+    """``sdp`` with this many host candidates more (each a different address): about 1 MB,
+    short of the 1 MiB frames the worker took before the bounds."""
+    lines = ["a=candidate:1 1 udp 1 10.%d.%d.%d %d typ host" % (i >> 16 & 255, i >> 8 & 255,
+                                                               i & 255 or 1, 1024 + i % 60000)
+             for i in range(candidates)]
+    head, sep, tail = sdp.partition("a=ice-pwd:")
+    pwd, _, rest = tail.partition("\r\n")
+    return head + sep + pwd + "\r\n" + "\r\n".join(lines) + "\r\n" + rest
+
+
 # A hostile DHT node #########################################################
 
 async def hanging_peers(count: int, host: str = "127.0.9.%d") -> tuple[list[tuple[str, int]], list[socket.socket]]:
