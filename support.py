@@ -231,6 +231,22 @@ def free_port() -> int:
 
 # A hostile tracker ##########################################################
 
+async def sdp_pair() -> dict[str, str]:
+    """An offer and its answer, as aiortc makes them (no ICE server), whose peer connections
+    are already closed: well-formed, and dead."""
+    import aiortc
+    config = aiortc.RTCConfiguration(iceServers=[])
+    offerer, answerer = aiortc.RTCPeerConnection(config), aiortc.RTCPeerConnection(config)
+    offerer.createDataChannel("bugout")
+    await offerer.setLocalDescription(await offerer.createOffer())
+    await answerer.setRemoteDescription(offerer.localDescription)
+    await answerer.setLocalDescription(await answerer.createAnswer())
+    sdp = {"offer": offerer.localDescription.sdp, "answer": answerer.localDescription.sdp}
+    await offerer.close()
+    await answerer.close()
+    return sdp
+
+
 class HostileTracker:
     """A WebSocket tracker on 127.0.0.1 that answers announces as bittorrent-tracker does and relays
     nothing: what else it sends is the test's (faults.py's attacks, the tests of trackers' bounds)."""
@@ -253,16 +269,7 @@ class HostileTracker:
         self.server = await serve(self._serve, "127.0.0.1", self.port, compression=None, max_size=None)
         self.port = self.server.sockets[0].getsockname()[1]
         self.url = "ws://127.0.0.1:%d" % self.port
-        import aiortc
-        config = aiortc.RTCConfiguration(iceServers=[])
-        offerer, answerer = aiortc.RTCPeerConnection(config), aiortc.RTCPeerConnection(config)
-        offerer.createDataChannel("bugout")
-        await offerer.setLocalDescription(await offerer.createOffer())
-        await answerer.setRemoteDescription(offerer.localDescription)
-        await answerer.setLocalDescription(await answerer.createAnswer())
-        self.sdp = {"offer": offerer.localDescription.sdp, "answer": answerer.localDescription.sdp}
-        await offerer.close()
-        await answerer.close()
+        self.sdp = await sdp_pair()
         return self
 
     async def _serve(self, ws: Any) -> None:

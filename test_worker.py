@@ -63,6 +63,7 @@ from support import (
     mutations,
     need,
     prng,
+    sdp_pair,
     until,
     vector_swarm,
     vectors,
@@ -744,17 +745,7 @@ async def flow_rate(master, worker, jobs, get_batch, start=0):
 
 async def dead_answer_sdp():
     """A well-formed answer whose ICE and DTLS ends are already gone."""
-    import aiortc
-    config = aiortc.RTCConfiguration(iceServers=[])
-    offerer, answerer = aiortc.RTCPeerConnection(config), aiortc.RTCPeerConnection(config)
-    offerer.createDataChannel("x")
-    await offerer.setLocalDescription(await offerer.createOffer())
-    await answerer.setRemoteDescription(offerer.localDescription)
-    await answerer.setLocalDescription(await answerer.createAnswer())
-    sdp = answerer.localDescription.sdp
-    await offerer.close()
-    await answerer.close()
-    return sdp
+    return (await sdp_pair())["answer"]
 
 
 async def bad_answerer(url, infohash, stop):
