@@ -27,6 +27,7 @@ import importlib.util
 import inspect
 import itertools
 import json
+import logging
 import os
 import random
 import shlex
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import types
 import unittest
 from pathlib import Path
 from unittest import mock
@@ -54,12 +56,14 @@ from support import (
     clean_env,
     free_port,
     fuzz_inputs,
+    huge_sdp,
     identity,
     js_peer,
     js_ready,
     mutations,
     need,
     prng,
+    sdp_pair,
     until,
     vector_swarm,
     vectors,
@@ -473,8 +477,8 @@ class DhtNet:
             for src, core in self.cores.items():
                 for data, dst in core.data_to_send():
                     moving = True
-                    if dst in self.cores and dst not in lost:
-                        self.cores[dst].receive_datagram(data, src, self.now)
+                    if dst not in lost:
+                        self.deliver(data, src, dst)
                 self.events[src] += core.events_received()
         if seconds:
             self.now += seconds
@@ -485,6 +489,32 @@ class DhtNet:
     def peers_found(self, i, info_hash):
         return {p for e in self.events[self.addr(i)] if isinstance(e, w.DhtPeers)
                 and e.info_hash == info_hash for p in e.peers}
+
+    def deliver(self, data, src, dst):
+        if dst in self.cores:
+            self.cores[dst].receive_datagram(data, src, self.now)
+
+
+class SybilNet(DhtNet):
+    """DhtNet and one host posing as many nodes (SYBIL_IP, any port): it answers every query
+    with 8 more of its ports, with ids the target's but for the last 16 bits, and a get_peers
+    with 50 peers of its own."""
+
+    SYBIL_IP = "10.66.0.1"
+    BOGUS = tuple(("10.77.0.%d" % i, 6881) for i in range(1, 51))
+
+    def deliver(self, data, src, dst):
+        if dst[0] != self.SYBIL_IP:
+            return super().deliver(data, src, dst)
+        query = w.parse_krpc(data)
+        near = query.args.get("target") or query.args.get("info_hash") or bytes(20)
+        ports = [(dst[1] * 8 + i) % 60000 + 1 for i in range(1, 9)]
+        values = {"id": near[:18] + dst[1].to_bytes(2, "big"), "token": b"tok",
+                  "nodes": b"".join(near[:18] + p.to_bytes(2, "big") + w.compact_addr((self.SYBIL_IP, p))
+                                    for p in ports)}
+        if query.method == "get_peers":
+            values["values"] = [w.compact_addr(a) for a in self.BOGUS]
+        self.cores[src].receive_datagram(bytes(w.KrpcResponse(query.t, values)), dst, self.now)
 
 
 _KRPC_KEYS = ["t", "y", "q", "a", "r", "e", "id", "target", "info_hash", "token", "port",
@@ -715,17 +745,7 @@ async def flow_rate(master, worker, jobs, get_batch, start=0):
 
 async def dead_answer_sdp():
     """A well-formed answer whose ICE and DTLS ends are already gone."""
-    import aiortc
-    config = aiortc.RTCConfiguration(iceServers=[])
-    offerer, answerer = aiortc.RTCPeerConnection(config), aiortc.RTCPeerConnection(config)
-    offerer.createDataChannel("x")
-    await offerer.setLocalDescription(await offerer.createOffer())
-    await answerer.setRemoteDescription(offerer.localDescription)
-    await answerer.setLocalDescription(await answerer.createAnswer())
-    sdp = answerer.localDescription.sdp
-    await offerer.close()
-    await answerer.close()
-    return sdp
+    return (await sdp_pair())["answer"]
 
 
 async def bad_answerer(url, infohash, stop):
@@ -2819,6 +2839,54 @@ class TestKrpc(unittest.TestCase):
             self.assertEqual(table.index(table.random_id(index, rng.randbytes(20))), index)
         self.assertIsNone(table.heard(OURS, ("10.0.0.1", 1), 1.0))  # never ourselves
 
+    # hostile nodes: one host posing as many nodes (a Sybil), floods
+
+    def test_one_host_posing_as_many_nodes_cannot_hide_a_peer(self):
+        """A Sybil first in our bootstrap (SybilNet); the peer announced on the real nodes is
+        still found, our announce reaches them, and the Sybil holds 2 places in the table."""
+        net = SybilNet(31)
+        for i in range(1, 30):
+            net[i].bootstrap([net.addr(0) if i < 15 else net.addr(i - 1)], net.now)
+            net.pump(1.0)
+        info_hash = hashlib.sha1(b"swarm").digest()
+        net[29].get_peers(info_hash, net.now, 4000)
+        net.pump(1.0)
+        me, here = net[30], net.addr(30)
+        me.bootstrap([(net.SYBIL_IP, 1), net.addr(0)], net.now)
+        me.get_peers(info_hash, net.now, 5000)  # at once, as a worker does when it starts
+        for _ in range(10):
+            net.pump(1.0)
+        for _ in range(3):  # and later, the table full
+            net.events[here].clear()
+            me.get_peers(info_hash, net.now, 5000)
+            for _ in range(10):
+                net.pump(1.0)
+            found = net.peers_found(30, info_hash)
+            self.assertIn((net.addr(29)[0], 4000), found)
+            self.assertLessEqual(len(found & set(net.BOGUS)), w.DHT_PEERS_PER_IP)
+        sybils = [c for c in me.table._by_addr.values() if c.addr[0] == net.SYBIL_IP]
+        self.assertLessEqual(len(sybils), w.DHT_PER_IP)
+        self.assertGreaterEqual(len(me.table), 10)  # real nodes are in
+        holders = [i for i in range(30) if (here[0], 5000) in net[i]._store.get(info_hash, net.now)]
+        self.assertTrue(holders)  # our announce reached real nodes
+
+    def test_datagrams_over_the_budget_dropped_before_decoding(self):
+        core = quiet_core()
+        for _ in range(10_000):  # junk from one address
+            core.receive_datagram(b"d1:t2:aa1:y1:xe", HERE_ADDR, 1.0)
+        self.assertEqual(core.stats["dht malformed"], 2 * w.DHT_DATAGRAMS_PER_IP)
+        self.assertEqual(core.stats["dht rate limited"], 10_000 - 2 * w.DHT_DATAGRAMS_PER_IP)
+        self.assertEqual(core.read_delay(1.0), 0.0)
+        # from many addresses: DHT_DATAGRAMS_PER_SECOND in all, then the socket is read later
+        for i in range(3000):
+            core.receive_datagram(b"x", ("10.5.%d.%d" % (i // 250, i % 250 + 1), 1), 2.0)
+        self.assertEqual(core.stats["dht malformed"], 2 * w.DHT_DATAGRAMS_PER_IP + w.DHT_DATAGRAMS_PER_SECOND)
+        self.assertAlmostEqual(core.read_delay(2.0), 1 / w.DHT_DATAGRAMS_PER_SECOND, places=4)
+        self.assertEqual(core.read_delay(2.0 + 2 / w.DHT_DATAGRAMS_PER_SECOND), 0.0)
+        # a node of ours is answered once the second has passed
+        core.receive_datagram(bytes(w.KrpcQuery(b"aa", "ping", {"id": ASKER})), ("10.1.1.1", 1), 3.0)
+        self.assertIsInstance(sent(core)[0][0], w.KrpcResponse)
+
     def test_node_id_follows_the_seed_and_config(self):
         seed = vectors()["keys"]["worker"]["seed_bs58check"]
         self.assertEqual(w.dht_node_id(seed), w.dht_node_id(seed))
@@ -2999,6 +3067,62 @@ async def child_dht_late_master():
     return {"found_s": found, "master": adopted, "js": master.ready["address"]}
 
 
+async def child_dht_hostile(scenario, seconds=30.0):
+    """In a namespace: a hostile DHT node (``scenario``) first in our bootstrap, a real bittorrent-dht
+    node second. A peer of our swarm announces itself there 3 s after we start; do we find it?"""
+    from support import HostileDht
+    w.DHT_LOOKUP_AT, w.DHT_LOOKUP_ALONE = (0.0, 1.0, 2.0), 2.0  # the schedule, shortened for the test
+    boot = await JsProcess("dht-node.js", {}).start()
+    where = "127.0.0.1:%d" % boot.ready["port"]
+    hostile = await HostileDht.start("127.0.5.1", [0] * (1 if scenario == "peers" else 64),
+                                     sybil=scenario != "peers")
+    victim = py_node("dht-hostile", dht=True, dht_bootstrap=["127.0.5.1:%d" % hostile.ports[0], where])
+    dialed = []
+    real_dial = victim._dial
+
+    async def dial(host, port):
+        dialed.append((host, port))
+        return await real_dial(host, port)
+    victim._dial = dial
+    await victim.start()
+    flood = None
+    if scenario == "flood":
+        async def junk():
+            target = ("127.0.0.1", victim._dht.port)
+            while True:
+                for port, transport in hostile.transports.items():
+                    transport.sendto(bytes(w.KrpcQuery(os.urandom(2), "ping", {"id": hostile.node_id(port)})), target)
+                    transport.sendto(os.urandom(random.choice([10, 1400, 5000])), target)
+                await asyncio.sleep(0.002)
+        flood = asyncio.ensure_future(junk())
+    await asyncio.sleep(3.0)
+    master = py_node("dht-hostile", dht=True, dht_bootstrap=[where])
+    master._on_dht_peers = lambda info_hash, peers: None  # it announces, dials nobody: we must find it
+    await master.start()
+    start, found, announced = time.monotonic(), None, None
+    with contextlib.suppress(AssertionError):  # its lookup, too, may meet the Sybil (through us)
+        await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == master.port, 10)
+        announced = time.monotonic() - start
+    with contextlib.suppress(AssertionError):
+        await until(lambda: master.address in victim.peers, seconds)
+        found = time.monotonic() - start
+    if flood is not None:
+        flood.cancel()
+    table = victim._dht.core.table
+    result = {"found_s": found, "announced_s": announced, "dials": len(dialed), "distinct dials": len(set(dialed)),
+              "master dialed": sum(1 for d in dialed if d == ("127.0.0.1", master.port)),
+              "hanging dialed": sum(1 for d in dialed if d in hostile.peers),
+              "stats": {k: v for k, v in victim.stats.items() if "dial" in k},
+              "dht": dict(victim._dht.stats), "table": len(table),
+              "sybils in table": sum(1 for c in table._by_addr.values() if c.addr[0] == "127.0.5.1"),
+              "hostile queries": dict(hostile.queries)}
+    await victim.close()
+    await master.close()
+    hostile.close()
+    await boot.close()
+    return result
+
+
 class TestDhtJs(unittest.TestCase):
     def setUp(self):
         js_ready()
@@ -3032,6 +3156,24 @@ class TestDhtJs(unittest.TestCase):
         out = in_namespace(child_dht_late_master)
         self.assertEqual(out["master"], out["js"])
         self.assertLess(out["found_s"], 20)
+
+    def test_hostile_node_first_in_the_bootstrap_hides_nothing(self):
+        """It answers first with 50 peers that hang (``peers``); poses as 64 nodes nearest to
+        every target (``sybil``); and floods us too (``flood``): the peer is found, few dials hang."""
+        for scenario in ("peers", "sybil", "flood"):
+            with self.subTest(scenario):
+                out = in_namespace(child_dht_hostile, scenario, timeout=100)
+                print("\n  DHT, hostile node (%s): peer found in %s s; %d dials, %d of them hanging; "
+                      "%d datagrams dropped" % (scenario, out["found_s"] and round(out["found_s"], 2),
+                                                out["dials"], out["hanging dialed"],
+                                                out["dht"].get("dht rate limited", 0)), file=sys.stderr)
+                self.assertIsNotNone(out["found_s"], out)
+                self.assertLess(out["found_s"], 15)
+                self.assertEqual(out["master dialed"], 1)
+                self.assertLessEqual(out["distinct dials"] - 1, w.DHT_PEERS_PER_IP)
+                self.assertLessEqual(out["sybils in table"], w.DHT_PER_IP)
+                if scenario == "flood":
+                    self.assertGreater(out["dht"]["dht rate limited"], 10_000)
 
 
 # Trackers and WebRTC ########################################################
@@ -3204,6 +3346,97 @@ class TestTrackerClient(unittest.TestCase):
         self.assertEqual(client.events_received(), [w.DropOffer(make.offer_ids[0], "tracker not connected")])
         self.assertEqual(client.data_to_send(), [])
 
+    # bounds: a hostile tracker costs a frame budget, a log line a minute, no aiortc work
+
+    def test_frame_budget_read_later_then_a_flood_is_left_with_backoff(self):
+        client = w.TrackerClient("ws://t", SAMPLE_INFOHASH, sample_peer_ids()[0], random=lambda n: b"\0" * n)
+        client.start_connecting(0.0)
+        client.connection_made(0.0)
+        update = {"action": "announce", "interval": 120, "info_hash": client._info_hash}
+        for _ in range(int(w.TRACKER_FRAME_BURST) + 10):  # a burst at once: what is over it is dropped
+            client.receive_frame(update, 0.0)
+        self.assertEqual(len(client.events_received()), w.TRACKER_FRAME_BURST)
+        self.assertEqual(client.stats["frames over budget"], 10)
+        self.assertAlmostEqual(client.read_delay(0.0), 1 / w.TRACKER_FRAMES_PER_SECOND, places=4)
+        # an adapter that waits as told reads at the budget's rate; after TRACKER_FLOOD_SECONDS
+        # of that, the tracker is left, and its back-off doubles for each flood
+        now, taken = 0.0, 0
+        while client.state is w.TrackerState.OPEN:
+            now += client.read_delay(now)
+            client.receive_frame(update, now)
+            taken += 1
+        self.assertAlmostEqual(now, w.TRACKER_FLOOD_SECONDS, delta=1.0)
+        self.assertAlmostEqual(taken / now, w.TRACKER_FRAMES_PER_SECOND, delta=1.0)
+        self.assertEqual(client.stats["frames over budget"], 10)
+        flood = [e for e in client.events_received() if isinstance(e, w.TrackerWarning)]
+        self.assertEqual([e.kind for e in flood], ["flood"])
+        self.assertIn("more than 20 frames a second", flood[0].message)
+        self.assertEqual(client.state, w.TrackerState.WAITING)
+        self.assertAlmostEqual(client.next_deadline() - now, 2 * w.RECONNECT_FIRST)  # retries 0, floods 1
+        now = client.next_deadline()
+        self.assertTrue(client.start_connecting(now))
+        client.connection_made(now)
+        client.receive_frame(update, now)
+        self.assertEqual(client.retries, 0)  # a good answer resets the retries, not the floods
+        client.connection_lost(100.0, "sent a frame over 128 KiB")  # the adapter's other bound
+        self.assertAlmostEqual(client.next_deadline() - 100.0, 4 * w.RECONNECT_FIRST)
+        self.assertEqual(client.floods, 2)
+        # a tracker that keeps to the budget is never left
+        calm = tracker_client()
+        for i in range(3000):
+            calm.receive_frame(update, i * 0.1)
+        self.assertEqual((calm.state, calm.stats["frames over budget"]), (w.TrackerState.OPEN, 0))
+
+    def test_messages_said_once_a_minute_per_kind_printable_and_short(self):
+        client = tracker_client()
+        ih = client._info_hash
+        failure = {"action": "announce", "info_hash": ih, "failure reason": "bad\n\x1b[31m" + "x" * 1000}
+        warning = {"action": "announce", "info_hash": ih, "interval": 120, "warning message": "slow down"}
+        said = []
+        for i in range(1300):  # 130 s at 10 frames a second: under the frame budget
+            client.receive_frame(failure if i % 2 else warning, i * 0.1)
+            said += [e for e in client.events_received() if isinstance(e, w.TrackerWarning)]
+        self.assertEqual([(e.kind, e.held) for e in said],
+                         [("warning message", 0), ("failure reason", 0), ("warning message", 299),
+                          ("failure reason", 299), ("warning message", 299), ("failure reason", 299)])
+        text = said[1].message
+        self.assertTrue(text.startswith("bad ?[31mxxx"), text)
+        self.assertTrue(text.endswith("... (1009 characters)"), text)
+        self.assertLess(len(text), w.TRACKER_MESSAGE_CHARS + 30)
+        self.assertTrue(text.isprintable())
+        self.assertEqual(client.stats["failures"], 650)
+
+    def test_sdp_caps_and_offer_rate_before_any_event(self):
+        client = tracker_client()
+        ih = client._info_hash
+
+        def offer(sdp, offer_id=None):
+            return {"action": "announce", "info_hash": ih, "peer_id": "p" * 20,
+                    "offer_id": offer_id or os.urandom(20).decode("latin-1"), "offer": {"type": "offer", "sdp": sdp}}
+        candidate = "a=candidate:1 1 udp 2130706431 10.0.0.1 5000 typ host\r\n"
+        client.receive_frame(offer("v=0\r\n" + "a=x\r\n" * (w.RTC_MAX_SDP // 5)), 0.0)
+        client.receive_frame(offer("v=0\r\n" + candidate * (w.RTC_MAX_CANDIDATES + 1)), 0.0)
+        self.assertEqual(client.events_received(), [])
+        self.assertEqual(client.stats["offers refused: SDP too large"], 2)
+        client.receive_frame(offer("v=0\r\n" + candidate * w.RTC_MAX_CANDIDATES), 0.0)
+        self.assertEqual(len(client.events_received()), 1)  # at the caps: taken
+        # relayed offers: a burst, then TRACKER_OFFERS_PER_SECOND; the rest refused unread
+        for i in range(30):
+            client.receive_frame(offer("v=0"), 0.5)
+        self.assertEqual(len(client.events_received()), w.TRACKER_OFFER_BURST - 1)
+        self.assertEqual(client.stats["offers refused: too many"], 30 - (w.TRACKER_OFFER_BURST - 1))
+        client.receive_frame(offer("v=0"), 0.5 + 1 / w.TRACKER_OFFERS_PER_SECOND)
+        self.assertEqual(len(client.events_received()), 1)
+        # an answer over the caps to one of our offers: that offer is dropped, aiortc never sees it
+        client.tick(10.0)
+        [make] = [e for e in client.events_received() if isinstance(e, w.MakeOffers)]
+        client.send_announce([(make.offer_ids[0], "sdp")], 10.0)
+        client.receive_frame({"action": "announce", "info_hash": ih, "peer_id": "q" * 20,
+                              "offer_id": make.offer_ids[0],
+                              "answer": {"type": "answer", "sdp": candidate * 51}}, 10.5)
+        self.assertEqual(client.events_received(), [w.DropOffer(make.offer_ids[0], "answer too large")])
+        self.assertEqual((client.pending_offers, client.stats["answers refused: SDP too large"]), (0, 1))
+
 
 class TestWebRtcSettings(AsyncTest):
     def test_ice_servers(self):
@@ -3289,6 +3522,74 @@ class TestRtcConnection(AsyncTest):
         for channel in channels:
             self.assertLessEqual(max(channel.sizes), w.RTC_CHUNK)
             self.assertGreater(sum(channel.sizes), 1_000_000)
+
+    async def test_sctp_guard_bounds_what_aiortc_reassembles(self):
+        """aiortc's own SCTP receive path, guarded: whole messages pass, no message grows past the
+        cap, chunks held (their first never comes) stop at RTC_MAX_BUFFERED, streams at 16."""
+        need(importlib.util.find_spec("aiortc"), "pip install -r requirements.txt (aiortc)")
+        from aiortc import rtcsctptransport as sctp_module
+
+        def association(cap):
+            sctp = sctp_module.RTCSctpTransport(types.SimpleNamespace(state="new"))
+            sctp._last_received_tsn, got, over = 0, [], []
+
+            async def receive(stream_id, protocol, data):
+                got.append(data)
+            sctp._receive = receive
+            return sctp, w.SctpGuard.install(sctp, cap, over.append), got, over
+
+        def chunks(data, tsn, stream_id=1, seq=0, size=1200, first=True):
+            out = []
+            for start in range(0, len(data), size):
+                chunk = sctp_module.DataChunk(
+                    (sctp_module.SCTP_DATA_FIRST_FRAG if start == 0 and first else 0)
+                    | (sctp_module.SCTP_DATA_LAST_FRAG if start + size >= len(data) else 0))
+                chunk.tsn, chunk.stream_id, chunk.stream_seq, chunk.protocol = tsn + len(out), stream_id, seq, 53
+                chunk.user_data = data[start:start + size]
+                out.append(chunk)
+            return out
+
+        sctp, guard, got, over = association(100_000)
+        tsn, messages = 1, [os.urandom(16 * 1024) for _ in range(20)] + [os.urandom(100_000)]
+        for seq, message in enumerate(messages):
+            for chunk in chunks(message, tsn, seq=seq):
+                await sctp._receive_data_chunk(chunk)
+                tsn += 1
+        await asyncio.sleep(0)
+        self.assertEqual((got, over, guard.held()), (messages, [], 0))
+        # one byte more than the cap: refused when the cap is passed, never whole, reported once
+        fed = 0
+        for chunk in chunks(bytes(100_001 + 50 * 1200), tsn, seq=len(messages)):
+            await sctp._receive_data_chunk(chunk)
+            fed += len(chunk.user_data)
+            if guard.tripped:
+                break
+        await asyncio.sleep(0)
+        self.assertEqual(len(got), len(messages))
+        self.assertLess(fed, 100_001 + 1200)
+        self.assertEqual(over, ["message: a data-channel message over 100000 bytes"])
+        self.assertEqual(guard.held(), 0)
+        # chunks whose first never comes: held up to RTC_MAX_BUFFERED (small ones weigh 1 KiB each)
+        sctp, guard, got, over = association(w.DEFAULT_MAX_MESSAGE)
+        held = 0
+        for chunk in chunks(bytes(10_000_000), 2, size=100, first=False):  # TSN 1 never comes
+            await sctp._receive_data_chunk(chunk)
+            if guard.tripped:
+                break
+            held += 1
+        await asyncio.sleep(0)
+        self.assertEqual(held, w.RTC_MAX_BUFFERED // w.RTC_CHUNK_WEIGHT)
+        self.assertEqual(len(over), 1)
+        self.assertTrue(over[0].startswith("held: "), over)
+        # a data channel each, on more than RTC_MAX_STREAMS streams
+        sctp, guard, got, over = association(w.DEFAULT_MAX_MESSAGE)
+        for stream_id in range(w.RTC_MAX_STREAMS + 5):
+            for chunk in chunks(b"hi", stream_id + 1, stream_id=stream_id):
+                await sctp._receive_data_chunk(chunk)
+        await asyncio.sleep(0)
+        self.assertEqual(len(got), w.RTC_MAX_STREAMS)
+        self.assertEqual(len(sctp._inbound_streams), w.RTC_MAX_STREAMS)
+        self.assertEqual(over, ["streams: more than %d data channels" % w.RTC_MAX_STREAMS])
 
 
 # WebRTC for real: aiortc, @roamhq/wrtc and a local tracker in a namespace ####
@@ -3570,6 +3871,148 @@ class TestWebRtc(unittest.TestCase):
         self.assertEqual(out["capped_wires"], 1)
         self.assertEqual(out["b_c"][0] + out["b_c"][1], 3)
         self.assertGreater(out["declined"], 0)
+
+
+# Trackers and WebRTC: a hostile tracker and peers, for real #################
+
+class LoopProbe:
+    """How late a 10 ms timer of the loop ran at worst (the loop held by something)."""
+
+    def __init__(self):
+        self.longest = 0.0
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self):
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            self.longest, last = max(self.longest, now - last - 0.01), now
+
+    def stop(self):
+        self._task.cancel()
+        return self.longest
+
+
+async def child_hostile_tracker(attack, seconds=3.0):
+    """In a namespace: a node whose only tracker attacks it for ``seconds``; what it cost."""
+    from support import HostileTracker
+    tracker = await HostileTracker("hostile-tracker").start()
+    lines = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("worker").addHandler(handler)
+    logging.getLogger("worker").setLevel(logging.INFO)
+    node = await rtc_node("hostile-tracker", [tracker.url])
+    await until(lambda: tracker.sockets and node.webrtc.sessions[0].client.stats["announces"], 10)
+    client = node.webrtc.sessions[0].client
+    probe, end, notes = LoopProbe(), time.monotonic() + seconds, {}
+    before = len(lines)
+    if attack == "failure reasons":
+        frame = json.dumps({"action": "announce", "info_hash": tracker.info_hash,
+                            "failure reason": "\x1b[2J" + "x" * 1000 + "\n"})
+        notes = await tracker.flood(end, lambda: frame)
+    elif attack == "offers":
+        notes = await tracker.flood(end, lambda: tracker.relay("offer", tracker.sdp["offer"]))
+        notes["peer connections"] = sum(not c.initiator for c in node.webrtc.connections)  # not our offers
+        notes["tasks"] = len(node.webrtc._tasks)
+    elif attack == "answers":
+        notes = await tracker.flood(end, lambda: tracker.relay("answer", tracker.sdp["answer"]))
+    elif attack == "sdp":
+        ws = next(iter(tracker.sockets))
+        for sdp in ["v=0", "garbage", tracker.sdp["offer"][:200], tracker.sdp["offer"].replace("a=fingerprint", "a=x"),
+                    tracker.sdp["offer"] + "m=video 9 UDP/TLS/RTP/SAVPF 96\r\n"]:
+            await ws.send(tracker.relay("offer", sdp))
+        await ws.send(tracker.relay("offer", huge_sdp(tracker.sdp["offer"], 1200)))  # ~55 KB: within a frame
+        await asyncio.sleep(0.5)
+        notes["peer connections"] = sum(not c.initiator for c in node.webrtc.connections)
+        await ws.send(tracker.relay("offer", huge_sdp(tracker.sdp["offer"])))  # 1 MB: over a frame
+        await asyncio.sleep(end - time.monotonic())
+    await asyncio.sleep(0.5)
+    result = {"lines": lines[before:], "gap": probe.stop(), "client": dict(client.stats), "floods": getattr(client, "floods", 0),
+              "node": {k: v for k, v in node.stats.items() if k.startswith("webrtc")},
+              "tracker connections": tracker.connections, **notes}
+    await node.close()
+    await tracker.close()
+    return result
+
+
+async def child_rtc_message_over_cap():
+    """In a namespace: a peer sends one data-channel message of 1 MB; later a new wire works."""
+    tracker = await local_tracker()
+    url = tracker.ready["url"]
+    a = await rtc_node("rtc-big", [url], announce_interval=0.5)
+    b = await rtc_node("rtc-big", [url], announce_interval=0.5)
+    await until(lambda: a.address in b.peers and b.address in a.peers, 30)
+    [conn] = [c for c in b._connections if isinstance(c, w.RtcConnection)]
+    conn.pc.sctp._remote_max_message_size = 0  # b ignores the max-message-size of a's SDP
+    conn._write = conn.channel.send  # and writes its wire in one message
+    b.send({"big": "x" * 1_000_000}, address=a.address)
+    await until(lambda: a.stats["webrtc closed: message"] or any(e[0] == "message" for e in a.events), 30)
+    result = {"closed": a.stats["webrtc closed: message"], "delivered": any(e[0] == "message" for e in a.events),
+              "cap": next((c.guard.message_cap for c in a.webrtc.connections if getattr(c, "guard", None)), None)}
+    await until(lambda: any(c.state is w.ConnState.OPEN and c is not conn for c in b._connections), 30)
+    result["echo"] = await b.rpc(a.address, "echo", {"again": True}, timeout=10)
+    for node in (a, b):
+        await node.close()
+    await tracker.close()
+    return result
+
+
+class TestHostileTracker(unittest.TestCase):
+    """A tracker that attacks (a Python one in the test), and a peer that sends too much."""
+
+    def setUp(self):
+        rtc_ready()
+
+    def attack(self, name):
+        out = in_namespace(child_hostile_tracker, name, timeout=120, lo=LO_FOR_WEBRTC)
+        print("\n  tracker %s: %s frames sent, loop held %.3f s at worst, %d log lines"
+              % (name, out.get("frames sent", "a few"), out["gap"], len(out["lines"])), file=sys.stderr)
+        return out
+
+    def test_failure_reasons_in_a_loop_one_line_and_a_frame_budget(self):
+        out = self.attack("failure reasons")
+        self.assertGreater(out["frames sent"], 1000)
+        said = [line for line in out["lines"] if "failure reason" in line]
+        self.assertEqual(len(said), 1, out["lines"])
+        self.assertLess(len(said[0]), 400)
+        self.assertNotIn("\x1b", said[0])
+        budget = w.TRACKER_FRAME_BURST + 4 * w.TRACKER_FRAMES_PER_SECOND  # 3 s, and the 0.5 s after
+        self.assertLessEqual(out["client"]["failures"], budget)
+        self.assertLess(out["gap"], 2.0)  # the loop is never held long (a loaded machine: 2 s)
+
+    def test_offer_flood_costs_a_few_connections_and_no_task_each(self):
+        out = self.attack("offers")
+        self.assertGreater(out["frames sent"], 500)
+        taken = w.TRACKER_OFFER_BURST + 4 * w.TRACKER_OFFERS_PER_SECOND
+        self.assertLessEqual(out["client"]["offers relayed"], taken)
+        self.assertLessEqual(out["peer connections"], taken)
+        self.assertLessEqual(out["tasks"], taken + 3)  # the session, and an announce
+        self.assertLess(out["gap"], 2.0)
+
+    def test_answers_to_no_offer_read_within_the_budget(self):
+        out = self.attack("answers")
+        self.assertGreater(out["frames sent"], 500)
+        self.assertLessEqual(out["client"]["answers unexpected"],
+                             w.TRACKER_FRAME_BURST + 4 * w.TRACKER_FRAMES_PER_SECOND)
+        self.assertEqual(out["node"].get("webrtc answers", 0), 0)
+
+    def test_bad_and_huge_sdp_refused_before_aiortc(self):
+        out = self.attack("sdp")
+        self.assertEqual(out["client"]["offers refused: SDP too large"], 1)  # 1,200 candidates
+        self.assertEqual(out["node"]["webrtc offers refused: bad SDP"], 5)
+        self.assertEqual(out["peer connections"], 0)
+        self.assertEqual(out["floods"], 1)  # the 1 MB frame: the tracker is left, with back-off
+        self.assertEqual(out["tracker connections"], 1)
+        self.assertIn("frame over 128 KiB", " ".join(line for line in out["lines"] if "flood" in line))
+        self.assertLess(out["gap"], 2.0)  # without the bounds: 64 s
+
+    def test_data_channel_message_over_the_cap_closes_before_it_is_whole(self):
+        out = in_namespace(child_rtc_message_over_cap, timeout=120, lo=LO_FOR_WEBRTC)
+        self.assertEqual((out["closed"], out["delivered"]), (1, False))
+        self.assertLessEqual(out["cap"], 256 * 1024)
+        self.assertEqual(out["echo"], {"again": True, "echoedBy": "py"})
 
 
 # The node: Python and JS bugout peers #######################################

@@ -266,6 +266,11 @@ class _RateLimit:
             self._buckets.popitem(last=False)
         return allowed
 
+    def tokens(self, key: Any, now: float) -> float:
+        """What ``key`` has left now (a full burst if unknown)."""
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + max(now - last, 0.0) * self.rate)
+
 
 #: Seconds between two log lines of one kind that peers can provoke.
 LOG_INTERVAL = 60.0
@@ -2412,6 +2417,19 @@ DHT_ANSWERS_PER_IP = 20.0
 DHT_STORE_HASHES = 512
 DHT_STORE_PEERS = 100
 DHT_MAX_VALUES = 50
+#: Against one host posing as many nodes (ids cost nothing in BEP 5): at most this
+#: many contacts of one IP address in the routing table and among a lookup's
+#: candidates (the bootstrap nodes always are), and at most DHT_PEERS_PER_IP peers
+#: a lookup takes from the answers of one address's nodes: half of MAX_DIALING, so
+#: one address never fills the dials (libtorrent keeps one node per IP).
+DHT_PER_IP = 2
+DHT_PEERS_PER_IP = 16
+#: Datagrams read a second, from one address and in all (a burst of as many), before
+#: any is decoded: what is over it is dropped, counted; over the second, the socket
+#: is not read until the budget is back (the kernel drops the rest). We answer
+#: DHT_ANSWERS_PER_SECOND and ask DHT_QUERIES_PER_SECOND: far below.
+DHT_DATAGRAMS_PER_IP = 50.0
+DHT_DATAGRAMS_PER_SECOND = 1000.0
 #: When Bugout looks its swarm up: seconds after start (WebTorrent 1.9 may drop
 #: the first DHT peer it meets, PROTOCOL.md section 7), then every so often.
 DHT_LOOKUP_AT = (0.0, 5.0, 15.0, 30.0)
@@ -2564,6 +2582,7 @@ class RoutingTable:
         self._own = int.from_bytes(own_id, "big")
         self._by_addr: dict[Addr, DhtContact] = {}
         self._spares: dict[int, collections.deque] = {}
+        self._per_ip: collections.Counter = collections.Counter()  # contacts of each IP address
 
     def __len__(self) -> int:
         return len(self._by_addr)
@@ -2591,6 +2610,8 @@ class RoutingTable:
     def _insert(self, contact: DhtContact, index: int, now: float) -> DhtContact | None:
         if contact.addr in self._by_addr:
             return None  # a spare whose address came back under another id
+        if self._per_ip[contact.addr[0]] >= DHT_PER_IP:
+            return None  # one host posing as many nodes
         bucket = self.buckets[index]
         bad = next((c for c in bucket if c.failures >= 2), None)
         if bad is not None:
@@ -2598,6 +2619,7 @@ class RoutingTable:
         if len(bucket) < self.k:
             bucket.append(contact)
             self._by_addr[contact.addr] = contact
+            self._per_ip[contact.addr[0]] += 1
             self.changed[index] = now
             return None
         spares = self._spares.setdefault(index, collections.deque(maxlen=self.k))
@@ -2609,6 +2631,9 @@ class RoutingTable:
     def _remove(self, contact: DhtContact) -> None:
         self.buckets[self.index(contact.id)].remove(contact)
         del self._by_addr[contact.addr]
+        self._per_ip[contact.addr[0]] -= 1
+        if not self._per_ip[contact.addr[0]]:
+            del self._per_ip[contact.addr[0]]
 
     def touch(self, node_id: bytes, addr: Addr, now: float) -> bool:
         """A known node queried us: it is still there. False when unknown."""
@@ -2618,11 +2643,11 @@ class RoutingTable:
         known.last_seen = now
         return True
 
-    def has_room(self, node_id: bytes) -> bool:
-        """True when a new node with this id would be kept."""
+    def has_room(self, node_id: bytes, addr: Addr) -> bool:
+        """True when a new node with this id and address would be kept."""
         index = self.index(node_id)
-        return index < 160 and (len(self.buckets[index]) < self.k
-                                or any(c.failures >= 2 for c in self.buckets[index]))
+        return index < 160 and self._per_ip[addr[0]] < DHT_PER_IP and (
+            len(self.buckets[index]) < self.k or any(c.failures >= 2 for c in self.buckets[index]))
 
     def failed(self, addr: Addr, now: float) -> None:
         """A node did not answer; after two misses in a row a spare takes its place."""
@@ -2668,6 +2693,8 @@ class _Candidate:
     node_id: bytes | None
     probe: _Probe = _Probe.NEW
     token: bytes | None = None
+    #: a bootstrap node: asked by every lookup, and told of our announce, however far its id
+    pinned: bool = False
 
 
 class _Lookup:
@@ -2678,18 +2705,35 @@ class _Lookup:
         self.queries = 0
         self.nodes: dict[Addr, _Candidate] = {}
         self.peers: set[Addr] = set()
+        #: peers taken from each IP address's answers (DHT_PEERS_PER_IP at most)
+        self.peers_from: collections.Counter = collections.Counter()
         self._key = int.from_bytes(target, "big")
+        self._per_ip: collections.Counter = collections.Counter()
 
-    def add(self, node_id: bytes | None, addr: Addr) -> None:
-        """A candidate; unknown ids (bootstrap routers) rank last."""
+    def add(self, node_id: bytes | None, addr: Addr, pinned: bool = False) -> None:
+        """A candidate (DHT_PER_IP of an address at most); unknown ids rank last."""
         if addr in self.nodes:
+            self.nodes[addr].pinned |= pinned
+            return
+        if not pinned and self._per_ip[addr[0]] >= DHT_PER_IP:
             return
         distance = (int.from_bytes(node_id, "big") ^ self._key) if node_id else 1 << 160
-        self.nodes[addr] = _Candidate(distance, node_id)
+        self.nodes[addr] = _Candidate(distance, node_id, pinned=pinned)
+        self._per_ip[addr[0]] += not pinned
         if len(self.nodes) > 8 * DHT_K:  # forget the farthest candidate not yet asked
-            fresh = [a for a, c in self.nodes.items() if c.probe is _Probe.NEW]
+            fresh = [a for a, c in self.nodes.items() if c.probe is _Probe.NEW and not c.pinned]
             if fresh:
-                del self.nodes[max(fresh, key=lambda a: self.nodes[a].distance)]
+                gone = max(fresh, key=lambda a: self.nodes[a].distance)
+                del self.nodes[gone]
+                self._per_ip[gone[0]] -= 1
+
+    def take_peers(self, source: Addr, found: list[Addr]) -> list[Addr]:
+        """The peers of an answer not seen in this lookup, DHT_PEERS_PER_IP per source address."""
+        room = min(DHT_PEERS_PER_IP - self.peers_from[source[0]], 1000 - len(self.peers))
+        fresh = list(dict.fromkeys(p for p in found if p not in self.peers))[:max(room, 0)]
+        self.peers.update(fresh)
+        self.peers_from[source[0]] += len(fresh)
+        return fresh
 
     def set(self, addr: Addr, probe: _Probe) -> None:
         candidate = self.nodes.get(addr)
@@ -2708,11 +2752,13 @@ class _Lookup:
         return sum(1 for c in self.nodes.values() if c.probe is probe)
 
     def next_queries(self) -> list[tuple[Addr, bytes | None]]:
-        """Candidates not asked yet among the k closest, as many as alpha allows."""
+        """The bootstrap nodes not asked yet, then the candidates not asked yet among the
+        k closest, as many as alpha allows."""
         live = [(c.distance, a) for a, c in self.nodes.items() if c.probe is not _Probe.FAILED]
         free = min(DHT_ALPHA - self.count(_Probe.ASKED), DHT_LOOKUP_QUERIES - self.queries)
-        fresh = [(a, self.nodes[a].node_id) for _, a in sorted(live)[:DHT_K]
-                 if self.nodes[a].probe is _Probe.NEW]
+        pinned = [a for a, c in self.nodes.items() if c.pinned and c.probe is _Probe.NEW]
+        closest = [a for _, a in sorted(live)[:DHT_K] if self.nodes[a].probe is _Probe.NEW]
+        fresh = [(a, self.nodes[a].node_id) for a in dict.fromkeys(pinned + closest)]
         return fresh[:max(free, 0)]
 
     def finished(self, now: float) -> bool:
@@ -2721,11 +2767,14 @@ class _Lookup:
         return not self.count(_Probe.ASKED) and not self.next_queries()
 
     def closest_with_tokens(self) -> list[tuple[Addr, bytes, bytes]]:
-        """(addr, id, token) of the k closest nodes that answered with a token."""
+        """(addr, id, token) of the k closest nodes that answered with a token, and of the
+        bootstrap nodes that did (where a lookup surely passes)."""
         ready = sorted((c.distance, a) for a, c in self.nodes.items()
                        if c.probe is _Probe.ANSWERED and c.token and c.node_id)
+        chosen = [a for _, a in ready[:DHT_K]]
+        chosen += [a for _, a in ready[DHT_K:] if self.nodes[a].pinned]
         return [(a, self.nodes[a].node_id, self.nodes[a].token)  # type: ignore[misc]
-                for _, a in ready[:DHT_K]]
+                for a in chosen]
 
 
 class _PeerStore:
@@ -2766,9 +2815,10 @@ class _PeerStore:
 
 @dataclasses.dataclass(frozen=True)
 class DhtPeers:
-    """A get_peers lookup found peers of an infohash (new ones only)."""
+    """A get_peers lookup found peers of an infohash (new ones only), in ``source``'s answer."""
     info_hash: bytes
     peers: tuple[Addr, ...]
+    source: Addr | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2817,6 +2867,8 @@ class DhtCore:
         self._limit_out = _RateLimit(DHT_QUERIES_PER_SECOND, DHT_QUERIES_PER_SECOND, 1)
         self._limit_in = _RateLimit(DHT_ANSWERS_PER_SECOND, DHT_ANSWERS_PER_SECOND, 1)
         self._limit_ip = _RateLimit(DHT_ANSWERS_PER_IP, 2 * DHT_ANSWERS_PER_IP)
+        self._datagrams = _RateLimit(DHT_DATAGRAMS_PER_SECOND, DHT_DATAGRAMS_PER_SECOND, 1)
+        self._datagrams_ip = _RateLimit(DHT_DATAGRAMS_PER_IP, 2 * DHT_DATAGRAMS_PER_IP)
         self._handlers = {"ping": self._on_ping, "find_node": self._on_find_node,
                           "get_peers": self._on_get_peers, "announce_peer": self._on_announce}
         self._out: list[tuple[bytes, Addr]] = []
@@ -2824,7 +2876,11 @@ class DhtCore:
 
     # sans-I/O interface
     def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
-        """Handle one datagram from ``addr``; malformed ones are counted and dropped."""
+        """Handle one datagram from ``addr``; malformed ones, and those over the budgets
+        (DHT_DATAGRAMS_PER_IP, DHT_DATAGRAMS_PER_SECOND), are counted and dropped."""
+        if not (self._datagrams_ip.allow(addr[0], now) and self._datagrams.allow(None, now)):
+            self.stats["dht rate limited"] += 1
+            return
         try:
             if len(data) > DHT_MAX_DATAGRAM:
                 raise DecodeError("KRPC datagram too large")
@@ -2842,6 +2898,12 @@ class DhtCore:
         """Datagrams to send, each with its destination."""
         out, self._out = self._out, []
         return out
+
+    def read_delay(self, now: float) -> float:
+        """Seconds the adapter should not read the socket (0: read): DHT_DATAGRAMS_PER_SECOND
+        are spent."""
+        missing = 1.0 - self._datagrams.tokens(None, now)
+        return missing / DHT_DATAGRAMS_PER_SECOND + 1e-6 if missing > 0 else 0.0  # 1e-6: float rounding
 
     def events_received(self) -> list:
         """DhtPeers and DhtLookupDone events since the last call."""
@@ -2913,7 +2975,7 @@ class DhtCore:
     def _noticed(self, node_id: bytes, addr: Addr, read_only: Any, now: float) -> None:
         """A node queried us: ping it if the table would keep it (BEP 43: not if ``ro``)."""
         if not self.table.touch(node_id, addr, now) and read_only != 1 \
-                and self.table.has_room(node_id):
+                and self.table.has_room(node_id, addr):
             self.ping(addr, now)
 
     def _on_ping(self, args: dict, addr: Addr, now: float) -> dict | tuple:
@@ -3016,12 +3078,12 @@ class DhtCore:
         self._advance(lookup, now)
 
     def _seed_lookup(self, lookup: _Lookup) -> None:
-        """First candidates: the closest contacts, and the bootstrap nodes while few."""
+        """First candidates: the bootstrap nodes (always: a table that hostile nodes filled
+        must not cut us off from them), and the closest contacts."""
+        for addr in self._bootstrap or ():
+            lookup.add(None, addr, pinned=True)
         for contact in self.table.closest(lookup.target):
             lookup.add(contact.id, contact.addr)
-        if len(self.table) < DHT_K:
-            for addr in self._bootstrap or ():
-                lookup.add(None, addr)
 
     def _advance(self, lookup: _Lookup, now: float) -> None:
         """Send the lookup's next queries; finish it when nothing is left to ask."""
@@ -3044,10 +3106,9 @@ class DhtCore:
             if found_id != self.node_id:
                 lookup.add(found_id, found_addr)
         if lookup.method == "get_peers":
-            fresh = [p for p in parse_peers(values.get("values")) if p not in lookup.peers]
-            if fresh and len(lookup.peers) < 1000:
-                lookup.peers.update(fresh)
-                self._events.append(DhtPeers(lookup.target, tuple(fresh)))
+            fresh = lookup.take_peers(addr, parse_peers(values.get("values")))
+            if fresh:
+                self._events.append(DhtPeers(lookup.target, tuple(fresh), addr))
         self._advance(lookup, now)
 
     def _finish(self, lookup: _Lookup, now: float) -> None:
@@ -3179,8 +3240,17 @@ class Dht:
         return [info[4][:2] for info in infos[:2]]
 
     def _received(self, data: bytes, addr: tuple) -> None:
-        self.core.receive_datagram(data, (addr[0], addr[1]), time.monotonic())
+        now = time.monotonic()
+        self.core.receive_datagram(data, (addr[0], addr[1]), now)
         self._flush()
+        delay = self.core.read_delay(now)
+        if delay > 0 and self._transport is not None and self._transport.is_reading():
+            self._transport.pause_reading()  # a flood: the kernel drops what comes meanwhile
+            asyncio.get_running_loop().call_later(delay, self._resume)
+
+    def _resume(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
 
     def _flush(self) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -3226,6 +3296,39 @@ RTC_CONNECT_TIMEOUT = 25.0
 #: max-message-size that aiortc and libwebrtc put in their SDP, and the size
 #: that every WebRTC stack, old browsers included, takes
 RTC_CHUNK = 16 * 1024
+#: Bounds on a tracker (anyone may run one; bugout's defaults are public). Frames
+#: read a second, after a burst: over it the socket is read later (TCP then slows
+#: the tracker down), and one that keeps the budget spent for TRACKER_FLOOD_SECONDS
+#: is left, with back-off. A real tracker sends a frame or two a minute per peer.
+TRACKER_FRAMES_PER_SECOND = 20.0
+TRACKER_FRAME_BURST = 40.0
+TRACKER_FLOOD_SECONDS = 30.0
+#: Relayed offers taken a second, per tracker, after a burst: each costs a peer
+#: connection, a certificate and ICE; the rest are refused unread.
+TRACKER_OFFERS_PER_SECOND = 0.5
+TRACKER_OFFER_BURST = 10.0
+#: A tracker's messages (failure reason, warning) are logged once a minute per kind,
+#: cut to this many characters.
+TRACKER_MESSAGE_CHARS = 200
+#: A remote SDP larger than this, or with more candidates, is refused before aiortc
+#: reads it: aioice compares each candidate with every one before it, so 20,000 of them
+#: held the loop for a minute (answering an offer) or more than three (an answer to ours).
+#: Ours is about 1 KB with a few host candidates.
+RTC_MAX_SDP = 64 * 1024
+RTC_MAX_CANDIDATES = 50
+#: The largest frame read from a tracker: an offer of RTC_MAX_SDP, escaped as JSON.
+TRACKER_MAX_FRAME = 2 * RTC_MAX_SDP
+#: What aiortc may hold of one peer connection's data-channel messages not yet
+#: whole, each chunk counted as at least RTC_CHUNK_WEIGHT bytes: twice the 1 MiB
+#: receive window aiortc advertises, which a peer keeping to it never fills. More,
+#: more than RTC_MAX_STREAMS channels (bugout opens one), or one message over
+#: maxMessage or over the max-message-size of our SDP (aiortc's: 64 or 256 KiB,
+#: which every WebRTC stack keeps to) closes the connection before aiortc holds it
+#: whole. aiortc itself has no bound, and its reassembly costs time in the chunks
+#: it holds, for each chunk.
+RTC_MAX_BUFFERED = 2 * 1024 * 1024
+RTC_CHUNK_WEIGHT = 1024
+RTC_MAX_STREAMS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3267,8 +3370,11 @@ class TrackerUpdate:
 
 @dataclasses.dataclass(frozen=True)
 class TrackerWarning:
-    """A ``failure reason`` or ``warning message`` from the tracker."""
+    """A ``failure reason`` or ``warning message`` from the tracker, or its ``flood``:
+    printable, cut short, one a minute per kind (``held``: how many were not said)."""
     message: str
+    kind: str = "failure reason"
+    held: int = 0
 
 
 class TrackerState(enum.Enum):
@@ -3298,14 +3404,35 @@ def _sdp_of(value: Any, kind: str) -> str | None:
     return None
 
 
+def _sdp_too_big(sdp: str) -> bool:
+    """Over RTC_MAX_SDP characters or RTC_MAX_CANDIDATES candidates."""
+    return len(sdp) > RTC_MAX_SDP or sdp.count("a=candidate") > RTC_MAX_CANDIDATES
+
+
+def printable(text: str, limit: int) -> str:
+    """``text`` on one line, unprintable characters as ``?``, cut to ``limit`` characters."""
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[:limit] + "... (%d characters)" % len(text)
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 class TrackerClient:
     """One WebSocket tracker without I/O: JSON frames and ``now`` in; frames and events out.
 
     The adapter opens the socket when :meth:`start_connecting` says so, reports
     :meth:`connection_made` / :meth:`connection_lost`, feeds every frame to
-    :meth:`receive_frame`, calls :meth:`tick` by :meth:`next_deadline`, and
-    acts on :meth:`events_received`; :meth:`data_to_send` gives JSON texts.
-    Ids (``info_hash``, ``peer_id``, ``offer_id``) are 20-char latin-1 strings.
+    :meth:`receive_frame` (reading none before :meth:`read_delay` has passed;
+    it closes the socket when the client leaves OPEN), calls :meth:`tick` by
+    :meth:`next_deadline`, and acts on :meth:`events_received`;
+    :meth:`data_to_send` gives JSON texts. Ids (``info_hash``, ``peer_id``,
+    ``offer_id``) are 20-char latin-1 strings.
+
+    Bounds: TRACKER_FRAMES_PER_SECOND (frames over it are dropped, counted; a
+    tracker that keeps the budget spent for TRACKER_FLOOD_SECONDS is left, and
+    each such flood doubles its back-off for good), TRACKER_OFFERS_PER_SECOND
+    relayed offers, SDP of RTC_MAX_SDP and RTC_MAX_CANDIDATES, and one
+    TrackerWarning a minute per kind.
     """
 
     def __init__(self, url: str, infohash: bytes, peer_id: bytes, *,
@@ -3337,6 +3464,13 @@ class TrackerClient:
         self._started = False
         self._frames: list[str] = []
         self._events: list = []
+        self._frame_budget = _RateLimit(TRACKER_FRAMES_PER_SECOND, TRACKER_FRAME_BURST, 1)
+        self._offer_budget = _RateLimit(TRACKER_OFFERS_PER_SECOND, TRACKER_OFFER_BURST, 1)
+        self._flooding_since: float | None = None
+        #: floods seen: each doubles the back-off, for as long as we run
+        self.floods = 0
+        self._said: dict[str, float] = {}  # kind of message -> when it may be said again
+        self._held: collections.Counter = collections.Counter()
 
     def _set_state(self, state: TrackerState) -> None:
         if state not in _TRACKER_MOVES[self.state]:
@@ -3374,13 +3508,22 @@ class TrackerClient:
         self._started = False
         self._next_announce = now
 
-    def connection_lost(self, now: float) -> None:
-        """The socket failed or closed: drop the offers, back off, reconnect."""
+    def connection_lost(self, now: float, misbehaved: str | None = None) -> None:
+        """The socket failed or closed: drop the offers, back off, reconnect.
+
+        ``misbehaved`` says why we leave a tracker that broke a bound (a frame
+        too large): that counts as a flood."""
         if self.state not in (TrackerState.CONNECTING, TrackerState.OPEN):
             return
         self._drop_all("tracker connection lost")
+        if misbehaved:
+            self.floods += 1
+            self.stats["floods"] += 1
         factor = 1.0 + self._random(1)[0] / 510.0
-        self._reconnect_at = now + min(RECONNECT_LAST, RECONNECT_FIRST * 2 ** min(self.retries, 16)) * factor
+        doublings = min(self.retries + self.floods, 16)
+        self._reconnect_at = now + min(RECONNECT_LAST, RECONNECT_FIRST * 2 ** doublings) * factor
+        if misbehaved:
+            self._warn("flood", "%s; reconnecting in %.0f s" % (misbehaved, self._reconnect_at - now), now)
         self.retries += 1
         self._offering = False
         self._next_announce = None
@@ -3466,9 +3609,16 @@ class TrackerClient:
         return True
 
     # incoming
+    def read_delay(self, now: float) -> float:
+        """Seconds to wait before reading the next frame (0: read now)."""
+        missing = 1.0 - self._frame_budget.tokens(None, now)
+        return missing / TRACKER_FRAMES_PER_SECOND + 1e-6 if missing > 0 else 0.0  # 1e-6: float rounding
+
     def receive_frame(self, frame: Any, now: float) -> None:
         """One frame from the tracker: JSON text or its parsed value."""
         if self.state is not TrackerState.OPEN:
+            return
+        if not self._within_budget(now):
             return
         if isinstance(frame, (str, bytes)):
             try:
@@ -3482,21 +3632,46 @@ class TrackerClient:
         elif frame.get("peer_id") != self._peer_id:
             self._on_announce(frame, now)
 
+    def _within_budget(self, now: float) -> bool:
+        """Spend a frame of the budget; leave a tracker that keeps it spent (a flood)."""
+        allowed = self._frame_budget.allow(None, now)
+        if self._frame_budget.tokens(None, now) >= TRACKER_FRAME_BURST / 2:
+            self._flooding_since = None
+        elif self._flooding_since is None:
+            self._flooding_since = now
+        elif now - self._flooding_since >= TRACKER_FLOOD_SECONDS:
+            self._flooding_since = None
+            self.connection_lost(now, "sent more than %.0f frames a second for %.0f s"
+                                 % (TRACKER_FRAMES_PER_SECOND, TRACKER_FLOOD_SECONDS))
+            return False
+        if not allowed:
+            self.stats["frames over budget"] += 1
+        return allowed
+
+    def _warn(self, kind: str, message: Any, now: float) -> None:
+        """A TrackerWarning, unless one of this kind was given less than a minute ago."""
+        if now < self._said.get(kind, float("-inf")):
+            self._held[kind] += 1
+            return
+        self._said[kind] = now + LOG_INTERVAL
+        self._events.append(TrackerWarning(printable(str(message), TRACKER_MESSAGE_CHARS), kind,
+                                           self._held.pop(kind, 0)))
+
     def _on_announce(self, frame: dict, now: float) -> None:
         failure = frame.get("failure reason")
         if failure is not None:
             self.stats["failures"] += 1
-            self._events.append(TrackerWarning(str(failure)))
+            self._warn("failure reason", failure, now)
             return
         if frame.get("warning message") is not None:
-            self._events.append(TrackerWarning(str(frame["warning message"])))
+            self._warn("warning message", frame["warning message"], now)
         self._on_interval(frame)
         peer_id, offer_id = frame.get("peer_id"), frame.get("offer_id")
         if "offer" in frame or "answer" in frame:
             if not (_is_binary_id(peer_id) and _is_binary_id(offer_id)):
                 self.stats["bad offers or answers"] += 1
             elif "offer" in frame:
-                self._on_offer(peer_id, offer_id, _sdp_of(frame["offer"], "offer"))
+                self._on_offer(peer_id, offer_id, _sdp_of(frame["offer"], "offer"), now)
             else:
                 self._on_answer(peer_id, offer_id, _sdp_of(frame["answer"], "answer"))
 
@@ -3511,18 +3686,26 @@ class TrackerClient:
             self._events.append(TrackerUpdate(_int_or_none(frame.get("complete")),
                                               _int_or_none(frame.get("incomplete")), self.interval))
 
-    def _on_offer(self, peer_id: str, offer_id: str, sdp: str | None) -> None:
+    def _on_offer(self, peer_id: str, offer_id: str, sdp: str | None, now: float) -> None:
         if sdp is None:
             self.stats["bad offers or answers"] += 1
-            return
-        self.stats["offers relayed"] += 1
-        self._events.append(RelayedOffer(peer_id, offer_id, sdp))
+        elif _sdp_too_big(sdp):
+            self.stats["offers refused: SDP too large"] += 1
+        elif not self._offer_budget.allow(None, now):
+            self.stats["offers refused: too many"] += 1
+        else:
+            self.stats["offers relayed"] += 1
+            self._events.append(RelayedOffer(peer_id, offer_id, sdp))
 
     def _on_answer(self, peer_id: str, offer_id: str, sdp: str | None) -> None:
         if sdp is None or offer_id not in self._pending:
             self.stats["answers unexpected"] += 1
             return
         del self._pending[offer_id]
+        if _sdp_too_big(sdp):
+            self.stats["answers refused: SDP too large"] += 1
+            self._events.append(DropOffer(offer_id, "answer too large"))
+            return
         self.stats["answers"] += 1
         self._events.append(RelayedAnswer(peer_id, offer_id, sdp))
 
@@ -3558,28 +3741,37 @@ class TrackerSession:
         from websockets.exceptions import WebSocketException
         try:
             ws = await connect(self.client.url, open_timeout=15, close_timeout=2,
-                               compression=None, max_size=1 << 20)
+                               compression=None, max_size=TRACKER_MAX_FRAME)
         except (OSError, UnicodeError, TimeoutError, WebSocketException) as exc:
             log.debug("tracker %s: cannot connect: %s", self.client.url, exc)
             self.client.connection_lost(time.monotonic())
             return
         self._ws = ws
         self.client.connection_made(time.monotonic())
+        misbehaved = None
         try:
             await self._read(ws)
         except (OSError, WebSocketException) as exc:
             log.debug("tracker %s: connection lost: %s", self.client.url, exc)
+            if getattr(getattr(exc, "sent", None), "code", None) == 1009:  # we refused a frame: too big
+                misbehaved = "sent a frame over %d KiB" % (TRACKER_MAX_FRAME // 1024)
         finally:
             self._ws = None
-            self.client.connection_lost(time.monotonic())
+            self.client.connection_lost(time.monotonic(), misbehaved)
             self._handle_events()
             with contextlib.suppress(OSError, WebSocketException):
                 await ws.close()
 
     async def _read(self, ws: Any) -> None:
+        """Frames to the client while it stays OPEN; none before its read delay (TCP then
+        holds the tracker back)."""
         client = self.client
-        while True:
+        while client.state is TrackerState.OPEN:
             await self.flush()
+            delay = client.read_delay(time.monotonic())
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
             deadline = client.next_deadline()
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
@@ -3616,6 +3808,124 @@ class TrackerSession:
                 await self._ws.close()
 
 
+class SctpGuard:
+    """Bounds aiortc's reassembly of one peer connection's data-channel messages.
+
+    aiortc holds every chunk of a message until the last one comes, with no
+    limit: one message of 65 MiB is 55,000 chunks, each handled in time that
+    grows with those held. The guard takes the place of aiortc's
+    ``_get_inbound_stream`` on this one SCTP transport (aiortc's files are
+    untouched) and gives it streams that refuse a chunk beyond the bounds of
+    RTC_MAX_BUFFERED; then it drops what is held and calls ``on_over(why)``
+    once, soon (never inside aiortc's own call). It uses aiortc's
+    ``InboundStream`` and its ``reassembly`` list, as aiortc 1.9 to 1.16 have
+    them; where they differ it bounds nothing and says so once.
+    """
+
+    def __init__(self, sctp: Any, message_cap: int, on_over: Callable[[str], Any]) -> None:
+        from aiortc import rtcsctptransport
+        self.sctp, self.message_cap, self.on_over = sctp, message_cap, on_over
+        self.tripped = False
+        self._first = rtcsctptransport.SCTP_DATA_FIRST_FRAG
+        self._last = rtcsctptransport.SCTP_DATA_LAST_FRAG
+        self._stream_class = _bounded_stream_class(rtcsctptransport.InboundStream)
+        self._dropping = self._stream_class(self)  # for streams over RTC_MAX_STREAMS: kept nowhere
+
+    @classmethod
+    def install(cls, sctp: Any, message_cap: int, on_over: Callable[[str], Any]) -> SctpGuard | None:
+        """Guard ``sctp``; None (and one warning a process) when aiortc's inside differs."""
+        try:
+            guard = cls(sctp, message_cap, on_over)
+            usable = isinstance(sctp._inbound_streams, dict) and callable(sctp._get_inbound_stream)
+        except (ImportError, AttributeError):
+            usable = False
+        if not usable:
+            _rtc_unbounded(logging.WARNING, "unbounded", "this aiortc's data-channel messages are not "
+                           "bounded (its inside differs): pip install 'aiortc>=1.9,<2'")
+            return None
+        sctp._get_inbound_stream = guard.stream
+        return guard
+
+    def stream(self, stream_id: int) -> Any:
+        """aiortc's ``_get_inbound_stream``, bounded in number."""
+        streams = self.sctp._inbound_streams
+        if stream_id not in streams:
+            if len(streams) >= RTC_MAX_STREAMS:
+                self.trip("streams: more than %d data channels" % RTC_MAX_STREAMS)
+                return self._dropping
+            streams[stream_id] = self._stream_class(self)
+        return streams[stream_id]
+
+    def held(self) -> int:
+        """What the streams hold, by weight."""
+        return sum(getattr(s, "weight", 0) for s in self.sctp._inbound_streams.values())
+
+    def message_size(self, reassembly: list, chunk: Any) -> int:
+        """The bytes held of ``chunk``'s message: its run of consecutive chunks, up to the cap."""
+        at = len(reassembly) - 1 if reassembly and reassembly[-1] is chunk else next(
+            i for i, c in enumerate(reassembly) if c is chunk)
+        size, i = len(chunk.user_data), at
+        while size <= self.message_cap and not reassembly[i].flags & self._first and i > 0 \
+                and reassembly[i - 1].tsn == (reassembly[i].tsn - 1) & 0xFFFFFFFF:
+            i -= 1
+            size += len(reassembly[i].user_data)
+        i = at
+        while size <= self.message_cap and not reassembly[i].flags & self._last \
+                and i + 1 < len(reassembly) and reassembly[i + 1].tsn == (reassembly[i].tsn + 1) & 0xFFFFFFFF:
+            i += 1
+            size += len(reassembly[i].user_data)
+        return size
+
+    def trip(self, why: str) -> None:
+        """Drop all that is held; ``on_over(why)`` once, from the loop."""
+        if self.tripped:
+            return
+        self.tripped = True
+        for stream in self.sctp._inbound_streams.values():
+            stream.reassembly = []
+        asyncio.get_running_loop().call_soon(self.on_over, why)
+
+
+_rtc_unbounded = _LogLimit(interval=float("inf"))
+
+
+@functools.cache
+def _bounded_stream_class(inbound_stream: type) -> type:
+    """aiortc's InboundStream, refusing chunks beyond its guard's bounds."""
+    class BoundedInboundStream(inbound_stream):  # type: ignore[misc, valid-type]
+        def __init__(self, guard: SctpGuard) -> None:
+            super().__init__()
+            self.guard = guard
+            self.weight = 0  # of the chunks held
+
+        def add_chunk(self, chunk: Any) -> None:
+            guard = self.guard
+            weight = max(len(chunk.user_data), RTC_CHUNK_WEIGHT)
+            if guard.tripped or self is guard._dropping:
+                return
+            if guard.held() + weight > RTC_MAX_BUFFERED:
+                guard.trip("held: more than %d bytes of unfinished data-channel messages" % RTC_MAX_BUFFERED)
+                return
+            super().add_chunk(chunk)
+            self.weight += weight
+            if guard.message_size(self.reassembly, chunk) > guard.message_cap:
+                guard.trip("message: a data-channel message over %d bytes" % guard.message_cap)
+
+        def pop_messages(self) -> Iterator[tuple[int, int, bytes]]:
+            yield from super().pop_messages()
+            self._weigh()
+
+        def prune_chunks(self, tsn: int) -> int:
+            size = super().prune_chunks(tsn)
+            self._weigh()
+            return size
+
+        def _weigh(self) -> None:
+            self.weight = sum(max(len(c.user_data), RTC_CHUNK_WEIGHT) for c in self.reassembly)
+
+    return BoundedInboundStream
+
+
 class RtcConnection(Connection):
     """Moves bytes between one RTCDataChannel and its :class:`PeerWire`.
 
@@ -3640,6 +3950,8 @@ class RtcConnection(Connection):
         self.remote_id = remote_id
         self.channel: Any = None
         self.opened = False
+        #: what bounds aiortc's reassembly of this connection's messages, once there is SCTP
+        self.guard: SctpGuard | None = None
         pc.on("datachannel", self.attach)
         pc.on("connectionstatechange", self._on_state)
 
@@ -3683,6 +3995,18 @@ class RtcConnection(Connection):
 
     def _on_message(self, data: bytes | str) -> None:
         self.feed(data.encode("utf-8") if isinstance(data, str) else data)
+
+    def bound_messages(self) -> None:
+        """Bound what aiortc reassembles for us (RTC_MAX_BUFFERED), once its SCTP exists."""
+        sctp = getattr(self.pc, "sctp", None)
+        if self.guard is None and sctp is not None:
+            cap = min(self.node.max_message, sctp.getCapabilities().maxMessageSize)
+            self.guard = SctpGuard.install(sctp, cap, self._too_much)
+
+    def _too_much(self, why: str) -> None:
+        self.node.stats["webrtc closed: " + why.split(":")[0]] += 1
+        self.node._log(logging.INFO, "rtc too much", "closing %s: %s", self.peer_name, why)
+        self.close(abort=True)
 
     def _on_state(self) -> None:
         if self.pc.connectionState in ("failed", "closed"):
@@ -3799,7 +4123,7 @@ class WebRtcTransport:
         if isinstance(event, MakeOffers):
             self._spawn(self._offer(session, event.offer_ids))
         elif isinstance(event, RelayedOffer):
-            self._spawn(self._answer(session, event))
+            self._on_offer(session, event)
         elif isinstance(event, RelayedAnswer):
             self._spawn(self._accept(event))
         elif isinstance(event, DropOffer):
@@ -3807,7 +4131,8 @@ class WebRtcTransport:
             if conn is not None:
                 conn.close()
         elif isinstance(event, TrackerWarning):
-            log.info("tracker %s: %s", session.client.url, event.message)
+            log.info("tracker %s: %s: %s%s", session.client.url, event.kind, event.message,
+                     " (and %d more in %.0f s)" % (event.held, LOG_INTERVAL) if event.held else "")
         elif isinstance(event, TrackerUpdate):
             log.debug("tracker %s: %s seeders, %s leechers, every %.0f s", session.client.url,
                       event.complete, event.incomplete, event.interval)
@@ -3856,6 +4181,7 @@ class WebRtcTransport:
         self._offers[offer_id] = conn
         try:
             conn.attach(conn.pc.createDataChannel("bugout"))
+            conn.bound_messages()
             await conn.pc.setLocalDescription(await conn.pc.createOffer())
         except Exception as exc:  # noqa: BLE001 - aiortc's own errors, whatever they are
             log.debug("webrtc: cannot make an offer: %r", exc)
@@ -3865,13 +4191,42 @@ class WebRtcTransport:
             return None
         return offer_id, conn.pc.localDescription.sdp
 
-    async def _answer(self, session: TrackerSession, offer: RelayedOffer) -> None:
-        """Answer a relayed offer unless full or already wired to that peer."""
+    def _on_offer(self, session: TrackerSession, offer: RelayedOffer) -> None:
+        """Answer a relayed offer unless full, already wired to that peer, or the SDP is not
+        one data channel that aiortc reads: those cost no connection and no task."""
         if self._closed or self.free_slots() <= 0 or self.has_peer(offer.peer_id):
             self.node.stats["webrtc offers declined"] += 1
             return
+        problem = self._sdp_problem(offer.sdp, "offer")
+        if problem is not None:
+            self.node.stats["webrtc offers refused: bad SDP"] += 1
+            log.debug("webrtc: offer of %r refused: %s", offer.peer_id, problem)
+            return
         conn = self._new_connection(False, offer.peer_id)
         conn.start_deadline(self.connect_timeout)
+        self._spawn(self._answer(session, conn, offer))
+
+    def _sdp_problem(self, sdp: str, kind: str) -> str | None:
+        """Why aiortc would refuse this SDP, or None; read without a peer connection.
+
+        Only one data channel is taken: an audio or video section would make aiortc set up
+        RTP for it."""
+        try:
+            description = self._aiortc.sdp.SessionDescription.parse(sdp)
+        except Exception as exc:  # noqa: BLE001 - aiortc's parser raises what it meets
+            return "unreadable: %r" % exc
+        if len(description.media) != 1 or description.media[0].kind != "application":
+            return "not one data channel"
+        media = description.media[0]
+        if media.ice is None or not media.ice.usernameFragment or not media.ice.password:
+            return "no ICE credentials"
+        if media.dtls is None or not media.dtls.fingerprints:
+            return "no DTLS fingerprint"
+        if kind == "answer" and media.dtls.role not in ("client", "server"):
+            return "no DTLS role"
+        return None
+
+    async def _answer(self, session: TrackerSession, conn: RtcConnection, offer: RelayedOffer) -> None:
         sdp = await self._describe(conn, offer.sdp, "offer")
         if sdp is None or not session.client.send_answer(offer.peer_id, offer.offer_id, sdp):
             conn.close()
@@ -3888,6 +4243,12 @@ class WebRtcTransport:
             self.node.stats["webrtc answers declined"] += 1
             conn.close()
             return
+        problem = self._sdp_problem(answer.sdp, "answer")
+        if problem is not None:
+            self.node.stats["webrtc answers refused: bad SDP"] += 1
+            log.debug("webrtc: answer of %r refused: %s", answer.peer_id, problem)
+            conn.close()
+            return
         conn.remote_id = answer.peer_id
         conn.start_deadline(self.connect_timeout)
         await self._describe(conn, answer.sdp, "answer")
@@ -3897,6 +4258,7 @@ class WebRtcTransport:
         aiortc = self._aiortc
         try:
             await conn.pc.setRemoteDescription(aiortc.RTCSessionDescription(sdp=sdp, type=kind))
+            conn.bound_messages()
             if kind == "offer":
                 await conn.pc.setLocalDescription(await conn.pc.createAnswer())
                 return conn.pc.localDescription.sdp
