@@ -53,12 +53,13 @@ MIB = 1 << 20
 class Swarm:
     """master.py and one worker.py, the master kept supplied with jobs; results timed."""
 
-    def __init__(self, root: Path, worker_fds: int | None = None) -> None:
+    def __init__(self, root: Path, worker_fds: int | None = None, master_dials: bool = False) -> None:
         self.root = root
         self.token = "faults-%d" % random.randrange(1 << 40)
         self.master_port, self.port = t.free_port(), t.free_port()
         self.worker_fds = worker_fds
-        #: more .env keys for the worker (an attack's trackers or DHT bootstrap node)
+        self.master_dials = master_dials  # the master dials the worker (else the worker the master)
+        #: more .env keys for the worker (an attack's trackers or DHT bootstrap node, LSD)
         self.worker_env: dict[str, str] = {}
         self.stamps: list[float] = []
         self.pushed = 0
@@ -69,9 +70,11 @@ class Swarm:
         m.mkdir()
         wk.mkdir()
         (m / "task.py").write_text(TASK)
-        t.write_loopback_env(m, self.token, port=self.master_port, LOG_LEVEL="warn")
+        dials = {"peers": "127.0.0.1:%d" % (self.port if self.master_dials else self.master_port)}
+        t.write_loopback_env(m, self.token, port=self.master_port, LOG_LEVEL="warn",
+                             **(dials if self.master_dials else {}))
         t.write_loopback_env(wk, self.token, port=self.port, LOG_LEVEL="info",
-                             peers="127.0.0.1:%d" % self.master_port, **self.worker_env)
+                             **({} if self.master_dials else dials), **self.worker_env)
         self.master = await asyncio.create_subprocess_exec(
             sys.executable, str(HERE / "master.py"), "--task", "task.py", "--jobs", "-", cwd=m,
             env=t.clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -466,6 +469,92 @@ async def dht_flood(target: Target, until: float) -> dict:
     return {"datagrams sent": sent, **{"queries " + k: v for k, v in node.queries.items()}}
 
 
+async def silent_wires(target: Target, until: float, hosts: int = 1, count: int = 200) -> dict:
+    """200 finished bugout wires that say nothing more, from one host (opened again if closed);
+    the master dials the worker (``master_dials``): its wire is one of the inbound ones."""
+    opened = 0
+
+    async def one(i: int) -> None:
+        nonlocal opened
+        while time.monotonic() < until:
+            try:
+                reader, writer = await connect(target, src(i % hosts))
+            except OSError:
+                await asyncio.sleep(0.2)
+                continue
+            opened += 1
+            writer.write(hello(target))
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await asyncio.wait_for(reader.read(), max(0.0, until - time.monotonic()))
+            writer.close()
+            await asyncio.sleep(1.0)  # holding its wires, not a connect flood (half-open is one)
+    await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
+    return {"connections": opened}
+
+
+async def silent_wires_spread(target: Target, until: float) -> dict:
+    """The same from 200 hosts: maxInbound (200) is the cap that bites."""
+    return await silent_wires(target, until, hosts=200)
+
+
+silent_wires.master_dials = silent_wires_spread.master_dials = True  # type: ignore[attr-defined]
+
+
+def _count_syns(host: str, counts: dict, stop: list) -> None:
+    """Count TCP SYNs to ``host`` on lo, per second (a thread: AF_PACKET, root in the namespace)."""
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+    sock.bind(("lo", 0))
+    sock.settimeout(0.2)
+    target = socket.inet_aton(host)
+    while not stop:
+        try:
+            frame = sock.recv(256)
+        except TimeoutError:
+            continue
+        ip = frame[14:]
+        if len(ip) < 40 or ip[9] != 6 or ip[16:20] != target:
+            continue
+        flags = ip[(ip[0] & 15) * 4 + 13]
+        if flags & 0x12 == 0x02:  # SYN, not SYN-ACK
+            second = int(time.monotonic())
+            counts[second] = counts.get(second, 0) + 1
+    sock.close()
+
+
+async def lsd_flood(target: Target, until: float) -> dict:
+    """BT-SEARCH announces for the swarm as fast as one process sends them, each naming another
+    port, from one host; counted: the dials the worker makes to that host (SYNs seen on lo)."""
+    infohash, _ = w.infohash_of(target.token)
+    sender = src(7)
+    counts: dict[int, int] = {}
+    stop: list = []
+    loop = asyncio.get_running_loop()
+    counter = loop.run_in_executor(None, _count_syns, sender, counts, stop)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((sender, 0))
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(sender))
+    sock.setblocking(False)
+    sent, port = 0, 1024
+    datagrams = [w.lsd_announcement(infohash, p, "bittorrent-lsd-" + os.urandom(20).hex())
+                 for p in range(1024, 1024 + 4096)]
+    while time.monotonic() < until:
+        for _ in range(500):
+            with contextlib.suppress(BlockingIOError):
+                sock.sendto(datagrams[port % 4096], (w.LSD_HOST, w.LSD_PORT))
+                sent += 1
+            port += 1
+        await asyncio.sleep(0)
+    sock.close()
+    await asyncio.sleep(1.0)
+    stop.append(True)
+    await counter
+    return {"datagrams sent": sent, "dials": sum(counts.values()),
+            "most dials in a second": max(counts.values(), default=0)}
+
+
+lsd_flood.worker_env = lambda aux: {"lsd": "true"}  # type: ignore[attr-defined]
+
+
 #: name -> (attack, the worker's descriptor limit, what prepares its payloads)
 ATTACKS = {
     "garbage relayed": (garbage_relayed, None, None),
@@ -483,6 +572,9 @@ ATTACKS = {
     "tracker: 20,000-candidate SDP": (huge_sdp_offers, None, hostile_tracker),
     "webrtc: 65 MiB channel message": (channel_message_flood, None, hostile_tracker),
     "dht: hostile bootstrap node": (dht_flood, None, hostile_dht),
+    "200 silent wires, one host": (silent_wires, None, None),
+    "200 silent wires, 200 hosts": (silent_wires_spread, None, None),
+    "LSD flood": (lsd_flood, None, None),
 }
 
 
@@ -508,7 +600,7 @@ async def attacker(name: str, port: int, token: str, seconds: float, aux_port: i
 async def measure(name: str, seconds: float) -> dict:
     """One attack on a fresh master and worker; the attacker is a process of its own."""
     with tempfile.TemporaryDirectory(prefix="qx-faults-") as tmp:
-        swarm = Swarm(Path(tmp), ATTACKS[name][1])
+        swarm = Swarm(Path(tmp), ATTACKS[name][1], getattr(ATTACKS[name][0], "master_dials", False))
         aux_port = t.free_port()
         swarm.worker_env = getattr(ATTACKS[name][0], "worker_env", lambda aux: {})(aux_port)
         proc = None
@@ -538,6 +630,7 @@ async def measure(name: str, seconds: float) -> dict:
                     "jobs_per_s_before": swarm.rate(before, start),
                     "jobs_per_s_during": swarm.rate(start, end), "log_lines": lines,
                     "longest_gap_s": swarm.longest_gap(before, end + 2.0),
+                    "next_result_s": next((s - start for s in swarm.stamps if s >= start), float("nan")),
                     "attack_seconds": end - start, "worker_cpu": cpu / (end - start),
                     "master_cpu": master_cpu / (end - start), **notes}
         finally:

@@ -4193,7 +4193,7 @@ class TestNodePolicy(unittest.TestCase):
         for port in range(1000, 1100):  # one source floods: its share is queued, the rest dropped
             queue.offer(("10.0.0.9", port), "10.0.0.9", now)
         self.assertEqual(len(queue), 64)
-        self.assertEqual(queue.stats["dropped: the source's share is full"], 36)
+        self.assertEqual(queue.stats["found peers dropped: the source's share is full"], 36)
         queue.offer(("10.0.0.2", 6881), "10.0.0.2", now)  # an honest peer, after the flood
         queue.offer(("10.0.0.3", 6881), "dht", now)
         first = queue.take(now, room=32)
@@ -4230,7 +4230,7 @@ class TestNodePolicy(unittest.TestCase):
             for port in range(5):
                 queue.offer(("10.0.%d.1" % i, port + 1), "s%d" % i, now)
         self.assertEqual(len(queue), 8)  # 4 + 4, then the queue is full
-        self.assertEqual(queue.stats["dropped: the queue is full"], 5)
+        self.assertEqual(queue.stats["found peers dropped: the queue is full"], 5)
         queue.prefer([("10.0.9.9", 1)])
         self.assertTrue(queue.offer(("10.0.9.9", 1), "s9", now))  # a preferred one makes room
         self.assertEqual(len(queue), 8)
@@ -4245,7 +4245,7 @@ class TestNodePolicy(unittest.TestCase):
         stale = w.DialQueue(ttl=60)
         stale.offer(("10.0.0.1", 1), "lsd", now)
         self.assertEqual(stale.take(now + 61, room=10), [])
-        self.assertEqual(stale.stats["expired"], 1)
+        self.assertEqual(stale.stats["found peers expired"], 1)
 
 
 # The node: Python and JS bugout peers #######################################

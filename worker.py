@@ -60,9 +60,9 @@ users (and, in type hints, the transports name the Bugout node they serve)::
     DHT (BEP 5): asyncio adapter             Dht, on UDP
     Trackers and WebRTC                      TrackerClient (sans-I/O)
     Trackers and WebRTC: asyncio             TrackerSession, RtcConnection, WebRtcTransport
-    The bugout node                          Bugout; its theory of operation
+    The bugout node                          inbound slots, DialQueue (sans-I/O), Bugout; its theory
     Status: metrics and health over HTTP     /metrics, /healthz, systemd notify
-    Worker: assets and dependencies          safe paths, pip and npm requirements
+    Worker: assets and dependencies          safe paths (master-files/), pip and npm requirements
     Worker: trusting a master                MasterTrust; its theory of operation
     Worker: the journal and the outbox       Journal, Outbox; their theory of operation
     Worker: running tasks                    task.py in child processes (or a thread)
@@ -4304,12 +4304,23 @@ class WebRtcTransport:
 #
 # Wires. A connection joins the node when its stream is up (attach) and is
 # OPEN once its BEP 10 handshake names bo_channel; the address it claims
-# there (from ``pk``) routes our payloads but proves nothing. Inbound TCP is
-# capped (maxInbound; PENDING_PER_HOST handshakes per remote host; at the cap
-# the oldest handshake makes room, EVICTIONS_PER_SECOND at most), MAX_DIALING
-# dials run at once, peers found (LSD, DHT) are dialed while fewer than
-# MAX_DIALED wires we dialed are up, and ``peers`` are dialed again and again,
-# with backoff.
+# there (from ``pk``) routes our payloads but proves nothing.
+#
+# Slots. Inbound TCP is capped: maxInbound in all, PENDING_PER_HOST unfinished
+# handshakes and INBOUND_PER_HOST finished wires per remote host. At a cap
+# one goes to make room (EVICTIONS_PER_SECOND at most): the oldest unfinished
+# handshake, else the wire inbound_victim names (idle longest, then silent
+# longest; never a protected peer's, one with a call in flight, or a
+# newcomer), else the newcomer is refused. ``last_verified`` on each
+# connection tells idle from busy: a token holder's silent wires give way to
+# a master that dials in.
+#
+# Dials. An LSD announce or a DHT answer is anyone's claim: the peers they
+# name wait in a DialQueue (bounded, per source; a protected peer's known
+# endpoint first) and are dialed at DISCOVERY_DIALS_PER_SECOND, while fewer
+# than MAX_DIALING dials run and MAX_DIALED wires we dialed are up. LSD
+# datagrams themselves are read within a budget, per sender and in all.
+# ``peers`` are dialed again and again, with backoff.
 #
 # Duplicates. Of two open wires to one peer id both ends keep the same one
 # (_keeps: the one the peer has not half-closed, else the one dialed by the
@@ -4333,8 +4344,10 @@ class WebRtcTransport:
 # turn (others: WIRE_BUDGET payloads), and is never the one closed when
 # partly received messages pass max_partial or send queues max_send_total
 # (the unprotected wire holding most goes); the core never evicts those
-# peers. Any wire that leaves max_send_queue of our payloads unread, or whose
-# message stops progressing, is closed.
+# peers. Any wire that leaves max_send_queue of our payloads unread is closed,
+# and so is one whose message (the same one) stops coming closer to whole
+# (check_wires), unless it is protected: a slow master is waited for, and its
+# RPC timeouts decide.
 #
 # Events, ``on(name, fn)`` (a coroutine function is spawned; an exception is
 # logged, rate-limited, and never reaches the wire):
@@ -4439,10 +4452,11 @@ class DialQueue:
     """
 
     def __init__(self, rate: float = DISCOVERY_DIALS_PER_SECOND, size: int = DIAL_QUEUE,
-                 per_source: int = DIAL_QUEUE_PER_SOURCE, ttl: float = DIAL_QUEUE_SECONDS) -> None:
+                 per_source: int = DIAL_QUEUE_PER_SOURCE, ttl: float = DIAL_QUEUE_SECONDS,
+                 stats: collections.Counter | None = None) -> None:
         self.size, self.per_source, self.ttl = size, per_source, ttl
-        #: counts of offers dropped, dials given out, entries expired
-        self.stats: collections.Counter = collections.Counter()
+        #: counts of peers dropped, dialed, expired (the node's own counters, if given)
+        self.stats: collections.Counter = collections.Counter() if stats is None else stats
         # private
         self._rate = _RateLimit(rate, max(rate, 1.0), keys=1)
         self._entries: dict[Addr, QueuedDial] = {}
@@ -4468,10 +4482,10 @@ class DialQueue:
             return True
         line = self._sources.get(source)
         if line is not None and len(line) >= self.per_source:
-            self.stats["dropped: the source's share is full"] += 1
+            self.stats["found peers dropped: the source's share is full"] += 1
             return False
         if len(self._entries) >= self.size and not self._make_room(endpoint, now):
-            self.stats["dropped: the queue is full"] += 1
+            self.stats["found peers dropped: the queue is full"] += 1
             return False
         self._entries[endpoint] = QueuedDial(endpoint, source, now + delay, now + self.ttl, peer_id)
         self._sources.setdefault(source, collections.deque()).append(endpoint)
@@ -4481,7 +4495,7 @@ class DialQueue:
         """Drop what expired; for a preferred endpoint, the newest of the longest line too."""
         for queued in [q for q in self._entries.values() if q.expires <= now]:
             self._remove(queued)
-            self.stats["expired"] += 1
+            self.stats["found peers expired"] += 1
         if len(self._entries) < self.size:
             return True
         if endpoint not in self._preferred and endpoint[0] not in self._preferred_hosts:
@@ -4512,7 +4526,7 @@ class DialQueue:
                 break
             self._remove(queued)
             if queued.expires <= now:
-                self.stats["expired"] += 1
+                self.stats["found peers expired"] += 1
             elif not skip(queued):
                 if not self._rate.allow(None, now):
                     self._entries[queued.endpoint] = queued  # back at the head of its line
@@ -4520,7 +4534,7 @@ class DialQueue:
                     break
                 out.append(queued)
                 given += 1
-        self.stats["given out"] += len(out)
+        self.stats["found peers dialed"] += len(out)
         return out
 
     def _ready(self, now: float, endpoints: Iterable[Addr]) -> list[QueuedDial]:
@@ -4594,7 +4608,7 @@ class Bugout:
         self.core.awaiting = self._pending  # answers to nothing we asked are dropped unread
         self._connections: set[Connection] = set()
         self._dialing: set[tuple] = set()
-        self._dials = DialQueue()  # peers found (LSD, DHT), waiting their turn
+        self._dials = DialQueue(stats=self.stats)  # peers found (LSD, DHT), waiting their turn
         self._dial_timer: asyncio.TimerHandle | None = None
         self._lsd_budget = _RateLimit(LSD_DATAGRAMS_PER_SECOND, LSD_DATAGRAMS_PER_SECOND, keys=1)
         self._lsd_sources = _RateLimit(1.0 / LSD_SOURCE_SECONDS, LSD_SOURCE_BURST)
