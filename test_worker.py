@@ -2524,6 +2524,24 @@ class TestWireUnderAttack(AsyncTest):
             next(c for c in node._connections if c.initiator).close()  # a dialed wire goes: room
             await until(lambda: node.connections() == 3 and len(node._dials) == 1, 5)
 
+    async def test_a_dht_node_answering_first_with_hanging_peers_hides_no_master(self):
+        node = await self.started(py_node("hang-swarm"))
+        master = await self.started(py_node("hang-swarm"))
+        real = node._dial
+
+        async def dial(host, port):
+            if host.startswith("10."):  # a peer that never answers the SYN
+                await asyncio.sleep(30)
+                return None
+            return await real(host, port)
+        node._dial = dial
+        hanging = [("10.9.%d.%d" % (i // 200, i % 200), 6881) for i in range(w.MAX_DIALING + 8)]
+        node._on_dht_peers(node.infohash, hanging, ("10.8.0.1", 6881))  # it answered first
+        node._on_dht_peers(node.infohash, [("127.0.0.1", master.port)], ("127.0.0.2", 6881))
+        await until(lambda: master.address in node.peers, 3)  # its turn came in the first burst
+        self.assertLessEqual(len(node._dialing), w.MAX_DIALING)
+        self.assertGreater(len(node._dials), 0)  # the rest wait, none dropped
+
     async def test_lsd_flood_dials_at_a_bounded_rate_and_a_known_master_first(self):
         node = await self.started(py_node("flood-swarm"))
         master = await self.started(py_node("flood-swarm"))

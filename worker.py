@@ -3190,12 +3190,13 @@ class _DhtProtocol(asyncio.DatagramProtocol):
 class Dht:
     """A BEP 5 node on a UDP socket: :class:`DhtCore` plus a timer task.
 
-    ``on_peers(info_hash, peers)`` is called with the peers lookups find.
+    ``on_peers(info_hash, peers, source)`` is called with the peers lookups find (``source``:
+    the node whose answer named them).
     """
 
     def __init__(self, node_id: bytes, *, host: str = "0.0.0.0", port: int = 0,
                  bootstrap: Iterable[str] = DHT_BOOTSTRAP,
-                 on_peers: Callable[[bytes, list[Addr]], Any] | None = None) -> None:
+                 on_peers: Callable[[bytes, list[Addr], Addr | None], Any] | None = None) -> None:
         self.core = DhtCore(node_id)
         self.host, self.port = host, port
         self.bootstrap = [_split_hostport(b) for b in bootstrap]
@@ -3287,7 +3288,7 @@ class Dht:
         for event in self.core.events_received():
             if isinstance(event, DhtPeers) and self.on_peers is not None:
                 log.debug("dht: %d peer(s) of %s", len(event.peers), event.info_hash.hex()[:8])
-                self.on_peers(event.info_hash, list(event.peers))
+                self.on_peers(event.info_hash, list(event.peers), event.source)
             elif isinstance(event, DhtLookupDone):
                 log.debug("dht %s %s done: %d peers, %d of %d answered", event.method,
                           event.target.hex()[:8], event.peers, event.answered, event.queries)
@@ -5404,17 +5405,19 @@ class Bugout:
             await asyncio.sleep(DHT_LOOKUP_INTERVAL if self.connections() else DHT_LOOKUP_ALONE)
             self._dht.get_peers(self.infohash, port)
 
-    def _on_dht_peers(self, info_hash: bytes, peers: list[Addr]) -> None:
-        """Dial what a lookup found, but not an address that already dialed us.
+    def _on_dht_peers(self, info_hash: bytes, peers: list[Addr], source: Addr | None = None) -> None:
+        """Queue dials to what a lookup found, but not to an address that already dialed us.
 
         Its listening port is unknown, so the same peer would be dialed again at
-        every lookup and one of the two wires closed as a duplicate."""
+        every lookup and one of the two wires closed as a duplicate. The node that
+        named them is their source in the DialQueue: one node answering first with
+        peers that hang gets its turn, not every dial."""
         if info_hash != self.infohash:
             return
         callers = {c.remote_host for c in self._connections if not c.initiator and c.remote_host}
         for host, port in peers[:DHT_MAX_VALUES]:
             if host not in callers:
-                self.add_peer(host, port, "dht")
+                self.add_peer(host, port, "dht %s" % (source[0] if source else "?"))
 
     def _on_dht_port(self, conn: Connection, port: int) -> None:
         if self._dht is not None and conn.remote_host and 0 < port < 65536:
