@@ -2454,6 +2454,26 @@ class TestWireUnderAttack(AsyncTest):
         self.assertFalse(reader.at_eof())  # the newcomer that speaks is in, a silent one made room
         writer.close()
 
+    async def test_a_hosts_wires_in_use_are_not_capped_and_give_way_at_the_inbound_cap(self):
+        node = w.Bugout("nat-slots", host="127.0.0.1", lsd=False, dht=False, trackers=[], max_inbound=30)
+        node.register("echo", lambda address, args: {**args, "echoedBy": "py"})
+        await self.started(node)
+        wires = []
+        for _ in range(w.INBOUND_PER_HOST + 8):  # workers behind one NAT: each signs a packet now and then
+            ident = w.Identity()
+            reader, writer = await raw_wire(node, ident, local="127.0.0.3")
+            writer.write(bo_frame(signed_by(ident, {"y": "p"}, "nat-slots")))
+            wires.append((reader, writer))
+        self.addCleanup(lambda: [writer.close() for _, writer in wires])
+        await until(lambda: sum(c.last_verified is not None for c in node._connections) == len(wires), 10)
+        self.assertEqual(node.stats["inbound refused: wires from one host"], 0)
+        node.max_inbound = len(wires)  # the cap is full of one host's wires, all in use
+        with mock.patch.object(w, "NEWCOMER_SECONDS", 0.0):
+            master = await self.started(py_node("nat-slots", peers=["127.0.0.1:%d" % node.port]))
+            await until(lambda: master.address in node.peers and node.address in master.peers, 10)
+        self.assertEqual(node.stats["wires closed: inbound cap"], 1)  # one of the crowded host's
+        self.assertEqual(await master.rpc(node.address, "echo", {"in": 1}), {"in": 1, "echoedBy": "py"})
+
     async def test_at_the_inbound_cap_a_master_dialing_in_gets_through(self):
         node = w.Bugout("cap-slots", host="127.0.0.1", lsd=False, dht=False, trackers=[], max_inbound=10)
         node.register("echo", lambda address, args: {**args, "echoedBy": "py"})
@@ -2570,8 +2590,8 @@ class TestWireUnderAttack(AsyncTest):
         await asyncio.sleep(2.0)
         flood = [t for t, port in dials if port != master.port]
         self.assertLessEqual(len(flood), w.DISCOVERY_DIALS_PER_SECOND * (time.monotonic() - start + 1))
-        self.assertGreater(node.stats["lsd: over the rate, not read"] + node.stats["lsd: sender over its rate"],
-                           2900)
+        dropped = node.stats["lsd: over the rate, not read"] + node.stats["lsd: sender over its rate"]
+        self.assertGreater(dropped, 2900)
         self.assertLessEqual(len(node._dials), w.DIAL_QUEUE_PER_SOURCE)
 
     async def test_out_of_descriptors_pauses_accepting_with_one_log_line(self):
@@ -4205,6 +4225,12 @@ class TestNodePolicy(unittest.TestCase):
         self.assertIsNone(pick([active, newcomer]))  # a master dialing in has NEWCOMER_SECONDS
         self.assertEqual(pick([idler, idle], keep=lambda c: c is idler), "idle")  # the master: never
         self.assertIsNone(pick([idler], keep=lambda c: True))
+        talking = slot(now - 100, now - 5, "talking")  # in use, but used less lately than active
+        self.assertIsNone(pick([active, talking, newcomer]))
+        self.assertEqual(w.inbound_victim([active, talking, newcomer], now, keep_none, in_use_too=True).name,
+                         "talking")
+        self.assertEqual([w.in_use(c, now, keep_none) for c in (active, idle, silent)], [True, False, False])
+        self.assertTrue(w.in_use(idle, now, lambda c: True))
 
     def test_dial_queue_rate_and_turns(self):
         queue, now = w.DialQueue(rate=10, per_source=64), 100.0
@@ -4597,8 +4623,8 @@ class TestSafety(unittest.TestCase):
     def test_asset_names_land_where_no_import_looks(self):
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp).resolve()
-            for name in ["/worker/__init__.py", "/argparse.py", "/worker.py", "/.env", "/" + w.NODE_RUNNER_NAME,
-                         "/json.py", "/cryptography/__init__.py", "/.qx-journal.db"]:
+            for name in ["/worker/__init__.py", "/argparse.py", "/worker.py", "/.env", "/json.py",
+                         "/" + w.NODE_RUNNER_NAME, "/cryptography/__init__.py", "/.qx-journal.db"]:
                 self.assertEqual(w.safe_asset_path(root, name).parent.parts[:len(root.parts) + 1],
                                  (*root.parts, w.ASSET_FOLDER), name)
             self.assertFalse(w.ASSET_FOLDER.isidentifier())  # not even a namespace package
@@ -4637,7 +4663,8 @@ class TestTaskJsSafety(unittest.TestCase):
     def test_runner_file_cannot_be_overwritten(self):
         with tempfile.TemporaryDirectory() as tmp:
             for name in ["/" + w.NODE_RUNNER_NAME, w.NODE_RUNNER_NAME]:
-                self.assertNotEqual(w.safe_asset_path(Path(tmp), name), Path(tmp).resolve() / w.NODE_RUNNER_NAME)
+                runner = Path(tmp).resolve() / w.NODE_RUNNER_NAME
+                self.assertNotEqual(w.safe_asset_path(Path(tmp), name), runner)
 
 
 PLANTED = "raise SystemExit('a planted module ran')\n"

@@ -4307,14 +4307,15 @@ class WebRtcTransport:
 # OPEN once its BEP 10 handshake names bo_channel; the address it claims
 # there (from ``pk``) routes our payloads but proves nothing.
 #
-# Slots. Inbound TCP is capped: maxInbound in all, PENDING_PER_HOST unfinished
-# handshakes and INBOUND_PER_HOST finished wires per remote host. At a cap
-# one goes to make room (EVICTIONS_PER_SECOND at most): the oldest unfinished
-# handshake, else the wire inbound_victim names (idle longest, then silent
-# longest; never a protected peer's, one with a call in flight, or a
-# newcomer), else the newcomer is refused. ``last_verified`` on each
-# connection tells idle from busy: a token holder's silent wires give way to
-# a master that dials in.
+# Slots. Inbound TCP is capped: maxInbound in all; per remote host,
+# PENDING_PER_HOST unfinished handshakes and INBOUND_PER_HOST finished wires
+# not in_use (``last_verified`` within IDLE_SECONDS: a NAT's busy workers are
+# not capped). At a cap one goes to make room (EVICTIONS_PER_SECOND at most):
+# the oldest unfinished handshake, else the wire inbound_victim names (idle
+# longest, then silent longest; at maxInbound then the least used of a host
+# over its share; never a protected peer's, one with a call in flight, or a
+# newcomer), else the newcomer is refused. A token holder's wires give way
+# to a master that dials in.
 #
 # Dials. An LSD announce or a DHT answer is anyone's claim: the peers they
 # name wait in a DialQueue (bounded, per source; a protected peer's known
@@ -4366,8 +4367,9 @@ Handler = Callable[[str, Any], Any]
 
 #: Unfinished inbound handshakes per remote host, at most.
 PENDING_PER_HOST = 8
-#: Finished inbound wires per remote host, at most (a LAN has a worker or two per host; a
-#: token holder there may not hold every slot).
+#: Finished inbound wires per remote host not in use (in_use), at most: a token holder's
+#: silent wires from one address take this many slots, not maxInbound; and at maxInbound a
+#: host holding more gives way first (many workers behind one NAT may hold more meanwhile).
 INBOUND_PER_HOST = 16
 #: Inbound wires closed per second at most, to make room at the inbound caps (churn costs CPU).
 EVICTIONS_PER_SECOND = 20.0
@@ -4404,14 +4406,22 @@ RELAY_TOTAL = 16 * 1024 * 1024
 RELAY_WRITES_PER_SECOND = 10_000.0
 
 
-def inbound_victim(wires: Iterable[Connection], now: float,
-                   keep: Callable[[Connection], bool]) -> Connection | None:
+def in_use(conn: Connection, now: float, keep: Callable[[Connection], bool]) -> bool:
+    """True for a wire that carried a verified packet in the last IDLE_SECONDS, or that
+    ``keep`` names (a protected peer's, one with work in flight)."""
+    last = conn.last_verified
+    return (last is not None and now - last < IDLE_SECONDS) or keep(conn)
+
+
+def inbound_victim(wires: Iterable[Connection], now: float, keep: Callable[[Connection], bool],
+                   *, in_use_too: bool = False) -> Connection | None:
     """The finished inbound wire to close for room at a cap, or None (then refuse the newcomer).
 
     First the one longest without a verified packet, when that is IDLE_SECONDS or more
     (counted from its start if it never carried one); else the oldest that never carried
-    one. Never a wire ``keep`` names (a protected peer's, one with work in flight), nor one
-    younger than NEWCOMER_SECONDS: a peer that dialed in has that long to say who it is.
+    one; with ``in_use_too``, else the one whose last verified packet is oldest. Never a
+    wire ``keep`` names (a protected peer's, one with work in flight), nor one younger
+    than NEWCOMER_SECONDS: a peer that dialed in has that long to say who it is.
     """
     best: tuple[tuple[int, float], Connection] | None = None
     for conn in wires:
@@ -4423,6 +4433,8 @@ def inbound_victim(wires: Iterable[Connection], now: float,
             rank = (0, -idle)
         elif last is None:
             rank = (1, conn.started)
+        elif in_use_too:
+            rank = (2, last)
         else:
             continue
         if best is None or rank < best[0]:
@@ -4936,27 +4948,35 @@ class Bugout:
 
     def _crowded(self, host: str) -> bool:
         """True when ``host`` has PENDING_PER_HOST inbound handshakes unfinished, or
-        INBOUND_PER_HOST finished wires of which none may make room."""
-        inbound = self._inbound(host)
+        INBOUND_PER_HOST finished wires not in use of which none may make room."""
+        inbound, now = self._inbound(host), time.monotonic()
         pending = sum(1 for c in inbound if c.state is ConnState.HANDSHAKE)
         if pending >= PENDING_PER_HOST:
             self.stats["inbound refused: handshakes from one host"] += 1
             return True
-        if len(inbound) - pending >= INBOUND_PER_HOST and inbound_victim(
-                inbound, time.monotonic(), self._keeps_wire) is None:
+        finished = [c for c in inbound if c.state is not ConnState.HANDSHAKE]
+        if self._unused(finished, now) >= INBOUND_PER_HOST and inbound_victim(
+                finished, now, self._keeps_wire) is None:
             self.stats["inbound refused: wires from one host"] += 1
             return True
         return False
 
+    def _unused(self, wires: list[Connection], now: float) -> int:
+        """How many of ``wires`` are not in use (see in_use): a host's workers that all
+        work (many behind one NAT, say) count nothing against INBOUND_PER_HOST."""
+        return sum(1 for c in wires if not in_use(c, now, self._keeps_wire))
+
     def _host_has_room(self, conn: Connection) -> bool:
-        """A wire from ``conn``'s host finished its handshake: over INBOUND_PER_HOST, one of
-        the host's others makes room (inbound_victim), else ``conn`` goes. False if it went."""
+        """A wire from ``conn``'s host finished its handshake: past INBOUND_PER_HOST wires not
+        in use, one of the host's others makes room (inbound_victim), else ``conn`` goes.
+        False if it went."""
         if conn.initiator or conn.remote_host is None:
             return True
+        now = time.monotonic()
         finished = [c for c in self._inbound(conn.remote_host) if c.state is not ConnState.HANDSHAKE]
-        if len(finished) <= INBOUND_PER_HOST:
+        if self._unused(finished, now) <= INBOUND_PER_HOST:
             return True
-        victim = inbound_victim(finished, time.monotonic(), self._keeps_wire)
+        victim = inbound_victim(finished, now, self._keeps_wire)
         if victim is None:
             self.stats["inbound refused: wires from one host"] += 1
             conn.close(abort=True)
@@ -4967,15 +4987,17 @@ class Bugout:
 
     def _make_room(self) -> bool:
         """Room for one more inbound connection? At the cap, the oldest unfinished handshake
-        goes, else the wire inbound_victim names (a few a second at most: churn costs CPU),
-        so a newcomer (a master dialing in) is not locked out by wires that say nothing."""
+        goes, else the wire inbound_victim names, else the least recently used of the host
+        holding most wires, when that is over INBOUND_PER_HOST (a few a second at most:
+        churn costs CPU). A newcomer (a master dialing in) is not locked out by wires that
+        say nothing, nor by one host's wires that keep talking."""
         inbound = self._inbound()
         pending = [c for c in inbound if c.state is ConnState.HANDSHAKE]
         if len(inbound) + self._accepting < self.max_inbound:
             return True
         now = time.monotonic()
         victim = (min(pending, key=lambda c: c.started) if pending else
-                  inbound_victim(inbound, now, self._keeps_wire))
+                  inbound_victim(inbound, now, self._keeps_wire) or self._crowded_hosts_victim(inbound, now))
         if victim is None or not self._evictions.allow(None, now):
             self._log(logging.WARNING, "inbound cap", "refusing connections for now: %d inbound, "
                       "%d of them without a handshake yet (maxInbound %d)", len(inbound), len(pending),
@@ -4984,6 +5006,15 @@ class Bugout:
         self.stats["handshakes cut: inbound cap" if pending else "wires closed: inbound cap"] += 1
         victim.close(abort=True)
         return True
+
+    def _crowded_hosts_victim(self, inbound: list[Connection], now: float) -> Connection | None:
+        """The wire used least lately of the host with most inbound wires, if over its share."""
+        hosts = collections.Counter(c.remote_host for c in inbound)
+        host, count = hosts.most_common(1)[0] if hosts else (None, 0)
+        if count <= INBOUND_PER_HOST:
+            return None
+        return inbound_victim([c for c in inbound if c.remote_host == host], now, self._keeps_wire,
+                              in_use_too=True)
 
     def cannot_accept(self, exc: OSError, pause: float) -> None:
         """Accepting failed (out of descriptors, say): one log line per interval."""
