@@ -5075,11 +5075,15 @@ class Bugout:
 
     def _remember(self, conn: Connection) -> None:
         """``conn``'s peer signed on it: keep where it is (the last 256 peers)."""
-        self._whereabouts[conn.address] = (conn.remote_host, conn.dialed)  # type: ignore[index]
-        self._whereabouts.move_to_end(conn.address)  # type: ignore[arg-type]
+        where, address = (conn.remote_host, conn.dialed), conn.address
+        if self._whereabouts.get(address) == where:  # type: ignore[arg-type]
+            self._whereabouts.move_to_end(address)  # type: ignore[arg-type]
+            return
+        self._whereabouts[address] = where  # type: ignore[index]
+        self._whereabouts.move_to_end(address)  # type: ignore[arg-type]
         if len(self._whereabouts) > 256:
             self._whereabouts.popitem(last=False)
-        if conn.address in self._protected:
+        if address in self._protected:
             self._prefer_dials()
 
     async def _dial(self, host: str, port: int) -> WireConnection | None:
