@@ -75,22 +75,35 @@ class Swarm:
                              **(dials if self.master_dials else {}))
         t.write_loopback_env(wk, self.token, port=self.port, LOG_LEVEL="info",
                              **({} if self.master_dials else dials), **self.worker_env)
-        self.master = await asyncio.create_subprocess_exec(
-            sys.executable, str(HERE / "master.py"), "--task", "task.py", "--jobs", "-", cwd=m,
-            env=t.clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        await self.master.stdout.readline()  # ready
+        await self._start_master()
         limit = self.worker_fds
         profile = ["-m", "cProfile", "-o", os.environ["QX_FAULTS_PROFILE"]] if os.environ.get(
             "QX_FAULTS_PROFILE") else []
         self.worker = await asyncio.create_subprocess_exec(
             sys.executable, *profile, str(HERE / "worker.py"), cwd=wk, env=t.clean_env(), stderr=self.log,
             preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))) if limit else None)
-        self._tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._feed())]
+        self._tasks = [asyncio.ensure_future(self._read(self.master)), asyncio.ensure_future(self._feed())]
         await t.until(lambda: len(self.stamps) > 100, 60)
         return self
 
-    async def _read(self) -> None:
-        async for line in self.master.stdout:
+    async def _start_master(self) -> None:
+        self.master = await asyncio.create_subprocess_exec(
+            sys.executable, str(HERE / "master.py"), "--task", "task.py", "--jobs", "-", cwd=self.root / "m",
+            env=t.clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        await self.master.stdout.readline()  # ready
+
+    async def restart_master(self) -> float:
+        """Stop master.py and start it again (its address, port and queue kept): it dials in anew.
+        Returns when it was started again."""
+        self.master.terminate()
+        await self.master.wait()
+        started = time.monotonic()
+        await self._start_master()
+        self._tasks.append(asyncio.ensure_future(self._read(self.master)))
+        return started
+
+    async def _read(self, master: asyncio.subprocess.Process) -> None:
+        async for line in master.stdout:
             if json.loads(line).get("event") == "result":
                 self.stamps.append(time.monotonic())
 
@@ -497,7 +510,14 @@ async def silent_wires_spread(target: Target, until: float) -> dict:
     return await silent_wires(target, until, hosts=200)
 
 
+async def silent_wires_restart(target: Target, until: float) -> dict:
+    """From 200 hosts, and master.py restarts 2 s in: it dials in while the cap is full."""
+    return await silent_wires(target, until, hosts=200)
+
+
 silent_wires.master_dials = silent_wires_spread.master_dials = True  # type: ignore[attr-defined]
+silent_wires_restart.master_dials = True  # type: ignore[attr-defined]
+silent_wires_restart.restart_master = 2.0  # type: ignore[attr-defined]
 
 
 def _count_syns(host: str, counts: dict, stop: list) -> None:
@@ -574,6 +594,7 @@ ATTACKS = {
     "dht: hostile bootstrap node": (dht_flood, None, hostile_dht),
     "200 silent wires, one host": (silent_wires, None, None),
     "200 silent wires, 200 hosts": (silent_wires_spread, None, None),
+    "200 silent wires, the master dials in": (silent_wires_restart, None, None),
     "LSD flood": (lsd_flood, None, None),
 }
 
@@ -597,6 +618,17 @@ async def attacker(name: str, port: int, token: str, seconds: float, aux_port: i
     return 0
 
 
+async def _restart_later(swarm: Swarm, delay: float) -> float:
+    await asyncio.sleep(delay)
+    return await swarm.restart_master()
+
+
+def _after_restart(swarm: Swarm, restarted: float, start: float) -> dict:
+    """When the master was started again (from the attack's start), and its first result since."""
+    return {"master_restarted_s": restarted - start, "next_result_after_restart_s": next(
+        (s - restarted for s in swarm.stamps if s >= restarted), float("nan"))}
+
+
 async def measure(name: str, seconds: float) -> dict:
     """One attack on a fresh master and worker; the attacker is a process of its own."""
     with tempfile.TemporaryDirectory(prefix="qx-faults-") as tmp:
@@ -617,6 +649,8 @@ async def measure(name: str, seconds: float) -> dict:
             start, lines, cpu = time.monotonic(), swarm.log_lines(), swarm.cpu_seconds()
             master_cpu = swarm.cpu_seconds(swarm.master)
             proc.stdin.write(b"go\n")
+            restart = getattr(ATTACKS[name][0], "restart_master", None)  # it dials in during the attack
+            restarting = asyncio.ensure_future(_restart_later(swarm, restart)) if restart else None
             notes = json.loads(await asyncio.wait_for(proc.stdout.readline(), seconds + 180) or "{}")
             await asyncio.sleep(start + seconds - time.monotonic())  # an attack may end early
             end = time.monotonic()
@@ -631,6 +665,7 @@ async def measure(name: str, seconds: float) -> dict:
                     "jobs_per_s_during": swarm.rate(start, end), "log_lines": lines,
                     "longest_gap_s": swarm.longest_gap(before, end + 2.0),
                     "next_result_s": next((s - start for s in swarm.stamps if s >= start), float("nan")),
+                    **(_after_restart(swarm, await restarting, start) if restarting else {}),
                     "attack_seconds": end - start, "worker_cpu": cpu / (end - start),
                     "master_cpu": master_cpu / (end - start), **notes}
         finally:

@@ -2251,6 +2251,23 @@ class TestTcp(AsyncTest):
         await until(lambda: a.address in b.peers and b.connections() == 1)  # b dials again
         self.assertEqual(await b.rpc(a.address, "echo", {}, timeout=5), {"echoedBy": "py"})
 
+    async def test_rpc_to_a_peer_that_says_goodbye_fails_at_once_with_other_wires_up(self):
+        a = await self.started(py_node("goodbye-swarm"))
+        b = await self.started(py_node("goodbye-swarm", peers=["127.0.0.1:%d" % a.port]))
+        await self.started(py_node("goodbye-swarm", peers=["127.0.0.1:%d" % a.port]))  # a stays wired
+        called = asyncio.Event()
+
+        async def hang(address, args):
+            called.set()
+            await asyncio.Event().wait()
+        b.register("hang", hang)
+        await until(lambda: b.address in a.peers and len(a.peers) == 2)
+        call = asyncio.ensure_future(a.rpc(b.address, "hang", {}, timeout=60))
+        await asyncio.wait_for(called.wait(), 10)
+        await b.close()  # its goodbye (a master restarting, say): no answer will come from it
+        with self.assertRaises(w.RpcUnreachable):
+            await asyncio.wait_for(call, 5)
+
     async def test_malformed_host_names_are_unreachable_peers_not_crashes(self):
         self.assertEqual(await w.Dht._resolve("router..example", 6881), [])
         with self.assertNoLogs("worker", "ERROR"):  # a failed internal task logs an error
@@ -2280,6 +2297,23 @@ class TestTcp(AsyncTest):
             writer.close()
         self.assertGreaterEqual(a.stats["peers dropped for bad input"], 3)
         self.assertEqual(await b.rpc(a.address, "echo", {"still": "here"}), {"still": "here", "echoedBy": "py"})
+
+    async def test_a_call_made_while_its_peer_had_no_wire_goes_on_the_wire_it_dials_in_by(self):
+        a = await self.started(py_node("wireless-swarm"))
+        b = await self.started(py_node("wireless-swarm"))
+        c = await self.started(py_node("wireless-swarm", peers=["127.0.0.1:%d" % a.port]))  # a wire, not b's
+        b.add_peer("127.0.0.1", a.port)
+        await until(lambda: b.address in a.peers and c.address in a.peers, 5)
+        for conn in [x for x in a._connections if x.address == b.address]:
+            conn.close()  # b goes, without a goodbye (a restarting master, say)
+        await until(lambda: not a.has_wire(b.address), 5)
+        call = asyncio.ensure_future(a.rpc(b.address, "echo", {"late": 1}, timeout=20))  # failover's isMaster
+        await asyncio.sleep(0.3)  # it went to c's wire, as spare traffic: nobody there can open it
+        started = time.monotonic()
+        b.add_peer("127.0.0.1", a.port)  # b dials in again
+        self.assertEqual(await asyncio.wait_for(call, 5), {"late": 1, "echoedBy": "py"})
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual(a._wireless, {})
 
     async def test_duplicate_wires_resolve_to_one(self):
         a = await self.started(py_node("dup-swarm"))

@@ -4374,9 +4374,10 @@ INBOUND_PER_HOST = 16
 #: Inbound wires closed per second at most, to make room at the inbound caps (churn costs CPU).
 EVICTIONS_PER_SECOND = 20.0
 #: At a cap, a wire that carried no verified packet for this long (since it opened, if never) goes
-#: first; then one that never carried any. Younger wires never go: they have this long to speak.
+#: first; then one that never carried any. Younger wires never go: they have this long to speak
+#: (a bugout peer pings one it sees within a second; we ask a newcomer isMaster at once).
 IDLE_SECONDS = 30.0
-NEWCOMER_SECONDS = 10.0
+NEWCOMER_SECONDS = 5.0
 #: Dials in progress at most (LSD and DHT answers are anyone's to forge).
 MAX_DIALING = 32
 #: TCP wires we dialed (up or being dialed) at most, before peers found (LSD, DHT) wait in the
@@ -4402,6 +4403,8 @@ LSD_SOURCE_BURST = 32
 RELAY_QUEUE = 1024 * 1024
 RELAY_PROTECTED = 64 * 1024
 RELAY_TOTAL = 16 * 1024 * 1024
+#: Our payloads kept per busy peer that had no wire, to send on the first wire claiming it.
+WIRELESS_KEPT = 8
 #: Relayed payloads written per second, to all wires together, at most (a second's worth in a burst).
 RELAY_WRITES_PER_SECOND = 10_000.0
 
@@ -4619,6 +4622,7 @@ class Bugout:
         self._listeners: dict[str, list[Callable]] = collections.defaultdict(list)
         self._pending: dict[bytes, asyncio.Future] = {}
         self.core.awaiting = self._pending  # answers to nothing we asked are dropped unread
+        self._calls: dict[bytes, str] = {}  # nonce -> the address an RPC of ours waits on
         self._connections: set[Connection] = set()
         self._dialing: set[tuple] = set()
         self._dials = DialQueue(stats=self.stats)  # peers found (LSD, DHT), waiting their turn
@@ -4628,6 +4632,9 @@ class Bugout:
         self._whereabouts: collections.OrderedDict[str, tuple[str | None, tuple | None]] = (
             collections.OrderedDict())  # address -> (host, endpoint we dialed) of a wire it signed on
         self._busy: collections.Counter = collections.Counter()  # addresses with calls in flight
+        #: our payloads for a busy address that left while no wire led to it: sent again on the
+        #: first wire that comes claiming it (a master dialing in after a failover call went out)
+        self._wireless: dict[str, collections.deque] = {}
         self._accepting = 0  # accepted sockets whose connection is being made
         self._tasks: set[asyncio.Task] = set()
         self._acceptor: _Acceptor | None = None
@@ -4790,8 +4797,9 @@ class Bugout:
         nonce = self.core.send_call(address, call, {} if args is None else args, _now())
         future = asyncio.get_running_loop().create_future()
         self._pending[nonce] = future
-        self._flush_core()
+        self._calls[nonce] = address
         self._busy[address] += 1
+        self._flush_core()
         try:
             async with asyncio.timeout(timeout):
                 return await future
@@ -4801,6 +4809,7 @@ class Bugout:
             raise RpcTimeout(f"{call} on {address}: no answer in {timeout}s") from None
         finally:
             self._pending.pop(nonce, None)
+            self._calls.pop(nonce, None)
             self._not_busy(address)
 
     def rpc_nowait(self, address: str, call: str, args: Any = None) -> None:
@@ -5160,10 +5169,11 @@ class Bugout:
         first = peer_id is None or (ours and peer_id > self.peer_id)
         self.add_peer(host, port, host, delay=0.0 if first else LSD_YIELD, peer_id=peer_id)
 
-    def _fail_pending(self, why: str) -> None:
-        """No wire is left to bring an answer: waiting RPCs fail now, not at their timeout."""
-        for future in self._pending.values():
-            if not future.done():
+    def _fail_pending(self, why: str, address: str | None = None) -> None:
+        """No wire is left to bring an answer (or, with ``address``, that peer said goodbye):
+        waiting RPCs (to it) fail now, not at their timeout."""
+        for nonce, future in self._pending.items():
+            if not future.done() and address in (None, self._calls.get(nonce)):
                 future.set_exception(RpcUnreachable(why))
 
     # handshakes
@@ -5185,6 +5195,8 @@ class Bugout:
         self.emit("connections", self.connections())
         self._dispatch(events)
         if conn.address and conn.address != self.address and conn.state is ConnState.OPEN:
+            for payload in self._wireless.pop(conn.address, ()):
+                self._send_own(conn, payload)
             self.emit("wireseen", conn.address)
 
     def _resolve_duplicates(self, conn: Connection) -> None:
@@ -5232,6 +5244,8 @@ class Bugout:
             route = self._routes.get(out.to) if out.to else None
             if route is not None and route.state is not ConnState.OPEN:
                 route = None
+            if route is None and out.to in self._busy and not out.relay and not self.has_wire(out.to):
+                self._wireless.setdefault(out.to, collections.deque(maxlen=WIRELESS_KEPT)).append(out.payload)
             for conn in self._connections:
                 if conn is out.origin or conn.state is not ConnState.OPEN:
                     continue
@@ -5315,6 +5329,8 @@ class Bugout:
             elif isinstance(event, Ping):
                 self.emit("ping", event.address)
             elif isinstance(event, Left):
+                if event.reason == "left":  # its goodbye: a restart of it answers none of them
+                    self._fail_pending("it said goodbye", event.address)
                 self.emit("left", event.address)
 
     def _serve(self, call: Call) -> None:
@@ -5357,6 +5373,7 @@ class Bugout:
         self._busy[address] -= 1
         if self._busy[address] <= 0:
             del self._busy[address]
+            self._wireless.pop(address, None)
 
     def _keeps_wire(self, conn: Connection) -> bool:
         """True for a wire never closed to make room: a protected peer's, or one whose peer has
@@ -5844,11 +5861,12 @@ def check_npm_package(text: Any) -> str:
 # answered in time is no failure: that peer is asked again later.
 #
 # Checks are bounded: CHECK_CONCURRENCY ``isMaster`` checks of new peers at
-# once, CHECK_QUEUE waiting; masters known to have proved the key, pinned
-# ones, failover asks and peers with a wire of their own skip that line
-# (URGENT_CHECKS at once), so a flood of silent identities sharing an
-# attacker's wire never keeps the real master waiting. Proofs are bounded
-# too: PROOF_CONCURRENCY at once (a stalled one makes room, up to PROOF_MAX).
+# once, CHECK_QUEUE waiting; failover asks and peers with a wire of their own
+# skip that line (URGENT_CHECKS at once), and masters known to have proved
+# the key and pinned ones wait in none, so a flood of silent identities,
+# sharing an attacker's wire or on wires of their own, never keeps the real
+# master waiting. Proofs are bounded too: PROOF_CONCURRENCY at once (a
+# stalled one makes room, up to PROOF_MAX).
 #
 # An address that proved the key once (this run or an earlier one: the
 # journal keeps the last MAX_PROVEN) is adopted on its "yes" without a new
@@ -5874,7 +5892,8 @@ CHECK_CONCURRENCY = 4
 CHECK_QUEUE = 256
 #: Seconds an isMaster check (or challenge) may wait for its answer (JS masters: ~20 ms).
 CHECK_TIMEOUT = 10.0
-#: Urgent checks (proven, pinned, failover, peers with a wire of their own) running at once.
+#: Urgent checks (failover, peers with a wire of their own) running at once; proven and pinned
+#: masters are asked at once, outside any line.
 URGENT_CHECKS = 16
 #: Proofs running at once; one running longer than PROOF_STALLED seconds
 #: makes room for another, up to PROOF_MAX.
@@ -7469,17 +7488,20 @@ class Worker:
     def _ask(self, address: str, again: bool = False) -> None:
         """Queue an ``isMaster`` check of ``address`` (bounded; extra ones are dropped).
 
-        Masters known to have proved the key, pinned ones, failover asks and
-        peers with a wire of their own go first: a flood of identities that
-        share an attacker's wire (and never answer) cannot keep the master
-        waiting behind it.
+        Masters known to have proved the key and pinned ones are asked at once;
+        failover asks and peers with a wire of their own go before the others:
+        a flood of identities, on an attacker's wire or on wires of their own
+        (and never answering), cannot keep the master waiting behind it.
         """
         if address in self._checking or address == self.address:
             return
         if not self.trust.may_ask(address, time.monotonic(), again):
             return
-        urgent = (again or address in self.trust.proven or address in self.trust.pinned
-                  or self.node.has_wire(address))
+        if address in self.trust.proven or address in self.trust.pinned:
+            self._checking.add(address)  # a known master waits in no line (they are few)
+            self._spawn(self._check(address))
+            return
+        urgent = again or self.node.has_wire(address)
         queue = self._urgent if urgent else self._others
         if len(queue) >= CHECK_QUEUE:
             self.stats["isMaster checks dropped"] += 1
