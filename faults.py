@@ -13,7 +13,9 @@ the attack's start until 2 s after it, the longest gap between two results
 from the start of the "before" window to the end, and the worker's CPU. The
 attacker runs on the same cores as master and worker: the "during" rate pays
 for its CPU too. ``QX_FAULTS_LOG=1`` prints the end of each worker's log,
-``QX_FAULTS_PROFILE=FILE`` runs the worker under cProfile.
+``QX_FAULTS_PROFILE=FILE`` runs the worker under cProfile. Each attack's JSON line adds
+the first result after its start (``next_result_s``), and, where master.py restarts
+during the attack, the first result after that (``next_result_after_restart_s``).
 The attacks from a tracker, WebRTC and the DHT are the attacker's own ``ws://``
 tracker or DHT node, named in the worker's .env (no ICE server), which the
 attacker starts before the worker and which behave until the attack begins.
