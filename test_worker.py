@@ -924,7 +924,7 @@ class Task {
       const kept = [];
       for (;;) kept.push({ x: Math.random(), s: `abc${kept.length}` });
     }
-    if (data.do === 'buffer') return Buffer.alloc(2000 * 1024 * 1024).length;
+    if (data.do === 'buffer') return Buffer.alloc((data.mb || 2000) * 1024 * 1024).length;
     if (data.do === 'meet') return { met: await meet(data.folder), pid: process.pid };
     if (data.do === 'surrogate') { // half an emoji: JSON.stringify writes it as \\ud83d
       if (data.raise) throw new Error('\\ud83d');
@@ -4861,6 +4861,20 @@ class TestTaskProcesses(AsyncTest):
         self.assertEqual(by_id[7]["data"]["x"], 7)
         await until(lambda: not alive(int(pidfile.read_text())), 10)
         self.assertLess(peak_rss_mb(worker.proc.pid), 100)
+        self.assertEqual(await worker.sigterm(20), 0)
+
+    async def test_task_js_memory_cap_is_job_memory_mb_whatever_node_reserves(self):
+        # Node 24 maps V8's 512 MB code range writable at start: under RLIMIT_DATA=jobMemoryMB
+        # it did not start at all below ~600 MB; with 1 GiB more for good it would not be a cap
+        need(NODE, "node is not installed")
+        tmp, cluster = await self.cluster(files={"/workplace/task.js": TRICKY_TASK_JS})
+        push_jobs(cluster, [{"do": "buffer", "mb": 64}, {"do": "buffer", "mb": 300}, {"x": 2}])
+        worker = await self.started(WorkerPy(tmp, cluster, getBatch="true", batchSize=3, jobMemoryMB=200))
+        await cluster.until_results(3, 60)
+        by_id = self.by_id(cluster)
+        self.assertEqual(by_id[0]["data"], 64 << 20, by_id[0].get("error"))
+        self.assertEqual(by_id[1]["error"]["type"], "RangeError")  # 300 MB: over the cap, whatever node
+        self.assertEqual(by_id[2]["data"]["x"], 2)
         self.assertEqual(await worker.sigterm(20), 0)
 
     def test_settings(self):

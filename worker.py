@@ -6046,6 +6046,20 @@ class TaskChild:
             await self.end()
             error = TaskError.from_answer(hello.get("error"))
             raise TaskProcessError(f"{task_path} does not load: {error}", error.error["traceback"])
+        self._fit_memory_cap(hello.get("reserved"))
+
+    def _fit_memory_cap(self, reserved: Any) -> None:
+        """The cap of a child that said what it reserved at start (node): ``jobMemoryMB`` plus that.
+
+        TASK_CHILD_PY gave it EXEC_START_MB more to start with: Node 24 maps V8's
+        512 MB code range writable at once, and RLIMIT_DATA counts it whole.
+        """
+        if not self.memory_mb or type(reserved) is not int or reserved < 0 or self.pid is None:
+            return
+        import resource  # POSIX: Linux has prlimit
+        cap = (self.memory_mb << 20) + reserved
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            resource.prlimit(self.pid, resource.RLIMIT_DATA, (cap, cap))
 
     async def _receive(self) -> dict:
         """The child's next line; TaskProcessError (with its stderr) when it died."""
@@ -7587,9 +7601,13 @@ import os
 import sys
 
 MEMORY_MB = int(os.environ.pop("QX_MEMORY_MB", "") or 0)
+# MB more for a program run with --exec (node) until its hello, which says what
+# it reserved writable at start (V8's code range: 512 MB in Node 24); the worker
+# then sets the cap to MEMORY_MB plus that.
+EXEC_START_MB = 1024
 
 
-def limit():
+def limit(extra_mb):
     """Die with the worker, be the OOM killer's first choice, cap the data size."""
     try:
         import ctypes
@@ -7605,7 +7623,7 @@ def limit():
         pass
     if MEMORY_MB:
         import resource
-        cap = MEMORY_MB << 20
+        cap = (MEMORY_MB + extra_mb) << 20
         hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
         cap = cap if hard == resource.RLIM_INFINITY else min(cap, hard)
         resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))  # private writable memory
@@ -7690,12 +7708,15 @@ def serve(channel, jobs):
 
 
 def main():
-    limit()
+    limit(EXEC_START_MB if sys.argv[1] == "--exec" else 0)
     if sys.argv[1] == "--exec":
         os.execv(sys.argv[2], sys.argv[2:])
     import faulthandler
     import socket
-    faulthandler.enable()  # a crash in native code prints the task's Python stack
+    try:  # a crash in native code prints the task's Python stack; 3.14+ adds the C
+        faulthandler.enable(c_stack=False)  # stack, ~25 lines that would push it out of STDERR_TAIL
+    except TypeError:  # before 3.14
+        faulthandler.enable()
     fd = int(os.environ.pop("QX_RUNNER_FD"))
     os.set_inheritable(fd, False)
     channel = socket.socket(fileno=fd)
@@ -7778,6 +7799,24 @@ function load(file) {
   return task;
 }
 
+// Bytes of private memory mapped writable and executable, not from a file: V8's
+// code range, reserved whole at start (512 MB in Node 24, on x64) and counted by
+// RLIMIT_DATA though barely used. The worker adds them to jobMemoryMB.
+function reserved() {
+  let bytes = 0;
+  try {
+    for (const entry of require('fs').readFileSync('/proc/self/maps', 'utf8').split('\n')) {
+      const [range, perms, , , inode] = entry.split(/\s+/);
+      if (perms !== 'rwxp' || inode !== '0') continue;
+      const [start, end] = range.split('-').map((hex) => parseInt(hex, 16));
+      bytes += end - start;
+    }
+  } catch (error) { // not Linux: no RLIMIT_DATA to fit either
+    return 0;
+  }
+  return bytes;
+}
+
 function main() {
   let task;
   try {
@@ -7786,7 +7825,7 @@ function main() {
     channel.end(line({ ready: false, error: describe(error) }), () => process.exit(1));
     return;
   }
-  channel.write(line({ ready: true, node: process.version }));
+  channel.write(line({ ready: true, node: process.version, reserved: reserved() }));
   readline.createInterface({ input: channel, crlfDelay: Infinity }).on('line', (text) => runJob(task, text));
   channel.on('end', () => process.exit(0));
   channel.on('error', () => process.exit(1));
