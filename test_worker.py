@@ -1224,6 +1224,11 @@ def open_journal(folder, token="journal-swarm", key=KEY):
     return journal
 
 
+def file_mode(path):
+    """The permission bits of ``path``, as "0o600"."""
+    return oct(os.stat(path).st_mode & 0o777)
+
+
 def result_text(i):
     return json.dumps({"jobID": i, "worker": {"id": "bWorker", "name": "w"}, "data": i})
 
@@ -4374,6 +4379,21 @@ class TestOutbox(AsyncTest):
         self.assertEqual(await reopened.load(), 1)
         self.assertEqual([json.loads(t)["jobID"] for _, t in await reopened.take("m", 10)], [2])
 
+    async def test_the_journal_and_its_logs_are_0600_whatever_the_umask(self):
+        # issue 23: with umask 022 the -wal and -shm files were 0644, the WAL holding jobs in clear
+        self.addCleanup(os.umask, os.umask(0o022))
+        tmp = self.tmp()
+        journal = self.will_close(open_journal(tmp))
+        outbox = w.Outbox(journal, lambda address: True)
+        outbox.add(None, result_text(1))
+        await outbox.flush()
+        names = [w.JOURNAL_NAME + suffix for suffix in ("", "-wal", "-shm")]
+        self.assertEqual({name: file_mode(tmp / name) for name in names}, dict.fromkeys(names, "0o600"))
+        await asyncio.to_thread(journal.close)
+        os.chmod(tmp / w.JOURNAL_NAME, 0o644)  # as an older worker left it
+        self.will_close(open_journal(tmp))
+        self.assertEqual(file_mode(tmp / w.JOURNAL_NAME), "0o600")
+
     async def test_more_results_than_memory_keep_their_order(self):
         outbox = w.Outbox(self.will_close(open_journal(self.tmp())), lambda address: True)
         with mock.patch.object(w, "OUTBOX_MEMORY", 5):
@@ -5875,6 +5895,29 @@ class TestMasterDurable(AsyncTest):
         self.assertIn("200/200 jobs", text)  # the last figures stay
         self.assertRegex(text, r"\d+/200\+? jobs, \d+ jobs/s, ETA [\d:-]+, 1 worker\(s\)")
         self.assertEqual(len(cli.results), 200)  # stdout is a pipe: results only there
+
+    async def test_what_holds_jobs_or_results_is_for_its_user_alone(self):
+        # issue 23: with the usual umask 022, master.db's logs and --out were 0644, and so were
+        # the worker journal's logs, all holding job data or results in clear
+        self.addCleanup(os.umask, os.umask(0o022))  # the processes below inherit it
+        cli = MasterCli(self.tmp() / "m")
+        write_jobs(cli.folder / "jobs.jsonl", 50)
+        await self.started(cli, "--jobs", "jobs.jsonl", "--out", "results.jsonl", "--follow")
+        home = cli.folder.parent / "w"
+        home.mkdir()
+        write_loopback_env(home, cli.token, peers="127.0.0.1:%d" % cli.port, getBatch="true", batchSize=10,
+                           LOG_LEVEL="info", logFile="worker.log")
+        env = home / ".env"
+        env.write_text(env.read_text() + "folder=%s\n" % (home / "work"))  # a folder it makes itself
+        self.will_kill(await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=home,
+                                                            env=clean_env(), stderr=subprocess.DEVNULL))
+        await until(lambda: len(cli.results) >= 50, 60)
+        files = [cli.folder / name for name in ("master.db", "master.db-wal", "master.db-shm", "results.jsonl")]
+        files += [home / "work" / (w.JOURNAL_NAME + suffix) for suffix in ("", "-wal", "-shm")]
+        files.append(home / "worker.log")
+        self.assertEqual({str(f): file_mode(f) for f in files}, dict.fromkeys(map(str, files), "0o600"))
+        self.assertEqual(file_mode(home / "work"), "0o700")  # the folder it made: its own alone
+        await cli.kill()
 
     async def test_cli_out_has_each_result_once_across_a_kill(self):
         cli = MasterCli(self.tmp() / "m")

@@ -358,6 +358,19 @@ def as_dict(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def private_files(path: str | Path, *more: str | Path) -> None:
+    """Make files that hold job data or results mode 0600, whatever the umask.
+
+    ``path`` is created (empty) when missing; ``more`` are changed where they
+    exist. SQLite gives a database's -wal and -shm files the database file's
+    mode when it makes them, so a database made 0600 first keeps them private.
+    """
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    for name in (path, *more):
+        with contextlib.suppress(OSError):  # gone, or another user's: SQLite says what is wrong
+            os.chmod(name, 0o600)
+
+
 # Settings ###################################################################
 #
 # Every setting is read here, once, into one frozen Settings: the explicit
@@ -750,6 +763,8 @@ class Logger:
         handler.setFormatter(_Formatter(hasattr(stream, "isatty") and stream.isatty()))
         self.logger.addHandler(handler)
         if file:
+            with contextlib.suppress(OSError):  # task output lands there: FileHandler says what fails
+                private_files(file)
             file_handler = logging.FileHandler(file, encoding="utf-8", errors="backslashreplace")
             file_handler.setFormatter(_Formatter(False))
             self.logger.addHandler(file_handler)
@@ -5431,6 +5446,7 @@ class Journal:
         self._lock_fd = fd
 
     def _connect(self) -> sqlite3.Connection:
+        private_files(self.path, f"{self.path}-wal", f"{self.path}-shm")  # the log holds jobs in clear
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
@@ -6585,7 +6601,7 @@ class Worker:
     # lifecycle
     async def start(self) -> Worker:
         """Open the journal, join the swarm and start the job loop."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # made here: ours alone
         await self._load_state()
         self.node.register("ping", _pong)
         self.node.on("seen", self._on_peer)
@@ -7380,8 +7396,6 @@ class Worker:
         """Open the journal (taking over an older run's JSON files once) and read it."""
         journal = self.journal
         await journal.call(journal.open)
-        with contextlib.suppress(OSError):
-            os.chmod(journal.path, 0o600)
         await journal.call(self._take_over_json_files)
         self._manifest = await journal.call(self._read_manifest)
         proven = await journal.call(journal.get_json, "proven", [])
