@@ -1336,6 +1336,37 @@ class WorkerPy:
         return await asyncio.wait_for(self.proc.wait(), timeout)
 
 
+def readme_block(name):
+    """The fenced block after ``<!-- compat.sh: NAME -->`` in README.md, which interop/compat.sh runs."""
+    after = (HERE / "README.md").read_text().split("<!-- compat.sh: %s -->\n" % name, 1)[1]
+    return after.split("```", 2)[1].split("\n", 1)[1]
+
+
+def readme_unit():
+    """The README's systemd unit: each key of its [Service] section, with its values in order."""
+    unit = collections.defaultdict(list)
+    service = readme_block("unit").split("[Service]\n", 1)[1].split("\n[", 1)[0]
+    for line in service.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            unit[key].append(value)
+    return unit
+
+
+async def unit_process(folder, **kwargs):
+    """The README unit's ExecStart in ``folder``, with its Environment and UMask; this checkout's
+    worker.py and python for the installed ones."""
+    unit = readme_unit()
+    installed = Path(unit["ExecStart"][-1].split()[0]).parents[2]  # /opt/qx-worker/venv/bin/python
+    env = {k: v for k, v in os.environ.items() if k not in w.SETTINGS and k != "PYTHONPATH"}
+    for pair in " ".join(unit["Environment"]).split():
+        key, value = pair.split("=", 1)
+        env[key] = value.replace(str(installed), str(HERE))
+    argv = [sys.executable, *unit["ExecStart"][-1].split()[1:]]
+    return await asyncio.create_subprocess_exec(*argv, cwd=folder, env=env, umask=int(unit["UMask"][-1], 8),
+                                                **kwargs)
+
+
 class MasterProcess:
     """``python master.py`` with its settings in a .env; jobs over stdin."""
 
@@ -5381,6 +5412,8 @@ class TestCommandLine(AsyncTest):
                               timeout=120, cwd=HERE)
         self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
         self.assertIn("all results right", done.stdout)
+        self.assertNotIn("\r", done.stdout)  # not a terminal: no progress redrawn in place (issue 23)
+        self.assertEqual(done.stdout.count("\n"), 3, done.stdout)  # started, summary, last job
 
     def test_demo_loads_worker_py_once(self):
         """master.py's ``from worker import`` finds the running module: one set of classes."""
@@ -5409,6 +5442,61 @@ class TestCommandLine(AsyncTest):
         self.assertEqual(proc.returncode, 0, output.decode())
         self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(10)))
         self.assertIn(b"stopping", output)
+
+    async def test_the_readme_unit_imports_nothing_from_the_folder_and_finishes_held_jobs(self):
+        # issue 23: "python -m worker" put the worker folder first on the import path: a master's
+        # file named queue.py crashed start-up, and the unit's Restart= made a loop of it
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp))
+        cluster.push(10, sleep=0.3)
+        folder = tmp / "wp"
+        folder.mkdir()
+        (folder / "queue.py").write_text("# a master's file, not the standard library's queue\n")
+        write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
+                           getBatch="true", batchSize=10, LOG_LEVEL="info")
+        proc = self.will_kill(await unit_process(folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        await until(lambda: cluster.master.stats["jobs handed out"] == 10 and len(cluster.results) >= 1
+                    or proc.returncode is not None, 30)
+        if proc.returncode is not None:
+            self.fail("the worker ended at start:\n%s" % (await proc.stdout.read()).decode()[-3000:])
+        proc.send_signal(15)  # KillMode=mixed: SIGTERM to the worker alone, not to its task children
+        output, _ = await asyncio.wait_for(proc.communicate(), 30)
+        self.assertEqual(proc.returncode, 0, output.decode())
+        self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(10)))
+        self.assertTrue(all("error" not in r for r in cluster.results), cluster.results)
+        self.assertEqual(file_mode(folder / w.JOURNAL_NAME), "0o600")
+
+    def test_the_readme_unit_and_pi_steps(self):
+        """What interop/compat.sh runs and checks with systemd-analyze, read here for what users rely on."""
+        unit = readme_unit()
+        one = {key: values[-1] for key, values in unit.items()}
+        user = one["User"]
+        self.assertNotIn(user, ("pi", "root"))  # the Imager's first user has passwordless sudo
+        self.assertEqual(one["Group"], user)
+        self.assertEqual(one["WorkingDirectory"], "/var/lib/" + one["StateDirectory"])
+        self.assertEqual(one["StateDirectoryMode"], "0700")
+        self.assertRegex(one["ExecStart"], r"^/\S+/python -P -m worker$")  # never imports from the folder
+        environment = " ".join(unit["Environment"]).split()
+        self.assertIn("PYTHONSAFEPATH=1", environment)  # the task children too
+        installed = Path(one["ExecStart"].split()[0]).parents[2]
+        self.assertIn("PYTHONPATH=%s" % installed, environment)
+        expected = {"KillMode": "mixed", "Restart": "always", "Type": "notify", "NotifyAccess": "main",
+                    "UMask": "0077", "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+                    "PrivateTmp": "yes", "CapabilityBoundingSet": ""}
+        self.assertEqual({key: one.get(key) for key in expected}, expected)
+        self.assertGreater(int(one["TimeoutStopSec"]), w.Settings.load({}).stop_timeout)
+        self.assertNotIn("MemoryDenyWriteExecute", unit)  # node's JIT writes the code it runs
+        self.assertNotIn("ReadOnlyPaths", unit)  # the folder must stay writable: pip, npm, the journal
+        for block in ("pi-64", "pi-32"):
+            steps = readme_block(block)
+            self.assertIn("useradd --system --home-dir %s --shell /usr/sbin/nologin %s\n"
+                          % (one["WorkingDirectory"], user), steps)
+            self.assertNotRegex(steps, r"usermod|adduser|sudoers|-G sudo")  # not a sudoer
+            self.assertIn("install -d -o %s -g %s -m 0700 %s\n" % (user, user, one["WorkingDirectory"]), steps)
+            self.assertIn("%s/venv/bin/python -m compileall -q %s/worker.py\n" % (installed, installed), steps)
+        self.assertIn("pip install", readme_block("pi-64"))
+        self.assertNotIn("pip", readme_block("pi-32"))  # no compiler on 32-bit Pi OS: Debian's packages
+        self.assertIn("venv --system-site-packages", readme_block("pi-32"))
 
     async def test_a_timed_out_job_does_not_hold_the_process_at_exit(self):
         tmp = self.tmp()

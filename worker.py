@@ -7560,14 +7560,16 @@ async def run_demo(jobs: int = 200) -> int:
         started = time.perf_counter()
         await worker.start()
         print("demo: master on 127.0.0.1:%d, %d jobs, worker %s" % (master.port, jobs, worker.address))
+        terminal = sys.stdout.isatty()  # a log or a pipe gets no line redrawn in place
         while len(results) < jobs and time.perf_counter() - started < 60:
             await asyncio.sleep(0.2)
-            print("\rdemo: %d/%d results" % (len(results), jobs), end="", flush=True)
+            if terminal:
+                print("\rdemo: %d/%d results" % (len(results), jobs), end="", flush=True)
         elapsed = time.perf_counter() - started
         await worker.stop()
         await master.close()
     ok = len(results) == jobs and all(r and r.get("data") for r in results)
-    print("\ndemo: %d/%d jobs in %.2f s (%.0f jobs/s), %s" % (
+    print(("\n" if terminal else "") + "demo: %d/%d jobs in %.2f s (%.0f jobs/s), %s" % (
         len(results), jobs, elapsed, len(results) / elapsed, "all results right" if ok else "FAILED"))
     if ok:
         last = max(results, key=lambda r: r["jobID"])
