@@ -23,7 +23,12 @@
 #                   (PyPI wheels), the demo, 300 jobs from a master.py on the host
 #   bookworm-armhf  Raspberry Pi OS 32-bit: the README's no-compiler steps
 #                   (Debian's cryptography and PyNaCl), the same
-# and, on the host, `systemd-analyze verify` and `security` of the README's unit.
+#   bookworm-amd64  the README's 64-bit steps, then its unit under a real
+#                   systemd 252 (systemd-nspawn --boot, the host's network):
+#                   task.py with a pip dependency, task.js with an npm one,
+#                   a task that SIGTERMs the worker (Restart=always), and
+#                   `systemctl stop` during a job (KillMode=mixed)
+# and `systemd-analyze verify` and `security` of the README's unit.
 set -uo pipefail
 
 HERE=${QX_PROJECT:-$(cd "$(dirname "$0")/.." && pwd)}
@@ -32,7 +37,7 @@ MIRROR=${QX_MIRROR:-http://deb.debian.org/debian}
 TESTS=${QX_TESTS:-all}
 JOBS=${QX_JOBS:-300}
 HOST_PYTHON=${QX_HOST_PYTHON:-$( [ -x "$HERE/.venv/bin/python" ] && echo "$HERE/.venv/bin/python" || echo python3 )}
-ALL_ROWS="trixie-amd64 sid-amd64 bookworm-arm64 bookworm-armhf"
+ALL_ROWS="trixie-amd64 sid-amd64 bookworm-arm64 bookworm-armhf bookworm-amd64"
 ROWS=${*:-$ALL_ROWS}
 CA=/etc/ssl/certs/ca-certificates.crt
 RESULTS=$(mktemp -d /tmp/qx-compat.XXXXXX)
@@ -52,7 +57,7 @@ unmount_all() {
     for ((i = ${#MOUNTED[@]} - 1; i >= 0; i--)); do umount -R -l "${MOUNTED[i]}" 2>/dev/null; done
     MOUNTED=()
 }
-trap 'unmount_all; rm -rf "$RESULTS"' EXIT
+trap 'halt_box; unmount_all; rm -rf "$RESULTS"' EXIT
 
 # --- chroots -----------------------------------------------------------------
 
@@ -61,6 +66,7 @@ packages_of() {  # the Debian packages a row needs
         trixie-amd64) echo python3 python3-venv nodejs npm ;;
         sid-amd64) echo python3 python3-venv python3.15 python3.15-venv nodejs npm ;;
         bookworm-arm64 | bookworm-armhf) echo python3 ;;  # the README's steps install the rest
+        bookworm-amd64) echo python3 systemd systemd-sysv dbus nodejs npm ;;
     esac
 }
 
@@ -82,7 +88,7 @@ enter() {  # mount what a chroot needs: /proc, /dev, /sys, the host's DNS and CA
     [ -f "$CA" ] && cp "$CA" "$root/etc/qx-host-ca.crt"
 }
 
-in_root() {  # run a shell command in a chroot, loopback settings and the host's CAs
+in_root() {  # run a shell command in a chroot, a clean environment with the host's CAs for pip and npm
     local root=$1; shift
     chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin \
         LANG=C.UTF-8 PIP_CERT=/etc/qx-host-ca.crt NODE_EXTRA_CA_CERTS=/etc/qx-host-ca.crt \
@@ -287,7 +293,7 @@ jobs_from_host() {  # jobs_from_host ROW ROOT: $JOBS jobs from a host master.py 
     host_master "$folder" "$port"; rc=$?
     elapsed=$(( $(date +%s) - started ))
     kill -TERM "$WORKER" 2>/dev/null; wait "$WORKER"; local stopped=$?  # KillMode=mixed: the worker alone
-    machines=$(grep -o '"machine": *"[^"]*"' "$folder/results.jsonl" 2>/dev/null | sort | uniq -c | tr -s ' ' | tr '\n' ' ')
+    machines=$(grep -o '"machine": *"[^"]*"' "$folder/results.jsonl" 2>/dev/null | sort | uniq -c | sed 's/^ *//' | tr '\n' ' ')
     cp "$folder/master.log" "$DIR/$row.master.log" 2>/dev/null
     local count; count=$(grep -c . "$folder/results.jsonl" 2>/dev/null)
     rm -rf "$folder"
@@ -311,7 +317,6 @@ arm_row() {  # bookworm under qemu-user: the README's steps, the demo, jobs from
     record "$row" demo "$(demo "$row" "$root" "$venv/bin/python")"
     say "$row: $JOBS jobs from master.py on the host"
     record "$row" jobs "$(jobs_from_host "$row" "$root")"
-    [ "$row" = bookworm-arm64 ] && record unit verify "$(unit_checks "$root")"
 }
 
 unit_checks() {  # systemd-analyze verify and security of the README's unit, in a root where it was set up
@@ -322,37 +327,193 @@ unit_checks() {  # systemd-analyze verify and security of the README's unit, in 
     echo "$out" > "$DIR/unit.verify.log"
     score=$(systemd-analyze security --offline=true --root="$root" /etc/systemd/system/qx-worker.service 2>&1 \
         | tee "$DIR/unit.security.log" | sed -n 's/.*Overall exposure level for [^:]*: //p')
-    if [ -z "$out" ]; then echo "verify: clean; security: ${score:-?}"; else echo "verify: $out"; return 1; fi
+    if [ -z "$out" ]; then echo "verify: clean; security: ${score:-?}"; else echo "FAILED verify: $out"; return 1; fi
+}
+
+in_box() {  # run a command in the booted container (all its namespaces)
+    nsenter -t "$BOX_INIT" -a -- /usr/bin/env -i PATH=/usr/bin:/bin:/usr/sbin:/sbin "$@"
+}
+
+boot() {  # boot ROOT: systemd-nspawn --boot on the host's network; BOX and BOX_INIT, or BOOT_ERROR
+    local root=$1 i state
+    command -v systemd-nspawn >/dev/null || { BOOT_ERROR="no systemd-nspawn (apt-get install systemd-container)"; return 1; }
+    systemd-nspawn -D "$root" -b --register=no --keep-unit --console=pipe -M qx-compat \
+        > "$DIR/bookworm-amd64.boot.log" 2>&1 < /dev/null &
+    BOX=$!
+    for ((i = 0; i < 120; i++)); do
+        BOX_INIT=$(pgrep -P "$BOX" | head -1)
+        if [ -n "$BOX_INIT" ]; then
+            state=$(in_box systemctl is-system-running 2>/dev/null)
+            case $state in running | degraded) return 0 ;; esac
+        fi
+        sleep 1
+    done
+    BOOT_ERROR="the container did not boot ($state)"; return 1
+}
+
+halt_box() {
+    [ -n "${BOX:-}" ] || return 0
+    kill -TERM "$BOX" 2>/dev/null  # nspawn asks the container's systemd to halt
+    wait "$BOX" 2>/dev/null
+    BOX=""
+}
+
+job_lines() {  # job_lines COUNT [ID=DATA...]: COUNT jobs of data "x", some with other data
+    local count=$1 i data; shift
+    for ((i = 0; i < count; i++)); do
+        data=x
+        for special in "$@"; do [ "${special%%=*}" = "$i" ] && data=${special#*=}; done
+        printf '{"id": %d, "data": "%s"}\n' "$i" "$data"
+    done
+}
+
+unit_master() {  # unit_master NAME TASK DEPS COUNT [ID=DATA...]: a host master.py serving TASK to the unit's worker
+    local name=$1 task=$2 deps=$3 folder=$WORK/$1; shift 3
+    mkdir -p "$folder"
+    cp "$WORK/$task" "$folder/"
+    job_lines "$@" > "$folder/jobs.jsonl"
+    printf 'token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\ntrackers=\nhost=127.0.0.1\nport=%s\nLOG_LEVEL=warn\n' \
+        "$TOKEN" "$KEY" "$PORT" > "$folder/.env"
+    (cd "$folder" && timeout 600 "$HOST_PYTHON" "$HERE/master.py" --task "$task" --deps "$deps" \
+        --jobs jobs.jsonl --out results.jsonl > events.jsonl 2> master.log) &
+    MASTER=$!
+}
+
+results_of() {  # the results of a unit_master run that are not errors, and the errors
+    local folder=$WORK/$1
+    echo "$(grep -vc '"error"' "$folder/results.jsonl" 2>/dev/null) ok, $(grep -c '"error"' "$folder/results.jsonl" 2>/dev/null) errors"
+}
+
+unit_tasks() {  # the tasks the systemd row serves, into $WORK
+    cat > "$WORK/task.py" <<'EOF'
+import os
+import signal
+import time
+
+import six  # a dependency: pip installs it into .deps, under the unit
+
+
+class Task:
+    def run(self, job):
+        if job["data"] == "kill":  # a task that ends its worker: Restart=always brings it back
+            if not os.path.exists("killed-once"):
+                open("killed-once", "w").close()
+                os.kill(os.getppid(), signal.SIGTERM)
+        if job["data"] == "slow":  # systemctl stop while this runs: KillMode=mixed finishes it
+            open("slow-started", "w").close()
+            time.sleep(6)
+        return {"six": six.__version__, "pid": os.getpid()}
+EOF
+    cat > "$WORK/task.js" <<'EOF'
+const leftPad = require('left-pad'); // a dependency: npm installs it into node_modules, under the unit
+
+class Task {
+  async run(job) {
+    if (job.data === 'big') return Buffer.alloc(400 * 1024 * 1024).length; // over jobMemoryMB=256
+    return { padded: leftPad(String(job.id), 5, '0') };
+  }
+}
+
+module.exports = Task;
+EOF
+}
+
+systemd_row() {  # bookworm amd64: the README's 64-bit steps, then the unit under systemd itself
+    local row=$1 root=$DIR/$1 steps ok unitdir=$DIR/$1/etc/systemd/system i
+    copy_project "$root"
+    steps=$(pi_steps "$row" "$root" pi-64); ok=$?
+    record "$row" steps "$steps"
+    [ "$ok" = 0 ] || return 1
+    record "$row" versions "$(versions "$root" /opt/qx-worker/venv/bin/python)"
+    record "$row" node "$(in_root "$root" 'node --version')"
+    PORT=$("$HOST_PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    printf 'peers=127.0.0.1:%s\nlsd=false\ndht=false\ntrackers=\nhost=127.0.0.1\nname=%s\njobMemoryMB=256\nconcurrency=2\n' \
+        "$PORT" "$row" >> "$root$(unit_value WorkingDirectory)/.env"  # loopback only
+    readme_block unit > "$unitdir/qx-worker.service"
+    mkdir -p "$unitdir/qx-worker.service.d"
+    # this machine reaches PyPI and npm through a proxy with a CA of its own
+    printf '[Service]\nEnvironment=PIP_CERT=/etc/qx-host-ca.crt NODE_EXTRA_CA_CERTS=/etc/qx-host-ca.crt npm_config_cafile=/etc/qx-host-ca.crt\n' \
+        > "$unitdir/qx-worker.service.d/compat.conf"
+    in_root "$root" "systemctl enable qx-worker" > /dev/null 2>&1
+    record unit verify "$(unit_checks "$root")"
+    unmount_all
+    WORK=$(mktemp -d /tmp/qx-compat-unit.XXXXXX)
+    unit_tasks
+    say "$row: booting the container (systemd-nspawn)"
+    boot "$root" || { record "$row" unit "FAILED: $BOOT_ERROR"; halt_box; return 1; }
+    local report="" one restarts result ranges
+    # 1. task.py with a pip dependency; a task that SIGTERMs the worker: restarted
+    say "$row: task.py with a pip dependency, and a task that ends its worker"
+    unit_master py task.py six 50 1=kill
+    wait "$MASTER"; one=$?
+    restarts=$(in_box systemctl show -P NRestarts qx-worker)
+    report+="pip dependency: $(results_of py), restarts $restarts; "
+    [ "$one" = 0 ] && [ "$(results_of py)" = "50 ok, 0 errors" ] && [ "${restarts:-0}" -ge 1 ] || ok=1
+    # 2. task.js with an npm dependency; a Buffer over jobMemoryMB
+    say "$row: task.js with an npm dependency"
+    unit_master js task.js left-pad 50 0=big
+    wait "$MASTER"
+    ranges=$(grep -c '"type": *"RangeError"' "$WORK/js/results.jsonl")
+    report+="npm dependency: $(results_of js) ($ranges RangeError: a Buffer over jobMemoryMB); "
+    [ "$(results_of js)" = "49 ok, 1 errors" ] && [ "$ranges" = 1 ] || ok=1
+    # 3. systemctl stop during a job: it finishes and is delivered
+    say "$row: systemctl stop during a job"
+    rm -f "$root/var/lib/qx-worker/slow-started"
+    unit_master stop task.py six 1 0=slow
+    for ((i = 0; i < 120; i++)); do [ -e "$root/var/lib/qx-worker/slow-started" ] && break; sleep 0.5; done
+    in_box systemctl stop qx-worker
+    wait "$MASTER"; one=$?
+    result=$(in_box systemctl show -P Result qx-worker)
+    report+="systemctl stop during a job: $(results_of stop), Result=$result"
+    [ "$one" = 0 ] && [ "$(results_of stop)" = "1 ok, 0 errors" ] && [ "$result" = success ] || ok=1
+    cp "$WORK"/*/master.log "$DIR/" 2>/dev/null
+    in_box journalctl -u qx-worker --no-pager > "$DIR/$row.journal.log" 2>&1
+    halt_box
+    rm -rf "$WORK"
+    if [ "$ok" = 0 ]; then record "$row" unit "$report"; else record "$row" unit "FAILED: $report"; return 1; fi
+}
+
+needed() {  # what a row needed beyond debootstrap and the host's CA bundle for pip and npm
+    case $1 in
+        trixie-amd64) echo "Debian's python3-venv, nodejs, npm; PyPI's wheels; npm ci" ;;
+        sid-amd64) echo "the same, and python3.15 from sid; apt's Check-Valid-Until off" ;;
+        bookworm-arm64) echo "qemu-user-static, binfmt_misc; the pi-64 block: PyPI's aarch64 wheels" ;;
+        bookworm-armhf) echo "qemu-user-static, binfmt_misc; the pi-32 block: Debian's python3-cryptography and python3-nacl, no pip, no compiler" ;;
+        bookworm-amd64) echo "systemd-container (systemd-nspawn --boot); the pi-64 block; a drop-in giving pip and npm the host's CA" ;;
+    esac
 }
 
 print_table() {
     local row
     echo
-    echo "| row | Python, cryptography, PyNaCl | Node | README steps | demo (200 jobs) | tests | $JOBS jobs from master.py on the host |"
-    echo "|---|---|---|---|---|---|---|"
+    echo "| row | Python, cryptography, PyNaCl | Node | README steps | demo (200 jobs) | tests | $JOBS jobs from master.py on the host | needed |"
+    echo "|---|---|---|---|---|---|---|---|"
     for row in $ROWS; do
-        if [ -e "$RESULTS/$row.skip" ]; then echo "| $row | skipped: $(cell "$row" skip) | | | | | |"; continue; fi
+        if [ -e "$RESULTS/$row.skip" ]; then echo "| $row | skipped: $(cell "$row" skip) | | | | | | |"; continue; fi
         case $row in
+            bookworm-amd64)
+                echo "| $row (systemd-nspawn) | $(cell "$row" versions) | $(cell "$row" node) | $(cell "$row" steps) | - | the unit under systemd 252: $(cell "$row" unit) | - | $(needed "$row") |" ;;
             *-amd64)
                 local py pys="" demos=""
                 for py in $(pythons_of "$row"); do
                     pys="$pys${pys:+; }$(cell "$row" "versions-$py")"
                     demos="$demos${demos:+; }$py: $(cell "$row" "demo-$py")"
                 done
-                echo "| $row | $pys | $(cell "$row" node) | - | $demos | $(cell "$row" tests) | - |" ;;
+                echo "| $row | $pys | $(cell "$row" node) | - | $demos | $(cell "$row" tests) | - | $(needed "$row") |" ;;
             *)
-                echo "| $row (qemu-user) | $(cell "$row" versions), WebRTC $(cell "$row" webrtc) | - | $(cell "$row" steps) | $(cell "$row" demo) | - | $(cell "$row" jobs) |" ;;
+                echo "| $row (qemu-user) | $(cell "$row" versions), WebRTC $(cell "$row" webrtc) | - | $(cell "$row" steps) | $(cell "$row" demo) | - | $(cell "$row" jobs) | $(needed "$row") |" ;;
         esac
     done
-    [ -e "$RESULTS/unit.verify" ] && echo && echo "The README's unit (systemd-analyze $(systemd-analyze --version | head -1 | cut -d' ' -f2), in bookworm-arm64 after its steps): $(cell unit verify)"
+    [ -e "$RESULTS/unit.verify" ] && echo && echo "The README's unit (systemd-analyze $(systemd-analyze --version | head -1 | cut -d' ' -f2), in bookworm-amd64 after its steps): $(cell unit verify)"
 }
 
 KEY=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')  # 32 characters
 TOKEN=compat-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
 for row in $ROWS; do
-    case $row in trixie-amd64 | sid-amd64 | bookworm-arm64 | bookworm-armhf) ;; *) die "no row $row: $ALL_ROWS" ;; esac
+    case " $ALL_ROWS " in *" $row "*) ;; *) die "no row $row: $ALL_ROWS" ;; esac
     if bootstrap "$row"; then
         case $row in
+            bookworm-amd64) systemd_row "$row" ;;
             *-amd64) amd64_row "$row" ;;
             *) arm_row "$row" ;;
         esac
