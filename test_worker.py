@@ -5425,46 +5425,44 @@ class TestCommandLine(AsyncTest):
         self.assertIn("master", imported)
         self.assertNotIn("worker", imported)
 
-    async def test_sigterm_finishes_and_delivers_held_jobs(self):
+    async def sigterm_with_held_jobs(self, start, files=None):
+        """A worker that ``start(folder)`` runs gets 10 jobs of 0.3 s, then SIGTERM: its folder,
+        results and output, once it exited 0 with every result delivered."""
         tmp = self.tmp()
         cluster = await self.started(Cluster(tmp))
         cluster.push(10, sleep=0.3)
         folder = tmp / "wp"
         folder.mkdir()
+        for name, text in (files or {}).items():
+            (folder / name).write_text(text)
         write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
                            getBatch="true", batchSize=10, LOG_LEVEL="info")
-        proc = self.will_kill(await asyncio.create_subprocess_exec(
-            sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-        await until(lambda: cluster.master.stats["jobs handed out"] == 10 and len(cluster.results) >= 1, 30)
-        proc.send_signal(15)
-        output, _ = await asyncio.wait_for(proc.communicate(), 30)
-        self.assertEqual(proc.returncode, 0, output.decode())
-        self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(10)))
-        self.assertIn(b"stopping", output)
-
-    async def test_the_readme_unit_imports_nothing_from_the_folder_and_finishes_held_jobs(self):
-        # issue 23: "python -m worker" put the worker folder first on the import path: a master's
-        # file named queue.py crashed start-up, and the unit's Restart= made a loop of it
-        tmp = self.tmp()
-        cluster = await self.started(Cluster(tmp))
-        cluster.push(10, sleep=0.3)
-        folder = tmp / "wp"
-        folder.mkdir()
-        (folder / "queue.py").write_text("# a master's file, not the standard library's queue\n")
-        write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
-                           getBatch="true", batchSize=10, LOG_LEVEL="info")
-        proc = self.will_kill(await unit_process(folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        proc = self.will_kill(await start(folder))
         await until(lambda: cluster.master.stats["jobs handed out"] == 10 and len(cluster.results) >= 1
                     or proc.returncode is not None, 30)
         if proc.returncode is not None:
             self.fail("the worker ended at start:\n%s" % (await proc.stdout.read()).decode()[-3000:])
-        proc.send_signal(15)  # KillMode=mixed: SIGTERM to the worker alone, not to its task children
+        proc.send_signal(15)
         output, _ = await asyncio.wait_for(proc.communicate(), 30)
         self.assertEqual(proc.returncode, 0, output.decode())
         self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(10)))
-        self.assertTrue(all("error" not in r for r in cluster.results), cluster.results)
-        self.assertEqual(file_mode(folder / w.JOURNAL_NAME), "0o600")
+        return folder, cluster.results, output
+
+    async def test_sigterm_finishes_and_delivers_held_jobs(self):
+        _, _, output = await self.sigterm_with_held_jobs(lambda folder: asyncio.create_subprocess_exec(
+            sys.executable, WORKER_PY, cwd=folder, env=clean_env(), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT))
+        self.assertIn(b"stopping", output)
+
+    async def test_the_readme_unit_imports_nothing_from_the_folder_and_finishes_held_jobs(self):
+        # issue 23: "python -m worker" put the worker folder first on the import path: a master's
+        # file named queue.py crashed start-up, and the unit's Restart= made a loop of it. The
+        # SIGTERM is the worker's alone, as KillMode=mixed sends it: its task children finish.
+        folder, results, _ = await self.sigterm_with_held_jobs(
+            lambda folder: unit_process(folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT),
+            files={"queue.py": "# a master's file, not the standard library's queue\n"})
+        self.assertTrue(all("error" not in r for r in results), results)
+        self.assertEqual(file_mode(folder / w.JOURNAL_NAME), "0o600")  # UMask=0077, and 0600 anyway
 
     def test_the_readme_unit_and_pi_steps(self):
         """What interop/compat.sh runs and checks with systemd-analyze, read here for what users rely on."""

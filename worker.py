@@ -7834,6 +7834,7 @@ function reserved() {
 }
 
 function main() {
+  const mapped = reserved(); // before the task's code runs
   let task;
   try {
     task = load(process.argv[2]);
@@ -7841,7 +7842,7 @@ function main() {
     channel.end(line({ ready: false, error: describe(error) }), () => process.exit(1));
     return;
   }
-  channel.write(line({ ready: true, node: process.version, reserved: reserved() }));
+  channel.write(line({ ready: true, node: process.version, reserved: mapped }));
   readline.createInterface({ input: channel, crlfDelay: Infinity }).on('line', (text) => runJob(task, text));
   channel.on('end', () => process.exit(0));
   channel.on('error', () => process.exit(1));
