@@ -47,9 +47,17 @@ say() { printf '%s compat: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { say "$*"; exit 2; }
 
 [ "$(id -u)" = 0 ] || die "run me as root (debootstrap, chroot, mount)"
-for tool in debootstrap chroot mount git; do
-    command -v "$tool" >/dev/null || die "$tool is missing: apt-get install debootstrap qemu-user-static binfmt-support"
-done
+host_packages=()  # what the host needs: Debian's packages, installed once
+command -v debootstrap >/dev/null || host_packages+=(debootstrap)
+command -v update-binfmts >/dev/null || host_packages+=(binfmt-support)
+[ -e /usr/bin/qemu-aarch64-static ] || host_packages+=(qemu-user-static)
+command -v systemd-nspawn >/dev/null || host_packages+=(systemd-container)
+command -v systemd-analyze >/dev/null || host_packages+=(systemd)
+if [ ${#host_packages[@]} -gt 0 ]; then
+    say "apt-get install ${host_packages[*]} (on the host)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${host_packages[@]}" > /dev/null \
+        || die "cannot install ${host_packages[*]}: apt-get update, then again"
+fi
 mkdir -p "$DIR"
 
 unmount_all() {
@@ -57,7 +65,7 @@ unmount_all() {
     for ((i = ${#MOUNTED[@]} - 1; i >= 0; i--)); do umount -R -l "${MOUNTED[i]}" 2>/dev/null; done
     MOUNTED=()
 }
-trap 'halt_box; unmount_all; rm -rf "$RESULTS"' EXIT
+trap 'declare -F halt_box > /dev/null && halt_box; unmount_all; rm -rf "$RESULTS"' EXIT
 
 # --- chroots -----------------------------------------------------------------
 
@@ -73,7 +81,6 @@ packages_of() {  # the Debian packages a row needs
 binfmt_for() {  # make the host run $arch binaries (qemu-user); false where it cannot
     local arch=$1 name
     case $arch in amd64) return 0 ;; arm64) name=qemu-aarch64 ;; armhf) name=qemu-arm ;; esac
-    command -v update-binfmts >/dev/null || { say "no update-binfmts: apt-get install qemu-user-static binfmt-support"; return 1; }
     mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc || return 1
     [ -e "/proc/sys/fs/binfmt_misc/$name" ] || update-binfmts --enable "$name" >/dev/null 2>&1 || return 1
     [ -e "/proc/sys/fs/binfmt_misc/$name" ]
@@ -321,7 +328,6 @@ arm_row() {  # bookworm under qemu-user: the README's steps, the demo, jobs from
 
 unit_checks() {  # systemd-analyze verify and security of the README's unit, in a root where it was set up
     local root=$1 unit=$1/etc/systemd/system/qx-worker.service out score
-    command -v systemd-analyze >/dev/null || { echo "no systemd-analyze (apt-get install systemd)"; return 1; }
     readme_block unit > "$unit"
     out=$(systemd-analyze verify --root="$root" --man=no /etc/systemd/system/qx-worker.service 2>&1)
     echo "$out" > "$DIR/unit.verify.log"
@@ -336,7 +342,6 @@ in_box() {  # run a command in the booted container (all its namespaces)
 
 boot() {  # boot ROOT: systemd-nspawn --boot on the host's network; BOX and BOX_INIT, or BOOT_ERROR
     local root=$1 i state
-    command -v systemd-nspawn >/dev/null || { BOOT_ERROR="no systemd-nspawn (apt-get install systemd-container)"; return 1; }
     systemd-nspawn -D "$root" -b --register=no --keep-unit --console=pipe -M qx-compat \
         > "$DIR/bookworm-amd64.boot.log" 2>&1 < /dev/null &
     BOX=$!
