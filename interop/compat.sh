@@ -172,7 +172,9 @@ npm_for() {  # npm ci in the project's interop/, once per package-lock.json
 }
 
 versions() {  # "Python 3.14.1, cryptography 46.0.3, PyNaCl 1.6.0" of a python in a chroot
-    in_root "$1" "$2 -c 'import sys, cryptography, nacl; print(\"Python %s, cryptography %s, PyNaCl %s\" % (sys.version.split()[0], cryptography.__version__, nacl.__version__))'" 2>/dev/null
+    local code='import sys, cryptography, nacl; print("Python %s, cryptography %s, PyNaCl %s" % (
+        sys.version.split()[0], cryptography.__version__, nacl.__version__))'
+    in_root "$1" "$2 -c '$code'" 2>/dev/null
 }
 
 demo() {  # demo ROW ROOT PYTHON: worker.py --demo (loopback only), one cell
@@ -260,6 +262,11 @@ pi_steps() {  # pi_steps ROW ROOT BLOCK: a fresh Pi user's folder, the README's 
     echo "ok"
 }
 
+master_env() {  # master_env PORT: a master.py .env on loopback only (no LSD, DHT or trackers)
+    printf 'token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\ntrackers=\nhost=127.0.0.1\n' "$TOKEN" "$KEY"
+    printf 'port=%s\nLOG_LEVEL=warn\n' "$1"
+}
+
 host_master() {  # host_master FOLDER PORT: master.py on the host, loopback only, $JOBS jobs
     local folder=$1 port=$2 i
     mkdir -p "$folder"
@@ -273,8 +280,7 @@ class Task:
         return {"x": job["data"], "machine": platform.machine(), "python": sys.version.split()[0]}
 EOF
     for ((i = 0; i < JOBS; i++)); do printf '{"id": %d, "data": "%d"}\n' "$i" "$i"; done > "$folder/jobs.jsonl"
-    printf 'token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\ntrackers=\nhost=127.0.0.1\nport=%s\nLOG_LEVEL=warn\n' \
-        "$TOKEN" "$KEY" "$port" > "$folder/.env"
+    master_env "$port" > "$folder/.env"
     (cd "$folder" && timeout 1800 "$HOST_PYTHON" "$HERE/master.py" --task task.py --jobs jobs.jsonl \
         --out results.jsonl > events.jsonl 2> master.log)
 }
@@ -377,8 +383,7 @@ unit_master() {  # unit_master NAME TASK DEPS COUNT [ID=DATA...]: a host master.
     mkdir -p "$folder"
     cp "$WORK/$task" "$folder/"
     job_lines "$@" > "$folder/jobs.jsonl"
-    printf 'token=%s\ntransferEncryptToken=%s\nlsd=false\ndht=false\ntrackers=\nhost=127.0.0.1\nport=%s\nLOG_LEVEL=warn\n' \
-        "$TOKEN" "$KEY" "$PORT" > "$folder/.env"
+    master_env "$PORT" > "$folder/.env"
     (cd "$folder" && timeout 600 "$HOST_PYTHON" "$HERE/master.py" --task "$task" --deps "$deps" \
         --jobs jobs.jsonl --out results.jsonl > events.jsonl 2> master.log) &
     MASTER=$!
