@@ -363,6 +363,19 @@ def as_dict(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def private_files(path: str | Path, *more: str | Path) -> None:
+    """Make files that hold job data or results mode 0600, whatever the umask.
+
+    ``path`` is created (empty) when missing; ``more`` are changed where they
+    exist. SQLite gives a database's -wal and -shm files the database file's
+    mode when it makes them, so a database made 0600 first keeps them private.
+    """
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    for name in (path, *more):
+        with contextlib.suppress(OSError):  # gone, or another user's: SQLite says what is wrong
+            os.chmod(name, 0o600)
+
+
 # Settings ###################################################################
 #
 # Every setting is read here, once, into one frozen Settings: the explicit
@@ -755,6 +768,8 @@ class Logger:
         handler.setFormatter(_Formatter(hasattr(stream, "isatty") and stream.isatty()))
         self.logger.addHandler(handler)
         if file:
+            with contextlib.suppress(OSError):  # task output lands there: FileHandler says what fails
+                private_files(file)
             file_handler = logging.FileHandler(file, encoding="utf-8", errors="backslashreplace")
             file_handler.setFormatter(_Formatter(False))
             self.logger.addHandler(file_handler)
@@ -5798,6 +5813,7 @@ class Journal:
         self._lock_fd = fd
 
     def _connect(self) -> sqlite3.Connection:
+        private_files(self.path, f"{self.path}-wal", f"{self.path}-shm")  # the log holds jobs in clear
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
@@ -6413,6 +6429,20 @@ class TaskChild:
             await self.end()
             error = TaskError.from_answer(hello.get("error"))
             raise TaskProcessError(f"{task_path} does not load: {error}", error.error["traceback"])
+        self._fit_memory_cap(hello.get("reserved"))
+
+    def _fit_memory_cap(self, reserved: Any) -> None:
+        """The cap of a child that said what it reserved at start (node): ``jobMemoryMB`` plus that.
+
+        TASK_CHILD_PY gave it EXEC_START_MB more to start with: Node 24 maps V8's
+        512 MB code range writable at once, and RLIMIT_DATA counts it whole.
+        """
+        if not self.memory_mb or type(reserved) is not int or reserved < 0 or self.pid is None:
+            return
+        import resource  # POSIX: Linux has prlimit
+        cap = (self.memory_mb << 20) + reserved
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            resource.prlimit(self.pid, resource.RLIMIT_DATA, (cap, cap))
 
     async def _receive(self) -> dict:
         """The child's next line; TaskProcessError (with its stderr) when it died."""
@@ -6938,7 +6968,7 @@ class Worker:
     # lifecycle
     async def start(self) -> Worker:
         """Open the journal, join the swarm and start the job loop."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # made here: ours alone
         await self._load_state()
         self.node.register("ping", _pong)
         self.node.on("seen", self._on_peer)
@@ -7733,8 +7763,6 @@ class Worker:
         """Open the journal (taking over an older run's JSON files once) and read it."""
         journal = self.journal
         await journal.call(journal.open)
-        with contextlib.suppress(OSError):
-            os.chmod(journal.path, 0o600)
         await journal.call(self._take_over_json_files)
         self._manifest = await journal.call(self._read_manifest)
         proven = await journal.call(journal.get_json, "proven", [])
@@ -7899,14 +7927,16 @@ async def run_demo(jobs: int = 200) -> int:
         started = time.perf_counter()
         await worker.start()
         print("demo: master on 127.0.0.1:%d, %d jobs, worker %s" % (master.port, jobs, worker.address))
+        terminal = sys.stdout.isatty()  # a log or a pipe gets no line redrawn in place
         while len(results) < jobs and time.perf_counter() - started < 60:
             await asyncio.sleep(0.2)
-            print("\rdemo: %d/%d results" % (len(results), jobs), end="", flush=True)
+            if terminal:
+                print("\rdemo: %d/%d results" % (len(results), jobs), end="", flush=True)
         elapsed = time.perf_counter() - started
         await worker.stop()
         await master.close()
     ok = len(results) == jobs and all(r and r.get("data") for r in results)
-    print("\ndemo: %d/%d jobs in %.2f s (%.0f jobs/s), %s" % (
+    print(("\n" if terminal else "") + "demo: %d/%d jobs in %.2f s (%.0f jobs/s), %s" % (
         len(results), jobs, elapsed, len(results) / elapsed, "all results right" if ok else "FAILED"))
     if ok:
         last = max(results, key=lambda r: r["jobID"])
@@ -7954,9 +7984,13 @@ import os
 import sys
 
 MEMORY_MB = int(os.environ.pop("QX_MEMORY_MB", "") or 0)
+# MB more for a program run with --exec (node) until its hello, which says what
+# it reserved writable at start (V8's code range: 512 MB in Node 24); the worker
+# then sets the cap to MEMORY_MB plus that.
+EXEC_START_MB = 1024
 
 
-def limit():
+def limit(extra_mb):
     """Die with the worker, be the OOM killer's first choice, cap the data size."""
     try:
         import ctypes
@@ -7972,7 +8006,7 @@ def limit():
         pass
     if MEMORY_MB:
         import resource
-        cap = MEMORY_MB << 20
+        cap = (MEMORY_MB + extra_mb) << 20
         hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
         cap = cap if hard == resource.RLIM_INFINITY else min(cap, hard)
         resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))  # private writable memory
@@ -8057,12 +8091,15 @@ def serve(channel, jobs):
 
 
 def main():
-    limit()
+    limit(EXEC_START_MB if sys.argv[1] == "--exec" else 0)
     if sys.argv[1] == "--exec":
         os.execv(sys.argv[2], sys.argv[2:])
     import faulthandler
     import socket
-    faulthandler.enable()  # a crash in native code prints the task's Python stack
+    try:  # a crash in native code prints the task's Python stack; 3.14+ adds the C
+        faulthandler.enable(c_stack=False)  # stack, ~25 lines that would push it out of STDERR_TAIL
+    except TypeError:  # before 3.14
+        faulthandler.enable()
     fd = int(os.environ.pop("QX_RUNNER_FD"))
     os.set_inheritable(fd, False)
     channel = socket.socket(fileno=fd)
@@ -8145,7 +8182,26 @@ function load(file) {
   return task;
 }
 
+// Bytes of private memory mapped writable and executable, not from a file: V8's
+// code range, reserved whole at start (512 MB in Node 24, on x64) and counted by
+// RLIMIT_DATA though barely used. The worker adds them to jobMemoryMB.
+function reserved() {
+  let bytes = 0;
+  try {
+    for (const entry of require('fs').readFileSync('/proc/self/maps', 'utf8').split('\n')) {
+      const [range, perms, , , inode] = entry.split(/\s+/);
+      if (perms !== 'rwxp' || inode !== '0') continue;
+      const [start, end] = range.split('-').map((hex) => parseInt(hex, 16));
+      bytes += end - start;
+    }
+  } catch (error) { // not Linux: no RLIMIT_DATA to fit either
+    return 0;
+  }
+  return bytes;
+}
+
 function main() {
+  const mapped = reserved(); // before the task's code runs
   let task;
   try {
     task = load(process.argv[2]);
@@ -8153,7 +8209,7 @@ function main() {
     channel.end(line({ ready: false, error: describe(error) }), () => process.exit(1));
     return;
   }
-  channel.write(line({ ready: true, node: process.version }));
+  channel.write(line({ ready: true, node: process.version, reserved: mapped }));
   readline.createInterface({ input: channel, crlfDelay: Infinity }).on('line', (text) => runJob(task, text));
   channel.on('end', () => process.exit(0));
   channel.on('error', () => process.exit(1));
