@@ -25,6 +25,7 @@ import functools
 import hashlib
 import importlib.util
 import inspect
+import io
 import itertools
 import json
 import logging
@@ -1751,12 +1752,15 @@ class TestLogger(unittest.TestCase):
                                  setattr(w.log, "propagate", saved[2])))
         tmp = Path(tempfile.mkdtemp())
         self.addCleanup(shutil.rmtree, tmp)
-        devnull = self.enterContext(open(os.devnull, "w"))
-        w.Logger("info", str(tmp / "worker.log"), stream=devnull)
-        w.log.warning("job 1 failed: ValueError: %s", b"caf\xe9".decode(errors="surrogateescape"))
+        stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # strict, as most streams are
+        w.Logger("info", str(tmp / "worker.log"), stream=stream)
+        with mock.patch.object(logging.Handler, "handleError", side_effect=AssertionError("a logging error")):
+            w.log.warning("job 1 failed: ValueError: %s", b"caf\xe9".decode(errors="surrogateescape"))
         for handler in w.log.handlers:
+            handler.flush()
             handler.close()
         self.assertIn("job 1 failed: ValueError: caf\\udce9", (tmp / "worker.log").read_text())
+        self.assertIn(b"job 1 failed: ValueError: caf\\udce9", stream.buffer.getvalue())
 
 
 class TestCrypt(unittest.TestCase):

@@ -749,6 +749,9 @@ class _Formatter(logging.Formatter):
                                  record.getMessage())
         if record.exc_info and log.isEnabledFor(logging.DEBUG):
             text += "\n" + self.formatException(record.exc_info)
+        # a task's text may hold lone surrogates (file names that are not UTF-8), which no
+        # UTF-8 stream takes: escaped here, every handler writes them (\udce9)
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
         if self.colour:
             return _COLOURS.get(record.levelno, "") + text + "\x1b[0m"
         return text
