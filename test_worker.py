@@ -1742,6 +1742,49 @@ class TestEnvFile(unittest.TestCase):
             self.assertRegex(row, r"[(, ]%s[,)]" % name)  # JS API to Python API
 
 
+    def test_unknown_keys_are_named_with_the_key_meant(self):
+        # issue 25: concurency=2, getbatch=true and batchsize=50 were ignored without a word.
+        # The JS worker's and master's env.sample keys (LOG_LEVEL=fatal too) and master.py's
+        # seed are settings: never called unknown.
+        js_keys = {"token": "t" * 20, "transferEncryptToken": KEY, "getBatch": "true", "batchSize": "5",
+                   "LOG_LEVEL": "fatal", "seed": w.make_seed()}
+        with self.assertLogs("worker", "WARNING") as logs:
+            settings = w.Settings.load({**js_keys, "concurency": "2", "getbatch": "true", "batchsize": "50",
+                                        "NODE_ENV": "production"})
+        self.assertEqual([line.split(":", 2)[2] for line in logs.output], [
+            "unknown key 'concurency' (did you mean concurrency?): " + UNKNOWN_KEY,
+            "unknown key 'getbatch' (did you mean getBatch?): " + UNKNOWN_KEY,
+            "unknown key 'batchsize' (did you mean batchSize?): " + UNKNOWN_KEY,
+            "unknown key 'NODE_ENV': " + UNKNOWN_KEY])
+        self.assertEqual((settings.concurrency, settings.batch_size, settings.get_batch), (1, 5, True))
+        with self.assertNoLogs("worker", "WARNING"):
+            w.Settings.load({**js_keys, **w.read_env_file(HERE / ".env.example")})
+
+    def test_every_key_has_its_range(self):
+        # issue 25: these were taken as they were, or ended in a traceback or a wrong port later
+        for key, bad in (("statusPort", "99999"), ("statusPort", "0"), ("peers", "127.0.0.1:99999"),
+                         ("peers", "127.0.0.1:1,nohost"), ("port", "70000"), ("port", "-1"), ("maxMessage", "0"),
+                         ("maxMessage", str(1 << 40)), ("maxInbound", "-1"), ("maxPeers", "0"),
+                         ("getBatch", "maybe"), ("lsd", "2"), ("dht", "enabled"), ("dhtPort", "65536"),
+                         ("dhtBootstrap", "router.example"), ("batchSize", "10001"), ("jobTimeout", "inf"),
+                         ("stopTimeout", "1e999"), ("concurrency", "100000"), ("LOG_LEVEL", "loud"),
+                         ("taskRunner", "threads")):
+            with self.subTest(key=key, value=bad), self.assertRaisesRegex(w.WorkerError, "^%s=%r: give " % (
+                    key, bad)):
+                w.Settings.load({key: bad})
+        edges = w.Settings.load({"port": "65535", "statusPort": "OFF", "peers": "[::1]:1,a:65535",
+                                 "maxMessage": "65536", "maxInbound": "1", "maxPeers": "1", "getBatch": "Yes",
+                                 "lsd": "off", "dhtPort": "0", "batchSize": "10000", "taskRunner": "Thread"})
+        self.assertEqual((edges.port, edges.status_port, edges.peers, edges.max_message, edges.get_batch,
+                          edges.lsd, edges.batch_size, edges.task_runner),
+                         (65535, None, ("[::1]:1", "a:65535"), 65536, True, False, 10000, "thread"))
+        self.assertEqual(w.Settings.load({"statusPort": "9184"}).status_port, 9184)
+
+
+#: The end of each line for an unknown key.
+UNKNOWN_KEY = 'it is ignored (README, "Settings", lists every key)'
+
+
 # Helper, Logger, Crypt ######################################################
 
 class TestLogger(unittest.TestCase):
@@ -1761,6 +1804,14 @@ class TestLogger(unittest.TestCase):
             handler.close()
         self.assertIn("job 1 failed: ValueError: caf\\udce9", (tmp / "worker.log").read_text())
         self.assertIn(b"job 1 failed: ValueError: caf\\udce9", stream.buffer.getvalue())
+
+    def test_a_log_file_that_cannot_be_written_is_one_error(self):
+        saved = w.log.handlers[:], w.log.level, w.log.propagate
+        self.addCleanup(lambda: (setattr(w.log, "handlers", saved[0]), w.log.setLevel(saved[1]),
+                                 setattr(w.log, "propagate", saved[2])))
+        with self.assertRaisesRegex(w.WorkerError, r"^logFile='/nonexistent/worker.log': cannot write it "
+                                    r"\(No such file or directory\): give a file in a folder this user may write$"):
+            w.Logger("info", "/nonexistent/worker.log", stream=io.StringIO())
 
 
 class TestCrypt(unittest.TestCase):
@@ -5845,6 +5896,23 @@ class TestCommandLine(AsyncTest):
             self.assertIn("not valid", done.stdout)
             self.assertEqual(w.read_env_file(env)["master"], pin)
             self.assertEqual(w.read_env_file(env)["transferEncryptToken"], key)
+
+    def test_a_bad_setting_is_one_line_and_exit_2(self):
+        # issue 25: tracebacks at start (statusPort, logFile), a dial that never came (peers), another
+        # port (port), values taken as they were (getBatch)
+        for key, value, words in (("statusPort", "99999", "statusPort='99999': give a TCP port, 1 to 65535"),
+                                  ("logFile", "/nonexistent/worker.log",
+                                   "logFile='/nonexistent/worker.log': cannot write it (No such file or directory)"),
+                                  ("peers", "127.0.0.1:99999", "peers='127.0.0.1:99999': give host:port"),
+                                  ("port", "70000", "port='70000': give a TCP port, 0 (any free one) to 65535"),
+                                  ("getBatch", "maybe", "getBatch='maybe': give true or false")):
+            with tempfile.TemporaryDirectory() as tmp, self.subTest(key):
+                write_loopback_env(tmp, "bad-settings-swarm", **{key: value})
+                done = subprocess.run([sys.executable, WORKER_PY], check=False, cwd=tmp, capture_output=True,
+                                      text=True, timeout=30, env=clean_env())
+                self.assertEqual(done.returncode, 2)
+                self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)  # one line, no traceback
+                self.assertTrue(done.stderr.startswith("worker.py: " + words), done.stderr)
 
     def test_missing_token_or_bad_key_exit_2(self):
         with tempfile.TemporaryDirectory() as tmp:

@@ -82,6 +82,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import difflib
 import enum
 import errno
 import functools
@@ -93,6 +94,7 @@ import inspect
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -381,8 +383,13 @@ def private_files(path: str | Path, *more: str | Path) -> None:
 # Every setting is read here, once, into one frozen Settings: the explicit
 # argument when it is not None, else the key of .env or of the environment
 # (load_env: the environment wins) when it is set and not empty, else the
-# default; then it is read as its type. ``trackers`` and ``iceServers`` differ
-# in one point: set and empty means none (WebRTC off; host candidates only).
+# default; then it is read as its type, within its range. ``trackers`` and
+# ``iceServers`` differ in one point: set and empty means none (WebRTC off;
+# host candidates only). A value out of range, or not one of a key's words, is
+# a WorkerError naming the key and what to give (one line and exit 2 at the
+# command line, never a fallback); a key that is no setting is named in a
+# warning, with the key it most likely meant, and the start goes on: the file
+# may be shared with other programs, and a mistyped key leaves a working default.
 # The Worker takes a Settings, master.py too, and so does the node (Bugout),
 # which hands it on to the DHT, the trackers and WebRTC. All three take its
 # fields as keyword arguments too; they are listed once, below.
@@ -396,6 +403,10 @@ DEFAULT_ICE_SERVERS = ("stun:stun.l.google.com:19302", "stun:global.stun.twilio.
 DEFAULT_MAX_PEERS = 55
 #: Inbound TCP connections at most (env ``maxInbound``).
 DEFAULT_MAX_INBOUND = 200
+#: ``maxMessage``'s range: a job, a result and a bugout packet's envelope must fit in the
+#: smallest; the largest is memory a Pi has (each wire may hold this much, unfinished).
+MIN_MESSAGE = 64 * 1024
+MAX_MESSAGE = 1024 * 1024 * 1024
 #: Public routers a node starts from when nothing else is configured.
 DHT_BOOTSTRAP = ("router.bittorrent.com:6881", "router.utorrent.com:6881",
                  "dht.transmissionbt.com:6881")
@@ -458,10 +469,33 @@ def _env_quote(value: str) -> str:
 
 
 def _word(value: Any) -> bool:
-    """An env word as a bool: ``false``, ``0``, ``no``, ``off``, empty are false."""
+    """An env word as a bool: ``true``, ``yes``, ``on``, ``1`` or ``false``, ``no``, ``off``, ``0``."""
     if isinstance(value, bool):
         return value
-    return str(value).strip().lower() not in ("false", "0", "no", "off", "")
+    text = str(value).strip().lower()
+    if text not in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        raise ValueError("give true or false")
+    return text in ("true", "yes", "on", "1")
+
+
+def _whole(low: int, high: int, what: str) -> Callable[[Any], int]:
+    """A reader of whole numbers from ``low`` to ``high``; ``what`` says what to give instead."""
+    def read(value: Any) -> int:
+        text = str(value).strip()
+        if not re.fullmatch(r"[+-]?[0-9]{1,12}", text) or not low <= int(text) <= high:
+            raise ValueError(f"give {what}")
+        return int(text)
+    return read
+
+
+def _one_of(*words: str) -> Callable[[Any], str]:
+    """A reader of one of ``words`` (any case)."""
+    def read(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in words:
+            raise ValueError("give " + " or ".join(words))
+        return text
+    return read
 
 
 def _split_setting(value: str | Iterable[str]) -> list[str]:
@@ -474,6 +508,10 @@ def _items(value: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(_split_setting(value))
 
 
+#: The most jobs at once (``concurrency``): each is a child process, so more is a typo.
+MAX_CONCURRENCY = 1024
+
+
 def parse_concurrency(value: Any) -> int:
     """``concurrency``: how many jobs run at once, each in a child; ``auto``: one per core."""
     text = str(value).strip().lower()
@@ -482,25 +520,27 @@ def parse_concurrency(value: Any) -> int:
             return len(os.sched_getaffinity(0))  # the cores this process may use
         except AttributeError:
             return os.cpu_count() or 1
-    if text.isdigit() and int(text) >= 1:
+    if text.isdigit() and 1 <= int(text) <= MAX_CONCURRENCY:
         return int(text)
-    raise WorkerError(f"concurrency={value!r}: give a whole number of jobs at once (1 or more) or auto")
+    raise WorkerError(f"concurrency={value!r}: give a whole number of jobs at once, 1 to "
+                      f"{MAX_CONCURRENCY}, or auto")
 
 
 def parse_seconds(value: Any) -> float:
     """``jobTimeout``, ``stopTimeout``: seconds, 0 or more."""
-    seconds = float(value)
-    if not seconds >= 0:  # NaN too
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:  # NaN too
         raise ValueError("give a number of seconds, 0 or more")
     return seconds
 
 
 def parse_count(value: Any) -> int:
-    """``batchSize``: a whole number, 1 or more."""
-    count = int(value)
-    if count < 1:
-        raise ValueError("give a whole number, 1 or more")
-    return count
+    """``batchSize``: 1 to MAX_BATCH_TASKS, the most jobs a worker takes from one answer
+    (a JS master keeps no lease: jobs asked for and not taken would be lost)."""
+    return _whole(1, MAX_BATCH_TASKS, f"a whole number of jobs, 1 to {MAX_BATCH_TASKS}")(value)
 
 
 def parse_memory_mb(value: Any) -> int | None:
@@ -511,6 +551,30 @@ def parse_memory_mb(value: Any) -> int | None:
     if text.isdigit():
         return int(text)
     raise WorkerError(f"jobMemoryMB={value!r}: give a whole number of megabytes, or 0 for no cap")
+
+
+def parse_host_ports(value: str | Iterable[str]) -> tuple[str, ...]:
+    """``peers``, ``dhtBootstrap``: ``host:port`` items, comma-separated, each port 1 to 65535."""
+    items = _items(value)
+    for item in items:
+        host, sep, port = item.rpartition(":")
+        if not sep or not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"give host:port items, comma-separated, each port 1 to 65535 (not {item})")
+    return items
+
+
+def parse_status_port(value: Any) -> int | None:
+    """``statusPort``: a TCP port, or ``off`` (None)."""
+    if str(value).strip().lower() in ("", "off"):
+        return None
+    return _whole(1, 65535, "a TCP port, 1 to 65535, or off")(value)
+
+
+def parse_log_level(value: Any) -> str:
+    """``LOG_LEVEL``: a word the Logger knows."""
+    if str(value).strip().lower() not in _LEVELS:
+        raise ValueError("give off, error, warn, info or debug")
+    return str(value)
 
 
 def parse_trackers(value: str | Iterable[str] | None) -> list[str]:
@@ -600,7 +664,7 @@ class Settings:
     transfer_encrypt_token: str | None = _setting("transferEncryptToken", secret=True)
     # the worker
     name: str = _setting("name", socket.gethostname)
-    loglevel: str | None = _setting("LOG_LEVEL")
+    loglevel: str | None = _setting("LOG_LEVEL", None, parse_log_level)
     log_file: str | None = _setting("logFile", None, lambda v: v or None)
     get_batch: bool = _setting("getBatch", False, _word)
     batch_size: int = _setting("batchSize", DEFAULT_BATCH_SIZE, parse_count)
@@ -609,27 +673,31 @@ class Settings:
     concurrency: int = _setting("concurrency", 1, parse_concurrency)
     job_memory_mb: int | None = _setting("jobMemoryMB", None, parse_memory_mb)
     stop_timeout: float = _setting("stopTimeout", 30, parse_seconds)
-    task_runner: str = _setting("taskRunner", "process", lambda v: str(v).strip().lower())
+    task_runner: str = _setting("taskRunner", "process", _one_of("process", "thread"))
     master: tuple[str, ...] = _setting("master", "", _items)
-    status_port: int | None = _setting("statusPort", None, lambda v: None if v in ("", "off") else int(v))
+    status_port: int | None = _setting("statusPort", None, parse_status_port)
     status_host: str = _setting("statusHost", "127.0.0.1", str)
     # the node: TCP, LSD, the DHT, trackers and WebRTC
     seed: str | None = _setting("seed", node=True)
     host: str = _setting("host", "0.0.0.0", node=True)
-    port: int = _setting("port", 0, int, node=True)
-    peers: tuple[str, ...] = _setting("peers", "", _items, node=True)
+    port: int = _setting("port", 0, _whole(0, 65535, "a TCP port, 0 (any free one) to 65535"), node=True)
+    peers: tuple[str, ...] = _setting("peers", "", parse_host_ports, node=True)
     lsd: bool = _setting("lsd", True, _word, node=True)
-    max_message: int = _setting("maxMessage", DEFAULT_MAX_MESSAGE, int, node=True)
-    max_inbound: int = _setting("maxInbound", DEFAULT_MAX_INBOUND, int, node=True)
+    max_message: int = _setting("maxMessage", DEFAULT_MAX_MESSAGE, _whole(
+        MIN_MESSAGE, MAX_MESSAGE, f"a number of bytes, {MIN_MESSAGE} to {MAX_MESSAGE}"), node=True)
+    max_inbound: int = _setting("maxInbound", DEFAULT_MAX_INBOUND,
+                                _whole(1, 65535, "a number of connections, 1 to 65535"), node=True)
     dht: bool = _setting("dht", True, _word, node=True)
-    dht_bootstrap: tuple[str, ...] = _setting("dhtBootstrap", DHT_BOOTSTRAP, _items, node=True)
-    dht_port: int | None = _setting("dhtPort", None, int, node=True)
+    dht_bootstrap: tuple[str, ...] = _setting("dhtBootstrap", DHT_BOOTSTRAP, parse_host_ports, node=True)
+    dht_port: int | None = _setting("dhtPort", None, _whole(0, 65535, "a UDP port, 0 (any free one) to 65535"),
+                                    node=True)
     trackers: tuple[str, ...] = _setting("trackers", lambda: DEFAULT_TRACKERS,
                                          lambda v: tuple(parse_trackers(v)), node=True, keep_empty=True)
     ice_servers: tuple[IceServer, ...] = _setting("iceServers", lambda: DEFAULT_ICE_SERVERS,
                                                   lambda v: tuple(parse_ice_servers(v)), node=True,
                                                   keep_empty=True)
-    max_peers: int = _setting("maxPeers", DEFAULT_MAX_PEERS, int, node=True)
+    max_peers: int = _setting("maxPeers", DEFAULT_MAX_PEERS, _whole(1, 1000, "a number of wires, 1 to 1000"),
+                              node=True)
 
     @classmethod
     def load(cls, env: dict[str, str] | None = None, **explicit: Any) -> Settings:
@@ -639,7 +707,11 @@ class Settings:
         unknown = explicit.keys() - {field.name for field in fields}
         if unknown:
             raise TypeError("no such setting: " + ", ".join(sorted(unknown)))
-        return cls(**{f.name: _read_setting(f.metadata, explicit.get(f.name), env) for f in fields})
+        settings = cls(**{f.name: _read_setting(f.metadata, explicit.get(f.name), env) for f in fields})
+        for key in [key for key in env if key not in SETTINGS]:
+            log.warning("unknown key %r%s: it is ignored (README, \"Settings\", lists every key)",
+                        key, "".join(f" (did you mean {near}?)" for near in _near_keys(key)))
+        return settings
 
     @classmethod
     def of(cls, settings: Settings | None, env: dict[str, str] | None, explicit: dict[str, Any]) -> Settings:
@@ -655,6 +727,16 @@ class Settings:
 NODE_SETTINGS = frozenset(f.name for f in dataclasses.fields(Settings) if f.metadata["node"])
 #: Every key the worker and master.py read (README, "Settings").
 SETTINGS = tuple(f.metadata["key"] for f in dataclasses.fields(Settings))
+
+
+def _near_keys(key: str) -> list[str]:
+    """The setting a mistyped key most likely meant: same letters in another case or without
+    ``_``, else a close spelling; or none."""
+    def bare(name: str) -> str:
+        return name.lower().replace("_", "").replace("-", "")
+    same = [known for known in SETTINGS if bare(known) == bare(key)]
+    lower = {known.lower(): known for known in SETTINGS}
+    return same or [lower[near] for near in difflib.get_close_matches(key.lower(), lower, 1, 0.75)]
 
 
 def node_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -773,7 +855,11 @@ class Logger:
         if file:
             with contextlib.suppress(OSError):  # task output lands there: FileHandler says what fails
                 private_files(file)
-            file_handler = logging.FileHandler(file, encoding="utf-8", errors="backslashreplace")
+            try:
+                file_handler = logging.FileHandler(file, encoding="utf-8", errors="backslashreplace")
+            except OSError as exc:
+                raise WorkerError(f"logFile={file!r}: cannot write it ({exc.strerror or exc}): "
+                                  "give a file in a folder this user may write") from None
             file_handler.setFormatter(_Formatter(False))
             self.logger.addHandler(file_handler)
 
@@ -6901,8 +6987,6 @@ class Worker:
         self.stop_timeout = settings.stop_timeout
         #: ``process`` (task.py in child processes) or ``thread`` (in the worker's process)
         self.task_runner = settings.task_runner
-        if self.task_runner not in ("process", "thread"):
-            raise WorkerError(f"taskRunner={self.task_runner!r}: give process (the default) or thread")
         self.node = Bugout(self.token, settings)
         #: who may command this worker: the proven master, candidates, bans
         self.trust = MasterTrust(pinned)
