@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import random
+import re
 import shlex
 import shutil
 import socket
@@ -5665,6 +5666,24 @@ class TestWorkerFlow(AsyncTest):
     async def test_500_jobs_batched(self):
         cluster = await self.run_jobs(True)
         self.assertGreaterEqual(cluster.master.stats["jobs handed out"], 500)
+
+    async def test_a_failed_call_to_the_master_is_said_in_plain_words(self):
+        # issue 25: "requestWork: requestWork on b...: no wire is open"
+        cluster = await self.started(Cluster(self.tmp()))
+        worker = await self.started(cluster.worker())
+        await until(lambda: worker.master is not None, 15)
+        master = worker.master
+        with self.assertLogs("worker", "WARNING") as logs:
+            with mock.patch.object(worker.node, "rpc", side_effect=w.RpcTimeout(
+                    "requestExecAssets on %s: no answer in 120.0s" % master)):
+                await worker.sync_assets()
+            with mock.patch.object(worker.node, "rpc", side_effect=w.RpcUnreachable(
+                    "requestWork on %s: no wire is open" % master)):
+                await worker.request_work()
+        said = [line.split(":", 2)[2] for line in logs.output]
+        self.assertIn("could not get the task files from master %s: it did not answer in time" % master, said)
+        self.assertIn("could not ask master %s for jobs: no connection to it is open" % master, said)
+        self.assertFalse([line for line in said if re.search("request|wire", line)], said)
 
     async def test_failing_task_gives_error_results_and_goes_on(self):
         cluster = await self.started(Cluster(self.tmp()))

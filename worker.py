@@ -6919,6 +6919,15 @@ def _manifest_ok(value: Any, folder: Path) -> bool:
     return True
 
 
+def _call_failed(exc: Exception) -> str:
+    """Why a call to the master failed, in plain words (the exception's text names RPCs and wires)."""
+    if isinstance(exc, RpcUnreachable):
+        return "no connection to it is open"
+    if isinstance(exc, RpcTimeout):
+        return "it did not answer in time"
+    return str(exc)
+
+
 async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> bool:
     """Wait until one of ``events`` is set; False when ``timeout`` passed first."""
     waiters = [asyncio.ensure_future(event.wait()) for event in events]
@@ -7352,7 +7361,7 @@ class Worker:
                 answer = await self.node.rpc(master, "requestExecAssets",
                                              {"currentHash": current}, timeout=120.0)
             except (RpcTimeout, InvalidState) as exc:
-                log.warning("requestExecAssets: %s", exc)
+                log.warning("could not get the task files from master %s: %s", master, _call_failed(exc))
                 return False
             if isinstance(answer, dict) and answer.get("status") == "same":
                 self._assets_ok = self._runner is not None or await self._load_task()
@@ -7618,7 +7627,7 @@ class Worker:
                 answer = await self.node.rpc(master, "requestWork", args, timeout=30.0)
             except (RpcTimeout, InvalidState) as exc:
                 self.outbox.settle(carried, False)
-                log.warning("requestWork: %s", exc)
+                log.warning("could not ask master %s for jobs: %s", master, _call_failed(exc))
                 self._master_failed(master, exc)
                 return False
             self._master_timeouts = 0
@@ -7753,7 +7762,7 @@ class Worker:
                 return False
         except (RpcTimeout, InvalidState) as exc:
             self.outbox.settle(batch, False)
-            log.warning("%d result(s) kept for later: %s", len(batch), exc)
+            log.warning("%d result(s) kept for later: master %s: %s", len(batch), master, _call_failed(exc))
             if isinstance(exc, RpcTimeout):
                 self._master_failed(master, exc)
             return False
