@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fnmatch
 import functools
 import hashlib
 import importlib.util
@@ -5020,6 +5021,28 @@ class TestOutbox(AsyncTest):
                 self.assertEqual(journal.submit(journal.verify, "results").result(), 0)  # clean, usable
                 journal.close()
 
+    def test_git_ignores_the_journal(self):
+        # issue 25: a worker run in the clone left its journal for git status to show
+        patterns = [line for line in (HERE / ".gitignore").read_text().splitlines() if line and line[0] != "#"]
+        for name in ("", "-wal", "-shm", ".lock", ".bad-20260101-000000-42", ".bad-20260101-000000-42-wal"):
+            self.assertTrue(any(fnmatch.fnmatch(w.JOURNAL_NAME + name, p) for p in patterns), name)
+
+    def test_a_directory_where_the_journal_or_its_lock_belongs_is_moved_aside(self):
+        # issue 25: each ended the start (exit 2), at every start: a restart loop under systemd
+        for name in (w.JOURNAL_NAME, w.JOURNAL_NAME + "-wal", w.JOURNAL_NAME + ".lock"):
+            with tempfile.TemporaryDirectory() as tmp, self.subTest(name):
+                (Path(tmp) / name).mkdir()
+                (Path(tmp) / name / "kept").write_text("what was in it")
+                with self.assertLogs("worker", "ERROR") as logs:
+                    journal = open_journal(tmp)
+                self.assertEqual(len(logs.output), 1)
+                self.assertIn(name, logs.output[0])
+                aside = [p for p in Path(tmp).glob(w.JOURNAL_NAME + "*.bad-*") if p.is_dir()]
+                self.assertEqual(len(aside), 1)
+                self.assertEqual((aside[0] / "kept").read_text(), "what was in it")
+                self.assertEqual(journal.submit(journal.verify, "results").result(), 0)  # clean, usable
+                journal.close()
+
     async def test_odd_values_in_the_journals_meta_are_not_trusted_and_crash_nothing(self):
         for value in ("5", '"abc"', '{"x": 1}', "[5, null]", "not json"):
             with tempfile.TemporaryDirectory() as tmp, self.subTest(value):
@@ -5037,8 +5060,9 @@ class TestOutbox(AsyncTest):
 
     async def test_old_json_files_are_taken_over_once_or_moved_aside(self):
         good = [{"jobID": 7, "worker": {"id": "bOld", "name": "w"}, "data": 1}]
-        for text in ("5", "null", '"abc"', '{"jobID": 1}', "[1,2,3]", '[{"jobID": 1}]', "{not json"):
-            with tempfile.TemporaryDirectory() as tmp, self.subTest(text):
+        deep = "[" * 100_000 + "]" * 100_000  # issue 25: a RecursionError at every start
+        for text in ("5", "null", '"abc"', '{"jobID": 1}', "[1,2,3]", '[{"jobID": 1}]', "{not json", deep):
+            with tempfile.TemporaryDirectory() as tmp, self.subTest(text[:20]):
                 (Path(tmp) / ".results.json").write_text(text)
                 (Path(tmp) / ".assets.json").write_text(text)
                 worker = w.Worker("t", "w", "warn", KEY, env={}, folder=tmp, lsd=False, dht=False, trackers=[])
@@ -5932,6 +5956,29 @@ class TestCommandLine(AsyncTest):
                 self.assertEqual(done.returncode, 2)
                 self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)  # one line, no traceback
                 self.assertTrue(done.stderr.startswith("worker.py: " + words), done.stderr)
+
+    async def test_damaged_state_is_moved_aside_and_the_worker_starts(self):
+        # issue 25: each of these stopped every start (a RecursionError traceback, or exit 2)
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp))
+        cluster.push(3)
+        folder = tmp / "wp"
+        folder.mkdir()
+        deep = "[" * 100_000 + "]" * 100_000
+        (folder / ".results.json").write_text(deep)
+        (folder / ".assets.json").write_text(deep)
+        (folder / w.JOURNAL_NAME).mkdir()
+        (folder / (w.JOURNAL_NAME + ".lock")).mkdir()
+        write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port)
+        proc = self.will_kill(await asyncio.create_subprocess_exec(
+            sys.executable, WORKER_PY, cwd=folder, env=clean_env(), stderr=subprocess.PIPE))
+        await cluster.until_results(3, 30)
+        proc.send_signal(15)
+        _, errors = await asyncio.wait_for(proc.communicate(), 30)
+        self.assertEqual(proc.returncode, 0, errors.decode())
+        moved = [line for line in errors.decode().splitlines() if "moved aside" in line]
+        self.assertEqual(len(moved), 4, errors.decode())  # one line each
+        self.assertEqual(len(list(folder.glob("*.bad-*"))), 4)
 
     def test_missing_token_or_bad_key_exit_2(self):
         with tempfile.TemporaryDirectory() as tmp:

@@ -5813,6 +5813,12 @@ CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, ma
 """
 
 
+def aside_path(path: Path) -> Path:
+    """Where damaged or foreign state found at ``path`` is moved: beside it, named for when
+    and by which process, so it is never moved onto an earlier one."""
+    return path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+
+
 class Journal:
     """Crash-safe state in one SQLite file; every method runs on the journal's thread.
 
@@ -5873,6 +5879,7 @@ class Journal:
         """
         self._lock()
         try:
+            self._files_only()
             self._db = self._connect()
             self._check()
         except (sqlite3.DatabaseError, JournalError) as exc:
@@ -5892,7 +5899,15 @@ class Journal:
     def _lock(self) -> None:
         if self._lock_fd is not None or fcntl is None:
             return
-        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        lock = self.path.with_name(self.path.name + ".lock")
+        if os.path.lexists(lock) and not os.path.isfile(lock):  # no worker locks a directory
+            aside = aside_path(lock)
+            try:
+                os.replace(lock, aside)
+                log.error("%s is not a lock file: moved aside to %s", lock, aside.name)
+            except FileNotFoundError:  # another worker starting here moved it first
+                pass
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -5900,6 +5915,12 @@ class Journal:
             raise JournalError(f"{self.path} is in use by another worker: "
                                "give each worker a folder of its own") from None
         self._lock_fd = fd
+
+    def _files_only(self) -> None:
+        """A directory (or a link to nothing) where the file or its logs belong is foreign."""
+        for name in (self.path, f"{self.path}-wal", f"{self.path}-shm"):
+            if os.path.lexists(name) and not os.path.isfile(name):
+                raise JournalError(f"{Path(name).name} is not a file")
 
     def _connect(self) -> sqlite3.Connection:
         private_files(self.path, f"{self.path}-wal", f"{self.path}-shm")  # the log holds jobs in clear
@@ -5930,8 +5951,7 @@ class Journal:
             raise JournalError("made with another token or transferEncryptToken")
 
     def _move_aside(self) -> Path:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        aside = self.path.with_name(f"{self.path.name}.bad-{stamp}-{os.getpid()}")
+        aside = aside_path(self.path)
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
@@ -5955,7 +5975,7 @@ class Journal:
         """A JSON list of ``meta``; ``default`` when absent, or when unreadable (logged)."""
         try:
             value = json.loads(self.get_meta(key) or "null")
-        except ValueError:
+        except (ValueError, RecursionError):
             value = key  # not JSON: not a list either
         if value is None:
             return default
@@ -7902,10 +7922,10 @@ class Worker:
                 value = json.loads(path.read_text(encoding="utf-8"))
             except FileNotFoundError:
                 continue
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, RecursionError) as exc:  # a directory, not JSON, too deep
                 value, valid = exc, (lambda v, f: False)
             if not valid(value, self.folder):
-                aside = path.with_name(f"{name}.bad-{time.strftime('%Y%m%d-%H%M%S')}")
+                aside = aside_path(path)
                 with contextlib.suppress(OSError):
                     os.replace(path, aside)
                 log.error("%s is not a list of %s: moved aside to %s", path,
