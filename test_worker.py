@@ -33,6 +33,7 @@ import logging
 import os
 import random
 import re
+import select
 import shlex
 import shutil
 import socket
@@ -1598,6 +1599,68 @@ class MasterCli:
         if self.proc.stdin is not None:
             self.proc.stdin.close()
         await self._reader
+
+
+#: Run as ``python -c CTTY PROGRAM ARGS...`` in a session of its own: the terminal on its stdin
+#: becomes its controlling terminal (/dev/tty, where getpass reads), as a login shell's is.
+CTTY = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+
+
+class Terminal:
+    """``python ARGS...`` on a pseudo-terminal of its own: what a user types and sees."""
+
+    def __init__(self, *args, timeout=30.0):
+        self.fd, child = os.openpty()
+        self.timeout = timeout
+        self.proc = subprocess.Popen([sys.executable, "-c", CTTY, *args], stdin=child, stdout=child, stderr=child,
+                                     start_new_session=True, env=clean_env())
+        os.close(child)
+        self.seen = b""
+        self.pos = 0  # where the next prompt is looked for
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        os.close(self.fd)
+
+    def read_until(self, text=None):
+        """Read what it prints until ``text`` shows after the last one found (None: until
+        it closed the terminal); whether it did."""
+        needle = None if text is None else text.encode()
+        deadline = time.monotonic() + self.timeout
+        while (needle is None or self.seen.find(needle, self.pos) < 0) and time.monotonic() < deadline:
+            if not select.select([self.fd], [], [], 0.1)[0]:
+                continue
+            try:
+                data = os.read(self.fd, 4096)
+            except OSError:  # EIO: every process on the terminal has closed it
+                data = b""
+            if not data:
+                break
+            self.seen += data
+        at = -1 if needle is None else self.seen.find(needle, self.pos)
+        if at >= 0:
+            self.pos = at + len(needle)
+        return at >= 0
+
+    def answer(self, prompt, text, end="\r"):
+        """Type ``text`` (and Enter) once ``prompt`` shows."""
+        if not self.read_until(prompt):
+            raise AssertionError("no %r in %r" % (prompt, self.text()))
+        os.write(self.fd, (text + end).encode())
+
+    def wait(self):
+        """Its exit status, once it ended and everything it printed is read."""
+        self.read_until()
+        return self.proc.wait(self.timeout)
+
+    def text(self):
+        return self.seen.decode(errors="replace")
 
 
 def parse_exposition(text):
@@ -5923,9 +5986,10 @@ class TestCommandLine(AsyncTest):
             env.write_text("name=pi-1\n")
             key = "A" * 32
             done = subprocess.run([sys.executable, WORKER_PY, "--setup", "--env", str(env)],
-                                  input="too short\n%s\n\n" % key, capture_output=True, text=True,
+                                  input="%s\n%s\n\ny\n\n" % ("B" * 31, key), capture_output=True, text=True,
                                   timeout=30, check=True)
-            self.assertIn("not valid", done.stdout)
+            self.assertIn("that is 31 characters: transferEncryptToken is exactly 32", done.stdout)
+            self.assertNotIn("B" * 31, done.stdout)  # a key typed wrong is not shown either
             values = w.read_env_file(env)
             self.assertEqual(values["transferEncryptToken"], key)
             self.assertGreaterEqual(len(values["token"]), 20)
@@ -5936,9 +6000,55 @@ class TestCommandLine(AsyncTest):
             done = subprocess.run([sys.executable, WORKER_PY, "--setup", "--env", str(env)],
                                   input="\n\nnot an address\n%s\n" % pin, capture_output=True, text=True,
                                   timeout=30, check=True)
-            self.assertIn("not valid", done.stdout)
+            self.assertIn("that is not a bugout address", done.stdout)
+            self.assertNotIn("new swarm", done.stdout)  # the current values are kept
             self.assertEqual(w.read_env_file(env)["master"], pin)
             self.assertEqual(w.read_env_file(env)["transferEncryptToken"], key)
+
+    def test_setup_asks_before_it_makes_a_new_swarm(self):
+        # issue 25: an empty answer (or Ctrl-D) made a random key without a word, and a worker with a
+        # random key never joins an existing swarm
+        with tempfile.TemporaryDirectory() as tmp:
+            env = Path(tmp) / ".env"
+            done = subprocess.run([sys.executable, WORKER_PY, "--setup", "--env", str(env)], input="\nn\n\nyes\n\n\n",
+                                  capture_output=True, text=True, timeout=30, check=True)
+            self.assertEqual(done.stdout.count("does this start a new swarm"), 2, done.stdout)  # no, then yes
+            self.assertIn("for a new swarm: give its master the same token and transferEncryptToken", done.stdout)
+            values = w.read_env_file(env)
+            self.assertEqual(len(values["transferEncryptToken"]), 32)
+            self.assertGreaterEqual(len(values["token"]), 20)
+            env.write_text("name=pi-1\n")
+            for answers in ("", "\n", "\nno\n"):  # end of input at the key, at the question, at the key again
+                done = subprocess.run([sys.executable, WORKER_PY, "--setup", "--env", str(env)], input=answers,
+                                      capture_output=True, text=True, timeout=30, check=False)
+                self.assertEqual((done.returncode, done.stderr), (
+                    1, "worker.py --setup: no answer (end of input); %s is unchanged\n" % env), answers)
+                self.assertEqual(env.read_text(), "name=pi-1\n")
+
+    def test_setup_on_a_terminal_hides_the_key_and_a_ctrl_c_or_ctrl_d_writes_nothing(self):
+        # issue 25: the key was echoed as typed, Ctrl-C printed a KeyboardInterrupt traceback
+        with tempfile.TemporaryDirectory() as tmp:
+            env = Path(tmp) / ".env"
+            term = self.enterContext(Terminal(WORKER_PY, "--setup", "--env", str(env)))
+            term.answer("transferEncryptToken (exactly 32 characters; not shown): ", "C" * 31)
+            term.answer("transferEncryptToken (exactly 32 characters; not shown): ", KEY)
+            term.answer("token (at least 20 characters): ", "t" * 24)
+            term.answer("empty: any master that proves the key): ", "")
+            self.assertEqual(term.wait(), 0, term.text())
+            self.assertIn("that is 31 characters: transferEncryptToken is exactly 32", term.text())
+            self.assertNotIn("C" * 31, term.text())
+            self.assertNotIn(KEY, term.text())
+            self.assertIn("t" * 24, term.text())  # the token is public: it is shown as typed
+            self.assertEqual(w.read_env_file(env)["transferEncryptToken"], KEY)
+            before = env.read_text()
+            for key, words, status in (("\x03", "interrupted", 130), ("\x04", "no answer (end of input)", 1)):
+                term = self.enterContext(Terminal(WORKER_PY, "--setup", "--env", str(env)))
+                term.answer("not shown): ", key, end="")
+                self.assertEqual(term.wait(), status, term.text())
+                self.assertNotIn("Traceback", term.text())
+                self.assertEqual(term.text().strip().splitlines()[-1],
+                                 "worker.py --setup: %s; %s is unchanged" % (words, env))
+                self.assertEqual(env.read_text(), before)
 
     def test_a_bad_setting_is_one_line_and_exit_2(self):
         # issue 25: tracebacks at start (statusPort, logFile), a dial that never came (peers), another

@@ -86,6 +86,7 @@ import difflib
 import enum
 import errno
 import functools
+import getpass
 import hashlib
 import heapq
 import hmac
@@ -7949,37 +7950,84 @@ class Worker:
 
 # Command line ###############################################################
 
-def setup(env_path: Path, ask: Callable[[str], str] = input) -> None:
-    """Prompt for the two tokens and write them into ``.env`` (mode 0600)."""
+def setup(env_path: Path, ask: Callable[[str], str] = input,
+          ask_secret: Callable[[str], str] | None = None) -> None:
+    """Prompt for the two tokens and write them into ``.env`` (mode 0600).
+
+    The key is not shown as it is typed (``getpass`` on a terminal). An empty
+    answer keeps the current value; where there is none, it asks whether this
+    starts a new swarm, and only then makes a random token and key. End of
+    input (Ctrl-D) raises EOFError and Ctrl-C KeyboardInterrupt, with nothing
+    written.
+    """
+    if ask_secret is None:
+        ask_secret = getpass.getpass if ask is input and sys.stdin.isatty() else ask
     current = read_env_file(env_path)
-    print(f"Setting up {env_path} (empty answer: keep the current value or generate one)")
-    key = _prompt(ask, "transferEncryptToken (exactly 32 characters)",
-                  current.get("transferEncryptToken"), lambda v: len(v.encode()) == 32,
-                  lambda: secrets.token_hex(16))
-    token = _prompt(ask, "token (at least 20 characters)", current.get("token"),
-                    lambda v: len(v) >= 20, lambda: secrets.token_urlsafe(24))
+    print(f"Setting up {env_path}: the master's transferEncryptToken and token (empty: keep the current one)")
+    new_swarm = False
+    key = token = None
+    while key is None:
+        key = _prompt(ask_secret, "transferEncryptToken (exactly 32 characters; not shown)",
+                      current.get("transferEncryptToken"), _key_problem, shown=False)
+        if key is None and _starts_new_swarm(ask, "token and key"):
+            new_swarm, key = True, secrets.token_hex(16)
+    while token is None:
+        token = _prompt(ask, "token (at least 20 characters)", current.get("token"), _token_problem)
+        if token is None and (new_swarm or _starts_new_swarm(ask, "token")):
+            new_swarm, token = True, secrets.token_urlsafe(24)
     pinned = current.get("master", "")
     master = _prompt(ask, "pin one master's address (optional; master.py prints it; empty: %s)" % (
-                     "keep " + pinned if pinned else "any master that proves the key"), pinned,
-                     lambda v: v == "" or is_address(v), lambda: "")
+                     "keep " + pinned if pinned else "any master that proves the key"), None,
+                     lambda v: None if is_address(v) else "that is not a bugout address")
     write_env_file(env_path, {"transferEncryptToken": key, "token": token,
                               **({"master": master} if master else {})})
-    print(f"Wrote {env_path}. Give the master the same two values.")
+    if new_swarm:
+        print(f"Wrote {env_path} for a new swarm: give its master the same token and "
+              f"transferEncryptToken (copy them from {env_path}).")
+    else:
+        print(f"Wrote {env_path}. The master must have the same two values.")
 
 
 def _prompt(ask: Callable[[str], str], label: str, current: str | None,
-            valid: Callable[[str], bool], generate: Callable[[], str]) -> str:
+            problem: Callable[[str], str | None], shown: bool = True) -> str | None:
+    """An answer ``problem`` finds nothing wrong with (asked again, saying what is wrong,
+    until then); for an empty answer the current value if it will do, else None."""
     while True:
-        try:
-            answer = ask(f"{label}: ").strip()
-        except EOFError:
-            answer = ""
-        if not answer:
-            answer = current if current and valid(current) else generate()
-            print(f"  using {answer}" if answer else "  none")
-        if valid(answer):
+        answer = ask(f"{label}: ").strip()
+        why = problem(answer or current or "")
+        if answer and why:
+            print(f"  {why}")
+            continue
+        if answer:
             return answer
-        print(f"  {answer} is not valid: {label}")
+        if current and not why:
+            print(f"  keeping {current if shown else 'the current one'}")
+            return current
+        if current:
+            print(f"  the current one will not do: {why}")
+        return None
+
+
+def _starts_new_swarm(ask: Callable[[str], str], what: str) -> bool:
+    """Whether an empty answer means a new swarm: a random value joins no existing one."""
+    answer = ask(f"  nothing given: does this start a new swarm, with a random {what}? [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _key_problem(key: str) -> str | None:
+    """What is wrong with a transferEncryptToken (AES-256: 32 bytes), without showing it."""
+    size = len(key.encode())
+    if size == 32:
+        return None
+    unit = "characters" if size == len(key) else "bytes in UTF-8"
+    return (f"that is {size} {unit}: transferEncryptToken is exactly 32 characters; "
+            "copy it from the master's .env")
+
+
+def _token_problem(token: str) -> str | None:
+    if len(token) >= 20:
+        return None
+    return f"that is {len(token)} characters: the token is at least 20; copy it from the master's .env"
 
 
 async def run_worker(worker: Worker) -> int:
@@ -8071,7 +8119,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     args = parser.parse_args(argv)
     if args.setup:
-        setup(Path(args.env))
+        try:
+            setup(Path(args.env))
+        except (KeyboardInterrupt, EOFError) as exc:
+            print()  # the prompt's line ends here
+            print("worker.py --setup: %s; %s is unchanged" % (
+                "interrupted" if isinstance(exc, KeyboardInterrupt) else "no answer (end of input)",
+                args.env), file=sys.stderr)
+            return 130 if isinstance(exc, KeyboardInterrupt) else 1
+        except OSError as exc:
+            print(f"worker.py --setup: cannot write {args.env}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         return 0
     if args.demo:
         return asyncio.run(run_demo())
