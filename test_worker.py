@@ -6109,23 +6109,35 @@ class TestCommandLine(AsyncTest):
                               check=True, timeout=30)
         self.assertIn("--setup", done.stdout)
 
-    def test_demo_exits_0(self):
-        done = subprocess.run([sys.executable, WORKER_PY, "--demo"], check=False, capture_output=True, text=True,
-                              timeout=120, cwd=HERE)
-        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
-        self.assertIn("all results right", done.stdout)
-        self.assertNotIn("\r", done.stdout)  # not a terminal: no progress redrawn in place (issue 23)
-        self.assertEqual(done.stdout.count("\n"), 3, done.stdout)  # started, summary, last job
-
-    def test_demo_loads_worker_py_once(self):
-        """master.py's ``from worker import`` finds the running module: one set of classes."""
+    def test_demo_exits_0_and_its_last_line_is_json(self):
+        # -X importtime: worker.py never imports master.py (issue 24: master.py imports worker.py; the
+        # demo runs it as a process). The environment's settings reach neither side (a master.py
+        # that read this token would never meet the demo's worker).
         done = subprocess.run([sys.executable, "-X", "importtime", WORKER_PY, "--demo"], check=False,
-                              capture_output=True, text=True, timeout=120, cwd=HERE)
+                              capture_output=True, text=True, timeout=120, cwd=HERE,
+                              env={**clean_env(), "token": "a-token-from-the-environment"})
         self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
         imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()
                     if line.startswith("import time:")]
-        self.assertIn("master", imported)
-        self.assertNotIn("worker", imported)
+        self.assertIn("asyncio", imported)
+        self.assertNotIn("master", imported)
+        self.assertNotIn("\r", done.stdout)  # not a terminal: no progress redrawn in place (issue 23)
+        started, summary, next_step, last = done.stdout.splitlines()  # issue 25: JSON, and what to try next
+        self.assertRegex(started, r"^demo: master.py on 127\.0\.0\.1:\d+, 200 jobs, worker b\w+$")
+        self.assertRegex(summary, r"^demo: 200/200 jobs in [0-9.]+ s \(\d+ jobs/s\), all results right$")
+        self.assertEqual(next_step, w.DEMO_NEXT)
+        self.assertEqual(json.loads(last)["result"]["data"], {"bound": 29900, "primes": 3238})
+        self.assertEqual(json.loads(last)["result"]["jobID"], 199)
+
+    def test_the_demo_without_master_py_is_one_line(self):
+        """What a user who copied only worker.py to a Pi sees."""
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(WORKER_PY, tmp)
+            done = subprocess.run([sys.executable, str(Path(tmp) / "worker.py"), "--demo"], check=False,
+                                  capture_output=True, text=True, timeout=60, cwd=tmp, env=clean_env())
+        self.assertEqual(done.returncode, 2)
+        self.assertEqual(done.stderr, "worker.py --demo runs master.py, which is not in %s: run the demo in a "
+                         "clone of the project\n" % Path(tmp).resolve())
 
     async def sigterm_with_held_jobs(self, start, files=None):
         """A worker that ``start(folder)`` runs gets 10 jobs of 0.3 s, then SIGTERM: its folder,

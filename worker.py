@@ -12,7 +12,7 @@ Usage::
 
     python worker.py --setup     # write .env (tokens) by prompting
     python worker.py             # wait for jobs
-    python worker.py --demo      # a local master, demo jobs, loopback only
+    python worker.py --demo      # master.py and demo jobs on loopback only (needs master.py)
 
 Exceptions::
 
@@ -8061,51 +8061,127 @@ async def run_worker(worker: Worker) -> int:
     return 0
 
 
+#: What the demo suggests once it is done.
+DEMO_NEXT = "next: python worker.py --setup, then python worker.py, to join a master's swarm (README, \"Use it\")"
+
+
 async def run_demo(jobs: int = 200) -> int:
-    """A master.py and a worker on 127.0.0.1 (no LSD, DHT or trackers)."""
+    """master.py in a process of its own and a worker here, on 127.0.0.1 (no LSD, DHT or trackers).
+
+    The master is a process, not an import: master.py imports worker.py, never the other way.
+    """
     import tempfile
-    limit_loop_errors()
-    try:
-        from master import Master
-    except ImportError:
-        print("worker.py --demo needs master.py beside worker.py", file=sys.stderr)
+    master_py = Path(__file__).resolve().with_name("master.py")
+    if not master_py.is_file():
+        print(f"worker.py --demo runs master.py, which is not in {master_py.parent}: "
+              "run the demo in a clone of the project", file=sys.stderr)
         return 2
+    limit_loop_errors()
     Logger("warn")
     with tempfile.TemporaryDirectory(prefix="qx-demo-") as tmp:
-        root = Path(tmp)
-        (root / "master").mkdir()
-        (root / "master" / "task.py").write_text(DEMO_TASK)
-        token, key = secrets.token_urlsafe(24), secrets.token_hex(16)
-        results: list = []
-        master = Master(token, {"files": [{"masterPath": "/task.py", "name": "task.py",
-                                           "workerPath": "/workplace/task.py"}],
-                                "dependencies": []},
-                        results.append, None, key, folder=root / "master", env={},
-                        host="127.0.0.1", lsd=False, dht=False, trackers=[])
-        await master.start()
-        for i in range(jobs):
-            master.push_new_job({"id": i, "data": str(10_000 + 100 * i)})
-        worker = Worker(token, "demo-worker", "warn", key, env={}, folder=root / "worker",
-                        host="127.0.0.1", lsd=False, dht=False, peers=["127.0.0.1:%d" % master.port],
-                        get_batch=True, batch_size=10, trackers=[])
-        started = time.perf_counter()
-        await worker.start()
-        print("demo: master on 127.0.0.1:%d, %d jobs, worker %s" % (master.port, jobs, worker.address))
-        terminal = sys.stdout.isatty()  # a log or a pipe gets no line redrawn in place
-        while len(results) < jobs and time.perf_counter() - started < 60:
-            await asyncio.sleep(0.2)
-            if terminal:
-                print("\rdemo: %d/%d results" % (len(results), jobs), end="", flush=True)
+        master = _DemoMaster(Path(tmp), master_py)
+        try:
+            await master.start(jobs)
+            return await _demo_worker(master, jobs)
+        finally:
+            await master.close()
+
+
+class _DemoMaster:
+    """``python master.py`` serving the demo's task and jobs from a folder, loopback only."""
+
+    def __init__(self, root: Path, master_py: Path) -> None:
+        self.root, self.master_py = root, master_py
+        self.token, self.key = secrets.token_urlsafe(24), secrets.token_hex(16)
+        self.port = 0
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, jobs: int) -> None:
+        root = self.root
+        (root / "task.py").write_text(DEMO_TASK)
+        (root / "jobs.jsonl").write_text("".join(json_dumps({"id": i, "data": str(10_000 + 100 * i)}) + "\n"
+                                                 for i in range(jobs)))
+        write_env_file(root / ".env", {"token": self.token, "transferEncryptToken": self.key, "host": "127.0.0.1",
+                                       "lsd": "false", "dht": "false", "trackers": "", "LOG_LEVEL": "error"})
+        # the .env above decides, whatever the environment says; master.py finds worker.py
+        # beside it even where PYTHONSAFEPATH is set
+        env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(self.master_py.parent), env.get("PYTHONPATH"))))
+        errors = os.open(root / "master.log", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(self.master_py), "--env", str(root / ".env"), "--task", str(root / "task.py"),
+                "--jobs", str(root / "jobs.jsonl"), "--follow", cwd=root, env=env,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=errors)
+        finally:
+            os.close(errors)
+        ready = await self.event(30)
+        if ready.get("event") != "ready":
+            raise WorkerError("master.py did not start: " + self.last_error())
+        self.port = int(ready["port"])
+
+    async def event(self, timeout: float) -> dict:
+        """master.py's next JSON event on stdout; ``{}`` when it ended or ``timeout`` passed."""
+        assert self.proc is not None and self.proc.stdout is not None
+        while True:
+            try:
+                line = await asyncio.wait_for(self.proc.stdout.readline(), max(timeout, 0.0))
+            except TimeoutError:
+                return {}
+            if not line:
+                return {}
+            with contextlib.suppress(ValueError):
+                return as_dict(json.loads(line))
+
+    def last_error(self) -> str:
+        """The last line master.py wrote on stderr (its errors only)."""
+        lines = (self.root / "master.log").read_text(errors="replace").strip().splitlines()
+        return lines[-1] if lines else "no error from master.py"
+
+    async def close(self) -> None:
+        """End master.py (its SIGINT: a summary, then exit) and reap it."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+async def _demo_worker(master: _DemoMaster, jobs: int) -> int:
+    """A worker here takes the demo master's jobs; a summary, what to try next, the last result."""
+    worker = Worker(master.token, "demo-worker", "warn", master.key, env={}, folder=master.root / "worker",
+                    host="127.0.0.1", lsd=False, dht=False, peers=["127.0.0.1:%d" % master.port],
+                    get_batch=True, batch_size=10, trackers=[])
+    started = time.perf_counter()
+    await worker.start()
+    print("demo: master.py on 127.0.0.1:%d, %d jobs, worker %s" % (master.port, jobs, worker.address))
+    terminal = sys.stdout.isatty()  # a log or a pipe gets no line redrawn in place
+    results: dict[Any, dict] = {}
+    try:
+        while len(results) < jobs:
+            event = await master.event(started + 60 - time.perf_counter())
+            if not event:
+                break
+            if event.get("event") == "result" and isinstance(event.get("result"), dict):
+                results[event["result"].get("jobID")] = event
+                if terminal:
+                    print("\rdemo: %d/%d results" % (len(results), jobs), end="", flush=True)
         elapsed = time.perf_counter() - started
+    finally:
         await worker.stop()
-        await master.close()
-    ok = len(results) == jobs and all(r and r.get("data") for r in results)
+    ok = sorted(results) == list(range(jobs)) and all(
+        "error" not in r["result"] and r["result"].get("data") for r in results.values())
     print(("\n" if terminal else "") + "demo: %d/%d jobs in %.2f s (%.0f jobs/s), %s" % (
         len(results), jobs, elapsed, len(results) / elapsed, "all results right" if ok else "FAILED"))
-    if ok:
-        last = max(results, key=lambda r: r["jobID"])
-        print("demo: job {} -> {}".format(last["jobID"], last["data"]))
-    return 0 if ok else 1
+    if not ok:
+        print("demo: " + master.last_error(), file=sys.stderr)
+        return 1
+    print(DEMO_NEXT)
+    print(json_dumps(results[jobs - 1]))  # the last job's result, as master.py prints it
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -8132,7 +8208,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if args.demo:
-        return asyncio.run(run_demo())
+        try:
+            return asyncio.run(run_demo())
+        except KeyboardInterrupt:
+            print("\nworker.py --demo: interrupted", file=sys.stderr)
+            return 130
+        except (WorkerError, OSError) as exc:
+            print(f"worker.py --demo: {exc}", file=sys.stderr)
+            return 2
     try:
         worker = Worker(env=load_env(args.env))
     except WorkerError as exc:
@@ -8445,7 +8528,4 @@ class Task:
 '''
 
 if __name__ == "__main__":
-    # One module object: master.py's "from worker import ..." (--demo) finds this one,
-    # not a second copy with its own classes and exceptions.
-    sys.modules.setdefault("worker", sys.modules[__name__])
     sys.exit(main())
