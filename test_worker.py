@@ -21,15 +21,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fnmatch
 import functools
 import hashlib
 import importlib.util
 import inspect
+import io
 import itertools
 import json
 import logging
 import os
 import random
+import re
+import select
 import shlex
 import shutil
 import socket
@@ -1597,6 +1601,68 @@ class MasterCli:
         await self._reader
 
 
+#: Run as ``python -c CTTY PROGRAM ARGS...`` in a session of its own: the terminal on its stdin
+#: becomes its controlling terminal (/dev/tty, where getpass reads), as a login shell's is.
+CTTY = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+
+
+class Terminal:
+    """``python ARGS...`` on a pseudo-terminal of its own: what a user types and sees."""
+
+    def __init__(self, *args, timeout=30.0):
+        self.fd, child = os.openpty()
+        self.timeout = timeout
+        self.proc = subprocess.Popen([sys.executable, "-c", CTTY, *args], stdin=child, stdout=child, stderr=child,
+                                     start_new_session=True, env=clean_env())
+        os.close(child)
+        self.seen = b""
+        self.pos = 0  # where the next prompt is looked for
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        os.close(self.fd)
+
+    def read_until(self, text=None):
+        """Read what it prints until ``text`` shows after the last one found (None: until
+        it closed the terminal); whether it did."""
+        needle = None if text is None else text.encode()
+        deadline = time.monotonic() + self.timeout
+        while (needle is None or self.seen.find(needle, self.pos) < 0) and time.monotonic() < deadline:
+            if not select.select([self.fd], [], [], 0.1)[0]:
+                continue
+            try:
+                data = os.read(self.fd, 4096)
+            except OSError:  # EIO: every process on the terminal has closed it
+                data = b""
+            if not data:
+                break
+            self.seen += data
+        at = -1 if needle is None else self.seen.find(needle, self.pos)
+        if at >= 0:
+            self.pos = at + len(needle)
+        return at >= 0
+
+    def answer(self, prompt, text, end="\r"):
+        """Type ``text`` (and Enter) once ``prompt`` shows."""
+        if not self.read_until(prompt):
+            raise AssertionError("no %r in %r" % (prompt, self.text()))
+        os.write(self.fd, (text + end).encode())
+
+    def wait(self):
+        """Its exit status, once it ended and everything it printed is read."""
+        self.read_until()
+        return self.proc.wait(self.timeout)
+
+    def text(self):
+        return self.seen.decode(errors="replace")
+
+
 def parse_exposition(text):
     """The Prometheus text format, parsed strictly: {name: {labels tuple: value}}, {name: type}."""
     samples, types, helps = collections.defaultdict(dict), {}, set()
@@ -1741,6 +1807,49 @@ class TestEnvFile(unittest.TestCase):
             self.assertRegex(row, r"[(, ]%s[,)]" % name)  # JS API to Python API
 
 
+    def test_unknown_keys_are_named_with_the_key_meant(self):
+        # issue 25: concurency=2, getbatch=true and batchsize=50 were ignored without a word.
+        # The JS worker's and master's env.sample keys (LOG_LEVEL=fatal too) and master.py's
+        # seed are settings: never called unknown.
+        js_keys = {"token": "t" * 20, "transferEncryptToken": KEY, "getBatch": "true", "batchSize": "5",
+                   "LOG_LEVEL": "fatal", "seed": w.make_seed()}
+        with self.assertLogs("worker", "WARNING") as logs:
+            settings = w.Settings.load({**js_keys, "concurency": "2", "getbatch": "true", "batchsize": "50",
+                                        "NODE_ENV": "production"})
+        self.assertEqual([line.split(":", 2)[2] for line in logs.output], [
+            "unknown key 'concurency' (did you mean concurrency?): " + UNKNOWN_KEY,
+            "unknown key 'getbatch' (did you mean getBatch?): " + UNKNOWN_KEY,
+            "unknown key 'batchsize' (did you mean batchSize?): " + UNKNOWN_KEY,
+            "unknown key 'NODE_ENV': " + UNKNOWN_KEY])
+        self.assertEqual((settings.concurrency, settings.batch_size, settings.get_batch), (1, 5, True))
+        with self.assertNoLogs("worker", "WARNING"):
+            w.Settings.load({**js_keys, **w.read_env_file(HERE / ".env.example")})
+
+    def test_every_key_has_its_range(self):
+        # issue 25: these were taken as they were, or ended in a traceback or a wrong port later
+        for key, bad in (("statusPort", "99999"), ("statusPort", "0"), ("peers", "127.0.0.1:99999"),
+                         ("peers", "127.0.0.1:1,nohost"), ("port", "70000"), ("port", "-1"), ("maxMessage", "0"),
+                         ("maxMessage", str(1 << 40)), ("maxInbound", "-1"), ("maxPeers", "0"),
+                         ("getBatch", "maybe"), ("lsd", "2"), ("dht", "enabled"), ("dhtPort", "65536"),
+                         ("dhtBootstrap", "router.example"), ("batchSize", "10001"), ("jobTimeout", "inf"),
+                         ("stopTimeout", "1e999"), ("concurrency", "100000"), ("LOG_LEVEL", "loud"),
+                         ("taskRunner", "threads")):
+            with self.subTest(key=key, value=bad), self.assertRaisesRegex(w.WorkerError, "^%s=%r: give " % (
+                    key, bad)):
+                w.Settings.load({key: bad})
+        edges = w.Settings.load({"port": "65535", "statusPort": "OFF", "peers": "[::1]:1,a:65535",
+                                 "maxMessage": "65536", "maxInbound": "1", "maxPeers": "1", "getBatch": "Yes",
+                                 "lsd": "off", "dhtPort": "0", "batchSize": "10000", "taskRunner": "Thread"})
+        self.assertEqual((edges.port, edges.status_port, edges.peers, edges.max_message, edges.get_batch,
+                          edges.lsd, edges.batch_size, edges.task_runner),
+                         (65535, None, ("[::1]:1", "a:65535"), 65536, True, False, 10000, "thread"))
+        self.assertEqual(w.Settings.load({"statusPort": "9184"}).status_port, 9184)
+
+
+#: The end of each line for an unknown key.
+UNKNOWN_KEY = 'it is ignored (README, "Settings", lists every key)'
+
+
 # Helper, Logger, Crypt ######################################################
 
 class TestLogger(unittest.TestCase):
@@ -1751,12 +1860,23 @@ class TestLogger(unittest.TestCase):
                                  setattr(w.log, "propagate", saved[2])))
         tmp = Path(tempfile.mkdtemp())
         self.addCleanup(shutil.rmtree, tmp)
-        devnull = self.enterContext(open(os.devnull, "w"))
-        w.Logger("info", str(tmp / "worker.log"), stream=devnull)
-        w.log.warning("job 1 failed: ValueError: %s", b"caf\xe9".decode(errors="surrogateescape"))
+        stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # strict, as most streams are
+        w.Logger("info", str(tmp / "worker.log"), stream=stream)
+        with mock.patch.object(logging.Handler, "handleError", side_effect=AssertionError("a logging error")):
+            w.log.warning("job 1 failed: ValueError: %s", b"caf\xe9".decode(errors="surrogateescape"))
         for handler in w.log.handlers:
+            handler.flush()
             handler.close()
         self.assertIn("job 1 failed: ValueError: caf\\udce9", (tmp / "worker.log").read_text())
+        self.assertIn(b"job 1 failed: ValueError: caf\\udce9", stream.buffer.getvalue())
+
+    def test_a_log_file_that_cannot_be_written_is_one_error(self):
+        saved = w.log.handlers[:], w.log.level, w.log.propagate
+        self.addCleanup(lambda: (setattr(w.log, "handlers", saved[0]), w.log.setLevel(saved[1]),
+                                 setattr(w.log, "propagate", saved[2])))
+        with self.assertRaisesRegex(w.WorkerError, r"^logFile='/nonexistent/worker.log': cannot write it "
+                                    r"\(No such file or directory\): give a file in a folder this user may write$"):
+            w.Logger("info", "/nonexistent/worker.log", stream=io.StringIO())
 
 
 class TestCrypt(unittest.TestCase):
@@ -4964,6 +5084,28 @@ class TestOutbox(AsyncTest):
                 self.assertEqual(journal.submit(journal.verify, "results").result(), 0)  # clean, usable
                 journal.close()
 
+    def test_git_ignores_the_journal(self):
+        # issue 25: a worker run in the clone left its journal for git status to show
+        patterns = [line for line in (HERE / ".gitignore").read_text().splitlines() if line and line[0] != "#"]
+        for name in ("", "-wal", "-shm", ".lock", ".bad-20260101-000000-42", ".bad-20260101-000000-42-wal"):
+            self.assertTrue(any(fnmatch.fnmatch(w.JOURNAL_NAME + name, p) for p in patterns), name)
+
+    def test_a_directory_where_the_journal_or_its_lock_belongs_is_moved_aside(self):
+        # issue 25: each ended the start (exit 2), at every start: a restart loop under systemd
+        for name in (w.JOURNAL_NAME, w.JOURNAL_NAME + "-wal", w.JOURNAL_NAME + ".lock"):
+            with tempfile.TemporaryDirectory() as tmp, self.subTest(name):
+                (Path(tmp) / name).mkdir()
+                (Path(tmp) / name / "kept").write_text("what was in it")
+                with self.assertLogs("worker", "ERROR") as logs:
+                    journal = open_journal(tmp)
+                self.assertEqual(len(logs.output), 1)
+                self.assertIn(name, logs.output[0])
+                aside = [p for p in Path(tmp).glob(w.JOURNAL_NAME + "*.bad-*") if p.is_dir()]
+                self.assertEqual(len(aside), 1)
+                self.assertEqual((aside[0] / "kept").read_text(), "what was in it")
+                self.assertEqual(journal.submit(journal.verify, "results").result(), 0)  # clean, usable
+                journal.close()
+
     async def test_odd_values_in_the_journals_meta_are_not_trusted_and_crash_nothing(self):
         for value in ("5", '"abc"', '{"x": 1}', "[5, null]", "not json"):
             with tempfile.TemporaryDirectory() as tmp, self.subTest(value):
@@ -4981,8 +5123,9 @@ class TestOutbox(AsyncTest):
 
     async def test_old_json_files_are_taken_over_once_or_moved_aside(self):
         good = [{"jobID": 7, "worker": {"id": "bOld", "name": "w"}, "data": 1}]
-        for text in ("5", "null", '"abc"', '{"jobID": 1}', "[1,2,3]", '[{"jobID": 1}]', "{not json"):
-            with tempfile.TemporaryDirectory() as tmp, self.subTest(text):
+        deep = "[" * 100_000 + "]" * 100_000  # issue 25: a RecursionError at every start
+        for text in ("5", "null", '"abc"', '{"jobID": 1}', "[1,2,3]", '[{"jobID": 1}]', "{not json", deep):
+            with tempfile.TemporaryDirectory() as tmp, self.subTest(text[:20]):
                 (Path(tmp) / ".results.json").write_text(text)
                 (Path(tmp) / ".assets.json").write_text(text)
                 worker = w.Worker("t", "w", "warn", KEY, env={}, folder=tmp, lsd=False, dht=False, trackers=[])
@@ -5611,6 +5754,24 @@ class TestWorkerFlow(AsyncTest):
         cluster = await self.run_jobs(True)
         self.assertGreaterEqual(cluster.master.stats["jobs handed out"], 500)
 
+    async def test_a_failed_call_to_the_master_is_said_in_plain_words(self):
+        # issue 25: "requestWork: requestWork on b...: no wire is open"
+        cluster = await self.started(Cluster(self.tmp()))
+        worker = await self.started(cluster.worker())
+        await until(lambda: worker.master is not None, 15)
+        master = worker.master
+        with self.assertLogs("worker", "WARNING") as logs:
+            with mock.patch.object(worker.node, "rpc", side_effect=w.RpcTimeout(
+                    "requestExecAssets on %s: no answer in 120.0s" % master)):
+                await worker.sync_assets()
+            with mock.patch.object(worker.node, "rpc", side_effect=w.RpcUnreachable(
+                    "requestWork on %s: no wire is open" % master)):
+                await worker.request_work()
+        said = [line.split(":", 2)[2] for line in logs.output]
+        self.assertIn("could not get the task files from master %s: it did not answer in time" % master, said)
+        self.assertIn("could not ask master %s for jobs: no connection to it is open" % master, said)
+        self.assertFalse([line for line in said if re.search("request|wire", line)], said)
+
     async def test_failing_task_gives_error_results_and_goes_on(self):
         cluster = await self.started(Cluster(self.tmp()))
         cluster.push(3, fail=True)
@@ -5825,9 +5986,10 @@ class TestCommandLine(AsyncTest):
             env.write_text("name=pi-1\n")
             key = "A" * 32
             done = subprocess.run([sys.executable, WORKER_PY, "--setup", "--env", str(env)],
-                                  input="too short\n%s\n\n" % key, capture_output=True, text=True,
+                                  input="%s\n%s\n\ny\n\n" % ("B" * 31, key), capture_output=True, text=True,
                                   timeout=30, check=True)
-            self.assertIn("not valid", done.stdout)
+            self.assertIn("that is 31 characters: transferEncryptToken is exactly 32", done.stdout)
+            self.assertNotIn("B" * 31, done.stdout)  # a key typed wrong is not shown either
             values = w.read_env_file(env)
             self.assertEqual(values["transferEncryptToken"], key)
             self.assertGreaterEqual(len(values["token"]), 20)
@@ -5838,9 +6000,95 @@ class TestCommandLine(AsyncTest):
             done = subprocess.run([sys.executable, WORKER_PY, "--setup", "--env", str(env)],
                                   input="\n\nnot an address\n%s\n" % pin, capture_output=True, text=True,
                                   timeout=30, check=True)
-            self.assertIn("not valid", done.stdout)
+            self.assertIn("that is not a bugout address", done.stdout)
+            self.assertNotIn("new swarm", done.stdout)  # the current values are kept
             self.assertEqual(w.read_env_file(env)["master"], pin)
             self.assertEqual(w.read_env_file(env)["transferEncryptToken"], key)
+
+    def test_setup_asks_before_it_makes_a_new_swarm(self):
+        # issue 25: an empty answer (or Ctrl-D) made a random key without a word, and a worker with a
+        # random key never joins an existing swarm
+        with tempfile.TemporaryDirectory() as tmp:
+            env = Path(tmp) / ".env"
+            done = subprocess.run([sys.executable, WORKER_PY, "--setup", "--env", str(env)], input="\nn\n\nyes\n\n\n",
+                                  capture_output=True, text=True, timeout=30, check=True)
+            self.assertEqual(done.stdout.count("does this start a new swarm"), 2, done.stdout)  # no, then yes
+            self.assertIn("for a new swarm: give its master the same token and transferEncryptToken", done.stdout)
+            values = w.read_env_file(env)
+            self.assertEqual(len(values["transferEncryptToken"]), 32)
+            self.assertGreaterEqual(len(values["token"]), 20)
+            env.write_text("name=pi-1\n")
+            for answers in ("", "\n", "\nno\n"):  # end of input at the key, at the question, at the key again
+                done = subprocess.run([sys.executable, WORKER_PY, "--setup", "--env", str(env)], input=answers,
+                                      capture_output=True, text=True, timeout=30, check=False)
+                self.assertEqual((done.returncode, done.stderr), (
+                    1, "worker.py --setup: no answer (end of input); %s is unchanged\n" % env), answers)
+                self.assertEqual(env.read_text(), "name=pi-1\n")
+
+    def test_setup_on_a_terminal_hides_the_key_and_a_ctrl_c_or_ctrl_d_writes_nothing(self):
+        # issue 25: the key was echoed as typed, Ctrl-C printed a KeyboardInterrupt traceback
+        with tempfile.TemporaryDirectory() as tmp:
+            env = Path(tmp) / ".env"
+            term = self.enterContext(Terminal(WORKER_PY, "--setup", "--env", str(env)))
+            term.answer("transferEncryptToken (exactly 32 characters; not shown): ", "C" * 31)
+            term.answer("transferEncryptToken (exactly 32 characters; not shown): ", KEY)
+            term.answer("token (at least 20 characters): ", "t" * 24)
+            term.answer("empty: any master that proves the key): ", "")
+            self.assertEqual(term.wait(), 0, term.text())
+            self.assertIn("that is 31 characters: transferEncryptToken is exactly 32", term.text())
+            self.assertNotIn("C" * 31, term.text())
+            self.assertNotIn(KEY, term.text())
+            self.assertIn("t" * 24, term.text())  # the token is public: it is shown as typed
+            self.assertEqual(w.read_env_file(env)["transferEncryptToken"], KEY)
+            before = env.read_text()
+            for key, words, status in (("\x03", "interrupted", 130), ("\x04", "no answer (end of input)", 1)):
+                term = self.enterContext(Terminal(WORKER_PY, "--setup", "--env", str(env)))
+                term.answer("not shown): ", key, end="")
+                self.assertEqual(term.wait(), status, term.text())
+                self.assertNotIn("Traceback", term.text())
+                self.assertEqual(term.text().strip().splitlines()[-1],
+                                 "worker.py --setup: %s; %s is unchanged" % (words, env))
+                self.assertEqual(env.read_text(), before)
+
+    def test_a_bad_setting_is_one_line_and_exit_2(self):
+        # issue 25: tracebacks at start (statusPort, logFile), a dial that never came (peers), another
+        # port (port), values taken as they were (getBatch)
+        for key, value, words in (("statusPort", "99999", "statusPort='99999': give a TCP port, 1 to 65535"),
+                                  ("logFile", "/nonexistent/worker.log",
+                                   "logFile='/nonexistent/worker.log': cannot write it (No such file or directory)"),
+                                  ("peers", "127.0.0.1:99999", "peers='127.0.0.1:99999': give host:port"),
+                                  ("port", "70000", "port='70000': give a TCP port, 0 (any free one) to 65535"),
+                                  ("getBatch", "maybe", "getBatch='maybe': give true or false")):
+            with tempfile.TemporaryDirectory() as tmp, self.subTest(key):
+                write_loopback_env(tmp, "bad-settings-swarm", **{key: value})
+                done = subprocess.run([sys.executable, WORKER_PY], check=False, cwd=tmp, capture_output=True,
+                                      text=True, timeout=30, env=clean_env())
+                self.assertEqual(done.returncode, 2)
+                self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)  # one line, no traceback
+                self.assertTrue(done.stderr.startswith("worker.py: " + words), done.stderr)
+
+    async def test_damaged_state_is_moved_aside_and_the_worker_starts(self):
+        # issue 25: each of these stopped every start (a RecursionError traceback, or exit 2)
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp))
+        cluster.push(3)
+        folder = tmp / "wp"
+        folder.mkdir()
+        deep = "[" * 100_000 + "]" * 100_000
+        (folder / ".results.json").write_text(deep)
+        (folder / ".assets.json").write_text(deep)
+        (folder / w.JOURNAL_NAME).mkdir()
+        (folder / (w.JOURNAL_NAME + ".lock")).mkdir()
+        write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port)
+        proc = self.will_kill(await asyncio.create_subprocess_exec(
+            sys.executable, WORKER_PY, cwd=folder, env=clean_env(), stderr=subprocess.PIPE))
+        await cluster.until_results(3, 30)
+        proc.send_signal(15)
+        _, errors = await asyncio.wait_for(proc.communicate(), 30)
+        self.assertEqual(proc.returncode, 0, errors.decode())
+        moved = [line for line in errors.decode().splitlines() if "moved aside" in line]
+        self.assertEqual(len(moved), 4, errors.decode())  # one line each
+        self.assertEqual(len(list(folder.glob("*.bad-*"))), 4)
 
     def test_missing_token_or_bad_key_exit_2(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -5861,23 +6109,35 @@ class TestCommandLine(AsyncTest):
                               check=True, timeout=30)
         self.assertIn("--setup", done.stdout)
 
-    def test_demo_exits_0(self):
-        done = subprocess.run([sys.executable, WORKER_PY, "--demo"], check=False, capture_output=True, text=True,
-                              timeout=120, cwd=HERE)
-        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
-        self.assertIn("all results right", done.stdout)
-        self.assertNotIn("\r", done.stdout)  # not a terminal: no progress redrawn in place (issue 23)
-        self.assertEqual(done.stdout.count("\n"), 3, done.stdout)  # started, summary, last job
-
-    def test_demo_loads_worker_py_once(self):
-        """master.py's ``from worker import`` finds the running module: one set of classes."""
+    def test_demo_exits_0_and_its_last_line_is_json(self):
+        # -X importtime: worker.py never imports master.py (issue 24: master.py imports worker.py; the
+        # demo runs it as a process). The environment's settings reach neither side (a master.py
+        # that read this token would never meet the demo's worker).
         done = subprocess.run([sys.executable, "-X", "importtime", WORKER_PY, "--demo"], check=False,
-                              capture_output=True, text=True, timeout=120, cwd=HERE)
+                              capture_output=True, text=True, timeout=120, cwd=HERE,
+                              env={**clean_env(), "token": "a-token-from-the-environment"})
         self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
         imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()
                     if line.startswith("import time:")]
-        self.assertIn("master", imported)
-        self.assertNotIn("worker", imported)
+        self.assertIn("asyncio", imported)
+        self.assertNotIn("master", imported)
+        self.assertNotIn("\r", done.stdout)  # not a terminal: no progress redrawn in place (issue 23)
+        started, summary, next_step, last = done.stdout.splitlines()  # issue 25: JSON, and what to try next
+        self.assertRegex(started, r"^demo: master.py on 127\.0\.0\.1:\d+, 200 jobs, worker b\w+$")
+        self.assertRegex(summary, r"^demo: 200/200 jobs in [0-9.]+ s \(\d+ jobs/s\), all results right$")
+        self.assertEqual(next_step, w.DEMO_NEXT)
+        self.assertEqual(json.loads(last)["result"]["data"], {"bound": 29900, "primes": 3238})
+        self.assertEqual(json.loads(last)["result"]["jobID"], 199)
+
+    def test_the_demo_without_master_py_is_one_line(self):
+        """What a user who copied only worker.py to a Pi sees."""
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(WORKER_PY, tmp)
+            done = subprocess.run([sys.executable, str(Path(tmp) / "worker.py"), "--demo"], check=False,
+                                  capture_output=True, text=True, timeout=60, cwd=tmp, env=clean_env())
+        self.assertEqual(done.returncode, 2)
+        self.assertEqual(done.stderr, "worker.py --demo runs master.py, which is not in %s: run the demo in a "
+                         "clone of the project\n" % Path(tmp).resolve())
 
     async def sigterm_with_held_jobs(self, start, files=None):
         """A worker that ``start(folder)`` runs gets 10 jobs of 0.3 s, then SIGTERM: its folder,

@@ -12,7 +12,7 @@ Usage::
 
     python worker.py --setup     # write .env (tokens) by prompting
     python worker.py             # wait for jobs
-    python worker.py --demo      # a local master, demo jobs, loopback only
+    python worker.py --demo      # master.py and demo jobs on loopback only (needs master.py)
 
 Exceptions::
 
@@ -82,9 +82,11 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import difflib
 import enum
 import errno
 import functools
+import getpass
 import hashlib
 import heapq
 import hmac
@@ -93,6 +95,7 @@ import inspect
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -381,8 +384,13 @@ def private_files(path: str | Path, *more: str | Path) -> None:
 # Every setting is read here, once, into one frozen Settings: the explicit
 # argument when it is not None, else the key of .env or of the environment
 # (load_env: the environment wins) when it is set and not empty, else the
-# default; then it is read as its type. ``trackers`` and ``iceServers`` differ
-# in one point: set and empty means none (WebRTC off; host candidates only).
+# default; then it is read as its type, within its range. ``trackers`` and
+# ``iceServers`` differ in one point: set and empty means none (WebRTC off;
+# host candidates only). A value out of range, or not one of a key's words, is
+# a WorkerError naming the key and what to give (one line and exit 2 at the
+# command line, never a fallback); a key that is no setting is named in a
+# warning, with the key it most likely meant, and the start goes on: the file
+# may be shared with other programs, and a mistyped key leaves a working default.
 # The Worker takes a Settings, master.py too, and so does the node (Bugout),
 # which hands it on to the DHT, the trackers and WebRTC. All three take its
 # fields as keyword arguments too; they are listed once, below.
@@ -396,6 +404,10 @@ DEFAULT_ICE_SERVERS = ("stun:stun.l.google.com:19302", "stun:global.stun.twilio.
 DEFAULT_MAX_PEERS = 55
 #: Inbound TCP connections at most (env ``maxInbound``).
 DEFAULT_MAX_INBOUND = 200
+#: ``maxMessage``'s range: a job, a result and a bugout packet's envelope must fit in the
+#: smallest; the largest is memory a Pi has (each wire may hold this much, unfinished).
+MIN_MESSAGE = 64 * 1024
+MAX_MESSAGE = 1024 * 1024 * 1024
 #: Public routers a node starts from when nothing else is configured.
 DHT_BOOTSTRAP = ("router.bittorrent.com:6881", "router.utorrent.com:6881",
                  "dht.transmissionbt.com:6881")
@@ -458,10 +470,33 @@ def _env_quote(value: str) -> str:
 
 
 def _word(value: Any) -> bool:
-    """An env word as a bool: ``false``, ``0``, ``no``, ``off``, empty are false."""
+    """An env word as a bool: ``true``, ``yes``, ``on``, ``1`` or ``false``, ``no``, ``off``, ``0``."""
     if isinstance(value, bool):
         return value
-    return str(value).strip().lower() not in ("false", "0", "no", "off", "")
+    text = str(value).strip().lower()
+    if text not in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        raise ValueError("give true or false")
+    return text in ("true", "yes", "on", "1")
+
+
+def _whole(low: int, high: int, what: str) -> Callable[[Any], int]:
+    """A reader of whole numbers from ``low`` to ``high``; ``what`` says what to give instead."""
+    def read(value: Any) -> int:
+        text = str(value).strip()
+        if not re.fullmatch(r"[+-]?[0-9]{1,12}", text) or not low <= int(text) <= high:
+            raise ValueError(f"give {what}")
+        return int(text)
+    return read
+
+
+def _one_of(*words: str) -> Callable[[Any], str]:
+    """A reader of one of ``words`` (any case)."""
+    def read(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in words:
+            raise ValueError("give " + " or ".join(words))
+        return text
+    return read
 
 
 def _split_setting(value: str | Iterable[str]) -> list[str]:
@@ -474,6 +509,10 @@ def _items(value: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(_split_setting(value))
 
 
+#: The most jobs at once (``concurrency``): each is a child process, so more is a typo.
+MAX_CONCURRENCY = 1024
+
+
 def parse_concurrency(value: Any) -> int:
     """``concurrency``: how many jobs run at once, each in a child; ``auto``: one per core."""
     text = str(value).strip().lower()
@@ -482,25 +521,27 @@ def parse_concurrency(value: Any) -> int:
             return len(os.sched_getaffinity(0))  # the cores this process may use
         except AttributeError:
             return os.cpu_count() or 1
-    if text.isdigit() and int(text) >= 1:
+    if text.isdigit() and 1 <= int(text) <= MAX_CONCURRENCY:
         return int(text)
-    raise WorkerError(f"concurrency={value!r}: give a whole number of jobs at once (1 or more) or auto")
+    raise WorkerError(f"concurrency={value!r}: give a whole number of jobs at once, 1 to "
+                      f"{MAX_CONCURRENCY}, or auto")
 
 
 def parse_seconds(value: Any) -> float:
     """``jobTimeout``, ``stopTimeout``: seconds, 0 or more."""
-    seconds = float(value)
-    if not seconds >= 0:  # NaN too
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:  # NaN too
         raise ValueError("give a number of seconds, 0 or more")
     return seconds
 
 
 def parse_count(value: Any) -> int:
-    """``batchSize``: a whole number, 1 or more."""
-    count = int(value)
-    if count < 1:
-        raise ValueError("give a whole number, 1 or more")
-    return count
+    """``batchSize``: 1 to MAX_BATCH_TASKS, the most jobs a worker takes from one answer
+    (a JS master keeps no lease: jobs asked for and not taken would be lost)."""
+    return _whole(1, MAX_BATCH_TASKS, f"a whole number of jobs, 1 to {MAX_BATCH_TASKS}")(value)
 
 
 def parse_memory_mb(value: Any) -> int | None:
@@ -511,6 +552,30 @@ def parse_memory_mb(value: Any) -> int | None:
     if text.isdigit():
         return int(text)
     raise WorkerError(f"jobMemoryMB={value!r}: give a whole number of megabytes, or 0 for no cap")
+
+
+def parse_host_ports(value: str | Iterable[str]) -> tuple[str, ...]:
+    """``peers``, ``dhtBootstrap``: ``host:port`` items, comma-separated, each port 1 to 65535."""
+    items = _items(value)
+    for item in items:
+        host, sep, port = item.rpartition(":")
+        if not sep or not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"give host:port items, comma-separated, each port 1 to 65535 (not {item})")
+    return items
+
+
+def parse_status_port(value: Any) -> int | None:
+    """``statusPort``: a TCP port, or ``off`` (None)."""
+    if str(value).strip().lower() in ("", "off"):
+        return None
+    return _whole(1, 65535, "a TCP port, 1 to 65535, or off")(value)
+
+
+def parse_log_level(value: Any) -> str:
+    """``LOG_LEVEL``: a word the Logger knows."""
+    if str(value).strip().lower() not in _LEVELS:
+        raise ValueError("give off, error, warn, info or debug")
+    return str(value)
 
 
 def parse_trackers(value: str | Iterable[str] | None) -> list[str]:
@@ -600,7 +665,7 @@ class Settings:
     transfer_encrypt_token: str | None = _setting("transferEncryptToken", secret=True)
     # the worker
     name: str = _setting("name", socket.gethostname)
-    loglevel: str | None = _setting("LOG_LEVEL")
+    loglevel: str | None = _setting("LOG_LEVEL", None, parse_log_level)
     log_file: str | None = _setting("logFile", None, lambda v: v or None)
     get_batch: bool = _setting("getBatch", False, _word)
     batch_size: int = _setting("batchSize", DEFAULT_BATCH_SIZE, parse_count)
@@ -609,27 +674,31 @@ class Settings:
     concurrency: int = _setting("concurrency", 1, parse_concurrency)
     job_memory_mb: int | None = _setting("jobMemoryMB", None, parse_memory_mb)
     stop_timeout: float = _setting("stopTimeout", 30, parse_seconds)
-    task_runner: str = _setting("taskRunner", "process", lambda v: str(v).strip().lower())
+    task_runner: str = _setting("taskRunner", "process", _one_of("process", "thread"))
     master: tuple[str, ...] = _setting("master", "", _items)
-    status_port: int | None = _setting("statusPort", None, lambda v: None if v in ("", "off") else int(v))
+    status_port: int | None = _setting("statusPort", None, parse_status_port)
     status_host: str = _setting("statusHost", "127.0.0.1", str)
     # the node: TCP, LSD, the DHT, trackers and WebRTC
     seed: str | None = _setting("seed", node=True)
     host: str = _setting("host", "0.0.0.0", node=True)
-    port: int = _setting("port", 0, int, node=True)
-    peers: tuple[str, ...] = _setting("peers", "", _items, node=True)
+    port: int = _setting("port", 0, _whole(0, 65535, "a TCP port, 0 (any free one) to 65535"), node=True)
+    peers: tuple[str, ...] = _setting("peers", "", parse_host_ports, node=True)
     lsd: bool = _setting("lsd", True, _word, node=True)
-    max_message: int = _setting("maxMessage", DEFAULT_MAX_MESSAGE, int, node=True)
-    max_inbound: int = _setting("maxInbound", DEFAULT_MAX_INBOUND, int, node=True)
+    max_message: int = _setting("maxMessage", DEFAULT_MAX_MESSAGE, _whole(
+        MIN_MESSAGE, MAX_MESSAGE, f"a number of bytes, {MIN_MESSAGE} to {MAX_MESSAGE}"), node=True)
+    max_inbound: int = _setting("maxInbound", DEFAULT_MAX_INBOUND,
+                                _whole(1, 65535, "a number of connections, 1 to 65535"), node=True)
     dht: bool = _setting("dht", True, _word, node=True)
-    dht_bootstrap: tuple[str, ...] = _setting("dhtBootstrap", DHT_BOOTSTRAP, _items, node=True)
-    dht_port: int | None = _setting("dhtPort", None, int, node=True)
+    dht_bootstrap: tuple[str, ...] = _setting("dhtBootstrap", DHT_BOOTSTRAP, parse_host_ports, node=True)
+    dht_port: int | None = _setting("dhtPort", None, _whole(0, 65535, "a UDP port, 0 (any free one) to 65535"),
+                                    node=True)
     trackers: tuple[str, ...] = _setting("trackers", lambda: DEFAULT_TRACKERS,
                                          lambda v: tuple(parse_trackers(v)), node=True, keep_empty=True)
     ice_servers: tuple[IceServer, ...] = _setting("iceServers", lambda: DEFAULT_ICE_SERVERS,
                                                   lambda v: tuple(parse_ice_servers(v)), node=True,
                                                   keep_empty=True)
-    max_peers: int = _setting("maxPeers", DEFAULT_MAX_PEERS, int, node=True)
+    max_peers: int = _setting("maxPeers", DEFAULT_MAX_PEERS, _whole(1, 1000, "a number of wires, 1 to 1000"),
+                              node=True)
 
     @classmethod
     def load(cls, env: dict[str, str] | None = None, **explicit: Any) -> Settings:
@@ -639,7 +708,11 @@ class Settings:
         unknown = explicit.keys() - {field.name for field in fields}
         if unknown:
             raise TypeError("no such setting: " + ", ".join(sorted(unknown)))
-        return cls(**{f.name: _read_setting(f.metadata, explicit.get(f.name), env) for f in fields})
+        settings = cls(**{f.name: _read_setting(f.metadata, explicit.get(f.name), env) for f in fields})
+        for key in [key for key in env if key not in SETTINGS]:
+            log.warning("unknown key %r%s: it is ignored (README, \"Settings\", lists every key)",
+                        key, "".join(f" (did you mean {near}?)" for near in _near_keys(key)))
+        return settings
 
     @classmethod
     def of(cls, settings: Settings | None, env: dict[str, str] | None, explicit: dict[str, Any]) -> Settings:
@@ -655,6 +728,16 @@ class Settings:
 NODE_SETTINGS = frozenset(f.name for f in dataclasses.fields(Settings) if f.metadata["node"])
 #: Every key the worker and master.py read (README, "Settings").
 SETTINGS = tuple(f.metadata["key"] for f in dataclasses.fields(Settings))
+
+
+def _near_keys(key: str) -> list[str]:
+    """The setting a mistyped key most likely meant: same letters in another case or without
+    ``_``, else a close spelling; or none."""
+    def bare(name: str) -> str:
+        return name.lower().replace("_", "").replace("-", "")
+    same = [known for known in SETTINGS if bare(known) == bare(key)]
+    lower = {known.lower(): known for known in SETTINGS}
+    return same or [lower[near] for near in difflib.get_close_matches(key.lower(), lower, 1, 0.75)]
 
 
 def node_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -749,6 +832,9 @@ class _Formatter(logging.Formatter):
                                  record.getMessage())
         if record.exc_info and log.isEnabledFor(logging.DEBUG):
             text += "\n" + self.formatException(record.exc_info)
+        # a task's text may hold lone surrogates (file names that are not UTF-8), which no
+        # UTF-8 stream takes: escaped here, every handler writes them (\udce9)
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
         if self.colour:
             return _COLOURS.get(record.levelno, "") + text + "\x1b[0m"
         return text
@@ -770,7 +856,11 @@ class Logger:
         if file:
             with contextlib.suppress(OSError):  # task output lands there: FileHandler says what fails
                 private_files(file)
-            file_handler = logging.FileHandler(file, encoding="utf-8", errors="backslashreplace")
+            try:
+                file_handler = logging.FileHandler(file, encoding="utf-8", errors="backslashreplace")
+            except OSError as exc:
+                raise WorkerError(f"logFile={file!r}: cannot write it ({exc.strerror or exc}): "
+                                  "give a file in a folder this user may write") from None
             file_handler.setFormatter(_Formatter(False))
             self.logger.addHandler(file_handler)
 
@@ -5724,6 +5814,12 @@ CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, ma
 """
 
 
+def aside_path(path: Path) -> Path:
+    """Where damaged or foreign state found at ``path`` is moved: beside it, named for when
+    and by which process, so it is never moved onto an earlier one."""
+    return path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+
+
 class Journal:
     """Crash-safe state in one SQLite file; every method runs on the journal's thread.
 
@@ -5784,6 +5880,7 @@ class Journal:
         """
         self._lock()
         try:
+            self._files_only()
             self._db = self._connect()
             self._check()
         except (sqlite3.DatabaseError, JournalError) as exc:
@@ -5803,7 +5900,15 @@ class Journal:
     def _lock(self) -> None:
         if self._lock_fd is not None or fcntl is None:
             return
-        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        lock = self.path.with_name(self.path.name + ".lock")
+        if os.path.lexists(lock) and not os.path.isfile(lock):  # no worker locks a directory
+            aside = aside_path(lock)
+            try:
+                os.replace(lock, aside)
+                log.error("%s is not a lock file: moved aside to %s", lock, aside.name)
+            except FileNotFoundError:  # another worker starting here moved it first
+                pass
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -5811,6 +5916,12 @@ class Journal:
             raise JournalError(f"{self.path} is in use by another worker: "
                                "give each worker a folder of its own") from None
         self._lock_fd = fd
+
+    def _files_only(self) -> None:
+        """A directory (or a link to nothing) where the file or its logs belong is foreign."""
+        for name in (self.path, f"{self.path}-wal", f"{self.path}-shm"):
+            if os.path.lexists(name) and not os.path.isfile(name):
+                raise JournalError(f"{Path(name).name} is not a file")
 
     def _connect(self) -> sqlite3.Connection:
         private_files(self.path, f"{self.path}-wal", f"{self.path}-shm")  # the log holds jobs in clear
@@ -5841,8 +5952,7 @@ class Journal:
             raise JournalError("made with another token or transferEncryptToken")
 
     def _move_aside(self) -> Path:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        aside = self.path.with_name(f"{self.path.name}.bad-{stamp}-{os.getpid()}")
+        aside = aside_path(self.path)
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
@@ -5866,7 +5976,7 @@ class Journal:
         """A JSON list of ``meta``; ``default`` when absent, or when unreadable (logged)."""
         try:
             value = json.loads(self.get_meta(key) or "null")
-        except ValueError:
+        except (ValueError, RecursionError):
             value = key  # not JSON: not a list either
         if value is None:
             return default
@@ -6830,6 +6940,15 @@ def _manifest_ok(value: Any, folder: Path) -> bool:
     return True
 
 
+def _call_failed(exc: Exception) -> str:
+    """Why a call to the master failed, in plain words (the exception's text names RPCs and wires)."""
+    if isinstance(exc, RpcUnreachable):
+        return "no connection to it is open"
+    if isinstance(exc, RpcTimeout):
+        return "it did not answer in time"
+    return str(exc)
+
+
 async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> bool:
     """Wait until one of ``events`` is set; False when ``timeout`` passed first."""
     waiters = [asyncio.ensure_future(event.wait()) for event in events]
@@ -6898,8 +7017,6 @@ class Worker:
         self.stop_timeout = settings.stop_timeout
         #: ``process`` (task.py in child processes) or ``thread`` (in the worker's process)
         self.task_runner = settings.task_runner
-        if self.task_runner not in ("process", "thread"):
-            raise WorkerError(f"taskRunner={self.task_runner!r}: give process (the default) or thread")
         self.node = Bugout(self.token, settings)
         #: who may command this worker: the proven master, candidates, bans
         self.trust = MasterTrust(pinned)
@@ -7265,7 +7382,7 @@ class Worker:
                 answer = await self.node.rpc(master, "requestExecAssets",
                                              {"currentHash": current}, timeout=120.0)
             except (RpcTimeout, InvalidState) as exc:
-                log.warning("requestExecAssets: %s", exc)
+                log.warning("could not get the task files from master %s: %s", master, _call_failed(exc))
                 return False
             if isinstance(answer, dict) and answer.get("status") == "same":
                 self._assets_ok = self._runner is not None or await self._load_task()
@@ -7531,7 +7648,7 @@ class Worker:
                 answer = await self.node.rpc(master, "requestWork", args, timeout=30.0)
             except (RpcTimeout, InvalidState) as exc:
                 self.outbox.settle(carried, False)
-                log.warning("requestWork: %s", exc)
+                log.warning("could not ask master %s for jobs: %s", master, _call_failed(exc))
                 self._master_failed(master, exc)
                 return False
             self._master_timeouts = 0
@@ -7666,7 +7783,7 @@ class Worker:
                 return False
         except (RpcTimeout, InvalidState) as exc:
             self.outbox.settle(batch, False)
-            log.warning("%d result(s) kept for later: %s", len(batch), exc)
+            log.warning("%d result(s) kept for later: master %s: %s", len(batch), master, _call_failed(exc))
             if isinstance(exc, RpcTimeout):
                 self._master_failed(master, exc)
             return False
@@ -7806,10 +7923,10 @@ class Worker:
                 value = json.loads(path.read_text(encoding="utf-8"))
             except FileNotFoundError:
                 continue
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, RecursionError) as exc:  # a directory, not JSON, too deep
                 value, valid = exc, (lambda v, f: False)
             if not valid(value, self.folder):
-                aside = path.with_name(f"{name}.bad-{time.strftime('%Y%m%d-%H%M%S')}")
+                aside = aside_path(path)
                 with contextlib.suppress(OSError):
                     os.replace(path, aside)
                 log.error("%s is not a list of %s: moved aside to %s", path,
@@ -7833,37 +7950,84 @@ class Worker:
 
 # Command line ###############################################################
 
-def setup(env_path: Path, ask: Callable[[str], str] = input) -> None:
-    """Prompt for the two tokens and write them into ``.env`` (mode 0600)."""
+def setup(env_path: Path, ask: Callable[[str], str] = input,
+          ask_secret: Callable[[str], str] | None = None) -> None:
+    """Prompt for the two tokens and write them into ``.env`` (mode 0600).
+
+    The key is not shown as it is typed (``getpass`` on a terminal). An empty
+    answer keeps the current value; where there is none, it asks whether this
+    starts a new swarm, and only then makes a random token and key. End of
+    input (Ctrl-D) raises EOFError and Ctrl-C KeyboardInterrupt, with nothing
+    written.
+    """
+    if ask_secret is None:
+        ask_secret = getpass.getpass if ask is input and sys.stdin.isatty() else ask
     current = read_env_file(env_path)
-    print(f"Setting up {env_path} (empty answer: keep the current value or generate one)")
-    key = _prompt(ask, "transferEncryptToken (exactly 32 characters)",
-                  current.get("transferEncryptToken"), lambda v: len(v.encode()) == 32,
-                  lambda: secrets.token_hex(16))
-    token = _prompt(ask, "token (at least 20 characters)", current.get("token"),
-                    lambda v: len(v) >= 20, lambda: secrets.token_urlsafe(24))
+    print(f"Setting up {env_path}: the master's transferEncryptToken and token (empty: keep the current one)")
+    new_swarm = False
+    key = token = None
+    while key is None:
+        key = _prompt(ask_secret, "transferEncryptToken (exactly 32 characters; not shown)",
+                      current.get("transferEncryptToken"), _key_problem, shown=False)
+        if key is None and _starts_new_swarm(ask, "token and key"):
+            new_swarm, key = True, secrets.token_hex(16)
+    while token is None:
+        token = _prompt(ask, "token (at least 20 characters)", current.get("token"), _token_problem)
+        if token is None and (new_swarm or _starts_new_swarm(ask, "token")):
+            new_swarm, token = True, secrets.token_urlsafe(24)
     pinned = current.get("master", "")
     master = _prompt(ask, "pin one master's address (optional; master.py prints it; empty: %s)" % (
-                     "keep " + pinned if pinned else "any master that proves the key"), pinned,
-                     lambda v: v == "" or is_address(v), lambda: "")
+                     "keep " + pinned if pinned else "any master that proves the key"), None,
+                     lambda v: None if is_address(v) else "that is not a bugout address")
     write_env_file(env_path, {"transferEncryptToken": key, "token": token,
                               **({"master": master} if master else {})})
-    print(f"Wrote {env_path}. Give the master the same two values.")
+    if new_swarm:
+        print(f"Wrote {env_path} for a new swarm: give its master the same token and "
+              f"transferEncryptToken (copy them from {env_path}).")
+    else:
+        print(f"Wrote {env_path}. The master must have the same two values.")
 
 
 def _prompt(ask: Callable[[str], str], label: str, current: str | None,
-            valid: Callable[[str], bool], generate: Callable[[], str]) -> str:
+            problem: Callable[[str], str | None], shown: bool = True) -> str | None:
+    """An answer ``problem`` finds nothing wrong with (asked again, saying what is wrong,
+    until then); for an empty answer the current value if it will do, else None."""
     while True:
-        try:
-            answer = ask(f"{label}: ").strip()
-        except EOFError:
-            answer = ""
-        if not answer:
-            answer = current if current and valid(current) else generate()
-            print(f"  using {answer}" if answer else "  none")
-        if valid(answer):
+        answer = ask(f"{label}: ").strip()
+        why = problem(answer or current or "")
+        if answer and why:
+            print(f"  {why}")
+            continue
+        if answer:
             return answer
-        print(f"  {answer} is not valid: {label}")
+        if current and not why:
+            print(f"  keeping {current if shown else 'the current one'}")
+            return current
+        if current:
+            print(f"  the current one will not do: {why}")
+        return None
+
+
+def _starts_new_swarm(ask: Callable[[str], str], what: str) -> bool:
+    """Whether an empty answer means a new swarm: a random value joins no existing one."""
+    answer = ask(f"  nothing given: does this start a new swarm, with a random {what}? [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _key_problem(key: str) -> str | None:
+    """What is wrong with a transferEncryptToken (AES-256: 32 bytes), without showing it."""
+    size = len(key.encode())
+    if size == 32:
+        return None
+    unit = "characters" if size == len(key) else "bytes in UTF-8"
+    return (f"that is {size} {unit}: transferEncryptToken is exactly 32 characters; "
+            "copy it from the master's .env")
+
+
+def _token_problem(token: str) -> str | None:
+    if len(token) >= 20:
+        return None
+    return f"that is {len(token)} characters: the token is at least 20; copy it from the master's .env"
 
 
 async def run_worker(worker: Worker) -> int:
@@ -7897,51 +8061,127 @@ async def run_worker(worker: Worker) -> int:
     return 0
 
 
+#: What the demo suggests once it is done.
+DEMO_NEXT = "next: python worker.py --setup, then python worker.py, to join a master's swarm (README, \"Use it\")"
+
+
 async def run_demo(jobs: int = 200) -> int:
-    """A master.py and a worker on 127.0.0.1 (no LSD, DHT or trackers)."""
+    """master.py in a process of its own and a worker here, on 127.0.0.1 (no LSD, DHT or trackers).
+
+    The master is a process, not an import: master.py imports worker.py, never the other way.
+    """
     import tempfile
-    limit_loop_errors()
-    try:
-        from master import Master
-    except ImportError:
-        print("worker.py --demo needs master.py beside worker.py", file=sys.stderr)
+    master_py = Path(__file__).resolve().with_name("master.py")
+    if not master_py.is_file():
+        print(f"worker.py --demo runs master.py, which is not in {master_py.parent}: "
+              "run the demo in a clone of the project", file=sys.stderr)
         return 2
+    limit_loop_errors()
     Logger("warn")
     with tempfile.TemporaryDirectory(prefix="qx-demo-") as tmp:
-        root = Path(tmp)
-        (root / "master").mkdir()
-        (root / "master" / "task.py").write_text(DEMO_TASK)
-        token, key = secrets.token_urlsafe(24), secrets.token_hex(16)
-        results: list = []
-        master = Master(token, {"files": [{"masterPath": "/task.py", "name": "task.py",
-                                           "workerPath": "/workplace/task.py"}],
-                                "dependencies": []},
-                        results.append, None, key, folder=root / "master", env={},
-                        host="127.0.0.1", lsd=False, dht=False, trackers=[])
-        await master.start()
-        for i in range(jobs):
-            master.push_new_job({"id": i, "data": str(10_000 + 100 * i)})
-        worker = Worker(token, "demo-worker", "warn", key, env={}, folder=root / "worker",
-                        host="127.0.0.1", lsd=False, dht=False, peers=["127.0.0.1:%d" % master.port],
-                        get_batch=True, batch_size=10, trackers=[])
-        started = time.perf_counter()
-        await worker.start()
-        print("demo: master on 127.0.0.1:%d, %d jobs, worker %s" % (master.port, jobs, worker.address))
-        terminal = sys.stdout.isatty()  # a log or a pipe gets no line redrawn in place
-        while len(results) < jobs and time.perf_counter() - started < 60:
-            await asyncio.sleep(0.2)
-            if terminal:
-                print("\rdemo: %d/%d results" % (len(results), jobs), end="", flush=True)
+        master = _DemoMaster(Path(tmp), master_py)
+        try:
+            await master.start(jobs)
+            return await _demo_worker(master, jobs)
+        finally:
+            await master.close()
+
+
+class _DemoMaster:
+    """``python master.py`` serving the demo's task and jobs from a folder, loopback only."""
+
+    def __init__(self, root: Path, master_py: Path) -> None:
+        self.root, self.master_py = root, master_py
+        self.token, self.key = secrets.token_urlsafe(24), secrets.token_hex(16)
+        self.port = 0
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, jobs: int) -> None:
+        root = self.root
+        (root / "task.py").write_text(DEMO_TASK)
+        (root / "jobs.jsonl").write_text("".join(json_dumps({"id": i, "data": str(10_000 + 100 * i)}) + "\n"
+                                                 for i in range(jobs)))
+        write_env_file(root / ".env", {"token": self.token, "transferEncryptToken": self.key, "host": "127.0.0.1",
+                                       "lsd": "false", "dht": "false", "trackers": "", "LOG_LEVEL": "error"})
+        # the .env above decides, whatever the environment says; master.py finds worker.py
+        # beside it even where PYTHONSAFEPATH is set
+        env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(self.master_py.parent), env.get("PYTHONPATH"))))
+        errors = os.open(root / "master.log", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(self.master_py), "--env", str(root / ".env"), "--task", str(root / "task.py"),
+                "--jobs", str(root / "jobs.jsonl"), "--follow", cwd=root, env=env,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=errors)
+        finally:
+            os.close(errors)
+        ready = await self.event(30)
+        if ready.get("event") != "ready":
+            raise WorkerError("master.py did not start: " + self.last_error())
+        self.port = int(ready["port"])
+
+    async def event(self, timeout: float) -> dict:
+        """master.py's next JSON event on stdout; ``{}`` when it ended or ``timeout`` passed."""
+        assert self.proc is not None and self.proc.stdout is not None
+        while True:
+            try:
+                line = await asyncio.wait_for(self.proc.stdout.readline(), max(timeout, 0.0))
+            except TimeoutError:
+                return {}
+            if not line:
+                return {}
+            with contextlib.suppress(ValueError):
+                return as_dict(json.loads(line))
+
+    def last_error(self) -> str:
+        """The last line master.py wrote on stderr (its errors only)."""
+        lines = (self.root / "master.log").read_text(errors="replace").strip().splitlines()
+        return lines[-1] if lines else "no error from master.py"
+
+    async def close(self) -> None:
+        """End master.py (its SIGINT: a summary, then exit) and reap it."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+async def _demo_worker(master: _DemoMaster, jobs: int) -> int:
+    """A worker here takes the demo master's jobs; a summary, what to try next, the last result."""
+    worker = Worker(master.token, "demo-worker", "warn", master.key, env={}, folder=master.root / "worker",
+                    host="127.0.0.1", lsd=False, dht=False, peers=["127.0.0.1:%d" % master.port],
+                    get_batch=True, batch_size=10, trackers=[])
+    started = time.perf_counter()
+    await worker.start()
+    print("demo: master.py on 127.0.0.1:%d, %d jobs, worker %s" % (master.port, jobs, worker.address))
+    terminal = sys.stdout.isatty()  # a log or a pipe gets no line redrawn in place
+    results: dict[Any, dict] = {}
+    try:
+        while len(results) < jobs:
+            event = await master.event(started + 60 - time.perf_counter())
+            if not event:
+                break
+            if event.get("event") == "result" and isinstance(event.get("result"), dict):
+                results[event["result"].get("jobID")] = event
+                if terminal:
+                    print("\rdemo: %d/%d results" % (len(results), jobs), end="", flush=True)
         elapsed = time.perf_counter() - started
+    finally:
         await worker.stop()
-        await master.close()
-    ok = len(results) == jobs and all(r and r.get("data") for r in results)
+    ok = sorted(results) == list(range(jobs)) and all(
+        "error" not in r["result"] and r["result"].get("data") for r in results.values())
     print(("\n" if terminal else "") + "demo: %d/%d jobs in %.2f s (%.0f jobs/s), %s" % (
         len(results), jobs, elapsed, len(results) / elapsed, "all results right" if ok else "FAILED"))
-    if ok:
-        last = max(results, key=lambda r: r["jobID"])
-        print("demo: job {} -> {}".format(last["jobID"], last["data"]))
-    return 0 if ok else 1
+    if not ok:
+        print("demo: " + master.last_error(), file=sys.stderr)
+        return 1
+    print(DEMO_NEXT)
+    print(json_dumps(results[jobs - 1]))  # the last job's result, as master.py prints it
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -7955,10 +8195,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     args = parser.parse_args(argv)
     if args.setup:
-        setup(Path(args.env))
+        try:
+            setup(Path(args.env))
+        except (KeyboardInterrupt, EOFError) as exc:
+            print()  # the prompt's line ends here
+            print("worker.py --setup: %s; %s is unchanged" % (
+                "interrupted" if isinstance(exc, KeyboardInterrupt) else "no answer (end of input)",
+                args.env), file=sys.stderr)
+            return 130 if isinstance(exc, KeyboardInterrupt) else 1
+        except OSError as exc:
+            print(f"worker.py --setup: cannot write {args.env}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         return 0
     if args.demo:
-        return asyncio.run(run_demo())
+        try:
+            return asyncio.run(run_demo())
+        except KeyboardInterrupt:
+            print("\nworker.py --demo: interrupted", file=sys.stderr)
+            return 130
+        except (WorkerError, OSError) as exc:
+            print(f"worker.py --demo: {exc}", file=sys.stderr)
+            return 2
     try:
         worker = Worker(env=load_env(args.env))
     except WorkerError as exc:
@@ -8271,7 +8528,4 @@ class Task:
 '''
 
 if __name__ == "__main__":
-    # One module object: master.py's "from worker import ..." (--demo) finds this one,
-    # not a second copy with its own classes and exceptions.
-    sys.modules.setdefault("worker", sys.modules[__name__])
     sys.exit(main())
