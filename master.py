@@ -438,6 +438,26 @@ class Store:
             self.leased -= ended.total()
         return ended
 
+    def overdue(self, holders: list[str], before: float, count: int) -> list[tuple]:
+        """Up to ``count`` jobs on lease to ``holders`` whose lease ends before ``before``, oldest
+        first: (seq, job key, payload, holder, deadline) each."""
+        found = []
+        for i in range(0, len(holders) if count > 0 else 0, 500):
+            part = holders[i:i + 500]
+            found += self.db.execute(
+                "SELECT seq, job_key, payload, worker, deadline FROM jobs WHERE deadline < ? AND worker IN "
+                "(%s) ORDER BY deadline LIMIT ?" % ",".join("?" * len(part)), (before, *part, count)).fetchall()
+        return sorted(found, key=lambda row: row[4])[:count]
+
+    def take_over(self, worker: str, holders: list[str], before: float, count: int,
+                  deadline: float) -> list[tuple[str, str, str]]:
+        """The ``overdue`` jobs, on lease to ``worker`` now: (job key, payload, who held it) each."""
+        found = self.overdue(holders, before, count)
+        if found:
+            self._write().executemany("UPDATE jobs SET worker = ?, deadline = ? WHERE seq = ?",
+                                      [(worker, deadline, row[0]) for row in found])
+        return [(key, payload, holder) for _, key, payload, holder, _ in found]
+
     def holders(self, keys: list[str]) -> dict[str, str]:
         """Who holds each of these jobs on lease (a job not on lease is not named)."""
         return {key: worker for cursor in self._in(
@@ -600,6 +620,12 @@ class ResultsFile:
 #   Python workers send (an object with a "worker" object). A result that
 #   decrypts proves little: AES-CBC has no MAC, and a peer that knows one
 #   plaintext block (of a job, of a task file) can make a short one.
+# - A proven worker that finds nothing waiting takes over the jobs that peers
+#   without proof have held longest, once held TAKE_OVER_SECONDS: a flood
+#   cannot hold the last jobs of a run for a whole lease, again and again.
+#   The holder keeps its allowance, and its late result is not taken (its
+#   lease ended); exactly once holds, as for any late result. While such jobs
+#   wait to be taken over, master.py nudges idle workers.
 # - Answers never depend on whether results decrypted or were taken.
 #
 # LeasePolicy counts what each peer without proof holds; the database holds
@@ -621,6 +647,8 @@ MAX_STANDINGS = 4096
 STANDING_SECONDS = 3600.0
 #: Workers known to have proved the key (the least recently proven goes first).
 MAX_PROVEN_WORKERS = 4096
+#: Seconds a peer without proof holds a job before a proven worker with nothing to do takes it over.
+TAKE_OVER_SECONDS = 10.0
 #: Seconds a worker has to answer our challenge with proveKey, and challenges open at most.
 CHALLENGE_SECONDS = 30.0
 MAX_CHALLENGES = 4096
@@ -666,6 +694,15 @@ def _result_fields(result: Any) -> tuple[str | None, str | None, bool, bool]:
     name = worker.get("name") if isinstance(worker, dict) else None
     name = name[:256].encode(errors="replace").decode() if isinstance(name, str) else None
     return _job_key(result.get("jobID")), name, bool(result.get("error")), isinstance(worker, dict)
+
+def take_over(store: Store, policy: LeasePolicy, worker: str, count: int, deadline: float) -> list:
+    """Jobs that peers without proof held TAKE_OVER_SECONDS, oldest first, on lease to the proven
+    ``worker`` now (until ``deadline``): (job key, payload) each."""
+    taken = store.take_over(worker, policy.holders(), deadline - TAKE_OVER_SECONDS, count, deadline)
+    for holder, jobs in collections.Counter(holder for _, _, holder in taken).items():
+        policy.released(holder, jobs)
+    return [(key, payload) for key, payload, _ in taken]
+
 
 class WorkerProofs:
     """master.py's challenges to workers, and their checks (sans-I/O)."""
@@ -787,6 +824,10 @@ class LeasePolicy:
             self._change(standing, held=-own, loose=-own_loose, answered=own + own_loose)
         for holder, count in others.items():
             self.released(holder, count)
+
+    def holders(self) -> list[str]:
+        """Peers without proof that hold jobs with an id (few: the shares bound them)."""
+        return [address for address, standing in self._standings.items() if standing.held]
 
     def released(self, holder: str, count: int) -> None:
         """Leases of ``holder`` ended, answered by another: no merit, no blame."""
@@ -1072,7 +1113,12 @@ class Master:
         out.add("results_per_second", "gauge", "Results per second over the last minute.",
                 round(self.results_per_second(), 3))
         out.add("workers", "gauge", "Workers heard from in the last minute.", self.workers_seen())
+        out.add("workers_proven", "gauge", "Workers that proved the key.", len(self.policy.proven))
+        out.add("jobs_held_unproven", "gauge", "Jobs on lease to peers without proof.", self.policy.held)
         for key, name in (("jobs handed out", "jobs_handed_out_total"), ("jobs requeued", "jobs_requeued_total"),
+                          ("jobs taken over", "jobs_taken_over_total"), ("results refused", "results_refused_total"),
+                          ("requests refused", "requests_refused_total"),
+                          ("failed worker proofs", "failed_worker_proofs_total"),
                           ("duplicate results", "duplicate_results_total"),
                           ("undecryptable results", "undecryptable_results_total"),
                           ("on_results failures", "on_results_failures_total")):
@@ -1294,7 +1340,12 @@ class Master:
         """Up to ``count`` waiting jobs (encrypted), on lease to ``address``, as LeasePolicy allows."""
         now, store = time.monotonic(), self.store
         count = self.policy.grant(address, count, store.waiting + store.leased)
-        rows = store.lease(address, count, time.time() + self.lease_seconds)
+        deadline = time.time() + self.lease_seconds
+        rows = store.lease(address, count, deadline)
+        if len(rows) < count and address in self.policy.proven:  # nothing waits: see "Who gets work"
+            taken = take_over(store, self.policy, address, count - len(rows), deadline)
+            self.stats["jobs taken over"] += len(taken)
+            rows += taken
         loose = sum(key is None for key, _ in rows)
         self.policy.leased(address, len(rows) - loose, loose, now + self.lease_seconds, now)
         self.stats["jobs handed out"] += len(rows)
@@ -1408,6 +1459,9 @@ class Master:
             self.policy.expire(time.monotonic())
             try:
                 self._requeued(self.store.requeue(before=time.time()))
+                before = time.time() + self.lease_seconds - TAKE_OVER_SECONDS
+                if not self.store.waiting and self.store.overdue(self.policy.holders(), before, 1):
+                    self._announce_jobs()  # jobs to take over: idle workers ask
             except sqlite3.Error as exc:  # the disk: try again at the next round
                 log.error("cannot end leases in %s: %s", self.store.path, exc)
 

@@ -6645,6 +6645,32 @@ class TestMasterPy(AsyncTest):
         self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(2000)))
         self.assertEqual(worker.stats["jobs done"], 2000)
 
+    async def test_a_proven_worker_takes_over_what_peers_without_proof_hold_at_the_end_of_a_run(self):
+        import master as m
+        self.addCleanup(setattr, m, "TAKE_OVER_SECONDS", m.TAKE_OVER_SECONDS)
+        m.TAKE_OVER_SECONDS = 2.0
+        cluster = await self.started(Cluster(self.tmp()))  # leases of 60 s
+        cluster.push(100)
+        thieves = [self.will_close(await thief_of(cluster)) for _ in range(3)]
+        held = []
+        for thief in thieves:
+            answer = await thief.rpc(cluster.master.address, "requestWork", {"getBatch": True, "batchSize": 5})
+            held += [json.loads(w.Crypt(KEY).decrypt(job))["id"] for job in answer.get("batchTasks") or []]
+        self.assertEqual(len(held), 10)  # the share of peers that never answered a job: the third gets none
+        started = time.monotonic()
+        worker = await self.started(cluster.worker(get_batch=True, batch_size=10))
+        await cluster.until_results(90, 20)
+        await cluster.until_results(100, 20)  # the worker idles; the expiry round nudges it
+        self.assertLess(time.monotonic() - started, 15)  # not the 60 s of their leases
+        self.assertEqual(cluster.master.stats["jobs taken over"], 10)
+        self.assertEqual(worker.stats["jobs done"], 100)
+        late = w.Crypt(KEY).encrypt_json([{"jobID": held[0], "worker": {"name": "t"}, "data": 1}])
+        await thieves[0].rpc(cluster.master.address, "shareResultsBatch", late)
+        self.assertEqual(cluster.master.stats["results refused"], 1)  # their leases ended
+        self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(100)))
+        self.assertEqual(cluster.master.policy.held, 0)
+        self.assertEqual(cluster.master.policy.standing(thieves[0].address).allowance, 10)  # no blame
+
     async def test_absurd_arguments_get_an_answer_never_an_exception_and_little_log(self):
         cluster = await self.started(Cluster(self.tmp()))
         cluster.push(50)
