@@ -5,7 +5,9 @@ It answers the four RPCs (``isMaster``, ``requestExecAssets``, ``requestWork``,
 ``shareResults``) exactly as the JS Master does, so JS and Python workers both
 work for it, and adds leases: a job handed to a worker that leaves, or that
 does not answer in time, is queued again, and each job's result is passed to
-``on_results`` once.
+``on_results`` once. It gives work by proof: a Python worker proves the key
+to it (``proveKey``), a peer that cannot gets a small allowance and has its
+results taken only for its own jobs ("Who gets work").
 
     master = Master(token, exec_assets={"files": [...], "dependencies": [...]},
                     on_results=print, transfer_encrypt_token=key)
@@ -654,7 +656,6 @@ CHALLENGE_SECONDS = 30.0
 MAX_CHALLENGES = 4096
 
 
-
 def _js_truthy(value: Any) -> bool:
     """JavaScript's truth (the JS master's ``if (args.getBatch)``): the string "false" is true."""
     if isinstance(value, (dict, list)):
@@ -694,6 +695,7 @@ def _result_fields(result: Any) -> tuple[str | None, str | None, bool, bool]:
     name = worker.get("name") if isinstance(worker, dict) else None
     name = name[:256].encode(errors="replace").decode() if isinstance(name, str) else None
     return _job_key(result.get("jobID")), name, bool(result.get("error")), isinstance(worker, dict)
+
 
 def take_over(store: Store, policy: LeasePolicy, worker: str, count: int, deadline: float) -> list:
     """Jobs that peers without proof held TAKE_OVER_SECONDS, oldest first, on lease to the proven
@@ -1427,6 +1429,8 @@ class Master:
         mine = [(result, key, name, error) for result, (key, name, error, _), ok
                 in zip(results, fields, accepted) if ok]
         self.stats["results refused"] += len(results) - len(mine)
+        if not mine:  # no write, so no commit to wait for
+            return []
         texts = [storable_json(result) if self._texts else None for result, *_ in mine]
         places = self.store.record([(key, address, name, error, text)
                                     for (_, key, name, error), text in zip(mine, texts)])

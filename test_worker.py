@@ -4621,34 +4621,24 @@ class TestMasterProof(unittest.TestCase):
         with self.assertRaises(w.UnsafeAsset):
             self.verify({**good, "dependencies": ["--index-url=http://evil/"]})
 
-    def test_the_challenge_binds_nonce_and_both_addresses(self):
-        key = w.Crypt(KEY).derive(w.PROOF_LABEL)
-        master, worker, other = (w.Identity().address for _ in range(3))
-        nonce = os.urandom(32)
-        proof = w.master_proof(key, nonce, master, worker)
-        self.assertEqual(proof, w.master_proof(key, nonce, master, worker))
-        for changed in (w.master_proof(key, os.urandom(32), master, worker),
-                        w.master_proof(key, nonce, other, worker),
-                        w.master_proof(key, nonce, master, other),
-                        w.master_proof(w.Crypt("y" * 32).derive(w.PROOF_LABEL), nonce, master, worker)):
-            self.assertNotEqual(changed, proof)
-
-    def test_the_worker_proof_binds_nonce_both_addresses_and_a_key_of_its_own(self):
+    def test_the_challenges_bind_nonce_both_addresses_and_a_key_of_their_own(self):
         crypt = w.Crypt(KEY)
-        key = crypt.derive(w.WORKER_PROOF_LABEL)
-        master, worker, other = (w.Identity().address for _ in range(3))
+        prover, asker, other = (w.Identity().address for _ in range(3))
         nonce = os.urandom(32)
-        proof = w.worker_proof(key, nonce, worker, master)
-        self.assertEqual(proof, w.worker_proof(key, nonce, worker, master))
-        for changed in (w.worker_proof(key, os.urandom(32), worker, master),
-                        w.worker_proof(key, nonce, other, master),
-                        w.worker_proof(key, nonce, worker, other),
-                        w.worker_proof(w.Crypt("y" * 32).derive(w.WORKER_PROOF_LABEL), nonce, worker, master),
-                        # a master's proof never passes for a worker's, whatever is swapped
-                        w.master_proof(crypt.derive(w.PROOF_LABEL), nonce, worker, master),
-                        w.master_proof(crypt.derive(w.PROOF_LABEL), nonce, master, worker),
-                        w.master_proof(key, nonce, worker, master)):
-            self.assertNotEqual(changed, proof)
+        proofs = set()
+        for prove, label in ((w.master_proof, w.PROOF_LABEL), (w.worker_proof, w.WORKER_PROOF_LABEL)):
+            key = crypt.derive(label)
+            proof = prove(key, nonce, prover, asker)
+            self.assertEqual(proof, prove(key, nonce, prover, asker))
+            for changed in (prove(key, os.urandom(32), prover, asker), prove(key, nonce, other, asker),
+                            prove(key, nonce, prover, other), prove(key, nonce, asker, prover),
+                            prove(w.Crypt("y" * 32).derive(label), nonce, prover, asker)):
+                self.assertNotEqual(changed, proof)
+            proofs.add(proof)
+        self.assertEqual(len(proofs), 2)  # a master's proof never passes for a worker's
+        same_key = crypt.derive(w.WORKER_PROOF_LABEL)
+        self.assertNotEqual(w.master_proof(same_key, nonce, prover, asker),
+                            w.worker_proof(same_key, nonce, prover, asker))  # nor with the other's key
 
     def test_master_py_counts_a_worker_proof_once_and_while_its_challenge_is_open(self):
         from master import CHALLENGE_SECONDS, MAX_CHALLENGES, WorkerProofs
@@ -6780,6 +6770,8 @@ class TestMasterPy(AsyncTest):
         self.assertTrue(all(r["data"] == {"sum": 2 * r["jobID"]} for r in cluster.results))
         self.assertNotIn(worker.ready["address"], cluster.master.policy.proven)
         self.assertEqual(cluster.master.policy.standing(worker.ready["address"]).answered, count)
+        said = next(e for e in worker.events if e["event"] == "master")
+        self.assertEqual(said["keys"], ["isMaster", "resultAcks", "resultBatches", "keyProof"])  # as before
         asked = [e["answer"] for e in worker.events if e["event"] == "request"]
         self.assertLessEqual(sum(not a["task"] and not a["batchTasks"] for a in asked), 1)  # only at the end
         print("\n  JS worker harness, %s: %.0f jobs/s" % (env or "unbatched", rate), file=sys.stderr)

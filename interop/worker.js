@@ -24,7 +24,7 @@
  *   QX_GET_BATCH, QX_BATCH_SIZE, QX_NAME (default no_name),
  *   QX_POLL_SECONDS (default 30: the poll; tests shorten it, the rules stay)
  * stdout: JSON lines
- *   {"event":"ready","address","port"}   {"event":"master","address"}
+ *   {"event":"ready","address","port"}   {"event":"master","address","keys"}  (its isMaster answer's)
  *   {"event":"request","answer":{"task":bool,"batchTasks":n|null}}   (each requestWork answer)
  *   {"event":"result","jobID"}           (a result sent)
  *   {"event":"error","message"}
@@ -126,7 +126,7 @@ peer.on('seen', (address) => {
   peer.rpc(address, 'isMaster', {}, (answer) => {
     if (!answer || answer.isMaster !== 'yes') return;
     master = address;
-    say({ event: 'master', address });
+    say({ event: 'master', address, keys: Object.keys(answer) });
     peer.rpc(address, 'requestExecAssets', { currentHash: '' }, (assets) => {
       takeAssets(assets);
       requestWork();
