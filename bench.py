@@ -3,6 +3,7 @@
 
     python bench.py [--quick] [--json bench-results.json]
     python bench.py --soak 100000
+    python bench.py --js-worker DIR      (root: the unchanged JS worker, in unshare -n)
 
 Everything runs on 127.0.0.1 with LSD, DHT and trackers off: master.py (in this
 process) or the JS master harness (interop/master.js) and real ``python worker.py``
@@ -22,6 +23,7 @@ import os
 import platform
 import py_compile
 import random
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -381,12 +383,69 @@ async def soak(jobs: int) -> int:
     return 0 if lost == 0 and growth < 1 else 1
 
 
+SUM_TASK_JS = "module.exports = class Task { async run(job) { return { sum: JSON.parse(job.data).x * 2 }; } };\n"
+
+
+async def original_js_worker(source: Path, jobs: int, batch: int) -> dict:
+    """The unchanged JS worker (``source``: a checkout of queue-xec/worker with its npm packages)
+    against ``python master.py``, which it finds over LSD. It runs with bugout's defaults (public
+    trackers, the DHT): only inside a network namespace, which main() makes."""
+    with tempfile.TemporaryDirectory(prefix="qx-bench-") as tmp:
+        root = Path(tmp)
+        token = "bench-jsw-%d" % random.randrange(1 << 40)
+        (root / "m/workplace").mkdir(parents=True)
+        (root / "w").mkdir()
+        (root / "m/workplace/task.js").write_text(SUM_TASK_JS)
+        (root / "m/jobs.jsonl").write_text("".join(json.dumps({"id": i, "data": json.dumps({"x": i})}) + "\n"
+                                                   for i in range(jobs)))
+        write_loopback_env(root / "m", token, lsd="true", LOG_LEVEL="warn")
+        keys = {"getBatch": "true", "batchSize": batch} if batch > 1 else {}
+        (root / "w/.env").write_text("".join("%s=%s\n" % kv for kv in {
+            "token": token, "transferEncryptToken": KEY, "LOG_LEVEL": "off", **keys}.items()))
+        master = await asyncio.create_subprocess_exec(
+            sys.executable, str(HERE / "master.py"), "--task", "workplace/task.js", "--jobs", "jobs.jsonl",
+            "--no-follow", cwd=root / "m", env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        await master.stdout.readline()  # ready
+        worker = await asyncio.create_subprocess_exec(
+            "node", str(source / "worker.js"), cwd=root / "w", env=clean_env(),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stamps = []
+        try:
+            async for line in master.stdout:
+                if json.loads(line).get("event") == "result":
+                    stamps.append(time.perf_counter())
+        finally:
+            worker.kill()
+            await worker.wait()
+            await master.wait()
+    return {"jobs_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "results": len(stamps),
+            "right": len(stamps) == jobs}
+
+
+async def js_worker_rows(source: Path) -> int:
+    """``--js-worker``: the unchanged JS worker against master.py, batched and not, three runs each."""
+    if os.environ.get("QX_BENCH_NAMESPACE") != "1":  # bugout's defaults: only inside a namespace
+        command = " ".join(shlex.quote(str(a)) for a in (sys.executable, __file__, "--js-worker", source))
+        script = ("ip link set lo up && ip route add 224.0.0.0/4 dev lo src 127.0.0.1 && "
+                  "QX_BENCH_NAMESPACE=1 exec " + command)
+        return await (await asyncio.create_subprocess_exec("unshare", "-n", "sh", "-c", script, cwd=HERE)).wait()
+    for batch, jobs in ((10, 500), (1, 150)) * 3:
+        row = await original_js_worker(source.resolve(), jobs, batch)
+        print("JS worker %s against master.py, %d jobs: %.1f jobs/s" % (
+            "in batches of %d" % batch if batch > 1 else "unbatched", jobs, row["jobs_per_s"]), flush=True)
+    return 0
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer jobs (a smoke run)")
     parser.add_argument("--json", default="bench-results.json", help="where to write the figures")
     parser.add_argument("--soak", type=int, metavar="JOBS", help="run only the soak test with JOBS jobs")
+    parser.add_argument("--js-worker", type=Path, metavar="DIR", help="run only the unchanged JS worker "
+                        "(a queue-xec/worker checkout with its npm packages) against master.py, in unshare -n")
     args = parser.parse_args()
+    if args.js_worker:
+        return await js_worker_rows(args.js_worker)
     if args.soak:
         w.Logger("error")
         return await soak(args.soak)

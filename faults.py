@@ -18,12 +18,22 @@ The attacks from a tracker, WebRTC and the DHT are the attacker's own ``ws://``
 tracker or DHT node, named in the worker's .env (no ICE server), which the
 attacker starts before the worker and which behave until the attack begins.
 The ``dependencies`` attack (a list of 10,000) belongs to the Worker's checks.
+
+    python faults.py --master [--seconds 10] [ATTACK ...]
+
+attacks master.py instead ("Attacks on master.py" below): its worker asks for
+batches of 10, master.py logs at info, and the log lines counted are
+master.py's (stderr, and its stdout events other than results). After each
+attack the jobs stop and every job pushed must have its result: printed too
+are results lost, taken twice and not from the worker, master.py's peak RSS
+and the attacker's CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import inspect
 import itertools
@@ -51,30 +61,40 @@ MIB = 1 << 20
 
 
 class Swarm:
-    """master.py and one worker.py, the master kept supplied with jobs; results timed."""
+    """master.py and one worker.py, the master kept supplied with jobs; results timed.
 
-    def __init__(self, root: Path, worker_fds: int | None = None) -> None:
+    ``batch``: the worker asks for batches of this size (else one job at a time), and
+    master.py logs at info, its stderr in master.log (the attacks on master.py)."""
+
+    def __init__(self, root: Path, worker_fds: int | None = None, batch: int | None = None) -> None:
         self.root = root
         self.token = "faults-%d" % random.randrange(1 << 40)
         self.master_port, self.port = t.free_port(), t.free_port()
         self.worker_fds = worker_fds
         #: more .env keys for the worker (an attack's trackers or DHT bootstrap node)
         self.worker_env: dict[str, str] = {}
+        self.batch = batch
         self.stamps: list[float] = []
+        #: results by job id, by the worker id they name; master.py's other events
+        self.ids: collections.Counter = collections.Counter()
+        self.by: collections.Counter = collections.Counter()
+        self.events: list[dict] = []
         self.pushed = 0
         self.log = open(root / "worker.log", "wb")  # noqa: SIM115 - the worker's stderr, all run long
+        self.master_log = open(root / "master.log", "wb")  # noqa: SIM115 - master.py's stderr
 
     async def start(self) -> Swarm:
         m, wk = self.root / "m", self.root / "w"
         m.mkdir()
         wk.mkdir()
         (m / "task.py").write_text(TASK)
-        t.write_loopback_env(m, self.token, port=self.master_port, LOG_LEVEL="warn")
+        batched = {"getBatch": "true", "batchSize": self.batch} if self.batch else {}
+        t.write_loopback_env(m, self.token, port=self.master_port, LOG_LEVEL="info" if self.batch else "warn")
         t.write_loopback_env(wk, self.token, port=self.port, LOG_LEVEL="info",
-                             peers="127.0.0.1:%d" % self.master_port, **self.worker_env)
+                             peers="127.0.0.1:%d" % self.master_port, **self.worker_env, **batched)
         self.master = await asyncio.create_subprocess_exec(
             sys.executable, str(HERE / "master.py"), "--task", "task.py", "--jobs", "-", cwd=m,
-            env=t.clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            env=t.clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.master_log)
         await self.master.stdout.readline()  # ready
         limit = self.worker_fds
         profile = ["-m", "cProfile", "-o", os.environ["QX_FAULTS_PROFILE"]] if os.environ.get(
@@ -88,8 +108,13 @@ class Swarm:
 
     async def _read(self) -> None:
         async for line in self.master.stdout:
-            if json.loads(line).get("event") == "result":
+            event = json.loads(line)
+            if event.get("event") == "result":
                 self.stamps.append(time.monotonic())
+                self.ids[event["result"].get("jobID")] += 1
+                self.by[str(event["result"].get("worker", {}).get("id"))] += 1
+            else:
+                self.events.append(event)
 
     async def _feed(self) -> None:
         while True:
@@ -99,6 +124,20 @@ class Swarm:
                 self.pushed += 500
             await asyncio.sleep(0.05)
 
+    async def settle(self, timeout: float = 90.0) -> dict:
+        """Stop the jobs; once each pushed job has its result (or ``timeout``): none lost or twice,
+        all from the worker? And master.py's memory."""
+        self._tasks[1].cancel()
+        self.master.stdin.close()  # --jobs - read to its end: the run can finish
+        await asyncio.sleep(0)
+        with contextlib.suppress(AssertionError):
+            await t.until(lambda: len(self.ids) >= self.pushed, timeout)
+        honest = self.by.most_common(1)[0][1] if self.by else 0
+        return {"master_peak_rss_mb": self.peak_rss_mb(self.master),
+                "master_rss_mb": self.peak_rss_mb(self.master, "VmRSS:"),
+                "lost": self.pushed - len(self.ids), "twice": sum(c - 1 for c in self.ids.values()),
+                "not from the worker": self.by.total() - honest}
+
     def rate(self, start: float, end: float) -> float:
         return sum(1 for s in self.stamps if start <= s < end) / (end - start)
 
@@ -106,7 +145,10 @@ class Swarm:
         inside = [start] + [s for s in self.stamps if start <= s <= end] + [end]
         return max(b - a for a, b in itertools.pairwise(inside))
 
-    def log_lines(self) -> int:
+    def log_lines(self, master: bool = False) -> int:
+        """Lines the worker logged so far (``master``: master.py, with its events other than results)."""
+        if master:
+            return (self.root / "master.log").read_bytes().count(b"\n") + len(self.events)
         self.log.flush()
         return (self.root / "worker.log").read_bytes().count(b"\n")
 
@@ -118,10 +160,11 @@ class Swarm:
             return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return float("nan")
 
-    def peak_rss_mb(self) -> float:
+    def peak_rss_mb(self, proc: asyncio.subprocess.Process | None = None, field: str = "VmHWM:") -> float:
+        """The worker's (or ``proc``'s) peak RSS (``field="VmRSS:"``: its RSS now)."""
         with contextlib.suppress(OSError):
-            for line in Path("/proc/%d/status" % self.worker.pid).read_text().splitlines():
-                if line.startswith("VmHWM:"):
+            for line in Path("/proc/%d/status" % (proc or self.worker).pid).read_text().splitlines():
+                if line.startswith(field):
                     return int(line.split()[1]) / 1024
         return float("nan")
 
@@ -137,6 +180,7 @@ class Swarm:
                     proc.kill()
                     await proc.wait()
         self.log.close()
+        self.master_log.close()
 
 
 # The attacker's wires ########################################################
@@ -150,6 +194,8 @@ class Target:
         self.aux_port = aux_port
         #: what the attack made before it began
         self.prepared: object = None
+        #: the number the measure sends with "go" (the results so far)
+        self.hint = 0
 
 
 async def connect(target: Target, src: str, rcvbuf: int | None = None) -> tuple:
@@ -486,17 +532,174 @@ ATTACKS = {
 }
 
 
+# Attacks on master.py ########################################################
+#
+# ``python faults.py --master``: the target is master.py, its worker asks for
+# batches of 10, and the attacker is a peer that knows only the token. Each of
+# its identities calls on a raw wire of its own, from an address of its own
+# (master.py takes new identities from one address 32 at once, then one a
+# second). After the attack the feed stops and every job pushed must have
+# exactly one result, from the honest worker.
+
+#: Seconds between two requestWork of one identity in the lease floods (the attack of issue 22).
+FLOOD_EVERY = 0.05
+#: Jobs per batch the honest worker asks master.py for.
+MASTER_BATCH = 10
+
+
+class Caller:
+    """A raw bugout wire to master.py carrying the calls of one token-only identity."""
+
+    def __init__(self, target: Target, src: str, keep: bool = False) -> None:
+        self.target, self.src = target, src
+        self.core = w.BugoutCore(target.token, w.Identity())
+        #: ``keep``: answers are opened and kept (else the wire is read and dropped)
+        self.keep = keep
+        self.answers: list = []
+        self.master = ""
+
+    async def start(self) -> Caller:
+        ident, token = self.core.identity, self.target.token
+        self.wire = w.PeerWire(w.infohash_of(token)[0], w.make_peer_id(),
+                               {"ek": ident.ek, "id": token, "m": {"bo_channel": 4}, "pk": ident.pk},
+                               initiator=True)
+        self.reader, self.writer = await connect(self.target, self.src)
+        self.writer.write(self.wire.data_to_send())
+        self._reading = asyncio.ensure_future(self._read())
+        await t.until(lambda: self.master, 10)
+        return self
+
+    async def _read(self) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await self.reader.read(1 << 16):
+                if self.master and not self.keep:
+                    continue  # read, so that the wire stays; not parsed
+                self.wire.receive_data(data)
+                for event in self.wire.events_received():
+                    if isinstance(event, w.ExtendedHandshake):
+                        seen = self.core.saw_peer(event.fields["pk"].decode(), event.fields["ek"].decode(),
+                                                  w._now(), verified=True)
+                        self.master = next(e.address for e in seen if isinstance(e, w.Seen))
+                    elif isinstance(event, w.ExtensionPayload):
+                        self.answers += [e.result for e in self.core.receive_payload(event.payload, w._now())
+                                         if isinstance(e, w.Response)]
+                self._send()
+
+    def call(self, name: str, args: object) -> None:
+        self.core.send_call(self.master, name, args, w._now())
+        self._send()
+
+    def _send(self) -> None:
+        for payload, _ in self.core.data_to_send():
+            self.wire.send_extension(payload)
+        if data := self.wire.data_to_send():
+            self.writer.write(data)
+
+    def close(self) -> None:
+        self._reading.cancel()
+        self.writer.close()
+
+
+async def callers(target: Target, count: int, keep: bool = False) -> list[Caller]:
+    return [await Caller(target, src(1 + i), keep).start() for i in range(count)]
+
+
+async def lease_flood(target: Target, until: float, identities: int = 1) -> dict:
+    """requestWork {getBatch, batchSize: 1000} every 50 ms, from one token-only identity."""
+    wires = await callers(target, identities)
+    calls = 0
+    while time.monotonic() < until:
+        for caller in wires:
+            caller.call("requestWork", {"getBatch": True, "batchSize": 1000})
+            calls += 1
+        await asyncio.sleep(FLOOD_EVERY)
+    await hold([caller.writer for caller in wires], until)
+    return {"identities": identities, "calls": calls}
+
+
+async def lease_flood_50(target: Target, until: float) -> dict:
+    """The same from 50 identities, each every 50 ms."""
+    return await lease_flood(target, until, 50)
+
+
+#: What a peer can send as numbers and results: JSON that decodes to infinity, NaN, huge and
+#: negative numbers, wrong types; ciphertexts of garbage.
+ABSURD = [{"getBatch": True, "batchSize": size} for size in
+          (1e400, -1e400, float("nan"), 10 ** 400, -1, 0, 0.5, "1e400", "ten", [], {}, True, None)] + [
+    5, "x", [1, 2], None, {"getBatch": [], "batchSize": {"n": 1}},
+    {"getBatch": True, "batchSize": 10, "results": {"iv": "zz", "encryptedData": 7}}]
+
+
+async def absurd_numbers(target: Target, until: float, count: int = 2000) -> dict:
+    """2,000 calls with absurd arguments (requestWork, shareResults, requestExecAssets, proveKey)."""
+    caller = (await callers(target, 1, keep=True))[0]
+    calls = [("requestWork", args) for args in ABSURD]
+    calls += [(name, args) for name in ("shareResults", "shareResultsBatch", "proveKey") for args in ABSURD[-6:]]
+    calls += [("requestExecAssets", {"currentHash": 1e400}), ("isMaster", {"challenge": 10 ** 400})]
+    for i in range(count):
+        caller.call(*calls[i % len(calls)])
+        if i % 20 == 19:
+            await caller.writer.drain()
+            await asyncio.sleep(0.005)
+    await t.until(lambda: len(caller.answers) >= count or time.monotonic() > until, until - time.monotonic() + 5)
+    await hold([caller.writer], until)
+    errors = sum(isinstance(a, dict) and "error" in a for a in caller.answers)
+    return {"calls": count, "answered": len(caller.answers), "error answers": errors}
+
+
+def forged(known: dict, plain: bytes, text: bytes) -> dict:
+    """A one-block ciphertext that decrypts to ``text`` (at most 15 bytes), made from a known
+    one, ``known`` (iv, encryptedData), whose first 16 plaintext bytes are ``plain``: AES-CBC
+    has no MAC. The most a peer without the key makes of one known plaintext block."""
+    padded = text + bytes([16 - len(text)]) * (16 - len(text))
+    iv = bytes(a ^ b ^ c for a, b, c in zip(bytes.fromhex(known["iv"]), plain[:16], padded))
+    return {"iv": iv.hex(), "encryptedData": known["encryptedData"][:32]}
+
+
+async def bogus_results(target: Target, until: float) -> dict:
+    """Results for jobs on lease to others: forged from task.py's known plaintext (``{"jobID": N}``
+    for the ids being worked on), and garbage, on shareResults, shareResultsBatch and requestWork."""
+    caller = (await callers(target, 1, keep=True))[0]
+    caller.call("requestExecAssets", {"currentHash": ""})
+    await t.until(lambda: caller.answers, 10)
+    known = next(f["content"] for f in caller.answers[0]["files"] if f["name"] == "task.py")
+    sent = 0
+    while time.monotonic() < until:  # 300 calls a second (the node's bounds are faults.py's other part)
+        for _ in range(5):
+            job = target.hint + sent // 3 % 2500  # the ids waiting or on lease when the attack began
+            result = forged(known, TASK.encode(), b'{"jobID":%d}' % (job % 100_000))
+            caller.call("shareResults", json.dumps(result))
+            garbage = {"iv": os.urandom(16).hex(), "encryptedData": os.urandom(48).hex()}
+            caller.call(("shareResultsBatch", "shareResults")[job % 2], garbage)
+            caller.call("requestWork", {"results": json.dumps(forged(known, TASK.encode(), b"[%d]" % job))})
+            sent += 3
+        await caller.writer.drain()
+        await asyncio.sleep(0.05)
+    await hold([caller.writer], until)
+    return {"calls": sent}
+
+
+#: name -> (attack, the worker's descriptor limit, what prepares its payloads): on master.py
+MASTER_ATTACKS = {
+    "lease flood, 1 identity": (lease_flood, None, None),
+    "lease flood, 50 identities": (lease_flood_50, None, None),
+    "2,000 absurd numbers": (absurd_numbers, None, None),
+    "bogus results": (bogus_results, None, None),
+}
+
+
 async def attacker(name: str, port: int, token: str, seconds: float, aux_port: int = 0) -> int:
     """The attacker process: prepare, say ready, wait for go, attack, print notes."""
     resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))  # it holds many sockets
-    attack, _, prepare = ATTACKS[name]
+    attack, _, prepare = {**ATTACKS, **MASTER_ATTACKS}[name]
     target = Target(port, token, aux_port)
     if prepare is not None:
         target.prepared = prepare(target)
         if inspect.isawaitable(target.prepared):  # a server of its own, up before the worker
             target.prepared = await target.prepared
     print("ready", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    go = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    target.hint = int(go.split()[1]) if len(go.split()) > 1 else 0
     try:
         notes = await asyncio.wait_for(attack(target, time.monotonic() + seconds), seconds + 120)
     except (OSError, TimeoutError) as exc:  # the worker may drop the attacker's wires
@@ -507,39 +710,46 @@ async def attacker(name: str, port: int, token: str, seconds: float, aux_port: i
 
 async def measure(name: str, seconds: float) -> dict:
     """One attack on a fresh master and worker; the attacker is a process of its own."""
+    on_master = name in MASTER_ATTACKS
     with tempfile.TemporaryDirectory(prefix="qx-faults-") as tmp:
-        swarm = Swarm(Path(tmp), ATTACKS[name][1])
+        attack, fds, _ = {**ATTACKS, **MASTER_ATTACKS}[name]
+        swarm = Swarm(Path(tmp), fds, MASTER_BATCH if on_master else None)
         aux_port = t.free_port()
-        swarm.worker_env = getattr(ATTACKS[name][0], "worker_env", lambda aux: {})(aux_port)
+        swarm.worker_env = getattr(attack, "worker_env", lambda aux: {})(aux_port)
         proc = None
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, str(HERE / "faults.py"), "--attacker", name, "--port", str(swarm.port),
-                "--token", swarm.token, "--seconds", str(seconds), "--aux-port", str(aux_port), cwd=HERE,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                sys.executable, str(HERE / "faults.py"), "--attacker", name, "--port",
+                str(swarm.master_port if on_master else swarm.port), "--token", swarm.token, "--seconds",
+                str(seconds), "--aux-port", str(aux_port), cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             await asyncio.wait_for(proc.stdout.readline(), 300)  # ready: its payloads (and servers) are made
             await swarm.start()
             await asyncio.sleep(2.0)  # warm
             before = time.monotonic()
             await asyncio.sleep(5.0)
-            start, lines, cpu = time.monotonic(), swarm.log_lines(), swarm.cpu_seconds()
-            master_cpu = swarm.cpu_seconds(swarm.master)
-            proc.stdin.write(b"go\n")
+            start, lines, cpu = time.monotonic(), swarm.log_lines(on_master), swarm.cpu_seconds()
+            master_cpu, attacker_cpu = swarm.cpu_seconds(swarm.master), swarm.cpu_seconds(proc)
+            proc.stdin.write(b"go %d\n" % len(swarm.stamps))
             notes = json.loads(await asyncio.wait_for(proc.stdout.readline(), seconds + 180) or "{}")
             await asyncio.sleep(start + seconds - time.monotonic())  # an attack may end early
             end = time.monotonic()
             cpu = swarm.cpu_seconds() - cpu
             master_cpu = swarm.cpu_seconds(swarm.master) - master_cpu
+            attacker_cpu = swarm.cpu_seconds(proc) - attacker_cpu
             await asyncio.sleep(2.0)
-            lines = swarm.log_lines() - lines
+            lines = swarm.log_lines(on_master) - lines
             if os.environ.get("QX_FAULTS_LOG"):
-                print((swarm.root / "worker.log").read_text()[-3000:], file=sys.stderr)
+                print((swarm.root / ("master.log" if on_master else "worker.log")).read_text()[-3000:],
+                      file=sys.stderr)
+            if on_master:
+                notes.update(await swarm.settle())
             return {"attack": name, "peak_rss_mb": swarm.peak_rss_mb(),
                     "jobs_per_s_before": swarm.rate(before, start),
                     "jobs_per_s_during": swarm.rate(start, end), "log_lines": lines,
                     "longest_gap_s": swarm.longest_gap(before, end + 2.0),
                     "attack_seconds": end - start, "worker_cpu": cpu / (end - start),
-                    "master_cpu": master_cpu / (end - start), **notes}
+                    "master_cpu": master_cpu / (end - start), "attacker_cpu": attacker_cpu / (end - start),
+                    **notes}
         finally:
             if proc is not None and proc.returncode is None:
                 proc.kill()
@@ -559,13 +769,24 @@ async def run(names: list[str], seconds: float) -> int:
         print("%-34s %8.1f %10.0f %10.0f %7d %9.2f %10.0f%%" % (
             row["attack"], row["peak_rss_mb"], row["jobs_per_s_before"], row["jobs_per_s_during"],
             row["log_lines"], row["longest_gap_s"], 100 * row["worker_cpu"]))
+    if any(row["attack"] in MASTER_ATTACKS for row in rows):
+        print("\nmaster.py: %-26s %8s %9s %5s %6s %9s %11s %13s" % (
+            "attack", "RSS MB", "during", "lost", "twice", "not hers", "master CPU", "attacker CPU"))
+        for row in rows:
+            if row["attack"] in MASTER_ATTACKS:
+                print("           %-26s %8.1f %8.0f%% %5d %6d %9d %10.0f%% %12.0f%%" % (
+                    row["attack"], row["master_peak_rss_mb"],
+                    100 * row["jobs_per_s_during"] / max(row["jobs_per_s_before"], 1e-9), row["lost"],
+                    row["twice"], row["not from the worker"], 100 * row["master_cpu"], 100 * row["attacker_cpu"]))
     return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("attacks", nargs="*", metavar="ATTACK",
-                        help="attacks to run (default: all): " + "; ".join(ATTACKS))
+                        help="attacks to run (default: all): " + "; ".join(ATTACKS) + "; with --master: "
+                        + "; ".join(MASTER_ATTACKS))
+    parser.add_argument("--master", action="store_true", help="attack master.py (its worker is honest)")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long each attack lasts")
     parser.add_argument("--attacker", help=argparse.SUPPRESS)  # the attacker process: its attack,
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)  # the worker's port
@@ -574,7 +795,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.attacker:
         return asyncio.run(attacker(args.attacker, args.port, args.token, args.seconds, args.aux_port))
-    unknown = [a for a in args.attacks if a not in ATTACKS]
+    attacks = MASTER_ATTACKS if args.master else ATTACKS
+    unknown = [a for a in args.attacks if a not in attacks]
     if unknown:
         parser.error("unknown attack(s): %s" % ", ".join(unknown))
     if os.environ.get("QX_FAULTS_NAMESPACE") != "1":  # the network rule: only inside a namespace
@@ -587,7 +809,7 @@ def main() -> int:
                   "ip addr add 127.0.0.2/32 dev lo && "
                   "QX_FAULTS_NAMESPACE=1 exec " + command)
         return subprocess.call(["unshare", "-n", "sh", "-c", script], cwd=HERE)
-    return asyncio.run(run(args.attacks or list(ATTACKS), args.seconds))
+    return asyncio.run(run(args.attacks or list(attacks), args.seconds))
 
 
 if __name__ == "__main__":

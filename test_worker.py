@@ -1004,6 +1004,18 @@ module.exports = Task;
 """
 
 
+# The JS worker harness's task against master.py: the sum Cluster's jobs expect.
+SUM_TASK_JS = """\
+class Task {
+  async run(job) {
+    return { sum: JSON.parse(job.data).x * 2 };
+  }
+}
+
+module.exports = Task;
+"""
+
+
 VERSION_TASK_JS = """\
 module.exports = class Task {
   run(job) {
@@ -1464,6 +1476,22 @@ async def thief_of(cluster):
     """A bare node that leases a job with requestWork and never runs it."""
     node = await py_node(cluster.token, peers=["127.0.0.1:%d" % cluster.master.port]).start()
     await until(lambda: cluster.master.address in node.peers)
+    return node
+
+
+async def prove_key(node, master, key=KEY):
+    """Prove the key to master.py from a bare node, as worker.py does; proveKey's answer."""
+    answer = await node.rpc(master, "isMaster", {"challenge": os.urandom(32).hex()})
+    proof = w.worker_proof(w.Crypt(key).derive(w.WORKER_PROOF_LABEL), bytes.fromhex(answer["workerChallenge"]),
+                           node.address, master)
+    return await node.rpc(master, "proveKey", {"proof": proof})
+
+
+async def proven_thief(cluster):
+    """A thief that proved the key: a Python worker that took jobs and went quiet."""
+    node = await thief_of(cluster)
+    await prove_key(node, cluster.master.address)
+    await until(lambda: node.address in cluster.master.policy.proven)
     return node
 
 
@@ -4593,17 +4621,45 @@ class TestMasterProof(unittest.TestCase):
         with self.assertRaises(w.UnsafeAsset):
             self.verify({**good, "dependencies": ["--index-url=http://evil/"]})
 
-    def test_the_challenge_binds_nonce_and_both_addresses(self):
-        key = w.Crypt(KEY).derive(w.PROOF_LABEL)
-        master, worker, other = (w.Identity().address for _ in range(3))
+    def test_the_challenges_bind_nonce_both_addresses_and_a_key_of_their_own(self):
+        crypt = w.Crypt(KEY)
+        prover, asker, other = (w.Identity().address for _ in range(3))
         nonce = os.urandom(32)
-        proof = w.master_proof(key, nonce, master, worker)
-        self.assertEqual(proof, w.master_proof(key, nonce, master, worker))
-        for changed in (w.master_proof(key, os.urandom(32), master, worker),
-                        w.master_proof(key, nonce, other, worker),
-                        w.master_proof(key, nonce, master, other),
-                        w.master_proof(w.Crypt("y" * 32).derive(w.PROOF_LABEL), nonce, master, worker)):
-            self.assertNotEqual(changed, proof)
+        proofs = set()
+        for prove, label in ((w.master_proof, w.PROOF_LABEL), (w.worker_proof, w.WORKER_PROOF_LABEL)):
+            key = crypt.derive(label)
+            proof = prove(key, nonce, prover, asker)
+            self.assertEqual(proof, prove(key, nonce, prover, asker))
+            for changed in (prove(key, os.urandom(32), prover, asker), prove(key, nonce, other, asker),
+                            prove(key, nonce, prover, other), prove(key, nonce, asker, prover),
+                            prove(w.Crypt("y" * 32).derive(label), nonce, prover, asker)):
+                self.assertNotEqual(changed, proof)
+            proofs.add(proof)
+        self.assertEqual(len(proofs), 2)  # a master's proof never passes for a worker's
+        same_key = crypt.derive(w.WORKER_PROOF_LABEL)
+        self.assertNotEqual(w.master_proof(same_key, nonce, prover, asker),
+                            w.worker_proof(same_key, nonce, prover, asker))  # nor with the other's key
+
+    def test_master_py_counts_a_worker_proof_once_and_while_its_challenge_is_open(self):
+        from master import CHALLENGE_SECONDS, MAX_CHALLENGES, WorkerProofs
+        key = w.Crypt(KEY).derive(w.WORKER_PROOF_LABEL)
+        master, worker, other = (w.Identity().address for _ in range(3))
+        proofs = WorkerProofs(key, master)
+        answer = lambda nonce, by=worker: w.worker_proof(key, bytes.fromhex(nonce), by, master)
+        nonce = proofs.challenge(worker, os.urandom(32), 100.0)
+        self.assertIsNone(proofs.check(other, answer(nonce, other), 100.0))  # never challenged
+        self.assertTrue(proofs.check(worker, answer(nonce), 101.0))
+        self.assertIsNone(proofs.check(worker, answer(nonce), 101.0))  # replayed: nothing open
+        for bad in ("0" * 64, "é" * 64, None, 12, ["x"], answer(nonce, other)):
+            nonce = proofs.challenge(worker, os.urandom(32), 100.0)
+            self.assertIs(proofs.check(worker, bad, 100.0), False)
+        nonce = proofs.challenge(worker, os.urandom(32), 100.0)
+        self.assertIsNone(proofs.check(worker, answer(nonce), 100.0 + CHALLENGE_SECONDS + 1))  # run out
+        first = proofs.challenge(worker, os.urandom(32), 100.0)
+        for _ in range(MAX_CHALLENGES):  # a flood of challenges by other identities pushes it out
+            proofs.challenge(w.Identity().address, os.urandom(32), 100.0)
+        self.assertIsNone(proofs.check(worker, answer(first), 100.0))
+        self.assertLessEqual(len(proofs._open), MAX_CHALLENGES)
 
     def test_trust_bans_budget_and_pins(self):
         trust = w.MasterTrust()
@@ -4852,6 +4908,35 @@ class TestMasterTrust(AsyncTest):
         self.assertLess(time.monotonic() - left, 5.0)
         self.assertEqual(worker.master, backup.address)
 
+    async def test_a_proof_not_in_ascii_is_a_failed_proof_and_master_py_is_told_ours(self):
+        tmp = self.tmp()
+        token = "nonascii-%d" % random.randrange(1 << 30)
+        rogue = await self.started(Impostor(token, None, {"keyProof": 1, "proof": "é" * 64,
+                                                          "workerChallenge": "0" * 64}))
+        worker = loopback_worker(token, tmp / "w", peers=["127.0.0.1:%d" % rogue.node.port])
+        with self.assertLogs("worker", "ERROR") as logs:
+            await self.started(worker)
+            await until(lambda: any("holds a different transferEncryptToken" in line for line in logs.output), 10)
+            await until(lambda: "proveKey" in rogue.names(), 10)  # ours, so that its user may know
+        self.assertFalse([line for line in logs.output if "task failed" in line])
+        self.assertFalse(worker.trust.may_ask(rogue.node.address, time.monotonic()))  # banned, as any failure
+        proof = rogue.calls[rogue.names().index("proveKey")][1]["proof"]
+        self.assertEqual(proof, w.worker_proof(w.Crypt(KEY).derive(w.WORKER_PROOF_LABEL), bytes(32),
+                                               worker.address, rogue.node.address))
+
+    async def test_a_worker_proves_the_key_again_to_master_py_started_again(self):
+        tmp = self.tmp()
+        token, port, seed = "again-%d" % random.randrange(1 << 30), free_port(), w.make_seed()
+        first = await self.started(loopback_master(token, tmp / "m1", port=port, seed=seed))
+        worker = await self.started(loopback_worker(token, tmp / "w", peers=["127.0.0.1:%d" % port]))
+        await until(lambda: worker.master == first.address and worker.address in first.policy.proven, 10)
+        await first.close()
+        await until(lambda: worker.master is None, 10)
+        second = await self.started(loopback_master(token, tmp / "m2", port=port, seed=seed))
+        self.assertEqual(second.address, first.address)  # the master it proved before
+        await until(lambda: worker.address in second.policy.proven, 15)  # a new process: proven anew
+        self.assertEqual(worker.master, second.address)
+
     async def test_pinned_master_only(self):
         cluster = await self.started(Cluster(self.tmp()))
         cluster.push(10)
@@ -4911,7 +4996,8 @@ class TestMasterTrust(AsyncTest):
         self.assertEqual({json.dumps(a) for a in answers[0::4] + answers[1::4] + answers[2::4]},
                          {'{"received": true}'})
         self.assertEqual(len(logs.output), 1)  # one line a minute, whatever comes
-        self.assertEqual([r["jobID"] for r in cluster.results], ["x"])
+        self.assertEqual(cluster.results, [])  # it decrypts, but answers no job on lease to the thief
+        self.assertEqual(cluster.master.stats["results refused"], 30)
 
     def test_master_py_keeps_its_address_across_restarts(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -5890,7 +5976,9 @@ class TestWorkerFlow(AsyncTest):
         worker = cluster.worker(key="z" * 32)
         with self.assertLogs("worker", "ERROR") as logs:
             await self.started(worker)
-            await until_logged(logs, "transferEncryptToken probably differs")
+            await until_logged(logs, "%s holds a different transferEncryptToken, or is no master"
+                               % cluster.master.address)
+            await until_logged(logs, "%s holds a different transferEncryptToken:" % worker.address)  # master.py
         self.assertEqual(cluster.results, [])
         self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
 
@@ -6335,6 +6423,120 @@ class TestFaults(AsyncTest):
         self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(200)))
 
 
+# master.py: who gets work (issue 22) ########################################
+
+class TestLeasePolicy(unittest.TestCase):
+    """master.py's LeasePolicy in memory, with a clock of our own."""
+
+    def policy(self):
+        from master import LeasePolicy
+        return LeasePolicy()
+
+    def test_a_proven_worker_gets_what_it_asks_up_to_the_js_cap(self):
+        policy = self.policy()
+        self.assertTrue(policy.prove("py"))
+        self.assertFalse(policy.prove("py"))  # known already
+        self.assertEqual(policy.grant("py", 5000, 10_000), 1000)
+        policy.leased("py", 1000, 0, 60.0, 0.0)
+        self.assertEqual(policy.grant("py", 1000, 10_000), 1000)  # its holdings do not count
+        self.assertEqual(policy.held, 0)
+        self.assertEqual(policy.accepted("py", [("1", "js", True), (None, None, False), ("2", None, False)]),
+                         [True, True, True])
+
+    def test_without_proof_one_batch_first_more_for_each_result_halved_for_lost_leases(self):
+        policy = self.policy()
+        self.assertEqual(policy.grant("js", 1000, 10_000), 10)
+        policy.leased("js", 10, 0, 60.0, 0.0)
+        self.assertEqual(policy.grant("js", 1000, 10_000), 0)  # it holds its allowance
+        policy.taken("js", ["js"] * 10, [True] * 10)  # ten results for its own jobs
+        self.assertEqual((policy.standing("js").allowance, policy.standing("js").held), (20, 0))
+        self.assertEqual(policy.grant("js", 1000, 10_000), 20)
+        policy.leased("js", 20, 0, 62.0, 2.0)
+        policy.ended("js", 20)  # it left, or its leases ran out
+        self.assertEqual((policy.standing("js").allowance, policy.standing("js").held), (10, 0))
+        for _ in range(10):
+            policy.leased("js", 1, 0, 70.0, 10.0)
+            policy.ended("js", 1)
+        self.assertEqual(policy.standing("js").allowance, 1)  # never below one job
+        policy.taken("js", [None, "js"], [True, True])  # a job that waited again: no merit
+        self.assertEqual(policy.standing("js").allowance, 2)
+        policy.leased("js", 1, 0, 70.0, 10.0)
+        self.assertTrue(policy.prove("js"))  # proven at last: what it holds no longer counts
+        self.assertEqual((policy.held, policy.standing("js")), (0, None))
+
+    def test_new_identities_buy_nothing_and_a_peer_that_delivers_keeps_its_place(self):
+        from master import FIRST_ALLOWANCE, MAX_STANDINGS, NEWCOMER_SHARE, UNPROVEN_SHARE
+        policy = self.policy()
+        outstanding = 2000
+        policy.leased("js", policy.grant("js", 10, outstanding), 0, 60.0, 0.0)
+        policy.taken("js", ["js"] * 10, [True] * 10)  # it delivered its first batch
+        got = {}
+        for i in range(5000):  # a flood of fresh identities, each asking the JS cap
+            address = "attacker-%d" % i
+            got[address] = policy.grant(address, 1000, outstanding)
+            policy.leased(address, got[address], 0, 60.0 + i, float(i))
+        self.assertEqual(sum(got.values()), int(NEWCOMER_SHARE * outstanding))  # 40 of 2,000
+        self.assertEqual(policy.held_new, 40)
+        self.assertEqual(policy.grant("js", 10, outstanding), 10)  # the JS worker: its batch
+        for left in (100, 20, 1):  # to the last jobs of a run
+            self.assertEqual(policy.grant("js", 10, left), 10)
+            self.assertEqual(policy.grant("attacker-new", 10, left), 0)
+        grows = self.policy()  # those that deliver, together: UNPROVEN_SHARE at most
+        for i in range(100):
+            grows.leased("js%d" % i, 1, 0, 60.0, 0.0)
+            grows.taken("js%d" % i, ["js%d" % i], [True])
+        for i in range(100):
+            grows.leased("js%d" % i, grows.grant("js%d" % i, 1000, outstanding), 0, 61.0, 1.0)
+        self.assertEqual(grows.held_known, int(UNPROVEN_SHARE * outstanding))
+        small = self.policy()  # a small queue: one batch still, never more
+        self.assertEqual(small.grant("a", 1000, 3), FIRST_ALLOWANCE)
+        small.leased("js", 1, 0, 60.0, 0.0)
+        small.taken("js", ["js"], [True])
+        for i in range(3 * MAX_STANDINGS):  # identities that take a job each and lose it: bounded
+            address = "loser-%d" % i
+            self.assertEqual(small.grant(address, 1, outstanding), 1)
+            small.leased(address, 1, 0, 100.0, 1.0 + i)
+            small.ended(address, 1)
+        self.assertEqual(len(small._standings), MAX_STANDINGS)
+        self.assertEqual(small.standing("js").answered, 1)  # it delivered: kept before those
+
+    def test_results_are_taken_only_for_the_peers_own_jobs_and_in_the_workers_shape(self):
+        policy = self.policy()
+        policy.leased("js", 2, 1, 60.0, 0.0)  # two jobs with an id, one without
+        results = [("1", "js", True), ("2", "py", True), ("3", None, True), ("1", "js", False),
+                   (None, None, True), (None, None, True)]
+        self.assertEqual(policy.accepted("js", results), [True, False, False, False, True, False])
+        self.assertEqual(policy.accepted("stranger", results), [False] * 6)
+        policy.leased("other", 1, 0, 60.0, 0.0)
+        policy.prove("py")
+        policy.taken("py", ["other"], [True])  # a proven worker's result ends another's lease
+        self.assertEqual((policy.standing("other").held, policy.standing("other").allowance), (0, 10))
+        policy.taken("js", ["js", None], [True, False])
+        self.assertEqual((policy.standing("js").held, len(policy.standing("js").loose)), (1, 0))
+        self.assertEqual(policy.standing("js").answered, 2)
+
+    def test_jobs_without_id_count_until_their_time_and_quiet_peers_are_forgotten(self):
+        from master import STANDING_SECONDS
+        policy = self.policy()
+        policy.leased("js", 0, 10, 60.0, 0.0)  # no lease ends them: they count 60 s
+        self.assertEqual((policy.held, policy.grant("js", 10, 1000)), (10, 0))
+        policy.expire(59.0)
+        self.assertEqual(policy.held, 10)
+        policy.expire(60.0)  # as leases that ended without a result
+        self.assertEqual((policy.held, policy.standing("js").allowance), (0, 5))
+        policy.expire(60.0 + STANDING_SECONDS)
+        self.assertIsNone(policy.standing("js"))
+
+    def test_the_counts_follow_the_database(self):
+        policy = self.policy()
+        policy.prove("py")
+        policy.leased("js", 5, 0, 60.0, 0.0)
+        policy.restore({"js": 3, "py": 100, "old": 7})  # a restart, or a rollback
+        self.assertEqual((policy.standing("js").held, policy.standing("old").held), (3, 7))
+        self.assertIsNone(policy.standing("py"))
+        self.assertEqual(policy.held, 10)
+
+
 # master.py: announces, requeues, late results, the --jobs feeder ############
 
 class TestMasterPy(AsyncTest):
@@ -6390,7 +6592,7 @@ class TestMasterPy(AsyncTest):
         await self.started(cluster)
         times = watch_requests(cluster.master)
         cluster.push(1)
-        thief = self.will_close(await thief_of(cluster))
+        thief = self.will_close(await proven_thief(cluster))  # its result is taken after its lease
         self.assertTrue((await thief.rpc(cluster.master.address, "requestWork", {}))["task"])
         await until(lambda: cluster.master.stats["jobs requeued"] == 1, 10)
         late = w.Crypt(KEY).encrypt(json.dumps({"jobID": 0, "data": {"sum": 2}}))
@@ -6403,6 +6605,185 @@ class TestMasterPy(AsyncTest):
         self.assertEqual(cluster.master.stats["duplicate results"], 0)
         self.assertEqual(worker.stats["jobs done"], 0)
         self.assertEqual(cluster.master.waiting, 0)
+
+    async def test_a_python_worker_proves_the_key_and_gets_the_batches_it_asks_for(self):
+        cluster = await self.started(Cluster(self.tmp()))
+        handed, lease = [], cluster.master._lease
+        cluster.master._lease = lambda address, count: handed.append(len(jobs := lease(address, count))) or jobs
+        cluster.push(1000)
+        worker = await self.started(cluster.worker(get_batch=True, batch_size=200))
+        await cluster.until_results(1000, 60)
+        self.assertIn(worker.address, cluster.master.policy.proven)
+        self.assertEqual(handed[:4], [200] * 4)  # not the 10 of a peer without proof
+        self.assertIsNone(cluster.master.policy.standing(worker.address))
+
+    async def test_a_token_only_peer_asking_the_js_cap_gets_one_batch_and_new_identities_buy_nothing(self):
+        cluster = await self.started(Cluster(self.tmp()))
+        cluster.push(2000)
+        thieves = [self.will_close(await thief_of(cluster)) for _ in range(6)]
+        taken = 0
+        for _ in range(5):  # again and again, as the attack of issue 22 did every 50 ms
+            for thief in thieves:
+                answer = await thief.rpc(cluster.master.address, "requestWork",
+                                         {"getBatch": True, "batchSize": 1000})
+                taken += len(answer.get("batchTasks") or ([answer["task"]] if answer.get("task") else []))
+        self.assertEqual(taken, 40)  # 2 % of the queue for peers that never answered a job, not 6 x 1,000
+        worker = await self.started(cluster.worker(get_batch=True, batch_size=100))
+        await cluster.until_results(2000 - 40, 60)
+        self.assertEqual(cluster.master.store.leased, 40)
+        for thief in thieves:  # they leave: their jobs are queued again, and done
+            await thief.close()
+        await cluster.until_results(2000, 60)
+        self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(2000)))
+        self.assertEqual(worker.stats["jobs done"], 2000)
+
+    async def test_a_proven_worker_takes_over_what_peers_without_proof_hold_at_the_end_of_a_run(self):
+        import master as m
+        self.addCleanup(setattr, m, "TAKE_OVER_SECONDS", m.TAKE_OVER_SECONDS)
+        m.TAKE_OVER_SECONDS = 2.0
+        cluster = await self.started(Cluster(self.tmp()))  # leases of 60 s
+        cluster.push(100)
+        thieves = [self.will_close(await thief_of(cluster)) for _ in range(3)]
+        held = []
+        for thief in thieves:
+            answer = await thief.rpc(cluster.master.address, "requestWork", {"getBatch": True, "batchSize": 5})
+            held += [json.loads(w.Crypt(KEY).decrypt(job))["id"] for job in answer.get("batchTasks") or []]
+        self.assertEqual(len(held), 10)  # the share of peers that never answered a job: the third gets none
+        started = time.monotonic()
+        worker = await self.started(cluster.worker(get_batch=True, batch_size=10))
+        await cluster.until_results(90, 20)
+        await cluster.until_results(100, 20)  # the worker idles; the expiry round nudges it
+        self.assertLess(time.monotonic() - started, 15)  # not the 60 s of their leases
+        self.assertEqual(cluster.master.stats["jobs taken over"], 10)
+        self.assertEqual(worker.stats["jobs done"], 100)
+        late = w.Crypt(KEY).encrypt_json([{"jobID": held[0], "worker": {"name": "t"}, "data": 1}])
+        await thieves[0].rpc(cluster.master.address, "shareResultsBatch", late)
+        self.assertEqual(cluster.master.stats["results refused"], 1)  # their leases ended
+        self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(100)))
+        self.assertEqual(cluster.master.policy.held, 0)
+        self.assertEqual(cluster.master.policy.standing(thieves[0].address).allowance, 10)  # no blame
+
+    async def test_absurd_arguments_get_an_answer_never_an_exception_and_little_log(self):
+        cluster = await self.started(Cluster(self.tmp()))
+        cluster.push(50)
+        thief = self.will_close(await thief_of(cluster))
+        real = thief.core.send_call
+
+        def as_js_sends(*args):  # JSON with \u escapes, as JS writes it: a lone surrogate travels
+            with mock.patch.object(w, "json_dumps", functools.partial(json.dumps, separators=(",", ":"))):
+                return real(*args)
+        thief.core.send_call = as_js_sends
+        sizes = [float("inf"), float("-inf"), float("nan"), -1, 0, 10.5, "ten", "1e400", "", [], {}, None,
+                 True, {"n": 10}]
+        junk = [5, "x", [1, 2], None, {}, {"iv": "zz", "encryptedData": 5}, {"iv": 7}, "\ud800"]
+        calls = [("requestWork", {"getBatch": True, "batchSize": size}) for size in sizes]
+        calls += [("requestWork", {"getBatch": True, "batchSize": size}) for size in (10 ** 400, 1e300, " 3 ")]
+        calls += [("requestWork", args) for args in junk]
+        calls += [("requestWork", {"getBatch": True, "batchSize": 2, "results": args}) for args in junk]
+        calls += [(name, args) for name in ("shareResults", "shareResultsBatch", "proveKey") for args in junk]
+        calls += [("requestExecAssets", {"currentHash": h}) for h in (5, [], None, "0" * 64, "\u00e9")]
+        calls += [(name, {"challenge": c}) for name in ("isMaster", "ping") for c in (5, "é" * 64, "\ud800")]
+        calls += [("proveKey", {"proof": p}) for p in (5, "é" * 64, "0" * 64)]
+        lines = []
+        handler = logging.Handler(logging.DEBUG)
+        handler.emit = lines.append
+        w.log.addHandler(handler)
+        self.addCleanup(w.log.removeHandler, handler)
+        answers = []
+        for _ in range(20):  # 2,000 calls in faults.py; here a few hundred
+            for name, args in calls:
+                answers.append((name, args, await thief.rpc(cluster.master.address, name, args, timeout=5)))
+        refused = [a for name, args, a in answers if name == "requestWork" and "error" in a]
+        self.assertEqual(len(refused), 20 * 14)  # each bad batchSize: an error answer
+        self.assertTrue(all("batchSize" in a["error"] for a in refused))
+        huge = [a for name, args, a in answers[len(sizes):len(sizes) + 3]]
+        self.assertTrue(all("error" not in a for a in huge))  # a huge whole number is capped, not refused
+        self.assertFalse([a for _, _, a in answers if a is w.NO_ANSWER])
+        self.assertLessEqual(len([r for r in lines if r.levelno >= logging.INFO]), 2)  # undecryptable, once
+        self.assertLessEqual(cluster.master.policy.held, 10)  # the thief's one batch, whatever it asked
+
+    async def test_results_are_taken_only_from_the_peer_whose_lease_they_answer(self):
+        cluster = await self.started(Cluster(self.tmp()))
+        cluster.push(30)
+        master, crypt = cluster.master.address, w.Crypt(KEY)
+        holder = self.will_close(await thief_of(cluster))
+        stranger = self.will_close(await thief_of(cluster))
+        answer = await holder.rpc(master, "requestWork", {"getBatch": True, "batchSize": 5})
+        ids = sorted(json.loads(crypt.decrypt(job))["id"] for job in answer["batchTasks"])
+
+        def result(i, by):
+            return {"jobID": i, "worker": {"name": by}, "data": {"sum": 2 * i}}
+        forged = [result(i, "stranger") for i in ids + [29]]
+        for name, args in [("shareResults", crypt.encrypt(json.dumps(forged[0]))),
+                           ("shareResultsBatch", crypt.encrypt_json(forged)),
+                           ("requestWork", {"results": crypt.encrypt_json(forged)})]:
+            self.assertEqual((await stranger.rpc(master, name, args)).get("received", True), True)
+        shapeless = [{"jobID": i} for i in ids]  # all a peer can make from one known plaintext block
+        await holder.rpc(master, "shareResultsBatch", crypt.encrypt_json(shapeless))
+        self.assertEqual(cluster.results, [])
+        self.assertEqual(cluster.master.stats["results refused"], 1 + 6 + 6 + 5)
+        await holder.rpc(master, "shareResultsBatch", crypt.encrypt_json([result(i, "holder") for i in ids]))
+        self.assertEqual(sorted(r["jobID"] for r in cluster.results), ids)
+        self.assertEqual(cluster.master.policy.standing(holder.address).allowance, 15)  # earned
+        proven = self.will_close(await proven_thief(cluster))  # holds the key: any job without a result
+        await proven.rpc(master, "shareResultsBatch", crypt.encrypt_json([result(29, "p"), result(ids[0], "p")]))
+        self.assertEqual(sorted(r["jobID"] for r in cluster.results), [*ids, 29])
+        self.assertEqual(cluster.master.stats["duplicate results"], 1)  # exactly once, as before
+
+    @time_limit(60)
+    async def test_cli_names_a_worker_with_another_key_in_one_worker_error_line(self):
+        tmp = self.tmp()
+        token, port = "wrongkey-%d" % random.randrange(1 << 30), free_port()
+        master = await self.started(EventsMasterProcess(tmp / "m", token, port, w.make_seed()))
+        workers = [w.Worker(token, name, "error", key, env={}, folder=tmp / name, host="127.0.0.1", lsd=False,
+                            dht=False, trackers=[], peers=["127.0.0.1:%d" % port])
+                   for name, key in (("w1", "o" * 32), ("w2", "p" * 32))]
+        with self.assertLogs("worker", "ERROR") as logs:
+            for worker in workers:
+                await self.started(worker)
+            await until(lambda: sum("holds a different transferEncryptToken" in line
+                                    for line in logs.output) >= 2, 20)
+            await until(lambda: any(e["event"] == "worker-error" for e in master.events), 10)
+            await asyncio.sleep(1.0)  # the second worker's proof has failed too by now
+        errors = [e for e in master.events if e["event"] == "worker-error"]
+        self.assertEqual(len(errors), 1, errors)  # one line a minute
+        self.assertIn(errors[0]["worker"], {worker.address for worker in workers})
+        self.assertIn("%s holds a different transferEncryptToken" % errors[0]["worker"], errors[0]["message"])
+        for worker in workers:
+            self.assertTrue(any(master.ready["address"] in line and "different transferEncryptToken" in line
+                                for line in logs.output))
+            self.assertIsNone(worker.master)
+
+    async def js_worker_run(self, count, **env):
+        """The JS worker harness (interop/worker.js) alone against master.py: results/s."""
+        js_ready()
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp, files={"/workplace/task.js": SUM_TASK_JS}))
+        cluster.push(count)
+        (tmp / "js").mkdir()
+        worker = await self.started(JsProcess("worker.js", {  # its 15 ms rule makes it wait for its poll
+            "QX_TOKEN": cluster.token, "QX_KEY": KEY, "QX_FOLDER": str(tmp / "js"), "QX_POLL_SECONDS": "1", **env}))
+        worker.send(cmd="addPeer", addr="127.0.0.1:%d" % cluster.master.port)
+        await cluster.until_results(1, 20)
+        first = time.monotonic()
+        await cluster.until_results(count, 30)
+        rate = (count - 1) / (time.monotonic() - first)
+        self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(count)))
+        self.assertTrue(all(r["data"] == {"sum": 2 * r["jobID"]} for r in cluster.results))
+        self.assertNotIn(worker.ready["address"], cluster.master.policy.proven)
+        self.assertEqual(cluster.master.policy.standing(worker.ready["address"]).answered, count)
+        said = next(e for e in worker.events if e["event"] == "master")
+        self.assertEqual(said["keys"], ["isMaster", "resultAcks", "resultBatches", "keyProof"])  # as before
+        asked = [e["answer"] for e in worker.events if e["event"] == "request"]
+        self.assertLessEqual(sum(not a["task"] and not a["batchTasks"] for a in asked), 1)  # only at the end
+        print("\n  JS worker harness, %s: %.0f jobs/s" % (env or "unbatched", rate), file=sys.stderr)
+        return asked
+
+    @time_limit(60)
+    async def test_the_js_worker_gets_work_without_proof_and_finishes_a_run_alone(self):
+        asked = await self.js_worker_run(300, QX_GET_BATCH="true", QX_BATCH_SIZE="10")
+        self.assertEqual(max(a["batchTasks"] or 0 for a in asked), 10)
+        await self.js_worker_run(60)
 
     async def test_a_raising_on_results_loses_no_other_result_of_the_batch(self):
         cluster = await self.started(Cluster(self.tmp()))
@@ -6524,7 +6905,7 @@ class TestMasterDurable(AsyncTest):
             for i in range(5):
                 self.assertTrue(store.push(str(i), '{"id":%d}' % i))
             self.assertFalse(store.push("1", "{}"))  # waiting already
-            self.assertEqual(store.lease("w1", 2, time.time() + 60), ['{"id":0}', '{"id":1}'])
+            self.assertEqual(store.lease("w1", 2, time.time() + 60), [("0", '{"id":0}'), ("1", '{"id":1}')])
             late = ("0", "w2", "two", False, '{"jobID":0}')
             self.assertEqual(store.record([("0", "w1", "one", False, '{"jobID":0}'), late]), [1, None])
             self.assertEqual(store.record([late]), [None])  # one result per job
@@ -6539,10 +6920,13 @@ class TestMasterDurable(AsyncTest):
             os.close(store._lock)
             store = Store(path)
             self.assertEqual((store.waiting, store.leased, store.answered), (3, 1, 1))
-            self.assertEqual(store.requeue(worker="w1"), 1)  # job 1 goes back, in front
-            self.assertEqual(store.lease("w3", 9, time.time() + 60), ['{"id":%d}' % i for i in (1, 2, 3, 4)])
-            self.assertEqual(store.requeue(before=time.time()), 0)
-            self.assertEqual(store.requeue(before=time.time() + 120), 4)  # their leases ended
+            self.assertEqual(store.held(), {"w1": 1})
+            self.assertEqual(store.requeue(worker="w1"), {"w1": 1})  # job 1 goes back, in front
+            self.assertEqual(store.lease("w3", 9, time.time() + 60),
+                             [(str(i), '{"id":%d}' % i) for i in (1, 2, 3, 4)])
+            self.assertEqual(store.holders(["1", "4", "9"]), {"1": "w3", "4": "w3"})
+            self.assertEqual(store.requeue(before=time.time()), {})
+            self.assertEqual(store.requeue(before=time.time() + 120), {"w3": 4})  # their leases ended
             self.assertEqual(store.per_worker(), [{"id": "w1", "name": "one", "results": 1, "errors": 0}])
             store.new_run()
             self.assertEqual(store.record([("0", "w1", "one", False, "{}")]), [2])  # a new run: ids again

@@ -1459,8 +1459,8 @@ class BugoutCore:
         return nonce
 
     def send_response(self, address: str, nonce: bytes, result: Any, now: int) -> None:
-        """The encrypted answer to a call."""
-        fields = {"y": "rr", "rn": nonce, "rr": json_dumps(result)}
+        """The encrypted answer to a call (which may echo a lone surrogate the caller sent)."""
+        fields = {"y": "rr", "rn": nonce, "rr": storable_json(result)}
         self._emit(self.seal(address, self.make_packet(fields, now)), now, address)
 
     # incoming
@@ -5509,6 +5509,13 @@ def check_npm_package(text: Any) -> str:
 #   0 || worker address), K derived from the key (:func:`master_proof`). It binds
 #   our nonce to both bugout addresses, so it cannot be replayed or relayed.
 #   The failed check decrypts nothing of the peer's, so it is no oracle.
+#   master.py's answer carries a ``workerChallenge`` of its own, and the
+#   worker proves the key back with ``proveKey {"proof"}`` (:func:`worker_proof`:
+#   another key, its nonce, our address, then its), before it adopts the
+#   master: master.py gives work by proof. This one call goes out even when
+#   the master's proof failed, so master.py can tell its user which worker
+#   holds another key; bound to that peer's address and nonce, under a key
+#   of its own, it is of no use to anyone else.
 # - An unchanged JS master cannot answer that, so its proof is its asset
 #   answer: ``requestExecAssets {"currentHash": ""}`` brings every file
 #   encrypted, each with the SHA-256 of its plaintext. Without the key (and
@@ -5533,7 +5540,10 @@ def check_npm_package(text: Any) -> str:
 #
 # An address that proved the key once (this run or an earlier one: the
 # journal keeps the last MAX_PROVEN) is adopted on its "yes" without a new
-# proof: only the holder of its signing key can answer from it.
+# proof: only the holder of its signing key can answer from it. A master.py
+# is challenged again all the same (a fraction of a millisecond), as a new
+# master.py process knows no worker: without it, no proof of ours; and
+# proven addresses are exempt from the failure budget.
 #
 # A proven master keeps the worker until it leaves (its ``x``, its timeout,
 # or its last wire gone) or fails (an RPC to it finds no wire, or twice gets
@@ -5573,12 +5583,24 @@ MAX_ASSET_FILES = 256
 MAX_DEPENDENCIES = 256
 MAX_BATCH_TASKS = 10_000
 PROOF_LABEL = b"queue-xec master proof v1"
+#: The label of the other way: a worker's proof to master.py (another key, another message).
+WORKER_PROOF_LABEL = b"queue-xec worker proof v1"
+
+
+def _key_proof(proof_key: bytes, label: bytes, nonce: bytes, prover: str, asker: str) -> str:
+    message = label + b"\0" + nonce + prover.encode() + b"\0" + asker.encode()
+    return hmac.new(proof_key, message, hashlib.sha256).hexdigest()
 
 
 def master_proof(proof_key: bytes, nonce: bytes, master: str, worker: str) -> str:
     """The hex HMAC a master returns for a worker's challenge ``nonce``."""
-    message = PROOF_LABEL + b"\0" + nonce + master.encode() + b"\0" + worker.encode()
-    return hmac.new(proof_key, message, hashlib.sha256).hexdigest()
+    return _key_proof(proof_key, PROOF_LABEL, nonce, master, worker)
+
+
+def worker_proof(proof_key: bytes, nonce: bytes, worker: str, master: str) -> str:
+    """The hex HMAC a worker returns for master.py's ``workerChallenge`` nonce (``proof_key``:
+    the key derived with WORKER_PROOF_LABEL, so that no master proof can pass for one)."""
+    return _key_proof(proof_key, WORKER_PROOF_LABEL, nonce, worker, master)
 
 
 def is_address(text: Any) -> bool:
@@ -5714,7 +5736,7 @@ class MasterTrust:
     def may_prove(self, address: str, now: float) -> bool:
         """Whether a proof may start: not banned, and the failure budget not spent."""
         return (self.allowed(address) and self._banned.get(address, 0.0) <= now
-                and self.locked_until(now) <= now)
+                and (address in self.proven or self.locked_until(now) <= now))
 
     def locked_until(self, now: float) -> float:
         """When the failure budget frees again (``<= now``: it is free)."""
@@ -7041,6 +7063,7 @@ class Worker:
         self._kick_timer: asyncio.TimerHandle | None = None
         self._caps = MasterCaps()
         self._proof_key = self.crypt.derive(PROOF_LABEL)
+        self._worker_proof_key = self.crypt.derive(WORKER_PROOF_LABEL)  # for master.py's challenge
         self._master_timeouts = 0
         self._delivery_lock = asyncio.Lock()
         self._last_kick = 0.0
@@ -7271,7 +7294,7 @@ class Worker:
         self.trust.said_yes(address, caps)
         if self.master is not None:
             return address == self.master  # a candidate only, while the master serves
-        if address in self.trust.proven:
+        if address in self.trust.proven and not caps.key_proof:  # master.py: see _challenge
             self._adopt(address, caps, "proved it before")
             await self.sync_assets()
             return True
@@ -7312,13 +7335,29 @@ class Worker:
             await asyncio.sleep(0.25)
 
     async def _challenge(self, address: str) -> None:
-        """master.py's proof: our fresh nonce, HMAC'd with both addresses under the key."""
+        """master.py's proof: our fresh nonce, HMAC'd with both addresses under the key;
+        then ours, for the nonce of its answer (awaited: it knows us before we ask for work)."""
         nonce = os.urandom(32)
         answer = await self.node.rpc(address, "isMaster", {"challenge": nonce.hex()}, timeout=CHECK_TIMEOUT)
-        proof = answer.get("proof") if isinstance(answer, dict) else None
+        answer = as_dict(answer)
+        proof = answer.get("proof")
         expected = master_proof(self._proof_key, nonce, address, self.address)
-        if not isinstance(proof, str) or not hmac.compare_digest(proof, expected):
+        proven = isinstance(proof, str) and proof.isascii() and hmac.compare_digest(proof, expected)
+        theirs = answer.get("workerChallenge")
+        if isinstance(theirs, str) and re.fullmatch(r"[0-9a-f]{64}", theirs):
+            ours = worker_proof(self._worker_proof_key, bytes.fromhex(theirs), self.address, address)
+            call = self._prove_key(address, ours)
+            if proven:
+                await call
+            else:  # for its user's sake (see the top of this section); never waited for
+                self._spawn(call)
+        if not proven:
             raise ProofFailed(address)
+
+    async def _prove_key(self, address: str, proof: str) -> None:
+        """``proveKey``: our answer to master.py's challenge; its answer says nothing."""
+        with contextlib.suppress(RpcTimeout, InvalidState):
+            await self.node.rpc(address, "proveKey", {"proof": proof}, timeout=CHECK_TIMEOUT)
 
     async def _asset_proof(self, address: str) -> VerifiedAssets:
         """A JS master's proof: every file, decrypted, hashes to what it says."""
@@ -7336,9 +7375,9 @@ class Worker:
             log.error("%d peers failed to prove the key lately: no unproven peer is asked until %s "
                       "(pin your master with master= in .env)", len(self.trust.failures),
                       time.strftime("%H:%M", time.localtime(time.time() + self.trust.locked_until(now) - now)))
-        log.error("%s says it is the master but did not prove that it holds our transferEncryptToken "
-                  "(the transferEncryptToken probably differs from the master's, or it is no master); "
-                  "not asked again for %d min", address, PROOF_BAN_SECONDS // 60)
+        log.error("%s holds a different transferEncryptToken, or is no master: it says it is the master "
+                  "but did not prove that it holds ours; not asked again for %d min",
+                  address, PROOF_BAN_SECONDS // 60)
 
     def _adopt(self, address: str, caps: MasterCaps, how: str) -> None:
         self.trust.adopt(address)
