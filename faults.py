@@ -27,8 +27,6 @@ import json
 import os
 import random
 import resource
-import shlex
-import shutil
 import socket
 import struct
 import subprocess
@@ -48,8 +46,9 @@ MIB = 1 << 20
 class Swarm:
     """master.py and one worker.py, the master kept supplied with jobs; results timed."""
 
-    def __init__(self, root: Path, worker_fds: int | None = None) -> None:
+    def __init__(self, root: Path, worker_fds: int | None = None, master_dials: bool = False) -> None:
         self.root = root
+        self.master_dials = master_dials  # the master has the worker in peers=, rather than the reverse
         self.token = "faults-%d" % random.randrange(1 << 40)
         self.master_port, self.port = t.free_port(), t.free_port()
         self.worker_fds = worker_fds
@@ -62,9 +61,11 @@ class Swarm:
         m.mkdir()
         wk.mkdir()
         (m / "task.py").write_text(TASK)
-        t.write_loopback_env(m, self.token, port=self.master_port, LOG_LEVEL="warn")
+        dials = {"peers": "127.0.0.1:%d" % (self.port if self.master_dials else self.master_port)}
+        t.write_loopback_env(m, self.token, port=self.master_port, LOG_LEVEL="warn",
+                             **(dials if self.master_dials else {}))
         t.write_loopback_env(wk, self.token, port=self.port, LOG_LEVEL="info",
-                             peers="127.0.0.1:%d" % self.master_port)
+                             **({} if self.master_dials else dials))
         self.master = await asyncio.create_subprocess_exec(
             sys.executable, str(HERE / "master.py"), "--task", "task.py", "--jobs", "-", cwd=m,
             env=t.clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -137,8 +138,8 @@ class Swarm:
 class Target:
     """What the attacker process knows of the worker: its port and the target's token."""
 
-    def __init__(self, port: int, token: str) -> None:
-        self.port, self.token = port, token
+    def __init__(self, port: int, token: str, master_port: int | None = None) -> None:
+        self.port, self.token, self.master_port = port, token, master_port
         #: what the attack made before it began
         self.prepared: object = None
 
@@ -314,6 +315,112 @@ async def deep_json(target: Target, until: float) -> dict:
     return {"messages": sent, "wires": wires}
 
 
+# Copied identities: a peer id and handshake keys are claims (PROTOCOL.md section 3)
+
+async def peer_facts(port: int, token: str, ident: w.Identity | None = None) -> tuple:
+    """Dial a peer as a bugout peer of our own (a Python one: ``-QP``); (its peer id, its BEP 10
+    handshake, reader, writer, our PeerWire), the wire still open."""
+    ident = ident or w.Identity()
+    infohash, _ = w.infohash_of(token)
+    wire = w.PeerWire(infohash, w.make_peer_id(), {"m": {"bo_channel": 4}, "id": token, "pk": ident.pk,
+                                                   "ek": ident.ek}, initiator=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(wire.data_to_send())
+    while wire.remote_extended is None:
+        data = await asyncio.wait_for(reader.read(1 << 16), 10)
+        if not data:
+            raise ConnectionError("the peer closed the wire")
+        wire.receive_data(data)
+        writer.write(wire.data_to_send())
+    return wire.remote_peer_id, wire.remote_extended, reader, writer, wire
+
+
+async def claim(port: int, token: str, peer_id: bytes, fields: dict) -> tuple:
+    """A wire to ``port`` claiming ``peer_id`` and the keys in ``fields``, dialed from a low port
+    (a dialer port that sorts first); (reader, writer)."""
+    infohash, _ = w.infohash_of(token)
+    ext = {"m": {"bo_channel": 4}, "id": token, "pk": fields["pk"], "ek": fields["ek"]}
+    for _ in range(100):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", random.randrange(10000, 20000)))
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            break
+        except OSError:
+            sock.close()
+    else:
+        raise OSError("no low port to dial from")
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(w.handshake_bytes(infohash, peer_id) + w.frame(20, b"\0" + w.bencode(ext)))
+    return reader, writer
+
+
+async def hold_claims(port: int, token: str, peer_id: bytes, fields: dict, until: float,
+                      payloads: list[bytes] = ()) -> int:
+    """Keep a claiming wire up until ``until`` (dialed again whenever it is closed), ``payloads``
+    written on each; how many wires it took."""
+    wires = 0
+    while time.monotonic() < until:
+        try:
+            reader, writer = await claim(port, token, peer_id, fields)
+        except OSError:
+            await asyncio.sleep(0.2)
+            continue
+        wires += 1
+        writer.write(b"".join(payload_frame(p) for p in payloads))
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            while await asyncio.wait_for(reader.read(1 << 16), max(0.01, until - time.monotonic())):
+                pass
+        writer.close()
+    return wires
+
+
+async def copied_master(target: Target, until: float) -> dict:
+    """The master's peer id and keys, read from its handshake, claimed on wires to the worker."""
+    peer_id, fields, _, writer, _ = await peer_facts(target.master_port, target.token)
+    writer.close()
+    return {"wires": await hold_claims(target.port, target.token, peer_id, fields, until)}
+
+
+async def copied_worker(target: Target, until: float) -> dict:
+    """The same against master.py: the worker's peer id and keys, claimed on wires to the master."""
+    peer_id, fields, _, writer, _ = await peer_facts(target.port, target.token)
+    writer.close()
+    return {"wires": await hold_claims(target.master_port, target.token, peer_id, fields, until)}
+
+
+async def master_pings(target: Target) -> tuple:
+    """Pings the master signed (a hello boxed for us, its broadcasts), kept until they are old:
+    (its peer id, its handshake, the signed pings). The worker saw none of the boxed ones."""
+    ident = w.Identity()
+    core = w.BugoutCore(target.token, ident)
+    peer_id, fields, reader, writer, wire = await peer_facts(target.master_port, target.token, ident)
+    master, pings = w.address_of(w.b58decode(fields["pk"])), []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(2.0):
+            while data := await reader.read(1 << 16):
+                wire.receive_data(data)
+                for event in wire.events_received():
+                    if isinstance(event, w.ExtensionPayload):
+                        core.receive_payload(event.payload, w._now())
+                        outer = w.bdecode(event.payload)
+                        signed = core._unbox(outer) if "e" in outer else outer
+                        if core.verified is not None and core.verified.address == master and signed:
+                            pings.append(w.bencode(signed))
+    writer.close()
+    await asyncio.sleep(w.FRESH_MS / 1000 + 1)  # a replay: they are old now
+    return peer_id, fields, pings
+
+
+async def replayed_ping(target: Target, until: float) -> dict:
+    """A wire claiming the master (its peer id and keys) replays the master's pings, made 11 s before."""
+    peer_id, fields, pings = target.prepared
+    wires = await hold_claims(target.port, target.token, peer_id, fields, until, pings)
+    return {"wires": wires, "pings replayed": len(pings)}
+
+
 #: name -> (attack, the worker's descriptor limit, what prepares its payloads)
 ATTACKS = {
     "garbage relayed": (garbage_relayed, None, None),
@@ -324,16 +431,24 @@ ATTACKS = {
     "identity flood": (identity_flood, None, identity_pings),
     "identity flood, 250 addresses": (identity_flood_spread, None, identity_pings),
     "deep JSON": (deep_json, None, None),
+    "copied master, worker dials": (copied_master, None, None),
+    "copied master, master dials": (copied_master, None, None),
+    "copied worker, at master.py": (copied_worker, None, None),
+    "replayed ping, claims master": (replayed_ping, None, master_pings),
 }
+#: attacks whose master dials the worker (its peers= names the worker), not the reverse
+MASTER_DIALS = {"copied master, master dials"}
 
 
-async def attacker(name: str, port: int, token: str, seconds: float) -> int:
+async def attacker(name: str, port: int, token: str, seconds: float, master_port: int | None = None) -> int:
     """The attacker process: prepare, say ready, wait for go, attack, print notes."""
     resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))  # it holds many sockets
     attack, _, prepare = ATTACKS[name]
-    target = Target(port, token)
+    target = Target(port, token, master_port)
     if prepare is not None:
         target.prepared = prepare(target)
+        if asyncio.iscoroutine(target.prepared):
+            target.prepared = await target.prepared
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     try:
@@ -347,13 +462,14 @@ async def attacker(name: str, port: int, token: str, seconds: float) -> int:
 async def measure(name: str, seconds: float) -> dict:
     """One attack on a fresh master and worker; the attacker is a process of its own."""
     with tempfile.TemporaryDirectory(prefix="qx-faults-") as tmp:
-        swarm = Swarm(Path(tmp), ATTACKS[name][1])
+        swarm = Swarm(Path(tmp), ATTACKS[name][1], name in MASTER_DIALS)
         proc = None
         try:
             await swarm.start()
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, str(HERE / "faults.py"), "--attacker", name, "--port", str(swarm.port),
-                "--token", swarm.token, "--seconds", str(seconds), cwd=HERE, stdin=subprocess.PIPE,
+                "--token", swarm.token, "--seconds", str(seconds), "--master-port", str(swarm.master_port),
+                cwd=HERE, stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE)
             await asyncio.wait_for(proc.stdout.readline(), 300)  # ready: its payloads are made
             await asyncio.sleep(2.0)  # warm
@@ -407,20 +523,16 @@ def main() -> int:
     parser.add_argument("--attacker", help=argparse.SUPPRESS)  # the attacker process: its attack,
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)  # the worker's port
     parser.add_argument("--token", help=argparse.SUPPRESS)  # and the swarm's token
+    parser.add_argument("--master-port", type=int, help=argparse.SUPPRESS)  # the master's port
     args = parser.parse_args()
     if args.attacker:
-        return asyncio.run(attacker(args.attacker, args.port, args.token, args.seconds))
+        return asyncio.run(attacker(args.attacker, args.port, args.token, args.seconds, args.master_port))
     unknown = [a for a in args.attacks if a not in ATTACKS]
     if unknown:
         parser.error("unknown attack(s): %s" % ", ".join(unknown))
-    if os.environ.get("QX_FAULTS_NAMESPACE") != "1":  # the network rule: only inside a namespace
-        if os.geteuid() != 0 or not shutil.which("unshare"):
-            print("faults.py needs root and unshare (it runs in a network namespace)", file=sys.stderr)
-            return 2
-        command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
-        script = ("ip link set lo up && ip route add 224.0.0.0/4 dev lo src 127.0.0.1 && "
-                  "QX_FAULTS_NAMESPACE=1 exec " + command)
-        return subprocess.call(["unshare", "-n", "sh", "-c", script], cwd=HERE)
+    status = t.in_own_namespace("QX_FAULTS_NAMESPACE", "faults.py")  # the network rule
+    if status is not None:
+        return status
     return asyncio.run(run(args.attacks or list(ATTACKS), args.seconds))
 
 
