@@ -14,6 +14,9 @@ from the start of the "before" window to the end, and the worker's CPU. The
 attacker runs on the same cores as master and worker: the "during" rate pays
 for its CPU too. ``QX_FAULTS_LOG=1`` prints the end of each worker's log,
 ``QX_FAULTS_PROFILE=FILE`` runs the worker under cProfile.
+The attacks from a tracker, WebRTC and the DHT are the attacker's own ``ws://``
+tracker or DHT node, named in the worker's .env (no ICE server), which the
+attacker starts before the worker and which behave until the attack begins.
 The ``dependencies`` attack (a list of 10,000) belongs to the Worker's checks.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import itertools
 import json
 import os
@@ -33,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import support as t
@@ -52,6 +57,8 @@ class Swarm:
         self.token = "faults-%d" % random.randrange(1 << 40)
         self.master_port, self.port = t.free_port(), t.free_port()
         self.worker_fds = worker_fds
+        #: more .env keys for the worker (an attack's trackers or DHT bootstrap node)
+        self.worker_env: dict[str, str] = {}
         self.stamps: list[float] = []
         self.pushed = 0
         self.log = open(root / "worker.log", "wb")  # noqa: SIM115 - the worker's stderr, all run long
@@ -65,7 +72,7 @@ class Swarm:
         t.write_loopback_env(m, self.token, port=self.master_port, LOG_LEVEL="warn",
                              **(dials if self.master_dials else {}))
         t.write_loopback_env(wk, self.token, port=self.port, LOG_LEVEL="info",
-                             **({} if self.master_dials else dials))
+                             **({} if self.master_dials else dials), **self.worker_env)
         self.master = await asyncio.create_subprocess_exec(
             sys.executable, str(HERE / "master.py"), "--task", "task.py", "--jobs", "-", cwd=m,
             env=t.clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -138,8 +145,10 @@ class Swarm:
 class Target:
     """What the attacker process knows of the worker: its port and the target's token."""
 
-    def __init__(self, port: int, token: str, master_port: int | None = None) -> None:
+    def __init__(self, port: int, token: str, aux_port: int = 0, master_port: int = 0) -> None:
         self.port, self.token, self.master_port = port, token, master_port
+        #: where the attacker's own tracker or DHT node listens (the worker is told in its .env)
+        self.aux_port = aux_port
         #: what the attack made before it began
         self.prepared: object = None
 
@@ -315,6 +324,149 @@ async def deep_json(target: Target, until: float) -> dict:
     return {"messages": sent, "wires": wires}
 
 
+# Attacks from a tracker, from WebRTC peers and from the DHT ##################
+#
+# The worker is told of the attacker's own tracker (``trackers=ws://...``, no
+# ICE server) or DHT node (``dhtBootstrap``) in its .env; the attacker process
+# starts them before the worker (``prepare``), and they behave until "go".
+
+def via_tracker(attack: Callable) -> Callable:
+    """The worker uses the attacker's WebSocket tracker, host candidates only."""
+    attack.worker_env = lambda aux: {"trackers": "ws://127.0.0.1:%d" % aux, "iceServers": ""}
+    return attack
+
+
+#: the hostile DHT node's address (the master's and the worker's are 127.0.0.1)
+DHT_HOST = "127.0.5.1"
+
+
+def via_dht(attack: Callable) -> Callable:
+    """The worker's DHT starts from the attacker's node."""
+    attack.worker_env = lambda aux: {"dht": "true", "dhtBootstrap": "%s:%d" % (DHT_HOST, aux)}
+    return attack
+
+
+async def hostile_tracker(target: Target) -> t.HostileTracker:
+    return await t.HostileTracker(target.token, target.aux_port).start()
+
+
+@via_tracker
+async def tracker_log_flood(target: Target, until: float) -> dict:
+    """A tracker sending a 1,000-character ``failure reason`` in a loop."""
+    tracker: t.HostileTracker = target.prepared
+    frame = json.dumps({"action": "announce", "info_hash": tracker.info_hash, "failure reason": "x" * 1000})
+    return await tracker.flood(until, lambda: frame)
+
+
+@via_tracker
+async def offer_flood(target: Target, until: float) -> dict:
+    """Valid offers (aiortc's), each from a new peer id, relayed as fast as the socket takes them."""
+    tracker: t.HostileTracker = target.prepared
+    return await tracker.flood(until, lambda: tracker.relay("offer", tracker.sdp["offer"]))
+
+
+@via_tracker
+async def answer_flood(target: Target, until: float) -> dict:
+    """Valid answers to offers the worker never made."""
+    tracker: t.HostileTracker = target.prepared
+    return await tracker.flood(until, lambda: tracker.relay("answer", tracker.sdp["answer"]))
+
+
+#: SDP that aiortc must refuse: cut short, lines of junk, a missing fingerprint, numbers out of range
+MALFORMED_SDP = ("v=0\r\n", "garbage", "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=application",
+                 ("v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=ice-ufrag:x\r\n"
+                  "a=candidate:1 1 udp 99999999999 999.1.1.1 -5 typ host\r\n"), "\r\n" * 1000)
+
+
+@via_tracker
+async def malformed_sdp(target: Target, until: float) -> dict:
+    """Offers whose SDP aiortc cannot take, and offers with a valid SDP cut at random places."""
+    tracker: t.HostileTracker = target.prepared
+    good = tracker.sdp["offer"]
+    return await tracker.flood(until, lambda: tracker.relay(
+        "offer", random.choice(MALFORMED_SDP + (good[:random.randrange(len(good))],))))
+
+
+@via_tracker
+async def huge_sdp_offers(target: Target, until: float) -> dict:
+    """Offers of 20,000 host candidates (about 1 MB of SDP), one a second."""
+    tracker: t.HostileTracker = target.prepared
+    offer = t.huge_sdp(tracker.sdp["offer"])
+    sent = 0
+    while time.monotonic() < until:
+        for ws in list(tracker.sockets):
+            with contextlib.suppress(Exception):
+                await ws.send(tracker.relay("offer", offer))
+                sent += 1
+        await asyncio.sleep(1.0)
+    return {"offers sent": sent, "sdp bytes": len(offer), "tracker connections": tracker.connections}
+
+
+@via_tracker
+async def channel_message_flood(target: Target, until: float, size: int = 65 * MIB) -> dict:
+    """A peer that the worker answers (through the tracker), then one data-channel message of
+    65 MiB: more than the worker's maxMessage (64 MiB); again on a new connection when closed."""
+    import aiortc
+    tracker: t.HostileTracker = target.prepared
+    config = aiortc.RTCConfiguration(iceServers=[])
+    notes = {"connections": 0, "messages sent": 0, "answers": 0}
+    while time.monotonic() < until:
+        pc = aiortc.RTCPeerConnection(config)
+        channel = pc.createDataChannel("bugout")
+        opened, closed = asyncio.Event(), asyncio.Event()
+        channel.on("open", opened.set)
+        channel.on("close", closed.set)
+        await pc.setLocalDescription(await pc.createOffer())
+        peer_id, offer_id = os.urandom(20).decode("latin-1"), os.urandom(20).decode("latin-1")
+        seen = len(tracker.received)
+        for ws in list(tracker.sockets):
+            with contextlib.suppress(Exception):
+                await ws.send(tracker.relay("offer", pc.localDescription.sdp, peer_id, offer_id))
+        try:
+            async with asyncio.timeout(max(0.1, until - time.monotonic())):
+                while not any(f.get("offer_id") == offer_id and "answer" in f for f in tracker.received[seen:]):
+                    await asyncio.sleep(0.02)
+                answer = next(f for f in tracker.received[seen:] if f.get("offer_id") == offer_id)
+                notes["answers"] += 1
+                await pc.setRemoteDescription(aiortc.RTCSessionDescription(**answer["answer"]))
+                await opened.wait()
+                notes["connections"] += 1
+                pc.sctp._remote_max_message_size = 0  # a hostile sender ignores the max-message-size it was told
+                channel.send(bytes(size))
+                notes["messages sent"] += 1
+                await closed.wait()
+        except TimeoutError:
+            pass
+        finally:
+            await pc.close()
+    return notes
+
+
+async def hostile_dht(target: Target) -> t.HostileDht:
+    """The Sybil node on ``aux_port`` and 63 more ports of DHT_HOST."""
+    return await t.HostileDht.start(DHT_HOST, [target.aux_port] + [0] * 63)
+
+
+@via_dht
+async def dht_flood(target: Target, until: float) -> dict:
+    """The worker's bootstrap node is a Sybil of 64 ports that answers with fake nodes and hanging
+    peers; from go, it sends the worker's DHT port queries from every port (each asks to be pinged
+    back), junk, 64 KB datagrams and answers nobody asked for, as fast as it can."""
+    node: t.HostileDht = target.prepared
+    worker = ("127.0.0.1", target.port)  # the worker's DHT port: its TCP port's number
+    junk = [b"", b"d1:t2:aa1:y1:qe", b"l" * 5000, os.urandom(1400), b"d" * 65000,
+            bytes(w.KrpcResponse(b"zz", {"id": os.urandom(20), "nodes": os.urandom(26 * 100)}))]
+    sent = 0
+    while time.monotonic() < until:
+        for port, transport in node.transports.items():
+            ping = w.KrpcQuery(os.urandom(2), "ping", {"id": node.node_id(port)})
+            transport.sendto(bytes(ping), worker)
+            transport.sendto(random.choice(junk), worker)
+            sent += 2
+        await asyncio.sleep(0.001)
+    return {"datagrams sent": sent, **{"queries " + k: v for k, v in node.queries.items()}}
+
+
 # Copied identities: a peer id and handshake keys are claims (PROTOCOL.md section 3)
 
 async def peer_facts(port: int, token: str, ident: w.Identity | None = None) -> tuple:
@@ -391,12 +543,22 @@ async def copied_worker(target: Target, until: float) -> dict:
     return {"wires": await hold_claims(target.master_port, target.token, peer_id, fields, until)}
 
 
-async def master_pings(target: Target) -> tuple:
-    """Pings the master signed (a hello boxed for us, its broadcasts), kept until they are old:
-    (its peer id, its handshake, the signed pings). The worker saw none of the boxed ones."""
+def master_pings(target: Target) -> dict:
+    """Collect, in the background once the master is up, pings the master signed: a hello boxed
+    for us (the worker saw none of these) and its broadcasts."""
+    return {"pings": asyncio.ensure_future(_collect_pings(target))}  # not awaitable: the master starts later
+
+
+async def _collect_pings(target: Target) -> tuple:
+    """(the master's peer id, its handshake, the pings it signed, when they came)."""
     ident = w.Identity()
     core = w.BugoutCore(target.token, ident)
-    peer_id, fields, reader, writer, wire = await peer_facts(target.master_port, target.token, ident)
+    while True:
+        try:
+            peer_id, fields, reader, writer, wire = await peer_facts(target.master_port, target.token, ident)
+            break
+        except OSError:
+            await asyncio.sleep(0.2)
     master, pings = w.address_of(w.b58decode(fields["pk"])), []
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(2.0):
@@ -410,13 +572,13 @@ async def master_pings(target: Target) -> tuple:
                         if core.verified is not None and core.verified.address == master and signed:
                             pings.append(w.bencode(signed))
     writer.close()
-    await asyncio.sleep(w.FRESH_MS / 1000 + 1)  # a replay: they are old now
-    return peer_id, fields, pings
+    return peer_id, fields, pings, time.monotonic()
 
 
 async def replayed_ping(target: Target, until: float) -> dict:
-    """A wire claiming the master (its peer id and keys) replays the master's pings, made 11 s before."""
-    peer_id, fields, pings = target.prepared
+    """A wire claiming the master (its peer id and keys) replays pings the master signed 11 s before."""
+    peer_id, fields, pings, got = await target.prepared["pings"]
+    await asyncio.sleep(max(0.0, got + w.FRESH_MS / 1000 + 1 - time.monotonic()))  # old now: replays
     wires = await hold_claims(target.port, target.token, peer_id, fields, until, pings)
     return {"wires": wires, "pings replayed": len(pings)}
 
@@ -431,6 +593,13 @@ ATTACKS = {
     "identity flood": (identity_flood, None, identity_pings),
     "identity flood, 250 addresses": (identity_flood_spread, None, identity_pings),
     "deep JSON": (deep_json, None, None),
+    "tracker: failure reasons in a loop": (tracker_log_flood, None, hostile_tracker),
+    "tracker: offer flood": (offer_flood, None, hostile_tracker),
+    "tracker: answers to no offer": (answer_flood, None, hostile_tracker),
+    "tracker: malformed SDP": (malformed_sdp, None, hostile_tracker),
+    "tracker: 20,000-candidate SDP": (huge_sdp_offers, None, hostile_tracker),
+    "webrtc: 65 MiB channel message": (channel_message_flood, None, hostile_tracker),
+    "dht: hostile bootstrap node": (dht_flood, None, hostile_dht),
     "copied master, worker dials": (copied_master, None, None),
     "copied master, master dials": (copied_master, None, None),
     "copied worker, at master.py": (copied_worker, None, None),
@@ -440,14 +609,15 @@ ATTACKS = {
 MASTER_DIALS = {"copied master, master dials"}
 
 
-async def attacker(name: str, port: int, token: str, seconds: float, master_port: int | None = None) -> int:
+async def attacker(name: str, port: int, token: str, seconds: float, aux_port: int = 0,
+                   master_port: int = 0) -> int:
     """The attacker process: prepare, say ready, wait for go, attack, print notes."""
     resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))  # it holds many sockets
     attack, _, prepare = ATTACKS[name]
-    target = Target(port, token, master_port)
+    target = Target(port, token, aux_port, master_port)
     if prepare is not None:
         target.prepared = prepare(target)
-        if asyncio.iscoroutine(target.prepared):
+        if inspect.isawaitable(target.prepared):  # a server of its own, up before the worker
             target.prepared = await target.prepared
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
@@ -463,15 +633,17 @@ async def measure(name: str, seconds: float) -> dict:
     """One attack on a fresh master and worker; the attacker is a process of its own."""
     with tempfile.TemporaryDirectory(prefix="qx-faults-") as tmp:
         swarm = Swarm(Path(tmp), ATTACKS[name][1], name in MASTER_DIALS)
+        aux_port = t.free_port()
+        swarm.worker_env = getattr(ATTACKS[name][0], "worker_env", lambda aux: {})(aux_port)
         proc = None
         try:
-            await swarm.start()
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, str(HERE / "faults.py"), "--attacker", name, "--port", str(swarm.port),
-                "--token", swarm.token, "--seconds", str(seconds), "--master-port", str(swarm.master_port),
-                cwd=HERE, stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE)
-            await asyncio.wait_for(proc.stdout.readline(), 300)  # ready: its payloads are made
+                "--token", swarm.token, "--seconds", str(seconds), "--aux-port", str(aux_port),
+                "--master-port", str(swarm.master_port), cwd=HERE,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            await asyncio.wait_for(proc.stdout.readline(), 300)  # ready: its payloads (and servers) are made
+            await swarm.start()
             await asyncio.sleep(2.0)  # warm
             before = time.monotonic()
             await asyncio.sleep(5.0)
@@ -506,10 +678,10 @@ async def run(names: list[str], seconds: float) -> int:
     for name in names:
         rows.append(await measure(name, seconds))
         print("  %s: %s" % (name, json.dumps(rows[-1])), flush=True)
-    print("\n%-26s %8s %10s %10s %7s %9s %11s" % ("attack", "RSS MB", "before/s", "during/s",
+    print("\n%-34s %8s %10s %10s %7s %9s %11s" % ("attack", "RSS MB", "before/s", "during/s",
                                                      "lines", "max gap s", "worker CPU"))
     for row in rows:
-        print("%-26s %8.1f %10.0f %10.0f %7d %9.2f %10.0f%%" % (
+        print("%-34s %8.1f %10.0f %10.0f %7d %9.2f %10.0f%%" % (
             row["attack"], row["peak_rss_mb"], row["jobs_per_s_before"], row["jobs_per_s_during"],
             row["log_lines"], row["longest_gap_s"], 100 * row["worker_cpu"]))
     return 0
@@ -523,10 +695,12 @@ def main() -> int:
     parser.add_argument("--attacker", help=argparse.SUPPRESS)  # the attacker process: its attack,
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)  # the worker's port
     parser.add_argument("--token", help=argparse.SUPPRESS)  # and the swarm's token
-    parser.add_argument("--master-port", type=int, help=argparse.SUPPRESS)  # the master's port
+    parser.add_argument("--aux-port", type=int, default=0, help=argparse.SUPPRESS)  # its tracker's or DHT's
+    parser.add_argument("--master-port", type=int, default=0, help=argparse.SUPPRESS)  # the master's port
     args = parser.parse_args()
     if args.attacker:
-        return asyncio.run(attacker(args.attacker, args.port, args.token, args.seconds, args.master_port))
+        return asyncio.run(attacker(args.attacker, args.port, args.token, args.seconds, args.aux_port,
+                                    args.master_port))
     unknown = [a for a in args.attacks if a not in ATTACKS]
     if unknown:
         parser.error("unknown attack(s): %s" % ", ".join(unknown))

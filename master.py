@@ -84,6 +84,7 @@ from worker import (
     make_seed,
     master_proof,
     node_options,
+    private_files,
     process_rss_bytes,
     storable_json,
     write_env_file,
@@ -185,8 +186,12 @@ class Store:
         self._commits = self._synced = self._changes = 0
         self._syncing: asyncio.Future | None = None
         try:
+            if self.keeps_data and not os.path.exists(self.path):  # results in clear: 0600, and
+                private_files(self.path)  # so its -wal and -shm files, as SQLite copies the mode
             self.db = sqlite3.connect(self.path, timeout=2.0, isolation_level=None,
                                       check_same_thread=False)
+        except OSError as exc:
+            raise DatabaseError(f"cannot open {self.path}: {exc.strerror or exc}") from None
         except sqlite3.Error as exc:
             raise DatabaseError(f"cannot open {self.path}: {exc}") from None
         try:
@@ -198,6 +203,8 @@ class Store:
             if isinstance(exc, sqlite3.Error):
                 raise self._refusal(exc) from None
             raise DatabaseError(f"cannot use {self.path}: {exc}") from None
+        if self.keeps_data:  # ours, checked: one an older master.py made 0644 becomes 0600 too
+            private_files(self.path, self.path + "-wal", self.path + "-shm")
 
     def _refusal(self, exc: sqlite3.Error) -> DatabaseError:
         if "locked" in str(exc) or "busy" in str(exc):
@@ -495,7 +502,8 @@ class ResultsFile:
         self.path = Path(path)
         self.store = store
         try:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            private_files(self.path)  # results: for this user alone
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         except OSError as exc:
             raise DatabaseError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         #: the file's length, the last result in it (results.seq), when it was last synced

@@ -9,6 +9,8 @@ nothing and reads nothing (the vectors are read on first use).
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import functools
 import hashlib
 import json
@@ -245,3 +247,182 @@ def in_own_namespace(flag: str, what: str) -> int | None:
     script = ("ip link set lo up && ip route add 224.0.0.0/4 dev lo src 127.0.0.1 && "
               "%s=1 exec %s" % (flag, command))
     return subprocess.call(["unshare", "-n", "sh", "-c", script], cwd=HERE)
+
+
+# A hostile tracker ##########################################################
+
+async def sdp_pair() -> dict[str, str]:
+    """An offer and its answer, as aiortc makes them (no ICE server), whose peer connections
+    are already closed: well-formed, and dead."""
+    import aiortc
+    config = aiortc.RTCConfiguration(iceServers=[])
+    offerer, answerer = aiortc.RTCPeerConnection(config), aiortc.RTCPeerConnection(config)
+    offerer.createDataChannel("bugout")
+    await offerer.setLocalDescription(await offerer.createOffer())
+    await answerer.setRemoteDescription(offerer.localDescription)
+    await answerer.setLocalDescription(await answerer.createAnswer())
+    sdp = {"offer": offerer.localDescription.sdp, "answer": answerer.localDescription.sdp}
+    await offerer.close()
+    await answerer.close()
+    return sdp
+
+
+class HostileTracker:
+    """A WebSocket tracker on 127.0.0.1 that answers announces as bittorrent-tracker does and relays
+    nothing: what else it sends is the test's (faults.py's attacks, the tests of trackers' bounds)."""
+
+    def __init__(self, token: str, port: int = 0) -> None:
+        self.port = port
+        self.info_hash = w.infohash_of(token)[0].decode("latin-1")
+        self.sockets: set = set()
+        #: the frames the worker sent us (announces, answers), newest last
+        self.received: list[dict] = []
+        self.connections = 0
+        self.sdp: dict[str, str] = {}  # an offer and an answer aiortc made, for the floods
+
+    async def close(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def start(self) -> HostileTracker:
+        from websockets.asyncio.server import serve
+        self.server = await serve(self._serve, "127.0.0.1", self.port, compression=None, max_size=None)
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.url = "ws://127.0.0.1:%d" % self.port
+        self.sdp = await sdp_pair()
+        return self
+
+    async def _serve(self, ws: Any) -> None:
+        from websockets.exceptions import ConnectionClosed
+        self.sockets.add(ws)
+        self.connections += 1
+        try:
+            async for text in ws:
+                frame = json.loads(text)
+                self.received.append(frame)
+                if frame.get("action") == "announce" and "answer" not in frame:
+                    await ws.send(json.dumps({"action": "announce", "interval": 120, "complete": 1,
+                                              "incomplete": 0, "info_hash": self.info_hash}))
+        except (ConnectionClosed, ValueError):
+            pass
+        finally:
+            self.sockets.discard(ws)
+
+    def relay(self, kind: str, sdp: str, peer_id: str | None = None, offer_id: str | None = None) -> str:
+        """A relayed offer or answer as bittorrent-tracker writes it."""
+        return json.dumps({"action": "announce", "info_hash": self.info_hash,
+                           "peer_id": peer_id or os.urandom(20).decode("latin-1"),
+                           "offer_id": offer_id or os.urandom(20).decode("latin-1"),
+                           kind: {"type": kind, "sdp": sdp}})
+
+    async def flood(self, until: float, frames: Callable[[], str]) -> dict:
+        """Send ``frames()`` to every connected worker as fast as the sockets take them."""
+        from websockets.exceptions import ConnectionClosed
+        sent = 0
+        while time.monotonic() < until:
+            if not self.sockets:
+                await asyncio.sleep(0.05)
+            for ws in list(self.sockets):
+                with contextlib.suppress(ConnectionClosed, TimeoutError):  # a worker that reads no more
+                    async with asyncio.timeout(max(0.01, until - time.monotonic())):
+                        await ws.send(frames())
+                        sent += 1
+            if sent % 100 == 0:
+                await asyncio.sleep(0)  # a worker in this process gets its turns
+        return {"frames sent": sent, "tracker connections": self.connections}
+
+
+def huge_sdp(sdp: str, candidates: int = 20_000) -> str:
+    """``sdp`` with this many host candidates more (each a different address): about 1 MB,
+    short of the 1 MiB frames the worker took before the bounds."""
+    lines = ["a=candidate:1 1 udp 1 10.%d.%d.%d %d typ host" % (i >> 16 & 255, i >> 8 & 255,
+                                                               i & 255 or 1, 1024 + i % 60000)
+             for i in range(candidates)]
+    head, sep, tail = sdp.partition("a=ice-pwd:")
+    pwd, _, rest = tail.partition("\r\n")
+    return head + sep + pwd + "\r\n" + "\r\n".join(lines) + "\r\n" + rest
+
+
+# A hostile DHT node #########################################################
+
+async def hanging_peers(count: int, host: str = "127.0.9.%d") -> tuple[list[tuple[str, int]], list[socket.socket]]:
+    """Addresses whose SYNs go unanswered (a dial hangs until its timeout), and the sockets that
+    make them so (keep them open): listeners with a full backlog that never accept."""
+    addrs, sockets = [], []
+    for i in range(count):
+        sock = socket.socket()
+        sock.bind((host % (i + 1), 0))
+        sock.listen(0)
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(sock.getsockname())
+        sockets += [sock, filler]
+        addrs.append(sock.getsockname())
+    await asyncio.sleep(0.05)  # the fillers' handshakes fill the backlogs
+    return addrs, sockets
+
+
+class HostileDht:
+    """A DHT node on many UDP ports of one address (a Sybil). Every answer names 8 of its own
+    ports as nodes, with ids as close to the target as ids can be (``sybil``; else none), and
+    a get_peers answer gives ``peers`` (say, 50 that hang)."""
+
+    def __init__(self, host: str, ports: list[int], peers: list[tuple[str, int]], sybil: bool) -> None:
+        self.host, self.ports, self.peers, self.sybil = host, ports, peers, sybil
+        self.transports: dict[int, Any] = {}
+        self.queries: collections.Counter = collections.Counter()
+        self.sockets: list[socket.socket] = []
+
+    @classmethod
+    async def start(cls, host: str, ports: list[int], peers: int = 50, sybil: bool = True) -> HostileDht:
+        """On ``ports`` of ``host`` (0: any), with ``peers`` hanging peers."""
+        addrs, sockets = await hanging_peers(peers)
+        node = cls(host, [], addrs, sybil)
+        node.sockets = sockets
+        loop = asyncio.get_running_loop()
+        for port in ports:
+            transport, _ = await loop.create_datagram_endpoint(lambda: _SybilPort(node), local_addr=(host, port))
+            node.transports[transport.get_extra_info("sockname")[1]] = transport
+        node.ports = list(node.transports)
+        return node
+
+    def close(self) -> None:
+        for transport in self.transports.values():
+            transport.close()
+        for sock in self.sockets:
+            sock.close()
+
+    def node_id(self, port: int, near: bytes | None = None) -> bytes:
+        if near is None:
+            return hashlib.sha1(b"sybil %d" % port).digest()
+        return near[:18] + port.to_bytes(2, "big")  # as close to the target as anyone can be
+
+    def answer(self, port: int, data: bytes, addr: tuple) -> None:
+        """Answer a query that came to ``port``."""
+        with contextlib.suppress(w.DecodeError):
+            query = w.parse_krpc(data)
+            if not isinstance(query, w.KrpcQuery):
+                return
+            self.queries[query.method] += 1
+            near = query.args.get("target") or query.args.get("info_hash")
+            near = near if isinstance(near, bytes) and len(near) == 20 else None
+            values: dict = {"token": b"tok"}
+            if self.sybil:
+                others = random.sample(self.ports, min(8, len(self.ports)))
+                values["nodes"] = b"".join(self.node_id(p, near) + w.compact_addr((self.host, p)) for p in others)
+            if query.method == "get_peers" and self.peers:
+                values["values"] = [w.compact_addr(a) for a in self.peers]
+            reply = w.KrpcResponse(query.t, {"id": self.node_id(port, near if self.sybil else None), **values})
+            self.transports[port].sendto(bytes(reply), addr)
+
+
+class _SybilPort(asyncio.DatagramProtocol):
+    def __init__(self, node: HostileDht) -> None:
+        self.node, self.port = node, 0
+
+    def connection_made(self, transport: Any) -> None:
+        self.port = transport.get_extra_info("sockname")[1]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.node.answer(self.port, data, addr)

@@ -12,7 +12,7 @@ Usage::
 
     python worker.py --setup     # write .env (tokens) by prompting
     python worker.py             # wait for jobs
-    python worker.py --demo      # a local master, demo jobs, loopback only
+    python worker.py --demo      # master.py and demo jobs on loopback only (needs master.py)
 
 Exceptions::
 
@@ -82,9 +82,11 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import difflib
 import enum
 import errno
 import functools
+import getpass
 import hashlib
 import heapq
 import hmac
@@ -93,6 +95,7 @@ import inspect
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -266,6 +269,11 @@ class _RateLimit:
             self._buckets.popitem(last=False)
         return allowed
 
+    def tokens(self, key: Any, now: float) -> float:
+        """What ``key`` has left now (a full burst if unknown)."""
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + max(now - last, 0.0) * self.rate)
+
 
 #: Seconds between two log lines of one kind that peers can provoke.
 LOG_INTERVAL = 60.0
@@ -358,13 +366,31 @@ def as_dict(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def private_files(path: str | Path, *more: str | Path) -> None:
+    """Make files that hold job data or results mode 0600, whatever the umask.
+
+    ``path`` is created (empty) when missing; ``more`` are changed where they
+    exist. SQLite gives a database's -wal and -shm files the database file's
+    mode when it makes them, so a database made 0600 first keeps them private.
+    """
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    for name in (path, *more):
+        with contextlib.suppress(OSError):  # gone, or another user's: SQLite says what is wrong
+            os.chmod(name, 0o600)
+
+
 # Settings ###################################################################
 #
 # Every setting is read here, once, into one frozen Settings: the explicit
 # argument when it is not None, else the key of .env or of the environment
 # (load_env: the environment wins) when it is set and not empty, else the
-# default; then it is read as its type. ``trackers`` and ``iceServers`` differ
-# in one point: set and empty means none (WebRTC off; host candidates only).
+# default; then it is read as its type, within its range. ``trackers`` and
+# ``iceServers`` differ in one point: set and empty means none (WebRTC off;
+# host candidates only). A value out of range, or not one of a key's words, is
+# a WorkerError naming the key and what to give (one line and exit 2 at the
+# command line, never a fallback); a key that is no setting is named in a
+# warning, with the key it most likely meant, and the start goes on: the file
+# may be shared with other programs, and a mistyped key leaves a working default.
 # The Worker takes a Settings, master.py too, and so does the node (Bugout),
 # which hands it on to the DHT, the trackers and WebRTC. All three take its
 # fields as keyword arguments too; they are listed once, below.
@@ -378,6 +404,10 @@ DEFAULT_ICE_SERVERS = ("stun:stun.l.google.com:19302", "stun:global.stun.twilio.
 DEFAULT_MAX_PEERS = 55
 #: Inbound TCP connections at most (env ``maxInbound``).
 DEFAULT_MAX_INBOUND = 200
+#: ``maxMessage``'s range: a job, a result and a bugout packet's envelope must fit in the
+#: smallest; the largest is memory a Pi has (each wire may hold this much, unfinished).
+MIN_MESSAGE = 64 * 1024
+MAX_MESSAGE = 1024 * 1024 * 1024
 #: Public routers a node starts from when nothing else is configured.
 DHT_BOOTSTRAP = ("router.bittorrent.com:6881", "router.utorrent.com:6881",
                  "dht.transmissionbt.com:6881")
@@ -440,10 +470,33 @@ def _env_quote(value: str) -> str:
 
 
 def _word(value: Any) -> bool:
-    """An env word as a bool: ``false``, ``0``, ``no``, ``off``, empty are false."""
+    """An env word as a bool: ``true``, ``yes``, ``on``, ``1`` or ``false``, ``no``, ``off``, ``0``."""
     if isinstance(value, bool):
         return value
-    return str(value).strip().lower() not in ("false", "0", "no", "off", "")
+    text = str(value).strip().lower()
+    if text not in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        raise ValueError("give true or false")
+    return text in ("true", "yes", "on", "1")
+
+
+def _whole(low: int, high: int, what: str) -> Callable[[Any], int]:
+    """A reader of whole numbers from ``low`` to ``high``; ``what`` says what to give instead."""
+    def read(value: Any) -> int:
+        text = str(value).strip()
+        if not re.fullmatch(r"[+-]?[0-9]{1,12}", text) or not low <= int(text) <= high:
+            raise ValueError(f"give {what}")
+        return int(text)
+    return read
+
+
+def _one_of(*words: str) -> Callable[[Any], str]:
+    """A reader of one of ``words`` (any case)."""
+    def read(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in words:
+            raise ValueError("give " + " or ".join(words))
+        return text
+    return read
 
 
 def _split_setting(value: str | Iterable[str]) -> list[str]:
@@ -456,6 +509,10 @@ def _items(value: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(_split_setting(value))
 
 
+#: The most jobs at once (``concurrency``): each is a child process, so more is a typo.
+MAX_CONCURRENCY = 1024
+
+
 def parse_concurrency(value: Any) -> int:
     """``concurrency``: how many jobs run at once, each in a child; ``auto``: one per core."""
     text = str(value).strip().lower()
@@ -464,25 +521,27 @@ def parse_concurrency(value: Any) -> int:
             return len(os.sched_getaffinity(0))  # the cores this process may use
         except AttributeError:
             return os.cpu_count() or 1
-    if text.isdigit() and int(text) >= 1:
+    if text.isdigit() and 1 <= int(text) <= MAX_CONCURRENCY:
         return int(text)
-    raise WorkerError(f"concurrency={value!r}: give a whole number of jobs at once (1 or more) or auto")
+    raise WorkerError(f"concurrency={value!r}: give a whole number of jobs at once, 1 to "
+                      f"{MAX_CONCURRENCY}, or auto")
 
 
 def parse_seconds(value: Any) -> float:
     """``jobTimeout``, ``stopTimeout``: seconds, 0 or more."""
-    seconds = float(value)
-    if not seconds >= 0:  # NaN too
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:  # NaN too
         raise ValueError("give a number of seconds, 0 or more")
     return seconds
 
 
 def parse_count(value: Any) -> int:
-    """``batchSize``: a whole number, 1 or more."""
-    count = int(value)
-    if count < 1:
-        raise ValueError("give a whole number, 1 or more")
-    return count
+    """``batchSize``: 1 to MAX_BATCH_TASKS, the most jobs a worker takes from one answer
+    (a JS master keeps no lease: jobs asked for and not taken would be lost)."""
+    return _whole(1, MAX_BATCH_TASKS, f"a whole number of jobs, 1 to {MAX_BATCH_TASKS}")(value)
 
 
 def parse_memory_mb(value: Any) -> int | None:
@@ -493,6 +552,30 @@ def parse_memory_mb(value: Any) -> int | None:
     if text.isdigit():
         return int(text)
     raise WorkerError(f"jobMemoryMB={value!r}: give a whole number of megabytes, or 0 for no cap")
+
+
+def parse_host_ports(value: str | Iterable[str]) -> tuple[str, ...]:
+    """``peers``, ``dhtBootstrap``: ``host:port`` items, comma-separated, each port 1 to 65535."""
+    items = _items(value)
+    for item in items:
+        host, sep, port = item.rpartition(":")
+        if not sep or not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"give host:port items, comma-separated, each port 1 to 65535 (not {item})")
+    return items
+
+
+def parse_status_port(value: Any) -> int | None:
+    """``statusPort``: a TCP port, or ``off`` (None)."""
+    if str(value).strip().lower() in ("", "off"):
+        return None
+    return _whole(1, 65535, "a TCP port, 1 to 65535, or off")(value)
+
+
+def parse_log_level(value: Any) -> str:
+    """``LOG_LEVEL``: a word the Logger knows."""
+    if str(value).strip().lower() not in _LEVELS:
+        raise ValueError("give off, error, warn, info or debug")
+    return str(value)
 
 
 def parse_trackers(value: str | Iterable[str] | None) -> list[str]:
@@ -582,7 +665,7 @@ class Settings:
     transfer_encrypt_token: str | None = _setting("transferEncryptToken", secret=True)
     # the worker
     name: str = _setting("name", socket.gethostname)
-    loglevel: str | None = _setting("LOG_LEVEL")
+    loglevel: str | None = _setting("LOG_LEVEL", None, parse_log_level)
     log_file: str | None = _setting("logFile", None, lambda v: v or None)
     get_batch: bool = _setting("getBatch", False, _word)
     batch_size: int = _setting("batchSize", DEFAULT_BATCH_SIZE, parse_count)
@@ -591,27 +674,31 @@ class Settings:
     concurrency: int = _setting("concurrency", 1, parse_concurrency)
     job_memory_mb: int | None = _setting("jobMemoryMB", None, parse_memory_mb)
     stop_timeout: float = _setting("stopTimeout", 30, parse_seconds)
-    task_runner: str = _setting("taskRunner", "process", lambda v: str(v).strip().lower())
+    task_runner: str = _setting("taskRunner", "process", _one_of("process", "thread"))
     master: tuple[str, ...] = _setting("master", "", _items)
-    status_port: int | None = _setting("statusPort", None, lambda v: None if v in ("", "off") else int(v))
+    status_port: int | None = _setting("statusPort", None, parse_status_port)
     status_host: str = _setting("statusHost", "127.0.0.1", str)
     # the node: TCP, LSD, the DHT, trackers and WebRTC
     seed: str | None = _setting("seed", node=True)
     host: str = _setting("host", "0.0.0.0", node=True)
-    port: int = _setting("port", 0, int, node=True)
-    peers: tuple[str, ...] = _setting("peers", "", _items, node=True)
+    port: int = _setting("port", 0, _whole(0, 65535, "a TCP port, 0 (any free one) to 65535"), node=True)
+    peers: tuple[str, ...] = _setting("peers", "", parse_host_ports, node=True)
     lsd: bool = _setting("lsd", True, _word, node=True)
-    max_message: int = _setting("maxMessage", DEFAULT_MAX_MESSAGE, int, node=True)
-    max_inbound: int = _setting("maxInbound", DEFAULT_MAX_INBOUND, int, node=True)
+    max_message: int = _setting("maxMessage", DEFAULT_MAX_MESSAGE, _whole(
+        MIN_MESSAGE, MAX_MESSAGE, f"a number of bytes, {MIN_MESSAGE} to {MAX_MESSAGE}"), node=True)
+    max_inbound: int = _setting("maxInbound", DEFAULT_MAX_INBOUND,
+                                _whole(1, 65535, "a number of connections, 1 to 65535"), node=True)
     dht: bool = _setting("dht", True, _word, node=True)
-    dht_bootstrap: tuple[str, ...] = _setting("dhtBootstrap", DHT_BOOTSTRAP, _items, node=True)
-    dht_port: int | None = _setting("dhtPort", None, int, node=True)
+    dht_bootstrap: tuple[str, ...] = _setting("dhtBootstrap", DHT_BOOTSTRAP, parse_host_ports, node=True)
+    dht_port: int | None = _setting("dhtPort", None, _whole(0, 65535, "a UDP port, 0 (any free one) to 65535"),
+                                    node=True)
     trackers: tuple[str, ...] = _setting("trackers", lambda: DEFAULT_TRACKERS,
                                          lambda v: tuple(parse_trackers(v)), node=True, keep_empty=True)
     ice_servers: tuple[IceServer, ...] = _setting("iceServers", lambda: DEFAULT_ICE_SERVERS,
                                                   lambda v: tuple(parse_ice_servers(v)), node=True,
                                                   keep_empty=True)
-    max_peers: int = _setting("maxPeers", DEFAULT_MAX_PEERS, int, node=True)
+    max_peers: int = _setting("maxPeers", DEFAULT_MAX_PEERS, _whole(1, 1000, "a number of wires, 1 to 1000"),
+                              node=True)
 
     @classmethod
     def load(cls, env: dict[str, str] | None = None, **explicit: Any) -> Settings:
@@ -621,7 +708,11 @@ class Settings:
         unknown = explicit.keys() - {field.name for field in fields}
         if unknown:
             raise TypeError("no such setting: " + ", ".join(sorted(unknown)))
-        return cls(**{f.name: _read_setting(f.metadata, explicit.get(f.name), env) for f in fields})
+        settings = cls(**{f.name: _read_setting(f.metadata, explicit.get(f.name), env) for f in fields})
+        for key in [key for key in env if key not in SETTINGS]:
+            log.warning("unknown key %r%s: it is ignored (README, \"Settings\", lists every key)",
+                        key, "".join(f" (did you mean {near}?)" for near in _near_keys(key)))
+        return settings
 
     @classmethod
     def of(cls, settings: Settings | None, env: dict[str, str] | None, explicit: dict[str, Any]) -> Settings:
@@ -637,6 +728,16 @@ class Settings:
 NODE_SETTINGS = frozenset(f.name for f in dataclasses.fields(Settings) if f.metadata["node"])
 #: Every key the worker and master.py read (README, "Settings").
 SETTINGS = tuple(f.metadata["key"] for f in dataclasses.fields(Settings))
+
+
+def _near_keys(key: str) -> list[str]:
+    """The setting a mistyped key most likely meant: same letters in another case or without
+    ``_``, else a close spelling; or none."""
+    def bare(name: str) -> str:
+        return name.lower().replace("_", "").replace("-", "")
+    same = [known for known in SETTINGS if bare(known) == bare(key)]
+    lower = {known.lower(): known for known in SETTINGS}
+    return same or [lower[near] for near in difflib.get_close_matches(key.lower(), lower, 1, 0.75)]
 
 
 def node_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -731,6 +832,9 @@ class _Formatter(logging.Formatter):
                                  record.getMessage())
         if record.exc_info and log.isEnabledFor(logging.DEBUG):
             text += "\n" + self.formatException(record.exc_info)
+        # a task's text may hold lone surrogates (file names that are not UTF-8), which no
+        # UTF-8 stream takes: escaped here, every handler writes them (\udce9)
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
         if self.colour:
             return _COLOURS.get(record.levelno, "") + text + "\x1b[0m"
         return text
@@ -750,7 +854,13 @@ class Logger:
         handler.setFormatter(_Formatter(hasattr(stream, "isatty") and stream.isatty()))
         self.logger.addHandler(handler)
         if file:
-            file_handler = logging.FileHandler(file, encoding="utf-8", errors="backslashreplace")
+            with contextlib.suppress(OSError):  # task output lands there: FileHandler says what fails
+                private_files(file)
+            try:
+                file_handler = logging.FileHandler(file, encoding="utf-8", errors="backslashreplace")
+            except OSError as exc:
+                raise WorkerError(f"logFile={file!r}: cannot write it ({exc.strerror or exc}): "
+                                  "give a file in a folder this user may write") from None
             file_handler.setFormatter(_Formatter(False))
             self.logger.addHandler(file_handler)
 
@@ -916,6 +1026,8 @@ def _bdecode_at(data: bytes, pos: int, depth: int) -> tuple[Any, int]:
         colon = data.index(b":", pos)
         if colon - pos > 10:
             raise DecodeError("bencode string length too long")
+        if not data[pos:colon].isdigit():  # int() would take "1_0" and "3 ", which JS bencode refuses
+            raise DecodeError("bad bencode string length")
         size = int(data[pos:colon])
         start = colon + 1
         if start + size > len(data):
@@ -992,7 +1104,7 @@ def ripemd160(data: bytes) -> bytes:
     """RIPEMD-160 from hashlib, or the pure-Python version where it is missing."""
     try:
         return hashlib.new("ripemd160", data).digest()
-    except ValueError:  # OpenSSL 3.0.7+ moves it to the legacy provider
+    except ValueError:  # OpenSSL 3.0.0-3.0.6 keep it in the legacy provider only (3.0.7 put it back)
         return _ripemd160_py(data)
 
 
@@ -2445,6 +2557,19 @@ DHT_ANSWERS_PER_IP = 20.0
 DHT_STORE_HASHES = 512
 DHT_STORE_PEERS = 100
 DHT_MAX_VALUES = 50
+#: Against one host posing as many nodes (ids cost nothing in BEP 5): at most this
+#: many contacts of one IP address in the routing table and among a lookup's
+#: candidates (the bootstrap nodes always are), and at most DHT_PEERS_PER_IP peers
+#: a lookup takes from the answers of one address's nodes: half of MAX_DIALING, so
+#: one address never fills the dials (libtorrent keeps one node per IP).
+DHT_PER_IP = 2
+DHT_PEERS_PER_IP = 16
+#: Datagrams read a second, from one address and in all (a burst of as many), before
+#: any is decoded: what is over it is dropped, counted; over the second, the socket
+#: is not read until the budget is back (the kernel drops the rest). We answer
+#: DHT_ANSWERS_PER_SECOND and ask DHT_QUERIES_PER_SECOND: far below.
+DHT_DATAGRAMS_PER_IP = 50.0
+DHT_DATAGRAMS_PER_SECOND = 1000.0
 #: When Bugout looks its swarm up: seconds after start (WebTorrent 1.9 may drop
 #: the first DHT peer it meets, PROTOCOL.md section 7), then every so often.
 DHT_LOOKUP_AT = (0.0, 5.0, 15.0, 30.0)
@@ -2597,6 +2722,7 @@ class RoutingTable:
         self._own = int.from_bytes(own_id, "big")
         self._by_addr: dict[Addr, DhtContact] = {}
         self._spares: dict[int, collections.deque] = {}
+        self._per_ip: collections.Counter = collections.Counter()  # contacts of each IP address
 
     def __len__(self) -> int:
         return len(self._by_addr)
@@ -2624,6 +2750,8 @@ class RoutingTable:
     def _insert(self, contact: DhtContact, index: int, now: float) -> DhtContact | None:
         if contact.addr in self._by_addr:
             return None  # a spare whose address came back under another id
+        if self._per_ip[contact.addr[0]] >= DHT_PER_IP:
+            return None  # one host posing as many nodes
         bucket = self.buckets[index]
         bad = next((c for c in bucket if c.failures >= 2), None)
         if bad is not None:
@@ -2631,6 +2759,7 @@ class RoutingTable:
         if len(bucket) < self.k:
             bucket.append(contact)
             self._by_addr[contact.addr] = contact
+            self._per_ip[contact.addr[0]] += 1
             self.changed[index] = now
             return None
         spares = self._spares.setdefault(index, collections.deque(maxlen=self.k))
@@ -2642,6 +2771,9 @@ class RoutingTable:
     def _remove(self, contact: DhtContact) -> None:
         self.buckets[self.index(contact.id)].remove(contact)
         del self._by_addr[contact.addr]
+        self._per_ip[contact.addr[0]] -= 1
+        if not self._per_ip[contact.addr[0]]:
+            del self._per_ip[contact.addr[0]]
 
     def touch(self, node_id: bytes, addr: Addr, now: float) -> bool:
         """A known node queried us: it is still there. False when unknown."""
@@ -2651,11 +2783,11 @@ class RoutingTable:
         known.last_seen = now
         return True
 
-    def has_room(self, node_id: bytes) -> bool:
-        """True when a new node with this id would be kept."""
+    def has_room(self, node_id: bytes, addr: Addr) -> bool:
+        """True when a new node with this id and address would be kept."""
         index = self.index(node_id)
-        return index < 160 and (len(self.buckets[index]) < self.k
-                                or any(c.failures >= 2 for c in self.buckets[index]))
+        return index < 160 and self._per_ip[addr[0]] < DHT_PER_IP and (
+            len(self.buckets[index]) < self.k or any(c.failures >= 2 for c in self.buckets[index]))
 
     def failed(self, addr: Addr, now: float) -> None:
         """A node did not answer; after two misses in a row a spare takes its place."""
@@ -2701,6 +2833,8 @@ class _Candidate:
     node_id: bytes | None
     probe: _Probe = _Probe.NEW
     token: bytes | None = None
+    #: a bootstrap node: asked by every lookup, and told of our announce, however far its id
+    pinned: bool = False
 
 
 class _Lookup:
@@ -2711,18 +2845,35 @@ class _Lookup:
         self.queries = 0
         self.nodes: dict[Addr, _Candidate] = {}
         self.peers: set[Addr] = set()
+        #: peers taken from each IP address's answers (DHT_PEERS_PER_IP at most)
+        self.peers_from: collections.Counter = collections.Counter()
         self._key = int.from_bytes(target, "big")
+        self._per_ip: collections.Counter = collections.Counter()
 
-    def add(self, node_id: bytes | None, addr: Addr) -> None:
-        """A candidate; unknown ids (bootstrap routers) rank last."""
+    def add(self, node_id: bytes | None, addr: Addr, pinned: bool = False) -> None:
+        """A candidate (DHT_PER_IP of an address at most); unknown ids rank last."""
         if addr in self.nodes:
+            self.nodes[addr].pinned |= pinned
+            return
+        if not pinned and self._per_ip[addr[0]] >= DHT_PER_IP:
             return
         distance = (int.from_bytes(node_id, "big") ^ self._key) if node_id else 1 << 160
-        self.nodes[addr] = _Candidate(distance, node_id)
+        self.nodes[addr] = _Candidate(distance, node_id, pinned=pinned)
+        self._per_ip[addr[0]] += not pinned
         if len(self.nodes) > 8 * DHT_K:  # forget the farthest candidate not yet asked
-            fresh = [a for a, c in self.nodes.items() if c.probe is _Probe.NEW]
+            fresh = [a for a, c in self.nodes.items() if c.probe is _Probe.NEW and not c.pinned]
             if fresh:
-                del self.nodes[max(fresh, key=lambda a: self.nodes[a].distance)]
+                gone = max(fresh, key=lambda a: self.nodes[a].distance)
+                del self.nodes[gone]
+                self._per_ip[gone[0]] -= 1
+
+    def take_peers(self, source: Addr, found: list[Addr]) -> list[Addr]:
+        """The peers of an answer not seen in this lookup, DHT_PEERS_PER_IP per source address."""
+        room = min(DHT_PEERS_PER_IP - self.peers_from[source[0]], 1000 - len(self.peers))
+        fresh = list(dict.fromkeys(p for p in found if p not in self.peers))[:max(room, 0)]
+        self.peers.update(fresh)
+        self.peers_from[source[0]] += len(fresh)
+        return fresh
 
     def set(self, addr: Addr, probe: _Probe) -> None:
         candidate = self.nodes.get(addr)
@@ -2741,11 +2892,13 @@ class _Lookup:
         return sum(1 for c in self.nodes.values() if c.probe is probe)
 
     def next_queries(self) -> list[tuple[Addr, bytes | None]]:
-        """Candidates not asked yet among the k closest, as many as alpha allows."""
+        """The bootstrap nodes not asked yet, then the candidates not asked yet among the
+        k closest, as many as alpha allows."""
         live = [(c.distance, a) for a, c in self.nodes.items() if c.probe is not _Probe.FAILED]
         free = min(DHT_ALPHA - self.count(_Probe.ASKED), DHT_LOOKUP_QUERIES - self.queries)
-        fresh = [(a, self.nodes[a].node_id) for _, a in sorted(live)[:DHT_K]
-                 if self.nodes[a].probe is _Probe.NEW]
+        pinned = [a for a, c in self.nodes.items() if c.pinned and c.probe is _Probe.NEW]
+        closest = [a for _, a in sorted(live)[:DHT_K] if self.nodes[a].probe is _Probe.NEW]
+        fresh = [(a, self.nodes[a].node_id) for a in dict.fromkeys(pinned + closest)]
         return fresh[:max(free, 0)]
 
     def finished(self, now: float) -> bool:
@@ -2754,11 +2907,14 @@ class _Lookup:
         return not self.count(_Probe.ASKED) and not self.next_queries()
 
     def closest_with_tokens(self) -> list[tuple[Addr, bytes, bytes]]:
-        """(addr, id, token) of the k closest nodes that answered with a token."""
+        """(addr, id, token) of the k closest nodes that answered with a token, and of the
+        bootstrap nodes that did (where a lookup surely passes)."""
         ready = sorted((c.distance, a) for a, c in self.nodes.items()
                        if c.probe is _Probe.ANSWERED and c.token and c.node_id)
+        chosen = [a for _, a in ready[:DHT_K]]
+        chosen += [a for _, a in ready[DHT_K:] if self.nodes[a].pinned]
         return [(a, self.nodes[a].node_id, self.nodes[a].token)  # type: ignore[misc]
-                for _, a in ready[:DHT_K]]
+                for a in chosen]
 
 
 class _PeerStore:
@@ -2799,9 +2955,10 @@ class _PeerStore:
 
 @dataclasses.dataclass(frozen=True)
 class DhtPeers:
-    """A get_peers lookup found peers of an infohash (new ones only)."""
+    """A get_peers lookup found peers of an infohash (new ones only), in ``source``'s answer."""
     info_hash: bytes
     peers: tuple[Addr, ...]
+    source: Addr | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2850,6 +3007,8 @@ class DhtCore:
         self._limit_out = _RateLimit(DHT_QUERIES_PER_SECOND, DHT_QUERIES_PER_SECOND, 1)
         self._limit_in = _RateLimit(DHT_ANSWERS_PER_SECOND, DHT_ANSWERS_PER_SECOND, 1)
         self._limit_ip = _RateLimit(DHT_ANSWERS_PER_IP, 2 * DHT_ANSWERS_PER_IP)
+        self._datagrams = _RateLimit(DHT_DATAGRAMS_PER_SECOND, DHT_DATAGRAMS_PER_SECOND, 1)
+        self._datagrams_ip = _RateLimit(DHT_DATAGRAMS_PER_IP, 2 * DHT_DATAGRAMS_PER_IP)
         self._handlers = {"ping": self._on_ping, "find_node": self._on_find_node,
                           "get_peers": self._on_get_peers, "announce_peer": self._on_announce}
         self._out: list[tuple[bytes, Addr]] = []
@@ -2857,7 +3016,11 @@ class DhtCore:
 
     # sans-I/O interface
     def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
-        """Handle one datagram from ``addr``; malformed ones are counted and dropped."""
+        """Handle one datagram from ``addr``; malformed ones, and those over the budgets
+        (DHT_DATAGRAMS_PER_IP, DHT_DATAGRAMS_PER_SECOND), are counted and dropped."""
+        if not (self._datagrams_ip.allow(addr[0], now) and self._datagrams.allow(None, now)):
+            self.stats["dht rate limited"] += 1
+            return
         try:
             if len(data) > DHT_MAX_DATAGRAM:
                 raise DecodeError("KRPC datagram too large")
@@ -2875,6 +3038,12 @@ class DhtCore:
         """Datagrams to send, each with its destination."""
         out, self._out = self._out, []
         return out
+
+    def read_delay(self, now: float) -> float:
+        """Seconds the adapter should not read the socket (0: read): DHT_DATAGRAMS_PER_SECOND
+        are spent."""
+        missing = 1.0 - self._datagrams.tokens(None, now)
+        return missing / DHT_DATAGRAMS_PER_SECOND + 1e-6 if missing > 0 else 0.0  # 1e-6: float rounding
 
     def events_received(self) -> list:
         """DhtPeers and DhtLookupDone events since the last call."""
@@ -2946,7 +3115,7 @@ class DhtCore:
     def _noticed(self, node_id: bytes, addr: Addr, read_only: Any, now: float) -> None:
         """A node queried us: ping it if the table would keep it (BEP 43: not if ``ro``)."""
         if not self.table.touch(node_id, addr, now) and read_only != 1 \
-                and self.table.has_room(node_id):
+                and self.table.has_room(node_id, addr):
             self.ping(addr, now)
 
     def _on_ping(self, args: dict, addr: Addr, now: float) -> dict | tuple:
@@ -3049,12 +3218,12 @@ class DhtCore:
         self._advance(lookup, now)
 
     def _seed_lookup(self, lookup: _Lookup) -> None:
-        """First candidates: the closest contacts, and the bootstrap nodes while few."""
+        """First candidates: the bootstrap nodes (always: a table that hostile nodes filled
+        must not cut us off from them), and the closest contacts."""
+        for addr in self._bootstrap or ():
+            lookup.add(None, addr, pinned=True)
         for contact in self.table.closest(lookup.target):
             lookup.add(contact.id, contact.addr)
-        if len(self.table) < DHT_K:
-            for addr in self._bootstrap or ():
-                lookup.add(None, addr)
 
     def _advance(self, lookup: _Lookup, now: float) -> None:
         """Send the lookup's next queries; finish it when nothing is left to ask."""
@@ -3077,10 +3246,9 @@ class DhtCore:
             if found_id != self.node_id:
                 lookup.add(found_id, found_addr)
         if lookup.method == "get_peers":
-            fresh = [p for p in parse_peers(values.get("values")) if p not in lookup.peers]
-            if fresh and len(lookup.peers) < 1000:
-                lookup.peers.update(fresh)
-                self._events.append(DhtPeers(lookup.target, tuple(fresh)))
+            fresh = lookup.take_peers(addr, parse_peers(values.get("values")))
+            if fresh:
+                self._events.append(DhtPeers(lookup.target, tuple(fresh), addr))
         self._advance(lookup, now)
 
     def _finish(self, lookup: _Lookup, now: float) -> None:
@@ -3212,8 +3380,17 @@ class Dht:
         return [info[4][:2] for info in infos[:2]]
 
     def _received(self, data: bytes, addr: tuple) -> None:
-        self.core.receive_datagram(data, (addr[0], addr[1]), time.monotonic())
+        now = time.monotonic()
+        self.core.receive_datagram(data, (addr[0], addr[1]), now)
         self._flush()
+        delay = self.core.read_delay(now)
+        if delay > 0 and self._transport is not None and self._transport.is_reading():
+            self._transport.pause_reading()  # a flood: the kernel drops what comes meanwhile
+            asyncio.get_running_loop().call_later(delay, self._resume)
+
+    def _resume(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
 
     def _flush(self) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -3259,6 +3436,39 @@ RTC_CONNECT_TIMEOUT = 25.0
 #: max-message-size that aiortc and libwebrtc put in their SDP, and the size
 #: that every WebRTC stack, old browsers included, takes
 RTC_CHUNK = 16 * 1024
+#: Bounds on a tracker (anyone may run one; bugout's defaults are public). Frames
+#: read a second, after a burst: over it the socket is read later (TCP then slows
+#: the tracker down), and one that keeps the budget spent for TRACKER_FLOOD_SECONDS
+#: is left, with back-off. A real tracker sends a frame or two a minute per peer.
+TRACKER_FRAMES_PER_SECOND = 20.0
+TRACKER_FRAME_BURST = 40.0
+TRACKER_FLOOD_SECONDS = 30.0
+#: Relayed offers taken a second, per tracker, after a burst: each costs a peer
+#: connection, a certificate and ICE; the rest are refused unread.
+TRACKER_OFFERS_PER_SECOND = 0.5
+TRACKER_OFFER_BURST = 10.0
+#: A tracker's messages (failure reason, warning) are logged once a minute per kind,
+#: cut to this many characters.
+TRACKER_MESSAGE_CHARS = 200
+#: A remote SDP larger than this, or with more candidates, is refused before aiortc
+#: reads it: aioice compares each candidate with every one before it, so 20,000 of them
+#: held the loop for a minute (answering an offer) or more than three (an answer to ours).
+#: Ours is about 1 KB with a few host candidates.
+RTC_MAX_SDP = 64 * 1024
+RTC_MAX_CANDIDATES = 50
+#: The largest frame read from a tracker: an offer of RTC_MAX_SDP, escaped as JSON.
+TRACKER_MAX_FRAME = 2 * RTC_MAX_SDP
+#: What aiortc may hold of one peer connection's data-channel messages not yet
+#: whole, each chunk counted as at least RTC_CHUNK_WEIGHT bytes: twice the 1 MiB
+#: receive window aiortc advertises, which a peer keeping to it never fills. More,
+#: more than RTC_MAX_STREAMS channels (bugout opens one), or one message over
+#: maxMessage or over the max-message-size of our SDP (aiortc's: 64 or 256 KiB,
+#: which every WebRTC stack keeps to) closes the connection before aiortc holds it
+#: whole. aiortc itself has no bound, and its reassembly costs time in the chunks
+#: it holds, for each chunk.
+RTC_MAX_BUFFERED = 2 * 1024 * 1024
+RTC_CHUNK_WEIGHT = 1024
+RTC_MAX_STREAMS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3300,8 +3510,11 @@ class TrackerUpdate:
 
 @dataclasses.dataclass(frozen=True)
 class TrackerWarning:
-    """A ``failure reason`` or ``warning message`` from the tracker."""
+    """A ``failure reason`` or ``warning message`` from the tracker, or its ``flood``:
+    printable, cut short, one a minute per kind (``held``: how many were not said)."""
     message: str
+    kind: str = "failure reason"
+    held: int = 0
 
 
 class TrackerState(enum.Enum):
@@ -3331,14 +3544,35 @@ def _sdp_of(value: Any, kind: str) -> str | None:
     return None
 
 
+def _sdp_too_big(sdp: str) -> bool:
+    """Over RTC_MAX_SDP characters or RTC_MAX_CANDIDATES candidates."""
+    return len(sdp) > RTC_MAX_SDP or sdp.count("a=candidate") > RTC_MAX_CANDIDATES
+
+
+def printable(text: str, limit: int) -> str:
+    """``text`` on one line, unprintable characters as ``?``, cut to ``limit`` characters."""
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[:limit] + "... (%d characters)" % len(text)
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 class TrackerClient:
     """One WebSocket tracker without I/O: JSON frames and ``now`` in; frames and events out.
 
     The adapter opens the socket when :meth:`start_connecting` says so, reports
     :meth:`connection_made` / :meth:`connection_lost`, feeds every frame to
-    :meth:`receive_frame`, calls :meth:`tick` by :meth:`next_deadline`, and
-    acts on :meth:`events_received`; :meth:`data_to_send` gives JSON texts.
-    Ids (``info_hash``, ``peer_id``, ``offer_id``) are 20-char latin-1 strings.
+    :meth:`receive_frame` (reading none before :meth:`read_delay` has passed;
+    it closes the socket when the client leaves OPEN), calls :meth:`tick` by
+    :meth:`next_deadline`, and acts on :meth:`events_received`;
+    :meth:`data_to_send` gives JSON texts. Ids (``info_hash``, ``peer_id``,
+    ``offer_id``) are 20-char latin-1 strings.
+
+    Bounds: TRACKER_FRAMES_PER_SECOND (frames over it are dropped, counted; a
+    tracker that keeps the budget spent for TRACKER_FLOOD_SECONDS is left, and
+    each such flood doubles its back-off for good), TRACKER_OFFERS_PER_SECOND
+    relayed offers, SDP of RTC_MAX_SDP and RTC_MAX_CANDIDATES, and one
+    TrackerWarning a minute per kind.
     """
 
     def __init__(self, url: str, infohash: bytes, peer_id: bytes, *,
@@ -3370,6 +3604,13 @@ class TrackerClient:
         self._started = False
         self._frames: list[str] = []
         self._events: list = []
+        self._frame_budget = _RateLimit(TRACKER_FRAMES_PER_SECOND, TRACKER_FRAME_BURST, 1)
+        self._offer_budget = _RateLimit(TRACKER_OFFERS_PER_SECOND, TRACKER_OFFER_BURST, 1)
+        self._flooding_since: float | None = None
+        #: floods seen: each doubles the back-off, for as long as we run
+        self.floods = 0
+        self._said: dict[str, float] = {}  # kind of message -> when it may be said again
+        self._held: collections.Counter = collections.Counter()
 
     def _set_state(self, state: TrackerState) -> None:
         if state not in _TRACKER_MOVES[self.state]:
@@ -3407,13 +3648,22 @@ class TrackerClient:
         self._started = False
         self._next_announce = now
 
-    def connection_lost(self, now: float) -> None:
-        """The socket failed or closed: drop the offers, back off, reconnect."""
+    def connection_lost(self, now: float, misbehaved: str | None = None) -> None:
+        """The socket failed or closed: drop the offers, back off, reconnect.
+
+        ``misbehaved`` says why we leave a tracker that broke a bound (a frame
+        too large): that counts as a flood."""
         if self.state not in (TrackerState.CONNECTING, TrackerState.OPEN):
             return
         self._drop_all("tracker connection lost")
+        if misbehaved:
+            self.floods += 1
+            self.stats["floods"] += 1
         factor = 1.0 + self._random(1)[0] / 510.0
-        self._reconnect_at = now + min(RECONNECT_LAST, RECONNECT_FIRST * 2 ** min(self.retries, 16)) * factor
+        doublings = min(self.retries + self.floods, 16)
+        self._reconnect_at = now + min(RECONNECT_LAST, RECONNECT_FIRST * 2 ** doublings) * factor
+        if misbehaved:
+            self._warn("flood", "%s; reconnecting in %.0f s" % (misbehaved, self._reconnect_at - now), now)
         self.retries += 1
         self._offering = False
         self._next_announce = None
@@ -3499,9 +3749,16 @@ class TrackerClient:
         return True
 
     # incoming
+    def read_delay(self, now: float) -> float:
+        """Seconds to wait before reading the next frame (0: read now)."""
+        missing = 1.0 - self._frame_budget.tokens(None, now)
+        return missing / TRACKER_FRAMES_PER_SECOND + 1e-6 if missing > 0 else 0.0  # 1e-6: float rounding
+
     def receive_frame(self, frame: Any, now: float) -> None:
         """One frame from the tracker: JSON text or its parsed value."""
         if self.state is not TrackerState.OPEN:
+            return
+        if not self._within_budget(now):
             return
         if isinstance(frame, (str, bytes)):
             try:
@@ -3515,21 +3772,46 @@ class TrackerClient:
         elif frame.get("peer_id") != self._peer_id:
             self._on_announce(frame, now)
 
+    def _within_budget(self, now: float) -> bool:
+        """Spend a frame of the budget; leave a tracker that keeps it spent (a flood)."""
+        allowed = self._frame_budget.allow(None, now)
+        if self._frame_budget.tokens(None, now) >= TRACKER_FRAME_BURST / 2:
+            self._flooding_since = None
+        elif self._flooding_since is None:
+            self._flooding_since = now
+        elif now - self._flooding_since >= TRACKER_FLOOD_SECONDS:
+            self._flooding_since = None
+            self.connection_lost(now, "sent more than %.0f frames a second for %.0f s"
+                                 % (TRACKER_FRAMES_PER_SECOND, TRACKER_FLOOD_SECONDS))
+            return False
+        if not allowed:
+            self.stats["frames over budget"] += 1
+        return allowed
+
+    def _warn(self, kind: str, message: Any, now: float) -> None:
+        """A TrackerWarning, unless one of this kind was given less than a minute ago."""
+        if now < self._said.get(kind, float("-inf")):
+            self._held[kind] += 1
+            return
+        self._said[kind] = now + LOG_INTERVAL
+        self._events.append(TrackerWarning(printable(str(message), TRACKER_MESSAGE_CHARS), kind,
+                                           self._held.pop(kind, 0)))
+
     def _on_announce(self, frame: dict, now: float) -> None:
         failure = frame.get("failure reason")
         if failure is not None:
             self.stats["failures"] += 1
-            self._events.append(TrackerWarning(str(failure)))
+            self._warn("failure reason", failure, now)
             return
         if frame.get("warning message") is not None:
-            self._events.append(TrackerWarning(str(frame["warning message"])))
+            self._warn("warning message", frame["warning message"], now)
         self._on_interval(frame)
         peer_id, offer_id = frame.get("peer_id"), frame.get("offer_id")
         if "offer" in frame or "answer" in frame:
             if not (_is_binary_id(peer_id) and _is_binary_id(offer_id)):
                 self.stats["bad offers or answers"] += 1
             elif "offer" in frame:
-                self._on_offer(peer_id, offer_id, _sdp_of(frame["offer"], "offer"))
+                self._on_offer(peer_id, offer_id, _sdp_of(frame["offer"], "offer"), now)
             else:
                 self._on_answer(peer_id, offer_id, _sdp_of(frame["answer"], "answer"))
 
@@ -3544,18 +3826,26 @@ class TrackerClient:
             self._events.append(TrackerUpdate(_int_or_none(frame.get("complete")),
                                               _int_or_none(frame.get("incomplete")), self.interval))
 
-    def _on_offer(self, peer_id: str, offer_id: str, sdp: str | None) -> None:
+    def _on_offer(self, peer_id: str, offer_id: str, sdp: str | None, now: float) -> None:
         if sdp is None:
             self.stats["bad offers or answers"] += 1
-            return
-        self.stats["offers relayed"] += 1
-        self._events.append(RelayedOffer(peer_id, offer_id, sdp))
+        elif _sdp_too_big(sdp):
+            self.stats["offers refused: SDP too large"] += 1
+        elif not self._offer_budget.allow(None, now):
+            self.stats["offers refused: too many"] += 1
+        else:
+            self.stats["offers relayed"] += 1
+            self._events.append(RelayedOffer(peer_id, offer_id, sdp))
 
     def _on_answer(self, peer_id: str, offer_id: str, sdp: str | None) -> None:
         if sdp is None or offer_id not in self._pending:
             self.stats["answers unexpected"] += 1
             return
         del self._pending[offer_id]
+        if _sdp_too_big(sdp):
+            self.stats["answers refused: SDP too large"] += 1
+            self._events.append(DropOffer(offer_id, "answer too large"))
+            return
         self.stats["answers"] += 1
         self._events.append(RelayedAnswer(peer_id, offer_id, sdp))
 
@@ -3591,28 +3881,37 @@ class TrackerSession:
         from websockets.exceptions import WebSocketException
         try:
             ws = await connect(self.client.url, open_timeout=15, close_timeout=2,
-                               compression=None, max_size=1 << 20)
+                               compression=None, max_size=TRACKER_MAX_FRAME)
         except (OSError, UnicodeError, TimeoutError, WebSocketException) as exc:
             log.debug("tracker %s: cannot connect: %s", self.client.url, exc)
             self.client.connection_lost(time.monotonic())
             return
         self._ws = ws
         self.client.connection_made(time.monotonic())
+        misbehaved = None
         try:
             await self._read(ws)
         except (OSError, WebSocketException) as exc:
             log.debug("tracker %s: connection lost: %s", self.client.url, exc)
+            if getattr(getattr(exc, "sent", None), "code", None) == 1009:  # we refused a frame: too big
+                misbehaved = "sent a frame over %d KiB" % (TRACKER_MAX_FRAME // 1024)
         finally:
             self._ws = None
-            self.client.connection_lost(time.monotonic())
+            self.client.connection_lost(time.monotonic(), misbehaved)
             self._handle_events()
             with contextlib.suppress(OSError, WebSocketException):
                 await ws.close()
 
     async def _read(self, ws: Any) -> None:
+        """Frames to the client while it stays OPEN; none before its read delay (TCP then
+        holds the tracker back)."""
         client = self.client
-        while True:
+        while client.state is TrackerState.OPEN:
             await self.flush()
+            delay = client.read_delay(time.monotonic())
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
             deadline = client.next_deadline()
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
@@ -3649,6 +3948,124 @@ class TrackerSession:
                 await self._ws.close()
 
 
+class SctpGuard:
+    """Bounds aiortc's reassembly of one peer connection's data-channel messages.
+
+    aiortc holds every chunk of a message until the last one comes, with no
+    limit: one message of 65 MiB is 55,000 chunks, each handled in time that
+    grows with those held. The guard takes the place of aiortc's
+    ``_get_inbound_stream`` on this one SCTP transport (aiortc's files are
+    untouched) and gives it streams that refuse a chunk beyond the bounds of
+    RTC_MAX_BUFFERED; then it drops what is held and calls ``on_over(why)``
+    once, soon (never inside aiortc's own call). It uses aiortc's
+    ``InboundStream`` and its ``reassembly`` list, as aiortc 1.9 to 1.16 have
+    them; where they differ it bounds nothing and says so once.
+    """
+
+    def __init__(self, sctp: Any, message_cap: int, on_over: Callable[[str], Any]) -> None:
+        from aiortc import rtcsctptransport
+        self.sctp, self.message_cap, self.on_over = sctp, message_cap, on_over
+        self.tripped = False
+        self._first = rtcsctptransport.SCTP_DATA_FIRST_FRAG
+        self._last = rtcsctptransport.SCTP_DATA_LAST_FRAG
+        self._stream_class = _bounded_stream_class(rtcsctptransport.InboundStream)
+        self._dropping = self._stream_class(self)  # for streams over RTC_MAX_STREAMS: kept nowhere
+
+    @classmethod
+    def install(cls, sctp: Any, message_cap: int, on_over: Callable[[str], Any]) -> SctpGuard | None:
+        """Guard ``sctp``; None (and one warning a process) when aiortc's inside differs."""
+        try:
+            guard = cls(sctp, message_cap, on_over)
+            usable = isinstance(sctp._inbound_streams, dict) and callable(sctp._get_inbound_stream)
+        except (ImportError, AttributeError):
+            usable = False
+        if not usable:
+            _rtc_unbounded(logging.WARNING, "unbounded", "this aiortc's data-channel messages are not "
+                           "bounded (its inside differs): pip install 'aiortc>=1.9,<2'")
+            return None
+        sctp._get_inbound_stream = guard.stream
+        return guard
+
+    def stream(self, stream_id: int) -> Any:
+        """aiortc's ``_get_inbound_stream``, bounded in number."""
+        streams = self.sctp._inbound_streams
+        if stream_id not in streams:
+            if len(streams) >= RTC_MAX_STREAMS:
+                self.trip("streams: more than %d data channels" % RTC_MAX_STREAMS)
+                return self._dropping
+            streams[stream_id] = self._stream_class(self)
+        return streams[stream_id]
+
+    def held(self) -> int:
+        """What the streams hold, by weight."""
+        return sum(getattr(s, "weight", 0) for s in self.sctp._inbound_streams.values())
+
+    def message_size(self, reassembly: list, chunk: Any) -> int:
+        """The bytes held of ``chunk``'s message: its run of consecutive chunks, up to the cap."""
+        at = len(reassembly) - 1 if reassembly and reassembly[-1] is chunk else next(
+            i for i, c in enumerate(reassembly) if c is chunk)
+        size, i = len(chunk.user_data), at
+        while size <= self.message_cap and not reassembly[i].flags & self._first and i > 0 \
+                and reassembly[i - 1].tsn == (reassembly[i].tsn - 1) & 0xFFFFFFFF:
+            i -= 1
+            size += len(reassembly[i].user_data)
+        i = at
+        while size <= self.message_cap and not reassembly[i].flags & self._last \
+                and i + 1 < len(reassembly) and reassembly[i + 1].tsn == (reassembly[i].tsn + 1) & 0xFFFFFFFF:
+            i += 1
+            size += len(reassembly[i].user_data)
+        return size
+
+    def trip(self, why: str) -> None:
+        """Drop all that is held; ``on_over(why)`` once, from the loop."""
+        if self.tripped:
+            return
+        self.tripped = True
+        for stream in self.sctp._inbound_streams.values():
+            stream.reassembly = []
+        asyncio.get_running_loop().call_soon(self.on_over, why)
+
+
+_rtc_unbounded = _LogLimit(interval=float("inf"))
+
+
+@functools.cache
+def _bounded_stream_class(inbound_stream: type) -> type:
+    """aiortc's InboundStream, refusing chunks beyond its guard's bounds."""
+    class BoundedInboundStream(inbound_stream):  # type: ignore[misc, valid-type]
+        def __init__(self, guard: SctpGuard) -> None:
+            super().__init__()
+            self.guard = guard
+            self.weight = 0  # of the chunks held
+
+        def add_chunk(self, chunk: Any) -> None:
+            guard = self.guard
+            weight = max(len(chunk.user_data), RTC_CHUNK_WEIGHT)
+            if guard.tripped or self is guard._dropping:
+                return
+            if guard.held() + weight > RTC_MAX_BUFFERED:
+                guard.trip("held: more than %d bytes of unfinished data-channel messages" % RTC_MAX_BUFFERED)
+                return
+            super().add_chunk(chunk)
+            self.weight += weight
+            if guard.message_size(self.reassembly, chunk) > guard.message_cap:
+                guard.trip("message: a data-channel message over %d bytes" % guard.message_cap)
+
+        def pop_messages(self) -> Iterator[tuple[int, int, bytes]]:
+            yield from super().pop_messages()
+            self._weigh()
+
+        def prune_chunks(self, tsn: int) -> int:
+            size = super().prune_chunks(tsn)
+            self._weigh()
+            return size
+
+        def _weigh(self) -> None:
+            self.weight = sum(max(len(c.user_data), RTC_CHUNK_WEIGHT) for c in self.reassembly)
+
+    return BoundedInboundStream
+
+
 class RtcConnection(Connection):
     """Moves bytes between one RTCDataChannel and its :class:`PeerWire`.
 
@@ -3673,6 +4090,8 @@ class RtcConnection(Connection):
         self.remote_id = remote_id
         self.channel: Any = None
         self.opened = False
+        #: what bounds aiortc's reassembly of this connection's messages, once there is SCTP
+        self.guard: SctpGuard | None = None
         pc.on("datachannel", self.attach)
         pc.on("connectionstatechange", self._on_state)
 
@@ -3716,6 +4135,18 @@ class RtcConnection(Connection):
 
     def _on_message(self, data: bytes | str) -> None:
         self.feed(data.encode("utf-8") if isinstance(data, str) else data)
+
+    def bound_messages(self) -> None:
+        """Bound what aiortc reassembles for us (RTC_MAX_BUFFERED), once its SCTP exists."""
+        sctp = getattr(self.pc, "sctp", None)
+        if self.guard is None and sctp is not None:
+            cap = min(self.node.max_message, sctp.getCapabilities().maxMessageSize)
+            self.guard = SctpGuard.install(sctp, cap, self._too_much)
+
+    def _too_much(self, why: str) -> None:
+        self.node.stats["webrtc closed: " + why.split(":")[0]] += 1
+        self.node._log(logging.INFO, "rtc too much", "closing %s: %s", self.peer_name, why)
+        self.close(abort=True)
 
     def _on_state(self) -> None:
         if self.pc.connectionState in ("failed", "closed"):
@@ -3832,7 +4263,7 @@ class WebRtcTransport:
         if isinstance(event, MakeOffers):
             self._spawn(self._offer(session, event.offer_ids))
         elif isinstance(event, RelayedOffer):
-            self._spawn(self._answer(session, event))
+            self._on_offer(session, event)
         elif isinstance(event, RelayedAnswer):
             self._spawn(self._accept(event))
         elif isinstance(event, DropOffer):
@@ -3840,7 +4271,8 @@ class WebRtcTransport:
             if conn is not None:
                 conn.close()
         elif isinstance(event, TrackerWarning):
-            log.info("tracker %s: %s", session.client.url, event.message)
+            log.info("tracker %s: %s: %s%s", session.client.url, event.kind, event.message,
+                     " (and %d more in %.0f s)" % (event.held, LOG_INTERVAL) if event.held else "")
         elif isinstance(event, TrackerUpdate):
             log.debug("tracker %s: %s seeders, %s leechers, every %.0f s", session.client.url,
                       event.complete, event.incomplete, event.interval)
@@ -3889,6 +4321,7 @@ class WebRtcTransport:
         self._offers[offer_id] = conn
         try:
             conn.attach(conn.pc.createDataChannel("bugout"))
+            conn.bound_messages()
             await conn.pc.setLocalDescription(await conn.pc.createOffer())
         except Exception as exc:  # noqa: BLE001 - aiortc's own errors, whatever they are
             log.debug("webrtc: cannot make an offer: %r", exc)
@@ -3898,13 +4331,42 @@ class WebRtcTransport:
             return None
         return offer_id, conn.pc.localDescription.sdp
 
-    async def _answer(self, session: TrackerSession, offer: RelayedOffer) -> None:
-        """Answer a relayed offer unless full or already wired to that peer."""
+    def _on_offer(self, session: TrackerSession, offer: RelayedOffer) -> None:
+        """Answer a relayed offer unless full, already wired to that peer, or the SDP is not
+        one data channel that aiortc reads: those cost no connection and no task."""
         if self._closed or self.free_slots() <= 0 or self.has_peer(offer.peer_id):
             self.node.stats["webrtc offers declined"] += 1
             return
+        problem = self._sdp_problem(offer.sdp, "offer")
+        if problem is not None:
+            self.node.stats["webrtc offers refused: bad SDP"] += 1
+            log.debug("webrtc: offer of %r refused: %s", offer.peer_id, problem)
+            return
         conn = self._new_connection(False, offer.peer_id)
         conn.start_deadline(self.connect_timeout)
+        self._spawn(self._answer(session, conn, offer))
+
+    def _sdp_problem(self, sdp: str, kind: str) -> str | None:
+        """Why aiortc would refuse this SDP, or None; read without a peer connection.
+
+        Only one data channel is taken: an audio or video section would make aiortc set up
+        RTP for it."""
+        try:
+            description = self._aiortc.sdp.SessionDescription.parse(sdp)
+        except Exception as exc:  # noqa: BLE001 - aiortc's parser raises what it meets
+            return "unreadable: %r" % exc
+        if len(description.media) != 1 or description.media[0].kind != "application":
+            return "not one data channel"
+        media = description.media[0]
+        if media.ice is None or not media.ice.usernameFragment or not media.ice.password:
+            return "no ICE credentials"
+        if media.dtls is None or not media.dtls.fingerprints:
+            return "no DTLS fingerprint"
+        if kind == "answer" and media.dtls.role not in ("client", "server"):
+            return "no DTLS role"
+        return None
+
+    async def _answer(self, session: TrackerSession, conn: RtcConnection, offer: RelayedOffer) -> None:
         sdp = await self._describe(conn, offer.sdp, "offer")
         if sdp is None or not session.client.send_answer(offer.peer_id, offer.offer_id, sdp):
             conn.close()
@@ -3921,6 +4383,12 @@ class WebRtcTransport:
             self.node.stats["webrtc answers declined"] += 1
             conn.close()
             return
+        problem = self._sdp_problem(answer.sdp, "answer")
+        if problem is not None:
+            self.node.stats["webrtc answers refused: bad SDP"] += 1
+            log.debug("webrtc: answer of %r refused: %s", answer.peer_id, problem)
+            conn.close()
+            return
         conn.remote_id = answer.peer_id
         conn.start_deadline(self.connect_timeout)
         await self._describe(conn, answer.sdp, "answer")
@@ -3930,6 +4398,7 @@ class WebRtcTransport:
         aiortc = self._aiortc
         try:
             await conn.pc.setRemoteDescription(aiortc.RTCSessionDescription(sdp=sdp, type=kind))
+            conn.bound_messages()
             if kind == "offer":
                 await conn.pc.setLocalDescription(await conn.pc.createAnswer())
                 return conn.pc.localDescription.sdp
@@ -5305,10 +5774,6 @@ async def _install_finished(proc: asyncio.subprocess.Process, tool: str, missing
     return True
 
 
-def _version_tuple(text: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"[.+-]", text))
-
-
 def requirement_satisfied(requirement: str, paths: list[str]) -> bool:
     """True when a distribution meeting ``requirement`` is importable from ``paths``."""
     from importlib import metadata
@@ -5321,20 +5786,27 @@ def requirement_satisfied(requirement: str, paths: list[str]) -> bool:
 
 
 def _version_ok(version: str, spec: str) -> bool:
-    """Compare numeric versions for ==, !=, >=, <=, >, <; anything else: ask pip."""
-    checks = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, ">=": lambda a, b: a >= b,
-              "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, "<": lambda a, b: a < b}
-    spec = re.sub(r"\[.*?\]", "", spec)
-    for clause in filter(None, (c.strip() for c in spec.split(","))):
-        op = re.match(r"(===|==|~=|!=|<=|>=|<|>)", clause)
-        if not op or op.group(1) not in checks or "*" in clause:
-            return False
+    """True when ``version`` meets ``spec`` (``>=1.26,<2``, extras ignored) by PEP 440's rules.
+
+    pip's own ``packaging`` decides (zero padding, ``~=``, pre-releases); where
+    it cannot be had, or either side does not parse, False: pip is asked.
+    """
+    try:
+        from packaging.specifiers import Specifier, SpecifierSet
+        from packaging.version import Version
+    except ImportError:
         try:
-            if not checks[op.group(1)](_version_tuple(version), _version_tuple(clause[len(op.group(1)):].strip())):
-                return False
-        except TypeError:
+            from pip._vendor.packaging.specifiers import Specifier, SpecifierSet
+            from pip._vendor.packaging.version import Version
+        except ImportError:
             return False
-    return True
+    try:
+        wanted = SpecifierSet(re.sub(r"\[.*?\]", "", spec).strip())
+        if not all(type(clause) is Specifier for clause in wanted):  # packaging < 22: LegacySpecifier
+            return False
+        return wanted.contains(Version(version), prereleases=True)
+    except ValueError:  # InvalidSpecifier, InvalidVersion
+        return False
 
 
 # npm package name (validate-npm-package-name: URL-safe, no leading . or _,
@@ -5676,6 +6148,12 @@ CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, ma
 """
 
 
+def aside_path(path: Path) -> Path:
+    """Where damaged or foreign state found at ``path`` is moved: beside it, named for when
+    and by which process, so it is never moved onto an earlier one."""
+    return path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+
+
 class Journal:
     """Crash-safe state in one SQLite file; every method runs on the journal's thread.
 
@@ -5736,6 +6214,7 @@ class Journal:
         """
         self._lock()
         try:
+            self._files_only()
             self._db = self._connect()
             self._check()
         except (sqlite3.DatabaseError, JournalError) as exc:
@@ -5755,7 +6234,15 @@ class Journal:
     def _lock(self) -> None:
         if self._lock_fd is not None or fcntl is None:
             return
-        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        lock = self.path.with_name(self.path.name + ".lock")
+        if os.path.lexists(lock) and not os.path.isfile(lock):  # no worker locks a directory
+            aside = aside_path(lock)
+            try:
+                os.replace(lock, aside)
+                log.error("%s is not a lock file: moved aside to %s", lock, aside.name)
+            except FileNotFoundError:  # another worker starting here moved it first
+                pass
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -5764,7 +6251,14 @@ class Journal:
                                "give each worker a folder of its own") from None
         self._lock_fd = fd
 
+    def _files_only(self) -> None:
+        """A directory (or a link to nothing) where the file or its logs belong is foreign."""
+        for name in (self.path, f"{self.path}-wal", f"{self.path}-shm"):
+            if os.path.lexists(name) and not os.path.isfile(name):
+                raise JournalError(f"{Path(name).name} is not a file")
+
     def _connect(self) -> sqlite3.Connection:
+        private_files(self.path, f"{self.path}-wal", f"{self.path}-shm")  # the log holds jobs in clear
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
@@ -5792,8 +6286,7 @@ class Journal:
             raise JournalError("made with another token or transferEncryptToken")
 
     def _move_aside(self) -> Path:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        aside = self.path.with_name(f"{self.path.name}.bad-{stamp}-{os.getpid()}")
+        aside = aside_path(self.path)
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
@@ -5817,7 +6310,7 @@ class Journal:
         """A JSON list of ``meta``; ``default`` when absent, or when unreadable (logged)."""
         try:
             value = json.loads(self.get_meta(key) or "null")
-        except ValueError:
+        except (ValueError, RecursionError):
             value = key  # not JSON: not a list either
         if value is None:
             return default
@@ -6380,6 +6873,20 @@ class TaskChild:
             await self.end()
             error = TaskError.from_answer(hello.get("error"))
             raise TaskProcessError(f"{task_path} does not load: {error}", error.error["traceback"])
+        self._fit_memory_cap(hello.get("reserved"))
+
+    def _fit_memory_cap(self, reserved: Any) -> None:
+        """The cap of a child that said what it reserved at start (node): ``jobMemoryMB`` plus that.
+
+        TASK_CHILD_PY gave it EXEC_START_MB more to start with: Node 24 maps V8's
+        512 MB code range writable at once, and RLIMIT_DATA counts it whole.
+        """
+        if not self.memory_mb or type(reserved) is not int or reserved < 0 or self.pid is None:
+            return
+        import resource  # POSIX: Linux has prlimit
+        cap = (self.memory_mb << 20) + reserved
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            resource.prlimit(self.pid, resource.RLIMIT_DATA, (cap, cap))
 
     async def _receive(self) -> dict:
         """The child's next line; TaskProcessError (with its stderr) when it died."""
@@ -6767,6 +7274,15 @@ def _manifest_ok(value: Any, folder: Path) -> bool:
     return True
 
 
+def _call_failed(exc: Exception) -> str:
+    """Why a call to the master failed, in plain words (the exception's text names RPCs and wires)."""
+    if isinstance(exc, RpcUnreachable):
+        return "no connection to it is open"
+    if isinstance(exc, RpcTimeout):
+        return "it did not answer in time"
+    return str(exc)
+
+
 async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> bool:
     """Wait until one of ``events`` is set; False when ``timeout`` passed first."""
     waiters = [asyncio.ensure_future(event.wait()) for event in events]
@@ -6835,8 +7351,6 @@ class Worker:
         self.stop_timeout = settings.stop_timeout
         #: ``process`` (task.py in child processes) or ``thread`` (in the worker's process)
         self.task_runner = settings.task_runner
-        if self.task_runner not in ("process", "thread"):
-            raise WorkerError(f"taskRunner={self.task_runner!r}: give process (the default) or thread")
         self.node = Bugout(self.token, settings)
         #: who may command this worker: the proven master, candidates, bans
         self.trust = MasterTrust(pinned)
@@ -6905,7 +7419,7 @@ class Worker:
     # lifecycle
     async def start(self) -> Worker:
         """Open the journal, join the swarm and start the job loop."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # made here: ours alone
         await self._load_state()
         self.node.register("ping", _pong)
         self.node.on("seen", self._on_peer)
@@ -7202,7 +7716,7 @@ class Worker:
                 answer = await self.node.rpc(master, "requestExecAssets",
                                              {"currentHash": current}, timeout=120.0)
             except (RpcTimeout, InvalidState) as exc:
-                log.warning("requestExecAssets: %s", exc)
+                log.warning("could not get the task files from master %s: %s", master, _call_failed(exc))
                 return False
             if isinstance(answer, dict) and answer.get("status") == "same":
                 self._assets_ok = self._runner is not None or await self._load_task()
@@ -7468,7 +7982,7 @@ class Worker:
                 answer = await self.node.rpc(master, "requestWork", args, timeout=30.0)
             except (RpcTimeout, InvalidState) as exc:
                 self.outbox.settle(carried, False)
-                log.warning("requestWork: %s", exc)
+                log.warning("could not ask master %s for jobs: %s", master, _call_failed(exc))
                 self._master_failed(master, exc)
                 return False
             self._master_timeouts = 0
@@ -7603,7 +8117,7 @@ class Worker:
                 return False
         except (RpcTimeout, InvalidState) as exc:
             self.outbox.settle(batch, False)
-            log.warning("%d result(s) kept for later: %s", len(batch), exc)
+            log.warning("%d result(s) kept for later: master %s: %s", len(batch), master, _call_failed(exc))
             if isinstance(exc, RpcTimeout):
                 self._master_failed(master, exc)
             return False
@@ -7703,8 +8217,6 @@ class Worker:
         """Open the journal (taking over an older run's JSON files once) and read it."""
         journal = self.journal
         await journal.call(journal.open)
-        with contextlib.suppress(OSError):
-            os.chmod(journal.path, 0o600)
         await journal.call(self._take_over_json_files)
         self._manifest = await journal.call(self._read_manifest)
         proven = await journal.call(journal.get_json, "proven", [])
@@ -7748,10 +8260,10 @@ class Worker:
                 value = json.loads(path.read_text(encoding="utf-8"))
             except FileNotFoundError:
                 continue
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, RecursionError) as exc:  # a directory, not JSON, too deep
                 value, valid = exc, (lambda v, f: False)
             if not valid(value, self.folder):
-                aside = path.with_name(f"{name}.bad-{time.strftime('%Y%m%d-%H%M%S')}")
+                aside = aside_path(path)
                 with contextlib.suppress(OSError):
                     os.replace(path, aside)
                 log.error("%s is not a list of %s: moved aside to %s", path,
@@ -7775,37 +8287,84 @@ class Worker:
 
 # Command line ###############################################################
 
-def setup(env_path: Path, ask: Callable[[str], str] = input) -> None:
-    """Prompt for the two tokens and write them into ``.env`` (mode 0600)."""
+def setup(env_path: Path, ask: Callable[[str], str] = input,
+          ask_secret: Callable[[str], str] | None = None) -> None:
+    """Prompt for the two tokens and write them into ``.env`` (mode 0600).
+
+    The key is not shown as it is typed (``getpass`` on a terminal). An empty
+    answer keeps the current value; where there is none, it asks whether this
+    starts a new swarm, and only then makes a random token and key. End of
+    input (Ctrl-D) raises EOFError and Ctrl-C KeyboardInterrupt, with nothing
+    written.
+    """
+    if ask_secret is None:
+        ask_secret = getpass.getpass if ask is input and sys.stdin.isatty() else ask
     current = read_env_file(env_path)
-    print(f"Setting up {env_path} (empty answer: keep the current value or generate one)")
-    key = _prompt(ask, "transferEncryptToken (exactly 32 characters)",
-                  current.get("transferEncryptToken"), lambda v: len(v.encode()) == 32,
-                  lambda: secrets.token_hex(16))
-    token = _prompt(ask, "token (at least 20 characters)", current.get("token"),
-                    lambda v: len(v) >= 20, lambda: secrets.token_urlsafe(24))
+    print(f"Setting up {env_path}: the master's transferEncryptToken and token (empty: keep the current one)")
+    new_swarm = False
+    key = token = None
+    while key is None:
+        key = _prompt(ask_secret, "transferEncryptToken (exactly 32 characters; not shown)",
+                      current.get("transferEncryptToken"), _key_problem, shown=False)
+        if key is None and _starts_new_swarm(ask, "token and key"):
+            new_swarm, key = True, secrets.token_hex(16)
+    while token is None:
+        token = _prompt(ask, "token (at least 20 characters)", current.get("token"), _token_problem)
+        if token is None and (new_swarm or _starts_new_swarm(ask, "token")):
+            new_swarm, token = True, secrets.token_urlsafe(24)
     pinned = current.get("master", "")
     master = _prompt(ask, "pin one master's address (optional; master.py prints it; empty: %s)" % (
-                     "keep " + pinned if pinned else "any master that proves the key"), pinned,
-                     lambda v: v == "" or is_address(v), lambda: "")
+                     "keep " + pinned if pinned else "any master that proves the key"), None,
+                     lambda v: None if is_address(v) else "that is not a bugout address")
     write_env_file(env_path, {"transferEncryptToken": key, "token": token,
                               **({"master": master} if master else {})})
-    print(f"Wrote {env_path}. Give the master the same two values.")
+    if new_swarm:
+        print(f"Wrote {env_path} for a new swarm: give its master the same token and "
+              f"transferEncryptToken (copy them from {env_path}).")
+    else:
+        print(f"Wrote {env_path}. The master must have the same two values.")
 
 
 def _prompt(ask: Callable[[str], str], label: str, current: str | None,
-            valid: Callable[[str], bool], generate: Callable[[], str]) -> str:
+            problem: Callable[[str], str | None], shown: bool = True) -> str | None:
+    """An answer ``problem`` finds nothing wrong with (asked again, saying what is wrong,
+    until then); for an empty answer the current value if it will do, else None."""
     while True:
-        try:
-            answer = ask(f"{label}: ").strip()
-        except EOFError:
-            answer = ""
-        if not answer:
-            answer = current if current and valid(current) else generate()
-            print(f"  using {answer}" if answer else "  none")
-        if valid(answer):
+        answer = ask(f"{label}: ").strip()
+        why = problem(answer or current or "")
+        if answer and why:
+            print(f"  {why}")
+            continue
+        if answer:
             return answer
-        print(f"  {answer} is not valid: {label}")
+        if current and not why:
+            print(f"  keeping {current if shown else 'the current one'}")
+            return current
+        if current:
+            print(f"  the current one will not do: {why}")
+        return None
+
+
+def _starts_new_swarm(ask: Callable[[str], str], what: str) -> bool:
+    """Whether an empty answer means a new swarm: a random value joins no existing one."""
+    answer = ask(f"  nothing given: does this start a new swarm, with a random {what}? [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _key_problem(key: str) -> str | None:
+    """What is wrong with a transferEncryptToken (AES-256: 32 bytes), without showing it."""
+    size = len(key.encode())
+    if size == 32:
+        return None
+    unit = "characters" if size == len(key) else "bytes in UTF-8"
+    return (f"that is {size} {unit}: transferEncryptToken is exactly 32 characters; "
+            "copy it from the master's .env")
+
+
+def _token_problem(token: str) -> str | None:
+    if len(token) >= 20:
+        return None
+    return f"that is {len(token)} characters: the token is at least 20; copy it from the master's .env"
 
 
 async def run_worker(worker: Worker) -> int:
@@ -7839,49 +8398,127 @@ async def run_worker(worker: Worker) -> int:
     return 0
 
 
+#: What the demo suggests once it is done.
+DEMO_NEXT = "next: python worker.py --setup, then python worker.py, to join a master's swarm (README, \"Use it\")"
+
+
 async def run_demo(jobs: int = 200) -> int:
-    """A master.py and a worker on 127.0.0.1 (no LSD, DHT or trackers)."""
+    """master.py in a process of its own and a worker here, on 127.0.0.1 (no LSD, DHT or trackers).
+
+    The master is a process, not an import: master.py imports worker.py, never the other way.
+    """
     import tempfile
-    limit_loop_errors()
-    try:
-        from master import Master
-    except ImportError:
-        print("worker.py --demo needs master.py beside worker.py", file=sys.stderr)
+    master_py = Path(__file__).resolve().with_name("master.py")
+    if not master_py.is_file():
+        print(f"worker.py --demo runs master.py, which is not in {master_py.parent}: "
+              "run the demo in a clone of the project", file=sys.stderr)
         return 2
+    limit_loop_errors()
     Logger("warn")
     with tempfile.TemporaryDirectory(prefix="qx-demo-") as tmp:
-        root = Path(tmp)
-        (root / "master").mkdir()
-        (root / "master" / "task.py").write_text(DEMO_TASK)
-        token, key = secrets.token_urlsafe(24), secrets.token_hex(16)
-        results: list = []
-        master = Master(token, {"files": [{"masterPath": "/task.py", "name": "task.py",
-                                           "workerPath": "/workplace/task.py"}],
-                                "dependencies": []},
-                        results.append, None, key, folder=root / "master", env={},
-                        host="127.0.0.1", lsd=False, dht=False, trackers=[])
-        await master.start()
-        for i in range(jobs):
-            master.push_new_job({"id": i, "data": str(10_000 + 100 * i)})
-        worker = Worker(token, "demo-worker", "warn", key, env={}, folder=root / "worker",
-                        host="127.0.0.1", lsd=False, dht=False, peers=["127.0.0.1:%d" % master.port],
-                        get_batch=True, batch_size=10, trackers=[])
-        started = time.perf_counter()
-        await worker.start()
-        print("demo: master on 127.0.0.1:%d, %d jobs, worker %s" % (master.port, jobs, worker.address))
-        while len(results) < jobs and time.perf_counter() - started < 60:
-            await asyncio.sleep(0.2)
-            print("\rdemo: %d/%d results" % (len(results), jobs), end="", flush=True)
+        master = _DemoMaster(Path(tmp), master_py)
+        try:
+            await master.start(jobs)
+            return await _demo_worker(master, jobs)
+        finally:
+            await master.close()
+
+
+class _DemoMaster:
+    """``python master.py`` serving the demo's task and jobs from a folder, loopback only."""
+
+    def __init__(self, root: Path, master_py: Path) -> None:
+        self.root, self.master_py = root, master_py
+        self.token, self.key = secrets.token_urlsafe(24), secrets.token_hex(16)
+        self.port = 0
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, jobs: int) -> None:
+        root = self.root
+        (root / "task.py").write_text(DEMO_TASK)
+        (root / "jobs.jsonl").write_text("".join(json_dumps({"id": i, "data": str(10_000 + 100 * i)}) + "\n"
+                                                 for i in range(jobs)))
+        write_env_file(root / ".env", {"token": self.token, "transferEncryptToken": self.key, "host": "127.0.0.1",
+                                       "lsd": "false", "dht": "false", "trackers": "", "LOG_LEVEL": "error"})
+        # the .env above decides, whatever the environment says; master.py finds worker.py
+        # beside it even where PYTHONSAFEPATH is set
+        env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(self.master_py.parent), env.get("PYTHONPATH"))))
+        errors = os.open(root / "master.log", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(self.master_py), "--env", str(root / ".env"), "--task", str(root / "task.py"),
+                "--jobs", str(root / "jobs.jsonl"), "--follow", cwd=root, env=env,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=errors)
+        finally:
+            os.close(errors)
+        ready = await self.event(30)
+        if ready.get("event") != "ready":
+            raise WorkerError("master.py did not start: " + self.last_error())
+        self.port = int(ready["port"])
+
+    async def event(self, timeout: float) -> dict:
+        """master.py's next JSON event on stdout; ``{}`` when it ended or ``timeout`` passed."""
+        assert self.proc is not None and self.proc.stdout is not None
+        while True:
+            try:
+                line = await asyncio.wait_for(self.proc.stdout.readline(), max(timeout, 0.0))
+            except TimeoutError:
+                return {}
+            if not line:
+                return {}
+            with contextlib.suppress(ValueError):
+                return as_dict(json.loads(line))
+
+    def last_error(self) -> str:
+        """The last line master.py wrote on stderr (its errors only)."""
+        lines = (self.root / "master.log").read_text(errors="replace").strip().splitlines()
+        return lines[-1] if lines else "no error from master.py"
+
+    async def close(self) -> None:
+        """End master.py (its SIGINT: a summary, then exit) and reap it."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+async def _demo_worker(master: _DemoMaster, jobs: int) -> int:
+    """A worker here takes the demo master's jobs; a summary, what to try next, the last result."""
+    worker = Worker(master.token, "demo-worker", "warn", master.key, env={}, folder=master.root / "worker",
+                    host="127.0.0.1", lsd=False, dht=False, peers=["127.0.0.1:%d" % master.port],
+                    get_batch=True, batch_size=10, trackers=[])
+    started = time.perf_counter()
+    await worker.start()
+    print("demo: master.py on 127.0.0.1:%d, %d jobs, worker %s" % (master.port, jobs, worker.address))
+    terminal = sys.stdout.isatty()  # a log or a pipe gets no line redrawn in place
+    results: dict[Any, dict] = {}
+    try:
+        while len(results) < jobs:
+            event = await master.event(started + 60 - time.perf_counter())
+            if not event:
+                break
+            if event.get("event") == "result" and isinstance(event.get("result"), dict):
+                results[event["result"].get("jobID")] = event
+                if terminal:
+                    print("\rdemo: %d/%d results" % (len(results), jobs), end="", flush=True)
         elapsed = time.perf_counter() - started
+    finally:
         await worker.stop()
-        await master.close()
-    ok = len(results) == jobs and all(r and r.get("data") for r in results)
-    print("\ndemo: %d/%d jobs in %.2f s (%.0f jobs/s), %s" % (
+    ok = sorted(results) == list(range(jobs)) and all(
+        "error" not in r["result"] and r["result"].get("data") for r in results.values())
+    print(("\n" if terminal else "") + "demo: %d/%d jobs in %.2f s (%.0f jobs/s), %s" % (
         len(results), jobs, elapsed, len(results) / elapsed, "all results right" if ok else "FAILED"))
-    if ok:
-        last = max(results, key=lambda r: r["jobID"])
-        print("demo: job {} -> {}".format(last["jobID"], last["data"]))
-    return 0 if ok else 1
+    if not ok:
+        print("demo: " + master.last_error(), file=sys.stderr)
+        return 1
+    print(DEMO_NEXT)
+    print(json_dumps(results[jobs - 1]))  # the last job's result, as master.py prints it
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -7895,10 +8532,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     args = parser.parse_args(argv)
     if args.setup:
-        setup(Path(args.env))
+        try:
+            setup(Path(args.env))
+        except (KeyboardInterrupt, EOFError) as exc:
+            print()  # the prompt's line ends here
+            print("worker.py --setup: %s; %s is unchanged" % (
+                "interrupted" if isinstance(exc, KeyboardInterrupt) else "no answer (end of input)",
+                args.env), file=sys.stderr)
+            return 130 if isinstance(exc, KeyboardInterrupt) else 1
+        except OSError as exc:
+            print(f"worker.py --setup: cannot write {args.env}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         return 0
     if args.demo:
-        return asyncio.run(run_demo())
+        try:
+            return asyncio.run(run_demo())
+        except KeyboardInterrupt:
+            print("\nworker.py --demo: interrupted", file=sys.stderr)
+            return 130
+        except (WorkerError, OSError) as exc:
+            print(f"worker.py --demo: {exc}", file=sys.stderr)
+            return 2
     try:
         worker = Worker(env=load_env(args.env))
     except WorkerError as exc:
@@ -7924,9 +8578,13 @@ import os
 import sys
 
 MEMORY_MB = int(os.environ.pop("QX_MEMORY_MB", "") or 0)
+# MB more for a program run with --exec (node) until its hello, which says what
+# it reserved writable at start (V8's code range: 512 MB in Node 24); the worker
+# then sets the cap to MEMORY_MB plus that.
+EXEC_START_MB = 1024
 
 
-def limit():
+def limit(extra_mb):
     """Die with the worker, be the OOM killer's first choice, cap the data size."""
     try:
         import ctypes
@@ -7942,7 +8600,7 @@ def limit():
         pass
     if MEMORY_MB:
         import resource
-        cap = MEMORY_MB << 20
+        cap = (MEMORY_MB + extra_mb) << 20
         hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
         cap = cap if hard == resource.RLIM_INFINITY else min(cap, hard)
         resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))  # private writable memory
@@ -8027,12 +8685,15 @@ def serve(channel, jobs):
 
 
 def main():
-    limit()
+    limit(EXEC_START_MB if sys.argv[1] == "--exec" else 0)
     if sys.argv[1] == "--exec":
         os.execv(sys.argv[2], sys.argv[2:])
     import faulthandler
     import socket
-    faulthandler.enable()  # a crash in native code prints the task's Python stack
+    try:  # a crash in native code prints the task's Python stack; 3.14+ adds the C
+        faulthandler.enable(c_stack=False)  # stack, ~25 lines that would push it out of STDERR_TAIL
+    except TypeError:  # before 3.14
+        faulthandler.enable()
     fd = int(os.environ.pop("QX_RUNNER_FD"))
     os.set_inheritable(fd, False)
     channel = socket.socket(fileno=fd)
@@ -8115,7 +8776,26 @@ function load(file) {
   return task;
 }
 
+// Bytes of private memory mapped writable and executable, not from a file: V8's
+// code range, reserved whole at start (512 MB in Node 24, on x64) and counted by
+// RLIMIT_DATA though barely used. The worker adds them to jobMemoryMB.
+function reserved() {
+  let bytes = 0;
+  try {
+    for (const entry of require('fs').readFileSync('/proc/self/maps', 'utf8').split('\n')) {
+      const [range, perms, , , inode] = entry.split(/\s+/);
+      if (perms !== 'rwxp' || inode !== '0') continue;
+      const [start, end] = range.split('-').map((hex) => parseInt(hex, 16));
+      bytes += end - start;
+    }
+  } catch (error) { // not Linux: no RLIMIT_DATA to fit either
+    return 0;
+  }
+  return bytes;
+}
+
 function main() {
+  const mapped = reserved(); // before the task's code runs
   let task;
   try {
     task = load(process.argv[2]);
@@ -8123,7 +8803,7 @@ function main() {
     channel.end(line({ ready: false, error: describe(error) }), () => process.exit(1));
     return;
   }
-  channel.write(line({ ready: true, node: process.version }));
+  channel.write(line({ ready: true, node: process.version, reserved: mapped }));
   readline.createInterface({ input: channel, crlfDelay: Infinity }).on('line', (text) => runJob(task, text));
   channel.on('end', () => process.exit(0));
   channel.on('error', () => process.exit(1));
@@ -8185,7 +8865,4 @@ class Task:
 '''
 
 if __name__ == "__main__":
-    # One module object: master.py's "from worker import ..." (--demo) finds this one,
-    # not a second copy with its own classes and exceptions.
-    sys.modules.setdefault("worker", sys.modules[__name__])
     sys.exit(main())
