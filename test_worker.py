@@ -2176,8 +2176,9 @@ class TestBugoutCore(unittest.TestCase):
         [(ping, _)] = self.a.data_to_send()
         self.b.receive_payload(ping, self.now + 5)
         self.assertEqual(self.b.verified, w.Verified(a, self.now, "p", False))
-        self.b.receive_payload(ping, self.now + 5)  # a copy: nothing passed
+        self.b.receive_payload(ping, self.now + 5)  # a copy: nothing passed; it names what it copies
         self.assertIsNone(self.b.verified)
+        self.assertEqual(self.b.copied, w.Verified(a, self.now, "p", False))
         nonce = self.a.send_call(self.b.identity.address, "f", {}, self.now)
         self.deliver(self.a, self.b)
         self.assertEqual(self.b.verified, w.Verified(a, self.now, "r", True))
@@ -2189,6 +2190,10 @@ class TestBugoutCore(unittest.TestCase):
         self.assertIsNone(self.a.verified)
         self.b.receive_payload(b"junk", self.now)
         self.assertIsNone(self.b.verified)
+        self.b.send_ping(self.now)
+        [own] = [out.payload for out in self.b.data_to_send() if not out.relay]
+        self.b.receive_payload(own, self.now)  # our own, echoed back: a copy of nothing we took
+        self.assertIsNone(self.b.verified or self.b.copied)
 
     def test_a_hello_is_a_ping_for_one_peer_alone(self):
         hello = self.a.hello_for(self.b.identity.ek, self.now)
@@ -4369,6 +4374,19 @@ class TestWirePolicy(unittest.TestCase):
         self.assertEqual(self.policy.targets(self.X), (["w1", "w2"], False))
         self.packet("w1", self.X)
         self.assertEqual(self.policy.direct(self.X), "w1")
+
+    def test_a_wire_that_brings_copies_of_its_peers_packets_keeps_standing(self):
+        self.open("w1", self.X)
+        self.open("w2", self.Y)
+        self.packet("w1", self.X)
+        for _ in range(3):  # each of the peer's packets comes first by a relay, then by its wire
+            self.advance(w.STANDING_LAPSE)
+            self.packet("w2", self.X)
+            self.policy.packet("w1", w.Verified(self.X, self.ms, "p", False), self.now, self.ms, copy=True)
+        self.assertEqual(self.advance(0), [])
+        self.assertEqual(self.policy.direct(self.X), "w1")
+        self.policy.packet("w2", w.Verified(self.X, self.ms, "p", False), self.now, self.ms, copy=True)
+        self.assertIsNone(self.policy.direct(self.Y))  # a copy proves nothing
 
     def test_when_a_peers_wire_closes_its_other_wires_prove_it_again(self):
         self.open("w1", self.X)

@@ -1350,6 +1350,9 @@ HELLO_GAP_MS = 1000
 MAX_JSON_DEPTH = 512
 #: The peer table holds at most this many peers.
 MAX_KNOWN_PEERS = 1000
+#: Packets that passed lately whose copies are told apart (the node's wire policy): copies come
+#: within moments of the first, by other wires.
+RECENT_PACKETS = 1024
 #: New identities one remote address may introduce through relayed packets: a burst, then a rate.
 NEW_PEERS_BURST = 32
 NEW_PEERS_PER_SECOND = 1.0
@@ -1392,11 +1395,14 @@ class BugoutCore:
         self.hello_due = False
         #: counters: dropped packets by reason, duplicates, relayed
         self.stats: collections.Counter = collections.Counter()
-        #: the packet the last :meth:`receive_payload` took from another peer (None: none)
+        #: the packet the last :meth:`receive_payload` took from another peer (None: none); or,
+        #: when it was a copy of one taken lately, that one (``copied``)
         self.verified: Verified | None = None
+        self.copied: Verified | None = None
         # private
         self._random = random
         self._seen = SeenCache(seen_limit, timeout_ms)
+        self._recent: dict[bytes, Verified] = {}  # digest prefix -> a packet that passed lately
         self._outgoing: list[Outgoing] = []
         self._new_peers = _RateLimit(NEW_PEERS_PER_SECOND, NEW_PEERS_BURST)
         self._last_hello = -HELLO_GAP_MS
@@ -1545,10 +1551,11 @@ class BugoutCore:
         counted against. Only a payload that passed is remembered as seen:
         junk cannot push good packets out of the cache.
         """
-        self.verified = None
+        self.verified = self.copied = None
         digest = hashlib.sha512(payload).digest()[16:]
         if digest in self._seen:
             self.stats["duplicate"] += 1
+            self.copied = self._recent.get(digest[:8])
             return []
         try:
             outer = bdecode(payload)
@@ -1561,6 +1568,10 @@ class BugoutCore:
             self._dropped(exc)
             return getattr(exc, "events", [])
         self._seen.add(digest, now)
+        if self.verified is not None:
+            if len(self._recent) >= RECENT_PACKETS:
+                del self._recent[next(iter(self._recent))]
+            self._recent[digest[:8]] = self.verified
         if inner is None or not boxed:  # an envelope we opened was for us alone: no relay
             self.stats["relayed"] += 1
             self._outgoing.append(Outgoing(payload, origin, relay=True))
@@ -4430,7 +4441,7 @@ class WebRtcTransport:
 # nothing), or an answer boxed to us for a call of ours (its nonce is ours);
 # calls and answers that came unboxed prove nothing (someone opened them).
 # It stops standing when the peer's fresh packets come first by other wires
-# for STANDING_LAPSE and none by it; when the wire a peer was reached by
+# for STANDING_LAPSE and none by it, not even as copies; when the wire a peer was reached by
 # closes, its other wires stand no more until they prove it again. A Python
 # peer (peer id ``-QP``) gets a hello at once on a new wire, a ping boxed for
 # the ``ek`` its handshake claims, unless a wire stands for it already (so no
@@ -4508,7 +4519,7 @@ FRESH_MS = 10_000
 #: A wire that claims a peer another wire has proven gets this long to prove it too, or it drains.
 PROVE_SECONDS = 5.0
 #: A wire stops standing for its peer once the peer's fresh packets came first by other wires for
-#: this long, and none by it (its own wire went quiet while a relay still brings them).
+#: this long, and none by it, not even copies (its own wire went quiet while a relay brings them).
 STANDING_LAPSE = 10.0
 #: Two wires of one peer that came to stand within this many seconds of each other opened together
 #: (both ends dialed): the dialer's peer id picks the one kept, alike at both ends. Further apart,
@@ -4561,8 +4572,9 @@ class WirePolicy:
     signed came by it first (not a copy of one that came by another wire),
     made within FRESH_MS (or an answer boxed to us for a call of ours). It
     stops standing when that peer's fresh packets came first by other wires
-    for STANDING_LAPSE and none by it; and all wires claiming a peer stop when
-    the wire it was reached by closes, until they prove it again.
+    for STANDING_LAPSE and none by it, not even as copies; and all wires
+    claiming a peer stop when the wire it was reached by closes, until they
+    prove it again.
     """
 
     def __init__(self) -> None:
@@ -4598,8 +4610,13 @@ class WirePolicy:
         self._changed.add(address)
         return python and self.direct(address) is None
 
-    def packet(self, wire: Any, verified: Verified, now: float, now_ms: int) -> None:
-        """A packet came by ``wire`` first and passed: a fresh one proves whose the wire is."""
+    def packet(self, wire: Any, verified: Verified, now: float, now_ms: int, copy: bool = False) -> None:
+        """A packet came by ``wire`` and passed: a fresh one, first, proves whose the wire is.
+
+        ``copy``: it came after the same packet came by another wire. It proves
+        nothing, but a wire that stands for its signer still brings the
+        signer's packets: the wire is alive, only slower this time.
+        """
         if not (abs(now_ms - verified.t) <= FRESH_MS and (verified.boxed or verified.kind in ("p", "m"))
                 or verified.kind == "rr" and verified.boxed):
             return  # replayed (or unboxed by someone: calls and answers are always boxed)
@@ -4608,6 +4625,10 @@ class WirePolicy:
             return
         self._now = now
         address = verified.address
+        if copy:
+            if facts.address == address and facts.since is not None:
+                self._elsewhere.pop(address, None)
+            return
         self._relayed[address] = wire
         if facts.address == address:
             facts.last = now
@@ -5033,6 +5054,8 @@ class Bugout:
                 if self.core.verified is not None:
                     conn.last_verified = now = time.monotonic()
                     self.policy.packet(conn, self.core.verified, now, now_ms)
+                elif self.core.copied is not None:
+                    self.policy.packet(conn, self.core.copied, time.monotonic(), now_ms, copy=True)
                 if found:
                     self._dispatch(found)
             elif isinstance(event, Handshake):
