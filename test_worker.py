@@ -4422,6 +4422,25 @@ class TestWirePolicy(unittest.TestCase):
         self.assertTrue(self.policy.is_protected("w1"))
         self.assertFalse(self.policy.is_protected("w2"))
 
+    def test_a_relay_takes_only_room_that_delays_nothing(self):
+        self.policy.protected = frozenset([self.X])
+        self.open("master", self.X)
+        self.packet("master", self.X)
+        self.open("other", self.Y)
+        def spare(wire, size, waiting, total=0, relay=True):
+            return self.policy.spare(wire, size, waiting, lambda: total, relay, self.now)
+        self.assertIsNone(spare("other", 10 * w.RELAY_QUEUE, 0, relay=False))  # an empty queue takes any one
+        self.assertIsNone(spare("other", 1000, w.RELAY_QUEUE - 1000, relay=False))
+        self.assertEqual(spare("other", 1001, w.RELAY_QUEUE - 1000), "queues full")
+        self.assertEqual(spare("master", 1001, w.RELAY_PROTECTED - 1000), "queues full")  # the master's: less
+        self.assertEqual(spare("other", 1, 0, total=w.RELAY_TOTAL + 1), "queues full")
+        allowed = sum(spare("other", 1, 0) is None for _ in range(int(w.RELAY_WRITES_PER_SECOND) + 100))
+        self.assertEqual(allowed, w.RELAY_WRITES_PER_SECOND)  # a second's worth, then over the rate
+        self.assertEqual(spare("other", 1, 0), "over the rate")
+        self.assertIsNone(spare("other", 1, 0, relay=False))  # ours, for want of a route: no rate
+        self.now += 1.0
+        self.assertIsNone(spare("other", 1, 0))
+
     def test_closed_wires_and_forgotten_peers_leave_nothing(self):
         for i in range(100):
             self.open(i, self.X if i % 2 else self.Y)

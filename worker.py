@@ -4465,8 +4465,8 @@ class WebRtcTransport:
 # spare traffic. A relayed copy that comes first never replaces a peer's own
 # wire.
 #
-# Relays. Others' payloads are passed on, as bugout does, only where they
-# delay nothing: a wire takes one when its send queue is empty or stays under
+# Relays (WirePolicy.spare). Others' payloads are passed on, as bugout does,
+# only where they delay nothing: a wire takes one when its send queue is empty or stays under
 # RELAY_QUEUE with it (a protected wire's: RELAY_PROTECTED), while all queues
 # hold less than RELAY_TOTAL, RELAY_WRITES_PER_SECOND at most; the rest are
 # dropped and counted.
@@ -4565,7 +4565,8 @@ class WirePolicy:
     ``now`` in monotonic seconds, ``now_ms`` the wall clock (a packet's time
     is its signer's). The policy answers which wire is a peer's own
     (:meth:`direct`), where our payloads go (:meth:`targets`), which wire is
-    protected (:meth:`is_protected`), and which wires to drain (:meth:`due`,
+    protected (:meth:`is_protected`), which wire takes a relay
+    (:meth:`spare`, from queue sizes), and which wires to drain (:meth:`due`,
     :meth:`next_due`).
 
     A wire stands for the peer its handshake claims once a packet that peer
@@ -4590,6 +4591,7 @@ class WirePolicy:
         self._drains: list[tuple[Any, str]] = []
         self._deadlines: dict[Any, float] = {}
         self._now = 0.0  # the latest time the node passed in
+        self._relays = _RateLimit(RELAY_WRITES_PER_SECOND, RELAY_WRITES_PER_SECOND)
 
     # what the node tells it
     def opened(self, wire: Any, address: str | None, dialer: bytes, port: int | None, now: float,
@@ -4720,6 +4722,25 @@ class WirePolicy:
         self.direct(facts.address)
         return facts.since is not None and not facts.out
 
+    def spare(self, wire: Any, size: int, waiting: int, total: Callable[[], int], relay: bool,
+              now: float) -> str | None:
+        """Whether ``wire`` takes a payload that delays nothing: another peer's (``relay``), or
+        ours passing it for want of a route. None: it does; else why it is dropped.
+
+        ``waiting``: bytes its send queue holds; ``total()``: bytes all send
+        queues hold (asked only when needed). It takes one when its queue is
+        empty or stays under RELAY_QUEUE with it (a protected wire's:
+        RELAY_PROTECTED: a flood never waits in front of the master's
+        packets), while all queues hold less than RELAY_TOTAL; relays
+        RELAY_WRITES_PER_SECOND at most (a flood fanned out to every wire).
+        """
+        room = RELAY_PROTECTED if self.is_protected(wire) else RELAY_QUEUE
+        if (waiting and waiting + size > room) or total() > RELAY_TOTAL:
+            return "queues full"
+        if relay and not self._relays.allow(None, now):
+            return "over the rate"
+        return None
+
     def due(self, now: float) -> list[tuple[Any, str]]:
         """(wire, why) to drain now: a ``duplicate`` of one that stays, and claimants whose
         deadline passed (``unproven``)."""
@@ -4842,7 +4863,6 @@ class Bugout:
         self._recounted = False
         self._log = _LogLimit()
         self._evictions = _RateLimit(EVICTIONS_PER_SECOND, EVICTIONS_PER_SECOND)
-        self._relays = _RateLimit(RELAY_WRITES_PER_SECOND, RELAY_WRITES_PER_SECOND)
         self._hello_timer: asyncio.TimerHandle | None = None
         self._closed = False
         #: WebRTC through WebSocket trackers (off without trackers)
@@ -5371,13 +5391,9 @@ class Bugout:
     def _send_spare(self, conn: Connection, payload: bytes, relay: bool = False) -> None:
         """A relay, or ours passing this wire for another peer: dropped where it would wait,
         and relays beyond RELAY_WRITES_PER_SECOND (a flood fanned out to every wire)."""
-        waiting = conn.buffered
-        room = RELAY_PROTECTED if self.is_protected(conn) else RELAY_QUEUE
-        if (waiting and waiting + len(payload) > room) or self._sends_waiting() > RELAY_TOTAL:
-            self.stats["relays dropped: queues full"] += 1
-            return
-        if relay and not self._relays.allow(None, time.monotonic()):
-            self.stats["relays dropped: over the rate"] += 1
+        why = self.policy.spare(conn, len(payload), conn.buffered, self._sends_waiting, relay, time.monotonic())
+        if why is not None:
+            self.stats["relays dropped: " + why] += 1
             return
         conn.send_payload(payload)
         self._out_estimate += len(payload)
