@@ -17,6 +17,10 @@ for its CPU too. ``QX_FAULTS_LOG=1`` prints the end of each worker's log,
 The attacks from a tracker, WebRTC and the DHT are the attacker's own ``ws://``
 tracker or DHT node, named in the worker's .env (no ICE server), which the
 attacker starts before the worker and which behave until the attack begins.
+The copied-identity attacks first dial the master (or the worker) as a bugout
+peer of their own, to read its peer id and handshake keys, then claim them on
+wires of their own, dialed again whenever drained; for one of them the master
+dials the worker (its ``peers=``), not the reverse.
 The ``dependencies`` attack (a list of 10,000) belongs to the Worker's checks.
 """
 
