@@ -17,6 +17,10 @@ for its CPU too. ``QX_FAULTS_LOG=1`` prints the end of each worker's log,
 The attacks from a tracker, WebRTC and the DHT are the attacker's own ``ws://``
 tracker or DHT node, named in the worker's .env (no ICE server), which the
 attacker starts before the worker and which behave until the attack begins.
+The copied-identity attacks first dial the master (or the worker) as a bugout
+peer of their own, to read its peer id and handshake keys, then claim them on
+wires of their own, dialed again whenever drained; for one of them the master
+dials the worker (its ``peers=``), not the reverse.
 The ``dependencies`` attack (a list of 10,000) belongs to the Worker's checks.
 
     python faults.py --master [--seconds 10] [ATTACK ...]
@@ -41,8 +45,6 @@ import json
 import os
 import random
 import resource
-import shlex
-import shutil
 import socket
 import struct
 import subprocess
@@ -64,10 +66,13 @@ class Swarm:
     """master.py and one worker.py, the master kept supplied with jobs; results timed.
 
     ``batch``: the worker asks for batches of this size (else one job at a time), and
-    master.py logs at info, its stderr in master.log (the attacks on master.py)."""
+    master.py logs at info, its stderr in master.log (the attacks on master.py).
+    ``master_dials``: the master has the worker in peers=, rather than the reverse."""
 
-    def __init__(self, root: Path, worker_fds: int | None = None, batch: int | None = None) -> None:
+    def __init__(self, root: Path, worker_fds: int | None = None, batch: int | None = None,
+                 master_dials: bool = False) -> None:
         self.root = root
+        self.master_dials = master_dials  # the master has the worker in peers=, rather than the reverse
         self.token = "faults-%d" % random.randrange(1 << 40)
         self.master_port, self.port = t.free_port(), t.free_port()
         self.worker_fds = worker_fds
@@ -89,9 +94,11 @@ class Swarm:
         wk.mkdir()
         (m / "task.py").write_text(TASK)
         batched = {"getBatch": "true", "batchSize": self.batch} if self.batch else {}
-        t.write_loopback_env(m, self.token, port=self.master_port, LOG_LEVEL="info" if self.batch else "warn")
+        dials = {"peers": "127.0.0.1:%d" % (self.port if self.master_dials else self.master_port)}
+        t.write_loopback_env(m, self.token, port=self.master_port, LOG_LEVEL="info" if self.batch else "warn",
+                             **(dials if self.master_dials else {}))
         t.write_loopback_env(wk, self.token, port=self.port, LOG_LEVEL="info",
-                             peers="127.0.0.1:%d" % self.master_port, **self.worker_env, **batched)
+                             **({} if self.master_dials else dials), **self.worker_env, **batched)
         self.master = await asyncio.create_subprocess_exec(
             sys.executable, str(HERE / "master.py"), "--task", "task.py", "--jobs", "-", cwd=m,
             env=t.clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.master_log)
@@ -188,8 +195,8 @@ class Swarm:
 class Target:
     """What the attacker process knows of the worker: its port and the target's token."""
 
-    def __init__(self, port: int, token: str, aux_port: int = 0) -> None:
-        self.port, self.token = port, token
+    def __init__(self, port: int, token: str, aux_port: int = 0, master_port: int = 0) -> None:
+        self.port, self.token, self.master_port = port, token, master_port
         #: where the attacker's own tracker or DHT node listens (the worker is told in its .env)
         self.aux_port = aux_port
         #: what the attack made before it began
@@ -512,6 +519,122 @@ async def dht_flood(target: Target, until: float) -> dict:
     return {"datagrams sent": sent, **{"queries " + k: v for k, v in node.queries.items()}}
 
 
+# Copied identities: a peer id and handshake keys are claims (PROTOCOL.md section 3)
+
+async def peer_facts(port: int, token: str, ident: w.Identity | None = None) -> tuple:
+    """Dial a peer as a bugout peer of our own (a Python one: ``-QP``); (its peer id, its BEP 10
+    handshake, reader, writer, our PeerWire), the wire still open."""
+    ident = ident or w.Identity()
+    infohash, _ = w.infohash_of(token)
+    wire = w.PeerWire(infohash, w.make_peer_id(), {"m": {"bo_channel": 4}, "id": token, "pk": ident.pk,
+                                                   "ek": ident.ek}, initiator=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(wire.data_to_send())
+    while wire.remote_extended is None:
+        data = await asyncio.wait_for(reader.read(1 << 16), 10)
+        if not data:
+            raise ConnectionError("the peer closed the wire")
+        wire.receive_data(data)
+        writer.write(wire.data_to_send())
+    return wire.remote_peer_id, wire.remote_extended, reader, writer, wire
+
+
+async def claim(port: int, token: str, peer_id: bytes, fields: dict) -> tuple:
+    """A wire to ``port`` claiming ``peer_id`` and the keys in ``fields``, dialed from a low port
+    (a dialer port that sorts first); (reader, writer)."""
+    infohash, _ = w.infohash_of(token)
+    ext = {"m": {"bo_channel": 4}, "id": token, "pk": fields["pk"], "ek": fields["ek"]}
+    for _ in range(100):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", random.randrange(10000, 20000)))
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            break
+        except OSError:
+            sock.close()
+    else:
+        raise OSError("no low port to dial from")
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(w.handshake_bytes(infohash, peer_id) + w.frame(20, b"\0" + w.bencode(ext)))
+    return reader, writer
+
+
+async def hold_claims(port: int, token: str, peer_id: bytes, fields: dict, until: float,
+                      payloads: list[bytes] = ()) -> int:
+    """Keep a claiming wire up until ``until`` (dialed again whenever it is closed), ``payloads``
+    written on each; how many wires it took."""
+    wires = 0
+    while time.monotonic() < until:
+        try:
+            reader, writer = await claim(port, token, peer_id, fields)
+        except OSError:
+            await asyncio.sleep(0.2)
+            continue
+        wires += 1
+        writer.write(b"".join(payload_frame(p) for p in payloads))
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            while await asyncio.wait_for(reader.read(1 << 16), max(0.01, until - time.monotonic())):
+                pass
+        writer.close()
+    return wires
+
+
+async def copied_master(target: Target, until: float) -> dict:
+    """The master's peer id and keys, read from its handshake, claimed on wires to the worker."""
+    peer_id, fields, _, writer, _ = await peer_facts(target.master_port, target.token)
+    writer.close()
+    return {"wires": await hold_claims(target.port, target.token, peer_id, fields, until)}
+
+
+async def copied_worker(target: Target, until: float) -> dict:
+    """The same against master.py: the worker's peer id and keys, claimed on wires to the master."""
+    peer_id, fields, _, writer, _ = await peer_facts(target.port, target.token)
+    writer.close()
+    return {"wires": await hold_claims(target.master_port, target.token, peer_id, fields, until)}
+
+
+def master_pings(target: Target) -> dict:
+    """Collect, in the background once the master is up, pings the master signed: a hello boxed
+    for us (the worker saw none of these) and its broadcasts."""
+    return {"pings": asyncio.ensure_future(_collect_pings(target))}  # not awaitable: the master starts later
+
+
+async def _collect_pings(target: Target) -> tuple:
+    """(the master's peer id, its handshake, the pings it signed, when they came)."""
+    ident = w.Identity()
+    core = w.BugoutCore(target.token, ident)
+    while True:
+        try:
+            peer_id, fields, reader, writer, wire = await peer_facts(target.master_port, target.token, ident)
+            break
+        except OSError:
+            await asyncio.sleep(0.2)
+    master, pings = w.address_of(w.b58decode(fields["pk"])), []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(2.0):
+            while data := await reader.read(1 << 16):
+                wire.receive_data(data)
+                for event in wire.events_received():
+                    if isinstance(event, w.ExtensionPayload):
+                        core.receive_payload(event.payload, w._now())
+                        outer = w.bdecode(event.payload)
+                        signed = core._unbox(outer) if "e" in outer else outer
+                        if core.verified is not None and core.verified.address == master and signed:
+                            pings.append(w.bencode(signed))
+    writer.close()
+    return peer_id, fields, pings, time.monotonic()
+
+
+async def replayed_ping(target: Target, until: float) -> dict:
+    """A wire claiming the master (its peer id and keys) replays pings the master signed 11 s before."""
+    peer_id, fields, pings, got = await target.prepared["pings"]
+    await asyncio.sleep(max(0.0, got + w.FRESH_MS / 1000 + 1 - time.monotonic()))  # old now: replays
+    wires = await hold_claims(target.port, target.token, peer_id, fields, until, pings)
+    return {"wires": wires, "pings replayed": len(pings)}
+
+
 #: name -> (attack, the worker's descriptor limit, what prepares its payloads)
 ATTACKS = {
     "garbage relayed": (garbage_relayed, None, None),
@@ -529,7 +652,13 @@ ATTACKS = {
     "tracker: 20,000-candidate SDP": (huge_sdp_offers, None, hostile_tracker),
     "webrtc: 65 MiB channel message": (channel_message_flood, None, hostile_tracker),
     "dht: hostile bootstrap node": (dht_flood, None, hostile_dht),
+    "copied master, worker dials": (copied_master, None, None),
+    "copied master, master dials": (copied_master, None, None),
+    "copied worker, at master.py": (copied_worker, None, None),
+    "replayed ping, claims master": (replayed_ping, None, master_pings),
 }
+#: attacks whose master dials the worker (its peers= names the worker), not the reverse
+MASTER_DIALS = {"copied master, master dials"}
 
 
 # Attacks on master.py ########################################################
@@ -688,11 +817,12 @@ MASTER_ATTACKS = {
 }
 
 
-async def attacker(name: str, port: int, token: str, seconds: float, aux_port: int = 0) -> int:
+async def attacker(name: str, port: int, token: str, seconds: float, aux_port: int = 0,
+                   master_port: int = 0) -> int:
     """The attacker process: prepare, say ready, wait for go, attack, print notes."""
     resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))  # it holds many sockets
     attack, _, prepare = {**ATTACKS, **MASTER_ATTACKS}[name]
-    target = Target(port, token, aux_port)
+    target = Target(port, token, aux_port, master_port)
     if prepare is not None:
         target.prepared = prepare(target)
         if inspect.isawaitable(target.prepared):  # a server of its own, up before the worker
@@ -713,7 +843,7 @@ async def measure(name: str, seconds: float) -> dict:
     on_master = name in MASTER_ATTACKS
     with tempfile.TemporaryDirectory(prefix="qx-faults-") as tmp:
         attack, fds, _ = {**ATTACKS, **MASTER_ATTACKS}[name]
-        swarm = Swarm(Path(tmp), fds, MASTER_BATCH if on_master else None)
+        swarm = Swarm(Path(tmp), fds, MASTER_BATCH if on_master else None, name in MASTER_DIALS)
         aux_port = t.free_port()
         swarm.worker_env = getattr(attack, "worker_env", lambda aux: {})(aux_port)
         proc = None
@@ -721,7 +851,8 @@ async def measure(name: str, seconds: float) -> dict:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, str(HERE / "faults.py"), "--attacker", name, "--port",
                 str(swarm.master_port if on_master else swarm.port), "--token", swarm.token, "--seconds",
-                str(seconds), "--aux-port", str(aux_port), cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                str(seconds), "--aux-port", str(aux_port), "--master-port", str(swarm.master_port), cwd=HERE,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             await asyncio.wait_for(proc.stdout.readline(), 300)  # ready: its payloads (and servers) are made
             await swarm.start()
             await asyncio.sleep(2.0)  # warm
@@ -792,23 +923,18 @@ def main() -> int:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)  # the worker's port
     parser.add_argument("--token", help=argparse.SUPPRESS)  # and the swarm's token
     parser.add_argument("--aux-port", type=int, default=0, help=argparse.SUPPRESS)  # its tracker's or DHT's
+    parser.add_argument("--master-port", type=int, default=0, help=argparse.SUPPRESS)  # the master's port
     args = parser.parse_args()
     if args.attacker:
-        return asyncio.run(attacker(args.attacker, args.port, args.token, args.seconds, args.aux_port))
+        return asyncio.run(attacker(args.attacker, args.port, args.token, args.seconds, args.aux_port,
+                                    args.master_port))
     attacks = MASTER_ATTACKS if args.master else ATTACKS
     unknown = [a for a in args.attacks if a not in attacks]
     if unknown:
         parser.error("unknown attack(s): %s" % ", ".join(unknown))
-    if os.environ.get("QX_FAULTS_NAMESPACE") != "1":  # the network rule: only inside a namespace
-        if os.geteuid() != 0 or not shutil.which("unshare"):
-            print("faults.py needs root and unshare (it runs in a network namespace)", file=sys.stderr)
-            return 2
-        command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
-        # 127.0.0.2: aioice gathers every IPv4 address but 127.0.0.1 (the WebRTC attacks)
-        script = ("ip link set lo up && ip route add 224.0.0.0/4 dev lo src 127.0.0.1 && "
-                  "ip addr add 127.0.0.2/32 dev lo && "
-                  "QX_FAULTS_NAMESPACE=1 exec " + command)
-        return subprocess.call(["unshare", "-n", "sh", "-c", script], cwd=HERE)
+    status = t.in_own_namespace("QX_FAULTS_NAMESPACE", "faults.py")  # the network rule
+    if status is not None:
+        return status
     return asyncio.run(run(args.attacks or list(attacks), args.seconds))
 
 

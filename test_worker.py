@@ -401,21 +401,31 @@ def memory_node(peer_id=None, **kw):
     return node
 
 
-async def raw_wire(node, ident=None, rcvbuf=None, local="127.0.0.1", ext=None):
-    """A TCP connection to ``node`` that said its BitTorrent and BEP 10 handshakes (keys of ``ident``)."""
+async def raw_wire(node, ident=None, rcvbuf=None, local="127.0.0.1", ext=None, peer_id=None, port=0):
+    """A TCP connection to ``node`` that said its BitTorrent and BEP 10 handshakes (keys of ``ident``,
+    ``peer_id``, from ``port``)."""
     ident = ident or w.Identity()
     sock = socket.socket()
     if rcvbuf:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.bind((local, 0))
+    sock.bind((local, port))
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", node.port))
     reader, writer = await asyncio.open_connection(sock=sock)
     ext = ext or {"m": {"bo_channel": 4}, "id": node.identifier, "pk": ident.pk, "ek": ident.ek}
-    writer.write(w.handshake_bytes(node.infohash, b"-XX0000-" + os.urandom(6).hex().encode())
+    writer.write(w.handshake_bytes(node.infohash, peer_id or b"-XX0000-" + os.urandom(6).hex().encode())
                  + w.frame(20, b"\0" + w.bencode(ext)))
     await writer.drain()
     return reader, writer
+
+
+def port_below(port):
+    """A TCP port free on 127.0.0.1 and lower than ``port`` (a dialer that wants to sort first)."""
+    for candidate in range(min(port, 30000) - 1, 10000, -1):
+        with socket.socket() as sock, contextlib.suppress(OSError):
+            sock.bind(("127.0.0.1", candidate))
+            return candidate
+    raise AssertionError("no free port below %d" % port)
 
 
 def bo_frame(payload):
@@ -2188,6 +2198,44 @@ class TestBugoutCore(unittest.TestCase):
         self.assertEqual(core.stats["duplicate"], 1)
 
 
+    def test_verified_names_the_signer_its_time_and_how_it_came(self):
+        a = self.a.identity.address
+        self.a.send_ping(self.now)
+        [(ping, _)] = self.a.data_to_send()
+        self.b.receive_payload(ping, self.now + 5)
+        self.assertEqual(self.b.verified, w.Verified(a, self.now, "p", False))
+        self.b.receive_payload(ping, self.now + 5)  # a copy: nothing passed; it names what it copies
+        self.assertIsNone(self.b.verified)
+        self.assertEqual(self.b.copied, w.Verified(a, self.now, "p", False))
+        nonce = self.a.send_call(self.b.identity.address, "f", {}, self.now)
+        self.deliver(self.a, self.b)
+        self.assertEqual(self.b.verified, w.Verified(a, self.now, "r", True))
+        self.b.awaiting = set()
+        self.b.send_response(a, nonce, 1, self.now)
+        answer = self.b.data_to_send()[-1].payload
+        self.a.awaiting = set()  # an answer to no call of ours: dropped, and proves nothing
+        self.a.receive_payload(answer, self.now)
+        self.assertIsNone(self.a.verified)
+        self.b.receive_payload(b"junk", self.now)
+        self.assertIsNone(self.b.verified)
+        self.b.send_ping(self.now)
+        [own] = [out.payload for out in self.b.data_to_send() if not out.relay]
+        self.b.receive_payload(own, self.now)  # our own, echoed back: a copy of nothing we took
+        self.assertIsNone(self.b.verified or self.b.copied)
+
+    def test_a_hello_is_a_ping_for_one_peer_alone(self):
+        hello = self.a.hello_for(self.b.identity.ek, self.now)
+        self.assertEqual(self.a.data_to_send(), [])  # the caller sends it, on one wire
+        self.assertEqual(self.b.receive_payload(hello, self.now, origin="wire"), [w.Ping(self.a.identity.address)])
+        self.assertEqual(self.b.verified, w.Verified(self.a.identity.address, self.now, "p", True))
+        self.assertEqual(self.b.data_to_send(), [])  # boxed for b: never relayed
+        third = w.BugoutCore(vector_swarm(), w.Identity())
+        self.assertEqual(third.receive_payload(self.a.hello_for(self.b.identity.ek, self.now), self.now), [])
+        self.assertIsNone(third.verified)  # another's hello: it cannot open it
+        with self.assertRaises(w.DecodeError):
+            self.a.hello_for("not a key", self.now)
+
+
 class TestCoreBounds(unittest.TestCase):
     """BugoutCore: what it relays, the JSON it takes, the peers it admits."""
 
@@ -2464,13 +2512,18 @@ class TestTcp(AsyncTest):
 
 
 class TestWireUnderAttack(AsyncTest):
-    async def _simultaneous_open(self, first_wire_loses):
-        """Wire 1 carries RPCs both ways (some served, some still on the wire) when both
-        ends dial again; every call is answered, and one wire is left."""
+    async def _second_wire(self, ids_favour_wire_2, window=60.0):
+        """Wire 1 carries RPCs both ways (some served, some still on the wire) when the other end
+        dials again and wire 2 proves itself too; every call is answered, and one wire is left.
+
+        ``window``: DUP_WINDOW. Wires that came to stand within it opened together, and the one
+        dialed by the lower peer id stays; further apart, the one that stood first stays.
+        """
         low, high = sorted([w.make_peer_id(), w.make_peer_id()])
-        # the wire kept is the one dialed by the lower peer id; a dials wire 1, b wire 2
-        a = self.will_close(memory_node(high if first_wire_loses else low))
-        b = self.will_close(memory_node(low if first_wire_loses else high))
+        # by peer ids the wire kept is the one dialed by the lower; a dials wire 1, b wire 2
+        a = self.will_close(memory_node(high if ids_favour_wire_2 else low))
+        b = self.will_close(memory_node(low if ids_favour_wire_2 else high))
+        first_wire_loses = ids_favour_wire_2 and window > 1.0
         release, serving = asyncio.Event(), []
 
         async def slow(address, args):
@@ -2481,8 +2534,8 @@ class TestWireUnderAttack(AsyncTest):
             node.register("slow", slow)
         wires = self.will_close(MemoryWires())
         one_a, _ = wires.connect(a, b)
-        await until(lambda: a.connections() == b.connections() == 1 and a.address in b.peers
-                    and b.address in a.peers, 5)
+        await until(lambda: a.connections() == b.connections() == 1 and a.has_signed_wire(b.address)
+                    and b.has_signed_wire(a.address), 5)
         calls = [a.rpc(b.address, "slow", 1, timeout=8), b.rpc(a.address, "slow", 2, timeout=8)]
         calls = [asyncio.ensure_future(c) for c in calls]
         await until(lambda: len(serving) == 2, 5)  # being served ...
@@ -2491,8 +2544,13 @@ class TestWireUnderAttack(AsyncTest):
                   asyncio.ensure_future(b.rpc(a.address, "echo", "b", timeout=8))]
         await asyncio.sleep(0.05)
         self.assertTrue(one_a.outbox and one_a.peer.outbox)
-        two_b, _ = wires.connect(b, a)  # both ends dialed: a simultaneous open
-        await until(lambda: a.stats["duplicate wires"] and b.stats["duplicate wires"], 5)
+        with mock.patch.object(w, "DUP_WINDOW", window):
+            two_b, _ = wires.connect(b, a)  # both ends dialed
+            await until(lambda: a.connections() == b.connections() == 2, 5)
+            self.assertEqual(a.stats["hellos sent"] + b.stats["hellos sent"], 2)  # wire 1's: a peer wired gets none
+            a.ping()  # by wire 2 first (wire 1 holds): it proves wire 2 at both ends
+            b.ping()
+            await until(lambda: a.stats["duplicate wires"] and b.stats["duplicate wires"], 5)
         if first_wire_loses:  # a request (BEP 6) on the draining wire: its reject is not written
             one_a.protocol.data_received(w.frame(6, struct.pack(">III", 0, 0, 16384)))
         one_a.held = one_a.peer.held = False
@@ -2505,12 +2563,16 @@ class TestWireUnderAttack(AsyncTest):
         self.assertEqual(await a.rpc(b.address, "echo", "after", timeout=5), "after")
         self.assertEqual(await b.rpc(a.address, "echo", "after", timeout=5), "after")
         self.assertEqual(a.stats["peers dropped for an internal error"], 0)
+        self.assertTrue(a.has_signed_wire(b.address) and b.has_signed_wire(a.address))
 
     async def test_simultaneous_open_the_busy_wire_loses(self):
-        await self._simultaneous_open(first_wire_loses=True)
+        await self._second_wire(ids_favour_wire_2=True)
 
     async def test_simultaneous_open_the_new_wire_loses(self):
-        await self._simultaneous_open(first_wire_loses=False)
+        await self._second_wire(ids_favour_wire_2=False)
+
+    async def test_a_wire_that_stood_first_stays_whatever_the_peer_ids(self):
+        await self._second_wire(ids_favour_wire_2=True, window=0.0)
 
     async def test_a_wire_hands_over_a_budget_of_payloads_per_loop_turn(self):
         a, b = self.will_close(memory_node()), self.will_close(memory_node())
@@ -4201,6 +4263,306 @@ class TestHostileTracker(unittest.TestCase):
 
 # The node: Python and JS bugout peers #######################################
 
+class TestWirePolicy(unittest.TestCase):
+    """The node's wire policy with a clock: which wire is whose, from what came by each."""
+
+    X, Y = "bPeerXXXXXXXXXXXXXXXXXXXXXXXXXXXXX", "bPeerYYYYYYYYYYYYYYYYYYYYYYYYYYYYY"
+    PEER = b"-QP0100-peerpeerpeer"
+
+    def setUp(self):
+        self.policy = w.WirePolicy()
+        self.now, self.ms = 100.0, 1_700_000_000_000
+
+    def open(self, wire, address, dialer=PEER, port=None, python=True, policy=None):
+        return (policy or self.policy).opened(wire, address, dialer, port, self.now, python)
+
+    def packet(self, wire, address, kind="p", boxed=False, age_ms=0, policy=None):
+        (policy or self.policy).packet(wire, w.Verified(address, self.ms - age_ms, kind, boxed), self.now, self.ms)
+
+    def advance(self, seconds, policy=None):
+        self.now += seconds
+        self.ms += int(seconds * 1000)
+        return (policy or self.policy).due(self.now)
+
+    def test_a_handshake_claim_proves_nothing_and_drains_nothing(self):
+        self.open("w1", self.X)
+        self.open("w2", self.X)
+        self.assertEqual(self.advance(0), [])
+        self.assertEqual(self.advance(600), [])
+        self.assertIsNone(self.policy.direct(self.X))
+        self.assertFalse(self.policy.stands("w1") or self.policy.stands("w2"))
+        self.assertEqual(self.policy.targets(self.X), (["w1", "w2"], False))  # a hint for routes only
+        self.assertEqual(self.policy.targets(self.Y), ([], True))  # no route: spare to every wire
+
+    def test_a_fresh_packet_its_peer_signed_makes_the_wire_its_own(self):
+        self.open("w1", self.X)
+        self.open("w2", self.Y)
+        self.packet("w1", self.X)
+        self.assertEqual(self.advance(0), [])
+        self.assertEqual(self.policy.direct(self.X), "w1")
+        self.assertTrue(self.policy.stands("w1"))
+        self.assertEqual(self.policy.targets(self.X), (["w1"], False))
+        self.assertEqual(self.advance(3600), [])  # a quiet peer keeps its wire
+        self.assertEqual(self.policy.direct(self.X), "w1")
+
+    def test_what_proves_a_wire(self):
+        cases = [("p", False, 0, True), ("m", False, w.FRESH_MS, True), ("p", True, 0, True),
+                 ("p", False, w.FRESH_MS + 1, False),  # replayed
+                 ("p", False, -w.FRESH_MS - 1, False),  # from the future
+                 ("r", False, 0, False), ("rr", False, 0, False),  # unboxed: someone opened them
+                 ("r", True, 0, True), ("m", True, 0, True),
+                 ("rr", True, 3_600_000, True),  # an answer to a call of ours, whatever its time
+                 ("x", False, 0, False)]
+        for kind, boxed, age_ms, proves in cases:
+            policy = w.WirePolicy()
+            self.open("w1", self.X, policy=policy)
+            self.packet("w1", self.X, kind, boxed, age_ms, policy=policy)
+            self.assertEqual(policy.direct(self.X) == "w1", proves, (kind, boxed, age_ms))
+            self.assertEqual(policy.route(self.X) == "w1", proves, (kind, boxed, age_ms))
+
+    def test_a_copy_by_another_peers_wire_proves_neither(self):
+        self.open("w1", self.Y)
+        self.packet("w1", self.X)
+        self.assertIsNone(self.policy.direct(self.X))
+        self.assertIsNone(self.policy.direct(self.Y))
+        self.assertEqual(self.policy.route(self.X), "w1")  # X is reached through Y
+        self.assertEqual(self.policy.targets(self.X), (["w1"], False))
+
+    def test_a_claimant_of_a_peer_proven_elsewhere_drains_unless_it_proves(self):
+        self.open("w1", self.X, dialer=b"-QP0100-zzzzzzzzzzzz")
+        self.packet("w1", self.X)
+        self.assertEqual(self.advance(30), [])
+        self.assertFalse(self.open("w2", self.X, dialer=b"-QP0100-000000000000", port=1))  # no hello
+        self.packet("w2", self.X, age_ms=60_000)  # a replay
+        self.assertEqual(self.advance(0), [])
+        self.assertEqual(self.policy.next_due(), self.now + w.PROVE_SECONDS)
+        self.assertEqual(self.policy.targets(self.X), (["w1"], False))  # never by the claimant
+        self.assertEqual(self.advance(w.PROVE_SECONDS - 0.1), [])
+        self.assertEqual(self.advance(0.1), [("w2", "unproven")])
+        self.assertEqual(self.policy.direct(self.X), "w1")
+        self.assertIsNone(self.policy.next_due())
+
+    def test_a_wire_that_stood_first_stays_when_a_later_one_proves_too(self):
+        self.open("w1", self.X, dialer=b"-QP0100-zzzzzzzzzzzz")
+        self.packet("w1", self.X)
+        self.advance(w.DUP_WINDOW)
+        self.open("w2", self.X, dialer=b"-QP0100-000000000000", port=1)  # lower id, lower port
+        self.packet("w2", self.X)  # say, a relay of a fresh packet that overtook the other
+        self.assertEqual(self.advance(0), [("w2", "duplicate")])
+        self.assertEqual(self.policy.direct(self.X), "w1")
+
+    def test_wires_that_came_to_stand_together_keep_the_same_one_at_both_ends(self):
+        for ours_lower in (True, False):
+            low, high = b"-QP0100-000000000000", b"-QP0100-zzzzzzzzzzzz"
+            a_id, b_id = (low, high) if ours_lower else (high, low)
+            at_a, at_b = w.WirePolicy(), w.WirePolicy()  # wire 1 dialed by a, wire 2 by b
+            for policy, peer, first in ((at_a, self.Y, "w1"), (at_b, self.X, "w2")):
+                self.open("w1", peer, dialer=a_id, port=5000, policy=policy)
+                self.open("w2", peer, dialer=b_id, port=4000, policy=policy)
+                second = "w2" if first == "w1" else "w1"
+                self.packet(first, peer, boxed=True, policy=policy)  # the hellos cross
+                self.assertEqual(self.advance(0, policy), [])
+                self.packet(second, peer, boxed=True, policy=policy)
+            loser = "w2" if ours_lower else "w1"
+            self.assertEqual(at_a.due(self.now), [(loser, "duplicate")])
+            self.assertEqual(at_b.due(self.now), [(loser, "duplicate")])
+        at_a = w.WirePolicy()  # both dialed by one end: the lower dialer port stays
+        self.open("w1", self.X, port=5000, policy=at_a)
+        self.open("w2", self.X, port=4000, policy=at_a)
+        self.packet("w1", self.X, policy=at_a)
+        self.packet("w2", self.X, policy=at_a)
+        self.assertEqual(at_a.due(self.now), [("w1", "duplicate")])
+
+    def test_the_peer_half_closing_a_wire_decides(self):
+        self.open("w1", self.X, dialer=b"-QP0100-000000000000")
+        self.open("w2", self.X, dialer=b"-QP0100-zzzzzzzzzzzz")
+        self.packet("w1", self.X)
+        self.advance(0)
+        self.policy.peer_eof("w1")  # the peer drains w1: w2 is not drained for want of proof
+        self.assertEqual(self.advance(w.PROVE_SECONDS + 1), [])
+        self.packet("w2", self.X)
+        self.assertEqual(self.advance(0), [])  # nor as a duplicate of the wire being drained
+        self.assertEqual(self.policy.direct(self.X), "w2")
+        self.policy.closed("w1")
+        self.assertEqual(self.policy.direct(self.X), "w2")
+
+    def test_a_wire_stops_standing_when_its_peers_packets_come_by_others(self):
+        self.open("w1", self.X)
+        self.open("w2", self.Y)
+        self.packet("w1", self.X)
+        self.advance(1)
+        self.packet("w2", self.X)  # relayed copies come first ...
+        self.advance(w.STANDING_LAPSE - 1)
+        self.packet("w2", self.X)
+        self.assertEqual(self.policy.direct(self.X), "w1")
+        self.advance(1)
+        self.packet("w2", self.X)  # ... for STANDING_LAPSE, and none by its own wire
+        self.assertEqual(self.advance(0), [])
+        self.assertIsNone(self.policy.direct(self.X))
+        self.assertEqual(self.policy.targets(self.X), (["w1", "w2"], False))
+        self.packet("w1", self.X)
+        self.assertEqual(self.policy.direct(self.X), "w1")
+
+    def test_a_wire_that_brings_copies_of_its_peers_packets_keeps_standing(self):
+        self.open("w1", self.X)
+        self.open("w2", self.Y)
+        self.packet("w1", self.X)
+        for _ in range(3):  # each of the peer's packets comes first by a relay, then by its wire
+            self.advance(w.STANDING_LAPSE)
+            self.packet("w2", self.X)
+            self.policy.packet("w1", w.Verified(self.X, self.ms, "p", False), self.now, self.ms, copy=True)
+        self.assertEqual(self.advance(0), [])
+        self.assertEqual(self.policy.direct(self.X), "w1")
+        self.policy.packet("w2", w.Verified(self.X, self.ms, "p", False), self.now, self.ms, copy=True)
+        self.assertIsNone(self.policy.direct(self.Y))  # a copy proves nothing
+
+    def test_when_a_peers_wire_closes_its_other_wires_prove_it_again(self):
+        self.open("w1", self.X)
+        self.packet("w1", self.X)
+        self.open("w2", self.X)
+        self.packet("w2", self.X, age_ms=60_000)  # a replay of an old packet: nothing
+        self.advance(1)
+        self.policy.closed("w1")
+        self.assertEqual(self.advance(w.PROVE_SECONDS), [])  # no wire of X stands: w2 waits
+        self.assertIsNone(self.policy.direct(self.X))
+        self.assertEqual(self.policy.targets(self.X), (["w2"], False))
+        self.packet("w2", self.X)
+        self.assertEqual(self.policy.direct(self.X), "w2")
+
+    def test_only_a_python_peer_not_wired_yet_gets_a_hello(self):
+        self.assertTrue(self.open("w1", self.X))
+        self.assertFalse(self.open("w2", self.Y, python=False))  # JS: what JS bugout sends, no more
+        self.assertFalse(self.open("w3", None))
+        self.packet("w1", self.X)
+        self.assertFalse(self.open("w4", self.X))  # X has a wire: no hello a relay could show as ours
+
+    def test_protection_follows_what_was_proven(self):
+        self.policy.protected = frozenset([self.X])
+        self.open("w1", self.X)
+        self.open("w2", self.Y)
+        self.packet("w1", self.X, age_ms=60_000)
+        self.assertFalse(self.policy.is_protected("w1"))  # a claim and a replay
+        self.packet("w2", self.X)
+        self.assertTrue(self.policy.is_protected("w2"))  # its only route, through Y
+        self.packet("w1", self.X)
+        self.assertTrue(self.policy.is_protected("w1"))
+        self.packet("w2", self.X)  # a relayed copy that came first never replaces its own wire
+        self.assertTrue(self.policy.is_protected("w1"))
+        self.assertFalse(self.policy.is_protected("w2"))
+
+    def test_a_relay_takes_only_room_that_delays_nothing(self):
+        self.policy.protected = frozenset([self.X])
+        self.open("master", self.X)
+        self.packet("master", self.X)
+        self.open("other", self.Y)
+        def spare(wire, size, waiting, total=0, relay=True):
+            return self.policy.spare(wire, size, waiting, lambda: total, relay, self.now)
+        self.assertIsNone(spare("other", 10 * w.RELAY_QUEUE, 0, relay=False))  # an empty queue takes any one
+        self.assertIsNone(spare("other", 1000, w.RELAY_QUEUE - 1000, relay=False))
+        self.assertEqual(spare("other", 1001, w.RELAY_QUEUE - 1000), "queues full")
+        self.assertEqual(spare("master", 1001, w.RELAY_PROTECTED - 1000), "queues full")  # the master's: less
+        self.assertEqual(spare("other", 1, 0, total=w.RELAY_TOTAL + 1), "queues full")
+        allowed = sum(spare("other", 1, 0) is None for _ in range(int(w.RELAY_WRITES_PER_SECOND) + 100))
+        self.assertEqual(allowed, w.RELAY_WRITES_PER_SECOND)  # a second's worth, then over the rate
+        self.assertEqual(spare("other", 1, 0), "over the rate")
+        self.assertIsNone(spare("other", 1, 0, relay=False))  # ours, for want of a route: no rate
+        self.now += 1.0
+        self.assertIsNone(spare("other", 1, 0))
+
+    def test_closed_wires_and_forgotten_peers_leave_nothing(self):
+        for i in range(100):
+            self.open(i, self.X if i % 2 else self.Y)
+            self.packet(i, self.X)
+            self.advance(1)
+        for i in range(100):
+            self.policy.closed(i)
+        self.advance(w.PROVE_SECONDS)
+        self.policy.forget(set())
+        state = {k: v for k, v in vars(self.policy).items() if isinstance(v, (dict, list, set))}
+        self.assertEqual([k for k, v in state.items() if v], [])
+
+
+class TestCopiedIdentity(AsyncTest):
+    """A token-only peer copies another peer's BitTorrent peer id and handshake keys: claims only."""
+
+    async def _copied_master(self, master_dials):
+        ident = "copied-%d" % random.randrange(1 << 30)
+        low, high = sorted([w.make_peer_id(), w.make_peer_id()])
+        listener = py_node(ident)
+        listener.peer_id = high if master_dials else low  # the copied id sorts first, whoever dials
+        await self.started(listener)
+        dialer = py_node(ident, peers=["127.0.0.1:%d" % listener.port])
+        dialer.peer_id = low if master_dials else high
+        await self.started(dialer)
+        master, worker = (dialer, listener) if master_dials else (listener, dialer)
+        worker.prioritize(master.address)
+        await until(lambda: worker.has_signed_wire(master.address) and master.has_signed_wire(worker.address))
+        [real] = list(worker._connections)
+        local = real.transport.get_extra_info("peername" if master_dials else "sockname")[1]
+        with mock.patch.object(w, "PROVE_SECONDS", 0.5), mock.patch.object(w, "DRAIN_GRACE", 1.0):
+            # the attacker read the master's peer id and keys, dials the worker from a lower port
+            reader, writer = await raw_wire(worker, master.identity, peer_id=master.peer_id,
+                                            port=port_below(local))
+            self.addCleanup(writer.close)
+            await until(lambda: worker.connections() == 2, 5)
+            attacker = next(c for c in worker._connections if c is not real)
+            self.assertEqual(attacker.address, master.address)
+            self.assertFalse(worker.is_protected(attacker))
+            self.assertEqual(await worker.rpc(master.address, "echo", {"during": 1}, timeout=5),
+                             {"during": 1, "echoedBy": "py"})
+            self.assertTrue(await closed_by_peer(reader, 5))  # it did not prove the claim: drained
+        self.assertIn(real, worker._connections)
+        self.assertIs(real.state, w.ConnState.OPEN)
+        self.assertTrue(worker.has_signed_wire(master.address) and worker.is_protected(real))
+        self.assertEqual((worker.stats["duplicate wires"], worker.stats["wires drained: claim not proven"]),
+                         (0, 1))
+        self.assertEqual(await worker.rpc(master.address, "echo", {"after": 1}, timeout=5),
+                         {"after": 1, "echoedBy": "py"})
+
+    async def test_a_copied_peer_id_does_not_cut_the_master_that_dialed(self):
+        await self._copied_master(master_dials=True)
+
+    async def test_a_copied_peer_id_does_not_cut_the_master_the_worker_dialed(self):
+        await self._copied_master(master_dials=False)
+
+    @time_limit(90)
+    async def test_a_copied_worker_does_not_cut_it_from_master_py(self):
+        cluster = await self.started(Cluster(self.tmp()))
+        worker = await self.started(cluster.worker(get_batch=True, batch_size=10))
+        cluster.push(3000, sleep=0.001)
+        await cluster.until_results(300, 60)
+        node = cluster.master.node
+        [real] = [c for c in node._connections if c.address == worker.address]
+        local = real.transport.get_extra_info("peername")[1]  # the worker dialed from there
+        with mock.patch.object(w, "PROVE_SECONDS", 0.5), mock.patch.object(w, "DRAIN_GRACE", 1.0):
+            reader, writer = await raw_wire(node, worker.node.identity, peer_id=worker.node.peer_id,
+                                            port=port_below(local))
+            self.addCleanup(writer.close)
+            self.assertTrue(await closed_by_peer(reader, 5))
+        await cluster.until_results(3000, 60)
+        self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(3000)))
+        self.assertIn(real, node._connections)
+        self.assertEqual(node.stats["duplicate wires"], 0)
+        self.assertEqual(node.stats["wires drained: claim not proven"], 1)
+
+    async def test_a_replayed_ping_does_not_make_a_wire_the_masters(self):
+        ident = "replayed-%d" % random.randrange(1 << 30)
+        master = await self.started(py_node(ident))
+        old = signed_by(master.identity, {"y": "p"}, ident, t=w._now() - w.FRESH_MS - 5000)
+        worker = await self.started(py_node(ident))  # a worker just (re)started: it saw nothing yet
+        worker.prioritize(master.address)
+        _, writer = await raw_wire(worker, master.identity, peer_id=master.peer_id)
+        self.addCleanup(writer.close)
+        writer.write(bo_frame(old))
+        await until(lambda: ("seen", master.address) in worker.events, 5)  # the packet passed ...
+        [claimant] = list(worker._connections)
+        self.assertFalse(worker.has_signed_wire(master.address))  # ... and proves nothing
+        self.assertFalse(worker.is_protected(claimant))
+        worker.add_peer("127.0.0.1", master.port)  # the master's own wire proves it at once
+        await until(lambda: worker.has_signed_wire(master.address), 5)
+        self.assertIsNot(worker.policy.direct(master.address), claimant)
+
+
 class TestJsInterop(AsyncTest):
     def setUp(self):
         js_ready()
@@ -4772,16 +5134,27 @@ class TestMasterTrust(AsyncTest):
         self.assertIsNone(worker.master)
 
     async def test_a_wire_that_only_claims_the_js_masters_address_gets_no_result(self):
+        await self._claimer(replay=False)
+
+    async def test_a_replayed_ping_on_a_wire_claiming_the_js_master_gets_no_result(self):
+        await self._claimer(replay=True)
+
+    async def _claimer(self, replay):
+        """A wire claims the master's keys and peer id (and replays a ping it signed a while ago);
+        the master's own wire goes: the worker keeps its results, and sees the master leave."""
         tmp = self.tmp()
         token = "claimer-%d" % random.randrange(1 << 30)
         master = await self.started(Impostor(token, asset_answer(
             {p: t.encode() for p, t in DEFAULT_FILES.items()})))  # a JS master: the key, no acks
+        old = signed_by(master.node.core.identity, {"y": "p"}, token, t=w._now() - w.FRESH_MS - 5000)
         worker = await self.started(loopback_worker(token, tmp / "w", peers=["127.0.0.1:%d" % master.node.port]))
         await until(lambda: worker.master == master.node.address and worker._runner is not None, 20)
         ident = master.node.core.identity
-        _, writer = await raw_wire(worker.node, ext={"m": {"bo_channel": 4}, "id": token,
-                                                          "pk": ident.pk, "ek": ident.ek})
+        _, writer = await raw_wire(worker.node, peer_id=master.node.peer_id, ext={
+            "m": {"bo_channel": 4}, "id": token, "pk": ident.pk, "ek": ident.ek})
         self.addCleanup(writer.close)
+        if replay:
+            writer.write(bo_frame(old))
         await until(lambda: sum(c.address == master.node.address for c in worker.node._connections) == 2, 10)
         acceptor, master.node._acceptor = master.node._acceptor, None
         acceptor.close()  # the master's own wire goes, without a goodbye, and is not dialed again
@@ -4789,6 +5162,7 @@ class TestMasterTrust(AsyncTest):
             if conn.peer_name.endswith(":%d" % master.node.port):
                 conn.close(abort=True)
         await until(lambda: sum(c.address == master.node.address for c in worker.node._connections) == 1, 10)
+        self.assertFalse(worker.node.has_signed_wire(master.node.address))
         worker._result_ready({"jobID": 1, "worker": {"id": worker.address, "name": "w"}, "data": 2})
         await until(lambda: worker.outbox.ready, 10)
         worker._kick_delivery()

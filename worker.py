@@ -60,7 +60,7 @@ users (and, in type hints, the transports name the Bugout node they serve)::
     DHT (BEP 5): asyncio adapter             Dht, on UDP
     Trackers and WebRTC                      TrackerClient (sans-I/O)
     Trackers and WebRTC: asyncio             TrackerSession, RtcConnection, WebRtcTransport
-    The bugout node                          Bugout; its theory of operation
+    The bugout node                          WirePolicy (sans-I/O), Bugout; their theory of operation
     Status: metrics and health over HTTP     /metrics, /healthz, systemd notify
     Worker: assets and dependencies          safe paths, pip and npm requirements
     Worker: trusting a master                MasterTrust; its theory of operation
@@ -1272,6 +1272,20 @@ class Ping:
     address: str
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Verified:
+    """A packet that passed (signature, swarm, age), as the node's wire policy weighs it.
+
+    ``t``: when its signer says it made it (ms, the signer's clock); ``kind``:
+    its type (``p``, ``m``, ``r``, ``rr``, ``x``); ``boxed``: it came in an
+    envelope boxed for us.
+    """
+    address: str
+    t: int
+    kind: str
+    boxed: bool
+
+
 @dataclasses.dataclass(slots=True)  # made for every payload sent: not frozen, cheaper to make
 class Outgoing:
     """A payload for every wire but ``origin`` (None: all wires).
@@ -1336,6 +1350,9 @@ HELLO_GAP_MS = 1000
 MAX_JSON_DEPTH = 512
 #: The peer table holds at most this many peers.
 MAX_KNOWN_PEERS = 1000
+#: Packets that passed lately whose copies are told apart (the node's wire policy): copies come
+#: within moments of the first, by other wires.
+RECENT_PACKETS = 1024
 #: New identities one remote address may introduce through relayed packets: a burst, then a rate.
 NEW_PEERS_BURST = 32
 NEW_PEERS_PER_SECOND = 1.0
@@ -1378,9 +1395,14 @@ class BugoutCore:
         self.hello_due = False
         #: counters: dropped packets by reason, duplicates, relayed
         self.stats: collections.Counter = collections.Counter()
+        #: the packet the last :meth:`receive_payload` took from another peer (None: none); or,
+        #: when it was a copy of one taken lately, that one (``copied``)
+        self.verified: Verified | None = None
+        self.copied: Verified | None = None
         # private
         self._random = random
         self._seen = SeenCache(seen_limit, timeout_ms)
+        self._recent: dict[bytes, Verified] = {}  # digest prefix -> a packet that passed lately
         self._outgoing: list[Outgoing] = []
         self._new_peers = _RateLimit(NEW_PEERS_PER_SECOND, NEW_PEERS_BURST)
         self._last_hello = -HELLO_GAP_MS
@@ -1435,6 +1457,19 @@ class BugoutCore:
             return
         self._last_hello, self.hello_due = now, False
         self.send_ping(now)
+
+    def hello_for(self, ek: str, now: int) -> bytes:
+        """A ping boxed for the holder of ``ek`` alone (not queued: the caller sends it on one wire).
+
+        Raises DecodeError when ``ek`` is not a key.
+        """
+        if len(key_bytes(ek)) != 32:
+            raise DecodeError("not a key")
+        nonce = self._random(24)
+        boxed = _nacl.crypto_box_afternm(self.make_packet({"y": "p"}, now), nonce, self._shared_key(ek))
+        payload = bencode({"n": nonce, "ek": self.identity.ek, "e": boxed})
+        self._seen.add(hashlib.sha512(payload).digest()[16:], now)
+        return payload
 
     def send_leave(self, now: int) -> None:
         """Broadcast an ``x`` packet (we are leaving)."""
@@ -1516,9 +1551,11 @@ class BugoutCore:
         counted against. Only a payload that passed is remembered as seen:
         junk cannot push good packets out of the cache.
         """
+        self.verified = self.copied = None
         digest = hashlib.sha512(payload).digest()[16:]
         if digest in self._seen:
             self.stats["duplicate"] += 1
+            self.copied = self._recent.get(digest[:8])
             return []
         try:
             outer = bdecode(payload)
@@ -1531,6 +1568,10 @@ class BugoutCore:
             self._dropped(exc)
             return getattr(exc, "events", [])
         self._seen.add(digest, now)
+        if self.verified is not None:
+            if len(self._recent) >= RECENT_PACKETS:
+                del self._recent[next(iter(self._recent))]
+            self._recent[digest[:8]] = self.verified
         if inner is None or not boxed:  # an envelope we opened was for us alone: no relay
             self.stats["relayed"] += 1
             self._outgoing.append(Outgoing(payload, origin, relay=True))
@@ -1599,11 +1640,14 @@ class BugoutCore:
             self.stats["own packet"] += 1
             return []
         events = self.saw_peer(pk, ek, now, verified=True)
+        kind = _text(packet.get("y", b""))
         try:
-            return events + self._dispatch(_text(packet.get("y", b"")), packet, address, boxed)
+            events += self._dispatch(kind, packet, address, boxed)
         except DecodeError as exc:
             exc.events = events  # type: ignore[attr-defined] - its sender was seen all the same
             raise
+        self.verified = Verified(address, t, kind, boxed)
+        return events
 
     def _dispatch(self, kind: str, packet: dict, address: str, boxed: bool) -> list:
         if kind == "m":
@@ -1964,7 +2008,8 @@ class Connection:
 
         HANDSHAKE -> OPEN      the peer's BEP 10 handshake named bo_channel, before the deadline
         HANDSHAKE -> CLOSED    deadline passed, bad bytes, a cap, ourselves, or the peer left
-        OPEN      -> DRAINING  another open wire to the same peer won (Bugout._resolve_duplicates)
+        OPEN      -> DRAINING  another wire of the same peer stays, or this one did not prove its
+                               claim in time (WirePolicy)
         OPEN      -> CLOSED    the peer left, sent bad bytes, or stopped reading or progressing
         DRAINING  -> CLOSED    the peer's EOF came (it sent all it will), or DRAIN_GRACE passed
 
@@ -1996,10 +2041,10 @@ class Connection:
         self.dialed = dialed
         self.wire = wire if wire is not None else node.new_wire(initiator)
         self.state = ConnState.HANDSHAKE
-        #: the peer's bugout address, as its extended handshake claims it
+        #: the peer's bugout address, as its extended handshake claims it (a claim: see WirePolicy)
         self.address: str | None = None
-        #: True once a packet signed by ``address`` came by this wire first (the claim held)
-        self.signed = False
+        #: when (monotonic seconds) a verified packet, anyone's, last came by this wire (None: never)
+        self.last_verified: float | None = None
         #: the peer's IP address (None over WebRTC)
         self.remote_host: str | None = None
         #: bytes received in all; when it was made; when a keep-alive last went
@@ -2158,6 +2203,7 @@ class Connection:
     def receive_eof(self) -> bool:
         """The peer sends no more. True while we go on writing (it drains us as a duplicate)."""
         self._eof = True
+        self.node.wire_eof(self)
         if self.state is ConnState.OPEN and self.node.has_twin(self):
             self._set_timer(DRAIN_GRACE, self.close)
             return True
@@ -4380,37 +4426,57 @@ class WebRtcTransport:
 # every payload they parse, and sends what the core queues.
 #
 # Wires. A connection joins the node when its stream is up (attach) and is
-# OPEN once its BEP 10 handshake names bo_channel; the address it claims
-# there (from ``pk``) routes our payloads but proves nothing. Inbound TCP is
-# capped (maxInbound; PENDING_PER_HOST handshakes per remote host; at the cap
-# the oldest handshake makes room, EVICTIONS_PER_SECOND at most), MAX_DIALING
+# OPEN once its BEP 10 handshake names bo_channel. Inbound TCP is capped
+# (maxInbound; PENDING_PER_HOST handshakes per remote host; at the cap the
+# oldest handshake makes room, EVICTIONS_PER_SECOND at most), MAX_DIALING
 # dials run at once, peers found (LSD, DHT) are dialed while fewer than
 # MAX_DIALED wires we dialed are up, and ``peers`` are dialed again and again,
 # with backoff.
 #
-# Duplicates. Of two open wires to one peer id both ends keep the same one
-# (_keeps: the one the peer has not half-closed, else the one dialed by the
-# lower peer id, else the one from the lower dialer port) and drain the
-# other, so nothing in flight is lost. A wire to ourselves is closed; a peer
-# that LSD announces again is not dialed while we have a wire to it.
+# Whose a wire is (WirePolicy, sans-I/O: the node asks it and keeps the
+# sockets). The peer id and the keys (``pk``, ``ek``) of a handshake are
+# anyone's to copy: they are claims, hints for routes, and never make another
+# wire drain. A wire stands for the peer it claims once a packet that peer
+# signed came by it first, made within FRESH_MS of our clock (a replay proves
+# nothing), or an answer boxed to us for a call of ours (its nonce is ours);
+# calls and answers that came unboxed prove nothing (someone opened them).
+# It stops standing when the peer's fresh packets come first by other wires
+# for STANDING_LAPSE and none by it, not even as copies; when the wire a peer was reached by
+# closes, its other wires stand no more until they prove it again. A Python
+# peer (peer id ``-QP``) gets a hello at once on a new wire, a ping boxed for
+# the ``ek`` its handshake claims, unless a wire stands for it already (so no
+# one can collect our hellos to pass them off as ours); a JS peer gets what JS
+# bugout sends: a ping to all wires when a peer is new, nothing else.
 #
-# Routes. A signer is reached by the wire its newest packet came by
-# (_routes). Our payload boxed for one peer goes by that wire and any wire
-# claiming its address; only while no route is known is it flooded to the
-# other wires, as spare traffic.
+# Duplicates. Of wires claiming one peer, a claimant that does not stand, while
+# another wire stands for that peer, gets PROVE_SECONDS to prove it, then
+# drains. Two that stand: the one the peer half-closed loses (the peer
+# drains it); else the one that stood DUP_WINDOW before the other stays (a
+# newcomer never cuts a wire that stood first); else (both came up together,
+# both ends dialed) the one dialed by the lower peer id, then from the lower
+# dialer port, at both ends alike. A drained wire takes nothing new, is
+# read up to the peer's EOF, so no answer in flight is lost. A wire to
+# ourselves is closed; a peer that LSD announces again is not dialed while
+# we have a wire to it.
 #
-# Relays. Others' payloads are passed on, as bugout does, only where they
-# delay nothing: a wire takes one when its send queue is empty or stays under
+# Routes. Our payload boxed for one peer goes by the wire that stands for it,
+# alone; while none stands, by the wire its newest fresh packet came by and
+# any wire claiming it; only while there is neither, to every other wire as
+# spare traffic. A relayed copy that comes first never replaces a peer's own
+# wire.
+#
+# Relays (WirePolicy.spare). Others' payloads are passed on, as bugout does,
+# only where they delay nothing: a wire takes one when its send queue is empty or stays under
 # RELAY_QUEUE with it (a protected wire's: RELAY_PROTECTED), while all queues
 # hold less than RELAY_TOTAL, RELAY_WRITES_PER_SECOND at most; the rest are
 # dropped and counted.
 #
 # Protection and bounds. prioritize() names the peers that matter (the
-# master). The wire their packets came by last is handled whole each loop
-# turn (others: WIRE_BUDGET payloads), and is never the one closed when
-# partly received messages pass max_partial or send queues max_send_total
-# (the unprotected wire holding most goes); the core never evicts those
-# peers. Any wire that leaves max_send_queue of our payloads unread, or whose
+# master). Their route (the wire that stands for them, else the one their
+# newest fresh packet came by) is handled whole each loop turn (others:
+# WIRE_BUDGET payloads), and is never the one closed when partly received
+# messages pass max_partial or send queues max_send_total (the unprotected
+# wire holding most goes); the core never evicts those peers. Any wire that leaves max_send_queue of our payloads unread, or whose
 # message stops progressing, is closed.
 #
 # Events, ``on(name, fn)`` (a coroutine function is spawned; an exception is
@@ -4445,6 +4511,288 @@ RELAY_PROTECTED = 64 * 1024
 RELAY_TOTAL = 16 * 1024 * 1024
 #: Relayed payloads written per second, to all wires together, at most (a second's worth in a burst).
 RELAY_WRITES_PER_SECOND = 10_000.0
+
+
+#: A packet proves the wire it came by only when its signer made it within this many ms of our
+#: clock: a replayed one proves nothing. An answer boxed to us for a call of ours proves it at any age.
+FRESH_MS = 10_000
+#: A wire that claims a peer another wire has proven gets this long to prove it too, or it drains.
+PROVE_SECONDS = 5.0
+#: A wire stops standing for its peer once the peer's fresh packets came first by other wires for
+#: this long, and none by it, not even copies (its own wire went quiet while a relay brings them).
+STANDING_LAPSE = 10.0
+#: Two wires of one peer that came to stand within this many seconds of each other opened together
+#: (both ends dialed): the dialer's peer id picks the one kept, alike at both ends. Further apart,
+#: the one that stood first stays.
+DUP_WINDOW = 3.0
+#: Peer ids of Python peers (worker.py, master.py) begin so: they get a hello on a new wire.
+PYTHON_PEER_PREFIX = PEER_ID_PREFIX[:3]
+
+
+@dataclasses.dataclass(slots=True)
+class _WireFacts:
+    """What the wire policy knows of one open wire."""
+    address: str | None  # the peer its handshake claims: a hint until a packet proves it
+    dialer: bytes  # the peer id of the end that dialed it, and that end's port: ties broken alike
+    port: int | None
+    opened: float
+    last: float | None = None  # when a packet its peer signed last proved it
+    since: float | None = None  # it stands for its peer since then (None: it does not)
+    deadline: float | None = None  # it drains then, unless it proves its peer first
+    eof: bool = False  # the peer half-closed it: the peer drains it
+    out: bool = False  # we drain it
+
+
+def _stays(a: _WireFacts, b: _WireFacts) -> bool:
+    """True when ``a`` stays rather than ``b``, two wires standing for one peer."""
+    since_a, since_b = a.since or 0.0, b.since or 0.0
+    if abs(since_a - since_b) >= DUP_WINDOW:
+        return since_a < since_b  # the older stays: a newcomer never cuts a wire that stood before it
+    if a.dialer != b.dialer:
+        return a.dialer < b.dialer
+    if a.port is not None and b.port is not None and a.port != b.port:
+        return a.port < b.port
+    return a.opened <= b.opened
+
+
+class WirePolicy:
+    """Which wire is whose, without I/O: duplicates, routes, relays and protection.
+
+    Wires are plain handles. The node tells the policy when a wire opens
+    (:meth:`opened`, with the peer its handshake claims), what each packet
+    verified on it was (:meth:`packet`), when the peer half-closes it
+    (:meth:`peer_eof`) and when it is gone (:meth:`closed`). Time comes in:
+    ``now`` in monotonic seconds, ``now_ms`` the wall clock (a packet's time
+    is its signer's). The policy answers which wire is a peer's own
+    (:meth:`direct`), where our payloads go (:meth:`targets`), which wire is
+    protected (:meth:`is_protected`), which wire takes a relay
+    (:meth:`spare`, from queue sizes), and which wires to drain (:meth:`due`,
+    :meth:`next_due`).
+
+    A wire stands for the peer its handshake claims once a packet that peer
+    signed came by it first (not a copy of one that came by another wire),
+    made within FRESH_MS (or an answer boxed to us for a call of ours). It
+    stops standing when that peer's fresh packets came first by other wires
+    for STANDING_LAPSE and none by it, not even as copies; and all wires
+    claiming a peer stop when the wire it was reached by closes, until they
+    prove it again.
+    """
+
+    def __init__(self) -> None:
+        #: addresses whose wire is protected (the master)
+        self.protected: frozenset[str] = frozenset()
+        # private
+        self._wires: dict[Any, _WireFacts] = {}
+        self._by_address: dict[str, list[Any]] = {}
+        self._direct: dict[str, Any] = {}  # address -> the wire kept of those standing for it
+        self._relayed: dict[str, Any] = {}  # address -> the wire its newest fresh packet came by
+        self._elsewhere: dict[str, float] = {}  # address -> since when its packets come by others
+        self._changed: set[str] = set()  # addresses whose wires must be weighed again
+        self._drains: list[tuple[Any, str]] = []
+        self._deadlines: dict[Any, float] = {}
+        self._now = 0.0  # the latest time the node passed in
+        self._relays = _RateLimit(RELAY_WRITES_PER_SECOND, RELAY_WRITES_PER_SECOND)
+
+    # what the node tells it
+    def opened(self, wire: Any, address: str | None, dialer: bytes, port: int | None, now: float,
+               python: bool = False) -> bool:
+        """A wire speaks bugout, its handshake claiming ``address``; True: send it a hello.
+
+        ``dialer`` is the peer id of the end that dialed it and ``port`` that
+        end's TCP port. A Python peer (``python``) gets a hello (a ping boxed
+        for it) when no wire stands for it yet: one that claims a peer
+        already wired gets none, so no one can collect our hellos to show
+        another peer as ours.
+        """
+        self._now = now
+        self._wires[wire] = _WireFacts(address, dialer, port, now)
+        if address is None:
+            return False
+        self._by_address.setdefault(address, []).append(wire)
+        self._changed.add(address)
+        return python and self.direct(address) is None
+
+    def packet(self, wire: Any, verified: Verified, now: float, now_ms: int, copy: bool = False) -> None:
+        """A packet came by ``wire`` and passed: a fresh one, first, proves whose the wire is.
+
+        ``copy``: it came after the same packet came by another wire. It proves
+        nothing, but a wire that stands for its signer still brings the
+        signer's packets: the wire is alive, only slower this time.
+        """
+        if not (abs(now_ms - verified.t) <= FRESH_MS and (verified.boxed or verified.kind in ("p", "m"))
+                or verified.kind == "rr" and verified.boxed):
+            return  # replayed (or unboxed by someone: calls and answers are always boxed)
+        facts = self._wires.get(wire)
+        if facts is None or facts.out:
+            return
+        self._now = now
+        address = verified.address
+        if copy:
+            if facts.address == address and facts.since is not None:
+                self._elsewhere.pop(address, None)
+            return
+        self._relayed[address] = wire
+        if facts.address == address:
+            facts.last = now
+            self._elsewhere.pop(address, None)
+            if facts.since is None:
+                facts.since = now
+                self._changed.add(address)
+        elif address in self._direct and now - self._elsewhere.setdefault(address, now) >= STANDING_LAPSE:
+            self._changed.add(address)  # relayed copies say nothing of whose a wire is, but its own is quiet
+
+    def peer_eof(self, wire: Any) -> None:
+        """The peer half-closed ``wire``: it drains it; another of its wires is its own now."""
+        facts = self._wires.get(wire)
+        if facts is not None and not facts.eof:
+            facts.eof = True
+            if facts.address is not None:
+                self._changed.add(facts.address)
+
+    def closed(self, wire: Any) -> None:
+        """``wire`` is gone (or never opened); if a peer was reached by it, its other wires
+        stand no more until they prove it again."""
+        facts = self._wires.get(wire)
+        if facts is None:
+            return
+        address = facts.address
+        reached = address is not None and self.direct(address) is wire
+        del self._wires[wire]
+        self._deadlines.pop(wire, None)
+        self._relayed = {a: c for a, c in self._relayed.items() if c is not wire}
+        if address is None:
+            return
+        others = self._by_address[address]
+        others.remove(wire)
+        if reached:
+            del self._direct[address]
+            for other in others:
+                self._wires[other].since = self._wires[other].last = None
+        if not others:
+            del self._by_address[address]
+        self._changed.add(address)
+
+    def forget(self, keep: Container[str]) -> None:
+        """Routes by relay to peers not in ``keep`` (the peer table) are forgotten."""
+        self._relayed = {a: c for a, c in self._relayed.items() if a in keep}
+
+    # what it decides
+    def direct(self, address: str) -> Any:
+        """The wire kept of those standing for ``address`` (None: none stands)."""
+        if address in self._changed:
+            self._settle(address)
+        return self._direct.get(address)
+
+    def route(self, address: str) -> Any:
+        """The wire our payloads for ``address`` take: its own, else the one its newest fresh
+        packet came by (a relayed copy never replaces its own wire)."""
+        wire = self.direct(address)
+        if wire is None:
+            wire = self._relayed.get(address)
+            facts = self._wires.get(wire)
+            if facts is None or facts.out:
+                return None
+        return wire
+
+    def targets(self, address: str) -> tuple[list[Any], bool]:
+        """(wires that carry our payload for ``address``, whether the others get it as spare).
+
+        Its own wire alone, when one stands for it; else the wire its newest
+        packet came by and any wire claiming it; only when there is neither,
+        every other wire too (as JS bugout floods everything).
+        """
+        wire = self.direct(address)
+        if wire is not None:
+            return [wire], False
+        wires = [w for w in self._by_address.get(address, ()) if not self._wires[w].out]
+        relayed = self.route(address)
+        if relayed is not None and relayed not in wires:
+            wires.append(relayed)
+        return wires, not wires
+
+    def is_protected(self, wire: Any) -> bool:
+        """True when ``wire`` is the route of a protected peer."""
+        return any(self.route(address) is wire for address in self.protected)
+
+    def stands(self, wire: Any) -> bool:
+        """True when ``wire`` stands for the peer it claims."""
+        facts = self._wires.get(wire)
+        if facts is None or facts.address is None:
+            return False
+        self.direct(facts.address)
+        return facts.since is not None and not facts.out
+
+    def spare(self, wire: Any, size: int, waiting: int, total: Callable[[], int], relay: bool,
+              now: float) -> str | None:
+        """Whether ``wire`` takes a payload that delays nothing: another peer's (``relay``), or
+        ours passing it for want of a route. None: it does; else why it is dropped.
+
+        ``waiting``: bytes its send queue holds; ``total()``: bytes all send
+        queues hold (asked only when needed). It takes one when its queue is
+        empty or stays under RELAY_QUEUE with it (a protected wire's:
+        RELAY_PROTECTED: a flood never waits in front of the master's
+        packets), while all queues hold less than RELAY_TOTAL; relays
+        RELAY_WRITES_PER_SECOND at most (a flood fanned out to every wire).
+        """
+        room = RELAY_PROTECTED if self.is_protected(wire) else RELAY_QUEUE
+        if (waiting and waiting + size > room) or total() > RELAY_TOTAL:
+            return "queues full"
+        if relay and not self._relays.allow(None, now):
+            return "over the rate"
+        return None
+
+    def due(self, now: float) -> list[tuple[Any, str]]:
+        """(wire, why) to drain now: a ``duplicate`` of one that stays, and claimants whose
+        deadline passed (``unproven``)."""
+        self._now = now
+        for address in list(self._changed):
+            self._settle(address)
+        if self._deadlines and min(self._deadlines.values()) <= now:
+            for wire, when in list(self._deadlines.items()):
+                if when <= now:
+                    self._drain(wire, "unproven")
+        drains, self._drains = self._drains, []
+        return drains
+
+    def next_due(self) -> float | None:
+        """When :meth:`due` has a claimant to drain next (None: none waits)."""
+        return min(self._deadlines.values(), default=None)
+
+    def _settle(self, address: str) -> None:
+        """Weigh the wires claiming ``address`` again: the one kept, the duplicates, the deadlines."""
+        self._changed.discard(address)
+        facts = {w: self._wires[w] for w in self._by_address.get(address, ()) if not self._wires[w].out}
+        elsewhere = self._elsewhere.pop(address, None)
+        if elsewhere is not None and self._now - elsewhere < STANDING_LAPSE:
+            self._elsewhere[address] = elsewhere  # not long enough yet
+        elif elsewhere is not None:
+            for f in facts.values():
+                f.since = None
+        standing = [w for w, f in facts.items() if f.since is not None and not f.eof]
+        kept = None
+        for wire in standing:
+            if kept is None or not _stays(facts[kept], facts[wire]):
+                kept = wire
+        if kept is None:
+            self._direct.pop(address, None)
+            self._elsewhere.pop(address, None)
+        else:
+            self._direct[address] = kept
+        for wire, f in facts.items():
+            if wire in standing and wire is not kept:
+                self._drain(wire, "duplicate")
+            elif wire not in standing and not f.eof and kept is not None:
+                if f.deadline is None:
+                    f.deadline = self._deadlines[wire] = self._now + PROVE_SECONDS
+            elif f.deadline is not None:
+                f.deadline = None
+                self._deadlines.pop(wire, None)
+
+    def _drain(self, wire: Any, why: str) -> None:
+        facts = self._wires[wire]
+        facts.out, facts.since, facts.deadline = True, None, None
+        self._deadlines.pop(wire, None)
+        self._drains.append((wire, why))
 
 
 class Bugout:
@@ -4505,15 +4853,16 @@ class Bugout:
         self._lsd_cookie = "bittorrent-lsd-" + self.peer_id.hex()
         self._extended = {"ek": self.identity.ek, "id": identifier, "m": OUR_EXT_IDS,
                           "metadata_size": len(self.metadata), "pk": self.identity.pk}
-        self._protected: frozenset[str] = frozenset()
-        self._routes: dict[str, Connection] = {}  # address -> the wire its newest packet came by
+        #: which wire is whose: duplicates, routes, protection (the node asks it, it keeps no socket)
+        self.policy = WirePolicy()
+        self._policy_timer: asyncio.TimerHandle | None = None
+        self._policy_at = 0.0  # when the policy timer fires
         self._held: dict[Connection, int] = {}  # bytes of partly received messages, by wire
         self._held_total = 0
         self._out_estimate = 0  # bytes in all send queues, at most (recounted once per loop turn)
         self._recounted = False
         self._log = _LogLimit()
         self._evictions = _RateLimit(EVICTIONS_PER_SECOND, EVICTIONS_PER_SECOND)
-        self._relays = _RateLimit(RELAY_WRITES_PER_SECOND, RELAY_WRITES_PER_SECOND)
         self._hello_timer: asyncio.TimerHandle | None = None
         self._closed = False
         #: WebRTC through WebSocket trackers (off without trackers)
@@ -4546,10 +4895,11 @@ class Bugout:
                    for c in self._connections)
 
     def has_signed_wire(self, address: str) -> bool:
-        """True when an open wire claims ``address`` and carried a packet it signed: a wire
-        to that peer itself, not one that only says so in its handshake (as has_wire)."""
-        return any(c.address == address and c.signed and c.state is ConnState.OPEN and not c.closing
-                   for c in self._connections)
+        """True when an open wire stands for ``address``: a fresh packet that peer signed came by
+        it first (or its answer to a call of ours), and has not moved to another wire since.
+        Not a wire that only says so in its handshake (as has_wire), nor one that replays."""
+        conn = self.policy.direct(address)
+        return conn is not None and conn.state is ConnState.OPEN and not conn.closing
 
     def has_peer_id(self, peer_id: bytes) -> bool:
         """True when a connection not closed has this BitTorrent peer id."""
@@ -4560,7 +4910,7 @@ class Bugout:
     @property
     def protected(self) -> frozenset[str]:
         """The addresses given to :meth:`prioritize`."""
-        return self._protected
+        return self.policy.protected
 
     def prioritize(self, *addresses: str) -> None:
         """Protect these peers' traffic (say, the current master's); replaces the earlier set.
@@ -4570,12 +4920,13 @@ class Bugout:
         while its queue is nearly empty: a flood is dropped before it delays
         or closes it. Its peers are never evicted from the table.
         """
-        self._protected = frozenset(addresses)
+        self.policy.protected = frozenset(addresses)
         self.core.protected = set(addresses)
 
     def is_protected(self, conn: Connection) -> bool:
-        """True when ``conn`` is the wire a protected peer's packets came by last."""
-        return any(self._routes.get(a) is conn for a in self._protected)
+        """True when ``conn`` is a protected peer's route: the wire that stands for it, else the
+        one its newest fresh packet came by (WirePolicy.route)."""
+        return self.policy.is_protected(conn)
 
     # lifecycle
     async def start(self) -> Bugout:
@@ -4604,8 +4955,9 @@ class Bugout:
         if self._closed:
             return
         self._closed = True
-        if self._hello_timer is not None:
-            self._hello_timer.cancel()
+        for timer in (self._hello_timer, self._policy_timer):
+            if timer is not None:
+                timer.cancel()
         self.core.send_leave(_now())
         self._flush_core()
         if self._acceptor is not None:
@@ -4700,7 +5052,7 @@ class Bugout:
     def detach(self, conn: Connection) -> None:
         """A connection's stream is gone: forget it, and tell who cares."""
         self.holding(conn, 0)
-        self._routes = {a: c for a, c in self._routes.items() if c is not conn}
+        self.policy.closed(conn)
         if conn not in self._connections:
             return
         self._connections.discard(conn)
@@ -4709,6 +5061,7 @@ class Bugout:
             self.emit("wireleft", conn.address)
         if not self._connections:
             self._fail_pending("every wire closed")
+        self._weigh_wires()
 
     def wire_events(self, conn: Connection, events: list) -> None:
         """Act on what a connection's PeerWire parsed, then send what that made."""
@@ -4716,10 +5069,14 @@ class Bugout:
             if conn.state is ConnState.CLOSED:
                 break
             if isinstance(event, ExtensionPayload):
-                found = self.core.receive_payload(event.payload, _now(), conn, conn.source)
-                if found:  # every event of a packet names its signer last
-                    self._routes[found[-1].address] = conn
-                    conn.signed = conn.signed or found[-1].address == conn.address
+                now_ms = _now()
+                found = self.core.receive_payload(event.payload, now_ms, conn, conn.source)
+                if self.core.verified is not None:
+                    conn.last_verified = now = time.monotonic()
+                    self.policy.packet(conn, self.core.verified, now, now_ms)
+                elif self.core.copied is not None:
+                    self.policy.packet(conn, self.core.copied, time.monotonic(), now_ms, copy=True)
+                if found:
                     self._dispatch(found)
             elif isinstance(event, Handshake):
                 if event.peer_id == self.peer_id:
@@ -4728,6 +5085,32 @@ class Bugout:
                 self._on_extended(conn, event.fields)
             elif isinstance(event, DhtPort):
                 self._on_dht_port(conn, event.port)
+        self._weigh_wires()
+        self._flush_core()
+
+    def wire_eof(self, conn: Connection) -> None:
+        """The peer half-closed ``conn``: it drains it (a duplicate, as it sees it)."""
+        self.policy.peer_eof(conn)
+        self._weigh_wires()
+
+    def _weigh_wires(self) -> None:
+        """Drain what the wire policy says to; wake up again when its next deadline passes."""
+        now = time.monotonic()
+        for conn, why in self.policy.due(now):
+            self.stats["duplicate wires" if why == "duplicate" else "wires drained: claim not proven"] += 1
+            log.debug("%s drains: %s", conn.peer_name, why)
+            conn.drain()
+        when = self.policy.next_due()
+        if when is None or self._closed or (self._policy_timer is not None and self._policy_at <= when):
+            return
+        if self._policy_timer is not None:
+            self._policy_timer.cancel()
+        self._policy_at = when
+        self._policy_timer = asyncio.get_running_loop().call_later(max(when - now, 0.0), self._policy_due)
+
+    def _policy_due(self) -> None:
+        self._policy_timer = None
+        self._weigh_wires()
         self._flush_core()
 
     def has_twin(self, conn: Connection) -> bool:
@@ -4920,77 +5303,71 @@ class Bugout:
 
     # handshakes
     def _on_extended(self, conn: Connection, fields: dict) -> None:
+        pk, ek = fields.get("pk"), fields.get("ek")
+        bugout = (isinstance(pk, bytes) and isinstance(ek, bytes)
+                  and fields.get("id") in (None, self.identifier.encode("utf-8")))
+        if bugout and conn.address is None:  # the first claim is the one the policy weighs
+            with contextlib.suppress(DecodeError):
+                conn.address = address_of(b58decode(pk))
         if conn.wire.ready and conn.state is ConnState.HANDSHAKE:
             conn.set_open()
-            self._resolve_duplicates(conn)
-        pk, ek = fields.get("pk"), fields.get("ek")
-        if not isinstance(pk, bytes) or not isinstance(ek, bytes):
-            return  # not a bugout peer: nothing to learn
-        if fields.get("id") not in (None, self.identifier.encode("utf-8")):
-            return
-        now = _now()
-        events = self.core.saw_peer(pk.decode("latin-1"), ek.decode("latin-1"), now)
-        with contextlib.suppress(DecodeError):
-            conn.address = address_of(b58decode(pk))
+            self._opened(conn, ek if bugout else None)
+        if not bugout:
+            return  # not a bugout peer of our swarm: nothing to learn
+        events = self.core.saw_peer(pk.decode("latin-1"), ek.decode("latin-1"), _now())
         self.emit("connections", self.connections())
         self._dispatch(events)
         if conn.address and conn.address != self.address and conn.state is ConnState.OPEN:
             self.emit("wireseen", conn.address)
 
-    def _resolve_duplicates(self, conn: Connection) -> None:
-        """Two open wires to one peer: both ends keep the same one and drain the other.
+    def _opened(self, conn: Connection, ek: bytes | None) -> None:
+        """Tell the wire policy; a Python peer not wired yet gets a hello (a ping boxed for it).
 
-        A wire the peer already sent its EOF on (it drains it) loses; else the
-        one dialed by the lower peer id wins; of two dialed by one end, the one
-        from the lower dialer port (the older, over WebRTC).
+        A JS peer gets what JS bugout sends on a new wire: its ping to all wires
+        when the peer is new to it (saw_peer), nothing otherwise.
         """
-        peer_id = conn.wire.remote_peer_id
-        for other in list(self._connections):
-            if other is conn or other.state is not ConnState.OPEN or other.wire.remote_peer_id != peer_id:
-                continue
-            loser = other if self._keeps(conn, other) else conn
-            self.stats["duplicate wires"] += 1
-            log.debug("duplicate wire to %s: %s drains", peer_id, loser.peer_name)
-            loser.drain()
-            if loser is conn:
-                return
-
-    def _keeps(self, a: Connection, b: Connection) -> bool:
-        """True when ``a`` is the duplicate to keep rather than ``b``."""
-        if a.peer_eof != b.peer_eof:
-            return b.peer_eof
-        dialer_a = self.peer_id if a.initiator else a.wire.remote_peer_id
-        dialer_b = self.peer_id if b.initiator else b.wire.remote_peer_id
-        if dialer_a != dialer_b:
-            return dialer_a < dialer_b  # type: ignore[operator]
-        port_a, port_b = a.dialer_port, b.dialer_port
-        if port_a is not None and port_b is not None and port_a != port_b:
-            return port_a < port_b
-        return a.started <= b.started
+        remote = conn.wire.remote_peer_id or b""
+        address = conn.address if conn.address != self.address else None
+        python = remote.startswith(PYTHON_PEER_PREFIX) and ek is not None
+        if self.policy.opened(conn, address, self.peer_id if conn.initiator else remote, conn.dialer_port,
+                              time.monotonic(), python) and ek is not None:
+            with contextlib.suppress(DecodeError):
+                conn.send_payload(self.core.hello_for(ek.decode("latin-1"), _now()))
+                self.stats["hellos sent"] += 1
 
     # sending
     def _flush_core(self) -> None:
         """Send what the core queued: our own payloads go, relays only where they delay nothing.
 
-        One of ours boxed for a peer goes by the wire that peer's packets came
-        by (and any wire claiming its address); only while no such wire is
-        known is it flooded to the others, as JS bugout floods everything.
+        One of ours boxed for a peer goes by its route (WirePolicy.targets):
+        its own wire alone when one stands for it; else the wire its newest
+        packet came by and any wire claiming it; only while there is none, to
+        every other wire as spare traffic (as JS bugout floods everything).
         """
         if self.core.hello_due and self._hello_timer is None:
             self._hello_timer = asyncio.get_running_loop().call_later(HELLO_GAP_MS / 1000, self._hello)
         for out in self.core.data_to_send():
-            route = self._routes.get(out.to) if out.to else None
-            if route is not None and route.state is not ConnState.OPEN:
-                route = None
+            if out.to is not None and not out.relay:
+                self._send_to(out.to, out.payload, out.origin)
+                continue
             for conn in self._connections:
                 if conn is out.origin or conn.state is not ConnState.OPEN:
                     continue
                 if out.relay:
                     self._send_spare(conn, out.payload, relay=True)
-                elif out.to is None or conn is route or conn.address == out.to:
+                else:
                     self._send_own(conn, out.payload)
-                elif route is None:
-                    self._send_spare(conn, out.payload)
+
+    def _send_to(self, address: str, payload: bytes, origin: Any) -> None:
+        """Our payload boxed for ``address``: by its route, or (no route known) to every wire."""
+        wires, flood = self.policy.targets(address)
+        for conn in wires:
+            if conn.state is ConnState.OPEN:
+                self._send_own(conn, payload)
+        if flood:
+            for conn in self._connections:
+                if conn is not origin and conn.state is ConnState.OPEN:
+                    self._send_spare(conn, payload)
 
     def _hello(self) -> None:
         self._hello_timer = None
@@ -5014,13 +5391,9 @@ class Bugout:
     def _send_spare(self, conn: Connection, payload: bytes, relay: bool = False) -> None:
         """A relay, or ours passing this wire for another peer: dropped where it would wait,
         and relays beyond RELAY_WRITES_PER_SECOND (a flood fanned out to every wire)."""
-        waiting = conn.buffered
-        room = RELAY_PROTECTED if self.is_protected(conn) else RELAY_QUEUE
-        if (waiting and waiting + len(payload) > room) or self._sends_waiting() > RELAY_TOTAL:
-            self.stats["relays dropped: queues full"] += 1
-            return
-        if relay and not self._relays.allow(None, time.monotonic()):
-            self.stats["relays dropped: over the rate"] += 1
+        why = self.policy.spare(conn, len(payload), conn.buffered, self._sends_waiting, relay, time.monotonic())
+        if why is not None:
+            self.stats["relays dropped: " + why] += 1
             return
         conn.send_payload(payload)
         self._out_estimate += len(payload)
@@ -5134,7 +5507,7 @@ class Bugout:
                 self.core.send_ping(_now())
                 self._dispatch(self.core.expire(_now()))
                 self._flush_core()
-                self._routes = {a: c for a, c in self._routes.items() if a in self.core.peers}
+                self.policy.forget(self.core.peers)
             for conn in list(self._connections):
                 if conn.stalled(now):
                     self.stats["peers dropped: stalled message"] += 1
@@ -7912,6 +8285,9 @@ class Worker:
                    if key.startswith("dropped: ")}
         return [("bytes_received_total", "Bytes read from peers' wires.", stats["bytes in"]),
                 ("bytes_sent_total", "Bytes written to peers' wires.", stats["bytes out"]),
+                ("packets_duplicate_total", "bugout payloads that came again: dropped unread.",
+                 stats["duplicate"]),
+                ("packets_relayed_total", "Others' bugout payloads passed on.", stats["relayed"]),
                 ("packets_dropped_total", "bugout packets dropped, by reason.", dropped or 0)]
 
     # state kept on disk (the journal)
