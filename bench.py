@@ -3,6 +3,8 @@
 
     python bench.py [--quick] [--json bench-results.json]
     python bench.py --soak 100000
+    python bench.py --js-worker DIR      (root: the unchanged JS worker, in unshare -n)
+    python bench.py --swarm 1 4 16 32      (root: in a network namespace of its own)
 
 Everything runs on 127.0.0.1 with LSD, DHT and trackers off: master.py (in this
 process) or the JS master harness (interop/master.js) and real ``python worker.py``
@@ -22,6 +24,7 @@ import os
 import platform
 import py_compile
 import random
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -32,7 +35,17 @@ from pathlib import Path
 
 import worker as w
 from master import Master
-from support import KEY, JsProcess, clean_env, free_port, js_peer, until, write_assets, write_loopback_env
+from support import (
+    KEY,
+    JsProcess,
+    clean_env,
+    free_port,
+    in_own_namespace,
+    js_peer,
+    until,
+    write_assets,
+    write_loopback_env,
+)
 
 HERE = Path(__file__).resolve().parent
 TRIVIAL_TASK = "class Task:\n    def run(self, job):\n        return job['id']\n"
@@ -381,12 +394,246 @@ async def soak(jobs: int) -> int:
     return 0 if lost == 0 and growth < 1 else 1
 
 
+SUM_TASK_JS = "module.exports = class Task { async run(job) { return { sum: JSON.parse(job.data).x * 2 }; } };\n"
+
+
+async def original_js_worker(source: Path, jobs: int, batch: int) -> dict:
+    """The unchanged JS worker (``source``: a checkout of queue-xec/worker with its npm packages)
+    against ``python master.py``, which it finds over LSD. It runs with bugout's defaults (public
+    trackers, the DHT): only inside a network namespace, which main() makes."""
+    with tempfile.TemporaryDirectory(prefix="qx-bench-") as tmp:
+        root = Path(tmp)
+        token = "bench-jsw-%d" % random.randrange(1 << 40)
+        (root / "m/workplace").mkdir(parents=True)
+        (root / "w").mkdir()
+        (root / "m/workplace/task.js").write_text(SUM_TASK_JS)
+        (root / "m/jobs.jsonl").write_text("".join(json.dumps({"id": i, "data": json.dumps({"x": i})}) + "\n"
+                                                   for i in range(jobs)))
+        write_loopback_env(root / "m", token, lsd="true", LOG_LEVEL="warn")
+        keys = {"getBatch": "true", "batchSize": batch} if batch > 1 else {}
+        (root / "w/.env").write_text("".join("%s=%s\n" % kv for kv in {
+            "token": token, "transferEncryptToken": KEY, "LOG_LEVEL": "off", **keys}.items()))
+        master = await asyncio.create_subprocess_exec(
+            sys.executable, str(HERE / "master.py"), "--task", "workplace/task.js", "--jobs", "jobs.jsonl",
+            "--no-follow", cwd=root / "m", env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        await master.stdout.readline()  # ready
+        worker = await asyncio.create_subprocess_exec(
+            "node", str(source / "worker.js"), cwd=root / "w", env=clean_env(),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stamps = []
+        try:
+            async for line in master.stdout:
+                if json.loads(line).get("event") == "result":
+                    stamps.append(time.perf_counter())
+        finally:
+            worker.kill()
+            await worker.wait()
+            await master.wait()
+    return {"jobs_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "results": len(stamps),
+            "right": len(stamps) == jobs}
+
+
+async def js_worker_rows(source: Path) -> int:
+    """``--js-worker``: the unchanged JS worker against master.py, batched and not, three runs each."""
+    if os.environ.get("QX_BENCH_NAMESPACE") != "1":  # bugout's defaults: only inside a namespace
+        command = " ".join(shlex.quote(str(a)) for a in (sys.executable, __file__, "--js-worker", source))
+        script = ("ip link set lo up && ip route add 224.0.0.0/4 dev lo src 127.0.0.1 && "
+                  "QX_BENCH_NAMESPACE=1 exec " + command)
+        return await (await asyncio.create_subprocess_exec("unshare", "-n", "sh", "-c", script, cwd=HERE)).wait()
+    for batch, jobs in ((10, 500), (1, 150)) * 3:
+        row = await original_js_worker(source.resolve(), jobs, batch)
+        print("JS worker %s against master.py, %d jobs: %.1f jobs/s" % (
+            "in batches of %d" % batch if batch > 1 else "unbatched", jobs, row["jobs_per_s"]), flush=True)
+# The swarm: master.py and N worker.py processes, an LSD mesh against a star ####
+
+#: Seconds the swarm gets once every worker is healthy: LSD announces go at 0, 1 and 4 s from each
+#: start, so by then every wire of the mesh is up (and resolved, when both ends dialed).
+SWARM_SETTLE = 8.0
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User and system CPU of ``pid`` and every live descendant, with the children they reaped."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        child = int(stat.parent.name)
+        parents[child] = int(fields[1])
+        times[child] = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    family, grew = {pid}, True
+    while grew:
+        more = {c for c, p in parents.items() if p in family} - family
+        family |= more
+        grew = bool(more)
+    return sum(times.get(p, 0.0) for p in family)
+
+
+def lo_rx_bytes() -> int:
+    """Bytes received on lo (in a namespace of our own: every byte any peer received)."""
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, counters = line.partition(":")
+        if name.strip() == "lo":
+            return int(counters.split()[0])
+    return 0
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    """(status, body) of GET ``path`` on 127.0.0.1:``port``; (0, "") when it does not answer."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+    except (OSError, TimeoutError):
+        return 0, ""
+    try:
+        writer.write(b"GET %s HTTP/1.0\r\n\r\n" % path.encode())
+        raw = await asyncio.wait_for(reader.read(), 10)
+    except (OSError, TimeoutError):
+        return 0, ""
+    finally:
+        writer.close()
+    head, _, body = raw.decode("utf-8", "replace").partition("\r\n\r\n")
+    parts = head.split()
+    return (int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0), body
+
+
+async def worker_counters(ports: list[int]) -> collections.Counter:
+    """The workers' /metrics counters (labels summed), added up over all of them."""
+    total: collections.Counter = collections.Counter()
+    for port in ports:
+        _, body = await http_get(port, "/metrics")
+        for line in body.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                total[name.split("{")[0]] += float(value)
+    return total
+
+
+async def swarm_run(count: int, jobs: int, batch: int, mesh: bool) -> dict:
+    """master.py and ``count`` worker.py processes in this namespace: LSD on (mesh) or peers= (star)."""
+    with tempfile.TemporaryDirectory(prefix="qx-swarm-") as tmp:
+        root = Path(tmp)
+        token = "swarm-%d" % random.randrange(1 << 40)
+        m = root / "m"
+        m.mkdir()
+        (m / "task.py").write_text(TRIVIAL_TASK)
+        port = free_port()
+        discovery = {"lsd": "true"} if mesh else {}
+        write_loopback_env(m, token, port=port, LOG_LEVEL="warn", **discovery)
+        master = await asyncio.create_subprocess_exec(
+            sys.executable, str(HERE / "master.py"), "--task", "task.py", "--jobs", "-", cwd=m,
+            env=clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=(root / "master.log").open("wb"))
+        procs, status = [master], []
+        results, reader = [0], None
+
+        async def read() -> None:
+            async for line in master.stdout:
+                results[0] += b'"result"' in line
+        try:
+            await master.stdout.readline()  # ready
+            reader = asyncio.ensure_future(read())
+            for i in range(count):
+                folder = root / ("w%d" % i)
+                folder.mkdir()
+                status.append(free_port())
+                write_loopback_env(folder, token, getBatch="true", batchSize=batch, LOG_LEVEL="warn",
+                                   statusPort=status[-1], name="w%d" % i,
+                                   **(discovery or {"peers": "127.0.0.1:%d" % port}))
+                procs.append(await asyncio.create_subprocess_exec(
+                    sys.executable, str(HERE / "worker.py"), cwd=folder, env=clean_env(),
+                    stderr=(folder / "worker.log").open("wb")))
+            started = time.monotonic()
+            healthy, grew = 0, started
+            while healthy < count and time.monotonic() - grew < 30:  # until all, or none more for 30 s
+                health = [(await http_get(p, "/healthz"))[0] for p in status]
+                if health.count(200) > healthy:
+                    healthy, grew = health.count(200), time.monotonic()
+                await asyncio.sleep(0.5)
+            ready = grew - started
+            await asyncio.sleep(SWARM_SETTLE)
+            before = (await worker_counters(status), lo_rx_bytes(), tree_cpu_seconds(master.pid),
+                      sum(tree_cpu_seconds(p.pid) for p in procs[1:]))
+            began = time.perf_counter()
+            master.stdin.write("".join('{"id": %d, "data": ""}\n' % i for i in range(jobs)).encode())
+            while results[0] < jobs:
+                if time.perf_counter() - began > 600:
+                    raise RuntimeError("%d of %d results in 600 s" % (results[0], jobs))
+                await asyncio.sleep(0.01)
+            elapsed = time.perf_counter() - began
+            after = (await worker_counters(status), lo_rx_bytes(), tree_cpu_seconds(master.pid),
+                     sum(tree_cpu_seconds(p.pid) for p in procs[1:]))
+        finally:
+            for proc in reversed(procs):
+                if proc.returncode is None:
+                    proc.terminate()
+            for proc in procs:
+                await proc.wait()
+            if reader is not None:
+                reader.cancel()
+        counters = after[0] - before[0]
+        return {"workers": count, "mesh": mesh, "jobs": jobs, "seconds": elapsed, "jobs_per_s": jobs / elapsed,
+                "healthy": healthy, "healthy_after_s": ready,
+                "worker_cpu_s_per_1000": 1000 * (after[3] - before[3]) / jobs,
+                "master_cpu_s_per_1000": 1000 * (after[2] - before[2]) / jobs,
+                "wire_bytes_per_job": counters["qx_bytes_received_total"] / jobs,
+                "lo_bytes_per_job": (after[1] - before[1]) / jobs,
+                "duplicates_per_job": counters["qx_packets_duplicate_total"] / jobs,
+                "relayed_per_job": counters["qx_packets_relayed_total"] / jobs}
+
+
+async def swarm(counts: list[int], jobs: int | None, batch: int) -> int:
+    """The mesh against the star for each N: one table (rows also in bench-swarm.json).
+
+    "healthy": workers whose /healthz said 200 (a proven master's own wire) before the clock
+    started; the swarm starts once all are, or none more became so for 30 s.
+    """
+    rows = []
+    for count in counts:
+        for mesh in (False, True):
+            rows.append(await swarm_run(count, jobs or max(5000, 1000 * count), batch, mesh))
+            print("  %s" % json.dumps(rows[-1]), flush=True)
+            Path("bench-swarm.json").write_text(json.dumps(rows, indent=2))
+    print("\nmaster.py and N worker.py, batches of %d: a star (peers=) and an LSD mesh, one namespace\n" % batch)
+    print("%4s %5s %8s %8s %13s %13s %11s %10s %9s %9s" % (
+        "N", "", "healthy", "jobs/s", "worker CPU s", "master CPU s", "wire B/job", "lo B/job", "dups/job",
+        "relays/job"))
+    print("%4s %5s %8s %8s %13s %13s" % ("", "", "", "", "/1,000 jobs", "/1,000 jobs"))
+    for row in rows:
+        print("%4d %5s %8d %8.0f %13.2f %13.2f %11.0f %10.0f %9.2f %9.2f" % (
+            row["workers"], "mesh" if row["mesh"] else "star", row["healthy"], row["jobs_per_s"],
+            row["worker_cpu_s_per_1000"], row["master_cpu_s_per_1000"], row["wire_bytes_per_job"],
+            row["lo_bytes_per_job"], row["duplicates_per_job"], row["relayed_per_job"]))
+    for star, mesh in zip(rows[::2], rows[1::2], strict=True):
+        print("N=%d: mesh/star bytes per job %.2fx (lo %.2fx), worker CPU per job %.2fx" % (
+            star["workers"], mesh["wire_bytes_per_job"] / max(star["wire_bytes_per_job"], 1e-9),
+            mesh["lo_bytes_per_job"] / max(star["lo_bytes_per_job"], 1e-9),
+            mesh["worker_cpu_s_per_1000"] / max(star["worker_cpu_s_per_1000"], 1e-9)))
+    return 0
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer jobs (a smoke run)")
     parser.add_argument("--json", default="bench-results.json", help="where to write the figures")
     parser.add_argument("--soak", type=int, metavar="JOBS", help="run only the soak test with JOBS jobs")
+    parser.add_argument("--js-worker", type=Path, metavar="DIR", help="run only the unchanged JS worker "
+                        "(a queue-xec/worker checkout with its npm packages) against master.py, in unshare -n")
+    parser.add_argument("--swarm", type=int, nargs="+", metavar="N",
+                        help="run only the swarm comparison (master.py and N workers, mesh and star; "
+                             "root: it runs in a network namespace)")
+    parser.add_argument("--swarm-jobs", type=int, metavar="JOBS", help="jobs per swarm run (1,000 N, 5,000 at least)")
+    parser.add_argument("--batch", type=int, default=10, help="batch size of the swarm's workers")
     args = parser.parse_args()
+    if args.js_worker:
+        return await js_worker_rows(args.js_worker)
+    if args.swarm:
+        status = in_own_namespace("QX_BENCH_NAMESPACE", "bench.py --swarm")  # LSD: never on the LAN
+        if status is not None:
+            return status
+        w.Logger("error")
+        return await swarm(args.swarm, args.swarm_jobs, args.batch)
     if args.soak:
         w.Logger("error")
         return await soak(args.soak)

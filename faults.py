@@ -19,13 +19,27 @@ during the attack, the first result after that (``next_result_after_restart_s``)
 The attacks from a tracker, WebRTC and the DHT are the attacker's own ``ws://``
 tracker or DHT node, named in the worker's .env (no ICE server), which the
 attacker starts before the worker and which behave until the attack begins.
+The copied-identity attacks first dial the master (or the worker) as a bugout
+peer of their own, to read its peer id and handshake keys, then claim them on
+wires of their own, dialed again whenever drained; for one of them the master
+dials the worker (its ``peers=``), not the reverse.
 The ``dependencies`` attack (a list of 10,000) belongs to the Worker's checks.
+
+    python faults.py --master [--seconds 10] [ATTACK ...]
+
+attacks master.py instead ("Attacks on master.py" below): its worker asks for
+batches of 10, master.py logs at info, and the log lines counted are
+master.py's (stderr, and its stdout events other than results). After each
+attack the jobs stop and every job pushed must have its result: printed too
+are results lost, taken twice and not from the worker, master.py's peak RSS
+and the attacker's CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import inspect
 import itertools
@@ -33,8 +47,6 @@ import json
 import os
 import random
 import resource
-import shlex
-import shutil
 import socket
 import struct
 import subprocess
@@ -53,30 +65,42 @@ MIB = 1 << 20
 
 
 class Swarm:
-    """master.py and one worker.py, the master kept supplied with jobs; results timed."""
+    """master.py and one worker.py, the master kept supplied with jobs; results timed.
 
-    def __init__(self, root: Path, worker_fds: int | None = None, master_dials: bool = False) -> None:
+    ``batch``: the worker asks for batches of this size (else one job at a time), and
+    master.py logs at info, its stderr in master.log (the attacks on master.py).
+    ``master_dials``: the master has the worker in peers=, rather than the reverse."""
+
+    def __init__(self, root: Path, worker_fds: int | None = None, batch: int | None = None,
+                 master_dials: bool = False) -> None:
         self.root = root
+        self.master_dials = master_dials  # the master has the worker in peers=, rather than the reverse
         self.token = "faults-%d" % random.randrange(1 << 40)
         self.master_port, self.port = t.free_port(), t.free_port()
         self.worker_fds = worker_fds
-        self.master_dials = master_dials  # the master dials the worker (else the worker the master)
-        #: more .env keys for the worker (an attack's trackers or DHT bootstrap node, LSD)
+        #: more .env keys for the worker (an attack's trackers or DHT bootstrap node)
         self.worker_env: dict[str, str] = {}
+        self.batch = batch
         self.stamps: list[float] = []
+        #: results by job id, by the worker id they name; master.py's other events
+        self.ids: collections.Counter = collections.Counter()
+        self.by: collections.Counter = collections.Counter()
+        self.events: list[dict] = []
         self.pushed = 0
         self.log = open(root / "worker.log", "wb")  # noqa: SIM115 - the worker's stderr, all run long
+        self.master_log = open(root / "master.log", "wb")  # noqa: SIM115 - master.py's stderr
 
     async def start(self) -> Swarm:
         m, wk = self.root / "m", self.root / "w"
         m.mkdir()
         wk.mkdir()
         (m / "task.py").write_text(TASK)
+        batched = {"getBatch": "true", "batchSize": self.batch} if self.batch else {}
         dials = {"peers": "127.0.0.1:%d" % (self.port if self.master_dials else self.master_port)}
-        t.write_loopback_env(m, self.token, port=self.master_port, LOG_LEVEL="warn",
+        t.write_loopback_env(m, self.token, port=self.master_port, LOG_LEVEL="info" if self.batch else "warn",
                              **(dials if self.master_dials else {}))
         t.write_loopback_env(wk, self.token, port=self.port, LOG_LEVEL="info",
-                             **({} if self.master_dials else dials), **self.worker_env)
+                             **({} if self.master_dials else dials), **self.worker_env, **batched)
         await self._start_master()
         limit = self.worker_fds
         profile = ["-m", "cProfile", "-o", os.environ["QX_FAULTS_PROFILE"]] if os.environ.get(
@@ -91,7 +115,7 @@ class Swarm:
     async def _start_master(self) -> None:
         self.master = await asyncio.create_subprocess_exec(
             sys.executable, str(HERE / "master.py"), "--task", "task.py", "--jobs", "-", cwd=self.root / "m",
-            env=t.clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            env=t.clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.master_log)
         await self.master.stdout.readline()  # ready
 
     async def restart_master(self) -> float:
@@ -106,8 +130,13 @@ class Swarm:
 
     async def _read(self, master: asyncio.subprocess.Process) -> None:
         async for line in master.stdout:
-            if json.loads(line).get("event") == "result":
+            event = json.loads(line)
+            if event.get("event") == "result":
                 self.stamps.append(time.monotonic())
+                self.ids[event["result"].get("jobID")] += 1
+                self.by[str(event["result"].get("worker", {}).get("id"))] += 1
+            else:
+                self.events.append(event)
 
     async def _feed(self) -> None:
         while True:
@@ -117,6 +146,20 @@ class Swarm:
                 self.pushed += 500
             await asyncio.sleep(0.05)
 
+    async def settle(self, timeout: float = 90.0) -> dict:
+        """Stop the jobs; once each pushed job has its result (or ``timeout``): none lost or twice,
+        all from the worker? And master.py's memory."""
+        self._tasks[1].cancel()
+        self.master.stdin.close()  # --jobs - read to its end: the run can finish
+        await asyncio.sleep(0)
+        with contextlib.suppress(AssertionError):
+            await t.until(lambda: len(self.ids) >= self.pushed, timeout)
+        honest = self.by.most_common(1)[0][1] if self.by else 0
+        return {"master_peak_rss_mb": self.peak_rss_mb(self.master),
+                "master_rss_mb": self.peak_rss_mb(self.master, "VmRSS:"),
+                "lost": self.pushed - len(self.ids), "twice": sum(c - 1 for c in self.ids.values()),
+                "not from the worker": self.by.total() - honest}
+
     def rate(self, start: float, end: float) -> float:
         return sum(1 for s in self.stamps if start <= s < end) / (end - start)
 
@@ -124,7 +167,10 @@ class Swarm:
         inside = [start] + [s for s in self.stamps if start <= s <= end] + [end]
         return max(b - a for a, b in itertools.pairwise(inside))
 
-    def log_lines(self) -> int:
+    def log_lines(self, master: bool = False) -> int:
+        """Lines the worker logged so far (``master``: master.py, with its events other than results)."""
+        if master:
+            return (self.root / "master.log").read_bytes().count(b"\n") + len(self.events)
         self.log.flush()
         return (self.root / "worker.log").read_bytes().count(b"\n")
 
@@ -136,10 +182,11 @@ class Swarm:
             return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return float("nan")
 
-    def peak_rss_mb(self) -> float:
+    def peak_rss_mb(self, proc: asyncio.subprocess.Process | None = None, field: str = "VmHWM:") -> float:
+        """The worker's (or ``proc``'s) peak RSS (``field="VmRSS:"``: its RSS now)."""
         with contextlib.suppress(OSError):
-            for line in Path("/proc/%d/status" % self.worker.pid).read_text().splitlines():
-                if line.startswith("VmHWM:"):
+            for line in Path("/proc/%d/status" % (proc or self.worker).pid).read_text().splitlines():
+                if line.startswith(field):
                     return int(line.split()[1]) / 1024
         return float("nan")
 
@@ -155,6 +202,7 @@ class Swarm:
                     proc.kill()
                     await proc.wait()
         self.log.close()
+        self.master_log.close()
 
 
 # The attacker's wires ########################################################
@@ -162,12 +210,14 @@ class Swarm:
 class Target:
     """What the attacker process knows of the worker: its port and the target's token."""
 
-    def __init__(self, port: int, token: str, aux_port: int = 0) -> None:
-        self.port, self.token = port, token
+    def __init__(self, port: int, token: str, aux_port: int = 0, master_port: int = 0) -> None:
+        self.port, self.token, self.master_port = port, token, master_port
         #: where the attacker's own tracker or DHT node listens (the worker is told in its .env)
         self.aux_port = aux_port
         #: what the attack made before it began
         self.prepared: object = None
+        #: the number the measure sends with "go" (the results so far)
+        self.hint = 0
 
 
 async def connect(target: Target, src: str, rcvbuf: int | None = None) -> tuple:
@@ -484,9 +534,125 @@ async def dht_flood(target: Target, until: float) -> dict:
     return {"datagrams sent": sent, **{"queries " + k: v for k, v in node.queries.items()}}
 
 
+# Copied identities: a peer id and handshake keys are claims (PROTOCOL.md section 3)
+
+async def peer_facts(port: int, token: str, ident: w.Identity | None = None) -> tuple:
+    """Dial a peer as a bugout peer of our own (a Python one: ``-QP``); (its peer id, its BEP 10
+    handshake, reader, writer, our PeerWire), the wire still open."""
+    ident = ident or w.Identity()
+    infohash, _ = w.infohash_of(token)
+    wire = w.PeerWire(infohash, w.make_peer_id(), {"m": {"bo_channel": 4}, "id": token, "pk": ident.pk,
+                                                   "ek": ident.ek}, initiator=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(wire.data_to_send())
+    while wire.remote_extended is None:
+        data = await asyncio.wait_for(reader.read(1 << 16), 10)
+        if not data:
+            raise ConnectionError("the peer closed the wire")
+        wire.receive_data(data)
+        writer.write(wire.data_to_send())
+    return wire.remote_peer_id, wire.remote_extended, reader, writer, wire
+
+
+async def claim(port: int, token: str, peer_id: bytes, fields: dict) -> tuple:
+    """A wire to ``port`` claiming ``peer_id`` and the keys in ``fields``, dialed from a low port
+    (a dialer port that sorts first); (reader, writer)."""
+    infohash, _ = w.infohash_of(token)
+    ext = {"m": {"bo_channel": 4}, "id": token, "pk": fields["pk"], "ek": fields["ek"]}
+    for _ in range(100):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", random.randrange(10000, 20000)))
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            break
+        except OSError:
+            sock.close()
+    else:
+        raise OSError("no low port to dial from")
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(w.handshake_bytes(infohash, peer_id) + w.frame(20, b"\0" + w.bencode(ext)))
+    return reader, writer
+
+
+async def hold_claims(port: int, token: str, peer_id: bytes, fields: dict, until: float,
+                      payloads: list[bytes] = ()) -> int:
+    """Keep a claiming wire up until ``until`` (dialed again whenever it is closed), ``payloads``
+    written on each; how many wires it took."""
+    wires = 0
+    while time.monotonic() < until:
+        try:
+            reader, writer = await claim(port, token, peer_id, fields)
+        except OSError:
+            await asyncio.sleep(0.2)
+            continue
+        wires += 1
+        writer.write(b"".join(payload_frame(p) for p in payloads))
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            while await asyncio.wait_for(reader.read(1 << 16), max(0.01, until - time.monotonic())):
+                pass
+        writer.close()
+    return wires
+
+
+async def copied_master(target: Target, until: float) -> dict:
+    """The master's peer id and keys, read from its handshake, claimed on wires to the worker."""
+    peer_id, fields, _, writer, _ = await peer_facts(target.master_port, target.token)
+    writer.close()
+    return {"wires": await hold_claims(target.port, target.token, peer_id, fields, until)}
+
+
+async def copied_worker(target: Target, until: float) -> dict:
+    """The same against master.py: the worker's peer id and keys, claimed on wires to the master."""
+    peer_id, fields, _, writer, _ = await peer_facts(target.port, target.token)
+    writer.close()
+    return {"wires": await hold_claims(target.master_port, target.token, peer_id, fields, until)}
+
+
+def master_pings(target: Target) -> dict:
+    """Collect, in the background once the master is up, pings the master signed: a hello boxed
+    for us (the worker saw none of these) and its broadcasts."""
+    return {"pings": asyncio.ensure_future(_collect_pings(target))}  # not awaitable: the master starts later
+
+
+async def _collect_pings(target: Target) -> tuple:
+    """(the master's peer id, its handshake, the pings it signed, when they came)."""
+    ident = w.Identity()
+    core = w.BugoutCore(target.token, ident)
+    while True:
+        try:
+            peer_id, fields, reader, writer, wire = await peer_facts(target.master_port, target.token, ident)
+            break
+        except OSError:
+            await asyncio.sleep(0.2)
+    master, pings = w.address_of(w.b58decode(fields["pk"])), []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(2.0):
+            while data := await reader.read(1 << 16):
+                wire.receive_data(data)
+                for event in wire.events_received():
+                    if isinstance(event, w.ExtensionPayload):
+                        core.receive_payload(event.payload, w._now())
+                        outer = w.bdecode(event.payload)
+                        signed = core._unbox(outer) if "e" in outer else outer
+                        if core.verified is not None and core.verified.address == master and signed:
+                            pings.append(w.bencode(signed))
+    writer.close()
+    return peer_id, fields, pings, time.monotonic()
+
+
+async def replayed_ping(target: Target, until: float) -> dict:
+    """A wire claiming the master (its peer id and keys) replays pings the master signed 11 s before."""
+    peer_id, fields, pings, got = await target.prepared["pings"]
+    await asyncio.sleep(max(0.0, got + w.FRESH_MS / 1000 + 1 - time.monotonic()))  # old now: replays
+    wires = await hold_claims(target.port, target.token, peer_id, fields, until, pings)
+    return {"wires": wires, "pings replayed": len(pings)}
+
+
 async def silent_wires(target: Target, until: float, hosts: int = 1, count: int = 200) -> dict:
     """200 finished bugout wires that say nothing more, from one host (opened again if closed);
-    the master dials the worker (``master_dials``): its wire is one of the inbound ones."""
+    the master dials the worker (MASTER_DIALS): its wire is one of the inbound ones."""
     opened = 0
 
     async def one(i: int) -> None:
@@ -517,8 +683,6 @@ async def silent_wires_restart(target: Target, until: float) -> dict:
     return await silent_wires(target, until, hosts=200)
 
 
-silent_wires.master_dials = silent_wires_spread.master_dials = True  # type: ignore[attr-defined]
-silent_wires_restart.master_dials = True  # type: ignore[attr-defined]
 silent_wires_restart.restart_master = 2.0  # type: ignore[attr-defined]
 
 
@@ -594,24 +758,189 @@ ATTACKS = {
     "tracker: 20,000-candidate SDP": (huge_sdp_offers, None, hostile_tracker),
     "webrtc: 65 MiB channel message": (channel_message_flood, None, hostile_tracker),
     "dht: hostile bootstrap node": (dht_flood, None, hostile_dht),
+    "copied master, worker dials": (copied_master, None, None),
+    "copied master, master dials": (copied_master, None, None),
+    "copied worker, at master.py": (copied_worker, None, None),
+    "replayed ping, claims master": (replayed_ping, None, master_pings),
     "200 silent wires, one host": (silent_wires, None, None),
     "200 silent wires, 200 hosts": (silent_wires_spread, None, None),
     "200 silent wires, the master dials in": (silent_wires_restart, None, None),
     "LSD flood": (lsd_flood, None, None),
 }
+#: attacks whose master dials the worker (its peers= names the worker), not the reverse
+MASTER_DIALS = {"copied master, master dials", "200 silent wires, one host", "200 silent wires, 200 hosts",
+                "200 silent wires, the master dials in"}
 
 
-async def attacker(name: str, port: int, token: str, seconds: float, aux_port: int = 0) -> int:
+# Attacks on master.py ########################################################
+#
+# ``python faults.py --master``: the target is master.py, its worker asks for
+# batches of 10, and the attacker is a peer that knows only the token. Each of
+# its identities calls on a raw wire of its own, from an address of its own
+# (master.py takes new identities from one address 32 at once, then one a
+# second). After the attack the feed stops and every job pushed must have
+# exactly one result, from the honest worker.
+
+#: Seconds between two requestWork of one identity in the lease floods (the attack of issue 22).
+FLOOD_EVERY = 0.05
+#: Jobs per batch the honest worker asks master.py for.
+MASTER_BATCH = 10
+
+
+class Caller:
+    """A raw bugout wire to master.py carrying the calls of one token-only identity."""
+
+    def __init__(self, target: Target, src: str, keep: bool = False) -> None:
+        self.target, self.src = target, src
+        self.core = w.BugoutCore(target.token, w.Identity())
+        #: ``keep``: answers are opened and kept (else the wire is read and dropped)
+        self.keep = keep
+        self.answers: list = []
+        self.master = ""
+
+    async def start(self) -> Caller:
+        ident, token = self.core.identity, self.target.token
+        self.wire = w.PeerWire(w.infohash_of(token)[0], w.make_peer_id(),
+                               {"ek": ident.ek, "id": token, "m": {"bo_channel": 4}, "pk": ident.pk},
+                               initiator=True)
+        self.reader, self.writer = await connect(self.target, self.src)
+        self.writer.write(self.wire.data_to_send())
+        self._reading = asyncio.ensure_future(self._read())
+        await t.until(lambda: self.master, 10)
+        return self
+
+    async def _read(self) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await self.reader.read(1 << 16):
+                if self.master and not self.keep:
+                    continue  # read, so that the wire stays; not parsed
+                self.wire.receive_data(data)
+                for event in self.wire.events_received():
+                    if isinstance(event, w.ExtendedHandshake):
+                        seen = self.core.saw_peer(event.fields["pk"].decode(), event.fields["ek"].decode(),
+                                                  w._now(), verified=True)
+                        self.master = next(e.address for e in seen if isinstance(e, w.Seen))
+                    elif isinstance(event, w.ExtensionPayload):
+                        self.answers += [e.result for e in self.core.receive_payload(event.payload, w._now())
+                                         if isinstance(e, w.Response)]
+                self._send()
+
+    def call(self, name: str, args: object) -> None:
+        self.core.send_call(self.master, name, args, w._now())
+        self._send()
+
+    def _send(self) -> None:
+        for payload, _ in self.core.data_to_send():
+            self.wire.send_extension(payload)
+        if data := self.wire.data_to_send():
+            self.writer.write(data)
+
+    def close(self) -> None:
+        self._reading.cancel()
+        self.writer.close()
+
+
+async def callers(target: Target, count: int, keep: bool = False) -> list[Caller]:
+    return [await Caller(target, src(1 + i), keep).start() for i in range(count)]
+
+
+async def lease_flood(target: Target, until: float, identities: int = 1) -> dict:
+    """requestWork {getBatch, batchSize: 1000} every 50 ms, from one token-only identity."""
+    wires = await callers(target, identities)
+    calls = 0
+    while time.monotonic() < until:
+        for caller in wires:
+            caller.call("requestWork", {"getBatch": True, "batchSize": 1000})
+            calls += 1
+        await asyncio.sleep(FLOOD_EVERY)
+    await hold([caller.writer for caller in wires], until)
+    return {"identities": identities, "calls": calls}
+
+
+async def lease_flood_50(target: Target, until: float) -> dict:
+    """The same from 50 identities, each every 50 ms."""
+    return await lease_flood(target, until, 50)
+
+
+#: What a peer can send as numbers and results: JSON that decodes to infinity, NaN, huge and
+#: negative numbers, wrong types; ciphertexts of garbage.
+ABSURD = [{"getBatch": True, "batchSize": size} for size in
+          (1e400, -1e400, float("nan"), 10 ** 400, -1, 0, 0.5, "1e400", "ten", [], {}, True, None)] + [
+    5, "x", [1, 2], None, {"getBatch": [], "batchSize": {"n": 1}},
+    {"getBatch": True, "batchSize": 10, "results": {"iv": "zz", "encryptedData": 7}}]
+
+
+async def absurd_numbers(target: Target, until: float, count: int = 2000) -> dict:
+    """2,000 calls with absurd arguments (requestWork, shareResults, requestExecAssets, proveKey)."""
+    caller = (await callers(target, 1, keep=True))[0]
+    calls = [("requestWork", args) for args in ABSURD]
+    calls += [(name, args) for name in ("shareResults", "shareResultsBatch", "proveKey") for args in ABSURD[-6:]]
+    calls += [("requestExecAssets", {"currentHash": 1e400}), ("isMaster", {"challenge": 10 ** 400})]
+    for i in range(count):
+        caller.call(*calls[i % len(calls)])
+        if i % 20 == 19:
+            await caller.writer.drain()
+            await asyncio.sleep(0.005)
+    await t.until(lambda: len(caller.answers) >= count or time.monotonic() > until, until - time.monotonic() + 5)
+    await hold([caller.writer], until)
+    errors = sum(isinstance(a, dict) and "error" in a for a in caller.answers)
+    return {"calls": count, "answered": len(caller.answers), "error answers": errors}
+
+
+def forged(known: dict, plain: bytes, text: bytes) -> dict:
+    """A one-block ciphertext that decrypts to ``text`` (at most 15 bytes), made from a known
+    one, ``known`` (iv, encryptedData), whose first 16 plaintext bytes are ``plain``: AES-CBC
+    has no MAC. The most a peer without the key makes of one known plaintext block."""
+    padded = text + bytes([16 - len(text)]) * (16 - len(text))
+    iv = bytes(a ^ b ^ c for a, b, c in zip(bytes.fromhex(known["iv"]), plain[:16], padded))
+    return {"iv": iv.hex(), "encryptedData": known["encryptedData"][:32]}
+
+
+async def bogus_results(target: Target, until: float) -> dict:
+    """Results for jobs on lease to others: forged from task.py's known plaintext (``{"jobID": N}``
+    for the ids being worked on), and garbage, on shareResults, shareResultsBatch and requestWork."""
+    caller = (await callers(target, 1, keep=True))[0]
+    caller.call("requestExecAssets", {"currentHash": ""})
+    await t.until(lambda: caller.answers, 10)
+    known = next(f["content"] for f in caller.answers[0]["files"] if f["name"] == "task.py")
+    sent = 0
+    while time.monotonic() < until:  # 300 calls a second (the node's bounds are faults.py's other part)
+        for _ in range(5):
+            job = target.hint + sent // 3 % 2500  # the ids waiting or on lease when the attack began
+            result = forged(known, TASK.encode(), b'{"jobID":%d}' % (job % 100_000))
+            caller.call("shareResults", json.dumps(result))
+            garbage = {"iv": os.urandom(16).hex(), "encryptedData": os.urandom(48).hex()}
+            caller.call(("shareResultsBatch", "shareResults")[job % 2], garbage)
+            caller.call("requestWork", {"results": json.dumps(forged(known, TASK.encode(), b"[%d]" % job))})
+            sent += 3
+        await caller.writer.drain()
+        await asyncio.sleep(0.05)
+    await hold([caller.writer], until)
+    return {"calls": sent}
+
+
+#: name -> (attack, the worker's descriptor limit, what prepares its payloads): on master.py
+MASTER_ATTACKS = {
+    "lease flood, 1 identity": (lease_flood, None, None),
+    "lease flood, 50 identities": (lease_flood_50, None, None),
+    "2,000 absurd numbers": (absurd_numbers, None, None),
+    "bogus results": (bogus_results, None, None),
+}
+
+
+async def attacker(name: str, port: int, token: str, seconds: float, aux_port: int = 0,
+                   master_port: int = 0) -> int:
     """The attacker process: prepare, say ready, wait for go, attack, print notes."""
     resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))  # it holds many sockets
-    attack, _, prepare = ATTACKS[name]
-    target = Target(port, token, aux_port)
+    attack, _, prepare = {**ATTACKS, **MASTER_ATTACKS}[name]
+    target = Target(port, token, aux_port, master_port)
     if prepare is not None:
         target.prepared = prepare(target)
         if inspect.isawaitable(target.prepared):  # a server of its own, up before the worker
             target.prepared = await target.prepared
     print("ready", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    go = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    target.hint = int(go.split()[1]) if len(go.split()) > 1 else 0
     try:
         notes = await asyncio.wait_for(attack(target, time.monotonic() + seconds), seconds + 120)
     except (OSError, TimeoutError) as exc:  # the worker may drop the attacker's wires
@@ -633,35 +962,42 @@ def _after_restart(swarm: Swarm, restarted: float, start: float) -> dict:
 
 async def measure(name: str, seconds: float) -> dict:
     """One attack on a fresh master and worker; the attacker is a process of its own."""
+    on_master = name in MASTER_ATTACKS
     with tempfile.TemporaryDirectory(prefix="qx-faults-") as tmp:
-        swarm = Swarm(Path(tmp), ATTACKS[name][1], getattr(ATTACKS[name][0], "master_dials", False))
+        attack, fds, _ = {**ATTACKS, **MASTER_ATTACKS}[name]
+        swarm = Swarm(Path(tmp), fds, MASTER_BATCH if on_master else None, name in MASTER_DIALS)
         aux_port = t.free_port()
-        swarm.worker_env = getattr(ATTACKS[name][0], "worker_env", lambda aux: {})(aux_port)
+        swarm.worker_env = getattr(attack, "worker_env", lambda aux: {})(aux_port)
         proc = None
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, str(HERE / "faults.py"), "--attacker", name, "--port", str(swarm.port),
-                "--token", swarm.token, "--seconds", str(seconds), "--aux-port", str(aux_port), cwd=HERE,
+                sys.executable, str(HERE / "faults.py"), "--attacker", name, "--port",
+                str(swarm.master_port if on_master else swarm.port), "--token", swarm.token, "--seconds",
+                str(seconds), "--aux-port", str(aux_port), "--master-port", str(swarm.master_port), cwd=HERE,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             await asyncio.wait_for(proc.stdout.readline(), 300)  # ready: its payloads (and servers) are made
             await swarm.start()
             await asyncio.sleep(2.0)  # warm
             before = time.monotonic()
             await asyncio.sleep(5.0)
-            start, lines, cpu = time.monotonic(), swarm.log_lines(), swarm.cpu_seconds()
-            master_cpu = swarm.cpu_seconds(swarm.master)
-            proc.stdin.write(b"go\n")
-            restart = getattr(ATTACKS[name][0], "restart_master", None)  # it dials in during the attack
+            start, lines, cpu = time.monotonic(), swarm.log_lines(on_master), swarm.cpu_seconds()
+            master_cpu, attacker_cpu = swarm.cpu_seconds(swarm.master), swarm.cpu_seconds(proc)
+            proc.stdin.write(b"go %d\n" % len(swarm.stamps))
+            restart = getattr(attack, "restart_master", None)  # it dials in during the attack
             restarting = asyncio.ensure_future(_restart_later(swarm, restart)) if restart else None
             notes = json.loads(await asyncio.wait_for(proc.stdout.readline(), seconds + 180) or "{}")
             await asyncio.sleep(start + seconds - time.monotonic())  # an attack may end early
             end = time.monotonic()
             cpu = swarm.cpu_seconds() - cpu
             master_cpu = swarm.cpu_seconds(swarm.master) - master_cpu
+            attacker_cpu = swarm.cpu_seconds(proc) - attacker_cpu
             await asyncio.sleep(2.0)
-            lines = swarm.log_lines() - lines
+            lines = swarm.log_lines(on_master) - lines
             if os.environ.get("QX_FAULTS_LOG"):
-                print((swarm.root / "worker.log").read_text()[-3000:], file=sys.stderr)
+                print((swarm.root / ("master.log" if on_master else "worker.log")).read_text()[-3000:],
+                      file=sys.stderr)
+            if on_master:
+                notes.update(await swarm.settle())
             return {"attack": name, "peak_rss_mb": swarm.peak_rss_mb(),
                     "jobs_per_s_before": swarm.rate(before, start),
                     "jobs_per_s_during": swarm.rate(start, end), "log_lines": lines,
@@ -669,7 +1005,8 @@ async def measure(name: str, seconds: float) -> dict:
                     "next_result_s": next((s - start for s in swarm.stamps if s >= start), float("nan")),
                     **(_after_restart(swarm, await restarting, start) if restarting else {}),
                     "attack_seconds": end - start, "worker_cpu": cpu / (end - start),
-                    "master_cpu": master_cpu / (end - start), **notes}
+                    "master_cpu": master_cpu / (end - start), "attacker_cpu": attacker_cpu / (end - start),
+                    **notes}
         finally:
             if proc is not None and proc.returncode is None:
                 proc.kill()
@@ -689,35 +1026,42 @@ async def run(names: list[str], seconds: float) -> int:
         print("%-34s %8.1f %10.0f %10.0f %7d %9.2f %10.0f%%" % (
             row["attack"], row["peak_rss_mb"], row["jobs_per_s_before"], row["jobs_per_s_during"],
             row["log_lines"], row["longest_gap_s"], 100 * row["worker_cpu"]))
+    if any(row["attack"] in MASTER_ATTACKS for row in rows):
+        print("\nmaster.py: %-26s %8s %9s %5s %6s %9s %11s %13s" % (
+            "attack", "RSS MB", "during", "lost", "twice", "not hers", "master CPU", "attacker CPU"))
+        for row in rows:
+            if row["attack"] in MASTER_ATTACKS:
+                print("           %-26s %8.1f %8.0f%% %5d %6d %9d %10.0f%% %12.0f%%" % (
+                    row["attack"], row["master_peak_rss_mb"],
+                    100 * row["jobs_per_s_during"] / max(row["jobs_per_s_before"], 1e-9), row["lost"],
+                    row["twice"], row["not from the worker"], 100 * row["master_cpu"], 100 * row["attacker_cpu"]))
     return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("attacks", nargs="*", metavar="ATTACK",
-                        help="attacks to run (default: all): " + "; ".join(ATTACKS))
+                        help="attacks to run (default: all): " + "; ".join(ATTACKS) + "; with --master: "
+                        + "; ".join(MASTER_ATTACKS))
+    parser.add_argument("--master", action="store_true", help="attack master.py (its worker is honest)")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long each attack lasts")
     parser.add_argument("--attacker", help=argparse.SUPPRESS)  # the attacker process: its attack,
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)  # the worker's port
     parser.add_argument("--token", help=argparse.SUPPRESS)  # and the swarm's token
     parser.add_argument("--aux-port", type=int, default=0, help=argparse.SUPPRESS)  # its tracker's or DHT's
+    parser.add_argument("--master-port", type=int, default=0, help=argparse.SUPPRESS)  # the master's port
     args = parser.parse_args()
     if args.attacker:
-        return asyncio.run(attacker(args.attacker, args.port, args.token, args.seconds, args.aux_port))
-    unknown = [a for a in args.attacks if a not in ATTACKS]
+        return asyncio.run(attacker(args.attacker, args.port, args.token, args.seconds, args.aux_port,
+                                    args.master_port))
+    attacks = MASTER_ATTACKS if args.master else ATTACKS
+    unknown = [a for a in args.attacks if a not in attacks]
     if unknown:
         parser.error("unknown attack(s): %s" % ", ".join(unknown))
-    if os.environ.get("QX_FAULTS_NAMESPACE") != "1":  # the network rule: only inside a namespace
-        if os.geteuid() != 0 or not shutil.which("unshare"):
-            print("faults.py needs root and unshare (it runs in a network namespace)", file=sys.stderr)
-            return 2
-        command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
-        # 127.0.0.2: aioice gathers every IPv4 address but 127.0.0.1 (the WebRTC attacks)
-        script = ("ip link set lo up && ip route add 224.0.0.0/4 dev lo src 127.0.0.1 && "
-                  "ip addr add 127.0.0.2/32 dev lo && "
-                  "QX_FAULTS_NAMESPACE=1 exec " + command)
-        return subprocess.call(["unshare", "-n", "sh", "-c", script], cwd=HERE)
-    return asyncio.run(run(args.attacks or list(ATTACKS), args.seconds))
+    status = t.in_own_namespace("QX_FAULTS_NAMESPACE", "faults.py")  # the network rule
+    if status is not None:
+        return status
+    return asyncio.run(run(args.attacks or list(attacks), args.seconds))
 
 
 if __name__ == "__main__":

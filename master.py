@@ -5,7 +5,9 @@ It answers the four RPCs (``isMaster``, ``requestExecAssets``, ``requestWork``,
 ``shareResults``) exactly as the JS Master does, so JS and Python workers both
 work for it, and adds leases: a job handed to a worker that leaves, or that
 does not answer in time, is queued again, and each job's result is passed to
-``on_results`` once.
+``on_results`` once. It gives work by proof: a Python worker proves the key
+to it (``proveKey``), a peer that cannot gets a small allowance and has its
+results taken only for its own jobs ("Who gets work").
 
     master = Master(token, exec_assets={"files": [...], "dependencies": [...]},
                     on_results=print, transfer_encrypt_token=key)
@@ -51,8 +53,11 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
+import hmac
+import itertools
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -68,6 +73,7 @@ from worker import (
     JOBS_WAITING,
     NO_ANSWER,
     PROOF_LABEL,
+    WORKER_PROOF_LABEL,
     Bugout,
     Crypt,
     CryptError,
@@ -84,10 +90,13 @@ from worker import (
     make_seed,
     master_proof,
     node_options,
+    private_files,
     process_rss_bytes,
     storable_json,
+    worker_proof,
     write_env_file,
 )
+from worker import _LogLimit as LogLimit
 
 log = logging.getLogger("worker")
 
@@ -185,8 +194,12 @@ class Store:
         self._commits = self._synced = self._changes = 0
         self._syncing: asyncio.Future | None = None
         try:
+            if self.keeps_data and not os.path.exists(self.path):  # results in clear: 0600, and
+                private_files(self.path)  # so its -wal and -shm files, as SQLite copies the mode
             self.db = sqlite3.connect(self.path, timeout=2.0, isolation_level=None,
                                       check_same_thread=False)
+        except OSError as exc:
+            raise DatabaseError(f"cannot open {self.path}: {exc.strerror or exc}") from None
         except sqlite3.Error as exc:
             raise DatabaseError(f"cannot open {self.path}: {exc}") from None
         try:
@@ -198,6 +211,8 @@ class Store:
             if isinstance(exc, sqlite3.Error):
                 raise self._refusal(exc) from None
             raise DatabaseError(f"cannot use {self.path}: {exc}") from None
+        if self.keeps_data:  # ours, checked: one an older master.py made 0644 becomes 0600 too
+            private_files(self.path, self.path + "-wal", self.path + "-shm")
 
     def _refusal(self, exc: sqlite3.Error) -> DatabaseError:
         if "locked" in str(exc) or "busy" in str(exc):
@@ -393,8 +408,9 @@ class Store:
         self.waiting += cursor.rowcount
         return cursor.rowcount > 0
 
-    def lease(self, worker: str, count: int, deadline: float) -> list[str]:
-        """The next ``count`` waiting jobs, on lease to ``worker`` (a job without id leaves the queue)."""
+    def lease(self, worker: str, count: int, deadline: float) -> list[tuple[str | None, str]]:
+        """The next ``count`` waiting jobs, on lease to ``worker``: (job key, payload) each (a job
+        without id, key None, leaves the queue)."""
         if count <= 0:
             return []
         db = self._write()
@@ -407,17 +423,53 @@ class Store:
             db.execute("DELETE FROM jobs WHERE worker = ? AND job_key IS NULL", (worker,))
         self.waiting -= len(rows)
         self.leased += len(rows) - loose
-        return [payload for _, payload in rows]
+        return rows
 
-    def requeue(self, worker: str | None = None, before: float | None = None) -> int:
-        """Jobs on lease to ``worker`` (or whose lease ends before ``before``) wait again, in front."""
+    def requeue(self, worker: str | None = None, before: float | None = None) -> collections.Counter:
+        """Jobs on lease to ``worker`` (or whose lease ends before ``before``) wait again, in front;
+        how many, by the worker that held them."""
         where, args = ("worker = ?", worker) if worker is not None else ("worker IS NOT NULL AND deadline < ?", before)
-        self._front -= 1
-        cursor = self._write().execute(
-            "UPDATE jobs SET worker = NULL, deadline = NULL, pos = ? WHERE " + where, (self._front, args))
-        self.waiting += cursor.rowcount
-        self.leased -= cursor.rowcount
-        return cursor.rowcount
+        db = self._write()
+        ended = collections.Counter(dict(db.execute(
+            "SELECT worker, count(*) FROM jobs WHERE %s GROUP BY worker" % where, (args,))))
+        if ended:
+            self._front -= 1
+            db.execute("UPDATE jobs SET worker = NULL, deadline = NULL, pos = ? WHERE " + where,
+                       (self._front, args))
+            self.waiting += ended.total()
+            self.leased -= ended.total()
+        return ended
+
+    def overdue(self, holders: list[str], before: float, count: int) -> list[tuple]:
+        """Up to ``count`` jobs on lease to ``holders`` whose lease ends before ``before``, oldest
+        first: (seq, job key, payload, holder, deadline) each."""
+        found = []
+        for i in range(0, len(holders) if count > 0 else 0, 500):
+            part = holders[i:i + 500]
+            found += self.db.execute(
+                "SELECT seq, job_key, payload, worker, deadline FROM jobs WHERE deadline < ? AND worker IN "
+                "(%s) ORDER BY deadline LIMIT ?" % ",".join("?" * len(part)), (before, *part, count)).fetchall()
+        return sorted(found, key=lambda row: row[4])[:count]
+
+    def take_over(self, worker: str, holders: list[str], before: float, count: int,
+                  deadline: float) -> list[tuple[str, str, str]]:
+        """The ``overdue`` jobs, on lease to ``worker`` now: (job key, payload, who held it) each."""
+        found = self.overdue(holders, before, count)
+        if found:
+            self._write().executemany("UPDATE jobs SET worker = ?, deadline = ? WHERE seq = ?",
+                                      [(worker, deadline, row[0]) for row in found])
+        return [(key, payload, holder) for _, key, payload, holder, _ in found]
+
+    def holders(self, keys: list[str]) -> dict[str, str]:
+        """Who holds each of these jobs on lease (a job not on lease is not named)."""
+        return {key: worker for cursor in self._in(
+            "SELECT job_key, worker FROM jobs WHERE worker IS NOT NULL AND job_key IN (%s)", keys)
+            for key, worker in cursor}
+
+    def held(self) -> dict[str, int]:
+        """Jobs on lease, by the worker that holds them."""
+        return dict(self.db.execute("SELECT worker, count(*) FROM jobs WHERE worker IS NOT NULL "
+                                    "GROUP BY worker"))
 
     def any_job(self) -> str | None:
         """The payload of some job waiting or on lease (None: there is none)."""
@@ -495,7 +547,8 @@ class ResultsFile:
         self.path = Path(path)
         self.store = store
         try:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            private_files(self.path)  # results: for this user alone
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         except OSError as exc:
             raise DatabaseError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         #: the file's length, the last result in it (results.seq), when it was last synced
@@ -538,6 +591,314 @@ class ResultsFile:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+# Who gets work ##############################################################
+#
+# Theory of operation. The swarm's ``token`` is public: any peer may call
+# requestWork, and until issue 22 master.py handed its queue to whoever asked.
+# Now it gives work by proof:
+#
+# - A Python worker proves that it holds ``transferEncryptToken``, as master.py
+#   proves it to the worker: the answer to the worker's ``isMaster
+#   {"challenge"}`` carries a ``workerChallenge`` (32 fresh random bytes) and
+#   the worker calls ``proveKey {"proof"}`` (worker.py's worker_proof: an HMAC
+#   under a key of its own, bound to that nonce and both addresses). Nothing
+#   of the peer's is decrypted. WorkerProofs keeps the open challenges; a
+#   proof that fails is for the operator to fix: one ``worker-error`` line a
+#   minute. A JS peer never sees any of it: only a Python worker challenges.
+# - A proven worker gets what it asks for, up to MAX_BATCH (the JS cap), and
+#   its results are taken for any job that has none yet.
+# - A peer that cannot prove (a JS worker, an older worker.py, an attacker)
+#   holds at most its allowance: FIRST_ALLOWANCE jobs at first, one more for
+#   each result that answers a job on lease to it, halved each time leases of
+#   its end without a result. Those that have answered jobs hold at most
+#   UNPROVEN_SHARE of the jobs not answered yet together, and those that have
+#   not, NEWCOMER_SHARE more (each share at least FIRST_ALLOWANCE): new
+#   identities buy nothing, and a JS worker that delivers keeps its place in
+#   a flood of them, to the end of a run.
+# - Its results are taken only for jobs on lease to it (a job without id,
+#   which has no lease: while it holds one), and only in the shape the JS and
+#   Python workers send (an object with a "worker" object). A result that
+#   decrypts proves little: AES-CBC has no MAC, and a peer that knows one
+#   plaintext block (of a job, of a task file) can make a short one.
+# - A proven worker that finds nothing waiting takes over the jobs that peers
+#   without proof have held longest, once held TAKE_OVER_SECONDS: a flood
+#   cannot hold the last jobs of a run for a whole lease, again and again.
+#   The holder keeps its allowance, and its late result is not taken (its
+#   lease ended); exactly once holds, as for any late result. While such jobs
+#   wait to be taken over, master.py nudges idle workers.
+# - Answers never depend on whether results decrypted or were taken.
+#
+# LeasePolicy counts what each peer without proof holds; the database holds
+# the leases. The counts follow the master's events (leased, answered and by
+# whom, ended: the peer left or its leases ran out) and are read again from
+# the database at the start and after a rollback. Times are monotonic
+# seconds, passed in as ``now``.
+
+#: Jobs on lease at once to a peer that has not proved the key, at first: one batch of 10.
+FIRST_ALLOWANCE = 10
+#: Part of the jobs not answered yet that peers without proof that answered some may hold together,
+#: and that those without a result yet may hold together (12 % in all, at least two batches).
+UNPROVEN_SHARE = 0.10
+NEWCOMER_SHARE = 0.02
+#: Peers without proof whose standing is kept (the least recently heard that holds nothing goes
+#: first; those holding jobs stay: the shares bound them), and seconds after which one that holds
+#: nothing is forgotten.
+MAX_STANDINGS = 4096
+STANDING_SECONDS = 3600.0
+#: Workers known to have proved the key (the least recently proven goes first).
+MAX_PROVEN_WORKERS = 4096
+#: Seconds a peer without proof holds a job before a proven worker with nothing to do takes it over.
+TAKE_OVER_SECONDS = 10.0
+#: Seconds a worker has to answer our challenge with proveKey, and challenges open at most.
+CHALLENGE_SECONDS = 30.0
+MAX_CHALLENGES = 4096
+
+
+def _js_truthy(value: Any) -> bool:
+    """JavaScript's truth (the JS master's ``if (args.getBatch)``): the string "false" is true."""
+    if isinstance(value, (dict, list)):
+        return True
+    return bool(value) and not (isinstance(value, float) and math.isnan(value))  # NaN: Python's JSON reads it
+
+
+def _whole(value: Any) -> int | None:
+    """A count as a peer may send it: a number, or the text of one (the JS worker sends its
+    .env's); None if it is no whole number (10.5, Infinity, NaN, "ten", a list, ...)."""
+    if isinstance(value, str) and len(value) <= 32:
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not value.is_integer():
+        return None
+    return int(value)
+
+
+def work_asked(args: dict) -> int | None | str:
+    """What a requestWork asks: a batch of ``batchSize`` jobs (an int, maybe over MAX_BATCH),
+    one job (None: getBatch is false), or why it is refused (a string)."""
+    if not _js_truthy(args.get("getBatch")):
+        return None
+    size = _whole(args.get("batchSize"))
+    if size is None or size < 1:
+        return "batchSize must be a whole number, at least 1"
+    return size
+
+
+def _result_fields(result: Any) -> tuple[str | None, str | None, bool, bool]:
+    """(job key, worker name, error, in the workers' shape) of a result as a peer sent it."""
+    if not isinstance(result, dict):
+        return None, None, False, False
+    worker = result.get("worker")
+    name = worker.get("name") if isinstance(worker, dict) else None
+    name = name[:256].encode(errors="replace").decode() if isinstance(name, str) else None
+    return _job_key(result.get("jobID")), name, bool(result.get("error")), isinstance(worker, dict)
+
+
+def take_over(store: Store, policy: LeasePolicy, worker: str, count: int, deadline: float) -> list:
+    """Jobs that peers without proof held TAKE_OVER_SECONDS, oldest first, on lease to the proven
+    ``worker`` now (until ``deadline``): (job key, payload) each."""
+    taken = store.take_over(worker, policy.holders(), deadline - TAKE_OVER_SECONDS, count, deadline)
+    for holder, jobs in collections.Counter(holder for _, _, holder in taken).items():
+        policy.released(holder, jobs)
+    return [(key, payload) for key, payload, _ in taken]
+
+
+class WorkerProofs:
+    """master.py's challenges to workers, and their checks (sans-I/O)."""
+
+    def __init__(self, proof_key: bytes, address: str) -> None:
+        self.address = address
+        self._key = proof_key
+        self._open: collections.OrderedDict[str, tuple[bytes, float]] = collections.OrderedDict()
+
+    def challenge(self, worker: str, nonce: bytes, now: float) -> str:
+        """Challenge ``worker`` with ``nonce`` (replacing one it had); the nonce in hex."""
+        self._open.pop(worker, None)
+        self._open[worker] = (nonce, now + CHALLENGE_SECONDS)
+        while len(self._open) > MAX_CHALLENGES:
+            self._open.popitem(last=False)
+        return nonce.hex()
+
+    def check(self, worker: str, proof: Any, now: float) -> bool | None:
+        """Whether ``proof`` answers our open challenge of ``worker``; None when none is open
+        (never made, run out, or answered: each counts once)."""
+        nonce, until = self._open.pop(worker, (b"", 0.0))
+        if until < now:
+            return None
+        expected = worker_proof(self._key, nonce, worker, self.address)
+        return isinstance(proof, str) and proof.isascii() and hmac.compare_digest(proof, expected)
+
+
+@dataclasses.dataclass
+class Standing:
+    """What a peer without proof has earned, and what it holds."""
+    allowance: int = FIRST_ALLOWANCE
+    #: jobs with an id on lease to it
+    held: int = 0
+    #: when each job without id it was given stops counting (it has no lease to end)
+    loose: collections.deque = dataclasses.field(default_factory=collections.deque)
+    #: results that answered jobs it held
+    answered: int = 0
+    heard: float = 0.0
+
+    @property
+    def holding(self) -> int:
+        return self.held + len(self.loose)
+
+
+class LeasePolicy:
+    """How many jobs a peer gets, and whose results are taken (sans-I/O; see the top of this
+    section)."""
+
+    def __init__(self, first: int = FIRST_ALLOWANCE, most: int = MAX_BATCH, share: float = UNPROVEN_SHARE,
+                 newcomers: float = NEWCOMER_SHARE) -> None:
+        self.first, self.most, self.share, self.newcomers = first, most, share, newcomers
+        #: workers that proved the key, least recently proven first
+        self.proven: collections.OrderedDict[str, None] = collections.OrderedDict()
+        #: jobs held by peers without proof that answered some, and by those that answered none yet
+        self.held_known = self.held_new = 0
+        self._standings: collections.OrderedDict[str, Standing] = collections.OrderedDict()
+
+    def prove(self, address: str) -> bool:
+        """``address`` proved the key; False if it had before."""
+        standing = self._standings.pop(address, None)
+        if standing is not None:
+            self._count(standing, -1)
+        known = address in self.proven
+        self.proven[address] = None
+        self.proven.move_to_end(address)
+        while len(self.proven) > MAX_PROVEN_WORKERS:
+            self.proven.popitem(last=False)
+        return not known
+
+    def standing(self, address: str) -> Standing | None:
+        """What a peer without proof has earned and holds (None: nothing known, or proven)."""
+        return self._standings.get(address)
+
+    def grant(self, address: str, asked: int, outstanding: int) -> int:
+        """How many of the ``asked`` jobs ``address`` gets (``outstanding``: jobs not answered yet)."""
+        asked = max(0, min(asked, self.most))
+        if address in self.proven:
+            return asked
+        standing = self._standings.get(address) or Standing(allowance=self.first)  # kept once it gets jobs
+        if standing.answered:
+            pool = max(self.first, int(self.share * outstanding)) - self.held_known
+        else:
+            pool = max(self.first, int(self.newcomers * outstanding)) - self.held_new
+        return max(0, min(asked, standing.allowance - standing.holding, pool))
+
+    @property
+    def held(self) -> int:
+        """Jobs held by peers without proof."""
+        return self.held_known + self.held_new
+
+    def leased(self, address: str, count: int, loose: int, until: float, now: float) -> None:
+        """``address`` got ``count`` jobs with an id and ``loose`` without, which count as held
+        until ``until``."""
+        if address not in self.proven and count + loose:
+            self._change(self._touch(address, now), held=count, loose=[until] * loose)
+
+    def accepted(self, address: str, results: list[tuple[str | None, str | None, bool]]) -> list[bool]:
+        """Which results ``address`` may give: (job key, who holds that job, in the workers'
+        shape) each. A proven worker: all. Another peer: those for jobs it holds."""
+        if address in self.proven:
+            return [True] * len(results)
+        standing = self._standings.get(address)
+        loose = len(standing.loose) if standing is not None else 0
+        taken = []
+        for key, holder, shaped in results:
+            ok = shaped and (holder == address if key is not None else loose > 0)
+            loose -= ok and key is None
+            taken.append(ok)
+        return taken
+
+    def taken(self, address: str, holders: list[str | None], keyed: list[bool]) -> None:
+        """Results from ``address`` were kept: each ends the lease of its job's holder (None: no
+        lease). Those that answer its own jobs earn it one job more of allowance each."""
+        own = sum(holder == address for holder in holders)
+        own_loose = sum(holder is None and not has_key for holder, has_key in zip(holders, keyed))
+        others = collections.Counter(h for h in holders if h is not None and h != address)
+        standing = self._standings.get(address)
+        if standing is not None and own + own_loose:
+            self._change(standing, held=-own, loose=-own_loose, answered=own + own_loose)
+        for holder, count in others.items():
+            self.released(holder, count)
+
+    def holders(self) -> list[str]:
+        """Peers without proof that hold jobs with an id (few: the shares bound them)."""
+        return [address for address, standing in self._standings.items() if standing.held]
+
+    def released(self, holder: str, count: int) -> None:
+        """Leases of ``holder`` ended, answered by another: no merit, no blame."""
+        standing = self._standings.get(holder)
+        if standing is not None:
+            self._change(standing, held=-count)
+
+    def ended(self, holder: str, count: int) -> None:
+        """Leases of ``holder`` ended without a result (it left, or they ran out): its allowance halves."""
+        standing = self._standings.get(holder)
+        if standing is not None and count:
+            self._change(standing, held=-count, allowance=max(1, standing.allowance // 2) - standing.allowance)
+
+    def expire(self, now: float) -> None:
+        """Jobs without id given long enough ago stop counting, as leases that ended without a
+        result; peers that hold nothing and were not heard for STANDING_SECONDS are forgotten."""
+        for standing in list(self._standings.values()):
+            gone = sum(1 for until in standing.loose if until <= now)
+            if gone:
+                self._change(standing, loose=-gone, allowance=max(1, standing.allowance // 2) - standing.allowance)
+        while self._standings:
+            address, oldest = next(iter(self._standings.items()))
+            if oldest.holding or oldest.heard > now - STANDING_SECONDS:
+                break
+            del self._standings[address]
+
+    def restore(self, held: dict[str, int]) -> None:
+        """Take the counts of jobs on lease from the database (at the start, after a rollback)."""
+        for address, standing in self._standings.items():
+            self._change(standing, held=held.get(address, 0) - standing.held)
+        for address, count in held.items():
+            if address not in self.proven and address not in self._standings:
+                self._change(self._touch(address, 0.0), held=count)
+
+    # private
+    def _touch(self, address: str, now: float) -> Standing:
+        standing = self._standings.pop(address, None)
+        if standing is None:
+            standing = Standing(allowance=self.first)
+            excess = len(self._standings) + 1 - MAX_STANDINGS
+            if excess > 0:  # the least recently heard that hold nothing, those that never answered first
+                oldest = [(peer, known) for peer, known in itertools.islice(self._standings.items(), 64)
+                          if not known.holding]
+                oldest.sort(key=lambda item: item[1].answered > 0)
+                for quiet, _ in oldest[:excess]:
+                    del self._standings[quiet]
+        standing.heard = max(standing.heard, now)
+        self._standings[address] = standing
+        return standing
+
+    def _change(self, standing: Standing, held: int = 0, loose: int | list = 0, answered: int = 0,
+                allowance: int = 0) -> None:
+        """Change a standing, and the sums with it."""
+        self._count(standing, -1)
+        standing.held = max(0, standing.held + held)
+        if isinstance(loose, list):
+            standing.loose.extend(loose)
+        else:
+            for _ in range(min(-loose, len(standing.loose))):
+                standing.loose.popleft()
+        standing.answered += answered
+        standing.allowance = min(self.most, standing.allowance + answered + allowance)
+        self._count(standing, 1)
+
+    def _count(self, standing: Standing, sign: int) -> None:
+        if standing.answered:
+            self.held_known += sign * standing.holding
+        else:
+            self.held_new += sign * standing.holding
 
 
 # The master #################################################################
@@ -593,7 +954,8 @@ class Master:
             raise WorkerError("no token")
         self.crypt = Crypt(settings.transfer_encrypt_token or "")
         self._proof_key = self.crypt.derive(PROOF_LABEL)
-        self._undecryptable_logged = float("-inf")
+        #: one line a minute per kind of what peers can cause
+        self._log = LogLimit()
         if settings.loglevel is not None:
             Logger(settings.loglevel)
         self.folder = Path(folder or Path.cwd())
@@ -609,6 +971,10 @@ class Master:
         except DatabaseError:
             self.store.close()
             raise
+        #: who gets work, and whose results are taken; our challenges to workers
+        self.policy = LeasePolicy()
+        self.policy.restore(self.store.held())
+        self.proofs = WorkerProofs(self.crypt.derive(WORKER_PROOF_LABEL), self.node.address)
         #: the first disk error that stopped a commit, a sync or a write (the command line stops)
         self.failure: Exception | None = None
         self.stats: collections.Counter = collections.Counter()
@@ -667,6 +1033,7 @@ class Master:
         node.register("ping", lambda a, args: {**as_dict(args), "pong": True})
         node.register("requestExecAssets", self._serve_exec_assets)
         node.register("requestWork", self._request_work)
+        node.register("proveKey", self._prove_key)
         node.register("shareResults", self._share_results)
         node.register("shareResultsBatch", self._share_results_batch)
         node.on("left", self._requeue_worker)
@@ -748,7 +1115,12 @@ class Master:
         out.add("results_per_second", "gauge", "Results per second over the last minute.",
                 round(self.results_per_second(), 3))
         out.add("workers", "gauge", "Workers heard from in the last minute.", self.workers_seen())
+        out.add("workers_proven", "gauge", "Workers that proved the key.", len(self.policy.proven))
+        out.add("jobs_held_unproven", "gauge", "Jobs on lease to peers without proof.", self.policy.held)
         for key, name in (("jobs handed out", "jobs_handed_out_total"), ("jobs requeued", "jobs_requeued_total"),
+                          ("jobs taken over", "jobs_taken_over_total"), ("results refused", "results_refused_total"),
+                          ("requests refused", "requests_refused_total"),
+                          ("failed worker proofs", "failed_worker_proofs_total"),
                           ("duplicate results", "duplicate_results_total"),
                           ("undecryptable results", "undecryptable_results_total"),
                           ("on_results failures", "on_results_failures_total")):
@@ -803,6 +1175,7 @@ class Master:
             self._disk_failed("commit to", exc)
             with contextlib.suppress(sqlite3.Error):
                 self.store.rollback()
+            self._recount()
             return False
         self._committed(new)
         if self.store.wal_size() > WAL_LIMIT:
@@ -867,14 +1240,28 @@ class Master:
 
         A Python worker sends ``{"challenge": 64 hex digits}`` after a first
         ``isMaster {}``; the ``proof`` binds its nonce to both addresses under
-        the key (worker.py, "Worker: trusting a master").
+        the key (worker.py, "Worker: trusting a master"), and ``workerChallenge``
+        is ours, which it answers with ``proveKey`` ("Who gets work").
         """
         args = as_dict(args)
         answer = {**args, "isMaster": "yes", "resultAcks": True, "resultBatches": True, "keyProof": 1}
         challenge = args.get("challenge")
         if isinstance(challenge, str) and re.fullmatch(r"[0-9a-f]{64}", challenge):
             answer["proof"] = master_proof(self._proof_key, bytes.fromhex(challenge), self.address, address)
+            answer["workerChallenge"] = self.proofs.challenge(address, os.urandom(32), time.monotonic())
         return answer
+
+    def _prove_key(self, address: str, args: Any) -> dict:
+        """``proveKey {"proof"}``: a worker's answer to our challenge. The same answer whatever it is."""
+        verdict = self.proofs.check(address, as_dict(args).get("proof"), time.monotonic())
+        if verdict and self.policy.prove(address):
+            log.info("worker %s proved the key", address)
+        elif verdict is False:
+            self.stats["failed worker proofs"] += 1
+            self._log(logging.ERROR, "worker-error", "%s holds a different transferEncryptToken: it cannot "
+                      "prove the key; fix its .env (or it is not one of your workers)", address,
+                      extra={"qx_event": {"event": "worker-error", "worker": address}})
+        return {"received": True}
 
     async def _serve_exec_assets(self, address: str, args: Any) -> dict:
         """``requestExecAssets``: hashing and encrypting happen in a thread, off the loop."""
@@ -924,37 +1311,47 @@ class Master:
         return self.folder / asset["masterPath"].lstrip("/")
 
     def _request_work(self, address: str, args: Any) -> Any:
-        """JS rule: a batch while more than one job waits and getBatch is truthy.
+        """JS rule: a batch while more than one job waits and getBatch is truthy; as many
+        jobs as LeasePolicy grants, up to that.
 
-        Results riding along and the new leases are committed together before the answer."""
+        Results riding along are taken first; they and the new leases are committed
+        together before the answer."""
         args = as_dict(args)
+        asked = work_asked(args)
         results = self._open_results(address, args["results"]) if "results" in args else []
-        return self._answer_once_kept(
-            address, lambda: (self._work(address, args), self._take(address, results or [])))
 
-    def _work(self, address: str, args: dict) -> dict:
+        def work() -> tuple[dict, list[Taken]]:
+            new = self._take(address, results or [])
+            if isinstance(asked, str):  # a bad batchSize: no job, whatever came with it
+                self.stats["requests refused"] += 1
+                return {"error": asked}, new
+            return self._work(address, args, asked), new
+        return self._answer_once_kept(address, work)
+
+    def _work(self, address: str, args: dict, batch: int | None) -> dict:
         answer = {k: v for k, v in args.items() if k != "results"}
         size = self.store.waiting
-        if size > 1 and args.get("getBatch"):
-            try:
-                batch = int(args.get("batchSize"))
-            except (TypeError, ValueError):
-                batch = 0
-            count = min(batch, MAX_BATCH) if size > batch else 1
-            tasks = self._lease(address, count)
-            if tasks or count <= 0:
-                answer["batchTasks"] = tasks
-            else:
-                answer["task"] = None
+        if size > 1 and batch is not None:
+            tasks = self._lease(address, min(batch, MAX_BATCH) if size > batch else 1)
+            answer["batchTasks" if tasks else "task"] = tasks or None  # none: JS workers poll again later
         else:
             answer["task"] = next(iter(self._lease(address, 1)), None)
         return answer
 
     def _lease(self, address: str, count: int) -> list[str]:
-        """Up to ``count`` waiting jobs (encrypted), on lease to ``address``."""
-        jobs = self.store.lease(address, count, time.time() + self.lease_seconds)
-        self.stats["jobs handed out"] += len(jobs)
-        return jobs
+        """Up to ``count`` waiting jobs (encrypted), on lease to ``address``, as LeasePolicy allows."""
+        now, store = time.monotonic(), self.store
+        count = self.policy.grant(address, count, store.waiting + store.leased)
+        deadline = time.time() + self.lease_seconds
+        rows = store.lease(address, count, deadline)
+        if len(rows) < count and address in self.policy.proven:  # nothing waits: see "Who gets work"
+            taken = take_over(store, self.policy, address, count - len(rows), deadline)
+            self.stats["jobs taken over"] += len(taken)
+            rows += taken
+        loose = sum(key is None for key, _ in rows)
+        self.policy.leased(address, len(rows) - loose, loose, now + self.lease_seconds, now)
+        self.stats["jobs handed out"] += len(rows)
+        return [payload for _, payload in rows]
 
     def _share_results(self, address: str, args: Any) -> Any:
         """One result, as JS workers send it (JS masters never answer; we ack once it is committed)."""
@@ -990,12 +1387,9 @@ class Master:
         One log line a minute at most, whatever a peer sends.
         """
         self.stats["undecryptable results"] += 1
-        now = time.monotonic()
-        if now - self._undecryptable_logged >= 60.0:
-            self._undecryptable_logged = now
-            log.error("results from %s do not decrypt (%s): dropped (%d so far); a peer without the key, "
-                      "or a worker with another transferEncryptToken", address, exc,
-                      self.stats["undecryptable results"])
+        self._log(logging.ERROR, "undecryptable", "results from %s do not decrypt (%s): dropped (%d so far); "
+                  "a peer without the key, or a worker with another transferEncryptToken", address, exc,
+                  self.stats["undecryptable results"])
         return {"received": True}
 
     def _answer_once_kept(self, address: str, work: Callable[[], tuple[Any, list[Taken]]]) -> Any:
@@ -1005,8 +1399,9 @@ class Master:
         try:
             with self.store.undoable():
                 answer, new = work()
-        except Exception:  # a bug or the disk: never an answer that makes a worker forget
-            log.exception("call from %s undone, not answered", address)
+        except Exception:  # noqa: BLE001 - a bug or the disk: never an answer that makes a worker forget
+            self._log(logging.ERROR, "undone", "call from %s undone, not answered", address, exc_info=True)
+            self._recount()
             return NO_ANSWER
         if not self._commit(new):
             return NO_ANSWER
@@ -1025,29 +1420,33 @@ class Master:
         return answer
 
     def _take(self, address: str, results: list) -> list[Taken]:
-        """Record each result whose job has none yet in this run; the new ones."""
-        rows, texts = [], []
-        for result in results:
-            if isinstance(result, dict):
-                worker = result.get("worker")
-                name = worker.get("name") if isinstance(worker, dict) else None
-                name = name.encode(errors="replace").decode() if isinstance(name, str) else None
-                key, error = _job_key(result.get("jobID")), bool(result.get("error"))
-            else:
-                key, name, error = None, None, False
-            texts.append(storable_json(result) if self._texts else None)
-            rows.append((key, address, name, error, texts[-1]))
-        places = self.store.record(rows)
+        """Record each result that ``address`` may give (LeasePolicy) and whose job has none
+        yet in this run; the new ones."""
+        fields = [_result_fields(result) for result in results]
+        holders = self.store.holders([key for key, *_ in fields if key is not None])
+        accepted = self.policy.accepted(address, [(key, holders.get(key), shaped)
+                                                  for key, _, _, shaped in fields])
+        mine = [(result, key, name, error) for result, (key, name, error, _), ok
+                in zip(results, fields, accepted) if ok]
+        self.stats["results refused"] += len(results) - len(mine)
+        if not mine:  # no write, so no commit to wait for
+            return []
+        texts = [storable_json(result) if self._texts else None for result, *_ in mine]
+        places = self.store.record([(key, address, name, error, text)
+                                    for (_, key, name, error), text in zip(mine, texts)])
         self.stats["duplicate results"] += places.count(None)
-        return [(seq, text, result) for seq, text, result in zip(places, texts, results) if seq is not None]
+        kept = [(seq, text, item) for seq, text, item in zip(places, texts, mine) if seq is not None]
+        self.policy.taken(address, [holders.get(key) for _, _, (_, key, _, _) in kept],
+                          [key is not None for _, _, (_, key, _, _) in kept])
+        return [(seq, text, result) for seq, text, (result, *_) in kept]
 
     def _deliver(self, result: Any) -> None:
         """on_results; its failure is logged and does not lose the other results of a batch."""
         try:
             self.on_results(result)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a peer's result may do it each time: one line a minute
             self.stats["on_results failures"] += 1
-            log.exception("on_results failed")
+            self._log(logging.ERROR, "on_results", "on_results failed", exc_info=True)
 
     # leases
     def _requeue_worker(self, address: str) -> None:
@@ -1056,23 +1455,35 @@ class Master:
             return
         gone = self._requeued(self.store.requeue(worker=address))
         if gone:
-            log.info("%d job(s) of %s queued again", gone, address)
+            self._log(logging.INFO, "requeued", "%d job(s) of %s queued again", gone, address)
 
     async def _expire_leases(self) -> None:
         while True:
             await asyncio.sleep(min(5.0, self.lease_seconds / 4))
+            self.policy.expire(time.monotonic())
             try:
                 self._requeued(self.store.requeue(before=time.time()))
+                before = time.time() + self.lease_seconds - TAKE_OVER_SECONDS
+                if not self.store.waiting and self.store.overdue(self.policy.holders(), before, 1):
+                    self._announce_jobs()  # jobs to take over: idle workers ask
             except sqlite3.Error as exc:  # the disk: try again at the next round
                 log.error("cannot end leases in %s: %s", self.store.path, exc)
 
-    def _requeued(self, count: int) -> int:
+    def _requeued(self, ended: collections.Counter) -> int:
         """Jobs whose lease ended wait again at the front of the queue: tell idle workers."""
         self._commit_soon()  # even none: the transaction is open
+        for holder, count in ended.items():
+            self.policy.ended(holder, count)
+        count = ended.total()
         if count:
             self.stats["jobs requeued"] += count
             self._announce_jobs()
         return count
+
+    def _recount(self) -> None:
+        """After a rollback: the policy's counts of leases follow the database again."""
+        with contextlib.suppress(sqlite3.Error):
+            self.policy.restore(self.store.held())
 
 
 # Command line ###############################################################
@@ -1099,6 +1510,25 @@ class _ConsoleMaster(Master):
 
     _echo = b""
     _prints = True
+
+    async def start(self) -> Master:
+        log.addFilter(self._as_event)
+        return await super().start()
+
+    async def close(self) -> None:
+        await super().close()
+        log.removeFilter(self._as_event)
+
+    @staticmethod
+    def _as_event(record: logging.LogRecord) -> bool:
+        """A log line that is an event for the user (``worker-error``) goes to stdout as that
+        event, not to stderr."""
+        event = getattr(record, "qx_event", None)
+        if event is None:
+            return True
+        with contextlib.suppress(OSError):
+            _print_event(**event, message=record.getMessage())
+        return False
 
     def _before_commit(self, new: list[Taken]) -> None:
         super()._before_commit(new)

@@ -16,9 +16,11 @@ import hashlib
 import json
 import os
 import random
+import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import unittest
 from collections.abc import Callable, Iterable, Iterator
@@ -227,6 +229,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def in_own_namespace(flag: str, what: str) -> int | None:
+    """Run this command again in a network namespace of its own, unless it runs in one already.
+
+    None when it does (``flag`` is "1" in the environment): go on. Else the
+    exit status of the run under ``unshare -n`` (lo up, multicast on lo for
+    LSD), or 2 without root or unshare. ``what`` names the program for that error.
+    """
+    if os.environ.get(flag) == "1":
+        return None
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        print("%s needs root and unshare (it runs in a network namespace)" % what, file=sys.stderr)
+        return 2
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    # 127.0.0.2: aioice gathers every IPv4 address but 127.0.0.1 (faults.py's WebRTC attacks)
+    script = ("ip link set lo up && ip route add 224.0.0.0/4 dev lo src 127.0.0.1 && "
+              "ip addr add 127.0.0.2/32 dev lo && %s=1 exec %s" % (flag, command))
+    return subprocess.call(["unshare", "-n", "sh", "-c", script], cwd=HERE)
 
 
 # A hostile tracker ##########################################################

@@ -21,15 +21,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fnmatch
 import functools
 import hashlib
 import importlib.util
 import inspect
+import io
 import itertools
 import json
 import logging
 import os
 import random
+import re
+import select
 import shlex
 import shutil
 import socket
@@ -397,21 +401,31 @@ def memory_node(peer_id=None, **kw):
     return node
 
 
-async def raw_wire(node, ident=None, rcvbuf=None, local="127.0.0.1", ext=None):
-    """A TCP connection to ``node`` that said its BitTorrent and BEP 10 handshakes (keys of ``ident``)."""
+async def raw_wire(node, ident=None, rcvbuf=None, local="127.0.0.1", ext=None, peer_id=None, port=0):
+    """A TCP connection to ``node`` that said its BitTorrent and BEP 10 handshakes (keys of ``ident``,
+    ``peer_id``, from ``port``)."""
     ident = ident or w.Identity()
     sock = socket.socket()
     if rcvbuf:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.bind((local, 0))
+    sock.bind((local, port))
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", node.port))
     reader, writer = await asyncio.open_connection(sock=sock)
     ext = ext or {"m": {"bo_channel": 4}, "id": node.identifier, "pk": ident.pk, "ek": ident.ek}
-    writer.write(w.handshake_bytes(node.infohash, b"-XX0000-" + os.urandom(6).hex().encode())
+    writer.write(w.handshake_bytes(node.infohash, peer_id or b"-XX0000-" + os.urandom(6).hex().encode())
                  + w.frame(20, b"\0" + w.bencode(ext)))
     await writer.drain()
     return reader, writer
+
+
+def port_below(port):
+    """A TCP port free on 127.0.0.1 and lower than ``port`` (a dialer that wants to sort first)."""
+    for candidate in range(min(port, 30000) - 1, 10000, -1):
+        with socket.socket() as sock, contextlib.suppress(OSError):
+            sock.bind(("127.0.0.1", candidate))
+            return candidate
+    raise AssertionError("no free port below %d" % port)
 
 
 def bo_frame(payload):
@@ -944,7 +958,7 @@ class Task {
       const kept = [];
       for (;;) kept.push({ x: Math.random(), s: `abc${kept.length}` });
     }
-    if (data.do === 'buffer') return Buffer.alloc(2000 * 1024 * 1024).length;
+    if (data.do === 'buffer') return Buffer.alloc((data.mb || 2000) * 1024 * 1024).length;
     if (data.do === 'meet') return { met: await meet(data.folder), pid: process.pid };
     if (data.do === 'surrogate') { // half an emoji: JSON.stringify writes it as \\ud83d
       if (data.raise) throw new Error('\\ud83d');
@@ -993,6 +1007,18 @@ class Task {
       process.exit(3);
     }
     return { sum: data.x + data.y, pid: process.pid };
+  }
+}
+
+module.exports = Task;
+"""
+
+
+# The JS worker harness's task against master.py: the sum Cluster's jobs expect.
+SUM_TASK_JS = """\
+class Task {
+  async run(job) {
+    return { sum: JSON.parse(job.data).x * 2 };
   }
 }
 
@@ -1244,6 +1270,11 @@ def open_journal(folder, token="journal-swarm", key=KEY):
     return journal
 
 
+def file_mode(path):
+    """The permission bits of ``path``, as "0o600"."""
+    return oct(os.stat(path).st_mode & 0o777)
+
+
 def result_text(i):
     return json.dumps({"jobID": i, "worker": {"id": "bWorker", "name": "w"}, "data": i})
 
@@ -1351,6 +1382,37 @@ class WorkerPy:
         return await asyncio.wait_for(self.proc.wait(), timeout)
 
 
+def readme_block(name):
+    """The fenced block after ``<!-- compat.sh: NAME -->`` in README.md, which interop/compat.sh runs."""
+    after = (HERE / "README.md").read_text().split("<!-- compat.sh: %s -->\n" % name, 1)[1]
+    return after.split("```", 2)[1].split("\n", 1)[1]
+
+
+def readme_unit():
+    """The README's systemd unit: each key of its [Service] section, with its values in order."""
+    unit = collections.defaultdict(list)
+    service = readme_block("unit").split("[Service]\n", 1)[1].split("\n[", 1)[0]
+    for line in service.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            unit[key].append(value)
+    return unit
+
+
+async def unit_process(folder, **kwargs):
+    """The README unit's ExecStart in ``folder``, with its Environment and UMask; this checkout's
+    worker.py and python for the installed ones."""
+    unit = readme_unit()
+    installed = Path(unit["ExecStart"][-1].split()[0]).parents[2]  # /opt/qx-worker/venv/bin/python
+    env = {k: v for k, v in os.environ.items() if k not in w.SETTINGS and k != "PYTHONPATH"}
+    for pair in " ".join(unit["Environment"]).split():
+        key, value = pair.split("=", 1)
+        env[key] = value.replace(str(installed), str(HERE))
+    argv = [sys.executable, *unit["ExecStart"][-1].split()[1:]]
+    return await asyncio.create_subprocess_exec(*argv, cwd=folder, env=env, umask=int(unit["UMask"][-1], 8),
+                                                **kwargs)
+
+
 class MasterProcess:
     """``python master.py`` with its settings in a .env; jobs over stdin."""
 
@@ -1424,6 +1486,22 @@ async def thief_of(cluster):
     """A bare node that leases a job with requestWork and never runs it."""
     node = await py_node(cluster.token, peers=["127.0.0.1:%d" % cluster.master.port]).start()
     await until(lambda: cluster.master.address in node.peers)
+    return node
+
+
+async def prove_key(node, master, key=KEY):
+    """Prove the key to master.py from a bare node, as worker.py does; proveKey's answer."""
+    answer = await node.rpc(master, "isMaster", {"challenge": os.urandom(32).hex()})
+    proof = w.worker_proof(w.Crypt(key).derive(w.WORKER_PROOF_LABEL), bytes.fromhex(answer["workerChallenge"]),
+                           node.address, master)
+    return await node.rpc(master, "proveKey", {"proof": proof})
+
+
+async def proven_thief(cluster):
+    """A thief that proved the key: a Python worker that took jobs and went quiet."""
+    node = await thief_of(cluster)
+    await prove_key(node, cluster.master.address)
+    await until(lambda: node.address in cluster.master.policy.proven)
     return node
 
 
@@ -1559,6 +1637,68 @@ class MasterCli:
         if self.proc.stdin is not None:
             self.proc.stdin.close()
         await self._reader
+
+
+#: Run as ``python -c CTTY PROGRAM ARGS...`` in a session of its own: the terminal on its stdin
+#: becomes its controlling terminal (/dev/tty, where getpass reads), as a login shell's is.
+CTTY = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+
+
+class Terminal:
+    """``python ARGS...`` on a pseudo-terminal of its own: what a user types and sees."""
+
+    def __init__(self, *args, timeout=30.0):
+        self.fd, child = os.openpty()
+        self.timeout = timeout
+        self.proc = subprocess.Popen([sys.executable, "-c", CTTY, *args], stdin=child, stdout=child, stderr=child,
+                                     start_new_session=True, env=clean_env())
+        os.close(child)
+        self.seen = b""
+        self.pos = 0  # where the next prompt is looked for
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        os.close(self.fd)
+
+    def read_until(self, text=None):
+        """Read what it prints until ``text`` shows after the last one found (None: until
+        it closed the terminal); whether it did."""
+        needle = None if text is None else text.encode()
+        deadline = time.monotonic() + self.timeout
+        while (needle is None or self.seen.find(needle, self.pos) < 0) and time.monotonic() < deadline:
+            if not select.select([self.fd], [], [], 0.1)[0]:
+                continue
+            try:
+                data = os.read(self.fd, 4096)
+            except OSError:  # EIO: every process on the terminal has closed it
+                data = b""
+            if not data:
+                break
+            self.seen += data
+        at = -1 if needle is None else self.seen.find(needle, self.pos)
+        if at >= 0:
+            self.pos = at + len(needle)
+        return at >= 0
+
+    def answer(self, prompt, text, end="\r"):
+        """Type ``text`` (and Enter) once ``prompt`` shows."""
+        if not self.read_until(prompt):
+            raise AssertionError("no %r in %r" % (prompt, self.text()))
+        os.write(self.fd, (text + end).encode())
+
+    def wait(self):
+        """Its exit status, once it ended and everything it printed is read."""
+        self.read_until()
+        return self.proc.wait(self.timeout)
+
+    def text(self):
+        return self.seen.decode(errors="replace")
 
 
 def parse_exposition(text):
@@ -1705,6 +1845,49 @@ class TestEnvFile(unittest.TestCase):
             self.assertRegex(row, r"[(, ]%s[,)]" % name)  # JS API to Python API
 
 
+    def test_unknown_keys_are_named_with_the_key_meant(self):
+        # issue 25: concurency=2, getbatch=true and batchsize=50 were ignored without a word.
+        # The JS worker's and master's env.sample keys (LOG_LEVEL=fatal too) and master.py's
+        # seed are settings: never called unknown.
+        js_keys = {"token": "t" * 20, "transferEncryptToken": KEY, "getBatch": "true", "batchSize": "5",
+                   "LOG_LEVEL": "fatal", "seed": w.make_seed()}
+        with self.assertLogs("worker", "WARNING") as logs:
+            settings = w.Settings.load({**js_keys, "concurency": "2", "getbatch": "true", "batchsize": "50",
+                                        "NODE_ENV": "production"})
+        self.assertEqual([line.split(":", 2)[2] for line in logs.output], [
+            "unknown key 'concurency' (did you mean concurrency?): " + UNKNOWN_KEY,
+            "unknown key 'getbatch' (did you mean getBatch?): " + UNKNOWN_KEY,
+            "unknown key 'batchsize' (did you mean batchSize?): " + UNKNOWN_KEY,
+            "unknown key 'NODE_ENV': " + UNKNOWN_KEY])
+        self.assertEqual((settings.concurrency, settings.batch_size, settings.get_batch), (1, 5, True))
+        with self.assertNoLogs("worker", "WARNING"):
+            w.Settings.load({**js_keys, **w.read_env_file(HERE / ".env.example")})
+
+    def test_every_key_has_its_range(self):
+        # issue 25: these were taken as they were, or ended in a traceback or a wrong port later
+        for key, bad in (("statusPort", "99999"), ("statusPort", "0"), ("peers", "127.0.0.1:99999"),
+                         ("peers", "127.0.0.1:1,nohost"), ("port", "70000"), ("port", "-1"), ("maxMessage", "0"),
+                         ("maxMessage", str(1 << 40)), ("maxInbound", "-1"), ("maxPeers", "0"),
+                         ("getBatch", "maybe"), ("lsd", "2"), ("dht", "enabled"), ("dhtPort", "65536"),
+                         ("dhtBootstrap", "router.example"), ("batchSize", "10001"), ("jobTimeout", "inf"),
+                         ("stopTimeout", "1e999"), ("concurrency", "100000"), ("LOG_LEVEL", "loud"),
+                         ("taskRunner", "threads")):
+            with self.subTest(key=key, value=bad), self.assertRaisesRegex(w.WorkerError, "^%s=%r: give " % (
+                    key, bad)):
+                w.Settings.load({key: bad})
+        edges = w.Settings.load({"port": "65535", "statusPort": "OFF", "peers": "[::1]:1,a:65535",
+                                 "maxMessage": "65536", "maxInbound": "1", "maxPeers": "1", "getBatch": "Yes",
+                                 "lsd": "off", "dhtPort": "0", "batchSize": "10000", "taskRunner": "Thread"})
+        self.assertEqual((edges.port, edges.status_port, edges.peers, edges.max_message, edges.get_batch,
+                          edges.lsd, edges.batch_size, edges.task_runner),
+                         (65535, None, ("[::1]:1", "a:65535"), 65536, True, False, 10000, "thread"))
+        self.assertEqual(w.Settings.load({"statusPort": "9184"}).status_port, 9184)
+
+
+#: The end of each line for an unknown key.
+UNKNOWN_KEY = 'it is ignored (README, "Settings", lists every key)'
+
+
 # Helper, Logger, Crypt ######################################################
 
 class TestLogger(unittest.TestCase):
@@ -1715,12 +1898,23 @@ class TestLogger(unittest.TestCase):
                                  setattr(w.log, "propagate", saved[2])))
         tmp = Path(tempfile.mkdtemp())
         self.addCleanup(shutil.rmtree, tmp)
-        devnull = self.enterContext(open(os.devnull, "w"))
-        w.Logger("info", str(tmp / "worker.log"), stream=devnull)
-        w.log.warning("job 1 failed: ValueError: %s", b"caf\xe9".decode(errors="surrogateescape"))
+        stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # strict, as most streams are
+        w.Logger("info", str(tmp / "worker.log"), stream=stream)
+        with mock.patch.object(logging.Handler, "handleError", side_effect=AssertionError("a logging error")):
+            w.log.warning("job 1 failed: ValueError: %s", b"caf\xe9".decode(errors="surrogateescape"))
         for handler in w.log.handlers:
+            handler.flush()
             handler.close()
         self.assertIn("job 1 failed: ValueError: caf\\udce9", (tmp / "worker.log").read_text())
+        self.assertIn(b"job 1 failed: ValueError: caf\\udce9", stream.buffer.getvalue())
+
+    def test_a_log_file_that_cannot_be_written_is_one_error(self):
+        saved = w.log.handlers[:], w.log.level, w.log.propagate
+        self.addCleanup(lambda: (setattr(w.log, "handlers", saved[0]), w.log.setLevel(saved[1]),
+                                 setattr(w.log, "propagate", saved[2])))
+        with self.assertRaisesRegex(w.WorkerError, r"^logFile='/nonexistent/worker.log': cannot write it "
+                                    r"\(No such file or directory\): give a file in a folder this user may write$"):
+            w.Logger("info", "/nonexistent/worker.log", stream=io.StringIO())
 
 
 class TestCrypt(unittest.TestCase):
@@ -2002,6 +2196,44 @@ class TestBugoutCore(unittest.TestCase):
         core.receive_payload(second, self.now + 1)
         self.assertEqual(core.receive_payload(first, self.now + 2), [])  # still known
         self.assertEqual(core.stats["duplicate"], 1)
+
+
+    def test_verified_names_the_signer_its_time_and_how_it_came(self):
+        a = self.a.identity.address
+        self.a.send_ping(self.now)
+        [(ping, _)] = self.a.data_to_send()
+        self.b.receive_payload(ping, self.now + 5)
+        self.assertEqual(self.b.verified, w.Verified(a, self.now, "p", False))
+        self.b.receive_payload(ping, self.now + 5)  # a copy: nothing passed; it names what it copies
+        self.assertIsNone(self.b.verified)
+        self.assertEqual(self.b.copied, w.Verified(a, self.now, "p", False))
+        nonce = self.a.send_call(self.b.identity.address, "f", {}, self.now)
+        self.deliver(self.a, self.b)
+        self.assertEqual(self.b.verified, w.Verified(a, self.now, "r", True))
+        self.b.awaiting = set()
+        self.b.send_response(a, nonce, 1, self.now)
+        answer = self.b.data_to_send()[-1].payload
+        self.a.awaiting = set()  # an answer to no call of ours: dropped, and proves nothing
+        self.a.receive_payload(answer, self.now)
+        self.assertIsNone(self.a.verified)
+        self.b.receive_payload(b"junk", self.now)
+        self.assertIsNone(self.b.verified)
+        self.b.send_ping(self.now)
+        [own] = [out.payload for out in self.b.data_to_send() if not out.relay]
+        self.b.receive_payload(own, self.now)  # our own, echoed back: a copy of nothing we took
+        self.assertIsNone(self.b.verified or self.b.copied)
+
+    def test_a_hello_is_a_ping_for_one_peer_alone(self):
+        hello = self.a.hello_for(self.b.identity.ek, self.now)
+        self.assertEqual(self.a.data_to_send(), [])  # the caller sends it, on one wire
+        self.assertEqual(self.b.receive_payload(hello, self.now, origin="wire"), [w.Ping(self.a.identity.address)])
+        self.assertEqual(self.b.verified, w.Verified(self.a.identity.address, self.now, "p", True))
+        self.assertEqual(self.b.data_to_send(), [])  # boxed for b: never relayed
+        third = w.BugoutCore(vector_swarm(), w.Identity())
+        self.assertEqual(third.receive_payload(self.a.hello_for(self.b.identity.ek, self.now), self.now), [])
+        self.assertIsNone(third.verified)  # another's hello: it cannot open it
+        with self.assertRaises(w.DecodeError):
+            self.a.hello_for("not a key", self.now)
 
 
 class TestCoreBounds(unittest.TestCase):
@@ -2330,13 +2562,18 @@ class TestTcp(AsyncTest):
 
 
 class TestWireUnderAttack(AsyncTest):
-    async def _simultaneous_open(self, first_wire_loses):
-        """Wire 1 carries RPCs both ways (some served, some still on the wire) when both
-        ends dial again; every call is answered, and one wire is left."""
+    async def _second_wire(self, ids_favour_wire_2, window=60.0):
+        """Wire 1 carries RPCs both ways (some served, some still on the wire) when the other end
+        dials again and wire 2 proves itself too; every call is answered, and one wire is left.
+
+        ``window``: DUP_WINDOW. Wires that came to stand within it opened together, and the one
+        dialed by the lower peer id stays; further apart, the one that stood first stays.
+        """
         low, high = sorted([w.make_peer_id(), w.make_peer_id()])
-        # the wire kept is the one dialed by the lower peer id; a dials wire 1, b wire 2
-        a = self.will_close(memory_node(high if first_wire_loses else low))
-        b = self.will_close(memory_node(low if first_wire_loses else high))
+        # by peer ids the wire kept is the one dialed by the lower; a dials wire 1, b wire 2
+        a = self.will_close(memory_node(high if ids_favour_wire_2 else low))
+        b = self.will_close(memory_node(low if ids_favour_wire_2 else high))
+        first_wire_loses = ids_favour_wire_2 and window > 1.0
         release, serving = asyncio.Event(), []
 
         async def slow(address, args):
@@ -2347,8 +2584,8 @@ class TestWireUnderAttack(AsyncTest):
             node.register("slow", slow)
         wires = self.will_close(MemoryWires())
         one_a, _ = wires.connect(a, b)
-        await until(lambda: a.connections() == b.connections() == 1 and a.address in b.peers
-                    and b.address in a.peers, 5)
+        await until(lambda: a.connections() == b.connections() == 1 and a.has_signed_wire(b.address)
+                    and b.has_signed_wire(a.address), 5)
         calls = [a.rpc(b.address, "slow", 1, timeout=8), b.rpc(a.address, "slow", 2, timeout=8)]
         calls = [asyncio.ensure_future(c) for c in calls]
         await until(lambda: len(serving) == 2, 5)  # being served ...
@@ -2357,8 +2594,13 @@ class TestWireUnderAttack(AsyncTest):
                   asyncio.ensure_future(b.rpc(a.address, "echo", "b", timeout=8))]
         await asyncio.sleep(0.05)
         self.assertTrue(one_a.outbox and one_a.peer.outbox)
-        two_b, _ = wires.connect(b, a)  # both ends dialed: a simultaneous open
-        await until(lambda: a.stats["duplicate wires"] and b.stats["duplicate wires"], 5)
+        with mock.patch.object(w, "DUP_WINDOW", window):
+            two_b, _ = wires.connect(b, a)  # both ends dialed
+            await until(lambda: a.connections() == b.connections() == 2, 5)
+            self.assertEqual(a.stats["hellos sent"] + b.stats["hellos sent"], 2)  # wire 1's: a peer wired gets none
+            a.ping()  # by wire 2 first (wire 1 holds): it proves wire 2 at both ends
+            b.ping()
+            await until(lambda: a.stats["duplicate wires"] and b.stats["duplicate wires"], 5)
         if first_wire_loses:  # a request (BEP 6) on the draining wire: its reject is not written
             one_a.protocol.data_received(w.frame(6, struct.pack(">III", 0, 0, 16384)))
         one_a.held = one_a.peer.held = False
@@ -2371,12 +2613,16 @@ class TestWireUnderAttack(AsyncTest):
         self.assertEqual(await a.rpc(b.address, "echo", "after", timeout=5), "after")
         self.assertEqual(await b.rpc(a.address, "echo", "after", timeout=5), "after")
         self.assertEqual(a.stats["peers dropped for an internal error"], 0)
+        self.assertTrue(a.has_signed_wire(b.address) and b.has_signed_wire(a.address))
 
     async def test_simultaneous_open_the_busy_wire_loses(self):
-        await self._simultaneous_open(first_wire_loses=True)
+        await self._second_wire(ids_favour_wire_2=True)
 
     async def test_simultaneous_open_the_new_wire_loses(self):
-        await self._simultaneous_open(first_wire_loses=False)
+        await self._second_wire(ids_favour_wire_2=False)
+
+    async def test_a_wire_that_stood_first_stays_whatever_the_peer_ids(self):
+        await self._second_wire(ids_favour_wire_2=True, window=0.0)
 
     async def test_a_wire_hands_over_a_budget_of_payloads_per_loop_turn(self):
         a, b = self.will_close(memory_node()), self.will_close(memory_node())
@@ -4328,6 +4574,306 @@ class TestNodePolicy(unittest.TestCase):
 
 # The node: Python and JS bugout peers #######################################
 
+class TestWirePolicy(unittest.TestCase):
+    """The node's wire policy with a clock: which wire is whose, from what came by each."""
+
+    X, Y = "bPeerXXXXXXXXXXXXXXXXXXXXXXXXXXXXX", "bPeerYYYYYYYYYYYYYYYYYYYYYYYYYYYYY"
+    PEER = b"-QP0100-peerpeerpeer"
+
+    def setUp(self):
+        self.policy = w.WirePolicy()
+        self.now, self.ms = 100.0, 1_700_000_000_000
+
+    def open(self, wire, address, dialer=PEER, port=None, python=True, policy=None):
+        return (policy or self.policy).opened(wire, address, dialer, port, self.now, python)
+
+    def packet(self, wire, address, kind="p", boxed=False, age_ms=0, policy=None):
+        (policy or self.policy).packet(wire, w.Verified(address, self.ms - age_ms, kind, boxed), self.now, self.ms)
+
+    def advance(self, seconds, policy=None):
+        self.now += seconds
+        self.ms += int(seconds * 1000)
+        return (policy or self.policy).due(self.now)
+
+    def test_a_handshake_claim_proves_nothing_and_drains_nothing(self):
+        self.open("w1", self.X)
+        self.open("w2", self.X)
+        self.assertEqual(self.advance(0), [])
+        self.assertEqual(self.advance(600), [])
+        self.assertIsNone(self.policy.direct(self.X))
+        self.assertFalse(self.policy.stands("w1") or self.policy.stands("w2"))
+        self.assertEqual(self.policy.targets(self.X), (["w1", "w2"], False))  # a hint for routes only
+        self.assertEqual(self.policy.targets(self.Y), ([], True))  # no route: spare to every wire
+
+    def test_a_fresh_packet_its_peer_signed_makes_the_wire_its_own(self):
+        self.open("w1", self.X)
+        self.open("w2", self.Y)
+        self.packet("w1", self.X)
+        self.assertEqual(self.advance(0), [])
+        self.assertEqual(self.policy.direct(self.X), "w1")
+        self.assertTrue(self.policy.stands("w1"))
+        self.assertEqual(self.policy.targets(self.X), (["w1"], False))
+        self.assertEqual(self.advance(3600), [])  # a quiet peer keeps its wire
+        self.assertEqual(self.policy.direct(self.X), "w1")
+
+    def test_what_proves_a_wire(self):
+        cases = [("p", False, 0, True), ("m", False, w.FRESH_MS, True), ("p", True, 0, True),
+                 ("p", False, w.FRESH_MS + 1, False),  # replayed
+                 ("p", False, -w.FRESH_MS - 1, False),  # from the future
+                 ("r", False, 0, False), ("rr", False, 0, False),  # unboxed: someone opened them
+                 ("r", True, 0, True), ("m", True, 0, True),
+                 ("rr", True, 3_600_000, True),  # an answer to a call of ours, whatever its time
+                 ("x", False, 0, False)]
+        for kind, boxed, age_ms, proves in cases:
+            policy = w.WirePolicy()
+            self.open("w1", self.X, policy=policy)
+            self.packet("w1", self.X, kind, boxed, age_ms, policy=policy)
+            self.assertEqual(policy.direct(self.X) == "w1", proves, (kind, boxed, age_ms))
+            self.assertEqual(policy.route(self.X) == "w1", proves, (kind, boxed, age_ms))
+
+    def test_a_copy_by_another_peers_wire_proves_neither(self):
+        self.open("w1", self.Y)
+        self.packet("w1", self.X)
+        self.assertIsNone(self.policy.direct(self.X))
+        self.assertIsNone(self.policy.direct(self.Y))
+        self.assertEqual(self.policy.route(self.X), "w1")  # X is reached through Y
+        self.assertEqual(self.policy.targets(self.X), (["w1"], False))
+
+    def test_a_claimant_of_a_peer_proven_elsewhere_drains_unless_it_proves(self):
+        self.open("w1", self.X, dialer=b"-QP0100-zzzzzzzzzzzz")
+        self.packet("w1", self.X)
+        self.assertEqual(self.advance(30), [])
+        self.assertFalse(self.open("w2", self.X, dialer=b"-QP0100-000000000000", port=1))  # no hello
+        self.packet("w2", self.X, age_ms=60_000)  # a replay
+        self.assertEqual(self.advance(0), [])
+        self.assertEqual(self.policy.next_due(), self.now + w.PROVE_SECONDS)
+        self.assertEqual(self.policy.targets(self.X), (["w1"], False))  # never by the claimant
+        self.assertEqual(self.advance(w.PROVE_SECONDS - 0.1), [])
+        self.assertEqual(self.advance(0.1), [("w2", "unproven")])
+        self.assertEqual(self.policy.direct(self.X), "w1")
+        self.assertIsNone(self.policy.next_due())
+
+    def test_a_wire_that_stood_first_stays_when_a_later_one_proves_too(self):
+        self.open("w1", self.X, dialer=b"-QP0100-zzzzzzzzzzzz")
+        self.packet("w1", self.X)
+        self.advance(w.DUP_WINDOW)
+        self.open("w2", self.X, dialer=b"-QP0100-000000000000", port=1)  # lower id, lower port
+        self.packet("w2", self.X)  # say, a relay of a fresh packet that overtook the other
+        self.assertEqual(self.advance(0), [("w2", "duplicate")])
+        self.assertEqual(self.policy.direct(self.X), "w1")
+
+    def test_wires_that_came_to_stand_together_keep_the_same_one_at_both_ends(self):
+        for ours_lower in (True, False):
+            low, high = b"-QP0100-000000000000", b"-QP0100-zzzzzzzzzzzz"
+            a_id, b_id = (low, high) if ours_lower else (high, low)
+            at_a, at_b = w.WirePolicy(), w.WirePolicy()  # wire 1 dialed by a, wire 2 by b
+            for policy, peer, first in ((at_a, self.Y, "w1"), (at_b, self.X, "w2")):
+                self.open("w1", peer, dialer=a_id, port=5000, policy=policy)
+                self.open("w2", peer, dialer=b_id, port=4000, policy=policy)
+                second = "w2" if first == "w1" else "w1"
+                self.packet(first, peer, boxed=True, policy=policy)  # the hellos cross
+                self.assertEqual(self.advance(0, policy), [])
+                self.packet(second, peer, boxed=True, policy=policy)
+            loser = "w2" if ours_lower else "w1"
+            self.assertEqual(at_a.due(self.now), [(loser, "duplicate")])
+            self.assertEqual(at_b.due(self.now), [(loser, "duplicate")])
+        at_a = w.WirePolicy()  # both dialed by one end: the lower dialer port stays
+        self.open("w1", self.X, port=5000, policy=at_a)
+        self.open("w2", self.X, port=4000, policy=at_a)
+        self.packet("w1", self.X, policy=at_a)
+        self.packet("w2", self.X, policy=at_a)
+        self.assertEqual(at_a.due(self.now), [("w1", "duplicate")])
+
+    def test_the_peer_half_closing_a_wire_decides(self):
+        self.open("w1", self.X, dialer=b"-QP0100-000000000000")
+        self.open("w2", self.X, dialer=b"-QP0100-zzzzzzzzzzzz")
+        self.packet("w1", self.X)
+        self.advance(0)
+        self.policy.peer_eof("w1")  # the peer drains w1: w2 is not drained for want of proof
+        self.assertEqual(self.advance(w.PROVE_SECONDS + 1), [])
+        self.packet("w2", self.X)
+        self.assertEqual(self.advance(0), [])  # nor as a duplicate of the wire being drained
+        self.assertEqual(self.policy.direct(self.X), "w2")
+        self.policy.closed("w1")
+        self.assertEqual(self.policy.direct(self.X), "w2")
+
+    def test_a_wire_stops_standing_when_its_peers_packets_come_by_others(self):
+        self.open("w1", self.X)
+        self.open("w2", self.Y)
+        self.packet("w1", self.X)
+        self.advance(1)
+        self.packet("w2", self.X)  # relayed copies come first ...
+        self.advance(w.STANDING_LAPSE - 1)
+        self.packet("w2", self.X)
+        self.assertEqual(self.policy.direct(self.X), "w1")
+        self.advance(1)
+        self.packet("w2", self.X)  # ... for STANDING_LAPSE, and none by its own wire
+        self.assertEqual(self.advance(0), [])
+        self.assertIsNone(self.policy.direct(self.X))
+        self.assertEqual(self.policy.targets(self.X), (["w1", "w2"], False))
+        self.packet("w1", self.X)
+        self.assertEqual(self.policy.direct(self.X), "w1")
+
+    def test_a_wire_that_brings_copies_of_its_peers_packets_keeps_standing(self):
+        self.open("w1", self.X)
+        self.open("w2", self.Y)
+        self.packet("w1", self.X)
+        for _ in range(3):  # each of the peer's packets comes first by a relay, then by its wire
+            self.advance(w.STANDING_LAPSE)
+            self.packet("w2", self.X)
+            self.policy.packet("w1", w.Verified(self.X, self.ms, "p", False), self.now, self.ms, copy=True)
+        self.assertEqual(self.advance(0), [])
+        self.assertEqual(self.policy.direct(self.X), "w1")
+        self.policy.packet("w2", w.Verified(self.X, self.ms, "p", False), self.now, self.ms, copy=True)
+        self.assertIsNone(self.policy.direct(self.Y))  # a copy proves nothing
+
+    def test_when_a_peers_wire_closes_its_other_wires_prove_it_again(self):
+        self.open("w1", self.X)
+        self.packet("w1", self.X)
+        self.open("w2", self.X)
+        self.packet("w2", self.X, age_ms=60_000)  # a replay of an old packet: nothing
+        self.advance(1)
+        self.policy.closed("w1")
+        self.assertEqual(self.advance(w.PROVE_SECONDS), [])  # no wire of X stands: w2 waits
+        self.assertIsNone(self.policy.direct(self.X))
+        self.assertEqual(self.policy.targets(self.X), (["w2"], False))
+        self.packet("w2", self.X)
+        self.assertEqual(self.policy.direct(self.X), "w2")
+
+    def test_only_a_python_peer_not_wired_yet_gets_a_hello(self):
+        self.assertTrue(self.open("w1", self.X))
+        self.assertFalse(self.open("w2", self.Y, python=False))  # JS: what JS bugout sends, no more
+        self.assertFalse(self.open("w3", None))
+        self.packet("w1", self.X)
+        self.assertFalse(self.open("w4", self.X))  # X has a wire: no hello a relay could show as ours
+
+    def test_protection_follows_what_was_proven(self):
+        self.policy.protected = frozenset([self.X])
+        self.open("w1", self.X)
+        self.open("w2", self.Y)
+        self.packet("w1", self.X, age_ms=60_000)
+        self.assertFalse(self.policy.is_protected("w1"))  # a claim and a replay
+        self.packet("w2", self.X)
+        self.assertTrue(self.policy.is_protected("w2"))  # its only route, through Y
+        self.packet("w1", self.X)
+        self.assertTrue(self.policy.is_protected("w1"))
+        self.packet("w2", self.X)  # a relayed copy that came first never replaces its own wire
+        self.assertTrue(self.policy.is_protected("w1"))
+        self.assertFalse(self.policy.is_protected("w2"))
+
+    def test_a_relay_takes_only_room_that_delays_nothing(self):
+        self.policy.protected = frozenset([self.X])
+        self.open("master", self.X)
+        self.packet("master", self.X)
+        self.open("other", self.Y)
+        def spare(wire, size, waiting, total=0, relay=True):
+            return self.policy.spare(wire, size, waiting, lambda: total, relay, self.now)
+        self.assertIsNone(spare("other", 10 * w.RELAY_QUEUE, 0, relay=False))  # an empty queue takes any one
+        self.assertIsNone(spare("other", 1000, w.RELAY_QUEUE - 1000, relay=False))
+        self.assertEqual(spare("other", 1001, w.RELAY_QUEUE - 1000), "queues full")
+        self.assertEqual(spare("master", 1001, w.RELAY_PROTECTED - 1000), "queues full")  # the master's: less
+        self.assertEqual(spare("other", 1, 0, total=w.RELAY_TOTAL + 1), "queues full")
+        allowed = sum(spare("other", 1, 0) is None for _ in range(int(w.RELAY_WRITES_PER_SECOND) + 100))
+        self.assertEqual(allowed, w.RELAY_WRITES_PER_SECOND)  # a second's worth, then over the rate
+        self.assertEqual(spare("other", 1, 0), "over the rate")
+        self.assertIsNone(spare("other", 1, 0, relay=False))  # ours, for want of a route: no rate
+        self.now += 1.0
+        self.assertIsNone(spare("other", 1, 0))
+
+    def test_closed_wires_and_forgotten_peers_leave_nothing(self):
+        for i in range(100):
+            self.open(i, self.X if i % 2 else self.Y)
+            self.packet(i, self.X)
+            self.advance(1)
+        for i in range(100):
+            self.policy.closed(i)
+        self.advance(w.PROVE_SECONDS)
+        self.policy.forget(set())
+        state = {k: v for k, v in vars(self.policy).items() if isinstance(v, (dict, list, set))}
+        self.assertEqual([k for k, v in state.items() if v], [])
+
+
+class TestCopiedIdentity(AsyncTest):
+    """A token-only peer copies another peer's BitTorrent peer id and handshake keys: claims only."""
+
+    async def _copied_master(self, master_dials):
+        ident = "copied-%d" % random.randrange(1 << 30)
+        low, high = sorted([w.make_peer_id(), w.make_peer_id()])
+        listener = py_node(ident)
+        listener.peer_id = high if master_dials else low  # the copied id sorts first, whoever dials
+        await self.started(listener)
+        dialer = py_node(ident, peers=["127.0.0.1:%d" % listener.port])
+        dialer.peer_id = low if master_dials else high
+        await self.started(dialer)
+        master, worker = (dialer, listener) if master_dials else (listener, dialer)
+        worker.prioritize(master.address)
+        await until(lambda: worker.has_signed_wire(master.address) and master.has_signed_wire(worker.address))
+        [real] = list(worker._connections)
+        local = real.transport.get_extra_info("peername" if master_dials else "sockname")[1]
+        with mock.patch.object(w, "PROVE_SECONDS", 0.5), mock.patch.object(w, "DRAIN_GRACE", 1.0):
+            # the attacker read the master's peer id and keys, dials the worker from a lower port
+            reader, writer = await raw_wire(worker, master.identity, peer_id=master.peer_id,
+                                            port=port_below(local))
+            self.addCleanup(writer.close)
+            await until(lambda: worker.connections() == 2, 5)
+            attacker = next(c for c in worker._connections if c is not real)
+            self.assertEqual(attacker.address, master.address)
+            self.assertFalse(worker.is_protected(attacker))
+            self.assertEqual(await worker.rpc(master.address, "echo", {"during": 1}, timeout=5),
+                             {"during": 1, "echoedBy": "py"})
+            self.assertTrue(await closed_by_peer(reader, 5))  # it did not prove the claim: drained
+        self.assertIn(real, worker._connections)
+        self.assertIs(real.state, w.ConnState.OPEN)
+        self.assertTrue(worker.has_signed_wire(master.address) and worker.is_protected(real))
+        self.assertEqual((worker.stats["duplicate wires"], worker.stats["wires drained: claim not proven"]),
+                         (0, 1))
+        self.assertEqual(await worker.rpc(master.address, "echo", {"after": 1}, timeout=5),
+                         {"after": 1, "echoedBy": "py"})
+
+    async def test_a_copied_peer_id_does_not_cut_the_master_that_dialed(self):
+        await self._copied_master(master_dials=True)
+
+    async def test_a_copied_peer_id_does_not_cut_the_master_the_worker_dialed(self):
+        await self._copied_master(master_dials=False)
+
+    @time_limit(90)
+    async def test_a_copied_worker_does_not_cut_it_from_master_py(self):
+        cluster = await self.started(Cluster(self.tmp()))
+        worker = await self.started(cluster.worker(get_batch=True, batch_size=10))
+        cluster.push(3000, sleep=0.001)
+        await cluster.until_results(300, 60)
+        node = cluster.master.node
+        [real] = [c for c in node._connections if c.address == worker.address]
+        local = real.transport.get_extra_info("peername")[1]  # the worker dialed from there
+        with mock.patch.object(w, "PROVE_SECONDS", 0.5), mock.patch.object(w, "DRAIN_GRACE", 1.0):
+            reader, writer = await raw_wire(node, worker.node.identity, peer_id=worker.node.peer_id,
+                                            port=port_below(local))
+            self.addCleanup(writer.close)
+            self.assertTrue(await closed_by_peer(reader, 5))
+        await cluster.until_results(3000, 60)
+        self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(3000)))
+        self.assertIn(real, node._connections)
+        self.assertEqual(node.stats["duplicate wires"], 0)
+        self.assertEqual(node.stats["wires drained: claim not proven"], 1)
+
+    async def test_a_replayed_ping_does_not_make_a_wire_the_masters(self):
+        ident = "replayed-%d" % random.randrange(1 << 30)
+        master = await self.started(py_node(ident))
+        old = signed_by(master.identity, {"y": "p"}, ident, t=w._now() - w.FRESH_MS - 5000)
+        worker = await self.started(py_node(ident))  # a worker just (re)started: it saw nothing yet
+        worker.prioritize(master.address)
+        _, writer = await raw_wire(worker, master.identity, peer_id=master.peer_id)
+        self.addCleanup(writer.close)
+        writer.write(bo_frame(old))
+        await until(lambda: ("seen", master.address) in worker.events, 5)  # the packet passed ...
+        [claimant] = list(worker._connections)
+        self.assertFalse(worker.has_signed_wire(master.address))  # ... and proves nothing
+        self.assertFalse(worker.is_protected(claimant))
+        worker.add_peer("127.0.0.1", master.port)  # the master's own wire proves it at once
+        await until(lambda: worker.has_signed_wire(master.address), 5)
+        self.assertIsNot(worker.policy.direct(master.address), claimant)
+
+
 class TestJsInterop(AsyncTest):
     def setUp(self):
         js_ready()
@@ -4852,17 +5398,45 @@ class TestMasterProof(unittest.TestCase):
         with self.assertRaises(w.UnsafeAsset):
             self.verify({**good, "dependencies": ["--index-url=http://evil/"]})
 
-    def test_the_challenge_binds_nonce_and_both_addresses(self):
-        key = w.Crypt(KEY).derive(w.PROOF_LABEL)
-        master, worker, other = (w.Identity().address for _ in range(3))
+    def test_the_challenges_bind_nonce_both_addresses_and_a_key_of_their_own(self):
+        crypt = w.Crypt(KEY)
+        prover, asker, other = (w.Identity().address for _ in range(3))
         nonce = os.urandom(32)
-        proof = w.master_proof(key, nonce, master, worker)
-        self.assertEqual(proof, w.master_proof(key, nonce, master, worker))
-        for changed in (w.master_proof(key, os.urandom(32), master, worker),
-                        w.master_proof(key, nonce, other, worker),
-                        w.master_proof(key, nonce, master, other),
-                        w.master_proof(w.Crypt("y" * 32).derive(w.PROOF_LABEL), nonce, master, worker)):
-            self.assertNotEqual(changed, proof)
+        proofs = set()
+        for prove, label in ((w.master_proof, w.PROOF_LABEL), (w.worker_proof, w.WORKER_PROOF_LABEL)):
+            key = crypt.derive(label)
+            proof = prove(key, nonce, prover, asker)
+            self.assertEqual(proof, prove(key, nonce, prover, asker))
+            for changed in (prove(key, os.urandom(32), prover, asker), prove(key, nonce, other, asker),
+                            prove(key, nonce, prover, other), prove(key, nonce, asker, prover),
+                            prove(w.Crypt("y" * 32).derive(label), nonce, prover, asker)):
+                self.assertNotEqual(changed, proof)
+            proofs.add(proof)
+        self.assertEqual(len(proofs), 2)  # a master's proof never passes for a worker's
+        same_key = crypt.derive(w.WORKER_PROOF_LABEL)
+        self.assertNotEqual(w.master_proof(same_key, nonce, prover, asker),
+                            w.worker_proof(same_key, nonce, prover, asker))  # nor with the other's key
+
+    def test_master_py_counts_a_worker_proof_once_and_while_its_challenge_is_open(self):
+        from master import CHALLENGE_SECONDS, MAX_CHALLENGES, WorkerProofs
+        key = w.Crypt(KEY).derive(w.WORKER_PROOF_LABEL)
+        master, worker, other = (w.Identity().address for _ in range(3))
+        proofs = WorkerProofs(key, master)
+        answer = lambda nonce, by=worker: w.worker_proof(key, bytes.fromhex(nonce), by, master)
+        nonce = proofs.challenge(worker, os.urandom(32), 100.0)
+        self.assertIsNone(proofs.check(other, answer(nonce, other), 100.0))  # never challenged
+        self.assertTrue(proofs.check(worker, answer(nonce), 101.0))
+        self.assertIsNone(proofs.check(worker, answer(nonce), 101.0))  # replayed: nothing open
+        for bad in ("0" * 64, "é" * 64, None, 12, ["x"], answer(nonce, other)):
+            nonce = proofs.challenge(worker, os.urandom(32), 100.0)
+            self.assertIs(proofs.check(worker, bad, 100.0), False)
+        nonce = proofs.challenge(worker, os.urandom(32), 100.0)
+        self.assertIsNone(proofs.check(worker, answer(nonce), 100.0 + CHALLENGE_SECONDS + 1))  # run out
+        first = proofs.challenge(worker, os.urandom(32), 100.0)
+        for _ in range(MAX_CHALLENGES):  # a flood of challenges by other identities pushes it out
+            proofs.challenge(w.Identity().address, os.urandom(32), 100.0)
+        self.assertIsNone(proofs.check(worker, answer(first), 100.0))
+        self.assertLessEqual(len(proofs._open), MAX_CHALLENGES)
 
     def test_trust_bans_budget_and_pins(self):
         trust = w.MasterTrust()
@@ -4975,16 +5549,27 @@ class TestMasterTrust(AsyncTest):
         self.assertIsNone(worker.master)
 
     async def test_a_wire_that_only_claims_the_js_masters_address_gets_no_result(self):
+        await self._claimer(replay=False)
+
+    async def test_a_replayed_ping_on_a_wire_claiming_the_js_master_gets_no_result(self):
+        await self._claimer(replay=True)
+
+    async def _claimer(self, replay):
+        """A wire claims the master's keys and peer id (and replays a ping it signed a while ago);
+        the master's own wire goes: the worker keeps its results, and sees the master leave."""
         tmp = self.tmp()
         token = "claimer-%d" % random.randrange(1 << 30)
         master = await self.started(Impostor(token, asset_answer(
             {p: t.encode() for p, t in DEFAULT_FILES.items()})))  # a JS master: the key, no acks
+        old = signed_by(master.node.core.identity, {"y": "p"}, token, t=w._now() - w.FRESH_MS - 5000)
         worker = await self.started(loopback_worker(token, tmp / "w", peers=["127.0.0.1:%d" % master.node.port]))
         await until(lambda: worker.master == master.node.address and worker._runner is not None, 20)
         ident = master.node.core.identity
-        _, writer = await raw_wire(worker.node, ext={"m": {"bo_channel": 4}, "id": token,
-                                                          "pk": ident.pk, "ek": ident.ek})
+        _, writer = await raw_wire(worker.node, peer_id=master.node.peer_id, ext={
+            "m": {"bo_channel": 4}, "id": token, "pk": ident.pk, "ek": ident.ek})
         self.addCleanup(writer.close)
+        if replay:
+            writer.write(bo_frame(old))
         await until(lambda: sum(c.address == master.node.address for c in worker.node._connections) == 2, 10)
         acceptor, master.node._acceptor = master.node._acceptor, None
         acceptor.close()  # the master's own wire goes, without a goodbye, and is not dialed again
@@ -4992,6 +5577,7 @@ class TestMasterTrust(AsyncTest):
             if conn.peer_name.endswith(":%d" % master.node.port):
                 conn.close(abort=True)
         await until(lambda: sum(c.address == master.node.address for c in worker.node._connections) == 1, 10)
+        self.assertFalse(worker.node.has_signed_wire(master.node.address))
         worker._result_ready({"jobID": 1, "worker": {"id": worker.address, "name": "w"}, "data": 2})
         await until(lambda: worker.outbox.ready, 10)
         worker._kick_delivery()
@@ -5111,6 +5697,35 @@ class TestMasterTrust(AsyncTest):
         self.assertLess(time.monotonic() - left, 5.0)
         self.assertEqual(worker.master, backup.address)
 
+    async def test_a_proof_not_in_ascii_is_a_failed_proof_and_master_py_is_told_ours(self):
+        tmp = self.tmp()
+        token = "nonascii-%d" % random.randrange(1 << 30)
+        rogue = await self.started(Impostor(token, None, {"keyProof": 1, "proof": "é" * 64,
+                                                          "workerChallenge": "0" * 64}))
+        worker = loopback_worker(token, tmp / "w", peers=["127.0.0.1:%d" % rogue.node.port])
+        with self.assertLogs("worker", "ERROR") as logs:
+            await self.started(worker)
+            await until(lambda: any("holds a different transferEncryptToken" in line for line in logs.output), 10)
+            await until(lambda: "proveKey" in rogue.names(), 10)  # ours, so that its user may know
+        self.assertFalse([line for line in logs.output if "task failed" in line])
+        self.assertFalse(worker.trust.may_ask(rogue.node.address, time.monotonic()))  # banned, as any failure
+        proof = rogue.calls[rogue.names().index("proveKey")][1]["proof"]
+        self.assertEqual(proof, w.worker_proof(w.Crypt(KEY).derive(w.WORKER_PROOF_LABEL), bytes(32),
+                                               worker.address, rogue.node.address))
+
+    async def test_a_worker_proves_the_key_again_to_master_py_started_again(self):
+        tmp = self.tmp()
+        token, port, seed = "again-%d" % random.randrange(1 << 30), free_port(), w.make_seed()
+        first = await self.started(loopback_master(token, tmp / "m1", port=port, seed=seed))
+        worker = await self.started(loopback_worker(token, tmp / "w", peers=["127.0.0.1:%d" % port]))
+        await until(lambda: worker.master == first.address and worker.address in first.policy.proven, 10)
+        await first.close()
+        await until(lambda: worker.master is None, 10)
+        second = await self.started(loopback_master(token, tmp / "m2", port=port, seed=seed))
+        self.assertEqual(second.address, first.address)  # the master it proved before
+        await until(lambda: worker.address in second.policy.proven, 15)  # a new process: proven anew
+        self.assertEqual(worker.master, second.address)
+
     async def test_pinned_master_only(self):
         cluster = await self.started(Cluster(self.tmp()))
         cluster.push(10)
@@ -5170,7 +5785,8 @@ class TestMasterTrust(AsyncTest):
         self.assertEqual({json.dumps(a) for a in answers[0::4] + answers[1::4] + answers[2::4]},
                          {'{"received": true}'})
         self.assertEqual(len(logs.output), 1)  # one line a minute, whatever comes
-        self.assertEqual([r["jobID"] for r in cluster.results], ["x"])
+        self.assertEqual(cluster.results, [])  # it decrypts, but answers no job on lease to the thief
+        self.assertEqual(cluster.master.stats["results refused"], 30)
 
     def test_master_py_keeps_its_address_across_restarts(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -5242,6 +5858,21 @@ class TestOutbox(AsyncTest):
         reopened = w.Outbox(self.will_close(open_journal(tmp)), lambda address: True)
         self.assertEqual(await reopened.load(), 1)
         self.assertEqual([json.loads(t)["jobID"] for _, t in await reopened.take("m", 10)], [2])
+
+    async def test_the_journal_and_its_logs_are_0600_whatever_the_umask(self):
+        # issue 23: with umask 022 the -wal and -shm files were 0644, the WAL holding jobs in clear
+        self.addCleanup(os.umask, os.umask(0o022))
+        tmp = self.tmp()
+        journal = self.will_close(open_journal(tmp))
+        outbox = w.Outbox(journal, lambda address: True)
+        outbox.add(None, result_text(1))
+        await outbox.flush()
+        names = [w.JOURNAL_NAME + suffix for suffix in ("", "-wal", "-shm")]
+        self.assertEqual({name: file_mode(tmp / name) for name in names}, dict.fromkeys(names, "0o600"))
+        await asyncio.to_thread(journal.close)
+        os.chmod(tmp / w.JOURNAL_NAME, 0o644)  # as an older worker left it
+        self.will_close(open_journal(tmp))
+        self.assertEqual(file_mode(tmp / w.JOURNAL_NAME), "0o600")
 
     async def test_more_results_than_memory_keep_their_order(self):
         outbox = w.Outbox(self.will_close(open_journal(self.tmp())), lambda address: True)
@@ -5328,6 +5959,28 @@ class TestOutbox(AsyncTest):
                 self.assertEqual(journal.submit(journal.verify, "results").result(), 0)  # clean, usable
                 journal.close()
 
+    def test_git_ignores_the_journal(self):
+        # issue 25: a worker run in the clone left its journal for git status to show
+        patterns = [line for line in (HERE / ".gitignore").read_text().splitlines() if line and line[0] != "#"]
+        for name in ("", "-wal", "-shm", ".lock", ".bad-20260101-000000-42", ".bad-20260101-000000-42-wal"):
+            self.assertTrue(any(fnmatch.fnmatch(w.JOURNAL_NAME + name, p) for p in patterns), name)
+
+    def test_a_directory_where_the_journal_or_its_lock_belongs_is_moved_aside(self):
+        # issue 25: each ended the start (exit 2), at every start: a restart loop under systemd
+        for name in (w.JOURNAL_NAME, w.JOURNAL_NAME + "-wal", w.JOURNAL_NAME + ".lock"):
+            with tempfile.TemporaryDirectory() as tmp, self.subTest(name):
+                (Path(tmp) / name).mkdir()
+                (Path(tmp) / name / "kept").write_text("what was in it")
+                with self.assertLogs("worker", "ERROR") as logs:
+                    journal = open_journal(tmp)
+                self.assertEqual(len(logs.output), 1)
+                self.assertIn(name, logs.output[0])
+                aside = [p for p in Path(tmp).glob(w.JOURNAL_NAME + "*.bad-*") if p.is_dir()]
+                self.assertEqual(len(aside), 1)
+                self.assertEqual((aside[0] / "kept").read_text(), "what was in it")
+                self.assertEqual(journal.submit(journal.verify, "results").result(), 0)  # clean, usable
+                journal.close()
+
     async def test_odd_values_in_the_journals_meta_are_not_trusted_and_crash_nothing(self):
         for value in ("5", '"abc"', '{"x": 1}', "[5, null]", "not json"):
             with tempfile.TemporaryDirectory() as tmp, self.subTest(value):
@@ -5345,8 +5998,9 @@ class TestOutbox(AsyncTest):
 
     async def test_old_json_files_are_taken_over_once_or_moved_aside(self):
         good = [{"jobID": 7, "worker": {"id": "bOld", "name": "w"}, "data": 1}]
-        for text in ("5", "null", '"abc"', '{"jobID": 1}', "[1,2,3]", '[{"jobID": 1}]', "{not json"):
-            with tempfile.TemporaryDirectory() as tmp, self.subTest(text):
+        deep = "[" * 100_000 + "]" * 100_000  # issue 25: a RecursionError at every start
+        for text in ("5", "null", '"abc"', '{"jobID": 1}', "[1,2,3]", '[{"jobID": 1}]', "{not json", deep):
+            with tempfile.TemporaryDirectory() as tmp, self.subTest(text[:20]):
                 (Path(tmp) / ".results.json").write_text(text)
                 (Path(tmp) / ".assets.json").write_text(text)
                 worker = w.Worker("t", "w", "warn", KEY, env={}, folder=tmp, lsd=False, dht=False, trackers=[])
@@ -5732,6 +6386,20 @@ class TestTaskProcesses(AsyncTest):
         self.assertLess(peak_rss_mb(worker.proc.pid), 100)
         self.assertEqual(await worker.sigterm(20), 0)
 
+    async def test_task_js_memory_cap_is_job_memory_mb_whatever_node_reserves(self):
+        # Node 24 maps V8's 512 MB code range writable at start: under RLIMIT_DATA=jobMemoryMB
+        # it did not start at all below ~600 MB; with 1 GiB more for good it would not be a cap
+        need(NODE, "node is not installed")
+        tmp, cluster = await self.cluster(files={"/workplace/task.js": TRICKY_TASK_JS})
+        push_jobs(cluster, [{"do": "buffer", "mb": 64}, {"do": "buffer", "mb": 300}, {"x": 2}])
+        worker = await self.started(WorkerPy(tmp, cluster, getBatch="true", batchSize=3, jobMemoryMB=200))
+        await cluster.until_results(3, 60)
+        by_id = self.by_id(cluster)
+        self.assertEqual(by_id[0]["data"], 64 << 20, by_id[0].get("error"))
+        self.assertEqual(by_id[1]["error"]["type"], "RangeError")  # 300 MB: over the cap, whatever node
+        self.assertEqual(by_id[2]["data"]["x"], 2)
+        self.assertEqual(await worker.sigterm(20), 0)
+
     def test_settings(self):
         self.assertEqual(w.parse_concurrency("auto"), len(os.sched_getaffinity(0)))
         self.assertEqual(w.parse_concurrency(" 3 "), 3)
@@ -5961,6 +6629,24 @@ class TestWorkerFlow(AsyncTest):
         cluster = await self.run_jobs(True)
         self.assertGreaterEqual(cluster.master.stats["jobs handed out"], 500)
 
+    async def test_a_failed_call_to_the_master_is_said_in_plain_words(self):
+        # issue 25: "requestWork: requestWork on b...: no wire is open"
+        cluster = await self.started(Cluster(self.tmp()))
+        worker = await self.started(cluster.worker())
+        await until(lambda: worker.master is not None, 15)
+        master = worker.master
+        with self.assertLogs("worker", "WARNING") as logs:
+            with mock.patch.object(worker.node, "rpc", side_effect=w.RpcTimeout(
+                    "requestExecAssets on %s: no answer in 120.0s" % master)):
+                await worker.sync_assets()
+            with mock.patch.object(worker.node, "rpc", side_effect=w.RpcUnreachable(
+                    "requestWork on %s: no wire is open" % master)):
+                await worker.request_work()
+        said = [line.split(":", 2)[2] for line in logs.output]
+        self.assertIn("could not get the task files from master %s: it did not answer in time" % master, said)
+        self.assertIn("could not ask master %s for jobs: no connection to it is open" % master, said)
+        self.assertFalse([line for line in said if re.search("request|wire", line)], said)
+
     async def test_failing_task_gives_error_results_and_goes_on(self):
         cluster = await self.started(Cluster(self.tmp()))
         cluster.push(3, fail=True)
@@ -6080,7 +6766,9 @@ class TestWorkerFlow(AsyncTest):
         worker = cluster.worker(key="z" * 32)
         with self.assertLogs("worker", "ERROR") as logs:
             await self.started(worker)
-            await until_logged(logs, "transferEncryptToken probably differs")
+            await until_logged(logs, "%s holds a different transferEncryptToken, or is no master"
+                               % cluster.master.address)
+            await until_logged(logs, "%s holds a different transferEncryptToken:" % worker.address)  # master.py
         self.assertEqual(cluster.results, [])
         self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
 
@@ -6176,9 +6864,10 @@ class TestCommandLine(AsyncTest):
             env.write_text("name=pi-1\n")
             key = "A" * 32
             done = subprocess.run([sys.executable, WORKER_PY, "--setup", "--env", str(env)],
-                                  input="too short\n%s\n\n" % key, capture_output=True, text=True,
+                                  input="%s\n%s\n\ny\n\n" % ("B" * 31, key), capture_output=True, text=True,
                                   timeout=30, check=True)
-            self.assertIn("not valid", done.stdout)
+            self.assertIn("that is 31 characters: transferEncryptToken is exactly 32", done.stdout)
+            self.assertNotIn("B" * 31, done.stdout)  # a key typed wrong is not shown either
             values = w.read_env_file(env)
             self.assertEqual(values["transferEncryptToken"], key)
             self.assertGreaterEqual(len(values["token"]), 20)
@@ -6189,9 +6878,95 @@ class TestCommandLine(AsyncTest):
             done = subprocess.run([sys.executable, WORKER_PY, "--setup", "--env", str(env)],
                                   input="\n\nnot an address\n%s\n" % pin, capture_output=True, text=True,
                                   timeout=30, check=True)
-            self.assertIn("not valid", done.stdout)
+            self.assertIn("that is not a bugout address", done.stdout)
+            self.assertNotIn("new swarm", done.stdout)  # the current values are kept
             self.assertEqual(w.read_env_file(env)["master"], pin)
             self.assertEqual(w.read_env_file(env)["transferEncryptToken"], key)
+
+    def test_setup_asks_before_it_makes_a_new_swarm(self):
+        # issue 25: an empty answer (or Ctrl-D) made a random key without a word, and a worker with a
+        # random key never joins an existing swarm
+        with tempfile.TemporaryDirectory() as tmp:
+            env = Path(tmp) / ".env"
+            done = subprocess.run([sys.executable, WORKER_PY, "--setup", "--env", str(env)], input="\nn\n\nyes\n\n\n",
+                                  capture_output=True, text=True, timeout=30, check=True)
+            self.assertEqual(done.stdout.count("does this start a new swarm"), 2, done.stdout)  # no, then yes
+            self.assertIn("for a new swarm: give its master the same token and transferEncryptToken", done.stdout)
+            values = w.read_env_file(env)
+            self.assertEqual(len(values["transferEncryptToken"]), 32)
+            self.assertGreaterEqual(len(values["token"]), 20)
+            env.write_text("name=pi-1\n")
+            for answers in ("", "\n", "\nno\n"):  # end of input at the key, at the question, at the key again
+                done = subprocess.run([sys.executable, WORKER_PY, "--setup", "--env", str(env)], input=answers,
+                                      capture_output=True, text=True, timeout=30, check=False)
+                self.assertEqual((done.returncode, done.stderr), (
+                    1, "worker.py --setup: no answer (end of input); %s is unchanged\n" % env), answers)
+                self.assertEqual(env.read_text(), "name=pi-1\n")
+
+    def test_setup_on_a_terminal_hides_the_key_and_a_ctrl_c_or_ctrl_d_writes_nothing(self):
+        # issue 25: the key was echoed as typed, Ctrl-C printed a KeyboardInterrupt traceback
+        with tempfile.TemporaryDirectory() as tmp:
+            env = Path(tmp) / ".env"
+            term = self.enterContext(Terminal(WORKER_PY, "--setup", "--env", str(env)))
+            term.answer("transferEncryptToken (exactly 32 characters; not shown): ", "C" * 31)
+            term.answer("transferEncryptToken (exactly 32 characters; not shown): ", KEY)
+            term.answer("token (at least 20 characters): ", "t" * 24)
+            term.answer("empty: any master that proves the key): ", "")
+            self.assertEqual(term.wait(), 0, term.text())
+            self.assertIn("that is 31 characters: transferEncryptToken is exactly 32", term.text())
+            self.assertNotIn("C" * 31, term.text())
+            self.assertNotIn(KEY, term.text())
+            self.assertIn("t" * 24, term.text())  # the token is public: it is shown as typed
+            self.assertEqual(w.read_env_file(env)["transferEncryptToken"], KEY)
+            before = env.read_text()
+            for key, words, status in (("\x03", "interrupted", 130), ("\x04", "no answer (end of input)", 1)):
+                term = self.enterContext(Terminal(WORKER_PY, "--setup", "--env", str(env)))
+                term.answer("not shown): ", key, end="")
+                self.assertEqual(term.wait(), status, term.text())
+                self.assertNotIn("Traceback", term.text())
+                self.assertEqual(term.text().strip().splitlines()[-1],
+                                 "worker.py --setup: %s; %s is unchanged" % (words, env))
+                self.assertEqual(env.read_text(), before)
+
+    def test_a_bad_setting_is_one_line_and_exit_2(self):
+        # issue 25: tracebacks at start (statusPort, logFile), a dial that never came (peers), another
+        # port (port), values taken as they were (getBatch)
+        for key, value, words in (("statusPort", "99999", "statusPort='99999': give a TCP port, 1 to 65535"),
+                                  ("logFile", "/nonexistent/worker.log",
+                                   "logFile='/nonexistent/worker.log': cannot write it (No such file or directory)"),
+                                  ("peers", "127.0.0.1:99999", "peers='127.0.0.1:99999': give host:port"),
+                                  ("port", "70000", "port='70000': give a TCP port, 0 (any free one) to 65535"),
+                                  ("getBatch", "maybe", "getBatch='maybe': give true or false")):
+            with tempfile.TemporaryDirectory() as tmp, self.subTest(key):
+                write_loopback_env(tmp, "bad-settings-swarm", **{key: value})
+                done = subprocess.run([sys.executable, WORKER_PY], check=False, cwd=tmp, capture_output=True,
+                                      text=True, timeout=30, env=clean_env())
+                self.assertEqual(done.returncode, 2)
+                self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)  # one line, no traceback
+                self.assertTrue(done.stderr.startswith("worker.py: " + words), done.stderr)
+
+    async def test_damaged_state_is_moved_aside_and_the_worker_starts(self):
+        # issue 25: each of these stopped every start (a RecursionError traceback, or exit 2)
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp))
+        cluster.push(3)
+        folder = tmp / "wp"
+        folder.mkdir()
+        deep = "[" * 100_000 + "]" * 100_000
+        (folder / ".results.json").write_text(deep)
+        (folder / ".assets.json").write_text(deep)
+        (folder / w.JOURNAL_NAME).mkdir()
+        (folder / (w.JOURNAL_NAME + ".lock")).mkdir()
+        write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port)
+        proc = self.will_kill(await asyncio.create_subprocess_exec(
+            sys.executable, WORKER_PY, cwd=folder, env=clean_env(), stderr=subprocess.PIPE))
+        await cluster.until_results(3, 30)
+        proc.send_signal(15)
+        _, errors = await asyncio.wait_for(proc.communicate(), 30)
+        self.assertEqual(proc.returncode, 0, errors.decode())
+        moved = [line for line in errors.decode().splitlines() if "moved aside" in line]
+        self.assertEqual(len(moved), 4, errors.decode())  # one line each
+        self.assertEqual(len(list(folder.glob("*.bad-*"))), 4)
 
     def test_missing_token_or_bad_key_exit_2(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -6212,39 +6987,106 @@ class TestCommandLine(AsyncTest):
                               check=True, timeout=30)
         self.assertIn("--setup", done.stdout)
 
-    def test_demo_exits_0(self):
-        done = subprocess.run([sys.executable, WORKER_PY, "--demo"], check=False, capture_output=True, text=True,
-                              timeout=120, cwd=HERE)
-        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
-        self.assertIn("all results right", done.stdout)
-
-    def test_demo_loads_worker_py_once(self):
-        """master.py's ``from worker import`` finds the running module: one set of classes."""
+    def test_demo_exits_0_and_its_last_line_is_json(self):
+        # -X importtime: worker.py never imports master.py (issue 24: master.py imports worker.py; the
+        # demo runs it as a process). The environment's settings reach neither side (a master.py
+        # that read this token would never meet the demo's worker).
         done = subprocess.run([sys.executable, "-X", "importtime", WORKER_PY, "--demo"], check=False,
-                              capture_output=True, text=True, timeout=120, cwd=HERE)
+                              capture_output=True, text=True, timeout=120, cwd=HERE,
+                              env={**clean_env(), "token": "a-token-from-the-environment"})
         self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
         imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()
                     if line.startswith("import time:")]
-        self.assertIn("master", imported)
-        self.assertNotIn("worker", imported)
+        self.assertIn("asyncio", imported)
+        self.assertNotIn("master", imported)
+        self.assertNotIn("\r", done.stdout)  # not a terminal: no progress redrawn in place (issue 23)
+        started, summary, next_step, last = done.stdout.splitlines()  # issue 25: JSON, and what to try next
+        self.assertRegex(started, r"^demo: master.py on 127\.0\.0\.1:\d+, 200 jobs, worker b\w+$")
+        self.assertRegex(summary, r"^demo: 200/200 jobs in [0-9.]+ s \(\d+ jobs/s\), all results right$")
+        self.assertEqual(next_step, w.DEMO_NEXT)
+        self.assertEqual(json.loads(last)["result"]["data"], {"bound": 29900, "primes": 3238})
+        self.assertEqual(json.loads(last)["result"]["jobID"], 199)
 
-    async def test_sigterm_finishes_and_delivers_held_jobs(self):
+    def test_the_demo_without_master_py_is_one_line(self):
+        """What a user who copied only worker.py to a Pi sees."""
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(WORKER_PY, tmp)
+            done = subprocess.run([sys.executable, str(Path(tmp) / "worker.py"), "--demo"], check=False,
+                                  capture_output=True, text=True, timeout=60, cwd=tmp, env=clean_env())
+        self.assertEqual(done.returncode, 2)
+        self.assertEqual(done.stderr, "worker.py --demo runs master.py, which is not in %s: run the demo in a "
+                         "clone of the project\n" % Path(tmp).resolve())
+
+    async def sigterm_with_held_jobs(self, start, files=None):
+        """A worker that ``start(folder)`` runs gets 10 jobs of 0.3 s, then SIGTERM: its folder,
+        results and output, once it exited 0 with every result delivered."""
         tmp = self.tmp()
         cluster = await self.started(Cluster(tmp))
         cluster.push(10, sleep=0.3)
         folder = tmp / "wp"
         folder.mkdir()
+        for name, text in (files or {}).items():
+            (folder / name).write_text(text)
         write_loopback_env(folder, cluster.token, peers="127.0.0.1:%d" % cluster.master.port,
                            getBatch="true", batchSize=10, LOG_LEVEL="info")
-        proc = self.will_kill(await asyncio.create_subprocess_exec(
-            sys.executable, WORKER_PY, cwd=folder, env=clean_env(),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-        await until(lambda: cluster.master.stats["jobs handed out"] == 10 and len(cluster.results) >= 1, 30)
+        proc = self.will_kill(await start(folder))
+        await until(lambda: cluster.master.stats["jobs handed out"] == 10 and len(cluster.results) >= 1
+                    or proc.returncode is not None, 30)
+        if proc.returncode is not None:
+            self.fail("the worker ended at start:\n%s" % (await proc.stdout.read()).decode()[-3000:])
         proc.send_signal(15)
         output, _ = await asyncio.wait_for(proc.communicate(), 30)
         self.assertEqual(proc.returncode, 0, output.decode())
         self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(10)))
+        return folder, cluster.results, output
+
+    async def test_sigterm_finishes_and_delivers_held_jobs(self):
+        _, _, output = await self.sigterm_with_held_jobs(lambda folder: asyncio.create_subprocess_exec(
+            sys.executable, WORKER_PY, cwd=folder, env=clean_env(), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT))
         self.assertIn(b"stopping", output)
+
+    async def test_the_readme_unit_imports_nothing_from_the_folder_and_finishes_held_jobs(self):
+        # issue 23: "python -m worker" put the worker folder first on the import path: a master's
+        # file named queue.py crashed start-up, and the unit's Restart= made a loop of it. The
+        # SIGTERM is the worker's alone, as KillMode=mixed sends it: its task children finish.
+        folder, results, _ = await self.sigterm_with_held_jobs(
+            lambda folder: unit_process(folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT),
+            files={"queue.py": "# a master's file, not the standard library's queue\n"})
+        self.assertTrue(all("error" not in r for r in results), results)
+        self.assertEqual(file_mode(folder / w.JOURNAL_NAME), "0o600")  # UMask=0077, and 0600 anyway
+
+    def test_the_readme_unit_and_pi_steps(self):
+        """What interop/compat.sh runs and checks with systemd-analyze, read here for what users rely on."""
+        unit = readme_unit()
+        one = {key: values[-1] for key, values in unit.items()}
+        user = one["User"]
+        self.assertNotIn(user, ("pi", "root"))  # the Imager's first user has passwordless sudo
+        self.assertEqual(one["Group"], user)
+        self.assertEqual(one["WorkingDirectory"], "/var/lib/" + one["StateDirectory"])
+        self.assertEqual(one["StateDirectoryMode"], "0700")
+        self.assertRegex(one["ExecStart"], r"^/\S+/python -P -m worker$")  # never imports from the folder
+        environment = " ".join(unit["Environment"]).split()
+        self.assertIn("PYTHONSAFEPATH=1", environment)  # the task children too
+        installed = Path(one["ExecStart"].split()[0]).parents[2]
+        self.assertIn("PYTHONPATH=%s" % installed, environment)
+        expected = {"KillMode": "mixed", "Restart": "always", "Type": "notify", "NotifyAccess": "main",
+                    "UMask": "0077", "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+                    "PrivateTmp": "yes", "CapabilityBoundingSet": ""}
+        self.assertEqual({key: one.get(key) for key in expected}, expected)
+        self.assertGreater(int(one["TimeoutStopSec"]), w.Settings.load({}).stop_timeout)
+        self.assertNotIn("MemoryDenyWriteExecute", unit)  # node's JIT writes the code it runs
+        self.assertNotIn("ReadOnlyPaths", unit)  # the folder must stay writable: pip, npm, the journal
+        for block in ("pi-64", "pi-32"):
+            steps = readme_block(block)
+            self.assertIn("useradd --system --home-dir %s --shell /usr/sbin/nologin %s\n"
+                          % (one["WorkingDirectory"], user), steps)
+            self.assertNotRegex(steps, r"usermod|adduser|sudoers|-G sudo")  # not a sudoer
+            self.assertIn("install -d -o %s -g %s -m 0700 %s\n" % (user, user, one["WorkingDirectory"]), steps)
+            self.assertIn("%s/venv/bin/python -m compileall -q %s/worker.py\n" % (installed, installed), steps)
+        self.assertIn("pip install", readme_block("pi-64"))
+        self.assertNotIn("pip", readme_block("pi-32"))  # no compiler on 32-bit Pi OS: Debian's packages
+        self.assertIn("venv --system-site-packages", readme_block("pi-32"))
 
     async def test_a_timed_out_job_does_not_hold_the_process_at_exit(self):
         tmp = self.tmp()
@@ -6371,6 +7213,120 @@ class TestFaults(AsyncTest):
         self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(200)))
 
 
+# master.py: who gets work (issue 22) ########################################
+
+class TestLeasePolicy(unittest.TestCase):
+    """master.py's LeasePolicy in memory, with a clock of our own."""
+
+    def policy(self):
+        from master import LeasePolicy
+        return LeasePolicy()
+
+    def test_a_proven_worker_gets_what_it_asks_up_to_the_js_cap(self):
+        policy = self.policy()
+        self.assertTrue(policy.prove("py"))
+        self.assertFalse(policy.prove("py"))  # known already
+        self.assertEqual(policy.grant("py", 5000, 10_000), 1000)
+        policy.leased("py", 1000, 0, 60.0, 0.0)
+        self.assertEqual(policy.grant("py", 1000, 10_000), 1000)  # its holdings do not count
+        self.assertEqual(policy.held, 0)
+        self.assertEqual(policy.accepted("py", [("1", "js", True), (None, None, False), ("2", None, False)]),
+                         [True, True, True])
+
+    def test_without_proof_one_batch_first_more_for_each_result_halved_for_lost_leases(self):
+        policy = self.policy()
+        self.assertEqual(policy.grant("js", 1000, 10_000), 10)
+        policy.leased("js", 10, 0, 60.0, 0.0)
+        self.assertEqual(policy.grant("js", 1000, 10_000), 0)  # it holds its allowance
+        policy.taken("js", ["js"] * 10, [True] * 10)  # ten results for its own jobs
+        self.assertEqual((policy.standing("js").allowance, policy.standing("js").held), (20, 0))
+        self.assertEqual(policy.grant("js", 1000, 10_000), 20)
+        policy.leased("js", 20, 0, 62.0, 2.0)
+        policy.ended("js", 20)  # it left, or its leases ran out
+        self.assertEqual((policy.standing("js").allowance, policy.standing("js").held), (10, 0))
+        for _ in range(10):
+            policy.leased("js", 1, 0, 70.0, 10.0)
+            policy.ended("js", 1)
+        self.assertEqual(policy.standing("js").allowance, 1)  # never below one job
+        policy.taken("js", [None, "js"], [True, True])  # a job that waited again: no merit
+        self.assertEqual(policy.standing("js").allowance, 2)
+        policy.leased("js", 1, 0, 70.0, 10.0)
+        self.assertTrue(policy.prove("js"))  # proven at last: what it holds no longer counts
+        self.assertEqual((policy.held, policy.standing("js")), (0, None))
+
+    def test_new_identities_buy_nothing_and_a_peer_that_delivers_keeps_its_place(self):
+        from master import FIRST_ALLOWANCE, MAX_STANDINGS, NEWCOMER_SHARE, UNPROVEN_SHARE
+        policy = self.policy()
+        outstanding = 2000
+        policy.leased("js", policy.grant("js", 10, outstanding), 0, 60.0, 0.0)
+        policy.taken("js", ["js"] * 10, [True] * 10)  # it delivered its first batch
+        got = {}
+        for i in range(5000):  # a flood of fresh identities, each asking the JS cap
+            address = "attacker-%d" % i
+            got[address] = policy.grant(address, 1000, outstanding)
+            policy.leased(address, got[address], 0, 60.0 + i, float(i))
+        self.assertEqual(sum(got.values()), int(NEWCOMER_SHARE * outstanding))  # 40 of 2,000
+        self.assertEqual(policy.held_new, 40)
+        self.assertEqual(policy.grant("js", 10, outstanding), 10)  # the JS worker: its batch
+        for left in (100, 20, 1):  # to the last jobs of a run
+            self.assertEqual(policy.grant("js", 10, left), 10)
+            self.assertEqual(policy.grant("attacker-new", 10, left), 0)
+        grows = self.policy()  # those that deliver, together: UNPROVEN_SHARE at most
+        for i in range(100):
+            grows.leased("js%d" % i, 1, 0, 60.0, 0.0)
+            grows.taken("js%d" % i, ["js%d" % i], [True])
+        for i in range(100):
+            grows.leased("js%d" % i, grows.grant("js%d" % i, 1000, outstanding), 0, 61.0, 1.0)
+        self.assertEqual(grows.held_known, int(UNPROVEN_SHARE * outstanding))
+        small = self.policy()  # a small queue: one batch still, never more
+        self.assertEqual(small.grant("a", 1000, 3), FIRST_ALLOWANCE)
+        small.leased("js", 1, 0, 60.0, 0.0)
+        small.taken("js", ["js"], [True])
+        for i in range(3 * MAX_STANDINGS):  # identities that take a job each and lose it: bounded
+            address = "loser-%d" % i
+            self.assertEqual(small.grant(address, 1, outstanding), 1)
+            small.leased(address, 1, 0, 100.0, 1.0 + i)
+            small.ended(address, 1)
+        self.assertEqual(len(small._standings), MAX_STANDINGS)
+        self.assertEqual(small.standing("js").answered, 1)  # it delivered: kept before those
+
+    def test_results_are_taken_only_for_the_peers_own_jobs_and_in_the_workers_shape(self):
+        policy = self.policy()
+        policy.leased("js", 2, 1, 60.0, 0.0)  # two jobs with an id, one without
+        results = [("1", "js", True), ("2", "py", True), ("3", None, True), ("1", "js", False),
+                   (None, None, True), (None, None, True)]
+        self.assertEqual(policy.accepted("js", results), [True, False, False, False, True, False])
+        self.assertEqual(policy.accepted("stranger", results), [False] * 6)
+        policy.leased("other", 1, 0, 60.0, 0.0)
+        policy.prove("py")
+        policy.taken("py", ["other"], [True])  # a proven worker's result ends another's lease
+        self.assertEqual((policy.standing("other").held, policy.standing("other").allowance), (0, 10))
+        policy.taken("js", ["js", None], [True, False])
+        self.assertEqual((policy.standing("js").held, len(policy.standing("js").loose)), (1, 0))
+        self.assertEqual(policy.standing("js").answered, 2)
+
+    def test_jobs_without_id_count_until_their_time_and_quiet_peers_are_forgotten(self):
+        from master import STANDING_SECONDS
+        policy = self.policy()
+        policy.leased("js", 0, 10, 60.0, 0.0)  # no lease ends them: they count 60 s
+        self.assertEqual((policy.held, policy.grant("js", 10, 1000)), (10, 0))
+        policy.expire(59.0)
+        self.assertEqual(policy.held, 10)
+        policy.expire(60.0)  # as leases that ended without a result
+        self.assertEqual((policy.held, policy.standing("js").allowance), (0, 5))
+        policy.expire(60.0 + STANDING_SECONDS)
+        self.assertIsNone(policy.standing("js"))
+
+    def test_the_counts_follow_the_database(self):
+        policy = self.policy()
+        policy.prove("py")
+        policy.leased("js", 5, 0, 60.0, 0.0)
+        policy.restore({"js": 3, "py": 100, "old": 7})  # a restart, or a rollback
+        self.assertEqual((policy.standing("js").held, policy.standing("old").held), (3, 7))
+        self.assertIsNone(policy.standing("py"))
+        self.assertEqual(policy.held, 10)
+
+
 # master.py: announces, requeues, late results, the --jobs feeder ############
 
 class TestMasterPy(AsyncTest):
@@ -6426,7 +7382,7 @@ class TestMasterPy(AsyncTest):
         await self.started(cluster)
         times = watch_requests(cluster.master)
         cluster.push(1)
-        thief = self.will_close(await thief_of(cluster))
+        thief = self.will_close(await proven_thief(cluster))  # its result is taken after its lease
         self.assertTrue((await thief.rpc(cluster.master.address, "requestWork", {}))["task"])
         await until(lambda: cluster.master.stats["jobs requeued"] == 1, 10)
         late = w.Crypt(KEY).encrypt(json.dumps({"jobID": 0, "data": {"sum": 2}}))
@@ -6439,6 +7395,185 @@ class TestMasterPy(AsyncTest):
         self.assertEqual(cluster.master.stats["duplicate results"], 0)
         self.assertEqual(worker.stats["jobs done"], 0)
         self.assertEqual(cluster.master.waiting, 0)
+
+    async def test_a_python_worker_proves_the_key_and_gets_the_batches_it_asks_for(self):
+        cluster = await self.started(Cluster(self.tmp()))
+        handed, lease = [], cluster.master._lease
+        cluster.master._lease = lambda address, count: handed.append(len(jobs := lease(address, count))) or jobs
+        cluster.push(1000)
+        worker = await self.started(cluster.worker(get_batch=True, batch_size=200))
+        await cluster.until_results(1000, 60)
+        self.assertIn(worker.address, cluster.master.policy.proven)
+        self.assertEqual(handed[:4], [200] * 4)  # not the 10 of a peer without proof
+        self.assertIsNone(cluster.master.policy.standing(worker.address))
+
+    async def test_a_token_only_peer_asking_the_js_cap_gets_one_batch_and_new_identities_buy_nothing(self):
+        cluster = await self.started(Cluster(self.tmp()))
+        cluster.push(2000)
+        thieves = [self.will_close(await thief_of(cluster)) for _ in range(6)]
+        taken = 0
+        for _ in range(5):  # again and again, as the attack of issue 22 did every 50 ms
+            for thief in thieves:
+                answer = await thief.rpc(cluster.master.address, "requestWork",
+                                         {"getBatch": True, "batchSize": 1000})
+                taken += len(answer.get("batchTasks") or ([answer["task"]] if answer.get("task") else []))
+        self.assertEqual(taken, 40)  # 2 % of the queue for peers that never answered a job, not 6 x 1,000
+        worker = await self.started(cluster.worker(get_batch=True, batch_size=100))
+        await cluster.until_results(2000 - 40, 60)
+        self.assertEqual(cluster.master.store.leased, 40)
+        for thief in thieves:  # they leave: their jobs are queued again, and done
+            await thief.close()
+        await cluster.until_results(2000, 60)
+        self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(2000)))
+        self.assertEqual(worker.stats["jobs done"], 2000)
+
+    async def test_a_proven_worker_takes_over_what_peers_without_proof_hold_at_the_end_of_a_run(self):
+        import master as m
+        self.addCleanup(setattr, m, "TAKE_OVER_SECONDS", m.TAKE_OVER_SECONDS)
+        m.TAKE_OVER_SECONDS = 2.0
+        cluster = await self.started(Cluster(self.tmp()))  # leases of 60 s
+        cluster.push(100)
+        thieves = [self.will_close(await thief_of(cluster)) for _ in range(3)]
+        held = []
+        for thief in thieves:
+            answer = await thief.rpc(cluster.master.address, "requestWork", {"getBatch": True, "batchSize": 5})
+            held += [json.loads(w.Crypt(KEY).decrypt(job))["id"] for job in answer.get("batchTasks") or []]
+        self.assertEqual(len(held), 10)  # the share of peers that never answered a job: the third gets none
+        started = time.monotonic()
+        worker = await self.started(cluster.worker(get_batch=True, batch_size=10))
+        await cluster.until_results(90, 20)
+        await cluster.until_results(100, 20)  # the worker idles; the expiry round nudges it
+        self.assertLess(time.monotonic() - started, 15)  # not the 60 s of their leases
+        self.assertEqual(cluster.master.stats["jobs taken over"], 10)
+        self.assertEqual(worker.stats["jobs done"], 100)
+        late = w.Crypt(KEY).encrypt_json([{"jobID": held[0], "worker": {"name": "t"}, "data": 1}])
+        await thieves[0].rpc(cluster.master.address, "shareResultsBatch", late)
+        self.assertEqual(cluster.master.stats["results refused"], 1)  # their leases ended
+        self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(100)))
+        self.assertEqual(cluster.master.policy.held, 0)
+        self.assertEqual(cluster.master.policy.standing(thieves[0].address).allowance, 10)  # no blame
+
+    async def test_absurd_arguments_get_an_answer_never_an_exception_and_little_log(self):
+        cluster = await self.started(Cluster(self.tmp()))
+        cluster.push(50)
+        thief = self.will_close(await thief_of(cluster))
+        real = thief.core.send_call
+
+        def as_js_sends(*args):  # JSON with \u escapes, as JS writes it: a lone surrogate travels
+            with mock.patch.object(w, "json_dumps", functools.partial(json.dumps, separators=(",", ":"))):
+                return real(*args)
+        thief.core.send_call = as_js_sends
+        sizes = [float("inf"), float("-inf"), float("nan"), -1, 0, 10.5, "ten", "1e400", "", [], {}, None,
+                 True, {"n": 10}]
+        junk = [5, "x", [1, 2], None, {}, {"iv": "zz", "encryptedData": 5}, {"iv": 7}, "\ud800"]
+        calls = [("requestWork", {"getBatch": True, "batchSize": size}) for size in sizes]
+        calls += [("requestWork", {"getBatch": True, "batchSize": size}) for size in (10 ** 400, 1e300, " 3 ")]
+        calls += [("requestWork", args) for args in junk]
+        calls += [("requestWork", {"getBatch": True, "batchSize": 2, "results": args}) for args in junk]
+        calls += [(name, args) for name in ("shareResults", "shareResultsBatch", "proveKey") for args in junk]
+        calls += [("requestExecAssets", {"currentHash": h}) for h in (5, [], None, "0" * 64, "\u00e9")]
+        calls += [(name, {"challenge": c}) for name in ("isMaster", "ping") for c in (5, "é" * 64, "\ud800")]
+        calls += [("proveKey", {"proof": p}) for p in (5, "é" * 64, "0" * 64)]
+        lines = []
+        handler = logging.Handler(logging.DEBUG)
+        handler.emit = lines.append
+        w.log.addHandler(handler)
+        self.addCleanup(w.log.removeHandler, handler)
+        answers = []
+        for _ in range(20):  # 2,000 calls in faults.py; here a few hundred
+            for name, args in calls:
+                answers.append((name, args, await thief.rpc(cluster.master.address, name, args, timeout=5)))
+        refused = [a for name, args, a in answers if name == "requestWork" and "error" in a]
+        self.assertEqual(len(refused), 20 * 14)  # each bad batchSize: an error answer
+        self.assertTrue(all("batchSize" in a["error"] for a in refused))
+        huge = [a for name, args, a in answers[len(sizes):len(sizes) + 3]]
+        self.assertTrue(all("error" not in a for a in huge))  # a huge whole number is capped, not refused
+        self.assertFalse([a for _, _, a in answers if a is w.NO_ANSWER])
+        self.assertLessEqual(len([r for r in lines if r.levelno >= logging.INFO]), 2)  # undecryptable, once
+        self.assertLessEqual(cluster.master.policy.held, 10)  # the thief's one batch, whatever it asked
+
+    async def test_results_are_taken_only_from_the_peer_whose_lease_they_answer(self):
+        cluster = await self.started(Cluster(self.tmp()))
+        cluster.push(30)
+        master, crypt = cluster.master.address, w.Crypt(KEY)
+        holder = self.will_close(await thief_of(cluster))
+        stranger = self.will_close(await thief_of(cluster))
+        answer = await holder.rpc(master, "requestWork", {"getBatch": True, "batchSize": 5})
+        ids = sorted(json.loads(crypt.decrypt(job))["id"] for job in answer["batchTasks"])
+
+        def result(i, by):
+            return {"jobID": i, "worker": {"name": by}, "data": {"sum": 2 * i}}
+        forged = [result(i, "stranger") for i in ids + [29]]
+        for name, args in [("shareResults", crypt.encrypt(json.dumps(forged[0]))),
+                           ("shareResultsBatch", crypt.encrypt_json(forged)),
+                           ("requestWork", {"results": crypt.encrypt_json(forged)})]:
+            self.assertEqual((await stranger.rpc(master, name, args)).get("received", True), True)
+        shapeless = [{"jobID": i} for i in ids]  # all a peer can make from one known plaintext block
+        await holder.rpc(master, "shareResultsBatch", crypt.encrypt_json(shapeless))
+        self.assertEqual(cluster.results, [])
+        self.assertEqual(cluster.master.stats["results refused"], 1 + 6 + 6 + 5)
+        await holder.rpc(master, "shareResultsBatch", crypt.encrypt_json([result(i, "holder") for i in ids]))
+        self.assertEqual(sorted(r["jobID"] for r in cluster.results), ids)
+        self.assertEqual(cluster.master.policy.standing(holder.address).allowance, 15)  # earned
+        proven = self.will_close(await proven_thief(cluster))  # holds the key: any job without a result
+        await proven.rpc(master, "shareResultsBatch", crypt.encrypt_json([result(29, "p"), result(ids[0], "p")]))
+        self.assertEqual(sorted(r["jobID"] for r in cluster.results), [*ids, 29])
+        self.assertEqual(cluster.master.stats["duplicate results"], 1)  # exactly once, as before
+
+    @time_limit(60)
+    async def test_cli_names_a_worker_with_another_key_in_one_worker_error_line(self):
+        tmp = self.tmp()
+        token, port = "wrongkey-%d" % random.randrange(1 << 30), free_port()
+        master = await self.started(EventsMasterProcess(tmp / "m", token, port, w.make_seed()))
+        workers = [w.Worker(token, name, "error", key, env={}, folder=tmp / name, host="127.0.0.1", lsd=False,
+                            dht=False, trackers=[], peers=["127.0.0.1:%d" % port])
+                   for name, key in (("w1", "o" * 32), ("w2", "p" * 32))]
+        with self.assertLogs("worker", "ERROR") as logs:
+            for worker in workers:
+                await self.started(worker)
+            await until(lambda: sum("holds a different transferEncryptToken" in line
+                                    for line in logs.output) >= 2, 20)
+            await until(lambda: any(e["event"] == "worker-error" for e in master.events), 10)
+            await asyncio.sleep(1.0)  # the second worker's proof has failed too by now
+        errors = [e for e in master.events if e["event"] == "worker-error"]
+        self.assertEqual(len(errors), 1, errors)  # one line a minute
+        self.assertIn(errors[0]["worker"], {worker.address for worker in workers})
+        self.assertIn("%s holds a different transferEncryptToken" % errors[0]["worker"], errors[0]["message"])
+        for worker in workers:
+            self.assertTrue(any(master.ready["address"] in line and "different transferEncryptToken" in line
+                                for line in logs.output))
+            self.assertIsNone(worker.master)
+
+    async def js_worker_run(self, count, **env):
+        """The JS worker harness (interop/worker.js) alone against master.py: results/s."""
+        js_ready()
+        tmp = self.tmp()
+        cluster = await self.started(Cluster(tmp, files={"/workplace/task.js": SUM_TASK_JS}))
+        cluster.push(count)
+        (tmp / "js").mkdir()
+        worker = await self.started(JsProcess("worker.js", {  # its 15 ms rule makes it wait for its poll
+            "QX_TOKEN": cluster.token, "QX_KEY": KEY, "QX_FOLDER": str(tmp / "js"), "QX_POLL_SECONDS": "1", **env}))
+        worker.send(cmd="addPeer", addr="127.0.0.1:%d" % cluster.master.port)
+        await cluster.until_results(1, 20)
+        first = time.monotonic()
+        await cluster.until_results(count, 30)
+        rate = (count - 1) / (time.monotonic() - first)
+        self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(count)))
+        self.assertTrue(all(r["data"] == {"sum": 2 * r["jobID"]} for r in cluster.results))
+        self.assertNotIn(worker.ready["address"], cluster.master.policy.proven)
+        self.assertEqual(cluster.master.policy.standing(worker.ready["address"]).answered, count)
+        said = next(e for e in worker.events if e["event"] == "master")
+        self.assertEqual(said["keys"], ["isMaster", "resultAcks", "resultBatches", "keyProof"])  # as before
+        asked = [e["answer"] for e in worker.events if e["event"] == "request"]
+        self.assertLessEqual(sum(not a["task"] and not a["batchTasks"] for a in asked), 1)  # only at the end
+        print("\n  JS worker harness, %s: %.0f jobs/s" % (env or "unbatched", rate), file=sys.stderr)
+        return asked
+
+    @time_limit(60)
+    async def test_the_js_worker_gets_work_without_proof_and_finishes_a_run_alone(self):
+        asked = await self.js_worker_run(300, QX_GET_BATCH="true", QX_BATCH_SIZE="10")
+        self.assertEqual(max(a["batchTasks"] or 0 for a in asked), 10)
+        await self.js_worker_run(60)
 
     async def test_a_raising_on_results_loses_no_other_result_of_the_batch(self):
         cluster = await self.started(Cluster(self.tmp()))
@@ -6560,7 +7695,7 @@ class TestMasterDurable(AsyncTest):
             for i in range(5):
                 self.assertTrue(store.push(str(i), '{"id":%d}' % i))
             self.assertFalse(store.push("1", "{}"))  # waiting already
-            self.assertEqual(store.lease("w1", 2, time.time() + 60), ['{"id":0}', '{"id":1}'])
+            self.assertEqual(store.lease("w1", 2, time.time() + 60), [("0", '{"id":0}'), ("1", '{"id":1}')])
             late = ("0", "w2", "two", False, '{"jobID":0}')
             self.assertEqual(store.record([("0", "w1", "one", False, '{"jobID":0}'), late]), [1, None])
             self.assertEqual(store.record([late]), [None])  # one result per job
@@ -6575,10 +7710,13 @@ class TestMasterDurable(AsyncTest):
             os.close(store._lock)
             store = Store(path)
             self.assertEqual((store.waiting, store.leased, store.answered), (3, 1, 1))
-            self.assertEqual(store.requeue(worker="w1"), 1)  # job 1 goes back, in front
-            self.assertEqual(store.lease("w3", 9, time.time() + 60), ['{"id":%d}' % i for i in (1, 2, 3, 4)])
-            self.assertEqual(store.requeue(before=time.time()), 0)
-            self.assertEqual(store.requeue(before=time.time() + 120), 4)  # their leases ended
+            self.assertEqual(store.held(), {"w1": 1})
+            self.assertEqual(store.requeue(worker="w1"), {"w1": 1})  # job 1 goes back, in front
+            self.assertEqual(store.lease("w3", 9, time.time() + 60),
+                             [(str(i), '{"id":%d}' % i) for i in (1, 2, 3, 4)])
+            self.assertEqual(store.holders(["1", "4", "9"]), {"1": "w3", "4": "w3"})
+            self.assertEqual(store.requeue(before=time.time()), {})
+            self.assertEqual(store.requeue(before=time.time() + 120), {"w3": 4})  # their leases ended
             self.assertEqual(store.per_worker(), [{"id": "w1", "name": "one", "results": 1, "errors": 0}])
             store.new_run()
             self.assertEqual(store.record([("0", "w1", "one", False, "{}")]), [2])  # a new run: ids again
@@ -6731,6 +7869,29 @@ class TestMasterDurable(AsyncTest):
         self.assertIn("200/200 jobs", text)  # the last figures stay
         self.assertRegex(text, r"\d+/200\+? jobs, \d+ jobs/s, ETA [\d:-]+, 1 worker\(s\)")
         self.assertEqual(len(cli.results), 200)  # stdout is a pipe: results only there
+
+    async def test_what_holds_jobs_or_results_is_for_its_user_alone(self):
+        # issue 23: with the usual umask 022, master.db's logs and --out were 0644, and so were
+        # the worker journal's logs, all holding job data or results in clear
+        self.addCleanup(os.umask, os.umask(0o022))  # the processes below inherit it
+        cli = MasterCli(self.tmp() / "m")
+        write_jobs(cli.folder / "jobs.jsonl", 50)
+        await self.started(cli, "--jobs", "jobs.jsonl", "--out", "results.jsonl", "--follow")
+        home = cli.folder.parent / "w"
+        home.mkdir()
+        write_loopback_env(home, cli.token, peers="127.0.0.1:%d" % cli.port, getBatch="true", batchSize=10,
+                           LOG_LEVEL="info", logFile="worker.log")
+        env = home / ".env"
+        env.write_text(env.read_text() + "folder=%s\n" % (home / "work"))  # a folder it makes itself
+        self.will_kill(await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=home,
+                                                            env=clean_env(), stderr=subprocess.DEVNULL))
+        await until(lambda: len(cli.results) >= 50, 60)
+        files = [cli.folder / name for name in ("master.db", "master.db-wal", "master.db-shm", "results.jsonl")]
+        files += [home / "work" / (w.JOURNAL_NAME + suffix) for suffix in ("", "-wal", "-shm")]
+        files.append(home / "worker.log")
+        self.assertEqual({str(f): file_mode(f) for f in files}, dict.fromkeys(map(str, files), "0o600"))
+        self.assertEqual(file_mode(home / "work"), "0o700")  # the folder it made: its own alone
+        await cli.kill()
 
     async def test_cli_out_has_each_result_once_across_a_kill(self):
         cli = MasterCli(self.tmp() / "m")

@@ -12,7 +12,7 @@ Usage::
 
     python worker.py --setup     # write .env (tokens) by prompting
     python worker.py             # wait for jobs
-    python worker.py --demo      # a local master, demo jobs, loopback only
+    python worker.py --demo      # master.py and demo jobs on loopback only (needs master.py)
 
 Exceptions::
 
@@ -60,7 +60,7 @@ users (and, in type hints, the transports name the Bugout node they serve)::
     DHT (BEP 5): asyncio adapter             Dht, on UDP
     Trackers and WebRTC                      TrackerClient (sans-I/O)
     Trackers and WebRTC: asyncio             TrackerSession, RtcConnection, WebRtcTransport
-    The bugout node                          inbound slots, DialQueue (sans-I/O), Bugout; its theory
+    The bugout node                          inbound slots, DialQueue, WirePolicy (sans-I/O), Bugout
     Status: metrics and health over HTTP     /metrics, /healthz, systemd notify
     Worker: assets and dependencies          safe paths (master-files/), pip and npm requirements
     Worker: trusting a master                MasterTrust; its theory of operation
@@ -92,9 +92,11 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import difflib
 import enum
 import errno
 import functools
+import getpass
 import hashlib
 import heapq
 import hmac
@@ -103,6 +105,7 @@ import inspect
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -372,13 +375,31 @@ def as_dict(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def private_files(path: str | Path, *more: str | Path) -> None:
+    """Make files that hold job data or results mode 0600, whatever the umask.
+
+    ``path`` is created (empty) when missing; ``more`` are changed where they
+    exist. SQLite gives a database's -wal and -shm files the database file's
+    mode when it makes them, so a database made 0600 first keeps them private.
+    """
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    for name in (path, *more):
+        with contextlib.suppress(OSError):  # gone, or another user's: SQLite says what is wrong
+            os.chmod(name, 0o600)
+
+
 # Settings ###################################################################
 #
 # Every setting is read here, once, into one frozen Settings: the explicit
 # argument when it is not None, else the key of .env or of the environment
 # (load_env: the environment wins) when it is set and not empty, else the
-# default; then it is read as its type. ``trackers`` and ``iceServers`` differ
-# in one point: set and empty means none (WebRTC off; host candidates only).
+# default; then it is read as its type, within its range. ``trackers`` and
+# ``iceServers`` differ in one point: set and empty means none (WebRTC off;
+# host candidates only). A value out of range, or not one of a key's words, is
+# a WorkerError naming the key and what to give (one line and exit 2 at the
+# command line, never a fallback); a key that is no setting is named in a
+# warning, with the key it most likely meant, and the start goes on: the file
+# may be shared with other programs, and a mistyped key leaves a working default.
 # The Worker takes a Settings, master.py too, and so does the node (Bugout),
 # which hands it on to the DHT, the trackers and WebRTC. All three take its
 # fields as keyword arguments too; they are listed once, below.
@@ -392,6 +413,10 @@ DEFAULT_ICE_SERVERS = ("stun:stun.l.google.com:19302", "stun:global.stun.twilio.
 DEFAULT_MAX_PEERS = 55
 #: Inbound TCP connections at most (env ``maxInbound``).
 DEFAULT_MAX_INBOUND = 200
+#: ``maxMessage``'s range: a job, a result and a bugout packet's envelope must fit in the
+#: smallest; the largest is memory a Pi has (each wire may hold this much, unfinished).
+MIN_MESSAGE = 64 * 1024
+MAX_MESSAGE = 1024 * 1024 * 1024
 #: Public routers a node starts from when nothing else is configured.
 DHT_BOOTSTRAP = ("router.bittorrent.com:6881", "router.utorrent.com:6881",
                  "dht.transmissionbt.com:6881")
@@ -454,10 +479,33 @@ def _env_quote(value: str) -> str:
 
 
 def _word(value: Any) -> bool:
-    """An env word as a bool: ``false``, ``0``, ``no``, ``off``, empty are false."""
+    """An env word as a bool: ``true``, ``yes``, ``on``, ``1`` or ``false``, ``no``, ``off``, ``0``."""
     if isinstance(value, bool):
         return value
-    return str(value).strip().lower() not in ("false", "0", "no", "off", "")
+    text = str(value).strip().lower()
+    if text not in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        raise ValueError("give true or false")
+    return text in ("true", "yes", "on", "1")
+
+
+def _whole(low: int, high: int, what: str) -> Callable[[Any], int]:
+    """A reader of whole numbers from ``low`` to ``high``; ``what`` says what to give instead."""
+    def read(value: Any) -> int:
+        text = str(value).strip()
+        if not re.fullmatch(r"[+-]?[0-9]{1,12}", text) or not low <= int(text) <= high:
+            raise ValueError(f"give {what}")
+        return int(text)
+    return read
+
+
+def _one_of(*words: str) -> Callable[[Any], str]:
+    """A reader of one of ``words`` (any case)."""
+    def read(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in words:
+            raise ValueError("give " + " or ".join(words))
+        return text
+    return read
 
 
 def _split_setting(value: str | Iterable[str]) -> list[str]:
@@ -470,6 +518,10 @@ def _items(value: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(_split_setting(value))
 
 
+#: The most jobs at once (``concurrency``): each is a child process, so more is a typo.
+MAX_CONCURRENCY = 1024
+
+
 def parse_concurrency(value: Any) -> int:
     """``concurrency``: how many jobs run at once, each in a child; ``auto``: one per core."""
     text = str(value).strip().lower()
@@ -478,25 +530,27 @@ def parse_concurrency(value: Any) -> int:
             return len(os.sched_getaffinity(0))  # the cores this process may use
         except AttributeError:
             return os.cpu_count() or 1
-    if text.isdigit() and int(text) >= 1:
+    if text.isdigit() and 1 <= int(text) <= MAX_CONCURRENCY:
         return int(text)
-    raise WorkerError(f"concurrency={value!r}: give a whole number of jobs at once (1 or more) or auto")
+    raise WorkerError(f"concurrency={value!r}: give a whole number of jobs at once, 1 to "
+                      f"{MAX_CONCURRENCY}, or auto")
 
 
 def parse_seconds(value: Any) -> float:
     """``jobTimeout``, ``stopTimeout``: seconds, 0 or more."""
-    seconds = float(value)
-    if not seconds >= 0:  # NaN too
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not 0 <= seconds < math.inf:  # NaN too
         raise ValueError("give a number of seconds, 0 or more")
     return seconds
 
 
 def parse_count(value: Any) -> int:
-    """``batchSize``: a whole number, 1 or more."""
-    count = int(value)
-    if count < 1:
-        raise ValueError("give a whole number, 1 or more")
-    return count
+    """``batchSize``: 1 to MAX_BATCH_TASKS, the most jobs a worker takes from one answer
+    (a JS master keeps no lease: jobs asked for and not taken would be lost)."""
+    return _whole(1, MAX_BATCH_TASKS, f"a whole number of jobs, 1 to {MAX_BATCH_TASKS}")(value)
 
 
 def parse_memory_mb(value: Any) -> int | None:
@@ -507,6 +561,30 @@ def parse_memory_mb(value: Any) -> int | None:
     if text.isdigit():
         return int(text)
     raise WorkerError(f"jobMemoryMB={value!r}: give a whole number of megabytes, or 0 for no cap")
+
+
+def parse_host_ports(value: str | Iterable[str]) -> tuple[str, ...]:
+    """``peers``, ``dhtBootstrap``: ``host:port`` items, comma-separated, each port 1 to 65535."""
+    items = _items(value)
+    for item in items:
+        host, sep, port = item.rpartition(":")
+        if not sep or not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"give host:port items, comma-separated, each port 1 to 65535 (not {item})")
+    return items
+
+
+def parse_status_port(value: Any) -> int | None:
+    """``statusPort``: a TCP port, or ``off`` (None)."""
+    if str(value).strip().lower() in ("", "off"):
+        return None
+    return _whole(1, 65535, "a TCP port, 1 to 65535, or off")(value)
+
+
+def parse_log_level(value: Any) -> str:
+    """``LOG_LEVEL``: a word the Logger knows."""
+    if str(value).strip().lower() not in _LEVELS:
+        raise ValueError("give off, error, warn, info or debug")
+    return str(value)
 
 
 def parse_trackers(value: str | Iterable[str] | None) -> list[str]:
@@ -596,7 +674,7 @@ class Settings:
     transfer_encrypt_token: str | None = _setting("transferEncryptToken", secret=True)
     # the worker
     name: str = _setting("name", socket.gethostname)
-    loglevel: str | None = _setting("LOG_LEVEL")
+    loglevel: str | None = _setting("LOG_LEVEL", None, parse_log_level)
     log_file: str | None = _setting("logFile", None, lambda v: v or None)
     get_batch: bool = _setting("getBatch", False, _word)
     batch_size: int = _setting("batchSize", DEFAULT_BATCH_SIZE, parse_count)
@@ -605,27 +683,31 @@ class Settings:
     concurrency: int = _setting("concurrency", 1, parse_concurrency)
     job_memory_mb: int | None = _setting("jobMemoryMB", None, parse_memory_mb)
     stop_timeout: float = _setting("stopTimeout", 30, parse_seconds)
-    task_runner: str = _setting("taskRunner", "process", lambda v: str(v).strip().lower())
+    task_runner: str = _setting("taskRunner", "process", _one_of("process", "thread"))
     master: tuple[str, ...] = _setting("master", "", _items)
-    status_port: int | None = _setting("statusPort", None, lambda v: None if v in ("", "off") else int(v))
+    status_port: int | None = _setting("statusPort", None, parse_status_port)
     status_host: str = _setting("statusHost", "127.0.0.1", str)
     # the node: TCP, LSD, the DHT, trackers and WebRTC
     seed: str | None = _setting("seed", node=True)
     host: str = _setting("host", "0.0.0.0", node=True)
-    port: int = _setting("port", 0, int, node=True)
-    peers: tuple[str, ...] = _setting("peers", "", _items, node=True)
+    port: int = _setting("port", 0, _whole(0, 65535, "a TCP port, 0 (any free one) to 65535"), node=True)
+    peers: tuple[str, ...] = _setting("peers", "", parse_host_ports, node=True)
     lsd: bool = _setting("lsd", True, _word, node=True)
-    max_message: int = _setting("maxMessage", DEFAULT_MAX_MESSAGE, int, node=True)
-    max_inbound: int = _setting("maxInbound", DEFAULT_MAX_INBOUND, int, node=True)
+    max_message: int = _setting("maxMessage", DEFAULT_MAX_MESSAGE, _whole(
+        MIN_MESSAGE, MAX_MESSAGE, f"a number of bytes, {MIN_MESSAGE} to {MAX_MESSAGE}"), node=True)
+    max_inbound: int = _setting("maxInbound", DEFAULT_MAX_INBOUND,
+                                _whole(1, 65535, "a number of connections, 1 to 65535"), node=True)
     dht: bool = _setting("dht", True, _word, node=True)
-    dht_bootstrap: tuple[str, ...] = _setting("dhtBootstrap", DHT_BOOTSTRAP, _items, node=True)
-    dht_port: int | None = _setting("dhtPort", None, int, node=True)
+    dht_bootstrap: tuple[str, ...] = _setting("dhtBootstrap", DHT_BOOTSTRAP, parse_host_ports, node=True)
+    dht_port: int | None = _setting("dhtPort", None, _whole(0, 65535, "a UDP port, 0 (any free one) to 65535"),
+                                    node=True)
     trackers: tuple[str, ...] = _setting("trackers", lambda: DEFAULT_TRACKERS,
                                          lambda v: tuple(parse_trackers(v)), node=True, keep_empty=True)
     ice_servers: tuple[IceServer, ...] = _setting("iceServers", lambda: DEFAULT_ICE_SERVERS,
                                                   lambda v: tuple(parse_ice_servers(v)), node=True,
                                                   keep_empty=True)
-    max_peers: int = _setting("maxPeers", DEFAULT_MAX_PEERS, int, node=True)
+    max_peers: int = _setting("maxPeers", DEFAULT_MAX_PEERS, _whole(1, 1000, "a number of wires, 1 to 1000"),
+                              node=True)
 
     @classmethod
     def load(cls, env: dict[str, str] | None = None, **explicit: Any) -> Settings:
@@ -635,7 +717,11 @@ class Settings:
         unknown = explicit.keys() - {field.name for field in fields}
         if unknown:
             raise TypeError("no such setting: " + ", ".join(sorted(unknown)))
-        return cls(**{f.name: _read_setting(f.metadata, explicit.get(f.name), env) for f in fields})
+        settings = cls(**{f.name: _read_setting(f.metadata, explicit.get(f.name), env) for f in fields})
+        for key in [key for key in env if key not in SETTINGS]:
+            log.warning("unknown key %r%s: it is ignored (README, \"Settings\", lists every key)",
+                        key, "".join(f" (did you mean {near}?)" for near in _near_keys(key)))
+        return settings
 
     @classmethod
     def of(cls, settings: Settings | None, env: dict[str, str] | None, explicit: dict[str, Any]) -> Settings:
@@ -651,6 +737,16 @@ class Settings:
 NODE_SETTINGS = frozenset(f.name for f in dataclasses.fields(Settings) if f.metadata["node"])
 #: Every key the worker and master.py read (README, "Settings").
 SETTINGS = tuple(f.metadata["key"] for f in dataclasses.fields(Settings))
+
+
+def _near_keys(key: str) -> list[str]:
+    """The setting a mistyped key most likely meant: same letters in another case or without
+    ``_``, else a close spelling; or none."""
+    def bare(name: str) -> str:
+        return name.lower().replace("_", "").replace("-", "")
+    same = [known for known in SETTINGS if bare(known) == bare(key)]
+    lower = {known.lower(): known for known in SETTINGS}
+    return same or [lower[near] for near in difflib.get_close_matches(key.lower(), lower, 1, 0.75)]
 
 
 def node_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -745,6 +841,9 @@ class _Formatter(logging.Formatter):
                                  record.getMessage())
         if record.exc_info and log.isEnabledFor(logging.DEBUG):
             text += "\n" + self.formatException(record.exc_info)
+        # a task's text may hold lone surrogates (file names that are not UTF-8), which no
+        # UTF-8 stream takes: escaped here, every handler writes them (\udce9)
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
         if self.colour:
             return _COLOURS.get(record.levelno, "") + text + "\x1b[0m"
         return text
@@ -764,7 +863,13 @@ class Logger:
         handler.setFormatter(_Formatter(hasattr(stream, "isatty") and stream.isatty()))
         self.logger.addHandler(handler)
         if file:
-            file_handler = logging.FileHandler(file, encoding="utf-8", errors="backslashreplace")
+            with contextlib.suppress(OSError):  # task output lands there: FileHandler says what fails
+                private_files(file)
+            try:
+                file_handler = logging.FileHandler(file, encoding="utf-8", errors="backslashreplace")
+            except OSError as exc:
+                raise WorkerError(f"logFile={file!r}: cannot write it ({exc.strerror or exc}): "
+                                  "give a file in a folder this user may write") from None
             file_handler.setFormatter(_Formatter(False))
             self.logger.addHandler(file_handler)
 
@@ -1176,6 +1281,20 @@ class Ping:
     address: str
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Verified:
+    """A packet that passed (signature, swarm, age), as the node's wire policy weighs it.
+
+    ``t``: when its signer says it made it (ms, the signer's clock); ``kind``:
+    its type (``p``, ``m``, ``r``, ``rr``, ``x``); ``boxed``: it came in an
+    envelope boxed for us.
+    """
+    address: str
+    t: int
+    kind: str
+    boxed: bool
+
+
 @dataclasses.dataclass(slots=True)  # made for every payload sent: not frozen, cheaper to make
 class Outgoing:
     """A payload for every wire but ``origin`` (None: all wires).
@@ -1240,6 +1359,9 @@ HELLO_GAP_MS = 1000
 MAX_JSON_DEPTH = 512
 #: The peer table holds at most this many peers.
 MAX_KNOWN_PEERS = 1000
+#: Packets that passed lately whose copies are told apart (the node's wire policy): copies come
+#: within moments of the first, by other wires.
+RECENT_PACKETS = 1024
 #: New identities one remote address may introduce through relayed packets: a burst, then a rate.
 NEW_PEERS_BURST = 32
 NEW_PEERS_PER_SECOND = 1.0
@@ -1282,9 +1404,14 @@ class BugoutCore:
         self.hello_due = False
         #: counters: dropped packets by reason, duplicates, relayed
         self.stats: collections.Counter = collections.Counter()
+        #: the packet the last :meth:`receive_payload` took from another peer (None: none); or,
+        #: when it was a copy of one taken lately, that one (``copied``)
+        self.verified: Verified | None = None
+        self.copied: Verified | None = None
         # private
         self._random = random
         self._seen = SeenCache(seen_limit, timeout_ms)
+        self._recent: dict[bytes, Verified] = {}  # digest prefix -> a packet that passed lately
         self._outgoing: list[Outgoing] = []
         self._new_peers = _RateLimit(NEW_PEERS_PER_SECOND, NEW_PEERS_BURST)
         self._last_hello = -HELLO_GAP_MS
@@ -1340,6 +1467,19 @@ class BugoutCore:
         self._last_hello, self.hello_due = now, False
         self.send_ping(now)
 
+    def hello_for(self, ek: str, now: int) -> bytes:
+        """A ping boxed for the holder of ``ek`` alone (not queued: the caller sends it on one wire).
+
+        Raises DecodeError when ``ek`` is not a key.
+        """
+        if len(key_bytes(ek)) != 32:
+            raise DecodeError("not a key")
+        nonce = self._random(24)
+        boxed = _nacl.crypto_box_afternm(self.make_packet({"y": "p"}, now), nonce, self._shared_key(ek))
+        payload = bencode({"n": nonce, "ek": self.identity.ek, "e": boxed})
+        self._seen.add(hashlib.sha512(payload).digest()[16:], now)
+        return payload
+
     def send_leave(self, now: int) -> None:
         """Broadcast an ``x`` packet (we are leaving)."""
         self._emit(self.make_packet({"y": "x"}, now), now)
@@ -1363,8 +1503,8 @@ class BugoutCore:
         return nonce
 
     def send_response(self, address: str, nonce: bytes, result: Any, now: int) -> None:
-        """The encrypted answer to a call."""
-        fields = {"y": "rr", "rn": nonce, "rr": json_dumps(result)}
+        """The encrypted answer to a call (which may echo a lone surrogate the caller sent)."""
+        fields = {"y": "rr", "rn": nonce, "rr": storable_json(result)}
         self._emit(self.seal(address, self.make_packet(fields, now)), now, address)
 
     # incoming
@@ -1420,9 +1560,11 @@ class BugoutCore:
         counted against. Only a payload that passed is remembered as seen:
         junk cannot push good packets out of the cache.
         """
+        self.verified = self.copied = None
         digest = hashlib.sha512(payload).digest()[16:]
         if digest in self._seen:
             self.stats["duplicate"] += 1
+            self.copied = self._recent.get(digest[:8])
             return []
         try:
             outer = bdecode(payload)
@@ -1435,6 +1577,10 @@ class BugoutCore:
             self._dropped(exc)
             return getattr(exc, "events", [])
         self._seen.add(digest, now)
+        if self.verified is not None:
+            if len(self._recent) >= RECENT_PACKETS:
+                del self._recent[next(iter(self._recent))]
+            self._recent[digest[:8]] = self.verified
         if inner is None or not boxed:  # an envelope we opened was for us alone: no relay
             self.stats["relayed"] += 1
             self._outgoing.append(Outgoing(payload, origin, relay=True))
@@ -1503,11 +1649,14 @@ class BugoutCore:
             self.stats["own packet"] += 1
             return []
         events = self.saw_peer(pk, ek, now, verified=True)
+        kind = _text(packet.get("y", b""))
         try:
-            return events + self._dispatch(_text(packet.get("y", b"")), packet, address, boxed)
+            events += self._dispatch(kind, packet, address, boxed)
         except DecodeError as exc:
             exc.events = events  # type: ignore[attr-defined] - its sender was seen all the same
             raise
+        self.verified = Verified(address, t, kind, boxed)
+        return events
 
     def _dispatch(self, kind: str, packet: dict, address: str, boxed: bool) -> list:
         if kind == "m":
@@ -1888,7 +2037,8 @@ class Connection:
 
         HANDSHAKE -> OPEN      the peer's BEP 10 handshake named bo_channel, before the deadline
         HANDSHAKE -> CLOSED    deadline passed, bad bytes, a cap, ourselves, or the peer left
-        OPEN      -> DRAINING  another open wire to the same peer won (Bugout._resolve_duplicates)
+        OPEN      -> DRAINING  another wire of the same peer stays, or this one did not prove its
+                               claim in time (WirePolicy)
         OPEN      -> CLOSED    the peer left, sent bad bytes, or stopped reading or progressing
         DRAINING  -> CLOSED    the peer's EOF came (it sent all it will), or DRAIN_GRACE passed
 
@@ -1920,10 +2070,10 @@ class Connection:
         self.dialed = dialed
         self.wire = wire if wire is not None else node.new_wire(initiator)
         self.state = ConnState.HANDSHAKE
-        #: the peer's bugout address, as its extended handshake claims it
+        #: the peer's bugout address, as its extended handshake claims it (a claim: see WirePolicy)
         self.address: str | None = None
-        #: True once a packet signed by ``address`` came by this wire first (the claim held)
-        self.signed = False
+        #: when (monotonic seconds) a verified packet, anyone's, last came by this wire (None: never)
+        self.last_verified: float | None = None
         #: the peer's IP address (None over WebRTC)
         self.remote_host: str | None = None
         #: bytes received in all; when it was made; when a keep-alive last went
@@ -2084,6 +2234,7 @@ class Connection:
     def receive_eof(self) -> bool:
         """The peer sends no more. True while we go on writing (it drains us as a duplicate)."""
         self._eof = True
+        self.node.wire_eof(self)
         if self.state is ConnState.OPEN and self.node.has_twin(self):
             self._set_timer(DRAIN_GRACE, self.close)
             return True
@@ -4304,8 +4455,7 @@ class WebRtcTransport:
 # every payload they parse, and sends what the core queues.
 #
 # Wires. A connection joins the node when its stream is up (attach) and is
-# OPEN once its BEP 10 handshake names bo_channel; the address it claims
-# there (from ``pk``) routes our payloads but proves nothing.
+# OPEN once its BEP 10 handshake names bo_channel.
 #
 # Slots. Inbound TCP is capped: maxInbound in all; per remote host,
 # PENDING_PER_HOST unfinished handshakes and INBOUND_PER_HOST finished wires
@@ -4324,32 +4474,53 @@ class WebRtcTransport:
 # datagrams themselves are read within a budget, per sender and in all.
 # ``peers`` are dialed again and again, with backoff.
 #
-# Duplicates. Of two open wires to one peer id both ends keep the same one
-# (_keeps: the one the peer has not half-closed, else the one dialed by the
-# lower peer id, else the one from the lower dialer port) and drain the
-# other, so nothing in flight is lost. A wire to ourselves is closed; a peer
-# that LSD announces again is not dialed while we have a wire to it.
+# Whose a wire is (WirePolicy, sans-I/O: the node asks it and keeps the
+# sockets). The peer id and the keys (``pk``, ``ek``) of a handshake are
+# anyone's to copy: they are claims, hints for routes, and never make another
+# wire drain. A wire stands for the peer it claims once a packet that peer
+# signed came by it first, made within FRESH_MS of our clock (a replay proves
+# nothing), or an answer boxed to us for a call of ours (its nonce is ours);
+# calls and answers that came unboxed prove nothing (someone opened them).
+# It stops standing when the peer's fresh packets come first by other wires
+# for STANDING_LAPSE and none by it, not even as copies; when the wire a peer was reached by
+# closes, its other wires stand no more until they prove it again. A Python
+# peer (peer id ``-QP``) gets a hello at once on a new wire, a ping boxed for
+# the ``ek`` its handshake claims, unless a wire stands for it already (so no
+# one can collect our hellos to pass them off as ours); a JS peer gets what JS
+# bugout sends: a ping to all wires when a peer is new, nothing else.
 #
-# Routes. A signer is reached by the wire its newest packet came by
-# (_routes). Our payload boxed for one peer goes by that wire and any wire
-# claiming its address; only while no route is known is it flooded to the
-# other wires, as spare traffic.
+# Duplicates. Of wires claiming one peer, a claimant that does not stand, while
+# another wire stands for that peer, gets PROVE_SECONDS to prove it, then
+# drains. Two that stand: the one the peer half-closed loses (the peer
+# drains it); else the one that stood DUP_WINDOW before the other stays (a
+# newcomer never cuts a wire that stood first); else (both came up together,
+# both ends dialed) the one dialed by the lower peer id, then from the lower
+# dialer port, at both ends alike. A drained wire takes nothing new, is
+# read up to the peer's EOF, so no answer in flight is lost. A wire to
+# ourselves is closed; a peer that LSD announces again is not dialed while
+# we have a wire to it.
 #
-# Relays. Others' payloads are passed on, as bugout does, only where they
-# delay nothing: a wire takes one when its send queue is empty or stays under
+# Routes. Our payload boxed for one peer goes by the wire that stands for it,
+# alone; while none stands, by the wire its newest fresh packet came by and
+# any wire claiming it; only while there is neither, to every other wire as
+# spare traffic. A relayed copy that comes first never replaces a peer's own
+# wire.
+#
+# Relays (WirePolicy.spare). Others' payloads are passed on, as bugout does,
+# only where they delay nothing: a wire takes one when its send queue is empty or stays under
 # RELAY_QUEUE with it (a protected wire's: RELAY_PROTECTED), while all queues
 # hold less than RELAY_TOTAL, RELAY_WRITES_PER_SECOND at most; the rest are
 # dropped and counted.
 #
 # Protection and bounds. prioritize() names the peers that matter (the
-# master). The wire their packets came by last is handled whole each loop
-# turn (others: WIRE_BUDGET payloads), and is never the one closed when
-# partly received messages pass max_partial or send queues max_send_total
-# (the unprotected wire holding most goes); the core never evicts those
-# peers. Any wire that leaves max_send_queue of our payloads unread is closed,
-# and so is one whose message (the same one) stops coming closer to whole
-# (check_wires), unless it is protected: a slow master is waited for, and its
-# RPC timeouts decide.
+# master). Their route (the wire that stands for them, else the one their
+# newest fresh packet came by) is handled whole each loop turn (others:
+# WIRE_BUDGET payloads), and is never the one closed when partly received
+# messages pass max_partial or send queues max_send_total (the unprotected
+# wire holding most goes); the core never evicts those peers. Any wire that
+# leaves max_send_queue of our payloads unread is closed, and so is one whose
+# message (the same one) stops coming closer to whole (check_wires), unless
+# it is protected: a slow master is waited for, and its RPC timeouts decide.
 #
 # Events, ``on(name, fn)`` (a coroutine function is spawned; an exception is
 # logged, rate-limited, and never reaches the wire):
@@ -4574,6 +4745,288 @@ class DialQueue:
                     yield self._entries[endpoint]
 
 
+#: A packet proves the wire it came by only when its signer made it within this many ms of our
+#: clock: a replayed one proves nothing. An answer boxed to us for a call of ours proves it at any age.
+FRESH_MS = 10_000
+#: A wire that claims a peer another wire has proven gets this long to prove it too, or it drains.
+PROVE_SECONDS = 5.0
+#: A wire stops standing for its peer once the peer's fresh packets came first by other wires for
+#: this long, and none by it, not even copies (its own wire went quiet while a relay brings them).
+STANDING_LAPSE = 10.0
+#: Two wires of one peer that came to stand within this many seconds of each other opened together
+#: (both ends dialed): the dialer's peer id picks the one kept, alike at both ends. Further apart,
+#: the one that stood first stays.
+DUP_WINDOW = 3.0
+#: Peer ids of Python peers (worker.py, master.py) begin so: they get a hello on a new wire.
+PYTHON_PEER_PREFIX = PEER_ID_PREFIX[:3]
+
+
+@dataclasses.dataclass(slots=True)
+class _WireFacts:
+    """What the wire policy knows of one open wire."""
+    address: str | None  # the peer its handshake claims: a hint until a packet proves it
+    dialer: bytes  # the peer id of the end that dialed it, and that end's port: ties broken alike
+    port: int | None
+    opened: float
+    last: float | None = None  # when a packet its peer signed last proved it
+    since: float | None = None  # it stands for its peer since then (None: it does not)
+    deadline: float | None = None  # it drains then, unless it proves its peer first
+    eof: bool = False  # the peer half-closed it: the peer drains it
+    out: bool = False  # we drain it
+
+
+def _stays(a: _WireFacts, b: _WireFacts) -> bool:
+    """True when ``a`` stays rather than ``b``, two wires standing for one peer."""
+    since_a, since_b = a.since or 0.0, b.since or 0.0
+    if abs(since_a - since_b) >= DUP_WINDOW:
+        return since_a < since_b  # the older stays: a newcomer never cuts a wire that stood before it
+    if a.dialer != b.dialer:
+        return a.dialer < b.dialer
+    if a.port is not None and b.port is not None and a.port != b.port:
+        return a.port < b.port
+    return a.opened <= b.opened
+
+
+class WirePolicy:
+    """Which wire is whose, without I/O: duplicates, routes, relays and protection.
+
+    Wires are plain handles. The node tells the policy when a wire opens
+    (:meth:`opened`, with the peer its handshake claims), what each packet
+    verified on it was (:meth:`packet`), when the peer half-closes it
+    (:meth:`peer_eof`) and when it is gone (:meth:`closed`). Time comes in:
+    ``now`` in monotonic seconds, ``now_ms`` the wall clock (a packet's time
+    is its signer's). The policy answers which wire is a peer's own
+    (:meth:`direct`), where our payloads go (:meth:`targets`), which wire is
+    protected (:meth:`is_protected`), which wire takes a relay
+    (:meth:`spare`, from queue sizes), and which wires to drain (:meth:`due`,
+    :meth:`next_due`).
+
+    A wire stands for the peer its handshake claims once a packet that peer
+    signed came by it first (not a copy of one that came by another wire),
+    made within FRESH_MS (or an answer boxed to us for a call of ours). It
+    stops standing when that peer's fresh packets came first by other wires
+    for STANDING_LAPSE and none by it, not even as copies; and all wires
+    claiming a peer stop when the wire it was reached by closes, until they
+    prove it again.
+    """
+
+    def __init__(self) -> None:
+        #: addresses whose wire is protected (the master)
+        self.protected: frozenset[str] = frozenset()
+        # private
+        self._wires: dict[Any, _WireFacts] = {}
+        self._by_address: dict[str, list[Any]] = {}
+        self._direct: dict[str, Any] = {}  # address -> the wire kept of those standing for it
+        self._relayed: dict[str, Any] = {}  # address -> the wire its newest fresh packet came by
+        self._elsewhere: dict[str, float] = {}  # address -> since when its packets come by others
+        self._changed: set[str] = set()  # addresses whose wires must be weighed again
+        self._drains: list[tuple[Any, str]] = []
+        self._deadlines: dict[Any, float] = {}
+        self._now = 0.0  # the latest time the node passed in
+        self._relays = _RateLimit(RELAY_WRITES_PER_SECOND, RELAY_WRITES_PER_SECOND)
+
+    # what the node tells it
+    def opened(self, wire: Any, address: str | None, dialer: bytes, port: int | None, now: float,
+               python: bool = False) -> bool:
+        """A wire speaks bugout, its handshake claiming ``address``; True: send it a hello.
+
+        ``dialer`` is the peer id of the end that dialed it and ``port`` that
+        end's TCP port. A Python peer (``python``) gets a hello (a ping boxed
+        for it) when no wire stands for it yet: one that claims a peer
+        already wired gets none, so no one can collect our hellos to show
+        another peer as ours.
+        """
+        self._now = now
+        self._wires[wire] = _WireFacts(address, dialer, port, now)
+        if address is None:
+            return False
+        self._by_address.setdefault(address, []).append(wire)
+        self._changed.add(address)
+        return python and self.direct(address) is None
+
+    def packet(self, wire: Any, verified: Verified, now: float, now_ms: int, copy: bool = False) -> None:
+        """A packet came by ``wire`` and passed: a fresh one, first, proves whose the wire is.
+
+        ``copy``: it came after the same packet came by another wire. It proves
+        nothing, but a wire that stands for its signer still brings the
+        signer's packets: the wire is alive, only slower this time.
+        """
+        if not (abs(now_ms - verified.t) <= FRESH_MS and (verified.boxed or verified.kind in ("p", "m"))
+                or verified.kind == "rr" and verified.boxed):
+            return  # replayed (or unboxed by someone: calls and answers are always boxed)
+        facts = self._wires.get(wire)
+        if facts is None or facts.out:
+            return
+        self._now = now
+        address = verified.address
+        if copy:
+            if facts.address == address and facts.since is not None:
+                self._elsewhere.pop(address, None)
+            return
+        self._relayed[address] = wire
+        if facts.address == address:
+            facts.last = now
+            self._elsewhere.pop(address, None)
+            if facts.since is None:
+                facts.since = now
+                self._changed.add(address)
+        elif address in self._direct and now - self._elsewhere.setdefault(address, now) >= STANDING_LAPSE:
+            self._changed.add(address)  # relayed copies say nothing of whose a wire is, but its own is quiet
+
+    def peer_eof(self, wire: Any) -> None:
+        """The peer half-closed ``wire``: it drains it; another of its wires is its own now."""
+        facts = self._wires.get(wire)
+        if facts is not None and not facts.eof:
+            facts.eof = True
+            if facts.address is not None:
+                self._changed.add(facts.address)
+
+    def closed(self, wire: Any) -> None:
+        """``wire`` is gone (or never opened); if a peer was reached by it, its other wires
+        stand no more until they prove it again."""
+        facts = self._wires.get(wire)
+        if facts is None:
+            return
+        address = facts.address
+        reached = address is not None and self.direct(address) is wire
+        del self._wires[wire]
+        self._deadlines.pop(wire, None)
+        self._relayed = {a: c for a, c in self._relayed.items() if c is not wire}
+        if address is None:
+            return
+        others = self._by_address[address]
+        others.remove(wire)
+        if reached:
+            del self._direct[address]
+            for other in others:
+                self._wires[other].since = self._wires[other].last = None
+        if not others:
+            del self._by_address[address]
+        self._changed.add(address)
+
+    def forget(self, keep: Container[str]) -> None:
+        """Routes by relay to peers not in ``keep`` (the peer table) are forgotten."""
+        self._relayed = {a: c for a, c in self._relayed.items() if a in keep}
+
+    # what it decides
+    def direct(self, address: str) -> Any:
+        """The wire kept of those standing for ``address`` (None: none stands)."""
+        if address in self._changed:
+            self._settle(address)
+        return self._direct.get(address)
+
+    def route(self, address: str) -> Any:
+        """The wire our payloads for ``address`` take: its own, else the one its newest fresh
+        packet came by (a relayed copy never replaces its own wire)."""
+        wire = self.direct(address)
+        if wire is None:
+            wire = self._relayed.get(address)
+            facts = self._wires.get(wire)
+            if facts is None or facts.out:
+                return None
+        return wire
+
+    def targets(self, address: str) -> tuple[list[Any], bool]:
+        """(wires that carry our payload for ``address``, whether the others get it as spare).
+
+        Its own wire alone, when one stands for it; else the wire its newest
+        packet came by and any wire claiming it; only when there is neither,
+        every other wire too (as JS bugout floods everything).
+        """
+        wire = self.direct(address)
+        if wire is not None:
+            return [wire], False
+        wires = [w for w in self._by_address.get(address, ()) if not self._wires[w].out]
+        relayed = self.route(address)
+        if relayed is not None and relayed not in wires:
+            wires.append(relayed)
+        return wires, not wires
+
+    def is_protected(self, wire: Any) -> bool:
+        """True when ``wire`` is the route of a protected peer."""
+        return any(self.route(address) is wire for address in self.protected)
+
+    def stands(self, wire: Any) -> bool:
+        """True when ``wire`` stands for the peer it claims."""
+        facts = self._wires.get(wire)
+        if facts is None or facts.address is None:
+            return False
+        self.direct(facts.address)
+        return facts.since is not None and not facts.out
+
+    def spare(self, wire: Any, size: int, waiting: int, total: Callable[[], int], relay: bool,
+              now: float) -> str | None:
+        """Whether ``wire`` takes a payload that delays nothing: another peer's (``relay``), or
+        ours passing it for want of a route. None: it does; else why it is dropped.
+
+        ``waiting``: bytes its send queue holds; ``total()``: bytes all send
+        queues hold (asked only when needed). It takes one when its queue is
+        empty or stays under RELAY_QUEUE with it (a protected wire's:
+        RELAY_PROTECTED: a flood never waits in front of the master's
+        packets), while all queues hold less than RELAY_TOTAL; relays
+        RELAY_WRITES_PER_SECOND at most (a flood fanned out to every wire).
+        """
+        room = RELAY_PROTECTED if self.is_protected(wire) else RELAY_QUEUE
+        if (waiting and waiting + size > room) or total() > RELAY_TOTAL:
+            return "queues full"
+        if relay and not self._relays.allow(None, now):
+            return "over the rate"
+        return None
+
+    def due(self, now: float) -> list[tuple[Any, str]]:
+        """(wire, why) to drain now: a ``duplicate`` of one that stays, and claimants whose
+        deadline passed (``unproven``)."""
+        self._now = now
+        for address in list(self._changed):
+            self._settle(address)
+        if self._deadlines and min(self._deadlines.values()) <= now:
+            for wire, when in list(self._deadlines.items()):
+                if when <= now:
+                    self._drain(wire, "unproven")
+        drains, self._drains = self._drains, []
+        return drains
+
+    def next_due(self) -> float | None:
+        """When :meth:`due` has a claimant to drain next (None: none waits)."""
+        return min(self._deadlines.values(), default=None)
+
+    def _settle(self, address: str) -> None:
+        """Weigh the wires claiming ``address`` again: the one kept, the duplicates, the deadlines."""
+        self._changed.discard(address)
+        facts = {w: self._wires[w] for w in self._by_address.get(address, ()) if not self._wires[w].out}
+        elsewhere = self._elsewhere.pop(address, None)
+        if elsewhere is not None and self._now - elsewhere < STANDING_LAPSE:
+            self._elsewhere[address] = elsewhere  # not long enough yet
+        elif elsewhere is not None:
+            for f in facts.values():
+                f.since = None
+        standing = [w for w, f in facts.items() if f.since is not None and not f.eof]
+        kept = None
+        for wire in standing:
+            if kept is None or not _stays(facts[kept], facts[wire]):
+                kept = wire
+        if kept is None:
+            self._direct.pop(address, None)
+            self._elsewhere.pop(address, None)
+        else:
+            self._direct[address] = kept
+        for wire, f in facts.items():
+            if wire in standing and wire is not kept:
+                self._drain(wire, "duplicate")
+            elif wire not in standing and not f.eof and kept is not None:
+                if f.deadline is None:
+                    f.deadline = self._deadlines[wire] = self._now + PROVE_SECONDS
+            elif f.deadline is not None:
+                f.deadline = None
+                self._deadlines.pop(wire, None)
+
+    def _drain(self, wire: Any, why: str) -> None:
+        facts = self._wires[wire]
+        facts.out, facts.since, facts.deadline = True, None, None
+        self._deadlines.pop(wire, None)
+        self._drains.append((wire, why))
+
+
 class Bugout:
     """A bugout peer on asyncio: the JS Bugout's API over TCP, LSD, the DHT and WebRTC.
 
@@ -4642,15 +5095,16 @@ class Bugout:
         self._lsd_cookie = "bittorrent-lsd-" + self.peer_id.hex()
         self._extended = {"ek": self.identity.ek, "id": identifier, "m": OUR_EXT_IDS,
                           "metadata_size": len(self.metadata), "pk": self.identity.pk}
-        self._protected: frozenset[str] = frozenset()
-        self._routes: dict[str, Connection] = {}  # address -> the wire its newest packet came by
+        #: which wire is whose: duplicates, routes, protection (the node asks it, it keeps no socket)
+        self.policy = WirePolicy()
+        self._policy_timer: asyncio.TimerHandle | None = None
+        self._policy_at = 0.0  # when the policy timer fires
         self._held: dict[Connection, int] = {}  # bytes of partly received messages, by wire
         self._held_total = 0
         self._out_estimate = 0  # bytes in all send queues, at most (recounted once per loop turn)
         self._recounted = False
         self._log = _LogLimit()
         self._evictions = _RateLimit(EVICTIONS_PER_SECOND, EVICTIONS_PER_SECOND)
-        self._relays = _RateLimit(RELAY_WRITES_PER_SECOND, RELAY_WRITES_PER_SECOND)
         self._hello_timer: asyncio.TimerHandle | None = None
         self._closed = False
         #: WebRTC through WebSocket trackers (off without trackers)
@@ -4683,10 +5137,11 @@ class Bugout:
                    for c in self._connections)
 
     def has_signed_wire(self, address: str) -> bool:
-        """True when an open wire claims ``address`` and carried a packet it signed: a wire
-        to that peer itself, not one that only says so in its handshake (as has_wire)."""
-        return any(c.address == address and c.signed and c.state is ConnState.OPEN and not c.closing
-                   for c in self._connections)
+        """True when an open wire stands for ``address``: a fresh packet that peer signed came by
+        it first (or its answer to a call of ours), and has not moved to another wire since.
+        Not a wire that only says so in its handshake (as has_wire), nor one that replays."""
+        conn = self.policy.direct(address)
+        return conn is not None and conn.state is ConnState.OPEN and not conn.closing
 
     def has_peer_id(self, peer_id: bytes) -> bool:
         """True when a connection not closed has this BitTorrent peer id."""
@@ -4697,7 +5152,7 @@ class Bugout:
     @property
     def protected(self) -> frozenset[str]:
         """The addresses given to :meth:`prioritize`."""
-        return self._protected
+        return self.policy.protected
 
     def prioritize(self, *addresses: str) -> None:
         """Protect these peers' traffic (say, the current master's); replaces the earlier set.
@@ -4707,13 +5162,14 @@ class Bugout:
         while its queue is nearly empty: a flood is dropped before it delays
         or closes it. Its peers are never evicted from the table.
         """
-        self._protected = frozenset(addresses)
+        self.policy.protected = frozenset(addresses)
         self.core.protected = set(addresses)
         self._prefer_dials()
 
     def is_protected(self, conn: Connection) -> bool:
-        """True when ``conn`` is the wire a protected peer's packets came by last."""
-        return any(self._routes.get(a) is conn for a in self._protected)
+        """True when ``conn`` is a protected peer's route: the wire that stands for it, else the
+        one its newest fresh packet came by (WirePolicy.route)."""
+        return self.policy.is_protected(conn)
 
     # lifecycle
     async def start(self) -> Bugout:
@@ -4742,7 +5198,7 @@ class Bugout:
         if self._closed:
             return
         self._closed = True
-        for timer in (self._hello_timer, self._dial_timer):
+        for timer in (self._hello_timer, self._policy_timer, self._dial_timer):
             if timer is not None:
                 timer.cancel()
         self.core.send_leave(_now())
@@ -4843,7 +5299,7 @@ class Bugout:
     def detach(self, conn: Connection) -> None:
         """A connection's stream is gone: forget it, and tell who cares."""
         self.holding(conn, 0)
-        self._routes = {a: c for a, c in self._routes.items() if c is not conn}
+        self.policy.closed(conn)
         if conn not in self._connections:
             return
         self._connections.discard(conn)
@@ -4852,6 +5308,7 @@ class Bugout:
             self.emit("wireleft", conn.address)
         if not self._connections:
             self._fail_pending("every wire closed")
+        self._weigh_wires()
 
     def wire_events(self, conn: Connection, events: list) -> None:
         """Act on what a connection's PeerWire parsed, then send what that made."""
@@ -4859,13 +5316,16 @@ class Bugout:
             if conn.state is ConnState.CLOSED:
                 break
             if isinstance(event, ExtensionPayload):
-                found = self.core.receive_payload(event.payload, _now(), conn, conn.source)
-                if found:  # every event of a packet names its signer last
-                    self._routes[found[-1].address] = conn
-                    conn.signed = conn.signed or found[-1].address == conn.address
-                    conn.last_verified = time.monotonic()
-                    if found[-1].address == conn.address:
+                now_ms = _now()
+                found = self.core.receive_payload(event.payload, now_ms, conn, conn.source)
+                if self.core.verified is not None:
+                    conn.last_verified = now = time.monotonic()
+                    self.policy.packet(conn, self.core.verified, now, now_ms)
+                    if self.core.verified.address == conn.address and self.policy.stands(conn):
                         self._remember(conn)
+                elif self.core.copied is not None:
+                    self.policy.packet(conn, self.core.copied, time.monotonic(), now_ms, copy=True)
+                if found:
                     self._dispatch(found)
             elif isinstance(event, Handshake):
                 if event.peer_id == self.peer_id:
@@ -4874,6 +5334,32 @@ class Bugout:
                 self._on_extended(conn, event.fields)
             elif isinstance(event, DhtPort):
                 self._on_dht_port(conn, event.port)
+        self._weigh_wires()
+        self._flush_core()
+
+    def wire_eof(self, conn: Connection) -> None:
+        """The peer half-closed ``conn``: it drains it (a duplicate, as it sees it)."""
+        self.policy.peer_eof(conn)
+        self._weigh_wires()
+
+    def _weigh_wires(self) -> None:
+        """Drain what the wire policy says to; wake up again when its next deadline passes."""
+        now = time.monotonic()
+        for conn, why in self.policy.due(now):
+            self.stats["duplicate wires" if why == "duplicate" else "wires drained: claim not proven"] += 1
+            log.debug("%s drains: %s", conn.peer_name, why)
+            conn.drain()
+        when = self.policy.next_due()
+        if when is None or self._closed or (self._policy_timer is not None and self._policy_at <= when):
+            return
+        if self._policy_timer is not None:
+            self._policy_timer.cancel()
+        self._policy_at = when
+        self._policy_timer = asyncio.get_running_loop().call_later(max(when - now, 0.0), self._policy_due)
+
+    def _policy_due(self) -> None:
+        self._policy_timer = None
+        self._weigh_wires()
         self._flush_core()
 
     def has_twin(self, conn: Connection) -> bool:
@@ -5079,7 +5565,7 @@ class Bugout:
     def _prefer_dials(self) -> None:
         """A protected peer's endpoint (we dialed it and it signed there) is dialed first when
         found again; an address found on its host before the others."""
-        known = [self._whereabouts[a] for a in self._protected if a in self._whereabouts]
+        known = [self._whereabouts[a] for a in self.policy.protected if a in self._whereabouts]
         self._dials.prefer([e for _, e in known if e], [h for h, _ in known if h])
 
     def _remember(self, conn: Connection) -> None:
@@ -5092,7 +5578,7 @@ class Bugout:
         self._whereabouts.move_to_end(address)  # type: ignore[arg-type]
         if len(self._whereabouts) > 256:
             self._whereabouts.popitem(last=False)
-        if address in self._protected:
+        if address in self.policy.protected:
             self._prefer_dials()
 
     async def _dial(self, host: str, port: int) -> WireConnection | None:
@@ -5178,20 +5664,20 @@ class Bugout:
 
     # handshakes
     def _on_extended(self, conn: Connection, fields: dict) -> None:
+        pk, ek = fields.get("pk"), fields.get("ek")
+        bugout = (isinstance(pk, bytes) and isinstance(ek, bytes)
+                  and fields.get("id") in (None, self.identifier.encode("utf-8")))
+        if bugout and conn.address is None:  # the first claim is the one the policy weighs
+            with contextlib.suppress(DecodeError):
+                conn.address = address_of(b58decode(pk))
         if conn.wire.ready and conn.state is ConnState.HANDSHAKE:
             conn.set_open()
             if not self._host_has_room(conn):
                 return
-            self._resolve_duplicates(conn)
-        pk, ek = fields.get("pk"), fields.get("ek")
-        if not isinstance(pk, bytes) or not isinstance(ek, bytes):
-            return  # not a bugout peer: nothing to learn
-        if fields.get("id") not in (None, self.identifier.encode("utf-8")):
-            return
-        now = _now()
-        events = self.core.saw_peer(pk.decode("latin-1"), ek.decode("latin-1"), now)
-        with contextlib.suppress(DecodeError):
-            conn.address = address_of(b58decode(pk))
+            self._opened(conn, ek if bugout else None)
+        if not bugout:
+            return  # not a bugout peer of our swarm: nothing to learn
+        events = self.core.saw_peer(pk.decode("latin-1"), ek.decode("latin-1"), _now())
         self.emit("connections", self.connections())
         self._dispatch(events)
         if conn.address and conn.address != self.address and conn.state is ConnState.OPEN:
@@ -5199,62 +5685,56 @@ class Bugout:
                 self._send_own(conn, payload)
             self.emit("wireseen", conn.address)
 
-    def _resolve_duplicates(self, conn: Connection) -> None:
-        """Two open wires to one peer: both ends keep the same one and drain the other.
+    def _opened(self, conn: Connection, ek: bytes | None) -> None:
+        """Tell the wire policy; a Python peer not wired yet gets a hello (a ping boxed for it).
 
-        A wire the peer already sent its EOF on (it drains it) loses; else the
-        one dialed by the lower peer id wins; of two dialed by one end, the one
-        from the lower dialer port (the older, over WebRTC).
+        A JS peer gets what JS bugout sends on a new wire: its ping to all wires
+        when the peer is new to it (saw_peer), nothing otherwise.
         """
-        peer_id = conn.wire.remote_peer_id
-        for other in list(self._connections):
-            if other is conn or other.state is not ConnState.OPEN or other.wire.remote_peer_id != peer_id:
-                continue
-            loser = other if self._keeps(conn, other) else conn
-            self.stats["duplicate wires"] += 1
-            log.debug("duplicate wire to %s: %s drains", peer_id, loser.peer_name)
-            loser.drain()
-            if loser is conn:
-                return
-
-    def _keeps(self, a: Connection, b: Connection) -> bool:
-        """True when ``a`` is the duplicate to keep rather than ``b``."""
-        if a.peer_eof != b.peer_eof:
-            return b.peer_eof
-        dialer_a = self.peer_id if a.initiator else a.wire.remote_peer_id
-        dialer_b = self.peer_id if b.initiator else b.wire.remote_peer_id
-        if dialer_a != dialer_b:
-            return dialer_a < dialer_b  # type: ignore[operator]
-        port_a, port_b = a.dialer_port, b.dialer_port
-        if port_a is not None and port_b is not None and port_a != port_b:
-            return port_a < port_b
-        return a.started <= b.started
+        remote = conn.wire.remote_peer_id or b""
+        address = conn.address if conn.address != self.address else None
+        python = remote.startswith(PYTHON_PEER_PREFIX) and ek is not None
+        if self.policy.opened(conn, address, self.peer_id if conn.initiator else remote, conn.dialer_port,
+                              time.monotonic(), python) and ek is not None:
+            with contextlib.suppress(DecodeError):
+                conn.send_payload(self.core.hello_for(ek.decode("latin-1"), _now()))
+                self.stats["hellos sent"] += 1
 
     # sending
     def _flush_core(self) -> None:
         """Send what the core queued: our own payloads go, relays only where they delay nothing.
 
-        One of ours boxed for a peer goes by the wire that peer's packets came
-        by (and any wire claiming its address); only while no such wire is
-        known is it flooded to the others, as JS bugout floods everything.
+        One of ours boxed for a peer goes by its route (WirePolicy.targets):
+        its own wire alone when one stands for it; else the wire its newest
+        packet came by and any wire claiming it; only while there is none, to
+        every other wire as spare traffic (as JS bugout floods everything).
         """
         if self.core.hello_due and self._hello_timer is None:
             self._hello_timer = asyncio.get_running_loop().call_later(HELLO_GAP_MS / 1000, self._hello)
         for out in self.core.data_to_send():
-            route = self._routes.get(out.to) if out.to else None
-            if route is not None and route.state is not ConnState.OPEN:
-                route = None
-            if route is None and out.to in self._busy and not out.relay and not self.has_wire(out.to):
-                self._wireless.setdefault(out.to, collections.deque(maxlen=WIRELESS_KEPT)).append(out.payload)
+            if out.to is not None and not out.relay:
+                self._send_to(out.to, out.payload, out.origin)
+                continue
             for conn in self._connections:
                 if conn is out.origin or conn.state is not ConnState.OPEN:
                     continue
                 if out.relay:
                     self._send_spare(conn, out.payload, relay=True)
-                elif out.to is None or conn is route or conn.address == out.to:
+                else:
                     self._send_own(conn, out.payload)
-                elif route is None:
-                    self._send_spare(conn, out.payload)
+
+    def _send_to(self, address: str, payload: bytes, origin: Any) -> None:
+        """Our payload boxed for ``address``: by its route, or (no route known) to every wire."""
+        wires, flood = self.policy.targets(address)
+        for conn in wires:
+            if conn.state is ConnState.OPEN:
+                self._send_own(conn, payload)
+        if flood:
+            if address in self._busy and not self.has_wire(address):  # for the wire it dials in by
+                self._wireless.setdefault(address, collections.deque(maxlen=WIRELESS_KEPT)).append(payload)
+            for conn in self._connections:
+                if conn is not origin and conn.state is ConnState.OPEN:
+                    self._send_spare(conn, payload)
 
     def _hello(self) -> None:
         self._hello_timer = None
@@ -5278,13 +5758,9 @@ class Bugout:
     def _send_spare(self, conn: Connection, payload: bytes, relay: bool = False) -> None:
         """A relay, or ours passing this wire for another peer: dropped where it would wait,
         and relays beyond RELAY_WRITES_PER_SECOND (a flood fanned out to every wire)."""
-        waiting = conn.buffered
-        room = RELAY_PROTECTED if self.is_protected(conn) else RELAY_QUEUE
-        if (waiting and waiting + len(payload) > room) or self._sends_waiting() > RELAY_TOTAL:
-            self.stats["relays dropped: queues full"] += 1
-            return
-        if relay and not self._relays.allow(None, time.monotonic()):
-            self.stats["relays dropped: over the rate"] += 1
+        why = self.policy.spare(conn, len(payload), conn.buffered, self._sends_waiting, relay, time.monotonic())
+        if why is not None:
+            self.stats["relays dropped: " + why] += 1
             return
         conn.send_payload(payload)
         self._out_estimate += len(payload)
@@ -5378,7 +5854,7 @@ class Bugout:
     def _keeps_wire(self, conn: Connection) -> bool:
         """True for a wire never closed to make room: a protected peer's, or one whose peer has
         a call in flight (ours to it, or its own being answered) and whose packets came by it."""
-        return self.is_protected(conn) or any(self._routes.get(a) is conn for a in self._busy)
+        return self.is_protected(conn) or any(self.policy.route(a) is conn for a in self._busy)
 
     # discovery and timers
     async def _start_lsd(self) -> None:
@@ -5414,7 +5890,7 @@ class Bugout:
                 self.core.send_ping(_now())
                 self._dispatch(self.core.expire(_now()))
                 self._flush_core()
-                self._routes = {a: c for a, c in self._routes.items() if a in self.core.peers}
+                self.policy.forget(self.core.peers)
             self.check_wires(now)
 
     def check_wires(self, now: float) -> None:
@@ -5845,6 +6321,13 @@ def check_npm_package(text: Any) -> str:
 #   0 || worker address), K derived from the key (:func:`master_proof`). It binds
 #   our nonce to both bugout addresses, so it cannot be replayed or relayed.
 #   The failed check decrypts nothing of the peer's, so it is no oracle.
+#   master.py's answer carries a ``workerChallenge`` of its own, and the
+#   worker proves the key back with ``proveKey {"proof"}`` (:func:`worker_proof`:
+#   another key, its nonce, our address, then its), before it adopts the
+#   master: master.py gives work by proof. This one call goes out even when
+#   the master's proof failed, so master.py can tell its user which worker
+#   holds another key; bound to that peer's address and nonce, under a key
+#   of its own, it is of no use to anyone else.
 # - An unchanged JS master cannot answer that, so its proof is its asset
 #   answer: ``requestExecAssets {"currentHash": ""}`` brings every file
 #   encrypted, each with the SHA-256 of its plaintext. Without the key (and
@@ -5870,7 +6353,10 @@ def check_npm_package(text: Any) -> str:
 #
 # An address that proved the key once (this run or an earlier one: the
 # journal keeps the last MAX_PROVEN) is adopted on its "yes" without a new
-# proof: only the holder of its signing key can answer from it.
+# proof: only the holder of its signing key can answer from it. A master.py
+# is challenged again all the same (a fraction of a millisecond), as a new
+# master.py process knows no worker: without it, no proof of ours; and
+# proven addresses are exempt from the failure budget.
 #
 # A proven master keeps the worker until it leaves (its ``x``, its timeout,
 # or its last wire gone) or fails (an RPC to it finds no wire, or twice gets
@@ -5911,12 +6397,24 @@ MAX_ASSET_FILES = 256
 MAX_DEPENDENCIES = 256
 MAX_BATCH_TASKS = 10_000
 PROOF_LABEL = b"queue-xec master proof v1"
+#: The label of the other way: a worker's proof to master.py (another key, another message).
+WORKER_PROOF_LABEL = b"queue-xec worker proof v1"
+
+
+def _key_proof(proof_key: bytes, label: bytes, nonce: bytes, prover: str, asker: str) -> str:
+    message = label + b"\0" + nonce + prover.encode() + b"\0" + asker.encode()
+    return hmac.new(proof_key, message, hashlib.sha256).hexdigest()
 
 
 def master_proof(proof_key: bytes, nonce: bytes, master: str, worker: str) -> str:
     """The hex HMAC a master returns for a worker's challenge ``nonce``."""
-    message = PROOF_LABEL + b"\0" + nonce + master.encode() + b"\0" + worker.encode()
-    return hmac.new(proof_key, message, hashlib.sha256).hexdigest()
+    return _key_proof(proof_key, PROOF_LABEL, nonce, master, worker)
+
+
+def worker_proof(proof_key: bytes, nonce: bytes, worker: str, master: str) -> str:
+    """The hex HMAC a worker returns for master.py's ``workerChallenge`` nonce (``proof_key``:
+    the key derived with WORKER_PROOF_LABEL, so that no master proof can pass for one)."""
+    return _key_proof(proof_key, WORKER_PROOF_LABEL, nonce, worker, master)
 
 
 def is_address(text: Any) -> bool:
@@ -6052,7 +6550,7 @@ class MasterTrust:
     def may_prove(self, address: str, now: float) -> bool:
         """Whether a proof may start: not banned, and the failure budget not spent."""
         return (self.allowed(address) and self._banned.get(address, 0.0) <= now
-                and self.locked_until(now) <= now)
+                and (address in self.proven or self.locked_until(now) <= now))
 
     def locked_until(self, now: float) -> float:
         """When the failure budget frees again (``<= now``: it is free)."""
@@ -6152,6 +6650,12 @@ CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, ma
 """
 
 
+def aside_path(path: Path) -> Path:
+    """Where damaged or foreign state found at ``path`` is moved: beside it, named for when
+    and by which process, so it is never moved onto an earlier one."""
+    return path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+
+
 class Journal:
     """Crash-safe state in one SQLite file; every method runs on the journal's thread.
 
@@ -6212,6 +6716,7 @@ class Journal:
         """
         self._lock()
         try:
+            self._files_only()
             self._db = self._connect()
             self._check()
         except (sqlite3.DatabaseError, JournalError) as exc:
@@ -6231,7 +6736,15 @@ class Journal:
     def _lock(self) -> None:
         if self._lock_fd is not None or fcntl is None:
             return
-        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        lock = self.path.with_name(self.path.name + ".lock")
+        if os.path.lexists(lock) and not os.path.isfile(lock):  # no worker locks a directory
+            aside = aside_path(lock)
+            try:
+                os.replace(lock, aside)
+                log.error("%s is not a lock file: moved aside to %s", lock, aside.name)
+            except FileNotFoundError:  # another worker starting here moved it first
+                pass
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -6240,7 +6753,14 @@ class Journal:
                                "give each worker a folder of its own") from None
         self._lock_fd = fd
 
+    def _files_only(self) -> None:
+        """A directory (or a link to nothing) where the file or its logs belong is foreign."""
+        for name in (self.path, f"{self.path}-wal", f"{self.path}-shm"):
+            if os.path.lexists(name) and not os.path.isfile(name):
+                raise JournalError(f"{Path(name).name} is not a file")
+
     def _connect(self) -> sqlite3.Connection:
+        private_files(self.path, f"{self.path}-wal", f"{self.path}-shm")  # the log holds jobs in clear
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
@@ -6268,8 +6788,7 @@ class Journal:
             raise JournalError("made with another token or transferEncryptToken")
 
     def _move_aside(self) -> Path:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        aside = self.path.with_name(f"{self.path.name}.bad-{stamp}-{os.getpid()}")
+        aside = aside_path(self.path)
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
@@ -6293,7 +6812,7 @@ class Journal:
         """A JSON list of ``meta``; ``default`` when absent, or when unreadable (logged)."""
         try:
             value = json.loads(self.get_meta(key) or "null")
-        except ValueError:
+        except (ValueError, RecursionError):
             value = key  # not JSON: not a list either
         if value is None:
             return default
@@ -6856,6 +7375,20 @@ class TaskChild:
             await self.end()
             error = TaskError.from_answer(hello.get("error"))
             raise TaskProcessError(f"{task_path} does not load: {error}", error.error["traceback"])
+        self._fit_memory_cap(hello.get("reserved"))
+
+    def _fit_memory_cap(self, reserved: Any) -> None:
+        """The cap of a child that said what it reserved at start (node): ``jobMemoryMB`` plus that.
+
+        TASK_CHILD_PY gave it EXEC_START_MB more to start with: Node 24 maps V8's
+        512 MB code range writable at once, and RLIMIT_DATA counts it whole.
+        """
+        if not self.memory_mb or type(reserved) is not int or reserved < 0 or self.pid is None:
+            return
+        import resource  # POSIX: Linux has prlimit
+        cap = (self.memory_mb << 20) + reserved
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            resource.prlimit(self.pid, resource.RLIMIT_DATA, (cap, cap))
 
     async def _receive(self) -> dict:
         """The child's next line; TaskProcessError (with its stderr) when it died."""
@@ -7257,6 +7790,15 @@ def _manifest_ok(value: Any, folder: Path) -> bool:
     return True
 
 
+def _call_failed(exc: Exception) -> str:
+    """Why a call to the master failed, in plain words (the exception's text names RPCs and wires)."""
+    if isinstance(exc, RpcUnreachable):
+        return "no connection to it is open"
+    if isinstance(exc, RpcTimeout):
+        return "it did not answer in time"
+    return str(exc)
+
+
 async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> bool:
     """Wait until one of ``events`` is set; False when ``timeout`` passed first."""
     waiters = [asyncio.ensure_future(event.wait()) for event in events]
@@ -7325,8 +7867,6 @@ class Worker:
         self.stop_timeout = settings.stop_timeout
         #: ``process`` (task.py in child processes) or ``thread`` (in the worker's process)
         self.task_runner = settings.task_runner
-        if self.task_runner not in ("process", "thread"):
-            raise WorkerError(f"taskRunner={self.task_runner!r}: give process (the default) or thread")
         self.node = Bugout(self.token, settings)
         #: who may command this worker: the proven master, candidates, bans
         self.trust = MasterTrust(pinned)
@@ -7351,6 +7891,7 @@ class Worker:
         self._kick_timer: asyncio.TimerHandle | None = None
         self._caps = MasterCaps()
         self._proof_key = self.crypt.derive(PROOF_LABEL)
+        self._worker_proof_key = self.crypt.derive(WORKER_PROOF_LABEL)  # for master.py's challenge
         self._master_timeouts = 0
         self._delivery_lock = asyncio.Lock()
         self._last_kick = 0.0
@@ -7395,7 +7936,7 @@ class Worker:
     # lifecycle
     async def start(self) -> Worker:
         """Open the journal, join the swarm and start the job loop."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # made here: ours alone
         await self._load_state()
         self.node.register("ping", _pong)
         self.node.on("seen", self._on_peer)
@@ -7584,7 +8125,7 @@ class Worker:
         self.trust.said_yes(address, caps)
         if self.master is not None:
             return address == self.master  # a candidate only, while the master serves
-        if address in self.trust.proven:
+        if address in self.trust.proven and not caps.key_proof:  # master.py: see _challenge
             self._adopt(address, caps, "proved it before")
             await self.sync_assets()
             return True
@@ -7625,13 +8166,29 @@ class Worker:
             await asyncio.sleep(0.25)
 
     async def _challenge(self, address: str) -> None:
-        """master.py's proof: our fresh nonce, HMAC'd with both addresses under the key."""
+        """master.py's proof: our fresh nonce, HMAC'd with both addresses under the key;
+        then ours, for the nonce of its answer (awaited: it knows us before we ask for work)."""
         nonce = os.urandom(32)
         answer = await self.node.rpc(address, "isMaster", {"challenge": nonce.hex()}, timeout=CHECK_TIMEOUT)
-        proof = answer.get("proof") if isinstance(answer, dict) else None
+        answer = as_dict(answer)
+        proof = answer.get("proof")
         expected = master_proof(self._proof_key, nonce, address, self.address)
-        if not isinstance(proof, str) or not hmac.compare_digest(proof, expected):
+        proven = isinstance(proof, str) and proof.isascii() and hmac.compare_digest(proof, expected)
+        theirs = answer.get("workerChallenge")
+        if isinstance(theirs, str) and re.fullmatch(r"[0-9a-f]{64}", theirs):
+            ours = worker_proof(self._worker_proof_key, bytes.fromhex(theirs), self.address, address)
+            call = self._prove_key(address, ours)
+            if proven:
+                await call
+            else:  # for its user's sake (see the top of this section); never waited for
+                self._spawn(call)
+        if not proven:
             raise ProofFailed(address)
+
+    async def _prove_key(self, address: str, proof: str) -> None:
+        """``proveKey``: our answer to master.py's challenge; its answer says nothing."""
+        with contextlib.suppress(RpcTimeout, InvalidState):
+            await self.node.rpc(address, "proveKey", {"proof": proof}, timeout=CHECK_TIMEOUT)
 
     async def _asset_proof(self, address: str) -> VerifiedAssets:
         """A JS master's proof: every file, decrypted, hashes to what it says."""
@@ -7649,9 +8206,9 @@ class Worker:
             log.error("%d peers failed to prove the key lately: no unproven peer is asked until %s "
                       "(pin your master with master= in .env)", len(self.trust.failures),
                       time.strftime("%H:%M", time.localtime(time.time() + self.trust.locked_until(now) - now)))
-        log.error("%s says it is the master but did not prove that it holds our transferEncryptToken "
-                  "(the transferEncryptToken probably differs from the master's, or it is no master); "
-                  "not asked again for %d min", address, PROOF_BAN_SECONDS // 60)
+        log.error("%s holds a different transferEncryptToken, or is no master: it says it is the master "
+                  "but did not prove that it holds ours; not asked again for %d min",
+                  address, PROOF_BAN_SECONDS // 60)
 
     def _adopt(self, address: str, caps: MasterCaps, how: str) -> None:
         self.trust.adopt(address)
@@ -7695,7 +8252,7 @@ class Worker:
                 answer = await self.node.rpc(master, "requestExecAssets",
                                              {"currentHash": current}, timeout=120.0)
             except (RpcTimeout, InvalidState) as exc:
-                log.warning("requestExecAssets: %s", exc)
+                log.warning("could not get the task files from master %s: %s", master, _call_failed(exc))
                 return False
             if isinstance(answer, dict) and answer.get("status") == "same":
                 self._assets_ok = self._runner is not None or await self._load_task()
@@ -7956,7 +8513,7 @@ class Worker:
                 answer = await self.node.rpc(master, "requestWork", args, timeout=30.0)
             except (RpcTimeout, InvalidState) as exc:
                 self.outbox.settle(carried, False)
-                log.warning("requestWork: %s", exc)
+                log.warning("could not ask master %s for jobs: %s", master, _call_failed(exc))
                 self._master_failed(master, exc)
                 return False
             self._master_timeouts = 0
@@ -8091,7 +8648,7 @@ class Worker:
                 return False
         except (RpcTimeout, InvalidState) as exc:
             self.outbox.settle(batch, False)
-            log.warning("%d result(s) kept for later: %s", len(batch), exc)
+            log.warning("%d result(s) kept for later: master %s: %s", len(batch), master, _call_failed(exc))
             if isinstance(exc, RpcTimeout):
                 self._master_failed(master, exc)
             return False
@@ -8181,6 +8738,9 @@ class Worker:
                    if key.startswith("dropped: ")}
         return [("bytes_received_total", "Bytes read from peers' wires.", stats["bytes in"]),
                 ("bytes_sent_total", "Bytes written to peers' wires.", stats["bytes out"]),
+                ("packets_duplicate_total", "bugout payloads that came again: dropped unread.",
+                 stats["duplicate"]),
+                ("packets_relayed_total", "Others' bugout payloads passed on.", stats["relayed"]),
                 ("packets_dropped_total", "bugout packets dropped, by reason.", dropped or 0)]
 
     # state kept on disk (the journal)
@@ -8188,8 +8748,6 @@ class Worker:
         """Open the journal (taking over an older run's JSON files once) and read it."""
         journal = self.journal
         await journal.call(journal.open)
-        with contextlib.suppress(OSError):
-            os.chmod(journal.path, 0o600)
         await journal.call(self._take_over_json_files)
         self._manifest = await journal.call(self._read_manifest)
         if moved := await asyncio.to_thread(move_earlier_assets, self.folder, self._manifest):
@@ -8236,10 +8794,10 @@ class Worker:
                 value = json.loads(path.read_text(encoding="utf-8"))
             except FileNotFoundError:
                 continue
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, RecursionError) as exc:  # a directory, not JSON, too deep
                 value, valid = exc, (lambda v, f: False)
             if not valid(value, self.folder):
-                aside = path.with_name(f"{name}.bad-{time.strftime('%Y%m%d-%H%M%S')}")
+                aside = aside_path(path)
                 with contextlib.suppress(OSError):
                     os.replace(path, aside)
                 log.error("%s is not a list of %s: moved aside to %s", path,
@@ -8263,37 +8821,84 @@ class Worker:
 
 # Command line ###############################################################
 
-def setup(env_path: Path, ask: Callable[[str], str] = input) -> None:
-    """Prompt for the two tokens and write them into ``.env`` (mode 0600)."""
+def setup(env_path: Path, ask: Callable[[str], str] = input,
+          ask_secret: Callable[[str], str] | None = None) -> None:
+    """Prompt for the two tokens and write them into ``.env`` (mode 0600).
+
+    The key is not shown as it is typed (``getpass`` on a terminal). An empty
+    answer keeps the current value; where there is none, it asks whether this
+    starts a new swarm, and only then makes a random token and key. End of
+    input (Ctrl-D) raises EOFError and Ctrl-C KeyboardInterrupt, with nothing
+    written.
+    """
+    if ask_secret is None:
+        ask_secret = getpass.getpass if ask is input and sys.stdin.isatty() else ask
     current = read_env_file(env_path)
-    print(f"Setting up {env_path} (empty answer: keep the current value or generate one)")
-    key = _prompt(ask, "transferEncryptToken (exactly 32 characters)",
-                  current.get("transferEncryptToken"), lambda v: len(v.encode()) == 32,
-                  lambda: secrets.token_hex(16))
-    token = _prompt(ask, "token (at least 20 characters)", current.get("token"),
-                    lambda v: len(v) >= 20, lambda: secrets.token_urlsafe(24))
+    print(f"Setting up {env_path}: the master's transferEncryptToken and token (empty: keep the current one)")
+    new_swarm = False
+    key = token = None
+    while key is None:
+        key = _prompt(ask_secret, "transferEncryptToken (exactly 32 characters; not shown)",
+                      current.get("transferEncryptToken"), _key_problem, shown=False)
+        if key is None and _starts_new_swarm(ask, "token and key"):
+            new_swarm, key = True, secrets.token_hex(16)
+    while token is None:
+        token = _prompt(ask, "token (at least 20 characters)", current.get("token"), _token_problem)
+        if token is None and (new_swarm or _starts_new_swarm(ask, "token")):
+            new_swarm, token = True, secrets.token_urlsafe(24)
     pinned = current.get("master", "")
     master = _prompt(ask, "pin one master's address (optional; master.py prints it; empty: %s)" % (
-                     "keep " + pinned if pinned else "any master that proves the key"), pinned,
-                     lambda v: v == "" or is_address(v), lambda: "")
+                     "keep " + pinned if pinned else "any master that proves the key"), None,
+                     lambda v: None if is_address(v) else "that is not a bugout address")
     write_env_file(env_path, {"transferEncryptToken": key, "token": token,
                               **({"master": master} if master else {})})
-    print(f"Wrote {env_path}. Give the master the same two values.")
+    if new_swarm:
+        print(f"Wrote {env_path} for a new swarm: give its master the same token and "
+              f"transferEncryptToken (copy them from {env_path}).")
+    else:
+        print(f"Wrote {env_path}. The master must have the same two values.")
 
 
 def _prompt(ask: Callable[[str], str], label: str, current: str | None,
-            valid: Callable[[str], bool], generate: Callable[[], str]) -> str:
+            problem: Callable[[str], str | None], shown: bool = True) -> str | None:
+    """An answer ``problem`` finds nothing wrong with (asked again, saying what is wrong,
+    until then); for an empty answer the current value if it will do, else None."""
     while True:
-        try:
-            answer = ask(f"{label}: ").strip()
-        except EOFError:
-            answer = ""
-        if not answer:
-            answer = current if current and valid(current) else generate()
-            print(f"  using {answer}" if answer else "  none")
-        if valid(answer):
+        answer = ask(f"{label}: ").strip()
+        why = problem(answer or current or "")
+        if answer and why:
+            print(f"  {why}")
+            continue
+        if answer:
             return answer
-        print(f"  {answer} is not valid: {label}")
+        if current and not why:
+            print(f"  keeping {current if shown else 'the current one'}")
+            return current
+        if current:
+            print(f"  the current one will not do: {why}")
+        return None
+
+
+def _starts_new_swarm(ask: Callable[[str], str], what: str) -> bool:
+    """Whether an empty answer means a new swarm: a random value joins no existing one."""
+    answer = ask(f"  nothing given: does this start a new swarm, with a random {what}? [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _key_problem(key: str) -> str | None:
+    """What is wrong with a transferEncryptToken (AES-256: 32 bytes), without showing it."""
+    size = len(key.encode())
+    if size == 32:
+        return None
+    unit = "characters" if size == len(key) else "bytes in UTF-8"
+    return (f"that is {size} {unit}: transferEncryptToken is exactly 32 characters; "
+            "copy it from the master's .env")
+
+
+def _token_problem(token: str) -> str | None:
+    if len(token) >= 20:
+        return None
+    return f"that is {len(token)} characters: the token is at least 20; copy it from the master's .env"
 
 
 async def run_worker(worker: Worker) -> int:
@@ -8327,49 +8932,127 @@ async def run_worker(worker: Worker) -> int:
     return 0
 
 
+#: What the demo suggests once it is done.
+DEMO_NEXT = "next: python worker.py --setup, then python worker.py, to join a master's swarm (README, \"Use it\")"
+
+
 async def run_demo(jobs: int = 200) -> int:
-    """A master.py and a worker on 127.0.0.1 (no LSD, DHT or trackers)."""
+    """master.py in a process of its own and a worker here, on 127.0.0.1 (no LSD, DHT or trackers).
+
+    The master is a process, not an import: master.py imports worker.py, never the other way.
+    """
     import tempfile
-    limit_loop_errors()
-    try:
-        from master import Master
-    except ImportError:
-        print("worker.py --demo needs master.py beside worker.py", file=sys.stderr)
+    master_py = Path(__file__).resolve().with_name("master.py")
+    if not master_py.is_file():
+        print(f"worker.py --demo runs master.py, which is not in {master_py.parent}: "
+              "run the demo in a clone of the project", file=sys.stderr)
         return 2
+    limit_loop_errors()
     Logger("warn")
     with tempfile.TemporaryDirectory(prefix="qx-demo-") as tmp:
-        root = Path(tmp)
-        (root / "master").mkdir()
-        (root / "master" / "task.py").write_text(DEMO_TASK)
-        token, key = secrets.token_urlsafe(24), secrets.token_hex(16)
-        results: list = []
-        master = Master(token, {"files": [{"masterPath": "/task.py", "name": "task.py",
-                                           "workerPath": "/workplace/task.py"}],
-                                "dependencies": []},
-                        results.append, None, key, folder=root / "master", env={},
-                        host="127.0.0.1", lsd=False, dht=False, trackers=[])
-        await master.start()
-        for i in range(jobs):
-            master.push_new_job({"id": i, "data": str(10_000 + 100 * i)})
-        worker = Worker(token, "demo-worker", "warn", key, env={}, folder=root / "worker",
-                        host="127.0.0.1", lsd=False, dht=False, peers=["127.0.0.1:%d" % master.port],
-                        get_batch=True, batch_size=10, trackers=[])
-        started = time.perf_counter()
-        await worker.start()
-        print("demo: master on 127.0.0.1:%d, %d jobs, worker %s" % (master.port, jobs, worker.address))
-        while len(results) < jobs and time.perf_counter() - started < 60:
-            await asyncio.sleep(0.2)
-            print("\rdemo: %d/%d results" % (len(results), jobs), end="", flush=True)
+        master = _DemoMaster(Path(tmp), master_py)
+        try:
+            await master.start(jobs)
+            return await _demo_worker(master, jobs)
+        finally:
+            await master.close()
+
+
+class _DemoMaster:
+    """``python master.py`` serving the demo's task and jobs from a folder, loopback only."""
+
+    def __init__(self, root: Path, master_py: Path) -> None:
+        self.root, self.master_py = root, master_py
+        self.token, self.key = secrets.token_urlsafe(24), secrets.token_hex(16)
+        self.port = 0
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, jobs: int) -> None:
+        root = self.root
+        (root / "task.py").write_text(DEMO_TASK)
+        (root / "jobs.jsonl").write_text("".join(json_dumps({"id": i, "data": str(10_000 + 100 * i)}) + "\n"
+                                                 for i in range(jobs)))
+        write_env_file(root / ".env", {"token": self.token, "transferEncryptToken": self.key, "host": "127.0.0.1",
+                                       "lsd": "false", "dht": "false", "trackers": "", "LOG_LEVEL": "error"})
+        # the .env above decides, whatever the environment says; master.py finds worker.py
+        # beside it even where PYTHONSAFEPATH is set
+        env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(self.master_py.parent), env.get("PYTHONPATH"))))
+        errors = os.open(root / "master.log", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(self.master_py), "--env", str(root / ".env"), "--task", str(root / "task.py"),
+                "--jobs", str(root / "jobs.jsonl"), "--follow", cwd=root, env=env,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=errors)
+        finally:
+            os.close(errors)
+        ready = await self.event(30)
+        if ready.get("event") != "ready":
+            raise WorkerError("master.py did not start: " + self.last_error())
+        self.port = int(ready["port"])
+
+    async def event(self, timeout: float) -> dict:
+        """master.py's next JSON event on stdout; ``{}`` when it ended or ``timeout`` passed."""
+        assert self.proc is not None and self.proc.stdout is not None
+        while True:
+            try:
+                line = await asyncio.wait_for(self.proc.stdout.readline(), max(timeout, 0.0))
+            except TimeoutError:
+                return {}
+            if not line:
+                return {}
+            with contextlib.suppress(ValueError):
+                return as_dict(json.loads(line))
+
+    def last_error(self) -> str:
+        """The last line master.py wrote on stderr (its errors only)."""
+        lines = (self.root / "master.log").read_text(errors="replace").strip().splitlines()
+        return lines[-1] if lines else "no error from master.py"
+
+    async def close(self) -> None:
+        """End master.py (its SIGINT: a summary, then exit) and reap it."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+async def _demo_worker(master: _DemoMaster, jobs: int) -> int:
+    """A worker here takes the demo master's jobs; a summary, what to try next, the last result."""
+    worker = Worker(master.token, "demo-worker", "warn", master.key, env={}, folder=master.root / "worker",
+                    host="127.0.0.1", lsd=False, dht=False, peers=["127.0.0.1:%d" % master.port],
+                    get_batch=True, batch_size=10, trackers=[])
+    started = time.perf_counter()
+    await worker.start()
+    print("demo: master.py on 127.0.0.1:%d, %d jobs, worker %s" % (master.port, jobs, worker.address))
+    terminal = sys.stdout.isatty()  # a log or a pipe gets no line redrawn in place
+    results: dict[Any, dict] = {}
+    try:
+        while len(results) < jobs:
+            event = await master.event(started + 60 - time.perf_counter())
+            if not event:
+                break
+            if event.get("event") == "result" and isinstance(event.get("result"), dict):
+                results[event["result"].get("jobID")] = event
+                if terminal:
+                    print("\rdemo: %d/%d results" % (len(results), jobs), end="", flush=True)
         elapsed = time.perf_counter() - started
+    finally:
         await worker.stop()
-        await master.close()
-    ok = len(results) == jobs and all(r and r.get("data") for r in results)
-    print("\ndemo: %d/%d jobs in %.2f s (%.0f jobs/s), %s" % (
+    ok = sorted(results) == list(range(jobs)) and all(
+        "error" not in r["result"] and r["result"].get("data") for r in results.values())
+    print(("\n" if terminal else "") + "demo: %d/%d jobs in %.2f s (%.0f jobs/s), %s" % (
         len(results), jobs, elapsed, len(results) / elapsed, "all results right" if ok else "FAILED"))
-    if ok:
-        last = max(results, key=lambda r: r["jobID"])
-        print("demo: job {} -> {}".format(last["jobID"], last["data"]))
-    return 0 if ok else 1
+    if not ok:
+        print("demo: " + master.last_error(), file=sys.stderr)
+        return 1
+    print(DEMO_NEXT)
+    print(json_dumps(results[jobs - 1]))  # the last job's result, as master.py prints it
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -8383,10 +9066,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     args = parser.parse_args(argv)
     if args.setup:
-        setup(Path(args.env))
+        try:
+            setup(Path(args.env))
+        except (KeyboardInterrupt, EOFError) as exc:
+            print()  # the prompt's line ends here
+            print("worker.py --setup: %s; %s is unchanged" % (
+                "interrupted" if isinstance(exc, KeyboardInterrupt) else "no answer (end of input)",
+                args.env), file=sys.stderr)
+            return 130 if isinstance(exc, KeyboardInterrupt) else 1
+        except OSError as exc:
+            print(f"worker.py --setup: cannot write {args.env}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         return 0
     if args.demo:
-        return asyncio.run(run_demo())
+        try:
+            return asyncio.run(run_demo())
+        except KeyboardInterrupt:
+            print("\nworker.py --demo: interrupted", file=sys.stderr)
+            return 130
+        except (WorkerError, OSError) as exc:
+            print(f"worker.py --demo: {exc}", file=sys.stderr)
+            return 2
     try:
         worker = Worker(env=load_env(args.env))
     except WorkerError as exc:
@@ -8412,9 +9112,13 @@ import os
 import sys
 
 MEMORY_MB = int(os.environ.pop("QX_MEMORY_MB", "") or 0)
+# MB more for a program run with --exec (node) until its hello, which says what
+# it reserved writable at start (V8's code range: 512 MB in Node 24); the worker
+# then sets the cap to MEMORY_MB plus that.
+EXEC_START_MB = 1024
 
 
-def limit():
+def limit(extra_mb):
     """Die with the worker, be the OOM killer's first choice, cap the data size."""
     try:
         import ctypes
@@ -8430,7 +9134,7 @@ def limit():
         pass
     if MEMORY_MB:
         import resource
-        cap = MEMORY_MB << 20
+        cap = (MEMORY_MB + extra_mb) << 20
         hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
         cap = cap if hard == resource.RLIM_INFINITY else min(cap, hard)
         resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))  # private writable memory
@@ -8519,12 +9223,15 @@ def serve(channel, jobs):
 
 
 def main():
-    limit()
+    limit(EXEC_START_MB if sys.argv[1] == "--exec" else 0)
     if sys.argv[1] == "--exec":
         os.execv(sys.argv[2], sys.argv[2:])
     import faulthandler
     import socket
-    faulthandler.enable()  # a crash in native code prints the task's Python stack
+    try:  # a crash in native code prints the task's Python stack; 3.14+ adds the C
+        faulthandler.enable(c_stack=False)  # stack, ~25 lines that would push it out of STDERR_TAIL
+    except TypeError:  # before 3.14
+        faulthandler.enable()
     fd = int(os.environ.pop("QX_RUNNER_FD"))
     os.set_inheritable(fd, False)
     channel = socket.socket(fileno=fd)
@@ -8607,7 +9314,26 @@ function load(file) {
   return task;
 }
 
+// Bytes of private memory mapped writable and executable, not from a file: V8's
+// code range, reserved whole at start (512 MB in Node 24, on x64) and counted by
+// RLIMIT_DATA though barely used. The worker adds them to jobMemoryMB.
+function reserved() {
+  let bytes = 0;
+  try {
+    for (const entry of require('fs').readFileSync('/proc/self/maps', 'utf8').split('\n')) {
+      const [range, perms, , , inode] = entry.split(/\s+/);
+      if (perms !== 'rwxp' || inode !== '0') continue;
+      const [start, end] = range.split('-').map((hex) => parseInt(hex, 16));
+      bytes += end - start;
+    }
+  } catch (error) { // not Linux: no RLIMIT_DATA to fit either
+    return 0;
+  }
+  return bytes;
+}
+
 function main() {
+  const mapped = reserved(); // before the task's code runs
   let task;
   try {
     task = load(process.argv[2]);
@@ -8615,7 +9341,7 @@ function main() {
     channel.end(line({ ready: false, error: describe(error) }), () => process.exit(1));
     return;
   }
-  channel.write(line({ ready: true, node: process.version }));
+  channel.write(line({ ready: true, node: process.version, reserved: mapped }));
   readline.createInterface({ input: channel, crlfDelay: Infinity }).on('line', (text) => runJob(task, text));
   channel.on('end', () => process.exit(0));
   channel.on('error', () => process.exit(1));
@@ -8677,7 +9403,4 @@ class Task:
 '''
 
 if __name__ == "__main__":
-    # One module object: master.py's "from worker import ..." (--demo) finds this one,
-    # not a second copy with its own classes and exceptions.
-    sys.modules.setdefault("worker", sys.modules[__name__])
     sys.exit(main())
