@@ -1090,11 +1090,11 @@ def loopback_worker(token, folder, name="w", loglevel="warn", **kw):
                     **kw)
 
 
-def loopback_master(token, folder, on_results=None, files=DEFAULT_FILES, **kw):
+def loopback_master(token, folder, on_results=None, files=DEFAULT_FILES, key=KEY, **kw):
     """master.py's Master on 127.0.0.1 serving ``files`` from ``folder``, without LSD, DHT or trackers."""
     from master import Master
     kw.setdefault("trackers", [])
-    return Master(token, {"files": write_assets(folder, files), "dependencies": []}, on_results, None, KEY,
+    return Master(token, {"files": write_assets(folder, files), "dependencies": []}, on_results, None, key,
                   folder=folder, env={}, host="127.0.0.1", lsd=False, dht=False, **kw)
 
 
@@ -5057,6 +5057,36 @@ class TestMasterProof(unittest.TestCase):
         pinned = w.MasterTrust(pinned=[peers[0]])
         self.assertFalse(pinned.may_ask(peers[1], now))
         self.assertTrue(pinned.may_ask(peers[0], now))
+
+    def test_a_failed_challenge_spends_no_budget_and_its_ban_ends_when_the_peer_comes_back(self):
+        # issue 25: a master.py whose key was fixed and that was started again was ignored for an
+        # hour. Its challenge decrypts nothing (no padding oracle): only asset proofs need the hour.
+        trust = w.MasterTrust()
+        master, js, both, other = (w.Identity().address for _ in range(4))
+        now = 1000.0
+        for i in range(3 * w.PROOF_BUDGET[1][1]):  # failing again and again, as each restart did
+            self.assertFalse(trust.proof_failed(master, now + i, oracle=False))
+            self.assertFalse(trust.may_ask(master, now + i + 0.5))  # not asked while it stays
+            self.assertNotIn(master, trust.next_to_ask([master], now + i + 0.5))
+            trust.left(master)  # gone: its next wire is a new start, perhaps with the key fixed
+            self.assertTrue(trust.may_ask(master, now + i + 0.5))
+        self.assertEqual(len(trust.failures), 0)  # no budget spent
+        self.assertTrue(trust.may_prove(other, now + 200))
+        trust.proof_failed(master, now + 300, oracle=False)
+        self.assertFalse(trust.may_ask(master, now + 300 + w.PROOF_BAN_SECONDS - 1))  # it never left
+        self.assertTrue(trust.may_ask(master, now + 300 + w.PROOF_BAN_SECONDS + 1))
+        # an asset proof decrypts what the peer sent: its hour and its budget stay, left or not
+        trust.proof_failed(js, now, oracle=True)
+        trust.left(js)
+        self.assertFalse(trust.may_ask(js, now + w.PROOF_BAN_SECONDS - 1))
+        self.assertEqual(len(trust.failures), 1)
+        trust.proof_failed(both, now, oracle=False)  # a challenge, then an asset proof, failed
+        trust.proof_failed(both, now + 1, oracle=True)
+        trust.left(both)
+        self.assertFalse(trust.may_ask(both, now + 2))
+        for i in range(2 * w.MAX_REMEMBERED):  # bounded, whatever fails
+            trust.proof_failed("peer-%d" % i, now, oracle=False)
+        self.assertLessEqual(len(trust._failed_challenge), w.MAX_REMEMBERED)
 
 
 class TestMasterTrust(AsyncTest):

@@ -5899,10 +5899,15 @@ def check_npm_package(text: Any) -> str:
 #   tokens protect").
 #
 # Every failed proof looks the same from outside: the worker stops talking to
-# that peer. It is not asked again for PROOF_BAN_SECONDS; failed proofs over
-# all peers have a budget (PROOF_BUDGET), past which unproven peers are
-# ignored until the budget frees, with one error line. A proof that is not
-# answered in time is no failure: that peer is asked again later.
+# that peer. A failed asset proof decrypted what the peer sent, so it is what
+# a padding oracle would be made of: that peer is not asked again for
+# PROOF_BAN_SECONDS, and such failures over all peers have a budget
+# (PROOF_BUDGET), past which unproven peers are ignored until the budget
+# frees, with one error line. A failed challenge decrypted nothing: it costs
+# no budget, and its peer is asked again once it comes back (its wires gone,
+# then a new one), as a master.py restarted with the key fixed does; its
+# line comes once a minute at most. A proof that is not answered in time is
+# no failure: that peer is asked again later.
 #
 # Checks are bounded: CHECK_CONCURRENCY ``isMaster`` checks of new peers at
 # once, CHECK_QUEUE waiting; masters known to have proved the key, pinned
@@ -6090,6 +6095,7 @@ class MasterTrust:
         # private
         self._banned: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._said_no: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._failed_challenge: collections.OrderedDict[str, float] = collections.OrderedDict()  # when
         self._locked_logged = False
 
     def allowed(self, address: str) -> bool:
@@ -6131,10 +6137,20 @@ class MasterTrust:
         while len(self.candidates) > MAX_CANDIDATES:
             self.candidates.popitem(last=False)
 
-    def proof_failed(self, address: str, now: float) -> bool:
-        """Ban the address and spend budget; True when this failure locks proofs."""
+    def proof_failed(self, address: str, now: float, oracle: bool = True) -> bool:
+        """Ban the address; True when this failure locks proofs.
+
+        ``oracle``: the proof decrypted what the peer sent (a JS master's
+        assets): the ban lasts PROOF_BAN_SECONDS and spends budget. A failed
+        challenge (master.py's, which decrypts nothing) spends none, and its
+        ban ends when the peer leaves (:meth:`left`).
+        """
         self.candidates.pop(address, None)
         _remember(self._banned, address, now + PROOF_BAN_SECONDS)
+        if not oracle:
+            _remember(self._failed_challenge, address, now)
+            return False
+        self._failed_challenge.pop(address, None)
         was_free = self.locked_until(now) <= now
         self.failures.append(now)
         longest = max(window for window, _ in PROOF_BUDGET)
@@ -6144,6 +6160,12 @@ class MasterTrust:
 
     def proof_timed_out(self, address: str, now: float) -> None:
         _remember(self._banned, address, now + PROOF_RETRY_SECONDS)
+
+    def left(self, address: str) -> None:
+        """Every wire of ``address`` is gone. If it failed only our challenge, it may be asked
+        again when it comes back: a master.py started again, with the key fixed."""
+        if self._failed_challenge.pop(address, None) is not None:
+            self._banned.pop(address, None)
 
     def adopt(self, address: str) -> None:
         """``address`` proved the key (or had before): it is the master now."""
@@ -7464,6 +7486,12 @@ class Worker:
         self._started = time.monotonic()
         self._assets_since: float | None = None
         self._reported: tuple = ()
+        #: one line a minute per kind of what peers cause here (failed challenges)
+        self._log = _LogLimit()
+        #: why the master's task cannot run here (None: it can, or nothing is known), and the last
+        #: (master, its files, why) told to master.py (``workerError``: once per change)
+        self._problem: str | None = None
+        self._told: tuple | None = None
 
     @property
     def address(self) -> str:
@@ -7625,6 +7653,7 @@ class Worker:
 
     def _on_left(self, address: str) -> None:
         self.trust.candidates.pop(address, None)
+        self.trust.left(address)
         if self.trust.lose(address) and not self._stopping:
             log.warning("master %s left; results are kept until a master is back", address)
             self._failover()
@@ -7684,7 +7713,7 @@ class Worker:
             log.debug("%s did not answer its proof in time", address)
             return False
         except ProofFailed:
-            self._proof_failed(address)
+            self._proof_failed(address, oracle=not caps.key_proof)
             return False
         finally:
             self._proofs.pop(address, None)
@@ -7741,16 +7770,22 @@ class Worker:
             log.debug("proof of %s: %s", address, exc)
             raise ProofFailed(address) from None
 
-    def _proof_failed(self, address: str) -> None:
-        """The same for every failure: the peer is not asked again for a long while."""
+    def _proof_failed(self, address: str, oracle: bool) -> None:
+        """The peer is told nothing; it is not asked again for a long while, or, when the proof
+        decrypted nothing (``oracle`` False: master.py's challenge), until it comes back."""
         now = time.monotonic()
-        if self.trust.proof_failed(address, now):
+        if self.trust.proof_failed(address, now, oracle):
             log.error("%d peers failed to prove the key lately: no unproven peer is asked until %s "
                       "(pin your master with master= in .env)", len(self.trust.failures),
                       time.strftime("%H:%M", time.localtime(time.time() + self.trust.locked_until(now) - now)))
-        log.error("%s holds a different transferEncryptToken, or is no master: it says it is the master "
-                  "but did not prove that it holds ours; not asked again for %d min",
-                  address, PROOF_BAN_SECONDS // 60)
+        if oracle:  # the budget bounds these lines
+            log.error("%s holds a different transferEncryptToken, or is no master: it says it is the master "
+                      "but did not prove that it holds ours; not asked again for %d min",
+                      address, PROOF_BAN_SECONDS // 60)
+        else:  # a peer may fail again each time it comes back: one line a minute
+            self._log(logging.ERROR, "challenge failed", "%s holds a different transferEncryptToken, or is no "
+                      "master: it says it is the master but did not prove that it holds ours; asked again when "
+                      "it comes back (fix the key in its .env or in ours, then start it again)", address)
 
     def _adopt(self, address: str, caps: MasterCaps, how: str) -> None:
         self.trust.adopt(address)
