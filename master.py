@@ -38,10 +38,12 @@ JSON as an ``error`` event before the next line is read)::
 
     python master.py --task task.py --jobs jobs.jsonl [--out results.jsonl]
 
-It keeps its state in ``master.db`` beside ``.env`` (``--db``), continues an
-unfinished run when started again, ends with a ``summary`` event once every job
-of the file has a result (exit 1 if some are error results), and keeps serving
-with ``--follow`` (the default for ``--jobs -``).
+It keeps its state in ``master.db`` beside ``.env`` (``--db``), and its address
+there as ``masterSeed``; it continues an unfinished run when started again, ends
+with a ``summary`` event once every job of the file has a result (exit 1 if some
+are error results; 3 if a signal ends it first, the run kept), and keeps serving
+with ``--follow`` (the default for ``--jobs -``). A ``--task`` it cannot serve,
+or none named task.py or task.js, is exit 2 at once.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import hmac
 import itertools
 import json
@@ -71,6 +74,8 @@ from typing import Any
 
 from worker import (
     JOBS_WAITING,
+    JOURNAL_NAME,
+    MAX_ASSET_FILES,
     NO_ANSWER,
     PROOF_LABEL,
     WORKER_PROOF_LABEL,
@@ -92,11 +97,13 @@ from worker import (
     node_options,
     private_files,
     process_rss_bytes,
+    read_env_file,
     storable_json,
     worker_proof,
     write_env_file,
 )
 from worker import _LogLimit as LogLimit
+from worker import _RateLimit as RateLimit
 
 log = logging.getLogger("worker")
 
@@ -607,6 +614,10 @@ class ResultsFile:
 #   of the peer's is decrypted. WorkerProofs keeps the open challenges; a
 #   proof that fails is for the operator to fix: one ``worker-error`` line a
 #   minute. A JS peer never sees any of it: only a Python worker challenges.
+# - A proven worker that cannot run the task (it does not load, a dependency
+#   does not install) tells why with ``workerError``; each worker's reason is
+#   printed once per change, within a budget of lines. Nothing is taken from
+#   a peer without proof: the token is public.
 # - A proven worker gets what it asks for, up to MAX_BATCH (the JS cap), and
 #   its results are taken for any job that has none yet.
 # - A peer that cannot prove (a JS worker, an older worker.py, an attacker)
@@ -654,6 +665,17 @@ TAKE_OVER_SECONDS = 10.0
 #: Seconds a worker has to answer our challenge with proveKey, and challenges open at most.
 CHALLENGE_SECONDS = 30.0
 MAX_CHALLENGES = 4096
+#: A worker's workerError: its most bytes, and the worker-error events of the task printed at
+#: once, then one per this many seconds (each worker tells each change once).
+MAX_WORKER_ERROR = 16384
+WORKER_ERROR_BURST = 20
+WORKER_ERROR_GAP = 3.0
+
+
+def _one_line(text: str, most: int) -> str:
+    """A peer's text for one log line: control characters as spaces, at most ``most`` characters."""
+    text = re.sub(r"[\x00-\x1f\x7f]+", " ", text).strip()
+    return text if len(text) <= most else text[:most - 1] + "…"
 
 
 def _js_truthy(value: Any) -> bool:
@@ -730,6 +752,36 @@ class WorkerProofs:
             return None
         expected = worker_proof(self._key, nonce, worker, self.address)
         return isinstance(proof, str) and proof.isascii() and hmac.compare_digest(proof, expected)
+
+
+class WorkerReports:
+    """Which reasons workers told (workerError) are news to print (sans-I/O): each worker's once
+    per change of the files served or of the reason, WORKER_ERROR_BURST at once, then one per
+    WORKER_ERROR_GAP seconds. Memory: a digest per worker, MAX_PROVEN_WORKERS of them."""
+
+    def __init__(self) -> None:
+        #: worker address -> digest of what it told last, least recently told first
+        self._told: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._limit = RateLimit(1 / WORKER_ERROR_GAP, WORKER_ERROR_BURST)
+        #: news held back over the budget since the last one printed; every news so far
+        self.held = self.told = 0
+
+    def news(self, worker: str, files: str, error: str, now: float) -> int | None:
+        """None when there is nothing to print (told before, or over the budget: then counted);
+        else how many news were held back before this one."""
+        digest = hashlib.sha256(("%s\0%s" % (files, error)).encode(errors="replace")).digest()
+        if self._told.get(worker) == digest:
+            return None
+        self._told[worker] = digest
+        self._told.move_to_end(worker)
+        while len(self._told) > MAX_PROVEN_WORKERS:
+            self._told.popitem(last=False)
+        self.told += 1
+        if not self._limit.allow("task", now):
+            self.held += 1
+            return None
+        held, self.held = self.held, 0
+        return held
 
 
 @dataclasses.dataclass
@@ -947,7 +999,9 @@ class Master:
         settings = Settings.of(settings, env, {"token": token, "loglevel": loglevel,
                                                "transfer_encrypt_token": transfer_encrypt_token,
                                                **node_options(options)})
-        #: the settings; master.py uses the swarm's keys, loglevel and the node's
+        if settings.master_seed:  # its own address, apart from a worker's seed in the same .env
+            settings = dataclasses.replace(settings, seed=settings.master_seed)
+        #: the settings; master.py uses the swarm's keys, loglevel, masterSeed and the node's
         self.settings = settings
         self.token = settings.token
         if not self.token:
@@ -996,6 +1050,8 @@ class Master:
         self._started = time.monotonic()
         #: worker address -> when it last asked for work or delivered; bounded, oldest first
         self._workers: collections.OrderedDict[str, float] = collections.OrderedDict()
+        #: why workers cannot run the task (workerError), as far as it is news
+        self.reports = WorkerReports()
         self._answered_at: collections.deque[tuple[float, int]] = collections.deque(maxlen=61)
 
     def _check_key(self) -> None:
@@ -1005,8 +1061,11 @@ class Master:
             try:
                 self.crypt.decrypt(job)
             except CryptError:
-                raise DatabaseError(f"{self.store.path} holds jobs encrypted with another "
-                                    "transferEncryptToken; it was left as it is") from None
+                raise DatabaseError(
+                    f"{self.store.path} holds jobs encrypted with another transferEncryptToken (the key changed "
+                    "since they were queued); it was left as it is: to start over with this key, move it away "
+                    f"(mv {self.store.path} {self.store.path}.old) or pass --db ANOTHER_FILE; to finish those "
+                    "jobs, set the old key back") from None
 
     @property
     def address(self) -> str:
@@ -1034,6 +1093,7 @@ class Master:
         node.register("requestExecAssets", self._serve_exec_assets)
         node.register("requestWork", self._request_work)
         node.register("proveKey", self._prove_key)
+        node.register("workerError", self._worker_error)
         node.register("shareResults", self._share_results)
         node.register("shareResultsBatch", self._share_results_batch)
         node.on("left", self._requeue_worker)
@@ -1131,8 +1191,8 @@ class Master:
                 round(time.monotonic() - self._started, 3))
         return out.text()
 
-    def push_new_job(self, payload: Any) -> None:
-        """Queue a job (a dict is JSON-encoded first, as the JS master does).
+    def push_new_job(self, payload: Any) -> bool:
+        """Queue a job (a dict is JSON-encoded first, as the JS master does); False if skipped.
 
         It is committed with the others pushed in the same loop iteration. A job
         whose id waits, is on lease or has its result already is not queued again.
@@ -1143,10 +1203,11 @@ class Master:
         if not self.store.push(_job_key(job_id), _JSON(self.crypt.encrypt(text))):
             self.stats["jobs skipped"] += 1
             log.debug("job %s is queued, out or answered already: skipped", job_id)
-            return
+            return False
         self._commit_soon()
         if was_empty:
             self._announce_jobs()
+        return True
 
     def set_meta(self, **values: Any) -> None:
         """Note facts of the run (numbers, strings) in the next commit, with the jobs pushed so far."""
@@ -1240,8 +1301,9 @@ class Master:
 
         A Python worker sends ``{"challenge": 64 hex digits}`` after a first
         ``isMaster {}``; the ``proof`` binds its nonce to both addresses under
-        the key (worker.py, "Worker: trusting a master"), and ``workerChallenge``
-        is ours, which it answers with ``proveKey`` ("Who gets work").
+        the key (worker.py, "Worker: trusting a master"), ``workerChallenge``
+        is ours, which it answers with ``proveKey`` ("Who gets work"), and
+        ``workerErrors`` says it may tell us why it cannot run the task.
         """
         args = as_dict(args)
         answer = {**args, "isMaster": "yes", "resultAcks": True, "resultBatches": True, "keyProof": 1}
@@ -1249,6 +1311,7 @@ class Master:
         if isinstance(challenge, str) and re.fullmatch(r"[0-9a-f]{64}", challenge):
             answer["proof"] = master_proof(self._proof_key, bytes.fromhex(challenge), self.address, address)
             answer["workerChallenge"] = self.proofs.challenge(address, os.urandom(32), time.monotonic())
+            answer["workerErrors"] = True  # only a Python worker challenges: no JS peer sees it
         return answer
 
     def _prove_key(self, address: str, args: Any) -> dict:
@@ -1260,13 +1323,43 @@ class Master:
             self.stats["failed worker proofs"] += 1
             self._log(logging.ERROR, "worker-error", "%s holds a different transferEncryptToken: it cannot "
                       "prove the key; fix its .env (or it is not one of your workers)", address,
-                      extra={"qx_event": {"event": "worker-error", "worker": address}})
+                      extra={"qx_event": {"event": "worker-error", "worker": address, "kind": "key"}})
         return {"received": True}
 
-    async def _serve_exec_assets(self, address: str, args: Any) -> dict:
-        """``requestExecAssets``: hashing and encrypting happen in a thread, off the loop."""
-        await asyncio.to_thread(self._assets)
-        return self._request_exec_assets(address, args)  # the files' state is cached now
+    def _worker_error(self, address: str, args: Any) -> dict:
+        """``workerError``: why a worker cannot run the task (a SyntaxError, a dependency pip cannot
+        install, ...), as one ``worker-error`` event per worker and change (of the files served or
+        of the reason). Taken only from a worker that proved the key, at most MAX_WORKER_ERROR
+        bytes, and printed WORKER_ERROR_BURST at once, then one per WORKER_ERROR_GAP seconds.
+        The same answer whatever came."""
+        report = None
+        if address in self.policy.proven and isinstance(args, str) and len(args) <= MAX_WORKER_ERROR:
+            with contextlib.suppress(WorkerError):
+                report = as_dict(self.crypt.decrypt_json(args))
+        error, name = (report or {}).get("error"), (report or {}).get("name")
+        if not isinstance(error, str) or not error:
+            self.stats["worker errors refused"] += 1
+            return {"received": True}
+        error, name = _one_line(error, 1000), _one_line(name, 64) if isinstance(name, str) else None
+        files = self._encrypted_files[0][1] if self._encrypted_files else ""
+        held = self.reports.news(address, files, error, time.monotonic())
+        if held is not None:
+            event = {"event": "worker-error", "worker": address, "name": name, "kind": "task",
+                     **({"more": held} if held else {})}
+            log.error("worker %s (%s) cannot run the task: %s%s", address, name, error,
+                      " (and %d more such reports, not shown)" % held if held else "", extra={"qx_event": event})
+        return {"received": True}
+
+    async def _serve_exec_assets(self, address: str, args: Any) -> Any:
+        """``requestExecAssets``: hashing and encrypting happen in a thread, off the loop. A file
+        that cannot be read (gone since the start) gets no answer: workers keep what they have."""
+        try:
+            await asyncio.to_thread(self._assets)
+            return self._request_exec_assets(address, args)  # the files' state is cached now
+        except OSError as exc:
+            self._log(logging.ERROR, "task files", "cannot read the task file %s: %s; workers get no task "
+                      "files until it is back", exc.filename, exc.strerror or exc)
+            return NO_ANSWER
 
     def _request_exec_assets(self, address: str, args: Any) -> dict:
         unified, files = self._assets()
@@ -1490,6 +1583,10 @@ class Master:
 
 #: Seconds between two redraws of the progress line.
 PROGRESS_EVERY = 0.5
+#: Exit status when a signal ended master.py before every job had its result (README, "When it ends").
+INTERRUPTED = 3
+#: Skipped jobs lines reported one by one at first; then one a second (the summary counts them all).
+LINE_REPORTS = 100
 
 
 def _emit(data: bytes) -> None:
@@ -1610,28 +1707,64 @@ class Progress:
         return True
 
 
+class _LineReports:
+    """``error`` events (and log lines) for skipped jobs lines: LINE_REPORTS at once, then one
+    a second; the others are counted in the next one shown, and all in the summary."""
+
+    def __init__(self) -> None:
+        self._limit = RateLimit(1.0, LINE_REPORTS)
+        self._held = 0
+
+    def __call__(self, line: int, why: str) -> None:
+        if not self._limit.allow("lines", time.monotonic()):
+            self._held += 1
+            return
+        message = "jobs line %d skipped: %s" % (line, why)
+        if self._held:
+            message += " (and %d more skipped lines not shown: the summary counts them)" % self._held
+            self._held = 0
+        log.error("%s", message)
+        _print_event(event="error", line=line, message=message)
+
+
+def job_of_line(text: bytes) -> dict:
+    """A jobs line as the job pushed, or ValueError saying why it is none.
+
+    A job is a JSON object with an ``id``. Its ``data`` goes to the task as text: anything
+    else (an object, a list, a number) becomes its JSON text, as JS masters' users write it
+    (``JSON.stringify``), so ``json.loads(job["data"])`` reads it back."""
+    job = json.loads(text)
+    if not isinstance(job, dict) or job.get("id") is None:
+        raise ValueError('a job is a JSON object with an "id", which its result names')
+    if "data" in job and not isinstance(job["data"], str):
+        job["data"] = storable_json(job["data"])
+    return job
+
+
 async def _feed_jobs(master: Master, handle: Any, line: int) -> None:
-    """Push each JSON line of a file (or stdin) as a job; report a bad line and go on.
+    """Push each JSON line of a file (or stdin) as a job; report a bad line or a job whose id
+    is queued or answered already (a duplicate), and go on.
 
     How far the file was read goes into the same commit as the jobs of the chunk."""
     bad = int(master.store.get("bad_lines", 0))
+    duplicates = int(master.store.get("duplicate_lines", 0))
+    report = _LineReports()
     async for lines, offset in _chunks(handle):
         for text in lines:
             line += 1
             if not text.strip():
                 continue
             try:
-                job = json.loads(text)
-                if not isinstance(job, dict) or job.get("id") is None:
-                    raise ValueError('a job is a JSON object with an "id", which its result names')
+                job = job_of_line(text)
             except ValueError as exc:  # not JSON, not UTF-8, or no id: say so, read on
                 bad += 1
-                message = "jobs line %d skipped: %s" % (line, exc)
-                log.error("%s", message)
-                _print_event(event="error", line=line, message=message)
+                report(line, str(exc))
                 continue
-            master.push_new_job(job)
-        master.set_meta(offset=offset, line=line, bad_lines=bad)
+            if not master.push_new_job(job):
+                duplicates += 1
+                report(line, "id %s is queued, out or answered already in this run (a duplicate)"
+                       % _one_line(storable_json(job["id"]), 64))
+        master.set_meta(offset=offset, line=line, bad_lines=bad, duplicate_lines=duplicates)
         await asyncio.sleep(0)  # commit, and serve workers, between chunks
 
 
@@ -1709,15 +1842,17 @@ def _open_run(store: Store, source: str | None, handle: Any) -> int:
                           "serve them without --jobs, or pass another --db")
     if store.answered:
         store.new_run()
-    store.set(source=source, offset=0, line=0, bad_lines=0, finished=0, started=time.time())
+    store.set(source=source, offset=0, line=0, bad_lines=0, duplicate_lines=0, finished=0, started=time.time())
     return 0
 
 
 def _summary(master: Master, began: float) -> dict:
     store = master.store
     seconds = max(time.time() - float(store.get("started") or began), 1e-9)
+    duplicates = int(store.get("duplicate_lines", 0))
     return {"event": "summary", "jobs": store.answered, "errors": store.errors,
-            "pending": store.waiting + store.leased, "skipped_lines": int(store.get("bad_lines", 0)),
+            "pending": store.waiting + store.leased,
+            "skipped_lines": int(store.get("bad_lines", 0)) + duplicates, "duplicate_lines": duplicates,
             "seconds": round(seconds, 3), "jobs_per_s": round(store.answered / seconds, 1),
             "workers": store.per_worker()}
 
@@ -1740,17 +1875,98 @@ async def _serve(master: Master, stop: asyncio.Event, feeder: asyncio.Task | Non
     return False
 
 
+def task_files(paths: list[str]) -> list[dict]:
+    """The ``--task`` files as master.py serves them; WorkerError, saying what to do, for files
+    no worker could run: none given, none named task.py or task.js (what workers run), one
+    that is missing, no regular file or unreadable, two that land on the same path."""
+    if not paths:
+        raise WorkerError("no --task given: name the task workers run, --task task.py (or task.js), and "
+                          "each file it reads (README, \"Writing a task\")")
+    files: dict[str, dict] = {}
+    for path in paths:
+        if not os.path.isfile(path):  # stat follows links: a folder, a pipe, a device, nothing
+            why = "not a regular file" if os.path.exists(path) else "no such file"
+            raise WorkerError(f"--task {path}: {why}")
+        try:
+            with open(path, "rb") as handle:
+                handle.read(1)
+        except OSError as exc:
+            raise WorkerError(f"--task {path}: cannot read it ({exc.strerror or exc})") from None
+        where = _worker_path(path)
+        if where in files:
+            raise WorkerError(f"--task {files[where]['given']} and --task {path} would both be {where} on "
+                              "workers: give one of them another name or folder")
+        files[where] = {"masterPath": str(Path(path).resolve()), "name": Path(path).name, "workerPath": where,
+                        "given": path}
+    names = [f["name"] for f in files.values()]
+    if len(files) > MAX_ASSET_FILES:
+        raise WorkerError(f"{len(files)} --task files: workers take at most {MAX_ASSET_FILES}")
+    if "task.py" not in names and "task.js" not in names:
+        raise WorkerError("no --task file is named task.py or task.js, the file workers run: "
+                          "name the task so (README, \"Writing a task\")")
+    for name in ("task.py", "task.js"):
+        if names.count(name) > 1:
+            raise WorkerError(f"{names.count(name)} --task files are named {name}: workers run one; "
+                              "serve only one")
+    return [{k: v for k, v in f.items() if k != "given"} for f in files.values()]
+
+
+def refuse_worker_folder(files: list[dict]) -> None:
+    """WorkerError when a worker.py uses a folder the ``files`` are served from: it writes a
+    master's files into its folder, so it would write over them, and delete them when they fail
+    to load (worker.py refuses the other way round)."""
+    for f in files:
+        served, relative = Path(f["masterPath"]), f["workerPath"].lstrip("/")
+        depth = len(Path(relative).parts)
+        below = served.parents[depth - 1] if depth <= len(served.parents) else Path.cwd()
+        for folder in (Path.cwd(), below):  # where a worker would write it there
+            if (folder / relative).resolve() == served and (folder / JOURNAL_NAME).exists():
+                raise WorkerError(
+                    f"a worker.py keeps its journal ({JOURNAL_NAME}) in {folder}, where the --task files are: it "
+                    "would write over them, and delete them when the task fails to load; run master.py from "
+                    "another folder, or the worker in a folder of its own with a copy of .env (README, \"Use "
+                    f"it\"), or remove {JOURNAL_NAME}* if no worker uses {folder} any more")
+
+
+def master_seed(env_path: str, env: dict[str, str]) -> str:
+    """master.py's seed (its address: workers may pin it, master= in their .env): ``masterSeed``.
+
+    An older master.py wrote it as ``seed``, which a worker reading the same .env takes too
+    (the two never meet): such a line is renamed ``masterSeed``, with the same value, so the
+    address stays. Without either, a new one is written."""
+    if env.get("masterSeed"):
+        return env["masterSeed"]
+    if "seed" in read_env_file(env_path) and env.get("seed"):
+        _rename_seed(env_path)
+        log.warning("master.py: seed= in %s is master.py's own: renamed masterSeed= (the same address), so that "
+                    "a worker reading this .env takes an address of its own", env_path)
+        return env["seed"]
+    if env.get("seed"):  # from the environment alone
+        return env["seed"]
+    seed = make_seed()
+    write_env_file(env_path, {"masterSeed": seed})
+    log.warning("master.py: a new masterSeed was written into %s: this master keeps its address", env_path)
+    return seed
+
+
+def _rename_seed(env_path: str) -> None:
+    """``seed=`` becomes ``masterSeed=``; the other lines stay; mode 0600, as write_env_file's."""
+    text = Path(env_path).read_text(encoding="utf-8")
+    text = re.sub(r"^(\s*(?:export\s+)?)seed(\s*=)", r"\1masterSeed\2", text, count=1, flags=re.MULTILINE)
+    fd = os.open(env_path, os.O_WRONLY | os.O_TRUNC)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.chmod(env_path, 0o600)
+
+
 async def run_master(args: argparse.Namespace, jobs: Any = None) -> int:
     """Serve ``args.task`` files and the jobs read from ``jobs`` (a binary file); the exit status."""
     began = time.time()
     limit_loop_errors()
+    files = task_files(args.task)
+    refuse_worker_folder(files)
     env = load_env(args.env)
-    if not env.get("seed"):  # a stable address, which workers may pin (master= in their .env)
-        env["seed"] = make_seed()
-        write_env_file(args.env, {"seed": env["seed"]})
-        log.warning("master.py: a new seed was written into %s: this master keeps its address", args.env)
-    files = [{"masterPath": str(Path(path).resolve()), "name": Path(path).name,
-              "workerPath": _worker_path(path)} for path in args.task]
+    env["masterSeed"] = master_seed(args.env, env)
     deps = [d for d in args.deps.split(",") if d.strip()]
     master = _ConsoleMaster(env=env, exec_assets={"files": files, "dependencies": deps},
                             on_results=lambda result: _print_event(event="result", result=result),
@@ -1773,6 +1989,7 @@ async def run_master(args: argparse.Namespace, jobs: Any = None) -> int:
             feeder.add_done_callback(_feeder_done)
         progress = Progress(master, sys.stderr) if sys.stderr.isatty() else None
         finished = await _serve(master, stop, feeder, follow, progress)
+        unread = feeder is not None and not feeder.done() and source != "-"  # lines of the file left
         if feeder is not None:
             feeder.cancel()
             await asyncio.gather(feeder, return_exceptions=True)
@@ -1786,6 +2003,8 @@ async def run_master(args: argparse.Namespace, jobs: Any = None) -> int:
         _print_event(**_summary(master, began))
         if feeder is not None and not feeder.cancelled() and feeder.exception() is not None:
             return 2
+        if stop.is_set() and (unread or master.store.waiting or master.store.leased):
+            return INTERRUPTED  # the run is kept: the same command continues it
         return 1 if master.store.errors and not args.errors_ok else 0
     finally:
         await master.close()

@@ -1090,11 +1090,11 @@ def loopback_worker(token, folder, name="w", loglevel="warn", **kw):
                     **kw)
 
 
-def loopback_master(token, folder, on_results=None, files=DEFAULT_FILES, **kw):
+def loopback_master(token, folder, on_results=None, files=DEFAULT_FILES, key=KEY, **kw):
     """master.py's Master on 127.0.0.1 serving ``files`` from ``folder``, without LSD, DHT or trackers."""
     from master import Master
     kw.setdefault("trackers", [])
-    return Master(token, {"files": write_assets(folder, files), "dependencies": []}, on_results, None, KEY,
+    return Master(token, {"files": write_assets(folder, files), "dependencies": []}, on_results, None, key,
                   folder=folder, env={}, host="127.0.0.1", lsd=False, dht=False, **kw)
 
 
@@ -1388,6 +1388,11 @@ def readme_block(name):
     return after.split("```", 2)[1].split("\n", 1)[1]
 
 
+def readme_task():
+    """The task.py the README shows ("Writing a task")."""
+    return (HERE / "README.md").read_text().split("```python\n# task.py\n", 1)[1].split("```", 1)[0]
+
+
 def readme_unit():
     """The README's systemd unit: each key of its [Service] section, with its values in order."""
     unit = collections.defaultdict(list)
@@ -1421,7 +1426,7 @@ class MasterProcess:
         self.folder.mkdir(parents=True, exist_ok=True)
         write_assets(self.folder, DEFAULT_FILES)
         (self.folder / "workplace/task.py").write_text(task_text)
-        write_loopback_env(self.folder, token, port=port, seed=seed, LOG_LEVEL="warn")
+        write_loopback_env(self.folder, token, port=port, masterSeed=seed, LOG_LEVEL="warn")
         self.results = []
 
     async def start(self):
@@ -1591,7 +1596,7 @@ class MasterCli:
         self.token = token or "durable-%d" % random.randrange(1 << 40)
         self.port = port or free_port()
         write_assets(self.folder, DEFAULT_FILES)
-        write_loopback_env(self.folder, self.token, port=self.port, seed=w.make_seed(), LOG_LEVEL="warn")
+        write_loopback_env(self.folder, self.token, port=self.port, masterSeed=w.make_seed(), LOG_LEVEL="warn")
         self.events = []  # every run's, in order
         self.torn = 0  # last lines of killed runs cut short
 
@@ -1842,15 +1847,16 @@ class TestEnvFile(unittest.TestCase):
             key = field.metadata["key"]
             self.assertIn("| `%s` |" % key, readme)  # the settings table
             self.assertRegex(example, r"\n#?%s=" % key)
-            self.assertRegex(row, r"[(, ]%s[,)]" % name)  # JS API to Python API
+            if name != "master_seed":  # master.py's alone
+                self.assertRegex(row, r"[(, ]%s[,)]" % name)  # JS API to Python API
 
 
     def test_unknown_keys_are_named_with_the_key_meant(self):
         # issue 25: concurency=2, getbatch=true and batchsize=50 were ignored without a word.
         # The JS worker's and master's env.sample keys (LOG_LEVEL=fatal too) and master.py's
-        # seed are settings: never called unknown.
+        # masterSeed are settings: never called unknown.
         js_keys = {"token": "t" * 20, "transferEncryptToken": KEY, "getBatch": "true", "batchSize": "5",
-                   "LOG_LEVEL": "fatal", "seed": w.make_seed()}
+                   "LOG_LEVEL": "fatal", "seed": w.make_seed(), "masterSeed": w.make_seed()}
         with self.assertLogs("worker", "WARNING") as logs:
             settings = w.Settings.load({**js_keys, "concurency": "2", "getbatch": "true", "batchsize": "50",
                                         "NODE_ENV": "production"})
@@ -5473,6 +5479,36 @@ class TestMasterProof(unittest.TestCase):
         self.assertFalse(pinned.may_ask(peers[1], now))
         self.assertTrue(pinned.may_ask(peers[0], now))
 
+    def test_a_failed_challenge_spends_no_budget_and_its_ban_ends_when_the_peer_comes_back(self):
+        # issue 25: a master.py whose key was fixed and that was started again was ignored for an
+        # hour. Its challenge decrypts nothing (no padding oracle): only asset proofs need the hour.
+        trust = w.MasterTrust()
+        master, js, both, other = (w.Identity().address for _ in range(4))
+        now = 1000.0
+        for i in range(3 * w.PROOF_BUDGET[1][1]):  # failing again and again, as each restart did
+            self.assertFalse(trust.proof_failed(master, now + i, oracle=False))
+            self.assertFalse(trust.may_ask(master, now + i + 0.5))  # not asked while it stays
+            self.assertNotIn(master, trust.next_to_ask([master], now + i + 0.5))
+            trust.left(master)  # gone: its next wire is a new start, perhaps with the key fixed
+            self.assertTrue(trust.may_ask(master, now + i + 0.5))
+        self.assertEqual(len(trust.failures), 0)  # no budget spent
+        self.assertTrue(trust.may_prove(other, now + 200))
+        trust.proof_failed(master, now + 300, oracle=False)
+        self.assertFalse(trust.may_ask(master, now + 300 + w.PROOF_BAN_SECONDS - 1))  # it never left
+        self.assertTrue(trust.may_ask(master, now + 300 + w.PROOF_BAN_SECONDS + 1))
+        # an asset proof decrypts what the peer sent: its hour and its budget stay, left or not
+        trust.proof_failed(js, now, oracle=True)
+        trust.left(js)
+        self.assertFalse(trust.may_ask(js, now + w.PROOF_BAN_SECONDS - 1))
+        self.assertEqual(len(trust.failures), 1)
+        trust.proof_failed(both, now, oracle=False)  # a challenge, then an asset proof, failed
+        trust.proof_failed(both, now + 1, oracle=True)
+        trust.left(both)
+        self.assertFalse(trust.may_ask(both, now + 2))
+        for i in range(2 * w.MAX_REMEMBERED):  # bounded, whatever fails
+            trust.proof_failed("peer-%d" % i, now, oracle=False)
+        self.assertLessEqual(len(trust._failed_challenge), w.MAX_REMEMBERED)
+
 
 class TestMasterTrust(AsyncTest):
     """Token-only peers against a real worker over loopback sockets."""
@@ -5788,20 +5824,68 @@ class TestMasterTrust(AsyncTest):
         self.assertEqual(cluster.results, [])  # it decrypts, but answers no job on lease to the thief
         self.assertEqual(cluster.master.stats["results refused"], 30)
 
+    @staticmethod
+    def master_py_address(folder):
+        """The address in the ready line of ``python master.py`` started in ``folder``, then ended."""
+        with subprocess.Popen([sys.executable, MASTER_PY, "--task", "task.py"], cwd=folder, env=clean_env(),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL) as proc:
+            try:
+                return json.loads(proc.stdout.readline())["address"]
+            finally:
+                proc.terminate()
+
     def test_master_py_keeps_its_address_across_restarts(self):
         with tempfile.TemporaryDirectory() as tmp:
             write_loopback_env(tmp, "stable-%d" % random.randrange(1 << 30))
-            addresses = []
-            for _ in range(2):
-                with subprocess.Popen([sys.executable, MASTER_PY], cwd=tmp, env=clean_env(),
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL) as proc:
-                    try:
-                        addresses.append(json.loads(proc.stdout.readline())["address"])
-                    finally:
-                        proc.terminate()
+            (Path(tmp) / "task.py").write_text(TASK_PY)
+            addresses = [self.master_py_address(tmp) for _ in range(2)]
             self.assertEqual(addresses[0], addresses[1])
-            self.assertIn("seed=", (Path(tmp) / ".env").read_text())
+            values = w.read_env_file(Path(tmp) / ".env")
+            self.assertEqual(w.Identity(values["masterSeed"]).address, addresses[0])
+            # issue 25: it wrote seed=, which a worker reading the same .env took too: the two never met
+            self.assertNotIn("seed", values)
+            self.assertIsNone(w.Settings.load(values).seed)
+
+    def test_the_seed_an_older_master_py_wrote_keeps_its_address_and_is_no_workers_any_more(self):
+        # issue 25: users pin master.py's address (master=): an older master.py's .env keeps it
+        with tempfile.TemporaryDirectory() as tmp:
+            old = w.make_seed()
+            write_loopback_env(tmp, "older-%d" % random.randrange(1 << 30), seed=old, name="kept")
+            (Path(tmp) / "task.py").write_text(TASK_PY)
+            before = (Path(tmp) / ".env").read_text()
+            self.assertEqual(self.master_py_address(tmp), w.Identity(old).address)
+            self.assertEqual((Path(tmp) / ".env").read_text(), before.replace("seed=", "masterSeed="))
+            self.assertEqual(file_mode(Path(tmp) / ".env"), "0o600")
+            self.assertEqual(self.master_py_address(tmp), w.Identity(old).address)
+            self.assertIsNone(w.Settings.load(w.read_env_file(Path(tmp) / ".env")).seed)
+
+    @time_limit(60)
+    async def test_master_py_started_again_with_the_key_fixed_is_taken_back_within_seconds(self):
+        # issue 25: the worker ignored it for an hour, and neither side said a word (0 results in 90 s)
+        tmp = self.tmp()
+        token, port, seed = "fixed-%d" % random.randrange(1 << 30), free_port(), w.make_seed()
+        worker = loopback_worker(token, tmp / "w", peers=["127.0.0.1:%d" % port])
+        with self.assertLogs("worker", "ERROR") as logs:
+            wrong = await self.started(loopback_master(token, tmp / "m1", port=port, seed=seed, key="w" * 32))
+            await self.started(worker)
+            await until_logged(logs, "%s holds a different transferEncryptToken, or is no master" % wrong.address)
+            await until_logged(logs, "%s holds a different transferEncryptToken:" % worker.address)  # master.py's
+        self.assertIn("asked again when it comes back", "\n".join(logs.output))
+        await wrong.close()
+        results = []
+        fixed = await self.started(loopback_master(token, tmp / "m2", results.append, port=port, seed=seed))
+        self.assertEqual(fixed.address, wrong.address)  # the same address: it kept its seed
+        fixed.push_new_job({"id": 1, "data": json.dumps({"x": 1})})
+        started = time.monotonic()
+        with self.assertLogs("worker", "INFO") as logs:
+            await until(lambda: results, 20)
+        took = time.monotonic() - started
+        self.assertLess(took, 10.0)  # seconds, not the hour of a padding oracle
+        print("\n  master.py started again with the key fixed: first result after %.2f s" % took, file=sys.stderr)
+        self.assertEqual(worker.master, fixed.address)
+        self.assertTrue(any("master found: %s" % fixed.address in line for line in logs.output), logs.output)
+        self.assertEqual(len(worker.trust.failures), 0)  # no budget spent: other masters may still prove
 
 
 class TestMasterTrustJs(AsyncTest):
@@ -6804,6 +6888,22 @@ class TestAgainstJsMaster(AsyncTest):
     def setUp(self):
         js_ready()
 
+    async def test_a_task_that_does_not_load_brings_the_js_master_no_call_it_does_not_know(self):
+        # issue 25: master.py hears why (workerError); a JS master must never get that call
+        tmp = self.tmp()
+        token = "jsm-broken-%d" % random.randrange(1 << 30)
+        assets = js_master_assets(tmp, {**DEFAULT_FILES, "/workplace/task.py": "class Task:\n    def run(self)\n"})
+        master = await self.started(JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY,
+                                                            "QX_ASSETS": str(assets)}))
+        worker = loopback_worker(token, tmp / "w", "py", peers=["127.0.0.1:%d" % master.ready["port"]])
+        with self.assertLogs("worker", "ERROR") as logs:
+            await self.started(worker)
+            await until_logged(logs, "does not load", 20)
+            self.assertFalse(await worker.sync_assets())
+        await asyncio.sleep(0.5)
+        self.assertEqual({e["call"] for e in master.events if e["event"] == "rpc"}, {"isMaster", "requestExecAssets"})
+        self.assertFalse(worker._caps.errors)
+
     async def run_jobs(self, get_batch, count=500):
         tmp = self.tmp()
         token = "jsmaster-%d" % random.randrange(1 << 30)
@@ -7006,6 +7106,11 @@ class TestCommandLine(AsyncTest):
         self.assertEqual(next_step, w.DEMO_NEXT)
         self.assertEqual(json.loads(last)["result"]["data"], {"bound": 29900, "primes": 3238})
         self.assertEqual(json.loads(last)["result"]["jobID"], 199)
+        # what the README shows the demo print, but for addresses, ports and times (issue 25)
+        shown = (HERE / "README.md").read_text().split("result as master.py prints it, in JSON:\n\n", 1)[1]
+        shown = [line[4:] for line in itertools.takewhile(lambda line: line.startswith("    "), shown.splitlines())]
+        varying = functools.partial(re.sub, r"\bb[1-9A-HJ-NP-Za-km-z]{25,40}\b|\d+(\.\d+)?", "#")
+        self.assertEqual([varying(line) for line in shown], [varying(line) for line in done.stdout.splitlines()])
 
     def test_the_demo_without_master_py_is_one_line(self):
         """What a user who copied only worker.py to a Pi sees."""
@@ -7016,6 +7121,69 @@ class TestCommandLine(AsyncTest):
         self.assertEqual(done.returncode, 2)
         self.assertEqual(done.stderr, "worker.py --demo runs master.py, which is not in %s: run the demo in a "
                          "clone of the project\n" % Path(tmp).resolve())
+
+    @time_limit(90)
+    async def test_master_py_in_its_folder_and_a_worker_with_a_copy_of_its_env_beside_it_meet(self):
+        # issue 25: master.py wrote seed= into the .env, the worker read it too, and the two took
+        # one address and never met (0 results, nothing said on either side)
+        tmp = self.tmp()
+        clone, beside = tmp / "clone", tmp / "worker"
+        for folder in (clone, beside):
+            folder.mkdir()
+        write_loopback_env(clone, "readme-pair-%d" % random.randrange(1 << 30))
+        (clone / "task.py").write_text(readme_task())
+        (clone / "jobs.jsonl").write_text("".join(json.dumps({"id": i, "data": json.dumps({"x": i, "y": 1})}) + "\n"
+                                                  for i in range(20)))
+        master = self.will_kill(await asyncio.create_subprocess_exec(
+            sys.executable, MASTER_PY, "--task", "task.py", "--jobs", "jobs.jsonl", cwd=clone, env=clean_env(),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        ready = json.loads(await master.stdout.readline())
+        shutil.copy(clone / ".env", beside / ".env")  # as the README says: a copy of .env
+        with (beside / ".env").open("a") as env:
+            env.write("peers=127.0.0.1:%d\n" % ready["port"])  # LSD does it on a LAN
+        self.will_kill(await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=beside, env=clean_env(),
+                                                            stderr=subprocess.DEVNULL))
+        out, err = await asyncio.wait_for(master.communicate(), 60)
+        self.assertEqual(master.returncode, 0, err.decode())
+        events = [json.loads(line) for line in out.splitlines()]
+        self.assertEqual(sorted(e["result"]["data"]["sum"] for e in events if e["event"] == "result"),
+                         list(range(1, 21)))
+        self.assertEqual(events[-1]["workers"][0]["results"], 20)
+        self.assertNotEqual(events[-1]["workers"][0]["id"], ready["address"])
+
+    @time_limit(90)
+    async def test_a_worker_in_master_py_s_folder_or_master_py_in_a_worker_s_is_refused_in_one_line(self):
+        # issue 25: a worker writes the master's files into its folder: in master.py's own folder it
+        # writes over the files master.py serves, and deletes them when the task fails to load
+        tmp = self.tmp()
+        token, clone, other = "one-folder-%d" % random.randrange(1 << 30), tmp / "clone", tmp / "other"
+        for folder in (clone, other):
+            folder.mkdir()
+            write_loopback_env(folder, token)
+            (folder / "task.py").write_text(readme_task())
+        master = self.will_kill(await asyncio.create_subprocess_exec(
+            sys.executable, MASTER_PY, "--task", "task.py", cwd=clone, env=clean_env(), stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL))
+        self.assertEqual(json.loads(await master.stdout.readline())["event"], "ready")
+        done = await asyncio.to_thread(subprocess.run, [sys.executable, WORKER_PY], cwd=clone, env=clean_env(),
+                                       capture_output=True, text=True, timeout=30, check=False)
+        self.assertEqual((done.returncode, len(done.stderr.splitlines())), (2, 1), done.stderr)
+        self.assertTrue(done.stderr.startswith("worker.py: %s holds master.db, master.py's queue: " % clone.resolve()),
+                        done.stderr)
+        self.assertIn("run the worker in a folder of its own with a copy of .env", done.stderr)
+        self.assertFalse((clone / w.JOURNAL_NAME).exists())  # it touched nothing
+        # the other way round: master.py where a worker runs
+        self.will_kill(await asyncio.create_subprocess_exec(sys.executable, WORKER_PY, cwd=other, env=clean_env(),
+                                                            stderr=subprocess.DEVNULL))
+        await until(lambda: (other / w.JOURNAL_NAME).exists(), 20)
+        before = (other / ".env").read_text()
+        done = await asyncio.to_thread(subprocess.run, [sys.executable, MASTER_PY, "--task", "task.py"], cwd=other,
+                                       env=clean_env(), capture_output=True, text=True, timeout=30, check=False)
+        self.assertEqual((done.returncode, len(done.stderr.splitlines()), done.stdout), (2, 1, ""), done.stderr)
+        self.assertIn("a worker.py keeps its journal (%s) in %s, where the --task files are" % (
+            w.JOURNAL_NAME, other.resolve()), done.stderr)
+        self.assertEqual((other / ".env").read_text(), before)  # nothing written: no masterSeed either
+        self.assertFalse((other / "master.db").exists())
 
     async def sigterm_with_held_jobs(self, start, files=None):
         """A worker that ``start(folder)`` runs gets 10 jobs of 0.3 s, then SIGTERM: its folder,
@@ -7326,6 +7494,22 @@ class TestLeasePolicy(unittest.TestCase):
         self.assertIsNone(policy.standing("py"))
         self.assertEqual(policy.held, 10)
 
+    def test_worker_reports_are_news_once_per_change_within_a_budget(self):
+        from master import MAX_PROVEN_WORKERS, WORKER_ERROR_BURST, WORKER_ERROR_GAP, WorkerReports
+        reports, now = WorkerReports(), 1000.0
+        self.assertEqual(reports.news("w1", "files", "SyntaxError", now), 0)
+        self.assertIsNone(reports.news("w1", "files", "SyntaxError", now + 60))  # told before
+        self.assertEqual(reports.news("w2", "files", "SyntaxError", now), 0)  # another worker
+        self.assertEqual(reports.news("w1", "files 2", "SyntaxError", now), 0)  # other files
+        self.assertEqual(reports.news("w1", "files 2", "ImportError", now), 0)  # another reason
+        shown = sum(reports.news("w%d" % i, "f", "e", now) is not None for i in range(100))
+        self.assertEqual(shown, WORKER_ERROR_BURST - 4)
+        self.assertEqual(reports.news("w100", "f", "e", now + WORKER_ERROR_GAP), 100 - shown)  # says how many
+        self.assertIsNone(reports.news("w101", "f", "e", now + WORKER_ERROR_GAP))
+        for i in range(2 * MAX_PROVEN_WORKERS):
+            reports.news("x%d" % i, "f", "e", now)
+        self.assertEqual(len(reports._told), MAX_PROVEN_WORKERS)
+
 
 # master.py: announces, requeues, late results, the --jobs feeder ############
 
@@ -7544,6 +7728,77 @@ class TestMasterPy(AsyncTest):
                                 for line in logs.output))
             self.assertIsNone(worker.master)
 
+    @time_limit(90)
+    async def test_cli_names_a_worker_that_cannot_run_the_task_once_per_change(self):
+        # issue 25: with a SyntaxError in task.py the worker logged it, and master.py showed
+        # "0/50 jobs ... 0 worker(s)" for ever
+        tmp = self.tmp()
+        token, port = "cannot-run-%d" % random.randrange(1 << 30), free_port()
+        task = tmp / "m" / "workplace" / "task.py"
+        master = await self.started(EventsMasterProcess(tmp / "m", token, port, w.make_seed(), task_text=(
+            "class Task:\n    def run(self, job)\n        return 1\n")))
+        master.push(range(5))
+        worker = loopback_worker(token, tmp / "w", "pi-3", peers=["127.0.0.1:%d" % port])
+
+        def told():
+            return [e for e in master.events if e["event"] == "worker-error"]
+        with self.assertLogs("worker", "ERROR"):
+            await self.started(worker)
+            await until(told, 20)
+            for _ in range(3):  # its checks every 30 s when idle: nothing new, nothing told
+                self.assertFalse(await worker.sync_assets())
+            task.write_text("import qx_no_such_module\n")  # another reason
+            self.assertFalse(await worker.sync_assets())
+            await until(lambda: len(told()) >= 2, 10)
+            task.write_text("import qx_no_such_module\n\n")  # other files, the same reason
+            self.assertFalse(await worker.sync_assets())
+            await until(lambda: len(told()) >= 3, 10)
+        task.write_text(TASK_PY)  # fixed: the jobs run, nothing more is told
+        self.assertTrue(await worker.sync_assets())
+        await until(lambda: len(master.results) >= 5, 20)
+        await asyncio.sleep(0.5)
+        first, second, third, *more = told()
+        self.assertEqual({k: first[k] for k in ("worker", "name", "kind")},
+                         {"worker": worker.address, "name": "pi-3", "kind": "task"})
+        self.assertEqual(first["message"], "worker %s (pi-3) cannot run the task: workplace/task.py does not load: "
+                         "SyntaxError: expected ':' (task.py, line 2)" % worker.address)
+        self.assertIn("ModuleNotFoundError: No module named 'qx_no_such_module'", second["message"])
+        self.assertEqual(third["message"], second["message"])
+        self.assertEqual(more, [])  # nothing more once it runs
+
+    async def test_worker_errors_are_taken_from_proven_workers_once_per_change_and_bounded(self):
+        import master as m
+        cluster = await self.started(Cluster(self.tmp()))
+        address, crypt = cluster.master.address, w.Crypt(KEY)
+        thief = self.will_close(await thief_of(cluster))  # knows the token only
+        proven = self.will_close(await proven_thief(cluster))
+
+        async def tell(node, error, name="pi"):
+            answer = await node.rpc(address, "workerError", crypt.encrypt_json({"name": name, "error": error}))
+            self.assertEqual(answer, {"received": True})  # whatever came
+        with self.assertLogs("worker", "ERROR") as logs:
+            told = lambda: [record for record in logs.records if hasattr(record, "qx_event")]
+            for i in range(30):
+                await tell(thief, "flood %d" % i)
+            for junk in (5, "x", {}, None, "é" * 64, crypt.encrypt_json([1]), crypt.encrypt_json({"error": 5}),
+                         crypt.encrypt_json({"error": "x" * (m.MAX_WORKER_ERROR + 1)})):
+                self.assertEqual(await proven.rpc(address, "workerError", junk), {"received": True})
+            self.assertEqual(told(), [])
+            self.assertEqual(cluster.master.stats["worker errors refused"], 30 + 8)
+            for _ in range(5):  # once per change
+                await tell(proven, "line one\nline two\x1b[31m" + "y" * 5000, name="n" * 500)
+            self.assertEqual(len(told()), 1)
+            event, text = told()[0].qx_event, told()[0].getMessage()
+            self.assertEqual((event["worker"], event["name"], event["kind"]), (proven.address, "n" * 63 + "…", "task"))
+            self.assertLess(len(text), 1200)
+            self.assertNotRegex(text, r"[\x00-\x1f]")
+            self.assertIn("line one line two [31m", text)
+            for i in range(200):  # a key holder gone wrong: a burst, then one per WORKER_ERROR_GAP seconds
+                await tell(proven, "reason %d" % i)
+            self.assertGreaterEqual(len(told()), m.WORKER_ERROR_BURST)
+            self.assertLessEqual(len(told()), m.WORKER_ERROR_BURST + 3)
+        self.assertEqual(cluster.master.reports.told, 201)
+
     async def js_worker_run(self, count, **env):
         """The JS worker harness (interop/worker.js) alone against master.py: results/s."""
         js_ready()
@@ -7638,7 +7893,45 @@ class TestMasterPy(AsyncTest):
         await asyncio.sleep(0.5)  # read; the feeder waits for the next line
         master.proc.send_signal(15)
         code = await asyncio.wait_for(master.proc.wait(), 5)
-        self.assertEqual(code, 0)  # in 5 s: stdin still open
+        self.assertEqual(code, 3)  # in 5 s: stdin still open; 3, not 0: job 0 had no result (issue 25)
+
+    def test_cli_refuses_a_task_it_cannot_serve_at_once_in_one_line(self):
+        # issue 25: --task nosuch.py printed ready, then a FileNotFoundError traceback when a worker
+        # asked; without --task, workers said "files must be a list of 1 to 256 files", master.py nothing
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            write_loopback_env(folder, "cli-task-%d" % random.randrange(1 << 30))
+            (folder / "task.py").write_text(TASK_PY)
+            (folder / "data.csv").write_text("1,2\n")
+            (folder / "a").mkdir()
+            (folder / "a" / "task.py").write_text(TASK_PY)
+            (folder / "b").mkdir()
+            (folder / "b" / "data.csv").write_text("3,4\n")
+            os.mkfifo(folder / "pipe.py")
+            cases = {(): "no --task given: name the task workers run, --task task.py (or task.js)",
+                     ("nosuch.py",): "--task nosuch.py: no such file",
+                     ("task.py", "a"): "--task a: not a regular file",
+                     ("pipe.py",): "--task pipe.py: not a regular file",
+                     ("data.csv",): "no --task file is named task.py or task.js",
+                     ("task.py", "a/task.py"): "2 --task files are named task.py",
+                     ("task.py", str(folder / "data.csv"), str(folder / "b" / "data.csv")):  # by absolute paths
+                     "--task %s and --task %s would both be /workplace/data.csv on workers" % (
+                         folder / "data.csv", folder / "b" / "data.csv")}
+            if os.geteuid() != 0:  # root reads any file
+                (folder / "secret.py").write_text("")
+                (folder / "secret.py").chmod(0)
+                cases[("task.py", "secret.py")] = "--task secret.py: cannot read it (Permission denied)"
+            for tasks, words in cases.items():
+                with self.subTest(tasks):
+                    argv = [arg for task in tasks for arg in ("--task", task)]
+                    done = subprocess.run([sys.executable, MASTER_PY, *argv, "--jobs", "-"], cwd=folder,
+                                          env=clean_env(), input="", capture_output=True, text=True, timeout=20,
+                                          check=False)
+                    self.assertEqual((done.returncode, done.stdout), (2, ""), done.stdout + done.stderr)  # no ready
+                    self.assertEqual(len(done.stderr.splitlines()), 1, done.stderr)
+                    self.assertTrue(done.stderr.startswith("master.py: " + words), done.stderr)
+            self.assertNotIn("masterSeed", (folder / ".env").read_text())  # nothing written
+            self.assertFalse((folder / "master.db").exists())
 
     async def test_cli_bad_jobs_line_is_reported_and_later_lines_run(self):
         tmp = self.tmp()
@@ -7729,6 +8022,7 @@ class TestMasterDurable(AsyncTest):
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             write_loopback_env(folder, "refuse-%d" % random.randrange(1 << 30), port=free_port())
+            (folder / "task.py").write_text(TASK_PY)
             (folder / "garbage.db").write_bytes(os.urandom(5000))
             (folder / "text.db").write_text("id,name\n1,results of last year\n" * 200)
             with contextlib.closing(sqlite3.connect(folder / "foreign.db")) as db:
@@ -7740,7 +8034,7 @@ class TestMasterDurable(AsyncTest):
             store.close()
             torn = (folder / "torn.db").read_bytes()
             (folder / "torn.db").write_bytes(torn[:len(torn) // 2])  # a disk that lost its end
-            busy = subprocess.Popen([sys.executable, MASTER_PY, "--db", "busy.db"], cwd=folder,
+            busy = subprocess.Popen([sys.executable, MASTER_PY, "--task", "task.py", "--db", "busy.db"], cwd=folder,
                                     env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
             self.addCleanup(busy.wait, 30)
             self.addCleanup(busy.kill)
@@ -7750,8 +8044,8 @@ class TestMasterDurable(AsyncTest):
                      "busy.db": "in use by another master.py"}
             for name, message in cases.items():
                 before = (folder / name).read_bytes()
-                done = subprocess.run([sys.executable, MASTER_PY, "--db", name, "--no-follow"], cwd=folder,
-                                      env=clean_env(), capture_output=True, text=True, timeout=30,
+                done = subprocess.run([sys.executable, MASTER_PY, "--task", "task.py", "--db", name, "--no-follow"],
+                                      cwd=folder, env=clean_env(), capture_output=True, text=True, timeout=30,
                                       check=False)
                 self.assertEqual(done.returncode, 2, (name, done.stderr))
                 self.assertEqual(len(done.stderr.strip().splitlines()), 1, (name, done.stderr))
@@ -7760,6 +8054,37 @@ class TestMasterDurable(AsyncTest):
                 self.assertEqual(done.stdout, "")  # it never started
                 self.assertEqual((folder / name).read_bytes(), before, name)  # left as it was
             busy.stdout.close()
+
+    async def test_cli_a_database_of_jobs_for_another_key_says_what_to_do(self):
+        # issue 25: after the key was fixed, master.db was refused with no hint to move it or use --db
+        cli = MasterCli(self.tmp() / "m")
+        env = cli.folder / ".env"
+        env.write_text(env.read_text().replace(KEY, "w" * 32))  # a wrong key
+        write_jobs(cli.folder / "jobs.jsonl", 10)
+        await self.started(cli, "--jobs", "jobs.jsonl")  # the jobs wait, encrypted with it
+        await until(lambda: cli.of("ready"), 20)
+        await asyncio.sleep(0.5)
+        await cli.kill()
+        env.write_text(env.read_text().replace("w" * 32, KEY))  # the key, fixed
+        db = cli.folder / "master.db"
+
+        def jobs():
+            with contextlib.closing(sqlite3.connect(db)) as connection:
+                return connection.execute("SELECT job_key, payload FROM jobs ORDER BY seq").fetchall()
+        before = jobs()
+        self.assertEqual(len(before), 10)
+        await self.started(cli, "--jobs", "jobs.jsonl")
+        self.assertEqual(await cli.exit(), 2)
+        self.assertEqual(len(cli.stderr.splitlines()), 1, cli.stderr)
+        self.assertIn("holds jobs encrypted with another transferEncryptToken (the key changed since they were "
+                      "queued); it was left as it is: to start over with this key, move it away (mv %s %s.old) "
+                      "or pass --db ANOTHER_FILE; to finish those jobs, set the old key back" % (db, db), cli.stderr)
+        self.assertEqual(jobs(), before)
+        db.rename(cli.folder / "master.db.old")  # as it says
+        await self.started(cli, "--jobs", "jobs.jsonl")
+        await self.workers(cli, 1, batch=5)
+        self.assertEqual(await cli.exit(), 0, cli.stderr)
+        self.assert_each_once(cli.results, 10)
 
     @time_limit(180)
     async def test_memory_stays_flat_however_many_jobs_are_answered(self):
@@ -7971,6 +8296,47 @@ class TestMasterDurable(AsyncTest):
         xs = sorted(r["data"]["sum"] // 2 for r in cli.results)
         self.assertEqual(xs, list(range(count)))  # each line's job once: none skipped, none twice
         self.assertEqual((cli.events[-1]["jobs"], cli.events[-1]["skipped_lines"]), (count, 9))
+
+    async def test_cli_interrupted_with_jobs_pending_exits_3_and_the_same_command_continues(self):
+        # issue 25: it exited 0, which a script takes for success
+        cli = MasterCli(self.tmp() / "m")
+        write_jobs(cli.folder / "jobs.jsonl", 30)
+        for sig in (2, 15):  # SIGINT (Ctrl-C), SIGTERM
+            await self.started(cli, "--jobs", "jobs.jsonl")  # no worker: every job pending
+            await until(lambda: cli.of("ready"), 20)
+            await asyncio.sleep(0.3)
+            cli.proc.send_signal(sig)
+            self.assertEqual(await cli.exit(), 3, cli.stderr)
+            self.assertEqual((cli.events[-1]["event"], cli.events[-1]["pending"]), ("summary", 30))
+            del cli.events[:]
+        await self.started(cli, "--jobs", "jobs.jsonl")  # the same command continues the run
+        await self.workers(cli, 1, batch=10)
+        self.assertEqual(await cli.exit(), 0, cli.stderr)
+        self.assert_each_once(cli.results, 30)
+
+    async def test_cli_data_that_is_not_text_is_sent_as_its_json_and_duplicates_are_reported(self):
+        # issue 25: "data": {...} passed through and the README's own task (json.loads(job["data"]))
+        # failed; a duplicate id was dropped without a word and not counted
+        cli = MasterCli(self.tmp() / "m")
+        (cli.folder / "workplace" / "task.py").write_text(readme_task())
+        lines = [{"id": 1, "data": {"x": 1, "y": 2}}, {"id": 2, "data": json.dumps({"x": 2, "y": 2})},
+                 {"id": 1, "data": {"x": 9, "y": 9}}, {"id": "é", "data": {"y": 0.5, "x": 3}},
+                 "{not json", {"id": 2, "data": "{}"}, {"id": 4, "data": [5, 6]}]
+        text = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
+        (cli.folder / "jobs.jsonl").write_text(text + "".join('{"id": 1}\n' for _ in range(300)))
+        await self.started(cli, "--jobs", "jobs.jsonl")
+        await self.workers(cli, 1, batch=10)
+        self.assertEqual(await cli.exit(), 1, cli.stderr)  # job 4: a list has no "x"
+        sums = {r["jobID"]: r["data"]["sum"] for r in cli.results if not r.get("error")}
+        self.assertEqual(sums, {1: 3, 2: 4, "é": 3.5})
+        self.assertIn("TypeError", next(r for r in cli.results if r["jobID"] == 4)["error"]["type"])
+        errors = cli.of("error")
+        self.assertEqual([e["line"] for e in errors[:3]], [3, 5, 6])
+        self.assertEqual(errors[0]["message"], "jobs line 3 skipped: id 1 is queued, out or answered already in "
+                         "this run (a duplicate)")
+        self.assertLessEqual(len(errors), 3 + 100)  # 303 skipped lines: a burst of them, then one a second
+        summary = cli.events[-1]
+        self.assertEqual((summary["jobs"], summary["skipped_lines"], summary["duplicate_lines"]), (4, 303, 302))
 
     async def test_cli_skips_a_job_without_id_with_an_error_event(self):
         # its result could not be matched: it would leave the queue when handed out, and the

@@ -666,8 +666,9 @@ class Settings:
 
     The field names are the keyword arguments of ``Worker``, ``Master`` and
     ``Bugout``; each field's ``key`` (its metadata) is its .env key, the JS name
-    (README, "Settings"). The Worker reads every field, master.py the swarm's,
-    ``loglevel`` and the node's (``NODE_SETTINGS``), Bugout the node's.
+    (README, "Settings"). The Worker reads every field but ``master_seed``,
+    master.py the swarm's, ``loglevel``, ``master_seed`` and the node's
+    (``NODE_SETTINGS``), Bugout the node's.
     """
     # the swarm
     token: str | None = _setting("token")
@@ -687,6 +688,8 @@ class Settings:
     master: tuple[str, ...] = _setting("master", "", _items)
     status_port: int | None = _setting("statusPort", None, parse_status_port)
     status_host: str = _setting("statusHost", "127.0.0.1", str)
+    # master.py: its own seed (its address), apart from the worker's ``seed`` in a .env both read
+    master_seed: str | None = _setting("masterSeed")
     # the node: TCP, LSD, the DHT, trackers and WebRTC
     seed: str | None = _setting("seed", node=True)
     host: str = _setting("host", "0.0.0.0", node=True)
@@ -6338,10 +6341,15 @@ def check_npm_package(text: Any) -> str:
 #   tokens protect").
 #
 # Every failed proof looks the same from outside: the worker stops talking to
-# that peer. It is not asked again for PROOF_BAN_SECONDS; failed proofs over
-# all peers have a budget (PROOF_BUDGET), past which unproven peers are
-# ignored until the budget frees, with one error line. A proof that is not
-# answered in time is no failure: that peer is asked again later.
+# that peer. A failed asset proof decrypted what the peer sent, so it is what
+# a padding oracle would be made of: that peer is not asked again for
+# PROOF_BAN_SECONDS, and such failures over all peers have a budget
+# (PROOF_BUDGET), past which unproven peers are ignored until the budget
+# frees, with one error line. A failed challenge decrypted nothing: it costs
+# no budget, and its peer is asked again once it comes back (its wires gone,
+# then a new one), as a master.py restarted with the key fixed does; its
+# line comes once a minute at most. A proof that is not answered in time is
+# no failure: that peer is asked again later.
 #
 # Checks are bounded: CHECK_CONCURRENCY ``isMaster`` checks of new peers at
 # once, CHECK_QUEUE waiting; failover asks and peers with a wire of their own
@@ -6434,11 +6442,13 @@ class MasterCaps:
     acks: bool = False
     batches: bool = False
     key_proof: bool = False
+    #: it takes ``workerError``: why its task cannot run here (master.py)
+    errors: bool = False
 
     @classmethod
     def of(cls, answer: dict) -> MasterCaps:
         return cls(bool(answer.get("resultAcks")), bool(answer.get("resultBatches")),
-                   answer.get("keyProof") == 1)
+                   answer.get("keyProof") == 1, answer.get("workerErrors") is True)
 
 
 @dataclasses.dataclass
@@ -6531,6 +6541,7 @@ class MasterTrust:
         # private
         self._banned: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._said_no: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._failed_challenge: collections.OrderedDict[str, float] = collections.OrderedDict()  # when
         self._locked_logged = False
 
     def allowed(self, address: str) -> bool:
@@ -6572,10 +6583,20 @@ class MasterTrust:
         while len(self.candidates) > MAX_CANDIDATES:
             self.candidates.popitem(last=False)
 
-    def proof_failed(self, address: str, now: float) -> bool:
-        """Ban the address and spend budget; True when this failure locks proofs."""
+    def proof_failed(self, address: str, now: float, oracle: bool = True) -> bool:
+        """Ban the address; True when this failure locks proofs.
+
+        ``oracle``: the proof decrypted what the peer sent (a JS master's
+        assets): the ban lasts PROOF_BAN_SECONDS and spends budget. A failed
+        challenge (master.py's, which decrypts nothing) spends none, and its
+        ban ends when the peer leaves (:meth:`left`).
+        """
         self.candidates.pop(address, None)
         _remember(self._banned, address, now + PROOF_BAN_SECONDS)
+        if not oracle:
+            _remember(self._failed_challenge, address, now)
+            return False
+        self._failed_challenge.pop(address, None)
         was_free = self.locked_until(now) <= now
         self.failures.append(now)
         longest = max(window for window, _ in PROOF_BUDGET)
@@ -6585,6 +6606,12 @@ class MasterTrust:
 
     def proof_timed_out(self, address: str, now: float) -> None:
         _remember(self._banned, address, now + PROOF_RETRY_SECONDS)
+
+    def left(self, address: str) -> None:
+        """Every wire of ``address`` is gone. If it failed only our challenge, it may be asked
+        again when it comes back: a master.py started again, with the key fixed."""
+        if self._failed_challenge.pop(address, None) is not None:
+            self._banned.pop(address, None)
 
     def adopt(self, address: str) -> None:
         """``address`` proved the key (or had before): it is the master now."""
@@ -7790,6 +7817,17 @@ def _manifest_ok(value: Any, folder: Path) -> bool:
     return True
 
 
+#: The most characters of a reason told to master.py (``workerError``).
+MAX_TOLD_ERROR = 1000
+
+
+def _asset_key(answer: Any) -> str:
+    """What tells one asset answer from another (its files' hashes), whatever its shape."""
+    files = answer.get("files") if isinstance(answer, dict) else None
+    listed = [f.get("sha256") for f in files if isinstance(f, dict)] if isinstance(files, list) else []
+    return hashlib.sha256(repr(listed).encode()).hexdigest()
+
+
 def _call_failed(exc: Exception) -> str:
     """Why a call to the master failed, in plain words (the exception's text names RPCs and wires)."""
     if isinstance(exc, RpcUnreachable):
@@ -7919,6 +7957,12 @@ class Worker:
         self._started = time.monotonic()
         self._assets_since: float | None = None
         self._reported: tuple = ()
+        #: one line a minute per kind of what peers cause here (failed challenges)
+        self._log = _LogLimit()
+        #: why the master's task cannot run here (None: it can, or nothing is known), and the last
+        #: (master, its files, why) told to master.py (``workerError``: once per change)
+        self._problem: str | None = None
+        self._told: tuple | None = None
 
     @property
     def address(self) -> str:
@@ -8083,6 +8127,7 @@ class Worker:
 
     def _on_left(self, address: str) -> None:
         self.trust.candidates.pop(address, None)
+        self.trust.left(address)
         if self.trust.lose(address) and not self._stopping:
             log.warning("master %s left; results are kept until a master is back", address)
             self._failover()
@@ -8136,13 +8181,16 @@ class Worker:
         if not await self._proof_slot(address):
             return False
         try:
-            verified = await (self._challenge(address) if caps.key_proof else self._asset_proof(address))
+            if caps.key_proof:  # its caps as its answer to the challenge says them (workerErrors)
+                caps, verified = await self._challenge(address), None
+            else:
+                verified = await self._asset_proof(address)
         except (RpcTimeout, InvalidState):  # no answer, or it left before we could ask
             self.trust.proof_timed_out(address, time.monotonic())
             log.debug("%s did not answer its proof in time", address)
             return False
         except ProofFailed:
-            self._proof_failed(address)
+            self._proof_failed(address, oracle=not caps.key_proof)
             return False
         finally:
             self._proofs.pop(address, None)
@@ -8165,9 +8213,10 @@ class Worker:
                 return True
             await asyncio.sleep(0.25)
 
-    async def _challenge(self, address: str) -> None:
+    async def _challenge(self, address: str) -> MasterCaps:
         """master.py's proof: our fresh nonce, HMAC'd with both addresses under the key;
-        then ours, for the nonce of its answer (awaited: it knows us before we ask for work)."""
+        then ours, for the nonce of its answer (awaited: it knows us before we ask for work).
+        The caps its answer says (only this answer says ``workerErrors``: JS peers never see it)."""
         nonce = os.urandom(32)
         answer = await self.node.rpc(address, "isMaster", {"challenge": nonce.hex()}, timeout=CHECK_TIMEOUT)
         answer = as_dict(answer)
@@ -8184,11 +8233,16 @@ class Worker:
                 self._spawn(call)
         if not proven:
             raise ProofFailed(address)
+        return MasterCaps.of(answer)
 
     async def _prove_key(self, address: str, proof: str) -> None:
         """``proveKey``: our answer to master.py's challenge; its answer says nothing."""
+        await self._call_quietly(address, "proveKey", {"proof": proof})
+
+    async def _call_quietly(self, address: str, name: str, args: Any) -> None:
+        """A call to master.py whose answer says nothing, and whose failure changes nothing."""
         with contextlib.suppress(RpcTimeout, InvalidState):
-            await self.node.rpc(address, "proveKey", {"proof": proof}, timeout=CHECK_TIMEOUT)
+            await self.node.rpc(address, name, args, timeout=CHECK_TIMEOUT)
 
     async def _asset_proof(self, address: str) -> VerifiedAssets:
         """A JS master's proof: every file, decrypted, hashes to what it says."""
@@ -8199,16 +8253,22 @@ class Worker:
             log.debug("proof of %s: %s", address, exc)
             raise ProofFailed(address) from None
 
-    def _proof_failed(self, address: str) -> None:
-        """The same for every failure: the peer is not asked again for a long while."""
+    def _proof_failed(self, address: str, oracle: bool) -> None:
+        """The peer is told nothing; it is not asked again for a long while, or, when the proof
+        decrypted nothing (``oracle`` False: master.py's challenge), until it comes back."""
         now = time.monotonic()
-        if self.trust.proof_failed(address, now):
+        if self.trust.proof_failed(address, now, oracle):
             log.error("%d peers failed to prove the key lately: no unproven peer is asked until %s "
                       "(pin your master with master= in .env)", len(self.trust.failures),
                       time.strftime("%H:%M", time.localtime(time.time() + self.trust.locked_until(now) - now)))
-        log.error("%s holds a different transferEncryptToken, or is no master: it says it is the master "
-                  "but did not prove that it holds ours; not asked again for %d min",
-                  address, PROOF_BAN_SECONDS // 60)
+        if oracle:  # the budget bounds these lines
+            log.error("%s holds a different transferEncryptToken, or is no master: it says it is the master "
+                      "but did not prove that it holds ours; not asked again for %d min",
+                      address, PROOF_BAN_SECONDS // 60)
+        else:  # a peer may fail again each time it comes back: one line a minute
+            self._log(logging.ERROR, "challenge failed", "%s holds a different transferEncryptToken, or is no "
+                      "master: it says it is the master but did not prove that it holds ours; asked again when "
+                      "it comes back (fix the key in its .env or in ours, then start it again)", address)
 
     def _adopt(self, address: str, caps: MasterCaps, how: str) -> None:
         self.trust.adopt(address)
@@ -8216,6 +8276,7 @@ class Worker:
         self._caps = caps
         self._master_timeouts = 0
         self._assets_ok = False  # no work from it before its assets are known to be ours
+        self._told = None  # a master.py started again has heard nothing of us
         log.info("master found: %s (%s)", address, how)
         self.journal.submit(self.journal.set_meta, "proven", json_dumps(list(self.trust.proven)))
         self._kick_delivery()
@@ -8254,13 +8315,35 @@ class Worker:
             except (RpcTimeout, InvalidState) as exc:
                 log.warning("could not get the task files from master %s: %s", master, _call_failed(exc))
                 return False
-            if isinstance(answer, dict) and answer.get("status") == "same":
+            self._problem = None
+            same = isinstance(answer, dict) and answer.get("status") == "same"
+            if same:
                 self._assets_ok = self._runner is not None or await self._load_task()
             else:
                 self._assets_ok = await self._take_assets(answer)
             if self._assets_ok:
                 self._wake.set()  # ready: the job loop asks for work now
+            self._tell_master(master, current if same else _asset_key(answer))
             return self._assets_ok
+
+    def _cannot_run(self, why: str, logged: str | None = None) -> None:
+        """Log why the master's task cannot run here (``logged``: a fuller line), and keep it for
+        master.py (paths inside the worker folder relative to it)."""
+        log.error("%s", logged or why)
+        self._problem = why.replace(str(self.folder) + os.sep, "")
+
+    def _tell_master(self, master: str, offered: str) -> None:
+        """Tell master.py why its task cannot run here, once per change of its files (``offered``)
+        or of the reason. Only a master that says ``workerErrors`` (master.py) gets the call."""
+        if self._assets_ok:
+            self._problem = self._told = None
+            return
+        told = (master, offered, self._problem)
+        if self._problem is None or not self._caps.errors or told == self._told:
+            return
+        self._told = told
+        report = {"name": self.name, "error": self._problem[:MAX_TOLD_ERROR]}
+        self._spawn(self._call_quietly(master, "workerError", self.crypt.encrypt_json(report)))
 
     async def _use_proof_assets(self, verified: VerifiedAssets) -> None:
         """A JS master's proof brought every file: write them unless they are ours already."""
@@ -8279,7 +8362,7 @@ class Worker:
                 verified = await asyncio.to_thread(verify_assets, answer, self.crypt, self.folder,
                                                    text_reads=not self._caps.key_proof)
         except (UnsafeAsset, CryptError, AssetError) as exc:
-            log.error("%s; nothing was written", exc)
+            self._cannot_run(f"{exc}; nothing was written")
             return False
         if not self._dependencies_trusted(verified.dependencies):
             return False
@@ -8290,13 +8373,16 @@ class Worker:
         try:
             await asyncio.to_thread(_write_assets, verified.files)
         except OSError as exc:
-            log.error("cannot write the assets in %s: %s", self.folder, exc)
+            self._cannot_run(f"cannot write the assets in {self.folder}: {exc}")
             ready = False
         else:
             await self._save_manifest()
             deps = verified.dependencies
-            ready = (await (self.install_dependencies(deps) if verified.python else
-                            install_npm_packages(self.folder, deps)) and await self._load_task())
+            ready = await (self.install_dependencies(deps) if verified.python else
+                           install_npm_packages(self.folder, deps))
+            if not ready:  # the log has the installer's lines
+                self._problem = "cannot install %s (the worker's log says why)" % ", ".join(deps)
+            ready = ready and await self._load_task()
         if not ready:  # gone: the next sync differs, and the master sends all again (deps too)
             self._remove_assets()
             await self._save_manifest()
@@ -8366,7 +8452,7 @@ class Worker:
         if "task.py" not in names and "task.js" in names:
             return await self._load_js_task(names["task.js"])
         if "task.py" not in names:
-            log.error("the master's assets hold no task.py or task.js")
+            self._cannot_run("the master's assets hold no task.py or task.js")
             return False
         path = safe_asset_path(self.folder, names["task.py"]["workerPath"])
         if self.task_runner == "thread":  # the task imports in our process: .deps must be on our path
@@ -8388,8 +8474,8 @@ class Worker:
         try:
             await runner.start()
         except TaskProcessError as exc:
-            log.error("cannot load %s: %s%s", runner.task_path, exc, "\n" + exc.error["traceback"] if
-                      exc.error["traceback"] else "")
+            self._cannot_run(str(exc), "cannot load %s: %s%s" % (runner.task_path, exc, "\n" + exc.error[
+                "traceback"] if exc.error["traceback"] else ""))
             return False
         self._use_runner(runner)
         self._assets_since = time.time()
@@ -9055,6 +9141,21 @@ async def _demo_worker(master: _DemoMaster, jobs: int) -> int:
     return 0
 
 
+#: What ``python master.py`` keeps beside its .env: a worker there would share its folder.
+MASTER_DB = "master.db"
+
+
+def refuse_master_folder(folder: Path) -> None:
+    """WorkerError when ``folder`` is master.py's: the worker writes the master's files into its
+    folder, so it would write over the very files master.py serves from there, and delete them
+    when they fail to load (master.py refuses the other way round)."""
+    if (folder / MASTER_DB).exists():
+        raise WorkerError(f"{folder} holds {MASTER_DB}, master.py's queue: a worker in master.py's folder would "
+                          "write over the files master.py serves, and delete them when the task fails to load; "
+                          "run the worker in a folder of its own with a copy of .env (README, \"Use it\"), or "
+                          f"remove {MASTER_DB} if no master.py uses {folder} any more")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="worker.py", description="queue-xec worker: joins the swarm named by token, "
@@ -9089,6 +9190,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         worker = Worker(env=load_env(args.env))
+        refuse_master_folder(worker.folder)
     except WorkerError as exc:
         print(f"worker.py: {exc}", file=sys.stderr)
         return 2
