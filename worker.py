@@ -8328,9 +8328,11 @@ class Worker:
 
     def _cannot_run(self, why: str, logged: str | None = None) -> None:
         """Log why the master's task cannot run here (``logged``: a fuller line), and keep it for
-        master.py (paths inside the worker folder relative to it)."""
+        master.py (its files' paths as it names them, others relative to the worker folder)."""
         log.error("%s", logged or why)
-        self._problem = why.replace(str(self.folder) + os.sep, "")
+        for folder in (self.folder / ASSET_FOLDER, (self.folder / ASSET_FOLDER).resolve(), self.folder):
+            why = why.replace(str(folder) + os.sep, "")
+        self._problem = why
 
     def _tell_master(self, master: str, offered: str) -> None:
         """Tell master.py why its task cannot run here, once per change of its files (``offered``)
