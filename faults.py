@@ -13,7 +13,9 @@ the attack's start until 2 s after it, the longest gap between two results
 from the start of the "before" window to the end, and the worker's CPU. The
 attacker runs on the same cores as master and worker: the "during" rate pays
 for its CPU too. ``QX_FAULTS_LOG=1`` prints the end of each worker's log,
-``QX_FAULTS_PROFILE=FILE`` runs the worker under cProfile.
+``QX_FAULTS_PROFILE=FILE`` runs the worker under cProfile. Each attack's JSON line adds
+the first result after its start (``next_result_s``), and, where master.py restarts
+during the attack, the first result after that (``next_result_after_restart_s``).
 The attacks from a tracker, WebRTC and the DHT are the attacker's own ``ws://``
 tracker or DHT node, named in the worker's .env (no ICE server), which the
 attacker starts before the worker and which behave until the attack begins.
@@ -99,22 +101,35 @@ class Swarm:
                              **(dials if self.master_dials else {}))
         t.write_loopback_env(wk, self.token, port=self.port, LOG_LEVEL="info",
                              **({} if self.master_dials else dials), **self.worker_env, **batched)
-        self.master = await asyncio.create_subprocess_exec(
-            sys.executable, str(HERE / "master.py"), "--task", "task.py", "--jobs", "-", cwd=m,
-            env=t.clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.master_log)
-        await self.master.stdout.readline()  # ready
+        await self._start_master()
         limit = self.worker_fds
         profile = ["-m", "cProfile", "-o", os.environ["QX_FAULTS_PROFILE"]] if os.environ.get(
             "QX_FAULTS_PROFILE") else []
         self.worker = await asyncio.create_subprocess_exec(
             sys.executable, *profile, str(HERE / "worker.py"), cwd=wk, env=t.clean_env(), stderr=self.log,
             preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))) if limit else None)
-        self._tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._feed())]
+        self._tasks = [asyncio.ensure_future(self._read(self.master)), asyncio.ensure_future(self._feed())]
         await t.until(lambda: len(self.stamps) > 100, 60)
         return self
 
-    async def _read(self) -> None:
-        async for line in self.master.stdout:
+    async def _start_master(self) -> None:
+        self.master = await asyncio.create_subprocess_exec(
+            sys.executable, str(HERE / "master.py"), "--task", "task.py", "--jobs", "-", cwd=self.root / "m",
+            env=t.clean_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.master_log)
+        await self.master.stdout.readline()  # ready
+
+    async def restart_master(self) -> float:
+        """Stop master.py and start it again (its address, port and queue kept): it dials in anew.
+        Returns when it was started again."""
+        self.master.terminate()
+        await self.master.wait()
+        started = time.monotonic()
+        await self._start_master()
+        self._tasks.append(asyncio.ensure_future(self._read(self.master)))
+        return started
+
+    async def _read(self, master: asyncio.subprocess.Process) -> None:
+        async for line in master.stdout:
             event = json.loads(line)
             if event.get("event") == "result":
                 self.stamps.append(time.monotonic())
@@ -635,6 +650,97 @@ async def replayed_ping(target: Target, until: float) -> dict:
     return {"wires": wires, "pings replayed": len(pings)}
 
 
+async def silent_wires(target: Target, until: float, hosts: int = 1, count: int = 200) -> dict:
+    """200 finished bugout wires that say nothing more, from one host (opened again if closed);
+    the master dials the worker (MASTER_DIALS): its wire is one of the inbound ones."""
+    opened = 0
+
+    async def one(i: int) -> None:
+        nonlocal opened
+        while time.monotonic() < until:
+            try:
+                reader, writer = await connect(target, src(i % hosts))
+            except OSError:
+                await asyncio.sleep(0.2)
+                continue
+            opened += 1
+            writer.write(hello(target))
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await asyncio.wait_for(reader.read(), max(0.0, until - time.monotonic()))
+            writer.close()
+            await asyncio.sleep(1.0)  # holding its wires, not a connect flood (half-open is one)
+    await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
+    return {"connections": opened}
+
+
+async def silent_wires_spread(target: Target, until: float) -> dict:
+    """The same from 200 hosts: maxInbound (200) is the cap that bites."""
+    return await silent_wires(target, until, hosts=200)
+
+
+async def silent_wires_restart(target: Target, until: float) -> dict:
+    """From 200 hosts, and master.py restarts 2 s in: it dials in while the cap is full."""
+    return await silent_wires(target, until, hosts=200)
+
+
+silent_wires_restart.restart_master = 2.0  # type: ignore[attr-defined]
+
+
+def _count_syns(host: str, counts: dict, stop: list) -> None:
+    """Count TCP SYNs to ``host`` on lo, per second (a thread: AF_PACKET, root in the namespace)."""
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+    sock.bind(("lo", 0))
+    sock.settimeout(0.2)
+    target = socket.inet_aton(host)
+    while not stop:
+        try:
+            frame = sock.recv(256)
+        except TimeoutError:
+            continue
+        ip = frame[14:]
+        if len(ip) < 40 or ip[9] != 6 or ip[16:20] != target:
+            continue
+        flags = ip[(ip[0] & 15) * 4 + 13]
+        if flags & 0x12 == 0x02:  # SYN, not SYN-ACK
+            second = int(time.monotonic())
+            counts[second] = counts.get(second, 0) + 1
+    sock.close()
+
+
+async def lsd_flood(target: Target, until: float) -> dict:
+    """BT-SEARCH announces for the swarm as fast as one process sends them, each naming another
+    port, from one host; counted: the dials the worker makes to that host (SYNs seen on lo)."""
+    infohash, _ = w.infohash_of(target.token)
+    sender = src(7)
+    counts: dict[int, int] = {}
+    stop: list = []
+    loop = asyncio.get_running_loop()
+    counter = loop.run_in_executor(None, _count_syns, sender, counts, stop)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((sender, 0))
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(sender))
+    sock.setblocking(False)
+    sent, port = 0, 1024
+    datagrams = [w.lsd_announcement(infohash, p, "bittorrent-lsd-" + os.urandom(20).hex())
+                 for p in range(1024, 1024 + 4096)]
+    while time.monotonic() < until:
+        for _ in range(500):
+            with contextlib.suppress(BlockingIOError):
+                sock.sendto(datagrams[port % 4096], (w.LSD_HOST, w.LSD_PORT))
+                sent += 1
+            port += 1
+        await asyncio.sleep(0)
+    sock.close()
+    await asyncio.sleep(1.0)
+    stop.append(True)
+    await counter
+    return {"datagrams sent": sent, "dials": sum(counts.values()),
+            "most dials in a second": max(counts.values(), default=0)}
+
+
+lsd_flood.worker_env = lambda aux: {"lsd": "true"}  # type: ignore[attr-defined]
+
+
 #: name -> (attack, the worker's descriptor limit, what prepares its payloads)
 ATTACKS = {
     "garbage relayed": (garbage_relayed, None, None),
@@ -656,9 +762,14 @@ ATTACKS = {
     "copied master, master dials": (copied_master, None, None),
     "copied worker, at master.py": (copied_worker, None, None),
     "replayed ping, claims master": (replayed_ping, None, master_pings),
+    "200 silent wires, one host": (silent_wires, None, None),
+    "200 silent wires, 200 hosts": (silent_wires_spread, None, None),
+    "200 silent wires, the master dials in": (silent_wires_restart, None, None),
+    "LSD flood": (lsd_flood, None, None),
 }
 #: attacks whose master dials the worker (its peers= names the worker), not the reverse
-MASTER_DIALS = {"copied master, master dials"}
+MASTER_DIALS = {"copied master, master dials", "200 silent wires, one host", "200 silent wires, 200 hosts",
+                "200 silent wires, the master dials in"}
 
 
 # Attacks on master.py ########################################################
@@ -838,6 +949,17 @@ async def attacker(name: str, port: int, token: str, seconds: float, aux_port: i
     return 0
 
 
+async def _restart_later(swarm: Swarm, delay: float) -> float:
+    await asyncio.sleep(delay)
+    return await swarm.restart_master()
+
+
+def _after_restart(swarm: Swarm, restarted: float, start: float) -> dict:
+    """When the master was started again (from the attack's start), and its first result since."""
+    return {"master_restarted_s": restarted - start, "next_result_after_restart_s": next(
+        (s - restarted for s in swarm.stamps if s >= restarted), float("nan"))}
+
+
 async def measure(name: str, seconds: float) -> dict:
     """One attack on a fresh master and worker; the attacker is a process of its own."""
     on_master = name in MASTER_ATTACKS
@@ -861,6 +983,8 @@ async def measure(name: str, seconds: float) -> dict:
             start, lines, cpu = time.monotonic(), swarm.log_lines(on_master), swarm.cpu_seconds()
             master_cpu, attacker_cpu = swarm.cpu_seconds(swarm.master), swarm.cpu_seconds(proc)
             proc.stdin.write(b"go %d\n" % len(swarm.stamps))
+            restart = getattr(attack, "restart_master", None)  # it dials in during the attack
+            restarting = asyncio.ensure_future(_restart_later(swarm, restart)) if restart else None
             notes = json.loads(await asyncio.wait_for(proc.stdout.readline(), seconds + 180) or "{}")
             await asyncio.sleep(start + seconds - time.monotonic())  # an attack may end early
             end = time.monotonic()
@@ -878,6 +1002,8 @@ async def measure(name: str, seconds: float) -> dict:
                     "jobs_per_s_before": swarm.rate(before, start),
                     "jobs_per_s_during": swarm.rate(start, end), "log_lines": lines,
                     "longest_gap_s": swarm.longest_gap(before, end + 2.0),
+                    "next_result_s": next((s - start for s in swarm.stamps if s >= start), float("nan")),
+                    **(_after_restart(swarm, await restarting, start) if restarting else {}),
                     "attack_seconds": end - start, "worker_cpu": cpu / (end - start),
                     "master_cpu": master_cpu / (end - start), "attacker_cpu": attacker_cpu / (end - start),
                     **notes}

@@ -2384,6 +2384,22 @@ class TestPeerWire(unittest.TestCase):
         self.assertIn("over the limit", b.error)
         self.assertEqual(len(b._buffer), 0)
 
+    def test_pending_names_one_message_and_what_it_lacks(self):
+        a, b = wire_pair()
+        self.assertIsNone(b.pending)
+        a.send_extension(b"x" * 1000)
+        a.send_extension(b"y" * 500)
+        data = a.data_to_send()
+        b.receive_data(data[:2])  # part of the length prefix
+        first = b.pending
+        self.assertEqual(first[1], 2)
+        b.receive_data(data[2:400])
+        self.assertEqual(b.pending, (first[0], 1006 - 400))  # the same message, 606 bytes short
+        b.receive_data(data[400:1100])  # it ends; the next begins
+        self.assertEqual(b.pending, (first[0] + 1, 506 - 94))
+        b.receive_data(data[1100:])
+        self.assertIsNone(b.pending)
+
     def test_garbage_handshake_is_an_error(self):
         infohash, _ = w.infohash_of(vector_swarm())
         for garbage in (b"GET / HTTP/1.1\r\n", b"\x13BitTorrent protocoX" + b"\0" * 48,
@@ -2473,6 +2489,23 @@ class TestTcp(AsyncTest):
         await until(lambda: a.address in b.peers and b.connections() == 1)  # b dials again
         self.assertEqual(await b.rpc(a.address, "echo", {}, timeout=5), {"echoedBy": "py"})
 
+    async def test_rpc_to_a_peer_that_says_goodbye_fails_at_once_with_other_wires_up(self):
+        a = await self.started(py_node("goodbye-swarm"))
+        b = await self.started(py_node("goodbye-swarm", peers=["127.0.0.1:%d" % a.port]))
+        await self.started(py_node("goodbye-swarm", peers=["127.0.0.1:%d" % a.port]))  # a stays wired
+        called = asyncio.Event()
+
+        async def hang(address, args):
+            called.set()
+            await asyncio.Event().wait()
+        b.register("hang", hang)
+        await until(lambda: b.address in a.peers and len(a.peers) == 2)
+        call = asyncio.ensure_future(a.rpc(b.address, "hang", {}, timeout=60))
+        await asyncio.wait_for(called.wait(), 10)
+        await b.close()  # its goodbye (a master restarting, say): no answer will come from it
+        with self.assertRaises(w.RpcUnreachable):
+            await asyncio.wait_for(call, 5)
+
     async def test_malformed_host_names_are_unreachable_peers_not_crashes(self):
         self.assertEqual(await w.Dht._resolve("router..example", 6881), [])
         with self.assertNoLogs("worker", "ERROR"):  # a failed internal task logs an error
@@ -2502,6 +2535,23 @@ class TestTcp(AsyncTest):
             writer.close()
         self.assertGreaterEqual(a.stats["peers dropped for bad input"], 3)
         self.assertEqual(await b.rpc(a.address, "echo", {"still": "here"}), {"still": "here", "echoedBy": "py"})
+
+    async def test_a_call_made_while_its_peer_had_no_wire_goes_on_the_wire_it_dials_in_by(self):
+        a = await self.started(py_node("wireless-swarm"))
+        b = await self.started(py_node("wireless-swarm"))
+        c = await self.started(py_node("wireless-swarm", peers=["127.0.0.1:%d" % a.port]))  # a wire, not b's
+        b.add_peer("127.0.0.1", a.port)
+        await until(lambda: b.address in a.peers and c.address in a.peers, 5)
+        for conn in [x for x in a._connections if x.address == b.address]:
+            conn.close()  # b goes, without a goodbye (a restarting master, say)
+        await until(lambda: not a.has_wire(b.address), 5)
+        call = asyncio.ensure_future(a.rpc(b.address, "echo", {"late": 1}, timeout=20))  # failover's isMaster
+        await asyncio.sleep(0.3)  # it went to c's wire, as spare traffic: nobody there can open it
+        started = time.monotonic()
+        b.add_peer("127.0.0.1", a.port)  # b dials in again
+        self.assertEqual(await asyncio.wait_for(call, 5), {"late": 1, "echoedBy": "py"})
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual(a._wireless, {})
 
     async def test_duplicate_wires_resolve_to_one(self):
         a = await self.started(py_node("dup-swarm"))
@@ -2670,6 +2720,71 @@ class TestWireUnderAttack(AsyncTest):
         for _, writer in half:
             writer.close()
 
+    async def test_one_host_holds_a_few_finished_wires_the_silent_make_room(self):
+        node = await self.started(py_node("host-slots"))
+        silent = []
+        for _ in range(w.INBOUND_PER_HOST + 8):  # finished handshakes, then nothing
+            with contextlib.suppress(OSError):
+                silent.append(await raw_wire(node, local="127.0.0.2"))
+        self.addCleanup(lambda: [writer.close() for _, writer in silent])
+        await until(lambda: node.stats["inbound refused: wires from one host"] >= 1, 5)
+        from_host = lambda: [c for c in node._connections if c.remote_host == "127.0.0.2"
+                             and c.state is w.ConnState.OPEN]
+        self.assertEqual(len(from_host()), w.INBOUND_PER_HOST)
+        with mock.patch.object(w, "NEWCOMER_SECONDS", 0.0):  # they are old now, and never spoke
+            reader, writer = await raw_wire(node, w.Identity(), local="127.0.0.2")
+            ident = w.Identity()
+            writer.write(bo_frame(signed_by(ident, {"y": "p"}, "host-slots")))
+            await until(lambda: node.stats["wires closed: room for a host's newcomer"] >= 1, 5)
+        self.assertEqual(len(from_host()), w.INBOUND_PER_HOST)
+        self.assertFalse(reader.at_eof())  # the newcomer that speaks is in, a silent one made room
+        writer.close()
+
+    async def test_a_hosts_wires_in_use_are_not_capped_and_give_way_at_the_inbound_cap(self):
+        node = w.Bugout("nat-slots", host="127.0.0.1", lsd=False, dht=False, trackers=[], max_inbound=30)
+        node.register("echo", lambda address, args: {**args, "echoedBy": "py"})
+        await self.started(node)
+        wires = []
+        for _ in range(w.INBOUND_PER_HOST + 8):  # workers behind one NAT: each signs a packet now and then
+            ident = w.Identity()
+            reader, writer = await raw_wire(node, ident, local="127.0.0.3")
+            writer.write(bo_frame(signed_by(ident, {"y": "p"}, "nat-slots")))
+            wires.append((reader, writer))
+        self.addCleanup(lambda: [writer.close() for _, writer in wires])
+        await until(lambda: sum(c.last_verified is not None for c in node._connections) == len(wires), 10)
+        self.assertEqual(node.stats["inbound refused: wires from one host"], 0)
+        node.max_inbound = len(wires)  # the cap is full of one host's wires, all in use
+        with mock.patch.object(w, "NEWCOMER_SECONDS", 0.0):
+            master = await self.started(py_node("nat-slots", peers=["127.0.0.1:%d" % node.port]))
+            await until(lambda: master.address in node.peers and node.address in master.peers, 10)
+        self.assertEqual(node.stats["wires closed: inbound cap"], 1)  # one of the crowded host's
+        self.assertEqual(await master.rpc(node.address, "echo", {"in": 1}), {"in": 1, "echoedBy": "py"})
+
+    async def test_at_the_inbound_cap_a_master_dialing_in_gets_through(self):
+        node = w.Bugout("cap-slots", host="127.0.0.1", lsd=False, dht=False, trackers=[], max_inbound=10)
+        node.register("echo", lambda address, args: {**args, "echoedBy": "py"})
+        await self.started(node)
+        silent = [await raw_wire(node, local="127.0.0.%d" % (10 + i)) for i in range(10)]  # ten hosts
+        self.addCleanup(lambda: [writer.close() for _, writer in silent])
+        await until(lambda: node.connections() == 10, 5)
+        with mock.patch.object(w, "NEWCOMER_SECONDS", 0.5):
+            await asyncio.sleep(0.6)  # they never spoke and are no newcomers any more
+            master = await self.started(py_node("cap-slots", peers=["127.0.0.1:%d" % node.port]))
+            await until(lambda: master.address in node.peers and node.address in master.peers, 5)
+            self.assertEqual(await master.rpc(node.address, "echo", {"in": 1}), {"in": 1, "echoedBy": "py"})
+            node.prioritize(master.address)
+            master.ping()
+            await until(lambda: any(node.is_protected(c) for c in node._connections), 5)
+            ours = next(c for c in node._connections if node.is_protected(c))
+            ours.started, ours.last_verified = ours.started - 1000, None  # the best victim, but protected
+            more = [await raw_wire(node, local="127.0.1.%d" % (10 + i)) for i in range(20)]
+            self.addCleanup(lambda: [writer.close() for _, writer in more])
+            await until(lambda: node.stats["wires closed: inbound cap"] >= 5, 10)
+        self.assertIn(ours, node._connections)
+        self.assertEqual(ours.state, w.ConnState.OPEN)
+        self.assertLessEqual(len(node._inbound()), 10)
+        self.assertEqual(await master.rpc(node.address, "echo", {"still": 1}), {"still": 1, "echoedBy": "py"})
+
     async def test_one_host_over_its_handshake_limit_does_not_lock_others_out(self):
         node = await self.started(w.Bugout("crowd-swarm", host="127.0.0.1", lsd=False, dht=False, trackers=[],
                                            handshake_timeout=60))
@@ -2701,17 +2816,69 @@ class TestWireUnderAttack(AsyncTest):
         await until(lambda: node.address in peer.peers, 4)  # another host gets in at its first dial
         self.assertEqual(len([c for c in node._connections if c.remote_host == "127.0.0.2"]), w.PENDING_PER_HOST)
 
-    async def test_peers_found_are_dialed_up_to_a_bound(self):
+    async def test_peers_found_are_dialed_up_to_a_bound_and_the_rest_wait_their_turn(self):
         node = await self.started(py_node("dialed-swarm"))
         others = [await self.started(py_node("dialed-swarm")) for _ in range(5)]
         with mock.patch.object(w, "MAX_DIALED", 3):  # say, one host announcing port after port
             for other in others:
                 node.add_peer("127.0.0.1", other.port)
-            await until(lambda: node.stats["dials skipped: too many wires dialed"] >= 2, 5)
             await until(lambda: node.connections() == 3, 5)
-            node.add_peer("127.0.0.1", others[-1].port)
-            self.assertEqual(len(node._dialing), 0)
-            self.assertEqual(node.connections(), 3)
+            await asyncio.sleep(0.3)
+            self.assertEqual((len(node._dialing), len(node._dials), node.connections()), (0, 2, 3))
+            node.add_peer("127.0.0.1", others[-1].port)  # already waiting: once
+            self.assertEqual(len(node._dials), 2)
+            next(c for c in node._connections if c.initiator).close()  # a dialed wire goes: room
+            await until(lambda: node.connections() == 3 and len(node._dials) == 1, 5)
+
+    async def test_a_dht_node_answering_first_with_hanging_peers_hides_no_master(self):
+        node = await self.started(py_node("hang-swarm"))
+        master = await self.started(py_node("hang-swarm"))
+        real = node._dial
+
+        async def dial(host, port):
+            if host.startswith("10."):  # a peer that never answers the SYN
+                await asyncio.sleep(30)
+                return None
+            return await real(host, port)
+        node._dial = dial
+        hanging = [("10.9.%d.%d" % (i // 200, i % 200), 6881) for i in range(w.MAX_DIALING + 8)]
+        node._on_dht_peers(node.infohash, hanging, ("10.8.0.1", 6881))  # it answered first
+        node._on_dht_peers(node.infohash, [("127.0.0.1", master.port)], ("127.0.0.2", 6881))
+        await until(lambda: master.address in node.peers, 3)  # its turn came in the first burst
+        self.assertLessEqual(len(node._dialing), w.MAX_DIALING)
+        self.assertGreater(len(node._dials), 0)  # the rest wait, none dropped
+
+    async def test_lsd_flood_dials_at_a_bounded_rate_and_a_known_master_first(self):
+        node = await self.started(py_node("flood-swarm"))
+        master = await self.started(py_node("flood-swarm"))
+        node.add_peer("127.0.0.1", master.port)
+        await until(lambda: master.address in node.peers, 5)
+        node.prioritize(master.address)
+        master.ping()
+        await until(lambda: node._whereabouts.get(master.address), 5)
+        dials = []
+        real = node._dial
+
+        async def counted(host, port):
+            dials.append((time.monotonic(), port))
+            return await real(host, port)
+        node._dial = counted
+        next(c for c in node._connections if c.initiator).close()  # the master's wire is lost
+        await until(lambda: node.connections() == 0, 5)
+        lsd = w._LsdProtocol(node)
+        start = time.monotonic()
+        for port in itertools.chain(range(20000, 20020), [master.port], range(20020, 23000)):
+            announce = w.lsd_announcement(node.infohash, port, "bittorrent-lsd-" + os.urandom(20).hex())
+            sender = "127.0.0.1" if port == master.port else "127.0.0.9"  # one sender, port after port
+            lsd.datagram_received(announce, (sender, w.LSD_PORT))
+        await until(lambda: master.address in node.peers and node.connections() >= 1, 5)
+        self.assertEqual(dials[0][1], master.port)  # first, though announced after others
+        await asyncio.sleep(2.0)
+        flood = [t for t, port in dials if port != master.port]
+        self.assertLessEqual(len(flood), w.DISCOVERY_DIALS_PER_SECOND * (time.monotonic() - start + 1))
+        dropped = node.stats["lsd: over the rate, not read"] + node.stats["lsd: sender over its rate"]
+        self.assertGreater(dropped, 2900)
+        self.assertLessEqual(len(node._dials), w.DIAL_QUEUE_PER_SOURCE)
 
     async def test_out_of_descriptors_pauses_accepting_with_one_log_line(self):
         child = textwrap.dedent("""
@@ -2821,6 +2988,59 @@ class TestWireUnderAttack(AsyncTest):
             self.assertEqual(node.stats["peers dropped: stalled message"], 1)
             writer.close()
             await node.close()  # while PROGRESS_SECONDS is patched
+
+    async def _slow_message(self, proven, pieces, pause):
+        """A peer sends one 40 KB message in ``pieces`` with ``pause`` seconds between them
+        (on the node's clock, which the test moves); (wire kept, message arrived)."""
+        node, peer = self.will_close(memory_node()), self.will_close(memory_node())
+        wires = self.will_close(MemoryWires())
+        at_peer, at_node = wires.connect(peer, node)
+        await until(lambda: peer.address in node.peers and node.address in peer.peers, 5)
+        if proven:  # the master, proven: protected, its packets come by this wire
+            node.prioritize(peer.address)
+            peer.ping()
+            await until(lambda: node.is_protected(at_node.protocol), 5)
+        arrived = []
+        node.on("message", lambda address, value: arrived.append(value))
+        at_peer.held = True  # from now on the test alone feeds the node's end
+        await asyncio.sleep(0.05)
+        data = bo_frame(signed_by(peer.identity, {"y": "m", "v": json.dumps("x" * 40_000)}, "wire-attack"))
+        size = -(-len(data) // pieces)
+        now = time.monotonic() + 100  # ahead of the node's own timer, which then changes nothing
+        node.check_wires(now)
+        for i in range(pieces):
+            at_node.protocol.data_received(data[i * size:(i + 1) * size])
+            for _ in range(int(pause)):  # the node's timer looks every second of the pause
+                now += 1
+                node.check_wires(now)
+        await asyncio.sleep(0.05)
+        kept = at_node.protocol.state is w.ConnState.OPEN
+        return kept, arrived == ["x" * 40_000], node.stats["peers dropped: stalled message"]
+
+    async def test_a_proven_master_is_never_cut_for_slowness(self):
+        self.assertEqual(await self._slow_message(True, 4, 12), (True, True, 0))  # 12 s pauses
+        self.assertEqual(await self._slow_message(True, 40, 1), (True, True, 0))  # 1 KiB/s
+
+    async def test_a_slow_message_on_an_unproven_wire_is_still_cut(self):
+        self.assertEqual(await self._slow_message(False, 4, 12), (False, False, 1))
+        self.assertEqual(await self._slow_message(False, 40, 1), (False, False, 1))
+
+    async def test_a_slow_stream_of_whole_messages_is_no_stall(self):
+        node, peer = self.will_close(memory_node()), self.will_close(memory_node())
+        wires = self.will_close(MemoryWires())
+        at_peer, at_node = wires.connect(peer, node)
+        await until(lambda: peer.address in node.peers, 5)
+        at_peer.held = True
+        await asyncio.sleep(0.05)
+        data = b"".join(bo_frame(signed_by(peer.identity, {"y": "m", "v": '"%d"' % i}, "wire-attack"))
+                        for i in range(40))
+        now = time.monotonic() + 100
+        for i in range(0, len(data), 300):  # 300 bytes every 5 s: a message partly in at each look
+            at_node.protocol.data_received(data[i:i + 300])
+            now += w.PROGRESS_SECONDS
+            node.check_wires(now)
+        self.assertEqual(at_node.protocol.state, w.ConnState.OPEN)
+        self.assertEqual(node.stats["peers dropped: stalled message"], 0)
 
     async def test_deep_json_is_dropped_and_the_wire_kept(self):
         node = await self.started(py_node("json-swarm"))
@@ -3961,7 +4181,7 @@ async def child_rtc_master_py():
             await until(lambda worker=worker: worker._runner is not None, 120)
             result[transport] = {
                 "assets_s": time.monotonic() - started, "only_webrtc": only_webrtc(worker.node, master.node),
-                "blob_ok": (folder / "workplace/data/blob.bin").read_bytes() == blob,
+                "blob_ok": (folder / w.ASSET_FOLDER / "workplace/data/blob.bin").read_bytes() == blob,
                 "unbatched": await flow_rate(master, worker, 300, False),
                 "batched": await flow_rate(master, worker, 1000, True, start=1000)}
             await worker.stop()
@@ -4265,6 +4485,97 @@ class TestHostileTracker(unittest.TestCase):
         self.assertEqual((out["closed"], out["delivered"]), (1, False))
         self.assertLessEqual(out["cap"], 256 * 1024)
         self.assertEqual(out["echo"], {"again": True, "echoedBy": "py"})
+
+
+# The node: inbound slots and the dial queue (sans-I/O, a clock passed in) ####
+
+def slot(started, last_verified=None, name=""):
+    """What inbound_victim reads of a wire."""
+    return types.SimpleNamespace(started=started, last_verified=last_verified, name=name)
+
+
+class TestNodePolicy(unittest.TestCase):
+    def test_inbound_victim_idle_first_then_silent_never_kept_or_new(self):
+        now = 1000.0
+        keep_none = lambda conn: False
+        active = slot(now - 100, now - 1, "active")  # verified a second ago
+        silent = slot(now - 20, None, "silent")  # never said anything, 20 s old
+        older_silent = slot(now - 25, None, "older silent")
+        idle = slot(now - 300, now - 40, "idle")  # verified 40 s ago
+        idler = slot(now - 300, now - 90, "idler")
+        newcomer = slot(now - 2, None, "newcomer")
+        pick = lambda wires, keep=keep_none: getattr(w.inbound_victim(wires, now, keep), "name", None)
+        self.assertEqual(pick([active, silent, idle, idler, newcomer]), "idler")
+        self.assertEqual(pick([active, silent, older_silent, newcomer]), "older silent")
+        self.assertEqual(pick([silent, slot(now - 40, None, "silent 40 s")]), "silent 40 s")  # idle too
+        self.assertIsNone(pick([active, newcomer]))  # a master dialing in has NEWCOMER_SECONDS
+        self.assertEqual(pick([idler, idle], keep=lambda c: c is idler), "idle")  # the master: never
+        self.assertIsNone(pick([idler], keep=lambda c: True))
+        talking = slot(now - 100, now - 5, "talking")  # in use, but used less lately than active
+        self.assertIsNone(pick([active, talking, newcomer]))
+        self.assertEqual(w.inbound_victim([active, talking, newcomer], now, keep_none, in_use_too=True).name,
+                         "talking")
+        self.assertEqual([w.in_use(c, now, keep_none) for c in (active, idle, silent)], [True, False, False])
+        self.assertTrue(w.in_use(idle, now, lambda c: True))
+
+    def test_dial_queue_rate_and_turns(self):
+        queue, now = w.DialQueue(rate=10, per_source=64), 100.0
+        for port in range(1000, 1100):  # one source floods: its share is queued, the rest dropped
+            queue.offer(("10.0.0.9", port), "10.0.0.9", now)
+        self.assertEqual(len(queue), 64)
+        self.assertEqual(queue.stats["found peers dropped: the source's share is full"], 36)
+        queue.offer(("10.0.0.2", 6881), "10.0.0.2", now)  # an honest peer, after the flood
+        queue.offer(("10.0.0.3", 6881), "dht", now)
+        first = queue.take(now, room=32)
+        self.assertEqual(len(first), 10)  # a burst of the rate, room or not
+        self.assertIn(("10.0.0.2", 6881), [q.endpoint for q in first[:3]])  # the sources in turn
+        self.assertIn(("10.0.0.3", 6881), [q.endpoint for q in first[:3]])
+        self.assertEqual(queue.take(now, room=32), [])
+        self.assertEqual(len(queue.take(now + 0.5, room=32)), 5)
+        self.assertEqual(len(queue.take(now + 10, room=3)), 3)  # no more than the room
+        given = sum(len(queue.take(now + 10 + t / 10, room=32)) for t in range(1, 101))
+        self.assertEqual(given, 64 + 2 - 18)  # 10 s: all the rest, 10 a second at most
+        self.assertEqual(len(queue), 0)
+
+    def test_dial_queue_a_known_master_first_and_queued_not_dropped(self):
+        queue, now = w.DialQueue(), 100.0
+        master = ("10.0.0.5", 7000)
+        for i in range(40):  # a DHT node answers first with peers that hang
+            queue.offer(("10.9.0.%d" % i, 6881), "dht", now)
+        queue.offer(("10.0.0.5", 7001), "dht", now)  # another port on the master's host
+        queue.offer(master, "dht", now)
+        queue.prefer([master])
+        out = queue.take(now, room=0)  # every dial slot taken: the master's endpoint goes anyway
+        self.assertEqual([q.endpoint for q in out], [master])
+        self.assertEqual(len(queue), 41)  # the others wait, none dropped
+        out = queue.take(now, room=2)
+        self.assertEqual(out[0].endpoint, ("10.0.0.5", 7001))  # the master's host before the rest
+        self.assertEqual(len(out), 2)
+        queue.offer(master, "10.0.0.5", now + 1)
+        self.assertEqual([q.endpoint for q in queue.take(now + 1, room=0)], [master])  # rate spent or not
+
+    def test_dial_queue_bounds_delay_skip_expiry(self):
+        queue, now = w.DialQueue(size=8, per_source=4, ttl=60), 100.0
+        for i in range(3):
+            for port in range(5):
+                queue.offer(("10.0.%d.1" % i, port + 1), "s%d" % i, now)
+        self.assertEqual(len(queue), 8)  # 4 + 4, then the queue is full
+        self.assertEqual(queue.stats["found peers dropped: the queue is full"], 5)
+        queue.prefer([("10.0.9.9", 1)])
+        self.assertTrue(queue.offer(("10.0.9.9", 1), "s9", now))  # a preferred one makes room
+        self.assertEqual(len(queue), 8)
+        later = w.DialQueue()
+        later.offer(("10.0.0.1", 1), "lsd", now, delay=1.0, peer_id=b"p" * 20)
+        self.assertEqual(later.take(now, room=10), [])  # LSD_YIELD: the other end may dial first
+        self.assertEqual(later.take(now + 1, room=10, skip=lambda q: q.peer_id == b"p" * 20), [])
+        self.assertEqual(len(later), 0)  # it did: dropped, no rate spent
+        for i in range(20):
+            later.offer(("10.0.0.1", 100 + i), "lsd", now)
+        self.assertEqual(len(later.take(now, room=10, skip=lambda q: q.endpoint[1] < 110)), 10)
+        stale = w.DialQueue(ttl=60)
+        stale.offer(("10.0.0.1", 1), "lsd", now)
+        self.assertEqual(stale.take(now + 61, room=10), [])
+        self.assertEqual(stale.stats["found peers expired"], 1)
 
 
 # The node: Python and JS bugout peers #######################################
@@ -4884,16 +5195,25 @@ class TestSafety(unittest.TestCase):
     def test_asset_paths(self):
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            (root / "out").symlink_to("/tmp")
-            self.assertEqual(w.safe_asset_path(root, "/workplace/a/b.py"), root.resolve() / "workplace/a/b.py")
-            self.assertEqual(w.safe_asset_path(root, "task.py"), root.resolve() / "task.py")
+            files = root.resolve() / w.ASSET_FOLDER
+            files.mkdir()
+            (files / "out").symlink_to("/tmp")
+            self.assertEqual(w.safe_asset_path(root, "/workplace/a/b.py"), files / "workplace/a/b.py")
+            self.assertEqual(w.safe_asset_path(root, "task.py"), files / "task.py")
             for bad in ["/../x", "/a/../../x", "//etc/passwd", "/", "", None, "/a\\..\\x", "/a/\0",
-                        "/.env", "/out/x.py", "/.deps/x.py", "C:/x", "/a//b"]:
+                        "/out/x.py", "C:/x", "/a//b", "/../.env", "/.deps/x.py", "/node_modules/x",
+                        "/a/Node_Modules/x/index.js", "/workplace/__pycache__/helper.cpython-311.pyc"]:
                 with self.assertRaises(w.UnsafeAsset, msg=bad):
                     w.safe_asset_path(root, bad)
-            here = Path(w.__file__).resolve()
-            with self.assertRaises(w.UnsafeAsset):
-                w.safe_asset_path(here.parent, "/" + here.name)
+
+    def test_asset_names_land_where_no_import_looks(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp).resolve()
+            for name in ["/worker/__init__.py", "/argparse.py", "/worker.py", "/.env", "/json.py",
+                         "/" + w.NODE_RUNNER_NAME, "/cryptography/__init__.py", "/.qx-journal.db"]:
+                self.assertEqual(w.safe_asset_path(root, name).parent.parts[:len(root.parts) + 1],
+                                 (*root.parts, w.ASSET_FOLDER), name)
+            self.assertFalse(w.ASSET_FOLDER.isidentifier())  # not even a namespace package
 
     def test_requirements(self):
         for good in ["requests", "requests==2.31.0", "Pillow[extra]>=9,<11", "a.b-c_d~=1.0"]:
@@ -4926,11 +5246,106 @@ class TestTaskJsSafety(unittest.TestCase):
             with self.assertRaises(w.UnsafeAsset, msg=bad):
                 w.check_npm_package(bad)
 
-    def test_runner_file_is_protected(self):
+    def test_runner_file_cannot_be_overwritten(self):
         with tempfile.TemporaryDirectory() as tmp:
-            for bad in ["/" + w.NODE_RUNNER_NAME, w.NODE_RUNNER_NAME]:
-                with self.assertRaises(w.UnsafeAsset, msg=bad):
-                    w.safe_asset_path(Path(tmp), bad)
+            for name in ["/" + w.NODE_RUNNER_NAME, w.NODE_RUNNER_NAME]:
+                runner = Path(tmp).resolve() / w.NODE_RUNNER_NAME
+                self.assertNotEqual(w.safe_asset_path(Path(tmp), name), runner)
+
+
+PLANTED = "raise SystemExit('a planted module ran')\n"
+
+
+class TestAssetNames(AsyncTest):
+    """Issue 20: asset names are claims; none reaches an import of the worker or its tasks."""
+
+    async def test_a_task_child_imports_the_standard_library_before_the_masters_files(self):
+        folder = self.tmp()
+        (folder / "task.py").write_text(
+            "import sys\nclass Task:\n    def run(self, job):\n        import csv, helper\n"
+            "        if job == 'fail':\n            raise ValueError('as asked')\n"
+            "        return [csv.__file__, helper.NAME]\n")
+        (folder / "helper.py").write_text("NAME = 'the task finds its own modules'\n")
+        for planted in ("csv.py", "traceback.py", "json.py"):  # json: the child's own, at its start
+            (folder / planted).write_text(PLANTED)
+        runner = await self.started(w.PythonRunner(folder / "task.py", folder, 20))
+        where, helper = await runner.run("ok")
+        self.assertNotEqual(Path(where).parent, folder)  # the standard library's csv
+        self.assertEqual(helper, "the task finds its own modules")
+        with self.assertRaises(w.TaskError) as failed:  # describing it imports traceback: the real one
+            await runner.run("fail")
+        self.assertEqual(failed.exception.error["message"], "as asked")
+
+    async def test_dependencies_stay_off_the_workers_own_path_in_process_mode(self):
+        worker = loopback_worker("deps-path", self.tmp() / "w")
+        self.assertTrue(await worker.install_dependencies(["pip"]))  # present: nothing to install
+        self.assertNotIn(str(worker.deps_folder), sys.path)
+        deps = str(worker.deps_folder)
+        self.addCleanup(lambda: deps in sys.path and sys.path.remove(deps))
+        w.use_path(worker.deps_folder)  # thread mode: the task imports in our process
+        at = sys.path.index(deps)
+        self.assertTrue(all("-packages" not in p for p in sys.path[:at]))  # site-packages after it
+        self.assertTrue(any(p.endswith("lib-dynload") for p in sys.path[:at]))  # the stdlib before it
+
+    async def test_files_an_earlier_version_wrote_move_where_no_import_looks(self):
+        folder = self.tmp()
+        manifest = []
+        for name, text in (("/workplace/task.js", "module.exports = class {}"), ("/argparse.py", PLANTED),
+                           ("/workplace/changed.txt", "as received"), ("/.env", "token=mine")):
+            path = folder / name.lstrip("/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            manifest.append({"name": path.name, "workerPath": name, "sha256": "0" * 64,
+                             "received": hashlib.sha256(text.encode()).hexdigest()})
+        (folder / "workplace/changed.txt").write_text("changed since")  # not ours to move any more
+        self.assertEqual(w.move_earlier_assets(folder, manifest), 2)
+        files = folder / w.ASSET_FOLDER
+        self.assertEqual((files / "argparse.py").read_text(), PLANTED)
+        self.assertTrue((files / "workplace/task.js").is_file())
+        self.assertFalse((folder / "argparse.py").exists())
+        self.assertTrue((folder / "workplace/changed.txt").is_file())
+        self.assertEqual((folder / ".env").read_text(), "token=mine")  # the worker's own: never
+        self.assertEqual(w.move_earlier_assets(folder, manifest), 0)  # once
+
+    @time_limit(120)
+    async def test_planted_module_names_reach_no_import_and_the_worker_restarts(self):
+        """A replayer of the master's files names them worker/__init__.py and argparse.py (and
+        node_modules/x, refused); both ways of starting the worker come back up cleanly."""
+        tmp = self.tmp()
+        token = "planted-%d" % random.randrange(1 << 30)
+        task = b"class Task:\n    def run(self, job):\n        return job\n"
+        replay = asset_answer({"/workplace/task.py": task, "/worker/__init__.py": task, "/argparse.py": task})
+        replayer = await self.started(Impostor(token, replay))
+        refused = await self.started(Impostor(token, asset_answer({"/workplace/task.py": task,
+                                                                   "/node_modules/x": task})))
+        unit = tmp / "unit"  # the README's unit: WorkingDirectory=the folder, PYTHONPATH=worker.py's
+        layouts = {"python -m worker": ([sys.executable, "-m", "worker"], unit / "worker", unit),
+                   "python worker.py": ([sys.executable, "worker.py"], tmp / "use", tmp / "use")}
+        for name, (argv, folder, home) in layouts.items():
+            folder.mkdir(parents=True)
+            shutil.copy(WORKER_PY, home / "worker.py")
+            write_loopback_env(folder, token, LOG_LEVEL="info", peers="127.0.0.1:%d,127.0.0.1:%d" % (
+                refused.node.port, replayer.node.port))
+            env = {**clean_env(), "PYTHONPATH": str(home)}
+            for run in range(2):  # the attack, then a restart
+                log = folder / ("run%d.log" % run)
+                with log.open("wb") as out:
+                    proc = self.will_kill(await asyncio.create_subprocess_exec(
+                        *argv, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT))
+                if run == 0:
+                    await until(lambda folder=folder: (folder / w.ASSET_FOLDER / "argparse.py").is_file()
+                                and "task loaded" in (folder / "run0.log").read_text(), 30)
+                else:
+                    await until(lambda log=log: "listening on" in log.read_text(), 20)
+                    await asyncio.sleep(1.0)
+                self.assertIsNone(proc.returncode, name + ": " + log.read_text()[-2000:])
+                proc.terminate()
+                self.assertEqual(await asyncio.wait_for(proc.wait(), 30), 0, name)
+                self.assertNotIn("Traceback", log.read_text(), name)
+            for planted in ("worker/__init__.py", "argparse.py", "node_modules/x"):
+                self.assertFalse((folder / planted).exists(), (name, planted))
+            self.assertFalse((folder / w.ASSET_FOLDER / "node_modules").exists())
+        self.assertIn("requestExecAssets", refused.names())  # it was asked, and nothing of it written
 
 
 # Worker: trusting a master (issue 10) #######################################
@@ -6286,7 +6701,7 @@ class TestWorkerFlow(AsyncTest):
         for r in cluster.results:
             self.assertEqual(r["data"], {"sum": (r["jobID"] + 1) * 2})
             self.assertEqual(r["worker"], {"id": worker.address, "name": "w1"})
-        self.assertTrue((tmp / "w1/workplace/data/conf/factor.json").is_file())
+        self.assertTrue((tmp / "w1" / w.ASSET_FOLDER / "workplace/data/conf/factor.json").is_file())
         return cluster
 
     @time_limit(120)
@@ -6359,12 +6774,13 @@ class TestWorkerFlow(AsyncTest):
         with self.assertLogs("worker", "ERROR") as logs:
             await self.started(worker)
             await until_logged(logs, "cannot write the assets")
-        self.assertFalse((tmp / "w1/workplace/task.py").exists())
+        self.assertFalse((tmp / "w1" / w.ASSET_FOLDER / "workplace/task.py").exists())
         self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
 
     async def test_unsafe_assets_write_nothing(self):
         cases = [{"/../evil.py": "x", "/workplace/task.py": TASK_PY},
-                 {"/.env": "token=stolen", "/workplace/task.py": TASK_PY},
+                 {"/node_modules/x/index.js": "x", "/workplace/task.py": TASK_PY},
+                 {"/workplace/task.py": TASK_PY, "/workplace/__pycache__/task.cpython-311.pyc": "x"},
                  {"/workplace/task.py": TASK_PY, "/workplace/../../x.py": "x"}]
         for files in cases:
             tmp = self.tmp()
@@ -6508,7 +6924,7 @@ class TestAgainstJsMaster(AsyncTest):
         calls = [e for e in master.events if e["event"] == "rpc"]
         self.assertEqual([c["call"] for c in calls][:2], ["isMaster", "requestExecAssets"])
         # the JS master listed its own default task.js too: we ran task.py
-        self.assertTrue((tmp / "w/workplace/task.js").is_file())
+        self.assertTrue((tmp / "w" / w.ASSET_FOLDER / "workplace/task.js").is_file())
         await worker.sync_assets()
         self.assertEqual(worker.stats["jobs done"], count)
         print("\n  %s: %.0f jobs/s against the JS master" % ("batched (10)" if get_batch else "unbatched", rate),

@@ -60,9 +60,9 @@ users (and, in type hints, the transports name the Bugout node they serve)::
     DHT (BEP 5): asyncio adapter             Dht, on UDP
     Trackers and WebRTC                      TrackerClient (sans-I/O)
     Trackers and WebRTC: asyncio             TrackerSession, RtcConnection, WebRtcTransport
-    The bugout node                          WirePolicy (sans-I/O), Bugout; their theory of operation
+    The bugout node                          inbound slots, DialQueue, WirePolicy (sans-I/O), Bugout
     Status: metrics and health over HTTP     /metrics, /healthz, systemd notify
-    Worker: assets and dependencies          safe paths, pip and npm requirements
+    Worker: assets and dependencies          safe paths (master-files/), pip and npm requirements
     Worker: trusting a master                MasterTrust; its theory of operation
     Worker: the journal and the outbox       Journal, Outbox; their theory of operation
     Worker: running tasks                    task.py in child processes (or a thread)
@@ -73,6 +73,16 @@ users (and, in type hints, the transports name the Bugout node they serve)::
 """
 
 from __future__ import annotations
+
+import sys
+
+# Run as ``python worker.py`` or ``python -m worker``, Python puts the script's
+# folder or the working directory (often the worker folder) first on the import
+# path, before the standard library: a file there named like a module would be
+# imported in its place. That entry goes last, before any other import (``-P``
+# leaves it out from the start; the demo still finds master.py beside us).
+if __name__ == "__main__" and not sys.flags.safe_path and sys.path:
+    sys.path.append(sys.path.pop(0))
 
 import argparse
 import asyncio
@@ -105,7 +115,6 @@ import signal
 import socket
 import sqlite3
 import struct
-import sys
 import threading
 import time
 import traceback
@@ -1812,6 +1821,7 @@ class PeerWire:
         self._events: list = []
         self._out: list[bytes] = []
         self._remote_ids: dict[str, int] = {}
+        self._units = 0  # handshakes and messages parsed whole
         if initiator:
             self._out.append(handshake_bytes(infohash, peer_id, dht_port is not None))
 
@@ -1844,6 +1854,22 @@ class PeerWire:
     def partial(self) -> int:
         """Bytes held of a message (or handshake) not complete yet."""
         return len(self._buffer)
+
+    @property
+    def pending(self) -> tuple[int, int] | None:
+        """(which unit, bytes it still lacks) of a message or handshake partly received, else None.
+
+        The first number names the unit (units parsed whole before it): equal in two
+        calls, it is the same message. Lengths count from the length prefix once it is in.
+        """
+        buf = self._buffer
+        if not buf or self.state not in (WireState.HANDSHAKE, WireState.OPEN):
+            return None
+        if self.state is WireState.HANDSHAKE:
+            return self._units, 68 - len(buf)
+        if len(buf) < 4:
+            return self._units, 4 - len(buf)
+        return self._units, 4 + struct.unpack_from(">I", buf)[0] - len(buf)
 
     @property
     def has_output(self) -> bool:
@@ -1896,6 +1922,7 @@ class PeerWire:
             elif length:
                 self._on_message(buf[4], bytes(view[5:4 + length]))
         del buf[:4 + length]
+        self._units += 1
         return True
 
     def _parse_handshake(self, buf: bytearray) -> bool:
@@ -1910,6 +1937,7 @@ class PeerWire:
         self.remote_reserved = bytes(buf[20:28])
         self.remote_peer_id = bytes(buf[48:68])
         del buf[:68]
+        self._units += 1
         if not self.initiator:
             self._out.append(handshake_bytes(self.infohash, self.peer_id,
                                              self._dht_port is not None))
@@ -1983,7 +2011,8 @@ WIRE_BUDGET = 16
 WIRE_BUDGET_BYTES = 256 * 1024
 #: A losing duplicate is closed this long after it began to drain, whatever the peer does.
 DRAIN_GRACE = 5.0
-#: A message partly received must grow by this many bytes per interval, or its wire is closed.
+#: A message partly received must come this many bytes closer to whole per interval (or be
+#: whole), or its wire is closed; a protected peer's wire never is (its RPC timeouts decide).
 PROGRESS_BYTES = 16 * 1024
 PROGRESS_SECONDS = 5.0
 
@@ -2054,6 +2083,8 @@ class Connection:
         self.bytes_in = 0
         self.started = time.monotonic()
         self.last_keepalive = self.started
+        #: when a verified packet (signed, fresh, new to us) last came by this wire (monotonic)
+        self.last_verified: float | None = None
         # private
         self._backlog: collections.deque = collections.deque()
         self._handling = False  # a _handle call is scheduled
@@ -2063,7 +2094,7 @@ class Connection:
         self._timer: asyncio.TimerHandle | None = None  # handshake deadline or drain grace
         self._queued = 0  # bytes in the wire's out buffer, not given to the transport yet
         self._flush_pending = False
-        self._progress = (self.started, 0, False)  # (checked at, bytes_in, had a partial message)
+        self._progress: tuple[float, tuple[int, int] | None] = (self.started, None)  # checked at, pending
 
     # what subclasses provide
     def _write(self, data: bytes) -> None:
@@ -2215,13 +2246,16 @@ class Connection:
         return False
 
     def stalled(self, now: float) -> bool:
-        """True when a message partly received grew too little since the last check."""
-        checked, bytes_in, had_partial = self._progress
+        """True when one message, partly received at the last check, is still partly received
+        and came less than PROGRESS_BYTES closer to whole since (a slow stream of messages
+        that each end is no stall). Checks closer than PROGRESS_SECONDS say False."""
+        checked, before = self._progress
         if now - checked < PROGRESS_SECONDS:
             return False
-        partial = self.wire.partial > 0 and self.state is not ConnState.HANDSHAKE
-        self._progress = (now, self.bytes_in, partial)
-        return partial and had_partial and self.bytes_in - bytes_in < PROGRESS_BYTES
+        pending = self.wire.pending if self.state in (ConnState.OPEN, ConnState.DRAINING) else None
+        self._progress = (now, pending)
+        return (pending is not None and before is not None and pending[0] == before[0]
+                and before[1] - pending[1] < PROGRESS_BYTES)
 
     # bytes out
     def send_payload(self, payload: bytes) -> None:
@@ -2525,13 +2559,7 @@ class _LsdProtocol(asyncio.DatagramProtocol):
         self.node = node
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
-        parsed = parse_lsd(data)
-        if parsed is None:
-            self.node.stats["lsd ignored"] += 1
-            return
-        port, hashes, cookie = parsed
-        if self.node.infohash in hashes:
-            self.node.lsd_peer(addr[0], port, cookie)
+        self.node.lsd_datagram(data, addr[0])
 
 
 def _lsd_socket() -> socket.socket:
@@ -3316,12 +3344,13 @@ class _DhtProtocol(asyncio.DatagramProtocol):
 class Dht:
     """A BEP 5 node on a UDP socket: :class:`DhtCore` plus a timer task.
 
-    ``on_peers(info_hash, peers)`` is called with the peers lookups find.
+    ``on_peers(info_hash, peers, source)`` is called with the peers lookups find (``source``:
+    the node whose answer named them).
     """
 
     def __init__(self, node_id: bytes, *, host: str = "0.0.0.0", port: int = 0,
                  bootstrap: Iterable[str] = DHT_BOOTSTRAP,
-                 on_peers: Callable[[bytes, list[Addr]], Any] | None = None) -> None:
+                 on_peers: Callable[[bytes, list[Addr], Addr | None], Any] | None = None) -> None:
         self.core = DhtCore(node_id)
         self.host, self.port = host, port
         self.bootstrap = [_split_hostport(b) for b in bootstrap]
@@ -3413,7 +3442,7 @@ class Dht:
         for event in self.core.events_received():
             if isinstance(event, DhtPeers) and self.on_peers is not None:
                 log.debug("dht: %d peer(s) of %s", len(event.peers), event.info_hash.hex()[:8])
-                self.on_peers(event.info_hash, list(event.peers))
+                self.on_peers(event.info_hash, list(event.peers), event.source)
             elif isinstance(event, DhtLookupDone):
                 log.debug("dht %s %s done: %d peers, %d of %d answered", event.method,
                           event.target.hex()[:8], event.peers, event.answered, event.queries)
@@ -4429,12 +4458,24 @@ class WebRtcTransport:
 # every payload they parse, and sends what the core queues.
 #
 # Wires. A connection joins the node when its stream is up (attach) and is
-# OPEN once its BEP 10 handshake names bo_channel. Inbound TCP is capped
-# (maxInbound; PENDING_PER_HOST handshakes per remote host; at the cap the
-# oldest handshake makes room, EVICTIONS_PER_SECOND at most), MAX_DIALING
-# dials run at once, peers found (LSD, DHT) are dialed while fewer than
-# MAX_DIALED wires we dialed are up, and ``peers`` are dialed again and again,
-# with backoff.
+# OPEN once its BEP 10 handshake names bo_channel.
+#
+# Slots. Inbound TCP is capped: maxInbound in all; per remote host,
+# PENDING_PER_HOST unfinished handshakes and INBOUND_PER_HOST finished wires
+# not in_use (``last_verified`` within IDLE_SECONDS: a NAT's busy workers are
+# not capped). At a cap one goes to make room (EVICTIONS_PER_SECOND at most):
+# the oldest unfinished handshake, else the wire inbound_victim names (idle
+# longest, then silent longest; at maxInbound then the least used of a host
+# over its share; never a protected peer's, one with a call in flight, or a
+# newcomer), else the newcomer is refused. A token holder's wires give way
+# to a master that dials in.
+#
+# Dials. An LSD announce or a DHT answer is anyone's claim: the peers they
+# name wait in a DialQueue (bounded, per source; a protected peer's known
+# endpoint first) and are dialed at DISCOVERY_DIALS_PER_SECOND, while fewer
+# than MAX_DIALING dials run and MAX_DIALED wires we dialed are up. LSD
+# datagrams themselves are read within a budget, per sender and in all.
+# ``peers`` are dialed again and again, with backoff.
 #
 # Whose a wire is (WirePolicy, sans-I/O: the node asks it and keeps the
 # sockets). The peer id and the keys (``pk``, ``ek``) of a handshake are
@@ -4479,8 +4520,10 @@ class WebRtcTransport:
 # newest fresh packet came by) is handled whole each loop turn (others:
 # WIRE_BUDGET payloads), and is never the one closed when partly received
 # messages pass max_partial or send queues max_send_total (the unprotected
-# wire holding most goes); the core never evicts those peers. Any wire that leaves max_send_queue of our payloads unread, or whose
-# message stops progressing, is closed.
+# wire holding most goes); the core never evicts those peers. Any wire that
+# leaves max_send_queue of our payloads unread is closed, and so is one whose
+# message (the same one) stops coming closer to whole (check_wires), unless
+# it is protected: a slow master is waited for, and its RPC timeouts decide.
 #
 # Events, ``on(name, fn)`` (a coroutine function is spawned; an exception is
 # logged, rate-limited, and never reaches the wire):
@@ -4498,22 +4541,211 @@ Handler = Callable[[str, Any], Any]
 
 #: Unfinished inbound handshakes per remote host, at most.
 PENDING_PER_HOST = 8
-#: Unfinished inbound handshakes closed per second at most, to make room at the inbound cap.
+#: Finished inbound wires per remote host not in use (in_use), at most: a token holder's
+#: silent wires from one address take this many slots, not maxInbound; and at maxInbound a
+#: host holding more gives way first (many workers behind one NAT may hold more meanwhile).
+INBOUND_PER_HOST = 16
+#: Inbound wires closed per second at most, to make room at the inbound caps (churn costs CPU).
 EVICTIONS_PER_SECOND = 20.0
+#: At a cap, a wire that carried no verified packet for this long (since it opened, if never) goes
+#: first; then one that never carried any. Younger wires never go: they have this long to speak
+#: (a bugout peer pings one it sees within a second; we ask a newcomer isMaster at once).
+IDLE_SECONDS = 30.0
+NEWCOMER_SECONDS = 5.0
 #: Dials in progress at most (LSD and DHT answers are anyone's to forge).
 MAX_DIALING = 32
-#: TCP wires we dialed (up or being dialed) at most, before add_peer (LSD, DHT) dials no more;
-#: ``peers`` always are.
+#: TCP wires we dialed (up or being dialed) at most, before peers found (LSD, DHT) wait in the
+#: queue; ``peers`` are always dialed.
 MAX_DIALED = 200
+#: Peers found (LSD, DHT) are dialed at this rate at most, in all (a burst of as many), and wait
+#: in a queue of DIAL_QUEUE (DIAL_QUEUE_PER_SOURCE of one source) for DIAL_QUEUE_SECONDS at most.
+DISCOVERY_DIALS_PER_SECOND = 10.0
+DIAL_QUEUE = 256
+DIAL_QUEUE_PER_SOURCE = 64
+DIAL_QUEUE_SECONDS = 120.0
 #: LSD: a peer that dials us anyway (a JS peer, or a Python one with a lower id) gets this long first.
 LSD_YIELD = 1.0
+#: LSD datagrams read per second at most, from all senders (past it the socket is not read for
+#: LSD_PAUSE: the kernel drops the rest), and announces taken from one sender: one every
+#: LSD_SOURCE_SECONDS, after a burst of LSD_SOURCE_BURST (the peers of one host starting at once).
+LSD_DATAGRAMS_PER_SECOND = 100.0
+LSD_PAUSE = 1.0
+LSD_SOURCE_SECONDS = 2.0
+LSD_SOURCE_BURST = 32
 #: A wire takes relayed payloads while its send queue holds less than this (a protected wire's:
 #: RELAY_PROTECTED) and all send queues together hold less than RELAY_TOTAL; the rest are dropped.
 RELAY_QUEUE = 1024 * 1024
 RELAY_PROTECTED = 64 * 1024
 RELAY_TOTAL = 16 * 1024 * 1024
+#: Our payloads kept per busy peer that had no wire, to send on the first wire claiming it.
+WIRELESS_KEPT = 8
 #: Relayed payloads written per second, to all wires together, at most (a second's worth in a burst).
 RELAY_WRITES_PER_SECOND = 10_000.0
+
+
+def in_use(conn: Connection, now: float, keep: Callable[[Connection], bool]) -> bool:
+    """True for a wire that carried a verified packet in the last IDLE_SECONDS, or that
+    ``keep`` names (a protected peer's, one with work in flight)."""
+    last = conn.last_verified
+    return (last is not None and now - last < IDLE_SECONDS) or keep(conn)
+
+
+def inbound_victim(wires: Iterable[Connection], now: float, keep: Callable[[Connection], bool],
+                   *, in_use_too: bool = False) -> Connection | None:
+    """The finished inbound wire to close for room at a cap, or None (then refuse the newcomer).
+
+    First the one longest without a verified packet, when that is IDLE_SECONDS or more
+    (counted from its start if it never carried one); else the oldest that never carried
+    one; with ``in_use_too``, else the one whose last verified packet is oldest. Never a
+    wire ``keep`` names (a protected peer's, one with work in flight), nor one younger
+    than NEWCOMER_SECONDS: a peer that dialed in has that long to say who it is.
+    """
+    best: tuple[tuple[int, float], Connection] | None = None
+    for conn in wires:
+        if now - conn.started < NEWCOMER_SECONDS or keep(conn):
+            continue
+        last = conn.last_verified
+        idle = now - (conn.started if last is None else last)
+        if idle >= IDLE_SECONDS:
+            rank = (0, -idle)
+        elif last is None:
+            rank = (1, conn.started)
+        elif in_use_too:
+            rank = (2, last)
+        else:
+            continue
+        if best is None or rank < best[0]:
+            best = (rank, conn)
+    return best[1] if best is not None else None
+
+
+@dataclasses.dataclass
+class QueuedDial:
+    """A peer found (LSD, DHT) that waits in the :class:`DialQueue`."""
+    endpoint: Addr
+    source: str  # who named it: an LSD sender's address, "dht", ...
+    ready: float  # not dialed before (LSD_YIELD)
+    expires: float
+    peer_id: bytes | None = None  # the id LSD's cookie claims: no dial once a wire has it
+
+
+class DialQueue:
+    """Peers that discovery names, waiting to be dialed: no I/O, ``now`` passed in.
+
+    An LSD announce or a DHT answer is a claim anyone can make, not an order. The
+    queue holds DIAL_QUEUE peers at most, DIAL_QUEUE_PER_SOURCE of one source, each
+    for DIAL_QUEUE_SECONDS; :meth:`take` gives out DISCOVERY_DIALS_PER_SECOND in
+    all, the sources in turn (a source flooding names gets its turn, not the
+    queue), within the room the caller has. A preferred endpoint (a known
+    master's, :meth:`prefer`) is given out first and at once, room or not; one on
+    a preferred host before the others.
+    """
+
+    def __init__(self, rate: float = DISCOVERY_DIALS_PER_SECOND, size: int = DIAL_QUEUE,
+                 per_source: int = DIAL_QUEUE_PER_SOURCE, ttl: float = DIAL_QUEUE_SECONDS,
+                 stats: collections.Counter | None = None) -> None:
+        self.size, self.per_source, self.ttl = size, per_source, ttl
+        #: counts of peers dropped, dialed, expired (the node's own counters, if given)
+        self.stats: collections.Counter = collections.Counter() if stats is None else stats
+        # private
+        self._rate = _RateLimit(rate, max(rate, 1.0), keys=1)
+        self._entries: dict[Addr, QueuedDial] = {}
+        self._sources: dict[str, collections.deque[Addr]] = {}  # FIFO each; the turn is the dict's order
+        self._preferred: frozenset[Addr] = frozenset()
+        self._preferred_hosts: frozenset[str] = frozenset()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, endpoint: object) -> bool:
+        return endpoint in self._entries
+
+    def prefer(self, endpoints: Iterable[Addr], hosts: Iterable[str] = ()) -> None:
+        """These endpoints go first (replacing the earlier ones), then those on these hosts."""
+        self._preferred = frozenset(endpoints)
+        self._preferred_hosts = frozenset(hosts) | {host for host, _ in self._preferred}
+
+    def offer(self, endpoint: Addr, source: str, now: float, *, delay: float = 0.0,
+              peer_id: bytes | None = None) -> bool:
+        """Queue a peer found; False when it was dropped (its source's share or the queue full)."""
+        if endpoint in self._entries:
+            return True
+        line = self._sources.get(source)
+        if line is not None and len(line) >= self.per_source:
+            self.stats["found peers dropped: the source's share is full"] += 1
+            return False
+        if len(self._entries) >= self.size and not self._make_room(endpoint, now):
+            self.stats["found peers dropped: the queue is full"] += 1
+            return False
+        self._entries[endpoint] = QueuedDial(endpoint, source, now + delay, now + self.ttl, peer_id)
+        self._sources.setdefault(source, collections.deque()).append(endpoint)
+        return True
+
+    def _make_room(self, endpoint: Addr, now: float) -> bool:
+        """Drop what expired; for a preferred endpoint, the newest of the longest line too."""
+        for queued in [q for q in self._entries.values() if q.expires <= now]:
+            self._remove(queued)
+            self.stats["found peers expired"] += 1
+        if len(self._entries) < self.size:
+            return True
+        if endpoint not in self._preferred and endpoint[0] not in self._preferred_hosts:
+            return False
+        longest = max(self._sources.values(), key=len)
+        self._remove(self._entries[longest[-1]])
+        return True
+
+    def _remove(self, queued: QueuedDial) -> None:
+        del self._entries[queued.endpoint]
+        line = self._sources[queued.source]
+        line.remove(queued.endpoint)
+        if not line:
+            del self._sources[queued.source]
+
+    def take(self, now: float, room: int, skip: Callable[[QueuedDial], bool] = lambda q: False
+             ) -> list[QueuedDial]:
+        """The dials to start now, ``room`` at most (preferred endpoints besides); ``skip``
+        drops those no longer needed (a wire to them came meanwhile) at no cost in rate."""
+        out = []
+        for queued in self._ready(now, self._preferred):  # at once, room or not
+            self._remove(queued)
+            if not skip(queued):
+                out.append(queued)
+        given = 0
+        for queued in itertools.chain(self._on_preferred_hosts(now), self._in_turn(now)):
+            if given >= room:
+                break
+            self._remove(queued)
+            if queued.expires <= now:
+                self.stats["found peers expired"] += 1
+            elif not skip(queued):
+                if not self._rate.allow(None, now):
+                    self._entries[queued.endpoint] = queued  # back at the head of its line
+                    self._sources.setdefault(queued.source, collections.deque()).appendleft(queued.endpoint)
+                    break
+                out.append(queued)
+                given += 1
+        self.stats["found peers dialed"] += len(out)
+        return out
+
+    def _ready(self, now: float, endpoints: Iterable[Addr]) -> list[QueuedDial]:
+        return [self._entries[e] for e in endpoints if e in self._entries and self._entries[e].ready <= now]
+
+    def _on_preferred_hosts(self, now: float) -> Iterator[QueuedDial]:
+        for queued in [q for q in self._entries.values() if q.endpoint[0] in self._preferred_hosts]:
+            if queued.ready <= now and queued.endpoint in self._entries:
+                yield queued
+
+    def _in_turn(self, now: float) -> Iterator[QueuedDial]:
+        """The ready heads of the sources' lines, one source after the other, round and round."""
+        while True:
+            heads = [(source, line[0]) for source, line in self._sources.items()
+                     if self._entries[line[0]].ready <= now]
+            if not heads:
+                return
+            for source, endpoint in heads:
+                if self._sources.get(source, (None,))[0] == endpoint:
+                    self._sources[source] = self._sources.pop(source)  # its turn: to the back
+                    yield self._entries[endpoint]
 
 
 #: A packet proves the wire it came by only when its signer made it within this many ms of our
@@ -4846,9 +5078,19 @@ class Bugout:
         self._listeners: dict[str, list[Callable]] = collections.defaultdict(list)
         self._pending: dict[bytes, asyncio.Future] = {}
         self.core.awaiting = self._pending  # answers to nothing we asked are dropped unread
+        self._calls: dict[bytes, str] = {}  # nonce -> the address an RPC of ours waits on
         self._connections: set[Connection] = set()
         self._dialing: set[tuple] = set()
-        self._lsd_waiting: set[tuple] = set()
+        self._dials = DialQueue(stats=self.stats)  # peers found (LSD, DHT), waiting their turn
+        self._dial_timer: asyncio.TimerHandle | None = None
+        self._lsd_budget = _RateLimit(LSD_DATAGRAMS_PER_SECOND, LSD_DATAGRAMS_PER_SECOND, keys=1)
+        self._lsd_sources = _RateLimit(1.0 / LSD_SOURCE_SECONDS, LSD_SOURCE_BURST)
+        self._whereabouts: collections.OrderedDict[str, tuple[str | None, tuple | None]] = (
+            collections.OrderedDict())  # address -> (host, endpoint we dialed) of a wire it signed on
+        self._busy: collections.Counter = collections.Counter()  # addresses with calls in flight
+        #: our payloads for a busy address that left while no wire led to it: sent again on the
+        #: first wire that comes claiming it (a master dialing in after a failover call went out)
+        self._wireless: dict[str, collections.deque] = {}
         self._accepting = 0  # accepted sockets whose connection is being made
         self._tasks: set[asyncio.Task] = set()
         self._acceptor: _Acceptor | None = None
@@ -4925,6 +5167,7 @@ class Bugout:
         """
         self.policy.protected = frozenset(addresses)
         self.core.protected = set(addresses)
+        self._prefer_dials()
 
     def is_protected(self, conn: Connection) -> bool:
         """True when ``conn`` is a protected peer's route: the wire that stands for it, else the
@@ -4958,7 +5201,7 @@ class Bugout:
         if self._closed:
             return
         self._closed = True
-        for timer in (self._hello_timer, self._policy_timer):
+        for timer in (self._hello_timer, self._policy_timer, self._dial_timer):
             if timer is not None:
                 timer.cancel()
         self.core.send_leave(_now())
@@ -5013,6 +5256,8 @@ class Bugout:
         nonce = self.core.send_call(address, call, {} if args is None else args, _now())
         future = asyncio.get_running_loop().create_future()
         self._pending[nonce] = future
+        self._calls[nonce] = address
+        self._busy[address] += 1
         self._flush_core()
         try:
             async with asyncio.timeout(timeout):
@@ -5023,6 +5268,8 @@ class Bugout:
             raise RpcTimeout(f"{call} on {address}: no answer in {timeout}s") from None
         finally:
             self._pending.pop(nonce, None)
+            self._calls.pop(nonce, None)
+            self._not_busy(address)
 
     def rpc_nowait(self, address: str, call: str, args: Any = None) -> None:
         """Call ``call`` on ``address`` without waiting for an answer."""
@@ -5077,6 +5324,8 @@ class Bugout:
                 if self.core.verified is not None:
                     conn.last_verified = now = time.monotonic()
                     self.policy.packet(conn, self.core.verified, now, now_ms)
+                    if self.core.verified.address == conn.address and self.policy.stands(conn):
+                        self._remember(conn)
                 elif self.core.copied is not None:
                     self.policy.packet(conn, self.core.copied, time.monotonic(), now_ms, copy=True)
                 if found:
@@ -5190,31 +5439,80 @@ class Bugout:
         finally:
             self._accepting -= 1
 
+    def _inbound(self, host: str | None = None) -> list[Connection]:
+        """Inbound TCP connections not closed (from ``host`` only, if given)."""
+        return [c for c in self._connections if not c.initiator and c.remote_host is not None
+                and c.state is not ConnState.CLOSED and (host is None or c.remote_host == host)]
+
     def _crowded(self, host: str) -> bool:
-        """True when ``host`` has PENDING_PER_HOST inbound handshakes unfinished."""
-        pending = sum(1 for c in self._connections if not c.initiator and c.remote_host == host
-                      and c.state is ConnState.HANDSHAKE)
+        """True when ``host`` has PENDING_PER_HOST inbound handshakes unfinished, or
+        INBOUND_PER_HOST finished wires not in use of which none may make room."""
+        inbound, now = self._inbound(host), time.monotonic()
+        pending = sum(1 for c in inbound if c.state is ConnState.HANDSHAKE)
         if pending >= PENDING_PER_HOST:
             self.stats["inbound refused: handshakes from one host"] += 1
             return True
+        finished = [c for c in inbound if c.state is not ConnState.HANDSHAKE]
+        if self._unused(finished, now) >= INBOUND_PER_HOST and inbound_victim(
+                finished, now, self._keeps_wire) is None:
+            self.stats["inbound refused: wires from one host"] += 1
+            return True
         return False
+
+    def _unused(self, wires: list[Connection], now: float) -> int:
+        """How many of ``wires`` are not in use (see in_use): a host's workers that all
+        work (many behind one NAT, say) count nothing against INBOUND_PER_HOST."""
+        return sum(1 for c in wires if not in_use(c, now, self._keeps_wire))
+
+    def _host_has_room(self, conn: Connection) -> bool:
+        """A wire from ``conn``'s host finished its handshake: past INBOUND_PER_HOST wires not
+        in use, one of the host's others makes room (inbound_victim), else ``conn`` goes.
+        False if it went."""
+        if conn.initiator or conn.remote_host is None:
+            return True
+        now = time.monotonic()
+        finished = [c for c in self._inbound(conn.remote_host) if c.state is not ConnState.HANDSHAKE]
+        if self._unused(finished, now) <= INBOUND_PER_HOST:
+            return True
+        victim = inbound_victim(finished, now, self._keeps_wire)
+        if victim is None:
+            self.stats["inbound refused: wires from one host"] += 1
+            conn.close(abort=True)
+            return False
+        self.stats["wires closed: room for a host's newcomer"] += 1
+        victim.close(abort=True)
+        return True
 
     def _make_room(self) -> bool:
         """Room for one more inbound connection? At the cap, the oldest unfinished handshake
-        goes (a few a second at most: churn costs CPU), so a newcomer is not locked out."""
-        inbound = [c for c in self._connections if not c.initiator and c.remote_host is not None
-                   and c.state is not ConnState.CLOSED]
+        goes, else the wire inbound_victim names, else the least recently used of the host
+        holding most wires, when that is over INBOUND_PER_HOST (a few a second at most:
+        churn costs CPU). A newcomer (a master dialing in) is not locked out by wires that
+        say nothing, nor by one host's wires that keep talking."""
+        inbound = self._inbound()
         pending = [c for c in inbound if c.state is ConnState.HANDSHAKE]
         if len(inbound) + self._accepting < self.max_inbound:
             return True
-        if not pending or not self._evictions.allow(None, time.monotonic()):
+        now = time.monotonic()
+        victim = (min(pending, key=lambda c: c.started) if pending else
+                  inbound_victim(inbound, now, self._keeps_wire) or self._crowded_hosts_victim(inbound, now))
+        if victim is None or not self._evictions.allow(None, now):
             self._log(logging.WARNING, "inbound cap", "refusing connections for now: %d inbound, "
                       "%d of them without a handshake yet (maxInbound %d)", len(inbound), len(pending),
                       self.max_inbound)
             return False
-        self.stats["handshakes cut: inbound cap"] += 1
-        min(pending, key=lambda c: c.started).close(abort=True)
+        self.stats["handshakes cut: inbound cap" if pending else "wires closed: inbound cap"] += 1
+        victim.close(abort=True)
         return True
+
+    def _crowded_hosts_victim(self, inbound: list[Connection], now: float) -> Connection | None:
+        """The wire used least lately of the host with most inbound wires, if over its share."""
+        hosts = collections.Counter(c.remote_host for c in inbound)
+        host, count = hosts.most_common(1)[0] if hosts else (None, 0)
+        if count <= INBOUND_PER_HOST:
+            return None
+        return inbound_victim([c for c in inbound if c.remote_host == host], now, self._keeps_wire,
+                              in_use_too=True)
 
     def cannot_accept(self, exc: OSError, pause: float) -> None:
         """Accepting failed (out of descriptors, say): one log line per interval."""
@@ -5226,23 +5524,65 @@ class Bugout:
             min(pending, key=lambda c: c.started).close(abort=True)
 
     # connections: dialing
-    def add_peer(self, host: str, port: int) -> None:
-        """Dial ``host:port`` once, in the background."""
-        if (host, port) in self._dialing or self._closed:
+    def add_peer(self, host: str, port: int, source: str | None = None, *, delay: float = 0.0,
+                 peer_id: bytes | None = None) -> None:
+        """Dial ``host:port`` once, in the background, when the DialQueue gives its turn.
+
+        ``source`` names who told us of it (LSD's sender, "dht"; else ``host``): one
+        source gets its share of the queue and of the dials. ``delay``: not before;
+        ``peer_id``: not once a wire to that peer id is up.
+        """
+        if self._closed or self._needless((host, port)):
             return
+        self._dials.offer((host, port), source or host, time.monotonic(), delay=delay, peer_id=peer_id)
+        self._pump_dials()
+
+    def _needless(self, endpoint: tuple, peer_id: bytes | None = None) -> bool:
+        """True for ourselves, a peer being dialed or wired by this endpoint or peer id."""
+        host, port = endpoint
         if port == self.port and host in ("127.0.0.1", "localhost", self.host):
-            return  # ourselves
-        if any(c.dialed == (host, port) and c.state is not ConnState.CLOSED for c in self._connections):
-            return
-        if len(self._dialing) >= MAX_DIALING:
-            self.stats["dials skipped: too many at once"] += 1
+            return True
+        if endpoint in self._dialing or (peer_id is not None and self.has_peer_id(peer_id)):
+            return True
+        return any(c.dialed == endpoint and c.state is not ConnState.CLOSED for c in self._connections)
+
+    def _pump_dials(self) -> None:
+        """Start the dials the queue gives now (within MAX_DIALING and MAX_DIALED); come back
+        while some wait."""
+        if self._closed:
             return
         dialed = sum(1 for c in self._connections if c.dialed and c.state is not ConnState.CLOSED)
-        if dialed + len(self._dialing) >= MAX_DIALED:
-            self.stats["dials skipped: too many wires dialed"] += 1
+        room = min(MAX_DIALING, MAX_DIALED - dialed) - len(self._dialing)
+        for queued in self._dials.take(time.monotonic(), room,
+                                       lambda q: self._needless(q.endpoint, q.peer_id)):
+            self._dialing.add(queued.endpoint)
+            self._spawn(self._dial(*queued.endpoint))
+        if self._dials and self._dial_timer is None:
+            self._dial_timer = asyncio.get_running_loop().call_later(
+                1.0 / DISCOVERY_DIALS_PER_SECOND, self._dial_timer_due)
+
+    def _dial_timer_due(self) -> None:
+        self._dial_timer = None
+        self._pump_dials()
+
+    def _prefer_dials(self) -> None:
+        """A protected peer's endpoint (we dialed it and it signed there) is dialed first when
+        found again; an address found on its host before the others."""
+        known = [self._whereabouts[a] for a in self.policy.protected if a in self._whereabouts]
+        self._dials.prefer([e for _, e in known if e], [h for h, _ in known if h])
+
+    def _remember(self, conn: Connection) -> None:
+        """``conn``'s peer signed on it: keep where it is (the last 256 peers)."""
+        where, address = (conn.remote_host, conn.dialed), conn.address
+        if self._whereabouts.get(address) == where:  # type: ignore[arg-type]
+            self._whereabouts.move_to_end(address)  # type: ignore[arg-type]
             return
-        self._dialing.add((host, port))
-        self._spawn(self._dial(host, port))
+        self._whereabouts[address] = where  # type: ignore[index]
+        self._whereabouts.move_to_end(address)  # type: ignore[arg-type]
+        if len(self._whereabouts) > 256:
+            self._whereabouts.popitem(last=False)
+        if address in self.policy.protected:
+            self._prefer_dials()
 
     async def _dial(self, host: str, port: int) -> WireConnection | None:
         self._dialing.add((host, port))
@@ -5256,6 +5596,8 @@ class Bugout:
             return None
         finally:
             self._dialing.discard((host, port))
+            if self._dials:
+                self._pump_dials()
 
     async def _keep_peer(self, host: str, port: int) -> None:
         """Stay connected to a configured peer; back off while it is away."""
@@ -5267,8 +5609,37 @@ class Bugout:
                 delay = 0.5 if conn else min(delay * 2, 30.0)
             await asyncio.sleep(delay)
 
+    def lsd_datagram(self, data: bytes, host: str) -> None:
+        """A datagram on the LSD port: within the budgets, a BT-SEARCH for our swarm is taken.
+
+        LSD_DATAGRAMS_PER_SECOND are read in all (past that the socket rests for
+        LSD_PAUSE, and the kernel drops the rest: a flood costs bounded CPU), and a
+        sender's announces are taken once per LSD_SOURCE_SECONDS after a burst.
+        """
+        now = time.monotonic()
+        if not self._lsd_budget.allow(None, now):
+            self.stats["lsd: over the rate, not read"] += 1
+            if self._lsd_transport is not None and self._lsd_transport.is_reading():
+                self._lsd_transport.pause_reading()
+                asyncio.get_running_loop().call_later(LSD_PAUSE, self._lsd_resume)
+            return
+        if not self._lsd_sources.allow(host, now):
+            self.stats["lsd: sender over its rate"] += 1
+            return
+        parsed = parse_lsd(data)
+        if parsed is None:
+            self.stats["lsd ignored"] += 1
+            return
+        port, hashes, cookie = parsed
+        if self.infohash in hashes:
+            self.lsd_peer(host, port, cookie)
+
+    def _lsd_resume(self) -> None:
+        if self._lsd_transport is not None and not self._closed:
+            self._lsd_transport.resume_reading()
+
     def lsd_peer(self, host: str, port: int, cookie: str | None) -> None:
-        """A BT-SEARCH for our swarm came from ``host``: dial it, unless wired to it already.
+        """A BT-SEARCH for our swarm came from ``host``: queue a dial, unless wired to it already.
 
         bittorrent-lsd's cookie is ``bittorrent-lsd-`` and the announcer's peer
         id in hex: a peer we have a wire to (LSD re-announces) is not dialed
@@ -5284,24 +5655,14 @@ class Bugout:
             self.stats["lsd: already wired"] += 1
             return
         ours = peer_id is not None and peer_id[:3] == PEER_ID_PREFIX[:3]
-        if peer_id is None or (ours and peer_id > self.peer_id):
-            self.add_peer(host, port)
-        elif (host, port) not in self._lsd_waiting:
-            self._lsd_waiting.add((host, port))
-            self._spawn(self._dial_later(host, port, peer_id))
+        first = peer_id is None or (ours and peer_id > self.peer_id)
+        self.add_peer(host, port, host, delay=0.0 if first else LSD_YIELD, peer_id=peer_id)
 
-    async def _dial_later(self, host: str, port: int, peer_id: bytes) -> None:
-        try:
-            await asyncio.sleep(LSD_YIELD)
-        finally:
-            self._lsd_waiting.discard((host, port))
-        if not self.has_peer_id(peer_id):
-            self.add_peer(host, port)
-
-    def _fail_pending(self, why: str) -> None:
-        """No wire is left to bring an answer: waiting RPCs fail now, not at their timeout."""
-        for future in self._pending.values():
-            if not future.done():
+    def _fail_pending(self, why: str, address: str | None = None) -> None:
+        """No wire is left to bring an answer (or, with ``address``, that peer said goodbye):
+        waiting RPCs (to it) fail now, not at their timeout."""
+        for nonce, future in self._pending.items():
+            if not future.done() and address in (None, self._calls.get(nonce)):
                 future.set_exception(RpcUnreachable(why))
 
     # handshakes
@@ -5314,6 +5675,8 @@ class Bugout:
                 conn.address = address_of(b58decode(pk))
         if conn.wire.ready and conn.state is ConnState.HANDSHAKE:
             conn.set_open()
+            if not self._host_has_room(conn):
+                return
             self._opened(conn, ek if bugout else None)
         if not bugout:
             return  # not a bugout peer of our swarm: nothing to learn
@@ -5321,6 +5684,8 @@ class Bugout:
         self.emit("connections", self.connections())
         self._dispatch(events)
         if conn.address and conn.address != self.address and conn.state is ConnState.OPEN:
+            for payload in self._wireless.pop(conn.address, ()):
+                self._send_own(conn, payload)
             self.emit("wireseen", conn.address)
 
     def _opened(self, conn: Connection, ek: bytes | None) -> None:
@@ -5368,6 +5733,8 @@ class Bugout:
             if conn.state is ConnState.OPEN:
                 self._send_own(conn, payload)
         if flood:
+            if address in self._busy and not self.has_wire(address):  # for the wire it dials in by
+                self._wireless.setdefault(address, collections.deque(maxlen=WIRELESS_KEPT)).append(payload)
             for conn in self._connections:
                 if conn is not origin and conn.state is ConnState.OPEN:
                     self._send_spare(conn, payload)
@@ -5441,6 +5808,8 @@ class Bugout:
             elif isinstance(event, Ping):
                 self.emit("ping", event.address)
             elif isinstance(event, Left):
+                if event.reason == "left":  # its goodbye: a restart of it answers none of them
+                    self._fail_pending("it said goodbye", event.address)
                 self.emit("left", event.address)
 
     def _serve(self, call: Call) -> None:
@@ -5463,11 +5832,14 @@ class Bugout:
             self._answer(call, result)
 
     async def _answer_later(self, call: Call, pending: Awaitable) -> None:
+        self._busy[call.address] += 1
         try:
             result = await pending
         except Exception as exc:  # noqa: BLE001 - as in _serve
             self._log(logging.ERROR, "rpc failed", "rpc %s failed", call.name, exc_info=True)
             result = {"error": f"{exc.__class__.__name__}: {exc}"}
+        finally:
+            self._not_busy(call.address)
         if result is not NO_ANSWER:
             self._answer(call, result)
             self._flush_core()
@@ -5475,6 +5847,17 @@ class Bugout:
     def _answer(self, call: Call, result: Any) -> None:
         if call.address in self.core.peers:
             self.core.send_response(call.address, call.nonce, result, _now())
+
+    def _not_busy(self, address: str) -> None:
+        self._busy[address] -= 1
+        if self._busy[address] <= 0:
+            del self._busy[address]
+            self._wireless.pop(address, None)
+
+    def _keeps_wire(self, conn: Connection) -> bool:
+        """True for a wire never closed to make room: a protected peer's, or one whose peer has
+        a call in flight (ours to it, or its own being answered) and whose packets came by it."""
+        return self.is_protected(conn) or any(self.policy.route(a) is conn for a in self._busy)
 
     # discovery and timers
     async def _start_lsd(self) -> None:
@@ -5511,14 +5894,19 @@ class Bugout:
                 self._dispatch(self.core.expire(_now()))
                 self._flush_core()
                 self.policy.forget(self.core.peers)
-            for conn in list(self._connections):
-                if conn.stalled(now):
-                    self.stats["peers dropped: stalled message"] += 1
-                    self._log(logging.INFO, "stalled", "closing %s: its message stopped coming",
-                              conn.peer_name)
-                    conn.close(abort=True)
-                elif conn.state is ConnState.OPEN and now - conn.last_keepalive >= KEEPALIVE_SECONDS:
-                    conn.send_keepalive()
+            self.check_wires(now)
+
+    def check_wires(self, now: float) -> None:
+        """Close the wires whose message stopped coming (never a protected peer's: slow is not
+        hostile, its RPC timeouts decide); keep-alives where due."""
+        for conn in list(self._connections):
+            if conn.stalled(now) and not self.is_protected(conn):
+                self.stats["peers dropped: stalled message"] += 1
+                self._log(logging.INFO, "stalled", "closing %s: its message stopped coming",
+                          conn.peer_name)
+                conn.close(abort=True)
+            elif conn.state is ConnState.OPEN and now - conn.last_keepalive >= KEEPALIVE_SECONDS:
+                conn.send_keepalive()
 
     # DHT discovery (BEP 5)
     async def _start_dht(self) -> None:
@@ -5548,17 +5936,19 @@ class Bugout:
             await asyncio.sleep(DHT_LOOKUP_INTERVAL if self.connections() else DHT_LOOKUP_ALONE)
             self._dht.get_peers(self.infohash, port)
 
-    def _on_dht_peers(self, info_hash: bytes, peers: list[Addr]) -> None:
-        """Dial what a lookup found, but not an address that already dialed us.
+    def _on_dht_peers(self, info_hash: bytes, peers: list[Addr], source: Addr | None = None) -> None:
+        """Queue dials to what a lookup found, but not to an address that already dialed us.
 
         Its listening port is unknown, so the same peer would be dialed again at
-        every lookup and one of the two wires closed as a duplicate."""
+        every lookup and one of the two wires closed as a duplicate. The node that
+        named them is their source in the DialQueue: one node answering first with
+        peers that hang gets its turn, not every dial."""
         if info_hash != self.infohash:
             return
         callers = {c.remote_host for c in self._connections if not c.initiator and c.remote_host}
         for host, port in peers[:DHT_MAX_VALUES]:
             if host not in callers:
-                self.add_peer(host, port)
+                self.add_peer(host, port, "dht %s" % (source[0] if source else "?"))
 
     def _on_dht_port(self, conn: Connection, port: int) -> None:
         if self._dht is not None and conn.remote_host and 0 < port < 65536:
@@ -5758,8 +6148,16 @@ _REQUIREMENT = re.compile(
     r"(?:\[\s*[A-Za-z0-9._-]+(?:\s*,\s*[A-Za-z0-9._-]+)*\s*\])?"  # extras
     r"(?:\s*(?:===|==|~=|!=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+"  # version
     r"(?:\s*,\s*(?:===|==|~=|!=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+)*)?")
-#: The worker's own files; assets may not overwrite them (nor any ``.qx-*`` name).
+#: The worker's own files (and any ``.qx-*`` name); earlier versions kept assets beside them.
 _PROTECTED_NAMES = {".env", ".deps", ".assets.json", ".results.json"}
+#: The master's files land in this subfolder of the worker folder, at their ``workerPath``: no
+#: import of the worker's, of ``python -m worker`` or of a task child looks there (its name is
+#: no Python identifier, so not even as a package); a task child finds task.py's folder after
+#: the standard library (``_TASK_PATH_AT``).
+ASSET_FOLDER = "master-files"
+#: Names that steer imports wherever they are (node's packages, Python's bytecode, pip's
+#: target): never an asset's, at any depth (compared case-folded).
+_IMPORT_MACHINERY = {"node_modules", "__pycache__", ".deps"}
 
 
 def check_requirement(text: Any) -> str:
@@ -5771,11 +6169,14 @@ def check_requirement(text: Any) -> str:
 
 
 def safe_asset_path(folder: Path, worker_path: Any) -> Path:
-    """Where an asset may be written: inside ``folder``, or UnsafeAsset.
+    """Where an asset is written: inside ``folder``'s ASSET_FOLDER, or UnsafeAsset.
 
-    ``workerPath`` is relative to the worker folder and starts with ``/`` as the
-    JS master sends it. ``..``, other absolute forms, links that lead out, and
-    the worker's own files (``.env``, ``worker.py``) are refused.
+    ``workerPath`` is relative to that folder and starts with ``/`` as the JS
+    master sends it (``/workplace/task.js``: ``master-files/workplace/task.js``).
+    ``..``, other absolute forms, links that lead out, and the names of
+    ``_IMPORT_MACHINERY`` are refused. The name is the master's claim, sent in
+    clear: a replayer may rename the master's files, and here no name it picks
+    reaches an import of the worker's, its start, or a task child's stdlib.
     """
     if not isinstance(worker_path, str) or not worker_path.strip("/"):
         raise UnsafeAsset(f"asset path {worker_path!r} refused: empty or not text")
@@ -5784,14 +6185,52 @@ def safe_asset_path(folder: Path, worker_path: Any) -> Path:
     if ("\0" in relative or "\\" in relative or relative.startswith("/")
             or re.match(r"^[A-Za-z]:", relative) or any(p in ("..", "") for p in parts)):
         raise UnsafeAsset(f"asset path {worker_path!r} refused: it leaves the worker folder")
-    root = folder.resolve()
+    if any(p.casefold() in _IMPORT_MACHINERY for p in parts):
+        raise UnsafeAsset(f"asset path {worker_path!r} refused: node_modules, __pycache__ and .deps "
+                          "steer imports")
+    root = (folder / ASSET_FOLDER).resolve()
     target = (root / relative).resolve()
     if target == root or root not in target.parents:
         raise UnsafeAsset(f"asset path {worker_path!r} refused: it leads out of the worker folder")
-    first = target.relative_to(root).parts[0]
-    if target == Path(__file__).resolve() or first in _PROTECTED_NAMES or first.startswith(".qx-"):
-        raise UnsafeAsset(f"asset path {worker_path!r} refused: it would overwrite the worker's own files")
     return target
+
+
+def move_earlier_assets(folder: Path, manifest: list[dict]) -> int:
+    """Files an earlier version wrote beside the worker's own, as received, go to ASSET_FOLDER.
+
+    Earlier versions wrote ``/workplace/task.js`` to ``folder/workplace/task.js``,
+    where a name like ``argparse.py`` came before the standard library. Each file
+    of the manifest that is there, and still hashes as received, moves (nothing
+    of the worker's own); the folders it leaves empty go. Returns how many moved.
+    """
+    moved = 0
+    for asset in manifest:
+        relative = str(asset.get("workerPath", "")).removeprefix("/")
+        old = folder / relative
+        first = Path(relative).parts[0] if relative else ""
+        if (first in _PROTECTED_NAMES or first.startswith(".qx-") or first == ASSET_FOLDER
+                or old.resolve() == Path(__file__).resolve() or not old.is_file() or old.is_symlink()):
+            continue
+        try:
+            new = safe_asset_path(folder, asset.get("workerPath"))
+            if new.exists() or Helper.get_sha256(old) != asset.get("received"):
+                continue
+            new.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(old, new)
+        except (UnsafeAsset, OSError):
+            continue
+        moved += 1
+        _remove_empty_parents(old, folder)
+    return moved
+
+
+def _remove_empty_parents(path: Path, folder: Path) -> None:
+    """Remove the folders above ``path`` that are empty, up to ``folder`` (kept)."""
+    for parent in path.parents:
+        if parent == folder or not parent.is_relative_to(folder):
+            break
+        with contextlib.suppress(OSError):
+            parent.rmdir()
 
 
 def _write_assets(files: list[tuple[Path, dict, bytes]]) -> None:
@@ -5913,11 +6352,12 @@ def check_npm_package(text: Any) -> str:
 # no failure: that peer is asked again later.
 #
 # Checks are bounded: CHECK_CONCURRENCY ``isMaster`` checks of new peers at
-# once, CHECK_QUEUE waiting; masters known to have proved the key, pinned
-# ones, failover asks and peers with a wire of their own skip that line
-# (URGENT_CHECKS at once), so a flood of silent identities sharing an
-# attacker's wire never keeps the real master waiting. Proofs are bounded
-# too: PROOF_CONCURRENCY at once (a stalled one makes room, up to PROOF_MAX).
+# once, CHECK_QUEUE waiting; failover asks and peers with a wire of their own
+# skip that line (URGENT_CHECKS at once), and masters known to have proved
+# the key and pinned ones wait in none, so a flood of silent identities,
+# sharing an attacker's wire or on wires of their own, never keeps the real
+# master waiting. Proofs are bounded too: PROOF_CONCURRENCY at once (a
+# stalled one makes room, up to PROOF_MAX).
 #
 # An address that proved the key once (this run or an earlier one: the
 # journal keeps the last MAX_PROVEN) is adopted on its "yes" without a new
@@ -5946,7 +6386,8 @@ CHECK_CONCURRENCY = 4
 CHECK_QUEUE = 256
 #: Seconds an isMaster check (or challenge) may wait for its answer (JS masters: ~20 ms).
 CHECK_TIMEOUT = 10.0
-#: Urgent checks (proven, pinned, failover, peers with a wire of their own) running at once.
+#: Urgent checks (failover, peers with a wire of their own) running at once; proven and pinned
+#: masters are asked at once, outside any line.
 URGENT_CHECKS = 16
 #: Proofs running at once; one running longer than PROOF_STALLED seconds
 #: makes room for another, up to PROOF_MAX.
@@ -6597,7 +7038,7 @@ class Outbox:
 # never in the worker's. A Runner keeps up to ``concurrency`` children; each
 # serves one job at a time and many jobs in its life. How:
 #
-# - A child is ``python -`` reading TASK_CHILD_PY on its stdin: a few stdlib
+# - A child is ``python -P -`` reading TASK_CHILD_PY on its stdin: a few stdlib
 #   modules, ~11 MB RSS, where a multiprocessing child (spawn, forkserver)
 #   re-imports worker.py with cryptography and nacl (~38 MB) and fork copies an
 #   asyncio process with threads. It asks to die with the worker
@@ -6937,8 +7378,8 @@ class TaskChild:
         env = {**os.environ, "QX_RUNNER_FD": str(fd), "QX_PARENT": str(os.getpid()),
                "QX_MEMORY_MB": str(self.memory_mb or "")}
         try:  # a session of its own: no terminal's SIGINT, and a group to end with it
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-", *argv, cwd=cwd, pass_fds=(fd,), env=env, start_new_session=True,
+            proc = await asyncio.create_subprocess_exec(  # -P: not the worker folder (cwd) first on its path
+                sys.executable, "-P", "-", *argv, cwd=cwd, pass_fds=(fd,), env=env, start_new_session=True,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE)
         except OSError as exc:
@@ -7106,6 +7547,21 @@ async def _exited(proc: asyncio.subprocess.Process) -> None:
         os.close(pidfd)
 
 
+def stdlib_end(paths: list[str]) -> int:
+    """Where the standard library's entries of ``paths`` (a sys.path) end: a folder put there
+    comes after them and before site-packages (TASK_CHILD_PY finds it the same way)."""
+    bases = (sys.base_prefix, sys.base_exec_prefix)
+    return max((i + 1 for i, p in enumerate(paths) if p.startswith(bases) and "-packages" not in p),
+               default=0)
+
+
+def use_path(folder: Path) -> None:
+    """Put ``folder`` on this process's sys.path after the standard library (thread mode)."""
+    if str(folder) not in sys.path:
+        at = stdlib_end(sys.path)
+        sys.path[at:at] = [str(folder)]
+
+
 def load_task(path: Path) -> Any:
     """Import ``task.py`` afresh in this process and return a new ``Task()`` (thread mode)."""
     name = "qx_task_%d" % time.monotonic_ns()
@@ -7113,8 +7569,7 @@ def load_task(path: Path) -> Any:
     if spec is None or spec.loader is None:
         raise WorkerError(f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)
-    if str(path.parent) not in sys.path:
-        sys.path.insert(0, str(path.parent))
+    use_path(path.parent)
     spec.loader.exec_module(module)
     if not hasattr(module, "Task"):
         raise WorkerError(f"{path} defines no class Task")
@@ -7618,17 +8073,20 @@ class Worker:
     def _ask(self, address: str, again: bool = False) -> None:
         """Queue an ``isMaster`` check of ``address`` (bounded; extra ones are dropped).
 
-        Masters known to have proved the key, pinned ones, failover asks and
-        peers with a wire of their own go first: a flood of identities that
-        share an attacker's wire (and never answer) cannot keep the master
-        waiting behind it.
+        Masters known to have proved the key and pinned ones are asked at once;
+        failover asks and peers with a wire of their own go before the others:
+        a flood of identities, on an attacker's wire or on wires of their own
+        (and never answering), cannot keep the master waiting behind it.
         """
         if address in self._checking or address == self.address:
             return
         if not self.trust.may_ask(address, time.monotonic(), again):
             return
-        urgent = (again or address in self.trust.proven or address in self.trust.pinned
-                  or self.node.has_wire(address))
+        if address in self.trust.proven or address in self.trust.pinned:
+            self._checking.add(address)  # a known master waits in no line (they are few)
+            self._spawn(self._check(address))
+            return
+        urgent = again or self.node.has_wire(address)
         queue = self._urgent if urgent else self._others
         if len(queue) >= CHECK_QUEUE:
             self.stats["isMaster checks dropped"] += 1
@@ -7841,7 +8299,7 @@ class Worker:
 
     def _asset_hash(self, asset: dict) -> str:
         """A file's hash; the master's own when the file is as we received it."""
-        digest = Helper.get_sha256(self.folder / asset["workerPath"].lstrip("/"))
+        digest = Helper.get_sha256(safe_asset_path(self.folder, asset["workerPath"]))
         return asset["sha256"] if asset.get("received") == digest and asset.get("sha256") else digest
 
     async def sync_assets(self) -> bool:
@@ -7870,9 +8328,11 @@ class Worker:
 
     def _cannot_run(self, why: str, logged: str | None = None) -> None:
         """Log why the master's task cannot run here (``logged``: a fuller line), and keep it for
-        master.py (paths inside the worker folder relative to it)."""
+        master.py (its files' paths as it names them, others relative to the worker folder)."""
         log.error("%s", logged or why)
-        self._problem = why.replace(str(self.folder) + os.sep, "")
+        for folder in (self.folder / ASSET_FOLDER, (self.folder / ASSET_FOLDER).resolve(), self.folder):
+            why = why.replace(str(folder) + os.sep, "")
+        self._problem = why
 
     def _tell_master(self, master: str, offered: str) -> None:
         """Tell master.py why its task cannot run here, once per change of its files (``offered``)
@@ -7966,19 +8426,13 @@ class Worker:
                 continue
             with contextlib.suppress(OSError):
                 path.unlink()
-            for parent in path.parents:
-                if parent == self.folder or not parent.is_relative_to(self.folder):
-                    break
-                with contextlib.suppress(OSError):
-                    parent.rmdir()
+            _remove_empty_parents(path, self.folder)
         self._manifest = []
 
     async def install_dependencies(self, deps: list[str]) -> bool:
         """``pip install --target .deps`` what does not import yet; off the loop."""
-        paths = [str(self.deps_folder)] + sys.path
+        paths = [str(self.deps_folder)] + sys.path  # .deps is on no sys.path of ours but thread mode's
         missing = await asyncio.to_thread(lambda: [d for d in deps if not requirement_satisfied(d, paths)])
-        if str(self.deps_folder) not in sys.path:
-            sys.path.insert(0, str(self.deps_folder))
         if not missing:
             return True
         log.info("installing %s into %s", ", ".join(missing), self.deps_folder)
@@ -8003,7 +8457,8 @@ class Worker:
             self._cannot_run("the master's assets hold no task.py or task.js")
             return False
         path = safe_asset_path(self.folder, names["task.py"]["workerPath"])
-        if self.task_runner == "thread":
+        if self.task_runner == "thread":  # the task imports in our process: .deps must be on our path
+            use_path(self.deps_folder)
             return await self._start_runner(ThreadRunner(path, self.job_timeout))
         return await self._start_runner(PythonRunner(
             path, self.folder, self.job_timeout, deps=self.deps_folder,
@@ -8383,6 +8838,9 @@ class Worker:
         await journal.call(journal.open)
         await journal.call(self._take_over_json_files)
         self._manifest = await journal.call(self._read_manifest)
+        if moved := await asyncio.to_thread(move_earlier_assets, self.folder, self._manifest):
+            log.info("%d file(s) of the master moved into %s, where no import looks", moved,
+                     self.folder / ASSET_FOLDER)
         proven = await journal.call(journal.get_json, "proven", [])
         if not all(is_address(a) for a in proven):
             log.error("%s: the list of proven masters holds what is not an address; not used", journal.path)
@@ -8747,9 +9205,9 @@ def main(argv: list[str] | None = None) -> int:
 # its templates: the program of every task child, the runner of task.js, the
 # npm check, and the demo's task.py.
 
-#: Every task child's program, piped into ``python -`` (see "Worker: running tasks").
+#: Every task child's program, piped into ``python -P -`` (see "Worker: running tasks").
 TASK_CHILD_PY = r'''# A task's child process, started by worker.py (queue-xec Python worker) as
-# "python -" with this program on stdin. It limits itself, then runs task.py
+# "python -P -" with this program on stdin. It limits itself, then runs task.py
 # (argv: TASK DEPS) or becomes another program (argv: --exec PROGRAM ARGS...).
 # Jobs come in and answers go out as JSON lines on the socket whose fd is
 # QX_RUNNER_FD; stdout and stderr are the task's own (the worker logs them).
@@ -8813,8 +9271,12 @@ def not_json(exc):
 
 
 def load(path, deps):
+    """Task() of task.py, its folder and .deps on the import path after the standard library
+    (no file of the master's stands in for a module of it) and before site-packages."""
     import importlib.util
-    sys.path[:0] = [os.path.dirname(path), deps]
+    bases = (sys.base_prefix, sys.base_exec_prefix)
+    at = max([i + 1 for i, p in enumerate(sys.path) if p.startswith(bases) and "-packages" not in p] or [0])
+    sys.path[at:at] = [os.path.dirname(path), deps]
     spec = importlib.util.spec_from_file_location("task", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules["task"] = module
