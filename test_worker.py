@@ -2242,6 +2242,16 @@ class TestBugoutCore(unittest.TestCase):
             self.a.hello_for("not a key", self.now)
 
 
+    def test_a_peer_greeted_on_a_wire_of_its_own_gets_no_broadcast_ping(self):
+        core, one, two = w.BugoutCore(vector_swarm(), w.Identity()), w.Identity(), w.Identity()
+        self.assertEqual(core.saw_peer(one.pk, one.ek, self.now, greet=False), [w.Seen(one.address)])
+        core.tick(self.now + w.HELLO_GAP_MS)
+        self.assertEqual(core.data_to_send(), [])  # its hello went on its wire: no ping to all
+        self.assertEqual(core.saw_peer(two.pk, two.ek, self.now + 1), [w.Seen(two.address)])
+        [ping] = core.data_to_send()  # one seen only so (a relayed packet, a JS peer's wire): as bugout
+        self.assertEqual((ping.to, ping.relay, w.bdecode(w.bdecode(ping.payload)["p"])["y"]), (None, False, b"p"))
+
+
 class TestCoreBounds(unittest.TestCase):
     """BugoutCore: what it relays, the JSON it takes, the peers it admits."""
 
@@ -2466,6 +2476,31 @@ class TestTcp(AsyncTest):
             conn.close()
         await until(lambda: b.connections() == 1 and not (b._connections & old))
         self.assertEqual(await b.rpc(a.address, "echo", {"y": 2}, timeout=5), {"y": 2, "echoedBy": "py"})
+
+    async def test_python_peers_greet_each_other_on_their_wire_alone(self):
+        a = await self.started(py_node("greet-swarm"))
+        b = py_node("greet-swarm", peers=["127.0.0.1:%d" % a.port])
+        pings = [mock.patch.object(node.core, "send_ping", wraps=node.core.send_ping) for node in (a, b)]
+        spies = [patch.start() for patch in pings]
+        for patch in pings:
+            self.addCleanup(patch.stop)
+        await self.started(b)
+        await until(lambda: a.has_signed_wire(b.address) and b.has_signed_wire(a.address))
+        await asyncio.sleep(w.HELLO_GAP_MS / 1000 + 0.2)  # a hello that waited would be out by now
+        self.assertEqual((a.stats["hellos sent"], b.stats["hellos sent"]), (1, 1))
+        self.assertEqual([spy.call_count for spy in spies], [0, 0])  # no ping to every wire (N² copies)
+
+    async def test_a_node_listening_on_one_address_dials_from_it(self):
+        a = await self.started(py_node("source-swarm"))
+        b = await self.started(w.Bugout("source-swarm", host="127.0.0.3", lsd=False, dht=False, trackers=[],
+                                        peers=["127.0.0.1:%d" % a.port]))
+        await until(lambda: a.has_signed_wire(b.address))
+        self.assertEqual({c.remote_host for c in a._connections}, {"127.0.0.3"})  # its own, not 127.0.0.1
+        self.assertEqual(w.sending_address("127.0.0.3", "127.0.0.1"), "127.0.0.3")
+        self.assertEqual(w.sending_address("127.0.0.3"), "127.0.0.3")  # LSD: announces leave from it
+        for host, target in (("0.0.0.0", "127.0.0.1"), ("127.0.0.3", "192.0.2.1"), ("192.0.2.7", "127.0.0.1"),
+                             ("::1", "::1"), ("127.0.0.3", "example.org"), ("", None)):
+            self.assertIsNone(w.sending_address(host, target), (host, target))  # the kernel picks
 
     async def test_rpc_fails_at_once_when_no_wire_is_left(self):
         a = await self.started(py_node("unreachable-swarm"))
@@ -3092,6 +3127,23 @@ class TestLsd(unittest.TestCase):
         out = in_namespace(child_lsd)
         self.assertEqual(out["echo"], {"lsd": True, "echoedBy": "js"})
         self.assertLess(out["found_s"], 30)
+
+
+async def child_lsd_own_addresses():
+    """In a namespace: two Python nodes, each listening on a loopback address of its own, meet by LSD."""
+    nodes = [await w.Bugout("lsd-addresses", host=host, lsd=True, dht=False, trackers=[]).start()
+             for host in ("127.0.0.5", "127.0.0.6")]
+    await until(lambda: all(n.has_signed_wire(m.address) for n in nodes for m in nodes if m is not n), 30)
+    hosts = [sorted({c.remote_host for c in n._connections}) for n in nodes]
+    for node in nodes:
+        await node.close()
+    return hosts
+
+
+class TestLsdOwnAddress(unittest.TestCase):
+    def test_nodes_on_addresses_of_their_own_announce_and_dial_from_them(self):
+        """Peers dial an announce's sender, and count wires per address: each must be the node's own."""
+        self.assertEqual(in_namespace(child_lsd_own_addresses), [["127.0.0.6"], ["127.0.0.5"]])
 
 
 async def child_lsd_runs():

@@ -102,6 +102,7 @@ import heapq
 import hmac
 import importlib.util
 import inspect
+import ipaddress
 import itertools
 import json
 import logging
@@ -1511,12 +1512,15 @@ class BugoutCore:
         self._emit(self.seal(address, self.make_packet(fields, now)), now, address)
 
     # incoming
-    def saw_peer(self, pk: str, ek: str, now: int, verified: bool = False) -> list:
+    def saw_peer(self, pk: str, ek: str, now: int, verified: bool = False, greet: bool = True) -> list:
         """Record a peer's keys; on first sight emit Seen and broadcast a ping.
 
         JS bugout pings once per new peer; peers seen within HELLO_GAP_MS of
         each other share one ping here (a flood of identities is not answered
         by a flood of pings): :meth:`tick` sends the one that waited.
+        ``greet=False``: the peer learns our keys otherwise (the caller sent it
+        a ping boxed for it alone, on a wire of its own): no broadcast, which
+        in a mesh of N peers every peer passes on to every wire (N² copies).
 
         ``verified``: the keys came in a packet signed with ``pk``. Keys from a
         handshake never replace verified ones; when the table is full they take
@@ -1542,7 +1546,8 @@ class BugoutCore:
         self.peers[address] = PeerKeys(pk, ek, now, verified)
         if fresh:
             return []
-        self._hello(now)
+        if greet:
+            self._hello(now)
         return events + [Seen(address)]
 
     def _evict(self) -> list:
@@ -2562,8 +2567,26 @@ class _LsdProtocol(asyncio.DatagramProtocol):
         self.node.lsd_datagram(data, addr[0])
 
 
-def _lsd_socket() -> socket.socket:
-    """UDP socket on 6771, in the LSD multicast group, shareable with others."""
+def sending_address(host: str, target: str | None = None) -> str | None:
+    """The address our packets to ``target`` leave from: ``host`` (the address we listen on)
+    when it is one IPv4 address of ``target``'s scope (both loopback or neither; None: any
+    multicast group), else None (the kernel picks). Peers dial back the sender of an LSD
+    announce, and count wires and announces per address: the one we listen on is ours."""
+    try:
+        ours = ipaddress.ip_address(host)
+        theirs = None if target is None else ipaddress.ip_address(target)
+    except ValueError:
+        return None
+    if ours.version != 4 or ours.is_unspecified:
+        return None
+    if theirs is not None and (theirs.version != 4 or theirs.is_loopback != ours.is_loopback):
+        return None
+    return host
+
+
+def _lsd_socket(host: str = "") -> socket.socket:
+    """UDP socket on 6771, in the LSD multicast group, shareable with others; announcing from
+    ``host`` when it is one IPv4 address (sending_address)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if hasattr(socket, "SO_REUSEPORT"):
@@ -2572,6 +2595,8 @@ def _lsd_socket() -> socket.socket:
     group = socket.inet_aton(LSD_HOST) + socket.inet_aton("0.0.0.0")
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, group)
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+    if source := sending_address(host):
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(source))
     sock.setblocking(False)
     return sock
 
@@ -4490,7 +4515,10 @@ class WebRtcTransport:
 # peer (peer id ``-QP``) gets a hello at once on a new wire, a ping boxed for
 # the ``ek`` its handshake claims, unless a wire stands for it already (so no
 # one can collect our hellos to pass them off as ours); a JS peer gets what JS
-# bugout sends: a ping to all wires when a peer is new, nothing else.
+# bugout sends: a ping to all wires when a peer is new, nothing else. A peer
+# that got a hello needs no such ping (it has our keys from our handshake and
+# a fresh packet of ours from the hello): none goes for it, since in a mesh of
+# N peers each passes a ping on to every wire (N² copies of each).
 #
 # Duplicates. Of wires claiming one peer, a claimant that does not stand, while
 # another wire stands for that peer, gets PROVE_SECONDS to prove it, then
@@ -5588,8 +5616,10 @@ class Bugout:
         self._dialing.add((host, port))
         loop = asyncio.get_running_loop()
         try:
+            source = sending_address(self.host, host)
             _, conn = await asyncio.wait_for(loop.create_connection(
-                lambda: WireConnection(self, True, (host, port)), host, port), 5.0)
+                lambda: WireConnection(self, True, (host, port)), host, port,
+                local_addr=(source, 0) if source else None), 5.0)
             return conn  # type: ignore[return-value]
         except (TimeoutError, OSError, UnicodeError) as exc:  # UnicodeError: a name like "a..b"
             log.debug("dial %s:%s failed: %s", host, port, exc)
@@ -5673,14 +5703,15 @@ class Bugout:
         if bugout and conn.address is None:  # the first claim is the one the policy weighs
             with contextlib.suppress(DecodeError):
                 conn.address = address_of(b58decode(pk))
+        greeted = False
         if conn.wire.ready and conn.state is ConnState.HANDSHAKE:
             conn.set_open()
             if not self._host_has_room(conn):
                 return
-            self._opened(conn, ek if bugout else None)
+            greeted = self._opened(conn, ek if bugout else None)
         if not bugout:
             return  # not a bugout peer of our swarm: nothing to learn
-        events = self.core.saw_peer(pk.decode("latin-1"), ek.decode("latin-1"), _now())
+        events = self.core.saw_peer(pk.decode("latin-1"), ek.decode("latin-1"), _now(), greet=not greeted)
         self.emit("connections", self.connections())
         self._dispatch(events)
         if conn.address and conn.address != self.address and conn.state is ConnState.OPEN:
@@ -5688,8 +5719,9 @@ class Bugout:
                 self._send_own(conn, payload)
             self.emit("wireseen", conn.address)
 
-    def _opened(self, conn: Connection, ek: bytes | None) -> None:
+    def _opened(self, conn: Connection, ek: bytes | None) -> bool:
         """Tell the wire policy; a Python peer not wired yet gets a hello (a ping boxed for it).
+        True when it got one: it needs no broadcast ping to learn our keys (saw_peer's greet).
 
         A JS peer gets what JS bugout sends on a new wire: its ping to all wires
         when the peer is new to it (saw_peer), nothing otherwise.
@@ -5702,6 +5734,8 @@ class Bugout:
             with contextlib.suppress(DecodeError):
                 conn.send_payload(self.core.hello_for(ek.decode("latin-1"), _now()))
                 self.stats["hellos sent"] += 1
+                return True
+        return False
 
     # sending
     def _flush_core(self) -> None:
@@ -5862,7 +5896,7 @@ class Bugout:
     # discovery and timers
     async def _start_lsd(self) -> None:
         try:
-            sock = _lsd_socket()
+            sock = _lsd_socket(self.host)
         except OSError as exc:
             log.warning("LSD is off: %s", exc)
             return
