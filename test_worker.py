@@ -3060,6 +3060,32 @@ class TestWireUnderAttack(AsyncTest):
         self.assertEqual(await self._slow_message(False, 4, 12), (False, False, 1))
         self.assertEqual(await self._slow_message(False, 40, 1), (False, False, 1))
 
+    async def test_a_message_we_did_not_read_is_no_stall(self):
+        """Payloads held back for later loop turns (WIRE_BUDGET) leave the socket unread: the
+        message behind them waits on us. Once we read again, silence is a stall as before."""
+        node, peer = self.will_close(memory_node()), self.will_close(memory_node())
+        wires = self.will_close(MemoryWires())
+        at_peer, at_node = wires.connect(peer, node)
+        await until(lambda: peer.address in node.peers, 5)
+        at_peer.held = True
+        await asyncio.sleep(0.05)
+        pings = b"".join(bo_frame(signed_by(peer.identity, {"y": "m", "v": '"%d"' % i}, "wire-attack"))
+                         for i in range(w.WIRE_BUDGET + 8))
+        big = bo_frame(signed_by(peer.identity, {"y": "m", "v": json.dumps("x" * 40_000)}, "wire-attack"))
+        now = time.monotonic() + 100
+        node.check_wires(now)
+        at_node.protocol.data_received(pings + big[:20_000])  # a backlog, then half a message
+        for _ in range(2):  # the loop does not turn: the backlog stays, the socket unread
+            now += w.PROGRESS_SECONDS
+            node.check_wires(now)
+        self.assertEqual(at_node.protocol.state, w.ConnState.OPEN)
+        await asyncio.sleep(0.05)  # the backlog is handled; the rest of the message never comes
+        for _ in range(3):
+            now += w.PROGRESS_SECONDS
+            node.check_wires(now)
+        self.assertEqual(at_node.protocol.state, w.ConnState.CLOSED)
+        self.assertEqual(node.stats["peers dropped: stalled message"], 1)
+
     async def test_a_slow_stream_of_whole_messages_is_no_stall(self):
         node, peer = self.will_close(memory_node()), self.will_close(memory_node())
         wires = self.will_close(MemoryWires())

@@ -2094,6 +2094,7 @@ class Connection:
         self._backlog: collections.deque = collections.deque()
         self._handling = False  # a _handle call is scheduled
         self._paused = False
+        self._held_back = False  # we left some of its payloads for a later loop turn since the last look
         self._eof = False  # the peer sends no more
         self._eof_sent = False  # we send no more
         self._timer: asyncio.TimerHandle | None = None  # handshake deadline or drain grace
@@ -2222,6 +2223,7 @@ class Connection:
         waiting = 0
         if backlog:  # the rest waits for the next loop turn, and the socket with it
             self._pause()
+            self._held_back = True
             if not self._handling:
                 self._handling = True
                 asyncio.get_running_loop().call_soon(self._handle_later)
@@ -2253,13 +2255,17 @@ class Connection:
     def stalled(self, now: float) -> bool:
         """True when one message, partly received at the last check, is still partly received
         and came less than PROGRESS_BYTES closer to whole since (a slow stream of messages
-        that each end is no stall). Checks closer than PROGRESS_SECONDS say False."""
+        that each end is no stall). Checks closer than PROGRESS_SECONDS say False, and so
+        does one after a window in which we held its payloads back (WIRE_BUDGET): the socket
+        was not read, so the rest of the message was ours to read, not the peer's to send
+        (a mesh's relays, thousands of pings on one wire, take seconds of loop turns)."""
         checked, before = self._progress
         if now - checked < PROGRESS_SECONDS:
             return False
         pending = self.wire.pending if self.state in (ConnState.OPEN, ConnState.DRAINING) else None
         self._progress = (now, pending)
-        return (pending is not None and before is not None and pending[0] == before[0]
+        held_back, self._held_back = self._held_back, bool(self._backlog)
+        return (not held_back and pending is not None and before is not None and pending[0] == before[0]
                 and before[1] - pending[1] < PROGRESS_BYTES)
 
     # bytes out
