@@ -3063,14 +3063,8 @@ class TestWireUnderAttack(AsyncTest):
     async def test_a_message_we_did_not_read_is_no_stall(self):
         """Payloads held back for later loop turns (WIRE_BUDGET) leave the socket unread: the
         message behind them waits on us. Once we read again, silence is a stall as before."""
-        node, peer = self.will_close(memory_node()), self.will_close(memory_node())
-        wires = self.will_close(MemoryWires())
-        at_peer, at_node = wires.connect(peer, node)
-        await until(lambda: peer.address in node.peers, 5)
-        at_peer.held = True
-        await asyncio.sleep(0.05)
-        pings = b"".join(bo_frame(signed_by(peer.identity, {"y": "m", "v": '"%d"' % i}, "wire-attack"))
-                         for i in range(w.WIRE_BUDGET + 8))
+        node, peer, at_node = await self._fed_by_test()
+        pings = self._numbered(peer, w.WIRE_BUDGET + 8)
         big = bo_frame(signed_by(peer.identity, {"y": "m", "v": json.dumps("x" * 40_000)}, "wire-attack"))
         now = time.monotonic() + 100
         node.check_wires(now)
@@ -3086,15 +3080,25 @@ class TestWireUnderAttack(AsyncTest):
         self.assertEqual(at_node.protocol.state, w.ConnState.CLOSED)
         self.assertEqual(node.stats["peers dropped: stalled message"], 1)
 
-    async def test_a_slow_stream_of_whole_messages_is_no_stall(self):
+    async def _fed_by_test(self):
+        """(node, peer, the node's end of their wire), the test alone feeding that end from now on."""
         node, peer = self.will_close(memory_node()), self.will_close(memory_node())
         wires = self.will_close(MemoryWires())
         at_peer, at_node = wires.connect(peer, node)
         await until(lambda: peer.address in node.peers, 5)
         at_peer.held = True
         await asyncio.sleep(0.05)
-        data = b"".join(bo_frame(signed_by(peer.identity, {"y": "m", "v": '"%d"' % i}, "wire-attack"))
-                        for i in range(40))
+        return node, peer, at_node
+
+    @staticmethod
+    def _numbered(peer, count):
+        """``count`` small messages signed by ``peer``, framed, back to back."""
+        return b"".join(bo_frame(signed_by(peer.identity, {"y": "m", "v": '"%d"' % i}, "wire-attack"))
+                        for i in range(count))
+
+    async def test_a_slow_stream_of_whole_messages_is_no_stall(self):
+        node, peer, at_node = await self._fed_by_test()
+        data = self._numbered(peer, 40)
         now = time.monotonic() + 100
         for i in range(0, len(data), 300):  # 300 bytes every 5 s: a message partly in at each look
             at_node.protocol.data_received(data[i:i + 300])
