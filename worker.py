@@ -4556,8 +4556,9 @@ class WebRtcTransport:
 # messages pass max_partial or send queues max_send_total (the unprotected
 # wire holding most goes); the core never evicts those peers. Any wire that
 # leaves max_send_queue of our payloads unread is closed, and so is one whose
-# message (the same one) stops coming closer to whole (check_wires), unless
-# it is protected: a slow master is waited for, and its RPC timeouts decide.
+# message (the same one) stops coming closer to whole (check_wires) while we
+# read it (Connection.stalled), unless it is protected: a slow master is
+# waited for, and its RPC timeouts decide.
 #
 # Events, ``on(name, fn)`` (a coroutine function is spawned; an exception is
 # logged, rate-limited, and never reaches the wire):
