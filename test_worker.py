@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import fnmatch
 import functools
 import hashlib
@@ -746,11 +747,11 @@ async def js_master_run(tmp, transport, url, count):
 
 async def flow_rate(master, worker, jobs, get_batch, start=0):
     """Push jobs, time them from the first result to the last (jobs/s)."""
-    worker.get_batch = get_batch
+    worker.job_loop.settings = dataclasses.replace(worker.settings, get_batch=get_batch)
     done = master.stats["results"]
     for i in range(start, start + jobs):
         master.push_new_job({"id": i, "data": json.dumps({"x": i})})
-    worker._wake.set()
+    worker.job_loop.nudge()
     await until(lambda: master.stats["results"] >= done + 1, 30)
     first, first_done = time.monotonic(), master.stats["results"]
     await until(lambda: master.stats["results"] >= done + jobs, 120)
@@ -4178,7 +4179,7 @@ async def child_rtc_master_py():
                               dht=False, peers=peers, batch_size=10, **rtc)
             started = time.monotonic()
             await worker.start()
-            await until(lambda worker=worker: worker._runner is not None, 120)
+            await until(lambda worker=worker: worker.keeper.runner is not None, 120)
             result[transport] = {
                 "assets_s": time.monotonic() - started, "only_webrtc": only_webrtc(worker.node, master.node),
                 "blob_ok": (folder / w.ASSET_FOLDER / "workplace/data/blob.bin").read_bytes() == blob,
@@ -5542,7 +5543,7 @@ class TestMasterTrust(AsyncTest):
         self.assertEqual(sum("did not prove" in line for line in logs.output), budget)
         self.assertEqual(sum("failed to prove the key lately" in line for line in logs.output), 1)
         self.assertEqual(worker.current_hash(), "")
-        self.assertIsNone(worker._runner)
+        self.assertIsNone(worker.keeper.runner)
         self.assertIsNone(worker.master)
         self.assertEqual([p.name for p in (tmp / "w").iterdir() if not p.name.startswith(w.JOURNAL_NAME)], [])
         self.assertFalse(any(name.startswith("qx_task") for name in sys.modules))
@@ -5599,7 +5600,7 @@ class TestMasterTrust(AsyncTest):
             {p: t.encode() for p, t in DEFAULT_FILES.items()})))  # a JS master: the key, no acks
         old = signed_by(master.node.core.identity, {"y": "p"}, token, t=w._now() - w.FRESH_MS - 5000)
         worker = await self.started(loopback_worker(token, tmp / "w", peers=["127.0.0.1:%d" % master.node.port]))
-        await until(lambda: worker.master == master.node.address and worker._runner is not None, 20)
+        await until(lambda: worker.master == master.node.address and worker.keeper.runner is not None, 20)
         ident = master.node.core.identity
         _, writer = await raw_wire(worker.node, peer_id=master.node.peer_id, ext={
             "m": {"bo_channel": 4}, "id": token, "pk": ident.pk, "ek": ident.ek})
@@ -5614,9 +5615,9 @@ class TestMasterTrust(AsyncTest):
                 conn.close(abort=True)
         await until(lambda: sum(c.address == master.node.address for c in worker.node._connections) == 1, 10)
         self.assertFalse(worker.node.has_signed_wire(master.node.address))
-        worker._result_ready({"jobID": 1, "worker": {"id": worker.address, "name": "w"}, "data": 2})
+        worker.job_loop.result_ready({"jobID": 1, "worker": {"id": worker.address, "name": "w"}, "data": 2})
         await until(lambda: worker.outbox.ready, 10)
-        worker._kick_delivery()
+        worker.job_loop.kick_delivery()
         await asyncio.sleep(1.0)
         self.assertEqual(len(worker.outbox), 1)  # kept for a master that signed what came by its wire
         self.assertNotIn("shareResults", master.names())
@@ -5651,7 +5652,7 @@ class TestMasterTrust(AsyncTest):
             self.assertEqual(impostor.names(), ["isMaster", "requestExecAssets"], name)
             self.assertEqual(impostor.calls[1][1], {"currentHash": ""})
         self.assertEqual(worker.current_hash(), "")
-        self.assertIsNone(worker._runner)
+        self.assertIsNone(worker.keeper.runner)
 
     async def hijack(self, caps):
         tmp = self.tmp()
@@ -5805,7 +5806,7 @@ class TestMasterTrust(AsyncTest):
         pinned = await self.started(cluster.worker(master=replayer.node.address,
                                                    peers=["127.0.0.1:%d" % replayer.node.port]))
         await until(lambda: "requestWork" in replayer.names(), 20)
-        self.assertIn("cryptography>=1", pinned._accepted_deps)
+        self.assertIn("cryptography>=1", pinned.keeper.accepted_deps)
 
     async def test_master_py_answers_results_that_do_not_decrypt_as_any_others(self):
         cluster = await self.started(Cluster(self.tmp()))
@@ -6077,7 +6078,7 @@ class TestOutbox(AsyncTest):
                 with self.assertLogs("worker", "ERROR"):
                     await worker._load_state()
                 self.assertEqual(list(worker.trust.proven), [])
-                self.assertEqual(worker._manifest, [])
+                self.assertEqual(worker.keeper.manifest, [])
                 worker.journal.close()
 
     async def test_old_json_files_are_taken_over_once_or_moved_aside(self):
@@ -6095,7 +6096,7 @@ class TestOutbox(AsyncTest):
                 self.assertIn(".results.json", logs.output[0])
                 self.assertIn(".assets.json", logs.output[1])
                 self.assertEqual(len(worker.outbox), 0)
-                self.assertEqual(worker._manifest, [])
+                self.assertEqual(worker.keeper.manifest, [])
                 worker.journal.close()
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / ".results.json").write_text(json.dumps(good))
@@ -6104,7 +6105,7 @@ class TestOutbox(AsyncTest):
             self.addCleanup(worker.journal.close)
             await worker._load_state()
             self.assertEqual(len(worker.outbox), 1)
-            self.assertEqual(worker._manifest, [{"name": "task.py", "workerPath": "/task.py"}])
+            self.assertEqual(worker.keeper.manifest, [{"name": "task.py", "workerPath": "/task.py"}])
             self.assertFalse((Path(tmp) / ".results.json").exists())
             worker.journal.close()
 
@@ -6295,7 +6296,7 @@ class TestTaskProcesses(AsyncTest):
         push_jobs(cluster, [{"x": 2}], start=2)
         worker = await self.started(WorkerPy(tmp, cluster, getBatch="true", batchSize=2, jobTimeout=3))
         await until(lambda: pidfile.exists() and pidfile.read_text(), 60)
-        await until(lambda: journal_count(worker.folder, "jobs") == 2, 10)  # a kill -9 now loses neither
+        await until(lambda: journal_count(worker.settings.folder, "jobs") == 2, 10)  # a kill -9 now loses neither
         await cluster.until_results(3, 60)
         by_id = self.by_id(cluster)
         self.assertEqual(by_id[1]["data"]["x"], "\ud83d")
@@ -6329,7 +6330,7 @@ class TestTaskProcesses(AsyncTest):
         by_id = self.by_id(cluster)
         self.assertIn("no JSON form", by_id[0]["error"]["message"])
         self.assertEqual(by_id[1]["data"], {"pid": os.getpid(), "x": 1})  # in the worker's own process
-        self.assertIsInstance(worker._runner, w.ThreadRunner)
+        self.assertIsInstance(worker.keeper.runner, w.ThreadRunner)
         await worker.stop()
         with self.assertRaises(w.WorkerError):
             cluster.worker(task_runner="fork")
@@ -6368,7 +6369,7 @@ class TestTaskProcesses(AsyncTest):
             self.assertIn("stopped before this job started", by_id[i]["error"]["message"])
         self.assertNotIn(4, by_id)  # not handed out
         self.assertFalse(alive(int(pidfile.read_text())))
-        self.assertFalse((worker.folder / ".results.json").exists())  # all delivered
+        self.assertFalse((worker.settings.folder / ".results.json").exists())  # all delivered
 
     async def test_kill_9_of_the_worker_ends_its_children(self):
         tmp, cluster = await self.cluster()
@@ -6427,22 +6428,22 @@ class TestTaskProcesses(AsyncTest):
         text = "\n".join(logs.output)
         self.assertIn("task.py does not load: ModuleNotFoundError: No module named 'qx_missing'", text)
         self.assertIn('task.py", line 1', text)  # the child's traceback
-        self.assertIsNone(worker._runner)
+        self.assertIsNone(worker.keeper.runner)
         self.assertEqual(cluster.master.stats["jobs handed out"], 0)
         self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
         write_assets(tmp / "master", {"/workplace/task.py": TRICKY_TASK_PY})
         self.assertTrue(await worker.sync_assets())
         await cluster.until_results(2)
-        first = worker._runner
+        first = worker.keeper.runner
         old = first.pids
         write_assets(tmp / "master", {"/workplace/task.py": TRICKY_TASK_PY + "\n# v2\n"})
         self.assertTrue(await worker.sync_assets())
-        self.assertIsNot(worker._runner, first)
+        self.assertIsNot(worker.keeper.runner, first)
         await until(lambda: not first.children and not [p for p in old if alive(p)], 10)
         push_jobs(cluster, [{"x": 2}], start=2)
         await cluster.until_results(3)
         self.assertNotIn(self.by_id(cluster)[2]["data"]["pid"], old)
-        now = worker._runner.pids
+        now = worker.keeper.runner.pids
         await worker.stop()
         self.assertFalse([p for p in now if alive(p)])
 
@@ -6539,14 +6540,14 @@ class TestTaskJs(AsyncTest):
         for r in results:
             self.assertEqual(r["data"], {"sum": 3, "dep": "1.0.0"})
             self.assertEqual(r["worker"], {"id": worker.address, "name": "py-js"})
-        self.assertIsInstance(worker._runner, w.NodeRunner)
-        self.assertEqual(worker._runner.starts, 1)
-        pids = worker._runner.pids
+        self.assertIsInstance(worker.keeper.runner, w.NodeRunner)
+        self.assertEqual(worker.keeper.runner.starts, 1)
+        pids = worker.keeper.runner.pids
         self.assertTrue((root / "w/node_modules/qx-demo-dep/package.json").is_file())
         self.assertTrue((root / "w" / w.NODE_RUNNER_NAME).is_file())
         await self._check_resolution(root / "w", root / "bin")
         await worker.stop()
-        self.assertEqual(worker._runner.children, [])
+        self.assertEqual(worker.keeper.runner.children, [])
         self.assertFalse([pid for pid in pids if alive(pid)])
 
     async def _check_resolution(self, folder, bin_dir):
@@ -6605,7 +6606,7 @@ class TestTaskJs(AsyncTest):
             self.assertEqual(by_id[i]["data"]["sum"], i + 1)
         self.assertNotEqual(by_id[0]["data"]["pid"], by_id[2]["data"]["pid"])
         self.assertEqual(by_id[2]["data"]["pid"], by_id[3]["data"]["pid"])
-        self.assertEqual(worker._runner.starts, 2)
+        self.assertEqual(worker.keeper.runner.starts, 2)
 
     async def test_asset_change_restarts_child(self):
         tmp = self.tmp()
@@ -6613,11 +6614,11 @@ class TestTaskJs(AsyncTest):
         cluster.push(2)
         worker = await self.started(cluster.worker())
         await cluster.until_results(2)
-        first = worker._runner
+        first = worker.keeper.runner
         write_assets(tmp / "master", {"/workplace/task.js": VERSION_TASK_JS % 2})
         self.assertTrue(await worker.sync_assets())
         self.assertEqual(cluster.statuses, ["changed", "changed"])
-        self.assertIsNot(worker._runner, first)
+        self.assertIsNot(worker.keeper.runner, first)
         await until(lambda: not first.children, 10)
         cluster.push(2, start=2)
         await cluster.until_results(4)
@@ -6638,7 +6639,7 @@ class TestTaskJs(AsyncTest):
             self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
         text = "\n".join(logs.output)
         self.assertIn("needs Node.js, but 'node' is not on PATH", text)
-        self.assertIsNone(worker._runner)
+        self.assertIsNone(worker.keeper.runner)
         self.assertEqual(cluster.results, [])
         self.assertEqual(cluster.master.stats["jobs handed out"], 0)
         # node is back: the next asset check (every 30 s when idle) loads task.js
@@ -6875,10 +6876,10 @@ class TestWorkerFlow(AsyncTest):
     async def test_restart_with_same_assets_downloads_nothing(self):
         cluster = await self.started(Cluster(self.tmp()))
         first = await self.started(cluster.worker())
-        await until(lambda: first._runner is not None)
+        await until(lambda: first.keeper.runner is not None)
         await first.stop()
         second = await self.started(cluster.worker())
-        await until(lambda: second._runner is not None)
+        await until(lambda: second.keeper.runner is not None)
         self.assertEqual(cluster.statuses, ["changed", "same"])
 
 
@@ -6902,7 +6903,7 @@ class TestAgainstJsMaster(AsyncTest):
             self.assertFalse(await worker.sync_assets())
         await asyncio.sleep(0.5)
         self.assertEqual({e["call"] for e in master.events if e["event"] == "rpc"}, {"isMaster", "requestExecAssets"})
-        self.assertFalse(worker._caps.errors)
+        self.assertFalse(worker.finder.caps.errors)
 
     async def run_jobs(self, get_batch, count=500):
         tmp = self.tmp()
@@ -6944,7 +6945,7 @@ class TestAgainstJsMaster(AsyncTest):
                                                             "QX_ASSETS": str(js_master_assets(tmp))}))
         worker = await self.started(loopback_worker("jsm-same", tmp / "w", "py",
                                                     peers=["127.0.0.1:%d" % master.ready["port"]]))
-        await until(lambda: worker._runner is not None)
+        await until(lambda: worker.keeper.runner is not None)
         self.assertTrue(await worker.sync_assets())
 
         def asked():
@@ -7341,7 +7342,7 @@ class TestFaults(AsyncTest):
         master = cluster.master
         master.node.core._seen.limit = 2000
         worker = await self.started(cluster.worker())
-        await until(lambda: worker._runner is not None)
+        await until(lambda: worker.keeper.runner is not None)
         infohash = master.node.infohash
         replay_core = w.BugoutCore(master.node.identifier, w.Identity())
         now = w._now()
