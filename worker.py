@@ -3353,6 +3353,8 @@ class Dht:
         self._transport: asyncio.DatagramTransport | None = None
         self._task: asyncio.Task | None = None
         self._resolved = float("-inf")
+        #: the last failure to look each bootstrap name up: said again only when it changes
+        self._bootstrap_errors: dict[tuple[str, int], str] = {}
 
     @property
     def stats(self) -> collections.Counter:
@@ -3405,15 +3407,22 @@ class Dht:
         self.core.bootstrap([addr for addrs in found for addr in addrs], time.monotonic())
         self._flush()
 
-    @staticmethod
-    async def _resolve(host: str, port: int) -> list[Addr]:
+    async def _resolve(self, host: str, port: int) -> list[Addr]:
+        """A bootstrap name's addresses; a failure is logged when it differs from the last one
+        (offline, the lookup is tried again every minute: the log says so once)."""
         loop = asyncio.get_running_loop()
         try:
             infos = await asyncio.wait_for(loop.getaddrinfo(
                 host, port, family=socket.AF_INET, type=socket.SOCK_DGRAM), 10.0)
         except (OSError, UnicodeError, TimeoutError) as exc:  # UnicodeError: a name like "a..b"
-            log.warning("dht bootstrap %s:%d: %s", host, port, exc)
+            error = str(exc) or type(exc).__name__
+            if self._bootstrap_errors.get((host, port)) != error:
+                self._bootstrap_errors[(host, port)] = error
+                log.warning("dht bootstrap %s:%d: %s (tried again each minute; said again if it changes)",
+                            host, port, error)
             return []
+        if self._bootstrap_errors.pop((host, port), None) is not None:
+            log.info("dht bootstrap %s:%d found again", host, port)
         return [info[4][:2] for info in infos[:2]]
 
     def _received(self, data: bytes, addr: tuple) -> None:
