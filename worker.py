@@ -67,7 +67,9 @@ users (and, in type hints, the transports name the Bugout node they serve)::
     Worker: the journal and the outbox       Journal, Outbox; their theory of operation
     Worker: running tasks                    task.py in child processes (or a thread)
     Worker: running task.js with Node        npm, node children
-    Worker                                   the Worker class
+    Worker                                   MasterFinder (which peer is the master), AssetKeeper
+                                             (files, dependencies, runner), JobLoop (asking, running,
+                                             delivering; the batch-request policy), and Worker
     Command line                             --setup, running, --demo, main()
     Templates                                the task child, the Node runner, the npm check, the demo task
 """
@@ -7910,7 +7912,7 @@ class MasterFinder:
         """One line: no master yet, and the ways this worker looks for one (from the settings)."""
         s = self.settings
         ways = (["LSD on the local network"] if s.lsd else []) + (["the DHT"] if s.dht else []) + (
-            ["%d tracker(s) (%s)" % (len(s.trackers), ", ".join(s.trackers))] if s.trackers else []) + (
+            ["%d tracker(s)" % len(s.trackers)] if s.trackers else []) + (  # the WebRTC line names them
             ["peers= %s" % ", ".join(s.peers)] if s.peers else [])
         pinned = "; only master= %s is accepted" % ", ".join(s.master) if s.master else ""
         if ways:
