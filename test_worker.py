@@ -6319,7 +6319,7 @@ class TestTaskProcesses(AsyncTest):
         push_jobs(cluster, [{"x": 2}], start=2)
         worker = await self.started(WorkerPy(tmp, cluster, getBatch="true", batchSize=2, jobTimeout=3))
         await until(lambda: pidfile.exists() and pidfile.read_text(), 60)
-        await until(lambda: journal_count(worker.settings.folder, "jobs") == 2, 10)  # a kill -9 now loses neither
+        await until(lambda: journal_count(worker.folder, "jobs") == 2, 10)  # a kill -9 now loses neither
         await cluster.until_results(3, 60)
         by_id = self.by_id(cluster)
         self.assertEqual(by_id[1]["data"]["x"], "\ud83d")
@@ -6392,7 +6392,7 @@ class TestTaskProcesses(AsyncTest):
             self.assertIn("stopped before this job started", by_id[i]["error"]["message"])
         self.assertNotIn(4, by_id)  # not handed out
         self.assertFalse(alive(int(pidfile.read_text())))
-        self.assertFalse((worker.settings.folder / ".results.json").exists())  # all delivered
+        self.assertFalse((worker.folder / ".results.json").exists())  # all delivered
 
     async def test_kill_9_of_the_worker_ends_its_children(self):
         tmp, cluster = await self.cluster()
