@@ -7107,6 +7107,7 @@ class TestWorkerFlow(AsyncTest):
             await until(lambda: len(rounds) >= 3, 10)
             master = await self.started(loopback_master(token, tmp / "m", peers=["127.0.0.1:%d" % worker.node.port]))
             await until(lambda: worker.master == master.address, 20)
+            await until(lambda: worker.keeper.runner is not None, 20)  # not stopped while its task loads
         waiting = [line for line in logs.output if "waiting for a master" in line]
         self.assertEqual(len(waiting), 1, logs.output)
         self.assertIn("INFO:worker:waiting for a master: looking by peers= 127.0.0.1:", waiting[0])
