@@ -6814,7 +6814,7 @@ class TestMasterFinder(AsyncTest):
         tasks = set()
         finder = w.MasterFinder(node, w.Crypt(KEY), part_settings(**settings), FakeJournal(),
                                 spawn=lambda coro: w.spawn(coro, tasks, "test"), on_master=on_master,
-                                stats=collections.Counter(), now=Clock())
+                                stats=collections.Counter(), now=Clock(), logger=logging.getLogger("worker.finder"))
         self.addAsyncCleanup(self.cancel, tasks)
         return finder, node, found
 
@@ -6885,7 +6885,7 @@ class TestMasterFinder(AsyncTest):
                                   "trackers are off and peers= is empty"))]
         for settings, level, text in cases:
             finder, _, _ = self.finder({}, **settings)
-            with self.assertLogs("worker", "DEBUG") as logs:
+            with self.assertLogs("worker.finder", "DEBUG") as logs:  # the logger it was given
                 finder.start()
                 await asyncio.sleep(0)
             self.assertEqual(len(logs.records), 1, logs.output)

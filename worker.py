@@ -7859,7 +7859,7 @@ class MasterFinder:
     node (RPCs, wires, peers), the key, the settings (``master=``, the folder
     a JS master's proof is checked against, how peers are found), the journal
     (it keeps the proven masters), ``spawn`` for background tasks, the
-    worker's counters and ``now`` (monotonic seconds). ``on_master(verified)``
+    worker's counters, ``now`` (monotonic seconds) and a logger. ``on_master(verified)``
     is awaited once a master is adopted (``verified``: the files its proof
     brought, or None): the worker then fetches its assets.
     """
@@ -7867,7 +7867,8 @@ class MasterFinder:
     def __init__(self, node: Bugout, crypt: Crypt, settings: Settings, journal: Journal, *,
                  spawn: Callable[[Awaitable], Any],
                  on_master: Callable[[VerifiedAssets | None], Awaitable[Any]],
-                 stats: collections.Counter, now: Callable[[], float] = time.monotonic) -> None:
+                 stats: collections.Counter, now: Callable[[], float] = time.monotonic,
+                 logger: logging.Logger = log) -> None:
         self.node = node
         self.crypt = crypt
         self.settings = settings
@@ -7876,6 +7877,7 @@ class MasterFinder:
         self.on_master = on_master
         self.stats = stats
         self.now = now
+        self.log = logger
         #: who may command this worker: the proven master, candidates, bans
         self.trust = MasterTrust(settings.master)
         #: what the master said it can do in its ``isMaster`` answer
@@ -7916,16 +7918,16 @@ class MasterFinder:
             ["peers= %s" % ", ".join(s.peers)] if s.peers else [])
         pinned = "; only master= %s is accepted" % ", ".join(s.master) if s.master else ""
         if ways:
-            log.info("waiting for a master: looking by %s%s", ", ".join(ways), pinned)
+            self.log.info("waiting for a master: looking by %s%s", ", ".join(ways), pinned)
         else:
-            log.warning("waiting for a master to dial this worker (port %d): LSD, the DHT and trackers are "
+            self.log.warning("waiting for a master to dial this worker (port %d): LSD, the DHT and trackers are "
                         "off and peers= is empty%s", self.node.port, pinned)
 
     async def load(self) -> None:
         """The masters that proved the key in earlier runs (the journal keeps them)."""
         proven = await self.journal.call(self.journal.get_json, "proven", [])
         if not all(is_address(a) for a in proven):
-            log.error("%s: the list of proven masters holds what is not an address; not used", self.journal.path)
+            self.log.error("%s: the list of proven masters holds what is not an address; not used", self.journal.path)
             proven = []
         self.trust.proven.update(dict.fromkeys(proven))
 
@@ -7995,7 +7997,7 @@ class MasterFinder:
         self.trust.candidates.pop(address, None)
         self.trust.left(address)
         if self.trust.lose(address) and not self.stopping:
-            log.warning("master %s left; results are kept until a master is back", address)
+            self.log.warning("master %s left; results are kept until a master is back", address)
             self._failover()
 
     def on_connections(self, _count: int) -> None:
@@ -8025,7 +8027,7 @@ class MasterFinder:
         """An RPC to the master failed: unreachable at once, or unanswered twice, ends it."""
         self._timeouts = 0 if isinstance(exc, RpcUnreachable) else self._timeouts + 1
         if (isinstance(exc, RpcUnreachable) or self._timeouts >= 2) and self.trust.lose(master):
-            log.warning("master %s does not answer; results are kept until a master is back", master)
+            self.log.warning("master %s does not answer; results are kept until a master is back", master)
             self._failover()
 
     def answered(self) -> None:
@@ -8064,7 +8066,7 @@ class MasterFinder:
                 verified = await self._asset_proof(address)
         except (RpcTimeout, InvalidState):  # no answer, or it left before we could ask
             self.trust.proof_timed_out(address, self.now())
-            log.debug("%s did not answer its proof in time", address)
+            self.log.debug("%s did not answer its proof in time", address)
             return False
         except ProofFailed:
             self._proof_failed(address, oracle=not caps.key_proof)
@@ -8124,7 +8126,7 @@ class MasterFinder:
             return await asyncio.to_thread(verify_assets, answer, self.crypt, self.settings.folder,
                                            text_reads=True)
         except (WorkerError, ValueError, TypeError, KeyError) as exc:
-            log.debug("proof of %s: %s", address, exc)
+            self.log.debug("proof of %s: %s", address, exc)
             raise ProofFailed(address) from None
 
     def _proof_failed(self, address: str, oracle: bool) -> None:
@@ -8132,11 +8134,11 @@ class MasterFinder:
         decrypted nothing (``oracle`` False: master.py's challenge), until it comes back."""
         now = self.now()
         if self.trust.proof_failed(address, now, oracle):
-            log.error("%d peers failed to prove the key lately: no unproven peer is asked until %s "
+            self.log.error("%d peers failed to prove the key lately: no unproven peer is asked until %s "
                       "(pin your master with master= in .env)", len(self.trust.failures),
                       time.strftime("%H:%M", time.localtime(time.time() + self.trust.locked_until(now) - now)))
         if oracle:  # the budget bounds these lines
-            log.error("%s holds a different transferEncryptToken, or is no master: it says it is the master "
+            self.log.error("%s holds a different transferEncryptToken, or is no master: it says it is the master "
                       "but did not prove that it holds ours; not asked again for %d min",
                       address, PROOF_BAN_SECONDS // 60)
         else:  # a peer may fail again each time it comes back: one line a minute
@@ -8149,7 +8151,7 @@ class MasterFinder:
         self.node.prioritize(address)  # its wire: never closed for room, never behind a flood
         self.caps = caps
         self._timeouts = 0
-        log.info("master found: %s (%s)", address, how)
+        self.log.info("master found: %s (%s)", address, how)
         self.journal.submit(self.journal.set_meta, "proven", json_dumps(list(self.trust.proven)))
 
 
@@ -8163,12 +8165,12 @@ class AssetKeeper:
     finishes its jobs in flight. ``ready`` says work may be taken; ``on_ready``
     is called when it becomes so. Built with the settings, the node, the key,
     the journal (the manifest and the dependencies installed are kept there),
-    the master finder, ``spawn`` and ``wall`` (``time.time``: when the assets came).
+    the master finder, ``spawn``, ``wall`` (``time.time``: when the assets came) and a logger.
     """
 
     def __init__(self, settings: Settings, node: Bugout, crypt: Crypt, journal: Journal,
                  finder: MasterFinder, *, spawn: Callable[[Awaitable], Any], on_ready: Callable[[], Any],
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time, logger: logging.Logger = log) -> None:
         self.settings = settings
         self.node = node
         self.crypt = crypt
@@ -8177,6 +8179,7 @@ class AssetKeeper:
         self.spawn = spawn
         self.on_ready = on_ready
         self.wall = wall
+        self.log = logger
         #: the master's files written here: name, workerPath, sha256, received (their hash as written)
         self.manifest: list[dict] = []
         #: the task's runner, or None; runners swapped out, finishing their jobs
@@ -8211,10 +8214,10 @@ class AssetKeeper:
         journal, folder = self.journal, self.settings.folder
         self.manifest = await journal.call(self._read_manifest)
         if moved := await asyncio.to_thread(move_earlier_assets, folder, self.manifest):
-            log.info("%d file(s) of the master moved into %s, where no import looks", moved, folder / ASSET_FOLDER)
+            self.log.info("%d file(s) of the master moved into %s, where no import looks", moved, folder / ASSET_FOLDER)
         deps = await journal.call(journal.get_json, "dependencies", None)
         if deps is not None and not all(isinstance(d, str) for d in deps):
-            log.error("%s: the list of installed dependencies is unusable; not used", journal.path)
+            self.log.error("%s: the list of installed dependencies is unusable; not used", journal.path)
             deps = []
         self.accepted_deps = None if deps is None else set(deps)
 
@@ -8223,14 +8226,14 @@ class AssetKeeper:
         manifest = self.journal.get_json("manifest", [])
         if _manifest_ok(manifest, self.settings.folder):
             return manifest
-        log.error("%s: the asset list is unusable; the assets will be fetched again", self.journal.path)
+        self.log.error("%s: the asset list is unusable; the assets will be fetched again", self.journal.path)
         return []
 
     async def _save_manifest(self) -> None:
         try:
             await self.journal.call(self.journal.set_meta, "manifest", json_dumps(self.manifest))
         except (OSError, sqlite3.Error) as exc:
-            log.error("cannot save the asset list in %s: %s", self.journal.path, exc)
+            self.log.error("cannot save the asset list in %s: %s", self.journal.path, exc)
 
     def current_hash(self) -> str:
         """Concatenated SHA-256 of the assets, in the master's order, as the master knows them."""
@@ -8255,7 +8258,7 @@ class AssetKeeper:
                 answer = await self.node.rpc(master, "requestExecAssets",
                                              {"currentHash": current}, timeout=120.0)
             except (RpcTimeout, InvalidState) as exc:
-                log.warning("could not get the task files from master %s: %s", master, _call_failed(exc))
+                self.log.warning("could not get the task files from master %s: %s", master, _call_failed(exc))
                 return False
             self.problem = None
             same = isinstance(answer, dict) and answer.get("status") == "same"
@@ -8271,7 +8274,7 @@ class AssetKeeper:
     def _cannot_run(self, why: str, logged: str | None = None) -> None:
         """Log why the master's task cannot run here (``logged``: a fuller line), and keep it for
         master.py (its files' paths as it names them, others relative to the worker folder)."""
-        log.error("%s", logged or why)
+        self.log.error("%s", logged or why)
         folder = self.settings.folder
         for prefix in (folder / ASSET_FOLDER, (folder / ASSET_FOLDER).resolve(), folder):
             why = why.replace(str(prefix) + os.sep, "")
@@ -8312,7 +8315,7 @@ class AssetKeeper:
             return False
         if not self._dependencies_trusted(verified.dependencies):
             return False
-        log.info("assets changed: %d file(s), %d dependency(ies)", len(verified.files),
+        self.log.info("assets changed: %d file(s), %d dependency(ies)", len(verified.files),
                  len(verified.dependencies))
         self._remove_assets()
         self.manifest = [entry for _, entry, _ in verified.files]
@@ -8350,7 +8353,7 @@ class AssetKeeper:
         if new and not (first or self.finder.caps.key_proof or master in self.finder.trust.pinned):
             if (master, new) not in self._refused_deps and len(self._refused_deps) < 64:
                 self._refused_deps.add((master, new))
-                log.error("master %s, proven by its files only (a JS master), asks for dependencies not "
+                self.log.error("master %s, proven by its files only (a JS master), asks for dependencies not "
                           "installed before: %s. A peer that knows only the token could replay a JS master's "
                           "files with a list of its own, so they are not installed and no job is taken. If it "
                           "is your master, pin it: master=%s in .env", master, ", ".join(new), master)
@@ -8380,14 +8383,14 @@ class AssetKeeper:
         missing = await asyncio.to_thread(lambda: [d for d in deps if not requirement_satisfied(d, paths)])
         if not missing:
             return True
-        log.info("installing %s into %s", ", ".join(missing), self.deps_folder)
+        self.log.info("installing %s into %s", ", ".join(missing), self.deps_folder)
         command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check",
                    "--no-input", "--upgrade", "--target", str(self.deps_folder), *missing]
         try:
             proc = await asyncio.create_subprocess_exec(
                 *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         except OSError as exc:
-            log.error("cannot run pip: %s", exc)
+            self.log.error("cannot run pip: %s", exc)
             return False
         if not await _install_finished(proc, "pip", missing):
             return False
@@ -8428,7 +8431,7 @@ class AssetKeeper:
         how = ("in a thread (taskRunner=thread)" if isinstance(runner, ThreadRunner) else
                "%s process %s, up to %d at once" % ("node" if isinstance(runner, NodeRunner) else "python",
                                                     runner.pids[0], runner.concurrency))
-        log.info("task loaded from %s (%s)", runner.task_path, how)
+        self.log.info("task loaded from %s (%s)", runner.task_path, how)
         return True
 
     async def _retire(self, runner: Runner) -> None:
@@ -8481,13 +8484,14 @@ class JobLoop:
     delivered in the background, one delivery at a time. Built with the
     settings, the node, the key, the journal and outbox, the master finder
     (who the master is, what it can do, whether it failed), the asset keeper
-    (ready, the runner), the worker's counters, ``spawn`` and ``now``
-    (monotonic seconds).
+    (ready, the runner), the worker's counters, ``spawn``, ``now``
+    (monotonic seconds) and a logger.
     """
 
     def __init__(self, settings: Settings, node: Bugout, crypt: Crypt, journal: Journal, outbox: Outbox,
                  finder: MasterFinder, keeper: AssetKeeper, *, stats: collections.Counter,
-                 spawn: Callable[[Awaitable], Any], now: Callable[[], float] = time.monotonic) -> None:
+                 spawn: Callable[[Awaitable], Any], now: Callable[[], float] = time.monotonic,
+                 logger: logging.Logger = log) -> None:
         self.settings = settings
         self.node = node
         self.crypt = crypt
@@ -8498,6 +8502,7 @@ class JobLoop:
         self.stats = stats
         self.spawn = spawn
         self.now = now
+        self.log = logger
         #: jobs held locally (a batch): (journal seq, job)
         self.jobs: collections.deque[tuple[int, Any]] = collections.deque()
         #: the jobs running, a task each
@@ -8539,7 +8544,7 @@ class JobLoop:
             try:
                 await self._step()
             except Exception:  # a bug of ours must not end the loop: say so and go on
-                log.exception("job loop: unexpected error")
+                self.log.exception("job loop: unexpected error")
                 await asyncio.sleep(1.0)
 
     async def _step(self) -> None:
@@ -8600,7 +8605,7 @@ class JobLoop:
                 answer = await self.node.rpc(master, "requestWork", args, timeout=30.0)
             except (RpcTimeout, InvalidState) as exc:
                 self.outbox.settle(carried, False)
-                log.warning("could not ask master %s for jobs: %s", master, _call_failed(exc))
+                self.log.warning("could not ask master %s for jobs: %s", master, _call_failed(exc))
                 self.finder.failed(master, exc)
                 return False
             self.finder.answered()
@@ -8616,7 +8621,7 @@ class JobLoop:
         if not isinstance(items, list):
             return
         if len(items) > MAX_BATCH_TASKS:
-            log.error("the master sent %d jobs at once; only the first %d are taken",
+            self.log.error("the master sent %d jobs at once; only the first %d are taken",
                       len(items), MAX_BATCH_TASKS)
             items = items[:MAX_BATCH_TASKS]
         jobs, failures = [], []
@@ -8629,7 +8634,7 @@ class JobLoop:
                 failures.append(exc)
         if failures:
             self.stats["jobs undecryptable"] += len(failures)
-            log.error("%d job(s) dropped: %s", len(failures), failures[0])
+            self.log.error("%d job(s) dropped: %s", len(failures), failures[0])
         if jobs:
             bodies = [storable_json(job) for job in jobs]
             seqs = range(self._job_seq + 1, self._job_seq + 1 + len(jobs))
@@ -8645,7 +8650,7 @@ class JobLoop:
             self._job_seq = max(self._job_seq, seq)
         self._job_seq = max(self._job_seq, await journal.call(journal.last_seq, "jobs"))
         if self.jobs:
-            log.info("%d job(s) received before the last stop will run first", len(self.jobs))
+            self.log.info("%d job(s) received before the last stop will run first", len(self.jobs))
 
     # running
     def _start_jobs(self) -> None:
@@ -8674,7 +8679,7 @@ class JobLoop:
 
     async def do_job(self, job: Any) -> dict:
         """Run one job; a failing task becomes an error result."""
-        started = time.monotonic()
+        started = self.now()
         try:
             if self.keeper.runner is None:
                 raise InvalidState("no task is loaded")
@@ -8683,7 +8688,7 @@ class JobLoop:
         except Exception as exc:  # noqa: BLE001 - a failing task is an error result
             return self._failed(job, exc)
         finally:
-            self.job_seconds.observe(time.monotonic() - started)
+            self.job_seconds.observe(self.now() - started)
         self.stats["jobs done"] += 1
         return {**self._result_for(job), "data": data}
 
@@ -8697,7 +8702,7 @@ class JobLoop:
         message = str(error["message"])  # the result keeps it whole; the log line stays short
         if len(message) > LOGGED_MESSAGE:
             message = "%s... (%d characters)" % (message[:LOGGED_MESSAGE], len(message))
-        log.warning("job %s failed: %s: %s", str(result["jobID"])[:64], kind, message)
+        self.log.warning("job %s failed: %s: %s", str(result["jobID"])[:64], kind, message)
         return {**result, "data": None, "error": error}
 
     def _result_for(self, job: Any) -> dict:
@@ -8713,7 +8718,7 @@ class JobLoop:
         that time goes to delivering them.
         """
         self.stopping = True
-        log.info("stopping: finishing %d held job(s)", len(self.jobs) + len(self.running))
+        self.log.info("stopping: finishing %d held job(s)", len(self.jobs) + len(self.running))
         self.nudge()
         grace = min(STOP_DELIVERY_SECONDS, timeout / 4)
         if not await self._drained_within(timeout - grace):
@@ -8736,7 +8741,7 @@ class JobLoop:
         """The stop ran out of time: held jobs become error results, running ones are ended."""
         if not (self.jobs or self.running):
             return
-        log.warning("stopping: %d job(s) could not finish in time; they are reported as errors",
+        self.log.warning("stopping: %d job(s) could not finish in time; they are reported as errors",
                     len(self.jobs) + len(self.running))
         while self.jobs:
             seq, job = self.jobs.popleft()
@@ -8758,7 +8763,7 @@ class JobLoop:
             self.outbox.failing = True
             if self.now() - self._journal_error_at > 60.0:
                 self._journal_error_at = self.now()
-                log.error("cannot write the journal %s: %s; no new work until it works again",
+                self.log.error("cannot write the journal %s: %s; no new work until it works again",
                           self.journal.path, exc)
             raise
         else:
@@ -8810,7 +8815,7 @@ class JobLoop:
                 return False
         except (RpcTimeout, InvalidState) as exc:
             self.outbox.settle(batch, False)
-            log.warning("%d result(s) kept for later: master %s: %s", len(batch), master, _call_failed(exc))
+            self.log.warning("%d result(s) kept for later: master %s: %s", len(batch), master, _call_failed(exc))
             if isinstance(exc, RpcTimeout):
                 self.finder.failed(master, exc)
             return False
