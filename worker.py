@@ -36,7 +36,9 @@ Exceptions::
 
 Sections, top to bottom: the code of each uses what the sections above it
 define, and its own names; only the templates at the end come after their
-users (and, in type hints, the transports name the Bugout node they serve)::
+users (and, in type hints, the transports name the Bugout node they serve;
+``batchSize``'s default and bound, read when Settings loads, are the job loop's,
+kept with the rest of its batch-request policy)::
 
     Errors                                   every exception class of the tree above
     Helpers used everywhere                  background tasks, rate and log limits, time, JSON
