@@ -2568,6 +2568,70 @@ class TestTcp(AsyncTest):
         self.assertEqual(await a.rpc(b.address, "echo", {}), {"echoedBy": "py"})
 
 
+class TestEchoPacing(AsyncTest):
+    """Our own payloads to a peer that echoes them (JS bugout) wait for their echoes (issue 20)."""
+
+    async def echoing_pair(self, ident):
+        """Node a wired to b, which echoes every payload it gets when told to (``echo()``)."""
+        a = await self.started(py_node(ident))
+        b = await self.started(py_node(ident, peers=["127.0.0.1:%d" % a.port]))
+        await until(lambda: a.address in b.peers and b.address in a.peers)
+        got, held = [], []
+        handle = b.wire_events
+
+        def wire_events(conn, events):
+            for event in events:
+                if isinstance(event, w.ExtensionPayload):
+                    got.append(len(event.payload))
+                    held.append((conn, event.payload))
+            handle(conn, events)
+        b.wire_events = wire_events
+
+        def echo():
+            for conn, payload in held:
+                conn.send_payload(payload)
+            held.clear()
+        conn = next(iter(a._connections))
+        a.send("first")  # its echo shows that b echoes
+        await until(lambda: held)
+        echo()
+        await until(lambda: conn.echoes)
+        got.clear()
+        return a, b, conn, got, echo
+
+    def messages(self, node, tag):
+        return [e for e in node.events if e[0] == "message" and isinstance(e[2], dict) and e[2].get("tag") == tag]
+
+    async def test_what_is_not_echoed_stays_within_the_window(self):
+        a, b, conn, got, echo = await self.echoing_pair("echo-window")
+        for i in range(20):
+            a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
+        await asyncio.sleep(0.3)  # b echoes nothing meanwhile
+        self.assertLessEqual(sum(got), w.ECHO_WINDOW)
+        self.assertLess(len(self.messages(b, "big")), 20)
+        self.assertGreater(a.stats["payloads paced by echoes"], 0)
+        while len(self.messages(b, "big")) < 20:  # each echo lets more go
+            echo()
+            await asyncio.sleep(0.02)
+        self.assertEqual([e[2]["i"] for e in self.messages(b, "big")], list(range(20)))
+        self.assertTrue(conn.echoes)
+
+    async def test_a_peer_that_stops_echoing_gets_what_waits_anyway(self):
+        a, b, conn, _got, _echo = await self.echoing_pair("echo-stops")
+        with mock.patch.object(w, "ECHO_WAIT", 0.5):
+            for i in range(20):
+                a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
+            await until(lambda: len(self.messages(b, "big")) == 20, 5)  # no echo at all
+        self.assertFalse(conn.echoes)
+
+    async def test_what_waits_goes_before_the_wire_closes(self):
+        a, b, _conn, _got, _echo = await self.echoing_pair("echo-close")
+        for i in range(20):
+            a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
+        conn.close()
+        await until(lambda: len(self.messages(b, "big")) == 20, 5)
+
+
 class TestWireUnderAttack(AsyncTest):
     async def _second_wire(self, ids_favour_wire_2, window=60.0):
         """Wire 1 carries RPCs both ways (some served, some still on the wire) when the other end
@@ -7337,6 +7401,30 @@ class TestAgainstJsMaster(AsyncTest):
     @time_limit(180)
     async def test_500_jobs_batched(self):
         await self.run_jobs(True)
+
+    @time_limit(120)
+    async def test_a_slow_reading_js_master_never_gets_more_in_one_turn_than_it_can_echo(self):
+        # issue 20: the original JS master stops writing to a wire that takes more than ~16 KiB
+        # in one loop turn (QX_TURN_LIMIT emulates it). It echoes all it reads (bugout relays
+        # every new packet by every wire), so a master too busy to read echoes in one turn
+        # all that came meanwhile: results of 3 KB come paced by their echoes.
+        tmp = self.tmp()
+        token = "jsm-turns-%d" % random.randrange(1 << 30)
+        task = 'class Task:\n    def run(self, job):\n        return {"pad": "x" * 3000}\n'
+        assets = js_master_assets(tmp, {**DEFAULT_FILES, "/workplace/task.py": task})
+        count = 100
+        master = await self.started(JsProcess("master.js", {
+            "QX_TOKEN": token, "QX_KEY": KEY, "QX_JOBS": str(count), "QX_ASSETS": str(assets),
+            "QX_TURN_LIMIT": "16384", "QX_READ_PAUSE_MS": "100"}))
+        worker = await self.started(loopback_worker(token, tmp / "w", "py", get_batch=True, batch_size=10,
+                                                    peers=["127.0.0.1:%d" % master.ready["port"]]))
+
+        def seen(kind):
+            return [e for e in master.events if e["event"] == kind]
+        await until(lambda: seen("stalled") or len(seen("result")) >= count, 90)
+        self.assertEqual(seen("stalled"), [])
+        self.assertEqual(sorted(e["result"]["jobID"] for e in seen("result")), list(range(count)))
+        self.assertGreater(worker.node.stats["payloads paced by echoes"], 0)
 
     async def test_js_master_answers_ping_and_same(self):
         tmp = self.tmp()
