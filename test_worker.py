@@ -2625,7 +2625,7 @@ class TestEchoPacing(AsyncTest):
         self.assertFalse(conn.echoes)
 
     async def test_what_waits_goes_before_the_wire_closes(self):
-        a, b, _conn, _got, _echo = await self.echoing_pair("echo-close")
+        a, b, conn, _got, _echo = await self.echoing_pair("echo-close")
         for i in range(20):
             a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
         conn.close()
