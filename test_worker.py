@@ -7426,6 +7426,28 @@ class TestAgainstJsMaster(AsyncTest):
         self.assertEqual(sorted(e["result"]["jobID"] for e in seen("result")), list(range(count)))
         self.assertGreater(worker.node.stats["payloads paced by echoes"], 0)
 
+    @time_limit(150)
+    async def test_a_js_master_that_stopped_writing_to_its_wire_is_found_again_on_a_new_one(self):
+        # issue 20: a batch answer over QX_TURN_LIMIT stalls the wire for good (the original JS
+        # master's own stall, which no pacing of ours prevents): that batch is lost with it (a
+        # JS master has no leases), but once requestWork times out the wire, silent since, is
+        # closed and dialed again, and the jobs after it come.
+        tmp = self.tmp()
+        token = "jsm-renew-%d" % random.randrange(1 << 30)
+        master = await self.started(JsProcess("master.js", {
+            "QX_TOKEN": token, "QX_KEY": KEY, "QX_ASSETS": str(js_master_assets(tmp)), "QX_TURN_LIMIT": "16384"}))
+        for i in range(30):  # the first batch of 10 is ~27 KB, the rest small
+            master.send(cmd="push", job={"id": i, "data": json.dumps({"x": i, "pad": "x" * (2000 if i < 10 else 0)})})
+        worker = await self.started(loopback_worker(token, tmp / "w", "py", get_batch=True, batch_size=10,
+                                                    peers=["127.0.0.1:%d" % master.ready["port"]]))
+
+        def seen(kind):
+            return [e for e in master.events if e["event"] == kind]
+        await master.wait_for(lambda e: e["event"] == "stalled", 30)
+        await until(lambda: len(seen("result")) >= 20, 90)
+        self.assertEqual(sorted(e["result"]["jobID"] for e in seen("result")), list(range(10, 30)))
+        self.assertEqual(worker.node.stats["silent wires renewed"], 1)
+
     async def test_js_master_answers_ping_and_same(self):
         tmp = self.tmp()
         master = await self.started(JsProcess("master.js", {"QX_TOKEN": "jsm-same", "QX_KEY": KEY,

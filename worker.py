@@ -2094,9 +2094,10 @@ class Connection:
         self.last_verified: float | None = None
         #: the peer's IP address (None over WebRTC)
         self.remote_host: str | None = None
-        #: bytes received in all; when it was made; when a keep-alive last went
+        #: bytes received in all; when it was made; when a keep-alive last went; when bytes last came
         self.bytes_in = 0
         self.started = time.monotonic()
+        self.last_in = self.started
         self.last_keepalive = self.started
         #: when a verified packet (signed, fresh, new to us) last came by this wire (monotonic)
         self.last_verified: float | None = None
@@ -2210,6 +2211,7 @@ class Connection:
             return
         try:
             self.bytes_in += len(data)
+            self.last_in = time.monotonic()
             self.node.stats["bytes in"] += len(data)
             self.wire.receive_data(data)
             events = self.wire.events_received()
@@ -5253,6 +5255,27 @@ class Bugout:
         conn = self.policy.direct(address)
         return conn is not None and conn.state is ConnState.OPEN and not conn.closing
 
+    def renew_silent_wires(self, address: str, quiet: float) -> int:
+        """Close the wires claiming ``address`` that carried nothing for ``quiet`` seconds, and
+        dial again those we dialed; the number closed.
+
+        For a call to ``address`` that got no answer in time: a JS peer echoes every packet
+        it reads, so its wire silent all the while no longer carries what it writes (the
+        original JS master's stall: see ECHO_WINDOW). A new wire does: WebTorrent dials
+        again 1 s after a wire it dialed closes, we dial again those we dialed.
+        """
+        now = time.monotonic()
+        silent = [c for c in self._connections
+                  if c.address == address and c.state is ConnState.OPEN and now - c.last_in >= quiet]
+        for conn in silent:
+            self.stats["silent wires renewed"] += 1
+            log.info("closing %s: %s did not answer, and nothing came by it for %.0f s; a new wire "
+                     "takes its place", conn.peer_name, address, now - conn.last_in)
+            conn.close()
+            if conn.dialed:
+                self.add_peer(*conn.dialed)
+        return len(silent)
+
     def has_peer_id(self, peer_id: bytes) -> bool:
         """True when a connection not closed has this BitTorrent peer id."""
         return any(c.wire.remote_peer_id == peer_id and c.state is not ConnState.CLOSED
@@ -8126,7 +8149,12 @@ class MasterFinder:
             self.ask(address, again=True)
 
     def failed(self, master: str, exc: Exception) -> None:
-        """An RPC to the master failed: unreachable at once, or unanswered twice, ends it."""
+        """An RPC to the master failed: unreachable at once, or unanswered twice, ends it.
+
+        Unanswered with nothing at all coming by its wire meanwhile, that wire is renewed.
+        """
+        if not isinstance(exc, RpcUnreachable) and self.node.renew_silent_wires(master, CHECK_TIMEOUT):
+            return  # it comes back on a new wire: found again (proven before) as it does
         self._timeouts = 0 if isinstance(exc, RpcUnreachable) else self._timeouts + 1
         if (isinstance(exc, RpcUnreachable) or self._timeouts >= 2) and self.trust.lose(master):
             self.log.warning("master %s does not answer; results are kept until a master is back", master)
