@@ -4681,6 +4681,9 @@ LSD_DATAGRAMS_PER_SECOND = 100.0
 LSD_PAUSE = 1.0
 LSD_SOURCE_SECONDS = 2.0
 LSD_SOURCE_BURST = 32
+#: Endpoints LSD announced, by the announcer's peer id, kept to dial again a wire renewed
+#: (Bugout.renew_silent_wires): a JS peer that dialed us dials again over uTP first, ~30 s.
+LSD_ENDPOINTS_KEPT = 64
 #: A wire takes relayed payloads while its send queue holds less than this (a protected wire's:
 #: RELAY_PROTECTED) and all send queues together hold less than RELAY_TOTAL; the rest are dropped.
 RELAY_QUEUE = 1024 * 1024
@@ -5205,6 +5208,7 @@ class Bugout:
         self._acceptor: _Acceptor | None = None
         self._lsd_transport: asyncio.DatagramTransport | None = None
         self._lsd_cookie = "bittorrent-lsd-" + self.peer_id.hex()
+        self._lsd_endpoints: dict[bytes, Addr] = {}  # announcer's peer id (a claim) -> endpoint
         self._extended = {"ek": self.identity.ek, "id": identifier, "m": OUR_EXT_IDS,
                           "metadata_size": len(self.metadata), "pk": self.identity.pk}
         #: which wire is whose: duplicates, routes, protection (the node asks it, it keeps no socket)
@@ -5262,7 +5266,8 @@ class Bugout:
         For a call to ``address`` that got no answer in time: a JS peer echoes every packet
         it reads, so its wire silent all the while no longer carries what it writes (the
         original JS master's stall: see ECHO_WINDOW). A new wire does: WebTorrent dials
-        again 1 s after a wire it dialed closes, we dial again those we dialed.
+        again those it dialed (over uTP first: ~30 s); we dial again those we dialed, and the
+        endpoint the peer id of the others last announced by LSD.
         """
         now = time.monotonic()
         silent = [c for c in self._connections
@@ -5272,8 +5277,9 @@ class Bugout:
             log.info("closing %s: %s did not answer, and nothing came by it for %.0f s; a new wire "
                      "takes its place", conn.peer_name, address, now - conn.last_in)
             conn.close()
-            if conn.dialed:
-                self.add_peer(*conn.dialed)
+            endpoint = conn.dialed or self._lsd_endpoints.get(conn.wire.remote_peer_id or b"")
+            if endpoint:
+                self.add_peer(*endpoint)
         return len(silent)
 
     def has_peer_id(self, peer_id: bytes) -> bool:
@@ -5781,6 +5787,11 @@ class Bugout:
         if cookie == self._lsd_cookie:
             return  # our own announcement, looped back
         peer_id = lsd_peer_id(cookie)
+        if peer_id is not None:
+            self._lsd_endpoints.pop(peer_id, None)
+            if len(self._lsd_endpoints) >= LSD_ENDPOINTS_KEPT:
+                del self._lsd_endpoints[next(iter(self._lsd_endpoints))]
+            self._lsd_endpoints[peer_id] = (host, port)
         if peer_id is not None and self.has_peer_id(peer_id):
             self.stats["lsd: already wired"] += 1
             return
