@@ -2569,7 +2569,8 @@ class TestTcp(AsyncTest):
 
 
 class TestEchoPacing(AsyncTest):
-    """Our own payloads to a peer that echoes them (JS bugout) wait for their echoes (issue 20)."""
+    """Our own payloads to a peer that echoes them (JS bugout) wait for their echoes; a silent
+    wire is renewed (issue 20)."""
 
     async def echoing_pair(self, ident):
         """Node a wired to b, which echoes every payload it gets when told to (``echo()``)."""
@@ -2630,6 +2631,21 @@ class TestEchoPacing(AsyncTest):
             a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
         conn.close()
         await until(lambda: len(self.messages(b, "big")) == 20, 5)
+
+
+    async def test_a_silent_wire_renewed_is_dialed_again_where_lsd_said(self):
+        # issue 20: a JS master dialed us; its wire renewed, we dial the endpoint its peer id
+        # announced by LSD (WebTorrent would come back over uTP first, ~30 s later)
+        a = await self.started(py_node("renew-lsd"))
+        b = await self.started(py_node("renew-lsd", peers=["127.0.0.1:%d" % a.port]))
+        await until(lambda: a.address in b.peers and b.address in a.peers)
+        a.lsd_peer("127.0.0.1", b.port, "bittorrent-lsd-" + b.peer_id.hex())  # wired already: no dial
+        old = set(a._connections)
+        self.assertEqual(a.renew_silent_wires(b.address, 60.0), 0)  # it spoke lately
+        self.assertEqual(a.renew_silent_wires(b.address, 0.0), 1)
+        await until(lambda: any(c.dialed == ("127.0.0.1", b.port) and c.state is w.ConnState.OPEN
+                                for c in a._connections if c not in old), 5)
+        self.assertEqual(a.stats["silent wires renewed"], 1)
 
 
 class TestWireUnderAttack(AsyncTest):
