@@ -2617,6 +2617,20 @@ class TestEchoPacing(AsyncTest):
         self.assertEqual([e[2]["i"] for e in self.messages(b, "big")], list(range(20)))
         self.assertTrue(conn.echoes)
 
+    async def test_room_for_waits_for_the_echoes(self):
+        # results to a JS master stay in the journal until they would leave at once
+        a, b, _conn, got, echo = await self.echoing_pair("echo-room")
+        for i in range(8):
+            a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
+        await until(lambda: got)
+        waiting = asyncio.ensure_future(a.room_for(b.address, 2000))
+        await asyncio.sleep(0.2)
+        self.assertFalse(waiting.done())
+        while not waiting.done():
+            echo()
+            await asyncio.sleep(0.02)
+        await until(lambda: len(self.messages(b, "big")) == 8, 5)
+
     async def test_a_peer_that_stops_echoing_gets_what_waits_anyway(self):
         a, b, conn, _got, _echo = await self.echoing_pair("echo-stops")
         with mock.patch.object(w, "ECHO_WAIT", 0.5):

@@ -2025,6 +2025,8 @@ ECHO_WAIT = 5.0
 ECHO_TRACKED = 256
 #: Own payloads held for one wire's echoes: past this many bytes they all go (memory stays bounded).
 ECHO_HELD_MAX = 1024 * 1024
+#: How often Bugout.room_for looks again whether echoes made room.
+ECHO_POLL = 0.005
 
 
 class ConnState(enum.Enum):
@@ -2348,6 +2350,10 @@ class Connection:
                     self.echoes = True
         if self._paced:
             self._send_paced()
+
+    def sends_at_once(self, size: int) -> bool:
+        """True when ``size`` more bytes of ours would leave now, not wait for echoes."""
+        return not self._paced and self._echo_room(size, time.monotonic())
 
     def _send_paced(self, everything: bool = False) -> None:
         if self.state is not ConnState.OPEN:  # nothing more goes: forget what waits
@@ -5406,6 +5412,15 @@ class Bugout:
             self._pending.pop(nonce, None)
             self._calls.pop(nonce, None)
             self._not_busy(address)
+
+    async def room_for(self, address: str, size: int) -> None:
+        """Return once ``size`` bytes of ours for ``address`` would leave at once rather than wait
+        for echoes on its wires (ECHO_WAIT at most): what waits for room stays with the caller
+        (a result in the journal), not in a send queue that a crash would lose."""
+        deadline = time.monotonic() + ECHO_WAIT
+        while time.monotonic() < deadline and not all(
+                c.sends_at_once(size) for c in self.policy.targets(address)[0] if c.state is ConnState.OPEN):
+            await asyncio.sleep(ECHO_POLL)
 
     def rpc_nowait(self, address: str, call: str, args: Any = None) -> None:
         """Call ``call`` on ``address`` without waiting for an answer."""
@@ -8950,6 +8965,11 @@ class JobLoop:
                 if isinstance(answer, dict) and answer.get("received") is False:
                     raise InvalidState("the master could not read them")
             elif self.node.has_signed_wire(master):  # not has_wire(): a handshake may claim any address
+                # sent at once when sent: held in the journal until then
+                await self.node.room_for(master, len(payload) + 1024)  # the packet around: < 1 KiB
+                if not self.node.has_signed_wire(master):
+                    self.outbox.settle(batch, False)
+                    return False
                 self.node.rpc_nowait(master, call, payload)
             else:
                 self.outbox.settle(batch, False)
