@@ -5418,9 +5418,13 @@ class Bugout:
         for echoes on its wires (ECHO_WAIT at most): what waits for room stays with the caller
         (a result in the journal), not in a send queue that a crash would lose."""
         deadline = time.monotonic() + ECHO_WAIT
+        waited = False
         while time.monotonic() < deadline and not all(
                 c.sends_at_once(size) for c in self.policy.targets(address)[0] if c.state is ConnState.OPEN):
+            waited = True
             await asyncio.sleep(ECHO_POLL)
+        if waited:
+            self.stats["waits for echo room"] += 1
 
     def rpc_nowait(self, address: str, call: str, args: Any = None) -> None:
         """Call ``call`` on ``address`` without waiting for an answer."""
