@@ -2824,29 +2824,30 @@ class TestWireUnderAttack(AsyncTest):
                 node.add_peer("127.0.0.1", other.port)
             await until(lambda: node.connections() == 3, 5)
             await asyncio.sleep(0.3)
-            self.assertEqual((len(node._dialing), len(node._dials), node.connections()), (0, 2, 3))
+            found = node.discovery
+            self.assertEqual((len(found._dialing), len(found._dials), node.connections()), (0, 2, 3))
             node.add_peer("127.0.0.1", others[-1].port)  # already waiting: once
-            self.assertEqual(len(node._dials), 2)
+            self.assertEqual(len(node.discovery._dials), 2)
             next(c for c in node._connections if c.initiator).close()  # a dialed wire goes: room
-            await until(lambda: node.connections() == 3 and len(node._dials) == 1, 5)
+            await until(lambda: node.connections() == 3 and len(node.discovery._dials) == 1, 5)
 
     async def test_a_dht_node_answering_first_with_hanging_peers_hides_no_master(self):
         node = await self.started(py_node("hang-swarm"))
         master = await self.started(py_node("hang-swarm"))
-        real = node._dial
+        real = node.discovery._dial
 
         async def dial(host, port):
             if host.startswith("10."):  # a peer that never answers the SYN
                 await asyncio.sleep(30)
                 return None
             return await real(host, port)
-        node._dial = dial
+        node.discovery._dial = dial
         hanging = [("10.9.%d.%d" % (i // 200, i % 200), 6881) for i in range(w.MAX_DIALING + 8)]
-        node._on_dht_peers(node.infohash, hanging, ("10.8.0.1", 6881))  # it answered first
-        node._on_dht_peers(node.infohash, [("127.0.0.1", master.port)], ("127.0.0.2", 6881))
+        node.discovery._on_dht_peers(node.infohash, hanging, ("10.8.0.1", 6881))  # it answered first
+        node.discovery._on_dht_peers(node.infohash, [("127.0.0.1", master.port)], ("127.0.0.2", 6881))
         await until(lambda: master.address in node.peers, 3)  # its turn came in the first burst
-        self.assertLessEqual(len(node._dialing), w.MAX_DIALING)
-        self.assertGreater(len(node._dials), 0)  # the rest wait, none dropped
+        self.assertLessEqual(len(node.discovery._dialing), w.MAX_DIALING)
+        self.assertGreater(len(node.discovery._dials), 0)  # the rest wait, none dropped
 
     async def test_lsd_flood_dials_at_a_bounded_rate_and_a_known_master_first(self):
         node = await self.started(py_node("flood-swarm"))
@@ -2855,17 +2856,17 @@ class TestWireUnderAttack(AsyncTest):
         await until(lambda: master.address in node.peers, 5)
         node.prioritize(master.address)
         master.ping()
-        await until(lambda: node._whereabouts.get(master.address), 5)
+        await until(lambda: node.discovery._whereabouts.get(master.address), 5)
         dials = []
-        real = node._dial
+        real = node.discovery._dial
 
         async def counted(host, port):
             dials.append((time.monotonic(), port))
             return await real(host, port)
-        node._dial = counted
+        node.discovery._dial = counted
         next(c for c in node._connections if c.initiator).close()  # the master's wire is lost
         await until(lambda: node.connections() == 0, 5)
-        lsd = w._LsdProtocol(node)
+        lsd = w._LsdProtocol(node.discovery)
         start = time.monotonic()
         for port in itertools.chain(range(20000, 20020), [master.port], range(20020, 23000)):
             announce = w.lsd_announcement(node.infohash, port, "bittorrent-lsd-" + os.urandom(20).hex())
@@ -2878,7 +2879,7 @@ class TestWireUnderAttack(AsyncTest):
         self.assertLessEqual(len(flood), w.DISCOVERY_DIALS_PER_SECOND * (time.monotonic() - start + 1))
         dropped = node.stats["lsd: over the rate, not read"] + node.stats["lsd: sender over its rate"]
         self.assertGreater(dropped, 2900)
-        self.assertLessEqual(len(node._dials), w.DIAL_QUEUE_PER_SOURCE)
+        self.assertLessEqual(len(node.discovery._dials), w.DIAL_QUEUE_PER_SOURCE)
 
     async def test_out_of_descriptors_pauses_accepting_with_one_log_line(self):
         child = textwrap.dedent("""
@@ -3061,7 +3062,7 @@ class TestWireUnderAttack(AsyncTest):
         await until(lambda: a.connections() == b.connections() == 1)
         announce = w.lsd_announcement(b.infohash, b.port, "bittorrent-lsd-" + b.peer_id.hex())
         for _ in range(3):  # b re-announces: a is wired to it already
-            w._LsdProtocol(a).datagram_received(announce, ("127.0.0.1", w.LSD_PORT))
+            w._LsdProtocol(a.discovery).datagram_received(announce, ("127.0.0.1", w.LSD_PORT))
         await asyncio.sleep(0.5)
         self.assertEqual((a.stats["duplicate wires"], b.stats["duplicate wires"]), (0, 0))
         self.assertEqual(a.stats["lsd: already wired"], 3)
@@ -3444,8 +3445,8 @@ class TestDhtLoopback(AsyncTest):
         self.assertEqual(await a.rpc(b.address, "echo", {}), {"echoedBy": "py"})
         await until(lambda: boot.stats["dht announces stored"] >= 2, 10)
         # the DHT bit and port message: each node's DHT knows the other's
-        await until(lambda: len(a._dht.core.table) == 2 and len(b._dht.core.table) == 2, 10)
-        self.assertEqual(a._dht.port, a.port)  # the TCP port's number, one port to forward
+        await until(lambda: len(a.discovery.dht.core.table) == 2 and len(b.discovery.dht.core.table) == 2, 10)
+        self.assertEqual(a.discovery.dht.port, a.port)  # the TCP port's number, one port to forward
         await b.close()
         await a.close()
         await boot.close()
@@ -3472,14 +3473,15 @@ async def child_dht_js():
     back = (await js.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 1))["result"]
     ours = await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == py.port, 20)
     # a JS DHT client bootstrapped from the Python node: find_node, get_peers, announce_peer
-    client = await JsProcess("dht-node.js", {"DHT_BOOTSTRAP": "127.0.0.1:%d" % py._dht.port}).start()
+    client = await JsProcess("dht-node.js", {"DHT_BOOTSTRAP": "127.0.0.1:%d" % py.discovery.dht.port}).start()
     topic = hashlib.sha1(b"topic").hexdigest()
     client.send(cmd="announce", id=1, infoHash=topic, port=4242)
     announced = await client.wait_for(lambda e: e["event"] == "announced", 20)
-    stored = py._dht.core._store.get(bytes.fromhex(topic), time.monotonic())
+    stored = py.discovery.dht.core._store.get(bytes.fromhex(topic), time.monotonic())
     client.send(cmd="lookup", id=2, infoHash=topic)
-    peer = await client.wait_for(lambda e: e["event"] == "peer" and e["fromPort"] == py._dht.port, 20)
-    stats = dict(py._dht.stats)
+    dht_port = py.discovery.dht.port
+    peer = await client.wait_for(lambda e: e["event"] == "peer" and e["fromPort"] == dht_port, 20)
+    stats = dict(py.discovery.dht.stats)
     for closing in (py, js, client, boot):
         await closing.close()
     return {"found_s": found, "echo": echo, "back": back, "ours": ours, "announced": announced,
@@ -3550,17 +3552,17 @@ async def child_dht_hostile(scenario, seconds=30.0):
                                      sybil=scenario != "peers")
     victim = py_node("dht-hostile", dht=True, dht_bootstrap=["127.0.5.1:%d" % hostile.ports[0], where])
     dialed = []
-    real_dial = victim._dial
+    real_dial = victim.discovery._dial
 
     async def dial(host, port):
         dialed.append((host, port))
         return await real_dial(host, port)
-    victim._dial = dial
+    victim.discovery._dial = dial
     await victim.start()
     flood = None
     if scenario == "flood":
         async def junk():
-            target = ("127.0.0.1", victim._dht.port)
+            target = ("127.0.0.1", victim.discovery.dht.port)
             while True:
                 for port, transport in hostile.transports.items():
                     transport.sendto(bytes(w.KrpcQuery(os.urandom(2), "ping", {"id": hostile.node_id(port)})), target)
@@ -3569,7 +3571,7 @@ async def child_dht_hostile(scenario, seconds=30.0):
         flood = asyncio.ensure_future(junk())
     await asyncio.sleep(3.0)
     master = py_node("dht-hostile", dht=True, dht_bootstrap=[where])
-    master._on_dht_peers = lambda info_hash, peers: None  # it announces, dials nobody: we must find it
+    master.discovery._on_dht_peers = lambda info_hash, peers: None  # it announces, dials nobody: find it
     await master.start()
     start, found, announced = time.monotonic(), None, None
     with contextlib.suppress(AssertionError):  # its lookup, too, may meet the Sybil (through us)
@@ -3580,12 +3582,12 @@ async def child_dht_hostile(scenario, seconds=30.0):
         found = time.monotonic() - start
     if flood is not None:
         flood.cancel()
-    table = victim._dht.core.table
+    table = victim.discovery.dht.core.table
     result = {"found_s": found, "announced_s": announced, "dials": len(dialed), "distinct dials": len(set(dialed)),
               "master dialed": sum(1 for d in dialed if d == ("127.0.0.1", master.port)),
               "hanging dialed": sum(1 for d in dialed if d in hostile.peers),
               "stats": {k: v for k, v in victim.stats.items() if "dial" in k},
-              "dht": dict(victim._dht.stats), "table": len(table),
+              "dht": dict(victim.discovery.dht.stats), "table": len(table),
               "sybils in table": sum(1 for c in table._by_addr.values() if c.addr[0] == "127.0.5.1"),
               "hostile queries": dict(hostile.queries)}
     await victim.close()
@@ -4494,6 +4496,12 @@ def slot(started, last_verified=None, name=""):
     return types.SimpleNamespace(started=started, last_verified=last_verified, name=name)
 
 
+def inbound_wire(started, last_verified=None, name="", host="10.0.0.2", state=None):
+    """What InboundSlots reads of an inbound wire."""
+    return types.SimpleNamespace(started=started, last_verified=last_verified, name=name, remote_host=host,
+                                 state=state or w.ConnState.OPEN)
+
+
 class TestNodePolicy(unittest.TestCase):
     def test_inbound_victim_idle_first_then_silent_never_kept_or_new(self):
         now = 1000.0
@@ -4517,6 +4525,52 @@ class TestNodePolicy(unittest.TestCase):
                          "talking")
         self.assertEqual([w.in_use(c, now, keep_none) for c in (active, idle, silent)], [True, False, False])
         self.assertTrue(w.in_use(idle, now, lambda c: True))
+
+    def test_inbound_slots_at_a_hosts_cap_close_the_longest_unused_never_a_kept_or_young_wire(self):
+        now, kept = 1000.0, {"master", "in flight"}
+        slots = w.InboundSlots(lambda c: c.name in kept)
+        master = inbound_wire(now - 900, None, "master")  # the longest unused, but the master's
+        busy = inbound_wire(now - 800, now - 300, "in flight")  # a call in flight on it
+        idle = [inbound_wire(now - 600, now - 100 - i, "idle %d" % i) for i in range(w.INBOUND_PER_HOST)]
+        young = inbound_wire(now - 1, None, "newcomer")  # it has NEWCOMER_SECONDS to speak
+        ok, victim = slots.host_room([master, busy, *idle, young], now)
+        self.assertTrue(ok)
+        self.assertEqual(victim.name, "idle %d" % (w.INBOUND_PER_HOST - 1))  # unused longest
+        self.assertEqual(slots.stats["wires closed: room for a host's newcomer"], 1)
+        self.assertEqual(slots.host_room([master, busy, *idle[1:], young], now), (True, None))  # fits
+        kept.update(wire.name for wire in idle)  # every one has a call in flight: in use
+        self.assertEqual(slots.host_room([master, busy, *idle, young], now), (True, None))
+        newcomers = [inbound_wire(now - 1, None, "new %d" % i) for i in range(w.INBOUND_PER_HOST + 1)]
+        self.assertEqual(slots.host_room(newcomers, now), (False, None))  # none may go: it is refused
+        self.assertEqual(slots.stats["inbound refused: wires from one host"], 1)
+
+    def test_inbound_slots_refuse_a_crowded_host(self):
+        now, slots = 1000.0, w.InboundSlots(lambda c: False)
+        shaking = [inbound_wire(now - 1, state=w.ConnState.HANDSHAKE) for _ in range(w.PENDING_PER_HOST)]
+        self.assertTrue(slots.crowded(shaking, now))
+        self.assertFalse(slots.crowded(shaking[1:], now))
+        young = [inbound_wire(now - 1) for _ in range(w.INBOUND_PER_HOST)]
+        self.assertTrue(slots.crowded(young, now))  # not in use, and none may make room yet
+        self.assertFalse(slots.crowded(young + [inbound_wire(now - 60, now - 40)], now))  # an idle one may
+        self.assertEqual((slots.stats["inbound refused: handshakes from one host"],
+                          slots.stats["inbound refused: wires from one host"]), (1, 1))
+
+    def test_inbound_slots_at_max_inbound(self):
+        now, slots = 1000.0, w.InboundSlots(lambda c: c.name == "master")
+        talking = [inbound_wire(now - 100, now - 1 - i / 10, "talking %d" % i) for i in range(20)]  # one host
+        master = inbound_wire(now - 900, None, "master", host="10.0.0.3")
+        wires = talking + [master]
+        self.assertEqual(slots.make_room(wires, 0, 22, now), (True, None))  # under the cap
+        self.assertEqual(slots.make_room(wires, 1, 22, now)[1].name, "talking 19")  # the crowded host's
+        shaking = inbound_wire(now - 3, None, "handshake", state=w.ConnState.HANDSHAKE)
+        self.assertEqual(slots.make_room(wires + [shaking], 0, 21, now)[1].name, "handshake")  # first
+        self.assertEqual(slots.make_room(talking[:16] + [master], 0, 17, now), (False, None))  # none may go
+        for _ in range(int(w.EVICTIONS_PER_SECOND) - 2):
+            self.assertTrue(slots.make_room(wires, 0, 21, now)[0])
+        self.assertEqual(slots.make_room(wires, 0, 21, now), (False, None))  # churn is bounded
+        self.assertTrue(slots.make_room(wires, 0, 21, now + 1)[0])
+        self.assertEqual(slots.stats["wires closed: inbound cap"], int(w.EVICTIONS_PER_SECOND))
+        self.assertEqual(slots.stats["handshakes cut: inbound cap"], 1)
 
     def test_dial_queue_rate_and_turns(self):
         queue, now = w.DialQueue(rate=10, per_source=64), 100.0
@@ -4600,6 +4654,21 @@ class TestWirePolicy(unittest.TestCase):
         self.now += seconds
         self.ms += int(seconds * 1000)
         return (policy or self.policy).due(self.now)
+
+    def test_the_wires_never_closed_for_room(self):
+        self.open("w1", self.X)
+        self.open("w2", self.Y)
+        self.open("w3", None)  # no bugout claim
+        self.packet("w1", self.X)
+        self.packet("w2", self.Y)
+        self.assertFalse(self.policy.keeps("w1", []))
+        self.assertTrue(self.policy.keeps("w1", [self.X]))  # a call to X in flight: its route stays
+        self.assertFalse(self.policy.keeps("w2", [self.X]))
+        self.assertEqual(self.policy.largest({"w1": 10, "w2": 99, "w3": 50}), "w2")
+        self.policy.protected = frozenset({self.Y})
+        self.assertTrue(self.policy.keeps("w2", []))  # the master's
+        self.assertEqual(self.policy.largest({"w1": 10, "w2": 99, "w3": 50}), "w3")  # not the master's
+        self.assertIsNone(self.policy.largest({"w2": 99}))
 
     def test_a_handshake_claim_proves_nothing_and_drains_nothing(self):
         self.open("w1", self.X)
