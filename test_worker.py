@@ -125,6 +125,12 @@ def tearDownModule() -> None:
     remove_safety_nets()
 
 
+def full_tier(test):
+    """Decorator: a test of a QUICK class that needs a socket or a process runs in the full suite only."""
+    test.full_tier = True
+    return test
+
+
 def time_limit(seconds: float):
     """Decorator: the most an AsyncTest test may take (else ``AsyncTest.TIME_LIMIT``)."""
     def mark(test):
@@ -1934,6 +1940,7 @@ class TestCrypt(unittest.TestCase):
         self.assertEqual(crypt.decrypt(one), "hello é")
         self.assertEqual(crypt.decrypt_json(crypt.encrypt_json({"a": [1]})), {"a": [1]})
 
+    @full_tier
     def test_matches_openssl_cbc(self):
         need(shutil.which("node"), "node is needed to cross-check AES with Node's crypto")
         crypt = w.Crypt(self.KEY)
@@ -8445,11 +8452,79 @@ class TestTestData(unittest.TestCase):
 
 
 # Running the tests ##########################################################
+#
+# Two tiers. ``python test_worker.py`` runs every test (the README's command
+# and CI's). ``python test_worker.py --quick`` runs the classes named in QUICK:
+# the in-memory tests of the codecs, the sans-I/O cores, the policies, trust,
+# the outbox and the settings, in seconds, while you change code. There a test
+# that binds or connects a socket, sends a datagram or starts a process fails
+# (in_memory_only): such a class belongs to the full suite only, and so does
+# such a test of a QUICK class (@full_tier). A class not in QUICK runs in the
+# full suite alone; TestTiers checks the names below.
+
+#: The quick tier: test classes that run in memory (a temporary folder at most), in section order.
+QUICK = ("TestEnvFile", "TestLogger", "TestCrypt", "TestCodecs", "TestVectors", "TestBugoutCore",
+         "TestCoreBounds", "TestPeerWire", "TestBadInput", "TestKrpc", "TestKrpcBadInput",
+         "TestTrackerClient", "TestNodePolicy", "TestWirePolicy", "TestSafety",
+         "TestTaskJsSafety", "TestMasterProof", "TestOutbox", "TestLeasePolicy", "TestTiers")
+
+
+def _refuse_io(*args, **kwargs):
+    raise AssertionError("the quick tier runs in memory: no socket, no process (take this class out of QUICK)")
+
+
+def in_memory_only() -> contextlib.ExitStack:
+    """While it is entered, binding or connecting a socket, sending a datagram and starting a
+    process raise (an event loop's own socketpair is still made)."""
+    stack = contextlib.ExitStack()
+    for owner, name in ((socket.socket, "bind"), (socket.socket, "connect"), (socket.socket, "connect_ex"),
+                        (socket.socket, "sendto"), (subprocess.Popen, "__init__"), (os, "fork")):
+        stack.enter_context(mock.patch.object(owner, name, _refuse_io))
+    return stack
+
+
+def quick_suite() -> unittest.TestSuite:
+    """The QUICK classes' tests, less those marked @full_tier."""
+    loader = unittest.defaultTestLoader
+    return unittest.TestSuite(
+        test for c in test_classes() if c.__name__ in QUICK for test in loader.loadTestsFromTestCase(c)
+        if not getattr(getattr(test, test._testMethodName), "full_tier", False))
+
+
+def test_classes() -> list[type]:
+    """Every test class of this module, in its order."""
+    module = sys.modules[__name__]
+    return [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, unittest.TestCase)
+            and c.__module__ == module.__name__ and c.__name__.startswith("Test")]
+
+
+class TestTiers(unittest.TestCase):
+    def test_the_quick_tier_names_test_classes_of_this_module_in_order(self):
+        names = [c.__name__ for c in test_classes()]
+        self.assertEqual([n for n in QUICK if n not in names], [])  # a class renamed, or gone
+        self.assertEqual(len(set(QUICK)), len(QUICK))
+        self.assertEqual(list(QUICK), [n for n in names if n in QUICK])  # section order, as the file
+        quick = {test.id() for test in quick_suite()}
+        self.assertIn(f"{__name__}.TestCrypt.test_roundtrip_fresh_iv", quick)
+        self.assertNotIn(f"{__name__}.TestCrypt.test_matches_openssl_cbc", quick)  # @full_tier: node
+
+    def test_in_memory_only_refuses_sockets_and_processes(self):
+        before = socket.socket.bind, subprocess.Popen.__init__
+        with in_memory_only():
+            with socket.socket() as sock, self.assertRaises(AssertionError):
+                sock.bind(("127.0.0.1", 0))
+            with self.assertRaises(AssertionError):
+                subprocess.run([sys.executable, "-c", "pass"], check=False)
+        self.assertEqual((socket.socket.bind, subprocess.Popen.__init__), before)  # as before, after it
+
 
 def main():
-    """Run every test; end with the plain 'N passed, N failed, N skipped' line."""
-    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
-    result = unittest.TextTestRunner(verbosity=2).run(suite)
+    """Run every test (``--quick``: the QUICK tier, in memory); end with the plain
+    'N passed, N failed, N skipped' line."""
+    quick = "--quick" in sys.argv[1:]
+    suite = quick_suite() if quick else unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
+    with in_memory_only() if quick else contextlib.nullcontext():
+        result = unittest.TextTestRunner(verbosity=2).run(suite)
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
     skipped = len(result.skipped)
     passed = result.testsRun - failed - skipped
