@@ -5676,6 +5676,9 @@ class TestMasterTrust(AsyncTest):
         old = signed_by(master.node.core.identity, {"y": "p"}, token, t=w._now() - w.FRESH_MS - 5000)
         worker = await self.started(loopback_worker(token, tmp / "w", peers=["127.0.0.1:%d" % master.node.port]))
         await until(lambda: worker.master == master.node.address and worker._runner is not None, 20)
+        # The check of the master's wire waits CHECK_TIMEOUT for an answer that never comes: 10 s in
+        # production, 4 here (the steps below take about one second).
+        self.enterContext(mock.patch.object(w, "CHECK_TIMEOUT", 4.0))
         ident = master.node.core.identity
         _, writer = await raw_wire(worker.node, peer_id=master.node.peer_id, ext={
             "m": {"bo_channel": 4}, "id": token, "pk": ident.pk, "ek": ident.ek})
@@ -5694,6 +5697,7 @@ class TestMasterTrust(AsyncTest):
         await until(lambda: worker.outbox.ready, 10)
         worker._kick_delivery()
         await asyncio.sleep(1.0)
+        self.assertEqual(worker.master, master.node.address)  # its check still waits: not gone yet
         self.assertEqual(len(worker.outbox), 1)  # kept for a master that signed what came by its wire
         self.assertNotIn("shareResults", master.names())
         await until(lambda: worker.master is None, w.CHECK_TIMEOUT + 5)  # its own wires gone: it left
@@ -6247,10 +6251,12 @@ class TestCrashSafety(AsyncTest):
         proc = await self.worker_process(folder, port, **keys)
         answered = lambda: {r["jobID"] for r in master.results}
         deadline = time.monotonic() + 120
+        count, progress = len(master.results), time.monotonic()
         while master.master.waiting or master.master.leases.keys() - answered():
-            count = len(master.results)
-            await asyncio.sleep(3.0)
-            if count == len(master.results) and not master.master.waiting or time.monotonic() > deadline:
+            await asyncio.sleep(0.1)  # looked at often: the run is over as soon as all are answered
+            if len(master.results) != count:
+                count, progress = len(master.results), time.monotonic()
+            elif not master.master.waiting and time.monotonic() - progress >= 3.0 or time.monotonic() > deadline:
                 break  # all done that can be: what is left was lost on its way in
         # A job can only be lost on its way in: sent by the master, not yet in the journal at the kill.
         missing = master.master.leases.keys() - answered()
