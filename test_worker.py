@@ -8872,7 +8872,8 @@ class TestTestData(unittest.TestCase):
 QUICK = ("TestEnvFile", "TestLogger", "TestCrypt", "TestCodecs", "TestVectors", "TestBugoutCore",
          "TestCoreBounds", "TestPeerWire", "TestBadInput", "TestKrpc", "TestKrpcBadInput",
          "TestTrackerClient", "TestNodePolicy", "TestWirePolicy", "TestSafety",
-         "TestTaskJsSafety", "TestMasterProof", "TestOutbox", "TestLeasePolicy", "TestTiers")
+         "TestTaskJsSafety", "TestMasterProof", "TestOutbox", "TestMasterFinder", "TestJobLoop",
+         "TestLeasePolicy", "TestTiers")
 
 
 def _refuse_io(*args, **kwargs):
