@@ -2981,7 +2981,7 @@ class TestWireUnderAttack(AsyncTest):
             writer.write(struct.pack(">IBB", (1 << 20) - 10, 20, 4) + bytes(900 * 1024))
             await writer.drain()
         await until(lambda: node.stats["peers dropped: partial messages over the bound"] >= 2, 10)
-        self.assertLessEqual(node._held_total, node.max_partial)
+        self.assertLessEqual(node.policy.held_total, node.max_partial)
         big = {"blob": "b" * 900_000}  # the protected peer's large message still comes in whole
         self.assertEqual(await master.rpc(node.address, "echo", big, timeout=10), {**big, "echoedBy": "py"})
         for _, writer in raws:
@@ -4700,6 +4700,21 @@ class TestWirePolicy(unittest.TestCase):
         self.assertTrue(self.policy.keeps("w2", []))  # the master's
         self.assertEqual(self.policy.largest({"w1": 10, "w2": 99, "w3": 50}), "w3")  # not the master's
         self.assertIsNone(self.policy.largest({"w2": 99}))
+
+    def test_bytes_held_past_the_bound_close_the_unprotected_wire_holding_most(self):
+        self.open("w1", self.X)
+        self.packet("w1", self.X)
+        self.policy.protected = frozenset({self.X})
+        self.assertEqual(self.policy.hold("w1", 900, 1000), [])
+        self.assertEqual(self.policy.hold("w2", 50, 1000), [])
+        self.assertEqual(self.policy.hold("w3", 80, 1000), [("w3", 80)])  # 1,030: not the master's
+        self.assertEqual(self.policy.held_total, 950)
+        self.assertEqual(self.policy.hold("w3", 0, 1000), [])  # closed: it holds nothing more
+        self.assertEqual(self.policy.hold("w2", 0, 1000), [])
+        self.assertEqual(self.policy.held_total, 900)
+        self.assertEqual(self.policy.hold("w1", 1200, 1000), [])  # the master's alone: it stays
+        self.assertEqual(self.policy.hold("w4", 300, 1000), [("w4", 300)])
+        self.assertEqual(self.policy.held_total, 1200)
 
     def test_a_handshake_claim_proves_nothing_and_drains_nothing(self):
         self.open("w1", self.X)

@@ -4528,10 +4528,11 @@ class WebRtcTransport:
 # newest fresh packet came by) is handled whole each loop turn (others:
 # WIRE_BUDGET payloads), and is never the one closed when partly received
 # messages pass max_partial or send queues max_send_total (the unprotected
-# wire holding most goes); the core never evicts those peers. Any wire that
-# leaves max_send_queue of our payloads unread is closed, and so is one whose
-# message (the same one) stops coming closer to whole (check_wires), unless
-# it is protected: a slow master is waited for, and its RPC timeouts decide.
+# wire holding most goes: WirePolicy.hold, WirePolicy.largest); the core
+# never evicts those peers. Any wire that leaves max_send_queue of our
+# payloads unread is closed, and so is one whose message (the same one)
+# stops coming closer to whole (check_wires), unless it is protected: a slow
+# master is waited for, and its RPC timeouts decide.
 #
 # Events, ``on(name, fn)`` (a coroutine function is spawned; an exception is
 # logged, rate-limited, and never reaches the wire):
@@ -4914,6 +4915,9 @@ class WirePolicy:
         self._deadlines: dict[Any, float] = {}
         self._now = 0.0  # the latest time the node passed in
         self._relays = _RateLimit(RELAY_WRITES_PER_SECOND, RELAY_WRITES_PER_SECOND)
+        #: bytes of messages partly received (or not handled yet) on all wires
+        self.held_total = 0
+        self._held: dict[Any, int] = {}  # those bytes, by wire
 
     # what the node tells it
     def opened(self, wire: Any, address: str | None, dialer: bytes, port: int | None, now: float,
@@ -5086,6 +5090,21 @@ class WirePolicy:
         """The wire with the largest size (bytes it holds, say) that is not protected, or None."""
         candidates = [(size, id(w), w) for w, size in sizes.items() if not self.is_protected(w)]
         return max(candidates)[2] if candidates else None
+
+    def hold(self, wire: Any, size: int, bound: int) -> list[tuple[Any, int]]:
+        """``wire`` holds ``size`` bytes of messages not whole (or not handled) yet. Past ``bound``
+        on all wires together: the (wire, bytes) to close, the unprotected wire holding most
+        first, until the rest fits (the node closes them; they hold nothing from now on)."""
+        if not size and wire not in self._held:
+            return []
+        self.held_total += size - self._held.pop(wire, 0)
+        if size:
+            self._held[wire] = size
+        victims = []
+        while self.held_total > bound and (victim := self.largest(self._held)) is not None:
+            victims.append((victim, self._held.pop(victim)))
+            self.held_total -= victims[-1][1]
+        return victims
 
     def next_due(self) -> float | None:
         """When :meth:`due` has a claimant to drain next (None: none waits)."""
@@ -5441,8 +5460,6 @@ class Bugout:
         self.slots = InboundSlots(lambda conn: self.policy.keeps(conn, self._busy), self.stats)
         self._policy_timer: asyncio.TimerHandle | None = None
         self._policy_at = 0.0  # when the policy timer fires
-        self._held: dict[Connection, int] = {}  # bytes of partly received messages, by wire
-        self._held_total = 0
         self._out_estimate = 0  # bytes in all send queues, at most (recounted once per loop turn)
         self._recounted = False
         self._log = _LogLimit()
@@ -5714,23 +5731,13 @@ class Bugout:
         """``conn`` holds ``size`` bytes of messages not complete (or not handled) yet.
 
         Past ``max_partial`` on all wires together, the unprotected wire that
-        holds most is closed, until the rest fits.
+        holds most is closed, until the rest fits (WirePolicy.hold).
         """
-        if not size and conn not in self._held:
-            return
-        old = self._held.pop(conn, 0)
-        if size:
-            self._held[conn] = size
-        self._held_total += size - old
-        while self._held_total > self.max_partial:
-            victim = self.policy.largest(self._held)
-            if victim is None:
-                return
+        for victim, held in self.policy.hold(conn, size, self.max_partial):
             self.stats["peers dropped: partial messages over the bound"] += 1
             self._log(logging.INFO, "held", "closing %s: %d bytes of unfinished messages, more "
-                      "than all wires may hold", victim.peer_name, self._held[victim])
+                      "than all wires may hold", victim.peer_name, held)
             victim.close(abort=True)
-            self.holding(victim, 0)
 
     def bad_input(self, conn: Connection) -> None:
         """The peer broke the wire protocol: drop it."""
