@@ -45,6 +45,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import traceback
 import types
 import unittest
 from pathlib import Path
@@ -124,6 +125,12 @@ def setUpModule() -> None:  # unittest calls it before the first test of this mo
 
 def tearDownModule() -> None:
     remove_safety_nets()
+
+
+def full_tier(test):
+    """Decorator: a test of a QUICK class that needs a socket or a process runs in the full suite only."""
+    test.full_tier = True
+    return test
 
 
 def time_limit(seconds: float):
@@ -822,6 +829,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 
 class Task:
@@ -860,6 +868,7 @@ import signal
 import subprocess
 import threading
 import time
+import traceback
 from pathlib import Path
 
 
@@ -1935,6 +1944,7 @@ class TestCrypt(unittest.TestCase):
         self.assertEqual(crypt.decrypt(one), "hello é")
         self.assertEqual(crypt.decrypt_json(crypt.encrypt_json({"a": [1]})), {"a": [1]})
 
+    @full_tier
     def test_matches_openssl_cbc(self):
         need(shutil.which("node"), "node is needed to cross-check AES with Node's crypto")
         crypt = w.Crypt(self.KEY)
@@ -2646,14 +2656,13 @@ class TestEchoPacing(AsyncTest):
         conn.close()
         await until(lambda: len(self.messages(b, "big")) == 20, 5)
 
-
     async def test_a_silent_wire_renewed_is_dialed_again_where_lsd_said(self):
         # issue 20: a JS master dialed us; its wire renewed, we dial the endpoint its peer id
         # announced by LSD (WebTorrent would come back over uTP first, ~30 s later)
         a = await self.started(py_node("renew-lsd"))
         b = await self.started(py_node("renew-lsd", peers=["127.0.0.1:%d" % a.port]))
         await until(lambda: a.address in b.peers and b.address in a.peers)
-        a.lsd_peer("127.0.0.1", b.port, "bittorrent-lsd-" + b.peer_id.hex())  # wired already: no dial
+        a.discovery.lsd_peer("127.0.0.1", b.port, "bittorrent-lsd-" + b.peer_id.hex())  # wired already: no dial
         old = set(a._connections)
         self.assertEqual(a.renew_silent_wires(b.address, 60.0), 0)  # it spoke lately
         self.assertEqual(a.renew_silent_wires(b.address, 0.0), 1)
@@ -2919,29 +2928,30 @@ class TestWireUnderAttack(AsyncTest):
                 node.add_peer("127.0.0.1", other.port)
             await until(lambda: node.connections() == 3, 5)
             await asyncio.sleep(0.3)
-            self.assertEqual((len(node._dialing), len(node._dials), node.connections()), (0, 2, 3))
+            found = node.discovery
+            self.assertEqual((len(found._dialing), len(found._dials), node.connections()), (0, 2, 3))
             node.add_peer("127.0.0.1", others[-1].port)  # already waiting: once
-            self.assertEqual(len(node._dials), 2)
+            self.assertEqual(len(node.discovery._dials), 2)
             next(c for c in node._connections if c.initiator).close()  # a dialed wire goes: room
-            await until(lambda: node.connections() == 3 and len(node._dials) == 1, 5)
+            await until(lambda: node.connections() == 3 and len(node.discovery._dials) == 1, 5)
 
     async def test_a_dht_node_answering_first_with_hanging_peers_hides_no_master(self):
         node = await self.started(py_node("hang-swarm"))
         master = await self.started(py_node("hang-swarm"))
-        real = node._dial
+        real = node.discovery._dial
 
         async def dial(host, port):
             if host.startswith("10."):  # a peer that never answers the SYN
                 await asyncio.sleep(30)
                 return None
             return await real(host, port)
-        node._dial = dial
+        node.discovery._dial = dial
         hanging = [("10.9.%d.%d" % (i // 200, i % 200), 6881) for i in range(w.MAX_DIALING + 8)]
-        node._on_dht_peers(node.infohash, hanging, ("10.8.0.1", 6881))  # it answered first
-        node._on_dht_peers(node.infohash, [("127.0.0.1", master.port)], ("127.0.0.2", 6881))
+        node.discovery._on_dht_peers(node.infohash, hanging, ("10.8.0.1", 6881))  # it answered first
+        node.discovery._on_dht_peers(node.infohash, [("127.0.0.1", master.port)], ("127.0.0.2", 6881))
         await until(lambda: master.address in node.peers, 3)  # its turn came in the first burst
-        self.assertLessEqual(len(node._dialing), w.MAX_DIALING)
-        self.assertGreater(len(node._dials), 0)  # the rest wait, none dropped
+        self.assertLessEqual(len(node.discovery._dialing), w.MAX_DIALING)
+        self.assertGreater(len(node.discovery._dials), 0)  # the rest wait, none dropped
 
     async def test_lsd_flood_dials_at_a_bounded_rate_and_a_known_master_first(self):
         node = await self.started(py_node("flood-swarm"))
@@ -2950,17 +2960,17 @@ class TestWireUnderAttack(AsyncTest):
         await until(lambda: master.address in node.peers, 5)
         node.prioritize(master.address)
         master.ping()
-        await until(lambda: node._whereabouts.get(master.address), 5)
+        await until(lambda: node.discovery._whereabouts.get(master.address), 5)
         dials = []
-        real = node._dial
+        real = node.discovery._dial
 
         async def counted(host, port):
             dials.append((time.monotonic(), port))
             return await real(host, port)
-        node._dial = counted
+        node.discovery._dial = counted
         next(c for c in node._connections if c.initiator).close()  # the master's wire is lost
         await until(lambda: node.connections() == 0, 5)
-        lsd = w._LsdProtocol(node)
+        lsd = w._LsdProtocol(node.discovery)
         start = time.monotonic()
         for port in itertools.chain(range(20000, 20020), [master.port], range(20020, 23000)):
             announce = w.lsd_announcement(node.infohash, port, "bittorrent-lsd-" + os.urandom(20).hex())
@@ -2973,7 +2983,7 @@ class TestWireUnderAttack(AsyncTest):
         self.assertLessEqual(len(flood), w.DISCOVERY_DIALS_PER_SECOND * (time.monotonic() - start + 1))
         dropped = node.stats["lsd: over the rate, not read"] + node.stats["lsd: sender over its rate"]
         self.assertGreater(dropped, 2900)
-        self.assertLessEqual(len(node._dials), w.DIAL_QUEUE_PER_SOURCE)
+        self.assertLessEqual(len(node.discovery._dials), w.DIAL_QUEUE_PER_SOURCE)
 
     async def test_out_of_descriptors_pauses_accepting_with_one_log_line(self):
         child = textwrap.dedent("""
@@ -3067,7 +3077,7 @@ class TestWireUnderAttack(AsyncTest):
             writer.write(struct.pack(">IBB", (1 << 20) - 10, 20, 4) + bytes(900 * 1024))
             await writer.drain()
         await until(lambda: node.stats["peers dropped: partial messages over the bound"] >= 2, 10)
-        self.assertLessEqual(node._held_total, node.max_partial)
+        self.assertLessEqual(node.policy.held_total, node.max_partial)
         big = {"blob": "b" * 900_000}  # the protected peer's large message still comes in whole
         self.assertEqual(await master.rpc(node.address, "echo", big, timeout=10), {**big, "echoedBy": "py"})
         for _, writer in raws:
@@ -3156,7 +3166,7 @@ class TestWireUnderAttack(AsyncTest):
         await until(lambda: a.connections() == b.connections() == 1)
         announce = w.lsd_announcement(b.infohash, b.port, "bittorrent-lsd-" + b.peer_id.hex())
         for _ in range(3):  # b re-announces: a is wired to it already
-            w._LsdProtocol(a).datagram_received(announce, ("127.0.0.1", w.LSD_PORT))
+            w._LsdProtocol(a.discovery).datagram_received(announce, ("127.0.0.1", w.LSD_PORT))
         await asyncio.sleep(0.5)
         self.assertEqual((a.stats["duplicate wires"], b.stats["duplicate wires"]), (0, 0))
         self.assertEqual(a.stats["lsd: already wired"], 3)
@@ -3539,8 +3549,8 @@ class TestDhtLoopback(AsyncTest):
         self.assertEqual(await a.rpc(b.address, "echo", {}), {"echoedBy": "py"})
         await until(lambda: boot.stats["dht announces stored"] >= 2, 10)
         # the DHT bit and port message: each node's DHT knows the other's
-        await until(lambda: len(a._dht.core.table) == 2 and len(b._dht.core.table) == 2, 10)
-        self.assertEqual(a._dht.port, a.port)  # the TCP port's number, one port to forward
+        await until(lambda: len(a.discovery.dht.core.table) == 2 and len(b.discovery.dht.core.table) == 2, 10)
+        self.assertEqual(a.discovery.dht.port, a.port)  # the TCP port's number, one port to forward
         await b.close()
         await a.close()
         await boot.close()
@@ -3590,14 +3600,15 @@ async def child_dht_js():
     back = (await js.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 1))["result"]
     ours = await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == py.port, 20)
     # a JS DHT client bootstrapped from the Python node: find_node, get_peers, announce_peer
-    client = await JsProcess("dht-node.js", {"DHT_BOOTSTRAP": "127.0.0.1:%d" % py._dht.port}).start()
+    client = await JsProcess("dht-node.js", {"DHT_BOOTSTRAP": "127.0.0.1:%d" % py.discovery.dht.port}).start()
     topic = hashlib.sha1(b"topic").hexdigest()
     client.send(cmd="announce", id=1, infoHash=topic, port=4242)
     announced = await client.wait_for(lambda e: e["event"] == "announced", 20)
-    stored = py._dht.core._store.get(bytes.fromhex(topic), time.monotonic())
+    stored = py.discovery.dht.core._store.get(bytes.fromhex(topic), time.monotonic())
     client.send(cmd="lookup", id=2, infoHash=topic)
-    peer = await client.wait_for(lambda e: e["event"] == "peer" and e["fromPort"] == py._dht.port, 20)
-    stats = dict(py._dht.stats)
+    dht_port = py.discovery.dht.port
+    peer = await client.wait_for(lambda e: e["event"] == "peer" and e["fromPort"] == dht_port, 20)
+    stats = dict(py.discovery.dht.stats)
     for closing in (py, js, client, boot):
         await closing.close()
     return {"found_s": found, "echo": echo, "back": back, "ours": ours, "announced": announced,
@@ -3668,17 +3679,17 @@ async def child_dht_hostile(scenario, seconds=30.0):
                                      sybil=scenario != "peers")
     victim = py_node("dht-hostile", dht=True, dht_bootstrap=["127.0.5.1:%d" % hostile.ports[0], where])
     dialed = []
-    real_dial = victim._dial
+    real_dial = victim.discovery._dial
 
     async def dial(host, port):
         dialed.append((host, port))
         return await real_dial(host, port)
-    victim._dial = dial
+    victim.discovery._dial = dial
     await victim.start()
     flood = None
     if scenario == "flood":
         async def junk():
-            target = ("127.0.0.1", victim._dht.port)
+            target = ("127.0.0.1", victim.discovery.dht.port)
             while True:
                 for port, transport in hostile.transports.items():
                     transport.sendto(bytes(w.KrpcQuery(os.urandom(2), "ping", {"id": hostile.node_id(port)})), target)
@@ -3687,7 +3698,7 @@ async def child_dht_hostile(scenario, seconds=30.0):
         flood = asyncio.ensure_future(junk())
     await asyncio.sleep(3.0)
     master = py_node("dht-hostile", dht=True, dht_bootstrap=[where])
-    master._on_dht_peers = lambda info_hash, peers: None  # it announces, dials nobody: we must find it
+    master.discovery._on_dht_peers = lambda info_hash, peers: None  # it announces, dials nobody: find it
     await master.start()
     start, found, announced = time.monotonic(), None, None
     with contextlib.suppress(AssertionError):  # its lookup, too, may meet the Sybil (through us)
@@ -3698,12 +3709,12 @@ async def child_dht_hostile(scenario, seconds=30.0):
         found = time.monotonic() - start
     if flood is not None:
         flood.cancel()
-    table = victim._dht.core.table
+    table = victim.discovery.dht.core.table
     result = {"found_s": found, "announced_s": announced, "dials": len(dialed), "distinct dials": len(set(dialed)),
               "master dialed": sum(1 for d in dialed if d == ("127.0.0.1", master.port)),
               "hanging dialed": sum(1 for d in dialed if d in hostile.peers),
               "stats": {k: v for k, v in victim.stats.items() if "dial" in k},
-              "dht": dict(victim._dht.stats), "table": len(table),
+              "dht": dict(victim.discovery.dht.stats), "table": len(table),
               "sybils in table": sum(1 for c in table._by_addr.values() if c.addr[0] == "127.0.5.1"),
               "hostile queries": dict(hostile.queries)}
     await victim.close()
@@ -4493,6 +4504,25 @@ async def child_hostile_tracker(attack, seconds=3.0):
     handler.emit = lambda record: lines.append(record.getMessage())
     logging.getLogger("worker").addHandler(handler)
     logging.getLogger("worker").setLevel(logging.INFO)
+    try:
+        return await _hostile_tracker_attack(attack, seconds, tracker, lines)
+    finally:
+        logging.getLogger("worker").removeHandler(handler)
+
+
+async def child_hostile_trackers(attacks):
+    """In a namespace: each attack of ``attacks`` in turn (child_hostile_tracker: a tracker and a
+    node of its own each); {attack: what it cost, or {"error": its traceback}}."""
+    out = {}
+    for attack in attacks:
+        try:
+            out[attack] = await child_hostile_tracker(attack)
+        except Exception:  # noqa: BLE001 - that attack's test fails with it; the others go on
+            out[attack] = {"error": traceback.format_exc()}
+    return out
+
+
+async def _hostile_tracker_attack(attack, seconds, tracker, lines):
     node = await rtc_node("hostile-tracker", [tracker.url])
     await until(lambda: tracker.sockets and node.webrtc.sessions[0].client.stats["announces"], 10)
     client = node.webrtc.sessions[0].client
@@ -4552,11 +4582,22 @@ async def child_rtc_message_over_cap():
 class TestHostileTracker(unittest.TestCase):
     """A tracker that attacks (a Python one in the test), and a peer that sends too much."""
 
+    ATTACKS = ("failure reasons", "offers", "answers", "sdp")
+
+    @classmethod
+    def setUpClass(cls):
+        cls.attacks = None  # run on first use, all four in one namespace (one process start, not four)
+
     def setUp(self):
         rtc_ready()
 
     def attack(self, name):
-        out = in_namespace(child_hostile_tracker, name, timeout=120, lo=LO_FOR_WEBRTC)
+        cls = type(self)
+        if cls.attacks is None:
+            cls.attacks = in_namespace(child_hostile_trackers, self.ATTACKS, timeout=300, lo=LO_FOR_WEBRTC)
+        out = cls.attacks[name]
+        if "error" in out:
+            self.fail("the attack failed in its namespace:\n" + out["error"])
         print("\n  tracker %s: %s frames sent, loop held %.3f s at worst, %d log lines"
               % (name, out.get("frames sent", "a few"), out["gap"], len(out["lines"])), file=sys.stderr)
         return out
@@ -4612,6 +4653,12 @@ def slot(started, last_verified=None, name=""):
     return types.SimpleNamespace(started=started, last_verified=last_verified, name=name)
 
 
+def inbound_wire(started, last_verified=None, name="", host="10.0.0.2", state=None):
+    """What InboundSlots reads of an inbound wire."""
+    return types.SimpleNamespace(started=started, last_verified=last_verified, name=name, remote_host=host,
+                                 state=state or w.ConnState.OPEN)
+
+
 class TestNodePolicy(unittest.TestCase):
     def test_inbound_victim_idle_first_then_silent_never_kept_or_new(self):
         now = 1000.0
@@ -4635,6 +4682,52 @@ class TestNodePolicy(unittest.TestCase):
                          "talking")
         self.assertEqual([w.in_use(c, now, keep_none) for c in (active, idle, silent)], [True, False, False])
         self.assertTrue(w.in_use(idle, now, lambda c: True))
+
+    def test_inbound_slots_at_a_hosts_cap_close_the_longest_unused_never_a_kept_or_young_wire(self):
+        now, kept = 1000.0, {"master", "in flight"}
+        slots = w.InboundSlots(lambda c: c.name in kept)
+        master = inbound_wire(now - 900, None, "master")  # the longest unused, but the master's
+        busy = inbound_wire(now - 800, now - 300, "in flight")  # a call in flight on it
+        idle = [inbound_wire(now - 600, now - 100 - i, "idle %d" % i) for i in range(w.INBOUND_PER_HOST)]
+        young = inbound_wire(now - 1, None, "newcomer")  # it has NEWCOMER_SECONDS to speak
+        ok, victim = slots.host_room([master, busy, *idle, young], now)
+        self.assertTrue(ok)
+        self.assertEqual(victim.name, "idle %d" % (w.INBOUND_PER_HOST - 1))  # unused longest
+        self.assertEqual(slots.stats["wires closed: room for a host's newcomer"], 1)
+        self.assertEqual(slots.host_room([master, busy, *idle[1:], young], now), (True, None))  # fits
+        kept.update(wire.name for wire in idle)  # every one has a call in flight: in use
+        self.assertEqual(slots.host_room([master, busy, *idle, young], now), (True, None))
+        newcomers = [inbound_wire(now - 1, None, "new %d" % i) for i in range(w.INBOUND_PER_HOST + 1)]
+        self.assertEqual(slots.host_room(newcomers, now), (False, None))  # none may go: it is refused
+        self.assertEqual(slots.stats["inbound refused: wires from one host"], 1)
+
+    def test_inbound_slots_refuse_a_crowded_host(self):
+        now, slots = 1000.0, w.InboundSlots(lambda c: False)
+        shaking = [inbound_wire(now - 1, state=w.ConnState.HANDSHAKE) for _ in range(w.PENDING_PER_HOST)]
+        self.assertTrue(slots.crowded(shaking, now))
+        self.assertFalse(slots.crowded(shaking[1:], now))
+        young = [inbound_wire(now - 1) for _ in range(w.INBOUND_PER_HOST)]
+        self.assertTrue(slots.crowded(young, now))  # not in use, and none may make room yet
+        self.assertFalse(slots.crowded(young + [inbound_wire(now - 60, now - 40)], now))  # an idle one may
+        self.assertEqual((slots.stats["inbound refused: handshakes from one host"],
+                          slots.stats["inbound refused: wires from one host"]), (1, 1))
+
+    def test_inbound_slots_at_max_inbound(self):
+        now, slots = 1000.0, w.InboundSlots(lambda c: c.name == "master")
+        talking = [inbound_wire(now - 100, now - 1 - i / 10, "talking %d" % i) for i in range(20)]  # one host
+        master = inbound_wire(now - 900, None, "master", host="10.0.0.3")
+        wires = talking + [master]
+        self.assertEqual(slots.make_room(wires, 0, 22, now), (True, None))  # under the cap
+        self.assertEqual(slots.make_room(wires, 1, 22, now)[1].name, "talking 19")  # the crowded host's
+        shaking = inbound_wire(now - 3, None, "handshake", state=w.ConnState.HANDSHAKE)
+        self.assertEqual(slots.make_room(wires + [shaking], 0, 21, now)[1].name, "handshake")  # first
+        self.assertEqual(slots.make_room(talking[:16] + [master], 0, 17, now), (False, None))  # none may go
+        for _ in range(int(w.EVICTIONS_PER_SECOND) - 2):
+            self.assertTrue(slots.make_room(wires, 0, 21, now)[0])
+        self.assertEqual(slots.make_room(wires, 0, 21, now), (False, None))  # churn is bounded
+        self.assertTrue(slots.make_room(wires, 0, 21, now + 1)[0])
+        self.assertEqual(slots.stats["wires closed: inbound cap"], int(w.EVICTIONS_PER_SECOND))
+        self.assertEqual(slots.stats["handshakes cut: inbound cap"], 1)
 
     def test_dial_queue_rate_and_turns(self):
         queue, now = w.DialQueue(rate=10, per_source=64), 100.0
@@ -4718,6 +4811,36 @@ class TestWirePolicy(unittest.TestCase):
         self.now += seconds
         self.ms += int(seconds * 1000)
         return (policy or self.policy).due(self.now)
+
+    def test_the_wires_never_closed_for_room(self):
+        self.open("w1", self.X)
+        self.open("w2", self.Y)
+        self.open("w3", None)  # no bugout claim
+        self.packet("w1", self.X)
+        self.packet("w2", self.Y)
+        self.assertFalse(self.policy.keeps("w1", []))
+        self.assertTrue(self.policy.keeps("w1", [self.X]))  # a call to X in flight: its route stays
+        self.assertFalse(self.policy.keeps("w2", [self.X]))
+        self.assertEqual(self.policy.largest({"w1": 10, "w2": 99, "w3": 50}), "w2")
+        self.policy.protected = frozenset({self.Y})
+        self.assertTrue(self.policy.keeps("w2", []))  # the master's
+        self.assertEqual(self.policy.largest({"w1": 10, "w2": 99, "w3": 50}), "w3")  # not the master's
+        self.assertIsNone(self.policy.largest({"w2": 99}))
+
+    def test_bytes_held_past_the_bound_close_the_unprotected_wire_holding_most(self):
+        self.open("w1", self.X)
+        self.packet("w1", self.X)
+        self.policy.protected = frozenset({self.X})
+        self.assertEqual(self.policy.hold("w1", 900, 1000), [])
+        self.assertEqual(self.policy.hold("w2", 50, 1000), [])
+        self.assertEqual(self.policy.hold("w3", 80, 1000), [("w3", 80)])  # 1,030: not the master's
+        self.assertEqual(self.policy.held_total, 950)
+        self.assertEqual(self.policy.hold("w3", 0, 1000), [])  # closed: it holds nothing more
+        self.assertEqual(self.policy.hold("w2", 0, 1000), [])
+        self.assertEqual(self.policy.held_total, 900)
+        self.assertEqual(self.policy.hold("w1", 1200, 1000), [])  # the master's alone: it stays
+        self.assertEqual(self.policy.hold("w4", 300, 1000), [("w4", 300)])
+        self.assertEqual(self.policy.held_total, 1200)
 
     def test_a_handshake_claim_proves_nothing_and_drains_nothing(self):
         self.open("w1", self.X)
@@ -5718,6 +5841,9 @@ class TestMasterTrust(AsyncTest):
         old = signed_by(master.node.core.identity, {"y": "p"}, token, t=w._now() - w.FRESH_MS - 5000)
         worker = await self.started(loopback_worker(token, tmp / "w", peers=["127.0.0.1:%d" % master.node.port]))
         await until(lambda: worker.master == master.node.address and worker.keeper.runner is not None, 20)
+        # The check of the master's wire waits CHECK_TIMEOUT for an answer that never comes: 10 s in
+        # production, 4 here (the steps below take about one second).
+        self.enterContext(mock.patch.object(w, "CHECK_TIMEOUT", 4.0))
         ident = master.node.core.identity
         _, writer = await raw_wire(worker.node, peer_id=master.node.peer_id, ext={
             "m": {"bo_channel": 4}, "id": token, "pk": ident.pk, "ek": ident.ek})
@@ -5736,6 +5862,7 @@ class TestMasterTrust(AsyncTest):
         await until(lambda: worker.outbox.ready, 10)
         worker.job_loop.kick_delivery()
         await asyncio.sleep(1.0)
+        self.assertEqual(worker.master, master.node.address)  # its check still waits: not gone yet
         self.assertEqual(len(worker.outbox), 1)  # kept for a master that signed what came by its wire
         self.assertNotIn("shareResults", master.names())
         await until(lambda: worker.master is None, w.CHECK_TIMEOUT + 5)  # its own wires gone: it left
@@ -6289,10 +6416,12 @@ class TestCrashSafety(AsyncTest):
         proc = await self.worker_process(folder, port, **keys)
         answered = lambda: {r["jobID"] for r in master.results}
         deadline = time.monotonic() + 120
+        count, progress = len(master.results), time.monotonic()
         while master.master.waiting or master.master.leases.keys() - answered():
-            count = len(master.results)
-            await asyncio.sleep(3.0)
-            if count == len(master.results) and not master.master.waiting or time.monotonic() > deadline:
+            await asyncio.sleep(0.1)  # looked at often: the run is over as soon as all are answered
+            if len(master.results) != count:
+                count, progress = len(master.results), time.monotonic()
+            elif not master.master.waiting and time.monotonic() - progress >= 3.0 or time.monotonic() > deadline:
                 break  # all done that can be: what is left was lost on its way in
         # A job can only be lost on its way in: sent by the master, not yet in the journal at the kill.
         missing = master.master.leases.keys() - answered()
@@ -6848,6 +6977,12 @@ class FakeNode:
 
     def prioritize(self, address):
         self.prioritized.append(address)
+
+    def renew_silent_wires(self, address, quiet):
+        return 0  # every wire here answers or is gone
+
+    async def room_for(self, address, size):
+        await asyncio.sleep(0)  # echoes are Bugout's; here a payload always leaves at once
 
     def called(self, name):
         return [(address, args) for address, called, args in self.calls if called == name]
@@ -8916,11 +9051,80 @@ class TestTestData(unittest.TestCase):
 
 
 # Running the tests ##########################################################
+#
+# Two tiers. ``python test_worker.py`` runs every test (the README's command
+# and CI's). ``python test_worker.py --quick`` runs the classes named in QUICK:
+# the in-memory tests of the codecs, the sans-I/O cores, the policies, trust,
+# the outbox and the settings, in seconds, while you change code. There a test
+# that binds or connects a socket, sends a datagram or starts a process fails
+# (in_memory_only): such a class belongs to the full suite only, and so does
+# such a test of a QUICK class (@full_tier). A class not in QUICK runs in the
+# full suite alone; TestTiers checks the names below.
+
+#: The quick tier: test classes that run in memory (a temporary folder at most), in section order.
+QUICK = ("TestEnvFile", "TestLogger", "TestCrypt", "TestCodecs", "TestVectors", "TestBugoutCore",
+         "TestCoreBounds", "TestPeerWire", "TestBadInput", "TestKrpc", "TestKrpcBadInput",
+         "TestTrackerClient", "TestNodePolicy", "TestWirePolicy", "TestSafety",
+         "TestTaskJsSafety", "TestMasterProof", "TestOutbox", "TestMasterFinder", "TestJobLoop",
+         "TestLeasePolicy", "TestTiers")
+
+
+def _refuse_io(*args, **kwargs):
+    raise AssertionError("the quick tier runs in memory: no socket, no process (take this class out of QUICK)")
+
+
+def in_memory_only() -> contextlib.ExitStack:
+    """While it is entered, binding or connecting a socket, sending a datagram and starting a
+    process raise (an event loop's own socketpair is still made)."""
+    stack = contextlib.ExitStack()
+    for owner, name in ((socket.socket, "bind"), (socket.socket, "connect"), (socket.socket, "connect_ex"),
+                        (socket.socket, "sendto"), (subprocess.Popen, "__init__"), (os, "fork")):
+        stack.enter_context(mock.patch.object(owner, name, _refuse_io))
+    return stack
+
+
+def quick_suite() -> unittest.TestSuite:
+    """The QUICK classes' tests, less those marked @full_tier."""
+    loader = unittest.defaultTestLoader
+    return unittest.TestSuite(
+        test for c in test_classes() if c.__name__ in QUICK for test in loader.loadTestsFromTestCase(c)
+        if not getattr(getattr(test, test._testMethodName), "full_tier", False))
+
+
+def test_classes() -> list[type]:
+    """Every test class of this module, in its order."""
+    module = sys.modules[__name__]
+    return [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, unittest.TestCase)
+            and c.__module__ == module.__name__ and c.__name__.startswith("Test")]
+
+
+class TestTiers(unittest.TestCase):
+    def test_the_quick_tier_names_test_classes_of_this_module_in_order(self):
+        names = [c.__name__ for c in test_classes()]
+        self.assertEqual([n for n in QUICK if n not in names], [])  # a class renamed, or gone
+        self.assertEqual(len(set(QUICK)), len(QUICK))
+        self.assertEqual(list(QUICK), [n for n in names if n in QUICK])  # section order, as the file
+        quick = {test.id() for test in quick_suite()}
+        self.assertIn(f"{__name__}.TestCrypt.test_roundtrip_fresh_iv", quick)
+        self.assertNotIn(f"{__name__}.TestCrypt.test_matches_openssl_cbc", quick)  # @full_tier: node
+
+    def test_in_memory_only_refuses_sockets_and_processes(self):
+        before = socket.socket.bind, subprocess.Popen.__init__
+        with in_memory_only():
+            with socket.socket() as sock, self.assertRaises(AssertionError):
+                sock.bind(("127.0.0.1", 0))
+            with self.assertRaises(AssertionError):
+                subprocess.run([sys.executable, "-c", "pass"], check=False)
+        self.assertEqual((socket.socket.bind, subprocess.Popen.__init__), before)  # as before, after it
+
 
 def main():
-    """Run every test; end with the plain 'N passed, N failed, N skipped' line."""
-    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
-    result = unittest.TextTestRunner(verbosity=2).run(suite)
+    """Run every test (``--quick``: the QUICK tier, in memory); end with the plain
+    'N passed, N failed, N skipped' line."""
+    quick = "--quick" in sys.argv[1:]
+    suite = quick_suite() if quick else unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
+    with in_memory_only() if quick else contextlib.nullcontext():
+        result = unittest.TextTestRunner(verbosity=2).run(suite)
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
     skipped = len(result.skipped)
     passed = result.testsRun - failed - skipped

@@ -62,7 +62,7 @@ kept with the rest of its batch-request policy)::
     DHT (BEP 5): asyncio adapter             Dht, on UDP
     Trackers and WebRTC                      TrackerClient (sans-I/O)
     Trackers and WebRTC: asyncio             TrackerSession, RtcConnection, WebRtcTransport
-    The bugout node                          inbound slots, DialQueue, WirePolicy (sans-I/O), Bugout
+    The bugout node                          InboundSlots, DialQueue, WirePolicy (sans-I/O), Discovery, Bugout
     Status: metrics and health over HTTP     /metrics, /healthz, systemd notify
     Worker: assets and dependencies          safe paths (master-files/), pip and npm requirements
     Worker: trusting a master                MasterTrust; its theory of operation
@@ -2661,11 +2661,11 @@ def parse_lsd(data: bytes) -> tuple[int, list[bytes], str | None] | None:
 
 
 class _LsdProtocol(asyncio.DatagramProtocol):
-    def __init__(self, node: Bugout) -> None:
-        self.node = node
+    def __init__(self, discovery: Discovery) -> None:
+        self.discovery = discovery
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
-        self.node.lsd_datagram(data, addr[0])
+        self.discovery.lsd_datagram(data, addr[0])
 
 
 def _lsd_socket() -> socket.socket:
@@ -4583,14 +4583,15 @@ class WebRtcTransport:
 # longest, then silent longest; at maxInbound then the least used of a host
 # over its share; never a protected peer's, one with a call in flight, or a
 # newcomer), else the newcomer is refused. A token holder's wires give way
-# to a master that dials in.
+# to a master that dials in. InboundSlots decides (sans-I/O); Bugout closes.
 #
 # Dials. An LSD announce or a DHT answer is anyone's claim: the peers they
 # name wait in a DialQueue (bounded, per source; a protected peer's known
 # endpoint first) and are dialed at DISCOVERY_DIALS_PER_SECOND, while fewer
 # than MAX_DIALING dials run and MAX_DIALED wires we dialed are up. LSD
 # datagrams themselves are read within a budget, per sender and in all.
-# ``peers`` are dialed again and again, with backoff.
+# ``peers`` are dialed again and again, with backoff. Discovery does all
+# this for the node, around the DialQueue (sans-I/O).
 #
 # Whose a wire is (WirePolicy, sans-I/O: the node asks it and keeps the
 # sockets). The peer id and the keys (``pk``, ``ek``) of a handshake are
@@ -4635,10 +4636,11 @@ class WebRtcTransport:
 # newest fresh packet came by) is handled whole each loop turn (others:
 # WIRE_BUDGET payloads), and is never the one closed when partly received
 # messages pass max_partial or send queues max_send_total (the unprotected
-# wire holding most goes); the core never evicts those peers. Any wire that
-# leaves max_send_queue of our payloads unread is closed, and so is one whose
-# message (the same one) stops coming closer to whole (check_wires), unless
-# it is protected: a slow master is waited for, and its RPC timeouts decide.
+# wire holding most goes: WirePolicy.hold, WirePolicy.largest); the core
+# never evicts those peers. Any wire that leaves max_send_queue of our
+# payloads unread is closed, and so is one whose message (the same one)
+# stops coming closer to whole (check_wires), unless it is protected: a slow
+# master is waited for, and its RPC timeouts decide.
 #
 # Events, ``on(name, fn)`` (a coroutine function is spawned; an exception is
 # logged, rate-limited, and never reaches the wire):
@@ -4735,6 +4737,85 @@ def inbound_victim(wires: Iterable[Connection], now: float, keep: Callable[[Conn
         if best is None or rank < best[0]:
             best = (rank, conn)
     return best[1] if best is not None else None
+
+
+class InboundSlots:
+    """Room for inbound TCP wires, without I/O: who is let in, which wire makes room.
+
+    The node passes the inbound connections not closed, each a handle with
+    ``state``, ``started``, ``last_verified`` and ``remote_host``, and ``now``
+    in monotonic seconds. ``keep`` names the wires never closed to make room
+    (WirePolicy.keeps: a protected peer's, one with a call in flight). Each
+    answer is ``(ok, victim)``: let the newcomer in (``ok``) once ``victim``,
+    if any, is closed; the node closes it. Counts go to ``stats``.
+    """
+
+    def __init__(self, keep: Callable[[Any], bool], stats: collections.Counter | None = None) -> None:
+        self.keep = keep
+        #: counts of callers refused and wires closed for room (the node's own counters, if given)
+        self.stats: collections.Counter = collections.Counter() if stats is None else stats
+        # private
+        self._evictions = _RateLimit(EVICTIONS_PER_SECOND, EVICTIONS_PER_SECOND)
+
+    def crowded(self, from_host: list, now: float) -> bool:
+        """True when a host (``from_host``: its inbound connections) has PENDING_PER_HOST
+        handshakes unfinished, or INBOUND_PER_HOST finished wires not in use of which none may
+        make room."""
+        pending = sum(1 for c in from_host if c.state is ConnState.HANDSHAKE)
+        if pending >= PENDING_PER_HOST:
+            self.stats["inbound refused: handshakes from one host"] += 1
+            return True
+        finished = [c for c in from_host if c.state is not ConnState.HANDSHAKE]
+        if self.unused(finished, now) >= INBOUND_PER_HOST and inbound_victim(
+                finished, now, self.keep) is None:
+            self.stats["inbound refused: wires from one host"] += 1
+            return True
+        return False
+
+    def unused(self, wires: list, now: float) -> int:
+        """How many of ``wires`` are not in use (see in_use): a host's workers that all
+        work (many behind one NAT, say) count nothing against INBOUND_PER_HOST."""
+        return sum(1 for c in wires if not in_use(c, now, self.keep))
+
+    def host_room(self, from_host: list, now: float) -> tuple[bool, Any]:
+        """A wire from a host finished its handshake (``from_host``: that host's inbound
+        connections, it among them): past INBOUND_PER_HOST wires not in use, one of the host's
+        others makes room (inbound_victim), else (False) the newcomer goes."""
+        finished = [c for c in from_host if c.state is not ConnState.HANDSHAKE]
+        if self.unused(finished, now) <= INBOUND_PER_HOST:
+            return True, None
+        victim = inbound_victim(finished, now, self.keep)
+        if victim is None:
+            self.stats["inbound refused: wires from one host"] += 1
+            return False, None
+        self.stats["wires closed: room for a host's newcomer"] += 1
+        return True, victim
+
+    def make_room(self, inbound: list, accepting: int, cap: int, now: float) -> tuple[bool, Any]:
+        """Room for one more inbound connection (``accepting``: those being made; ``cap``:
+        maxInbound)? At the cap, the oldest unfinished handshake goes, else the wire
+        inbound_victim names, else the least recently used of the host holding most wires, when
+        that is over INBOUND_PER_HOST (a few a second at most: churn costs CPU). A newcomer (a
+        master dialing in) is not locked out by wires that say nothing, nor by one host's wires
+        that keep talking."""
+        pending = [c for c in inbound if c.state is ConnState.HANDSHAKE]
+        if len(inbound) + accepting < cap:
+            return True, None
+        victim = (min(pending, key=lambda c: c.started) if pending else
+                  inbound_victim(inbound, now, self.keep) or self.crowded_hosts_victim(inbound, now))
+        if victim is None or not self._evictions.allow(None, now):
+            return False, None
+        self.stats["handshakes cut: inbound cap" if pending else "wires closed: inbound cap"] += 1
+        return True, victim
+
+    def crowded_hosts_victim(self, inbound: list, now: float) -> Any:
+        """The wire used least lately of the host with most inbound wires, if over its share."""
+        hosts = collections.Counter(c.remote_host for c in inbound)
+        host, count = hosts.most_common(1)[0] if hosts else (None, 0)
+        if count <= INBOUND_PER_HOST:
+            return None
+        return inbound_victim([c for c in inbound if c.remote_host == host], now, self.keep,
+                              in_use_too=True)
 
 
 @dataclasses.dataclass
@@ -4945,6 +5026,9 @@ class WirePolicy:
         self._deadlines: dict[Any, float] = {}
         self._now = 0.0  # the latest time the node passed in
         self._relays = _RateLimit(RELAY_WRITES_PER_SECOND, RELAY_WRITES_PER_SECOND)
+        #: bytes of messages partly received (or not handled yet) on all wires
+        self.held_total = 0
+        self._held: dict[Any, int] = {}  # those bytes, by wire
 
     # what the node tells it
     def opened(self, wire: Any, address: str | None, dialer: bytes, port: int | None, now: float,
@@ -5107,6 +5191,32 @@ class WirePolicy:
         drains, self._drains = self._drains, []
         return drains
 
+    def keeps(self, wire: Any, busy: Iterable[str]) -> bool:
+        """True for a wire never closed to make room: a protected peer's, or one whose peer has
+        a call in flight (``busy``: ours to it, or its own being answered) and whose packets
+        came by it."""
+        return self.is_protected(wire) or any(self.route(a) is wire for a in busy)
+
+    def largest(self, sizes: dict[Any, int]) -> Any:
+        """The wire with the largest size (bytes it holds, say) that is not protected, or None."""
+        candidates = [(size, id(w), w) for w, size in sizes.items() if not self.is_protected(w)]
+        return max(candidates)[2] if candidates else None
+
+    def hold(self, wire: Any, size: int, bound: int) -> list[tuple[Any, int]]:
+        """``wire`` holds ``size`` bytes of messages not whole (or not handled) yet. Past ``bound``
+        on all wires together: the (wire, bytes) to close, the unprotected wire holding most
+        first, until the rest fits (the node closes them; they hold nothing from now on)."""
+        if not size and wire not in self._held:
+            return []
+        self.held_total += size - self._held.pop(wire, 0)
+        if size:
+            self._held[wire] = size
+        victims = []
+        while self.held_total > bound and (victim := self.largest(self._held)) is not None:
+            victims.append((victim, self._held.pop(victim)))
+            self.held_total -= victims[-1][1]
+        return victims
+
     def next_due(self) -> float | None:
         """When :meth:`due` has a claimant to drain next (None: none waits)."""
         return min(self._deadlines.values(), default=None)
@@ -5146,6 +5256,266 @@ class WirePolicy:
         facts.out, facts.since, facts.deadline = True, None, None
         self._deadlines.pop(wire, None)
         self._drains.append((wire, why))
+
+
+class Discovery:
+    """Finding peers and dialing them, for a :class:`Bugout` node: ``peers``, LSD and the DHT.
+
+    The asyncio shell around the :class:`DialQueue` (the theory of operation
+    above, "Dials"): the peers LSD announces and DHT lookups name wait there and
+    are dialed within MAX_DIALING and MAX_DIALED; ``peers`` are dialed again and
+    again, with backoff. It reads the node's settings, and its tasks are the node's.
+    """
+
+    def __init__(self, node: Bugout) -> None:
+        self.node = node
+        #: our DHT node (None: off, or no UDP port was free)
+        self.dht: Dht | None = None
+        # private
+        self._dialing: set[tuple] = set()
+        self._dials = DialQueue(stats=node.stats)  # peers found (LSD, DHT), waiting their turn
+        self._dial_timer: asyncio.TimerHandle | None = None
+        self._lsd_budget = _RateLimit(LSD_DATAGRAMS_PER_SECOND, LSD_DATAGRAMS_PER_SECOND, keys=1)
+        self._lsd_sources = _RateLimit(1.0 / LSD_SOURCE_SECONDS, LSD_SOURCE_BURST)
+        self._whereabouts: collections.OrderedDict[str, tuple[str | None, tuple | None]] = (
+            collections.OrderedDict())  # address -> (host, endpoint we dialed) of a wire it signed on
+        self._lsd_transport: asyncio.DatagramTransport | None = None
+        self._lsd_cookie = "bittorrent-lsd-" + node.peer_id.hex()
+        self._lsd_endpoints: dict[bytes, Addr] = {}  # announcer's peer id (a claim) -> endpoint
+
+    async def start(self) -> None:
+        """The DHT node, the configured peers, LSD: each as the node's settings say."""
+        if self.node.dht:
+            await self._start_dht()
+        for host, port in self.node.static_peers:
+            self.node._spawn(self._keep_peer(host, port))
+        if self.node.lsd:
+            await self._start_lsd()
+
+    def stop(self) -> None:
+        """No more dials from the queue; LSD closed (the DHT node closes in :meth:`close`)."""
+        if self._dial_timer is not None:
+            self._dial_timer.cancel()
+        if self._lsd_transport is not None:
+            self._lsd_transport.close()
+
+    async def close(self) -> None:
+        """Close the DHT node (after the node's tasks, its lookups among them, are gone)."""
+        if self.dht is not None:
+            await self.dht.close()
+
+    def add_peer(self, host: str, port: int, source: str | None = None, *, delay: float = 0.0,
+                 peer_id: bytes | None = None) -> None:
+        """Dial ``host:port`` once, in the background, when the DialQueue gives its turn.
+
+        ``source`` names who told us of it (LSD's sender, "dht"; else ``host``): one
+        source gets its share of the queue and of the dials. ``delay``: not before;
+        ``peer_id``: not once a wire to that peer id is up.
+        """
+        if self.node.closed or self.needless((host, port)):
+            return
+        self._dials.offer((host, port), source or host, time.monotonic(), delay=delay, peer_id=peer_id)
+        self.pump_dials()
+
+    def needless(self, endpoint: tuple, peer_id: bytes | None = None) -> bool:
+        """True for ourselves, a peer being dialed or wired by this endpoint or peer id."""
+        host, port = endpoint
+        if port == self.node.port and host in ("127.0.0.1", "localhost", self.node.host):
+            return True
+        if endpoint in self._dialing or (peer_id is not None and self.node.has_peer_id(peer_id)):
+            return True
+        return any(c.dialed == endpoint for c in self.node.links())
+
+    def pump_dials(self) -> None:
+        """Start the dials the queue gives now (within MAX_DIALING and MAX_DIALED); come back
+        while some wait."""
+        if self.node.closed:
+            return
+        dialed = sum(1 for c in self.node.links() if c.dialed)
+        room = min(MAX_DIALING, MAX_DIALED - dialed) - len(self._dialing)
+        for queued in self._dials.take(time.monotonic(), room,
+                                       lambda q: self.needless(q.endpoint, q.peer_id)):
+            self._dialing.add(queued.endpoint)
+            self.node._spawn(self._dial(*queued.endpoint))
+        if self._dials and self._dial_timer is None:
+            self._dial_timer = asyncio.get_running_loop().call_later(
+                1.0 / DISCOVERY_DIALS_PER_SECOND, self._dial_timer_due)
+
+    def _dial_timer_due(self) -> None:
+        self._dial_timer = None
+        self.pump_dials()
+
+    def prefer_dials(self) -> None:
+        """A protected peer's endpoint (we dialed it and it signed there) is dialed first when
+        found again; an address found on its host before the others."""
+        known = [self._whereabouts[a] for a in self.node.protected if a in self._whereabouts]
+        self._dials.prefer([e for _, e in known if e], [h for h, _ in known if h])
+
+    def remember(self, conn: Connection) -> None:
+        """``conn``'s peer signed on it: keep where it is (the last 256 peers)."""
+        where, address = (conn.remote_host, conn.dialed), conn.address
+        if self._whereabouts.get(address) == where:  # type: ignore[arg-type]
+            self._whereabouts.move_to_end(address)  # type: ignore[arg-type]
+            return
+        self._whereabouts[address] = where  # type: ignore[index]
+        self._whereabouts.move_to_end(address)  # type: ignore[arg-type]
+        if len(self._whereabouts) > 256:
+            self._whereabouts.popitem(last=False)
+        if address in self.node.protected:
+            self.prefer_dials()
+
+    async def _dial(self, host: str, port: int) -> WireConnection | None:
+        self._dialing.add((host, port))
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(loop.create_connection(
+                lambda: WireConnection(self.node, True, (host, port)), host, port), 5.0)
+            return conn  # type: ignore[return-value]
+        except (TimeoutError, OSError, UnicodeError) as exc:  # UnicodeError: a name like "a..b"
+            log.debug("dial %s:%s failed: %s", host, port, exc)
+            return None
+        finally:
+            self._dialing.discard((host, port))
+            if self._dials:
+                self.pump_dials()
+
+    async def _keep_peer(self, host: str, port: int) -> None:
+        """Stay connected to a configured peer; back off while it is away."""
+        delay = 0.5
+        while not self.node.closed:
+            if not any(c.dialed == (host, port) for c in self.node.links()):
+                conn = await self._dial(host, port)
+                delay = 0.5 if conn else min(delay * 2, 30.0)
+            await asyncio.sleep(delay)
+
+    def lsd_datagram(self, data: bytes, host: str) -> None:
+        """A datagram on the LSD port: within the budgets, a BT-SEARCH for our swarm is taken.
+
+        LSD_DATAGRAMS_PER_SECOND are read in all (past that the socket rests for
+        LSD_PAUSE, and the kernel drops the rest: a flood costs bounded CPU), and a
+        sender's announces are taken once per LSD_SOURCE_SECONDS after a burst.
+        """
+        now = time.monotonic()
+        if not self._lsd_budget.allow(None, now):
+            self.node.stats["lsd: over the rate, not read"] += 1
+            if self._lsd_transport is not None and self._lsd_transport.is_reading():
+                self._lsd_transport.pause_reading()
+                asyncio.get_running_loop().call_later(LSD_PAUSE, self._lsd_resume)
+            return
+        if not self._lsd_sources.allow(host, now):
+            self.node.stats["lsd: sender over its rate"] += 1
+            return
+        parsed = parse_lsd(data)
+        if parsed is None:
+            self.node.stats["lsd ignored"] += 1
+            return
+        port, hashes, cookie = parsed
+        if self.node.infohash in hashes:
+            self.lsd_peer(host, port, cookie)
+
+    def _lsd_resume(self) -> None:
+        if self._lsd_transport is not None and not self.node.closed:
+            self._lsd_transport.resume_reading()
+
+    def lsd_peer(self, host: str, port: int, cookie: str | None) -> None:
+        """A BT-SEARCH for our swarm came from ``host``: queue a dial, unless wired to it already.
+
+        bittorrent-lsd's cookie is ``bittorrent-lsd-`` and the announcer's peer
+        id in hex: a peer we have a wire to (LSD re-announces) is not dialed
+        again. Of two peers that hear each other, the wire kept is the one
+        dialed by the lower peer id; so the higher one, and we for a JS peer
+        (it dials every peer it hears), wait LSD_YIELD for the other's wire
+        before dialing.
+        """
+        if cookie == self._lsd_cookie:
+            return  # our own announcement, looped back
+        peer_id = lsd_peer_id(cookie)
+        if peer_id is not None:
+            self._lsd_endpoints.pop(peer_id, None)
+            if len(self._lsd_endpoints) >= LSD_ENDPOINTS_KEPT:
+                del self._lsd_endpoints[next(iter(self._lsd_endpoints))]
+            self._lsd_endpoints[peer_id] = (host, port)
+        if peer_id is not None and self.node.has_peer_id(peer_id):
+            self.node.stats["lsd: already wired"] += 1
+            return
+        ours = peer_id is not None and peer_id[:3] == PEER_ID_PREFIX[:3]
+        first = peer_id is None or (ours and peer_id > self.node.peer_id)
+        self.add_peer(host, port, host, delay=0.0 if first else LSD_YIELD, peer_id=peer_id)
+
+    def lsd_endpoint(self, peer_id: bytes | None) -> Addr | None:
+        """Where ``peer_id`` last announced itself by LSD (a claim: whoever answers there
+        still has to prove itself), or None."""
+        return self._lsd_endpoints.get(peer_id or b"")
+
+    async def _start_lsd(self) -> None:
+        try:
+            sock = _lsd_socket()
+        except OSError as exc:
+            log.warning("LSD is off: %s", exc)
+            return
+        loop = asyncio.get_running_loop()
+        self._lsd_transport, _ = await loop.create_datagram_endpoint(
+            lambda: _LsdProtocol(self), sock=sock)
+        self.node._spawn(self._lsd_announce())
+
+    async def _lsd_announce(self) -> None:
+        datagram = lsd_announcement(self.node.infohash, self.node.port, self._lsd_cookie)
+        # Twice more early on: a peer that started at the same instant may not
+        # have joined the group yet (bittorrent-lsd announces once, then every 5 min).
+        for delay in itertools.chain((1.0, 4.0), itertools.repeat(LSD_INTERVAL)):
+            if self._lsd_transport is None or self.node.closed:
+                return
+            with contextlib.suppress(OSError):
+                self._lsd_transport.sendto(datagram, (LSD_HOST, LSD_PORT))
+            await asyncio.sleep(delay)
+
+    # DHT (BEP 5)
+    async def _start_dht(self) -> None:
+        """A DHT node on the TCP port's number if free (one port to forward), else any."""
+        ports = [self.node.dht_port] if self.node.dht_port is not None else [self.node.port, 0]
+        for port in ports:
+            dht = Dht(dht_node_id(self.node.seed), host=self.node.host, port=port,
+                      bootstrap=self.node.dht_bootstrap, on_peers=self._on_dht_peers)
+            try:
+                self.dht = await dht.start()
+                break
+            except OSError as exc:
+                log.warning("DHT: udp port %s: %s", port, exc)
+        if self.dht is not None:
+            self.node._spawn(self._dht_lookups())
+
+    async def _dht_lookups(self) -> None:
+        """Look our swarm up (announcing our TCP port) at start, again soon, then periodically."""
+        assert self.dht is not None
+        port = self.node.port if self.node.listen else None
+        waited = 0.0
+        for at in DHT_LOOKUP_AT:
+            await asyncio.sleep(at - waited)
+            waited = at
+            self.dht.get_peers(self.node.infohash, port)
+        while not self.node.closed:
+            await asyncio.sleep(DHT_LOOKUP_INTERVAL if self.node.connections() else DHT_LOOKUP_ALONE)
+            self.dht.get_peers(self.node.infohash, port)
+
+    def _on_dht_peers(self, info_hash: bytes, peers: list[Addr], source: Addr | None = None) -> None:
+        """Queue dials to what a lookup found, but not to an address that already dialed us.
+
+        Its listening port is unknown, so the same peer would be dialed again at
+        every lookup and one of the two wires closed as a duplicate. The node that
+        named them is their source in the DialQueue: one node answering first with
+        peers that hang gets its turn, not every dial."""
+        if info_hash != self.node.infohash:
+            return
+        callers = {c.remote_host for c in self.node._connections if not c.initiator and c.remote_host}
+        for host, port in peers[:DHT_MAX_VALUES]:
+            if host not in callers:
+                self.add_peer(host, port, "dht %s" % (source[0] if source else "?"))
+
+    def on_dht_port(self, conn: Connection, port: int) -> None:
+        """A peer's BEP 5 port message: its DHT node goes into our routing table."""
+        if self.dht is not None and conn.remote_host and 0 < port < 65536:
+            # A dual-stack socket names IPv4 peers ::ffff:a.b.c.d; our DHT speaks IPv4.
+            self.dht.add_node((conn.remote_host.removeprefix("::ffff:"), port))
 
 
 class Bugout:
@@ -5188,7 +5558,6 @@ class Bugout:
         self.dht_bootstrap = list(settings.dht_bootstrap)
         for entry in self.dht_bootstrap:
             _split_hostport(entry)
-        self._dht: Dht | None = None
         #: counters: connections refused, peers dropped, ... (with core.stats)
         self.stats: collections.Counter = collections.Counter()
         # private
@@ -5198,13 +5567,6 @@ class Bugout:
         self.core.awaiting = self._pending  # answers to nothing we asked are dropped unread
         self._calls: dict[bytes, str] = {}  # nonce -> the address an RPC of ours waits on
         self._connections: set[Connection] = set()
-        self._dialing: set[tuple] = set()
-        self._dials = DialQueue(stats=self.stats)  # peers found (LSD, DHT), waiting their turn
-        self._dial_timer: asyncio.TimerHandle | None = None
-        self._lsd_budget = _RateLimit(LSD_DATAGRAMS_PER_SECOND, LSD_DATAGRAMS_PER_SECOND, keys=1)
-        self._lsd_sources = _RateLimit(1.0 / LSD_SOURCE_SECONDS, LSD_SOURCE_BURST)
-        self._whereabouts: collections.OrderedDict[str, tuple[str | None, tuple | None]] = (
-            collections.OrderedDict())  # address -> (host, endpoint we dialed) of a wire it signed on
         self._busy: collections.Counter = collections.Counter()  # addresses with calls in flight
         #: our payloads for a busy address that left while no wire led to it: sent again on the
         #: first wire that comes claiming it (a master dialing in after a failover call went out)
@@ -5212,23 +5574,21 @@ class Bugout:
         self._accepting = 0  # accepted sockets whose connection is being made
         self._tasks: set[asyncio.Task] = set()
         self._acceptor: _Acceptor | None = None
-        self._lsd_transport: asyncio.DatagramTransport | None = None
-        self._lsd_cookie = "bittorrent-lsd-" + self.peer_id.hex()
-        self._lsd_endpoints: dict[bytes, Addr] = {}  # announcer's peer id (a claim) -> endpoint
         self._extended = {"ek": self.identity.ek, "id": identifier, "m": OUR_EXT_IDS,
                           "metadata_size": len(self.metadata), "pk": self.identity.pk}
         #: which wire is whose: duplicates, routes, protection (the node asks it, it keeps no socket)
         self.policy = WirePolicy()
+        #: who is let in at the inbound caps, which wire makes room (it closes nothing)
+        self.slots = InboundSlots(lambda conn: self.policy.keeps(conn, self._busy), self.stats)
         self._policy_timer: asyncio.TimerHandle | None = None
         self._policy_at = 0.0  # when the policy timer fires
-        self._held: dict[Connection, int] = {}  # bytes of partly received messages, by wire
-        self._held_total = 0
         self._out_estimate = 0  # bytes in all send queues, at most (recounted once per loop turn)
         self._recounted = False
         self._log = _LogLimit()
-        self._evictions = _RateLimit(EVICTIONS_PER_SECOND, EVICTIONS_PER_SECOND)
         self._hello_timer: asyncio.TimerHandle | None = None
         self._closed = False
+        #: finding peers and dialing them: ``peers``, LSD, the DHT
+        self.discovery = Discovery(self)
         #: WebRTC through WebSocket trackers (off without trackers)
         self.webrtc = WebRtcTransport(self, settings, announce_interval=announce_interval)
 
@@ -5244,6 +5604,11 @@ class Bugout:
     @property
     def peers(self) -> dict[str, PeerKeys]:
         return self.core.peers
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` began."""
+        return self._closed
 
     def connections(self) -> int:
         """Number of open wires that speak bugout."""
@@ -5283,7 +5648,7 @@ class Bugout:
             log.info("closing %s: %s did not answer, and nothing came by it for %.0f s; a new wire "
                      "takes its place", conn.peer_name, address, now - conn.last_in)
             conn.close()
-            endpoint = conn.dialed or self._lsd_endpoints.get(conn.wire.remote_peer_id or b"")
+            endpoint = conn.dialed or self.discovery.lsd_endpoint(conn.wire.remote_peer_id)
             if endpoint:
                 self.add_peer(*endpoint)
         return len(silent)
@@ -5309,7 +5674,7 @@ class Bugout:
         """
         self.policy.protected = frozenset(addresses)
         self.core.protected = set(addresses)
-        self._prefer_dials()
+        self.discovery.prefer_dials()
 
     def is_protected(self, conn: Connection) -> bool:
         """True when ``conn`` is a protected peer's route: the wire that stands for it, else the
@@ -5328,12 +5693,7 @@ class Bugout:
             self._acceptor = _Acceptor(self, socks)
             self._acceptor.start()
             log.info("listening on %s:%d", self.host, self.port)
-        if self.dht:
-            await self._start_dht()
-        for host, port in self.static_peers:
-            self._spawn(self._keep_peer(host, port))
-        if self.lsd:
-            await self._start_lsd()
+        await self.discovery.start()
         await self.webrtc.start()
         self._spawn(self._timers())
         return self
@@ -5343,20 +5703,18 @@ class Bugout:
         if self._closed:
             return
         self._closed = True
-        for timer in (self._hello_timer, self._policy_timer, self._dial_timer):
+        for timer in (self._hello_timer, self._policy_timer):
             if timer is not None:
                 timer.cancel()
         self.core.send_leave(_now())
         self._flush_core()
         if self._acceptor is not None:
             self._acceptor.close()
-        if self._lsd_transport is not None:
-            self._lsd_transport.close()
+        self.discovery.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._dht is not None:
-            await self._dht.close()
+        await self.discovery.close()
         await asyncio.sleep(0)  # let transports write the goodbye
         await self.webrtc.close()
         for conn in list(self._connections):
@@ -5446,7 +5804,7 @@ class Bugout:
         """A PeerWire for a new connection, with our handshakes in it."""
         return PeerWire(self.infohash, self.peer_id, self._extended, initiator=initiator,
                         metadata=self.metadata, max_message=self.max_message,
-                        dht_port=self._dht.port if self._dht is not None else None)
+                        dht_port=self.discovery.dht.port if self.discovery.dht is not None else None)
 
     _new_wire = new_wire
 
@@ -5480,7 +5838,7 @@ class Bugout:
                     conn.last_verified = now = time.monotonic()
                     self.policy.packet(conn, self.core.verified, now, now_ms)
                     if self.core.verified.address == conn.address and self.policy.stands(conn):
-                        self._remember(conn)
+                        self.discovery.remember(conn)
                 elif self.core.copied is not None:
                     self.policy.packet(conn, self.core.copied, time.monotonic(), now_ms, copy=True)
                 if found:
@@ -5491,7 +5849,7 @@ class Bugout:
             elif isinstance(event, ExtendedHandshake):
                 self._on_extended(conn, event.fields)
             elif isinstance(event, DhtPort):
-                self._on_dht_port(conn, event.port)
+                self.discovery.on_dht_port(conn, event.port)
         self._weigh_wires()
         self._flush_core()
 
@@ -5531,28 +5889,13 @@ class Bugout:
         """``conn`` holds ``size`` bytes of messages not complete (or not handled) yet.
 
         Past ``max_partial`` on all wires together, the unprotected wire that
-        holds most is closed, until the rest fits.
+        holds most is closed, until the rest fits (WirePolicy.hold).
         """
-        if not size and conn not in self._held:
-            return
-        old = self._held.pop(conn, 0)
-        if size:
-            self._held[conn] = size
-        self._held_total += size - old
-        while self._held_total > self.max_partial:
-            victim = self._largest(self._held)
-            if victim is None:
-                return
+        for victim, held in self.policy.hold(conn, size, self.max_partial):
             self.stats["peers dropped: partial messages over the bound"] += 1
             self._log(logging.INFO, "held", "closing %s: %d bytes of unfinished messages, more "
-                      "than all wires may hold", victim.peer_name, self._held[victim])
+                      "than all wires may hold", victim.peer_name, held)
             victim.close(abort=True)
-            self.holding(victim, 0)
-
-    def _largest(self, sizes: dict[Connection, int]) -> Connection | None:
-        """The connection with the largest size that is not protected."""
-        candidates = [(size, id(c), c) for c, size in sizes.items() if not self.is_protected(c)]
-        return max(candidates)[2] if candidates else None
 
     def bad_input(self, conn: Connection) -> None:
         """The peer broke the wire protocol: drop it."""
@@ -5567,14 +5910,15 @@ class Bugout:
                   conn.peer_name, exc_info=True)
         conn.close(abort=True)
 
+    # connections: inbound slots (InboundSlots decides, these close)
     def accepted(self, sock: socket.socket, addr: Any) -> bool:
-        """A TCP connection came in: within the caps it becomes a WireConnection.
+        """A TCP connection came in: within the caps (InboundSlots) it becomes a WireConnection.
 
         Else it is closed, and False asks the acceptor to pause a while; not
         for a host over its own limit: the callers behind it are let in.
         """
         host = str(addr[0]) if addr else "?"
-        crowded = self._crowded(host)
+        crowded = self.slots.crowded(self._inbound(host), time.monotonic())
         if self._closed or crowded or not self._make_room():
             self.stats["inbound refused"] += 1
             sock.close()
@@ -5599,75 +5943,27 @@ class Bugout:
         return [c for c in self._connections if not c.initiator and c.remote_host is not None
                 and c.state is not ConnState.CLOSED and (host is None or c.remote_host == host)]
 
-    def _crowded(self, host: str) -> bool:
-        """True when ``host`` has PENDING_PER_HOST inbound handshakes unfinished, or
-        INBOUND_PER_HOST finished wires not in use of which none may make room."""
-        inbound, now = self._inbound(host), time.monotonic()
-        pending = sum(1 for c in inbound if c.state is ConnState.HANDSHAKE)
-        if pending >= PENDING_PER_HOST:
-            self.stats["inbound refused: handshakes from one host"] += 1
-            return True
-        finished = [c for c in inbound if c.state is not ConnState.HANDSHAKE]
-        if self._unused(finished, now) >= INBOUND_PER_HOST and inbound_victim(
-                finished, now, self._keeps_wire) is None:
-            self.stats["inbound refused: wires from one host"] += 1
-            return True
-        return False
-
-    def _unused(self, wires: list[Connection], now: float) -> int:
-        """How many of ``wires`` are not in use (see in_use): a host's workers that all
-        work (many behind one NAT, say) count nothing against INBOUND_PER_HOST."""
-        return sum(1 for c in wires if not in_use(c, now, self._keeps_wire))
-
     def _host_has_room(self, conn: Connection) -> bool:
-        """A wire from ``conn``'s host finished its handshake: past INBOUND_PER_HOST wires not
-        in use, one of the host's others makes room (inbound_victim), else ``conn`` goes.
-        False if it went."""
+        """A wire from ``conn``'s host finished its handshake: one of the host's others may make
+        room for it (InboundSlots.host_room), else it goes. False if it went."""
         if conn.initiator or conn.remote_host is None:
             return True
-        now = time.monotonic()
-        finished = [c for c in self._inbound(conn.remote_host) if c.state is not ConnState.HANDSHAKE]
-        if self._unused(finished, now) <= INBOUND_PER_HOST:
-            return True
-        victim = inbound_victim(finished, now, self._keeps_wire)
-        if victim is None:
-            self.stats["inbound refused: wires from one host"] += 1
-            conn.close(abort=True)
-            return False
-        self.stats["wires closed: room for a host's newcomer"] += 1
-        victim.close(abort=True)
-        return True
+        ok, victim = self.slots.host_room(self._inbound(conn.remote_host), time.monotonic())
+        if not ok or victim is not None:
+            (victim or conn).close(abort=True)
+        return ok
 
     def _make_room(self) -> bool:
-        """Room for one more inbound connection? At the cap, the oldest unfinished handshake
-        goes, else the wire inbound_victim names, else the least recently used of the host
-        holding most wires, when that is over INBOUND_PER_HOST (a few a second at most:
-        churn costs CPU). A newcomer (a master dialing in) is not locked out by wires that
-        say nothing, nor by one host's wires that keep talking."""
+        """Room for one more inbound connection (InboundSlots.make_room)? At the cap, one goes."""
         inbound = self._inbound()
-        pending = [c for c in inbound if c.state is ConnState.HANDSHAKE]
-        if len(inbound) + self._accepting < self.max_inbound:
-            return True
-        now = time.monotonic()
-        victim = (min(pending, key=lambda c: c.started) if pending else
-                  inbound_victim(inbound, now, self._keeps_wire) or self._crowded_hosts_victim(inbound, now))
-        if victim is None or not self._evictions.allow(None, now):
+        ok, victim = self.slots.make_room(inbound, self._accepting, self.max_inbound, time.monotonic())
+        if victim is not None:
+            victim.close(abort=True)
+        elif not ok:
             self._log(logging.WARNING, "inbound cap", "refusing connections for now: %d inbound, "
-                      "%d of them without a handshake yet (maxInbound %d)", len(inbound), len(pending),
-                      self.max_inbound)
-            return False
-        self.stats["handshakes cut: inbound cap" if pending else "wires closed: inbound cap"] += 1
-        victim.close(abort=True)
-        return True
-
-    def _crowded_hosts_victim(self, inbound: list[Connection], now: float) -> Connection | None:
-        """The wire used least lately of the host with most inbound wires, if over its share."""
-        hosts = collections.Counter(c.remote_host for c in inbound)
-        host, count = hosts.most_common(1)[0] if hosts else (None, 0)
-        if count <= INBOUND_PER_HOST:
-            return None
-        return inbound_victim([c for c in inbound if c.remote_host == host], now, self._keeps_wire,
-                              in_use_too=True)
+                      "%d of them without a handshake yet (maxInbound %d)", len(inbound),
+                      sum(1 for c in inbound if c.state is ConnState.HANDSHAKE), self.max_inbound)
+        return ok
 
     def cannot_accept(self, exc: OSError, pause: float) -> None:
         """Accepting failed (out of descriptors, say): one log line per interval."""
@@ -5678,145 +5974,10 @@ class Bugout:
         if exc.errno in _OUT_OF_RESOURCES and pending:  # a descriptor back for a peer that speaks
             min(pending, key=lambda c: c.started).close(abort=True)
 
-    # connections: dialing
     def add_peer(self, host: str, port: int, source: str | None = None, *, delay: float = 0.0,
                  peer_id: bytes | None = None) -> None:
-        """Dial ``host:port`` once, in the background, when the DialQueue gives its turn.
-
-        ``source`` names who told us of it (LSD's sender, "dht"; else ``host``): one
-        source gets its share of the queue and of the dials. ``delay``: not before;
-        ``peer_id``: not once a wire to that peer id is up.
-        """
-        if self._closed or self._needless((host, port)):
-            return
-        self._dials.offer((host, port), source or host, time.monotonic(), delay=delay, peer_id=peer_id)
-        self._pump_dials()
-
-    def _needless(self, endpoint: tuple, peer_id: bytes | None = None) -> bool:
-        """True for ourselves, a peer being dialed or wired by this endpoint or peer id."""
-        host, port = endpoint
-        if port == self.port and host in ("127.0.0.1", "localhost", self.host):
-            return True
-        if endpoint in self._dialing or (peer_id is not None and self.has_peer_id(peer_id)):
-            return True
-        return any(c.dialed == endpoint and c.state is not ConnState.CLOSED for c in self._connections)
-
-    def _pump_dials(self) -> None:
-        """Start the dials the queue gives now (within MAX_DIALING and MAX_DIALED); come back
-        while some wait."""
-        if self._closed:
-            return
-        dialed = sum(1 for c in self._connections if c.dialed and c.state is not ConnState.CLOSED)
-        room = min(MAX_DIALING, MAX_DIALED - dialed) - len(self._dialing)
-        for queued in self._dials.take(time.monotonic(), room,
-                                       lambda q: self._needless(q.endpoint, q.peer_id)):
-            self._dialing.add(queued.endpoint)
-            self._spawn(self._dial(*queued.endpoint))
-        if self._dials and self._dial_timer is None:
-            self._dial_timer = asyncio.get_running_loop().call_later(
-                1.0 / DISCOVERY_DIALS_PER_SECOND, self._dial_timer_due)
-
-    def _dial_timer_due(self) -> None:
-        self._dial_timer = None
-        self._pump_dials()
-
-    def _prefer_dials(self) -> None:
-        """A protected peer's endpoint (we dialed it and it signed there) is dialed first when
-        found again; an address found on its host before the others."""
-        known = [self._whereabouts[a] for a in self.policy.protected if a in self._whereabouts]
-        self._dials.prefer([e for _, e in known if e], [h for h, _ in known if h])
-
-    def _remember(self, conn: Connection) -> None:
-        """``conn``'s peer signed on it: keep where it is (the last 256 peers)."""
-        where, address = (conn.remote_host, conn.dialed), conn.address
-        if self._whereabouts.get(address) == where:  # type: ignore[arg-type]
-            self._whereabouts.move_to_end(address)  # type: ignore[arg-type]
-            return
-        self._whereabouts[address] = where  # type: ignore[index]
-        self._whereabouts.move_to_end(address)  # type: ignore[arg-type]
-        if len(self._whereabouts) > 256:
-            self._whereabouts.popitem(last=False)
-        if address in self.policy.protected:
-            self._prefer_dials()
-
-    async def _dial(self, host: str, port: int) -> WireConnection | None:
-        self._dialing.add((host, port))
-        loop = asyncio.get_running_loop()
-        try:
-            _, conn = await asyncio.wait_for(loop.create_connection(
-                lambda: WireConnection(self, True, (host, port)), host, port), 5.0)
-            return conn  # type: ignore[return-value]
-        except (TimeoutError, OSError, UnicodeError) as exc:  # UnicodeError: a name like "a..b"
-            log.debug("dial %s:%s failed: %s", host, port, exc)
-            return None
-        finally:
-            self._dialing.discard((host, port))
-            if self._dials:
-                self._pump_dials()
-
-    async def _keep_peer(self, host: str, port: int) -> None:
-        """Stay connected to a configured peer; back off while it is away."""
-        delay = 0.5
-        while not self._closed:
-            if not any(c.dialed == (host, port) and c.state is not ConnState.CLOSED
-                       for c in self._connections):
-                conn = await self._dial(host, port)
-                delay = 0.5 if conn else min(delay * 2, 30.0)
-            await asyncio.sleep(delay)
-
-    def lsd_datagram(self, data: bytes, host: str) -> None:
-        """A datagram on the LSD port: within the budgets, a BT-SEARCH for our swarm is taken.
-
-        LSD_DATAGRAMS_PER_SECOND are read in all (past that the socket rests for
-        LSD_PAUSE, and the kernel drops the rest: a flood costs bounded CPU), and a
-        sender's announces are taken once per LSD_SOURCE_SECONDS after a burst.
-        """
-        now = time.monotonic()
-        if not self._lsd_budget.allow(None, now):
-            self.stats["lsd: over the rate, not read"] += 1
-            if self._lsd_transport is not None and self._lsd_transport.is_reading():
-                self._lsd_transport.pause_reading()
-                asyncio.get_running_loop().call_later(LSD_PAUSE, self._lsd_resume)
-            return
-        if not self._lsd_sources.allow(host, now):
-            self.stats["lsd: sender over its rate"] += 1
-            return
-        parsed = parse_lsd(data)
-        if parsed is None:
-            self.stats["lsd ignored"] += 1
-            return
-        port, hashes, cookie = parsed
-        if self.infohash in hashes:
-            self.lsd_peer(host, port, cookie)
-
-    def _lsd_resume(self) -> None:
-        if self._lsd_transport is not None and not self._closed:
-            self._lsd_transport.resume_reading()
-
-    def lsd_peer(self, host: str, port: int, cookie: str | None) -> None:
-        """A BT-SEARCH for our swarm came from ``host``: queue a dial, unless wired to it already.
-
-        bittorrent-lsd's cookie is ``bittorrent-lsd-`` and the announcer's peer
-        id in hex: a peer we have a wire to (LSD re-announces) is not dialed
-        again. Of two peers that hear each other, the wire kept is the one
-        dialed by the lower peer id; so the higher one, and we for a JS peer
-        (it dials every peer it hears), wait LSD_YIELD for the other's wire
-        before dialing.
-        """
-        if cookie == self._lsd_cookie:
-            return  # our own announcement, looped back
-        peer_id = lsd_peer_id(cookie)
-        if peer_id is not None:
-            self._lsd_endpoints.pop(peer_id, None)
-            if len(self._lsd_endpoints) >= LSD_ENDPOINTS_KEPT:
-                del self._lsd_endpoints[next(iter(self._lsd_endpoints))]
-            self._lsd_endpoints[peer_id] = (host, port)
-        if peer_id is not None and self.has_peer_id(peer_id):
-            self.stats["lsd: already wired"] += 1
-            return
-        ours = peer_id is not None and peer_id[:3] == PEER_ID_PREFIX[:3]
-        first = peer_id is None or (ours and peer_id > self.peer_id)
-        self.add_peer(host, port, host, delay=0.0 if first else LSD_YIELD, peer_id=peer_id)
+        """Dial ``host:port`` once, in the background, when its turn comes (Discovery.add_peer)."""
+        self.discovery.add_peer(host, port, source, delay=delay, peer_id=peer_id)
 
     def _fail_pending(self, why: str, address: str | None = None) -> None:
         """No wire is left to bring an answer (or, with ``address``, that peer said goodbye):
@@ -5943,7 +6104,7 @@ class Bugout:
         """All send queues together past ``max_send_total``: the unprotected wire with most goes."""
         self._recount()
         while self._out_estimate > self.max_send_total:
-            victim = self._largest({c: c.buffered for c in self._connections
+            victim = self.policy.largest({c: c.buffered for c in self._connections
                                     if c.state is not ConnState.CLOSED})
             if victim is None:
                 return
@@ -6014,34 +6175,7 @@ class Bugout:
             del self._busy[address]
             self._wireless.pop(address, None)
 
-    def _keeps_wire(self, conn: Connection) -> bool:
-        """True for a wire never closed to make room: a protected peer's, or one whose peer has
-        a call in flight (ours to it, or its own being answered) and whose packets came by it."""
-        return self.is_protected(conn) or any(self.policy.route(a) is conn for a in self._busy)
-
-    # discovery and timers
-    async def _start_lsd(self) -> None:
-        try:
-            sock = _lsd_socket()
-        except OSError as exc:
-            log.warning("LSD is off: %s", exc)
-            return
-        loop = asyncio.get_running_loop()
-        self._lsd_transport, _ = await loop.create_datagram_endpoint(
-            lambda: _LsdProtocol(self), sock=sock)
-        self._spawn(self._lsd_announce())
-
-    async def _lsd_announce(self) -> None:
-        datagram = lsd_announcement(self.infohash, self.port, self._lsd_cookie)
-        # Twice more early on: a peer that started at the same instant may not
-        # have joined the group yet (bittorrent-lsd announces once, then every 5 min).
-        for delay in itertools.chain((1.0, 4.0), itertools.repeat(LSD_INTERVAL)):
-            if self._lsd_transport is None or self._closed:
-                return
-            with contextlib.suppress(OSError):
-                self._lsd_transport.sendto(datagram, (LSD_HOST, LSD_PORT))
-            await asyncio.sleep(delay)
-
+    # timers
     async def _timers(self) -> None:
         """Heartbeat pings, peer expiry, keep-alives, and messages that stopped coming."""
         next_ping = time.monotonic() + self.heartbeat
@@ -6067,54 +6201,6 @@ class Bugout:
                 conn.close(abort=True)
             elif conn.state is ConnState.OPEN and now - conn.last_keepalive >= KEEPALIVE_SECONDS:
                 conn.send_keepalive()
-
-    # DHT discovery (BEP 5)
-    async def _start_dht(self) -> None:
-        """A DHT node on the TCP port's number if free (one port to forward), else any."""
-        ports = [self.dht_port] if self.dht_port is not None else [self.port, 0]
-        for port in ports:
-            node = Dht(dht_node_id(self.seed), host=self.host, port=port,
-                       bootstrap=self.dht_bootstrap, on_peers=self._on_dht_peers)
-            try:
-                self._dht = await node.start()
-                break
-            except OSError as exc:
-                log.warning("DHT: udp port %s: %s", port, exc)
-        if self._dht is not None:
-            self._spawn(self._dht_lookups())
-
-    async def _dht_lookups(self) -> None:
-        """Look our swarm up (announcing our TCP port) at start, again soon, then periodically."""
-        assert self._dht is not None
-        port = self.port if self.listen else None
-        waited = 0.0
-        for at in DHT_LOOKUP_AT:
-            await asyncio.sleep(at - waited)
-            waited = at
-            self._dht.get_peers(self.infohash, port)
-        while not self._closed:
-            await asyncio.sleep(DHT_LOOKUP_INTERVAL if self.connections() else DHT_LOOKUP_ALONE)
-            self._dht.get_peers(self.infohash, port)
-
-    def _on_dht_peers(self, info_hash: bytes, peers: list[Addr], source: Addr | None = None) -> None:
-        """Queue dials to what a lookup found, but not to an address that already dialed us.
-
-        Its listening port is unknown, so the same peer would be dialed again at
-        every lookup and one of the two wires closed as a duplicate. The node that
-        named them is their source in the DialQueue: one node answering first with
-        peers that hang gets its turn, not every dial."""
-        if info_hash != self.infohash:
-            return
-        callers = {c.remote_host for c in self._connections if not c.initiator and c.remote_host}
-        for host, port in peers[:DHT_MAX_VALUES]:
-            if host not in callers:
-                self.add_peer(host, port, "dht %s" % (source[0] if source else "?"))
-
-    def _on_dht_port(self, conn: Connection, port: int) -> None:
-        if self._dht is not None and conn.remote_host and 0 < port < 65536:
-            # A dual-stack socket names IPv4 peers ::ffff:a.b.c.d; our DHT speaks IPv4.
-            self._dht.add_node((conn.remote_host.removeprefix("::ffff:"), port))
-
 
 # Earlier ways to the same: kept for callers of version 0.1.
 
