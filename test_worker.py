@@ -2197,6 +2197,25 @@ class TestBugoutCore(unittest.TestCase):
         self.assertEqual(self.a.expire(self.now + w.PEER_TIMEOUT_MS + 1),
                          [w.Left(self.b.identity.address, "timeout")])
 
+    def test_a_peer_started_again_is_known_by_its_signed_new_key_never_by_a_claim(self):
+        # issue 25: after kill -9 of master.py the worker boxed its calls for the dead process's
+        # key; the new process could not open them, and the worker waited 30 s
+        a = self.a.identity.address
+        self.a.send_ping(self.now)
+        self.assertEqual(self.deliver(self.a, self.b), [w.Ping(a)])  # its keys are proven
+        again = w.BugoutCore(vector_swarm(), w.Identity(self.a.identity.seed))  # same address, new box key
+        again.saw_peer(self.b.identity.pk, self.b.identity.ek, self.now)
+        again.data_to_send()
+        nonce = self.b.send_call(a, "isMaster", {}, self.now)
+        self.assertEqual(self.deliver(self.b, again), [])  # boxed for the old key: unreadable
+        self.assertEqual(self.b.saw_peer(again.identity.pk, again.identity.ek, self.now), [])  # a claim
+        again.send_ping(self.now)
+        self.assertEqual(self.deliver(again, self.b), [w.Rekeyed(a), w.Ping(a)])  # signed: proven
+        self.b.send_call(a, "isMaster", {}, self.now, nonce=nonce)  # what the node does then
+        self.assertEqual(self.deliver(self.b, again), [w.Call(self.b.identity.address, "isMaster", {}, nonce)])
+        again.send_ping(self.now + 1)
+        self.assertEqual(self.deliver(again, self.b), [w.Ping(a)])  # the same key: nothing new
+
     def test_seen_cache_is_bounded(self):
         core = w.BugoutCore(vector_swarm(), w.Identity(), seen_limit=100)
         for i in range(1000):
@@ -7517,6 +7536,26 @@ class TestFaults(AsyncTest):
         self.assertTrue(second.results)
         # the master prints a result before its acknowledgement reaches the worker
         await until(lambda: not worker.outbox.held, 10)
+
+    async def test_master_py_killed_and_started_at_once_is_adopted_again_at_once(self):
+        # issue 25: after kill -9 and a restart at once the first new result came after 30 s: the
+        # worker's isMaster went boxed for the dead process's key, unanswered, until the idle timer.
+        # Now it goes again for the new key as soon as a packet the new process signed shows it.
+        tmp = self.tmp()
+        token, port, seed = "restart-%d" % random.randrange(1 << 30), free_port(), w.make_seed()
+        first = await self.started(MasterProcess(tmp / "m", token, port, seed))
+        worker = await self.started(loopback_worker(token, tmp / "w", "w", peers=["127.0.0.1:%d" % port]))
+        first.push(range(3))
+        await until(lambda: len(first.results) >= 3, 30)
+        await first.kill()
+        await until(lambda: worker.master is None, 10)
+        second = await self.started(MasterProcess(tmp / "m", token, port, seed))  # the same run goes on
+        ready = time.monotonic()
+        second.push(range(3, 6))
+        # well within CHECK_TIMEOUT, the only other way back (with the 30 s idle timer after it)
+        await until(lambda: len(second.results) >= 3, w.CHECK_TIMEOUT - 2)
+        print("\n  master.py killed and started again: results again %.1f s after its ready line"
+              % (time.monotonic() - ready), file=sys.stderr)
 
     async def test_held_results_are_not_given_to_another_run_of_master_py_at_the_same_address(self):
         # issue 25: the same address, a new master.db (or a new jobs file): job 0 is another job there

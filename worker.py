@@ -1254,6 +1254,14 @@ class Left:
 
 
 @dataclasses.dataclass(frozen=True)
+class Rekeyed:
+    """A packet the peer signed brought another box key than the one we had: a new process
+    of it (killed and started again, with no goodbye), which cannot open what we boxed for
+    the old key."""
+    address: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Message:
     """A ``m`` packet: a JSON message, broadcast or addressed to us."""
     address: str
@@ -1495,11 +1503,11 @@ class BugoutCore:
         else:
             self._emit(signed, now)
 
-    def send_call(self, address: str, name: str, args: Any, now: int) -> bytes:
-        """An encrypted RPC call; returns its 8-byte nonce."""
+    def send_call(self, address: str, name: str, args: Any, now: int, nonce: bytes | None = None) -> bytes:
+        """An encrypted RPC call; returns its 8-byte nonce (``nonce``: a call sent again)."""
         if address not in self.peers:
             raise InvalidState(f"{address} not seen - no public key")
-        nonce = self._random(8)
+        nonce = nonce or self._random(8)
         fields = {"y": "r", "c": name, "a": json_dumps({} if args is None else args),
                   "rn": nonce}
         self._emit(self.seal(address, self.make_packet(fields, now)), now, address)
@@ -1539,9 +1547,11 @@ class BugoutCore:
             if not events:
                 self.stats["dropped: peer table full"] += 1
                 return []
+        if verified and known is not None and known.ek != ek:
+            events.append(Rekeyed(address))
         self.peers[address] = PeerKeys(pk, ek, now, verified)
         if fresh:
-            return []
+            return events
         self._hello(now)
         return events + [Seen(address)]
 
@@ -5079,6 +5089,7 @@ class Bugout:
         self._pending: dict[bytes, asyncio.Future] = {}
         self.core.awaiting = self._pending  # answers to nothing we asked are dropped unread
         self._calls: dict[bytes, str] = {}  # nonce -> the address an RPC of ours waits on
+        self._unsent: dict[bytes, tuple[str, Any]] = {}  # nonce -> (call, args), until sent again once
         self._connections: set[Connection] = set()
         self._dialing: set[tuple] = set()
         self._dials = DialQueue(stats=self.stats)  # peers found (LSD, DHT), waiting their turn
@@ -5257,6 +5268,7 @@ class Bugout:
         future = asyncio.get_running_loop().create_future()
         self._pending[nonce] = future
         self._calls[nonce] = address
+        self._unsent[nonce] = (call, args)
         self._busy[address] += 1
         self._flush_core()
         try:
@@ -5269,6 +5281,7 @@ class Bugout:
         finally:
             self._pending.pop(nonce, None)
             self._calls.pop(nonce, None)
+            self._unsent.pop(nonce, None)
             self._not_busy(address)
 
     def rpc_nowait(self, address: str, call: str, args: Any = None) -> None:
@@ -5811,6 +5824,18 @@ class Bugout:
                 if event.reason == "left":  # its goodbye: a restart of it answers none of them
                     self._fail_pending("it said goodbye", event.address)
                 self.emit("left", event.address)
+            elif isinstance(event, Rekeyed):
+                self._send_again(event.address)
+
+    def _send_again(self, address: str) -> None:
+        """``address`` started again (kill -9: no goodbye; its new wire is up): our calls to it
+        waiting for an answer were boxed for its old key, which the new process cannot open, so
+        they go again now, boxed for the new one, under their nonces. Once each: a replayed
+        packet of the old process (old key) then costs nothing more."""
+        for nonce, peer in list(self._calls.items()):
+            if peer == address and (unsent := self._unsent.pop(nonce, None)) is not None:
+                self.core.send_call(address, *unsent, _now(), nonce=nonce)
+                self.stats["calls sent again: the peer started again"] += 1
 
     def _serve(self, call: Call) -> None:
         """Answer a call: its handler's result, or bugout's error for unknown names."""
