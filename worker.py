@@ -6689,8 +6689,11 @@ def _remember(table: collections.OrderedDict[str, float], address: str, value: f
 # WAL mode with synchronous=FULL: a commit is on disk before it returns, and a
 # crash (kill -9, power loss) at any instant leaves the last commit whole.
 # It holds the results not yet delivered, the jobs received and not yet done
-# (a JS master keeps no lease: a job lost here would be lost for good), the
-# asset manifest and the addresses of masters that proved the key.
+# (a JS master keeps no lease: a job lost here would be lost for good), each
+# with the master that gave the job (its address, and the run master.py
+# names: the only one its result may go to), the asset manifest and the
+# addresses of masters that proved the key. Results no master took within
+# HOLD_SECONDS are written out to UNRETURNED_NAME beside it (class Outbox).
 #
 # The file is ours only if its application_id, schema and integrity check
 # say so, and if it was made with this swarm's token and key (a fingerprint
