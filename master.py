@@ -1314,16 +1314,17 @@ class Master:
         ``isMaster {}``; the ``proof`` binds its nonce to both addresses under
         the key (worker.py, "Worker: trusting a master"), ``workerChallenge``
         is ours, which it answers with ``proveKey`` ("Who gets work"), and
-        ``workerErrors`` says it may tell us why it cannot run the task.
+        ``workerErrors`` says it may tell us why it cannot run the task, and
+        ``run`` names the run its jobs belong to (PROTOCOL.md, "run").
         """
         args = as_dict(args)
-        answer = {**args, "isMaster": "yes", "resultAcks": True, "resultBatches": True, "keyProof": 1,
-                  "run": self.store.run_id}
+        answer = {**args, "isMaster": "yes", "resultAcks": True, "resultBatches": True, "keyProof": 1}
         challenge = args.get("challenge")
         if isinstance(challenge, str) and re.fullmatch(r"[0-9a-f]{64}", challenge):
             answer["proof"] = master_proof(self._proof_key, bytes.fromhex(challenge), self.address, address)
             answer["workerChallenge"] = self.proofs.challenge(address, os.urandom(32), time.monotonic())
             answer["workerErrors"] = True  # only a Python worker challenges: no JS peer sees it
+            answer["run"] = self.store.run_id  # the run its jobs belong to (worker.py, class Outbox)
         return answer
 
     def _prove_key(self, address: str, args: Any) -> dict:
@@ -1440,7 +1441,8 @@ class Master:
 
     def _work(self, address: str, args: dict, batch: int | None) -> dict:
         answer = {k: v for k, v in args.items() if k not in ("results", "resultsRun")}
-        answer["run"] = self.store.run_id  # the run these jobs belong to
+        if address in self.policy.proven:  # a Python worker: JS peers see nothing new
+            answer["run"] = self.store.run_id  # the run these jobs belong to
         size = self.store.waiting
         if size > 1 and batch is not None:
             tasks = self._lease(address, min(batch, MAX_BATCH) if size > batch else 1)

@@ -5645,8 +5645,10 @@ class TestMasterTrust(AsyncTest):
                 conn.close(abort=True)
         await until(lambda: sum(c.address == master.node.address for c in worker.node._connections) == 1, 10)
         self.assertFalse(worker.node.has_signed_wire(master.node.address))
-        worker._result_ready({"jobID": 1, "worker": {"id": worker.address, "name": "w"}, "data": 2})
-        await until(lambda: worker.outbox.ready, 10)
+        worker.outbox.given([(10**6, "{}")], (master.node.address, None))  # a job it gave
+        worker._result_ready({"jobID": 1, "worker": {"id": worker.address, "name": "w"}, "data": 2}, 10**6)
+        await worker.outbox.flush()
+        self.assertEqual(worker.outbox.owes(master.node.address), 1)
         worker._kick_delivery()
         await asyncio.sleep(1.0)
         self.assertEqual(len(worker.outbox), 1)  # kept for a master that signed what came by its wire
@@ -7567,7 +7569,7 @@ class TestFaults(AsyncTest):
                                                     peers=["127.0.0.1:%d" % port]))
         await until(lambda: len(worker.jobs) >= 3, 30)
         await first.close()
-        await until(lambda: worker.stats["jobs done"] >= 5, 30)
+        await until(lambda: worker.stats["jobs done"] >= 5 and not worker.jobs and not worker._running, 30)
         held = len(worker.outbox)
         self.assertGreaterEqual(held, 3)
         second = await self.started(QuietMaster(tmp, token, port, seed, "m", db=tmp / "run2.db"))
@@ -8247,7 +8249,9 @@ class TestMasterDurable(AsyncTest):
         self.addCleanup(master.store.close)
         master.policy.prove("bWorker")
         master.push_new_job({"id": 0, "data": "{}"})
-        run = master._is_master("bWorker", {})["run"]
+        self.assertNotIn("run", master._is_master("bWorker", {}))  # JS peers see nothing new
+        self.assertNotIn("run", master._request_work("bJsWorker", {}))
+        run = master._is_master("bWorker", {"challenge": "00" * 32})["run"]  # a Python worker
         self.assertEqual(run, master._request_work("bWorker", {})["run"])
         sent = w.json_dumps(w.Crypt(KEY).encrypt(json.dumps([{"jobID": 0, "worker": {"id": "bWorker"}, "data": 1}])))
         self.assertEqual(master._share_results_batch("bWorker", {"results": sent, "run": "another"}),
