@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import fnmatch
 import functools
 import hashlib
@@ -6882,6 +6883,28 @@ class TestWorkerFlow(AsyncTest):
     async def test_500_jobs_batched(self):
         cluster = await self.run_jobs(True)
         self.assertGreaterEqual(cluster.master.stats["jobs handed out"], 500)
+
+    async def test_results_master_py_refuses_as_another_runs_are_kept_and_offered_no_more(self):
+        # issue 25: should a master.py start another run unseen (a wire that stayed up), the
+        # results of the last run's jobs are not taken there, and the worker keeps them
+        cluster = await self.started(Cluster(self.tmp()))
+        worker = await self.started(cluster.worker())
+        master = cluster.master
+        await until(lambda: worker.master == master.address and worker._caps.run == master.store.run_id, 20)
+        worker._caps = dataclasses.replace(worker._caps, run="an-earlier-run")  # as it knew it before
+        worker.outbox.given([(10**6, "{}")], (master.address, "an-earlier-run"))
+        with self.assertNoLogs("worker", "WARNING"):  # not a failure: they are not that run's to take
+            worker._result_ready({"jobID": 1, "worker": {"id": worker.address, "name": "w1"}, "data": 2}, 10**6)
+            await worker.outbox.flush()
+            self.assertFalse(await worker._deliver_some(master.address))  # shareResultsBatch
+            self.assertEqual(worker._caps.run, master.store.run_id)
+            worker._caps = dataclasses.replace(worker._caps, run="an-earlier-run")
+            cluster.push(3)  # requestWork carries them; the work of the new run goes on
+            await cluster.until_results(3, 20)
+        self.assertEqual(worker._caps.run, master.store.run_id)
+        self.assertEqual(sorted(r["jobID"] for r in cluster.results), [0, 1, 2])
+        self.assertEqual(worker.outbox.owes(master.address, "an-earlier-run"), 1)  # kept
+        self.assertEqual(master.stats["results of another run refused"], 2)  # offered once each way
 
     async def test_a_failed_call_to_the_master_is_said_in_plain_words(self):
         # issue 25: "requestWork: requestWork on b...: no wire is open"

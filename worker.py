@@ -8980,7 +8980,8 @@ class Worker:
             if self._caps.acks:
                 answer = await self.node.rpc(master, call, payload, timeout=15.0)
                 if isinstance(answer, dict) and answer.get("received") is False:
-                    if self._master_run(answer) != self._caps.run:  # it began another run: not its own
+                    known = self._caps.run
+                    if self._master_run(answer) not in (None, known):  # it began another run: not its own
                         self.outbox.settle(batch, False)
                         return False
                     raise InvalidState("the master could not read them")
