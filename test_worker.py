@@ -747,11 +747,11 @@ async def js_master_run(tmp, transport, url, count):
 
 async def flow_rate(master, worker, jobs, get_batch, start=0):
     """Push jobs, time them from the first result to the last (jobs/s)."""
-    worker.get_batch = get_batch
+    worker.job_loop.settings = dataclasses.replace(worker.settings, get_batch=get_batch)
     done = master.stats["results"]
     for i in range(start, start + jobs):
         master.push_new_job({"id": i, "data": json.dumps({"x": i})})
-    worker._wake.set()
+    worker.job_loop.nudge()
     await until(lambda: master.stats["results"] >= done + 1, 30)
     first, first_done = time.monotonic(), master.stats["results"]
     await until(lambda: master.stats["results"] >= done + jobs, 120)
@@ -2539,7 +2539,7 @@ class TestTcp(AsyncTest):
             await asyncio.wait_for(call, 5)
 
     async def test_malformed_host_names_are_unreachable_peers_not_crashes(self):
-        self.assertEqual(await w.Dht._resolve("router..example", 6881), [])
+        self.assertEqual(await w.Dht(bytes(20), bootstrap=[])._resolve("router..example", 6881), [])
         with self.assertNoLogs("worker", "ERROR"):  # a failed internal task logs an error
             a = await self.started(py_node("bad-names", peers=["a..b:1"]))
             await asyncio.sleep(1.0)  # two dials, 0.5 s apart
@@ -3487,6 +3487,29 @@ class TestDhtLoopback(AsyncTest):
         self.assertLess(found, 10)
 
 
+    async def test_a_failed_bootstrap_lookup_is_said_again_only_when_it_changes(self):
+        # issue 25: offline, "dht bootstrap ...: name resolution" came every minute for each name
+        dht = w.Dht(bytes(20), bootstrap=["router.example:6881"])
+        outcomes = [OSError("no network"), OSError("no network"), OSError("no network"),
+                    OSError("no such name"), [(socket.AF_INET, socket.SOCK_DGRAM, 0, "", ("127.0.0.1", 6881))],
+                    OSError("no network")]
+
+        async def getaddrinfo(*args, **kwargs):
+            outcome = outcomes.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+        with mock.patch.object(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo), \
+                self.assertLogs("worker", "INFO") as logs:
+            while outcomes:  # a round a minute, offline
+                await dht._bootstrap()
+        self.assertEqual([line.split(":", 2)[2].split(" (")[0] for line in logs.output],
+                         ["dht bootstrap router.example:6881: no network",
+                          "dht bootstrap router.example:6881: no such name",
+                          "dht bootstrap router.example:6881 found again",
+                          "dht bootstrap router.example:6881: no network"])
+
+
 async def child_dht_js():
     """In a namespace: a Python node and a JS peer meet through a JS DHT; a JS DHT client uses ours."""
     ident = "dht-js-swarm"
@@ -4210,7 +4233,7 @@ async def child_rtc_master_py():
                               dht=False, peers=peers, batch_size=10, **rtc)
             started = time.monotonic()
             await worker.start()
-            await until(lambda worker=worker: worker._runner is not None, 120)
+            await until(lambda worker=worker: worker.keeper.runner is not None, 120)
             result[transport] = {
                 "assets_s": time.monotonic() - started, "only_webrtc": only_webrtc(worker.node, master.node),
                 "blob_ok": (folder / w.ASSET_FOLDER / "workplace/data/blob.bin").read_bytes() == blob,
@@ -5574,7 +5597,7 @@ class TestMasterTrust(AsyncTest):
         self.assertEqual(sum("did not prove" in line for line in logs.output), budget)
         self.assertEqual(sum("failed to prove the key lately" in line for line in logs.output), 1)
         self.assertEqual(worker.current_hash(), "")
-        self.assertIsNone(worker._runner)
+        self.assertIsNone(worker.keeper.runner)
         self.assertIsNone(worker.master)
         self.assertEqual([p.name for p in (tmp / "w").iterdir() if not p.name.startswith(w.JOURNAL_NAME)], [])
         self.assertFalse(any(name.startswith("qx_task") for name in sys.modules))
@@ -5631,7 +5654,7 @@ class TestMasterTrust(AsyncTest):
             {p: t.encode() for p, t in DEFAULT_FILES.items()})))  # a JS master: the key, no acks
         old = signed_by(master.node.core.identity, {"y": "p"}, token, t=w._now() - w.FRESH_MS - 5000)
         worker = await self.started(loopback_worker(token, tmp / "w", peers=["127.0.0.1:%d" % master.node.port]))
-        await until(lambda: worker.master == master.node.address and worker._runner is not None, 20)
+        await until(lambda: worker.master == master.node.address and worker.keeper.runner is not None, 20)
         ident = master.node.core.identity
         _, writer = await raw_wire(worker.node, peer_id=master.node.peer_id, ext={
             "m": {"bo_channel": 4}, "id": token, "pk": ident.pk, "ek": ident.ek})
@@ -5647,10 +5670,10 @@ class TestMasterTrust(AsyncTest):
         await until(lambda: sum(c.address == master.node.address for c in worker.node._connections) == 1, 10)
         self.assertFalse(worker.node.has_signed_wire(master.node.address))
         worker.outbox.given([(10**6, "{}")], (master.node.address, None))  # a job it gave
-        worker._result_ready({"jobID": 1, "worker": {"id": worker.address, "name": "w"}, "data": 2}, 10**6)
+        worker.job_loop.result_ready({"jobID": 1, "worker": {"id": worker.address, "name": "w"}, "data": 2}, 10**6)
         await worker.outbox.flush()
         self.assertEqual(worker.outbox.owes(master.node.address), 1)
-        worker._kick_delivery()
+        worker.job_loop.kick_delivery()
         await asyncio.sleep(1.0)
         self.assertEqual(len(worker.outbox), 1)  # kept for a master that signed what came by its wire
         self.assertNotIn("shareResults", master.names())
@@ -5685,7 +5708,7 @@ class TestMasterTrust(AsyncTest):
             self.assertEqual(impostor.names(), ["isMaster", "requestExecAssets"], name)
             self.assertEqual(impostor.calls[1][1], {"currentHash": ""})
         self.assertEqual(worker.current_hash(), "")
-        self.assertIsNone(worker._runner)
+        self.assertIsNone(worker.keeper.runner)
 
     async def hijack(self, caps):
         tmp = self.tmp()
@@ -5839,7 +5862,7 @@ class TestMasterTrust(AsyncTest):
         pinned = await self.started(cluster.worker(master=replayer.node.address,
                                                    peers=["127.0.0.1:%d" % replayer.node.port]))
         await until(lambda: "requestWork" in replayer.names(), 20)
-        self.assertIn("cryptography>=1", pinned._accepted_deps)
+        self.assertIn("cryptography>=1", pinned.keeper.accepted_deps)
 
     async def test_master_py_answers_results_that_do_not_decrypt_as_any_others(self):
         cluster = await self.started(Cluster(self.tmp()))
@@ -6244,7 +6267,7 @@ class TestOutbox(AsyncTest):
                 with self.assertLogs("worker", "ERROR"):
                     await worker._load_state()
                 self.assertEqual(list(worker.trust.proven), [])
-                self.assertEqual(worker._manifest, [])
+                self.assertEqual(worker.keeper.manifest, [])
                 worker.journal.close()
 
     async def test_old_json_files_are_taken_over_once_or_moved_aside(self):
@@ -6262,7 +6285,7 @@ class TestOutbox(AsyncTest):
                 self.assertIn(".results.json", logs.output[0])
                 self.assertIn(".assets.json", logs.output[1])
                 self.assertEqual(len(worker.outbox), 0)
-                self.assertEqual(worker._manifest, [])
+                self.assertEqual(worker.keeper.manifest, [])
                 worker.journal.close()
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / ".results.json").write_text(json.dumps(good))
@@ -6271,7 +6294,7 @@ class TestOutbox(AsyncTest):
             self.addCleanup(worker.journal.close)
             await worker._load_state()
             self.assertEqual(len(worker.outbox), 1)
-            self.assertEqual(worker._manifest, [{"name": "task.py", "workerPath": "/task.py"}])
+            self.assertEqual(worker.keeper.manifest, [{"name": "task.py", "workerPath": "/task.py"}])
             self.assertFalse((Path(tmp) / ".results.json").exists())
             worker.journal.close()
 
@@ -6500,7 +6523,7 @@ class TestTaskProcesses(AsyncTest):
         by_id = self.by_id(cluster)
         self.assertIn("no JSON form", by_id[0]["error"]["message"])
         self.assertEqual(by_id[1]["data"], {"pid": os.getpid(), "x": 1})  # in the worker's own process
-        self.assertIsInstance(worker._runner, w.ThreadRunner)
+        self.assertIsInstance(worker.keeper.runner, w.ThreadRunner)
         await worker.stop()
         with self.assertRaises(w.WorkerError):
             cluster.worker(task_runner="fork")
@@ -6598,22 +6621,22 @@ class TestTaskProcesses(AsyncTest):
         text = "\n".join(logs.output)
         self.assertIn("task.py does not load: ModuleNotFoundError: No module named 'qx_missing'", text)
         self.assertIn('task.py", line 1', text)  # the child's traceback
-        self.assertIsNone(worker._runner)
+        self.assertIsNone(worker.keeper.runner)
         self.assertEqual(cluster.master.stats["jobs handed out"], 0)
         self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
         write_assets(tmp / "master", {"/workplace/task.py": TRICKY_TASK_PY})
         self.assertTrue(await worker.sync_assets())
         await cluster.until_results(2)
-        first = worker._runner
+        first = worker.keeper.runner
         old = first.pids
         write_assets(tmp / "master", {"/workplace/task.py": TRICKY_TASK_PY + "\n# v2\n"})
         self.assertTrue(await worker.sync_assets())
-        self.assertIsNot(worker._runner, first)
+        self.assertIsNot(worker.keeper.runner, first)
         await until(lambda: not first.children and not [p for p in old if alive(p)], 10)
         push_jobs(cluster, [{"x": 2}], start=2)
         await cluster.until_results(3)
         self.assertNotIn(self.by_id(cluster)[2]["data"]["pid"], old)
-        now = worker._runner.pids
+        now = worker.keeper.runner.pids
         await worker.stop()
         self.assertFalse([p for p in now if alive(p)])
 
@@ -6710,14 +6733,14 @@ class TestTaskJs(AsyncTest):
         for r in results:
             self.assertEqual(r["data"], {"sum": 3, "dep": "1.0.0"})
             self.assertEqual(r["worker"], {"id": worker.address, "name": "py-js"})
-        self.assertIsInstance(worker._runner, w.NodeRunner)
-        self.assertEqual(worker._runner.starts, 1)
-        pids = worker._runner.pids
+        self.assertIsInstance(worker.keeper.runner, w.NodeRunner)
+        self.assertEqual(worker.keeper.runner.starts, 1)
+        pids = worker.keeper.runner.pids
         self.assertTrue((root / "w/node_modules/qx-demo-dep/package.json").is_file())
         self.assertTrue((root / "w" / w.NODE_RUNNER_NAME).is_file())
         await self._check_resolution(root / "w", root / "bin")
         await worker.stop()
-        self.assertEqual(worker._runner.children, [])
+        self.assertEqual(worker.keeper.runner.children, [])
         self.assertFalse([pid for pid in pids if alive(pid)])
 
     async def _check_resolution(self, folder, bin_dir):
@@ -6776,7 +6799,7 @@ class TestTaskJs(AsyncTest):
             self.assertEqual(by_id[i]["data"]["sum"], i + 1)
         self.assertNotEqual(by_id[0]["data"]["pid"], by_id[2]["data"]["pid"])
         self.assertEqual(by_id[2]["data"]["pid"], by_id[3]["data"]["pid"])
-        self.assertEqual(worker._runner.starts, 2)
+        self.assertEqual(worker.keeper.runner.starts, 2)
 
     async def test_asset_change_restarts_child(self):
         tmp = self.tmp()
@@ -6784,11 +6807,11 @@ class TestTaskJs(AsyncTest):
         cluster.push(2)
         worker = await self.started(cluster.worker())
         await cluster.until_results(2)
-        first = worker._runner
+        first = worker.keeper.runner
         write_assets(tmp / "master", {"/workplace/task.js": VERSION_TASK_JS % 2})
         self.assertTrue(await worker.sync_assets())
         self.assertEqual(cluster.statuses, ["changed", "changed"])
-        self.assertIsNot(worker._runner, first)
+        self.assertIsNot(worker.keeper.runner, first)
         await until(lambda: not first.children, 10)
         cluster.push(2, start=2)
         await cluster.until_results(4)
@@ -6809,7 +6832,7 @@ class TestTaskJs(AsyncTest):
             self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
         text = "\n".join(logs.output)
         self.assertIn("needs Node.js, but 'node' is not on PATH", text)
-        self.assertIsNone(worker._runner)
+        self.assertIsNone(worker.keeper.runner)
         self.assertEqual(cluster.results, [])
         self.assertEqual(cluster.master.stats["jobs handed out"], 0)
         # node is back: the next asset check (every 30 s when idle) loads task.js
@@ -6859,6 +6882,362 @@ class TestTaskJs(AsyncTest):
 
 # The Worker #################################################################
 
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+class FakeNode:
+    """What the Worker's parts ask of Bugout, in memory: ``answer(address, name, args)`` answers
+    each RPC (an exception it returns is raised); ``wires``: the addresses with a signed wire."""
+
+    port = 4464
+
+    def __init__(self, answer, address="bWorkerSelf"):
+        self.answer = answer
+        self.address = address
+        self.calls = []
+        self.wires = set()
+        self.peers = {}
+        self.prioritized = []
+
+    async def rpc(self, address, name, args, timeout=30.0):
+        self.calls.append((address, name, args))
+        await asyncio.sleep(0)
+        answer = self.answer(address, name, args)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    def rpc_nowait(self, address, name, args):
+        self.calls.append((address, name, args))
+
+    def has_wire(self, address):
+        return address in self.wires
+
+    has_signed_wire = has_wire
+
+    def prioritize(self, address):
+        self.prioritized.append(address)
+
+    def called(self, name):
+        return [(address, args) for address, called, args in self.calls if called == name]
+
+
+class FakeJournal:
+    """The journal calls MasterFinder makes: meta values, in memory."""
+
+    path = Path("fake-journal.db")
+
+    def __init__(self):
+        self.meta = {}
+
+    def submit(self, fn, *args):
+        fn(*args)
+
+    async def call(self, fn, *args):
+        return fn(*args)
+
+    def set_meta(self, key, value):
+        self.meta[key] = value
+
+    def get_json(self, key, default):
+        return json.loads(self.meta[key]) if key in self.meta else default
+
+
+def part_settings(**kw):
+    """Settings for one part alone (nothing is read from .env or the environment)."""
+    for key, value in {"trackers": [], "lsd": False, "dht": False}.items():
+        kw.setdefault(key, value)
+    return w.Settings.load({}, token="parts-swarm", transfer_encrypt_token=KEY, name="w", **kw)
+
+
+def honest_master(node, key=KEY, caps=None):
+    """isMaster answers of master.py holding ``key``: yes, and the proof of each challenge."""
+    proof_key = w.Crypt(key).derive(w.PROOF_LABEL)
+
+    def answer(address, name, args):
+        if name != "isMaster":
+            return w.RpcTimeout(name)
+        said = {"isMaster": "yes", "keyProof": 1, "resultBatches": True, **(caps or {})}
+        if "challenge" in args:
+            said["proof"] = w.master_proof(proof_key, bytes.fromhex(args["challenge"]), address, node.address)
+            said["workerChallenge"] = "ab" * 32  # master.py's: the worker proves the key too
+        return said
+    return answer
+
+
+class TestMasterFinder(AsyncTest):
+    """MasterFinder alone: a fake node, a fake journal, a clock; no socket."""
+
+    def finder(self, answers=None, **settings):
+        node = FakeNode(lambda address, name, args: answers[address](address, name, args))
+        found = []
+
+        async def on_master(verified):
+            found.append(finder.master)
+        tasks = set()
+        finder = w.MasterFinder(node, w.Crypt(KEY), part_settings(**settings), FakeJournal(),
+                                spawn=lambda coro: w.spawn(coro, tasks, "test"), on_master=on_master,
+                                stats=collections.Counter(), now=Clock(), logger=logging.getLogger("worker.finder"))
+        self.addAsyncCleanup(self.cancel, tasks)
+        return finder, node, found
+
+    @staticmethod
+    async def cancel(tasks):
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def test_a_candidate_that_proves_the_key_becomes_the_master(self):
+        answers = {}
+        finder, node, found = self.finder(answers)
+        answers["bMaster"] = honest_master(node)
+        answers["bOther"] = honest_master(node, key="x" * 32)  # another key: says yes, cannot prove
+        self.assertIsNone(finder.master)
+        with self.assertLogs("worker", "ERROR") as logs:
+            self.assertFalse(await finder.check_master("bOther"))
+        self.assertIn("bOther holds a different transferEncryptToken", logs.output[0])
+        self.assertFalse(finder.trust.may_ask("bOther", finder.now()))  # until it comes back
+        self.assertIsNone(finder.master)
+        with self.assertLogs("worker", "INFO") as logs:
+            self.assertTrue(await finder.check_master("bMaster"))
+        self.assertIn("master found: bMaster (key challenge)", logs.output[-1])
+        self.assertEqual((finder.master, found, node.prioritized), ("bMaster", ["bMaster"], ["bMaster"]))
+        self.assertTrue(finder.caps.batches and finder.caps.key_proof)
+        self.assertEqual(json.loads(finder.journal.meta["proven"]), ["bMaster"])
+        await until(lambda: len(node.called("proveKey")) == 2, 5)  # our proof, to each challenger
+
+    async def test_failover_when_the_proven_wire_leaves(self):
+        answers = {}
+        finder, node, found = self.finder(answers)
+        answers["bFirst"] = answers["bSecond"] = honest_master(node)
+        self.assertTrue(await finder.check_master("bFirst"))
+        self.assertFalse(await finder.check_master("bSecond"))  # a candidate only, while the first serves
+        self.assertEqual((finder.master, list(finder.trust.candidates)), ("bFirst", ["bSecond"]))
+        node.peers = {"bSecond": None}
+        answers["bFirst"] = lambda address, name, args: w.RpcUnreachable(name)  # gone
+        with self.assertLogs("worker", "INFO") as logs:
+            finder.on_left("bFirst")
+            await until(lambda: finder.master == "bSecond", 5)
+        self.assertEqual(found, ["bFirst", "bSecond"])
+        self.assertIn("master bFirst left; results are kept until a master is back", logs.output[0])
+        self.assertIn("master found: bSecond", logs.output[-1])
+
+    async def test_a_master_that_fails_requests_is_lost_after_two_or_at_once_if_unreachable(self):
+        answers = {}
+        finder, node, _ = self.finder(answers)
+        answers["bMaster"] = honest_master(node)
+        self.assertTrue(await finder.check_master("bMaster"))
+        finder.failed("bMaster", w.RpcTimeout("requestWork"))
+        finder.answered()  # an answer in between: the count starts again
+        finder.failed("bMaster", w.RpcTimeout("requestWork"))
+        self.assertEqual(finder.master, "bMaster")
+        with self.assertLogs("worker", "WARNING"):
+            finder.failed("bMaster", w.RpcTimeout("requestWork"))
+        self.assertIsNone(finder.master)
+        self.assertTrue(await finder.check_master("bMaster"))  # back: it proved it before
+        with self.assertLogs("worker", "WARNING"):
+            finder.failed("bMaster", w.RpcUnreachable("shareResults"))
+        self.assertIsNone(finder.master)
+
+    async def test_waiting_is_said_once_with_the_ways_it_looks(self):
+        cases = [({"lsd": True, "dht": True, "trackers": ["ws://127.0.0.1:8000"], "peers": ["127.0.0.1:4464"]},
+                  "INFO", ("waiting for a master: looking by LSD on the local network, the DHT, 1 tracker(s), "
+                           "peers= 127.0.0.1:4464")),
+                 ({"peers": ["127.0.0.1:4464"], "master": [w.Identity().address]}, "INFO", "only master= b"),
+                 ({}, "WARNING", ("waiting for a master to dial this worker (port 4464): LSD, the DHT and "
+                                  "trackers are off and peers= is empty"))]
+        for settings, level, text in cases:
+            finder, _, _ = self.finder({}, **settings)
+            with self.assertLogs("worker.finder", "DEBUG") as logs:  # the logger it was given
+                finder.start()
+                await asyncio.sleep(0)
+            self.assertEqual(len(logs.records), 1, logs.output)
+            self.assertEqual(logs.records[0].levelname, level)
+            self.assertIn(text, logs.output[0])
+
+
+class FakeRunner:
+    """A runner whose jobs end when the test says (``gate``), doubling ``x``."""
+
+    def __init__(self, concurrency=1):
+        self.concurrency = concurrency
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.ran = []
+        self.aborted = None
+
+    async def run(self, job):
+        await self.gate.wait()
+        self.ran.append(job["id"])
+        return {"double": job["x"] * 2}
+
+    def abort(self, reason):
+        self.aborted = reason
+
+
+class FakeFinder:
+    def __init__(self, master="bMaster", caps=None):
+        self.master = master
+        self.caps = caps or w.MasterCaps()
+        self.failures = []
+        self.asked = 0
+
+    def failed(self, master, exc):
+        self.failures.append((master, type(exc).__name__))
+
+    def answered(self):
+        pass
+
+    def ask_known(self):
+        self.asked += 1
+
+
+class FakeKeeper:
+    def __init__(self, runner):
+        self.runner = runner
+        self.ready = True
+        self.syncs = 0
+
+    async def sync_assets(self):
+        self.syncs += 1
+        return True
+
+    def abort(self, reason):
+        self.runner.abort(reason)
+
+
+class TestJobLoop(AsyncTest):
+    """JobLoop alone, with its batch-request policy: a fake node, finder and runner, a real
+    journal and outbox in a temporary folder."""
+
+    def job_loop(self, answers, runner=None, finder=None, **settings):
+        """A loop whose requestWork answers come from ``answers`` (a list of job lists; then none)."""
+        crypt = w.Crypt(KEY)
+
+        def answer(address, name, args):
+            if name != "requestWork":
+                return {}
+            jobs = answers.pop(0) if answers else []
+            return {"batchTasks": [crypt.encrypt_json(job) for job in jobs]}
+        node = FakeNode(answer)
+        node.wires.add("bMaster")
+        journal = self.will_close(open_journal(self.tmp()))
+        finder = finder or FakeFinder()
+        outbox = w.Outbox(journal, lambda address: address == finder.master)
+        tasks = set()
+        loop = w.JobLoop(part_settings(**settings), node, crypt, journal, outbox, finder,
+                         FakeKeeper(runner or FakeRunner()), stats=collections.Counter(),
+                         spawn=lambda coro: w.spawn(coro, tasks, "test"), now=Clock())
+        loop.idle_seconds = 3600.0  # no idle round unless a test wants one
+        self.addAsyncCleanup(TestMasterFinder.cancel, tasks)
+        tasks.add(asyncio.ensure_future(loop.run()))
+        return loop, node
+
+    async def test_asks_for_a_batch_backs_off_when_none_comes_and_asks_on_a_nudge(self):
+        jobs = [{"id": i, "x": i} for i in range(3)]
+        loop, node = self.job_loop([jobs], get_batch=True, batch_size=3)
+        await until(lambda: len(node.called("requestWork")) == 2, 5)  # the batch, then an empty answer
+        self.assertEqual([args for _, args in node.called("requestWork")],
+                         [{"getBatch": True, "batchSize": 3}] * 2)
+        await until(lambda: len(node.called("shareResults")) == 3, 5)  # each result, to the master
+        sent = [w.Crypt(KEY).decrypt_json(json.loads(args)) for _, args in node.called("shareResults")]
+        self.assertEqual([(r["jobID"], r["data"]) for r in sent], [(0, {"double": 0}), (1, {"double": 2}),
+                                                                   (2, {"double": 4})])
+        self.assertEqual(loop.stats["results delivered"], 3)
+        await asyncio.sleep(0.1)
+        self.assertEqual(len(node.called("requestWork")), 2)  # backed off: no request per job, no spin
+        loop.on_message("bSomeoneElse", w.JOBS_WAITING)  # only the master's nudge counts
+        await asyncio.sleep(0.1)
+        self.assertEqual(len(node.called("requestWork")), 2)
+        loop.on_message("bMaster", w.JOBS_WAITING)
+        await until(lambda: len(node.called("requestWork")) == 3, 5)
+        loop.idle_seconds = 0.01  # the idle timer: the assets are checked, then it asks again
+        loop.nudge()
+        await until(lambda: len(node.called("requestWork")) >= 5, 5)
+        self.assertGreaterEqual(loop.keeper.syncs, 1)
+
+    async def test_without_batches_one_job_per_free_child(self):
+        runner = FakeRunner(concurrency=3)
+        runner.gate.clear()  # no job ends until the test says
+        answers = [[{"id": i, "x": i}] for i in range(5)]
+        loop, node = self.job_loop(answers, runner=runner, get_batch=False)
+        await until(lambda: len(loop.running) == 3, 5)
+        await asyncio.sleep(0.1)
+        self.assertEqual(len(node.called("requestWork")), 3)  # one per free child, none while all are busy
+        self.assertEqual({args["getBatch"] for _, args in node.called("requestWork")}, {False})
+        runner.gate.set()
+        await until(lambda: len(runner.ran) == 5, 5)
+
+    async def test_takes_at_most_max_batch_tasks_from_one_answer(self):
+        with mock.patch.object(w, "MAX_BATCH_TASKS", 2), self.assertLogs("worker", "ERROR") as logs:
+            loop, node = self.job_loop([[{"id": i, "x": i} for i in range(3)]], get_batch=True, batch_size=2)
+            await until(lambda: len(node.called("shareResults")) == 2, 5)
+        self.assertIn("the master sent 3 jobs at once; only the first 2 are taken", logs.output[0])
+        self.assertEqual(loop.keeper.runner.ran, [0, 1])
+
+    async def test_an_unanswered_request_is_told_to_the_finder_and_no_job_is_held(self):
+        finder = FakeFinder()
+        loop, node = self.job_loop([], finder=finder)
+        node.answer = lambda address, name, args: w.RpcTimeout("requestWork")
+        with self.assertLogs("worker", "WARNING") as logs:
+            self.assertFalse(await loop.request_work())
+        self.assertIn("could not ask master bMaster for jobs: it did not answer in time", logs.output[0])
+        self.assertEqual(finder.failures[-1], ("bMaster", "RpcTimeout"))
+        self.assertFalse(loop.jobs)
+
+
+class TestAssetKeeper(AsyncTest):
+    """AssetKeeper alone: a fake node serving the master's files, a real journal and task child."""
+
+    async def test_a_changed_hash_brings_the_files_again(self):
+        tmp = self.tmp()
+        served = {"/workplace/task.py": MASTER_TASK.encode(), "/workplace/data/x.json": b'{"x": 1}'}
+
+        def answer(address, name, args):
+            files = asset_answer(served)
+            same = args["currentHash"] == "".join(f["sha256"] for f in files["files"])
+            return {"status": "same"} if same else files
+        node = FakeNode(answer)
+        finder = FakeFinder(master=None, caps=w.MasterCaps(key_proof=True))
+        ready = []
+        tasks = set()
+        keeper = w.AssetKeeper(part_settings(folder=str(tmp / "w")), node, w.Crypt(KEY),
+                               self.will_close(open_journal(tmp)), finder,
+                               spawn=lambda coro: w.spawn(coro, tasks, "test"), on_ready=lambda: ready.append(1))
+
+        async def close_runner():
+            if keeper.runner:
+                await keeper.runner.wait_closed()
+        self.addAsyncCleanup(close_runner)
+        self.assertFalse(await keeper.sync_assets())  # no master: nothing asked
+        self.assertEqual(node.calls, [])
+        finder.master = "bMaster"
+        self.assertTrue(await keeper.sync_assets())
+        first = keeper.runner
+        self.assertEqual((keeper.ready, len(ready)), (True, 1))
+        data = tmp / "w" / w.ASSET_FOLDER / "workplace/data/x.json"
+        self.assertEqual(data.read_bytes(), b'{"x": 1}')
+        self.assertTrue(await keeper.sync_assets())  # same hash: nothing written, the same runner
+        self.assertIs(keeper.runner, first)
+        served["/workplace/data/x.json"] = b'{"x": 2}'  # the master's files change
+        self.assertTrue(await keeper.sync_assets())
+        self.assertEqual(data.read_bytes(), b'{"x": 2}')
+        self.assertIsNot(keeper.runner, first)  # the task loaded again
+        data.write_bytes(b"changed here")  # and ours: our hash differs, the master sends all again
+        self.assertTrue(await keeper.sync_assets())
+        self.assertEqual(data.read_bytes(), b'{"x": 2}')
+        self.assertEqual([args["currentHash"] == "" for _, args in node.called("requestExecAssets")],
+                         [True, False, False, False])
+        await first.wait_closed()
+
+
 class TestWorkerFlow(AsyncTest):
     async def run_jobs(self, get_batch, count=500):
         tmp = self.tmp()
@@ -6890,21 +7269,41 @@ class TestWorkerFlow(AsyncTest):
         cluster = await self.started(Cluster(self.tmp()))
         worker = await self.started(cluster.worker())
         master = cluster.master
-        await until(lambda: worker.master == master.address and worker._caps.run == master.store.run_id, 20)
-        worker._caps = dataclasses.replace(worker._caps, run="an-earlier-run")  # as it knew it before
+        await until(lambda: worker.master == master.address and worker.finder.caps.run == master.store.run_id, 20)
+        worker.finder.caps = dataclasses.replace(worker.finder.caps, run="an-earlier-run")  # as it knew it before
         worker.outbox.given([(10**6, "{}")], (master.address, "an-earlier-run"))
         with self.assertNoLogs("worker", "WARNING"):  # not a failure: they are not that run's to take
-            worker._result_ready({"jobID": 1, "worker": {"id": worker.address, "name": "w1"}, "data": 2}, 10**6)
+            worker.job_loop.result_ready({"jobID": 1, "worker": {"id": worker.address, "name": "w1"}, "data": 2}, 10**6)
             await worker.outbox.flush()
-            self.assertFalse(await worker._deliver_some(master.address))  # shareResultsBatch
-            self.assertEqual(worker._caps.run, master.store.run_id)
-            worker._caps = dataclasses.replace(worker._caps, run="an-earlier-run")
+            self.assertFalse(await worker.job_loop._deliver_some(master.address))  # shareResultsBatch
+            self.assertEqual(worker.finder.caps.run, master.store.run_id)
+            worker.finder.caps = dataclasses.replace(worker.finder.caps, run="an-earlier-run")
             cluster.push(3)  # requestWork carries them; the work of the new run goes on
             await cluster.until_results(3, 20)
-        self.assertEqual(worker._caps.run, master.store.run_id)
+        self.assertEqual(worker.finder.caps.run, master.store.run_id)
         self.assertEqual(sorted(r["jobID"] for r in cluster.results), [0, 1, 2])
         self.assertEqual(worker.outbox.owes(master.address, "an-earlier-run"), 1)  # kept
         self.assertEqual(master.stats["results of another run refused"], 2)  # offered once each way
+
+    async def test_waiting_for_a_master_is_said_once_then_its_finding(self):
+        # issue 25: with no master, the log said nothing of what the worker waits for, or how it looks
+        tmp = self.tmp()
+        token = "waiting-%d" % random.randrange(1 << 40)
+        worker = loopback_worker(token, tmp / "w", peers=["127.0.0.1:%d" % port_below(30000)])  # nobody there
+        worker.job_loop.idle_seconds = 0.05  # idle rounds: each asks the known peers again
+        rounds = []
+        ask_known = worker.finder.ask_known
+        worker.finder.ask_known = lambda: (rounds.append(1), ask_known())
+        with self.assertLogs("worker", "INFO") as logs:
+            await self.started(worker)
+            await until(lambda: len(rounds) >= 3, 10)
+            master = await self.started(loopback_master(token, tmp / "m", peers=["127.0.0.1:%d" % worker.node.port]))
+            await until(lambda: worker.master == master.address, 20)
+            await until(lambda: worker.keeper.runner is not None, 20)  # not stopped while its task loads
+        waiting = [line for line in logs.output if "waiting for a master" in line]
+        self.assertEqual(len(waiting), 1, logs.output)
+        self.assertIn("INFO:worker:waiting for a master: looking by peers= 127.0.0.1:", waiting[0])
+        self.assertTrue(any("master found: %s" % master.address in line for line in logs.output))
 
     async def test_a_failed_call_to_the_master_is_said_in_plain_words(self):
         # issue 25: "requestWork: requestWork on b...: no wire is open"
@@ -7068,10 +7467,10 @@ class TestWorkerFlow(AsyncTest):
     async def test_restart_with_same_assets_downloads_nothing(self):
         cluster = await self.started(Cluster(self.tmp()))
         first = await self.started(cluster.worker())
-        await until(lambda: first._runner is not None)
+        await until(lambda: first.keeper.runner is not None)
         await first.stop()
         second = await self.started(cluster.worker())
-        await until(lambda: second._runner is not None)
+        await until(lambda: second.keeper.runner is not None)
         self.assertEqual(cluster.statuses, ["changed", "same"])
 
 
@@ -7095,7 +7494,7 @@ class TestAgainstJsMaster(AsyncTest):
             self.assertFalse(await worker.sync_assets())
         await asyncio.sleep(0.5)
         self.assertEqual({e["call"] for e in master.events if e["event"] == "rpc"}, {"isMaster", "requestExecAssets"})
-        self.assertFalse(worker._caps.errors)
+        self.assertFalse(worker.finder.caps.errors)
 
     async def run_jobs(self, get_batch, count=500):
         tmp = self.tmp()
@@ -7169,7 +7568,7 @@ class TestAgainstJsMaster(AsyncTest):
                                                             "QX_ASSETS": str(js_master_assets(tmp))}))
         worker = await self.started(loopback_worker("jsm-same", tmp / "w", "py",
                                                     peers=["127.0.0.1:%d" % master.ready["port"]]))
-        await until(lambda: worker._runner is not None)
+        await until(lambda: worker.keeper.runner is not None)
         self.assertTrue(await worker.sync_assets())
 
         def asked():
@@ -7592,7 +7991,7 @@ class TestFaults(AsyncTest):
                                                     peers=["127.0.0.1:%d" % port]))
         await until(lambda: len(worker.jobs) >= 3, 30)
         await first.close()
-        await until(lambda: worker.stats["jobs done"] >= 5 and not worker.jobs and not worker._running, 30)
+        await until(lambda: worker.stats["jobs done"] >= 5 and not worker.jobs and not worker.job_loop.running, 30)
         held = len(worker.outbox)
         self.assertGreaterEqual(held, 3)
         second = await self.started(QuietMaster(tmp, token, port, seed, "m", db=tmp / "run2.db"))
@@ -7607,7 +8006,7 @@ class TestFaults(AsyncTest):
         master = cluster.master
         master.node.core._seen.limit = 2000
         worker = await self.started(cluster.worker())
-        await until(lambda: worker._runner is not None)
+        await until(lambda: worker.keeper.runner is not None)
         infohash = master.node.infohash
         replay_core = w.BugoutCore(master.node.identifier, w.Identity())
         now = w._now()

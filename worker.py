@@ -36,7 +36,9 @@ Exceptions::
 
 Sections, top to bottom: the code of each uses what the sections above it
 define, and its own names; only the templates at the end come after their
-users (and, in type hints, the transports name the Bugout node they serve)::
+users (and, in type hints, the transports name the Bugout node they serve;
+``batchSize``'s default and bound, read when Settings loads, are the job loop's,
+kept with the rest of its batch-request policy)::
 
     Errors                                   every exception class of the tree above
     Helpers used everywhere                  background tasks, rate and log limits, time, JSON
@@ -67,7 +69,9 @@ users (and, in type hints, the transports name the Bugout node they serve)::
     Worker: the journal and the outbox       Journal, Outbox; their theory of operation
     Worker: running tasks                    task.py in child processes (or a thread)
     Worker: running task.js with Node        npm, node children
-    Worker                                   the Worker class
+    Worker                                   MasterFinder (which peer is the master), AssetKeeper
+                                             (files, dependencies, runner), JobLoop (asking, running,
+                                             delivering; the batch-request policy), and Worker
     Command line                             --setup, running, --demo, main()
     Templates                                the task child, the Node runner, the npm check, the demo task
 """
@@ -150,12 +154,6 @@ DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
 LSD_HOST = "239.192.152.143"
 LSD_PORT = 6771
 LSD_INTERVAL = 5 * 60.0
-IDLE_REQUEST_SECONDS = 30.0
-#: Broadcast by master.py when jobs arrive, so idle workers ask at once.
-JOBS_WAITING = {"queue-xec": "jobs waiting"}
-#: Results per ``shareResultsBatch`` call (master.py only; JS masters get one each).
-RESULT_BATCH = 500
-DEFAULT_BATCH_SIZE = 5
 
 log = logging.getLogger("worker")
 
@@ -678,7 +676,7 @@ class Settings:
     loglevel: str | None = _setting("LOG_LEVEL", None, parse_log_level)
     log_file: str | None = _setting("logFile", None, lambda v: v or None)
     get_batch: bool = _setting("getBatch", False, _word)
-    batch_size: int = _setting("batchSize", DEFAULT_BATCH_SIZE, parse_count)
+    batch_size: int = _setting("batchSize", lambda: DEFAULT_BATCH_SIZE, parse_count)
     folder: Path = _setting("folder", os.getcwd, lambda v: Path(v).resolve())  # noqa: RUF009 - a field()
     job_timeout: float | None = _setting("jobTimeout", 0, lambda v: parse_seconds(v) or None)
     concurrency: int = _setting("concurrency", 1, parse_concurrency)
@@ -3369,6 +3367,8 @@ class Dht:
         self._transport: asyncio.DatagramTransport | None = None
         self._task: asyncio.Task | None = None
         self._resolved = float("-inf")
+        #: the last failure to look each bootstrap name up: said again only when it changes
+        self._bootstrap_errors: dict[tuple[str, int], str] = {}
 
     @property
     def stats(self) -> collections.Counter:
@@ -3421,15 +3421,22 @@ class Dht:
         self.core.bootstrap([addr for addrs in found for addr in addrs], time.monotonic())
         self._flush()
 
-    @staticmethod
-    async def _resolve(host: str, port: int) -> list[Addr]:
+    async def _resolve(self, host: str, port: int) -> list[Addr]:
+        """A bootstrap name's addresses; a failure is logged when it differs from the last one
+        (offline, the lookup is tried again every minute: the log says so once)."""
         loop = asyncio.get_running_loop()
         try:
             infos = await asyncio.wait_for(loop.getaddrinfo(
                 host, port, family=socket.AF_INET, type=socket.SOCK_DGRAM), 10.0)
         except (OSError, UnicodeError, TimeoutError) as exc:  # UnicodeError: a name like "a..b"
-            log.warning("dht bootstrap %s:%d: %s", host, port, exc)
+            error = str(exc) or type(exc).__name__
+            if self._bootstrap_errors.get((host, port)) != error:
+                self._bootstrap_errors[(host, port)] = error
+                log.warning("dht bootstrap %s:%d: %s (tried again each minute; said again if it changes)",
+                            host, port, error)
             return []
+        if self._bootstrap_errors.pop((host, port), None) is not None:
+            log.info("dht bootstrap %s:%d found again", host, port)
         return [info[4][:2] for info in infos[:2]]
 
     def _received(self, data: bytes, addr: tuple) -> None:
@@ -6428,7 +6435,6 @@ MAX_REMEMBERED = 4096
 #: Caps on what a master may list.
 MAX_ASSET_FILES = 256
 MAX_DEPENDENCIES = 256
-MAX_BATCH_TASKS = 10_000
 PROOF_LABEL = b"queue-xec master proof v1"
 #: The label of the other way: a worker's proof to master.py (another key, another message).
 WORKER_PROOF_LABEL = b"queue-xec worker proof v1"
@@ -8095,6 +8101,1007 @@ async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> boo
     return bool(done)
 
 
+class MasterFinder:
+    """Which peer is the master: ``isMaster`` checks, proofs and failover, around :class:`MasterTrust`.
+
+    The theory of operation is in "Worker: trusting a master". Built with the
+    node (RPCs, wires, peers), the key, the settings (``master=``, the folder
+    a JS master's proof is checked against, how peers are found), the journal
+    (it keeps the proven masters), ``spawn`` for background tasks, the
+    worker's counters, ``now`` (monotonic seconds) and a logger. ``on_master(verified)``
+    is awaited once a master is adopted (``verified``: the files its proof
+    brought, or None): the worker then fetches its assets.
+    """
+
+    def __init__(self, node: Bugout, crypt: Crypt, settings: Settings, journal: Journal, *,
+                 spawn: Callable[[Awaitable], Any],
+                 on_master: Callable[[VerifiedAssets | None], Awaitable[Any]],
+                 stats: collections.Counter, now: Callable[[], float] = time.monotonic,
+                 logger: logging.Logger = log) -> None:
+        self.node = node
+        self.crypt = crypt
+        self.settings = settings
+        self.journal = journal
+        self.spawn = spawn
+        self.on_master = on_master
+        self.stats = stats
+        self.now = now
+        self.log = logger
+        #: who may command this worker: the proven master, candidates, bans
+        self.trust = MasterTrust(settings.master)
+        #: what the master said it can do in its ``isMaster`` answer
+        self.caps = MasterCaps()
+        #: set when the worker stops: a master that leaves then starts no failover
+        self.stopping = False
+        # private
+        self._proof_key = crypt.derive(PROOF_LABEL)
+        self._worker_proof_key = crypt.derive(WORKER_PROOF_LABEL)  # for master.py's challenge
+        self._timeouts = 0  # requests to the master unanswered in a row
+        self._checking: set[str] = set()
+        self._urgent: collections.deque[str] = collections.deque()  # isMaster checks to make
+        self._others: collections.deque[str] = collections.deque()
+        self._check_ready = asyncio.Event()
+        self._urgent_running = 0
+        self._proofs: dict[str, float] = {}  # address -> when its proof started
+        self._wire_checks: set[str] = set()  # masters whose remaining wires are being checked
+        #: one line a minute per kind of what peers cause here (failed challenges)
+        self._log = _LogLimit()
+
+    @property
+    def master(self) -> str | None:
+        """The proven master's address, or None."""
+        return self.trust.master
+
+    def start(self) -> None:
+        """Start the checkers of queued peers; say how a master is looked for."""
+        for _ in range(CHECK_CONCURRENCY):
+            self.spawn(self._checker())
+        if self.master is None:
+            self.say_waiting()
+
+    def say_waiting(self) -> None:
+        """One line: no master yet, and the ways this worker looks for one (from the settings)."""
+        s = self.settings
+        ways = (["LSD on the local network"] if s.lsd else []) + (["the DHT"] if s.dht else []) + (
+            ["%d tracker(s)" % len(s.trackers)] if s.trackers else []) + (  # the WebRTC line names them
+            ["peers= %s" % ", ".join(s.peers)] if s.peers else [])
+        pinned = "; only master= %s is accepted" % ", ".join(s.master) if s.master else ""
+        if ways:
+            self.log.info("waiting for a master: looking by %s%s", ", ".join(ways), pinned)
+        else:
+            self.log.warning("waiting for a master to dial this worker (port %d): LSD, the DHT and trackers are "
+                        "off and peers= is empty%s", self.node.port, pinned)
+
+    async def load(self) -> None:
+        """The masters that proved the key in earlier runs (the journal keeps them)."""
+        proven = await self.journal.call(self.journal.get_json, "proven", [])
+        if not all(is_address(a) for a in proven):
+            self.log.error("%s: the list of proven masters holds what is not an address; not used", self.journal.path)
+            proven = []
+        self.trust.proven.update(dict.fromkeys(proven))
+
+    def on_peer(self, address: str) -> None:
+        """A peer was seen (``seen``, ``wireseen``): ask it, unless it is a candidate while a master serves."""
+        if self.master is None or address not in self.trust.candidates:
+            self.ask(address)
+
+    def ask(self, address: str, again: bool = False) -> None:
+        """Queue an ``isMaster`` check of ``address`` (bounded; extra ones are dropped).
+
+        Masters known to have proved the key and pinned ones are asked at once;
+        failover asks and peers with a wire of their own go before the others:
+        a flood of identities, on an attacker's wire or on wires of their own
+        (and never answering), cannot keep the master waiting behind it.
+        """
+        if address in self._checking or address == self.node.address:
+            return
+        if not self.trust.may_ask(address, self.now(), again):
+            return
+        if address in self.trust.proven or address in self.trust.pinned:
+            self._checking.add(address)  # a known master waits in no line (they are few)
+            self.spawn(self._check(address))
+            return
+        urgent = again or self.node.has_wire(address)
+        queue = self._urgent if urgent else self._others
+        if len(queue) >= CHECK_QUEUE:
+            self.stats["isMaster checks dropped"] += 1
+            return
+        queue.append(address)
+        self._checking.add(address)
+        if urgent:
+            self._start_urgent()
+        else:
+            self._check_ready.set()
+
+    def ask_known(self) -> None:
+        """No master: ask the proven ones, the candidates and the known peers (the idle round)."""
+        for address in self.trust.next_to_ask(self.node.peers, self.now()):
+            self.ask(address)
+
+    def _start_urgent(self) -> None:
+        """Urgent checks run at once, up to URGENT_CHECKS at a time."""
+        while self._urgent and self._urgent_running < URGENT_CHECKS:
+            self._urgent_running += 1
+            self.spawn(self._check(self._urgent.popleft(), urgent=True))
+
+    async def _check(self, address: str, urgent: bool = False) -> None:
+        try:
+            await self.check_master(address)
+        finally:
+            self._checking.discard(address)
+            if urgent:
+                self._urgent_running -= 1
+                self._start_urgent()
+
+    async def _checker(self) -> None:
+        """Take the other queued checks in turn (CHECK_CONCURRENCY of these run)."""
+        while True:
+            while not self._others:
+                self._check_ready.clear()
+                await self._check_ready.wait()
+            await self._check(self._others.popleft())
+
+    def on_left(self, address: str) -> None:
+        """Every wire of ``address`` is gone (``left``, ``wireleft``); if it was the master, fail over."""
+        self.trust.candidates.pop(address, None)
+        self.trust.left(address)
+        if self.trust.lose(address) and not self.stopping:
+            self.log.warning("master %s left; its results are kept until it is back", address)
+            self._failover()
+
+    def on_connections(self, _count: int) -> None:
+        """A wire closed: if the master's own wires are gone while one that only claims its
+        address stays, ask the master by it; no answer within CHECK_TIMEOUT means it left."""
+        master = self.master
+        if master and master not in self._wire_checks and not self.node.has_signed_wire(master):
+            self._wire_checks.add(master)
+            self.spawn(self._check_master_wire(master))
+
+    async def _check_master_wire(self, master: str) -> None:
+        try:
+            if self.node.has_wire(master):  # else wireleft has done it
+                with contextlib.suppress(RpcTimeout, InvalidState):
+                    await self.node.rpc(master, "isMaster", {}, timeout=CHECK_TIMEOUT)
+                if self.master == master and not self.node.has_signed_wire(master):
+                    self.on_left(master)
+        finally:
+            self._wire_checks.discard(master)
+
+    def _failover(self) -> None:
+        """The master is gone: ask the proven ones, the candidates and the known peers now."""
+        for address in self.trust.next_to_ask(self.node.peers, self.now()):
+            self.ask(address, again=True)
+
+    def failed(self, master: str, exc: Exception) -> None:
+        """An RPC to the master failed: unreachable at once, or unanswered twice, ends it."""
+        self._timeouts = 0 if isinstance(exc, RpcUnreachable) else self._timeouts + 1
+        if (isinstance(exc, RpcUnreachable) or self._timeouts >= 2) and self.trust.lose(master):
+            self.log.warning("master %s does not answer; its results are kept until it is back", master)
+            self._failover()
+
+    def answered(self) -> None:
+        """The master answered a request for work: its count of unanswered ones starts again."""
+        self._timeouts = 0
+
+    async def check_master(self, address: str) -> bool:
+        """Ask a peer ``isMaster``; a yes makes it a candidate, adopted once it proves the key."""
+        if not self.trust.allowed(address):
+            return False
+        try:
+            answer = await self.node.rpc(address, "isMaster", {}, timeout=CHECK_TIMEOUT)
+        except (RpcTimeout, InvalidState):
+            return False
+        if not isinstance(answer, dict) or answer.get("isMaster") != "yes":
+            self.trust.said_no(address, self.now())
+            return False
+        caps = MasterCaps.of(answer)
+        self.trust.said_yes(address, caps)
+        if self.master is not None:
+            return address == self.master  # a candidate only, while the master serves
+        if address in self.trust.proven and not caps.key_proof:  # master.py: see _challenge
+            self._adopt(address, caps, "proved it before")
+            await self.on_master(None)
+            return True
+        return await self._prove(address, caps)
+
+    async def _prove(self, address: str, caps: MasterCaps) -> bool:
+        """Have ``address`` prove the key; adopt it if no other master came meanwhile."""
+        if not await self._proof_slot(address):
+            return False
+        try:
+            if caps.key_proof:  # its caps as its answer to the challenge says them (workerErrors)
+                caps, verified = await self._challenge(address), None
+            else:
+                verified = await self._asset_proof(address)
+        except (RpcTimeout, InvalidState):  # no answer, or it left before we could ask
+            self.trust.proof_timed_out(address, self.now())
+            self.log.debug("%s did not answer its proof in time", address)
+            return False
+        except ProofFailed:
+            self._proof_failed(address, oracle=not caps.key_proof)
+            return False
+        finally:
+            self._proofs.pop(address, None)
+        if self.master is not None:
+            self.trust.proven[address] = None  # proven, but the other came first
+            return False
+        self._adopt(address, caps, "key challenge" if caps.key_proof else "asset hashes")
+        await self.on_master(verified)
+        return True
+
+    async def _proof_slot(self, address: str) -> bool:
+        """Wait for room to run a proof (a stalled one makes room); False if none is allowed."""
+        while True:
+            now = self.now()
+            if self.master is not None or not self.trust.may_prove(address, now):
+                return False
+            running = [t for t in self._proofs.values() if now - t < PROOF_STALLED]
+            if len(running) < PROOF_CONCURRENCY and len(self._proofs) < PROOF_MAX:
+                self._proofs[address] = now
+                return True
+            await asyncio.sleep(0.25)
+
+    async def _challenge(self, address: str) -> MasterCaps:
+        """master.py's proof: our fresh nonce, HMAC'd with both addresses under the key;
+        then ours, for the nonce of its answer (awaited: it knows us before we ask for work).
+        The caps its answer says (only this answer says ``workerErrors``: JS peers never see it)."""
+        nonce = os.urandom(32)
+        answer = await self.node.rpc(address, "isMaster", {"challenge": nonce.hex()}, timeout=CHECK_TIMEOUT)
+        answer = as_dict(answer)
+        proof = answer.get("proof")
+        expected = master_proof(self._proof_key, nonce, address, self.node.address)
+        proven = isinstance(proof, str) and proof.isascii() and hmac.compare_digest(proof, expected)
+        theirs = answer.get("workerChallenge")
+        if isinstance(theirs, str) and re.fullmatch(r"[0-9a-f]{64}", theirs):
+            ours = worker_proof(self._worker_proof_key, bytes.fromhex(theirs), self.node.address, address)
+            call = self.call_quietly(address, "proveKey", {"proof": ours})  # its answer says nothing
+            if proven:
+                await call
+            else:  # for its user's sake (see the top of section "Worker: trusting a master")
+                self.spawn(call)
+        if not proven:
+            raise ProofFailed(address)
+        return MasterCaps.of(answer)
+
+    async def call_quietly(self, address: str, name: str, args: Any) -> None:
+        """A call to master.py whose answer says nothing, and whose failure changes nothing."""
+        with contextlib.suppress(RpcTimeout, InvalidState):
+            await self.node.rpc(address, name, args, timeout=CHECK_TIMEOUT)
+
+    async def _asset_proof(self, address: str) -> VerifiedAssets:
+        """A JS master's proof: every file, decrypted, hashes to what it says."""
+        answer = await self.node.rpc(address, "requestExecAssets", {"currentHash": ""}, timeout=120.0)
+        try:
+            return await asyncio.to_thread(verify_assets, answer, self.crypt, self.settings.folder,
+                                           text_reads=True)
+        except (WorkerError, ValueError, TypeError, KeyError) as exc:
+            self.log.debug("proof of %s: %s", address, exc)
+            raise ProofFailed(address) from None
+
+    def _proof_failed(self, address: str, oracle: bool) -> None:
+        """The peer is told nothing; it is not asked again for a long while, or, when the proof
+        decrypted nothing (``oracle`` False: master.py's challenge), until it comes back."""
+        now = self.now()
+        if self.trust.proof_failed(address, now, oracle):
+            self.log.error("%d peers failed to prove the key lately: no unproven peer is asked until %s "
+                      "(pin your master with master= in .env)", len(self.trust.failures),
+                      time.strftime("%H:%M", time.localtime(time.time() + self.trust.locked_until(now) - now)))
+        if oracle:  # the budget bounds these lines
+            self.log.error("%s holds a different transferEncryptToken, or is no master: it says it is the master "
+                      "but did not prove that it holds ours; not asked again for %d min",
+                      address, PROOF_BAN_SECONDS // 60)
+        else:  # a peer may fail again each time it comes back: one line a minute
+            self._log(logging.ERROR, "challenge failed", "%s holds a different transferEncryptToken, or is no "
+                      "master: it says it is the master but did not prove that it holds ours; asked again when "
+                      "it comes back (fix the key in its .env or in ours, then start it again)", address)
+
+    def _adopt(self, address: str, caps: MasterCaps, how: str) -> None:
+        self.trust.adopt(address)
+        self.node.prioritize(address)  # its wire: never closed for room, never behind a flood
+        self.caps = caps
+        self._timeouts = 0
+        self.log.info("master found: %s (%s)", address, how)
+        self.journal.submit(self.journal.set_meta, "proven", json_dumps(list(self.trust.proven)))
+
+
+class AssetKeeper:
+    """The master's task files in the worker folder, their dependencies, and the runner of the task.
+
+    ``sync_assets`` asks the master (``finder.master``) whether our files are
+    its (``currentHash``); a ``changed`` answer is checked whole in memory,
+    then written (all or nothing), its dependencies installed (pip into
+    ``.deps``, npm), and the task loaded in a new runner; the old runner
+    finishes its jobs in flight. ``ready`` says work may be taken; ``on_ready``
+    is called when it becomes so. Built with the settings, the node, the key,
+    the journal (the manifest and the dependencies installed are kept there),
+    the master finder, ``spawn``, ``wall`` (``time.time``: when the assets came) and a logger.
+    """
+
+    def __init__(self, settings: Settings, node: Bugout, crypt: Crypt, journal: Journal,
+                 finder: MasterFinder, *, spawn: Callable[[Awaitable], Any], on_ready: Callable[[], Any],
+                 wall: Callable[[], float] = time.time, logger: logging.Logger = log) -> None:
+        self.settings = settings
+        self.node = node
+        self.crypt = crypt
+        self.journal = journal
+        self.finder = finder
+        self.spawn = spawn
+        self.on_ready = on_ready
+        self.wall = wall
+        self.log = logger
+        #: the master's files written here: name, workerPath, sha256, received (their hash as written)
+        self.manifest: list[dict] = []
+        #: the task's runner, or None; runners swapped out, finishing their jobs
+        self.runner: Runner | None = None
+        self.retired: set[Runner] = set()
+        #: the current master's assets are ours and its task is loaded: work may be taken
+        self.ready = False
+        #: when the assets in use came (wall clock), or None
+        self.since: float | None = None
+        #: dependencies installed from a trusted list (None: no master yet, the first is trusted)
+        self.accepted_deps: set[str] | None = None
+        #: why the master's task cannot run here (None: it can, or nothing is known), and the last
+        #: (master, its files, why) told to master.py (``workerError``: once per change)
+        self.problem: str | None = None
+        self.told: tuple | None = None
+        # private
+        self._refused_deps: set[tuple[str, tuple[str, ...]]] = set()
+        self._sync_lock = asyncio.Lock()
+
+    @property
+    def deps_folder(self) -> Path:
+        return self.settings.folder / ".deps"
+
+    def new_master(self) -> None:
+        """A master was adopted: no work from it before its assets are known to be ours."""
+        self.ready = False
+        self.told = None  # a master.py started again has heard nothing of us
+
+    async def load(self) -> None:
+        """The manifest and the dependencies installed, from the journal; files of an older
+        layout moved where no import looks."""
+        journal, folder = self.journal, self.settings.folder
+        self.manifest = await journal.call(self._read_manifest)
+        if moved := await asyncio.to_thread(move_earlier_assets, folder, self.manifest):
+            self.log.info("%d file(s) of the master moved into %s, where no import looks", moved, folder / ASSET_FOLDER)
+        deps = await journal.call(journal.get_json, "dependencies", None)
+        if deps is not None and not all(isinstance(d, str) for d in deps):
+            self.log.error("%s: the list of installed dependencies is unusable; not used", journal.path)
+            deps = []
+        self.accepted_deps = None if deps is None else set(deps)
+
+    def _read_manifest(self) -> list[dict]:
+        """The asset manifest from the journal (journal thread); unusable entries drop it all."""
+        manifest = self.journal.get_json("manifest", [])
+        if _manifest_ok(manifest, self.settings.folder):
+            return manifest
+        self.log.error("%s: the asset list is unusable; the assets will be fetched again", self.journal.path)
+        return []
+
+    async def _save_manifest(self) -> None:
+        try:
+            await self.journal.call(self.journal.set_meta, "manifest", json_dumps(self.manifest))
+        except (OSError, sqlite3.Error) as exc:
+            self.log.error("cannot save the asset list in %s: %s", self.journal.path, exc)
+
+    def current_hash(self) -> str:
+        """Concatenated SHA-256 of the assets, in the master's order, as the master knows them."""
+        try:
+            return "".join(self._asset_hash(a) for a in self.manifest)
+        except OSError:
+            return ""
+
+    def _asset_hash(self, asset: dict) -> str:
+        """A file's hash; the master's own when the file is as we received it."""
+        digest = Helper.get_sha256(safe_asset_path(self.settings.folder, asset["workerPath"]))
+        return asset["sha256"] if asset.get("received") == digest and asset.get("sha256") else digest
+
+    async def sync_assets(self) -> bool:
+        """``requestExecAssets`` from the proven master; on ``changed`` replace files, deps, task."""
+        async with self._sync_lock:
+            master = self.finder.master
+            if master is None:
+                return False
+            try:
+                current = await asyncio.to_thread(self.current_hash)  # reads every file
+                answer = await self.node.rpc(master, "requestExecAssets",
+                                             {"currentHash": current}, timeout=120.0)
+            except (RpcTimeout, InvalidState) as exc:
+                self.log.warning("could not get the task files from master %s: %s", master, _call_failed(exc))
+                return False
+            self.problem = None
+            same = isinstance(answer, dict) and answer.get("status") == "same"
+            if same:
+                self.ready = self.runner is not None or await self._load_task()
+            else:
+                self.ready = await self._take_assets(answer)
+            if self.ready:
+                self.on_ready()  # ready: the job loop asks for work now
+            self._tell_master(master, current if same else _asset_key(answer))
+            return self.ready
+
+    def _cannot_run(self, why: str, logged: str | None = None) -> None:
+        """Log why the master's task cannot run here (``logged``: a fuller line), and keep it for
+        master.py (its files' paths as it names them, others relative to the worker folder)."""
+        self.log.error("%s", logged or why)
+        folder = self.settings.folder
+        for prefix in (folder / ASSET_FOLDER, (folder / ASSET_FOLDER).resolve(), folder):
+            why = why.replace(str(prefix) + os.sep, "")
+        self.problem = why
+
+    def _tell_master(self, master: str, offered: str) -> None:
+        """Tell master.py why its task cannot run here, once per change of its files (``offered``)
+        or of the reason. Only a master that says ``workerErrors`` (master.py) gets the call."""
+        if self.ready:
+            self.problem = self.told = None
+            return
+        told = (master, offered, self.problem)
+        if self.problem is None or not self.finder.caps.errors or told == self.told:
+            return
+        self.told = told
+        report = {"name": self.settings.name, "error": self.problem[:MAX_TOLD_ERROR]}
+        self.spawn(self.finder.call_quietly(master, "workerError", self.crypt.encrypt_json(report)))
+
+    async def use_proof_assets(self, verified: VerifiedAssets) -> None:
+        """A JS master's proof brought every file: write them unless they are ours already."""
+        async with self._sync_lock:
+            if verified.unified != await asyncio.to_thread(self.current_hash):
+                self.ready = await self._take_assets(None, verified)
+            else:
+                self.ready = self.runner is not None or await self._load_task()
+            if self.ready:
+                self.on_ready()
+
+    async def _take_assets(self, answer: Any, verified: VerifiedAssets | None = None) -> bool:
+        """Check a whole answer in memory, then write it: all or nothing."""
+        folder = self.settings.folder
+        try:
+            if verified is None:
+                verified = await asyncio.to_thread(verify_assets, answer, self.crypt, folder,
+                                                   text_reads=not self.finder.caps.key_proof)
+        except (UnsafeAsset, CryptError, AssetError) as exc:
+            self._cannot_run(f"{exc}; nothing was written")
+            return False
+        if not self._dependencies_trusted(verified.dependencies):
+            return False
+        self.log.info("assets changed: %d file(s), %d dependency(ies)", len(verified.files),
+                 len(verified.dependencies))
+        self._remove_assets()
+        self.manifest = [entry for _, entry, _ in verified.files]
+        try:
+            await asyncio.to_thread(_write_assets, verified.files)
+        except OSError as exc:
+            self._cannot_run(f"cannot write the assets in {folder}: {exc}")
+            ready = False
+        else:
+            await self._save_manifest()
+            deps = verified.dependencies
+            ready = await (self.install_dependencies(deps) if verified.python else
+                           install_npm_packages(folder, deps))
+            if not ready:  # the log has the installer's lines
+                self.problem = "cannot install %s (the worker's log says why)" % ", ".join(deps)
+            ready = ready and await self._load_task()
+        if not ready:  # gone: the next sync differs, and the master sends all again (deps too)
+            self._remove_assets()
+            await self._save_manifest()
+        return ready
+
+    def _dependencies_trusted(self, deps: list[str]) -> bool:
+        """May this master's dependency list be installed? (see "What the tokens protect")
+
+        The asset-hash proof covers file contents, not the plain ``dependencies``:
+        a token-only peer could replay a JS master's files with a list of its own.
+        So a master proven only that way, and not pinned, may install only what
+        was installed before from a trusted list: master.py's (proved by the key
+        challenge), a pinned master's, or the first master this worker ever had.
+        """
+        master = self.finder.master or ""
+        first = self.accepted_deps is None
+        accepted = self.accepted_deps or set()
+        new = tuple(sorted(set(deps) - accepted))
+        if new and not (first or self.finder.caps.key_proof or master in self.finder.trust.pinned):
+            if (master, new) not in self._refused_deps and len(self._refused_deps) < 64:
+                self._refused_deps.add((master, new))
+                self.log.error("master %s, proven by its files only (a JS master), asks for dependencies not "
+                          "installed before: %s. A peer that knows only the token could replay a JS master's "
+                          "files with a list of its own, so they are not installed and no job is taken. If it "
+                          "is your master, pin it: master=%s in .env", master, ", ".join(new), master)
+            return False
+        if first or new:
+            self.accepted_deps = accepted | set(deps)
+            self.journal.submit(self.journal.set_meta, "dependencies",
+                                json_dumps(sorted(self.accepted_deps)))
+        return True
+
+    def _remove_assets(self) -> None:
+        """Delete the files we wrote before, and folders they leave empty."""
+        folder = self.settings.folder
+        for asset in self.manifest:
+            try:
+                path = safe_asset_path(folder, asset["workerPath"])
+            except UnsafeAsset:
+                continue
+            with contextlib.suppress(OSError):
+                path.unlink()
+            _remove_empty_parents(path, folder)
+        self.manifest = []
+
+    async def install_dependencies(self, deps: list[str]) -> bool:
+        """``pip install --target .deps`` what does not import yet; off the loop."""
+        paths = [str(self.deps_folder)] + sys.path  # .deps is on no sys.path of ours but thread mode's
+        missing = await asyncio.to_thread(lambda: [d for d in deps if not requirement_satisfied(d, paths)])
+        if not missing:
+            return True
+        self.log.info("installing %s into %s", ", ".join(missing), self.deps_folder)
+        command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check",
+                   "--no-input", "--upgrade", "--target", str(self.deps_folder), *missing]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        except OSError as exc:
+            self.log.error("cannot run pip: %s", exc)
+            return False
+        if not await _install_finished(proc, "pip", missing):
+            return False
+        importlib.invalidate_caches()
+        return True
+
+    async def _load_task(self) -> bool:
+        s = self.settings
+        names = {a.get("name"): a for a in self.manifest}
+        if "task.py" not in names and "task.js" in names:  # task.js alone: a node child runs it
+            return await self._start_runner(NodeRunner(
+                safe_asset_path(s.folder, names["task.js"]["workerPath"]), s.folder, s.job_timeout,
+                concurrency=s.concurrency, memory_mb=s.job_memory_mb))
+        if "task.py" not in names:
+            self._cannot_run("the master's assets hold no task.py or task.js")
+            return False
+        path = safe_asset_path(s.folder, names["task.py"]["workerPath"])
+        if s.task_runner == "thread":  # the task imports in our process: .deps must be on our path
+            use_path(self.deps_folder)
+            return await self._start_runner(ThreadRunner(path, s.job_timeout))
+        return await self._start_runner(PythonRunner(
+            path, s.folder, s.job_timeout, deps=self.deps_folder,
+            concurrency=s.concurrency, memory_mb=s.job_memory_mb))
+
+    async def _start_runner(self, runner: Runner) -> bool:
+        """Start the runner's first child (the task loads there); use it, or say why not."""
+        try:
+            await runner.start()
+        except TaskProcessError as exc:
+            self._cannot_run(str(exc), "cannot load %s: %s%s" % (runner.task_path, exc, "\n" + exc.error[
+                "traceback"] if exc.error["traceback"] else ""))
+            return False
+        old, self.runner = self.runner, runner  # the old one finishes its jobs in flight, then closes
+        if old:
+            self.retired.add(old)
+            self.spawn(self._retire(old))
+        self.since = self.wall()
+        how = ("in a thread (taskRunner=thread)" if isinstance(runner, ThreadRunner) else
+               "%s process %s, up to %d at once" % ("node" if isinstance(runner, NodeRunner) else "python",
+                                                    runner.pids[0], runner.concurrency))
+        self.log.info("task loaded from %s (%s)", runner.task_path, how)
+        return True
+
+    async def _retire(self, runner: Runner) -> None:
+        try:
+            await runner.wait_closed()
+        finally:
+            self.retired.discard(runner)
+
+    def abort(self, reason: str) -> None:
+        """End every runner's jobs now, each with an error result saying ``reason``."""
+        for runner in (*self.retired, self.runner):
+            if runner:
+                runner.abort(reason)
+
+
+# The batch-request policy, all of it in JobLoop:
+#
+# - The loop asks (``requestWork``) when a master is proven, its assets are
+#   ours, the task is loaded, the journal takes writes, no held job waits and
+#   a child is free. It asks for ``{"getBatch": getBatch, "batchSize":
+#   batchSize}``: a batch, or without batches one job, as the JS worker does;
+#   then it asks again at once while children are free (one job per free
+#   child without batches).
+# - It takes at most MAX_BATCH_TASKS jobs from one answer (a master cannot
+#   make it hold more), and holds them in the journal until they are done.
+# - After an answer with no job it backs off: it asks again only on a nudge
+#   (master.py's JOBS_WAITING broadcast, a master adopted, the task loaded)
+#   or after IDLE_REQUEST_SECONDS (``idle_seconds``), not each time a job
+#   ends. An idle round also checks the assets, or, without a master, asks
+#   the known peers whether they are one.
+
+#: Jobs asked for at once with ``getBatch`` (the ``batchSize`` default).
+DEFAULT_BATCH_SIZE = 5
+#: The most jobs taken from one answer (and read back from the journal at start, twice that).
+MAX_BATCH_TASKS = 10_000
+#: Seconds an idle worker waits before it asks again (or checks its assets, or looks for a master).
+IDLE_REQUEST_SECONDS = 30.0
+#: Broadcast by master.py when jobs arrive, so idle workers ask at once.
+JOBS_WAITING = {"queue-xec": "jobs waiting"}
+#: Results per ``shareResultsBatch`` call (master.py only; JS masters get one each).
+RESULT_BATCH = 500
+
+
+class JobLoop:
+    """Asking for jobs, running them, delivering their results: the worker's loop.
+
+    One request in flight at most (the batch-request policy above). Up to the
+    runner's ``concurrency`` jobs run at once, each in a task of its own
+    (``running``). Results go to the :class:`Outbox` (journaled first) and are
+    delivered in the background, one delivery at a time. Built with the
+    settings, the node, the key, the journal and outbox, the master finder
+    (who the master is, what it can do, whether it failed), the asset keeper
+    (ready, the runner), the worker's counters, ``spawn``, ``now``
+    (monotonic seconds) and a logger.
+    """
+
+    def __init__(self, settings: Settings, node: Bugout, crypt: Crypt, journal: Journal, outbox: Outbox,
+                 finder: MasterFinder, keeper: AssetKeeper, *, stats: collections.Counter,
+                 spawn: Callable[[Awaitable], Any], now: Callable[[], float] = time.monotonic,
+                 logger: logging.Logger = log) -> None:
+        self.settings = settings
+        self.node = node
+        self.crypt = crypt
+        self.journal = journal
+        self.outbox = outbox
+        self.finder = finder
+        self.keeper = keeper
+        self.stats = stats
+        self.spawn = spawn
+        self.now = now
+        self.log = logger
+        #: jobs held locally (a batch): (journal seq, job)
+        self.jobs: collections.deque[tuple[int, Any]] = collections.deque()
+        #: the jobs running, a task each
+        self.running: set[asyncio.Task] = set()
+        #: seconds idle before asking again (IDLE_REQUEST_SECONDS)
+        self.idle_seconds = IDLE_REQUEST_SECONDS
+        #: set by :meth:`finish`: no more asking; the loop ends once no held job is left
+        self.stopping = False
+        #: what /metrics shows: job durations, failures by error type (bounded)
+        self.job_seconds = Histogram()
+        self.failures: collections.Counter = collections.Counter()
+        # private
+        self._wake = asyncio.Event()  # a nudge: ask now
+        self._finished = asyncio.Event()  # a job ended
+        self._may_ask = True
+        self._kick_timer: asyncio.TimerHandle | None = None
+        self._last_kick = float("-inf")
+        self._delivery_lock = asyncio.Lock()
+        self._flusher: asyncio.Task | None = None
+        self._job_seq = 0
+        self._journal_error_at = float("-inf")
+
+    # asking
+    def nudge(self) -> None:
+        """Ask for work at the next chance, even after an empty answer."""
+        self._wake.set()
+
+    def on_message(self, address: str, message: Any) -> None:
+        """A broadcast: master.py's JOBS_WAITING, from the master, is a nudge."""
+        if address == self.finder.master and message == JOBS_WAITING:
+            self.nudge()
+
+    async def run(self) -> None:
+        """The job loop: ask, run, deliver, until stopped with no held job left.
+
+        Jobs held since the last run wait until the task is loaded.
+        """
+        while not (self.stopping and not self.jobs):
+            try:
+                await self._step()
+            except Exception:  # a bug of ours must not end the loop: say so and go on
+                self.log.exception("job loop: unexpected error")
+                await asyncio.sleep(1.0)
+
+    async def _step(self) -> None:
+        """Start held jobs on free children; ask for work when there is room; else wait."""
+        self._finished.clear()  # before looking: a job that ends from now on is noticed
+        if self._wake.is_set():  # jobs wait, a master came, the task is ready: ask
+            self._wake.clear()  # before asking: a nudge during the ask is kept
+            self._may_ask = True
+        self._start_jobs()
+        room = not self.jobs and len(self.running) < self._capacity()
+        if room and self._may_ask and not self.stopping and self._ready_for_work():
+            self._may_ask = await self.request_work()
+            if self._may_ask:
+                return
+        if not self.running:
+            self.kick_delivery()  # results made since the last request
+            await self._idle()
+            self._may_ask = True
+        elif not room:
+            await self._finished.wait()
+        elif not await _wait_any(self._wake, self._finished, timeout=self.idle_seconds):
+            self._may_ask = True  # the idle timer, while jobs run
+
+    def _capacity(self) -> int:
+        return self.keeper.runner.concurrency if self.keeper.runner else 1
+
+    def _ready_for_work(self) -> bool:
+        return (self.finder.master is not None and self.keeper.ready and self.keeper.runner is not None
+                and not self.outbox.failing)
+
+    async def _idle(self) -> None:
+        """Wait for a nudge or the idle timer; then re-check assets, or look for a master."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), self.idle_seconds)
+        except TimeoutError:
+            if self.stopping:
+                return
+            if self.finder.master is not None:
+                await self.keeper.sync_assets()
+            else:
+                self.finder.ask_known()
+
+    async def request_work(self) -> bool:
+        """``requestWork``; queue the job or batch. False when none came."""
+        master = self.finder.master
+        if master is None:
+            return False
+        args: dict[str, Any] = {"getBatch": self.settings.get_batch, "batchSize": self.settings.batch_size}
+        carried: list[tuple[int, str]] = []
+        async with contextlib.AsyncExitStack() as stack:
+            if self.finder.caps.batches and self._owed() and not self._delivery_lock.locked():
+                # master.py takes held results along with the request: one RPC, not two.
+                await stack.enter_async_context(self._delivery_lock)
+                carried = await self._take_held(master, RESULT_BATCH)
+                if carried:
+                    args["results"] = self._encrypt_held(carried)
+                    if self.finder.caps.run is not None:  # theirs only if its run is still the same
+                        args["resultsRun"] = self.finder.caps.run
+            try:
+                answer = await self.node.rpc(master, "requestWork", args, timeout=30.0)
+            except (RpcTimeout, InvalidState) as exc:
+                self.outbox.settle(carried, False)
+                self.log.warning("could not ask master %s for jobs: %s", master, _call_failed(exc))
+                self.finder.failed(master, exc)
+                return False
+            self.finder.answered()
+            self._delivered(carried, answer)
+        self._queue_jobs(answer, master)
+        return bool(self.jobs)
+
+    def _queue_jobs(self, answer: Any, master: str) -> None:
+        """Decrypt the jobs of a requestWork answer, journal them and hold them."""
+        if not isinstance(answer, dict):
+            return
+        items = answer.get("batchTasks") if not answer.get("task") else [answer["task"]]
+        if not isinstance(items, list):
+            return
+        if len(items) > MAX_BATCH_TASKS:
+            self.log.error("the master sent %d jobs at once; only the first %d are taken",
+                      len(items), MAX_BATCH_TASKS)
+            items = items[:MAX_BATCH_TASKS]
+        jobs, failures = [], []
+        for item in items:
+            try:
+                if not isinstance(item, str):
+                    raise CryptError("a job is not an encrypted string")
+                jobs.append(self.crypt.decrypt_json(item))
+            except CryptError as exc:
+                failures.append(exc)
+        if failures:
+            self.stats["jobs undecryptable"] += len(failures)
+            self.log.error("%d job(s) dropped: %s", len(failures), failures[0])
+        if jobs:
+            bodies = [storable_json(job) for job in jobs]
+            seqs = range(self._job_seq + 1, self._job_seq + 1 + len(jobs))
+            self._job_seq += len(jobs)
+            self.outbox.given(list(zip(seqs, bodies)), (master, self._master_run(answer)))
+            self.jobs.extend(zip(seqs, jobs))
+
+    async def load(self) -> None:
+        """Jobs received before the last stop: held again, to run first."""
+        journal = self.journal
+        for seq, body in await journal.call(journal.read, "jobs", 0, 2 * MAX_BATCH_TASKS):
+            self.jobs.append((seq, json.loads(body)))
+            self._job_seq = max(self._job_seq, seq)
+        self._job_seq = max(self._job_seq, await journal.call(journal.last_seq, "jobs"))
+        if self.jobs:
+            self.log.info("%d job(s) received before the last stop will run first", len(self.jobs))
+
+    # running
+    def _start_jobs(self) -> None:
+        """Hand held jobs to free children, up to the runner's concurrency."""
+        while self.jobs and self.keeper.runner is not None and len(self.running) < self._capacity():
+            spawn(self._run_job(*self.jobs.popleft()), self.running, "job")
+
+    async def _run_job(self, seq: int, job: Any) -> None:
+        try:
+            self.result_ready(await self.do_job(job), seq)
+        finally:
+            self.running.discard(asyncio.current_task())  # before the loop wakes up
+            self._finished.set()
+        # JS masters get each result at once. master.py takes them in bulk: with the
+        # next requestWork, or at most a second later while jobs run.
+        wait = self._last_kick + 1.0 - self.now() if self.finder.caps.batches else 0.0
+        if wait <= 0:
+            self.kick_delivery()
+        elif self._kick_timer is None:
+            self._kick_timer = asyncio.get_running_loop().call_later(wait, self._timed_kick)
+
+    def _timed_kick(self) -> None:
+        self._kick_timer = None
+        if not self.stopping:
+            self.kick_delivery()
+
+    async def do_job(self, job: Any) -> dict:
+        """Run one job; a failing task becomes an error result."""
+        started = self.now()
+        try:
+            if self.keeper.runner is None:
+                raise InvalidState("no task is loaded")
+            data = await self.keeper.runner.run(job)
+            strict_json(data)  # no NaN or Infinity leaves the worker, whatever ran the task
+        except Exception as exc:  # noqa: BLE001 - a failing task is an error result
+            return self._failed(job, exc)
+        finally:
+            self.job_seconds.observe(self.now() - started)
+        self.stats["jobs done"] += 1
+        return {**self._result_for(job), "data": data}
+
+    def _failed(self, job: Any, exc: BaseException) -> dict:
+        """The error result of ``job``."""
+        result = self._result_for(job)
+        self.stats["jobs failed"] += 1
+        error = error_result(exc)
+        kind = str(error["type"])[:64]  # the label set stays small, whatever tasks raise
+        self.failures[kind if kind in self.failures or len(self.failures) < MAX_ERROR_TYPES else "other"] += 1
+        message = str(error["message"])  # the result keeps it whole; the log line stays short
+        if len(message) > LOGGED_MESSAGE:
+            message = "%s... (%d characters)" % (message[:LOGGED_MESSAGE], len(message))
+        self.log.warning("job %s failed: %s: %s", str(result["jobID"])[:64], kind, message)
+        return {**result, "data": None, "error": error}
+
+    def _result_for(self, job: Any) -> dict:
+        return {"jobID": job.get("id") if isinstance(job, dict) else None,
+                "worker": {"id": self.node.address, "name": self.settings.name}}
+
+    # stopping
+    async def finish(self, timeout: float) -> None:
+        """Stop asking; finish the jobs held and deliver their results, within ``timeout``.
+
+        Jobs still held when only STOP_DELIVERY_SECONDS (at most a quarter) of
+        ``timeout`` are left become error results, their children ended, and
+        that time goes to delivering them.
+        """
+        self.stopping = True
+        self.log.info("stopping: finishing %d held job(s)", len(self.jobs) + len(self.running))
+        self.nudge()
+        grace = min(STOP_DELIVERY_SECONDS, timeout / 4)
+        if not await self._drained_within(timeout - grace):
+            self._cut_short()
+            await self._drained_within(grace)
+
+    async def _drained_within(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._drained(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _drained(self) -> None:
+        while self.jobs or self.running or self._owed():
+            self.kick_delivery()
+            await asyncio.sleep(0.05)
+
+    def _cut_short(self) -> None:
+        """The stop ran out of time: held jobs become error results, running ones are ended."""
+        if not (self.jobs or self.running):
+            return
+        self.log.warning("stopping: %d job(s) could not finish in time; they are reported as errors",
+                    len(self.jobs) + len(self.running))
+        while self.jobs:
+            seq, job = self.jobs.popleft()
+            self.result_ready(self._failed(job, TaskProcessError(
+                "the worker was stopped before this job started")), seq)
+        self.keeper.abort("the worker was stopped before this job finished")
+
+    # results: made, journaled, delivered (rules: class Outbox)
+    def result_ready(self, result: dict, job_seq: int | None = None) -> None:
+        """Every result the worker makes comes here: held (and journaled) until delivered."""
+        self.outbox.add(job_seq, storable_json(result))
+        if self._flusher is None or self._flusher.done():  # one commit in flight takes them all
+            self._flusher = self.spawn(self._flush_outbox())
+
+    async def _flush_outbox(self) -> None:
+        try:
+            await self.outbox.flush()
+        except (OSError, sqlite3.Error) as exc:
+            self.outbox.failing = True
+            if self.now() - self._journal_error_at > 60.0:
+                self._journal_error_at = self.now()
+                self.log.error("cannot write the journal %s: %s; no new work until it works again",
+                          self.journal.path, exc)
+            raise
+        else:
+            self.outbox.failing = False
+
+    async def _take_held(self, master: str, limit: int) -> list[tuple[int, str]]:
+        """The oldest held results, committed first (rule 1 of the outbox)."""
+        with contextlib.suppress(OSError, sqlite3.Error):
+            await self._flush_outbox()
+        return await self.outbox.take(master, limit, self.finder.caps.run)
+
+    def _encrypt_held(self, batch: list[tuple[int, str]]) -> str:
+        """Held results as master.py takes them: one encrypted JSON list."""
+        return json_dumps(self.crypt.encrypt("[" + ",".join(text for _, text in batch) + "]"))
+
+    def kick_delivery(self) -> None:
+        """Deliver held results in the background, next to the job loop."""
+        if self._owed() and not self._delivery_lock.locked():
+            self._last_kick = self.now()
+            self.spawn(self._deliver_results())
+
+    async def _deliver_results(self) -> None:
+        """Send held results while a proven master is there; one delivery at a time."""
+        if self._delivery_lock.locked():
+            return  # the running delivery takes the new results along
+        async with self._delivery_lock:
+            while self._owed():
+                if not await self._deliver_some(self.finder.master):
+                    return
+
+    async def _deliver_some(self, master: str) -> bool:
+        """One ``shareResults`` (or, for master.py, a batch of them); False if kept."""
+        batch = await self._take_held(master, RESULT_BATCH if self.finder.caps.batches else 1)
+        if not batch:
+            return False
+        if self.finder.caps.batches:
+            call, payload = "shareResultsBatch", self._encrypt_held(batch)
+            if self.finder.caps.run is not None:  # theirs only if its run is still the same
+                payload = {"results": payload, "run": self.finder.caps.run}
+        else:
+            call, payload = "shareResults", json_dumps(self.crypt.encrypt(batch[0][1]))
+        try:
+            if self.finder.caps.acks:
+                answer = await self.node.rpc(master, call, payload, timeout=15.0)
+                if isinstance(answer, dict) and answer.get("received") is False:
+                    known = self.finder.caps.run
+                    if self._master_run(answer) not in (None, known):  # it began another run: not its own
+                        self.outbox.settle(batch, False)
+                        return False
+                    raise InvalidState("the master could not read them")
+            elif self.node.has_signed_wire(master):  # not has_wire(): a handshake may claim any address
+                self.node.rpc_nowait(master, call, payload)
+            else:
+                self.outbox.settle(batch, False)
+                return False
+        except (RpcTimeout, InvalidState) as exc:
+            self.outbox.settle(batch, False)
+            self.log.warning("%d result(s) kept for later: master %s: %s", len(batch), master, _call_failed(exc))
+            if isinstance(exc, RpcTimeout):
+                self.finder.failed(master, exc)
+            return False
+        self._delivered(batch)
+        return True
+
+    def _delivered(self, batch: list[tuple[int, str]], answer: Any = None) -> None:
+        """These held results reached the master: forget them (unless its ``answer`` to the
+        request that carried them says they were not taken: another run of it)."""
+        if batch and isinstance(answer, dict) and answer.get("resultsTaken") is False:
+            self._master_run(answer)
+            self.outbox.settle(batch, False)
+        elif batch:
+            self.outbox.settle(batch, True)
+            self.stats["results delivered"] += len(batch)
+
+    def _owed(self) -> int:
+        """Held results the proven master may take: those of the jobs it gave in its run."""
+        return self.outbox.owes(self.finder.master, self.finder.caps.run)
+
+    def _master_run(self, answer: dict) -> str | None:
+        """The run named in the proven master's ``answer`` (master.py's; None: it names none). A
+        new one (it started another run) is the run its held results must match from now on."""
+        run = MasterCaps.run_of(answer)
+        if run is not None and run != self.finder.caps.run:
+            self.finder.caps = dataclasses.replace(self.finder.caps, run=run)
+        return run
+
+
 class Worker:
     """The JS queue-xec Worker's API in Python.
 
@@ -8117,6 +9124,12 @@ class Worker:
     Google's and Twilio's public STUN; empty: host candidates only).
     ``master`` (key ``master``): bugout addresses to accept as master, and no
     other peer (unset: any peer that proves the key).
+
+    The work is done by three parts: ``finder`` (:class:`MasterFinder`: which
+    peer is the master), ``keeper`` (:class:`AssetKeeper`: its task files,
+    dependencies and runner) and ``job_loop`` (:class:`JobLoop`: asking,
+    running, delivering). The Worker starts and stops them, and says what
+    they are doing (status line, /metrics, /healthz, systemd).
     """
 
     def __init__(self, token: str | None = None, name: str | None = None,
@@ -8125,91 +9138,36 @@ class Worker:
                  **options: Any) -> None:
         settings = Settings.of(settings, env, {"token": token, "name": name, "loglevel": loglevel,
                                                "transfer_encrypt_token": transfer_encrypt_token, **options})
-        #: every setting, as read from the arguments, .env and the environment
+        #: every setting, as read from the arguments, .env and the environment (read there, not copied)
         self.settings = settings
-        self.token = settings.token
-        if not self.token:
+        if not settings.token:
             raise WorkerError("no token: set token in .env (python worker.py --setup)")
-        key = settings.transfer_encrypt_token
-        if not key:
+        if not settings.transfer_encrypt_token:
             raise WorkerError("no transferEncryptToken: set it in .env (python worker.py --setup)")
-        self.crypt = Crypt(key)
-        pinned = list(settings.master)
-        for address in pinned:
+        self.crypt = Crypt(settings.transfer_encrypt_token)
+        for address in settings.master:
             if not is_address(address):
                 raise WorkerError(f"master= holds {address!r}, which is not a bugout address")
-        self.name = settings.name
         Logger(settings.loglevel or "info", settings.log_file)
-        self.get_batch = settings.get_batch
-        self.batch_size = settings.batch_size
-        self.folder = settings.folder
-        self.job_timeout = settings.job_timeout
-        #: jobs at once, each in a child process of its own
-        self.concurrency = settings.concurrency
-        #: the memory cap of each child in MB, or None
-        self.job_memory_mb = settings.job_memory_mb
-        #: seconds a stop waits for held jobs and their results
-        self.stop_timeout = settings.stop_timeout
-        #: ``process`` (task.py in child processes) or ``thread`` (in the worker's process)
-        self.task_runner = settings.task_runner
-        self.node = Bugout(self.token, settings)
-        #: who may command this worker: the proven master, candidates, bans
-        self.trust = MasterTrust(pinned)
+        self.node = Bugout(settings.token, settings)
         #: the crash-safe state in the worker folder, and the results it holds
-        self.journal = Journal.of(self.folder, self.token, self.crypt)
-        self.outbox = Outbox(self.journal, lambda address: address == self.trust.master)
-        #: jobs held locally (a batch): (journal seq, job)
-        self.jobs: collections.deque[tuple[int, Any]] = collections.deque()
-        #: jobs done, failed, results delivered, ...
+        self.journal = Journal.of(settings.folder, settings.token, self.crypt)
+        #: jobs done, failed, results delivered, checks dropped, ...
         self.stats: collections.Counter = collections.Counter()
+        self.finder = MasterFinder(self.node, self.crypt, settings, self.journal, spawn=self._spawn,
+                                   on_master=self._master_found, stats=self.stats)
+        self.outbox = Outbox(self.journal, lambda address: address == self.finder.master)
+        self.keeper = AssetKeeper(settings, self.node, self.crypt, self.journal, self.finder,
+                                  spawn=self._spawn, on_ready=lambda: self.job_loop.nudge())
+        self.job_loop = JobLoop(settings, self.node, self.crypt, self.journal, self.outbox, self.finder,
+                                self.keeper, stats=self.stats, spawn=self._spawn)
         # private
-        self._manifest: list[dict] = []
-        #: dependencies installed from a trusted list (None: no master yet, the first is trusted)
-        self._accepted_deps: set[str] | None = None
-        self._refused_deps: set[tuple[str, tuple[str, ...]]] = set()
-        self._wire_checks: set[str] = set()  # masters whose remaining wires are being checked
-        self._runner: Runner | None = None
-        self._retired: set[Runner] = set()
-        self._running: set[asyncio.Task] = set()
-        self._finished = asyncio.Event()
-        self._may_ask = True
-        self._kick_timer: asyncio.TimerHandle | None = None
-        self._caps = MasterCaps()
-        self._proof_key = self.crypt.derive(PROOF_LABEL)
-        self._worker_proof_key = self.crypt.derive(WORKER_PROOF_LABEL)  # for master.py's challenge
-        self._master_timeouts = 0
-        self._delivery_lock = asyncio.Lock()
-        self._last_kick = 0.0
-        self._assets_ok = False
-        self._checking: set[str] = set()
-        self._urgent: collections.deque[str] = collections.deque()  # isMaster checks to make
-        self._others: collections.deque[str] = collections.deque()
-        self._check_ready = asyncio.Event()
-        self._urgent_running = 0
-        self._flusher: asyncio.Task | None = None
-        self._proofs: dict[str, float] = {}  # address -> when its proof started
-        self._job_seq = 0
-        self._journal_error_at = float("-inf")
-        self._sync_lock = asyncio.Lock()
-        self._wake = asyncio.Event()
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
         self._done = asyncio.Event()
-        #: what /metrics shows: job durations, failures by error type (bounded), when assets came
-        self.job_seconds = Histogram()
-        self.failures: collections.Counter = collections.Counter()
-        #: the status page's port (None: off) and address (statusPort, statusHost)
-        self.status_port, self.status_host = settings.status_port, settings.status_host
         self._status: StatusServer | None = None
         self._started = time.monotonic()
-        self._assets_since: float | None = None
         self._reported: tuple = ()
-        #: one line a minute per kind of what peers cause here (failed challenges)
-        self._log = _LogLimit()
-        #: why the master's task cannot run here (None: it can, or nothing is known), and the last
-        #: (master, its files, why) told to master.py (``workerError``: once per change)
-        self._problem: str | None = None
-        self._told: tuple | None = None
 
     @property
     def address(self) -> str:
@@ -8218,32 +9176,66 @@ class Worker:
     @property
     def master(self) -> str | None:
         """The proven master's address, or None."""
-        return self.trust.master
+        return self.finder.master
+
+    @property
+    def trust(self) -> MasterTrust:
+        """Who may command this worker: the proven master, candidates, bans."""
+        return self.finder.trust
+
+    @property
+    def jobs(self) -> collections.deque[tuple[int, Any]]:
+        """Jobs held locally (a batch): (journal seq, job)."""
+        return self.job_loop.jobs
 
     @property
     def deps_folder(self) -> Path:
-        return self.folder / ".deps"
+        return self.keeper.deps_folder
+
+    # the JS Worker's methods (README, "JS API to Python API")
+    async def check_master(self, address: str) -> bool:
+        """Ask a peer ``isMaster``; a yes makes it a candidate, adopted once it proves the key."""
+        return await self.finder.check_master(address)
+
+    async def sync_assets(self) -> bool:
+        """``requestExecAssets`` from the proven master; on ``changed`` replace files, deps, task."""
+        return await self.keeper.sync_assets()
+
+    def current_hash(self) -> str:
+        """Concatenated SHA-256 of the assets, in the master's order, as the master knows them."""
+        return self.keeper.current_hash()
+
+    async def install_dependencies(self, deps: list[str]) -> bool:
+        """``pip install --target .deps`` what does not import yet; off the loop."""
+        return await self.keeper.install_dependencies(deps)
+
+    async def request_work(self) -> bool:
+        """``requestWork``; queue the job or batch. False when none came."""
+        return await self.job_loop.request_work()
+
+    async def do_job(self, job: Any) -> dict:
+        """Run one job; a failing task becomes an error result."""
+        return await self.job_loop.do_job(job)
 
     # lifecycle
     async def start(self) -> Worker:
         """Open the journal, join the swarm and start the job loop."""
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # made here: ours alone
+        self.settings.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # made here: ours alone
         await self._load_state()
         self.node.register("ping", _pong)
-        self.node.on("seen", self._on_peer)
-        self.node.on("wireseen", self._on_peer)
-        self.node.on("left", self._on_left)
-        self.node.on("wireleft", self._on_left)
-        self.node.on("connections", self._on_connections)
-        self.node.on("message", self._on_message)
+        self.node.on("seen", self.finder.on_peer)
+        self.node.on("wireseen", self.finder.on_peer)
+        self.node.on("left", self.finder.on_left)
+        self.node.on("wireleft", self.finder.on_left)
+        self.node.on("connections", self.finder.on_connections)
+        self.node.on("message", self.job_loop.on_message)
         await self.node.start()
-        log.info("worker %s (%s) in swarm, address %s", self.name, self.folder, self.address)
-        for _ in range(CHECK_CONCURRENCY):
-            self._spawn(self._checker())
-        self._spawn(self._drive())
-        if self.status_port is not None:
-            self._status = await StatusServer(self.status_host, self.status_port, self.metrics_text,
-                                              self.health).start()
+        log.info("worker %s (%s) in swarm, address %s", self.settings.name, self.settings.folder, self.address)
+        self.finder.start()
+        self._spawn(self.job_loop.run())
+        if self.settings.status_port is not None:
+            self._status = await StatusServer(self.settings.status_host, self.settings.status_port,
+                                              self.metrics_text, self.health).start()
         self._spawn(self._report())
         self._spawn(self._write_out_unreturned())
         sd_notify("READY=1")
@@ -8254,29 +9246,19 @@ class Worker:
         await self._done.wait()
 
     async def stop(self, timeout: float | None = None) -> None:
-        """Finish the jobs held and deliver their results, then leave; within ``timeout``.
-
-        Jobs still held when only STOP_DELIVERY_SECONDS (at most a quarter) of
-        ``timeout`` (default ``stopTimeout``) are left become error results,
-        their children ended, and that time goes to delivering them.
-        """
+        """Finish the jobs held and deliver their results, then leave; within ``timeout``
+        (default ``stopTimeout``; :meth:`JobLoop.finish` says how it is shared)."""
         if self._stopping:
             return
-        self._stopping = True
+        self._stopping = self.finder.stopping = True
         sd_notify("STOPPING=1")
-        timeout = self.stop_timeout if timeout is None else timeout
-        log.info("stopping: finishing %d held job(s)", len(self.jobs) + len(self._running))
-        self._wake.set()
         try:
-            grace = min(STOP_DELIVERY_SECONDS, timeout / 4)
-            if not await self._drained_within(timeout - grace):
-                self._cut_short()
-                await self._drained_within(grace)
-            for task in [*self._tasks, *self._running]:
+            await self.job_loop.finish(self.settings.stop_timeout if timeout is None else timeout)
+            for task in [*self._tasks, *self.job_loop.running]:
                 task.cancel()
-            await asyncio.gather(*self._tasks, *self._running, return_exceptions=True)
-            if self._runner:
-                await self._runner.wait_closed()
+            await asyncio.gather(*self._tasks, *self.job_loop.running, return_exceptions=True)
+            if self.keeper.runner:
+                await self.keeper.runner.wait_closed()
             await self._close_journal()
             if self._status is not None:
                 await self._status.close()
@@ -8284,746 +9266,16 @@ class Worker:
         finally:
             self._done.set()  # whatever failed above, the process may exit
 
-    async def _drained_within(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._drained(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    async def _drained(self) -> None:
-        while self.jobs or self._running or self._owed():
-            self._kick_delivery()
-            await asyncio.sleep(0.05)
-
-    def _cut_short(self) -> None:
-        """The stop ran out of time: held jobs become error results, running ones are ended."""
-        if not (self.jobs or self._running):
-            return
-        log.warning("stopping: %d job(s) could not finish in time; they are reported as errors",
-                    len(self.jobs) + len(self._running))
-        while self.jobs:
-            seq, job = self.jobs.popleft()
-            self._result_ready(self._failed(job, TaskProcessError(
-                "the worker was stopped before this job started")), seq)
-        for runner in (*self._retired, self._runner):
-            if runner:
-                runner.abort("the worker was stopped before this job finished")
-
-    def _spawn(self, coro: Awaitable) -> None:
-        spawn(coro, self._tasks, "worker")
-
-    # finding the master (theory of operation: "Worker: trusting a master")
-    def _on_peer(self, address: str) -> None:
-        if self.master is None or address not in self.trust.candidates:
-            self._ask(address)
-
-    def _ask(self, address: str, again: bool = False) -> None:
-        """Queue an ``isMaster`` check of ``address`` (bounded; extra ones are dropped).
-
-        Masters known to have proved the key and pinned ones are asked at once;
-        failover asks and peers with a wire of their own go before the others:
-        a flood of identities, on an attacker's wire or on wires of their own
-        (and never answering), cannot keep the master waiting behind it.
-        """
-        if address in self._checking or address == self.address:
-            return
-        if not self.trust.may_ask(address, time.monotonic(), again):
-            return
-        if address in self.trust.proven or address in self.trust.pinned:
-            self._checking.add(address)  # a known master waits in no line (they are few)
-            self._spawn(self._check(address))
-            return
-        urgent = again or self.node.has_wire(address)
-        queue = self._urgent if urgent else self._others
-        if len(queue) >= CHECK_QUEUE:
-            self.stats["isMaster checks dropped"] += 1
-            return
-        queue.append(address)
-        self._checking.add(address)
-        if urgent:
-            self._start_urgent()
-        else:
-            self._check_ready.set()
-
-    def _start_urgent(self) -> None:
-        """Urgent checks run at once, up to URGENT_CHECKS at a time."""
-        while self._urgent and self._urgent_running < URGENT_CHECKS:
-            self._urgent_running += 1
-            self._spawn(self._check(self._urgent.popleft(), urgent=True))
-
-    async def _check(self, address: str, urgent: bool = False) -> None:
-        try:
-            await self.check_master(address)
-        finally:
-            self._checking.discard(address)
-            if urgent:
-                self._urgent_running -= 1
-                self._start_urgent()
-
-    async def _checker(self) -> None:
-        """Take the other queued checks in turn (CHECK_CONCURRENCY of these run)."""
-        while True:
-            while not self._others:
-                self._check_ready.clear()
-                await self._check_ready.wait()
-            await self._check(self._others.popleft())
-
-    def _on_message(self, address: str, message: Any) -> None:
-        if address == self.master and message == JOBS_WAITING:
-            self._wake.set()
-
-    def _on_left(self, address: str) -> None:
-        self.trust.candidates.pop(address, None)
-        self.trust.left(address)
-        if self.trust.lose(address) and not self._stopping:
-            log.warning("master %s left; its results are kept until it is back", address)
-            self._failover()
-
-    def _on_connections(self, _count: int) -> None:
-        """A wire closed: if the master's own wires are gone while one that only claims its
-        address stays, ask the master by it; no answer within CHECK_TIMEOUT means it left."""
-        master = self.master
-        if master and master not in self._wire_checks and not self.node.has_signed_wire(master):
-            self._wire_checks.add(master)
-            self._spawn(self._check_master_wire(master))
-
-    async def _check_master_wire(self, master: str) -> None:
-        try:
-            if self.node.has_wire(master):  # else wireleft has done it
-                with contextlib.suppress(RpcTimeout, InvalidState):
-                    await self.node.rpc(master, "isMaster", {}, timeout=CHECK_TIMEOUT)
-                if self.master == master and not self.node.has_signed_wire(master):
-                    self._on_left(master)
-        finally:
-            self._wire_checks.discard(master)
-
-    def _failover(self) -> None:
-        """The master is gone: ask the proven ones, the candidates and the known peers now."""
-        for address in self.trust.next_to_ask(self.node.peers, time.monotonic()):
-            self._ask(address, again=True)
-
-    async def check_master(self, address: str) -> bool:
-        """Ask a peer ``isMaster``; a yes makes it a candidate, adopted once it proves the key."""
-        if not self.trust.allowed(address):
-            return False
-        try:
-            answer = await self.node.rpc(address, "isMaster", {}, timeout=CHECK_TIMEOUT)
-        except (RpcTimeout, InvalidState):
-            return False
-        if not isinstance(answer, dict) or answer.get("isMaster") != "yes":
-            self.trust.said_no(address, time.monotonic())
-            return False
-        caps = MasterCaps.of(answer)
-        self.trust.said_yes(address, caps)
-        if self.master is not None:
-            return address == self.master  # a candidate only, while the master serves
-        if address in self.trust.proven and not caps.key_proof:  # master.py: see _challenge
-            self._adopt(address, caps, "proved it before")
-            await self.sync_assets()
-            return True
-        return await self._prove(address, caps)
-
-    async def _prove(self, address: str, caps: MasterCaps) -> bool:
-        """Have ``address`` prove the key; adopt it if no other master came meanwhile."""
-        if not await self._proof_slot(address):
-            return False
-        try:
-            if caps.key_proof:  # its caps as its answer to the challenge says them (workerErrors)
-                caps, verified = await self._challenge(address), None
-            else:
-                verified = await self._asset_proof(address)
-        except (RpcTimeout, InvalidState):  # no answer, or it left before we could ask
-            self.trust.proof_timed_out(address, time.monotonic())
-            log.debug("%s did not answer its proof in time", address)
-            return False
-        except ProofFailed:
-            self._proof_failed(address, oracle=not caps.key_proof)
-            return False
-        finally:
-            self._proofs.pop(address, None)
-        if self.master is not None:
-            self.trust.proven[address] = None  # proven, but the other came first
-            return False
-        self._adopt(address, caps, "key challenge" if caps.key_proof else "asset hashes")
-        await (self.sync_assets() if verified is None else self._use_proof_assets(verified))
-        return True
-
-    async def _proof_slot(self, address: str) -> bool:
-        """Wait for room to run a proof (a stalled one makes room); False if none is allowed."""
-        while True:
-            now = time.monotonic()
-            if self.master is not None or not self.trust.may_prove(address, now):
-                return False
-            running = [t for t in self._proofs.values() if now - t < PROOF_STALLED]
-            if len(running) < PROOF_CONCURRENCY and len(self._proofs) < PROOF_MAX:
-                self._proofs[address] = now
-                return True
-            await asyncio.sleep(0.25)
-
-    async def _challenge(self, address: str) -> MasterCaps:
-        """master.py's proof: our fresh nonce, HMAC'd with both addresses under the key;
-        then ours, for the nonce of its answer (awaited: it knows us before we ask for work).
-        The caps its answer says (only this answer says ``workerErrors``: JS peers never see it)."""
-        nonce = os.urandom(32)
-        answer = await self.node.rpc(address, "isMaster", {"challenge": nonce.hex()}, timeout=CHECK_TIMEOUT)
-        answer = as_dict(answer)
-        proof = answer.get("proof")
-        expected = master_proof(self._proof_key, nonce, address, self.address)
-        proven = isinstance(proof, str) and proof.isascii() and hmac.compare_digest(proof, expected)
-        theirs = answer.get("workerChallenge")
-        if isinstance(theirs, str) and re.fullmatch(r"[0-9a-f]{64}", theirs):
-            ours = worker_proof(self._worker_proof_key, bytes.fromhex(theirs), self.address, address)
-            call = self._prove_key(address, ours)
-            if proven:
-                await call
-            else:  # for its user's sake (see the top of this section); never waited for
-                self._spawn(call)
-        if not proven:
-            raise ProofFailed(address)
-        return MasterCaps.of(answer)
-
-    async def _prove_key(self, address: str, proof: str) -> None:
-        """``proveKey``: our answer to master.py's challenge; its answer says nothing."""
-        await self._call_quietly(address, "proveKey", {"proof": proof})
-
-    async def _call_quietly(self, address: str, name: str, args: Any) -> None:
-        """A call to master.py whose answer says nothing, and whose failure changes nothing."""
-        with contextlib.suppress(RpcTimeout, InvalidState):
-            await self.node.rpc(address, name, args, timeout=CHECK_TIMEOUT)
-
-    async def _asset_proof(self, address: str) -> VerifiedAssets:
-        """A JS master's proof: every file, decrypted, hashes to what it says."""
-        answer = await self.node.rpc(address, "requestExecAssets", {"currentHash": ""}, timeout=120.0)
-        try:
-            return await asyncio.to_thread(verify_assets, answer, self.crypt, self.folder, text_reads=True)
-        except (WorkerError, ValueError, TypeError, KeyError) as exc:
-            log.debug("proof of %s: %s", address, exc)
-            raise ProofFailed(address) from None
-
-    def _proof_failed(self, address: str, oracle: bool) -> None:
-        """The peer is told nothing; it is not asked again for a long while, or, when the proof
-        decrypted nothing (``oracle`` False: master.py's challenge), until it comes back."""
-        now = time.monotonic()
-        if self.trust.proof_failed(address, now, oracle):
-            log.error("%d peers failed to prove the key lately: no unproven peer is asked until %s "
-                      "(pin your master with master= in .env)", len(self.trust.failures),
-                      time.strftime("%H:%M", time.localtime(time.time() + self.trust.locked_until(now) - now)))
-        if oracle:  # the budget bounds these lines
-            log.error("%s holds a different transferEncryptToken, or is no master: it says it is the master "
-                      "but did not prove that it holds ours; not asked again for %d min",
-                      address, PROOF_BAN_SECONDS // 60)
-        else:  # a peer may fail again each time it comes back: one line a minute
-            self._log(logging.ERROR, "challenge failed", "%s holds a different transferEncryptToken, or is no "
-                      "master: it says it is the master but did not prove that it holds ours; asked again when "
-                      "it comes back (fix the key in its .env or in ours, then start it again)", address)
-
-    def _adopt(self, address: str, caps: MasterCaps, how: str) -> None:
-        self.trust.adopt(address)
-        self.node.prioritize(address)  # its wire: never closed for room, never behind a flood
-        self._caps = caps
-        self._master_timeouts = 0
-        self._assets_ok = False  # no work from it before its assets are known to be ours
-        self._told = None  # a master.py started again has heard nothing of us
-        log.info("master found: %s (%s)", address, how)
-        self.journal.submit(self.journal.set_meta, "proven", json_dumps(list(self.trust.proven)))
-        self._kick_delivery()
-        self._wake.set()
-
-    def _master_failed(self, master: str, exc: Exception) -> None:
-        """An RPC to the master failed: unreachable at once, or unanswered twice, ends it."""
-        self._master_timeouts = 0 if isinstance(exc, RpcUnreachable) else self._master_timeouts + 1
-        if (isinstance(exc, RpcUnreachable) or self._master_timeouts >= 2) and self.trust.lose(master):
-            log.warning("master %s does not answer; its results are kept until it is back", master)
-            self._failover()
-
-    # assets
-    def current_hash(self) -> str:
-        """Concatenated SHA-256 of the assets, in the master's order, as the master knows them."""
-        try:
-            return "".join(self._asset_hash(a) for a in self._manifest)
-        except OSError:
-            return ""
-
-    def _asset_hash(self, asset: dict) -> str:
-        """A file's hash; the master's own when the file is as we received it."""
-        digest = Helper.get_sha256(safe_asset_path(self.folder, asset["workerPath"]))
-        return asset["sha256"] if asset.get("received") == digest and asset.get("sha256") else digest
-
-    async def sync_assets(self) -> bool:
-        """``requestExecAssets`` from the proven master; on ``changed`` replace files, deps, task."""
-        async with self._sync_lock:
-            master = self.master
-            if master is None:
-                return False
-            try:
-                current = await asyncio.to_thread(self.current_hash)  # reads every file
-                answer = await self.node.rpc(master, "requestExecAssets",
-                                             {"currentHash": current}, timeout=120.0)
-            except (RpcTimeout, InvalidState) as exc:
-                log.warning("could not get the task files from master %s: %s", master, _call_failed(exc))
-                return False
-            self._problem = None
-            same = isinstance(answer, dict) and answer.get("status") == "same"
-            if same:
-                self._assets_ok = self._runner is not None or await self._load_task()
-            else:
-                self._assets_ok = await self._take_assets(answer)
-            if self._assets_ok:
-                self._wake.set()  # ready: the job loop asks for work now
-            self._tell_master(master, current if same else _asset_key(answer))
-            return self._assets_ok
-
-    def _cannot_run(self, why: str, logged: str | None = None) -> None:
-        """Log why the master's task cannot run here (``logged``: a fuller line), and keep it for
-        master.py (its files' paths as it names them, others relative to the worker folder)."""
-        log.error("%s", logged or why)
-        for folder in (self.folder / ASSET_FOLDER, (self.folder / ASSET_FOLDER).resolve(), self.folder):
-            why = why.replace(str(folder) + os.sep, "")
-        self._problem = why
-
-    def _tell_master(self, master: str, offered: str) -> None:
-        """Tell master.py why its task cannot run here, once per change of its files (``offered``)
-        or of the reason. Only a master that says ``workerErrors`` (master.py) gets the call."""
-        if self._assets_ok:
-            self._problem = self._told = None
-            return
-        told = (master, offered, self._problem)
-        if self._problem is None or not self._caps.errors or told == self._told:
-            return
-        self._told = told
-        report = {"name": self.name, "error": self._problem[:MAX_TOLD_ERROR]}
-        self._spawn(self._call_quietly(master, "workerError", self.crypt.encrypt_json(report)))
-
-    async def _use_proof_assets(self, verified: VerifiedAssets) -> None:
-        """A JS master's proof brought every file: write them unless they are ours already."""
-        async with self._sync_lock:
-            if verified.unified != await asyncio.to_thread(self.current_hash):
-                self._assets_ok = await self._take_assets(None, verified)
-            else:
-                self._assets_ok = self._runner is not None or await self._load_task()
-            if self._assets_ok:
-                self._wake.set()
-
-    async def _take_assets(self, answer: Any, verified: VerifiedAssets | None = None) -> bool:
-        """Check a whole answer in memory, then write it: all or nothing."""
-        try:
-            if verified is None:
-                verified = await asyncio.to_thread(verify_assets, answer, self.crypt, self.folder,
-                                                   text_reads=not self._caps.key_proof)
-        except (UnsafeAsset, CryptError, AssetError) as exc:
-            self._cannot_run(f"{exc}; nothing was written")
-            return False
-        if not self._dependencies_trusted(verified.dependencies):
-            return False
-        log.info("assets changed: %d file(s), %d dependency(ies)", len(verified.files),
-                 len(verified.dependencies))
-        self._remove_assets()
-        self._manifest = [entry for _, entry, _ in verified.files]
-        try:
-            await asyncio.to_thread(_write_assets, verified.files)
-        except OSError as exc:
-            self._cannot_run(f"cannot write the assets in {self.folder}: {exc}")
-            ready = False
-        else:
-            await self._save_manifest()
-            deps = verified.dependencies
-            ready = await (self.install_dependencies(deps) if verified.python else
-                           install_npm_packages(self.folder, deps))
-            if not ready:  # the log has the installer's lines
-                self._problem = "cannot install %s (the worker's log says why)" % ", ".join(deps)
-            ready = ready and await self._load_task()
-        if not ready:  # gone: the next sync differs, and the master sends all again (deps too)
-            self._remove_assets()
-            await self._save_manifest()
-        return ready
-
-    def _dependencies_trusted(self, deps: list[str]) -> bool:
-        """May this master's dependency list be installed? (see "What the tokens protect")
-
-        The asset-hash proof covers file contents, not the plain ``dependencies``:
-        a token-only peer could replay a JS master's files with a list of its own.
-        So a master proven only that way, and not pinned, may install only what
-        was installed before from a trusted list: master.py's (proved by the key
-        challenge), a pinned master's, or the first master this worker ever had.
-        """
-        master = self.master or ""
-        first = self._accepted_deps is None
-        accepted = self._accepted_deps or set()
-        new = tuple(sorted(set(deps) - accepted))
-        if new and not (first or self._caps.key_proof or master in self.trust.pinned):
-            if (master, new) not in self._refused_deps and len(self._refused_deps) < 64:
-                self._refused_deps.add((master, new))
-                log.error("master %s, proven by its files only (a JS master), asks for dependencies not "
-                          "installed before: %s. A peer that knows only the token could replay a JS master's "
-                          "files with a list of its own, so they are not installed and no job is taken. If it "
-                          "is your master, pin it: master=%s in .env", master, ", ".join(new), master)
-            return False
-        if first or new:
-            self._accepted_deps = accepted | set(deps)
-            self.journal.submit(self.journal.set_meta, "dependencies",
-                                json_dumps(sorted(self._accepted_deps)))
-        return True
-
-    def _remove_assets(self) -> None:
-        """Delete the files we wrote before, and folders they leave empty."""
-        for asset in self._manifest:
-            try:
-                path = safe_asset_path(self.folder, asset["workerPath"])
-            except UnsafeAsset:
-                continue
-            with contextlib.suppress(OSError):
-                path.unlink()
-            _remove_empty_parents(path, self.folder)
-        self._manifest = []
-
-    async def install_dependencies(self, deps: list[str]) -> bool:
-        """``pip install --target .deps`` what does not import yet; off the loop."""
-        paths = [str(self.deps_folder)] + sys.path  # .deps is on no sys.path of ours but thread mode's
-        missing = await asyncio.to_thread(lambda: [d for d in deps if not requirement_satisfied(d, paths)])
-        if not missing:
-            return True
-        log.info("installing %s into %s", ", ".join(missing), self.deps_folder)
-        command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check",
-                   "--no-input", "--upgrade", "--target", str(self.deps_folder), *missing]
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        except OSError as exc:
-            log.error("cannot run pip: %s", exc)
-            return False
-        if not await _install_finished(proc, "pip", missing):
-            return False
-        importlib.invalidate_caches()
-        return True
-
-    async def _load_task(self) -> bool:
-        names = {a.get("name"): a for a in self._manifest}
-        if "task.py" not in names and "task.js" in names:
-            return await self._load_js_task(names["task.js"])
-        if "task.py" not in names:
-            self._cannot_run("the master's assets hold no task.py or task.js")
-            return False
-        path = safe_asset_path(self.folder, names["task.py"]["workerPath"])
-        if self.task_runner == "thread":  # the task imports in our process: .deps must be on our path
-            use_path(self.deps_folder)
-            return await self._start_runner(ThreadRunner(path, self.job_timeout))
-        return await self._start_runner(PythonRunner(
-            path, self.folder, self.job_timeout, deps=self.deps_folder,
-            concurrency=self.concurrency, memory_mb=self.job_memory_mb))
-
-    async def _load_js_task(self, asset: dict) -> bool:
-        """Start a node child for task.js (no task.py came with it)."""
-        path = safe_asset_path(self.folder, asset["workerPath"])
-        return await self._start_runner(NodeRunner(
-            path, self.folder, self.job_timeout, concurrency=self.concurrency,
-            memory_mb=self.job_memory_mb))
-
-    async def _start_runner(self, runner: Runner) -> bool:
-        """Start the runner's first child (the task loads there); use it, or say why not."""
-        try:
-            await runner.start()
-        except TaskProcessError as exc:
-            self._cannot_run(str(exc), "cannot load %s: %s%s" % (runner.task_path, exc, "\n" + exc.error[
-                "traceback"] if exc.error["traceback"] else ""))
-            return False
-        self._use_runner(runner)
-        self._assets_since = time.time()
-        how = ("in a thread (taskRunner=thread)" if isinstance(runner, ThreadRunner) else
-               "%s process %s, up to %d at once" % ("node" if isinstance(runner, NodeRunner) else "python",
-                                                    runner.pids[0], runner.concurrency))
-        log.info("task loaded from %s (%s)", runner.task_path, how)
-        return True
-
-    def _use_runner(self, runner: Runner) -> None:
-        """Swap runners; the old one finishes its jobs in flight, then closes."""
-        old, self._runner = self._runner, runner
-        if old:
-            self._retired.add(old)
-            self._spawn(self._retire(old))
-
-    async def _retire(self, runner: Runner) -> None:
-        try:
-            await runner.wait_closed()
-        finally:
-            self._retired.discard(runner)
-
-    # jobs
-    async def _drive(self) -> None:
-        """The job loop: ask, run, deliver; one request in flight at most.
-
-        Up to ``concurrency`` jobs run at once, each in a task of its own
-        (``_running``). The loop asks for work when no held job waits and a
-        child is free: for a batch, or without batches for one job per free
-        child, as the JS worker asks for one at a time. After an empty answer
-        it asks again on a nudge (``_wake``) or the idle timer, not each time
-        a job ends. Jobs held since the last run wait until the task is loaded.
-        """
-        while not (self._stopping and not self.jobs):
-            try:
-                await self._step()
-            except Exception:  # a bug of ours must not end the loop: say so and go on
-                log.exception("job loop: unexpected error")
-                await asyncio.sleep(1.0)
-
-    async def _step(self) -> None:
-        """Start held jobs on free children; ask for work when there is room; else wait."""
-        self._finished.clear()  # before looking: a job that ends from now on is noticed
-        if self._wake.is_set():  # jobs wait, a master came, the task is ready: ask
-            self._wake.clear()  # before asking: a nudge during the ask is kept
-            self._may_ask = True
-        self._start_jobs()
-        room = not self.jobs and len(self._running) < self._capacity()
-        if room and self._may_ask and not self._stopping and self._ready_for_work():
-            self._may_ask = await self.request_work()
-            if self._may_ask:
-                return
-        if not self._running:
-            self._kick_delivery()  # results made since the last request
-            await self._idle()
-            self._may_ask = True
-        elif not room:
-            await self._finished.wait()
-        elif not await _wait_any(self._wake, self._finished, timeout=IDLE_REQUEST_SECONDS):
-            self._may_ask = True  # the idle timer, while jobs run
-
-    def _start_jobs(self) -> None:
-        """Hand held jobs to free children, up to the runner's concurrency."""
-        while self.jobs and self._runner is not None and len(self._running) < self._capacity():
-            spawn(self._run_job(*self.jobs.popleft()), self._running, "job")
-
-    async def _run_job(self, seq: int, job: Any) -> None:
-        try:
-            self._result_ready(await self.do_job(job), seq)
-        finally:
-            self._running.discard(asyncio.current_task())  # before the loop wakes up
-            self._finished.set()
-        # JS masters get each result at once. master.py takes them in bulk: with the
-        # next requestWork, or at most a second later while jobs run.
-        wait = self._last_kick + 1.0 - time.monotonic() if self._caps.batches else 0.0
-        if wait <= 0:
-            self._kick_delivery()
-        elif self._kick_timer is None:
-            self._kick_timer = asyncio.get_running_loop().call_later(wait, self._timed_kick)
-
-    def _timed_kick(self) -> None:
-        self._kick_timer = None
-        if not self._stopping:
-            self._kick_delivery()
-
-    def _capacity(self) -> int:
-        return self._runner.concurrency if self._runner else 1
-
-    def _ready_for_work(self) -> bool:
-        return (self.master is not None and self._assets_ok and self._runner is not None
-                and not self.outbox.failing)
-
-    async def _idle(self) -> None:
-        """Wait for a wake-up or the 30 s idle timer; then re-check assets, or look for a master."""
-        try:
-            await asyncio.wait_for(self._wake.wait(), IDLE_REQUEST_SECONDS)
-        except TimeoutError:
-            if self._stopping:
-                return
-            if self.master is not None:
-                await self.sync_assets()
-            else:
-                for address in self.trust.next_to_ask(self.node.peers, time.monotonic()):
-                    self._ask(address)
-
-    async def request_work(self) -> bool:
-        """``requestWork``; queue the job or batch. False when none came."""
-        master = self.master
-        if master is None:
-            return False
-        args: dict[str, Any] = {"getBatch": self.get_batch, "batchSize": self.batch_size}
-        carried: list[tuple[int, str]] = []
-        async with contextlib.AsyncExitStack() as stack:
-            if self._caps.batches and self._owed() and not self._delivery_lock.locked():
-                # master.py takes held results along with the request: one RPC, not two.
-                await stack.enter_async_context(self._delivery_lock)
-                carried = await self._take_held(master, RESULT_BATCH)
-                if carried:
-                    args["results"] = self._encrypt_held(carried)
-                    if self._caps.run is not None:  # theirs only if its run is still the same
-                        args["resultsRun"] = self._caps.run
-            try:
-                answer = await self.node.rpc(master, "requestWork", args, timeout=30.0)
-            except (RpcTimeout, InvalidState) as exc:
-                self.outbox.settle(carried, False)
-                log.warning("could not ask master %s for jobs: %s", master, _call_failed(exc))
-                self._master_failed(master, exc)
-                return False
-            self._master_timeouts = 0
-            self._delivered(carried, answer)
-        self._queue_jobs(answer, master)
-        return bool(self.jobs)
-
-    def _queue_jobs(self, answer: Any, master: str) -> None:
-        """Decrypt the jobs of a requestWork answer, journal them and hold them."""
-        if not isinstance(answer, dict):
-            return
-        items = answer.get("batchTasks") if not answer.get("task") else [answer["task"]]
-        if not isinstance(items, list):
-            return
-        if len(items) > MAX_BATCH_TASKS:
-            log.error("the master sent %d jobs at once; only the first %d are taken",
-                      len(items), MAX_BATCH_TASKS)
-            items = items[:MAX_BATCH_TASKS]
-        jobs, failures = [], []
-        for item in items:
-            try:
-                if not isinstance(item, str):
-                    raise CryptError("a job is not an encrypted string")
-                jobs.append(self.crypt.decrypt_json(item))
-            except CryptError as exc:
-                failures.append(exc)
-        if failures:
-            self.stats["jobs undecryptable"] += len(failures)
-            log.error("%d job(s) dropped: %s", len(failures), failures[0])
-        if jobs:
-            bodies = [storable_json(job) for job in jobs]
-            seqs = range(self._job_seq + 1, self._job_seq + 1 + len(jobs))
-            self._job_seq += len(jobs)
-            self.outbox.given(list(zip(seqs, bodies)), (master, self._master_run(answer)))
-            self.jobs.extend(zip(seqs, jobs))
-
-    async def do_job(self, job: Any) -> dict:
-        """Run one job; a failing task becomes an error result."""
-        started = time.monotonic()
-        try:
-            if self._runner is None:
-                raise InvalidState("no task is loaded")
-            data = await self._runner.run(job)
-            strict_json(data)  # no NaN or Infinity leaves the worker, whatever ran the task
-        except Exception as exc:  # noqa: BLE001 - a failing task is an error result
-            return self._failed(job, exc)
-        finally:
-            self.job_seconds.observe(time.monotonic() - started)
-        self.stats["jobs done"] += 1
-        return {**self._result_for(job), "data": data}
-
-    def _failed(self, job: Any, exc: BaseException) -> dict:
-        """The error result of ``job``."""
-        result = self._result_for(job)
-        self.stats["jobs failed"] += 1
-        error = error_result(exc)
-        kind = str(error["type"])[:64]  # the label set stays small, whatever tasks raise
-        self.failures[kind if kind in self.failures or len(self.failures) < MAX_ERROR_TYPES else "other"] += 1
-        message = str(error["message"])  # the result keeps it whole; the log line stays short
-        if len(message) > LOGGED_MESSAGE:
-            message = "%s... (%d characters)" % (message[:LOGGED_MESSAGE], len(message))
-        log.warning("job %s failed: %s: %s", str(result["jobID"])[:64], kind, message)
-        return {**result, "data": None, "error": error}
-
-    def _result_for(self, job: Any) -> dict:
-        return {"jobID": job.get("id") if isinstance(job, dict) else None,
-                "worker": {"id": self.address, "name": self.name}}
-
-    # results: made, journaled, delivered (rules: class Outbox)
-    def _result_ready(self, result: dict, job_seq: int | None = None) -> None:
-        """Every result the worker makes comes here: held (and journaled) until delivered."""
-        self.outbox.add(job_seq, storable_json(result))
-        if self._flusher is None or self._flusher.done():  # one commit in flight takes them all
-            self._flusher = spawn(self._flush_outbox(), self._tasks, "worker")
-
-    async def _flush_outbox(self) -> None:
-        try:
-            await self.outbox.flush()
-        except (OSError, sqlite3.Error) as exc:
-            self.outbox.failing = True
-            if time.monotonic() - self._journal_error_at > 60.0:
-                self._journal_error_at = time.monotonic()
-                log.error("cannot write the journal %s: %s; no new work until it works again",
-                          self.journal.path, exc)
-            raise
-        else:
-            self.outbox.failing = False
-
-    async def _take_held(self, master: str, limit: int) -> list[tuple[int, str]]:
-        """The oldest held results, committed first (rule 1 of the outbox)."""
-        with contextlib.suppress(OSError, sqlite3.Error):
-            await self._flush_outbox()
-        return await self.outbox.take(master, limit, self._caps.run)
-
-    def _encrypt_held(self, batch: list[tuple[int, str]]) -> str:
-        """Held results as master.py takes them: one encrypted JSON list."""
-        return json_dumps(self.crypt.encrypt("[" + ",".join(text for _, text in batch) + "]"))
-
-    def _kick_delivery(self) -> None:
-        """Deliver held results in the background, next to the job loop."""
-        if self._owed() and not self._delivery_lock.locked():
-            self._last_kick = time.monotonic()
-            self._spawn(self._deliver_results())
-
-    async def _deliver_results(self) -> None:
-        """Send held results while a proven master is there; one delivery at a time."""
-        if self._delivery_lock.locked():
-            return  # the running delivery takes the new results along
-        async with self._delivery_lock:
-            while self._owed():
-                if not await self._deliver_some(self.master):
-                    return
-
-    async def _deliver_some(self, master: str) -> bool:
-        """One ``shareResults`` (or, for master.py, a batch of them); False if kept."""
-        batch = await self._take_held(master, RESULT_BATCH if self._caps.batches else 1)
-        if not batch:
-            return False
-        if self._caps.batches:
-            call, payload = "shareResultsBatch", self._encrypt_held(batch)
-            if self._caps.run is not None:  # theirs only if its run is still the same
-                payload = {"results": payload, "run": self._caps.run}
-        else:
-            call, payload = "shareResults", json_dumps(self.crypt.encrypt(batch[0][1]))
-        try:
-            if self._caps.acks:
-                answer = await self.node.rpc(master, call, payload, timeout=15.0)
-                if isinstance(answer, dict) and answer.get("received") is False:
-                    known = self._caps.run
-                    if self._master_run(answer) not in (None, known):  # it began another run: not its own
-                        self.outbox.settle(batch, False)
-                        return False
-                    raise InvalidState("the master could not read them")
-            elif self._has_wire(master):
-                self.node.rpc_nowait(master, call, payload)
-            else:
-                self.outbox.settle(batch, False)
-                return False
-        except (RpcTimeout, InvalidState) as exc:
-            self.outbox.settle(batch, False)
-            log.warning("%d result(s) kept for later: master %s: %s", len(batch), master, _call_failed(exc))
-            if isinstance(exc, RpcTimeout):
-                self._master_failed(master, exc)
-            return False
-        self._delivered(batch)
-        return True
-
-    def _delivered(self, batch: list[tuple[int, str]], answer: Any = None) -> None:
-        """These held results reached the master: forget them (unless its ``answer`` to the
-        request that carried them says they were not taken: another run of it)."""
-        if batch and isinstance(answer, dict) and answer.get("resultsTaken") is False:
-            self._master_run(answer)
-            self.outbox.settle(batch, False)
-        elif batch:
-            self.outbox.settle(batch, True)
-            self.stats["results delivered"] += len(batch)
-
-    def _owed(self) -> int:
-        """Held results the proven master may take: those of the jobs it gave in its run."""
-        return self.outbox.owes(self.master, self._caps.run)
-
-    def _master_run(self, answer: dict) -> str | None:
-        """The run named in the proven master's ``answer`` (master.py's; None: it names none). A
-        new one (it started another run) is the run its held results must match from now on."""
-        run = MasterCaps.run_of(answer)
-        if run is not None and run != self._caps.run:
-            self._caps = dataclasses.replace(self._caps, run=run)
-        return run
-
-    def _has_wire(self, address: str) -> bool:
-        # not has_wire(): a handshake may claim any address
-        return self.node.has_signed_wire(address)
+    def _spawn(self, coro: Awaitable) -> asyncio.Task:
+        return spawn(coro, self._tasks, "worker")
+
+    async def _master_found(self, verified: VerifiedAssets | None) -> None:
+        """A master was adopted: deliver what is held, ask it for work once its assets are known
+        to be ours (``verified``: the files its proof brought, or None: ask it for them)."""
+        self.keeper.new_master()
+        self.job_loop.kick_delivery()
+        self.job_loop.nudge()
+        await (self.keeper.sync_assets() if verified is None else self.keeper.use_proof_assets(verified))
 
     # what it is doing: a status line, /metrics, /healthz, systemd
     def health(self) -> tuple[bool, dict]:
@@ -9031,7 +9283,7 @@ class Worker:
         uptime = round(time.monotonic() - self._started, 1)
         if self.master is None:
             return False, {"status": "unavailable", "reason": "no proven master", "uptime": uptime}
-        if not self._has_wire(self.master):
+        if not self.node.has_signed_wire(self.master):  # not has_wire(): a handshake may claim any address
             return False, {"status": "unavailable", "reason": "no wire to the master", "uptime": uptime}
         return True, {"status": "ok", "master": self.master, "held": self.outbox.held, "uptime": uptime}
 
@@ -9067,13 +9319,14 @@ class Worker:
     def metrics_text(self) -> str:
         """This worker's figures in the Prometheus text format."""
         out = Exposition()
+        loop = self.job_loop
         out.add("jobs_done_total", "counter", "Jobs that gave a result.", self.stats["jobs done"])
         out.add("jobs_failed_total", "counter", "Jobs that gave an error result, by error type.",
-                {(("error", kind),): count for kind, count in sorted(self.failures.items())} or 0)
+                {(("error", kind),): count for kind, count in sorted(loop.failures.items())} or 0)
         out.add("results_held", "gauge", "Results made and not delivered yet.", self.outbox.held)
         out.add("results_delivered_total", "counter", "Results delivered to a master.",
                 self.stats["results delivered"])
-        out.histogram("job_duration_seconds", "Time a job took in its task.", self.job_seconds)
+        out.histogram("job_duration_seconds", "Time a job took in its task.", loop.job_seconds)
         out.histogram("delivery_latency_seconds", "Time from a result made to delivered.",
                       self.outbox.latency)
         peers = self._peers_by_transport()
@@ -9081,9 +9334,9 @@ class Worker:
                 {(("transport", kind),): peers[kind] for kind in ("tcp", "webrtc")})
         out.add("master_connected", "gauge", "1 while a proven master has a wire to this worker.",
                 int(self.health()[0]))
-        if self._assets_since is not None:
+        if self.keeper.since is not None:
             out.add("assets_age_seconds", "gauge", "Seconds since the task files in use came.",
-                    round(time.time() - self._assets_since, 3))
+                    round(time.time() - self.keeper.since, 3))
         out.add("resident_memory_bytes", "gauge", "This process's resident memory.", process_rss_bytes())
         out.add("uptime_seconds", "gauge", "Seconds since the worker started.",
                 round(time.monotonic() - self._started, 3))
@@ -9109,54 +9362,24 @@ class Worker:
         journal = self.journal
         await journal.call(journal.open)
         await journal.call(self._take_over_json_files)
-        self._manifest = await journal.call(self._read_manifest)
-        if moved := await asyncio.to_thread(move_earlier_assets, self.folder, self._manifest):
-            log.info("%d file(s) of the master moved into %s, where no import looks", moved,
-                     self.folder / ASSET_FOLDER)
-        proven = await journal.call(journal.get_json, "proven", [])
-        if not all(is_address(a) for a in proven):
-            log.error("%s: the list of proven masters holds what is not an address; not used", journal.path)
-            proven = []
-        self.trust.proven.update(dict.fromkeys(proven))
-        deps = await journal.call(journal.get_json, "dependencies", None)
-        if deps is not None and not all(isinstance(d, str) for d in deps):
-            log.error("%s: the list of installed dependencies is unusable; not used", journal.path)
-            deps = []
-        self._accepted_deps = None if deps is None else set(deps)
+        await self.keeper.load()
+        await self.finder.load()
         if held := await self.outbox.load():
             log.info("%d result(s) from the last run are held for the masters that gave their jobs", held)
-        for seq, body in await journal.call(journal.read, "jobs", 0, 2 * MAX_BATCH_TASKS):
-            self.jobs.append((seq, json.loads(body)))
-            self._job_seq = max(self._job_seq, seq)
-        self._job_seq = max(self._job_seq, await journal.call(journal.last_seq, "jobs"))
-        if self.jobs:
-            log.info("%d job(s) received before the last stop will run first", len(self.jobs))
-
-    def _read_manifest(self) -> list[dict]:
-        """The asset manifest from the journal (journal thread); unusable entries drop it all."""
-        manifest = self.journal.get_json("manifest", [])
-        if _manifest_ok(manifest, self.folder):
-            return manifest
-        log.error("%s: the asset list is unusable; the assets will be fetched again", self.journal.path)
-        return []
-
-    async def _save_manifest(self) -> None:
-        try:
-            await self.journal.call(self.journal.set_meta, "manifest", json_dumps(self._manifest))
-        except (OSError, sqlite3.Error) as exc:
-            log.error("cannot save the asset list in %s: %s", self.journal.path, exc)
+        await self.job_loop.load()
 
     def _take_over_json_files(self) -> None:
         """An older worker's .results.json and .assets.json, taken over once (journal thread)."""
+        folder = self.settings.folder
         for name, valid in ((".results.json", _results_ok), (".assets.json", _manifest_ok)):
-            path = self.folder / name
+            path = folder / name
             try:
                 value = json.loads(path.read_text(encoding="utf-8"))
             except FileNotFoundError:
                 continue
             except (OSError, ValueError, RecursionError) as exc:  # a directory, not JSON, too deep
                 value, valid = exc, (lambda v, f: False)
-            if not valid(value, self.folder):
+            if not valid(value, folder):
                 aside = aside_path(path)
                 with contextlib.suppress(OSError):
                     os.replace(path, aside)
@@ -9174,10 +9397,10 @@ class Worker:
         """Now and every EXPIRY_EVERY: results no master came back for go to UNRETURNED_NAME."""
         while True:
             try:
-                await self.outbox.write_out(self.folder, time.time())
-            except (OSError, sqlite3.Error) as exc:
-                self._log(logging.ERROR, "write out", "cannot write held results to %s: %s; tried again in %s",
-                          self.folder / UNRETURNED_NAME, exc, _duration(EXPIRY_EVERY))
+                await self.outbox.write_out(self.settings.folder, time.time())
+            except (OSError, sqlite3.Error) as exc:  # one line a round, at most one each EXPIRY_EVERY
+                log.error("cannot write held results to %s: %s; tried again in %s",
+                          self.settings.folder / UNRETURNED_NAME, exc, _duration(EXPIRY_EVERY))
             await asyncio.sleep(EXPIRY_EVERY)
 
     async def _close_journal(self) -> None:
@@ -9474,7 +9697,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         worker = Worker(env=load_env(args.env))
-        refuse_master_folder(worker.folder)
+        refuse_master_folder(worker.settings.folder)
     except WorkerError as exc:
         print(f"worker.py: {exc}", file=sys.stderr)
         return 2
