@@ -2599,6 +2599,100 @@ class TestTcp(AsyncTest):
         self.assertEqual(await a.rpc(b.address, "echo", {}), {"echoedBy": "py"})
 
 
+class TestEchoPacing(AsyncTest):
+    """Our own payloads to a peer that echoes them (JS bugout) wait for their echoes; a silent
+    wire is renewed (issue 20)."""
+
+    async def echoing_pair(self, ident):
+        """Node a wired to b, which echoes every payload it gets when told to (``echo()``)."""
+        a = await self.started(py_node(ident))
+        b = await self.started(py_node(ident, peers=["127.0.0.1:%d" % a.port]))
+        await until(lambda: a.address in b.peers and b.address in a.peers)
+        got, held = [], []
+        handle = b.wire_events
+
+        def wire_events(conn, events):
+            for event in events:
+                if isinstance(event, w.ExtensionPayload):
+                    got.append(len(event.payload))
+                    held.append((conn, event.payload))
+            handle(conn, events)
+        b.wire_events = wire_events
+
+        def echo():
+            for conn, payload in held:
+                conn.send_payload(payload)
+            held.clear()
+        conn = next(iter(a._connections))
+        a.send("first")  # its echo shows that b echoes
+        await until(lambda: held)
+        echo()
+        await until(lambda: conn.echoes)
+        got.clear()
+        return a, b, conn, got, echo
+
+    def messages(self, node, tag):
+        return [e for e in node.events if e[0] == "message" and isinstance(e[2], dict) and e[2].get("tag") == tag]
+
+    async def test_what_is_not_echoed_stays_within_the_window(self):
+        a, b, conn, got, echo = await self.echoing_pair("echo-window")
+        for i in range(20):
+            a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
+        await asyncio.sleep(0.3)  # b echoes nothing meanwhile
+        self.assertLessEqual(sum(got), w.ECHO_WINDOW)
+        self.assertLess(len(self.messages(b, "big")), 20)
+        self.assertGreater(a.stats["payloads paced by echoes"], 0)
+        while len(self.messages(b, "big")) < 20:  # each echo lets more go
+            echo()
+            await asyncio.sleep(0.02)
+        self.assertEqual([e[2]["i"] for e in self.messages(b, "big")], list(range(20)))
+        self.assertTrue(conn.echoes)
+
+    async def test_room_for_waits_for_the_echoes(self):
+        # results to a JS master stay in the journal until they would leave at once
+        a, b, _conn, got, echo = await self.echoing_pair("echo-room")
+        for i in range(8):
+            a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
+        await until(lambda: got)
+        waiting = asyncio.ensure_future(a.room_for(b.address, 2000))
+        await asyncio.sleep(0.2)
+        self.assertFalse(waiting.done())
+        while not waiting.done():
+            echo()
+            await asyncio.sleep(0.02)
+        await until(lambda: len(self.messages(b, "big")) == 8, 5)
+
+    async def test_a_peer_that_stops_echoing_gets_what_waits_anyway(self):
+        a, b, conn, _got, _echo = await self.echoing_pair("echo-stops")
+        with mock.patch.object(w, "ECHO_WAIT", 0.5):
+            for i in range(20):
+                a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
+            await until(lambda: len(self.messages(b, "big")) == 20, 5)  # no echo at all
+        self.assertFalse(conn.echoes)
+
+    async def test_what_waits_goes_before_the_wire_closes(self):
+        a, b, conn, _got, _echo = await self.echoing_pair("echo-close")
+        for i in range(20):
+            a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
+        conn.close()
+        await until(lambda: len(self.messages(b, "big")) == 20, 5)
+
+
+    async def test_a_silent_wire_renewed_is_dialed_again_where_lsd_said(self):
+        # issue 20: a JS master dialed us; its wire renewed, we dial the endpoint its peer id
+        # announced by LSD (WebTorrent would come back over uTP first, ~30 s later)
+        a = await self.started(py_node("renew-lsd"))
+        b = await self.started(py_node("renew-lsd", peers=["127.0.0.1:%d" % a.port]))
+        await until(lambda: a.address in b.peers and b.address in a.peers)
+        a.lsd_peer("127.0.0.1", b.port, "bittorrent-lsd-" + b.peer_id.hex())  # wired already: no dial
+        old = set(a._connections)
+        self.assertEqual(a.renew_silent_wires(b.address, 60.0), 0)  # it spoke lately
+        self.assertEqual(a.renew_silent_wires(b.address, 0.0), 1)
+        await until(lambda: any(c.dialed == ("127.0.0.1", b.port) and c.state is w.ConnState.OPEN
+                                for c in a._connections if c not in old), 5)
+        self.assertEqual(a.stats["silent wires renewed"], 1)
+
+
 class TestWireUnderAttack(AsyncTest):
     async def _second_wire(self, ids_favour_wire_2, window=60.0):
         """Wire 1 carries RPCs both ways (some served, some still on the wire) when the other end
@@ -7561,6 +7655,52 @@ class TestAgainstJsMaster(AsyncTest):
         recorded = {int(key): json.loads(text)["data"]["sum"] for key, text in again.master.store.db.execute(
             "SELECT job_key, result FROM results")}
         self.assertEqual(recorded, {i: 2 * (1000 + i) for i in range(5)})
+
+    @time_limit(120)
+    async def test_a_slow_reading_js_master_never_gets_more_in_one_turn_than_it_can_echo(self):
+        # issue 20: the original JS master stops writing to a wire that takes more than ~16 KiB
+        # in one loop turn (QX_TURN_LIMIT emulates it). It echoes all it reads (bugout relays
+        # every new packet by every wire), so a master too busy to read echoes in one turn
+        # all that came meanwhile: results of 3 KB come paced by their echoes.
+        tmp = self.tmp()
+        token = "jsm-turns-%d" % random.randrange(1 << 30)
+        task = 'class Task:\n    def run(self, job):\n        return {"pad": "x" * 3000}\n'
+        assets = js_master_assets(tmp, {**DEFAULT_FILES, "/workplace/task.py": task})
+        count = 100
+        master = await self.started(JsProcess("master.js", {
+            "QX_TOKEN": token, "QX_KEY": KEY, "QX_JOBS": str(count), "QX_ASSETS": str(assets),
+            "QX_TURN_LIMIT": "16384", "QX_READ_PAUSE_MS": "100"}))
+        worker = await self.started(loopback_worker(token, tmp / "w", "py", get_batch=True, batch_size=10,
+                                                    peers=["127.0.0.1:%d" % master.ready["port"]]))
+
+        def seen(kind):
+            return [e for e in master.events if e["event"] == kind]
+        await until(lambda: seen("stalled") or len(seen("result")) >= count, 90)
+        self.assertEqual(seen("stalled"), [])
+        self.assertEqual(sorted(e["result"]["jobID"] for e in seen("result")), list(range(count)))
+        self.assertGreater(worker.node.stats["waits for echo room"], 0)  # results waited in the journal
+
+    @time_limit(150)
+    async def test_a_js_master_that_stopped_writing_to_its_wire_is_found_again_on_a_new_one(self):
+        # issue 20: a batch answer over QX_TURN_LIMIT stalls the wire for good (the original JS
+        # master's own stall, which no pacing of ours prevents): that batch is lost with it (a
+        # JS master has no leases), but once requestWork times out the wire, silent since, is
+        # closed and dialed again, and the jobs after it come.
+        tmp = self.tmp()
+        token = "jsm-renew-%d" % random.randrange(1 << 30)
+        master = await self.started(JsProcess("master.js", {
+            "QX_TOKEN": token, "QX_KEY": KEY, "QX_ASSETS": str(js_master_assets(tmp)), "QX_TURN_LIMIT": "16384"}))
+        for i in range(30):  # the first batch of 10 is ~27 KB, the rest small
+            master.send(cmd="push", job={"id": i, "data": json.dumps({"x": i, "pad": "x" * (2000 if i < 10 else 0)})})
+        worker = await self.started(loopback_worker(token, tmp / "w", "py", get_batch=True, batch_size=10,
+                                                    peers=["127.0.0.1:%d" % master.ready["port"]]))
+
+        def seen(kind):
+            return [e for e in master.events if e["event"] == kind]
+        await master.wait_for(lambda e: e["event"] == "stalled", 30)
+        await until(lambda: len(seen("result")) >= 20, 90)
+        self.assertEqual(sorted(e["result"]["jobID"] for e in seen("result")), list(range(10, 30)))
+        self.assertEqual(worker.node.stats["silent wires renewed"], 1)
 
     async def test_js_master_answers_ping_and_same(self):
         tmp = self.tmp()

@@ -2023,6 +2023,20 @@ DRAIN_GRACE = 5.0
 #: whole), or its wire is closed; a protected peer's wire never is (its RPC timeouts decide).
 PROGRESS_BYTES = 16 * 1024
 PROGRESS_SECONDS = 5.0
+#: Our own payloads on a wire whose peer echoes them (JS bugout sends every new packet back
+#: by every wire, the one it came by too) that are not echoed yet: at most this many bytes.
+#: The original JS master (queue-xec/master 2.1.0, streamx 2.16.0 under WebTorrent's
+#: speed-limiter) stops writing to a wire for good when one loop turn of its pushes more than
+#: about 16 KiB into it; what it echoes in one turn is what it read in one.
+ECHO_WINDOW = 8 * 1024
+#: An echo not back within this many seconds is not waited for: the peer stopped echoing.
+ECHO_WAIT = 5.0
+#: Own payloads sent on one wire whose echoes are looked for (the oldest is forgotten past it).
+ECHO_TRACKED = 256
+#: Own payloads held for one wire's echoes: past this many bytes they all go (memory stays bounded).
+ECHO_HELD_MAX = 1024 * 1024
+#: How often Bugout.room_for looks again whether echoes made room.
+ECHO_POLL = 0.005
 
 
 class ConnState(enum.Enum):
@@ -2064,6 +2078,11 @@ class Connection:
     - A connection hands the node at most WIRE_BUDGET payloads per loop turn and
       reads nothing meanwhile, unless it carries a protected peer
       (:meth:`Bugout.prioritize`): one flooding peer cannot hold the loop.
+    - Our own payloads to a peer that sends them back (JS bugout echoes every
+      new packet) go as their echoes make room: at most ECHO_WINDOW bytes not
+      echoed yet, so a JS master never echoes more than that in one turn (the
+      original one stops writing to a wire for good past about 16 KiB). What
+      waits goes when the wire drains or closes, or once an echo is ECHO_WAIT late.
 
     Subclasses move the bytes: ``_write``, ``_write_eof``, ``_close_transport``,
     ``write_buffer``, ``writable``, ``_pause``/``_resume``, ``peer_name``.
@@ -2087,9 +2106,10 @@ class Connection:
         self.last_verified: float | None = None
         #: the peer's IP address (None over WebRTC)
         self.remote_host: str | None = None
-        #: bytes received in all; when it was made; when a keep-alive last went
+        #: bytes received in all; when it was made; when a keep-alive last went; when bytes last came
         self.bytes_in = 0
         self.started = time.monotonic()
+        self.last_in = self.started
         self.last_keepalive = self.started
         #: when a verified packet (signed, fresh, new to us) last came by this wire (monotonic)
         self.last_verified: float | None = None
@@ -2103,6 +2123,13 @@ class Connection:
         self._queued = 0  # bytes in the wire's out buffer, not given to the transport yet
         self._flush_pending = False
         self._progress: tuple[float, tuple[int, int] | None] = (self.started, None)  # checked at, pending
+        #: True while the peer sends our own payloads back (JS bugout): ours are then paced
+        self.echoes = False
+        self._unechoed: dict[int, tuple[int, float]] = {}  # hash of ours sent -> (size, when)
+        self._unechoed_bytes = 0
+        self._paced: collections.deque[bytes] = collections.deque()  # ours waiting for echoes
+        self._paced_bytes = 0
+        self._echo_timer: asyncio.TimerHandle | None = None
 
     # what subclasses provide
     def _write(self, data: bytes) -> None:
@@ -2196,9 +2223,13 @@ class Connection:
             return
         try:
             self.bytes_in += len(data)
+            self.last_in = time.monotonic()
             self.node.stats["bytes in"] += len(data)
             self.wire.receive_data(data)
-            self._backlog.extend(self.wire.events_received())
+            events = self.wire.events_received()
+            if self._unechoed:
+                self._echoed(events)
+            self._backlog.extend(events)
             if self.wire.has_output:  # handshake answers, metadata, rejects
                 self.flush()
             self._handle()
@@ -2266,14 +2297,28 @@ class Connection:
                 and before[1] - pending[1] < PROGRESS_BYTES)
 
     # bytes out
-    def send_payload(self, payload: bytes) -> None:
+    def send_payload(self, payload: bytes, own: bool = False) -> None:
         """Queue one ``bo_channel`` payload if the connection is OPEN.
 
         Payloads queued in one loop turn leave in one write: fewer syscalls and
-        segments when a result and a request go out together.
+        segments when a result and a request go out together. ``own``: one of
+        ours, paced by its echoes while the peer sends them back (:meth:`_echoed`).
         """
         if self.state is not ConnState.OPEN:
             return
+        if own:
+            if self._paced or not self._echo_room(len(payload), time.monotonic()):
+                self._paced.append(payload)
+                self._paced_bytes += len(payload)
+                self.node.stats["payloads paced by echoes"] += 1
+                if self._paced_bytes > ECHO_HELD_MAX:
+                    self.echoes = False
+                self._send_paced()
+                return
+            self._expect_echo(payload, time.monotonic())
+        self._queue_payload(payload)
+
+    def _queue_payload(self, payload: bytes) -> None:
         self.wire.send_extension(payload)
         self._queued += len(payload) + 6
         if not self._flush_pending:
@@ -2283,6 +2328,64 @@ class Connection:
     def _flush_soon(self) -> None:
         self._flush_pending = False
         self.flush()
+
+    # pacing by echoes: a JS master's pushes per loop turn stay small
+    def _expect_echo(self, payload: bytes, now: float) -> None:
+        if len(self._unechoed) >= ECHO_TRACKED:
+            self._unechoed_bytes -= self._unechoed.pop(next(iter(self._unechoed)))[0]
+        key = hash(payload)
+        self._unechoed_bytes -= self._unechoed.pop(key, (0, 0.0))[0]
+        self._unechoed[key] = (len(payload), now)
+        self._unechoed_bytes += len(payload)
+
+    def _echo_room(self, size: int, now: float) -> bool:
+        """True when ``size`` more bytes of ours may go now (an echo overdue stops the pacing)."""
+        if not self.echoes:
+            return True
+        oldest = next(iter(self._unechoed.values()), None)
+        if oldest is not None and now - oldest[1] >= ECHO_WAIT:
+            self.echoes = False  # it stopped echoing (or is that slow): send as before
+            self._unechoed.clear()
+            self._unechoed_bytes = 0
+            return True
+        return not self._unechoed_bytes or self._unechoed_bytes + size <= ECHO_WINDOW
+
+    def _echoed(self, events: list) -> None:
+        """Our own payloads the peer sent back: room for those we hold."""
+        for event in events:
+            if type(event) is ExtensionPayload:
+                found = self._unechoed.pop(hash(event.payload), None)
+                if found is not None:
+                    self._unechoed_bytes -= found[0]
+                    self.echoes = True
+        if self._paced:
+            self._send_paced()
+
+    def sends_at_once(self, size: int) -> bool:
+        """True when ``size`` more bytes of ours would leave now, not wait for echoes."""
+        return not self._paced and self._echo_room(size, time.monotonic())
+
+    def _send_paced(self, everything: bool = False) -> None:
+        if self.state is not ConnState.OPEN:  # nothing more goes: forget what waits
+            self._paced.clear()
+            self._paced_bytes = 0
+        now = time.monotonic()
+        while self._paced and (everything or self._echo_room(len(self._paced[0]), now)):
+            payload = self._paced.popleft()
+            self._paced_bytes -= len(payload)
+            self._expect_echo(payload, now)
+            self._queue_payload(payload)
+        self._echo_timer_for_oldest()
+
+    def _echo_timer_for_oldest(self) -> None:
+        """Wake up when the oldest echo is overdue, while payloads wait for it."""
+        if self._echo_timer is not None:
+            self._echo_timer.cancel()
+            self._echo_timer = None
+        oldest = next(iter(self._unechoed.values()), None)
+        if self._paced and oldest is not None:
+            due = max(oldest[1] + ECHO_WAIT - time.monotonic(), 0.0)
+            self._echo_timer = asyncio.get_running_loop().call_later(due, self._send_paced)
 
     def flush(self) -> None:
         """Give the transport what the wire has to send (it waits while not writable).
@@ -2308,6 +2411,7 @@ class Connection:
         """A duplicate lost: take nothing new, write what is held, then EOF; close on the peer's."""
         if self.state is not ConnState.OPEN:
             return
+        self._send_paced(everything=True)
         self.set_state(ConnState.DRAINING)
         if self._eof:
             self.close()
@@ -2322,9 +2426,12 @@ class Connection:
         if self.state is ConnState.CLOSED:
             return
         if not abort:
+            if self.state is ConnState.OPEN:
+                self._send_paced(everything=True)
             self.flush()
         self.set_state(ConnState.CLOSED)
         self._cancel_timer()
+        self._send_paced()  # forgets what waits, stops the timer
         self._backlog.clear()
         self._close_transport(abort)
 
@@ -2333,6 +2440,7 @@ class Connection:
         if self.state is not ConnState.CLOSED:
             self.set_state(ConnState.CLOSED)
             self._cancel_timer()
+            self._send_paced()  # forgets what waits, stops the timer
         self.node.detach(self)
 
 
@@ -4589,6 +4697,9 @@ LSD_DATAGRAMS_PER_SECOND = 100.0
 LSD_PAUSE = 1.0
 LSD_SOURCE_SECONDS = 2.0
 LSD_SOURCE_BURST = 32
+#: Endpoints LSD announced, by the announcer's peer id, kept to dial again a wire renewed
+#: (Bugout.renew_silent_wires): a JS peer that dialed us dials again over uTP first, ~30 s.
+LSD_ENDPOINTS_KEPT = 64
 #: A wire takes relayed payloads while its send queue holds less than this (a protected wire's:
 #: RELAY_PROTECTED) and all send queues together hold less than RELAY_TOTAL; the rest are dropped.
 RELAY_QUEUE = 1024 * 1024
@@ -5114,6 +5225,7 @@ class Bugout:
         self._acceptor: _Acceptor | None = None
         self._lsd_transport: asyncio.DatagramTransport | None = None
         self._lsd_cookie = "bittorrent-lsd-" + self.peer_id.hex()
+        self._lsd_endpoints: dict[bytes, Addr] = {}  # announcer's peer id (a claim) -> endpoint
         self._extended = {"ek": self.identity.ek, "id": identifier, "m": OUR_EXT_IDS,
                           "metadata_size": len(self.metadata), "pk": self.identity.pk}
         #: which wire is whose: duplicates, routes, protection (the node asks it, it keeps no socket)
@@ -5163,6 +5275,29 @@ class Bugout:
         Not a wire that only says so in its handshake (as has_wire), nor one that replays."""
         conn = self.policy.direct(address)
         return conn is not None and conn.state is ConnState.OPEN and not conn.closing
+
+    def renew_silent_wires(self, address: str, quiet: float) -> int:
+        """Close the wires claiming ``address`` that carried nothing for ``quiet`` seconds, and
+        dial again those we dialed; the number closed.
+
+        For a call to ``address`` that got no answer in time: a JS peer echoes every packet
+        it reads, so its wire silent all the while no longer carries what it writes (the
+        original JS master's stall: see ECHO_WINDOW). A new wire does: WebTorrent dials
+        again those it dialed (over uTP first: ~30 s); we dial again those we dialed, and the
+        endpoint the peer id of the others last announced by LSD.
+        """
+        now = time.monotonic()
+        silent = [c for c in self._connections
+                  if c.address == address and c.state is ConnState.OPEN and now - c.last_in >= quiet]
+        for conn in silent:
+            self.stats["silent wires renewed"] += 1
+            log.info("closing %s: %s did not answer, and nothing came by it for %.0f s; a new wire "
+                     "takes its place", conn.peer_name, address, now - conn.last_in)
+            conn.close()
+            endpoint = conn.dialed or self._lsd_endpoints.get(conn.wire.remote_peer_id or b"")
+            if endpoint:
+                self.add_peer(*endpoint)
+        return len(silent)
 
     def has_peer_id(self, peer_id: bytes) -> bool:
         """True when a connection not closed has this BitTorrent peer id."""
@@ -5290,6 +5425,19 @@ class Bugout:
             self._calls.pop(nonce, None)
             self._unsent.pop(nonce, None)
             self._not_busy(address)
+
+    async def room_for(self, address: str, size: int) -> None:
+        """Return once ``size`` bytes of ours for ``address`` would leave at once rather than wait
+        for echoes on its wires (ECHO_WAIT at most): what waits for room stays with the caller
+        (a result in the journal), not in a send queue that a crash would lose."""
+        deadline = time.monotonic() + ECHO_WAIT
+        waited = False
+        while time.monotonic() < deadline and not all(
+                c.sends_at_once(size) for c in self.policy.targets(address)[0] if c.state is ConnState.OPEN):
+            waited = True
+            await asyncio.sleep(ECHO_POLL)
+        if waited:
+            self.stats["waits for echo room"] += 1
 
     def rpc_nowait(self, address: str, call: str, args: Any = None) -> None:
         """Call ``call`` on ``address`` without waiting for an answer."""
@@ -5671,6 +5819,11 @@ class Bugout:
         if cookie == self._lsd_cookie:
             return  # our own announcement, looped back
         peer_id = lsd_peer_id(cookie)
+        if peer_id is not None:
+            self._lsd_endpoints.pop(peer_id, None)
+            if len(self._lsd_endpoints) >= LSD_ENDPOINTS_KEPT:
+                del self._lsd_endpoints[next(iter(self._lsd_endpoints))]
+            self._lsd_endpoints[peer_id] = (host, port)
         if peer_id is not None and self.has_peer_id(peer_id):
             self.stats["lsd: already wired"] += 1
             return
@@ -5773,7 +5926,7 @@ class Bugout:
                       conn.peer_name, conn.buffered)
             conn.close(abort=True)
             return
-        conn.send_payload(payload)
+        conn.send_payload(payload, own=True)
         self._out_estimate += len(payload)
         if self._out_estimate > self.max_send_total:
             self._trim_send_queues()
@@ -8273,7 +8426,12 @@ class MasterFinder:
             self.ask(address, again=True)
 
     def failed(self, master: str, exc: Exception) -> None:
-        """An RPC to the master failed: unreachable at once, or unanswered twice, ends it."""
+        """An RPC to the master failed: unreachable at once, or unanswered twice, ends it.
+
+        Unanswered with nothing at all coming by its wire meanwhile, that wire is renewed.
+        """
+        if not isinstance(exc, RpcUnreachable) and self.node.renew_silent_wires(master, CHECK_TIMEOUT):
+            return  # it comes back on a new wire: found again (proven before) as it does
         self._timeouts = 0 if isinstance(exc, RpcUnreachable) else self._timeouts + 1
         if (isinstance(exc, RpcUnreachable) or self._timeouts >= 2) and self.trust.lose(master):
             self.log.warning("master %s does not answer; its results are kept until it is back", master)
@@ -9066,6 +9224,11 @@ class JobLoop:
                         return False
                     raise InvalidState("the master could not read them")
             elif self.node.has_signed_wire(master):  # not has_wire(): a handshake may claim any address
+                # sent at once when sent: held in the journal until then
+                await self.node.room_for(master, len(payload) + 1024)  # the packet around: < 1 KiB
+                if not self.node.has_signed_wire(master):
+                    self.outbox.settle(batch, False)
+                    return False
                 self.node.rpc_nowait(master, call, payload)
             else:
                 self.outbox.settle(batch, False)
