@@ -1289,6 +1289,12 @@ def result_text(i):
     return json.dumps({"jobID": i, "worker": {"id": "bWorker", "name": "w"}, "data": i})
 
 
+def add_owned(outbox, i, master="master", run=None):
+    """The result of job ``i``, a job ``master`` gave (in its ``run``), into ``outbox``."""
+    outbox.given([(i, json.dumps({"id": i}))], (master, run))
+    outbox.add(i, result_text(i))
+
+
 def journal_count(folder, table="results"):
     """Rows in a running worker's journal, read beside it (WAL lets a reader in)."""
     try:
@@ -1303,21 +1309,27 @@ class QuietMaster:
     """master.py in this process, on a fixed port and seed, that never requeues on its own:
     a job lost by the worker stays lost, so a test sees it."""
 
-    def __init__(self, tmp, token, port, seed, name):
+    def __init__(self, tmp, token, port, seed, name, db=None):
         from master import Master
         files = write_assets(Path(tmp) / name, DEFAULT_FILES)
         self.results, self.handed = [], []
         self.master = Master(token, {"files": files, "dependencies": []}, self.results.append, None, KEY,
                              folder=Path(tmp) / name, env={}, host="127.0.0.1", port=port, seed=seed,
-                             lsd=False, dht=False, trackers=[], lease_seconds=3600.0)
+                             lsd=False, dht=False, trackers=[], lease_seconds=3600.0, db=db or ":memory:")
         self.master._requeue_worker = lambda address: None
         serve = self.master._request_work
 
-        def recording(address, args):
-            answer = serve(address, args)
+        def record(answer):
             self.handed.append((time.monotonic(), [json.loads(w.Crypt(KEY).decrypt(j))["id"] for j in
                                                    answer.get("batchTasks") or [answer.get("task")] if j]))
             return answer
+
+        async def synced(answer):
+            return record(await answer)
+
+        def recording(address, args):
+            answer = serve(address, args)
+            return synced(answer) if inspect.isawaitable(answer) else record(answer)  # db: once synced
         self.master._request_work = recording
 
     async def start(self):
@@ -2195,6 +2207,25 @@ class TestBugoutCore(unittest.TestCase):
         self.assertNotIn(self.a.identity.address, self.b.peers)
         self.assertEqual(self.a.expire(self.now + w.PEER_TIMEOUT_MS + 1),
                          [w.Left(self.b.identity.address, "timeout")])
+
+    def test_a_peer_started_again_is_known_by_its_signed_new_key_never_by_a_claim(self):
+        # issue 25: after kill -9 of master.py the worker boxed its calls for the dead process's
+        # key; the new process could not open them, and the worker waited 30 s
+        a = self.a.identity.address
+        self.a.send_ping(self.now)
+        self.assertEqual(self.deliver(self.a, self.b), [w.Ping(a)])  # its keys are proven
+        again = w.BugoutCore(vector_swarm(), w.Identity(self.a.identity.seed))  # same address, new box key
+        again.saw_peer(self.b.identity.pk, self.b.identity.ek, self.now)
+        again.data_to_send()
+        nonce = self.b.send_call(a, "isMaster", {}, self.now)
+        self.assertEqual(self.deliver(self.b, again), [])  # boxed for the old key: unreadable
+        self.assertEqual(self.b.saw_peer(again.identity.pk, again.identity.ek, self.now), [])  # a claim
+        again.send_ping(self.now)
+        self.assertEqual(self.deliver(again, self.b), [w.Rekeyed(a), w.Ping(a)])  # signed: proven
+        self.b.send_call(a, "isMaster", {}, self.now, nonce=nonce)  # what the node does then
+        self.assertEqual(self.deliver(self.b, again), [w.Call(self.b.identity.address, "isMaster", {}, nonce)])
+        again.send_ping(self.now + 1)
+        self.assertEqual(self.deliver(again, self.b), [w.Ping(a)])  # the same key: nothing new
 
     def test_seen_cache_is_bounded(self):
         core = w.BugoutCore(vector_swarm(), w.Identity(), seen_limit=100)
@@ -5858,8 +5889,10 @@ class TestMasterTrust(AsyncTest):
                 conn.close(abort=True)
         await until(lambda: sum(c.address == master.node.address for c in worker.node._connections) == 1, 10)
         self.assertFalse(worker.node.has_signed_wire(master.node.address))
-        worker.job_loop.result_ready({"jobID": 1, "worker": {"id": worker.address, "name": "w"}, "data": 2})
-        await until(lambda: worker.outbox.ready, 10)
+        worker.outbox.given([(10**6, "{}")], (master.node.address, None))  # a job it gave
+        worker.job_loop.result_ready({"jobID": 1, "worker": {"id": worker.address, "name": "w"}, "data": 2}, 10**6)
+        await worker.outbox.flush()
+        self.assertEqual(worker.outbox.owes(master.node.address), 1)
         worker.job_loop.kick_delivery()
         await asyncio.sleep(1.0)
         self.assertEqual(worker.master, master.node.address)  # its check still waits: not gone yet
@@ -6170,7 +6203,7 @@ class TestOutbox(AsyncTest):
         journal = self.will_close(open_journal(tmp))
         outbox = w.Outbox(journal, lambda address: address == "master")
         for i in range(3):
-            outbox.add(None, result_text(i))
+            add_owned(outbox, i)
         self.assertEqual(await outbox.take("master", 10), [])  # 1: not committed yet
         await outbox.flush()
         self.assertEqual(await outbox.take("rogue", 10), [])  # 2: only the proven master
@@ -6186,7 +6219,138 @@ class TestOutbox(AsyncTest):
         await asyncio.to_thread(journal.close)
         reopened = w.Outbox(self.will_close(open_journal(tmp)), lambda address: True)
         self.assertEqual(await reopened.load(), 1)
-        self.assertEqual([json.loads(t)["jobID"] for _, t in await reopened.take("m", 10)], [2])
+        self.assertEqual(await reopened.take("m", 10), [])  # 2: only the master that gave its job
+        self.assertEqual([json.loads(t)["jobID"] for _, t in await reopened.take("master", 10)], [2])
+
+    async def test_a_held_result_goes_only_to_the_master_and_run_that_gave_its_job(self):
+        # issue 25: a result held from a killed master.py (job 398) was taken by a JS master as its own
+        tmp = self.tmp()
+        outbox = w.Outbox(self.will_close(open_journal(tmp)), lambda address: True)
+        add_owned(outbox, 1, "A")
+        add_owned(outbox, 2, "B")
+        add_owned(outbox, 3, "A", run="r1")
+        add_owned(outbox, 4, "A")
+        await outbox.flush()
+        ids = lambda batch: [json.loads(t)["jobID"] for _, t in batch]
+        self.assertEqual((outbox.owes("A"), outbox.owes("B"), outbox.owes("A", "r1"), outbox.owes("C")), (2, 1, 1, 0))
+        self.assertEqual(await outbox.take("C", 10), [])
+        self.assertEqual(await outbox.take("A", 10, run="r2"), [])  # the same address in another run
+        batch = await outbox.take("B", 10)
+        self.assertEqual(ids(batch), [2])
+        outbox.settle(batch, True)
+        batch = await outbox.take("A", 10)
+        self.assertEqual(ids(batch), [1, 4])
+        outbox.settle(batch, True)
+        self.assertEqual(ids(await outbox.take("A", 10, run="r1")), [3])
+        self.assertEqual(len(outbox), 1)
+
+    async def test_who_gave_a_job_survives_a_restart_with_the_job(self):
+        tmp = self.tmp()
+        journal = self.will_close(open_journal(tmp))
+        outbox = w.Outbox(journal, lambda address: True)
+        outbox.given([(7, '{"id": 7}')], ("A", "r1"))
+        await journal.call(lambda: None)  # the background write is done
+        await asyncio.to_thread(journal.close)  # as a kill: the job held, not yet run
+        reopened = w.Outbox(self.will_close(open_journal(tmp)), lambda address: True)
+        await reopened.load()
+        reopened.add(7, result_text(7))  # run after the restart
+        await reopened.flush()
+        self.assertEqual(await reopened.take("A", 10), [])
+        self.assertEqual([json.loads(t)["jobID"] for _, t in await reopened.take("A", 10, "r1")], [7])
+
+    async def test_results_no_master_took_in_time_are_written_out_once_with_one_line(self):
+        tmp = self.tmp()
+        clock = [1_000_000.0]
+        outbox = w.Outbox(self.will_close(open_journal(tmp)), lambda address: True, clock=lambda: clock[0])
+        add_owned(outbox, 1, "A")
+        await outbox.flush()
+        clock[0] += 3600
+        add_owned(outbox, 2, "A")
+        await outbox.flush()
+        self.assertEqual(await outbox.write_out(tmp, clock[0] + 10), 0)  # within the hold: kept
+        self.assertFalse((tmp / w.UNRETURNED_NAME).exists())
+        with self.assertLogs("worker", "WARNING") as logs:
+            self.assertEqual(await outbox.write_out(tmp, 1_000_000.0 + w.HOLD_SECONDS + 1), 1)
+        self.assertEqual(len(logs.output), 1)
+        self.assertIn(str(tmp / w.UNRETURNED_NAME), logs.output[0])
+        self.assertEqual(file_mode(tmp / w.UNRETURNED_NAME), "0o600")
+        [line] = [json.loads(line) for line in (tmp / w.UNRETURNED_NAME).read_text().splitlines()]
+        self.assertEqual(line, {"master": "A", "run": None, "made": "1970-01-12T13:46:40Z",
+                                "result": json.loads(result_text(1))})
+        self.assertEqual((len(outbox), outbox.owes("A")), (1, 1))
+        self.assertEqual([json.loads(t)["jobID"] for _, t in await outbox.take("A", 10)], [2])  # not 1
+        with self.assertNoLogs("worker", "WARNING"):
+            self.assertEqual(await outbox.write_out(tmp, clock[0] + 10), 0)  # a delivery under way
+        self.assertEqual(len((tmp / w.UNRETURNED_NAME).read_text().splitlines()), 1)
+
+    async def test_a_write_out_cut_short_at_any_point_writes_each_result_once(self):
+        class Killed(BaseException):
+            pass
+
+        real_pwrite = os.pwrite
+
+        def half_written(fd, data, offset):
+            real_pwrite(fd, data[:len(data) // 2], offset)
+            raise Killed
+
+        def killed_before_the_rows_go():
+            raise Killed
+        for point in ("intent", "half the file", "the file, not the rows"):
+            with tempfile.TemporaryDirectory() as tmp, self.subTest(point):
+                tmp = Path(tmp)
+                (tmp / w.UNRETURNED_NAME).write_text('{"earlier": 1}\n')
+                journal = open_journal(tmp)
+                outbox = w.Outbox(journal, lambda address: True)
+                for i in range(5):
+                    add_owned(outbox, i, "A")
+                await outbox.flush()
+                rows = journal.submit(journal.expired, 1e12, 100).result()
+                if point == "intent":
+                    journal.submit(journal.set_meta, "unreturned", json.dumps(
+                        {"offset": 15, "seqs": [r[0] for r in rows]})).result()
+                else:
+                    patch = (mock.patch.object(w.os, "pwrite", lambda *a: half_written(*a) if a[0] > 2 else
+                                               real_pwrite(*a)) if point == "half the file" else
+                             mock.patch.object(journal, "_transaction", killed_before_the_rows_go))
+                    with patch, self.assertRaises(Killed), self.assertLogs("worker", "ERROR"):
+                        journal.submit(journal.write_out, tmp / w.UNRETURNED_NAME, rows).result()
+                journal.close()
+                again = w.Outbox(open_journal(tmp), lambda address: True)
+                self.assertEqual(await again.load(), 5)
+                with self.assertLogs("worker", "WARNING"):
+                    self.assertEqual(await again.write_out(tmp, 0.0), 5)  # the cut one, finished
+                lines = (tmp / w.UNRETURNED_NAME).read_text().splitlines()
+                self.assertEqual([json.loads(line).get("result", {}).get("jobID") for line in lines],
+                                 [None, 0, 1, 2, 3, 4])
+                self.assertEqual(len(again), 0)
+                again.journal.close()
+
+    async def test_results_of_an_older_journal_have_no_known_master_and_are_written_out(self):
+        tmp = self.tmp()
+        journal = w.Journal.of(tmp, "journal-swarm", w.Crypt(KEY))
+        with contextlib.closing(sqlite3.connect(journal.path)) as db:  # as version 1 made it
+            db.executescript("""
+                CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                CREATE TABLE results (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, mac TEXT NOT NULL);
+                CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, mac TEXT NOT NULL);
+                PRAGMA application_id=%d; PRAGMA user_version=1;""" % w.JOURNAL_APPLICATION_ID)
+            db.execute("INSERT INTO meta VALUES ('fingerprint', ?)", (journal.fingerprint,))
+            db.execute("INSERT INTO results (body, mac) VALUES (?, ?)", (result_text(398), journal.mac(result_text(398))))
+            db.execute("INSERT INTO jobs (body, mac) VALUES (?, ?)", ('{"id": 9}', journal.mac('{"id": 9}')))
+            db.commit()
+        journal.submit(journal.open).result()
+        self.will_close(journal)
+        outbox = w.Outbox(journal, lambda address: True)
+        self.assertEqual(await outbox.load(), 1)
+        self.assertEqual(journal.submit(journal.read, "jobs", 0, 10).result(), [(1, '{"id": 9}')])  # kept
+        self.assertEqual(await outbox.take("A", 10), [])  # given to no master
+        outbox.add(1, result_text(9))  # the old job's result: its master is not known either
+        await outbox.flush()
+        with self.assertLogs("worker", "WARNING") as logs:
+            self.assertEqual(await outbox.write_out(tmp, 0.0), 2)  # at once, whatever the time
+        self.assertEqual(len(logs.output), 1)
+        lines = [json.loads(line) for line in (tmp / w.UNRETURNED_NAME).read_text().splitlines()]
+        self.assertEqual([(x["master"], x["result"]["jobID"]) for x in lines], [(None, 398), (None, 9)])
 
     async def test_the_journal_and_its_logs_are_0600_whatever_the_umask(self):
         # issue 23: with umask 022 the -wal and -shm files were 0644, the WAL holding jobs in clear
@@ -6207,7 +6371,7 @@ class TestOutbox(AsyncTest):
         outbox = w.Outbox(self.will_close(open_journal(self.tmp())), lambda address: True)
         with mock.patch.object(w, "OUTBOX_MEMORY", 5):
             for i in range(23):
-                outbox.add(None, result_text(i))
+                add_owned(outbox, i, "m")
                 if i % 7 == 6:
                     await outbox.flush()
             await outbox.flush()
@@ -6221,11 +6385,13 @@ class TestOutbox(AsyncTest):
     async def test_a_row_this_worker_did_not_write_is_never_delivered(self):
         tmp = self.tmp()
         outbox = w.Outbox(self.will_close(open_journal(tmp)), lambda address: True)
-        outbox.add(None, result_text(1))
+        add_owned(outbox, 1, "m")
         await outbox.flush()
         await asyncio.to_thread(outbox.journal.close)
         with contextlib.closing(sqlite3.connect(tmp / w.JOURNAL_NAME)) as db:
-            db.execute("INSERT INTO results (body, mac) VALUES (?, ?)", (result_text(666), "0" * 64))
+            db.execute("INSERT INTO results (body, mac, master) VALUES (?, ?, 'm')", (result_text(666), "0" * 64))
+            body, mac = db.execute("SELECT body, mac FROM results").fetchone()
+            db.execute("INSERT INTO results (body, mac, master) VALUES (?, ?, 'rogue')", (body, mac))  # re-pointed
             db.commit()
         reopened = w.Outbox(self.will_close(open_journal(tmp)), lambda address: True)
         with self.assertLogs("worker", "ERROR") as logs:
@@ -6369,7 +6535,8 @@ class TestCrashSafety(AsyncTest):
         self.token, port, seed = "held-%d" % random.randrange(1 << 30), free_port(), w.make_seed()
         folder = tmp / "wp"
         folder.mkdir()
-        first = await self.started(QuietMaster(tmp, self.token, port, seed, "m1"))
+        db = tmp / "master.db"  # the second master continues the first's run: its results are for it
+        first = await self.started(QuietMaster(tmp, self.token, port, seed, "m1", db=db))
         first.push(range(301), sleep=0.005)  # JS rule: a batch while more than its size wait
         proc = await self.worker_process(folder, port, getBatch="true", batchSize=300)
         await until(lambda: first.handed and first.handed[-1][1], 30)
@@ -6380,17 +6547,20 @@ class TestCrashSafety(AsyncTest):
         proc.kill()  # kill -9 while it holds them
         await proc.wait()
         proc = await self.worker_process(folder, port, getBatch="true", batchSize=20)
-        second = await self.started(QuietMaster(tmp, self.token, port, seed, "m2"))
-        await until(lambda: len(first.results) + len(second.results) >= 300, 30)
-        second.push(range(300, 321), sleep=0.2)
-        self.assertEqual(sorted(r["jobID"] for r in first.results + second.results), list(range(300)))
-        await until(lambda: second.handed and second.handed[-1][1], 30)  # takes the next batch
-        await until(lambda: journal_count(folder, "jobs") == 20, 30)
+        second = await self.started(QuietMaster(tmp, self.token, port, seed, "m2", db=db))
+        # the run's results, as its database keeps them (a result the first master committed as it
+        # closed reaches no on_results, but is in the run: the worker's repeat is a duplicate)
+        recorded = lambda: sorted(int(key) for (key,) in second.master.store.db.execute("SELECT job_key FROM results"))
+        await until(lambda: len(recorded()) >= 300, 30)
+        self.assertEqual(recorded(), list(range(300)))
+        second.push(range(301, 322), sleep=0.2)  # job 300 (sleep 0.005) waits in the run already
+        await until(lambda: second.handed and len(second.handed[-1][1]) >= 2, 30)  # takes the next batch
+        await until(lambda: journal_count(folder, "jobs") >= 18, 30)
         proc.kill()  # kill -9 while it holds 20 jobs, not yet run
         await proc.wait()
         proc = await self.worker_process(folder, port)
-        await until(lambda: len(first.results) + len(second.results) >= 321, 30)  # run after the restart
-        self.assertEqual(sorted(r["jobID"] for r in first.results + second.results), list(range(321)))
+        await until(lambda: len(recorded()) >= 322, 30)  # run after the restart
+        self.assertEqual(recorded(), list(range(322)))
         self.assertEqual([r for r in second.results if r.get("error")], [])
         proc.terminate()
         output, _ = await proc.communicate()
@@ -7322,6 +7492,28 @@ class TestWorkerFlow(AsyncTest):
         cluster = await self.run_jobs(True)
         self.assertGreaterEqual(cluster.master.stats["jobs handed out"], 500)
 
+    async def test_results_master_py_refuses_as_another_runs_are_kept_and_offered_no_more(self):
+        # issue 25: should a master.py start another run unseen (a wire that stayed up), the
+        # results of the last run's jobs are not taken there, and the worker keeps them
+        cluster = await self.started(Cluster(self.tmp()))
+        worker = await self.started(cluster.worker())
+        master = cluster.master
+        await until(lambda: worker.master == master.address and worker.finder.caps.run == master.store.run_id, 20)
+        worker.finder.caps = dataclasses.replace(worker.finder.caps, run="an-earlier-run")  # as it knew it before
+        worker.outbox.given([(10**6, "{}")], (master.address, "an-earlier-run"))
+        with self.assertNoLogs("worker", "WARNING"):  # not a failure: they are not that run's to take
+            worker.job_loop.result_ready({"jobID": 1, "worker": {"id": worker.address, "name": "w1"}, "data": 2}, 10**6)
+            await worker.outbox.flush()
+            self.assertFalse(await worker.job_loop._deliver_some(master.address))  # shareResultsBatch
+            self.assertEqual(worker.finder.caps.run, master.store.run_id)
+            worker.finder.caps = dataclasses.replace(worker.finder.caps, run="an-earlier-run")
+            cluster.push(3)  # requestWork carries them; the work of the new run goes on
+            await cluster.until_results(3, 20)
+        self.assertEqual(worker.finder.caps.run, master.store.run_id)
+        self.assertEqual(sorted(r["jobID"] for r in cluster.results), [0, 1, 2])
+        self.assertEqual(worker.outbox.owes(master.address, "an-earlier-run"), 1)  # kept
+        self.assertEqual(master.stats["results of another run refused"], 2)  # offered once each way
+
     async def test_waiting_for_a_master_is_said_once_then_its_finding(self):
         # issue 25: with no master, the log said nothing of what the worker waits for, or how it looks
         tmp = self.tmp()
@@ -7566,6 +7758,38 @@ class TestAgainstJsMaster(AsyncTest):
     @time_limit(180)
     async def test_500_jobs_batched(self):
         await self.run_jobs(True)
+
+    @time_limit(120)
+    async def test_a_result_held_for_a_master_that_left_goes_back_to_it_never_to_the_js_master(self):
+        # issue 25: a result held from a killed master.py (job 398) was a JS master's first result,
+        # taken as the answer to its own job 398: JS masters number jobs from 0 at each start
+        tmp = self.tmp()
+        token, port, seed = "held-js-%d" % random.randrange(1 << 30), free_port(), w.make_seed()
+        db = tmp / "master.db"
+        first = await self.started(QuietMaster(tmp, token, port, seed, "py", db=db))
+        for i in range(6):  # JS rule: a batch of 5 while more than 5 wait
+            first.master.push_new_job({"id": i, "data": json.dumps({"x": 1000 + i, "sleep": 0.3})})
+        worker = await self.started(loopback_worker(token, tmp / "w", "py", get_batch=True, batch_size=5,
+                                                    peers=["127.0.0.1:%d" % port]))
+        await until(lambda: len(worker.jobs) >= 3, 30)
+        await first.close()  # gone while the worker runs its batch
+        await until(lambda: worker.stats["jobs done"] >= 5, 30)
+        held = len(worker.outbox)
+        self.assertGreaterEqual(held, 3)
+        js = await self.started(JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY, "QX_JOBS": "5",
+                                                        "QX_ASSETS": str(js_master_assets(tmp / "js"))}))
+        js.send(cmd="addPeer", addr="127.0.0.1:%d" % worker.node.port)
+        await until(lambda: sum(e["event"] == "result" for e in js.events) >= 5, 30)
+        await asyncio.sleep(0.5)  # a held result would follow at once
+        results = [e["result"] for e in js.events if e["event"] == "result"]
+        self.assertEqual(sorted((r["jobID"], r["data"]["sum"]) for r in results), [(i, 2 * i) for i in range(5)])
+        self.assertEqual(len(worker.outbox), held)  # still held for the master that gave their jobs
+        await js.close()
+        again = await self.started(QuietMaster(tmp, token, port, seed, "py", db=db))  # the same run, back
+        await until(lambda: not worker.outbox.held, 30)
+        recorded = {int(key): json.loads(text)["data"]["sum"] for key, text in again.master.store.db.execute(
+            "SELECT job_key, result FROM results")}
+        self.assertEqual(recorded, {i: 2 * (1000 + i) for i in range(5)})
 
     @time_limit(120)
     async def test_a_slow_reading_js_master_never_gets_more_in_one_turn_than_it_can_echo(self):
@@ -8004,12 +8228,53 @@ class TestFaults(AsyncTest):
         await first.kill()  # SIGKILL while the worker holds the batch
         await until(lambda: worker.stats["jobs done"] + worker.stats["jobs failed"] >= 5, 30)
         self.assertGreaterEqual(len(worker.outbox), 1)  # kept, nobody to give them to
-        second = await self.started(MasterProcess(tmp / "m2", token, port, seed))
+        # the same command again: its master.db continues the run, whose jobs these results answer
+        second = await self.started(MasterProcess(tmp / "m1", token, port, seed))
         await until(lambda: len(first.results) + len(second.results) >= 5, 60)
         self.assertEqual(sorted(r["jobID"] for r in first.results + second.results), list(range(5)))
         self.assertTrue(second.results)
         # the master prints a result before its acknowledgement reaches the worker
         await until(lambda: not worker.outbox.held, 10)
+
+    async def test_master_py_killed_and_started_at_once_is_adopted_again_at_once(self):
+        # issue 25: after kill -9 and a restart at once the first new result came after 30 s: the
+        # worker's isMaster went boxed for the dead process's key, unanswered, until the idle timer.
+        # Now it goes again for the new key as soon as a packet the new process signed shows it.
+        tmp = self.tmp()
+        token, port, seed = "restart-%d" % random.randrange(1 << 30), free_port(), w.make_seed()
+        first = await self.started(MasterProcess(tmp / "m", token, port, seed))
+        worker = await self.started(loopback_worker(token, tmp / "w", "w", peers=["127.0.0.1:%d" % port]))
+        first.push(range(3))
+        await until(lambda: len(first.results) >= 3, 30)
+        await first.kill()
+        await until(lambda: worker.master is None, 10)
+        second = await self.started(MasterProcess(tmp / "m", token, port, seed))  # the same run goes on
+        ready = time.monotonic()
+        second.push(range(3, 6))
+        # well within CHECK_TIMEOUT, the only other way back (with the 30 s idle timer after it)
+        await until(lambda: len(second.results) >= 3, w.CHECK_TIMEOUT - 2)
+        print("\n  master.py killed and started again: results again %.1f s after its ready line"
+              % (time.monotonic() - ready), file=sys.stderr)
+
+    async def test_held_results_are_not_given_to_another_run_of_master_py_at_the_same_address(self):
+        # issue 25: the same address, a new master.db (or a new jobs file): job 0 is another job there
+        tmp = self.tmp()
+        token, port, seed = "other-run-%d" % random.randrange(1 << 30), free_port(), w.make_seed()
+        first = await self.started(QuietMaster(tmp, token, port, seed, "m", db=tmp / "run1.db"))
+        first.push(range(6), y=1000, sleep=0.3)  # JS rule: a batch of 5 while more than 5 wait
+        worker = await self.started(loopback_worker(token, tmp / "w", "w", get_batch=True, batch_size=5,
+                                                    peers=["127.0.0.1:%d" % port]))
+        await until(lambda: len(worker.jobs) >= 3, 30)
+        await first.close()
+        await until(lambda: worker.stats["jobs done"] >= 5 and not worker.jobs and not worker.job_loop.running, 30)
+        held = len(worker.outbox)
+        self.assertGreaterEqual(held, 3)
+        second = await self.started(QuietMaster(tmp, token, port, seed, "m", db=tmp / "run2.db"))
+        second.push(range(6))  # the same ids, other jobs
+        await until(lambda: len(second.results) >= 6, 30)
+        self.assertEqual(sorted((r["jobID"], r["data"]["sum"]) for r in second.results), [(i, 2 * i) for i in range(6)])
+        self.assertEqual(len(worker.outbox), held)
+        self.assertEqual(second.master.stats["results of another run refused"], 0)  # never even offered
 
     async def test_flood_of_garbage_and_replays_others_go_on(self):
         cluster = await self.started(Cluster(self.tmp()))
@@ -8653,6 +8918,47 @@ class TestMasterDurable(AsyncTest):
         ids = [r["jobID"] for r in results]
         self.assertEqual(sorted(ids), list(range(count)))
         self.assertTrue(all(r["data"] == {"sum": 2 * r["jobID"]} for r in results))
+
+    # the run, as workers know it (issue 25: a held result is only ever the answer to its own job)
+    def test_the_run_has_a_name_kept_across_restarts_and_new_for_a_new_run(self):
+        from master import Store
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "m.db"
+            store = Store(path)
+            run = store.run_id
+            store.commit()
+            store.close()
+            again = Store(path)
+            self.assertEqual(again.run_id, run)  # master.py started again: the same run goes on
+            again.new_run()  # another jobs file: its job ids may repeat the last run's
+            self.assertNotEqual(again.run_id, run)
+            new = again.run_id
+            again.commit()
+            again.close()
+            last = Store(path)
+            self.assertEqual(last.run_id, new)
+            last.close()
+        self.assertNotEqual(Store().run_id, Store().run_id)  # in memory: each process is a run
+
+    async def test_results_of_another_run_are_not_taken_and_the_worker_keeps_them(self):
+        results = []
+        master = loopback_master("t", self.tmp() / "m", results.append)
+        self.addCleanup(master.store.close)
+        master.policy.prove("bWorker")
+        master.push_new_job({"id": 0, "data": "{}"})
+        self.assertNotIn("run", master._is_master("bWorker", {}))  # JS peers see nothing new
+        self.assertNotIn("run", master._request_work("bJsWorker", {}))
+        run = master._is_master("bWorker", {"challenge": "00" * 32})["run"]  # a Python worker
+        self.assertEqual(run, master._request_work("bWorker", {})["run"])
+        sent = w.json_dumps(w.Crypt(KEY).encrypt(json.dumps([{"jobID": 0, "worker": {"id": "bWorker"}, "data": 1}])))
+        self.assertEqual(master._share_results_batch("bWorker", {"results": sent, "run": "another"}),
+                         {"received": False, "run": run})
+        answer = master._request_work("bWorker", {"results": sent, "resultsRun": "another"})
+        self.assertEqual((answer["resultsTaken"], answer["run"]), (False, run))
+        self.assertEqual((results, master.stats["results of another run refused"]), ([], 2))
+        self.assertEqual(master._share_results_batch("bWorker", {"results": sent, "run": run}), {"received": True})
+        self.assertEqual(master._share_results_batch("bWorker", sent), {"received": True})  # a worker before runs
+        self.assertEqual([r["jobID"] for r in results], [0])
 
     # the database
     def test_store_keeps_what_was_committed_and_nothing_else(self):

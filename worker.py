@@ -1252,6 +1252,14 @@ class Left:
 
 
 @dataclasses.dataclass(frozen=True)
+class Rekeyed:
+    """A packet the peer signed brought another box key than the one we had: a new process
+    of it (killed and started again, with no goodbye), which cannot open what we boxed for
+    the old key."""
+    address: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Message:
     """A ``m`` packet: a JSON message, broadcast or addressed to us."""
     address: str
@@ -1493,11 +1501,11 @@ class BugoutCore:
         else:
             self._emit(signed, now)
 
-    def send_call(self, address: str, name: str, args: Any, now: int) -> bytes:
-        """An encrypted RPC call; returns its 8-byte nonce."""
+    def send_call(self, address: str, name: str, args: Any, now: int, nonce: bytes | None = None) -> bytes:
+        """An encrypted RPC call; returns its 8-byte nonce (``nonce``: a call sent again)."""
         if address not in self.peers:
             raise InvalidState(f"{address} not seen - no public key")
-        nonce = self._random(8)
+        nonce = nonce or self._random(8)
         fields = {"y": "r", "c": name, "a": json_dumps({} if args is None else args),
                   "rn": nonce}
         self._emit(self.seal(address, self.make_packet(fields, now)), now, address)
@@ -1537,9 +1545,11 @@ class BugoutCore:
             if not events:
                 self.stats["dropped: peer table full"] += 1
                 return []
+        if verified and known is not None and known.ek != ek:
+            events.append(Rekeyed(address))
         self.peers[address] = PeerKeys(pk, ek, now, verified)
         if fresh:
-            return []
+            return events
         self._hello(now)
         return events + [Seen(address)]
 
@@ -5566,6 +5576,7 @@ class Bugout:
         self._pending: dict[bytes, asyncio.Future] = {}
         self.core.awaiting = self._pending  # answers to nothing we asked are dropped unread
         self._calls: dict[bytes, str] = {}  # nonce -> the address an RPC of ours waits on
+        self._unsent: dict[bytes, tuple[str, Any]] = {}  # nonce -> (call, args), until sent again once
         self._connections: set[Connection] = set()
         self._busy: collections.Counter = collections.Counter()  # addresses with calls in flight
         #: our payloads for a busy address that left while no wire led to it: sent again on the
@@ -5757,6 +5768,7 @@ class Bugout:
         future = asyncio.get_running_loop().create_future()
         self._pending[nonce] = future
         self._calls[nonce] = address
+        self._unsent[nonce] = (call, args)
         self._busy[address] += 1
         self._flush_core()
         try:
@@ -5769,6 +5781,7 @@ class Bugout:
         finally:
             self._pending.pop(nonce, None)
             self._calls.pop(nonce, None)
+            self._unsent.pop(nonce, None)
             self._not_busy(address)
 
     async def room_for(self, address: str, size: int) -> None:
@@ -6132,6 +6145,18 @@ class Bugout:
                 if event.reason == "left":  # its goodbye: a restart of it answers none of them
                     self._fail_pending("it said goodbye", event.address)
                 self.emit("left", event.address)
+            elif isinstance(event, Rekeyed):
+                self._send_again(event.address)
+
+    def _send_again(self, address: str) -> None:
+        """``address`` started again (kill -9: no goodbye; its new wire is up): our calls to it
+        waiting for an answer were boxed for its old key, which the new process cannot open, so
+        they go again now, boxed for the new one, under their nonces. Once each: a replayed
+        packet of the old process (old key) then costs nothing more."""
+        for nonce, peer in list(self._calls.items()):
+            if peer == address and (unsent := self._unsent.pop(nonce, None)) is not None:
+                self.core.send_call(address, *unsent, _now(), nonce=nonce)
+                self.stats["calls sent again: the peer started again"] += 1
 
     def _serve(self, call: Call) -> None:
         """Answer a call: its handler's result, or bugout's error for unknown names."""
@@ -6689,11 +6714,20 @@ class MasterCaps:
     key_proof: bool = False
     #: it takes ``workerError``: why its task cannot run here (master.py)
     errors: bool = False
+    #: the run it is in (master.py; None: a JS master, whose address is new at each start): its
+    #: job ids mean these jobs only in this run, so held results go only to the run of their jobs
+    run: str | None = None
 
     @classmethod
     def of(cls, answer: dict) -> MasterCaps:
         return cls(bool(answer.get("resultAcks")), bool(answer.get("resultBatches")),
-                   answer.get("keyProof") == 1, answer.get("workerErrors") is True)
+                   answer.get("keyProof") == 1, answer.get("workerErrors") is True, cls.run_of(answer))
+
+    @staticmethod
+    def run_of(answer: Any) -> str | None:
+        """The ``run`` an answer names, if it is a short string."""
+        run = answer.get("run") if isinstance(answer, dict) else None
+        return run if isinstance(run, str) and 0 < len(run) <= 64 else None
 
 
 @dataclasses.dataclass
@@ -6900,8 +6934,11 @@ def _remember(table: collections.OrderedDict[str, float], address: str, value: f
 # WAL mode with synchronous=FULL: a commit is on disk before it returns, and a
 # crash (kill -9, power loss) at any instant leaves the last commit whole.
 # It holds the results not yet delivered, the jobs received and not yet done
-# (a JS master keeps no lease: a job lost here would be lost for good), the
-# asset manifest and the addresses of masters that proved the key.
+# (a JS master keeps no lease: a job lost here would be lost for good), each
+# with the master that gave the job (its address, and the run master.py
+# names: the only one its result may go to), the asset manifest and the
+# addresses of masters that proved the key. Results no master took within
+# HOLD_SECONDS are written out to UNRETURNED_NAME beside it (class Outbox).
 #
 # The file is ours only if its application_id, schema and integrity check
 # say so, and if it was made with this swarm's token and key (a fingerprint
@@ -6914,12 +6951,41 @@ def _remember(table: collections.OrderedDict[str, float], address: str, value: f
 
 JOURNAL_NAME = ".qx-journal.db"
 JOURNAL_APPLICATION_ID = 0x71786A31  # "qxj1"
-JOURNAL_VERSION = 1
+#: 2: each job and result names the master that gave the job (``master``, its ``run``), and
+#: each result when it was made (``made``, time.time()); a version 1 file gains the columns,
+#: empty: its results have no known master (see class Outbox).
+JOURNAL_VERSION = 2
 _JOURNAL_SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE results (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, mac TEXT NOT NULL);
-CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, mac TEXT NOT NULL);
+CREATE TABLE results (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, mac TEXT NOT NULL,
+                      master TEXT, run TEXT, made REAL);
+CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, mac TEXT NOT NULL,
+                   master TEXT, run TEXT);
 """
+_JOURNAL_V1_TO_V2 = """
+ALTER TABLE results ADD COLUMN master TEXT; ALTER TABLE results ADD COLUMN run TEXT;
+ALTER TABLE results ADD COLUMN made REAL;
+ALTER TABLE jobs ADD COLUMN master TEXT; ALTER TABLE jobs ADD COLUMN run TEXT;
+"""
+#: Who gave a job, and so who alone may take its result: (master's address, its run or None).
+#: None for a result whose master is not known (made by an older worker).
+Owner = tuple[str, str | None] | None
+
+
+def _unreturned_line(body: str, master: str | None, run: str | None, made: float | None) -> str:
+    """A result's line in UNRETURNED_NAME: the master that gave its job, when it was made, the result."""
+    when = None if made is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(made))
+    return '{"master":%s,"run":%s,"made":%s,"result":%s}' % (json_dumps(master), json_dumps(run),
+                                                              json_dumps(when), body)
+
+
+def _sync_folder(path: Path) -> None:
+    """Make a new file's name in its folder survive a power cut."""
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def aside_path(path: Path) -> Path:
@@ -7050,7 +7116,8 @@ class Journal:
             return
         if app_id != JOURNAL_APPLICATION_ID:
             raise JournalError("not a worker journal")
-        if db.execute("PRAGMA user_version").fetchone()[0] != JOURNAL_VERSION:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (1, JOURNAL_VERSION):
             raise JournalError("unknown journal version")
         if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
             raise JournalError("damaged")
@@ -7058,6 +7125,8 @@ class Journal:
             raise JournalError("tables missing")
         if self.get_meta("fingerprint") != self.fingerprint:
             raise JournalError("made with another token or transferEncryptToken")
+        if version == 1:
+            db.executescript("BEGIN;%s PRAGMA user_version=%d; COMMIT;" % (_JOURNAL_V1_TO_V2, JOURNAL_VERSION))
 
     def _move_aside(self) -> Path:
         aside = aside_path(self.path)
@@ -7094,21 +7163,27 @@ class Journal:
         return value
 
     # results and jobs (journal thread)
-    def mac(self, body: str) -> str:
+    def mac(self, body: str, owner: Owner = None) -> str:
+        """A row's HMAC: its body and the master it belongs to (a version 1 row: the body)."""
+        if owner is not None:
+            body = "%s\0%s\0%s" % (body, owner[0], owner[1] or "")
         return hmac.new(self._mac_key, body.encode(), hashlib.sha256).hexdigest()
 
-    def add_jobs(self, rows: list[tuple[int, str]]) -> None:
-        """Commit received jobs: (sequence number, JSON text) each."""
+    def add_jobs(self, rows: list[tuple[int, str]], owner: Owner = None) -> None:
+        """Commit received jobs: (sequence number, JSON text) each, all given by ``owner``."""
+        master, run = owner or (None, None)
         with self._transaction() as db:
-            db.executemany("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?)",
-                           [(seq, body, self.mac(body)) for seq, body in rows])
+            db.executemany("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?)",
+                           [(seq, body, self.mac(body, owner), master, run) for seq, body in rows])
 
-    def add_results(self, done: list[tuple[int | None, str]]) -> list[int]:
-        """Commit results and drop the jobs they answer, in one transaction."""
+    def add_results(self, done: list[tuple[int | None, str, Owner]], made: float | None = None) -> list[int]:
+        """Commit results, (job seq or None, JSON text, owner) each, made at ``made``
+        (time.time()), and drop the jobs they answer, in one transaction."""
         with self._transaction() as db:
-            seqs = [db.execute("INSERT INTO results (body, mac) VALUES (?, ?)",
-                               (body, self.mac(body))).lastrowid for _, body in done]
-            db.executemany("DELETE FROM jobs WHERE seq=?", [(j,) for j, _ in done if j is not None])
+            seqs = [db.execute("INSERT INTO results (body, mac, master, run, made) VALUES (?, ?, ?, ?, ?)",
+                               (body, self.mac(body, owner), *(owner or (None, None)), made)).lastrowid
+                    for _, body, owner in done]
+            db.executemany("DELETE FROM jobs WHERE seq=?", [(j,) for j, _, _ in done if j is not None])
         return seqs
 
     def remove_results(self, seqs: list[int]) -> None:
@@ -7125,19 +7200,104 @@ class Journal:
             raise
         self._db.execute("COMMIT")
 
-    def read(self, table: str, after: int, limit: int) -> list[tuple[int, str]]:
-        """Rows of ``results`` or ``jobs`` after ``after``, oldest first; forged rows dropped."""
+    def read(self, table: str, after: int, limit: int, owner: Owner | bool = False) -> list[tuple[int, str]]:
+        """Rows of ``results`` or ``jobs`` after ``after``, oldest first; forged rows dropped.
+        Only those of ``owner`` when given (None: those of no known master)."""
         assert table in ("results", "jobs")
-        rows = self._db.execute(f"SELECT seq, body, mac FROM {table} WHERE seq>? ORDER BY seq LIMIT ?",
-                                (after, limit)).fetchall()
-        good = [(seq, body) for seq, body, mac in rows if hmac.compare_digest(mac, self.mac(body))]
+        where = ""
+        if owner is not False:
+            where = " AND master IS ? AND run IS ?"
+        args = () if owner is False else tuple(owner or (None, None))
+        rows = self._db.execute(f"SELECT seq, body, mac, master, run FROM {table} WHERE seq>?{where} "
+                                "ORDER BY seq LIMIT ?", (after, *args, limit)).fetchall()
+        return [(seq, body) for seq, body, *_ in self._genuine(table, rows)]
+
+    def _genuine(self, table: str, rows: list[tuple]) -> list[tuple]:
+        """``rows`` (seq, body, mac, master, run, ...) whose HMAC is right; the others are deleted (logged)."""
+        good = [row for row in rows if hmac.compare_digest(
+            row[2], self.mac(row[1], None if row[3] is None else (row[3], row[4])))]
         if len(good) < len(rows):
-            kept = {seq for seq, _ in good}
+            kept = {row[0] for row in good}
             with self._transaction() as db:
                 db.executemany(f"DELETE FROM {table} WHERE seq=?", [(r[0],) for r in rows if r[0] not in kept])
             log.error("%s: %d %s row(s) this worker did not write were dropped",
                       self.path, len(rows) - len(good), table)
         return good
+
+    def job_owners(self) -> dict[int, Owner]:
+        """Who gave each job held: {seq: owner}."""
+        return {seq: None if master is None else (master, run)
+                for seq, master, run in self._db.execute("SELECT seq, master, run FROM jobs")}
+
+    def result_owners(self) -> collections.Counter:
+        """How many results each owner has."""
+        return collections.Counter({None if master is None else (master, run): count for master, run, count in
+                                    self._db.execute("SELECT master, run, count(*) FROM results GROUP BY 1, 2")})
+
+    # results written out (journal thread): exactly once, whatever instant a kill comes
+    def expired(self, before: float, limit: int) -> list[tuple[int, str, Owner]]:
+        """Up to ``limit`` results made before ``before``, or of no known master, oldest first:
+        (seq, their line of UNRETURNED_NAME, owner) each."""
+        rows = self._db.execute("SELECT seq, body, mac, master, run, made FROM results WHERE master IS NULL "
+                                "OR made < ? ORDER BY seq LIMIT ?", (before, limit)).fetchall()
+        return self._unreturned(rows)
+
+    def _unreturned(self, rows: list[tuple]) -> list[tuple[int, str, Owner]]:
+        return [(seq, _unreturned_line(body, master, run, made), None if master is None else (master, run))
+                for seq, body, _, master, run, made in self._genuine("results", rows)]
+
+    def write_out(self, path: Path, rows: list[tuple[int, str, Owner]]) -> None:
+        """Append ``rows`` (from :meth:`expired`) to ``path`` and forget their results.
+
+        The intent (the file's length before, the seqs) is committed first; a
+        run that finds it (:meth:`finish_write_out`) cuts the file back to that
+        length and writes them again, so a kill at any instant neither loses
+        nor doubles a line.
+        """
+        try:
+            offset = os.stat(path).st_size
+        except FileNotFoundError:
+            offset = 0
+        self.set_meta("unreturned", json_dumps({"offset": offset, "seqs": [row[0] for row in rows]}))
+        self._write_out(path, offset, rows)
+
+    def finish_write_out(self, path: Path) -> list[tuple[int, str, Owner]]:
+        """Complete a write-out a kill cut short; the rows it wrote."""
+        try:
+            intent = json.loads(self.get_meta("unreturned") or "null")
+            offset, seqs = int(intent["offset"]), [int(seq) for seq in intent["seqs"]]
+        except (ValueError, TypeError, KeyError):
+            self._db.execute("DELETE FROM meta WHERE key='unreturned'")
+            return []
+        rows = []
+        for i in range(0, len(seqs), 500):
+            part = seqs[i:i + 500]
+            found = self._db.execute("SELECT seq, body, mac, master, run, made FROM results WHERE seq IN (%s) "
+                                     "ORDER BY seq" % ",".join("?" * len(part)), part).fetchall()
+            rows += self._unreturned(found)
+        self._write_out(path, offset, rows)
+        return rows
+
+    def _write_out(self, path: Path, offset: int, rows: list[tuple[int, str, Owner]]) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # results in clear: the worker's user alone
+            end = os.fstat(fd).st_size
+            if end > offset:  # a write-out cut short: its lines again, not twice
+                os.ftruncate(fd, offset)
+                end = offset
+            data = "".join(line + "\n" for _, line, _ in rows).encode()
+            while data:
+                data = data[os.pwrite(fd, data, end):]
+                end = os.fstat(fd).st_size
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if offset == 0:
+            _sync_folder(path)
+        with self._transaction() as db:
+            db.executemany("DELETE FROM results WHERE seq=?", [(row[0],) for row in rows])
+            db.execute("DELETE FROM meta WHERE key='unreturned'")
 
     def verify(self, table: str) -> int:
         """Drop every row whose HMAC is wrong; returns how many rows are left."""
@@ -7153,34 +7313,55 @@ class Journal:
 
 #: Held results kept in memory for delivery; more stay in the journal until their turn.
 OUTBOX_MEMORY = 10_000
+#: Seconds a result waits for the master that gave its job before it is written out to
+#: UNRETURNED_NAME: a day covers a master stopped overnight or for a weekend's first day,
+#: and a Raspberry Pi's worker keeps at most a day of results in its journal.
+HOLD_SECONDS = 24 * 3600.0
+#: Seconds between two looks for results held longer than HOLD_SECONDS.
+EXPIRY_EVERY = 600.0
+#: Where results no master came back for are written, in the worker folder (JSON lines, 0600).
+UNRETURNED_NAME = "unreturned-results.jsonl"
 
 
 class Outbox:
     """The results this worker holds, and the rules for handing them over.
 
-    1. A result is committed to the journal before any master may take it.
+    1. A result is committed to the journal before any master may take it,
+       with the master that gave its job (its owner: address, and run when
+       the master names one, as master.py does).
     2. Only the current proven master may take held results (``may_take``
-       says who that is), oldest first, one delivery at a time.
+       says who that is), and only its own: those of the jobs it gave in the
+       run it is in now, oldest first, one delivery at a time.
     3. A result leaves the outbox when delivered: acknowledged by master.py,
        or written to a wire for a JS master, which gives no acknowledgement.
     4. A failed delivery keeps everything it carried, in order, for the next.
     5. The journal forgets a delivered result after the fact, on its thread:
        a crash in between delivers it again (master.py keeps one result per
        job id and drops the repeat).
+    6. A result whose owner has not taken it HOLD_SECONDS after it was made,
+       or that has no known owner (an older worker's), is written out to
+       UNRETURNED_NAME, exactly once (:meth:`Journal.write_out`), with one
+       log line: a JS master numbers its jobs from 0 at each start, under a
+       new address, so no other master can take it as the answer to its job.
 
     Results wait in memory while their commit runs (``pending``); committed
-    ones are kept in memory for delivery up to OUTBOX_MEMORY and paged in
-    from the journal beyond that.
+    ones of one owner (the last asked for) are kept in memory for delivery up
+    to OUTBOX_MEMORY and paged in from the journal beyond that. ``clock``
+    (time.time) dates results and ends their hold.
     """
 
-    def __init__(self, journal: Journal, may_take: Callable[[str], bool]) -> None:
+    def __init__(self, journal: Journal, may_take: Callable[[str], bool],
+                 clock: Callable[[], float] = time.time) -> None:
         self.journal = journal
         #: whether an address may take held results now (the proven master)
         self.may_take = may_take
-        #: committed, deliverable results in memory: (seq, JSON text), oldest first
+        self.clock = clock
+        #: committed, deliverable results of ``owner`` in memory: (seq, JSON text), oldest first
         self.ready: collections.deque[tuple[int, str]] = collections.deque()
-        #: results made and not yet committed: (job seq or None, JSON text)
-        self.pending: list[tuple[int | None, str]] = []
+        #: whose results ``ready`` holds
+        self.owner: Owner = None
+        #: results made and not yet committed: (job seq or None, JSON text, owner)
+        self.pending: list[tuple[int | None, str, Owner]] = []
         #: results held in all: pending, in memory and in the journal only
         self.held = 0
         #: True while commits fail (a full disk): no new work is taken then
@@ -7188,12 +7369,15 @@ class Outbox:
         #: seconds from a result made to delivered (for /metrics)
         self.latency = Histogram()
         # private
-        self._paged_to = 0  # highest seq read from the journal; more may wait there
+        self._paged_to = 0  # highest seq of ``owner`` read from the journal; more may wait there
         self._more_in_journal = False
         self._taken: set[int] = set()
         self._flushing: asyncio.Task | None = None
         self._made: list[float] = []  # when each pending result was made
         self._made_at: dict[int, float] = {}  # and each committed one of this run
+        self._jobs: dict[int, Owner] = {}  # who gave each job held
+        self._owed: collections.Counter = collections.Counter()  # results held by owner
+        self._writing = False  # results are being written out
 
     def __len__(self) -> int:
         return self.held
@@ -7201,14 +7385,27 @@ class Outbox:
     async def load(self) -> int:
         """Read what an earlier run left; returns how many results are held."""
         self.held = await self.journal.call(self.journal.verify, "results")
-        await self._page_in()
+        self._owed = await self.journal.call(self.journal.result_owners)
+        self._jobs = await self.journal.call(self.journal.job_owners)
+        self._more_in_journal = True
         return self.held
 
+    def given(self, rows: list[tuple[int, str]], owner: Owner) -> None:
+        """Jobs (journal seq, JSON text) came from ``owner``: journal them (in the background)."""
+        self._jobs.update(dict.fromkeys((seq for seq, _ in rows), owner))
+        self.journal.submit(self.journal.add_jobs, rows, owner)
+
+    def owes(self, taker: str | None, run: str | None = None) -> int:
+        """How many held results are ``taker``'s, in its ``run``."""
+        return self._owed[(taker, run)] if taker is not None else 0
+
     def add(self, job_seq: int | None, text: str) -> None:
-        """A new result (JSON text); committed by the next :meth:`flush`."""
-        self.pending.append((job_seq, text))
+        """A new result (JSON text) of the job ``job_seq``; committed by the next :meth:`flush`."""
+        owner = self._jobs.pop(job_seq, None) if job_seq is not None else None
+        self.pending.append((job_seq, text, owner))
         self._made.append(time.monotonic())
         self.held += 1
+        self._owed[owner] += 1
 
     async def flush(self) -> None:
         """Commit the pending results (one transaction); wait for a commit under way."""
@@ -7226,7 +7423,7 @@ class Outbox:
         batch, self.pending = self.pending, []
         made, self._made = self._made, []
         try:
-            seqs = await self.journal.call(self.journal.add_results, batch)
+            seqs = await self.journal.call(self.journal.add_results, batch, self.clock())
         except BaseException:
             self.pending[:0] = batch  # kept for the next try
             self._made[:0] = made
@@ -7234,7 +7431,7 @@ class Outbox:
         self._made_at.update(zip(seqs, made))
         if self._more_in_journal:  # older ones wait in the journal: these are read after them
             return
-        self.ready.extend(zip(seqs, (text for _, text in batch)))
+        self.ready.extend((seq, text) for seq, (_, text, owner) in zip(seqs, batch) if owner == self.owner)
         self._paged_to = seqs[-1] if seqs else self._paged_to
         if len(self.ready) > OUTBOX_MEMORY:
             for _ in range(len(self.ready) - OUTBOX_MEMORY):
@@ -7242,10 +7439,14 @@ class Outbox:
             self._paged_to = self.ready[-1][0]
             self._more_in_journal = True
 
-    async def take(self, taker: str, limit: int) -> list[tuple[int, str]]:
-        """The oldest committed results for ``taker``, at most ``limit``; none if it may not."""
-        if not self.may_take(taker) or self._taken:
+    async def take(self, taker: str, limit: int, run: str | None = None) -> list[tuple[int, str]]:
+        """The oldest committed results of ``taker`` in its ``run``, at most ``limit``; none if it
+        may not take results now."""
+        if not self.may_take(taker) or self._taken or self._writing or not self._owed[(taker, run)]:
             return []
+        if self.owner != (taker, run):
+            self.owner, self._paged_to, self._more_in_journal = (taker, run), 0, True
+            self.ready.clear()
         if not self.ready and self._more_in_journal:
             await self._page_in()
         batch = list(itertools.islice(self.ready, limit))
@@ -7262,19 +7463,65 @@ class Outbox:
         for seq in seqs:
             if (made := self._made_at.pop(seq, None)) is not None:
                 self.latency.observe(now - made)
+        self._forget(seqs, self.owner)
+        self.journal.submit(self.journal.remove_results, sorted(seqs))
+
+    def _forget(self, seqs: set[int], owner: Owner) -> None:
         while self.ready and self.ready[0][0] in seqs:  # delivery takes the oldest: a prefix
             self.ready.popleft()
         if any(seq in seqs for seq, _ in itertools.islice(self.ready, len(seqs))):
             self.ready = collections.deque(item for item in self.ready if item[0] not in seqs)
         self.held -= len(seqs)
-        self.journal.submit(self.journal.remove_results, sorted(seqs))
+        self._owed[owner] -= len(seqs)
+        if self._owed[owner] <= 0:
+            del self._owed[owner]
 
     async def _page_in(self) -> None:
-        rows = await self.journal.call(self.journal.read, "results", self._paged_to, OUTBOX_MEMORY)
+        rows = await self.journal.call(self.journal.read, "results", self._paged_to, OUTBOX_MEMORY, self.owner)
         self.ready.extend(rows)
         if rows:
             self._paged_to = rows[-1][0]
         self._more_in_journal = len(rows) == OUTBOX_MEMORY
+
+    async def write_out(self, folder: Path, now: float) -> int:
+        """Write out the results held longer than HOLD_SECONDS (by ``now``, time.time()) or of no
+        known master (rule 6), with one log line; how many. A write-out a kill cut short is
+        finished first. None while a delivery runs: they wait for the next look."""
+        if self._taken or self._writing:
+            return 0
+        self._writing = True  # no delivery meanwhile: a result goes to a master or to the file
+        path, written = folder / UNRETURNED_NAME, []
+        try:
+            written += await self.journal.call(self.journal.finish_write_out, path)
+            while rows := await self.journal.call(self.journal.expired, now - HOLD_SECONDS, 1000):
+                await self.journal.call(self.journal.write_out, path, rows)
+                written += rows
+        finally:
+            self._writing = False
+            self._written(written)
+        if written:
+            log.warning("%d result(s) that no master took within %s (the master that gave their job did "
+                        "not come back, or it is not known) were written to %s", len(written),
+                        _duration(HOLD_SECONDS), path)
+        return len(written)
+
+
+    def _written(self, rows: list[tuple[int, str, Owner]]) -> None:
+        gone = {seq for seq, _, _ in rows}
+        if any(seq in gone for seq, _ in self.ready):
+            self.ready = collections.deque(item for item in self.ready if item[0] not in gone)
+        self.held -= len(rows)
+        self._owed.subtract(owner for _, _, owner in rows)
+        self._owed = +self._owed  # no owner left at zero
+
+
+def _duration(seconds: float) -> str:
+    """``24 h``, ``90 min``, ``30 s``: a hold's length for a log line."""
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return "%d h" % (seconds // 3600)
+    if seconds >= 60 and seconds % 60 == 0:
+        return "%d min" % (seconds // 60)
+    return "%g s" % seconds
 
 
 # Worker: running tasks ######################################################
@@ -8238,7 +8485,7 @@ class MasterFinder:
         self.trust.candidates.pop(address, None)
         self.trust.left(address)
         if self.trust.lose(address) and not self.stopping:
-            self.log.warning("master %s left; results are kept until a master is back", address)
+            self.log.warning("master %s left; its results are kept until it is back", address)
             self._failover()
 
     def on_connections(self, _count: int) -> None:
@@ -8273,7 +8520,7 @@ class MasterFinder:
             return  # it comes back on a new wire: found again (proven before) as it does
         self._timeouts = 0 if isinstance(exc, RpcUnreachable) else self._timeouts + 1
         if (isinstance(exc, RpcUnreachable) or self._timeouts >= 2) and self.trust.lose(master):
-            self.log.warning("master %s does not answer; results are kept until a master is back", master)
+            self.log.warning("master %s does not answer; its results are kept until it is back", master)
             self._failover()
 
     def answered(self) -> None:
@@ -8841,12 +9088,14 @@ class JobLoop:
         args: dict[str, Any] = {"getBatch": self.settings.get_batch, "batchSize": self.settings.batch_size}
         carried: list[tuple[int, str]] = []
         async with contextlib.AsyncExitStack() as stack:
-            if self.finder.caps.batches and self.outbox.held and not self._delivery_lock.locked():
+            if self.finder.caps.batches and self._owed() and not self._delivery_lock.locked():
                 # master.py takes held results along with the request: one RPC, not two.
                 await stack.enter_async_context(self._delivery_lock)
                 carried = await self._take_held(master, RESULT_BATCH)
                 if carried:
                     args["results"] = self._encrypt_held(carried)
+                    if self.finder.caps.run is not None:  # theirs only if its run is still the same
+                        args["resultsRun"] = self.finder.caps.run
             try:
                 answer = await self.node.rpc(master, "requestWork", args, timeout=30.0)
             except (RpcTimeout, InvalidState) as exc:
@@ -8855,11 +9104,11 @@ class JobLoop:
                 self.finder.failed(master, exc)
                 return False
             self.finder.answered()
-            self._delivered(carried)
-        self._queue_jobs(answer)
+            self._delivered(carried, answer)
+        self._queue_jobs(answer, master)
         return bool(self.jobs)
 
-    def _queue_jobs(self, answer: Any) -> None:
+    def _queue_jobs(self, answer: Any, master: str) -> None:
         """Decrypt the jobs of a requestWork answer, journal them and hold them."""
         if not isinstance(answer, dict):
             return
@@ -8885,7 +9134,7 @@ class JobLoop:
             bodies = [storable_json(job) for job in jobs]
             seqs = range(self._job_seq + 1, self._job_seq + 1 + len(jobs))
             self._job_seq += len(jobs)
-            self.journal.submit(self.journal.add_jobs, list(zip(seqs, bodies)))
+            self.outbox.given(list(zip(seqs, bodies)), (master, self._master_run(answer)))
             self.jobs.extend(zip(seqs, jobs))
 
     async def load(self) -> None:
@@ -8979,7 +9228,7 @@ class JobLoop:
         return True
 
     async def _drained(self) -> None:
-        while self.jobs or self.running or (self.outbox.held and self.finder.master is not None):
+        while self.jobs or self.running or self._owed():
             self.kick_delivery()
             await asyncio.sleep(0.05)
 
@@ -9019,7 +9268,7 @@ class JobLoop:
         """The oldest held results, committed first (rule 1 of the outbox)."""
         with contextlib.suppress(OSError, sqlite3.Error):
             await self._flush_outbox()
-        return await self.outbox.take(master, limit)
+        return await self.outbox.take(master, limit, self.finder.caps.run)
 
     def _encrypt_held(self, batch: list[tuple[int, str]]) -> str:
         """Held results as master.py takes them: one encrypted JSON list."""
@@ -9027,7 +9276,7 @@ class JobLoop:
 
     def kick_delivery(self) -> None:
         """Deliver held results in the background, next to the job loop."""
-        if self.outbox.held and self.finder.master is not None and not self._delivery_lock.locked():
+        if self._owed() and not self._delivery_lock.locked():
             self._last_kick = self.now()
             self.spawn(self._deliver_results())
 
@@ -9036,7 +9285,7 @@ class JobLoop:
         if self._delivery_lock.locked():
             return  # the running delivery takes the new results along
         async with self._delivery_lock:
-            while self.outbox.held and self.finder.master is not None:
+            while self._owed():
                 if not await self._deliver_some(self.finder.master):
                     return
 
@@ -9047,12 +9296,18 @@ class JobLoop:
             return False
         if self.finder.caps.batches:
             call, payload = "shareResultsBatch", self._encrypt_held(batch)
+            if self.finder.caps.run is not None:  # theirs only if its run is still the same
+                payload = {"results": payload, "run": self.finder.caps.run}
         else:
             call, payload = "shareResults", json_dumps(self.crypt.encrypt(batch[0][1]))
         try:
             if self.finder.caps.acks:
                 answer = await self.node.rpc(master, call, payload, timeout=15.0)
                 if isinstance(answer, dict) and answer.get("received") is False:
+                    known = self.finder.caps.run
+                    if self._master_run(answer) not in (None, known):  # it began another run: not its own
+                        self.outbox.settle(batch, False)
+                        return False
                     raise InvalidState("the master could not read them")
             elif self.node.has_signed_wire(master):  # not has_wire(): a handshake may claim any address
                 # sent at once when sent: held in the journal until then
@@ -9073,11 +9328,27 @@ class JobLoop:
         self._delivered(batch)
         return True
 
-    def _delivered(self, batch: list[tuple[int, str]]) -> None:
-        """These held results reached the master: forget them."""
-        if batch:
+    def _delivered(self, batch: list[tuple[int, str]], answer: Any = None) -> None:
+        """These held results reached the master: forget them (unless its ``answer`` to the
+        request that carried them says they were not taken: another run of it)."""
+        if batch and isinstance(answer, dict) and answer.get("resultsTaken") is False:
+            self._master_run(answer)
+            self.outbox.settle(batch, False)
+        elif batch:
             self.outbox.settle(batch, True)
             self.stats["results delivered"] += len(batch)
+
+    def _owed(self) -> int:
+        """Held results the proven master may take: those of the jobs it gave in its run."""
+        return self.outbox.owes(self.finder.master, self.finder.caps.run)
+
+    def _master_run(self, answer: dict) -> str | None:
+        """The run named in the proven master's ``answer`` (master.py's; None: it names none). A
+        new one (it started another run) is the run its held results must match from now on."""
+        run = MasterCaps.run_of(answer)
+        if run is not None and run != self.finder.caps.run:
+            self.finder.caps = dataclasses.replace(self.finder.caps, run=run)
+        return run
 
 
 class Worker:
@@ -9215,6 +9486,7 @@ class Worker:
             self._status = await StatusServer(self.settings.status_host, self.settings.status_port,
                                               self.metrics_text, self.health).start()
         self._spawn(self._report())
+        self._spawn(self._write_out_unreturned())
         sd_notify("READY=1")
         return self
 
@@ -9342,7 +9614,7 @@ class Worker:
         await self.keeper.load()
         await self.finder.load()
         if held := await self.outbox.load():
-            log.info("%d result(s) from the last run will be delivered", held)
+            log.info("%d result(s) from the last run are held for the masters that gave their jobs", held)
         await self.job_loop.load()
 
     def _take_over_json_files(self) -> None:
@@ -9364,11 +9636,21 @@ class Worker:
                           "results" if name == ".results.json" else "assets", aside.name)
                 continue
             if name == ".results.json":
-                self.journal.add_results([(None, json_dumps(r)) for r in value])
+                self.journal.add_results([(None, json_dumps(r), None) for r in value])  # no master known
             else:
                 self.journal.set_meta("manifest", json_dumps(value))
             path.unlink()
             log.info("%s taken over into %s", path, self.journal.path.name)
+
+    async def _write_out_unreturned(self) -> None:
+        """Now and every EXPIRY_EVERY: results no master came back for go to UNRETURNED_NAME."""
+        while True:
+            try:
+                await self.outbox.write_out(self.settings.folder, time.time())
+            except (OSError, sqlite3.Error) as exc:  # one line a round, at most one each EXPIRY_EVERY
+                log.error("cannot write held results to %s: %s; tried again in %s",
+                          self.settings.folder / UNRETURNED_NAME, exc, _duration(EXPIRY_EVERY))
+            await asyncio.sleep(EXPIRY_EVERY)
 
     async def _close_journal(self) -> None:
         """Commit what is pending, say what is kept, and close the file."""
