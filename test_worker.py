@@ -2602,6 +2602,7 @@ class TestEchoPacing(AsyncTest):
             for conn, payload in held:
                 conn.send_payload(payload)
             held.clear()
+        echo.held = held  # what b got and holds: a test may hand a its echoes itself
         conn = next(iter(a._connections))
         a.send("first")  # its echo shows that b echoes
         await until(lambda: held)
@@ -2640,6 +2641,26 @@ class TestEchoPacing(AsyncTest):
             echo()
             await asyncio.sleep(0.02)
         await until(lambda: len(self.messages(b, "big")) == 8, 5)
+
+    async def test_room_for_says_so_when_its_time_ran_out_without_room(self):
+        # the caller keeps its result in the journal then: it must not send it to wait in memory
+        a, b, conn, got, echo = await self.echoing_pair("echo-no-room")
+        conn._unechoed.clear()  # what went before b echoed (its hello): never echoed, it would
+        conn._unechoed_bytes = 0  # be 0.5 s late by the deadline and stop the pacing
+        with mock.patch.object(w, "ECHO_WAIT", 0.5):
+            for i in range(8):
+                a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
+            await until(lambda: got)
+            waiting = asyncio.ensure_future(a.room_for(b.address, 2000))
+            await asyncio.sleep(0.3)
+            self.assertFalse(waiting.done())
+            # all of them echoed, and in the same turn as many more sent (a requestWork, say)
+            conn._echoed([w.ExtensionPayload(payload) for _, payload in echo.held])
+            for i in range(8):
+                a.send({"tag": "big2", "i": i, "pad": "x" * 1000}, address=b.address)
+            room = await waiting  # its deadline comes 0.2 s after the newest went: no room yet
+        self.assertFalse(conn.sends_at_once(2000))
+        self.assertIs(room, False)
 
     async def test_a_peer_that_stops_echoing_gets_what_waits_anyway(self):
         a, b, conn, _got, _echo = await self.echoing_pair("echo-stops")
@@ -6958,6 +6979,7 @@ class FakeNode:
         self.wires = set()
         self.peers = {}
         self.prioritized = []
+        self.room = True  # our payloads to a JS master leave at once (not waiting for echoes)
 
     async def rpc(self, address, name, args, timeout=30.0):
         self.calls.append((address, name, args))
@@ -6969,6 +6991,11 @@ class FakeNode:
 
     def rpc_nowait(self, address, name, args):
         self.calls.append((address, name, args))
+
+    async def room_for(self, address, size):
+        """Bugout.room_for: whether ours would leave at once (``room``), after a while."""
+        await asyncio.sleep(0.01)
+        return self.room
 
     def has_wire(self, address):
         return address in self.wires
@@ -7240,6 +7267,24 @@ class TestJobLoop(AsyncTest):
             await until(lambda: len(node.called("shareResults")) == 2, 5)
         self.assertIn("the master sent 3 jobs at once; only the first 2 are taken", logs.output[0])
         self.assertEqual(loop.keeper.runner.ran, [0, 1])
+
+    async def test_a_result_for_a_js_master_stays_held_until_it_would_leave_at_once(self):
+        # a JS master gives no ack: a result counts as delivered when written to its wire, so it
+        # stays in the journal while it would only wait for echoes in memory (kill -9 safety)
+        loop, node = self.job_loop([[{"id": 1, "x": 1}]], get_batch=True, batch_size=1)
+        node.room = False  # the master's echoes lag: room_for runs out of time, again and again
+        await until(lambda: loop.outbox.held == 1 and loop._delivery_lock.locked(), 5)
+        await asyncio.sleep(0.1)
+        self.assertEqual(node.called("shareResults"), [])
+        self.assertEqual((loop.outbox.held, loop.stats["results delivered"]), (1, 0))
+        loop.finder.master = "bOtherMaster"  # and the master changed meanwhile: not for the old one
+        node.room = True
+        await asyncio.sleep(0.1)
+        self.assertEqual((node.called("shareResults"), loop.outbox.held), ([], 1))
+        loop.finder.master = "bMaster"
+        loop.kick_delivery()
+        await until(lambda: len(node.called("shareResults")) == 1, 5)
+        self.assertEqual((loop.outbox.held, loop.stats["results delivered"]), (0, 1))
 
     async def test_an_unanswered_request_is_told_to_the_finder_and_no_job_is_held(self):
         finder = FakeFinder()

@@ -5771,18 +5771,20 @@ class Bugout:
             self._calls.pop(nonce, None)
             self._not_busy(address)
 
-    async def room_for(self, address: str, size: int) -> None:
-        """Return once ``size`` bytes of ours for ``address`` would leave at once rather than wait
-        for echoes on its wires (ECHO_WAIT at most): what waits for room stays with the caller
-        (a result in the journal), not in a send queue that a crash would lose."""
+    async def room_for(self, address: str, size: int) -> bool:
+        """Wait (ECHO_WAIT at most) until ``size`` bytes of ours for ``address`` would leave at
+        once rather than wait for echoes on its wires; True if they would now, False if the time
+        ran out first. What waits for room stays with the caller (a result in the journal), not
+        in a send queue that a crash would lose: on False, the caller keeps it and asks again."""
         deadline = time.monotonic() + ECHO_WAIT
         waited = False
-        while time.monotonic() < deadline and not all(
-                c.sends_at_once(size) for c in self.policy.targets(address)[0] if c.state is ConnState.OPEN):
+        while not (room := all(c.sends_at_once(size) for c in self.policy.targets(address)[0]
+                               if c.state is ConnState.OPEN)) and time.monotonic() < deadline:
             waited = True
             await asyncio.sleep(ECHO_POLL)
         if waited:
             self.stats["waits for echo room"] += 1
+        return room
 
     def rpc_nowait(self, address: str, call: str, args: Any = None) -> None:
         """Call ``call`` on ``address`` without waiting for an answer."""
@@ -9055,9 +9057,12 @@ class JobLoop:
                 if isinstance(answer, dict) and answer.get("received") is False:
                     raise InvalidState("the master could not read them")
             elif self.node.has_signed_wire(master):  # not has_wire(): a handshake may claim any address
-                # sent at once when sent: held in the journal until then
-                await self.node.room_for(master, len(payload) + 1024)  # the packet around: < 1 KiB
-                if not self.node.has_signed_wire(master):
+                # sent at once when sent: held in the journal until then (never counted delivered
+                # while it waits for echoes in memory), and only to the master still proven
+                room = False
+                while not room and self.finder.master == master and self.node.has_signed_wire(master):
+                    room = await self.node.room_for(master, len(payload) + 1024)  # the packet around: < 1 KiB
+                if not (room and self.finder.master == master and self.node.has_signed_wire(master)):
                     self.outbox.settle(batch, False)
                     return False
                 self.node.rpc_nowait(master, call, payload)
