@@ -2692,6 +2692,28 @@ class TestEchoPacing(AsyncTest):
         self.assertEqual(a.stats["silent wires renewed"], 1)
 
 
+    async def test_a_renewed_wire_is_not_dialed_where_another_host_announced_its_peer_id(self):
+        # a token holder's LSD announce claiming the master's peer id, from a host of its own, must
+        # not make us dial it in place of the master (an LSD announce is a claim)
+        trap_hits = []
+        trap = await asyncio.start_server(lambda r, wr: (trap_hits.append(1), wr.close()), "127.0.0.2", 0)
+        self.addAsyncCleanup(trap.wait_closed)
+        self.addCleanup(trap.close)
+        trap_port = trap.sockets[0].getsockname()[1]
+        a = await self.started(py_node("renew-lsd-claim"))
+        b = await self.started(py_node("renew-lsd-claim", peers=["127.0.0.1:%d" % a.port]))
+        await until(lambda: a.address in b.peers and b.address in a.peers)
+        cookie = "bittorrent-lsd-" + b.peer_id.hex()
+        a.discovery.lsd_peer("127.0.0.1", b.port, cookie)  # b's own announce, then the claim: the latest
+        a.discovery.lsd_peer("127.0.0.2", trap_port, cookie)
+        old = set(a._connections)
+        self.assertEqual(a.renew_silent_wires(b.address, 0.0), 1)
+        await until(lambda: any(c.dialed == ("127.0.0.1", b.port) and c.state is w.ConnState.OPEN
+                                for c in a._connections if c not in old), 5)
+        self.assertEqual(trap_hits, [])
+        self.assertNotIn(("127.0.0.2", trap_port), [c.dialed for c in a._connections])
+
+
 class TestWireUnderAttack(AsyncTest):
     async def _second_wire(self, ids_favour_wire_2, window=60.0):
         """Wire 1 carries RPCs both ways (some served, some still on the wire) when the other end

@@ -4689,7 +4689,7 @@ LSD_DATAGRAMS_PER_SECOND = 100.0
 LSD_PAUSE = 1.0
 LSD_SOURCE_SECONDS = 2.0
 LSD_SOURCE_BURST = 32
-#: Endpoints LSD announced, by the announcer's peer id, kept to dial again a wire renewed
+#: Ports LSD announced, by the announcer's peer id and host, kept to dial again a wire renewed
 #: (Bugout.renew_silent_wires): a JS peer that dialed us dials again over uTP first, ~30 s.
 LSD_ENDPOINTS_KEPT = 64
 #: A wire takes relayed payloads while its send queue holds less than this (a protected wire's:
@@ -5281,7 +5281,9 @@ class Discovery:
             collections.OrderedDict())  # address -> (host, endpoint we dialed) of a wire it signed on
         self._lsd_transport: asyncio.DatagramTransport | None = None
         self._lsd_cookie = "bittorrent-lsd-" + node.peer_id.hex()
-        self._lsd_endpoints: dict[bytes, Addr] = {}  # announcer's peer id (a claim) -> endpoint
+        #: (announcer's peer id, the host it came from) -> the port it announced: claims both, so a
+        #: renewed wire is dialed again only where its own host announced (Bugout.renew_silent_wires)
+        self._lsd_endpoints: dict[tuple[bytes, str], int] = {}
 
     async def start(self) -> None:
         """The DHT node, the configured peers, LSD: each as the node's settings say."""
@@ -5431,10 +5433,10 @@ class Discovery:
             return  # our own announcement, looped back
         peer_id = lsd_peer_id(cookie)
         if peer_id is not None:
-            self._lsd_endpoints.pop(peer_id, None)
+            self._lsd_endpoints.pop((peer_id, host), None)
             if len(self._lsd_endpoints) >= LSD_ENDPOINTS_KEPT:
                 del self._lsd_endpoints[next(iter(self._lsd_endpoints))]
-            self._lsd_endpoints[peer_id] = (host, port)
+            self._lsd_endpoints[(peer_id, host)] = port
         if peer_id is not None and self.node.has_peer_id(peer_id):
             self.node.stats["lsd: already wired"] += 1
             return
@@ -5442,10 +5444,11 @@ class Discovery:
         first = peer_id is None or (ours and peer_id > self.node.peer_id)
         self.add_peer(host, port, host, delay=0.0 if first else LSD_YIELD, peer_id=peer_id)
 
-    def lsd_endpoint(self, peer_id: bytes | None) -> Addr | None:
-        """Where ``peer_id`` last announced itself by LSD (a claim: whoever answers there
-        still has to prove itself), or None."""
-        return self._lsd_endpoints.get(peer_id or b"")
+    def lsd_endpoint(self, peer_id: bytes | None, host: str) -> Addr | None:
+        """Where ``peer_id`` last announced itself by LSD from ``host`` (a claim: whoever answers
+        there still has to prove itself; an announce from another host is not used), or None."""
+        port = self._lsd_endpoints.get((peer_id or b"", host))
+        return (host, port) if port else None
 
     async def _start_lsd(self) -> None:
         try:
@@ -5638,7 +5641,8 @@ class Bugout:
         it reads, so its wire silent all the while no longer carries what it writes (the
         original JS master's stall: see ECHO_WINDOW). A new wire does: WebTorrent dials
         again those it dialed (over uTP first: ~30 s); we dial again those we dialed, and the
-        endpoint the peer id of the others last announced by LSD.
+        port the peer id of the others last announced by LSD from the host the wire came from
+        (an announce is a claim: one from another host never reroutes the new wire).
         """
         now = time.monotonic()
         silent = [c for c in self._connections
@@ -5648,7 +5652,10 @@ class Bugout:
             log.info("closing %s: %s did not answer, and nothing came by it for %.0f s; a new wire "
                      "takes its place", conn.peer_name, address, now - conn.last_in)
             conn.close()
-            endpoint = conn.dialed or self.discovery.lsd_endpoint(conn.wire.remote_peer_id)
+            endpoint = conn.dialed
+            if endpoint is None and conn.remote_host:  # not where anyone else's LSD announce says
+                host = conn.remote_host.removeprefix("::ffff:")  # a dual-stack socket's IPv4 peer
+                endpoint = self.discovery.lsd_endpoint(conn.wire.remote_peer_id, host)
             if endpoint:
                 self.add_peer(*endpoint)
         return len(silent)
