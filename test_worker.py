@@ -2662,6 +2662,30 @@ class TestEchoPacing(AsyncTest):
         self.assertFalse(conn.sends_at_once(2000))
         self.assertIs(room, False)
 
+    async def test_one_echo_that_never_comes_does_not_stop_the_pacing(self):
+        # bugout echoes only what is new to it: a copy of ours that reached it first by another
+        # wire is never echoed here; that alone must not let all that waits go in one burst
+        a, b, conn, got, echo = await self.echoing_pair("echo-one-lost")
+        with mock.patch.object(w, "ECHO_WAIT", 0.5):
+            a.send({"tag": "lost", "pad": "x" * 1000}, address=b.address)
+            await until(lambda: echo.held)
+            echo.held.clear()  # b saw that one before: no echo of it
+            for i in range(20):
+                a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
+            until_overdue = time.monotonic() + 0.8
+            while time.monotonic() < until_overdue:  # the others are echoed as they come
+                echo()
+                await asyncio.sleep(0.02)
+            self.assertTrue(conn.echoes)
+            got.clear()
+            for i in range(20):
+                a.send({"tag": "more", "i": i, "pad": "x" * 1000}, address=b.address)
+            await asyncio.sleep(0.2)  # b echoes nothing meanwhile
+            self.assertLessEqual(sum(got), w.ECHO_WINDOW)
+            while len(self.messages(b, "more")) < 20:
+                echo()
+                await asyncio.sleep(0.02)
+
     async def test_a_peer_that_stops_echoing_gets_what_waits_anyway(self):
         a, b, conn, _got, _echo = await self.echoing_pair("echo-stops")
         with mock.patch.object(w, "ECHO_WAIT", 0.5):

@@ -2019,7 +2019,8 @@ PROGRESS_SECONDS = 5.0
 #: speed-limiter) stops writing to a wire for good when one loop turn of its pushes more than
 #: about 16 KiB into it; what it echoes in one turn is what it read in one.
 ECHO_WINDOW = 8 * 1024
-#: An echo not back within this many seconds is not waited for: the peer stopped echoing.
+#: An echo not back within this many seconds is not waited for: forgotten if echoes of what went
+#: after it came (bugout never echoes what it saw first by another wire), else the peer stopped echoing.
 ECHO_WAIT = 5.0
 #: Own payloads sent on one wire whose echoes are looked for (the oldest is forgotten past it).
 ECHO_TRACKED = 256
@@ -2117,6 +2118,7 @@ class Connection:
         self.echoes = False
         self._unechoed: dict[int, tuple[int, float]] = {}  # hash of ours sent -> (size, when)
         self._unechoed_bytes = 0
+        self._last_echo = self.started  # when an echo of ours last came
         self._paced: collections.deque[bytes] = collections.deque()  # ours waiting for echoes
         self._paced_bytes = 0
         self._echo_timer: asyncio.TimerHandle | None = None
@@ -2329,15 +2331,27 @@ class Connection:
         self._unechoed_bytes += len(payload)
 
     def _echo_room(self, size: int, now: float) -> bool:
-        """True when ``size`` more bytes of ours may go now (an echo overdue stops the pacing)."""
+        """True when ``size`` more bytes of ours may go now.
+
+        An echo ECHO_WAIT overdue is not waited for: forgotten if echoes of what went after it
+        came (bugout echoes only what is new to it: a copy that reached it first by another
+        wire, say ours by another peer while ours here waited, is never echoed here); with no
+        echo since it went, the peer stopped echoing (or is that slow), and the pacing stops.
+        """
         if not self.echoes:
             return True
-        oldest = next(iter(self._unechoed.values()), None)
-        if oldest is not None and now - oldest[1] >= ECHO_WAIT:
-            self.echoes = False  # it stopped echoing (or is that slow): send as before
-            self._unechoed.clear()
-            self._unechoed_bytes = 0
-            return True
+        while self._unechoed:
+            key = next(iter(self._unechoed))
+            size_sent, sent = self._unechoed[key]
+            if now - sent < ECHO_WAIT:
+                break
+            if self._last_echo < sent:
+                self.echoes = False  # send as before
+                self._unechoed.clear()
+                self._unechoed_bytes = 0
+                return True
+            del self._unechoed[key]
+            self._unechoed_bytes -= size_sent
         return not self._unechoed_bytes or self._unechoed_bytes + size <= ECHO_WINDOW
 
     def _echoed(self, events: list) -> None:
@@ -2348,6 +2362,7 @@ class Connection:
                 if found is not None:
                     self._unechoed_bytes -= found[0]
                     self.echoes = True
+                    self._last_echo = time.monotonic()
         if self._paced:
             self._send_paced()
 
