@@ -2686,6 +2686,16 @@ class TestEchoPacing(AsyncTest):
                 echo()
                 await asyncio.sleep(0.02)
 
+    async def test_what_waits_for_echoes_counts_in_all_send_queues(self):
+        # each wire may hold ECHO_HELD_MAX for echoes: a token holder's many wires must not hold
+        # that beyond max_send_total (it echoes once, then never again)
+        a, b, conn, _got, _echo = await self.echoing_pair("echo-total")
+        a.max_send_total = 64 * 1024
+        for i in range(100):
+            a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
+        await until(lambda: conn.state is w.ConnState.CLOSED, 5)
+        self.assertEqual(a.stats["peers dropped: send queues full"], 1)
+
     async def test_a_peer_that_stops_echoing_gets_what_waits_anyway(self):
         a, b, conn, _got, _echo = await self.echoing_pair("echo-stops")
         with mock.patch.object(w, "ECHO_WAIT", 0.5):
@@ -7053,9 +7063,6 @@ class FakeNode:
 
     def renew_silent_wires(self, address, quiet):
         return 0  # every wire here answers or is gone
-
-    async def room_for(self, address, size):
-        await asyncio.sleep(0)  # echoes are Bugout's; here a payload always leaves at once
 
     def called(self, name):
         return [(address, args) for address, called, args in self.calls if called == name]

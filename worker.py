@@ -2172,6 +2172,11 @@ class Connection:
         return self._queued + self.write_buffer()
 
     @property
+    def paced_bytes(self) -> int:
+        """Bytes of ours held for the peer's echoes (not in ``buffered``: not given to the wire yet)."""
+        return self._paced_bytes
+
+    @property
     def dialer_port(self) -> int | None:
         """The TCP port of the end that dialed (both ends see it); None over WebRTC."""
         return None
@@ -6120,22 +6125,23 @@ class Bugout:
         return self._out_estimate
 
     def _recount(self) -> None:
-        self._out_estimate = sum(c.buffered for c in self._connections)
+        self._out_estimate = sum(c.buffered + c.paced_bytes for c in self._connections)
         self._recounted = True
         asyncio.get_running_loop().call_soon(setattr, self, "_recounted", False)
 
     def _trim_send_queues(self) -> None:
-        """All send queues together past ``max_send_total``: the unprotected wire with most goes."""
+        """All send queues together past ``max_send_total`` (what waits for echoes counts): the
+        unprotected wire with most goes."""
         self._recount()
         while self._out_estimate > self.max_send_total:
-            victim = self.policy.largest({c: c.buffered for c in self._connections
-                                    if c.state is not ConnState.CLOSED})
+            sizes = {c: c.buffered + c.paced_bytes for c in self._connections if c.state is not ConnState.CLOSED}
+            victim = self.policy.largest(sizes)
             if victim is None:
                 return
             self.stats["peers dropped: send queues full"] += 1
             self._log(logging.INFO, "send queues", "closing %s: %d bytes waiting for it, more than "
-                      "all wires may hold", victim.peer_name, victim.buffered)
-            self._out_estimate -= victim.buffered
+                      "all wires may hold", victim.peer_name, sizes[victim])
+            self._out_estimate -= sizes[victim]
             victim.close(abort=True)
 
     def _dispatch(self, events: list) -> None:
