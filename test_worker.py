@@ -299,6 +299,12 @@ def py_node(ident, **kw):
     return node
 
 
+def js_like(node):
+    """A Python node whose handshakes carry a JS peer's id (as WebTorrent's, ``-WW``)."""
+    node.peer_id = b"-WW1000-" + node.peer_id[8:]
+    return node
+
+
 class MemoryTransport(asyncio.Transport):
     """One end of an in-memory TCP stream; the test decides when bytes move.
 
@@ -2715,7 +2721,7 @@ class TestEchoPacing(AsyncTest):
         # issue 20: a JS master dialed us; its wire renewed, we dial the endpoint its peer id
         # announced by LSD (WebTorrent would come back over uTP first, ~30 s later)
         a = await self.started(py_node("renew-lsd"))
-        b = await self.started(py_node("renew-lsd", peers=["127.0.0.1:%d" % a.port]))
+        b = await self.started(js_like(py_node("renew-lsd", peers=["127.0.0.1:%d" % a.port])))
         await until(lambda: a.address in b.peers and b.address in a.peers)
         a.discovery.lsd_peer("127.0.0.1", b.port, "bittorrent-lsd-" + b.peer_id.hex())  # wired already: no dial
         old = set(a._connections)
@@ -2735,7 +2741,7 @@ class TestEchoPacing(AsyncTest):
         self.addCleanup(trap.close)
         trap_port = trap.sockets[0].getsockname()[1]
         a = await self.started(py_node("renew-lsd-claim"))
-        b = await self.started(py_node("renew-lsd-claim", peers=["127.0.0.1:%d" % a.port]))
+        b = await self.started(js_like(py_node("renew-lsd-claim", peers=["127.0.0.1:%d" % a.port])))
         await until(lambda: a.address in b.peers and b.address in a.peers)
         cookie = "bittorrent-lsd-" + b.peer_id.hex()
         a.discovery.lsd_peer("127.0.0.1", b.port, cookie)  # b's own announce, then the claim: the latest
@@ -2746,6 +2752,17 @@ class TestEchoPacing(AsyncTest):
                                 for c in a._connections if c not in old), 5)
         self.assertEqual(trap_hits, [])
         self.assertNotIn(("127.0.0.2", trap_port), [c.dialed for c in a._connections])
+
+
+    async def test_a_python_peers_silent_wire_is_not_renewed(self):
+        # master.py echoes nothing and pings every 30 s: a slow answer of its is no stall, and
+        # a slow proven master is never cut for slowness (its RPC timeouts decide)
+        a = await self.started(py_node("renew-py"))
+        b = await self.started(py_node("renew-py", peers=["127.0.0.1:%d" % a.port]))
+        await until(lambda: a.address in b.peers and b.address in a.peers)
+        self.assertEqual(a.renew_silent_wires(b.address, 0.0), 0)
+        self.assertTrue(a.has_signed_wire(b.address))
+        self.assertEqual(a.stats["silent wires renewed"], 0)
 
 
 class TestWireUnderAttack(AsyncTest):

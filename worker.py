@@ -5659,14 +5659,16 @@ class Bugout:
 
         For a call to ``address`` that got no answer in time: a JS peer echoes every packet
         it reads, so its wire silent all the while no longer carries what it writes (the
-        original JS master's stall: see ECHO_WINDOW). A new wire does: WebTorrent dials
+        original JS master's stall: see ECHO_WINDOW). A Python peer echoes nothing (pings
+        every 30 s): its silence says nothing, and a slow master.py is never cut for it. A new wire does: WebTorrent dials
         again those it dialed (over uTP first: ~30 s); we dial again those we dialed, and the
         port the peer id of the others last announced by LSD from the host the wire came from
         (an announce is a claim: one from another host never reroutes the new wire).
         """
         now = time.monotonic()
         silent = [c for c in self._connections
-                  if c.address == address and c.state is ConnState.OPEN and now - c.last_in >= quiet]
+                  if c.address == address and c.state is ConnState.OPEN and now - c.last_in >= quiet
+                  and not (c.wire.remote_peer_id or b"").startswith(PYTHON_PEER_PREFIX)]
         for conn in silent:
             self.stats["silent wires renewed"] += 1
             log.info("closing %s: %s did not answer, and nothing came by it for %.0f s; a new wire "
