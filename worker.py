@@ -5671,8 +5671,8 @@ class Bugout:
                   and not (c.wire.remote_peer_id or b"").startswith(PYTHON_PEER_PREFIX)]
         for conn in silent:
             self.stats["silent wires renewed"] += 1
-            log.info("closing %s: %s did not answer, and nothing came by it for %.0f s; a new wire "
-                     "takes its place", conn.peer_name, address, now - conn.last_in)
+            self._log(logging.INFO, "silent wire", "closing %s: %s did not answer, and nothing came by it "
+                      "for %.0f s; a new wire takes its place", conn.peer_name, address, now - conn.last_in)
             conn.close()
             endpoint = conn.dialed
             if endpoint is None and conn.remote_host:  # not where anyone else's LSD announce says
