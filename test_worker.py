@@ -2617,13 +2617,18 @@ class TestEchoPacing(AsyncTest):
         got.clear()
         return a, b, conn, got, echo
 
+    @staticmethod
+    def send_big(a, b, tag, count):
+        """``count`` messages of ~1 KB from a to b, tagged and numbered."""
+        for i in range(count):
+            a.send({"tag": tag, "i": i, "pad": "x" * 1000}, address=b.address)
+
     def messages(self, node, tag):
         return [e for e in node.events if e[0] == "message" and isinstance(e[2], dict) and e[2].get("tag") == tag]
 
     async def test_what_is_not_echoed_stays_within_the_window(self):
         a, b, conn, got, echo = await self.echoing_pair("echo-window")
-        for i in range(20):
-            a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
+        self.send_big(a, b, "big", 20)
         await asyncio.sleep(0.3)  # b echoes nothing meanwhile
         self.assertLessEqual(sum(got), w.ECHO_WINDOW)
         self.assertLess(len(self.messages(b, "big")), 20)
@@ -2637,8 +2642,7 @@ class TestEchoPacing(AsyncTest):
     async def test_room_for_waits_for_the_echoes(self):
         # results to a JS master stay in the journal until they would leave at once
         a, b, _conn, got, echo = await self.echoing_pair("echo-room")
-        for i in range(8):
-            a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
+        self.send_big(a, b, "big", 8)
         await until(lambda: got)
         waiting = asyncio.ensure_future(a.room_for(b.address, 2000))
         await asyncio.sleep(0.2)
@@ -2651,19 +2655,15 @@ class TestEchoPacing(AsyncTest):
     async def test_room_for_says_so_when_its_time_ran_out_without_room(self):
         # the caller keeps its result in the journal then: it must not send it to wait in memory
         a, b, conn, got, echo = await self.echoing_pair("echo-no-room")
-        conn._unechoed.clear()  # what went before b echoed (its hello): never echoed, it would
-        conn._unechoed_bytes = 0  # be 0.5 s late by the deadline and stop the pacing
         with mock.patch.object(w, "ECHO_WAIT", 0.5):
-            for i in range(8):
-                a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
+            self.send_big(a, b, "big", 8)
             await until(lambda: got)
             waiting = asyncio.ensure_future(a.room_for(b.address, 2000))
             await asyncio.sleep(0.3)
             self.assertFalse(waiting.done())
             # all of them echoed, and in the same turn as many more sent (a requestWork, say)
             conn._echoed([w.ExtensionPayload(payload) for _, payload in echo.held])
-            for i in range(8):
-                a.send({"tag": "big2", "i": i, "pad": "x" * 1000}, address=b.address)
+            self.send_big(a, b, "big2", 8)
             room = await waiting  # its deadline comes 0.2 s after the newest went: no room yet
         self.assertFalse(conn.sends_at_once(2000))
         self.assertIs(room, False)
@@ -2676,16 +2676,14 @@ class TestEchoPacing(AsyncTest):
             a.send({"tag": "lost", "pad": "x" * 1000}, address=b.address)
             await until(lambda: echo.held)
             echo.held.clear()  # b saw that one before: no echo of it
-            for i in range(20):
-                a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
+            self.send_big(a, b, "big", 20)
             until_overdue = time.monotonic() + 0.8
             while time.monotonic() < until_overdue:  # the others are echoed as they come
                 echo()
                 await asyncio.sleep(0.02)
             self.assertTrue(conn.echoes)
             got.clear()
-            for i in range(20):
-                a.send({"tag": "more", "i": i, "pad": "x" * 1000}, address=b.address)
+            self.send_big(a, b, "more", 20)
             await asyncio.sleep(0.2)  # b echoes nothing meanwhile
             self.assertLessEqual(sum(got), w.ECHO_WINDOW)
             while len(self.messages(b, "more")) < 20:
@@ -2697,23 +2695,20 @@ class TestEchoPacing(AsyncTest):
         # that beyond max_send_total (it echoes once, then never again)
         a, b, conn, _got, _echo = await self.echoing_pair("echo-total")
         a.max_send_total = 64 * 1024
-        for i in range(100):
-            a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
+        self.send_big(a, b, "big", 100)
         await until(lambda: conn.state is w.ConnState.CLOSED, 5)
         self.assertEqual(a.stats["peers dropped: send queues full"], 1)
 
     async def test_a_peer_that_stops_echoing_gets_what_waits_anyway(self):
         a, b, conn, _got, _echo = await self.echoing_pair("echo-stops")
         with mock.patch.object(w, "ECHO_WAIT", 0.5):
-            for i in range(20):
-                a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
+            self.send_big(a, b, "big", 20)
             await until(lambda: len(self.messages(b, "big")) == 20, 5)  # no echo at all
         self.assertFalse(conn.echoes)
 
     async def test_what_waits_goes_before_the_wire_closes(self):
         a, b, conn, _got, _echo = await self.echoing_pair("echo-close")
-        for i in range(20):
-            a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
+        self.send_big(a, b, "big", 20)
         conn.close()
         await until(lambda: len(self.messages(b, "big")) == 20, 5)
 
