@@ -299,6 +299,12 @@ def py_node(ident, **kw):
     return node
 
 
+def js_like(node):
+    """A Python node whose handshakes carry a JS peer's id (as WebTorrent's, ``-WW``)."""
+    node.peer_id = b"-WW1000-" + node.peer_id[8:]
+    return node
+
+
 class MemoryTransport(asyncio.Transport):
     """One end of an in-memory TCP stream; the test decides when bytes move.
 
@@ -2633,6 +2639,7 @@ class TestEchoPacing(AsyncTest):
             for conn, payload in held:
                 conn.send_payload(payload)
             held.clear()
+        echo.held = held  # what b got and holds: a test may hand a its echoes itself
         conn = next(iter(a._connections))
         a.send("first")  # its echo shows that b echoes
         await until(lambda: held)
@@ -2641,13 +2648,18 @@ class TestEchoPacing(AsyncTest):
         got.clear()
         return a, b, conn, got, echo
 
+    @staticmethod
+    def send_big(a, b, tag, count):
+        """``count`` messages of ~1 KB from a to b, tagged and numbered."""
+        for i in range(count):
+            a.send({"tag": tag, "i": i, "pad": "x" * 1000}, address=b.address)
+
     def messages(self, node, tag):
         return [e for e in node.events if e[0] == "message" and isinstance(e[2], dict) and e[2].get("tag") == tag]
 
     async def test_what_is_not_echoed_stays_within_the_window(self):
         a, b, conn, got, echo = await self.echoing_pair("echo-window")
-        for i in range(20):
-            a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
+        self.send_big(a, b, "big", 20)
         await asyncio.sleep(0.3)  # b echoes nothing meanwhile
         self.assertLessEqual(sum(got), w.ECHO_WINDOW)
         self.assertLess(len(self.messages(b, "big")), 20)
@@ -2661,8 +2673,7 @@ class TestEchoPacing(AsyncTest):
     async def test_room_for_waits_for_the_echoes(self):
         # results to a JS master stay in the journal until they would leave at once
         a, b, _conn, got, echo = await self.echoing_pair("echo-room")
-        for i in range(8):
-            a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
+        self.send_big(a, b, "big", 8)
         await until(lambda: got)
         waiting = asyncio.ensure_future(a.room_for(b.address, 2000))
         await asyncio.sleep(0.2)
@@ -2672,18 +2683,63 @@ class TestEchoPacing(AsyncTest):
             await asyncio.sleep(0.02)
         await until(lambda: len(self.messages(b, "big")) == 8, 5)
 
+    async def test_room_for_says_so_when_its_time_ran_out_without_room(self):
+        # the caller keeps its result in the journal then: it must not send it to wait in memory
+        a, b, conn, got, echo = await self.echoing_pair("echo-no-room")
+        with mock.patch.object(w, "ECHO_WAIT", 0.5):
+            self.send_big(a, b, "big", 8)
+            await until(lambda: got)
+            waiting = asyncio.ensure_future(a.room_for(b.address, 2000))
+            await asyncio.sleep(0.3)
+            self.assertFalse(waiting.done())
+            # all of them echoed, and in the same turn as many more sent (a requestWork, say)
+            conn._echoed([w.ExtensionPayload(payload) for _, payload in echo.held])
+            self.send_big(a, b, "big2", 8)
+            room = await waiting  # its deadline comes 0.2 s after the newest went: no room yet
+        self.assertFalse(conn.sends_at_once(2000))
+        self.assertIs(room, False)
+
+    async def test_one_echo_that_never_comes_does_not_stop_the_pacing(self):
+        # bugout echoes only what is new to it: a copy of ours that reached it first by another
+        # wire is never echoed here; that alone must not let all that waits go in one burst
+        a, b, conn, got, echo = await self.echoing_pair("echo-one-lost")
+        with mock.patch.object(w, "ECHO_WAIT", 0.5):
+            a.send({"tag": "lost", "pad": "x" * 1000}, address=b.address)
+            await until(lambda: echo.held)
+            echo.held.clear()  # b saw that one before: no echo of it
+            self.send_big(a, b, "big", 20)
+            until_overdue = time.monotonic() + 0.8
+            while time.monotonic() < until_overdue:  # the others are echoed as they come
+                echo()
+                await asyncio.sleep(0.02)
+            self.assertTrue(conn.echoes)
+            got.clear()
+            self.send_big(a, b, "more", 20)
+            await asyncio.sleep(0.2)  # b echoes nothing meanwhile
+            self.assertLessEqual(sum(got), w.ECHO_WINDOW)
+            while len(self.messages(b, "more")) < 20:
+                echo()
+                await asyncio.sleep(0.02)
+
+    async def test_what_waits_for_echoes_counts_in_all_send_queues(self):
+        # each wire may hold ECHO_HELD_MAX for echoes: a token holder's many wires must not hold
+        # that beyond max_send_total (it echoes once, then never again)
+        a, b, conn, _got, _echo = await self.echoing_pair("echo-total")
+        a.max_send_total = 64 * 1024
+        self.send_big(a, b, "big", 100)
+        await until(lambda: conn.state is w.ConnState.CLOSED, 5)
+        self.assertEqual(a.stats["peers dropped: send queues full"], 1)
+
     async def test_a_peer_that_stops_echoing_gets_what_waits_anyway(self):
         a, b, conn, _got, _echo = await self.echoing_pair("echo-stops")
         with mock.patch.object(w, "ECHO_WAIT", 0.5):
-            for i in range(20):
-                a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
+            self.send_big(a, b, "big", 20)
             await until(lambda: len(self.messages(b, "big")) == 20, 5)  # no echo at all
         self.assertFalse(conn.echoes)
 
     async def test_what_waits_goes_before_the_wire_closes(self):
         a, b, conn, _got, _echo = await self.echoing_pair("echo-close")
-        for i in range(20):
-            a.send({"tag": "big", "i": i, "pad": "x" * 1000}, address=b.address)
+        self.send_big(a, b, "big", 20)
         conn.close()
         await until(lambda: len(self.messages(b, "big")) == 20, 5)
 
@@ -2691,7 +2747,7 @@ class TestEchoPacing(AsyncTest):
         # issue 20: a JS master dialed us; its wire renewed, we dial the endpoint its peer id
         # announced by LSD (WebTorrent would come back over uTP first, ~30 s later)
         a = await self.started(py_node("renew-lsd"))
-        b = await self.started(py_node("renew-lsd", peers=["127.0.0.1:%d" % a.port]))
+        b = await self.started(js_like(py_node("renew-lsd", peers=["127.0.0.1:%d" % a.port])))
         await until(lambda: a.address in b.peers and b.address in a.peers)
         a.discovery.lsd_peer("127.0.0.1", b.port, "bittorrent-lsd-" + b.peer_id.hex())  # wired already: no dial
         old = set(a._connections)
@@ -2700,6 +2756,39 @@ class TestEchoPacing(AsyncTest):
         await until(lambda: any(c.dialed == ("127.0.0.1", b.port) and c.state is w.ConnState.OPEN
                                 for c in a._connections if c not in old), 5)
         self.assertEqual(a.stats["silent wires renewed"], 1)
+
+
+    async def test_a_renewed_wire_is_not_dialed_where_another_host_announced_its_peer_id(self):
+        # a token holder's LSD announce claiming the master's peer id, from a host of its own, must
+        # not make us dial it in place of the master (an LSD announce is a claim)
+        trap_hits = []
+        trap = await asyncio.start_server(lambda r, wr: (trap_hits.append(1), wr.close()), "127.0.0.2", 0)
+        self.addAsyncCleanup(trap.wait_closed)
+        self.addCleanup(trap.close)
+        trap_port = trap.sockets[0].getsockname()[1]
+        a = await self.started(py_node("renew-lsd-claim"))
+        b = await self.started(js_like(py_node("renew-lsd-claim", peers=["127.0.0.1:%d" % a.port])))
+        await until(lambda: a.address in b.peers and b.address in a.peers)
+        cookie = "bittorrent-lsd-" + b.peer_id.hex()
+        a.discovery.lsd_peer("127.0.0.1", b.port, cookie)  # b's own announce, then the claim: the latest
+        a.discovery.lsd_peer("127.0.0.2", trap_port, cookie)
+        old = set(a._connections)
+        self.assertEqual(a.renew_silent_wires(b.address, 0.0), 1)
+        await until(lambda: any(c.dialed == ("127.0.0.1", b.port) and c.state is w.ConnState.OPEN
+                                for c in a._connections if c not in old), 5)
+        self.assertEqual(trap_hits, [])
+        self.assertNotIn(("127.0.0.2", trap_port), [c.dialed for c in a._connections])
+
+
+    async def test_a_python_peers_silent_wire_is_not_renewed(self):
+        # master.py echoes nothing and pings every 30 s: a slow answer of its is no stall, and
+        # a slow proven master is never cut for slowness (its RPC timeouts decide)
+        a = await self.started(py_node("renew-py"))
+        b = await self.started(py_node("renew-py", peers=["127.0.0.1:%d" % a.port]))
+        await until(lambda: a.address in b.peers and b.address in a.peers)
+        self.assertEqual(a.renew_silent_wires(b.address, 0.0), 0)
+        self.assertTrue(a.has_signed_wire(b.address))
+        self.assertEqual(a.stats["silent wires renewed"], 0)
 
 
 class TestWireUnderAttack(AsyncTest):
@@ -7128,6 +7217,7 @@ class FakeNode:
         self.wires = set()
         self.peers = {}
         self.prioritized = []
+        self.room = True  # our payloads to a JS master leave at once (not waiting for echoes)
 
     async def rpc(self, address, name, args, timeout=30.0):
         self.calls.append((address, name, args))
@@ -7140,6 +7230,11 @@ class FakeNode:
     def rpc_nowait(self, address, name, args):
         self.calls.append((address, name, args))
 
+    async def room_for(self, address, size):
+        """Bugout.room_for: whether ours would leave at once (``room``), after a while."""
+        await asyncio.sleep(0.01)
+        return self.room
+
     def has_wire(self, address):
         return address in self.wires
 
@@ -7150,9 +7245,6 @@ class FakeNode:
 
     def renew_silent_wires(self, address, quiet):
         return 0  # every wire here answers or is gone
-
-    async def room_for(self, address, size):
-        await asyncio.sleep(0)  # echoes are Bugout's; here a payload always leaves at once
 
     def called(self, name):
         return [(address, args) for address, called, args in self.calls if called == name]
@@ -7410,6 +7502,24 @@ class TestJobLoop(AsyncTest):
             await until(lambda: len(node.called("shareResults")) == 2, 5)
         self.assertIn("the master sent 3 jobs at once; only the first 2 are taken", logs.output[0])
         self.assertEqual(loop.keeper.runner.ran, [0, 1])
+
+    async def test_a_result_for_a_js_master_stays_held_until_it_would_leave_at_once(self):
+        # a JS master gives no ack: a result counts as delivered when written to its wire, so it
+        # stays in the journal while it would only wait for echoes in memory (kill -9 safety)
+        loop, node = self.job_loop([[{"id": 1, "x": 1}]], get_batch=True, batch_size=1)
+        node.room = False  # the master's echoes lag: room_for runs out of time, again and again
+        await until(lambda: loop.outbox.held == 1 and loop._delivery_lock.locked(), 5)
+        await asyncio.sleep(0.1)
+        self.assertEqual(node.called("shareResults"), [])
+        self.assertEqual((loop.outbox.held, loop.stats["results delivered"]), (1, 0))
+        loop.finder.master = "bOtherMaster"  # and the master changed meanwhile: not for the old one
+        node.room = True
+        await asyncio.sleep(0.1)
+        self.assertEqual((node.called("shareResults"), loop.outbox.held), ([], 1))
+        loop.finder.master = "bMaster"
+        loop.kick_delivery()
+        await until(lambda: len(node.called("shareResults")) == 1, 5)
+        self.assertEqual((loop.outbox.held, loop.stats["results delivered"]), (0, 1))
 
     async def test_an_unanswered_request_is_told_to_the_finder_and_no_job_is_held(self):
         finder = FakeFinder()

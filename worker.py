@@ -2029,7 +2029,8 @@ PROGRESS_SECONDS = 5.0
 #: speed-limiter) stops writing to a wire for good when one loop turn of its pushes more than
 #: about 16 KiB into it; what it echoes in one turn is what it read in one.
 ECHO_WINDOW = 8 * 1024
-#: An echo not back within this many seconds is not waited for: the peer stopped echoing.
+#: An echo not back within this many seconds is not waited for: forgotten if echoes of what went
+#: after it came (bugout never echoes what it saw first by another wire), else the peer stopped echoing.
 ECHO_WAIT = 5.0
 #: Own payloads sent on one wire whose echoes are looked for (the oldest is forgotten past it).
 ECHO_TRACKED = 256
@@ -2127,6 +2128,7 @@ class Connection:
         self.echoes = False
         self._unechoed: dict[int, tuple[int, float]] = {}  # hash of ours sent -> (size, when)
         self._unechoed_bytes = 0
+        self._last_echo = self.started  # when an echo of ours last came
         self._paced: collections.deque[bytes] = collections.deque()  # ours waiting for echoes
         self._paced_bytes = 0
         self._echo_timer: asyncio.TimerHandle | None = None
@@ -2178,6 +2180,11 @@ class Connection:
     def buffered(self) -> int:
         """Bytes waiting to go to the peer: queued here, and held by the transport."""
         return self._queued + self.write_buffer()
+
+    @property
+    def paced_bytes(self) -> int:
+        """Bytes of ours held for the peer's echoes (not in ``buffered``: not given to the wire yet)."""
+        return self._paced_bytes
 
     @property
     def dialer_port(self) -> int | None:
@@ -2339,15 +2346,27 @@ class Connection:
         self._unechoed_bytes += len(payload)
 
     def _echo_room(self, size: int, now: float) -> bool:
-        """True when ``size`` more bytes of ours may go now (an echo overdue stops the pacing)."""
+        """True when ``size`` more bytes of ours may go now.
+
+        An echo ECHO_WAIT overdue is not waited for: forgotten if echoes of what went after it
+        came (bugout echoes only what is new to it: a copy that reached it first by another
+        wire, say ours by another peer while ours here waited, is never echoed here); with no
+        echo since it went, the peer stopped echoing (or is that slow), and the pacing stops.
+        """
         if not self.echoes:
             return True
-        oldest = next(iter(self._unechoed.values()), None)
-        if oldest is not None and now - oldest[1] >= ECHO_WAIT:
-            self.echoes = False  # it stopped echoing (or is that slow): send as before
-            self._unechoed.clear()
-            self._unechoed_bytes = 0
-            return True
+        while self._unechoed:
+            key = next(iter(self._unechoed))
+            size_sent, sent = self._unechoed[key]
+            if now - sent < ECHO_WAIT:
+                break
+            if self._last_echo < sent:
+                self.echoes = False  # send as before
+                self._unechoed.clear()
+                self._unechoed_bytes = 0
+                return True
+            del self._unechoed[key]
+            self._unechoed_bytes -= size_sent
         return not self._unechoed_bytes or self._unechoed_bytes + size <= ECHO_WINDOW
 
     def _echoed(self, events: list) -> None:
@@ -2358,6 +2377,7 @@ class Connection:
                 if found is not None:
                     self._unechoed_bytes -= found[0]
                     self.echoes = True
+                    self._last_echo = time.monotonic()
         if self._paced:
             self._send_paced()
 
@@ -4699,7 +4719,7 @@ LSD_DATAGRAMS_PER_SECOND = 100.0
 LSD_PAUSE = 1.0
 LSD_SOURCE_SECONDS = 2.0
 LSD_SOURCE_BURST = 32
-#: Endpoints LSD announced, by the announcer's peer id, kept to dial again a wire renewed
+#: Ports LSD announced, by the announcer's peer id and host, kept to dial again a wire renewed
 #: (Bugout.renew_silent_wires): a JS peer that dialed us dials again over uTP first, ~30 s.
 LSD_ENDPOINTS_KEPT = 64
 #: A wire takes relayed payloads while its send queue holds less than this (a protected wire's:
@@ -5291,7 +5311,9 @@ class Discovery:
             collections.OrderedDict())  # address -> (host, endpoint we dialed) of a wire it signed on
         self._lsd_transport: asyncio.DatagramTransport | None = None
         self._lsd_cookie = "bittorrent-lsd-" + node.peer_id.hex()
-        self._lsd_endpoints: dict[bytes, Addr] = {}  # announcer's peer id (a claim) -> endpoint
+        #: (announcer's peer id, the host it came from) -> the port it announced: claims both, so a
+        #: renewed wire is dialed again only where its own host announced (Bugout.renew_silent_wires)
+        self._lsd_endpoints: dict[tuple[bytes, str], int] = {}
 
     async def start(self) -> None:
         """The DHT node, the configured peers, LSD: each as the node's settings say."""
@@ -5441,10 +5463,10 @@ class Discovery:
             return  # our own announcement, looped back
         peer_id = lsd_peer_id(cookie)
         if peer_id is not None:
-            self._lsd_endpoints.pop(peer_id, None)
+            self._lsd_endpoints.pop((peer_id, host), None)
             if len(self._lsd_endpoints) >= LSD_ENDPOINTS_KEPT:
                 del self._lsd_endpoints[next(iter(self._lsd_endpoints))]
-            self._lsd_endpoints[peer_id] = (host, port)
+            self._lsd_endpoints[(peer_id, host)] = port
         if peer_id is not None and self.node.has_peer_id(peer_id):
             self.node.stats["lsd: already wired"] += 1
             return
@@ -5452,10 +5474,11 @@ class Discovery:
         first = peer_id is None or (ours and peer_id > self.node.peer_id)
         self.add_peer(host, port, host, delay=0.0 if first else LSD_YIELD, peer_id=peer_id)
 
-    def lsd_endpoint(self, peer_id: bytes | None) -> Addr | None:
-        """Where ``peer_id`` last announced itself by LSD (a claim: whoever answers there
-        still has to prove itself), or None."""
-        return self._lsd_endpoints.get(peer_id or b"")
+    def lsd_endpoint(self, peer_id: bytes | None, host: str) -> Addr | None:
+        """Where ``peer_id`` last announced itself by LSD from ``host`` (a claim: whoever answers
+        there still has to prove itself; an announce from another host is not used), or None."""
+        port = self._lsd_endpoints.get((peer_id or b"", host))
+        return (host, port) if port else None
 
     async def _start_lsd(self) -> None:
         try:
@@ -5647,19 +5670,25 @@ class Bugout:
 
         For a call to ``address`` that got no answer in time: a JS peer echoes every packet
         it reads, so its wire silent all the while no longer carries what it writes (the
-        original JS master's stall: see ECHO_WINDOW). A new wire does: WebTorrent dials
+        original JS master's stall: see ECHO_WINDOW). A Python peer echoes nothing (pings
+        every 30 s): its silence says nothing, and a slow master.py is never cut for it. A new wire does: WebTorrent dials
         again those it dialed (over uTP first: ~30 s); we dial again those we dialed, and the
-        endpoint the peer id of the others last announced by LSD.
+        port the peer id of the others last announced by LSD from the host the wire came from
+        (an announce is a claim: one from another host never reroutes the new wire).
         """
         now = time.monotonic()
         silent = [c for c in self._connections
-                  if c.address == address and c.state is ConnState.OPEN and now - c.last_in >= quiet]
+                  if c.address == address and c.state is ConnState.OPEN and now - c.last_in >= quiet
+                  and not (c.wire.remote_peer_id or b"").startswith(PYTHON_PEER_PREFIX)]
         for conn in silent:
             self.stats["silent wires renewed"] += 1
-            log.info("closing %s: %s did not answer, and nothing came by it for %.0f s; a new wire "
-                     "takes its place", conn.peer_name, address, now - conn.last_in)
+            self._log(logging.INFO, "silent wire", "closing %s: %s did not answer, and nothing came by it "
+                      "for %.0f s; a new wire takes its place", conn.peer_name, address, now - conn.last_in)
             conn.close()
-            endpoint = conn.dialed or self.discovery.lsd_endpoint(conn.wire.remote_peer_id)
+            endpoint = conn.dialed
+            if endpoint is None and conn.remote_host:  # not where anyone else's LSD announce says
+                host = conn.remote_host.removeprefix("::ffff:")  # a dual-stack socket's IPv4 peer
+                endpoint = self.discovery.lsd_endpoint(conn.wire.remote_peer_id, host)
             if endpoint:
                 self.add_peer(*endpoint)
         return len(silent)
@@ -5784,18 +5813,20 @@ class Bugout:
             self._unsent.pop(nonce, None)
             self._not_busy(address)
 
-    async def room_for(self, address: str, size: int) -> None:
-        """Return once ``size`` bytes of ours for ``address`` would leave at once rather than wait
-        for echoes on its wires (ECHO_WAIT at most): what waits for room stays with the caller
-        (a result in the journal), not in a send queue that a crash would lose."""
+    async def room_for(self, address: str, size: int) -> bool:
+        """Wait (ECHO_WAIT at most) until ``size`` bytes of ours for ``address`` would leave at
+        once rather than wait for echoes on its wires; True if they would now, False if the time
+        ran out first. What waits for room stays with the caller (a result in the journal), not
+        in a send queue that a crash would lose: on False, the caller keeps it and asks again."""
         deadline = time.monotonic() + ECHO_WAIT
         waited = False
-        while time.monotonic() < deadline and not all(
-                c.sends_at_once(size) for c in self.policy.targets(address)[0] if c.state is ConnState.OPEN):
+        while not (room := all(c.sends_at_once(size) for c in self.policy.targets(address)[0]
+                               if c.state is ConnState.OPEN)) and time.monotonic() < deadline:
             waited = True
             await asyncio.sleep(ECHO_POLL)
         if waited:
             self.stats["waits for echo room"] += 1
+        return room
 
     def rpc_nowait(self, address: str, call: str, args: Any = None) -> None:
         """Call ``call`` on ``address`` without waiting for an answer."""
@@ -6109,22 +6140,23 @@ class Bugout:
         return self._out_estimate
 
     def _recount(self) -> None:
-        self._out_estimate = sum(c.buffered for c in self._connections)
+        self._out_estimate = sum(c.buffered + c.paced_bytes for c in self._connections)
         self._recounted = True
         asyncio.get_running_loop().call_soon(setattr, self, "_recounted", False)
 
     def _trim_send_queues(self) -> None:
-        """All send queues together past ``max_send_total``: the unprotected wire with most goes."""
+        """All send queues together past ``max_send_total`` (what waits for echoes counts): the
+        unprotected wire with most goes."""
         self._recount()
         while self._out_estimate > self.max_send_total:
-            victim = self.policy.largest({c: c.buffered for c in self._connections
-                                    if c.state is not ConnState.CLOSED})
+            sizes = {c: c.buffered + c.paced_bytes for c in self._connections if c.state is not ConnState.CLOSED}
+            victim = self.policy.largest(sizes)
             if victim is None:
                 return
             self.stats["peers dropped: send queues full"] += 1
             self._log(logging.INFO, "send queues", "closing %s: %d bytes waiting for it, more than "
-                      "all wires may hold", victim.peer_name, victim.buffered)
-            self._out_estimate -= victim.buffered
+                      "all wires may hold", victim.peer_name, sizes[victim])
+            self._out_estimate -= sizes[victim]
             victim.close(abort=True)
 
     def _dispatch(self, events: list) -> None:
@@ -9310,9 +9342,12 @@ class JobLoop:
                         return False
                     raise InvalidState("the master could not read them")
             elif self.node.has_signed_wire(master):  # not has_wire(): a handshake may claim any address
-                # sent at once when sent: held in the journal until then
-                await self.node.room_for(master, len(payload) + 1024)  # the packet around: < 1 KiB
-                if not self.node.has_signed_wire(master):
+                # sent at once when sent: held in the journal until then (never counted delivered
+                # while it waits for echoes in memory), and only to the master still proven
+                room = False
+                while not room and self.finder.master == master and self.node.has_signed_wire(master):
+                    room = await self.node.room_for(master, len(payload) + 1024)  # the packet around: < 1 KiB
+                if not (room and self.finder.master == master and self.node.has_signed_wire(master)):
                     self.outbox.settle(batch, False)
                     return False
                 self.node.rpc_nowait(master, call, payload)
