@@ -7347,7 +7347,7 @@ class TestMasterFinder(AsyncTest):
             finder.on_left("bFirst")
             await until(lambda: finder.master == "bSecond", 5)
         self.assertEqual(found, ["bFirst", "bSecond"])
-        self.assertIn("master bFirst left; results are kept until a master is back", logs.output[0])
+        self.assertIn("master bFirst left; its results are kept until it is back", logs.output[0])
         self.assertIn("master found: bSecond", logs.output[-1])
 
     async def test_a_master_that_fails_requests_is_lost_after_two_or_at_once_if_unreachable(self):

@@ -4720,7 +4720,7 @@ LSD_PAUSE = 1.0
 LSD_SOURCE_SECONDS = 2.0
 LSD_SOURCE_BURST = 32
 #: Ports LSD announced, by the announcer's peer id and host, kept to dial again a wire renewed
-#: (Bugout.renew_silent_wires): a JS peer that dialed us dials again over uTP first, ~30 s.
+#: (Discovery.renew): a JS peer that dialed us dials again over uTP first, ~30 s.
 LSD_ENDPOINTS_KEPT = 64
 #: A wire takes relayed payloads while its send queue holds less than this (a protected wire's:
 #: RELAY_PROTECTED) and all send queues together hold less than RELAY_TOTAL; the rest are dropped.
@@ -5312,7 +5312,7 @@ class Discovery:
         self._lsd_transport: asyncio.DatagramTransport | None = None
         self._lsd_cookie = "bittorrent-lsd-" + node.peer_id.hex()
         #: (announcer's peer id, the host it came from) -> the port it announced: claims both, so a
-        #: renewed wire is dialed again only where its own host announced (Bugout.renew_silent_wires)
+        #: renewed wire is dialed again only where its own host announced (Discovery.renew)
         self._lsd_endpoints: dict[tuple[bytes, str], int] = {}
 
     async def start(self) -> None:
@@ -5473,6 +5473,37 @@ class Discovery:
         ours = peer_id is not None and peer_id[:3] == PEER_ID_PREFIX[:3]
         first = peer_id is None or (ours and peer_id > self.node.peer_id)
         self.add_peer(host, port, host, delay=0.0 if first else LSD_YIELD, peer_id=peer_id)
+
+    def renew(self, address: str, quiet: float) -> int:
+        """Close the wires claiming ``address`` that carried nothing for ``quiet`` seconds, and
+        dial again those we dialed; the number closed.
+
+        For a call to ``address`` that got no answer in time: a JS peer echoes every packet
+        it reads, so its wire silent all the while no longer carries what it writes (the
+        original JS master's stall: see ECHO_WINDOW), and a new wire does. A Python peer
+        echoes nothing (pings every 30 s): its silence says nothing, and a slow master.py is
+        never cut for it. WebTorrent dials again those it dialed (over uTP first: ~30 s); we
+        dial again those we dialed, and the port the peer id of the others last announced by
+        LSD from the host the wire came from (an announce is a claim: one from another host
+        never reroutes the new wire).
+        """
+        now = time.monotonic()
+        node = self.node
+        silent = [c for c in node._connections
+                  if c.address == address and c.state is ConnState.OPEN and now - c.last_in >= quiet
+                  and not (c.wire.remote_peer_id or b"").startswith(PYTHON_PEER_PREFIX)]
+        for conn in silent:
+            node.stats["silent wires renewed"] += 1
+            node._log(logging.INFO, "silent wire", "closing %s: %s did not answer, and nothing came by it "
+                      "for %.0f s; a new wire takes its place", conn.peer_name, address, now - conn.last_in)
+            conn.close()
+            endpoint = conn.dialed
+            if endpoint is None and conn.remote_host:  # not where anyone else's LSD announce says
+                host = conn.remote_host.removeprefix("::ffff:")  # a dual-stack socket's IPv4 peer
+                endpoint = self.lsd_endpoint(conn.wire.remote_peer_id, host)
+            if endpoint:
+                self.add_peer(*endpoint)
+        return len(silent)
 
     def lsd_endpoint(self, peer_id: bytes | None, host: str) -> Addr | None:
         """Where ``peer_id`` last announced itself by LSD from ``host`` (a claim: whoever answers
@@ -5665,33 +5696,8 @@ class Bugout:
         return conn is not None and conn.state is ConnState.OPEN and not conn.closing
 
     def renew_silent_wires(self, address: str, quiet: float) -> int:
-        """Close the wires claiming ``address`` that carried nothing for ``quiet`` seconds, and
-        dial again those we dialed; the number closed.
-
-        For a call to ``address`` that got no answer in time: a JS peer echoes every packet
-        it reads, so its wire silent all the while no longer carries what it writes (the
-        original JS master's stall: see ECHO_WINDOW). A Python peer echoes nothing (pings
-        every 30 s): its silence says nothing, and a slow master.py is never cut for it. A new wire does: WebTorrent dials
-        again those it dialed (over uTP first: ~30 s); we dial again those we dialed, and the
-        port the peer id of the others last announced by LSD from the host the wire came from
-        (an announce is a claim: one from another host never reroutes the new wire).
-        """
-        now = time.monotonic()
-        silent = [c for c in self._connections
-                  if c.address == address and c.state is ConnState.OPEN and now - c.last_in >= quiet
-                  and not (c.wire.remote_peer_id or b"").startswith(PYTHON_PEER_PREFIX)]
-        for conn in silent:
-            self.stats["silent wires renewed"] += 1
-            self._log(logging.INFO, "silent wire", "closing %s: %s did not answer, and nothing came by it "
-                      "for %.0f s; a new wire takes its place", conn.peer_name, address, now - conn.last_in)
-            conn.close()
-            endpoint = conn.dialed
-            if endpoint is None and conn.remote_host:  # not where anyone else's LSD announce says
-                host = conn.remote_host.removeprefix("::ffff:")  # a dual-stack socket's IPv4 peer
-                endpoint = self.discovery.lsd_endpoint(conn.wire.remote_peer_id, host)
-            if endpoint:
-                self.add_peer(*endpoint)
-        return len(silent)
+        """Close and dial again the wires claiming ``address`` silent for ``quiet`` s (Discovery.renew)."""
+        return self.discovery.renew(address, quiet)
 
     def has_peer_id(self, peer_id: bytes) -> bool:
         """True when a connection not closed has this BitTorrent peer id."""
