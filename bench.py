@@ -338,7 +338,7 @@ async def proof_cost(rounds: int, js: bool) -> dict:
         laps = []
         for _ in range(rounds):
             started = time.perf_counter()
-            await (worker._asset_proof(address) if js else worker._challenge(address))
+            await (worker.finder._asset_proof(address) if js else worker.finder._challenge(address))
             laps.append((time.perf_counter() - started) * 1000)
         await worker.node.close()
         await peer.close()

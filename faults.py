@@ -33,6 +33,13 @@ master.py's (stderr, and its stdout events other than results). After each
 attack the jobs stop and every job pushed must have its result: printed too
 are results lost, taken twice and not from the worker, master.py's peak RSS
 and the attacker's CPU.
+
+    python faults.py --master-restart kill|term [--runs 5]
+
+no attack: master.py is stopped (``kill -9``, or SIGTERM) while it serves its
+worker, and started again at once with the same command; printed per run,
+the seconds from that start to its first new result (issue 25: 30 s after
+``kill -9`` before the worker sent its calls again for the new process's key).
 """
 
 from __future__ import annotations
@@ -1014,6 +1021,36 @@ async def measure(name: str, seconds: float) -> dict:
             await swarm.stop()
 
 
+async def master_restart(how: str) -> float:
+    """Stop master.py (``kill``: SIGKILL, ``term``: SIGTERM) 2 s into serving its worker, start
+    it again at once; seconds from that start to its first new result."""
+    with tempfile.TemporaryDirectory(prefix="qx-restart-") as tmp:
+        swarm = await Swarm(Path(tmp)).start()
+        try:
+            await asyncio.sleep(2.0)
+            if how == "kill":
+                swarm.master.kill()
+            else:
+                swarm.master.terminate()
+            await swarm.master.wait()
+            started = time.monotonic()
+            await swarm._start_master()
+            swarm._tasks.append(asyncio.ensure_future(swarm._read(swarm.master)))
+            await t.until(lambda: swarm.stamps[-1] >= started, 120)
+            return next(s for s in swarm.stamps if s >= started) - started
+        finally:
+            await swarm.stop()
+
+
+async def master_restarts(how: str, runs: int) -> int:
+    w.Logger("error")
+    for i in range(runs):
+        print("  master.py %s and started again, run %d: first new result after %.2f s"
+              % ("killed (kill -9)" if how == "kill" else "stopped (SIGTERM)", i + 1, await master_restart(how)),
+              flush=True)
+    return 0
+
+
 async def run(names: list[str], seconds: float) -> int:
     w.Logger("error")
     rows = []
@@ -1045,6 +1082,9 @@ def main() -> int:
                         + "; ".join(MASTER_ATTACKS))
     parser.add_argument("--master", action="store_true", help="attack master.py (its worker is honest)")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long each attack lasts")
+    parser.add_argument("--master-restart", choices=("kill", "term"),
+                        help="no attack: time master.py's first result after a restart at once")
+    parser.add_argument("--runs", type=int, default=5, help="restarts measured (--master-restart)")
     parser.add_argument("--attacker", help=argparse.SUPPRESS)  # the attacker process: its attack,
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)  # the worker's port
     parser.add_argument("--token", help=argparse.SUPPRESS)  # and the swarm's token
@@ -1061,6 +1101,8 @@ def main() -> int:
     status = t.in_own_namespace("QX_FAULTS_NAMESPACE", "faults.py")  # the network rule
     if status is not None:
         return status
+    if args.master_restart:
+        return asyncio.run(master_restarts(args.master_restart, args.runs))
     return asyncio.run(run(args.attacks or list(attacks), args.seconds))
 
 

@@ -189,6 +189,9 @@ class Store:
         #: jobs waiting, jobs on lease, results and error results of this run
         self.waiting = self.leased = self.answered = self.errors = 0
         self.run = 1
+        #: the run's name on the wire (``run`` in isMaster and requestWork answers), random: a worker
+        #: gives a result it holds only to the run whose job it answers (worker.py, class Outbox)
+        self.run_id = ""
         self.closed = False
         #: whether results are kept with their data (not in memory: nothing could read it later)
         self.keeps_data = self.path not in (":memory:", "")
@@ -270,6 +273,7 @@ class Store:
         """The counts, queue ends and run number, from the tables."""
         one = lambda sql, *args: self.db.execute(sql, args).fetchone()[0]
         self.run = int(self.get("run", 1))
+        self.run_id = self.get("runId") or self._new_run_id()
         self.waiting = one("SELECT count(*) FROM jobs WHERE worker IS NULL")
         self.leased = one("SELECT count(*) FROM jobs WHERE worker IS NOT NULL")
         self.answered = one("SELECT count(*) FROM results WHERE run = ?", self.run)
@@ -398,7 +402,14 @@ class Store:
         """Results from now on belong to a new run (its job ids may repeat the last one's)."""
         self.run += 1
         self.set(run=self.run)
+        self._new_run_id()
         self.answered = self.errors = 0
+
+    def _new_run_id(self) -> str:
+        """A new random run name, kept with the next commit (before any job of it is handed out)."""
+        self.run_id = os.urandom(12).hex()
+        self.set(runId=self.run_id)
+        return self.run_id
 
     # jobs and leases
     def push(self, key: str | None, payload: str) -> bool:
@@ -1303,7 +1314,8 @@ class Master:
         ``isMaster {}``; the ``proof`` binds its nonce to both addresses under
         the key (worker.py, "Worker: trusting a master"), ``workerChallenge``
         is ours, which it answers with ``proveKey`` ("Who gets work"), and
-        ``workerErrors`` says it may tell us why it cannot run the task.
+        ``workerErrors`` says it may tell us why it cannot run the task, and
+        ``run`` names the run its jobs belong to (PROTOCOL.md, "run").
         """
         args = as_dict(args)
         answer = {**args, "isMaster": "yes", "resultAcks": True, "resultBatches": True, "keyProof": 1}
@@ -1312,6 +1324,7 @@ class Master:
             answer["proof"] = master_proof(self._proof_key, bytes.fromhex(challenge), self.address, address)
             answer["workerChallenge"] = self.proofs.challenge(address, os.urandom(32), time.monotonic())
             answer["workerErrors"] = True  # only a Python worker challenges: no JS peer sees it
+            answer["run"] = self.store.run_id  # the run its jobs belong to (worker.py, class Outbox)
         return answer
 
     def _prove_key(self, address: str, args: Any) -> dict:
@@ -1411,18 +1424,25 @@ class Master:
         together before the answer."""
         args = as_dict(args)
         asked = work_asked(args)
-        results = self._open_results(address, args["results"]) if "results" in args else []
+        other_run = self._other_run(address, args.get("resultsRun"))
+        results = self._open_results(address, args["results"]) if "results" in args and not other_run else []
 
         def work() -> tuple[dict, list[Taken]]:
             new = self._take(address, results or [])
             if isinstance(asked, str):  # a bad batchSize: no job, whatever came with it
                 self.stats["requests refused"] += 1
-                return {"error": asked}, new
-            return self._work(address, args, asked), new
+                answer = {"error": asked}
+            else:
+                answer = self._work(address, args, asked)
+            if other_run:  # the worker keeps them
+                answer.update(resultsTaken=False, run=self.store.run_id)
+            return answer, new
         return self._answer_once_kept(address, work)
 
     def _work(self, address: str, args: dict, batch: int | None) -> dict:
-        answer = {k: v for k, v in args.items() if k != "results"}
+        answer = {k: v for k, v in args.items() if k not in ("results", "resultsRun")}
+        if address in self.policy.proven:  # a Python worker: JS peers see nothing new
+            answer["run"] = self.store.run_id  # the run these jobs belong to
         size = self.store.waiting
         if size > 1 and batch is not None:
             tasks = self._lease(address, min(batch, MAX_BATCH) if size > batch else 1)
@@ -1455,7 +1475,12 @@ class Master:
         return self._answer_once_kept(address, lambda: ({"received": True}, self._take(address, [result])))
 
     def _share_results_batch(self, address: str, args: Any) -> Any:
-        """Many results in one call, from Python workers (fewer signatures)."""
+        """Many results in one call, from Python workers (fewer signatures): the encrypted list,
+        or ``{"results": it, "run": the run of their jobs}``."""
+        if isinstance(args, dict):
+            if self._other_run(address, args.get("run")):
+                return {"received": False, "run": self.store.run_id}  # the worker keeps them
+            args = args.get("results")
         results = self._open_results(address, args)
         if results is None:
             return {"received": True}  # the same answer: no padding oracle (see _undecryptable)
@@ -1469,6 +1494,16 @@ class Master:
             self._undecryptable(address, exc)
             return None
         return results if isinstance(results, list) else []
+
+    def _other_run(self, address: str, run: Any) -> bool:
+        """Results a worker sends for the jobs of ``run``: True if that is not this run (its job ids
+        may name other jobs here), and they are refused. Before anything is decrypted."""
+        if run is None or run == self.store.run_id:
+            return False
+        self.stats["results of another run refused"] += 1
+        self._log(logging.INFO, "other run", "%s offered results of jobs of another run: not taken here "
+                  "(it keeps them)", address)
+        return True
 
     def _undecryptable(self, address: str, exc: Exception) -> dict:
         """Results that do not decrypt are dropped, and answered as any others.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import fnmatch
 import functools
 import hashlib
@@ -44,6 +45,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import traceback
 import types
 import unittest
 from pathlib import Path
@@ -123,6 +125,12 @@ def setUpModule() -> None:  # unittest calls it before the first test of this mo
 
 def tearDownModule() -> None:
     remove_safety_nets()
+
+
+def full_tier(test):
+    """Decorator: a test of a QUICK class that needs a socket or a process runs in the full suite only."""
+    test.full_tier = True
+    return test
 
 
 def time_limit(seconds: float):
@@ -288,6 +296,12 @@ def py_node(ident, **kw):
     node.events = []
     for name in ("seen", "message", "left"):
         node.on(name, lambda *a, name=name: node.events.append((name,) + a))
+    return node
+
+
+def js_like(node):
+    """A Python node whose handshakes carry a JS peer's id (as WebTorrent's, ``-WW``)."""
+    node.peer_id = b"-WW1000-" + node.peer_id[8:]
     return node
 
 
@@ -746,11 +760,11 @@ async def js_master_run(tmp, transport, url, count):
 
 async def flow_rate(master, worker, jobs, get_batch, start=0):
     """Push jobs, time them from the first result to the last (jobs/s)."""
-    worker.get_batch = get_batch
+    worker.job_loop.settings = dataclasses.replace(worker.settings, get_batch=get_batch)
     done = master.stats["results"]
     for i in range(start, start + jobs):
         master.push_new_job({"id": i, "data": json.dumps({"x": i})})
-    worker._wake.set()
+    worker.job_loop.nudge()
     await until(lambda: master.stats["results"] >= done + 1, 30)
     first, first_done = time.monotonic(), master.stats["results"]
     await until(lambda: master.stats["results"] >= done + jobs, 120)
@@ -821,6 +835,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 
 class Task:
@@ -859,6 +874,7 @@ import signal
 import subprocess
 import threading
 import time
+import traceback
 from pathlib import Path
 
 
@@ -1279,6 +1295,12 @@ def result_text(i):
     return json.dumps({"jobID": i, "worker": {"id": "bWorker", "name": "w"}, "data": i})
 
 
+def add_owned(outbox, i, master="master", run=None):
+    """The result of job ``i``, a job ``master`` gave (in its ``run``), into ``outbox``."""
+    outbox.given([(i, json.dumps({"id": i}))], (master, run))
+    outbox.add(i, result_text(i))
+
+
 def journal_count(folder, table="results"):
     """Rows in a running worker's journal, read beside it (WAL lets a reader in)."""
     try:
@@ -1293,21 +1315,27 @@ class QuietMaster:
     """master.py in this process, on a fixed port and seed, that never requeues on its own:
     a job lost by the worker stays lost, so a test sees it."""
 
-    def __init__(self, tmp, token, port, seed, name):
+    def __init__(self, tmp, token, port, seed, name, db=None):
         from master import Master
         files = write_assets(Path(tmp) / name, DEFAULT_FILES)
         self.results, self.handed = [], []
         self.master = Master(token, {"files": files, "dependencies": []}, self.results.append, None, KEY,
                              folder=Path(tmp) / name, env={}, host="127.0.0.1", port=port, seed=seed,
-                             lsd=False, dht=False, trackers=[], lease_seconds=3600.0)
+                             lsd=False, dht=False, trackers=[], lease_seconds=3600.0, db=db or ":memory:")
         self.master._requeue_worker = lambda address: None
         serve = self.master._request_work
 
-        def recording(address, args):
-            answer = serve(address, args)
+        def record(answer):
             self.handed.append((time.monotonic(), [json.loads(w.Crypt(KEY).decrypt(j))["id"] for j in
                                                    answer.get("batchTasks") or [answer.get("task")] if j]))
             return answer
+
+        async def synced(answer):
+            return record(await answer)
+
+        def recording(address, args):
+            answer = serve(address, args)
+            return synced(answer) if inspect.isawaitable(answer) else record(answer)  # db: once synced
         self.master._request_work = recording
 
     async def start(self):
@@ -1934,6 +1962,7 @@ class TestCrypt(unittest.TestCase):
         self.assertEqual(crypt.decrypt(one), "hello é")
         self.assertEqual(crypt.decrypt_json(crypt.encrypt_json({"a": [1]})), {"a": [1]})
 
+    @full_tier
     def test_matches_openssl_cbc(self):
         need(shutil.which("node"), "node is needed to cross-check AES with Node's crypto")
         crypt = w.Crypt(self.KEY)
@@ -2184,6 +2213,25 @@ class TestBugoutCore(unittest.TestCase):
         self.assertNotIn(self.a.identity.address, self.b.peers)
         self.assertEqual(self.a.expire(self.now + w.PEER_TIMEOUT_MS + 1),
                          [w.Left(self.b.identity.address, "timeout")])
+
+    def test_a_peer_started_again_is_known_by_its_signed_new_key_never_by_a_claim(self):
+        # issue 25: after kill -9 of master.py the worker boxed its calls for the dead process's
+        # key; the new process could not open them, and the worker waited 30 s
+        a = self.a.identity.address
+        self.a.send_ping(self.now)
+        self.assertEqual(self.deliver(self.a, self.b), [w.Ping(a)])  # its keys are proven
+        again = w.BugoutCore(vector_swarm(), w.Identity(self.a.identity.seed))  # same address, new box key
+        again.saw_peer(self.b.identity.pk, self.b.identity.ek, self.now)
+        again.data_to_send()
+        nonce = self.b.send_call(a, "isMaster", {}, self.now)
+        self.assertEqual(self.deliver(self.b, again), [])  # boxed for the old key: unreadable
+        self.assertEqual(self.b.saw_peer(again.identity.pk, again.identity.ek, self.now), [])  # a claim
+        again.send_ping(self.now)
+        self.assertEqual(self.deliver(again, self.b), [w.Rekeyed(a), w.Ping(a)])  # signed: proven
+        self.b.send_call(a, "isMaster", {}, self.now, nonce=nonce)  # what the node does then
+        self.assertEqual(self.deliver(self.b, again), [w.Call(self.b.identity.address, "isMaster", {}, nonce)])
+        again.send_ping(self.now + 1)
+        self.assertEqual(self.deliver(again, self.b), [w.Ping(a)])  # the same key: nothing new
 
     def test_seen_cache_is_bounded(self):
         core = w.BugoutCore(vector_swarm(), w.Identity(), seen_limit=100)
@@ -2542,7 +2590,7 @@ class TestTcp(AsyncTest):
             await asyncio.wait_for(call, 5)
 
     async def test_malformed_host_names_are_unreachable_peers_not_crashes(self):
-        self.assertEqual(await w.Dht._resolve("router..example", 6881), [])
+        self.assertEqual(await w.Dht(bytes(20), bootstrap=[])._resolve("router..example", 6881), [])
         with self.assertNoLogs("worker", "ERROR"):  # a failed internal task logs an error
             a = await self.started(py_node("bad-names", peers=["a..b:1"]))
             await asyncio.sleep(1.0)  # two dials, 0.5 s apart
@@ -2600,6 +2648,182 @@ class TestTcp(AsyncTest):
         self.assertEqual(len(a._connections), 1)
         self.assertEqual(len(b._connections), 1)
         self.assertEqual(await a.rpc(b.address, "echo", {}), {"echoedBy": "py"})
+
+
+class TestEchoPacing(AsyncTest):
+    """Our own payloads to a peer that echoes them (JS bugout) wait for their echoes; a silent
+    wire is renewed (issue 20)."""
+
+    async def echoing_pair(self, ident):
+        """Node a wired to b, which echoes every payload it gets when told to (``echo()``)."""
+        a = await self.started(py_node(ident))
+        b = await self.started(py_node(ident, peers=["127.0.0.1:%d" % a.port]))
+        await until(lambda: a.address in b.peers and b.address in a.peers)
+        got, held = [], []
+        handle = b.wire_events
+
+        def wire_events(conn, events):
+            for event in events:
+                if isinstance(event, w.ExtensionPayload):
+                    got.append(len(event.payload))
+                    held.append((conn, event.payload))
+            handle(conn, events)
+        b.wire_events = wire_events
+
+        def echo():
+            for conn, payload in held:
+                conn.send_payload(payload)
+            held.clear()
+        echo.held = held  # what b got and holds: a test may hand a its echoes itself
+        conn = next(iter(a._connections))
+        a.send("first")  # its echo shows that b echoes
+        await until(lambda: held)
+        echo()
+        await until(lambda: conn.echoes)
+        got.clear()
+        return a, b, conn, got, echo
+
+    @staticmethod
+    def send_big(a, b, tag, count):
+        """``count`` messages of ~1 KB from a to b, tagged and numbered."""
+        for i in range(count):
+            a.send({"tag": tag, "i": i, "pad": "x" * 1000}, address=b.address)
+
+    def messages(self, node, tag):
+        return [e for e in node.events if e[0] == "message" and isinstance(e[2], dict) and e[2].get("tag") == tag]
+
+    async def test_what_is_not_echoed_stays_within_the_window(self):
+        a, b, conn, got, echo = await self.echoing_pair("echo-window")
+        self.send_big(a, b, "big", 20)
+        await asyncio.sleep(0.3)  # b echoes nothing meanwhile
+        self.assertLessEqual(sum(got), w.ECHO_WINDOW)
+        self.assertLess(len(self.messages(b, "big")), 20)
+        self.assertGreater(a.stats["payloads paced by echoes"], 0)
+        while len(self.messages(b, "big")) < 20:  # each echo lets more go
+            echo()
+            await asyncio.sleep(0.02)
+        self.assertEqual([e[2]["i"] for e in self.messages(b, "big")], list(range(20)))
+        self.assertTrue(conn.echoes)
+
+    async def test_room_for_waits_for_the_echoes(self):
+        # results to a JS master stay in the journal until they would leave at once
+        a, b, _conn, got, echo = await self.echoing_pair("echo-room")
+        self.send_big(a, b, "big", 8)
+        await until(lambda: got)
+        waiting = asyncio.ensure_future(a.room_for(b.address, 2000))
+        await asyncio.sleep(0.2)
+        self.assertFalse(waiting.done())
+        while not waiting.done():
+            echo()
+            await asyncio.sleep(0.02)
+        await until(lambda: len(self.messages(b, "big")) == 8, 5)
+
+    async def test_room_for_says_so_when_its_time_ran_out_without_room(self):
+        # the caller keeps its result in the journal then: it must not send it to wait in memory
+        a, b, conn, got, echo = await self.echoing_pair("echo-no-room")
+        with mock.patch.object(w, "ECHO_WAIT", 0.5):
+            self.send_big(a, b, "big", 8)
+            await until(lambda: got)
+            waiting = asyncio.ensure_future(a.room_for(b.address, 2000))
+            await asyncio.sleep(0.3)
+            self.assertFalse(waiting.done())
+            # all of them echoed, and in the same turn as many more sent (a requestWork, say)
+            conn._echoed([w.ExtensionPayload(payload) for _, payload in echo.held])
+            self.send_big(a, b, "big2", 8)
+            room = await waiting  # its deadline comes 0.2 s after the newest went: no room yet
+        self.assertFalse(conn.sends_at_once(2000))
+        self.assertIs(room, False)
+
+    async def test_one_echo_that_never_comes_does_not_stop_the_pacing(self):
+        # bugout echoes only what is new to it: a copy of ours that reached it first by another
+        # wire is never echoed here; that alone must not let all that waits go in one burst
+        a, b, conn, got, echo = await self.echoing_pair("echo-one-lost")
+        with mock.patch.object(w, "ECHO_WAIT", 0.5):
+            a.send({"tag": "lost", "pad": "x" * 1000}, address=b.address)
+            await until(lambda: echo.held)
+            echo.held.clear()  # b saw that one before: no echo of it
+            self.send_big(a, b, "big", 20)
+            until_overdue = time.monotonic() + 0.8
+            while time.monotonic() < until_overdue:  # the others are echoed as they come
+                echo()
+                await asyncio.sleep(0.02)
+            self.assertTrue(conn.echoes)
+            got.clear()
+            self.send_big(a, b, "more", 20)
+            await asyncio.sleep(0.2)  # b echoes nothing meanwhile
+            self.assertLessEqual(sum(got), w.ECHO_WINDOW)
+            while len(self.messages(b, "more")) < 20:
+                echo()
+                await asyncio.sleep(0.02)
+
+    async def test_what_waits_for_echoes_counts_in_all_send_queues(self):
+        # each wire may hold ECHO_HELD_MAX for echoes: a token holder's many wires must not hold
+        # that beyond max_send_total (it echoes once, then never again)
+        a, b, conn, _got, _echo = await self.echoing_pair("echo-total")
+        a.max_send_total = 64 * 1024
+        self.send_big(a, b, "big", 100)
+        await until(lambda: conn.state is w.ConnState.CLOSED, 5)
+        self.assertEqual(a.stats["peers dropped: send queues full"], 1)
+
+    async def test_a_peer_that_stops_echoing_gets_what_waits_anyway(self):
+        a, b, conn, _got, _echo = await self.echoing_pair("echo-stops")
+        with mock.patch.object(w, "ECHO_WAIT", 0.5):
+            self.send_big(a, b, "big", 20)
+            await until(lambda: len(self.messages(b, "big")) == 20, 5)  # no echo at all
+        self.assertFalse(conn.echoes)
+
+    async def test_what_waits_goes_before_the_wire_closes(self):
+        a, b, conn, _got, _echo = await self.echoing_pair("echo-close")
+        self.send_big(a, b, "big", 20)
+        conn.close()
+        await until(lambda: len(self.messages(b, "big")) == 20, 5)
+
+    async def test_a_silent_wire_renewed_is_dialed_again_where_lsd_said(self):
+        # issue 20: a JS master dialed us; its wire renewed, we dial the endpoint its peer id
+        # announced by LSD (WebTorrent would come back over uTP first, ~30 s later)
+        a = await self.started(py_node("renew-lsd"))
+        b = await self.started(js_like(py_node("renew-lsd", peers=["127.0.0.1:%d" % a.port])))
+        await until(lambda: a.address in b.peers and b.address in a.peers)
+        a.discovery.lsd_peer("127.0.0.1", b.port, "bittorrent-lsd-" + b.peer_id.hex())  # wired already: no dial
+        old = set(a._connections)
+        self.assertEqual(a.renew_silent_wires(b.address, 60.0), 0)  # it spoke lately
+        self.assertEqual(a.renew_silent_wires(b.address, 0.0), 1)
+        await until(lambda: any(c.dialed == ("127.0.0.1", b.port) and c.state is w.ConnState.OPEN
+                                for c in a._connections if c not in old), 5)
+        self.assertEqual(a.stats["silent wires renewed"], 1)
+
+
+    async def test_a_renewed_wire_is_not_dialed_where_another_host_announced_its_peer_id(self):
+        # a token holder's LSD announce claiming the master's peer id, from a host of its own, must
+        # not make us dial it in place of the master (an LSD announce is a claim)
+        trap_hits = []
+        trap = await asyncio.start_server(lambda r, wr: (trap_hits.append(1), wr.close()), "127.0.0.2", 0)
+        self.addAsyncCleanup(trap.wait_closed)
+        self.addCleanup(trap.close)
+        trap_port = trap.sockets[0].getsockname()[1]
+        a = await self.started(py_node("renew-lsd-claim"))
+        b = await self.started(js_like(py_node("renew-lsd-claim", peers=["127.0.0.1:%d" % a.port])))
+        await until(lambda: a.address in b.peers and b.address in a.peers)
+        cookie = "bittorrent-lsd-" + b.peer_id.hex()
+        a.discovery.lsd_peer("127.0.0.1", b.port, cookie)  # b's own announce, then the claim: the latest
+        a.discovery.lsd_peer("127.0.0.2", trap_port, cookie)
+        old = set(a._connections)
+        self.assertEqual(a.renew_silent_wires(b.address, 0.0), 1)
+        await until(lambda: any(c.dialed == ("127.0.0.1", b.port) and c.state is w.ConnState.OPEN
+                                for c in a._connections if c not in old), 5)
+        self.assertEqual(trap_hits, [])
+        self.assertNotIn(("127.0.0.2", trap_port), [c.dialed for c in a._connections])
+
+
+    async def test_a_python_peers_silent_wire_is_not_renewed(self):
+        # master.py echoes nothing and pings every 30 s: a slow answer of its is no stall, and
+        # a slow proven master is never cut for slowness (its RPC timeouts decide)
+        a = await self.started(py_node("renew-py"))
+        b = await self.started(py_node("renew-py", peers=["127.0.0.1:%d" % a.port]))
+        await until(lambda: a.address in b.peers and b.address in a.peers)
+        self.assertEqual(a.renew_silent_wires(b.address, 0.0), 0)
+        self.assertTrue(a.has_signed_wire(b.address))
+        self.assertEqual(a.stats["silent wires renewed"], 0)
 
 
 class TestWireUnderAttack(AsyncTest):
@@ -2859,29 +3083,30 @@ class TestWireUnderAttack(AsyncTest):
                 node.add_peer("127.0.0.1", other.port)
             await until(lambda: node.connections() == 3, 5)
             await asyncio.sleep(0.3)
-            self.assertEqual((len(node._dialing), len(node._dials), node.connections()), (0, 2, 3))
+            found = node.discovery
+            self.assertEqual((len(found._dialing), len(found._dials), node.connections()), (0, 2, 3))
             node.add_peer("127.0.0.1", others[-1].port)  # already waiting: once
-            self.assertEqual(len(node._dials), 2)
+            self.assertEqual(len(node.discovery._dials), 2)
             next(c for c in node._connections if c.initiator).close()  # a dialed wire goes: room
-            await until(lambda: node.connections() == 3 and len(node._dials) == 1, 5)
+            await until(lambda: node.connections() == 3 and len(node.discovery._dials) == 1, 5)
 
     async def test_a_dht_node_answering_first_with_hanging_peers_hides_no_master(self):
         node = await self.started(py_node("hang-swarm"))
         master = await self.started(py_node("hang-swarm"))
-        real = node._dial
+        real = node.discovery._dial
 
         async def dial(host, port):
             if host.startswith("10."):  # a peer that never answers the SYN
                 await asyncio.sleep(30)
                 return None
             return await real(host, port)
-        node._dial = dial
+        node.discovery._dial = dial
         hanging = [("10.9.%d.%d" % (i // 200, i % 200), 6881) for i in range(w.MAX_DIALING + 8)]
-        node._on_dht_peers(node.infohash, hanging, ("10.8.0.1", 6881))  # it answered first
-        node._on_dht_peers(node.infohash, [("127.0.0.1", master.port)], ("127.0.0.2", 6881))
+        node.discovery._on_dht_peers(node.infohash, hanging, ("10.8.0.1", 6881))  # it answered first
+        node.discovery._on_dht_peers(node.infohash, [("127.0.0.1", master.port)], ("127.0.0.2", 6881))
         await until(lambda: master.address in node.peers, 3)  # its turn came in the first burst
-        self.assertLessEqual(len(node._dialing), w.MAX_DIALING)
-        self.assertGreater(len(node._dials), 0)  # the rest wait, none dropped
+        self.assertLessEqual(len(node.discovery._dialing), w.MAX_DIALING)
+        self.assertGreater(len(node.discovery._dials), 0)  # the rest wait, none dropped
 
     async def test_lsd_flood_dials_at_a_bounded_rate_and_a_known_master_first(self):
         node = await self.started(py_node("flood-swarm"))
@@ -2890,17 +3115,17 @@ class TestWireUnderAttack(AsyncTest):
         await until(lambda: master.address in node.peers, 5)
         node.prioritize(master.address)
         master.ping()
-        await until(lambda: node._whereabouts.get(master.address), 5)
+        await until(lambda: node.discovery._whereabouts.get(master.address), 5)
         dials = []
-        real = node._dial
+        real = node.discovery._dial
 
         async def counted(host, port):
             dials.append((time.monotonic(), port))
             return await real(host, port)
-        node._dial = counted
+        node.discovery._dial = counted
         next(c for c in node._connections if c.initiator).close()  # the master's wire is lost
         await until(lambda: node.connections() == 0, 5)
-        lsd = w._LsdProtocol(node)
+        lsd = w._LsdProtocol(node.discovery)
         start = time.monotonic()
         for port in itertools.chain(range(20000, 20020), [master.port], range(20020, 23000)):
             announce = w.lsd_announcement(node.infohash, port, "bittorrent-lsd-" + os.urandom(20).hex())
@@ -2913,7 +3138,7 @@ class TestWireUnderAttack(AsyncTest):
         self.assertLessEqual(len(flood), w.DISCOVERY_DIALS_PER_SECOND * (time.monotonic() - start + 1))
         dropped = node.stats["lsd: over the rate, not read"] + node.stats["lsd: sender over its rate"]
         self.assertGreater(dropped, 2900)
-        self.assertLessEqual(len(node._dials), w.DIAL_QUEUE_PER_SOURCE)
+        self.assertLessEqual(len(node.discovery._dials), w.DIAL_QUEUE_PER_SOURCE)
 
     async def test_out_of_descriptors_pauses_accepting_with_one_log_line(self):
         child = textwrap.dedent("""
@@ -3007,7 +3232,7 @@ class TestWireUnderAttack(AsyncTest):
             writer.write(struct.pack(">IBB", (1 << 20) - 10, 20, 4) + bytes(900 * 1024))
             await writer.drain()
         await until(lambda: node.stats["peers dropped: partial messages over the bound"] >= 2, 10)
-        self.assertLessEqual(node._held_total, node.max_partial)
+        self.assertLessEqual(node.policy.held_total, node.max_partial)
         big = {"blob": "b" * 900_000}  # the protected peer's large message still comes in whole
         self.assertEqual(await master.rpc(node.address, "echo", big, timeout=10), {**big, "echoedBy": "py"})
         for _, writer in raws:
@@ -3126,7 +3351,7 @@ class TestWireUnderAttack(AsyncTest):
         await until(lambda: a.connections() == b.connections() == 1)
         announce = w.lsd_announcement(b.infohash, b.port, "bittorrent-lsd-" + b.peer_id.hex())
         for _ in range(3):  # b re-announces: a is wired to it already
-            w._LsdProtocol(a).datagram_received(announce, ("127.0.0.1", w.LSD_PORT))
+            w._LsdProtocol(a.discovery).datagram_received(announce, ("127.0.0.1", w.LSD_PORT))
         await asyncio.sleep(0.5)
         self.assertEqual((a.stats["duplicate wires"], b.stats["duplicate wires"]), (0, 0))
         self.assertEqual(a.stats["lsd: already wired"], 3)
@@ -3526,8 +3751,8 @@ class TestDhtLoopback(AsyncTest):
         self.assertEqual(await a.rpc(b.address, "echo", {}), {"echoedBy": "py"})
         await until(lambda: boot.stats["dht announces stored"] >= 2, 10)
         # the DHT bit and port message: each node's DHT knows the other's
-        await until(lambda: len(a._dht.core.table) == 2 and len(b._dht.core.table) == 2, 10)
-        self.assertEqual(a._dht.port, a.port)  # the TCP port's number, one port to forward
+        await until(lambda: len(a.discovery.dht.core.table) == 2 and len(b.discovery.dht.core.table) == 2, 10)
+        self.assertEqual(a.discovery.dht.port, a.port)  # the TCP port's number, one port to forward
         await b.close()
         await a.close()
         await boot.close()
@@ -3535,6 +3760,29 @@ class TestDhtLoopback(AsyncTest):
         print("\n  DHT: python found python through a python bootstrap node in %.3f s" % found,
               file=sys.stderr)
         self.assertLess(found, 10)
+
+
+    async def test_a_failed_bootstrap_lookup_is_said_again_only_when_it_changes(self):
+        # issue 25: offline, "dht bootstrap ...: name resolution" came every minute for each name
+        dht = w.Dht(bytes(20), bootstrap=["router.example:6881"])
+        outcomes = [OSError("no network"), OSError("no network"), OSError("no network"),
+                    OSError("no such name"), [(socket.AF_INET, socket.SOCK_DGRAM, 0, "", ("127.0.0.1", 6881))],
+                    OSError("no network")]
+
+        async def getaddrinfo(*args, **kwargs):
+            outcome = outcomes.pop(0)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+        with mock.patch.object(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo), \
+                self.assertLogs("worker", "INFO") as logs:
+            while outcomes:  # a round a minute, offline
+                await dht._bootstrap()
+        self.assertEqual([line.split(":", 2)[2].split(" (")[0] for line in logs.output],
+                         ["dht bootstrap router.example:6881: no network",
+                          "dht bootstrap router.example:6881: no such name",
+                          "dht bootstrap router.example:6881 found again",
+                          "dht bootstrap router.example:6881: no network"])
 
 
 async def child_dht_js():
@@ -3554,14 +3802,15 @@ async def child_dht_js():
     back = (await js.wait_for(lambda e: e["event"] == "rpc-result" and e["id"] == 1))["result"]
     ours = await boot.wait_for(lambda e: e["event"] == "announce" and e["port"] == py.port, 20)
     # a JS DHT client bootstrapped from the Python node: find_node, get_peers, announce_peer
-    client = await JsProcess("dht-node.js", {"DHT_BOOTSTRAP": "127.0.0.1:%d" % py._dht.port}).start()
+    client = await JsProcess("dht-node.js", {"DHT_BOOTSTRAP": "127.0.0.1:%d" % py.discovery.dht.port}).start()
     topic = hashlib.sha1(b"topic").hexdigest()
     client.send(cmd="announce", id=1, infoHash=topic, port=4242)
     announced = await client.wait_for(lambda e: e["event"] == "announced", 20)
-    stored = py._dht.core._store.get(bytes.fromhex(topic), time.monotonic())
+    stored = py.discovery.dht.core._store.get(bytes.fromhex(topic), time.monotonic())
     client.send(cmd="lookup", id=2, infoHash=topic)
-    peer = await client.wait_for(lambda e: e["event"] == "peer" and e["fromPort"] == py._dht.port, 20)
-    stats = dict(py._dht.stats)
+    dht_port = py.discovery.dht.port
+    peer = await client.wait_for(lambda e: e["event"] == "peer" and e["fromPort"] == dht_port, 20)
+    stats = dict(py.discovery.dht.stats)
     for closing in (py, js, client, boot):
         await closing.close()
     return {"found_s": found, "echo": echo, "back": back, "ours": ours, "announced": announced,
@@ -3632,17 +3881,17 @@ async def child_dht_hostile(scenario, seconds=30.0):
                                      sybil=scenario != "peers")
     victim = py_node("dht-hostile", dht=True, dht_bootstrap=["127.0.5.1:%d" % hostile.ports[0], where])
     dialed = []
-    real_dial = victim._dial
+    real_dial = victim.discovery._dial
 
     async def dial(host, port):
         dialed.append((host, port))
         return await real_dial(host, port)
-    victim._dial = dial
+    victim.discovery._dial = dial
     await victim.start()
     flood = None
     if scenario == "flood":
         async def junk():
-            target = ("127.0.0.1", victim._dht.port)
+            target = ("127.0.0.1", victim.discovery.dht.port)
             while True:
                 for port, transport in hostile.transports.items():
                     transport.sendto(bytes(w.KrpcQuery(os.urandom(2), "ping", {"id": hostile.node_id(port)})), target)
@@ -3651,7 +3900,7 @@ async def child_dht_hostile(scenario, seconds=30.0):
         flood = asyncio.ensure_future(junk())
     await asyncio.sleep(3.0)
     master = py_node("dht-hostile", dht=True, dht_bootstrap=[where])
-    master._on_dht_peers = lambda info_hash, peers: None  # it announces, dials nobody: we must find it
+    master.discovery._on_dht_peers = lambda info_hash, peers: None  # it announces, dials nobody: find it
     await master.start()
     start, found, announced = time.monotonic(), None, None
     with contextlib.suppress(AssertionError):  # its lookup, too, may meet the Sybil (through us)
@@ -3662,12 +3911,12 @@ async def child_dht_hostile(scenario, seconds=30.0):
         found = time.monotonic() - start
     if flood is not None:
         flood.cancel()
-    table = victim._dht.core.table
+    table = victim.discovery.dht.core.table
     result = {"found_s": found, "announced_s": announced, "dials": len(dialed), "distinct dials": len(set(dialed)),
               "master dialed": sum(1 for d in dialed if d == ("127.0.0.1", master.port)),
               "hanging dialed": sum(1 for d in dialed if d in hostile.peers),
               "stats": {k: v for k, v in victim.stats.items() if "dial" in k},
-              "dht": dict(victim._dht.stats), "table": len(table),
+              "dht": dict(victim.discovery.dht.stats), "table": len(table),
               "sybils in table": sum(1 for c in table._by_addr.values() if c.addr[0] == "127.0.5.1"),
               "hostile queries": dict(hostile.queries)}
     await victim.close()
@@ -4260,7 +4509,7 @@ async def child_rtc_master_py():
                               dht=False, peers=peers, batch_size=10, **rtc)
             started = time.monotonic()
             await worker.start()
-            await until(lambda worker=worker: worker._runner is not None, 120)
+            await until(lambda worker=worker: worker.keeper.runner is not None, 120)
             result[transport] = {
                 "assets_s": time.monotonic() - started, "only_webrtc": only_webrtc(worker.node, master.node),
                 "blob_ok": (folder / w.ASSET_FOLDER / "workplace/data/blob.bin").read_bytes() == blob,
@@ -4457,6 +4706,25 @@ async def child_hostile_tracker(attack, seconds=3.0):
     handler.emit = lambda record: lines.append(record.getMessage())
     logging.getLogger("worker").addHandler(handler)
     logging.getLogger("worker").setLevel(logging.INFO)
+    try:
+        return await _hostile_tracker_attack(attack, seconds, tracker, lines)
+    finally:
+        logging.getLogger("worker").removeHandler(handler)
+
+
+async def child_hostile_trackers(attacks):
+    """In a namespace: each attack of ``attacks`` in turn (child_hostile_tracker: a tracker and a
+    node of its own each); {attack: what it cost, or {"error": its traceback}}."""
+    out = {}
+    for attack in attacks:
+        try:
+            out[attack] = await child_hostile_tracker(attack)
+        except Exception:  # noqa: BLE001 - that attack's test fails with it; the others go on
+            out[attack] = {"error": traceback.format_exc()}
+    return out
+
+
+async def _hostile_tracker_attack(attack, seconds, tracker, lines):
     node = await rtc_node("hostile-tracker", [tracker.url])
     await until(lambda: tracker.sockets and node.webrtc.sessions[0].client.stats["announces"], 10)
     client = node.webrtc.sessions[0].client
@@ -4516,11 +4784,22 @@ async def child_rtc_message_over_cap():
 class TestHostileTracker(unittest.TestCase):
     """A tracker that attacks (a Python one in the test), and a peer that sends too much."""
 
+    ATTACKS = ("failure reasons", "offers", "answers", "sdp")
+
+    @classmethod
+    def setUpClass(cls):
+        cls.attacks = None  # run on first use, all four in one namespace (one process start, not four)
+
     def setUp(self):
         rtc_ready()
 
     def attack(self, name):
-        out = in_namespace(child_hostile_tracker, name, timeout=120, lo=LO_FOR_WEBRTC)
+        cls = type(self)
+        if cls.attacks is None:
+            cls.attacks = in_namespace(child_hostile_trackers, self.ATTACKS, timeout=300, lo=LO_FOR_WEBRTC)
+        out = cls.attacks[name]
+        if "error" in out:
+            self.fail("the attack failed in its namespace:\n" + out["error"])
         print("\n  tracker %s: %s frames sent, loop held %.3f s at worst, %d log lines"
               % (name, out.get("frames sent", "a few"), out["gap"], len(out["lines"])), file=sys.stderr)
         return out
@@ -4576,6 +4855,12 @@ def slot(started, last_verified=None, name=""):
     return types.SimpleNamespace(started=started, last_verified=last_verified, name=name)
 
 
+def inbound_wire(started, last_verified=None, name="", host="10.0.0.2", state=None):
+    """What InboundSlots reads of an inbound wire."""
+    return types.SimpleNamespace(started=started, last_verified=last_verified, name=name, remote_host=host,
+                                 state=state or w.ConnState.OPEN)
+
+
 class TestNodePolicy(unittest.TestCase):
     def test_inbound_victim_idle_first_then_silent_never_kept_or_new(self):
         now = 1000.0
@@ -4599,6 +4884,52 @@ class TestNodePolicy(unittest.TestCase):
                          "talking")
         self.assertEqual([w.in_use(c, now, keep_none) for c in (active, idle, silent)], [True, False, False])
         self.assertTrue(w.in_use(idle, now, lambda c: True))
+
+    def test_inbound_slots_at_a_hosts_cap_close_the_longest_unused_never_a_kept_or_young_wire(self):
+        now, kept = 1000.0, {"master", "in flight"}
+        slots = w.InboundSlots(lambda c: c.name in kept)
+        master = inbound_wire(now - 900, None, "master")  # the longest unused, but the master's
+        busy = inbound_wire(now - 800, now - 300, "in flight")  # a call in flight on it
+        idle = [inbound_wire(now - 600, now - 100 - i, "idle %d" % i) for i in range(w.INBOUND_PER_HOST)]
+        young = inbound_wire(now - 1, None, "newcomer")  # it has NEWCOMER_SECONDS to speak
+        ok, victim = slots.host_room([master, busy, *idle, young], now)
+        self.assertTrue(ok)
+        self.assertEqual(victim.name, "idle %d" % (w.INBOUND_PER_HOST - 1))  # unused longest
+        self.assertEqual(slots.stats["wires closed: room for a host's newcomer"], 1)
+        self.assertEqual(slots.host_room([master, busy, *idle[1:], young], now), (True, None))  # fits
+        kept.update(wire.name for wire in idle)  # every one has a call in flight: in use
+        self.assertEqual(slots.host_room([master, busy, *idle, young], now), (True, None))
+        newcomers = [inbound_wire(now - 1, None, "new %d" % i) for i in range(w.INBOUND_PER_HOST + 1)]
+        self.assertEqual(slots.host_room(newcomers, now), (False, None))  # none may go: it is refused
+        self.assertEqual(slots.stats["inbound refused: wires from one host"], 1)
+
+    def test_inbound_slots_refuse_a_crowded_host(self):
+        now, slots = 1000.0, w.InboundSlots(lambda c: False)
+        shaking = [inbound_wire(now - 1, state=w.ConnState.HANDSHAKE) for _ in range(w.PENDING_PER_HOST)]
+        self.assertTrue(slots.crowded(shaking, now))
+        self.assertFalse(slots.crowded(shaking[1:], now))
+        young = [inbound_wire(now - 1) for _ in range(w.INBOUND_PER_HOST)]
+        self.assertTrue(slots.crowded(young, now))  # not in use, and none may make room yet
+        self.assertFalse(slots.crowded(young + [inbound_wire(now - 60, now - 40)], now))  # an idle one may
+        self.assertEqual((slots.stats["inbound refused: handshakes from one host"],
+                          slots.stats["inbound refused: wires from one host"]), (1, 1))
+
+    def test_inbound_slots_at_max_inbound(self):
+        now, slots = 1000.0, w.InboundSlots(lambda c: c.name == "master")
+        talking = [inbound_wire(now - 100, now - 1 - i / 10, "talking %d" % i) for i in range(20)]  # one host
+        master = inbound_wire(now - 900, None, "master", host="10.0.0.3")
+        wires = talking + [master]
+        self.assertEqual(slots.make_room(wires, 0, 22, now), (True, None))  # under the cap
+        self.assertEqual(slots.make_room(wires, 1, 22, now)[1].name, "talking 19")  # the crowded host's
+        shaking = inbound_wire(now - 3, None, "handshake", state=w.ConnState.HANDSHAKE)
+        self.assertEqual(slots.make_room(wires + [shaking], 0, 21, now)[1].name, "handshake")  # first
+        self.assertEqual(slots.make_room(talking[:16] + [master], 0, 17, now), (False, None))  # none may go
+        for _ in range(int(w.EVICTIONS_PER_SECOND) - 2):
+            self.assertTrue(slots.make_room(wires, 0, 21, now)[0])
+        self.assertEqual(slots.make_room(wires, 0, 21, now), (False, None))  # churn is bounded
+        self.assertTrue(slots.make_room(wires, 0, 21, now + 1)[0])
+        self.assertEqual(slots.stats["wires closed: inbound cap"], int(w.EVICTIONS_PER_SECOND))
+        self.assertEqual(slots.stats["handshakes cut: inbound cap"], 1)
 
     def test_dial_queue_rate_and_turns(self):
         queue, now = w.DialQueue(rate=10, per_source=64), 100.0
@@ -4682,6 +5013,36 @@ class TestWirePolicy(unittest.TestCase):
         self.now += seconds
         self.ms += int(seconds * 1000)
         return (policy or self.policy).due(self.now)
+
+    def test_the_wires_never_closed_for_room(self):
+        self.open("w1", self.X)
+        self.open("w2", self.Y)
+        self.open("w3", None)  # no bugout claim
+        self.packet("w1", self.X)
+        self.packet("w2", self.Y)
+        self.assertFalse(self.policy.keeps("w1", []))
+        self.assertTrue(self.policy.keeps("w1", [self.X]))  # a call to X in flight: its route stays
+        self.assertFalse(self.policy.keeps("w2", [self.X]))
+        self.assertEqual(self.policy.largest({"w1": 10, "w2": 99, "w3": 50}), "w2")
+        self.policy.protected = frozenset({self.Y})
+        self.assertTrue(self.policy.keeps("w2", []))  # the master's
+        self.assertEqual(self.policy.largest({"w1": 10, "w2": 99, "w3": 50}), "w3")  # not the master's
+        self.assertIsNone(self.policy.largest({"w2": 99}))
+
+    def test_bytes_held_past_the_bound_close_the_unprotected_wire_holding_most(self):
+        self.open("w1", self.X)
+        self.packet("w1", self.X)
+        self.policy.protected = frozenset({self.X})
+        self.assertEqual(self.policy.hold("w1", 900, 1000), [])
+        self.assertEqual(self.policy.hold("w2", 50, 1000), [])
+        self.assertEqual(self.policy.hold("w3", 80, 1000), [("w3", 80)])  # 1,030: not the master's
+        self.assertEqual(self.policy.held_total, 950)
+        self.assertEqual(self.policy.hold("w3", 0, 1000), [])  # closed: it holds nothing more
+        self.assertEqual(self.policy.hold("w2", 0, 1000), [])
+        self.assertEqual(self.policy.held_total, 900)
+        self.assertEqual(self.policy.hold("w1", 1200, 1000), [])  # the master's alone: it stays
+        self.assertEqual(self.policy.hold("w4", 300, 1000), [("w4", 300)])
+        self.assertEqual(self.policy.held_total, 1200)
 
     def test_a_handshake_claim_proves_nothing_and_drains_nothing(self):
         self.open("w1", self.X)
@@ -5624,7 +5985,7 @@ class TestMasterTrust(AsyncTest):
         self.assertEqual(sum("did not prove" in line for line in logs.output), budget)
         self.assertEqual(sum("failed to prove the key lately" in line for line in logs.output), 1)
         self.assertEqual(worker.current_hash(), "")
-        self.assertIsNone(worker._runner)
+        self.assertIsNone(worker.keeper.runner)
         self.assertIsNone(worker.master)
         self.assertEqual([p.name for p in (tmp / "w").iterdir() if not p.name.startswith(w.JOURNAL_NAME)], [])
         self.assertFalse(any(name.startswith("qx_task") for name in sys.modules))
@@ -5681,7 +6042,10 @@ class TestMasterTrust(AsyncTest):
             {p: t.encode() for p, t in DEFAULT_FILES.items()})))  # a JS master: the key, no acks
         old = signed_by(master.node.core.identity, {"y": "p"}, token, t=w._now() - w.FRESH_MS - 5000)
         worker = await self.started(loopback_worker(token, tmp / "w", peers=["127.0.0.1:%d" % master.node.port]))
-        await until(lambda: worker.master == master.node.address and worker._runner is not None, 20)
+        await until(lambda: worker.master == master.node.address and worker.keeper.runner is not None, 20)
+        # The check of the master's wire waits CHECK_TIMEOUT for an answer that never comes: 10 s in
+        # production, 4 here (the steps below take about one second).
+        self.enterContext(mock.patch.object(w, "CHECK_TIMEOUT", 4.0))
         ident = master.node.core.identity
         _, writer = await raw_wire(worker.node, peer_id=master.node.peer_id, ext={
             "m": {"bo_channel": 4}, "id": token, "pk": ident.pk, "ek": ident.ek})
@@ -5696,10 +6060,13 @@ class TestMasterTrust(AsyncTest):
                 conn.close(abort=True)
         await until(lambda: sum(c.address == master.node.address for c in worker.node._connections) == 1, 10)
         self.assertFalse(worker.node.has_signed_wire(master.node.address))
-        worker._result_ready({"jobID": 1, "worker": {"id": worker.address, "name": "w"}, "data": 2})
-        await until(lambda: worker.outbox.ready, 10)
-        worker._kick_delivery()
+        worker.outbox.given([(10**6, "{}")], (master.node.address, None))  # a job it gave
+        worker.job_loop.result_ready({"jobID": 1, "worker": {"id": worker.address, "name": "w"}, "data": 2}, 10**6)
+        await worker.outbox.flush()
+        self.assertEqual(worker.outbox.owes(master.node.address), 1)
+        worker.job_loop.kick_delivery()
         await asyncio.sleep(1.0)
+        self.assertEqual(worker.master, master.node.address)  # its check still waits: not gone yet
         self.assertEqual(len(worker.outbox), 1)  # kept for a master that signed what came by its wire
         self.assertNotIn("shareResults", master.names())
         await until(lambda: worker.master is None, w.CHECK_TIMEOUT + 5)  # its own wires gone: it left
@@ -5733,7 +6100,7 @@ class TestMasterTrust(AsyncTest):
             self.assertEqual(impostor.names(), ["isMaster", "requestExecAssets"], name)
             self.assertEqual(impostor.calls[1][1], {"currentHash": ""})
         self.assertEqual(worker.current_hash(), "")
-        self.assertIsNone(worker._runner)
+        self.assertIsNone(worker.keeper.runner)
 
     async def hijack(self, caps):
         tmp = self.tmp()
@@ -5887,7 +6254,7 @@ class TestMasterTrust(AsyncTest):
         pinned = await self.started(cluster.worker(master=replayer.node.address,
                                                    peers=["127.0.0.1:%d" % replayer.node.port]))
         await until(lambda: "requestWork" in replayer.names(), 20)
-        self.assertIn("cryptography>=1", pinned._accepted_deps)
+        self.assertIn("cryptography>=1", pinned.keeper.accepted_deps)
 
     async def test_master_py_answers_results_that_do_not_decrypt_as_any_others(self):
         cluster = await self.started(Cluster(self.tmp()))
@@ -6007,7 +6374,7 @@ class TestOutbox(AsyncTest):
         journal = self.will_close(open_journal(tmp))
         outbox = w.Outbox(journal, lambda address: address == "master")
         for i in range(3):
-            outbox.add(None, result_text(i))
+            add_owned(outbox, i)
         self.assertEqual(await outbox.take("master", 10), [])  # 1: not committed yet
         await outbox.flush()
         self.assertEqual(await outbox.take("rogue", 10), [])  # 2: only the proven master
@@ -6023,7 +6390,138 @@ class TestOutbox(AsyncTest):
         await asyncio.to_thread(journal.close)
         reopened = w.Outbox(self.will_close(open_journal(tmp)), lambda address: True)
         self.assertEqual(await reopened.load(), 1)
-        self.assertEqual([json.loads(t)["jobID"] for _, t in await reopened.take("m", 10)], [2])
+        self.assertEqual(await reopened.take("m", 10), [])  # 2: only the master that gave its job
+        self.assertEqual([json.loads(t)["jobID"] for _, t in await reopened.take("master", 10)], [2])
+
+    async def test_a_held_result_goes_only_to_the_master_and_run_that_gave_its_job(self):
+        # issue 25: a result held from a killed master.py (job 398) was taken by a JS master as its own
+        tmp = self.tmp()
+        outbox = w.Outbox(self.will_close(open_journal(tmp)), lambda address: True)
+        add_owned(outbox, 1, "A")
+        add_owned(outbox, 2, "B")
+        add_owned(outbox, 3, "A", run="r1")
+        add_owned(outbox, 4, "A")
+        await outbox.flush()
+        ids = lambda batch: [json.loads(t)["jobID"] for _, t in batch]
+        self.assertEqual((outbox.owes("A"), outbox.owes("B"), outbox.owes("A", "r1"), outbox.owes("C")), (2, 1, 1, 0))
+        self.assertEqual(await outbox.take("C", 10), [])
+        self.assertEqual(await outbox.take("A", 10, run="r2"), [])  # the same address in another run
+        batch = await outbox.take("B", 10)
+        self.assertEqual(ids(batch), [2])
+        outbox.settle(batch, True)
+        batch = await outbox.take("A", 10)
+        self.assertEqual(ids(batch), [1, 4])
+        outbox.settle(batch, True)
+        self.assertEqual(ids(await outbox.take("A", 10, run="r1")), [3])
+        self.assertEqual(len(outbox), 1)
+
+    async def test_who_gave_a_job_survives_a_restart_with_the_job(self):
+        tmp = self.tmp()
+        journal = self.will_close(open_journal(tmp))
+        outbox = w.Outbox(journal, lambda address: True)
+        outbox.given([(7, '{"id": 7}')], ("A", "r1"))
+        await journal.call(lambda: None)  # the background write is done
+        await asyncio.to_thread(journal.close)  # as a kill: the job held, not yet run
+        reopened = w.Outbox(self.will_close(open_journal(tmp)), lambda address: True)
+        await reopened.load()
+        reopened.add(7, result_text(7))  # run after the restart
+        await reopened.flush()
+        self.assertEqual(await reopened.take("A", 10), [])
+        self.assertEqual([json.loads(t)["jobID"] for _, t in await reopened.take("A", 10, "r1")], [7])
+
+    async def test_results_no_master_took_in_time_are_written_out_once_with_one_line(self):
+        tmp = self.tmp()
+        clock = [1_000_000.0]
+        outbox = w.Outbox(self.will_close(open_journal(tmp)), lambda address: True, clock=lambda: clock[0])
+        add_owned(outbox, 1, "A")
+        await outbox.flush()
+        clock[0] += 3600
+        add_owned(outbox, 2, "A")
+        await outbox.flush()
+        self.assertEqual(await outbox.write_out(tmp, clock[0] + 10), 0)  # within the hold: kept
+        self.assertFalse((tmp / w.UNRETURNED_NAME).exists())
+        with self.assertLogs("worker", "WARNING") as logs:
+            self.assertEqual(await outbox.write_out(tmp, 1_000_000.0 + w.HOLD_SECONDS + 1), 1)
+        self.assertEqual(len(logs.output), 1)
+        self.assertIn(str(tmp / w.UNRETURNED_NAME), logs.output[0])
+        self.assertEqual(file_mode(tmp / w.UNRETURNED_NAME), "0o600")
+        [line] = [json.loads(line) for line in (tmp / w.UNRETURNED_NAME).read_text().splitlines()]
+        self.assertEqual(line, {"master": "A", "run": None, "made": "1970-01-12T13:46:40Z",
+                                "result": json.loads(result_text(1))})
+        self.assertEqual((len(outbox), outbox.owes("A")), (1, 1))
+        self.assertEqual([json.loads(t)["jobID"] for _, t in await outbox.take("A", 10)], [2])  # not 1
+        with self.assertNoLogs("worker", "WARNING"):
+            self.assertEqual(await outbox.write_out(tmp, clock[0] + 10), 0)  # a delivery under way
+        self.assertEqual(len((tmp / w.UNRETURNED_NAME).read_text().splitlines()), 1)
+
+    async def test_a_write_out_cut_short_at_any_point_writes_each_result_once(self):
+        class Killed(BaseException):
+            pass
+
+        real_pwrite = os.pwrite
+
+        def half_written(fd, data, offset):
+            real_pwrite(fd, data[:len(data) // 2], offset)
+            raise Killed
+
+        def killed_before_the_rows_go():
+            raise Killed
+        for point in ("intent", "half the file", "the file, not the rows"):
+            with tempfile.TemporaryDirectory() as tmp, self.subTest(point):
+                tmp = Path(tmp)
+                (tmp / w.UNRETURNED_NAME).write_text('{"earlier": 1}\n')
+                journal = open_journal(tmp)
+                outbox = w.Outbox(journal, lambda address: True)
+                for i in range(5):
+                    add_owned(outbox, i, "A")
+                await outbox.flush()
+                rows = journal.submit(journal.expired, 1e12, 100).result()
+                if point == "intent":
+                    journal.submit(journal.set_meta, "unreturned", json.dumps(
+                        {"offset": 15, "seqs": [r[0] for r in rows]})).result()
+                else:
+                    patch = (mock.patch.object(w.os, "pwrite", lambda *a: half_written(*a) if a[0] > 2 else
+                                               real_pwrite(*a)) if point == "half the file" else
+                             mock.patch.object(journal, "_transaction", killed_before_the_rows_go))
+                    with patch, self.assertRaises(Killed), self.assertLogs("worker", "ERROR"):
+                        journal.submit(journal.write_out, tmp / w.UNRETURNED_NAME, rows).result()
+                journal.close()
+                again = w.Outbox(open_journal(tmp), lambda address: True)
+                self.assertEqual(await again.load(), 5)
+                with self.assertLogs("worker", "WARNING"):
+                    self.assertEqual(await again.write_out(tmp, 0.0), 5)  # the cut one, finished
+                lines = (tmp / w.UNRETURNED_NAME).read_text().splitlines()
+                self.assertEqual([json.loads(line).get("result", {}).get("jobID") for line in lines],
+                                 [None, 0, 1, 2, 3, 4])
+                self.assertEqual(len(again), 0)
+                again.journal.close()
+
+    async def test_results_of_an_older_journal_have_no_known_master_and_are_written_out(self):
+        tmp = self.tmp()
+        journal = w.Journal.of(tmp, "journal-swarm", w.Crypt(KEY))
+        with contextlib.closing(sqlite3.connect(journal.path)) as db:  # as version 1 made it
+            db.executescript("""
+                CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                CREATE TABLE results (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, mac TEXT NOT NULL);
+                CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, mac TEXT NOT NULL);
+                PRAGMA application_id=%d; PRAGMA user_version=1;""" % w.JOURNAL_APPLICATION_ID)
+            db.execute("INSERT INTO meta VALUES ('fingerprint', ?)", (journal.fingerprint,))
+            db.execute("INSERT INTO results (body, mac) VALUES (?, ?)", (result_text(398), journal.mac(result_text(398))))
+            db.execute("INSERT INTO jobs (body, mac) VALUES (?, ?)", ('{"id": 9}', journal.mac('{"id": 9}')))
+            db.commit()
+        journal.submit(journal.open).result()
+        self.will_close(journal)
+        outbox = w.Outbox(journal, lambda address: True)
+        self.assertEqual(await outbox.load(), 1)
+        self.assertEqual(journal.submit(journal.read, "jobs", 0, 10).result(), [(1, '{"id": 9}')])  # kept
+        self.assertEqual(await outbox.take("A", 10), [])  # given to no master
+        outbox.add(1, result_text(9))  # the old job's result: its master is not known either
+        await outbox.flush()
+        with self.assertLogs("worker", "WARNING") as logs:
+            self.assertEqual(await outbox.write_out(tmp, 0.0), 2)  # at once, whatever the time
+        self.assertEqual(len(logs.output), 1)
+        lines = [json.loads(line) for line in (tmp / w.UNRETURNED_NAME).read_text().splitlines()]
+        self.assertEqual([(x["master"], x["result"]["jobID"]) for x in lines], [(None, 398), (None, 9)])
 
     async def test_the_journal_and_its_logs_are_0600_whatever_the_umask(self):
         # issue 23: with umask 022 the -wal and -shm files were 0644, the WAL holding jobs in clear
@@ -6044,7 +6542,7 @@ class TestOutbox(AsyncTest):
         outbox = w.Outbox(self.will_close(open_journal(self.tmp())), lambda address: True)
         with mock.patch.object(w, "OUTBOX_MEMORY", 5):
             for i in range(23):
-                outbox.add(None, result_text(i))
+                add_owned(outbox, i, "m")
                 if i % 7 == 6:
                     await outbox.flush()
             await outbox.flush()
@@ -6058,11 +6556,13 @@ class TestOutbox(AsyncTest):
     async def test_a_row_this_worker_did_not_write_is_never_delivered(self):
         tmp = self.tmp()
         outbox = w.Outbox(self.will_close(open_journal(tmp)), lambda address: True)
-        outbox.add(None, result_text(1))
+        add_owned(outbox, 1, "m")
         await outbox.flush()
         await asyncio.to_thread(outbox.journal.close)
         with contextlib.closing(sqlite3.connect(tmp / w.JOURNAL_NAME)) as db:
-            db.execute("INSERT INTO results (body, mac) VALUES (?, ?)", (result_text(666), "0" * 64))
+            db.execute("INSERT INTO results (body, mac, master) VALUES (?, ?, 'm')", (result_text(666), "0" * 64))
+            body, mac = db.execute("SELECT body, mac FROM results").fetchone()
+            db.execute("INSERT INTO results (body, mac, master) VALUES (?, ?, 'rogue')", (body, mac))  # re-pointed
             db.commit()
         reopened = w.Outbox(self.will_close(open_journal(tmp)), lambda address: True)
         with self.assertLogs("worker", "ERROR") as logs:
@@ -6159,7 +6659,7 @@ class TestOutbox(AsyncTest):
                 with self.assertLogs("worker", "ERROR"):
                     await worker._load_state()
                 self.assertEqual(list(worker.trust.proven), [])
-                self.assertEqual(worker._manifest, [])
+                self.assertEqual(worker.keeper.manifest, [])
                 worker.journal.close()
 
     async def test_old_json_files_are_taken_over_once_or_moved_aside(self):
@@ -6177,7 +6677,7 @@ class TestOutbox(AsyncTest):
                 self.assertIn(".results.json", logs.output[0])
                 self.assertIn(".assets.json", logs.output[1])
                 self.assertEqual(len(worker.outbox), 0)
-                self.assertEqual(worker._manifest, [])
+                self.assertEqual(worker.keeper.manifest, [])
                 worker.journal.close()
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / ".results.json").write_text(json.dumps(good))
@@ -6186,7 +6686,7 @@ class TestOutbox(AsyncTest):
             self.addCleanup(worker.journal.close)
             await worker._load_state()
             self.assertEqual(len(worker.outbox), 1)
-            self.assertEqual(worker._manifest, [{"name": "task.py", "workerPath": "/task.py"}])
+            self.assertEqual(worker.keeper.manifest, [{"name": "task.py", "workerPath": "/task.py"}])
             self.assertFalse((Path(tmp) / ".results.json").exists())
             worker.journal.close()
 
@@ -6206,7 +6706,8 @@ class TestCrashSafety(AsyncTest):
         self.token, port, seed = "held-%d" % random.randrange(1 << 30), free_port(), w.make_seed()
         folder = tmp / "wp"
         folder.mkdir()
-        first = await self.started(QuietMaster(tmp, self.token, port, seed, "m1"))
+        db = tmp / "master.db"  # the second master continues the first's run: its results are for it
+        first = await self.started(QuietMaster(tmp, self.token, port, seed, "m1", db=db))
         first.push(range(301), sleep=0.005)  # JS rule: a batch while more than its size wait
         proc = await self.worker_process(folder, port, getBatch="true", batchSize=300)
         await until(lambda: first.handed and first.handed[-1][1], 30)
@@ -6217,17 +6718,20 @@ class TestCrashSafety(AsyncTest):
         proc.kill()  # kill -9 while it holds them
         await proc.wait()
         proc = await self.worker_process(folder, port, getBatch="true", batchSize=20)
-        second = await self.started(QuietMaster(tmp, self.token, port, seed, "m2"))
-        await until(lambda: len(first.results) + len(second.results) >= 300, 30)
-        second.push(range(300, 321), sleep=0.2)
-        self.assertEqual(sorted(r["jobID"] for r in first.results + second.results), list(range(300)))
-        await until(lambda: second.handed and second.handed[-1][1], 30)  # takes the next batch
-        await until(lambda: journal_count(folder, "jobs") == 20, 30)
+        second = await self.started(QuietMaster(tmp, self.token, port, seed, "m2", db=db))
+        # the run's results, as its database keeps them (a result the first master committed as it
+        # closed reaches no on_results, but is in the run: the worker's repeat is a duplicate)
+        recorded = lambda: sorted(int(key) for (key,) in second.master.store.db.execute("SELECT job_key FROM results"))
+        await until(lambda: len(recorded()) >= 300, 30)
+        self.assertEqual(recorded(), list(range(300)))
+        second.push(range(301, 322), sleep=0.2)  # job 300 (sleep 0.005) waits in the run already
+        await until(lambda: second.handed and len(second.handed[-1][1]) >= 2, 30)  # takes the next batch
+        await until(lambda: journal_count(folder, "jobs") >= 18, 30)
         proc.kill()  # kill -9 while it holds 20 jobs, not yet run
         await proc.wait()
         proc = await self.worker_process(folder, port)
-        await until(lambda: len(first.results) + len(second.results) >= 321, 30)  # run after the restart
-        self.assertEqual(sorted(r["jobID"] for r in first.results + second.results), list(range(321)))
+        await until(lambda: len(recorded()) >= 322, 30)  # run after the restart
+        self.assertEqual(recorded(), list(range(322)))
         self.assertEqual([r for r in second.results if r.get("error")], [])
         proc.terminate()
         output, _ = await proc.communicate()
@@ -6253,10 +6757,12 @@ class TestCrashSafety(AsyncTest):
         proc = await self.worker_process(folder, port, **keys)
         answered = lambda: {r["jobID"] for r in master.results}
         deadline = time.monotonic() + 120
+        count, progress = len(master.results), time.monotonic()
         while master.master.waiting or master.master.leases.keys() - answered():
-            count = len(master.results)
-            await asyncio.sleep(3.0)
-            if count == len(master.results) and not master.master.waiting or time.monotonic() > deadline:
+            await asyncio.sleep(0.1)  # looked at often: the run is over as soon as all are answered
+            if len(master.results) != count:
+                count, progress = len(master.results), time.monotonic()
+            elif not master.master.waiting and time.monotonic() - progress >= 3.0 or time.monotonic() > deadline:
                 break  # all done that can be: what is left was lost on its way in
         # A job can only be lost on its way in: sent by the master, not yet in the journal at the kill.
         missing = master.master.leases.keys() - answered()
@@ -6411,7 +6917,7 @@ class TestTaskProcesses(AsyncTest):
         by_id = self.by_id(cluster)
         self.assertIn("no JSON form", by_id[0]["error"]["message"])
         self.assertEqual(by_id[1]["data"], {"pid": os.getpid(), "x": 1})  # in the worker's own process
-        self.assertIsInstance(worker._runner, w.ThreadRunner)
+        self.assertIsInstance(worker.keeper.runner, w.ThreadRunner)
         await worker.stop()
         with self.assertRaises(w.WorkerError):
             cluster.worker(task_runner="fork")
@@ -6509,22 +7015,22 @@ class TestTaskProcesses(AsyncTest):
         text = "\n".join(logs.output)
         self.assertIn("task.py does not load: ModuleNotFoundError: No module named 'qx_missing'", text)
         self.assertIn('task.py", line 1', text)  # the child's traceback
-        self.assertIsNone(worker._runner)
+        self.assertIsNone(worker.keeper.runner)
         self.assertEqual(cluster.master.stats["jobs handed out"], 0)
         self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
         write_assets(tmp / "master", {"/workplace/task.py": TRICKY_TASK_PY})
         self.assertTrue(await worker.sync_assets())
         await cluster.until_results(2)
-        first = worker._runner
+        first = worker.keeper.runner
         old = first.pids
         write_assets(tmp / "master", {"/workplace/task.py": TRICKY_TASK_PY + "\n# v2\n"})
         self.assertTrue(await worker.sync_assets())
-        self.assertIsNot(worker._runner, first)
+        self.assertIsNot(worker.keeper.runner, first)
         await until(lambda: not first.children and not [p for p in old if alive(p)], 10)
         push_jobs(cluster, [{"x": 2}], start=2)
         await cluster.until_results(3)
         self.assertNotIn(self.by_id(cluster)[2]["data"]["pid"], old)
-        now = worker._runner.pids
+        now = worker.keeper.runner.pids
         await worker.stop()
         self.assertFalse([p for p in now if alive(p)])
 
@@ -6621,14 +7127,14 @@ class TestTaskJs(AsyncTest):
         for r in results:
             self.assertEqual(r["data"], {"sum": 3, "dep": "1.0.0"})
             self.assertEqual(r["worker"], {"id": worker.address, "name": "py-js"})
-        self.assertIsInstance(worker._runner, w.NodeRunner)
-        self.assertEqual(worker._runner.starts, 1)
-        pids = worker._runner.pids
+        self.assertIsInstance(worker.keeper.runner, w.NodeRunner)
+        self.assertEqual(worker.keeper.runner.starts, 1)
+        pids = worker.keeper.runner.pids
         self.assertTrue((root / "w/node_modules/qx-demo-dep/package.json").is_file())
         self.assertTrue((root / "w" / w.NODE_RUNNER_NAME).is_file())
         await self._check_resolution(root / "w", root / "bin")
         await worker.stop()
-        self.assertEqual(worker._runner.children, [])
+        self.assertEqual(worker.keeper.runner.children, [])
         self.assertFalse([pid for pid in pids if alive(pid)])
 
     async def _check_resolution(self, folder, bin_dir):
@@ -6687,7 +7193,7 @@ class TestTaskJs(AsyncTest):
             self.assertEqual(by_id[i]["data"]["sum"], i + 1)
         self.assertNotEqual(by_id[0]["data"]["pid"], by_id[2]["data"]["pid"])
         self.assertEqual(by_id[2]["data"]["pid"], by_id[3]["data"]["pid"])
-        self.assertEqual(worker._runner.starts, 2)
+        self.assertEqual(worker.keeper.runner.starts, 2)
 
     async def test_asset_change_restarts_child(self):
         tmp = self.tmp()
@@ -6695,11 +7201,11 @@ class TestTaskJs(AsyncTest):
         cluster.push(2)
         worker = await self.started(cluster.worker())
         await cluster.until_results(2)
-        first = worker._runner
+        first = worker.keeper.runner
         write_assets(tmp / "master", {"/workplace/task.js": VERSION_TASK_JS % 2})
         self.assertTrue(await worker.sync_assets())
         self.assertEqual(cluster.statuses, ["changed", "changed"])
-        self.assertIsNot(worker._runner, first)
+        self.assertIsNot(worker.keeper.runner, first)
         await until(lambda: not first.children, 10)
         cluster.push(2, start=2)
         await cluster.until_results(4)
@@ -6720,7 +7226,7 @@ class TestTaskJs(AsyncTest):
             self.assertEqual(await worker.node.rpc(cluster.master.address, "ping", {}), {"pong": True})
         text = "\n".join(logs.output)
         self.assertIn("needs Node.js, but 'node' is not on PATH", text)
-        self.assertIsNone(worker._runner)
+        self.assertIsNone(worker.keeper.runner)
         self.assertEqual(cluster.results, [])
         self.assertEqual(cluster.master.stats["jobs handed out"], 0)
         # node is back: the next asset check (every 30 s when idle) loads task.js
@@ -6770,6 +7276,389 @@ class TestTaskJs(AsyncTest):
 
 # The Worker #################################################################
 
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+class FakeNode:
+    """What the Worker's parts ask of Bugout, in memory: ``answer(address, name, args)`` answers
+    each RPC (an exception it returns is raised); ``wires``: the addresses with a signed wire."""
+
+    port = 4464
+
+    def __init__(self, answer, address="bWorkerSelf"):
+        self.answer = answer
+        self.address = address
+        self.calls = []
+        self.wires = set()
+        self.peers = {}
+        self.prioritized = []
+        self.room = True  # our payloads to a JS master leave at once (not waiting for echoes)
+
+    async def rpc(self, address, name, args, timeout=30.0):
+        self.calls.append((address, name, args))
+        await asyncio.sleep(0)
+        answer = self.answer(address, name, args)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    def rpc_nowait(self, address, name, args):
+        self.calls.append((address, name, args))
+
+    async def room_for(self, address, size):
+        """Bugout.room_for: whether ours would leave at once (``room``), after a while."""
+        await asyncio.sleep(0.01)
+        return self.room
+
+    def has_wire(self, address):
+        return address in self.wires
+
+    has_signed_wire = has_wire
+
+    def prioritize(self, address):
+        self.prioritized.append(address)
+
+    def renew_silent_wires(self, address, quiet):
+        return 0  # every wire here answers or is gone
+
+    def called(self, name):
+        return [(address, args) for address, called, args in self.calls if called == name]
+
+
+class FakeJournal:
+    """The journal calls MasterFinder makes: meta values, in memory."""
+
+    path = Path("fake-journal.db")
+
+    def __init__(self):
+        self.meta = {}
+
+    def submit(self, fn, *args):
+        fn(*args)
+
+    async def call(self, fn, *args):
+        return fn(*args)
+
+    def set_meta(self, key, value):
+        self.meta[key] = value
+
+    def get_json(self, key, default):
+        return json.loads(self.meta[key]) if key in self.meta else default
+
+
+def part_settings(**kw):
+    """Settings for one part alone (nothing is read from .env or the environment)."""
+    for key, value in {"trackers": [], "lsd": False, "dht": False}.items():
+        kw.setdefault(key, value)
+    return w.Settings.load({}, token="parts-swarm", transfer_encrypt_token=KEY, name="w", **kw)
+
+
+def honest_master(node, key=KEY, caps=None):
+    """isMaster answers of master.py holding ``key``: yes, and the proof of each challenge."""
+    proof_key = w.Crypt(key).derive(w.PROOF_LABEL)
+
+    def answer(address, name, args):
+        if name != "isMaster":
+            return w.RpcTimeout(name)
+        said = {"isMaster": "yes", "keyProof": 1, "resultBatches": True, **(caps or {})}
+        if "challenge" in args:
+            said["proof"] = w.master_proof(proof_key, bytes.fromhex(args["challenge"]), address, node.address)
+            said["workerChallenge"] = "ab" * 32  # master.py's: the worker proves the key too
+        return said
+    return answer
+
+
+class TestMasterFinder(AsyncTest):
+    """MasterFinder alone: a fake node, a fake journal, a clock; no socket."""
+
+    def finder(self, answers=None, **settings):
+        node = FakeNode(lambda address, name, args: answers[address](address, name, args))
+        found = []
+
+        async def on_master(verified):
+            found.append(finder.master)
+        tasks = set()
+        finder = w.MasterFinder(node, w.Crypt(KEY), part_settings(**settings), FakeJournal(),
+                                spawn=lambda coro: w.spawn(coro, tasks, "test"), on_master=on_master,
+                                stats=collections.Counter(), now=Clock(), logger=logging.getLogger("worker.finder"))
+        self.addAsyncCleanup(self.cancel, tasks)
+        return finder, node, found
+
+    @staticmethod
+    async def cancel(tasks):
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def test_a_candidate_that_proves_the_key_becomes_the_master(self):
+        answers = {}
+        finder, node, found = self.finder(answers)
+        answers["bMaster"] = honest_master(node)
+        answers["bOther"] = honest_master(node, key="x" * 32)  # another key: says yes, cannot prove
+        self.assertIsNone(finder.master)
+        with self.assertLogs("worker", "ERROR") as logs:
+            self.assertFalse(await finder.check_master("bOther"))
+        self.assertIn("bOther holds a different transferEncryptToken", logs.output[0])
+        self.assertFalse(finder.trust.may_ask("bOther", finder.now()))  # until it comes back
+        self.assertIsNone(finder.master)
+        with self.assertLogs("worker", "INFO") as logs:
+            self.assertTrue(await finder.check_master("bMaster"))
+        self.assertIn("master found: bMaster (key challenge)", logs.output[-1])
+        self.assertEqual((finder.master, found, node.prioritized), ("bMaster", ["bMaster"], ["bMaster"]))
+        self.assertTrue(finder.caps.batches and finder.caps.key_proof)
+        self.assertEqual(json.loads(finder.journal.meta["proven"]), ["bMaster"])
+        await until(lambda: len(node.called("proveKey")) == 2, 5)  # our proof, to each challenger
+
+    async def test_failover_when_the_proven_wire_leaves(self):
+        answers = {}
+        finder, node, found = self.finder(answers)
+        answers["bFirst"] = answers["bSecond"] = honest_master(node)
+        self.assertTrue(await finder.check_master("bFirst"))
+        self.assertFalse(await finder.check_master("bSecond"))  # a candidate only, while the first serves
+        self.assertEqual((finder.master, list(finder.trust.candidates)), ("bFirst", ["bSecond"]))
+        node.peers = {"bSecond": None}
+        answers["bFirst"] = lambda address, name, args: w.RpcUnreachable(name)  # gone
+        with self.assertLogs("worker", "INFO") as logs:
+            finder.on_left("bFirst")
+            await until(lambda: finder.master == "bSecond", 5)
+        self.assertEqual(found, ["bFirst", "bSecond"])
+        self.assertIn("master bFirst left; its results are kept until it is back", logs.output[0])
+        self.assertIn("master found: bSecond", logs.output[-1])
+
+    async def test_a_master_that_fails_requests_is_lost_after_two_or_at_once_if_unreachable(self):
+        answers = {}
+        finder, node, _ = self.finder(answers)
+        answers["bMaster"] = honest_master(node)
+        self.assertTrue(await finder.check_master("bMaster"))
+        finder.failed("bMaster", w.RpcTimeout("requestWork"))
+        finder.answered()  # an answer in between: the count starts again
+        finder.failed("bMaster", w.RpcTimeout("requestWork"))
+        self.assertEqual(finder.master, "bMaster")
+        with self.assertLogs("worker", "WARNING"):
+            finder.failed("bMaster", w.RpcTimeout("requestWork"))
+        self.assertIsNone(finder.master)
+        self.assertTrue(await finder.check_master("bMaster"))  # back: it proved it before
+        with self.assertLogs("worker", "WARNING"):
+            finder.failed("bMaster", w.RpcUnreachable("shareResults"))
+        self.assertIsNone(finder.master)
+
+    async def test_waiting_is_said_once_with_the_ways_it_looks(self):
+        cases = [({"lsd": True, "dht": True, "trackers": ["ws://127.0.0.1:8000"], "peers": ["127.0.0.1:4464"]},
+                  "INFO", ("waiting for a master: looking by LSD on the local network, the DHT, 1 tracker(s), "
+                           "peers= 127.0.0.1:4464")),
+                 ({"peers": ["127.0.0.1:4464"], "master": [w.Identity().address]}, "INFO", "only master= b"),
+                 ({}, "WARNING", ("waiting for a master to dial this worker (port 4464): LSD, the DHT and "
+                                  "trackers are off and peers= is empty"))]
+        for settings, level, text in cases:
+            finder, _, _ = self.finder({}, **settings)
+            with self.assertLogs("worker.finder", "DEBUG") as logs:  # the logger it was given
+                finder.start()
+                await asyncio.sleep(0)
+            self.assertEqual(len(logs.records), 1, logs.output)
+            self.assertEqual(logs.records[0].levelname, level)
+            self.assertIn(text, logs.output[0])
+
+
+class FakeRunner:
+    """A runner whose jobs end when the test says (``gate``), doubling ``x``."""
+
+    def __init__(self, concurrency=1):
+        self.concurrency = concurrency
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.ran = []
+        self.aborted = None
+
+    async def run(self, job):
+        await self.gate.wait()
+        self.ran.append(job["id"])
+        return {"double": job["x"] * 2}
+
+    def abort(self, reason):
+        self.aborted = reason
+
+
+class FakeFinder:
+    def __init__(self, master="bMaster", caps=None):
+        self.master = master
+        self.caps = caps or w.MasterCaps()
+        self.failures = []
+        self.asked = 0
+
+    def failed(self, master, exc):
+        self.failures.append((master, type(exc).__name__))
+
+    def answered(self):
+        pass
+
+    def ask_known(self):
+        self.asked += 1
+
+
+class FakeKeeper:
+    def __init__(self, runner):
+        self.runner = runner
+        self.ready = True
+        self.syncs = 0
+
+    async def sync_assets(self):
+        self.syncs += 1
+        return True
+
+    def abort(self, reason):
+        self.runner.abort(reason)
+
+
+class TestJobLoop(AsyncTest):
+    """JobLoop alone, with its batch-request policy: a fake node, finder and runner, a real
+    journal and outbox in a temporary folder."""
+
+    def job_loop(self, answers, runner=None, finder=None, **settings):
+        """A loop whose requestWork answers come from ``answers`` (a list of job lists; then none)."""
+        crypt = w.Crypt(KEY)
+
+        def answer(address, name, args):
+            if name != "requestWork":
+                return {}
+            jobs = answers.pop(0) if answers else []
+            return {"batchTasks": [crypt.encrypt_json(job) for job in jobs]}
+        node = FakeNode(answer)
+        node.wires.add("bMaster")
+        journal = self.will_close(open_journal(self.tmp()))
+        finder = finder or FakeFinder()
+        outbox = w.Outbox(journal, lambda address: address == finder.master)
+        tasks = set()
+        loop = w.JobLoop(part_settings(**settings), node, crypt, journal, outbox, finder,
+                         FakeKeeper(runner or FakeRunner()), stats=collections.Counter(),
+                         spawn=lambda coro: w.spawn(coro, tasks, "test"), now=Clock())
+        loop.idle_seconds = 3600.0  # no idle round unless a test wants one
+        self.addAsyncCleanup(TestMasterFinder.cancel, tasks)
+        tasks.add(asyncio.ensure_future(loop.run()))
+        return loop, node
+
+    async def test_asks_for_a_batch_backs_off_when_none_comes_and_asks_on_a_nudge(self):
+        jobs = [{"id": i, "x": i} for i in range(3)]
+        loop, node = self.job_loop([jobs], get_batch=True, batch_size=3)
+        await until(lambda: len(node.called("requestWork")) == 2, 5)  # the batch, then an empty answer
+        self.assertEqual([args for _, args in node.called("requestWork")],
+                         [{"getBatch": True, "batchSize": 3}] * 2)
+        await until(lambda: len(node.called("shareResults")) == 3, 5)  # each result, to the master
+        sent = [w.Crypt(KEY).decrypt_json(json.loads(args)) for _, args in node.called("shareResults")]
+        self.assertEqual([(r["jobID"], r["data"]) for r in sent], [(0, {"double": 0}), (1, {"double": 2}),
+                                                                   (2, {"double": 4})])
+        self.assertEqual(loop.stats["results delivered"], 3)
+        await asyncio.sleep(0.1)
+        self.assertEqual(len(node.called("requestWork")), 2)  # backed off: no request per job, no spin
+        loop.on_message("bSomeoneElse", w.JOBS_WAITING)  # only the master's nudge counts
+        await asyncio.sleep(0.1)
+        self.assertEqual(len(node.called("requestWork")), 2)
+        loop.on_message("bMaster", w.JOBS_WAITING)
+        await until(lambda: len(node.called("requestWork")) == 3, 5)
+        loop.idle_seconds = 0.01  # the idle timer: the assets are checked, then it asks again
+        loop.nudge()
+        await until(lambda: len(node.called("requestWork")) >= 5, 5)
+        self.assertGreaterEqual(loop.keeper.syncs, 1)
+
+    async def test_without_batches_one_job_per_free_child(self):
+        runner = FakeRunner(concurrency=3)
+        runner.gate.clear()  # no job ends until the test says
+        answers = [[{"id": i, "x": i}] for i in range(5)]
+        loop, node = self.job_loop(answers, runner=runner, get_batch=False)
+        await until(lambda: len(loop.running) == 3, 5)
+        await asyncio.sleep(0.1)
+        self.assertEqual(len(node.called("requestWork")), 3)  # one per free child, none while all are busy
+        self.assertEqual({args["getBatch"] for _, args in node.called("requestWork")}, {False})
+        runner.gate.set()
+        await until(lambda: len(runner.ran) == 5, 5)
+
+    async def test_takes_at_most_max_batch_tasks_from_one_answer(self):
+        with mock.patch.object(w, "MAX_BATCH_TASKS", 2), self.assertLogs("worker", "ERROR") as logs:
+            loop, node = self.job_loop([[{"id": i, "x": i} for i in range(3)]], get_batch=True, batch_size=2)
+            await until(lambda: len(node.called("shareResults")) == 2, 5)
+        self.assertIn("the master sent 3 jobs at once; only the first 2 are taken", logs.output[0])
+        self.assertEqual(loop.keeper.runner.ran, [0, 1])
+
+    async def test_a_result_for_a_js_master_stays_held_until_it_would_leave_at_once(self):
+        # a JS master gives no ack: a result counts as delivered when written to its wire, so it
+        # stays in the journal while it would only wait for echoes in memory (kill -9 safety)
+        loop, node = self.job_loop([[{"id": 1, "x": 1}]], get_batch=True, batch_size=1)
+        node.room = False  # the master's echoes lag: room_for runs out of time, again and again
+        await until(lambda: loop.outbox.held == 1 and loop._delivery_lock.locked(), 5)
+        await asyncio.sleep(0.1)
+        self.assertEqual(node.called("shareResults"), [])
+        self.assertEqual((loop.outbox.held, loop.stats["results delivered"]), (1, 0))
+        loop.finder.master = "bOtherMaster"  # and the master changed meanwhile: not for the old one
+        node.room = True
+        await asyncio.sleep(0.1)
+        self.assertEqual((node.called("shareResults"), loop.outbox.held), ([], 1))
+        loop.finder.master = "bMaster"
+        loop.kick_delivery()
+        await until(lambda: len(node.called("shareResults")) == 1, 5)
+        self.assertEqual((loop.outbox.held, loop.stats["results delivered"]), (0, 1))
+
+    async def test_an_unanswered_request_is_told_to_the_finder_and_no_job_is_held(self):
+        finder = FakeFinder()
+        loop, node = self.job_loop([], finder=finder)
+        node.answer = lambda address, name, args: w.RpcTimeout("requestWork")
+        with self.assertLogs("worker", "WARNING") as logs:
+            self.assertFalse(await loop.request_work())
+        self.assertIn("could not ask master bMaster for jobs: it did not answer in time", logs.output[0])
+        self.assertEqual(finder.failures[-1], ("bMaster", "RpcTimeout"))
+        self.assertFalse(loop.jobs)
+
+
+class TestAssetKeeper(AsyncTest):
+    """AssetKeeper alone: a fake node serving the master's files, a real journal and task child."""
+
+    async def test_a_changed_hash_brings_the_files_again(self):
+        tmp = self.tmp()
+        served = {"/workplace/task.py": MASTER_TASK.encode(), "/workplace/data/x.json": b'{"x": 1}'}
+
+        def answer(address, name, args):
+            files = asset_answer(served)
+            same = args["currentHash"] == "".join(f["sha256"] for f in files["files"])
+            return {"status": "same"} if same else files
+        node = FakeNode(answer)
+        finder = FakeFinder(master=None, caps=w.MasterCaps(key_proof=True))
+        ready = []
+        tasks = set()
+        keeper = w.AssetKeeper(part_settings(folder=str(tmp / "w")), node, w.Crypt(KEY),
+                               self.will_close(open_journal(tmp)), finder,
+                               spawn=lambda coro: w.spawn(coro, tasks, "test"), on_ready=lambda: ready.append(1))
+
+        async def close_runner():
+            if keeper.runner:
+                await keeper.runner.wait_closed()
+        self.addAsyncCleanup(close_runner)
+        self.assertFalse(await keeper.sync_assets())  # no master: nothing asked
+        self.assertEqual(node.calls, [])
+        finder.master = "bMaster"
+        self.assertTrue(await keeper.sync_assets())
+        first = keeper.runner
+        self.assertEqual((keeper.ready, len(ready)), (True, 1))
+        data = tmp / "w" / w.ASSET_FOLDER / "workplace/data/x.json"
+        self.assertEqual(data.read_bytes(), b'{"x": 1}')
+        self.assertTrue(await keeper.sync_assets())  # same hash: nothing written, the same runner
+        self.assertIs(keeper.runner, first)
+        served["/workplace/data/x.json"] = b'{"x": 2}'  # the master's files change
+        self.assertTrue(await keeper.sync_assets())
+        self.assertEqual(data.read_bytes(), b'{"x": 2}')
+        self.assertIsNot(keeper.runner, first)  # the task loaded again
+        data.write_bytes(b"changed here")  # and ours: our hash differs, the master sends all again
+        self.assertTrue(await keeper.sync_assets())
+        self.assertEqual(data.read_bytes(), b'{"x": 2}')
+        self.assertEqual([args["currentHash"] == "" for _, args in node.called("requestExecAssets")],
+                         [True, False, False, False])
+        await first.wait_closed()
+
+
 class TestWorkerFlow(AsyncTest):
     async def run_jobs(self, get_batch, count=500):
         tmp = self.tmp()
@@ -6794,6 +7683,48 @@ class TestWorkerFlow(AsyncTest):
     async def test_500_jobs_batched(self):
         cluster = await self.run_jobs(True)
         self.assertGreaterEqual(cluster.master.stats["jobs handed out"], 500)
+
+    async def test_results_master_py_refuses_as_another_runs_are_kept_and_offered_no_more(self):
+        # issue 25: should a master.py start another run unseen (a wire that stayed up), the
+        # results of the last run's jobs are not taken there, and the worker keeps them
+        cluster = await self.started(Cluster(self.tmp()))
+        worker = await self.started(cluster.worker())
+        master = cluster.master
+        await until(lambda: worker.master == master.address and worker.finder.caps.run == master.store.run_id, 20)
+        worker.finder.caps = dataclasses.replace(worker.finder.caps, run="an-earlier-run")  # as it knew it before
+        worker.outbox.given([(10**6, "{}")], (master.address, "an-earlier-run"))
+        with self.assertNoLogs("worker", "WARNING"):  # not a failure: they are not that run's to take
+            worker.job_loop.result_ready({"jobID": 1, "worker": {"id": worker.address, "name": "w1"}, "data": 2}, 10**6)
+            await worker.outbox.flush()
+            self.assertFalse(await worker.job_loop._deliver_some(master.address))  # shareResultsBatch
+            self.assertEqual(worker.finder.caps.run, master.store.run_id)
+            worker.finder.caps = dataclasses.replace(worker.finder.caps, run="an-earlier-run")
+            cluster.push(3)  # requestWork carries them; the work of the new run goes on
+            await cluster.until_results(3, 20)
+        self.assertEqual(worker.finder.caps.run, master.store.run_id)
+        self.assertEqual(sorted(r["jobID"] for r in cluster.results), [0, 1, 2])
+        self.assertEqual(worker.outbox.owes(master.address, "an-earlier-run"), 1)  # kept
+        self.assertEqual(master.stats["results of another run refused"], 2)  # offered once each way
+
+    async def test_waiting_for_a_master_is_said_once_then_its_finding(self):
+        # issue 25: with no master, the log said nothing of what the worker waits for, or how it looks
+        tmp = self.tmp()
+        token = "waiting-%d" % random.randrange(1 << 40)
+        worker = loopback_worker(token, tmp / "w", peers=["127.0.0.1:%d" % port_below(30000)])  # nobody there
+        worker.job_loop.idle_seconds = 0.05  # idle rounds: each asks the known peers again
+        rounds = []
+        ask_known = worker.finder.ask_known
+        worker.finder.ask_known = lambda: (rounds.append(1), ask_known())
+        with self.assertLogs("worker", "INFO") as logs:
+            await self.started(worker)
+            await until(lambda: len(rounds) >= 3, 10)
+            master = await self.started(loopback_master(token, tmp / "m", peers=["127.0.0.1:%d" % worker.node.port]))
+            await until(lambda: worker.master == master.address, 20)
+            await until(lambda: worker.keeper.runner is not None, 20)  # not stopped while its task loads
+        waiting = [line for line in logs.output if "waiting for a master" in line]
+        self.assertEqual(len(waiting), 1, logs.output)
+        self.assertIn("INFO:worker:waiting for a master: looking by peers= 127.0.0.1:", waiting[0])
+        self.assertTrue(any("master found: %s" % master.address in line for line in logs.output))
 
     async def test_a_failed_call_to_the_master_is_said_in_plain_words(self):
         # issue 25: "requestWork: requestWork on b...: no wire is open"
@@ -6957,10 +7888,10 @@ class TestWorkerFlow(AsyncTest):
     async def test_restart_with_same_assets_downloads_nothing(self):
         cluster = await self.started(Cluster(self.tmp()))
         first = await self.started(cluster.worker())
-        await until(lambda: first._runner is not None)
+        await until(lambda: first.keeper.runner is not None)
         await first.stop()
         second = await self.started(cluster.worker())
-        await until(lambda: second._runner is not None)
+        await until(lambda: second.keeper.runner is not None)
         self.assertEqual(cluster.statuses, ["changed", "same"])
 
 
@@ -6984,7 +7915,7 @@ class TestAgainstJsMaster(AsyncTest):
             self.assertFalse(await worker.sync_assets())
         await asyncio.sleep(0.5)
         self.assertEqual({e["call"] for e in master.events if e["event"] == "rpc"}, {"isMaster", "requestExecAssets"})
-        self.assertFalse(worker._caps.errors)
+        self.assertFalse(worker.finder.caps.errors)
 
     async def run_jobs(self, get_batch, count=500):
         tmp = self.tmp()
@@ -7020,13 +7951,91 @@ class TestAgainstJsMaster(AsyncTest):
     async def test_500_jobs_batched(self):
         await self.run_jobs(True)
 
+    @time_limit(120)
+    async def test_a_result_held_for_a_master_that_left_goes_back_to_it_never_to_the_js_master(self):
+        # issue 25: a result held from a killed master.py (job 398) was a JS master's first result,
+        # taken as the answer to its own job 398: JS masters number jobs from 0 at each start
+        tmp = self.tmp()
+        token, port, seed = "held-js-%d" % random.randrange(1 << 30), free_port(), w.make_seed()
+        db = tmp / "master.db"
+        first = await self.started(QuietMaster(tmp, token, port, seed, "py", db=db))
+        for i in range(6):  # JS rule: a batch of 5 while more than 5 wait
+            first.master.push_new_job({"id": i, "data": json.dumps({"x": 1000 + i, "sleep": 0.3})})
+        worker = await self.started(loopback_worker(token, tmp / "w", "py", get_batch=True, batch_size=5,
+                                                    peers=["127.0.0.1:%d" % port]))
+        await until(lambda: len(worker.jobs) >= 3, 30)
+        await first.close()  # gone while the worker runs its batch
+        await until(lambda: worker.stats["jobs done"] >= 5, 30)
+        held = len(worker.outbox)
+        self.assertGreaterEqual(held, 3)
+        js = await self.started(JsProcess("master.js", {"QX_TOKEN": token, "QX_KEY": KEY, "QX_JOBS": "5",
+                                                        "QX_ASSETS": str(js_master_assets(tmp / "js"))}))
+        js.send(cmd="addPeer", addr="127.0.0.1:%d" % worker.node.port)
+        await until(lambda: sum(e["event"] == "result" for e in js.events) >= 5, 30)
+        await asyncio.sleep(0.5)  # a held result would follow at once
+        results = [e["result"] for e in js.events if e["event"] == "result"]
+        self.assertEqual(sorted((r["jobID"], r["data"]["sum"]) for r in results), [(i, 2 * i) for i in range(5)])
+        self.assertEqual(len(worker.outbox), held)  # still held for the master that gave their jobs
+        await js.close()
+        again = await self.started(QuietMaster(tmp, token, port, seed, "py", db=db))  # the same run, back
+        await until(lambda: not worker.outbox.held, 30)
+        recorded = {int(key): json.loads(text)["data"]["sum"] for key, text in again.master.store.db.execute(
+            "SELECT job_key, result FROM results")}
+        self.assertEqual(recorded, {i: 2 * (1000 + i) for i in range(5)})
+
+    @time_limit(120)
+    async def test_a_slow_reading_js_master_never_gets_more_in_one_turn_than_it_can_echo(self):
+        # issue 20: the original JS master stops writing to a wire that takes more than ~16 KiB
+        # in one loop turn (QX_TURN_LIMIT emulates it). It echoes all it reads (bugout relays
+        # every new packet by every wire), so a master too busy to read echoes in one turn
+        # all that came meanwhile: results of 3 KB come paced by their echoes.
+        tmp = self.tmp()
+        token = "jsm-turns-%d" % random.randrange(1 << 30)
+        task = 'class Task:\n    def run(self, job):\n        return {"pad": "x" * 3000}\n'
+        assets = js_master_assets(tmp, {**DEFAULT_FILES, "/workplace/task.py": task})
+        count = 100
+        master = await self.started(JsProcess("master.js", {
+            "QX_TOKEN": token, "QX_KEY": KEY, "QX_JOBS": str(count), "QX_ASSETS": str(assets),
+            "QX_TURN_LIMIT": "16384", "QX_READ_PAUSE_MS": "100"}))
+        worker = await self.started(loopback_worker(token, tmp / "w", "py", get_batch=True, batch_size=10,
+                                                    peers=["127.0.0.1:%d" % master.ready["port"]]))
+
+        def seen(kind):
+            return [e for e in master.events if e["event"] == kind]
+        await until(lambda: seen("stalled") or len(seen("result")) >= count, 90)
+        self.assertEqual(seen("stalled"), [])
+        self.assertEqual(sorted(e["result"]["jobID"] for e in seen("result")), list(range(count)))
+        self.assertGreater(worker.node.stats["waits for echo room"], 0)  # results waited in the journal
+
+    @time_limit(150)
+    async def test_a_js_master_that_stopped_writing_to_its_wire_is_found_again_on_a_new_one(self):
+        # issue 20: a batch answer over QX_TURN_LIMIT stalls the wire for good (the original JS
+        # master's own stall, which no pacing of ours prevents): that batch is lost with it (a
+        # JS master has no leases), but once requestWork times out the wire, silent since, is
+        # closed and dialed again, and the jobs after it come.
+        tmp = self.tmp()
+        token = "jsm-renew-%d" % random.randrange(1 << 30)
+        master = await self.started(JsProcess("master.js", {
+            "QX_TOKEN": token, "QX_KEY": KEY, "QX_ASSETS": str(js_master_assets(tmp)), "QX_TURN_LIMIT": "16384"}))
+        for i in range(30):  # the first batch of 10 is ~27 KB, the rest small
+            master.send(cmd="push", job={"id": i, "data": json.dumps({"x": i, "pad": "x" * (2000 if i < 10 else 0)})})
+        worker = await self.started(loopback_worker(token, tmp / "w", "py", get_batch=True, batch_size=10,
+                                                    peers=["127.0.0.1:%d" % master.ready["port"]]))
+
+        def seen(kind):
+            return [e for e in master.events if e["event"] == kind]
+        await master.wait_for(lambda e: e["event"] == "stalled", 30)
+        await until(lambda: len(seen("result")) >= 20, 90)
+        self.assertEqual(sorted(e["result"]["jobID"] for e in seen("result")), list(range(10, 30)))
+        self.assertEqual(worker.node.stats["silent wires renewed"], 1)
+
     async def test_js_master_answers_ping_and_same(self):
         tmp = self.tmp()
         master = await self.started(JsProcess("master.js", {"QX_TOKEN": "jsm-same", "QX_KEY": KEY,
                                                             "QX_ASSETS": str(js_master_assets(tmp))}))
         worker = await self.started(loopback_worker("jsm-same", tmp / "w", "py",
                                                     peers=["127.0.0.1:%d" % master.ready["port"]]))
-        await until(lambda: worker._runner is not None)
+        await until(lambda: worker.keeper.runner is not None)
         self.assertTrue(await worker.sync_assets())
 
         def asked():
@@ -7411,19 +8420,60 @@ class TestFaults(AsyncTest):
         await first.kill()  # SIGKILL while the worker holds the batch
         await until(lambda: worker.stats["jobs done"] + worker.stats["jobs failed"] >= 5, 30)
         self.assertGreaterEqual(len(worker.outbox), 1)  # kept, nobody to give them to
-        second = await self.started(MasterProcess(tmp / "m2", token, port, seed))
+        # the same command again: its master.db continues the run, whose jobs these results answer
+        second = await self.started(MasterProcess(tmp / "m1", token, port, seed))
         await until(lambda: len(first.results) + len(second.results) >= 5, 60)
         self.assertEqual(sorted(r["jobID"] for r in first.results + second.results), list(range(5)))
         self.assertTrue(second.results)
         # the master prints a result before its acknowledgement reaches the worker
         await until(lambda: not worker.outbox.held, 10)
 
+    async def test_master_py_killed_and_started_at_once_is_adopted_again_at_once(self):
+        # issue 25: after kill -9 and a restart at once the first new result came after 30 s: the
+        # worker's isMaster went boxed for the dead process's key, unanswered, until the idle timer.
+        # Now it goes again for the new key as soon as a packet the new process signed shows it.
+        tmp = self.tmp()
+        token, port, seed = "restart-%d" % random.randrange(1 << 30), free_port(), w.make_seed()
+        first = await self.started(MasterProcess(tmp / "m", token, port, seed))
+        worker = await self.started(loopback_worker(token, tmp / "w", "w", peers=["127.0.0.1:%d" % port]))
+        first.push(range(3))
+        await until(lambda: len(first.results) >= 3, 30)
+        await first.kill()
+        await until(lambda: worker.master is None, 10)
+        second = await self.started(MasterProcess(tmp / "m", token, port, seed))  # the same run goes on
+        ready = time.monotonic()
+        second.push(range(3, 6))
+        # well within CHECK_TIMEOUT, the only other way back (with the 30 s idle timer after it)
+        await until(lambda: len(second.results) >= 3, w.CHECK_TIMEOUT - 2)
+        print("\n  master.py killed and started again: results again %.1f s after its ready line"
+              % (time.monotonic() - ready), file=sys.stderr)
+
+    async def test_held_results_are_not_given_to_another_run_of_master_py_at_the_same_address(self):
+        # issue 25: the same address, a new master.db (or a new jobs file): job 0 is another job there
+        tmp = self.tmp()
+        token, port, seed = "other-run-%d" % random.randrange(1 << 30), free_port(), w.make_seed()
+        first = await self.started(QuietMaster(tmp, token, port, seed, "m", db=tmp / "run1.db"))
+        first.push(range(6), y=1000, sleep=0.3)  # JS rule: a batch of 5 while more than 5 wait
+        worker = await self.started(loopback_worker(token, tmp / "w", "w", get_batch=True, batch_size=5,
+                                                    peers=["127.0.0.1:%d" % port]))
+        await until(lambda: len(worker.jobs) >= 3, 30)
+        await first.close()
+        await until(lambda: worker.stats["jobs done"] >= 5 and not worker.jobs and not worker.job_loop.running, 30)
+        held = len(worker.outbox)
+        self.assertGreaterEqual(held, 3)
+        second = await self.started(QuietMaster(tmp, token, port, seed, "m", db=tmp / "run2.db"))
+        second.push(range(6))  # the same ids, other jobs
+        await until(lambda: len(second.results) >= 6, 30)
+        self.assertEqual(sorted((r["jobID"], r["data"]["sum"]) for r in second.results), [(i, 2 * i) for i in range(6)])
+        self.assertEqual(len(worker.outbox), held)
+        self.assertEqual(second.master.stats["results of another run refused"], 0)  # never even offered
+
     async def test_flood_of_garbage_and_replays_others_go_on(self):
         cluster = await self.started(Cluster(self.tmp()))
         master = cluster.master
         master.node.core._seen.limit = 2000
         worker = await self.started(cluster.worker())
-        await until(lambda: worker._runner is not None)
+        await until(lambda: worker.keeper.runner is not None)
         infohash = master.node.infohash
         replay_core = w.BugoutCore(master.node.identifier, w.Identity())
         now = w._now()
@@ -8061,6 +9111,47 @@ class TestMasterDurable(AsyncTest):
         self.assertEqual(sorted(ids), list(range(count)))
         self.assertTrue(all(r["data"] == {"sum": 2 * r["jobID"]} for r in results))
 
+    # the run, as workers know it (issue 25: a held result is only ever the answer to its own job)
+    def test_the_run_has_a_name_kept_across_restarts_and_new_for_a_new_run(self):
+        from master import Store
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "m.db"
+            store = Store(path)
+            run = store.run_id
+            store.commit()
+            store.close()
+            again = Store(path)
+            self.assertEqual(again.run_id, run)  # master.py started again: the same run goes on
+            again.new_run()  # another jobs file: its job ids may repeat the last run's
+            self.assertNotEqual(again.run_id, run)
+            new = again.run_id
+            again.commit()
+            again.close()
+            last = Store(path)
+            self.assertEqual(last.run_id, new)
+            last.close()
+        self.assertNotEqual(Store().run_id, Store().run_id)  # in memory: each process is a run
+
+    async def test_results_of_another_run_are_not_taken_and_the_worker_keeps_them(self):
+        results = []
+        master = loopback_master("t", self.tmp() / "m", results.append)
+        self.addCleanup(master.store.close)
+        master.policy.prove("bWorker")
+        master.push_new_job({"id": 0, "data": "{}"})
+        self.assertNotIn("run", master._is_master("bWorker", {}))  # JS peers see nothing new
+        self.assertNotIn("run", master._request_work("bJsWorker", {}))
+        run = master._is_master("bWorker", {"challenge": "00" * 32})["run"]  # a Python worker
+        self.assertEqual(run, master._request_work("bWorker", {})["run"])
+        sent = w.json_dumps(w.Crypt(KEY).encrypt(json.dumps([{"jobID": 0, "worker": {"id": "bWorker"}, "data": 1}])))
+        self.assertEqual(master._share_results_batch("bWorker", {"results": sent, "run": "another"}),
+                         {"received": False, "run": run})
+        answer = master._request_work("bWorker", {"results": sent, "resultsRun": "another"})
+        self.assertEqual((answer["resultsTaken"], answer["run"]), (False, run))
+        self.assertEqual((results, master.stats["results of another run refused"]), ([], 2))
+        self.assertEqual(master._share_results_batch("bWorker", {"results": sent, "run": run}), {"received": True})
+        self.assertEqual(master._share_results_batch("bWorker", sent), {"received": True})  # a worker before runs
+        self.assertEqual([r["jobID"] for r in results], [0])
+
     # the database
     def test_store_keeps_what_was_committed_and_nothing_else(self):
         from master import Store
@@ -8458,11 +9549,80 @@ class TestTestData(unittest.TestCase):
 
 
 # Running the tests ##########################################################
+#
+# Two tiers. ``python test_worker.py`` runs every test (the README's command
+# and CI's). ``python test_worker.py --quick`` runs the classes named in QUICK:
+# the in-memory tests of the codecs, the sans-I/O cores, the policies, trust,
+# the outbox and the settings, in seconds, while you change code. There a test
+# that binds or connects a socket, sends a datagram or starts a process fails
+# (in_memory_only): such a class belongs to the full suite only, and so does
+# such a test of a QUICK class (@full_tier). A class not in QUICK runs in the
+# full suite alone; TestTiers checks the names below.
+
+#: The quick tier: test classes that run in memory (a temporary folder at most), in section order.
+QUICK = ("TestEnvFile", "TestLogger", "TestCrypt", "TestCodecs", "TestVectors", "TestBugoutCore",
+         "TestCoreBounds", "TestPeerWire", "TestBadInput", "TestKrpc", "TestKrpcBadInput",
+         "TestTrackerClient", "TestNodePolicy", "TestWirePolicy", "TestSafety",
+         "TestTaskJsSafety", "TestMasterProof", "TestOutbox", "TestMasterFinder", "TestJobLoop",
+         "TestLeasePolicy", "TestTiers")
+
+
+def _refuse_io(*args, **kwargs):
+    raise AssertionError("the quick tier runs in memory: no socket, no process (take this class out of QUICK)")
+
+
+def in_memory_only() -> contextlib.ExitStack:
+    """While it is entered, binding or connecting a socket, sending a datagram and starting a
+    process raise (an event loop's own socketpair is still made)."""
+    stack = contextlib.ExitStack()
+    for owner, name in ((socket.socket, "bind"), (socket.socket, "connect"), (socket.socket, "connect_ex"),
+                        (socket.socket, "sendto"), (subprocess.Popen, "__init__"), (os, "fork")):
+        stack.enter_context(mock.patch.object(owner, name, _refuse_io))
+    return stack
+
+
+def quick_suite() -> unittest.TestSuite:
+    """The QUICK classes' tests, less those marked @full_tier."""
+    loader = unittest.defaultTestLoader
+    return unittest.TestSuite(
+        test for c in test_classes() if c.__name__ in QUICK for test in loader.loadTestsFromTestCase(c)
+        if not getattr(getattr(test, test._testMethodName), "full_tier", False))
+
+
+def test_classes() -> list[type]:
+    """Every test class of this module, in its order."""
+    module = sys.modules[__name__]
+    return [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, unittest.TestCase)
+            and c.__module__ == module.__name__ and c.__name__.startswith("Test")]
+
+
+class TestTiers(unittest.TestCase):
+    def test_the_quick_tier_names_test_classes_of_this_module_in_order(self):
+        names = [c.__name__ for c in test_classes()]
+        self.assertEqual([n for n in QUICK if n not in names], [])  # a class renamed, or gone
+        self.assertEqual(len(set(QUICK)), len(QUICK))
+        self.assertEqual(list(QUICK), [n for n in names if n in QUICK])  # section order, as the file
+        quick = {test.id() for test in quick_suite()}
+        self.assertIn(f"{__name__}.TestCrypt.test_roundtrip_fresh_iv", quick)
+        self.assertNotIn(f"{__name__}.TestCrypt.test_matches_openssl_cbc", quick)  # @full_tier: node
+
+    def test_in_memory_only_refuses_sockets_and_processes(self):
+        before = socket.socket.bind, subprocess.Popen.__init__
+        with in_memory_only():
+            with socket.socket() as sock, self.assertRaises(AssertionError):
+                sock.bind(("127.0.0.1", 0))
+            with self.assertRaises(AssertionError):
+                subprocess.run([sys.executable, "-c", "pass"], check=False)
+        self.assertEqual((socket.socket.bind, subprocess.Popen.__init__), before)  # as before, after it
+
 
 def main():
-    """Run every test; end with the plain 'N passed, N failed, N skipped' line."""
-    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
-    result = unittest.TextTestRunner(verbosity=2).run(suite)
+    """Run every test (``--quick``: the QUICK tier, in memory); end with the plain
+    'N passed, N failed, N skipped' line."""
+    quick = "--quick" in sys.argv[1:]
+    suite = quick_suite() if quick else unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
+    with in_memory_only() if quick else contextlib.nullcontext():
+        result = unittest.TextTestRunner(verbosity=2).run(suite)
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
     skipped = len(result.skipped)
     passed = result.testsRun - failed - skipped

@@ -36,7 +36,9 @@ Exceptions::
 
 Sections, top to bottom: the code of each uses what the sections above it
 define, and its own names; only the templates at the end come after their
-users (and, in type hints, the transports name the Bugout node they serve)::
+users (and, in type hints, the transports name the Bugout node they serve;
+``batchSize``'s default and bound, read when Settings loads, are the job loop's,
+kept with the rest of its batch-request policy)::
 
     Errors                                   every exception class of the tree above
     Helpers used everywhere                  background tasks, rate and log limits, time, JSON
@@ -60,14 +62,16 @@ users (and, in type hints, the transports name the Bugout node they serve)::
     DHT (BEP 5): asyncio adapter             Dht, on UDP
     Trackers and WebRTC                      TrackerClient (sans-I/O)
     Trackers and WebRTC: asyncio             TrackerSession, RtcConnection, WebRtcTransport
-    The bugout node                          inbound slots, DialQueue, WirePolicy (sans-I/O), Bugout
+    The bugout node                          InboundSlots, DialQueue, WirePolicy (sans-I/O), Discovery, Bugout
     Status: metrics and health over HTTP     /metrics, /healthz, systemd notify
     Worker: assets and dependencies          safe paths (master-files/), pip and npm requirements
     Worker: trusting a master                MasterTrust; its theory of operation
     Worker: the journal and the outbox       Journal, Outbox; their theory of operation
     Worker: running tasks                    task.py in child processes (or a thread)
     Worker: running task.js with Node        npm, node children
-    Worker                                   the Worker class
+    Worker                                   MasterFinder (which peer is the master), AssetKeeper
+                                             (files, dependencies, runner), JobLoop (asking, running,
+                                             delivering; the batch-request policy), and Worker
     Command line                             --setup, running, --demo, main()
     Templates                                the task child, the Node runner, the npm check, the demo task
 """
@@ -151,12 +155,6 @@ DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
 LSD_HOST = "239.192.152.143"
 LSD_PORT = 6771
 LSD_INTERVAL = 5 * 60.0
-IDLE_REQUEST_SECONDS = 30.0
-#: Broadcast by master.py when jobs arrive, so idle workers ask at once.
-JOBS_WAITING = {"queue-xec": "jobs waiting"}
-#: Results per ``shareResultsBatch`` call (master.py only; JS masters get one each).
-RESULT_BATCH = 500
-DEFAULT_BATCH_SIZE = 5
 
 log = logging.getLogger("worker")
 
@@ -679,7 +677,7 @@ class Settings:
     loglevel: str | None = _setting("LOG_LEVEL", None, parse_log_level)
     log_file: str | None = _setting("logFile", None, lambda v: v or None)
     get_batch: bool = _setting("getBatch", False, _word)
-    batch_size: int = _setting("batchSize", DEFAULT_BATCH_SIZE, parse_count)
+    batch_size: int = _setting("batchSize", lambda: DEFAULT_BATCH_SIZE, parse_count)
     folder: Path = _setting("folder", os.getcwd, lambda v: Path(v).resolve())  # noqa: RUF009 - a field()
     job_timeout: float | None = _setting("jobTimeout", 0, lambda v: parse_seconds(v) or None)
     concurrency: int = _setting("concurrency", 1, parse_concurrency)
@@ -1255,6 +1253,14 @@ class Left:
 
 
 @dataclasses.dataclass(frozen=True)
+class Rekeyed:
+    """A packet the peer signed brought another box key than the one we had: a new process
+    of it (killed and started again, with no goodbye), which cannot open what we boxed for
+    the old key."""
+    address: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Message:
     """A ``m`` packet: a JSON message, broadcast or addressed to us."""
     address: str
@@ -1496,11 +1502,11 @@ class BugoutCore:
         else:
             self._emit(signed, now)
 
-    def send_call(self, address: str, name: str, args: Any, now: int) -> bytes:
-        """An encrypted RPC call; returns its 8-byte nonce."""
+    def send_call(self, address: str, name: str, args: Any, now: int, nonce: bytes | None = None) -> bytes:
+        """An encrypted RPC call; returns its 8-byte nonce (``nonce``: a call sent again)."""
         if address not in self.peers:
             raise InvalidState(f"{address} not seen - no public key")
-        nonce = self._random(8)
+        nonce = nonce or self._random(8)
         fields = {"y": "r", "c": name, "a": json_dumps({} if args is None else args),
                   "rn": nonce}
         self._emit(self.seal(address, self.make_packet(fields, now)), now, address)
@@ -1543,9 +1549,11 @@ class BugoutCore:
             if not events:
                 self.stats["dropped: peer table full"] += 1
                 return []
+        if verified and known is not None and known.ek != ek:
+            events.append(Rekeyed(address))
         self.peers[address] = PeerKeys(pk, ek, now, verified)
         if fresh:
-            return []
+            return events
         if greet:
             self._hello(now)
         return events + [Seen(address)]
@@ -2020,6 +2028,21 @@ DRAIN_GRACE = 5.0
 #: whole), or its wire is closed; a protected peer's wire never is (its RPC timeouts decide).
 PROGRESS_BYTES = 16 * 1024
 PROGRESS_SECONDS = 5.0
+#: Our own payloads on a wire whose peer echoes them (JS bugout sends every new packet back
+#: by every wire, the one it came by too) that are not echoed yet: at most this many bytes.
+#: The original JS master (queue-xec/master 2.1.0, streamx 2.16.0 under WebTorrent's
+#: speed-limiter) stops writing to a wire for good when one loop turn of its pushes more than
+#: about 16 KiB into it; what it echoes in one turn is what it read in one.
+ECHO_WINDOW = 8 * 1024
+#: An echo not back within this many seconds is not waited for: forgotten if echoes of what went
+#: after it came (bugout never echoes what it saw first by another wire), else the peer stopped echoing.
+ECHO_WAIT = 5.0
+#: Own payloads sent on one wire whose echoes are looked for (the oldest is forgotten past it).
+ECHO_TRACKED = 256
+#: Own payloads held for one wire's echoes: past this many bytes they all go (memory stays bounded).
+ECHO_HELD_MAX = 1024 * 1024
+#: How often Bugout.room_for looks again whether echoes made room.
+ECHO_POLL = 0.005
 
 
 class ConnState(enum.Enum):
@@ -2061,6 +2084,11 @@ class Connection:
     - A connection hands the node at most WIRE_BUDGET payloads per loop turn and
       reads nothing meanwhile, unless it carries a protected peer
       (:meth:`Bugout.prioritize`): one flooding peer cannot hold the loop.
+    - Our own payloads to a peer that sends them back (JS bugout echoes every
+      new packet) go as their echoes make room: at most ECHO_WINDOW bytes not
+      echoed yet, so a JS master never echoes more than that in one turn (the
+      original one stops writing to a wire for good past about 16 KiB). What
+      waits goes when the wire drains or closes, or once an echo is ECHO_WAIT late.
 
     Subclasses move the bytes: ``_write``, ``_write_eof``, ``_close_transport``,
     ``write_buffer``, ``writable``, ``_pause``/``_resume``, ``peer_name``.
@@ -2084,9 +2112,10 @@ class Connection:
         self.last_verified: float | None = None
         #: the peer's IP address (None over WebRTC)
         self.remote_host: str | None = None
-        #: bytes received in all; when it was made; when a keep-alive last went
+        #: bytes received in all; when it was made; when a keep-alive last went; when bytes last came
         self.bytes_in = 0
         self.started = time.monotonic()
+        self.last_in = self.started
         self.last_keepalive = self.started
         #: when a verified packet (signed, fresh, new to us) last came by this wire (monotonic)
         self.last_verified: float | None = None
@@ -2101,6 +2130,14 @@ class Connection:
         self._queued = 0  # bytes in the wire's out buffer, not given to the transport yet
         self._flush_pending = False
         self._progress: tuple[float, tuple[int, int] | None] = (self.started, None)  # checked at, pending
+        #: True while the peer sends our own payloads back (JS bugout): ours are then paced
+        self.echoes = False
+        self._unechoed: dict[int, tuple[int, float]] = {}  # hash of ours sent -> (size, when)
+        self._unechoed_bytes = 0
+        self._last_echo = self.started  # when an echo of ours last came
+        self._paced: collections.deque[bytes] = collections.deque()  # ours waiting for echoes
+        self._paced_bytes = 0
+        self._echo_timer: asyncio.TimerHandle | None = None
 
     # what subclasses provide
     def _write(self, data: bytes) -> None:
@@ -2151,6 +2188,11 @@ class Connection:
         return self._queued + self.write_buffer()
 
     @property
+    def paced_bytes(self) -> int:
+        """Bytes of ours held for the peer's echoes (not in ``buffered``: not given to the wire yet)."""
+        return self._paced_bytes
+
+    @property
     def dialer_port(self) -> int | None:
         """The TCP port of the end that dialed (both ends see it); None over WebRTC."""
         return None
@@ -2194,9 +2236,13 @@ class Connection:
             return
         try:
             self.bytes_in += len(data)
+            self.last_in = time.monotonic()
             self.node.stats["bytes in"] += len(data)
             self.wire.receive_data(data)
-            self._backlog.extend(self.wire.events_received())
+            events = self.wire.events_received()
+            if self._unechoed:
+                self._echoed(events)
+            self._backlog.extend(events)
             if self.wire.has_output:  # handshake answers, metadata, rejects
                 self.flush()
             self._handle()
@@ -2269,14 +2315,28 @@ class Connection:
                 and before[1] - pending[1] < PROGRESS_BYTES)
 
     # bytes out
-    def send_payload(self, payload: bytes) -> None:
+    def send_payload(self, payload: bytes, own: bool = False) -> None:
         """Queue one ``bo_channel`` payload if the connection is OPEN.
 
         Payloads queued in one loop turn leave in one write: fewer syscalls and
-        segments when a result and a request go out together.
+        segments when a result and a request go out together. ``own``: one of
+        ours, paced by its echoes while the peer sends them back (:meth:`_echoed`).
         """
         if self.state is not ConnState.OPEN:
             return
+        if own:
+            if self._paced or not self._echo_room(len(payload), time.monotonic()):
+                self._paced.append(payload)
+                self._paced_bytes += len(payload)
+                self.node.stats["payloads paced by echoes"] += 1
+                if self._paced_bytes > ECHO_HELD_MAX:
+                    self.echoes = False
+                self._send_paced()
+                return
+            self._expect_echo(payload, time.monotonic())
+        self._queue_payload(payload)
+
+    def _queue_payload(self, payload: bytes) -> None:
         self.wire.send_extension(payload)
         self._queued += len(payload) + 6
         if not self._flush_pending:
@@ -2286,6 +2346,77 @@ class Connection:
     def _flush_soon(self) -> None:
         self._flush_pending = False
         self.flush()
+
+    # pacing by echoes: a JS master's pushes per loop turn stay small
+    def _expect_echo(self, payload: bytes, now: float) -> None:
+        if len(self._unechoed) >= ECHO_TRACKED:
+            self._unechoed_bytes -= self._unechoed.pop(next(iter(self._unechoed)))[0]
+        key = hash(payload)
+        self._unechoed_bytes -= self._unechoed.pop(key, (0, 0.0))[0]
+        self._unechoed[key] = (len(payload), now)
+        self._unechoed_bytes += len(payload)
+
+    def _echo_room(self, size: int, now: float) -> bool:
+        """True when ``size`` more bytes of ours may go now.
+
+        An echo ECHO_WAIT overdue is not waited for: forgotten if echoes of what went after it
+        came (bugout echoes only what is new to it: a copy that reached it first by another
+        wire, say ours by another peer while ours here waited, is never echoed here); with no
+        echo since it went, the peer stopped echoing (or is that slow), and the pacing stops.
+        """
+        if not self.echoes:
+            return True
+        while self._unechoed:
+            key = next(iter(self._unechoed))
+            size_sent, sent = self._unechoed[key]
+            if now - sent < ECHO_WAIT:
+                break
+            if self._last_echo < sent:
+                self.echoes = False  # send as before
+                self._unechoed.clear()
+                self._unechoed_bytes = 0
+                return True
+            del self._unechoed[key]
+            self._unechoed_bytes -= size_sent
+        return not self._unechoed_bytes or self._unechoed_bytes + size <= ECHO_WINDOW
+
+    def _echoed(self, events: list) -> None:
+        """Our own payloads the peer sent back: room for those we hold."""
+        for event in events:
+            if type(event) is ExtensionPayload:
+                found = self._unechoed.pop(hash(event.payload), None)
+                if found is not None:
+                    self._unechoed_bytes -= found[0]
+                    self.echoes = True
+                    self._last_echo = time.monotonic()
+        if self._paced:
+            self._send_paced()
+
+    def sends_at_once(self, size: int) -> bool:
+        """True when ``size`` more bytes of ours would leave now, not wait for echoes."""
+        return not self._paced and self._echo_room(size, time.monotonic())
+
+    def _send_paced(self, everything: bool = False) -> None:
+        if self.state is not ConnState.OPEN:  # nothing more goes: forget what waits
+            self._paced.clear()
+            self._paced_bytes = 0
+        now = time.monotonic()
+        while self._paced and (everything or self._echo_room(len(self._paced[0]), now)):
+            payload = self._paced.popleft()
+            self._paced_bytes -= len(payload)
+            self._expect_echo(payload, now)
+            self._queue_payload(payload)
+        self._echo_timer_for_oldest()
+
+    def _echo_timer_for_oldest(self) -> None:
+        """Wake up when the oldest echo is overdue, while payloads wait for it."""
+        if self._echo_timer is not None:
+            self._echo_timer.cancel()
+            self._echo_timer = None
+        oldest = next(iter(self._unechoed.values()), None)
+        if self._paced and oldest is not None:
+            due = max(oldest[1] + ECHO_WAIT - time.monotonic(), 0.0)
+            self._echo_timer = asyncio.get_running_loop().call_later(due, self._send_paced)
 
     def flush(self) -> None:
         """Give the transport what the wire has to send (it waits while not writable).
@@ -2311,6 +2442,7 @@ class Connection:
         """A duplicate lost: take nothing new, write what is held, then EOF; close on the peer's."""
         if self.state is not ConnState.OPEN:
             return
+        self._send_paced(everything=True)
         self.set_state(ConnState.DRAINING)
         if self._eof:
             self.close()
@@ -2325,9 +2457,12 @@ class Connection:
         if self.state is ConnState.CLOSED:
             return
         if not abort:
+            if self.state is ConnState.OPEN:
+                self._send_paced(everything=True)
             self.flush()
         self.set_state(ConnState.CLOSED)
         self._cancel_timer()
+        self._send_paced()  # forgets what waits, stops the timer
         self._backlog.clear()
         self._close_transport(abort)
 
@@ -2336,6 +2471,7 @@ class Connection:
         if self.state is not ConnState.CLOSED:
             self.set_state(ConnState.CLOSED)
             self._cancel_timer()
+            self._send_paced()  # forgets what waits, stops the timer
         self.node.detach(self)
 
 
@@ -2566,11 +2702,11 @@ def parse_lsd(data: bytes) -> tuple[int, list[bytes], str | None] | None:
 
 
 class _LsdProtocol(asyncio.DatagramProtocol):
-    def __init__(self, node: Bugout) -> None:
-        self.node = node
+    def __init__(self, discovery: Discovery) -> None:
+        self.discovery = discovery
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
-        self.node.lsd_datagram(data, addr[0])
+        self.discovery.lsd_datagram(data, addr[0])
 
 
 def sending_address(host: str, target: str | None = None) -> str | None:
@@ -3390,6 +3526,8 @@ class Dht:
         self._transport: asyncio.DatagramTransport | None = None
         self._task: asyncio.Task | None = None
         self._resolved = float("-inf")
+        #: the last failure to look each bootstrap name up: said again only when it changes
+        self._bootstrap_errors: dict[tuple[str, int], str] = {}
 
     @property
     def stats(self) -> collections.Counter:
@@ -3442,15 +3580,22 @@ class Dht:
         self.core.bootstrap([addr for addrs in found for addr in addrs], time.monotonic())
         self._flush()
 
-    @staticmethod
-    async def _resolve(host: str, port: int) -> list[Addr]:
+    async def _resolve(self, host: str, port: int) -> list[Addr]:
+        """A bootstrap name's addresses; a failure is logged when it differs from the last one
+        (offline, the lookup is tried again every minute: the log says so once)."""
         loop = asyncio.get_running_loop()
         try:
             infos = await asyncio.wait_for(loop.getaddrinfo(
                 host, port, family=socket.AF_INET, type=socket.SOCK_DGRAM), 10.0)
         except (OSError, UnicodeError, TimeoutError) as exc:  # UnicodeError: a name like "a..b"
-            log.warning("dht bootstrap %s:%d: %s", host, port, exc)
+            error = str(exc) or type(exc).__name__
+            if self._bootstrap_errors.get((host, port)) != error:
+                self._bootstrap_errors[(host, port)] = error
+                log.warning("dht bootstrap %s:%d: %s (tried again each minute; said again if it changes)",
+                            host, port, error)
             return []
+        if self._bootstrap_errors.pop((host, port), None) is not None:
+            log.info("dht bootstrap %s:%d found again", host, port)
         return [info[4][:2] for info in infos[:2]]
 
     def _received(self, data: bytes, addr: tuple) -> None:
@@ -4499,14 +4644,15 @@ class WebRtcTransport:
 # longest, then silent longest; at maxInbound then the least used of a host
 # over its share; never a protected peer's, one with a call in flight, or a
 # newcomer), else the newcomer is refused. A token holder's wires give way
-# to a master that dials in.
+# to a master that dials in. InboundSlots decides (sans-I/O); Bugout closes.
 #
 # Dials. An LSD announce or a DHT answer is anyone's claim: the peers they
 # name wait in a DialQueue (bounded, per source; a protected peer's known
 # endpoint first) and are dialed at DISCOVERY_DIALS_PER_SECOND, while fewer
 # than MAX_DIALING dials run and MAX_DIALED wires we dialed are up. LSD
 # datagrams themselves are read within a budget, per sender and in all.
-# ``peers`` are dialed again and again, with backoff.
+# ``peers`` are dialed again and again, with backoff. Discovery does all
+# this for the node, around the DialQueue (sans-I/O).
 #
 # Whose a wire is (WirePolicy, sans-I/O: the node asks it and keeps the
 # sockets). The peer id and the keys (``pk``, ``ek``) of a handshake are
@@ -4554,11 +4700,12 @@ class WebRtcTransport:
 # newest fresh packet came by) is handled whole each loop turn (others:
 # WIRE_BUDGET payloads), and is never the one closed when partly received
 # messages pass max_partial or send queues max_send_total (the unprotected
-# wire holding most goes); the core never evicts those peers. Any wire that
-# leaves max_send_queue of our payloads unread is closed, and so is one whose
-# message (the same one) stops coming closer to whole (check_wires) while we
-# read it (Connection.stalled), unless it is protected: a slow master is
-# waited for, and its RPC timeouts decide.
+# wire holding most goes: WirePolicy.hold, WirePolicy.largest); the core
+# never evicts those peers. Any wire that leaves max_send_queue of our
+# payloads unread is closed, and so is one whose message (the same one)
+# stops coming closer to whole (check_wires) while we read it
+# (Connection.stalled), unless it is protected: a slow master is waited for,
+# and its RPC timeouts decide.
 #
 # Events, ``on(name, fn)`` (a coroutine function is spawned; an exception is
 # logged, rate-limited, and never reaches the wire):
@@ -4607,6 +4754,9 @@ LSD_DATAGRAMS_PER_SECOND = 100.0
 LSD_PAUSE = 1.0
 LSD_SOURCE_SECONDS = 2.0
 LSD_SOURCE_BURST = 32
+#: Ports LSD announced, by the announcer's peer id and host, kept to dial again a wire renewed
+#: (Discovery.renew): a JS peer that dialed us dials again over uTP first, ~30 s.
+LSD_ENDPOINTS_KEPT = 64
 #: A wire takes relayed payloads while its send queue holds less than this (a protected wire's:
 #: RELAY_PROTECTED) and all send queues together hold less than RELAY_TOTAL; the rest are dropped.
 RELAY_QUEUE = 1024 * 1024
@@ -4652,6 +4802,85 @@ def inbound_victim(wires: Iterable[Connection], now: float, keep: Callable[[Conn
         if best is None or rank < best[0]:
             best = (rank, conn)
     return best[1] if best is not None else None
+
+
+class InboundSlots:
+    """Room for inbound TCP wires, without I/O: who is let in, which wire makes room.
+
+    The node passes the inbound connections not closed, each a handle with
+    ``state``, ``started``, ``last_verified`` and ``remote_host``, and ``now``
+    in monotonic seconds. ``keep`` names the wires never closed to make room
+    (WirePolicy.keeps: a protected peer's, one with a call in flight). Each
+    answer is ``(ok, victim)``: let the newcomer in (``ok``) once ``victim``,
+    if any, is closed; the node closes it. Counts go to ``stats``.
+    """
+
+    def __init__(self, keep: Callable[[Any], bool], stats: collections.Counter | None = None) -> None:
+        self.keep = keep
+        #: counts of callers refused and wires closed for room (the node's own counters, if given)
+        self.stats: collections.Counter = collections.Counter() if stats is None else stats
+        # private
+        self._evictions = _RateLimit(EVICTIONS_PER_SECOND, EVICTIONS_PER_SECOND)
+
+    def crowded(self, from_host: list, now: float) -> bool:
+        """True when a host (``from_host``: its inbound connections) has PENDING_PER_HOST
+        handshakes unfinished, or INBOUND_PER_HOST finished wires not in use of which none may
+        make room."""
+        pending = sum(1 for c in from_host if c.state is ConnState.HANDSHAKE)
+        if pending >= PENDING_PER_HOST:
+            self.stats["inbound refused: handshakes from one host"] += 1
+            return True
+        finished = [c for c in from_host if c.state is not ConnState.HANDSHAKE]
+        if self.unused(finished, now) >= INBOUND_PER_HOST and inbound_victim(
+                finished, now, self.keep) is None:
+            self.stats["inbound refused: wires from one host"] += 1
+            return True
+        return False
+
+    def unused(self, wires: list, now: float) -> int:
+        """How many of ``wires`` are not in use (see in_use): a host's workers that all
+        work (many behind one NAT, say) count nothing against INBOUND_PER_HOST."""
+        return sum(1 for c in wires if not in_use(c, now, self.keep))
+
+    def host_room(self, from_host: list, now: float) -> tuple[bool, Any]:
+        """A wire from a host finished its handshake (``from_host``: that host's inbound
+        connections, it among them): past INBOUND_PER_HOST wires not in use, one of the host's
+        others makes room (inbound_victim), else (False) the newcomer goes."""
+        finished = [c for c in from_host if c.state is not ConnState.HANDSHAKE]
+        if self.unused(finished, now) <= INBOUND_PER_HOST:
+            return True, None
+        victim = inbound_victim(finished, now, self.keep)
+        if victim is None:
+            self.stats["inbound refused: wires from one host"] += 1
+            return False, None
+        self.stats["wires closed: room for a host's newcomer"] += 1
+        return True, victim
+
+    def make_room(self, inbound: list, accepting: int, cap: int, now: float) -> tuple[bool, Any]:
+        """Room for one more inbound connection (``accepting``: those being made; ``cap``:
+        maxInbound)? At the cap, the oldest unfinished handshake goes, else the wire
+        inbound_victim names, else the least recently used of the host holding most wires, when
+        that is over INBOUND_PER_HOST (a few a second at most: churn costs CPU). A newcomer (a
+        master dialing in) is not locked out by wires that say nothing, nor by one host's wires
+        that keep talking."""
+        pending = [c for c in inbound if c.state is ConnState.HANDSHAKE]
+        if len(inbound) + accepting < cap:
+            return True, None
+        victim = (min(pending, key=lambda c: c.started) if pending else
+                  inbound_victim(inbound, now, self.keep) or self.crowded_hosts_victim(inbound, now))
+        if victim is None or not self._evictions.allow(None, now):
+            return False, None
+        self.stats["handshakes cut: inbound cap" if pending else "wires closed: inbound cap"] += 1
+        return True, victim
+
+    def crowded_hosts_victim(self, inbound: list, now: float) -> Any:
+        """The wire used least lately of the host with most inbound wires, if over its share."""
+        hosts = collections.Counter(c.remote_host for c in inbound)
+        host, count = hosts.most_common(1)[0] if hosts else (None, 0)
+        if count <= INBOUND_PER_HOST:
+            return None
+        return inbound_victim([c for c in inbound if c.remote_host == host], now, self.keep,
+                              in_use_too=True)
 
 
 @dataclasses.dataclass
@@ -4862,6 +5091,9 @@ class WirePolicy:
         self._deadlines: dict[Any, float] = {}
         self._now = 0.0  # the latest time the node passed in
         self._relays = _RateLimit(RELAY_WRITES_PER_SECOND, RELAY_WRITES_PER_SECOND)
+        #: bytes of messages partly received (or not handled yet) on all wires
+        self.held_total = 0
+        self._held: dict[Any, int] = {}  # those bytes, by wire
 
     # what the node tells it
     def opened(self, wire: Any, address: str | None, dialer: bytes, port: int | None, now: float,
@@ -5024,6 +5256,32 @@ class WirePolicy:
         drains, self._drains = self._drains, []
         return drains
 
+    def keeps(self, wire: Any, busy: Iterable[str]) -> bool:
+        """True for a wire never closed to make room: a protected peer's, or one whose peer has
+        a call in flight (``busy``: ours to it, or its own being answered) and whose packets
+        came by it."""
+        return self.is_protected(wire) or any(self.route(a) is wire for a in busy)
+
+    def largest(self, sizes: dict[Any, int]) -> Any:
+        """The wire with the largest size (bytes it holds, say) that is not protected, or None."""
+        candidates = [(size, id(w), w) for w, size in sizes.items() if not self.is_protected(w)]
+        return max(candidates)[2] if candidates else None
+
+    def hold(self, wire: Any, size: int, bound: int) -> list[tuple[Any, int]]:
+        """``wire`` holds ``size`` bytes of messages not whole (or not handled) yet. Past ``bound``
+        on all wires together: the (wire, bytes) to close, the unprotected wire holding most
+        first, until the rest fits (the node closes them; they hold nothing from now on)."""
+        if not size and wire not in self._held:
+            return []
+        self.held_total += size - self._held.pop(wire, 0)
+        if size:
+            self._held[wire] = size
+        victims = []
+        while self.held_total > bound and (victim := self.largest(self._held)) is not None:
+            victims.append((victim, self._held.pop(victim)))
+            self.held_total -= victims[-1][1]
+        return victims
+
     def next_due(self) -> float | None:
         """When :meth:`due` has a claimant to drain next (None: none waits)."""
         return min(self._deadlines.values(), default=None)
@@ -5063,6 +5321,302 @@ class WirePolicy:
         facts.out, facts.since, facts.deadline = True, None, None
         self._deadlines.pop(wire, None)
         self._drains.append((wire, why))
+
+
+class Discovery:
+    """Finding peers and dialing them, for a :class:`Bugout` node: ``peers``, LSD and the DHT.
+
+    The asyncio shell around the :class:`DialQueue` (the theory of operation
+    above, "Dials"): the peers LSD announces and DHT lookups name wait there and
+    are dialed within MAX_DIALING and MAX_DIALED; ``peers`` are dialed again and
+    again, with backoff. It reads the node's settings, and its tasks are the node's.
+    """
+
+    def __init__(self, node: Bugout) -> None:
+        self.node = node
+        #: our DHT node (None: off, or no UDP port was free)
+        self.dht: Dht | None = None
+        # private
+        self._dialing: set[tuple] = set()
+        self._dials = DialQueue(stats=node.stats)  # peers found (LSD, DHT), waiting their turn
+        self._dial_timer: asyncio.TimerHandle | None = None
+        self._lsd_budget = _RateLimit(LSD_DATAGRAMS_PER_SECOND, LSD_DATAGRAMS_PER_SECOND, keys=1)
+        self._lsd_sources = _RateLimit(1.0 / LSD_SOURCE_SECONDS, LSD_SOURCE_BURST)
+        self._whereabouts: collections.OrderedDict[str, tuple[str | None, tuple | None]] = (
+            collections.OrderedDict())  # address -> (host, endpoint we dialed) of a wire it signed on
+        self._lsd_transport: asyncio.DatagramTransport | None = None
+        self._lsd_cookie = "bittorrent-lsd-" + node.peer_id.hex()
+        #: (announcer's peer id, the host it came from) -> the port it announced: claims both, so a
+        #: renewed wire is dialed again only where its own host announced (Discovery.renew)
+        self._lsd_endpoints: dict[tuple[bytes, str], int] = {}
+
+    async def start(self) -> None:
+        """The DHT node, the configured peers, LSD: each as the node's settings say."""
+        if self.node.dht:
+            await self._start_dht()
+        for host, port in self.node.static_peers:
+            self.node._spawn(self._keep_peer(host, port))
+        if self.node.lsd:
+            await self._start_lsd()
+
+    def stop(self) -> None:
+        """No more dials from the queue; LSD closed (the DHT node closes in :meth:`close`)."""
+        if self._dial_timer is not None:
+            self._dial_timer.cancel()
+        if self._lsd_transport is not None:
+            self._lsd_transport.close()
+
+    async def close(self) -> None:
+        """Close the DHT node (after the node's tasks, its lookups among them, are gone)."""
+        if self.dht is not None:
+            await self.dht.close()
+
+    def add_peer(self, host: str, port: int, source: str | None = None, *, delay: float = 0.0,
+                 peer_id: bytes | None = None) -> None:
+        """Dial ``host:port`` once, in the background, when the DialQueue gives its turn.
+
+        ``source`` names who told us of it (LSD's sender, "dht"; else ``host``): one
+        source gets its share of the queue and of the dials. ``delay``: not before;
+        ``peer_id``: not once a wire to that peer id is up.
+        """
+        if self.node.closed or self.needless((host, port)):
+            return
+        self._dials.offer((host, port), source or host, time.monotonic(), delay=delay, peer_id=peer_id)
+        self.pump_dials()
+
+    def needless(self, endpoint: tuple, peer_id: bytes | None = None) -> bool:
+        """True for ourselves, a peer being dialed or wired by this endpoint or peer id."""
+        host, port = endpoint
+        if port == self.node.port and host in ("127.0.0.1", "localhost", self.node.host):
+            return True
+        if endpoint in self._dialing or (peer_id is not None and self.node.has_peer_id(peer_id)):
+            return True
+        return any(c.dialed == endpoint for c in self.node.links())
+
+    def pump_dials(self) -> None:
+        """Start the dials the queue gives now (within MAX_DIALING and MAX_DIALED); come back
+        while some wait."""
+        if self.node.closed:
+            return
+        dialed = sum(1 for c in self.node.links() if c.dialed)
+        room = min(MAX_DIALING, MAX_DIALED - dialed) - len(self._dialing)
+        for queued in self._dials.take(time.monotonic(), room,
+                                       lambda q: self.needless(q.endpoint, q.peer_id)):
+            self._dialing.add(queued.endpoint)
+            self.node._spawn(self._dial(*queued.endpoint))
+        if self._dials and self._dial_timer is None:
+            self._dial_timer = asyncio.get_running_loop().call_later(
+                1.0 / DISCOVERY_DIALS_PER_SECOND, self._dial_timer_due)
+
+    def _dial_timer_due(self) -> None:
+        self._dial_timer = None
+        self.pump_dials()
+
+    def prefer_dials(self) -> None:
+        """A protected peer's endpoint (we dialed it and it signed there) is dialed first when
+        found again; an address found on its host before the others."""
+        known = [self._whereabouts[a] for a in self.node.protected if a in self._whereabouts]
+        self._dials.prefer([e for _, e in known if e], [h for h, _ in known if h])
+
+    def remember(self, conn: Connection) -> None:
+        """``conn``'s peer signed on it: keep where it is (the last 256 peers)."""
+        where, address = (conn.remote_host, conn.dialed), conn.address
+        if self._whereabouts.get(address) == where:  # type: ignore[arg-type]
+            self._whereabouts.move_to_end(address)  # type: ignore[arg-type]
+            return
+        self._whereabouts[address] = where  # type: ignore[index]
+        self._whereabouts.move_to_end(address)  # type: ignore[arg-type]
+        if len(self._whereabouts) > 256:
+            self._whereabouts.popitem(last=False)
+        if address in self.node.protected:
+            self.prefer_dials()
+
+    async def _dial(self, host: str, port: int) -> WireConnection | None:
+        self._dialing.add((host, port))
+        loop = asyncio.get_running_loop()
+        try:
+            source = sending_address(self.node.host, host)
+            _, conn = await asyncio.wait_for(loop.create_connection(
+                lambda: WireConnection(self.node, True, (host, port)), host, port,
+                local_addr=(source, 0) if source else None), 5.0)
+            return conn  # type: ignore[return-value]
+        except (TimeoutError, OSError, UnicodeError) as exc:  # UnicodeError: a name like "a..b"
+            log.debug("dial %s:%s failed: %s", host, port, exc)
+            return None
+        finally:
+            self._dialing.discard((host, port))
+            if self._dials:
+                self.pump_dials()
+
+    async def _keep_peer(self, host: str, port: int) -> None:
+        """Stay connected to a configured peer; back off while it is away."""
+        delay = 0.5
+        while not self.node.closed:
+            if not any(c.dialed == (host, port) for c in self.node.links()):
+                conn = await self._dial(host, port)
+                delay = 0.5 if conn else min(delay * 2, 30.0)
+            await asyncio.sleep(delay)
+
+    def lsd_datagram(self, data: bytes, host: str) -> None:
+        """A datagram on the LSD port: within the budgets, a BT-SEARCH for our swarm is taken.
+
+        LSD_DATAGRAMS_PER_SECOND are read in all (past that the socket rests for
+        LSD_PAUSE, and the kernel drops the rest: a flood costs bounded CPU), and a
+        sender's announces are taken once per LSD_SOURCE_SECONDS after a burst.
+        """
+        now = time.monotonic()
+        if not self._lsd_budget.allow(None, now):
+            self.node.stats["lsd: over the rate, not read"] += 1
+            if self._lsd_transport is not None and self._lsd_transport.is_reading():
+                self._lsd_transport.pause_reading()
+                asyncio.get_running_loop().call_later(LSD_PAUSE, self._lsd_resume)
+            return
+        if not self._lsd_sources.allow(host, now):
+            self.node.stats["lsd: sender over its rate"] += 1
+            return
+        parsed = parse_lsd(data)
+        if parsed is None:
+            self.node.stats["lsd ignored"] += 1
+            return
+        port, hashes, cookie = parsed
+        if self.node.infohash in hashes:
+            self.lsd_peer(host, port, cookie)
+
+    def _lsd_resume(self) -> None:
+        if self._lsd_transport is not None and not self.node.closed:
+            self._lsd_transport.resume_reading()
+
+    def lsd_peer(self, host: str, port: int, cookie: str | None) -> None:
+        """A BT-SEARCH for our swarm came from ``host``: queue a dial, unless wired to it already.
+
+        bittorrent-lsd's cookie is ``bittorrent-lsd-`` and the announcer's peer
+        id in hex: a peer we have a wire to (LSD re-announces) is not dialed
+        again. Of two peers that hear each other, the wire kept is the one
+        dialed by the lower peer id; so the higher one, and we for a JS peer
+        (it dials every peer it hears), wait LSD_YIELD for the other's wire
+        before dialing.
+        """
+        if cookie == self._lsd_cookie:
+            return  # our own announcement, looped back
+        peer_id = lsd_peer_id(cookie)
+        if peer_id is not None:
+            self._lsd_endpoints.pop((peer_id, host), None)
+            if len(self._lsd_endpoints) >= LSD_ENDPOINTS_KEPT:
+                del self._lsd_endpoints[next(iter(self._lsd_endpoints))]
+            self._lsd_endpoints[(peer_id, host)] = port
+        if peer_id is not None and self.node.has_peer_id(peer_id):
+            self.node.stats["lsd: already wired"] += 1
+            return
+        ours = peer_id is not None and peer_id[:3] == PEER_ID_PREFIX[:3]
+        first = peer_id is None or (ours and peer_id > self.node.peer_id)
+        self.add_peer(host, port, host, delay=0.0 if first else LSD_YIELD, peer_id=peer_id)
+
+    def renew(self, address: str, quiet: float) -> int:
+        """Close the wires claiming ``address`` that carried nothing for ``quiet`` seconds, and
+        dial again those we dialed; the number closed.
+
+        For a call to ``address`` that got no answer in time: a JS peer echoes every packet
+        it reads, so its wire silent all the while no longer carries what it writes (the
+        original JS master's stall: see ECHO_WINDOW), and a new wire does. A Python peer
+        echoes nothing (pings every 30 s): its silence says nothing, and a slow master.py is
+        never cut for it. WebTorrent dials again those it dialed (over uTP first: ~30 s); we
+        dial again those we dialed, and the port the peer id of the others last announced by
+        LSD from the host the wire came from (an announce is a claim: one from another host
+        never reroutes the new wire).
+        """
+        now = time.monotonic()
+        node = self.node
+        silent = [c for c in node._connections
+                  if c.address == address and c.state is ConnState.OPEN and now - c.last_in >= quiet
+                  and not (c.wire.remote_peer_id or b"").startswith(PYTHON_PEER_PREFIX)]
+        for conn in silent:
+            node.stats["silent wires renewed"] += 1
+            node._log(logging.INFO, "silent wire", "closing %s: %s did not answer, and nothing came by it "
+                      "for %.0f s; a new wire takes its place", conn.peer_name, address, now - conn.last_in)
+            conn.close()
+            endpoint = conn.dialed
+            if endpoint is None and conn.remote_host:  # not where anyone else's LSD announce says
+                host = conn.remote_host.removeprefix("::ffff:")  # a dual-stack socket's IPv4 peer
+                endpoint = self.lsd_endpoint(conn.wire.remote_peer_id, host)
+            if endpoint:
+                self.add_peer(*endpoint)
+        return len(silent)
+
+    def lsd_endpoint(self, peer_id: bytes | None, host: str) -> Addr | None:
+        """Where ``peer_id`` last announced itself by LSD from ``host`` (a claim: whoever answers
+        there still has to prove itself; an announce from another host is not used), or None."""
+        port = self._lsd_endpoints.get((peer_id or b"", host))
+        return (host, port) if port else None
+
+    async def _start_lsd(self) -> None:
+        try:
+            sock = _lsd_socket(self.node.host)
+        except OSError as exc:
+            log.warning("LSD is off: %s", exc)
+            return
+        loop = asyncio.get_running_loop()
+        self._lsd_transport, _ = await loop.create_datagram_endpoint(
+            lambda: _LsdProtocol(self), sock=sock)
+        self.node._spawn(self._lsd_announce())
+
+    async def _lsd_announce(self) -> None:
+        datagram = lsd_announcement(self.node.infohash, self.node.port, self._lsd_cookie)
+        # Twice more early on: a peer that started at the same instant may not
+        # have joined the group yet (bittorrent-lsd announces once, then every 5 min).
+        for delay in itertools.chain((1.0, 4.0), itertools.repeat(LSD_INTERVAL)):
+            if self._lsd_transport is None or self.node.closed:
+                return
+            with contextlib.suppress(OSError):
+                self._lsd_transport.sendto(datagram, (LSD_HOST, LSD_PORT))
+            await asyncio.sleep(delay)
+
+    # DHT (BEP 5)
+    async def _start_dht(self) -> None:
+        """A DHT node on the TCP port's number if free (one port to forward), else any."""
+        ports = [self.node.dht_port] if self.node.dht_port is not None else [self.node.port, 0]
+        for port in ports:
+            dht = Dht(dht_node_id(self.node.seed), host=self.node.host, port=port,
+                      bootstrap=self.node.dht_bootstrap, on_peers=self._on_dht_peers)
+            try:
+                self.dht = await dht.start()
+                break
+            except OSError as exc:
+                log.warning("DHT: udp port %s: %s", port, exc)
+        if self.dht is not None:
+            self.node._spawn(self._dht_lookups())
+
+    async def _dht_lookups(self) -> None:
+        """Look our swarm up (announcing our TCP port) at start, again soon, then periodically."""
+        assert self.dht is not None
+        port = self.node.port if self.node.listen else None
+        waited = 0.0
+        for at in DHT_LOOKUP_AT:
+            await asyncio.sleep(at - waited)
+            waited = at
+            self.dht.get_peers(self.node.infohash, port)
+        while not self.node.closed:
+            await asyncio.sleep(DHT_LOOKUP_INTERVAL if self.node.connections() else DHT_LOOKUP_ALONE)
+            self.dht.get_peers(self.node.infohash, port)
+
+    def _on_dht_peers(self, info_hash: bytes, peers: list[Addr], source: Addr | None = None) -> None:
+        """Queue dials to what a lookup found, but not to an address that already dialed us.
+
+        Its listening port is unknown, so the same peer would be dialed again at
+        every lookup and one of the two wires closed as a duplicate. The node that
+        named them is their source in the DialQueue: one node answering first with
+        peers that hang gets its turn, not every dial."""
+        if info_hash != self.node.infohash:
+            return
+        callers = {c.remote_host for c in self.node._connections if not c.initiator and c.remote_host}
+        for host, port in peers[:DHT_MAX_VALUES]:
+            if host not in callers:
+                self.add_peer(host, port, "dht %s" % (source[0] if source else "?"))
+
+    def on_dht_port(self, conn: Connection, port: int) -> None:
+        """A peer's BEP 5 port message: its DHT node goes into our routing table."""
+        if self.dht is not None and conn.remote_host and 0 < port < 65536:
+            # A dual-stack socket names IPv4 peers ::ffff:a.b.c.d; our DHT speaks IPv4.
+            self.dht.add_node((conn.remote_host.removeprefix("::ffff:"), port))
 
 
 class Bugout:
@@ -5105,7 +5659,6 @@ class Bugout:
         self.dht_bootstrap = list(settings.dht_bootstrap)
         for entry in self.dht_bootstrap:
             _split_hostport(entry)
-        self._dht: Dht | None = None
         #: counters: connections refused, peers dropped, ... (with core.stats)
         self.stats: collections.Counter = collections.Counter()
         # private
@@ -5114,14 +5667,8 @@ class Bugout:
         self._pending: dict[bytes, asyncio.Future] = {}
         self.core.awaiting = self._pending  # answers to nothing we asked are dropped unread
         self._calls: dict[bytes, str] = {}  # nonce -> the address an RPC of ours waits on
+        self._unsent: dict[bytes, tuple[str, Any]] = {}  # nonce -> (call, args), until sent again once
         self._connections: set[Connection] = set()
-        self._dialing: set[tuple] = set()
-        self._dials = DialQueue(stats=self.stats)  # peers found (LSD, DHT), waiting their turn
-        self._dial_timer: asyncio.TimerHandle | None = None
-        self._lsd_budget = _RateLimit(LSD_DATAGRAMS_PER_SECOND, LSD_DATAGRAMS_PER_SECOND, keys=1)
-        self._lsd_sources = _RateLimit(1.0 / LSD_SOURCE_SECONDS, LSD_SOURCE_BURST)
-        self._whereabouts: collections.OrderedDict[str, tuple[str | None, tuple | None]] = (
-            collections.OrderedDict())  # address -> (host, endpoint we dialed) of a wire it signed on
         self._busy: collections.Counter = collections.Counter()  # addresses with calls in flight
         #: our payloads for a busy address that left while no wire led to it: sent again on the
         #: first wire that comes claiming it (a master dialing in after a failover call went out)
@@ -5129,22 +5676,21 @@ class Bugout:
         self._accepting = 0  # accepted sockets whose connection is being made
         self._tasks: set[asyncio.Task] = set()
         self._acceptor: _Acceptor | None = None
-        self._lsd_transport: asyncio.DatagramTransport | None = None
-        self._lsd_cookie = "bittorrent-lsd-" + self.peer_id.hex()
         self._extended = {"ek": self.identity.ek, "id": identifier, "m": OUR_EXT_IDS,
                           "metadata_size": len(self.metadata), "pk": self.identity.pk}
         #: which wire is whose: duplicates, routes, protection (the node asks it, it keeps no socket)
         self.policy = WirePolicy()
+        #: who is let in at the inbound caps, which wire makes room (it closes nothing)
+        self.slots = InboundSlots(lambda conn: self.policy.keeps(conn, self._busy), self.stats)
         self._policy_timer: asyncio.TimerHandle | None = None
         self._policy_at = 0.0  # when the policy timer fires
-        self._held: dict[Connection, int] = {}  # bytes of partly received messages, by wire
-        self._held_total = 0
         self._out_estimate = 0  # bytes in all send queues, at most (recounted once per loop turn)
         self._recounted = False
         self._log = _LogLimit()
-        self._evictions = _RateLimit(EVICTIONS_PER_SECOND, EVICTIONS_PER_SECOND)
         self._hello_timer: asyncio.TimerHandle | None = None
         self._closed = False
+        #: finding peers and dialing them: ``peers``, LSD, the DHT
+        self.discovery = Discovery(self)
         #: WebRTC through WebSocket trackers (off without trackers)
         self.webrtc = WebRtcTransport(self, settings, announce_interval=announce_interval)
 
@@ -5160,6 +5706,11 @@ class Bugout:
     @property
     def peers(self) -> dict[str, PeerKeys]:
         return self.core.peers
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` began."""
+        return self._closed
 
     def connections(self) -> int:
         """Number of open wires that speak bugout."""
@@ -5180,6 +5731,10 @@ class Bugout:
         Not a wire that only says so in its handshake (as has_wire), nor one that replays."""
         conn = self.policy.direct(address)
         return conn is not None and conn.state is ConnState.OPEN and not conn.closing
+
+    def renew_silent_wires(self, address: str, quiet: float) -> int:
+        """Close and dial again the wires claiming ``address`` silent for ``quiet`` s (Discovery.renew)."""
+        return self.discovery.renew(address, quiet)
 
     def has_peer_id(self, peer_id: bytes) -> bool:
         """True when a connection not closed has this BitTorrent peer id."""
@@ -5202,7 +5757,7 @@ class Bugout:
         """
         self.policy.protected = frozenset(addresses)
         self.core.protected = set(addresses)
-        self._prefer_dials()
+        self.discovery.prefer_dials()
 
     def is_protected(self, conn: Connection) -> bool:
         """True when ``conn`` is a protected peer's route: the wire that stands for it, else the
@@ -5221,12 +5776,7 @@ class Bugout:
             self._acceptor = _Acceptor(self, socks)
             self._acceptor.start()
             log.info("listening on %s:%d", self.host, self.port)
-        if self.dht:
-            await self._start_dht()
-        for host, port in self.static_peers:
-            self._spawn(self._keep_peer(host, port))
-        if self.lsd:
-            await self._start_lsd()
+        await self.discovery.start()
         await self.webrtc.start()
         self._spawn(self._timers())
         return self
@@ -5236,20 +5786,18 @@ class Bugout:
         if self._closed:
             return
         self._closed = True
-        for timer in (self._hello_timer, self._policy_timer, self._dial_timer):
+        for timer in (self._hello_timer, self._policy_timer):
             if timer is not None:
                 timer.cancel()
         self.core.send_leave(_now())
         self._flush_core()
         if self._acceptor is not None:
             self._acceptor.close()
-        if self._lsd_transport is not None:
-            self._lsd_transport.close()
+        self.discovery.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._dht is not None:
-            await self._dht.close()
+        await self.discovery.close()
         await asyncio.sleep(0)  # let transports write the goodbye
         await self.webrtc.close()
         for conn in list(self._connections):
@@ -5292,6 +5840,7 @@ class Bugout:
         future = asyncio.get_running_loop().create_future()
         self._pending[nonce] = future
         self._calls[nonce] = address
+        self._unsent[nonce] = (call, args)
         self._busy[address] += 1
         self._flush_core()
         try:
@@ -5304,7 +5853,23 @@ class Bugout:
         finally:
             self._pending.pop(nonce, None)
             self._calls.pop(nonce, None)
+            self._unsent.pop(nonce, None)
             self._not_busy(address)
+
+    async def room_for(self, address: str, size: int) -> bool:
+        """Wait (ECHO_WAIT at most) until ``size`` bytes of ours for ``address`` would leave at
+        once rather than wait for echoes on its wires; True if they would now, False if the time
+        ran out first. What waits for room stays with the caller (a result in the journal), not
+        in a send queue that a crash would lose: on False, the caller keeps it and asks again."""
+        deadline = time.monotonic() + ECHO_WAIT
+        waited = False
+        while not (room := all(c.sends_at_once(size) for c in self.policy.targets(address)[0]
+                               if c.state is ConnState.OPEN)) and time.monotonic() < deadline:
+            waited = True
+            await asyncio.sleep(ECHO_POLL)
+        if waited:
+            self.stats["waits for echo room"] += 1
+        return room
 
     def rpc_nowait(self, address: str, call: str, args: Any = None) -> None:
         """Call ``call`` on ``address`` without waiting for an answer."""
@@ -5326,7 +5891,7 @@ class Bugout:
         """A PeerWire for a new connection, with our handshakes in it."""
         return PeerWire(self.infohash, self.peer_id, self._extended, initiator=initiator,
                         metadata=self.metadata, max_message=self.max_message,
-                        dht_port=self._dht.port if self._dht is not None else None)
+                        dht_port=self.discovery.dht.port if self.discovery.dht is not None else None)
 
     _new_wire = new_wire
 
@@ -5360,7 +5925,7 @@ class Bugout:
                     conn.last_verified = now = time.monotonic()
                     self.policy.packet(conn, self.core.verified, now, now_ms)
                     if self.core.verified.address == conn.address and self.policy.stands(conn):
-                        self._remember(conn)
+                        self.discovery.remember(conn)
                 elif self.core.copied is not None:
                     self.policy.packet(conn, self.core.copied, time.monotonic(), now_ms, copy=True)
                 if found:
@@ -5371,7 +5936,7 @@ class Bugout:
             elif isinstance(event, ExtendedHandshake):
                 self._on_extended(conn, event.fields)
             elif isinstance(event, DhtPort):
-                self._on_dht_port(conn, event.port)
+                self.discovery.on_dht_port(conn, event.port)
         self._weigh_wires()
         self._flush_core()
 
@@ -5411,28 +5976,13 @@ class Bugout:
         """``conn`` holds ``size`` bytes of messages not complete (or not handled) yet.
 
         Past ``max_partial`` on all wires together, the unprotected wire that
-        holds most is closed, until the rest fits.
+        holds most is closed, until the rest fits (WirePolicy.hold).
         """
-        if not size and conn not in self._held:
-            return
-        old = self._held.pop(conn, 0)
-        if size:
-            self._held[conn] = size
-        self._held_total += size - old
-        while self._held_total > self.max_partial:
-            victim = self._largest(self._held)
-            if victim is None:
-                return
+        for victim, held in self.policy.hold(conn, size, self.max_partial):
             self.stats["peers dropped: partial messages over the bound"] += 1
             self._log(logging.INFO, "held", "closing %s: %d bytes of unfinished messages, more "
-                      "than all wires may hold", victim.peer_name, self._held[victim])
+                      "than all wires may hold", victim.peer_name, held)
             victim.close(abort=True)
-            self.holding(victim, 0)
-
-    def _largest(self, sizes: dict[Connection, int]) -> Connection | None:
-        """The connection with the largest size that is not protected."""
-        candidates = [(size, id(c), c) for c, size in sizes.items() if not self.is_protected(c)]
-        return max(candidates)[2] if candidates else None
 
     def bad_input(self, conn: Connection) -> None:
         """The peer broke the wire protocol: drop it."""
@@ -5447,14 +5997,15 @@ class Bugout:
                   conn.peer_name, exc_info=True)
         conn.close(abort=True)
 
+    # connections: inbound slots (InboundSlots decides, these close)
     def accepted(self, sock: socket.socket, addr: Any) -> bool:
-        """A TCP connection came in: within the caps it becomes a WireConnection.
+        """A TCP connection came in: within the caps (InboundSlots) it becomes a WireConnection.
 
         Else it is closed, and False asks the acceptor to pause a while; not
         for a host over its own limit: the callers behind it are let in.
         """
         host = str(addr[0]) if addr else "?"
-        crowded = self._crowded(host)
+        crowded = self.slots.crowded(self._inbound(host), time.monotonic())
         if self._closed or crowded or not self._make_room():
             self.stats["inbound refused"] += 1
             sock.close()
@@ -5479,75 +6030,27 @@ class Bugout:
         return [c for c in self._connections if not c.initiator and c.remote_host is not None
                 and c.state is not ConnState.CLOSED and (host is None or c.remote_host == host)]
 
-    def _crowded(self, host: str) -> bool:
-        """True when ``host`` has PENDING_PER_HOST inbound handshakes unfinished, or
-        INBOUND_PER_HOST finished wires not in use of which none may make room."""
-        inbound, now = self._inbound(host), time.monotonic()
-        pending = sum(1 for c in inbound if c.state is ConnState.HANDSHAKE)
-        if pending >= PENDING_PER_HOST:
-            self.stats["inbound refused: handshakes from one host"] += 1
-            return True
-        finished = [c for c in inbound if c.state is not ConnState.HANDSHAKE]
-        if self._unused(finished, now) >= INBOUND_PER_HOST and inbound_victim(
-                finished, now, self._keeps_wire) is None:
-            self.stats["inbound refused: wires from one host"] += 1
-            return True
-        return False
-
-    def _unused(self, wires: list[Connection], now: float) -> int:
-        """How many of ``wires`` are not in use (see in_use): a host's workers that all
-        work (many behind one NAT, say) count nothing against INBOUND_PER_HOST."""
-        return sum(1 for c in wires if not in_use(c, now, self._keeps_wire))
-
     def _host_has_room(self, conn: Connection) -> bool:
-        """A wire from ``conn``'s host finished its handshake: past INBOUND_PER_HOST wires not
-        in use, one of the host's others makes room (inbound_victim), else ``conn`` goes.
-        False if it went."""
+        """A wire from ``conn``'s host finished its handshake: one of the host's others may make
+        room for it (InboundSlots.host_room), else it goes. False if it went."""
         if conn.initiator or conn.remote_host is None:
             return True
-        now = time.monotonic()
-        finished = [c for c in self._inbound(conn.remote_host) if c.state is not ConnState.HANDSHAKE]
-        if self._unused(finished, now) <= INBOUND_PER_HOST:
-            return True
-        victim = inbound_victim(finished, now, self._keeps_wire)
-        if victim is None:
-            self.stats["inbound refused: wires from one host"] += 1
-            conn.close(abort=True)
-            return False
-        self.stats["wires closed: room for a host's newcomer"] += 1
-        victim.close(abort=True)
-        return True
+        ok, victim = self.slots.host_room(self._inbound(conn.remote_host), time.monotonic())
+        if not ok or victim is not None:
+            (victim or conn).close(abort=True)
+        return ok
 
     def _make_room(self) -> bool:
-        """Room for one more inbound connection? At the cap, the oldest unfinished handshake
-        goes, else the wire inbound_victim names, else the least recently used of the host
-        holding most wires, when that is over INBOUND_PER_HOST (a few a second at most:
-        churn costs CPU). A newcomer (a master dialing in) is not locked out by wires that
-        say nothing, nor by one host's wires that keep talking."""
+        """Room for one more inbound connection (InboundSlots.make_room)? At the cap, one goes."""
         inbound = self._inbound()
-        pending = [c for c in inbound if c.state is ConnState.HANDSHAKE]
-        if len(inbound) + self._accepting < self.max_inbound:
-            return True
-        now = time.monotonic()
-        victim = (min(pending, key=lambda c: c.started) if pending else
-                  inbound_victim(inbound, now, self._keeps_wire) or self._crowded_hosts_victim(inbound, now))
-        if victim is None or not self._evictions.allow(None, now):
+        ok, victim = self.slots.make_room(inbound, self._accepting, self.max_inbound, time.monotonic())
+        if victim is not None:
+            victim.close(abort=True)
+        elif not ok:
             self._log(logging.WARNING, "inbound cap", "refusing connections for now: %d inbound, "
-                      "%d of them without a handshake yet (maxInbound %d)", len(inbound), len(pending),
-                      self.max_inbound)
-            return False
-        self.stats["handshakes cut: inbound cap" if pending else "wires closed: inbound cap"] += 1
-        victim.close(abort=True)
-        return True
-
-    def _crowded_hosts_victim(self, inbound: list[Connection], now: float) -> Connection | None:
-        """The wire used least lately of the host with most inbound wires, if over its share."""
-        hosts = collections.Counter(c.remote_host for c in inbound)
-        host, count = hosts.most_common(1)[0] if hosts else (None, 0)
-        if count <= INBOUND_PER_HOST:
-            return None
-        return inbound_victim([c for c in inbound if c.remote_host == host], now, self._keeps_wire,
-                              in_use_too=True)
+                      "%d of them without a handshake yet (maxInbound %d)", len(inbound),
+                      sum(1 for c in inbound if c.state is ConnState.HANDSHAKE), self.max_inbound)
+        return ok
 
     def cannot_accept(self, exc: OSError, pause: float) -> None:
         """Accepting failed (out of descriptors, say): one log line per interval."""
@@ -5558,142 +6061,10 @@ class Bugout:
         if exc.errno in _OUT_OF_RESOURCES and pending:  # a descriptor back for a peer that speaks
             min(pending, key=lambda c: c.started).close(abort=True)
 
-    # connections: dialing
     def add_peer(self, host: str, port: int, source: str | None = None, *, delay: float = 0.0,
                  peer_id: bytes | None = None) -> None:
-        """Dial ``host:port`` once, in the background, when the DialQueue gives its turn.
-
-        ``source`` names who told us of it (LSD's sender, "dht"; else ``host``): one
-        source gets its share of the queue and of the dials. ``delay``: not before;
-        ``peer_id``: not once a wire to that peer id is up.
-        """
-        if self._closed or self._needless((host, port)):
-            return
-        self._dials.offer((host, port), source or host, time.monotonic(), delay=delay, peer_id=peer_id)
-        self._pump_dials()
-
-    def _needless(self, endpoint: tuple, peer_id: bytes | None = None) -> bool:
-        """True for ourselves, a peer being dialed or wired by this endpoint or peer id."""
-        host, port = endpoint
-        if port == self.port and host in ("127.0.0.1", "localhost", self.host):
-            return True
-        if endpoint in self._dialing or (peer_id is not None and self.has_peer_id(peer_id)):
-            return True
-        return any(c.dialed == endpoint and c.state is not ConnState.CLOSED for c in self._connections)
-
-    def _pump_dials(self) -> None:
-        """Start the dials the queue gives now (within MAX_DIALING and MAX_DIALED); come back
-        while some wait."""
-        if self._closed:
-            return
-        dialed = sum(1 for c in self._connections if c.dialed and c.state is not ConnState.CLOSED)
-        room = min(MAX_DIALING, MAX_DIALED - dialed) - len(self._dialing)
-        for queued in self._dials.take(time.monotonic(), room,
-                                       lambda q: self._needless(q.endpoint, q.peer_id)):
-            self._dialing.add(queued.endpoint)
-            self._spawn(self._dial(*queued.endpoint))
-        if self._dials and self._dial_timer is None:
-            self._dial_timer = asyncio.get_running_loop().call_later(
-                1.0 / DISCOVERY_DIALS_PER_SECOND, self._dial_timer_due)
-
-    def _dial_timer_due(self) -> None:
-        self._dial_timer = None
-        self._pump_dials()
-
-    def _prefer_dials(self) -> None:
-        """A protected peer's endpoint (we dialed it and it signed there) is dialed first when
-        found again; an address found on its host before the others."""
-        known = [self._whereabouts[a] for a in self.policy.protected if a in self._whereabouts]
-        self._dials.prefer([e for _, e in known if e], [h for h, _ in known if h])
-
-    def _remember(self, conn: Connection) -> None:
-        """``conn``'s peer signed on it: keep where it is (the last 256 peers)."""
-        where, address = (conn.remote_host, conn.dialed), conn.address
-        if self._whereabouts.get(address) == where:  # type: ignore[arg-type]
-            self._whereabouts.move_to_end(address)  # type: ignore[arg-type]
-            return
-        self._whereabouts[address] = where  # type: ignore[index]
-        self._whereabouts.move_to_end(address)  # type: ignore[arg-type]
-        if len(self._whereabouts) > 256:
-            self._whereabouts.popitem(last=False)
-        if address in self.policy.protected:
-            self._prefer_dials()
-
-    async def _dial(self, host: str, port: int) -> WireConnection | None:
-        self._dialing.add((host, port))
-        loop = asyncio.get_running_loop()
-        try:
-            source = sending_address(self.host, host)
-            _, conn = await asyncio.wait_for(loop.create_connection(
-                lambda: WireConnection(self, True, (host, port)), host, port,
-                local_addr=(source, 0) if source else None), 5.0)
-            return conn  # type: ignore[return-value]
-        except (TimeoutError, OSError, UnicodeError) as exc:  # UnicodeError: a name like "a..b"
-            log.debug("dial %s:%s failed: %s", host, port, exc)
-            return None
-        finally:
-            self._dialing.discard((host, port))
-            if self._dials:
-                self._pump_dials()
-
-    async def _keep_peer(self, host: str, port: int) -> None:
-        """Stay connected to a configured peer; back off while it is away."""
-        delay = 0.5
-        while not self._closed:
-            if not any(c.dialed == (host, port) and c.state is not ConnState.CLOSED
-                       for c in self._connections):
-                conn = await self._dial(host, port)
-                delay = 0.5 if conn else min(delay * 2, 30.0)
-            await asyncio.sleep(delay)
-
-    def lsd_datagram(self, data: bytes, host: str) -> None:
-        """A datagram on the LSD port: within the budgets, a BT-SEARCH for our swarm is taken.
-
-        LSD_DATAGRAMS_PER_SECOND are read in all (past that the socket rests for
-        LSD_PAUSE, and the kernel drops the rest: a flood costs bounded CPU), and a
-        sender's announces are taken once per LSD_SOURCE_SECONDS after a burst.
-        """
-        now = time.monotonic()
-        if not self._lsd_budget.allow(None, now):
-            self.stats["lsd: over the rate, not read"] += 1
-            if self._lsd_transport is not None and self._lsd_transport.is_reading():
-                self._lsd_transport.pause_reading()
-                asyncio.get_running_loop().call_later(LSD_PAUSE, self._lsd_resume)
-            return
-        if not self._lsd_sources.allow(host, now):
-            self.stats["lsd: sender over its rate"] += 1
-            return
-        parsed = parse_lsd(data)
-        if parsed is None:
-            self.stats["lsd ignored"] += 1
-            return
-        port, hashes, cookie = parsed
-        if self.infohash in hashes:
-            self.lsd_peer(host, port, cookie)
-
-    def _lsd_resume(self) -> None:
-        if self._lsd_transport is not None and not self._closed:
-            self._lsd_transport.resume_reading()
-
-    def lsd_peer(self, host: str, port: int, cookie: str | None) -> None:
-        """A BT-SEARCH for our swarm came from ``host``: queue a dial, unless wired to it already.
-
-        bittorrent-lsd's cookie is ``bittorrent-lsd-`` and the announcer's peer
-        id in hex: a peer we have a wire to (LSD re-announces) is not dialed
-        again. Of two peers that hear each other, the wire kept is the one
-        dialed by the lower peer id; so the higher one, and we for a JS peer
-        (it dials every peer it hears), wait LSD_YIELD for the other's wire
-        before dialing.
-        """
-        if cookie == self._lsd_cookie:
-            return  # our own announcement, looped back
-        peer_id = lsd_peer_id(cookie)
-        if peer_id is not None and self.has_peer_id(peer_id):
-            self.stats["lsd: already wired"] += 1
-            return
-        ours = peer_id is not None and peer_id[:3] == PEER_ID_PREFIX[:3]
-        first = peer_id is None or (ours and peer_id > self.peer_id)
-        self.add_peer(host, port, host, delay=0.0 if first else LSD_YIELD, peer_id=peer_id)
+        """Dial ``host:port`` once, in the background, when its turn comes (Discovery.add_peer)."""
+        self.discovery.add_peer(host, port, source, delay=delay, peer_id=peer_id)
 
     def _fail_pending(self, why: str, address: str | None = None) -> None:
         """No wire is left to bring an answer (or, with ``address``, that peer said goodbye):
@@ -5794,7 +6165,7 @@ class Bugout:
                       conn.peer_name, conn.buffered)
             conn.close(abort=True)
             return
-        conn.send_payload(payload)
+        conn.send_payload(payload, own=True)
         self._out_estimate += len(payload)
         if self._out_estimate > self.max_send_total:
             self._trim_send_queues()
@@ -5816,22 +6187,23 @@ class Bugout:
         return self._out_estimate
 
     def _recount(self) -> None:
-        self._out_estimate = sum(c.buffered for c in self._connections)
+        self._out_estimate = sum(c.buffered + c.paced_bytes for c in self._connections)
         self._recounted = True
         asyncio.get_running_loop().call_soon(setattr, self, "_recounted", False)
 
     def _trim_send_queues(self) -> None:
-        """All send queues together past ``max_send_total``: the unprotected wire with most goes."""
+        """All send queues together past ``max_send_total`` (what waits for echoes counts): the
+        unprotected wire with most goes."""
         self._recount()
         while self._out_estimate > self.max_send_total:
-            victim = self._largest({c: c.buffered for c in self._connections
-                                    if c.state is not ConnState.CLOSED})
+            sizes = {c: c.buffered + c.paced_bytes for c in self._connections if c.state is not ConnState.CLOSED}
+            victim = self.policy.largest(sizes)
             if victim is None:
                 return
             self.stats["peers dropped: send queues full"] += 1
             self._log(logging.INFO, "send queues", "closing %s: %d bytes waiting for it, more than "
-                      "all wires may hold", victim.peer_name, victim.buffered)
-            self._out_estimate -= victim.buffered
+                      "all wires may hold", victim.peer_name, sizes[victim])
+            self._out_estimate -= sizes[victim]
             victim.close(abort=True)
 
     def _dispatch(self, events: list) -> None:
@@ -5852,6 +6224,18 @@ class Bugout:
                 if event.reason == "left":  # its goodbye: a restart of it answers none of them
                     self._fail_pending("it said goodbye", event.address)
                 self.emit("left", event.address)
+            elif isinstance(event, Rekeyed):
+                self._send_again(event.address)
+
+    def _send_again(self, address: str) -> None:
+        """``address`` started again (kill -9: no goodbye; its new wire is up): our calls to it
+        waiting for an answer were boxed for its old key, which the new process cannot open, so
+        they go again now, boxed for the new one, under their nonces. Once each: a replayed
+        packet of the old process (old key) then costs nothing more."""
+        for nonce, peer in list(self._calls.items()):
+            if peer == address and (unsent := self._unsent.pop(nonce, None)) is not None:
+                self.core.send_call(address, *unsent, _now(), nonce=nonce)
+                self.stats["calls sent again: the peer started again"] += 1
 
     def _serve(self, call: Call) -> None:
         """Answer a call: its handler's result, or bugout's error for unknown names."""
@@ -5895,34 +6279,7 @@ class Bugout:
             del self._busy[address]
             self._wireless.pop(address, None)
 
-    def _keeps_wire(self, conn: Connection) -> bool:
-        """True for a wire never closed to make room: a protected peer's, or one whose peer has
-        a call in flight (ours to it, or its own being answered) and whose packets came by it."""
-        return self.is_protected(conn) or any(self.policy.route(a) is conn for a in self._busy)
-
-    # discovery and timers
-    async def _start_lsd(self) -> None:
-        try:
-            sock = _lsd_socket(self.host)
-        except OSError as exc:
-            log.warning("LSD is off: %s", exc)
-            return
-        loop = asyncio.get_running_loop()
-        self._lsd_transport, _ = await loop.create_datagram_endpoint(
-            lambda: _LsdProtocol(self), sock=sock)
-        self._spawn(self._lsd_announce())
-
-    async def _lsd_announce(self) -> None:
-        datagram = lsd_announcement(self.infohash, self.port, self._lsd_cookie)
-        # Twice more early on: a peer that started at the same instant may not
-        # have joined the group yet (bittorrent-lsd announces once, then every 5 min).
-        for delay in itertools.chain((1.0, 4.0), itertools.repeat(LSD_INTERVAL)):
-            if self._lsd_transport is None or self._closed:
-                return
-            with contextlib.suppress(OSError):
-                self._lsd_transport.sendto(datagram, (LSD_HOST, LSD_PORT))
-            await asyncio.sleep(delay)
-
+    # timers
     async def _timers(self) -> None:
         """Heartbeat pings, peer expiry, keep-alives, and messages that stopped coming."""
         next_ping = time.monotonic() + self.heartbeat
@@ -5948,54 +6305,6 @@ class Bugout:
                 conn.close(abort=True)
             elif conn.state is ConnState.OPEN and now - conn.last_keepalive >= KEEPALIVE_SECONDS:
                 conn.send_keepalive()
-
-    # DHT discovery (BEP 5)
-    async def _start_dht(self) -> None:
-        """A DHT node on the TCP port's number if free (one port to forward), else any."""
-        ports = [self.dht_port] if self.dht_port is not None else [self.port, 0]
-        for port in ports:
-            node = Dht(dht_node_id(self.seed), host=self.host, port=port,
-                       bootstrap=self.dht_bootstrap, on_peers=self._on_dht_peers)
-            try:
-                self._dht = await node.start()
-                break
-            except OSError as exc:
-                log.warning("DHT: udp port %s: %s", port, exc)
-        if self._dht is not None:
-            self._spawn(self._dht_lookups())
-
-    async def _dht_lookups(self) -> None:
-        """Look our swarm up (announcing our TCP port) at start, again soon, then periodically."""
-        assert self._dht is not None
-        port = self.port if self.listen else None
-        waited = 0.0
-        for at in DHT_LOOKUP_AT:
-            await asyncio.sleep(at - waited)
-            waited = at
-            self._dht.get_peers(self.infohash, port)
-        while not self._closed:
-            await asyncio.sleep(DHT_LOOKUP_INTERVAL if self.connections() else DHT_LOOKUP_ALONE)
-            self._dht.get_peers(self.infohash, port)
-
-    def _on_dht_peers(self, info_hash: bytes, peers: list[Addr], source: Addr | None = None) -> None:
-        """Queue dials to what a lookup found, but not to an address that already dialed us.
-
-        Its listening port is unknown, so the same peer would be dialed again at
-        every lookup and one of the two wires closed as a duplicate. The node that
-        named them is their source in the DialQueue: one node answering first with
-        peers that hang gets its turn, not every dial."""
-        if info_hash != self.infohash:
-            return
-        callers = {c.remote_host for c in self._connections if not c.initiator and c.remote_host}
-        for host, port in peers[:DHT_MAX_VALUES]:
-            if host not in callers:
-                self.add_peer(host, port, "dht %s" % (source[0] if source else "?"))
-
-    def _on_dht_port(self, conn: Connection, port: int) -> None:
-        if self._dht is not None and conn.remote_host and 0 < port < 65536:
-            # A dual-stack socket names IPv4 peers ::ffff:a.b.c.d; our DHT speaks IPv4.
-            self._dht.add_node((conn.remote_host.removeprefix("::ffff:"), port))
-
 
 # Earlier ways to the same: kept for callers of version 0.1.
 
@@ -6444,7 +6753,6 @@ MAX_REMEMBERED = 4096
 #: Caps on what a master may list.
 MAX_ASSET_FILES = 256
 MAX_DEPENDENCIES = 256
-MAX_BATCH_TASKS = 10_000
 PROOF_LABEL = b"queue-xec master proof v1"
 #: The label of the other way: a worker's proof to master.py (another key, another message).
 WORKER_PROOF_LABEL = b"queue-xec worker proof v1"
@@ -6485,11 +6793,20 @@ class MasterCaps:
     key_proof: bool = False
     #: it takes ``workerError``: why its task cannot run here (master.py)
     errors: bool = False
+    #: the run it is in (master.py; None: a JS master, whose address is new at each start): its
+    #: job ids mean these jobs only in this run, so held results go only to the run of their jobs
+    run: str | None = None
 
     @classmethod
     def of(cls, answer: dict) -> MasterCaps:
         return cls(bool(answer.get("resultAcks")), bool(answer.get("resultBatches")),
-                   answer.get("keyProof") == 1, answer.get("workerErrors") is True)
+                   answer.get("keyProof") == 1, answer.get("workerErrors") is True, cls.run_of(answer))
+
+    @staticmethod
+    def run_of(answer: Any) -> str | None:
+        """The ``run`` an answer names, if it is a short string."""
+        run = answer.get("run") if isinstance(answer, dict) else None
+        return run if isinstance(run, str) and 0 < len(run) <= 64 else None
 
 
 @dataclasses.dataclass
@@ -6696,8 +7013,11 @@ def _remember(table: collections.OrderedDict[str, float], address: str, value: f
 # WAL mode with synchronous=FULL: a commit is on disk before it returns, and a
 # crash (kill -9, power loss) at any instant leaves the last commit whole.
 # It holds the results not yet delivered, the jobs received and not yet done
-# (a JS master keeps no lease: a job lost here would be lost for good), the
-# asset manifest and the addresses of masters that proved the key.
+# (a JS master keeps no lease: a job lost here would be lost for good), each
+# with the master that gave the job (its address, and the run master.py
+# names: the only one its result may go to), the asset manifest and the
+# addresses of masters that proved the key. Results no master took within
+# HOLD_SECONDS are written out to UNRETURNED_NAME beside it (class Outbox).
 #
 # The file is ours only if its application_id, schema and integrity check
 # say so, and if it was made with this swarm's token and key (a fingerprint
@@ -6710,12 +7030,41 @@ def _remember(table: collections.OrderedDict[str, float], address: str, value: f
 
 JOURNAL_NAME = ".qx-journal.db"
 JOURNAL_APPLICATION_ID = 0x71786A31  # "qxj1"
-JOURNAL_VERSION = 1
+#: 2: each job and result names the master that gave the job (``master``, its ``run``), and
+#: each result when it was made (``made``, time.time()); a version 1 file gains the columns,
+#: empty: its results have no known master (see class Outbox).
+JOURNAL_VERSION = 2
 _JOURNAL_SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE results (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, mac TEXT NOT NULL);
-CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, mac TEXT NOT NULL);
+CREATE TABLE results (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, mac TEXT NOT NULL,
+                      master TEXT, run TEXT, made REAL);
+CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL, mac TEXT NOT NULL,
+                   master TEXT, run TEXT);
 """
+_JOURNAL_V1_TO_V2 = """
+ALTER TABLE results ADD COLUMN master TEXT; ALTER TABLE results ADD COLUMN run TEXT;
+ALTER TABLE results ADD COLUMN made REAL;
+ALTER TABLE jobs ADD COLUMN master TEXT; ALTER TABLE jobs ADD COLUMN run TEXT;
+"""
+#: Who gave a job, and so who alone may take its result: (master's address, its run or None).
+#: None for a result whose master is not known (made by an older worker).
+Owner = tuple[str, str | None] | None
+
+
+def _unreturned_line(body: str, master: str | None, run: str | None, made: float | None) -> str:
+    """A result's line in UNRETURNED_NAME: the master that gave its job, when it was made, the result."""
+    when = None if made is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(made))
+    return '{"master":%s,"run":%s,"made":%s,"result":%s}' % (json_dumps(master), json_dumps(run),
+                                                              json_dumps(when), body)
+
+
+def _sync_folder(path: Path) -> None:
+    """Make a new file's name in its folder survive a power cut."""
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def aside_path(path: Path) -> Path:
@@ -6846,7 +7195,8 @@ class Journal:
             return
         if app_id != JOURNAL_APPLICATION_ID:
             raise JournalError("not a worker journal")
-        if db.execute("PRAGMA user_version").fetchone()[0] != JOURNAL_VERSION:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (1, JOURNAL_VERSION):
             raise JournalError("unknown journal version")
         if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
             raise JournalError("damaged")
@@ -6854,6 +7204,8 @@ class Journal:
             raise JournalError("tables missing")
         if self.get_meta("fingerprint") != self.fingerprint:
             raise JournalError("made with another token or transferEncryptToken")
+        if version == 1:
+            db.executescript("BEGIN;%s PRAGMA user_version=%d; COMMIT;" % (_JOURNAL_V1_TO_V2, JOURNAL_VERSION))
 
     def _move_aside(self) -> Path:
         aside = aside_path(self.path)
@@ -6890,21 +7242,27 @@ class Journal:
         return value
 
     # results and jobs (journal thread)
-    def mac(self, body: str) -> str:
+    def mac(self, body: str, owner: Owner = None) -> str:
+        """A row's HMAC: its body and the master it belongs to (a version 1 row: the body)."""
+        if owner is not None:
+            body = "%s\0%s\0%s" % (body, owner[0], owner[1] or "")
         return hmac.new(self._mac_key, body.encode(), hashlib.sha256).hexdigest()
 
-    def add_jobs(self, rows: list[tuple[int, str]]) -> None:
-        """Commit received jobs: (sequence number, JSON text) each."""
+    def add_jobs(self, rows: list[tuple[int, str]], owner: Owner = None) -> None:
+        """Commit received jobs: (sequence number, JSON text) each, all given by ``owner``."""
+        master, run = owner or (None, None)
         with self._transaction() as db:
-            db.executemany("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?)",
-                           [(seq, body, self.mac(body)) for seq, body in rows])
+            db.executemany("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?)",
+                           [(seq, body, self.mac(body, owner), master, run) for seq, body in rows])
 
-    def add_results(self, done: list[tuple[int | None, str]]) -> list[int]:
-        """Commit results and drop the jobs they answer, in one transaction."""
+    def add_results(self, done: list[tuple[int | None, str, Owner]], made: float | None = None) -> list[int]:
+        """Commit results, (job seq or None, JSON text, owner) each, made at ``made``
+        (time.time()), and drop the jobs they answer, in one transaction."""
         with self._transaction() as db:
-            seqs = [db.execute("INSERT INTO results (body, mac) VALUES (?, ?)",
-                               (body, self.mac(body))).lastrowid for _, body in done]
-            db.executemany("DELETE FROM jobs WHERE seq=?", [(j,) for j, _ in done if j is not None])
+            seqs = [db.execute("INSERT INTO results (body, mac, master, run, made) VALUES (?, ?, ?, ?, ?)",
+                               (body, self.mac(body, owner), *(owner or (None, None)), made)).lastrowid
+                    for _, body, owner in done]
+            db.executemany("DELETE FROM jobs WHERE seq=?", [(j,) for j, _, _ in done if j is not None])
         return seqs
 
     def remove_results(self, seqs: list[int]) -> None:
@@ -6921,19 +7279,104 @@ class Journal:
             raise
         self._db.execute("COMMIT")
 
-    def read(self, table: str, after: int, limit: int) -> list[tuple[int, str]]:
-        """Rows of ``results`` or ``jobs`` after ``after``, oldest first; forged rows dropped."""
+    def read(self, table: str, after: int, limit: int, owner: Owner | bool = False) -> list[tuple[int, str]]:
+        """Rows of ``results`` or ``jobs`` after ``after``, oldest first; forged rows dropped.
+        Only those of ``owner`` when given (None: those of no known master)."""
         assert table in ("results", "jobs")
-        rows = self._db.execute(f"SELECT seq, body, mac FROM {table} WHERE seq>? ORDER BY seq LIMIT ?",
-                                (after, limit)).fetchall()
-        good = [(seq, body) for seq, body, mac in rows if hmac.compare_digest(mac, self.mac(body))]
+        where = ""
+        if owner is not False:
+            where = " AND master IS ? AND run IS ?"
+        args = () if owner is False else tuple(owner or (None, None))
+        rows = self._db.execute(f"SELECT seq, body, mac, master, run FROM {table} WHERE seq>?{where} "
+                                "ORDER BY seq LIMIT ?", (after, *args, limit)).fetchall()
+        return [(seq, body) for seq, body, *_ in self._genuine(table, rows)]
+
+    def _genuine(self, table: str, rows: list[tuple]) -> list[tuple]:
+        """``rows`` (seq, body, mac, master, run, ...) whose HMAC is right; the others are deleted (logged)."""
+        good = [row for row in rows if hmac.compare_digest(
+            row[2], self.mac(row[1], None if row[3] is None else (row[3], row[4])))]
         if len(good) < len(rows):
-            kept = {seq for seq, _ in good}
+            kept = {row[0] for row in good}
             with self._transaction() as db:
                 db.executemany(f"DELETE FROM {table} WHERE seq=?", [(r[0],) for r in rows if r[0] not in kept])
             log.error("%s: %d %s row(s) this worker did not write were dropped",
                       self.path, len(rows) - len(good), table)
         return good
+
+    def job_owners(self) -> dict[int, Owner]:
+        """Who gave each job held: {seq: owner}."""
+        return {seq: None if master is None else (master, run)
+                for seq, master, run in self._db.execute("SELECT seq, master, run FROM jobs")}
+
+    def result_owners(self) -> collections.Counter:
+        """How many results each owner has."""
+        return collections.Counter({None if master is None else (master, run): count for master, run, count in
+                                    self._db.execute("SELECT master, run, count(*) FROM results GROUP BY 1, 2")})
+
+    # results written out (journal thread): exactly once, whatever instant a kill comes
+    def expired(self, before: float, limit: int) -> list[tuple[int, str, Owner]]:
+        """Up to ``limit`` results made before ``before``, or of no known master, oldest first:
+        (seq, their line of UNRETURNED_NAME, owner) each."""
+        rows = self._db.execute("SELECT seq, body, mac, master, run, made FROM results WHERE master IS NULL "
+                                "OR made < ? ORDER BY seq LIMIT ?", (before, limit)).fetchall()
+        return self._unreturned(rows)
+
+    def _unreturned(self, rows: list[tuple]) -> list[tuple[int, str, Owner]]:
+        return [(seq, _unreturned_line(body, master, run, made), None if master is None else (master, run))
+                for seq, body, _, master, run, made in self._genuine("results", rows)]
+
+    def write_out(self, path: Path, rows: list[tuple[int, str, Owner]]) -> None:
+        """Append ``rows`` (from :meth:`expired`) to ``path`` and forget their results.
+
+        The intent (the file's length before, the seqs) is committed first; a
+        run that finds it (:meth:`finish_write_out`) cuts the file back to that
+        length and writes them again, so a kill at any instant neither loses
+        nor doubles a line.
+        """
+        try:
+            offset = os.stat(path).st_size
+        except FileNotFoundError:
+            offset = 0
+        self.set_meta("unreturned", json_dumps({"offset": offset, "seqs": [row[0] for row in rows]}))
+        self._write_out(path, offset, rows)
+
+    def finish_write_out(self, path: Path) -> list[tuple[int, str, Owner]]:
+        """Complete a write-out a kill cut short; the rows it wrote."""
+        try:
+            intent = json.loads(self.get_meta("unreturned") or "null")
+            offset, seqs = int(intent["offset"]), [int(seq) for seq in intent["seqs"]]
+        except (ValueError, TypeError, KeyError):
+            self._db.execute("DELETE FROM meta WHERE key='unreturned'")
+            return []
+        rows = []
+        for i in range(0, len(seqs), 500):
+            part = seqs[i:i + 500]
+            found = self._db.execute("SELECT seq, body, mac, master, run, made FROM results WHERE seq IN (%s) "
+                                     "ORDER BY seq" % ",".join("?" * len(part)), part).fetchall()
+            rows += self._unreturned(found)
+        self._write_out(path, offset, rows)
+        return rows
+
+    def _write_out(self, path: Path, offset: int, rows: list[tuple[int, str, Owner]]) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # results in clear: the worker's user alone
+            end = os.fstat(fd).st_size
+            if end > offset:  # a write-out cut short: its lines again, not twice
+                os.ftruncate(fd, offset)
+                end = offset
+            data = "".join(line + "\n" for _, line, _ in rows).encode()
+            while data:
+                data = data[os.pwrite(fd, data, end):]
+                end = os.fstat(fd).st_size
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if offset == 0:
+            _sync_folder(path)
+        with self._transaction() as db:
+            db.executemany("DELETE FROM results WHERE seq=?", [(row[0],) for row in rows])
+            db.execute("DELETE FROM meta WHERE key='unreturned'")
 
     def verify(self, table: str) -> int:
         """Drop every row whose HMAC is wrong; returns how many rows are left."""
@@ -6949,34 +7392,55 @@ class Journal:
 
 #: Held results kept in memory for delivery; more stay in the journal until their turn.
 OUTBOX_MEMORY = 10_000
+#: Seconds a result waits for the master that gave its job before it is written out to
+#: UNRETURNED_NAME: a day covers a master stopped overnight or for a weekend's first day,
+#: and a Raspberry Pi's worker keeps at most a day of results in its journal.
+HOLD_SECONDS = 24 * 3600.0
+#: Seconds between two looks for results held longer than HOLD_SECONDS.
+EXPIRY_EVERY = 600.0
+#: Where results no master came back for are written, in the worker folder (JSON lines, 0600).
+UNRETURNED_NAME = "unreturned-results.jsonl"
 
 
 class Outbox:
     """The results this worker holds, and the rules for handing them over.
 
-    1. A result is committed to the journal before any master may take it.
+    1. A result is committed to the journal before any master may take it,
+       with the master that gave its job (its owner: address, and run when
+       the master names one, as master.py does).
     2. Only the current proven master may take held results (``may_take``
-       says who that is), oldest first, one delivery at a time.
+       says who that is), and only its own: those of the jobs it gave in the
+       run it is in now, oldest first, one delivery at a time.
     3. A result leaves the outbox when delivered: acknowledged by master.py,
        or written to a wire for a JS master, which gives no acknowledgement.
     4. A failed delivery keeps everything it carried, in order, for the next.
     5. The journal forgets a delivered result after the fact, on its thread:
        a crash in between delivers it again (master.py keeps one result per
        job id and drops the repeat).
+    6. A result whose owner has not taken it HOLD_SECONDS after it was made,
+       or that has no known owner (an older worker's), is written out to
+       UNRETURNED_NAME, exactly once (:meth:`Journal.write_out`), with one
+       log line: a JS master numbers its jobs from 0 at each start, under a
+       new address, so no other master can take it as the answer to its job.
 
     Results wait in memory while their commit runs (``pending``); committed
-    ones are kept in memory for delivery up to OUTBOX_MEMORY and paged in
-    from the journal beyond that.
+    ones of one owner (the last asked for) are kept in memory for delivery up
+    to OUTBOX_MEMORY and paged in from the journal beyond that. ``clock``
+    (time.time) dates results and ends their hold.
     """
 
-    def __init__(self, journal: Journal, may_take: Callable[[str], bool]) -> None:
+    def __init__(self, journal: Journal, may_take: Callable[[str], bool],
+                 clock: Callable[[], float] = time.time) -> None:
         self.journal = journal
         #: whether an address may take held results now (the proven master)
         self.may_take = may_take
-        #: committed, deliverable results in memory: (seq, JSON text), oldest first
+        self.clock = clock
+        #: committed, deliverable results of ``owner`` in memory: (seq, JSON text), oldest first
         self.ready: collections.deque[tuple[int, str]] = collections.deque()
-        #: results made and not yet committed: (job seq or None, JSON text)
-        self.pending: list[tuple[int | None, str]] = []
+        #: whose results ``ready`` holds
+        self.owner: Owner = None
+        #: results made and not yet committed: (job seq or None, JSON text, owner)
+        self.pending: list[tuple[int | None, str, Owner]] = []
         #: results held in all: pending, in memory and in the journal only
         self.held = 0
         #: True while commits fail (a full disk): no new work is taken then
@@ -6984,12 +7448,15 @@ class Outbox:
         #: seconds from a result made to delivered (for /metrics)
         self.latency = Histogram()
         # private
-        self._paged_to = 0  # highest seq read from the journal; more may wait there
+        self._paged_to = 0  # highest seq of ``owner`` read from the journal; more may wait there
         self._more_in_journal = False
         self._taken: set[int] = set()
         self._flushing: asyncio.Task | None = None
         self._made: list[float] = []  # when each pending result was made
         self._made_at: dict[int, float] = {}  # and each committed one of this run
+        self._jobs: dict[int, Owner] = {}  # who gave each job held
+        self._owed: collections.Counter = collections.Counter()  # results held by owner
+        self._writing = False  # results are being written out
 
     def __len__(self) -> int:
         return self.held
@@ -6997,14 +7464,27 @@ class Outbox:
     async def load(self) -> int:
         """Read what an earlier run left; returns how many results are held."""
         self.held = await self.journal.call(self.journal.verify, "results")
-        await self._page_in()
+        self._owed = await self.journal.call(self.journal.result_owners)
+        self._jobs = await self.journal.call(self.journal.job_owners)
+        self._more_in_journal = True
         return self.held
 
+    def given(self, rows: list[tuple[int, str]], owner: Owner) -> None:
+        """Jobs (journal seq, JSON text) came from ``owner``: journal them (in the background)."""
+        self._jobs.update(dict.fromkeys((seq for seq, _ in rows), owner))
+        self.journal.submit(self.journal.add_jobs, rows, owner)
+
+    def owes(self, taker: str | None, run: str | None = None) -> int:
+        """How many held results are ``taker``'s, in its ``run``."""
+        return self._owed[(taker, run)] if taker is not None else 0
+
     def add(self, job_seq: int | None, text: str) -> None:
-        """A new result (JSON text); committed by the next :meth:`flush`."""
-        self.pending.append((job_seq, text))
+        """A new result (JSON text) of the job ``job_seq``; committed by the next :meth:`flush`."""
+        owner = self._jobs.pop(job_seq, None) if job_seq is not None else None
+        self.pending.append((job_seq, text, owner))
         self._made.append(time.monotonic())
         self.held += 1
+        self._owed[owner] += 1
 
     async def flush(self) -> None:
         """Commit the pending results (one transaction); wait for a commit under way."""
@@ -7022,7 +7502,7 @@ class Outbox:
         batch, self.pending = self.pending, []
         made, self._made = self._made, []
         try:
-            seqs = await self.journal.call(self.journal.add_results, batch)
+            seqs = await self.journal.call(self.journal.add_results, batch, self.clock())
         except BaseException:
             self.pending[:0] = batch  # kept for the next try
             self._made[:0] = made
@@ -7030,7 +7510,7 @@ class Outbox:
         self._made_at.update(zip(seqs, made))
         if self._more_in_journal:  # older ones wait in the journal: these are read after them
             return
-        self.ready.extend(zip(seqs, (text for _, text in batch)))
+        self.ready.extend((seq, text) for seq, (_, text, owner) in zip(seqs, batch) if owner == self.owner)
         self._paged_to = seqs[-1] if seqs else self._paged_to
         if len(self.ready) > OUTBOX_MEMORY:
             for _ in range(len(self.ready) - OUTBOX_MEMORY):
@@ -7038,10 +7518,14 @@ class Outbox:
             self._paged_to = self.ready[-1][0]
             self._more_in_journal = True
 
-    async def take(self, taker: str, limit: int) -> list[tuple[int, str]]:
-        """The oldest committed results for ``taker``, at most ``limit``; none if it may not."""
-        if not self.may_take(taker) or self._taken:
+    async def take(self, taker: str, limit: int, run: str | None = None) -> list[tuple[int, str]]:
+        """The oldest committed results of ``taker`` in its ``run``, at most ``limit``; none if it
+        may not take results now."""
+        if not self.may_take(taker) or self._taken or self._writing or not self._owed[(taker, run)]:
             return []
+        if self.owner != (taker, run):
+            self.owner, self._paged_to, self._more_in_journal = (taker, run), 0, True
+            self.ready.clear()
         if not self.ready and self._more_in_journal:
             await self._page_in()
         batch = list(itertools.islice(self.ready, limit))
@@ -7058,19 +7542,65 @@ class Outbox:
         for seq in seqs:
             if (made := self._made_at.pop(seq, None)) is not None:
                 self.latency.observe(now - made)
+        self._forget(seqs, self.owner)
+        self.journal.submit(self.journal.remove_results, sorted(seqs))
+
+    def _forget(self, seqs: set[int], owner: Owner) -> None:
         while self.ready and self.ready[0][0] in seqs:  # delivery takes the oldest: a prefix
             self.ready.popleft()
         if any(seq in seqs for seq, _ in itertools.islice(self.ready, len(seqs))):
             self.ready = collections.deque(item for item in self.ready if item[0] not in seqs)
         self.held -= len(seqs)
-        self.journal.submit(self.journal.remove_results, sorted(seqs))
+        self._owed[owner] -= len(seqs)
+        if self._owed[owner] <= 0:
+            del self._owed[owner]
 
     async def _page_in(self) -> None:
-        rows = await self.journal.call(self.journal.read, "results", self._paged_to, OUTBOX_MEMORY)
+        rows = await self.journal.call(self.journal.read, "results", self._paged_to, OUTBOX_MEMORY, self.owner)
         self.ready.extend(rows)
         if rows:
             self._paged_to = rows[-1][0]
         self._more_in_journal = len(rows) == OUTBOX_MEMORY
+
+    async def write_out(self, folder: Path, now: float) -> int:
+        """Write out the results held longer than HOLD_SECONDS (by ``now``, time.time()) or of no
+        known master (rule 6), with one log line; how many. A write-out a kill cut short is
+        finished first. None while a delivery runs: they wait for the next look."""
+        if self._taken or self._writing:
+            return 0
+        self._writing = True  # no delivery meanwhile: a result goes to a master or to the file
+        path, written = folder / UNRETURNED_NAME, []
+        try:
+            written += await self.journal.call(self.journal.finish_write_out, path)
+            while rows := await self.journal.call(self.journal.expired, now - HOLD_SECONDS, 1000):
+                await self.journal.call(self.journal.write_out, path, rows)
+                written += rows
+        finally:
+            self._writing = False
+            self._written(written)
+        if written:
+            log.warning("%d result(s) that no master took within %s (the master that gave their job did "
+                        "not come back, or it is not known) were written to %s", len(written),
+                        _duration(HOLD_SECONDS), path)
+        return len(written)
+
+
+    def _written(self, rows: list[tuple[int, str, Owner]]) -> None:
+        gone = {seq for seq, _, _ in rows}
+        if any(seq in gone for seq, _ in self.ready):
+            self.ready = collections.deque(item for item in self.ready if item[0] not in gone)
+        self.held -= len(rows)
+        self._owed.subtract(owner for _, _, owner in rows)
+        self._owed = +self._owed  # no owner left at zero
+
+
+def _duration(seconds: float) -> str:
+    """``24 h``, ``90 min``, ``30 s``: a hold's length for a log line."""
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return "%d h" % (seconds // 3600)
+    if seconds >= 60 and seconds % 60 == 0:
+        return "%d min" % (seconds // 60)
+    return "%g s" % seconds
 
 
 # Worker: running tasks ######################################################
@@ -7889,6 +8419,1020 @@ async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> boo
     return bool(done)
 
 
+class MasterFinder:
+    """Which peer is the master: ``isMaster`` checks, proofs and failover, around :class:`MasterTrust`.
+
+    The theory of operation is in "Worker: trusting a master". Built with the
+    node (RPCs, wires, peers), the key, the settings (``master=``, the folder
+    a JS master's proof is checked against, how peers are found), the journal
+    (it keeps the proven masters), ``spawn`` for background tasks, the
+    worker's counters, ``now`` (monotonic seconds) and a logger. ``on_master(verified)``
+    is awaited once a master is adopted (``verified``: the files its proof
+    brought, or None): the worker then fetches its assets.
+    """
+
+    def __init__(self, node: Bugout, crypt: Crypt, settings: Settings, journal: Journal, *,
+                 spawn: Callable[[Awaitable], Any],
+                 on_master: Callable[[VerifiedAssets | None], Awaitable[Any]],
+                 stats: collections.Counter, now: Callable[[], float] = time.monotonic,
+                 logger: logging.Logger = log) -> None:
+        self.node = node
+        self.crypt = crypt
+        self.settings = settings
+        self.journal = journal
+        self.spawn = spawn
+        self.on_master = on_master
+        self.stats = stats
+        self.now = now
+        self.log = logger
+        #: who may command this worker: the proven master, candidates, bans
+        self.trust = MasterTrust(settings.master)
+        #: what the master said it can do in its ``isMaster`` answer
+        self.caps = MasterCaps()
+        #: set when the worker stops: a master that leaves then starts no failover
+        self.stopping = False
+        # private
+        self._proof_key = crypt.derive(PROOF_LABEL)
+        self._worker_proof_key = crypt.derive(WORKER_PROOF_LABEL)  # for master.py's challenge
+        self._timeouts = 0  # requests to the master unanswered in a row
+        self._checking: set[str] = set()
+        self._urgent: collections.deque[str] = collections.deque()  # isMaster checks to make
+        self._others: collections.deque[str] = collections.deque()
+        self._check_ready = asyncio.Event()
+        self._urgent_running = 0
+        self._proofs: dict[str, float] = {}  # address -> when its proof started
+        self._wire_checks: set[str] = set()  # masters whose remaining wires are being checked
+        #: one line a minute per kind of what peers cause here (failed challenges)
+        self._log = _LogLimit()
+
+    @property
+    def master(self) -> str | None:
+        """The proven master's address, or None."""
+        return self.trust.master
+
+    def start(self) -> None:
+        """Start the checkers of queued peers; say how a master is looked for."""
+        for _ in range(CHECK_CONCURRENCY):
+            self.spawn(self._checker())
+        if self.master is None:
+            self.say_waiting()
+
+    def say_waiting(self) -> None:
+        """One line: no master yet, and the ways this worker looks for one (from the settings)."""
+        s = self.settings
+        ways = (["LSD on the local network"] if s.lsd else []) + (["the DHT"] if s.dht else []) + (
+            ["%d tracker(s)" % len(s.trackers)] if s.trackers else []) + (  # the WebRTC line names them
+            ["peers= %s" % ", ".join(s.peers)] if s.peers else [])
+        pinned = "; only master= %s is accepted" % ", ".join(s.master) if s.master else ""
+        if ways:
+            self.log.info("waiting for a master: looking by %s%s", ", ".join(ways), pinned)
+        else:
+            self.log.warning("waiting for a master to dial this worker (port %d): LSD, the DHT and trackers are "
+                        "off and peers= is empty%s", self.node.port, pinned)
+
+    async def load(self) -> None:
+        """The masters that proved the key in earlier runs (the journal keeps them)."""
+        proven = await self.journal.call(self.journal.get_json, "proven", [])
+        if not all(is_address(a) for a in proven):
+            self.log.error("%s: the list of proven masters holds what is not an address; not used", self.journal.path)
+            proven = []
+        self.trust.proven.update(dict.fromkeys(proven))
+
+    def on_peer(self, address: str) -> None:
+        """A peer was seen (``seen``, ``wireseen``): ask it, unless it is a candidate while a master serves."""
+        if self.master is None or address not in self.trust.candidates:
+            self.ask(address)
+
+    def ask(self, address: str, again: bool = False) -> None:
+        """Queue an ``isMaster`` check of ``address`` (bounded; extra ones are dropped).
+
+        Masters known to have proved the key and pinned ones are asked at once;
+        failover asks and peers with a wire of their own go before the others:
+        a flood of identities, on an attacker's wire or on wires of their own
+        (and never answering), cannot keep the master waiting behind it.
+        """
+        if address in self._checking or address == self.node.address:
+            return
+        if not self.trust.may_ask(address, self.now(), again):
+            return
+        if address in self.trust.proven or address in self.trust.pinned:
+            self._checking.add(address)  # a known master waits in no line (they are few)
+            self.spawn(self._check(address))
+            return
+        urgent = again or self.node.has_wire(address)
+        queue = self._urgent if urgent else self._others
+        if len(queue) >= CHECK_QUEUE:
+            self.stats["isMaster checks dropped"] += 1
+            return
+        queue.append(address)
+        self._checking.add(address)
+        if urgent:
+            self._start_urgent()
+        else:
+            self._check_ready.set()
+
+    def ask_known(self) -> None:
+        """No master: ask the proven ones, the candidates and the known peers (the idle round)."""
+        for address in self.trust.next_to_ask(self.node.peers, self.now()):
+            self.ask(address)
+
+    def _start_urgent(self) -> None:
+        """Urgent checks run at once, up to URGENT_CHECKS at a time."""
+        while self._urgent and self._urgent_running < URGENT_CHECKS:
+            self._urgent_running += 1
+            self.spawn(self._check(self._urgent.popleft(), urgent=True))
+
+    async def _check(self, address: str, urgent: bool = False) -> None:
+        try:
+            await self.check_master(address)
+        finally:
+            self._checking.discard(address)
+            if urgent:
+                self._urgent_running -= 1
+                self._start_urgent()
+
+    async def _checker(self) -> None:
+        """Take the other queued checks in turn (CHECK_CONCURRENCY of these run)."""
+        while True:
+            while not self._others:
+                self._check_ready.clear()
+                await self._check_ready.wait()
+            await self._check(self._others.popleft())
+
+    def on_left(self, address: str) -> None:
+        """Every wire of ``address`` is gone (``left``, ``wireleft``); if it was the master, fail over."""
+        self.trust.candidates.pop(address, None)
+        self.trust.left(address)
+        if self.trust.lose(address) and not self.stopping:
+            self.log.warning("master %s left; its results are kept until it is back", address)
+            self._failover()
+
+    def on_connections(self, _count: int) -> None:
+        """A wire closed: if the master's own wires are gone while one that only claims its
+        address stays, ask the master by it; no answer within CHECK_TIMEOUT means it left."""
+        master = self.master
+        if master and master not in self._wire_checks and not self.node.has_signed_wire(master):
+            self._wire_checks.add(master)
+            self.spawn(self._check_master_wire(master))
+
+    async def _check_master_wire(self, master: str) -> None:
+        try:
+            if self.node.has_wire(master):  # else wireleft has done it
+                with contextlib.suppress(RpcTimeout, InvalidState):
+                    await self.node.rpc(master, "isMaster", {}, timeout=CHECK_TIMEOUT)
+                if self.master == master and not self.node.has_signed_wire(master):
+                    self.on_left(master)
+        finally:
+            self._wire_checks.discard(master)
+
+    def _failover(self) -> None:
+        """The master is gone: ask the proven ones, the candidates and the known peers now."""
+        for address in self.trust.next_to_ask(self.node.peers, self.now()):
+            self.ask(address, again=True)
+
+    def failed(self, master: str, exc: Exception) -> None:
+        """An RPC to the master failed: unreachable at once, or unanswered twice, ends it.
+
+        Unanswered with nothing at all coming by its wire meanwhile, that wire is renewed.
+        """
+        if not isinstance(exc, RpcUnreachable) and self.node.renew_silent_wires(master, CHECK_TIMEOUT):
+            return  # it comes back on a new wire: found again (proven before) as it does
+        self._timeouts = 0 if isinstance(exc, RpcUnreachable) else self._timeouts + 1
+        if (isinstance(exc, RpcUnreachable) or self._timeouts >= 2) and self.trust.lose(master):
+            self.log.warning("master %s does not answer; its results are kept until it is back", master)
+            self._failover()
+
+    def answered(self) -> None:
+        """The master answered a request for work: its count of unanswered ones starts again."""
+        self._timeouts = 0
+
+    async def check_master(self, address: str) -> bool:
+        """Ask a peer ``isMaster``; a yes makes it a candidate, adopted once it proves the key."""
+        if not self.trust.allowed(address):
+            return False
+        try:
+            answer = await self.node.rpc(address, "isMaster", {}, timeout=CHECK_TIMEOUT)
+        except (RpcTimeout, InvalidState):
+            return False
+        if not isinstance(answer, dict) or answer.get("isMaster") != "yes":
+            self.trust.said_no(address, self.now())
+            return False
+        caps = MasterCaps.of(answer)
+        self.trust.said_yes(address, caps)
+        if self.master is not None:
+            return address == self.master  # a candidate only, while the master serves
+        if address in self.trust.proven and not caps.key_proof:  # master.py: see _challenge
+            self._adopt(address, caps, "proved it before")
+            await self.on_master(None)
+            return True
+        return await self._prove(address, caps)
+
+    async def _prove(self, address: str, caps: MasterCaps) -> bool:
+        """Have ``address`` prove the key; adopt it if no other master came meanwhile."""
+        if not await self._proof_slot(address):
+            return False
+        try:
+            if caps.key_proof:  # its caps as its answer to the challenge says them (workerErrors)
+                caps, verified = await self._challenge(address), None
+            else:
+                verified = await self._asset_proof(address)
+        except (RpcTimeout, InvalidState):  # no answer, or it left before we could ask
+            self.trust.proof_timed_out(address, self.now())
+            self.log.debug("%s did not answer its proof in time", address)
+            return False
+        except ProofFailed:
+            self._proof_failed(address, oracle=not caps.key_proof)
+            return False
+        finally:
+            self._proofs.pop(address, None)
+        if self.master is not None:
+            self.trust.proven[address] = None  # proven, but the other came first
+            return False
+        self._adopt(address, caps, "key challenge" if caps.key_proof else "asset hashes")
+        await self.on_master(verified)
+        return True
+
+    async def _proof_slot(self, address: str) -> bool:
+        """Wait for room to run a proof (a stalled one makes room); False if none is allowed."""
+        while True:
+            now = self.now()
+            if self.master is not None or not self.trust.may_prove(address, now):
+                return False
+            running = [t for t in self._proofs.values() if now - t < PROOF_STALLED]
+            if len(running) < PROOF_CONCURRENCY and len(self._proofs) < PROOF_MAX:
+                self._proofs[address] = now
+                return True
+            await asyncio.sleep(0.25)
+
+    async def _challenge(self, address: str) -> MasterCaps:
+        """master.py's proof: our fresh nonce, HMAC'd with both addresses under the key;
+        then ours, for the nonce of its answer (awaited: it knows us before we ask for work).
+        The caps its answer says (only this answer says ``workerErrors``: JS peers never see it)."""
+        nonce = os.urandom(32)
+        answer = await self.node.rpc(address, "isMaster", {"challenge": nonce.hex()}, timeout=CHECK_TIMEOUT)
+        answer = as_dict(answer)
+        proof = answer.get("proof")
+        expected = master_proof(self._proof_key, nonce, address, self.node.address)
+        proven = isinstance(proof, str) and proof.isascii() and hmac.compare_digest(proof, expected)
+        theirs = answer.get("workerChallenge")
+        if isinstance(theirs, str) and re.fullmatch(r"[0-9a-f]{64}", theirs):
+            ours = worker_proof(self._worker_proof_key, bytes.fromhex(theirs), self.node.address, address)
+            call = self.call_quietly(address, "proveKey", {"proof": ours})  # its answer says nothing
+            if proven:
+                await call
+            else:  # for its user's sake (see the top of section "Worker: trusting a master")
+                self.spawn(call)
+        if not proven:
+            raise ProofFailed(address)
+        return MasterCaps.of(answer)
+
+    async def call_quietly(self, address: str, name: str, args: Any) -> None:
+        """A call to master.py whose answer says nothing, and whose failure changes nothing."""
+        with contextlib.suppress(RpcTimeout, InvalidState):
+            await self.node.rpc(address, name, args, timeout=CHECK_TIMEOUT)
+
+    async def _asset_proof(self, address: str) -> VerifiedAssets:
+        """A JS master's proof: every file, decrypted, hashes to what it says."""
+        answer = await self.node.rpc(address, "requestExecAssets", {"currentHash": ""}, timeout=120.0)
+        try:
+            return await asyncio.to_thread(verify_assets, answer, self.crypt, self.settings.folder,
+                                           text_reads=True)
+        except (WorkerError, ValueError, TypeError, KeyError) as exc:
+            self.log.debug("proof of %s: %s", address, exc)
+            raise ProofFailed(address) from None
+
+    def _proof_failed(self, address: str, oracle: bool) -> None:
+        """The peer is told nothing; it is not asked again for a long while, or, when the proof
+        decrypted nothing (``oracle`` False: master.py's challenge), until it comes back."""
+        now = self.now()
+        if self.trust.proof_failed(address, now, oracle):
+            self.log.error("%d peers failed to prove the key lately: no unproven peer is asked until %s "
+                      "(pin your master with master= in .env)", len(self.trust.failures),
+                      time.strftime("%H:%M", time.localtime(time.time() + self.trust.locked_until(now) - now)))
+        if oracle:  # the budget bounds these lines
+            self.log.error("%s holds a different transferEncryptToken, or is no master: it says it is the master "
+                      "but did not prove that it holds ours; not asked again for %d min",
+                      address, PROOF_BAN_SECONDS // 60)
+        else:  # a peer may fail again each time it comes back: one line a minute
+            self._log(logging.ERROR, "challenge failed", "%s holds a different transferEncryptToken, or is no "
+                      "master: it says it is the master but did not prove that it holds ours; asked again when "
+                      "it comes back (fix the key in its .env or in ours, then start it again)", address)
+
+    def _adopt(self, address: str, caps: MasterCaps, how: str) -> None:
+        self.trust.adopt(address)
+        self.node.prioritize(address)  # its wire: never closed for room, never behind a flood
+        self.caps = caps
+        self._timeouts = 0
+        self.log.info("master found: %s (%s)", address, how)
+        self.journal.submit(self.journal.set_meta, "proven", json_dumps(list(self.trust.proven)))
+
+
+class AssetKeeper:
+    """The master's task files in the worker folder, their dependencies, and the runner of the task.
+
+    ``sync_assets`` asks the master (``finder.master``) whether our files are
+    its (``currentHash``); a ``changed`` answer is checked whole in memory,
+    then written (all or nothing), its dependencies installed (pip into
+    ``.deps``, npm), and the task loaded in a new runner; the old runner
+    finishes its jobs in flight. ``ready`` says work may be taken; ``on_ready``
+    is called when it becomes so. Built with the settings, the node, the key,
+    the journal (the manifest and the dependencies installed are kept there),
+    the master finder, ``spawn``, ``wall`` (``time.time``: when the assets came) and a logger.
+    """
+
+    def __init__(self, settings: Settings, node: Bugout, crypt: Crypt, journal: Journal,
+                 finder: MasterFinder, *, spawn: Callable[[Awaitable], Any], on_ready: Callable[[], Any],
+                 wall: Callable[[], float] = time.time, logger: logging.Logger = log) -> None:
+        self.settings = settings
+        self.node = node
+        self.crypt = crypt
+        self.journal = journal
+        self.finder = finder
+        self.spawn = spawn
+        self.on_ready = on_ready
+        self.wall = wall
+        self.log = logger
+        #: the master's files written here: name, workerPath, sha256, received (their hash as written)
+        self.manifest: list[dict] = []
+        #: the task's runner, or None; runners swapped out, finishing their jobs
+        self.runner: Runner | None = None
+        self.retired: set[Runner] = set()
+        #: the current master's assets are ours and its task is loaded: work may be taken
+        self.ready = False
+        #: when the assets in use came (wall clock), or None
+        self.since: float | None = None
+        #: dependencies installed from a trusted list (None: no master yet, the first is trusted)
+        self.accepted_deps: set[str] | None = None
+        #: why the master's task cannot run here (None: it can, or nothing is known), and the last
+        #: (master, its files, why) told to master.py (``workerError``: once per change)
+        self.problem: str | None = None
+        self.told: tuple | None = None
+        # private
+        self._refused_deps: set[tuple[str, tuple[str, ...]]] = set()
+        self._sync_lock = asyncio.Lock()
+
+    @property
+    def deps_folder(self) -> Path:
+        return self.settings.folder / ".deps"
+
+    def new_master(self) -> None:
+        """A master was adopted: no work from it before its assets are known to be ours."""
+        self.ready = False
+        self.told = None  # a master.py started again has heard nothing of us
+
+    async def load(self) -> None:
+        """The manifest and the dependencies installed, from the journal; files of an older
+        layout moved where no import looks."""
+        journal, folder = self.journal, self.settings.folder
+        self.manifest = await journal.call(self._read_manifest)
+        if moved := await asyncio.to_thread(move_earlier_assets, folder, self.manifest):
+            self.log.info("%d file(s) of the master moved into %s, where no import looks", moved, folder / ASSET_FOLDER)
+        deps = await journal.call(journal.get_json, "dependencies", None)
+        if deps is not None and not all(isinstance(d, str) for d in deps):
+            self.log.error("%s: the list of installed dependencies is unusable; not used", journal.path)
+            deps = []
+        self.accepted_deps = None if deps is None else set(deps)
+
+    def _read_manifest(self) -> list[dict]:
+        """The asset manifest from the journal (journal thread); unusable entries drop it all."""
+        manifest = self.journal.get_json("manifest", [])
+        if _manifest_ok(manifest, self.settings.folder):
+            return manifest
+        self.log.error("%s: the asset list is unusable; the assets will be fetched again", self.journal.path)
+        return []
+
+    async def _save_manifest(self) -> None:
+        try:
+            await self.journal.call(self.journal.set_meta, "manifest", json_dumps(self.manifest))
+        except (OSError, sqlite3.Error) as exc:
+            self.log.error("cannot save the asset list in %s: %s", self.journal.path, exc)
+
+    def current_hash(self) -> str:
+        """Concatenated SHA-256 of the assets, in the master's order, as the master knows them."""
+        try:
+            return "".join(self._asset_hash(a) for a in self.manifest)
+        except OSError:
+            return ""
+
+    def _asset_hash(self, asset: dict) -> str:
+        """A file's hash; the master's own when the file is as we received it."""
+        digest = Helper.get_sha256(safe_asset_path(self.settings.folder, asset["workerPath"]))
+        return asset["sha256"] if asset.get("received") == digest and asset.get("sha256") else digest
+
+    async def sync_assets(self) -> bool:
+        """``requestExecAssets`` from the proven master; on ``changed`` replace files, deps, task."""
+        async with self._sync_lock:
+            master = self.finder.master
+            if master is None:
+                return False
+            try:
+                current = await asyncio.to_thread(self.current_hash)  # reads every file
+                answer = await self.node.rpc(master, "requestExecAssets",
+                                             {"currentHash": current}, timeout=120.0)
+            except (RpcTimeout, InvalidState) as exc:
+                self.log.warning("could not get the task files from master %s: %s", master, _call_failed(exc))
+                return False
+            self.problem = None
+            same = isinstance(answer, dict) and answer.get("status") == "same"
+            if same:
+                self.ready = self.runner is not None or await self._load_task()
+            else:
+                self.ready = await self._take_assets(answer)
+            if self.ready:
+                self.on_ready()  # ready: the job loop asks for work now
+            self._tell_master(master, current if same else _asset_key(answer))
+            return self.ready
+
+    def _cannot_run(self, why: str, logged: str | None = None) -> None:
+        """Log why the master's task cannot run here (``logged``: a fuller line), and keep it for
+        master.py (its files' paths as it names them, others relative to the worker folder)."""
+        self.log.error("%s", logged or why)
+        folder = self.settings.folder
+        for prefix in (folder / ASSET_FOLDER, (folder / ASSET_FOLDER).resolve(), folder):
+            why = why.replace(str(prefix) + os.sep, "")
+        self.problem = why
+
+    def _tell_master(self, master: str, offered: str) -> None:
+        """Tell master.py why its task cannot run here, once per change of its files (``offered``)
+        or of the reason. Only a master that says ``workerErrors`` (master.py) gets the call."""
+        if self.ready:
+            self.problem = self.told = None
+            return
+        told = (master, offered, self.problem)
+        if self.problem is None or not self.finder.caps.errors or told == self.told:
+            return
+        self.told = told
+        report = {"name": self.settings.name, "error": self.problem[:MAX_TOLD_ERROR]}
+        self.spawn(self.finder.call_quietly(master, "workerError", self.crypt.encrypt_json(report)))
+
+    async def use_proof_assets(self, verified: VerifiedAssets) -> None:
+        """A JS master's proof brought every file: write them unless they are ours already."""
+        async with self._sync_lock:
+            if verified.unified != await asyncio.to_thread(self.current_hash):
+                self.ready = await self._take_assets(None, verified)
+            else:
+                self.ready = self.runner is not None or await self._load_task()
+            if self.ready:
+                self.on_ready()
+
+    async def _take_assets(self, answer: Any, verified: VerifiedAssets | None = None) -> bool:
+        """Check a whole answer in memory, then write it: all or nothing."""
+        folder = self.settings.folder
+        try:
+            if verified is None:
+                verified = await asyncio.to_thread(verify_assets, answer, self.crypt, folder,
+                                                   text_reads=not self.finder.caps.key_proof)
+        except (UnsafeAsset, CryptError, AssetError) as exc:
+            self._cannot_run(f"{exc}; nothing was written")
+            return False
+        if not self._dependencies_trusted(verified.dependencies):
+            return False
+        self.log.info("assets changed: %d file(s), %d dependency(ies)", len(verified.files),
+                 len(verified.dependencies))
+        self._remove_assets()
+        self.manifest = [entry for _, entry, _ in verified.files]
+        try:
+            await asyncio.to_thread(_write_assets, verified.files)
+        except OSError as exc:
+            self._cannot_run(f"cannot write the assets in {folder}: {exc}")
+            ready = False
+        else:
+            await self._save_manifest()
+            deps = verified.dependencies
+            ready = await (self.install_dependencies(deps) if verified.python else
+                           install_npm_packages(folder, deps))
+            if not ready:  # the log has the installer's lines
+                self.problem = "cannot install %s (the worker's log says why)" % ", ".join(deps)
+            ready = ready and await self._load_task()
+        if not ready:  # gone: the next sync differs, and the master sends all again (deps too)
+            self._remove_assets()
+            await self._save_manifest()
+        return ready
+
+    def _dependencies_trusted(self, deps: list[str]) -> bool:
+        """May this master's dependency list be installed? (see "What the tokens protect")
+
+        The asset-hash proof covers file contents, not the plain ``dependencies``:
+        a token-only peer could replay a JS master's files with a list of its own.
+        So a master proven only that way, and not pinned, may install only what
+        was installed before from a trusted list: master.py's (proved by the key
+        challenge), a pinned master's, or the first master this worker ever had.
+        """
+        master = self.finder.master or ""
+        first = self.accepted_deps is None
+        accepted = self.accepted_deps or set()
+        new = tuple(sorted(set(deps) - accepted))
+        if new and not (first or self.finder.caps.key_proof or master in self.finder.trust.pinned):
+            if (master, new) not in self._refused_deps and len(self._refused_deps) < 64:
+                self._refused_deps.add((master, new))
+                self.log.error("master %s, proven by its files only (a JS master), asks for dependencies not "
+                          "installed before: %s. A peer that knows only the token could replay a JS master's "
+                          "files with a list of its own, so they are not installed and no job is taken. If it "
+                          "is your master, pin it: master=%s in .env", master, ", ".join(new), master)
+            return False
+        if first or new:
+            self.accepted_deps = accepted | set(deps)
+            self.journal.submit(self.journal.set_meta, "dependencies",
+                                json_dumps(sorted(self.accepted_deps)))
+        return True
+
+    def _remove_assets(self) -> None:
+        """Delete the files we wrote before, and folders they leave empty."""
+        folder = self.settings.folder
+        for asset in self.manifest:
+            try:
+                path = safe_asset_path(folder, asset["workerPath"])
+            except UnsafeAsset:
+                continue
+            with contextlib.suppress(OSError):
+                path.unlink()
+            _remove_empty_parents(path, folder)
+        self.manifest = []
+
+    async def install_dependencies(self, deps: list[str]) -> bool:
+        """``pip install --target .deps`` what does not import yet; off the loop."""
+        paths = [str(self.deps_folder)] + sys.path  # .deps is on no sys.path of ours but thread mode's
+        missing = await asyncio.to_thread(lambda: [d for d in deps if not requirement_satisfied(d, paths)])
+        if not missing:
+            return True
+        self.log.info("installing %s into %s", ", ".join(missing), self.deps_folder)
+        command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check",
+                   "--no-input", "--upgrade", "--target", str(self.deps_folder), *missing]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        except OSError as exc:
+            self.log.error("cannot run pip: %s", exc)
+            return False
+        if not await _install_finished(proc, "pip", missing):
+            return False
+        importlib.invalidate_caches()
+        return True
+
+    async def _load_task(self) -> bool:
+        s = self.settings
+        names = {a.get("name"): a for a in self.manifest}
+        if "task.py" not in names and "task.js" in names:  # task.js alone: a node child runs it
+            return await self._start_runner(NodeRunner(
+                safe_asset_path(s.folder, names["task.js"]["workerPath"]), s.folder, s.job_timeout,
+                concurrency=s.concurrency, memory_mb=s.job_memory_mb))
+        if "task.py" not in names:
+            self._cannot_run("the master's assets hold no task.py or task.js")
+            return False
+        path = safe_asset_path(s.folder, names["task.py"]["workerPath"])
+        if s.task_runner == "thread":  # the task imports in our process: .deps must be on our path
+            use_path(self.deps_folder)
+            return await self._start_runner(ThreadRunner(path, s.job_timeout))
+        return await self._start_runner(PythonRunner(
+            path, s.folder, s.job_timeout, deps=self.deps_folder,
+            concurrency=s.concurrency, memory_mb=s.job_memory_mb))
+
+    async def _start_runner(self, runner: Runner) -> bool:
+        """Start the runner's first child (the task loads there); use it, or say why not."""
+        try:
+            await runner.start()
+        except TaskProcessError as exc:
+            self._cannot_run(str(exc), "cannot load %s: %s%s" % (runner.task_path, exc, "\n" + exc.error[
+                "traceback"] if exc.error["traceback"] else ""))
+            return False
+        old, self.runner = self.runner, runner  # the old one finishes its jobs in flight, then closes
+        if old:
+            self.retired.add(old)
+            self.spawn(self._retire(old))
+        self.since = self.wall()
+        how = ("in a thread (taskRunner=thread)" if isinstance(runner, ThreadRunner) else
+               "%s process %s, up to %d at once" % ("node" if isinstance(runner, NodeRunner) else "python",
+                                                    runner.pids[0], runner.concurrency))
+        self.log.info("task loaded from %s (%s)", runner.task_path, how)
+        return True
+
+    async def _retire(self, runner: Runner) -> None:
+        try:
+            await runner.wait_closed()
+        finally:
+            self.retired.discard(runner)
+
+    def abort(self, reason: str) -> None:
+        """End every runner's jobs now, each with an error result saying ``reason``."""
+        for runner in (*self.retired, self.runner):
+            if runner:
+                runner.abort(reason)
+
+
+# The batch-request policy, all of it in JobLoop:
+#
+# - The loop asks (``requestWork``) when a master is proven, its assets are
+#   ours, the task is loaded, the journal takes writes, no held job waits and
+#   a child is free. It asks for ``{"getBatch": getBatch, "batchSize":
+#   batchSize}``: a batch, or without batches one job, as the JS worker does;
+#   then it asks again at once while children are free (one job per free
+#   child without batches).
+# - It takes at most MAX_BATCH_TASKS jobs from one answer (a master cannot
+#   make it hold more), and holds them in the journal until they are done.
+# - After an answer with no job it backs off: it asks again only on a nudge
+#   (master.py's JOBS_WAITING broadcast, a master adopted, the task loaded)
+#   or after IDLE_REQUEST_SECONDS (``idle_seconds``), not each time a job
+#   ends. An idle round also checks the assets, or, without a master, asks
+#   the known peers whether they are one.
+
+#: Jobs asked for at once with ``getBatch`` (the ``batchSize`` default).
+DEFAULT_BATCH_SIZE = 5
+#: The most jobs taken from one answer (and read back from the journal at start, twice that).
+MAX_BATCH_TASKS = 10_000
+#: Seconds an idle worker waits before it asks again (or checks its assets, or looks for a master).
+IDLE_REQUEST_SECONDS = 30.0
+#: Broadcast by master.py when jobs arrive, so idle workers ask at once.
+JOBS_WAITING = {"queue-xec": "jobs waiting"}
+#: Results per ``shareResultsBatch`` call (master.py only; JS masters get one each).
+RESULT_BATCH = 500
+
+
+class JobLoop:
+    """Asking for jobs, running them, delivering their results: the worker's loop.
+
+    One request in flight at most (the batch-request policy above). Up to the
+    runner's ``concurrency`` jobs run at once, each in a task of its own
+    (``running``). Results go to the :class:`Outbox` (journaled first) and are
+    delivered in the background, one delivery at a time. Built with the
+    settings, the node, the key, the journal and outbox, the master finder
+    (who the master is, what it can do, whether it failed), the asset keeper
+    (ready, the runner), the worker's counters, ``spawn``, ``now``
+    (monotonic seconds) and a logger.
+    """
+
+    def __init__(self, settings: Settings, node: Bugout, crypt: Crypt, journal: Journal, outbox: Outbox,
+                 finder: MasterFinder, keeper: AssetKeeper, *, stats: collections.Counter,
+                 spawn: Callable[[Awaitable], Any], now: Callable[[], float] = time.monotonic,
+                 logger: logging.Logger = log) -> None:
+        self.settings = settings
+        self.node = node
+        self.crypt = crypt
+        self.journal = journal
+        self.outbox = outbox
+        self.finder = finder
+        self.keeper = keeper
+        self.stats = stats
+        self.spawn = spawn
+        self.now = now
+        self.log = logger
+        #: jobs held locally (a batch): (journal seq, job)
+        self.jobs: collections.deque[tuple[int, Any]] = collections.deque()
+        #: the jobs running, a task each
+        self.running: set[asyncio.Task] = set()
+        #: seconds idle before asking again (IDLE_REQUEST_SECONDS)
+        self.idle_seconds = IDLE_REQUEST_SECONDS
+        #: set by :meth:`finish`: no more asking; the loop ends once no held job is left
+        self.stopping = False
+        #: what /metrics shows: job durations, failures by error type (bounded)
+        self.job_seconds = Histogram()
+        self.failures: collections.Counter = collections.Counter()
+        # private
+        self._wake = asyncio.Event()  # a nudge: ask now
+        self._finished = asyncio.Event()  # a job ended
+        self._may_ask = True
+        self._kick_timer: asyncio.TimerHandle | None = None
+        self._last_kick = float("-inf")
+        self._delivery_lock = asyncio.Lock()
+        self._flusher: asyncio.Task | None = None
+        self._job_seq = 0
+        self._journal_error_at = float("-inf")
+
+    # asking
+    def nudge(self) -> None:
+        """Ask for work at the next chance, even after an empty answer."""
+        self._wake.set()
+
+    def on_message(self, address: str, message: Any) -> None:
+        """A broadcast: master.py's JOBS_WAITING, from the master, is a nudge."""
+        if address == self.finder.master and message == JOBS_WAITING:
+            self.nudge()
+
+    async def run(self) -> None:
+        """The job loop: ask, run, deliver, until stopped with no held job left.
+
+        Jobs held since the last run wait until the task is loaded.
+        """
+        while not (self.stopping and not self.jobs):
+            try:
+                await self._step()
+            except Exception:  # a bug of ours must not end the loop: say so and go on
+                self.log.exception("job loop: unexpected error")
+                await asyncio.sleep(1.0)
+
+    async def _step(self) -> None:
+        """Start held jobs on free children; ask for work when there is room; else wait."""
+        self._finished.clear()  # before looking: a job that ends from now on is noticed
+        if self._wake.is_set():  # jobs wait, a master came, the task is ready: ask
+            self._wake.clear()  # before asking: a nudge during the ask is kept
+            self._may_ask = True
+        self._start_jobs()
+        room = not self.jobs and len(self.running) < self._capacity()
+        if room and self._may_ask and not self.stopping and self._ready_for_work():
+            self._may_ask = await self.request_work()
+            if self._may_ask:
+                return
+        if not self.running:
+            self.kick_delivery()  # results made since the last request
+            await self._idle()
+            self._may_ask = True
+        elif not room:
+            await self._finished.wait()
+        elif not await _wait_any(self._wake, self._finished, timeout=self.idle_seconds):
+            self._may_ask = True  # the idle timer, while jobs run
+
+    def _capacity(self) -> int:
+        return self.keeper.runner.concurrency if self.keeper.runner else 1
+
+    def _ready_for_work(self) -> bool:
+        return (self.finder.master is not None and self.keeper.ready and self.keeper.runner is not None
+                and not self.outbox.failing)
+
+    async def _idle(self) -> None:
+        """Wait for a nudge or the idle timer; then re-check assets, or look for a master."""
+        try:
+            await asyncio.wait_for(self._wake.wait(), self.idle_seconds)
+        except TimeoutError:
+            if self.stopping:
+                return
+            if self.finder.master is not None:
+                await self.keeper.sync_assets()
+            else:
+                self.finder.ask_known()
+
+    async def request_work(self) -> bool:
+        """``requestWork``; queue the job or batch. False when none came."""
+        master = self.finder.master
+        if master is None:
+            return False
+        args: dict[str, Any] = {"getBatch": self.settings.get_batch, "batchSize": self.settings.batch_size}
+        carried: list[tuple[int, str]] = []
+        async with contextlib.AsyncExitStack() as stack:
+            if self.finder.caps.batches and self._owed() and not self._delivery_lock.locked():
+                # master.py takes held results along with the request: one RPC, not two.
+                await stack.enter_async_context(self._delivery_lock)
+                carried = await self._take_held(master, RESULT_BATCH)
+                if carried:
+                    args["results"] = self._encrypt_held(carried)
+                    if self.finder.caps.run is not None:  # theirs only if its run is still the same
+                        args["resultsRun"] = self.finder.caps.run
+            try:
+                answer = await self.node.rpc(master, "requestWork", args, timeout=30.0)
+            except (RpcTimeout, InvalidState) as exc:
+                self.outbox.settle(carried, False)
+                self.log.warning("could not ask master %s for jobs: %s", master, _call_failed(exc))
+                self.finder.failed(master, exc)
+                return False
+            self.finder.answered()
+            self._delivered(carried, answer)
+        self._queue_jobs(answer, master)
+        return bool(self.jobs)
+
+    def _queue_jobs(self, answer: Any, master: str) -> None:
+        """Decrypt the jobs of a requestWork answer, journal them and hold them."""
+        if not isinstance(answer, dict):
+            return
+        items = answer.get("batchTasks") if not answer.get("task") else [answer["task"]]
+        if not isinstance(items, list):
+            return
+        if len(items) > MAX_BATCH_TASKS:
+            self.log.error("the master sent %d jobs at once; only the first %d are taken",
+                      len(items), MAX_BATCH_TASKS)
+            items = items[:MAX_BATCH_TASKS]
+        jobs, failures = [], []
+        for item in items:
+            try:
+                if not isinstance(item, str):
+                    raise CryptError("a job is not an encrypted string")
+                jobs.append(self.crypt.decrypt_json(item))
+            except CryptError as exc:
+                failures.append(exc)
+        if failures:
+            self.stats["jobs undecryptable"] += len(failures)
+            self.log.error("%d job(s) dropped: %s", len(failures), failures[0])
+        if jobs:
+            bodies = [storable_json(job) for job in jobs]
+            seqs = range(self._job_seq + 1, self._job_seq + 1 + len(jobs))
+            self._job_seq += len(jobs)
+            self.outbox.given(list(zip(seqs, bodies)), (master, self._master_run(answer)))
+            self.jobs.extend(zip(seqs, jobs))
+
+    async def load(self) -> None:
+        """Jobs received before the last stop: held again, to run first."""
+        journal = self.journal
+        for seq, body in await journal.call(journal.read, "jobs", 0, 2 * MAX_BATCH_TASKS):
+            self.jobs.append((seq, json.loads(body)))
+            self._job_seq = max(self._job_seq, seq)
+        self._job_seq = max(self._job_seq, await journal.call(journal.last_seq, "jobs"))
+        if self.jobs:
+            self.log.info("%d job(s) received before the last stop will run first", len(self.jobs))
+
+    # running
+    def _start_jobs(self) -> None:
+        """Hand held jobs to free children, up to the runner's concurrency."""
+        while self.jobs and self.keeper.runner is not None and len(self.running) < self._capacity():
+            spawn(self._run_job(*self.jobs.popleft()), self.running, "job")
+
+    async def _run_job(self, seq: int, job: Any) -> None:
+        try:
+            self.result_ready(await self.do_job(job), seq)
+        finally:
+            self.running.discard(asyncio.current_task())  # before the loop wakes up
+            self._finished.set()
+        # JS masters get each result at once. master.py takes them in bulk: with the
+        # next requestWork, or at most a second later while jobs run.
+        wait = self._last_kick + 1.0 - self.now() if self.finder.caps.batches else 0.0
+        if wait <= 0:
+            self.kick_delivery()
+        elif self._kick_timer is None:
+            self._kick_timer = asyncio.get_running_loop().call_later(wait, self._timed_kick)
+
+    def _timed_kick(self) -> None:
+        self._kick_timer = None
+        if not self.stopping:
+            self.kick_delivery()
+
+    async def do_job(self, job: Any) -> dict:
+        """Run one job; a failing task becomes an error result."""
+        started = self.now()
+        try:
+            if self.keeper.runner is None:
+                raise InvalidState("no task is loaded")
+            data = await self.keeper.runner.run(job)
+            strict_json(data)  # no NaN or Infinity leaves the worker, whatever ran the task
+        except Exception as exc:  # noqa: BLE001 - a failing task is an error result
+            return self._failed(job, exc)
+        finally:
+            self.job_seconds.observe(self.now() - started)
+        self.stats["jobs done"] += 1
+        return {**self._result_for(job), "data": data}
+
+    def _failed(self, job: Any, exc: BaseException) -> dict:
+        """The error result of ``job``."""
+        result = self._result_for(job)
+        self.stats["jobs failed"] += 1
+        error = error_result(exc)
+        kind = str(error["type"])[:64]  # the label set stays small, whatever tasks raise
+        self.failures[kind if kind in self.failures or len(self.failures) < MAX_ERROR_TYPES else "other"] += 1
+        message = str(error["message"])  # the result keeps it whole; the log line stays short
+        if len(message) > LOGGED_MESSAGE:
+            message = "%s... (%d characters)" % (message[:LOGGED_MESSAGE], len(message))
+        self.log.warning("job %s failed: %s: %s", str(result["jobID"])[:64], kind, message)
+        return {**result, "data": None, "error": error}
+
+    def _result_for(self, job: Any) -> dict:
+        return {"jobID": job.get("id") if isinstance(job, dict) else None,
+                "worker": {"id": self.node.address, "name": self.settings.name}}
+
+    # stopping
+    async def finish(self, timeout: float) -> None:
+        """Stop asking; finish the jobs held and deliver their results, within ``timeout``.
+
+        Jobs still held when only STOP_DELIVERY_SECONDS (at most a quarter) of
+        ``timeout`` are left become error results, their children ended, and
+        that time goes to delivering them.
+        """
+        self.stopping = True
+        self.log.info("stopping: finishing %d held job(s)", len(self.jobs) + len(self.running))
+        self.nudge()
+        grace = min(STOP_DELIVERY_SECONDS, timeout / 4)
+        if not await self._drained_within(timeout - grace):
+            self._cut_short()
+            await self._drained_within(grace)
+
+    async def _drained_within(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._drained(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _drained(self) -> None:
+        while self.jobs or self.running or self._owed():
+            self.kick_delivery()
+            await asyncio.sleep(0.05)
+
+    def _cut_short(self) -> None:
+        """The stop ran out of time: held jobs become error results, running ones are ended."""
+        if not (self.jobs or self.running):
+            return
+        self.log.warning("stopping: %d job(s) could not finish in time; they are reported as errors",
+                    len(self.jobs) + len(self.running))
+        while self.jobs:
+            seq, job = self.jobs.popleft()
+            self.result_ready(self._failed(job, TaskProcessError(
+                "the worker was stopped before this job started")), seq)
+        self.keeper.abort("the worker was stopped before this job finished")
+
+    # results: made, journaled, delivered (rules: class Outbox)
+    def result_ready(self, result: dict, job_seq: int | None = None) -> None:
+        """Every result the worker makes comes here: held (and journaled) until delivered."""
+        self.outbox.add(job_seq, storable_json(result))
+        if self._flusher is None or self._flusher.done():  # one commit in flight takes them all
+            self._flusher = self.spawn(self._flush_outbox())
+
+    async def _flush_outbox(self) -> None:
+        try:
+            await self.outbox.flush()
+        except (OSError, sqlite3.Error) as exc:
+            self.outbox.failing = True
+            if self.now() - self._journal_error_at > 60.0:
+                self._journal_error_at = self.now()
+                self.log.error("cannot write the journal %s: %s; no new work until it works again",
+                          self.journal.path, exc)
+            raise
+        else:
+            self.outbox.failing = False
+
+    async def _take_held(self, master: str, limit: int) -> list[tuple[int, str]]:
+        """The oldest held results, committed first (rule 1 of the outbox)."""
+        with contextlib.suppress(OSError, sqlite3.Error):
+            await self._flush_outbox()
+        return await self.outbox.take(master, limit, self.finder.caps.run)
+
+    def _encrypt_held(self, batch: list[tuple[int, str]]) -> str:
+        """Held results as master.py takes them: one encrypted JSON list."""
+        return json_dumps(self.crypt.encrypt("[" + ",".join(text for _, text in batch) + "]"))
+
+    def kick_delivery(self) -> None:
+        """Deliver held results in the background, next to the job loop."""
+        if self._owed() and not self._delivery_lock.locked():
+            self._last_kick = self.now()
+            self.spawn(self._deliver_results())
+
+    async def _deliver_results(self) -> None:
+        """Send held results while a proven master is there; one delivery at a time."""
+        if self._delivery_lock.locked():
+            return  # the running delivery takes the new results along
+        async with self._delivery_lock:
+            while self._owed():
+                if not await self._deliver_some(self.finder.master):
+                    return
+
+    async def _deliver_some(self, master: str) -> bool:
+        """One ``shareResults`` (or, for master.py, a batch of them); False if kept."""
+        batch = await self._take_held(master, RESULT_BATCH if self.finder.caps.batches else 1)
+        if not batch:
+            return False
+        if self.finder.caps.batches:
+            call, payload = "shareResultsBatch", self._encrypt_held(batch)
+            if self.finder.caps.run is not None:  # theirs only if its run is still the same
+                payload = {"results": payload, "run": self.finder.caps.run}
+        else:
+            call, payload = "shareResults", json_dumps(self.crypt.encrypt(batch[0][1]))
+        try:
+            if self.finder.caps.acks:
+                answer = await self.node.rpc(master, call, payload, timeout=15.0)
+                if isinstance(answer, dict) and answer.get("received") is False:
+                    known = self.finder.caps.run
+                    if self._master_run(answer) not in (None, known):  # it began another run: not its own
+                        self.outbox.settle(batch, False)
+                        return False
+                    raise InvalidState("the master could not read them")
+            elif self.node.has_signed_wire(master):  # not has_wire(): a handshake may claim any address
+                # sent at once when sent: held in the journal until then (never counted delivered
+                # while it waits for echoes in memory), and only to the master still proven
+                room = False
+                while not room and self.finder.master == master and self.node.has_signed_wire(master):
+                    room = await self.node.room_for(master, len(payload) + 1024)  # the packet around: < 1 KiB
+                if not (room and self.finder.master == master and self.node.has_signed_wire(master)):
+                    self.outbox.settle(batch, False)
+                    return False
+                self.node.rpc_nowait(master, call, payload)
+            else:
+                self.outbox.settle(batch, False)
+                return False
+        except (RpcTimeout, InvalidState) as exc:
+            self.outbox.settle(batch, False)
+            self.log.warning("%d result(s) kept for later: master %s: %s", len(batch), master, _call_failed(exc))
+            if isinstance(exc, RpcTimeout):
+                self.finder.failed(master, exc)
+            return False
+        self._delivered(batch)
+        return True
+
+    def _delivered(self, batch: list[tuple[int, str]], answer: Any = None) -> None:
+        """These held results reached the master: forget them (unless its ``answer`` to the
+        request that carried them says they were not taken: another run of it)."""
+        if batch and isinstance(answer, dict) and answer.get("resultsTaken") is False:
+            self._master_run(answer)
+            self.outbox.settle(batch, False)
+        elif batch:
+            self.outbox.settle(batch, True)
+            self.stats["results delivered"] += len(batch)
+
+    def _owed(self) -> int:
+        """Held results the proven master may take: those of the jobs it gave in its run."""
+        return self.outbox.owes(self.finder.master, self.finder.caps.run)
+
+    def _master_run(self, answer: dict) -> str | None:
+        """The run named in the proven master's ``answer`` (master.py's; None: it names none). A
+        new one (it started another run) is the run its held results must match from now on."""
+        run = MasterCaps.run_of(answer)
+        if run is not None and run != self.finder.caps.run:
+            self.finder.caps = dataclasses.replace(self.finder.caps, run=run)
+        return run
+
+
 class Worker:
     """The JS queue-xec Worker's API in Python.
 
@@ -7911,6 +9455,12 @@ class Worker:
     Google's and Twilio's public STUN; empty: host candidates only).
     ``master`` (key ``master``): bugout addresses to accept as master, and no
     other peer (unset: any peer that proves the key).
+
+    The work is done by three parts: ``finder`` (:class:`MasterFinder`: which
+    peer is the master), ``keeper`` (:class:`AssetKeeper`: its task files,
+    dependencies and runner) and ``job_loop`` (:class:`JobLoop`: asking,
+    running, delivering). The Worker starts and stops them, and says what
+    they are doing (status line, /metrics, /healthz, systemd).
     """
 
     def __init__(self, token: str | None = None, name: str | None = None,
@@ -7919,91 +9469,36 @@ class Worker:
                  **options: Any) -> None:
         settings = Settings.of(settings, env, {"token": token, "name": name, "loglevel": loglevel,
                                                "transfer_encrypt_token": transfer_encrypt_token, **options})
-        #: every setting, as read from the arguments, .env and the environment
+        #: every setting, as read from the arguments, .env and the environment (read there, not copied)
         self.settings = settings
-        self.token = settings.token
-        if not self.token:
+        if not settings.token:
             raise WorkerError("no token: set token in .env (python worker.py --setup)")
-        key = settings.transfer_encrypt_token
-        if not key:
+        if not settings.transfer_encrypt_token:
             raise WorkerError("no transferEncryptToken: set it in .env (python worker.py --setup)")
-        self.crypt = Crypt(key)
-        pinned = list(settings.master)
-        for address in pinned:
+        self.crypt = Crypt(settings.transfer_encrypt_token)
+        for address in settings.master:
             if not is_address(address):
                 raise WorkerError(f"master= holds {address!r}, which is not a bugout address")
-        self.name = settings.name
         Logger(settings.loglevel or "info", settings.log_file)
-        self.get_batch = settings.get_batch
-        self.batch_size = settings.batch_size
-        self.folder = settings.folder
-        self.job_timeout = settings.job_timeout
-        #: jobs at once, each in a child process of its own
-        self.concurrency = settings.concurrency
-        #: the memory cap of each child in MB, or None
-        self.job_memory_mb = settings.job_memory_mb
-        #: seconds a stop waits for held jobs and their results
-        self.stop_timeout = settings.stop_timeout
-        #: ``process`` (task.py in child processes) or ``thread`` (in the worker's process)
-        self.task_runner = settings.task_runner
-        self.node = Bugout(self.token, settings)
-        #: who may command this worker: the proven master, candidates, bans
-        self.trust = MasterTrust(pinned)
+        self.node = Bugout(settings.token, settings)
         #: the crash-safe state in the worker folder, and the results it holds
-        self.journal = Journal.of(self.folder, self.token, self.crypt)
-        self.outbox = Outbox(self.journal, lambda address: address == self.trust.master)
-        #: jobs held locally (a batch): (journal seq, job)
-        self.jobs: collections.deque[tuple[int, Any]] = collections.deque()
-        #: jobs done, failed, results delivered, ...
+        self.journal = Journal.of(settings.folder, settings.token, self.crypt)
+        #: jobs done, failed, results delivered, checks dropped, ...
         self.stats: collections.Counter = collections.Counter()
+        self.finder = MasterFinder(self.node, self.crypt, settings, self.journal, spawn=self._spawn,
+                                   on_master=self._master_found, stats=self.stats)
+        self.outbox = Outbox(self.journal, lambda address: address == self.finder.master)
+        self.keeper = AssetKeeper(settings, self.node, self.crypt, self.journal, self.finder,
+                                  spawn=self._spawn, on_ready=lambda: self.job_loop.nudge())
+        self.job_loop = JobLoop(settings, self.node, self.crypt, self.journal, self.outbox, self.finder,
+                                self.keeper, stats=self.stats, spawn=self._spawn)
         # private
-        self._manifest: list[dict] = []
-        #: dependencies installed from a trusted list (None: no master yet, the first is trusted)
-        self._accepted_deps: set[str] | None = None
-        self._refused_deps: set[tuple[str, tuple[str, ...]]] = set()
-        self._wire_checks: set[str] = set()  # masters whose remaining wires are being checked
-        self._runner: Runner | None = None
-        self._retired: set[Runner] = set()
-        self._running: set[asyncio.Task] = set()
-        self._finished = asyncio.Event()
-        self._may_ask = True
-        self._kick_timer: asyncio.TimerHandle | None = None
-        self._caps = MasterCaps()
-        self._proof_key = self.crypt.derive(PROOF_LABEL)
-        self._worker_proof_key = self.crypt.derive(WORKER_PROOF_LABEL)  # for master.py's challenge
-        self._master_timeouts = 0
-        self._delivery_lock = asyncio.Lock()
-        self._last_kick = 0.0
-        self._assets_ok = False
-        self._checking: set[str] = set()
-        self._urgent: collections.deque[str] = collections.deque()  # isMaster checks to make
-        self._others: collections.deque[str] = collections.deque()
-        self._check_ready = asyncio.Event()
-        self._urgent_running = 0
-        self._flusher: asyncio.Task | None = None
-        self._proofs: dict[str, float] = {}  # address -> when its proof started
-        self._job_seq = 0
-        self._journal_error_at = float("-inf")
-        self._sync_lock = asyncio.Lock()
-        self._wake = asyncio.Event()
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
         self._done = asyncio.Event()
-        #: what /metrics shows: job durations, failures by error type (bounded), when assets came
-        self.job_seconds = Histogram()
-        self.failures: collections.Counter = collections.Counter()
-        #: the status page's port (None: off) and address (statusPort, statusHost)
-        self.status_port, self.status_host = settings.status_port, settings.status_host
         self._status: StatusServer | None = None
         self._started = time.monotonic()
-        self._assets_since: float | None = None
         self._reported: tuple = ()
-        #: one line a minute per kind of what peers cause here (failed challenges)
-        self._log = _LogLimit()
-        #: why the master's task cannot run here (None: it can, or nothing is known), and the last
-        #: (master, its files, why) told to master.py (``workerError``: once per change)
-        self._problem: str | None = None
-        self._told: tuple | None = None
 
     @property
     def address(self) -> str:
@@ -8012,33 +9507,68 @@ class Worker:
     @property
     def master(self) -> str | None:
         """The proven master's address, or None."""
-        return self.trust.master
+        return self.finder.master
+
+    @property
+    def trust(self) -> MasterTrust:
+        """Who may command this worker: the proven master, candidates, bans."""
+        return self.finder.trust
+
+    @property
+    def jobs(self) -> collections.deque[tuple[int, Any]]:
+        """Jobs held locally (a batch): (journal seq, job)."""
+        return self.job_loop.jobs
 
     @property
     def deps_folder(self) -> Path:
-        return self.folder / ".deps"
+        return self.keeper.deps_folder
+
+    # the JS Worker's methods (README, "JS API to Python API")
+    async def check_master(self, address: str) -> bool:
+        """Ask a peer ``isMaster``; a yes makes it a candidate, adopted once it proves the key."""
+        return await self.finder.check_master(address)
+
+    async def sync_assets(self) -> bool:
+        """``requestExecAssets`` from the proven master; on ``changed`` replace files, deps, task."""
+        return await self.keeper.sync_assets()
+
+    def current_hash(self) -> str:
+        """Concatenated SHA-256 of the assets, in the master's order, as the master knows them."""
+        return self.keeper.current_hash()
+
+    async def install_dependencies(self, deps: list[str]) -> bool:
+        """``pip install --target .deps`` what does not import yet; off the loop."""
+        return await self.keeper.install_dependencies(deps)
+
+    async def request_work(self) -> bool:
+        """``requestWork``; queue the job or batch. False when none came."""
+        return await self.job_loop.request_work()
+
+    async def do_job(self, job: Any) -> dict:
+        """Run one job; a failing task becomes an error result."""
+        return await self.job_loop.do_job(job)
 
     # lifecycle
     async def start(self) -> Worker:
         """Open the journal, join the swarm and start the job loop."""
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # made here: ours alone
+        self.settings.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # made here: ours alone
         await self._load_state()
         self.node.register("ping", _pong)
-        self.node.on("seen", self._on_peer)
-        self.node.on("wireseen", self._on_peer)
-        self.node.on("left", self._on_left)
-        self.node.on("wireleft", self._on_left)
-        self.node.on("connections", self._on_connections)
-        self.node.on("message", self._on_message)
+        self.node.on("seen", self.finder.on_peer)
+        self.node.on("wireseen", self.finder.on_peer)
+        self.node.on("left", self.finder.on_left)
+        self.node.on("wireleft", self.finder.on_left)
+        self.node.on("connections", self.finder.on_connections)
+        self.node.on("message", self.job_loop.on_message)
         await self.node.start()
-        log.info("worker %s (%s) in swarm, address %s", self.name, self.folder, self.address)
-        for _ in range(CHECK_CONCURRENCY):
-            self._spawn(self._checker())
-        self._spawn(self._drive())
-        if self.status_port is not None:
-            self._status = await StatusServer(self.status_host, self.status_port, self.metrics_text,
-                                              self.health).start()
+        log.info("worker %s (%s) in swarm, address %s", self.settings.name, self.settings.folder, self.address)
+        self.finder.start()
+        self._spawn(self.job_loop.run())
+        if self.settings.status_port is not None:
+            self._status = await StatusServer(self.settings.status_host, self.settings.status_port,
+                                              self.metrics_text, self.health).start()
         self._spawn(self._report())
+        self._spawn(self._write_out_unreturned())
         sd_notify("READY=1")
         return self
 
@@ -8047,29 +9577,19 @@ class Worker:
         await self._done.wait()
 
     async def stop(self, timeout: float | None = None) -> None:
-        """Finish the jobs held and deliver their results, then leave; within ``timeout``.
-
-        Jobs still held when only STOP_DELIVERY_SECONDS (at most a quarter) of
-        ``timeout`` (default ``stopTimeout``) are left become error results,
-        their children ended, and that time goes to delivering them.
-        """
+        """Finish the jobs held and deliver their results, then leave; within ``timeout``
+        (default ``stopTimeout``; :meth:`JobLoop.finish` says how it is shared)."""
         if self._stopping:
             return
-        self._stopping = True
+        self._stopping = self.finder.stopping = True
         sd_notify("STOPPING=1")
-        timeout = self.stop_timeout if timeout is None else timeout
-        log.info("stopping: finishing %d held job(s)", len(self.jobs) + len(self._running))
-        self._wake.set()
         try:
-            grace = min(STOP_DELIVERY_SECONDS, timeout / 4)
-            if not await self._drained_within(timeout - grace):
-                self._cut_short()
-                await self._drained_within(grace)
-            for task in [*self._tasks, *self._running]:
+            await self.job_loop.finish(self.settings.stop_timeout if timeout is None else timeout)
+            for task in [*self._tasks, *self.job_loop.running]:
                 task.cancel()
-            await asyncio.gather(*self._tasks, *self._running, return_exceptions=True)
-            if self._runner:
-                await self._runner.wait_closed()
+            await asyncio.gather(*self._tasks, *self.job_loop.running, return_exceptions=True)
+            if self.keeper.runner:
+                await self.keeper.runner.wait_closed()
             await self._close_journal()
             if self._status is not None:
                 await self._status.close()
@@ -8077,722 +9597,16 @@ class Worker:
         finally:
             self._done.set()  # whatever failed above, the process may exit
 
-    async def _drained_within(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._drained(), timeout)
-        except TimeoutError:
-            return False
-        return True
+    def _spawn(self, coro: Awaitable) -> asyncio.Task:
+        return spawn(coro, self._tasks, "worker")
 
-    async def _drained(self) -> None:
-        while self.jobs or self._running or (self.outbox.held and self.master is not None):
-            self._kick_delivery()
-            await asyncio.sleep(0.05)
-
-    def _cut_short(self) -> None:
-        """The stop ran out of time: held jobs become error results, running ones are ended."""
-        if not (self.jobs or self._running):
-            return
-        log.warning("stopping: %d job(s) could not finish in time; they are reported as errors",
-                    len(self.jobs) + len(self._running))
-        while self.jobs:
-            seq, job = self.jobs.popleft()
-            self._result_ready(self._failed(job, TaskProcessError(
-                "the worker was stopped before this job started")), seq)
-        for runner in (*self._retired, self._runner):
-            if runner:
-                runner.abort("the worker was stopped before this job finished")
-
-    def _spawn(self, coro: Awaitable) -> None:
-        spawn(coro, self._tasks, "worker")
-
-    # finding the master (theory of operation: "Worker: trusting a master")
-    def _on_peer(self, address: str) -> None:
-        if self.master is None or address not in self.trust.candidates:
-            self._ask(address)
-
-    def _ask(self, address: str, again: bool = False) -> None:
-        """Queue an ``isMaster`` check of ``address`` (bounded; extra ones are dropped).
-
-        Masters known to have proved the key and pinned ones are asked at once;
-        failover asks and peers with a wire of their own go before the others:
-        a flood of identities, on an attacker's wire or on wires of their own
-        (and never answering), cannot keep the master waiting behind it.
-        """
-        if address in self._checking or address == self.address:
-            return
-        if not self.trust.may_ask(address, time.monotonic(), again):
-            return
-        if address in self.trust.proven or address in self.trust.pinned:
-            self._checking.add(address)  # a known master waits in no line (they are few)
-            self._spawn(self._check(address))
-            return
-        urgent = again or self.node.has_wire(address)
-        queue = self._urgent if urgent else self._others
-        if len(queue) >= CHECK_QUEUE:
-            self.stats["isMaster checks dropped"] += 1
-            return
-        queue.append(address)
-        self._checking.add(address)
-        if urgent:
-            self._start_urgent()
-        else:
-            self._check_ready.set()
-
-    def _start_urgent(self) -> None:
-        """Urgent checks run at once, up to URGENT_CHECKS at a time."""
-        while self._urgent and self._urgent_running < URGENT_CHECKS:
-            self._urgent_running += 1
-            self._spawn(self._check(self._urgent.popleft(), urgent=True))
-
-    async def _check(self, address: str, urgent: bool = False) -> None:
-        try:
-            await self.check_master(address)
-        finally:
-            self._checking.discard(address)
-            if urgent:
-                self._urgent_running -= 1
-                self._start_urgent()
-
-    async def _checker(self) -> None:
-        """Take the other queued checks in turn (CHECK_CONCURRENCY of these run)."""
-        while True:
-            while not self._others:
-                self._check_ready.clear()
-                await self._check_ready.wait()
-            await self._check(self._others.popleft())
-
-    def _on_message(self, address: str, message: Any) -> None:
-        if address == self.master and message == JOBS_WAITING:
-            self._wake.set()
-
-    def _on_left(self, address: str) -> None:
-        self.trust.candidates.pop(address, None)
-        self.trust.left(address)
-        if self.trust.lose(address) and not self._stopping:
-            log.warning("master %s left; results are kept until a master is back", address)
-            self._failover()
-
-    def _on_connections(self, _count: int) -> None:
-        """A wire closed: if the master's own wires are gone while one that only claims its
-        address stays, ask the master by it; no answer within CHECK_TIMEOUT means it left."""
-        master = self.master
-        if master and master not in self._wire_checks and not self.node.has_signed_wire(master):
-            self._wire_checks.add(master)
-            self._spawn(self._check_master_wire(master))
-
-    async def _check_master_wire(self, master: str) -> None:
-        try:
-            if self.node.has_wire(master):  # else wireleft has done it
-                with contextlib.suppress(RpcTimeout, InvalidState):
-                    await self.node.rpc(master, "isMaster", {}, timeout=CHECK_TIMEOUT)
-                if self.master == master and not self.node.has_signed_wire(master):
-                    self._on_left(master)
-        finally:
-            self._wire_checks.discard(master)
-
-    def _failover(self) -> None:
-        """The master is gone: ask the proven ones, the candidates and the known peers now."""
-        for address in self.trust.next_to_ask(self.node.peers, time.monotonic()):
-            self._ask(address, again=True)
-
-    async def check_master(self, address: str) -> bool:
-        """Ask a peer ``isMaster``; a yes makes it a candidate, adopted once it proves the key."""
-        if not self.trust.allowed(address):
-            return False
-        try:
-            answer = await self.node.rpc(address, "isMaster", {}, timeout=CHECK_TIMEOUT)
-        except (RpcTimeout, InvalidState):
-            return False
-        if not isinstance(answer, dict) or answer.get("isMaster") != "yes":
-            self.trust.said_no(address, time.monotonic())
-            return False
-        caps = MasterCaps.of(answer)
-        self.trust.said_yes(address, caps)
-        if self.master is not None:
-            return address == self.master  # a candidate only, while the master serves
-        if address in self.trust.proven and not caps.key_proof:  # master.py: see _challenge
-            self._adopt(address, caps, "proved it before")
-            await self.sync_assets()
-            return True
-        return await self._prove(address, caps)
-
-    async def _prove(self, address: str, caps: MasterCaps) -> bool:
-        """Have ``address`` prove the key; adopt it if no other master came meanwhile."""
-        if not await self._proof_slot(address):
-            return False
-        try:
-            if caps.key_proof:  # its caps as its answer to the challenge says them (workerErrors)
-                caps, verified = await self._challenge(address), None
-            else:
-                verified = await self._asset_proof(address)
-        except (RpcTimeout, InvalidState):  # no answer, or it left before we could ask
-            self.trust.proof_timed_out(address, time.monotonic())
-            log.debug("%s did not answer its proof in time", address)
-            return False
-        except ProofFailed:
-            self._proof_failed(address, oracle=not caps.key_proof)
-            return False
-        finally:
-            self._proofs.pop(address, None)
-        if self.master is not None:
-            self.trust.proven[address] = None  # proven, but the other came first
-            return False
-        self._adopt(address, caps, "key challenge" if caps.key_proof else "asset hashes")
-        await (self.sync_assets() if verified is None else self._use_proof_assets(verified))
-        return True
-
-    async def _proof_slot(self, address: str) -> bool:
-        """Wait for room to run a proof (a stalled one makes room); False if none is allowed."""
-        while True:
-            now = time.monotonic()
-            if self.master is not None or not self.trust.may_prove(address, now):
-                return False
-            running = [t for t in self._proofs.values() if now - t < PROOF_STALLED]
-            if len(running) < PROOF_CONCURRENCY and len(self._proofs) < PROOF_MAX:
-                self._proofs[address] = now
-                return True
-            await asyncio.sleep(0.25)
-
-    async def _challenge(self, address: str) -> MasterCaps:
-        """master.py's proof: our fresh nonce, HMAC'd with both addresses under the key;
-        then ours, for the nonce of its answer (awaited: it knows us before we ask for work).
-        The caps its answer says (only this answer says ``workerErrors``: JS peers never see it)."""
-        nonce = os.urandom(32)
-        answer = await self.node.rpc(address, "isMaster", {"challenge": nonce.hex()}, timeout=CHECK_TIMEOUT)
-        answer = as_dict(answer)
-        proof = answer.get("proof")
-        expected = master_proof(self._proof_key, nonce, address, self.address)
-        proven = isinstance(proof, str) and proof.isascii() and hmac.compare_digest(proof, expected)
-        theirs = answer.get("workerChallenge")
-        if isinstance(theirs, str) and re.fullmatch(r"[0-9a-f]{64}", theirs):
-            ours = worker_proof(self._worker_proof_key, bytes.fromhex(theirs), self.address, address)
-            call = self._prove_key(address, ours)
-            if proven:
-                await call
-            else:  # for its user's sake (see the top of this section); never waited for
-                self._spawn(call)
-        if not proven:
-            raise ProofFailed(address)
-        return MasterCaps.of(answer)
-
-    async def _prove_key(self, address: str, proof: str) -> None:
-        """``proveKey``: our answer to master.py's challenge; its answer says nothing."""
-        await self._call_quietly(address, "proveKey", {"proof": proof})
-
-    async def _call_quietly(self, address: str, name: str, args: Any) -> None:
-        """A call to master.py whose answer says nothing, and whose failure changes nothing."""
-        with contextlib.suppress(RpcTimeout, InvalidState):
-            await self.node.rpc(address, name, args, timeout=CHECK_TIMEOUT)
-
-    async def _asset_proof(self, address: str) -> VerifiedAssets:
-        """A JS master's proof: every file, decrypted, hashes to what it says."""
-        answer = await self.node.rpc(address, "requestExecAssets", {"currentHash": ""}, timeout=120.0)
-        try:
-            return await asyncio.to_thread(verify_assets, answer, self.crypt, self.folder, text_reads=True)
-        except (WorkerError, ValueError, TypeError, KeyError) as exc:
-            log.debug("proof of %s: %s", address, exc)
-            raise ProofFailed(address) from None
-
-    def _proof_failed(self, address: str, oracle: bool) -> None:
-        """The peer is told nothing; it is not asked again for a long while, or, when the proof
-        decrypted nothing (``oracle`` False: master.py's challenge), until it comes back."""
-        now = time.monotonic()
-        if self.trust.proof_failed(address, now, oracle):
-            log.error("%d peers failed to prove the key lately: no unproven peer is asked until %s "
-                      "(pin your master with master= in .env)", len(self.trust.failures),
-                      time.strftime("%H:%M", time.localtime(time.time() + self.trust.locked_until(now) - now)))
-        if oracle:  # the budget bounds these lines
-            log.error("%s holds a different transferEncryptToken, or is no master: it says it is the master "
-                      "but did not prove that it holds ours; not asked again for %d min",
-                      address, PROOF_BAN_SECONDS // 60)
-        else:  # a peer may fail again each time it comes back: one line a minute
-            self._log(logging.ERROR, "challenge failed", "%s holds a different transferEncryptToken, or is no "
-                      "master: it says it is the master but did not prove that it holds ours; asked again when "
-                      "it comes back (fix the key in its .env or in ours, then start it again)", address)
-
-    def _adopt(self, address: str, caps: MasterCaps, how: str) -> None:
-        self.trust.adopt(address)
-        self.node.prioritize(address)  # its wire: never closed for room, never behind a flood
-        self._caps = caps
-        self._master_timeouts = 0
-        self._assets_ok = False  # no work from it before its assets are known to be ours
-        self._told = None  # a master.py started again has heard nothing of us
-        log.info("master found: %s (%s)", address, how)
-        self.journal.submit(self.journal.set_meta, "proven", json_dumps(list(self.trust.proven)))
-        self._kick_delivery()
-        self._wake.set()
-
-    def _master_failed(self, master: str, exc: Exception) -> None:
-        """An RPC to the master failed: unreachable at once, or unanswered twice, ends it."""
-        self._master_timeouts = 0 if isinstance(exc, RpcUnreachable) else self._master_timeouts + 1
-        if (isinstance(exc, RpcUnreachable) or self._master_timeouts >= 2) and self.trust.lose(master):
-            log.warning("master %s does not answer; results are kept until a master is back", master)
-            self._failover()
-
-    # assets
-    def current_hash(self) -> str:
-        """Concatenated SHA-256 of the assets, in the master's order, as the master knows them."""
-        try:
-            return "".join(self._asset_hash(a) for a in self._manifest)
-        except OSError:
-            return ""
-
-    def _asset_hash(self, asset: dict) -> str:
-        """A file's hash; the master's own when the file is as we received it."""
-        digest = Helper.get_sha256(safe_asset_path(self.folder, asset["workerPath"]))
-        return asset["sha256"] if asset.get("received") == digest and asset.get("sha256") else digest
-
-    async def sync_assets(self) -> bool:
-        """``requestExecAssets`` from the proven master; on ``changed`` replace files, deps, task."""
-        async with self._sync_lock:
-            master = self.master
-            if master is None:
-                return False
-            try:
-                current = await asyncio.to_thread(self.current_hash)  # reads every file
-                answer = await self.node.rpc(master, "requestExecAssets",
-                                             {"currentHash": current}, timeout=120.0)
-            except (RpcTimeout, InvalidState) as exc:
-                log.warning("could not get the task files from master %s: %s", master, _call_failed(exc))
-                return False
-            self._problem = None
-            same = isinstance(answer, dict) and answer.get("status") == "same"
-            if same:
-                self._assets_ok = self._runner is not None or await self._load_task()
-            else:
-                self._assets_ok = await self._take_assets(answer)
-            if self._assets_ok:
-                self._wake.set()  # ready: the job loop asks for work now
-            self._tell_master(master, current if same else _asset_key(answer))
-            return self._assets_ok
-
-    def _cannot_run(self, why: str, logged: str | None = None) -> None:
-        """Log why the master's task cannot run here (``logged``: a fuller line), and keep it for
-        master.py (its files' paths as it names them, others relative to the worker folder)."""
-        log.error("%s", logged or why)
-        for folder in (self.folder / ASSET_FOLDER, (self.folder / ASSET_FOLDER).resolve(), self.folder):
-            why = why.replace(str(folder) + os.sep, "")
-        self._problem = why
-
-    def _tell_master(self, master: str, offered: str) -> None:
-        """Tell master.py why its task cannot run here, once per change of its files (``offered``)
-        or of the reason. Only a master that says ``workerErrors`` (master.py) gets the call."""
-        if self._assets_ok:
-            self._problem = self._told = None
-            return
-        told = (master, offered, self._problem)
-        if self._problem is None or not self._caps.errors or told == self._told:
-            return
-        self._told = told
-        report = {"name": self.name, "error": self._problem[:MAX_TOLD_ERROR]}
-        self._spawn(self._call_quietly(master, "workerError", self.crypt.encrypt_json(report)))
-
-    async def _use_proof_assets(self, verified: VerifiedAssets) -> None:
-        """A JS master's proof brought every file: write them unless they are ours already."""
-        async with self._sync_lock:
-            if verified.unified != await asyncio.to_thread(self.current_hash):
-                self._assets_ok = await self._take_assets(None, verified)
-            else:
-                self._assets_ok = self._runner is not None or await self._load_task()
-            if self._assets_ok:
-                self._wake.set()
-
-    async def _take_assets(self, answer: Any, verified: VerifiedAssets | None = None) -> bool:
-        """Check a whole answer in memory, then write it: all or nothing."""
-        try:
-            if verified is None:
-                verified = await asyncio.to_thread(verify_assets, answer, self.crypt, self.folder,
-                                                   text_reads=not self._caps.key_proof)
-        except (UnsafeAsset, CryptError, AssetError) as exc:
-            self._cannot_run(f"{exc}; nothing was written")
-            return False
-        if not self._dependencies_trusted(verified.dependencies):
-            return False
-        log.info("assets changed: %d file(s), %d dependency(ies)", len(verified.files),
-                 len(verified.dependencies))
-        self._remove_assets()
-        self._manifest = [entry for _, entry, _ in verified.files]
-        try:
-            await asyncio.to_thread(_write_assets, verified.files)
-        except OSError as exc:
-            self._cannot_run(f"cannot write the assets in {self.folder}: {exc}")
-            ready = False
-        else:
-            await self._save_manifest()
-            deps = verified.dependencies
-            ready = await (self.install_dependencies(deps) if verified.python else
-                           install_npm_packages(self.folder, deps))
-            if not ready:  # the log has the installer's lines
-                self._problem = "cannot install %s (the worker's log says why)" % ", ".join(deps)
-            ready = ready and await self._load_task()
-        if not ready:  # gone: the next sync differs, and the master sends all again (deps too)
-            self._remove_assets()
-            await self._save_manifest()
-        return ready
-
-    def _dependencies_trusted(self, deps: list[str]) -> bool:
-        """May this master's dependency list be installed? (see "What the tokens protect")
-
-        The asset-hash proof covers file contents, not the plain ``dependencies``:
-        a token-only peer could replay a JS master's files with a list of its own.
-        So a master proven only that way, and not pinned, may install only what
-        was installed before from a trusted list: master.py's (proved by the key
-        challenge), a pinned master's, or the first master this worker ever had.
-        """
-        master = self.master or ""
-        first = self._accepted_deps is None
-        accepted = self._accepted_deps or set()
-        new = tuple(sorted(set(deps) - accepted))
-        if new and not (first or self._caps.key_proof or master in self.trust.pinned):
-            if (master, new) not in self._refused_deps and len(self._refused_deps) < 64:
-                self._refused_deps.add((master, new))
-                log.error("master %s, proven by its files only (a JS master), asks for dependencies not "
-                          "installed before: %s. A peer that knows only the token could replay a JS master's "
-                          "files with a list of its own, so they are not installed and no job is taken. If it "
-                          "is your master, pin it: master=%s in .env", master, ", ".join(new), master)
-            return False
-        if first or new:
-            self._accepted_deps = accepted | set(deps)
-            self.journal.submit(self.journal.set_meta, "dependencies",
-                                json_dumps(sorted(self._accepted_deps)))
-        return True
-
-    def _remove_assets(self) -> None:
-        """Delete the files we wrote before, and folders they leave empty."""
-        for asset in self._manifest:
-            try:
-                path = safe_asset_path(self.folder, asset["workerPath"])
-            except UnsafeAsset:
-                continue
-            with contextlib.suppress(OSError):
-                path.unlink()
-            _remove_empty_parents(path, self.folder)
-        self._manifest = []
-
-    async def install_dependencies(self, deps: list[str]) -> bool:
-        """``pip install --target .deps`` what does not import yet; off the loop."""
-        paths = [str(self.deps_folder)] + sys.path  # .deps is on no sys.path of ours but thread mode's
-        missing = await asyncio.to_thread(lambda: [d for d in deps if not requirement_satisfied(d, paths)])
-        if not missing:
-            return True
-        log.info("installing %s into %s", ", ".join(missing), self.deps_folder)
-        command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check",
-                   "--no-input", "--upgrade", "--target", str(self.deps_folder), *missing]
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        except OSError as exc:
-            log.error("cannot run pip: %s", exc)
-            return False
-        if not await _install_finished(proc, "pip", missing):
-            return False
-        importlib.invalidate_caches()
-        return True
-
-    async def _load_task(self) -> bool:
-        names = {a.get("name"): a for a in self._manifest}
-        if "task.py" not in names and "task.js" in names:
-            return await self._load_js_task(names["task.js"])
-        if "task.py" not in names:
-            self._cannot_run("the master's assets hold no task.py or task.js")
-            return False
-        path = safe_asset_path(self.folder, names["task.py"]["workerPath"])
-        if self.task_runner == "thread":  # the task imports in our process: .deps must be on our path
-            use_path(self.deps_folder)
-            return await self._start_runner(ThreadRunner(path, self.job_timeout))
-        return await self._start_runner(PythonRunner(
-            path, self.folder, self.job_timeout, deps=self.deps_folder,
-            concurrency=self.concurrency, memory_mb=self.job_memory_mb))
-
-    async def _load_js_task(self, asset: dict) -> bool:
-        """Start a node child for task.js (no task.py came with it)."""
-        path = safe_asset_path(self.folder, asset["workerPath"])
-        return await self._start_runner(NodeRunner(
-            path, self.folder, self.job_timeout, concurrency=self.concurrency,
-            memory_mb=self.job_memory_mb))
-
-    async def _start_runner(self, runner: Runner) -> bool:
-        """Start the runner's first child (the task loads there); use it, or say why not."""
-        try:
-            await runner.start()
-        except TaskProcessError as exc:
-            self._cannot_run(str(exc), "cannot load %s: %s%s" % (runner.task_path, exc, "\n" + exc.error[
-                "traceback"] if exc.error["traceback"] else ""))
-            return False
-        self._use_runner(runner)
-        self._assets_since = time.time()
-        how = ("in a thread (taskRunner=thread)" if isinstance(runner, ThreadRunner) else
-               "%s process %s, up to %d at once" % ("node" if isinstance(runner, NodeRunner) else "python",
-                                                    runner.pids[0], runner.concurrency))
-        log.info("task loaded from %s (%s)", runner.task_path, how)
-        return True
-
-    def _use_runner(self, runner: Runner) -> None:
-        """Swap runners; the old one finishes its jobs in flight, then closes."""
-        old, self._runner = self._runner, runner
-        if old:
-            self._retired.add(old)
-            self._spawn(self._retire(old))
-
-    async def _retire(self, runner: Runner) -> None:
-        try:
-            await runner.wait_closed()
-        finally:
-            self._retired.discard(runner)
-
-    # jobs
-    async def _drive(self) -> None:
-        """The job loop: ask, run, deliver; one request in flight at most.
-
-        Up to ``concurrency`` jobs run at once, each in a task of its own
-        (``_running``). The loop asks for work when no held job waits and a
-        child is free: for a batch, or without batches for one job per free
-        child, as the JS worker asks for one at a time. After an empty answer
-        it asks again on a nudge (``_wake``) or the idle timer, not each time
-        a job ends. Jobs held since the last run wait until the task is loaded.
-        """
-        while not (self._stopping and not self.jobs):
-            try:
-                await self._step()
-            except Exception:  # a bug of ours must not end the loop: say so and go on
-                log.exception("job loop: unexpected error")
-                await asyncio.sleep(1.0)
-
-    async def _step(self) -> None:
-        """Start held jobs on free children; ask for work when there is room; else wait."""
-        self._finished.clear()  # before looking: a job that ends from now on is noticed
-        if self._wake.is_set():  # jobs wait, a master came, the task is ready: ask
-            self._wake.clear()  # before asking: a nudge during the ask is kept
-            self._may_ask = True
-        self._start_jobs()
-        room = not self.jobs and len(self._running) < self._capacity()
-        if room and self._may_ask and not self._stopping and self._ready_for_work():
-            self._may_ask = await self.request_work()
-            if self._may_ask:
-                return
-        if not self._running:
-            self._kick_delivery()  # results made since the last request
-            await self._idle()
-            self._may_ask = True
-        elif not room:
-            await self._finished.wait()
-        elif not await _wait_any(self._wake, self._finished, timeout=IDLE_REQUEST_SECONDS):
-            self._may_ask = True  # the idle timer, while jobs run
-
-    def _start_jobs(self) -> None:
-        """Hand held jobs to free children, up to the runner's concurrency."""
-        while self.jobs and self._runner is not None and len(self._running) < self._capacity():
-            spawn(self._run_job(*self.jobs.popleft()), self._running, "job")
-
-    async def _run_job(self, seq: int, job: Any) -> None:
-        try:
-            self._result_ready(await self.do_job(job), seq)
-        finally:
-            self._running.discard(asyncio.current_task())  # before the loop wakes up
-            self._finished.set()
-        # JS masters get each result at once. master.py takes them in bulk: with the
-        # next requestWork, or at most a second later while jobs run.
-        wait = self._last_kick + 1.0 - time.monotonic() if self._caps.batches else 0.0
-        if wait <= 0:
-            self._kick_delivery()
-        elif self._kick_timer is None:
-            self._kick_timer = asyncio.get_running_loop().call_later(wait, self._timed_kick)
-
-    def _timed_kick(self) -> None:
-        self._kick_timer = None
-        if not self._stopping:
-            self._kick_delivery()
-
-    def _capacity(self) -> int:
-        return self._runner.concurrency if self._runner else 1
-
-    def _ready_for_work(self) -> bool:
-        return (self.master is not None and self._assets_ok and self._runner is not None
-                and not self.outbox.failing)
-
-    async def _idle(self) -> None:
-        """Wait for a wake-up or the 30 s idle timer; then re-check assets, or look for a master."""
-        try:
-            await asyncio.wait_for(self._wake.wait(), IDLE_REQUEST_SECONDS)
-        except TimeoutError:
-            if self._stopping:
-                return
-            if self.master is not None:
-                await self.sync_assets()
-            else:
-                for address in self.trust.next_to_ask(self.node.peers, time.monotonic()):
-                    self._ask(address)
-
-    async def request_work(self) -> bool:
-        """``requestWork``; queue the job or batch. False when none came."""
-        master = self.master
-        if master is None:
-            return False
-        args: dict[str, Any] = {"getBatch": self.get_batch, "batchSize": self.batch_size}
-        carried: list[tuple[int, str]] = []
-        async with contextlib.AsyncExitStack() as stack:
-            if self._caps.batches and self.outbox.held and not self._delivery_lock.locked():
-                # master.py takes held results along with the request: one RPC, not two.
-                await stack.enter_async_context(self._delivery_lock)
-                carried = await self._take_held(master, RESULT_BATCH)
-                if carried:
-                    args["results"] = self._encrypt_held(carried)
-            try:
-                answer = await self.node.rpc(master, "requestWork", args, timeout=30.0)
-            except (RpcTimeout, InvalidState) as exc:
-                self.outbox.settle(carried, False)
-                log.warning("could not ask master %s for jobs: %s", master, _call_failed(exc))
-                self._master_failed(master, exc)
-                return False
-            self._master_timeouts = 0
-            self._delivered(carried)
-        self._queue_jobs(answer)
-        return bool(self.jobs)
-
-    def _queue_jobs(self, answer: Any) -> None:
-        """Decrypt the jobs of a requestWork answer, journal them and hold them."""
-        if not isinstance(answer, dict):
-            return
-        items = answer.get("batchTasks") if not answer.get("task") else [answer["task"]]
-        if not isinstance(items, list):
-            return
-        if len(items) > MAX_BATCH_TASKS:
-            log.error("the master sent %d jobs at once; only the first %d are taken",
-                      len(items), MAX_BATCH_TASKS)
-            items = items[:MAX_BATCH_TASKS]
-        jobs, failures = [], []
-        for item in items:
-            try:
-                if not isinstance(item, str):
-                    raise CryptError("a job is not an encrypted string")
-                jobs.append(self.crypt.decrypt_json(item))
-            except CryptError as exc:
-                failures.append(exc)
-        if failures:
-            self.stats["jobs undecryptable"] += len(failures)
-            log.error("%d job(s) dropped: %s", len(failures), failures[0])
-        if jobs:
-            bodies = [storable_json(job) for job in jobs]
-            seqs = range(self._job_seq + 1, self._job_seq + 1 + len(jobs))
-            self._job_seq += len(jobs)
-            self.journal.submit(self.journal.add_jobs, list(zip(seqs, bodies)))
-            self.jobs.extend(zip(seqs, jobs))
-
-    async def do_job(self, job: Any) -> dict:
-        """Run one job; a failing task becomes an error result."""
-        started = time.monotonic()
-        try:
-            if self._runner is None:
-                raise InvalidState("no task is loaded")
-            data = await self._runner.run(job)
-            strict_json(data)  # no NaN or Infinity leaves the worker, whatever ran the task
-        except Exception as exc:  # noqa: BLE001 - a failing task is an error result
-            return self._failed(job, exc)
-        finally:
-            self.job_seconds.observe(time.monotonic() - started)
-        self.stats["jobs done"] += 1
-        return {**self._result_for(job), "data": data}
-
-    def _failed(self, job: Any, exc: BaseException) -> dict:
-        """The error result of ``job``."""
-        result = self._result_for(job)
-        self.stats["jobs failed"] += 1
-        error = error_result(exc)
-        kind = str(error["type"])[:64]  # the label set stays small, whatever tasks raise
-        self.failures[kind if kind in self.failures or len(self.failures) < MAX_ERROR_TYPES else "other"] += 1
-        message = str(error["message"])  # the result keeps it whole; the log line stays short
-        if len(message) > LOGGED_MESSAGE:
-            message = "%s... (%d characters)" % (message[:LOGGED_MESSAGE], len(message))
-        log.warning("job %s failed: %s: %s", str(result["jobID"])[:64], kind, message)
-        return {**result, "data": None, "error": error}
-
-    def _result_for(self, job: Any) -> dict:
-        return {"jobID": job.get("id") if isinstance(job, dict) else None,
-                "worker": {"id": self.address, "name": self.name}}
-
-    # results: made, journaled, delivered (rules: class Outbox)
-    def _result_ready(self, result: dict, job_seq: int | None = None) -> None:
-        """Every result the worker makes comes here: held (and journaled) until delivered."""
-        self.outbox.add(job_seq, storable_json(result))
-        if self._flusher is None or self._flusher.done():  # one commit in flight takes them all
-            self._flusher = spawn(self._flush_outbox(), self._tasks, "worker")
-
-    async def _flush_outbox(self) -> None:
-        try:
-            await self.outbox.flush()
-        except (OSError, sqlite3.Error) as exc:
-            self.outbox.failing = True
-            if time.monotonic() - self._journal_error_at > 60.0:
-                self._journal_error_at = time.monotonic()
-                log.error("cannot write the journal %s: %s; no new work until it works again",
-                          self.journal.path, exc)
-            raise
-        else:
-            self.outbox.failing = False
-
-    async def _take_held(self, master: str, limit: int) -> list[tuple[int, str]]:
-        """The oldest held results, committed first (rule 1 of the outbox)."""
-        with contextlib.suppress(OSError, sqlite3.Error):
-            await self._flush_outbox()
-        return await self.outbox.take(master, limit)
-
-    def _encrypt_held(self, batch: list[tuple[int, str]]) -> str:
-        """Held results as master.py takes them: one encrypted JSON list."""
-        return json_dumps(self.crypt.encrypt("[" + ",".join(text for _, text in batch) + "]"))
-
-    def _kick_delivery(self) -> None:
-        """Deliver held results in the background, next to the job loop."""
-        if self.outbox.held and self.master is not None and not self._delivery_lock.locked():
-            self._last_kick = time.monotonic()
-            self._spawn(self._deliver_results())
-
-    async def _deliver_results(self) -> None:
-        """Send held results while a proven master is there; one delivery at a time."""
-        if self._delivery_lock.locked():
-            return  # the running delivery takes the new results along
-        async with self._delivery_lock:
-            while self.outbox.held and self.master is not None:
-                if not await self._deliver_some(self.master):
-                    return
-
-    async def _deliver_some(self, master: str) -> bool:
-        """One ``shareResults`` (or, for master.py, a batch of them); False if kept."""
-        batch = await self._take_held(master, RESULT_BATCH if self._caps.batches else 1)
-        if not batch:
-            return False
-        if self._caps.batches:
-            call, payload = "shareResultsBatch", self._encrypt_held(batch)
-        else:
-            call, payload = "shareResults", json_dumps(self.crypt.encrypt(batch[0][1]))
-        try:
-            if self._caps.acks:
-                answer = await self.node.rpc(master, call, payload, timeout=15.0)
-                if isinstance(answer, dict) and answer.get("received") is False:
-                    raise InvalidState("the master could not read them")
-            elif self._has_wire(master):
-                self.node.rpc_nowait(master, call, payload)
-            else:
-                self.outbox.settle(batch, False)
-                return False
-        except (RpcTimeout, InvalidState) as exc:
-            self.outbox.settle(batch, False)
-            log.warning("%d result(s) kept for later: master %s: %s", len(batch), master, _call_failed(exc))
-            if isinstance(exc, RpcTimeout):
-                self._master_failed(master, exc)
-            return False
-        self._delivered(batch)
-        return True
-
-    def _delivered(self, batch: list[tuple[int, str]]) -> None:
-        """These held results reached the master: forget them."""
-        if batch:
-            self.outbox.settle(batch, True)
-            self.stats["results delivered"] += len(batch)
-
-    def _has_wire(self, address: str) -> bool:
-        # not has_wire(): a handshake may claim any address
-        return self.node.has_signed_wire(address)
+    async def _master_found(self, verified: VerifiedAssets | None) -> None:
+        """A master was adopted: deliver what is held, ask it for work once its assets are known
+        to be ours (``verified``: the files its proof brought, or None: ask it for them)."""
+        self.keeper.new_master()
+        self.job_loop.kick_delivery()
+        self.job_loop.nudge()
+        await (self.keeper.sync_assets() if verified is None else self.keeper.use_proof_assets(verified))
 
     # what it is doing: a status line, /metrics, /healthz, systemd
     def health(self) -> tuple[bool, dict]:
@@ -8800,7 +9614,7 @@ class Worker:
         uptime = round(time.monotonic() - self._started, 1)
         if self.master is None:
             return False, {"status": "unavailable", "reason": "no proven master", "uptime": uptime}
-        if not self._has_wire(self.master):
+        if not self.node.has_signed_wire(self.master):  # not has_wire(): a handshake may claim any address
             return False, {"status": "unavailable", "reason": "no wire to the master", "uptime": uptime}
         return True, {"status": "ok", "master": self.master, "held": self.outbox.held, "uptime": uptime}
 
@@ -8836,13 +9650,14 @@ class Worker:
     def metrics_text(self) -> str:
         """This worker's figures in the Prometheus text format."""
         out = Exposition()
+        loop = self.job_loop
         out.add("jobs_done_total", "counter", "Jobs that gave a result.", self.stats["jobs done"])
         out.add("jobs_failed_total", "counter", "Jobs that gave an error result, by error type.",
-                {(("error", kind),): count for kind, count in sorted(self.failures.items())} or 0)
+                {(("error", kind),): count for kind, count in sorted(loop.failures.items())} or 0)
         out.add("results_held", "gauge", "Results made and not delivered yet.", self.outbox.held)
         out.add("results_delivered_total", "counter", "Results delivered to a master.",
                 self.stats["results delivered"])
-        out.histogram("job_duration_seconds", "Time a job took in its task.", self.job_seconds)
+        out.histogram("job_duration_seconds", "Time a job took in its task.", loop.job_seconds)
         out.histogram("delivery_latency_seconds", "Time from a result made to delivered.",
                       self.outbox.latency)
         peers = self._peers_by_transport()
@@ -8850,9 +9665,9 @@ class Worker:
                 {(("transport", kind),): peers[kind] for kind in ("tcp", "webrtc")})
         out.add("master_connected", "gauge", "1 while a proven master has a wire to this worker.",
                 int(self.health()[0]))
-        if self._assets_since is not None:
+        if self.keeper.since is not None:
             out.add("assets_age_seconds", "gauge", "Seconds since the task files in use came.",
-                    round(time.time() - self._assets_since, 3))
+                    round(time.time() - self.keeper.since, 3))
         out.add("resident_memory_bytes", "gauge", "This process's resident memory.", process_rss_bytes())
         out.add("uptime_seconds", "gauge", "Seconds since the worker started.",
                 round(time.monotonic() - self._started, 3))
@@ -8878,54 +9693,24 @@ class Worker:
         journal = self.journal
         await journal.call(journal.open)
         await journal.call(self._take_over_json_files)
-        self._manifest = await journal.call(self._read_manifest)
-        if moved := await asyncio.to_thread(move_earlier_assets, self.folder, self._manifest):
-            log.info("%d file(s) of the master moved into %s, where no import looks", moved,
-                     self.folder / ASSET_FOLDER)
-        proven = await journal.call(journal.get_json, "proven", [])
-        if not all(is_address(a) for a in proven):
-            log.error("%s: the list of proven masters holds what is not an address; not used", journal.path)
-            proven = []
-        self.trust.proven.update(dict.fromkeys(proven))
-        deps = await journal.call(journal.get_json, "dependencies", None)
-        if deps is not None and not all(isinstance(d, str) for d in deps):
-            log.error("%s: the list of installed dependencies is unusable; not used", journal.path)
-            deps = []
-        self._accepted_deps = None if deps is None else set(deps)
+        await self.keeper.load()
+        await self.finder.load()
         if held := await self.outbox.load():
-            log.info("%d result(s) from the last run will be delivered", held)
-        for seq, body in await journal.call(journal.read, "jobs", 0, 2 * MAX_BATCH_TASKS):
-            self.jobs.append((seq, json.loads(body)))
-            self._job_seq = max(self._job_seq, seq)
-        self._job_seq = max(self._job_seq, await journal.call(journal.last_seq, "jobs"))
-        if self.jobs:
-            log.info("%d job(s) received before the last stop will run first", len(self.jobs))
-
-    def _read_manifest(self) -> list[dict]:
-        """The asset manifest from the journal (journal thread); unusable entries drop it all."""
-        manifest = self.journal.get_json("manifest", [])
-        if _manifest_ok(manifest, self.folder):
-            return manifest
-        log.error("%s: the asset list is unusable; the assets will be fetched again", self.journal.path)
-        return []
-
-    async def _save_manifest(self) -> None:
-        try:
-            await self.journal.call(self.journal.set_meta, "manifest", json_dumps(self._manifest))
-        except (OSError, sqlite3.Error) as exc:
-            log.error("cannot save the asset list in %s: %s", self.journal.path, exc)
+            log.info("%d result(s) from the last run are held for the masters that gave their jobs", held)
+        await self.job_loop.load()
 
     def _take_over_json_files(self) -> None:
         """An older worker's .results.json and .assets.json, taken over once (journal thread)."""
+        folder = self.settings.folder
         for name, valid in ((".results.json", _results_ok), (".assets.json", _manifest_ok)):
-            path = self.folder / name
+            path = folder / name
             try:
                 value = json.loads(path.read_text(encoding="utf-8"))
             except FileNotFoundError:
                 continue
             except (OSError, ValueError, RecursionError) as exc:  # a directory, not JSON, too deep
                 value, valid = exc, (lambda v, f: False)
-            if not valid(value, self.folder):
+            if not valid(value, folder):
                 aside = aside_path(path)
                 with contextlib.suppress(OSError):
                     os.replace(path, aside)
@@ -8933,11 +9718,21 @@ class Worker:
                           "results" if name == ".results.json" else "assets", aside.name)
                 continue
             if name == ".results.json":
-                self.journal.add_results([(None, json_dumps(r)) for r in value])
+                self.journal.add_results([(None, json_dumps(r), None) for r in value])  # no master known
             else:
                 self.journal.set_meta("manifest", json_dumps(value))
             path.unlink()
             log.info("%s taken over into %s", path, self.journal.path.name)
+
+    async def _write_out_unreturned(self) -> None:
+        """Now and every EXPIRY_EVERY: results no master came back for go to UNRETURNED_NAME."""
+        while True:
+            try:
+                await self.outbox.write_out(self.settings.folder, time.time())
+            except (OSError, sqlite3.Error) as exc:  # one line a round, at most one each EXPIRY_EVERY
+                log.error("cannot write held results to %s: %s; tried again in %s",
+                          self.settings.folder / UNRETURNED_NAME, exc, _duration(EXPIRY_EVERY))
+            await asyncio.sleep(EXPIRY_EVERY)
 
     async def _close_journal(self) -> None:
         """Commit what is pending, say what is kept, and close the file."""
@@ -9233,7 +10028,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         worker = Worker(env=load_env(args.env))
-        refuse_master_folder(worker.folder)
+        refuse_master_folder(worker.settings.folder)
     except WorkerError as exc:
         print(f"worker.py: {exc}", file=sys.stderr)
         return 2

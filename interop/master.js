@@ -19,6 +19,14 @@
  *   QX_REUSE_IV =1: one IV for the whole process, exactly like the real JS Crypt class
  *               (default: a fresh random IV per encrypted message)
  *   QX_NODELAY  =1: TCP_NODELAY on every wire socket (the real master leaves Nagle on)
+ *   QX_READ_PAUSE_MS  after each chunk a wire's socket delivers, reading stops this long (a
+ *               master too busy to read: what came meanwhile is read, answered and echoed at once)
+ *   QX_TURN_LIMIT  bytes: the original master's stall. queue-xec/master 2.1.0 (its lockfile has
+ *               streamx 2.16.0 under WebTorrent's speed-limiter) never writes to a wire again
+ *               once about 16 KiB went into it within one turn of its event loop: the Throttle
+ *               parks a chunk and nothing wakes it. Here, past this many bytes pushed to a wire
+ *               before the next microtask checkpoint, nothing more goes out on it;
+ *               {"event":"stalled","addr","bytes"} says when
  *   QX_DHT_BOOTSTRAP  comma-separated 127.x.x.x:port list: run WebTorrent's DHT (BEP 5)
  *               bootstrapped from these local nodes only, as the real master finds workers
  *               on the internet. Refused outside a loopback-only network namespace
@@ -72,6 +80,8 @@ const KEY = process.env.QX_KEY;
 const PORT = Number(process.env.QX_PORT || 0) || 0;
 const REUSE_IV = process.env.QX_REUSE_IV === '1';
 const NODELAY = process.env.QX_NODELAY === '1';
+const READ_PAUSE_MS = Number(process.env.QX_READ_PAUSE_MS || 0) || 0;
+const TURN_LIMIT = Number(process.env.QX_TURN_LIMIT || 0) || 0;
 const TRACKER = process.env.QX_TRACKER || '';
 
 function fail(message) {
@@ -273,11 +283,40 @@ peer.on('left', (address) => out({ event: 'left', address }));
 peer.on('rpc', (from, call, args) => out({ event: 'rpc', call, from, args }));
 peer.torrent.on('wire', (wire, addr) => {
   out({ event: 'wire', addr: addr || null });
+  const p = Object.values(peer.torrent._peers || {}).find((x) => x.wire === wire);
   if (NODELAY) {
-    const p = Object.values(peer.torrent._peers || {}).find((x) => x.wire === wire);
     if (p && p.conn && typeof p.conn.setNoDelay === 'function') p.conn.setNoDelay(true);
   }
+  if (READ_PAUSE_MS && p && p.conn) readSlowly(p.conn);
+  if (TURN_LIMIT) stallPastTurnLimit(wire, addr || null);
 });
+
+function readSlowly(conn) {
+  conn.on('data', () => {
+    conn.pause();
+    setTimeout(() => conn.resume(), READ_PAUSE_MS);
+  });
+}
+
+function stallPastTurnLimit(wire, addr) {
+  const push = wire.push.bind(wire);
+  let turn = 0;
+  let stalled = false;
+  // eslint-disable-next-line no-param-reassign
+  wire.push = (data) => {
+    if (stalled) return true;
+    if (data) {
+      if (turn === 0) queueMicrotask(() => { turn = 0; });
+      turn += data.length;
+      if (turn > TURN_LIMIT) {
+        stalled = true;
+        out({ event: 'stalled', addr, bytes: turn });
+        return true;
+      }
+    }
+    return push(data);
+  };
+}
 peer.torrent.on('error', (e) => emitError(`torrent: ${e && e.message ? e.message : e}`));
 
 // Handlers: an exception (e.g. args not an object) means no answer, as in the real master
