@@ -2292,12 +2292,16 @@ class TestBugoutCore(unittest.TestCase):
 
     def test_a_peer_greeted_on_a_wire_of_its_own_gets_no_broadcast_ping(self):
         core, one, two = w.BugoutCore(vector_swarm(), w.Identity()), w.Identity(), w.Identity()
-        self.assertEqual(core.saw_peer(one.pk, one.ek, self.now, greet=False), [w.Seen(one.address)])
+        core.hello_for(one.ek, self.now)  # sent on its wire; then its handshake's keys
+        self.assertEqual(core.saw_peer(one.pk, one.ek, self.now), [w.Seen(one.address)])
         core.tick(self.now + w.HELLO_GAP_MS)
         self.assertEqual(core.data_to_send(), [])  # its hello went on its wire: no ping to all
         self.assertEqual(core.saw_peer(two.pk, two.ek, self.now + 1), [w.Seen(two.address)])
         [ping] = core.data_to_send()  # one seen only so (a relayed packet, a JS peer's wire): as bugout
         self.assertEqual((ping.to, ping.relay, w.bdecode(w.bdecode(ping.payload)["p"])["y"]), (None, False, b"p"))
+        for _ in range(w.GREETED_KEPT + 5):
+            core.hello_for(w.Identity().ek, self.now)
+        self.assertEqual(len(core._greeted), w.GREETED_KEPT)  # bounded, whatever wires claim
 
 
 class TestCoreBounds(unittest.TestCase):

@@ -1365,6 +1365,8 @@ class SeenCache:
 
 #: Peers seen for the first time within this many ms share one ping ("so they know about us too").
 HELLO_GAP_MS = 1000
+#: Keys of the latest hellos kept, so that the peer they greet gets no ping to all wires as well.
+GREETED_KEPT = 64
 #: JSON from peers nested deeper than this (arrays and objects) is dropped.
 MAX_JSON_DEPTH = 512
 #: The peer table holds at most this many peers.
@@ -1425,6 +1427,7 @@ class BugoutCore:
         self._outgoing: list[Outgoing] = []
         self._new_peers = _RateLimit(NEW_PEERS_PER_SECOND, NEW_PEERS_BURST)
         self._last_hello = -HELLO_GAP_MS
+        self._greeted: dict[str, bool] = {}  # the keys our latest hellos were boxed for
         self._shared_key = functools.lru_cache(4096)(self._box_key)  # by the peer's ek
         self._identifier_bytes = identifier.encode("utf-8")
 
@@ -1488,6 +1491,9 @@ class BugoutCore:
         boxed = _nacl.crypto_box_afternm(self.make_packet({"y": "p"}, now), nonce, self._shared_key(ek))
         payload = bencode({"n": nonce, "ek": self.identity.ek, "e": boxed})
         self._seen.add(hashlib.sha512(payload).digest()[16:], now)
+        self._greeted[ek] = True
+        if len(self._greeted) > GREETED_KEPT:
+            del self._greeted[next(iter(self._greeted))]
         return payload
 
     def send_leave(self, now: int) -> None:
@@ -1518,15 +1524,15 @@ class BugoutCore:
         self._emit(self.seal(address, self.make_packet(fields, now)), now, address)
 
     # incoming
-    def saw_peer(self, pk: str, ek: str, now: int, verified: bool = False, greet: bool = True) -> list:
+    def saw_peer(self, pk: str, ek: str, now: int, verified: bool = False) -> list:
         """Record a peer's keys; on first sight emit Seen and broadcast a ping.
 
         JS bugout pings once per new peer; peers seen within HELLO_GAP_MS of
         each other share one ping here (a flood of identities is not answered
         by a flood of pings): :meth:`tick` sends the one that waited.
-        ``greet=False``: the peer learns our keys otherwise (the caller sent it
-        a ping boxed for it alone, on a wire of its own): no broadcast, which
-        in a mesh of N peers every peer passes on to every wire (N² copies).
+        A peer that got our hello (:meth:`hello_for`, a ping boxed for it on a
+        wire of its own) learns our keys so: no broadcast for it, which in a
+        mesh of N peers every peer passes on to every wire (N² copies).
 
         ``verified``: the keys came in a packet signed with ``pk``. Keys from a
         handshake never replace verified ones; when the table is full they take
@@ -1554,7 +1560,7 @@ class BugoutCore:
         self.peers[address] = PeerKeys(pk, ek, now, verified)
         if fresh:
             return events
-        if greet:
+        if not self._greeted.pop(ek, False):
             self._hello(now)
         return events + [Seen(address)]
 
@@ -6081,15 +6087,14 @@ class Bugout:
         if bugout and conn.address is None:  # the first claim is the one the policy weighs
             with contextlib.suppress(DecodeError):
                 conn.address = address_of(b58decode(pk))
-        greeted = False
         if conn.wire.ready and conn.state is ConnState.HANDSHAKE:
             conn.set_open()
             if not self._host_has_room(conn):
                 return
-            greeted = self._opened(conn, ek if bugout else None)
+            self._opened(conn, ek if bugout else None)
         if not bugout:
             return  # not a bugout peer of our swarm: nothing to learn
-        events = self.core.saw_peer(pk.decode("latin-1"), ek.decode("latin-1"), _now(), greet=not greeted)
+        events = self.core.saw_peer(pk.decode("latin-1"), ek.decode("latin-1"), _now())
         self.emit("connections", self.connections())
         self._dispatch(events)
         if conn.address and conn.address != self.address and conn.state is ConnState.OPEN:
@@ -6097,9 +6102,8 @@ class Bugout:
                 self._send_own(conn, payload)
             self.emit("wireseen", conn.address)
 
-    def _opened(self, conn: Connection, ek: bytes | None) -> bool:
+    def _opened(self, conn: Connection, ek: bytes | None) -> None:
         """Tell the wire policy; a Python peer not wired yet gets a hello (a ping boxed for it).
-        True when it got one: it needs no broadcast ping to learn our keys (saw_peer's greet).
 
         A JS peer gets what JS bugout sends on a new wire: its ping to all wires
         when the peer is new to it (saw_peer), nothing otherwise.
@@ -6112,8 +6116,6 @@ class Bugout:
             with contextlib.suppress(DecodeError):
                 conn.send_payload(self.core.hello_for(ek.decode("latin-1"), _now()))
                 self.stats["hellos sent"] += 1
-                return True
-        return False
 
     # sending
     def _flush_core(self) -> None:
