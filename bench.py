@@ -4,7 +4,7 @@
     python bench.py [--quick] [--json bench-results.json]
     python bench.py --soak 100000
     python bench.py --js-worker DIR      (root: the unchanged JS worker, in unshare -n)
-    python bench.py --swarm 1 4 16 32      (root: in a network namespace of its own)
+    python bench.py --swarm 1 4 16 32 64   (root: in a network namespace of its own; --one-host)
 
 Everything runs on 127.0.0.1 with LSD, DHT and trackers off: master.py (in this
 process) or the JS master harness (interop/master.js) and real ``python worker.py``
@@ -510,7 +510,14 @@ async def worker_counters(ports: list[int]) -> collections.Counter:
     return total
 
 
-async def swarm_run(count: int, jobs: int, batch: int, mesh: bool) -> dict:
+def worker_host(index: int, one_host: bool) -> str:
+    """The loopback address worker ``index`` listens, dials and announces on: one of its own, as on
+    a LAN (127.0.1.1, 127.0.1.2, ...), so that per-address budgets (LSD announces, new identities,
+    inbound wires) count it alone; or, with ``one_host``, 127.0.0.1 for all (every worker on one host)."""
+    return "127.0.0.1" if one_host else "127.0.%d.%d" % (1 + index // 250, 1 + index % 250)
+
+
+async def swarm_run(count: int, jobs: int, batch: int, mesh: bool, one_host: bool = False) -> dict:
     """master.py and ``count`` worker.py processes in this namespace: LSD on (mesh) or peers= (star)."""
     with tempfile.TemporaryDirectory(prefix="qx-swarm-") as tmp:
         root = Path(tmp)
@@ -539,7 +546,7 @@ async def swarm_run(count: int, jobs: int, batch: int, mesh: bool) -> dict:
                 folder.mkdir()
                 status.append(free_port())
                 write_loopback_env(folder, token, getBatch="true", batchSize=batch, LOG_LEVEL="warn",
-                                   statusPort=status[-1], name="w%d" % i,
+                                   statusPort=status[-1], name="w%d" % i, host=worker_host(i, one_host),
                                    **(discovery or {"peers": "127.0.0.1:%d" % port}))
                 procs.append(await asyncio.create_subprocess_exec(
                     sys.executable, str(HERE / "worker.py"), cwd=folder, env=clean_env(),
@@ -573,7 +580,7 @@ async def swarm_run(count: int, jobs: int, batch: int, mesh: bool) -> dict:
             if reader is not None:
                 reader.cancel()
         counters = after[0] - before[0]
-        return {"workers": count, "mesh": mesh, "jobs": jobs, "seconds": elapsed, "jobs_per_s": jobs / elapsed,
+        return {"workers": count, "mesh": mesh, "one_host": one_host, "jobs": jobs, "seconds": elapsed, "jobs_per_s": jobs / elapsed,
                 "healthy": healthy, "healthy_after_s": ready,
                 "worker_cpu_s_per_1000": 1000 * (after[3] - before[3]) / jobs,
                 "master_cpu_s_per_1000": 1000 * (after[2] - before[2]) / jobs,
@@ -583,7 +590,7 @@ async def swarm_run(count: int, jobs: int, batch: int, mesh: bool) -> dict:
                 "relayed_per_job": counters["qx_packets_relayed_total"] / jobs}
 
 
-async def swarm(counts: list[int], jobs: int | None, batch: int) -> int:
+async def swarm(counts: list[int], jobs: int | None, batch: int, one_host: bool = False) -> int:
     """The mesh against the star for each N: one table (rows also in bench-swarm.json).
 
     "healthy": workers whose /healthz said 200 (a proven master's own wire) before the clock
@@ -592,10 +599,11 @@ async def swarm(counts: list[int], jobs: int | None, batch: int) -> int:
     rows = []
     for count in counts:
         for mesh in (False, True):
-            rows.append(await swarm_run(count, jobs or max(5000, 1000 * count), batch, mesh))
+            rows.append(await swarm_run(count, jobs or max(5000, 1000 * count), batch, mesh, one_host))
             print("  %s" % json.dumps(rows[-1]), flush=True)
             Path("bench-swarm.json").write_text(json.dumps(rows, indent=2))
-    print("\nmaster.py and N worker.py, batches of %d: a star (peers=) and an LSD mesh, one namespace\n" % batch)
+    print("\nmaster.py and N worker.py, batches of %d: a star (peers=) and an LSD mesh, one namespace, %s\n" % (
+        batch, "every worker on 127.0.0.1" if one_host else "each worker on a loopback address of its own"))
     print("%4s %5s %8s %8s %13s %13s %11s %10s %9s %9s" % (
         "N", "", "healthy", "jobs/s", "worker CPU s", "master CPU s", "wire B/job", "lo B/job", "dups/job",
         "relays/job"))
@@ -625,6 +633,8 @@ async def main() -> int:
                              "root: it runs in a network namespace)")
     parser.add_argument("--swarm-jobs", type=int, metavar="JOBS", help="jobs per swarm run (1,000 N, 5,000 at least)")
     parser.add_argument("--batch", type=int, default=10, help="batch size of the swarm's workers")
+    parser.add_argument("--one-host", action="store_true", help="swarm: every worker on 127.0.0.1 (one host), "
+                        "not each on a loopback address of its own (a LAN)")
     args = parser.parse_args()
     if args.js_worker:
         return await js_worker_rows(args.js_worker)
@@ -633,7 +643,7 @@ async def main() -> int:
         if status is not None:
             return status
         w.Logger("error")
-        return await swarm(args.swarm, args.swarm_jobs, args.batch)
+        return await swarm(args.swarm, args.swarm_jobs, args.batch, args.one_host)
     if args.soak:
         w.Logger("error")
         return await soak(args.soak)

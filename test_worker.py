@@ -2290,6 +2290,20 @@ class TestBugoutCore(unittest.TestCase):
             self.a.hello_for("not a key", self.now)
 
 
+    def test_a_peer_greeted_on_a_wire_of_its_own_gets_no_broadcast_ping(self):
+        core, one, two = w.BugoutCore(vector_swarm(), w.Identity()), w.Identity(), w.Identity()
+        core.hello_for(one.ek, self.now)  # sent on its wire; then its handshake's keys
+        self.assertEqual(core.saw_peer(one.pk, one.ek, self.now), [w.Seen(one.address)])
+        core.tick(self.now + w.HELLO_GAP_MS)
+        self.assertEqual(core.data_to_send(), [])  # its hello went on its wire: no ping to all
+        self.assertEqual(core.saw_peer(two.pk, two.ek, self.now + 1), [w.Seen(two.address)])
+        [ping] = core.data_to_send()  # one seen only so (a relayed packet, a JS peer's wire): as bugout
+        self.assertEqual((ping.to, ping.relay, w.bdecode(w.bdecode(ping.payload)["p"])["y"]), (None, False, b"p"))
+        for _ in range(w.GREETED_KEPT + 5):
+            core.hello_for(w.Identity().ek, self.now)
+        self.assertEqual(len(core._greeted), w.GREETED_KEPT)  # bounded, whatever wires claim
+
+
 class TestCoreBounds(unittest.TestCase):
     """BugoutCore: what it relays, the JSON it takes, the peers it admits."""
 
@@ -2514,6 +2528,31 @@ class TestTcp(AsyncTest):
             conn.close()
         await until(lambda: b.connections() == 1 and not (b._connections & old))
         self.assertEqual(await b.rpc(a.address, "echo", {"y": 2}, timeout=5), {"y": 2, "echoedBy": "py"})
+
+    async def test_python_peers_greet_each_other_on_their_wire_alone(self):
+        a = await self.started(py_node("greet-swarm"))
+        b = py_node("greet-swarm", peers=["127.0.0.1:%d" % a.port])
+        pings = [mock.patch.object(node.core, "send_ping", wraps=node.core.send_ping) for node in (a, b)]
+        spies = [patch.start() for patch in pings]
+        for patch in pings:
+            self.addCleanup(patch.stop)
+        await self.started(b)
+        await until(lambda: a.has_signed_wire(b.address) and b.has_signed_wire(a.address))
+        await asyncio.sleep(w.HELLO_GAP_MS / 1000 + 0.2)  # a hello that waited would be out by now
+        self.assertEqual((a.stats["hellos sent"], b.stats["hellos sent"]), (1, 1))
+        self.assertEqual([spy.call_count for spy in spies], [0, 0])  # no ping to every wire (N² copies)
+
+    async def test_a_node_listening_on_one_address_dials_from_it(self):
+        a = await self.started(py_node("source-swarm"))
+        b = await self.started(w.Bugout("source-swarm", host="127.0.0.3", lsd=False, dht=False, trackers=[],
+                                        peers=["127.0.0.1:%d" % a.port]))
+        await until(lambda: a.has_signed_wire(b.address))
+        self.assertEqual({c.remote_host for c in a._connections}, {"127.0.0.3"})  # its own, not 127.0.0.1
+        self.assertEqual(w.sending_address("127.0.0.3", "127.0.0.1"), "127.0.0.3")
+        self.assertEqual(w.sending_address("127.0.0.3"), "127.0.0.3")  # LSD: announces leave from it
+        for host, target in (("0.0.0.0", "127.0.0.1"), ("127.0.0.3", "192.0.2.1"), ("192.0.2.7", "127.0.0.1"),
+                             ("::1", "::1"), ("127.0.0.3", "example.org"), ("", None)):
+            self.assertIsNone(w.sending_address(host, target), (host, target))  # the kernel picks
 
     async def test_rpc_fails_at_once_when_no_wire_is_left(self):
         a = await self.started(py_node("unreachable-swarm"))
@@ -3250,15 +3289,45 @@ class TestWireUnderAttack(AsyncTest):
         self.assertEqual(await self._slow_message(False, 4, 12), (False, False, 1))
         self.assertEqual(await self._slow_message(False, 40, 1), (False, False, 1))
 
-    async def test_a_slow_stream_of_whole_messages_is_no_stall(self):
+    async def test_a_message_we_did_not_read_is_no_stall(self):
+        """Payloads held back for later loop turns (WIRE_BUDGET) leave the socket unread: the
+        message behind them waits on us. Once we read again, silence is a stall as before."""
+        node, peer, at_node = await self._fed_by_test()
+        pings = self._numbered(peer, w.WIRE_BUDGET + 8)
+        big = bo_frame(signed_by(peer.identity, {"y": "m", "v": json.dumps("x" * 40_000)}, "wire-attack"))
+        now = time.monotonic() + 100
+        node.check_wires(now)
+        at_node.protocol.data_received(pings + big[:20_000])  # a backlog, then half a message
+        for _ in range(2):  # the loop does not turn: the backlog stays, the socket unread
+            now += w.PROGRESS_SECONDS
+            node.check_wires(now)
+        self.assertEqual(at_node.protocol.state, w.ConnState.OPEN)
+        await asyncio.sleep(0.05)  # the backlog is handled; the rest of the message never comes
+        for _ in range(3):
+            now += w.PROGRESS_SECONDS
+            node.check_wires(now)
+        self.assertEqual(at_node.protocol.state, w.ConnState.CLOSED)
+        self.assertEqual(node.stats["peers dropped: stalled message"], 1)
+
+    async def _fed_by_test(self):
+        """(node, peer, the node's end of their wire), the test alone feeding that end from now on."""
         node, peer = self.will_close(memory_node()), self.will_close(memory_node())
         wires = self.will_close(MemoryWires())
         at_peer, at_node = wires.connect(peer, node)
         await until(lambda: peer.address in node.peers, 5)
         at_peer.held = True
         await asyncio.sleep(0.05)
-        data = b"".join(bo_frame(signed_by(peer.identity, {"y": "m", "v": '"%d"' % i}, "wire-attack"))
-                        for i in range(40))
+        return node, peer, at_node
+
+    @staticmethod
+    def _numbered(peer, count):
+        """``count`` small messages signed by ``peer``, framed, back to back."""
+        return b"".join(bo_frame(signed_by(peer.identity, {"y": "m", "v": '"%d"' % i}, "wire-attack"))
+                        for i in range(count))
+
+    async def test_a_slow_stream_of_whole_messages_is_no_stall(self):
+        node, peer, at_node = await self._fed_by_test()
+        data = self._numbered(peer, 40)
         now = time.monotonic() + 100
         for i in range(0, len(data), 300):  # 300 bytes every 5 s: a message partly in at each look
             at_node.protocol.data_received(data[i:i + 300])
@@ -3317,6 +3386,23 @@ class TestLsd(unittest.TestCase):
         out = in_namespace(child_lsd)
         self.assertEqual(out["echo"], {"lsd": True, "echoedBy": "js"})
         self.assertLess(out["found_s"], 30)
+
+
+async def child_lsd_own_addresses():
+    """In a namespace: two Python nodes, each listening on a loopback address of its own, meet by LSD."""
+    nodes = [await w.Bugout("lsd-addresses", host=host, lsd=True, dht=False, trackers=[]).start()
+             for host in ("127.0.0.5", "127.0.0.6")]
+    await until(lambda: all(n.has_signed_wire(m.address) for n in nodes for m in nodes if m is not n), 30)
+    hosts = [sorted({c.remote_host for c in n._connections}) for n in nodes]
+    for node in nodes:
+        await node.close()
+    return hosts
+
+
+class TestLsdOwnAddress(unittest.TestCase):
+    def test_nodes_on_addresses_of_their_own_announce_and_dial_from_them(self):
+        """Peers dial an announce's sender, and count wires per address: each must be the node's own."""
+        self.assertEqual(in_namespace(child_lsd_own_addresses), [["127.0.0.6"], ["127.0.0.5"]])
 
 
 async def child_lsd_runs():

@@ -106,6 +106,7 @@ import heapq
 import hmac
 import importlib.util
 import inspect
+import ipaddress
 import itertools
 import json
 import logging
@@ -1364,6 +1365,8 @@ class SeenCache:
 
 #: Peers seen for the first time within this many ms share one ping ("so they know about us too").
 HELLO_GAP_MS = 1000
+#: Keys of the latest hellos kept, so that the peer they greet gets no ping to all wires as well.
+GREETED_KEPT = 64
 #: JSON from peers nested deeper than this (arrays and objects) is dropped.
 MAX_JSON_DEPTH = 512
 #: The peer table holds at most this many peers.
@@ -1424,6 +1427,7 @@ class BugoutCore:
         self._outgoing: list[Outgoing] = []
         self._new_peers = _RateLimit(NEW_PEERS_PER_SECOND, NEW_PEERS_BURST)
         self._last_hello = -HELLO_GAP_MS
+        self._greeted: dict[str, bool] = {}  # the keys our latest hellos were boxed for
         self._shared_key = functools.lru_cache(4096)(self._box_key)  # by the peer's ek
         self._identifier_bytes = identifier.encode("utf-8")
 
@@ -1487,6 +1491,9 @@ class BugoutCore:
         boxed = _nacl.crypto_box_afternm(self.make_packet({"y": "p"}, now), nonce, self._shared_key(ek))
         payload = bencode({"n": nonce, "ek": self.identity.ek, "e": boxed})
         self._seen.add(hashlib.sha512(payload).digest()[16:], now)
+        self._greeted[ek] = True
+        if len(self._greeted) > GREETED_KEPT:
+            del self._greeted[next(iter(self._greeted))]
         return payload
 
     def send_leave(self, now: int) -> None:
@@ -1523,6 +1530,9 @@ class BugoutCore:
         JS bugout pings once per new peer; peers seen within HELLO_GAP_MS of
         each other share one ping here (a flood of identities is not answered
         by a flood of pings): :meth:`tick` sends the one that waited.
+        A peer that got our hello (:meth:`hello_for`, a ping boxed for it on a
+        wire of its own) learns our keys so: no broadcast for it, which in a
+        mesh of N peers every peer passes on to every wire (N² copies).
 
         ``verified``: the keys came in a packet signed with ``pk``. Keys from a
         handshake never replace verified ones; when the table is full they take
@@ -1550,7 +1560,8 @@ class BugoutCore:
         self.peers[address] = PeerKeys(pk, ek, now, verified)
         if fresh:
             return events
-        self._hello(now)
+        if not self._greeted.pop(ek, False):
+            self._hello(now)
         return events + [Seen(address)]
 
     def _evict(self) -> list:
@@ -2118,6 +2129,7 @@ class Connection:
         self._backlog: collections.deque = collections.deque()
         self._handling = False  # a _handle call is scheduled
         self._paused = False
+        self._held_back = False  # we left some of its payloads for a later loop turn since the last look
         self._eof = False  # the peer sends no more
         self._eof_sent = False  # we send no more
         self._timer: asyncio.TimerHandle | None = None  # handshake deadline or drain grace
@@ -2263,6 +2275,7 @@ class Connection:
         waiting = 0
         if backlog:  # the rest waits for the next loop turn, and the socket with it
             self._pause()
+            self._held_back = True
             if not self._handling:
                 self._handling = True
                 asyncio.get_running_loop().call_soon(self._handle_later)
@@ -2294,13 +2307,17 @@ class Connection:
     def stalled(self, now: float) -> bool:
         """True when one message, partly received at the last check, is still partly received
         and came less than PROGRESS_BYTES closer to whole since (a slow stream of messages
-        that each end is no stall). Checks closer than PROGRESS_SECONDS say False."""
+        that each end is no stall). Checks closer than PROGRESS_SECONDS say False, and so
+        does one after a window in which we held its payloads back (WIRE_BUDGET): the socket
+        was not read, so the rest of the message was ours to read, not the peer's to send
+        (a mesh's relays, thousands of pings on one wire, take seconds of loop turns)."""
         checked, before = self._progress
         if now - checked < PROGRESS_SECONDS:
             return False
         pending = self.wire.pending if self.state in (ConnState.OPEN, ConnState.DRAINING) else None
         self._progress = (now, pending)
-        return (pending is not None and before is not None and pending[0] == before[0]
+        held_back, self._held_back = self._held_back, bool(self._backlog)
+        return (not held_back and pending is not None and before is not None and pending[0] == before[0]
                 and before[1] - pending[1] < PROGRESS_BYTES)
 
     # bytes out
@@ -2698,8 +2715,26 @@ class _LsdProtocol(asyncio.DatagramProtocol):
         self.discovery.lsd_datagram(data, addr[0])
 
 
-def _lsd_socket() -> socket.socket:
-    """UDP socket on 6771, in the LSD multicast group, shareable with others."""
+def sending_address(host: str, target: str | None = None) -> str | None:
+    """The address our packets to ``target`` leave from: ``host`` (the address we listen on)
+    when it is one IPv4 address of ``target``'s scope (both loopback or neither; None: any
+    multicast group), else None (the kernel picks). Peers dial back the sender of an LSD
+    announce, and count wires and announces per address: the one we listen on is ours."""
+    try:
+        ours = ipaddress.ip_address(host)
+        theirs = None if target is None else ipaddress.ip_address(target)
+    except ValueError:
+        return None
+    if ours.version != 4 or ours.is_unspecified:
+        return None
+    if theirs is not None and (theirs.version != 4 or theirs.is_loopback != ours.is_loopback):
+        return None
+    return host
+
+
+def _lsd_socket(host: str = "") -> socket.socket:
+    """UDP socket on 6771, in the LSD multicast group, shareable with others; announcing from
+    ``host`` when it is one IPv4 address (sending_address)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if hasattr(socket, "SO_REUSEPORT"):
@@ -2708,6 +2743,8 @@ def _lsd_socket() -> socket.socket:
     group = socket.inet_aton(LSD_HOST) + socket.inet_aton("0.0.0.0")
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, group)
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+    if source := sending_address(host):
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(source))
     sock.setblocking(False)
     return sock
 
@@ -4636,7 +4673,10 @@ class WebRtcTransport:
 # peer (peer id ``-QP``) gets a hello at once on a new wire, a ping boxed for
 # the ``ek`` its handshake claims, unless a wire stands for it already (so no
 # one can collect our hellos to pass them off as ours); a JS peer gets what JS
-# bugout sends: a ping to all wires when a peer is new, nothing else.
+# bugout sends: a ping to all wires when a peer is new, nothing else. A peer
+# that got a hello needs no such ping (it has our keys from our handshake and
+# a fresh packet of ours from the hello): none goes for it, since in a mesh of
+# N peers each passes a ping on to every wire (N² copies of each).
 #
 # Duplicates. Of wires claiming one peer, a claimant that does not stand, while
 # another wire stands for that peer, gets PROVE_SECONDS to prove it, then
@@ -4669,8 +4709,9 @@ class WebRtcTransport:
 # wire holding most goes: WirePolicy.hold, WirePolicy.largest); the core
 # never evicts those peers. Any wire that leaves max_send_queue of our
 # payloads unread is closed, and so is one whose message (the same one)
-# stops coming closer to whole (check_wires), unless it is protected: a slow
-# master is waited for, and its RPC timeouts decide.
+# stops coming closer to whole (check_wires) while we read it
+# (Connection.stalled), unless it is protected: a slow master is waited for,
+# and its RPC timeouts decide.
 #
 # Events, ``on(name, fn)`` (a coroutine function is spawned; an exception is
 # logged, rate-limited, and never reaches the wire):
@@ -5400,8 +5441,10 @@ class Discovery:
         self._dialing.add((host, port))
         loop = asyncio.get_running_loop()
         try:
+            source = sending_address(self.node.host, host)
             _, conn = await asyncio.wait_for(loop.create_connection(
-                lambda: WireConnection(self.node, True, (host, port)), host, port), 5.0)
+                lambda: WireConnection(self.node, True, (host, port)), host, port,
+                local_addr=(source, 0) if source else None), 5.0)
             return conn  # type: ignore[return-value]
         except (TimeoutError, OSError, UnicodeError) as exc:  # UnicodeError: a name like "a..b"
             log.debug("dial %s:%s failed: %s", host, port, exc)
@@ -5513,7 +5556,7 @@ class Discovery:
 
     async def _start_lsd(self) -> None:
         try:
-            sock = _lsd_socket()
+            sock = _lsd_socket(self.node.host)
         except OSError as exc:
             log.warning("LSD is off: %s", exc)
             return
