@@ -2233,6 +2233,33 @@ class TestBugoutCore(unittest.TestCase):
         again.send_ping(self.now + 1)
         self.assertEqual(self.deliver(again, self.b), [w.Ping(a)])  # the same key: nothing new
 
+    def test_an_old_process_packet_replayed_does_not_change_a_peers_key(self):
+        # a proof is fresh or nothing: the dead process's signed ping, replayed 11 s after it was
+        # made to a worker that never saw it, keeps the new process's key
+        a = self.a.identity.address
+        self.a.send_ping(self.now)
+        [(old_ping, _)] = self.a.data_to_send()
+        again = w.BugoutCore(vector_swarm(), w.Identity(self.a.identity.seed))  # started again
+        fresh = w.BugoutCore(vector_swarm(), w.Identity())  # a worker that never saw the old ping
+        again.send_ping(self.now + 11_000)
+        [(new_ping, _)] = again.data_to_send()
+        fresh.receive_payload(new_ping, self.now + 11_000)
+        self.assertEqual(fresh.peers[a].ek, again.identity.ek)
+        self.assertEqual(fresh.receive_payload(old_ping, self.now + 11_000), [w.Ping(a)])
+        self.assertEqual(fresh.peers[a].ek, again.identity.ek)  # not the dead key
+        self.assertEqual(fresh.stats["stale key"], 1)
+        # a peer whose clock is a minute behind, started again: its newer packet is taken
+        skewed, other = w.BugoutCore(vector_swarm(), w.Identity()), w.BugoutCore(vector_swarm(), w.Identity())
+        s = skewed.identity.address
+        skewed.send_ping(self.now - 60_000)
+        [(first, _)] = skewed.data_to_send()
+        self.assertIn(w.Ping(s), other.receive_payload(first, self.now))
+        restarted = w.BugoutCore(vector_swarm(), w.Identity(skewed.identity.seed))
+        restarted.send_ping(self.now - 59_000)
+        [(second, _)] = restarted.data_to_send()
+        self.assertEqual(other.receive_payload(second, self.now + 1_000), [w.Rekeyed(s), w.Ping(s)])
+        self.assertEqual(other.peers[s].ek, restarted.identity.ek)
+
     def test_seen_cache_is_bounded(self):
         core = w.BugoutCore(vector_swarm(), w.Identity(), seen_limit=100)
         for i in range(1000):

@@ -1182,6 +1182,8 @@ class PeerKeys:
     last: int
     #: True once a packet signed with ``pk`` carried these keys (a handshake's claim proves nothing)
     verified: bool = False
+    #: the signer's time (ms) of the newest signed packet that carried these keys (0: none)
+    made: int = 0
 
 
 @functools.lru_cache(4096)  # every packet names its sender's key
@@ -1371,6 +1373,11 @@ GREETED_KEPT = 64
 MAX_JSON_DEPTH = 512
 #: The peer table holds at most this many peers.
 MAX_KNOWN_PEERS = 1000
+#: A packet proves something only when its signer made it within this many ms of our clock:
+#: a replayed one proves nothing. It proves the wire it came by (the node's wire policy; an
+#: answer boxed to us for a call of ours proves that at any age), and a new box key of its
+#: signer (a peer started again, BugoutCore.saw_peer).
+FRESH_MS = 10_000
 #: Packets that passed lately whose copies are told apart (the node's wire policy): copies come
 #: within moments of the first, by other wires.
 RECENT_PACKETS = 1024
@@ -1524,7 +1531,7 @@ class BugoutCore:
         self._emit(self.seal(address, self.make_packet(fields, now)), now, address)
 
     # incoming
-    def saw_peer(self, pk: str, ek: str, now: int, verified: bool = False) -> list:
+    def saw_peer(self, pk: str, ek: str, now: int, verified: bool = False, made: int = 0) -> list:
         """Record a peer's keys; on first sight emit Seen and broadcast a ping.
 
         JS bugout pings once per new peer; peers seen within HELLO_GAP_MS of
@@ -1536,7 +1543,11 @@ class BugoutCore:
 
         ``verified``: the keys came in a packet signed with ``pk``. Keys from a
         handshake never replace verified ones; when the table is full they take
-        the place of the peer silent longest (never a protected one).
+        the place of the peer silent longest (never a protected one). A signed
+        packet (its signer's time ``made``) replaces a known box key only when
+        it is fresh (made within FRESH_MS) or newer than the packet that gave
+        that key (a peer whose clock is off), so an old process's packet
+        replayed cannot turn our calls to a key no one holds.
         """
         try:
             address = self._address(pk)
@@ -1556,8 +1567,13 @@ class BugoutCore:
                 self.stats["dropped: peer table full"] += 1
                 return []
         if verified and known is not None and known.ek != ek:
+            if abs(now - made) > FRESH_MS and made <= known.made:  # an older process's, replayed
+                self.stats["stale key"] += 1
+                return events
             events.append(Rekeyed(address))
-        self.peers[address] = PeerKeys(pk, ek, now, verified)
+        if known is not None and known.ek == ek:
+            made = max(made, known.made)
+        self.peers[address] = PeerKeys(pk, ek, now, verified, made)
         if fresh:
             return events
         if not self._greeted.pop(ek, False):
@@ -1670,7 +1686,7 @@ class BugoutCore:
         if pk == self.identity.pk:
             self.stats["own packet"] += 1
             return []
-        events = self.saw_peer(pk, ek, now, verified=True)
+        events = self.saw_peer(pk, ek, now, verified=True, made=t)
         kind = _text(packet.get("y", b""))
         try:
             events += self._dispatch(kind, packet, address, boxed)
@@ -5018,9 +5034,6 @@ class DialQueue:
                     yield self._entries[endpoint]
 
 
-#: A packet proves the wire it came by only when its signer made it within this many ms of our
-#: clock: a replayed one proves nothing. An answer boxed to us for a call of ours proves it at any age.
-FRESH_MS = 10_000
 #: A wire that claims a peer another wire has proven gets this long to prove it too, or it drains.
 PROVE_SECONDS = 5.0
 #: A wire stops standing for its peer once the peer's fresh packets came first by other wires for
