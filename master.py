@@ -651,6 +651,12 @@ class ResultsFile:
 #   lease ended); exactly once holds, as for any late result. While such jobs
 #   wait to be taken over, master.py nudges idle workers.
 # - Answers never depend on whether results decrypted or were taken.
+# - Proven workers are served first (worker.py's Bugout.prioritize and
+#   SlowLane): while one has a wire, what peers without proof send waits until
+#   the proven workers' calls of that loop turn are served, and takes at most
+#   UNPROVEN_LOOP_SHARE of the time; their wires wait unread meanwhile, and
+#   nothing of theirs is dropped. A flood from any number of identities costs
+#   a proven worker a bounded share of the machine, not its round trips.
 #
 # LeasePolicy counts what each peer without proof holds; the database holds
 # the leases. The counts follow the master's events (leased, answered and by
@@ -671,6 +677,9 @@ MAX_STANDINGS = 4096
 STANDING_SECONDS = 3600.0
 #: Workers known to have proved the key (the least recently proven goes first).
 MAX_PROVEN_WORKERS = 4096
+#: Part of the loop's time what peers without proof send may take, while a proven worker has a
+#: wire (JS workers together: some hundreds of calls a second; alone, with no proven worker, all).
+UNPROVEN_LOOP_SHARE = 0.10
 #: Seconds a peer without proof holds a job before a proven worker with nothing to do takes it over.
 TAKE_OVER_SECONDS = 10.0
 #: Seconds a worker has to answer our challenge with proveKey, and challenges open at most.
@@ -1028,6 +1037,7 @@ class Master:
         self.on_results = on_results or (lambda result: None)
         self.lease_seconds = lease_seconds
         self.node = Bugout(self.token, settings)
+        self.node.lane.share = UNPROVEN_LOOP_SHARE  # see "Who gets work"
         #: jobs waiting and on lease, results (see Store); the ``out`` file, if any
         self.store = Store(db)
         try:
@@ -1332,6 +1342,7 @@ class Master:
         verdict = self.proofs.check(address, as_dict(args).get("proof"), time.monotonic())
         if verdict and self.policy.prove(address):
             log.info("worker %s proved the key", address)
+            self.node.prioritize(*self.policy.proven)  # handled before any flood (SlowLane)
         elif verdict is False:
             self.stats["failed worker proofs"] += 1
             self._log(logging.ERROR, "worker-error", "%s holds a different transferEncryptToken: it cannot "

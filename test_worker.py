@@ -2946,6 +2946,32 @@ class TestWireUnderAttack(AsyncTest):
                                              for _ in range(100)))
         self.assertEqual(batches, [100])
 
+    async def test_the_protected_peers_call_is_served_before_a_flood_that_came_first(self):
+        """master.py protects its proven workers: others' calls that come in the same loop turn
+        wait in the SlowLane, unread, and are all served after, none dropped."""
+        node, worker, flooder = (self.will_close(memory_node()) for _ in range(3))
+        wires = self.will_close(MemoryWires())
+        from_worker, at_node = wires.connect(worker, node)
+        from_flooder, _ = wires.connect(flooder, node)
+        await until(lambda: {worker.address, flooder.address} <= set(node.peers)
+                    and node.address in worker.peers and node.address in flooder.peers, 5)
+        node.prioritize(worker.address)
+        worker.ping()
+        await until(lambda: node.is_protected(at_node.protocol), 5)
+        served = []
+        node.register("work", lambda address, args: served.append(args) or args)
+        from_worker.held = from_flooder.held = True
+        calls = [asyncio.ensure_future(flooder.rpc(node.address, "work", "flood %d" % i, timeout=5))
+                 for i in range(30)]
+        calls.append(asyncio.ensure_future(worker.rpc(node.address, "work", "proven", timeout=5)))
+        await until(lambda: from_worker.outbox and from_flooder.outbox, 5)
+        from_worker.held = from_flooder.held = False
+        from_flooder.deliver()  # one loop turn reads the flood first ...
+        from_worker.deliver()  # ... then the proven worker's call
+        self.assertEqual(served, ["proven"])
+        self.assertEqual(await asyncio.gather(*calls), ["flood %d" % i for i in range(30)] + ["proven"])
+        self.assertEqual(served, ["proven"] + ["flood %d" % i for i in range(30)])
+
     async def test_relays_never_wait_in_front_of_the_protected_wire(self):
         node, master, other, flooder = (self.will_close(memory_node()) for _ in range(4))
         wires = self.will_close(MemoryWires())
@@ -4894,6 +4920,61 @@ def inbound_wire(started, last_verified=None, name="", host="10.0.0.2", state=No
 
 
 class TestNodePolicy(unittest.TestCase):
+    def test_the_slow_lane_takes_its_slice_of_each_turn_and_drops_nothing(self):
+        clock, handled, turns = [0.0], [], []
+
+        def handle(wire):  # each wire costs 0.4 ms; "again" comes back while it is handled
+            handled.append(wire)
+            clock[0] += 0.0004
+            if wire == "again" and handled.count("again") == 1:
+                lane.add("again")
+
+        def run_turn(delay=0.0):
+            self.assertEqual(turns[0][0], delay)
+            clock[0] += delay
+            turns.pop(0)[1]()
+        lane = w.SlowLane(handle, lambda delay, turn: turns.append((delay, turn)), lambda: clock[0],
+                          slice_seconds=0.001)
+        for wire in ("a", "b", "a", "again", "c", "d"):
+            lane.add(wire)
+        self.assertEqual((len(lane), len(turns), handled), (5, 1, []))  # each wire once; one turn asked
+        run_turn()
+        self.assertEqual(handled, ["a", "b", "again"])  # 1.2 ms: the slice is spent
+        self.assertEqual((len(lane), len(turns)), (3, 1))  # the rest at the next loop turn
+        run_turn()
+        self.assertEqual(handled[3:], ["c", "d", "again"])
+        self.assertEqual((len(lane), turns), (0, []))  # nothing left, no turn asked
+        slow = w.SlowLane(lambda wire: clock.__setitem__(0, clock[0] + 1.0), lambda delay, turn: turns.append(
+            (delay, turn)), lambda: clock[0])
+        slow.add("x")
+        slow.add("y")
+        run_turn()  # one wire over the slice: one wire a turn, never none
+        self.assertEqual((len(slow), len(turns)), (1, 1))
+
+    def test_a_bounded_slow_lane_rests_until_its_share_of_the_time_is_earned(self):
+        clock, handled, turns = [0.0], [], []
+
+        def handle(wire):  # 1 ms each
+            handled.append(wire)
+            clock[0] += 0.001
+        lane = w.SlowLane(handle, lambda delay, turn: turns.append((delay, turn)), lambda: clock[0],
+                          slice_seconds=0.001, share=0.1)
+        for i in range(200):
+            lane.add(i)
+        while turns and clock[0] < 10.0:
+            delay, turn = turns.pop(0)
+            clock[0] += delay
+            turn()
+        self.assertEqual(handled, list(range(200)))  # all of them, in order, none dropped
+        self.assertAlmostEqual(clock[0], (0.2 - w.LANE_BURST) / 0.1, delta=0.02)  # 10 % of the time after the burst
+        lane.add("later")
+        self.assertGreater(turns[0][0], 0.0)  # it rests: the time is spent
+        clock[0] += 60
+        lane.add("after a rest")
+        self.assertEqual(len(turns), 1)
+        turns.pop(0)[1]()
+        self.assertEqual(handled[-2:], ["later", "after a rest"])  # a rested lane works at once
+
     def test_inbound_victim_idle_first_then_silent_never_kept_or_new(self):
         now = 1000.0
         keep_none = lambda conn: False
@@ -5060,6 +5141,27 @@ class TestWirePolicy(unittest.TestCase):
         self.assertTrue(self.policy.keeps("w2", []))  # the master's
         self.assertEqual(self.policy.largest({"w1": 10, "w2": 99, "w3": 50}), "w3")  # not the master's
         self.assertIsNone(self.policy.largest({"w2": 99}))
+
+    def test_the_protected_route_follows_the_proofs_and_thousands_cost_one_look(self):
+        self.policy.protected = frozenset({self.X} | {"bWorker%d" % i for i in range(4000)})
+        self.open("w1", self.X)
+        self.open("w2", self.Y)
+        self.assertFalse(self.policy.is_protected("w1"))  # a claim is no route
+        self.packet("w2", self.X)  # X's fresh packet, relayed by Y's wire
+        self.assertTrue(self.policy.is_protected("w2") and not self.policy.is_protected("w1"))
+        self.packet("w1", self.X)  # by its own wire: that one is the route now
+        self.assertTrue(self.policy.is_protected("w1") and not self.policy.is_protected("w2"))
+        with mock.patch.object(self.policy, "route", wraps=self.policy.route) as route:
+            for _ in range(1000):  # what a flood asks, wire after wire
+                self.assertFalse(self.policy.is_protected("w2"))
+            self.packet("w2", self.Y)  # others' packets move no protected route
+            self.assertFalse(self.policy.is_protected("w2"))
+            self.assertEqual(route.call_count, 0)
+        self.policy.closed("w1")
+        self.assertFalse(self.policy.is_protected("w1") or self.policy.is_protected("w2"))
+        self.policy.protected = frozenset({self.Y})
+        self.packet("w2", self.Y)
+        self.assertTrue(self.policy.is_protected("w2"))
 
     def test_bytes_held_past_the_bound_close_the_unprotected_wire_holding_most(self):
         self.open("w1", self.X)
@@ -8752,6 +8854,7 @@ class TestMasterPy(AsyncTest):
         worker = await self.started(cluster.worker(get_batch=True, batch_size=200))
         await cluster.until_results(1000, 60)
         self.assertIn(worker.address, cluster.master.policy.proven)
+        self.assertIn(worker.address, cluster.master.node.protected)  # served before any flood
         self.assertEqual(handed[:4], [200] * 4)  # not the 10 of a peer without proof
         self.assertIsNone(cluster.master.policy.standing(worker.address))
 
@@ -8980,6 +9083,7 @@ class TestMasterPy(AsyncTest):
         self.assertEqual(sorted(r["jobID"] for r in cluster.results), list(range(count)))
         self.assertTrue(all(r["data"] == {"sum": 2 * r["jobID"]} for r in cluster.results))
         self.assertNotIn(worker.ready["address"], cluster.master.policy.proven)
+        self.assertNotIn(worker.ready["address"], cluster.master.node.protected)
         self.assertEqual(cluster.master.policy.standing(worker.ready["address"]).answered, count)
         said = next(e for e in worker.events if e["event"] == "master")
         self.assertEqual(said["keys"], ["isMaster", "resultAcks", "resultBatches", "keyProof"])  # as before

@@ -2267,9 +2267,24 @@ class Connection:
             self._backlog.extend(events)
             if self.wire.has_output:  # handshake answers, metadata, rejects
                 self.flush()
-            self._handle()
+            if self._slow():
+                self._wait_in_lane()
+            else:
+                self._handle()
         except Exception:  # noqa: BLE001 - a bug of ours: this peer goes, the node stays, the log small
             self.node.wire_failed(self)
+
+    def _slow(self) -> bool:
+        """True when a protected peer has a route and this open wire is none (SlowLane); a
+        handshake is handled at once (the inbound caps weigh open wires and handshakes apart)."""
+        return (bool(self._backlog) and self.state is not ConnState.HANDSHAKE and self.node.policy.guarding()
+                and not self.node.is_protected(self))
+
+    def _wait_in_lane(self) -> None:
+        self._pause()
+        self._held_back = True
+        self.node.lane.add(self)
+        self.node.holding(self, self.wire.partial + sum(len(getattr(e, "payload", b"")) for e in self._backlog))
 
     def _handle(self) -> None:
         self._handling = False
@@ -2292,7 +2307,9 @@ class Connection:
         if backlog:  # the rest waits for the next loop turn, and the socket with it
             self._pause()
             self._held_back = True
-            if not self._handling:
+            if self._slow():
+                self.node.lane.add(self)
+            elif not self._handling:
                 self._handling = True
                 asyncio.get_running_loop().call_soon(self._handle_later)
             waiting = sum(len(getattr(e, "payload", b"")) for e in backlog)
@@ -2308,6 +2325,10 @@ class Connection:
             self._handle()
         except Exception:  # noqa: BLE001 - as in feed
             self.node.wire_failed(self)
+
+    def handle_waiting(self) -> None:
+        """Its turn in the node's SlowLane came."""
+        self._handle_later()
 
     def receive_eof(self) -> bool:
         """The peer sends no more. True while we go on writing (it drains us as a duplicate)."""
@@ -4743,6 +4764,11 @@ class WebRtcTransport:
 
 Handler = Callable[[str, Any], Any]
 
+#: Seconds of each loop turn spent at most on the wires of peers not protected, while some
+#: protected peer has a route (SlowLane): what a protected peer sends waits about this long for them.
+LANE_SLICE = 0.0002
+#: Seconds of work the SlowLane may do at once after a rest, when its time is bounded (``share``).
+LANE_BURST = 0.05
 #: Unfinished inbound handshakes per remote host, at most.
 PENDING_PER_HOST = 8
 #: Finished inbound wires per remote host not in use (in_use), at most: a token holder's
@@ -4903,6 +4929,72 @@ class InboundSlots:
             return None
         return inbound_victim([c for c in inbound if c.remote_host == host], now, self.keep,
                               in_use_too=True)
+
+
+class SlowLane:
+    """The wires of peers not protected, handled after the protected ones' in each loop turn.
+
+    While some protected peer (a worker's master, master.py's proven workers)
+    has a route, a wire that is not such a route does not handle what it
+    brings when its bytes come: it waits here, unread, and the lane's turn
+    (``schedule(delay, turn)``: after the loop's I/O, ``delay`` seconds from
+    now) handles the waiting wires in order, ``handle(wire)`` each, until
+    ``slice_seconds`` of ``clock`` are spent; the rest wait for the next turn.
+    So what a protected peer sends is handled within about a slice of its
+    coming, whatever others send. ``share``: the fraction of the time the lane
+    may take at most (None: no bound), so a flood costs its senders time and
+    the loop no more than that; its wires wait unread meanwhile (their
+    senders wait for TCP), and nothing of theirs is dropped.
+    """
+
+    def __init__(self, handle: Callable[[Any], None], schedule: Callable[[float, Callable[[], None]], Any],
+                 clock: Callable[[], float] = time.monotonic, slice_seconds: float = LANE_SLICE,
+                 share: float | None = None) -> None:
+        self.handle, self.schedule, self.clock = handle, schedule, clock
+        self.slice_seconds, self.share = slice_seconds, share
+        # private: the wires waiting, oldest first (a dict: each once); whether a turn is scheduled;
+        # the seconds the lane may still spend (``share``), and when that was worked out
+        self._waiting: dict[Any, None] = {}
+        self._scheduled = False
+        self._credit, self._at = LANE_BURST, clock()
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def add(self, wire: Any) -> None:
+        """``wire`` has something to handle: in the lane's next turn, or a later one."""
+        self._waiting[wire] = None
+        if not self._scheduled:
+            self._scheduled = True
+            self.schedule(self._wait(), self.turn)
+
+    def turn(self) -> None:
+        """Handle waiting wires until the slice is spent (one at least); schedule the rest."""
+        self._scheduled = False
+        start = self.clock()
+        self._refill(start)
+        while self._waiting:
+            wire = next(iter(self._waiting))
+            del self._waiting[wire]
+            self.handle(wire)
+            if self.clock() - start >= self.slice_seconds:
+                break
+        now = self.clock()
+        self._refill(now)
+        self._credit -= now - start
+        if self._waiting and not self._scheduled:
+            self._scheduled = True
+            self.schedule(self._wait(), self.turn)
+
+    def _refill(self, now: float) -> None:
+        if self.share is not None:
+            self._credit = min(LANE_BURST, self._credit + (now - self._at) * self.share)
+        self._at = now
+
+    def _wait(self) -> float:
+        """Seconds until the lane may work again (0: at the next loop turn)."""
+        self._refill(self.clock())
+        return 0.0 if self.share is None or self._credit > 0 else -self._credit / self.share
 
 
 @dataclasses.dataclass
@@ -5106,6 +5198,8 @@ class WirePolicy:
         self._relayed: dict[str, Any] = {}  # address -> the wire its newest fresh packet came by
         self._elsewhere: dict[str, float] = {}  # address -> since when its packets come by others
         self._changed: set[str] = set()  # addresses whose wires must be weighed again
+        #: (the protected set, its peers' routes) as last worked out; None: to work out again
+        self._protected_routes: tuple[frozenset[str], set[Any]] | None = None
         self._drains: list[tuple[Any, str]] = []
         self._deadlines: dict[Any, float] = {}
         self._now = 0.0  # the latest time the node passed in
@@ -5130,7 +5224,7 @@ class WirePolicy:
         if address is None:
             return False
         self._by_address.setdefault(address, []).append(wire)
-        self._changed.add(address)
+        self._touch(address)
         return python and self.direct(address) is None
 
     def packet(self, wire: Any, verified: Verified, now: float, now_ms: int, copy: bool = False) -> None:
@@ -5152,15 +5246,17 @@ class WirePolicy:
             if facts.address == address and facts.since is not None:
                 self._elsewhere.pop(address, None)
             return
+        if self._relayed.get(address) is not wire and address in self.protected:
+            self._protected_routes = None
         self._relayed[address] = wire
         if facts.address == address:
             facts.last = now
             self._elsewhere.pop(address, None)
             if facts.since is None:
                 facts.since = now
-                self._changed.add(address)
+                self._touch(address)
         elif address in self._direct and now - self._elsewhere.setdefault(address, now) >= STANDING_LAPSE:
-            self._changed.add(address)  # relayed copies say nothing of whose a wire is, but its own is quiet
+            self._touch(address)  # relayed copies say nothing of whose a wire is, but its own is quiet
 
     def peer_eof(self, wire: Any) -> None:
         """The peer half-closed ``wire``: it drains it; another of its wires is its own now."""
@@ -5168,7 +5264,7 @@ class WirePolicy:
         if facts is not None and not facts.eof:
             facts.eof = True
             if facts.address is not None:
-                self._changed.add(facts.address)
+                self._touch(facts.address)
 
     def closed(self, wire: Any) -> None:
         """``wire`` is gone (or never opened); if a peer was reached by it, its other wires
@@ -5179,6 +5275,7 @@ class WirePolicy:
         address = facts.address
         reached = address is not None and self.direct(address) is wire
         del self._wires[wire]
+        self._protected_routes = None
         self._deadlines.pop(wire, None)
         self._relayed = {a: c for a, c in self._relayed.items() if c is not wire}
         if address is None:
@@ -5191,11 +5288,12 @@ class WirePolicy:
                 self._wires[other].since = self._wires[other].last = None
         if not others:
             del self._by_address[address]
-        self._changed.add(address)
+        self._touch(address)
 
     def forget(self, keep: Container[str]) -> None:
         """Routes by relay to peers not in ``keep`` (the peer table) are forgotten."""
         self._relayed = {a: c for a, c in self._relayed.items() if a in keep}
+        self._protected_routes = None
 
     # what it decides
     def direct(self, address: str) -> Any:
@@ -5233,7 +5331,24 @@ class WirePolicy:
 
     def is_protected(self, wire: Any) -> bool:
         """True when ``wire`` is the route of a protected peer."""
-        return any(self.route(address) is wire for address in self.protected)
+        return wire is not None and wire in self._routes()
+
+    def guarding(self) -> bool:
+        """True while some protected peer has a route (a wire its packets take)."""
+        return any(route is not None for route in self._routes())
+
+    def _routes(self) -> set[Any]:
+        """The protected peers' routes (None for one without), worked out again only after one
+        may have changed: master.py protects thousands of workers, and a flood asks each time."""
+        cached = self._protected_routes
+        while cached is None or cached[0] is not self.protected:
+            cached = self._protected_routes = (self.protected, set())
+            routes = {self.route(address) for address in self.protected}  # may settle (and drain)
+            if self._protected_routes is cached:  # nothing moved meanwhile: else once more
+                cached = self._protected_routes = (self.protected, routes)
+            else:
+                cached = None
+        return cached[1]
 
     def stands(self, wire: Any) -> bool:
         """True when ``wire`` stands for the peer it claims."""
@@ -5305,6 +5420,12 @@ class WirePolicy:
         """When :meth:`due` has a claimant to drain next (None: none waits)."""
         return min(self._deadlines.values(), default=None)
 
+    def _touch(self, address: str) -> None:
+        """The wires claiming ``address`` must be weighed again (when next asked)."""
+        self._changed.add(address)
+        if address in self.protected:
+            self._protected_routes = None
+
     def _settle(self, address: str) -> None:
         """Weigh the wires claiming ``address`` again: the one kept, the duplicates, the deadlines."""
         self._changed.discard(address)
@@ -5338,6 +5459,7 @@ class WirePolicy:
     def _drain(self, wire: Any, why: str) -> None:
         facts = self._wires[wire]
         facts.out, facts.since, facts.deadline = True, None, None
+        self._protected_routes = None
         self._deadlines.pop(wire, None)
         self._drains.append((wire, why))
 
@@ -5701,6 +5823,8 @@ class Bugout:
         self.policy = WirePolicy()
         #: who is let in at the inbound caps, which wire makes room (it closes nothing)
         self.slots = InboundSlots(lambda conn: self.policy.keeps(conn, self._busy), self.stats)
+        self.lane = SlowLane(Connection.handle_waiting, lambda delay, turn: asyncio.get_running_loop().call_later(
+            delay, turn))
         self._policy_timer: asyncio.TimerHandle | None = None
         self._policy_at = 0.0  # when the policy timer fires
         self._out_estimate = 0  # bytes in all send queues, at most (recounted once per loop turn)
