@@ -652,7 +652,7 @@ class ResultsFile:
 #   wait to be taken over, master.py nudges idle workers.
 # - Answers never depend on whether results decrypted or were taken.
 # - Proven workers are served first (worker.py's Bugout.prioritize and
-#   SlowLane): while one has a wire, what peers without proof send waits until
+#   SlowLane): while one talks, what peers without proof send waits until
 #   the proven workers' calls of that loop turn are served, and takes at most
 #   UNPROVEN_LOOP_SHARE of the time; their wires wait unread meanwhile, and
 #   nothing of theirs is dropped. A flood from any number of identities costs
@@ -677,9 +677,9 @@ MAX_STANDINGS = 4096
 STANDING_SECONDS = 3600.0
 #: Workers known to have proved the key (the least recently proven goes first).
 MAX_PROVEN_WORKERS = 4096
-#: Part of the loop's time what peers without proof send may take, while a proven worker has a
-#: wire (JS workers together: some hundreds of calls a second; alone, with no proven worker, all).
-UNPROVEN_LOOP_SHARE = 0.10
+#: Part of the loop's time what peers without proof send may take while a proven worker talks
+#: (worker.py's LANE_ACTIVE); with none talking, all of it.
+UNPROVEN_LOOP_SHARE = 0.05
 #: Seconds a peer without proof holds a job before a proven worker with nothing to do takes it over.
 TAKE_OVER_SECONDS = 10.0
 #: Seconds a worker has to answer our challenge with proveKey, and challenges open at most.

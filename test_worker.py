@@ -2958,6 +2958,8 @@ class TestWireUnderAttack(AsyncTest):
         node.prioritize(worker.address)
         worker.ping()
         await until(lambda: node.is_protected(at_node.protocol), 5)
+        worker.ping()  # it talks (as a working worker always does): the others wait their turn
+        await until(lambda: node.lane.active(time.monotonic()), 5)
         served = []
         node.register("work", lambda address, args: served.append(args) or args)
         from_worker.held = from_flooder.held = True
@@ -2971,6 +2973,14 @@ class TestWireUnderAttack(AsyncTest):
         self.assertEqual(served, ["proven"])
         self.assertEqual(await asyncio.gather(*calls), ["flood %d" % i for i in range(30)] + ["proven"])
         self.assertEqual(served, ["proven"] + ["flood %d" % i for i in range(30)])
+        with mock.patch.object(w, "LANE_ACTIVE", 0.0):  # the proven worker is quiet: nobody waits
+            from_flooder.held = True
+            call = asyncio.ensure_future(flooder.rpc(node.address, "work", "alone", timeout=5))
+            await until(lambda: from_flooder.outbox, 5)
+            from_flooder.held = False
+            from_flooder.deliver()
+            self.assertEqual(served[-1], "alone")
+            self.assertEqual(await call, "alone")
 
     async def test_relays_never_wait_in_front_of_the_protected_wire(self):
         node, master, other, flooder = (self.will_close(memory_node()) for _ in range(4))
@@ -4938,6 +4948,9 @@ class TestNodePolicy(unittest.TestCase):
         for wire in ("a", "b", "a", "again", "c", "d"):
             lane.add(wire)
         self.assertEqual((len(lane), len(turns), handled), (5, 1, []))  # each wire once; one turn asked
+        self.assertFalse(lane.active(0.0))  # no protected peer heard: others' wires need not wait
+        lane.heard(5.0)
+        self.assertTrue(lane.active(5.0 + w.LANE_ACTIVE - 0.01) and not lane.active(5.0 + w.LANE_ACTIVE))
         run_turn()
         self.assertEqual(handled, ["a", "b", "again"])  # 1.2 ms: the slice is spent
         self.assertEqual((len(lane), len(turns)), (3, 1))  # the rest at the next loop turn

@@ -2267,7 +2267,10 @@ class Connection:
             self._backlog.extend(events)
             if self.wire.has_output:  # handshake answers, metadata, rejects
                 self.flush()
-            if self._slow():
+            if self.node.is_protected(self):
+                self.node.lane.heard(self.last_in)
+                self._handle()
+            elif self._slow():
                 self._wait_in_lane()
             else:
                 self._handle()
@@ -2275,10 +2278,10 @@ class Connection:
             self.node.wire_failed(self)
 
     def _slow(self) -> bool:
-        """True when a protected peer has a route and this open wire is none (SlowLane); a
+        """True when a protected peer talks and this open wire is none's route (SlowLane); a
         handshake is handled at once (the inbound caps weigh open wires and handshakes apart)."""
-        return (bool(self._backlog) and self.state is not ConnState.HANDSHAKE and self.node.policy.guarding()
-                and not self.node.is_protected(self))
+        return (bool(self._backlog) and self.state is not ConnState.HANDSHAKE
+                and self.node.lane.active(time.monotonic()) and not self.node.is_protected(self))
 
     def _wait_in_lane(self) -> None:
         self._pause()
@@ -4764,11 +4767,13 @@ class WebRtcTransport:
 
 Handler = Callable[[str, Any], Any]
 
-#: Seconds of each loop turn spent at most on the wires of peers not protected, while some
-#: protected peer has a route (SlowLane): what a protected peer sends waits about this long for them.
+#: Seconds of each loop turn spent at most on the wires of peers not protected, while a
+#: protected peer talks (SlowLane): what a protected peer sends waits about this long for them.
 LANE_SLICE = 0.0002
 #: Seconds of work the SlowLane may do at once after a rest, when its time is bounded (``share``).
 LANE_BURST = 0.05
+#: Seconds after a protected peer's route last brought bytes during which the SlowLane holds.
+LANE_ACTIVE = 1.0
 #: Unfinished inbound handshakes per remote host, at most.
 PENDING_PER_HOST = 8
 #: Finished inbound wires per remote host not in use (in_use), at most: a token holder's
@@ -4934,9 +4939,9 @@ class InboundSlots:
 class SlowLane:
     """The wires of peers not protected, handled after the protected ones' in each loop turn.
 
-    While some protected peer (a worker's master, master.py's proven workers)
-    has a route, a wire that is not such a route does not handle what it
-    brings when its bytes come: it waits here, unread, and the lane's turn
+    While a protected peer (a worker's master, master.py's proven workers)
+    talks (``heard`` within LANE_ACTIVE), a wire that is not such a peer's
+    route does not handle what it brings when its bytes come: it waits here, unread, and the lane's turn
     (``schedule(delay, turn)``: after the loop's I/O, ``delay`` seconds from
     now) handles the waiting wires in order, ``handle(wire)`` each, until
     ``slice_seconds`` of ``clock`` are spent; the rest wait for the next turn.
@@ -4957,6 +4962,16 @@ class SlowLane:
         self._waiting: dict[Any, None] = {}
         self._scheduled = False
         self._credit, self._at = LANE_BURST, clock()
+        self._heard = float("-inf")  # when a protected peer's route last brought bytes
+
+    def heard(self, now: float) -> None:
+        """A protected peer's route brought bytes at ``now``."""
+        self._heard = now
+
+    def active(self, now: float) -> bool:
+        """True while a protected peer's route brought bytes within LANE_ACTIVE: only then do
+        others' wires wait here (an idle master, or proven workers gone, cost them nothing)."""
+        return now - self._heard < LANE_ACTIVE
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -5332,10 +5347,6 @@ class WirePolicy:
     def is_protected(self, wire: Any) -> bool:
         """True when ``wire`` is the route of a protected peer."""
         return wire is not None and wire in self._routes()
-
-    def guarding(self) -> bool:
-        """True while some protected peer has a route (a wire its packets take)."""
-        return any(route is not None for route in self._routes())
 
     def _routes(self) -> set[Any]:
         """The protected peers' routes (None for one without), worked out again only after one
