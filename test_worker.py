@@ -2949,12 +2949,13 @@ class TestWireUnderAttack(AsyncTest):
     async def test_the_protected_peers_call_is_served_before_a_flood_that_came_first(self):
         """master.py protects its proven workers: others' calls that come in the same loop turn
         wait in the SlowLane, unread, and are all served after, none dropped."""
-        node, worker, flooder = (self.will_close(memory_node()) for _ in range(3))
+        node, worker, flooder, newcomer = (self.will_close(memory_node()) for _ in range(4))
         wires = self.will_close(MemoryWires())
         from_worker, at_node = wires.connect(worker, node)
         from_flooder, _ = wires.connect(flooder, node)
-        await until(lambda: {worker.address, flooder.address} <= set(node.peers)
-                    and node.address in worker.peers and node.address in flooder.peers, 5)
+        from_newcomer, _ = wires.connect(newcomer, node)
+        await until(lambda: {worker.address, flooder.address, newcomer.address} <= set(node.peers)
+                    and all(node.address in p.peers for p in (worker, flooder, newcomer)), 5)
         node.prioritize(worker.address)
         worker.ping()
         await until(lambda: node.is_protected(at_node.protocol), 5)
@@ -2962,17 +2963,21 @@ class TestWireUnderAttack(AsyncTest):
         await until(lambda: node.lane.active(time.monotonic()), 5)
         served = []
         node.register("work", lambda address, args: served.append(args) or args)
-        from_worker.held = from_flooder.held = True
+        from_worker.held = from_flooder.held = from_newcomer.held = True
         calls = [asyncio.ensure_future(flooder.rpc(node.address, "work", "flood %d" % i, timeout=5))
                  for i in range(30)]
+        calls.append(asyncio.ensure_future(newcomer.rpc(node.address, "work", "newcomer", timeout=5)))
         calls.append(asyncio.ensure_future(worker.rpc(node.address, "work", "proven", timeout=5)))
-        await until(lambda: from_worker.outbox and from_flooder.outbox, 5)
-        from_worker.held = from_flooder.held = False
-        from_flooder.deliver()  # one loop turn reads the flood first ...
+        await until(lambda: from_worker.outbox and from_flooder.outbox and from_newcomer.outbox, 5)
+        from_worker.held = from_flooder.held = from_newcomer.held = False
+        from_flooder.deliver()  # one loop turn reads the flood first, a newcomer's call ...
+        from_newcomer.deliver()
         from_worker.deliver()  # ... then the proven worker's call
         self.assertEqual(served, ["proven"])
-        self.assertEqual(await asyncio.gather(*calls), ["flood %d" % i for i in range(30)] + ["proven"])
-        self.assertEqual(served, ["proven"] + ["flood %d" % i for i in range(30)])
+        flood = ["flood %d" % i for i in range(30)]
+        self.assertEqual(await asyncio.gather(*calls), flood + ["newcomer", "proven"])
+        # the newcomer waits for one short visit of the flooder's wire, not for its backlog
+        self.assertEqual(served, ["proven"] + flood[:w.LANE_VISIT] + ["newcomer"] + flood[w.LANE_VISIT:])
         with mock.patch.object(w, "LANE_ACTIVE", 0.0):  # the proven worker is quiet: nobody waits
             from_flooder.held = True
             call = asyncio.ensure_future(flooder.rpc(node.address, "work", "alone", timeout=5))

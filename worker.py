@@ -2289,17 +2289,17 @@ class Connection:
         self.node.lane.add(self)
         self.node.holding(self, self.wire.partial + sum(len(getattr(e, "payload", b"")) for e in self._backlog))
 
-    def _handle(self) -> None:
+    def _handle(self, budget: int = WIRE_BUDGET) -> None:
         self._handling = False
         if self.state is ConnState.CLOSED:
             return
         backlog = self._backlog
-        if len(backlog) <= WIRE_BUDGET or self.node.is_protected(self):
+        if len(backlog) <= budget or self.node.is_protected(self):
             events, size = list(backlog), 0
             backlog.clear()
         else:
             events, size = [], 0
-            while backlog and len(events) < WIRE_BUDGET and size < WIRE_BUDGET_BYTES:
+            while backlog and len(events) < budget and size < WIRE_BUDGET_BYTES:
                 events.append(backlog.popleft())
                 size += len(getattr(events[-1], "payload", b""))
         if events:
@@ -2323,15 +2323,15 @@ class Connection:
                 return
         self.node.holding(self, self.wire.partial + waiting)
 
-    def _handle_later(self) -> None:
+    def _handle_later(self, budget: int = WIRE_BUDGET) -> None:
         try:
-            self._handle()
+            self._handle(budget)
         except Exception:  # noqa: BLE001 - as in feed
             self.node.wire_failed(self)
 
     def handle_waiting(self) -> None:
-        """Its turn in the node's SlowLane came."""
-        self._handle_later()
+        """Its turn in the node's SlowLane came: LANE_VISIT payloads, then the next wire's turn."""
+        self._handle_later(LANE_VISIT)
 
     def receive_eof(self) -> bool:
         """The peer sends no more. True while we go on writing (it drains us as a duplicate)."""
@@ -4747,7 +4747,10 @@ class WebRtcTransport:
 # WIRE_BUDGET payloads), and is never the one closed when partly received
 # messages pass max_partial or send queues max_send_total (the unprotected
 # wire holding most goes: WirePolicy.hold, WirePolicy.largest); the core
-# never evicts those peers. Any wire that leaves max_send_queue of our
+# never evicts those peers. While one of them talks, what other wires bring
+# waits for the SlowLane, after the protected wires' bytes of each loop turn,
+# in slices of LANE_SLICE and, if the node sets ``lane.share`` (master.py),
+# within that share of the time; those wires wait unread, nothing is dropped. Any wire that leaves max_send_queue of our
 # payloads unread is closed, and so is one whose message (the same one)
 # stops coming closer to whole (check_wires) while we read it
 # (Connection.stalled), unless it is protected: a slow master is waited for,
@@ -4774,6 +4777,9 @@ LANE_SLICE = 0.0002
 LANE_BURST = 0.05
 #: Seconds after a protected peer's route last brought bytes during which the SlowLane holds.
 LANE_ACTIVE = 1.0
+#: Payloads a wire hands over per turn in the SlowLane: in a flood from many wires, a newcomer's
+#: call (a worker's isMaster, say) waits for one short visit of each, not for their backlogs.
+LANE_VISIT = 2
 #: Unfinished inbound handshakes per remote host, at most.
 PENDING_PER_HOST = 8
 #: Finished inbound wires per remote host not in use (in_use), at most: a token holder's
@@ -4936,14 +4942,19 @@ class InboundSlots:
                               in_use_too=True)
 
 
+def _call_later(delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+    return asyncio.get_running_loop().call_later(delay, callback)
+
+
 class SlowLane:
     """The wires of peers not protected, handled after the protected ones' in each loop turn.
 
     While a protected peer (a worker's master, master.py's proven workers)
     talks (``heard`` within LANE_ACTIVE), a wire that is not such a peer's
-    route does not handle what it brings when its bytes come: it waits here, unread, and the lane's turn
-    (``schedule(delay, turn)``: after the loop's I/O, ``delay`` seconds from
-    now) handles the waiting wires in order, ``handle(wire)`` each, until
+    route does not handle what it brings when its bytes come: it waits here,
+    unread, and the lane's turn (``schedule(delay, turn)``: after the loop's
+    I/O, ``delay`` seconds from now) handles the waiting wires in order,
+    ``handle(wire)`` each (a few payloads: LANE_VISIT), until
     ``slice_seconds`` of ``clock`` are spent; the rest wait for the next turn.
     So what a protected peer sends is handled within about a slice of its
     coming, whatever others send. ``share``: the fraction of the time the lane
@@ -5834,8 +5845,7 @@ class Bugout:
         self.policy = WirePolicy()
         #: who is let in at the inbound caps, which wire makes room (it closes nothing)
         self.slots = InboundSlots(lambda conn: self.policy.keeps(conn, self._busy), self.stats)
-        self.lane = SlowLane(Connection.handle_waiting, lambda delay, turn: asyncio.get_running_loop().call_later(
-            delay, turn))
+        self.lane = SlowLane(Connection.handle_waiting, _call_later)
         self._policy_timer: asyncio.TimerHandle | None = None
         self._policy_at = 0.0  # when the policy timer fires
         self._out_estimate = 0  # bytes in all send queues, at most (recounted once per loop turn)
