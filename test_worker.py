@@ -5174,6 +5174,10 @@ class TestWirePolicy(unittest.TestCase):
                 self.assertFalse(self.policy.is_protected("w2"))
             self.packet("w2", self.Y)  # others' packets move no protected route
             self.assertFalse(self.policy.is_protected("w2"))
+            for i in range(100):  # nor do others' wires that come and go
+                self.open("flood%d" % i, self.Y)
+                self.policy.closed("flood%d" % i)
+            self.assertTrue(self.policy.is_protected("w1"))
             self.assertEqual(route.call_count, 0)
         self.policy.closed("w1")
         self.assertFalse(self.policy.is_protected("w1") or self.policy.is_protected("w2"))

@@ -5301,7 +5301,7 @@ class WirePolicy:
         address = facts.address
         reached = address is not None and self.direct(address) is wire
         del self._wires[wire]
-        self._protected_routes = None
+        self._moved(wire)
         self._deadlines.pop(wire, None)
         self._relayed = {a: c for a, c in self._relayed.items() if c is not wire}
         if address is None:
@@ -5448,6 +5448,12 @@ class WirePolicy:
         if address in self.protected:
             self._protected_routes = None
 
+    def _moved(self, wire: Any) -> None:
+        """``wire`` stops being a route: the protected routes are worked out again if it was one
+        (others' wires come and go in a flood; that costs no look at thousands of routes)."""
+        if self._protected_routes is not None and wire in self._protected_routes[1]:
+            self._protected_routes = None
+
     def _settle(self, address: str) -> None:
         """Weigh the wires claiming ``address`` again: the one kept, the duplicates, the deadlines."""
         self._changed.discard(address)
@@ -5481,7 +5487,7 @@ class WirePolicy:
     def _drain(self, wire: Any, why: str) -> None:
         facts = self._wires[wire]
         facts.out, facts.since, facts.deadline = True, None, None
-        self._protected_routes = None
+        self._moved(wire)
         self._deadlines.pop(wire, None)
         self._drains.append((wire, why))
 
