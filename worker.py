@@ -2287,7 +2287,10 @@ class Connection:
         self._pause()
         self._held_back = True
         self.node.lane.add(self)
-        self.node.holding(self, self.wire.partial + sum(len(getattr(e, "payload", b"")) for e in self._backlog))
+        self.node.holding(self, self.wire.partial + self._backlog_bytes())
+
+    def _backlog_bytes(self) -> int:
+        return sum(len(getattr(e, "payload", b"")) for e in self._backlog)
 
     def _handle(self, budget: int = WIRE_BUDGET) -> None:
         self._handling = False
@@ -2315,7 +2318,7 @@ class Connection:
             elif not self._handling:
                 self._handling = True
                 asyncio.get_running_loop().call_soon(self._handle_later)
-            waiting = sum(len(getattr(e, "payload", b"")) for e in backlog)
+            waiting = self._backlog_bytes()
         else:
             self._resume()
             if self.wire.state is WireState.ERROR:
@@ -4750,7 +4753,8 @@ class WebRtcTransport:
 # never evicts those peers. While one of them talks, what other wires bring
 # waits for the SlowLane, after the protected wires' bytes of each loop turn,
 # in slices of LANE_SLICE and, if the node sets ``lane.share`` (master.py),
-# within that share of the time; those wires wait unread, nothing is dropped. Any wire that leaves max_send_queue of our
+# within that share of the time; those wires wait unread, nothing is
+# dropped. Any wire that leaves max_send_queue of our
 # payloads unread is closed, and so is one whose message (the same one)
 # stops coming closer to whole (check_wires) while we read it
 # (Connection.stalled), unless it is protected: a slow master is waited for,
